@@ -1,0 +1,15 @@
+#!/bin/sh
+# Installs everything ichtriage needs to build, run and test on Debian 12.
+# Run as root (or with sudo). Benchmarks that compare with PyTorch also need
+# python3-torch: pass --bench to install it.
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+pkgs="meson ninja-build pkg-config gcc g++ clang
+  libdcmtk-dev dcmtk libsndfile1-dev libtiff-dev libssl-dev zlib1g-dev
+  libsqlite3-dev sqlite3 libuv1-dev libh2o-dev libopenblas-dev libcjson-dev
+  libinih-dev libpng-dev libsystemd-dev libcriterion-dev
+  orthanc dicom3tools python3 python3-numpy python3-pydicom curl util-linux procps"
+if [ "${1:-}" = "--bench" ]; then pkgs="$pkgs python3-torch"; fi
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $pkgs
