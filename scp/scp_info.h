@@ -1,0 +1,76 @@
+/* The attributes of one DICOM instance that the node indexes and that triage,
+ * training and the phantom round-trip need, read from a file's header with
+ * dcmtk (pixel data is not loaded). C API over scp/'s C++ layer. */
+#ifndef SCP_INFO_H
+#define SCP_INFO_H
+
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SCP_UID_MAX 65 /* 64 characters + NUL */
+
+struct scp_info {
+    char sop_class[SCP_UID_MAX];
+    char sop_uid[SCP_UID_MAX];
+    char study_uid[SCP_UID_MAX];
+    char series_uid[SCP_UID_MAX];
+    char transfer_syntax[SCP_UID_MAX]; /* from the file meta header */
+    char frame_of_ref_uid[SCP_UID_MAX];
+    char patient_id[65];
+    char patient_name[325];  /* as stored, in specific_charset */
+    char specific_charset[129];
+    char patient_birth_date[9];
+    char patient_sex[17];
+    char accession[17];
+    char study_id[17];
+    char study_date[9];
+    char study_time[17];
+    char study_desc[65];
+    char modality[17];
+    char body_part[17];
+    char series_desc[65];
+    char image_type[129];  /* backslash-separated values */
+    char manufacturer[65];
+    char station_name[17];
+    char convolution_kernel[65];
+    int series_number;     /* -1 when absent */
+    int instance_number;   /* -1 when absent */
+    int rows, columns;     /* 0 when absent */
+    int bits_allocated, bits_stored, pixel_representation, samples_per_pixel;
+    int number_of_frames;  /* 1 for single-frame objects */
+    int images_in_acquisition; /* (0020,1002); 0 when absent */
+    bool has_pixel_spacing, has_position, has_orientation, has_pixel_data;
+    double pixel_spacing[2]; /* row spacing, column spacing (mm) */
+    double slice_thickness;  /* 0 when absent */
+    double position[3];      /* ImagePositionPatient */
+    double orientation[6];   /* ImageOrientationPatient */
+    double rescale_slope, rescale_intercept; /* 1 and 0 when absent */
+    double window_center, window_width;      /* 0 when absent */
+};
+
+/* Reads the attributes of the DICOM file at path into *out (zeroed first).
+ * Large element values are left on disk. Returns 0, or -1 with a message in
+ * err (size errlen) when the file cannot be parsed as DICOM. Missing
+ * attributes are left at their documented defaults; validation is the
+ * caller's choice. Never throws. */
+int scp_info_read(const char *path, struct scp_info *out, char *err, unsigned long errlen);
+
+/* True when uid is a usable DICOM UID: 1..64 characters of digits and dots,
+ * not starting or ending with a dot. Everything the node puts in a path
+ * passes this check first. */
+bool scp_uid_valid(const char *uid);
+
+/* True for the SOP classes the node accepts for storage (image storage
+ * classes and the objects PACS send along with them). */
+bool scp_sop_class_storable(const char *sop_class);
+/* True for CT Image Storage and Enhanced CT Image Storage. */
+bool scp_sop_class_is_ct(const char *sop_class);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

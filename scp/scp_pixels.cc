@@ -1,0 +1,1 @@
+// scp/scp_pixels.cc: placeholder until its issue lands.

@@ -1,0 +1,1 @@
+// scp/scp_write.cc: placeholder until its issue lands.
