@@ -1,0 +1,351 @@
+"""Shared helpers of the integration tests and benchmarks: start and stop the
+node, run dcmtk's storescu/echoscu and read what each instance got back, read
+the spool and the index.
+
+Uses Debian's /usr/bin/python3 standard library only (plus pydicom where a
+helper says so)."""
+import os
+import re
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GEN_CT = os.path.join(HERE, "gen_ct.py")
+PYTHON = "/usr/bin/python3"
+
+
+def free_port():
+    """A TCP port that nobody listens on right now (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0, host="127.0.0.1"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class NodeError(Exception):
+    pass
+
+
+class Node:
+    """One `ichtriage serve` process with its own store.dir and ports.
+
+    settings: dict of config keys (section.key) passed with --set; the test's
+    defaults put everything in store_dir and on free ports. The log (stderr)
+    goes to store_dir/../node.log and is read with log()/events()."""
+
+    def __init__(self, exe, workdir, settings=None, store_dir=None):
+        self.exe = exe
+        self.workdir = workdir
+        self.store_dir = store_dir or os.path.join(workdir, "store")
+        self.port = free_port()
+        self.http_port = free_port()
+        self.settings = {
+            "dicom.port": str(self.port),
+            "dicom.aetitle": "ICHTRIAGE",
+            "store.dir": self.store_dir,
+            "store.min_free_mb": "0",
+            "http.listen": "127.0.0.1:%d" % self.http_port,
+            "log.level": "debug",
+        }
+        if settings:
+            self.settings.update({k: str(v) for k, v in settings.items()})
+        self.log_path = os.path.join(workdir, "node.log")
+        self.proc = None
+        self._log_offset_at_start = 0
+
+    @property
+    def aet(self):
+        return self.settings["dicom.aetitle"]
+
+    def argv(self):
+        argv = [self.exe, "serve", "-c", "/dev/null"]
+        for k, v in self.settings.items():
+            argv += ["--set", "%s=%s" % (k, v)]
+        return argv
+
+    def start(self, timeout=30.0):
+        """Starts the node and waits for its event=ready line (and the port)."""
+        os.makedirs(self.workdir, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self._log_offset_at_start = logf.tell()
+        env = dict(os.environ)
+        self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf,
+                                     stdin=subprocess.DEVNULL, env=env)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise NodeError("node exited with %s before ready; log:\n%s"
+                                % (self.proc.returncode, self.log_tail()))
+            if re.search(r"\bevent=ready\b", self.log(since_start=True)):
+                if wait_port(self.port, timeout=5):
+                    return self
+            time.sleep(0.05)
+        raise NodeError("node not ready after %.0f s; log:\n%s" % (timeout, self.log_tail()))
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=30.0):
+        """SIGTERM, wait; returns the exit status (None if it had to be killed)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self.proc = None
+                return None
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill9(self):
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def log(self, since_start=False):
+        try:
+            with open(self.log_path, "rb") as f:
+                if since_start:
+                    f.seek(self._log_offset_at_start)
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n=40):
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def events(self, name):
+        """Log lines whose event is name."""
+        pat = re.compile(r"\bevent=%s\b" % re.escape(name))
+        return [l for l in self.log().splitlines() if pat.search(l)]
+
+    def wait_event(self, name, timeout=10.0, count=1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.events(name)) >= count:
+                return True
+            time.sleep(0.05)
+        return False
+
+    # --- the store -------------------------------------------------------
+    @property
+    def spool(self):
+        return os.path.join(self.store_dir, "spool")
+
+    @property
+    def db_path(self):
+        return os.path.join(self.store_dir, "ichtriage.db")
+
+    def db(self):
+        """A read-only connection to the index (works while the node runs: WAL)."""
+        con = sqlite3.connect("file:%s?mode=ro" % self.db_path, uri=True, timeout=10)
+        con.row_factory = sqlite3.Row
+        return con
+
+    def query(self, sql, args=()):
+        con = self.db()
+        try:
+            return con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+
+    def instances(self):
+        """sop_uid -> row of table instances."""
+        return {r["sop_uid"]: r for r in self.query("SELECT * FROM instances")}
+
+    def spool_files(self):
+        """Relative paths (to store.dir) of every stored .dcm, temp dir excluded."""
+        out = []
+        for root, dirs, files in os.walk(self.spool):
+            dirs[:] = [d for d in dirs if d != ".tmp"]
+            for f in files:
+                out.append(os.path.relpath(os.path.join(root, f), self.store_dir))
+        return sorted(out)
+
+    def temp_files(self):
+        tmp = os.path.join(self.spool, ".tmp")
+        if not os.path.isdir(tmp):
+            return []
+        return sorted(os.listdir(tmp))
+
+
+# --- DICOM files -----------------------------------------------------------
+
+def split_file(path):
+    """(meta_bytes, dataset_bytes, transfer_syntax_uid) of a Part 10 file:
+    preamble + DICM + group 0002 (explicit LE) + the dataset as encoded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 132 or data[128:132] != b"DICM":
+        raise ValueError("%s: no DICM prefix" % path)
+    pos = 132
+    ts = None
+    while pos + 8 <= len(data):
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            hdr = 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            hdr = 8
+        if elem == 0x0010:
+            ts = data[pos + hdr:pos + hdr + length].rstrip(b"\0 ").decode("ascii")
+        pos += hdr + length
+    return data[:pos], data[pos:], ts
+
+
+def dataset_bytes(path):
+    return split_file(path)[1]
+
+
+def sop_uids(path):
+    """(sop_class, sop_instance, study, series) read with pydicom, no pixels."""
+    import pydicom
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return (str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+
+
+def generate(outdir, **kw):
+    """gen_ct.generate in this process (import kept local: numpy is slow to load)."""
+    import sys
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import gen_ct
+    return gen_ct.generate(outdir, **kw)
+
+
+# --- dcmtk clients -----------------------------------------------------------
+
+def storescu_config(path, pairs):
+    """Writes a storescu -xf config whose profile 'Exact' proposes, for every
+    (sop_class, transfer_syntax) in pairs, one presentation context with that
+    single transfer syntax: whatever the SCP accepts is the file's own
+    syntax, so storescu sends the dataset without converting it."""
+    pairs = sorted(set(pairs))
+    ts_list = sorted({ts for _, ts in pairs})
+    lines = ["[[TransferSyntaxes]]"]
+    for i, ts in enumerate(ts_list):
+        lines += ["[TS%d]" % i, "TransferSyntax1 = %s" % ts]
+    lines += ["", "[[PresentationContexts]]", "[Contexts]"]
+    for n, (sop, ts) in enumerate(pairs, 1):
+        lines.append("PresentationContext%d = %s\\TS%d" % (n, sop, ts_list.index(ts)))
+    lines += ["", "[[Profiles]]", "[Exact]", "PresentationContexts = Contexts", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+class StoreResult:
+    def __init__(self, proc_rc, output, statuses, association):
+        self.rc = proc_rc
+        self.output = output
+        self.statuses = statuses      # file path -> status int (only answered ones)
+        self.association = association  # 'accepted', 'rejected' or None
+
+    def succeeded(self):
+        return [f for f, s in self.statuses.items() if s == 0]
+
+    def __repr__(self):
+        return "StoreResult(rc=%s, %d answered, %d success)" % (
+            self.rc, len(self.statuses), len(self.succeeded()))
+
+
+_SENDING = re.compile(r"^I: Sending file: (.*)$")
+_STATUS = re.compile(r"^D: DIMSE Status\s*: 0x([0-9A-Fa-f]{4})")
+
+
+def parse_storescu(output):
+    """Maps each file storescu sent to the status of its C-STORE response,
+    from storescu -d output; files without a response are absent."""
+    statuses = {}
+    current = None
+    in_rsp = False
+    association = None
+    for line in output.splitlines():
+        m = _SENDING.match(line)
+        if m:
+            current = m.group(1)
+            in_rsp = False
+            continue
+        if "Association Accepted" in line:
+            association = "accepted"
+        elif "Association Rejected" in line:
+            association = "rejected"
+        if line.startswith("D: Message Type") and "C-STORE RSP" in line:
+            in_rsp = True
+            continue
+        m = _STATUS.match(line)
+        if m and in_rsp and current is not None:
+            statuses[current] = int(m.group(1), 16)
+            in_rsp = False
+            current = None
+    return statuses, association
+
+
+def storescu_cmd(port, files, called="ICHTRIAGE", calling="STORESCU", config=None,
+                 extra=(), host="127.0.0.1"):
+    cmd = ["storescu", "-d", "-aet", calling, "-aec", called, "-nh"]
+    if config:
+        cmd += ["-xf", config, "Exact"]
+    cmd += list(extra) + [host, str(port)] + list(files)
+    return cmd
+
+
+def storescu_env():
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def storescu(port, files, exact_ts=True, workdir=None, timeout=300, **kw):
+    """Runs storescu -d on files and returns a StoreResult. With exact_ts the
+    proposed contexts are exactly the files' (SOP class, transfer syntax)
+    pairs, so nothing is converted on the way."""
+    config = None
+    if exact_ts:
+        pairs = [(sop_uids(f)[0], split_file(f)[2]) for f in files]
+        fd, config = tempfile.mkstemp(prefix="storescu.", suffix=".cfg", dir=workdir)
+        os.close(fd)
+        storescu_config(config, pairs)
+    try:
+        p = subprocess.run(storescu_cmd(port, files, config=config, **kw),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env=storescu_env(), timeout=timeout)
+    finally:
+        if config:
+            os.unlink(config)
+    out = p.stdout.decode("utf-8", "replace")
+    statuses, assoc = parse_storescu(out)
+    return StoreResult(p.returncode, out, statuses, assoc)
+
+
+def echoscu(port, called="ICHTRIAGE", calling="ECHOSCU", host="127.0.0.1", timeout=60):
+    p = subprocess.run(["echoscu", "-v", "-aet", calling, "-aec", called, host, str(port)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    return p.returncode, p.stdout.decode("utf-8", "replace")
