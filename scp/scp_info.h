@@ -20,7 +20,7 @@ struct scp_info {
     char transfer_syntax[SCP_UID_MAX]; /* from the file meta header */
     char frame_of_ref_uid[SCP_UID_MAX];
     char patient_id[65];
-    char patient_name[325];  /* as stored, in specific_charset */
+    char patient_name[325]; /* as stored, in specific_charset */
     char specific_charset[129];
     char patient_birth_date[9];
     char patient_sex[17];
@@ -32,21 +32,21 @@ struct scp_info {
     char modality[17];
     char body_part[17];
     char series_desc[65];
-    char image_type[129];  /* backslash-separated values */
+    char image_type[129]; /* backslash-separated values */
     char manufacturer[65];
     char station_name[17];
     char convolution_kernel[65];
-    int series_number;     /* -1 when absent */
-    int instance_number;   /* -1 when absent */
-    int rows, columns;     /* 0 when absent */
+    int series_number;   /* -1 when absent */
+    int instance_number; /* -1 when absent */
+    int rows, columns;   /* 0 when absent */
     int bits_allocated, bits_stored, pixel_representation, samples_per_pixel;
-    int number_of_frames;  /* 1 for single-frame objects */
+    int number_of_frames;      /* 1 for single-frame objects */
     int images_in_acquisition; /* (0020,1002); 0 when absent */
     bool has_pixel_spacing, has_position, has_orientation, has_pixel_data;
-    double pixel_spacing[2]; /* row spacing, column spacing (mm) */
-    double slice_thickness;  /* 0 when absent */
-    double position[3];      /* ImagePositionPatient */
-    double orientation[6];   /* ImageOrientationPatient */
+    double pixel_spacing[2];                 /* row spacing, column spacing (mm) */
+    double slice_thickness;                  /* 0 when absent */
+    double position[3];                      /* ImagePositionPatient */
+    double orientation[6];                   /* ImageOrientationPatient */
     double rescale_slope, rescale_intercept; /* 1 and 0 when absent */
     double window_center, window_width;      /* 0 when absent */
 };

@@ -8,6 +8,10 @@
 #ifndef UTIL_LOG_H
 #define UTIL_LOG_H
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 enum util_log_level {
     UTIL_LOG_ERROR = 0,
     UTIL_LOG_WARN = 1,
@@ -28,5 +32,9 @@ void util_log(enum util_log_level level, const char *event, const char *fmt, ...
 /* Copies s into out (size n) so that it is safe as a log value: no spaces,
  * quotes, control bytes or '=' survive, and it is cut at n-1 bytes. */
 const char *util_log_safe(char *out, unsigned long n, const char *s);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

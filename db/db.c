@@ -1,0 +1,197 @@
+/* db/db.c: opening the database, and the group commit that lets many
+ * receiving threads share one fsync.
+ *
+ * Group commit: a thread that wants a row committed queues its request. If
+ * no commit is running, it becomes the leader: it takes every queued request,
+ * writes them in one transaction (a savepoint each, so one bad row fails
+ * alone), commits once, and wakes the others. Otherwise it waits; when the
+ * running commit ends, the next leader takes its request along. */
+#include "db_internal.h"
+#include "db_put.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+struct put_req {
+    const struct db_instance *in;
+    char *old_path;
+    size_t old_path_len;
+    char *err;
+    size_t errlen;
+    int rc;
+    bool done;
+    struct put_req *next;
+};
+
+struct db {
+    sqlite3 *conn;  /* the owner thread's connection */
+    sqlite3 *wconn; /* used only by the group-commit leader */
+    struct db_put_stmts put;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct put_req *head, *tail;
+    bool committing;
+};
+
+static int conn_open(sqlite3 **out, const char *path, char *err, size_t errlen)
+{
+    int rc = sqlite3_open_v2(
+        path, out, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK) {
+        snprintf(err, errlen, "cannot open database %s: %s", path,
+                 *out ? sqlite3_errmsg(*out) : sqlite3_errstr(rc));
+        sqlite3_close(*out);
+        *out = NULL;
+        return -1;
+    }
+    sqlite3_busy_timeout(*out, 10000);
+    /* WAL: readers never block the writer; synchronous=FULL: a commit is on
+     * disk when COMMIT returns, which is what "success" promises a scanner. */
+    const char *setup = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+                        "PRAGMA foreign_keys=ON;";
+    char *msg = NULL;
+    if (sqlite3_exec(*out, setup, NULL, NULL, &msg) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot set up database %s: %s", path, msg ? msg : "?");
+        sqlite3_free(msg);
+        sqlite3_close(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+int db_open(struct db **out, const char *path, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct db *db = calloc(1, sizeof *db);
+    if (!db) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    pthread_mutex_init(&db->mu, NULL);
+    pthread_cond_init(&db->cv, NULL);
+    if (conn_open(&db->conn, path, err, errlen) != 0 || db_migrate(db->conn, err, errlen) != 0 ||
+        conn_open(&db->wconn, path, err, errlen) != 0 ||
+        db_put_prepare(&db->put, db->wconn, err, errlen) != 0) {
+        db_close(db);
+        return -1;
+    }
+    *out = db;
+    return 0;
+}
+
+void db_close(struct db *db)
+{
+    if (!db) return;
+    db_put_finalize(&db->put);
+    sqlite3_close(db->wconn);
+    sqlite3_close(db->conn);
+    pthread_cond_destroy(&db->cv);
+    pthread_mutex_destroy(&db->mu);
+    free(db);
+}
+
+/* Writes one batch in one transaction. Called by the leader without the
+ * mutex held; only the leader touches wconn. */
+static void commit_batch(struct db *db, struct put_req *batch)
+{
+    sqlite3 *c = db->wconn;
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        for (struct put_req *r = batch; r; r = r->next) {
+            r->rc = -1;
+            snprintf(r->err, r->errlen, "database busy or unavailable: %s", sqlite3_errmsg(c));
+        }
+        return;
+    }
+    for (struct put_req *r = batch; r; r = r->next) {
+        sqlite3_exec(c, "SAVEPOINT one", NULL, NULL, NULL);
+        r->rc = db_put_one(&db->put, r->in, r->old_path, r->old_path_len, r->err, r->errlen);
+        if (r->rc != 0) sqlite3_exec(c, "ROLLBACK TO one", NULL, NULL, NULL);
+        sqlite3_exec(c, "RELEASE one", NULL, NULL, NULL);
+    }
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        const char *msg = sqlite3_errmsg(c);
+        for (struct put_req *r = batch; r; r = r->next) {
+            if (r->rc == 0) snprintf(r->err, r->errlen, "commit failed: %s", msg);
+            r->rc = -1;
+        }
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    }
+}
+
+int db_instance_put(struct db *db, const struct db_instance *in, char *old_path,
+                    size_t old_path_len, char *err, size_t errlen)
+{
+    struct put_req req = {
+        .in = in, .old_path = old_path, .old_path_len = old_path_len, .err = err, .errlen = errlen};
+    if (old_path_len) old_path[0] = 0;
+    pthread_mutex_lock(&db->mu);
+    if (db->tail)
+        db->tail->next = &req;
+    else
+        db->head = &req;
+    db->tail = &req;
+    while (!req.done) {
+        if (db->committing) {
+            pthread_cond_wait(&db->cv, &db->mu);
+            continue;
+        }
+        struct put_req *batch = db->head;
+        db->head = db->tail = NULL;
+        db->committing = true;
+        pthread_mutex_unlock(&db->mu);
+        commit_batch(db, batch);
+        pthread_mutex_lock(&db->mu);
+        for (struct put_req *r = batch, *next; r; r = next) {
+            next = r->next; /* r lives on another thread's stack: read before done */
+            r->done = true;
+        }
+        db->committing = false;
+        pthread_cond_broadcast(&db->cv);
+    }
+    pthread_mutex_unlock(&db->mu);
+    return req.rc;
+}
+
+int db_file_is_indexed(struct db *db, const char *file_path, bool *out)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db->conn, "SELECT 1 FROM instances WHERE file_path = ?", -1, &st,
+                           NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, file_path, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    *out = rc == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_count_instances(struct db *db, int64_t *out)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db->conn, "SELECT count(*) FROM instances", -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    int rc = sqlite3_step(st);
+    *out = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_integrity_check(struct db *db, char *err, size_t errlen)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db->conn, "PRAGMA integrity_check", -1, &st, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s", sqlite3_errmsg(db->conn));
+        return -1;
+    }
+    int rc = sqlite3_step(st);
+    const char *res = rc == SQLITE_ROW ? (const char *)sqlite3_column_text(st, 0) : "no answer";
+    int ok = res && strcmp(res, "ok") == 0;
+    if (!ok) snprintf(err, errlen, "integrity_check: %s", res ? res : "?");
+    sqlite3_finalize(st);
+    return ok ? 0 : -1;
+}

@@ -1,0 +1,17 @@
+/* db/: the statements that record one instance (used by the group commit). */
+#ifndef DB_PUT_H
+#define DB_PUT_H
+
+#include "db_internal.h"
+
+struct db_put_stmts {
+    sqlite3_stmt *patient, *study, *series, *old, *instance, *recount;
+};
+
+int db_put_prepare(struct db_put_stmts *s, sqlite3 *conn, char *err, size_t errlen);
+void db_put_finalize(struct db_put_stmts *s);
+/* Inside an open transaction: upserts patient, study, series and instance. */
+int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_path,
+               size_t old_path_len, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,87 @@
+/* The Storage SCP: accepts associations, answers C-ECHO, receives C-STORE
+ * datasets bit for bit into temporary files and hands each one, fsynced and
+ * parsed, to the caller's store callback, whose answer becomes the DIMSE
+ * status. C API over dcmtk; runs its own threads (one listener, one per
+ * association), never the caller's loop. */
+#ifndef SCP_H
+#define SCP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "scp_info.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* DIMSE statuses the store callback may answer (PS3.4 B.2.3). */
+enum {
+    SCP_STATUS_SUCCESS = 0x0000,
+    SCP_STATUS_OUT_OF_RESOURCES = 0xA700,
+    SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900,
+    SCP_STATUS_CANNOT_UNDERSTAND = 0xC000,
+};
+
+/* One received instance, valid during the store callback only. */
+struct scp_received {
+    const char *tmp_path;        /* complete, fsynced file with meta header */
+    const struct scp_info *info; /* parsed and checked: UIDs valid, SOP class matches */
+    int64_t file_size;
+    const char *calling_ae;
+    const char *peer_addr;
+};
+
+/* Called on an association's thread, possibly on several at once. Makes the
+ * instance durable (or not) and returns a DIMSE status; on failure writes a
+ * reason for the log. The temporary file is removed afterwards if it is
+ * still there. */
+typedef unsigned (*scp_store_fn)(void *ud, const struct scp_received *r, char *reason,
+                                 size_t reason_len);
+/* Called before a dataset is received; returns 0 when there is room, else
+ * non-zero with a reason, and the dataset is read off the wire and answered
+ * with A700 without touching the disk. */
+typedef int (*scp_space_fn)(void *ud, char *reason, size_t reason_len);
+
+struct scp_server_config {
+    int port;
+    const char *aetitle;
+    int max_associations;
+    int max_pdu;
+    int acse_timeout;           /* seconds */
+    int dimse_timeout;          /* seconds */
+    int association_deadline;   /* seconds, whole association */
+    int64_t max_instance_bytes; /* a dataset larger than this is refused (A700) */
+    const char *allowed_peers;  /* "AE[@host], ..."; NULL or "" allows anyone */
+    const char *tmp_dir;        /* where datasets are received; same file system as the spool */
+    scp_store_fn store;
+    scp_space_fn space;
+    void *ud;
+};
+
+struct scp_server;
+
+/* Binds the port and starts accepting. On success the caller owns *out and
+ * must call scp_server_stop(). Returns 0, or -1 with a message in err; no
+ * thread is left running on failure. */
+int scp_server_start(struct scp_server **out, const struct scp_server_config *cfg, char *err,
+                     size_t errlen);
+
+/* Replaces the calling-AE allowlist (on reload). Returns 0, or -1 when the
+ * list cannot be parsed (the old one stays). */
+int scp_server_set_allowed_peers(struct scp_server *s, const char *allowed, char *err,
+                                 size_t errlen);
+
+/* Number of associations in progress. */
+int scp_server_active(struct scp_server *s);
+
+/* Stops accepting at once, lets associations in progress finish for up to
+ * grace_seconds, then aborts the rest, joins every thread and frees s.
+ * NULL is a no-op. */
+void scp_server_stop(struct scp_server *s, int grace_seconds);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

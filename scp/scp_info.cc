@@ -1,0 +1,169 @@
+// scp/scp_info.cc: reads the attributes the node indexes from a DICOM file's
+// header with dcmtk. Pixel data and other large values stay on disk.
+#include "scp_info.h"
+
+#include <cstdio>
+#include <cstring>
+
+#include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dctk.h>
+
+namespace
+{
+
+// Largest element value read into memory; bigger ones (pixel data) are
+// loaded lazily and never here.
+const Uint32 kMaxReadLength = 4096;
+
+void copy_str(DcmItem *item, const DcmTagKey &tag, char *out, size_t n)
+{
+    OFString v;
+    out[0] = 0;
+    if (item->findAndGetOFStringArray(tag, v).good()) {
+        // Trailing spaces and NULs are padding in DICOM strings.
+        size_t len = v.length();
+        while (len > 0 && (v[len - 1] == ' ' || v[len - 1] == '\0'))
+            len--;
+        size_t start = 0;
+        while (start < len && v[start] == ' ')
+            start++;
+        size_t k = len - start < n - 1 ? len - start : n - 1;
+        memcpy(out, v.c_str() + start, k);
+        out[k] = 0;
+    }
+}
+
+int get_int(DcmItem *item, const DcmTagKey &tag, int dflt)
+{
+    Sint32 s;
+    Uint16 u;
+    OFString str;
+    // US elements (Rows, Columns) and IS elements (numbers as text) both occur.
+    if (item->findAndGetUint16(tag, u).good()) return u;
+    if (item->findAndGetSint32(tag, s).good()) return s;
+    if (item->findAndGetOFString(tag, str).good()) {
+        char *end = nullptr;
+        long v = strtol(str.c_str(), &end, 10);
+        if (end != str.c_str()) return (int)v;
+    }
+    return dflt;
+}
+
+bool get_doubles(DcmItem *item, const DcmTagKey &tag, double *out, int count)
+{
+    for (int i = 0; i < count; i++) {
+        Float64 v;
+        if (item->findAndGetFloat64(tag, v, (unsigned long)i).bad()) return false;
+        out[i] = v;
+    }
+    return true;
+}
+
+} // namespace
+
+extern "C" bool scp_uid_valid(const char *uid)
+{
+    size_t n = uid ? strlen(uid) : 0;
+    if (n == 0 || n > 64 || uid[0] == '.' || uid[n - 1] == '.') return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = uid[i];
+        if (!(c == '.' || (c >= '0' && c <= '9'))) return false;
+        if (c == '.' && uid[i + 1] == '.') return false;
+    }
+    return true;
+}
+
+extern "C" bool scp_sop_class_is_ct(const char *sop_class)
+{
+    return strcmp(sop_class, UID_CTImageStorage) == 0 ||
+           strcmp(sop_class, UID_EnhancedCTImageStorage) == 0;
+}
+
+extern "C" bool scp_sop_class_storable(const char *sop_class)
+{
+    // dcmtk's list of storage SOP classes: every image, SR and other object a
+    // PACS may route along with a study.
+    return dcmIsaStorageSOPClassUID(sop_class, ESSC_All);
+}
+
+extern "C" int scp_info_read(const char *path, struct scp_info *out, char *err,
+                             unsigned long errlen)
+{
+    memset(out, 0, sizeof *out);
+    out->series_number = -1;
+    out->instance_number = -1;
+    out->number_of_frames = 1;
+    out->samples_per_pixel = 1;
+    out->rescale_slope = 1.0;
+    try {
+        DcmFileFormat ff;
+        OFCondition c =
+            ff.loadFile(path, EXS_Unknown, EGL_noChange, kMaxReadLength, ERM_autoDetect);
+        if (c.bad()) {
+            snprintf(err, errlen, "cannot parse DICOM: %s", c.text());
+            return -1;
+        }
+        DcmMetaInfo *meta = ff.getMetaInfo();
+        DcmDataset *ds = ff.getDataset();
+        if (!ds || ds->card() == 0) {
+            snprintf(err, errlen, "cannot parse DICOM: empty dataset");
+            return -1;
+        }
+        if (meta)
+            copy_str(meta, DCM_TransferSyntaxUID, out->transfer_syntax,
+                     sizeof out->transfer_syntax);
+        if (!out->transfer_syntax[0]) {
+            DcmXfer x(ds->getOriginalXfer());
+            snprintf(out->transfer_syntax, sizeof out->transfer_syntax, "%s", x.getXferID());
+        }
+        copy_str(ds, DCM_SOPClassUID, out->sop_class, sizeof out->sop_class);
+        copy_str(ds, DCM_SOPInstanceUID, out->sop_uid, sizeof out->sop_uid);
+        copy_str(ds, DCM_StudyInstanceUID, out->study_uid, sizeof out->study_uid);
+        copy_str(ds, DCM_SeriesInstanceUID, out->series_uid, sizeof out->series_uid);
+        copy_str(ds, DCM_FrameOfReferenceUID, out->frame_of_ref_uid, sizeof out->frame_of_ref_uid);
+        copy_str(ds, DCM_PatientID, out->patient_id, sizeof out->patient_id);
+        copy_str(ds, DCM_PatientName, out->patient_name, sizeof out->patient_name);
+        copy_str(ds, DCM_SpecificCharacterSet, out->specific_charset, sizeof out->specific_charset);
+        copy_str(ds, DCM_PatientBirthDate, out->patient_birth_date, sizeof out->patient_birth_date);
+        copy_str(ds, DCM_PatientSex, out->patient_sex, sizeof out->patient_sex);
+        copy_str(ds, DCM_AccessionNumber, out->accession, sizeof out->accession);
+        copy_str(ds, DCM_StudyID, out->study_id, sizeof out->study_id);
+        copy_str(ds, DCM_StudyDate, out->study_date, sizeof out->study_date);
+        copy_str(ds, DCM_StudyTime, out->study_time, sizeof out->study_time);
+        copy_str(ds, DCM_StudyDescription, out->study_desc, sizeof out->study_desc);
+        copy_str(ds, DCM_Modality, out->modality, sizeof out->modality);
+        copy_str(ds, DCM_BodyPartExamined, out->body_part, sizeof out->body_part);
+        copy_str(ds, DCM_SeriesDescription, out->series_desc, sizeof out->series_desc);
+        copy_str(ds, DCM_ImageType, out->image_type, sizeof out->image_type);
+        copy_str(ds, DCM_Manufacturer, out->manufacturer, sizeof out->manufacturer);
+        copy_str(ds, DCM_StationName, out->station_name, sizeof out->station_name);
+        copy_str(ds, DCM_ConvolutionKernel, out->convolution_kernel,
+                 sizeof out->convolution_kernel);
+        out->series_number = get_int(ds, DCM_SeriesNumber, -1);
+        out->instance_number = get_int(ds, DCM_InstanceNumber, -1);
+        out->rows = get_int(ds, DCM_Rows, 0);
+        out->columns = get_int(ds, DCM_Columns, 0);
+        out->bits_allocated = get_int(ds, DCM_BitsAllocated, 0);
+        out->bits_stored = get_int(ds, DCM_BitsStored, 0);
+        out->pixel_representation = get_int(ds, DCM_PixelRepresentation, 0);
+        out->samples_per_pixel = get_int(ds, DCM_SamplesPerPixel, 1);
+        out->number_of_frames = get_int(ds, DCM_NumberOfFrames, 1);
+        if (out->number_of_frames < 1) out->number_of_frames = 1;
+        out->images_in_acquisition = get_int(ds, DCM_ImagesInAcquisition, 0);
+        out->has_pixel_spacing = get_doubles(ds, DCM_PixelSpacing, out->pixel_spacing, 2);
+        out->has_position = get_doubles(ds, DCM_ImagePositionPatient, out->position, 3);
+        out->has_orientation = get_doubles(ds, DCM_ImageOrientationPatient, out->orientation, 6);
+        get_doubles(ds, DCM_SliceThickness, &out->slice_thickness, 1);
+        if (!get_doubles(ds, DCM_RescaleSlope, &out->rescale_slope, 1)) out->rescale_slope = 1.0;
+        get_doubles(ds, DCM_RescaleIntercept, &out->rescale_intercept, 1);
+        get_doubles(ds, DCM_WindowCenter, &out->window_center, 1);
+        get_doubles(ds, DCM_WindowWidth, &out->window_width, 1);
+        out->has_pixel_data = ds->tagExists(DCM_PixelData);
+        return 0;
+    } catch (const std::exception &e) {
+        snprintf(err, errlen, "cannot parse DICOM: %s", e.what());
+    } catch (...) {
+        snprintf(err, errlen, "cannot parse DICOM: unknown error");
+    }
+    return -1;
+}

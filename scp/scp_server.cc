@@ -1,0 +1,736 @@
+// scp/scp_server.cc: the Storage SCP on dcmtk's association and DIMSE layers.
+//
+// One listener thread accepts associations; each accepted association gets a
+// thread of its own. A C-STORE dataset is streamed bit for bit into a temp
+// file behind a freshly written file meta header, fsynced, parsed, checked,
+// and handed to the caller's store callback; only its answer is sent back.
+// The listener also enforces each association's total deadline by shutting
+// its socket down, which wakes the blocked read in the worker.
+#include "scp.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/dcmnet/assoc.h>
+#include <dcmtk/dcmnet/dcmtrans.h>
+#include <dcmtk/dcmnet/dimse.h>
+#include <dcmtk/dcmnet/diutil.h>
+#include <dcmtk/dcmnet/dul.h>
+
+#include "log.h"
+
+namespace
+{
+
+using Clock = std::chrono::steady_clock;
+
+struct Peer {
+    std::string ae;
+    std::string host; // empty: any host
+};
+
+// A DcmConsumer that writes to a file descriptor and never fails towards
+// dcmtk: a write error (disk full) or the size cap is remembered and the rest
+// of the dataset is read off the wire and dropped, so the association stays
+// in step and the peer gets a proper A700 instead of an abort.
+class SpoolConsumer : public DcmConsumer
+{
+  public:
+    SpoolConsumer(int fd, int64_t cap) : fd_(fd), cap_(cap) {}
+    OFBool good() const override
+    {
+        return OFTrue;
+    }
+    OFCondition status() const override
+    {
+        return EC_Normal;
+    }
+    OFBool isFlushed() const override
+    {
+        return OFTrue;
+    }
+    offile_off_t avail() const override
+    {
+        return 1 << 20;
+    }
+    offile_off_t write(const void *buf, offile_off_t len) override
+    {
+        if (err_ == 0 && written_ + len > cap_) err_ = EFBIG;
+        const char *p = static_cast<const char *>(buf);
+        offile_off_t left = len;
+        while (err_ == 0 && left > 0) {
+            ssize_t w = ::write(fd_, p, (size_t)left);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                err_ = errno;
+                break;
+            }
+            p += w;
+            left -= w;
+            written_ += w;
+        }
+        return len;
+    }
+    void flush() override {}
+    int error() const
+    {
+        return err_;
+    }
+    int64_t written() const
+    {
+        return written_;
+    }
+
+  private:
+    int fd_;
+    int64_t cap_;
+    int64_t written_ = 0;
+    int err_ = 0;
+};
+
+class SpoolStream : public DcmOutputStream
+{
+  public:
+    explicit SpoolStream(SpoolConsumer *c) : DcmOutputStream(c) {}
+};
+
+struct Assoc {
+    T_ASC_Association *assoc = nullptr;
+    int fd = -1;
+    std::atomic<bool> associated{false}; // past the A-ASSOCIATE-RQ: counts against the limit
+    Clock::time_point deadline;
+    std::atomic<bool> expired{false};
+    std::atomic<bool> finished{false};
+    std::thread thread;
+    unsigned long id = 0;
+};
+
+// The transfer syntaxes we accept, in order of preference. Every one can be
+// decoded by dcmtk for triage; files are kept in the syntax they came in.
+const char *kTransferSyntaxes[] = {
+    UID_LittleEndianExplicitTransferSyntax, UID_LittleEndianImplicitTransferSyntax,
+    UID_BigEndianExplicitTransferSyntax,    UID_DeflatedExplicitVRLittleEndianTransferSyntax,
+    UID_JPEGProcess1TransferSyntax,         UID_JPEGProcess2_4TransferSyntax,
+    UID_JPEGProcess14TransferSyntax,        UID_JPEGProcess14SV1TransferSyntax,
+    UID_JPEGLSLosslessTransferSyntax,       UID_JPEGLSLossyTransferSyntax,
+    UID_RLELosslessTransferSyntax,
+};
+
+} // namespace
+
+struct scp_server {
+    scp_server_config cfg{};
+    std::string aetitle, tmp_dir;
+    T_ASC_Network *net = nullptr;
+    std::thread listener;
+    std::atomic<bool> stopping{false};
+    std::mutex mu;        // guards assocs and peers
+    std::mutex accept_mu; // dcmtk reads the accepted socket from a global
+    std::list<Assoc *> assocs;
+    std::vector<Peer> peers;
+    unsigned long next_id = 1;
+    std::atomic<unsigned long> tmp_seq{0};
+
+    void listen_loop();
+    void reap(bool all);
+    void check_deadlines();
+    void run_assoc(Assoc *a);
+    bool receive_request(Assoc *a);
+    size_t count(bool associated_only);
+    bool peer_allowed(const char *ae, const char *host);
+    OFCondition handle_store(Assoc *a, T_ASC_PresentationContextID pres_id, T_DIMSE_C_StoreRQ *req,
+                             unsigned *stored, unsigned *failed);
+};
+
+namespace
+{
+
+int parse_peers(const char *s, std::vector<Peer> *out, char *err, size_t errlen)
+{
+    out->clear();
+    std::string all = s ? s : "";
+    size_t pos = 0;
+    while (pos <= all.size()) {
+        size_t comma = all.find(',', pos);
+        if (comma == std::string::npos) comma = all.size();
+        std::string item = all.substr(pos, comma - pos);
+        pos = comma + 1;
+        size_t b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+        if (b == std::string::npos) continue;
+        item = item.substr(b, e - b + 1);
+        Peer p;
+        size_t at = item.find('@');
+        p.ae = item.substr(0, at);
+        if (at != std::string::npos) p.host = item.substr(at + 1);
+        if (p.ae.empty() || p.ae.size() > 16 || (at != std::string::npos && p.host.empty())) {
+            snprintf(err, errlen, "bad entry in dicom.allowed_peers: '%s'", item.c_str());
+            return -1;
+        }
+        out->push_back(p);
+    }
+    return 0;
+}
+
+// The peer's address as dcmtk gives it may carry a port ("host:port").
+std::string host_only(const char *addr)
+{
+    std::string a = addr ? addr : "";
+    size_t colon = a.rfind(':');
+    if (colon != std::string::npos && a.find(':') == colon) a = a.substr(0, colon);
+    return a;
+}
+
+void reject(T_ASC_Association *assoc, T_ASC_RejectParametersResult result,
+            T_ASC_RejectParametersSource source, T_ASC_RejectParametersReason reason)
+{
+    T_ASC_RejectParameters rej = {result, source, reason};
+    ASC_rejectAssociation(assoc, &rej);
+}
+
+// Writes a DICOM file meta header (preamble, DICM, group 0002) for a dataset
+// arriving in transfer syntax ts, so the spooled file is a normal Part 10
+// file whose dataset bytes are exactly what the peer sent.
+bool write_meta(DcmOutputStream &out, const char *sop_class, const char *sop_uid, const char *ts,
+                const char *calling_ae)
+{
+    DcmFileFormat ff;
+    DcmMetaInfo *mi = ff.getMetaInfo();
+    Uint8 version[2] = {0, 1};
+    mi->putAndInsertUint8Array(DCM_FileMetaInformationVersion, version, 2);
+    mi->putAndInsertString(DCM_MediaStorageSOPClassUID, sop_class);
+    mi->putAndInsertString(DCM_MediaStorageSOPInstanceUID, sop_uid);
+    mi->putAndInsertString(DCM_TransferSyntaxUID, ts);
+    mi->putAndInsertString(DCM_ImplementationClassUID, OFFIS_IMPLEMENTATION_CLASS_UID);
+    mi->putAndInsertString(DCM_ImplementationVersionName, "ICHTRIAGE");
+    if (calling_ae && calling_ae[0])
+        mi->putAndInsertString(DCM_SourceApplicationEntityTitle, calling_ae);
+    if (mi->computeGroupLengthAndPadding(EGL_withGL, EPD_noChange,
+                                         META_HEADER_DEFAULT_TRANSFERSYNTAX, EET_ExplicitLength)
+            .bad())
+        return false;
+    mi->transferInit();
+    OFCondition c = mi->write(out, META_HEADER_DEFAULT_TRANSFERSYNTAX, EET_ExplicitLength, nullptr);
+    mi->transferEnd();
+    return c.good();
+}
+
+} // namespace
+
+bool scp_server::peer_allowed(const char *ae, const char *host)
+{
+    std::lock_guard<std::mutex> g(mu);
+    if (peers.empty()) return true;
+    for (const Peer &p : peers)
+        if (p.ae == ae && (p.host.empty() || p.host == host)) return true;
+    return false;
+}
+
+OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_id,
+                                     T_DIMSE_C_StoreRQ *req, unsigned *stored, unsigned *failed)
+{
+    T_ASC_Association *assoc = a->assoc;
+    const char *calling = assoc->params->DULparams.callingAPTitle;
+    std::string peer = host_only(assoc->params->DULparams.callingPresentationAddress);
+    T_DIMSE_C_StoreRSP rsp;
+    memset(&rsp, 0, sizeof rsp);
+    rsp.MessageIDBeingRespondedTo = req->MessageID;
+    OFStandard::strlcpy(rsp.AffectedSOPClassUID, req->AffectedSOPClassUID,
+                        sizeof rsp.AffectedSOPClassUID);
+    OFStandard::strlcpy(rsp.AffectedSOPInstanceUID, req->AffectedSOPInstanceUID,
+                        sizeof rsp.AffectedSOPInstanceUID);
+    rsp.opts = O_STORE_AFFECTEDSOPCLASSUID | O_STORE_AFFECTEDSOPINSTANCEUID;
+    rsp.DataSetType = DIMSE_DATASET_NULL;
+    char reason[512] = "";
+    unsigned status = SCP_STATUS_SUCCESS;
+    OFCondition cond = EC_Normal;
+    auto t0 = Clock::now();
+
+    if (cfg.space && cfg.space(cfg.ud, reason, sizeof reason) != 0) {
+        // No room: read the dataset off the wire without storing it.
+        DIC_UL bits = 0, bytes = 0;
+        cond = DIMSE_ignoreDataSet(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &bits, &bytes);
+        status = SCP_STATUS_OUT_OF_RESOURCES;
+    } else {
+        T_ASC_PresentationContext pc;
+        ASC_findAcceptedPresentationContext(assoc->params, pres_id, &pc);
+        char tmp[4096];
+        snprintf(tmp, sizeof tmp, "%s/%ld-%lu-%lu.part", tmp_dir.c_str(), (long)getpid(), a->id,
+                 tmp_seq.fetch_add(1));
+        int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            snprintf(reason, sizeof reason, "cannot create temp file: %s", strerror(errno));
+            DIC_UL bits = 0, bytes = 0;
+            cond = DIMSE_ignoreDataSet(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &bits, &bytes);
+            status = SCP_STATUS_OUT_OF_RESOURCES;
+        } else {
+            SpoolConsumer consumer(fd, cfg.max_instance_bytes);
+            {
+                SpoolStream out(&consumer);
+                bool meta_ok =
+                    write_meta(out, req->AffectedSOPClassUID, req->AffectedSOPInstanceUID,
+                               pc.acceptedTransferSyntax, calling);
+                T_ASC_PresentationContextID data_pres = pres_id;
+                cond = DIMSE_receiveDataSetInFile(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout,
+                                                  &data_pres, &out, nullptr, nullptr);
+                if (cond.good() && !meta_ok) {
+                    status = SCP_STATUS_OUT_OF_RESOURCES;
+                    snprintf(reason, sizeof reason, "cannot write file meta header");
+                }
+            }
+            if (cond.good() && status == SCP_STATUS_SUCCESS) {
+                if (consumer.error() == EFBIG) {
+                    status = SCP_STATUS_OUT_OF_RESOURCES;
+                    snprintf(reason, sizeof reason, "dataset larger than %lld bytes",
+                             (long long)cfg.max_instance_bytes);
+                } else if (consumer.error() != 0) {
+                    status = SCP_STATUS_OUT_OF_RESOURCES;
+                    snprintf(reason, sizeof reason, "write failed: %s", strerror(consumer.error()));
+                } else if (fsync(fd) != 0) {
+                    status = SCP_STATUS_OUT_OF_RESOURCES;
+                    snprintf(reason, sizeof reason, "fsync failed: %s", strerror(errno));
+                }
+            }
+            close(fd);
+            if (cond.good() && status == SCP_STATUS_SUCCESS) {
+                scp_info info;
+                char err[512];
+                if (scp_info_read(tmp, &info, err, sizeof err) != 0) {
+                    status = SCP_STATUS_CANNOT_UNDERSTAND;
+                    snprintf(reason, sizeof reason, "%s", err);
+                } else if (strcmp(info.sop_class, req->AffectedSOPClassUID) != 0) {
+                    status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    snprintf(reason, sizeof reason,
+                             "SOP class in dataset (%s) is not the one requested",
+                             info.sop_class[0] ? info.sop_class : "missing");
+                } else if (strcmp(info.sop_uid, req->AffectedSOPInstanceUID) != 0) {
+                    status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    snprintf(reason, sizeof reason,
+                             "SOP instance UID in dataset differs from the request");
+                } else if (!scp_uid_valid(info.study_uid) || !scp_uid_valid(info.series_uid) ||
+                           !scp_uid_valid(info.sop_uid)) {
+                    status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    snprintf(reason, sizeof reason, "missing or invalid %s UID",
+                             !scp_uid_valid(info.study_uid)    ? "study"
+                             : !scp_uid_valid(info.series_uid) ? "series"
+                                                               : "SOP instance");
+                } else {
+                    scp_received r = {tmp, &info, consumer.written(), calling, peer.c_str()};
+                    status = cfg.store(cfg.ud, &r, reason, sizeof reason);
+                }
+            }
+            unlink(tmp); // gone already when the store callback moved it
+        }
+    }
+
+    if (cond.bad()) {
+        // The dataset never arrived whole: nothing was stored, no answer is
+        // possible; the caller ends the association.
+        OFString text;
+        util_log(UTIL_LOG_WARN, "store_incomplete", "assoc=%lu sop=%s reason=\"%s\"", a->id,
+                 req->AffectedSOPInstanceUID, DimseCondition::dump(text, cond).c_str());
+        (*failed)++;
+        return cond;
+    }
+    rsp.DimseStatus = (Uint16)status;
+    long ms =
+        (long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
+    if (status == SCP_STATUS_SUCCESS) {
+        (*stored)++;
+        util_log(UTIL_LOG_DEBUG, "instance_stored", "assoc=%lu sop=%s ms=%ld", a->id,
+                 req->AffectedSOPInstanceUID, ms);
+    } else {
+        (*failed)++;
+        char safe[64];
+        util_log(UTIL_LOG_WARN, "store_failed",
+                 "assoc=%lu calling_ae=%s sop=%s status=0x%04X reason=\"%s\"", a->id,
+                 util_log_safe(safe, sizeof safe, calling), req->AffectedSOPInstanceUID, status,
+                 reason);
+    }
+    return DIMSE_sendStoreResponse(assoc, pres_id, req, &rsp, nullptr);
+}
+
+// Waits (up to the ACSE timeout) until the whole A-ASSOCIATE-RQ PDU is in
+// the socket buffer, then lets dcmtk parse it from there, one connection at
+// a time because dcmtk takes the socket from a process-wide variable.
+bool scp_server::receive_request(Assoc *a)
+{
+    const size_t cap = 65536;
+    std::vector<unsigned char> buf(cap);
+    auto until = Clock::now() + std::chrono::seconds(cfg.acse_timeout);
+    size_t want = 6;
+    const char *why = nullptr;
+    for (;;) {
+        ssize_t n = recv(a->fd, buf.data(), want, MSG_PEEK | MSG_DONTWAIT);
+        if (n == 0) {
+            why = "closed_before_request";
+            break;
+        }
+        if (n > 0 && (size_t)n >= 6 && want == 6) {
+            uint32_t len = ((uint32_t)buf[2] << 24) | ((uint32_t)buf[3] << 16) |
+                           ((uint32_t)buf[4] << 8) | buf[5];
+            want = std::min<size_t>(cap, 6 + (size_t)len);
+            continue;
+        }
+        if (n > 0 && (size_t)n >= want) break;
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            why = "socket_error";
+            break;
+        }
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
+        if (left.count() <= 0 || stopping) {
+            why = stopping ? "shutting_down" : "no_request_before_acse_timeout";
+            break;
+        }
+        if (n > 0) {
+            // Part of the PDU is here; poll() would return at once, so wait a little.
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        } else {
+            struct pollfd pfd = {a->fd, POLLIN, 0};
+            poll(&pfd, 1, (int)std::min<long>(left.count(), 500));
+        }
+    }
+    if (why) {
+        util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=%s", a->id, why);
+        std::lock_guard<std::mutex> g(mu);
+        close(a->fd);
+        a->fd = -1;
+        return false;
+    }
+    OFCondition c;
+    T_ASC_Association *assoc = nullptr;
+    {
+        std::lock_guard<std::mutex> g(accept_mu);
+        dcmExternalSocketHandle.set(a->fd);
+        c = ASC_receiveAssociation(net, &assoc, cfg.max_pdu, nullptr, nullptr, OFFalse, DUL_BLOCK,
+                                   cfg.acse_timeout);
+        dcmExternalSocketHandle.set(-1);
+    }
+    if (c.bad()) {
+        OFString text;
+        util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=\"%s\"", a->id,
+                 DimseCondition::dump(text, c).c_str());
+        std::lock_guard<std::mutex> g(mu);
+        if (assoc) {
+            ASC_dropAssociation(assoc); // closes the socket
+            ASC_destroyAssociation(&assoc);
+        } else {
+            close(a->fd);
+        }
+        a->fd = -1;
+        return false;
+    }
+    a->assoc = assoc;
+    return true;
+}
+
+void scp_server::run_assoc(Assoc *a)
+{
+    if (!receive_request(a)) {
+        a->finished = true;
+        return;
+    }
+    T_ASC_Association *assoc = a->assoc;
+    char calling[64], called[64];
+    util_log_safe(calling, sizeof calling, assoc->params->DULparams.callingAPTitle);
+    util_log_safe(called, sizeof called, assoc->params->DULparams.calledAPTitle);
+    std::string peer = host_only(assoc->params->DULparams.callingPresentationAddress);
+    unsigned stored = 0, failed = 0;
+    auto t0 = Clock::now();
+    const char *end_reason = "released";
+
+    {
+        // Count this association only now that it is one; over the limit
+        // it is refused as transient, so the peer may retry later.
+        size_t busy = count(true);
+        if (stopping || busy >= (size_t)cfg.max_associations) {
+            reject(assoc, ASC_RESULT_REJECTEDTRANSIENT,
+                   ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
+                   ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED);
+            util_log(UTIL_LOG_WARN, "association_rejected",
+                     "assoc=%lu calling_ae=%s peer=%s reason=%s active=%zu limit=%d", a->id,
+                     calling, peer.c_str(), stopping ? "shutting_down" : "too_many_associations",
+                     busy, cfg.max_associations);
+            goto done;
+        }
+        a->associated = true;
+    }
+    if (aetitle != assoc->params->DULparams.calledAPTitle) {
+        reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+               ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED);
+        util_log(UTIL_LOG_WARN, "association_rejected",
+                 "assoc=%lu calling_ae=%s called_ae=%s peer=%s reason=called_ae_not_ours", a->id,
+                 calling, called, peer.c_str());
+        goto done;
+    }
+    if (!peer_allowed(assoc->params->DULparams.callingAPTitle, peer.c_str())) {
+        reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+               ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED);
+        util_log(UTIL_LOG_WARN, "association_rejected",
+                 "assoc=%lu calling_ae=%s called_ae=%s peer=%s reason=calling_peer_not_allowed",
+                 a->id, calling, called, peer.c_str());
+        goto done;
+    }
+    {
+        const char *verification[] = {UID_VerificationSOPClass};
+        const int nts = (int)(sizeof kTransferSyntaxes / sizeof kTransferSyntaxes[0]);
+        OFCondition c = ASC_acceptContextsWithPreferredTransferSyntaxes(assoc->params, verification,
+                                                                        1, kTransferSyntaxes, 3);
+        if (c.good())
+            c = ASC_acceptContextsWithPreferredTransferSyntaxes(
+                assoc->params, const_cast<const char **>(dcmAllStorageSOPClassUIDs),
+                numberOfDcmAllStorageSOPClassUIDs, kTransferSyntaxes, nts);
+        if (c.bad() || ASC_countAcceptedPresentationContexts(assoc->params) == 0) {
+            reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+                   ASC_REASON_SU_NOREASON);
+            util_log(UTIL_LOG_WARN, "association_rejected",
+                     "assoc=%lu calling_ae=%s peer=%s reason=no_acceptable_presentation_context",
+                     a->id, calling, peer.c_str());
+            goto done;
+        }
+        if (ASC_acknowledgeAssociation(assoc).bad()) {
+            end_reason = "acknowledge_failed";
+            goto done;
+        }
+    }
+    util_log(UTIL_LOG_INFO, "association_accepted", "assoc=%lu calling_ae=%s peer=%s", a->id,
+             calling, peer.c_str());
+
+    for (;;) {
+        T_ASC_PresentationContextID pres_id = 0;
+        T_DIMSE_Message msg;
+        OFCondition c = DIMSE_receiveCommand(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &pres_id,
+                                             &msg, nullptr);
+        if (c == DUL_PEERREQUESTEDRELEASE) {
+            ASC_acknowledgeRelease(assoc);
+            break;
+        }
+        if (c == DUL_PEERABORTEDASSOCIATION) {
+            end_reason = "peer_aborted";
+            break;
+        }
+        if (c.bad()) {
+            end_reason =
+                a->expired ? "deadline" : (c == DIMSE_NODATAAVAILABLE ? "timeout" : "error");
+            ASC_abortAssociation(assoc);
+            break;
+        }
+        if (msg.CommandField == DIMSE_C_ECHO_RQ) {
+            c = DIMSE_sendEchoResponse(assoc, pres_id, &msg.msg.CEchoRQ, STATUS_Success, nullptr);
+        } else if (msg.CommandField == DIMSE_C_STORE_RQ) {
+            c = handle_store(a, pres_id, &msg.msg.CStoreRQ, &stored, &failed);
+        } else {
+            util_log(UTIL_LOG_WARN, "unsupported_command", "assoc=%lu command=0x%04x", a->id,
+                     (unsigned)msg.CommandField);
+            c = DIMSE_BADCOMMANDTYPE;
+        }
+        if (c.bad()) {
+            end_reason = a->expired ? "deadline" : "error";
+            ASC_abortAssociation(assoc);
+            break;
+        }
+    }
+    util_log(UTIL_LOG_INFO, "association_ended",
+             "assoc=%lu calling_ae=%s stored=%u failed=%u ms=%ld reason=%s", a->id, calling, stored,
+             failed,
+             (long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count(),
+             end_reason);
+done : {
+    std::lock_guard<std::mutex> g(mu);
+    ASC_dropSCPAssociation(assoc);
+    ASC_destroyAssociation(&assoc);
+    a->assoc = nullptr;
+    a->fd = -1;
+}
+    a->finished = true;
+}
+
+void scp_server::check_deadlines()
+{
+    auto now = Clock::now();
+    std::lock_guard<std::mutex> g(mu);
+    for (Assoc *a : assocs) {
+        if (!a->finished && !a->expired && a->fd >= 0 && now >= a->deadline) {
+            a->expired = true;
+            util_log(UTIL_LOG_WARN, "association_deadline", "assoc=%lu seconds=%d", a->id,
+                     cfg.association_deadline);
+            shutdown(a->fd, SHUT_RDWR);
+        }
+    }
+}
+
+void scp_server::reap(bool all)
+{
+    std::list<Assoc *> done;
+    {
+        std::lock_guard<std::mutex> g(mu);
+        for (auto it = assocs.begin(); it != assocs.end();) {
+            if (all || (*it)->finished) {
+                done.push_back(*it);
+                it = assocs.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    for (Assoc *a : done) {
+        if (a->thread.joinable()) a->thread.join();
+        delete a;
+    }
+}
+
+size_t scp_server::count(bool associated_only)
+{
+    std::lock_guard<std::mutex> g(mu);
+    size_t n = 0;
+    for (Assoc *a : assocs)
+        if (!a->finished && (!associated_only || a->associated)) n++;
+    return n;
+}
+
+// The listener only accepts TCP connections: reading the A-ASSOCIATE-RQ is
+// the connection's own thread's job, so a peer that connects and says
+// nothing holds up no one else.
+void scp_server::listen_loop()
+{
+    int lfd = (int)DUL_networkSocket(net->network);
+    while (!stopping) {
+        reap(false);
+        check_deadlines();
+        struct pollfd pfd = {lfd, POLLIN, 0};
+        if (poll(&pfd, 1, 500) <= 0) continue;
+        sockaddr_storage from;
+        socklen_t len = sizeof from;
+        int fd = accept4(lfd, (sockaddr *)&from, &len, SOCK_CLOEXEC);
+        if (fd < 0) continue;
+        // Connections still waiting for their request have a cap of their
+        // own, so silent peers cannot exhaust threads either.
+        if (count(false) >= 2 * (size_t)cfg.max_associations) {
+            util_log(UTIL_LOG_WARN, "connection_refused", "reason=too_many_connections limit=%d",
+                     2 * cfg.max_associations);
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        Assoc *a = new Assoc;
+        a->fd = fd;
+        a->deadline = Clock::now() + std::chrono::seconds(cfg.association_deadline);
+        {
+            std::lock_guard<std::mutex> g(mu);
+            a->id = next_id++;
+            assocs.push_back(a);
+        }
+        try {
+            a->thread = std::thread([this, a] { run_assoc(a); });
+        } catch (const std::exception &e) {
+            util_log(UTIL_LOG_ERROR, "connection_refused", "reason=\"cannot start thread: %s\"",
+                     e.what());
+            std::lock_guard<std::mutex> g(mu);
+            close(fd);
+            a->fd = -1;
+            a->finished = true;
+        }
+    }
+    // Refuse new connections from here on.
+    shutdown(lfd, SHUT_RDWR);
+}
+
+extern "C" int scp_server_start(struct scp_server **out, const struct scp_server_config *cfg,
+                                char *err, size_t errlen)
+{
+    *out = nullptr;
+    scp_server *s = nullptr;
+    try {
+        s = new scp_server;
+        s->cfg = *cfg;
+        s->aetitle = cfg->aetitle;
+        s->tmp_dir = cfg->tmp_dir;
+        s->cfg.aetitle = s->aetitle.c_str();
+        s->cfg.tmp_dir = s->tmp_dir.c_str();
+        s->cfg.allowed_peers = nullptr;
+        if (parse_peers(cfg->allowed_peers, &s->peers, err, errlen) != 0) {
+            delete s;
+            return -1;
+        }
+        // dcmtk reads the PDU size and its own timeouts from globals set here.
+        dcmMaxOutgoingPDUSize.set((Uint32)cfg->max_pdu);
+        dcmConnectionTimeout.set(cfg->acse_timeout);
+        OFCondition c = ASC_initializeNetwork(NET_ACCEPTOR, cfg->port, cfg->acse_timeout, &s->net);
+        if (c.bad()) {
+            OFString text;
+            snprintf(err, errlen, "cannot listen on DICOM port %d: %s", cfg->port,
+                     DimseCondition::dump(text, c).c_str());
+            delete s;
+            return -1;
+        }
+        s->listener = std::thread([s] { s->listen_loop(); });
+    } catch (const std::exception &e) {
+        snprintf(err, errlen, "cannot start DICOM server: %s", e.what());
+        if (s && s->net) ASC_dropNetwork(&s->net);
+        delete s;
+        return -1;
+    }
+    *out = s;
+    return 0;
+}
+
+extern "C" int scp_server_set_allowed_peers(struct scp_server *s, const char *allowed, char *err,
+                                            size_t errlen)
+{
+    try {
+        std::vector<Peer> peers;
+        if (parse_peers(allowed, &peers, err, errlen) != 0) return -1;
+        std::lock_guard<std::mutex> g(s->mu);
+        s->peers.swap(peers);
+        return 0;
+    } catch (const std::exception &e) {
+        snprintf(err, errlen, "%s", e.what());
+        return -1;
+    }
+}
+
+extern "C" int scp_server_active(struct scp_server *s)
+{
+    return (int)s->count(false);
+}
+
+extern "C" void scp_server_stop(struct scp_server *s, int grace_seconds)
+{
+    if (!s) return;
+    s->stopping = true;
+    if (s->listener.joinable()) s->listener.join();
+    auto until = Clock::now() + std::chrono::seconds(grace_seconds);
+    while (scp_server_active(s) > 0 && Clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    {
+        std::lock_guard<std::mutex> g(s->mu);
+        for (Assoc *a : s->assocs) {
+            if (!a->finished && a->fd >= 0) {
+                util_log(UTIL_LOG_WARN, "association_aborted", "assoc=%lu reason=shutdown", a->id);
+                shutdown(a->fd, SHUT_RDWR);
+            }
+        }
+    }
+    s->reap(true);
+    ASC_dropNetwork(&s->net);
+    delete s;
+}

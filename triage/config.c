@@ -1,0 +1,217 @@
+/* triage/config.c: the INI configuration (inih) with --set overrides. */
+#include "config.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef ICHTRIAGE_SYSCONFDIR
+#define ICHTRIAGE_SYSCONFDIR "/etc/ichtriage"
+#endif
+
+/* The names and defaults; etc/ichtriage.conf documents each one. */
+static const struct {
+    const char *name;
+    const char *dflt;
+} keys[CFG_NKEYS] = {
+    [CFG_DICOM_PORT] = {"dicom.port", "11112"},
+    [CFG_DICOM_AETITLE] = {"dicom.aetitle", "ICHTRIAGE"},
+    [CFG_DICOM_MAX_ASSOCIATIONS] = {"dicom.max_associations", "16"},
+    [CFG_DICOM_MAX_PDU] = {"dicom.max_pdu", "131072"},
+    [CFG_DICOM_ACSE_TIMEOUT] = {"dicom.acse_timeout", "30"},
+    [CFG_DICOM_DIMSE_TIMEOUT] = {"dicom.dimse_timeout", "60"},
+    [CFG_DICOM_ASSOCIATION_DEADLINE] = {"dicom.association_deadline", "1800"},
+    [CFG_DICOM_ALLOWED_PEERS] = {"dicom.allowed_peers", ""},
+    [CFG_DICOM_TLS_PORT] = {"dicom.tls_port", "0"},
+    [CFG_DICOM_TLS_CERT] = {"dicom.tls_cert", ""},
+    [CFG_DICOM_TLS_KEY] = {"dicom.tls_key", ""},
+    [CFG_DICOM_SHUTDOWN_GRACE] = {"dicom.shutdown_grace", "20"},
+    [CFG_STORE_DIR] = {"store.dir", "./var"},
+    [CFG_STORE_MIN_FREE_MB] = {"store.min_free_mb", "512"},
+    [CFG_STORE_MAX_INSTANCE_MB] = {"store.max_instance_mb", "1024"},
+    [CFG_HTTP_LISTEN] = {"http.listen", "127.0.0.1:8080"},
+    [CFG_TRIAGE_QUIET_SECONDS] = {"triage.quiet_seconds", "5"},
+    [CFG_TRIAGE_MODEL] = {"triage.model", ""},
+    [CFG_NN_DEVICE] = {"nn.device", "auto"},
+    [CFG_PACS_DESTINATIONS] = {"pacs.destinations", ""},
+    [CFG_PACS_SEND] = {"pacs.send", "flagged"},
+    [CFG_LOG_LEVEL] = {"log.level", "info"},
+};
+
+const char *triage_config_name(enum triage_config_key k)
+{
+    return keys[k].name;
+}
+
+const char *triage_config_str(const struct triage_config *c, enum triage_config_key k)
+{
+    return c->values[k];
+}
+
+static int find_key(const char *section, size_t section_len, const char *key)
+{
+    for (int i = 0; i < CFG_NKEYS; i++) {
+        const char *dot = strchr(keys[i].name, '.');
+        if ((size_t)(dot - keys[i].name) == section_len &&
+            strncmp(keys[i].name, section, section_len) == 0 && strcmp(dot + 1, key) == 0)
+            return i;
+    }
+    return -1;
+}
+
+static int put(struct triage_config *c, int k, const char *value)
+{
+    char *v = strdup(value);
+    if (!v) return -1;
+    free(c->values[k]);
+    c->values[k] = v;
+    return 0;
+}
+
+struct parse_ctx {
+    struct triage_config *c;
+    char *err;
+    size_t errlen;
+    int failed;
+};
+
+static int on_ini(void *user, const char *section, const char *name, const char *value)
+{
+    struct parse_ctx *p = user;
+    int k = find_key(section, strlen(section), name);
+    if (k < 0) {
+        if (!p->failed)
+            snprintf(p->err, p->errlen, "unknown key [%s] %s in %s", section, name, p->c->source);
+        p->failed = 1;
+        return 0;
+    }
+    return put(p->c, k, value) == 0;
+}
+
+int triage_config_load(struct triage_config *c, const char *path, char *err, size_t errlen)
+{
+    memset(c, 0, sizeof *c);
+    for (int i = 0; i < CFG_NKEYS; i++)
+        if (put(c, i, keys[i].dflt) != 0) goto oom;
+    const char *file = path;
+    if (!file && access(ICHTRIAGE_SYSCONFDIR "/ichtriage.conf", R_OK) == 0)
+        file = ICHTRIAGE_SYSCONFDIR "/ichtriage.conf";
+    if (!file) {
+        snprintf(c->source, sizeof c->source, "built-in defaults");
+        return 0;
+    }
+    snprintf(c->source, sizeof c->source, "%s", file);
+    FILE *f = fopen(file, "r");
+    if (!f) {
+        snprintf(err, errlen, "cannot read config %s: %s", file, strerror(errno));
+        triage_config_free(c);
+        return -1;
+    }
+    struct parse_ctx p = {c, err, errlen, 0};
+    int rc = ini_parse_file(f, on_ini, &p);
+    fclose(f);
+    if (rc != 0 || p.failed) {
+        if (!p.failed) snprintf(err, errlen, "config %s: syntax error on line %d", file, rc);
+        triage_config_free(c);
+        return -1;
+    }
+    return 0;
+oom:
+    snprintf(err, errlen, "out of memory");
+    triage_config_free(c);
+    return -1;
+}
+
+int triage_config_set(struct triage_config *c, const char *assignment, char *err, size_t errlen)
+{
+    const char *dot = strchr(assignment, '.');
+    const char *eq = strchr(assignment, '=');
+    if (!dot || !eq || dot > eq) {
+        snprintf(err, errlen, "--set wants section.key=value, got '%s'", assignment);
+        return -1;
+    }
+    char key[128];
+    size_t klen = (size_t)(eq - dot - 1);
+    if (klen >= sizeof key) klen = sizeof key - 1;
+    memcpy(key, dot + 1, klen);
+    key[klen] = 0;
+    int k = find_key(assignment, (size_t)(dot - assignment), key);
+    if (k < 0) {
+        snprintf(err, errlen, "--set: unknown key '%.*s'", (int)(eq - assignment), assignment);
+        return -1;
+    }
+    if (put(c, k, eq + 1) != 0) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+void triage_config_free(struct triage_config *c)
+{
+    for (int i = 0; i < CFG_NKEYS; i++) {
+        free(c->values[i]);
+        c->values[i] = NULL;
+    }
+}
+
+int triage_config_int(const struct triage_config *c, enum triage_config_key k, int64_t min,
+                      int64_t max, int64_t *out, char *err, size_t errlen)
+{
+    const char *s = c->values[k];
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    while (end && (*end == ' ' || *end == '\t'))
+        end++;
+    if (errno || end == s || *end || v < min || v > max) {
+        snprintf(err, errlen, "%s = '%s': want an integer from %lld to %lld", keys[k].name, s,
+                 (long long)min, (long long)max);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int triage_config_from_args(struct triage_config *c, int *argc, char **argv, char *err,
+                            size_t errlen)
+{
+    const char *path = NULL;
+    int n = *argc, out = 1;
+    /* First pass: find -c so that --set applies on top of the file. */
+    for (int i = 1; i < n; i++) {
+        if (strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) {
+            if (i + 1 >= n) {
+                snprintf(err, errlen, "%s needs a file name", argv[i]);
+                return -1;
+            }
+            path = argv[++i];
+        } else if (strcmp(argv[i], "--set") == 0) {
+            i++;
+        }
+    }
+    if (triage_config_load(c, path, err, errlen) != 0) return -1;
+    for (int i = 1; i < n; i++) {
+        if (strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) {
+            i++;
+        } else if (strcmp(argv[i], "--set") == 0) {
+            if (i + 1 >= n) {
+                snprintf(err, errlen, "--set needs section.key=value");
+                triage_config_free(c);
+                return -1;
+            }
+            if (triage_config_set(c, argv[++i], err, errlen) != 0) {
+                triage_config_free(c);
+                return -1;
+            }
+        } else {
+            argv[out++] = argv[i];
+        }
+    }
+    argv[out] = NULL;
+    *argc = out;
+    return 0;
+}

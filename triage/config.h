@@ -1,0 +1,61 @@
+/* The node's configuration: one INI file (etc/ichtriage.conf documents every
+ * key), then --set section.key=value overrides, then typed getters that say
+ * what is wrong with a value. */
+#ifndef TRIAGE_CONFIG_H
+#define TRIAGE_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum triage_config_key {
+    CFG_DICOM_PORT,
+    CFG_DICOM_AETITLE,
+    CFG_DICOM_MAX_ASSOCIATIONS,
+    CFG_DICOM_MAX_PDU,
+    CFG_DICOM_ACSE_TIMEOUT,
+    CFG_DICOM_DIMSE_TIMEOUT,
+    CFG_DICOM_ASSOCIATION_DEADLINE,
+    CFG_DICOM_ALLOWED_PEERS,
+    CFG_DICOM_TLS_PORT,
+    CFG_DICOM_TLS_CERT,
+    CFG_DICOM_TLS_KEY,
+    CFG_DICOM_SHUTDOWN_GRACE,
+    CFG_STORE_DIR,
+    CFG_STORE_MIN_FREE_MB,
+    CFG_STORE_MAX_INSTANCE_MB,
+    CFG_HTTP_LISTEN,
+    CFG_TRIAGE_QUIET_SECONDS,
+    CFG_TRIAGE_MODEL,
+    CFG_NN_DEVICE,
+    CFG_PACS_DESTINATIONS,
+    CFG_PACS_SEND,
+    CFG_LOG_LEVEL,
+    CFG_NKEYS
+};
+
+struct triage_config {
+    char *values[CFG_NKEYS];
+    char source[512]; /* the file read, or "built-in defaults" */
+};
+
+/* Fills c with the built-in defaults, then reads path (NULL: the installed
+ * default file if it exists). Unknown sections or keys are errors. The caller
+ * frees c with triage_config_free(). Returns 0, or -1 with a message. */
+int triage_config_load(struct triage_config *c, const char *path, char *err, size_t errlen);
+/* Applies "section.key=value". Returns 0, or -1 with a message. */
+int triage_config_set(struct triage_config *c, const char *assignment, char *err, size_t errlen);
+void triage_config_free(struct triage_config *c);
+
+const char *triage_config_str(const struct triage_config *c, enum triage_config_key k);
+const char *triage_config_name(enum triage_config_key k);
+/* Parses an integer key within [min, max]. Returns 0, or -1 with a message. */
+int triage_config_int(const struct triage_config *c, enum triage_config_key k, int64_t min,
+                      int64_t max, int64_t *out, char *err, size_t errlen);
+
+/* Parses the common options of every subcommand, -c FILE and --set K=V
+ * (repeatable), removing them from argv; the rest stays in order. Loads the
+ * configuration into c. Returns 0, or -1 with a message. */
+int triage_config_from_args(struct triage_config *c, int *argc, char **argv, char *err,
+                            size_t errlen);
+
+#endif

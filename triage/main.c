@@ -1,0 +1,41 @@
+/* triage/main.c: the `ichtriage` command and its subcommands. */
+#include <stdio.h>
+#include <string.h>
+
+#include "serve.h"
+
+struct command {
+    const char *name;
+    int (*main)(int argc, char **argv);
+    const char *help;
+};
+
+static const struct command commands[] = {
+    {"serve", triage_serve_main, "run the node (DICOM Storage SCP, index)"},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: ichtriage COMMAND [-c FILE] [--set section.key=value]... [ARGS]\n\n"
+               "Head-CT triage node. Decision support, not a diagnosis.\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+    fprintf(f, "\n'ichtriage COMMAND --help' tells more.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("ichtriage %s\n", ICHTRIAGE_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0) return commands[i].main(argc - 1, argv + 1);
+    fprintf(stderr, "ichtriage: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

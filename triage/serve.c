@@ -1,0 +1,246 @@
+/* triage/serve.c: `ichtriage serve`, the node. The libuv loop runs in the
+ * main thread: signals, the wake-ups from receiving threads and (in later
+ * issues) series completion, HTTP and result delivery. DICOM associations
+ * run on scp/'s own threads. */
+#include "serve.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <uv.h>
+
+#ifdef HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+#include "config.h"
+#include "db.h"
+#include "log.h"
+#include "scp.h"
+#include "store.h"
+
+struct node {
+    struct triage_config cfg;
+    const char *config_path;
+    uv_loop_t *loop;
+    uv_signal_t sigterm, sigint, sighup;
+    uv_async_t stored_async;
+    struct triage_store store;
+    struct scp_server *scp;
+    int grace;
+};
+
+static void on_stored_async(uv_async_t *h)
+{
+    struct node *n = h->data;
+    /* Series completion (issue 6) hooks in here; for now the loop only
+     * keeps the count current for status. */
+    util_log(UTIL_LOG_DEBUG, "instances_committed", "total=%lld",
+             (long long)atomic_load(&n->store.stored));
+}
+
+/* Called on a receiving thread after each commit. */
+static void wake_loop(void *ud)
+{
+    struct node *n = ud;
+    uv_async_send(&n->stored_async);
+}
+
+static void on_stop_signal(uv_signal_t *h, int signum)
+{
+    struct node *n = h->data;
+    util_log(UTIL_LOG_INFO, "stopping", "signal=%s active_associations=%d",
+             signum == SIGTERM ? "TERM" : "INT", scp_server_active(n->scp));
+#ifdef HAVE_SYSTEMD
+    sd_notify(0, "STOPPING=1");
+#endif
+    uv_stop(n->loop);
+}
+
+static void on_reload_signal(uv_signal_t *h, int signum)
+{
+    (void)signum;
+    struct node *n = h->data;
+    struct triage_config fresh;
+    char err[512];
+    if (triage_config_load(&fresh, n->config_path, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
+        return;
+    }
+    int level = util_log_level_parse(triage_config_str(&fresh, CFG_LOG_LEVEL));
+    if (level < 0) {
+        util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"bad log.level\"");
+        triage_config_free(&fresh);
+        return;
+    }
+    if (scp_server_set_allowed_peers(n->scp, triage_config_str(&fresh, CFG_DICOM_ALLOWED_PEERS),
+                                     err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
+        triage_config_free(&fresh);
+        return;
+    }
+    util_log_set_level((enum util_log_level)level);
+    enum triage_config_key restart_keys[] = {CFG_DICOM_PORT, CFG_STORE_DIR, CFG_HTTP_LISTEN,
+                                             CFG_DICOM_AETITLE};
+    for (size_t i = 0; i < sizeof restart_keys / sizeof restart_keys[0]; i++)
+        if (strcmp(triage_config_str(&fresh, restart_keys[i]),
+                   triage_config_str(&n->cfg, restart_keys[i])) != 0)
+            util_log(UTIL_LOG_WARN, "reload_needs_restart", "key=%s",
+                     triage_config_name(restart_keys[i]));
+    util_log(UTIL_LOG_INFO, "reloaded", "config=%s", fresh.source);
+    triage_config_free(&fresh);
+}
+
+static int get_int(struct node *n, enum triage_config_key k, int64_t min, int64_t max, int64_t *out)
+{
+    char err[512];
+    if (triage_config_int(&n->cfg, k, min, max, out, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: ichtriage serve [-c FILE] [--set section.key=value]...\n"
+               "\n"
+               "Runs the node: the DICOM Storage SCP (C-ECHO, C-STORE) that stores every\n"
+               "instance durably in <store.dir>/spool and indexes it in <store.dir>/ichtriage.db.\n"
+               "SIGTERM or SIGINT: stop accepting, let associations in progress finish\n"
+               "(dicom.shutdown_grace seconds), exit. SIGHUP: reload the configuration.\n");
+}
+
+int triage_serve_main(int argc, char **argv)
+{
+    static struct node n; /* lives for the whole process: signal handles point into it */
+    char err[1024];
+    if (triage_config_from_args(&n.cfg, &argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage serve: %s\n", err);
+        return 2;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        fprintf(stderr, "ichtriage serve: unexpected argument '%s'\n", argv[i]);
+        usage(stderr);
+        return 2;
+    }
+    n.config_path = strcmp(n.cfg.source, "built-in defaults") ? n.cfg.source : NULL;
+    int level = util_log_level_parse(triage_config_str(&n.cfg, CFG_LOG_LEVEL));
+    if (level < 0) {
+        fprintf(stderr, "ichtriage serve: log.level must be error, warn, info or debug\n");
+        return 2;
+    }
+    util_log_set_level((enum util_log_level)level);
+
+    int64_t port, max_assoc, max_pdu, acse, dimse, deadline, min_free, max_inst, grace;
+    if (get_int(&n, CFG_DICOM_PORT, 1, 65535, &port) ||
+        get_int(&n, CFG_DICOM_MAX_ASSOCIATIONS, 1, 1000, &max_assoc) ||
+        get_int(&n, CFG_DICOM_MAX_PDU, 4096, 131072, &max_pdu) ||
+        get_int(&n, CFG_DICOM_ACSE_TIMEOUT, 1, 3600, &acse) ||
+        get_int(&n, CFG_DICOM_DIMSE_TIMEOUT, 1, 3600, &dimse) ||
+        get_int(&n, CFG_DICOM_ASSOCIATION_DEADLINE, 1, 7 * 86400, &deadline) ||
+        get_int(&n, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &min_free) ||
+        get_int(&n, CFG_STORE_MAX_INSTANCE_MB, 1, 1 << 20, &max_inst) ||
+        get_int(&n, CFG_DICOM_SHUTDOWN_GRACE, 0, 3600, &grace))
+        return 2;
+    const char *aet = triage_config_str(&n.cfg, CFG_DICOM_AETITLE);
+    if (!aet[0] || strlen(aet) > 16) {
+        fprintf(stderr, "ichtriage serve: dicom.aetitle must be 1 to 16 characters\n");
+        return 2;
+    }
+    int64_t tls_port;
+    if (get_int(&n, CFG_DICOM_TLS_PORT, 0, 65535, &tls_port)) return 2;
+    if (tls_port != 0) {
+        fprintf(stderr, "ichtriage serve: dicom.tls_port: the TLS listener is not available in "
+                        "this build yet; set it to 0\n");
+        return 2;
+    }
+    n.grace = (int)grace;
+
+    /* Everything the node writes is for its own user only. */
+    umask(077);
+    n.store.min_free_bytes = min_free << 20;
+    if (triage_store_prepare(&n.store, triage_config_str(&n.cfg, CFG_STORE_DIR), err, sizeof err) !=
+        0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        return 1;
+    }
+    char dbpath[1200];
+    snprintf(dbpath, sizeof dbpath, "%s/ichtriage.db", n.store.dir);
+    if (db_open(&n.store.db, dbpath, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        return 1;
+    }
+    if (triage_store_recover(&n.store, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        db_close(n.store.db);
+        return 1;
+    }
+
+    n.loop = uv_default_loop();
+    uv_async_init(n.loop, &n.stored_async, on_stored_async);
+    n.stored_async.data = &n;
+    n.store.on_stored = wake_loop;
+    n.store.ud = &n;
+    uv_signal_init(n.loop, &n.sigterm);
+    uv_signal_init(n.loop, &n.sigint);
+    uv_signal_init(n.loop, &n.sighup);
+    n.sigterm.data = n.sigint.data = n.sighup.data = &n;
+    uv_signal_start(&n.sigterm, on_stop_signal, SIGTERM);
+    uv_signal_start(&n.sigint, on_stop_signal, SIGINT);
+    uv_signal_start(&n.sighup, on_reload_signal, SIGHUP);
+
+    /* dcmtk disables Nagle only when this is set before its network starts;
+     * scanners rarely do, and without it each small response waits ~40 ms. */
+    setenv("TCP_NODELAY", "1", 1);
+    struct scp_server_config sc = {
+        .port = (int)port,
+        .aetitle = aet,
+        .max_associations = (int)max_assoc,
+        .max_pdu = (int)max_pdu,
+        .acse_timeout = (int)acse,
+        .dimse_timeout = (int)dimse,
+        .association_deadline = (int)deadline,
+        .max_instance_bytes = max_inst << 20,
+        .allowed_peers = triage_config_str(&n.cfg, CFG_DICOM_ALLOWED_PEERS),
+        .tmp_dir = n.store.tmp,
+        .store = triage_store_instance,
+        .space = triage_store_check_space,
+        .ud = &n.store,
+    };
+    if (scp_server_start(&n.scp, &sc, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        db_close(n.store.db);
+        return 1;
+    }
+    int64_t count = 0;
+    db_count_instances(n.store.db, &count);
+    util_log(UTIL_LOG_INFO, "ready", "port=%d aetitle=%s store=%s instances=%lld config=\"%s\"",
+             (int)port, aet, n.store.dir, (long long)count, n.cfg.source);
+#ifdef HAVE_SYSTEMD
+    sd_notify(0, "READY=1\nSTATUS=receiving; no model loaded (triage not yet available)");
+#endif
+
+    uv_run(n.loop, UV_RUN_DEFAULT);
+
+    /* Stop accepting, let associations in progress finish, then close. */
+    scp_server_stop(n.scp, n.grace);
+    n.scp = NULL;
+    uv_close((uv_handle_t *)&n.sigterm, NULL);
+    uv_close((uv_handle_t *)&n.sigint, NULL);
+    uv_close((uv_handle_t *)&n.sighup, NULL);
+    uv_close((uv_handle_t *)&n.stored_async, NULL);
+    uv_run(n.loop, UV_RUN_DEFAULT);
+    uv_loop_close(n.loop);
+    db_close(n.store.db);
+    util_log(UTIL_LOG_INFO, "stopped", "stored=%lld refused_low_space=%lld",
+             (long long)atomic_load(&n.store.stored), (long long)atomic_load(&n.store.refused));
+    triage_config_free(&n.cfg);
+    return 0;
+}

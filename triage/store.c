@@ -1,0 +1,278 @@
+/* triage/store.c: making a received instance durable.
+ *
+ * Order, so that no crash leaves the index pointing at missing bytes:
+ *   1. the temp file is complete and fsynced (scp/ did that);
+ *   2. it is renamed, never over an existing file, into
+ *      spool/<study>/<series>/<sop>.dcm (or <sop>~N.dcm when an earlier copy
+ *      of the same instance is still there), and the folder is fsynced;
+ *   3. the row is committed (group commit, synchronous=FULL);
+ *   4. an earlier copy, if any, is removed.
+ * A crash between 2 and 3 leaves a file no row points to; a crash between 3
+ * and 4 leaves the earlier copy; triage_store_recover() removes both at the
+ * next start. Only after 3 does the peer hear "success". */
+#include "store.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+static int fsync_dir(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+static int dir_path_parent(const char *path, char *out, size_t n)
+{
+    snprintf(out, n, "%s", path);
+    char *slash = strrchr(out, '/');
+    if (!slash) return -1;
+    *slash = 0;
+    return 0;
+}
+
+/* mkdir that makes a new folder durable in its parent. */
+static int mkdir_durable(const char *path)
+{
+    if (mkdir(path, 0700) == 0) {
+        char parent[2048];
+        if (dir_path_parent(path, parent, sizeof parent) == 0 && fsync_dir(parent) != 0) return -1;
+        return 0;
+    }
+    return errno == EEXIST ? 0 : -1;
+}
+
+int triage_store_prepare(struct triage_store *s, const char *dir, char *err, size_t errlen)
+{
+    snprintf(s->dir, sizeof s->dir, "%s", dir);
+    snprintf(s->spool, sizeof s->spool, "%s/spool", dir);
+    snprintf(s->tmp, sizeof s->tmp, "%s/.tmp", s->spool);
+    const char *paths[] = {s->dir, s->spool, s->tmp};
+    for (int i = 0; i < 3; i++) {
+        if (mkdir_durable(paths[i]) != 0) {
+            snprintf(err, errlen, "cannot create %s: %s", paths[i], strerror(errno));
+            return -1;
+        }
+        /* Patient data: readable by the service's user only. */
+        if (chmod(paths[i], 0700) != 0) {
+            snprintf(err, errlen, "cannot set mode of %s: %s", paths[i], strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int64_t now_ms(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+int triage_store_check_space(void *ud, char *reason, size_t reason_len)
+{
+    struct triage_store *s = ud;
+    struct statvfs v;
+    if (statvfs(s->spool, &v) != 0) {
+        snprintf(reason, reason_len, "cannot check free space of %s: %s", s->spool,
+                 strerror(errno));
+        return -1;
+    }
+    int64_t avail = (int64_t)v.f_bavail * (int64_t)v.f_frsize;
+    bool low = avail < s->min_free_bytes;
+    bool was = atomic_exchange(&s->low_space, low);
+    if (low != was)
+        util_log(low ? UTIL_LOG_ERROR : UTIL_LOG_INFO, low ? "disk_low" : "disk_ok",
+                 "spool=%s free_mb=%lld min_free_mb=%lld", s->spool, (long long)(avail >> 20),
+                 (long long)(s->min_free_bytes >> 20));
+    if (low) {
+        snprintf(reason, reason_len, "free space %lld MiB below store.min_free_mb=%lld",
+                 (long long)(avail >> 20), (long long)(s->min_free_bytes >> 20));
+        atomic_fetch_add(&s->refused, 1);
+        return 1;
+    }
+    return 0;
+}
+
+/* Renames tmp to dir/<sop>.dcm, or <sop>~N.dcm when that name is taken,
+ * never replacing a file. Writes the chosen name (relative to dir) to name. */
+static int place_file(const char *tmp, const char *dir, const char *sop, char *name, size_t n)
+{
+    for (int gen = 0; gen < 10; gen++) {
+        if (gen == 0)
+            snprintf(name, n, "%s.dcm", sop);
+        else
+            snprintf(name, n, "%s~%d.dcm", sop, gen);
+        char path[2048];
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        if (renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) == 0) return 0;
+        if (errno == EINVAL) {
+            /* A file system without RENAME_NOREPLACE: link() is exclusive too. */
+            if (link(tmp, path) == 0) {
+                unlink(tmp);
+                return 0;
+            }
+        }
+        if (errno != EEXIST) return -1;
+    }
+    errno = EEXIST;
+    return -1;
+}
+
+unsigned triage_store_instance(void *ud, const struct scp_received *r, char *reason,
+                               size_t reason_len)
+{
+    struct triage_store *s = ud;
+    const struct scp_info *in = r->info;
+    char study_dir[1400], series_dir[1500], name[160], rel[1024], full[2600];
+    snprintf(study_dir, sizeof study_dir, "%s/%s", s->spool, in->study_uid);
+    snprintf(series_dir, sizeof series_dir, "%s/%s", study_dir, in->series_uid);
+    if (mkdir_durable(study_dir) != 0 || mkdir_durable(series_dir) != 0) {
+        snprintf(reason, reason_len, "cannot create %s: %s", series_dir, strerror(errno));
+        return SCP_STATUS_OUT_OF_RESOURCES;
+    }
+    if (place_file(r->tmp_path, series_dir, in->sop_uid, name, sizeof name) != 0) {
+        snprintf(reason, reason_len, "cannot move into spool: %s", strerror(errno));
+        return SCP_STATUS_OUT_OF_RESOURCES;
+    }
+    snprintf(rel, sizeof rel, "spool/%s/%s/%s", in->study_uid, in->series_uid, name);
+    snprintf(full, sizeof full, "%s/%s", series_dir, name);
+    if (fsync_dir(series_dir) != 0) {
+        snprintf(reason, reason_len, "cannot sync %s: %s", series_dir, strerror(errno));
+        unlink(full);
+        return SCP_STATUS_OUT_OF_RESOURCES;
+    }
+
+    struct db_instance row = {
+        .patient_id = in->patient_id,
+        .patient_name = in->patient_name,
+        .specific_charset = in->specific_charset,
+        .patient_birth_date = in->patient_birth_date,
+        .patient_sex = in->patient_sex,
+        .study_uid = in->study_uid,
+        .accession = in->accession,
+        .study_id = in->study_id,
+        .study_date = in->study_date,
+        .study_time = in->study_time,
+        .study_desc = in->study_desc,
+        .series_uid = in->series_uid,
+        .modality = in->modality,
+        .body_part = in->body_part,
+        .series_desc = in->series_desc,
+        .frame_of_ref_uid = in->frame_of_ref_uid,
+        .convolution_kernel = in->convolution_kernel,
+        .manufacturer = in->manufacturer,
+        .station_name = in->station_name,
+        .series_number = in->series_number,
+        .sop_uid = in->sop_uid,
+        .sop_class = in->sop_class,
+        .transfer_syntax = in->transfer_syntax,
+        .image_type = in->image_type,
+        .instance_number = in->instance_number,
+        .rows = in->rows,
+        .columns = in->columns,
+        .number_of_frames = in->number_of_frames,
+        .images_in_acquisition = in->images_in_acquisition,
+        .has_pixel_spacing = in->has_pixel_spacing,
+        .has_position = in->has_position,
+        .has_orientation = in->has_orientation,
+        .slice_thickness = in->slice_thickness,
+        .rescale_slope = in->rescale_slope,
+        .rescale_intercept = in->rescale_intercept,
+        .file_path = rel,
+        .file_size = r->file_size,
+        .calling_ae = r->calling_ae,
+        .peer_addr = r->peer_addr,
+        .received_at_ms = now_ms(),
+    };
+    memcpy(row.pixel_spacing, in->pixel_spacing, sizeof row.pixel_spacing);
+    memcpy(row.position, in->position, sizeof row.position);
+    memcpy(row.orientation, in->orientation, sizeof row.orientation);
+
+    char old[1024], err[512];
+    if (db_instance_put(s->db, &row, old, sizeof old, err, sizeof err) != 0) {
+        /* Not indexed, so not stored: the file must not outlive the failure. */
+        unlink(full);
+        snprintf(reason, reason_len, "%s", err);
+        return SCP_STATUS_OUT_OF_RESOURCES;
+    }
+    if (old[0] && strcmp(old, rel) != 0) {
+        char old_full[2100];
+        snprintf(old_full, sizeof old_full, "%s/%s", s->dir, old);
+        if (unlink(old_full) != 0 && errno != ENOENT)
+            util_log(UTIL_LOG_WARN, "replace_cleanup_failed", "path=%s error=\"%s\"", old,
+                     strerror(errno));
+        util_log(UTIL_LOG_INFO, "instance_replaced", "sop=%s", in->sop_uid);
+    }
+    atomic_fetch_add(&s->stored, 1);
+    if (s->on_stored) s->on_stored(s->ud);
+    return SCP_STATUS_SUCCESS;
+}
+
+/* Walks dir (relative path rel under the store) removing .dcm files that no
+ * row points to. */
+static int sweep(struct triage_store *s, const char *rel, int depth, long *removed)
+{
+    char path[2100];
+    snprintf(path, sizeof path, "%s/%s", s->dir, rel);
+    DIR *d = opendir(path);
+    if (!d) return errno == ENOENT ? 0 : -1;
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue; /* ., .. and .tmp */
+        char child[1024];
+        snprintf(child, sizeof child, "%s/%s", rel, e->d_name);
+        if (depth < 2) {
+            if (sweep(s, child, depth + 1, removed) != 0) rc = -1;
+            continue;
+        }
+        bool indexed = false;
+        if (db_file_is_indexed(s->db, child, &indexed) != 0) {
+            rc = -1;
+            continue;
+        }
+        if (!indexed) {
+            char full[2100];
+            snprintf(full, sizeof full, "%s/%s", s->dir, child);
+            if (unlink(full) == 0) (*removed)++;
+        }
+    }
+    closedir(d);
+    return rc;
+}
+
+int triage_store_recover(struct triage_store *s, char *err, size_t errlen)
+{
+    long temps = 0, orphans = 0;
+    DIR *d = opendir(s->tmp);
+    if (!d) {
+        snprintf(err, errlen, "cannot open %s: %s", s->tmp, strerror(errno));
+        return -1;
+    }
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        if (unlinkat(dirfd(d), e->d_name, 0) == 0) temps++;
+    }
+    closedir(d);
+    if (sweep(s, "spool", 0, &orphans) != 0) {
+        snprintf(err, errlen, "cannot check the spool against the index: %s", strerror(errno));
+        return -1;
+    }
+    if (temps || orphans) fsync_dir(s->tmp);
+    util_log(temps || orphans ? UTIL_LOG_WARN : UTIL_LOG_INFO, "recovered",
+             "temp_files_removed=%ld unindexed_files_removed=%ld", temps, orphans);
+    return 0;
+}

@@ -1,0 +1,41 @@
+/* The node's store: how a received instance becomes durable (spool file,
+ * then index row) and how a crash's leftovers are cleaned at start-up.
+ * Glue between scp/ (which receives) and db/ (which indexes). */
+#ifndef TRIAGE_STORE_H
+#define TRIAGE_STORE_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "db.h"
+#include "scp.h"
+
+struct triage_store {
+    char dir[1024];   /* store.dir */
+    char spool[1100]; /* <dir>/spool */
+    char tmp[1200];   /* <dir>/spool/.tmp */
+    struct db *db;
+    int64_t min_free_bytes;
+    /* Called after each instance is committed (from a receiving thread). */
+    void (*on_stored)(void *ud);
+    void *ud;
+    atomic_bool low_space; /* last answer of the space check, for status and logs */
+    atomic_llong stored, refused;
+};
+
+/* Creates <dir>, <dir>/spool and <dir>/spool/.tmp (mode 0700, tightening
+ * existing ones). Returns 0, or -1 with a message. */
+int triage_store_prepare(struct triage_store *s, const char *dir, char *err, size_t errlen);
+
+/* Start-up clean-up after a crash: removes every file in the temp folder
+ * and every spool file that no index row points to (both were never
+ * acknowledged). Counts go to the log. Returns 0, or -1 with a message. */
+int triage_store_recover(struct triage_store *s, char *err, size_t errlen);
+
+/* scp_store_fn and scp_space_fn for scp_server_config (ud = the store). */
+unsigned triage_store_instance(void *ud, const struct scp_received *r, char *reason,
+                               size_t reason_len);
+int triage_store_check_space(void *ud, char *reason, size_t reason_len);
+
+#endif
