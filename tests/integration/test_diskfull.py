@@ -1,0 +1,79 @@
+#!/usr/bin/python3
+"""Issue 2: the spool on a small tmpfs that fills up. storescu gets A700 for
+what did not fit, the rest is stored bit for bit, the node keeps running, index
+and spool agree, and storing works again once there is space. Once through the
+real ENOSPC path (store.min_free_mb=0), once through the low-water mark.
+Needs permission to mount a tmpfs (root in CI); skipped otherwise.
+
+    test_diskfull.py /path/to/ichtriage"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+
+MB = 1024 * 1024
+A700 = 0xA700
+
+
+def free_mb(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / MB
+
+
+class DiskFull(itest.NodeTest):
+    def fill(self, min_free_mb):
+        """Sends 60 instances of 512 KB (about 31 MB) to a node whose store is
+        a 20 MB tmpfs; returns (node, mount point, files, statuses)."""
+        mnt = os.path.join(self.work, "mnt")
+        self.mount_tmpfs(mnt, 20)
+        files = self.gen("ct", count=60, rows=512, cols=512)
+        node = self.start_node({"store.min_free_mb": min_free_mb},
+                               store_dir=os.path.join(mnt, "store"))
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assertEqual(r.association, "accepted", r.output[-2000:])
+        unanswered = [f for f in files if f not in r.statuses]
+        self.assertFalse(unanswered, "%d instances got no response (association lost?):\n%s"
+                         % (len(unanswered), r.output[-3000:]))
+        codes = sorted({hex(s) for s in r.statuses.values()})
+        self.assertTrue(set(r.statuses.values()) <= {0, A700}, "statuses other than 0/A700: %s" % codes)
+        ok = [f for f in files if r.statuses[f] == 0]
+        full = [f for f in files if r.statuses[f] == A700]
+        self.assertGreater(len(ok), 5, "almost nothing fitted in 20 MB: %s" % codes)
+        self.assertTrue(full, "nothing was refused; did 31 MB fit in a 20 MB tmpfs?")
+        self.assertTrue(node.alive(), "node died when the disk filled:\n" + node.log_tail())
+        self.assertTrue(node.events("store_failed"), "no event=store_failed in the log")
+        self.assert_stored_exactly(node, ok)
+        for f in full:
+            self.assert_not_stored(node, dt.sop_uids(f)[1])
+        self.assert_consistent(node)
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, "node does not answer C-ECHO after the disk filled:\n" + out)
+        return node, mnt, files, ok, full
+
+    def send_again_after_growing(self, node, mnt, files, full):
+        self.resize_tmpfs(mnt, 96)
+        r = dt.storescu(node.port, full, workdir=self.work)
+        self.assert_all_success(r, full)
+        self.assert_stored_exactly(node, files)
+        self.assert_consistent(node)
+        self.assertEqual(node.query("SELECT COUNT(*) FROM instances")[0][0], len(files))
+
+    def test_enospc(self):
+        node, mnt, files, ok, full = self.fill(min_free_mb=0)
+        self.send_again_after_growing(node, mnt, files, full)
+
+    def test_low_water_mark(self):
+        node, mnt, files, ok, full = self.fill(min_free_mb=12)
+        # Refused before the disk was really full: at most one instance (and
+        # the index's growth) below the mark.
+        left = free_mb(mnt)
+        self.assertGreater(left, 10, "only %.1f MB left: the low-water mark did not hold" % left)
+        lines = [l for l in node.events("store_failed") if "A700" in l.upper()]
+        self.assertTrue(lines, "no store_failed line with status A700")
+        self.send_again_after_growing(node, mnt, files, full)
+
+
+if __name__ == "__main__":
+    sys.exit(itest.main())

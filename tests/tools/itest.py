@@ -1,0 +1,165 @@
+"""unittest scaffolding of the integration tests: the ichtriage executable
+from the command line, a fresh work dir per test, a node per test, and the
+checks every test shares (stored bit for bit, index and spool agree, nothing
+stored).
+
+    python3 test_x.py /path/to/ichtriage [unittest args]
+
+Exit status: 0 pass, 1 fail, 77 (meson's "skipped") when every test skipped.
+A failing test keeps its work dir (node log, store) and prints where it is."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import dicomtest as dt
+
+EXE = None
+
+
+class NodeTest(unittest.TestCase):
+    """Base class: self.work is a fresh dir; self.start_node() starts a node
+    whose store is inside it and which tearDown stops (SIGTERM, exit 0
+    expected)."""
+
+    node_settings = {}
+
+    def setUp(self):
+        self.work = tempfile.mkdtemp(prefix="ichtriage-it.%s." % self._testMethodName)
+        self.nodes = []
+        self.mounts = []  # unmounted in tearDown, after the nodes stopped
+
+    def start_node(self, settings=None, store_dir=None, name="node"):
+        merged = dict(self.node_settings)
+        merged.update(settings or {})
+        node = dt.Node(EXE, os.path.join(self.work, name), merged, store_dir=store_dir)
+        self.nodes.append(node)
+        node.start()
+        return node
+
+    def tearDown(self):
+        failed = self._failed()
+        for node in self.nodes:
+            if node.alive():
+                rc = node.stop()
+                if not failed:
+                    self.assertEqual(rc, 0, "node did not exit 0 on SIGTERM; log:\n" + node.log_tail())
+        for m in reversed(self.mounts):
+            subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+        if failed:
+            sys.stderr.write("\n[kept work dir of %s: %s]\n" % (self.id(), self.work))
+            for node in self.nodes:
+                sys.stderr.write("--- %s (last lines)\n%s\n" % (node.log_path, node.log_tail(25)))
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _failed(self):
+        outcome = getattr(self, "_outcome", None)
+        if outcome is None:
+            return False
+        result = getattr(outcome, "result", None)
+        if result is not None:  # Python 3.11+
+            return any(t is self for t, _ in result.failures + result.errors)
+        return any(exc for _, exc in getattr(outcome, "errors", []))
+
+    def mount_tmpfs(self, path, size_mb):
+        """Mounts a tmpfs of size_mb at path (made if needed), or skips the
+        test when this process may not mount."""
+        os.makedirs(path, exist_ok=True)
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%dm,mode=0700" % size_mb,
+                            "tmpfs", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if p.returncode != 0:
+            self.skipTest("cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): %s"
+                          % p.stdout.decode("utf-8", "replace").strip())
+        self.mounts.append(path)
+
+    def resize_tmpfs(self, path, size_mb):
+        subprocess.run(["mount", "-o", "remount,size=%dm" % size_mb, path], check=True)
+
+    # --- data -------------------------------------------------------------
+    def gen(self, name, **kw):
+        return dt.generate(os.path.join(self.work, "data", name), **kw)
+
+    # --- shared checks ----------------------------------------------------
+    def assert_all_success(self, result, files):
+        missing = [f for f in files if result.statuses.get(f) != 0]
+        self.assertFalse(missing, "%d of %d files not answered 0x0000 (%r); statuses %s; "
+                         "storescu output tail:\n%s" % (
+                             len(missing), len(files), result,
+                             sorted({hex(result.statuses.get(f, -1)) for f in missing}),
+                             result.output[-3000:]))
+
+    def assert_stored_exactly(self, node, files, instances=None):
+        """Each file's SOP instance has one index row whose file holds the
+        file's dataset byte for byte, in the same transfer syntax."""
+        instances = instances if instances is not None else node.instances()
+        for f in files:
+            sop_class, sop, study, series = dt.sop_uids(f)
+            self.assertIn(sop, instances, "%s (%s) not indexed" % (f, sop))
+            row = instances[sop]
+            path = os.path.join(node.store_dir, row["file_path"])
+            self.assertTrue(os.path.isfile(path), "index points to missing file %s" % path)
+            _, sent, ts = dt.split_file(f)
+            _, stored, stored_ts = dt.split_file(path)
+            self.assertEqual(stored_ts, ts, "%s: stored with transfer syntax %s, sent %s"
+                             % (sop, stored_ts, ts))
+            self.assertTrue(stored == sent, "%s: stored dataset differs from what was sent "
+                            "(%d vs %d bytes)" % (sop, len(stored), len(sent)))
+            self.assertEqual(row["sop_class"], sop_class)
+            self.assertEqual(row["transfer_syntax"], ts)
+            self.assertEqual(row["file_size"], os.path.getsize(path))
+            rel = os.path.relpath(path, node.spool)
+            self.assertTrue(rel.startswith(os.path.join(study, series) + os.sep),
+                            "%s not under spool/<study>/<series>/" % rel)
+        n = node.query("SELECT COUNT(*) FROM instances WHERE sop_uid IN (%s)"
+                       % ",".join("?" * len(files)), [dt.sop_uids(f)[1] for f in files])[0][0]
+        self.assertEqual(n, len(files), "instances indexed more or fewer times than sent")
+
+    def assert_consistent(self, node):
+        """Index and spool agree: every row's file exists with its size, every
+        spool file is a row's, no temp file is left, series counts match."""
+        rows = node.query("SELECT sop_uid, file_path, file_size FROM instances")
+        indexed = set()
+        for r in rows:
+            path = os.path.join(node.store_dir, r["file_path"])
+            self.assertTrue(os.path.isfile(path), "row %s points to missing %s" % (r["sop_uid"], path))
+            self.assertEqual(os.path.getsize(path), r["file_size"], "size of %s" % path)
+            indexed.add(os.path.normpath(r["file_path"]))
+        orphans = [p for p in node.spool_files() if os.path.normpath(p) not in indexed]
+        self.assertFalse(orphans, "spool files with no index row: %s" % orphans[:10])
+        self.assertEqual(node.temp_files(), [], "temp files left in spool/.tmp")
+        bad = node.query("SELECT s.series_uid, s.instance_count, COUNT(i.sop_uid) AS n "
+                         "FROM series s LEFT JOIN instances i ON i.series_id = s.id "
+                         "GROUP BY s.id HAVING s.instance_count != n")
+        self.assertFalse(bad, "series.instance_count disagrees with instances: %s"
+                         % [tuple(b) for b in bad])
+
+    def assert_not_stored(self, node, sop):
+        self.assertEqual(node.query("SELECT COUNT(*) FROM instances WHERE sop_uid = ?", (sop,))[0][0]
+                         if os.path.exists(node.db_path) else 0, 0, "%s was indexed" % sop)
+        stray = [p for p in node.spool_files() if sop in p]
+        self.assertFalse(stray, "%s left files in the spool: %s" % (sop, stray))
+        self.assertEqual(node.temp_files(), [], "temp files left in spool/.tmp")
+
+
+def owner_only(path):
+    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+
+
+def main():
+    global EXE
+    if len(sys.argv) < 2 or not os.access(sys.argv[1], os.X_OK):
+        sys.stderr.write("usage: %s /path/to/ichtriage [unittest args]\n" % sys.argv[0])
+        return 2
+    EXE = os.path.abspath(sys.argv[1])
+    prog = unittest.main(module="__main__", argv=[sys.argv[0]] + sys.argv[2:], exit=False,
+                         verbosity=2)
+    r = prog.result
+    if not r.wasSuccessful():
+        return 1
+    if r.testsRun and len(r.skipped) == r.testsRun:
+        return 77
+    return 0
