@@ -1,0 +1,111 @@
+/* Unit tests of triage/config: defaults, the INI file, --set, errors. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+
+static void write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+Test(config, shipped_file_parses_and_matches_defaults)
+{
+    struct triage_config file, dflt;
+    char err[256];
+    cr_assert_eq(triage_config_load(&file, TEST_SOURCE_ROOT "/etc/ichtriage.conf", err, sizeof err),
+                 0, "%s", err);
+    cr_assert_eq(triage_config_load(&dflt, "/dev/null", err, sizeof err), 0, "%s", err);
+    /* Every key documented in etc/ichtriage.conf has the built-in default. */
+    for (int k = 0; k < CFG_NKEYS; k++)
+        cr_expect_str_eq(triage_config_str(&file, k), triage_config_str(&dflt, k), "%s",
+                         triage_config_name(k));
+    triage_config_free(&file);
+    triage_config_free(&dflt);
+}
+
+Test(config, shipped_file_documents_every_key)
+{
+    FILE *f = fopen(TEST_SOURCE_ROOT "/etc/ichtriage.conf", "r");
+    cr_assert_not_null(f);
+    static char text[65536];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    fclose(f);
+    for (int k = 0; k < CFG_NKEYS; k++) {
+        const char *key = strchr(triage_config_name(k), '.') + 1;
+        char line[128];
+        snprintf(line, sizeof line, "\n%s =", key);
+        cr_expect(strstr(text, line) != NULL, "%s is not in etc/ichtriage.conf",
+                  triage_config_name(k));
+    }
+}
+
+Test(config, set_overrides_file)
+{
+    char path[] = "/tmp/ichtriage-conf-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    write_file(path, "[dicom]\nport = 104\naetitle = NODE1\n");
+    char *argv[] = {"serve", "-c", path, "--set", "dicom.port=2000", "extra", NULL};
+    int argc = 6;
+    struct triage_config c;
+    char err[256];
+    cr_assert_eq(triage_config_from_args(&c, &argc, argv, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(argc, 2);
+    cr_assert_str_eq(argv[1], "extra");
+    cr_assert_str_eq(triage_config_str(&c, CFG_DICOM_PORT), "2000");
+    cr_assert_str_eq(triage_config_str(&c, CFG_DICOM_AETITLE), "NODE1");
+    cr_assert_str_eq(triage_config_str(&c, CFG_STORE_DIR), "./var");
+    triage_config_free(&c);
+    unlink(path);
+}
+
+Test(config, unknown_key_names_it)
+{
+    char path[] = "/tmp/ichtriage-conf-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    write_file(path, "[dicom]\nprot = 104\n");
+    struct triage_config c;
+    char err[256];
+    cr_assert_eq(triage_config_load(&c, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "prot") != NULL, "%s", err);
+    unlink(path);
+}
+
+Test(config, bad_set_and_missing_file)
+{
+    struct triage_config c;
+    char err[256];
+    cr_assert_eq(triage_config_load(&c, "/nonexistent/x.conf", err, sizeof err), -1);
+    cr_assert(strstr(err, "/nonexistent/x.conf") != NULL, "%s", err);
+    cr_assert_eq(triage_config_load(&c, "/dev/null", err, sizeof err), 0);
+    cr_assert_eq(triage_config_set(&c, "dicom.port", err, sizeof err), -1);
+    cr_assert_eq(triage_config_set(&c, "nosuch.key=1", err, sizeof err), -1);
+    cr_assert(strstr(err, "nosuch.key") != NULL, "%s", err);
+    triage_config_free(&c);
+}
+
+Test(config, integer_range_checked)
+{
+    struct triage_config c;
+    char err[256];
+    int64_t v;
+    cr_assert_eq(triage_config_load(&c, "/dev/null", err, sizeof err), 0);
+    cr_assert_eq(triage_config_int(&c, CFG_DICOM_PORT, 1, 65535, &v, err, sizeof err), 0);
+    cr_assert_eq(v, 11112);
+    triage_config_set(&c, "dicom.port=70000", err, sizeof err);
+    cr_assert_eq(triage_config_int(&c, CFG_DICOM_PORT, 1, 65535, &v, err, sizeof err), -1);
+    cr_assert(strstr(err, "dicom.port") != NULL, "%s", err);
+    triage_config_set(&c, "dicom.port=12x", err, sizeof err);
+    cr_assert_eq(triage_config_int(&c, CFG_DICOM_PORT, 1, 65535, &v, err, sizeof err), -1);
+    triage_config_free(&c);
+}

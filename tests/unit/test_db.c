@@ -1,0 +1,214 @@
+/* Unit tests of db/: schema, recording and replacing instances, group
+ * commit under many threads, integrity. Real SQLite files in a temp dir. */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "db.h"
+
+static char dir[256], path[300];
+
+static void setup(void)
+{
+    snprintf(dir, sizeof dir, "/tmp/ichtriage-test-db-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/test.db", dir);
+}
+
+static void teardown(void)
+{
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+static struct db_instance row(const char *sop, const char *series, const char *file)
+{
+    struct db_instance in = {
+        .patient_id = "P1",
+        .patient_name = "Doe^Jane",
+        .study_uid = "1.2.3",
+        .series_uid = series,
+        .modality = "CT",
+        .series_number = 2,
+        .sop_uid = sop,
+        .sop_class = "1.2.840.10008.5.1.4.1.1.2",
+        .transfer_syntax = "1.2.840.10008.1.2.1",
+        .instance_number = 1,
+        .rows = 512,
+        .columns = 512,
+        .number_of_frames = 1,
+        .has_position = true,
+        .position = {1, 2, 3},
+        .rescale_slope = 1,
+        .rescale_intercept = -1024,
+        .file_path = file,
+        .file_size = 1000,
+        .calling_ae = "CT1",
+        .received_at_ms = 1700000000000,
+    };
+    return in;
+}
+
+static long long scalar(const char *sql)
+{
+    sqlite3 *c;
+    cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
+    sqlite3_stmt *st;
+    cr_assert_eq(sqlite3_prepare_v2(c, sql, -1, &st, NULL), SQLITE_OK, "%s", sqlite3_errmsg(c));
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW);
+    long long v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(c);
+    return v;
+}
+
+TestSuite(db, .init = setup, .fini = teardown);
+
+Test(db, creates_schema_and_reopens)
+{
+    struct db *db;
+    char err[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(scalar("PRAGMA user_version"), db_schema_version());
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(db_integrity_check(db, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    db_close(NULL);
+}
+
+Test(db, refuses_newer_schema)
+{
+    struct db *db;
+    char err[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    sqlite3 *c;
+    sqlite3_open(path, &c);
+    sqlite3_exec(c, "PRAGMA user_version = 999", NULL, NULL, NULL);
+    sqlite3_close(c);
+    cr_assert_eq(db_open(&db, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "newer") != NULL, "%s", err);
+}
+
+Test(db, records_instance_with_study_and_series)
+{
+    struct db *db;
+    char err[256], old[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_instance a = row("1.2.3.4.1", "1.2.3.4", "spool/a.dcm");
+    struct db_instance b = row("1.2.3.4.2", "1.2.3.4", "spool/b.dcm");
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(old, "");
+    cr_assert_eq(db_instance_put(db, &b, old, sizeof old, err, sizeof err), 0, "%s", err);
+    int64_t n;
+    cr_assert_eq(db_count_instances(db, &n), 0);
+    cr_assert_eq(n, 2);
+    bool indexed;
+    cr_assert_eq(db_file_is_indexed(db, "spool/b.dcm", &indexed), 0);
+    cr_assert(indexed);
+    cr_assert_eq(db_file_is_indexed(db, "spool/c.dcm", &indexed), 0);
+    cr_assert_not(indexed);
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM studies"), 1);
+    cr_assert_eq(scalar("SELECT count(*) FROM patients"), 1);
+    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.4'"), 2);
+    cr_assert_eq(scalar("SELECT rescale_intercept FROM instances WHERE sop_uid = '1.2.3.4.1'"),
+                 -1024);
+}
+
+Test(db, resent_instance_replaces_row_and_reports_old_file)
+{
+    struct db *db;
+    char err[256], old[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_instance a = row("1.2.3.4.1", "1.2.3.4", "spool/a.dcm");
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    a.file_path = "spool/a~1.dcm";
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(old, "spool/a.dcm");
+    /* Moved to another series: both counts follow. */
+    a.series_uid = "1.2.3.5";
+    a.file_path = "spool/a.dcm";
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(old, "spool/a~1.dcm");
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM instances"), 1);
+    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.4'"), 0);
+    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.5'"), 1);
+}
+
+Test(db, failing_row_fails_alone)
+{
+    struct db *db;
+    char err[256], old[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_instance a = row("1.2.3.4.1", "1.2.3.4", "spool/a.dcm");
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    /* Another SOP instance claiming the same file: the UNIQUE constraint refuses it. */
+    struct db_instance b = row("1.2.3.4.2", "1.2.3.4", "spool/a.dcm");
+    cr_assert_eq(db_instance_put(db, &b, old, sizeof old, err, sizeof err), -1);
+    cr_assert(strlen(err) > 0);
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM instances"), 1);
+    cr_assert_eq(scalar("SELECT instance_count FROM series"), 1);
+}
+
+#define THREADS 8
+#define PER_THREAD 50
+
+struct worker {
+    struct db *db;
+    int id;
+    int failures;
+};
+
+static void *put_many(void *arg)
+{
+    struct worker *w = arg;
+    for (int i = 0; i < PER_THREAD; i++) {
+        char sop[64], series[64], file[64], err[256], old[256];
+        snprintf(sop, sizeof sop, "1.2.3.%d.%d", w->id, i);
+        snprintf(series, sizeof series, "1.2.3.%d", w->id);
+        snprintf(file, sizeof file, "spool/%d/%d.dcm", w->id, i);
+        struct db_instance in = row(sop, series, file);
+        if (db_instance_put(w->db, &in, old, sizeof old, err, sizeof err) != 0) w->failures++;
+    }
+    return NULL;
+}
+
+Test(db, group_commit_from_many_threads_loses_nothing)
+{
+    struct db *db;
+    char err[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    pthread_t t[THREADS];
+    struct worker w[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        w[i] = (struct worker){db, i, 0};
+        pthread_create(&t[i], NULL, put_many, &w[i]);
+    }
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(t[i], NULL);
+        cr_assert_eq(w[i].failures, 0);
+    }
+    cr_assert_eq(db_integrity_check(db, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM instances"), THREADS * PER_THREAD);
+    cr_assert_eq(scalar("SELECT sum(instance_count) FROM series"), THREADS * PER_THREAD);
+    cr_assert_eq(scalar("SELECT count(*) FROM series"), THREADS);
+}
+
+Test(db, unwritable_location_is_an_error)
+{
+    struct db *db;
+    char err[256];
+    cr_assert_eq(db_open(&db, "/nonexistent-dir/x.db", err, sizeof err), -1);
+    cr_assert_null(db);
+    cr_assert(strstr(err, "/nonexistent-dir/x.db") != NULL, "%s", err);
+}
