@@ -1,0 +1,202 @@
+/* nn/conv.c: 2-D convolution on the CPU through im2col + OpenBLAS sgemm.
+ *
+ * A batch is cut into groups of images whose columns fit one GEMM of a useful
+ * width: late VGG layers have only 8x8 or 4x4 outputs per image, and a GEMM
+ * with N = 16 runs far below peak, so those layers put several images side
+ * by side in the column buffer and scatter the result back to NCHW. */
+#include "layers.h"
+
+#include <cblas.h>
+#include <string.h>
+
+/* Output columns per GEMM that keep OpenBLAS near its peak. */
+#define NN_CONV_MIN_COLS 1024
+
+void nn_conv_shape_init(nn_conv_shape *s, int c, int h, int w, int oc, int k, int stride, int pad)
+{
+    s->c = c;
+    s->h = h;
+    s->w = w;
+    s->oc = oc;
+    s->kh = k;
+    s->kw = k;
+    s->stride = stride;
+    s->pad = pad;
+    s->oh = (h + 2 * pad - k) / stride + 1;
+    s->ow = (w + 2 * pad - k) / stride + 1;
+}
+
+static int is_pointwise(const nn_conv_shape *s)
+{
+    return s->kh == 1 && s->kw == 1 && s->stride == 1 && s->pad == 0;
+}
+
+/* Images per GEMM group. */
+static int group_size(const nn_conv_shape *s, int B)
+{
+    int ohw = s->oh * s->ow;
+    int g = (NN_CONV_MIN_COLS + ohw - 1) / ohw;
+    if (g > B) g = B;
+    if (g < 1) g = 1;
+    return g;
+}
+
+size_t nn_conv2d_col_size(const nn_conv_shape *s, int B)
+{
+    size_t ohw = (size_t)s->oh * s->ow;
+    size_t g = (size_t)group_size(s, B);
+    size_t col = (size_t)s->c * s->kh * s->kw * ohw * g;
+    /* grouped outputs need a staging area [oc, g*ohw] after the columns */
+    if (g > 1) col += (size_t)s->oc * ohw * g;
+    return col;
+}
+
+/* col [c*kh*kw, ld] (the first oh*ow columns) <- patches of one image [c,h,w]. */
+static void im2col(float *col, size_t ld, const float *in, const nn_conv_shape *s)
+{
+    for (int ci = 0; ci < s->c; ci++) {
+        const float *plane = in + (size_t)ci * s->h * s->w;
+        for (int ki = 0; ki < s->kh; ki++) {
+            for (int kj = 0; kj < s->kw; kj++) {
+                float *row = col + ((size_t)(ci * s->kh + ki) * s->kw + kj) * ld;
+                for (int oy = 0; oy < s->oh; oy++) {
+                    int iy = oy * s->stride - s->pad + ki;
+                    float *dst = row + (size_t)oy * s->ow;
+                    if (iy < 0 || iy >= s->h) {
+                        memset(dst, 0, sizeof(float) * s->ow);
+                        continue;
+                    }
+                    const float *src = plane + (size_t)iy * s->w;
+                    if (s->stride == 1) {
+                        /* ix = ox - pad + kj must lie in [0, w) */
+                        int lo = s->pad - kj, hi = s->w + s->pad - kj;
+                        if (lo < 0) lo = 0;
+                        if (hi > s->ow) hi = s->ow;
+                        if (hi < lo) hi = lo;
+                        for (int ox = 0; ox < lo; ox++)
+                            dst[ox] = 0.0f;
+                        if (hi > lo)
+                            memcpy(dst + lo, src + lo - s->pad + kj, sizeof(float) * (hi - lo));
+                        for (int ox = hi; ox < s->ow; ox++)
+                            dst[ox] = 0.0f;
+                    } else {
+                        for (int ox = 0; ox < s->ow; ox++) {
+                            int ix = ox * s->stride - s->pad + kj;
+                            dst[ox] = (ix >= 0 && ix < s->w) ? src[ix] : 0.0f;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* din [c,h,w] += columns col [c*kh*kw, ld] folded back onto the image. */
+static void col2im(float *din, const float *col, size_t ld, const nn_conv_shape *s)
+{
+    for (int ci = 0; ci < s->c; ci++) {
+        float *plane = din + (size_t)ci * s->h * s->w;
+        for (int ki = 0; ki < s->kh; ki++) {
+            for (int kj = 0; kj < s->kw; kj++) {
+                const float *row = col + ((size_t)(ci * s->kh + ki) * s->kw + kj) * ld;
+                for (int oy = 0; oy < s->oh; oy++) {
+                    int iy = oy * s->stride - s->pad + ki;
+                    if (iy < 0 || iy >= s->h) continue;
+                    const float *src = row + (size_t)oy * s->ow;
+                    float *dst = plane + (size_t)iy * s->w;
+                    for (int ox = 0; ox < s->ow; ox++) {
+                        int ix = ox * s->stride - s->pad + kj;
+                        if (ix >= 0 && ix < s->w) dst[ix] += src[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+void nn_conv2d_forward(float *out, float *col, const float *in, const float *w, const float *b,
+                       int B, const nn_conv_shape *s)
+{
+    int ohw = s->oh * s->ow;
+    int ckk = s->c * s->kh * s->kw;
+    size_t in_sz = (size_t)s->c * s->h * s->w, out_sz = (size_t)s->oc * ohw;
+    int g = group_size(s, B);
+    for (int b0 = 0; b0 < B; b0 += g) {
+        int n = B - b0 < g ? B - b0 : g;
+        if (n == 1) {
+            const float *src = in + b0 * in_sz;
+            if (!is_pointwise(s)) {
+                im2col(col, ohw, src, s);
+                src = col;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->oc, ohw, ckk, 1.0f, w, ckk,
+                        src, ohw, 0.0f, out + b0 * out_sz, ohw);
+            continue;
+        }
+        size_t ld = (size_t)ohw * n;
+        for (int i = 0; i < n; i++) {
+            const float *src = in + (b0 + i) * in_sz;
+            if (is_pointwise(s)) {
+                for (int ci = 0; ci < s->c; ci++)
+                    memcpy(col + ci * ld + (size_t)i * ohw, src + (size_t)ci * ohw,
+                           sizeof(float) * ohw);
+            } else {
+                /* im2col writes rows of width ohw at stride ld */
+                float *dst = col + (size_t)i * ohw;
+                im2col(dst, ld, src, s);
+            }
+        }
+        float *stage = col + (size_t)ckk * ld;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->oc, (int)ld, ckk, 1.0f, w, ckk,
+                    col, (int)ld, 0.0f, stage, (int)ld);
+        for (int i = 0; i < n; i++)
+            for (int o = 0; o < s->oc; o++)
+                memcpy(out + (b0 + i) * out_sz + (size_t)o * ohw, stage + o * ld + (size_t)i * ohw,
+                       sizeof(float) * ohw);
+    }
+    if (b) {
+        for (int bi = 0; bi < B; bi++)
+            for (int o = 0; o < s->oc; o++) {
+                float *p = out + bi * out_sz + (size_t)o * ohw, bo = b[o];
+                for (int i = 0; i < ohw; i++)
+                    p[i] += bo;
+            }
+    }
+}
+
+void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const float *dout,
+                        const float *in, const float *w, int B, const nn_conv_shape *s)
+{
+    int ohw = s->oh * s->ow;
+    int ckk = s->c * s->kh * s->kw;
+    size_t in_sz = (size_t)s->c * s->h * s->w, out_sz = (size_t)s->oc * ohw;
+    for (int bi = 0; bi < B; bi++) {
+        const float *g = dout + bi * out_sz;
+        if (db)
+            for (int o = 0; o < s->oc; o++) {
+                float acc = 0.0f;
+                for (int i = 0; i < ohw; i++)
+                    acc += g[(size_t)o * ohw + i];
+                db[o] += acc;
+            }
+        if (dw) {
+            const float *src = in + bi * in_sz;
+            if (!is_pointwise(s)) {
+                im2col(col, ohw, src, s);
+                src = col;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s->oc, ckk, ohw, 1.0f, g, ohw, src,
+                        ohw, 1.0f, dw, ckk);
+        }
+        if (din) {
+            if (is_pointwise(s)) {
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk,
+                            g, ohw, 1.0f, din + bi * in_sz, ohw);
+            } else {
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk,
+                            g, ohw, 0.0f, col, ohw);
+                col2im(din + bi * in_sz, col, ohw, s);
+            }
+        }
+    }
+}

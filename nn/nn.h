@@ -1,0 +1,143 @@
+/* nn/nn.h: the public interface of the neural-network library.
+ *
+ * One object, nn_model, holds an LRCN: a CNN (the "features" part, then a
+ * stage-1 "classifier" head with one logit per label) that turns each slice
+ * [3, H, W] into a feature vector, a bidirectional LSTM across the slices of
+ * each series, two shared dense blocks per step and one logit per label per
+ * slice. Tensor names, layouts and the matching PyTorch module are in
+ * docs/model-format.md, which is normative.
+ *
+ * Batches of series are PACKED: slices of all series back to back, series s
+ * holding lengths[s] slices (1..NN_MAX_SERIES_LEN); nothing is padded, and
+ * each series runs through the LSTM over exactly its own slices.
+ *
+ * Errors: functions return 0 or a negative NN_E* code; those that take
+ * err/errlen write a one-line reason there. A model is not thread-safe; use
+ * one per thread. Workspaces grow to the largest batch seen and are reused,
+ * so a steady training or inference loop does not allocate.
+ *
+ * Typical use:
+ *   inference  m = nn_model_load(path, ...); nn_lrcn_predict(m, x, len, S, prob);
+ *   stage 1    nn_model_set_training(m, 1); loop { nn_model_zero_grad(m);
+ *              nn_cnn_forward(m, x, n, logits); loss = nn_bce_logits(dl, ...);
+ *              nn_cnn_backward(m, dl); nn_model_adam_step(m, &adam); }
+ *   stage 2    nn_model_freeze(m, "cnn.", 1); same loop with nn_lrcn_forward /
+ *              nn_lrcn_backward (or nn_cnn_features once per series and
+ *              nn_lrcn_forward_features, since a frozen CNN never changes). */
+#ifndef NN_NN_H
+#define NN_NN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "layers.h"
+
+#define NN_MAX_SERIES_LEN 1000
+#define NN_MAX_LABELS 16
+
+enum {
+    NN_OK = 0,
+    NN_EINVAL = -1, /* bad argument or shape */
+    NN_ENOMEM = -2,
+    NN_EFORMAT = -3, /* file malformed, truncated or not matching the model */
+    NN_EIO = -4,
+};
+
+typedef struct nn_model nn_model;
+
+typedef struct nn_config {
+    const char *arch;     /* "small" (default), "vgg19", or a spec string, see model-format.md */
+    int in_c, in_h, in_w; /* input slice: 3 x 128 x 128 */
+    int labels; /* 6: any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural */
+    int lstm_hidden;     /* per direction, 100 */
+    int dense;           /* width of the two per-step dense blocks, 100 */
+    float dense_dropout; /* dropout after each dense block, 0.5 */
+    uint64_t seed;       /* initial weights and dropout masks */
+} nn_config;
+
+void nn_config_default(nn_config *c);
+
+/* A freshly initialised model (PyTorch's default initialisation, from seed).
+ * Caller owns the result: nn_model_free(). NULL with err on failure. */
+nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen);
+/* Reads a safetensors model (mmap), builds the architecture its metadata
+ * names and copies every tensor; a tensor missing, extra, of the wrong dtype
+ * or shape is refused by name. Caller owns the result. */
+nn_model *nn_model_load(const char *path, char *err, size_t errlen);
+/* Writes every tensor and the metadata; returns 0 or NN_EIO. */
+int nn_model_save(const nn_model *m, const char *path, char *err, size_t errlen);
+void nn_model_free(nn_model *m);
+
+/* The architecture the model was built with (borrowed). */
+const nn_config *nn_model_config(const nn_model *m);
+int nn_model_feature_size(const nn_model *m); /* CNN feature vector per slice */
+
+/* Metadata (string keys and values, stored in the file's __metadata__).
+ * get: borrowed, valid until the key is set again or the model freed; NULL if
+ * absent. set copies both strings; NULL value removes the key. */
+const char *nn_model_meta_get(const nn_model *m, const char *key);
+int nn_model_meta_set(nn_model *m, const char *key, const char *value);
+
+/* Re-seeds the dropout random stream (weights are seeded by nn_config.seed). */
+void nn_model_seed(nn_model *m, uint64_t seed);
+/* Training mode: batch-norm uses batch statistics and updates its running
+ * ones, dropout drops. A batch-norm layer whose weights are frozen always
+ * behaves as in eval mode. Models start in eval mode. */
+void nn_model_set_training(nn_model *m, int training);
+/* Freezes (or unfreezes) every tensor whose name starts with prefix, for
+ * example "cnn." or "cnn.features.0."; returns how many matched. Frozen
+ * tensors get no gradient and Adam leaves them alone. */
+int nn_model_freeze(nn_model *m, const char *prefix, int frozen);
+
+/* Tensors by index or name, for tests and tools. data and grad are borrowed
+ * (grad is NULL for running statistics). */
+typedef struct nn_tensor_info {
+    const char *name;
+    int ndim;
+    int64_t shape[4];
+    size_t numel;
+    float *data;
+    float *grad;
+    int frozen;
+} nn_tensor_info;
+int nn_model_tensor_count(const nn_model *m);
+int nn_model_tensor(const nn_model *m, int i, nn_tensor_info *out);
+int nn_model_tensor_find(const nn_model *m, const char *name, nn_tensor_info *out);
+size_t nn_model_param_count(const nn_model *m); /* trainable + frozen floats */
+
+/* ---- inference (eval mode always, no cache kept) ------------------------ */
+/* x [n, in_c, in_h, in_w] -> feat [n, nn_model_feature_size()]. */
+int nn_cnn_features(nn_model *m, const float *x, int n, float *feat);
+/* Packed series (see above) -> prob [sum(lengths), labels], sigmoid applied. */
+int nn_lrcn_predict(nn_model *m, const float *x, const int *lengths, int nseries, float *prob);
+
+/* ---- training ------------------------------------------------------------
+ * Each forward keeps what its backward needs; backward ACCUMULATES parameter
+ * gradients (call nn_model_zero_grad first) from d loss / d logits, which
+ * must have the shape of the logits just produced. Mode: nn_model_set_training. */
+int nn_cnn_forward(nn_model *m, const float *x, int n, float *logits); /* [n, labels] */
+int nn_cnn_backward(nn_model *m, const float *dlogits);
+/* logits [sum(lengths), labels]. */
+int nn_lrcn_forward(nn_model *m, const float *x, const int *lengths, int nseries, float *logits);
+/* Same from precomputed CNN features [sum(lengths), feature_size]; its
+ * backward stops at the features. */
+int nn_lrcn_forward_features(nn_model *m, const float *feat, const int *lengths, int nseries,
+                             float *logits);
+int nn_lrcn_backward(nn_model *m, const float *dlogits);
+void nn_model_zero_grad(nn_model *m);
+
+typedef struct nn_adam {
+    float lr;           /* 1e-4 */
+    float beta1, beta2; /* 0.9, 0.999 */
+    float eps;          /* 1e-8 */
+    float weight_decay; /* 0 */
+    int decoupled;      /* 1: AdamW (decay the weights), 0: Adam (decay added to the gradient) */
+} nn_adam;
+void nn_adam_default(nn_adam *a);
+/* One Adam step over every unfrozen parameter; the step count lives in m. */
+void nn_model_adam_step(nn_model *m, const nn_adam *a);
+
+/* Sets the threads OpenBLAS uses (it is process-wide in OpenBLAS). */
+void nn_set_threads(int n);
+
+#endif
