@@ -27,6 +27,7 @@ struct node {
     uv_loop_t *loop;
     uv_signal_t sigterm, sigint, sighup;
     uv_async_t stored_async;
+    uv_timer_t heartbeat; /* watchdog keep-alive and STATUS= refresh */
     struct triage_store store;
     struct scp_server *scp;
     int grace;
@@ -39,6 +40,20 @@ static void on_stored_async(uv_async_t *h)
      * keeps the count current for status. */
     util_log(UTIL_LOG_DEBUG, "instances_committed", "total=%lld",
              (long long)atomic_load(&n->store.stored));
+}
+
+/* Runs on the loop: if the loop is stuck, systemd's watchdog sees no
+ * keep-alive and restarts the node. */
+static void on_heartbeat(uv_timer_t *h)
+{
+    struct node *n = h->data;
+#ifdef HAVE_SYSTEMD
+    sd_notifyf(0, "WATCHDOG=1\nSTATUS=receiving; %lld stored, %d associations%s",
+               (long long)atomic_load(&n->store.stored), scp_server_active(n->scp),
+               atomic_load(&n->store.low_space) ? "; DISK LOW: refusing instances (A700)" : "");
+#else
+    (void)n;
+#endif
 }
 
 /* Called on a receiving thread after each commit. */
@@ -223,9 +238,16 @@ int triage_serve_main(int argc, char **argv)
     db_count_instances(n.store.db, &count);
     util_log(UTIL_LOG_INFO, "ready", "port=%d aetitle=%s store=%s instances=%lld config=\"%s\"",
              (int)port, aet, n.store.dir, (long long)count, n.cfg.source);
+    uint64_t beat_ms = 5000;
 #ifdef HAVE_SYSTEMD
-    sd_notify(0, "READY=1\nSTATUS=receiving; no model loaded (triage not yet available)");
+    uint64_t wd_usec = 0;
+    if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec / 2000 < beat_ms) beat_ms = wd_usec / 2000;
+    if (beat_ms == 0) beat_ms = 1;
+    sd_notify(0, "READY=1\nSTATUS=receiving; triage not yet available");
 #endif
+    uv_timer_init(n.loop, &n.heartbeat);
+    n.heartbeat.data = &n;
+    uv_timer_start(&n.heartbeat, on_heartbeat, 0, beat_ms);
 
     uv_run(n.loop, UV_RUN_DEFAULT);
 
@@ -236,6 +258,7 @@ int triage_serve_main(int argc, char **argv)
     uv_close((uv_handle_t *)&n.sigint, NULL);
     uv_close((uv_handle_t *)&n.sighup, NULL);
     uv_close((uv_handle_t *)&n.stored_async, NULL);
+    uv_close((uv_handle_t *)&n.heartbeat, NULL);
     uv_run(n.loop, UV_RUN_DEFAULT);
     uv_loop_close(n.loop);
     db_close(n.store.db);
