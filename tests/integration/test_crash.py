@@ -8,9 +8,7 @@ again afterwards.
     test_crash.py /path/to/ichtriage"""
 import os
 import sqlite3
-import subprocess
 import sys
-import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import dicomtest as dt  # noqa: E402
@@ -22,29 +20,17 @@ class Crash(itest.NodeTest):
         """Runs storescu on files and SIGKILLs the node once kill_after
         responses with status 0x0000 have arrived. Returns storescu's
         per-file statuses."""
-        cfg = dt.exact_config(files, self.work)
-        cmd = dt.storescu_cmd(node.port, files, config=cfg)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=dt.storescu_env())
-        lines, acked, killed = [], [0], threading.Event()
+        killed = []
 
-        def reader():
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                lines.append(line)
-                if line.startswith("D: DIMSE Status") and "0x0000" in line:
-                    acked[0] += 1
-                    if acked[0] >= kill_after and not killed.is_set():
-                        node.kill9()  # from this thread: as soon as the ack is seen
-                        killed.set()
-        t = threading.Thread(target=reader)
-        t.start()
-        proc.wait(120)
-        t.join()
-        os.unlink(cfg)
-        self.assertTrue(killed.is_set(), "storescu got only %d acknowledgements before it ended:\n%s"
-                        % (acked[0], "\n".join(lines[-30:])))
-        statuses, _ = dt.parse_storescu("\n".join(lines))
+        def on_ack(n):
+            if n >= kill_after and not killed:
+                node.kill9()  # at once, from the reader thread
+                killed.append(n)
+        run = dt.StorescuStream(node.port, files, self.work, on_ack=on_ack)
+        r = run.wait(120)
+        self.assertTrue(killed, "storescu got only %d acknowledgements before it ended:\n%s"
+                        % (run.acked, run.tail()))
+        statuses = r.statuses
         self.assertLess(sum(1 for s in statuses.values() if s == 0), len(files),
                         "everything was stored before the kill; the test proved nothing")
         return statuses

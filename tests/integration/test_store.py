@@ -7,7 +7,6 @@ a resent instance, keeps its store owner-only, and drains on SIGTERM.
 import os
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
@@ -59,6 +58,32 @@ class Store(itest.NodeTest):
         self.assert_all_success(r, files)
         self.assert_stored_exactly(node, files)
         self.assert_consistent(node)
+
+    def test_premise_storescp_receives_what_we_compare(self):
+        """What these tests compare stored files with (dicomtest.sent_dataset)
+        is what storescu sends: dcmtk's storescp in bit-preserving mode
+        receives exactly that. Guards the other tests' reference."""
+        files = []
+        for ts, sop in TS_CASES:
+            files += self.gen(ts, count=2, rows=128, cols=128, ts=ts, sop=sop)
+        rx = os.path.join(self.work, "storescp")
+        os.makedirs(rx)
+        port = dt.free_port()
+        scp = subprocess.Popen(["storescp", "+xa", "+B", "-od", rx, "-aet", "ICHTRIAGE", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dt.storescu_env())
+        try:
+            self.assertTrue(dt.wait_port(port), "storescp did not start")
+            r = dt.storescu(port, files, workdir=self.work)
+        finally:
+            scp.terminate()
+            scp.wait(10)
+        self.assert_all_success(r, files)
+        received = {dt.sop_uids(os.path.join(rx, n))[1]: os.path.join(rx, n) for n in os.listdir(rx)}
+        for f in files:
+            got = received[dt.sop_uids(f)[1]]
+            self.assertEqual(dt.split_file(got)[2], dt.split_file(f)[2], f)
+            self.assertTrue(dt.dataset_bytes(got) == dt.sent_dataset(f), "%s: storescp got other bytes" % f)
 
     def test_other_storage_classes(self):
         files = self.gen("mr", count=3, rows=256, cols=256, sop="mr")
@@ -113,37 +138,20 @@ class Store(itest.NodeTest):
     def test_sigterm_drains_inflight_association(self):
         files = self.gen("drain", count=200, rows=512, cols=512)
         node = self.start_node()
-        cfg = dt.exact_config(files, self.work)
-        cmd = dt.storescu_cmd(node.port, files, config=cfg)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=dt.storescu_env())
-        lines, acked = [], [0]
-
-        def reader():
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                lines.append(line)
-                if line.startswith("D: DIMSE Status") and "0x0000" in line:
-                    acked[0] += 1
-        t = threading.Thread(target=reader)
-        t.start()
-        deadline = time.monotonic() + 60
-        while acked[0] < 10 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.005)
-        self.assertGreaterEqual(acked[0], 10, "storescu did not get going:\n" + "\n".join(lines[-30:]))
+        run = dt.StorescuStream(node.port, files, self.work)
+        self.assertTrue(run.wait_acked(10), "storescu did not get going:\n" + run.tail())
         node.proc.terminate()  # SIGTERM while the association is in flight
         # A new association after SIGTERM must not be served.
         time.sleep(0.2)
         rc_echo, out_echo = dt.echoscu(node.port, timeout=30)
-        proc.wait(120)
-        t.join()
+        r = run.wait(120)
         rc = node.proc.wait(120)
         node.proc = None
         self.assertEqual(rc, 0, "node exit status after SIGTERM; log:\n" + node.log_tail())
-        statuses, _ = dt.parse_storescu("\n".join(lines))
         # 200 instances take seconds: well within any sane drain bound.
-        self.assert_all_success(dt.StoreResult(proc.returncode, "\n".join(lines), statuses, None), files)
+        self.assert_all_success(r, files)
         self.assertNotEqual(rc_echo, 0, "a new association was served after SIGTERM:\n" + out_echo)
+        statuses = r.statuses
         acked_files = [f for f in files if statuses.get(f) == 0]
         node2 = self.start_node(store_dir=node.store_dir, name="node-after")
         self.assert_stored_exactly(node2, acked_files)

@@ -224,6 +224,15 @@ def dataset_bytes(path):
     return split_file(path)[1]
 
 
+def sent_dataset(path):
+    """The dataset bytes storescu puts on the wire for the file at path when
+    the context's transfer syntax is the file's: the file's dataset, plus
+    the single 00H pad an odd-length deflated stream gets (PS3.5 A.5;
+    dcmtk writes files unpadded but pads on the network)."""
+    data = dataset_bytes(path)
+    return data + b"\0" if len(data) % 2 else data
+
+
 def sop_uids(path):
     """(sop_class, sop_instance, study, series) read with pydicom, no pixels."""
     import pydicom
@@ -347,6 +356,53 @@ def storescu(port, files, exact_ts=True, workdir=None, timeout=300, **kw):
     out = p.stdout.decode("utf-8", "replace")
     statuses, assoc = parse_storescu(out)
     return StoreResult(p.returncode, out, statuses, assoc)
+
+
+class StorescuStream:
+    """storescu -d running in the background on exact-TS contexts. A reader
+    thread keeps its output and counts 0x0000 responses as they arrive,
+    calling on_ack(count) after each (from that thread), so a test can act
+    at a precise point of the transfer (kill the node, send SIGTERM)."""
+
+    def __init__(self, port, files, workdir=None, on_ack=None, **kw):
+        import threading
+        self.config = exact_config(files, workdir)
+        self.proc = subprocess.Popen(storescu_cmd(port, files, config=self.config, **kw),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=storescu_env())
+        self.lines, self.acked, self.on_ack = [], 0, on_ack
+        self.thread = threading.Thread(target=self._read)
+        self.thread.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if _STATUS.match(line) and "0x0000" in line:
+                self.acked += 1
+                if self.on_ack:
+                    self.on_ack(self.acked)
+        self.proc.stdout.close()
+
+    def wait_acked(self, n, timeout=60):
+        """True once n successes arrived; False if storescu ended first or time ran out."""
+        deadline = time.monotonic() + timeout
+        while self.acked < n and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.005)
+        return self.acked >= n
+
+    def tail(self, n=30):
+        return "\n".join(self.lines[-n:])
+
+    def wait(self, timeout=300):
+        """Waits for storescu to end; returns its StoreResult."""
+        self.proc.wait(timeout)
+        self.thread.join()
+        if os.path.exists(self.config):
+            os.unlink(self.config)
+        out = "\n".join(self.lines)
+        statuses, assoc = parse_storescu(out)
+        return StoreResult(self.proc.returncode, out, statuses, assoc)
 
 
 def echoscu(port, called="ICHTRIAGE", calling="ECHOSCU", host="127.0.0.1", timeout=60):

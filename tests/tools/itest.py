@@ -102,7 +102,8 @@ class NodeTest(unittest.TestCase):
             row = instances[sop]
             path = os.path.join(node.store_dir, row["file_path"])
             self.assertTrue(os.path.isfile(path), "index points to missing file %s" % path)
-            _, sent, ts = dt.split_file(f)
+            ts = dt.split_file(f)[2]
+            sent = dt.sent_dataset(f)
             _, stored, stored_ts = dt.split_file(path)
             self.assertEqual(stored_ts, ts, "%s: stored with transfer syntax %s, sent %s"
                              % (sop, stored_ts, ts))
