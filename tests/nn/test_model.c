@@ -1,0 +1,293 @@
+/* tests/nn/test_model.c: whole models against PyTorch (a tiny LRCN and a tiny
+ * stage-1 CNN: logits, loss, every gradient, losses over Adam steps; the
+ * `small` preset made and saved by PyTorch, loaded and run here), and the
+ * model-level behaviour: masking across series, freezing, seeding, saving. */
+#include "nn_test.h"
+
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const float label_w[6] = {2, 1, 1, 1, 1, 1}, pos_w[6] = {3, 2, 2, 2, 2, 2};
+
+static nn_model *load(const char *name)
+{
+    char path[512], err[256] = "";
+    snprintf(path, sizeof(path), "%s/%s", NN_REF_DIR, name);
+    nn_model *m = nn_model_load(path, err, sizeof(err));
+    cr_assert(m, "load %s: %s", name, err);
+    return m;
+}
+
+/* Every grad.* tensor of ref against ours. A bias right before a train-mode
+ * batch-norm has a gradient that is zero in exact arithmetic (the norm takes
+ * the mean out), so both sides hold rounding noise: the scale of a tensor's
+ * error is at least 1% of the largest gradient in the model. */
+static void check_grads(nn_model *m, const nn_st_file *ref)
+{
+    int checked = 0, expected = 0;
+    double top = 0.0;
+    for (int i = 0; i < nn_st_count(ref); i++) {
+        const nn_st_tensor *t = nn_st_at(ref, i);
+        if (strncmp(t->name, "grad.", 5) != 0) continue;
+        expected++;
+        size_t n;
+        float *g = ref_f32(ref, t->name, &n);
+        for (size_t k = 0; k < n; k++)
+            top = fmax(top, fabs(g[k]));
+        free(g);
+    }
+    for (int i = 0; i < nn_model_tensor_count(m); i++) {
+        nn_tensor_info t;
+        nn_model_tensor(m, i, &t);
+        char key[128];
+        snprintf(key, sizeof(key), "grad.%s", t.name);
+        if (!nn_st_find(ref, key)) continue;
+        size_t n;
+        float *g = ref_f32(ref, key, &n);
+        cr_assert_eq(n, t.numel, "%s: gradient size", t.name);
+        double diff = 0.0, scale = 0.01 * top;
+        for (size_t k = 0; k < n; k++) {
+            diff = fmax(diff, fabs((double)t.grad[k] - g[k]));
+            scale = fmax(scale, fabs(g[k]));
+        }
+        cr_expect(diff <= NN_TOL_GRAD * scale, "%s: error %.3g > %.3g", key, diff,
+                  NN_TOL_GRAD * scale);
+        free(g);
+        checked++;
+    }
+    cr_expect(checked == expected && checked >= 10, "compared %d of %d gradients", checked,
+              expected);
+}
+
+/* Runs the same 4 steps as gen_reference.py; step 0 is also compared in full. */
+static void train_like_torch(const char *model_file, const char *ref_file, int stage1,
+                             const nn_adam *adam)
+{
+    nn_model *m = load(model_file);
+    nn_st_file *ref = ref_open(ref_file);
+    size_t nx, nl, ny;
+    float *x = ref_f32(ref, "x", &nx), *y = ref_f32(ref, "y", &ny);
+    float *rlog = ref_f32(ref, "logits", NULL), *losses = ref_f32(ref, "losses", NULL);
+    int *len = ref_i32(ref, "lengths", &nl);
+    int N = (int)(ny / 6);
+    float *logits = calloc(ny, sizeof(float)), *dl = calloc(ny, sizeof(float));
+    if (stage1) cr_assert_gt(nn_model_freeze(m, "lstm.", 1) + nn_model_freeze(m, "dense.", 1), 0);
+    if (stage1) nn_model_freeze(m, "out.", 1);
+    nn_model_set_training(m, 1);
+    for (int step = 0; step < 4; step++) {
+        nn_model_zero_grad(m);
+        int rc =
+            stage1 ? nn_cnn_forward(m, x, N, logits) : nn_lrcn_forward(m, x, len, (int)nl, logits);
+        cr_assert_eq(rc, 0);
+        float loss = nn_bce_logits(dl, logits, y, label_w, pos_w, N, 6);
+        cr_assert_eq(stage1 ? nn_cnn_backward(m, dl) : nn_lrcn_backward(m, dl), 0);
+        if (step == 0) {
+            expect_close("logits", logits, rlog, ny, NN_TOL_OUT);
+            check_grads(m, ref);
+        }
+        char what[32];
+        snprintf(what, sizeof(what), "loss at step %d", step);
+        expect_close(what, &loss, &losses[step], 1, NN_TOL_GRAD);
+        nn_model_adam_step(m, adam);
+    }
+    free(x), free(y), free(rlog), free(losses), free(len), free(logits), free(dl);
+    nn_st_close(ref);
+    nn_model_free(m);
+}
+
+Test(model, tiny_lrcn_matches_torch)
+{
+    nn_adam a;
+    nn_adam_default(&a);
+    a.lr = 1e-2f;
+    train_like_torch("tiny_lrcn.safetensors", "tiny_lrcn_ref.safetensors", 0, &a);
+}
+
+Test(model, tiny_cnn_stage1_adamw_matches_torch)
+{
+    nn_adam a;
+    nn_adam_default(&a);
+    a.lr = 1e-2f;
+    a.weight_decay = 0.1f;
+    a.decoupled = 1;
+    train_like_torch("tiny_cnn.safetensors", "tiny_cnn_ref.safetensors", 1, &a);
+}
+
+Test(model, small_preset_made_by_torch_predicts_the_same)
+{
+    nn_model *m = load("small_torch.safetensors");
+    cr_expect_str_eq(nn_model_meta_get(m, "arch"), "small");
+    cr_expect_str_eq(nn_model_meta_get(m, "provenance"), "gen_reference.py");
+    cr_expect_eq(nn_model_feature_size(m), 256);
+    nn_st_file *ref = ref_open("small_torch_ref.safetensors");
+    size_t np, nl;
+    float *x = ref_f32(ref, "x", NULL), *rp = ref_f32(ref, "prob", &np);
+    int *len = ref_i32(ref, "lengths", &nl);
+    float *prob = calloc(np, sizeof(float));
+    cr_assert_eq(nn_lrcn_predict(m, x, len, (int)nl, prob), 0);
+    expect_close("probabilities", prob, rp, np, NN_TOL_OUT);
+    free(x), free(rp), free(len), free(prob);
+    nn_st_close(ref);
+    nn_model_free(m);
+}
+
+static nn_model *tiny(uint64_t seed, float dropout)
+{
+    nn_config c;
+    nn_config_default(&c);
+    c.arch = "b4,M,c6,G|";
+    c.in_h = c.in_w = 8;
+    c.lstm_hidden = 5;
+    c.dense = 6;
+    c.dense_dropout = dropout;
+    c.seed = seed;
+    char err[128];
+    nn_model *m = nn_model_create(&c, err, sizeof(err));
+    cr_assert(m, "%s", err);
+    return m;
+}
+
+Test(model, series_in_a_batch_do_not_see_each_other)
+{
+    nn_model *m = tiny(5, 0.5f);
+    int len[3] = {4, 1, 7}, one;
+    size_t per = 3 * 8 * 8;
+    float *x = calloc(12 * per, sizeof(float));
+    fill_random(x, 12 * per, 11);
+    float all[12 * 6], alone[12 * 6];
+    cr_assert_eq(nn_lrcn_predict(m, x, len, 3, all), 0);
+    for (int s = 0, off = 0; s < 3; off += len[s++]) {
+        one = len[s];
+        cr_assert_eq(nn_lrcn_predict(m, x + off * per, &one, 1, alone + off * 6), 0);
+    }
+    expect_close("batched vs one series at a time", all, alone, 12 * 6, 1e-6);
+    int bad[2] = {3, 0}, big = NN_MAX_SERIES_LEN + 1;
+    cr_expect_eq(nn_lrcn_predict(m, x, bad, 2, all), NN_EINVAL);
+    cr_expect_eq(nn_lrcn_predict(m, x, &big, 1, all), NN_EINVAL);
+    free(x);
+    nn_model_free(m);
+}
+
+Test(model, a_thousand_slices)
+{
+    nn_model *m = tiny(6, 0.5f);
+    int len = NN_MAX_SERIES_LEN;
+    size_t per = 3 * 8 * 8;
+    float *x = calloc(len * per, sizeof(float)), *p = calloc(len * 6, sizeof(float));
+    fill_random(x, len * per, 12);
+    cr_assert_eq(nn_lrcn_predict(m, x, &len, 1, p), 0);
+    for (int i = 0; i < len * 6; i++)
+        cr_assert(p[i] > 0.0f && p[i] < 1.0f, "prob[%d]=%g", i, p[i]);
+    free(x), free(p);
+    nn_model_free(m);
+}
+
+Test(model, seeds_make_runs_repeat)
+{
+    nn_model *a = tiny(9, 0.5f), *b = tiny(9, 0.5f), *c = tiny(10, 0.5f);
+    cr_assert_eq(nn_model_param_count(a), nn_model_param_count(c));
+    nn_tensor_info ta, tb, tc;
+    nn_model_tensor_find(a, "lstm.weight_ih_l0", &ta);
+    nn_model_tensor_find(b, "lstm.weight_ih_l0", &tb);
+    nn_model_tensor_find(c, "lstm.weight_ih_l0", &tc);
+    cr_expect(memcmp(ta.data, tb.data, ta.numel * 4) == 0, "same seed, other weights");
+    cr_expect(memcmp(ta.data, tc.data, ta.numel * 4) != 0, "other seed, same weights");
+    int len = 5;
+    float x[5 * 3 * 64], la[30], lb[30], lc[30];
+    fill_random(x, sizeof(x) / 4, 3);
+    nn_model_set_training(a, 1), nn_model_set_training(b, 1);
+    nn_model_seed(a, 42), nn_model_seed(b, 42);
+    nn_lrcn_forward(a, x, &len, 1, la);
+    nn_lrcn_forward(b, x, &len, 1, lb);
+    cr_expect(memcmp(la, lb, sizeof(la)) == 0, "same dropout seed, other logits");
+    nn_model_seed(b, 43);
+    nn_lrcn_forward(b, x, &len, 1, lc);
+    cr_expect(memcmp(la, lc, sizeof(la)) != 0, "dropout did not change with the seed");
+    nn_model_free(a), nn_model_free(b), nn_model_free(c);
+}
+
+Test(model, frozen_cnn_is_left_alone)
+{
+    nn_model *m = tiny(3, 0.0f);
+    /* conv w, b; bn w, b, running mean, var; conv w, b; head w, b */
+    cr_assert_eq(nn_model_freeze(m, "cnn.", 1), 10);
+    nn_tensor_info conv, lstm;
+    nn_model_tensor_find(m, "cnn.features.0.weight", &conv);
+    nn_model_tensor_find(m, "lstm.weight_hh_l0", &lstm);
+    float *c0 = malloc(conv.numel * 4), *l0 = malloc(lstm.numel * 4);
+    memcpy(c0, conv.data, conv.numel * 4);
+    memcpy(l0, lstm.data, lstm.numel * 4);
+    int len[2] = {3, 2};
+    float x[5 * 3 * 64], y[30] = {0}, logits[30], dl[30];
+    fill_random(x, sizeof(x) / 4, 8);
+    y[0] = y[7] = 1.0f;
+    nn_adam a;
+    nn_adam_default(&a);
+    nn_model_set_training(m, 1);
+    nn_model_zero_grad(m);
+    nn_lrcn_forward(m, x, len, 2, logits);
+    nn_bce_logits(dl, logits, y, NULL, NULL, 5, 6);
+    nn_lrcn_backward(m, dl);
+    nn_model_adam_step(m, &a);
+    cr_expect(memcmp(c0, conv.data, conv.numel * 4) == 0, "a frozen conv weight moved");
+    cr_expect(memcmp(l0, lstm.data, lstm.numel * 4) != 0, "the LSTM did not learn");
+    /* from precomputed features: the same logits */
+    float feat[5 * 6], logits2[30];
+    cr_assert_eq(nn_model_feature_size(m), 6);
+    nn_model_set_training(m, 0);
+    nn_lrcn_forward(m, x, len, 2, logits);
+    nn_cnn_features(m, x, 5, feat);
+    nn_lrcn_forward_features(m, feat, len, 2, logits2);
+    expect_close("features path", logits2, logits, 30, 1e-6);
+    free(c0), free(l0);
+    nn_model_free(m);
+}
+
+Test(model, save_and_load_round_trip)
+{
+    nn_model *m = tiny(4, 0.5f);
+    cr_assert_eq(nn_model_meta_set(m, "thresholds", "0.3,0.2,0.2,0.2,0.2,0.2"), 0);
+    cr_assert_eq(nn_model_meta_set(m, "provenance", "test"), 0);
+    char path[] = "/tmp/nn_test_model_XXXXXX", err[256] = "";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    nn_model *r = nn_model_load(path, err, sizeof(err));
+    cr_assert(r, "%s", err);
+    cr_expect_str_eq(nn_model_meta_get(r, "thresholds"), "0.3,0.2,0.2,0.2,0.2,0.2");
+    cr_expect_str_eq(nn_model_meta_get(r, "arch"), "b4,M,c6,G|");
+    cr_assert_eq(nn_model_tensor_count(r), nn_model_tensor_count(m));
+    for (int i = 0; i < nn_model_tensor_count(m); i++) {
+        nn_tensor_info a, b;
+        nn_model_tensor(m, i, &a);
+        nn_model_tensor(r, i, &b);
+        cr_expect_str_eq(a.name, b.name);
+        cr_expect(memcmp(a.data, b.data, a.numel * 4) == 0, "%s differs", a.name);
+    }
+    nn_model_free(r);
+    nn_model_free(m);
+    unlink(path);
+}
+
+Test(model, presets_and_bad_arch)
+{
+    nn_config c;
+    nn_config_default(&c);
+    char err[256] = "";
+    nn_model *m = nn_model_create(&c, err, sizeof(err));
+    cr_assert(m, "%s", err);
+    cr_expect_eq(nn_model_feature_size(m), 256);
+    nn_model_free(m);
+    c.arch = "c8,M,X3|";
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "X3") != NULL, "message does not name the token: %s", err);
+    c.arch = "c8,M|";
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "must end with") != NULL, "%s", err);
+    nn_model_free(NULL);
+}

@@ -1,0 +1,190 @@
+/* tests/nn/test_safetensors.c: the reader refuses malformed, truncated and
+ * mismatched files with a message that names the problem. */
+#include "nn_test.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static char path[64];
+
+static void setup(void)
+{
+    strcpy(path, "/tmp/nn_test_st_XXXXXX");
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+}
+
+static void teardown(void)
+{
+    unlink(path);
+}
+
+TestSuite(safetensors, .init = setup, .fini = teardown);
+
+/* Writes an 8-byte length (hlen) then the header text, then extra data bytes. */
+static void write_raw(unsigned long long hlen, const char *header, size_t data)
+{
+    FILE *f = fopen(path, "wb");
+    cr_assert(f);
+    for (int i = 0; i < 8; i++)
+        fputc((int)((hlen >> (8 * i)) & 0xff), f);
+    fputs(header, f);
+    for (size_t i = 0; i < data; i++)
+        fputc(0, f);
+    fclose(f);
+}
+
+static void expect_refused(const char *needle)
+{
+    char err[256] = "";
+    nn_st_file *f = nn_st_open(path, err, sizeof(err));
+    cr_expect_null(f, "accepted a bad file (expected: %s)", needle);
+    nn_st_close(f);
+    cr_expect(strstr(err, needle) != NULL, "message '%s' does not say '%s'", err, needle);
+}
+
+Test(safetensors, well_formed_file_reads)
+{
+    const char *h = "{\"__metadata__\":{\"arch\":\"small\"},"
+                    "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
+    write_raw(strlen(h), h, 8);
+    char err[256] = "";
+    nn_st_file *f = nn_st_open(path, err, sizeof(err));
+    cr_assert(f, "%s", err);
+    cr_expect_str_eq(nn_st_meta(f, "arch"), "small");
+    cr_expect_eq(nn_st_count(f), 1);
+    float a[2] = {1, 1};
+    cr_expect_eq(nn_st_read_f32(f, "a", a, 2, err, sizeof(err)), 0);
+    cr_expect(a[0] == 0.0f && a[1] == 0.0f);
+    cr_expect_eq(nn_st_read_f32(f, "a", a, 3, err, sizeof(err)), -1);
+    cr_expect(strstr(err, "expected 3") != NULL, "%s", err);
+    nn_st_close(f);
+    nn_st_close(NULL);
+}
+
+Test(safetensors, too_short)
+{
+    FILE *f = fopen(path, "wb");
+    fputs("abc", f);
+    fclose(f);
+    expect_refused("too short");
+}
+
+Test(safetensors, header_length_past_the_end)
+{
+    write_raw(1000, "{}", 0);
+    expect_refused("header length");
+}
+
+Test(safetensors, header_not_json)
+{
+    write_raw(5, "{\"a\":", 0);
+    expect_refused("not a JSON object");
+}
+
+Test(safetensors, truncated_data)
+{
+    const char *h = "{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}";
+    write_raw(strlen(h), h, 10);
+    expect_refused("truncated");
+}
+
+Test(safetensors, shape_and_offsets_disagree)
+{
+    const char *h = "{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,16]}}";
+    write_raw(strlen(h), h, 16);
+    expect_refused("tensor a: shape needs 12 bytes");
+}
+
+Test(safetensors, unknown_dtype_and_bad_fields)
+{
+    const char *h = "{\"a\":{\"dtype\":\"Q4\",\"shape\":[1],\"data_offsets\":[0,1]}}";
+    write_raw(strlen(h), h, 4);
+    expect_refused("unsupported dtype Q4");
+    h = "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}";
+    write_raw(strlen(h), h, 4);
+    expect_refused("bad shape");
+    h = "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,0]}}";
+    write_raw(strlen(h), h, 4);
+    expect_refused("bad data_offsets");
+    h = "{\"__metadata__\":{\"k\":3}}";
+    write_raw(strlen(h), h, 0);
+    expect_refused("metadata k is not a string");
+}
+
+Test(safetensors, duplicate_names)
+{
+    const char *h = "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                    "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+    write_raw(strlen(h), h, 4);
+    expect_refused("appears twice");
+}
+
+/* Model-level: a real model file, cut short or altered, is refused by name. */
+static void copy_ref_model(size_t cut)
+{
+    char src[512];
+    snprintf(src, sizeof(src), "%s/tiny_lrcn.safetensors", NN_REF_DIR);
+    FILE *in = fopen(src, "rb"), *out = fopen(path, "wb");
+    cr_assert(in && out);
+    fseek(in, 0, SEEK_END);
+    long n = ftell(in);
+    fseek(in, 0, SEEK_SET);
+    for (long i = 0; i < n - (long)cut; i++)
+        fputc(fgetc(in), out);
+    fclose(in);
+    fclose(out);
+}
+
+Test(safetensors, model_truncated_is_refused)
+{
+    copy_ref_model(100);
+    char err[256] = "";
+    cr_expect_null(nn_model_load(path, err, sizeof(err)));
+    cr_expect(strstr(err, "truncated") != NULL, "%s", err);
+}
+
+Test(safetensors, model_mismatch_names_the_tensor)
+{
+    char err[256] = "";
+    nn_config c;
+    nn_config_default(&c);
+    c.arch = "b4,M,b6,M,c8,G|";
+    c.in_h = c.in_w = 16;
+    c.lstm_hidden = 5;
+    c.dense = 7; /* the reference file has 6 */
+    nn_model *m = nn_model_create(&c, err, sizeof(err));
+    cr_assert(m, "%s", err);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    nn_model_free(m);
+    /* same file, metadata says dense=6: every dense tensor has the wrong shape */
+    nn_st_file *f = nn_st_open(path, err, sizeof(err));
+    cr_assert(f);
+    int n = nn_st_count(f);
+    nn_st_entry *e = calloc(n, sizeof(*e));
+    for (int i = 0; i < n; i++) {
+        const nn_st_tensor *t = nn_st_at(f, i);
+        e[i].name = t->name, e[i].dtype = t->dtype, e[i].ndim = t->ndim, e[i].data = t->data;
+        memcpy(e[i].shape, t->shape, sizeof(t->shape));
+    }
+    const char *k[] = {"arch", "input", "lstm_hidden", "dense"};
+    const char *v[] = {"b4,M,b6,M,c8,G|", "3x16x16", "5", "6"};
+    char other[80];
+    snprintf(other, sizeof(other), "%s.b", path);
+    cr_assert_eq(nn_st_write(other, e, n, k, v, 4, err, sizeof(err)), 0, "%s", err);
+    nn_st_close(f);
+    free(e);
+    cr_expect_null(nn_model_load(other, err, sizeof(err)));
+    cr_expect(strstr(err, "tensor dense.0.weight") && strstr(err, "F32[6,10]"), "%s", err);
+    const char *v2[] = {"small|", "3x16x16", "5", "7"};
+    f = nn_st_open(path, err, sizeof(err));
+    cr_assert_eq(nn_st_write(other, NULL, 0, k, v2, 4, err, sizeof(err)), 0, "%s", err);
+    nn_st_close(f);
+    cr_expect_null(nn_model_load(other, err, sizeof(err)));
+    cr_expect(strstr(err, "arch") != NULL, "%s", err);
+    unlink(other);
+}
