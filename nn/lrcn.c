@@ -67,17 +67,28 @@ static nn_lstm_params lstm_params(nn_model *m)
     return p;
 }
 
-int nn_cnn_features(nn_model *m, const float *x, int n, float *feat)
+/* Eval-mode CNN layers [0, end) in chunks of NN_INFER_BATCH slices. */
+static int cnn_eval(nn_model *m, const float *x, int n, int end, float *y, size_t ysize)
 {
     if (n < 0) return NN_EINVAL;
-    size_t in = m->cnn.in_size, F = (size_t)m->feat_size;
+    size_t in = m->cnn.in_size;
     for (int b = 0; b < n; b += NN_INFER_BATCH) {
         int k = n - b < NN_INFER_BATCH ? n - b : NN_INFER_BATCH;
         if (nn_stack_reserve(m, &m->cnn, k, 0) != 0) return NN_ENOMEM;
-        const float *out = nn_stack_forward(m, &m->cnn, x + b * in, k, m->feat_end, 0, 0);
-        memcpy(feat + b * F, out, sizeof(float) * k * F);
+        const float *out = nn_stack_forward(m, &m->cnn, x + b * in, k, end, 0, 0);
+        memcpy(y + b * ysize, out, sizeof(float) * k * ysize);
     }
     return 0;
+}
+
+int nn_cnn_features(nn_model *m, const float *x, int n, float *feat)
+{
+    return cnn_eval(m, x, n, m->feat_end, feat, (size_t)m->feat_size);
+}
+
+int nn_cnn_predict(nn_model *m, const float *x, int n, float *logits)
+{
+    return cnn_eval(m, x, n, m->cnn.n, logits, (size_t)m->cfg.labels);
 }
 
 int nn_cnn_forward(nn_model *m, const float *x, int n, float *logits)

@@ -108,6 +108,8 @@ size_t nn_model_param_count(const nn_model *m); /* trainable + frozen floats */
 /* ---- inference (eval mode always, no cache kept) ------------------------ */
 /* x [n, in_c, in_h, in_w] -> feat [n, nn_model_feature_size()]. */
 int nn_cnn_features(nn_model *m, const float *x, int n, float *feat);
+/* Stage-1 logits [n, labels] of the CNN with its classifier head. */
+int nn_cnn_predict(nn_model *m, const float *x, int n, float *logits);
 /* Packed series (see above) -> prob [sum(lengths), labels], sigmoid applied. */
 int nn_lrcn_predict(nn_model *m, const float *x, const int *lengths, int nseries, float *prob);
 
