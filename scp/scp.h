@@ -54,6 +54,9 @@ struct scp_server_config {
     int64_t max_instance_bytes; /* a dataset larger than this is refused (A700) */
     const char *allowed_peers;  /* "AE[@host], ..."; NULL or "" allows anyone */
     const char *tmp_dir;        /* where datasets are received; same file system as the spool */
+    int tls_port;               /* 0: no TLS listener */
+    const char *tls_cert, *tls_key; /* PEM files */
+    const char *tls_ca; /* PEM; when set, peers must present a certificate it signed */
     scp_store_fn store;
     scp_space_fn space;
     void *ud;

@@ -1,1 +1,268 @@
-// scp/scp_pixels.cc: placeholder until its issue lands.
+// scp/scp_pixels.cc: decoded pixel data as HU with dcmtk. C API in
+// scp_pixels.h; no exception leaves this file.
+#include "scp_pixels.h"
+
+#include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dcrledrg.h>
+#include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/dcmjpeg/djdecode.h>
+#include <dcmtk/dcmjpls/djdecode.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace
+{
+
+void set_err(char *err, unsigned long errlen, const std::string &msg)
+{
+    if (err && errlen > 0) std::snprintf(err, errlen, "%s", msg.c_str());
+}
+
+// dcmtk's codec registry is process-wide; register the decoders once.
+void register_decoders()
+{
+    static std::once_flag once;
+    std::call_once(once, [] {
+        DJDecoderRegistration::registerCodecs();
+        DJLSDecoderRegistration::registerCodecs();
+        DcmRLEDecoderRegistration::registerCodecs();
+    });
+}
+
+struct rescale {
+    double slope = 1.0, intercept = 0.0;
+};
+
+// Slope and intercept from item (top level or a Pixel Value Transformation
+// Sequence item); keeps r's values for whatever is absent.
+void read_rescale(DcmItem *item, rescale &r)
+{
+    Float64 v;
+    if (item->findAndGetFloat64(DCM_RescaleSlope, v).good() && v != 0.0) r.slope = v;
+    if (item->findAndGetFloat64(DCM_RescaleIntercept, v).good()) r.intercept = v;
+}
+
+void read_group_rescale(DcmItem *group, rescale &r)
+{
+    DcmItem *pvt = nullptr;
+    if (group &&
+        group->findAndGetSequenceItem(DCM_PixelValueTransformationSequence, pvt, 0).good() && pvt)
+        read_rescale(pvt, r);
+}
+
+struct layout {
+    int rows = 0, columns = 0, frames = 1;
+    int bits_allocated = 0, bits_stored = 0, high_bit = 0;
+    bool is_signed = false;
+    bool has_pad = false;
+    long pad_lo = 0, pad_hi = 0;
+};
+
+bool get_u16(DcmItem *item, const DcmTagKey &tag, int &out)
+{
+    Uint16 v;
+    if (item->findAndGetUint16(tag, v).bad()) return false;
+    out = v;
+    return true;
+}
+
+// Padding values are US or SS depending on Pixel Representation; dcmtk may
+// also have read them as the other type from an implicit-VR file.
+bool get_pad(DcmItem *item, const DcmTagKey &tag, bool is_signed, long &out)
+{
+    Uint16 u;
+    Sint16 s;
+    if (item->findAndGetUint16(tag, u).good()) {
+        out = is_signed ? (long)(Sint16)u : (long)u;
+        return true;
+    }
+    if (item->findAndGetSint16(tag, s).good()) {
+        out = is_signed ? (long)s : (long)(Uint16)s;
+        return true;
+    }
+    return false;
+}
+
+int read_layout(DcmDataset *ds, layout &l, std::string &why)
+{
+    int spp = 1, pixrep = 0;
+    if (!get_u16(ds, DCM_Rows, l.rows) || !get_u16(ds, DCM_Columns, l.columns) ||
+        !get_u16(ds, DCM_BitsAllocated, l.bits_allocated)) {
+        why = "missing Rows, Columns or BitsAllocated";
+        return -1;
+    }
+    if (!get_u16(ds, DCM_BitsStored, l.bits_stored)) l.bits_stored = l.bits_allocated;
+    if (!get_u16(ds, DCM_HighBit, l.high_bit)) l.high_bit = l.bits_stored - 1;
+    get_u16(ds, DCM_SamplesPerPixel, spp);
+    get_u16(ds, DCM_PixelRepresentation, pixrep);
+    l.is_signed = pixrep == 1;
+    Sint32 nf = 1;
+    if (ds->findAndGetSint32(DCM_NumberOfFrames, nf).good()) l.frames = nf;
+    if (spp != 1) {
+        why = "not a greyscale image (SamplesPerPixel " + std::to_string(spp) + ")";
+        return -1;
+    }
+    if (l.bits_allocated != 8 && l.bits_allocated != 16) {
+        why = "unsupported BitsAllocated " + std::to_string(l.bits_allocated);
+        return -1;
+    }
+    if (l.bits_stored < 1 || l.bits_stored > l.bits_allocated || l.high_bit < l.bits_stored - 1 ||
+        l.high_bit >= l.bits_allocated) {
+        why = "inconsistent BitsStored/HighBit";
+        return -1;
+    }
+    if (l.rows < 1 || l.columns < 1 || l.rows > SCP_PIXELS_MAX_DIM ||
+        l.columns > SCP_PIXELS_MAX_DIM || l.frames < 1 ||
+        (unsigned long)l.rows * (unsigned long)l.columns * (unsigned long)l.frames >
+            SCP_PIXELS_MAX_TOTAL) {
+        why = "image size out of range";
+        return -1;
+    }
+    long pad, limit;
+    if (get_pad(ds, DCM_PixelPaddingValue, l.is_signed, pad)) {
+        l.has_pad = true;
+        l.pad_lo = l.pad_hi = pad;
+        if (get_pad(ds, DCM_PixelPaddingRangeLimit, l.is_signed, limit)) {
+            l.pad_lo = pad < limit ? pad : limit;
+            l.pad_hi = pad < limit ? limit : pad;
+        }
+    }
+    return 0;
+}
+
+// The stored value of one raw cell: the BitsStored bits ending at HighBit,
+// sign-extended when Pixel Representation says so.
+inline long stored_value(unsigned raw, const layout &l)
+{
+    unsigned shift = (unsigned)(l.high_bit + 1 - l.bits_stored);
+    unsigned mask = l.bits_stored >= 32 ? 0xffffffffu : ((1u << l.bits_stored) - 1u);
+    unsigned v = (raw >> shift) & mask;
+    if (l.is_signed && (v & (1u << (l.bits_stored - 1)))) return (long)v - (1L << l.bits_stored);
+    return (long)v;
+}
+
+int read_pixels(const char *path, scp_pixels *out, char *err, unsigned long errlen)
+{
+    register_decoders();
+    DcmFileFormat file;
+    OFCondition c = file.loadFile(path);
+    if (c.bad()) {
+        set_err(err, errlen, std::string(path) + ": " + c.text());
+        return -1;
+    }
+    DcmDataset *ds = file.getDataset();
+    layout l;
+    std::string why;
+    if (read_layout(ds, l, why) != 0) {
+        set_err(err, errlen, std::string(path) + ": " + why);
+        return -1;
+    }
+    if (DcmXfer(ds->getOriginalXfer()).isEncapsulated()) {
+        c = ds->chooseRepresentation(EXS_LittleEndianExplicit, nullptr);
+        if (c.bad() || !ds->canWriteXfer(EXS_LittleEndianExplicit)) {
+            set_err(err, errlen,
+                    std::string(path) + ": cannot decode transfer syntax " +
+                        DcmXfer(ds->getOriginalXfer()).getXferName() +
+                        (c.bad() ? std::string(": ") + c.text() : std::string()));
+            return -1;
+        }
+    }
+    size_t per_frame = (size_t)l.rows * (size_t)l.columns;
+    size_t total = per_frame * (size_t)l.frames;
+    const Uint16 *p16 = nullptr;
+    const Uint8 *p8 = nullptr;
+    unsigned long count = 0;
+    if (l.bits_allocated == 16) {
+        c = ds->findAndGetUint16Array(DCM_PixelData, p16, &count);
+    } else {
+        c = ds->findAndGetUint8Array(DCM_PixelData, p8, &count);
+    }
+    if (c.bad() || (!p16 && !p8)) {
+        set_err(err, errlen, std::string(path) + ": no pixel data");
+        return -1;
+    }
+    if (count < total) {
+        set_err(err, errlen,
+                std::string(path) + ": pixel data holds " + std::to_string(count) + " values, " +
+                    std::to_string(total) + " expected");
+        return -1;
+    }
+
+    std::vector<rescale> frame_rescale((size_t)l.frames);
+    rescale base;
+    read_rescale(ds, base);
+    DcmItem *shared = nullptr;
+    if (ds->findAndGetSequenceItem(DCM_SharedFunctionalGroupsSequence, shared, 0).good())
+        read_group_rescale(shared, base);
+    for (int f = 0; f < l.frames; f++) {
+        frame_rescale[(size_t)f] = base;
+        DcmItem *pf = nullptr;
+        if (ds->findAndGetSequenceItem(DCM_PerFrameFunctionalGroupsSequence, pf, f).good())
+            read_group_rescale(pf, frame_rescale[(size_t)f]);
+    }
+
+    float *hu = static_cast<float *>(std::malloc(total * sizeof(float)));
+    if (!hu) {
+        set_err(err, errlen, std::string(path) + ": out of memory");
+        return -1;
+    }
+    unsigned long padded = 0;
+    for (int f = 0; f < l.frames; f++) {
+        const rescale &r = frame_rescale[(size_t)f];
+        size_t base_i = (size_t)f * per_frame;
+        for (size_t i = 0; i < per_frame; i++) {
+            unsigned raw = p16 ? p16[base_i + i] : p8[base_i + i];
+            long v = stored_value(raw, l);
+            if (l.has_pad && v >= l.pad_lo && v <= l.pad_hi) {
+                hu[base_i + i] = SCP_PIXELS_PAD_HU;
+                padded++;
+            } else {
+                hu[base_i + i] = (float)((double)v * r.slope + r.intercept);
+            }
+        }
+    }
+    out->rows = l.rows;
+    out->columns = l.columns;
+    out->frames = l.frames;
+    out->hu = hu;
+    out->padded = padded;
+    return 0;
+}
+
+} // namespace
+
+extern "C" int scp_pixels_read(const char *path, struct scp_pixels *out, char *err,
+                               unsigned long errlen)
+{
+    if (!out) {
+        set_err(err, errlen, "scp_pixels_read: out is NULL");
+        return -1;
+    }
+    std::memset(out, 0, sizeof *out);
+    if (!path) {
+        set_err(err, errlen, "scp_pixels_read: path is NULL");
+        return -1;
+    }
+    try {
+        return read_pixels(path, out, err, errlen);
+    } catch (const std::exception &e) {
+        set_err(err, errlen, std::string(path) + ": " + e.what());
+    } catch (...) {
+        set_err(err, errlen, std::string(path) + ": unknown exception");
+    }
+    scp_pixels_free(out);
+    return -1;
+}
+
+extern "C" void scp_pixels_free(struct scp_pixels *px)
+{
+    if (!px) return;
+    std::free(px->hu);
+    std::memset(px, 0, sizeof *px);
+}

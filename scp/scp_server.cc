@@ -34,6 +34,7 @@
 #include <dcmtk/dcmnet/dimse.h>
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/dul.h>
+#include <dcmtk/dcmtls/tlslayer.h>
 
 #include "log.h"
 
@@ -106,6 +107,16 @@ class SpoolConsumer : public DcmConsumer
     int err_ = 0;
 };
 
+// DcmTransportConnection keeps its socket protected; a member pointer taken
+// through a derived class is the lawful way to read it. Needed only for TLS
+// associations, which dcmtk accepts itself (for the deadline's shutdown()).
+struct SocketAccess : DcmTransportConnection {
+    static int fd(DcmTransportConnection *c)
+    {
+        return c ? (int)(c->*(&SocketAccess::getSocket))() : -1;
+    }
+};
+
 class SpoolStream : public DcmOutputStream
 {
   public:
@@ -141,6 +152,10 @@ struct scp_server {
     std::string aetitle, tmp_dir;
     T_ASC_Network *net = nullptr;
     std::thread listener;
+    std::string tls_cert, tls_key, tls_ca;
+    T_ASC_Network *tls_net = nullptr;
+    DcmTLSTransportLayer *tls_layer = nullptr;
+    std::thread tls_listener;
     std::atomic<bool> stopping{false};
     std::mutex mu;        // guards assocs and peers
     std::mutex accept_mu; // dcmtk reads the accepted socket from a global
@@ -150,6 +165,9 @@ struct scp_server {
     std::atomic<unsigned long> tmp_seq{0};
 
     void listen_loop();
+    void tls_listen_loop();
+    void add_assoc(int fd, T_ASC_Association *assoc);
+    int start_tls(char *err, size_t errlen);
     void reap(bool all);
     void check_deadlines();
     void run_assoc(Assoc *a);
@@ -443,7 +461,7 @@ bool scp_server::receive_request(Assoc *a)
 
 void scp_server::run_assoc(Assoc *a)
 {
-    if (!receive_request(a)) {
+    if (!a->assoc && !receive_request(a)) {
         a->finished = true;
         return;
     }
@@ -605,6 +623,127 @@ size_t scp_server::count(bool associated_only)
     return n;
 }
 
+// Starts a connection's thread; assoc is NULL when its request has yet to
+// be read (plain connections), set when dcmtk accepted it (TLS).
+void scp_server::add_assoc(int fd, T_ASC_Association *assoc)
+{
+    Assoc *a = new Assoc;
+    a->fd = fd;
+    a->assoc = assoc;
+    a->deadline = Clock::now() + std::chrono::seconds(cfg.association_deadline);
+    {
+        std::lock_guard<std::mutex> g(mu);
+        a->id = next_id++;
+        assocs.push_back(a);
+    }
+    try {
+        a->thread = std::thread([this, a] { run_assoc(a); });
+    } catch (const std::exception &e) {
+        util_log(UTIL_LOG_ERROR, "connection_refused", "reason=\"cannot start thread: %s\"",
+                 e.what());
+        std::lock_guard<std::mutex> g(mu);
+        if (a->assoc) {
+            ASC_dropAssociation(a->assoc);
+            ASC_destroyAssociation(&a->assoc);
+        } else {
+            close(fd);
+        }
+        a->fd = -1;
+        a->finished = true;
+    }
+}
+
+// TLS connections are accepted by dcmtk itself (handshake and request), one
+// at a time under accept_mu. The handshake is bounded by socket timeouts set
+// on the listening socket (inherited by accepted ones), so a stalled TLS peer
+// delays other new associations by at most that long.
+void scp_server::tls_listen_loop()
+{
+    int lfd = (int)DUL_networkSocket(tls_net->network);
+    while (!stopping) {
+        struct pollfd pfd = {lfd, POLLIN, 0};
+        if (poll(&pfd, 1, 500) <= 0) continue;
+        if (count(false) >= 2 * (size_t)cfg.max_associations) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            continue;
+        }
+        T_ASC_Association *assoc = nullptr;
+        OFCondition c;
+        {
+            std::lock_guard<std::mutex> g(accept_mu);
+            c = ASC_receiveAssociation(tls_net, &assoc, cfg.max_pdu, nullptr, nullptr, OFTrue,
+                                       DUL_NOBLOCK, 0);
+        }
+        if (c == DUL_NOASSOCIATIONREQUEST) {
+            if (assoc) ASC_destroyAssociation(&assoc);
+            continue;
+        }
+        if (c.bad()) {
+            OFString text;
+            util_log(UTIL_LOG_WARN, "association_failed", "tls=1 reason=\"%s\"",
+                     DimseCondition::dump(text, c).c_str());
+            if (assoc) {
+                ASC_dropAssociation(assoc);
+                ASC_destroyAssociation(&assoc);
+            }
+            continue;
+        }
+        add_assoc(SocketAccess::fd(DUL_getTransportConnection(assoc->DULassociation)), assoc);
+    }
+    shutdown(lfd, SHUT_RDWR);
+}
+
+int scp_server::start_tls(char *err, size_t errlen)
+{
+    if (tls_cert.empty() || tls_key.empty()) {
+        snprintf(err, errlen, "dicom.tls_port is set: dicom.tls_cert and dicom.tls_key are needed");
+        return -1;
+    }
+    tls_layer = new DcmTLSTransportLayer(NET_ACCEPTOR, nullptr, OFTrue);
+    OFCondition c = tls_layer->setTLSProfile(TSP_Profile_BCP195);
+    if (c.good()) c = tls_layer->activateCipherSuites();
+    if (c.good()) c = tls_layer->setPrivateKeyFile(tls_key.c_str(), DCF_Filetype_PEM);
+    if (c.bad()) {
+        snprintf(err, errlen, "TLS key %s: %s", tls_key.c_str(), c.text());
+        return -1;
+    }
+    c = tls_layer->setCertificateFile(tls_cert.c_str(), DCF_Filetype_PEM);
+    if (c.bad()) {
+        snprintf(err, errlen, "TLS certificate %s: %s", tls_cert.c_str(), c.text());
+        return -1;
+    }
+    if (!tls_layer->checkPrivateKeyMatchesCertificate()) {
+        snprintf(err, errlen, "TLS key %s does not match certificate %s", tls_key.c_str(),
+                 tls_cert.c_str());
+        return -1;
+    }
+    if (!tls_ca.empty()) {
+        // A CA configured: peers must present a certificate it signed.
+        c = tls_layer->addTrustedCertificateFile(tls_ca.c_str(), DCF_Filetype_PEM);
+        if (c.bad()) {
+            snprintf(err, errlen, "TLS CA %s: %s", tls_ca.c_str(), c.text());
+            return -1;
+        }
+        tls_layer->setCertificateVerification(DCV_requireCertificate);
+    } else {
+        tls_layer->setCertificateVerification(DCV_ignoreCertificate);
+    }
+    c = ASC_initializeNetwork(NET_ACCEPTOR, cfg.tls_port, cfg.acse_timeout, &tls_net);
+    if (c.good()) c = ASC_setTransportLayer(tls_net, tls_layer, 0);
+    if (c.bad()) {
+        OFString text;
+        snprintf(err, errlen, "cannot listen on DICOM TLS port %d: %s", cfg.tls_port,
+                 DimseCondition::dump(text, c).c_str());
+        return -1;
+    }
+    int lfd = (int)DUL_networkSocket(tls_net->network);
+    struct timeval tv = {std::min(cfg.acse_timeout, 5), 0};
+    setsockopt(lfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(lfd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    tls_listener = std::thread([this] { tls_listen_loop(); });
+    return 0;
+}
+
 // The listener only accepts TCP connections: reading the A-ASSOCIATE-RQ is
 // the connection's own thread's job, so a peer that connects and says
 // nothing holds up no one else.
@@ -630,24 +769,7 @@ void scp_server::listen_loop()
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        Assoc *a = new Assoc;
-        a->fd = fd;
-        a->deadline = Clock::now() + std::chrono::seconds(cfg.association_deadline);
-        {
-            std::lock_guard<std::mutex> g(mu);
-            a->id = next_id++;
-            assocs.push_back(a);
-        }
-        try {
-            a->thread = std::thread([this, a] { run_assoc(a); });
-        } catch (const std::exception &e) {
-            util_log(UTIL_LOG_ERROR, "connection_refused", "reason=\"cannot start thread: %s\"",
-                     e.what());
-            std::lock_guard<std::mutex> g(mu);
-            close(fd);
-            a->fd = -1;
-            a->finished = true;
-        }
+        add_assoc(fd, nullptr);
     }
     // Refuse new connections from here on.
     shutdown(lfd, SHUT_RDWR);
@@ -680,6 +802,18 @@ extern "C" int scp_server_start(struct scp_server **out, const struct scp_server
                      DimseCondition::dump(text, c).c_str());
             delete s;
             return -1;
+        }
+        if (cfg->tls_port > 0) {
+            s->tls_cert = cfg->tls_cert ? cfg->tls_cert : "";
+            s->tls_key = cfg->tls_key ? cfg->tls_key : "";
+            s->tls_ca = cfg->tls_ca ? cfg->tls_ca : "";
+            if (s->start_tls(err, errlen) != 0) {
+                if (s->tls_net) ASC_dropNetwork(&s->tls_net);
+                delete s->tls_layer;
+                ASC_dropNetwork(&s->net);
+                delete s;
+                return -1;
+            }
         }
         s->listener = std::thread([s] { s->listen_loop(); });
     } catch (const std::exception &e) {
@@ -717,6 +851,7 @@ extern "C" void scp_server_stop(struct scp_server *s, int grace_seconds)
     if (!s) return;
     s->stopping = true;
     if (s->listener.joinable()) s->listener.join();
+    if (s->tls_listener.joinable()) s->tls_listener.join();
     auto until = Clock::now() + std::chrono::seconds(grace_seconds);
     while (scp_server_active(s) > 0 && Clock::now() < until) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -732,5 +867,7 @@ extern "C" void scp_server_stop(struct scp_server *s, int grace_seconds)
     }
     s->reap(true);
     ASC_dropNetwork(&s->net);
+    if (s->tls_net) ASC_dropNetwork(&s->tls_net);
+    delete s->tls_layer;
     delete s;
 }

@@ -28,6 +28,7 @@ static const struct {
     [CFG_DICOM_TLS_PORT] = {"dicom.tls_port", "0"},
     [CFG_DICOM_TLS_CERT] = {"dicom.tls_cert", ""},
     [CFG_DICOM_TLS_KEY] = {"dicom.tls_key", ""},
+    [CFG_DICOM_TLS_CA] = {"dicom.tls_ca", ""},
     [CFG_DICOM_SHUTDOWN_GRACE] = {"dicom.shutdown_grace", "20"},
     [CFG_STORE_DIR] = {"store.dir", "./var"},
     [CFG_STORE_MIN_FREE_MB] = {"store.min_free_mb", "512"},

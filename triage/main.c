@@ -2,7 +2,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "phantom.h"
+#include "backup.h"
 #include "serve.h"
+#include "status.h"
 
 struct command {
     const char *name;
@@ -12,6 +15,10 @@ struct command {
 
 static const struct command commands[] = {
     {"serve", triage_serve_main, "run the node (DICOM Storage SCP, index)"},
+    {"status", triage_status_main, "health at a glance: port, index, disk (--json)"},
+    {"backup", triage_backup_main, "copy the index (online) and the spool into DIR"},
+    {"restore", triage_restore_main, "put a backup back into an empty store.dir"},
+    {"phantom", train_phantom_main, "write synthetic head-CT studies with labelled hemorrhages"},
 };
 
 static void usage(FILE *f)

@@ -171,11 +171,6 @@ int triage_serve_main(int argc, char **argv)
     }
     int64_t tls_port;
     if (get_int(&n, CFG_DICOM_TLS_PORT, 0, 65535, &tls_port)) return 2;
-    if (tls_port != 0) {
-        fprintf(stderr, "ichtriage serve: dicom.tls_port: the TLS listener is not available in "
-                        "this build yet; set it to 0\n");
-        return 2;
-    }
     n.grace = (int)grace;
 
     /* Everything the node writes is for its own user only. */
@@ -225,6 +220,10 @@ int triage_serve_main(int argc, char **argv)
         .max_instance_bytes = max_inst << 20,
         .allowed_peers = triage_config_str(&n.cfg, CFG_DICOM_ALLOWED_PEERS),
         .tmp_dir = n.store.tmp,
+        .tls_port = (int)tls_port,
+        .tls_cert = triage_config_str(&n.cfg, CFG_DICOM_TLS_CERT),
+        .tls_key = triage_config_str(&n.cfg, CFG_DICOM_TLS_KEY),
+        .tls_ca = triage_config_str(&n.cfg, CFG_DICOM_TLS_CA),
         .store = triage_store_instance,
         .space = triage_store_check_space,
         .ud = &n.store,
@@ -236,8 +235,8 @@ int triage_serve_main(int argc, char **argv)
     }
     int64_t count = 0;
     db_count_instances(n.store.db, &count);
-    util_log(UTIL_LOG_INFO, "ready", "port=%d aetitle=%s store=%s instances=%lld config=\"%s\"",
-             (int)port, aet, n.store.dir, (long long)count, n.cfg.source);
+    util_log(UTIL_LOG_INFO, "ready", "port=%d tls_port=%d aetitle=%s store=%s instances=%lld config=\"%s\"",
+             (int)port, (int)tls_port, aet, n.store.dir, (long long)count, n.cfg.source);
     uint64_t beat_ms = 5000;
 #ifdef HAVE_SYSTEMD
     uint64_t wd_usec = 0;

@@ -58,6 +58,18 @@ int triage_store_prepare(struct triage_store *s, const char *dir, char *err, siz
     snprintf(s->dir, sizeof s->dir, "%s", dir);
     snprintf(s->spool, sizeof s->spool, "%s/spool", dir);
     snprintf(s->tmp, sizeof s->tmp, "%s/.tmp", s->spool);
+    /* Missing parents of store.dir are created too (mode 0700 as well). */
+    char partial[1024];
+    snprintf(partial, sizeof partial, "%s", dir);
+    for (char *p = partial + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir_durable(partial) != 0) {
+            snprintf(err, errlen, "cannot create %s: %s", partial, strerror(errno));
+            return -1;
+        }
+        *p = '/';
+    }
     const char *paths[] = {s->dir, s->spool, s->tmp};
     for (int i = 0; i < 3; i++) {
         if (mkdir_durable(paths[i]) != 0) {

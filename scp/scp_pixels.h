@@ -1,0 +1,43 @@
+/* Decoded pixels of a DICOM image file as Hounsfield units, read with dcmtk.
+ * Handles uncompressed and JPEG, JPEG-LS and RLE transfer syntaxes, signed and
+ * unsigned stored values, Rescale Slope/Intercept (top level or in the shared
+ * or per-frame functional groups of enhanced objects), padding values and
+ * multi-frame objects. Used by triage, training and the phantom tests. */
+#ifndef SCP_PIXELS_H
+#define SCP_PIXELS_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Value given to pixels that carry the Pixel Padding Value (or lie in the
+ * padding range): air, so that windows and resizing treat them as outside
+ * the patient. */
+#define SCP_PIXELS_PAD_HU (-1024.0f)
+/* Hard caps on what a file may make us allocate. */
+#define SCP_PIXELS_MAX_DIM 8192
+#define SCP_PIXELS_MAX_TOTAL (1UL << 28) /* pixels over all frames */
+
+struct scp_pixels {
+    int rows, columns, frames;
+    /* frames * rows * columns HU values, frame by frame, row by row. Owned by
+     * the struct; release with scp_pixels_free. */
+    float *hu;
+    unsigned long padded; /* pixels that were padding */
+};
+
+/* Reads and decodes the pixel data of the file at path into *out (zeroed
+ * first). Returns 0, or -1 with a message in err (size errlen): not DICOM,
+ * no pixel data, a colour image, an undecodable transfer syntax, or sizes
+ * beyond the caps above. On failure *out owns nothing. Never throws;
+ * thread-safe. */
+int scp_pixels_read(const char *path, struct scp_pixels *out, char *err, unsigned long errlen);
+
+/* Releases what *px owns and zeroes it; NULL and zeroed structs are fine. */
+void scp_pixels_free(struct scp_pixels *px);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

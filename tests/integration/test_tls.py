@@ -1,0 +1,101 @@
+"""DICOM over TLS (dcmtls): storescu with TLS stores bit for bit; a client
+certificate is demanded when a CA is configured; a plain client on the TLS
+port is refused; bad key/certificate settings stop the node at start with a
+clear message. Keys are made with openssl at test time."""
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+
+
+def make_cert(d, name, ca=None):
+    key, crt = os.path.join(d, name + ".key"), os.path.join(d, name + ".pem")
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", crt, "-days", "2", "-subj", "/CN=" + name], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        csr = os.path.join(d, name + ".csr")
+        subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", csr, "-subj", "/CN=" + name], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0],
+                        "-CAcreateserial", "-out", crt, "-days", "2"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return key, crt
+
+
+class TlsTest(itest.NodeTest):
+    def pki(self):
+        """A CA and a server certificate it signed, made once per test."""
+        if not hasattr(self, "ca"):
+            self.pki_dir = os.path.join(self.work, "pki")
+            os.makedirs(self.pki_dir, exist_ok=True)
+            self.ca = make_cert(self.pki_dir, "ca")
+            self.server = make_cert(self.pki_dir, "server", self.ca)
+        return self.pki_dir
+
+    def tls_node(self, **extra):
+        self.pki()
+        self.tls_port = dt.free_port()
+        settings = {"dicom.tls_port": self.tls_port, "dicom.tls_key": self.server[0],
+                    "dicom.tls_cert": self.server[1]}
+        settings.update(extra)
+        return self.start_node(settings)
+
+    def test_store_over_tls(self):
+        node = self.tls_node()
+        files = self.gen("tls", count=5, rows=64, cols=64)
+        r = dt.storescu(self.tls_port, files, workdir=self.work,
+                        extra=["+tla", "+cf", self.ca[1]])
+        self.assert_all_success(r, files)
+        self.assert_stored_exactly(node, files)
+        self.assert_consistent(node)
+        # The plain port keeps working beside it.
+        self.assertEqual(dt.echoscu(node.port)[0], 0)
+
+    def test_plain_client_on_tls_port_is_refused(self):
+        node = self.tls_node()
+        files = self.gen("plain", count=1, rows=64, cols=64)
+        r = dt.storescu(self.tls_port, files, workdir=self.work)
+        self.assertNotEqual(r.statuses.get(files[0]), 0)
+        node.wait_event("association_failed")
+        self.assert_not_stored(node, dt.sop_uids(files[0])[1])
+
+    def test_client_certificate_required_with_ca(self):
+        d = self.pki()
+        node = self.tls_node(**{"dicom.tls_ca": self.ca[1]})
+        client = make_cert(d, "client", self.ca)
+        files = self.gen("mtls", count=2, rows=64, cols=64)
+        anon = dt.storescu(self.tls_port, files[:1], workdir=self.work,
+                           extra=["+tla", "+cf", self.ca[1]])
+        self.assertNotEqual(anon.statuses.get(files[0]), 0, "anonymous client was accepted")
+        ok = dt.storescu(self.tls_port, files, workdir=self.work,
+                         extra=["+tls", client[0], client[1], "-pw", "+cf", self.ca[1]])
+        self.assert_all_success(ok, files)
+        self.assert_stored_exactly(node, files)
+
+    def test_bad_key_stops_start_with_message(self):
+        d = os.path.join(self.work, "pki")
+        os.makedirs(d, exist_ok=True)
+        a = make_cert(d, "a")
+        b = make_cert(d, "b")
+        argv = dt.Node(itest.EXE, os.path.join(self.work, "n"),
+                       {"dicom.tls_port": dt.free_port(), "dicom.tls_key": a[0],
+                        "dicom.tls_cert": b[1]}).argv()
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        out = p.stdout.decode()
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("does not match", out)
+        missing = dt.Node(itest.EXE, os.path.join(self.work, "m"),
+                          {"dicom.tls_port": dt.free_port()}).argv()
+        p = subprocess.run(missing, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("dicom.tls_cert", p.stdout.decode())
+
+
+if __name__ == "__main__":
+    sys.exit(itest.main())

@@ -1,0 +1,437 @@
+/* triage/backup.c: `ichtriage backup DIR` and `ichtriage restore DIR`.
+ *
+ * A backup folder holds
+ *   ichtriage.db   a snapshot of the index (SQLite online backup API),
+ *   spool/...      every file that snapshot indexes, same relative paths,
+ *   MANIFEST       written last: a folder without it is not a backup.
+ * Backup takes the snapshot first and copies the files the snapshot lists,
+ * so the copy never holds a row without its file. An instance the node
+ * replaces (a resend) between the two steps makes the backup fail; run it
+ * again. Instances received after the snapshot are not in the backup.
+ *
+ * Restore refuses a store.dir that holds anything; it checks the backup
+ * (database quick_check, every file present with its size) before it
+ * writes, copies the files, and puts the database in place last, so an
+ * interrupted restore leaves no index and is simply run again. Run as root
+ * into an existing store.dir, what it writes takes that folder's owner. */
+#include "backup.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "db.h"
+#include "db_backup.h"
+#include "db_status.h"
+#include "log.h"
+
+#define BACKUP_FORMAT "ichtriage-backup 1"
+
+/* Where copies go and who owns them; also the running totals. */
+struct copier {
+    const char *from, *to;   /* folders the relative file paths hang off */
+    uid_t uid;               /* chown target when chown is set */
+    gid_t gid;
+    bool chown;
+    bool check_only;         /* restore's first pass: only look at the sources */
+    int64_t files, bytes;
+    char last_dir[4096];     /* the destination folder synced last */
+    char *err;
+    size_t errlen;
+};
+
+static int fsync_path(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+/* A relative spool path from a database: "spool/...", no "..", no "//". */
+static bool safe_rel_path(const char *p)
+{
+    if (strncmp(p, "spool/", 6) != 0 || strlen(p) > 1024) return false;
+    for (const char *s = p; *s; s++) {
+        if (s[0] == '/' && s[1] == '/') return false;
+        if ((s == p || s[-1] == '/') && s[0] == '.' &&
+            (s[1] == '/' || s[1] == 0 || (s[1] == '.' && (s[2] == '/' || s[2] == 0))))
+            return false;
+    }
+    return true;
+}
+
+/* mkdir -p of path's parent folders below root, mode 0700, chowned. */
+static int make_parents(struct copier *c, const char *path)
+{
+    char buf[4096];
+    if ((size_t)snprintf(buf, sizeof buf, "%s", path) >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    size_t root_len = strlen(c->to);
+    for (char *s = buf + root_len + 1; (s = strchr(s, '/')); s++) {
+        *s = 0;
+        if (mkdir(buf, 0700) == 0) {
+            if (c->chown && chown(buf, c->uid, c->gid) != 0) return -1;
+            /* The new folder's name is durable once its parent is synced. */
+            char *up = strrchr(buf, '/');
+            *up = 0;
+            int synced = fsync_path(buf);
+            *up = '/';
+            if (synced != 0) return -1;
+        } else if (errno != EEXIST) {
+            return -1;
+        }
+        *s = '/';
+    }
+    return 0;
+}
+
+static int sync_dir_of(struct copier *c, const char *path)
+{
+    char dir[4096];
+    if ((size_t)snprintf(dir, sizeof dir, "%s", path) >= sizeof dir) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0;
+    if (strcmp(dir, c->last_dir) == 0) return 0;
+    if (c->last_dir[0] && fsync_path(c->last_dir) != 0) return -1;
+    snprintf(c->last_dir, sizeof c->last_dir, "%s", dir);
+    return 0;
+}
+
+/* Copies src to a new file dst (never replacing one), synced, mode 0600. */
+static int copy_file(struct copier *c, const char *src, const char *dst, int64_t size)
+{
+    int in = open(src, O_RDONLY | O_CLOEXEC);
+    if (in < 0) return -1;
+    int out = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (out < 0) {
+        close(in);
+        return -1;
+    }
+    int64_t done = 0;
+    int rc = 0;
+    for (;;) {
+        ssize_t n = copy_file_range(in, NULL, out, NULL, 1 << 30, 0);
+        if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP)) {
+            char buf[1 << 16];
+            n = read(in, buf, sizeof buf);
+            if (n > 0 && write(out, buf, (size_t)n) != n) n = -1;
+        }
+        if (n < 0) {
+            rc = -1;
+            break;
+        }
+        if (n == 0) break;
+        done += n;
+    }
+    if (rc == 0 && done != size) {
+        errno = EIO;
+        snprintf(c->err, c->errlen, "%.1000s has %lld bytes, the index says %lld", src,
+                 (long long)done, (long long)size);
+        rc = -2;
+    }
+    if (rc == 0 && c->chown && fchown(out, c->uid, c->gid) != 0) rc = -1;
+    if (rc == 0 && fsync(out) != 0) rc = -1;
+    close(in);
+    if (close(out) != 0 && rc == 0) rc = -1;
+    if (rc != 0) unlink(dst);
+    return rc;
+}
+
+/* db_backup_files callback: copies (or, check_only, checks) one file. */
+static int copy_one(void *ud, const char *rel, int64_t size)
+{
+    struct copier *c = ud;
+    if (!safe_rel_path(rel)) {
+        snprintf(c->err, c->errlen, "the index holds an unexpected file path '%.1000s'", rel);
+        return -1;
+    }
+    char src[4200], dst[4200];
+    snprintf(src, sizeof src, "%s/%s", c->from, rel);
+    snprintf(dst, sizeof dst, "%s/%s", c->to, rel);
+    if (c->check_only) {
+        struct stat st;
+        if (stat(src, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size != size) {
+            snprintf(c->err, c->errlen, "%.1000s is missing or not %lld bytes", src, (long long)size);
+            return -1;
+        }
+    } else {
+        int rc = 0;
+        if (make_parents(c, dst) != 0 || sync_dir_of(c, dst) != 0 ||
+            (rc = copy_file(c, src, dst, size)) == -1) {
+            if (errno == ENOENT && access(src, F_OK) != 0)
+                snprintf(c->err, c->errlen,
+                         "%s is gone: the instance was replaced while the backup ran", src);
+            else
+                snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
+                         strerror(errno));
+            return -1;
+        }
+        if (rc != 0) return -1;
+    }
+    c->files++;
+    c->bytes += size;
+    return 0;
+}
+
+static int finish_dirs(struct copier *c)
+{
+    return c->last_dir[0] ? fsync_path(c->last_dir) : 0;
+}
+
+/* True when dir does not exist or holds nothing but, at most, empty
+ * spool/ and spool/.tmp/ folders (what a node leaves before any data). */
+static bool dir_is_empty(const char *dir, int depth)
+{
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT;
+    bool empty = true;
+    for (struct dirent *e; empty && (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        const char *allowed = depth == 0 ? "spool" : depth == 1 ? ".tmp" : NULL;
+        char sub[4200];
+        snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
+        empty = allowed && !strcmp(e->d_name, allowed) && dir_is_empty(sub, depth + 1);
+    }
+    closedir(d);
+    return empty;
+}
+
+static int write_manifest(const char *dir, const struct db_status *st, const struct copier *c,
+                          const char *store_dir, char *err, size_t errlen)
+{
+    char path[4200], part[4300], when[32];
+    snprintf(path, sizeof path, "%s/MANIFEST", dir);
+    snprintf(part, sizeof part, "%s.part", path);
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    FILE *f = fopen(part, "wx");
+    if (!f) {
+        snprintf(err, errlen, "cannot write %.1000s: %.1000s", part, strerror(errno));
+        return -1;
+    }
+    fprintf(f,
+            "format = " BACKUP_FORMAT "\n"
+            "created_at = %s\n"
+            "ichtriage_version = %s\n"
+            "schema_version = %d\n"
+            "store_dir = %s\n"
+            "instances = %lld\n"
+            "files = %lld\n"
+            "bytes = %lld\n",
+            when, ICHTRIAGE_VERSION, st->schema_version, store_dir, (long long)st->instances,
+            (long long)c->files, (long long)c->bytes);
+    int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
+    if (fclose(f) != 0) bad = 1;
+    if (bad || rename(part, path) != 0 || fsync_path(dir) != 0) {
+        snprintf(err, errlen, "cannot write %.1000s: %.1000s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses the common options and exactly one DIR argument. */
+static int parse_args(const char *cmd, const char *help, struct triage_config *cfg, int argc,
+                      char **argv, const char **dir)
+{
+    char err[1024];
+    if (triage_config_from_args(cfg, &argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage %s: %s\n", cmd, err);
+        return 2;
+    }
+    *dir = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            printf("%s", help);
+            triage_config_free(cfg);
+            return 1;
+        }
+        if (*dir || argv[i][0] == '-' || !argv[i][0]) {
+            fprintf(stderr, "ichtriage %s: unexpected argument '%s'\n%s", cmd, argv[i], help);
+            triage_config_free(cfg);
+            return 2;
+        }
+        *dir = argv[i];
+    }
+    if (!*dir) {
+        fprintf(stderr, "%s", help);
+        triage_config_free(cfg);
+        return 2;
+    }
+    return 0;
+}
+
+static const char backup_help[] =
+    "usage: ichtriage backup [-c FILE] [--set section.key=value]... DIR\n"
+    "\n"
+    "Copies the index (a consistent snapshot, taken while the node runs) and every\n"
+    "spool file it refers to into DIR, which must not exist or be empty. DIR/MANIFEST\n"
+    "is written last. The copy holds patient data: DIR is made readable by its\n"
+    "owner only. 'ichtriage restore DIR' puts it back.\n";
+
+static const char restore_help[] =
+    "usage: ichtriage restore [-c FILE] [--set section.key=value]... DIR\n"
+    "\n"
+    "Puts a backup made by 'ichtriage backup' back into store.dir, which must not\n"
+    "exist or be empty: stop the node and move the old store aside first. The\n"
+    "backup is checked before anything is written; the index is put in place last.\n"
+    "Run as root into an existing store.dir, the files take that folder's owner.\n";
+
+int triage_backup_main(int argc, char **argv)
+{
+    struct triage_config cfg;
+    const char *dir;
+    int rc = parse_args("backup", backup_help, &cfg, argc, argv, &dir);
+    if (rc) return rc == 1 ? 0 : rc;
+    umask(077);
+    const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
+    char err[2048] = "", db_path[1200], dst_db[4200];
+    snprintf(db_path, sizeof db_path, "%s/ichtriage.db", store);
+    snprintf(dst_db, sizeof dst_db, "%s/ichtriage.db", dir);
+    struct copier c = {.from = store, .to = dir, .err = err, .errlen = sizeof err};
+    struct db_status st;
+    rc = 1;
+    if (access(db_path, R_OK) != 0) {
+        snprintf(err, sizeof err, "no database at %.1000s: %.1000s", db_path, strerror(errno));
+        goto out;
+    }
+    if (!dir_is_empty(dir, 2)) {
+        snprintf(err, sizeof err, "%.1000s exists and is not empty", dir);
+        goto out;
+    }
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, sizeof err, "cannot create %.1000s: %.1000s", dir, strerror(errno));
+        goto out;
+    }
+    if (chmod(dir, 0700) != 0) {
+        snprintf(err, sizeof err, "cannot set the mode of %.1000s: %.1000s", dir, strerror(errno));
+        goto out;
+    }
+    util_log(UTIL_LOG_INFO, "backup_start", "store=%s backup=%s", store, dir);
+    if (db_backup_copy(db_path, dst_db, err, sizeof err) != 0) goto out;
+    if (db_backup_files(dst_db, copy_one, &c, err, sizeof err) != 0 || finish_dirs(&c) != 0) {
+        if (!err[0]) snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
+        goto out;
+    }
+    if (db_status_read(dst_db, false, &st, err, sizeof err) != 0 ||
+        write_manifest(dir, &st, &c, store, err, sizeof err) != 0)
+        goto out;
+    util_log(UTIL_LOG_INFO, "backup_done", "backup=%s instances=%lld files=%lld bytes=%lld", dir,
+             (long long)st.instances, (long long)c.files, (long long)c.bytes);
+    printf("backup of %s in %s: %lld instances, %lld files, %.1f MiB\n", store, dir,
+           (long long)st.instances, (long long)c.files, (double)c.bytes / (1024.0 * 1024.0));
+    rc = 0;
+out:
+    if (rc) {
+        util_log(UTIL_LOG_ERROR, "backup_failed", "backup=%s", dir);
+        fprintf(stderr, "ichtriage backup: %s\nichtriage backup: %s is not a complete backup "
+                        "(no MANIFEST)\n",
+                err, dir);
+    }
+    triage_config_free(&cfg);
+    return rc;
+}
+
+/* Reads "format = ..." from dir/MANIFEST; 0 when it is ours. */
+static int check_manifest(const char *dir, char *err, size_t errlen)
+{
+    char path[4200], line[512];
+    snprintf(path, sizeof path, "%s/MANIFEST", dir);
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%.1000s: %.1000s (not a complete backup)", path, strerror(errno));
+        return -1;
+    }
+    int ok = 0;
+    while (!ok && fgets(line, sizeof line, f))
+        ok = !strcmp(line, "format = " BACKUP_FORMAT "\n");
+    fclose(f);
+    if (!ok) snprintf(err, errlen, "%.1000s: not a '" BACKUP_FORMAT "' manifest", path);
+    return ok ? 0 : -1;
+}
+
+int triage_restore_main(int argc, char **argv)
+{
+    struct triage_config cfg;
+    const char *dir;
+    int rc = parse_args("restore", restore_help, &cfg, argc, argv, &dir);
+    if (rc) return rc == 1 ? 0 : rc;
+    umask(077);
+    const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
+    char err[2048] = "", src_db[4200], db_path[1200];
+    snprintf(src_db, sizeof src_db, "%s/ichtriage.db", dir);
+    snprintf(db_path, sizeof db_path, "%s/ichtriage.db", store);
+    struct copier c = {
+        .from = dir, .to = store, .check_only = true, .err = err, .errlen = sizeof err};
+    struct db_status st;
+    struct stat sst;
+    rc = 1;
+    if (check_manifest(dir, err, sizeof err) != 0) goto out;
+    if (db_status_read(src_db, true, &st, err, sizeof err) != 0) goto out;
+    if (!st.quick_check_ok) {
+        snprintf(err, sizeof err, "%.1000s: quick_check: %.1000s", src_db, st.quick_check);
+        goto out;
+    }
+    if (st.schema_version > db_schema_version()) {
+        snprintf(err, sizeof err, "%.1000s has schema version %d, newer than this build's %d", src_db,
+                 st.schema_version, db_schema_version());
+        goto out;
+    }
+    if (!dir_is_empty(store, 0)) {
+        snprintf(err, sizeof err,
+                 "store.dir %s is not empty: stop the node and move it aside first", store);
+        goto out;
+    }
+    /* First pass: the backup is whole, before anything is written. */
+    if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0) goto out;
+    c.check_only = false;
+    c.files = c.bytes = 0;
+    if (mkdir(store, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, sizeof err, "cannot create %.1000s: %.1000s", store, strerror(errno));
+        goto out;
+    }
+    if (stat(store, &sst) != 0) {
+        snprintf(err, sizeof err, "%.1000s: %.1000s", store, strerror(errno));
+        goto out;
+    }
+    c.chown = geteuid() == 0 && (sst.st_uid != 0 || sst.st_gid != 0);
+    c.uid = sst.st_uid;
+    c.gid = sst.st_gid;
+    util_log(UTIL_LOG_INFO, "restore_start", "backup=%s store=%s", dir, store);
+    if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0 || finish_dirs(&c) != 0) {
+        if (!err[0]) snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
+        goto out;
+    }
+    if (db_backup_copy(src_db, db_path, err, sizeof err) != 0) goto out;
+    if (c.chown && chown(db_path, c.uid, c.gid) != 0) {
+        snprintf(err, sizeof err, "cannot chown %.1000s: %.1000s", db_path, strerror(errno));
+        goto out;
+    }
+    util_log(UTIL_LOG_INFO, "restore_done", "store=%s instances=%lld files=%lld bytes=%lld", store,
+             (long long)st.instances, (long long)c.files, (long long)c.bytes);
+    printf("restored %s into %s: %lld instances, %lld files, %.1f MiB\n", dir, store,
+           (long long)st.instances, (long long)c.files, (double)c.bytes / (1024.0 * 1024.0));
+    rc = 0;
+out:
+    if (rc) {
+        util_log(UTIL_LOG_ERROR, "restore_failed", "store=%s", store);
+        fprintf(stderr, "ichtriage restore: %s\n", err);
+    }
+    triage_config_free(&cfg);
+    return rc;
+}

@@ -1,0 +1,276 @@
+/* triage/status.c: `ichtriage status [--json]`. Everything is read from the
+ * outside (the database read-only, the spool, the file system, the kernel's
+ * socket table), so it works whether or not the node runs, and it never
+ * changes anything. It reports what the node has today: reception and the
+ * index; triage, the model and delivery join as they land. */
+#include "status.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+
+#include "config.h"
+#include "db.h"
+#include "db_status.h"
+
+struct status {
+    const char *config, *store_dir;
+    char db_path[1200], spool[1200];
+    int64_t port, min_free_mb;
+    int listening; /* 1 yes, 0 no, -1 unknown */
+    bool db_ok;
+    char db_err[512];
+    struct db_status db;
+    bool disk_ok;
+    int64_t free_mb; /* -1: unknown */
+    int64_t in_flight; /* datasets being received (files in spool/.tmp); -1: unknown */
+    const char *problems[8];
+    int n_problems;
+};
+
+/* Is a TCP socket in LISTEN state on port, in /proc/net/tcp or tcp6 (this
+ * network namespace)? Looking, not connecting: a probe would show in the
+ * node's log as a peer. */
+static int port_listening(int64_t port)
+{
+    const char *tables[] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    int seen_any = 0;
+    for (int t = 0; t < 2; t++) {
+        FILE *f = fopen(tables[t], "r");
+        if (!f) continue;
+        seen_any = 1;
+        char line[512];
+        int found = 0;
+        if (!fgets(line, sizeof line, f)) line[0] = 0; /* header */
+        while (!found && fgets(line, sizeof line, f)) {
+            char local[128], remote[128];
+            unsigned st;
+            if (sscanf(line, "%*d: %127s %127s %x", local, remote, &st) != 3) continue;
+            const char *colon = strrchr(local, ':');
+            if (colon && st == 0x0A && strtol(colon + 1, NULL, 16) == port) found = 1;
+        }
+        fclose(f);
+        if (found) return 1;
+    }
+    return seen_any ? 0 : -1;
+}
+
+static int64_t count_dir(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d) return errno == ENOENT ? 0 : -1;
+    int64_t n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) n++;
+    closedir(d);
+    return n;
+}
+
+static void problem(struct status *s, const char *what)
+{
+    if (s->n_problems < (int)(sizeof s->problems / sizeof s->problems[0]))
+        s->problems[s->n_problems++] = what;
+}
+
+static void gather(struct status *s)
+{
+    snprintf(s->db_path, sizeof s->db_path, "%s/ichtriage.db", s->store_dir);
+    snprintf(s->spool, sizeof s->spool, "%s/spool", s->store_dir);
+    s->listening = port_listening(s->port);
+    if (s->listening == 0) problem(s, "dicom port not listening (is the node running?)");
+
+    s->db_ok = db_status_read(s->db_path, true, &s->db, s->db_err, sizeof s->db_err) == 0;
+    if (!s->db_ok)
+        problem(s, "database unreadable");
+    else if (!s->db.quick_check_ok)
+        problem(s, "database quick_check failed");
+    else if (s->db.schema_version > db_schema_version())
+        problem(s, "database schema newer than this build");
+
+    struct statvfs v;
+    const char *where = statvfs(s->spool, &v) == 0 ? s->spool : s->store_dir;
+    if (where == s->spool || statvfs(where, &v) == 0) {
+        s->free_mb = (int64_t)(((unsigned long long)v.f_bavail * v.f_frsize) >> 20);
+        s->disk_ok = s->free_mb >= s->min_free_mb;
+        if (!s->disk_ok) problem(s, "free space below store.min_free_mb");
+    } else {
+        s->free_mb = -1;
+        problem(s, "store.dir not accessible");
+    }
+    char tmp[1300];
+    snprintf(tmp, sizeof tmp, "%s/.tmp", s->spool);
+    s->in_flight = count_dir(tmp);
+}
+
+static void iso8601(int64_t ms, char *out, size_t n)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static void print_text(const struct status *s)
+{
+    printf("ichtriage status (decision support, not a diagnosis)\n");
+    printf("config        %s\n", s->config);
+    printf("store         %s\n", s->store_dir);
+    printf("dicom         port %lld %s\n", (long long)s->port,
+           s->listening == 1   ? "listening"
+           : s->listening == 0 ? "NOT listening"
+                               : "(cannot tell)");
+    if (s->db_ok) {
+        printf("database      %s, schema %d (this build %d), quick_check %s\n", s->db_path,
+               s->db.schema_version, db_schema_version(), s->db.quick_check);
+        printf("index         %lld patients, %lld studies, %lld series, %lld instances, %.1f MiB\n",
+               (long long)s->db.patients, (long long)s->db.studies, (long long)s->db.series,
+               (long long)s->db.instances, (double)s->db.spool_bytes / (1024.0 * 1024.0));
+        if (s->db.last_received_ms > 0) {
+            char when[32];
+            iso8601(s->db.last_received_ms, when, sizeof when);
+            long long ago = (long long)(time(NULL) - s->db.last_received_ms / 1000);
+            printf("last received %s (%lld s ago)\n", when, ago);
+        } else {
+            printf("last received never\n");
+        }
+        printf("series        ");
+        for (int i = 0; i < s->db.n_series_states; i++)
+            printf("%s%s %lld", i ? ", " : "", s->db.series_states[i].state,
+                   (long long)s->db.series_states[i].count);
+        printf("%s\n", s->db.n_series_states ? "" : "none");
+    } else {
+        printf("database      %s\n", s->db_err);
+    }
+    if (s->free_mb >= 0)
+        printf("disk          %lld MiB free (store.min_free_mb %lld)%s\n", (long long)s->free_mb,
+               (long long)s->min_free_mb, s->disk_ok ? "" : " LOW");
+    if (s->in_flight >= 0) printf("receiving     %lld datasets in flight\n", (long long)s->in_flight);
+    printf("triage        not available in this build\n");
+    if (!s->n_problems) printf("health        ok\n");
+    for (int i = 0; i < s->n_problems; i++) printf("problem       %s\n", s->problems[i]);
+}
+
+/* Returns 0, or -1 when cJSON runs out of memory. */
+static int print_json(const struct status *s)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddBoolToObject(o, "healthy", s->n_problems == 0);
+    cJSON_AddStringToObject(o, "config", s->config);
+    cJSON_AddStringToObject(o, "store_dir", s->store_dir);
+    cJSON *problems = cJSON_AddArrayToObject(o, "problems");
+    cJSON *dicom = cJSON_AddObjectToObject(o, "dicom");
+    cJSON *db = cJSON_AddObjectToObject(o, "database");
+    cJSON *disk = cJSON_AddObjectToObject(o, "disk");
+    if (!o || !dicom || !db || !disk || !problems) {
+        cJSON_Delete(o);
+        return -1;
+    }
+    cJSON_AddNumberToObject(dicom, "port", (double)s->port);
+    if (s->listening < 0)
+        cJSON_AddNullToObject(dicom, "listening");
+    else
+        cJSON_AddBoolToObject(dicom, "listening", s->listening == 1);
+    cJSON_AddStringToObject(db, "path", s->db_path);
+    cJSON_AddBoolToObject(db, "readable", s->db_ok);
+    if (s->db_ok) {
+        cJSON_AddNumberToObject(db, "schema_version", s->db.schema_version);
+        cJSON_AddNumberToObject(db, "build_schema_version", db_schema_version());
+        cJSON_AddStringToObject(db, "quick_check", s->db.quick_check);
+        cJSON_AddNumberToObject(db, "patients", (double)s->db.patients);
+        cJSON_AddNumberToObject(db, "studies", (double)s->db.studies);
+        cJSON_AddNumberToObject(db, "series", (double)s->db.series);
+        cJSON_AddNumberToObject(db, "instances", (double)s->db.instances);
+        cJSON_AddNumberToObject(db, "spool_bytes", (double)s->db.spool_bytes);
+        if (s->db.last_received_ms > 0) {
+            char when[32];
+            iso8601(s->db.last_received_ms, when, sizeof when);
+            cJSON_AddStringToObject(db, "last_received_at", when);
+        } else {
+            cJSON_AddNullToObject(db, "last_received_at");
+        }
+        cJSON *states = cJSON_AddObjectToObject(db, "series_by_state");
+        for (int i = 0; states && i < s->db.n_series_states; i++)
+            cJSON_AddNumberToObject(states, s->db.series_states[i].state,
+                                    (double)s->db.series_states[i].count);
+    } else {
+        cJSON_AddStringToObject(db, "error", s->db_err);
+    }
+    if (s->free_mb >= 0)
+        cJSON_AddNumberToObject(disk, "free_mb", (double)s->free_mb);
+    else
+        cJSON_AddNullToObject(disk, "free_mb");
+    cJSON_AddNumberToObject(disk, "min_free_mb", (double)s->min_free_mb);
+    cJSON_AddBoolToObject(disk, "ok", s->disk_ok);
+    if (s->in_flight >= 0)
+        cJSON_AddNumberToObject(o, "receiving_in_flight", (double)s->in_flight);
+    else
+        cJSON_AddNullToObject(o, "receiving_in_flight");
+    for (int i = 0; i < s->n_problems; i++)
+        cJSON_AddItemToArray(problems, cJSON_CreateString(s->problems[i]));
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    if (!text) return -1;
+    printf("%s\n", text);
+    cJSON_free(text);
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: ichtriage status [-c FILE] [--set section.key=value]... [--json]\n"
+               "\n"
+               "Health at a glance, read from the store without disturbing the node: whether\n"
+               "the DICOM port listens, the index (counts, last received, series states,\n"
+               "PRAGMA quick_check), free disk space against store.min_free_mb, datasets\n"
+               "being received. Exit status 0 when healthy, 1 when a problem is listed.\n");
+}
+
+int triage_status_main(int argc, char **argv)
+{
+    struct triage_config cfg;
+    char err[1024];
+    if (triage_config_from_args(&cfg, &argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage status: %s\n", err);
+        return 2;
+    }
+    bool json = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            json = true;
+        } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            usage(stdout);
+            triage_config_free(&cfg);
+            return 0;
+        } else {
+            fprintf(stderr, "ichtriage status: unexpected argument '%s'\n", argv[i]);
+            usage(stderr);
+            triage_config_free(&cfg);
+            return 2;
+        }
+    }
+    struct status s = {.config = cfg.source, .store_dir = triage_config_str(&cfg, CFG_STORE_DIR)};
+    if (triage_config_int(&cfg, CFG_DICOM_PORT, 1, 65535, &s.port, err, sizeof err) != 0 ||
+        triage_config_int(&cfg, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &s.min_free_mb, err,
+                          sizeof err) != 0) {
+        fprintf(stderr, "ichtriage status: %s\n", err);
+        triage_config_free(&cfg);
+        return 2;
+    }
+    gather(&s);
+    int rc = 0;
+    if (json)
+        rc = print_json(&s);
+    else
+        print_text(&s);
+    if (rc != 0) fprintf(stderr, "ichtriage status: out of memory\n");
+    int healthy = s.n_problems == 0;
+    triage_config_free(&cfg);
+    return rc != 0 ? 2 : healthy ? 0 : 1;
+}
