@@ -1,0 +1,156 @@
+/* db/backup.c: copies of the index through SQLite's online backup API, and
+ * the list of spool files a copy refers to. */
+#include "db_backup.h"
+#include "db_status.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+static int fsync_parent(const char *path)
+{
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == dir)
+        dir[1] = 0;
+    else if (slash)
+        *slash = 0;
+    else
+        snprintf(dir, sizeof dir, ".");
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+/* Copies database "main" of src into a new file dst_path (via .part). */
+static int backup_from(sqlite3 *src, const char *dst_path, char *err, size_t errlen)
+{
+    char part[4096];
+    if ((size_t)snprintf(part, sizeof part, "%s.part", dst_path) >= sizeof part) {
+        snprintf(err, errlen, "path too long: %s", dst_path);
+        return -1;
+    }
+    struct stat st;
+    if (lstat(dst_path, &st) == 0) {
+        snprintf(err, errlen, "%s already exists", dst_path);
+        return -1;
+    }
+    unlink(part); /* a leftover of an interrupted copy: never a complete one */
+    sqlite3 *dst;
+    if (db_conn_open_flags(&dst, part, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, err, errlen) !=
+        0)
+        return -1;
+    /* A rollback journal in the copy: it is one self-contained file. */
+    sqlite3_exec(dst, "PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;", NULL, NULL, NULL);
+    sqlite3_backup *b = sqlite3_backup_init(dst, "main", src, "main");
+    if (!b) {
+        snprintf(err, errlen, "backup of the database failed: %s", sqlite3_errmsg(dst));
+        sqlite3_close(dst);
+        unlink(part);
+        return -1;
+    }
+    /* All pages in one step: one read transaction, so one snapshot. Under
+     * WAL the node's writers go on meanwhile. */
+    int rc = sqlite3_backup_step(b, -1);
+    sqlite3_backup_finish(b);
+    if (rc != SQLITE_DONE) {
+        snprintf(err, errlen, "backup of the database failed: %s", sqlite3_errstr(rc));
+        sqlite3_close(dst);
+        unlink(part);
+        return -1;
+    }
+    /* The copied header says WAL when the source is; the copy is read
+     * alone, so make it a plain file. */
+    sqlite3_exec(dst, "PRAGMA journal_mode=DELETE", NULL, NULL, NULL);
+    if (sqlite3_close(dst) != SQLITE_OK) {
+        snprintf(err, errlen, "cannot close %s", part);
+        unlink(part);
+        return -1;
+    }
+    int fd = open(part, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0) {
+        snprintf(err, errlen, "cannot sync %s: %s", part, strerror(errno));
+        if (fd >= 0) close(fd);
+        unlink(part);
+        return -1;
+    }
+    close(fd);
+    if (rename(part, dst_path) != 0 || fsync_parent(dst_path) != 0) {
+        snprintf(err, errlen, "cannot rename %s to %s: %s", part, dst_path, strerror(errno));
+        unlink(part);
+        return -1;
+    }
+    return 0;
+}
+
+int db_backup_copy(const char *src_path, const char *dst_path, char *err, size_t errlen)
+{
+    sqlite3 *src;
+    if (db_conn_open_flags(&src, src_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
+    int rc = backup_from(src, dst_path, err, errlen);
+    sqlite3_close(src);
+    return rc;
+}
+
+int db_backup_files(const char *db_path,
+                    int (*fn)(void *ud, const char *file_path, int64_t file_size), void *ud,
+                    char *err, size_t errlen)
+{
+    sqlite3 *c;
+    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, "SELECT file_path, file_size FROM instances ORDER BY file_path", -1,
+                           &st, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
+        sqlite3_close(c);
+        return -1;
+    }
+    int rc, ret = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *p = (const char *)sqlite3_column_text(st, 0);
+        ret = fn(ud, p ? p : "", sqlite3_column_int64(st, 1));
+        if (ret != 0) break;
+    }
+    if (ret == 0 && rc != SQLITE_DONE) {
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
+        ret = -1;
+    }
+    sqlite3_finalize(st);
+    sqlite3_close(c);
+    return ret;
+}
+
+int db_backup_before_migration(struct sqlite3 *conn, int from_version, char *err, size_t errlen)
+{
+    const char *path = sqlite3_db_filename(conn, "main");
+    if (!path || !path[0]) return 0; /* in-memory or temporary: nothing to keep */
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    char stamp[32], dst[4096];
+    strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
+    for (int n = 0; n < 100; n++) {
+        int len = n ? snprintf(dst, sizeof dst, "%s.v%d-%s-%d.bak", path, from_version, stamp, n)
+                    : snprintf(dst, sizeof dst, "%s.v%d-%s.bak", path, from_version, stamp);
+        if (len < 0 || (size_t)len >= sizeof dst) {
+            snprintf(err, errlen, "path too long: %s", path);
+            return -1;
+        }
+        struct stat st;
+        if (lstat(dst, &st) != 0) break;
+    }
+    if (backup_from(conn, dst, err, errlen) != 0) return -1;
+    util_log(UTIL_LOG_INFO, "db_backup_before_migration", "from_version=%d backup=%s",
+             from_version, dst);
+    return 0;
+}

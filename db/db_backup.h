@@ -1,0 +1,38 @@
+/* db/: copies of the index. `ichtriage backup` and `restore` use the first
+ * two; db_open() calls the third before it migrates an existing database,
+ * so a failed or regretted migration can be undone by hand. */
+#ifndef DB_BACKUP_H
+#define DB_BACKUP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct sqlite3;
+
+/* Copies the database at src_path to dst_path with SQLite's online backup
+ * API: one consistent snapshot, taken while a node may be writing (WAL
+ * readers do not block it). The copy is written to dst_path.part, synced,
+ * then renamed to dst_path, so dst_path is either absent or complete; it is
+ * a self-contained file (no -wal). dst_path must not exist. Returns 0, or
+ * -1 with a message in err. */
+int db_backup_copy(const char *src_path, const char *dst_path, char *err, size_t errlen);
+
+/* Calls fn(ud, file_path, file_size) for every instance the database at
+ * db_path indexes, ordered by file_path (relative to the store directory),
+ * reading through its own read-only connection. Stops at the first non-zero
+ * return of fn and returns it. Returns 0, fn's value, or -1 with a message
+ * in err. */
+int db_backup_files(const char *db_path,
+                    int (*fn)(void *ud, const char *file_path, int64_t file_size), void *ud,
+                    char *err, size_t errlen);
+
+/* Called by the migration, on the connection it is about to migrate and
+ * outside any transaction, when an existing database (from_version > 0) is
+ * older than this build: copies it to
+ *   <database>.v<from_version>-<UTC yyyymmddThhmmssZ>.bak
+ * beside it (an earlier copy is never overwritten) and logs the name. An
+ * in-memory or temporary database is not copied. Returns 0, or -1 with a
+ * message in err: then the migration must not run. */
+int db_backup_before_migration(struct sqlite3 *conn, int from_version, char *err, size_t errlen);
+
+#endif
