@@ -78,6 +78,30 @@ class Crash(itest.NodeTest):
             "SELECT instance_count FROM series WHERE series_uid = ?", (uid,))], [len(files)])
         sys.stderr.write("acknowledged before kills: %d, then %d\n" % (len(acked), len(acked2)))
 
+    def test_startup_removes_strays(self):
+        """What a crash can leave (a temp file; a spool file whose row was
+        never committed, so never acknowledged) is gone after a start; what
+        is indexed is untouched."""
+        files = self.gen("ct", count=3, rows=64, cols=64)
+        node = self.start_node()
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+        self.assertEqual(node.stop(), 0)
+        store = node.store_dir
+        tmp = os.path.join(node.spool, ".tmp")
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, "stray-from-crash"), "wb") as f:
+            f.write(b"\0" * 1000)
+        series_dir = os.path.dirname(os.path.join(store, node.instances()[dt.sop_uids(files[0])[1]]["file_path"]))
+        unindexed = os.path.join(series_dir, "1.2.826.0.1.3680043.8.498.424242.dcm")
+        with open(files[0], "rb") as src, open(unindexed, "wb") as dst:
+            dst.write(src.read())
+        node = self.start_node(store_dir=store, name="restart")
+        self.assertEqual(node.temp_files(), [], "stray temp file survived the start")
+        self.assertFalse(os.path.exists(unindexed), "unindexed spool file survived the start")
+        self.assert_stored_exactly(node, files)
+        self.assert_consistent(node)
+
 
 if __name__ == "__main__":
     sys.exit(itest.main())

@@ -201,6 +201,8 @@ class Rejections(itest.NodeTest):
         s.close()
         self.assertIsNotNone(t, "a peer that sent nothing was still connected after 13 s")
         self.assertGreater(t, 1.0, "dropped after %.1f s, before the ACSE timeout" % t)
+        self.assertTrue(node.wait_event("association_failed", timeout=5),
+                        "nothing logged about the silent peer")
         rc, out = dt.echoscu(node.port)
         self.assertEqual(rc, 0, out)
 

@@ -27,6 +27,7 @@ SOP_CLASSES = {
     "ct": "1.2.840.10008.5.1.4.1.1.2",      # CT Image Storage
     "mr": "1.2.840.10008.5.1.4.1.1.4",      # MR Image Storage
     "sc": "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image Storage
+    "enhanced-ct": "1.2.840.10008.5.1.4.1.1.2.1",  # one multi-frame instance
 }
 
 # name -> (transfer syntax UID, how it is made)
@@ -38,6 +39,8 @@ TRANSFER_SYNTAXES = {
     "rle": ("1.2.840.10008.1.2.5", ["dcmcrle"]),
     "jpegls": ("1.2.840.10008.1.2.4.80", ["dcmcjpls", "+el"]),
     "jpeg-lossless": ("1.2.840.10008.1.2.4.70", ["dcmcjpeg", "+e1"]),
+    "jpeg-lossless-p14": ("1.2.840.10008.1.2.4.57", ["dcmcjpeg", "+el"]),
+    "jpeg-extended": ("1.2.840.10008.1.2.4.51", ["dcmcjpeg", "+ee"]),  # 12-bit lossy
     "jpeg-baseline": ("1.2.840.10008.1.2.4.50", ["dcmcjpeg", "+eb"]),  # 8-bit data only
 }
 
@@ -70,7 +73,7 @@ def _base_dataset(sop, rows, cols, bits, study_uid, series_uid, frame_uid, patie
     ds.SeriesDate = "20260101"
     ds.StudyTime = "120000"
     ds.AccessionNumber = "ACC" + patient_id[-6:]
-    ds.Modality = {"ct": "CT", "mr": "MR", "sc": "OT"}[sop]
+    ds.Modality = {"ct": "CT", "enhanced-ct": "CT", "mr": "MR", "sc": "OT"}[sop]
     if sop == "sc":
         ds.ConversionType = "WSD"
     ds.Manufacturer = "ichtriage-tests"
@@ -118,10 +121,55 @@ def _base_dataset(sop, rows, cols, bits, study_uid, series_uid, frame_uid, patie
     return ds
 
 
+def _enhanced_ct(base, frames, rows, cols, bits, rng):
+    """Turns base into a minimal Enhanced CT Image of frames axial frames:
+    shared and per-frame functional groups (pixel measures, orientation,
+    rescale; plane position and frame content per frame)."""
+    from pydicom.sequence import Sequence
+    ds = base
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    for k in ("ImageOrientationPatient", "PixelSpacing", "SliceThickness", "WindowCenter",
+              "WindowWidth", "RescaleIntercept", "RescaleSlope", "RescaleType"):
+        if k in ds:
+            delattr(ds, k)
+    ds.ContentDate = "20260101"
+    ds.ContentTime = "120000"
+    ds.AcquisitionDateTime = "20260101120000"
+    ds.NumberOfFrames = str(frames)
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    measures, orient, rescale, shared = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = ["0.488281", "0.488281"]
+    measures.SliceThickness = "5"
+    orient.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    rescale.RescaleIntercept = "-1024"
+    rescale.RescaleSlope = "1"
+    rescale.RescaleType = "HU"
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orient])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame, pixels = [], []
+    for i in range(frames):
+        pos, content, item = Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = ["-125", "-125", "%g" % (-100.0 + 5.0 * i)]
+        content.InStackPositionNumber = i + 1
+        content.StackID = "1"
+        item.PlanePositionSequence = Sequence([pos])
+        item.FrameContentSequence = Sequence([content])
+        per_frame.append(item)
+        pixels.append(_phantom(rows, cols, i, frames, bits, rng))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    return ds, np.stack(pixels)
+
+
 def generate(outdir, count=200, rows=512, cols=512, ts="explicit", sop="ct",
              study_uid=None, series_uid=None, patient_id=None, seed=None, bits=None):
     """Writes count instances of one new series into outdir (created if
-    needed) and returns their paths in slice order. Names are NNNNN.dcm."""
+    needed) and returns their paths in slice order. Names are NNNNN.dcm.
+    With sop="enhanced-ct" it writes one multi-frame instance of count
+    frames instead."""
     if ts not in TRANSFER_SYNTAXES:
         raise ValueError("unknown transfer syntax %r" % ts)
     if bits is None:
@@ -139,7 +187,7 @@ def generate(outdir, count=200, rows=512, cols=512, ts="explicit", sop="ct",
     workdir = outdir if converter is None else tempfile.mkdtemp(prefix="gen_ct.", dir=outdir)
     paths = []
     try:
-        for i in range(count):
+        for i in range(count if sop != "enhanced-ct" else 1):
             ds = base.copy()
             sop_uid = generate_uid()
             ds.SOPInstanceUID = sop_uid
@@ -147,7 +195,12 @@ def generate(outdir, count=200, rows=512, cols=512, ts="explicit", sop="ct",
             z = -100.0 + 5.0 * i
             ds.ImagePositionPatient = ["-125", "-125", "%g" % z]
             ds.SliceLocation = "%g" % z
-            pixels = _phantom(rows, cols, i, count, bits, rng)
+            if sop == "enhanced-ct":
+                for k in ("ImagePositionPatient", "SliceLocation"):
+                    delattr(ds, k)
+                ds, pixels = _enhanced_ct(ds, count, rows, cols, bits, rng)
+            else:
+                pixels = _phantom(rows, cols, i, count, bits, rng)
             ds.PixelData = pixels.tobytes()
             ds["PixelData"].VR = "OB" if bits == 8 else "OW"
             meta = FileMetaDataset()
