@@ -59,7 +59,57 @@ bool get_doubles(DcmItem *item, const DcmTagKey &tag, double *out, int count)
     return true;
 }
 
+// The first item of sequence seq inside group, or null.
+DcmItem *first_item(DcmItem *group, const DcmTagKey &seq)
+{
+    DcmItem *item = nullptr;
+    if (group && group->findAndGetSequenceItem(seq, item, 0).good()) return item;
+    return nullptr;
+}
+
 } // namespace
+
+extern "C" int scp_info_frames(const char *path, int max, double *positions, double orientation[6],
+                               bool *has_orientation, double spacing[2], bool *has_spacing,
+                               char *err, unsigned long errlen)
+{
+    *has_orientation = false;
+    *has_spacing = false;
+    try {
+        DcmFileFormat ff;
+        OFCondition c =
+            ff.loadFile(path, EXS_Unknown, EGL_noChange, kMaxReadLength, ERM_autoDetect);
+        if (c.bad()) {
+            snprintf(err, errlen, "cannot parse DICOM: %s", c.text());
+            return -1;
+        }
+        DcmDataset *ds = ff.getDataset();
+        DcmItem *shared = first_item(ds, DCM_SharedFunctionalGroupsSequence);
+        DcmSequenceOfItems *per = nullptr;
+        ds->findAndGetSequence(DCM_PerFrameFunctionalGroupsSequence, per);
+        DcmItem *first = per && per->card() > 0 ? per->getItem(0) : nullptr;
+        DcmItem *groups[2] = {shared, first};
+        for (DcmItem *g : groups) {
+            DcmItem *o = first_item(g, DCM_PlaneOrientationSequence);
+            if (!*has_orientation && o)
+                *has_orientation = get_doubles(o, DCM_ImageOrientationPatient, orientation, 6);
+            DcmItem *m = first_item(g, DCM_PixelMeasuresSequence);
+            if (!*has_spacing && m) *has_spacing = get_doubles(m, DCM_PixelSpacing, spacing, 2);
+        }
+        int n = 0;
+        for (unsigned long i = 0; per && i < per->card() && n < max; i++) {
+            DcmItem *pp = first_item(per->getItem(i), DCM_PlanePositionSequence);
+            if (!pp || !get_doubles(pp, DCM_ImagePositionPatient, positions + 3 * n, 3)) break;
+            n++;
+        }
+        return n;
+    } catch (const std::exception &e) {
+        snprintf(err, errlen, "cannot parse DICOM: %s", e.what());
+    } catch (...) {
+        snprintf(err, errlen, "cannot parse DICOM: unknown error");
+    }
+    return -1;
+}
 
 extern "C" bool scp_uid_valid(const char *uid)
 {

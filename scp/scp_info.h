@@ -58,6 +58,16 @@ struct scp_info {
  * caller's choice. Never throws. */
 int scp_info_read(const char *path, struct scp_info *out, char *err, unsigned long errlen);
 
+/* For multi-frame (enhanced) images: the position of each frame, from the
+ * per-frame functional groups (PlanePositionSequence), into positions
+ * [max * 3], and the orientation and pixel spacing from the shared (or first
+ * per-frame) functional groups, where has_* say whether they were found.
+ * Returns the number of frames whose position was read (at most max), or -1
+ * with a message when the file cannot be parsed. */
+int scp_info_frames(const char *path, int max, double *positions, double orientation[6],
+                    bool *has_orientation, double spacing[2], bool *has_spacing, char *err,
+                    unsigned long errlen);
+
 /* True when uid is a usable DICOM UID: 1..64 characters of digits and dots,
  * not starting or ending with a dot. Everything the node puts in a path
  * passes this check first. */

@@ -1,0 +1,50 @@
+/* A series as the model sees it: its image slices (frames of enhanced
+ * objects included) in order along the slice normal, localizers and
+ * off-plane images dropped, gaps and inconsistent geometry reported. Built
+ * from file headers (scp_info); shared by serving and training. */
+#ifndef TRIAGE_VOLUME_H
+#define TRIAGE_VOLUME_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "scp_info.h"
+
+#define TRIAGE_MAX_SLICES 1000
+
+struct triage_slice {
+    int file;  /* index into the paths given to triage_volume_build */
+    int frame; /* 0 for single-frame objects */
+    double pos[3];
+    double along; /* position projected on the normal (mm) */
+    char sop_uid[SCP_UID_MAX];
+    int instance_number;
+};
+
+struct triage_volume {
+    struct triage_slice *slices; /* owned; in order along the normal */
+    int n;
+    int rows, columns;
+    double normal[3];
+    double spacing; /* median distance between neighbours (mm); 0 for one slice */
+    char study_uid[SCP_UID_MAX], series_uid[SCP_UID_MAX];
+    int dropped_localizers;   /* localizers, scouts, images off the main plane */
+    int dropped_inconsistent; /* other size, or no position/orientation */
+    int missing_slices;       /* slices missing from gaps along the normal */
+    int duplicate_positions;  /* neighbours at (almost) the same position */
+    char note[512];           /* human-readable summary of the above, "" when clean */
+};
+
+/* Reads the headers of paths (npaths files of one series) and builds the
+ * volume. Files that are not images of the series are skipped and counted.
+ * Returns 0, or -1 with a message when nothing usable remains or a file
+ * cannot be read. The caller frees with triage_volume_free(). */
+int triage_volume_build(const char *const *paths, int npaths, struct triage_volume *out, char *err,
+                        size_t errlen);
+void triage_volume_free(struct triage_volume *v);
+
+/* True when orientation (6 direction cosines) is axial enough for the model:
+ * its normal within max_tilt_deg of the patient's head-foot axis. */
+bool triage_orientation_axial(const double orientation[6], double max_tilt_deg);
+
+#endif
