@@ -1,0 +1,233 @@
+/* triage/pipeline.c: model loading and one series through the model. */
+#include "pipeline.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "scp_pixels.h"
+
+const char *const triage_label_names[TRIAGE_LABELS] = {
+    "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
+
+#ifndef ICHTRIAGE_DATADIR
+#define ICHTRIAGE_DATADIR "/usr/share/ichtriage"
+#endif
+
+int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n)
+{
+    if (configured && configured[0]) {
+        snprintf(out, n, "%s", configured);
+        return access(out, R_OK) == 0 ? 0 : -1;
+    }
+    const char *candidates[3] = {NULL, ICHTRIAGE_SOURCE_ROOT "/models/default.safetensors",
+                                 ICHTRIAGE_DATADIR "/models/default.safetensors"};
+    char active[1100];
+    snprintf(active, sizeof active, "%s/models/active.safetensors", store_dir);
+    candidates[0] = active;
+    for (int i = 0; i < 3; i++) {
+        if (access(candidates[i], R_OK) == 0) {
+            snprintf(out, n, "%s", candidates[i]);
+            return 0;
+        }
+    }
+    snprintf(out, n, "none of %s, %s, %s", candidates[0], candidates[1], candidates[2]);
+    return -1;
+}
+
+/* Parses n comma-separated floats. */
+static int parse_floats(const char *s, float *out, int n)
+{
+    for (int i = 0; i < n; i++) {
+        char *end;
+        out[i] = strtof(s, &end);
+        if (end == s) return -1;
+        s = end;
+        if (i + 1 < n) {
+            if (*s != ',') return -1;
+            s++;
+        }
+    }
+    return *s ? -1 : 0;
+}
+
+int triage_model_load(struct triage_model *m, const char *path, char *err, size_t errlen)
+{
+    memset(m, 0, sizeof *m);
+    char e[512];
+    m->nn = nn_model_load(path, e, sizeof e);
+    if (!m->nn) {
+        snprintf(err, errlen, "model %s: %s", path, e);
+        return -1;
+    }
+    snprintf(m->path, sizeof m->path, "%s", path);
+    const nn_config *c = nn_model_config(m->nn);
+    m->in_c = c->in_c;
+    m->in_h = c->in_h;
+    m->in_w = c->in_w;
+    const char *v = nn_model_meta_get(m->nn, "version");
+    const char *base = strrchr(path, '/');
+    snprintf(m->version, sizeof m->version, "%s", v && v[0] ? v : base ? base + 1 : path);
+
+    const char *windows = nn_model_meta_get(m->nn, "windows");
+    if (windows) {
+        if (triage_windows_parse(windows, &m->windows, e, sizeof e) != 0) {
+            snprintf(err, errlen, "model %s: %s", path, e);
+            goto fail;
+        }
+    } else {
+        triage_windows_default(&m->windows);
+    }
+    if (m->windows.n != m->in_c) {
+        snprintf(err, errlen, "model %s: %d windows for %d input channels", path, m->windows.n,
+                 m->in_c);
+        goto fail;
+    }
+    /* Our labels by name in the model's output order. */
+    const char *labels = nn_model_meta_get(m->nn, "labels");
+    if (!labels) {
+        snprintf(err, errlen, "model %s: no 'labels' in its metadata", path);
+        goto fail;
+    }
+    char names[NN_MAX_LABELS][48];
+    int count = 0;
+    for (const char *p = labels; *p && count < NN_MAX_LABELS;) {
+        size_t len = strcspn(p, ",");
+        snprintf(names[count++], sizeof names[0], "%.*s", (int)len, p);
+        p += len;
+        if (*p == ',') p++;
+    }
+    if (count != c->labels) {
+        snprintf(err, errlen, "model %s: metadata names %d labels, the model has %d outputs", path,
+                 count, c->labels);
+        goto fail;
+    }
+    for (int l = 0; l < TRIAGE_LABELS; l++) {
+        m->label_index[l] = -1;
+        for (int k = 0; k < count; k++)
+            if (strcmp(names[k], triage_label_names[l]) == 0) m->label_index[l] = k;
+        if (m->label_index[l] < 0) {
+            snprintf(err, errlen, "model %s: label '%s' missing from its metadata", path,
+                     triage_label_names[l]);
+            goto fail;
+        }
+    }
+    float th[NN_MAX_LABELS];
+    const char *ths = nn_model_meta_get(m->nn, "thresholds");
+    if (!ths || parse_floats(ths, th, count) != 0) {
+        snprintf(err, errlen, "model %s: 'thresholds' missing or not %d numbers", path, count);
+        goto fail;
+    }
+    for (int l = 0; l < TRIAGE_LABELS; l++) {
+        m->thresholds[l] = th[m->label_index[l]];
+        if (!(m->thresholds[l] > 0 && m->thresholds[l] < 1)) {
+            snprintf(err, errlen, "model %s: threshold of '%s' is not in (0, 1)", path,
+                     triage_label_names[l]);
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    nn_model_free(m->nn);
+    memset(m, 0, sizeof *m);
+    return -1;
+}
+
+void triage_model_free(struct triage_model *m)
+{
+    if (!m) return;
+    nn_model_free(m->nn);
+    memset(m, 0, sizeof *m);
+}
+
+void triage_result_free(struct triage_result *r)
+{
+    if (!r) return;
+    free(r->probs);
+    memset(r, 0, sizeof *r);
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
+                          const char *const *paths, struct triage_result *r, char *err,
+                          size_t errlen)
+{
+    memset(r, 0, sizeof *r);
+    const nn_config *c = nn_model_config(m->nn);
+    size_t per = (size_t)m->in_c * m->in_h * m->in_w;
+    float *x = malloc(sizeof(float) * per * (size_t)v->n);
+    float *scratch = malloc(sizeof(float) * triage_preprocess_scratch(v->rows, m->in_w, m->in_c));
+    float *out = malloc(sizeof(float) * (size_t)v->n * (size_t)c->labels);
+    r->probs = malloc(sizeof(float) * (size_t)v->n * TRIAGE_LABELS);
+    struct scp_pixels px = {0};
+    int px_file = -1, rc = -1;
+    if (!x || !scratch || !out || !r->probs) {
+        snprintf(err, errlen, "out of memory for %d slices", v->n);
+        goto done;
+    }
+    double t0 = now_ms();
+    for (int i = 0; i < v->n; i++) {
+        const struct triage_slice *s = &v->slices[i];
+        if (s->file != px_file) {
+            /* Frames of one multi-frame file are decoded once. */
+            scp_pixels_free(&px);
+            px_file = -1;
+            char e[512];
+            if (scp_pixels_read(paths[s->file], &px, e, sizeof e) != 0) {
+                snprintf(err, errlen, "%s: %s", paths[s->file], e);
+                goto done;
+            }
+            px_file = s->file;
+        }
+        if (px.rows != v->rows || px.columns != v->columns || s->frame >= px.frames) {
+            snprintf(err, errlen, "%s: pixel data %dx%d (%d frames) does not match its header",
+                     paths[s->file], px.rows, px.columns, px.frames);
+            goto done;
+        }
+        const float *hu = px.hu + (size_t)s->frame * px.rows * px.columns;
+        if (triage_preprocess_slice(hu, px.rows, px.columns, &m->windows, m->in_h, m->in_w,
+                                    x + per * (size_t)i, scratch) != 0) {
+            snprintf(err, errlen, "%s: cannot preprocess a %dx%d image", paths[s->file], px.rows,
+                     px.columns);
+            goto done;
+        }
+    }
+    double t1 = now_ms();
+    int len = v->n;
+    if (nn_lrcn_predict(m->nn, x, &len, 1, out) != 0) {
+        snprintf(err, errlen, "model failed on a series of %d slices", v->n);
+        goto done;
+    }
+    double t2 = now_ms();
+    r->n = v->n;
+    for (int l = 0; l < TRIAGE_LABELS; l++)
+        r->study[l] = 0;
+    for (int i = 0; i < v->n; i++) {
+        for (int l = 0; l < TRIAGE_LABELS; l++) {
+            float p = out[(size_t)i * c->labels + m->label_index[l]];
+            r->probs[(size_t)i * TRIAGE_LABELS + l] = p;
+            if (p > r->study[l]) r->study[l] = p;
+        }
+        if (r->probs[(size_t)i * TRIAGE_LABELS] > r->probs[(size_t)r->key_slice * TRIAGE_LABELS])
+            r->key_slice = i;
+    }
+    r->flagged = r->study[0] >= m->thresholds[0];
+    r->ms_pixels = t1 - t0;
+    r->ms_model = t2 - t1;
+    rc = 0;
+done:
+    scp_pixels_free(&px);
+    free(x);
+    free(scratch);
+    free(out);
+    if (rc != 0) triage_result_free(r);
+    return rc;
+}

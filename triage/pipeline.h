@@ -1,0 +1,61 @@
+/* The model as the node runs it: loading a model file with what its
+ * metadata says (windows, input size, labels, thresholds), and running one
+ * series volume through preprocessing, the CNN per slice and the BiLSTM
+ * across slices. Used by `ichtriage serve` (inference thread) and
+ * `ichtriage predict`. Decision support, not a diagnosis. */
+#ifndef TRIAGE_PIPELINE_H
+#define TRIAGE_PIPELINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "nn.h"
+#include "preprocess.h"
+#include "volume.h"
+
+#define TRIAGE_LABELS 6
+
+/* The label order of every result. */
+extern const char *const triage_label_names[TRIAGE_LABELS];
+
+struct triage_model {
+    nn_model *nn;
+    char path[1024];
+    char version[160]; /* metadata "version", else the file name */
+    struct triage_windows windows;
+    int in_c, in_h, in_w;
+    int label_index[TRIAGE_LABELS]; /* model output index of each of our labels */
+    float thresholds[TRIAGE_LABELS];
+};
+
+/* Picks the model file: configured if non-empty, else
+ * <store_dir>/models/active.safetensors if it exists, else the shipped
+ * default (models/ in the source tree, or the installed data dir). Writes the
+ * path to out; returns 0, or -1 when none exists (out names what was tried). */
+int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n);
+
+/* Loads path. Refuses a file whose metadata lacks the six labels, has bad
+ * windows or thresholds, or whose input is not 3 channels. Returns 0, or -1
+ * with a message; m owns nothing then. */
+int triage_model_load(struct triage_model *m, const char *path, char *err, size_t errlen);
+void triage_model_free(struct triage_model *m);
+
+struct triage_result {
+    int n;                      /* slices, in the volume's order */
+    float *probs;               /* n * TRIAGE_LABELS, owned */
+    float study[TRIAGE_LABELS]; /* per label, the highest over the slices */
+    int key_slice;              /* where "any" peaks */
+    bool flagged;               /* study "any" at or above the model's threshold */
+    double ms_pixels, ms_model; /* time spent decoding + preprocessing, and in the model */
+};
+
+/* Decodes every slice of v (paths as given to triage_volume_build),
+ * preprocesses it and runs the model. Returns 0, or -1 with a message (an
+ * undecodable slice names its file). The caller frees r with
+ * triage_result_free(). */
+int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
+                          const char *const *paths, struct triage_result *r, char *err,
+                          size_t errlen);
+void triage_result_free(struct triage_result *r);
+
+#endif
