@@ -1,0 +1,177 @@
+#!/usr/bin/python3
+"""`ichtriage phantom` from the outside: option errors, then a small run
+checked with pydicom, dcmdump and dciodvfy, the label CSV against the files,
+the study summary against the labels, and the preview PNGs.
+
+usage: check_phantom.py ICHTRIAGE"""
+import csv
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+import pydicom
+
+LABELS = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+EXE = sys.argv[1]
+
+
+def phantom(*args):
+    return subprocess.run([EXE, "phantom", *args], capture_output=True, text=True, timeout=300)
+
+
+def fail(msg):
+    print("FAIL:", msg)
+    sys.exit(1)
+
+
+def check(cond, msg):
+    if not cond:
+        fail(msg)
+
+
+def bad_options(tmp):
+    cases = [
+        (["--count", "0", tmp], "--count"),
+        (["--count", "ten", tmp], "--count"),
+        (["--prevalence", "1.5", tmp], "--prevalence"),
+        (["--subtype", "stroke=0.5", tmp], "--subtype"),
+        (["--subtype", "subdural=x", tmp], "--subtype"),
+        (["--slices", "0", tmp], "--slices"),
+        (["--slices", "30-10", tmp], "--slices"),
+        (["--thickness", "20", tmp], "--thickness"),
+        (["--size", "16", tmp], "--size"),
+        (["--noise", "-2", tmp], "--noise"),
+        (["--seed", "-3", tmp], "--seed"),
+        (["--omit-blood", "any", tmp], "--omit-blood"),
+        (["--frobnicate", tmp], "unknown option"),
+        (["--seed"], "needs a value"),
+        ([], "OUTDIR is required"),
+        ([tmp, tmp + "2"], "exactly one OUTDIR"),
+    ]
+    for args, needle in cases:
+        r = phantom(*args)
+        check(r.returncode == 2, f"{args}: exit {r.returncode}, expected 2")
+        check(needle in r.stderr, f"{args}: stderr lacks {needle!r}: {r.stderr!r}")
+        check(not os.path.exists(os.path.join(tmp, "stage_2_train.csv")),
+              f"{args}: wrote output despite the error")
+    r = phantom("-n", "1", "/proc/no/such/dir")
+    check(r.returncode == 1 and "ichtriage phantom:" in r.stderr,
+          f"unwritable OUTDIR: exit {r.returncode}, {r.stderr!r}")
+    r = phantom("--help")
+    check(r.returncode == 0 and "--seed" in r.stdout and "--preview" in r.stdout, "--help")
+
+
+TYPE1 = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+         "FrameOfReferenceUID", "ImageType", "PixelSpacing", "ImageOrientationPatient",
+         "ImagePositionPatient", "SamplesPerPixel", "PhotometricInterpretation", "Rows",
+         "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+         "RescaleIntercept", "RescaleSlope", "PixelData", "SpecificCharacterSet"]
+TYPE2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber",
+         "PositionReferenceIndicator", "Manufacturer", "InstanceNumber", "SliceThickness",
+         "KVP", "AcquisitionNumber", "PatientPosition"]
+UID = re.compile(r"^2\.25\.[1-9][0-9]*$")
+
+
+def check_run(out, count):
+    files = sorted(os.listdir(os.path.join(out, "stage_2_train")))
+    check(len(files) >= count * 12, f"only {len(files)} files")
+    series = defaultdict(list)
+    study_of = {}
+    for name in files:
+        ds = pydicom.dcmread(os.path.join(out, "stage_2_train", name))
+        for kw in TYPE1:
+            check(kw in ds and ds.data_element(kw).value not in (None, ""), f"{name}: {kw}")
+        for kw in TYPE2:
+            check(kw in ds, f"{name}: Type 2 {kw} missing")
+        check(ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2", f"{name}: not CT Image Storage")
+        check(name == f"ID_{ds.SOPInstanceUID}.dcm", f"{name}: named after another SOP UID")
+        for uid in (ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                    ds.FrameOfReferenceUID):
+            check(len(uid) <= 64 and UID.match(uid), f"{name}: bad UID {uid}")
+        check(float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1,
+              f"{name}: rescale")
+        check(abs(float(ds.SliceLocation) - float(ds.ImagePositionPatient[2])) < 1e-3,
+              f"{name}: SliceLocation")
+        check(ds.pixel_array.shape == (ds.Rows, ds.Columns), f"{name}: pixel data shape")
+        series[ds.SeriesInstanceUID].append(ds)
+        study_of[ds.SOPInstanceUID] = ds.StudyInstanceUID
+    check(len(series) == count, f"{len(series)} series, {count} expected")
+    for uid, items in series.items():
+        items.sort(key=lambda d: int(d.InstanceNumber))
+        check([int(d.InstanceNumber) for d in items] == list(range(1, len(items) + 1)),
+              f"series {uid}: instance numbers")
+        t = float(items[0].SliceThickness)
+        z = [float(d.ImagePositionPatient[2]) for d in items]
+        for a, b in zip(z, z[1:]):
+            check(abs((b - a) - t) < 1e-3, f"series {uid}: spacing {b - a} != thickness {t}")
+        for kw in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate",
+                   "FrameOfReferenceUID", "AccessionNumber"):
+            check(len({str(d.data_element(kw).value) for d in items}) == 1,
+                  f"series {uid}: {kw} varies")
+        first = os.path.join(out, "stage_2_train", f"ID_{items[0].SOPInstanceUID}.dcm")
+        r = subprocess.run(["dciodvfy", first], capture_output=True, text=True)
+        errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("Error")]
+        check(not errors, f"dciodvfy: {errors[:5]}")
+        r = subprocess.run(["dcmdump", "-q", first], capture_output=True, text=True)
+        check(r.returncode == 0 and "ImagePositionPatient" in r.stdout, "dcmdump")
+
+    # labels: six rows per image, in the project's order, for exactly these files
+    with open(os.path.join(out, "stage_2_train.csv")) as f:
+        rows = list(csv.reader(f))
+    check(rows[0] == ["ID", "Label"], "label CSV header")
+    rows = rows[1:]
+    check(len(rows) == 6 * len(files), "six label rows per image")
+    per_study = defaultdict(lambda: [0] * 6)
+    images = set()
+    for i in range(0, len(rows), 6):
+        group = rows[i:i + 6]
+        image = group[0][0][: -len("_any")]
+        for k, (rid, value) in enumerate(group):
+            check(rid == f"{image}_{LABELS[k]}", f"row {rid}: expected {LABELS[k]}")
+            check(value in ("0", "1"), f"row {rid}: value {value}")
+        values = [int(v) for _, v in group]
+        check(values[0] == max(values[1:]), f"{image}: any is not the OR of the subtypes")
+        images.add(image + ".dcm")
+        study = study_of[image[len("ID_"):]]
+        for k in range(6):
+            per_study[study][k] += values[k]
+    check(images == set(files), "label rows and files do not match")
+
+    with open(os.path.join(out, "studies.csv")) as f:
+        studies = list(csv.DictReader(f))
+    check(len(studies) == count, "one summary row per study")
+    for s in studies:
+        counted = [int(s[name]) for name in LABELS]
+        check(counted == per_study[s["study_uid"]],
+              f"study {s['study_uid']}: summary {counted} != labels {per_study[s['study_uid']]}")
+        check(int(s["slices"]) == len(series[s["series_uid"]]), "summary slice count")
+    check(any(v[0] > 0 for v in per_study.values()), "no positive slice at all")
+
+    pngs = sorted(os.listdir(os.path.join(out, "preview")))
+    check(len(pngs) == count, f"{len(pngs)} previews")
+    for p in pngs:
+        with open(os.path.join(out, "preview", p), "rb") as f:
+            head = f.read(24)
+        check(head[:8] == b"\x89PNG\r\n\x1a\n", f"{p}: not a PNG")
+        w, h = struct.unpack(">II", head[16:24])
+        check(w >= 64 and h >= 64, f"{p}: {w}x{h}")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        bad_options(os.path.join(tmp, "bad"))
+        out = os.path.join(tmp, "run")
+        r = phantom("--seed", "9", "-n", "3", "--size", "192", "--slices", "12-16",
+                    "--prevalence", "0.8", "--preview", out)
+        check(r.returncode == 0, f"run failed: {r.stderr}")
+        check_run(out, 3)
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

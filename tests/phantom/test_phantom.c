@@ -1,0 +1,429 @@
+/* Tests of the phantom generator and of the DICOM layer under it:
+ * reproducibility for a seed, labels that follow the visibility rule
+ * (measured on the files through the node's own pixel reader), the CT
+ * writer's round trip through scp_info and scp_pixels, and the pixel reader
+ * on compressed transfer syntaxes. */
+#include <criterion/criterion.h>
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "phantom.h"
+#include "scp_info.h"
+#include "scp_pixels.h"
+#include "scp_write.h"
+
+static void make_tmpdir(char *out, size_t n)
+{
+    const char *base = getenv("TMPDIR");
+    snprintf(out, n, "%s/ichtriage-phantom-XXXXXX", base && *base ? base : "/tmp");
+    cr_assert_not_null(mkdtemp(out));
+}
+
+static void remove_tree(const char *dir)
+{
+    char cmd[4200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+static unsigned char *read_all(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "%s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc((size_t)n + 1);
+    cr_assert_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    buf[n] = 0;
+    *len = (size_t)n;
+    return buf;
+}
+
+/* Small, fast studies: 128-256 pixels, about 16 slices. */
+static void small_opts(struct train_phantom_opts *o, const char *dir, uint64_t seed)
+{
+    train_phantom_opts_default(o);
+    o->outdir = dir;
+    o->seed = seed;
+    o->count = 2;
+    o->size = 160;
+    o->slices_min = 14;
+    o->slices_max = 18;
+    o->thickness_min = 5;
+    o->thickness_max = 5;
+}
+
+static void run_ok(const struct train_phantom_opts *o)
+{
+    char err[512] = "";
+    cr_assert_eq(train_phantom_run(o, err, sizeof err), 0, "%s", err);
+}
+
+/* Compares every file of subdirectory sub of a and b byte by byte;
+ * returns how many files there were. */
+static int compare_dirs(const char *a, const char *b, const char *sub)
+{
+    char da[4200], db[4200];
+    snprintf(da, sizeof da, "%s/%s", a, sub);
+    snprintf(db, sizeof db, "%s/%s", b, sub);
+    DIR *d = opendir(da);
+    cr_assert_not_null(d, "%s", da);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char pa[8400], pb[8400];
+        snprintf(pa, sizeof pa, "%s/%s", da, e->d_name);
+        snprintf(pb, sizeof pb, "%s/%s", db, e->d_name);
+        struct stat st;
+        cr_assert_eq(stat(pa, &st), 0);
+        if (!S_ISREG(st.st_mode)) continue;
+        size_t la, lb;
+        unsigned char *ba = read_all(pa, &la);
+        cr_assert_eq(stat(pb, &st), 0, "%s missing in the second run", e->d_name);
+        unsigned char *bb = read_all(pb, &lb);
+        cr_assert(la == lb && memcmp(ba, bb, la) == 0, "%s differs between runs", e->d_name);
+        free(ba);
+        free(bb);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+Test(phantom, same_seed_same_bytes_other_seed_other_files, .timeout = 120)
+{
+    char a[256], b[256], c[256];
+    make_tmpdir(a, sizeof a);
+    make_tmpdir(b, sizeof b);
+    make_tmpdir(c, sizeof c);
+    struct train_phantom_opts o;
+    small_opts(&o, a, 42);
+    o.preview = true;
+    run_ok(&o);
+    small_opts(&o, b, 42);
+    o.preview = true;
+    run_ok(&o);
+    cr_assert_geq(compare_dirs(a, b, "stage_2_train"), 28);
+    cr_assert_eq(compare_dirs(a, b, "preview"), 2);
+    cr_assert_eq(compare_dirs(a, b, "."), 3); /* the three CSV files */
+
+    /* another seed: other UIDs, so no file name in common */
+    small_opts(&o, c, 43);
+    run_ok(&o);
+    size_t la, lc;
+    char pa[300], pc[300];
+    snprintf(pa, sizeof pa, "%s/stage_2_train.csv", a);
+    snprintf(pc, sizeof pc, "%s/stage_2_train.csv", c);
+    unsigned char *ca = read_all(pa, &la), *cc = read_all(pc, &lc);
+    const char *first_a = strchr((char *)ca, '\n') + 1, *first_c = strchr((char *)cc, '\n') + 1;
+    cr_assert_neq(strncmp(first_a, first_c, 40), 0);
+    free(ca);
+    free(cc);
+    remove_tree(a);
+    remove_tree(b);
+    remove_tree(c);
+}
+
+Test(phantom, a_study_does_not_depend_on_the_ones_before_it, .timeout = 120)
+{
+    char a[256], b[256];
+    make_tmpdir(a, sizeof a);
+    make_tmpdir(b, sizeof b);
+    struct train_phantom_opts o;
+    small_opts(&o, a, 7);
+    o.count = 2;
+    run_ok(&o);
+    small_opts(&o, b, 7);
+    o.count = 1;
+    o.first_study = 1;
+    run_ok(&o);
+    /* every file of the second run is the same file in the first */
+    cr_assert_geq(compare_dirs(b, a, "stage_2_train"), 14);
+    remove_tree(a);
+    remove_tree(b);
+}
+
+/* ---- labels against the visibility rule ---- */
+
+struct label_row {
+    char image[80];
+    int value[TRAIN_PHANTOM_NSUBTYPES + 1];
+};
+
+/* Reads stage_2_train.csv, checking its layout: the header, then six rows
+ * per image in the project's label order. */
+static struct label_row *read_labels(const char *dir, int *n)
+{
+    char path[300];
+    snprintf(path, sizeof path, "%s/stage_2_train.csv", dir);
+    FILE *f = fopen(path, "r");
+    cr_assert_not_null(f);
+    char line[256];
+    cr_assert_not_null(fgets(line, sizeof line, f));
+    cr_assert_str_eq(line, "ID,Label\n");
+    int cap = 64, count = 0, k = 0;
+    struct label_row *rows = calloc((size_t)cap, sizeof *rows);
+    while (fgets(line, sizeof line, f)) {
+        char *comma = strrchr(line, ',');
+        cr_assert_not_null(comma, "%s", line);
+        *comma = 0;
+        const char *name = train_phantom_label_names[k];
+        size_t ln = strlen(line), lname = strlen(name);
+        cr_assert(ln > lname + 1 && line[ln - lname - 1] == '_' &&
+                      strcmp(line + ln - lname, name) == 0,
+                  "row %s: expected label %s", line, name);
+        line[ln - lname - 1] = 0;
+        if (k == 0) {
+            if (count == cap) rows = realloc(rows, sizeof *rows * (size_t)(cap *= 2));
+            memset(&rows[count], 0, sizeof rows[count]);
+            snprintf(rows[count].image, sizeof rows[count].image, "%s", line);
+            count++;
+        } else {
+            cr_assert_str_eq(line, rows[count - 1].image);
+        }
+        cr_assert(comma[1] == '0' || comma[1] == '1');
+        rows[count - 1].value[k] = comma[1] - '0';
+        k = (k + 1) % (TRAIN_PHANTOM_NSUBTYPES + 1);
+    }
+    cr_assert_eq(k, 0, "incomplete group of six rows");
+    fclose(f);
+    *n = count;
+    return rows;
+}
+
+static void read_hu(const char *dir, const char *image, struct scp_pixels *px,
+                    struct scp_info *info)
+{
+    char path[400], err[512] = "";
+    snprintf(path, sizeof path, "%s/stage_2_train/%s.dcm", dir, image);
+    cr_assert_eq(scp_pixels_read(path, px, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(scp_info_read(path, info, err, sizeof err), 0, "%s", err);
+}
+
+Test(phantom, labels_follow_the_visibility_rule, .timeout = 180)
+{
+    char full[256], omit[TRAIN_PHANTOM_NSUBTYPES][256];
+    make_tmpdir(full, sizeof full);
+    struct train_phantom_opts o;
+    small_opts(&o, full, 2024);
+    o.size = 256;
+    o.count = 3;
+    o.noise_min = o.noise_max = 0;
+    o.prevalence = 1;
+    for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
+        o.subtype_prevalence[k] = 1;
+    run_ok(&o);
+    for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++) {
+        make_tmpdir(omit[k], sizeof omit[k]);
+        struct train_phantom_opts ok = o;
+        ok.outdir = omit[k];
+        ok.omit_blood_mask = 1u << k;
+        run_ok(&ok);
+    }
+    int n;
+    struct label_row *rows = read_labels(full, &n);
+    cr_assert_geq(n, 3 * 14);
+    int positives[TRAIN_PHANTOM_NSUBTYPES + 1] = {0}, negatives = 0;
+    for (int i = 0; i < n; i++) {
+        struct scp_pixels a, b;
+        struct scp_info ia, ib;
+        read_hu(full, rows[i].image, &a, &ia);
+        cr_assert_eq(a.frames, 1);
+        double px_area = ia.pixel_spacing[0] * ia.pixel_spacing[1];
+        int any = 0;
+        for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++) {
+            read_hu(omit[k], rows[i].image, &b, &ib);
+            cr_assert_str_eq(ia.sop_uid, ib.sop_uid);
+            cr_assert_eq(a.rows * a.columns, b.rows * b.columns);
+            /* stored values are rounded, so a true excess of 10 HU reads
+             * as at least 9, and a read excess of 11 is at least 10 */
+            size_t lenient = 0, strict = 0;
+            for (size_t p = 0; p < (size_t)a.rows * a.columns; p++) {
+                float d = a.hu[p] - b.hu[p];
+                lenient += d >= TRAIN_PHANTOM_MIN_EXCESS_HU - 1;
+                strict += d >= TRAIN_PHANTOM_MIN_EXCESS_HU + 1;
+            }
+            int label = rows[i].value[k + 1];
+            if (label)
+                cr_assert_geq(lenient * px_area, TRAIN_PHANTOM_MIN_AREA_MM2,
+                              "%s labelled %s but only %.1f mm^2 show the blood", rows[i].image,
+                              train_phantom_label_names[k + 1], lenient * px_area);
+            else
+                cr_assert_lt(strict * px_area, TRAIN_PHANTOM_MIN_AREA_MM2,
+                             "%s not labelled %s but %.1f mm^2 show the blood", rows[i].image,
+                             train_phantom_label_names[k + 1], strict * px_area);
+            positives[k + 1] += label;
+            any |= label;
+            scp_pixels_free(&b);
+        }
+        cr_assert_eq(rows[i].value[0], any, "%s: any must be the OR of the subtypes",
+                     rows[i].image);
+        positives[0] += any;
+        negatives += !any;
+        scp_pixels_free(&a);
+    }
+    /* the check above must have had both kinds of slices to look at */
+    cr_assert_gt(positives[0], 0);
+    cr_assert_gt(negatives, 0);
+    int subtypes_seen = 0;
+    for (int k = 1; k <= TRAIN_PHANTOM_NSUBTYPES; k++)
+        subtypes_seen += positives[k] > 0;
+    cr_assert_geq(subtypes_seen, 4, "only %d subtypes visible in three studies", subtypes_seen);
+    free(rows);
+    remove_tree(full);
+    for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
+        remove_tree(omit[k]);
+}
+
+Test(phantom, options_are_checked)
+{
+    struct train_phantom_opts o;
+    char err[256];
+    small_opts(&o, "/tmp/unused", 1);
+    cr_assert_eq(train_phantom_opts_check(&o, err, sizeof err), 0, "%s", err);
+    o.prevalence = 1.5;
+    cr_assert_eq(train_phantom_opts_check(&o, err, sizeof err), -1);
+    cr_assert(strstr(err, "prevalence") != NULL, "%s", err);
+    small_opts(&o, "/tmp/unused", 1);
+    o.size = 8;
+    cr_assert_eq(train_phantom_opts_check(&o, err, sizeof err), -1);
+    cr_assert(strstr(err, "size") != NULL, "%s", err);
+    small_opts(&o, NULL, 1);
+    cr_assert_eq(train_phantom_opts_check(&o, err, sizeof err), -1);
+    cr_assert(strstr(err, "output directory") != NULL, "%s", err);
+}
+
+/* ---- the DICOM layer ---- */
+
+static void write_test_image(const char *path, int rows, int cols, uint16_t *pix)
+{
+    struct scp_ct_study st = {.patient_name = "TEST^ROUND^TRIP",
+                              .patient_id = "RT1",
+                              .patient_birth_date = "19700101",
+                              .patient_sex = "O",
+                              .study_uid = "2.25.1001",
+                              .study_date = "20240102",
+                              .study_time = "030405",
+                              .study_id = "7",
+                              .accession = "ACC9",
+                              .study_desc = "round trip",
+                              .referring_physician = ""};
+    struct scp_ct_series se = {.series_uid = "2.25.1002",
+                               .frame_of_ref_uid = "2.25.1003",
+                               .series_desc = "rt",
+                               .manufacturer = "m",
+                               .model_name = "x",
+                               .convolution_kernel = "K",
+                               .body_part = "HEAD",
+                               .series_number = 3,
+                               .kvp = 120,
+                               .slice_thickness = 2.5,
+                               .pixel_spacing = {0.5, 0.75},
+                               .orientation = {1, 0, 0, 0, 1, 0},
+                               .window_center = 40,
+                               .window_width = 80};
+    for (int i = 0; i < rows * cols; i++)
+        pix[i] = (uint16_t)((i * 37) % 4096);
+    struct scp_ct_image im = {.sop_uid = "2.25.1004",
+                              .instance_number = 12,
+                              .position = {-100.5, -90.25, 33.75},
+                              .slice_location = 33.75,
+                              .rescale_slope = 1,
+                              .rescale_intercept = -1024,
+                              .rows = rows,
+                              .columns = cols,
+                              .pixels = pix};
+    char err[512] = "";
+    cr_assert_eq(scp_write_ct(path, &st, &se, &im, err, sizeof err), 0, "%s", err);
+}
+
+Test(scp_write, ct_round_trip_through_the_readers)
+{
+    char dir[256], path[300], err[512] = "";
+    make_tmpdir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/rt.dcm", dir);
+    int rows = 40, cols = 56;
+    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
+    write_test_image(path, rows, cols, pix);
+
+    struct scp_info info;
+    cr_assert_eq(scp_info_read(path, &info, err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(info.sop_class, "1.2.840.10008.5.1.4.1.1.2");
+    cr_assert_str_eq(info.sop_uid, "2.25.1004");
+    cr_assert_str_eq(info.study_uid, "2.25.1001");
+    cr_assert_str_eq(info.series_uid, "2.25.1002");
+    cr_assert_str_eq(info.frame_of_ref_uid, "2.25.1003");
+    cr_assert_str_eq(info.patient_id, "RT1");
+    cr_assert_str_eq(info.accession, "ACC9");
+    cr_assert_str_eq(info.modality, "CT");
+    cr_assert_eq(info.instance_number, 12);
+    cr_assert_eq(info.series_number, 3);
+    cr_assert_eq(info.rows, rows);
+    cr_assert_eq(info.columns, cols);
+    cr_assert_float_eq(info.pixel_spacing[1], 0.75, 1e-9);
+    cr_assert_float_eq(info.position[2], 33.75, 1e-9);
+    cr_assert_float_eq(info.slice_thickness, 2.5, 1e-9);
+    cr_assert_float_eq(info.rescale_intercept, -1024, 1e-9);
+
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(px.rows, rows);
+    cr_assert_eq(px.columns, cols);
+    cr_assert_eq(px.frames, 1);
+    for (int i = 0; i < rows * cols; i++)
+        cr_assert_float_eq(px.hu[i], (float)pix[i] - 1024.0f, 1e-3, "pixel %d", i);
+    scp_pixels_free(&px);
+    scp_pixels_free(&px); /* freeing twice is harmless */
+    scp_pixels_free(NULL);
+    free(pix);
+    remove_tree(dir);
+}
+
+/* The reader decodes lossless JPEG, JPEG-LS and RLE to the same HU. */
+Test(scp_pixels, compressed_syntaxes_decode_to_the_same_values)
+{
+    char dir[256], path[300], err[512] = "";
+    make_tmpdir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/plain.dcm", dir);
+    int rows = 64, cols = 64;
+    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
+    write_test_image(path, rows, cols, pix);
+    struct scp_pixels plain;
+    cr_assert_eq(scp_pixels_read(path, &plain, err, sizeof err), 0, "%s", err);
+    const char *tools[] = {"dcmcjpeg --encode-lossless", "dcmcjpls --encode-lossless", "dcmcrle"};
+    for (int t = 0; t < 3; t++) {
+        char out[300], cmd[1000];
+        snprintf(out, sizeof out, "%s/c%d.dcm", dir, t);
+        snprintf(cmd, sizeof cmd, "%s '%s' '%s'", tools[t], path, out);
+        cr_assert_eq(system(cmd), 0, "%s failed", cmd);
+        struct scp_info info;
+        cr_assert_eq(scp_info_read(out, &info, err, sizeof err), 0, "%s", err);
+        cr_assert_str_neq(info.transfer_syntax, "1.2.840.10008.1.2.1", "%s did not compress",
+                          tools[t]);
+        struct scp_pixels px;
+        cr_assert_eq(scp_pixels_read(out, &px, err, sizeof err), 0, "%s: %s", tools[t], err);
+        cr_assert_eq(px.rows * px.columns, rows * cols);
+        cr_assert_eq(memcmp(px.hu, plain.hu, sizeof(float) * rows * cols), 0,
+                     "%s: decoded values differ", tools[t]);
+        scp_pixels_free(&px);
+    }
+    scp_pixels_free(&plain);
+    free(pix);
+    remove_tree(dir);
+}
+
+Test(scp_pixels, refuses_what_it_cannot_read)
+{
+    struct scp_pixels px;
+    char err[512] = "";
+    cr_assert_eq(scp_pixels_read("/nonexistent/x.dcm", &px, err, sizeof err), -1);
+    cr_assert(strlen(err) > 0);
+    cr_assert_null(px.hu);
+}
