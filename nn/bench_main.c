@@ -29,7 +29,8 @@ static float *random_buf(size_t n, uint64_t seed)
         fprintf(stderr, "out of memory\n");
         exit(1);
     }
-    for (size_t i = 0; i < n; i++) p[i] = nn_rng_uniform(&seed);
+    for (size_t i = 0; i < n; i++)
+        p[i] = nn_rng_uniform(&seed);
     return p;
 }
 
@@ -85,22 +86,26 @@ static int bench_train(const char *arch, int slices, int steps)
     if (!m) return 1;
     float *x = random_buf((size_t)slices * 3 * 128 * 128, 5), *y = calloc(slices * 6, 4);
     float *logits = malloc(sizeof(float) * slices * 6), *dl = malloc(sizeof(float) * slices * 6);
-    for (int i = 0; i < slices; i += 7) y[i * 6] = 1.0f;
+    for (int i = 0; i < slices; i += 7)
+        y[i * 6] = 1.0f;
     nn_adam a;
     nn_adam_default(&a);
     nn_model_set_training(m, 1);
-    double best = 1e30, loss = 0.0;
+    double best = 1e30, loss = 0.0, fwd = 0.0, bwd = 0.0;
     for (int s = 0; s <= steps; s++) { /* step 0 is the warm-up */
         double t0 = now();
         nn_model_zero_grad(m);
         nn_lrcn_forward(m, x, &slices, 1, logits);
+        double t1 = now();
         loss = nn_bce_logits(dl, logits, y, NULL, NULL, slices, 6);
         nn_lrcn_backward(m, dl);
+        double t2 = now();
         nn_model_adam_step(m, &a);
         double t = now() - t0;
-        if (s > 0 && t < best) best = t;
+        if (s > 0 && t < best) best = t, fwd = t1 - t0, bwd = t2 - t1;
     }
-    printf("train arch=%s slices=%d s_per_step=%.3f loss=%.4f\n", arch, slices, best, loss);
+    printf("train arch=%s slices=%d s_per_step=%.3f loss=%.4f fwd_s=%.3f bwd_s=%.3f\n", arch,
+           slices, best, loss, fwd, bwd);
     free(x), free(y), free(logits), free(dl);
     nn_model_free(m);
     return 0;

@@ -104,6 +104,15 @@ static void col2im(float *din, const float *col, size_t ld, const nn_conv_shape 
                     if (iy < 0 || iy >= s->h) continue;
                     const float *src = row + (size_t)oy * s->ow;
                     float *dst = plane + (size_t)iy * s->w;
+                    if (s->stride == 1) {
+                        int lo = s->pad - kj, hi = s->w + s->pad - kj;
+                        if (lo < 0) lo = 0;
+                        if (hi > s->ow) hi = s->ow;
+                        float *d = dst - s->pad + kj;
+                        for (int ox = lo; ox < hi; ox++)
+                            d[ox] += src[ox];
+                        continue;
+                    }
                     for (int ox = 0; ox < s->ow; ox++) {
                         int ix = ox * s->stride - s->pad + kj;
                         if (ix >= 0 && ix < s->w) dst[ix] += src[ox];
@@ -170,33 +179,50 @@ void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const floa
     int ohw = s->oh * s->ow;
     int ckk = s->c * s->kh * s->kw;
     size_t in_sz = (size_t)s->c * s->h * s->w, out_sz = (size_t)s->oc * ohw;
-    for (int bi = 0; bi < B; bi++) {
-        const float *g = dout + bi * out_sz;
-        if (db)
+    int g = group_size(s, B);
+    if (db)
+        for (int bi = 0; bi < B; bi++)
             for (int o = 0; o < s->oc; o++) {
+                const float *p = dout + bi * out_sz + (size_t)o * ohw;
                 float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
                 for (int i = 0; i < ohw; i++)
-                    acc += g[(size_t)o * ohw + i];
+                    acc += p[i];
                 db[o] += acc;
             }
+    for (int b0 = 0; b0 < B; b0 += g) {
+        int n = B - b0 < g ? B - b0 : g;
+        size_t ld = (size_t)ohw * n;
+        const float *gr = dout + b0 * out_sz; /* [oc, ld] */
+        if (n > 1) {
+            float *stage = col + (size_t)ckk * ld;
+            for (int i = 0; i < n; i++)
+                for (int o = 0; o < s->oc; o++)
+                    memcpy(stage + o * ld + (size_t)i * ohw,
+                           dout + (b0 + i) * out_sz + (size_t)o * ohw, sizeof(float) * ohw);
+            gr = stage;
+        }
+        int direct = n == 1 && is_pointwise(s);
         if (dw) {
-            const float *src = in + bi * in_sz;
-            if (!is_pointwise(s)) {
-                im2col(col, ohw, src, s);
+            const float *src = in + b0 * in_sz;
+            if (!direct) {
+                for (int i = 0; i < n; i++)
+                    im2col(col + (size_t)i * ohw, ld, src + i * in_sz, s);
                 src = col;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s->oc, ckk, ohw, 1.0f, g, ohw, src,
-                        ohw, 1.0f, dw, ckk);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s->oc, ckk, (int)ld, 1.0f, gr,
+                        (int)ld, src, (int)ld, 1.0f, dw, ckk);
         }
         if (din) {
-            if (is_pointwise(s)) {
+            if (direct) {
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk,
-                            g, ohw, 1.0f, din + bi * in_sz, ohw);
-            } else {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk,
-                            g, ohw, 0.0f, col, ohw);
-                col2im(din + bi * in_sz, col, ohw, s);
+                            gr, ohw, 1.0f, din + b0 * in_sz, ohw);
+                continue;
             }
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, (int)ld, s->oc, 1.0f, w, ckk,
+                        gr, (int)ld, 0.0f, col, (int)ld);
+            for (int i = 0; i < n; i++)
+                col2im(din + (b0 + i) * in_sz, col + (size_t)i * ohw, ld, s);
         }
     }
 }
