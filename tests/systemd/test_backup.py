@@ -1,0 +1,255 @@
+#!/usr/bin/python3
+"""Issue 9: `ichtriage status`, and `ichtriage backup DIR` + `restore DIR`
+round trips with a node that received instances.
+
+    test_backup.py /path/to/ichtriage"""
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+
+
+def ichtriage(*args, user=None):
+    """Runs a subcommand; returns (rc, stdout, stderr)."""
+    argv = [itest.EXE] + list(args)
+    if user is not None:
+        argv = ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid,
+                "--clear-groups", "--"] + argv
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+def store_args(store_dir, port=None, extra=()):
+    a = ["-c", "/dev/null", "--set", "store.dir=%s" % store_dir, "--set", "store.min_free_mb=0"]
+    if port:
+        a += ["--set", "dicom.port=%d" % port]
+    for kv in extra:
+        a += ["--set", kv]
+    return a
+
+
+def read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
+def tree(root):
+    """relative path -> bytes, of every file below root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+class Backup(itest.NodeTest):
+    def received(self, series=2, count=4):
+        """A running node that received `series` series of `count` CT slices."""
+        node = self.start_node()
+        files = []
+        for i in range(series):
+            files += self.gen("s%d" % i, count=count, rows=64, cols=64)
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+        return node, files
+
+    def status(self, store_dir, port, *extra):
+        rc, out, err = ichtriage("status", "--json", *store_args(store_dir, port, extra))
+        self.assertIn(rc, (0, 1), err)
+        doc = json.loads(out)
+        self.assertEqual(doc["healthy"], rc == 0, out)
+        return rc, doc
+
+    # --- status -----------------------------------------------------------
+    def test_status(self):
+        node, files = self.received(series=2, count=3)
+        rc, doc = self.status(node.store_dir, node.port)
+        self.assertEqual(rc, 0, doc)
+        self.assertEqual(doc["problems"], [])
+        self.assertIs(doc["dicom"]["listening"], True)
+        db = doc["database"]
+        self.assertEqual(db["quick_check"], "ok")
+        self.assertEqual((db["studies"], db["series"], db["instances"]), (2, 2, 6))
+        self.assertEqual(db["spool_bytes"], sum(os.path.getsize(os.path.join(node.store_dir, p))
+                                                for p in node.spool_files()))
+        self.assertRegex(db["last_received_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(sum(db["series_by_state"].values()), 2)
+        self.assertTrue(doc["disk"]["ok"])
+        # The text form says the same, without patient names.
+        rc, out, _ = ichtriage("status", *store_args(node.store_dir, node.port))
+        self.assertEqual(rc, 0, out)
+        self.assertIn("6 instances", out)
+        self.assertIn("health        ok", out)
+        names = {r[0] for r in node.query("SELECT patient_name FROM patients") if r[0]}
+        for n in names:
+            self.assertNotIn(n, out)
+        # Problems: the disk below the low-water mark, the node gone.
+        rc, doc = self.status(node.store_dir, node.port, "store.min_free_mb=1073741824")
+        self.assertEqual(rc, 1)
+        self.assertFalse(doc["disk"]["ok"])
+        self.assertEqual(node.stop(), 0)
+        rc, doc = self.status(node.store_dir, node.port)
+        self.assertEqual(rc, 1)
+        self.assertIs(doc["dicom"]["listening"], False)
+        self.assertEqual(doc["database"]["instances"], 6, "status must read a stopped node's store")
+
+    def test_status_without_a_store(self):
+        missing = os.path.join(self.work, "nothing")
+        rc, doc = self.status(missing, dt.free_port())
+        self.assertEqual(rc, 1)
+        self.assertFalse(doc["database"]["readable"])
+        self.assertFalse(os.path.exists(missing), "status created the store")
+
+    def test_status_sees_a_damaged_database(self):
+        node, _ = self.received(series=1, count=3)
+        self.assertEqual(node.stop(), 0)
+        size = os.path.getsize(node.db_path)
+        with open(node.db_path, "r+b") as f:  # scribble over everything after page 1
+            page = 4096
+            f.seek(page)
+            f.write(b"\x5a" * (size - page))
+        rc, doc = self.status(node.store_dir, node.port)
+        self.assertEqual(rc, 1)
+        self.assertTrue(doc["problems"], doc)
+
+    # --- backup and restore -------------------------------------------------
+    def test_round_trip(self):
+        node, files = self.received(series=2, count=4)
+        bdir = os.path.join(self.work, "backup")
+        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("8 instances", out)
+        # Sent after the backup: not in it.
+        late = self.gen("late", count=2, rows=64, cols=64)
+        r = dt.storescu(node.port, late, workdir=self.work)
+        self.assert_all_success(r, late)
+        original = {p: c for p, c in tree(node.store_dir).items() if p.startswith("spool/")}
+        self.assertEqual(node.stop(), 0)
+
+        # The backup: owner-only, MANIFEST, the snapshot's files only.
+        self.assertEqual(stat.S_IMODE(os.stat(bdir).st_mode), 0o700)
+        for d, dirs, fs in os.walk(bdir):
+            for x in dirs + fs:
+                self.assertTrue(itest.owner_only(os.path.join(d, x)), os.path.join(d, x))
+        with open(os.path.join(bdir, "MANIFEST")) as f:
+            manifest = f.read()
+        self.assertIn("format = ichtriage-backup 1\n", manifest)
+        self.assertIn("instances = 8\n", manifest)
+        backed = tree(os.path.join(bdir, "spool"))
+        self.assertEqual(len(backed), 8)
+
+        # Restore into a new store; a node on it has exactly the first 8.
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        self.assertEqual(node2.events("recovered")[-1].count("unindexed_files_removed=0"), 1,
+                         "restore left files the index does not know")
+        sent = {dt.sop_uids(f)[1] for f in files}
+        self.assertEqual(set(node2.instances()), sent)
+        self.assert_stored_exactly(node2, files)
+        self.assert_consistent(node2)
+        restored = tree(store2)
+        for p, content in restored.items():
+            if p.startswith("spool/"):
+                self.assertEqual(content, original[p], p)
+        self.assertEqual(len([p for p in restored if p.startswith("spool/")]), 8)
+        rc, doc = self.status(store2, node2.port)
+        self.assertEqual(rc, 0, doc)
+        self.assertEqual(doc["database"]["instances"], 8)
+        # And it keeps working: the late series can be sent again.
+        r = dt.storescu(node2.port, late, workdir=self.work)
+        self.assert_all_success(r, late)
+        self.assert_consistent(node2)
+
+    def test_restore_refuses(self):
+        node, _ = self.received(series=1, count=2)
+        bdir = os.path.join(self.work, "backup")
+        self.assertEqual(ichtriage("backup", *store_args(node.store_dir), bdir)[0], 0)
+        # Backing up into a folder that holds something.
+        rc, _, err = ichtriage("backup", *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 1, err)
+        self.assertEqual(node.stop(), 0)
+        # A store that holds data.
+        before = tree(node.store_dir)
+        rc, _, err = ichtriage("restore", *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 1)
+        self.assertIn("not empty", err)
+        self.assertEqual(tree(node.store_dir), before)
+        # A backup without its MANIFEST (interrupted).
+        partial = os.path.join(self.work, "partial")
+        shutil.copytree(bdir, partial)
+        os.unlink(os.path.join(partial, "MANIFEST"))
+        target = os.path.join(self.work, "t1")
+        rc, _, err = ichtriage("restore", *store_args(target), partial)
+        self.assertEqual(rc, 1)
+        self.assertIn("MANIFEST", err)
+        self.assertFalse(os.path.exists(target))
+        # A backup whose spool file was truncated: found before anything is written.
+        broken = os.path.join(self.work, "broken")
+        shutil.copytree(bdir, broken)
+        victim = sorted(tree(os.path.join(broken, "spool")))[0]
+        with open(os.path.join(broken, "spool", victim), "r+b") as f:
+            f.truncate(100)
+        target = os.path.join(self.work, "t2")
+        os.mkdir(target, 0o700)
+        rc, _, err = ichtriage("restore", *store_args(target), broken)
+        self.assertEqual(rc, 1)
+        self.assertIn("missing or not", err)
+        self.assertEqual(os.listdir(target), [], "restore wrote before checking the backup")
+
+    def test_restore_as_root_takes_the_store_owner(self):
+        """The admin restores as root into /var/lib/ichtriage made by tmpfiles
+        (owned by the service user); the node, run as that user, serves it."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root to restore for another user")
+        user = pwd.getpwnam("nobody")
+        node, files = self.received(series=1, count=3)
+        bdir = os.path.join(self.work, "backup")
+        self.assertEqual(ichtriage("backup", *store_args(node.store_dir), bdir)[0], 0)
+        self.assertEqual(node.stop(), 0)
+        os.chmod(self.work, 0o711)  # let the user reach its store below it
+        store = os.path.join(self.work, "svc")
+        os.mkdir(store, 0o700)
+        os.chown(store, user.pw_uid, user.pw_gid)
+        rc, _, err = ichtriage("restore", *store_args(store), bdir)
+        self.assertEqual(rc, 0, err)
+        for d, dirs, fs in os.walk(store):
+            for x in dirs + fs:
+                st = os.stat(os.path.join(d, x))
+                self.assertEqual((st.st_uid, st.st_gid), (user.pw_uid, user.pw_gid),
+                                 os.path.join(d, x))
+                self.assertEqual(stat.S_IMODE(st.st_mode) & 0o077, 0, os.path.join(d, x))
+        # The node as that user: opens the restored index, accepts more.
+        port = dt.free_port()
+        log = open(os.path.join(self.work, "svc.log"), "wb")
+        proc = subprocess.Popen(
+            ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--clear-groups",
+             "--", itest.EXE, "serve"] + store_args(store, port),
+            stdout=log, stderr=log)
+        try:
+            self.assertTrue(dt.wait_port(port, timeout=20), read_text(log.name))
+            rc, doc = self.status(store, port)
+            self.assertEqual(doc["database"]["instances"], 3, doc)
+            more = self.gen("more", count=2, rows=64, cols=64)
+            r = dt.storescu(port, more, workdir=self.work)
+            self.assert_all_success(r, more)
+        finally:
+            proc.terminate()
+            self.assertEqual(proc.wait(30), 0, read_text(log.name))
+            log.close()
+        rc, doc = self.status(store, port)
+        self.assertEqual(doc["database"]["instances"], 5)
+
+
+if __name__ == "__main__":
+    sys.exit(itest.main())
