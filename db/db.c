@@ -84,6 +84,11 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
     return 0;
 }
 
+sqlite3 *db_conn(struct db *db)
+{
+    return db->conn;
+}
+
 void db_close(struct db *db)
 {
     if (!db) return;

@@ -8,4 +8,34 @@
 
 int db_migrate(sqlite3 *conn, char *err, size_t errlen);
 
+/* The owner thread's connection of db. */
+sqlite3 *db_conn(struct db *db);
+
+/* Recomputes a study's status and result from its series (?1 = study id).
+ * Order of precedence: reviewed, triaging, waiting, received (a series still
+ * receiving), triaged, failed, not_applicable. */
+#define DB_STUDY_REFRESH_SQL                                                                      \
+    "UPDATE studies SET status = CASE"                                                            \
+    "  WHEN reviewed_at IS NOT NULL THEN 'reviewed'"                                              \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
+    "    AND s.state = 'triaging') THEN 'triaging'"                                               \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
+    "    AND s.state = 'waiting') THEN 'waiting'"                                                 \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
+    "    AND s.state = 'receiving') THEN 'received'"                                              \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
+    "    AND s.state = 'triaged') THEN 'triaged'"                                                 \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
+    "    AND s.state = 'failed') THEN 'failed'"                                                   \
+    "  ELSE 'not_applicable' END,"                                                                \
+    " probability = (SELECT max(r.p_any) FROM results r JOIN series s ON s.id = r.series_ref"     \
+    "  WHERE s.study_ref = studies.id),"                                                          \
+    " flagged = coalesce((SELECT max(r.flagged) FROM results r JOIN series s"                     \
+    "  ON s.id = r.series_ref WHERE s.study_ref = studies.id), 0),"                               \
+    " result_series_ref = (SELECT r.series_ref FROM results r JOIN series s"                      \
+    "  ON s.id = r.series_ref WHERE s.study_ref = studies.id ORDER BY r.p_any DESC LIMIT 1),"     \
+    " status_reason = coalesce((SELECT group_concat(s.state_reason, '; ') FROM series s"          \
+    "  WHERE s.study_ref = studies.id AND s.state_reason != ''), '')"                             \
+    " WHERE id = ?1"
+
 #endif

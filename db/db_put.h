@@ -5,7 +5,7 @@
 #include "db_internal.h"
 
 struct db_put_stmts {
-    sqlite3_stmt *patient, *study, *series, *old, *instance, *recount;
+    sqlite3_stmt *patient, *study, *series, *old, *instance, *recount, *refresh;
 };
 
 int db_put_prepare(struct db_put_stmts *s, sqlite3 *conn, char *err, size_t errlen);

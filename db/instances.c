@@ -62,8 +62,10 @@ static const char *sql_recount =
 int db_put_prepare(struct db_put_stmts *s, sqlite3 *conn, char *err, size_t errlen)
 {
     memset(s, 0, sizeof *s);
-    const char *sql[] = {sql_patient, sql_study, sql_series, sql_old, sql_instance, sql_recount};
-    sqlite3_stmt **st[] = {&s->patient, &s->study, &s->series, &s->old, &s->instance, &s->recount};
+    const char *sql[] = {sql_patient,  sql_study,   sql_series,          sql_old,
+                         sql_instance, sql_recount, DB_STUDY_REFRESH_SQL};
+    sqlite3_stmt **st[] = {&s->patient,  &s->study,   &s->series, &s->old,
+                           &s->instance, &s->recount, &s->refresh};
     for (size_t i = 0; i < sizeof sql / sizeof sql[0]; i++) {
         if (sqlite3_prepare_v3(conn, sql[i], -1, SQLITE_PREPARE_PERSISTENT, st[i], NULL) !=
             SQLITE_OK) {
@@ -83,6 +85,7 @@ void db_put_finalize(struct db_put_stmts *s)
     sqlite3_finalize(s->old);
     sqlite3_finalize(s->instance);
     sqlite3_finalize(s->recount);
+    sqlite3_finalize(s->refresh);
     memset(s, 0, sizeof *s);
 }
 
@@ -216,6 +219,9 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
 
     if (recount(s, series) != 0) goto fail;
     if (old_series && old_series != series && recount(s, old_series) != 0) goto fail;
+    /* A new instance may re-open a triaged series: the study shows it. */
+    sqlite3_bind_int64(s->refresh, 1, study);
+    if (step_done(s->refresh) != 0) goto fail;
     return 0;
 fail:
     snprintf(err, errlen, "index: %s", sqlite3_errmsg(conn));

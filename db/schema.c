@@ -70,6 +70,54 @@ static const char *const migrations[] = {
     "  peer_addr TEXT NOT NULL DEFAULT '',"
     "  received_at INTEGER NOT NULL);"
     "CREATE INDEX instances_series ON instances(series_id);",
+
+    /* 1 -> 2: triage. Series states: receiving, waiting, triaging, triaged,
+     * not_applicable, failed. content_key names the instances a decision
+     * was made on, so the same content is never triaged twice. */
+    "ALTER TABLE series ADD COLUMN content_key TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE series ADD COLUMN completed_at INTEGER;"
+    "ALTER TABLE series ADD COLUMN triage_count INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE studies ADD COLUMN status TEXT NOT NULL DEFAULT 'received';"
+    "ALTER TABLE studies ADD COLUMN status_reason TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE studies ADD COLUMN probability REAL;"
+    "ALTER TABLE studies ADD COLUMN flagged INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE studies ADD COLUMN result_series_ref INTEGER;"
+    "ALTER TABLE studies ADD COLUMN result_updates INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE studies ADD COLUMN reviewed_at INTEGER;"
+    "CREATE INDEX studies_status ON studies(status);"
+    "CREATE TABLE jobs ("
+    "  id INTEGER PRIMARY KEY,"
+    "  series_ref INTEGER NOT NULL REFERENCES series(id),"
+    "  content_key TEXT NOT NULL,"
+    "  state TEXT NOT NULL DEFAULT 'queued'," /* queued, running, done, failed */
+    "  created_at INTEGER NOT NULL,"
+    "  started_at INTEGER,"
+    "  finished_at INTEGER,"
+    "  error TEXT NOT NULL DEFAULT '');"
+    "CREATE INDEX jobs_state ON jobs(state, id);"
+    "CREATE TABLE results ("
+    "  series_ref INTEGER PRIMARY KEY REFERENCES series(id),"
+    "  content_key TEXT NOT NULL,"
+    "  model_version TEXT NOT NULL,"
+    "  p_any REAL NOT NULL, p_epidural REAL NOT NULL, p_intraparenchymal REAL NOT NULL,"
+    "  p_intraventricular REAL NOT NULL, p_subarachnoid REAL NOT NULL,"
+    "  p_subdural REAL NOT NULL,"
+    "  flagged INTEGER NOT NULL,"
+    "  slices INTEGER NOT NULL,"
+    "  key_index INTEGER NOT NULL,"
+    "  key_sop TEXT NOT NULL,"
+    "  note TEXT NOT NULL DEFAULT '',"
+    "  ms_pixels REAL, ms_model REAL, ms_total REAL,"
+    "  created_at INTEGER NOT NULL);"
+    "CREATE TABLE slice_results ("
+    "  series_ref INTEGER NOT NULL REFERENCES series(id),"
+    "  idx INTEGER NOT NULL,"
+    "  sop_uid TEXT NOT NULL,"
+    "  frame INTEGER NOT NULL,"
+    "  p_any REAL NOT NULL, p_epidural REAL NOT NULL, p_intraparenchymal REAL NOT NULL,"
+    "  p_intraventricular REAL NOT NULL, p_subarachnoid REAL NOT NULL,"
+    "  p_subdural REAL NOT NULL,"
+    "  PRIMARY KEY (series_ref, idx));",
 };
 
 int db_schema_version(void)

@@ -4,7 +4,9 @@
  * run on scp/'s own threads. */
 #include "serve.h"
 
+#include <ctype.h>
 #include <errno.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,8 +19,11 @@
 
 #include "config.h"
 #include "db.h"
+#include "db_triage.h"
 #include "log.h"
 #include "scp.h"
+#include "complete.h"
+#include "infer.h"
 #include "store.h"
 
 struct node {
@@ -27,19 +32,53 @@ struct node {
     uv_loop_t *loop;
     uv_signal_t sigterm, sigint, sighup;
     uv_async_t stored_async;
-    uv_timer_t heartbeat; /* watchdog keep-alive and STATUS= refresh */
+    uv_timer_t heartbeat;    /* watchdog keep-alive and STATUS= refresh */
+    uv_timer_t completion;   /* series completion */
+    uv_async_t result_async; /* the inference thread finished a job */
     struct triage_store store;
+    struct triage_completion complete;
+    struct triage_infer *infer;
     struct scp_server *scp;
     int grace;
 };
 
+static int64_t wall_ms(void)
+{
+    uv_timeval64_t tv;
+    uv_gettimeofday(&tv);
+    return tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+/* Decides the series that are due; new jobs wake the inference thread. */
+static void run_completion(struct node *n)
+{
+    if (triage_completion_tick(&n->complete, wall_ms()) > 0) triage_infer_kick(n->infer);
+}
+
+static void on_completion_timer(uv_timer_t *h)
+{
+    run_completion(h->data);
+}
+
 static void on_stored_async(uv_async_t *h)
 {
+    /* An expected count may have been reached: decide now, not at the tick. */
+    run_completion(h->data);
+}
+
+static void on_result_async(uv_async_t *h)
+{
     struct node *n = h->data;
-    /* Series completion (issue 6) hooks in here; for now the loop only
-     * keeps the count current for status. */
-    util_log(UTIL_LOG_DEBUG, "instances_committed", "total=%lld",
+    /* Results go to web clients and PACS from here (issues 7 and 8). */
+    util_log(UTIL_LOG_DEBUG, "results_ready", "stored=%lld",
              (long long)atomic_load(&n->store.stored));
+}
+
+/* Called on the inference thread after each job. */
+static void wake_loop_result(void *ud)
+{
+    struct node *n = ud;
+    uv_async_send(&n->result_async);
 }
 
 /* Runs on the loop: if the loop is stuck, systemd's watchdog sees no
@@ -48,8 +87,11 @@ static void on_heartbeat(uv_timer_t *h)
 {
     struct node *n = h->data;
 #ifdef HAVE_SYSTEMD
-    sd_notifyf(0, "WATCHDOG=1\nSTATUS=receiving; %lld stored, %d associations%s",
+    char version[160], why[1200];
+    bool model = triage_infer_model(n->infer, version, sizeof version, why, sizeof why);
+    sd_notifyf(0, "WATCHDOG=1\nSTATUS=receiving; %lld stored, %d associations; %s%s%s",
                (long long)atomic_load(&n->store.stored), scp_server_active(n->scp),
+               model ? "model " : "NO MODEL: ", model ? version : why,
                atomic_load(&n->store.low_space) ? "; DISK LOW: refusing instances (A700)" : "");
 #else
     (void)n;
@@ -97,6 +139,7 @@ static void on_reload_signal(uv_signal_t *h, int signum)
         return;
     }
     util_log_set_level((enum util_log_level)level);
+    triage_infer_reload(n->infer, triage_config_str(&fresh, CFG_TRIAGE_MODEL));
     enum triage_config_key restart_keys[] = {CFG_DICOM_PORT, CFG_STORE_DIR, CFG_HTTP_LISTEN,
                                              CFG_DICOM_AETITLE};
     for (size_t i = 0; i < sizeof restart_keys / sizeof restart_keys[0]; i++)
@@ -193,7 +236,47 @@ int triage_serve_main(int argc, char **argv)
         return 1;
     }
 
+    int requeued = 0;
+    if (db_jobs_requeue(n.store.db, &requeued) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"cannot requeue jobs\"");
+        db_close(n.store.db);
+        return 1;
+    }
+    if (requeued) util_log(UTIL_LOG_WARN, "jobs_requeued", "count=%d", requeued);
+    int64_t quiet, min_slices, max_tilt;
+    if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, 0, 86400, &quiet) ||
+        get_int(&n, CFG_TRIAGE_MIN_SLICES, 1, 1000, &min_slices) ||
+        get_int(&n, CFG_TRIAGE_MAX_TILT, 0, 89, &max_tilt)) {
+        db_close(n.store.db);
+        return 2;
+    }
+    n.complete = (struct triage_completion){.db = n.store.db,
+                                            .quiet_ms = quiet * 1000,
+                                            .min_slices = (int)min_slices,
+                                            .max_tilt_deg = (double)max_tilt};
+    snprintf(n.complete.head_patterns, sizeof n.complete.head_patterns, "%s",
+             triage_config_str(&n.cfg, CFG_TRIAGE_HEAD_PATTERNS));
+    for (char *p = n.complete.head_patterns; *p; p++)
+        *p = (char)toupper((unsigned char)*p);
+
     n.loop = uv_default_loop();
+    uv_async_init(n.loop, &n.result_async, on_result_async);
+    n.result_async.data = &n;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    struct triage_infer_config ic = {
+        .store_dir = n.store.dir,
+        .db_path = dbpath,
+        .model = triage_config_str(&n.cfg, CFG_TRIAGE_MODEL),
+        .max_tilt_deg = (double)max_tilt,
+        .threads = cores > 0 ? (int)cores : 1,
+        .on_done = wake_loop_result,
+        .ud = &n,
+    };
+    if (triage_infer_start(&n.infer, &ic, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        db_close(n.store.db);
+        return 1;
+    }
     uv_async_init(n.loop, &n.stored_async, on_stored_async);
     n.stored_async.data = &n;
     n.store.on_stored = wake_loop;
@@ -235,29 +318,37 @@ int triage_serve_main(int argc, char **argv)
     }
     int64_t count = 0;
     db_count_instances(n.store.db, &count);
-    util_log(UTIL_LOG_INFO, "ready", "port=%d tls_port=%d aetitle=%s store=%s instances=%lld config=\"%s\"",
-             (int)port, (int)tls_port, aet, n.store.dir, (long long)count, n.cfg.source);
+    util_log(UTIL_LOG_INFO, "ready",
+             "port=%d tls_port=%d aetitle=%s store=%s instances=%lld config=\"%s\"", (int)port,
+             (int)tls_port, aet, n.store.dir, (long long)count, n.cfg.source);
     uint64_t beat_ms = 5000;
 #ifdef HAVE_SYSTEMD
     uint64_t wd_usec = 0;
     if (sd_watchdog_enabled(0, &wd_usec) > 0 && wd_usec / 2000 < beat_ms) beat_ms = wd_usec / 2000;
     if (beat_ms == 0) beat_ms = 1;
-    sd_notify(0, "READY=1\nSTATUS=receiving; triage not yet available");
+    sd_notify(0, "READY=1\nSTATUS=receiving; loading model");
 #endif
     uv_timer_init(n.loop, &n.heartbeat);
     n.heartbeat.data = &n;
     uv_timer_start(&n.heartbeat, on_heartbeat, 0, beat_ms);
+    uv_timer_init(n.loop, &n.completion);
+    n.completion.data = &n;
+    uv_timer_start(&n.completion, on_completion_timer, 0, 200);
 
     uv_run(n.loop, UV_RUN_DEFAULT);
 
     /* Stop accepting, let associations in progress finish, then close. */
     scp_server_stop(n.scp, n.grace);
     n.scp = NULL;
+    triage_infer_stop(n.infer); /* a job in progress finishes first */
+    n.infer = NULL;
     uv_close((uv_handle_t *)&n.sigterm, NULL);
     uv_close((uv_handle_t *)&n.sigint, NULL);
     uv_close((uv_handle_t *)&n.sighup, NULL);
     uv_close((uv_handle_t *)&n.stored_async, NULL);
     uv_close((uv_handle_t *)&n.heartbeat, NULL);
+    uv_close((uv_handle_t *)&n.completion, NULL);
+    uv_close((uv_handle_t *)&n.result_async, NULL);
     uv_run(n.loop, UV_RUN_DEFAULT);
     uv_loop_close(n.loop);
     db_close(n.store.db);

@@ -26,7 +26,7 @@ bool triage_orientation_axial(const double o[6], double max_tilt_deg)
     return fabs(n[2]) >= cos(max_tilt_deg * M_PI / 180.0);
 }
 
-static bool is_localizer(const char *image_type)
+bool triage_image_type_is_localizer(const char *image_type)
 {
     /* ImageType value 3 names localizers; some scanners say SCOUT. */
     return strstr(image_type, "LOCALIZER") != NULL || strstr(image_type, "SCOUT") != NULL;
@@ -96,7 +96,8 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
     }
     for (int i = 0; i < npaths; i++) {
         struct scp_info *in = &c[i].info;
-        if (!c[i].frames || !in->has_orientation || is_localizer(in->image_type)) continue;
+        if (!c[i].frames || !in->has_orientation || triage_image_type_is_localizer(in->image_type))
+            continue;
         int votes = 0;
         for (int j = 0; j < npaths; j++) {
             struct scp_info *o = &c[j].info;
@@ -129,7 +130,7 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
     for (int i = 0; i < npaths; i++) {
         struct scp_info *in = &c[i].info;
         if (!c[i].frames) continue;
-        if (is_localizer(in->image_type)) {
+        if (triage_image_type_is_localizer(in->image_type)) {
             out->dropped_localizers += c[i].frames;
             continue;
         }

@@ -43,6 +43,9 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
                         size_t errlen);
 void triage_volume_free(struct triage_volume *v);
 
+/* True when ImageType (backslash-separated) names a localizer or scout. */
+bool triage_image_type_is_localizer(const char *image_type);
+
 /* True when orientation (6 direction cosines) is axial enough for the model:
  * its normal within max_tilt_deg of the patient's head-foot axis. */
 bool triage_orientation_axial(const double orientation[6], double max_tilt_deg);

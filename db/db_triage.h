@@ -1,0 +1,107 @@
+/* db/: series completion, triage jobs, results and the worklist. The loop
+ * thread decides completion and eligibility; the inference thread claims
+ * jobs and writes results, each on its own connection (db_open). */
+#ifndef DB_TRIAGE_H
+#define DB_TRIAGE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "db.h"
+
+#define DB_LABELS 6 /* any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural   \
+                     */
+
+/* Series still receiving whose quiet period is over (last instance at or
+ * before now_ms - quiet_ms) or whose expected count is reached. Writes up to
+ * max ids; *n is how many. */
+int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids, int max, int *n);
+
+struct db_series_info {
+    int64_t id, study_id;
+    char series_uid[65], study_uid[65];
+    char modality[17], body_part[17], series_desc[65], study_desc[65];
+    char state[16], content_key[33];
+    int instance_count;
+    bool has_result;
+    char result_key[33]; /* content_key of the stored result, "" when none */
+};
+int db_series_info(struct db *db, int64_t series_id, struct db_series_info *out);
+
+/* What completion needs of each instance of a series. */
+struct db_instance_brief {
+    char sop_uid[65], sop_class[65], image_type[129];
+    char file_path[512];
+    int64_t file_size;
+    int frames;
+    bool has_orientation;
+    double orientation[6];
+};
+/* All instances of a series, ordered by SOP Instance UID. Caller frees *out
+ * with free(). Returns 0 or -1. */
+int db_series_instances(struct db *db, int64_t series_id, struct db_instance_brief **out, int *n);
+
+/* Records the decision on a complete series in one transaction: its state
+ * ("waiting" with a new job, "not_applicable", or "triaged" when this very
+ * content was already triaged), the reason shown to users and the content
+ * key; then the study's status. Returns 0 or -1 with err. */
+int db_series_decide(struct db *db, int64_t series_id, const char *state, const char *reason,
+                     const char *content_key, int64_t now_ms, char *err, size_t errlen);
+
+/* At start-up: jobs left running by a crash are queued again. */
+int db_jobs_requeue(struct db *db, int *count);
+
+struct db_job {
+    int64_t id, series_id;
+    char content_key[33];
+};
+/* Takes the oldest queued job (state running, series triaging). Returns 1
+ * with *job set, 0 when there is none, -1 on error. */
+int db_job_claim(struct db *db, int64_t now_ms, struct db_job *job);
+
+/* Relative file paths of a series' instances. *paths is one allocation the
+ * caller frees with free(). */
+int db_series_files(struct db *db, int64_t series_id, char ***paths, int *n);
+
+struct db_slice_result {
+    const char *sop_uid;
+    int frame;
+    float p[DB_LABELS];
+};
+struct db_result {
+    const char *model_version;
+    float p[DB_LABELS]; /* per label, the highest over the slices */
+    bool flagged;
+    int slices, key_index;
+    const char *key_sop;
+    const char *note;
+    double ms_pixels, ms_model, ms_total;
+    const struct db_slice_result *per_slice; /* slices entries */
+};
+/* Ends a job: with res, stores the result (replacing an earlier one) and
+ * marks the series triaged unless new instances re-opened it meanwhile;
+ * without res, the job and series fail with error. Then the study's status.
+ * Returns 0 or -1 with err. */
+int db_job_finish(struct db *db, const struct db_job *job, const struct db_result *res,
+                  const char *error, int64_t now_ms, char *err, size_t errlen);
+
+/* One row of the worklist (strings borrowed for the callback only). */
+struct db_worklist_row {
+    const char *study_uid, *series_uid, *accession, *patient_id, *patient_name, *study_desc;
+    const char *status, *status_reason, *model_version;
+    int64_t received_at_ms, updated_at_ms;
+    int slices;           /* of the series that set the result; else of the study */
+    bool has_probability; /* false until triaged */
+    double probability;
+    double subtypes[DB_LABELS - 1];
+    bool flagged;
+    int result_updates; /* times the result changed after the first */
+};
+typedef int (*db_worklist_fn)(void *ud, const struct db_worklist_row *row);
+/* Calls fn for each study in worklist order (see design.md): flagged and
+ * unreviewed by probability then age; not yet triaged or failed by age;
+ * triaged by probability; not applicable. status NULL: every status but
+ * reviewed; else only that status. fn returning non-zero stops. */
+int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud);
+
+#endif

@@ -1,0 +1,455 @@
+/* db/triage.c: series completion, jobs, results and the worklist. */
+#include "db_internal.h"
+#include "db_triage.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void copy_col(sqlite3_stmt *st, int i, char *out, size_t n)
+{
+    const unsigned char *t = sqlite3_column_text(st, i);
+    snprintf(out, n, "%s", t ? (const char *)t : "");
+}
+
+static int fail(sqlite3 *c, char *err, size_t errlen, const char *what)
+{
+    if (err) snprintf(err, errlen, "%s: %s", what, sqlite3_errmsg(c));
+    return -1;
+}
+
+int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids, int max, int *n)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    *n = 0;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT id FROM series WHERE state = 'receiving' AND"
+                           " (last_instance_at <= ?1 OR"
+                           "  (expected_count > 0 AND instance_count >= expected_count))"
+                           " ORDER BY last_instance_at LIMIT ?2",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, now_ms - quiet_ms);
+    sqlite3_bind_int(st, 2, max);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        ids[(*n)++] = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_series_info(struct db *db, int64_t series_id, struct db_series_info *out)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    memset(out, 0, sizeof *out);
+    if (sqlite3_prepare_v2(c,
+                           "SELECT s.id, s.study_ref, s.series_uid, st.study_uid, s.modality,"
+                           " s.body_part, s.series_desc, st.study_desc, s.state, s.content_key,"
+                           " s.instance_count, r.content_key"
+                           " FROM series s JOIN studies st ON st.id = s.study_ref"
+                           " LEFT JOIN results r ON r.series_ref = s.id WHERE s.id = ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, series_id);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        out->id = sqlite3_column_int64(st, 0);
+        out->study_id = sqlite3_column_int64(st, 1);
+        copy_col(st, 2, out->series_uid, sizeof out->series_uid);
+        copy_col(st, 3, out->study_uid, sizeof out->study_uid);
+        copy_col(st, 4, out->modality, sizeof out->modality);
+        copy_col(st, 5, out->body_part, sizeof out->body_part);
+        copy_col(st, 6, out->series_desc, sizeof out->series_desc);
+        copy_col(st, 7, out->study_desc, sizeof out->study_desc);
+        copy_col(st, 8, out->state, sizeof out->state);
+        copy_col(st, 9, out->content_key, sizeof out->content_key);
+        out->instance_count = sqlite3_column_int(st, 10);
+        out->has_result = sqlite3_column_type(st, 11) != SQLITE_NULL;
+        copy_col(st, 11, out->result_key, sizeof out->result_key);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_series_instances(struct db *db, int64_t series_id, struct db_instance_brief **out, int *n)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    *out = NULL;
+    *n = 0;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT sop_uid, sop_class, image_type, file_path, file_size,"
+                           " orientation, frames FROM instances WHERE series_id = ?1"
+                           " ORDER BY sop_uid",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, series_id);
+    int cap = 0, rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (*n == cap) {
+            cap = cap ? cap * 2 : 64;
+            struct db_instance_brief *grown = realloc(*out, sizeof **out * (size_t)cap);
+            if (!grown) {
+                rc = SQLITE_NOMEM;
+                break;
+            }
+            *out = grown;
+        }
+        struct db_instance_brief *b = &(*out)[(*n)++];
+        memset(b, 0, sizeof *b);
+        copy_col(st, 0, b->sop_uid, sizeof b->sop_uid);
+        copy_col(st, 1, b->sop_class, sizeof b->sop_class);
+        copy_col(st, 2, b->image_type, sizeof b->image_type);
+        copy_col(st, 3, b->file_path, sizeof b->file_path);
+        b->file_size = sqlite3_column_int64(st, 4);
+        b->frames = sqlite3_column_int(st, 6);
+        const char *o = (const char *)sqlite3_column_text(st, 5);
+        if (o && o[0]) {
+            b->has_orientation = sscanf(o, "%lf\\%lf\\%lf\\%lf\\%lf\\%lf", &b->orientation[0],
+                                        &b->orientation[1], &b->orientation[2], &b->orientation[3],
+                                        &b->orientation[4], &b->orientation[5]) == 6;
+        }
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) {
+        free(*out);
+        *out = NULL;
+        *n = 0;
+        return -1;
+    }
+    return 0;
+}
+
+static int refresh_study(sqlite3 *c, int64_t study_id)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, DB_STUDY_REFRESH_SQL, -1, &st, NULL) != SQLITE_OK) return -1;
+    sqlite3_bind_int64(st, 1, study_id);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+static int exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...);
+
+int db_series_decide(struct db *db, int64_t series_id, const char *state, const char *reason,
+                     const char *content_key, int64_t now_ms, char *err, size_t errlen)
+{
+    sqlite3 *c = db_conn(db);
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+        return fail(c, err, errlen, "begin");
+    sqlite3_stmt *st;
+    int64_t study = 0;
+    if (sqlite3_prepare_v2(c,
+                           "UPDATE series SET state = ?2, state_reason = ?3, content_key = ?4,"
+                           " completed_at = ?5 WHERE id = ?1 AND state = 'receiving'"
+                           " RETURNING study_ref",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, series_id);
+    sqlite3_bind_text(st, 2, state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, reason ? reason : "", -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, content_key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, now_ms);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) study = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW) {
+        /* A new instance arrived since the caller looked: not complete after all. */
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        return 0;
+    }
+    if (strcmp(state, "waiting") == 0) {
+        if (sqlite3_prepare_v2(c,
+                               "INSERT INTO jobs (series_ref, content_key, created_at)"
+                               " VALUES (?1, ?2, ?3)",
+                               -1, &st, NULL) != SQLITE_OK)
+            goto bad;
+        sqlite3_bind_int64(st, 1, series_id);
+        sqlite3_bind_text(st, 2, content_key, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, now_ms);
+        rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE) goto bad;
+    }
+    if (refresh_study(c, study) != 0) goto bad;
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    return 0;
+bad:
+    fail(c, err, errlen, "deciding series");
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+int db_jobs_requeue(struct db *db, int *count)
+{
+    sqlite3 *c = db_conn(db);
+    *count = 0;
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    int rc = sqlite3_exec(c,
+                          "UPDATE jobs SET state = 'queued', started_at = NULL"
+                          " WHERE state = 'running';",
+                          NULL, NULL, NULL);
+    *count = sqlite3_changes(c);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(c,
+                          "UPDATE series SET state = 'waiting' WHERE state = 'triaging';"
+                          "UPDATE studies SET status = 'waiting' WHERE status = 'triaging';",
+                          NULL, NULL, NULL);
+    if (rc != SQLITE_OK || sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        return -1;
+    }
+    return 0;
+}
+
+int db_job_claim(struct db *db, int64_t now_ms, struct db_job *job)
+{
+    sqlite3 *c = db_conn(db);
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    sqlite3_stmt *st;
+    int got = 0;
+    int64_t study = 0;
+    if (sqlite3_prepare_v2(c,
+                           "UPDATE jobs SET state = 'running', started_at = ?1 WHERE id ="
+                           " (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
+                           " RETURNING id, series_ref, content_key",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, now_ms);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        job->id = sqlite3_column_int64(st, 0);
+        job->series_id = sqlite3_column_int64(st, 1);
+        copy_col(st, 2, job->content_key, sizeof job->content_key);
+        got = 1;
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) goto bad;
+    if (got) {
+        if (sqlite3_prepare_v2(c,
+                               "UPDATE series SET state = 'triaging' WHERE id = ?1"
+                               " AND state = 'waiting' RETURNING study_ref",
+                               -1, &st, NULL) != SQLITE_OK)
+            goto bad;
+        sqlite3_bind_int64(st, 1, job->series_id);
+        if (sqlite3_step(st) == SQLITE_ROW) study = sqlite3_column_int64(st, 0);
+        sqlite3_finalize(st);
+        if (study && refresh_study(c, study) != 0) goto bad;
+    }
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    return got;
+bad:
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+int db_series_files(struct db *db, int64_t series_id, char ***paths, int *n)
+{
+    struct db_instance_brief *b;
+    int count;
+    *paths = NULL;
+    *n = 0;
+    if (db_series_instances(db, series_id, &b, &count) != 0) return -1;
+    size_t bytes = sizeof(char *) * (size_t)count;
+    for (int i = 0; i < count; i++)
+        bytes += strlen(b[i].file_path) + 1;
+    char **p = malloc(bytes ? bytes : 1);
+    if (!p) {
+        free(b);
+        return -1;
+    }
+    char *text = (char *)(p + count);
+    for (int i = 0; i < count; i++) {
+        size_t len = strlen(b[i].file_path) + 1;
+        memcpy(text, b[i].file_path, len);
+        p[i] = text;
+        text += len;
+    }
+    free(b);
+    *paths = p;
+    *n = count;
+    return 0;
+}
+
+/* Binds a format of 'i' (int64), 'd' (double) and 's' (text) to 1.., runs. */
+static int exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    for (int i = 0; fmt[i]; i++) {
+        if (fmt[i] == 'i')
+            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
+        else if (fmt[i] == 'd')
+            sqlite3_bind_double(st, i + 1, va_arg(ap, double));
+        else
+            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
+    }
+    va_end(ap);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+static int store_result(sqlite3 *c, const struct db_job *job, const struct db_result *r,
+                        int64_t now_ms)
+{
+    if (exec_bound(c,
+                   "INSERT OR REPLACE INTO results (series_ref, content_key, model_version, p_any,"
+                   " p_epidural, p_intraparenchymal, p_intraventricular, p_subarachnoid,"
+                   " p_subdural, flagged, slices, key_index, key_sop, note, ms_pixels, ms_model,"
+                   " ms_total, created_at)"
+                   " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
+                   " ?16, ?17, ?18)",
+                   "issddddddiiissdddi", job->series_id, job->content_key, r->model_version,
+                   (double)r->p[0], (double)r->p[1], (double)r->p[2], (double)r->p[3],
+                   (double)r->p[4], (double)r->p[5], (int64_t)r->flagged, (int64_t)r->slices,
+                   (int64_t)r->key_index, r->key_sop, r->note ? r->note : "", r->ms_pixels,
+                   r->ms_model, r->ms_total, now_ms) != 0)
+        return -1;
+    if (exec_bound(c, "DELETE FROM slice_results WHERE series_ref = ?1", "i", job->series_id) != 0)
+        return -1;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "INSERT INTO slice_results (series_ref, idx, sop_uid, frame, p_any,"
+                           " p_epidural, p_intraparenchymal, p_intraventricular,"
+                           " p_subarachnoid, p_subdural) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,"
+                           " ?8, ?9, ?10)",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    int rc = SQLITE_DONE;
+    for (int i = 0; i < r->slices && rc == SQLITE_DONE; i++) {
+        const struct db_slice_result *s = &r->per_slice[i];
+        sqlite3_bind_int64(st, 1, job->series_id);
+        sqlite3_bind_int(st, 2, i);
+        sqlite3_bind_text(st, 3, s->sop_uid, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 4, s->frame);
+        for (int l = 0; l < DB_LABELS; l++)
+            sqlite3_bind_double(st, 5 + l, s->p[l]);
+        rc = sqlite3_step(st);
+        sqlite3_reset(st);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_job_finish(struct db *db, const struct db_job *job, const struct db_result *res,
+                  const char *error, int64_t now_ms, char *err, size_t errlen)
+{
+    sqlite3 *c = db_conn(db);
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+        return fail(c, err, errlen, "begin");
+    int had_result = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, "SELECT count(*) FROM results WHERE series_ref = ?1", -1, &st,
+                           NULL) == SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, job->series_id);
+        if (sqlite3_step(st) == SQLITE_ROW) had_result = sqlite3_column_int(st, 0);
+        sqlite3_finalize(st);
+    }
+    if (res) {
+        if (store_result(c, job, res, now_ms) != 0) goto bad;
+        /* Only if nothing re-opened the series while the model ran. */
+        if (exec_bound(c,
+                       "UPDATE series SET state = 'triaged', state_reason = ?2,"
+                       " triage_count = triage_count + 1 WHERE id = ?1 AND state = 'triaging'",
+                       "is", job->series_id, res->note ? res->note : "") != 0 ||
+            exec_bound(c, "UPDATE jobs SET state = 'done', finished_at = ?2 WHERE id = ?1", "ii",
+                       job->id, now_ms) != 0)
+            goto bad;
+    } else {
+        if (exec_bound(c,
+                       "UPDATE series SET state = 'failed', state_reason = ?2"
+                       " WHERE id = ?1 AND state = 'triaging'",
+                       "is", job->series_id, error ? error : "failed") != 0 ||
+            exec_bound(c,
+                       "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3"
+                       " WHERE id = ?1",
+                       "iis", job->id, now_ms, error ? error : "failed") != 0)
+            goto bad;
+    }
+    int64_t study = 0;
+    if (sqlite3_prepare_v2(c, "SELECT study_ref FROM series WHERE id = ?1", -1, &st, NULL) ==
+        SQLITE_OK) {
+        sqlite3_bind_int64(st, 1, job->series_id);
+        if (sqlite3_step(st) == SQLITE_ROW) study = sqlite3_column_int64(st, 0);
+        sqlite3_finalize(st);
+    }
+    if (res && had_result &&
+        exec_bound(c, "UPDATE studies SET result_updates = result_updates + 1 WHERE id = ?1", "i",
+                   study) != 0)
+        goto bad;
+    if (exec_bound(c, "UPDATE studies SET updated_at = ?2 WHERE id = ?1", "ii", study, now_ms) !=
+            0 ||
+        refresh_study(c, study) != 0)
+        goto bad;
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    return 0;
+bad:
+    fail(c, err, errlen, "finishing job");
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    const char *sql =
+        "SELECT st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"
+        " p.patient_name, st.study_desc, st.status, st.status_reason,"
+        " coalesce(r.model_version, ''), st.received_at, st.updated_at,"
+        " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"
+        "   WHERE s.study_ref = st.id)),"
+        " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"
+        " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates"
+        " FROM studies st JOIN patients p ON p.id = st.patient_ref"
+        " LEFT JOIN series rs ON rs.id = st.result_series_ref"
+        " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
+        " WHERE (?1 IS NULL AND st.status != 'reviewed') OR st.status = ?1"
+        " ORDER BY"
+        "  CASE WHEN st.flagged AND st.status != 'reviewed' THEN 0"
+        "   WHEN st.status IN ('received', 'waiting', 'triaging', 'failed') THEN 1"
+        "   WHEN st.status = 'triaged' THEN 2 ELSE 3 END,"
+        "  CASE WHEN st.flagged OR st.status = 'triaged' THEN -st.probability ELSE 0 END,"
+        "  st.received_at, st.id";
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+    if (status)
+        sqlite3_bind_text(st, 1, status, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 1);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct db_worklist_row row = {
+            .study_uid = (const char *)sqlite3_column_text(st, 0),
+            .series_uid = (const char *)sqlite3_column_text(st, 1),
+            .accession = (const char *)sqlite3_column_text(st, 2),
+            .patient_id = (const char *)sqlite3_column_text(st, 3),
+            .patient_name = (const char *)sqlite3_column_text(st, 4),
+            .study_desc = (const char *)sqlite3_column_text(st, 5),
+            .status = (const char *)sqlite3_column_text(st, 6),
+            .status_reason = (const char *)sqlite3_column_text(st, 7),
+            .model_version = (const char *)sqlite3_column_text(st, 8),
+            .received_at_ms = sqlite3_column_int64(st, 9),
+            .updated_at_ms = sqlite3_column_int64(st, 10),
+            .slices = sqlite3_column_int(st, 11),
+            .has_probability = sqlite3_column_type(st, 12) != SQLITE_NULL,
+            .probability = sqlite3_column_double(st, 12),
+            .flagged = sqlite3_column_int(st, 18) != 0,
+            .result_updates = sqlite3_column_int(st, 19),
+        };
+        for (int l = 0; l < DB_LABELS - 1; l++)
+            row.subtypes[l] = sqlite3_column_double(st, 13 + l);
+        if (fn(ud, &row) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}

@@ -1,0 +1,146 @@
+/* triage/complete.c: when a series is complete, and whether it is for us. */
+#include "complete.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "db_triage.h"
+#include "log.h"
+#include "scp_info.h"
+#include "volume.h"
+
+void triage_content_key(const char *const *sops, const int64_t *sizes, int n, char out[33])
+{
+    /* FNV-1a over "sop:size;" in SOP order: a resent identical instance
+     * keeps the key, anything added, removed or changed in size does not. */
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < n; i++) {
+        char buf[96];
+        int len = snprintf(buf, sizeof buf, "%s:%lld;", sops[i], (long long)sizes[i]);
+        for (int k = 0; k < len; k++) {
+            h ^= (unsigned char)buf[k];
+            h *= 1099511628211ULL;
+        }
+    }
+    snprintf(out, 33, "%d-%016llx", n, (unsigned long long)h);
+}
+
+static void upper(char *s)
+{
+    for (; *s; s++)
+        *s = (char)toupper((unsigned char)*s);
+}
+
+/* True when any pattern of the comma-separated list occurs in text. */
+static int matches(const char *patterns, const char *text)
+{
+    char t[160];
+    snprintf(t, sizeof t, "%s", text);
+    upper(t);
+    const char *p = patterns;
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        char pat[64];
+        snprintf(pat, sizeof pat, "%.*s", (int)(len < sizeof pat ? len : sizeof pat - 1), p);
+        if (pat[0] && strstr(t, pat)) return 1;
+        p += len;
+        if (*p == ',') p++;
+    }
+    return 0;
+}
+
+/* Decides one due series; returns 1 when a job was queued, 0 otherwise, -1
+ * on a database error. */
+static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
+{
+    struct db_series_info info;
+    struct db_instance_brief *inst = NULL;
+    int n = 0;
+    if (db_series_info(c->db, id, &info) != 0 || db_series_instances(c->db, id, &inst, &n) != 0)
+        return -1;
+    const char **sops = malloc(sizeof *sops * (size_t)(n ? n : 1));
+    int64_t *sizes = malloc(sizeof *sizes * (size_t)(n ? n : 1));
+    if (!sops || !sizes) {
+        free(sops);
+        free(sizes);
+        free(inst);
+        return -1;
+    }
+    int ct = 0, localizers = 0, usable = 0;
+    for (int i = 0; i < n; i++) {
+        sops[i] = inst[i].sop_uid;
+        sizes[i] = inst[i].file_size;
+        if (!scp_sop_class_is_ct(inst[i].sop_class)) continue;
+        ct++;
+        if (triage_image_type_is_localizer(inst[i].image_type)) {
+            localizers++;
+        } else if (inst[i].frames > 1 && !inst[i].has_orientation) {
+            usable += inst[i].frames; /* enhanced CT: geometry per frame, checked at triage */
+        } else if (inst[i].has_orientation &&
+                   triage_orientation_axial(inst[i].orientation, c->max_tilt_deg)) {
+            usable += inst[i].frames > 0 ? inst[i].frames : 1;
+        }
+    }
+    char key[33];
+    triage_content_key(sops, sizes, n, key);
+    free(sops);
+    free(sizes);
+    free(inst);
+
+    char reason[512] = "";
+    const char *state = "waiting";
+    char modality[17];
+    snprintf(modality, sizeof modality, "%s", info.modality);
+    upper(modality);
+    if (info.has_result && strcmp(info.result_key, key) == 0) {
+        state = "triaged"; /* this very content was triaged: keep its result */
+    } else if (strcmp(modality, "CT") != 0) {
+        state = "not_applicable";
+        snprintf(reason, sizeof reason, "modality %s, not CT", modality[0] ? modality : "missing");
+    } else if (ct == 0) {
+        state = "not_applicable";
+        snprintf(reason, sizeof reason, "no CT image storage objects");
+    } else if (!matches(c->head_patterns, info.body_part) &&
+               !matches(c->head_patterns, info.study_desc) &&
+               !matches(c->head_patterns, info.series_desc)) {
+        state = "not_applicable";
+        snprintf(
+            reason, sizeof reason,
+            "not a head study (body part and descriptions match none of triage.head_patterns)");
+    } else if (localizers == ct) {
+        state = "not_applicable";
+        snprintf(reason, sizeof reason, "localizer series");
+    } else if (usable < c->min_slices) {
+        state = "not_applicable";
+        snprintf(reason, sizeof reason, "%d axial slices, fewer than triage.min_slices=%d", usable,
+                 c->min_slices);
+    }
+    char err[512];
+    if (db_series_decide(c->db, id, state, reason, key, now_ms, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "series_decide_failed", "series=%s error=\"%s\"", info.series_uid,
+                 err);
+        return -1;
+    }
+    util_log(UTIL_LOG_INFO, "series_complete", "study=%s series=%s instances=%d state=%s%s%s%s",
+             info.study_uid, info.series_uid, n, state, reason[0] ? " reason=\"" : "", reason,
+             reason[0] ? "\"" : "");
+    return strcmp(state, "waiting") == 0;
+}
+
+int triage_completion_tick(struct triage_completion *c, int64_t now_ms)
+{
+    int64_t ids[64];
+    int n, queued = 0;
+    if (db_series_due(c->db, now_ms, c->quiet_ms, ids, 64, &n) != 0) {
+        util_log(UTIL_LOG_ERROR, "completion_failed", "error=\"cannot read series\"");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        int r = decide(c, ids[i], now_ms);
+        if (r < 0) return -1;
+        queued += r;
+    }
+    return queued;
+}

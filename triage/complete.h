@@ -1,0 +1,30 @@
+/* Series completion and eligibility, on the libuv loop: a series is complete
+ * after a quiet period without new instances, or at once when its expected
+ * count (Images in Acquisition) is reached. A complete series becomes a job,
+ * is marked "not applicable" with the reason, or — when exactly this content
+ * was triaged before — keeps its result. All state is in SQLite, so a
+ * restart resumes where it stopped. */
+#ifndef TRIAGE_COMPLETE_H
+#define TRIAGE_COMPLETE_H
+
+#include <stdint.h>
+
+#include "db.h"
+
+struct triage_completion {
+    struct db *db; /* the loop's connection */
+    int64_t quiet_ms;
+    char head_patterns[512]; /* comma-separated, upper case */
+    int min_slices;
+    double max_tilt_deg;
+};
+
+/* Decides every series that is due at now_ms. Returns the number of jobs
+ * queued (>= 0), or -1 when the database failed (logged). */
+int triage_completion_tick(struct triage_completion *c, int64_t now_ms);
+
+/* The content key of a series: its instance count and a hash over the SOP
+ * Instance UIDs and file sizes, as 33 characters at most. */
+void triage_content_key(const char *const *sops, const int64_t *sizes, int n, char out[33]);
+
+#endif

@@ -1,0 +1,297 @@
+/* triage/infer.c: the inference thread (see infer.h). */
+#include "infer.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "db.h"
+#include "db_triage.h"
+#include "log.h"
+#include "pipeline.h"
+#include "volume.h"
+
+struct triage_infer {
+    struct triage_infer_config cfg;
+    char store_dir[1024], db_path[1100];
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stop, kicked, reload;
+    char model_cfg[1024];
+    /* Guarded by mu: what status and the web page show. */
+    bool model_ok;
+    char model_version[160], model_error[1200];
+};
+
+static int64_t now_ms(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+static double mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* Loads the configured model into *m; on failure *m is untouched. */
+static void load_model(struct triage_infer *t, struct triage_model *m, bool *have)
+{
+    char path[1000], err[1200];
+    pthread_mutex_lock(&t->mu);
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s", t->model_cfg);
+    pthread_mutex_unlock(&t->mu);
+    struct triage_model fresh;
+    int ok = 0;
+    if (triage_model_resolve(cfg, t->store_dir, path, sizeof path) != 0) {
+        snprintf(err, sizeof err, "no model file: %s", path);
+    } else if (triage_model_load(&fresh, path, err, sizeof err) == 0) {
+        ok = 1;
+    }
+    pthread_mutex_lock(&t->mu);
+    if (ok) {
+        if (*have) triage_model_free(m);
+        *m = fresh;
+        *have = true;
+        t->model_ok = true;
+        snprintf(t->model_version, sizeof t->model_version, "%s", m->version);
+        t->model_error[0] = 0;
+    } else if (!*have) {
+        t->model_ok = false;
+        snprintf(t->model_error, sizeof t->model_error, "%s", err);
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (ok)
+        util_log(UTIL_LOG_INFO, "model_loaded", "version=\"%s\" path=%s", m->version, m->path);
+    else
+        util_log(UTIL_LOG_ERROR, *have ? "model_reload_refused" : "model_not_loaded",
+                 "error=\"%s\"%s", err, *have ? " kept=old" : " jobs=waiting");
+}
+
+/* Runs one job; returns the error text (static buffer err) or NULL. */
+static const char *run_job(struct triage_infer *t, struct db *db, struct triage_model *m,
+                           const struct db_job *job, char *err, size_t errlen)
+{
+    double t0 = mono_ms();
+    char **rel = NULL;
+    int n = 0;
+    const char *fail = NULL;
+    struct triage_volume v = {0};
+    struct triage_result r = {0};
+    char **paths = NULL;
+    struct db_slice_result *per = NULL;
+    if (db_series_files(db, job->series_id, &rel, &n) != 0 || n == 0) {
+        snprintf(err, errlen, "cannot list the series' files");
+        return err;
+    }
+    paths = calloc((size_t)n, sizeof *paths);
+    for (int i = 0; paths && i < n; i++) {
+        size_t len = strlen(t->store_dir) + strlen(rel[i]) + 2;
+        paths[i] = malloc(len);
+        if (paths[i])
+            snprintf(paths[i], len, "%s/%s", t->store_dir, rel[i]);
+        else
+            fail = "out of memory";
+    }
+    if (!paths) fail = "out of memory";
+    if (fail) {
+        snprintf(err, errlen, "%s", fail);
+        goto done;
+    }
+    char e[512];
+    if (triage_volume_build((const char *const *)paths, n, &v, e, sizeof e) != 0) {
+        snprintf(err, errlen, "%s", e);
+        fail = err;
+        goto done;
+    }
+    if (fabs(v.normal[2]) < cos(t->cfg.max_tilt_deg * M_PI / 180)) {
+        snprintf(err, errlen, "slices are not axial (normal %.2f,%.2f,%.2f)", v.normal[0],
+                 v.normal[1], v.normal[2]);
+        fail = err;
+        goto done;
+    }
+    if (triage_predict_volume(m, &v, (const char *const *)paths, &r, e, sizeof e) != 0) {
+        snprintf(err, errlen, "%s", e);
+        fail = err;
+        goto done;
+    }
+    per = calloc((size_t)r.n, sizeof *per);
+    if (!per) {
+        snprintf(err, errlen, "out of memory");
+        fail = err;
+        goto done;
+    }
+    for (int i = 0; i < r.n; i++) {
+        per[i].sop_uid = v.slices[i].sop_uid;
+        per[i].frame = v.slices[i].frame;
+        for (int l = 0; l < DB_LABELS; l++)
+            per[i].p[l] = r.probs[(size_t)i * TRIAGE_LABELS + l];
+    }
+    struct db_result res = {
+        .model_version = m->version,
+        .flagged = r.flagged,
+        .slices = r.n,
+        .key_index = r.key_slice,
+        .key_sop = v.slices[r.key_slice].sop_uid,
+        .note = v.note,
+        .ms_pixels = r.ms_pixels,
+        .ms_model = r.ms_model,
+        .ms_total = mono_ms() - t0,
+        .per_slice = per,
+    };
+    for (int l = 0; l < DB_LABELS; l++)
+        res.p[l] = r.study[l];
+    if (db_job_finish(db, job, &res, NULL, now_ms(), e, sizeof e) != 0) {
+        snprintf(err, errlen, "%s", e);
+        fail = err;
+        goto done;
+    }
+    util_log(UTIL_LOG_INFO, "series_triaged",
+             "study=%s series=%s slices=%d p_any=%.4f flagged=%d key_slice=%d model=\"%s\" "
+             "ms_pixels=%.0f ms_model=%.0f ms_total=%.0f%s%s%s",
+             v.study_uid, v.series_uid, r.n, r.study[0], r.flagged, r.key_slice, m->version,
+             r.ms_pixels, r.ms_model, res.ms_total, v.note[0] ? " note=\"" : "", v.note,
+             v.note[0] ? "\"" : "");
+done:
+    free(per);
+    triage_result_free(&r);
+    triage_volume_free(&v);
+    for (int i = 0; paths && i < n; i++)
+        free(paths[i]);
+    free(paths);
+    free(rel);
+    return fail;
+}
+
+static void *infer_main(void *arg)
+{
+    struct triage_infer *t = arg;
+    /* Receiving comes first: this thread yields the CPU to it. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+    nn_set_threads(t->cfg.threads);
+    struct db *db = NULL;
+    char err[1024];
+    if (db_open(&db, t->db_path, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "inference_stopped", "error=\"%s\"", err);
+        return NULL;
+    }
+    struct triage_model m;
+    bool have = false;
+    load_model(t, &m, &have);
+    for (;;) {
+        pthread_mutex_lock(&t->mu);
+        bool stop = t->stop, reload = t->reload;
+        t->reload = false;
+        pthread_mutex_unlock(&t->mu);
+        if (stop) break;
+        if (reload) load_model(t, &m, &have);
+        struct db_job job;
+        int got = have ? db_job_claim(db, now_ms(), &job) : 0;
+        if (got < 0) util_log(UTIL_LOG_ERROR, "job_claim_failed", "error=\"database\"");
+        if (got <= 0) {
+            pthread_mutex_lock(&t->mu);
+            if (!t->kicked && !t->stop && !t->reload) {
+                struct timespec until;
+                clock_gettime(CLOCK_REALTIME, &until);
+                until.tv_sec += 1;
+                pthread_cond_timedwait(&t->cv, &t->mu, &until);
+            }
+            t->kicked = false;
+            pthread_mutex_unlock(&t->mu);
+            continue;
+        }
+        char why[1024];
+        const char *fail = run_job(t, db, &m, &job, why, sizeof why);
+        if (fail) {
+            util_log(UTIL_LOG_WARN, "series_failed", "job=%lld error=\"%s\"", (long long)job.id,
+                     fail);
+            char e[512];
+            if (db_job_finish(db, &job, NULL, fail, now_ms(), e, sizeof e) != 0)
+                util_log(UTIL_LOG_ERROR, "job_finish_failed", "job=%lld error=\"%s\"",
+                         (long long)job.id, e);
+        }
+        if (t->cfg.on_done) t->cfg.on_done(t->cfg.ud);
+    }
+    if (have) triage_model_free(&m);
+    db_close(db);
+    return NULL;
+}
+
+int triage_infer_start(struct triage_infer **out, const struct triage_infer_config *cfg, char *err,
+                       size_t errlen)
+{
+    struct triage_infer *t = calloc(1, sizeof *t);
+    if (!t) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    t->cfg = *cfg;
+    snprintf(t->store_dir, sizeof t->store_dir, "%s", cfg->store_dir);
+    snprintf(t->db_path, sizeof t->db_path, "%s", cfg->db_path);
+    snprintf(t->model_cfg, sizeof t->model_cfg, "%s", cfg->model ? cfg->model : "");
+    snprintf(t->model_error, sizeof t->model_error, "loading");
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->cv, NULL);
+    int rc = pthread_create(&t->thread, NULL, infer_main, t);
+    if (rc != 0) {
+        snprintf(err, errlen, "cannot start the inference thread: %s", strerror(rc));
+        pthread_mutex_destroy(&t->mu);
+        pthread_cond_destroy(&t->cv);
+        free(t);
+        return -1;
+    }
+    *out = t;
+    return 0;
+}
+
+void triage_infer_kick(struct triage_infer *t)
+{
+    pthread_mutex_lock(&t->mu);
+    t->kicked = true;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
+void triage_infer_reload(struct triage_infer *t, const char *model)
+{
+    pthread_mutex_lock(&t->mu);
+    snprintf(t->model_cfg, sizeof t->model_cfg, "%s", model ? model : "");
+    t->reload = true;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
+bool triage_infer_model(struct triage_infer *t, char *version, size_t vlen, char *why, size_t wlen)
+{
+    pthread_mutex_lock(&t->mu);
+    bool ok = t->model_ok;
+    snprintf(version, vlen, "%s", ok ? t->model_version : "");
+    snprintf(why, wlen, "%s", ok ? "" : t->model_error);
+    pthread_mutex_unlock(&t->mu);
+    return ok;
+}
+
+void triage_infer_stop(struct triage_infer *t)
+{
+    if (!t) return;
+    pthread_mutex_lock(&t->mu);
+    t->stop = true;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+    pthread_join(t->thread, NULL);
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->cv);
+    free(t);
+}

@@ -1,0 +1,41 @@
+/* The inference thread: takes triage jobs from SQLite one at a time, runs
+ * the model, writes the results. A thread of its own (not libuv's pool,
+ * which file work needs) at lower CPU priority than receiving. */
+#ifndef TRIAGE_INFER_H
+#define TRIAGE_INFER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+struct triage_infer;
+
+struct triage_infer_config {
+    const char *store_dir; /* relative file paths in the index start here */
+    const char *db_path;
+    const char *model; /* triage.model (may be empty) */
+    double max_tilt_deg;
+    int threads; /* OpenBLAS threads for the model */
+    /* Called on the inference thread after each job ends (result or failure). */
+    void (*on_done)(void *ud);
+    void *ud;
+};
+
+/* Starts the thread, which opens its own database connection and loads the
+ * model. A model that cannot be loaded does not stop the node: jobs wait,
+ * and triage_infer_model() says why. Returns 0, or -1 with a message. The
+ * caller owns *out: triage_infer_stop(). */
+int triage_infer_start(struct triage_infer **out, const struct triage_infer_config *cfg, char *err,
+                       size_t errlen);
+/* Wakes the thread: new jobs may be queued. Any thread. */
+void triage_infer_kick(struct triage_infer *t);
+/* Asks for the model to be loaded again from path (empty: resolve again);
+ * the old one stays if the new one fails. Any thread. */
+void triage_infer_reload(struct triage_infer *t, const char *model);
+/* Copies the loaded model's version (or "" ) and, when none is loaded, the
+ * reason into the buffers. Returns true when a model is loaded. */
+bool triage_infer_model(struct triage_infer *t, char *version, size_t vlen, char *why, size_t wlen);
+/* Finishes the job in progress, stops and frees. NULL is a no-op. */
+void triage_infer_stop(struct triage_infer *t);
+
+#endif
