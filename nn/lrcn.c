@@ -36,9 +36,10 @@ static int reserve_lrcn(nn_model *m, int N, int S)
 {
     int F = m->feat_size, H = m->cfg.lstm_hidden;
     if (S > m->len_cap) {
+        int cap = S < 64 ? 64 : S; /* series per batch rarely grow past this */
         free(m->len);
-        m->len = malloc(sizeof(int) * S);
-        m->len_cap = m->len ? S : 0;
+        m->len = malloc(sizeof(int) * cap);
+        m->len_cap = m->len ? cap : 0;
         if (!m->len) return NN_ENOMEM;
     }
     if (N <= m->lcap) return 0;
