@@ -2,7 +2,7 @@
 # bench/ingest.sh: ingest speed of ichtriage against dcmtk's storescp and
 # Orthanc, side by side on loopback (issue 2).
 #
-#   bench/ingest.sh [path/to/ichtriage]      (default: build/triage/ichtriage)
+#   bench/ingest.sh [path/to/ichtriage]      (default: build/ichtriage)
 #
 # Data: 200 synthetic CT instances of 512x512 (about 100 MB, explicit VR LE),
 # sent by storescu on one association; then 8 storescu at once, 50 instances
@@ -20,7 +20,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-ichtriage=$(realpath "${1:-$root/build/triage/ichtriage}")
+ichtriage=${1:-$root/build/ichtriage}
+[ -x "$ichtriage" ] || [ -n "${1:-}" ] || ichtriage=$root/build/triage/ichtriage
+ichtriage=$(realpath "$ichtriage")
 PYTHON=${PYTHON:-/usr/bin/python3}
 ORTHANC=${ORTHANC:-/usr/sbin/Orthanc}
 tools="$root/tests/tools"
@@ -164,7 +166,11 @@ declare -A single parallel
 for r in $(seq "$ROUNDS"); do
     generate "$work/data" "$r"
     mb=$(du -sm "$work/data/single" | cut -f1)
-    for name in ichtriage storescp orthanc; do
+    # The order rotates from round to round, so that a load that comes and
+    # goes on the machine does not always hit the same server.
+    order=(ichtriage storescp orthanc)
+    for k in 0 1 2; do
+        name=${order[$(((k + r - 1) % 3))]}
         "run_$name" "$work/$name.$r"
         single[$name]+="$t_single "
         parallel[$name]+="$t_parallel "

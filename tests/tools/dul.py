@@ -218,6 +218,23 @@ def connect(host, port, timeout=10.0):
     return s
 
 
+def trickle(sock, data, chunk=1, interval=1.0, deadline=None):
+    """Sends data chunk bytes at a time, interval seconds apart (a slow or
+    malicious peer). Stops early, returning the bytes sent, when the peer
+    closes or deadline (time.monotonic()) passes; otherwise len(data)."""
+    sent = 0
+    while sent < len(data):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        try:
+            sock.sendall(data[sent:sent + chunk])
+        except OSError:
+            break
+        sent += len(data[sent:sent + chunk])
+        time.sleep(interval)
+    return sent
+
+
 def recv_exact(sock, n):
     chunks, got = [], 0
     while got < n:
