@@ -179,9 +179,9 @@ void ph_head_random(struct ph_head *hd, struct ph_rng *r)
         ell_make(&hd->deep[n++], s * 11.0f, 0.1f * b, -0.02f * c, 9, 13, 9, 0, 0); /* thalamus */
     }
     hd->ndeep = n;
-    ell_make(&hd->stem, 0, 0.16f * b, -0.55f * c, 12, 11, 0.3f * c, 0, -15 * DEG);
+    ell_make(&hd->stem, 0, 0.16f * b, -0.55f * c, 12, 11, 0.37f * c, 0, -15 * DEG);
     ell_make(&hd->cistern_supra, 0, -0.1f * b, -0.37f * c, 13, 10, 5, 0, 0);
-    ell_make(&hd->cistern_amb, 0, 0.15f * b, -0.3f * c, 19, 19, 6, 0, 0);
+    ell_make(&hd->cistern_amb, 0, 0.15f * b, -0.3f * c, 15, 14, 5, 0, 0);
     for (int s = 0; s < 2; s++) {
         float sg = s ? 1.0f : -1.0f;
         ell_make(&hd->petrous[s], sg * 0.42f * a, 0.21f * a, hd->floor_mid + 9, 7, 30, 8,
@@ -346,9 +346,11 @@ static void base_tissue(const struct ph_head *hd, const float h[3], struct ph_po
         return;
     }
     if (fabsf(u) < 13 && v < -0.6f * hd->b && w > hd->floor_ant - 38) {
-        /* ethmoid air cells: air with thin bony septa */
-        float sep = sinf(0.9f * u) * sinf(0.8f * v) * sinf(0.7f * w);
-        pt->hu = fabsf(sep) < 0.12f ? 400.0f : -750.0f;
+        /* ethmoid air cells: air in a labyrinth of thin bony septa */
+        float g = 0;
+        for (int i = 0; i < 3; i++)
+            g += sinf(3.0f * (hd->gyr_k[i][0] * u + hd->gyr_k[i][1] * v + hd->gyr_k[i][2] * w));
+        pt->hu = fabsf(g) < 0.35f ? 350.0f : -800.0f;
     }
 }
 
@@ -412,8 +414,8 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
         if (fl - w < 3.5f) {
             pt->cls = PH_BONE;
             pt->hu = 0.85f * hd->bone_hu;
-        } else if (v > -0.3f * hd->b && fabsf(u) > 14.0f) {
-            /* temporal bone under the middle fossa, air cells towards the back */
+        } else if (v > -0.3f * hd->b && fabsf(u) > 14.0f && fl - w < 8.0f) {
+            /* spongy bone under the middle fossa, air cells towards the back */
             pt->cls = PH_BONE;
             pt->hu = v > 0.1f * hd->b && sinf(1.2f * u) * sinf(1.1f * v) * sinf(w) > 0.2f
                          ? -600.0f
@@ -486,7 +488,7 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
         float pv = hd->petrous[0].c[1], pw = hd->petrous[0].c[2];
         float dv = (vs - pv - 12.0f) / 9.0f, dw = (ws - pw) / 12.0f;
         float e = dv * dv + dw * dw;
-        if (e < 6.0f) pt->hu -= hd->bh_amp * expf(-e) * (0.7f + 0.3f * cosf(0.8f * us));
+        if (e < 6.0f) pt->hu -= hd->bh_amp * expf(-e) * (0.85f + 0.15f * cosf(0.45f * us));
     } else {
         if (ph_head_in_vent(hd, hs, 0, hd->nvent - 1)) {
             pt->cls = PH_CSF_VENT;

@@ -48,14 +48,14 @@ static void place_extra_axial(struct ph_head *hd, struct ph_rng *r, struct ph_le
     convexity_dir(r, l->side, d);
     ph_head_surface(hd, d, l->c);
     if (l->type == TRAIN_PHANTOM_EPIDURAL) {
-        static const float tlo[4] = {2, 4, 8, 15}, thi[4] = {3.5f, 8, 15, 26};
-        static const float rlo[4] = {8, 13, 20, 28}, rhi[4] = {12, 20, 30, 42};
+        static const float tlo[4] = {1.5f, 4, 8, 15}, thi[4] = {3, 8, 15, 26};
+        static const float rlo[4] = {4, 12, 20, 28}, rhi[4] = {7, 20, 30, 42};
         l->t = by_size(r, size, tlo, thi);
         l->r = by_size(r, size, rlo, rhi);
         l->hu = frand(r, 55, 88);
     } else {
-        static const float tlo[4] = {1.5f, 3, 6, 11}, thi[4] = {3, 6, 11, 20};
-        static const float rlo[4] = {15, 28, 42, 55}, rhi[4] = {25, 45, 65, 85};
+        static const float tlo[4] = {1.2f, 3, 6, 11}, thi[4] = {2.5f, 6, 11, 20};
+        static const float rlo[4] = {4, 25, 42, 55}, rhi[4] = {7, 45, 65, 85};
         l->t = by_size(r, size, tlo, thi);
         l->r = by_size(r, size, rlo, rhi);
         l->hu = frand(r, 52, 78);
