@@ -10,16 +10,27 @@
 
 #define DB_STATUS_MAX_STATES 16
 
+/* How many rows have one value of a state column. */
+struct db_status_count {
+    char name[32];
+    int64_t count;
+};
+
 struct db_status {
     int schema_version; /* PRAGMA user_version of the file */
     int64_t patients, studies, series, instances;
     int64_t spool_bytes;      /* sum of the indexed files' sizes */
     int64_t last_received_ms; /* newest instance, ms since the epoch; 0: none */
-    struct {
-        char state[32];
-        int64_t count;
-    } series_states[DB_STATUS_MAX_STATES]; /* series per state, by state name */
+    struct db_status_count series_states[DB_STATUS_MAX_STATES]; /* by name */
     int n_series_states;
+    /* Triage, once the database has its tables (schema 2 on): jobs per
+     * state (the queue), studies per status, the newest result. */
+    bool has_triage;
+    struct db_status_count job_states[DB_STATUS_MAX_STATES];
+    int n_job_states;
+    struct db_status_count study_statuses[DB_STATUS_MAX_STATES];
+    int n_study_statuses;
+    int64_t last_triage_ms; /* 0: none */
     bool quick_check_ok;
     char quick_check[256]; /* "ok", or the first problem PRAGMA quick_check found */
 };

@@ -24,21 +24,23 @@ static int scalar(sqlite3 *c, const char *sql, int64_t *out, char *err, size_t e
     return 0;
 }
 
-static int read_states(sqlite3 *c, struct db_status *out, char *err, size_t errlen)
+/* Runs "SELECT name, count ... GROUP BY name" into out (at most
+ * DB_STATUS_MAX_STATES rows). */
+static int read_counts(sqlite3 *c, const char *sql, struct db_status_count *out, int *n,
+                       char *err, size_t errlen)
 {
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c, "SELECT state, count(*) FROM series GROUP BY state ORDER BY state",
-                           -1, &st, NULL) != SQLITE_OK) {
+    *n = 0;
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "%s", sqlite3_errmsg(c));
         return -1;
     }
     int rc;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW && out->n_series_states < DB_STATUS_MAX_STATES) {
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < DB_STATUS_MAX_STATES) {
         const char *s = (const char *)sqlite3_column_text(st, 0);
-        snprintf(out->series_states[out->n_series_states].state,
-                 sizeof out->series_states[0].state, "%s", s ? s : "");
-        out->series_states[out->n_series_states].count = sqlite3_column_int64(st, 1);
-        out->n_series_states++;
+        snprintf(out[*n].name, sizeof out[*n].name, "%s", s ? s : "");
+        out[*n].count = sqlite3_column_int64(st, 1);
+        (*n)++;
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
@@ -46,6 +48,21 @@ static int read_states(sqlite3 *c, struct db_status *out, char *err, size_t errl
         return -1;
     }
     return 0;
+}
+
+/* The triage tables arrive with schema 2 (issue 6); an older database, or
+ * one whose tables differ from these queries, simply has no triage part. */
+static void read_triage(sqlite3 *c, struct db_status *out)
+{
+    char err[256];
+    out->has_triage =
+        read_counts(c, "SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state",
+                    out->job_states, &out->n_job_states, err, sizeof err) == 0 &&
+        read_counts(c, "SELECT status, count(*) FROM studies GROUP BY status ORDER BY status",
+                    out->study_statuses, &out->n_study_statuses, err, sizeof err) == 0 &&
+        scalar(c, "SELECT coalesce(max(created_at), 0) FROM results", &out->last_triage_ms, err,
+               sizeof err) == 0;
+    if (!out->has_triage) out->n_job_states = out->n_study_statuses = 0;
 }
 
 static void run_quick_check(sqlite3 *c, struct db_status *out)
@@ -103,8 +120,10 @@ int db_status_read(const char *path, bool quick_check, struct db_status *out, ch
         scalar(c, "SELECT coalesce(sum(file_size), 0) FROM instances", &out->spool_bytes, err, errlen) ||
         scalar(c, "SELECT max(received_at) FROM instances", &out->last_received_ms, err,
                errlen) ||
-        read_states(c, out, err, errlen))
+        read_counts(c, "SELECT state, count(*) FROM series GROUP BY state ORDER BY state",
+                    out->series_states, &out->n_series_states, err, errlen))
         goto done;
+    read_triage(c, out);
     if (quick_check) run_quick_check(c, out);
     rc = 0;
 done:

@@ -117,6 +117,22 @@ static void iso8601(int64_t ms, char *out, size_t n)
     strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
+/* "label name n, name n" or "label none". */
+static void print_counts(const char *label, const struct db_status_count *c, int n)
+{
+    printf("%s", label);
+    for (int i = 0; i < n; i++)
+        printf("%s%s %lld", i ? ", " : "", c[i].name, (long long)c[i].count);
+    printf("%s\n", n ? "" : "none");
+}
+
+static void json_counts(cJSON *parent, const char *key, const struct db_status_count *c, int n)
+{
+    cJSON *o = cJSON_AddObjectToObject(parent, key);
+    for (int i = 0; o && i < n; i++)
+        cJSON_AddNumberToObject(o, c[i].name, (double)c[i].count);
+}
+
 static void print_text(const struct status *s)
 {
     printf("ichtriage status (decision support, not a diagnosis)\n");
@@ -140,11 +156,20 @@ static void print_text(const struct status *s)
         } else {
             printf("last received never\n");
         }
-        printf("series        ");
-        for (int i = 0; i < s->db.n_series_states; i++)
-            printf("%s%s %lld", i ? ", " : "", s->db.series_states[i].state,
-                   (long long)s->db.series_states[i].count);
-        printf("%s\n", s->db.n_series_states ? "" : "none");
+        print_counts("series        ", s->db.series_states, s->db.n_series_states);
+        if (s->db.has_triage) {
+            print_counts("triage queue  ", s->db.job_states, s->db.n_job_states);
+            print_counts("studies       ", s->db.study_statuses, s->db.n_study_statuses);
+            if (s->db.last_triage_ms > 0) {
+                char when[32];
+                iso8601(s->db.last_triage_ms, when, sizeof when);
+                printf("last triage   %s\n", when);
+            } else {
+                printf("last triage   never\n");
+            }
+        } else {
+            printf("triage        not in this database\n");
+        }
     } else {
         printf("database      %s\n", s->db_err);
     }
@@ -152,7 +177,6 @@ static void print_text(const struct status *s)
         printf("disk          %lld MiB free (store.min_free_mb %lld)%s\n", (long long)s->free_mb,
                (long long)s->min_free_mb, s->disk_ok ? "" : " LOW");
     if (s->in_flight >= 0) printf("receiving     %lld datasets in flight\n", (long long)s->in_flight);
-    printf("triage        not available in this build\n");
     if (!s->n_problems) printf("health        ok\n");
     for (int i = 0; i < s->n_problems; i++) printf("problem       %s\n", s->problems[i]);
 }
@@ -195,12 +219,22 @@ static int print_json(const struct status *s)
         } else {
             cJSON_AddNullToObject(db, "last_received_at");
         }
-        cJSON *states = cJSON_AddObjectToObject(db, "series_by_state");
-        for (int i = 0; states && i < s->db.n_series_states; i++)
-            cJSON_AddNumberToObject(states, s->db.series_states[i].state,
-                                    (double)s->db.series_states[i].count);
+        json_counts(db, "series_by_state", s->db.series_states, s->db.n_series_states);
     } else {
         cJSON_AddStringToObject(db, "error", s->db_err);
+    }
+    cJSON *triage = s->db_ok && s->db.has_triage ? cJSON_AddObjectToObject(o, "triage")
+                                                 : cJSON_AddNullToObject(o, "triage");
+    if (triage && cJSON_IsObject(triage)) {
+        json_counts(triage, "jobs_by_state", s->db.job_states, s->db.n_job_states);
+        json_counts(triage, "studies_by_status", s->db.study_statuses, s->db.n_study_statuses);
+        if (s->db.last_triage_ms > 0) {
+            char when[32];
+            iso8601(s->db.last_triage_ms, when, sizeof when);
+            cJSON_AddStringToObject(triage, "last_triage_at", when);
+        } else {
+            cJSON_AddNullToObject(triage, "last_triage_at");
+        }
     }
     if (s->free_mb >= 0)
         cJSON_AddNumberToObject(disk, "free_mb", (double)s->free_mb);

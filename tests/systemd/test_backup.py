@@ -84,6 +84,12 @@ class Backup(itest.NodeTest):
         self.assertRegex(db["last_received_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
         self.assertEqual(sum(db["series_by_state"].values()), 2)
         self.assertTrue(doc["disk"]["ok"])
+        if db["schema_version"] >= 2:  # the triage tables (issue 6)
+            self.assertIsInstance(doc["triage"], dict, doc)
+            self.assertIsInstance(doc["triage"]["jobs_by_state"], dict)
+            self.assertEqual(sum(doc["triage"]["studies_by_status"].values()), 2, doc)
+        else:
+            self.assertIsNone(doc["triage"])
         # The text form says the same, without patient names.
         rc, out, _ = ichtriage("status", *store_args(node.store_dir, node.port))
         self.assertEqual(rc, 0, out)

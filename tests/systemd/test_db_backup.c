@@ -154,7 +154,7 @@ Test(db_backup, files_of_a_copy_and_status)
     cr_assert_eq(s.last_received_ms, 7000);
     cr_assert_eq(s.series, 1);
     cr_assert_eq(s.n_series_states, 1);
-    cr_assert_str_eq(s.series_states[0].state, "receiving");
+    cr_assert_str_eq(s.series_states[0].name, "receiving");
     cr_assert(s.quick_check_ok);
     cr_assert_eq(s.schema_version, db_schema_version());
     /* status never creates a database */
@@ -163,4 +163,34 @@ Test(db_backup, files_of_a_copy_and_status)
     cr_assert_eq(db_status_read(missing, false, &s, err, sizeof err), -1);
     struct stat st;
     cr_assert_neq(stat(missing, &st), 0);
+}
+
+/* db_open() copies an existing, older database before it migrates it. A
+ * database at the current version, set back one version, makes db_open()
+ * run the last migration again, which fails (its tables exist); the copy
+ * must be there all the same, taken before the migration started. */
+Test(db_backup, db_open_copies_before_migrating)
+{
+    if (db_schema_version() < 2) cr_skip_test("one schema version only: nothing to migrate from");
+    struct db *db;
+    char err[512] = "";
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(count_prefixed("ichtriage.db.v", NULL, 0), 0, "a new database was copied");
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(count_prefixed("ichtriage.db.v", NULL, 0), 0, "an up-to-date database was copied");
+    sqlite3 *c;
+    char pragma[64], prefix[64];
+    snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", db_schema_version() - 1);
+    cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(c, pragma, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(c);
+    db_open(&db, path, err, sizeof err);
+    db_close(db);
+    snprintf(prefix, sizeof prefix, "ichtriage.db.v%d-", db_schema_version() - 1);
+    cr_assert_eq(count_prefixed(prefix, NULL, 0), 1,
+                 "no copy of the database before migrating it from version %d (db_migrate "
+                 "must call db_backup_before_migration)",
+                 db_schema_version() - 1);
 }
