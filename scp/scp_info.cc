@@ -7,6 +7,7 @@
 
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/oflog/oflog.h>
 
 namespace
 {
@@ -109,6 +110,11 @@ extern "C" int scp_info_frames(const char *path, int max, double *positions, dou
         snprintf(err, errlen, "cannot parse DICOM: unknown error");
     }
     return -1;
+}
+
+extern "C" void scp_log_init(int verbose)
+{
+    OFLog::configure(verbose ? OFLogger::WARN_LOG_LEVEL : OFLogger::FATAL_LOG_LEVEL);
 }
 
 extern "C" bool scp_uid_valid(const char *uid)

@@ -68,6 +68,11 @@ int scp_info_frames(const char *path, int max, double *positions, double orienta
                     bool *has_orientation, double spacing[2], bool *has_spacing, char *err,
                     unsigned long errlen);
 
+/* dcmtk logs on its own to stderr in its own format; the node logs what
+ * matters itself. verbose != 0 lets dcmtk's warnings through (log.level
+ * debug), else only its fatal errors. */
+void scp_log_init(int verbose);
+
 /* True when uid is a usable DICOM UID: 1..64 characters of digits and dots,
  * not starting or ending with a dot. Everything the node puts in a path
  * passes this check first. */

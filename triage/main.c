@@ -3,8 +3,12 @@
 #include <string.h>
 
 #include "phantom.h"
+#include "trainer.h"
 #include "backup.h"
+#include "predict.h"
+#include "scp_info.h"
 #include "serve.h"
+#include "worklist.h"
 #include "status.h"
 
 struct command {
@@ -14,11 +18,16 @@ struct command {
 };
 
 static const struct command commands[] = {
-    {"serve", triage_serve_main, "run the node (DICOM Storage SCP, index)"},
+    {"serve", triage_serve_main, "run the node (DICOM Storage SCP, index, triage)"},
+    {"worklist", triage_worklist_main, "print the worklist in reading order (--json)"},
+    {"predict", triage_predict_main, "run the model on DICOM files or folders (--json)"},
     {"status", triage_status_main, "health at a glance: port, index, disk (--json)"},
     {"backup", triage_backup_main, "copy the index (online) and the spool into DIR"},
     {"restore", triage_restore_main, "put a backup back into an empty store.dir"},
     {"phantom", train_phantom_main, "write synthetic head-CT studies with labelled hemorrhages"},
+    {"train", train_train_main, "train a model (two stages) on RSNA-layout or phantom folders"},
+    {"eval", train_eval_main, "evaluate a model on labelled folders; HTML report + JSON"},
+    {"model", train_model_main, "the model registry: list, promote ID, rollback, register"},
 };
 
 static void usage(FILE *f)
@@ -32,6 +41,7 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    scp_log_init(0);
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

@@ -195,6 +195,7 @@ int triage_serve_main(int argc, char **argv)
         return 2;
     }
     util_log_set_level((enum util_log_level)level);
+    scp_log_init(level >= UTIL_LOG_DEBUG);
 
     int64_t port, max_assoc, max_pdu, acse, dimse, deadline, min_free, max_inst, grace;
     if (get_int(&n, CFG_DICOM_PORT, 1, 65535, &port) ||

@@ -1,0 +1,279 @@
+"""Triage flow through the real node (issue 6): phantom studies sent with
+storescu become worklist rows; completion by quiet period and by expected
+count; a restart in the middle of a series; a late instance after triage; an
+MR series and a localizer in the same study; an undecodable slice; two studies
+interleaved on parallel associations; the same content never triaged twice;
+a missing model keeps the node receiving.
+
+The model here has random weights (tests/triage/make_test_model.c): these
+tests check the plumbing and the order rules, not what a model has learnt.
+
+    python3 test_triage.py ICHTRIAGE MAKE_TEST_MODEL"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+
+MAKE_MODEL = None
+QUIET = 1
+
+
+def phantom(exe, out, seed, slices=12, size=128, count=1, extra=()):
+    """`ichtriage phantom` studies; returns {study_uid: [files in slice order]}."""
+    subprocess.run([exe, "phantom", "--seed", str(seed), "-n", str(count), "--size", str(size),
+                    "--slices", str(slices)] + list(extra) + [out],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import pydicom
+    studies = {}
+    for f in glob.glob(os.path.join(out, "stage_2_train", "*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        studies.setdefault(ds.StudyInstanceUID, []).append((int(ds.InstanceNumber), f))
+    return {k: [f for _, f in sorted(v)] for k, v in studies.items()}
+
+
+class TriageTest(itest.NodeTest):
+    def setUp(self):
+        super().setUp()
+        self.model = os.path.join(self.work, "model.safetensors")
+        subprocess.run([MAKE_MODEL, self.model], check=True)
+
+    def node(self, **extra):
+        settings = {"triage.model": self.model, "triage.quiet_seconds": QUIET,
+                    "triage.min_slices": 5}
+        settings.update(extra)
+        return self.start_node(settings)
+
+    def send(self, node, files, **kw):
+        r = dt.storescu(node.port, files, workdir=self.work, **kw)
+        self.assert_all_success(r, files)
+        return r
+
+    def worklist(self, node, status=None):
+        argv = [itest.EXE, "worklist", "-c", "/dev/null", "--set", "store.dir=" + node.store_dir,
+                "--json"] + (["--status", status] if status else [])
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+        return json.loads(p.stdout)
+
+    def wait_status(self, node, study, statuses, timeout=30):
+        deadline = time.monotonic() + timeout
+        row = None
+        while time.monotonic() < deadline:
+            rows = [r for r in self.worklist(node) if r["study_uid"] == study]
+            row = rows[0] if rows else None
+            if row and row["status"] in statuses:
+                return row
+            time.sleep(0.2)
+        self.fail("study %s not %s after %ss: %r\n%s" % (study, statuses, timeout, row,
+                                                         node.log_tail()))
+
+    def jobs(self, node, study):
+        return node.query("SELECT j.state, j.content_key FROM jobs j JOIN series s"
+                          " ON s.id = j.series_ref JOIN studies st ON st.id = s.study_ref"
+                          " WHERE st.study_uid = ?", (study,))
+
+    # ------------------------------------------------------------------
+    def test_studies_triaged_and_ordered(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=11, count=3)
+        files = [f for fs in studies.values() for f in fs]
+        t0 = time.monotonic()
+        self.send(node, files)
+        rows = [self.wait_status(node, s, ("triaged",)) for s in studies]
+        self.assertLess(time.monotonic() - t0, QUIET + 20)
+        for row in rows:
+            self.assertEqual(row["slices"], 12)
+            self.assertEqual(row["model_version"], "test-random-weights")
+            self.assertIsNotNone(row["probability"])
+            self.assertEqual(set(row["subtypes"]), {"epidural", "intraparenchymal",
+                                                    "intraventricular", "subarachnoid",
+                                                    "subdural"})
+        listed = self.worklist(node)
+        probs = [r["probability"] for r in listed]
+        # Group 3 (triaged, not flagged) is by probability, highest first.
+        self.assertEqual(probs, sorted(probs, reverse=True), listed)
+        # Per-slice results are stored in the order along the normal.
+        n = node.query("SELECT count(*) FROM slice_results")[0][0]
+        self.assertEqual(n, 36)
+        # Flag threshold from the model: with threshold 0.01 everything is flagged
+        # and still ordered by probability.
+        low = os.path.join(self.work, "low.safetensors")
+        subprocess.run([MAKE_MODEL, low, "b8,M,b16,M,b16,M,b16,G|", "1", "0.01"], check=True)
+        node2 = self.start_node({"triage.model": low, "triage.quiet_seconds": QUIET,
+                                 "triage.min_slices": 5}, name="node2")
+        self.send(node2, files)
+        for s in studies:
+            row = self.wait_status(node2, s, ("triaged",))
+            self.assertTrue(row["flagged"])
+
+    def test_expected_count_completes_at_once(self):
+        # With Images in Acquisition known and reached, no quiet period is needed.
+        node = self.node(**{"triage.quiet_seconds": 60})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=12)
+        (study, files), = studies.items()
+        import pydicom
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.ImagesInAcquisition = len(files)
+            ds.save_as(f)
+        self.send(node, files)
+        self.wait_status(node, study, ("triaged",), timeout=20)
+
+    def test_restart_in_the_middle_of_a_series(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=13)
+        (study, files), = studies.items()
+        self.send(node, files[:6])
+        self.assertEqual(node.stop(), 0)
+        # Restarted after the quiet period: the half series is complete and
+        # triaged from the state in SQLite, then the rest re-opens it.
+        node.start()
+        self.wait_status(node, study, ("triaged", "not_applicable"))
+        self.send(node, files[6:])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            row = self.wait_status(node, study, ("triaged",))
+            if row["slices"] == 12:
+                break
+            time.sleep(0.3)
+        self.assertEqual(row["slices"], 12, row)
+
+    def test_late_instance_retriages_and_shows_the_change(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=14)
+        (study, files), = studies.items()
+        self.send(node, files[:-1])
+        first = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(first["slices"], 11)
+        self.assertEqual(first["result_updates"], 0)
+        self.send(node, files[-1:])
+        deadline = time.monotonic() + 30
+        row = first
+        while time.monotonic() < deadline and row["result_updates"] == 0:
+            time.sleep(0.2)
+            row = self.wait_status(node, study, ("triaged", "received", "waiting", "triaging"))
+        row = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(row["slices"], 12)
+        self.assertEqual(row["result_updates"], 1)
+        self.assertEqual(len(self.jobs(node, study)), 2)
+
+    def test_same_content_is_not_triaged_twice(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=15)
+        (study, files), = studies.items()
+        self.send(node, files)
+        self.wait_status(node, study, ("triaged",))
+        self.send(node, files)  # identical resend: re-opens, same content
+        self.assertTrue(node.wait_event("series_complete", timeout=QUIET + 10, count=2))
+        row = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(len(self.jobs(node, study)), 1, "same content triaged twice")
+        self.assertEqual(row["result_updates"], 0)
+
+    def test_mr_series_and_localizer(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=16)
+        (study, files), = studies.items()
+        import pydicom
+        from pydicom.uid import generate_uid
+        # A localizer in the CT series: same series, sagittal, LOCALIZER.
+        ds = pydicom.dcmread(files[0])
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        loc = os.path.join(self.work, "localizer.dcm")
+        ds.save_as(loc)
+        # An MR series in the same study.
+        mr = self.gen("mr", count=6, rows=64, cols=64, sop="mr", study_uid=study)
+        self.send(node, files + [loc])
+        self.send(node, mr)
+        row = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(row["slices"], 12, "the localizer was not dropped")
+        states = dict(node.query("SELECT s.modality, s.state FROM series s JOIN studies st"
+                                 " ON st.id = s.study_ref WHERE st.study_uid = ?", (study,)))
+        self.assertEqual(states.get("MR"), "not_applicable", states)
+        reason = node.query("SELECT state_reason FROM series WHERE modality = 'MR'")[0][0]
+        self.assertIn("not CT", reason)
+
+    def test_undecodable_slice_fails_that_series_only(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=17, count=2)
+        (bad_study, bad), (good_study, good) = sorted(studies.items())
+        import pydicom
+        ds = pydicom.dcmread(bad[3])
+        ds.PixelData = ds.PixelData[:100]  # far too short for its rows x columns
+        ds.save_as(bad[3])
+        self.send(node, bad + good)
+        row = self.wait_status(node, bad_study, ("failed",))
+        self.assertTrue(row["status_reason"], row)
+        self.wait_status(node, good_study, ("triaged",))
+        self.assertTrue(node.events("series_failed"))
+        # Failed is "not yet known": listed before triaged, unflagged studies.
+        order = [r["study_uid"] for r in self.worklist(node)]
+        self.assertLess(order.index(bad_study), order.index(good_study))
+        self.assertTrue(node.alive())
+
+    def test_two_studies_interleaved_on_parallel_associations(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=18, count=2)
+        (a, fa), (b, fb) = sorted(studies.items())
+        # Each association carries half of each study.
+        halves = [fa[0::2] + fb[0::2], fa[1::2] + fb[1::2]]
+        results = [None, None]
+
+        def run(i):
+            results[i] = dt.storescu(node.port, halves[i], workdir=self.work)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(2):
+            self.assert_all_success(results[i], halves[i])
+        for s in (a, b):
+            row = self.wait_status(node, s, ("triaged",))
+            self.assertEqual(row["slices"], 12)
+            self.assertEqual(len(self.jobs(node, s)), 1)
+
+    def test_missing_model_keeps_receiving(self):
+        node = self.node(**{"triage.model": os.path.join(self.work, "nope.safetensors")})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=19)
+        (study, files), = studies.items()
+        self.send(node, files)
+        self.assertTrue(node.wait_event("model_not_loaded"))
+        row = self.wait_status(node, study, ("waiting",))
+        self.assertIsNone(row["probability"])
+        self.assertTrue(node.alive())
+
+    def test_predict_matches_the_node(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=20)
+        (study, files), = studies.items()
+        self.send(node, files)
+        row = self.wait_status(node, study, ("triaged",))
+        p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
+                            "triage.model=" + self.model, "--json",
+                            os.path.join(self.work, "ph")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+        out = json.loads(p.stdout)
+        self.assertEqual(len(out), 1)
+        self.assertEqual(out[0]["study_uid"], study)
+        self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
+        self.assertEqual(len(out[0]["slice_probabilities"]), 12)
+        bad = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
+                              "triage.model=/nonexistent.safetensors", files[0]],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertNotEqual(bad.returncode, 0)
+        self.assertIn(b"model", bad.stderr)
+
+
+if __name__ == "__main__":
+    MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
+    sys.exit(itest.main())

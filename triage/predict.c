@@ -1,0 +1,234 @@
+/* triage/predict.c: `ichtriage predict`. Files are grouped by series, each
+ * series is ordered and run through the same pipeline as the node's. */
+#define _XOPEN_SOURCE 700
+#include "predict.h"
+
+#include <cjson/cJSON.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+
+#include "config.h"
+#include "pipeline.h"
+#include "rows.h"
+#include "scp_info.h"
+#include "volume.h"
+
+struct file {
+    char *path;
+    struct scp_info info;
+};
+
+struct files {
+    struct file *v;
+    int n, cap, skipped;
+};
+
+/* nftw has no user pointer: the walk's state is this one static, used only
+ * during the walk on the main thread. */
+static struct files *walk_into;
+
+static int add_file(const char *path, struct files *fs)
+{
+    if (fs->n == fs->cap) {
+        int cap = fs->cap ? fs->cap * 2 : 256;
+        struct file *v = realloc(fs->v, sizeof *v * (size_t)cap);
+        if (!v) return -1;
+        fs->v = v;
+        fs->cap = cap;
+    }
+    struct file *f = &fs->v[fs->n];
+    char err[256];
+    if (scp_info_read(path, &f->info, err, sizeof err) != 0 || !f->info.has_pixel_data ||
+        !f->info.series_uid[0]) {
+        fs->skipped++;
+        return 0;
+    }
+    f->path = strdup(path);
+    if (!f->path) return -1;
+    fs->n++;
+    return 0;
+}
+
+static int on_walk(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    if (type != FTW_F) return 0;
+    return add_file(path, walk_into) ? -1 : 0;
+}
+
+static int by_series(const void *a, const void *b)
+{
+    const struct file *x = a, *y = b;
+    int c = strcmp(x->info.study_uid, y->info.study_uid);
+    return c ? c : strcmp(x->info.series_uid, y->info.series_uid);
+}
+
+static int64_t now_ms(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: ichtriage predict [-c FILE] [--set K=V]... [--json] PATH...\n\n"
+               "Runs the triage model on DICOM files or folders (searched recursively), one\n"
+               "result per series, with the field names of the worklist API. The model is\n"
+               "triage.model, else <store.dir>/models/active.safetensors, else the shipped\n"
+               "default. Decision support, not a diagnosis.\n");
+}
+
+int triage_predict_main(int argc, char **argv)
+{
+    struct triage_config cfg;
+    char err[1200];
+    if (triage_config_from_args(&cfg, &argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage predict: %s\n", err);
+        return 2;
+    }
+    int json = 0, npaths = 0, rc = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+        } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            usage(stdout);
+            triage_config_free(&cfg);
+            return 0;
+        } else if (argv[i][0] == '-' && argv[i][1]) {
+            fprintf(stderr, "ichtriage predict: unknown option '%s'\n", argv[i]);
+            triage_config_free(&cfg);
+            return 2;
+        } else {
+            argv[1 + npaths++] = argv[i];
+        }
+    }
+    if (npaths == 0) {
+        usage(stderr);
+        triage_config_free(&cfg);
+        return 2;
+    }
+    struct triage_model model;
+    char path[1000];
+    if (triage_model_resolve(triage_config_str(&cfg, CFG_TRIAGE_MODEL),
+                             triage_config_str(&cfg, CFG_STORE_DIR), path, sizeof path) != 0) {
+        fprintf(stderr, "ichtriage predict: no model file: %s\n", path);
+        triage_config_free(&cfg);
+        return 1;
+    }
+    if (triage_model_load(&model, path, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage predict: %s\n", err);
+        triage_config_free(&cfg);
+        return 1;
+    }
+    triage_config_free(&cfg);
+
+    struct files fs = {0};
+    walk_into = &fs;
+    for (int i = 0; i < npaths; i++) {
+        struct stat st;
+        if (stat(argv[1 + i], &st) != 0) {
+            fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
+            goto done;
+        }
+        if (S_ISDIR(st.st_mode) ? nftw(argv[1 + i], on_walk, 16, FTW_PHYS) != 0
+                                : add_file(argv[1 + i], &fs) != 0) {
+            fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
+            goto done;
+        }
+    }
+    walk_into = NULL;
+    if (fs.skipped)
+        fprintf(stderr, "ichtriage predict: %d file(s) skipped (not DICOM images)\n", fs.skipped);
+    qsort(fs.v, (size_t)fs.n, sizeof *fs.v, by_series);
+    cJSON *array = json ? cJSON_CreateArray() : NULL;
+    if (!json) triage_row_print_header(stdout);
+    int rank = 0, failures = 0;
+    for (int a = 0; a < fs.n;) {
+        int b = a;
+        while (b < fs.n && by_series(&fs.v[a], &fs.v[b]) == 0)
+            b++;
+        const char **paths = malloc(sizeof *paths * (size_t)(b - a));
+        if (!paths) goto done;
+        for (int k = a; k < b; k++)
+            paths[k - a] = fs.v[k].path;
+        const struct scp_info *in = &fs.v[a].info;
+        struct db_worklist_row row = {
+            .study_uid = in->study_uid,
+            .series_uid = in->series_uid,
+            .accession = in->accession,
+            .patient_id = in->patient_id,
+            .patient_name = in->patient_name,
+            .study_desc = in->study_desc,
+            .status = "triaged",
+            .status_reason = "",
+            .model_version = model.version,
+            .received_at_ms = now_ms(),
+            .updated_at_ms = now_ms(),
+            .slices = b - a,
+        };
+        struct triage_volume v;
+        struct triage_result r = {0};
+        char e[1024] = "";
+        if (!scp_sop_class_is_ct(in->sop_class)) {
+            row.status = "not_applicable";
+            snprintf(e, sizeof e, "not a CT image (modality %s)", in->modality);
+        } else if (triage_volume_build(paths, b - a, &v, e, sizeof e) != 0) {
+            row.status = "failed";
+        } else {
+            if (triage_predict_volume(&model, &v, paths, &r, e, sizeof e) != 0) {
+                row.status = "failed";
+            } else {
+                row.has_probability = true;
+                row.probability = r.study[0];
+                for (int l = 1; l < TRIAGE_LABELS; l++)
+                    row.subtypes[l - 1] = r.study[l];
+                row.flagged = r.flagged;
+                row.slices = r.n;
+                snprintf(e, sizeof e, "%s", v.note);
+            }
+            triage_volume_free(&v);
+        }
+        row.status_reason = e;
+        if (strcmp(row.status, "failed") == 0) failures++;
+        rank++;
+        if (json) {
+            cJSON *o = triage_row_json(&row);
+            if (o && r.probs) {
+                cJSON_AddNumberToObject(o, "key_slice", r.key_slice);
+                cJSON *per = cJSON_AddArrayToObject(o, "slice_probabilities");
+                for (int i = 0; per && i < r.n; i++)
+                    cJSON_AddItemToArray(per,
+                                         cJSON_CreateNumber(r.probs[(size_t)i * TRIAGE_LABELS]));
+            }
+            if (o) cJSON_AddItemToArray(array, o);
+        } else {
+            triage_row_print(stdout, rank, &row, row.received_at_ms);
+            if (e[0]) printf("     %s\n", e);
+        }
+        triage_result_free(&r);
+        free(paths);
+        a = b;
+    }
+    if (json) {
+        char *text = cJSON_Print(array);
+        if (text) puts(text);
+        cJSON_free(text);
+        cJSON_Delete(array);
+    } else {
+        printf("-- %d series. Decision support, not a diagnosis.\n", rank);
+    }
+    rc = failures ? 1 : 0;
+done:
+    walk_into = NULL;
+    for (int i = 0; i < fs.n; i++)
+        free(fs.v[i].path);
+    free(fs.v);
+    triage_model_free(&model);
+    return rc;
+}
