@@ -144,7 +144,7 @@ static void study_text_make(struct study_text *t, struct ph_rng *r,
     snprintf(t->accession, sizeof t->accession, "PH%010llu",
              (unsigned long long)(ph_rng_next(r) % 10000000000ULL));
     snprintf(t->sid, sizeof t->sid, "%d", index);
-    snprintf(t->series_desc, sizeof t->series_desc, "Phantom head axial %.2f mm", thickness);
+    snprintf(t->series_desc, sizeof t->series_desc, "Phantom head axial %.4g mm", thickness);
 }
 
 static double pick_thickness(struct ph_rng *r, const struct train_phantom_opts *o)

@@ -427,3 +427,72 @@ Test(scp_pixels, refuses_what_it_cannot_read)
     cr_assert(strlen(err) > 0);
     cr_assert_null(px.hu);
 }
+
+static void run_tool(const char *fmt, const char *path)
+{
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, fmt, path);
+    cr_assert_eq(system(cmd), 0, "%s failed", cmd);
+}
+
+/* Pixel Padding Value, alone and with a Range Limit, gives air. */
+Test(scp_pixels, padding_values_read_as_air)
+{
+    char dir[256], path[300], err[512] = "";
+    make_tmpdir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/pad.dcm", dir);
+    int rows = 40, cols = 56, n = rows * cols;
+    uint16_t *pix = malloc(sizeof(uint16_t) * n);
+    write_test_image(path, rows, cols, pix);
+    run_tool("dcmodify -nb -i '(0028,0120)=111' '%s' >/dev/null", path);
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
+    unsigned long expect = 0;
+    for (int i = 0; i < n; i++) {
+        if (pix[i] == 111) {
+            cr_assert_float_eq(px.hu[i], SCP_PIXELS_PAD_HU, 1e-3);
+            expect++;
+        } else {
+            cr_assert_float_eq(px.hu[i], (float)pix[i] - 1024.0f, 1e-3);
+        }
+    }
+    cr_assert_gt(expect, 0);
+    cr_assert_eq(px.padded, expect);
+    scp_pixels_free(&px);
+
+    run_tool("dcmodify -nb -i '(0028,0121)=185' '%s' >/dev/null", path);
+    cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
+    expect = 0;
+    for (int i = 0; i < n; i++) {
+        bool pad = pix[i] >= 111 && pix[i] <= 185;
+        expect += pad;
+        cr_assert_float_eq(px.hu[i], pad ? SCP_PIXELS_PAD_HU : (float)pix[i] - 1024.0f, 1e-3);
+    }
+    cr_assert_gt(expect, 3);
+    cr_assert_eq(px.padded, expect);
+    scp_pixels_free(&px);
+    free(pix);
+    remove_tree(dir);
+}
+
+/* Number of Frames splits the pixel data into frames, in order. */
+Test(scp_pixels, multi_frame_gives_frames)
+{
+    char dir[256], path[300], err[512] = "";
+    make_tmpdir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/mf.dcm", dir);
+    int rows = 40, cols = 56;
+    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
+    write_test_image(path, rows, cols, pix);
+    run_tool("dcmodify -nb -m '(0028,0010)=10' -i '(0028,0008)=4' '%s' >/dev/null", path);
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(px.frames, 4);
+    cr_assert_eq(px.rows, 10);
+    cr_assert_eq(px.columns, cols);
+    for (int i = 0; i < rows * cols; i++)
+        cr_assert_float_eq(px.hu[i], (float)pix[i] - 1024.0f, 1e-3, "value %d", i);
+    scp_pixels_free(&px);
+    free(pix);
+    remove_tree(dir);
+}
