@@ -147,6 +147,8 @@ void ph_head_random(struct ph_head *hd, struct ph_rng *r)
         hd->fol_k[j] = 2.0f * (float)M_PI / 6.5f * d[j];
     hd->fol_ph = frand(r, 0, 6.2832f);
     hd->falx_hu = frand(r, 40, 60);
+    hd->sinus_d = frand(r, 5, 9);
+    hd->venous_hu = frand(r, 40, 62);
     hd->falx_w = frand(r, 0.6f, 1.1f);
     hd->fiss_w = 0.4f + 2.0f * atrophy;
 
@@ -214,6 +216,7 @@ void ph_head_add_mimics(struct ph_head *hd, struct ph_rng *r)
         hd->falx_hu = frand(r, 80, 220);
         hd->falx_w = frand(r, 1.0f, 2.0f);
     }
+    if (ph_rng_chance(r, 0.25)) hd->venous_hu = frand(r, 62, 78); /* high haematocrit */
     hd->bh_amp = frand(r, 15, 45);
 }
 
@@ -436,6 +439,16 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
     pt->proj[0] = u * s;
     pt->proj[1] = v * s;
     pt->proj[2] = w * s;
+    /* dural venous sinuses: superior sagittal (a triangle at the midline
+     * under the vault) and transverse (along the tentorium's outer edge);
+     * dense blood in a vessel, a classic mimic of hemorrhage */
+    float sss = 0.75f * (hd->sinus_d - depth);
+    if ((sss > 0 && fabsf(u) < sss && (w > 0.1f * hd->c || v > 0.3f * hd->b)) ||
+        (depth < 0.6f * hd->sinus_d && v > 0.45f * hd->b && fabsf(w - tent_w(hd, v)) < 3.5f)) {
+        pt->cls = PH_DURA;
+        pt->hu = hd->venous_hu;
+        return;
+    }
     if (depth < hd->csf_space) {
         pt->cls = PH_CSF_SPACE;
         pt->hu = hd->csf_hu;

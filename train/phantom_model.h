@@ -74,6 +74,7 @@ struct ph_head {
     float gyr_k[3][3], gyr_ph[3];
     float fol_k[3], fol_ph;
     float falx_hu, falx_w, fiss_w;
+    float sinus_d, venous_hu; /* dural venous sinuses: depth, density */
     struct ph_ellipsoid vent[PH_MAX_VENT];
     int nvent, nvent_lateral; /* the first nvent_lateral are lateral ventricles */
     struct ph_ellipsoid deep[PH_MAX_DEEP];
