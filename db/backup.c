@@ -150,7 +150,7 @@ int db_backup_before_migration(struct sqlite3 *conn, int from_version, char *err
         if (lstat(dst, &st) != 0) break;
     }
     if (backup_from(conn, dst, err, errlen) != 0) return -1;
-    util_log(UTIL_LOG_INFO, "db_backup_before_migration", "from_version=%d backup=%s",
-             from_version, dst);
+    util_log(UTIL_LOG_INFO, "db_backup_before_migration", "from_version=%d backup=%s", from_version,
+             dst);
     return 0;
 }

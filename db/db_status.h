@@ -46,7 +46,6 @@ int db_status_read(const char *path, bool quick_check, struct db_status *out, ch
  * sqlite3_open_v2 flags and a 10 s busy timeout. The caller owns *out
  * (sqlite3_close). Returns 0, or -1 with a message in err and *out NULL. */
 struct sqlite3;
-int db_conn_open_flags(struct sqlite3 **out, const char *path, int flags, char *err,
-                       size_t errlen);
+int db_conn_open_flags(struct sqlite3 **out, const char *path, int flags, char *err, size_t errlen);
 
 #endif

@@ -26,8 +26,8 @@ static int scalar(sqlite3 *c, const char *sql, int64_t *out, char *err, size_t e
 
 /* Runs "SELECT name, count ... GROUP BY name" into out (at most
  * DB_STATUS_MAX_STATES rows). */
-static int read_counts(sqlite3 *c, const char *sql, struct db_status_count *out, int *n,
-                       char *err, size_t errlen)
+static int read_counts(sqlite3 *c, const char *sql, struct db_status_count *out, int *n, char *err,
+                       size_t errlen)
 {
     sqlite3_stmt *st;
     *n = 0;
@@ -117,9 +117,9 @@ int db_status_read(const char *path, bool quick_check, struct db_status *out, ch
         scalar(c, "SELECT count(*) FROM studies", &out->studies, err, errlen) ||
         scalar(c, "SELECT count(*) FROM series", &out->series, err, errlen) ||
         scalar(c, "SELECT count(*) FROM instances", &out->instances, err, errlen) ||
-        scalar(c, "SELECT coalesce(sum(file_size), 0) FROM instances", &out->spool_bytes, err, errlen) ||
-        scalar(c, "SELECT max(received_at) FROM instances", &out->last_received_ms, err,
+        scalar(c, "SELECT coalesce(sum(file_size), 0) FROM instances", &out->spool_bytes, err,
                errlen) ||
+        scalar(c, "SELECT max(received_at) FROM instances", &out->last_received_ms, err, errlen) ||
         read_counts(c, "SELECT state, count(*) FROM series GROUP BY state ORDER BY state",
                     out->series_states, &out->n_series_states, err, errlen))
         goto done;

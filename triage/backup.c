@@ -36,13 +36,13 @@
 
 /* Where copies go and who owns them; also the running totals. */
 struct copier {
-    const char *from, *to;   /* folders the relative file paths hang off */
-    uid_t uid;               /* chown target when chown is set */
+    const char *from, *to; /* folders the relative file paths hang off */
+    uid_t uid;             /* chown target when chown is set */
     gid_t gid;
     bool chown;
-    bool check_only;         /* restore's first pass: only look at the sources */
+    bool check_only; /* restore's first pass: only look at the sources */
     int64_t files, bytes;
-    char last_dir[4096];     /* the destination folder synced last */
+    char last_dir[4096]; /* the destination folder synced last */
     char *err;
     size_t errlen;
 };
@@ -165,7 +165,8 @@ static int copy_one(void *ud, const char *rel, int64_t size)
     if (c->check_only) {
         struct stat st;
         if (stat(src, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size != size) {
-            snprintf(c->err, c->errlen, "%.1000s is missing or not %lld bytes", src, (long long)size);
+            snprintf(c->err, c->errlen, "%.1000s is missing or not %lld bytes", src,
+                     (long long)size);
             return -1;
         }
     } else {
@@ -325,7 +326,8 @@ int triage_backup_main(int argc, char **argv)
     util_log(UTIL_LOG_INFO, "backup_start", "store=%s backup=%s", store, dir);
     if (db_backup_copy(db_path, dst_db, err, sizeof err) != 0) goto out;
     if (db_backup_files(dst_db, copy_one, &c, err, sizeof err) != 0 || finish_dirs(&c) != 0) {
-        if (!err[0]) snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
+        if (!err[0])
+            snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
     }
     if (db_status_read(dst_db, false, &st, err, sizeof err) != 0 ||
@@ -339,8 +341,9 @@ int triage_backup_main(int argc, char **argv)
 out:
     if (rc) {
         util_log(UTIL_LOG_ERROR, "backup_failed", "backup=%s", dir);
-        fprintf(stderr, "ichtriage backup: %s\nichtriage backup: %s is not a complete backup "
-                        "(no MANIFEST)\n",
+        fprintf(stderr,
+                "ichtriage backup: %s\nichtriage backup: %s is not a complete backup "
+                "(no MANIFEST)\n",
                 err, dir);
     }
     triage_config_free(&cfg);
@@ -388,8 +391,8 @@ int triage_restore_main(int argc, char **argv)
         goto out;
     }
     if (st.schema_version > db_schema_version()) {
-        snprintf(err, sizeof err, "%.1000s has schema version %d, newer than this build's %d", src_db,
-                 st.schema_version, db_schema_version());
+        snprintf(err, sizeof err, "%.1000s has schema version %d, newer than this build's %d",
+                 src_db, st.schema_version, db_schema_version());
         goto out;
     }
     if (!dir_is_empty(store, 0)) {
@@ -414,7 +417,8 @@ int triage_restore_main(int argc, char **argv)
     c.gid = sst.st_gid;
     util_log(UTIL_LOG_INFO, "restore_start", "backup=%s store=%s", dir, store);
     if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0 || finish_dirs(&c) != 0) {
-        if (!err[0]) snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
+        if (!err[0])
+            snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
     }
     if (db_backup_copy(src_db, db_path, err, sizeof err) != 0) goto out;

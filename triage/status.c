@@ -29,7 +29,7 @@ struct status {
     char db_err[512];
     struct db_status db;
     bool disk_ok;
-    int64_t free_mb; /* -1: unknown */
+    int64_t free_mb;   /* -1: unknown */
     int64_t in_flight; /* datasets being received (files in spool/.tmp); -1: unknown */
     const char *problems[8];
     int n_problems;
@@ -133,6 +133,18 @@ static void json_counts(cJSON *parent, const char *key, const struct db_status_c
         cJSON_AddNumberToObject(o, c[i].name, (double)c[i].count);
 }
 
+/* An ISO-8601 UTC time, or null for 0 (never). */
+static void json_time(cJSON *parent, const char *key, int64_t ms)
+{
+    char when[32];
+    if (ms <= 0) {
+        cJSON_AddNullToObject(parent, key);
+        return;
+    }
+    iso8601(ms, when, sizeof when);
+    cJSON_AddStringToObject(parent, key, when);
+}
+
 static void print_text(const struct status *s)
 {
     printf("ichtriage status (decision support, not a diagnosis)\n");
@@ -176,9 +188,11 @@ static void print_text(const struct status *s)
     if (s->free_mb >= 0)
         printf("disk          %lld MiB free (store.min_free_mb %lld)%s\n", (long long)s->free_mb,
                (long long)s->min_free_mb, s->disk_ok ? "" : " LOW");
-    if (s->in_flight >= 0) printf("receiving     %lld datasets in flight\n", (long long)s->in_flight);
+    if (s->in_flight >= 0)
+        printf("receiving     %lld datasets in flight\n", (long long)s->in_flight);
     if (!s->n_problems) printf("health        ok\n");
-    for (int i = 0; i < s->n_problems; i++) printf("problem       %s\n", s->problems[i]);
+    for (int i = 0; i < s->n_problems; i++)
+        printf("problem       %s\n", s->problems[i]);
 }
 
 /* Returns 0, or -1 when cJSON runs out of memory. */
@@ -212,13 +226,7 @@ static int print_json(const struct status *s)
         cJSON_AddNumberToObject(db, "series", (double)s->db.series);
         cJSON_AddNumberToObject(db, "instances", (double)s->db.instances);
         cJSON_AddNumberToObject(db, "spool_bytes", (double)s->db.spool_bytes);
-        if (s->db.last_received_ms > 0) {
-            char when[32];
-            iso8601(s->db.last_received_ms, when, sizeof when);
-            cJSON_AddStringToObject(db, "last_received_at", when);
-        } else {
-            cJSON_AddNullToObject(db, "last_received_at");
-        }
+        json_time(db, "last_received_at", s->db.last_received_ms);
         json_counts(db, "series_by_state", s->db.series_states, s->db.n_series_states);
     } else {
         cJSON_AddStringToObject(db, "error", s->db_err);
@@ -228,13 +236,7 @@ static int print_json(const struct status *s)
     if (triage && cJSON_IsObject(triage)) {
         json_counts(triage, "jobs_by_state", s->db.job_states, s->db.n_job_states);
         json_counts(triage, "studies_by_status", s->db.study_statuses, s->db.n_study_statuses);
-        if (s->db.last_triage_ms > 0) {
-            char when[32];
-            iso8601(s->db.last_triage_ms, when, sizeof when);
-            cJSON_AddStringToObject(triage, "last_triage_at", when);
-        } else {
-            cJSON_AddNullToObject(triage, "last_triage_at");
-        }
+        json_time(triage, "last_triage_at", s->db.last_triage_ms);
     }
     if (s->free_mb >= 0)
         cJSON_AddNumberToObject(disk, "free_mb", (double)s->free_mb);
