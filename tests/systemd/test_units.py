@@ -112,6 +112,15 @@ class Units(unittest.TestCase):
                   os.path.join(ARGS["docdir"], "examples", "gpu.conf.example"),
                   os.path.join(ARGS["docdir"], "examples", "port104.conf.example")]:
             self.assertTrue(os.path.isfile(self.dest(f)), "not installed: " + f)
+        # The default model, once the source tree has one; no empty folder before.
+        model = os.path.join(ARGS["source-root"], "models", "default.safetensors")
+        models_dir = self.dest(os.path.join(ARGS["datadir"], "ichtriage", "models"))
+        if os.path.isfile(model):
+            with open(model, "rb") as a, open(os.path.join(models_dir, "default.safetensors"),
+                                             "rb") as b:
+                self.assertTrue(a.read() == b.read(), "installed default model differs")
+        else:
+            self.assertFalse(os.path.exists(models_dir), "empty models folder installed")
         # Nothing where a package would not expect it.
         for rel in self.installed:
             self.assertTrue(rel.startswith(ARGS["prefix"] + "/") or
@@ -220,7 +229,7 @@ class Units(unittest.TestCase):
         self.assertEqual(d["Type"], ["oneshot"])
         self.assertEqual(d["Nice"], ["19"])
         self.assertEqual(d["IOSchedulingClass"], ["idle"])
-        self.assertEqual(d["ExecStart"], ["%s train -c %s" % (
+        self.assertEqual(d["ExecStart"], ["%s train -c %s --register" % (
             os.path.join(ARGS["bindir"], "ichtriage"), os.path.join(ARGS["confdir"], "ichtriage.conf"))])
         t = self.directives("ichtriage-train.timer")
         self.assertEqual(t["Persistent"], ["true"])
