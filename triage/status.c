@@ -19,9 +19,13 @@
 #include "config.h"
 #include "db.h"
 #include "db_status.h"
+#include "pipeline.h"
 
 struct status {
-    const char *config, *store_dir;
+    const char *config, *store_dir, *model_configured;
+    bool model_found;
+    char model[1400]; /* the file the node would load, or what was tried */
+    int64_t model_bytes, model_mtime;
     char db_path[1200], spool[1200];
     int64_t port, min_free_mb;
     int listening; /* 1 yes, 0 no, -1 unknown */
@@ -104,6 +108,15 @@ static void gather(struct status *s)
         s->free_mb = -1;
         problem(s, "store.dir not accessible");
     }
+    /* The model the node would load; not loaded here (a VGG19 one is large). */
+    s->model_found =
+        triage_model_resolve(s->model_configured, s->store_dir, s->model, sizeof s->model) == 0;
+    struct stat st;
+    if (s->model_found && stat(s->model, &st) == 0) {
+        s->model_bytes = st.st_size;
+        s->model_mtime = st.st_mtime;
+    }
+    if (!s->model_found) problem(s, "no model file: triage cannot run");
     char tmp[1300];
     snprintf(tmp, sizeof tmp, "%s/.tmp", s->spool);
     s->in_flight = count_dir(tmp);
@@ -185,6 +198,14 @@ static void print_text(const struct status *s)
     } else {
         printf("database      %s\n", s->db_err);
     }
+    if (s->model_found) {
+        char when[32];
+        iso8601(s->model_mtime * 1000, when, sizeof when);
+        printf("model         %s (%.1f MiB, %s)\n", s->model, (double)s->model_bytes / 1048576.0,
+               when);
+    } else {
+        printf("model         none: %s\n", s->model);
+    }
     if (s->free_mb >= 0)
         printf("disk          %lld MiB free (store.min_free_mb %lld)%s\n", (long long)s->free_mb,
                (long long)s->min_free_mb, s->disk_ok ? "" : " LOW");
@@ -238,6 +259,15 @@ static int print_json(const struct status *s)
         json_counts(triage, "studies_by_status", s->db.study_statuses, s->db.n_study_statuses);
         json_time(triage, "last_triage_at", s->db.last_triage_ms);
     }
+    cJSON *model = cJSON_AddObjectToObject(o, "model");
+    if (model) {
+        cJSON_AddBoolToObject(model, "found", s->model_found);
+        cJSON_AddStringToObject(model, s->model_found ? "path" : "tried", s->model);
+        if (s->model_found) {
+            cJSON_AddNumberToObject(model, "bytes", (double)s->model_bytes);
+            json_time(model, "modified_at", s->model_mtime * 1000);
+        }
+    }
     if (s->free_mb >= 0)
         cJSON_AddNumberToObject(disk, "free_mb", (double)s->free_mb);
     else
@@ -264,8 +294,9 @@ static void usage(FILE *f)
                "\n"
                "Health at a glance, read from the store without disturbing the node: whether\n"
                "the DICOM port listens, the index (counts, last received, series states,\n"
-               "PRAGMA quick_check), free disk space against store.min_free_mb, datasets\n"
-               "being received. Exit status 0 when healthy, 1 when a problem is listed.\n");
+               "PRAGMA quick_check), the triage queue and last triage, the model file the\n"
+               "node would load, free disk space against store.min_free_mb, datasets being\n"
+               "received. Exit status 0 when healthy, 1 when a problem is listed.\n");
 }
 
 int triage_status_main(int argc, char **argv)
@@ -291,7 +322,9 @@ int triage_status_main(int argc, char **argv)
             return 2;
         }
     }
-    struct status s = {.config = cfg.source, .store_dir = triage_config_str(&cfg, CFG_STORE_DIR)};
+    struct status s = {.config = cfg.source,
+                       .store_dir = triage_config_str(&cfg, CFG_STORE_DIR),
+                       .model_configured = triage_config_str(&cfg, CFG_TRIAGE_MODEL)};
     if (triage_config_int(&cfg, CFG_DICOM_PORT, 1, 65535, &s.port, err, sizeof err) != 0 ||
         triage_config_int(&cfg, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &s.min_free_mb, err,
                           sizeof err) != 0) {

@@ -62,7 +62,16 @@ class Backup(itest.NodeTest):
         self.assert_all_success(r, files)
         return node, files
 
+    def model_file(self):
+        """A file where status looks for the model (status only checks it is there)."""
+        path = os.path.join(self.work, "model.safetensors")
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 1000)
+        return path
+
     def status(self, store_dir, port, *extra):
+        extra = ("triage.model=" + self.model_file(),) + extra
         rc, out, err = ichtriage("status", "--json", *store_args(store_dir, port, extra))
         self.assertIn(rc, (0, 1), err)
         doc = json.loads(out)
@@ -90,8 +99,16 @@ class Backup(itest.NodeTest):
             self.assertEqual(sum(doc["triage"]["studies_by_status"].values()), 2, doc)
         else:
             self.assertIsNone(doc["triage"])
+        self.assertEqual(doc["model"], {"found": True, "path": self.model_file(), "bytes": 1000,
+                                        "modified_at": doc["model"]["modified_at"]})
+        # No model: triage cannot run, a problem.
+        rc, doc = self.status(node.store_dir, node.port, "triage.model=/nonexistent/m.safetensors")
+        self.assertEqual(rc, 1)
+        self.assertFalse(doc["model"]["found"])
+        self.assertTrue([p for p in doc["problems"] if "model" in p], doc["problems"])
         # The text form says the same, without patient names.
-        rc, out, _ = ichtriage("status", *store_args(node.store_dir, node.port))
+        rc, out, _ = ichtriage("status", *store_args(node.store_dir, node.port,
+                                                     ["triage.model=" + self.model_file()]))
         self.assertEqual(rc, 0, out)
         self.assertIn("6 instances", out)
         self.assertIn("health        ok", out)
