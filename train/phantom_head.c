@@ -41,7 +41,7 @@ static void ell_make(struct ph_ellipsoid *e, float cu, float cv, float cw, float
     e->s[0] = su;
     e->s[1] = sv;
     e->s[2] = sw;
-    float r = fmaxf(su, fmaxf(sv, sw)) * 1.5f; /* covers ell_q < 2.25 */
+    float r = fmaxf(su, fmaxf(sv, sw)) * 1.8f; /* covers ell_q < 3.24 */
     e->r2 = r * r;
 }
 
@@ -326,14 +326,28 @@ static bool sinus(const struct ph_head *hd, float q, float wall, struct ph_point
 static void base_tissue(const struct ph_head *hd, const float h[3], struct ph_point *pt)
 {
     pt->cls = PH_BASE;
-    pt->hu = h[1] < -0.45f * hd->b ? -60.0f : hd->base_hu; /* orbital fat, muscle */
+    pt->hu = hd->base_hu; /* muscle and other soft tissue */
+    /* sphenoid body and clivus, the nasopharynx in front of and below them */
+    float cu = h[0] / (0.3f * hd->a), cv = (h[1] + 0.17f * hd->b) / (0.2f * hd->b),
+          cw = (h[2] - hd->floor_mid + 14.0f) / 16.0f;
+    float nu = h[0] / 13.0f, nv = (h[1] + 0.42f * hd->b) / 14.0f,
+          nw = (h[2] - hd->floor_mid + 38.0f) / 16.0f;
+    if (nu * nu + nv * nv + nw * nw < 1.0f) {
+        pt->hu = -900.0f;
+        return;
+    }
+    if (cu * cu + cv * cv + cw * cw < 1.0f) {
+        pt->cls = PH_BONE;
+        pt->hu = 0.8f * hd->diploe_hu;
+        return;
+    }
     for (int s = 0; s < 2; s++) {
         float q = ell_q(&hd->orbit[s], h);
         if (q < 1.0f) {
             pt->hu = 12.0f;
             return;
         }
-        if (q < 2.2f) {
+        if (q < 3.0f) {
             pt->hu = -85.0f; /* orbital fat */
             return;
         }
@@ -348,7 +362,9 @@ static void base_tissue(const struct ph_head *hd, const float h[3], struct ph_po
         pt->hu = fabsf(u) < 1.0f ? 300.0f : -900.0f;
         return;
     }
-    if (fabsf(u) < 13 && v < -0.6f * hd->b && w > hd->floor_ant - 38) {
+    float eu = u / 13.0f, ev = (v + 0.85f * hd->b) / (0.25f * hd->b),
+          ew = (w - hd->floor_ant + 18.0f) / 20.0f;
+    if (eu * eu + ev * ev + ew * ew < 1.0f) {
         /* ethmoid air cells: air in a labyrinth of thin bony septa */
         float g = 0;
         for (int i = 0; i < 3; i++)
