@@ -22,6 +22,13 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+static double cpu(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 static float *random_buf(size_t n, uint64_t seed)
 {
     float *p = malloc(n * sizeof(float));
@@ -69,12 +76,14 @@ static int bench_fwd(const char *arch, int batch, double seconds)
     float *x = random_buf((size_t)batch * 3 * 128 * 128, 4), *y = malloc(sizeof(float) * batch * 6);
     nn_cnn_predict(m, x, batch, y); /* warm-up: workspaces */
     int iters = 0;
-    double t0 = now(), t;
+    double t0 = now(), c0 = cpu(), t;
     do {
         nn_cnn_predict(m, x, batch, y);
         iters++;
     } while ((t = now() - t0) < seconds);
-    printf("fwd arch=%s batch=%d slices_per_s=%.2f\n", arch, batch, batch * iters / t);
+    /* CPU seconds per slice (all threads) tell work from waiting on a busy machine */
+    printf("fwd arch=%s batch=%d slices_per_s=%.2f cpu_ms_per_slice=%.1f\n", arch, batch,
+           batch * iters / t, 1e3 * (cpu() - c0) / (batch * iters));
     free(x), free(y);
     nn_model_free(m);
     return 0;

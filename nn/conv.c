@@ -48,6 +48,10 @@ size_t nn_conv2d_col_size(const nn_conv_shape *s, int B)
     size_t col = (size_t)s->c * s->kh * s->kw * ohw * g;
     /* grouped outputs need a staging area [oc, g*ohw] after the columns */
     if (g > 1) col += (size_t)s->oc * ohw * g;
+    if (nn_winograd_applies(s)) {
+        size_t wg = nn_winograd_ws_size(s, B);
+        if (wg > col) col = wg;
+    }
     return col;
 }
 
@@ -125,6 +129,15 @@ static void col2im(float *din, const float *col, size_t ld, const nn_conv_shape 
 
 void nn_conv2d_forward(float *out, float *col, const float *in, const float *w, const float *b,
                        int B, const nn_conv_shape *s)
+{
+    if (nn_winograd_applies(s))
+        nn_winograd_forward(out, col, in, w, b, B, s);
+    else
+        nn_conv2d_forward_im2col(out, col, in, w, b, B, s);
+}
+
+void nn_conv2d_forward_im2col(float *out, float *col, const float *in, const float *w,
+                              const float *b, int B, const nn_conv_shape *s)
 {
     int ohw = s->oh * s->ow;
     int ckk = s->c * s->kh * s->kw;

@@ -25,9 +25,18 @@ void nn_conv_shape_init(nn_conv_shape *s, int c, int h, int w, int oc, int k, in
 /* Floats of scratch the conv kernels need for a batch of B images. */
 size_t nn_conv2d_col_size(const nn_conv_shape *s, int B);
 /* out [B,oc,oh,ow] = conv(in [B,c,h,w], w) + b; b may be NULL; col is scratch of
- * nn_conv2d_col_size() floats. */
+ * nn_conv2d_col_size() floats. Picks Winograd where it applies, else im2col. */
 void nn_conv2d_forward(float *out, float *col, const float *in, const float *w, const float *b,
                        int B, const nn_conv_shape *s);
+/* The two algorithms behind it, for tests and benchmarks. */
+void nn_conv2d_forward_im2col(float *out, float *col, const float *in, const float *w,
+                              const float *b, int B, const nn_conv_shape *s);
+/* Winograd F(2x2, 3x3): 3x3 kernels, stride 1, padding 1, at least 16 input
+ * channels. ws: nn_winograd_ws_size() floats. */
+int nn_winograd_applies(const nn_conv_shape *s);
+size_t nn_winograd_ws_size(const nn_conv_shape *s, int B);
+void nn_winograd_forward(float *out, float *ws, const float *in, const float *w, const float *b,
+                         int B, const nn_conv_shape *s);
 /* din [B,c,h,w] (may be NULL), dw [oc,c,kh,kw] and db [oc] (may be NULL). */
 void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const float *dout,
                         const float *in, const float *w, int B, const nn_conv_shape *s);

@@ -283,3 +283,26 @@ Test(gradcheck, bilstm_with_masking)
     check("lstm dweights", &c, c.w, nw, dw);
     free(c.x), free(c.w), free(c.r), free(c.out), free(c.cache), free(work), free(dx), free(dw);
 }
+
+/* Winograd against im2col on shapes that exercise edge tiles and grouping. */
+static void winograd_case(int B, int c, int h, int w, int oc)
+{
+    nn_conv_shape s;
+    nn_conv_shape_init(&s, c, h, w, oc, 3, 1, 1);
+    cr_assert(nn_winograd_applies(&s));
+    size_t nx = (size_t)B * c * h * w, no = (size_t)B * oc * h * w;
+    float *x = buf(nx, 1), *wt = buf((size_t)oc * c * 9, 2), *b = buf(oc, 3);
+    float *ws = buf(nn_conv2d_col_size(&s, B), 0), *a = buf(no, 0), *ref = buf(no, 0);
+    nn_winograd_forward(a, ws, x, wt, b, B, &s);
+    nn_conv2d_forward_im2col(ref, ws, x, wt, b, B, &s);
+    expect_close("winograd vs im2col", a, ref, no, 1e-5);
+    free(x), free(wt), free(b), free(ws), free(a), free(ref);
+}
+
+Test(gradcheck, winograd_matches_im2col)
+{
+    winograd_case(1, 16, 8, 8, 4);
+    winograd_case(3, 17, 7, 9, 5);  /* odd sizes: partial tiles */
+    winograd_case(40, 16, 4, 4, 8); /* several images per GEMM */
+    winograd_case(2, 32, 1, 1, 3);
+}
