@@ -235,9 +235,9 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
         types |= 1u << les[i].type;
 
     double thickness = pick_thickness(&r, o);
-    float w_lo, w_hi;
-    ph_head_extent(&hd, &w_lo, &w_hi);
-    double coverage = w_hi - w_lo + 6.0;
+    float z_lo, z_hi;
+    ph_head_extent(&hd, &z_lo, &z_hi);
+    double coverage = z_hi - z_lo + 4.0;
     int nslices;
     if (o->slices_min > 0) {
         nslices = o->slices_min + (int)(ph_rng_uniform(&r) * (o->slices_max - o->slices_min + 1));
@@ -247,7 +247,7 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
     }
     double spare = coverage - nslices * thickness;
     double z0 =
-        hd.centre[2] + w_lo - 3.0 +
+        hd.centre[2] + z_lo - 4.0 +
         (spare > 0 ? spare * ph_rng_range(&r, 0.15, 0.6) : spare * ph_rng_range(&r, 0.3, 0.7));
     double fov = ph_rng_range(&r, 220, 260);
     struct ph_slice_ctx ctx = {0};

@@ -248,10 +248,15 @@ void ph_head_add_push(struct ph_head *hd, const float c[3], float mag, float sig
     p->inv_2s2 = 1.0f / (2.0f * sigma * sigma);
 }
 
-void ph_head_extent(const struct ph_head *hd, float *w_lo, float *w_hi)
+void ph_head_extent(const struct ph_head *hd, float *z_lo, float *z_hi)
 {
-    *w_lo = -0.88f * hd->c;
-    *w_hi = hd->c + hd->skull_t + hd->scalp_t;
+    /* patient z in the head frame is row 2 of rot */
+    const float *zr = hd->rot + 6;
+    float A = hd->a * (1.0f + hd->egg) + 0.6f * hd->skull_t, B = hd->b + 0.6f * hd->skull_t,
+          C = hd->c + 0.6f * hd->skull_t;
+    *z_hi = sqrtf(A * A * zr[0] * zr[0] + B * B * zr[1] * zr[1] + C * C * zr[2] * zr[2]);
+    /* the bottom of the posterior fossa */
+    *z_lo = zr[1] * 0.2f * hd->b + zr[2] * -0.88f * hd->c;
 }
 
 /* Half-width of the cranial cavity, wider towards the back. */

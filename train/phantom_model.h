@@ -97,8 +97,9 @@ void ph_head_add_push(struct ph_head *hd, const float c[3], float mag, float sig
  * that look like blood. */
 void ph_head_add_mimics(struct ph_head *hd, struct ph_rng *r);
 
-/* Lowest and highest w of the head's cranium, for the scan range. */
-void ph_head_extent(const struct ph_head *hd, float *w_lo, float *w_hi);
+/* The scan range relative to the head's centre along patient z: from the
+ * bottom of the posterior fossa to the vertex (inside the skull). */
+void ph_head_extent(const struct ph_head *hd, float *z_lo, float *z_hi);
 
 /* What the brain looks like at head-frame point h, and where h is: */
 struct ph_point {
