@@ -1,6 +1,7 @@
 /* db/schema.c: the schema and its versioned migrations. A database is at
  * version N when PRAGMA user_version = N; migrations[i] brings it from i to
  * i+1, each in one transaction. Never edit a released migration: add one. */
+#include "db_backup.h"
 #include "db_internal.h"
 
 #include <stdio.h>
@@ -118,6 +119,30 @@ static const char *const migrations[] = {
     "  p_intraventricular REAL NOT NULL, p_subarachnoid REAL NOT NULL,"
     "  p_subdural REAL NOT NULL,"
     "  PRIMARY KEY (series_ref, idx));",
+
+    /* 2 -> 3: the web worklist. reviews: the radiologists' findings (the
+     * retraining labels), subtypes comma-separated names; claims: who is
+     * reading a study now; audit: who opened and who reviewed which study. */
+    "CREATE TABLE reviews ("
+    "  id INTEGER PRIMARY KEY,"
+    "  study_ref INTEGER NOT NULL REFERENCES studies(id),"
+    "  hemorrhage INTEGER NOT NULL,"
+    "  subtypes TEXT NOT NULL DEFAULT '',"
+    "  comment TEXT NOT NULL DEFAULT '',"
+    "  reviewer TEXT NOT NULL,"
+    "  created_at INTEGER NOT NULL);"
+    "CREATE INDEX reviews_study ON reviews(study_ref, created_at);"
+    "CREATE TABLE claims ("
+    "  study_ref INTEGER PRIMARY KEY REFERENCES studies(id),"
+    "  reader TEXT NOT NULL,"
+    "  claimed_at INTEGER NOT NULL);"
+    "CREATE TABLE audit ("
+    "  id INTEGER PRIMARY KEY,"
+    "  at INTEGER NOT NULL,"
+    "  user TEXT NOT NULL,"
+    "  action TEXT NOT NULL," /* opened, reviewed, claimed, released, login, login_failed */
+    "  study_uid TEXT NOT NULL DEFAULT '',"
+    "  detail TEXT NOT NULL DEFAULT '');",
 };
 
 int db_schema_version(void)
@@ -137,6 +162,11 @@ int db_migrate(sqlite3 *conn, char *err, size_t errlen)
                  db_schema_version());
         return -1;
     }
+    /* An existing database is copied before it changes, so a failed or
+     * regretted migration can be undone by hand. */
+    if (version > 0 && version < db_schema_version() &&
+        db_backup_before_migration(conn, version, err, errlen) != 0)
+        return -1;
     for (int v = version; v < db_schema_version(); v++) {
         char pragma[64];
         snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v + 1);
