@@ -216,7 +216,7 @@ static int bufs_alloc(struct slice_bufs *b, int size, unsigned types)
 }
 
 static int generate_study(const struct train_phantom_opts *o, int index, struct run_files *f,
-                          char *err, size_t errlen)
+                          bool *positive, char *err, size_t errlen)
 {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -382,6 +382,7 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
                 train_phantom_label_names[l->type + 1], l->size, l->c[0], l->c[1], l->c[2], l->r,
                 l->t, l->hu, les_slices[i]);
     }
+    *positive = pos_slices[0] > 0;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     util_log(UTIL_LOG_INFO, "phantom_study",
              "index=%d study=%s slices=%d thickness=%.2f positive_slices=%d ms=%.0f", index,
@@ -438,13 +439,27 @@ int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errl
                              "index,study_uid,subtype,size,u_mm,v_mm,w_mm,extent_mm,"
                              "thickness_mm,hu,positive_slices",
                              err, errlen);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int positives = 0;
     if (f.lesions) {
         rc = 0;
-        for (int i = 0; i < o->count && rc == 0; i++)
-            rc = generate_study(o, o->first_study + i, &f, err, errlen);
+        for (int i = 0; i < o->count && rc == 0; i++) {
+            bool pos = false;
+            rc = generate_study(o, o->first_study + i, &f, &pos, err, errlen);
+            positives += pos;
+        }
     }
     rc = close_csv(f.labels, rc, err, errlen);
     rc = close_csv(f.studies, rc, err, errlen);
     rc = close_csv(f.lesions, rc, err, errlen);
+    if (rc == 0) {
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        char safe[256];
+        util_log(UTIL_LOG_INFO, "phantom_done", "studies=%d positive=%d seconds=%.1f outdir=%s",
+                 o->count, positives,
+                 (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9,
+                 util_log_safe(safe, sizeof safe, o->outdir));
+    }
     return rc;
 }
