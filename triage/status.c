@@ -29,6 +29,8 @@ struct status {
     char db_path[1200], spool[1200];
     int64_t port, min_free_mb;
     int listening; /* 1 yes, 0 no, -1 unknown */
+    const char *http_listen;
+    int http_listening; /* as listening; -1 also when http.listen has no port */
     bool db_ok;
     char db_err[512];
     struct db_status db;
@@ -42,7 +44,7 @@ struct status {
 /* Is a TCP socket in LISTEN state on port, in /proc/net/tcp or tcp6 (this
  * network namespace)? Looking, not connecting: a probe would show in the
  * node's log as a peer. */
-static int port_listening(int64_t port)
+static int port_listening(long port)
 {
     const char *tables[] = {"/proc/net/tcp", "/proc/net/tcp6"};
     int seen_any = 0;
@@ -89,6 +91,10 @@ static void gather(struct status *s)
     snprintf(s->spool, sizeof s->spool, "%s/spool", s->store_dir);
     s->listening = port_listening(s->port);
     if (s->listening == 0) problem(s, "dicom port not listening (is the node running?)");
+    /* Shown, not judged: the HTTP API is not in every build yet. */
+    const char *colon = strrchr(s->http_listen, ':');
+    long http_port = colon ? strtol(colon + 1, NULL, 10) : 0;
+    s->http_listening = http_port > 0 && http_port < 65536 ? port_listening(http_port) : -1;
 
     s->db_ok = db_status_read(s->db_path, true, &s->db, s->db_err, sizeof s->db_err) == 0;
     if (!s->db_ok)
@@ -146,6 +152,15 @@ static void json_counts(cJSON *parent, const char *key, const struct db_status_c
         cJSON_AddNumberToObject(o, c[i].name, (double)c[i].count);
 }
 
+/* 1 true, 0 false, anything else null (unknown). */
+static void json_tristate(cJSON *parent, const char *key, int v)
+{
+    if (v == 0 || v == 1)
+        cJSON_AddBoolToObject(parent, key, v == 1);
+    else
+        cJSON_AddNullToObject(parent, key);
+}
+
 /* An ISO-8601 UTC time, or null for 0 (never). */
 static void json_time(cJSON *parent, const char *key, int64_t ms)
 {
@@ -167,6 +182,10 @@ static void print_text(const struct status *s)
            s->listening == 1   ? "listening"
            : s->listening == 0 ? "NOT listening"
                                : "(cannot tell)");
+    printf("http          %s %s\n", s->http_listen,
+           s->http_listening == 1   ? "listening"
+           : s->http_listening == 0 ? "not listening"
+                                    : "(cannot tell)");
     if (s->db_ok) {
         printf("database      %s, schema %d (this build %d), quick_check %s\n", s->db_path,
                s->db.schema_version, db_schema_version(), s->db.quick_check);
@@ -232,10 +251,12 @@ static int print_json(const struct status *s)
         return -1;
     }
     cJSON_AddNumberToObject(dicom, "port", (double)s->port);
-    if (s->listening < 0)
-        cJSON_AddNullToObject(dicom, "listening");
-    else
-        cJSON_AddBoolToObject(dicom, "listening", s->listening == 1);
+    json_tristate(dicom, "listening", s->listening);
+    cJSON *http = cJSON_AddObjectToObject(o, "http");
+    if (http) {
+        cJSON_AddStringToObject(http, "listen", s->http_listen);
+        json_tristate(http, "listening", s->http_listening);
+    }
     cJSON_AddStringToObject(db, "path", s->db_path);
     cJSON_AddBoolToObject(db, "readable", s->db_ok);
     if (s->db_ok) {
@@ -324,7 +345,8 @@ int triage_status_main(int argc, char **argv)
     }
     struct status s = {.config = cfg.source,
                        .store_dir = triage_config_str(&cfg, CFG_STORE_DIR),
-                       .model_configured = triage_config_str(&cfg, CFG_TRIAGE_MODEL)};
+                       .model_configured = triage_config_str(&cfg, CFG_TRIAGE_MODEL),
+                       .http_listen = triage_config_str(&cfg, CFG_HTTP_LISTEN)};
     if (triage_config_int(&cfg, CFG_DICOM_PORT, 1, 65535, &s.port, err, sizeof err) != 0 ||
         triage_config_int(&cfg, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &s.min_free_mb, err,
                           sizeof err) != 0) {

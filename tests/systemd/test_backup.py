@@ -125,6 +125,22 @@ class Backup(itest.NodeTest):
         self.assertIs(doc["dicom"]["listening"], False)
         self.assertEqual(doc["database"]["instances"], 6, "status must read a stopped node's store")
 
+    def test_status_http_listening(self):
+        """The listening check reads the kernel's socket table: a socket that
+        listens on http.listen's port is seen, a closed one is not."""
+        import socket
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        _, doc = self.status(os.path.join(self.work, "none"), dt.free_port(),
+                             "http.listen=127.0.0.1:%d" % port)
+        self.assertEqual(doc["http"], {"listen": "127.0.0.1:%d" % port, "listening": True})
+        sock.close()
+        _, doc = self.status(os.path.join(self.work, "none"), dt.free_port(),
+                             "http.listen=127.0.0.1:%d" % port)
+        self.assertIs(doc["http"]["listening"], False)
+
     def test_status_without_a_store(self):
         missing = os.path.join(self.work, "nothing")
         rc, doc = self.status(missing, dt.free_port())
@@ -193,6 +209,34 @@ class Backup(itest.NodeTest):
         r = dt.storescu(node2.port, late, workdir=self.work)
         self.assert_all_success(r, late)
         self.assert_consistent(node2)
+
+    def test_backup_while_receiving(self):
+        """Online: a backup taken while a series streams in is consistent,
+        holds what was acknowledged before it began, and the stream is not
+        disturbed."""
+        node, first = self.received(series=1, count=3)
+        files = self.gen("stream", count=200, rows=256, cols=256)
+        stream = dt.StorescuStream(node.port, files, workdir=self.work)
+        self.assertTrue(stream.wait_acked(20), stream.tail())
+        bdir = os.path.join(self.work, "backup")
+        acked_before = stream.acked
+        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
+        acked_after = stream.acked
+        r = stream.wait()
+        self.assert_all_success(r, files)
+        self.assertEqual(rc, 0, err)
+        self.assertLess(acked_after, len(files), "the stream ended before the backup: "
+                        "nothing was tested; send more")
+        store2 = os.path.join(self.work, "restored")
+        self.assertEqual(ichtriage("restore", *store_args(store2), bdir)[0], 0)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        got = set(node2.instances())
+        sent = {dt.sop_uids(f)[1] for f in first + files}
+        self.assertLessEqual(got, sent)
+        self.assertGreaterEqual(len(got), len(first) + acked_before)
+        self.assertLessEqual(len(got), len(first) + acked_after)
+        self.assert_consistent(node2)
+        self.assert_stored_exactly(node2, [f for f in first + files if dt.sop_uids(f)[1] in got])
 
     def test_restore_refuses(self):
         node, _ = self.received(series=1, count=2)
