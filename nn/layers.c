@@ -102,20 +102,26 @@ void nn_batchnorm_forward(float *out, float *mean, float *rstd, float *running_m
     for (int c = 0; c < C; c++) {
         float m, r;
         if (training) {
-            /* two passes in double: the sums run over up to millions of values */
+            /* two passes; each plane sums in float (vectorised), the planes in
+             * double: the sums run over up to millions of values */
             double sum = 0.0, sq = 0.0;
             for (int b = 0; b < B; b++) {
                 const float *x = in + ((size_t)b * C + c) * S;
+                float part = 0.0f;
+#pragma omp simd reduction(+ : part)
                 for (int s = 0; s < S; s++)
-                    sum += x[s];
+                    part += x[s];
+                sum += part;
             }
             double mu = sum / (double)n;
+            float muf = (float)mu;
             for (int b = 0; b < B; b++) {
                 const float *x = in + ((size_t)b * C + c) * S;
-                for (int s = 0; s < S; s++) {
-                    double d = x[s] - mu;
-                    sq += d * d;
-                }
+                float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+                for (int s = 0; s < S; s++)
+                    part += (x[s] - muf) * (x[s] - muf);
+                sq += part;
             }
             double var = sq / (double)n;
             m = (float)mu;
@@ -225,6 +231,7 @@ void nn_gap_forward(float *out, const float *in, int B, int C, int S)
     for (size_t p = 0; p < (size_t)B * C; p++) {
         const float *x = in + p * S;
         float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
         for (int s = 0; s < S; s++)
             acc += x[s];
         out[p] = acc / (float)S;
