@@ -3,6 +3,7 @@
  * A backup folder holds
  *   ichtriage.db   a snapshot of the index (SQLite online backup API),
  *   spool/...      every file that snapshot indexes, same relative paths,
+ *   models/...     the model registry (registered models, the active one),
  *   MANIFEST       written last: a folder without it is not a backup.
  * Backup takes the snapshot first and copies the files the snapshot lists,
  * so the copy never holds a row without its file. An instance the node
@@ -42,6 +43,7 @@ struct copier {
     bool chown;
     bool check_only; /* restore's first pass: only look at the sources */
     int64_t files, bytes;
+    int64_t model_files; /* files copied from models/ */
     char last_dir[4096]; /* the destination folder synced last */
     char *err;
     size_t errlen;
@@ -188,6 +190,52 @@ static int copy_one(void *ud, const char *rel, int64_t size)
     return 0;
 }
 
+/* Copies the folder rel (relative to from; "models": the registry) and
+ * what it holds, regular files only, leaving out the ".tmp" files of a
+ * registration in progress. The registry replaces files by rename, never
+ * writes one in place, so each copy is a whole file. Absent: nothing. */
+static int copy_tree(struct copier *c, const char *rel)
+{
+    char src[4200], dst[4200];
+    snprintf(src, sizeof src, "%s/%s", c->from, rel);
+    snprintf(dst, sizeof dst, "%s/%s/", c->to, rel);
+    DIR *d = opendir(src);
+    if (!d) {
+        if (errno == ENOENT) return 0;
+        snprintf(c->err, c->errlen, "cannot read %.1000s: %.1000s", src, strerror(errno));
+        return -1;
+    }
+    int rc = make_parents(c, dst);
+    if (rc != 0)
+        snprintf(c->err, c->errlen, "cannot create %.1000s: %.1000s", dst, strerror(errno));
+    for (struct dirent *e; rc == 0 && (e = readdir(d));) {
+        size_t len = strlen(e->d_name);
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") ||
+            (len > 4 && !strcmp(e->d_name + len - 4, ".tmp")))
+            continue;
+        char sub[2100], from[4200], to[4200];
+        struct stat st;
+        if ((size_t)snprintf(sub, sizeof sub, "%s/%s", rel, e->d_name) >= sizeof sub) continue;
+        snprintf(from, sizeof from, "%s/%s", c->from, sub);
+        snprintf(to, sizeof to, "%s/%s", c->to, sub);
+        if (lstat(from, &st) != 0) continue; /* replaced meanwhile: its new name is listed */
+        if (S_ISDIR(st.st_mode)) {
+            rc = copy_tree(c, sub);
+        } else if (S_ISREG(st.st_mode)) {
+            rc = sync_dir_of(c, to) == 0 ? copy_file(c, from, to, st.st_size) : -1;
+            if (rc == -1)
+                snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", from, to,
+                         strerror(errno));
+            if (rc == 0) {
+                c->model_files++;
+                c->bytes += st.st_size;
+            }
+        }
+    }
+    closedir(d);
+    return rc == 0 ? 0 : -1;
+}
+
 static int finish_dirs(struct copier *c)
 {
     return c->last_dir[0] ? fsync_path(c->last_dir) : 0;
@@ -234,9 +282,10 @@ static int write_manifest(const char *dir, const struct db_status *st, const str
             "store_dir = %s\n"
             "instances = %lld\n"
             "files = %lld\n"
+            "model_files = %lld\n"
             "bytes = %lld\n",
             when, ICHTRIAGE_VERSION, st->schema_version, store_dir, (long long)st->instances,
-            (long long)c->files, (long long)c->bytes);
+            (long long)c->files, (long long)c->model_files, (long long)c->bytes);
     int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
     if (fclose(f) != 0) bad = 1;
     if (bad || rename(part, path) != 0 || fsync_path(dir) != 0) {
@@ -280,10 +329,11 @@ static int parse_args(const char *cmd, const char *help, struct triage_config *c
 static const char backup_help[] =
     "usage: ichtriage backup [-c FILE] [--set section.key=value]... DIR\n"
     "\n"
-    "Copies the index (a consistent snapshot, taken while the node runs) and every\n"
-    "spool file it refers to into DIR, which must not exist or be empty. DIR/MANIFEST\n"
-    "is written last. The copy holds patient data: DIR is made readable by its\n"
-    "owner only. 'ichtriage restore DIR' puts it back.\n";
+    "Copies the index (a consistent snapshot, taken while the node runs), every\n"
+    "spool file it refers to and the model registry (models/) into DIR, which must\n"
+    "not exist or be empty. DIR/MANIFEST is written last. The copy holds patient\n"
+    "data: DIR is made readable by its owner only. 'ichtriage restore DIR' puts it\n"
+    "back.\n";
 
 static const char restore_help[] =
     "usage: ichtriage restore [-c FILE] [--set section.key=value]... DIR\n"
@@ -325,7 +375,8 @@ int triage_backup_main(int argc, char **argv)
     }
     util_log(UTIL_LOG_INFO, "backup_start", "store=%s backup=%s", store, dir);
     if (db_backup_copy(db_path, dst_db, err, sizeof err) != 0) goto out;
-    if (db_backup_files(dst_db, copy_one, &c, err, sizeof err) != 0 || finish_dirs(&c) != 0) {
+    if (db_backup_files(dst_db, copy_one, &c, err, sizeof err) != 0 ||
+        copy_tree(&c, "models") != 0 || finish_dirs(&c) != 0) {
         if (!err[0])
             snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
@@ -335,8 +386,9 @@ int triage_backup_main(int argc, char **argv)
         goto out;
     util_log(UTIL_LOG_INFO, "backup_done", "backup=%s instances=%lld files=%lld bytes=%lld", dir,
              (long long)st.instances, (long long)c.files, (long long)c.bytes);
-    printf("backup of %s in %s: %lld instances, %lld files, %.1f MiB\n", store, dir,
-           (long long)st.instances, (long long)c.files, (double)c.bytes / (1024.0 * 1024.0));
+    printf("backup of %s in %s: %lld instances, %lld files, %lld model files, %.1f MiB\n", store,
+           dir, (long long)st.instances, (long long)c.files, (long long)c.model_files,
+           (double)c.bytes / (1024.0 * 1024.0));
     rc = 0;
 out:
     if (rc) {
@@ -416,7 +468,8 @@ int triage_restore_main(int argc, char **argv)
     c.uid = sst.st_uid;
     c.gid = sst.st_gid;
     util_log(UTIL_LOG_INFO, "restore_start", "backup=%s store=%s", dir, store);
-    if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0 || finish_dirs(&c) != 0) {
+    if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0 ||
+        copy_tree(&c, "models") != 0 || finish_dirs(&c) != 0) {
         if (!err[0])
             snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
@@ -428,8 +481,9 @@ int triage_restore_main(int argc, char **argv)
     }
     util_log(UTIL_LOG_INFO, "restore_done", "store=%s instances=%lld files=%lld bytes=%lld", store,
              (long long)st.instances, (long long)c.files, (long long)c.bytes);
-    printf("restored %s into %s: %lld instances, %lld files, %.1f MiB\n", dir, store,
-           (long long)st.instances, (long long)c.files, (double)c.bytes / (1024.0 * 1024.0));
+    printf("restored %s into %s: %lld instances, %lld files, %lld model files, %.1f MiB\n", dir,
+           store, (long long)st.instances, (long long)c.files, (long long)c.model_files,
+           (double)c.bytes / (1024.0 * 1024.0));
     rc = 0;
 out:
     if (rc) {

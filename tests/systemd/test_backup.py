@@ -163,10 +163,22 @@ class Backup(itest.NodeTest):
     # --- backup and restore -------------------------------------------------
     def test_round_trip(self):
         node, files = self.received(series=2, count=4)
+        # The model registry (<store.dir>/models) is state too; a .tmp is a
+        # registration in progress and stays behind.
+        models = os.path.join(node.store_dir, "models")
+        os.makedirs(os.path.join(models, "old"), exist_ok=True)
+        registry = {"active.safetensors": os.urandom(3000), "m1.safetensors": os.urandom(2000),
+                    "old/m0.safetensors": os.urandom(1000)}
+        for name, data in registry.items():
+            with open(os.path.join(models, name), "wb") as f:
+                f.write(data)
+        with open(os.path.join(models, "m2.safetensors.tmp"), "wb") as f:
+            f.write(b"half")
         bdir = os.path.join(self.work, "backup")
         rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
         self.assertEqual(rc, 0, err)
         self.assertIn("8 instances", out)
+        self.assertIn("3 model files", out)
         # Sent after the backup: not in it.
         late = self.gen("late", count=2, rows=64, cols=64)
         r = dt.storescu(node.port, late, workdir=self.work)
@@ -202,6 +214,8 @@ class Backup(itest.NodeTest):
             if p.startswith("spool/"):
                 self.assertEqual(content, original[p], p)
         self.assertEqual(len([p for p in restored if p.startswith("spool/")]), 8)
+        self.assertEqual({p[len("models/"):]: c for p, c in restored.items()
+                          if p.startswith("models/")}, registry)
         rc, doc = self.status(store2, node2.port)
         self.assertEqual(rc, 0, doc)
         self.assertEqual(doc["database"]["instances"], 8)
