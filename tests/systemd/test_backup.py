@@ -310,6 +310,13 @@ class Backup(itest.NodeTest):
                 self.assertEqual((st.st_uid, st.st_gid), (user.pw_uid, user.pw_gid),
                                  os.path.join(d, x))
                 self.assertEqual(stat.S_IMODE(st.st_mode) & 0o077, 0, os.path.join(d, x))
+        # The admin looks first, as root: the -wal/-shm files SQLite makes
+        # must belong to the user too, or the node could not open its index.
+        rc, doc = self.status(store, dt.free_port())
+        self.assertEqual(doc["database"]["instances"], 3, doc)
+        for name in os.listdir(store):
+            st = os.stat(os.path.join(store, name))
+            self.assertEqual((st.st_uid, st.st_gid), (user.pw_uid, user.pw_gid), name)
         # The node as that user: opens the restored index, accepts more.
         port = dt.free_port()
         log = open(os.path.join(self.work, "svc.log"), "wb")
