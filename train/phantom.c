@@ -230,9 +230,7 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
     unsigned mask = pick_subtypes(&r, o);
     struct ph_lesion les[PH_MAX_LESIONS];
     int nles = ph_lesions_random(&hd, &r, mask, les, PH_MAX_LESIONS);
-    unsigned types = 0;
-    for (int i = 0; i < nles; i++)
-        types |= 1u << les[i].type;
+    unsigned types = ph_lesions_types(les, nles);
 
     double thickness = pick_thickness(&r, o);
     float z_lo, z_hi;
@@ -419,6 +417,13 @@ int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errl
 {
     if (train_phantom_opts_check(o, err, errlen) != 0) return -1;
     char dir[4200];
+    struct stat st;
+    /* a second run into the same folder would mix its files with the first's */
+    snprintf(dir, sizeof dir, "%s/stage_2_train.csv", o->outdir);
+    if (stat(dir, &st) == 0) {
+        snprintf(err, errlen, "%s exists: write each run into a new folder", dir);
+        return -1;
+    }
     snprintf(dir, sizeof dir, "%s/stage_2_train", o->outdir);
     if (mkdir_p(dir, err, errlen) != 0) return -1;
     if (o->preview) {

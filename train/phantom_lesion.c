@@ -78,10 +78,17 @@ static void place_iph(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l,
     l->rim_drop = frand(r, 6, 14);
     for (int i = 0; i < 6; i++)
         l->irr[i] = frand(r, -0.35f, 0.35f);
-    /* a point in parenchyma, deep enough to hold the lesion */
+    /* a point in parenchyma, deep enough to hold the lesion: in the basal
+     * ganglia or thalami (the hypertensive pattern) or anywhere (lobar) */
+    bool deep = ph_rng_chance(r, 0.4);
     for (int tries = 0; tries < 200; tries++) {
         float h[3] = {frand(r, -0.8f, 0.8f) * hd->a, frand(r, -0.8f, 0.8f) * hd->b,
                       frand(r, -0.45f, 0.8f) * hd->c};
+        if (deep && tries < 50) {
+            const struct ph_ellipsoid *e = &hd->deep[(int)(ph_rng_uniform(r) * hd->ndeep)];
+            for (int i = 0; i < 3; i++)
+                h[i] = e->c[i] + frand(r, -4, 4);
+        }
         struct ph_point pt;
         ph_head_eval(hd, h, &pt);
         if (pt.cls == PH_PARENCHYMA && pt.depth > 0.7f * l->r + 4) {
@@ -160,6 +167,17 @@ int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, struc
         }
     }
     return n;
+}
+
+unsigned ph_lesions_types(const struct ph_lesion *les, int n)
+{
+    unsigned t = 0;
+    for (int i = 0; i < n; i++) {
+        t |= 1u << les[i].type;
+        if (les[i].type == TRAIN_PHANTOM_INTRAPARENCHYMAL)
+            t |= 1u << TRAIN_PHANTOM_INTRAVENTRICULAR;
+    }
+    return t;
 }
 
 static bool in_brain(enum ph_class c)

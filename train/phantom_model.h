@@ -137,6 +137,10 @@ struct ph_lesion {
 int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, struct ph_lesion *out,
                       int max);
 
+/* The subtypes whose blood the lesions can show: their own, and
+ * intraventricular for an intraparenchymal bleed that reaches a ventricle. */
+unsigned ph_lesions_types(const struct ph_lesion *les, int n);
+
 /* What the lesions do at one point: v += a (oedema, f == 0) or
  * v += f (a - v) (blood; f == 1 replaces the tissue). */
 struct ph_hit {

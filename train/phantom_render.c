@@ -22,9 +22,7 @@ static void sample_slice(const struct ph_slice_ctx *ctx, float z, float *hu,
     const float *R = hd->rot;
     float T = hd->skull_t + hd->scalp_t;
     float rb = fmaxf(hd->a * (1.0f + hd->egg), fmaxf(hd->b, hd->c)) + T + 20.0f;
-    unsigned study_types = 0;
-    for (int i = 0; i < ctx->nles; i++)
-        study_types |= 1u << ctx->les[i].type;
+    unsigned study_types = ph_lesions_types(ctx->les, ctx->nles);
 
     for (size_t i = 0; i < (size_t)n * n; i++)
         hu[i] = 0;

@@ -170,6 +170,9 @@ def main():
                     "--prevalence", "0.8", "--preview", out)
         check(r.returncode == 0, f"run failed: {r.stderr}")
         check_run(out, 3)
+        r = phantom("-n", "1", out)
+        check(r.returncode == 1 and "exists" in r.stderr,
+              f"second run into one folder: exit {r.returncode}, {r.stderr!r}")
     print("ok")
 
 
