@@ -100,9 +100,9 @@ static int bench_train(const char *arch, int slices, int steps)
     nn_adam a;
     nn_adam_default(&a);
     nn_model_set_training(m, 1);
-    double best = 1e30, loss = 0.0, fwd = 0.0, bwd = 0.0;
+    double best = 1e30, loss = 0.0, fwd = 0.0, bwd = 0.0, cbest = 1e30;
     for (int s = 0; s <= steps; s++) { /* step 0 is the warm-up */
-        double t0 = now();
+        double t0 = now(), c0 = cpu();
         nn_model_zero_grad(m);
         nn_lrcn_forward(m, x, &slices, 1, logits);
         double t1 = now();
@@ -110,11 +110,13 @@ static int bench_train(const char *arch, int slices, int steps)
         nn_lrcn_backward(m, dl);
         double t2 = now();
         nn_model_adam_step(m, &a);
-        double t = now() - t0;
+        double t = now() - t0, c = cpu() - c0;
         if (s > 0 && t < best) best = t, fwd = t1 - t0, bwd = t2 - t1;
+        if (s > 0 && c < cbest) cbest = c;
     }
-    printf("train arch=%s slices=%d s_per_step=%.3f loss=%.4f fwd_s=%.3f bwd_s=%.3f\n", arch,
-           slices, best, loss, fwd, bwd);
+    printf("train arch=%s slices=%d s_per_step=%.3f loss=%.4f fwd_s=%.3f bwd_s=%.3f "
+           "cpu_s_per_step=%.3f\n",
+           arch, slices, best, loss, fwd, bwd, cbest);
     free(x), free(y), free(logits), free(dl);
     nn_model_free(m);
     return 0;

@@ -52,6 +52,10 @@ size_t nn_conv2d_col_size(const nn_conv_shape *s, int B)
         size_t wg = nn_winograd_ws_size(s, B);
         if (wg > col) col = wg;
     }
+    if (nn_winograd_backward_applies(s)) {
+        size_t wg = nn_winograd_backward_ws_size(s, B);
+        if (wg > col) col = wg;
+    }
     return col;
 }
 
@@ -193,6 +197,9 @@ void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const floa
     int ckk = s->c * s->kh * s->kw;
     size_t in_sz = (size_t)s->c * s->h * s->w, out_sz = (size_t)s->oc * ohw;
     int g = group_size(s, B);
+    /* 3x3 stride 1: the input gradient goes through Winograd after the loop */
+    int wg = din && nn_winograd_backward_applies(s);
+    float *din_gemm = wg ? NULL : din;
     if (db)
         for (int bi = 0; bi < B; bi++)
             for (int o = 0; o < s->oc; o++) {
@@ -226,16 +233,17 @@ void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const floa
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s->oc, ckk, (int)ld, 1.0f, gr,
                         (int)ld, src, (int)ld, 1.0f, dw, ckk);
         }
-        if (din) {
+        if (din_gemm) {
             if (direct) {
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk,
-                            gr, ohw, 1.0f, din + b0 * in_sz, ohw);
+                            gr, ohw, 1.0f, din_gemm + b0 * in_sz, ohw);
                 continue;
             }
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, (int)ld, s->oc, 1.0f, w, ckk,
                         gr, (int)ld, 0.0f, col, (int)ld);
             for (int i = 0; i < n; i++)
-                col2im(din + (b0 + i) * in_sz, col + (size_t)i * ohw, ld, s);
+                col2im(din_gemm + (b0 + i) * in_sz, col + (size_t)i * ohw, ld, s);
         }
     }
+    if (wg) nn_winograd_backward_data(din, col, dout, w, B, s);
 }

@@ -37,6 +37,13 @@ int nn_winograd_applies(const nn_conv_shape *s);
 size_t nn_winograd_ws_size(const nn_conv_shape *s, int B);
 void nn_winograd_forward(float *out, float *ws, const float *in, const float *w, const float *b,
                          int B, const nn_conv_shape *s);
+/* din [B,c,h,w] += the input gradient of the convolution s from dout, by
+ * Winograd (a 3x3 convolution of dout with the rotated, transposed weights);
+ * applies when s is 3x3, stride 1, padding 1 and has at least 16 outputs. */
+int nn_winograd_backward_applies(const nn_conv_shape *s);
+size_t nn_winograd_backward_ws_size(const nn_conv_shape *s, int B);
+void nn_winograd_backward_data(float *din, float *ws, const float *dout, const float *w, int B,
+                               const nn_conv_shape *s);
 /* din [B,c,h,w] (may be NULL), dw [oc,c,kh,kw] and db [oc] (may be NULL). */
 void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const float *dout,
                         const float *in, const float *w, int B, const nn_conv_shape *s);

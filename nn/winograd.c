@@ -46,12 +46,22 @@ size_t nn_winograd_ws_size(const nn_conv_shape *s, int B)
     return 16 * ((size_t)s->oc * s->c + (size_t)s->c * nt + (size_t)s->oc * nt) + scratch_size(s);
 }
 
-/* U [16][oc][c] = G g G^T for every filter g [3][3]. */
-static void transform_weights(float *U, const float *w, int oc, int c)
+/* U [16][oc][c] = G g G^T for every filter g [3][3] of w [oc][c][3][3].
+ * flip: w is [c][oc][3][3] and each filter is rotated by 180 degrees, which
+ * turns the weights of a convolution into those of its backward-data pass. */
+static void transform_weights(float *U, const float *w, int oc, int c, int flip)
 {
     size_t plane = (size_t)oc * c;
     for (size_t k = 0; k < plane; k++) {
+        float f[9];
         const float *g = w + 9 * k;
+        if (flip) {
+            size_t o = k / c, ci = k % c; /* U's filter k is w[ci][o], rotated */
+            const float *src = w + 9 * (ci * oc + o);
+            for (int j = 0; j < 9; j++)
+                f[j] = src[8 - j];
+            g = f;
+        }
         float t[4][3]; /* G g */
         for (int j = 0; j < 3; j++) {
             t[0][j] = g[j];
@@ -117,7 +127,7 @@ static void transform_input(float *V, size_t ld, size_t col0, const float *in,
 /* out [oc, oh, ow] of one image <- A^T m A (+ bias) from M [16][oc][ld] at col0,
  * a row of tiles at a time. */
 static void transform_output(float *out, const float *M, size_t ld, size_t col0, const float *b,
-                             const nn_conv_shape *s, float *scratch)
+                             const nn_conv_shape *s, float *scratch, int accumulate)
 {
     int th = (s->oh + 1) / 2, tw = (s->ow + 1) / 2;
     size_t plane = (size_t)s->oc * ld;
@@ -149,21 +159,28 @@ static void transform_output(float *out, const float *M, size_t ld, size_t col0,
                 y1[2 * tx + 1] = c[1][tx] - c[2][tx] - c[3][tx] + bias;
             }
             int oy = 2 * ty;
-            memcpy(dst + (size_t)oy * s->ow, y0, sizeof(float) * s->ow);
-            if (oy + 1 < s->oh) memcpy(dst + (size_t)(oy + 1) * s->ow, y1, sizeof(float) * s->ow);
+            for (int r = 0; r < 2 && oy + r < s->oh; r++) {
+                float *d = dst + (size_t)(oy + r) * s->ow;
+                const float *y = r ? y1 : y0;
+                if (accumulate)
+                    for (int x = 0; x < s->ow; x++)
+                        d[x] += y[x];
+                else
+                    memcpy(d, y, sizeof(float) * s->ow);
+            }
         }
     }
 }
 
-void nn_winograd_forward(float *out, float *ws, const float *in, const float *w, const float *b,
-                         int B, const nn_conv_shape *s)
+/* The transformed weights U are in ws already. */
+static void run(float *out, float *ws, const float *in, const float *b, int B,
+                const nn_conv_shape *s, int accumulate)
 {
     int t = tiles(s), g = wg_group(s, B);
     size_t in_sz = (size_t)s->c * s->h * s->w, out_sz = (size_t)s->oc * s->oh * s->ow;
     float *U = ws, *V = U + 16 * (size_t)s->oc * s->c;
     float *M = V + 16 * (size_t)s->c * t * g;
     float *scratch = M + 16 * (size_t)s->oc * t * g;
-    transform_weights(U, w, s->oc, s->c);
     for (int b0 = 0; b0 < B; b0 += g) {
         int n = B - b0 < g ? B - b0 : g;
         size_t ld = (size_t)t * n;
@@ -174,6 +191,42 @@ void nn_winograd_forward(float *out, float *ws, const float *in, const float *w,
                         U + (size_t)k * s->oc * s->c, s->c, V + (size_t)k * s->c * ld, (int)ld,
                         0.0f, M + (size_t)k * s->oc * ld, (int)ld);
         for (int i = 0; i < n; i++)
-            transform_output(out + (b0 + i) * out_sz, M, ld, (size_t)i * t, b, s, scratch);
+            transform_output(out + (b0 + i) * out_sz, M, ld, (size_t)i * t, b, s, scratch,
+                             accumulate);
     }
+}
+
+void nn_winograd_forward(float *out, float *ws, const float *in, const float *w, const float *b,
+                         int B, const nn_conv_shape *s)
+{
+    transform_weights(ws, w, s->oc, s->c, 0);
+    run(out, ws, in, b, B, s, 0);
+}
+
+/* Geometry of the backward-data pass of s, itself a 3x3 stride-1 convolution. */
+static nn_conv_shape transposed(const nn_conv_shape *s)
+{
+    nn_conv_shape t;
+    nn_conv_shape_init(&t, s->oc, s->oh, s->ow, s->c, 3, 1, 1);
+    return t;
+}
+
+int nn_winograd_backward_applies(const nn_conv_shape *s)
+{
+    nn_conv_shape t = transposed(s);
+    return s->kh == 3 && s->kw == 3 && s->stride == 1 && s->pad == 1 && nn_winograd_applies(&t);
+}
+
+size_t nn_winograd_backward_ws_size(const nn_conv_shape *s, int B)
+{
+    nn_conv_shape t = transposed(s);
+    return nn_winograd_ws_size(&t, B);
+}
+
+void nn_winograd_backward_data(float *din, float *ws, const float *dout, const float *w, int B,
+                               const nn_conv_shape *s)
+{
+    nn_conv_shape t = transposed(s);
+    transform_weights(ws, w, t.oc, t.c, 1);
+    run(din, ws, dout, NULL, B, &t, 1);
 }

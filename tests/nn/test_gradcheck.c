@@ -306,3 +306,34 @@ Test(gradcheck, winograd_matches_im2col)
     winograd_case(40, 16, 4, 4, 8); /* several images per GEMM */
     winograd_case(2, 32, 1, 1, 3);
 }
+
+/* The Winograd input gradient against the definition, written as plain loops,
+ * for one image and for a batch that is grouped into wide GEMMs. */
+Test(gradcheck, winograd_backward_data)
+{
+    for (int B = 1; B <= 33; B += 32) {
+        nn_conv_shape s;
+        nn_conv_shape_init(&s, 5, 7, 9, 16, 3, 1, 1);
+        cr_assert(nn_winograd_backward_applies(&s));
+        size_t nx = (size_t)B * 5 * 63, no = (size_t)B * 16 * 63, nw = 16 * 5 * 9;
+        float *x = buf(nx, 1), *w = buf(nw, 2), *dout = buf(no, 3);
+        float *ws = buf(nn_conv2d_col_size(&s, B), 0), *a = buf(nx, 4), *ref = buf(nx, 0);
+        memcpy(ref, a, sizeof(float) * nx); /* both accumulate onto the same start */
+        nn_winograd_backward_data(a, ws, dout, w, B, &s);
+        for (int b = 0; b < B; b++)
+            for (int o = 0; o < 16; o++)
+                for (int ci = 0; ci < 5; ci++)
+                    for (int y = 0; y < 7; y++)
+                        for (int xx = 0; xx < 9; xx++)
+                            for (int ky = 0; ky < 3; ky++)
+                                for (int kx = 0; kx < 3; kx++) {
+                                    int iy = y - 1 + ky, ix = xx - 1 + kx;
+                                    if (iy < 0 || iy >= 7 || ix < 0 || ix >= 9) continue;
+                                    ref[((size_t)b * 5 + ci) * 63 + iy * 9 + ix] +=
+                                        w[((o * 5 + ci) * 3 + ky) * 3 + kx] *
+                                        dout[((size_t)b * 16 + o) * 63 + y * 9 + xx];
+                                }
+        expect_close("winograd input gradient", a, ref, nx, 1e-5);
+        free(x), free(w), free(dout), free(ws), free(a), free(ref);
+    }
+}
