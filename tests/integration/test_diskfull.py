@@ -7,7 +7,9 @@ Needs permission to mount a tmpfs (root in CI); skipped otherwise.
 
     test_diskfull.py /path/to/ichtriage"""
 import os
+import re
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import dicomtest as dt  # noqa: E402
@@ -22,15 +24,31 @@ def free_mb(path):
     return st.f_bavail * st.f_frsize / MB
 
 
+def says_disk_low(status):
+    return re.search(r"disk[ _-]*(space[ _-]*)?(is[ _-]*)?low|low[ _-]*(on[ _-]*)?disk", status, re.I)
+
+
+def wait_status(node, pred, timeout=10.0):
+    """True once the latest STATUS= the node sent satisfies pred."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        statuses = [l[len("STATUS="):] for n in node.notifications() for l in n.splitlines()
+                    if l.startswith("STATUS=")]
+        if statuses and pred(statuses[-1]):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 class DiskFull(itest.NodeTest):
-    def fill(self, min_free_mb):
+    def fill(self, min_free_mb, notify=False):
         """Sends 60 instances of 512 KB (about 31 MB) to a node whose store is
         a 20 MB tmpfs; returns (node, mount point, files, statuses)."""
         mnt = os.path.join(self.work, "mnt")
         self.mount_tmpfs(mnt, 20)
         files = self.gen("ct", count=60, rows=512, cols=512)
         node = self.start_node({"store.min_free_mb": min_free_mb},
-                               store_dir=os.path.join(mnt, "store"))
+                               store_dir=os.path.join(mnt, "store"), notify=notify)
         r = dt.storescu(node.port, files, workdir=self.work)
         self.assertEqual(r.association, "accepted", r.output[-2000:])
         unanswered = [f for f in files if f not in r.statuses]
@@ -65,14 +83,25 @@ class DiskFull(itest.NodeTest):
         self.send_again_after_growing(node, mnt, files, full)
 
     def test_low_water_mark(self):
-        node, mnt, files, ok, full = self.fill(min_free_mb=12)
+        node, mnt, files, ok, full = self.fill(min_free_mb=12, notify=True)
         # Refused before the disk was really full: at most one instance (and
         # the index's growth) below the mark.
         left = free_mb(mnt)
         self.assertGreater(left, 10, "only %.1f MB left: the low-water mark did not hold" % left)
         lines = [l for l in node.events("store_failed") if "A700" in l.upper()]
         self.assertTrue(lines, "no store_failed line with status A700")
+        # The service status (sd_notify STATUS=) says why, and stops saying
+        # it once there is space again.
+        if not any("READY=1" in n for n in node.notifications()):
+            sys.stderr.write("note: no sd_notify messages (built without libsystemd?); "
+                             "status not checked\n")
+            self.send_again_after_growing(node, mnt, files, full)
+            return
+        self.assertTrue(wait_status(node, says_disk_low),
+                        "STATUS= never mentioned the low disk: %s" % node.notifications()[-3:])
         self.send_again_after_growing(node, mnt, files, full)
+        self.assertTrue(wait_status(node, lambda st: not says_disk_low(st)),
+                        "STATUS= still says the disk is low: %s" % node.notifications()[-3:])
 
 
 if __name__ == "__main__":

@@ -67,6 +67,31 @@ class Node:
         self.log_path = os.path.join(workdir, "node.log")
         self.proc = None
         self._log_offset_at_start = 0
+        self.notify_sock = None   # see listen_notify()
+        self.notes = []
+
+    def listen_notify(self, watchdog_usec=1000000):
+        """Before start(): receive the node's sd_notify messages (READY=1,
+        STATUS=..., WATCHDOG=1, STOPPING=1) on a socket of our own, as
+        systemd would; a watchdog of watchdog_usec makes the node send them
+        often. Read them with notifications()."""
+        os.makedirs(self.workdir, exist_ok=True)
+        path = os.path.join(self.workdir, "notify.sock")
+        if os.path.exists(path):
+            os.unlink(path)
+        self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_sock.bind(path)
+        self.notify_sock.setblocking(False)
+        self.notify_env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(watchdog_usec)}
+
+    def notifications(self):
+        """Every sd_notify message received so far, oldest first."""
+        while self.notify_sock is not None:
+            try:
+                self.notes.append(self.notify_sock.recv(65536).decode("utf-8", "replace"))
+            except BlockingIOError:
+                break
+        return list(self.notes)
 
     @property
     def aet(self):
@@ -84,6 +109,10 @@ class Node:
         logf = open(self.log_path, "ab")
         self._log_offset_at_start = logf.tell()
         env = dict(os.environ)
+        for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(k, None)
+        if self.notify_sock is not None:
+            env.update(self.notify_env)
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf,
                                      stdin=subprocess.DEVNULL, env=env)
         logf.close()
