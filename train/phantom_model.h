@@ -189,6 +189,7 @@ void ph_slice_render(const struct ph_slice_ctx *ctx, float z, float *hu,
 struct ph_sheet {
     int tile, cols, rows, width, height;
     uint8_t *rgb;
+    uint8_t *tile_mask; /* tile^2 scratch */
 };
 int ph_sheet_init(struct ph_sheet *sh, int nslices, int tile);
 /* mask: size^2 bytes, bit k set where subtype k is visible. */

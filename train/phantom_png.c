@@ -24,14 +24,18 @@ int ph_sheet_init(struct ph_sheet *sh, int nslices, int tile)
     sh->width = sh->cols * tile;
     sh->height = sh->rows * tile;
     sh->rgb = calloc((size_t)sh->width * sh->height, 3);
-    return sh->rgb ? 0 : -1;
+    sh->tile_mask = calloc((size_t)tile * tile, 1);
+    if (!sh->rgb || !sh->tile_mask) {
+        ph_sheet_free(sh);
+        return -1;
+    }
+    return 0;
 }
 
 void ph_sheet_add(struct ph_sheet *sh, int index, const float *hu, const uint8_t *mask, int size)
 {
     int t = sh->tile, ox = (index % SHEET_COLS) * t, oy = (index / SHEET_COLS) * t;
-    uint8_t *tm = calloc((size_t)t * t, 1);
-    if (!tm) return;
+    uint8_t *tm = sh->tile_mask; /* each tile pixel is written below */
     for (int ty = 0; ty < t; ty++) {
         int y0 = ty * size / t, y1 = (ty + 1) * size / t;
         for (int tx = 0; tx < t; tx++) {
@@ -79,7 +83,6 @@ void ph_sheet_add(struct ph_sheet *sh, int index, const float *hu, const uint8_t
             for (int x = 2 + 6 * k; x < 6 + 6 * k && x < t; x++)
                 memcpy(sh->rgb + 3 * ((size_t)(oy + y) * sh->width + ox + x), colours[k], 3);
     }
-    free(tm);
 }
 
 int ph_sheet_write(const struct ph_sheet *sh, const char *path, char *err, size_t errlen)
@@ -116,5 +119,6 @@ void ph_sheet_free(struct ph_sheet *sh)
 {
     if (!sh) return;
     free(sh->rgb);
+    free(sh->tile_mask);
     memset(sh, 0, sizeof *sh);
 }
