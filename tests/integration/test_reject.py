@@ -172,6 +172,13 @@ class Rejections(itest.NodeTest):
         self.assertEqual(a.c_echo()[0], 0)
         a.release()
 
+    def test_calling_ae_bound_to_our_host_is_allowed(self):
+        node = self.start_node({"dicom.allowed_peers": "LOCALSCU@127.0.0.1, ELSEWHERE@10.255.255.1"})
+        a = dul.Association.connect("127.0.0.1", node.port, calling="LOCALSCU")
+        self.assertEqual(a.c_echo()[0], 0)
+        a.release()
+        self.expect_rejected(node, "ICHTRIAGE", "ELSEWHERE", 1, 1, 3)
+
     def test_more_associations_than_allowed(self):
         node = self.start_node({"dicom.max_associations": 2})
         held = [dul.Association.connect("127.0.0.1", node.port) for _ in range(2)]
