@@ -1,0 +1,38 @@
+#!/bin/sh
+# models/make-default.sh: makes models/default.safetensors, the demonstration
+# model the node ships, with `ichtriage train` on synthetic phantoms, and
+# scores it with `ichtriage eval` on phantoms of a seed not used in training.
+# About 1 hour on 2 cores. Trained on synthetic phantoms: a demonstration,
+# not clinically validated. Decision support, not a diagnosis.
+#
+#   models/make-default.sh [BUILD_DIR [WORK_DIR]]
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+build=${1:-$here/../build}
+work=${2:-${TMPDIR:-/tmp}/ichtriage-default-model}
+bin=$build/ichtriage
+threads=${THREADS:-2}
+mkdir -p "$work"
+
+# Data: 160 training studies (seed 101; train/validation split by patient
+# inside `train`), 60 held-out test studies (seed 202). 256x256 phantoms:
+# the shared preprocessing resizes every slice to 128x128 anyway.
+[ -f "$work/ph-train/studies.csv" ] || "$bin" phantom "$work/ph-train" --seed 101 -n 160 --size 256
+[ -f "$work/ph-test/studies.csv" ] || "$bin" phantom "$work/ph-test" --seed 202 -n 60 --size 256
+
+# Training: the small LRCN at 3x128x128; stage 1 draws 2000 augmented slices
+# per epoch. Rerunning after an interruption resumes from the checkpoints.
+"$bin" train "$work/ph-train" -o "$work/default.safetensors" --workdir "$work/run" \
+    --arch small --input 128 --seed 1 --val 0.2 --test 0 \
+    --epochs1 ${EPOCHS1:-7} --slices-per-epoch 2000 --patience 3 \
+    --epochs2 ${EPOCHS2:-30} --lr1 1e-3 --lr2 1e-3 --threads "$threads" \
+    --provenance "models/make-default.sh: synthetic phantoms (ichtriage phantom --seed 101 -n 160 --size 256); a demonstration, not clinically validated"
+
+"$bin" eval "$work/default.safetensors" "$work/ph-test" --threads "$threads" \
+    --report "$work/default-test-report.html" --json "$work/default-test-metrics.json" \
+    | tee "$work/default-test.txt"
+
+cp "$work/default.safetensors" "$here/default.safetensors"
+cp "$work/default-test-metrics.json" "$here/default-test-metrics.json"
+cp "$work/default-test-report.html" "$here/default-test-report.html"
+echo "wrote $here/default.safetensors"

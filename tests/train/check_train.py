@@ -1,0 +1,171 @@
+#!/usr/bin/python3
+"""tests/train/check_train.py: `ichtriage train`, `eval` and `model` from
+outside, on a few small phantom studies (64x64, 8-12 slices, a small
+architecture at 64x64 input), so that the whole thing runs in a few minutes
+on 2 cores.
+
+- a training run must beat chance on its own held-out test split;
+- a run killed after its first checkpoint and started again resumes there
+  and finishes;
+- two runs with the same seed give the same model (reproducible);
+- `eval` reads the model's thresholds and writes the report and JSON;
+- bad data folders fail with a message that says what is wrong;
+- `model register|promote|list|rollback` manage <store.dir>/models.
+
+Usage: check_train.py ICHTRIAGE"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ICH = sys.argv[1]
+ARCH = "b8,M,b16,M,b32,M,b32,G|"
+FAILS = []
+
+
+def check(cond, what):
+    print(("ok   " if cond else "FAIL ") + what, flush=True)
+    if not cond:
+        FAILS.append(what)
+
+
+def run(*args, **kw):
+    return subprocess.run([ICH, *args], capture_output=True, text=True, **kw)
+
+
+def train_args(data, out, workdir, seed=1, epochs1=6, epochs2=8):
+    return ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
+            "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
+            "--patience", "3", "--val", "0.2", "--test", "0.25", "--threads", "2",
+            "--batch", "16", "--series-batch", "4"]
+
+
+def metadata(path):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))["__metadata__"]
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="ichtriage-train-")
+    data = os.path.join(tmp, "ph")
+    r = run("phantom", data, "--seed", "11", "-n", "40", "--size", "64", "--slices", "8-12",
+            "--noise", "2", "--no-artifacts")
+    check(r.returncode == 0, "phantom data written: " + r.stderr[-200:])
+
+    # 1. A training run that must beat chance on its own test split.
+    out = os.path.join(tmp, "a.safetensors")
+    t0 = time.time()
+    r = run(*train_args(data, out, os.path.join(tmp, "a.work")))
+    check(r.returncode == 0, "train exits 0: " + r.stderr[-400:])
+    print(f"     training took {time.time() - t0:.0f} s", flush=True)
+    meta = metadata(out)
+    m = json.load(open(os.path.join(tmp, "a.work", "metrics.json")))
+    slice_auc = m["levels"]["slice"]["lrcn"]["any"]["auc"]
+    study_auc = m["levels"]["study"]["lrcn"]["any"]["auc"]
+    print(f"     test split: slice AUC any {slice_auc}, study AUC any {study_auc}", flush=True)
+    check(slice_auc is not None and slice_auc > 0.7, "LRCN beats chance on its test split "
+          "(slice-level AUC for any > 0.7)")
+    check(study_auc is not None and study_auc > 0.6, "study-level AUC for any > 0.6")
+    thr = [float(v) for v in meta["thresholds"].split(",")]
+    check(len(thr) == 6 and all(0 < v < 1 for v in thr), "six thresholds in (0,1) stored")
+    for key in ("provenance", "metrics", "data", "training", "calibration", "date"):
+        check(key in meta, f"metadata has {key}")
+    html = open(os.path.join(tmp, "a.work", "report.html")).read()
+    check("not a diagnosis" in html and "<svg" in html and "ROC" in html,
+          "HTML report with inline SVG and the notice")
+
+    # 2. Reproducible: the same seed again gives the same weights.
+    out_b = os.path.join(tmp, "b.safetensors")
+    r = run(*train_args(data, out_b, os.path.join(tmp, "b.work")))
+    check(r.returncode == 0, "second run exits 0")
+    with open(out, "rb") as f1, open(out_b, "rb") as f2:
+        a, b = f1.read(), f2.read()
+    ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
+    check(a[8 + ha:] == b[8 + hb:], "same seed, same weights")
+    check(metadata(out_b)["thresholds"] == meta["thresholds"], "same seed, same thresholds")
+
+    # 3. Kill after the first checkpoint, run again: it resumes and finishes.
+    work = os.path.join(tmp, "c.work")
+    out_c = os.path.join(tmp, "c.safetensors")
+    p = subprocess.Popen([ICH, *train_args(data, out_c, work, epochs1=4)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(work, "state")
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not os.path.exists(state):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    check(os.path.exists(state), "a checkpoint was written before the kill")
+    r = run(*train_args(data, out_c, work, epochs1=4))
+    check(r.returncode == 0 and "event=train_resume" in r.stderr,
+          "the rerun resumes: " + r.stderr[-300:])
+    hist = [l.split(",")[:2] for l in open(os.path.join(work, "history.csv"))]
+    check(len(hist) == len(set(map(tuple, hist))), "no epoch trained twice after resuming")
+    check(os.path.exists(out_c), "the resumed run wrote its model")
+
+    # 4. eval on the same folder, test split as train made it.
+    rep = os.path.join(tmp, "eval.html")
+    js = os.path.join(tmp, "eval.json")
+    r = run("eval", out, data, "--split", "test", "--seed", "1", "--val", "0.2", "--test", "0.25",
+            "--report", rep, "--json", js)
+    check(r.returncode == 0, "eval exits 0: " + r.stderr[-300:])
+    e = json.load(open(js))
+    check(abs(e["levels"]["study"]["lrcn"]["any"]["auc"] - study_auc) < 1e-4,
+          "eval of the test split reproduces train's figures")
+    check("CNN" in r.stdout and "LRCN" in r.stdout, "eval prints CNN and LRCN side by side")
+
+    # 5. Bad data folders.
+    r = run("train", os.path.join(tmp, "missing"), "-o", os.path.join(tmp, "x.safetensors"))
+    check(r.returncode != 0 and "not a folder" in r.stderr, "missing folder: " + r.stderr.strip())
+    empty = os.path.join(tmp, "empty")
+    os.makedirs(empty)
+    r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
+    check(r.returncode != 0 and "no labels file" in r.stderr, "no CSV: " + r.stderr.strip())
+    with open(os.path.join(empty, "stage_2_train.csv"), "w") as f:
+        f.write("ID,Label\nID_1.2.3_any,0\n")
+    r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
+    check(r.returncode != 0 and "no DICOM files" in r.stderr, "no DICOM: " + r.stderr.strip())
+    with open(os.path.join(empty, "stage_2_train.csv"), "w") as f:
+        f.write("ID,Label\nID_1.2.3_bleeding,1\n")
+    os.symlink(os.path.join(data, "stage_2_train"), os.path.join(empty, "dcm"))
+    r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
+    check(r.returncode != 0 and "bad row" in r.stderr, "bad CSV row: " + r.stderr.strip())
+    with open(os.path.join(empty, "stage_2_train.csv"), "w") as f:
+        f.write("ID,Label\nID_9.9.9_any,1\n")
+    r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
+    check(r.returncode != 0 and "has a row in" in r.stderr, "labels of other files: " +
+          r.stderr.strip())
+
+    # 6. The registry.
+    store = os.path.join(tmp, "store")
+    s = ["--set", "store.dir=" + store]
+    r1 = run("model", "register", out, *s)
+    time.sleep(1.1)
+    r2 = run("model", "register", out_b, *s)
+    check(r1.returncode == 0 and r2.returncode == 0, "register two models")
+    id1, id2 = r1.stdout.strip(), r2.stdout.strip()
+    check(run("model", "promote", id1, *s).returncode == 0, "promote the first")
+    check(run("model", "promote", id2, *s).returncode == 0, "promote the second")
+    lst = run("model", "list", *s).stdout
+    check(any(l.startswith("*") and id2 in l for l in lst.splitlines()), "list marks the active")
+    r = run("model", "rollback", *s)
+    check(r.returncode == 0 and id1 in r.stdout, "rollback puts the first back")
+    with open(os.path.join(store, "models", "active.safetensors"), "rb") as f:
+        check(f.read() == open(os.path.join(store, "models", id1 + ".safetensors"), "rb").read(),
+              "active.safetensors is the first again")
+    r = run("model", "promote", "nonexistent", *s)
+    check(r.returncode != 0 and "no registered model" in r.stderr, "unknown id refused")
+
+    if FAILS:
+        print(f"{len(FAILS)} check(s) failed")
+        sys.exit(1)
+    subprocess.run(["rm", "-rf", tmp])
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()

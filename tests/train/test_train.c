@@ -1,0 +1,217 @@
+/* tests/train/test_train.c: the pieces of `ichtriage train` that can be
+ * checked without training: metrics against hand-computed values,
+ * calibration, augmentation, the split by patient, and the stage-1 head
+ * computed from features against nn's own prediction. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "metrics.h"
+#include "nn.h"
+#include "trainer.h"
+
+Test(metrics, auc_by_hand)
+{
+    /* 2 positives, 3 negatives: pairs (pos > neg) = 5 of 6. */
+    float p[] = {0.9f, 0.4f, 0.5f, 0.3f, 0.1f};
+    unsigned char y[] = {1, 1, 0, 0, 0};
+    cr_assert_float_eq(train_auc(p, y, 5), 5.0 / 6.0, 1e-9);
+    /* ties count half: everything equal gives 0.5 */
+    float q[] = {0.5f, 0.5f, 0.5f, 0.5f};
+    unsigned char z[] = {1, 0, 1, 0};
+    cr_assert_float_eq(train_auc(q, z, 4), 0.5, 1e-9);
+    /* one class only: undefined */
+    unsigned char o[] = {1, 1, 1, 1};
+    cr_assert(isnan(train_auc(q, o, 4)));
+}
+
+Test(metrics, confusion_at_threshold)
+{
+    float p[] = {0.9f, 0.4f, 0.5f, 0.3f, 0.1f};
+    unsigned char y[] = {1, 1, 0, 0, 0};
+    struct train_binary b;
+    train_binary_eval(p, y, 5, 0.45f, &b);
+    cr_assert_eq(b.tp, 1);
+    cr_assert_eq(b.fn, 1);
+    cr_assert_eq(b.fp, 1);
+    cr_assert_eq(b.tn, 2);
+    cr_assert_float_eq(b.sensitivity, 0.5, 1e-9);
+    cr_assert_float_eq(b.specificity, 2.0 / 3.0, 1e-9);
+    cr_assert_float_eq(b.precision, 0.5, 1e-9);
+    cr_assert_float_eq(b.accuracy, 0.6, 1e-9);
+    double ll = -(log(0.9) + log(0.4) + log(0.5) + log(0.7) + log(0.9)) / 5;
+    cr_assert_float_eq(b.logloss, ll, 1e-6);
+}
+
+Test(metrics, threshold_reaches_the_sensitivity)
+{
+    float p[20];
+    unsigned char y[20];
+    for (int i = 0; i < 20; i++)
+        p[i] = (float)i / 20, y[i] = i % 2;
+    float t = train_threshold_for_sensitivity(p, y, 20, 0.95);
+    struct train_binary b;
+    train_binary_eval(p, y, 20, t, &b);
+    cr_assert_geq(b.sensitivity, 0.95);
+    /* and it is the highest such threshold: a hair above loses a positive */
+    train_binary_eval(p, y, 20, nextafterf(t, 1.0f), &b);
+    cr_assert_lt(b.sensitivity, 0.95);
+}
+
+Test(metrics, temperature_recovers_a_known_scale)
+{
+    /* Labels drawn from sigmoid(z); logits given as 3 z: T should be ~3. */
+    enum { N = 20000 };
+    float *z = malloc(N * sizeof *z);
+    unsigned char *y = malloc(N);
+    uint64_t rng = 42;
+    for (int i = 0; i < N; i++) {
+        float t = 4 * nn_rng_normal(&rng);
+        y[i] = nn_rng_uniform(&rng) < 1 / (1 + expf(-t));
+        z[i] = 3 * t;
+    }
+    float T = train_fit_temperature(z, y, N);
+    cr_assert(T > 2.6f && T < 3.4f, "T = %f", T);
+    free(z), free(y);
+}
+
+Test(metrics, roc_runs_from_0_to_1)
+{
+    float p[] = {0.9f, 0.4f, 0.5f, 0.3f, 0.1f}, fx[10], ty[10];
+    unsigned char y[] = {1, 1, 0, 0, 0};
+    int n = train_roc(p, y, 5, fx, ty, 10);
+    cr_assert_eq(n, 6);
+    cr_assert_float_eq(fx[0], 0, 1e-9);
+    cr_assert_float_eq(ty[n - 1], 1, 1e-9);
+    cr_assert_float_eq(fx[n - 1], 1, 1e-9);
+}
+
+Test(augment, off_is_identity_and_flip_mirrors)
+{
+    enum { C = 3, H = 8, W = 8 };
+    uint8_t in[C * H * W];
+    for (int i = 0; i < C * H * W; i++)
+        in[i] = (uint8_t)(i * 7 % 251);
+    struct train_augment a = {0};
+    float out[C * H * W];
+    uint64_t rng = 1;
+    train_augment_slice(&a, in, C, H, W, out, &rng);
+    for (int i = 0; i < C * H * W; i++)
+        cr_assert_float_eq(out[i], in[i] / 255.0f, 1e-6);
+    a.flip = 1;
+    int flipped = 0;
+    for (int trial = 0; trial < 20; trial++) {
+        train_augment_slice(&a, in, C, H, W, out, &rng);
+        if (fabsf(out[1] - in[W - 2] / 255.0f) < 1e-6 && fabsf(out[0] - in[W - 1] / 255.0f) < 1e-6)
+            flipped++;
+    }
+    cr_assert(flipped > 2 && flipped < 18, "flipped %d of 20", flipped);
+}
+
+Test(augment, really_changes_the_slice)
+{
+    enum { C = 3, H = 32, W = 32 };
+    uint8_t in[C * H * W];
+    for (int i = 0; i < C * H * W; i++)
+        in[i] = (uint8_t)((i % W) * 8);
+    struct train_augment a;
+    train_augment_default(&a);
+    float o1[C * H * W], o2[C * H * W];
+    uint64_t rng = 5;
+    train_augment_slice(&a, in, C, H, W, o1, &rng);
+    train_augment_slice(&a, in, C, H, W, o2, &rng);
+    double d = 0;
+    for (int i = 0; i < C * H * W; i++) {
+        d += fabs(o1[i] - o2[i]);
+        cr_assert(o1[i] >= 0 && o1[i] <= 1);
+    }
+    cr_assert_gt(d / (C * H * W), 0.01);
+}
+
+static void fake_dataset(struct train_dataset *d, int npatients)
+{
+    struct triage_windows w;
+    triage_windows_default(&w);
+    train_dataset_init(d, &w, 3, 16, 16);
+    d->nseries = npatients * 2; /* two studies per patient */
+    d->series = calloc((size_t)d->nseries, sizeof *d->series);
+    d->nslices = (size_t)d->nseries * 4;
+    d->labels = calloc(d->nslices, TRAIN_LABELS);
+    d->pixels = calloc(d->nslices, 3 * 16 * 16);
+    for (int i = 0; i < d->nseries; i++) {
+        struct train_series *s = &d->series[i];
+        snprintf(s->patient_id, sizeof s->patient_id, "P%03d", i / 2);
+        snprintf(s->series_uid, sizeof s->series_uid, "1.2.%d", i);
+        s->n = 4;
+        s->first = (size_t)i * 4;
+        s->slice_labels = 1;
+        s->study[0] = (i / 2) % 3 == 0; /* a third of the patients positive */
+    }
+}
+
+Test(split, by_patient_stratified_and_seeded)
+{
+    struct train_dataset d;
+    fake_dataset(&d, 60);
+    train_dataset_split(&d, 7, 0.2, 0.2);
+    int count[3] = {0}, pos[3] = {0};
+    for (int i = 0; i < d.nseries; i += 2) {
+        cr_assert_eq(d.series[i].split, d.series[i + 1].split, "patient in two splits");
+        count[d.series[i].split]++;
+        pos[d.series[i].split] += d.series[i].study[0];
+    }
+    cr_assert_eq(count[1], 12);
+    cr_assert_eq(count[2], 12);
+    cr_assert_eq(pos[1], 4); /* 20 positive patients, 20% of them */
+    cr_assert_eq(pos[2], 4);
+    int first[120];
+    for (int i = 0; i < d.nseries; i++)
+        first[i] = d.series[i].split;
+    train_dataset_split(&d, 7, 0.2, 0.2);
+    for (int i = 0; i < d.nseries; i++)
+        cr_assert_eq(d.series[i].split, first[i]);
+    train_dataset_split(&d, 8, 0.2, 0.2);
+    int diff = 0;
+    for (int i = 0; i < d.nseries; i++)
+        diff += d.series[i].split != first[i];
+    cr_assert_gt(diff, 0, "another seed, another split");
+    train_dataset_free(&d);
+}
+
+Test(predict, head_from_features_matches_nn_and_temperature_folds)
+{
+    nn_config c;
+    nn_config_default(&c);
+    c.arch = "b4,M,b8,G|d12,D0.5";
+    c.in_h = c.in_w = 16;
+    char err[256];
+    nn_model *m = nn_model_create(&c, err, sizeof err);
+    cr_assert(m, "%s", err);
+    struct train_dataset d;
+    fake_dataset(&d, 2);
+    uint64_t rng = 3;
+    for (size_t i = 0; i < d.nslices * 3 * 16 * 16; i++)
+        d.pixels[i] = (uint8_t)(nn_rng_next(&rng) & 0xff);
+    size_t n = d.nslices;
+    float *a = malloc(n * 6 * sizeof(float)), *b = malloc(n * 6 * sizeof(float));
+    float *l = malloc(n * 6 * sizeof(float)), *x = malloc(n * 3 * 16 * 16 * sizeof(float));
+    for (size_t i = 0; i < n * 3 * 16 * 16; i++)
+        x[i] = d.pixels[i] / 255.0f;
+    cr_assert_eq(train_predict(m, &d, -1, a, l), 0);
+    cr_assert_eq(nn_cnn_predict(m, x, (int)n, b), 0);
+    for (size_t i = 0; i < n * 6; i++)
+        cr_assert_float_eq(a[i], b[i], 1e-4);
+    float T[6] = {2, 1, 1, 1, 1, 4};
+    cr_assert_eq(train_fold_temperature(m, 1, T, 6), 0);
+    cr_assert_eq(train_fold_temperature(m, 0, T, 6), 0);
+    float *a2 = malloc(n * 6 * sizeof(float)), *l2 = malloc(n * 6 * sizeof(float));
+    cr_assert_eq(train_predict(m, &d, -1, a2, l2), 0);
+    for (size_t i = 0; i < n * 6; i++) {
+        cr_assert_float_eq(a2[i], a[i] / T[i % 6], 1e-4);
+        cr_assert_float_eq(l2[i], l[i] / T[i % 6], 1e-4);
+    }
+    free(a), free(b), free(l), free(x), free(a2), free(l2);
+    train_dataset_free(&d);
+    nn_model_free(m);
+}

@@ -1,0 +1,260 @@
+/* train/core.c: augmentation, batched prediction over a dataset, folding
+ * calibration temperatures into a model, and the evaluation tables. */
+#include "trainer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BATCH 32
+
+void train_augment_default(struct train_augment *a)
+{
+    a->shift_frac = 0.08f;
+    a->rot_deg = 10.0f;
+    a->gain = 0.10f;
+    a->offset = 0.04f;
+    a->flip = 1;
+}
+
+void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
+                         float *out, uint64_t *rng)
+{
+    float ang = (2 * nn_rng_uniform(rng) - 1) * a->rot_deg * (float)M_PI / 180.0f;
+    float dx = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)w;
+    float dy = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)h;
+    int flip = a->flip && nn_rng_uniform(rng) < 0.5f;
+    float gain[8], off[8];
+    for (int k = 0; k < c && k < 8; k++) {
+        gain[k] = 1 + (2 * nn_rng_uniform(rng) - 1) * a->gain;
+        off[k] = (2 * nn_rng_uniform(rng) - 1) * a->offset;
+    }
+    float cs = cosf(ang), sn = sinf(ang), cx = (float)(w - 1) / 2, cy = (float)(h - 1) / 2;
+    for (int y = 0; y < h; y++) {
+        for (int x = 0; x < w; x++) {
+            /* Output pixel -> source position: inverse of rotate + shift (+ flip). */
+            float ox = (float)(flip ? w - 1 - x : x) - cx - dx, oy = (float)y - cy - dy;
+            float sx = cs * ox + sn * oy + cx, sy = -sn * ox + cs * oy + cy;
+            int x0 = (int)floorf(sx), y0 = (int)floorf(sy);
+            float fx = sx - (float)x0, fy = sy - (float)y0;
+            for (int k = 0; k < c; k++) {
+                const uint8_t *p = in + (size_t)k * h * w;
+                float v = 0;
+                for (int j = 0; j < 2; j++)
+                    for (int i = 0; i < 2; i++) {
+                        int xx = x0 + i, yy = y0 + j;
+                        if (xx < 0 || yy < 0 || xx >= w || yy >= h) continue;
+                        float wt = (i ? fx : 1 - fx) * (j ? fy : 1 - fy);
+                        v += wt * (float)p[(size_t)yy * w + xx];
+                    }
+                v = v / 255.0f;
+                if (k < 8 && v > 0) v = v * gain[k] + off[k];
+                out[(size_t)k * h * w + (size_t)y * w + x] = v < 0 ? 0 : v > 1 ? 1 : v;
+            }
+        }
+    }
+}
+
+static void to_float(const uint8_t *in, size_t n, float *out)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = (float)in[i] / 255.0f;
+}
+
+int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    int F = nn_model_feature_size(m);
+    float *x = malloc(BATCH * per * sizeof(float));
+    if (!x) return NN_ENOMEM;
+    int rc = 0;
+    for (int s = 0; rc == 0 && s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (split >= 0 && se->split != split) continue;
+        for (int a = 0; rc == 0 && a < se->n; a += BATCH) {
+            int n = se->n - a < BATCH ? se->n - a : BATCH;
+            to_float(d->pixels + (se->first + (size_t)a) * per, (size_t)n * per, x);
+            rc = nn_cnn_features(m, x, n, feat + (se->first + (size_t)a) * F);
+        }
+    }
+    free(x);
+    return rc;
+}
+
+/* The stage-1 head applied to features: the classifier's Linear layers with
+ * ReLU between them (dropout is the identity in eval mode). */
+static int head_forward(nn_model *m, const float *feat, int n, float *logits)
+{
+    nn_tensor_info wt[16], bs[16];
+    int nl = 0;
+    for (int j = 0; j < 64 && nl < 16; j++) {
+        char name[64];
+        snprintf(name, sizeof name, "cnn.classifier.%d.weight", j);
+        if (nn_model_tensor_find(m, name, &wt[nl]) != 0) continue;
+        snprintf(name, sizeof name, "cnn.classifier.%d.bias", j);
+        if (nn_model_tensor_find(m, name, &bs[nl]) != 0) return NN_EFORMAT;
+        nl++;
+    }
+    if (nl == 0) return NN_EFORMAT;
+    int F = nn_model_feature_size(m);
+    size_t maxw = (size_t)F;
+    for (int l = 0; l < nl; l++)
+        if ((size_t)wt[l].shape[0] > maxw) maxw = (size_t)wt[l].shape[0];
+    float *a = malloc(maxw * sizeof(float)), *b = malloc(maxw * sizeof(float));
+    if (!a || !b) {
+        free(a), free(b);
+        return NN_ENOMEM;
+    }
+    for (int i = 0; i < n; i++) {
+        memcpy(a, feat + (size_t)i * F, (size_t)F * sizeof(float));
+        int in = F;
+        for (int l = 0; l < nl; l++) {
+            int out = (int)wt[l].shape[0];
+            for (int o = 0; o < out; o++) {
+                double s = bs[l].data[o];
+                const float *w = wt[l].data + (size_t)o * in;
+                for (int k = 0; k < in; k++)
+                    s += (double)w[k] * a[k];
+                b[o] = (float)(l + 1 < nl && s < 0 ? 0 : s);
+            }
+            memcpy(a, b, (size_t)out * sizeof(float));
+            in = out;
+        }
+        memcpy(logits + (size_t)i * in, a, (size_t)in * sizeof(float));
+    }
+    free(a), free(b);
+    return 0;
+}
+
+int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
+                  float *lrcn_logits)
+{
+    int F = nn_model_feature_size(m);
+    nn_model_set_training(m, 0);
+    float *feat = malloc(d->nslices * (size_t)F * sizeof(float));
+    if (!feat) return NN_ENOMEM;
+    int rc = train_features(m, d, split, feat);
+    for (int s = 0; rc == 0 && s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (split >= 0 && se->split != split) continue;
+        const float *f = feat + se->first * F;
+        if (cnn_logits) rc = head_forward(m, f, se->n, cnn_logits + se->first * TRAIN_LABELS);
+        if (rc == 0 && lrcn_logits)
+            rc = nn_lrcn_forward_features(m, f, &se->n, 1, lrcn_logits + se->first * TRAIN_LABELS);
+    }
+    free(feat);
+    return rc;
+}
+
+int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels)
+{
+    nn_tensor_info w, b;
+    char name[64];
+    if (cnn_head) {
+        int last = -1;
+        for (int j = 0; j < 64; j++) {
+            snprintf(name, sizeof name, "cnn.classifier.%d.weight", j);
+            if (nn_model_tensor_find(m, name, &w) == 0) last = j;
+        }
+        if (last < 0) return NN_EFORMAT;
+        snprintf(name, sizeof name, "cnn.classifier.%d.weight", last);
+        nn_model_tensor_find(m, name, &w);
+        snprintf(name, sizeof name, "cnn.classifier.%d.bias", last);
+        if (nn_model_tensor_find(m, name, &b) != 0) return NN_EFORMAT;
+    } else if (nn_model_tensor_find(m, "out.weight", &w) != 0 ||
+               nn_model_tensor_find(m, "out.bias", &b) != 0) {
+        return NN_EFORMAT;
+    }
+    if (w.shape[0] != labels) return NN_EINVAL;
+    size_t in = (size_t)w.shape[1];
+    for (int l = 0; l < labels; l++) {
+        for (size_t k = 0; k < in; k++)
+            w.data[(size_t)l * in + k] /= t[l];
+        b.data[l] /= t[l];
+    }
+    return 0;
+}
+
+static float sigm(float x)
+{
+    return 1.0f / (1.0f + expf(-x));
+}
+
+int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
+                   const float thresholds[2][TRAIN_LABELS], struct train_eval *e, char *err,
+                   size_t errlen)
+{
+    memset(e, 0, sizeof *e);
+    memcpy(e->thresholds, thresholds, sizeof e->thresholds);
+    size_t N = d->nslices;
+    float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
+                    malloc(N * TRAIN_LABELS * sizeof(float))};
+    float *p = malloc((N + (size_t)d->nseries) * sizeof(float));
+    unsigned char *y = malloc(N + (size_t)d->nseries);
+    int rc = -1;
+    if (!lg[0] || !lg[1] || !p || !y) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    int r = train_predict(m, d, split, lg[0], lg[1]);
+    if (r != 0) {
+        snprintf(err, errlen, "prediction failed (nn error %d)", r);
+        goto out;
+    }
+    train_dataset_count(d, split, &e->nseries, &e->nslices, NULL, NULL);
+    if (e->nseries == 0) {
+        snprintf(err, errlen, "no series to evaluate");
+        goto out;
+    }
+    for (int mo = 0; mo < 2; mo++) {
+        double wsum[2] = {0, 0}, wl[2] = {0, 0};
+        for (int l = 0; l < TRAIN_LABELS; l++) {
+            /* slice level: slices with known labels */
+            size_t n = 0;
+            for (int s = 0; s < d->nseries; s++) {
+                const struct train_series *se = &d->series[s];
+                if ((split >= 0 && se->split != split) || !se->slice_labels) continue;
+                for (int k = 0; k < se->n; k++) {
+                    size_t i = se->first + (size_t)k;
+                    p[n] = sigm(lg[mo][i * TRAIN_LABELS + l]);
+                    y[n++] = d->labels[i * TRAIN_LABELS + l] == 1;
+                }
+            }
+            struct train_binary *b = &e->m[TRAIN_LEVEL_SLICE][mo][l];
+            train_binary_eval(p, y, n, thresholds[mo][l], b);
+            if (n) {
+                wl[0] += train_rsna_weights[l] * b->logloss;
+                wsum[0] += train_rsna_weights[l];
+            }
+            if (l == 0)
+                e->roc_n[0][mo] =
+                    train_roc(p, y, n, e->roc_fpr[0][mo], e->roc_tpr[0][mo], TRAIN_ROC_POINTS);
+            /* study level: max over the slices */
+            n = 0;
+            for (int s = 0; s < d->nseries; s++) {
+                const struct train_series *se = &d->series[s];
+                if (split >= 0 && se->split != split) continue;
+                float mx = -INFINITY;
+                for (int k = 0; k < se->n; k++) {
+                    float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
+                    if (v > mx) mx = v;
+                }
+                p[n] = sigm(mx);
+                y[n++] = se->study[l] == 1;
+            }
+            b = &e->m[TRAIN_LEVEL_STUDY][mo][l];
+            train_binary_eval(p, y, n, thresholds[mo][l], b);
+            wl[1] += train_rsna_weights[l] * b->logloss;
+            wsum[1] += train_rsna_weights[l];
+            if (l == 0)
+                e->roc_n[1][mo] =
+                    train_roc(p, y, n, e->roc_fpr[1][mo], e->roc_tpr[1][mo], TRAIN_ROC_POINTS);
+        }
+        for (int lv = 0; lv < 2; lv++)
+            e->weighted_logloss[lv][mo] = wsum[lv] > 0 ? wl[lv] / wsum[lv] : NAN;
+    }
+    rc = 0;
+out:
+    free(lg[0]), free(lg[1]), free(p), free(y);
+    return rc;
+}

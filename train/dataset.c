@@ -1,0 +1,713 @@
+/* train/dataset.c: folders in the RSNA 2019 layout -> series of
+ * preprocessed slices with labels, through a cache so that each DICOM file is
+ * decoded once. */
+#include "dataset.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "nn.h"
+#include "scp_pixels.h"
+#include "volume.h"
+
+#define MAX_FILES 2000000
+#define CACHE_MAGIC "ICHTCACHE2\n"
+
+static const char *const label_names[TRAIN_LABELS] = {
+    "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
+
+void train_dataset_init(struct train_dataset *d, const struct triage_windows *w, int c, int h,
+                        int wd)
+{
+    memset(d, 0, sizeof *d);
+    d->windows = *w;
+    d->c = c, d->h = h, d->w = wd;
+}
+
+void train_dataset_free(struct train_dataset *d)
+{
+    if (!d) return;
+    free(d->series);
+    free(d->pixels);
+    free(d->labels);
+    memset(d, 0, sizeof *d);
+}
+
+/* ---- labels CSV: sop -> 6 labels, open addressing ---------------------- */
+
+struct label_entry {
+    char *sop; /* without the "ID_" prefix */
+    uint8_t y[TRAIN_LABELS];
+};
+struct label_map {
+    struct label_entry *e;
+    size_t cap, n;
+};
+
+static uint64_t fnv(const char *s, size_t n, uint64_t h)
+{
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 1099511628211ULL;
+    return h;
+}
+
+static void map_free(struct label_map *m)
+{
+    for (size_t i = 0; i < m->cap; i++)
+        free(m->e[i].sop);
+    free(m->e);
+    memset(m, 0, sizeof *m);
+}
+
+static struct label_entry *map_get(struct label_map *m, const char *sop, size_t n, int create)
+{
+    if (create && (m->n + 1) * 2 > m->cap) {
+        struct label_map g = {.cap = m->cap ? m->cap * 2 : 1024};
+        g.e = calloc(g.cap, sizeof *g.e);
+        if (!g.e) return NULL;
+        for (size_t i = 0; i < m->cap; i++) {
+            if (!m->e[i].sop) continue;
+            size_t j = fnv(m->e[i].sop, strlen(m->e[i].sop), 14695981039346656037ULL) & (g.cap - 1);
+            while (g.e[j].sop)
+                j = (j + 1) & (g.cap - 1);
+            g.e[j] = m->e[i];
+        }
+        free(m->e);
+        m->e = g.e, m->cap = g.cap;
+    }
+    if (!m->cap) return NULL;
+    size_t j = fnv(sop, n, 14695981039346656037ULL) & (m->cap - 1);
+    while (m->e[j].sop) {
+        if (strlen(m->e[j].sop) == n && memcmp(m->e[j].sop, sop, n) == 0) return &m->e[j];
+        j = (j + 1) & (m->cap - 1);
+    }
+    if (!create) return NULL;
+    m->e[j].sop = strndup(sop, n);
+    if (!m->e[j].sop) return NULL;
+    memset(m->e[j].y, TRAIN_LABEL_UNKNOWN, TRAIN_LABELS);
+    m->n++;
+    return &m->e[j];
+}
+
+/* Reads "ID,Label" rows ID_<sop>_<label>,0|1. Returns 0 or -1. */
+static int labels_read(const char *path, struct label_map *m, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    char line[512];
+    long lineno = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        size_t len = strcspn(line, "\r\n");
+        line[len] = 0;
+        if (lineno == 1 || len == 0) continue;
+        char *comma = strrchr(line, ',');
+        char *id = line;
+        if (!comma || strncmp(id, "ID_", 3) != 0) {
+            snprintf(err, errlen, "%s:%ld: expected ID_<sop>_<label>,0|1", path, lineno);
+            fclose(f);
+            return -1;
+        }
+        *comma = 0;
+        char *us = strrchr(id, '_');
+        int li = -1;
+        for (int l = 0; us && l < TRAIN_LABELS; l++)
+            if (strcmp(us + 1, label_names[l]) == 0) li = l;
+        int v = atoi(comma + 1);
+        if (li < 0 || us <= id + 3 || (v != 0 && v != 1) || (comma[1] != '0' && comma[1] != '1')) {
+            snprintf(err, errlen, "%s:%ld: bad row (label name or value)", path, lineno);
+            fclose(f);
+            return -1;
+        }
+        struct label_entry *e = map_get(m, id + 3, (size_t)(us - id - 3), 1);
+        if (!e) {
+            snprintf(err, errlen, "out of memory reading %s", path);
+            fclose(f);
+            return -1;
+        }
+        e->y[li] = (uint8_t)v;
+    }
+    fclose(f);
+    return 0;
+}
+
+/* The labels CSV of a folder: stage_2_train.csv, stage_1_train.csv, else the
+ * only top-level *.csv whose header is "ID,Label". */
+static int find_labels_csv(const char *dir, char *out, size_t n, char *err, size_t errlen)
+{
+    const char *names[] = {"stage_2_train.csv", "stage_1_train.csv", "labels.csv"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(out, n, "%s/%s", dir, names[i]);
+        if (access(out, R_OK) == 0) return 0;
+    }
+    DIR *dd = opendir(dir);
+    if (!dd) {
+        snprintf(err, errlen, "%s: %s", dir, strerror(errno));
+        return -1;
+    }
+    struct dirent *de;
+    int found = 0;
+    while ((de = readdir(dd))) {
+        size_t l = strlen(de->d_name);
+        if (l < 5 || strcmp(de->d_name + l - 4, ".csv") != 0) continue;
+        char p[PATH_MAX];
+        snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+        FILE *f = fopen(p, "r");
+        char head[64] = "";
+        if (f) {
+            if (!fgets(head, sizeof head, f)) head[0] = 0;
+            fclose(f);
+        }
+        if (strncmp(head, "ID,Label", 8) == 0) {
+            snprintf(out, n, "%s", p);
+            found = 1;
+            break;
+        }
+    }
+    closedir(dd);
+    if (!found)
+        snprintf(err, errlen,
+                 "%s: no labels file (stage_2_train.csv or a CSV with header ID,Label); "
+                 "expected the RSNA 2019 layout",
+                 dir);
+    return found ? 0 : -1;
+}
+
+/* ---- DICOM files below a folder ------------------------------------------ */
+
+struct file_list {
+    char **p;
+    size_t n, cap;
+    uint64_t fingerprint; /* names, sizes and mtimes */
+};
+
+static int walk(const char *dir, struct file_list *fl, int depth, char *err, size_t errlen)
+{
+    if (depth > 8) return 0;
+    DIR *dd = opendir(dir);
+    if (!dd) {
+        snprintf(err, errlen, "%s: %s", dir, strerror(errno));
+        return -1;
+    }
+    struct dirent *de;
+    int rc = 0;
+    while (rc == 0 && (de = readdir(dd))) {
+        if (de->d_name[0] == '.') continue;
+        char p[PATH_MAX];
+        if (snprintf(p, sizeof p, "%s/%s", dir, de->d_name) >= (int)sizeof p) continue;
+        struct stat st;
+        if (stat(p, &st) != 0) continue;
+        if (S_ISDIR(st.st_mode)) {
+            rc = walk(p, fl, depth + 1, err, errlen);
+            continue;
+        }
+        size_t l = strlen(de->d_name);
+        if (!S_ISREG(st.st_mode) || l < 5 || strcasecmp(de->d_name + l - 4, ".dcm") != 0) continue;
+        if (fl->n >= MAX_FILES) {
+            snprintf(err, errlen, "%s: more than %d DICOM files", dir, MAX_FILES);
+            rc = -1;
+            break;
+        }
+        if (fl->n == fl->cap) {
+            size_t cap = fl->cap ? fl->cap * 2 : 1024;
+            char **np = realloc(fl->p, cap * sizeof *np);
+            if (!np) {
+                rc = -1;
+                snprintf(err, errlen, "out of memory");
+                break;
+            }
+            fl->p = np, fl->cap = cap;
+        }
+        fl->p[fl->n] = strdup(p);
+        if (!fl->p[fl->n]) {
+            rc = -1;
+            snprintf(err, errlen, "out of memory");
+            break;
+        }
+        fl->n++;
+    }
+    closedir(dd);
+    return rc;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void files_free(struct file_list *fl)
+{
+    for (size_t i = 0; i < fl->n; i++)
+        free(fl->p[i]);
+    free(fl->p);
+    memset(fl, 0, sizeof *fl);
+}
+
+/* ---- growing the dataset -------------------------------------------------- */
+
+static int grow(struct train_dataset *d, size_t add_slices, int add_series)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    uint8_t *px = realloc(d->pixels, (d->nslices + add_slices) * per);
+    if (!px) return -1;
+    d->pixels = px;
+    uint8_t *lb = realloc(d->labels, (d->nslices + add_slices) * TRAIN_LABELS);
+    if (!lb) return -1;
+    d->labels = lb;
+    struct train_series *s = realloc(d->series, (size_t)(d->nseries + add_series) * sizeof *s);
+    if (!s) return -1;
+    d->series = s;
+    return 0;
+}
+
+/* Decodes and preprocesses the slices of v into the dataset's next slots.
+ * Returns 0 or -1. */
+static int decode_volume(struct train_dataset *d, const struct triage_volume *v,
+                         const char *const *paths, char *err, size_t errlen)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    float *out = malloc(per * sizeof(float));
+    float *scratch = malloc(triage_preprocess_scratch(v->rows, d->w, d->windows.n) * sizeof(float));
+    int rc = 0, cur_file = -1;
+    struct scp_pixels px = {0};
+    if (!out || !scratch) {
+        snprintf(err, errlen, "out of memory");
+        rc = -1;
+    }
+    for (int i = 0; rc == 0 && i < v->n; i++) {
+        const struct triage_slice *s = &v->slices[i];
+        if (s->file != cur_file) {
+            scp_pixels_free(&px);
+            char e[256];
+            if (scp_pixels_read(paths[s->file], &px, e, sizeof e) != 0) {
+                snprintf(err, errlen, "%s: %s", paths[s->file], e);
+                rc = -1;
+                break;
+            }
+            cur_file = s->file;
+        }
+        if (px.rows != v->rows || px.columns != v->columns || s->frame >= px.frames) {
+            snprintf(err, errlen, "%s: pixel data does not match its header", paths[s->file]);
+            rc = -1;
+            break;
+        }
+        const float *hu = px.hu + (size_t)s->frame * px.rows * px.columns;
+        if (triage_preprocess_slice(hu, px.rows, px.columns, &d->windows, d->h, d->w, out,
+                                    scratch) != 0) {
+            snprintf(err, errlen, "%s: preprocessing failed", paths[s->file]);
+            rc = -1;
+            break;
+        }
+        uint8_t *dst = d->pixels + (d->nslices + (size_t)i) * per;
+        for (size_t k = 0; k < per; k++)
+            dst[k] = (uint8_t)lrintf(out[k] * 255.0f);
+    }
+    scp_pixels_free(&px);
+    free(out);
+    free(scratch);
+    return rc;
+}
+
+int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
+                             const uint8_t study[TRAIN_LABELS], char *err, size_t errlen)
+{
+    struct triage_volume v;
+    if (triage_volume_build(paths, npaths, &v, err, errlen) != 0) return -1;
+    if (grow(d, (size_t)v.n, 1) != 0 || decode_volume(d, &v, paths, err, errlen) != 0) {
+        if (!err[0]) snprintf(err, errlen, "out of memory");
+        triage_volume_free(&v);
+        return -1;
+    }
+    struct train_series *s = &d->series[d->nseries];
+    memset(s, 0, sizeof *s);
+    snprintf(s->study_uid, sizeof s->study_uid, "%s", v.study_uid);
+    snprintf(s->series_uid, sizeof s->series_uid, "%s", v.series_uid);
+    struct scp_info info;
+    char e[256];
+    if (scp_info_read(paths[0], &info, e, sizeof e) == 0)
+        snprintf(s->patient_id, sizeof s->patient_id, "%s", info.patient_id);
+    s->n = v.n;
+    s->first = d->nslices;
+    memcpy(s->study, study, TRAIN_LABELS);
+    s->slice_labels = 0;
+    memset(d->labels + d->nslices * TRAIN_LABELS, TRAIN_LABEL_UNKNOWN, (size_t)v.n * TRAIN_LABELS);
+    d->nslices += (size_t)v.n;
+    d->nseries++;
+    triage_volume_free(&v);
+    return 0;
+}
+
+/* One file's identity, for grouping. */
+struct file_rec {
+    int idx; /* into the file list */
+    char study[SCP_UID_MAX], series[SCP_UID_MAX], sop[SCP_UID_MAX];
+    char patient[65];
+};
+
+static int cmp_rec(const void *a, const void *b)
+{
+    const struct file_rec *x = a, *y = b;
+    int c = strcmp(x->study, y->study);
+    if (!c) c = strcmp(x->series, y->series);
+    if (!c) c = x->idx - y->idx;
+    return c;
+}
+
+/* The SOP key of a file: its SOPInstanceUID without "ID_", else its name. */
+static struct label_entry *labels_of(struct label_map *m, const char *sop, const char *path)
+{
+    const char *k = strncmp(sop, "ID_", 3) == 0 ? sop + 3 : sop;
+    struct label_entry *e = map_get(m, k, strlen(k), 0);
+    if (e) return e;
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    if (strncmp(base, "ID_", 3) == 0) base += 3;
+    size_t n = strlen(base);
+    if (n > 4) n -= 4; /* .dcm */
+    return map_get(m, base, n, 0);
+}
+
+/* ---- the cache ---------------------------------------------------------------
+ * One file per (folder, windows, slice size), invalidated by a fingerprint of
+ * the file names, sizes and modification times and of the labels CSV. */
+
+static void cache_path(const struct train_dataset *d, const char *dir, const char *cache_dir,
+                       char *out, size_t n)
+{
+    char real[PATH_MAX];
+    if (!realpath(dir, real)) snprintf(real, sizeof real, "%s", dir);
+    char key[PATH_MAX + 256];
+    int k = snprintf(key, sizeof key, "%s|%dx%dx%d", real, d->c, d->h, d->w);
+    for (int i = 0; i < d->windows.n && k < (int)sizeof key - 40; i++)
+        k += snprintf(key + k, sizeof key - k, "|%g/%g", d->windows.center[i], d->windows.width[i]);
+    uint64_t h = fnv(key, strlen(key), 14695981039346656037ULL);
+    if (cache_dir)
+        snprintf(out, n, "%s/%016llx.cache", cache_dir, (unsigned long long)h);
+    else
+        snprintf(out, n, "%s/.ichtriage-cache/%016llx.cache", dir, (unsigned long long)h);
+}
+
+static uint64_t fingerprint(const struct file_list *fl, const char *csv)
+{
+    uint64_t h = 14695981039346656037ULL;
+    struct stat st;
+    for (size_t i = 0; i < fl->n; i++) {
+        h = fnv(fl->p[i], strlen(fl->p[i]), h);
+        if (stat(fl->p[i], &st) == 0) {
+            long long v[2] = {(long long)st.st_size, (long long)st.st_mtime};
+            h = fnv((const char *)v, sizeof v, h);
+        }
+    }
+    if (stat(csv, &st) == 0) {
+        long long v[2] = {(long long)st.st_size, (long long)st.st_mtime};
+        h = fnv((const char *)v, sizeof v, h);
+    }
+    return h;
+}
+
+struct cache_head {
+    char magic[12];
+    uint64_t fingerprint;
+    int32_t c, h, w, nseries;
+    uint64_t nslices;
+    int32_t skipped;
+};
+
+static int cache_load(struct train_dataset *d, const char *path, uint64_t fp)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    struct cache_head h;
+    int rc = -1;
+    if (fread(&h, sizeof h, 1, f) != 1 || memcmp(h.magic, CACHE_MAGIC, sizeof h.magic) != 0 ||
+        h.fingerprint != fp || h.c != d->c || h.h != d->h || h.w != d->w || h.nseries <= 0 ||
+        h.nslices == 0 || h.nslices > (1ULL << 32))
+        goto out;
+    if (grow(d, h.nslices, h.nseries) != 0) goto out;
+    struct train_series *s = d->series + d->nseries;
+    size_t per = (size_t)d->c * d->h * d->w;
+    if (fread(s, sizeof *s, (size_t)h.nseries, f) != (size_t)h.nseries ||
+        fread(d->labels + d->nslices * TRAIN_LABELS, TRAIN_LABELS, h.nslices, f) != h.nslices ||
+        fread(d->pixels + d->nslices * per, per, h.nslices, f) != h.nslices)
+        goto out;
+    for (int i = 0; i < h.nseries; i++) {
+        if (s[i].first + (size_t)s[i].n > h.nslices) goto out;
+        s[i].first += d->nslices;
+    }
+    d->nseries += h.nseries;
+    d->nslices += h.nslices;
+    d->skipped_files += h.skipped;
+    rc = 0;
+out:
+    fclose(f);
+    return rc;
+}
+
+static void cache_save(const struct train_dataset *d, int first_series, size_t first_slice,
+                       int skipped, const char *path, uint64_t fp)
+{
+    char dirp[PATH_MAX + 400];
+    snprintf(dirp, sizeof dirp, "%s", path);
+    char *sl = strrchr(dirp, '/');
+    if (sl) {
+        *sl = 0;
+        mkdir(dirp, 0755);
+    }
+    char tmp[PATH_MAX + 410];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s error=\"%s\"", path,
+                 strerror(errno));
+        return;
+    }
+    struct cache_head h = {.fingerprint = fp,
+                           .c = d->c,
+                           .h = d->h,
+                           .w = d->w,
+                           .nseries = d->nseries - first_series,
+                           .nslices = d->nslices - first_slice,
+                           .skipped = skipped};
+    memcpy(h.magic, CACHE_MAGIC, sizeof h.magic);
+    size_t per = (size_t)d->c * d->h * d->w;
+    int ok = fwrite(&h, sizeof h, 1, f) == 1;
+    for (int i = first_series; ok && i < d->nseries; i++) {
+        struct train_series s = d->series[i];
+        s.first -= first_slice;
+        ok = fwrite(&s, sizeof s, 1, f) == 1;
+    }
+    ok = ok &&
+         fwrite(d->labels + first_slice * TRAIN_LABELS, TRAIN_LABELS, h.nslices, f) == h.nslices;
+    ok = ok && fwrite(d->pixels + first_slice * per, per, h.nslices, f) == h.nslices;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s", path);
+    }
+}
+
+int train_dataset_add_folder(struct train_dataset *d, const char *dir, const char *cache_dir,
+                             char *err, size_t errlen)
+{
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "%s: not a folder", dir);
+        return -1;
+    }
+    char csv[PATH_MAX];
+    if (find_labels_csv(dir, csv, sizeof csv, err, errlen) != 0) return -1;
+    struct file_list fl = {0};
+    if (walk(dir, &fl, 0, err, errlen) != 0) {
+        files_free(&fl);
+        return -1;
+    }
+    if (fl.n == 0) {
+        snprintf(err, errlen, "%s: no DICOM files (*.dcm) found below it", dir);
+        files_free(&fl);
+        return -1;
+    }
+    qsort(fl.p, fl.n, sizeof *fl.p, cmp_str);
+    uint64_t fp = fingerprint(&fl, csv);
+    char cpath[PATH_MAX + 300];
+    cache_path(d, dir, cache_dir, cpath, sizeof cpath);
+    if (cache_load(d, cpath, fp) == 0) {
+        util_log(UTIL_LOG_INFO, "train_data_cached", "dir=%s series=%d slices=%zu", dir, d->nseries,
+                 d->nslices);
+        files_free(&fl);
+        return 0;
+    }
+
+    struct label_map lm = {0};
+    struct file_rec *recs = NULL;
+    int rc = -1, first_series = d->nseries, skipped = 0;
+    size_t first_slice = d->nslices;
+    if (labels_read(csv, &lm, err, errlen) != 0) goto out;
+    if (lm.n == 0) {
+        snprintf(err, errlen, "%s: no label rows", csv);
+        goto out;
+    }
+    recs = calloc(fl.n, sizeof *recs);
+    if (!recs) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    size_t nrec = 0;
+    for (size_t i = 0; i < fl.n; i++) {
+        struct scp_info info;
+        char e[256];
+        if (scp_info_read(fl.p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
+            skipped++;
+            continue;
+        }
+        if (!labels_of(&lm, info.sop_uid, fl.p[i])) {
+            skipped++;
+            continue;
+        }
+        struct file_rec *r = &recs[nrec++];
+        r->idx = (int)i;
+        snprintf(r->study, sizeof r->study, "%s", info.study_uid);
+        snprintf(r->series, sizeof r->series, "%s", info.series_uid);
+        snprintf(r->sop, sizeof r->sop, "%s", info.sop_uid);
+        snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
+    }
+    if (nrec == 0) {
+        snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl.n, csv);
+        goto out;
+    }
+    qsort(recs, nrec, sizeof *recs, cmp_rec);
+    const char **paths = malloc(nrec * sizeof *paths);
+    if (!paths) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    for (size_t a = 0, b; a < nrec; a = b) {
+        for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
+                        strcmp(recs[a].series, recs[b].series) == 0;
+             b++)
+            ;
+        int np = (int)(b - a);
+        for (int k = 0; k < np; k++)
+            paths[k] = fl.p[recs[a + k].idx];
+        struct triage_volume v;
+        char e[512];
+        if (triage_volume_build(paths, np, &v, e, sizeof e) != 0) {
+            util_log(UTIL_LOG_WARN, "train_series_skipped", "series=%s reason=\"%s\"",
+                     recs[a].series, e);
+            skipped += np;
+            continue;
+        }
+        if (grow(d, (size_t)v.n, 1) != 0 || decode_volume(d, &v, paths, err, errlen) != 0) {
+            if (!err[0]) snprintf(err, errlen, "out of memory");
+            triage_volume_free(&v);
+            free(paths);
+            goto out;
+        }
+        struct train_series *s = &d->series[d->nseries];
+        memset(s, 0, sizeof *s);
+        snprintf(s->study_uid, sizeof s->study_uid, "%s", recs[a].study);
+        snprintf(s->series_uid, sizeof s->series_uid, "%s", recs[a].series);
+        snprintf(s->patient_id, sizeof s->patient_id, "%s",
+                 recs[a].patient[0] ? recs[a].patient : recs[a].study);
+        s->n = v.n;
+        s->first = d->nslices;
+        s->slice_labels = 1;
+        for (int i = 0; i < v.n; i++) {
+            const char *path = paths[v.slices[i].file];
+            /* The slice's SOP: from the volume (frames share their file's). */
+            struct label_entry *le = labels_of(&lm, v.slices[i].sop_uid, path);
+            uint8_t *y = d->labels + (d->nslices + (size_t)i) * TRAIN_LABELS;
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                y[l] = le && le->y[l] != TRAIN_LABEL_UNKNOWN ? le->y[l] : 0;
+                if (y[l] == 1) s->study[l] = 1;
+            }
+        }
+        d->nslices += (size_t)v.n;
+        d->nseries++;
+        triage_volume_free(&v);
+    }
+    free(paths);
+    if (d->nseries == first_series) {
+        snprintf(err, errlen, "%s: no usable series (all %zu labelled files skipped)", dir, nrec);
+        goto out;
+    }
+    d->skipped_files += skipped;
+    util_log(UTIL_LOG_INFO, "train_data_decoded", "dir=%s series=%d slices=%zu skipped_files=%d",
+             dir, d->nseries - first_series, d->nslices - first_slice, skipped);
+    cache_save(d, first_series, first_slice, skipped, cpath, fp);
+    rc = 0;
+out:
+    if (rc != 0) {
+        d->nseries = first_series;
+        d->nslices = first_slice;
+    }
+    free(recs);
+    map_free(&lm);
+    files_free(&fl);
+    return rc;
+}
+
+/* ---- split by patient ----------------------------------------------------- */
+
+struct patient {
+    const char *id;
+    int positive;
+    uint64_t key;
+    int split;
+};
+
+static int cmp_patient(const void *a, const void *b)
+{
+    const struct patient *x = a, *y = b;
+    if (x->positive != y->positive) return x->positive - y->positive;
+    if (x->key != y->key) return x->key < y->key ? -1 : 1;
+    return strcmp(x->id, y->id);
+}
+
+void train_dataset_split(struct train_dataset *d, uint64_t seed, double val_frac, double test_frac)
+{
+    struct patient *p = calloc((size_t)d->nseries + 1, sizeof *p);
+    if (!p) return;
+    int np = 0;
+    for (int i = 0; i < d->nseries; i++) {
+        int j;
+        for (j = 0; j < np; j++)
+            if (strcmp(p[j].id, d->series[i].patient_id) == 0) break;
+        if (j == np) p[np++].id = d->series[i].patient_id;
+        if (d->series[i].study[0]) p[j].positive = 1;
+    }
+    /* The order within each stratum: a hash of the id keyed by the seed, so
+     * it depends on nothing but the patient and the seed. */
+    for (int j = 0; j < np; j++) {
+        uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
+        p[j].key = fnv(p[j].id, strlen(p[j].id), nn_rng_next(&s));
+    }
+    qsort(p, (size_t)np, sizeof *p, cmp_patient);
+    for (int a = 0, b; a < np; a = b) {
+        for (b = a; b < np && p[b].positive == p[a].positive; b++)
+            ;
+        int n = b - a;
+        int nt = (int)lround(n * test_frac), nv = (int)lround(n * val_frac);
+        if (test_frac > 0 && nt == 0 && n >= 3) nt = 1;
+        if (val_frac > 0 && nv == 0 && n >= 3) nv = 1;
+        for (int k = 0; k < n; k++)
+            p[a + k].split = k < nt        ? TRAIN_SPLIT_TEST
+                             : k < nt + nv ? TRAIN_SPLIT_VAL
+                                           : TRAIN_SPLIT_TRAIN;
+    }
+    for (int i = 0; i < d->nseries; i++)
+        for (int j = 0; j < np; j++)
+            if (strcmp(p[j].id, d->series[i].patient_id) == 0) d->series[i].split = p[j].split;
+    free(p);
+}
+
+void train_dataset_count(const struct train_dataset *d, int split, int *nseries, size_t *nslices,
+                         size_t *pos_slices, int *pos_series)
+{
+    int ns = 0, ps = 0;
+    size_t nsl = 0, psl = 0;
+    for (int i = 0; i < d->nseries; i++) {
+        const struct train_series *s = &d->series[i];
+        if (split >= 0 && s->split != split) continue;
+        ns++;
+        nsl += (size_t)s->n;
+        ps += s->study[0] ? 1 : 0;
+        for (int k = 0; k < s->n; k++)
+            if (d->labels[(s->first + (size_t)k) * TRAIN_LABELS] == 1) psl++;
+    }
+    if (nseries) *nseries = ns;
+    if (nslices) *nslices = nsl;
+    if (pos_slices) *pos_slices = psl;
+    if (pos_series) *pos_series = ps;
+}

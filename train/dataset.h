@@ -1,0 +1,68 @@
+/* Training data: series of preprocessed slices with their labels, loaded
+ * from folders in the RSNA 2019 layout (a labels CSV "ID,Label" with rows
+ * ID_<sop>_<label>,0|1, and DICOM files anywhere below) -- phantom folders
+ * use the same layout -- and from the node's reviewed studies (study-level
+ * labels). Slices are grouped by (StudyInstanceUID, SeriesInstanceUID),
+ * ordered along the normal by triage_volume_build and preprocessed by
+ * triage_preprocess_slice, the node's own preprocessing. Each DICOM file is
+ * decoded once: the preprocessed slices are kept as uint8 in a cache file. */
+#ifndef TRAIN_DATASET_H
+#define TRAIN_DATASET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "preprocess.h"
+#include "scp_info.h"
+
+#define TRAIN_LABELS 6
+#define TRAIN_LABEL_UNKNOWN 255 /* slice label of a study-level (review) series */
+
+enum train_split { TRAIN_SPLIT_TRAIN = 0, TRAIN_SPLIT_VAL = 1, TRAIN_SPLIT_TEST = 2 };
+
+struct train_series {
+    char study_uid[SCP_UID_MAX], series_uid[SCP_UID_MAX];
+    char patient_id[65];
+    int n;                       /* slices */
+    size_t first;                /* index of its first slice in the dataset */
+    uint8_t study[TRAIN_LABELS]; /* study-level labels (max over slices, or the review) */
+    int slice_labels;            /* 1: per-slice labels known, 0: study-level only */
+    int split;                   /* enum train_split */
+};
+
+struct train_dataset {
+    int c, h, w;                   /* slice shape, 3 x 128 x 128 */
+    struct triage_windows windows; /* the windows the pixels were made with */
+    struct train_series *series;   /* owned */
+    int nseries;
+    size_t nslices;
+    uint8_t *pixels;   /* owned: nslices * c * h * w, value/255 is the window output */
+    uint8_t *labels;   /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
+    int skipped_files; /* files without labels or not usable as slices */
+};
+
+/* Initialises an empty dataset of slices c x h x w made with windows w. */
+void train_dataset_init(struct train_dataset *d, const struct triage_windows *w, int c, int h,
+                        int wd);
+/* Appends every labelled series found in dir (RSNA layout). cache_dir: where
+ * the cache file goes (NULL: dir/.ichtriage-cache, or no cache when that
+ * cannot be written). Returns 0, or -1 with a message that names the folder
+ * and the problem (no labels CSV, no DICOM files, nothing labelled...). */
+int train_dataset_add_folder(struct train_dataset *d, const char *dir, const char *cache_dir,
+                             char *err, size_t errlen);
+/* Appends one series from files (study-level labels study[]; slice labels
+ * unknown), as used for the node's reviewed studies. Returns 0 or -1. */
+int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
+                             const uint8_t study[TRAIN_LABELS], char *err, size_t errlen);
+void train_dataset_free(struct train_dataset *d);
+
+/* Splits by patient: every series of a patient gets the same split;
+ * patients with and without a positive study are shuffled separately
+ * (stratified) with seed, val_frac and test_frac of each go to validation
+ * and test. Deterministic for a given dataset and seed. */
+void train_dataset_split(struct train_dataset *d, uint64_t seed, double val_frac, double test_frac);
+/* Series and slices counts of one split (-1: all). */
+void train_dataset_count(const struct train_dataset *d, int split, int *nseries, size_t *nslices,
+                         size_t *pos_slices, int *pos_series);
+
+#endif

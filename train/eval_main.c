@@ -1,0 +1,158 @@
+/* train/eval_main.c: `ichtriage eval MODEL DATA...`: the CNN alone and the
+ * LRCN, per slice and per study, at the thresholds stored in the model, with
+ * the HTML report and metrics JSON. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config.h"
+#include "log.h"
+#include "pipeline.h"
+#include "trainer.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: ichtriage eval [options] MODEL DATA...\n"
+               "Evaluates MODEL on folders in the RSNA 2019 layout (phantom folders too): per\n"
+               "slice and per study (max over its slices), the CNN alone and the LRCN, at the\n"
+               "thresholds stored in the model. Decision support, not a diagnosis.\n\n"
+               "  --report FILE      HTML report (default eval-report.html)\n"
+               "  --json FILE        metrics JSON (default eval-metrics.json)\n"
+               "  --split all|train|val|test  evaluate one split of the data as `train` made\n"
+               "                     it with --seed/--val/--test (default all)\n"
+               "  --seed N, --val F, --test F  the split (defaults as in train)\n"
+               "  --cache DIR        preprocessed-slice cache\n"
+               "  --threads N        BLAS threads\n"
+               "  -c FILE, --set K=V accepted like every subcommand\n"
+               "  -h, --help         this text\n");
+}
+
+static void parse_floats(const char *s, float *out, int n)
+{
+    for (int i = 0; i < n; i++) {
+        char *end;
+        float v = s ? strtof(s, &end) : 0.5f;
+        if (!s || end == s) {
+            out[i] = 0.5f;
+            continue;
+        }
+        out[i] = v;
+        s = *end == ',' ? end + 1 : end;
+    }
+}
+
+int train_eval_main(int argc, char **argv)
+{
+    struct triage_config cfg;
+    char err[1024];
+    if (triage_config_from_args(&cfg, &argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage eval: %s\n", err);
+        return 2;
+    }
+    triage_config_free(&cfg);
+    static const struct option lo[] = {
+        {"report", 1, 0, 'r'}, {"json", 1, 0, 'j'}, {"split", 1, 0, 'p'}, {"seed", 1, 0, 's'},
+        {"val", 1, 0, 'v'},    {"test", 1, 0, 't'}, {"cache", 1, 0, 'C'}, {"threads", 1, 0, 'T'},
+        {"help", 0, 0, 'h'},   {0, 0, 0, 0}};
+    const char *report = "eval-report.html", *json = "eval-metrics.json", *cache = NULL;
+    int split = -1;
+    uint64_t seed = 1;
+    double val = 0.15, test = 0.15;
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
+        switch (c) {
+        case 'r':
+            report = optarg;
+            break;
+        case 'j':
+            json = optarg;
+            break;
+        case 'p':
+            split = strcmp(optarg, "train") == 0  ? 0
+                    : strcmp(optarg, "val") == 0  ? 1
+                    : strcmp(optarg, "test") == 0 ? 2
+                    : strcmp(optarg, "all") == 0  ? -1
+                                                  : -2;
+            if (split == -2) {
+                fprintf(stderr, "ichtriage eval: --split: all, train, val or test\n");
+                return 2;
+            }
+            break;
+        case 's':
+            seed = strtoull(optarg, NULL, 10);
+            break;
+        case 'v':
+            val = atof(optarg);
+            break;
+        case 't':
+            test = atof(optarg);
+            break;
+        case 'C':
+            cache = optarg;
+            break;
+        case 'T':
+            nn_set_threads(atoi(optarg));
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (argc - optind < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *model_path = argv[optind];
+    struct triage_model tm;
+    if (triage_model_load(&tm, model_path, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage eval: %s: %s\n", model_path, err);
+        return 1;
+    }
+    float thr[2][TRAIN_LABELS];
+    memcpy(thr[1], tm.thresholds, sizeof thr[1]);
+    parse_floats(nn_model_meta_get(tm.nn, "cnn_thresholds"), thr[0], TRAIN_LABELS);
+    struct train_dataset d;
+    train_dataset_init(&d, &tm.windows, tm.in_c, tm.in_h, tm.in_w);
+    int rc = 1;
+    struct train_eval *e = malloc(sizeof *e);
+    if (!e) goto out;
+    char desc[2048];
+    int off = 0;
+    for (int i = optind + 1; i < argc; i++) {
+        if (train_dataset_add_folder(&d, argv[i], cache, err, sizeof err) != 0) {
+            fprintf(stderr, "ichtriage eval: %s\n", err);
+            goto out;
+        }
+        off += snprintf(desc + off, sizeof desc - (size_t)off, "%s%s", off ? ", " : "", argv[i]);
+        if ((size_t)off >= sizeof desc) off = (int)sizeof desc - 1;
+    }
+    if (split >= 0) {
+        train_dataset_split(&d, seed, val, test);
+        snprintf(desc + off, sizeof desc - (size_t)off, " (split %d of seed %llu)", split,
+                 (unsigned long long)seed);
+    }
+    if (train_evaluate(tm.nn, &d, split, thr, e, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage eval: %s\n", err);
+        goto out;
+    }
+    train_eval_print(stdout, e);
+    if (train_report_write(report, json, "ichtriage eval", model_path, desc, e, NULL, 0, NULL, err,
+                           sizeof err) != 0) {
+        fprintf(stderr, "ichtriage eval: %s\n", err);
+        goto out;
+    }
+    char sum[512];
+    train_eval_summary(e, sum, sizeof sum);
+    util_log(UTIL_LOG_INFO, "eval_done", "model=%s report=%s %s", model_path, report, sum);
+    rc = 0;
+out:
+    free(e);
+    train_dataset_free(&d);
+    triage_model_free(&tm);
+    return rc;
+}

@@ -1,0 +1,187 @@
+/* train/metrics.c: AUC, confusion counts, log loss, ROC, calibration. */
+#include "metrics.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+const float train_rsna_weights[6] = {2, 1, 1, 1, 1, 1};
+
+struct pv {
+    float p;
+    unsigned char y;
+};
+
+static int cmp_desc(const void *a, const void *b)
+{
+    float x = ((const struct pv *)a)->p, y = ((const struct pv *)b)->p;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+static struct pv *sorted(const float *p, const unsigned char *y, size_t n)
+{
+    struct pv *v = malloc((n ? n : 1) * sizeof *v);
+    if (!v) return NULL;
+    for (size_t i = 0; i < n; i++)
+        v[i].p = p[i], v[i].y = y[i] ? 1 : 0;
+    qsort(v, n, sizeof *v, cmp_desc);
+    return v;
+}
+
+double train_auc(const float *p, const unsigned char *y, size_t n)
+{
+    struct pv *v = sorted(p, y, n);
+    if (!v) return NAN;
+    double pos = 0, neg = 0, area = 0;
+    for (size_t a = 0, b; a < n; a = b) {
+        double tp = 0, fp = 0;
+        for (b = a; b < n && v[b].p == v[a].p; b++)
+            v[b].y ? tp++ : fp++;
+        /* Negatives in this tie group beat every positive already seen and
+         * half of the positives tied with them. */
+        area += fp * (pos + tp / 2);
+        pos += tp, neg += fp;
+    }
+    free(v);
+    if (pos == 0 || neg == 0) return NAN;
+    return area / (pos * neg);
+}
+
+double train_logloss(const float *p, const unsigned char *y, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) {
+        double q = fmin(fmax(p[i], 1e-7), 1 - 1e-7);
+        s -= y[i] ? log(q) : log(1 - q);
+    }
+    return n ? s / (double)n : NAN;
+}
+
+void train_binary_eval(const float *p, const unsigned char *y, size_t n, float t,
+                       struct train_binary *o)
+{
+    memset(o, 0, sizeof *o);
+    o->n = n;
+    for (size_t i = 0; i < n; i++) {
+        int pred = p[i] >= t, pos = y[i] != 0;
+        o->pos += (size_t)pos;
+        if (pred && pos)
+            o->tp++;
+        else if (pred)
+            o->fp++;
+        else if (pos)
+            o->fn++;
+        else
+            o->tn++;
+    }
+    o->accuracy = n ? (double)(o->tp + o->tn) / (double)n : NAN;
+    o->sensitivity = o->tp + o->fn ? (double)o->tp / (double)(o->tp + o->fn) : NAN;
+    o->specificity = o->tn + o->fp ? (double)o->tn / (double)(o->tn + o->fp) : NAN;
+    o->precision = o->tp + o->fp ? (double)o->tp / (double)(o->tp + o->fp) : NAN;
+    o->auc = train_auc(p, y, n);
+    o->logloss = train_logloss(p, y, n);
+}
+
+int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, float *tpr, int max)
+{
+    struct pv *v = sorted(p, y, n);
+    if (!v || max < 2) {
+        free(v);
+        return 0;
+    }
+    size_t pos = 0;
+    for (size_t i = 0; i < n; i++)
+        pos += v[i].y;
+    size_t neg = n - pos;
+    /* Every threshold, then thinned to max points. */
+    size_t cap = n + 2;
+    float *fx = malloc(cap * sizeof *fx), *ty = malloc(cap * sizeof *ty);
+    int k = 0;
+    if (!fx || !ty) {
+        free(v), free(fx), free(ty);
+        return 0;
+    }
+    double tp = 0, fp = 0;
+    fx[k] = 0, ty[k] = 0, k++;
+    for (size_t a = 0, b; a < n; a = b) {
+        for (b = a; b < n && v[b].p == v[a].p; b++)
+            v[b].y ? tp++ : fp++;
+        fx[k] = neg ? (float)(fp / neg) : 0;
+        ty[k] = pos ? (float)(tp / pos) : 0;
+        k++;
+    }
+    int out = 0;
+    if (k <= max) {
+        memcpy(fpr, fx, (size_t)k * sizeof *fx);
+        memcpy(tpr, ty, (size_t)k * sizeof *ty);
+        out = k;
+    } else {
+        for (int i = 0; i < max; i++) {
+            int j = (int)((double)i * (k - 1) / (max - 1));
+            fpr[i] = fx[j], tpr[i] = ty[j];
+        }
+        out = max;
+    }
+    free(v), free(fx), free(ty);
+    return out;
+}
+
+float train_threshold_for_sensitivity(const float *p, const unsigned char *y, size_t n,
+                                      double target)
+{
+    size_t pos = 0;
+    for (size_t i = 0; i < n; i++)
+        pos += y[i] != 0;
+    if (pos == 0) return 0.5f;
+    float *pp = malloc(pos * sizeof *pp);
+    if (!pp) return 0.5f;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (y[i]) pp[k++] = p[i];
+    /* Sort positives descending; the threshold is the ceil(target*pos)-th. */
+    for (size_t i = 1; i < pos; i++) {
+        float x = pp[i];
+        size_t j = i;
+        while (j > 0 && pp[j - 1] < x)
+            pp[j] = pp[j - 1], j--;
+        pp[j] = x;
+    }
+    size_t need = (size_t)ceil(target * (double)pos - 1e-9);
+    if (need < 1) need = 1;
+    if (need > pos) need = pos;
+    float t = pp[need - 1];
+    free(pp);
+    return t;
+}
+
+static double nll_at(const float *z, const unsigned char *y, size_t n, double T)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) {
+        double x = z[i] / T;
+        /* -log sigmoid(x) = softplus(-x); -log(1 - sigmoid(x)) = softplus(x) */
+        double a = y[i] ? -x : x;
+        s += a > 0 ? a + log1p(exp(-a)) : log1p(exp(a));
+    }
+    return s;
+}
+
+float train_fit_temperature(const float *logit, const unsigned char *y, size_t n)
+{
+    /* Golden-section search on log T in [log 0.05, log 20]. */
+    double a = log(0.05), b = log(20.0), g = (sqrt(5.0) - 1) / 2;
+    double c = b - g * (b - a), d = a + g * (b - a);
+    double fc = nll_at(logit, y, n, exp(c)), fd = nll_at(logit, y, n, exp(d));
+    for (int it = 0; it < 60; it++) {
+        if (fc < fd) {
+            b = d, d = c, fd = fc;
+            c = b - g * (b - a);
+            fc = nll_at(logit, y, n, exp(c));
+        } else {
+            a = c, c = d, fc = fd;
+            d = a + g * (b - a);
+            fd = nll_at(logit, y, n, exp(d));
+        }
+    }
+    return (float)exp((a + b) / 2);
+}

@@ -1,0 +1,915 @@
+/* train/train_main.c: `ichtriage train`, the two-stage training with early
+ * stopping, checkpoints every epoch and resume, calibration, the operating
+ * threshold, the final evaluation and report, and registration. */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "registry.h"
+#include "trainer.h"
+
+#define MAX_DATA 16
+
+struct opts {
+    const char *data[MAX_DATA];
+    int ndata;
+    const char *out, *workdir, *cache, *arch, *init, *windows, *provenance;
+    uint64_t seed;
+    int input_hw;
+    int epochs1, epochs2, patience, batch, series_batch, slices_per_epoch, threads;
+    float lr1, lr2, val_frac, test_frac, sensitivity;
+    int reg;
+    int no_augment;
+};
+
+struct state {
+    int stage; /* 1, 2, or 3 when both are done */
+    int epoch; /* epochs completed in this stage */
+    double best;
+    int best_epoch, bad;
+};
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: ichtriage train [options] DATA...\n"
+            "Trains an LRCN (CNN per slice, BiLSTM across slices, 6 labels) in two stages on\n"
+            "folders in the RSNA 2019 layout (phantom folders too), evaluates it and writes a\n"
+            "report. Decision support, not a diagnosis.\n\n"
+            "  -o, --out FILE          the trained model (default model.safetensors)\n"
+            "  --workdir DIR           checkpoints, history, report (default OUT.work); a run\n"
+            "                          that finds its checkpoints there resumes\n"
+            "  --cache DIR             preprocessed-slice cache (default DATA/.ichtriage-cache)\n"
+            "  --arch small|vgg19|SPEC architecture (default small)\n"
+            "  --init FILE             start from these weights (a model file, e.g. VGG19 made\n"
+            "                          by tools/vgg19_to_ichtriage.py)\n"
+            "  --windows C/W,C/W,C/W   channel windows (default 40/80,80/200,600/2800)\n"
+            "  --input N               slice size N x N (default 128)\n"
+            "  --seed N                split, weights, shuffles, augmentation (default 1)\n"
+            "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30)\n"
+            "  --patience N            epochs without a better validation score (default 3)\n"
+            "  --batch N               slices per stage-1 step (default 32)\n"
+            "  --series-batch N        series per stage-2 step (default 8)\n"
+            "  --slices-per-epoch N    stage-1 slices drawn per epoch (default: all)\n"
+            "  --lr1 X, --lr2 X        Adam learning rates (default 1e-3, 1e-3)\n"
+            "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
+            "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
+            "  --threads N             BLAS threads (default: all cores)\n"
+            "  --no-augment            (tests) no augmentation\n"
+            "  --provenance TEXT       added to the model's provenance\n"
+            "  --register              register the model under <store.dir>/models\n"
+            "  -c FILE, --set K=V      configuration (store.dir for --register)\n"
+            "  -h, --help              this text\n");
+}
+
+static int parse(struct opts *o, int argc, char **argv)
+{
+    static const struct option lo[] = {{"out", 1, 0, 'o'},
+                                       {"workdir", 1, 0, 'w'},
+                                       {"cache", 1, 0, 'C'},
+                                       {"arch", 1, 0, 'a'},
+                                       {"init", 1, 0, 'I'},
+                                       {"windows", 1, 0, 'W'},
+                                       {"input", 1, 0, 'i'},
+                                       {"seed", 1, 0, 's'},
+                                       {"epochs1", 1, 0, '1'},
+                                       {"epochs2", 1, 0, '2'},
+                                       {"patience", 1, 0, 'p'},
+                                       {"batch", 1, 0, 'b'},
+                                       {"series-batch", 1, 0, 'B'},
+                                       {"slices-per-epoch", 1, 0, 'S'},
+                                       {"lr1", 1, 0, 'l'},
+                                       {"lr2", 1, 0, 'L'},
+                                       {"val", 1, 0, 'v'},
+                                       {"test", 1, 0, 't'},
+                                       {"sensitivity", 1, 0, 'x'},
+                                       {"threads", 1, 0, 'T'},
+                                       {"no-augment", 0, 0, 'N'},
+                                       {"provenance", 1, 0, 'P'},
+                                       {"register", 0, 0, 'R'},
+                                       {"help", 0, 0, 'h'},
+                                       {0, 0, 0, 0}};
+    *o = (struct opts){.out = "model.safetensors",
+                       .arch = "small",
+                       .seed = 1,
+                       .input_hw = 128,
+                       .epochs1 = 12,
+                       .epochs2 = 30,
+                       .patience = 3,
+                       .batch = 32,
+                       .series_batch = 8,
+                       .lr1 = 1e-3f,
+                       .lr2 = 1e-3f,
+                       .val_frac = 0.15f,
+                       .test_frac = 0.15f,
+                       .sensitivity = 0.95f};
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "o:h", lo, NULL)) != -1) {
+        switch (c) {
+        case 'o':
+            o->out = optarg;
+            break;
+        case 'w':
+            o->workdir = optarg;
+            break;
+        case 'C':
+            o->cache = optarg;
+            break;
+        case 'a':
+            o->arch = optarg;
+            break;
+        case 'I':
+            o->init = optarg;
+            break;
+        case 'W':
+            o->windows = optarg;
+            break;
+        case 'i':
+            o->input_hw = atoi(optarg);
+            break;
+        case 's':
+            o->seed = strtoull(optarg, NULL, 10);
+            break;
+        case '1':
+            o->epochs1 = atoi(optarg);
+            break;
+        case '2':
+            o->epochs2 = atoi(optarg);
+            break;
+        case 'p':
+            o->patience = atoi(optarg);
+            break;
+        case 'b':
+            o->batch = atoi(optarg);
+            break;
+        case 'B':
+            o->series_batch = atoi(optarg);
+            break;
+        case 'S':
+            o->slices_per_epoch = atoi(optarg);
+            break;
+        case 'l':
+            o->lr1 = strtof(optarg, NULL);
+            break;
+        case 'L':
+            o->lr2 = strtof(optarg, NULL);
+            break;
+        case 'v':
+            o->val_frac = strtof(optarg, NULL);
+            break;
+        case 't':
+            o->test_frac = strtof(optarg, NULL);
+            break;
+        case 'x':
+            o->sensitivity = strtof(optarg, NULL);
+            break;
+        case 'T':
+            o->threads = atoi(optarg);
+            break;
+        case 'N':
+            o->no_augment = 1;
+            break;
+        case 'P':
+            o->provenance = optarg;
+            break;
+        case 'R':
+            o->reg = 1;
+            break;
+        case 'h':
+            usage(stdout);
+            exit(0);
+        default:
+            return -1;
+        }
+    }
+    for (int i = optind; i < argc; i++) {
+        if (o->ndata == MAX_DATA) {
+            fprintf(stderr, "ichtriage train: at most %d data folders\n", MAX_DATA);
+            return -1;
+        }
+        o->data[o->ndata++] = argv[i];
+    }
+    if (o->ndata == 0) {
+        fprintf(stderr, "ichtriage train: no DATA folder given\n");
+        return -1;
+    }
+    if (o->input_hw < 16 || o->input_hw > 512 || o->epochs1 < 0 || o->epochs2 < 0 ||
+        o->patience < 1 || o->batch < 1 || o->batch > 1024 || o->series_batch < 1 ||
+        !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
+        !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0)) {
+        fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- state and history files ------------------------------------------------ */
+
+static int state_read(const char *dir, struct state *s)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/state", dir);
+    FILE *f = fopen(p, "r");
+    if (!f) return -1;
+    int n = fscanf(f, "stage=%d epoch=%d best=%lf best_epoch=%d bad=%d", &s->stage, &s->epoch,
+                   &s->best, &s->best_epoch, &s->bad);
+    fclose(f);
+    return n == 5 ? 0 : -1;
+}
+
+static int state_write(const char *dir, const struct state *s)
+{
+    char p[1200], t[1210];
+    snprintf(p, sizeof p, "%s/state", dir);
+    snprintf(t, sizeof t, "%s.tmp", p);
+    FILE *f = fopen(t, "w");
+    if (!f) return -1;
+    fprintf(f, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d\n", s->stage, s->epoch, s->best,
+            s->best_epoch, s->bad);
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    return rename(t, p);
+}
+
+static int history_read(const char *dir, struct train_epoch *h, int max)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/history.csv", dir);
+    FILE *f = fopen(p, "r");
+    if (!f) return 0;
+    int n = 0;
+    char line[256];
+    while (n < max && fgets(line, sizeof line, f)) {
+        struct train_epoch e;
+        if (sscanf(line, "%d,%d,%lf,%lf,%lf,%lf", &e.stage, &e.epoch, &e.train_loss, &e.val_loss,
+                   &e.val_auc, &e.seconds) == 6)
+            h[n++] = e;
+    }
+    fclose(f);
+    return n;
+}
+
+static void history_append(const char *dir, const struct train_epoch *e)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/history.csv", dir);
+    FILE *f = fopen(p, "a");
+    if (!f) return;
+    fprintf(f, "%d,%d,%.6f,%.6f,%.6f,%.1f\n", e->stage, e->epoch, e->train_loss, e->val_loss,
+            e->val_auc, e->seconds);
+    fclose(f);
+}
+
+/* ---- progress ------------------------------------------------------------------- */
+
+struct progress {
+    int tty;
+    double t0;
+    int stage, epoch, epochs;
+};
+
+static void progress_show(struct progress *p, int done, int total, double loss, size_t items)
+{
+    if (!p->tty) return;
+    double el = now() - p->t0, rate = el > 0 ? (double)items / el : 0;
+    double eta = done > 0 ? el * (total - done) / done : 0;
+    char bar[31];
+    int fill = total ? 30 * done / total : 0;
+    for (int i = 0; i < 30; i++)
+        bar[i] = i < fill ? '#' : '.';
+    bar[30] = 0;
+    fprintf(stderr, "\rstage %d epoch %d/%d [%s] %d/%d loss %.4f %.1f %s/s ETA %dm%02ds ", p->stage,
+            p->epoch, p->epochs, bar, done, total, loss, rate, p->stage == 1 ? "slices" : "series",
+            (int)eta / 60, (int)eta % 60);
+    if (done == total) fputc('\n', stderr);
+}
+
+/* ---- validation score ----------------------------------------------------------- */
+
+/* Mean slice-level AUC over the labels present on validation, and the RSNA
+ * weighted log loss, of the CNN (stage 1) or LRCN (stage 2). */
+static int validate(nn_model *m, const struct train_dataset *d, int lrcn, double *auc, double *loss)
+{
+    float thr[2][TRAIN_LABELS];
+    for (int i = 0; i < 2; i++)
+        for (int l = 0; l < TRAIN_LABELS; l++)
+            thr[i][l] = 0.5f;
+    struct train_eval *e = malloc(sizeof *e);
+    char err[256];
+    if (!e || train_evaluate(m, d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err) != 0) {
+        free(e);
+        return -1;
+    }
+    int mo = lrcn ? TRAIN_MODEL_LRCN : TRAIN_MODEL_CNN;
+    double s = 0;
+    int n = 0;
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        double a = e->m[TRAIN_LEVEL_SLICE][mo][l].auc;
+        if (!isnan(a)) s += a, n++;
+    }
+    *auc = n ? s / n : 0;
+    *loss = e->weighted_logloss[TRAIN_LEVEL_SLICE][mo];
+    free(e);
+    return 0;
+}
+
+/* ---- stage 1 --------------------------------------------------------------------- */
+
+static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
+                           int epoch, const float *pos_w, struct progress *pg)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    size_t n = 0;
+    for (int s = 0; s < d->nseries; s++)
+        if (d->series[s].split == TRAIN_SPLIT_TRAIN && d->series[s].slice_labels)
+            n += (size_t)d->series[s].n;
+    size_t *idx = malloc((n ? n : 1) * sizeof *idx);
+    float *x = malloc((size_t)o->batch * per * sizeof(float));
+    float *lg = malloc((size_t)o->batch * TRAIN_LABELS * sizeof(float));
+    float *dl = malloc((size_t)o->batch * TRAIN_LABELS * sizeof(float));
+    float *yt = malloc((size_t)o->batch * TRAIN_LABELS * sizeof(float));
+    double total = NAN;
+    if (!idx || !x || !lg || !dl || !yt || n == 0) goto out;
+    n = 0;
+    /* Slices with known labels; from study-level series only negatives. */
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN) continue;
+        if (!se->slice_labels && se->study[0]) continue;
+        for (int k = 0; k < se->n; k++)
+            idx[n++] = se->first + (size_t)k;
+    }
+    uint64_t rng = o->seed * 1000003ULL + (uint64_t)epoch * 7919ULL + 1;
+    for (size_t i = n - 1; i > 0; i--) {
+        size_t j = nn_rng_next(&rng) % (i + 1), t = idx[i];
+        idx[i] = idx[j], idx[j] = t;
+    }
+    size_t use = o->slices_per_epoch > 0 && (size_t)o->slices_per_epoch < n
+                     ? (size_t)o->slices_per_epoch
+                     : n;
+    int steps = (int)((use + (size_t)o->batch - 1) / (size_t)o->batch);
+    struct train_augment aug;
+    train_augment_default(&aug);
+    nn_adam adam;
+    nn_adam_default(&adam);
+    adam.lr = o->lr1;
+    nn_model_seed(m, rng);
+    nn_model_set_training(m, 1);
+    double sum = 0;
+    for (int st = 0; st < steps; st++) {
+        size_t a = (size_t)st * o->batch;
+        int b = (int)(use - a < (size_t)o->batch ? use - a : (size_t)o->batch);
+        for (int k = 0; k < b; k++) {
+            size_t i = idx[a + k];
+            if (o->no_augment) {
+                for (size_t q = 0; q < per; q++)
+                    x[k * per + q] = d->pixels[i * per + q] / 255.0f;
+            } else {
+                train_augment_slice(&aug, d->pixels + i * per, d->c, d->h, d->w, x + k * per, &rng);
+            }
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                uint8_t v = d->labels[i * TRAIN_LABELS + l];
+                yt[k * TRAIN_LABELS + l] = v == 1 ? 1.0f : 0.0f;
+            }
+        }
+        nn_model_zero_grad(m);
+        if (nn_cnn_forward(m, x, b, lg) != 0) goto out;
+        float loss = nn_bce_logits(dl, lg, yt, train_rsna_weights, pos_w, b, TRAIN_LABELS);
+        if (nn_cnn_backward(m, dl) != 0) goto out;
+        nn_model_adam_step(m, &adam);
+        sum += loss;
+        progress_show(pg, st + 1, steps, sum / (st + 1), a + (size_t)b);
+    }
+    total = sum / steps;
+out:
+    nn_model_set_training(m, 0);
+    free(idx), free(x), free(lg), free(dl), free(yt);
+    return total;
+}
+
+/* ---- stage 2 --------------------------------------------------------------------- */
+
+static double stage2_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
+                           int epoch, const float *feat, const float *pos_w, struct progress *pg)
+{
+    int F = nn_model_feature_size(m);
+    int *ser = malloc((size_t)d->nseries * sizeof *ser), ns = 0;
+    size_t maxn = 0;
+    for (int s = 0; s < d->nseries; s++)
+        if (d->series[s].split == TRAIN_SPLIT_TRAIN) {
+            ser[ns++] = s;
+            if ((size_t)d->series[s].n > maxn) maxn = (size_t)d->series[s].n;
+        }
+    size_t cap = maxn * (size_t)o->series_batch;
+    float *fb = malloc(cap * F * sizeof(float)), *lg = malloc(cap * TRAIN_LABELS * sizeof(float));
+    float *dl = malloc(cap * TRAIN_LABELS * sizeof(float));
+    float *yt = malloc(cap * TRAIN_LABELS * sizeof(float));
+    int *len = malloc((size_t)o->series_batch * sizeof *len);
+    int *src = malloc((size_t)o->series_batch * sizeof *src);
+    size_t *from = malloc((size_t)o->series_batch * sizeof *from);
+    double total = NAN;
+    if (!ser || !fb || !lg || !dl || !yt || !len || !src || !from || ns == 0) goto out;
+    uint64_t rng = o->seed * 2000003ULL + (uint64_t)epoch * 104729ULL + 7;
+    for (int i = ns - 1; i > 0; i--) {
+        int j = (int)(nn_rng_next(&rng) % (uint64_t)(i + 1)), t = ser[i];
+        ser[i] = ser[j], ser[j] = t;
+    }
+    nn_adam adam;
+    nn_adam_default(&adam);
+    adam.lr = o->lr2;
+    nn_model_seed(m, rng);
+    nn_model_set_training(m, 1);
+    int steps = (ns + o->series_batch - 1) / o->series_batch;
+    double sum = 0;
+    for (int st = 0; st < steps; st++) {
+        int b = 0;
+        size_t tot = 0;
+        for (int k = st * o->series_batch; k < ns && b < o->series_batch; k++, b++) {
+            const struct train_series *se = &d->series[ser[k]];
+            int n = se->n, off = 0;
+            /* Sequence augmentation: half of the series with slice labels
+             * are cut to a random contiguous part of at least half. */
+            if (se->slice_labels && n >= 4 && nn_rng_uniform(&rng) < 0.5f) {
+                int nn2 = n / 2 + (int)(nn_rng_next(&rng) % (uint64_t)(n - n / 2 + 1));
+                if (nn2 > n) nn2 = n;
+                off = (int)(nn_rng_next(&rng) % (uint64_t)(n - nn2 + 1));
+                n = nn2;
+            }
+            len[b] = n, src[b] = ser[k], from[b] = tot;
+            memcpy(fb + tot * F, feat + (se->first + (size_t)off) * F,
+                   (size_t)n * F * sizeof(float));
+            for (int i = 0; i < n; i++)
+                for (int l = 0; l < TRAIN_LABELS; l++) {
+                    uint8_t v = d->labels[(se->first + (size_t)off + i) * TRAIN_LABELS + l];
+                    yt[(tot + i) * TRAIN_LABELS + l] = v == 1 ? 1.0f : 0.0f;
+                }
+            tot += (size_t)n;
+        }
+        nn_model_zero_grad(m);
+        if (nn_lrcn_forward_features(m, fb, len, b, lg) != 0) goto out;
+        float loss = nn_bce_logits(dl, lg, yt, train_rsna_weights, pos_w, (int)tot, TRAIN_LABELS);
+        /* Series with study-level labels only: max over slices per label
+         * (multiple-instance), the gradient flows to the slice that is max. */
+        for (int k = 0; k < b; k++) {
+            const struct train_series *se = &d->series[src[k]];
+            if (se->slice_labels) continue;
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                size_t arg = from[k];
+                for (int i = 0; i < len[k]; i++) {
+                    size_t r = from[k] + (size_t)i;
+                    dl[r * TRAIN_LABELS + l] = 0;
+                    if (lg[r * TRAIN_LABELS + l] > lg[arg * TRAIN_LABELS + l]) arg = r;
+                }
+                float z = lg[arg * TRAIN_LABELS + l], yv = se->study[l] ? 1.0f : 0.0f;
+                float pw = yv > 0 ? pos_w[l] : 1.0f, sg = 1.0f / (1.0f + expf(-z));
+                /* d/dz of w * (pw * y * softplus(-z) + (1 - y) * softplus(z)), per element. */
+                dl[arg * TRAIN_LABELS + l] = train_rsna_weights[l] *
+                                             (pw * yv * (sg - 1) + (1 - yv) * sg) /
+                                             (float)(tot * TRAIN_LABELS);
+            }
+        }
+        if (nn_lrcn_backward(m, dl) != 0) goto out;
+        nn_model_adam_step(m, &adam);
+        sum += loss;
+        progress_show(pg, st + 1, steps, sum / (st + 1), (size_t)(st * o->series_batch + b));
+    }
+    total = sum / steps;
+out:
+    nn_model_set_training(m, 0);
+    free(ser), free(fb), free(lg), free(dl), free(yt), free(len), free(src), free(from);
+    return total;
+}
+
+/* Positive-class weights from the training slices: negatives / positives,
+ * clamped to [1, 20]. */
+static void pos_weights(const struct train_dataset *d, float *pw)
+{
+    double pos[TRAIN_LABELS] = {0}, all = 0;
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN || !se->slice_labels) continue;
+        for (int k = 0; k < se->n; k++) {
+            all++;
+            for (int l = 0; l < TRAIN_LABELS; l++)
+                pos[l] += d->labels[(se->first + (size_t)k) * TRAIN_LABELS + l] == 1;
+        }
+    }
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        double w = pos[l] > 0 ? (all - pos[l]) / pos[l] : 1;
+        pw[l] = (float)(w < 1 ? 1 : w > 20 ? 20 : w);
+    }
+}
+
+/* ---- calibration and thresholds --------------------------------------------------- */
+
+static int calibrate(nn_model *m, const struct train_dataset *d, float sens,
+                     float thr[2][TRAIN_LABELS], struct train_reliability *rel, char *t_desc,
+                     size_t tn)
+{
+    size_t N = d->nslices;
+    float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
+                    malloc(N * TRAIN_LABELS * sizeof(float))};
+    float *z = malloc((N + 1) * sizeof(float));
+    unsigned char *y = malloc(N + 1);
+    int rc = -1;
+    if (!lg[0] || !lg[1] || !z || !y) goto out;
+    if (train_predict(m, d, TRAIN_SPLIT_VAL, lg[0], lg[1]) != 0) goto out;
+    int off = 0;
+    memset(rel, 0, sizeof *rel);
+    for (int mo = 0; mo < 2; mo++) {
+        float T[TRAIN_LABELS];
+        for (int l = 0; l < TRAIN_LABELS; l++) {
+            /* Temperature on the study-level maxima plus slice logits: the
+             * quantity the node flags on is the study maximum. */
+            size_t n = 0;
+            for (int s = 0; s < d->nseries; s++) {
+                const struct train_series *se = &d->series[s];
+                if (se->split != TRAIN_SPLIT_VAL) continue;
+                float mx = -INFINITY;
+                for (int k = 0; k < se->n; k++) {
+                    float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
+                    if (v > mx) mx = v;
+                }
+                z[n] = mx, y[n++] = se->study[l] == 1;
+            }
+            size_t npos = 0;
+            for (size_t i = 0; i < n; i++)
+                npos += y[i];
+            T[l] = npos > 0 && npos < n ? train_fit_temperature(z, y, n) : 1.0f;
+            if (mo == TRAIN_MODEL_LRCN && l == 0) {
+                rel->valid = 1;
+                for (int c = 0; c < 2; c++)
+                    for (size_t i = 0; i < n; i++) {
+                        double p = 1 / (1 + exp(-z[i] / (c ? T[0] : 1.0f)));
+                        int bin = (int)(p * 10);
+                        if (bin > 9) bin = 9;
+                        rel->pred[c][bin] += p, rel->obs[c][bin] += y[i], rel->count[c][bin]++;
+                    }
+                for (int c = 0; c < 2; c++)
+                    for (int b = 0; b < 10; b++)
+                        if (rel->count[c][b])
+                            rel->pred[c][b] /= rel->count[c][b], rel->obs[c][b] /= rel->count[c][b];
+            }
+            float pr[4096];
+            size_t k2 = n < 4096 ? n : 4096;
+            for (size_t i = 0; i < k2; i++)
+                pr[i] = 1.0f / (1.0f + expf(-z[i] / T[l]));
+            thr[mo][l] = train_threshold_for_sensitivity(pr, y, k2, sens);
+        }
+        if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
+        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, T, TRAIN_LABELS) != 0) goto out;
+        off +=
+            snprintf(t_desc + off, tn - (size_t)off, "%s%s=", mo ? ";" : "", mo ? "lrcn" : "cnn");
+        for (int l = 0; l < TRAIN_LABELS && (size_t)off < tn; l++)
+            off += snprintf(t_desc + off, tn - (size_t)off, "%s%.4f", l ? "," : "", T[l]);
+    }
+    rc = 0;
+out:
+    free(lg[0]), free(lg[1]), free(z), free(y);
+    return rc;
+}
+
+static void fmt_floats(char *out, size_t n, const float *v, int k)
+{
+    int off = 0;
+    for (int i = 0; i < k && (size_t)off < n; i++)
+        off += snprintf(out + off, n - (size_t)off, "%s%.6g", i ? "," : "", v[i]);
+}
+
+static int save_model(nn_model *m, const char *path)
+{
+    char err[256];
+    int rc = nn_model_save(m, path, err, sizeof err);
+    if (rc != 0) util_log(UTIL_LOG_ERROR, "train_save_failed", "path=%s error=\"%s\"", path, err);
+    return rc;
+}
+
+/* The model to start from: a checkpoint, --init weights or a fresh one. */
+static nn_model *start_model(const struct opts *o, const struct triage_windows *w, char *err,
+                             size_t errlen)
+{
+    nn_config cfg;
+    nn_config_default(&cfg);
+    cfg.arch = o->arch;
+    cfg.in_h = cfg.in_w = o->input_hw;
+    cfg.seed = o->seed;
+    nn_model *m = nn_model_create(&cfg, err, errlen);
+    if (!m) return NULL;
+    if (o->init) {
+        nn_model *src = nn_model_load(o->init, err, errlen);
+        if (!src) {
+            nn_model_free(m);
+            return NULL;
+        }
+        /* Copy every tensor present in both with the same shape (for
+         * example VGG19's convolutions); the rest keeps its fresh weights. */
+        int copied = 0;
+        for (int i = 0; i < nn_model_tensor_count(m); i++) {
+            nn_tensor_info a, b;
+            nn_model_tensor(m, i, &a);
+            if (nn_model_tensor_find(src, a.name, &b) != 0 || b.numel != a.numel ||
+                b.ndim != a.ndim)
+                continue;
+            memcpy(a.data, b.data, a.numel * sizeof(float));
+            copied++;
+        }
+        const char *pre = nn_model_meta_get(src, "preprocessing");
+        if (pre) nn_model_meta_set(m, "preprocessing", pre);
+        nn_model_free(src);
+        if (copied == 0) {
+            snprintf(err, errlen, "%s: no tensor matches the architecture '%s'", o->init, o->arch);
+            nn_model_free(m);
+            return NULL;
+        }
+        util_log(UTIL_LOG_INFO, "train_init", "file=%s tensors=%d", o->init, copied);
+    }
+    (void)w;
+    return m;
+}
+
+int train_train_main(int argc, char **argv)
+{
+    struct triage_config cfg;
+    char err[1024] = "";
+    if (triage_config_from_args(&cfg, &argc, argv, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage train: %s\n", err);
+        return 2;
+    }
+    struct opts o;
+    if (parse(&o, argc, argv) != 0) {
+        triage_config_free(&cfg);
+        usage(stderr);
+        return 2;
+    }
+    int rc = 1;
+    nn_model *m = NULL;
+    float *feat = NULL;
+    struct train_eval *ev = NULL;
+    struct train_dataset d;
+    struct triage_windows win;
+    triage_windows_default(&win);
+    if (o.windows && triage_windows_parse(o.windows, &win, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage train: --windows: %s\n", err);
+        triage_config_free(&cfg);
+        return 2;
+    }
+    if (o.threads > 0) nn_set_threads(o.threads);
+    char workdir[1100];
+    snprintf(workdir, sizeof workdir, "%s", o.workdir ? o.workdir : "");
+    if (!o.workdir) snprintf(workdir, sizeof workdir, "%s.work", o.out);
+    if (mkdir(workdir, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "ichtriage train: %s: %s\n", workdir, strerror(errno));
+        triage_config_free(&cfg);
+        return 1;
+    }
+    train_dataset_init(&d, &win, win.n, o.input_hw, o.input_hw);
+    for (int i = 0; i < o.ndata; i++) {
+        if (train_dataset_add_folder(&d, o.data[i], o.cache, err, sizeof err) != 0) {
+            fprintf(stderr, "ichtriage train: %s\n", err);
+            goto out;
+        }
+    }
+    train_dataset_split(&d, o.seed, o.val_frac, o.test_frac);
+    int cnt[3], pos[3];
+    size_t sl[3], psl[3];
+    for (int s = 0; s < 3; s++)
+        train_dataset_count(&d, s, &cnt[s], &sl[s], &psl[s], &pos[s]);
+    util_log(UTIL_LOG_INFO, "train_data",
+             "series=%d slices=%zu train=%d/%zu val=%d/%zu test=%d/%zu positive_series=%d/%d/%d",
+             d.nseries, d.nslices, cnt[0], sl[0], cnt[1], sl[1], cnt[2], sl[2], pos[0], pos[1],
+             pos[2]);
+    if (cnt[0] == 0 || cnt[1] == 0) {
+        fprintf(stderr,
+                "ichtriage train: too few patients to split into train and validation "
+                "(%d series)\n",
+                d.nseries);
+        goto out;
+    }
+
+    struct state st = {.stage = 1, .epoch = 0, .best = -1, .best_epoch = -1, .bad = 0};
+    char last[1200], best1[1200], best2[1200];
+    snprintf(last, sizeof last, "%s/last.safetensors", workdir);
+    snprintf(best1, sizeof best1, "%s/best-stage1.safetensors", workdir);
+    snprintf(best2, sizeof best2, "%s/best-stage2.safetensors", workdir);
+    if (state_read(workdir, &st) == 0 && access(last, R_OK) == 0) {
+        m = nn_model_load(last, err, sizeof err);
+        if (!m) {
+            fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
+            goto out;
+        }
+        util_log(UTIL_LOG_INFO, "train_resume", "workdir=%s stage=%d epoch=%d", workdir, st.stage,
+                 st.epoch);
+    } else {
+        st = (struct state){.stage = 1, .best = -1, .best_epoch = -1};
+        char hp[1200];
+        snprintf(hp, sizeof hp, "%s/history.csv", workdir);
+        unlink(hp);
+        m = start_model(&o, &win, err, sizeof err);
+        if (!m) {
+            fprintf(stderr, "ichtriage train: %s\n", err);
+            goto out;
+        }
+    }
+    float pw[TRAIN_LABELS];
+    pos_weights(&d, pw);
+    struct progress pg = {.tty = isatty(2)};
+
+    /* Stage 1. */
+    while (st.stage == 1) {
+        if (st.epoch >= o.epochs1 || st.bad >= o.patience) {
+            nn_model_free(m);
+            m = nn_model_load(access(best1, R_OK) == 0 ? best1 : last, err, sizeof err);
+            if (!m) {
+                fprintf(stderr, "ichtriage train: %s\n", err);
+                goto out;
+            }
+            st = (struct state){.stage = 2, .best = -1, .best_epoch = -1};
+            if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+            break;
+        }
+        pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
+        double loss = stage1_epoch(m, &d, &o, st.epoch, pw, &pg);
+        double auc = 0, vloss = 0;
+        if (isnan(loss) || validate(m, &d, 0, &auc, &vloss) != 0) {
+            fprintf(stderr, "ichtriage train: stage 1 failed at epoch %d\n", st.epoch + 1);
+            goto out;
+        }
+        st.epoch++;
+        struct train_epoch he = {1, st.epoch, loss, vloss, auc, now() - pg.t0};
+        history_append(workdir, &he);
+        util_log(UTIL_LOG_INFO, "train_epoch",
+                 "stage=1 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.0f", st.epoch,
+                 loss, vloss, auc, he.seconds);
+        if (auc > st.best) {
+            st.best = auc, st.best_epoch = st.epoch, st.bad = 0;
+            if (save_model(m, best1) != 0) goto out;
+        } else {
+            st.bad++;
+        }
+        if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+    }
+
+    /* Stage 2: convolutions (and the stage-1 head) frozen. */
+    if (st.stage == 2) {
+        nn_model_freeze(m, "cnn.", 1);
+        int F = nn_model_feature_size(m);
+        feat = malloc(d.nslices * (size_t)F * sizeof(float));
+        if (!feat) goto out;
+        nn_model_set_training(m, 0);
+        double t0 = now();
+        if (train_features(m, &d, TRAIN_SPLIT_TRAIN, feat) != 0) goto out;
+        util_log(UTIL_LOG_INFO, "train_features", "slices=%zu seconds=%.0f", sl[0], now() - t0);
+    }
+    while (st.stage == 2) {
+        if (st.epoch >= o.epochs2 || st.bad >= o.patience) {
+            nn_model_free(m);
+            m = nn_model_load(access(best2, R_OK) == 0 ? best2 : last, err, sizeof err);
+            if (!m) {
+                fprintf(stderr, "ichtriage train: %s\n", err);
+                goto out;
+            }
+            st = (struct state){.stage = 3, .best = -1, .best_epoch = -1};
+            if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+            break;
+        }
+        pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
+        double loss = stage2_epoch(m, &d, &o, st.epoch, feat, pw, &pg);
+        double auc = 0, vloss = 0;
+        if (isnan(loss) || validate(m, &d, 1, &auc, &vloss) != 0) {
+            fprintf(stderr, "ichtriage train: stage 2 failed at epoch %d\n", st.epoch + 1);
+            goto out;
+        }
+        st.epoch++;
+        struct train_epoch he = {2, st.epoch, loss, vloss, auc, now() - pg.t0};
+        history_append(workdir, &he);
+        util_log(UTIL_LOG_INFO, "train_epoch",
+                 "stage=2 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.1f", st.epoch,
+                 loss, vloss, auc, he.seconds);
+        /* Ties go to the later epoch only if the loss is lower. */
+        if (auc > st.best + 1e-9) {
+            st.best = auc, st.best_epoch = st.epoch, st.bad = 0;
+            if (save_model(m, best2) != 0) goto out;
+        } else {
+            st.bad++;
+        }
+        if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+    }
+
+    /* Calibration, threshold, evaluation on the test split (validation when
+     * there is no test split), metadata, report. */
+    nn_model_freeze(m, "", 0);
+    float thr[2][TRAIN_LABELS];
+    struct train_reliability rel;
+    char tdesc[512];
+    if (calibrate(m, &d, o.sensitivity, thr, &rel, tdesc, sizeof tdesc) != 0) {
+        fprintf(stderr, "ichtriage train: calibration failed\n");
+        goto out;
+    }
+    ev = malloc(sizeof *ev);
+    int split = cnt[2] > 0 ? TRAIN_SPLIT_TEST : TRAIN_SPLIT_VAL;
+    if (!ev || train_evaluate(m, &d, split, thr, ev, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage train: evaluation: %s\n", err);
+        goto out;
+    }
+    train_eval_print(stdout, ev);
+
+    char buf[2048], summary[512], date[32];
+    time_t tnow = time(NULL);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&tnow));
+    nn_model_meta_set(m, "format", "ichtriage-lrcn-1");
+    snprintf(buf, sizeof buf, "%dx%dx%d", d.c, d.h, d.w);
+    nn_model_meta_set(m, "input", buf);
+    nn_model_meta_set(m, "labels",
+                      "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
+    int off = 0;
+    for (int i = 0; i < win.n; i++)
+        off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%g/%g", i ? "," : "", win.center[i],
+                        win.width[i]);
+    nn_model_meta_set(m, "windows", buf);
+    fmt_floats(buf, sizeof buf, thr[TRAIN_MODEL_LRCN], TRAIN_LABELS);
+    nn_model_meta_set(m, "thresholds", buf);
+    fmt_floats(buf, sizeof buf, thr[TRAIN_MODEL_CNN], TRAIN_LABELS);
+    nn_model_meta_set(m, "cnn_thresholds", buf);
+    snprintf(buf, sizeof buf, "study-level sensitivity %.3f on validation", o.sensitivity);
+    nn_model_meta_set(m, "threshold_rule", buf);
+    if (!nn_model_meta_get(m, "preprocessing"))
+        nn_model_meta_set(m, "preprocessing",
+                          "hu=stored*slope+intercept;window=clamp01;resize=area");
+    snprintf(buf, sizeof buf,
+             "temperature scaling on validation study maxima, folded into the "
+             "last layers: %s",
+             tdesc);
+    nn_model_meta_set(m, "calibration", buf);
+    train_eval_summary(ev, summary, sizeof summary);
+    snprintf(buf, sizeof buf, "%s split: %s", split == TRAIN_SPLIT_TEST ? "test" : "val", summary);
+    nn_model_meta_set(m, "metrics", buf);
+    off = 0;
+    for (int i = 0; i < o.ndata; i++)
+        off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%s", i ? "," : "", o.data[i]);
+    nn_model_meta_set(m, "data", buf);
+    snprintf(buf, sizeof buf,
+             "series=%d slices=%zu split(train/val/test series)=%d/%d/%d split_seed=%llu "
+             "val=%.2f test=%.2f",
+             d.nseries, d.nslices, cnt[0], cnt[1], cnt[2], (unsigned long long)o.seed, o.val_frac,
+             o.test_frac);
+    nn_model_meta_set(m, "data_split", buf);
+    snprintf(buf, sizeof buf,
+             "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
+             "series_batch=%d slices_per_epoch=%d lr1=%g lr2=%g augment=%s init=%s",
+             o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience,
+             o.batch, o.series_batch, o.slices_per_epoch, o.lr1, o.lr2,
+             o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
+    nn_model_meta_set(m, "training", buf);
+    nn_model_meta_set(m, "date", date);
+    snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",
+             o.provenance ? o.provenance : "");
+    nn_model_meta_set(m, "provenance", buf);
+    nn_model_meta_set(m, "notice", "decision support, not a diagnosis");
+    if (save_model(m, o.out) != 0) goto out;
+
+    struct train_epoch hist[512];
+    int nh = history_read(workdir, hist, 512);
+    char html[1200], json[1200];
+    snprintf(html, sizeof html, "%s/report.html", workdir);
+    snprintf(json, sizeof json, "%s/metrics.json", workdir);
+    if (train_report_write(html, json, "ichtriage train", o.out, buf, ev, hist, nh, &rel, err,
+                           sizeof err) != 0)
+        fprintf(stderr, "ichtriage train: report: %s\n", err);
+    util_log(UTIL_LOG_INFO, "train_done", "model=%s report=%s %s", o.out, html, summary);
+    if (o.reg) {
+        char id[128];
+        if (train_registry_add(triage_config_str(&cfg, CFG_STORE_DIR), o.out, id, sizeof id, err,
+                               sizeof err) != 0) {
+            fprintf(stderr, "ichtriage train: register: %s\n", err);
+            goto out;
+        }
+        printf("registered %s (promote it with: ichtriage model promote %s)\n", id, id);
+    }
+    rc = 0;
+out:
+    free(ev);
+    free(feat);
+    nn_model_free(m);
+    train_dataset_free(&d);
+    triage_config_free(&cfg);
+    return rc;
+}

@@ -1,0 +1,100 @@
+/* The two-stage training of an LRCN on a train_dataset, its evaluation and
+ * its report: the engine behind `ichtriage train` and `ichtriage eval`.
+ *   stage 1: the CNN per slice on the 6 labels (augmented slices, weighted
+ *            BCE with RSNA label weights and a positive-class weight);
+ *   stage 2: convolutions frozen, BiLSTM + dense on whole series (slice BCE
+ *            where slice labels are known, max-over-slices where only the
+ *            study label is).
+ * Decision support, not a diagnosis. */
+#ifndef TRAIN_TRAINER_H
+#define TRAIN_TRAINER_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "dataset.h"
+#include "metrics.h"
+#include "nn.h"
+
+/* Random geometric and intensity changes of one uint8 slice c x h x w into
+ * float out (values /255): shift up to shift_frac of the size, rotation up
+ * to rot_deg, horizontal flip with p 0.5, per-channel gain 1 +- gain and
+ * offset +- offset. Outside the image is 0 (air in every window). */
+struct train_augment {
+    float shift_frac, rot_deg, gain, offset;
+    int flip;
+};
+void train_augment_default(struct train_augment *a);
+void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
+                         float *out, uint64_t *rng);
+
+/* Logits of every slice of the series of split (-1: all): the stage-1 head
+ * (CNN alone) and the LRCN, each [nslices of the dataset, TRAIN_LABELS],
+ * rows of other splits left untouched. Either output may be NULL. Runs in
+ * eval mode. Returns 0 or a negative NN_E* code. */
+int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
+                  float *lrcn_logits);
+
+/* CNN features of the series of split into feat [nslices, feature_size]. */
+int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat);
+
+/* Divides the last linear layer of the LRCN ("out") or of the stage-1 head
+ * by per-label temperatures: calibrated logits without a change of format. */
+int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels);
+
+/* ---- evaluation ------------------------------------------------------------ */
+enum { TRAIN_LEVEL_SLICE = 0, TRAIN_LEVEL_STUDY = 1 };
+enum { TRAIN_MODEL_CNN = 0, TRAIN_MODEL_LRCN = 1 };
+#define TRAIN_ROC_POINTS 101
+
+struct train_eval {
+    int nseries;
+    size_t nslices;
+    /* [level][model][label]; slice level only over slices with known labels. */
+    struct train_binary m[2][2][TRAIN_LABELS];
+    double weighted_logloss[2][2];     /* RSNA weights 2,1,1,1,1,1 */
+    float thresholds[2][TRAIN_LABELS]; /* [model][label], applied at both levels */
+    /* ROC of "any" [level][model]. */
+    int roc_n[2][2];
+    float roc_fpr[2][2][TRAIN_ROC_POINTS], roc_tpr[2][2][TRAIN_ROC_POINTS];
+};
+
+/* Evaluates m on the series of split (-1: all) of d with per-model
+ * thresholds [2][TRAIN_LABELS]. Returns 0 or -1 with a message. */
+int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
+                   const float thresholds[2][TRAIN_LABELS], struct train_eval *out, char *err,
+                   size_t errlen);
+
+/* Per-epoch history for the report. */
+struct train_epoch {
+    int stage, epoch;
+    double train_loss, val_loss, val_auc, seconds;
+};
+
+/* Reliability diagram data: per bin (10 of [0,1]) mean predicted and
+ * observed rate of study-level "any" on validation, before and after
+ * calibration. */
+struct train_reliability {
+    int valid;
+    double pred[2][10], obs[2][10];
+    int count[2][10];
+    float temperature[TRAIN_LABELS];
+};
+
+/* The self-contained HTML report (inline SVG) and the metrics JSON.
+ * history may be NULL (eval). Returns 0 or -1 with a message. */
+int train_report_write(const char *html_path, const char *json_path, const char *title,
+                       const char *model_path, const char *data_desc, const struct train_eval *e,
+                       const struct train_epoch *history, int nhistory,
+                       const struct train_reliability *rel, char *err, size_t errlen);
+/* One line per model and level, the paper's Table 1, to f. */
+void train_eval_print(FILE *f, const struct train_eval *e);
+/* A short summary "study_auc_any=.. sens=.. spec=.." for the metadata. */
+void train_eval_summary(const struct train_eval *e, char *out, size_t n);
+
+/* Subcommands. */
+int train_train_main(int argc, char **argv);
+int train_eval_main(int argc, char **argv);
+int train_model_main(int argc, char **argv);
+
+#endif
