@@ -20,6 +20,7 @@
 #include "config.h"
 #include "db.h"
 #include "db_triage.h"
+#include "http.h"
 #include "log.h"
 #include "scp.h"
 #include "complete.h"
@@ -39,6 +40,7 @@ struct node {
     struct triage_completion complete;
     struct triage_infer *infer;
     struct scp_server *scp;
+    struct triage_http *http; /* web worklist, API, events, metrics */
     int grace;
 };
 
@@ -52,7 +54,10 @@ static int64_t wall_ms(void)
 /* Decides the series that are due; new jobs wake the inference thread. */
 static void run_completion(struct node *n)
 {
-    if (triage_completion_tick(&n->complete, wall_ms()) > 0) triage_infer_kick(n->infer);
+    if (triage_completion_tick(&n->complete, wall_ms()) > 0) {
+        triage_infer_kick(n->infer);
+        triage_http_changed(n->http);
+    }
 }
 
 static void on_completion_timer(uv_timer_t *h)
@@ -64,12 +69,14 @@ static void on_stored_async(uv_async_t *h)
 {
     /* An expected count may have been reached: decide now, not at the tick. */
     run_completion(h->data);
+    triage_http_changed(((struct node *)h->data)->http); /* a new or growing study */
 }
 
 static void on_result_async(uv_async_t *h)
 {
     struct node *n = h->data;
-    /* Results go to web clients and PACS from here (issues 7 and 8). */
+    triage_http_changed(n->http);
+    /* Results go to PACS from here (issue 8). */
     util_log(UTIL_LOG_DEBUG, "results_ready", "stored=%lld",
              (long long)atomic_load(&n->store.stored));
 }
@@ -317,6 +324,25 @@ int triage_serve_main(int argc, char **argv)
         db_close(n.store.db);
         return 1;
     }
+    struct triage_http_config hc = {
+        .loop = n.loop,
+        .db = n.store.db,
+        .listen = triage_config_str(&n.cfg, CFG_HTTP_LISTEN),
+        .users_file = triage_config_str(&n.cfg, CFG_HTTP_USERS),
+        .tls_cert = triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
+        .tls_key = triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY),
+        .webhook = triage_config_str(&n.cfg, CFG_HTTP_WEBHOOK),
+        .store = &n.store,
+        .infer = n.infer,
+        .scp = n.scp,
+    };
+    if (triage_http_start(&n.http, &hc, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        scp_server_stop(n.scp, 0);
+        triage_infer_stop(n.infer);
+        db_close(n.store.db);
+        return 1;
+    }
     int64_t count = 0;
     db_count_instances(n.store.db, &count);
     util_log(UTIL_LOG_INFO, "ready",
@@ -334,10 +360,14 @@ int triage_serve_main(int argc, char **argv)
     uv_timer_start(&n.heartbeat, on_heartbeat, 0, beat_ms);
     uv_timer_init(n.loop, &n.completion);
     n.completion.data = &n;
-    uv_timer_start(&n.completion, on_completion_timer, 0, 200);
+    /* The quiet period ends at most one tick late; a tick is one index range
+     * scan, so it can be short. */
+    uv_timer_start(&n.completion, on_completion_timer, 0, 50);
 
     uv_run(n.loop, UV_RUN_DEFAULT);
 
+    triage_http_stop(n.http); /* before the handles it shares the loop with close */
+    n.http = NULL;
     /* Stop accepting, let associations in progress finish, then close. */
     scp_server_stop(n.scp, n.grace);
     n.scp = NULL;

@@ -1,0 +1,40 @@
+/* db/: the radiologists' reviews. A review is a finding on a whole study
+ * (hemorrhage yes/no, the subtypes seen, a comment) with who and when; the
+ * latest review of a study is its label for retraining. Storing one takes
+ * the study off the worklist (status reviewed). Loop thread's connection
+ * (or any single-threaded caller's own, db_open). */
+#ifndef DB_REVIEWS_H
+#define DB_REVIEWS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "db.h"
+
+/* One review; strings borrowed for the callback only. */
+struct db_review_row {
+    int64_t id;
+    const char *study_uid;
+    bool hemorrhage;
+    const char *subtypes; /* comma-separated names, "" when none */
+    const char *comment, *reviewer;
+    int64_t created_at_ms;
+};
+typedef int (*db_review_fn)(void *ud, const struct db_review_row *r);
+
+/* Stores a review of study_uid, sets the study's reviewed time and status
+ * and drops its claim, in one transaction. Returns 0, 1 when no such study,
+ * -1 with err on failure. */
+int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const char *subtypes,
+                  const char *comment, const char *reviewer, int64_t now_ms, char *err,
+                  size_t errlen);
+
+/* Every review of study_uid, oldest first. fn returning non-zero stops. */
+int db_reviews_of_study(struct db *db, const char *study_uid, db_review_fn fn, void *ud);
+
+/* The latest review of each reviewed study, oldest study first: the
+ * retraining labels. fn returning non-zero stops. */
+int db_reviews_latest(struct db *db, db_review_fn fn, void *ud);
+
+#endif

@@ -1,0 +1,87 @@
+/* db/: what the web worklist reads and writes besides the worklist itself
+ * (db_triage.h) and reviews (db_reviews.h): one study's details, its series
+ * and per-slice probabilities, claims ("being read by"), the audit table
+ * and the numbers behind /metrics. The loop thread's connection. */
+#ifndef DB_WEB_H
+#define DB_WEB_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "db.h"
+#include "db_triage.h"
+
+/* One study in detail; strings borrowed for the callback only. row has the
+ * worklist's fields for the study. */
+struct db_study_view {
+    struct db_worklist_row row;
+    const char *specific_charset, *birth_date, *sex, *study_date, *study_time, *study_id;
+    const char *key_sop; /* "" until triaged */
+    int key_index;
+    const char *note;
+    double ms_total;
+    const char *claimed_by; /* "" when nobody */
+    int64_t claimed_at_ms;
+};
+typedef int (*db_study_view_fn)(void *ud, const struct db_study_view *v);
+/* Calls fn once for study_uid. Returns 0, 1 when no such study, -1 on error. */
+int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, void *ud);
+
+struct db_series_row {
+    const char *series_uid, *modality, *series_desc, *state, *state_reason;
+    int instance_count;
+    bool has_result;
+};
+typedef int (*db_series_row_fn)(void *ud, const struct db_series_row *s);
+/* The series of study_uid in series-number order. */
+int db_study_series(struct db *db, const char *study_uid, db_series_row_fn fn, void *ud);
+
+/* Per-slice probabilities of the series that set the study's result, in
+ * slice order (along the normal). */
+typedef int (*db_slice_fn)(void *ud, int idx, const char *sop_uid, int frame,
+                           const float p[DB_LABELS]);
+int db_study_slices(struct db *db, const char *study_uid, db_slice_fn fn, void *ud);
+
+/* The file (relative to store.dir) of instance sop_uid when it belongs to
+ * study_uid. Returns 0, 1 when not found, -1 on error. */
+int db_study_instance_file(struct db *db, const char *study_uid, const char *sop_uid, char *path,
+                           size_t pathlen);
+
+/* Claims: one reader per study. db_claim_set replaces any claim (the page
+ * shows who had it). db_claim_release drops it when reader holds it.
+ * Return 0, 1 when no such study (or, for release, not held by reader), -1. */
+int db_claim_set(struct db *db, const char *study_uid, const char *reader, int64_t now_ms);
+int db_claim_release(struct db *db, const char *study_uid, const char *reader);
+/* Claims of all studies: fn per claim. */
+typedef int (*db_claim_fn)(void *ud, const char *study_uid, const char *reader, int64_t at_ms);
+int db_claims(struct db *db, db_claim_fn fn, void *ud);
+
+/* Appends one audit line: who did what (opened, reviewed, claimed, ...) to
+ * which study ("" for none). Returns 0 or -1. */
+int db_audit_add(struct db *db, int64_t now_ms, const char *user, const char *action,
+                 const char *study_uid, const char *detail);
+
+#define DB_LATENCY_BUCKETS 10
+/* Upper bounds in seconds of the triage latency histogram (job queued to
+ * result), the last being +Inf. */
+extern const double db_latency_bounds[DB_LATENCY_BUCKETS];
+
+struct db_metrics {
+    int64_t instances, series, series_completed, studies;
+    int64_t jobs_queued, jobs_running, jobs_done, jobs_failed;
+    int64_t latency_count;
+    double latency_sum;                     /* seconds */
+    int64_t latency_le[DB_LATENCY_BUCKETS]; /* cumulative */
+    int64_t studies_by_status[8];           /* see db_metrics_status_names */
+    /* Latest review of each study against the study's flag. */
+    int64_t review_tp, review_fp, review_fn, review_tn;
+    int64_t reviews;
+    int64_t recent_failed; /* jobs failed in the last hour */
+    int64_t recent_done;   /* jobs done in the last hour */
+};
+extern const char *const db_metrics_status_names[8];
+/* Fills m. now_ms for the last-hour counts. Returns 0 or -1. */
+int db_metrics_read(struct db *db, int64_t now_ms, struct db_metrics *m);
+
+#endif

@@ -1,0 +1,311 @@
+/* db/web.c: study details, claims, audit and metrics for the web worklist
+ * (see db_web.h). */
+#include "db_internal.h"
+#include "db_web.h"
+
+#include <stdio.h>
+#include <string.h>
+
+const double db_latency_bounds[DB_LATENCY_BUCKETS] = {0.5, 1, 2, 5, 10, 30, 60, 120, 300, -1};
+const char *const db_metrics_status_names[8] = {"received",       "waiting", "triaging", "triaged",
+                                                "not_applicable", "failed",  "reviewed", "other"};
+
+static const char *text(sqlite3_stmt *st, int i)
+{
+    const unsigned char *t = sqlite3_column_text(st, i);
+    return t ? (const char *)t : "";
+}
+
+int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, void *ud)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    const char *sql =
+        "SELECT st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"
+        " p.patient_name, st.study_desc, st.status, st.status_reason,"
+        " coalesce(r.model_version, ''), st.received_at, st.updated_at,"
+        " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"
+        "   WHERE s.study_ref = st.id)),"
+        " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"
+        " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates,"
+        " p.specific_charset, p.birth_date, p.sex, st.study_date, st.study_time, st.study_id,"
+        " coalesce(r.key_sop, ''), coalesce(r.key_index, -1), coalesce(r.note, ''),"
+        " coalesce(r.ms_total, 0), coalesce(cl.reader, ''), coalesce(cl.claimed_at, 0)"
+        " FROM studies st JOIN patients p ON p.id = st.patient_ref"
+        " LEFT JOIN series rs ON rs.id = st.result_series_ref"
+        " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
+        " LEFT JOIN claims cl ON cl.study_ref = st.id"
+        " WHERE st.study_uid = ?1";
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+    sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        struct db_study_view v = {
+            .row =
+                {
+                    .study_uid = text(st, 0),
+                    .series_uid = text(st, 1),
+                    .accession = text(st, 2),
+                    .patient_id = text(st, 3),
+                    .patient_name = text(st, 4),
+                    .study_desc = text(st, 5),
+                    .status = text(st, 6),
+                    .status_reason = text(st, 7),
+                    .model_version = text(st, 8),
+                    .received_at_ms = sqlite3_column_int64(st, 9),
+                    .updated_at_ms = sqlite3_column_int64(st, 10),
+                    .slices = sqlite3_column_int(st, 11),
+                    .has_probability = sqlite3_column_type(st, 12) != SQLITE_NULL,
+                    .probability = sqlite3_column_double(st, 12),
+                    .flagged = sqlite3_column_int(st, 18) != 0,
+                    .result_updates = sqlite3_column_int(st, 19),
+                },
+            .specific_charset = text(st, 20),
+            .birth_date = text(st, 21),
+            .sex = text(st, 22),
+            .study_date = text(st, 23),
+            .study_time = text(st, 24),
+            .study_id = text(st, 25),
+            .key_sop = text(st, 26),
+            .key_index = sqlite3_column_int(st, 27),
+            .note = text(st, 28),
+            .ms_total = sqlite3_column_double(st, 29),
+            .claimed_by = text(st, 30),
+            .claimed_at_ms = sqlite3_column_int64(st, 31),
+        };
+        for (int l = 0; l < DB_LABELS - 1; l++)
+            v.row.subtypes[l] = sqlite3_column_double(st, 13 + l);
+        fn(ud, &v);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? 1 : -1;
+}
+
+int db_study_series(struct db *db, const char *study_uid, db_series_row_fn fn, void *ud)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT s.series_uid, s.modality, s.series_desc, s.state,"
+                           " s.state_reason, s.instance_count,"
+                           " EXISTS (SELECT 1 FROM results r WHERE r.series_ref = s.id)"
+                           " FROM series s JOIN studies st ON st.id = s.study_ref"
+                           " WHERE st.study_uid = ?1 ORDER BY s.series_number, s.id",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct db_series_row s = {
+            .series_uid = text(st, 0),
+            .modality = text(st, 1),
+            .series_desc = text(st, 2),
+            .state = text(st, 3),
+            .state_reason = text(st, 4),
+            .instance_count = sqlite3_column_int(st, 5),
+            .has_result = sqlite3_column_int(st, 6) != 0,
+        };
+        if (fn(ud, &s) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_study_slices(struct db *db, const char *study_uid, db_slice_fn fn, void *ud)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT sr.idx, sr.sop_uid, sr.frame, sr.p_any, sr.p_epidural,"
+                           " sr.p_intraparenchymal, sr.p_intraventricular, sr.p_subarachnoid,"
+                           " sr.p_subdural FROM slice_results sr"
+                           " JOIN studies st ON st.result_series_ref = sr.series_ref"
+                           " WHERE st.study_uid = ?1 ORDER BY sr.idx",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        float p[DB_LABELS];
+        for (int l = 0; l < DB_LABELS; l++)
+            p[l] = (float)sqlite3_column_double(st, 3 + l);
+        if (fn(ud, sqlite3_column_int(st, 0), text(st, 1), sqlite3_column_int(st, 2), p) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_study_instance_file(struct db *db, const char *study_uid, const char *sop_uid, char *path,
+                           size_t pathlen)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT i.file_path FROM instances i JOIN series s ON s.id = i.series_id"
+                           " JOIN studies st ON st.id = s.study_ref"
+                           " WHERE i.sop_uid = ?1 AND st.study_uid = ?2",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, sop_uid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, study_uid, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) snprintf(path, pathlen, "%s", text(st, 0));
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? 1 : -1;
+}
+
+static int run_changes(sqlite3 *c, sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) return -1;
+    return sqlite3_changes(c) > 0 ? 0 : 1;
+}
+
+int db_claim_set(struct db *db, const char *study_uid, const char *reader, int64_t now_ms)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "INSERT OR REPLACE INTO claims (study_ref, reader, claimed_at)"
+                           " SELECT id, ?2, ?3 FROM studies WHERE study_uid = ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, reader, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now_ms);
+    return run_changes(c, st);
+}
+
+int db_claim_release(struct db *db, const char *study_uid, const char *reader)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "DELETE FROM claims WHERE reader = ?2 AND study_ref ="
+                           " (SELECT id FROM studies WHERE study_uid = ?1)",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, reader, -1, SQLITE_STATIC);
+    return run_changes(c, st);
+}
+
+int db_claims(struct db *db, db_claim_fn fn, void *ud)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT st.study_uid, cl.reader, cl.claimed_at FROM claims cl"
+                           " JOIN studies st ON st.id = cl.study_ref",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        if (fn(ud, text(st, 0), text(st, 1), sqlite3_column_int64(st, 2)) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_audit_add(struct db *db, int64_t now_ms, const char *user, const char *action,
+                 const char *study_uid, const char *detail)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "INSERT INTO audit (at, user, action, study_uid, detail)"
+                           " VALUES (?1, ?2, ?3, ?4, ?5)",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, now_ms);
+    sqlite3_bind_text(st, 2, user, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, action, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, study_uid ? study_uid : "", -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, detail ? detail : "", -1, SQLITE_STATIC);
+    return run_changes(c, st) == 0 ? 0 : -1;
+}
+
+static int scalar(sqlite3 *c, const char *sql, int64_t bind, int64_t *out)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+    if (sqlite3_bind_parameter_count(st) > 0) sqlite3_bind_int64(st, 1, bind);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_metrics_read(struct db *db, int64_t now_ms, struct db_metrics *m)
+{
+    sqlite3 *c = db_conn(db);
+    memset(m, 0, sizeof *m);
+    if (scalar(c, "SELECT count(*) FROM instances", 0, &m->instances) ||
+        scalar(c, "SELECT count(*) FROM series", 0, &m->series) ||
+        scalar(c, "SELECT count(*) FROM series WHERE completed_at IS NOT NULL", 0,
+               &m->series_completed) ||
+        scalar(c, "SELECT count(*) FROM studies", 0, &m->studies) ||
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'queued'", 0, &m->jobs_queued) ||
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'running'", 0, &m->jobs_running) ||
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'done'", 0, &m->jobs_done) ||
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'failed'", 0, &m->jobs_failed) ||
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'failed' AND finished_at >= ?1",
+               now_ms - 3600 * 1000, &m->recent_failed) ||
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'done' AND finished_at >= ?1",
+               now_ms - 3600 * 1000, &m->recent_done))
+        return -1;
+
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT finished_at - created_at FROM jobs"
+                           " WHERE state = 'done' AND finished_at IS NOT NULL",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        double s = (double)sqlite3_column_int64(st, 0) / 1000.0;
+        m->latency_count++;
+        m->latency_sum += s;
+        for (int b = 0; b < DB_LATENCY_BUCKETS; b++)
+            if (db_latency_bounds[b] < 0 || s <= db_latency_bounds[b]) m->latency_le[b]++;
+    }
+    sqlite3_finalize(st);
+
+    if (sqlite3_prepare_v2(c, "SELECT status, count(*) FROM studies GROUP BY status", -1, &st,
+                           NULL) != SQLITE_OK)
+        return -1;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char *s = text(st, 0);
+        int k = 7;
+        for (int i = 0; i < 7; i++)
+            if (strcmp(s, db_metrics_status_names[i]) == 0) k = i;
+        m->studies_by_status[k] += sqlite3_column_int64(st, 1);
+    }
+    sqlite3_finalize(st);
+
+    if (sqlite3_prepare_v2(c,
+                           "SELECT st.flagged, r.hemorrhage FROM reviews r"
+                           " JOIN studies st ON st.id = r.study_ref"
+                           " WHERE r.id = (SELECT max(id) FROM reviews x"
+                           "  WHERE x.study_ref = r.study_ref)",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        bool flagged = sqlite3_column_int(st, 0) != 0, bleed = sqlite3_column_int(st, 1) != 0;
+        m->reviews++;
+        if (flagged && bleed) m->review_tp++;
+        if (flagged && !bleed) m->review_fp++;
+        if (!flagged && bleed) m->review_fn++;
+        if (!flagged && !bleed) m->review_tn++;
+    }
+    sqlite3_finalize(st);
+    return 0;
+}

@@ -1,0 +1,250 @@
+"""The JSON API, events, /metrics and /healthz of a real node on loopback
+(issue 7), with curl: worklist order and filtering, the same rows as
+`ichtriage worklist --json`, a study with per-slice probabilities and its key
+slice as PNG, the review round trip (CSRF refused without the token, bad
+bodies 400), claims, the audit table, a new study pushed on the event
+stream, names converted from the Specific Character Set, unknown paths.
+
+    python3 test_api.py ICHTRIAGE MAKE_TEST_MODEL"""
+import json
+import os
+import subprocess
+import threading
+import time
+
+import webtest as wt
+
+GROUPS = {"received": 1, "waiting": 1, "triaging": 1, "failed": 1, "triaged": 2}
+
+
+def order_key(r):
+    flagged = r["flagged"] and r["status"] != "reviewed"
+    group = 0 if flagged else GROUPS.get(r["status"], 3)
+    p = -r["probability"] if group in (0, 2) else 0
+    return (group, p, r["received_at"])
+
+
+class ApiTest(wt.WebTest):
+    def setUp(self):
+        super().setUp()
+        self.node = self.web_node()
+        ph = os.path.join(self.work, "ph")
+        self.studies = wt.phantom(ph, seed=21, count=3)
+        # One study too short to triage: not applicable, listed last.
+        self.short = wt.phantom(os.path.join(self.work, "short"), seed=22, slices=3)
+        self.files = [f for fs in list(self.studies.values()) + list(self.short.values())
+                      for f in fs]
+        self.send(self.node, self.files)
+        self.rows = self.wait_rows(self.node, list(self.studies))
+        self.rows = self.wait_rows(self.node, list(self.short), ("not_applicable",))
+
+    def csrf(self):
+        return self.get_json(self.node, "/api/session")["csrf"]
+
+    def test_worklist_order_filter_and_cli_agree(self):
+        rows = self.rows
+        self.assertEqual(len(rows), 4)
+        self.assertEqual([order_key(r) for r in rows], sorted(order_key(r) for r in rows))
+        self.assertEqual(rows[-1]["status"], "not_applicable")
+        for r in rows:
+            self.assertEqual(r["notice"], "decision support, not a diagnosis")
+            for k in ("study_uid", "series_uid", "accession", "patient_id", "patient_name",
+                      "received_at", "updated_at", "slices", "probability", "subtypes",
+                      "flagged", "status", "model_version"):
+                self.assertIn(k, r)
+        # `ichtriage worklist --json` gives the same rows in the same order.
+        cli = self.cli_worklist(self.node)
+        api = [{k: v for k, v in r.items() if k != "claimed_by"} for r in rows]
+        self.assertEqual(api, cli)
+        triaged = self.get_json(self.node, "/api/worklist?status=triaged")
+        self.assertEqual({r["study_uid"] for r in triaged}, set(self.studies))
+        self.assertEqual(self.get_json(self.node, "/api/worklist?status=reviewed"), [])
+        err = self.get_json(self.node, "/api/worklist?status=bogus", 400)
+        self.assertIn("status must be", err["error"])
+
+    def test_study_view_and_key_slice(self):
+        uid = next(iter(self.studies))
+        st = self.get_json(self.node, "/api/studies/" + uid)
+        self.assertEqual(st["study_uid"], uid)
+        self.assertEqual(len(st["slice_probabilities"]), 12)
+        self.assertEqual([s["index"] for s in st["slice_probabilities"]], list(range(12)))
+        self.assertEqual(len(st["series"]), 1)
+        self.assertTrue(st["key_sop_uid"])
+        status, hd, body = wt.curl("%s/api/studies/%s/slices/%s.png" % (
+            self.node.base, uid, st["key_sop_uid"]))
+        self.assertEqual(status, 200)
+        self.assertEqual(hd["content-type"], ["image/png"])
+        self.assertTrue(body.startswith(b"\x89PNG\r\n\x1a\n"))
+        # A slice of another study is not served under this one.
+        other = next(u for u in self.studies if u != uid)
+        osop = self.get_json(self.node, "/api/studies/" + other)["key_sop_uid"]
+        self.get_json(self.node, "/api/studies/%s/slices/%s.png" % (uid, osop), 404)
+        self.get_json(self.node, "/api/studies/1.2.3.4", 404)
+        self.get_json(self.node, "/api/studies/not-a-uid", 404)
+        self.get_json(self.node, "/nope", 404)
+        self.get_json(self.node, "/api/nope", 404)
+        # Opening is audited, as the local user.
+        rows = self.node.query("SELECT user, action FROM audit WHERE study_uid = ?", (uid,))
+        self.assertIn(("local", "opened"), [tuple(r) for r in rows])
+
+    def test_review_round_trip(self):
+        uid = next(iter(self.studies))
+        url = "%s/api/studies/%s/review" % (self.node.base, uid)
+        good = {"hemorrhage": True, "subtypes": ["subdural", "subarachnoid"], "comment": "thin SDH"}
+        status, _, body = wt.curl(url, "POST", good)
+        self.assertEqual(status, 403, body)  # no CSRF token
+        status, _, body = wt.curl(url, "POST", good, headers=["X-CSRF-Token: wrong"])
+        self.assertEqual(status, 403, body)
+        tok = "X-CSRF-Token: " + self.csrf()
+        for bad, why in (("{", "JSON object"), ({"subtypes": []}, "hemorrhage"),
+                         ({"hemorrhage": True, "subtypes": ["bleed"]}, "subtypes"),
+                         ({"hemorrhage": False, "subtypes": ["subdural"]}, "false"),
+                         ({"hemorrhage": True, "comment": 3}, "comment")):
+            status, _, body = wt.curl(url, "POST", bad, headers=[tok])
+            self.assertEqual(status, 400, (bad, body))
+            self.assertIn(why, json.loads(body)["error"])
+        status, _, body = wt.curl(url, "POST", good, headers=[tok])
+        self.assertEqual(status, 201, body)
+        # Reviewed studies leave the list and are found with ?status=reviewed.
+        self.assertNotIn(uid, [r["study_uid"] for r in self.get_json(self.node, "/api/worklist")])
+        reviewed = self.get_json(self.node, "/api/worklist?status=reviewed")
+        self.assertEqual([r["study_uid"] for r in reviewed], [uid])
+        st = self.get_json(self.node, "/api/studies/" + uid)
+        self.assertEqual(st["status"], "reviewed")
+        (rev,) = st["reviews"]
+        self.assertEqual(rev["reviewer"], "local")
+        self.assertTrue(rev["hemorrhage"])
+        self.assertEqual(sorted(rev["subtypes"]), ["subarachnoid", "subdural"])
+        self.assertEqual(rev["comment"], "thin SDH")
+        rows = self.node.query("SELECT r.hemorrhage, r.subtypes, r.reviewer FROM reviews r"
+                               " JOIN studies s ON s.id = r.study_ref WHERE s.study_uid = ?",
+                               (uid,))
+        self.assertEqual([tuple(r) for r in rows], [(1, "subdural,subarachnoid", "local")])
+        audit = self.node.query("SELECT user, action FROM audit WHERE study_uid = ?", (uid,))
+        self.assertIn(("local", "reviewed"), [tuple(r) for r in audit])
+        status, _, _ = wt.curl("%s/api/studies/1.2.3/review" % self.node.base, "POST", good,
+                               headers=[tok])
+        self.assertEqual(status, 404)
+        # The review counts in the live sensitivity (not flagged: a miss).
+        _, _, metrics = wt.curl(self.node.base + "/metrics")
+        self.assertIn(b'ichtriage_reviews{flagged="false",hemorrhage="true"} 1', metrics)
+        self.assertIn(b"ichtriage_live_sensitivity 0.0000", metrics)
+
+    def test_claim(self):
+        uid = next(iter(self.studies))
+        tok = "X-CSRF-Token: " + self.csrf()
+        status, _, body = wt.curl("%s/api/studies/%s/claim" % (self.node.base, uid), "POST", {},
+                                  headers=[tok])
+        self.assertEqual(status, 200, body)
+        row = next(r for r in self.get_json(self.node, "/api/worklist") if r["study_uid"] == uid)
+        self.assertEqual(row["claimed_by"], "local")
+        status, _, _ = wt.curl("%s/api/studies/%s/release" % (self.node.base, uid), "POST", {},
+                               headers=[tok])
+        self.assertEqual(status, 200)
+        status, _, _ = wt.curl("%s/api/studies/%s/release" % (self.node.base, uid), "POST", {},
+                               headers=[tok])
+        self.assertEqual(status, 409)
+
+    def test_events_push_a_new_study(self):
+        events = []
+        proc = subprocess.Popen(["curl", "-sN", "-m", "40", self.node.base + "/api/events"],
+                                stdout=subprocess.PIPE)
+
+        def read():
+            ev = {}
+            for line in proc.stdout:
+                line = line.decode().rstrip("\n")
+                if not line:
+                    if ev:
+                        events.append(ev)
+                    ev = {}
+                elif line.startswith("event: "):
+                    ev["event"] = line[7:]
+                elif line.startswith("data: "):
+                    ev["data"] = json.loads(line[6:])
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not events and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertTrue(events, "no first event")
+            self.assertEqual(events[0]["event"], "worklist")
+            self.assertEqual(len(events[0]["data"]["rows"]), 4)
+            new = wt.phantom(os.path.join(self.work, "new"), seed=23)
+            (uid, files), = new.items()
+            self.send(self.node, files)
+            deadline = time.monotonic() + 30
+            seen = None
+            while time.monotonic() < deadline and not seen:
+                for ev in list(events):
+                    d = ev.get("data", {})
+                    if uid in d.get("changed", []) and any(
+                            r["study_uid"] == uid and r["status"] == "triaged" for r in d["rows"]):
+                        seen = d
+                time.sleep(0.1)
+            self.assertTrue(seen, "triaged study never pushed; %d events" % len(events))
+            self.assertEqual(len(seen["rows"]), 5)
+            _, _, metrics = wt.curl(self.node.base + "/metrics")
+            self.assertIn(b"ichtriage_event_streams 1", metrics)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def test_names_converted_and_not_markup(self):
+        xss = wt.phantom(os.path.join(self.work, "xss"), seed=24)
+        (xuid, xfiles), = xss.items()
+        wt.rename(xfiles, wt.XSS_NAME)
+        lat = wt.phantom(os.path.join(self.work, "lat"), seed=25)
+        (luid, lfiles), = lat.items()
+        wt.rename(lfiles, wt.LATIN1_NAME, "ISO_IR 100")
+        self.send(self.node, xfiles + lfiles)
+        rows = self.wait_rows(self.node, [xuid, luid])
+        names = {r["study_uid"]: r["patient_name"] for r in rows}
+        self.assertEqual(names[xuid], wt.XSS_NAME)
+        self.assertEqual(names[luid], wt.LATIN1_NAME)
+        stored = self.node.query("SELECT CAST(p.patient_name AS BLOB) FROM patients p JOIN studies s"
+                                 " ON s.patient_ref = p.id WHERE s.study_uid = ?", (luid,))
+        self.assertEqual(stored[0][0], wt.LATIN1_NAME.encode("latin-1"))  # as the dataset had it
+        self.assertEqual(self.get_json(self.node, "/api/studies/" + luid)["patient_name"],
+                         wt.LATIN1_NAME)
+
+    def test_metrics_and_health(self):
+        status, hd, body = wt.curl(self.node.base + "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(hd["content-type"][0].startswith("text/plain; version=0.0.4"))
+        text = body.decode()
+        for name in ("ichtriage_instances_received_total 39",
+                     'ichtriage_instances_rejected_total{reason="low_space"} 0',
+                     "ichtriage_associations_active", "ichtriage_series_completed_total 4",
+                     'ichtriage_queue_depth{state="queued"} 0', "ichtriage_jobs_failed_total 0",
+                     "ichtriage_triage_latency_seconds_count 3",
+                     'ichtriage_triage_latency_seconds_bucket{le="+Inf"} 3',
+                     'ichtriage_model_loaded{version="test-random-weights"} 1',
+                     "ichtriage_spool_free_bytes"):
+            self.assertIn(name, text)
+        for line in text.splitlines():
+            self.assertTrue(line.startswith("#") or len(line.split(" ")) == 2, line)
+        h = self.get_json(self.node, "/healthz")
+        self.assertEqual(h, {"status": "ok", "degraded": []})
+        status, _, _ = wt.curl(self.node.base + "/healthz", "POST", {})
+        self.assertEqual(status, 405)
+
+
+class DegradedTest(wt.WebTest):
+    def test_model_missing_is_degraded(self):
+        node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
+        node.base = "http://127.0.0.1:%d" % node.http_port
+        deadline = time.monotonic() + 10
+        h = None
+        while time.monotonic() < deadline:
+            h = self.get_json(node, "/healthz")
+            if h["degraded"]:
+                break
+            time.sleep(0.1)
+        self.assertEqual(h["status"], "degraded")
+        self.assertTrue(h["degraded"][0].startswith("model not loaded"), h)
+
+
+if __name__ == "__main__":
+    raise SystemExit(wt.main())

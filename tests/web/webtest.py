@@ -1,0 +1,124 @@
+"""Shared by the web tests: a node with a random-weight test model
+(tests/triage/make_test_model), phantom studies (`ichtriage phantom`, some
+renamed with pydicom: an XSS name, a Latin-1 name), curl as the HTTP client,
+and waiting for the worklist.
+
+    python3 test_x.py ICHTRIAGE MAKE_TEST_MODEL [unittest args]"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+import dicomtest as dt  # noqa: E402,F401
+import itest  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, "..", "triage"))
+import test_triage  # noqa: E402  (its phantom() helper)
+
+MAKE_MODEL = None
+XSS_NAME = "<img src=x onerror=alert(1)>"
+LATIN1_NAME = "M\u00fcller^J\u00fcrgen"
+
+
+def phantom(out, seed, count=1, slices=12, size=64):
+    """{study_uid: [files in slice order]} of `ichtriage phantom` studies."""
+    return test_triage.phantom(itest.EXE, out, seed, slices=slices, size=size, count=count)
+
+
+def rename(files, name, charset=None):
+    """Sets PatientName (and Specific Character Set) in every file."""
+    import pydicom
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.save_as(f)
+
+
+def curl(url, method="GET", body=None, headers=(), cookies=None, insecure=False, timeout=20):
+    """(status, headers dict lower-case, body bytes) of one request with curl."""
+    with tempfile.NamedTemporaryFile(prefix="hdr.", delete=False) as h:
+        hdr = h.name
+    argv = ["curl", "-s", "-S", "-X", method, "-D", hdr, "-o", "-", "-m", str(timeout)]
+    if insecure:
+        argv.append("-k")
+    if cookies:
+        argv += ["-b", cookies, "-c", cookies]
+    for k in headers:
+        argv += ["-H", k]
+    if body is not None:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+    p = subprocess.run(argv + [url], input=(data.encode() if isinstance(data, str) else data)
+                       if body is not None else None, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    try:
+        with open(hdr, "rb") as f:
+            lines = f.read().decode("latin-1").splitlines()
+    finally:
+        os.unlink(hdr)
+    if p.returncode != 0 or not lines:
+        return None, {}, p.stderr
+    status = int(lines[0].split()[1])
+    hd = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            hd.setdefault(k.strip().lower(), []).append(v.strip())
+    return status, hd, p.stdout
+
+
+class WebTest(itest.NodeTest):
+    def make_model(self, threshold="0.5"):
+        path = os.path.join(self.work, "model-%s.safetensors" % threshold)
+        subprocess.run([MAKE_MODEL, path, "b8,M,b16,M,b16,M,b16,G|", "1", threshold], check=True)
+        return path
+
+    def web_node(self, threshold="0.5", **extra):
+        settings = {"triage.model": self.make_model(threshold), "triage.quiet_seconds": 1,
+                    "triage.min_slices": 5, "log.level": "info"}
+        settings.update(extra)
+        node = self.start_node(settings)
+        node.base = "http://127.0.0.1:%d" % node.http_port
+        return node
+
+    def get_json(self, node, path, expect=200):
+        status, _, body = curl(node.base + path)
+        self.assertEqual(status, expect, "%s: %s %r" % (path, status, body[:300]))
+        return json.loads(body)
+
+    def send(self, node, files):
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+
+    def wait_rows(self, node, studies, statuses=("triaged",), timeout=40):
+        """Waits until every study is listed with one of statuses; the list."""
+        deadline = time.monotonic() + timeout
+        rows = []
+        while time.monotonic() < deadline:
+            rows = self.get_json(node, "/api/worklist")
+            got = {r["study_uid"]: r["status"] for r in rows}
+            if all(got.get(s) in statuses for s in studies):
+                return rows
+            time.sleep(0.2)
+        self.fail("studies not %s after %ss: %r\n%s" % (statuses, timeout, rows, node.log_tail()))
+
+    def cli_worklist(self, node, status=None):
+        argv = [itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                "store.dir=" + node.store_dir, "--json"] + (["--status", status] if status else [])
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+        return json.loads(p.stdout)
+
+
+def main():
+    global MAKE_MODEL
+    if len(sys.argv) < 3:
+        sys.stderr.write("usage: %s ICHTRIAGE MAKE_TEST_MODEL [unittest args]\n" % sys.argv[0])
+        return 2
+    MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
+    return itest.main()

@@ -1,0 +1,475 @@
+/* triage/http.c: the HTTP server on the node's loop (h2o's libuv build):
+ * listening, accepting, TLS off loopback, routing, response helpers. The
+ * API, events, metrics, images and logins are in the other http_*.c. */
+#include "http_internal.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "log.h"
+
+/* The one h2o handler: it carries the server. */
+struct route_handler {
+    h2o_handler_t super;
+    struct triage_http *h;
+};
+
+/* An accepted connection; freed by libuv's close callback via h2o. */
+static void free_conn(uv_handle_t *handle)
+{
+    free(handle);
+}
+
+int64_t http_now_ms(void)
+{
+    uv_timeval64_t tv;
+    uv_gettimeofday(&tv);
+    return tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+void http_random_hex(char *out, size_t bytes)
+{
+    unsigned char buf[64];
+    if (bytes > sizeof buf) bytes = sizeof buf;
+    size_t got = 0;
+    while (got < bytes) {
+        ssize_t r = getrandom(buf + got, bytes - got, 0);
+        if (r > 0) got += (size_t)r;
+    }
+    for (size_t i = 0; i < bytes; i++)
+        snprintf(out + 2 * i, 3, "%02x", buf[i]);
+}
+
+void http_add_header(h2o_req_t *req, const char *name, const char *value)
+{
+    h2o_add_header_by_str(&req->pool, &req->res.headers, name, strlen(name), 1, NULL, value,
+                          strlen(value));
+}
+
+int http_send(h2o_req_t *req, int status, const char *type, const char *body, size_t len)
+{
+    req->res.status = status;
+    req->res.reason = status == 200   ? "OK"
+                      : status == 201 ? "Created"
+                      : status == 400 ? "Bad Request"
+                      : status == 401 ? "Unauthorized"
+                      : status == 403 ? "Forbidden"
+                      : status == 404 ? "Not Found"
+                      : status == 405 ? "Method Not Allowed"
+                      : status == 409 ? "Conflict"
+                      : status == 413 ? "Payload Too Large"
+                      : status == 429 ? "Too Many Requests"
+                      : status == 503 ? "Service Unavailable"
+                                      : "Error";
+    req->res.content_length = len;
+    http_add_header(req, "content-type", type);
+    http_add_header(req, "cache-control", "no-store");
+    http_add_header(req, "x-content-type-options", "nosniff");
+    http_add_header(req, "x-frame-options", "DENY");
+    http_add_header(req, "referrer-policy", "no-referrer");
+    http_add_header(req, "content-security-policy",
+                    "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'");
+    h2o_send_inline(req, body, len);
+    return 0;
+}
+
+int http_send_json(h2o_req_t *req, int status, cJSON *json)
+{
+    char *text = json ? cJSON_PrintUnformatted(json) : NULL;
+    cJSON_Delete(json);
+    if (!text) return http_send(req, 500, "text/plain", "out of memory\n", 14);
+    int rc = http_send(req, status, "application/json; charset=utf-8", text, strlen(text));
+    free(text);
+    return rc;
+}
+
+int http_send_error(h2o_req_t *req, int status, const char *message)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "error", message);
+    return http_send_json(req, status, o);
+}
+
+bool http_method_is(h2o_req_t *req, const char *m)
+{
+    return req->method.len == strlen(m) && memcmp(req->method.base, m, req->method.len) == 0;
+}
+
+bool http_header(h2o_req_t *req, const char *name, char *out, size_t n)
+{
+    ssize_t i = h2o_find_header_by_str(&req->headers, name, strlen(name), -1);
+    if (i < 0) return false;
+    h2o_iovec_t v = req->headers.entries[i].value;
+    size_t len = v.len < n - 1 ? v.len : n - 1;
+    memcpy(out, v.base, len);
+    out[len] = '\0';
+    return true;
+}
+
+bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n)
+{
+    size_t nl = strlen(name);
+    for (ssize_t i = -1; (i = h2o_find_header(&req->headers, H2O_TOKEN_COOKIE, i)) >= 0;) {
+        h2o_iovec_t v = req->headers.entries[i].value;
+        const char *p = v.base, *end = v.base + v.len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == ';'))
+                p++;
+            const char *semi = memchr(p, ';', (size_t)(end - p));
+            const char *stop = semi ? semi : end;
+            if ((size_t)(stop - p) > nl && memcmp(p, name, nl) == 0 && p[nl] == '=') {
+                size_t len = (size_t)(stop - p) - nl - 1;
+                if (len >= n) return false;
+                memcpy(out, p + nl + 1, len);
+                out[len] = '\0';
+                return true;
+            }
+            p = stop;
+        }
+    }
+    return false;
+}
+
+static int hexval(int c)
+{
+    return isdigit(c) ? c - '0' : isxdigit(c) ? tolower(c) - 'a' + 10 : -1;
+}
+
+bool http_param(const char *q, size_t len, const char *name, char *out, size_t n)
+{
+    size_t nl = strlen(name);
+    const char *p = q, *end = q + len;
+    while (p < end) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *stop = amp ? amp : end;
+        if ((size_t)(stop - p) >= nl + 1 && memcmp(p, name, nl) == 0 && p[nl] == '=') {
+            size_t o = 0;
+            for (const char *s = p + nl + 1; s < stop; s++) {
+                int ch = (unsigned char)*s;
+                if (ch == '+')
+                    ch = ' ';
+                else if (ch == '%' && stop - s >= 3 && hexval(s[1]) >= 0 && hexval(s[2]) >= 0) {
+                    ch = hexval(s[1]) * 16 + hexval(s[2]);
+                    s += 2;
+                }
+                if (o + 1 >= n) return false;
+                out[o++] = (char)ch;
+            }
+            out[o] = '\0';
+            return true;
+        }
+        p = stop + 1;
+    }
+    return false;
+}
+
+void http_peer(h2o_req_t *req, char *out, size_t n)
+{
+    struct sockaddr_storage ss;
+    snprintf(out, n, "?");
+    socklen_t len = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&ss);
+    if (len == 0) return;
+    if (ss.ss_family == AF_INET)
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, out, (socklen_t)n);
+    else if (ss.ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, out, (socklen_t)n);
+}
+
+static const struct triage_web_asset *find_asset(const char *path)
+{
+    for (const struct triage_web_asset *a = triage_web_assets; a->path; a++)
+        if (strcmp(a->path, path) == 0) return a;
+    return NULL;
+}
+
+static int send_asset(h2o_req_t *req, const struct triage_web_asset *a)
+{
+    return http_send(req, 200, a->type, (const char *)a->data, a->len);
+}
+
+static int healthz(struct triage_http *h, h2o_req_t *req)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON *why = http_degraded(h);
+    bool ok = cJSON_GetArraySize(why) == 0;
+    cJSON_AddStringToObject(o, "status", ok ? "ok" : "degraded");
+    cJSON_AddItemToObject(o, "degraded", why);
+    /* 200 while the node serves at all: degraded is for the banner and
+     * alerts, not for a load balancer to take the node away. */
+    return http_send_json(req, 200, o);
+}
+
+static int on_req(h2o_handler_t *self, h2o_req_t *req)
+{
+    struct triage_http *h = ((struct route_handler *)self)->h;
+    char path[512];
+    if (req->path_normalized.len >= sizeof path) return http_send_error(req, 404, "no such page");
+    memcpy(path, req->path_normalized.base, req->path_normalized.len);
+    path[req->path_normalized.len] = '\0';
+    bool get = http_method_is(req, "GET") || http_method_is(req, "HEAD");
+    bool post = http_method_is(req, "POST");
+    if (req->entity.base && req->entity.len > HTTP_MAX_BODY)
+        return http_send_error(req, 413, "request body too large");
+
+    if (strcmp(path, "/healthz") == 0)
+        return get ? healthz(h, req) : http_send_error(req, 405, "GET only");
+    if (strcmp(path, "/metrics") == 0)
+        return get ? http_metrics(h, req) : http_send_error(req, 405, "GET only");
+    if (strcmp(path, "/login") == 0)
+        return post ? http_auth_login(h, req) : http_send_error(req, 405, "POST only");
+    if (strcmp(path, "/logout") == 0)
+        return post ? http_auth_logout(h, req) : http_send_error(req, 405, "POST only");
+    if (strcmp(path, "/") == 0 || strcmp(path, "/index.html") == 0) {
+        if (!get) return http_send_error(req, 405, "GET only");
+        return send_asset(req, find_asset("index.html"));
+    }
+    if (strncmp(path, "/static/", 8) == 0) {
+        const struct triage_web_asset *a = find_asset(path + 8);
+        if (!a || !get) return http_send_error(req, 404, "no such page");
+        return send_asset(req, a);
+    }
+    if (strncmp(path, "/api/", 5) == 0) {
+        struct http_who who;
+        if (!http_auth_who(h, req, &who)) return http_send_error(req, 401, "login required");
+        if (strcmp(path, "/api/events") == 0)
+            return get ? http_sse_open(h, req) : http_send_error(req, 405, "GET only");
+        if (post && !http_auth_csrf_ok(req, &who))
+            return http_send_error(req, 403, "missing or wrong X-CSRF-Token header");
+        return http_api(h, req, &who, path);
+    }
+    return http_send_error(req, 404, "no such page");
+}
+
+static void on_accept(uv_stream_t *listener, int status)
+{
+    struct triage_http *h = listener->data;
+    if (status != 0) return;
+    uv_tcp_t *conn = malloc(sizeof *conn);
+    if (!conn) return;
+    uv_tcp_init(listener->loop, conn);
+    if (uv_accept(listener, (uv_stream_t *)conn) != 0) {
+        uv_close((uv_handle_t *)conn, free_conn);
+        return;
+    }
+    uv_tcp_nodelay(conn, 1);
+    h2o_socket_t *sock = h2o_uv_socket_create((uv_stream_t *)conn, free_conn);
+    h2o_accept(&h->accept_ctx, sock);
+}
+
+static bool is_loopback(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
+    if (ss->ss_family == AF_INET6)
+        return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)ss)->sin6_addr);
+    return false;
+}
+
+static int parse_listen(const char *listen, struct sockaddr_storage *ss, char *err, size_t errlen)
+{
+    char host[256];
+    const char *colon = strrchr(listen, ':');
+    if (!colon || colon == listen || strlen(colon + 1) == 0) goto bad;
+    size_t hl = (size_t)(colon - listen);
+    if (listen[0] == '[' && hl >= 2 && listen[hl - 1] == ']') {
+        listen++;
+        hl -= 2;
+    }
+    if (hl >= sizeof host) goto bad;
+    memcpy(host, listen, hl);
+    host[hl] = '\0';
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 0 || port > 65535) goto bad;
+    if (strchr(host, ':')) {
+        if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) != 0) goto bad;
+    } else if (uv_ip4_addr(strcmp(host, "localhost") == 0 ? "127.0.0.1" : host, (int)port,
+                           (struct sockaddr_in *)ss) != 0)
+        goto bad;
+    return 0;
+bad:
+    snprintf(err, errlen, "http.listen '%s' is not ADDRESS:PORT", listen);
+    return -1;
+}
+
+static int setup_tls(struct triage_http *h, const char *cert, const char *key, char *err,
+                     size_t errlen)
+{
+    h->ssl = SSL_CTX_new(TLS_server_method());
+    if (!h->ssl) goto bad;
+    SSL_CTX_set_min_proto_version(h->ssl, TLS1_2_VERSION);
+    SSL_CTX_set_options(h->ssl, SSL_OP_NO_COMPRESSION);
+    if (SSL_CTX_use_certificate_chain_file(h->ssl, cert) != 1 ||
+        SSL_CTX_use_PrivateKey_file(h->ssl, key, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(h->ssl) != 1)
+        goto bad;
+    h->accept_ctx.ssl_ctx = h->ssl;
+    h->tls = true;
+    return 0;
+bad:;
+    char why[256] = "";
+    ERR_error_string_n(ERR_get_error(), why, sizeof why);
+    snprintf(err, errlen, "http.tls_cert/http.tls_key: %s", why);
+    return -1;
+}
+
+int triage_http_start(struct triage_http **out, const struct triage_http_config *cfg, char *err,
+                      size_t errlen)
+{
+    *out = NULL;
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (parse_listen(cfg->listen, &ss, err, errlen) != 0) return -1;
+    struct triage_http *h = calloc(1, sizeof *h);
+    if (!h) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    h->loop = cfg->loop;
+    h->db = cfg->db;
+    h->store = cfg->store;
+    h->infer = cfg->infer;
+    h->scp = cfg->scp;
+    snprintf(h->webhook, sizeof h->webhook, "%s", cfg->webhook ? cfg->webhook : "");
+    h->loopback = is_loopback(&ss);
+    http_random_hex(h->local_csrf, 32);
+
+    h2o_config_init(&h->globalconf);
+    h->globalconf.max_request_entity_size = HTTP_MAX_BODY;
+    h2o_hostconf_t *host =
+        h2o_config_register_host(&h->globalconf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+    h2o_pathconf_t *pc = h2o_config_register_path(host, "/", 0);
+    struct route_handler *rh = (struct route_handler *)h2o_create_handler(pc, sizeof *rh);
+    rh->super.on_req = on_req;
+    rh->h = h;
+
+    if (!h->loopback) {
+        const char *users = cfg->users_file ? cfg->users_file : "";
+        if (!users[0] || !cfg->tls_cert || !cfg->tls_cert[0] || !cfg->tls_key || !cfg->tls_key[0]) {
+            snprintf(err, errlen,
+                     "http.listen %s is not loopback: http.users, http.tls_cert and "
+                     "http.tls_key are required",
+                     cfg->listen);
+            goto fail;
+        }
+        if (http_auth_load(h, users, err, errlen) != 0) goto fail;
+        if (setup_tls(h, cfg->tls_cert, cfg->tls_key, err, errlen) != 0) goto fail;
+    }
+
+    h2o_context_init(&h->ctx, h->loop, &h->globalconf);
+    h->ctx_ready = true;
+    h->accept_ctx.ctx = &h->ctx;
+    h->accept_ctx.hosts = h->globalconf.hosts;
+
+    uv_tcp_init(h->loop, &h->listener);
+    h->listener.data = h;
+    h->listening = true;
+    int rc = uv_tcp_bind(&h->listener, (struct sockaddr *)&ss, 0);
+    if (rc == 0) rc = uv_listen((uv_stream_t *)&h->listener, 128, on_accept);
+    if (rc != 0) {
+        snprintf(err, errlen, "http.listen %s: %s", cfg->listen, uv_strerror(rc));
+        goto fail;
+    }
+    uv_timer_init(h->loop, &h->ping);
+    h->ping.data = h;
+    h->ping_ready = true;
+    uv_timer_init(h->loop, &h->push);
+    h->push.data = h;
+    h->push_ready = true;
+    http_push_now(h); /* the first snapshot: what is flagged already is not new */
+    util_log(UTIL_LOG_INFO, "http_ready", "listen=%s tls=%d login=%d", cfg->listen, h->tls,
+             !h->loopback);
+    *out = h;
+    return 0;
+fail:
+    triage_http_stop(h);
+    return -1;
+}
+
+static void after_close(uv_handle_t *handle)
+{
+    (void)handle;
+}
+
+static bool conns_open(struct triage_http *h)
+{
+    return !h2o_linklist_is_empty(&h->ctx.http1._conns) ||
+           !h2o_linklist_is_empty(&h->ctx.http2._conns);
+}
+
+/* After the connections are gone, what is left linked in the context's
+ * timeouts is the context's own (h2o's graceful-shutdown entry); dispose
+ * asserts the lists are empty. */
+static void unlink_timeouts(h2o_context_t *ctx)
+{
+    h2o_timeout_t *all[] = {&ctx->zero_timeout,
+                            &ctx->one_sec_timeout,
+                            &ctx->hundred_ms_timeout,
+                            &ctx->handshake_timeout,
+                            &ctx->http1.req_timeout,
+                            &ctx->http2.idle_timeout,
+                            &ctx->http2.graceful_shutdown_timeout,
+                            &ctx->proxy.io_timeout};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        while (!h2o_linklist_is_empty(&all[i]->_entries)) {
+            h2o_timeout_entry_t *e =
+                H2O_STRUCT_FROM_MEMBER(h2o_timeout_entry_t, _link, all[i]->_entries.next);
+            h2o_timeout_unlink(e);
+        }
+}
+
+/* A client that keeps its connection past the grace below would hold the
+ * loop: at that point it no longer counts. */
+static void unref_handle(uv_handle_t *handle, void *arg)
+{
+    (void)arg;
+    uv_unref(handle);
+}
+
+void triage_http_stop(struct triage_http *h)
+{
+    if (!h) return;
+    http_sse_stop(h);
+    if (h->ping_ready) uv_close((uv_handle_t *)&h->ping, after_close);
+    if (h->push_ready) uv_close((uv_handle_t *)&h->push, after_close);
+    if (h->listening) uv_close((uv_handle_t *)&h->listener, after_close);
+    bool leak = false;
+    if (h->ctx_ready) {
+        /* Idle keep-alive connections close now, busy ones after their
+         * response; give them a second. */
+        h2o_context_request_shutdown(&h->ctx);
+        int64_t until = http_now_ms() + 1000;
+        while (conns_open(h) && http_now_ms() < until) {
+            uv_run(h->loop, UV_RUN_NOWAIT);
+            if (conns_open(h)) uv_sleep(5);
+        }
+        uv_run(h->loop, UV_RUN_NOWAIT); /* close callbacks of the handles above */
+        if (conns_open(h)) {
+            /* The connections still point into h: it must outlive them. */
+            util_log(UTIL_LOG_WARN, "http_stop_forced", "reason=\"clients kept connections\"");
+            uv_walk(h->loop, unref_handle, NULL);
+            leak = true;
+        } else {
+            unlink_timeouts(&h->ctx);
+            h2o_context_dispose(&h->ctx);
+        }
+    } else {
+        uv_run(h->loop, UV_RUN_NOWAIT);
+    }
+    if (leak) return;
+    h2o_config_dispose(&h->globalconf);
+    if (h->ssl) SSL_CTX_free(h->ssl);
+    http_auth_free(h);
+    for (int i = 0; i < h->nsnap; i++)
+        free(h->snap[i].json);
+    free(h->snap);
+    free(h);
+}

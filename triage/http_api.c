@@ -1,0 +1,356 @@
+/* triage/http_api.c: the JSON API under /api/: the session, the worklist,
+ * one study (with per-slice probabilities), reviews, claims and key-slice
+ * images. Every response is built with cJSON; every string from a DICOM
+ * dataset reaches the page as JSON text, never as markup. */
+#include "http_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "db_reviews.h"
+#include "db_web.h"
+#include "log.h"
+#include "rows.h"
+#include "scp_charset.h"
+
+static const char *const label_names[DB_LABELS] = {
+    "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
+static const char *const statuses[] = {"received", "waiting",        "triaging", "triaged",
+                                       "failed",   "not_applicable", "reviewed"};
+
+static bool needs_charset(const char *s)
+{
+    for (; s && *s; s++)
+        if ((unsigned char)*s >= 0x80 || *s == 0x1B) return true;
+    return false;
+}
+
+static void set_string(cJSON *o, const char *key, const char *value)
+{
+    cJSON_ReplaceItemInObject(o, key, cJSON_CreateString(value));
+}
+
+static int charset_cb(void *ud, const struct db_study_view *v)
+{
+    snprintf(ud, 128, "%s", v->specific_charset);
+    return 0;
+}
+
+void http_fix_name(struct triage_http *h, cJSON *row, const char *study_uid)
+{
+    const char *fields[] = {"patient_name", "study_description"};
+    char charset[128] = "";
+    bool looked = false;
+    for (size_t i = 0; i < 2; i++) {
+        const char *v = cJSON_GetStringValue(cJSON_GetObjectItem(row, fields[i]));
+        if (!v || !needs_charset(v)) continue;
+        if (!looked) {
+            db_study_view(h->db, study_uid, charset_cb, charset);
+            looked = true;
+        }
+        char utf8[1024];
+        scp_charset_to_utf8(charset, v, i == 0, utf8, sizeof utf8);
+        set_string(row, fields[i], utf8);
+    }
+}
+
+struct claim_list {
+    cJSON *map; /* study_uid -> reader */
+};
+
+static int claim_cb(void *ud, const char *uid, const char *reader, int64_t at)
+{
+    (void)at;
+    cJSON_AddStringToObject(ud, uid, reader);
+    return 0;
+}
+
+struct list_ctx {
+    struct triage_http *h;
+    cJSON *arr, *claims;
+    bool oom;
+};
+
+static int list_row(void *ud, const struct db_worklist_row *row)
+{
+    struct list_ctx *c = ud;
+    cJSON *o = triage_row_json(row);
+    if (!o) {
+        c->oom = true;
+        return 1;
+    }
+    http_fix_name(c->h, o, row->study_uid);
+    const char *reader = cJSON_GetStringValue(cJSON_GetObjectItem(c->claims, row->study_uid));
+    cJSON_AddStringToObject(o, "claimed_by", reader ? reader : "");
+    cJSON_AddItemToArray(c->arr, o);
+    return 0;
+}
+
+cJSON *http_worklist_json(struct triage_http *h, const char *status)
+{
+    struct list_ctx c = {.h = h, .arr = cJSON_CreateArray(), .claims = cJSON_CreateObject()};
+    if (!c.arr || !c.claims || db_claims(h->db, claim_cb, c.claims) != 0 ||
+        db_worklist(h->db, status, list_row, &c) != 0 || c.oom) {
+        cJSON_Delete(c.arr);
+        cJSON_Delete(c.claims);
+        return NULL;
+    }
+    cJSON_Delete(c.claims);
+    return c.arr;
+}
+
+static bool valid_uid(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 64) return false;
+    for (; *s; s++)
+        if (!((*s >= '0' && *s <= '9') || *s == '.')) return false;
+    return true;
+}
+
+static int api_worklist(struct triage_http *h, h2o_req_t *req)
+{
+    char status[32];
+    const char *want = NULL;
+    if (req->query_at != SIZE_MAX) {
+        const char *q = req->path.base + req->query_at + 1;
+        size_t ql = req->path.len - req->query_at - 1;
+        if (http_param(q, ql, "status", status, sizeof status)) {
+            bool known = false;
+            for (size_t i = 0; i < sizeof statuses / sizeof statuses[0]; i++)
+                known = known || strcmp(status, statuses[i]) == 0;
+            if (!known)
+                return http_send_error(req, 400,
+                                       "status must be received, waiting, triaging, triaged, "
+                                       "failed, not_applicable or reviewed");
+            want = status;
+        }
+    }
+    cJSON *arr = http_worklist_json(h, want);
+    if (!arr) return http_send_error(req, 500, "cannot read the worklist");
+    return http_send_json(req, 200, arr);
+}
+
+struct study_ctx {
+    cJSON *o;
+    struct triage_http *h;
+};
+
+static int study_cb(void *ud, const struct db_study_view *v)
+{
+    struct study_ctx *c = ud;
+    cJSON *o = triage_row_json(&v->row);
+    if (!o) return 1;
+    http_fix_name(c->h, o, v->row.study_uid);
+    cJSON_AddStringToObject(o, "specific_charset", v->specific_charset);
+    cJSON_AddStringToObject(o, "patient_birth_date", v->birth_date);
+    cJSON_AddStringToObject(o, "patient_sex", v->sex);
+    cJSON_AddStringToObject(o, "study_date", v->study_date);
+    cJSON_AddStringToObject(o, "study_time", v->study_time);
+    cJSON_AddStringToObject(o, "study_id", v->study_id);
+    cJSON_AddStringToObject(o, "key_sop_uid", v->key_sop);
+    cJSON_AddNumberToObject(o, "key_index", v->key_index);
+    cJSON_AddStringToObject(o, "note", v->note);
+    cJSON_AddNumberToObject(o, "triage_ms", v->ms_total);
+    cJSON_AddStringToObject(o, "claimed_by", v->claimed_by);
+    c->o = o;
+    return 0;
+}
+
+static int series_cb(void *ud, const struct db_series_row *s)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "series_uid", s->series_uid);
+    cJSON_AddStringToObject(o, "modality", s->modality);
+    cJSON_AddStringToObject(o, "description", s->series_desc);
+    cJSON_AddStringToObject(o, "state", s->state);
+    cJSON_AddStringToObject(o, "reason", s->state_reason);
+    cJSON_AddNumberToObject(o, "instances", s->instance_count);
+    cJSON_AddBoolToObject(o, "has_result", s->has_result);
+    cJSON_AddItemToArray(ud, o);
+    return 0;
+}
+
+static int slice_cb(void *ud, int idx, const char *sop, int frame, const float p[DB_LABELS])
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "index", idx);
+    cJSON_AddStringToObject(o, "sop_uid", sop);
+    cJSON_AddNumberToObject(o, "frame", frame);
+    for (int l = 0; l < DB_LABELS; l++)
+        cJSON_AddNumberToObject(o, label_names[l], p[l]);
+    cJSON_AddItemToArray(ud, o);
+    return 0;
+}
+
+static int review_cb(void *ud, const struct db_review_row *r)
+{
+    cJSON *o = cJSON_CreateObject();
+    char when[32];
+    cJSON_AddBoolToObject(o, "hemorrhage", r->hemorrhage);
+    cJSON *subs = cJSON_AddArrayToObject(o, "subtypes");
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", r->subtypes);
+    for (char *save, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save))
+        cJSON_AddItemToArray(subs, cJSON_CreateString(t));
+    cJSON_AddStringToObject(o, "comment", r->comment);
+    cJSON_AddStringToObject(o, "reviewer", r->reviewer);
+    triage_iso_time(r->created_at_ms, when, sizeof when);
+    cJSON_AddStringToObject(o, "created_at", when);
+    cJSON_AddItemToArray(ud, o);
+    return 0;
+}
+
+static int api_study(struct triage_http *h, h2o_req_t *req, const struct http_who *who,
+                     const char *uid)
+{
+    struct study_ctx c = {.h = h};
+    int rc = db_study_view(h->db, uid, study_cb, &c);
+    if (rc == 1) return http_send_error(req, 404, "no such study");
+    if (rc != 0 || !c.o) return http_send_error(req, 500, "cannot read the study");
+    cJSON *series = cJSON_AddArrayToObject(c.o, "series");
+    cJSON *slices = cJSON_AddArrayToObject(c.o, "slice_probabilities");
+    cJSON *reviews = cJSON_AddArrayToObject(c.o, "reviews");
+    if (db_study_series(h->db, uid, series_cb, series) != 0 ||
+        db_study_slices(h->db, uid, slice_cb, slices) != 0 ||
+        db_reviews_of_study(h->db, uid, review_cb, reviews) != 0) {
+        cJSON_Delete(c.o);
+        return http_send_error(req, 500, "cannot read the study");
+    }
+    if (db_audit_add(h->db, http_now_ms(), who->user, "opened", uid, "") != 0)
+        util_log(UTIL_LOG_ERROR, "audit_failed", "study=%s", uid);
+    return http_send_json(req, 200, c.o);
+}
+
+static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_who *who,
+                      const char *uid)
+{
+    cJSON *body =
+        req->entity.base ? cJSON_ParseWithLength(req->entity.base, req->entity.len) : NULL;
+    if (!body || !cJSON_IsObject(body)) {
+        cJSON_Delete(body);
+        return http_send_error(req, 400, "body must be a JSON object");
+    }
+    cJSON *hem = cJSON_GetObjectItem(body, "hemorrhage");
+    cJSON *subs = cJSON_GetObjectItem(body, "subtypes");
+    cJSON *comment = cJSON_GetObjectItem(body, "comment");
+    const char *msg = NULL;
+    if (!cJSON_IsBool(hem))
+        msg = "\"hemorrhage\" must be true or false";
+    else if (subs && !cJSON_IsArray(subs) && !cJSON_IsNull(subs))
+        msg = "\"subtypes\" must be an array of names";
+    else if (comment && !cJSON_IsString(comment) && !cJSON_IsNull(comment))
+        msg = "\"comment\" must be a string";
+    else if (cJSON_IsString(comment) && strlen(comment->valuestring) > 4000)
+        msg = "\"comment\" is longer than 4000 bytes";
+    char list[256] = "";
+    for (cJSON *s = subs && cJSON_IsArray(subs) ? subs->child : NULL; s && !msg; s = s->next) {
+        bool known = false;
+        for (int l = 1; l < DB_LABELS && cJSON_IsString(s); l++)
+            known = known || strcmp(s->valuestring, label_names[l]) == 0;
+        if (!known) {
+            msg = "\"subtypes\" names: epidural, intraparenchymal, intraventricular, "
+                  "subarachnoid, subdural";
+            break;
+        }
+        if (!strstr(list, s->valuestring)) {
+            if (list[0]) strcat(list, ",");
+            strcat(list, s->valuestring);
+        }
+    }
+    if (!msg && cJSON_IsFalse(hem) && list[0]) msg = "subtypes given but \"hemorrhage\" is false";
+    if (msg) {
+        cJSON_Delete(body);
+        return http_send_error(req, 400, msg);
+    }
+    char err[256];
+    int64_t now = http_now_ms();
+    int rc = db_review_add(h->db, uid, cJSON_IsTrue(hem), list,
+                           cJSON_IsString(comment) ? comment->valuestring : "", who->user, now, err,
+                           sizeof err);
+    cJSON_Delete(body);
+    if (rc == 1) return http_send_error(req, 404, "no such study");
+    if (rc != 0) {
+        util_log(UTIL_LOG_ERROR, "review_failed", "study=%s reason=\"%s\"", uid, err);
+        return http_send_error(req, 500, "cannot store the review");
+    }
+    db_audit_add(h->db, now, who->user, "reviewed", uid, list);
+    util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s", uid,
+             cJSON_IsTrue(hem), list[0] ? list : "-");
+    http_push_now(h);
+    cJSON *o = cJSON_CreateObject();
+    cJSON *reviews = cJSON_AddArrayToObject(o, "reviews");
+    db_reviews_of_study(h->db, uid, review_cb, reviews);
+    cJSON_AddStringToObject(o, "study_uid", uid);
+    cJSON_AddStringToObject(o, "status", "reviewed");
+    return http_send_json(req, 201, o);
+}
+
+static int api_claim(struct triage_http *h, h2o_req_t *req, const struct http_who *who,
+                     const char *uid, bool claim)
+{
+    int rc = claim ? db_claim_set(h->db, uid, who->user, http_now_ms())
+                   : db_claim_release(h->db, uid, who->user);
+    if (rc < 0) return http_send_error(req, 500, "cannot store the claim");
+    if (rc == 1)
+        return http_send_error(req, claim ? 404 : 409,
+                               claim ? "no such study" : "not claimed by you");
+    db_audit_add(h->db, http_now_ms(), who->user, claim ? "claimed" : "released", uid, "");
+    http_push_now(h);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "study_uid", uid);
+    cJSON_AddStringToObject(o, "claimed_by", claim ? who->user : "");
+    return http_send_json(req, 200, o);
+}
+
+static int api_session(struct triage_http *h, h2o_req_t *req, const struct http_who *who)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "user", who->user);
+    cJSON_AddStringToObject(o, "csrf", who->csrf);
+    cJSON_AddBoolToObject(o, "login", !h->loopback);
+    cJSON_AddStringToObject(o, "notice", "decision support, not a diagnosis");
+    return http_send_json(req, 200, o);
+}
+
+int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, const char *path)
+{
+    bool get = http_method_is(req, "GET") || http_method_is(req, "HEAD");
+    bool post = http_method_is(req, "POST");
+    if (strcmp(path, "/api/session") == 0)
+        return get ? api_session(h, req, who) : http_send_error(req, 405, "GET only");
+    if (strcmp(path, "/api/worklist") == 0)
+        return get ? api_worklist(h, req) : http_send_error(req, 405, "GET only");
+    if (strncmp(path, "/api/studies/", 13) == 0) {
+        char uid[128], rest[160] = "";
+        const char *p = path + 13, *slash = strchr(p, '/');
+        size_t n = slash ? (size_t)(slash - p) : strlen(p);
+        if (n >= sizeof uid) return http_send_error(req, 404, "no such study");
+        memcpy(uid, p, n);
+        uid[n] = '\0';
+        if (slash) snprintf(rest, sizeof rest, "%s", slash);
+        if (!valid_uid(uid)) return http_send_error(req, 404, "no such study");
+        if (!rest[0])
+            return get ? api_study(h, req, who, uid) : http_send_error(req, 405, "GET only");
+        if (strcmp(rest, "/review") == 0)
+            return post ? api_review(h, req, who, uid) : http_send_error(req, 405, "POST only");
+        if (strcmp(rest, "/claim") == 0)
+            return post ? api_claim(h, req, who, uid, true)
+                        : http_send_error(req, 405, "POST only");
+        if (strcmp(rest, "/release") == 0)
+            return post ? api_claim(h, req, who, uid, false)
+                        : http_send_error(req, 405, "POST only");
+        if (strncmp(rest, "/slices/", 8) == 0) {
+            char sop[sizeof rest];
+            snprintf(sop, sizeof sop, "%s", rest + 8);
+            size_t sl = strlen(sop);
+            if (sl < 5 || strcmp(sop + sl - 4, ".png") != 0)
+                return http_send_error(req, 404, "no such slice");
+            sop[sl - 4] = '\0';
+            if (!valid_uid(sop)) return http_send_error(req, 404, "no such slice");
+            return get ? http_slice_png(h, req, uid, sop) : http_send_error(req, 405, "GET only");
+        }
+    }
+    return http_send_error(req, 404, "no such API");
+}

@@ -1,0 +1,221 @@
+/* triage/http_auth.c: who is asking. On a loopback bind nobody logs in and
+ * actions are the local user's ("local"). Elsewhere: users and crypt(3)
+ * hashes (yescrypt, sha512-crypt) from http.users, a session cookie
+ * (HttpOnly, Secure, SameSite=Strict) after POST /login, a CSRF token per
+ * session that every POST must carry in X-CSRF-Token, and at most
+ * HTTP_FAIL_MAX failed logins per address per HTTP_FAIL_WINDOW_MS. */
+#include "http_internal.h"
+
+#include <crypt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "db_web.h"
+#include "log.h"
+
+#define COOKIE "ichtriage_session"
+
+int http_auth_load(struct triage_http *h, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "http.users %s: cannot open", path);
+        return -1;
+    }
+    h->users = calloc(HTTP_MAX_USERS, sizeof *h->users);
+    if (!h->users) {
+        fclose(f);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    char line[512];
+    int lineno = 0;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        line[strcspn(line, "\r\n")] = '\0';
+        if (!line[0] || line[0] == '#') continue;
+        char *colon = strchr(line, ':');
+        const char *hash = colon ? colon + 1 : "";
+        if (!colon || colon == line || (size_t)(colon - line) >= HTTP_USER_MAX ||
+            strlen(hash) >= sizeof h->users[0].hash ||
+            !(strncmp(hash, "$y$", 3) == 0 || strncmp(hash, "$6$", 3) == 0 ||
+              strncmp(hash, "$gy$", 4) == 0 || strncmp(hash, "$7$", 3) == 0)) {
+            snprintf(err, errlen,
+                     "http.users %s line %d: want name:hash with a yescrypt ($y$) or "
+                     "sha512-crypt ($6$) hash",
+                     path, lineno);
+            fclose(f);
+            return -1;
+        }
+        if (h->nusers == HTTP_MAX_USERS) {
+            snprintf(err, errlen, "http.users %s: more than %d users", path, HTTP_MAX_USERS);
+            fclose(f);
+            return -1;
+        }
+        memcpy(h->users[h->nusers].name, line, (size_t)(colon - line));
+        snprintf(h->users[h->nusers].hash, sizeof h->users[0].hash, "%s", hash);
+        h->nusers++;
+    }
+    fclose(f);
+    if (h->nusers == 0) {
+        snprintf(err, errlen, "http.users %s: no users", path);
+        return -1;
+    }
+    return 0;
+}
+
+void http_auth_free(struct triage_http *h)
+{
+    if (h->users) explicit_bzero(h->users, HTTP_MAX_USERS * sizeof *h->users);
+    free(h->users);
+    h->users = NULL;
+}
+
+/* Constant-time comparison of two NUL-terminated tokens. */
+static bool same_token(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    unsigned char d = la != lb;
+    for (size_t i = 0; i < la && i < lb; i++)
+        d |= (unsigned char)(a[i] ^ b[i]);
+    return d == 0 && la > 0;
+}
+
+static struct http_session *find_session(struct triage_http *h, h2o_req_t *req)
+{
+    char token[80];
+    if (!http_cookie(req, COOKIE, token, sizeof token)) return NULL;
+    int64_t now = http_now_ms();
+    for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
+        struct http_session *s = &h->sessions[i];
+        if (s->token[0] && s->expires_ms > now && same_token(s->token, token)) return s;
+    }
+    return NULL;
+}
+
+int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who)
+{
+    if (h->loopback) {
+        snprintf(who->user, sizeof who->user, "local");
+        who->csrf = h->local_csrf;
+        return 1;
+    }
+    struct http_session *s = find_session(h, req);
+    if (!s) return 0;
+    snprintf(who->user, sizeof who->user, "%s", s->user);
+    who->csrf = s->csrf;
+    return 1;
+}
+
+bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who)
+{
+    char got[80];
+    return http_header(req, "x-csrf-token", got, sizeof got) && same_token(who->csrf, got);
+}
+
+static struct http_fail *fail_slot(struct triage_http *h, const char *addr, bool create)
+{
+    int64_t now = http_now_ms();
+    struct http_fail *oldest = &h->fails[0];
+    for (int i = 0; i < HTTP_FAIL_SLOTS; i++) {
+        struct http_fail *f = &h->fails[i];
+        if (f->addr[0] && now - f->first_ms > HTTP_FAIL_WINDOW_MS) f->addr[0] = '\0';
+        if (f->addr[0] && strcmp(f->addr, addr) == 0) return f;
+        if (!f->addr[0] || f->first_ms < oldest->first_ms) oldest = f;
+    }
+    if (!create) return NULL;
+    memset(oldest, 0, sizeof *oldest);
+    snprintf(oldest->addr, sizeof oldest->addr, "%s", addr);
+    oldest->first_ms = now;
+    return oldest;
+}
+
+static bool check_password(const struct http_user *u, const char *password)
+{
+    struct crypt_data cd;
+    memset(&cd, 0, sizeof cd);
+    const char *out = crypt_r(password, u->hash, &cd);
+    bool ok = out && out[0] != '*' && same_token(out, u->hash);
+    explicit_bzero(&cd, sizeof cd);
+    return ok;
+}
+
+int http_auth_login(struct triage_http *h, h2o_req_t *req)
+{
+    if (h->loopback) return http_send_error(req, 400, "no login on a loopback address");
+    char addr[64];
+    http_peer(req, addr, sizeof addr);
+    struct http_fail *f = fail_slot(h, addr, false);
+    if (f && f->count >= HTTP_FAIL_MAX) {
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s", addr);
+        return http_send_error(req, 429, "too many failed logins; try again later");
+    }
+    char user[HTTP_USER_MAX] = "", password[256] = "";
+    cJSON *body =
+        req->entity.base ? cJSON_ParseWithLength(req->entity.base, req->entity.len) : NULL;
+    if (body) {
+        const char *u = cJSON_GetStringValue(cJSON_GetObjectItem(body, "user"));
+        const char *p = cJSON_GetStringValue(cJSON_GetObjectItem(body, "password"));
+        if (u && strlen(u) < sizeof user) snprintf(user, sizeof user, "%s", u);
+        if (p && strlen(p) < sizeof password) snprintf(password, sizeof password, "%s", p);
+        cJSON_Delete(body);
+    } else if (req->entity.base) {
+        http_param(req->entity.base, req->entity.len, "user", user, sizeof user);
+        http_param(req->entity.base, req->entity.len, "password", password, sizeof password);
+    }
+    if (!user[0] || !password[0]) return http_send_error(req, 400, "user and password required");
+    const struct http_user *u = NULL;
+    for (int i = 0; i < h->nusers; i++)
+        if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];
+    bool ok = u && check_password(u, password);
+    explicit_bzero(password, sizeof password);
+    if (!ok) {
+        f = fail_slot(h, addr, true);
+        f->count++;
+        util_log(UTIL_LOG_WARN, "login_failed", "peer=%s", addr);
+        db_audit_add(h->db, http_now_ms(), user, "login_failed", "", addr);
+        return http_send_error(req, 401, "wrong user or password");
+    }
+    /* A new session; a full table drops the one closest to expiry. */
+    struct http_session *s = &h->sessions[0];
+    for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
+        if (!h->sessions[i].token[0] || h->sessions[i].expires_ms < http_now_ms()) {
+            s = &h->sessions[i];
+            break;
+        }
+        if (h->sessions[i].expires_ms < s->expires_ms) s = &h->sessions[i];
+    }
+    http_random_hex(s->token, 32);
+    http_random_hex(s->csrf, 32);
+    snprintf(s->user, sizeof s->user, "%s", user);
+    s->expires_ms = http_now_ms() + HTTP_SESSION_MS;
+    if (f) f->count = 0;
+    util_log(UTIL_LOG_INFO, "login", "peer=%s", addr);
+    db_audit_add(h->db, http_now_ms(), user, "login", "", addr);
+    char cookie[256];
+    snprintf(cookie, sizeof cookie,
+             COOKIE "=%s; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=%lld", s->token,
+             (long long)(HTTP_SESSION_MS / 1000));
+    http_add_header(req, "set-cookie", cookie);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "user", s->user);
+    cJSON_AddStringToObject(o, "csrf", s->csrf);
+    return http_send_json(req, 200, o);
+}
+
+int http_auth_logout(struct triage_http *h, h2o_req_t *req)
+{
+    struct http_session *s = h->loopback ? NULL : find_session(h, req);
+    if (s) {
+        struct http_who who = {.csrf = s->csrf};
+        if (!http_auth_csrf_ok(req, &who))
+            return http_send_error(req, 403, "missing or wrong X-CSRF-Token header");
+        memset(s, 0, sizeof *s);
+    }
+    http_add_header(req, "set-cookie",
+                    COOKIE "=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddBoolToObject(o, "logged_out", true);
+    return http_send_json(req, 200, o);
+}

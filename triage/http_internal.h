@@ -1,0 +1,149 @@
+/* triage/http*.c: what the server's files share. One struct triage_http per
+ * server, owned by serve.c's node through triage_http_start/stop; all of it
+ * is touched on the loop thread only. */
+#ifndef TRIAGE_HTTP_INTERNAL_H
+#define TRIAGE_HTTP_INTERNAL_H
+
+#include <cjson/cJSON.h>
+#include <h2o.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "http.h"
+
+#define HTTP_MAX_BODY (64 * 1024) /* largest request body accepted */
+#define HTTP_MAX_SSE 64           /* event streams at once */
+#define HTTP_MAX_SESSIONS 256     /* logged-in sessions at once */
+#define HTTP_MAX_USERS 256        /* users file lines */
+#define HTTP_SESSION_MS (12 * 3600 * 1000LL)
+#define HTTP_FAIL_SLOTS 64 /* addresses tracked for failed logins */
+#define HTTP_FAIL_MAX 5    /* failed logins per address per window */
+#define HTTP_FAIL_WINDOW_MS (15 * 60 * 1000LL)
+#define HTTP_USER_MAX 64
+#define HTTP_PUSH_DELAY_MS 250
+
+struct http_sse; /* one event stream, http_sse.c */
+
+struct http_user {
+    char name[HTTP_USER_MAX];
+    char hash[256];
+};
+struct http_session {
+    char token[65], csrf[65];
+    char user[HTTP_USER_MAX];
+    int64_t expires_ms;
+};
+struct http_fail {
+    char addr[64];
+    int count;
+    int64_t first_ms;
+};
+
+/* A snapshot of the worklist as last pushed: study uid -> the row's JSON
+ * text, to push only what changed and to notice a newly flagged study. */
+struct http_snapshot_row {
+    char uid[65];
+    char *json; /* owned */
+    bool flagged;
+};
+
+struct triage_http {
+    uv_loop_t *loop;
+    struct db *db;
+    struct triage_store *store;
+    struct triage_infer *infer;
+    struct scp_server *scp;
+    char webhook[1024];
+    bool loopback; /* no login: actions are the local user's */
+    bool tls;
+
+    h2o_globalconf_t globalconf;
+    h2o_context_t ctx;
+    h2o_accept_ctx_t accept_ctx;
+    bool ctx_ready;
+    uv_tcp_t listener;
+    bool listening;
+    SSL_CTX *ssl;
+
+    char local_csrf[65]; /* loopback: the CSRF token of the local user */
+    struct http_user *users;
+    int nusers;
+    struct http_session sessions[HTTP_MAX_SESSIONS];
+    struct http_fail fails[HTTP_FAIL_SLOTS];
+
+    struct http_sse *sse[HTTP_MAX_SSE];
+    int nsse;
+    uv_timer_t ping; /* keep-alive comments on event streams */
+    bool ping_ready;
+    uv_timer_t push; /* coalesces triage_http_changed() calls */
+    bool push_ready;
+    int64_t event_id;
+    struct http_snapshot_row *snap;
+    int nsnap;
+    bool snap_ready;
+};
+
+/* The person behind a request: user name and CSRF token to check against. */
+struct http_who {
+    char user[HTTP_USER_MAX];
+    const char *csrf;
+};
+
+int64_t http_now_ms(void);
+void http_random_hex(char *out, size_t bytes); /* out: 2*bytes+1 chars */
+
+/* Responses. Each sends and returns 0 (h2o's "handled"). */
+int http_send(h2o_req_t *req, int status, const char *type, const char *body, size_t len);
+int http_send_json(h2o_req_t *req, int status, cJSON *json); /* takes json */
+int http_send_error(h2o_req_t *req, int status, const char *message);
+void http_add_header(h2o_req_t *req, const char *name, const char *value);
+bool http_method_is(h2o_req_t *req, const char *m);
+/* Value of a header (lower-case name) or of a cookie into out; false when absent. */
+bool http_header(h2o_req_t *req, const char *name, char *out, size_t n);
+bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n);
+/* Decoded value of a query parameter (or form field in body) into out. */
+bool http_param(const char *query, size_t len, const char *name, char *out, size_t n);
+void http_peer(h2o_req_t *req, char *out, size_t n);
+
+/* http_auth.c */
+int http_auth_load(struct triage_http *h, const char *users_file, char *err, size_t errlen);
+/* Who is asking: 1 with *who set, 0 not logged in (a response was NOT sent). */
+int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who);
+/* True when the request carries who's CSRF token. */
+bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who);
+int http_auth_login(struct triage_http *h, h2o_req_t *req);
+int http_auth_logout(struct triage_http *h, h2o_req_t *req);
+void http_auth_free(struct triage_http *h);
+
+/* http_api.c: routes under /api/ once who is known. */
+int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, const char *path);
+/* The patient name of a worklist row in UTF-8 into the row's JSON. */
+void http_fix_name(struct triage_http *h, cJSON *row, const char *study_uid);
+/* The worklist as a JSON array (status NULL: the open list). NULL on error. */
+cJSON *http_worklist_json(struct triage_http *h, const char *status);
+
+/* http_sse.c */
+int http_sse_open(struct triage_http *h, h2o_req_t *req);
+void http_sse_broadcast(struct triage_http *h, const char *event, const char *data);
+void http_sse_stop(struct triage_http *h);
+/* Pushes the worklist's changes now (after a review or claim). */
+void http_push_now(struct triage_http *h);
+
+/* http_metrics.c */
+int http_metrics(struct triage_http *h, h2o_req_t *req);
+/* Degraded states for the banner and /healthz: a JSON array of reasons. */
+cJSON *http_degraded(struct triage_http *h);
+
+/* http_png.c: a slice in the brain window as PNG. */
+int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
+                   const char *sop_uid);
+
+/* web_assets.c (generated from triage/web/ at build time). */
+struct triage_web_asset {
+    const char *path, *type;
+    const unsigned char *data;
+    size_t len;
+};
+extern const struct triage_web_asset triage_web_assets[];
+
+#endif

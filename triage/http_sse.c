@@ -1,0 +1,349 @@
+/* triage/http_sse.c: server-sent events (GET /api/events) and what is
+ * pushed on them. Each event "worklist" carries the whole open worklist in
+ * order, the uids of rows that changed or left, and the uids of studies
+ * newly flagged (for the page's sound and notification and the webhook).
+ * The server owns each stream (struct http_sse) until h2o stops it or the
+ * server ends it. */
+#include "http_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+#define SSE_PENDING_MAX (1 << 20) /* bytes queued per slow client */
+#define SSE_PING_MS 15000
+
+struct http_sse {
+    h2o_generator_t super; /* first: h2o hands it back */
+    struct triage_http *h;
+    h2o_req_t *req;
+    char *inflight; /* owned; being written until proceed() */
+    char *pending;  /* owned; what waits for the write in progress */
+    size_t pending_len;
+    bool ending; /* send the final chunk once the write in progress ends */
+};
+
+static void sse_remove(struct http_sse *s)
+{
+    struct triage_http *h = s->h;
+    for (int i = 0; i < h->nsse; i++)
+        if (h->sse[i] == s) {
+            h->sse[i] = h->sse[--h->nsse];
+            break;
+        }
+    free(s->inflight);
+    free(s->pending);
+    free(s);
+}
+
+static void sse_flush(struct http_sse *s)
+{
+    if (s->inflight) return;
+    if (s->pending_len) {
+        s->inflight = s->pending;
+        h2o_iovec_t buf = h2o_iovec_init(s->inflight, s->pending_len);
+        s->pending = NULL;
+        s->pending_len = 0;
+        h2o_send(s->req, &buf, 1, H2O_SEND_STATE_IN_PROGRESS);
+    } else if (s->ending) {
+        s->req->http1_is_persistent = 0;
+        h2o_send(s->req, NULL, 0, H2O_SEND_STATE_FINAL);
+        sse_remove(s); /* h2o no longer calls back after the final send */
+    }
+}
+
+static void sse_proceed(h2o_generator_t *g, h2o_req_t *req)
+{
+    (void)req;
+    struct http_sse *s = (struct http_sse *)g;
+    free(s->inflight);
+    s->inflight = NULL;
+    sse_flush(s);
+}
+
+static void sse_stop(h2o_generator_t *g, h2o_req_t *req)
+{
+    (void)req;
+    sse_remove((struct http_sse *)g);
+}
+
+static void sse_queue(struct http_sse *s, const char *text, size_t len)
+{
+    if (s->pending_len + len > SSE_PENDING_MAX) {
+        /* Every event carries the whole list: the newest one is enough. */
+        free(s->pending);
+        s->pending = NULL;
+        s->pending_len = 0;
+    }
+    char *grown = realloc(s->pending, s->pending_len + len);
+    if (!grown) return;
+    memcpy(grown + s->pending_len, text, len);
+    s->pending = grown;
+    s->pending_len += len;
+    sse_flush(s);
+}
+
+static char *format_event(struct triage_http *h, const char *event, const char *data, size_t *len)
+{
+    size_t n = strlen(data) + strlen(event) + 64;
+    char *text = malloc(n);
+    if (!text) return NULL;
+    /* data is one line (cJSON unformatted): one data: field. */
+    *len = (size_t)snprintf(text, n, "id: %lld\nevent: %s\ndata: %s\n\n", (long long)++h->event_id,
+                            event, data);
+    return text;
+}
+
+void http_sse_broadcast(struct triage_http *h, const char *event, const char *data)
+{
+    size_t len;
+    char *text = format_event(h, event, data, &len);
+    if (!text) return;
+    for (int i = 0; i < h->nsse; i++)
+        sse_queue(h->sse[i], text, len);
+    free(text);
+}
+
+static void on_ping(uv_timer_t *t)
+{
+    struct triage_http *h = t->data;
+    static const char ping[] = ": ping\n\n";
+    for (int i = 0; i < h->nsse; i++)
+        if (!h->sse[i]->pending_len) sse_queue(h->sse[i], ping, sizeof ping - 1);
+}
+
+/* The worklist event: rows in order plus what changed against the last
+ * snapshot; the snapshot is replaced. NULL on error. */
+static cJSON *worklist_event(struct triage_http *h, bool diff, cJSON **new_flagged_rows)
+{
+    cJSON *rows = http_worklist_json(h, NULL);
+    if (!rows) return NULL;
+    int n = cJSON_GetArraySize(rows);
+    struct http_snapshot_row *snap = calloc((size_t)(n ? n : 1), sizeof *snap);
+    cJSON *ev = cJSON_CreateObject();
+    cJSON *changed = cJSON_CreateArray(), *removed = cJSON_CreateArray(),
+          *flagged = cJSON_CreateArray();
+    if (!snap || !ev || !changed || !removed || !flagged) {
+        free(snap);
+        cJSON_Delete(rows);
+        cJSON_Delete(ev);
+        cJSON_Delete(changed);
+        cJSON_Delete(removed);
+        cJSON_Delete(flagged);
+        return NULL;
+    }
+    *new_flagged_rows = cJSON_CreateArray();
+    int i = 0;
+    for (cJSON *r = rows->child; r; r = r->next, i++) {
+        const char *uid = cJSON_GetStringValue(cJSON_GetObjectItem(r, "study_uid"));
+        snprintf(snap[i].uid, sizeof snap[i].uid, "%s", uid ? uid : "");
+        snap[i].json = cJSON_PrintUnformatted(r);
+        snap[i].flagged = cJSON_IsTrue(cJSON_GetObjectItem(r, "flagged"));
+        const struct http_snapshot_row *old = NULL;
+        for (int k = 0; k < h->nsnap; k++)
+            if (strcmp(h->snap[k].uid, snap[i].uid) == 0) old = &h->snap[k];
+        if (!old || !old->json || !snap[i].json || strcmp(old->json, snap[i].json) != 0)
+            cJSON_AddItemToArray(changed, cJSON_CreateString(snap[i].uid));
+        if (diff && snap[i].flagged && (!old || !old->flagged)) {
+            cJSON_AddItemToArray(flagged, cJSON_CreateString(snap[i].uid));
+            if (*new_flagged_rows)
+                cJSON_AddItemToArray(*new_flagged_rows, cJSON_Duplicate(r, true));
+        }
+    }
+    for (int k = 0; k < h->nsnap; k++) {
+        bool still = false;
+        for (int j = 0; j < n && !still; j++)
+            still = strcmp(h->snap[k].uid, snap[j].uid) == 0;
+        if (!still) cJSON_AddItemToArray(removed, cJSON_CreateString(h->snap[k].uid));
+        free(h->snap[k].json);
+    }
+    free(h->snap);
+    h->snap = snap;
+    h->nsnap = n;
+    cJSON_AddItemToObject(ev, "rows", rows);
+    cJSON_AddItemToObject(ev, "changed", changed);
+    cJSON_AddItemToObject(ev, "removed", removed);
+    cJSON_AddItemToObject(ev, "new_flagged", flagged);
+    cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
+    return ev;
+}
+
+/* The webhook: curl posts a small JSON (no patient name) to http.webhook. */
+struct webhook_run {
+    uv_process_t proc;
+    uv_pipe_t in;
+    uv_write_t wr;
+    char *body;
+    int open; /* handles still to close */
+};
+
+static void webhook_closed(uv_handle_t *hd)
+{
+    struct webhook_run *w = hd->data;
+    if (--w->open == 0) {
+        free(w->body);
+        free(w);
+    }
+}
+
+static void webhook_exit(uv_process_t *p, int64_t status, int sig)
+{
+    if (status != 0 || sig != 0)
+        util_log(UTIL_LOG_WARN, "webhook_failed", "exit=%lld signal=%d", (long long)status, sig);
+    uv_close((uv_handle_t *)p, webhook_closed);
+}
+
+static void webhook_written(uv_write_t *wr, int status)
+{
+    (void)status;
+    struct webhook_run *w = wr->data;
+    uv_close((uv_handle_t *)&w->in, webhook_closed);
+}
+
+static void webhook_send(struct triage_http *h, const cJSON *row)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "flagged");
+    const char *keep[] = {"study_uid",   "accession",  "probability",   "subtypes",
+                          "received_at", "updated_at", "model_version", "notice"};
+    for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++) {
+        cJSON *v = cJSON_GetObjectItem(row, keep[i]);
+        if (v) cJSON_AddItemToObject(o, keep[i], cJSON_Duplicate(v, true));
+    }
+    struct webhook_run *w = calloc(1, sizeof *w);
+    char *body = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!w || !body) {
+        free(w);
+        free(body);
+        return;
+    }
+    w->body = body;
+    uv_pipe_init(h->loop, &w->in, 0);
+    w->in.data = w->proc.data = w->wr.data = w;
+    char *args[] = {"curl",
+                    "-sS",
+                    "-m",
+                    "10",
+                    "--fail",
+                    "-X",
+                    "POST",
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    "@-",
+                    h->webhook,
+                    NULL};
+    uv_stdio_container_t stdio[3] = {
+        {.flags = UV_CREATE_PIPE | UV_READABLE_PIPE, .data.stream = (uv_stream_t *)&w->in},
+        {.flags = UV_IGNORE},
+        {.flags = UV_INHERIT_FD, .data.fd = 2},
+    };
+    uv_process_options_t opt = {
+        .exit_cb = webhook_exit, .file = "curl", .args = args, .stdio_count = 3, .stdio = stdio};
+    int rc = uv_spawn(h->loop, &w->proc, &opt);
+    if (rc != 0) {
+        util_log(UTIL_LOG_WARN, "webhook_failed", "reason=\"%s\"", uv_strerror(rc));
+        w->open = 1;
+        uv_close((uv_handle_t *)&w->in, webhook_closed);
+        return;
+    }
+    w->open = 2;
+    uv_buf_t buf = uv_buf_init(w->body, (unsigned)strlen(w->body));
+    if (uv_write(&w->wr, (uv_stream_t *)&w->in, &buf, 1, webhook_written) != 0)
+        uv_close((uv_handle_t *)&w->in, webhook_closed);
+}
+
+void http_push_now(struct triage_http *h)
+{
+    if (h->push_ready) uv_timer_stop(&h->push);
+    cJSON *flagged_rows = NULL;
+    bool diff = h->snap_ready;
+    cJSON *ev = worklist_event(h, diff, &flagged_rows);
+    h->snap_ready = true;
+    if (!ev) {
+        cJSON_Delete(flagged_rows);
+        return;
+    }
+    bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "changed")) > 0 ||
+               cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0;
+    if (any && h->nsse > 0) {
+        char *text = cJSON_PrintUnformatted(ev);
+        if (text) http_sse_broadcast(h, "worklist", text);
+        free(text);
+    }
+    for (cJSON *r = flagged_rows ? flagged_rows->child : NULL; r; r = r->next) {
+        util_log(UTIL_LOG_INFO, "flagged_new", "study=%s",
+                 cJSON_GetStringValue(cJSON_GetObjectItem(r, "study_uid")));
+        if (h->webhook[0]) webhook_send(h, r);
+    }
+    cJSON_Delete(flagged_rows);
+    cJSON_Delete(ev);
+}
+
+static void on_push(uv_timer_t *t)
+{
+    http_push_now(t->data);
+}
+
+void triage_http_changed(struct triage_http *h)
+{
+    /* Bursts (hundreds of instances a second) make one push. */
+    if (!h || !h->push_ready || uv_is_active((uv_handle_t *)&h->push)) return;
+    uv_timer_start(&h->push, on_push, HTTP_PUSH_DELAY_MS, 0);
+}
+
+int http_sse_open(struct triage_http *h, h2o_req_t *req)
+{
+    if (h->nsse >= HTTP_MAX_SSE) return http_send_error(req, 503, "too many event streams");
+    struct http_sse *s = calloc(1, sizeof *s);
+    if (!s) return http_send_error(req, 503, "out of memory");
+    s->super.proceed = sse_proceed;
+    s->super.stop = sse_stop;
+    s->h = h;
+    s->req = req;
+    h->sse[h->nsse++] = s;
+    req->res.status = 200;
+    req->res.reason = "OK";
+    http_add_header(req, "content-type", "text/event-stream; charset=utf-8");
+    http_add_header(req, "cache-control", "no-store");
+    http_add_header(req, "x-accel-buffering", "no");
+    h2o_start_response(req, &s->super);
+    if (!h->snap_ready) http_push_now(h);
+    /* The stream starts with the whole list, so a page needs nothing else. */
+    cJSON *ev = cJSON_CreateObject();
+    cJSON *rows = http_worklist_json(h, NULL);
+    cJSON_AddItemToObject(ev, "rows", rows ? rows : cJSON_CreateArray());
+    cJSON_AddItemToObject(ev, "changed", cJSON_CreateArray());
+    cJSON_AddItemToObject(ev, "removed", cJSON_CreateArray());
+    cJSON_AddItemToObject(ev, "new_flagged", cJSON_CreateArray());
+    cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
+    char *text = cJSON_PrintUnformatted(ev);
+    cJSON_Delete(ev);
+    size_t len;
+    char *msg = format_event(h, "worklist", text ? text : "{}", &len);
+    free(text);
+    static const char hello[] = "retry: 3000\n\n";
+    sse_queue(s, hello, sizeof hello - 1);
+    if (msg) sse_queue(s, msg, len);
+    free(msg);
+    if (!uv_is_active((uv_handle_t *)&h->ping)) {
+        h->ping.data = h;
+        uv_timer_start(&h->ping, on_ping, SSE_PING_MS, SSE_PING_MS);
+    }
+    return 0;
+}
+
+void http_sse_stop(struct triage_http *h)
+{
+    /* sse_flush may remove the stream from the array: walk a copy. */
+    struct http_sse *all[HTTP_MAX_SSE];
+    int n = h->nsse;
+    memcpy(all, h->sse, sizeof all);
+    for (int i = 0; i < n; i++) {
+        all[i]->ending = true;
+        sse_flush(all[i]);
+    }
+}
