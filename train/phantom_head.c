@@ -95,7 +95,7 @@ void ph_head_random(struct ph_head *hd, struct ph_rng *r)
                 hd->rot[i * 3 + j] += t[i * 3 + k] * ry[k * 3 + j];
         }
     hd->centre[0] = frand(r, -12, 12);
-    hd->centre[1] = frand(r, -15, 15);
+    hd->centre[1] = frand(r, -6, 15); /* resting on the head holder: rather posterior */
     hd->centre[2] = frand(r, -20, 20);
     /* gravity is patient posterior (+y) for a supine patient: R^T e_y */
     for (int i = 0; i < 3; i++)
@@ -107,6 +107,8 @@ void ph_head_random(struct ph_head *hd, struct ph_rng *r)
     hd->b = frand(r, 79, 92);
     hd->c = frand(r, 64, 76);
     hd->egg = frand(r, 0.0f, 0.09f);
+    for (int i = 0; i < 4; i++)
+        hd->shape[i] = frand(r, -0.08f, 0.08f);
     hd->skull_t = frand(r, 5, 8.5f);
     hd->scalp_t = frand(r, 4, 7.5f);
     hd->floor_ant = -frand(r, 0.27f, 0.35f) * hd->c;
@@ -265,11 +267,22 @@ static float half_width(const struct ph_head *hd, float v)
     return hd->a * (1.0f + hd->egg * clampf(v / hd->b, -1, 1));
 }
 
+/* 1/m^2 for the radial shape factor m along h: second-order terms that
+ * skew the skull (plagiocephaly, a flatter or fuller side or front). */
+static float shape_inv2(const struct ph_head *hd, float u, float v, float w, float n2)
+{
+    const float *k = hd->shape;
+    float m =
+        1.0f + (k[0] * u * v + k[1] * u * w + k[2] * v * w + k[3] * (u * u - v * v)) / (n2 + 1e-6f);
+    return 1.0f / (m * m);
+}
+
 static float inner_rho2(const struct ph_head *hd, const float h[3], float extra)
 {
     float au = half_width(hd, h[1]) + extra, bv = hd->b + extra, cw = hd->c + extra;
     float x = h[0] / au, y = h[1] / bv, z = h[2] / cw;
-    return x * x + y * y + z * z;
+    float n2 = h[0] * h[0] + h[1] * h[1] + h[2] * h[2];
+    return (x * x + y * y + z * z) * shape_inv2(hd, h[0], h[1], h[2], n2);
 }
 
 void ph_head_surface(const struct ph_head *hd, const float dir[3], float out[3])
@@ -386,8 +399,11 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
     float hw = half_width(hd, v);
     float u2 = u * u, v2 = v * v, w2 = w * w;
     /* squared normalised radius for the cavity (0), skull (1) and head (2) */
+    float sh = shape_inv2(hd, u, v, w, u2 + v2 + w2);
 #define RHO2(i)                                                                                    \
-    (u2 / ((hw + hd->extra[i]) * (hw + hd->extra[i])) + v2 * hd->inv_b2[i] + w2 * hd->inv_c2[i])
+    ((u2 / ((hw + hd->extra[i]) * (hw + hd->extra[i])) + v2 * hd->inv_b2[i] +                      \
+      w2 * hd->inv_c2[i]) *                                                                        \
+     sh)
     float r_head = RHO2(2);
     bool neck = w < -0.45f * hd->c && (u * u) / (0.72f * 0.72f * hd->a * hd->a) +
                                               ((v - 0.15f * hd->b) * (v - 0.15f * hd->b)) /

@@ -63,6 +63,7 @@ struct ph_head {
     /* cranium */
     float a, b, c;                        /* inner table semi-axes */
     float egg;                            /* widening towards the back */
+    float shape[4];                       /* skew of the skull, see shape_inv2 */
     float skull_t, scalp_t;               /* mm */
     float extra[3], inv_b2[3], inv_c2[3]; /* cavity, skull, head: offsets and 1/axis^2 */
     float floor_ant, floor_mid, tent_w;   /* fossa floors and tentorium height */
