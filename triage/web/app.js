@@ -1,0 +1,353 @@
+// ichtriage worklist page: the list (live over server-sent events), a study
+// view with its review form. Every string from the node goes into the page
+// with textContent or setAttribute, never as markup.
+"use strict";
+
+const SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"];
+const state = {
+  session: null,      // {user, csrf, login}
+  rows: [],           // rows shown, in order
+  pending: null,      // rows waiting while the pointer is over the list
+  hovering: false,
+  trs: new Map(),     // study_uid -> <tr>
+  events: null,
+  audio: null,
+  study: null,
+};
+
+const $ = (id) => document.getElementById(id);
+function el(tag, props, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "text") e.textContent = v;
+    else if (k === "cls") e.className = v;
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k != null) e.append(k);
+  return e;
+}
+
+async function api(path, opts = {}) {
+  const headers = opts.headers || {};
+  if (opts.method === "POST") {
+    headers["Content-Type"] = "application/json";
+    if (state.session) headers["X-CSRF-Token"] = state.session.csrf;
+  }
+  const r = await fetch(path, { ...opts, headers, credentials: "same-origin" });
+  let body = null;
+  try { body = await r.json(); } catch (e) { body = null; }
+  if (!r.ok) {
+    const err = new Error((body && body.error) || r.statusText);
+    err.status = r.status;
+    throw err;
+  }
+  return body;
+}
+
+// --- time and formatting ----------------------------------------------------
+function age(iso) {
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return "just now";
+  if (s < 3600) return Math.floor(s / 60) + " min ago";
+  if (s < 86400 * 2) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min ago";
+  return Math.floor(s / 86400) + " days ago";
+}
+function pct(p) { return p == null ? "—" : (100 * p).toFixed(0) + "%"; }
+function suspected(row) {
+  if (!row.subtypes) return "";
+  return SUBTYPES.filter((n) => row.subtypes[n] >= 0.5)
+    .sort((a, b) => row.subtypes[b] - row.subtypes[a])
+    .map((n) => n + " " + pct(row.subtypes[n])).join(", ");
+}
+function statusText(row) {
+  return row.status.replace("_", " ") + (row.status_reason ? " (" + row.status_reason + ")" : "");
+}
+
+// --- the list -----------------------------------------------------------------
+function rowCells(tr, row, rank) {
+  const flagged = row.flagged && row.status !== "reviewed";
+  tr.className = flagged ? "flagged" : "";
+  tr.dataset.studyUid = row.study_uid;
+  const flag = flagged ? el("span", { cls: "badge flag", text: "\u26a0 FLAGGED" })
+    : row.status === "not_applicable" ? el("span", { cls: "badge", text: "not triaged" })
+    : row.probability == null ? el("span", { cls: "badge unknown", text: "not yet known" }) : "";
+  const open = el("a", { href: "#/study/" + encodeURIComponent(row.study_uid), text: "Open" });
+  const cells = [
+    String(rank), flag, el("span", { cls: "prob", text: pct(row.probability) }), suspected(row),
+    row.patient_name, row.patient_id, row.accession, row.study_description,
+    el("span", { cls: "age", "data-at": row.received_at, text: age(row.received_at),
+                 title: row.received_at }),
+    statusText(row), row.claimed_by || "", open,
+  ];
+  tr.replaceChildren(...cells.map((c) => el("td", {}, c)));
+}
+
+function render(rows) {
+  const tbody = $("rows");
+  const old = new Map(state.rows.map((r) => [r.study_uid, JSON.stringify(r)]));
+  const keep = new Set(rows.map((r) => r.study_uid));
+  for (const [uid, tr] of state.trs) if (!keep.has(uid)) { tr.remove(); state.trs.delete(uid); }
+  rows.forEach((row, i) => {
+    let tr = state.trs.get(row.study_uid);
+    const fresh = !tr;
+    if (fresh) { tr = el("tr"); state.trs.set(row.study_uid, tr); }
+    rowCells(tr, row, i + 1);
+    if (!fresh && old.get(row.study_uid) !== JSON.stringify(row)) tr.classList.add("changed");
+    if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
+  });
+  state.rows = rows;
+  $("count").textContent = rows.length + (rows.length === 1 ? " study" : " studies");
+  $("empty").hidden = rows.length > 0;
+  setTimeout(() => document.querySelectorAll("tr.changed").forEach((t) => t.classList.remove("changed")), 4000);
+}
+
+function sameOrder(a, b) {
+  return a.length === b.length && a.every((r, i) => r.study_uid === b[i].study_uid);
+}
+
+// New rows or a new order wait while the pointer is over the list, so that
+// nothing moves under it; changes in place are shown at once.
+function offer(rows) {
+  if (state.hovering && !sameOrder(rows, state.rows)) {
+    state.pending = rows;
+    const n = rows.filter((r) => !state.trs.has(r.study_uid)).length;
+    $("pending").textContent = (n ? n + " new, " : "") + "list changed \u2014 updates when the pointer leaves the list (click to update now)";
+    $("pending").hidden = false;
+    return;
+  }
+  state.pending = null;
+  $("pending").hidden = true;
+  render(rows);
+}
+
+function applyPending() {
+  if (state.pending) offer(state.pending);
+}
+
+function degraded(list) {
+  const box = $("degraded");
+  box.hidden = !list || list.length === 0;
+  box.textContent = list && list.length ? "Node degraded: " + list.join("; ") : "";
+}
+
+function alertFlagged(uids, rows) {
+  for (const uid of uids) {
+    const row = rows.find((r) => r.study_uid === uid);
+    beep();
+    if ("Notification" in window && Notification.permission === "granted") {
+      // No patient name on the desktop: notifications end up on shared screens.
+      new Notification("ichtriage: flagged study", {
+        body: "p(ICH) " + pct(row && row.probability) + ", accession " + ((row && row.accession) || "?") +
+          ". Decision support, not a diagnosis.",
+        tag: uid,
+      });
+    }
+  }
+}
+
+function beep() {
+  try {
+    state.audio = state.audio || new AudioContext();
+    const ctx = state.audio, osc = ctx.createOscillator(), gain = ctx.createGain();
+    osc.frequency.value = 880;
+    gain.gain.value = 0.2;
+    osc.connect(gain).connect(ctx.destination);
+    osc.start();
+    osc.stop(ctx.currentTime + 0.4);
+    document.body.dataset.beeps = String(Number(document.body.dataset.beeps || 0) + 1);
+  } catch (e) { /* no audio: the badge and the notification remain */ }
+}
+
+function listen() {
+  if (state.events) state.events.close();
+  const es = new EventSource("/api/events");
+  state.events = es;
+  es.addEventListener("worklist", (ev) => {
+    const d = JSON.parse(ev.data);
+    degraded(d.degraded);
+    if (d.new_flagged && d.new_flagged.length) alertFlagged(d.new_flagged, d.rows);
+    if ($("status-filter").value === "") offer(d.rows);
+    if (state.study && d.changed.includes(state.study)) showStudy(state.study, true);
+  });
+  es.onopen = () => { $("offline").hidden = true; };
+  es.onerror = () => { $("offline").hidden = false; };
+}
+
+async function loadFiltered() {
+  const status = $("status-filter").value;
+  state.trs.forEach((tr) => tr.remove());
+  state.trs.clear();
+  state.rows = [];
+  render(await api("/api/worklist" + (status ? "?status=" + encodeURIComponent(status) : "")));
+}
+
+// --- the study view -------------------------------------------------------------
+function strip(slices, threshold) {
+  const NS = "http://www.w3.org/2000/svg", w = 600, h = 120, n = Math.max(1, slices.length);
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("width", w);
+  svg.setAttribute("height", h + 20);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", "probability of hemorrhage per slice, head to foot order along the normal");
+  const bw = w / n;
+  slices.forEach((s, i) => {
+    const r = document.createElementNS(NS, "rect");
+    const bh = Math.max(1, s.any * h);
+    r.setAttribute("x", (i * bw).toFixed(1));
+    r.setAttribute("y", (h - bh).toFixed(1));
+    r.setAttribute("width", Math.max(1, bw - 1).toFixed(1));
+    r.setAttribute("height", bh.toFixed(1));
+    r.setAttribute("fill", s.any >= 0.5 ? "#b00020" : "#1d6fd1");
+    const t = document.createElementNS(NS, "title");
+    t.textContent = "slice " + (i + 1) + ": " + pct(s.any);
+    r.append(t);
+    svg.append(r);
+  });
+  const line = document.createElementNS(NS, "line");
+  line.setAttribute("x1", 0); line.setAttribute("x2", w);
+  line.setAttribute("y1", h / 2); line.setAttribute("y2", h / 2);
+  line.setAttribute("stroke", "#999"); line.setAttribute("stroke-dasharray", "4 3");
+  svg.append(line);
+  const label = document.createElementNS(NS, "text");
+  label.setAttribute("x", 2); label.setAttribute("y", h + 15);
+  label.textContent = slices.length + " slices; dashed line 50%";
+  svg.append(label);
+  return svg;
+}
+
+async function showStudy(uid, quiet) {
+  state.study = uid;
+  let st;
+  try {
+    st = await api("/api/studies/" + encodeURIComponent(uid));
+  } catch (e) {
+    $("study-title").textContent = "Study not found: " + e.message;
+    return;
+  }
+  if (state.study !== uid) return;
+  $("study-title").textContent = (st.patient_name || "(no name)") + " \u2014 " + (st.study_description || "study");
+  const flagged = st.flagged && st.status !== "reviewed";
+  $("study-flag").hidden = !flagged;
+  $("study-flag").textContent = flagged ? "\u26a0 FLAGGED: p(ICH) " + pct(st.probability) + " \u2014 read first" : "";
+  const d = [
+    ["Patient", st.patient_name], ["Patient ID", st.patient_id], ["Birth date", st.patient_birth_date],
+    ["Sex", st.patient_sex], ["Accession", st.accession], ["Study date", st.study_date + " " + st.study_time],
+    ["Study UID", st.study_uid], ["Series (result)", st.series_uid], ["Slices", String(st.slices)],
+    ["Arrived", st.received_at + " (" + age(st.received_at) + ")"], ["Status", statusText(st)],
+    ["p(ICH)", pct(st.probability)], ["Suspected subtypes", suspected(st) || "none above 50%"],
+    ["Model", st.model_version || "(not triaged)"], ["Triage time", st.triage_ms ? (st.triage_ms / 1000).toFixed(1) + " s" : "—"],
+    ["Note", st.note || ""], ["Notice", st.notice],
+  ];
+  $("details").replaceChildren(...d.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v || "" })]));
+  const sl = st.slice_probabilities || [];
+  $("strip").replaceChildren(sl.length ? strip(sl) : el("p", { text: "No per-slice result yet." }));
+  const keys = [];
+  if (st.key_sop_uid) keys.push(sl.find((s) => s.sop_uid === st.key_sop_uid) || { sop_uid: st.key_sop_uid, frame: 0, index: st.key_index, any: st.probability });
+  [...sl].sort((a, b) => b.any - a.any).forEach((s) => {
+    if (keys.length < 3 && !keys.some((k) => k.sop_uid === s.sop_uid && k.frame === s.frame)) keys.push(s);
+  });
+  if (!quiet || $("slices").children.length !== keys.length) {
+    $("slices").replaceChildren(...keys.map((s, i) => el("figure", {},
+      el("img", { src: "/api/studies/" + encodeURIComponent(uid) + "/slices/" + encodeURIComponent(s.sop_uid) +
+                        ".png?frame=" + (s.frame || 0), alt: "slice " + (s.index + 1) }),
+      el("figcaption", { text: (i === 0 ? "key slice " : "slice ") + (s.index + 1) + ": " + pct(s.any) }))));
+  }
+  $("claimed").textContent = st.claimed_by ? st.claimed_by : "nobody";
+  $("release-btn").hidden = !(st.claimed_by && state.session && st.claimed_by === state.session.user);
+  $("claim-btn").hidden = !$("release-btn").hidden;
+  $("reviews").replaceChildren(...(st.reviews || []).map((r) => el("li", {
+    text: r.created_at + " " + r.reviewer + ": " + (r.hemorrhage ? "hemorrhage" : "no hemorrhage") +
+      (r.subtypes.length ? " (" + r.subtypes.join(", ") + ")" : "") + (r.comment ? " \u2014 " + r.comment : ""),
+  })));
+}
+
+async function submitReview(ev) {
+  ev.preventDefault();
+  const f = ev.target, uid = state.study;
+  const body = {
+    hemorrhage: f.hemorrhage.value === "yes",
+    subtypes: [...f.querySelectorAll("input[name=subtype]:checked")].map((c) => c.value),
+    comment: f.comment.value,
+  };
+  if (!body.hemorrhage) body.subtypes = [];
+  try {
+    await api("/api/studies/" + encodeURIComponent(uid) + "/review", { method: "POST", body: JSON.stringify(body) });
+    $("review-msg").textContent = "Review saved.";
+    f.reset();
+    await showStudy(uid, true);
+  } catch (e) {
+    $("review-msg").textContent = "Not saved: " + e.message;
+  }
+}
+
+async function claim(on) {
+  const uid = state.study;
+  try {
+    await api("/api/studies/" + encodeURIComponent(uid) + (on ? "/claim" : "/release"), { method: "POST", body: "{}" });
+  } catch (e) { $("claimed").textContent = "claim failed: " + e.message; }
+  await showStudy(uid, true);
+}
+
+// --- routing and start ---------------------------------------------------------
+function route() {
+  const m = location.hash.match(/^#\/study\/(.+)$/);
+  $("list-view").hidden = !!m;
+  $("study-view").hidden = !m;
+  if (m) {
+    $("review-msg").textContent = "";
+    showStudy(decodeURIComponent(m[1]));
+  } else {
+    state.study = null;
+  }
+}
+
+async function start() {
+  try {
+    state.session = await api("/api/session");
+  } catch (e) {
+    if (e.status === 401) { $("login-view").hidden = false; return; }
+    $("offline").hidden = false;
+    setTimeout(start, 3000);
+    return;
+  }
+  $("login-view").hidden = true;
+  $("who").textContent = state.session.user;
+  $("logout-btn").hidden = !state.session.login;
+  $("notify-btn").hidden = !("Notification" in window) || Notification.permission === "granted";
+  route();
+  listen();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const tbody = $("rows");
+  tbody.addEventListener("mouseenter", () => { state.hovering = true; });
+  tbody.addEventListener("mouseleave", () => { state.hovering = false; applyPending(); });
+  $("pending").addEventListener("click", () => { state.hovering = false; applyPending(); });
+  $("status-filter").addEventListener("change", loadFiltered);
+  $("review-form").addEventListener("submit", submitReview);
+  $("claim-btn").addEventListener("click", () => claim(true));
+  $("release-btn").addEventListener("click", () => claim(false));
+  $("notify-btn").addEventListener("click", async () => {
+    state.audio = state.audio || new AudioContext(); // unlocked by this click
+    if ("Notification" in window) await Notification.requestPermission();
+    $("notify-btn").hidden = Notification.permission === "granted";
+  });
+  $("logout-btn").addEventListener("click", async () => {
+    try { await api("/logout", { method: "POST", body: "{}" }); } catch (e) { /* gone anyway */ }
+    location.reload();
+  });
+  $("login-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = ev.target;
+    try {
+      await api("/login", { method: "POST", body: JSON.stringify({ user: f.user.value, password: f.password.value }) });
+      f.reset();
+      start();
+    } catch (e) {
+      $("login-error").textContent = e.message;
+    }
+  });
+  window.addEventListener("hashchange", route);
+  setInterval(() => document.querySelectorAll(".age").forEach((s) => { s.textContent = age(s.dataset.at); }), 30000);
+  start();
+});

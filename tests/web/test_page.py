@@ -1,0 +1,118 @@
+"""The worklist page in headless Chromium (issue 7): phantom studies listed
+in the API's order, flagged rows marked in text, the XSS patient name shown
+as text (no element, no dialog), a newly triaged study appearing live (no
+reload) with a sound, a new row held back while the pointer is over the
+list, the study view (probability strip, key slice PNG) and a review
+submitted from the form. Screenshots are kept in the build directory
+(tests/web/*.png). Skipped (77) when Chromium is not installed.
+
+    python3 test_page.py ICHTRIAGE MAKE_TEST_MODEL"""
+import os
+import sys
+import time
+
+import cdp
+import webtest as wt
+
+ARTIFACTS = os.environ.get("WEB_ARTIFACTS", os.getcwd())
+
+
+class PageTest(wt.WebTest):
+    def setUp(self):
+        super().setUp()
+        if not cdp.find_chromium():
+            self.skipTest("chromium is not installed (tools/install-deps.sh installs it)")
+        self.browser = None
+
+    def tearDown(self):
+        if self.browser:
+            self.browser.close()
+        super().tearDown()
+
+    def dom_order(self):
+        return self.browser.eval(
+            "[...document.querySelectorAll('#rows tr')].map(t => t.dataset.studyUid)")
+
+    def new_study(self, seed):
+        (uid, files), = wt.phantom(os.path.join(self.work, "new%d" % seed), seed=seed).items()
+        return uid, files
+
+    def test_page(self):
+        # Threshold 0.01: every triaged study is flagged, so new ones alert.
+        node = self.web_node(threshold="0.01")
+        studies = wt.phantom(os.path.join(self.work, "ph"), seed=31, count=2)
+        (xuid, xfiles), = wt.phantom(os.path.join(self.work, "xss"), seed=32).items()
+        wt.rename(xfiles, wt.XSS_NAME)
+        short = wt.phantom(os.path.join(self.work, "short"), seed=33, slices=3)
+        files = [f for fs in studies.values() for f in fs] + xfiles + \
+            [f for fs in short.values() for f in fs]
+        self.send(node, files)
+        self.wait_rows(node, list(studies) + [xuid])
+        api = self.wait_rows(node, list(short), ("not_applicable",))
+        api_order = [r["study_uid"] for r in api]
+
+        b = self.browser = cdp.Browser()
+        b.open(node.base + "/")
+        b.wait("document.querySelectorAll('#rows tr').length === 4")
+        self.assertEqual(self.dom_order(), api_order)
+        text = b.eval("document.body.innerText")
+        self.assertIn("decision support, not a diagnosis", text.lower())
+        self.assertEqual(b.eval("document.querySelectorAll('#rows tr.flagged').length"), 3)
+        self.assertEqual(b.eval(
+            "[...document.querySelectorAll('#rows tr.flagged')].every(t => t.innerText.includes('FLAGGED'))"),
+            True)
+        # The XSS name is text in its cell, not an element; no dialog opened.
+        self.assertEqual(b.eval(
+            "document.querySelector('#rows tr[data-study-uid=\"%s\"] td:nth-child(5)').textContent"
+            % xuid), wt.XSS_NAME)
+        self.assertEqual(b.eval("document.querySelectorAll('#rows img').length"), 0)
+        b.screenshot(os.path.join(ARTIFACTS, "worklist.png"))
+
+        # A new study appears live, without a reload, with a sound.
+        b.eval("window.__no_reload = 1")
+        beeps = int(b.eval("document.body.dataset.beeps || '0'"))
+        uid1, f1 = self.new_study(34)
+        self.send(node, f1)
+        b.wait("!!document.querySelector('#rows tr[data-study-uid=\"%s\"].flagged')" % uid1, 40)
+        self.assertEqual(b.eval("window.__no_reload"), 1)
+        b.wait("Number(document.body.dataset.beeps || 0) > %d" % beeps, 10)
+        self.assertEqual(self.dom_order(),
+                         [r["study_uid"] for r in self.get_json(node, "/api/worklist")])
+
+        # With the pointer over the list, a new row waits (nothing moves under
+        # it) and comes when the pointer leaves.
+        b.eval("document.getElementById('rows').dispatchEvent(new MouseEvent('mouseenter'))")
+        before = self.dom_order()
+        uid2, f2 = self.new_study(35)
+        self.send(node, f2)
+        b.wait("!document.getElementById('pending').hidden", 40)
+        self.assertEqual(self.dom_order(), before)
+        b.eval("document.getElementById('rows').dispatchEvent(new MouseEvent('mouseleave'))")
+        b.wait("!!document.querySelector('#rows tr[data-study-uid=\"%s\"]')" % uid2, 10)
+
+        # The study view: strip, key slice, review form.
+        uid = api_order[0]
+        b.eval("location.hash = '#/study/%s'" % uid)
+        b.wait("document.querySelectorAll('#strip svg rect').length === 12")
+        b.wait("[...document.querySelectorAll('#slices img')].some(i => i.complete && i.naturalWidth === 64)")
+        self.assertIn("test-random-weights", b.eval("document.getElementById('details').innerText"))
+        self.assertIn("not a diagnosis", b.eval("document.body.innerText").lower())
+        b.screenshot(os.path.join(ARTIFACTS, "study.png"))
+        b.eval("document.querySelector('input[name=hemorrhage][value=yes]').click();"
+               "document.querySelector('input[name=subtype][value=subdural]').click();"
+               "document.querySelector('textarea[name=comment]').value = 'seen in the browser';"
+               "document.querySelector('#review-form button[type=submit]').click()")
+        b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        st = self.get_json(node, "/api/studies/" + uid)
+        self.assertEqual(st["status"], "reviewed")
+        self.assertEqual([(r["reviewer"], r["subtypes"], r["comment"]) for r in st["reviews"]],
+                         [("local", ["subdural"], "seen in the browser")])
+        # Back on the list the reviewed study is gone.
+        b.eval("location.hash = '#/'")
+        b.wait("!document.querySelector('#rows tr[data-study-uid=\"%s\"]')" % uid, 10)
+        self.assertEqual(b.dialogs(), [])
+        self.assertEqual(b.console_errors(), [])
+
+
+if __name__ == "__main__":
+    raise SystemExit(wt.main())
