@@ -526,12 +526,14 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
             pt->cls = PH_CSF_SPACE;
             pt->hu = hd->csf_hu;
         } else {
-            float f = sinf(hd->fol_k[0] * us + hd->fol_k[1] * vs + hd->fol_k[2] * ws + hd->fol_ph);
-            if (depth < 10.0f && fabsf(f) < hd->sulc_w * 0.8f) {
+            /* folia: curved, mostly below the resolution; fissures near the surface */
+            float f = sinf(hd->fol_k[0] * us + hd->fol_k[1] * vs + hd->fol_k[2] * ws + hd->fol_ph +
+                           1.5f * sinf(0.11f * (us + ws)));
+            if (depth < 4.0f && fabsf(f) < 0.5f * hd->sulc_w) {
                 pt->cls = PH_CSF_SPACE;
                 pt->hu = hd->csf_hu;
             } else {
-                pt->hu = hd->cereb_hu + 3.0f * f;
+                pt->hu = hd->cereb_hu + 1.5f * f;
             }
         }
         /* beam hardening: a dark band between the petrous bones */
@@ -582,12 +584,14 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
             return;
         }
         /* Sylvian fissures */
-        float sy = vs + 0.1f * hd->b - 0.2f * (au - 24.0f) + 4.0f * sinf(0.09f * au + 0.05f * ws);
-        if (au > 24.0f && ws > -0.4f * hd->c && ws < -0.02f * hd->c &&
-            fabsf(sy) < 0.5f + 0.5f * hd->fiss_w) {
-            pt->cls = PH_CSF_SPACE;
-            pt->hu = hd->csf_hu;
-            return;
+        if (au > 24.0f && ws > -0.4f * hd->c && ws < -0.02f * hd->c) {
+            float sy = vs + 0.1f * hd->b - 0.2f * (au - 24.0f);
+            if (fabsf(sy) < 6.0f &&
+                fabsf(sy + 4.0f * sinf(0.09f * au + 0.05f * ws)) < 0.5f + 0.5f * hd->fiss_w) {
+                pt->cls = PH_CSF_SPACE;
+                pt->hu = hd->csf_hu;
+                return;
+            }
         }
         for (int i = 0; i < hd->ndeep; i++) {
             if (ell_q(&hd->deep[i], hs) < 1.0f) {

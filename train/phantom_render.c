@@ -13,6 +13,18 @@ static int sub_count(float thickness)
     return n < 2 ? 2 : n > 8 ? 8 : n;
 }
 
+/* A fixed pseudo-random number in [0, 1) for pixel (i, j), sample s. */
+static float jitter(int i, int j, int s)
+{
+    uint32_t x = (uint32_t)i * 73856093u ^ (uint32_t)j * 19349663u ^ (uint32_t)s * 83492791u;
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return (float)(x >> 8) * (1.0f / 16777216.0f);
+}
+
 static void sample_slice(const struct ph_slice_ctx *ctx, float z, float *hu,
                          float *delta[TRAIN_PHANTOM_NSUBTYPES])
 {
@@ -53,9 +65,15 @@ static void sample_slice(const struct ph_slice_ctx *ctx, float z, float *hu,
             float h[3];
             for (int k = 0; k < 3; k++)
                 h[k] = R[k] * d[0] + R[3 + k] * d[1] + R[6 + k] * d[2];
+            float zstep = g->thickness * inv; /* one stratum */
             for (int i = i0; i <= i1; i++) {
+                /* a jittered position inside the stratum: regular samples
+                 * would draw surfaces nearly parallel to the slice as
+                 * terraces */
+                float dz = zstep * (jitter(i, j, s) - 0.5f);
+                float hp[3] = {h[0] + dz * R[6], h[1] + dz * R[7], h[2] + dz * R[8]};
                 struct ph_point pt;
-                ph_head_eval(hd, h, &pt);
+                ph_head_eval(hd, hp, &pt);
                 float v = pt.hu;
                 if (ctx->nles > 0) {
                     struct ph_hit hits[2 * PH_MAX_LESIONS];
@@ -143,12 +161,13 @@ static void add_noise(float *hu, int n, float sd, struct ph_rng *r, float *buf)
 {
     if (sd <= 0) return;
     size_t nn = (size_t)n * n;
-    for (size_t i = 0; i < nn; i += 2) {
-        double u1 = ph_rng_uniform(r), u2 = ph_rng_uniform(r);
-        if (u1 < 1e-300) u1 = 1e-300;
-        double m = sqrt(-2.0 * log(u1));
-        buf[i] = (float)(m * cos(2 * M_PI * u2));
-        if (i + 1 < nn) buf[i + 1] = (float)(m * sin(2 * M_PI * u2));
+    /* unit-variance noise from four uniform 16-bit parts of one draw (the
+     * smoothing below makes it Gaussian for all practical purposes) */
+    for (size_t i = 0; i < nn; i++) {
+        uint64_t x = ph_rng_next(r);
+        uint32_t sum = (uint32_t)(x & 0xffff) + (uint32_t)((x >> 16) & 0xffff) +
+                       (uint32_t)((x >> 32) & 0xffff) + (uint32_t)(x >> 48);
+        buf[i] = ((float)sum * (1.0f / 65536.0f) - 2.0f) * 1.7320508f;
     }
     /* [1 2 1]/4 keeps 0.375 of the variance per axis: sd shrinks by 0.375 */
     float *row = buf + nn;
