@@ -77,11 +77,11 @@ struct db_metrics {
     /* Latest review of each study against the study's flag. */
     int64_t review_tp, review_fp, review_fn, review_tn;
     int64_t reviews;
-    int64_t recent_failed; /* jobs failed in the last hour */
-    int64_t recent_done;   /* jobs done in the last hour */
 };
 extern const char *const db_metrics_status_names[8];
-/* Fills m. now_ms for the last-hour counts. Returns 0 or -1. */
-int db_metrics_read(struct db *db, int64_t now_ms, struct db_metrics *m);
+/* Jobs failed at or after since_ms (the degraded banner). Returns 0 or -1. */
+int db_jobs_failed_since(struct db *db, int64_t since_ms, int64_t *n);
+/* Fills m. Returns 0 or -1. */
+int db_metrics_read(struct db *db, struct db_metrics *m);
 
 #endif

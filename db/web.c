@@ -245,7 +245,7 @@ static int scalar(sqlite3 *c, const char *sql, int64_t bind, int64_t *out)
     return rc == SQLITE_ROW ? 0 : -1;
 }
 
-int db_metrics_read(struct db *db, int64_t now_ms, struct db_metrics *m)
+int db_metrics_read(struct db *db, struct db_metrics *m)
 {
     sqlite3 *c = db_conn(db);
     memset(m, 0, sizeof *m);
@@ -257,11 +257,7 @@ int db_metrics_read(struct db *db, int64_t now_ms, struct db_metrics *m)
         scalar(c, "SELECT count(*) FROM jobs WHERE state = 'queued'", 0, &m->jobs_queued) ||
         scalar(c, "SELECT count(*) FROM jobs WHERE state = 'running'", 0, &m->jobs_running) ||
         scalar(c, "SELECT count(*) FROM jobs WHERE state = 'done'", 0, &m->jobs_done) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'failed'", 0, &m->jobs_failed) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'failed' AND finished_at >= ?1",
-               now_ms - 3600 * 1000, &m->recent_failed) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'done' AND finished_at >= ?1",
-               now_ms - 3600 * 1000, &m->recent_done))
+        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'failed'", 0, &m->jobs_failed))
         return -1;
 
     sqlite3_stmt *st;
@@ -308,4 +304,12 @@ int db_metrics_read(struct db *db, int64_t now_ms, struct db_metrics *m)
     }
     sqlite3_finalize(st);
     return 0;
+}
+
+int db_jobs_failed_since(struct db *db, int64_t since_ms, int64_t *n)
+{
+    *n = 0;
+    return scalar(db_conn(db),
+                  "SELECT count(*) FROM jobs WHERE state = 'failed' AND finished_at >= ?1",
+                  since_ms, n);
 }

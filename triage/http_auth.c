@@ -190,7 +190,8 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     http_random_hex(s->csrf, 32);
     snprintf(s->user, sizeof s->user, "%s", user);
     s->expires_ms = http_now_ms() + HTTP_SESSION_MS;
-    if (f) f->count = 0;
+    /* No reset of the address's failures on success: one known password
+     * must not buy more guesses at the others. */
     util_log(UTIL_LOG_INFO, "login", "peer=%s", addr);
     db_audit_add(h->db, http_now_ms(), user, "login", "", addr);
     char cookie[256];

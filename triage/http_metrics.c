@@ -22,11 +22,11 @@ cJSON *http_degraded(struct triage_http *h)
     }
     if (h->store && atomic_load(&h->store->low_space))
         cJSON_AddItemToArray(a, cJSON_CreateString("disk low: new instances are refused (A700)"));
-    struct db_metrics m;
-    if (db_metrics_read(h->db, http_now_ms(), &m) == 0 && m.recent_failed > 0) {
+    int64_t failed = 0;
+    if (db_jobs_failed_since(h->db, http_now_ms() - 3600 * 1000, &failed) == 0 && failed > 0) {
         char msg[160];
         snprintf(msg, sizeof msg, "triage jobs failing: %lld failed in the last hour",
-                 (long long)m.recent_failed);
+                 (long long)failed);
         cJSON_AddItemToArray(a, cJSON_CreateString(msg));
     }
     return a;
@@ -86,7 +86,7 @@ static void label_value(char *out, size_t n, const char *in)
 int http_metrics(struct triage_http *h, h2o_req_t *req)
 {
     struct db_metrics m;
-    if (db_metrics_read(h->db, http_now_ms(), &m) != 0)
+    if (db_metrics_read(h->db, &m) != 0)
         return http_send(req, 500, "text/plain", "cannot read the database\n", 25);
     struct text t = {0};
     long long stored = h->store ? (long long)atomic_load(&h->store->stored) : 0;

@@ -1,0 +1,163 @@
+"""Logins off loopback (issue 7): a node bound to 0.0.0.0 refuses to start
+without users, certificate and key; with them it serves HTTPS only, asks
+for a login (yescrypt and sha512-crypt hashes), sets an HttpOnly, Secure,
+SameSite=Strict session cookie, refuses POSTs without the session's CSRF
+token, records actions as the person, rate-limits failed logins, and
+logs out. Also the webhook for a newly flagged study (loopback node).
+
+    python3 test_auth.py ICHTRIAGE MAKE_TEST_MODEL"""
+import ctypes
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+
+import webtest as wt
+from webtest import dt
+
+
+def crypt_hash(password, prefix):
+    lib = ctypes.CDLL("libcrypt.so.1")
+    lib.crypt_gensalt.restype = ctypes.c_char_p
+    lib.crypt.restype = ctypes.c_char_p
+    salt = lib.crypt_gensalt(prefix.encode(), 0, None, 0)
+    return lib.crypt(password.encode(), salt).decode()
+
+
+class AuthTest(wt.WebTest):
+    def tls_files(self):
+        cert, key = os.path.join(self.work, "cert.pem"), os.path.join(self.work, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-subj", "/CN=localhost", "-days", "2"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        users = os.path.join(self.work, "users")
+        with open(users, "w") as f:
+            f.write("# name:hash\nalice:%s\nbob:%s\n" % (crypt_hash("alice-pw", "$y$"),
+                                                       crypt_hash("bob-pw", "$6$")))
+        return users, cert, key
+
+    def public_node(self, users, cert, key):
+        port = dt.free_port()
+        node = self.web_node(**{"http.listen": "0.0.0.0:%d" % port, "http.users": users,
+                                "http.tls_cert": cert, "http.tls_key": key})
+        node.base = "https://127.0.0.1:%d" % port
+        node.plain = "http://127.0.0.1:%d" % port
+        return node
+
+    def req(self, node, path, method="GET", body=None, headers=(), jar=None):
+        return wt.curl(node.base + path, method, body, headers, cookies=jar, insecure=True)
+
+    def test_refuses_to_start_without_login_setup(self):
+        with self.assertRaises(dt.NodeError) as cm:
+            self.web_node(**{"http.listen": "0.0.0.0:%d" % dt.free_port()})
+        self.assertIn("http.users, http.tls_cert and http.tls_key are required", str(cm.exception))
+        self.nodes.clear()
+
+    def test_login_session_csrf_and_throttle(self):
+        users, cert, key = self.tls_files()
+        node = self.public_node(users, cert, key)
+        (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=41).items()
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+        jar = os.path.join(self.work, "cookies")
+
+        # Nothing but the page, health and metrics without a login; no plain HTTP.
+        status, _, _ = self.req(node, "/api/worklist")
+        self.assertEqual(status, 401)
+        self.assertEqual(self.req(node, "/api/events")[0], 401)
+        self.assertEqual(self.req(node, "/healthz")[0], 200)
+        self.assertEqual(self.req(node, "/")[0], 200)
+        self.assertIsNone(wt.curl(node.plain + "/healthz")[0])
+
+        status, _, body = self.req(node, "/login", "POST", {"user": "alice", "password": "nope"})
+        self.assertEqual(status, 401, body)
+        status, hd, body = self.req(node, "/login", "POST",
+                                    {"user": "alice", "password": "alice-pw"}, jar=jar)
+        self.assertEqual(status, 200, body)
+        cookie = hd["set-cookie"][0]
+        for attr in ("HttpOnly", "Secure", "SameSite=Strict"):
+            self.assertIn(attr, cookie)
+        csrf = json.loads(body)["csrf"]
+        session = json.loads(self.req(node, "/api/session", jar=jar)[2])
+        self.assertEqual((session["user"], session["login"]), ("alice", True))
+        self.assertEqual(session["csrf"], csrf)
+
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            rows = json.loads(self.req(node, "/api/worklist", jar=jar)[2])
+            if rows and rows[0]["status"] == "triaged":
+                break
+            time.sleep(0.2)
+        review = {"hemorrhage": False, "subtypes": [], "comment": ""}
+        path = "/api/studies/%s/review" % uid
+        self.assertEqual(self.req(node, path, "POST", review, jar=jar)[0], 403)
+        self.assertEqual(self.req(node, path, "POST", review, ["X-CSRF-Token: " + "0" * 64],
+                                  jar=jar)[0], 403)
+        status, _, body = self.req(node, path, "POST", review, ["X-CSRF-Token: " + csrf], jar=jar)
+        self.assertEqual(status, 201, body)
+        self.assertEqual(json.loads(body)["reviews"][0]["reviewer"], "alice")
+        audit = [tuple(r) for r in node.query("SELECT user, action FROM audit")]
+        for entry in (("alice", "login_failed"), ("alice", "login"), ("alice", "reviewed")):
+            self.assertIn(entry, audit)
+
+        # sha512-crypt works too.
+        self.assertEqual(self.req(node, "/login", "POST",
+                                  {"user": "bob", "password": "bob-pw"})[0], 200)
+        # Logging out ends the session.
+        self.assertEqual(self.req(node, "/logout", "POST", {}, jar=jar)[0], 403)
+        self.assertEqual(self.req(node, "/logout", "POST", {}, ["X-CSRF-Token: " + csrf],
+                                  jar=jar)[0], 200)
+        self.assertEqual(self.req(node, "/api/worklist", jar=jar)[0], 401)
+
+        # Failed logins from one address are throttled, right password or not.
+        for _ in range(4):  # one failure above already
+            self.assertEqual(self.req(node, "/login", "POST",
+                                      {"user": "alice", "password": "bad"})[0], 401)
+        self.assertEqual(self.req(node, "/login", "POST",
+                                  {"user": "alice", "password": "alice-pw"})[0], 429)
+        self.assertTrue(node.events("login_throttled"))
+        self.assertNotIn("alice-pw", node.log())
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    received = []
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        Hook.received.append((self.headers.get("Content-Type"), self.rfile.read(n)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class WebhookTest(wt.WebTest):
+    def test_webhook_for_new_flagged_study(self):
+        server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            node = self.web_node(threshold="0.01", **{
+                "http.webhook": "http://127.0.0.1:%d/hook" % server.server_address[1]})
+            (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=42).items()
+            wt.rename(files, "SECRET^NAME")
+            self.send(node, files)
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and not Hook.received:
+                time.sleep(0.1)
+            self.assertEqual(len(Hook.received), 1, node.log_tail())
+            ctype, body = Hook.received[0]
+            self.assertEqual(ctype, "application/json")
+            msg = json.loads(body)
+            self.assertEqual((msg["event"], msg["study_uid"]), ("flagged", uid))
+            self.assertEqual(msg["notice"], "decision support, not a diagnosis")
+            self.assertNotIn(b"SECRET", body)
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(wt.main())
