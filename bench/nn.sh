@@ -11,7 +11,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 SECONDS_FWD=${SECONDS_FWD:-4}
 BUILD=${BUILD:-build-nn}
 PY=/usr/bin/python3
@@ -32,6 +32,8 @@ min() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b ? a : b) }'; }
 
 echo "threads=$THREADS rounds=$ROUNDS cpu=\"$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)\""
 echo "torch=$($PY -c 'import torch; print(torch.__version__)')"
+# other processes skew every figure; say how busy the machine was
+echo "loadavg_before=\"$(cut -d' ' -f1-3 /proc/loadavg)\""
 
 peak=0
 for _ in $(seq "$ROUNDS"); do
@@ -70,4 +72,5 @@ run_pair train small 40 3 s_per_step min
 train_ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", b / a }')
 peak_share=$(awk -v a="$vgg_gflops" -v b="$peak" 'BEGIN { printf "%.0f", 100 * a / b }')
 echo "vgg19_share_of_peak=${peak_share}%"
+echo "loadavg_after=\"$(cut -d' ' -f1-3 /proc/loadavg)\""
 echo "RESULT small_fwd_ratio=$small_ratio vgg19_fwd_ratio=$vgg_ratio train_ratio=$train_ratio vgg19_gflops=$vgg_gflops peak_gflops=$peak"
