@@ -134,6 +134,7 @@ int nn_lrcn_predict(nn_model *m, const float *x, const int *lengths, int nseries
     m->lrcn_cnn_grad = 0;
     if (rc == 0) rc = lrcn_tail(m, m->feat, N, lengths, nseries, prob, 0);
     if (rc == 0) nn_sigmoid_forward(prob, prob, (size_t)N * m->cfg.labels);
+    m->lrcn_n = 0; /* nothing here for nn_lrcn_backward */
     return rc;
 }
 

@@ -19,6 +19,9 @@ static const char *const preset_specs[] = {
     "c64,c64,M,c128,c128,M,c256,c256,c256,c256,M,c512,c512,c512,c512,M,"
     "c512,c512,c512,c512,M,F|d1000,D0.5,d1000",
 };
+/* 4 GiB of weights; VGG19's LRCN has 36 M. */
+#define NN_MAX_PARAMS (1u << 30)
+
 static const char *const default_labels =
     "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural";
 
@@ -391,8 +394,10 @@ static int set_arch_meta(nn_model *m)
 
 nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
 {
-    if (!c || !c->arch || c->in_c < 1 || c->in_h < 1 || c->in_w < 1 || c->labels < 1 ||
-        c->labels > NN_MAX_LABELS || c->lstm_hidden < 1 || c->dense < 1 ||
+    /* the config may come from a file's metadata: bound every size */
+    if (!c || !c->arch || c->in_c < 1 || c->in_c > 64 || c->in_h < 1 || c->in_h > 4096 ||
+        c->in_w < 1 || c->in_w > 4096 || c->labels < 1 || c->labels > NN_MAX_LABELS ||
+        c->lstm_hidden < 1 || c->lstm_hidden > 4096 || c->dense < 1 || c->dense > 65536 ||
         !(c->dense_dropout >= 0.0f && c->dense_dropout < 1.0f)) {
         nn_errf(err, errlen, "config: a size is out of range");
         return NULL;
@@ -407,6 +412,12 @@ nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
     m->rng = c->seed ^ 0x5eed5eed5eed5eedULL;
     if (build_cnn(m, resolve_arch(c->arch), err, errlen) != 0 || build_lrcn(m) != 0) {
         if (err && !err[0]) nn_errf(err, errlen, "arch: too many layers or tensors");
+        nn_model_free(m);
+        return NULL;
+    }
+    if (m->nparams > NN_MAX_PARAMS) {
+        nn_errf(err, errlen, "arch: %zu parameters, more than the %zu allowed", m->nparams,
+                (size_t)NN_MAX_PARAMS);
         nn_model_free(m);
         return NULL;
     }

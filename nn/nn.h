@@ -119,7 +119,10 @@ int nn_lrcn_predict(nn_model *m, const float *x, const int *lengths, int nseries
  * must have the shape of the logits just produced. Mode: nn_model_set_training. */
 int nn_cnn_forward(nn_model *m, const float *x, int n, float *logits); /* [n, labels] */
 int nn_cnn_backward(nn_model *m, const float *dlogits);
-/* logits [sum(lengths), labels]. */
+/* logits [sum(lengths), labels]. With the CNN trainable this keeps every CNN
+ * activation of every slice (about 9 MB per 128x128 slice of `small`, plus
+ * gradient buffers); with the CNN frozen (stage 2) the CNN runs in chunks
+ * and only the LSTM and head keep state. */
 int nn_lrcn_forward(nn_model *m, const float *x, const int *lengths, int nseries, float *logits);
 /* Same from precomputed CNN features [sum(lengths), feature_size]; its
  * backward stops at the features. */

@@ -291,3 +291,27 @@ Test(model, presets_and_bad_arch)
     cr_expect(strstr(err, "must end with") != NULL, "%s", err);
     nn_model_free(NULL);
 }
+
+Test(model, sizes_from_a_file_are_bounded)
+{
+    nn_config c;
+    nn_config_default(&c);
+    char err[256] = "";
+    c.in_h = 100000;
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    nn_config_default(&c);
+    c.arch = "c60000,c60000,G|";
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "parameters") != NULL, "%s", err);
+}
+
+Test(model, backward_needs_a_training_forward)
+{
+    nn_model *m = tiny(2, 0.0f);
+    int len = 2;
+    float x[2 * 3 * 64] = {0}, p[12], dl[12] = {0};
+    cr_assert_eq(nn_lrcn_predict(m, x, &len, 1, p), 0);
+    cr_expect_eq(nn_lrcn_backward(m, dl), NN_EINVAL);
+    cr_expect_eq(nn_cnn_backward(m, dl), NN_EINVAL);
+    nn_model_free(m);
+}
