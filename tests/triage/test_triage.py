@@ -242,6 +242,65 @@ class TriageTest(itest.NodeTest):
             self.assertEqual(row["slices"], 12)
             self.assertEqual(len(self.jobs(node, s)), 1)
 
+    def test_enhanced_ct_frames_are_slices(self):
+        node = self.node()
+        files = self.gen("enh", count=12, rows=64, cols=64, sop="enhanced-ct")
+        self.assertEqual(len(files), 1)
+        import pydicom
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        self.send(node, files)
+        row = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(row["slices"], 12)
+        frames = node.query("SELECT frame FROM slice_results ORDER BY idx")
+        # Frames were written bottom to top; ordered along the normal they stay so.
+        self.assertEqual([f[0] for f in frames], list(range(12)))
+
+    def test_study_takes_the_highest_of_its_series(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=21)
+        (study, files), = studies.items()
+        import pydicom
+        from pydicom.uid import generate_uid
+        # A second, "thin" series of the same study: the same slices under new UIDs
+        # and flipped left-right, so the model gives it another probability.
+        thin_uid, thin = generate_uid(), []
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = thin_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesNumber = 3
+            arr = ds.pixel_array[:, ::-1].copy()
+            ds.PixelData = arr.tobytes()
+            out = os.path.join(self.work, "thin%02d.dcm" % i)
+            ds.save_as(out)
+            thin.append(out)
+        self.send(node, files + thin)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            res = node.query("SELECT s.series_uid, r.p_any FROM results r JOIN series s"
+                             " ON s.id = r.series_ref")
+            if len(res) == 2:
+                break
+            time.sleep(0.2)
+        self.assertEqual(len(res), 2)
+        row = self.wait_status(node, study, ("triaged",))
+        best = max(res, key=lambda r: r[1])
+        self.assertAlmostEqual(row["probability"], best[1], places=6)
+        self.assertEqual(row["series_uid"], best[0])
+
+    def test_missing_slices_are_reported(self):
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=22)
+        (study, files), = studies.items()
+        sent = files[:5] + files[7:]  # two slices missing in the middle
+        self.send(node, sent)
+        row = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(row["slices"], 10)
+        note = node.query("SELECT note FROM results")[0][0]
+        self.assertIn("missing", note)
+        self.assertIn("missing", row["status_reason"])
+
     def test_missing_model_keeps_receiving(self):
         node = self.node(**{"triage.model": os.path.join(self.work, "nope.safetensors")})
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=19)
