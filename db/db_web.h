@@ -48,10 +48,13 @@ int db_study_slices(struct db *db, const char *study_uid, db_slice_fn fn, void *
 int db_study_instance_file(struct db *db, const char *study_uid, const char *sop_uid, char *path,
                            size_t pathlen);
 
-/* Claims: one reader per study. db_claim_set replaces any claim (the page
- * shows who had it). db_claim_release drops it when reader holds it.
- * Return 0, 1 when no such study (or, for release, not held by reader), -1. */
-int db_claim_set(struct db *db, const char *study_uid, const char *reader, int64_t now_ms);
+/* Claims: one reader per study. db_claim_set claims for reader; a study
+ * another reader holds is taken over only with force, else 2 is returned
+ * with the holder copied. db_claim_release drops it when reader holds it.
+ * Return 0, 1 when no such study (or, for release, not held by reader),
+ * 2 (set: held by another), -1 on error. */
+int db_claim_set(struct db *db, const char *study_uid, const char *reader, bool force,
+                 int64_t now_ms, char *holder, size_t holderlen);
 int db_claim_release(struct db *db, const char *study_uid, const char *reader);
 /* Claims of all studies: fn per claim. */
 typedef int (*db_claim_fn)(void *ud, const char *study_uid, const char *reader, int64_t at_ms);

@@ -168,10 +168,23 @@ static int run_changes(sqlite3 *c, sqlite3_stmt *st)
     return sqlite3_changes(c) > 0 ? 0 : 1;
 }
 
-int db_claim_set(struct db *db, const char *study_uid, const char *reader, int64_t now_ms)
+int db_claim_set(struct db *db, const char *study_uid, const char *reader, bool force,
+                 int64_t now_ms, char *holder, size_t holderlen)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
+    if (holderlen) holder[0] = '\0';
+    if (sqlite3_prepare_v2(c,
+                           "SELECT cl.reader FROM claims cl JOIN studies st"
+                           " ON st.id = cl.study_ref WHERE st.study_uid = ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) snprintf(holder, holderlen, "%s", text(st, 0));
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return -1;
+    if (rc == SQLITE_ROW && !force && strcmp(holder, reader) != 0) return 2;
     if (sqlite3_prepare_v2(c,
                            "INSERT OR REPLACE INTO claims (study_ref, reader, claimed_at)"
                            " SELECT id, ?2, ?3 FROM studies WHERE study_uid = ?1",

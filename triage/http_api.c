@@ -290,13 +290,35 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
 static int api_claim(struct triage_http *h, h2o_req_t *req, const struct http_who *who,
                      const char *uid, bool claim)
 {
-    int rc = claim ? db_claim_set(h->db, uid, who->user, http_now_ms())
-                   : db_claim_release(h->db, uid, who->user);
+    bool force = false;
+    if (claim && req->entity.base) {
+        cJSON *body = cJSON_ParseWithLength(req->entity.base, req->entity.len);
+        if (!body || !cJSON_IsObject(body)) {
+            cJSON_Delete(body);
+            return http_send_error(req, 400, "body must be a JSON object");
+        }
+        force = cJSON_IsTrue(cJSON_GetObjectItem(body, "force"));
+        cJSON_Delete(body);
+    }
+    char holder[HTTP_USER_MAX] = "";
+    int rc = claim
+                 ? db_claim_set(h->db, uid, who->user, force, http_now_ms(), holder, sizeof holder)
+                 : db_claim_release(h->db, uid, who->user);
     if (rc < 0) return http_send_error(req, 500, "cannot store the claim");
+    if (rc == 2) {
+        cJSON *o = cJSON_CreateObject();
+        char msg[160];
+        snprintf(msg, sizeof msg, "being read by %s; send {\"force\": true} to take it over",
+                 holder);
+        cJSON_AddStringToObject(o, "error", msg);
+        cJSON_AddStringToObject(o, "claimed_by", holder);
+        return http_send_json(req, 409, o);
+    }
     if (rc == 1)
         return http_send_error(req, claim ? 404 : 409,
                                claim ? "no such study" : "not claimed by you");
-    db_audit_add(h->db, http_now_ms(), who->user, claim ? "claimed" : "released", uid, "");
+    db_audit_add(h->db, http_now_ms(), who->user, claim ? "claimed" : "released", uid,
+                 force && holder[0] ? holder : "");
     http_push_now(h);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "study_uid", uid);

@@ -102,9 +102,24 @@ class AuthTest(wt.WebTest):
         for entry in (("alice", "login_failed"), ("alice", "login"), ("alice", "reviewed")):
             self.assertIn(entry, audit)
 
-        # sha512-crypt works too.
-        self.assertEqual(self.req(node, "/login", "POST",
-                                  {"user": "bob", "password": "bob-pw"})[0], 200)
+        # sha512-crypt works too; claims name the person, and taking over
+        # another reader's study needs force.
+        bob = os.path.join(self.work, "bob-cookies")
+        status, _, body = self.req(node, "/login", "POST", {"user": "bob", "password": "bob-pw"},
+                                   jar=bob)
+        self.assertEqual(status, 200)
+        bob_csrf = json.loads(body)["csrf"]
+        claim = "/api/studies/%s/claim" % uid
+        self.assertEqual(self.req(node, claim, "POST", {}, ["X-CSRF-Token: " + bob_csrf],
+                                  jar=bob)[0], 200)
+        status, _, body = self.req(node, claim, "POST", {}, ["X-CSRF-Token: " + csrf], jar=jar)
+        self.assertEqual(status, 409)
+        self.assertEqual(json.loads(body)["claimed_by"], "bob")
+        status, _, body = self.req(node, claim, "POST", {"force": True},
+                                   ["X-CSRF-Token: " + csrf], jar=jar)
+        self.assertEqual((status, json.loads(body)["claimed_by"]), (200, "alice"))
+        self.assertIn(("alice", "claimed", "bob"), [tuple(r) for r in node.query(
+            "SELECT user, action, detail FROM audit WHERE action = 'claimed'")])
         # Logging out ends the session.
         self.assertEqual(self.req(node, "/logout", "POST", {}, jar=jar)[0], 403)
         self.assertEqual(self.req(node, "/logout", "POST", {}, ["X-CSRF-Token: " + csrf],

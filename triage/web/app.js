@@ -281,10 +281,15 @@ async function submitReview(ev) {
 }
 
 async function claim(on) {
-  const uid = state.study;
+  const uid = state.study, url = "/api/studies/" + encodeURIComponent(uid) + (on ? "/claim" : "/release");
   try {
-    await api("/api/studies/" + encodeURIComponent(uid) + (on ? "/claim" : "/release"), { method: "POST", body: "{}" });
-  } catch (e) { $("claimed").textContent = "claim failed: " + e.message; }
+    await api(url, { method: "POST", body: "{}" });
+  } catch (e) {
+    // Someone else is reading it: take it over only when asked to.
+    if (e.status === 409 && on && confirm(e.message.split(";")[0] + ". Take it over?")) {
+      try { await api(url, { method: "POST", body: JSON.stringify({ force: true }) }); } catch (e2) { /* shown below */ }
+    }
+  }
   await showStudy(uid, true);
 }
 
