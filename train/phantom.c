@@ -373,6 +373,14 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
             tx.pid, nslices, thickness, o->size, ctx.g.spacing, ctx.noise_sd);
     for (int k = 0; k <= TRAIN_PHANTOM_NSUBTYPES; k++)
         fprintf(f->studies, ",%d", pos_slices[k]);
+    /* the mimics and artifacts, slices numbered from 1 like InstanceNumber */
+    fprintf(f->studies, ",%s%s%s%s", hd.choroid_r > 0 ? "choroid;" : "",
+            hd.pineal_r > 0 ? "pineal;" : "", hd.falx_hu > 70 ? "dense_falx;" : "",
+            hd.venous_hu > 62 ? "dense_sinus;" : "");
+    if (motion_from >= 0 && motion_from < nslices)
+        fprintf(f->studies, "motion=%d-%d;", motion_from + 1,
+                motion_to < nslices ? motion_to : nslices);
+    if (streak_slice >= 0) fprintf(f->studies, "streaks=%d;", streak_slice + 1);
     fprintf(f->studies, "\n");
     for (int i = 0; i < nles; i++) {
         const struct ph_lesion *l = &les[i];
@@ -437,7 +445,7 @@ int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errl
         f.studies = open_csv(o->outdir, "studies.csv",
                              "index,study_uid,series_uid,patient_id,slices,thickness_mm,size,"
                              "pixel_spacing_mm,noise_sd,any,epidural,intraparenchymal,"
-                             "intraventricular,subarachnoid,subdural",
+                             "intraventricular,subarachnoid,subdural,mimics",
                              err, errlen);
     if (f.studies)
         f.lesions = open_csv(o->outdir, "lesions.csv",
