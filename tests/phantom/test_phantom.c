@@ -344,14 +344,23 @@ static void write_test_image(const char *path, int rows, int cols, uint16_t *pix
     cr_assert_eq(scp_write_ct(path, &st, &se, &im, err, sizeof err), 0, "%s", err);
 }
 
+/* Writes a rows x cols test image called name into a fresh folder (dir and
+ * path, 256 and 300 bytes, filled in); returns its stored values, which the
+ * caller frees. */
+static uint16_t *make_test_file(char *dir, char *path, const char *name, int rows, int cols)
+{
+    make_tmpdir(dir, 256);
+    snprintf(path, 300, "%s/%s", dir, name);
+    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
+    write_test_image(path, rows, cols, pix);
+    return pix;
+}
+
 Test(scp_write, ct_round_trip_through_the_readers)
 {
     char dir[256], path[300], err[512] = "";
-    make_tmpdir(dir, sizeof dir);
-    snprintf(path, sizeof path, "%s/rt.dcm", dir);
     int rows = 40, cols = 56;
-    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
-    write_test_image(path, rows, cols, pix);
+    uint16_t *pix = make_test_file(dir, path, "rt.dcm", rows, cols);
 
     struct scp_info info;
     cr_assert_eq(scp_info_read(path, &info, err, sizeof err), 0, "%s", err);
@@ -390,11 +399,8 @@ Test(scp_write, ct_round_trip_through_the_readers)
 Test(scp_pixels, compressed_syntaxes_decode_to_the_same_values)
 {
     char dir[256], path[300], err[512] = "";
-    make_tmpdir(dir, sizeof dir);
-    snprintf(path, sizeof path, "%s/plain.dcm", dir);
     int rows = 64, cols = 64;
-    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
-    write_test_image(path, rows, cols, pix);
+    uint16_t *pix = make_test_file(dir, path, "plain.dcm", rows, cols);
     struct scp_pixels plain;
     cr_assert_eq(scp_pixels_read(path, &plain, err, sizeof err), 0, "%s", err);
     const char *tools[] = {"dcmcjpeg --encode-lossless", "dcmcjpls --encode-lossless", "dcmcrle"};
@@ -439,11 +445,8 @@ static void run_tool(const char *fmt, const char *path)
 Test(scp_pixels, padding_values_read_as_air)
 {
     char dir[256], path[300], err[512] = "";
-    make_tmpdir(dir, sizeof dir);
-    snprintf(path, sizeof path, "%s/pad.dcm", dir);
     int rows = 40, cols = 56, n = rows * cols;
-    uint16_t *pix = malloc(sizeof(uint16_t) * n);
-    write_test_image(path, rows, cols, pix);
+    uint16_t *pix = make_test_file(dir, path, "pad.dcm", rows, cols);
     run_tool("dcmodify -nb -i '(0028,0120)=111' '%s' >/dev/null", path);
     struct scp_pixels px;
     cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
@@ -479,11 +482,8 @@ Test(scp_pixels, padding_values_read_as_air)
 Test(scp_pixels, multi_frame_gives_frames)
 {
     char dir[256], path[300], err[512] = "";
-    make_tmpdir(dir, sizeof dir);
-    snprintf(path, sizeof path, "%s/mf.dcm", dir);
     int rows = 40, cols = 56;
-    uint16_t *pix = malloc(sizeof(uint16_t) * rows * cols);
-    write_test_image(path, rows, cols, pix);
+    uint16_t *pix = make_test_file(dir, path, "mf.dcm", rows, cols);
     run_tool("dcmodify -nb -m '(0028,0010)=10' -i '(0028,0008)=4' '%s' >/dev/null", path);
     struct scp_pixels px;
     cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
