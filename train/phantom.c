@@ -56,6 +56,13 @@ int train_phantom_opts_check(const struct train_phantom_opts *o, char *err, size
                      train_phantom_label_names[k + 1]);
             return -1;
         }
+    double any_subtype = 0;
+    for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
+        any_subtype += o->subtype_prevalence[k];
+    if (o->prevalence > 0 && any_subtype <= 0) {
+        snprintf(err, errlen, "prevalence above 0 needs a subtype with a share above 0");
+        return -1;
+    }
     if (o->slices_min < 0 || o->slices_max < o->slices_min || o->slices_max > 1000 ||
         (o->slices_min == 0 && o->slices_max != 0)) {
         snprintf(err, errlen, "slices must be N or MIN-MAX within 1..1000");

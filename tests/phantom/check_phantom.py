@@ -47,6 +47,7 @@ def bad_options(tmp):
         (["--noise", "-2", tmp], "--noise"),
         (["--seed", "-3", tmp], "--seed"),
         (["--omit-blood", "any", tmp], "--omit-blood"),
+        ([*(f"--subtype={n}=0" for n in LABELS[1:]), tmp], "needs a subtype"),
         (["--frobnicate", tmp], "unknown option"),
         (["--seed"], "needs a value"),
         ([], "OUTDIR is required"),
