@@ -39,8 +39,7 @@ enum {
     NN_OK = 0,
     NN_EINVAL = -1, /* bad argument or shape */
     NN_ENOMEM = -2,
-    NN_EFORMAT = -3, /* file malformed, truncated or not matching the model */
-    NN_EIO = -4,
+    NN_EIO = -3,
 };
 
 typedef struct nn_model nn_model;
