@@ -20,7 +20,7 @@ def find_chromium():
 
 
 class Browser:
-    def __init__(self, exe=None, width=1400, height=900):
+    def __init__(self, exe=None, width=1400, height=900, extra_args=()):
         exe = exe or find_chromium()
         self.profile = tempfile.mkdtemp(prefix="ichtriage-chromium.")
         to_chrome_r, self._w = os.pipe()
@@ -30,6 +30,7 @@ class Browser:
                 "--disable-extensions", "--disable-background-networking",
                 "--autoplay-policy=no-user-gesture-required",
                 "--user-data-dir=" + self.profile, "--window-size=%d,%d" % (width, height)]
+        argv += list(extra_args)
         # The browser reads commands on fd 3 and writes answers on fd 4.
         self.proc = subprocess.Popen(
             ["/bin/sh", "-c", 'exec "$@" 3<&%d 4>&%d' % (to_chrome_r, from_chrome_w), "sh"] + argv,

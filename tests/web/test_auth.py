@@ -6,11 +6,9 @@ token, records actions as the person, rate-limits failed logins, and
 logs out. Also the webhook for a newly flagged study (loopback node).
 
     python3 test_auth.py ICHTRIAGE MAKE_TEST_MODEL"""
-import ctypes
 import http.server
 import json
 import os
-import subprocess
 import threading
 import time
 
@@ -18,34 +16,7 @@ import webtest as wt
 from webtest import dt
 
 
-def crypt_hash(password, prefix):
-    lib = ctypes.CDLL("libcrypt.so.1")
-    lib.crypt_gensalt.restype = ctypes.c_char_p
-    lib.crypt.restype = ctypes.c_char_p
-    salt = lib.crypt_gensalt(prefix.encode(), 0, None, 0)
-    return lib.crypt(password.encode(), salt).decode()
-
-
 class AuthTest(wt.WebTest):
-    def tls_files(self):
-        cert, key = os.path.join(self.work, "cert.pem"), os.path.join(self.work, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                        "-out", cert, "-subj", "/CN=localhost", "-days", "2"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        users = os.path.join(self.work, "users")
-        with open(users, "w") as f:
-            f.write("# name:hash\nalice:%s\nbob:%s\n" % (crypt_hash("alice-pw", "$y$"),
-                                                       crypt_hash("bob-pw", "$6$")))
-        return users, cert, key
-
-    def public_node(self, users, cert, key):
-        port = dt.free_port()
-        node = self.web_node(**{"http.listen": "0.0.0.0:%d" % port, "http.users": users,
-                                "http.tls_cert": cert, "http.tls_key": key})
-        node.base = "https://127.0.0.1:%d" % port
-        node.plain = "http://127.0.0.1:%d" % port
-        return node
-
     def req(self, node, path, method="GET", body=None, headers=(), jar=None):
         return wt.curl(node.base + path, method, body, headers, cookies=jar, insecure=True)
 
@@ -56,8 +27,7 @@ class AuthTest(wt.WebTest):
         self.nodes.clear()
 
     def test_login_session_csrf_and_throttle(self):
-        users, cert, key = self.tls_files()
-        node = self.public_node(users, cert, key)
+        node = self.public_node()
         (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=41).items()
         r = dt.storescu(node.port, files, workdir=self.work)
         self.assert_all_success(r, files)

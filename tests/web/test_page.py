@@ -113,6 +113,30 @@ class PageTest(wt.WebTest):
         self.assertEqual(b.dialogs(), [])
         self.assertEqual(b.console_errors(), [])
 
+    def test_login_page(self):
+        node = self.public_node()
+        b = self.browser = cdp.Browser(extra_args=["--ignore-certificate-errors"])
+        b.open(node.base + "/")
+        b.wait("!document.getElementById('login-view').hidden")
+        self.assertTrue(b.eval("document.getElementById('list-view').hidden"))
+
+        def login(user, password):
+            b.eval("(() => { const f = document.getElementById('login-form');"
+                   " f.user.value = %r; f.password.value = %r;"
+                   " f.querySelector('button').click(); })()" % (user, password))
+        login("alice", "wrong")
+        b.wait("document.getElementById('login-error').textContent.includes('wrong user or password')")
+        login("alice", "alice-pw")
+        b.wait("!document.getElementById('list-view').hidden")
+        self.assertEqual(b.eval("document.getElementById('who').textContent"), "alice")
+        self.assertEqual(b.eval("document.cookie"), "")  # HttpOnly: not visible to scripts
+        b.wait("document.getElementById('offline').hidden")  # the event stream is open
+        b.screenshot(os.path.join(ARTIFACTS, "login.png"))
+        b.eval("document.getElementById('logout-btn').click()")
+        b.wait("!document.getElementById('login-view').hidden && "
+               "document.getElementById('list-view').hidden")
+        self.assertEqual(b.console_errors(), [])
+
 
 if __name__ == "__main__":
     raise SystemExit(wt.main())

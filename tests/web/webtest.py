@@ -73,7 +73,42 @@ def curl(url, method="GET", body=None, headers=(), cookies=None, insecure=False,
     return status, hd, p.stdout
 
 
+def crypt_hash(password, prefix):
+    """A crypt(3) hash from libcrypt: prefix "$y$" yescrypt, "$6$" sha512-crypt."""
+    import ctypes
+    lib = ctypes.CDLL("libcrypt.so.1")
+    lib.crypt_gensalt.restype = ctypes.c_char_p
+    lib.crypt.restype = ctypes.c_char_p
+    salt = lib.crypt_gensalt(prefix.encode(), 0, None, 0)
+    return lib.crypt(password.encode(), salt).decode()
+
+
 class WebTest(itest.NodeTest):
+    def tls_files(self):
+        """(users file with alice/alice-pw yescrypt and bob/bob-pw sha512-crypt,
+        self-signed certificate, key)."""
+        cert, key = os.path.join(self.work, "cert.pem"), os.path.join(self.work, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", cert, "-subj", "/CN=localhost", "-days", "2"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        users = os.path.join(self.work, "users")
+        with open(users, "w") as f:
+            f.write("# name:hash\nalice:%s\nbob:%s\n" % (crypt_hash("alice-pw", "$y$"),
+                                                       crypt_hash("bob-pw", "$6$")))
+        return users, cert, key
+
+    def public_node(self, **extra):
+        """A node on 0.0.0.0 with logins and HTTPS; node.base is https://127.0.0.1:port."""
+        users, cert, key = self.tls_files()
+        port = dt.free_port()
+        settings = {"http.listen": "0.0.0.0:%d" % port, "http.users": users,
+                    "http.tls_cert": cert, "http.tls_key": key}
+        settings.update(extra)
+        node = self.web_node(**settings)
+        node.base = "https://127.0.0.1:%d" % port
+        node.plain = "http://127.0.0.1:%d" % port
+        return node
+
     def make_model(self, threshold="0.5"):
         path = os.path.join(self.work, "model-%s.safetensors" % threshold)
         subprocess.run([MAKE_MODEL, path, "b8,M,b16,M,b16,M,b16,G|", "1", threshold], check=True)
