@@ -40,6 +40,7 @@ enum {
     NN_EINVAL = -1, /* bad argument or shape */
     NN_ENOMEM = -2,
     NN_EIO = -3,
+    NN_EFORMAT = -4, /* weights or data that do not fit the model (train/ uses it) */
 };
 
 typedef struct nn_model nn_model;
