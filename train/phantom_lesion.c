@@ -106,7 +106,7 @@ static void place_iph(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l,
 
 static void place_ivh(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l, int size)
 {
-    static const float flo[4] = {1.2f, 2.5f, 5, 10}, fhi[4] = {2.5f, 5, 10, 30};
+    static const float flo[4] = {2.5f, 4, 7, 12}, fhi[4] = {4, 7, 12, 30};
     float fill = by_size(r, size, flo, fhi);
     memcpy(l->dir, hd->grav, sizeof l->dir);
     l->level = ph_head_vent_extent(hd, hd->grav) - fill;
