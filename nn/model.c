@@ -429,7 +429,15 @@ nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
     m->adam_v = calloc(m->nparams, sizeof(float));
     m->buffers = calloc(m->nbuffers + 1, sizeof(float));
     m->stat = calloc(m->nstat + 1, sizeof(float));
-    if (!m->params || !m->grads || !m->adam_m || !m->adam_v || !m->buffers || !m->stat) goto oom;
+    size_t fold = 1;
+    for (int i = 0; i < m->cnn.n; i++)
+        if (m->cnn.layers[i].kind == NN_L_CONV) {
+            const nn_tensor *w = &m->tensors[m->cnn.layers[i].wt];
+            if (w->numel + w->shape[0] > fold) fold = w->numel + w->shape[0];
+        }
+    m->fold = malloc(sizeof(float) * fold);
+    if (!m->params || !m->grads || !m->adam_m || !m->adam_v || !m->buffers || !m->stat || !m->fold)
+        goto oom;
     init_weights(m);
     char seed[32], input[64], prov[96];
     snprintf(seed, sizeof(seed), "%llu", (unsigned long long)c->seed);
@@ -469,6 +477,7 @@ void nn_model_free(nn_model *m)
     free(m->adam_v);
     free(m->buffers);
     free(m->stat);
+    free(m->fold);
     free(m->col);
     free(m->pool_idx);
     nn_lrcn_free_workspace(m);

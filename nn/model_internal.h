@@ -90,6 +90,7 @@ struct nn_model {
     nn_stack head;    /* dense.0 .. dense.7 then out */
     int lstm_t[2][4]; /* tensor indices: wih, whh, bih, bhh per direction */
 
+    float *fold; /* conv weights with an eval batch-norm folded in: max over conv layers */
     /* CNN scratch, for col_cap samples */
     int col_cap;
     float *col;

@@ -2,6 +2,7 @@
  * CNN, the per-step dense head), with the workspaces they reuse. */
 #include "model_internal.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -58,6 +59,21 @@ static int bn_uses_batch(const nn_model *m, const nn_layer *l, int training)
     return training && !m->tensors[l->wt].frozen;
 }
 
+/* w2 [oc, k] and b2 [oc] <- conv weights w, bias b (may be NULL) scaled and
+ * shifted by the eval-mode batch-norm bn that follows the convolution. */
+static void fold_bn(float *w2, float *b2, const float *w, const float *b, nn_model *m,
+                    const nn_layer *bn, size_t k)
+{
+    const float *g = nn_tensor_data(m, bn->wt), *beta = nn_tensor_data(m, bn->bt);
+    const float *rm = nn_tensor_data(m, bn->rm), *rv = nn_tensor_data(m, bn->rv);
+    for (int o = 0; o < bn->c; o++) {
+        float scale = g[o] / sqrtf(rv[o] + BN_EPS);
+        for (size_t j = 0; j < k; j++)
+            w2[o * k + j] = w[o * k + j] * scale;
+        b2[o] = ((b ? b[o] : 0.0f) - rm[o]) * scale + beta[o];
+    }
+}
+
 const float *nn_stack_forward(nn_model *m, nn_stack *st, const float *in, int n, int end, int cache,
                               int training)
 {
@@ -76,6 +92,15 @@ const float *nn_stack_forward(nn_model *m, nn_stack *st, const float *in, int n,
         const float *w = nn_tensor_data(m, l->wt), *b = nn_tensor_data(m, l->bt);
         switch (l->kind) {
         case NN_L_CONV:
+            if (!cache && i + 1 < end && st->layers[i + 1].kind == NN_L_BN) {
+                /* eval: the batch-norm folds into the convolution, one pass instead of two;
+                 * the conv writes the batch-norm's output and the loop skips that layer */
+                size_t wn = (size_t)l->oc * l->c * l->conv.kh * l->conv.kw;
+                fold_bn(m->fold, m->fold + wn, w, b, m, &st->layers[i + 1], wn / l->oc);
+                m->be->conv2d_forward(out, m->col, cur, m->fold, m->fold + wn, n, &l->conv);
+                i++;
+                break;
+            }
             m->be->conv2d_forward(out, m->col, cur, w, b, n, &l->conv);
             break;
         case NN_L_BN: {
