@@ -21,5 +21,9 @@ typedef struct nn_backend {
 
 /* The CPU backend (static storage, never freed). */
 const nn_backend *nn_backend_cpu(void);
+/* Every backend built into this library, CPU first: tests run the same ops
+ * on each and compare them with the CPU reference kernels. */
+int nn_backend_count(void);
+const nn_backend *nn_backend_at(int i);
 
 #endif

@@ -1,8 +1,6 @@
 /* nn/backend_cpu.c: the CPU backend table (OpenBLAS). */
 #include "backend.h"
 
-#include <cblas.h>
-
 static const nn_backend cpu = {
     .name = "cpu",
     .conv2d_forward = nn_conv2d_forward,
@@ -14,4 +12,14 @@ static const nn_backend cpu = {
 const nn_backend *nn_backend_cpu(void)
 {
     return &cpu;
+}
+
+int nn_backend_count(void)
+{
+    return 1;
+}
+
+const nn_backend *nn_backend_at(int i)
+{
+    return i == 0 ? &cpu : NULL;
 }
