@@ -34,6 +34,9 @@
 
 #define NN_MAX_SERIES_LEN 1000
 #define NN_MAX_LABELS 16
+/* RSNA 2019's weighted log loss: "any" counts twice. For nn_bce_logits'
+ * label_w with the default label order. */
+#define NN_RSNA_LABEL_WEIGHTS {2.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f}
 
 enum {
     NN_OK = 0,
@@ -142,7 +145,8 @@ void nn_adam_default(nn_adam *a);
 /* One Adam step over every unfrozen parameter; the step count lives in m. */
 void nn_model_adam_step(nn_model *m, const nn_adam *a);
 
-/* Sets the threads OpenBLAS uses (it is process-wide in OpenBLAS). */
+/* Sets the threads OpenBLAS uses (process-wide in OpenBLAS; by default it
+ * uses every core, or OPENBLAS_NUM_THREADS). */
 void nn_set_threads(int n);
 
 #endif

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static const float label_w[6] = {2, 1, 1, 1, 1, 1}, pos_w[6] = {3, 2, 2, 2, 2, 2};
+static const float label_w[6] = NN_RSNA_LABEL_WEIGHTS, pos_w[6] = {3, 2, 2, 2, 2, 2};
 
 static nn_model *load(const char *name)
 {
