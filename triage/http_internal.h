@@ -40,11 +40,13 @@ struct http_fail {
 };
 
 /* A snapshot of the worklist as last pushed: study uid -> the row's JSON
- * text, to push only what changed and to notice a newly flagged study. */
+ * text, to push only what changed and to notice a newly flagged study.
+ * Kept sorted by uid; rank is the row's place in the list. */
 struct http_snapshot_row {
     char uid[65];
     char *json; /* owned */
     bool flagged;
+    int rank;
 };
 
 struct triage_http {

@@ -71,11 +71,16 @@ static void sse_stop(h2o_generator_t *g, h2o_req_t *req)
 
 static void sse_queue(struct http_sse *s, const char *text, size_t len)
 {
+    if (s->ending) return;
     if (s->pending_len + len > SSE_PENDING_MAX) {
-        /* Every event carries the whole list: the newest one is enough. */
+        /* Too far behind: the stream ends after the write in progress (a
+         * write is in progress, or nothing would be pending) and the page
+         * reconnects (EventSource does), starting again from a full event. */
         free(s->pending);
         s->pending = NULL;
         s->pending_len = 0;
+        s->ending = true;
+        return;
     }
     char *grown = realloc(s->pending, s->pending_len + len);
     if (!grown) return;
@@ -114,57 +119,90 @@ static void on_ping(uv_timer_t *t)
         if (!h->sse[i]->pending_len) sse_queue(h->sse[i], ping, sizeof ping - 1);
 }
 
-/* The worklist event: rows in order plus what changed against the last
- * snapshot; the snapshot is replaced. NULL on error. */
-static cJSON *worklist_event(struct triage_http *h, bool diff, cJSON **new_flagged_rows)
+static int snap_cmp(const void *a, const void *b)
 {
-    cJSON *rows = http_worklist_json(h, NULL);
-    if (!rows) return NULL;
-    int n = cJSON_GetArraySize(rows);
+    return strcmp(((const struct http_snapshot_row *)a)->uid,
+                  ((const struct http_snapshot_row *)b)->uid);
+}
+
+static const struct http_snapshot_row *snap_find(const struct http_snapshot_row *snap, int n,
+                                                 const char *uid)
+{
+    struct http_snapshot_row key;
+    snprintf(key.uid, sizeof key.uid, "%s", uid);
+    return n ? bsearch(&key, snap, (size_t)n, sizeof *snap, snap_cmp) : NULL;
+}
+
+/* The worklist event against the last snapshot, which it replaces: "rows"
+ * that are new or changed, "removed" uids, "order" (every uid in list
+ * order) when the order changed, "new_flagged" uids. full: every row and
+ * the order (a new stream's first event; the snapshot is left as it is).
+ * Also hands the newly flagged rows to *new_flagged_rows. NULL on error. */
+static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagged_rows)
+{
+    *new_flagged_rows = NULL;
+    cJSON *list = http_worklist_json(h, NULL);
+    if (!list) return NULL;
+    int n = cJSON_GetArraySize(list);
     struct http_snapshot_row *snap = calloc((size_t)(n ? n : 1), sizeof *snap);
     cJSON *ev = cJSON_CreateObject();
-    cJSON *changed = cJSON_CreateArray(), *removed = cJSON_CreateArray(),
-          *flagged = cJSON_CreateArray();
-    if (!snap || !ev || !changed || !removed || !flagged) {
+    cJSON *rows = cJSON_CreateArray(), *removed = cJSON_CreateArray(),
+          *flagged = cJSON_CreateArray(), *order = cJSON_CreateArray();
+    *new_flagged_rows = cJSON_CreateArray();
+    if (!snap || !ev || !rows || !removed || !flagged || !order || !*new_flagged_rows) {
         free(snap);
-        cJSON_Delete(rows);
+        cJSON_Delete(list);
         cJSON_Delete(ev);
-        cJSON_Delete(changed);
+        cJSON_Delete(rows);
         cJSON_Delete(removed);
         cJSON_Delete(flagged);
+        cJSON_Delete(order);
+        cJSON_Delete(*new_flagged_rows);
+        *new_flagged_rows = NULL;
         return NULL;
     }
-    *new_flagged_rows = cJSON_CreateArray();
+    bool order_changed = n != h->nsnap;
     int i = 0;
-    for (cJSON *r = rows->child; r; r = r->next, i++) {
+    for (cJSON *r = list->child; r; r = r->next, i++) {
         const char *uid = cJSON_GetStringValue(cJSON_GetObjectItem(r, "study_uid"));
         snprintf(snap[i].uid, sizeof snap[i].uid, "%s", uid ? uid : "");
         snap[i].json = cJSON_PrintUnformatted(r);
         snap[i].flagged = cJSON_IsTrue(cJSON_GetObjectItem(r, "flagged"));
-        const struct http_snapshot_row *old = NULL;
-        for (int k = 0; k < h->nsnap; k++)
-            if (strcmp(h->snap[k].uid, snap[i].uid) == 0) old = &h->snap[k];
-        if (!old || !old->json || !snap[i].json || strcmp(old->json, snap[i].json) != 0)
-            cJSON_AddItemToArray(changed, cJSON_CreateString(snap[i].uid));
-        if (diff && snap[i].flagged && (!old || !old->flagged)) {
+        snap[i].rank = i;
+        cJSON_AddItemToArray(order, cJSON_CreateString(snap[i].uid));
+        const struct http_snapshot_row *old = snap_find(h->snap, h->nsnap, snap[i].uid);
+        if (!old || old->rank != i) order_changed = true;
+        if (full || !old || !old->json || !snap[i].json || strcmp(old->json, snap[i].json) != 0)
+            cJSON_AddItemToArray(rows, cJSON_Duplicate(r, true));
+        if (!full && h->snap_ready && snap[i].flagged && (!old || !old->flagged)) {
             cJSON_AddItemToArray(flagged, cJSON_CreateString(snap[i].uid));
-            if (*new_flagged_rows)
-                cJSON_AddItemToArray(*new_flagged_rows, cJSON_Duplicate(r, true));
+            cJSON_AddItemToArray(*new_flagged_rows, cJSON_Duplicate(r, true));
         }
     }
-    for (int k = 0; k < h->nsnap; k++) {
-        bool still = false;
-        for (int j = 0; j < n && !still; j++)
-            still = strcmp(h->snap[k].uid, snap[j].uid) == 0;
-        if (!still) cJSON_AddItemToArray(removed, cJSON_CreateString(h->snap[k].uid));
-        free(h->snap[k].json);
+    cJSON_Delete(list);
+    qsort(snap, (size_t)n, sizeof *snap, snap_cmp);
+    for (int k = 0; k < h->nsnap && !full; k++)
+        if (!snap_find(snap, n, h->snap[k].uid))
+            cJSON_AddItemToArray(removed, cJSON_CreateString(h->snap[k].uid));
+    if (full) {
+        for (int k = 0; k < n; k++)
+            free(snap[k].json);
+        free(snap);
+    } else {
+        for (int k = 0; k < h->nsnap; k++)
+            free(h->snap[k].json);
+        free(h->snap);
+        h->snap = snap;
+        h->nsnap = n;
+        h->snap_ready = true;
     }
-    free(h->snap);
-    h->snap = snap;
-    h->nsnap = n;
+    cJSON_AddBoolToObject(ev, "full", full);
     cJSON_AddItemToObject(ev, "rows", rows);
-    cJSON_AddItemToObject(ev, "changed", changed);
     cJSON_AddItemToObject(ev, "removed", removed);
+    if (full || order_changed)
+        cJSON_AddItemToObject(ev, "order", order);
+    else
+        cJSON_Delete(order);
     cJSON_AddItemToObject(ev, "new_flagged", flagged);
     cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
     return ev;
@@ -260,15 +298,11 @@ void http_push_now(struct triage_http *h)
 {
     if (h->push_ready) uv_timer_stop(&h->push);
     cJSON *flagged_rows = NULL;
-    bool diff = h->snap_ready;
-    cJSON *ev = worklist_event(h, diff, &flagged_rows);
-    h->snap_ready = true;
-    if (!ev) {
-        cJSON_Delete(flagged_rows);
-        return;
-    }
-    bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "changed")) > 0 ||
-               cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0;
+    cJSON *ev = worklist_event(h, false, &flagged_rows);
+    if (!ev) return;
+    bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "rows")) > 0 ||
+               cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0 ||
+               cJSON_GetObjectItem(ev, "order");
     if (any && h->nsse > 0) {
         char *text = cJSON_PrintUnformatted(ev);
         if (text) http_sse_broadcast(h, "worklist", text);
@@ -311,16 +345,12 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req)
     http_add_header(req, "cache-control", "no-store");
     http_add_header(req, "x-accel-buffering", "no");
     h2o_start_response(req, &s->super);
-    if (!h->snap_ready) http_push_now(h);
-    /* The stream starts with the whole list, so a page needs nothing else. */
-    cJSON *ev = cJSON_CreateObject();
-    cJSON *rows = http_worklist_json(h, NULL);
-    cJSON_AddItemToObject(ev, "rows", rows ? rows : cJSON_CreateArray());
-    cJSON_AddItemToObject(ev, "changed", cJSON_CreateArray());
-    cJSON_AddItemToObject(ev, "removed", cJSON_CreateArray());
-    cJSON_AddItemToObject(ev, "new_flagged", cJSON_CreateArray());
-    cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
-    char *text = cJSON_PrintUnformatted(ev);
+    /* The stream starts with every row and the order, so a page needs
+     * nothing else. */
+    cJSON *flagged_rows = NULL;
+    cJSON *ev = worklist_event(h, true, &flagged_rows);
+    cJSON_Delete(flagged_rows);
+    char *text = ev ? cJSON_PrintUnformatted(ev) : NULL;
     cJSON_Delete(ev);
     size_t len;
     char *msg = format_event(h, "worklist", text ? text : "{}", &len);

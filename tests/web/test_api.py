@@ -169,22 +169,33 @@ class ApiTest(wt.WebTest):
             while not events and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.assertTrue(events, "no first event")
-            self.assertEqual(events[0]["event"], "worklist")
-            self.assertEqual(len(events[0]["data"]["rows"]), 4)
+            first = events[0]
+            self.assertEqual(first["event"], "worklist")
+            self.assertTrue(first["data"]["full"])
+            self.assertEqual(len(first["data"]["rows"]), 4)
+            self.assertEqual(first["data"]["order"], [r["study_uid"] for r in self.rows])
             new = wt.phantom(os.path.join(self.work, "new"), seed=23)
             (uid, files), = new.items()
             self.send(self.node, files)
             deadline = time.monotonic() + 30
             seen = None
             while time.monotonic() < deadline and not seen:
-                for ev in list(events):
+                for ev in list(events[1:]):
                     d = ev.get("data", {})
-                    if uid in d.get("changed", []) and any(
-                            r["study_uid"] == uid and r["status"] == "triaged" for r in d["rows"]):
+                    if any(r["study_uid"] == uid and r["status"] == "triaged" for r in d["rows"]):
                         seen = d
                 time.sleep(0.1)
             self.assertTrue(seen, "triaged study never pushed; %d events" % len(events))
-            self.assertEqual(len(seen["rows"]), 5)
+            # Later events carry only what changed; the order came when the
+            # study joined the list, and it is the API's order.
+            for ev in events[1:]:
+                self.assertFalse(ev["data"]["full"])
+                self.assertLessEqual(len(ev["data"]["rows"]), 2)
+            orders = [ev["data"]["order"] for ev in events[1:] if "order" in ev["data"]]
+            self.assertTrue(orders)
+            time.sleep(0.5)
+            api = [r["study_uid"] for r in self.get_json(self.node, "/api/worklist")]
+            self.assertEqual(orders[-1], api)
             _, _, metrics = wt.curl(self.node.base + "/metrics")
             self.assertIn(b"ichtriage_event_streams 1", metrics)
         finally:

@@ -10,6 +10,8 @@ const state = {
   pending: null,      // rows waiting while the pointer is over the list
   hovering: false,
   trs: new Map(),     // study_uid -> <tr>
+  byUid: new Map(),   // study_uid -> row, as the event stream last said
+  order: [],          // study_uids of the open list, in order
   events: null,
   audio: null,
   study: null,
@@ -162,12 +164,19 @@ function listen() {
   if (state.events) state.events.close();
   const es = new EventSource("/api/events");
   state.events = es;
+  // Events carry new and changed rows, removed uids and (when it changed)
+  // the order; the first event of a stream carries everything.
   es.addEventListener("worklist", (ev) => {
     const d = JSON.parse(ev.data);
+    if (d.full) state.byUid = new Map();
+    for (const r of d.rows) state.byUid.set(r.study_uid, r);
+    for (const uid of d.removed) state.byUid.delete(uid);
+    if (d.order) state.order = d.order;
+    const rows = state.order.map((uid) => state.byUid.get(uid)).filter(Boolean);
     degraded(d.degraded);
-    if (d.new_flagged && d.new_flagged.length) alertFlagged(d.new_flagged, d.rows);
-    if ($("status-filter").value === "") offer(d.rows);
-    if (state.study && d.changed.includes(state.study)) showStudy(state.study, true);
+    if (d.new_flagged && d.new_flagged.length) alertFlagged(d.new_flagged, rows);
+    if ($("status-filter").value === "") offer(rows);
+    if (state.study && d.rows.some((r) => r.study_uid === state.study)) showStudy(state.study, true);
   });
   es.onopen = () => { $("offline").hidden = true; };
   es.onerror = () => { $("offline").hidden = false; };
@@ -178,7 +187,10 @@ async function loadFiltered() {
   state.trs.forEach((tr) => tr.remove());
   state.trs.clear();
   state.rows = [];
-  render(await api("/api/worklist" + (status ? "?status=" + encodeURIComponent(status) : "")));
+  state.pending = null;
+  $("pending").hidden = true;
+  render(status ? await api("/api/worklist?status=" + encodeURIComponent(status))
+    : state.order.map((uid) => state.byUid.get(uid)).filter(Boolean));
 }
 
 // --- the study view -------------------------------------------------------------
