@@ -21,52 +21,46 @@ import itest  # noqa: E402
 
 
 class Listener:
-    """The NOTIFY_SOCKET end: every datagram, with its arrival time."""
+    """What the node sent to its NOTIFY_SOCKET (dicomtest's listen_notify),
+    each message parsed and stamped with the time it was read."""
 
-    def __init__(self, path):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
+    def __init__(self, node):
+        self.node = node
+        self.seen = 0
         self.messages = []  # (monotonic time, {key: value})
 
-    def close(self):
-        self.sock.close()
-
     def pump(self, timeout):
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data = self.sock.recv(4096)
-        except socket.timeout:
-            return False
-        fields = {}
-        for line in data.decode("utf-8", "replace").split("\n"):
-            if "=" in line:
-                k, v = line.split("=", 1)
-                fields[k] = v
-        self.messages.append((time.monotonic(), fields))
-        return True
+        notes = self.node.notifications()
+        for text in notes[self.seen:]:
+            fields = {}
+            for line in text.split("\n"):
+                if "=" in line:
+                    k, v = line.split("=", 1)
+                    fields[k] = v
+            self.messages.append((time.monotonic(), fields))
+        fresh = len(notes) > self.seen
+        self.seen = len(notes)
+        if not fresh:
+            time.sleep(min(max(timeout, 0.001), 0.01))
+        return fresh
 
     def wait(self, key, value=None, timeout=10.0, count=1, since=0.0):
         """The times of the first count messages with key (=value) after since."""
         deadline = time.monotonic() + timeout
         while True:
+            self.pump(0)
             hits = [t for t, f in self.messages if t >= since and key in f
                     and (value is None or f[key] == value)]
-            if len(hits) >= count:
+            if len(hits) >= count or time.monotonic() >= deadline:
                 return hits[:count]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return hits
-            self.pump(min(left, 0.2))
 
 
 class ConfNode(dt.Node):
     """A node that reads everything from its own config file (so that a
     reload, which rereads only the file, sees the same settings)."""
 
-    def __init__(self, exe, workdir, env):
+    def __init__(self, exe, workdir):
         super().__init__(exe, workdir)
-        self.env = env
         self.conf = os.path.join(workdir, "ichtriage.conf")
         self.write_conf()
 
@@ -84,28 +78,13 @@ class ConfNode(dt.Node):
     def argv(self):
         return [self.exe, "serve", "-c", self.conf]
 
-    def start(self, timeout=30.0):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
-            return super().start(timeout)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
 
 class Notify(itest.NodeTest):
-    def setUp(self):
-        super().setUp()
-        self.listener = Listener(os.path.join(self.work, "notify.sock"))
-        self.addCleanup(self.listener.close)
-
     def node(self, watchdog_usec=1000000, name="node"):
-        env = {"NOTIFY_SOCKET": self.listener.path, "WATCHDOG_USEC": str(watchdog_usec)}
-        n = ConfNode(itest.EXE, os.path.join(self.work, name), env)
+        n = ConfNode(itest.EXE, os.path.join(self.work, name))
+        n.listen_notify(watchdog_usec)
+        self.addCleanup(n.notify_sock.close)
+        self.listener = Listener(n)
         self.nodes.append(n)
         return n
 
