@@ -1,0 +1,166 @@
+/* Unit tests of what the web worklist keeps in db/ (reviews, claims,
+ * audit, metrics; db_reviews.h, db_web.h) and of the DICOM text to UTF-8
+ * conversion (scp_charset.h). Real SQLite files in a temp dir. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "db.h"
+#include "db_reviews.h"
+#include "db_web.h"
+#include "scp_charset.h"
+
+static char dir[256], path[300];
+static struct db *db;
+
+static void setup(void)
+{
+    snprintf(dir, sizeof dir, "/tmp/ichtriage-test-web-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/test.db", dir);
+    char err[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    const char *studies[] = {"1.2.3", "1.2.4"};
+    for (int i = 0; i < 2; i++) {
+        char sop[32], series[32], file[64];
+        snprintf(sop, sizeof sop, "1.9.%d", i);
+        snprintf(series, sizeof series, "1.8.%d", i);
+        snprintf(file, sizeof file, "spool/%d.dcm", i);
+        struct db_instance in = {
+            .patient_id = "P1",
+            .patient_name = "Doe^Jane",
+            .study_uid = studies[i],
+            .series_uid = series,
+            .modality = "CT",
+            .series_number = 1,
+            .sop_uid = sop,
+            .sop_class = "1.2.840.10008.5.1.4.1.1.2",
+            .transfer_syntax = "1.2.840.10008.1.2.1",
+            .instance_number = 1,
+            .rows = 64,
+            .columns = 64,
+            .number_of_frames = 1,
+            .rescale_slope = 1,
+            .file_path = file,
+            .file_size = 100,
+            .received_at_ms = 1700000000000 + i,
+        };
+        char old[64];
+        cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
+    }
+}
+
+static void teardown(void)
+{
+    db_close(db);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+struct seen {
+    int n;
+    char uid[4][65], subtypes[4][64], reviewer[4][32];
+    bool hemorrhage[4];
+};
+
+static int collect(void *ud, const struct db_review_row *r)
+{
+    struct seen *s = ud;
+    if (s->n == 4) return 1;
+    snprintf(s->uid[s->n], 65, "%s", r->study_uid);
+    snprintf(s->subtypes[s->n], 64, "%s", r->subtypes);
+    snprintf(s->reviewer[s->n], 32, "%s", r->reviewer);
+    s->hemorrhage[s->n++] = r->hemorrhage;
+    return 0;
+}
+
+static int status_of(void *ud, const struct db_study_view *v)
+{
+    snprintf(ud, 32, "%s", v->row.status);
+    return 0;
+}
+
+TestSuite(web_db, .init = setup, .fini = teardown);
+
+Test(web_db, latest_review_is_the_label_and_the_study_leaves_the_list)
+{
+    char err[256];
+    cr_assert_eq(
+        db_review_add(db, "1.2.3", true, "subdural", "first", "alice", 10, err, sizeof err), 0);
+    cr_assert_eq(db_review_add(db, "1.2.3", false, "", "second look", "bob", 20, err, sizeof err),
+                 0);
+    cr_assert_eq(db_review_add(db, "9.9.9", true, "", "", "alice", 30, err, sizeof err), 1);
+    struct seen all = {0}, latest = {0};
+    cr_assert_eq(db_reviews_of_study(db, "1.2.3", collect, &all), 0);
+    cr_assert_eq(all.n, 2);
+    cr_assert_str_eq(all.reviewer[0], "alice");
+    cr_assert_eq(db_reviews_latest(db, collect, &latest), 0);
+    cr_assert_eq(latest.n, 1);
+    cr_assert_str_eq(latest.uid[0], "1.2.3");
+    cr_assert_str_eq(latest.reviewer[0], "bob");
+    cr_assert_not(latest.hemorrhage[0]);
+    char status[32] = "";
+    cr_assert_eq(db_study_view(db, "1.2.3", status_of, status), 0);
+    cr_assert_str_eq(status, "reviewed");
+    cr_assert_eq(db_study_view(db, "1.2.4", status_of, status), 0);
+    cr_assert_str_neq(status, "reviewed");
+    cr_assert_eq(db_study_view(db, "9.9.9", status_of, status), 1);
+    struct db_metrics m;
+    cr_assert_eq(db_metrics_read(db, &m), 0);
+    cr_assert_eq(m.reviews, 1);
+    cr_assert_eq(m.review_tn, 1); /* not flagged, no bleed in the latest review */
+    cr_assert_eq(m.instances, 2);
+}
+
+Test(web_db, claims_need_force_to_take_over_and_end_with_the_review)
+{
+    char holder[64], err[256];
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 1, holder, sizeof holder), 0);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 2, holder, sizeof holder), 0);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", false, 3, holder, sizeof holder), 2);
+    cr_assert_str_eq(holder, "alice");
+    cr_assert_eq(db_claim_release(db, "1.2.3", "bob"), 1);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", true, 4, holder, sizeof holder), 0);
+    cr_assert_eq(db_claim_set(db, "9.9.9", "bob", false, 4, holder, sizeof holder), 1);
+    cr_assert_eq(db_review_add(db, "1.2.3", true, "", "", "bob", 5, err, sizeof err), 0);
+    cr_assert_eq(db_claim_release(db, "1.2.3", "bob"), 1); /* the review dropped it */
+    cr_assert_eq(db_audit_add(db, 6, "bob", "opened", "1.2.3", ""), 0);
+}
+
+Test(web_db, instance_file_only_within_its_study)
+{
+    char file[128];
+    cr_assert_eq(db_study_instance_file(db, "1.2.3", "1.9.0", file, sizeof file), 0);
+    cr_assert_str_eq(file, "spool/0.dcm");
+    cr_assert_eq(db_study_instance_file(db, "1.2.3", "1.9.1", file, sizeof file), 1);
+}
+
+Test(charset, converts_to_utf8)
+{
+    char out[256];
+    cr_assert_eq(scp_charset_to_utf8("", "Doe^Jane", 1, out, sizeof out), 0);
+    cr_assert_str_eq(out, "Doe^Jane");
+    cr_assert_eq(scp_charset_to_utf8("ISO_IR 100", "M\xfcller^J\xfcrgen", 1, out, sizeof out), 0);
+    cr_assert_str_eq(out, "M\xc3\xbcller^J\xc3\xbcrgen");
+    cr_assert_eq(scp_charset_to_utf8("ISO_IR 192", "\xc3\xa9", 1, out, sizeof out), 0);
+    cr_assert_str_eq(out, "\xc3\xa9");
+    /* Cyrillic (ISO 8859-5): "Иванов^Иван". */
+    cr_assert_eq(scp_charset_to_utf8("ISO_IR 144", "\xb8\xd2\xd0\xdd\xde\xd2^\xb8\xd2\xd0\xdd", 1,
+                                     out, sizeof out),
+                 0);
+    cr_assert_str_eq(out, "\xd0\x98\xd0\xb2\xd0\xb0\xd0\xbd\xd0\xbe\xd0\xb2^"
+                          "\xd0\x98\xd0\xb2\xd0\xb0\xd0\xbd");
+}
+
+Test(charset, unknown_charset_falls_back_to_ascii_and_truncates_on_boundaries)
+{
+    char out[8];
+    cr_assert_eq(scp_charset_to_utf8("NOT A CHARSET", "M\xfcller", 1, out, sizeof out), -1);
+    cr_assert_str_eq(out, "M?ller");
+    /* 3 two-byte characters do not fit in 6 bytes + NUL: no half character. */
+    char small[6];
+    cr_assert_eq(scp_charset_to_utf8("ISO_IR 100", "\xfc\xfc\xfc", 0, small, sizeof small), 0);
+    cr_assert_str_eq(small, "\xc3\xbc\xc3\xbc");
+}
