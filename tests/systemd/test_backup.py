@@ -322,7 +322,8 @@ class Backup(itest.NodeTest):
         log = open(os.path.join(self.work, "svc.log"), "wb")
         proc = subprocess.Popen(
             ["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--clear-groups",
-             "--", itest.EXE, "serve"] + store_args(store, port),
+             "--", itest.EXE, "serve"] + store_args(
+                 store, port, ["http.listen=127.0.0.1:%d" % dt.free_port()]),
             stdout=log, stderr=log)
         try:
             self.assertTrue(dt.wait_port(port, timeout=20), read_text(log.name))
@@ -333,8 +334,9 @@ class Backup(itest.NodeTest):
             self.assert_all_success(r, more)
         finally:
             proc.terminate()
-            self.assertEqual(proc.wait(30), 0, read_text(log.name))
+            rc = proc.wait(30)
             log.close()
+        self.assertEqual(rc, 0, read_text(log.name))
         rc, doc = self.status(store, port)
         self.assertEqual(doc["database"]["instances"], 5)
 
