@@ -126,24 +126,35 @@ static int head_forward(nn_model *m, const float *feat, int n, float *logits)
     return 0;
 }
 
-int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
-                  float *lrcn_logits)
+int train_predict_features(nn_model *m, const struct train_dataset *d, int split,
+                           const float *features, float *cnn_logits, float *lrcn_logits)
 {
     int F = nn_model_feature_size(m);
     nn_model_set_training(m, 0);
-    float *feat = malloc(d->nslices * (size_t)F * sizeof(float));
-    if (!feat) return NN_ENOMEM;
-    int rc = train_features(m, d, split, feat);
+    float *feat = NULL;
+    int rc = 0;
+    if (!features) {
+        feat = malloc(d->nslices * (size_t)F * sizeof(float));
+        if (!feat) return NN_ENOMEM;
+        rc = train_features(m, d, split, feat);
+        features = feat;
+    }
     for (int s = 0; rc == 0 && s < d->nseries; s++) {
         const struct train_series *se = &d->series[s];
         if (split >= 0 && se->split != split) continue;
-        const float *f = feat + se->first * F;
+        const float *f = features + se->first * F;
         if (cnn_logits) rc = head_forward(m, f, se->n, cnn_logits + se->first * TRAIN_LABELS);
         if (rc == 0 && lrcn_logits)
             rc = nn_lrcn_forward_features(m, f, &se->n, 1, lrcn_logits + se->first * TRAIN_LABELS);
     }
     free(feat);
     return rc;
+}
+
+int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
+                  float *lrcn_logits)
+{
+    return train_predict_features(m, d, split, NULL, cnn_logits, lrcn_logits);
 }
 
 int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels)
@@ -184,6 +195,13 @@ int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, char *err,
                    size_t errlen)
 {
+    return train_evaluate_features(m, d, split, NULL, thresholds, e, err, errlen);
+}
+
+int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
+                            const float *features, const float thresholds[2][TRAIN_LABELS],
+                            struct train_eval *e, char *err, size_t errlen)
+{
     memset(e, 0, sizeof *e);
     memcpy(e->thresholds, thresholds, sizeof e->thresholds);
     size_t N = d->nslices;
@@ -196,7 +214,7 @@ int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    int r = train_predict(m, d, split, lg[0], lg[1]);
+    int r = train_predict_features(m, d, split, features, lg[0], lg[1]);
     if (r != 0) {
         snprintf(err, errlen, "prediction failed (nn error %d)", r);
         goto out;

@@ -25,9 +25,10 @@ struct opts {
     uint64_t seed;
     int input_hw;
     int epochs1, epochs2, patience, batch, series_batch, slices_per_epoch, threads;
-    float lr1, lr2, val_frac, test_frac, sensitivity;
+    float lr1, lr2, lr_decay, val_frac, test_frac, sensitivity;
     int reg;
     int no_augment;
+    int val_any; /* early stopping on the AUC of "any" alone */
 };
 
 struct state {
@@ -67,8 +68,11 @@ static void usage(FILE *f)
             "  --series-batch N        series per stage-2 step (default 8)\n"
             "  --slices-per-epoch N    stage-1 slices drawn per epoch (default: all)\n"
             "  --lr1 X, --lr2 X        Adam learning rates (default 1e-3, 1e-3)\n"
+            "  --lr-decay F            stage-1 learning rate times F after each epoch (1)\n"
             "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
             "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
+            "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
+            "                          over the labels (default) or on that of \"any\"\n"
             "  --threads N             BLAS threads (default: all cores)\n"
             "  --no-augment            (tests) no augmentation\n"
             "  --provenance TEXT       added to the model's provenance\n"
@@ -102,6 +106,8 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"no-augment", 0, 0, 'N'},
                                        {"provenance", 1, 0, 'P'},
                                        {"register", 0, 0, 'R'},
+                                       {"val-metric", 1, 0, 'M'},
+                                       {"lr-decay", 1, 0, 'y'},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
@@ -114,6 +120,7 @@ static int parse(struct opts *o, int argc, char **argv)
                        .batch = 32,
                        .series_batch = 8,
                        .lr1 = 1e-3f,
+                       .lr_decay = 1.0f,
                        .lr2 = 1e-3f,
                        .val_frac = 0.15f,
                        .test_frac = 0.15f,
@@ -191,6 +198,13 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'R':
             o->reg = 1;
             break;
+        case 'y':
+            o->lr_decay = strtof(optarg, NULL);
+            break;
+        case 'M':
+            if (strcmp(optarg, "any") != 0 && strcmp(optarg, "mean") != 0) return -1;
+            o->val_any = strcmp(optarg, "any") == 0;
+            break;
         case 'h':
             usage(stdout);
             exit(0);
@@ -212,7 +226,8 @@ static int parse(struct opts *o, int argc, char **argv)
     if (o->input_hw < 16 || o->input_hw > 512 || o->epochs1 < 0 || o->epochs2 < 0 ||
         o->patience < 1 || o->batch < 1 || o->batch > 1024 || o->series_batch < 1 ||
         !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
-        !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0)) {
+        !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0) ||
+        !(o->lr_decay > 0 && o->lr_decay <= 1)) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
     }
@@ -307,7 +322,8 @@ static void progress_show(struct progress *p, int done, int total, double loss, 
 
 /* Mean slice-level AUC over the labels present on validation, and the RSNA
  * weighted log loss, of the CNN (stage 1) or LRCN (stage 2). */
-static int validate(nn_model *m, const struct train_dataset *d, int lrcn, double *auc, double *loss)
+static int validate(nn_model *m, const struct train_dataset *d, const float *feat, int lrcn,
+                    int any_only, double *auc, double *loss)
 {
     float thr[2][TRAIN_LABELS];
     for (int i = 0; i < 2; i++)
@@ -315,14 +331,14 @@ static int validate(nn_model *m, const struct train_dataset *d, int lrcn, double
             thr[i][l] = 0.5f;
     struct train_eval *e = malloc(sizeof *e);
     char err[256];
-    if (!e || train_evaluate(m, d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err) != 0) {
+    if (!e || train_evaluate_features(m, d, TRAIN_SPLIT_VAL, feat, thr, e, err, sizeof err) != 0) {
         free(e);
         return -1;
     }
     int mo = lrcn ? TRAIN_MODEL_LRCN : TRAIN_MODEL_CNN;
     double s = 0;
     int n = 0;
-    for (int l = 0; l < TRAIN_LABELS; l++) {
+    for (int l = 0; l < (any_only ? 1 : TRAIN_LABELS); l++) {
         double a = e->m[TRAIN_LEVEL_SLICE][mo][l].auc;
         if (!isnan(a)) s += a, n++;
     }
@@ -371,7 +387,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     train_augment_default(&aug);
     nn_adam adam;
     nn_adam_default(&adam);
-    adam.lr = o->lr1;
+    adam.lr = o->lr1 * powf(o->lr_decay, (float)epoch);
     nn_model_seed(m, rng);
     nn_model_set_training(m, 1);
     double sum = 0;
@@ -642,7 +658,23 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
         }
         util_log(UTIL_LOG_INFO, "train_init", "file=%s tensors=%d", o->init, copied);
     }
-    (void)w;
+    /* What the node needs to load it, so every checkpoint can be tried
+     * with `ichtriage eval` or `predict`; the final model overwrites these. */
+    char buf[256];
+    int off = 0;
+    for (int i = 0; i < w->n; i++)
+        off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%g/%g", i ? "," : "", w->center[i],
+                        w->width[i]);
+    nn_model_meta_set(m, "windows", buf);
+    snprintf(buf, sizeof buf, "%dx%dx%d", w->n, o->input_hw, o->input_hw);
+    nn_model_meta_set(m, "input", buf);
+    nn_model_meta_set(m, "format", "ichtriage-lrcn-1");
+    nn_model_meta_set(m, "labels",
+                      "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
+    nn_model_meta_set(m, "thresholds", "0.5,0.5,0.5,0.5,0.5,0.5");
+    if (!nn_model_meta_get(m, "preprocessing"))
+        nn_model_meta_set(m, "preprocessing",
+                          "hu=stored*slope+intercept;window=clamp01;resize=area");
     return m;
 }
 
@@ -749,7 +781,7 @@ int train_train_main(int argc, char **argv)
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
         double loss = stage1_epoch(m, &d, &o, st.epoch, pw, &pg);
         double auc = 0, vloss = 0;
-        if (isnan(loss) || validate(m, &d, 0, &auc, &vloss) != 0) {
+        if (isnan(loss) || validate(m, &d, NULL, 0, o.val_any, &auc, &vloss) != 0) {
             fprintf(stderr, "ichtriage train: stage 1 failed at epoch %d\n", st.epoch + 1);
             goto out;
         }
@@ -776,7 +808,9 @@ int train_train_main(int argc, char **argv)
         if (!feat) goto out;
         nn_model_set_training(m, 0);
         double t0 = now();
-        if (train_features(m, &d, TRAIN_SPLIT_TRAIN, feat) != 0) goto out;
+        if (train_features(m, &d, TRAIN_SPLIT_TRAIN, feat) != 0 ||
+            train_features(m, &d, TRAIN_SPLIT_VAL, feat) != 0)
+            goto out;
         util_log(UTIL_LOG_INFO, "train_features", "slices=%zu seconds=%.0f", sl[0], now() - t0);
     }
     while (st.stage == 2) {
@@ -794,7 +828,7 @@ int train_train_main(int argc, char **argv)
         pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
         double loss = stage2_epoch(m, &d, &o, st.epoch, feat, pw, &pg);
         double auc = 0, vloss = 0;
-        if (isnan(loss) || validate(m, &d, 1, &auc, &vloss) != 0) {
+        if (isnan(loss) || validate(m, &d, feat, 1, o.val_any, &auc, &vloss) != 0) {
             fprintf(stderr, "ichtriage train: stage 2 failed at epoch %d\n", st.epoch + 1);
             goto out;
         }
@@ -872,12 +906,14 @@ int train_train_main(int argc, char **argv)
              d.nseries, d.nslices, cnt[0], cnt[1], cnt[2], (unsigned long long)o.seed, o.val_frac,
              o.test_frac);
     nn_model_meta_set(m, "data_split", buf);
-    snprintf(buf, sizeof buf,
-             "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-             "series_batch=%d slices_per_epoch=%d lr1=%g lr2=%g augment=%s init=%s",
-             o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience,
-             o.batch, o.series_batch, o.slices_per_epoch, o.lr1, o.lr2,
-             o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
+    snprintf(
+        buf, sizeof buf,
+        "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
+        "series_batch=%d slices_per_epoch=%d lr1=%g lr_decay=%g lr2=%g val_metric=%s augment=%s "
+        "init=%s",
+        o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience, o.batch,
+        o.series_batch, o.slices_per_epoch, o.lr1, o.lr_decay, o.lr2, o.val_any ? "any" : "mean",
+        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",

@@ -35,6 +35,12 @@ void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c
 int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
                   float *lrcn_logits);
 
+/* The same from CNN features already computed for those series (features
+ * [nslices, feature_size], as train_features writes them; NULL: computed
+ * here). A frozen CNN's features do not change, so stage 2 computes them once. */
+int train_predict_features(nn_model *m, const struct train_dataset *d, int split,
+                           const float *features, float *cnn_logits, float *lrcn_logits);
+
 /* CNN features of the series of split into feat [nslices, feature_size]. */
 int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat);
 
@@ -64,6 +70,10 @@ struct train_eval {
 int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *out, char *err,
                    size_t errlen);
+
+int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
+                            const float *features, const float thresholds[2][TRAIN_LABELS],
+                            struct train_eval *out, char *err, size_t errlen);
 
 /* Per-epoch history for the report. */
 struct train_epoch {
