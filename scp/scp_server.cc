@@ -810,6 +810,9 @@ extern "C" int scp_server_start(struct scp_server **out, const struct scp_server
         // dcmtk reads the PDU size and its own timeouts from globals set here.
         dcmMaxOutgoingPDUSize.set((Uint32)cfg->max_pdu);
         dcmConnectionTimeout.set(cfg->acse_timeout);
+        // Peers are known by address: no reverse DNS lookup (it can stall an
+        // association for seconds, and the allowlist compares addresses).
+        dcmDisableGethostbyaddr.set(OFTrue);
         OFCondition c = ASC_initializeNetwork(NET_ACCEPTOR, cfg->port, cfg->acse_timeout, &s->net);
         if (c.bad()) {
             OFString text;
