@@ -53,6 +53,19 @@ static void place_extra_axial(struct ph_head *hd, struct ph_rng *r, struct ph_le
         l->t = by_size(r, size, tlo, thi);
         l->r = by_size(r, size, rlo, rhi);
         l->hu = frand(r, 55, 88);
+    } else if (ph_rng_chance(r, 0.15)) {
+        /* interhemispheric: a thin layer along one side of the falx, above
+         * the corpus callosum; it makes the falx look thick and dense */
+        static const float rlo[4] = {6, 15, 25, 35}, rhi[4] = {10, 25, 35, 50};
+        l->falx = true;
+        l->c[0] = 0;
+        l->c[1] = frand(r, -0.4f, 0.45f) * hd->b;
+        l->c[2] = frand(r, 0.35f, 0.65f) * hd->c;
+        l->level = 0.3f * hd->c;
+        l->t = frand(r, 1.5f, 2.5f + (float)size);
+        l->r = by_size(r, size, rlo, rhi);
+        l->hu = frand(r, 52, 78);
+        return;
     } else {
         static const float tlo[4] = {1.2f, 3, 6, 11}, thi[4] = {2.5f, 6, 11, 20};
         static const float rlo[4] = {4, 25, 42, 55}, rhi[4] = {7, 45, 65, 85};
@@ -219,8 +232,17 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
     for (int i = 0; i < n; i++) {
         const struct ph_lesion *l = &les[i];
         switch (l->type) {
-        case TRAIN_PHANTOM_EPIDURAL:
-        case TRAIN_PHANTOM_SUBDURAL: {
+        case TRAIN_PHANTOM_SUBDURAL:
+            if (l->falx) {
+                float d = pt->hs[0] * l->side, d1 = pt->hs[1] - l->c[1], d2 = pt->hs[2] - l->c[2];
+                float q2 = (d1 * d1 + d2 * d2) / (l->r * l->r);
+                if (q2 < 1.0f && d > 0.3f && d < 0.3f + l->t * sqrtf(1.0f - q2) &&
+                    pt->hs[2] > l->level && pt->cls != PH_CSF_VENT)
+                    hits[nh++] = (struct ph_hit){l->type, 1.0f, l->hu};
+                break;
+            }
+            /* fall through */
+        case TRAIN_PHANTOM_EPIDURAL: {
             if (pt->depth > l->t) break;
             float d0 = pt->proj[0] - l->c[0], d1 = pt->proj[1] - l->c[1],
                   d2 = pt->proj[2] - l->c[2];

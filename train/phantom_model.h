@@ -124,9 +124,10 @@ struct ph_lesion {
     float r;             /* tangential extent, radius */
     float t;             /* EDH/SDH thickness */
     float side;          /* SDH: hemisphere sign */
+    bool falx;           /* SDH: along the falx (c: its centre in the midline plane) */
     float rim, rim_drop; /* IPH oedema */
     float irr[6];
-    float dir[3], level; /* IVH: gravity and the fluid level along it */
+    float dir[3], level; /* IVH: gravity and the fluid level along it; falx SDH: lowest w */
     float frac;          /* SAH: blood share in CSF */
     char size[8];        /* "tiny", "small", "medium", "large" */
 };
