@@ -143,6 +143,40 @@ static const char *const migrations[] = {
     "  action TEXT NOT NULL," /* opened, reviewed, claimed, released, login, login_failed */
     "  study_uid TEXT NOT NULL DEFAULT '',"
     "  detail TEXT NOT NULL DEFAULT '');",
+
+    /* results to PACS (db/outbox.c). A revision is one study result to
+     * report; its deliveries are its SR and SC files, one row per
+     * destination. Results that existed before are marked skipped: the node
+     * does not send old results the day it is upgraded. */
+    "CREATE TABLE pacs_revisions ("
+    "  id INTEGER PRIMARY KEY,"
+    "  study_ref INTEGER NOT NULL REFERENCES studies(id),"
+    "  series_ref INTEGER NOT NULL REFERENCES series(id),"
+    "  result_at INTEGER NOT NULL," /* results.created_at of the result reported */
+    "  revision INTEGER NOT NULL," /* 1, 2, ... per study; 0 for skipped old results */
+    "  state TEXT NOT NULL," /* pending, ready, skipped, failed */
+    "  reason TEXT NOT NULL DEFAULT '',"
+    "  created_at INTEGER NOT NULL,"
+    "  UNIQUE (series_ref, result_at));"
+    "CREATE TABLE pacs_deliveries ("
+    "  id INTEGER PRIMARY KEY,"
+    "  revision_ref INTEGER NOT NULL REFERENCES pacs_revisions(id),"
+    "  destination TEXT NOT NULL," /* as configured: [tls:]AET@host:port */
+    "  object TEXT NOT NULL," /* sr, sc */
+    "  file_path TEXT NOT NULL," /* relative to store.dir */
+    "  sop_uid TEXT NOT NULL,"
+    "  state TEXT NOT NULL DEFAULT 'pending'," /* pending, sent, failed */
+    "  attempts INTEGER NOT NULL DEFAULT 0,"
+    "  next_attempt_at INTEGER NOT NULL,"
+    "  last_attempt_at INTEGER,"
+    "  last_error TEXT NOT NULL DEFAULT '',"
+    "  sent_at INTEGER,"
+    "  UNIQUE (revision_ref, destination, object));"
+    "CREATE INDEX pacs_deliveries_due ON pacs_deliveries(state, next_attempt_at);"
+    "INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision, state, reason,"
+    "  created_at) SELECT s.study_ref, r.series_ref, r.created_at, 0, 'skipped',"
+    "  'result older than PACS delivery', r.created_at FROM results r"
+    "  JOIN series s ON s.id = r.series_ref;",
 };
 
 int db_schema_version(void)

@@ -47,6 +47,14 @@ static const struct {
     [CFG_NN_DEVICE] = {"nn.device", "auto"},
     [CFG_PACS_DESTINATIONS] = {"pacs.destinations", ""},
     [CFG_PACS_SEND] = {"pacs.send", "flagged"},
+    [CFG_PACS_CALLING_AETITLE] = {"pacs.calling_aetitle", ""},
+    [CFG_PACS_TIMEOUT] = {"pacs.timeout", "30"},
+    [CFG_PACS_MAX_ATTEMPTS] = {"pacs.max_attempts", "10"},
+    [CFG_PACS_RETRY_SECONDS] = {"pacs.retry_seconds", "30"},
+    [CFG_PACS_MAX_RETRY_SECONDS] = {"pacs.max_retry_seconds", "3600"},
+    [CFG_PACS_TLS_CA] = {"pacs.tls_ca", ""},
+    [CFG_PACS_TLS_CERT] = {"pacs.tls_cert", ""},
+    [CFG_PACS_TLS_KEY] = {"pacs.tls_key", ""},
     [CFG_LOG_LEVEL] = {"log.level", "info"},
 };
 

@@ -25,6 +25,7 @@
 #include "scp.h"
 #include "complete.h"
 #include "infer.h"
+#include "pacs.h"
 #include "store.h"
 
 struct node {
@@ -41,6 +42,7 @@ struct node {
     struct triage_infer *infer;
     struct scp_server *scp;
     struct triage_http *http; /* web worklist, API, events, metrics */
+    struct triage_pacs *pacs; /* results to PACS: its own thread */
     int grace;
 };
 
@@ -76,7 +78,7 @@ static void on_result_async(uv_async_t *h)
 {
     struct node *n = h->data;
     triage_http_changed(n->http);
-    /* Results go to PACS from here (issue 8). */
+    triage_pacs_kick(n->pacs); /* never blocks: the sender has its own thread */
     util_log(UTIL_LOG_DEBUG, "results_ready", "stored=%lld",
              (long long)atomic_load(&n->store.stored));
 }
@@ -166,6 +168,41 @@ static int get_int(struct node *n, enum triage_config_key k, int64_t min, int64_
         return -1;
     }
     return 0;
+}
+
+/* The sender of results to PACS, from the [pacs] keys. */
+static int start_pacs(struct node *n, const char *dbpath, char *err, size_t errlen)
+{
+    int64_t timeout, attempts, retry, max_retry;
+    if (get_int(n, CFG_PACS_TIMEOUT, 1, 3600, &timeout) ||
+        get_int(n, CFG_PACS_MAX_ATTEMPTS, 1, 1000, &attempts) ||
+        get_int(n, CFG_PACS_RETRY_SECONDS, 1, 86400, &retry) ||
+        get_int(n, CFG_PACS_MAX_RETRY_SECONDS, 1, 7 * 86400, &max_retry)) {
+        snprintf(err, errlen, "bad [pacs] value");
+        return -1;
+    }
+    const char *send = triage_config_str(&n->cfg, CFG_PACS_SEND);
+    if (strcmp(send, "all") != 0 && strcmp(send, "flagged") != 0) {
+        snprintf(err, errlen, "pacs.send must be all or flagged");
+        return -1;
+    }
+    const char *calling = triage_config_str(&n->cfg, CFG_PACS_CALLING_AETITLE);
+    struct triage_pacs_config pc = {
+        .db_path = dbpath,
+        .store_dir = n->store.dir,
+        .destinations = triage_config_str(&n->cfg, CFG_PACS_DESTINATIONS),
+        .send_all = strcmp(send, "all") == 0,
+        .calling_aet = calling[0] ? calling : triage_config_str(&n->cfg, CFG_DICOM_AETITLE),
+        .timeout_s = (int)timeout,
+        .max_attempts = (int)attempts,
+        .retry_ms = retry * 1000,
+        .max_retry_ms = max_retry * 1000,
+        .tls_ca = triage_config_str(&n->cfg, CFG_PACS_TLS_CA),
+        .tls_cert = triage_config_str(&n->cfg, CFG_PACS_TLS_CERT),
+        .tls_key = triage_config_str(&n->cfg, CFG_PACS_TLS_KEY),
+        .software_version = "ichtriage " ICHTRIAGE_VERSION,
+    };
+    return triage_pacs_start(&n->pacs, &pc, err, errlen);
 }
 
 static void usage(FILE *f)
@@ -343,6 +380,14 @@ int triage_serve_main(int argc, char **argv)
         db_close(n.store.db);
         return 1;
     }
+    if (start_pacs(&n, dbpath, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        triage_http_stop(n.http);
+        scp_server_stop(n.scp, 0);
+        triage_infer_stop(n.infer);
+        db_close(n.store.db);
+        return 1;
+    }
     int64_t count = 0;
     db_count_instances(n.store.db, &count);
     util_log(UTIL_LOG_INFO, "ready",
@@ -373,6 +418,8 @@ int triage_serve_main(int argc, char **argv)
     n.scp = NULL;
     triage_infer_stop(n.infer); /* a job in progress finishes first */
     n.infer = NULL;
+    triage_pacs_stop(n.pacs); /* an association in progress finishes first */
+    n.pacs = NULL;
     uv_close((uv_handle_t *)&n.sigterm, NULL);
     uv_close((uv_handle_t *)&n.sigint, NULL);
     uv_close((uv_handle_t *)&n.sighup, NULL);

@@ -1,0 +1,107 @@
+/* db/: the durable outbound queue of results to PACS. A revision is one
+ * result of a study to report (built once into an SR and an SC file); a
+ * delivery is one of those files to one destination, with its attempts,
+ * next attempt time and outcome. A delivery is marked sent only after the
+ * peer acknowledged it, in its own commit, so a restart re-sends only what
+ * was never acknowledged. These functions are for the sender thread's own
+ * connection (db_open), except db_outbox_failed and db_outbox_counts, which
+ * any connection may call (the loop's: web page, metrics, status). */
+#ifndef DB_OUTBOX_H
+#define DB_OUTBOX_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "db.h"
+#include "db_triage.h"
+
+/* A study result that no revision covers yet: the result of the series that
+ * sets the study's result, once that series is triaged. */
+struct db_outbox_new {
+    int64_t study_id, series_id, result_at;
+    bool flagged;
+    bool sent_before; /* an earlier revision of this study was sent somewhere */
+};
+/* Up to max of them, oldest first; *n is how many. Returns 0 or -1. */
+int db_outbox_scan(struct db *db, struct db_outbox_new *out, int max, int *n);
+
+/* Records a revision of the study's result: state "pending" (to be built and
+ * sent) or "skipped" with reason. *id and *revision (1, 2, ... per study)
+ * are set. Returns 0 or -1. */
+int db_outbox_revision_add(struct db *db, const struct db_outbox_new *r, const char *state,
+                           const char *reason, int64_t now_ms, int64_t *id, int *revision);
+
+/* Revisions still to be built (state pending), oldest first. */
+int db_outbox_pending(struct db *db, int64_t *ids, int max, int *n);
+
+/* What building a revision needs: the result, its series and study, the
+ * key slice's file and the per-slice probabilities. */
+struct db_outbox_source {
+    int64_t revision_id, study_id, series_id;
+    int revision;
+    char study_uid[65], series_uid[65];
+    char model_version[160];
+    float p[DB_LABELS];
+    bool flagged;
+    int key_index;
+    char key_sop[65], key_sop_class[65], key_path[512]; /* key_path relative to store.dir */
+    int key_frame;
+    int slices;   /* entries of the arrays below */
+    float *p_any; /* per slice, in slice order; owned, db_outbox_source_free */
+    char (*sop)[65];
+    char (*sop_class)[65];
+    int *frame;
+};
+/* Fills *out (caller frees with db_outbox_source_free). Returns 0, 1 when the
+ * result or its key file is gone, -1 on error. */
+int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source *out);
+void db_outbox_source_free(struct db_outbox_source *s);
+
+/* One built object to send to one destination. */
+struct db_outbox_object {
+    const char *destination, *object, *file_path, *sop_uid;
+};
+/* In one transaction: the revision's deliveries (due now) and its state
+ * "ready". Returns 0 or -1. */
+int db_outbox_revision_ready(struct db *db, int64_t revision_id, const struct db_outbox_object *o,
+                             int n, int64_t now_ms);
+/* The revision could not be built: state "failed" with reason. */
+int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason);
+
+struct db_outbox_delivery {
+    int64_t id, revision_id;
+    char destination[160], object[8], file_path[512], sop_uid[65], study_uid[65];
+    int attempts;
+};
+/* Pending deliveries due at now_ms, grouped by destination, oldest first. */
+int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n);
+/* The earliest next attempt of a pending delivery; 0 with *found false when
+ * none is pending. */
+int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found);
+
+/* The peer acknowledged the delivery. */
+int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms);
+/* An attempt failed: attempts + 1, the error kept; retried at next_at_ms, or
+ * given up (state failed) when give_up. */
+int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64_t now_ms,
+                             int64_t next_at_ms, bool give_up);
+/* Pending deliveries to destinations no longer configured are given up
+ * (state failed). dests: the configured ones. *count: how many. */
+int db_outbox_fail_unlisted(struct db *db, const char *const *dests, int ndests, int64_t now_ms,
+                            int *count);
+
+/* Deliveries given up, newest first (strings borrowed for the callback). */
+struct db_outbox_failure {
+    const char *study_uid, *destination, *object, *sop_uid, *error;
+    int revision, attempts;
+    int64_t last_attempt_ms;
+};
+typedef int (*db_outbox_failure_fn)(void *ud, const struct db_outbox_failure *f);
+int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud);
+
+struct db_outbox_counts {
+    int64_t pending, sent, failed;
+};
+int db_outbox_counts(struct db *db, struct db_outbox_counts *out);
+
+#endif

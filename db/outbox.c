@@ -1,0 +1,381 @@
+/* db/outbox.c: the durable outbound queue of results to PACS (db_outbox.h). */
+#include "db_internal.h"
+#include "db_outbox.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void col_text(sqlite3_stmt *st, int i, char *out, size_t n)
+{
+    const unsigned char *t = sqlite3_column_text(st, i);
+    snprintf(out, n, "%s", t ? (const char *)t : "");
+}
+
+/* Runs one statement with int64 (i) and text (s) parameters. */
+static int run(sqlite3 *c, const char *sql, const char *fmt, ...)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+    va_list ap;
+    va_start(ap, fmt);
+    for (int i = 0; fmt[i]; i++) {
+        if (fmt[i] == 'i')
+            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
+        else
+            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
+    }
+    va_end(ap);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_outbox_scan(struct db *db, struct db_outbox_new *out, int max, int *n)
+{
+    *n = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(
+            db_conn(db),
+            "SELECT st.id, r.series_ref, r.created_at, r.flagged,"
+            " EXISTS (SELECT 1 FROM pacs_revisions pr JOIN pacs_deliveries d"
+            "  ON d.revision_ref = pr.id WHERE pr.study_ref = st.id AND d.state = 'sent')"
+            " FROM studies st JOIN results r ON r.series_ref = st.result_series_ref"
+            " JOIN series s ON s.id = r.series_ref"
+            " WHERE s.state = 'triaged' AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr"
+            "  WHERE pr.series_ref = r.series_ref AND pr.result_at = r.created_at)"
+            " ORDER BY r.created_at LIMIT ?1",
+            -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int(st, 1, max);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max) {
+        struct db_outbox_new *o = &out[(*n)++];
+        o->study_id = sqlite3_column_int64(st, 0);
+        o->series_id = sqlite3_column_int64(st, 1);
+        o->result_at = sqlite3_column_int64(st, 2);
+        o->flagged = sqlite3_column_int(st, 3) != 0;
+        o->sent_before = sqlite3_column_int(st, 4) != 0;
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_outbox_revision_add(struct db *db, const struct db_outbox_new *r, const char *state,
+                           const char *reason, int64_t now_ms, int64_t *id, int *revision)
+{
+    sqlite3 *c = db_conn(db);
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    sqlite3_stmt *st;
+    int rev = 1;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT coalesce(max(revision), 0) + 1 FROM pacs_revisions"
+                           " WHERE study_ref = ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, r->study_id);
+    if (sqlite3_step(st) == SQLITE_ROW) rev = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    if (strcmp(state, "skipped") == 0) rev = 0; /* only sent revisions count */
+    if (run(c,
+            "INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision, state,"
+            " reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "iiiissi", r->study_id, r->series_id, r->result_at, (int64_t)rev, state,
+            reason ? reason : "", now_ms) != 0)
+        goto bad;
+    *id = sqlite3_last_insert_rowid(c);
+    *revision = rev;
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    return 0;
+bad:
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+int db_outbox_pending(struct db *db, int64_t *ids, int max, int *n)
+{
+    *n = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT id FROM pacs_revisions WHERE state = 'pending' ORDER BY id"
+                           " LIMIT ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int(st, 1, max);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max)
+        ids[(*n)++] = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+void db_outbox_source_free(struct db_outbox_source *s)
+{
+    if (!s) return;
+    free(s->p_any);
+    free(s->sop);
+    free(s->sop_class);
+    free(s->frame);
+    s->p_any = NULL;
+    s->sop = s->sop_class = NULL;
+    s->frame = NULL;
+    s->slices = 0;
+}
+
+int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(
+            c,
+            "SELECT pr.id, pr.study_ref, pr.series_ref, pr.revision, st.study_uid, s.series_uid,"
+            " r.model_version, r.p_any, r.p_epidural, r.p_intraparenchymal,"
+            " r.p_intraventricular, r.p_subarachnoid, r.p_subdural, r.flagged, r.key_index,"
+            " r.key_sop, i.sop_class, i.file_path,"
+            " coalesce((SELECT frame FROM slice_results sr WHERE sr.series_ref = r.series_ref"
+            "  AND sr.idx = r.key_index), 0), r.slices"
+            " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"
+            " JOIN series s ON s.id = pr.series_ref"
+            " JOIN results r ON r.series_ref = pr.series_ref AND r.created_at = pr.result_at"
+            " JOIN instances i ON i.sop_uid = r.key_sop"
+            " WHERE pr.id = ?1",
+            -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, revision_id);
+    int rc = sqlite3_step(st);
+    if (rc != SQLITE_ROW) {
+        sqlite3_finalize(st);
+        return rc == SQLITE_DONE ? 1 : -1;
+    }
+    out->revision_id = sqlite3_column_int64(st, 0);
+    out->study_id = sqlite3_column_int64(st, 1);
+    out->series_id = sqlite3_column_int64(st, 2);
+    out->revision = sqlite3_column_int(st, 3);
+    col_text(st, 4, out->study_uid, sizeof out->study_uid);
+    col_text(st, 5, out->series_uid, sizeof out->series_uid);
+    col_text(st, 6, out->model_version, sizeof out->model_version);
+    for (int l = 0; l < DB_LABELS; l++)
+        out->p[l] = (float)sqlite3_column_double(st, 7 + l);
+    out->flagged = sqlite3_column_int(st, 13) != 0;
+    out->key_index = sqlite3_column_int(st, 14);
+    col_text(st, 15, out->key_sop, sizeof out->key_sop);
+    col_text(st, 16, out->key_sop_class, sizeof out->key_sop_class);
+    col_text(st, 17, out->key_path, sizeof out->key_path);
+    out->key_frame = sqlite3_column_int(st, 18);
+    int slices = sqlite3_column_int(st, 19);
+    sqlite3_finalize(st);
+    if (slices < 0 || slices > 100000) return -1;
+    if (slices == 0) return 0;
+    out->p_any = calloc((size_t)slices, sizeof *out->p_any);
+    out->sop = calloc((size_t)slices, sizeof *out->sop);
+    out->sop_class = calloc((size_t)slices, sizeof *out->sop_class);
+    out->frame = calloc((size_t)slices, sizeof *out->frame);
+    if (!out->p_any || !out->sop || !out->sop_class || !out->frame) goto bad;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT sr.idx, sr.p_any, sr.sop_uid, coalesce(i.sop_class, ''),"
+                           " sr.frame FROM slice_results sr"
+                           " LEFT JOIN instances i ON i.sop_uid = sr.sop_uid"
+                           " WHERE sr.series_ref = ?1 ORDER BY sr.idx",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, out->series_id);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int i = sqlite3_column_int(st, 0);
+        if (i < 0 || i >= slices) continue;
+        out->p_any[i] = (float)sqlite3_column_double(st, 1);
+        col_text(st, 2, out->sop[i], sizeof out->sop[i]);
+        col_text(st, 3, out->sop_class[i], sizeof out->sop_class[i]);
+        out->frame[i] = sqlite3_column_int(st, 4);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) goto bad;
+    out->slices = slices;
+    return 0;
+bad:
+    db_outbox_source_free(out);
+    return -1;
+}
+
+int db_outbox_revision_ready(struct db *db, int64_t revision_id, const struct db_outbox_object *o,
+                             int n, int64_t now_ms)
+{
+    sqlite3 *c = db_conn(db);
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    for (int i = 0; i < n; i++)
+        if (run(c,
+                "INSERT INTO pacs_deliveries (revision_ref, destination, object, file_path,"
+                " sop_uid, next_attempt_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "issssi", revision_id, o[i].destination, o[i].object, o[i].file_path, o[i].sop_uid,
+                now_ms) != 0)
+            goto bad;
+    if (run(c, "UPDATE pacs_revisions SET state = 'ready' WHERE id = ?1", "i", revision_id) != 0)
+        goto bad;
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    return 0;
+bad:
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason)
+{
+    return run(db_conn(db), "UPDATE pacs_revisions SET state = 'failed', reason = ?2 WHERE id = ?1",
+               "is", revision_id, reason ? reason : "");
+}
+
+int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n)
+{
+    *n = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT d.id, d.revision_ref, d.destination, d.object, d.file_path,"
+                           " d.sop_uid, st.study_uid, d.attempts FROM pacs_deliveries d"
+                           " JOIN pacs_revisions pr ON pr.id = d.revision_ref"
+                           " JOIN studies st ON st.id = pr.study_ref"
+                           " WHERE d.state = 'pending' AND d.next_attempt_at <= ?1"
+                           " ORDER BY d.destination, d.id LIMIT ?2",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, now_ms);
+    sqlite3_bind_int(st, 2, max);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max) {
+        struct db_outbox_delivery *d = &out[(*n)++];
+        d->id = sqlite3_column_int64(st, 0);
+        d->revision_id = sqlite3_column_int64(st, 1);
+        col_text(st, 2, d->destination, sizeof d->destination);
+        col_text(st, 3, d->object, sizeof d->object);
+        col_text(st, 4, d->file_path, sizeof d->file_path);
+        col_text(st, 5, d->sop_uid, sizeof d->sop_uid);
+        col_text(st, 6, d->study_uid, sizeof d->study_uid);
+        d->attempts = sqlite3_column_int(st, 7);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found)
+{
+    *found = false;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT min(next_attempt_at) FROM pacs_deliveries"
+                           " WHERE state = 'pending'",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
+        *at_ms = sqlite3_column_int64(st, 0);
+        *found = true;
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms)
+{
+    return run(db_conn(db),
+               "UPDATE pacs_deliveries SET state = 'sent', sent_at = ?2, last_attempt_at = ?2,"
+               " attempts = attempts + 1, last_error = '' WHERE id = ?1",
+               "ii", id, now_ms);
+}
+
+int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64_t now_ms,
+                             int64_t next_at_ms, bool give_up)
+{
+    return run(db_conn(db),
+               "UPDATE pacs_deliveries SET attempts = attempts + 1, last_attempt_at = ?2,"
+               " last_error = ?3, next_attempt_at = ?4, state = ?5 WHERE id = ?1",
+               "iisis", id, now_ms, error ? error : "", next_at_ms, give_up ? "failed" : "pending");
+}
+
+int db_outbox_fail_unlisted(struct db *db, const char *const *dests, int ndests, int64_t now_ms,
+                            int *count)
+{
+    *count = 0;
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT DISTINCT destination FROM pacs_deliveries"
+                           " WHERE state = 'pending'",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    char gone[16][160];
+    int ngone = 0, rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *d = (const char *)sqlite3_column_text(st, 0);
+        bool listed = false;
+        for (int i = 0; i < ndests && d; i++)
+            listed = listed || strcmp(d, dests[i]) == 0;
+        if (d && !listed && ngone < 16) snprintf(gone[ngone++], sizeof gone[0], "%s", d);
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE) return -1;
+    for (int i = 0; i < ngone; i++) {
+        if (run(c,
+                "UPDATE pacs_deliveries SET state = 'failed', last_attempt_at = ?2,"
+                " last_error = 'destination no longer configured'"
+                " WHERE state = 'pending' AND destination = ?1",
+                "si", gone[i], now_ms) != 0)
+            return -1;
+        *count += sqlite3_changes(c);
+    }
+    return 0;
+}
+
+int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT st.study_uid, d.destination, d.object, d.sop_uid, d.last_error,"
+                           " pr.revision, d.attempts, coalesce(d.last_attempt_at, 0)"
+                           " FROM pacs_deliveries d JOIN pacs_revisions pr"
+                           " ON pr.id = d.revision_ref JOIN studies st ON st.id = pr.study_ref"
+                           " WHERE d.state = 'failed' ORDER BY d.last_attempt_at DESC, d.id DESC"
+                           " LIMIT ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int(st, 1, limit);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct db_outbox_failure f = {
+            .study_uid = (const char *)sqlite3_column_text(st, 0),
+            .destination = (const char *)sqlite3_column_text(st, 1),
+            .object = (const char *)sqlite3_column_text(st, 2),
+            .sop_uid = (const char *)sqlite3_column_text(st, 3),
+            .error = (const char *)sqlite3_column_text(st, 4),
+            .revision = sqlite3_column_int(st, 5),
+            .attempts = sqlite3_column_int(st, 6),
+            .last_attempt_ms = sqlite3_column_int64(st, 7),
+        };
+        if (fn(ud, &f) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_outbox_counts(struct db *db, struct db_outbox_counts *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT state, count(*) FROM pacs_deliveries GROUP BY state", -1, &st,
+                           NULL) != SQLITE_OK)
+        return -1;
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *s = (const char *)sqlite3_column_text(st, 0);
+        int64_t n = sqlite3_column_int64(st, 1);
+        if (!s) continue;
+        if (strcmp(s, "pending") == 0) out->pending = n;
+        if (strcmp(s, "sent") == 0) out->sent = n;
+        if (strcmp(s, "failed") == 0) out->failed = n;
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}

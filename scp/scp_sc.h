@@ -1,0 +1,28 @@
+/* The result's summary image as a Secondary Capture Image Storage object
+ * (RGB, 8 bits), in a new series of the triaged study; the picture itself is
+ * drawn by triage/ (pacs_render.c). See scp_sr.h for what the two derived
+ * objects share. */
+#ifndef SCP_SC_H
+#define SCP_SC_H
+
+#include <stdint.h>
+
+#include "scp_sr.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Writes the SC to path (Explicit VR Little Endian, file meta header),
+ * replacing any file there. rgb: rows * columns * 3 bytes, row by row,
+ * borrowed. source_sop_class/uid: the key slice the picture shows (Source
+ * Image Sequence). Returns 0, or -1 with a message in err. Never throws. */
+int scp_write_sc(const char *path, const struct scp_derived *d, const uint8_t *rgb, int rows,
+                 int columns, const char *source_sop_class, const char *source_sop_uid, char *err,
+                 unsigned long errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,225 @@
+// scp/scp_send.cc: the C-STORE SCU (results to PACS) on dcmtk's DcmSCU.
+// C API in scp_send.h; no exception leaves this file.
+#include "scp_send.h"
+
+#include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dctk.h>
+#include <dcmtk/dcmnet/diutil.h>
+#include <dcmtk/dcmnet/scu.h>
+#include <dcmtk/dcmtls/tlslayer.h>
+
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace
+{
+
+void set_err(char *err, size_t errlen, const std::string &msg)
+{
+    if (err && errlen > 0) std::snprintf(err, errlen, "%s", msg.c_str());
+}
+
+bool nonempty(const char *s)
+{
+    return s && *s;
+}
+
+// The SOP class and transfer syntax of a file, from its meta header only.
+bool file_syntax(const char *path, std::string &sop_class, std::string &ts, std::string &why)
+{
+    DcmMetaInfo meta;
+    OFCondition c = meta.loadFile(path);
+    if (c.bad()) {
+        why = std::string("cannot read ") + path + ": " + c.text();
+        return false;
+    }
+    OFString cls, syn;
+    meta.findAndGetOFString(DCM_MediaStorageSOPClassUID, cls);
+    meta.findAndGetOFString(DCM_TransferSyntaxUID, syn);
+    if (cls.empty() || syn.empty()) {
+        why = std::string(path) + ": no SOP class or transfer syntax in the meta header";
+        return false;
+    }
+    sop_class = cls.c_str();
+    ts = syn.c_str();
+    return true;
+}
+
+std::unique_ptr<DcmTLSTransportLayer> make_tls(const scp_send_dest *d, std::string &why)
+{
+    std::unique_ptr<DcmTLSTransportLayer> t(
+        new DcmTLSTransportLayer(NET_REQUESTOR, nullptr, OFTrue));
+    OFCondition c = t->setTLSProfile(TSP_Profile_BCP195);
+    if (c.good()) c = t->activateCipherSuites();
+    if (c.bad()) {
+        why = std::string("TLS setup: ") + c.text();
+        return nullptr;
+    }
+    if (nonempty(d->tls_cert) || nonempty(d->tls_key)) {
+        c = t->setPrivateKeyFile(nonempty(d->tls_key) ? d->tls_key : "", DCF_Filetype_PEM);
+        if (c.good())
+            c = t->setCertificateFile(nonempty(d->tls_cert) ? d->tls_cert : "", DCF_Filetype_PEM);
+        if (c.bad()) {
+            why = std::string("TLS client certificate or key: ") + c.text();
+            return nullptr;
+        }
+    }
+    if (nonempty(d->tls_ca)) {
+        c = t->addTrustedCertificateFile(d->tls_ca, DCF_Filetype_PEM);
+        if (c.bad()) {
+            why = std::string("TLS CA ") + d->tls_ca + ": " + c.text();
+            return nullptr;
+        }
+        t->setCertificateVerification(DCV_requireCertificate);
+    } else {
+        t->setCertificateVerification(DCV_ignoreCertificate);
+    }
+    return t;
+}
+
+// useSecureConnection() is protected in dcmtk 3.6.7.
+struct tls_scu : DcmSCU {
+    using DcmSCU::useSecureConnection;
+};
+
+std::string hex_status(int s)
+{
+    char b[16];
+    std::snprintf(b, sizeof b, "0x%04X", (unsigned)s);
+    return b;
+}
+
+int send_files(const scp_send_dest *d, scp_send_file *files, int n, char *err, size_t errlen)
+{
+    for (int i = 0; i < n; i++) {
+        files[i].status = -1;
+        std::snprintf(files[i].error, sizeof files[i].error, "not sent");
+    }
+    if (!nonempty(d->calling_aet) || !nonempty(d->called_aet) || !nonempty(d->host) ||
+        d->port <= 0 || d->port > 65535 || n <= 0) {
+        set_err(err, errlen, "scp_send_files: bad arguments");
+        return -1;
+    }
+    // One presentation context per distinct SOP class and stored syntax.
+    std::vector<std::string> cls(n), syn(n);
+    std::vector<bool> readable(n, false);
+    for (int i = 0; i < n; i++) {
+        std::string why;
+        readable[i] = file_syntax(files[i].path, cls[i], syn[i], why);
+        if (!readable[i]) std::snprintf(files[i].error, sizeof files[i].error, "%s", why.c_str());
+    }
+    std::unique_ptr<DcmTLSTransportLayer> tls; // outlives the SCU that borrows it
+    tls_scu scu;
+    scu.setAETitle(d->calling_aet);
+    scu.setPeerAETitle(d->called_aet);
+    scu.setPeerHostName(d->host);
+    scu.setPeerPort((Uint16)d->port);
+    int timeout = d->timeout_s > 0 ? d->timeout_s : 30;
+    scu.setConnectionTimeout(timeout);
+    scu.setACSETimeout((Uint32)timeout);
+    scu.setDIMSETimeout((Uint32)timeout);
+    scu.setDIMSEBlockingMode(DIMSE_NONBLOCKING);
+    std::vector<std::pair<std::string, std::string>> proposed;
+    for (int i = 0; i < n; i++) {
+        if (!readable[i]) continue;
+        auto key = std::make_pair(cls[i], syn[i]);
+        bool seen = false;
+        for (auto &p : proposed)
+            seen = seen || p == key;
+        if (seen) continue;
+        proposed.push_back(key);
+        OFList<OFString> ts;
+        ts.push_back(syn[i].c_str());
+        if (syn[i] != UID_LittleEndianExplicitTransferSyntax)
+            ts.push_back(UID_LittleEndianExplicitTransferSyntax);
+        if (syn[i] != UID_LittleEndianImplicitTransferSyntax)
+            ts.push_back(UID_LittleEndianImplicitTransferSyntax);
+        scu.addPresentationContext(cls[i].c_str(), ts);
+    }
+    if (proposed.empty()) {
+        set_err(err, errlen, "no readable file to send");
+        return 0; // nothing to associate for; every file carries its reason
+    }
+    if (d->tls) {
+        std::string why;
+        tls = make_tls(d, why);
+        if (!tls) {
+            set_err(err, errlen, why);
+            return -1;
+        }
+        OFCondition c = scu.useSecureConnection(tls.get());
+        if (c.bad()) {
+            set_err(err, errlen, std::string("TLS: ") + c.text());
+            return -1;
+        }
+    }
+    OFCondition c = scu.initNetwork();
+    if (c.bad()) {
+        set_err(err, errlen, std::string("network: ") + c.text());
+        return -1;
+    }
+    c = scu.negotiateAssociation();
+    if (c.bad()) {
+        set_err(err, errlen,
+                std::string("association to ") + d->called_aet + "@" + d->host + ":" +
+                    std::to_string(d->port) + " failed: " + c.text());
+        return -1;
+    }
+    bool broken = false;
+    for (int i = 0; i < n; i++) {
+        if (!readable[i]) continue;
+        if (broken) {
+            std::snprintf(files[i].error, sizeof files[i].error, "association lost before sending");
+            continue;
+        }
+        T_ASC_PresentationContextID pc = scu.findAnyPresentationContextID(cls[i].c_str(), "");
+        if (pc == 0) {
+            std::snprintf(files[i].error, sizeof files[i].error,
+                          "the peer accepted no presentation context for SOP class %s",
+                          cls[i].c_str());
+            continue;
+        }
+        Uint16 status = 0;
+        c = scu.sendSTORERequest(pc, files[i].path, nullptr, status);
+        if (c.bad()) {
+            std::snprintf(files[i].error, sizeof files[i].error, "C-STORE: %s", c.text());
+            broken = !scu.isConnected();
+            continue;
+        }
+        files[i].status = status;
+        if (scp_send_status_ok(status))
+            files[i].error[0] = '\0';
+        else
+            std::snprintf(files[i].error, sizeof files[i].error, "C-STORE status %s",
+                          hex_status(status).c_str());
+    }
+    if (scu.isConnected()) scu.releaseAssociation();
+    return 0;
+}
+
+} // namespace
+
+extern "C" bool scp_send_status_ok(int status)
+{
+    return status == 0x0000 || status == 0xB000 || status == 0xB006 || status == 0xB007;
+}
+
+extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n,
+                              char *err, size_t errlen)
+{
+    try {
+        if (!dest || (!files && n > 0)) {
+            set_err(err, errlen, "scp_send_files: bad arguments");
+            return -1;
+        }
+        return send_files(dest, files, n, err, errlen);
+    } catch (const std::exception &e) {
+        set_err(err, errlen, std::string("scp_send_files: ") + e.what());
+    } catch (...) {
+        set_err(err, errlen, "scp_send_files: unknown exception");
+    }
+    return -1;
+}

@@ -1,0 +1,54 @@
+/* Sending DICOM files to a peer with C-STORE (the SCU that delivers results
+ * to PACS), with dcmtk behind a C API. One call opens one association,
+ * stores the files in order and releases it; nothing is kept between calls.
+ * Thread-safe: calls may run on any thread, one association each. */
+#ifndef SCP_SEND_H
+#define SCP_SEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Where to send. Strings are borrowed for the duration of the call. */
+struct scp_send_dest {
+    const char *calling_aet; /* our AE title */
+    const char *called_aet;  /* the peer's */
+    const char *host;
+    int port;
+    int timeout_s;        /* connect, ACSE and DIMSE timeouts */
+    bool tls;             /* DICOM TLS (BCP 195 profile) */
+    const char *tls_ca;   /* PEM file of trusted CAs; "" or NULL: the peer is not verified */
+    const char *tls_cert; /* our client certificate (PEM), "" or NULL: none */
+    const char *tls_key;
+};
+
+/* What happened to one file. status is the C-STORE response status when
+ * answered (0x0000 success, 0xB000/0xB007/0xB006 warnings, others failures),
+ * else -1 with why in error (not sent: no association, no accepted
+ * presentation context, unreadable file, network failure). */
+struct scp_send_file {
+    const char *path; /* in: the file */
+    int status;       /* out */
+    char error[256];  /* out: "" on success */
+};
+
+/* Status 0x0000 and the warning statuses B000, B006, B007 mean the peer
+ * took the object. */
+bool scp_send_status_ok(int status);
+
+/* Opens an association to dest proposing each file's SOP class (its own
+ * transfer syntax, then the uncompressed ones), stores files[0..n) in
+ * order and releases. Returns 0 when the association was established (each
+ * file's outcome is in files[i]), -1 when it was not (rejected, refused,
+ * timed out, TLS failure: why in err, every file's status -1). Never throws. */
+int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n, char *err,
+                   size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

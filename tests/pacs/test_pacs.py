@@ -1,0 +1,268 @@
+"""Results to PACS (issue 8), through the real node and real receivers:
+Orthanc (Debian's, started here on loopback) gets the SR and the SC in the
+right study, checked through its REST API; dcmtk's storescp as a second
+receiver; both objects pass dciodvfy; our own objects sent back to the node
+are stored but never triaged; a re-triaged study sends a new revision; with
+Orthanc down the results wait (and survive a restart) and arrive once it is
+up, nothing sent twice; a destination answering A700 is retried, then given
+up with a visible error.
+
+The model has random weights (tests/triage/make_test_model.c) and pacs.send
+is "all": these tests check delivery, not what a model has learnt.
+
+    python3 test_pacs.py ICHTRIAGE MAKE_TEST_MODEL"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+sys.path.insert(0, HERE)
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+from reject_scp import RejectScp  # noqa: E402
+
+MAKE_MODEL = None
+ORTHANC = "/usr/sbin/Orthanc"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def phantom(exe, out, seed, slices=12):
+    subprocess.run([exe, "phantom", "--seed", str(seed), "-n", "1", "--size", "128",
+                    "--slices", str(slices), out],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import pydicom
+    files = []
+    for f in glob.glob(os.path.join(out, "stage_2_train", "*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        files.append((int(ds.InstanceNumber), f, ds.StudyInstanceUID, ds.PatientID))
+    files.sort()
+    return files[0][2], files[0][3], [f for _, f, _, _ in files]
+
+
+class Orthanc:
+    """Orthanc on loopback with its own storage and ports."""
+
+    def __init__(self, workdir, dicom_port=None):
+        self.dir = os.path.join(workdir, "orthanc")
+        os.makedirs(self.dir, exist_ok=True)
+        self.dicom_port = dicom_port or dt.free_port()
+        self.http_port = dt.free_port()
+        self.config = os.path.join(self.dir, "orthanc.json")
+        with open(self.config, "w") as f:
+            json.dump({"Name": "ichtriage-test", "StorageDirectory": self.dir + "/db",
+                       "IndexDirectory": self.dir + "/db", "DicomAet": "ORTHANC",
+                       "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+                       "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                       "Plugins": []}, f)
+        self.proc = None
+
+    def start(self):
+        self.log = open(os.path.join(self.dir, "orthanc.log"), "ab")
+        self.proc = subprocess.Popen([ORTHANC, self.config], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.get("/system")
+                dt.wait_port(self.dicom_port, timeout=5)
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        if self.proc:
+            self.log.close()
+        self.proc = None
+
+    def get(self, path):
+        with urllib.request.urlopen("http://127.0.0.1:%d%s" % (self.http_port, path),
+                                    timeout=10) as r:
+            return json.load(r)
+
+    def post(self, path, body):
+        req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.http_port, path),
+                                     data=body.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def study_instances(self, study_uid):
+        """[(modality, SOP class, SOP instance UID, patient id)] of a study."""
+        found = [x for x in self.post("/tools/lookup", study_uid) if x["Type"] == "Study"]
+        out = []
+        for hit in found:
+            for inst in self.get("/studies/%s/instances" % hit["ID"]):
+                tags = self.get("/instances/%s/simplified-tags" % inst["ID"])
+                out.append((tags.get("Modality"), tags.get("SOPClassUID"),
+                            tags.get("SOPInstanceUID"), tags.get("PatientID")))
+        return sorted(out)
+
+
+class PacsTest(itest.NodeTest):
+    def setUp(self):
+        super().setUp()
+        self.model = os.path.join(self.work, "model.safetensors")
+        subprocess.run([MAKE_MODEL, self.model], check=True)
+        self.stoppers = []
+
+    def tearDown(self):
+        super().tearDown()
+        for stop in reversed(self.stoppers):
+            stop()
+
+    def node(self, destinations, name="node", **extra):
+        settings = {"triage.model": self.model, "triage.quiet_seconds": 1,
+                    "triage.min_slices": 5, "pacs.destinations": destinations,
+                    "pacs.send": "all", "pacs.retry_seconds": 1, "pacs.max_retry_seconds": 2,
+                    "pacs.timeout": 5}
+        settings.update(extra)
+        return self.start_node(settings, name=name)
+
+    def orthanc(self, **kw):
+        o = Orthanc(self.work, **kw)
+        self.stoppers.append(o.stop)
+        return o
+
+    def send(self, node, files):
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+
+    def deliveries(self, node):
+        return [tuple(r) for r in node.query("SELECT d.destination, d.object, d.state, d.attempts, d.last_error,"
+                          " d.file_path, d.sop_uid, pr.revision, d.sent_at FROM pacs_deliveries d"
+                          " JOIN pacs_revisions pr ON pr.id = d.revision_ref ORDER BY d.id")]
+
+    def wait_deliveries(self, node, pred, count, timeout=60, what="deliveries"):
+        deadline = time.monotonic() + timeout
+        rows = []
+        while time.monotonic() < deadline:
+            rows = self.deliveries(node)
+            if len([r for r in rows if pred(r)]) >= count:
+                return rows
+            time.sleep(0.25)
+        self.fail("%s: %r\n%s" % (what, rows, node.log_tail()))
+
+    def dciodvfy_clean(self, path):
+        p = subprocess.run(["dciodvfy", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = p.stdout.decode("utf-8", "replace")
+        errors = [line for line in out.splitlines() if line.startswith("Error")]
+        self.assertEqual(errors, [], "dciodvfy %s:\n%s" % (path, out))
+
+    # ------------------------------------------------------------------
+    def test_orthanc_and_storescp_receive_sr_and_sc(self):
+        orthanc = self.orthanc().start()
+        scp_dir = os.path.join(self.work, "storescp")
+        os.makedirs(scp_dir)
+        scp_port = dt.free_port()
+        scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", scp_dir, str(scp_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.stoppers.append(lambda: (scp.terminate(), scp.wait(10)))
+        dt.wait_port(scp_port)
+        node = self.node("ORTHANC@127.0.0.1:%d, STORESCP@127.0.0.1:%d"
+                         % (orthanc.dicom_port, scp_port))
+        study, patient_id, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=31)
+        # 11 slices first; the 12th later re-opens the series (a new revision).
+        self.send(node, files[:11])
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 4)
+        self.assertEqual(sorted((r[1], r[2]) for r in rows),
+                         [("sc", "sent")] * 2 + [("sr", "sent")] * 2, rows)
+        got = orthanc.study_instances(study)
+        self.assertEqual(sorted((m, c) for m, c, _, _ in got), [("OT", SC_CLASS), ("SR", SR_CLASS)])
+        self.assertTrue(all(p == patient_id for _, _, _, p in got), got)
+        sent_uids = {r[6] for r in rows}
+        self.assertEqual({u for _, _, u, _ in got}, sent_uids)
+        self.assertEqual(len(os.listdir(scp_dir)), 2, os.listdir(scp_dir))
+
+        # Both objects are valid, say who made them, and name the key slice.
+        import pydicom
+        paths = sorted({os.path.join(node.store_dir, r[5]) for r in rows})
+        key_sop, = node.query("SELECT r.key_sop FROM results r")[0:1][0]
+        for path in paths:
+            self.dciodvfy_clean(path)
+            ds = pydicom.dcmread(path)
+            self.assertEqual(ds.StudyInstanceUID, study)
+            self.assertEqual(ds.PatientID, patient_id)
+            self.assertEqual(ds.Manufacturer, "ichtriage")
+            if ds.SOPClassUID == SR_CLASS:
+                text = " ".join(str(e.value) for e in ds.iterall()
+                                if e.keyword in ("TextValue", "ReferencedSOPInstanceUID"))
+                self.assertIn("Decision support, not a diagnosis", text)
+                self.assertIn(key_sop, text)
+                self.assertIn("test-random-weights", text)
+            else:
+                self.assertEqual((ds.Rows, ds.Columns, ds.SamplesPerPixel), (720, 512, 3))
+                self.assertEqual(ds.SourceImageSequence[0].ReferencedSOPInstanceUID, key_sop)
+
+        # Our own objects routed back to the node: stored, never triaged.
+        results_before = node.query("SELECT count(*) FROM results")[0][0]
+        self.send(node, paths)
+        time.sleep(3)
+        states = [tuple(r) for r in node.query("SELECT s.modality, s.state FROM series s WHERE s.modality != 'CT'")]
+        self.assertEqual(sorted(states), [("OT", "not_applicable"), ("SR", "not_applicable")])
+        self.assertEqual(node.query("SELECT count(*) FROM results")[0][0], results_before)
+
+        # The late 12th slice: triaged again, revision 2 goes out.
+        self.send(node, files[11:])
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent" and r[7] == 2, 4)
+        deadline = time.monotonic() + 20
+        while len(orthanc.study_instances(study)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        got = orthanc.study_instances(study)
+        self.assertEqual(len(got), 4, got)
+        self.assertEqual(len(os.listdir(scp_dir)), 4)
+
+    def test_orthanc_down_then_up(self):
+        orthanc = self.orthanc()
+        node = self.node("ORTHANC@127.0.0.1:%d" % orthanc.dicom_port,
+                         **{"pacs.max_attempts": 1000})
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=32)
+        self.send(node, files)
+        self.wait_deliveries(node, lambda r: r[2] == "pending" and r[3] >= 2, 2,
+                             what="failed attempts while Orthanc is down")
+        self.assertTrue(node.wait_event("pacs_retry"))
+        # The queue survives a restart of the node.
+        self.assertEqual(node.stop(), 0)
+        orthanc.start()
+        node.start()
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 2)
+        got = orthanc.study_instances(study)
+        self.assertEqual(sorted(c for _, c, _, _ in got), sorted([SC_CLASS, SR_CLASS]))
+        # Acknowledged objects are never sent again after a restart.
+        self.assertEqual(node.stop(), 0)
+        node.start()
+        time.sleep(3)
+        self.assertEqual(self.deliveries(node), rows)
+        self.assertNotIn("event=pacs_sent", node.log(since_start=True))
+        self.assertEqual(len(orthanc.get("/instances")), 2)
+
+    def test_rejecting_destination_is_given_up(self):
+        scp = RejectScp(0xA700).start()
+        self.stoppers.append(scp.close)
+        node = self.node("FULL@127.0.0.1:%d" % scp.port, **{"pacs.max_attempts": 3})
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=33)
+        self.send(node, files)
+        rows = self.wait_deliveries(node, lambda r: r[2] == "failed", 2)
+        for r in rows:
+            self.assertEqual(r[3], 3, r)
+            self.assertIn("0xA700", r[4])
+        self.assertEqual(len(scp.stores), 6)
+        self.assertEqual(scp.associations, 3)
+        failed = node.events("pacs_delivery_failed")
+        self.assertEqual(len(failed), 2, failed)
+        self.assertGreaterEqual(len(node.events("pacs_retry")), 4)
+
+
+if __name__ == "__main__":
+    MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
+    sys.exit(itest.main())

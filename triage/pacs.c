@@ -1,0 +1,489 @@
+/* triage/pacs.c: the sender of results to PACS (pacs.h). One thread with its
+ * own database connection; the loop only calls triage_pacs_kick(). */
+#include "pacs.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "db.h"
+#include "db_outbox.h"
+#include "log.h"
+#include "pacs_render.h"
+#include "scp_pixels.h"
+#include "scp_sc.h"
+#include "scp_send.h"
+#include "scp_sr.h"
+
+#define SUBTYPE_THRESHOLD 0.5 /* subtypes at or above are listed as suspected */
+#define KEY_REFS 3            /* slices referenced by the SR */
+#define IDLE_MS 60000         /* longest sleep: the queue is looked at this often anyway */
+#define BATCH 64
+
+struct triage_pacs {
+    /* Set at start, read-only afterwards. */
+    struct triage_pacs_dest dests[TRIAGE_PACS_MAX_DESTS];
+    int ndests;
+    bool send_all;
+    char calling_aet[17];
+    int timeout_s, max_attempts;
+    int64_t retry_ms, max_retry_ms;
+    char tls_ca[512], tls_cert[512], tls_key[512];
+    char software_version[64];
+    char store_dir[1024];
+    struct db *db; /* the thread's own connection */
+    pthread_t thread;
+    /* Guarded by mu. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool kicked, stop;
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int triage_pacs_parse_destinations(const char *list, struct triage_pacs_dest *out, int max, int *n,
+                                   char *err, size_t errlen)
+{
+    *n = 0;
+    const char *p = list ? list : "";
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        char item[160];
+        while (len && (*p == ' ' || *p == '\t'))
+            p++, len--;
+        while (len && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+            len--;
+        if (len >= sizeof item) {
+            snprintf(err, errlen, "pacs.destinations: entry too long");
+            return -1;
+        }
+        memcpy(item, p, len);
+        item[len] = '\0';
+        p = end ? end + 1 : p + strlen(p);
+        if (!len) continue;
+        if (*n >= max) {
+            snprintf(err, errlen, "pacs.destinations: more than %d destinations", max);
+            return -1;
+        }
+        struct triage_pacs_dest *d = &out[*n];
+        memset(d, 0, sizeof *d);
+        snprintf(d->spec, sizeof d->spec, "%s", item);
+        const char *s = item;
+        if (strncmp(s, "tls:", 4) == 0) {
+            d->tls = true;
+            s += 4;
+        }
+        const char *at = strchr(s, '@'), *colon = strrchr(s, ':');
+        char *stop = NULL;
+        long port = colon ? strtol(colon + 1, &stop, 10) : 0;
+        if (!at || !colon || colon < at || at == s || (size_t)(at - s) > 16 || colon == at + 1 ||
+            (size_t)(colon - at - 1) >= sizeof d->host || !stop || *stop || port < 1 ||
+            port > 65535) {
+            snprintf(err, errlen, "pacs.destinations: '%s' is not [tls:]AET@host:port", item);
+            return -1;
+        }
+        memcpy(d->aet, s, (size_t)(at - s));
+        memcpy(d->host, at + 1, (size_t)(colon - at - 1));
+        d->port = (int)port;
+        (*n)++;
+    }
+    return 0;
+}
+
+/* Makes a written file durable under its final name. */
+static int commit_file(const char *tmp, const char *final, const char *dir)
+{
+    int fd = open(tmp, O_RDONLY);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    if (rc != 0 || rename(tmp, final) != 0) return -1;
+    fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return -1;
+    rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+/* Up to KEY_REFS slices: the key slice, then the most probable others. */
+static int key_refs(const struct db_outbox_source *s, struct scp_sr_image_ref *refs)
+{
+    int n = 0;
+    refs[n++] = (struct scp_sr_image_ref){s->key_sop_class, s->key_sop, s->key_frame};
+    int picked[KEY_REFS] = {s->key_index, -1, -1};
+    while (n < KEY_REFS) {
+        int best = -1;
+        for (int i = 0; i < s->slices; i++) {
+            bool taken = false;
+            for (int k = 0; k < n; k++)
+                taken = taken || picked[k] == i ||
+                        (strcmp(s->sop[i], refs[k].sop_uid) == 0 && s->frame[i] == refs[k].frame);
+            if (!taken && s->sop_class[i][0] && s->p_any[i] >= SUBTYPE_THRESHOLD &&
+                (best < 0 || s->p_any[i] > s->p_any[best]))
+                best = i;
+        }
+        if (best < 0) break;
+        picked[n] = best;
+        refs[n++] = (struct scp_sr_image_ref){s->sop_class[best], s->sop[best], s->frame[best]};
+    }
+    return n;
+}
+
+/* Builds a revision's SR and SC files and queues their deliveries. */
+static void build(struct triage_pacs *p, int64_t rev_id)
+{
+    struct db_outbox_source s;
+    int rc = db_outbox_source(p->db, rev_id, &s);
+    if (rc != 0) {
+        const char *why = rc > 0 ? "result superseded or key slice gone" : "database error";
+        util_log(UTIL_LOG_WARN, "pacs_revision_not_built", "revision_id=%lld reason=\"%s\"",
+                 (long long)rev_id, why);
+        if (rc > 0) db_outbox_revision_failed(p->db, rev_id, why);
+        return;
+    }
+    char dir[1100], src[1600], rel_sr[64], rel_sc[64], path_sr[1200], path_sc[1200], tmp[1300];
+    char err[2048] = "";
+    snprintf(dir, sizeof dir, "%s/outbox", p->store_dir);
+    snprintf(src, sizeof src, "%s/%s", p->store_dir, s.key_path);
+    snprintf(rel_sr, sizeof rel_sr, "outbox/%lld-sr.dcm", (long long)rev_id);
+    snprintf(rel_sc, sizeof rel_sc, "outbox/%lld-sc.dcm", (long long)rev_id);
+    snprintf(path_sr, sizeof path_sr, "%s/%s", p->store_dir, rel_sr);
+    snprintf(path_sc, sizeof path_sc, "%s/%s", p->store_dir, rel_sc);
+    char sr_series[65], sr_sop[65], sc_series[65], sc_sop[65], desc_sr[64], desc_sc[64];
+    scp_uid_new(sr_series, sizeof sr_series);
+    scp_uid_new(sr_sop, sizeof sr_sop);
+    scp_uid_new(sc_series, sizeof sc_series);
+    scp_uid_new(sc_sop, sizeof sc_sop);
+    snprintf(desc_sr, sizeof desc_sr, "ICH triage report rev %d (decision support)", s.revision);
+    snprintf(desc_sc, sizeof desc_sc, "ICH triage summary rev %d (decision support)", s.revision);
+    double sub[SCP_SR_SUBTYPES];
+    for (int i = 0; i < SCP_SR_SUBTYPES; i++)
+        sub[i] = s.p[i + 1];
+    struct scp_pixels px = {0};
+    uint8_t *rgb = NULL;
+    int rows = 0, cols = 0;
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, sizeof err, "cannot create %s: %s", dir, strerror(errno));
+        goto failed;
+    }
+    struct scp_sr_image_ref refs[KEY_REFS];
+    struct scp_sr_content content = {
+        .suspected = s.flagged,
+        .p_any = s.p[0],
+        .subtype_threshold = SUBTYPE_THRESHOLD,
+        .model_name = "ichtriage LRCN (CNN + bidirectional LSTM)",
+        .model_version = s.model_version,
+        .ref_series_uid = s.series_uid,
+        .refs = refs,
+        .nrefs = key_refs(&s, refs),
+        .revision = s.revision,
+    };
+    memcpy(content.p_subtype, sub, sizeof sub);
+    struct scp_derived d_sr = {
+        .source_path = src,
+        .series_uid = sr_series,
+        .sop_uid = sr_sop,
+        .series_number = 9000 + s.revision,
+        .instance_number = 1,
+        .series_desc = desc_sr,
+        .software_version = p->software_version,
+    };
+    snprintf(tmp, sizeof tmp, "%s.tmp", path_sr);
+    if (scp_write_sr(tmp, &d_sr, &content, err, sizeof err) != 0 ||
+        commit_file(tmp, path_sr, dir) != 0) {
+        if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sr);
+        goto failed;
+    }
+    if (scp_pixels_read(src, &px, err, sizeof err) != 0) goto failed;
+    int frame = s.key_frame > 0 && s.key_frame <= px.frames ? s.key_frame - 1 : 0;
+    struct triage_pacs_picture pic = {
+        .hu = px.hu + (size_t)frame * (size_t)px.rows * (size_t)px.columns,
+        .hu_rows = px.rows,
+        .hu_cols = px.columns,
+        .pixel_aspect = 1.0,
+        .p_any = s.p_any,
+        .slices = s.slices,
+        .key_index = s.key_index,
+        .suspected = s.flagged,
+        .p_study = s.p[0],
+        .p_subtype = sub,
+        .subtype_threshold = SUBTYPE_THRESHOLD,
+        .model_version = s.model_version,
+        .revision = s.revision,
+    };
+    if (triage_pacs_render(&pic, &rgb, &rows, &cols, err, sizeof err) != 0) goto failed;
+    struct scp_derived d_sc = d_sr;
+    d_sc.series_uid = sc_series;
+    d_sc.sop_uid = sc_sop;
+    d_sc.series_number = 9500 + s.revision;
+    d_sc.series_desc = desc_sc;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path_sc);
+    if (scp_write_sc(tmp, &d_sc, rgb, rows, cols, s.key_sop_class, s.key_sop, err, sizeof err) !=
+            0 ||
+        commit_file(tmp, path_sc, dir) != 0) {
+        if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sc);
+        goto failed;
+    }
+    struct db_outbox_object objs[TRIAGE_PACS_MAX_DESTS * 2];
+    for (int i = 0; i < p->ndests; i++) {
+        objs[2 * i] = (struct db_outbox_object){p->dests[i].spec, "sr", rel_sr, sr_sop};
+        objs[2 * i + 1] = (struct db_outbox_object){p->dests[i].spec, "sc", rel_sc, sc_sop};
+    }
+    if (db_outbox_revision_ready(p->db, rev_id, objs, 2 * p->ndests, now_ms()) != 0) {
+        /* Left pending: built again (new UIDs) next time; nothing was sent. */
+        util_log(UTIL_LOG_ERROR, "pacs_queue_failed", "revision_id=%lld", (long long)rev_id);
+    } else {
+        util_log(UTIL_LOG_INFO, "pacs_revision_built",
+                 "study=%s revision=%d flagged=%d sr=%s sc=%s destinations=%d", s.study_uid,
+                 s.revision, s.flagged, sr_sop, sc_sop, p->ndests);
+    }
+    free(rgb);
+    scp_pixels_free(&px);
+    db_outbox_source_free(&s);
+    return;
+failed:
+    util_log(UTIL_LOG_ERROR, "pacs_revision_failed", "study=%s revision=%d reason=\"%s\"",
+             s.study_uid, s.revision, err);
+    db_outbox_revision_failed(p->db, rev_id, err);
+    free(rgb);
+    scp_pixels_free(&px);
+    db_outbox_source_free(&s);
+}
+
+/* New results become revisions; pending revisions are built. */
+static void intake(struct triage_pacs *p)
+{
+    struct db_outbox_new fresh[BATCH];
+    int n = 0;
+    if (db_outbox_scan(p->db, fresh, BATCH, &n) != 0) {
+        util_log(UTIL_LOG_ERROR, "pacs_scan_failed", "reason=\"database\"");
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const struct db_outbox_new *r = &fresh[i];
+        const char *state = "pending", *reason = "";
+        if (p->ndests == 0) {
+            state = "skipped";
+            reason = "no pacs.destinations";
+        } else if (!p->send_all && !r->flagged && !r->sent_before) {
+            state = "skipped";
+            reason = "not flagged (pacs.send = flagged)";
+        }
+        int64_t id;
+        int rev;
+        if (db_outbox_revision_add(p->db, r, state, reason, now_ms(), &id, &rev) != 0)
+            util_log(UTIL_LOG_ERROR, "pacs_scan_failed", "series_id=%lld", (long long)r->series_id);
+    }
+    int64_t ids[BATCH];
+    if (db_outbox_pending(p->db, ids, BATCH, &n) != 0) return;
+    for (int i = 0; i < n; i++)
+        build(p, ids[i]);
+}
+
+static const struct triage_pacs_dest *find_dest(const struct triage_pacs *p, const char *spec)
+{
+    for (int i = 0; i < p->ndests; i++)
+        if (strcmp(p->dests[i].spec, spec) == 0) return &p->dests[i];
+    return NULL;
+}
+
+static int64_t backoff_ms(const struct triage_pacs *p, int attempts)
+{
+    int64_t wait = p->retry_ms;
+    for (int i = 1; i < attempts && wait < p->max_retry_ms; i++)
+        wait *= 2;
+    return wait < p->max_retry_ms ? wait : p->max_retry_ms;
+}
+
+/* Sends the deliveries of one destination (one association). */
+static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g, int n)
+{
+    const struct triage_pacs_dest *d = find_dest(p, g[0].destination);
+    struct scp_send_file files[BATCH];
+    char paths[BATCH][1600];
+    for (int i = 0; i < n; i++) {
+        snprintf(paths[i], sizeof paths[i], "%s/%s", p->store_dir, g[i].file_path);
+        files[i] = (struct scp_send_file){.path = paths[i]};
+    }
+    char err[512] = "";
+    int rc = -1;
+    if (d) {
+        struct scp_send_dest sd = {
+            .calling_aet = p->calling_aet,
+            .called_aet = d->aet,
+            .host = d->host,
+            .port = d->port,
+            .timeout_s = p->timeout_s,
+            .tls = d->tls,
+            .tls_ca = p->tls_ca,
+            .tls_cert = p->tls_cert,
+            .tls_key = p->tls_key,
+        };
+        rc = scp_send_files(&sd, files, n, err, sizeof err);
+    } else {
+        snprintf(err, sizeof err, "destination no longer configured");
+    }
+    int64_t now = now_ms();
+    for (int i = 0; i < n; i++) {
+        const struct db_outbox_delivery *x = &g[i];
+        if (rc == 0 && scp_send_status_ok(files[i].status)) {
+            if (db_outbox_sent(p->db, x->id, now) != 0)
+                util_log(UTIL_LOG_ERROR, "pacs_record_failed", "delivery=%lld", (long long)x->id);
+            util_log(UTIL_LOG_INFO, "pacs_sent",
+                     "study=%s object=%s sop=%s destination=%s status=0x%04X", x->study_uid,
+                     x->object, x->sop_uid, x->destination, (unsigned)files[i].status);
+            continue;
+        }
+        const char *why = rc == 0 ? files[i].error : err;
+        int attempts = x->attempts + 1;
+        bool give_up = !d || attempts >= p->max_attempts;
+        int64_t next = now + backoff_ms(p, attempts);
+        db_outbox_attempt_failed(p->db, x->id, why, now, next, give_up);
+        if (give_up)
+            util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
+                     "study=%s object=%s sop=%s destination=%s attempts=%d reason=\"%s\"",
+                     x->study_uid, x->object, x->sop_uid, x->destination, attempts, why);
+        else
+            util_log(UTIL_LOG_WARN, "pacs_retry",
+                     "study=%s object=%s destination=%s attempt=%d next_in_ms=%lld reason=\"%s\"",
+                     x->study_uid, x->object, x->destination, attempts, (long long)(next - now),
+                     why);
+    }
+}
+
+static bool stopping(struct triage_pacs *p)
+{
+    pthread_mutex_lock(&p->mu);
+    bool s = p->stop;
+    pthread_mutex_unlock(&p->mu);
+    return s;
+}
+
+static void deliver(struct triage_pacs *p)
+{
+    static_assert(BATCH >= 2, "a revision has two objects");
+    struct db_outbox_delivery *due = malloc(sizeof *due * BATCH);
+    if (!due) return;
+    int n = 0;
+    if (db_outbox_due(p->db, now_ms(), due, BATCH, &n) == 0) {
+        for (int i = 0; i < n && !stopping(p);) {
+            int j = i + 1;
+            while (j < n && strcmp(due[j].destination, due[i].destination) == 0)
+                j++;
+            send_group(p, due + i, j - i);
+            i = j;
+        }
+    }
+    free(due);
+}
+
+static void *sender_main(void *arg)
+{
+    struct triage_pacs *p = arg;
+    for (;;) {
+        if (stopping(p)) break;
+        intake(p);
+        deliver(p);
+        int64_t now = now_ms(), wake = now + IDLE_MS, at;
+        bool found;
+        if (db_outbox_next_due(p->db, &at, &found) == 0 && found && at < wake) wake = at;
+        struct timespec ts = {.tv_sec = wake / 1000, .tv_nsec = (long)(wake % 1000) * 1000000};
+        pthread_mutex_lock(&p->mu);
+        while (!p->stop && !p->kicked && now_ms() < wake)
+            if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT) break;
+        p->kicked = false;
+        pthread_mutex_unlock(&p->mu);
+    }
+    return NULL;
+}
+
+int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config *c, char *err,
+                      size_t errlen)
+{
+    *out = NULL;
+    struct triage_pacs *p = calloc(1, sizeof *p);
+    if (!p) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (triage_pacs_parse_destinations(c->destinations, p->dests, TRIAGE_PACS_MAX_DESTS, &p->ndests,
+                                       err, errlen) != 0)
+        goto fail;
+    if (!c->calling_aet || !c->calling_aet[0] || strlen(c->calling_aet) > 16) {
+        snprintf(err, errlen, "pacs.calling_aetitle must be 1 to 16 characters");
+        goto fail;
+    }
+    p->send_all = c->send_all;
+    snprintf(p->calling_aet, sizeof p->calling_aet, "%s", c->calling_aet);
+    p->timeout_s = c->timeout_s;
+    p->max_attempts = c->max_attempts > 0 ? c->max_attempts : 1;
+    p->retry_ms = c->retry_ms > 0 ? c->retry_ms : 1000;
+    p->max_retry_ms = c->max_retry_ms >= p->retry_ms ? c->max_retry_ms : p->retry_ms;
+    snprintf(p->tls_ca, sizeof p->tls_ca, "%s", c->tls_ca ? c->tls_ca : "");
+    snprintf(p->tls_cert, sizeof p->tls_cert, "%s", c->tls_cert ? c->tls_cert : "");
+    snprintf(p->tls_key, sizeof p->tls_key, "%s", c->tls_key ? c->tls_key : "");
+    snprintf(p->software_version, sizeof p->software_version, "%s",
+             c->software_version ? c->software_version : "");
+    snprintf(p->store_dir, sizeof p->store_dir, "%s", c->store_dir);
+    if (db_open(&p->db, c->db_path, err, errlen) != 0) goto fail;
+    const char *specs[TRIAGE_PACS_MAX_DESTS];
+    for (int i = 0; i < p->ndests; i++)
+        specs[i] = p->dests[i].spec;
+    int dropped = 0;
+    if (db_outbox_fail_unlisted(p->db, specs, p->ndests, now_ms(), &dropped) == 0 && dropped)
+        util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
+                 "count=%d reason=\"destination no longer configured\"", dropped);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    if (pthread_create(&p->thread, NULL, sender_main, p) != 0) {
+        snprintf(err, errlen, "cannot start the PACS sender thread");
+        pthread_mutex_destroy(&p->mu);
+        pthread_cond_destroy(&p->cv);
+        db_close(p->db);
+        goto fail;
+    }
+    for (int i = 0; i < p->ndests; i++)
+        util_log(UTIL_LOG_INFO, "pacs_destination", "aet=%s host=%s port=%d tls=%d",
+                 p->dests[i].aet, p->dests[i].host, p->dests[i].port, p->dests[i].tls);
+    *out = p;
+    return 0;
+fail:
+    free(p);
+    return -1;
+}
+
+void triage_pacs_kick(struct triage_pacs *p)
+{
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->kicked = true;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void triage_pacs_stop(struct triage_pacs *p)
+{
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = true;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_join(p->thread, NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    db_close(p->db);
+    free(p);
+}

@@ -1,0 +1,51 @@
+/* Results to PACS: a sender thread of its own (never the loop, never libuv's
+ * pool) that turns each new study result into a Comprehensive SR and a
+ * Secondary Capture (scp_sr.h, scp_sc.h), queues one delivery per object
+ * and destination in SQLite (db_outbox.h), and sends them with C-STORE
+ * (scp_send.h), retrying with exponential backoff up to a bound. The loop
+ * only kicks it when results are written. */
+#ifndef TRIAGE_PACS_H
+#define TRIAGE_PACS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TRIAGE_PACS_MAX_DESTS 16
+
+/* One destination of pacs.destinations: [tls:]AET@host:port. */
+struct triage_pacs_dest {
+    char spec[160]; /* as written, the key of its deliveries */
+    char aet[17], host[128];
+    int port;
+    bool tls;
+};
+
+/* Parses a comma-separated pacs.destinations value. Returns 0, or -1 with a
+ * message naming the bad entry. */
+int triage_pacs_parse_destinations(const char *list, struct triage_pacs_dest *out, int max, int *n,
+                                   char *err, size_t errlen);
+
+struct triage_pacs_config {
+    const char *db_path, *store_dir; /* borrowed for triage_pacs_start only */
+    const char *destinations;        /* pacs.destinations */
+    bool send_all;                   /* pacs.send = all */
+    const char *calling_aet;
+    int timeout_s, max_attempts;
+    int64_t retry_ms, max_retry_ms;
+    const char *tls_ca, *tls_cert, *tls_key;
+    const char *software_version;
+};
+
+struct triage_pacs;
+
+/* Checks the configuration and starts the sender thread. The caller owns
+ * *out and ends it with triage_pacs_stop(). Returns 0, or -1 with err. */
+int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config *c, char *err,
+                      size_t errlen);
+/* New results may be in the database (any thread; never blocks). NULL: no-op. */
+void triage_pacs_kick(struct triage_pacs *p);
+/* Finishes the association in progress, then stops. NULL: no-op. */
+void triage_pacs_stop(struct triage_pacs *p);
+
+#endif
