@@ -1,6 +1,7 @@
 /* triage/infer.c: the inference thread (see infer.h). */
 #include "infer.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -229,9 +230,30 @@ static void *infer_main(void *arg)
     return NULL;
 }
 
+/* OpenBLAS starts its worker threads when the library loads, from the main
+ * thread, at its priority; the model's matrix products run on them. Called
+ * before any thread of ours exists, this lowers every thread but the main
+ * one, which are then exactly OpenBLAS's workers. Returns how many. */
+static int lower_blas_workers(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return 0;
+    pid_t self = getpid();
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        pid_t tid = (pid_t)atoi(e->d_name);
+        if (tid > 0 && tid != self && setpriority(PRIO_PROCESS, (id_t)tid, 10) == 0) n++;
+    }
+    closedir(d);
+    return n;
+}
+
 int triage_infer_start(struct triage_infer **out, const struct triage_infer_config *cfg, char *err,
                        size_t errlen)
 {
+    int lowered = lower_blas_workers();
+    util_log(UTIL_LOG_DEBUG, "inference_priority", "nice=10 blas_workers=%d", lowered);
     struct triage_infer *t = calloc(1, sizeof *t);
     if (!t) {
         snprintf(err, errlen, "out of memory");

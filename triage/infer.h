@@ -21,7 +21,9 @@ struct triage_infer_config {
     void *ud;
 };
 
-/* Starts the thread, which opens its own database connection and loads the
+/* Must be called before any other thread of the process starts (it lowers
+ * the priority of the threads OpenBLAS made at load, see infer.c).
+ * Starts the thread, which opens its own database connection and loads the
  * model. A model that cannot be loaded does not stop the node: jobs wait,
  * and triage_infer_model() says why. Returns 0, or -1 with a message. The
  * caller owns *out: triage_infer_stop(). */

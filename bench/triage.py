@@ -1,0 +1,152 @@
+"""Triage benchmark (issue 6), driven by bench/triage.sh.
+
+One node, phantom head CTs of 40 slices at 512x512, the default model
+(models/default.safetensors; if absent, the `small` architecture with random
+weights, which runs exactly as fast). Measures, from the node's own clocks in
+its index:
+  latency     result row written - last instance committed - quiet period
+              (median of 3 studies sent one at a time)
+  throughput  10 studies sent back to back: studies per minute from the first
+              series completing to the last result
+  slowdown    ingest time of a 200-instance 512x512 series (one storescu
+              association, TCP_NODELAY) while inference runs, over the same
+              without inference (median of 3 each)
+Prints a table and `RESULT triage_latency_s=.. studies_per_min=.. ingest_slowdown=..`."""
+import glob
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
+import dicomtest as dt  # noqa: E402
+
+QUIET = 2
+
+
+def phantoms(exe, out, seed, count):
+    subprocess.run([exe, "phantom", "--seed", str(seed), "-n", str(count), "--slices", "40",
+                    out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import pydicom
+    studies = {}
+    for f in glob.glob(os.path.join(out, "stage_2_train", "*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        studies.setdefault(ds.StudyInstanceUID, []).append(f)
+    return [sorted(v) for _, v in sorted(studies.items())]
+
+
+def storescu(port, files, work):
+    t0 = time.monotonic()
+    r = dt.storescu(port, files, workdir=work)
+    took = time.monotonic() - t0
+    ok = sum(1 for s in r.statuses.values() if s == 0)
+    if ok != len(files):
+        raise SystemExit("storescu: %d of %d stored\n%s" % (ok, len(files), r.output[-2000:]))
+    return took
+
+
+def wait_results(node, n, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = node.query("SELECT count(*) FROM jobs WHERE state IN ('done', 'failed')")[0][0]
+        if done >= n:
+            failed = node.query("SELECT count(*) FROM jobs WHERE state = 'failed'")[0][0]
+            if failed:
+                raise SystemExit("%d jobs failed: %s" % (failed, node.query(
+                    "SELECT error FROM jobs WHERE state = 'failed'")[0][0]))
+            return
+        time.sleep(0.05)
+    raise SystemExit("only %d of %d results after %d s" % (done, n, timeout))
+
+
+def main():
+    exe, make_model = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    work = tempfile.mkdtemp(prefix="ichtriage-bench-triage.")
+    try:
+        model = os.path.join(ROOT, "models", "default.safetensors")
+        model_note = "models/default.safetensors"
+        if not os.path.exists(model):
+            model = os.path.join(work, "small.safetensors")
+            subprocess.run([make_model, model, "small"], check=True)
+            model_note = "small architecture, random weights (no default model yet)"
+        print("model: %s" % model_note)
+        print("generating phantoms (14 studies x 40 slices, 512x512) ...", flush=True)
+        studies = phantoms(exe, os.path.join(work, "ph"), 4242, 14)
+        big = dt.generate(os.path.join(work, "ingest"), count=200)
+        import pydicom
+        for f in big:  # a chest series: stored, never triaged, so it adds no jobs
+            ds = pydicom.dcmread(f)
+            ds.BodyPartExamined, ds.StudyDescription, ds.SeriesDescription = "CHEST", "CT CHEST", "AXIAL"
+            ds.save_as(f)
+        nslices = len(studies[0])
+
+        node = dt.Node(exe, os.path.join(work, "node"), {
+            "triage.model": model, "triage.quiet_seconds": QUIET, "log.level": "info"})
+        node.start()
+        # Warm-up: the model file is paged in, OpenBLAS threads started.
+        storescu(node.port, studies[0], work)
+        wait_results(node, 1)
+
+        # 1. latency, one study at a time.
+        lat = []
+        for i in (1, 2, 3):
+            storescu(node.port, studies[i], work)
+            wait_results(node, 1 + i)
+        rows = node.query(
+            "SELECT r.created_at - s.last_instance_at, r.ms_pixels, r.ms_model, r.ms_total"
+            " FROM results r JOIN series s ON s.id = r.series_ref ORDER BY r.created_at")
+        for row in rows[1:4]:
+            lat.append((row[0] - QUIET * 1000) / 1000.0)
+        parts = rows[1:4]
+        latency = statistics.median(lat)
+
+        # 2. ingest without inference (median of 3).
+        base = []
+        for _ in range(3):
+            base.append(storescu(node.port, big, work))
+            time.sleep(0.5)
+
+        # 3. ten studies back to back; 4. ingest while they are being triaged.
+        t_send = time.monotonic()
+        for i in range(4, 14):
+            storescu(node.port, studies[i], work)
+        busy = []
+        time.sleep(QUIET + 0.5)
+        for _ in range(3):
+            running = node.query("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0]
+            busy.append(storescu(node.port, big, work))
+            if running == 0:
+                print("warning: inference was idle during a loaded ingest run")
+        wait_results(node, 14)
+        span = node.query(
+            "SELECT min(s.completed_at), max(r.created_at) FROM results r JOIN series s"
+            " ON s.id = r.series_ref WHERE r.created_at >= ?",
+            (int((time.time() - (time.monotonic() - t_send)) * 1000),))[0]
+        per_min = 10 * 60000.0 / (span[1] - span[0])
+        slowdown = statistics.median(busy) / statistics.median(base)
+        node.stop()
+
+        print()
+        print("%-44s %s" % ("series", "%d slices, 512x512, quiet period %d s" % (nslices, QUIET)))
+        for i, (l, p) in enumerate(zip(lat, parts)):
+            print("%-44s %.3f s (decode+preprocess %.0f ms, model %.0f ms, job %.0f ms)"
+                  % ("latency, study %d" % (i + 1), l, p[1], p[2], p[3]))
+        print("%-44s %.3f s" % ("latency, median", latency))
+        print("%-44s %.1f studies/min" % ("throughput, 10 back to back", per_min))
+        print("%-44s %s s" % ("ingest 200 x 512 KB, idle", " ".join("%.2f" % t for t in base)))
+        print("%-44s %s s" % ("ingest 200 x 512 KB, inference running", " ".join("%.2f" % t for t in busy)))
+        print("%-44s %.3f" % ("ingest slowdown (median ratio)", slowdown))
+        print("RESULT triage_latency_s=%.3f studies_per_min=%.1f ingest_slowdown=%.3f"
+              % (latency, per_min, slowdown))
+    finally:
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)
+    main()
