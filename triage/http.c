@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 
 #include "log.h"
@@ -207,9 +208,33 @@ static int healthz(struct triage_http *h, h2o_req_t *req)
     return http_send_json(req, 200, o);
 }
 
+/* Without logins (loopback), a page from another site could still reach
+ * the node by pointing its own host name at 127.0.0.1 (DNS rebinding): only
+ * loopback host names are accepted in the Host header. */
+static bool loopback_host(h2o_iovec_t authority)
+{
+    char host[128];
+    size_t n = authority.len < sizeof host - 1 ? authority.len : sizeof host - 1;
+    memcpy(host, authority.base, n);
+    host[n] = '\0';
+    if (host[0] == '[') {
+        char *end = strchr(host, ']');
+        if (!end) return false;
+        end[1] = '\0';
+        return strcmp(host, "[::1]") == 0;
+    }
+    char *colon = strchr(host, ':');
+    if (colon) *colon = '\0';
+    if (strcasecmp(host, "localhost") == 0) return true;
+    struct in_addr a;
+    return inet_pton(AF_INET, host, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+}
+
 static int on_req(h2o_handler_t *self, h2o_req_t *req)
 {
     struct triage_http *h = ((struct route_handler *)self)->h;
+    if (h->loopback && !loopback_host(req->input.authority))
+        return http_send_error(req, 403, "Host must be a loopback name or address");
     char path[512];
     if (req->path_normalized.len >= sizeof path) return http_send_error(req, 404, "no such page");
     memcpy(path, req->path_normalized.base, req->path_normalized.len);

@@ -240,6 +240,12 @@ class ApiTest(wt.WebTest):
         self.assertEqual(h, {"status": "ok", "degraded": []})
         status, _, _ = wt.curl(self.node.base + "/healthz", "POST", {})
         self.assertEqual(status, 405)
+        # No login on loopback, so no other host name either (DNS rebinding).
+        status, _, body = wt.curl(self.node.base + "/api/worklist", headers=["Host: evil.example"])
+        self.assertEqual(status, 403, body)
+        for host in ("localhost", "localhost:%d" % self.node.http_port, "127.0.0.1"):
+            self.assertEqual(wt.curl(self.node.base + "/api/worklist",
+                                     headers=["Host: " + host])[0], 200, host)
 
 
 class DegradedTest(wt.WebTest):
