@@ -395,6 +395,7 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
 {
     float u = h[0], v = h[1], w = h[2];
     pt->depth = 0;
+    pt->infra = false;
     memcpy(pt->hs, h, sizeof pt->hs);
     float hw = half_width(hd, v);
     float u2 = u * u, v2 = v * v, w2 = w * w;
@@ -511,6 +512,7 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
     pt->cls = PH_PARENCHYMA;
 
     bool infra = vs > 0.04f * hd->b && ws < tent_w(hd, vs);
+    pt->infra = infra;
     if (ell_q(&hd->stem, hs) < 1.0f) {
         if (ell_q(&hd->vent[hd->nvent - 1], hs) < 1.0f) {
             pt->cls = PH_CSF_VENT;

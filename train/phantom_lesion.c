@@ -106,6 +106,7 @@ static void place_iph(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l,
         ph_head_eval(hd, h, &pt);
         if (pt.cls == PH_PARENCHYMA && pt.depth > 0.7f * l->r + 4) {
             memcpy(l->c, h, sizeof l->c);
+            l->infra = pt.infra;
             break;
         }
         if (tries == 199) {
@@ -225,7 +226,7 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
         float D = sqrtf(dd) + 1e-6f;
         float nv[3] = {d[0] / D, d[1] / D, d[2] / D};
         float re = iph_radius(l, nv);
-        if (D >= re && D < re + l->rim) {
+        if (D >= re && D < re + l->rim && pt->infra == l->infra) {
             hits[nh++] = (struct ph_hit){l->type, 0.0f, -l->rim_drop};
         }
     }
@@ -265,7 +266,8 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
             if (dd > rmax * rmax) break;
             float D = sqrtf(dd) + 1e-6f;
             float nv[3] = {d[0] / D, d[1] / D, d[2] / D};
-            if (D < iph_radius(l, nv)) hits[nh++] = (struct ph_hit){l->type, 1.0f, l->hu};
+            if (D < iph_radius(l, nv) && pt->infra == l->infra)
+                hits[nh++] = (struct ph_hit){l->type, 1.0f, l->hu};
             break;
         }
         case TRAIN_PHANTOM_INTRAVENTRICULAR: {

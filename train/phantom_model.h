@@ -109,6 +109,7 @@ struct ph_point {
     float depth;   /* mm below the inner table (brain only) */
     float hs[3];   /* h after mass effect, where internal anatomy was looked up */
     float proj[3]; /* h projected radially onto the inner table */
+    bool infra;    /* below the tentorium (posterior fossa) */
 };
 void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *pt);
 
@@ -126,6 +127,7 @@ struct ph_lesion {
     float side;          /* SDH: hemisphere sign */
     bool falx;           /* SDH: along the falx (c: its centre in the midline plane) */
     float rim, rim_drop; /* IPH oedema */
+    bool infra;          /* IPH: in the posterior fossa (the tentorium bounds it) */
     float irr[6];
     float dir[3], level; /* IVH: gravity and the fluid level along it; falx SDH: lowest w */
     float frac;          /* SAH: blood share in CSF */
