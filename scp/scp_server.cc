@@ -333,9 +333,9 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                 } else if (consumer.error() != 0) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
                     snprintf(reason, sizeof reason, "write failed: %s", strerror(consumer.error()));
-                } else if (fsync(fd) != 0) {
+                } else if (fdatasync(fd) != 0) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
-                    snprintf(reason, sizeof reason, "fsync failed: %s", strerror(errno));
+                    snprintf(reason, sizeof reason, "fdatasync failed: %s", strerror(errno));
                 }
             }
             close(fd);
