@@ -143,6 +143,11 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, char *err, s
         set_err(err, errlen, "no readable file to send");
         return 0; // nothing to associate for; every file carries its reason
     }
+    OFCondition c = scu.initNetwork();
+    if (c.bad()) {
+        set_err(err, errlen, std::string("network: ") + c.text());
+        return -1;
+    }
     if (d->tls) {
         std::string why;
         tls = make_tls(d, why);
@@ -150,16 +155,12 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, char *err, s
             set_err(err, errlen, why);
             return -1;
         }
-        OFCondition c = scu.useSecureConnection(tls.get());
+        // Only once the network exists (initNetwork), else dcmtk refuses it.
+        c = scu.useSecureConnection(tls.get());
         if (c.bad()) {
             set_err(err, errlen, std::string("TLS: ") + c.text());
             return -1;
         }
-    }
-    OFCondition c = scu.initNetwork();
-    if (c.bad()) {
-        set_err(err, errlen, std::string("network: ") + c.text());
-        return -1;
     }
     c = scu.negotiateAssociation();
     if (c.bad()) {

@@ -51,7 +51,7 @@ static void draw_strip(cairo_t *cr, const struct triage_pacs_picture *in, double
     cairo_rectangle(cr, x0, y0, w, h);
     cairo_fill(cr);
     cairo_set_source_rgb(cr, 0.85, 0.85, 0.85);
-    text_at(cr, x0, STRIP_Y + 10, 11, "probability of hemorrhage per slice (inferior to superior)");
+    text_at(cr, x0, STRIP_Y + 10, 11, "probability of hemorrhage per slice, in slice order");
     if (in->slices <= 0 || !in->p_any) return;
     double bw = w / in->slices;
     for (int i = 0; i < in->slices; i++) {

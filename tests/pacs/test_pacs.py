@@ -262,6 +262,44 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(len(failed), 2, failed)
         self.assertGreaterEqual(len(node.events("pacs_retry")), 4)
 
+    def storescp(self, name, tls=None):
+        """dcmtk's storescp on a free port (TLS with tls=(key, cert)); returns
+        (port, its output dir)."""
+        out = os.path.join(self.work, name)
+        os.makedirs(out)
+        port = dt.free_port()
+        argv = ["storescp", "-aet", name.upper(), "-od", out]
+        if tls:
+            argv += ["+tls", tls[0], tls[1], "-ic"]
+        p = subprocess.Popen(argv + [str(port)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        self.stoppers.append(lambda: (p.terminate(), p.wait(10)))
+        dt.wait_port(port)
+        return port, out
+
+    def test_tls_destination(self):
+        certs = []
+        for name in ("trusted", "stranger"):
+            key, crt = os.path.join(self.work, name + ".key"), os.path.join(self.work, name + ".pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                            key, "-out", crt, "-days", "2", "-subj", "/CN=127.0.0.1"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            certs.append((key, crt))
+        good_port, good_dir = self.storescp("secure", tls=certs[0])
+        bad_port, bad_dir = self.storescp("stranger", tls=certs[1])
+        node = self.node("tls:SECURE@127.0.0.1:%d,tls:STRANGER@127.0.0.1:%d"
+                         % (good_port, bad_port),
+                         **{"pacs.tls_ca": certs[0][1], "pacs.max_attempts": 2})
+        _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=34)
+        self.send(node, files)
+        rows = self.wait_deliveries(node, lambda r: r[2] in ("sent", "failed"), 4)
+        by_dest = {}
+        for r in rows:
+            by_dest.setdefault(r[0].split("@")[0], set()).add(r[2])
+        self.assertEqual(by_dest, {"tls:SECURE": {"sent"}, "tls:STRANGER": {"failed"}}, rows)
+        self.assertEqual(len(os.listdir(good_dir)), 2)
+        self.assertEqual(os.listdir(bad_dir), [])
+
 
 if __name__ == "__main__":
     MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
