@@ -99,6 +99,9 @@ struct db_outbox_failure {
 typedef int (*db_outbox_failure_fn)(void *ud, const struct db_outbox_failure *f);
 int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud);
 
+/* Deliveries given up at or after since_ms (the page's banner). */
+int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *out);
+
 struct db_outbox_counts {
     int64_t pending, sent, failed;
 };

@@ -379,3 +379,19 @@ int db_outbox_counts(struct db *db, struct db_outbox_counts *out)
     sqlite3_finalize(st);
     return rc == SQLITE_DONE ? 0 : -1;
 }
+
+int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *out)
+{
+    *out = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT count(*) FROM pacs_deliveries WHERE state = 'failed'"
+                           " AND last_attempt_at >= ?1",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, since_ms);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
+}

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/statvfs.h>
 
+#include "db_outbox.h"
 #include "db_web.h"
 #include "scp.h"
 
@@ -27,6 +28,16 @@ cJSON *http_degraded(struct triage_http *h)
         char msg[160];
         snprintf(msg, sizeof msg, "triage jobs failing: %lld failed in the last hour",
                  (long long)failed);
+        cJSON_AddItemToArray(a, cJSON_CreateString(msg));
+    }
+    int64_t undelivered = 0; /* results to PACS given up (triage/pacs.c) */
+    if (db_outbox_failed_since(h->db, http_now_ms() - 86400 * 1000, &undelivered) == 0 &&
+        undelivered > 0) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "results not delivered to PACS: %lld objects given up in the last day"
+                 " (log event pacs_delivery_failed)",
+                 (long long)undelivered);
         cJSON_AddItemToArray(a, cJSON_CreateString(msg));
     }
     return a;
@@ -115,6 +126,14 @@ int http_metrics(struct triage_http *h, h2o_req_t *req)
     add(&t, "ichtriage_jobs_done_total %lld\n", (long long)m.jobs_done);
     metric(&t, "ichtriage_jobs_failed_total", "counter", "Triage jobs that failed.");
     add(&t, "ichtriage_jobs_failed_total %lld\n", (long long)m.jobs_failed);
+    struct db_outbox_counts oc;
+    if (db_outbox_counts(h->db, &oc) == 0) {
+        metric(&t, "ichtriage_pacs_deliveries", "gauge",
+               "Result objects (SR, SC) to PACS destinations, by state; failed: given up.");
+        add(&t, "ichtriage_pacs_deliveries{state=\"pending\"} %lld\n", (long long)oc.pending);
+        add(&t, "ichtriage_pacs_deliveries{state=\"sent\"} %lld\n", (long long)oc.sent);
+        add(&t, "ichtriage_pacs_deliveries{state=\"failed\"} %lld\n", (long long)oc.failed);
+    }
     metric(&t, "ichtriage_triage_latency_seconds", "histogram",
            "From a series' job being queued to its result.");
     for (int b = 0; b < DB_LATENCY_BUCKETS; b++) {

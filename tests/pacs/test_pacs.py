@@ -261,6 +261,13 @@ class PacsTest(itest.NodeTest):
         failed = node.events("pacs_delivery_failed")
         self.assertEqual(len(failed), 2, failed)
         self.assertGreaterEqual(len(node.events("pacs_retry")), 4)
+        # Visible on the page (its degraded banner, also in /healthz) and in /metrics.
+        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
+        self.assertTrue(any("not delivered to PACS: 2 objects" in d for d in health["degraded"]),
+                        health)
+        metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics"
+                                         % node.http_port).read().decode()
+        self.assertIn('ichtriage_pacs_deliveries{state="failed"} 2\n', metrics)
 
     def storescp(self, name, tls=None):
         """dcmtk's storescp on a free port (TLS with tls=(key, cert)); returns
