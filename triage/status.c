@@ -91,10 +91,10 @@ static void gather(struct status *s)
     snprintf(s->spool, sizeof s->spool, "%s/spool", s->store_dir);
     s->listening = port_listening(s->port);
     if (s->listening == 0) problem(s, "dicom port not listening (is the node running?)");
-    /* Shown, not judged: the HTTP API is not in every build yet. */
     const char *colon = strrchr(s->http_listen, ':');
     long http_port = colon ? strtol(colon + 1, NULL, 10) : 0;
     s->http_listening = http_port > 0 && http_port < 65536 ? port_listening(http_port) : -1;
+    if (s->http_listening == 0) problem(s, "http (worklist, API) not listening");
 
     s->db_ok = db_status_read(s->db_path, true, &s->db, s->db_err, sizeof s->db_err) == 0;
     if (!s->db_ok)

@@ -70,8 +70,10 @@ class Backup(itest.NodeTest):
                 f.write(b"\0" * 1000)
         return path
 
-    def status(self, store_dir, port, *extra):
+    def status(self, store_dir, port, *extra, http_port=None):
         extra = ("triage.model=" + self.model_file(),) + extra
+        if http_port:
+            extra += ("http.listen=127.0.0.1:%d" % http_port,)
         rc, out, err = ichtriage("status", "--json", *store_args(store_dir, port, extra))
         self.assertIn(rc, (0, 1), err)
         doc = json.loads(out)
@@ -81,10 +83,11 @@ class Backup(itest.NodeTest):
     # --- status -----------------------------------------------------------
     def test_status(self):
         node, files = self.received(series=2, count=3)
-        rc, doc = self.status(node.store_dir, node.port)
+        rc, doc = self.status(node.store_dir, node.port, http_port=node.http_port)
         self.assertEqual(rc, 0, doc)
         self.assertEqual(doc["problems"], [])
         self.assertIs(doc["dicom"]["listening"], True)
+        self.assertIs(doc["http"]["listening"], True)
         db = doc["database"]
         self.assertEqual(db["quick_check"], "ok")
         self.assertEqual((db["studies"], db["series"], db["instances"]), (2, 2, 6))
@@ -102,13 +105,14 @@ class Backup(itest.NodeTest):
         self.assertEqual(doc["model"], {"found": True, "path": self.model_file(), "bytes": 1000,
                                         "modified_at": doc["model"]["modified_at"]})
         # No model: triage cannot run, a problem.
-        rc, doc = self.status(node.store_dir, node.port, "triage.model=/nonexistent/m.safetensors")
+        rc, doc = self.status(node.store_dir, node.port, "triage.model=/nonexistent/m.safetensors",
+                              http_port=node.http_port)
         self.assertEqual(rc, 1)
         self.assertFalse(doc["model"]["found"])
         self.assertTrue([p for p in doc["problems"] if "model" in p], doc["problems"])
         # The text form says the same, without patient names.
-        rc, out, _ = ichtriage("status", *store_args(node.store_dir, node.port,
-                                                     ["triage.model=" + self.model_file()]))
+        rc, out, _ = ichtriage("status", *store_args(node.store_dir, node.port, [
+            "triage.model=" + self.model_file(), "http.listen=127.0.0.1:%d" % node.http_port]))
         self.assertEqual(rc, 0, out)
         self.assertIn("6 instances", out)
         self.assertIn("health        ok", out)
@@ -116,11 +120,12 @@ class Backup(itest.NodeTest):
         for n in names:
             self.assertNotIn(n, out)
         # Problems: the disk below the low-water mark, the node gone.
-        rc, doc = self.status(node.store_dir, node.port, "store.min_free_mb=1073741824")
+        rc, doc = self.status(node.store_dir, node.port, "store.min_free_mb=1073741824",
+                              http_port=node.http_port)
         self.assertEqual(rc, 1)
         self.assertFalse(doc["disk"]["ok"])
         self.assertEqual(node.stop(), 0)
-        rc, doc = self.status(node.store_dir, node.port)
+        rc, doc = self.status(node.store_dir, node.port, http_port=node.http_port)
         self.assertEqual(rc, 1)
         self.assertIs(doc["dicom"]["listening"], False)
         self.assertEqual(doc["database"]["instances"], 6, "status must read a stopped node's store")
@@ -140,6 +145,7 @@ class Backup(itest.NodeTest):
         _, doc = self.status(os.path.join(self.work, "none"), dt.free_port(),
                              "http.listen=127.0.0.1:%d" % port)
         self.assertIs(doc["http"]["listening"], False)
+        self.assertTrue([p for p in doc["problems"] if p.startswith("http")], doc["problems"])
 
     def test_status_without_a_store(self):
         missing = os.path.join(self.work, "nothing")
@@ -156,7 +162,7 @@ class Backup(itest.NodeTest):
             page = 4096
             f.seek(page)
             f.write(b"\x5a" * (size - page))
-        rc, doc = self.status(node.store_dir, node.port)
+        rc, doc = self.status(node.store_dir, node.port, http_port=node.http_port)
         self.assertEqual(rc, 1)
         self.assertTrue(doc["problems"], doc)
 
@@ -216,7 +222,7 @@ class Backup(itest.NodeTest):
         self.assertEqual(len([p for p in restored if p.startswith("spool/")]), 8)
         self.assertEqual({p[len("models/"):]: c for p, c in restored.items()
                           if p.startswith("models/")}, registry)
-        rc, doc = self.status(store2, node2.port)
+        rc, doc = self.status(store2, node2.port, http_port=node2.http_port)
         self.assertEqual(rc, 0, doc)
         self.assertEqual(doc["database"]["instances"], 8)
         # And it keeps working: the late series can be sent again.
