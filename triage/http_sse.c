@@ -1,7 +1,8 @@
 /* triage/http_sse.c: server-sent events (GET /api/events) and what is
- * pushed on them. Each event "worklist" carries the whole open worklist in
- * order, the uids of rows that changed or left, and the uids of studies
- * newly flagged (for the page's sound and notification and the webhook).
+ * pushed on them. Each event "worklist" carries the rows that are new or
+ * changed, the uids of rows that left, the order of the open list when it
+ * changed, and the uids of studies newly flagged (for the page's sound and
+ * notification, and the webhook); a stream's first event carries all.
  * The server owns each stream (struct http_sse) until h2o stops it or the
  * server ends it. */
 #include "http_internal.h"
