@@ -171,7 +171,10 @@ nn_st_file *nn_st_open(const char *path, char *err, size_t errlen)
     const cJSON *j;
     cJSON_ArrayForEach(j, f->root)
     {
-        if (!j->string) goto fail;
+        if (!j->string) {
+            nn_errf(err, errlen, "%s: header entry without a name", path);
+            goto fail;
+        }
         if (strcmp(j->string, "__metadata__") == 0) {
             if (!cJSON_IsObject(j)) {
                 nn_errf(err, errlen, "%s: __metadata__ is not an object", path);
