@@ -1,8 +1,9 @@
 /* triage/status.c: `ichtriage status [--json]`. Everything is read from the
  * outside (the database read-only, the spool, the file system, the kernel's
  * socket table), so it works whether or not the node runs, and it never
- * changes anything. It reports what the node has today: reception and the
- * index; triage, the model and delivery join as they land. */
+ * changes anything: ports, the index, the triage queue, the model file,
+ * disk. What the running node itself holds in memory (the model it loaded)
+ * is in its sd_notify STATUS= line instead. */
 #include "status.h"
 
 #include <cjson/cJSON.h>
