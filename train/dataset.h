@@ -54,6 +54,12 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
  * unknown), as used for the node's reviewed studies. Returns 0 or -1. */
 int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
                              const uint8_t study[TRAIN_LABELS], char *err, size_t errlen);
+/* Appends the node's reviewed studies (train/reviews.c): every series in
+ * <store_dir>/spool of each study whose latest review is in
+ * <store_dir>/ichtriage.db, with the review as study-level labels. *added
+ * gets the number of series. Returns 0 or -1 with a message. */
+int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, int *added, char *err,
+                              size_t errlen);
 void train_dataset_free(struct train_dataset *d);
 
 /* Splits by patient: every series of a patient gets the same split;

@@ -29,6 +29,7 @@ struct opts {
     int reg;
     int no_augment;
     int val_any; /* early stopping on the AUC of "any" alone */
+    int reviews; /* the node's reviewed studies as data too */
 };
 
 struct state {
@@ -47,69 +48,59 @@ static double now(void)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: ichtriage train [options] DATA...\n"
-            "Trains an LRCN (CNN per slice, BiLSTM across slices, 6 labels) in two stages on\n"
-            "folders in the RSNA 2019 layout (phantom folders too), evaluates it and writes a\n"
-            "report. Decision support, not a diagnosis.\n\n"
-            "  -o, --out FILE          the trained model (default model.safetensors)\n"
-            "  --workdir DIR           checkpoints, history, report (default OUT.work); a run\n"
-            "                          that finds its checkpoints there resumes\n"
-            "  --cache DIR             preprocessed-slice cache (default DATA/.ichtriage-cache)\n"
-            "  --arch small|vgg19|SPEC architecture (default small)\n"
-            "  --init FILE             start from these weights (a model file, e.g. VGG19 made\n"
-            "                          by tools/vgg19_to_ichtriage.py)\n"
-            "  --windows C/W,C/W,C/W   channel windows (default 40/80,80/200,600/2800)\n"
-            "  --input N               slice size N x N (default 128)\n"
-            "  --seed N                split, weights, shuffles, augmentation (default 1)\n"
-            "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30)\n"
-            "  --patience N            epochs without a better validation score (default 3)\n"
-            "  --batch N               slices per stage-1 step (default 32)\n"
-            "  --series-batch N        series per stage-2 step (default 8)\n"
-            "  --slices-per-epoch N    stage-1 slices drawn per epoch (default: all)\n"
-            "  --lr1 X, --lr2 X        Adam learning rates (default 1e-3, 1e-3)\n"
-            "  --lr-decay F            stage-1 learning rate times F after each epoch (1)\n"
-            "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
-            "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
-            "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
-            "                          over the labels (default) or on that of \"any\"\n"
-            "  --threads N             BLAS threads (default: all cores)\n"
-            "  --no-augment            (tests) no augmentation\n"
-            "  --provenance TEXT       added to the model's provenance\n"
-            "  --register              register the model under <store.dir>/models\n"
-            "  -c FILE, --set K=V      configuration (store.dir for --register)\n"
-            "  -h, --help              this text\n");
+    fprintf(
+        f,
+        "usage: ichtriage train [options] DATA...\n"
+        "Trains an LRCN (CNN per slice, BiLSTM across slices, 6 labels) in two stages on\n"
+        "folders in the RSNA 2019 layout (phantom folders too), evaluates it and writes a\n"
+        "report. Decision support, not a diagnosis.\n\n"
+        "  -o, --out FILE          the trained model (default model.safetensors)\n"
+        "  --workdir DIR           checkpoints, history, report (default OUT.work); a run\n"
+        "                          that finds its checkpoints there resumes\n"
+        "  --cache DIR             preprocessed-slice cache (default DATA/.ichtriage-cache)\n"
+        "  --arch small|vgg19|SPEC architecture (default small)\n"
+        "  --init FILE             start from these weights (a model file, e.g. VGG19 made\n"
+        "                          by tools/vgg19_to_ichtriage.py)\n"
+        "  --windows C/W,C/W,C/W   channel windows (default 40/80,80/200,600/2800)\n"
+        "  --input N               slice size N x N (default 128)\n"
+        "  --seed N                split, weights, shuffles, augmentation (default 1)\n"
+        "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30)\n"
+        "  --patience N            epochs without a better validation score (default 3)\n"
+        "  --batch N               slices per stage-1 step (default 32)\n"
+        "  --series-batch N        series per stage-2 step (default 8)\n"
+        "  --slices-per-epoch N    stage-1 slices drawn per epoch (default: all)\n"
+        "  --lr1 X, --lr2 X        Adam learning rates (default 1e-3, 1e-3)\n"
+        "  --lr-decay F            stage-1 learning rate times F after each epoch (1)\n"
+        "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
+        "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
+        "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
+        "                          over the labels (default) or on that of \"any\"\n"
+        "  --threads N             BLAS threads (default: all cores)\n"
+        "  --no-augment            (tests) no augmentation\n"
+        "  --provenance TEXT       added to the model's provenance\n"
+        "  --register              register the model under <store.dir>/models\n"
+        "  --reviews               also learn from the node's reviewed studies (study-level\n"
+        "                          labels from <store.dir>/ichtriage.db, images from its spool)\n"
+        "  -c FILE, --set K=V      configuration (store.dir for --register)\n"
+        "  -h, --help              this text\n");
 }
 
 static int parse(struct opts *o, int argc, char **argv)
 {
-    static const struct option lo[] = {{"out", 1, 0, 'o'},
-                                       {"workdir", 1, 0, 'w'},
-                                       {"cache", 1, 0, 'C'},
-                                       {"arch", 1, 0, 'a'},
-                                       {"init", 1, 0, 'I'},
-                                       {"windows", 1, 0, 'W'},
-                                       {"input", 1, 0, 'i'},
-                                       {"seed", 1, 0, 's'},
-                                       {"epochs1", 1, 0, '1'},
-                                       {"epochs2", 1, 0, '2'},
-                                       {"patience", 1, 0, 'p'},
-                                       {"batch", 1, 0, 'b'},
-                                       {"series-batch", 1, 0, 'B'},
-                                       {"slices-per-epoch", 1, 0, 'S'},
-                                       {"lr1", 1, 0, 'l'},
-                                       {"lr2", 1, 0, 'L'},
-                                       {"val", 1, 0, 'v'},
-                                       {"test", 1, 0, 't'},
-                                       {"sensitivity", 1, 0, 'x'},
-                                       {"threads", 1, 0, 'T'},
-                                       {"no-augment", 0, 0, 'N'},
-                                       {"provenance", 1, 0, 'P'},
-                                       {"register", 0, 0, 'R'},
-                                       {"val-metric", 1, 0, 'M'},
-                                       {"lr-decay", 1, 0, 'y'},
-                                       {"help", 0, 0, 'h'},
-                                       {0, 0, 0, 0}};
+    static const struct option lo[] = {{"out", 1, 0, 'o'},          {"workdir", 1, 0, 'w'},
+                                       {"cache", 1, 0, 'C'},        {"arch", 1, 0, 'a'},
+                                       {"init", 1, 0, 'I'},         {"windows", 1, 0, 'W'},
+                                       {"input", 1, 0, 'i'},        {"seed", 1, 0, 's'},
+                                       {"epochs1", 1, 0, '1'},      {"epochs2", 1, 0, '2'},
+                                       {"patience", 1, 0, 'p'},     {"batch", 1, 0, 'b'},
+                                       {"series-batch", 1, 0, 'B'}, {"slices-per-epoch", 1, 0, 'S'},
+                                       {"lr1", 1, 0, 'l'},          {"lr2", 1, 0, 'L'},
+                                       {"val", 1, 0, 'v'},          {"test", 1, 0, 't'},
+                                       {"sensitivity", 1, 0, 'x'},  {"threads", 1, 0, 'T'},
+                                       {"no-augment", 0, 0, 'N'},   {"provenance", 1, 0, 'P'},
+                                       {"register", 0, 0, 'R'},     {"val-metric", 1, 0, 'M'},
+                                       {"lr-decay", 1, 0, 'y'},     {"reviews", 0, 0, 'V'},
+                                       {"help", 0, 0, 'h'},         {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
                        .arch = "small",
                        .seed = 1,
@@ -198,6 +189,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'R':
             o->reg = 1;
             break;
+        case 'V':
+            o->reviews = 1;
+            break;
         case 'y':
             o->lr_decay = strtof(optarg, NULL);
             break;
@@ -219,8 +213,8 @@ static int parse(struct opts *o, int argc, char **argv)
         }
         o->data[o->ndata++] = argv[i];
     }
-    if (o->ndata == 0) {
-        fprintf(stderr, "ichtriage train: no DATA folder given\n");
+    if (o->ndata == 0 && !o->reviews) {
+        fprintf(stderr, "ichtriage train: no DATA folder given (nor --reviews)\n");
         return -1;
     }
     if (o->input_hw < 16 || o->input_hw > 512 || o->epochs1 < 0 || o->epochs2 < 0 ||
@@ -719,6 +713,18 @@ int train_train_main(int argc, char **argv)
             fprintf(stderr, "ichtriage train: %s\n", err);
             goto out;
         }
+    }
+    if (o.reviews) {
+        int added = 0;
+        if (train_dataset_add_reviews(&d, triage_config_str(&cfg, CFG_STORE_DIR), &added, err,
+                                      sizeof err) != 0) {
+            fprintf(stderr, "ichtriage train: reviews: %s\n", err);
+            goto out;
+        }
+    }
+    if (d.nseries == 0) {
+        fprintf(stderr, "ichtriage train: no labelled series found\n");
+        goto out;
     }
     train_dataset_split(&d, o.seed, o.val_frac, o.test_frac);
     int cnt[3], pos[3];

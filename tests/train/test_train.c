@@ -215,3 +215,114 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
     train_dataset_free(&d);
     nn_model_free(m);
 }
+
+/* The node's reviewed studies: files in the spool, a review in the database
+ * -> series with the review as study-level labels and unknown slice labels. */
+#include <stdio.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "db.h"
+#include "db_reviews.h"
+#include "phantom.h"
+#include "scp_info.h"
+
+static void copy(const char *src, const char *dst)
+{
+    FILE *a = fopen(src, "rb"), *b = fopen(dst, "wb");
+    cr_assert(a && b);
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, a)) > 0)
+        fwrite(buf, 1, n, b);
+    fclose(a), fclose(b);
+}
+
+Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-reviews-XXXXXX";
+    cr_assert(mkdtemp(tmp));
+    char ph[300], store[300], err[512];
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(store, sizeof store, "%s/store", tmp);
+    struct train_phantom_opts o;
+    train_phantom_opts_default(&o);
+    o.outdir = ph, o.seed = 5, o.count = 3, o.size = 64, o.slices_min = o.slices_max = 6;
+    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    mkdir(store, 0755);
+    char spool[400];
+    snprintf(spool, sizeof spool, "%s/spool", store);
+    mkdir(spool, 0755);
+    char dbp[400];
+    snprintf(dbp, sizeof dbp, "%s/ichtriage.db", store);
+    struct db *db;
+    cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
+    /* Index every file into the spool. */
+    char cmd[700], line[1024], studies[3][SCP_UID_MAX];
+    int nst = 0;
+    snprintf(cmd, sizeof cmd, "ls %s/stage_2_train/*.dcm", ph);
+    FILE *ls = popen(cmd, "r");
+    while (fgets(line, sizeof line, ls)) {
+        line[strcspn(line, "\n")] = 0;
+        struct scp_info in;
+        cr_assert_eq(scp_info_read(line, &in, err, sizeof err), 0);
+        char dir[1200], rel[1200], dst[1600];
+        snprintf(dir, sizeof dir, "%s/spool/%s", store, in.study_uid);
+        mkdir(dir, 0755);
+        snprintf(dir + strlen(dir), sizeof dir - strlen(dir), "/%s", in.series_uid);
+        mkdir(dir, 0755);
+        snprintf(rel, sizeof rel, "spool/%s/%s/%s.dcm", in.study_uid, in.series_uid, in.sop_uid);
+        snprintf(dst, sizeof dst, "%s/%s", store, rel);
+        copy(line, dst);
+        struct db_instance di = {.patient_id = in.patient_id,
+                                 .study_uid = in.study_uid,
+                                 .series_uid = in.series_uid,
+                                 .sop_uid = in.sop_uid,
+                                 .sop_class = in.sop_class,
+                                 .modality = "CT",
+                                 .file_path = rel,
+                                 .series_number = -1,
+                                 .instance_number = -1,
+                                 .rows = in.rows,
+                                 .columns = in.columns};
+        char old[600];
+        cr_assert_eq(db_instance_put(db, &di, old, sizeof old, err, sizeof err), 0, "%s", err);
+        int seen = 0;
+        for (int k = 0; k < nst; k++)
+            seen |= strcmp(studies[k], in.study_uid) == 0;
+        if (!seen && nst < 3) snprintf(studies[nst++], SCP_UID_MAX, "%s", in.study_uid);
+    }
+    pclose(ls);
+    cr_assert_eq(nst, 3);
+    /* Two reviewed (one positive with a subtype), one not reviewed. */
+    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", "", "dr a", 1000, err, sizeof err),
+                 0, "%s", err);
+    cr_assert_eq(db_review_add(db, studies[1], false, "", "", "dr b", 2000, err, sizeof err), 0,
+                 "%s", err);
+    db_close(db);
+
+    struct train_dataset d;
+    struct triage_windows w;
+    triage_windows_default(&w);
+    train_dataset_init(&d, &w, 3, 32, 32);
+    int added = 0;
+    cr_assert_eq(train_dataset_add_reviews(&d, store, &added, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(added, 2);
+    cr_assert_eq(d.nseries, 2);
+    for (int i = 0; i < d.nseries; i++) {
+        const struct train_series *s = &d.series[i];
+        cr_assert_eq(s->slice_labels, 0);
+        cr_assert_eq(s->n, 6);
+        cr_assert_eq(d.labels[s->first * TRAIN_LABELS], TRAIN_LABEL_UNKNOWN);
+        int pos = strcmp(s->study_uid, studies[0]) == 0;
+        cr_assert_eq(s->study[0], pos);
+        cr_assert_eq(s->study[5], pos); /* subdural */
+        cr_assert_eq(s->study[1], 0);
+    }
+    train_dataset_free(&d);
+    /* No database: a clear error. */
+    cr_assert_neq(train_dataset_add_reviews(&d, tmp, &added, err, sizeof err), 0);
+    cr_assert(strstr(err, "no database"), "%s", err);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    cr_assert_eq(system(cmd), 0);
+}
