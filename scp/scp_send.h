@@ -39,13 +39,18 @@ struct scp_send_file {
  * took the object. */
 bool scp_send_status_ok(int status);
 
+/* Called (on the calling thread) as soon as the peer answered files[i], so
+ * that the caller can record the acknowledgement before the next file. */
+typedef void (*scp_send_answered_fn)(void *ud, int i, const struct scp_send_file *f);
+
 /* Opens an association to dest proposing each file's SOP class (its own
  * transfer syntax, then the uncompressed ones), stores files[0..n) in
  * order and releases. Returns 0 when the association was established (each
- * file's outcome is in files[i]), -1 when it was not (rejected, refused,
- * timed out, TLS failure: why in err, every file's status -1). Never throws. */
-int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n, char *err,
-                   size_t errlen);
+ * file's outcome is in files[i]; answered, if not NULL, was called for each
+ * file the peer answered), -1 when it was not (rejected, refused, timed
+ * out, TLS failure: why in err, every file's status -1). Never throws. */
+int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n,
+                   scp_send_answered_fn answered, void *ud, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

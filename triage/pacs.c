@@ -308,6 +308,52 @@ static int64_t backoff_ms(const struct triage_pacs *p, int attempts)
     return wait < p->max_retry_ms ? wait : p->max_retry_ms;
 }
 
+/* Records one delivery's attempt: sent, retried later, or given up. start:
+ * when the attempt began; the objects of one association are retried
+ * together. */
+static void record(struct triage_pacs *p, const struct db_outbox_delivery *x, bool ok, int status,
+                   const char *why, bool configured, int64_t start)
+{
+    int64_t now = now_ms();
+    if (ok) {
+        if (db_outbox_sent(p->db, x->id, now) != 0)
+            util_log(UTIL_LOG_ERROR, "pacs_record_failed", "delivery=%lld", (long long)x->id);
+        util_log(UTIL_LOG_INFO, "pacs_sent",
+                 "study=%s object=%s sop=%s destination=%s status=0x%04X", x->study_uid, x->object,
+                 x->sop_uid, x->destination, (unsigned)status);
+        return;
+    }
+    int attempts = x->attempts + 1;
+    bool give_up = !configured || attempts >= p->max_attempts;
+    int64_t next = start + backoff_ms(p, attempts);
+    db_outbox_attempt_failed(p->db, x->id, why, now, next, give_up);
+    if (give_up)
+        util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
+                 "study=%s object=%s sop=%s destination=%s attempts=%d reason=\"%s\"", x->study_uid,
+                 x->object, x->sop_uid, x->destination, attempts, why);
+    else
+        util_log(UTIL_LOG_WARN, "pacs_retry",
+                 "study=%s object=%s destination=%s attempt=%d next_in_ms=%lld reason=\"%s\"",
+                 x->study_uid, x->object, x->destination, attempts, (long long)(next - now), why);
+}
+
+/* One association's deliveries; which of them the peer has answered. */
+struct group {
+    struct triage_pacs *p;
+    const struct db_outbox_delivery *g;
+    int64_t start;
+    bool answered[BATCH];
+};
+
+/* The peer's answer is committed before the next object goes out, so a
+ * crash cannot forget an acknowledgement of an earlier object. */
+static void on_answered(void *ud, int i, const struct scp_send_file *f)
+{
+    struct group *gr = ud;
+    gr->answered[i] = true;
+    record(gr->p, &gr->g[i], scp_send_status_ok(f->status), f->status, f->error, true, gr->start);
+}
+
 /* Sends the deliveries of one destination (one association). */
 static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g, int n)
 {
@@ -318,6 +364,7 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
         snprintf(paths[i], sizeof paths[i], "%s/%s", p->store_dir, g[i].file_path);
         files[i] = (struct scp_send_file){.path = paths[i]};
     }
+    struct group gr = {.p = p, .g = g, .start = now_ms()};
     char err[512] = "";
     int rc = -1;
     if (d) {
@@ -332,36 +379,13 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
             .tls_cert = p->tls_cert,
             .tls_key = p->tls_key,
         };
-        rc = scp_send_files(&sd, files, n, err, sizeof err);
+        rc = scp_send_files(&sd, files, n, on_answered, &gr, err, sizeof err);
     } else {
         snprintf(err, sizeof err, "destination no longer configured");
     }
-    int64_t now = now_ms();
-    for (int i = 0; i < n; i++) {
-        const struct db_outbox_delivery *x = &g[i];
-        if (rc == 0 && scp_send_status_ok(files[i].status)) {
-            if (db_outbox_sent(p->db, x->id, now) != 0)
-                util_log(UTIL_LOG_ERROR, "pacs_record_failed", "delivery=%lld", (long long)x->id);
-            util_log(UTIL_LOG_INFO, "pacs_sent",
-                     "study=%s object=%s sop=%s destination=%s status=0x%04X", x->study_uid,
-                     x->object, x->sop_uid, x->destination, (unsigned)files[i].status);
-            continue;
-        }
-        const char *why = rc == 0 ? files[i].error : err;
-        int attempts = x->attempts + 1;
-        bool give_up = !d || attempts >= p->max_attempts;
-        int64_t next = now + backoff_ms(p, attempts);
-        db_outbox_attempt_failed(p->db, x->id, why, now, next, give_up);
-        if (give_up)
-            util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
-                     "study=%s object=%s sop=%s destination=%s attempts=%d reason=\"%s\"",
-                     x->study_uid, x->object, x->sop_uid, x->destination, attempts, why);
-        else
-            util_log(UTIL_LOG_WARN, "pacs_retry",
-                     "study=%s object=%s destination=%s attempt=%d next_in_ms=%lld reason=\"%s\"",
-                     x->study_uid, x->object, x->destination, attempts, (long long)(next - now),
-                     why);
-    }
+    for (int i = 0; i < n; i++)
+        if (!gr.answered[i])
+            record(p, &g[i], false, -1, rc == 0 ? files[i].error : err, d != NULL, gr.start);
 }
 
 static bool stopping(struct triage_pacs *p)
