@@ -53,6 +53,7 @@ static void place_extra_axial(struct ph_head *hd, struct ph_rng *r, struct ph_le
         l->t = by_size(r, size, tlo, thi);
         l->r = by_size(r, size, rlo, rhi);
         l->hu = frand(r, 55, 88);
+        if (size >= 2 && ph_rng_chance(r, 0.3)) l->swirl = frand(r, 10, 25);
     } else if (ph_rng_chance(r, 0.15)) {
         /* interhemispheric: a thin layer along one side of the falx, above
          * the corpus callosum; it makes the falx look thick and dense */
@@ -87,6 +88,7 @@ static void place_iph(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l,
     static const float rlo[4] = {1.8f, 3, 7, 14}, rhi[4] = {3, 7, 14, 26};
     l->r = by_size(r, size, rlo, rhi);
     l->hu = frand(r, 52, 80);
+    if (size >= 2 && ph_rng_chance(r, 0.3)) l->swirl = frand(r, 10, 25);
     l->rim = size == 0 ? frand(r, 0, 1) : frand(r, 1.5f, 2 + 0.25f * l->r);
     l->rim_drop = frand(r, 6, 14);
     for (int i = 0; i < 6; i++)
@@ -200,6 +202,24 @@ static bool in_brain(enum ph_class c)
            c == PH_CALC;
 }
 
+/* Density of a hematoma at h: hyperacute ones have darker, unclotted
+ * swirls (swirl HU below the rest). */
+static float blood_hu(const struct ph_lesion *l, const float h[3])
+{
+    if (l->swirl <= 0) return l->hu;
+    float b = sinf(0.45f * (h[0] + h[2]) + 9.0f * l->irr[0]) *
+              sinf(0.4f * (h[1] - h[2]) + 9.0f * l->irr[1]);
+    return b > 0 ? l->hu - l->swirl * b : l->hu;
+}
+
+/* True when pt lies in the lesion's compartment: the tentorium and, above
+ * it, the falx bound an intraparenchymal bleed. */
+static bool iph_compartment(const struct ph_lesion *l, const struct ph_point *pt)
+{
+    if (pt->infra != l->infra) return false;
+    return l->infra || fabsf(l->c[0]) < 4 || pt->hs[0] * l->c[0] > 0;
+}
+
 /* Irregular radius of an intraparenchymal lesion along unit vector n. */
 static float iph_radius(const struct ph_lesion *l, const float n[3])
 {
@@ -226,7 +246,7 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
         float D = sqrtf(dd) + 1e-6f;
         float nv[3] = {d[0] / D, d[1] / D, d[2] / D};
         float re = iph_radius(l, nv);
-        if (D >= re && D < re + l->rim && pt->infra == l->infra) {
+        if (D >= re && D < re + l->rim && iph_compartment(l, pt)) {
             hits[nh++] = (struct ph_hit){l->type, 0.0f, -l->rim_drop};
         }
     }
@@ -256,7 +276,8 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
                 if (pt->proj[0] * l->side < 1.0f) break; /* the falx stops it */
                 prof = sqrtf(sqrtf(1.0f - q2));          /* crescent, full along its length */
             }
-            if (pt->depth < l->t * prof) hits[nh++] = (struct ph_hit){l->type, 1.0f, l->hu};
+            if (pt->depth < l->t * prof)
+                hits[nh++] = (struct ph_hit){l->type, 1.0f, blood_hu(l, pt->hs)};
             break;
         }
         case TRAIN_PHANTOM_INTRAPARENCHYMAL: {
@@ -266,8 +287,12 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
             if (dd > rmax * rmax) break;
             float D = sqrtf(dd) + 1e-6f;
             float nv[3] = {d[0] / D, d[1] / D, d[2] / D};
-            if (D < iph_radius(l, nv) && pt->infra == l->infra)
-                hits[nh++] = (struct ph_hit){l->type, 1.0f, l->hu};
+            if (D < iph_radius(l, nv) && iph_compartment(l, pt)) {
+                /* blood that reaches a ventricle is intraventricular */
+                int type =
+                    pt->cls == PH_CSF_VENT ? (int)TRAIN_PHANTOM_INTRAVENTRICULAR : (int)l->type;
+                hits[nh++] = (struct ph_hit){type, 1.0f, blood_hu(l, pt->hs)};
+            }
             break;
         }
         case TRAIN_PHANTOM_INTRAVENTRICULAR: {

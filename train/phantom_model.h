@@ -121,6 +121,7 @@ bool ph_head_in_vent(const struct ph_head *hd, const float h[3], int first, int 
 struct ph_lesion {
     enum train_phantom_subtype type;
     float hu;
+    float swirl;         /* EDH, IPH: HU less in the unclotted swirls */
     float c[3];          /* centre; EDH/SDH: inner-table point */
     float r;             /* tangential extent, radius */
     float t;             /* EDH/SDH thickness */
