@@ -307,6 +307,28 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(len(os.listdir(good_dir)), 2)
         self.assertEqual(os.listdir(bad_dir), [])
 
+    def test_send_flagged_only(self):
+        port, out = self.storescp("flagged")
+        _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=35)
+        # Not flagged (random weights, threshold 0.5): recorded as skipped, nothing sent.
+        node = self.node("FLAGGED@127.0.0.1:%d" % port, **{"pacs.send": "flagged"})
+        self.send(node, files)
+        deadline = time.monotonic() + 30
+        revs = []
+        while time.monotonic() < deadline and not revs:
+            revs = [tuple(r) for r in node.query("SELECT state, reason FROM pacs_revisions")]
+            time.sleep(0.2)
+        self.assertEqual(revs, [("skipped", "not flagged (pacs.send = flagged)")])
+        self.assertEqual(self.deliveries(node), [])
+        # Everything flagged (threshold 0.01): sent.
+        low = os.path.join(self.work, "low.safetensors")
+        subprocess.run([MAKE_MODEL, low, "b8,M,b16,M,b16,M,b16,G|", "1", "0.01"], check=True)
+        node2 = self.node("FLAGGED@127.0.0.1:%d" % port, name="node2",
+                          **{"pacs.send": "flagged", "triage.model": low})
+        self.send(node2, files)
+        self.wait_deliveries(node2, lambda r: r[2] == "sent", 2)
+        self.assertEqual(len(os.listdir(out)), 2)
+
 
 if __name__ == "__main__":
     MAKE_MODEL = os.path.abspath(sys.argv.pop(2))

@@ -1,0 +1,127 @@
+/* Unit tests of the PACS sender's pieces that need no peer: parsing
+ * pacs.destinations, drawing the summary picture, and the outbox queue's
+ * bookkeeping on a fresh database. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "db.h"
+#include "db_outbox.h"
+#include "pacs.h"
+#include "pacs_render.h"
+
+Test(pacs, destinations_parse)
+{
+    struct triage_pacs_dest d[4];
+    int n = -1;
+    char err[256];
+    cr_assert_eq(
+        triage_pacs_parse_destinations(" PACS@10.0.0.2:104 , tls:SECURE@pacs.example:2762,,", d, 4,
+                                       &n, err, sizeof err),
+        0, "%s", err);
+    cr_assert_eq(n, 2);
+    cr_expect_str_eq(d[0].aet, "PACS");
+    cr_expect_str_eq(d[0].host, "10.0.0.2");
+    cr_expect_eq(d[0].port, 104);
+    cr_expect(!d[0].tls);
+    cr_expect_str_eq(d[0].spec, "PACS@10.0.0.2:104");
+    cr_expect_str_eq(d[1].aet, "SECURE");
+    cr_expect_str_eq(d[1].host, "pacs.example");
+    cr_expect_eq(d[1].port, 2762);
+    cr_expect(d[1].tls);
+    cr_assert_eq(triage_pacs_parse_destinations("", d, 4, &n, err, sizeof err), 0);
+    cr_expect_eq(n, 0);
+}
+
+Test(pacs, destinations_refused)
+{
+    const char *bad[] = {"PACS",
+                         "PACS@host",
+                         "@host:104",
+                         "PACS@:104",
+                         "PACS@host:0",
+                         "PACS@host:65536",
+                         "PACS@host:10x",
+                         "AETITLETOOLONG123@h:1",
+                         "A@h:1,B@h:2,C@h:3"};
+    struct triage_pacs_dest d[2];
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int n;
+        char err[256] = "";
+        cr_expect_eq(triage_pacs_parse_destinations(bad[i], d, 2, &n, err, sizeof err), -1, "%s",
+                     bad[i]);
+        cr_expect(strstr(err, "pacs.destinations") != NULL, "%s: %s", bad[i], err);
+    }
+}
+
+Test(pacs, picture_has_the_slice_and_the_text)
+{
+    enum { R = 64, C = 64, S = 5 };
+    float *hu = malloc(sizeof *hu * R * C);
+    cr_assert_not_null(hu);
+    for (int i = 0; i < R * C; i++)
+        hu[i] = (i % C) < C / 2 ? -1000.0f : 80.0f; /* air left, white right */
+    float p[S] = {0.1f, 0.2f, 0.9f, 0.3f, 0.05f};
+    double sub[5] = {0.1, 0.7, 0.2, 0.1, 0.6};
+    struct triage_pacs_picture pic = {.hu = hu,
+                                      .hu_rows = R,
+                                      .hu_cols = C,
+                                      .pixel_aspect = 1,
+                                      .p_any = p,
+                                      .slices = S,
+                                      .key_index = 2,
+                                      .suspected = true,
+                                      .p_study = 0.9,
+                                      .p_subtype = sub,
+                                      .subtype_threshold = 0.5,
+                                      .model_version = "unit",
+                                      .revision = 1};
+    uint8_t *rgb = NULL;
+    int rows = 0, cols = 0;
+    char err[256];
+    cr_assert_eq(triage_pacs_render(&pic, &rgb, &rows, &cols, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(rows, TRIAGE_PACS_PICTURE_HEIGHT);
+    cr_assert_eq(cols, TRIAGE_PACS_PICTURE_WIDTH);
+    /* The image area's middle row: black on the left, white on the right. */
+    const uint8_t *mid = rgb + (size_t)(56 + 256) * (size_t)cols * 3;
+    cr_expect_eq(mid[(64) * 3], 0);
+    cr_expect_eq(mid[(448) * 3], 255);
+    /* Text was drawn in the header (some non-black pixel). */
+    int lit = 0;
+    for (int i = 0; i < 40 * cols * 3; i++)
+        lit += rgb[i] > 0;
+    cr_expect_gt(lit, 100);
+    free(rgb);
+    free(hu);
+    pic.hu = NULL;
+    cr_expect_eq(triage_pacs_render(&pic, &rgb, &rows, &cols, err, sizeof err), -1);
+}
+
+Test(pacs, outbox_counts_on_a_fresh_database)
+{
+    char dir[] = "/tmp/ichtriage-pacs-unit.XXXXXX", path[128], err[256];
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/t.db", dir);
+    struct db *db;
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_outbox_counts c;
+    cr_assert_eq(db_outbox_counts(db, &c), 0);
+    cr_expect_eq(c.pending + c.sent + c.failed, 0);
+    struct db_outbox_new fresh[4];
+    int n = -1;
+    cr_assert_eq(db_outbox_scan(db, fresh, 4, &n), 0);
+    cr_expect_eq(n, 0);
+    bool found = true;
+    int64_t at;
+    cr_assert_eq(db_outbox_next_due(db, &at, &found), 0);
+    cr_expect(!found);
+    int64_t failed = -1;
+    cr_assert_eq(db_outbox_failed_since(db, 0, &failed), 0);
+    cr_expect_eq(failed, 0);
+    db_close(db);
+    char cmd[200];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_expect_eq(system(cmd), 0);
+}
