@@ -10,6 +10,7 @@
 #define DB_OUTBOX_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "db.h"
@@ -106,5 +107,10 @@ struct db_outbox_counts {
     int64_t pending, sent, failed;
 };
 int db_outbox_counts(struct db *db, struct db_outbox_counts *out);
+/* The same from the database file at path, opened read-only (`ichtriage
+ * status`, possibly as another user); *present is false when the database
+ * predates the outbox. Returns 0, or -1 with err. */
+int db_outbox_counts_read(const char *path, struct db_outbox_counts *out, bool *present, char *err,
+                          size_t errlen);
 
 #endif

@@ -1,6 +1,7 @@
 /* db/outbox.c: the durable outbound queue of results to PACS (db_outbox.h). */
 #include "db_internal.h"
 #include "db_outbox.h"
+#include "db_status.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -359,12 +360,11 @@ int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud
     return rc == SQLITE_DONE ? 0 : -1;
 }
 
-int db_outbox_counts(struct db *db, struct db_outbox_counts *out)
+static int counts_on(sqlite3 *c, struct db_outbox_counts *out)
 {
     memset(out, 0, sizeof *out);
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(db_conn(db),
-                           "SELECT state, count(*) FROM pacs_deliveries GROUP BY state", -1, &st,
+    if (sqlite3_prepare_v2(c, "SELECT state, count(*) FROM pacs_deliveries GROUP BY state", -1, &st,
                            NULL) != SQLITE_OK)
         return -1;
     int rc;
@@ -378,6 +378,33 @@ int db_outbox_counts(struct db *db, struct db_outbox_counts *out)
     }
     sqlite3_finalize(st);
     return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_outbox_counts(struct db *db, struct db_outbox_counts *out)
+{
+    return counts_on(db_conn(db), out);
+}
+
+int db_outbox_counts_read(const char *path, struct db_outbox_counts *out, bool *present, char *err,
+                          size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    *present = false;
+    sqlite3 *c;
+    if (db_conn_open_flags(&c, path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
+    sqlite3_stmt *st;
+    int rc = 0;
+    if (sqlite3_prepare_v2(c, "SELECT 1 FROM sqlite_master WHERE name = 'pacs_deliveries'", -1, &st,
+                           NULL) != SQLITE_OK) {
+        rc = -1;
+    } else {
+        *present = sqlite3_step(st) == SQLITE_ROW;
+        sqlite3_finalize(st);
+    }
+    if (rc == 0 && *present) rc = counts_on(c, out);
+    if (rc != 0) snprintf(err, errlen, "outbox: %s", sqlite3_errmsg(c));
+    sqlite3_close(c);
+    return rc;
 }
 
 int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *out)

@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "db.h"
+#include "db_outbox.h"
 #include "db_status.h"
 #include "pipeline.h"
 
@@ -35,6 +36,8 @@ struct status {
     bool db_ok;
     char db_err[512];
     struct db_status db;
+    bool pacs_present;            /* the database has the outbox (results to PACS) */
+    struct db_outbox_counts pacs; /* deliveries by state */
     bool disk_ok;
     int64_t free_mb;   /* -1: unknown */
     int64_t in_flight; /* datasets being received (files in spool/.tmp); -1: unknown */
@@ -98,6 +101,10 @@ static void gather(struct status *s)
     if (s->http_listening == 0) problem(s, "http (worklist, API) not listening");
 
     s->db_ok = db_status_read(s->db_path, true, &s->db, s->db_err, sizeof s->db_err) == 0;
+    char pacs_err[256];
+    if (s->db_ok &&
+        db_outbox_counts_read(s->db_path, &s->pacs, &s->pacs_present, pacs_err, sizeof pacs_err))
+        s->pacs_present = false;
     if (!s->db_ok)
         problem(s, "database unreadable");
     else if (!s->db.quick_check_ok)
@@ -215,6 +222,9 @@ static void print_text(const struct status *s)
         } else {
             printf("triage        not in this database\n");
         }
+        if (s->pacs_present)
+            printf("to PACS       %lld pending, %lld sent, %lld given up\n",
+                   (long long)s->pacs.pending, (long long)s->pacs.sent, (long long)s->pacs.failed);
     } else {
         printf("database      %s\n", s->db_err);
     }
@@ -280,6 +290,13 @@ static int print_json(const struct status *s)
         json_counts(triage, "jobs_by_state", s->db.job_states, s->db.n_job_states);
         json_counts(triage, "studies_by_status", s->db.study_statuses, s->db.n_study_statuses);
         json_time(triage, "last_triage_at", s->db.last_triage_ms);
+    }
+    cJSON *pacs = s->pacs_present ? cJSON_AddObjectToObject(o, "pacs_deliveries")
+                                  : cJSON_AddNullToObject(o, "pacs_deliveries");
+    if (pacs && cJSON_IsObject(pacs)) {
+        cJSON_AddNumberToObject(pacs, "pending", (double)s->pacs.pending);
+        cJSON_AddNumberToObject(pacs, "sent", (double)s->pacs.sent);
+        cJSON_AddNumberToObject(pacs, "failed", (double)s->pacs.failed);
     }
     cJSON *model = cJSON_AddObjectToObject(o, "model");
     if (model) {

@@ -268,6 +268,11 @@ class PacsTest(itest.NodeTest):
         metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics"
                                          % node.http_port).read().decode()
         self.assertIn('ichtriage_pacs_deliveries{state="failed"} 2\n', metrics)
+        status = subprocess.run([itest.EXE, "status", "-c", "/dev/null", "--set",
+                                 "store.dir=" + node.store_dir, "--json"],
+                                stdout=subprocess.PIPE, check=False)
+        self.assertEqual(json.loads(status.stdout)["pacs_deliveries"],
+                         {"pending": 0, "sent": 0, "failed": 2})
 
     def storescp(self, name, tls=None):
         """dcmtk's storescp on a free port (TLS with tls=(key, cert)); returns
