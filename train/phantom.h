@@ -53,8 +53,8 @@ int train_phantom_opts_check(const struct train_phantom_opts *o, char *err, size
 /* Generates the studies into o->outdir (created if missing): stage_2_train.csv,
  * stage_2_train/ID_<sop>.dcm, studies.csv, lesions.csv and preview/ PNGs.
  * Refuses a folder that already holds a stage_2_train.csv. Returns 0, or -1
- * with a message in err. Single-threaded; runs in separate processes with
- * --first split a large set. */
+ * with a message in err. Single-threaded: split a large set over processes
+ * with first_study, each into its own folder. */
 int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errlen);
 
 /* The `ichtriage phantom` subcommand. Returns the process exit status. */
