@@ -82,6 +82,10 @@ int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found);
 
 /* The peer acknowledged the delivery. */
 int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms);
+/* When every delivery of the revision is sent, its files (relative paths,
+ * at most max) are no longer needed: *n of them are written to paths. */
+int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*paths)[512], int max,
+                                  int *n);
 /* An attempt failed: attempts + 1, the error kept; retried at next_at_ms, or
  * given up (state failed) when give_up. */
 int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64_t now_ms,

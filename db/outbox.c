@@ -283,6 +283,25 @@ int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms)
                "ii", id, now_ms);
 }
 
+int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*paths)[512], int max,
+                                  int *n)
+{
+    *n = 0;
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT DISTINCT file_path FROM pacs_deliveries WHERE revision_ref = ?1"
+                           " AND NOT EXISTS (SELECT 1 FROM pacs_deliveries"
+                           "  WHERE revision_ref = ?1 AND state != 'sent')",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, revision_id);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max)
+        col_text(st, 0, paths[(*n)++], sizeof paths[0]);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
 int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64_t now_ms,
                              int64_t next_at_ms, bool give_up)
 {

@@ -337,6 +337,21 @@ static void record(struct triage_pacs *p, const struct db_outbox_delivery *x, bo
                  x->study_uid, x->object, x->destination, attempts, (long long)(next - now), why);
 }
 
+/* A revision delivered everywhere needs its files no more (those of a
+ * revision given up somewhere stay, for an operator to look at or resend). */
+static void drop_delivered(struct triage_pacs *p, int64_t revision_id)
+{
+    char rel[4][512], path[1600];
+    int n = 0;
+    if (db_outbox_revision_files_done(p->db, revision_id, rel, 4, &n) != 0) return;
+    for (int i = 0; i < n; i++) {
+        snprintf(path, sizeof path, "%s/%s", p->store_dir, rel[i]);
+        if (unlink(path) != 0 && errno != ENOENT)
+            util_log(UTIL_LOG_WARN, "pacs_cleanup_failed", "file=%s reason=\"%s\"", rel[i],
+                     strerror(errno));
+    }
+}
+
 /* One association's deliveries; which of them the peer has answered. */
 struct group {
     struct triage_pacs *p;
@@ -386,6 +401,8 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
     for (int i = 0; i < n; i++)
         if (!gr.answered[i])
             record(p, &g[i], false, -1, rc == 0 ? files[i].error : err, d != NULL, gr.start);
+    for (int i = 0; i < n; i++)
+        if (i == 0 || g[i].revision_id != g[i - 1].revision_id) drop_delivered(p, g[i].revision_id);
 }
 
 static bool stopping(struct triage_pacs *p)

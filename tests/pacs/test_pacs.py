@@ -186,7 +186,11 @@ class PacsTest(itest.NodeTest):
 
         # Both objects are valid, say who made them, and name the key slice.
         import pydicom
-        paths = sorted({os.path.join(node.store_dir, r[5]) for r in rows})
+        # What storescp received, checked; the node's own copies are gone once
+        # every destination acknowledged them.
+        paths = sorted(os.path.join(scp_dir, f) for f in os.listdir(scp_dir))
+        for r in rows:
+            self.assertFalse(os.path.exists(os.path.join(node.store_dir, r[5])), r)
         key_sop, = node.query("SELECT r.key_sop FROM results r")[0:1][0]
         for path in paths:
             self.dciodvfy_clean(path)
@@ -256,6 +260,8 @@ class PacsTest(itest.NodeTest):
         for r in rows:
             self.assertEqual(r[3], 3, r)
             self.assertIn("0xA700", r[4])
+            # Kept for an operator to look at or resend.
+            self.assertTrue(os.path.exists(os.path.join(node.store_dir, r[5])), r)
         self.assertEqual(len(scp.stores), 6)
         self.assertEqual(scp.associations, 3)
         failed = node.events("pacs_delivery_failed")
