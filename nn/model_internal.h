@@ -1,5 +1,5 @@
-/* nn/model_internal.h: the nn_model structure shared by model.c (building,
- * weights I/O, Adam), stack.c (layer stacks) and lrcn.c. Not installed. */
+/* nn/model_internal.h: the nn_model structure shared by the files of nn/
+ * (model.c, arch.c, model_io.c, adam.c, stack.c, lrcn.c). Not installed. */
 #ifndef NN_MODEL_INTERNAL_H
 #define NN_MODEL_INTERNAL_H
 
@@ -107,6 +107,11 @@ struct nn_model {
     char *meta_k[NN_MAX_META], *meta_v[NN_MAX_META];
     int nmeta;
 };
+
+/* arch.c: layers, tensor table (sizes only) and stack layouts from m->cfg;
+ * then, once the buffers exist, the initial weights from m->cfg.seed. */
+int nn_arch_build(nn_model *m, char *err, size_t errlen);
+void nn_arch_init_weights(nn_model *m);
 
 /* stack.c */
 int nn_stack_reserve(nn_model *m, nn_stack *st, int n, int cache);

@@ -36,7 +36,10 @@
 #define NN_MAX_LABELS 16
 /* RSNA 2019's weighted log loss: "any" counts twice. For nn_bce_logits'
  * label_w with the default label order. */
-#define NN_RSNA_LABEL_WEIGHTS {2.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f}
+#define NN_RSNA_LABEL_WEIGHTS                                                                      \
+    {                                                                                              \
+        2.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f                                                         \
+    }
 
 enum {
     NN_OK = 0,
