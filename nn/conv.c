@@ -1,4 +1,5 @@
-/* nn/conv.c: 2-D convolution on the CPU through im2col + OpenBLAS sgemm.
+/* nn/conv.c: 2-D convolution on the CPU through im2col + OpenBLAS sgemm,
+ * handing 3x3 stride-1 layers to Winograd (winograd.c) where it applies.
  *
  * A batch is cut into groups of images whose columns fit one GEMM of a useful
  * width: late VGG layers have only 8x8 or 4x4 outputs per image, and a GEMM
