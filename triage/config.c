@@ -164,6 +164,32 @@ int triage_config_set(struct triage_config *c, const char *assignment, char *err
         snprintf(err, errlen, "out of memory");
         return -1;
     }
+    if (c->nsets == TRIAGE_CONFIG_MAX_SETS) {
+        snprintf(err, errlen, "more than %d --set options", TRIAGE_CONFIG_MAX_SETS);
+        return -1;
+    }
+    if (!(c->sets[c->nsets] = strdup(assignment))) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    c->nsets++;
+    return 0;
+}
+
+int triage_config_reload(const struct triage_config *old, struct triage_config *fresh, char *err,
+                         size_t errlen)
+{
+    const char *path = strcmp(old->source, "built-in defaults") == 0 ? NULL : old->source;
+    /* Without a file, load() would look for the installed one: "/dev/null"
+     * gives the built-in defaults whatever is installed. */
+    if (triage_config_load(fresh, path ? path : "/dev/null", err, errlen) != 0) return -1;
+    if (!path) snprintf(fresh->source, sizeof fresh->source, "built-in defaults");
+    for (int i = 0; i < old->nsets; i++) {
+        if (triage_config_set(fresh, old->sets[i], err, errlen) != 0) {
+            triage_config_free(fresh);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -173,6 +199,8 @@ void triage_config_free(struct triage_config *c)
         free(c->values[i]);
         c->values[i] = NULL;
     }
+    for (int i = 0; i < c->nsets; i++) free(c->sets[i]);
+    c->nsets = 0;
 }
 
 int triage_config_int(const struct triage_config *c, enum triage_config_key k, int64_t min,

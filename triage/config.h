@@ -49,9 +49,14 @@ enum triage_config_key {
     CFG_NKEYS
 };
 
+#define TRIAGE_CONFIG_MAX_SETS 64
+
 struct triage_config {
     char *values[CFG_NKEYS];
     char source[512]; /* the file read, or "built-in defaults" */
+    /* The --set assignments, in order, so that a reload applies them again. */
+    char *sets[TRIAGE_CONFIG_MAX_SETS];
+    int nsets;
 };
 
 /* Fills c with the built-in defaults, then reads path (NULL: the installed
@@ -61,6 +66,12 @@ int triage_config_load(struct triage_config *c, const char *path, char *err, siz
 /* Applies "section.key=value". Returns 0, or -1 with a message. */
 int triage_config_set(struct triage_config *c, const char *assignment, char *err, size_t errlen);
 void triage_config_free(struct triage_config *c);
+
+/* Reads the file of old again (or the built-in defaults, if old had none)
+ * and applies old's --set assignments on top, into fresh. Returns 0, or -1
+ * with a message; fresh owns nothing then. */
+int triage_config_reload(const struct triage_config *old, struct triage_config *fresh, char *err,
+                         size_t errlen);
 
 const char *triage_config_str(const struct triage_config *c, enum triage_config_key k);
 const char *triage_config_name(enum triage_config_key k);

@@ -30,7 +30,6 @@
 
 struct node {
     struct triage_config cfg;
-    const char *config_path;
     uv_loop_t *loop;
     uv_signal_t sigterm, sigint, sighup;
     uv_async_t stored_async;
@@ -131,7 +130,7 @@ static void on_reload_signal(uv_signal_t *h, int signum)
     struct node *n = h->data;
     struct triage_config fresh;
     char err[512];
-    if (triage_config_load(&fresh, n->config_path, err, sizeof err) != 0) {
+    if (triage_config_reload(&n->cfg, &fresh, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
         return;
     }
@@ -232,7 +231,6 @@ int triage_serve_main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    n.config_path = strcmp(n.cfg.source, "built-in defaults") ? n.cfg.source : NULL;
     int level = util_log_level_parse(triage_config_str(&n.cfg, CFG_LOG_LEVEL));
     if (level < 0) {
         fprintf(stderr, "ichtriage serve: log.level must be error, warn, info or debug\n");

@@ -109,3 +109,27 @@ Test(config, integer_range_checked)
     cr_assert_eq(triage_config_int(&c, CFG_DICOM_PORT, 1, 65535, &v, err, sizeof err), -1);
     triage_config_free(&c);
 }
+
+Test(config, reload_reads_the_file_again_and_keeps_set)
+{
+    char path[] = "/tmp/ichtriage-conf-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    write_file(path, "[dicom]\nport = 104\nallowed_peers = CT1\n");
+    char *argv[] = {"serve", "-c", path, "--set", "dicom.port=2000", NULL};
+    int argc = 5;
+    struct triage_config c, fresh;
+    char err[256];
+    cr_assert_eq(triage_config_from_args(&c, &argc, argv, err, sizeof err), 0, "%s", err);
+    write_file(path, "[dicom]\nport = 105\nallowed_peers = CT2\n");
+    cr_assert_eq(triage_config_reload(&c, &fresh, err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(triage_config_str(&fresh, CFG_DICOM_PORT), "2000");
+    cr_assert_str_eq(triage_config_str(&fresh, CFG_DICOM_ALLOWED_PEERS), "CT2");
+    triage_config_free(&fresh);
+    write_file(path, "[dicom]\nprot = 1\n");
+    cr_assert_eq(triage_config_reload(&c, &fresh, err, sizeof err), -1);
+    cr_assert(strstr(err, "prot") != NULL, "%s", err);
+    triage_config_free(&c);
+    unlink(path);
+}
