@@ -177,6 +177,10 @@ static const char *const migrations[] = {
     "  created_at) SELECT s.study_ref, r.series_ref, r.created_at, 0, 'skipped',"
     "  'result older than PACS delivery', r.created_at FROM results r"
     "  JOIN series s ON s.id = r.series_ref;",
+
+    /* 4 -> 5: retention. purged_at: when the study's spool files and
+     * instance rows were removed (its worklist row, results and reviews stay). */
+    "ALTER TABLE studies ADD COLUMN purged_at INTEGER;",
 };
 
 int db_schema_version(void)

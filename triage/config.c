@@ -33,6 +33,8 @@ static const struct {
     [CFG_STORE_DIR] = {"store.dir", "./var"},
     [CFG_STORE_MIN_FREE_MB] = {"store.min_free_mb", "512"},
     [CFG_STORE_MAX_INSTANCE_MB] = {"store.max_instance_mb", "1024"},
+    [CFG_STORE_RETENTION_DAYS] = {"store.retention_days", "0"},
+    [CFG_STORE_KEEP_REVIEWED_DAYS] = {"store.keep_reviewed_days", "365"},
     [CFG_HTTP_LISTEN] = {"http.listen", "127.0.0.1:8080"},
     [CFG_HTTP_USERS] = {"http.users", ""},
     [CFG_HTTP_TLS_CERT] = {"http.tls_cert", ""},

@@ -25,6 +25,7 @@
 #include "scp.h"
 #include "complete.h"
 #include "infer.h"
+#include "retention.h"
 #include "pacs.h"
 #include "store.h"
 
@@ -35,9 +36,11 @@ struct node {
     uv_async_t stored_async;
     uv_timer_t heartbeat;    /* watchdog keep-alive and STATUS= refresh */
     uv_timer_t completion;   /* series completion */
+    uv_timer_t retention;    /* removing old, triaged, delivered studies' files */
     uv_async_t result_async; /* the inference thread finished a job */
     struct triage_store store;
     struct triage_completion complete;
+    struct triage_retention retain;
     struct triage_infer *infer;
     struct scp_server *scp;
     struct triage_http *http; /* web worklist, API, events, metrics */
@@ -59,6 +62,12 @@ static void run_completion(struct node *n)
         triage_infer_kick(n->infer);
         triage_http_changed(n->http);
     }
+}
+
+static void on_retention_timer(uv_timer_t *h)
+{
+    struct node *n = h->data;
+    triage_retention_run(&n->retain, wall_ms());
 }
 
 static void on_completion_timer(uv_timer_t *h)
@@ -286,13 +295,19 @@ int triage_serve_main(int argc, char **argv)
         return 1;
     }
     if (requeued) util_log(UTIL_LOG_WARN, "jobs_requeued", "count=%d", requeued);
-    int64_t quiet, min_slices, max_tilt;
+    int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days;
     if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, 0, 86400, &quiet) ||
         get_int(&n, CFG_TRIAGE_MIN_SLICES, 1, 1000, &min_slices) ||
-        get_int(&n, CFG_TRIAGE_MAX_TILT, 0, 89, &max_tilt)) {
+        get_int(&n, CFG_TRIAGE_MAX_TILT, 0, 89, &max_tilt) ||
+        get_int(&n, CFG_STORE_RETENTION_DAYS, 0, 100000, &keep_days) ||
+        get_int(&n, CFG_STORE_KEEP_REVIEWED_DAYS, 0, 100000, &keep_reviewed_days)) {
         db_close(n.store.db);
         return 2;
     }
+    n.retain = (struct triage_retention){.db = n.store.db,
+                                         .store_dir = n.store.dir,
+                                         .keep_ms = keep_days * 86400000,
+                                         .keep_reviewed_ms = keep_reviewed_days * 86400000};
     n.complete = (struct triage_completion){.db = n.store.db,
                                             .quiet_ms = quiet * 1000,
                                             .min_slices = (int)min_slices,
@@ -406,6 +421,9 @@ int triage_serve_main(int argc, char **argv)
     /* The quiet period ends at most one tick late; a tick is one index range
      * scan, so it can be short. */
     uv_timer_start(&n.completion, on_completion_timer, 0, 50);
+    uv_timer_init(n.loop, &n.retention);
+    n.retention.data = &n;
+    if (n.retain.keep_ms > 0) uv_timer_start(&n.retention, on_retention_timer, 2000, 600000);
 
     uv_run(n.loop, UV_RUN_DEFAULT);
 
@@ -424,6 +442,7 @@ int triage_serve_main(int argc, char **argv)
     uv_close((uv_handle_t *)&n.stored_async, NULL);
     uv_close((uv_handle_t *)&n.heartbeat, NULL);
     uv_close((uv_handle_t *)&n.completion, NULL);
+    uv_close((uv_handle_t *)&n.retention, NULL);
     uv_close((uv_handle_t *)&n.result_async, NULL);
     uv_run(n.loop, UV_RUN_DEFAULT);
     uv_loop_close(n.loop);

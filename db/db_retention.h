@@ -1,0 +1,25 @@
+/* db/: retention, which studies' spool files may go and removing their rows. */
+#ifndef DB_RETENTION_H
+#define DB_RETENTION_H
+
+#include <stdint.h>
+
+#include "db.h"
+
+/* Up to max studies whose spool files may be removed at now_ms: last
+ * updated before now_ms - keep_ms; every series triaged or not applicable
+ * (nothing waiting, triaging or failed); every PACS delivery of theirs
+ * acknowledged (nothing pending, failed or given up); and, when a
+ * radiologist reviewed it (its label for retraining), reviewed before
+ * now_ms - keep_reviewed_ms. Not yet purged. */
+int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
+                     int64_t *study_ids, int max, int *n);
+
+/* In one transaction: deletes the instance rows of the study and marks it
+ * purged. Calls fn(ud, file_path) for each removed row's file (relative to
+ * store.dir) after the commit, so that the caller removes the files only
+ * once no row points to them. Returns the number of rows, or -1. */
+int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms,
+                       void (*fn)(void *ud, const char *file_path), void *ud);
+
+#endif

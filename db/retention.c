@@ -1,0 +1,85 @@
+/* db/retention.c: which studies' files may go, and removing their rows. */
+#include "db_internal.h"
+#include "db_retention.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
+                     int64_t *study_ids, int max, int *n)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    *n = 0;
+    const char *sql =
+        "SELECT st.id FROM studies st WHERE st.purged_at IS NULL AND st.updated_at < ?1"
+        " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.study_ref = st.id"
+        "   AND s.state NOT IN ('triaged', 'not_applicable'))"
+        " AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
+        "   AND pr.state IN ('pending', 'ready', 'failed') AND (pr.state != 'ready' OR"
+        "   EXISTS (SELECT 1 FROM pacs_deliveries d WHERE d.revision_ref = pr.id"
+        "     AND d.state != 'sent')))"
+        " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)"
+        " ORDER BY st.updated_at LIMIT ?3";
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
+    sqlite3_bind_int64(st, 1, now_ms - keep_ms);
+    sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
+    sqlite3_bind_int(st, 3, max);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        study_ids[(*n)++] = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms,
+                       void (*fn)(void *ud, const char *file_path), void *ud)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st = NULL;
+    char **paths = NULL;
+    int n = 0, cap = 0;
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    if (sqlite3_prepare_v2(c,
+                           "DELETE FROM instances WHERE series_id IN"
+                           " (SELECT id FROM series WHERE study_ref = ?1) RETURNING file_path",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, study_id);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            char **grown = realloc(paths, sizeof *paths * (size_t)cap);
+            if (!grown) goto bad;
+            paths = grown;
+        }
+        if (!(paths[n] = strdup((const char *)sqlite3_column_text(st, 0)))) goto bad;
+        n++;
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc != SQLITE_DONE) goto bad;
+    if (sqlite3_prepare_v2(c, "UPDATE studies SET purged_at = ?2 WHERE id = ?1", -1, &st, NULL) !=
+        SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, study_id);
+    sqlite3_bind_int64(st, 2, now_ms);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc != SQLITE_DONE || sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    for (int i = 0; i < n; i++) {
+        fn(ud, paths[i]);
+        free(paths[i]);
+    }
+    free(paths);
+    return n;
+bad:
+    sqlite3_finalize(st);
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    for (int i = 0; i < n; i++)
+        free(paths[i]);
+    free(paths);
+    return -1;
+}

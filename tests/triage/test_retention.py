@@ -1,0 +1,101 @@
+"""Retention (issue 9): with store.retention_days set, the spool files and
+instance rows of studies that are old, triaged and delivered are removed,
+and nothing else: not a recent study, not one whose series failed triage,
+not one with a PACS result not yet delivered, not one reviewed more recently
+than store.keep_reviewed_days. The worklist row stays.
+
+"Old" is made by moving a study's timestamps back in the index while the
+node is stopped; retention runs two seconds after start.
+
+    python3 test_retention.py ICHTRIAGE MAKE_TEST_MODEL"""
+import os
+import subprocess
+import sqlite3
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+from test_triage import phantom  # noqa: E402
+
+MAKE_MODEL = None
+DAY = 86400 * 1000
+
+
+class Retention(itest.NodeTest):
+    def test_only_old_triaged_delivered_studies_go(self):
+        model = os.path.join(self.work, "model.safetensors")
+        subprocess.run([MAKE_MODEL, model], check=True)
+        node = self.start_node({"triage.model": model, "triage.quiet_seconds": 1,
+                                "triage.min_slices": 5, "store.retention_days": 1,
+                                "store.keep_reviewed_days": 30})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=31, count=5)
+        uids = sorted(studies)
+        old, recent, failed, reviewed, undelivered = uids
+        import pydicom
+        bad = studies[failed][2]
+        ds = pydicom.dcmread(bad)
+        ds.PixelData = ds.PixelData[:64]
+        ds.save_as(bad)
+        files = [f for u in uids for f in studies[u]]
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = dict(node.query("SELECT study_uid, status FROM studies"))
+            if len(states) == 5 and all(s in ("triaged", "failed") for s in states.values()):
+                break
+            time.sleep(0.2)
+        self.assertEqual(states[failed], "failed", states)
+        self.assertEqual(node.stop(), 0)
+
+        now = int(time.time() * 1000)
+        con = sqlite3.connect(node.db_path)
+        with con:
+            for u in (old, failed, reviewed, undelivered):
+                con.execute("UPDATE studies SET updated_at = ?, received_at = ?"
+                            " WHERE study_uid = ?", (now - 3 * DAY, now - 3 * DAY, u))
+            con.execute("UPDATE studies SET reviewed_at = ?, status = 'reviewed'"
+                        " WHERE study_uid = ?", (now - 10 * DAY, reviewed))
+            sid, ser = con.execute("SELECT st.id, s.id FROM studies st JOIN series s"
+                                   " ON s.study_ref = st.id WHERE st.study_uid = ?",
+                                   (undelivered,)).fetchone()
+            con.execute("INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision,"
+                        " state, created_at) VALUES (?, ?, ?, 1, 'pending', ?)",
+                        (sid, ser, now, now))
+        con.close()
+
+        node.start()
+        self.assertTrue(node.wait_event("study_purged", timeout=20), node.log_tail())
+        time.sleep(1.0)  # a second purge, if any were wrongly due, would be logged by now
+        self.assertEqual(len(node.events("study_purged")), 1, node.log_tail())
+
+        def files_of(u):
+            return node.query("SELECT count(*) FROM instances i JOIN series s ON s.id ="
+                              " i.series_id JOIN studies st ON st.id = s.study_ref"
+                              " WHERE st.study_uid = ?", (u,))[0][0]
+
+        self.assertEqual(files_of(old), 0)
+        purged = dict(node.query("SELECT study_uid, purged_at IS NOT NULL FROM studies"))
+        self.assertEqual(purged, {old: 1, recent: 0, failed: 0, reviewed: 0, undelivered: 0})
+        for u in (recent, failed, reviewed, undelivered):
+            self.assertEqual(files_of(u), 12, u)
+        # Index and spool agree: the purged study's files are gone, with its folder.
+        self.assertFalse(os.path.exists(os.path.join(node.spool, old)))
+        self.assert_consistent_files(node)
+        # Its worklist row stays.
+        p = subprocess.run([itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                            "store.dir=" + node.store_dir], stdout=subprocess.PIPE, check=True)
+        self.assertIn(old, p.stdout.decode())
+
+    def assert_consistent_files(self, node):
+        rows = node.query("SELECT file_path FROM instances")
+        indexed = {os.path.normpath(r[0]) for r in rows}
+        on_disk = {os.path.normpath(p) for p in node.spool_files()}
+        self.assertEqual(indexed, on_disk)
+
+
+if __name__ == "__main__":
+    MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
+    sys.exit(itest.main())

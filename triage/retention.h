@@ -1,0 +1,21 @@
+/* Retention: removes the spool files (and instance rows) of studies that
+ * are old, triaged and delivered; never anything not yet triaged or
+ * delivered; reviewed studies, the retraining labels, stay longer. Runs on
+ * the loop, a batch at a time. Off unless store.retention_days is set. */
+#ifndef TRIAGE_RETENTION_H
+#define TRIAGE_RETENTION_H
+
+#include <stdint.h>
+
+#include "db.h"
+
+struct triage_retention {
+    struct db *db; /* the loop's connection */
+    const char *store_dir;
+    int64_t keep_ms, keep_reviewed_ms; /* keep_ms 0: retention off */
+};
+
+/* Purges up to a batch of due studies; returns how many studies, or -1. */
+int triage_retention_run(struct triage_retention *r, int64_t now_ms);
+
+#endif
