@@ -6,10 +6,10 @@
 #include <math.h>
 #include <string.h>
 
-/* Samples across the slice: about one per mm, at least 2. */
+/* Samples across the slice: one per 1.25 mm or less, at least 2. */
 static int sub_count(float thickness)
 {
-    int n = (int)ceilf(thickness / 1.0f - 0.01f);
+    int n = (int)ceilf(thickness / 1.25f - 0.01f);
     return n < 2 ? 2 : n > 8 ? 8 : n;
 }
 
