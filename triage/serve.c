@@ -157,8 +157,20 @@ static void on_reload_signal(uv_signal_t *h, int signum)
     }
     util_log_set_level((enum util_log_level)level);
     triage_infer_reload(n->infer, triage_config_str(&fresh, CFG_TRIAGE_MODEL));
-    enum triage_config_key restart_keys[] = {CFG_DICOM_PORT, CFG_STORE_DIR, CFG_HTTP_LISTEN,
-                                             CFG_DICOM_AETITLE};
+    enum triage_config_key restart_keys[] = {CFG_DICOM_PORT,
+                                             CFG_STORE_DIR,
+                                             CFG_HTTP_LISTEN,
+                                             CFG_DICOM_AETITLE,
+                                             CFG_PACS_DESTINATIONS,
+                                             CFG_PACS_SEND,
+                                             CFG_PACS_CALLING_AETITLE,
+                                             CFG_PACS_TIMEOUT,
+                                             CFG_PACS_MAX_ATTEMPTS,
+                                             CFG_PACS_RETRY_SECONDS,
+                                             CFG_PACS_MAX_RETRY_SECONDS,
+                                             CFG_PACS_TLS_CA,
+                                             CFG_PACS_TLS_CERT,
+                                             CFG_PACS_TLS_KEY};
     for (size_t i = 0; i < sizeof restart_keys / sizeof restart_keys[0]; i++)
         if (strcmp(triage_config_str(&fresh, restart_keys[i]),
                    triage_config_str(&n->cfg, restart_keys[i])) != 0)
