@@ -144,7 +144,7 @@ static const char *const migrations[] = {
     "  study_uid TEXT NOT NULL DEFAULT '',"
     "  detail TEXT NOT NULL DEFAULT '');",
 
-    /* results to PACS (db/outbox.c). A revision is one study result to
+    /* 3 -> 4: results to PACS (db/outbox.c). A revision is one study result to
      * report; its deliveries are its SR and SC files, one row per
      * destination. Results that existed before are marked skipped: the node
      * does not send old results the day it is upgraded. */
