@@ -47,6 +47,9 @@ struct db_outbox_source {
     int key_index;
     char key_sop[65], key_sop_class[65], key_path[512]; /* key_path relative to store.dir */
     int key_frame;
+    /* The SR of the latest earlier revision of this study that was built,
+     * "" when none: the new SR replaces it. */
+    char prev_sr_series_uid[65], prev_sr_sop_uid[65];
     int slices;   /* entries of the arrays below */
     float *p_any; /* per slice, in slice order; owned, db_outbox_source_free */
     char (*sop)[65];
@@ -62,10 +65,11 @@ void db_outbox_source_free(struct db_outbox_source *s);
 struct db_outbox_object {
     const char *destination, *object, *file_path, *sop_uid;
 };
-/* In one transaction: the revision's deliveries (due now) and its state
- * "ready". Returns 0 or -1. */
-int db_outbox_revision_ready(struct db *db, int64_t revision_id, const struct db_outbox_object *o,
-                             int n, int64_t now_ms);
+/* In one transaction: the revision's deliveries (due now), its SR's UIDs
+ * and its state "ready". Returns 0 or -1. */
+int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,
+                             const char *sr_sop_uid, const struct db_outbox_object *o, int n,
+                             int64_t now_ms);
 /* The revision could not be built: state "failed" with reason. */
 int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason);
 

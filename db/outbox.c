@@ -136,11 +136,14 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
             " r.p_intraventricular, r.p_subarachnoid, r.p_subdural, r.flagged, r.key_index,"
             " r.key_sop, i.sop_class, i.file_path,"
             " coalesce((SELECT frame FROM slice_results sr WHERE sr.series_ref = r.series_ref"
-            "  AND sr.idx = r.key_index), 0), r.slices"
+            "  AND sr.idx = r.key_index), 0), r.slices,"
+            " coalesce(prev.sr_series_uid, ''), coalesce(prev.sr_sop_uid, '')"
             " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"
             " JOIN series s ON s.id = pr.series_ref"
             " JOIN results r ON r.series_ref = pr.series_ref AND r.created_at = pr.result_at"
             " JOIN instances i ON i.sop_uid = r.key_sop"
+            " LEFT JOIN pacs_revisions prev ON prev.id = (SELECT max(p2.id) FROM pacs_revisions p2"
+            "  WHERE p2.study_ref = pr.study_ref AND p2.id < pr.id AND p2.sr_sop_uid != '')"
             " WHERE pr.id = ?1",
             -1, &st, NULL) != SQLITE_OK)
         return -1;
@@ -166,6 +169,8 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
     col_text(st, 17, out->key_path, sizeof out->key_path);
     out->key_frame = sqlite3_column_int(st, 18);
     int slices = sqlite3_column_int(st, 19);
+    col_text(st, 20, out->prev_sr_series_uid, sizeof out->prev_sr_series_uid);
+    col_text(st, 21, out->prev_sr_sop_uid, sizeof out->prev_sr_sop_uid);
     sqlite3_finalize(st);
     if (slices < 0 || slices > 100000) return -1;
     if (slices == 0) return 0;
@@ -199,8 +204,9 @@ bad:
     return -1;
 }
 
-int db_outbox_revision_ready(struct db *db, int64_t revision_id, const struct db_outbox_object *o,
-                             int n, int64_t now_ms)
+int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,
+                             const char *sr_sop_uid, const struct db_outbox_object *o, int n,
+                             int64_t now_ms)
 {
     sqlite3 *c = db_conn(db);
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
@@ -211,7 +217,10 @@ int db_outbox_revision_ready(struct db *db, int64_t revision_id, const struct db
                 "issssi", revision_id, o[i].destination, o[i].object, o[i].file_path, o[i].sop_uid,
                 now_ms) != 0)
             goto bad;
-    if (run(c, "UPDATE pacs_revisions SET state = 'ready' WHERE id = ?1", "i", revision_id) != 0)
+    if (run(c,
+            "UPDATE pacs_revisions SET state = 'ready', sr_series_uid = ?2, sr_sop_uid = ?3"
+            " WHERE id = ?1",
+            "iss", revision_id, sr_series_uid, sr_sop_uid) != 0)
         goto bad;
     if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
     return 0;

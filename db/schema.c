@@ -181,6 +181,11 @@ static const char *const migrations[] = {
     /* 4 -> 5: retention. purged_at: when the study's spool files and
      * instance rows were removed (its worklist row, results and reviews stay). */
     "ALTER TABLE studies ADD COLUMN purged_at INTEGER;",
+
+    /* 5 -> 6: results to PACS: the SR each revision sent, so that the next
+     * revision's SR names it in its Predecessor Documents Sequence. */
+    "ALTER TABLE pacs_revisions ADD COLUMN sr_series_uid TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE pacs_revisions ADD COLUMN sr_sop_uid TEXT NOT NULL DEFAULT '';",
 };
 
 int db_schema_version(void)

@@ -181,6 +181,11 @@ int write_sr(const char *path, const scp_derived *d, const scp_sr_content *c, ch
         cond = doc.getCurrentRequestedProcedureEvidence().addItem(
             study_uid.c_str(), c->ref_series_uid ? c->ref_series_uid : "", c->refs[i].sop_class,
             c->refs[i].sop_uid);
+    if (cond.good() && c->predecessor_sop_uid && *c->predecessor_sop_uid &&
+        c->predecessor_series_uid && *c->predecessor_series_uid)
+        cond = doc.getPredecessorDocuments().addItem(study_uid.c_str(), c->predecessor_series_uid,
+                                                     UID_ComprehensiveSRStorage,
+                                                     c->predecessor_sop_uid);
     if (cond.good())
         cond = doc.getCodingSchemeIdentification().addItem(kScheme, "", "ichtriage result codes",
                                                            "ichtriage project");

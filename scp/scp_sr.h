@@ -38,8 +38,9 @@ struct scp_sr_image_ref {
     int frame;
 };
 
-#define SCP_SR_SUBTYPES 5 /* epidural, intraparenchymal, intraventricular, subarachnoid, subdural  \
-                           */
+#define SCP_SR_SUBTYPES                                                                            \
+    5 /* epidural, intraparenchymal, intraventricular, subarachnoid, subdural                      \
+       */
 
 struct scp_sr_content {
     bool suspected; /* the model's threshold was reached */
@@ -51,6 +52,9 @@ struct scp_sr_content {
     const struct scp_sr_image_ref *refs;
     int nrefs;
     int revision; /* 1, 2, ...: a re-triaged study sends a new revision */
+    /* The SR of the previous revision, which this one replaces (Predecessor
+     * Documents Sequence); NULL or "": none. */
+    const char *predecessor_series_uid, *predecessor_sop_uid;
 };
 
 /* Writes a Comprehensive SR to path (Explicit VR Little Endian, file meta

@@ -190,6 +190,8 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         .refs = refs,
         .nrefs = key_refs(&s, refs),
         .revision = s.revision,
+        .predecessor_series_uid = s.prev_sr_series_uid,
+        .predecessor_sop_uid = s.prev_sr_sop_uid,
     };
     memcpy(content.p_subtype, sub, sizeof sub);
     struct scp_derived d_sr = {
@@ -242,7 +244,8 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         objs[2 * i] = (struct db_outbox_object){p->dests[i].spec, "sr", rel_sr, sr_sop};
         objs[2 * i + 1] = (struct db_outbox_object){p->dests[i].spec, "sc", rel_sc, sc_sop};
     }
-    if (db_outbox_revision_ready(p->db, rev_id, objs, 2 * p->ndests, now_ms()) != 0) {
+    if (db_outbox_revision_ready(p->db, rev_id, sr_series, sr_sop, objs, 2 * p->ndests, now_ms()) !=
+        0) {
         /* Left pending: built again (new UIDs) next time; nothing was sent. */
         util_log(UTIL_LOG_ERROR, "pacs_queue_failed", "revision_id=%lld", (long long)rev_id);
     } else {

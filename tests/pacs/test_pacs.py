@@ -225,6 +225,21 @@ class PacsTest(itest.NodeTest):
         got = orthanc.study_instances(study)
         self.assertEqual(len(got), 4, got)
         self.assertEqual(len(os.listdir(scp_dir)), 4)
+        # Revision 2's SR names revision 1's as its predecessor; all stay valid.
+        first_sr = [r[6] for r in rows if r[1] == "sr" and r[7] == 1][0]
+        second_sr = [r[6] for r in rows if r[1] == "sr" and r[7] == 2][0]
+        seen = False
+        for f in os.listdir(scp_dir):
+            path = os.path.join(scp_dir, f)
+            self.dciodvfy_clean(path)
+            ds = pydicom.dcmread(path)
+            if ds.SOPInstanceUID == second_sr:
+                seen = True
+                pred = ds.PredecessorDocumentsSequence[0]
+                self.assertEqual(pred.StudyInstanceUID, study)
+                self.assertEqual(pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+                                 .ReferencedSOPInstanceUID, first_sr)
+        self.assertTrue(seen)
 
     def test_orthanc_down_then_up(self):
         orthanc = self.orthanc()
