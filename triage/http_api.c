@@ -344,6 +344,8 @@ int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, 
         return get ? api_session(h, req, who) : http_send_error(req, 405, "GET only");
     if (strcmp(path, "/api/worklist") == 0)
         return get ? api_worklist(h, req) : http_send_error(req, 405, "GET only");
+    if (strcmp(path, "/api/pacs/failures") == 0)
+        return get ? http_pacs_failures(h, req) : http_send_error(req, 405, "GET only");
     if (strncmp(path, "/api/studies/", 13) == 0) {
         char uid[128], rest[160] = "";
         const char *p = path + 13, *slash = strchr(p, '/');

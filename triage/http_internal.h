@@ -131,6 +131,9 @@ void http_sse_stop(struct triage_http *h);
 /* Pushes the worklist's changes now (after a review or claim). */
 void http_push_now(struct triage_http *h);
 
+/* http_pacs.c: GET /api/pacs/failures (deliveries to PACS given up). */
+int http_pacs_failures(struct triage_http *h, h2o_req_t *req);
+
 /* http_metrics.c */
 int http_metrics(struct triage_http *h, h2o_req_t *req);
 /* Degraded states for the banner and /healthz: a JSON array of reasons. */

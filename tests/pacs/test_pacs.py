@@ -289,6 +289,11 @@ class PacsTest(itest.NodeTest):
         metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics"
                                          % node.http_port).read().decode()
         self.assertIn('ichtriage_pacs_deliveries{state="failed"} 2\n', metrics)
+        failures = json.load(urllib.request.urlopen(
+            "http://127.0.0.1:%d/api/pacs/failures" % node.http_port))
+        self.assertEqual(sorted(f["object"] for f in failures), ["sc", "sr"])
+        self.assertTrue(all(f["study_uid"] == study and f["attempts"] == 3 and
+                            "0xA700" in f["error"] for f in failures), failures)
         status = subprocess.run([itest.EXE, "status", "-c", "/dev/null", "--set",
                                  "store.dir=" + node.store_dir, "--json"],
                                 stdout=subprocess.PIPE, check=False)
