@@ -92,10 +92,12 @@ struct ph_head {
 
 /* Draws a random head from r. */
 void ph_head_random(struct ph_head *hd, struct ph_rng *r);
+/* Adds a mass effect at c: internal anatomy moves away from it by up to mag
+ * mm, fading with distance (Gaussian, sigma mm). At most PH_MAX_PUSH. */
 void ph_head_add_push(struct ph_head *hd, const float c[3], float mag, float sigma);
 
-/* Calcified choroid plexus and pineal gland, dense falx: the negatives
- * that look like blood. */
+/* Calcified choroid plexus and pineal gland, dense falx, dense venous
+ * sinuses, stronger beam hardening: the negatives that look like blood. */
 void ph_head_add_mimics(struct ph_head *hd, struct ph_rng *r);
 
 /* The scan range relative to the head's centre along patient z: from the
@@ -115,6 +117,7 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
 
 /* The inner-table point along the ray from the origin through dir. */
 void ph_head_surface(const struct ph_head *hd, const float dir[3], float out[3]);
+/* True when h is inside one of the ventricle ellipsoids first..first+n-1. */
 bool ph_head_in_vent(const struct ph_head *hd, const float h[3], int first, int n);
 
 /* ---- lesions ---- */
