@@ -135,7 +135,9 @@ static bool check_password(const struct http_user *u, const char *password)
 {
     struct crypt_data cd;
     memset(&cd, 0, sizeof cd);
-    const char *out = crypt_r(password, u->hash, &cd);
+    /* crypt_rn: libxcrypt's variant that returns NULL on failure (no "*"
+     * string to mistake for a hash). */
+    const char *out = crypt_rn(password, u->hash, &cd, (int)sizeof cd);
     bool ok = out && out[0] != '*' && same_token(out, u->hash);
     explicit_bzero(&cd, sizeof cd);
     return ok;
