@@ -75,6 +75,8 @@ int http_send(h2o_req_t *req, int status, const char *type, const char *body, si
     http_add_header(req, "x-content-type-options", "nosniff");
     http_add_header(req, "x-frame-options", "DENY");
     http_add_header(req, "referrer-policy", "no-referrer");
+    if (req->scheme == &H2O_URL_SCHEME_HTTPS)
+        http_add_header(req, "strict-transport-security", "max-age=31536000");
     http_add_header(req, "content-security-policy",
                     "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                     "script-src 'self'; connect-src 'self'; frame-ancestors 'none'");
@@ -369,6 +371,7 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
 
     h2o_config_init(&h->globalconf);
     h->globalconf.max_request_entity_size = HTTP_MAX_BODY;
+    h->globalconf.server_name = h2o_iovec_init(H2O_STRLIT("ichtriage"));
     h2o_hostconf_t *host =
         h2o_config_register_host(&h->globalconf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
     h2o_pathconf_t *pc = h2o_config_register_path(host, "/", 0);

@@ -37,7 +37,10 @@ class AuthTest(wt.WebTest):
         status, _, _ = self.req(node, "/api/worklist")
         self.assertEqual(status, 401)
         self.assertEqual(self.req(node, "/api/events")[0], 401)
-        self.assertEqual(self.req(node, "/healthz")[0], 200)
+        status, hd, _ = self.req(node, "/healthz")
+        self.assertEqual(status, 200)
+        self.assertEqual(hd["strict-transport-security"], ["max-age=31536000"])
+        self.assertEqual(hd["server"], ["ichtriage"])
         self.assertEqual(self.req(node, "/")[0], 200)
         self.assertIsNone(wt.curl(node.plain + "/healthz")[0])
 
