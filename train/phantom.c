@@ -381,9 +381,9 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
     for (int k = 0; k <= TRAIN_PHANTOM_NSUBTYPES; k++)
         fprintf(f->studies, ",%d", pos_slices[k]);
     /* the mimics and artifacts, slices numbered from 1 like InstanceNumber */
-    fprintf(f->studies, ",%s%s%s%s", hd.choroid_r > 0 ? "choroid;" : "",
-            hd.pineal_r > 0 ? "pineal;" : "", hd.falx_hu > 70 ? "dense_falx;" : "",
-            hd.venous_hu > 62 ? "dense_sinus;" : "");
+    fprintf(f->studies, ",%s%s%s%s%s", hd.choroid_r > 0 ? "choroid;" : "",
+            hd.pineal_r > 0 ? "pineal;" : "", hd.bg_calc_hu > 0 ? "basal_ganglia;" : "",
+            hd.falx_hu > 70 ? "dense_falx;" : "", hd.venous_hu > 62 ? "dense_sinus;" : "");
     if (motion_from >= 0 && motion_from < nslices)
         fprintf(f->studies, "motion=%d-%d;", motion_from + 1,
                 motion_to < nslices ? motion_to : nslices);

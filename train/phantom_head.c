@@ -219,6 +219,7 @@ void ph_head_add_mimics(struct ph_head *hd, struct ph_rng *r)
         hd->falx_w = frand(r, 1.0f, 2.0f);
     }
     if (ph_rng_chance(r, 0.25)) hd->venous_hu = frand(r, 62, 78); /* high haematocrit */
+    if (ph_rng_chance(r, 0.12)) hd->bg_calc_hu = frand(r, 90, 250);
     hd->bh_amp = frand(r, 15, 45);
 }
 
@@ -596,7 +597,15 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
             }
         }
         for (int i = 0; i < hd->ndeep; i++) {
-            if (ell_q(&hd->deep[i], hs) < 1.0f) {
+            float q = ell_q(&hd->deep[i], hs);
+            if (q < 1.0f) {
+                /* speckled calcification in the core of the lentiform nuclei */
+                if (hd->bg_calc_hu > 0 && i % 3 == 1 && q < 0.2f &&
+                    sinf(1.3f * us) * sinf(1.1f * vs) * sinf(1.2f * ws) > 0.1f) {
+                    pt->cls = PH_CALC;
+                    pt->hu = hd->bg_calc_hu;
+                    return;
+                }
                 pt->hu = hd->deep_hu;
                 return;
             }

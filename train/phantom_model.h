@@ -84,6 +84,7 @@ struct ph_head {
     /* calcifications (radius 0: absent) */
     float pineal[3], pineal_r, pineal_hu;
     float choroid[2][3], choroid_r, choroid_hu;
+    float bg_calc_hu; /* basal ganglia calcification (0: none) */
     /* beam hardening between the petrous bones */
     float bh_amp;
     struct ph_push push[PH_MAX_PUSH];
@@ -96,8 +97,9 @@ void ph_head_random(struct ph_head *hd, struct ph_rng *r);
  * mm, fading with distance (Gaussian, sigma mm). At most PH_MAX_PUSH. */
 void ph_head_add_push(struct ph_head *hd, const float c[3], float mag, float sigma);
 
-/* Calcified choroid plexus and pineal gland, dense falx, dense venous
- * sinuses, stronger beam hardening: the negatives that look like blood. */
+/* Calcified choroid plexus, pineal gland and basal ganglia, dense falx,
+ * dense venous sinuses, stronger beam hardening: the negatives that look
+ * like blood. */
 void ph_head_add_mimics(struct ph_head *hd, struct ph_rng *r);
 
 /* The scan range relative to the head's centre along patient z: from the
