@@ -99,13 +99,26 @@ int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who)
     if (h->loopback) {
         snprintf(who->user, sizeof who->user, "local");
         who->csrf = h->local_csrf;
+        who->session = "";
         return 1;
     }
     struct http_session *s = find_session(h, req);
     if (!s) return 0;
     snprintf(who->user, sizeof who->user, "%s", s->user);
     who->csrf = s->csrf;
+    who->session = s->token;
     return 1;
+}
+
+bool http_auth_session_live(struct triage_http *h, const char *token)
+{
+    if (!token[0]) return h->loopback;
+    int64_t now = http_now_ms();
+    for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
+        const struct http_session *s = &h->sessions[i];
+        if (s->token[0] && s->expires_ms > now && same_token(s->token, token)) return true;
+    }
+    return false;
 }
 
 bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who)
@@ -215,6 +228,7 @@ int http_auth_logout(struct triage_http *h, h2o_req_t *req)
         if (!http_auth_csrf_ok(req, &who))
             return http_send_error(req, 403, "missing or wrong X-CSRF-Token header");
         memset(s, 0, sizeof *s);
+        http_sse_end_dead_sessions(h); /* its pages stop hearing events now */
     }
     http_add_header(req, "set-cookie",
                     COOKIE "=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0");

@@ -89,6 +89,7 @@ struct triage_http {
 struct http_who {
     char user[HTTP_USER_MAX];
     const char *csrf;
+    const char *session; /* the session's token; "" on loopback */
 };
 
 int64_t http_now_ms(void);
@@ -115,6 +116,8 @@ int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who);
 bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who);
 int http_auth_login(struct triage_http *h, h2o_req_t *req);
 int http_auth_logout(struct triage_http *h, h2o_req_t *req);
+/* True while the session with this token is logged in ("" : loopback). */
+bool http_auth_session_live(struct triage_http *h, const char *token);
 void http_auth_free(struct triage_http *h);
 
 /* http_api.c: routes under /api/ once who is known. */
@@ -125,7 +128,9 @@ void http_fix_name(struct triage_http *h, cJSON *row, const char *study_uid);
 cJSON *http_worklist_json(struct triage_http *h, const char *status);
 
 /* http_sse.c */
-int http_sse_open(struct triage_http *h, h2o_req_t *req);
+int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *who);
+/* Ends the event streams of sessions no longer logged in. */
+void http_sse_end_dead_sessions(struct triage_http *h);
 void http_sse_broadcast(struct triage_http *h, const char *event, const char *data);
 void http_sse_stop(struct triage_http *h);
 /* Pushes the worklist's changes now (after a review or claim). */

@@ -23,7 +23,8 @@ struct http_sse {
     char *inflight; /* owned; being written until proceed() */
     char *pending;  /* owned; what waits for the write in progress */
     size_t pending_len;
-    bool ending; /* send the final chunk once the write in progress ends */
+    bool ending;      /* send the final chunk once the write in progress ends */
+    char session[65]; /* the login session it belongs to; "" on loopback */
 };
 
 static void sse_remove(struct http_sse *s)
@@ -112,9 +113,23 @@ void http_sse_broadcast(struct triage_http *h, const char *event, const char *da
     free(text);
 }
 
+void http_sse_end_dead_sessions(struct triage_http *h)
+{
+    /* sse_flush may remove a stream from the array: walk a copy. */
+    struct http_sse *all[HTTP_MAX_SSE];
+    int n = h->nsse;
+    memcpy(all, h->sse, sizeof all);
+    for (int i = 0; i < n; i++)
+        if (!http_auth_session_live(h, all[i]->session)) {
+            all[i]->ending = true;
+            sse_flush(all[i]);
+        }
+}
+
 static void on_ping(uv_timer_t *t)
 {
     struct triage_http *h = t->data;
+    http_sse_end_dead_sessions(h); /* logged out or expired */
     static const char ping[] = ": ping\n\n";
     for (int i = 0; i < h->nsse; i++)
         if (!h->sse[i]->pending_len) sse_queue(h->sse[i], ping, sizeof ping - 1);
@@ -330,7 +345,7 @@ void triage_http_changed(struct triage_http *h)
     uv_timer_start(&h->push, on_push, HTTP_PUSH_DELAY_MS, 0);
 }
 
-int http_sse_open(struct triage_http *h, h2o_req_t *req)
+int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *who)
 {
     if (h->nsse >= HTTP_MAX_SSE) return http_send_error(req, 503, "too many event streams");
     struct http_sse *s = calloc(1, sizeof *s);
@@ -339,6 +354,7 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req)
     s->super.stop = sse_stop;
     s->h = h;
     s->req = req;
+    snprintf(s->session, sizeof s->session, "%s", who->session);
     h->sse[h->nsse++] = s;
     req->res.status = 200;
     req->res.reason = "OK";

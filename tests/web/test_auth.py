@@ -9,6 +9,7 @@ logs out. Also the webhook for a newly flagged study (loopback node).
 import http.server
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -93,11 +94,21 @@ class AuthTest(wt.WebTest):
         self.assertEqual((status, json.loads(body)["claimed_by"]), (200, "alice"))
         self.assertIn(("alice", "claimed", "bob"), [tuple(r) for r in node.query(
             "SELECT user, action, detail FROM audit WHERE action = 'claimed'")])
-        # Logging out ends the session.
+        # Logging out ends the session, and its event streams.
+        stream = subprocess.Popen(["curl", "-ksN", "-m", "30", "-b", jar, node.base + "/api/events"],
+                                  stdout=subprocess.PIPE)
+        self.assertTrue(stream.stdout.readline().startswith(b"retry:"))
         self.assertEqual(self.req(node, "/logout", "POST", {}, jar=jar)[0], 403)
         self.assertEqual(self.req(node, "/logout", "POST", {}, ["X-CSRF-Token: " + csrf],
                                   jar=jar)[0], 200)
         self.assertEqual(self.req(node, "/api/worklist", jar=jar)[0], 401)
+        try:
+            self.assertEqual(stream.wait(10), 0)  # the server ended it
+        finally:
+            if stream.poll() is None:
+                stream.kill()
+                stream.wait()
+            stream.stdout.close()
 
         # Failed logins from one address are throttled, right password or not.
         for _ in range(4):  # one failure above already
