@@ -398,6 +398,7 @@ void ph_head_eval(const struct ph_head *hd, const float h[3], struct ph_point *p
     pt->depth = 0;
     pt->infra = false;
     memcpy(pt->hs, h, sizeof pt->hs);
+    memcpy(pt->h, h, sizeof pt->h);
     float hw = half_width(hd, v);
     float u2 = u * u, v2 = v * v, w2 = w * w;
     /* squared normalised radius for the cavity (0), skull (1) and head (2) */

@@ -239,7 +239,7 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
         const struct ph_lesion *l = &les[i];
         if (l->type != TRAIN_PHANTOM_INTRAPARENCHYMAL || l->rim <= 0 || pt->cls != PH_PARENCHYMA)
             continue;
-        float d[3] = {pt->hs[0] - l->c[0], pt->hs[1] - l->c[1], pt->hs[2] - l->c[2]};
+        float d[3] = {pt->h[0] - l->c[0], pt->h[1] - l->c[1], pt->h[2] - l->c[2]};
         float dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
         float rmax = l->r * 1.6f + l->rim;
         if (dd > rmax * rmax) continue;
@@ -281,7 +281,9 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
             break;
         }
         case TRAIN_PHANTOM_INTRAPARENCHYMAL: {
-            float d[3] = {pt->hs[0] - l->c[0], pt->hs[1] - l->c[1], pt->hs[2] - l->c[2]};
+            /* the hematoma is where it is; its mass effect moves the
+             * anatomy around it (looked up at hs) away from it */
+            float d[3] = {pt->h[0] - l->c[0], pt->h[1] - l->c[1], pt->h[2] - l->c[2]};
             float dd = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
             float rmax = l->r * 1.6f;
             if (dd > rmax * rmax) break;
@@ -291,7 +293,7 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
                 /* blood that reaches a ventricle is intraventricular */
                 int type =
                     pt->cls == PH_CSF_VENT ? (int)TRAIN_PHANTOM_INTRAVENTRICULAR : (int)l->type;
-                hits[nh++] = (struct ph_hit){type, 1.0f, blood_hu(l, pt->hs)};
+                hits[nh++] = (struct ph_hit){type, 1.0f, blood_hu(l, pt->h)};
             }
             break;
         }

@@ -111,6 +111,7 @@ struct ph_point {
     float hu;
     enum ph_class cls;
     float depth;   /* mm below the inner table (brain only) */
+    float h[3];    /* the point itself */
     float hs[3];   /* h after mass effect, where internal anatomy was looked up */
     float proj[3]; /* h projected radially onto the inner table */
     bool infra;    /* below the tentorium (posterior fossa) */
