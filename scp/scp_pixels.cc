@@ -8,6 +8,7 @@
 #include <dcmtk/dcmjpeg/djdecode.h>
 #include <dcmtk/dcmjpls/djdecode.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -205,6 +206,17 @@ int read_pixels(const char *path, scp_pixels *out, char *err, unsigned long errl
         DcmItem *pf = nullptr;
         if (ds->findAndGetSequenceItem(DCM_PerFrameFunctionalGroupsSequence, pf, f).good())
             read_group_rescale(pf, frame_rescale[(size_t)f]);
+    }
+
+    // A hostile file can carry "NaN" or "1e999" here; NaN HU would pass every
+    // window unclamped and reach the model (found by fuzz/fuzz_scp_pixels).
+    for (const rescale &r : frame_rescale) {
+        if (!std::isfinite(r.slope) || !std::isfinite(r.intercept) ||
+            std::fabs(r.slope) * 4294967296.0 + std::fabs(r.intercept) > 1e30) {
+            set_err(err, errlen,
+                    std::string(path) + ": Rescale Slope/Intercept not finite or out of range");
+            return -1;
+        }
     }
 
     float *hu = static_cast<float *>(std::malloc(total * sizeof(float)));

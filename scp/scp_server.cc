@@ -408,6 +408,7 @@ bool scp_server::receive_request(Assoc *a)
     std::vector<unsigned char> buf(cap);
     auto until = Clock::now() + std::chrono::seconds(cfg.acse_timeout);
     size_t want = 6;
+    bool have_len = false; // not want == 6: a PDU that claims length 0 must end the wait too
     const char *why = nullptr;
     for (;;) {
         ssize_t n = recv(a->fd, buf.data(), want, MSG_PEEK | MSG_DONTWAIT);
@@ -415,10 +416,11 @@ bool scp_server::receive_request(Assoc *a)
             why = "closed_before_request";
             break;
         }
-        if (n > 0 && (size_t)n >= 6 && want == 6) {
+        if (n > 0 && (size_t)n >= 6 && !have_len) {
             uint32_t len = ((uint32_t)buf[2] << 24) | ((uint32_t)buf[3] << 16) |
                            ((uint32_t)buf[4] << 8) | buf[5];
             want = std::min<size_t>(cap, 6 + (size_t)len);
+            have_len = true;
             continue;
         }
         if (n > 0 && (size_t)n >= want) break;
@@ -585,13 +587,27 @@ void scp_server::run_assoc(Assoc *a)
              failed,
              (long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count(),
              end_reason);
-done : {
-    std::lock_guard<std::mutex> g(mu);
+done:
+    int fd;
+    {
+        // From here on the deadline checker and stop() leave the socket alone.
+        std::lock_guard<std::mutex> g(mu);
+        fd = a->fd;
+        a->fd = -1;
+    }
+    // Not under mu: after our last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP) dcmtk
+    // waits up to 3 minutes for the peer to close the connection, and a peer
+    // that never does held mu all that time, so the listener stopped
+    // accepting and every other association stalled (tests/robust/
+    // test_abuse.py, the flood). Shutting our side first ends that wait at
+    // once; what we sent still reaches the peer before the FIN.
+    if (fd >= 0) shutdown(fd, SHUT_RDWR);
     ASC_dropSCPAssociation(assoc);
     ASC_destroyAssociation(&assoc);
-    a->assoc = nullptr;
-    a->fd = -1;
-}
+    {
+        std::lock_guard<std::mutex> g(mu);
+        a->assoc = nullptr;
+    }
     a->finished = true;
 }
 

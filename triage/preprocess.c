@@ -23,7 +23,10 @@ int triage_windows_parse(const char *s, struct triage_windows *w, char *err, siz
         if (end == p || *end != '/') goto bad;
         p = end + 1;
         double wd = strtod(p, &end);
-        if (end == p || !(wd > 0) || !isfinite(c) || r.n == TRIAGE_MAX_WINDOWS) goto bad;
+        /* Widths below 1e-3 HU (or denormal in float) would make 1/width infinite. */
+        if (end == p || !(wd >= 1e-3) || !isfinite((float)wd) || !isfinite((float)c) ||
+            r.n == TRIAGE_MAX_WINDOWS)
+            goto bad;
         r.center[r.n] = (float)c;
         r.width[r.n] = (float)wd;
         r.n++;
@@ -85,7 +88,7 @@ int triage_preprocess_slice(const float *hu, int rows, int cols, const struct tr
                 float acc = 0;
                 for (int j = 0; j < k; j++) {
                     float v = (row[j] - lo[c]) * inv[c];
-                    v = v < 0 ? 0 : v > 1 ? 1 : v;
+                    v = v > 0 ? (v < 1 ? v : 1) : 0; /* NaN counts as below the window */
                     acc += wt[j] * v;
                 }
                 scratch[((size_t)c * rows + y) * out_w + ox] = acc;

@@ -1,0 +1,36 @@
+/* fuzz/fuzz_scp_pixels.c: pixel decoding of an untrusted file (scp_pixels_read:
+ * uncompressed, RLE, JPEG, JPEG-LS through dcmtk's codecs) followed by the
+ * preprocessing triage runs on each decoded frame. Seeds: gen_ct.py files
+ * in every transfer syntax, phantom slices. */
+#include <math.h>
+
+#include "fuzz_input.h"
+#include "preprocess.h"
+#include "scp_pixels.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    const char *path = fuzz_input_path(data, size);
+    struct scp_pixels px;
+    char err[256];
+    if (scp_pixels_read(path, &px, err, sizeof err) != 0) return 0;
+    /* HU are finite whatever the file says (Rescale Slope "NaN", "1e999"). */
+    for (size_t i = 0; i < (size_t)px.frames * px.rows * px.columns; i++)
+        if (!isfinite(px.hu[i])) {
+            fprintf(stderr, "hu[%zu] = %g\n", i, px.hu[i]);
+            abort();
+        }
+    struct triage_windows w;
+    triage_windows_default(&w);
+    enum { OUT = 32 };
+    static float out[TRIAGE_MAX_WINDOWS * OUT * OUT];
+    float *scratch = malloc(triage_preprocess_scratch(px.rows, OUT, w.n) * sizeof *scratch);
+    if (scratch) {
+        for (int f = 0; f < px.frames && f < 4; f++)
+            (void)triage_preprocess_slice(px.hu + (size_t)f * px.rows * px.columns, px.rows,
+                                          px.columns, &w, OUT, OUT, out, scratch);
+    }
+    free(scratch);
+    scp_pixels_free(&px);
+    return 0;
+}

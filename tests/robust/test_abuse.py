@@ -1,0 +1,344 @@
+#!/usr/bin/python3
+"""Issue 10: the DICOM port under abuse, with the raw upper-layer client
+(tests/tools/dul.py) sending what no well-behaved peer sends: truncated and
+oversized PDUs, length fields that lie, unknown PDU types, an association
+aborted (or just cut) in the middle of a dataset, a peer trickling one byte a
+second through a dataset, a flood of connections over the limit, a dataset
+that claims 2 GB. After each: the node is alive and answers C-ECHO, nothing
+half-stored is left (no temp file, no row, no spool file for the victim), and
+index and spool agree. test_reject.py (issue 2) covers bad dataset contents,
+rejected AEs, the plain association limit and the deadline of a busy peer;
+this file does not repeat them.
+
+    test_abuse.py /path/to/ichtriage"""
+import os
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import dul  # noqa: E402
+import itest  # noqa: E402
+
+CONTEXTS = [(dul.VERIFICATION, [dul.IMPLICIT_LE]), (dul.CT_IMAGE, [dul.EXPLICIT_LE])]
+
+
+class Abuse(itest.NodeTest):
+    node_settings = {"dicom.acse_timeout": 3, "dicom.dimse_timeout": 3}
+
+    def setUp(self):
+        super().setUp()
+        self.node = self.start_node()
+
+    def ct(self, name, rows=64, cols=64):
+        f = self.gen(name, count=1, rows=rows, cols=cols)[0]
+        cls, sop, _, _ = dt.sop_uids(f)
+        return f, cls, sop, dt.dataset_bytes(f)
+
+    def assert_healthy(self, victims=()):
+        """Alive, answers C-ECHO, stores a good instance, nothing of the
+        victims' SOP instances anywhere, index and spool agree."""
+        self.assertTrue(self.node.alive(), "node died; log:\n" + self.node.log_tail())
+        rc, out = dt.echoscu(self.node.port)
+        self.assertEqual(rc, 0, "C-ECHO after the abuse failed:\n" + out)
+        for sop in victims:
+            self.wait_no_temp()
+            self.assert_not_stored(self.node, sop)
+        good = self.gen("good%d" % time.monotonic_ns(), count=1, rows=32, cols=32)
+        r = dt.storescu(self.node.port, good, workdir=self.work)
+        self.assert_all_success(r, good)
+        self.assert_stored_exactly(self.node, good)
+        self.assert_consistent(self.node)
+
+    def wait_no_temp(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.node.temp_files() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def closed_within(self, s, seconds):
+        t = dul.wait_closed(s, seconds)
+        s.close()
+        self.assertIsNotNone(t, "the node kept the connection open for %d s" % seconds)
+        return t
+
+    def raw_pdu(self, data, close_within=10):
+        """Connects, sends data, and expects the node to close (after an
+        A-ASSOCIATE-RJ or A-ABORT or nothing) within close_within seconds."""
+        s = dul.connect("127.0.0.1", self.node.port)
+        s.sendall(data)
+        return self.closed_within(s, close_within)
+
+    def associate(self, **kw):
+        return dul.Association.connect("127.0.0.1", self.node.port, contexts=CONTEXTS, **kw)
+
+    # --- PDUs before an association ---------------------------------------
+    def test_truncated_pdu_header(self):
+        s = dul.connect("127.0.0.1", self.node.port)
+        s.sendall(b"\x01\x00\x00")
+        s.close()
+        self.raw_pdu(b"\x01\x00\x00\x00")  # 4 of 6 header bytes, then silence
+        self.assert_healthy()
+
+    def test_associate_rq_length_claims_more_than_sent(self):
+        rq = dul.associate_rq("ICHTRIAGE", "RAWSCU", CONTEXTS)
+        lying = rq[:2] + struct.pack(">I", len(rq) - 6 + 1000) + rq[6:]
+        self.raw_pdu(lying, close_within=3 + 10)  # dropped at the ACSE timeout
+        self.assert_healthy()
+
+    def test_associate_rq_length_4gb(self):
+        rq = dul.associate_rq("ICHTRIAGE", "RAWSCU", CONTEXTS)
+        self.raw_pdu(rq[:2] + b"\xff\xff\xff\xff" + rq[6:])
+        self.assert_healthy()
+
+    def test_associate_rq_items_overrun_the_pdu(self):
+        rq = bytearray(dul.associate_rq("ICHTRIAGE", "RAWSCU", CONTEXTS))
+        # The application context item (first after the fixed 68 bytes) claims
+        # 60000 bytes; the PDU length is honest.
+        pos = 6 + 68
+        self.assertEqual(rq[pos], 0x10)
+        rq[pos + 2:pos + 4] = struct.pack(">H", 60000)
+        self.raw_pdu(bytes(rq))
+        self.assert_healthy()
+
+    def test_associate_rq_zero_length_and_garbage(self):
+        self.raw_pdu(b"\x01\x00\x00\x00\x00\x00")
+        self.raw_pdu(dul.pdu(dul.A_ASSOCIATE_RQ, os.urandom(500)))
+        self.raw_pdu(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assert_healthy()
+
+    def test_unknown_pdu_types(self):
+        for t in (0x00, 0x08, 0x09, 0x7F, 0xFF):
+            self.raw_pdu(dul.pdu(t, b"\0" * 16))
+        # A P-DATA-TF or release before any association.
+        self.raw_pdu(dul.pdu(dul.P_DATA_TF, dul.pdv(1, b"\0" * 8, True, True)))
+        self.raw_pdu(dul.pdu(dul.A_RELEASE_RQ, b"\0\0\0\0"))
+        self.assert_healthy()
+
+    # --- PDUs inside an association -----------------------------------------
+    def test_unknown_pdu_type_in_an_association(self):
+        a = self.associate()
+        a.sock.sendall(dul.pdu(0x0B, b"\0" * 32))
+        self.closed_within(a.sock, 10)
+        self.assert_healthy()
+
+    def test_pdata_length_4gb(self):
+        a = self.associate()
+        a.sock.sendall(struct.pack(">BBI", dul.P_DATA_TF, 0, 0xFFFFFFFF) + b"\0" * 4096)
+        self.closed_within(a.sock, 15)
+        self.assert_healthy()
+
+    def test_pdata_larger_than_our_max_pdu(self):
+        """One P-DATA-TF of 4 MB (we offer 128 kB) carrying a whole dataset."""
+        _, cls, sop, data = self.ct("big", rows=1448, cols=1448)
+        a = self.associate()
+        pid = a.context_for(cls)
+        a.sock.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(pid, dul.c_store_rq(cls, sop, 1), True, True)))
+        try:
+            a.sock.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(pid, data, False, True)))
+            status = dul.command_status(a.recv_command())
+        except (dul.DulError, OSError):
+            status = None  # aborted: also fine, as long as nothing half-stored stays
+        a.close()
+        if status == 0:
+            self.assert_stored_exactly(self.node, [self.ct_file("big")])
+            self.assert_healthy()
+        else:
+            self.assert_healthy([sop])
+
+    def ct_file(self, name):
+        return os.path.join(self.work, "data", name, sorted(os.listdir(os.path.join(self.work, "data", name)))[0])
+
+    def test_pdv_length_lies(self):
+        _, cls, sop, data = self.ct("pdv")
+        a = self.associate()
+        pid = a.context_for(cls)
+        a.send_message(pid, dul.c_store_rq(cls, sop, 1))
+        item = dul.pdv(pid, data[:1000], False, False)
+        item = struct.pack(">I", 50000) + item[4:]  # PDV item claims more than its PDU
+        a.sock.sendall(dul.pdu(dul.P_DATA_TF, item))
+        self.closed_within(a.sock, 15)
+        self.assert_healthy([sop])
+
+    def test_pdv_on_a_context_never_proposed(self):
+        _, cls, sop, data = self.ct("ctx")
+        a = self.associate()
+        a.sock.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(99, dul.c_store_rq(cls, sop, 1), True, True)))
+        try:
+            a.sock.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(99, data, False, True)))
+        except OSError:
+            pass
+        self.closed_within(a.sock, 15)
+        self.assert_healthy([sop])
+
+    def test_command_set_that_is_garbage(self):
+        a = self.associate()
+        pid = a.context_for(dul.CT_IMAGE)
+        a.sock.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(pid, os.urandom(300), True, True)))
+        self.closed_within(a.sock, 15)
+        self.assert_healthy()
+
+    # --- a dataset that never arrives whole ---------------------------------
+    def send_part(self, fraction):
+        _, cls, sop, data = self.ct("part", rows=256, cols=256)
+        a = self.associate()
+        pid = a.context_for(cls)
+        a.send_message(pid, dul.c_store_rq(cls, sop, 1))
+        cut = int(len(data) * fraction) & ~1  # PDV fragments of a dataset have even lengths
+        pos = 0
+        while pos < cut:
+            chunk = data[pos:min(cut, pos + 16000)]
+            a.sock.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(pid, chunk, False, False)))
+            pos += len(chunk)
+        # The node must have started the temp file for the test to mean anything.
+        deadline = time.monotonic() + 5
+        while not self.node.temp_files() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertTrue(self.node.temp_files(), "no temp file while the dataset streamed in")
+        return a, sop
+
+    def test_abort_in_the_middle_of_a_dataset(self):
+        a, sop = self.send_part(0.5)
+        a.abort()
+        self.assertTrue(self.node.wait_event("store_incomplete", timeout=10),
+                        "nothing logged about the cut dataset")
+        self.assert_healthy([sop])
+
+    def test_connection_cut_in_the_middle_of_a_dataset(self):
+        a, sop = self.send_part(0.7)
+        a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        a.close()  # RST, no A-ABORT
+        self.assertTrue(self.node.wait_event("store_incomplete", timeout=10))
+        self.assert_healthy([sop])
+
+    def test_release_in_the_middle_of_a_dataset(self):
+        a, sop = self.send_part(0.3)
+        try:
+            a.release(timeout=10)
+        except (dul.DulError, OSError):
+            pass
+        self.assert_healthy([sop])
+
+
+class Slow(itest.NodeTest):
+    def test_one_byte_a_second_frees_the_slot_at_the_deadline(self):
+        """max_associations 1: a peer that trickles a dataset one byte a
+        second (never idle for the DIMSE timeout) holds the only slot until
+        the 4 s deadline, then the slot is free and nothing of it is stored."""
+        node = self.start_node({"dicom.association_deadline": 4, "dicom.dimse_timeout": 30,
+                                "dicom.max_associations": 1})
+        f = self.gen("slow", count=1, rows=64, cols=64)[0]
+        cls, sop, _, _ = dt.sop_uids(f)
+        data = dt.dataset_bytes(f)
+        a = dul.Association.connect("127.0.0.1", node.port, contexts=CONTEXTS)
+        pid = a.context_for(cls)
+        a.send_message(pid, dul.c_store_rq(cls, sop, 1))
+        frame = dul.pdu(dul.P_DATA_TF, dul.pdv(pid, data, False, True))
+        t0 = time.monotonic()
+        with self.assertRaises(dul.Rejected, msg="the slot was free while the trickler held it"):
+            dul.Association.connect("127.0.0.1", node.port).release()
+        sent = dul.trickle(a.sock, frame, chunk=1, interval=1.0, deadline=t0 + 20)
+        cut = time.monotonic() - t0
+        a.close()
+        self.assertLess(sent, len(frame))
+        self.assertLess(cut, 4 + 6, "the trickling peer held its slot %.0f s (deadline 4 s)" % cut)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                b = dul.Association.connect("127.0.0.1", node.port)
+                break
+            except dul.Rejected:
+                self.assertLess(time.monotonic(), deadline, "slot not freed after the deadline")
+                time.sleep(0.1)
+        self.assertEqual(b.c_echo()[0], 0)
+        b.release()
+        self.assertTrue(node.wait_event("association_deadline", timeout=5))
+        self.assert_not_stored(node, sop)
+        self.assert_consistent(node)
+
+
+class Flood(itest.NodeTest):
+    def test_sixty_connections_against_a_limit_of_two(self):
+        """Two associations held, sixty more arrive at once: each of them is
+        refused promptly (A-ASSOCIATE-RJ, or closed unanswered once the
+        connections waiting for their request reach twice the limit), none
+        accepted; the held ones keep working and the node takes new work."""
+        node = self.start_node({"dicom.max_associations": 2, "dicom.acse_timeout": 5})
+        held = [dul.Association.connect("127.0.0.1", node.port) for _ in range(2)]
+        socks, answers = [], {}
+        rq = dul.associate_rq("ICHTRIAGE", "FLOOD", CONTEXTS)
+        t0 = time.monotonic()
+        for _ in range(60):
+            s = dul.connect("127.0.0.1", node.port)
+            try:
+                s.sendall(rq)
+            except OSError:
+                pass
+            socks.append(s)
+        for s in socks:
+            try:
+                t, _ = dul.recv_pdu(s)
+                key = {dul.A_ASSOCIATE_RJ: "rejected", dul.A_ASSOCIATE_AC: "ACCEPTED"}.get(t, t)
+            except (dul.DulError, OSError):
+                key = "closed"
+            answers[key] = answers.get(key, 0) + 1
+            s.close()
+        took = time.monotonic() - t0
+        self.assertEqual(set(answers) - {"rejected", "closed"}, set(),
+                         "over the limit: %s" % answers)
+        self.assertGreater(answers.get("rejected", 0), 0, "no A-ASSOCIATE-RJ at all: %s" % answers)
+        self.assertLess(took, 5, "refusing 60 connections took %.1f s" % took)
+        for a in held:
+            self.assertEqual(a.c_echo()[0], 0)
+            a.release()
+        f = self.gen("after", count=3, rows=32, cols=32)
+        r = dt.storescu(node.port, f, workdir=self.work)
+        self.assert_all_success(r, f)
+        sys.stderr.write("flood of 60 over a limit of 2: %s in %.1f s\n" % (answers, took))
+
+
+class Claims2GB(itest.NodeTest):
+    def big_pixel_dataset(self, claimed, sent):
+        """A CT dataset whose Pixel Data (OW, explicit VR LE) claims claimed
+        bytes; sent bytes of pixels follow."""
+        f = self.gen("claim", count=1, rows=64, cols=64)[0]
+        cls, sop, _, _ = dt.sop_uids(f)
+        data = dt.dataset_bytes(f)
+        tag = b"\xe0\x7f\x10\x00OW\x00\x00"
+        pos = data.find(tag)
+        self.assertGreater(pos, 0)
+        return cls, sop, data[:pos] + tag + struct.pack("<I", claimed) + b"\0" * sent
+
+    def store(self, node, cls, sop, data):
+        a = dul.Association.connect("127.0.0.1", node.port, contexts=CONTEXTS)
+        status, _ = a.c_store(cls, sop, data)
+        a.release()
+        return status
+
+    def test_over_max_instance_size_answers_a700(self):
+        node = self.start_node({"store.max_instance_mb": 1})
+        cls, sop, data = self.big_pixel_dataset(0x80000000, 3 << 20)
+        status = self.store(node, cls, sop, data)
+        self.assertEqual(status, 0xA700, "status %s" % (status and hex(status)))
+        self.assertTrue(node.wait_event("store_failed", timeout=5))
+        self.assert_not_stored(node, sop)
+        self.assertTrue(node.alive())
+        self.assert_consistent(node)
+
+    def test_claim_of_2gb_with_little_behind_it(self):
+        node = self.start_node()
+        cls, sop, data = self.big_pixel_dataset(0x80000000, 4096)
+        status = self.store(node, cls, sop, data)
+        self.assertNotEqual(status, 0, "a dataset claiming 2 GB of pixels with 4 kB sent was stored")
+        self.assert_not_stored(node, sop)
+        self.assertTrue(node.alive())
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+        self.assert_consistent(node)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and os.path.basename(sys.argv[2]) == "make_test_model":
+        sys.argv.pop(2)  # meson passes it to every script here; not needed
+    sys.exit(itest.main())
