@@ -355,6 +355,9 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     s->h = h;
     s->req = req;
     snprintf(s->session, sizeof s->session, "%s", who->session);
+    /* Changes not pushed yet go to the other streams now: this one's later
+     * events are then relative to the full state it starts with. */
+    http_push_now(h);
     h->sse[h->nsse++] = s;
     req->res.status = 200;
     req->res.reason = "OK";
