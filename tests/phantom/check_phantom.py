@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections import defaultdict
 
 import pydicom
@@ -64,6 +65,48 @@ def bad_options(tmp):
           f"unwritable OUTDIR: exit {r.returncode}, {r.stderr!r}")
     r = phantom("--help")
     check(r.returncode == 0 and "--seed" in r.stdout and "--preview" in r.stdout, "--help")
+
+
+# outline colours of the preview, in subtype order (train/phantom_png.c)
+COLOURS = [(255, 40, 40), (255, 230, 0), (0, 220, 255), (40, 255, 40), (255, 60, 255)]
+
+
+def png_colours(path):
+    """The set of RGB colours of an 8-bit RGB, non-interlaced PNG."""
+    with open(path, "rb") as f:
+        data = f.read()
+    check(data[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG")
+    pos, idat, w = 8, b"", 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            w, h, depth, ctype = struct.unpack(">IIBB", body[:10])
+            check(depth == 8 and ctype == 2, f"{path}: not 8-bit RGB")
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw, stride = zlib.decompress(idat), 3 * w
+    prev, colours = bytearray(stride), set()
+    for y in range(len(raw) // (stride + 1)):
+        ftype, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - 3] if i >= 3 else 0
+            b = prev[i]
+            c = prev[i - 3] if i >= 3 else 0
+            if ftype == 1:
+                line[i] = (line[i] + a) & 255
+            elif ftype == 2:
+                line[i] = (line[i] + b) & 255
+            elif ftype == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif ftype == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        colours.update(zip(line[0::3], line[1::3], line[2::3]))
+        prev = line
+    return colours
 
 
 TYPE1 = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
@@ -153,14 +196,24 @@ def check_run(out, count):
         check(int(s["slices"]) == len(series[s["series_uid"]]), "summary slice count")
     check(any(v[0] > 0 for v in per_study.values()), "no positive slice at all")
 
+    # previews: one per study; each subtype's outline colour is there when the
+    # study has slices positive for it, and absent when it has no such lesion
+    with open(os.path.join(out, "lesions.csv")) as f:
+        placed = defaultdict(set)
+        for row in csv.DictReader(f):
+            placed[row["study_uid"]].add(row["subtype"])
     pngs = sorted(os.listdir(os.path.join(out, "preview")))
     check(len(pngs) == count, f"{len(pngs)} previews")
-    for p in pngs:
-        with open(os.path.join(out, "preview", p), "rb") as f:
-            head = f.read(24)
-        check(head[:8] == b"\x89PNG\r\n\x1a\n", f"{p}: not a PNG")
-        w, h = struct.unpack(">II", head[16:24])
-        check(w >= 64 and h >= 64, f"{p}: {w}x{h}")
+    for s in studies:
+        name = f"{int(s['index']):06d}_{s['study_uid']}.png"
+        check(name in pngs, f"no preview {name}")
+        colours = png_colours(os.path.join(out, "preview", name))
+        for k, label in enumerate(LABELS[1:]):
+            if int(s[label]) > 0:
+                check(COLOURS[k] in colours, f"{name}: no {label} outline")
+            elif label not in placed[s["study_uid"]] and not (
+                    label == "intraventricular" and "intraparenchymal" in placed[s["study_uid"]]):
+                check(COLOURS[k] not in colours, f"{name}: {label} outline without a lesion")
 
 
 def main():
