@@ -313,6 +313,12 @@ static void webhook_send(struct triage_http *h, const cJSON *row)
 void http_push_now(struct triage_http *h)
 {
     if (h->push_ready) uv_timer_stop(&h->push);
+    if (h->nsse == 0 && !h->webhook[0]) {
+        /* Nobody to tell: no work on the loop. The next push starts a new
+         * snapshot, without calling what is already flagged new. */
+        h->snap_ready = false;
+        return;
+    }
     cJSON *flagged_rows = NULL;
     cJSON *ev = worklist_event(h, false, &flagged_rows);
     if (!ev) return;
@@ -355,9 +361,16 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     s->h = h;
     s->req = req;
     snprintf(s->session, sizeof s->session, "%s", who->session);
-    /* Changes not pushed yet go to the other streams now: this one's later
-     * events are then relative to the full state it starts with. */
-    http_push_now(h);
+    /* Changes not pushed yet go to the other streams (and the webhook) now:
+     * this one's later events are then relative to the full state it starts
+     * with. With nobody listening the snapshot is just brought up to date. */
+    if (h->nsse > 0 || h->webhook[0]) {
+        http_push_now(h);
+    } else {
+        cJSON *none = NULL;
+        cJSON_Delete(worklist_event(h, false, &none));
+        cJSON_Delete(none);
+    }
     h->sse[h->nsse++] = s;
     req->res.status = 200;
     req->res.reason = "OK";
