@@ -276,17 +276,17 @@ int train_report_write(const char *html_path, const char *json_path, const char 
     const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
     fprintf(f,
             "<h2>Confusion matrix, study level, LRCN, any (threshold %.3f)</h2>"
-            "<svg xmlns='http://www.w3.org/2000/svg' width='260' height='170'>"
-            "<text x='150' y='14' font-size='11' text-anchor='middle'>truth</text>"
-            "<text x='110' y='30' font-size='11' text-anchor='middle'>hemorrhage</text>"
-            "<text x='200' y='30' font-size='11' text-anchor='middle'>none</text>"
-            "<text x='30' y='75' font-size='11'>flagged</text>"
-            "<text x='30' y='135' font-size='11'>not flagged</text>",
+            "<svg xmlns='http://www.w3.org/2000/svg' width='290' height='170'>"
+            "<text x='180' y='14' font-size='11' text-anchor='middle'>truth</text>"
+            "<text x='140' y='30' font-size='11' text-anchor='middle'>hemorrhage</text>"
+            "<text x='230' y='30' font-size='11' text-anchor='middle'>none</text>"
+            "<text x='4' y='75' font-size='11'>flagged</text>"
+            "<text x='4' y='135' font-size='11'>not flagged</text>",
             e->thresholds[1][0]);
     size_t cells[4] = {b->tp, b->fp, b->fn, b->tn};
     const char *fill[4] = {"#cfc", "#fdd", "#fcc", "#dfd"};
     for (int i = 0; i < 4; i++) {
-        int x = 70 + (i % 2) * 90, y = 40 + (i / 2) * 60;
+        int x = 98 + (i % 2) * 90, y = 40 + (i / 2) * 60;
         fprintf(f,
                 "<rect x='%d' y='%d' width='85' height='55' fill='%s' stroke='#888'/>"
                 "<text x='%d' y='%d' font-size='18' text-anchor='middle'>%zu</text>",
@@ -303,7 +303,7 @@ int train_report_write(const char *html_path, const char *json_path, const char 
                 double v = what ? h[i].val_auc : fmax(h[i].train_loss, h[i].val_loss);
                 if (!isnan(v) && v > hi) hi = v;
             }
-            double lo = what ? 0.5 : 0;
+            double lo = 0;
             if (what && hi < 1) hi = 1;
             svg_axes(f, what ? "validation mean AUC per epoch" : "loss per epoch",
                      "epoch (stage 1, then stage 2)", what ? "AUC" : "loss");

@@ -933,6 +933,8 @@ int train_train_main(int argc, char **argv)
     char html[1200], json[1200];
     snprintf(html, sizeof html, "%s/report.html", workdir);
     snprintf(json, sizeof json, "%s/metrics.json", workdir);
+    snprintf(buf, sizeof buf, "%s; %s; evaluated on the %s split", nn_model_meta_get(m, "data"),
+             nn_model_meta_get(m, "data_split"), split == TRAIN_SPLIT_TEST ? "test" : "validation");
     if (train_report_write(html, json, "ichtriage train", o.out, buf, ev, hist, nh, &rel, err,
                            sizeof err) != 0)
         fprintf(stderr, "ichtriage train: report: %s\n", err);
