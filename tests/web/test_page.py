@@ -3,7 +3,7 @@ in the API's order, flagged rows marked in text, the XSS patient name shown
 as text (no element, no dialog), a newly triaged study appearing live (no
 reload) with a sound, a new row held back while the pointer is over the
 list, the study view (probability strip, key slice PNG) and a review
-submitted from the form. Screenshots are kept in the build directory
+submitted from the form; the degraded banner; the login page over HTTPS. Screenshots are kept in the build directory
 (tests/web/*.png). Skipped (77) when Chromium is not installed.
 
     python3 test_page.py ICHTRIAGE MAKE_TEST_MODEL"""
@@ -111,6 +111,15 @@ class PageTest(wt.WebTest):
         b.eval("location.hash = '#/'")
         b.wait("!document.querySelector('#rows tr[data-study-uid=\"%s\"]')" % uid, 10)
         self.assertEqual(b.dialogs(), [])
+        self.assertEqual(b.console_errors(), [])
+
+    def test_degraded_banner(self):
+        node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
+        b = self.browser = cdp.Browser()
+        b.open("http://127.0.0.1:%d/" % node.http_port)
+        text = b.wait("!document.getElementById('degraded').hidden && "
+                      "document.getElementById('degraded').textContent")
+        self.assertIn("model not loaded", text)
         self.assertEqual(b.console_errors(), [])
 
     def test_login_page(self):
