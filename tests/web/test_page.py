@@ -70,12 +70,22 @@ class PageTest(wt.WebTest):
 
         # A new study appears live, without a reload, with a sound.
         b.eval("window.__no_reload = 1")
+        # Desktop notifications as if the user had allowed them (headless
+        # Chromium shows none): record what the page asks for.
+        b.eval("window.__notes = []; window.Notification = class {"
+               " static get permission() { return 'granted'; }"
+               " constructor(title, opts) { window.__notes.push([title, opts.body]); } }")
         beeps = int(b.eval("document.body.dataset.beeps || '0'"))
         uid1, f1 = self.new_study(34)
         self.send(node, f1)
         b.wait("!!document.querySelector('#rows tr[data-study-uid=\"%s\"].flagged')" % uid1, 40)
         self.assertEqual(b.eval("window.__no_reload"), 1)
         b.wait("Number(document.body.dataset.beeps || 0) > %d" % beeps, 10)
+        notes = b.eval("window.__notes")
+        self.assertEqual(len(notes), 1, notes)
+        self.assertEqual(notes[0][0], "ichtriage: flagged study")
+        self.assertIn("not a diagnosis", notes[0][1])
+        self.assertNotIn("PHANTOM", notes[0][1])  # no patient name on the desktop
         self.assertEqual(self.dom_order(),
                          [r["study_uid"] for r in self.get_json(node, "/api/worklist")])
 
