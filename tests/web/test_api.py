@@ -109,6 +109,8 @@ class ApiTest(wt.WebTest):
         self.assertNotIn(uid, [r["study_uid"] for r in self.get_json(self.node, "/api/worklist")])
         reviewed = self.get_json(self.node, "/api/worklist?status=reviewed")
         self.assertEqual([r["study_uid"] for r in reviewed], [uid])
+        self.assertEqual([{k: v for k, v in r.items() if k != "claimed_by"} for r in reviewed],
+                         self.cli_worklist(self.node, "reviewed"))
         st = self.get_json(self.node, "/api/studies/" + uid)
         self.assertEqual(st["status"], "reviewed")
         (rev,) = st["reviews"]
