@@ -278,7 +278,7 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
     db_audit_add(h->db, now, who->user, "reviewed", uid, list);
     util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s", uid,
              cJSON_IsTrue(hem), list[0] ? list : "-");
-    http_push_now(h);
+    triage_http_changed(h);
     cJSON *o = cJSON_CreateObject();
     cJSON *reviews = cJSON_AddArrayToObject(o, "reviews");
     db_reviews_of_study(h->db, uid, review_cb, reviews);
@@ -319,7 +319,7 @@ static int api_claim(struct triage_http *h, h2o_req_t *req, const struct http_wh
                                claim ? "no such study" : "not claimed by you");
     db_audit_add(h->db, http_now_ms(), who->user, claim ? "claimed" : "released", uid,
                  force && holder[0] ? holder : "");
-    http_push_now(h);
+    triage_http_changed(h);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "study_uid", uid);
     cJSON_AddStringToObject(o, "claimed_by", claim ? who->user : "");

@@ -20,7 +20,8 @@
 #define HTTP_FAIL_MAX 5    /* failed logins per address per window */
 #define HTTP_FAIL_WINDOW_MS (15 * 60 * 1000LL)
 #define HTTP_USER_MAX 64
-#define HTTP_PUSH_DELAY_MS 250
+#define HTTP_PUSH_DELAY_MS 250      /* least time between pushes */
+#define HTTP_PUSH_DELAY_MAX_MS 5000 /* most, however long a push takes */
 
 struct http_sse; /* one event stream, http_sse.c */
 
@@ -79,6 +80,7 @@ struct triage_http {
     bool ping_ready;
     uv_timer_t push; /* coalesces triage_http_changed() calls */
     bool push_ready;
+    uint64_t push_delay_ms; /* 4x the last push's cost, at least HTTP_PUSH_DELAY_MS */
     int64_t event_id;
     struct http_snapshot_row *snap;
     int nsnap;
@@ -133,7 +135,7 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
 void http_sse_end_dead_sessions(struct triage_http *h);
 void http_sse_broadcast(struct triage_http *h, const char *event, const char *data);
 void http_sse_stop(struct triage_http *h);
-/* Pushes the worklist's changes now (after a review or claim). */
+/* Pushes the worklist's changes now. */
 void http_push_now(struct triage_http *h);
 
 /* http_pacs.c: GET /api/pacs/failures (deliveries to PACS given up). */

@@ -13,7 +13,7 @@
 
 #include "log.h"
 
-#define SSE_PENDING_MAX (1 << 20) /* bytes queued per slow client */
+#define SSE_PENDING_MAX (1 << 20) /* backlog per slow client (one event may be bigger) */
 #define SSE_PING_MS 15000
 
 struct http_sse {
@@ -74,7 +74,7 @@ static void sse_stop(h2o_generator_t *g, h2o_req_t *req)
 static void sse_queue(struct http_sse *s, const char *text, size_t len)
 {
     if (s->ending) return;
-    if (s->pending_len + len > SSE_PENDING_MAX) {
+    if (s->pending_len > 0 && s->pending_len + len > SSE_PENDING_MAX) {
         /* Too far behind: the stream ends after the write in progress (a
          * write is in progress, or nothing would be pending) and the page
          * reconnects (EventSource does), starting again from a full event. */
@@ -319,8 +319,15 @@ void http_push_now(struct triage_http *h)
         h->snap_ready = false;
         return;
     }
+    uint64_t t0 = uv_hrtime();
     cJSON *flagged_rows = NULL;
     cJSON *ev = worklist_event(h, false, &flagged_rows);
+    /* A long list makes a push cost tens of milliseconds: pushes then come
+     * less often, so that they take at most a fifth of the loop. */
+    uint64_t cost_ms = (uv_hrtime() - t0) / 1000000;
+    h->push_delay_ms = cost_ms * 4 < HTTP_PUSH_DELAY_MS       ? HTTP_PUSH_DELAY_MS
+                       : cost_ms * 4 > HTTP_PUSH_DELAY_MAX_MS ? HTTP_PUSH_DELAY_MAX_MS
+                                                              : cost_ms * 4;
     if (!ev) return;
     bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "rows")) > 0 ||
                cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0 ||
@@ -348,7 +355,7 @@ void triage_http_changed(struct triage_http *h)
 {
     /* Bursts (hundreds of instances a second) make one push. */
     if (!h || !h->push_ready || uv_is_active((uv_handle_t *)&h->push)) return;
-    uv_timer_start(&h->push, on_push, HTTP_PUSH_DELAY_MS, 0);
+    uv_timer_start(&h->push, on_push, h->push_delay_ms ? h->push_delay_ms : HTTP_PUSH_DELAY_MS, 0);
 }
 
 int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *who)
