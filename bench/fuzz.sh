@@ -24,6 +24,7 @@ targets=("$@")
 mkdir -p "$artifacts"
 "$src/fuzz/seeds.sh" "$build" "$corpus" || { echo "fuzz: cannot make seeds" >&2; exit 1; }
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=1}
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$src/tests/robust/lsan.supp}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 failed=0
 for t in "${targets[@]}"; do

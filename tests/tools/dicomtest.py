@@ -6,6 +6,7 @@ Uses Debian's /usr/bin/python3 standard library only (plus pydicom where a
 helper says so)."""
 import os
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -98,13 +99,18 @@ class Node:
         return self.settings["dicom.aetitle"]
 
     def argv(self):
-        argv = [self.exe, "serve", "-c", "/dev/null"]
+        # ICHTRIAGE_TEST_WRAPPER (e.g. "valgrind --error-exitcode=99"): the
+        # node runs under it (issue 10's memcheck run in .ci/run).
+        argv = shlex.split(os.environ.get("ICHTRIAGE_TEST_WRAPPER", ""))
+        argv += [self.exe, "serve", "-c", "/dev/null"]
         for k, v in self.settings.items():
             argv += ["--set", "%s=%s" % (k, v)]
         return argv
 
     def start(self, timeout=30.0):
         """Starts the node and waits for its event=ready line (and the port)."""
+        if os.environ.get("ICHTRIAGE_TEST_WRAPPER"):
+            timeout *= 10  # valgrind starts a process about that much slower
         os.makedirs(self.workdir, exist_ok=True)
         logf = open(self.log_path, "ab")
         self._log_offset_at_start = logf.tell()
@@ -133,6 +139,8 @@ class Node:
 
     def stop(self, timeout=30.0):
         """SIGTERM, wait; returns the exit status (None if it had to be killed)."""
+        if os.environ.get("ICHTRIAGE_TEST_WRAPPER"):
+            timeout *= 10
         if self.proc is None:
             return None
         if self.proc.poll() is None:
