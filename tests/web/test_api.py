@@ -250,6 +250,34 @@ class ApiTest(wt.WebTest):
                                      headers=["Host: " + host])[0], 200, host)
 
 
+class LongListTest(wt.WebTest):
+    def test_first_event_of_a_long_list(self):
+        # 2500 studies make a first event over 1 MiB: it must arrive whole.
+        node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
+        node.stop()
+        import sqlite3
+        con = sqlite3.connect(node.db_path)
+        con.execute("INSERT INTO patients (patient_id, patient_name) VALUES ('P', 'Doe^J')")
+        con.executemany(
+            "INSERT INTO studies (study_uid, patient_ref, accession, study_desc, received_at,"
+            " updated_at, status, probability) VALUES (?, 1, ?, 'CT HEAD', ?, ?, 'triaged', ?)",
+            [("1.2.%d" % i, "A%d" % i, 1700000000000 + i, 1700000000000 + i, (i % 97) / 97)
+             for i in range(2500)])
+        con.commit()
+        con.close()
+        node.start()
+        node.base = "http://127.0.0.1:%d" % node.http_port
+        rows = self.get_json(node, "/api/worklist")
+        self.assertEqual(len(rows), 2500)
+        p = subprocess.run(["curl", "-sN", "-m", "5", node.base + "/api/events"],
+                           stdout=subprocess.PIPE)
+        data = [l for l in p.stdout.decode().splitlines() if l.startswith("data: ")]
+        first = json.loads(data[0][6:])
+        self.assertGreater(len(data[0]), 1 << 20)
+        self.assertEqual(first["order"], [r["study_uid"] for r in rows])
+        self.assertEqual(len(first["rows"]), 2500)
+
+
 class DegradedTest(wt.WebTest):
     def test_model_missing_is_degraded(self):
         node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
