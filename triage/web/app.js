@@ -84,17 +84,25 @@ function rowCells(tr, row, rank) {
   tr.replaceChildren(...cells.map((c) => el("td", {}, c)));
 }
 
+// Rows are keyed by study: only rows whose content or rank changed are
+// redrawn, and only rows out of place are moved.
 function render(rows) {
   const tbody = $("rows");
-  const old = new Map(state.rows.map((r) => [r.study_uid, JSON.stringify(r)]));
   const keep = new Set(rows.map((r) => r.study_uid));
   for (const [uid, tr] of state.trs) if (!keep.has(uid)) { tr.remove(); state.trs.delete(uid); }
   rows.forEach((row, i) => {
     let tr = state.trs.get(row.study_uid);
     const fresh = !tr;
     if (fresh) { tr = el("tr"); state.trs.set(row.study_uid, tr); }
-    rowCells(tr, row, i + 1);
-    if (!fresh && old.get(row.study_uid) !== JSON.stringify(row)) tr.classList.add("changed");
+    const json = JSON.stringify(row);
+    if (fresh || tr.__json !== json || tr.__rank !== i + 1) {
+      if (!fresh && tr.__json !== json) tr.classList.add("changed");
+      const changed = tr.classList.contains("changed");
+      rowCells(tr, row, i + 1);
+      if (changed) tr.classList.add("changed");
+      tr.__json = json;
+      tr.__rank = i + 1;
+    }
     if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
   });
   state.rows = rows;
