@@ -20,7 +20,7 @@ build=${FUZZ_BUILD:-$src/build-fuzz}
 corpus=${FUZZ_CORPUS:-$build/fuzz-corpus}
 artifacts=${FUZZ_ARTIFACTS:-$build/fuzz-artifacts}
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(scp_info scp_pixels preprocess safetensors config)
+[ ${#targets[@]} -eq 0 ] && targets=(scp_info scp_pixels preprocess safetensors config http)
 mkdir -p "$artifacts"
 "$src/fuzz/seeds.sh" "$build" "$corpus" || { echo "fuzz: cannot make seeds" >&2; exit 1; }
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=1}

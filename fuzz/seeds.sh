@@ -48,6 +48,9 @@ if need config; then
   printf '[dicom]\nport = 104\n[store]\ndir = /tmp/x\n' >"$out/config/small.conf"
   printf 'dicom.port=11112' >"$out/config/set.txt"
 fi
+if need http; then
+  cp "$src/fuzz/regressions/http/"* "$out/http/"
+fi
 if need preprocess; then
   "$py" - "$out/preprocess" <<'PY'
 import os, struct, sys
