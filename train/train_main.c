@@ -28,8 +28,9 @@ struct opts {
     float lr1, lr2, lr_decay, val_frac, test_frac, sensitivity;
     int reg;
     int no_augment;
-    int val_any; /* early stopping on the AUC of "any" alone */
-    int reviews; /* the node's reviewed studies as data too */
+    int val_any;      /* early stopping on the AUC of "any" alone */
+    int reviews;      /* the node's reviewed studies as data too */
+    float study_loss; /* weight of the stage-2 max-over-slices term for slice-labelled series */
 };
 
 struct state {
@@ -71,6 +72,8 @@ static void usage(FILE *f)
         "  --slices-per-epoch N    stage-1 slices drawn per epoch (default: all)\n"
         "  --lr1 X, --lr2 X        Adam learning rates (default 1e-3, 1e-3)\n"
         "  --lr-decay F            stage-1 learning rate times F after each epoch (1)\n"
+        "  --study-loss W          stage 2: add W x a max-over-slices (study-level) loss\n"
+        "                          for series with slice labels too (default 0)\n"
         "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
         "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
@@ -87,20 +90,35 @@ static void usage(FILE *f)
 
 static int parse(struct opts *o, int argc, char **argv)
 {
-    static const struct option lo[] = {{"out", 1, 0, 'o'},          {"workdir", 1, 0, 'w'},
-                                       {"cache", 1, 0, 'C'},        {"arch", 1, 0, 'a'},
-                                       {"init", 1, 0, 'I'},         {"windows", 1, 0, 'W'},
-                                       {"input", 1, 0, 'i'},        {"seed", 1, 0, 's'},
-                                       {"epochs1", 1, 0, '1'},      {"epochs2", 1, 0, '2'},
-                                       {"patience", 1, 0, 'p'},     {"batch", 1, 0, 'b'},
-                                       {"series-batch", 1, 0, 'B'}, {"slices-per-epoch", 1, 0, 'S'},
-                                       {"lr1", 1, 0, 'l'},          {"lr2", 1, 0, 'L'},
-                                       {"val", 1, 0, 'v'},          {"test", 1, 0, 't'},
-                                       {"sensitivity", 1, 0, 'x'},  {"threads", 1, 0, 'T'},
-                                       {"no-augment", 0, 0, 'N'},   {"provenance", 1, 0, 'P'},
-                                       {"register", 0, 0, 'R'},     {"val-metric", 1, 0, 'M'},
-                                       {"lr-decay", 1, 0, 'y'},     {"reviews", 0, 0, 'V'},
-                                       {"help", 0, 0, 'h'},         {0, 0, 0, 0}};
+    static const struct option lo[] = {{"out", 1, 0, 'o'},
+                                       {"workdir", 1, 0, 'w'},
+                                       {"cache", 1, 0, 'C'},
+                                       {"arch", 1, 0, 'a'},
+                                       {"init", 1, 0, 'I'},
+                                       {"windows", 1, 0, 'W'},
+                                       {"input", 1, 0, 'i'},
+                                       {"seed", 1, 0, 's'},
+                                       {"epochs1", 1, 0, '1'},
+                                       {"epochs2", 1, 0, '2'},
+                                       {"patience", 1, 0, 'p'},
+                                       {"batch", 1, 0, 'b'},
+                                       {"series-batch", 1, 0, 'B'},
+                                       {"slices-per-epoch", 1, 0, 'S'},
+                                       {"lr1", 1, 0, 'l'},
+                                       {"lr2", 1, 0, 'L'},
+                                       {"val", 1, 0, 'v'},
+                                       {"test", 1, 0, 't'},
+                                       {"sensitivity", 1, 0, 'x'},
+                                       {"threads", 1, 0, 'T'},
+                                       {"no-augment", 0, 0, 'N'},
+                                       {"provenance", 1, 0, 'P'},
+                                       {"register", 0, 0, 'R'},
+                                       {"val-metric", 1, 0, 'M'},
+                                       {"lr-decay", 1, 0, 'y'},
+                                       {"reviews", 0, 0, 'V'},
+                                       {"study-loss", 1, 0, 'Y'},
+                                       {"help", 0, 0, 'h'},
+                                       {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
                        .arch = "small",
                        .seed = 1,
@@ -188,6 +206,9 @@ static int parse(struct opts *o, int argc, char **argv)
             break;
         case 'R':
             o->reg = 1;
+            break;
+        case 'Y':
+            o->study_loss = strtof(optarg, NULL);
             break;
         case 'V':
             o->reviews = 1;
@@ -497,6 +518,26 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
                                              (float)(tot * TRAIN_LABELS);
             }
         }
+        /* --study-loss W: for series with slice labels too, a study-level
+         * term on the maximum over the slices (the quantity the node flags
+         * on), weighted W against the mean slice loss. */
+        for (int k = 0; o->study_loss > 0 && k < b; k++) {
+            const struct train_series *se = &d->series[src[k]];
+            if (!se->slice_labels) continue;
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                size_t arg = from[k];
+                float yv = 0;
+                for (int i = 0; i < len[k]; i++) {
+                    size_t r = from[k] + (size_t)i;
+                    if (lg[r * TRAIN_LABELS + l] > lg[arg * TRAIN_LABELS + l]) arg = r;
+                    if (yt[r * TRAIN_LABELS + l] > 0) yv = 1;
+                }
+                float z = lg[arg * TRAIN_LABELS + l], sg = 1.0f / (1.0f + expf(-z));
+                float wl = o->study_loss * train_rsna_weights[l] / (float)(b * TRAIN_LABELS);
+                dl[arg * TRAIN_LABELS + l] += wl * (sg - yv);
+                loss += wl * (yv > 0 ? log1pf(expf(-z)) : log1pf(expf(z)));
+            }
+        }
         if (nn_lrcn_backward(m, dl) != 0) goto out;
         nn_model_adam_step(m, &adam);
         sum += loss;
@@ -583,7 +624,9 @@ static int calibrate(nn_model *m, const struct train_dataset *d, float sens,
             size_t k2 = n < 4096 ? n : 4096;
             for (size_t i = 0; i < k2; i++)
                 pr[i] = 1.0f / (1.0f + expf(-z[i] / T[l]));
-            thr[mo][l] = train_threshold_for_sensitivity(pr, y, k2, sens);
+            /* A hair below the chosen probability: folding the temperature
+             * into the weights changes the last float bits of the logits. */
+            thr[mo][l] = train_threshold_for_sensitivity(pr, y, k2, sens) * 0.9999f;
         }
         if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
         if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, T, TRAIN_LABELS) != 0) goto out;
@@ -912,14 +955,15 @@ int train_train_main(int argc, char **argv)
              d.nseries, d.nslices, cnt[0], cnt[1], cnt[2], (unsigned long long)o.seed, o.val_frac,
              o.test_frac);
     nn_model_meta_set(m, "data_split", buf);
-    snprintf(
-        buf, sizeof buf,
-        "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-        "series_batch=%d slices_per_epoch=%d lr1=%g lr_decay=%g lr2=%g val_metric=%s augment=%s "
-        "init=%s",
-        o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience, o.batch,
-        o.series_batch, o.slices_per_epoch, o.lr1, o.lr_decay, o.lr2, o.val_any ? "any" : "mean",
-        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
+    snprintf(buf, sizeof buf,
+             "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
+             "series_batch=%d slices_per_epoch=%d lr1=%g lr_decay=%g lr2=%g study_loss=%g "
+             "val_metric=%s augment=%s "
+             "init=%s",
+             o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience,
+             o.batch, o.series_batch, o.slices_per_epoch, o.lr1, o.lr_decay, o.lr2, o.study_loss,
+             o.val_any ? "any" : "mean", o.no_augment ? "no" : "shift,rotation,flip,intensity",
+             o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",
