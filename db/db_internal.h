@@ -8,6 +8,25 @@
 
 int db_migrate(sqlite3 *conn, char *err, size_t errlen);
 
+struct db_worklist_row;
+
+/* The worklist row of a study, shared by the worklist and the study view:
+ * DB_ROW_COLUMNS (21 columns, 0..20) selected FROM DB_ROW_JOINS, read by
+ * db_row_fill (strings borrowed from the statement until its next step). */
+#define DB_ROW_COLUMNS                                                                           \
+    "st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"                     \
+    " p.patient_name, st.study_desc, st.status, st.status_reason,"                               \
+    " coalesce(r.model_version, ''), st.received_at, st.updated_at,"                             \
+    " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"                            \
+    "   WHERE s.study_ref = st.id)),"                                                            \
+    " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"                 \
+    " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates, p.specific_charset"
+#define DB_ROW_JOINS                                                                             \
+    " FROM studies st JOIN patients p ON p.id = st.patient_ref"                                  \
+    " LEFT JOIN series rs ON rs.id = st.result_series_ref"                                       \
+    " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
+void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row);
+
 /* The owner thread's connection of db. */
 sqlite3 *db_conn(struct db *db);
 

@@ -89,6 +89,7 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
 struct db_worklist_row {
     const char *study_uid, *series_uid, *accession, *patient_id, *patient_name, *study_desc;
     const char *status, *status_reason, *model_version;
+    const char *specific_charset; /* of patient_name and study_desc, as stored */
     int64_t received_at_ms, updated_at_ms;
     int slices;           /* of the series that set the result; else of the study */
     bool has_probability; /* false until triaged */

@@ -396,21 +396,37 @@ bad:
     return -1;
 }
 
+void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row)
+{
+    *row = (struct db_worklist_row){
+        .study_uid = (const char *)sqlite3_column_text(st, 0),
+        .series_uid = (const char *)sqlite3_column_text(st, 1),
+        .accession = (const char *)sqlite3_column_text(st, 2),
+        .patient_id = (const char *)sqlite3_column_text(st, 3),
+        .patient_name = (const char *)sqlite3_column_text(st, 4),
+        .study_desc = (const char *)sqlite3_column_text(st, 5),
+        .status = (const char *)sqlite3_column_text(st, 6),
+        .status_reason = (const char *)sqlite3_column_text(st, 7),
+        .model_version = (const char *)sqlite3_column_text(st, 8),
+        .received_at_ms = sqlite3_column_int64(st, 9),
+        .updated_at_ms = sqlite3_column_int64(st, 10),
+        .slices = sqlite3_column_int(st, 11),
+        .has_probability = sqlite3_column_type(st, 12) != SQLITE_NULL,
+        .probability = sqlite3_column_double(st, 12),
+        .flagged = sqlite3_column_int(st, 18) != 0,
+        .result_updates = sqlite3_column_int(st, 19),
+        .specific_charset = (const char *)sqlite3_column_text(st, 20),
+    };
+    for (int l = 0; l < DB_LABELS - 1; l++)
+        row->subtypes[l] = sqlite3_column_double(st, 13 + l);
+}
+
 int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     const char *sql =
-        "SELECT st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"
-        " p.patient_name, st.study_desc, st.status, st.status_reason,"
-        " coalesce(r.model_version, ''), st.received_at, st.updated_at,"
-        " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"
-        "   WHERE s.study_ref = st.id)),"
-        " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"
-        " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates"
-        " FROM studies st JOIN patients p ON p.id = st.patient_ref"
-        " LEFT JOIN series rs ON rs.id = st.result_series_ref"
-        " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
+        "SELECT " DB_ROW_COLUMNS DB_ROW_JOINS
         " WHERE (?1 IS NULL AND st.status != 'reviewed') OR st.status = ?1"
         " ORDER BY"
         "  CASE WHEN st.flagged AND st.status != 'reviewed' THEN 0"
@@ -425,26 +441,8 @@ int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud)
         sqlite3_bind_null(st, 1);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        struct db_worklist_row row = {
-            .study_uid = (const char *)sqlite3_column_text(st, 0),
-            .series_uid = (const char *)sqlite3_column_text(st, 1),
-            .accession = (const char *)sqlite3_column_text(st, 2),
-            .patient_id = (const char *)sqlite3_column_text(st, 3),
-            .patient_name = (const char *)sqlite3_column_text(st, 4),
-            .study_desc = (const char *)sqlite3_column_text(st, 5),
-            .status = (const char *)sqlite3_column_text(st, 6),
-            .status_reason = (const char *)sqlite3_column_text(st, 7),
-            .model_version = (const char *)sqlite3_column_text(st, 8),
-            .received_at_ms = sqlite3_column_int64(st, 9),
-            .updated_at_ms = sqlite3_column_int64(st, 10),
-            .slices = sqlite3_column_int(st, 11),
-            .has_probability = sqlite3_column_type(st, 12) != SQLITE_NULL,
-            .probability = sqlite3_column_double(st, 12),
-            .flagged = sqlite3_column_int(st, 18) != 0,
-            .result_updates = sqlite3_column_int(st, 19),
-        };
-        for (int l = 0; l < DB_LABELS - 1; l++)
-            row.subtypes[l] = sqlite3_column_double(st, 13 + l);
+        struct db_worklist_row row;
+        db_row_fill(st, &row);
         if (fn(ud, &row) != 0) {
             rc = SQLITE_DONE;
             break;

@@ -21,19 +21,10 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     const char *sql =
-        "SELECT st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"
-        " p.patient_name, st.study_desc, st.status, st.status_reason,"
-        " coalesce(r.model_version, ''), st.received_at, st.updated_at,"
-        " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"
-        "   WHERE s.study_ref = st.id)),"
-        " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"
-        " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates,"
-        " p.specific_charset, p.birth_date, p.sex, st.study_date, st.study_time, st.study_id,"
+        "SELECT " DB_ROW_COLUMNS ","
+        " p.birth_date, p.sex, st.study_date, st.study_time, st.study_id,"
         " coalesce(r.key_sop, ''), coalesce(r.key_index, -1), coalesce(r.note, ''),"
-        " coalesce(r.ms_total, 0), coalesce(cl.reader, ''), coalesce(cl.claimed_at, 0)"
-        " FROM studies st JOIN patients p ON p.id = st.patient_ref"
-        " LEFT JOIN series rs ON rs.id = st.result_series_ref"
-        " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
+        " coalesce(r.ms_total, 0), coalesce(cl.reader, ''), coalesce(cl.claimed_at, 0)" DB_ROW_JOINS
         " LEFT JOIN claims cl ON cl.study_ref = st.id"
         " WHERE st.study_uid = ?1";
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
@@ -41,25 +32,6 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         struct db_study_view v = {
-            .row =
-                {
-                    .study_uid = text(st, 0),
-                    .series_uid = text(st, 1),
-                    .accession = text(st, 2),
-                    .patient_id = text(st, 3),
-                    .patient_name = text(st, 4),
-                    .study_desc = text(st, 5),
-                    .status = text(st, 6),
-                    .status_reason = text(st, 7),
-                    .model_version = text(st, 8),
-                    .received_at_ms = sqlite3_column_int64(st, 9),
-                    .updated_at_ms = sqlite3_column_int64(st, 10),
-                    .slices = sqlite3_column_int(st, 11),
-                    .has_probability = sqlite3_column_type(st, 12) != SQLITE_NULL,
-                    .probability = sqlite3_column_double(st, 12),
-                    .flagged = sqlite3_column_int(st, 18) != 0,
-                    .result_updates = sqlite3_column_int(st, 19),
-                },
             .specific_charset = text(st, 20),
             .birth_date = text(st, 21),
             .sex = text(st, 22),
@@ -73,8 +45,7 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
             .claimed_by = text(st, 30),
             .claimed_at_ms = sqlite3_column_int64(st, 31),
         };
-        for (int l = 0; l < DB_LABELS - 1; l++)
-            v.row.subtypes[l] = sqlite3_column_double(st, 13 + l);
+        db_row_fill(st, &v.row);
         fn(ud, &v);
     }
     sqlite3_finalize(st);

@@ -12,48 +12,11 @@
 #include "db_web.h"
 #include "log.h"
 #include "rows.h"
-#include "scp_charset.h"
 
 static const char *const label_names[DB_LABELS] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
 static const char *const statuses[] = {"received", "waiting",        "triaging", "triaged",
                                        "failed",   "not_applicable", "reviewed"};
-
-static bool needs_charset(const char *s)
-{
-    for (; s && *s; s++)
-        if ((unsigned char)*s >= 0x80 || *s == 0x1B) return true;
-    return false;
-}
-
-static void set_string(cJSON *o, const char *key, const char *value)
-{
-    cJSON_ReplaceItemInObject(o, key, cJSON_CreateString(value));
-}
-
-static int charset_cb(void *ud, const struct db_study_view *v)
-{
-    snprintf(ud, 128, "%s", v->specific_charset);
-    return 0;
-}
-
-void http_fix_name(struct triage_http *h, cJSON *row, const char *study_uid)
-{
-    const char *fields[] = {"patient_name", "study_description"};
-    char charset[128] = "";
-    bool looked = false;
-    for (size_t i = 0; i < 2; i++) {
-        const char *v = cJSON_GetStringValue(cJSON_GetObjectItem(row, fields[i]));
-        if (!v || !needs_charset(v)) continue;
-        if (!looked) {
-            db_study_view(h->db, study_uid, charset_cb, charset);
-            looked = true;
-        }
-        char utf8[1024];
-        scp_charset_to_utf8(charset, v, i == 0, utf8, sizeof utf8);
-        set_string(row, fields[i], utf8);
-    }
-}
 
 struct claim_list {
     cJSON *map; /* study_uid -> reader */
@@ -80,7 +43,6 @@ static int list_row(void *ud, const struct db_worklist_row *row)
         c->oom = true;
         return 1;
     }
-    http_fix_name(c->h, o, row->study_uid);
     const char *reader = cJSON_GetStringValue(cJSON_GetObjectItem(c->claims, row->study_uid));
     cJSON_AddStringToObject(o, "claimed_by", reader ? reader : "");
     cJSON_AddItemToArray(c->arr, o);
@@ -142,7 +104,6 @@ static int study_cb(void *ud, const struct db_study_view *v)
     struct study_ctx *c = ud;
     cJSON *o = triage_row_json(&v->row);
     if (!o) return 1;
-    http_fix_name(c->h, o, v->row.study_uid);
     cJSON_AddStringToObject(o, "specific_charset", v->specific_charset);
     cJSON_AddStringToObject(o, "patient_birth_date", v->birth_date);
     cJSON_AddStringToObject(o, "patient_sex", v->sex);

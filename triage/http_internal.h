@@ -124,8 +124,6 @@ void http_auth_free(struct triage_http *h);
 
 /* http_api.c: routes under /api/ once who is known. */
 int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, const char *path);
-/* The patient name of a worklist row in UTF-8 into the row's JSON. */
-void http_fix_name(struct triage_http *h, cJSON *row, const char *study_uid);
 /* The worklist as a JSON array (status NULL: the open list). NULL on error. */
 cJSON *http_worklist_json(struct triage_http *h, const char *status);
 

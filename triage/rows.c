@@ -4,6 +4,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "scp_charset.h"
+
 static const char *const subtype_names[DB_LABELS - 1] = {
     "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
 
@@ -15,6 +17,24 @@ void triage_iso_time(int64_t ms, char *out, size_t n)
     strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
+/* Adds key with value converted from the study's Specific Character Set
+ * to UTF-8 (plain ASCII needs nothing). */
+static void add_text(cJSON *o, const char *key, const char *value, const char *charset,
+                     int person_name)
+{
+    const char *v = value ? value : "";
+    const char *p = v;
+    while (*p && (unsigned char)*p < 0x80 && *p != 0x1B)
+        p++;
+    if (!*p) {
+        cJSON_AddStringToObject(o, key, v);
+        return;
+    }
+    char utf8[1024];
+    scp_charset_to_utf8(charset ? charset : "", v, person_name, utf8, sizeof utf8);
+    cJSON_AddStringToObject(o, key, utf8);
+}
+
 cJSON *triage_row_json(const struct db_worklist_row *r)
 {
     cJSON *o = cJSON_CreateObject();
@@ -24,8 +44,8 @@ cJSON *triage_row_json(const struct db_worklist_row *r)
     cJSON_AddStringToObject(o, "series_uid", r->series_uid ? r->series_uid : "");
     cJSON_AddStringToObject(o, "accession", r->accession ? r->accession : "");
     cJSON_AddStringToObject(o, "patient_id", r->patient_id ? r->patient_id : "");
-    cJSON_AddStringToObject(o, "patient_name", r->patient_name ? r->patient_name : "");
-    cJSON_AddStringToObject(o, "study_description", r->study_desc ? r->study_desc : "");
+    add_text(o, "patient_name", r->patient_name, r->specific_charset, 1);
+    add_text(o, "study_description", r->study_desc, r->specific_charset, 0);
     triage_iso_time(r->received_at_ms, when, sizeof when);
     cJSON_AddStringToObject(o, "received_at", when);
     triage_iso_time(r->updated_at_ms, when, sizeof when);

@@ -12,7 +12,8 @@
 #include "db_triage.h"
 
 /* A new JSON object for row; the caller owns it (cJSON_Delete). NULL when
- * out of memory. */
+ * out of memory. Names and descriptions come out in UTF-8, converted from
+ * the row's Specific Character Set. */
 cJSON *triage_row_json(const struct db_worklist_row *row);
 
 /* ISO-8601 UTC ("2026-11-29T20:06:52Z") of Unix milliseconds into out. */

@@ -221,6 +221,10 @@ class ApiTest(wt.WebTest):
         self.assertEqual(stored[0][0], wt.LATIN1_NAME.encode("latin-1"))  # as the dataset had it
         self.assertEqual(self.get_json(self.node, "/api/studies/" + luid)["patient_name"],
                          wt.LATIN1_NAME)
+        # The command converts the same way as the API.
+        cli = {r["study_uid"]: r["patient_name"] for r in self.cli_worklist(self.node)}
+        self.assertEqual(cli[luid], wt.LATIN1_NAME)
+        self.assertEqual(cli[xuid], wt.XSS_NAME)
 
     def test_metrics_and_health(self):
         status, hd, body = wt.curl(self.node.base + "/metrics")
