@@ -75,6 +75,17 @@ int scp_server_start(struct scp_server **out, const struct scp_server_config *cf
 int scp_server_set_allowed_peers(struct scp_server *s, const char *allowed, char *err,
                                  size_t errlen);
 
+/* What the server has done since it started, for metrics. */
+struct scp_counters {
+    uint64_t associations_accepted;
+    uint64_t rejected_called_ae, rejected_calling_peer, rejected_limit, rejected_no_context;
+    uint64_t connections_failed; /* no usable A-ASSOCIATE-RQ (silent, closed, garbage, TLS) */
+    uint64_t stored;             /* answered 0000 */
+    uint64_t out_of_resources, does_not_match_sop_class, cannot_understand; /* A700, A900, C000 */
+    uint64_t incomplete; /* the association broke while a dataset arrived */
+};
+void scp_server_counters(struct scp_server *s, struct scp_counters *out);
+
 /* Number of associations in progress. */
 int scp_server_active(struct scp_server *s);
 

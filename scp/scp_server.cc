@@ -37,6 +37,7 @@
 #include <dcmtk/dcmtls/tlslayer.h>
 
 #include "log.h"
+#include "scp_inflate.h"
 
 namespace
 {
@@ -175,6 +176,9 @@ struct scp_server {
     std::vector<Peer> peers;
     unsigned long next_id = 1;
     std::atomic<unsigned long> tmp_seq{0};
+    std::atomic<uint64_t> n_accepted{0}, n_rej_called{0}, n_rej_calling{0}, n_rej_limit{0},
+        n_rej_context{0}, n_conn_failed{0}, n_stored{0}, n_a700{0}, n_a900{0}, n_c000{0},
+        n_incomplete{0};
 
     void listen_loop();
     void tls_listen_loop();
@@ -339,6 +343,13 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                 }
             }
             close(fd);
+            // A deflated dataset is loaded whole by dcmtk: one that inflates
+            // beyond the size cap is refused before it is parsed.
+            if (cond.good() && status == SCP_STATUS_SUCCESS &&
+                strcmp(pc.acceptedTransferSyntax,
+                       UID_DeflatedExplicitVRLittleEndianTransferSyntax) == 0 &&
+                scp_deflated_over(tmp, cfg.max_instance_bytes, reason, sizeof reason))
+                status = SCP_STATUS_OUT_OF_RESOURCES;
             if (cond.good() && status == SCP_STATUS_SUCCESS) {
                 scp_info info;
                 char err[512];
@@ -377,11 +388,16 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
         util_log(UTIL_LOG_WARN, "store_incomplete", "assoc=%lu sop=%s reason=\"%s\"", a->id,
                  req->AffectedSOPInstanceUID, DimseCondition::dump(text, cond).c_str());
         (*failed)++;
+        n_incomplete++;
         return cond;
     }
     rsp.DimseStatus = (Uint16)status;
     long ms =
         (long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
+    (status == SCP_STATUS_SUCCESS                    ? n_stored
+     : status == SCP_STATUS_OUT_OF_RESOURCES         ? n_a700
+     : status == SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS ? n_a900
+                                                     : n_c000)++;
     if (status == SCP_STATUS_SUCCESS) {
         (*stored)++;
         util_log(UTIL_LOG_DEBUG, "instance_stored", "assoc=%lu sop=%s ms=%ld", a->id,
@@ -442,6 +458,7 @@ bool scp_server::receive_request(Assoc *a)
         }
     }
     if (why) {
+        n_conn_failed++;
         util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=%s", a->id, why);
         std::lock_guard<std::mutex> g(mu);
         close(a->fd);
@@ -459,6 +476,7 @@ bool scp_server::receive_request(Assoc *a)
     }
     if (c.bad()) {
         OFString text;
+        n_conn_failed++;
         util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=\"%s\"", a->id,
                  DimseCondition::dump(text, c).c_str());
         std::lock_guard<std::mutex> g(mu);
@@ -502,6 +520,7 @@ void scp_server::run_assoc(Assoc *a)
                      "assoc=%lu calling_ae=%s peer=%s reason=%s active=%zu limit=%d", a->id,
                      calling, peer.c_str(), stopping ? "shutting_down" : "too_many_associations",
                      busy, cfg.max_associations);
+            n_rej_limit++;
             goto done;
         }
         a->associated = true;
@@ -512,6 +531,7 @@ void scp_server::run_assoc(Assoc *a)
         util_log(UTIL_LOG_WARN, "association_rejected",
                  "assoc=%lu calling_ae=%s called_ae=%s peer=%s reason=called_ae_not_ours", a->id,
                  calling, called, peer.c_str());
+        n_rej_called++;
         goto done;
     }
     if (!peer_allowed(assoc->params->DULparams.callingAPTitle, peer.c_str())) {
@@ -520,6 +540,7 @@ void scp_server::run_assoc(Assoc *a)
         util_log(UTIL_LOG_WARN, "association_rejected",
                  "assoc=%lu calling_ae=%s called_ae=%s peer=%s reason=calling_peer_not_allowed",
                  a->id, calling, called, peer.c_str());
+        n_rej_calling++;
         goto done;
     }
     {
@@ -537,6 +558,7 @@ void scp_server::run_assoc(Assoc *a)
             util_log(UTIL_LOG_WARN, "association_rejected",
                      "assoc=%lu calling_ae=%s peer=%s reason=no_acceptable_presentation_context",
                      a->id, calling, peer.c_str());
+            n_rej_context++;
             goto done;
         }
         if (ASC_acknowledgeAssociation(assoc).bad()) {
@@ -544,6 +566,7 @@ void scp_server::run_assoc(Assoc *a)
             goto done;
         }
     }
+    n_accepted++;
     util_log(UTIL_LOG_INFO, "association_accepted", "assoc=%lu calling_ae=%s peer=%s", a->id,
              calling, peer.c_str());
 
@@ -711,6 +734,7 @@ void scp_server::tls_listen_loop()
         }
         if (c.bad()) {
             OFString text;
+            n_conn_failed++;
             util_log(UTIL_LOG_WARN, "association_failed", "tls=1 reason=\"%s\"",
                      DimseCondition::dump(text, c).c_str());
             if (assoc) {
@@ -873,6 +897,13 @@ extern "C" int scp_server_set_allowed_peers(struct scp_server *s, const char *al
         snprintf(err, errlen, "%s", e.what());
         return -1;
     }
+}
+
+extern "C" void scp_server_counters(struct scp_server *s, struct scp_counters *out)
+{
+    *out = scp_counters{s->n_accepted,    s->n_rej_called,  s->n_rej_calling, s->n_rej_limit,
+                        s->n_rej_context, s->n_conn_failed, s->n_stored,      s->n_a700,
+                        s->n_a900,        s->n_c000,        s->n_incomplete};
 }
 
 extern "C" int scp_server_active(struct scp_server *s)

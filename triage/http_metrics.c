@@ -105,9 +105,36 @@ int http_metrics(struct triage_http *h, h2o_req_t *req)
     metric(&t, "ichtriage_instances_received_total", "counter",
            "Instances stored and acknowledged since the node started.");
     add(&t, "ichtriage_instances_received_total %lld\n", stored);
+    struct scp_counters sc = {0};
+    if (h->scp) scp_server_counters(h->scp, &sc);
     metric(&t, "ichtriage_instances_rejected_total", "counter",
-           "Instances refused since the node started, by reason.");
+           "Instances refused since the node started, by reason (A700 low space, A700 write or "
+           "database failure, A900, C000, association broken mid-dataset).");
+    long long other700 = (long long)sc.out_of_resources - refused;
     add(&t, "ichtriage_instances_rejected_total{reason=\"low_space\"} %lld\n", refused);
+    add(&t, "ichtriage_instances_rejected_total{reason=\"write_or_database\"} %lld\n",
+        other700 > 0 ? other700 : 0);
+    add(&t, "ichtriage_instances_rejected_total{reason=\"does_not_match_sop_class\"} %llu\n",
+        (unsigned long long)sc.does_not_match_sop_class);
+    add(&t, "ichtriage_instances_rejected_total{reason=\"cannot_understand\"} %llu\n",
+        (unsigned long long)sc.cannot_understand);
+    add(&t, "ichtriage_instances_rejected_total{reason=\"incomplete\"} %llu\n",
+        (unsigned long long)sc.incomplete);
+    metric(&t, "ichtriage_associations_total", "counter",
+           "DICOM associations since the node started: accepted, rejected by reason, and "
+           "connections that never made a usable request.");
+    add(&t, "ichtriage_associations_total{result=\"accepted\"} %llu\n",
+        (unsigned long long)sc.associations_accepted);
+    add(&t, "ichtriage_associations_total{result=\"rejected_called_ae\"} %llu\n",
+        (unsigned long long)sc.rejected_called_ae);
+    add(&t, "ichtriage_associations_total{result=\"rejected_calling_peer\"} %llu\n",
+        (unsigned long long)sc.rejected_calling_peer);
+    add(&t, "ichtriage_associations_total{result=\"rejected_limit\"} %llu\n",
+        (unsigned long long)sc.rejected_limit);
+    add(&t, "ichtriage_associations_total{result=\"rejected_no_context\"} %llu\n",
+        (unsigned long long)sc.rejected_no_context);
+    add(&t, "ichtriage_associations_total{result=\"no_request\"} %llu\n",
+        (unsigned long long)sc.connections_failed);
     metric(&t, "ichtriage_instances_indexed", "gauge", "Instances in the index.");
     add(&t, "ichtriage_instances_indexed %lld\n", (long long)m.instances);
     metric(&t, "ichtriage_associations_active", "gauge", "DICOM associations open now.");

@@ -98,6 +98,11 @@ class BadDatasets(itest.NodeTest):
         _, sop, _, _ = dt.sop_uids(mr)
         # Request and context say CT; the dataset is an MR image.
         self.store_bad(dul.CT_IMAGE, sop, dt.dataset_bytes(mr), is_does_not_match, "MR as CT")
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.node.http_port) as m:
+            text = m.read().decode()
+        self.assertIn('ichtriage_instances_rejected_total{reason="does_not_match_sop_class"} 1',
+                      text)
 
     def test_missing_study_uid(self):
         ds = self.ct_dataset(StudyInstanceUID=None)
@@ -154,6 +159,12 @@ class Rejections(itest.NodeTest):
         self.assertNotEqual(r.rc, 0)
         self.assertEqual(r.statuses, {})
         self.assertEqual(node.spool_files(), [])
+        # The admin's graph counts them by reason.
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % node.http_port) as m:
+            text = m.read().decode()
+        self.assertIn('ichtriage_associations_total{result="rejected_called_ae"} 3', text)
+        self.assertIn('ichtriage_associations_total{result="accepted"} 0', text)
 
     def test_calling_ae_not_allowed(self):
         node = self.start_node({"dicom.allowed_peers": "RAWSCU, ECHOSCU, BOUND@10.255.255.1"})
