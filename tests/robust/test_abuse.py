@@ -326,6 +326,46 @@ class Claims2GB(itest.NodeTest):
         self.assertTrue(node.alive())
         self.assert_consistent(node)
 
+    def test_deflated_dataset_inflating_past_the_cap(self):
+        """40 kB on the wire, 40 MB once inflated, store.max_instance_mb 8:
+        dcmtk would load all of it into memory (a deflated stream cannot be
+        left on disk), so the node refuses it with A700 before parsing; its
+        peak memory stays well under what the dataset inflates to."""
+        import zlib
+        import pydicom
+        from pydicom.filebase import DicomBytesIO
+        node = self.start_node({"store.max_instance_mb": 8})
+        src = self.gen("bomb", count=1, rows=64, cols=64)[0]
+        data = dt.dataset_bytes(src)
+        tag = b"\xe0\x7f\x10\x00OW\x00\x00"
+        pos = data.find(tag)
+        n = 40 << 20
+        co = zlib.compressobj(9, zlib.DEFLATED, -15)
+        body = co.compress(data[:pos] + tag + struct.pack("<I", n))
+        for _ in range(n >> 20):
+            body += co.compress(b"\0" * (1 << 20))
+        body += co.flush()
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+        meta = DicomBytesIO()
+        meta.is_little_endian, meta.is_implicit_VR = True, False
+        pydicom.filewriter.write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        path = os.path.join(self.work, "bomb.dcm")
+        with open(path, "wb") as f:
+            f.write(b"\0" * 128 + b"DICM" + meta.getvalue() + body)
+        self.assertLess(os.path.getsize(path), 1 << 20)
+        r = dt.storescu(node.port, [path], workdir=self.work)
+        self.assertEqual(r.statuses.get(path), 0xA700, "status %s" % r.statuses)
+        self.assertTrue(any("inflates" in l for l in node.events("store_failed")), node.log_tail())
+        self.assert_not_stored(node, ds.SOPInstanceUID)
+        with open("/proc/%d/status" % node.proc.pid) as f:
+            hwm = [int(l.split()[1]) for l in f if l.startswith("VmHWM")][0]
+        # About 30 MB at rest; parsing it would have added the 40 MB.
+        self.assertLess(hwm, 55 << 10 if not os.environ.get("ASAN_OPTIONS") else 1 << 30,
+                        "peak RSS %d kB while refusing a 40 MB inflated dataset" % hwm)
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+
     def test_claim_of_2gb_with_little_behind_it(self):
         node = self.start_node()
         cls, sop, data = self.big_pixel_dataset(0x80000000, 4096)
