@@ -38,7 +38,7 @@ mkdir -p "$work"
     --init "$work/run/best-stage1.safetensors" \
     --arch small --input 128 --seed 1 --val 0.2 --test 0 \
     --epochs1 ${EPOCHS1:-8} --slices-per-epoch 2000 --patience 3 --lr1 3e-4 --lr-decay 0.8 \
-    --val-metric any --epochs2 ${EPOCHS2:-30} --lr2 1e-3 --threads "$threads" \
+    --val-metric any --epochs2 ${EPOCHS2:-30} --lr2 1e-3 --study-loss 1 --threads "$threads" \
     --provenance "models/make-default.sh: synthetic phantoms (ichtriage phantom --seed 101 -n 160 --size 256); a demonstration, not clinically validated"
 
 "$bin" eval "$work/default.safetensors" "$work/ph-test" --threads "$threads" \
