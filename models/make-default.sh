@@ -2,7 +2,7 @@
 # models/make-default.sh: makes models/default.safetensors, the demonstration
 # model the node ships, with `ichtriage train` on synthetic phantoms, and
 # scores it with `ichtriage eval` on phantoms of a seed not used in training.
-# About 1 hour on 2 cores. Trained on synthetic phantoms: a demonstration,
+# Under an hour on 2 idle cores. Trained on synthetic phantoms: a demonstration,
 # not clinically validated. Decision support, not a diagnosis.
 #
 #   models/make-default.sh [BUILD_DIR [WORK_DIR]]
@@ -22,7 +22,7 @@ mkdir -p "$work"
 
 # Training, two runs of `ichtriage train` (the second starts from the first's
 # best stage-1 CNN: that is how the shipped model was made in the time there
-# was; one run with --epochs1 12 --lr-decay would do the same job).
+# was).
 # 1. Stage 1 from scratch: the small LRCN at 3x128x128, 2000 augmented slices
 #    per epoch, Adam 1e-3, early stopping on the mean validation AUC (it
 #    stopped after epoch 5, best epoch 2). No stage 2 here.
