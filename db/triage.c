@@ -163,9 +163,14 @@ int db_series_decide(struct db *db, int64_t series_id, const char *state, const 
         return 0;
     }
     if (strcmp(state, "waiting") == 0) {
+        /* The same content may complete again before its job ran (sent
+         * again while the job waited, or a crash before it ran): one job
+         * per content, not a second triage (tests/robust/test_crashloop.py). */
         if (sqlite3_prepare_v2(c,
                                "INSERT INTO jobs (series_ref, content_key, created_at)"
-                               " VALUES (?1, ?2, ?3)",
+                               " SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM jobs"
+                               " WHERE series_ref = ?1 AND content_key = ?2"
+                               " AND state IN ('queued', 'running'))",
                                -1, &st, NULL) != SQLITE_OK)
             goto bad;
         sqlite3_bind_int64(st, 1, series_id);
@@ -174,6 +179,14 @@ int db_series_decide(struct db *db, int64_t series_id, const char *state, const 
         rc = sqlite3_step(st);
         sqlite3_finalize(st);
         if (rc != SQLITE_DONE) goto bad;
+        /* That job already running: the series is being triaged, so that
+         * its end (db_job_finish, which needs 'triaging') settles it. */
+        if (exec_bound(c,
+                       "UPDATE series SET state = 'triaging' WHERE id = ?1 AND EXISTS"
+                       " (SELECT 1 FROM jobs WHERE series_ref = ?1 AND content_key = ?2"
+                       " AND state = 'running')",
+                       "is", series_id, content_key) != 0)
+            goto bad;
     }
     if (refresh_study(c, study) != 0) goto bad;
     if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;

@@ -17,6 +17,7 @@ result's write.
 import glob
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -84,9 +85,9 @@ class CrashLoop(itest.NodeTest):
         self.assert_consistent(node)
 
     def test_random_kills_while_three_streams_send(self):
-        rng = random.Random(int(os.environ.get("ROBUST_SEED", "0")) or None)
-        seed = rng.randrange(1 << 30)
-        rng.seed(seed)
+        seed = int(os.environ.get("ROBUST_SEED", "0")) or random.randrange(1, 1 << 30)
+        rng = random.Random(seed)
+        sys.stderr.write("ROBUST_SEED=%d\n" % seed)
         streams, info = self.phantoms()
         acked = set()
         store = None
@@ -165,6 +166,43 @@ class CrashLoop(itest.NodeTest):
                          "%d rounds cut a stream short; %d acknowledged, %d/%d series complete and "
                          "triaged\n" % (seed, moments, interrupted, len(acked), len(complete),
                                          len(info) // 12))
+
+
+class ResentWhileQueued(itest.NodeTest):
+    """What the crash loop found (seed-dependent there): a series complete
+    and its job still queued (here: no model loaded yet; there: a kill before
+    the job ran), the same instances sent again reopen the series, it
+    completes again with the same content, and a second job for the same
+    content was queued: the series was triaged twice (and with PACS
+    destinations, sent twice). One job per content."""
+
+    def test_same_content_resent_while_its_job_waits_is_one_job(self):
+        model = os.path.join(self.work, "model.safetensors")
+        node = self.start_node({"triage.model": model, "triage.quiet_seconds": 1,
+                                "triage.min_slices": 5})
+        out = os.path.join(self.work, "ph")
+        subprocess.run([itest.EXE, "phantom", "--seed", "3", "-n", "1", "--size", "64",
+                        "--slices", "8", out], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        files = sorted(glob.glob(os.path.join(out, "stage_2_train", "*.dcm")))
+        series = dt.sop_uids(files[0])[3]
+        for attempt in (1, 2):
+            r = dt.storescu(node.port, files, workdir=self.work)
+            self.assert_all_success(r, files)
+            self.assertTrue(node.wait_event("series_complete", count=attempt, timeout=30),
+                            node.log_tail())
+        subprocess.run([MAKE_MODEL, model], check=True)
+        node.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(node.wait_event("model_loaded", timeout=30), node.log_tail())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = [r[0] for r in node.query(
+                "SELECT j.state FROM jobs j JOIN series s ON s.id = j.series_ref"
+                " WHERE s.series_uid = ?", (series,))]
+            if states and all(st in ("done", "failed") for st in states):
+                break
+            time.sleep(0.2)
+        self.assertEqual(states, ["done"], "jobs of the series: %s" % states)
 
 
 if __name__ == "__main__":
