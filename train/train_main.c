@@ -13,6 +13,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "pipeline.h"
 #include "registry.h"
 #include "trainer.h"
 
@@ -28,9 +29,16 @@ struct opts {
     float lr1, lr2, lr_decay, val_frac, test_frac, sensitivity;
     int reg;
     int no_augment;
-    int val_any;      /* early stopping on the AUC of "any" alone */
-    int reviews;      /* the node's reviewed studies as data too */
-    float study_loss; /* weight of the stage-2 max-over-slices term for slice-labelled series */
+    int val_any; /* early stopping on the AUC of "any" alone */
+    int reviews; /* the node's reviewed studies as data too */
+    float study_loss;
+    int auto_promote;
+        /* with --register: promote if at least as good as the active model */ /* weight of the
+                                                                                  stage-2
+                                                                                  max-over-slices
+                                                                                  term for
+                                                                                  slice-labelled
+                                                                                  series */
 };
 
 struct state {
@@ -82,6 +90,9 @@ static void usage(FILE *f)
         "  --no-augment            (tests) no augmentation\n"
         "  --provenance TEXT       added to the model's provenance\n"
         "  --register              register the model under <store.dir>/models\n"
+        "  --auto-promote          with --register: make it the active model if it is at\n"
+        "                          least as good as the active one on this run's test split\n"
+        "                          (study AUC for any and sensitivity at its threshold)\n"
         "  --reviews               also learn from the node's reviewed studies (study-level\n"
         "                          labels from <store.dir>/ichtriage.db, images from its spool)\n"
         "  -c FILE, --set K=V      configuration (store.dir for --register)\n"
@@ -90,35 +101,21 @@ static void usage(FILE *f)
 
 static int parse(struct opts *o, int argc, char **argv)
 {
-    static const struct option lo[] = {{"out", 1, 0, 'o'},
-                                       {"workdir", 1, 0, 'w'},
-                                       {"cache", 1, 0, 'C'},
-                                       {"arch", 1, 0, 'a'},
-                                       {"init", 1, 0, 'I'},
-                                       {"windows", 1, 0, 'W'},
-                                       {"input", 1, 0, 'i'},
-                                       {"seed", 1, 0, 's'},
-                                       {"epochs1", 1, 0, '1'},
-                                       {"epochs2", 1, 0, '2'},
-                                       {"patience", 1, 0, 'p'},
-                                       {"batch", 1, 0, 'b'},
-                                       {"series-batch", 1, 0, 'B'},
-                                       {"slices-per-epoch", 1, 0, 'S'},
-                                       {"lr1", 1, 0, 'l'},
-                                       {"lr2", 1, 0, 'L'},
-                                       {"val", 1, 0, 'v'},
-                                       {"test", 1, 0, 't'},
-                                       {"sensitivity", 1, 0, 'x'},
-                                       {"threads", 1, 0, 'T'},
-                                       {"no-augment", 0, 0, 'N'},
-                                       {"provenance", 1, 0, 'P'},
-                                       {"register", 0, 0, 'R'},
-                                       {"val-metric", 1, 0, 'M'},
-                                       {"lr-decay", 1, 0, 'y'},
-                                       {"reviews", 0, 0, 'V'},
-                                       {"study-loss", 1, 0, 'Y'},
-                                       {"help", 0, 0, 'h'},
-                                       {0, 0, 0, 0}};
+    static const struct option lo[] = {{"out", 1, 0, 'o'},          {"workdir", 1, 0, 'w'},
+                                       {"cache", 1, 0, 'C'},        {"arch", 1, 0, 'a'},
+                                       {"init", 1, 0, 'I'},         {"windows", 1, 0, 'W'},
+                                       {"input", 1, 0, 'i'},        {"seed", 1, 0, 's'},
+                                       {"epochs1", 1, 0, '1'},      {"epochs2", 1, 0, '2'},
+                                       {"patience", 1, 0, 'p'},     {"batch", 1, 0, 'b'},
+                                       {"series-batch", 1, 0, 'B'}, {"slices-per-epoch", 1, 0, 'S'},
+                                       {"lr1", 1, 0, 'l'},          {"lr2", 1, 0, 'L'},
+                                       {"val", 1, 0, 'v'},          {"test", 1, 0, 't'},
+                                       {"sensitivity", 1, 0, 'x'},  {"threads", 1, 0, 'T'},
+                                       {"no-augment", 0, 0, 'N'},   {"provenance", 1, 0, 'P'},
+                                       {"register", 0, 0, 'R'},     {"val-metric", 1, 0, 'M'},
+                                       {"lr-decay", 1, 0, 'y'},     {"reviews", 0, 0, 'V'},
+                                       {"study-loss", 1, 0, 'Y'},   {"auto-promote", 0, 0, 'A'},
+                                       {"help", 0, 0, 'h'},         {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
                        .arch = "small",
                        .seed = 1,
@@ -205,6 +202,10 @@ static int parse(struct opts *o, int argc, char **argv)
             o->provenance = optarg;
             break;
         case 'R':
+            o->reg = 1;
+            break;
+        case 'A':
+            o->auto_promote = 1;
             o->reg = 1;
             break;
         case 'Y':
@@ -715,6 +716,47 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
     return m;
 }
 
+/* --auto-promote: the new model replaces the active one only if it is at
+ * least as good on the same held-out split of this run's data: study-level
+ * AUC for "any" and sensitivity at each model's own threshold. Returns 1 to
+ * promote (also when nothing is active), 0 to keep the active model. */
+static int better_than_active(const char *store, const struct train_dataset *d, int split,
+                              const struct train_eval *mine)
+{
+    char path[1200], err[512];
+    snprintf(path, sizeof path, "%s/models/active.safetensors", store);
+    if (access(path, R_OK) != 0) return 1;
+    struct triage_model tm;
+    if (triage_model_load(&tm, path, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_WARN, "model_compare", "active=unreadable error=\"%s\" promote=yes", err);
+        return 1;
+    }
+    int same_input =
+        tm.in_c == d->c && tm.in_h == d->h && tm.in_w == d->w && tm.windows.n == d->windows.n;
+    for (int i = 0; same_input && i < tm.windows.n; i++)
+        same_input = tm.windows.center[i] == d->windows.center[i] &&
+                     tm.windows.width[i] == d->windows.width[i];
+    int better = 0;
+    struct train_eval *old = malloc(sizeof *old);
+    float thr[2][TRAIN_LABELS];
+    for (int l = 0; l < TRAIN_LABELS; l++)
+        thr[0][l] = 0.5f, thr[1][l] = tm.thresholds[l];
+    if (!same_input) {
+        util_log(UTIL_LOG_WARN, "model_compare", "reason=other_input_or_windows promote=no");
+    } else if (old && train_evaluate(tm.nn, d, split, thr, old, err, sizeof err) == 0) {
+        const struct train_binary *a = &mine->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
+        const struct train_binary *b = &old->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
+        better = !(a->auc < b->auc) && !(a->sensitivity < b->sensitivity);
+        util_log(UTIL_LOG_INFO, "model_compare",
+                 "new_auc=%.4f new_sensitivity=%.4f active_auc=%.4f active_sensitivity=%.4f "
+                 "promote=%s",
+                 a->auc, a->sensitivity, b->auc, b->sensitivity, better ? "yes" : "no");
+    }
+    free(old);
+    triage_model_free(&tm);
+    return better;
+}
+
 int train_train_main(int argc, char **argv)
 {
     struct triage_config cfg;
@@ -990,7 +1032,19 @@ int train_train_main(int argc, char **argv)
             fprintf(stderr, "ichtriage train: register: %s\n", err);
             goto out;
         }
-        printf("registered %s (promote it with: ichtriage model promote %s)\n", id, id);
+        if (!o.auto_promote) {
+            printf("registered %s (promote it with: ichtriage model promote %s)\n", id, id);
+        } else {
+            int better = better_than_active(triage_config_str(&cfg, CFG_STORE_DIR), &d, split, ev);
+            if (better && train_registry_promote(triage_config_str(&cfg, CFG_STORE_DIR), id, err,
+                                                 sizeof err) != 0) {
+                fprintf(stderr, "ichtriage train: promote: %s\n", err);
+                goto out;
+            }
+            printf(better ? "registered %s, promoted (send SIGHUP to a running node)\n"
+                          : "registered %s, kept the active model (not at least as good)\n",
+                   id);
+        }
     }
     rc = 0;
 out:

@@ -177,6 +177,25 @@ def main():
     r = run("model", "promote", "nonexistent", *s)
     check(r.returncode != 0 and "no registered model" in r.stderr, "unknown id refused")
 
+    # 7. --auto-promote: promoted when nothing is active; afterwards only when
+    #    the log line's comparison says so, and active.log agrees.
+    store2 = os.path.join(tmp, "store2")
+    log = os.path.join(store2, "models", "active.log")
+    for k, seed in enumerate((1, 2)):
+        args = train_args(data, os.path.join(tmp, f"ap{k}.safetensors"),
+                          os.path.join(tmp, f"ap{k}.work"), seed=seed, epochs1=1, epochs2=1, spe=64)
+        r = run(*args, "--auto-promote", "--set", "store.dir=" + store2)
+        lines = open(log).read().split() if os.path.exists(log) else []
+        if k == 0:
+            check(r.returncode == 0 and "promoted" in r.stdout and len(lines) == 1,
+                  "auto-promote with nothing active promotes: " + r.stdout.strip())
+        else:
+            said = "promote=yes" in r.stderr
+            check(r.returncode == 0 and "model_compare" in r.stderr and
+                  ("promoted" in r.stdout) == said and len(lines) == (2 if said else 1),
+                  "auto-promote follows the comparison on the test split: " + r.stdout.strip())
+        time.sleep(1.1)
+
     if FAILS:
         print(f"{len(FAILS)} check(s) failed")
         sys.exit(1)
