@@ -2,6 +2,7 @@
 #include "infer.h"
 
 #include <dirent.h>
+#include <sched.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -176,11 +177,20 @@ done:
     return fail;
 }
 
+/* SCHED_IDLE: the thread runs only on CPU time nothing else wants, so
+ * receiving never waits for the model; nice 10 where that is refused. */
+static int make_idle(pid_t tid)
+{
+    struct sched_param p = {0};
+    if (sched_setscheduler(tid, SCHED_IDLE, &p) == 0) return 0;
+    return setpriority(PRIO_PROCESS, (id_t)tid, 10);
+}
+
 static void *infer_main(void *arg)
 {
     struct triage_infer *t = arg;
     /* Receiving comes first: this thread yields the CPU to it. */
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+    make_idle((pid_t)syscall(SYS_gettid));
     nn_set_threads(t->cfg.threads);
     struct db *db = NULL;
     char err[1024];
@@ -243,7 +253,7 @@ static int lower_blas_workers(void)
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         pid_t tid = (pid_t)atoi(e->d_name);
-        if (tid > 0 && tid != self && setpriority(PRIO_PROCESS, (id_t)tid, 10) == 0) n++;
+        if (tid > 0 && tid != self && make_idle(tid) == 0) n++;
     }
     closedir(d);
     return n;
@@ -253,7 +263,7 @@ int triage_infer_start(struct triage_infer **out, const struct triage_infer_conf
                        size_t errlen)
 {
     int lowered = lower_blas_workers();
-    util_log(UTIL_LOG_DEBUG, "inference_priority", "nice=10 blas_workers=%d", lowered);
+    util_log(UTIL_LOG_DEBUG, "inference_priority", "sched=idle blas_workers=%d", lowered);
     struct triage_infer *t = calloc(1, sizeof *t);
     if (!t) {
         snprintf(err, errlen, "out of memory");
