@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs everything ichtriage needs to build, run and test on Debian 12.
-# Run as root (or with sudo). Benchmarks that compare with PyTorch also need
-# python3-torch: pass --bench to install it.
+# Runs apt-get as root: as another user it asks sudo. Benchmarks that compare
+# with PyTorch also need python3-torch: pass --bench to install it.
 set -eu
+if [ "$(id -u)" != 0 ]; then exec sudo "$0" "$@"; fi
 export DEBIAN_FRONTEND=noninteractive
 pkgs="meson ninja-build pkg-config gcc g++ clang
   libdcmtk-dev dcmtk libsndfile1-dev libtiff-dev libssl-dev zlib1g-dev
