@@ -13,19 +13,26 @@ struct db_worklist_row;
 /* The worklist row of a study, shared by the worklist and the study view:
  * DB_ROW_COLUMNS (21 columns, 0..20) selected FROM DB_ROW_JOINS, read by
  * db_row_fill (strings borrowed from the statement until its next step). */
-#define DB_ROW_COLUMNS                                                                           \
-    "st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"                     \
-    " p.patient_name, st.study_desc, st.status, st.status_reason,"                               \
-    " coalesce(r.model_version, ''), st.received_at, st.updated_at,"                             \
-    " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"                            \
-    "   WHERE s.study_ref = st.id)),"                                                            \
-    " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"                 \
+#define DB_ROW_COLUMNS                                                                             \
+    "st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"                       \
+    " p.patient_name, st.study_desc, st.status, st.status_reason,"                                 \
+    " coalesce(r.model_version, ''), st.received_at, st.updated_at,"                               \
+    " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"                              \
+    "   WHERE s.study_ref = st.id)),"                                                              \
+    " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"                   \
     " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates, p.specific_charset"
-#define DB_ROW_JOINS                                                                             \
-    " FROM studies st JOIN patients p ON p.id = st.patient_ref"                                  \
-    " LEFT JOIN series rs ON rs.id = st.result_series_ref"                                       \
+#define DB_ROW_JOINS                                                                               \
+    " FROM studies st JOIN patients p ON p.id = st.patient_ref"                                    \
+    " LEFT JOIN series rs ON rs.id = st.result_series_ref"                                         \
     " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
 void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row);
+
+/* Runs one statement whose parameters ?1, ?2, ... are given by fmt, one
+ * character each: 'i' int64_t, 'd' double, 's' text (copied). Returns 0
+ * when it ran (done or a row), -1 otherwise. */
+int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...);
+/* Copies text column i into out (size n); NULL gives "". */
+void db_col_copy(sqlite3_stmt *st, int i, char *out, size_t n);
 
 /* The owner thread's connection of db. */
 sqlite3 *db_conn(struct db *db);
@@ -33,28 +40,28 @@ sqlite3 *db_conn(struct db *db);
 /* Recomputes a study's status and result from its series (?1 = study id).
  * Order of precedence: reviewed, triaging, waiting, received (a series still
  * receiving), triaged, failed, not_applicable. */
-#define DB_STUDY_REFRESH_SQL                                                                      \
-    "UPDATE studies SET status = CASE"                                                            \
-    "  WHEN reviewed_at IS NOT NULL THEN 'reviewed'"                                              \
-    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
-    "    AND s.state = 'triaging') THEN 'triaging'"                                               \
-    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
-    "    AND s.state = 'waiting') THEN 'waiting'"                                                 \
-    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
-    "    AND s.state = 'receiving') THEN 'received'"                                              \
-    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
-    "    AND s.state = 'triaged') THEN 'triaged'"                                                 \
-    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                        \
-    "    AND s.state = 'failed') THEN 'failed'"                                                   \
-    "  ELSE 'not_applicable' END,"                                                                \
-    " probability = (SELECT max(r.p_any) FROM results r JOIN series s ON s.id = r.series_ref"     \
-    "  WHERE s.study_ref = studies.id),"                                                          \
-    " flagged = coalesce((SELECT max(r.flagged) FROM results r JOIN series s"                     \
-    "  ON s.id = r.series_ref WHERE s.study_ref = studies.id), 0),"                               \
-    " result_series_ref = (SELECT r.series_ref FROM results r JOIN series s"                      \
-    "  ON s.id = r.series_ref WHERE s.study_ref = studies.id ORDER BY r.p_any DESC LIMIT 1),"     \
-    " status_reason = coalesce((SELECT group_concat(s.state_reason, '; ') FROM series s"          \
-    "  WHERE s.study_ref = studies.id AND s.state_reason != ''), '')"                             \
+#define DB_STUDY_REFRESH_SQL                                                                       \
+    "UPDATE studies SET status = CASE"                                                             \
+    "  WHEN reviewed_at IS NOT NULL THEN 'reviewed'"                                               \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
+    "    AND s.state = 'triaging') THEN 'triaging'"                                                \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
+    "    AND s.state = 'waiting') THEN 'waiting'"                                                  \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
+    "    AND s.state = 'receiving') THEN 'received'"                                               \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
+    "    AND s.state = 'triaged') THEN 'triaged'"                                                  \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
+    "    AND s.state = 'failed') THEN 'failed'"                                                    \
+    "  ELSE 'not_applicable' END,"                                                                 \
+    " probability = (SELECT max(r.p_any) FROM results r JOIN series s ON s.id = r.series_ref"      \
+    "  WHERE s.study_ref = studies.id),"                                                           \
+    " flagged = coalesce((SELECT max(r.flagged) FROM results r JOIN series s"                      \
+    "  ON s.id = r.series_ref WHERE s.study_ref = studies.id), 0),"                                \
+    " result_series_ref = (SELECT r.series_ref FROM results r JOIN series s"                       \
+    "  ON s.id = r.series_ref WHERE s.study_ref = studies.id ORDER BY r.p_any DESC LIMIT 1),"      \
+    " status_reason = coalesce((SELECT group_concat(s.state_reason, '; ') FROM series s"           \
+    "  WHERE s.study_ref = studies.id AND s.state_reason != ''), '')"                              \
     " WHERE id = ?1"
 
 #endif

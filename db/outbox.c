@@ -3,35 +3,9 @@
 #include "db_outbox.h"
 #include "db_status.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static void col_text(sqlite3_stmt *st, int i, char *out, size_t n)
-{
-    const unsigned char *t = sqlite3_column_text(st, i);
-    snprintf(out, n, "%s", t ? (const char *)t : "");
-}
-
-/* Runs one statement with int64 (i) and text (s) parameters. */
-static int run(sqlite3 *c, const char *sql, const char *fmt, ...)
-{
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-    va_list ap;
-    va_start(ap, fmt);
-    for (int i = 0; fmt[i]; i++) {
-        if (fmt[i] == 'i')
-            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
-        else
-            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
-    }
-    va_end(ap);
-    int rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
-}
 
 int db_outbox_scan(struct db *db, struct db_outbox_new *out, int max, int *n)
 {
@@ -79,7 +53,8 @@ int db_outbox_revision_add(struct db *db, const struct db_outbox_new *r, const c
     if (sqlite3_step(st) == SQLITE_ROW) rev = sqlite3_column_int(st, 0);
     sqlite3_finalize(st);
     if (strcmp(state, "skipped") == 0) rev = 0; /* only sent revisions count */
-    if (run(c,
+    if (db_exec_bound(
+            c,
             "INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision, state,"
             " reason, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             "iiiissi", r->study_id, r->series_id, r->result_at, (int64_t)rev, state,
@@ -157,20 +132,20 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
     out->study_id = sqlite3_column_int64(st, 1);
     out->series_id = sqlite3_column_int64(st, 2);
     out->revision = sqlite3_column_int(st, 3);
-    col_text(st, 4, out->study_uid, sizeof out->study_uid);
-    col_text(st, 5, out->series_uid, sizeof out->series_uid);
-    col_text(st, 6, out->model_version, sizeof out->model_version);
+    db_col_copy(st, 4, out->study_uid, sizeof out->study_uid);
+    db_col_copy(st, 5, out->series_uid, sizeof out->series_uid);
+    db_col_copy(st, 6, out->model_version, sizeof out->model_version);
     for (int l = 0; l < DB_LABELS; l++)
         out->p[l] = (float)sqlite3_column_double(st, 7 + l);
     out->flagged = sqlite3_column_int(st, 13) != 0;
     out->key_index = sqlite3_column_int(st, 14);
-    col_text(st, 15, out->key_sop, sizeof out->key_sop);
-    col_text(st, 16, out->key_sop_class, sizeof out->key_sop_class);
-    col_text(st, 17, out->key_path, sizeof out->key_path);
+    db_col_copy(st, 15, out->key_sop, sizeof out->key_sop);
+    db_col_copy(st, 16, out->key_sop_class, sizeof out->key_sop_class);
+    db_col_copy(st, 17, out->key_path, sizeof out->key_path);
     out->key_frame = sqlite3_column_int(st, 18);
     int slices = sqlite3_column_int(st, 19);
-    col_text(st, 20, out->prev_sr_series_uid, sizeof out->prev_sr_series_uid);
-    col_text(st, 21, out->prev_sr_sop_uid, sizeof out->prev_sr_sop_uid);
+    db_col_copy(st, 20, out->prev_sr_series_uid, sizeof out->prev_sr_series_uid);
+    db_col_copy(st, 21, out->prev_sr_sop_uid, sizeof out->prev_sr_sop_uid);
     sqlite3_finalize(st);
     if (slices < 0 || slices > 100000) return -1;
     if (slices == 0) return 0;
@@ -191,8 +166,8 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
         int i = sqlite3_column_int(st, 0);
         if (i < 0 || i >= slices) continue;
         out->p_any[i] = (float)sqlite3_column_double(st, 1);
-        col_text(st, 2, out->sop[i], sizeof out->sop[i]);
-        col_text(st, 3, out->sop_class[i], sizeof out->sop_class[i]);
+        db_col_copy(st, 2, out->sop[i], sizeof out->sop[i]);
+        db_col_copy(st, 3, out->sop_class[i], sizeof out->sop_class[i]);
         out->frame[i] = sqlite3_column_int(st, 4);
     }
     sqlite3_finalize(st);
@@ -211,13 +186,15 @@ int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_
     sqlite3 *c = db_conn(db);
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
     for (int i = 0; i < n; i++)
-        if (run(c,
+        if (db_exec_bound(
+                c,
                 "INSERT INTO pacs_deliveries (revision_ref, destination, object, file_path,"
                 " sop_uid, next_attempt_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 "issssi", revision_id, o[i].destination, o[i].object, o[i].file_path, o[i].sop_uid,
                 now_ms) != 0)
             goto bad;
-    if (run(c,
+    if (db_exec_bound(
+            c,
             "UPDATE pacs_revisions SET state = 'ready', sr_series_uid = ?2, sr_sop_uid = ?3"
             " WHERE id = ?1",
             "iss", revision_id, sr_series_uid, sr_sop_uid) != 0)
@@ -231,8 +208,9 @@ bad:
 
 int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason)
 {
-    return run(db_conn(db), "UPDATE pacs_revisions SET state = 'failed', reason = ?2 WHERE id = ?1",
-               "is", revision_id, reason ? reason : "");
+    return db_exec_bound(db_conn(db),
+                         "UPDATE pacs_revisions SET state = 'failed', reason = ?2 WHERE id = ?1",
+                         "is", revision_id, reason ? reason : "");
 }
 
 int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n)
@@ -255,11 +233,11 @@ int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out,
         struct db_outbox_delivery *d = &out[(*n)++];
         d->id = sqlite3_column_int64(st, 0);
         d->revision_id = sqlite3_column_int64(st, 1);
-        col_text(st, 2, d->destination, sizeof d->destination);
-        col_text(st, 3, d->object, sizeof d->object);
-        col_text(st, 4, d->file_path, sizeof d->file_path);
-        col_text(st, 5, d->sop_uid, sizeof d->sop_uid);
-        col_text(st, 6, d->study_uid, sizeof d->study_uid);
+        db_col_copy(st, 2, d->destination, sizeof d->destination);
+        db_col_copy(st, 3, d->object, sizeof d->object);
+        db_col_copy(st, 4, d->file_path, sizeof d->file_path);
+        db_col_copy(st, 5, d->sop_uid, sizeof d->sop_uid);
+        db_col_copy(st, 6, d->study_uid, sizeof d->study_uid);
         d->attempts = sqlite3_column_int(st, 7);
     }
     sqlite3_finalize(st);
@@ -286,10 +264,11 @@ int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found)
 
 int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms)
 {
-    return run(db_conn(db),
-               "UPDATE pacs_deliveries SET state = 'sent', sent_at = ?2, last_attempt_at = ?2,"
-               " attempts = attempts + 1, last_error = '' WHERE id = ?1",
-               "ii", id, now_ms);
+    return db_exec_bound(
+        db_conn(db),
+        "UPDATE pacs_deliveries SET state = 'sent', sent_at = ?2, last_attempt_at = ?2,"
+        " attempts = attempts + 1, last_error = '' WHERE id = ?1",
+        "ii", id, now_ms);
 }
 
 int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*paths)[512], int max,
@@ -306,7 +285,7 @@ int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*pat
     sqlite3_bind_int64(st, 1, revision_id);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max)
-        col_text(st, 0, paths[(*n)++], sizeof paths[0]);
+        db_col_copy(st, 0, paths[(*n)++], sizeof paths[0]);
     sqlite3_finalize(st);
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
@@ -314,10 +293,11 @@ int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*pat
 int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64_t now_ms,
                              int64_t next_at_ms, bool give_up)
 {
-    return run(db_conn(db),
-               "UPDATE pacs_deliveries SET attempts = attempts + 1, last_attempt_at = ?2,"
-               " last_error = ?3, next_attempt_at = ?4, state = ?5 WHERE id = ?1",
-               "iisis", id, now_ms, error ? error : "", next_at_ms, give_up ? "failed" : "pending");
+    return db_exec_bound(db_conn(db),
+                         "UPDATE pacs_deliveries SET attempts = attempts + 1, last_attempt_at = ?2,"
+                         " last_error = ?3, next_attempt_at = ?4, state = ?5 WHERE id = ?1",
+                         "iisis", id, now_ms, error ? error : "", next_at_ms,
+                         give_up ? "failed" : "pending");
 }
 
 int db_outbox_fail_unlisted(struct db *db, const char *const *dests, int ndests, int64_t now_ms,
@@ -343,11 +323,11 @@ int db_outbox_fail_unlisted(struct db *db, const char *const *dests, int ndests,
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) return -1;
     for (int i = 0; i < ngone; i++) {
-        if (run(c,
-                "UPDATE pacs_deliveries SET state = 'failed', last_attempt_at = ?2,"
-                " last_error = 'destination no longer configured'"
-                " WHERE state = 'pending' AND destination = ?1",
-                "si", gone[i], now_ms) != 0)
+        if (db_exec_bound(c,
+                          "UPDATE pacs_deliveries SET state = 'failed', last_attempt_at = ?2,"
+                          " last_error = 'destination no longer configured'"
+                          " WHERE state = 'pending' AND destination = ?1",
+                          "si", gone[i], now_ms) != 0)
             return -1;
         *count += sqlite3_changes(c);
     }

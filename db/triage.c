@@ -2,16 +2,9 @@
 #include "db_internal.h"
 #include "db_triage.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static void copy_col(sqlite3_stmt *st, int i, char *out, size_t n)
-{
-    const unsigned char *t = sqlite3_column_text(st, i);
-    snprintf(out, n, "%s", t ? (const char *)t : "");
-}
 
 static int fail(sqlite3 *c, char *err, size_t errlen, const char *what)
 {
@@ -58,17 +51,17 @@ int db_series_info(struct db *db, int64_t series_id, struct db_series_info *out)
     if (rc == SQLITE_ROW) {
         out->id = sqlite3_column_int64(st, 0);
         out->study_id = sqlite3_column_int64(st, 1);
-        copy_col(st, 2, out->series_uid, sizeof out->series_uid);
-        copy_col(st, 3, out->study_uid, sizeof out->study_uid);
-        copy_col(st, 4, out->modality, sizeof out->modality);
-        copy_col(st, 5, out->body_part, sizeof out->body_part);
-        copy_col(st, 6, out->series_desc, sizeof out->series_desc);
-        copy_col(st, 7, out->study_desc, sizeof out->study_desc);
-        copy_col(st, 8, out->state, sizeof out->state);
-        copy_col(st, 9, out->content_key, sizeof out->content_key);
+        db_col_copy(st, 2, out->series_uid, sizeof out->series_uid);
+        db_col_copy(st, 3, out->study_uid, sizeof out->study_uid);
+        db_col_copy(st, 4, out->modality, sizeof out->modality);
+        db_col_copy(st, 5, out->body_part, sizeof out->body_part);
+        db_col_copy(st, 6, out->series_desc, sizeof out->series_desc);
+        db_col_copy(st, 7, out->study_desc, sizeof out->study_desc);
+        db_col_copy(st, 8, out->state, sizeof out->state);
+        db_col_copy(st, 9, out->content_key, sizeof out->content_key);
         out->instance_count = sqlite3_column_int(st, 10);
         out->has_result = sqlite3_column_type(st, 11) != SQLITE_NULL;
-        copy_col(st, 11, out->result_key, sizeof out->result_key);
+        db_col_copy(st, 11, out->result_key, sizeof out->result_key);
     }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : -1;
@@ -100,10 +93,10 @@ int db_series_instances(struct db *db, int64_t series_id, struct db_instance_bri
         }
         struct db_instance_brief *b = &(*out)[(*n)++];
         memset(b, 0, sizeof *b);
-        copy_col(st, 0, b->sop_uid, sizeof b->sop_uid);
-        copy_col(st, 1, b->sop_class, sizeof b->sop_class);
-        copy_col(st, 2, b->image_type, sizeof b->image_type);
-        copy_col(st, 3, b->file_path, sizeof b->file_path);
+        db_col_copy(st, 0, b->sop_uid, sizeof b->sop_uid);
+        db_col_copy(st, 1, b->sop_class, sizeof b->sop_class);
+        db_col_copy(st, 2, b->image_type, sizeof b->image_type);
+        db_col_copy(st, 3, b->file_path, sizeof b->file_path);
         b->file_size = sqlite3_column_int64(st, 4);
         b->frames = sqlite3_column_int(st, 6);
         const char *o = (const char *)sqlite3_column_text(st, 5);
@@ -132,8 +125,6 @@ static int refresh_study(sqlite3 *c, int64_t study_id)
     sqlite3_finalize(st);
     return rc == SQLITE_DONE ? 0 : -1;
 }
-
-static int exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...);
 
 int db_series_decide(struct db *db, int64_t series_id, const char *state, const char *reason,
                      const char *content_key, int64_t now_ms, char *err, size_t errlen)
@@ -181,11 +172,11 @@ int db_series_decide(struct db *db, int64_t series_id, const char *state, const 
         if (rc != SQLITE_DONE) goto bad;
         /* That job already running: the series is being triaged, so that
          * its end (db_job_finish, which needs 'triaging') settles it. */
-        if (exec_bound(c,
-                       "UPDATE series SET state = 'triaging' WHERE id = ?1 AND EXISTS"
-                       " (SELECT 1 FROM jobs WHERE series_ref = ?1 AND content_key = ?2"
-                       " AND state = 'running')",
-                       "is", series_id, content_key) != 0)
+        if (db_exec_bound(c,
+                          "UPDATE series SET state = 'triaging' WHERE id = ?1 AND EXISTS"
+                          " (SELECT 1 FROM jobs WHERE series_ref = ?1 AND content_key = ?2"
+                          " AND state = 'running')",
+                          "is", series_id, content_key) != 0)
             goto bad;
     }
     if (refresh_study(c, study) != 0) goto bad;
@@ -237,7 +228,7 @@ int db_job_claim(struct db *db, int64_t now_ms, struct db_job *job)
     if (rc == SQLITE_ROW) {
         job->id = sqlite3_column_int64(st, 0);
         job->series_id = sqlite3_column_int64(st, 1);
-        copy_col(st, 2, job->content_key, sizeof job->content_key);
+        db_col_copy(st, 2, job->content_key, sizeof job->content_key);
         got = 1;
     }
     sqlite3_finalize(st);
@@ -288,44 +279,25 @@ int db_series_files(struct db *db, int64_t series_id, char ***paths, int *n)
     return 0;
 }
 
-/* Binds a format of 'i' (int64), 'd' (double) and 's' (text) to 1.., runs. */
-static int exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...)
-{
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-    va_list ap;
-    va_start(ap, fmt);
-    for (int i = 0; fmt[i]; i++) {
-        if (fmt[i] == 'i')
-            sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
-        else if (fmt[i] == 'd')
-            sqlite3_bind_double(st, i + 1, va_arg(ap, double));
-        else
-            sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
-    }
-    va_end(ap);
-    int rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
-}
-
 static int store_result(sqlite3 *c, const struct db_job *job, const struct db_result *r,
                         int64_t now_ms)
 {
-    if (exec_bound(c,
-                   "INSERT OR REPLACE INTO results (series_ref, content_key, model_version, p_any,"
-                   " p_epidural, p_intraparenchymal, p_intraventricular, p_subarachnoid,"
-                   " p_subdural, flagged, slices, key_index, key_sop, note, ms_pixels, ms_model,"
-                   " ms_total, created_at)"
-                   " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
-                   " ?16, ?17, ?18)",
-                   "issddddddiiissdddi", job->series_id, job->content_key, r->model_version,
-                   (double)r->p[0], (double)r->p[1], (double)r->p[2], (double)r->p[3],
-                   (double)r->p[4], (double)r->p[5], (int64_t)r->flagged, (int64_t)r->slices,
-                   (int64_t)r->key_index, r->key_sop, r->note ? r->note : "", r->ms_pixels,
-                   r->ms_model, r->ms_total, now_ms) != 0)
+    if (db_exec_bound(
+            c,
+            "INSERT OR REPLACE INTO results (series_ref, content_key, model_version, p_any,"
+            " p_epidural, p_intraparenchymal, p_intraventricular, p_subarachnoid,"
+            " p_subdural, flagged, slices, key_index, key_sop, note, ms_pixels, ms_model,"
+            " ms_total, created_at)"
+            " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
+            " ?16, ?17, ?18)",
+            "issddddddiiissdddi", job->series_id, job->content_key, r->model_version,
+            (double)r->p[0], (double)r->p[1], (double)r->p[2], (double)r->p[3], (double)r->p[4],
+            (double)r->p[5], (int64_t)r->flagged, (int64_t)r->slices, (int64_t)r->key_index,
+            r->key_sop, r->note ? r->note : "", r->ms_pixels, r->ms_model, r->ms_total,
+            now_ms) != 0)
         return -1;
-    if (exec_bound(c, "DELETE FROM slice_results WHERE series_ref = ?1", "i", job->series_id) != 0)
+    if (db_exec_bound(c, "DELETE FROM slice_results WHERE series_ref = ?1", "i", job->series_id) !=
+        0)
         return -1;
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(c,
@@ -368,22 +340,22 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
     if (res) {
         if (store_result(c, job, res, now_ms) != 0) goto bad;
         /* Only if nothing re-opened the series while the model ran. */
-        if (exec_bound(c,
-                       "UPDATE series SET state = 'triaged', state_reason = ?2,"
-                       " triage_count = triage_count + 1 WHERE id = ?1 AND state = 'triaging'",
-                       "is", job->series_id, res->note ? res->note : "") != 0 ||
-            exec_bound(c, "UPDATE jobs SET state = 'done', finished_at = ?2 WHERE id = ?1", "ii",
-                       job->id, now_ms) != 0)
+        if (db_exec_bound(c,
+                          "UPDATE series SET state = 'triaged', state_reason = ?2,"
+                          " triage_count = triage_count + 1 WHERE id = ?1 AND state = 'triaging'",
+                          "is", job->series_id, res->note ? res->note : "") != 0 ||
+            db_exec_bound(c, "UPDATE jobs SET state = 'done', finished_at = ?2 WHERE id = ?1", "ii",
+                          job->id, now_ms) != 0)
             goto bad;
     } else {
-        if (exec_bound(c,
-                       "UPDATE series SET state = 'failed', state_reason = ?2"
-                       " WHERE id = ?1 AND state = 'triaging'",
-                       "is", job->series_id, error ? error : "failed") != 0 ||
-            exec_bound(c,
-                       "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3"
-                       " WHERE id = ?1",
-                       "iis", job->id, now_ms, error ? error : "failed") != 0)
+        if (db_exec_bound(c,
+                          "UPDATE series SET state = 'failed', state_reason = ?2"
+                          " WHERE id = ?1 AND state = 'triaging'",
+                          "is", job->series_id, error ? error : "failed") != 0 ||
+            db_exec_bound(c,
+                          "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3"
+                          " WHERE id = ?1",
+                          "iis", job->id, now_ms, error ? error : "failed") != 0)
             goto bad;
     }
     int64_t study = 0;
@@ -394,10 +366,10 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
         sqlite3_finalize(st);
     }
     if (res && had_result &&
-        exec_bound(c, "UPDATE studies SET result_updates = result_updates + 1 WHERE id = ?1", "i",
-                   study) != 0)
+        db_exec_bound(c, "UPDATE studies SET result_updates = result_updates + 1 WHERE id = ?1",
+                      "i", study) != 0)
         goto bad;
-    if (exec_bound(c, "UPDATE studies SET updated_at = ?2 WHERE id = ?1", "ii", study, now_ms) !=
+    if (db_exec_bound(c, "UPDATE studies SET updated_at = ?2 WHERE id = ?1", "ii", study, now_ms) !=
             0 ||
         refresh_study(c, study) != 0)
         goto bad;
