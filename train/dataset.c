@@ -692,6 +692,39 @@ void train_dataset_split(struct train_dataset *d, uint64_t seed, double val_frac
     free(p);
 }
 
+int train_dataset_hold_out(struct train_dataset *d, char *const *ids, int n)
+{
+    int held = 0;
+    for (int i = 0; i < d->nseries; i++) {
+        struct train_series *s = &d->series[i];
+        int listed = 0;
+        for (int j = 0; j < n && !listed; j++)
+            listed = strcmp(ids[j], s->patient_id) == 0;
+        if (listed)
+            s->split = TRAIN_SPLIT_TEST;
+        else if (s->split == TRAIN_SPLIT_TEST)
+            s->split = TRAIN_SPLIT_TRAIN;
+        held += listed;
+    }
+    return held;
+}
+
+int train_dataset_patients(const struct train_dataset *d, int split, const char ***ids)
+{
+    const char **v = malloc(((size_t)d->nseries + 1) * sizeof *v);
+    if (!v) return -1;
+    int n = 0;
+    for (int i = 0; i < d->nseries; i++) {
+        if (d->series[i].split != split) continue;
+        int seen = 0;
+        for (int j = 0; j < n && !seen; j++)
+            seen = strcmp(v[j], d->series[i].patient_id) == 0;
+        if (!seen) v[n++] = d->series[i].patient_id;
+    }
+    *ids = v;
+    return n;
+}
+
 void train_dataset_count(const struct train_dataset *d, int split, int *nseries, size_t *nslices,
                          size_t *pos_slices, int *pos_series)
 {

@@ -67,6 +67,13 @@ void train_dataset_free(struct train_dataset *d);
  * (stratified) with seed, val_frac and test_frac of each go to validation
  * and test. Deterministic for a given dataset and seed. */
 void train_dataset_split(struct train_dataset *d, uint64_t seed, double val_frac, double test_frac);
+/* The frozen test split: the patients in ids (n) go to test, every other
+ * patient that the split put in test goes to training instead. Returns the
+ * number of series now in test. */
+int train_dataset_hold_out(struct train_dataset *d, char *const *ids, int n);
+/* The distinct patient IDs of one split (borrowed from d; free the array
+ * only). Returns the count, -1 when out of memory. */
+int train_dataset_patients(const struct train_dataset *d, int split, const char ***ids);
 /* Series and slices counts of one split (-1: all). */
 void train_dataset_count(const struct train_dataset *d, int split, int *nseries, size_t *nslices,
                          size_t *pos_slices, int *pos_series);

@@ -284,3 +284,88 @@ int train_model_main(int argc, char **argv)
     triage_config_free(&cfg);
     return rc;
 }
+
+/* ---- the frozen test split --------------------------------------------------- */
+
+int train_registry_test_patients(const char *store_dir, char ***ids, int *n, char *err,
+                                 size_t errlen)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/models/test-patients.txt", store_dir);
+    *ids = NULL;
+    *n = 0;
+    FILE *f = fopen(p, "r");
+    if (!f) {
+        if (errno == ENOENT) return 0;
+        snprintf(err, errlen, "%s: %s", p, strerror(errno));
+        return -1;
+    }
+    char line[256];
+    int cap = 0;
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (!line[0] || line[0] == '#') continue;
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **grown = realloc(*ids, (size_t)cap * sizeof *grown);
+            if (!grown) break;
+            *ids = grown;
+        }
+        if (!((*ids)[*n] = strdup(line))) break;
+        (*n)++;
+    }
+    int bad = ferror(f) || !feof(f);
+    fclose(f);
+    if (bad) {
+        snprintf(err, errlen, "%s: could not read it", p);
+        train_registry_free_ids(*ids, *n);
+        *ids = NULL, *n = 0;
+        return -1;
+    }
+    return 1;
+}
+
+int train_registry_freeze_test(const char *store_dir, char *const *ids, int n, char *err,
+                               size_t errlen)
+{
+    char dir[1100], p[1200], tmp[1300];
+    if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
+    snprintf(p, sizeof p, "%s/test-patients.txt", dir);
+    if (access(p, F_OK) == 0) return 0;
+    snprintf(tmp, sizeof tmp, "%s.tmp", p);
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    time_t t = time(NULL);
+    char stamp[32];
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
+    fprintf(f,
+            "# ichtriage: the frozen test split, written %s by the first registered training\n"
+            "# run. Registered runs never train on these patients and compare models on them.\n",
+            stamp);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "%s\n", ids[i]);
+    int ok = fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (fclose(f) != 0) ok = 0;
+    if (!ok || rename(tmp, p) != 0) {
+        snprintf(err, errlen, "%s: %s", p, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+    util_log(UTIL_LOG_INFO, "test_split_frozen", "patients=%d file=%s", n, p);
+    return 0;
+}
+
+void train_registry_free_ids(char **ids, int n)
+{
+    for (int i = 0; i < n; i++)
+        free(ids[i]);
+    free(ids);
+}

@@ -19,4 +19,18 @@ int train_registry_rollback(const char *store_dir, char *id, size_t idn, char *e
 /* The id of the active model ("" when none). */
 int train_registry_active(const char *store_dir, char *id, size_t idn);
 
+/* The frozen test split: <store.dir>/models/test-patients.txt, one patient ID
+ * per line, written by the first registered training run that held patients
+ * out for testing. Every later registered run keeps exactly these patients out
+ * of training and validation and scores old and new models on them, so that
+ * models are compared on the same studies across runs. */
+/* Reads it into *ids (n entries, free with train_registry_free_ids). Returns
+ * 1 when the file exists, 0 when there is none yet, -1 with a message. */
+int train_registry_test_patients(const char *store_dir, char ***ids, int *n, char *err,
+                                 size_t errlen);
+/* Writes it (temporary file, fsync, rename) unless it exists already. */
+int train_registry_freeze_test(const char *store_dir, char *const *ids, int n, char *err,
+                               size_t errlen);
+void train_registry_free_ids(char **ids, int n);
+
 #endif

@@ -91,7 +91,8 @@ static void usage(FILE *f)
         "  --provenance TEXT       added to the model's provenance\n"
         "  --register              register the model under <store.dir>/models\n"
         "  --auto-promote          with --register: make it the active model if it is at\n"
-        "                          least as good as the active one on this run's test split\n"
+        "                          least as good as the active one on the frozen test\n"
+        "                          patients (also: train.auto_promote = yes)\n"
         "                          (study AUC for any and sensitivity at its threshold)\n"
         "  --reviews               also learn from the node's reviewed studies (study-level\n"
         "                          labels from <store.dir>/ichtriage.db, images from its spool)\n"
@@ -766,11 +767,19 @@ int train_train_main(int argc, char **argv)
         return 2;
     }
     struct opts o;
+    int cfg_auto = 0;
     if (parse(&o, argc, argv) != 0) {
         triage_config_free(&cfg);
         usage(stderr);
         return 2;
     }
+    if (triage_config_bool(&cfg, CFG_TRAIN_AUTO_PROMOTE, &cfg_auto, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage train: %s\n", err);
+        triage_config_free(&cfg);
+        return 2;
+    }
+    /* train.auto_promote = yes: what --auto-promote does, for registered runs. */
+    if (cfg_auto && o.reg) o.auto_promote = 1;
     int rc = 1;
     nn_model *m = NULL;
     float *feat = NULL;
@@ -812,6 +821,25 @@ int train_train_main(int argc, char **argv)
         goto out;
     }
     train_dataset_split(&d, o.seed, o.val_frac, o.test_frac);
+    /* A registered run keeps the frozen test patients out, whatever its seed
+     * and data, so that every registered model is scored on them. */
+    const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
+    int frozen = 0;
+    if (o.reg) {
+        char **tp;
+        int ntp;
+        frozen = train_registry_test_patients(store, &tp, &ntp, err, sizeof err);
+        if (frozen < 0) {
+            fprintf(stderr, "ichtriage train: frozen test split: %s\n", err);
+            goto out;
+        }
+        if (frozen) {
+            int held = train_dataset_hold_out(&d, tp, ntp);
+            util_log(UTIL_LOG_INFO, "test_split", "frozen_patients=%d series_held_out=%d", ntp,
+                     held);
+            train_registry_free_ids(tp, ntp);
+        }
+    }
     int cnt[3], pos[3];
     size_t sl[3], psl[3];
     for (int s = 0; s < 3; s++)
@@ -1032,10 +1060,27 @@ int train_train_main(int argc, char **argv)
             fprintf(stderr, "ichtriage train: register: %s\n", err);
             goto out;
         }
+        if (!frozen && cnt[2] > 0) {
+            const char **tp;
+            int ntp = train_dataset_patients(&d, TRAIN_SPLIT_TEST, &tp);
+            if (ntp < 0 ||
+                train_registry_freeze_test(store, (char *const *)tp, ntp, err, sizeof err) != 0) {
+                fprintf(stderr, "ichtriage train: frozen test split: %s\n",
+                        ntp < 0 ? "out of memory" : err);
+                if (ntp >= 0) free(tp);
+                goto out;
+            }
+            free(tp);
+        }
         if (!o.auto_promote) {
             printf("registered %s (promote it with: ichtriage model promote %s)\n", id, id);
+        } else if (cnt[2] == 0) {
+            util_log(UTIL_LOG_WARN, "model_compare", "reason=no_test_patients promote=no");
+            printf("registered %s, kept the active model (no test patients in this run's data "
+                   "to compare on; promote it with: ichtriage model promote %s)\n",
+                   id, id);
         } else {
-            int better = better_than_active(triage_config_str(&cfg, CFG_STORE_DIR), &d, split, ev);
+            int better = better_than_active(store, &d, split, ev);
             if (better && train_registry_promote(triage_config_str(&cfg, CFG_STORE_DIR), id, err,
                                                  sizeof err) != 0) {
                 fprintf(stderr, "ichtriage train: promote: %s\n", err);

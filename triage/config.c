@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #ifndef ICHTRIAGE_SYSCONFDIR
@@ -35,6 +36,7 @@ static const struct {
     [CFG_STORE_MAX_INSTANCE_MB] = {"store.max_instance_mb", "1024"},
     [CFG_STORE_RETENTION_DAYS] = {"store.retention_days", "0"},
     [CFG_STORE_KEEP_REVIEWED_DAYS] = {"store.keep_reviewed_days", "365"},
+    [CFG_STORE_FAILURE_WINDOW_SECONDS] = {"store.failure_window_seconds", "60"},
     [CFG_HTTP_LISTEN] = {"http.listen", "127.0.0.1:8080"},
     [CFG_HTTP_USERS] = {"http.users", ""},
     [CFG_HTTP_TLS_CERT] = {"http.tls_cert", ""},
@@ -45,8 +47,12 @@ static const struct {
     [CFG_TRIAGE_HEAD_PATTERNS] = {"triage.head_patterns",
                                   "HEAD,BRAIN,SKULL,CRAN,CEREB,NEURO,STROKE,HIRN,KOPF,SCHAEDEL,CCT"},
     [CFG_TRIAGE_MIN_SLICES] = {"triage.min_slices", "10"},
+    [CFG_TRIAGE_PIXEL_DECODER] = {"triage.pixel_decoder", "child"},
+    [CFG_TRIAGE_DECODER_MAX_MB] = {"triage.decoder_max_mb", "4096"},
+    [CFG_TRIAGE_DECODER_CPU_SECONDS] = {"triage.decoder_cpu_seconds", "120"},
     [CFG_TRIAGE_MAX_TILT] = {"triage.max_tilt", "35"},
     [CFG_NN_DEVICE] = {"nn.device", "auto"},
+    [CFG_TRAIN_AUTO_PROMOTE] = {"train.auto_promote", "no"},
     [CFG_PACS_DESTINATIONS] = {"pacs.destinations", ""},
     [CFG_PACS_SEND] = {"pacs.send", "flagged"},
     [CFG_PACS_CALLING_AETITLE] = {"pacs.calling_aetitle", ""},
@@ -203,6 +209,19 @@ void triage_config_free(struct triage_config *c)
     }
     for (int i = 0; i < c->nsets; i++) free(c->sets[i]);
     c->nsets = 0;
+}
+
+int triage_config_bool(const struct triage_config *c, enum triage_config_key k, int *out, char *err,
+                       size_t errlen)
+{
+    static const char *const yes[] = {"yes", "true", "on", "1"}, *const no[] = {"no", "false", "off", "0"};
+    const char *s = c->values[k];
+    for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++) {
+        if (strcasecmp(s, yes[i]) == 0) return *out = 1, 0;
+        if (strcasecmp(s, no[i]) == 0) return *out = 0, 0;
+    }
+    snprintf(err, errlen, "%s = '%s': want yes or no", keys[k].name, s);
+    return -1;
 }
 
 int triage_config_int(const struct triage_config *c, enum triage_config_key k, int64_t min,

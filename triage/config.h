@@ -26,6 +26,7 @@ enum triage_config_key {
     CFG_STORE_MAX_INSTANCE_MB,
     CFG_STORE_RETENTION_DAYS,
     CFG_STORE_KEEP_REVIEWED_DAYS,
+    CFG_STORE_FAILURE_WINDOW_SECONDS,
     CFG_HTTP_LISTEN,
     CFG_HTTP_USERS,
     CFG_HTTP_TLS_CERT,
@@ -35,8 +36,12 @@ enum triage_config_key {
     CFG_TRIAGE_MODEL,
     CFG_TRIAGE_HEAD_PATTERNS,
     CFG_TRIAGE_MIN_SLICES,
+    CFG_TRIAGE_PIXEL_DECODER,
+    CFG_TRIAGE_DECODER_MAX_MB,
+    CFG_TRIAGE_DECODER_CPU_SECONDS,
     CFG_TRIAGE_MAX_TILT,
     CFG_NN_DEVICE,
+    CFG_TRAIN_AUTO_PROMOTE,
     CFG_PACS_DESTINATIONS,
     CFG_PACS_SEND,
     CFG_PACS_CALLING_AETITLE,
@@ -77,6 +82,10 @@ int triage_config_reload(const struct triage_config *old, struct triage_config *
 
 const char *triage_config_str(const struct triage_config *c, enum triage_config_key k);
 const char *triage_config_name(enum triage_config_key k);
+/* Parses a yes/no key (yes, no, true, false, on, off, 1, 0) into *out.
+ * Returns 0, or -1 with a message. */
+int triage_config_bool(const struct triage_config *c, enum triage_config_key k, int *out, char *err,
+                       size_t errlen);
 /* Parses an integer key within [min, max]. Returns 0, or -1 with a message. */
 int triage_config_int(const struct triage_config *c, enum triage_config_key k, int64_t min,
                       int64_t max, int64_t *out, char *err, size_t errlen);

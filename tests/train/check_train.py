@@ -15,6 +15,7 @@ on 2 cores.
 Usage: check_train.py ICHTRIAGE"""
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -178,23 +179,59 @@ def main():
     check(r.returncode != 0 and "no registered model" in r.stderr, "unknown id refused")
 
     # 7. --auto-promote: promoted when nothing is active; afterwards only when
-    #    the log line's comparison says so, and active.log agrees.
+    #    the log line's comparison says so, and active.log agrees. The first
+    #    registered run freezes its test patients; the second (another seed,
+    #    so another split of its own, and promotion by the config key instead
+    #    of the flag) holds out exactly those and is compared on them.
     store2 = os.path.join(tmp, "store2")
     log = os.path.join(store2, "models", "active.log")
+    frozen_file = os.path.join(store2, "models", "test-patients.txt")
+    frozen = None
     for k, seed in enumerate((1, 2)):
         args = train_args(data, os.path.join(tmp, f"ap{k}.safetensors"),
                           os.path.join(tmp, f"ap{k}.work"), seed=seed, epochs1=1, epochs2=1, spe=64)
-        r = run(*args, "--auto-promote", "--set", "store.dir=" + store2)
+        how = ["--auto-promote"] if k == 0 else ["--register", "--set", "train.auto_promote=yes"]
+        r = run(*args, *how, "--set", "store.dir=" + store2)
         lines = open(log).read().split() if os.path.exists(log) else []
+        test_series = re.search(r"event=train_data .* test=(\d+)/", r.stderr)
         if k == 0:
             check(r.returncode == 0 and "promoted" in r.stdout and len(lines) == 1,
                   "auto-promote with nothing active promotes: " + r.stdout.strip())
+            frozen = [l for l in open(frozen_file).read().splitlines()
+                      if l and not l.startswith("#")] if os.path.exists(frozen_file) else []
+            check(frozen and test_series and int(test_series.group(1)) == len(frozen),
+                  "the first registered run freezes its %s test patients: %d listed" %
+                  (test_series.group(1) if test_series else "?", len(frozen)))
         else:
             said = "promote=yes" in r.stderr
             check(r.returncode == 0 and "model_compare" in r.stderr and
                   ("promoted" in r.stdout) == said and len(lines) == (2 if said else 1),
-                  "auto-promote follows the comparison on the test split: " + r.stdout.strip())
+                  "train.auto_promote=yes follows the comparison on the frozen test patients: " +
+                  r.stdout.strip())
+            held = re.search(r"event=test_split frozen_patients=(\d+) series_held_out=(\d+)",
+                             r.stderr)
+            check(held and int(held.group(1)) == len(frozen) and
+                  int(held.group(2)) == len(frozen) and test_series and
+                  int(test_series.group(1)) == len(frozen),
+                  "another seed holds out the same frozen patients: " +
+                  (held.group(0) if held else "no test_split line"))
+            again = [l for l in open(frozen_file).read().splitlines()
+                     if l and not l.startswith("#")]
+            check(again == frozen, "the frozen test split is not rewritten")
         time.sleep(1.1)
+    # A registered run that finds none of the frozen patients in its data
+    # has nothing to compare on and leaves promotion to a person.
+    store3 = os.path.join(tmp, "store3")
+    os.makedirs(os.path.join(store3, "models"))
+    with open(os.path.join(store3, "models", "test-patients.txt"), "w") as f:
+        f.write("# frozen by another data set\nNOT-IN-THIS-DATA-1\nNOT-IN-THIS-DATA-2\n")
+    r = run(*train_args(data, os.path.join(tmp, "ap3.safetensors"), os.path.join(tmp, "ap3.work"),
+                        seed=3, epochs1=1, epochs2=1, spe=64),
+            "--auto-promote", "--set", "store.dir=" + store3)
+    check(r.returncode == 0 and "kept the active model (no test patients" in r.stdout and
+          not os.path.exists(os.path.join(store3, "models", "active.safetensors")) and
+          re.search(r"event=train_data .* test=0/", r.stderr) is not None,
+          "no frozen patient in the data: registered, not promoted: " + r.stdout.strip())
 
     if FAILS:
         print(f"{len(FAILS)} check(s) failed")
