@@ -18,17 +18,22 @@ struct db_review_row {
     const char *study_uid;
     bool hemorrhage;
     const char *subtypes; /* comma-separated names, "" when none */
+    const char *slices;   /* slices marked as showing the bleed: "sop/frame" entries,
+                             comma-separated, "" when none */
     const char *comment, *reviewer;
     int64_t created_at_ms;
 };
 typedef int (*db_review_fn)(void *ud, const struct db_review_row *r);
 
 /* Stores a review of study_uid, sets the study's reviewed time and status
- * and drops its claim, in one transaction. Returns 0, 1 when no such study,
- * -1 with err on failure. */
+ * and drops its claim, in one transaction. slices: the slices the reviewer
+ * marked as showing the bleed ("sop/frame" entries, comma-separated; NULL or
+ * "" for none), each an instance of this study. Returns 0, 1 when no such
+ * study, 2 when a marked slice is not one of the study's instances (err says
+ * which), -1 with err on failure. */
 int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const char *subtypes,
-                  const char *comment, const char *reviewer, int64_t now_ms, char *err,
-                  size_t errlen);
+                  const char *slices, const char *comment, const char *reviewer, int64_t now_ms,
+                  char *err, size_t errlen);
 
 /* Every review of study_uid, oldest first. fn returning non-zero stops. */
 int db_reviews_of_study(struct db *db, const char *study_uid, db_review_fn fn, void *ud);

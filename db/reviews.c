@@ -3,6 +3,8 @@
 #include "db_reviews.h"
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 static int study_id_of(sqlite3 *c, const char *uid, int64_t *id)
 {
@@ -24,9 +26,48 @@ static int step_done(sqlite3_stmt *st)
     return rc == SQLITE_DONE ? 0 : -1;
 }
 
+/* Checks that every "sop/frame" entry of slices is a frame of an instance of
+ * study sid. Returns 0, 2 with err naming the first that is not, -1. */
+static int slices_of_study(sqlite3 *c, int64_t sid, const char *slices, char *err, size_t errlen)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT i.frames FROM instances i JOIN series s ON s.id = i.series_id"
+                           " WHERE i.sop_uid = ?1 AND s.study_ref = ?2",
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    int rc = 0;
+    for (const char *p = slices; *p && rc == 0;) {
+        size_t n = strcspn(p, ",");
+        char e[96];
+        snprintf(e, sizeof e, "%.*s", (int)(n < sizeof e - 1 ? n : sizeof e - 1), p);
+        char *slash = strchr(e, '/'), *end = NULL;
+        long frame = slash ? strtol(slash + 1, &end, 10) : -1;
+        if (!slash || !end || *end || frame < 0) {
+            rc = 2;
+        } else {
+            *slash = '\0';
+            sqlite3_reset(st);
+            sqlite3_bind_text(st, 1, e, -1, SQLITE_TRANSIENT);
+            sqlite3_bind_int64(st, 2, sid);
+            int s = sqlite3_step(st);
+            if (s == SQLITE_ROW)
+                rc = frame < sqlite3_column_int64(st, 0) ? 0 : 2;
+            else
+                rc = s == SQLITE_DONE ? 2 : -1;
+            *slash = '/';
+        }
+        if (rc == 2 && err) snprintf(err, errlen, "%s is not a slice of this study", e);
+        p += n;
+        if (*p == ',') p++;
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
 int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const char *subtypes,
-                  const char *comment, const char *reviewer, int64_t now_ms, char *err,
-                  size_t errlen)
+                  const char *slices, const char *comment, const char *reviewer, int64_t now_ms,
+                  char *err, size_t errlen)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
@@ -38,9 +79,15 @@ int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const c
         if (found < 0) goto fail;
         return 1;
     }
+    int marked = slices && slices[0] ? slices_of_study(c, sid, slices, err, errlen) : 0;
+    if (marked != 0) {
+        if (marked < 0) goto rollback;
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        return 2;
+    }
     if (sqlite3_prepare_v2(c,
                            "INSERT INTO reviews (study_ref, hemorrhage, subtypes, comment,"
-                           " reviewer, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                           " reviewer, created_at, slices) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                            -1, &st, NULL) != SQLITE_OK)
         goto rollback;
     sqlite3_bind_int64(st, 1, sid);
@@ -49,6 +96,7 @@ int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const c
     sqlite3_bind_text(st, 4, comment ? comment : "", -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 5, reviewer, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 6, now_ms);
+    sqlite3_bind_text(st, 7, slices ? slices : "", -1, SQLITE_STATIC);
     if (step_done(st) != 0) goto rollback;
     if (sqlite3_prepare_v2(c, "UPDATE studies SET reviewed_at = ?2, updated_at = ?2 WHERE id = ?1",
                            -1, &st, NULL) != SQLITE_OK)
@@ -90,6 +138,7 @@ static int each_review(sqlite3 *c, const char *sql, const char *uid, db_review_f
             .comment = (const char *)sqlite3_column_text(st, 4),
             .reviewer = (const char *)sqlite3_column_text(st, 5),
             .created_at_ms = sqlite3_column_int64(st, 6),
+            .slices = (const char *)sqlite3_column_text(st, 7),
         };
         if (fn(ud, &r) != 0) {
             rc = SQLITE_DONE;
@@ -101,8 +150,8 @@ static int each_review(sqlite3 *c, const char *sql, const char *uid, db_review_f
 }
 
 #define REVIEW_COLUMNS                                                                             \
-    "SELECT r.id, s.study_uid, r.hemorrhage, r.subtypes, r.comment, r.reviewer, r.created_at"      \
-    " FROM reviews r JOIN studies s ON s.id = r.study_ref"
+    "SELECT r.id, s.study_uid, r.hemorrhage, r.subtypes, r.comment, r.reviewer, r.created_at,"     \
+    " r.slices FROM reviews r JOIN studies s ON s.id = r.study_ref"
 
 int db_reviews_of_study(struct db *db, const char *study_uid, db_review_fn fn, void *ud)
 {

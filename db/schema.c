@@ -186,6 +186,10 @@ static const char *const migrations[] = {
      * revision's SR names it in its Predecessor Documents Sequence. */
     "ALTER TABLE pacs_revisions ADD COLUMN sr_series_uid TEXT NOT NULL DEFAULT '';"
     "ALTER TABLE pacs_revisions ADD COLUMN sr_sop_uid TEXT NOT NULL DEFAULT '';",
+
+    /* 6 -> 7: the slices a reviewer marked as showing the bleed ("sop/frame"
+     * entries, comma-separated): certain slice labels for retraining. */
+    "ALTER TABLE reviews ADD COLUMN slices TEXT NOT NULL DEFAULT '';",
 };
 
 int db_schema_version(void)

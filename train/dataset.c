@@ -4,6 +4,7 @@
 #include "dataset.h"
 
 #include <dirent.h>
+#include <stdbool.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -320,8 +321,19 @@ static int decode_volume(struct train_dataset *d, const struct triage_volume *v,
     return rc;
 }
 
+/* True when "sop/frame" is an entry of the comma-separated list. */
+static bool marked_in(const char *list, const char *sop, int frame)
+{
+    char e[SCP_UID_MAX + 16];
+    int n = snprintf(e, sizeof e, "%s/%d", sop, frame);
+    for (const char *p = list; p && (p = strstr(p, e)); p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return true;
+    return false;
+}
+
 int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
-                             const uint8_t study[TRAIN_LABELS], char *err, size_t errlen)
+                             const uint8_t study[TRAIN_LABELS], const char *marked, int *nmarked,
+                             char *err, size_t errlen)
 {
     struct triage_volume v;
     if (triage_volume_build(paths, npaths, &v, err, errlen) != 0) return -1;
@@ -343,6 +355,23 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
     memcpy(s->study, study, TRAIN_LABELS);
     s->slice_labels = 0;
     memset(d->labels + d->nslices * TRAIN_LABELS, TRAIN_LABEL_UNKNOWN, (size_t)v.n * TRAIN_LABELS);
+    /* Every slice of a negative study is negative. Marked slices of a
+     * positive study: the bleed is there; which subtype only when the study
+     * has one. */
+    if (study[0] == 0) memset(d->labels + d->nslices * TRAIN_LABELS, 0, (size_t)v.n * TRAIN_LABELS);
+    int nsub = 0, sub = -1, nm = 0;
+    for (int l = 1; l < TRAIN_LABELS; l++)
+        if (study[l] == 1) nsub++, sub = l;
+    for (int i = 0; study[0] == 1 && marked && i < v.n; i++) {
+        if (!marked_in(marked, v.slices[i].sop_uid, v.slices[i].frame)) continue;
+        uint8_t *y = d->labels + (d->nslices + (size_t)i) * TRAIN_LABELS;
+        y[0] = 1;
+        if (nsub == 1)
+            for (int l = 1; l < TRAIN_LABELS; l++)
+                y[l] = l == sub;
+        nm++;
+    }
+    if (nmarked) *nmarked = nm;
     d->nslices += (size_t)v.n;
     d->nseries++;
     triage_volume_free(&v);

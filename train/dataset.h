@@ -50,10 +50,15 @@ void train_dataset_init(struct train_dataset *d, const struct triage_windows *w,
  * and the problem (no labels CSV, no DICOM files, nothing labelled...). */
 int train_dataset_add_folder(struct train_dataset *d, const char *dir, const char *cache_dir,
                              char *err, size_t errlen);
-/* Appends one series from files (study-level labels study[]; slice labels
- * unknown), as used for the node's reviewed studies. Returns 0 or -1. */
+/* Appends one series from files with study-level labels study[], as used
+ * for the node's reviewed studies. marked: the slices a reviewer marked as
+ * showing the bleed ("sop/frame" entries, comma-separated; NULL for none):
+ * those get "any" = 1, and the study's subtype when it has exactly one; every
+ * other slice label stays unknown. *nmarked (may be NULL) gets how many of
+ * the series' slices were marked. Returns 0 or -1. */
 int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
-                             const uint8_t study[TRAIN_LABELS], char *err, size_t errlen);
+                             const uint8_t study[TRAIN_LABELS], const char *marked, int *nmarked,
+                             char *err, size_t errlen);
 /* Appends the node's reviewed studies (train/reviews.c): every series in
  * <store_dir>/spool of each study whose latest review is in
  * <store_dir>/ichtriage.db, with the review as study-level labels. *added

@@ -1,9 +1,11 @@
 /* train/reviews.c: the node's own reviewed studies as training data. The
  * latest review of each study (db_reviews_latest) labels the whole study:
- * hemorrhage yes/no and the subtypes seen. Every series of the study in the
- * spool (<store.dir>/spool/<study>/<series>/ files ending .dcm) becomes a series with
- * study-level labels only: stage 1 takes its slices only when the study is
- * negative, stage 2 learns from it with the max-over-slices loss. */
+ * hemorrhage yes/no, the subtypes seen and the slices marked as showing the
+ * bleed. Every series of the study in the spool (<store.dir>/spool/<study>/
+ * <series>/ files ending .dcm) becomes a series with study-level labels:
+ * stage 1 takes its slices when the study is negative, and of a positive
+ * study only the slices the reviewer marked; stage 2 learns from it with the
+ * max-over-slices loss. */
 #include <dirent.h>
 #include <limits.h>
 #include <stdio.h>
@@ -25,6 +27,7 @@ static const char *const subtype_names[TRAIN_LABELS] = {
 struct review {
     char study[SCP_UID_MAX];
     uint8_t y[TRAIN_LABELS];
+    char *slices; /* marked slices, "sop/frame,..." (owned; NULL: none) */
 };
 
 struct review_list {
@@ -50,7 +53,15 @@ static int collect(void *ud, const struct db_review_row *row)
         const char *s = row->subtypes ? strstr(row->subtypes, subtype_names[k]) : NULL;
         r->y[k] = s != NULL;
     }
+    if (row->hemorrhage && row->slices && row->slices[0]) r->slices = strdup(row->slices);
     return 0;
+}
+
+static void list_free(struct review_list *l)
+{
+    for (int i = 0; i < l->n; i++)
+        free(l->r[i].slices);
+    free(l->r);
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -95,15 +106,16 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, in
     db_close(db);
     if (rc != 0) {
         snprintf(err, errlen, "%s: reading the reviews failed", dbp);
-        free(l.r);
+        list_free(&l);
         return -1;
     }
     char **paths = malloc(MAX_SERIES_FILES * sizeof *paths);
     if (!paths) {
-        free(l.r);
+        list_free(&l);
         snprintf(err, errlen, "out of memory");
         return -1;
     }
+    int nmarked = 0;
     for (int i = 0; i < l.n; i++) {
         char sdir[PATH_MAX];
         snprintf(sdir, sizeof sdir, "%s/spool/%s", store_dir, l.r[i].study);
@@ -121,9 +133,10 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, in
             int n = series_files(ser, paths, MAX_SERIES_FILES);
             if (n > 0) {
                 char e[512];
-                if (train_dataset_add_series(d, (const char *const *)paths, n, l.r[i].y, e,
-                                             sizeof e) == 0)
-                    (*added)++;
+                int m = 0;
+                if (train_dataset_add_series(d, (const char *const *)paths, n, l.r[i].y,
+                                             l.r[i].slices, &m, e, sizeof e) == 0)
+                    (*added)++, nmarked += m;
                 else
                     util_log(UTIL_LOG_WARN, "train_review_skipped",
                              "study=%s series=%s reason=\"%s\"", l.r[i].study, de->d_name, e);
@@ -134,7 +147,8 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, in
         closedir(dd);
     }
     free(paths);
-    util_log(UTIL_LOG_INFO, "train_reviews", "studies=%d series=%d", l.n, *added);
-    free(l.r);
+    util_log(UTIL_LOG_INFO, "train_reviews", "studies=%d series=%d marked_slices=%d", l.n, *added,
+             nmarked);
+    list_free(&l);
     return 0;
 }

@@ -383,13 +383,16 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     double total = NAN;
     if (!idx || !x || !lg || !dl || !yt || n == 0) goto out;
     n = 0;
-    /* Slices with known labels; from study-level series only negatives. */
+    /* What is certain: slices with labels; of study-level series, every
+     * slice of a negative study and, of a positive one, the slices the
+     * reviewer marked (their unknown subtype labels are left out of the loss). */
     for (int s = 0; s < d->nseries; s++) {
         const struct train_series *se = &d->series[s];
         if (se->split != TRAIN_SPLIT_TRAIN) continue;
-        if (!se->slice_labels && se->study[0]) continue;
         for (int k = 0; k < se->n; k++)
-            idx[n++] = se->first + (size_t)k;
+            if (se->slice_labels || !se->study[0] ||
+                d->labels[(se->first + (size_t)k) * TRAIN_LABELS] == 1)
+                idx[n++] = se->first + (size_t)k;
     }
     uint64_t rng = o->seed * 1000003ULL + (uint64_t)epoch * 7919ULL + 1;
     for (size_t i = n - 1; i > 0; i--) {
@@ -427,6 +430,17 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
         nn_model_zero_grad(m);
         if (nn_cnn_forward(m, x, b, lg) != 0) goto out;
         float loss = nn_bce_logits(dl, lg, yt, train_rsna_weights, pos_w, b, TRAIN_LABELS);
+        /* Unknown labels (the subtypes of a marked slice) teach nothing: no
+         * gradient, no share of the loss (the mean stays over b x labels). */
+        for (int k = 0; k < b; k++)
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                size_t q = (size_t)k * TRAIN_LABELS + l;
+                if (d->labels[idx[a + k] * TRAIN_LABELS + l] != TRAIN_LABEL_UNKNOWN) continue;
+                float z = lg[q];
+                loss -= (float)(train_rsna_weights[l] * (fmaxf(z, 0) + log1pf(expf(-fabsf(z)))) /
+                                ((double)b * TRAIN_LABELS));
+                dl[q] = 0;
+            }
         if (nn_cnn_backward(m, dl) != 0) goto out;
         nn_model_adam_step(m, &adam);
         sum += loss;

@@ -12,6 +12,11 @@
 #include "db_web.h"
 #include "log.h"
 #include "rows.h"
+#include "scp_info.h"
+
+/* A review marks at most this many slices (a thin-slice head CT has ~600). */
+#define HTTP_MAX_MARKED_SLICES 2000
+#define HTTP_MAX_MARKED_SLICES_STR "2000"
 
 static const char *const label_names[DB_LABELS] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
@@ -155,6 +160,21 @@ static int review_cb(void *ud, const struct db_review_row *r)
     snprintf(buf, sizeof buf, "%s", r->subtypes);
     for (char *save, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save))
         cJSON_AddItemToArray(subs, cJSON_CreateString(t));
+    cJSON *marked = cJSON_AddArrayToObject(o, "slices");
+    for (const char *s = r->slices ? r->slices : ""; *s;) {
+        size_t n = strcspn(s, ",");
+        const char *slash = memchr(s, '/', n);
+        if (slash) {
+            char sop[SCP_UID_MAX];
+            snprintf(sop, sizeof sop, "%.*s", (int)(slash - s), s);
+            cJSON *m = cJSON_CreateObject();
+            cJSON_AddStringToObject(m, "sop_uid", sop);
+            cJSON_AddNumberToObject(m, "frame", atoi(slash + 1));
+            cJSON_AddItemToArray(marked, m);
+        }
+        s += n;
+        if (*s == ',') s++;
+    }
     cJSON_AddStringToObject(o, "comment", r->comment);
     cJSON_AddStringToObject(o, "reviewer", r->reviewer);
     triage_iso_time(r->created_at_ms, when, sizeof when);
@@ -221,24 +241,55 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
         }
     }
     if (!msg && cJSON_IsFalse(hem) && list[0]) msg = "subtypes given but \"hemorrhage\" is false";
+    /* The slices the reviewer marked as showing the bleed: [{"sop_uid": UID,
+     * "frame": N}] (frame 0 when absent), stored as "sop/frame,...". */
+    cJSON *slices = cJSON_GetObjectItem(body, "slices");
+    char *marks = NULL;
+    if (!msg && slices && !cJSON_IsNull(slices)) {
+        int n = cJSON_IsArray(slices) ? cJSON_GetArraySize(slices) : -1;
+        if (n < 0 || n > HTTP_MAX_MARKED_SLICES)
+            msg = "\"slices\" must be an array of at most " HTTP_MAX_MARKED_SLICES_STR
+                  " {\"sop_uid\", \"frame\"} objects";
+        else if (n > 0 && cJSON_IsFalse(hem))
+            msg = "slices marked but \"hemorrhage\" is false";
+        else if (n > 0 && !(marks = malloc((size_t)n * (SCP_UID_MAX + 12))))
+            msg = "out of memory";
+        size_t off = 0;
+        for (cJSON *s = n > 0 && marks ? slices->child : NULL; s && !msg; s = s->next) {
+            cJSON *sop = cJSON_GetObjectItem(s, "sop_uid"), *fr = cJSON_GetObjectItem(s, "frame");
+            if (!cJSON_IsString(sop) || !scp_uid_valid(sop->valuestring) ||
+                (fr && (!cJSON_IsNumber(fr) || fr->valuedouble < 0 || fr->valuedouble > 1e6 ||
+                        fr->valuedouble != (double)(int)fr->valuedouble))) {
+                msg = "\"slices\" entries: {\"sop_uid\": a UID, \"frame\": a frame number}";
+                break;
+            }
+            off += (size_t)sprintf(marks + off, "%s%s/%d", off ? "," : "", sop->valuestring,
+                                   fr ? (int)fr->valuedouble : 0);
+        }
+    }
     if (msg) {
+        free(marks);
         cJSON_Delete(body);
         return http_send_error(req, 400, msg);
     }
     char err[256];
     int64_t now = http_now_ms();
-    int rc = db_review_add(h->db, uid, cJSON_IsTrue(hem), list,
+    int rc = db_review_add(h->db, uid, cJSON_IsTrue(hem), list, marks,
                            cJSON_IsString(comment) ? comment->valuestring : "", who->user, now, err,
                            sizeof err);
+    free(marks);
+    int nmarked = cJSON_IsArray(slices) ? cJSON_GetArraySize(slices) : 0;
+    bool hemorrhage = cJSON_IsTrue(hem);
     cJSON_Delete(body);
     if (rc == 1) return http_send_error(req, 404, "no such study");
+    if (rc == 2) return http_send_error(req, 400, err);
     if (rc != 0) {
         util_log(UTIL_LOG_ERROR, "review_failed", "study=%s reason=\"%s\"", uid, err);
         return http_send_error(req, 500, "cannot store the review");
     }
     db_audit_add(h->db, now, who->user, "reviewed", uid, list);
-    util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s", uid,
-             cJSON_IsTrue(hem), list[0] ? list : "-");
+    util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s marked_slices=%d",
+             uid, hemorrhage, list[0] ? list : "-", nmarked);
     triage_http_changed(h);
     cJSON *o = cJSON_CreateObject();
     cJSON *reviews = cJSON_AddArrayToObject(o, "reviews");

@@ -258,8 +258,8 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     struct db *db;
     cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
     /* Index every file into the spool. */
-    char cmd[700], line[1024], studies[3][SCP_UID_MAX];
-    int nst = 0;
+    char cmd[700], line[1024], studies[3][SCP_UID_MAX], sops[3][2][SCP_UID_MAX];
+    int nst = 0, nsop[3] = {0};
     snprintf(cmd, sizeof cmd, "ls %s/stage_2_train/*.dcm", ph);
     FILE *ls = popen(cmd, "r");
     while (fgets(line, sizeof line, ls)) {
@@ -291,13 +291,25 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
         for (int k = 0; k < nst; k++)
             seen |= strcmp(studies[k], in.study_uid) == 0;
         if (!seen && nst < 3) snprintf(studies[nst++], SCP_UID_MAX, "%s", in.study_uid);
+        for (int k = 0; k < nst; k++)
+            if (strcmp(studies[k], in.study_uid) == 0 && nsop[k] < 2)
+                snprintf(sops[k][nsop[k]++], SCP_UID_MAX, "%s", in.sop_uid);
     }
     pclose(ls);
     cr_assert_eq(nst, 3);
-    /* Two reviewed (one positive with a subtype), one not reviewed. */
-    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", "", "dr a", 1000, err, sizeof err),
+    /* Two reviewed (one positive with a subtype and two slices marked), one
+     * not reviewed. A slice of another study cannot be marked. */
+    char marks[200], foreign[100];
+    snprintf(marks, sizeof marks, "%s/0,%s/0", sops[0][0], sops[0][1]);
+    snprintf(foreign, sizeof foreign, "%s/0", sops[1][0]);
+    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", foreign, "", "dr a", 900, err,
+                               sizeof err),
+                 2);
+    cr_assert(strstr(err, "not a slice of this study"), "%s", err);
+    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", marks, "", "dr a", 1000, err,
+                               sizeof err),
                  0, "%s", err);
-    cr_assert_eq(db_review_add(db, studies[1], false, "", "", "dr b", 2000, err, sizeof err), 0,
+    cr_assert_eq(db_review_add(db, studies[1], false, "", "", "", "dr b", 2000, err, sizeof err), 0,
                  "%s", err);
     db_close(db);
 
@@ -313,11 +325,29 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
         const struct train_series *s = &d.series[i];
         cr_assert_eq(s->slice_labels, 0);
         cr_assert_eq(s->n, 6);
-        cr_assert_eq(d.labels[s->first * TRAIN_LABELS], TRAIN_LABEL_UNKNOWN);
         int pos = strcmp(s->study_uid, studies[0]) == 0;
         cr_assert_eq(s->study[0], pos);
         cr_assert_eq(s->study[5], pos); /* subdural */
         cr_assert_eq(s->study[1], 0);
+        /* Negative study: every slice negative. Positive: the two marked
+         * slices positive for any and subdural (its only subtype), nothing
+         * else known. */
+        int marked = 0, unknown = 0;
+        for (int k = 0; k < s->n; k++) {
+            const uint8_t *y = d.labels + (s->first + (size_t)k) * TRAIN_LABELS;
+            if (!pos) {
+                for (int l = 0; l < TRAIN_LABELS; l++)
+                    cr_assert_eq(y[l], 0);
+            } else if (y[0] == 1) {
+                marked++;
+                cr_assert(y[5] == 1 && y[1] == 0 && y[2] == 0 && y[3] == 0 && y[4] == 0);
+            } else {
+                unknown++;
+                for (int l = 0; l < TRAIN_LABELS; l++)
+                    cr_assert_eq(y[l], TRAIN_LABEL_UNKNOWN);
+            }
+        }
+        if (pos) cr_assert(marked == 2 && unknown == 4, "marked %d unknown %d", marked, unknown);
     }
     train_dataset_free(&d);
     /* No database: a clear error. */

@@ -88,9 +88,14 @@ class ApiTest(wt.WebTest):
         self.assertIn(("local", "opened"), [tuple(r) for r in rows])
 
     def test_review_round_trip(self):
-        uid = next(iter(self.studies))
+        uid, other = list(self.studies)[:2]
         url = "%s/api/studies/%s/review" % (self.node.base, uid)
-        good = {"hemorrhage": True, "subtypes": ["subdural", "subarachnoid"], "comment": "thin SDH"}
+        # Two slices marked as showing the bleed (retraining labels).
+        sl = self.get_json(self.node, "/api/studies/" + uid)["slice_probabilities"]
+        marks = [{"sop_uid": s["sop_uid"], "frame": s["frame"]} for s in sl[3:5]]
+        foreign = self.get_json(self.node, "/api/studies/" + other)["slice_probabilities"][0]
+        good = {"hemorrhage": True, "subtypes": ["subdural", "subarachnoid"], "comment": "thin SDH",
+                "slices": marks}
         status, _, body = wt.curl(url, "POST", good)
         self.assertEqual(status, 403, body)  # no CSRF token
         status, _, body = wt.curl(url, "POST", good, headers=["X-CSRF-Token: wrong"])
@@ -99,7 +104,14 @@ class ApiTest(wt.WebTest):
         for bad, why in (("{", "JSON object"), ({"subtypes": []}, "hemorrhage"),
                          ({"hemorrhage": True, "subtypes": ["bleed"]}, "subtypes"),
                          ({"hemorrhage": False, "subtypes": ["subdural"]}, "false"),
-                         ({"hemorrhage": True, "comment": 3}, "comment")):
+                         ({"hemorrhage": True, "comment": 3}, "comment"),
+                         ({"hemorrhage": True, "slices": "all"}, "slices"),
+                         ({"hemorrhage": True, "slices": [{"sop_uid": "not a uid"}]}, "slices"),
+                         ({"hemorrhage": False, "slices": marks}, "false"),
+                         ({"hemorrhage": True, "slices": [{"sop_uid": foreign["sop_uid"]}]},
+                          "not a slice of this study"),
+                         ({"hemorrhage": True, "slices": [dict(marks[0], frame=7)]},
+                          "not a slice of this study")):
             status, _, body = wt.curl(url, "POST", bad, headers=[tok])
             self.assertEqual(status, 400, (bad, body))
             self.assertIn(why, json.loads(body)["error"])
@@ -118,10 +130,13 @@ class ApiTest(wt.WebTest):
         self.assertTrue(rev["hemorrhage"])
         self.assertEqual(sorted(rev["subtypes"]), ["subarachnoid", "subdural"])
         self.assertEqual(rev["comment"], "thin SDH")
-        rows = self.node.query("SELECT r.hemorrhage, r.subtypes, r.reviewer FROM reviews r"
+        self.assertEqual(rev["slices"], marks)
+        rows = self.node.query("SELECT r.hemorrhage, r.subtypes, r.reviewer, r.slices FROM reviews r"
                                " JOIN studies s ON s.id = r.study_ref WHERE s.study_uid = ?",
                                (uid,))
-        self.assertEqual([tuple(r) for r in rows], [(1, "subdural,subarachnoid", "local")])
+        self.assertEqual([tuple(r) for r in rows],
+                         [(1, "subdural,subarachnoid", "local",
+                           ",".join("%s/%d" % (m["sop_uid"], m["frame"]) for m in marks))])
         audit = self.node.query("SELECT user, action FROM audit WHERE study_uid = ?", (uid,))
         self.assertIn(("local", "reviewed"), [tuple(r) for r in audit])
         status, _, _ = wt.curl("%s/api/studies/1.2.3/review" % self.node.base, "POST", good,

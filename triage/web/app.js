@@ -15,6 +15,9 @@ const state = {
   events: null,
   audio: null,
   study: null,
+  slices: [],         // the open study's per-slice results
+  marks: new Map(),   // "sop/frame" -> slice marked as showing the bleed
+  marksFor: null,     // the study the marks belong to
 };
 
 const $ = (id) => document.getElementById(id);
@@ -218,9 +221,23 @@ function strip(slices, threshold) {
     r.setAttribute("width", Math.max(1, bw - 1).toFixed(1));
     r.setAttribute("height", bh.toFixed(1));
     r.setAttribute("fill", s.any >= 0.5 ? "#b00020" : "#1d6fd1");
+    const key = markKey(s), marked = state.marks.has(key);
     const t = document.createElementNS(NS, "title");
-    t.textContent = "slice " + (i + 1) + ": " + pct(s.any);
+    t.textContent = "slice " + (i + 1) + ": " + pct(s.any) + (marked ? " — marked: bleed visible" : " — click to mark: bleed visible");
     r.append(t);
+    // A click marks the slice as showing the bleed (for the review); a
+    // marked slice gets an outline and a tick under the axis, not only a colour.
+    r.classList.add("mark-target");
+    r.dataset.mark = key;
+    r.addEventListener("click", () => toggleMark(s));
+    if (marked) {
+      r.setAttribute("stroke", "#000"); r.setAttribute("stroke-width", "2");
+      const tick = document.createElementNS(NS, "rect");
+      tick.setAttribute("x", (i * bw).toFixed(1)); tick.setAttribute("y", h + 1);
+      tick.setAttribute("width", Math.max(2, bw - 1).toFixed(1)); tick.setAttribute("height", 4);
+      tick.setAttribute("fill", "#000"); tick.classList.add("mark-tick");
+      svg.append(tick);
+    }
     svg.append(r);
   });
   const line = document.createElementNS(NS, "line");
@@ -235,7 +252,28 @@ function strip(slices, threshold) {
   return svg;
 }
 
+// Slices the radiologist marks as showing the bleed: "sop/frame" -> the
+// slice; sent with a review that says hemorrhage present (retraining labels).
+function markKey(s) { return s.sop_uid + "/" + (s.frame || 0); }
+
+function toggleMark(s) {
+  const k = markKey(s);
+  if (state.marks.has(k)) state.marks.delete(k); else state.marks.set(k, s);
+  drawMarks();
+}
+
+function drawMarks() {
+  const sl = state.slices || [];
+  $("strip").replaceChildren(sl.length ? strip(sl) : el("p", { text: "No per-slice result yet." }));
+  document.querySelectorAll("#slices input[name=mark]").forEach((c) => { c.checked = state.marks.has(c.value); });
+  const nums = [...state.marks.values()].map((s) => s.index + 1).sort((a, b) => a - b);
+  $("marks-line").textContent = nums.length
+    ? "Slices marked as showing the bleed: " + nums.join(", ")
+    : "No slice marked (optional: click bars in the strip or tick key slices).";
+}
+
 async function showStudy(uid, quiet) {
+  if (state.marksFor !== uid) { state.marks = new Map(); state.marksFor = uid; }
   state.study = uid;
   let st;
   try {
@@ -260,24 +298,32 @@ async function showStudy(uid, quiet) {
   ];
   $("details").replaceChildren(...d.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v || "" })]));
   const sl = st.slice_probabilities || [];
-  $("strip").replaceChildren(sl.length ? strip(sl) : el("p", { text: "No per-slice result yet." }));
+  state.slices = sl;
   const keys = [];
   if (st.key_sop_uid) keys.push(sl.find((s) => s.sop_uid === st.key_sop_uid) || { sop_uid: st.key_sop_uid, frame: 0, index: st.key_index, any: st.probability });
   [...sl].sort((a, b) => b.any - a.any).forEach((s) => {
     if (keys.length < 3 && !keys.some((k) => k.sop_uid === s.sop_uid && k.frame === s.frame)) keys.push(s);
   });
   if (!quiet || $("slices").children.length !== keys.length) {
-    $("slices").replaceChildren(...keys.map((s, i) => el("figure", {},
-      el("img", { src: "/api/studies/" + encodeURIComponent(uid) + "/slices/" + encodeURIComponent(s.sop_uid) +
-                        ".png?frame=" + (s.frame || 0), alt: "slice " + (s.index + 1) }),
-      el("figcaption", { text: (i === 0 ? "key slice " : "slice ") + (s.index + 1) + ": " + pct(s.any) }))));
+    $("slices").replaceChildren(...keys.map((s, i) => {
+      const box = el("input", { type: "checkbox", name: "mark", value: markKey(s) });
+      box.addEventListener("change", () => toggleMark(s));
+      return el("figure", {},
+        el("img", { src: "/api/studies/" + encodeURIComponent(uid) + "/slices/" + encodeURIComponent(s.sop_uid) +
+                          ".png?frame=" + (s.frame || 0), alt: "slice " + (s.index + 1) }),
+        el("figcaption", { text: (i === 0 ? "key slice " : "slice ") + (s.index + 1) + ": " + pct(s.any) }),
+        el("label", {}, box, " bleed visible here"));
+    }));
   }
+  drawMarks();
   $("claimed").textContent = st.claimed_by ? st.claimed_by : "nobody";
   $("release-btn").hidden = !(st.claimed_by && state.session && st.claimed_by === state.session.user);
   $("claim-btn").hidden = !$("release-btn").hidden;
   $("reviews").replaceChildren(...(st.reviews || []).map((r) => el("li", {
     text: r.created_at + " " + r.reviewer + ": " + (r.hemorrhage ? "hemorrhage" : "no hemorrhage") +
-      (r.subtypes.length ? " (" + r.subtypes.join(", ") + ")" : "") + (r.comment ? " \u2014 " + r.comment : ""),
+      (r.subtypes.length ? " (" + r.subtypes.join(", ") + ")" : "") +
+      (r.slices && r.slices.length ? "; " + r.slices.length + " slice(s) marked" : "") +
+      (r.comment ? " \u2014 " + r.comment : ""),
   })));
 }
 
@@ -288,12 +334,14 @@ async function submitReview(ev) {
     hemorrhage: f.hemorrhage.value === "yes",
     subtypes: [...f.querySelectorAll("input[name=subtype]:checked")].map((c) => c.value),
     comment: f.comment.value,
+    slices: [...state.marks.values()].map((s) => ({ sop_uid: s.sop_uid, frame: s.frame || 0 })),
   };
-  if (!body.hemorrhage) body.subtypes = [];
+  if (!body.hemorrhage) { body.subtypes = []; body.slices = []; }
   try {
     await api("/api/studies/" + encodeURIComponent(uid) + "/review", { method: "POST", body: JSON.stringify(body) });
     $("review-msg").textContent = "Review saved.";
     f.reset();
+    state.marks = new Map();
     await showStudy(uid, true);
   } catch (e) {
     $("review-msg").textContent = "Not saved: " + e.message;
