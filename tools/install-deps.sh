@@ -11,7 +11,7 @@ pkgs="meson ninja-build pkg-config gcc g++ clang
   libinih-dev libpng-dev libsystemd-dev libcriterion-dev libcairo2-dev
   orthanc dicom3tools python3 python3-numpy python3-pydicom curl util-linux procps systemd
   openssl valgrind
-  chromium"
+  chromium firefox-esr python3-websocket"
 if [ "${1:-}" = "--bench" ]; then pkgs="$pkgs python3-torch"; fi
 apt-get update -qq
 # shellcheck disable=SC2086

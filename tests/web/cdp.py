@@ -10,16 +10,14 @@ import tempfile
 import threading
 import time
 
+import browser
+
 
 def find_chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    return browser.find(("chromium", "chromium-browser", "google-chrome"))
 
 
-class Browser:
+class Browser(browser.Driver):
     def __init__(self, exe=None, width=1400, height=900, extra_args=()):
         exe = exe or find_chromium()
         self.profile = tempfile.mkdtemp(prefix="ichtriage-chromium.")
@@ -104,18 +102,12 @@ class Browser:
             raise RuntimeError("%s: %s" % (expr, r["exceptionDetails"]))
         return r["result"].get("value")
 
-    def wait(self, expr, timeout=20):
-        deadline = time.monotonic() + timeout
-        value = None
-        while time.monotonic() < deadline:
-            try:
-                value = self.eval(expr)
-            except RuntimeError:
-                value = None
-            if value:
-                return value
-            time.sleep(0.1)
-        raise TimeoutError("not true after %ss: %s (last %r)" % (timeout, expr, value))
+    def mouse(self, x, y, click):
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+        if click:
+            for t in ("mousePressed", "mouseReleased"):
+                self.send("Input.dispatchMouseEvent", {"type": t, "x": x, "y": y,
+                                                       "button": "left", "clickCount": 1})
 
     def screenshot(self, path):
         data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})

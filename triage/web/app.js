@@ -158,17 +158,45 @@ function alertFlagged(uids, rows) {
   }
 }
 
+// An AudioContext made before any user gesture may stay suspended (browsers'
+// autoplay rules; Firefox also without a sound device): a beep is counted
+// only when it plays, and otherwise the alerts button says that sound is off.
+function audio() {
+  if (!state.audio) {
+    state.audio = new AudioContext();
+    state.audio.addEventListener("statechange", alertsButton);
+  }
+  return state.audio;
+}
+
+function soundOff() {
+  return !!state.audio && state.audio.state !== "running";
+}
+
+function alertsButton() {
+  const btn = $("notify-btn");
+  const ask = "Notification" in window && Notification.permission !== "granted";
+  btn.hidden = !ask && !soundOff();
+  btn.textContent = soundOff() ? "Sound is off \u2014 enable alerts" : "Enable alerts";
+}
+
 function beep() {
-  try {
-    state.audio = state.audio || new AudioContext();
-    const ctx = state.audio, osc = ctx.createOscillator(), gain = ctx.createGain();
+  let ctx;
+  try { ctx = audio(); } catch (e) { return; } /* no audio: the badge and the notification remain */
+  const asked = performance.now();
+  const tone = () => {
+    if (performance.now() - asked > 2000) return; // a late beep would mislead
+    const osc = ctx.createOscillator(), gain = ctx.createGain();
     osc.frequency.value = 880;
     gain.gain.value = 0.2;
     osc.connect(gain).connect(ctx.destination);
     osc.start();
     osc.stop(ctx.currentTime + 0.4);
     document.body.dataset.beeps = String(Number(document.body.dataset.beeps || 0) + 1);
-  } catch (e) { /* no audio: the badge and the notification remain */ }
+  };
+  if (ctx.state === "running") tone();
+  else ctx.resume().then(tone, () => {});
+  setTimeout(alertsButton, 1000); // a fresh context needs a moment to start
 }
 
 function listen() {
@@ -386,7 +414,7 @@ async function start() {
   $("login-view").hidden = true;
   $("who").textContent = state.session.user;
   $("logout-btn").hidden = !state.session.login;
-  $("notify-btn").hidden = !("Notification" in window) || Notification.permission === "granted";
+  alertsButton();
   route();
   listen();
 }
@@ -401,9 +429,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("claim-btn").addEventListener("click", () => claim(true));
   $("release-btn").addEventListener("click", () => claim(false));
   $("notify-btn").addEventListener("click", async () => {
-    state.audio = state.audio || new AudioContext(); // unlocked by this click
+    try { audio().resume().catch(() => {}); } catch (e) { /* no audio */ } // a click may unlock it
     if ("Notification" in window) await Notification.requestPermission();
-    $("notify-btn").hidden = Notification.permission === "granted";
+    alertsButton();
   });
   $("logout-btn").addEventListener("click", async () => {
     try { await api("/logout", { method: "POST", body: "{}" }); } catch (e) { /* gone anyway */ }
