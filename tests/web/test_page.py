@@ -9,6 +9,7 @@ are kept in the build directory (tests/web/*.png). Skipped (77) when
 Chromium is not installed. test_page_firefox.py runs the same in Firefox.
 
     python3 test_page.py ICHTRIAGE MAKE_TEST_MODEL"""
+import json
 import os
 
 import cdp
@@ -131,11 +132,22 @@ class PageTest(wt.WebTest):
         # The study view: strip, key slice, review form.
         uid = api_order[0]
         b.eval("location.hash = '#/study/%s'" % uid)
-        b.wait("document.querySelectorAll('#strip svg rect').length === 12")
+        b.wait("document.querySelectorAll('#strip svg rect.mark-target').length === 12")
         b.wait("[...document.querySelectorAll('#slices img')].some(i => i.complete && i.naturalWidth === 64)")
         self.assertIn("test-random-weights", b.eval("document.getElementById('details').innerText"))
         self.assertIn("not a diagnosis", b.eval("document.body.innerText").lower())
         b.screenshot(self.artifact("study.png"))
+        # Two slices marked as showing the bleed: the key slice's box and
+        # another slice's column in the strip.
+        key = b.eval("document.querySelector('#slices input[name=mark]').value")
+        other = b.eval("[...document.querySelectorAll('#strip rect.mark-target')]"
+                       ".map(r => r.dataset.mark).find(m => m !== %s)" % json.dumps(key))
+        b.click("#slices input[name=mark]")
+        b.click("#strip rect.mark-target[data-mark=%s]" % json.dumps(other))
+        b.wait("document.querySelectorAll('#strip .mark-tick').length === 2")
+        self.assertIn("Slices marked as showing the bleed:",
+                      b.eval("document.getElementById('marks-line').textContent"))
+        self.assertTrue(b.eval("document.querySelector('#slices input[name=mark]').checked"))
         b.click("input[name=hemorrhage][value=yes]")
         b.click("input[name=subtype][value=subdural]")
         b.eval("document.querySelector('textarea[name=comment]').value = 'seen in the browser'")
@@ -145,6 +157,8 @@ class PageTest(wt.WebTest):
         self.assertEqual(st["status"], "reviewed")
         self.assertEqual([(r["reviewer"], r["subtypes"], r["comment"]) for r in st["reviews"]],
                          [("local", ["subdural"], "seen in the browser")])
+        self.assertEqual(sorted("%s/%d" % (m["sop_uid"], m["frame"]) for m in st["reviews"][0]["slices"]),
+                         sorted([key, other]))
         # Back on the list the reviewed study is gone (the pointer away from
         # the list, where it would hold the change back).
         b.hover("header h1")

@@ -250,14 +250,20 @@ function strip(slices, threshold) {
     r.setAttribute("height", bh.toFixed(1));
     r.setAttribute("fill", s.any >= 0.5 ? "#b00020" : "#1d6fd1");
     const key = markKey(s), marked = state.marks.has(key);
+    svg.append(r);
+    // A click anywhere in the slice's column marks it as showing the bleed
+    // (for the review); a marked slice gets an outline and a tick under the
+    // axis, not only a colour.
+    const hit = document.createElementNS(NS, "rect");
+    hit.setAttribute("x", (i * bw).toFixed(1)); hit.setAttribute("y", 0);
+    hit.setAttribute("width", Math.max(1, bw).toFixed(1)); hit.setAttribute("height", h);
+    hit.setAttribute("fill", "transparent");
+    hit.classList.add("mark-target");
+    hit.dataset.mark = key;
+    hit.addEventListener("click", () => toggleMark(s));
     const t = document.createElementNS(NS, "title");
-    t.textContent = "slice " + (i + 1) + ": " + pct(s.any) + (marked ? " — marked: bleed visible" : " — click to mark: bleed visible");
-    r.append(t);
-    // A click marks the slice as showing the bleed (for the review); a
-    // marked slice gets an outline and a tick under the axis, not only a colour.
-    r.classList.add("mark-target");
-    r.dataset.mark = key;
-    r.addEventListener("click", () => toggleMark(s));
+    t.textContent = "slice " + (i + 1) + ": " + pct(s.any) + (marked ? " \u2014 marked: bleed visible" : " \u2014 click to mark: bleed visible");
+    hit.append(t);
     if (marked) {
       r.setAttribute("stroke", "#000"); r.setAttribute("stroke-width", "2");
       const tick = document.createElementNS(NS, "rect");
@@ -266,7 +272,7 @@ function strip(slices, threshold) {
       tick.setAttribute("fill", "#000"); tick.classList.add("mark-tick");
       svg.append(tick);
     }
-    svg.append(r);
+    svg.append(hit);
   });
   const line = document.createElementNS(NS, "line");
   line.setAttribute("x1", 0); line.setAttribute("x2", w);
