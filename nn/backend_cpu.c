@@ -1,12 +1,219 @@
-/* nn/backend_cpu.c: the CPU backend table (OpenBLAS). */
+/* nn/backend_cpu.c: the CPU backend table (OpenBLAS): host memory and thin
+ * wrappers around the reference kernels of layers.h. */
 #include "backend.h"
+#include "nn.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static int cpu_init(void **ctx, int flags, char *err, size_t errlen)
+{
+    (void)flags, (void)err, (void)errlen;
+    *ctx = NULL;
+    return 0;
+}
+
+static void cpu_release(void *ctx)
+{
+    (void)ctx;
+}
+
+static int cpu_status(void *ctx, char *err, size_t errlen)
+{
+    (void)ctx, (void)err, (void)errlen;
+    return 0;
+}
+
+static void *cpu_alloc(void *ctx, size_t bytes)
+{
+    (void)ctx;
+    return malloc(bytes ? bytes : 1);
+}
+
+static void cpu_dealloc(void *ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+}
+
+static void cpu_memcpy(void *ctx, void *dst, const void *src, size_t bytes)
+{
+    (void)ctx;
+    if (dst != src) memcpy(dst, src, bytes);
+}
+
+static void cpu_zero(void *ctx, void *dst, size_t bytes)
+{
+    (void)ctx;
+    memset(dst, 0, bytes);
+}
+
+static void cpu_add(void *ctx, float *restrict dst, const float *restrict src, size_t n)
+{
+    (void)ctx;
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+static void conv_fwd(void *ctx, float *out, float *col, const float *in, const float *w,
+                     const float *b, int B, const nn_conv_shape *s)
+{
+    (void)ctx;
+    nn_conv2d_forward(out, col, in, w, b, B, s);
+}
+
+static void conv_bwd(void *ctx, float *din, float *dw, float *db, float *col, const float *dout,
+                     const float *in, const float *w, int B, const nn_conv_shape *s)
+{
+    (void)ctx;
+    nn_conv2d_backward(din, dw, db, col, dout, in, w, B, s);
+}
+
+static void pool_fwd(void *ctx, float *out, int32_t *idx, const float *in, int B, int C, int H,
+                     int W, int k, int stride)
+{
+    (void)ctx;
+    nn_maxpool_forward(out, idx, in, B, C, H, W, k, stride);
+}
+
+static void pool_bwd(void *ctx, float *din, const float *dout, const int32_t *idx, int B, int C,
+                     int H, int W, int k, int stride)
+{
+    (void)ctx;
+    nn_maxpool_backward(din, dout, idx, B, C, H, W, k, stride);
+}
+
+static void relu_fwd(void *ctx, float *out, const float *in, size_t n)
+{
+    (void)ctx;
+    nn_relu_forward(out, in, n);
+}
+
+static void relu_bwd(void *ctx, float *din, const float *dout, const float *out, size_t n)
+{
+    (void)ctx;
+    nn_relu_backward(din, dout, out, n);
+}
+
+static void bn_fwd(void *ctx, float *out, float *mean, float *rstd, float *rm, float *rv,
+                   const float *in, const float *gamma, const float *beta, int B, int C, int S,
+                   int training, float momentum, float eps)
+{
+    (void)ctx;
+    nn_batchnorm_forward(out, mean, rstd, rm, rv, in, gamma, beta, B, C, S, training, momentum,
+                         eps);
+}
+
+static void bn_bwd(void *ctx, float *din, float *dgamma, float *dbeta, const float *dout,
+                   const float *in, const float *mean, const float *rstd, const float *gamma, int B,
+                   int C, int S, int training, float eps)
+{
+    (void)ctx, (void)eps;
+    nn_batchnorm_backward(din, dgamma, dbeta, dout, in, mean, rstd, gamma, B, C, S, training);
+}
+
+static void lin_fwd(void *ctx, float *out, const float *in, const float *w, const float *b, int N,
+                    int IC, int OC)
+{
+    (void)ctx;
+    nn_linear_forward(out, in, w, b, N, IC, OC);
+}
+
+static void lin_bwd(void *ctx, float *din, float *dw, float *db, const float *dout, const float *in,
+                    const float *w, int N, int IC, int OC)
+{
+    (void)ctx;
+    nn_linear_backward(din, dw, db, dout, in, w, N, IC, OC);
+}
+
+static void drop_fwd(void *ctx, float *out, float *mask, const float *in, size_t n, float p,
+                     uint64_t *rng)
+{
+    (void)ctx;
+    nn_dropout_forward(out, mask, in, n, p, rng);
+}
+
+static void drop_bwd(void *ctx, float *din, const float *dout, const float *mask, size_t n)
+{
+    (void)ctx;
+    nn_dropout_backward(din, dout, mask, n);
+}
+
+static void gap_fwd(void *ctx, float *out, const float *in, int B, int C, int S)
+{
+    (void)ctx;
+    nn_gap_forward(out, in, B, C, S);
+}
+
+static void gap_bwd(void *ctx, float *din, const float *dout, int B, int C, int S)
+{
+    (void)ctx;
+    nn_gap_backward(din, dout, B, C, S);
+}
+
+static float bce(void *ctx, float *dlogits, const float *logits, const float *targets,
+                 const float *label_w, const float *pos_w, int N, int L)
+{
+    (void)ctx;
+    return nn_bce_logits(dlogits, logits, targets, label_w, pos_w, N, L);
+}
+
+static void lstm_fwd(void *ctx, float *out, float *cache, const float *x, const nn_lstm_params *p,
+                     const int *len, int S, int F, int H)
+{
+    (void)ctx;
+    nn_lstm_forward(out, cache, x, p, len, S, F, H);
+}
+
+static void lstm_bwd(void *ctx, float *dx, const nn_lstm_grads *g, float *work, const float *dout,
+                     const float *cache, const float *x, const nn_lstm_params *p, const int *len,
+                     int S, int F, int H)
+{
+    (void)ctx;
+    nn_lstm_backward(dx, g, work, dout, cache, x, p, len, S, F, H);
+}
+
+static void adam(void *ctx, float *p, const float *g, float *m, float *v, size_t n,
+                 const nn_adam_hyper *h)
+{
+    (void)ctx;
+    nn_adam_update(p, g, m, v, n, h);
+}
 
 static const nn_backend cpu = {
     .name = "cpu",
-    .conv2d_forward = nn_conv2d_forward,
-    .conv2d_backward = nn_conv2d_backward,
-    .linear_forward = nn_linear_forward,
-    .linear_backward = nn_linear_backward,
+    .init = cpu_init,
+    .release = cpu_release,
+    .status = cpu_status,
+    .fold_bn = 1,
+    .alloc = cpu_alloc,
+    .dealloc = cpu_dealloc,
+    .upload = cpu_memcpy,
+    .download = cpu_memcpy,
+    .copy = cpu_memcpy,
+    .zero = cpu_zero,
+    .add = cpu_add,
+    .conv2d_col_size = nn_conv2d_col_size,
+    .conv2d_forward = conv_fwd,
+    .conv2d_backward = conv_bwd,
+    .maxpool_forward = pool_fwd,
+    .maxpool_backward = pool_bwd,
+    .relu_forward = relu_fwd,
+    .relu_backward = relu_bwd,
+    .batchnorm_forward = bn_fwd,
+    .batchnorm_backward = bn_bwd,
+    .linear_forward = lin_fwd,
+    .linear_backward = lin_bwd,
+    .dropout_forward = drop_fwd,
+    .dropout_backward = drop_bwd,
+    .gap_forward = gap_fwd,
+    .gap_backward = gap_bwd,
+    .bce_logits = bce,
+    .lstm_cache_size = nn_lstm_cache_size,
+    .lstm_work_size = nn_lstm_work_size,
+    .lstm_forward = lstm_fwd,
+    .lstm_backward = lstm_bwd,
+    .adam_update = adam,
 };
 
 const nn_backend *nn_backend_cpu(void)
@@ -14,12 +221,30 @@ const nn_backend *nn_backend_cpu(void)
     return &cpu;
 }
 
+#ifndef NN_HAVE_CUDA
+const nn_backend *nn_backend_cuda(void)
+{
+    return NULL;
+}
+
+int nn_cuda_device_count(void)
+{
+    return 0;
+}
+#endif
+
+int nn_cuda_built(void)
+{
+    return nn_backend_cuda() != NULL;
+}
+
 int nn_backend_count(void)
 {
-    return 1;
+    return nn_backend_cuda() ? 2 : 1;
 }
 
 const nn_backend *nn_backend_at(int i)
 {
-    return i == 0 ? &cpu : NULL;
+    if (i == 0) return &cpu;
+    return i == 1 ? nn_backend_cuda() : NULL;
 }

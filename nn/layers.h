@@ -131,6 +131,15 @@ void nn_lstm_backward(float *dx, const nn_lstm_grads *g, float *work, const floa
                       const float *cache, const float *x, const nn_lstm_params *p, const int *len,
                       int S, int F, int H);
 
+/* ---- Adam / AdamW update of n parameters (torch.optim semantics) ------ */
+typedef struct nn_adam_hyper {
+    float lr, beta1, beta2, eps, weight_decay;
+    int decoupled;
+    float step; /* lr / (1 - beta1^t) */
+    float bc2;  /* sqrt(1 - beta2^t) */
+} nn_adam_hyper;
+void nn_adam_update(float *p, const float *g, float *m, float *v, size_t n, const nn_adam_hyper *h);
+
 /* ---- random numbers (splitmix64 state owned by the caller) ------------ */
 uint64_t nn_rng_next(uint64_t *state);
 /* Uniform in [0, 1). */

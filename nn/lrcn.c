@@ -22,13 +22,14 @@ static int sum_lengths(const int *len, int S)
 
 void nn_lrcn_free_workspace(nn_model *m)
 {
+    void *c = m->bctx;
     m->lcap = 0;
-    free(m->feat);
-    free(m->dfeat);
-    free(m->lstm_out);
-    free(m->dlstm_out);
-    free(m->lstm_cache);
-    free(m->lstm_work);
+    m->be->dealloc(c, m->feat);
+    m->be->dealloc(c, m->dfeat);
+    m->be->dealloc(c, m->lstm_out);
+    m->be->dealloc(c, m->dlstm_out);
+    m->be->dealloc(c, m->lstm_cache);
+    m->be->dealloc(c, m->lstm_work);
     m->feat = m->dfeat = m->lstm_out = m->dlstm_out = m->lstm_cache = m->lstm_work = NULL;
 }
 
@@ -44,16 +45,39 @@ static int reserve_lrcn(nn_model *m, int N, int S)
     }
     if (N <= m->lcap) return 0;
     nn_lrcn_free_workspace(m);
-    m->feat = malloc(sizeof(float) * N * F);
-    m->dfeat = malloc(sizeof(float) * N * F);
-    m->lstm_out = malloc(sizeof(float) * N * 2 * H);
-    m->dlstm_out = malloc(sizeof(float) * N * 2 * H);
-    m->lstm_cache = malloc(sizeof(float) * nn_lstm_cache_size(N, H));
-    m->lstm_work = malloc(sizeof(float) * nn_lstm_work_size(N, H));
+    const nn_backend *be = m->be;
+    void *c = m->bctx;
+    m->feat = be->alloc(c, sizeof(float) * N * F);
+    m->dfeat = be->alloc(c, sizeof(float) * N * F);
+    m->lstm_out = be->alloc(c, sizeof(float) * N * 2 * H);
+    m->dlstm_out = be->alloc(c, sizeof(float) * N * 2 * H);
+    m->lstm_cache = be->alloc(c, sizeof(float) * be->lstm_cache_size(N, H));
+    m->lstm_work = be->alloc(c, sizeof(float) * be->lstm_work_size(N, H));
     if (!m->feat || !m->dfeat || !m->lstm_out || !m->dlstm_out || !m->lstm_cache || !m->lstm_work)
         return NN_ENOMEM;
     m->lcap = N;
     return 0;
+}
+
+/* Host floats into the backend: the pointer itself on the CPU, else a copy
+ * in *buf (grown to n floats). NULL when out of memory. */
+static const float *stage(nn_model *m, float **buf, size_t *cap, const float *host, size_t n)
+{
+    if (m->be == nn_backend_cpu()) return host;
+    if (n > *cap) {
+        m->be->dealloc(m->bctx, *buf);
+        *buf = m->be->alloc(m->bctx, sizeof(float) * n);
+        *cap = *buf ? n : 0;
+        if (!*buf) return NULL;
+    }
+    m->be->upload(m->bctx, *buf, host, sizeof(float) * n);
+    return *buf;
+}
+
+/* A public call's result: rc, or NN_EIO when the backend failed meanwhile. */
+static int done(nn_model *m, int rc)
+{
+    return rc == 0 ? nn_model_be_check(m) : rc;
 }
 
 static nn_lstm_params lstm_params(nn_model *m)
@@ -68,56 +92,68 @@ static nn_lstm_params lstm_params(nn_model *m)
     return p;
 }
 
-/* Eval-mode CNN layers [0, end) in chunks of NN_INFER_BATCH slices. */
-static int cnn_eval(nn_model *m, const float *x, int n, int end, float *y, size_t ysize)
+/* Eval-mode CNN layers [0, end) in chunks of NN_INFER_BATCH slices; y is
+ * host memory, or backend memory when y_be. */
+static int cnn_eval(nn_model *m, const float *x, int n, int end, float *y, size_t ysize, int y_be)
 {
     if (n < 0) return NN_EINVAL;
     size_t in = m->cnn.in_size;
     for (int b = 0; b < n; b += NN_INFER_BATCH) {
         int k = n - b < NN_INFER_BATCH ? n - b : NN_INFER_BATCH;
         if (nn_stack_reserve(m, &m->cnn, k, 0) != 0) return NN_ENOMEM;
-        const float *out = nn_stack_forward(m, &m->cnn, x + b * in, k, end, 0, 0);
-        memcpy(y + b * ysize, out, sizeof(float) * k * ysize);
+        const float *xb = stage(m, &m->xin, &m->xin_cap, x + b * in, k * in);
+        if (!xb) return NN_ENOMEM;
+        const float *out = nn_stack_forward(m, &m->cnn, xb, k, end, 0, 0);
+        size_t bytes = sizeof(float) * k * ysize;
+        if (y_be)
+            m->be->copy(m->bctx, y + b * ysize, out, bytes);
+        else
+            m->be->download(m->bctx, y + b * ysize, out, bytes);
     }
     return 0;
 }
 
 int nn_cnn_features(nn_model *m, const float *x, int n, float *feat)
 {
-    return cnn_eval(m, x, n, m->feat_end, feat, (size_t)m->feat_size);
+    return done(m, cnn_eval(m, x, n, m->feat_end, feat, (size_t)m->feat_size, 0));
 }
 
 int nn_cnn_predict(nn_model *m, const float *x, int n, float *logits)
 {
-    return cnn_eval(m, x, n, m->cnn.n, logits, (size_t)m->cfg.labels);
+    return done(m, cnn_eval(m, x, n, m->cnn.n, logits, (size_t)m->cfg.labels, 0));
 }
 
 int nn_cnn_forward(nn_model *m, const float *x, int n, float *logits)
 {
     if (n < 1) return NN_EINVAL;
     if (nn_stack_reserve(m, &m->cnn, n, 1) != 0) return NN_ENOMEM;
-    const float *out = nn_stack_forward(m, &m->cnn, x, n, m->cnn.n, 1, m->training);
-    memcpy(logits, out, sizeof(float) * n * m->cfg.labels);
-    return 0;
+    const float *xb = stage(m, &m->xin, &m->xin_cap, x, (size_t)n * m->cnn.in_size);
+    if (!xb) return NN_ENOMEM;
+    const float *out = nn_stack_forward(m, &m->cnn, xb, n, m->cnn.n, 1, m->training);
+    m->be->download(m->bctx, logits, out, sizeof(float) * n * m->cfg.labels);
+    return done(m, 0);
 }
 
 int nn_cnn_backward(nn_model *m, const float *dlogits)
 {
     if (m->cnn.cached_n < 1 || m->cnn.cached_end != m->cnn.n) return NN_EINVAL;
-    nn_stack_backward(m, &m->cnn, dlogits, NULL);
-    return 0;
+    const float *g =
+        stage(m, &m->din, &m->din_cap, dlogits, (size_t)m->cnn.cached_n * m->cfg.labels);
+    if (!g) return NN_ENOMEM;
+    nn_stack_backward(m, &m->cnn, g, NULL);
+    return done(m, 0);
 }
 
-/* LSTM and head over features [N, F] (kept until backward). */
+/* LSTM and head over features [N, F] in backend memory (kept until backward). */
 static int lrcn_tail(nn_model *m, const float *feat, int N, const int *len, int S, float *logits,
                      int training)
 {
     int H = m->cfg.lstm_hidden;
     nn_lstm_params p = lstm_params(m);
-    nn_lstm_forward(m->lstm_out, m->lstm_cache, feat, &p, len, S, m->feat_size, H);
+    m->be->lstm_forward(m->bctx, m->lstm_out, m->lstm_cache, feat, &p, len, S, m->feat_size, H);
     if (nn_stack_reserve(m, &m->head, N, 1) != 0) return NN_ENOMEM;
     const float *out = nn_stack_forward(m, &m->head, m->lstm_out, N, m->head.n, 1, training);
-    memcpy(logits, out, sizeof(float) * N * m->cfg.labels);
+    m->be->download(m->bctx, logits, out, sizeof(float) * N * m->cfg.labels);
     memcpy(m->len, len, sizeof(int) * S);
     m->nseries = S;
     m->lrcn_n = N;
@@ -130,12 +166,12 @@ int nn_lrcn_predict(nn_model *m, const float *x, const int *lengths, int nseries
     int N = sum_lengths(lengths, nseries);
     if (N < 0) return NN_EINVAL;
     if (reserve_lrcn(m, N, nseries) != 0) return NN_ENOMEM;
-    int rc = nn_cnn_features(m, x, N, m->feat);
+    int rc = cnn_eval(m, x, N, m->feat_end, m->feat, (size_t)m->feat_size, 1);
     m->lrcn_cnn_grad = 0;
     if (rc == 0) rc = lrcn_tail(m, m->feat, N, lengths, nseries, prob, 0);
     if (rc == 0) nn_sigmoid_forward(prob, prob, (size_t)N * m->cfg.labels);
     m->lrcn_n = 0; /* nothing here for nn_lrcn_backward */
-    return rc;
+    return done(m, rc);
 }
 
 static int cnn_features_trainable(const nn_model *m)
@@ -157,11 +193,13 @@ int nn_lrcn_forward(nn_model *m, const float *x, const int *lengths, int nseries
     m->lrcn_cnn_grad = cnn_features_trainable(m);
     if (m->lrcn_cnn_grad) {
         if (nn_stack_reserve(m, &m->cnn, N, 1) != 0) return NN_ENOMEM;
-        feat = nn_stack_forward(m, &m->cnn, x, N, m->feat_end, 1, m->training);
-    } else if (nn_cnn_features(m, x, N, m->feat) != 0) {
+        const float *xb = stage(m, &m->xin, &m->xin_cap, x, (size_t)N * m->cnn.in_size);
+        if (!xb) return NN_ENOMEM;
+        feat = nn_stack_forward(m, &m->cnn, xb, N, m->feat_end, 1, m->training);
+    } else if (cnn_eval(m, x, N, m->feat_end, m->feat, (size_t)m->feat_size, 1) != 0) {
         return NN_ENOMEM;
     }
-    return lrcn_tail(m, feat, N, lengths, nseries, logits, m->training);
+    return done(m, lrcn_tail(m, feat, N, lengths, nseries, logits, m->training));
 }
 
 int nn_lrcn_forward_features(nn_model *m, const float *feat, const int *lengths, int nseries,
@@ -170,29 +208,33 @@ int nn_lrcn_forward_features(nn_model *m, const float *feat, const int *lengths,
     int N = sum_lengths(lengths, nseries);
     if (N < 0) return NN_EINVAL;
     if (reserve_lrcn(m, N, nseries) != 0) return NN_ENOMEM;
-    memcpy(m->feat, feat, sizeof(float) * N * m->feat_size);
+    m->be->upload(m->bctx, m->feat, feat, sizeof(float) * N * m->feat_size);
     m->lrcn_cnn_grad = 0;
-    return lrcn_tail(m, m->feat, N, lengths, nseries, logits, m->training);
+    return done(m, lrcn_tail(m, m->feat, N, lengths, nseries, logits, m->training));
 }
 
 int nn_lrcn_backward(nn_model *m, const float *dlogits)
 {
     int N = m->lrcn_n, H = m->cfg.lstm_hidden, F = m->feat_size;
     if (N < 1) return NN_EINVAL;
-    memset(m->dlstm_out, 0, sizeof(float) * N * 2 * H);
-    nn_stack_backward(m, &m->head, dlogits, m->dlstm_out);
+    const nn_backend *be = m->be;
+    void *c = m->bctx;
+    const float *g = stage(m, &m->din, &m->din_cap, dlogits, (size_t)N * m->cfg.labels);
+    if (!g) return NN_ENOMEM;
+    be->zero(c, m->dlstm_out, sizeof(float) * N * 2 * H);
+    nn_stack_backward(m, &m->head, g, m->dlstm_out);
     nn_lstm_params p = lstm_params(m);
-    nn_lstm_grads g;
+    nn_lstm_grads gr;
     for (int d = 0; d < 2; d++) {
-        g.wih[d] = nn_tensor_grad(m, m->lstm_t[d][0]);
-        g.whh[d] = nn_tensor_grad(m, m->lstm_t[d][1]);
-        g.bih[d] = nn_tensor_grad(m, m->lstm_t[d][2]);
-        g.bhh[d] = nn_tensor_grad(m, m->lstm_t[d][3]);
+        gr.wih[d] = nn_tensor_grad(m, m->lstm_t[d][0]);
+        gr.whh[d] = nn_tensor_grad(m, m->lstm_t[d][1]);
+        gr.bih[d] = nn_tensor_grad(m, m->lstm_t[d][2]);
+        gr.bhh[d] = nn_tensor_grad(m, m->lstm_t[d][3]);
     }
     float *dx = m->lrcn_cnn_grad ? m->dfeat : NULL;
-    if (dx) memset(dx, 0, sizeof(float) * N * F);
-    nn_lstm_backward(dx, &g, m->lstm_work, m->dlstm_out, m->lstm_cache, m->lrcn_feat, &p, m->len,
-                     m->nseries, F, H);
+    if (dx) be->zero(c, dx, sizeof(float) * N * F);
+    be->lstm_backward(c, dx, &gr, m->lstm_work, m->dlstm_out, m->lstm_cache, m->lrcn_feat, &p,
+                      m->len, m->nseries, F, H);
     if (dx) nn_stack_backward(m, &m->cnn, dx, NULL);
-    return 0;
+    return done(m, 0);
 }

@@ -96,6 +96,11 @@ nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
     m->fold = malloc(sizeof(float) * fold);
     if (!m->params || !m->grads || !m->adam_m || !m->adam_v || !m->buffers || !m->stat || !m->fold)
         goto oom;
+    m->bparams = m->params;
+    m->bgrads = m->grads;
+    m->badam_m = m->adam_m;
+    m->badam_v = m->adam_v;
+    m->bbuffers = m->buffers;
     nn_arch_init_weights(m);
     char seed[32], input[64], prov[96];
     snprintf(seed, sizeof(seed), "%llu", (unsigned long long)c->seed);
@@ -116,19 +121,139 @@ oom:
     return NULL;
 }
 
-static void free_stack(nn_stack *st)
+static void free_stack(nn_model *m, nn_stack *st)
 {
-    free(st->cache);
-    free(st->idx);
-    free(st->pp[0]);
-    free(st->pp[1]);
+    void *c = m->bctx;
+    m->be->dealloc(c, st->cache);
+    m->be->dealloc(c, st->idx);
+    m->be->dealloc(c, st->pp[0]);
+    m->be->dealloc(c, st->pp[1]);
+    st->cache = st->pp[0] = st->pp[1] = NULL;
+    st->idx = NULL;
+    st->cap = st->pp_cap = st->cached_n = 0;
+}
+
+void nn_model_free_workspaces(nn_model *m)
+{
+    free_stack(m, &m->cnn);
+    free_stack(m, &m->head);
+    m->be->dealloc(m->bctx, m->col);
+    m->be->dealloc(m->bctx, m->pool_idx);
+    m->be->dealloc(m->bctx, m->xin);
+    m->be->dealloc(m->bctx, m->din);
+    m->col = NULL;
+    m->pool_idx = NULL;
+    m->xin = m->din = NULL;
+    m->col_cap = 0;
+    m->xin_cap = m->din_cap = 0;
+    nn_lrcn_free_workspace(m);
+    m->lrcn_n = 0;
+}
+
+/* Frees the device copies and the backend context; the model is on the CPU after. */
+static void drop_device(nn_model *m)
+{
+    if (m->be == nn_backend_cpu()) return;
+    nn_model_free_workspaces(m);
+    void *c = m->bctx;
+    m->be->dealloc(c, m->bparams);
+    m->be->dealloc(c, m->bgrads);
+    m->be->dealloc(c, m->badam_m);
+    m->be->dealloc(c, m->badam_v);
+    m->be->dealloc(c, m->bbuffers);
+    m->be->dealloc(c, m->stat);
+    m->be->release(c);
+    m->be = nn_backend_cpu();
+    m->bctx = NULL;
+    m->bparams = m->params;
+    m->bgrads = m->grads;
+    m->badam_m = m->adam_m;
+    m->badam_v = m->adam_v;
+    m->bbuffers = m->buffers;
+    m->stat = calloc(m->nstat + 1, sizeof(float));
+}
+
+void nn_model_sync_host(nn_model *m)
+{
+    if (m->be == nn_backend_cpu()) return;
+    m->be->download(m->bctx, m->params, m->bparams, sizeof(float) * m->nparams);
+    m->be->download(m->bctx, m->grads, m->bgrads, sizeof(float) * m->nparams);
+    m->be->download(m->bctx, m->adam_m, m->badam_m, sizeof(float) * m->nparams);
+    m->be->download(m->bctx, m->adam_v, m->badam_v, sizeof(float) * m->nparams);
+    m->be->download(m->bctx, m->buffers, m->bbuffers, sizeof(float) * (m->nbuffers + 1));
+}
+
+int nn_model_be_check(nn_model *m)
+{
+    return m->be->status(m->bctx, NULL, 0) == 0 ? 0 : NN_EIO;
+}
+
+int nn_model_set_device(nn_model *m, const char *device, int flags, char *err, size_t errlen)
+{
+    const nn_backend *want;
+    if (strcmp(device, "cpu") == 0) {
+        want = nn_backend_cpu();
+    } else if (strcmp(device, "cuda") == 0) {
+        want = nn_backend_cuda();
+        if (!want) {
+            nn_errf(err, errlen, "device cuda: this build has no CUDA backend (nn/cuda/)");
+            return NN_EINVAL;
+        }
+    } else if (strcmp(device, "auto") == 0) {
+        want = nn_cuda_device_count() > 0 ? nn_backend_cuda() : nn_backend_cpu();
+    } else {
+        nn_errf(err, errlen, "device '%.32s': expected auto, cpu or cuda", device);
+        return NN_EINVAL;
+    }
+    /* back to the host first: the host copy is the one every backend starts from */
+    nn_model_sync_host(m);
+    drop_device(m);
+    nn_model_free_workspaces(m);
+    if (!m->stat) return NN_ENOMEM;
+    m->be_fp32 = (flags & NN_DEVICE_FP32) != 0;
+    if (want == nn_backend_cpu()) return 0;
+    void *c = NULL;
+    int rc = want->init(&c, m->be_fp32 ? NN_BACKEND_FP32 : 0, err, errlen);
+    if (rc != 0) return rc;
+    free(m->stat);
+    m->stat = NULL;
+    m->be = want;
+    m->bctx = c;
+    size_t np = sizeof(float) * m->nparams, nb = sizeof(float) * (m->nbuffers + 1);
+    m->bparams = want->alloc(c, np);
+    m->bgrads = want->alloc(c, np);
+    m->badam_m = want->alloc(c, np);
+    m->badam_v = want->alloc(c, np);
+    m->bbuffers = want->alloc(c, nb);
+    m->stat = want->alloc(c, sizeof(float) * (m->nstat + 1));
+    if (!m->bparams || !m->bgrads || !m->badam_m || !m->badam_v || !m->bbuffers || !m->stat) {
+        nn_errf(err, errlen, "device %s: out of device memory for %zu parameters", want->name,
+                m->nparams);
+        drop_device(m);
+        return NN_ENOMEM;
+    }
+    want->upload(c, m->bparams, m->params, np);
+    want->upload(c, m->bgrads, m->grads, np);
+    want->upload(c, m->badam_m, m->adam_m, np);
+    want->upload(c, m->badam_v, m->adam_v, np);
+    want->upload(c, m->bbuffers, m->buffers, nb);
+    if (want->status(c, err, errlen) != 0) {
+        drop_device(m);
+        return NN_EIO;
+    }
+    return 0;
+}
+
+const char *nn_model_device(const nn_model *m)
+{
+    return m->be->name;
 }
 
 void nn_model_free(nn_model *m)
 {
     if (!m) return;
-    free_stack(&m->cnn);
-    free_stack(&m->head);
+    drop_device(m);
+    nn_model_free_workspaces(m);
     free(m->params);
     free(m->grads);
     free(m->adam_m);
@@ -136,9 +261,6 @@ void nn_model_free(nn_model *m)
     free(m->buffers);
     free(m->stat);
     free(m->fold);
-    free(m->col);
-    free(m->pool_idx);
-    nn_lrcn_free_workspace(m);
     free(m->len);
     for (int i = 0; i < m->nmeta; i++) {
         free(m->meta_k[i]);
@@ -169,13 +291,13 @@ float *nn_tensor_data(nn_model *m, int t)
 {
     if (t < 0) return NULL;
     nn_tensor *x = &m->tensors[t];
-    return x->is_buffer ? m->buffers + x->off : m->params + x->off;
+    return x->is_buffer ? m->bbuffers + x->off : m->bparams + x->off;
 }
 
 float *nn_tensor_grad(nn_model *m, int t)
 {
     if (t < 0 || m->tensors[t].frozen || m->tensors[t].is_buffer) return NULL;
-    return m->grads + m->tensors[t].off;
+    return m->bgrads + m->tensors[t].off;
 }
 
 int nn_model_tensor_count(const nn_model *m)
@@ -187,6 +309,17 @@ int nn_model_tensor(const nn_model *m, int i, nn_tensor_info *out)
 {
     if (i < 0 || i >= m->ntensors) return NN_EINVAL;
     const nn_tensor *t = &m->tensors[i];
+    if (m->be != nn_backend_cpu()) {
+        /* the device copy is the model: refresh this tensor's host view (the
+         * host buffers are caches, so this is no change of the model) */
+        size_t bytes = sizeof(float) * t->numel;
+        if (t->is_buffer) {
+            m->be->download(m->bctx, m->buffers + t->off, m->bbuffers + t->off, bytes);
+        } else {
+            m->be->download(m->bctx, m->params + t->off, m->bparams + t->off, bytes);
+            m->be->download(m->bctx, m->grads + t->off, m->bgrads + t->off, bytes);
+        }
+    }
     out->name = t->name;
     out->ndim = t->ndim;
     memcpy(out->shape, t->shape, sizeof(out->shape));
@@ -228,7 +361,7 @@ int nn_model_freeze(nn_model *m, const char *prefix, int frozen)
 
 void nn_model_zero_grad(nn_model *m)
 {
-    memset(m->grads, 0, sizeof(float) * m->nparams);
+    m->be->zero(m->bctx, m->bgrads, sizeof(float) * m->nparams);
 }
 
 /* ---- metadata ------------------------------------------------------------ */

@@ -72,13 +72,20 @@ struct nn_model {
     nn_config cfg;
     char *arch; /* cfg.arch points here */
     const nn_backend *be;
+    void *bctx;  /* be's context (NULL for the CPU) */
+    int be_fp32; /* NN_DEVICE_FP32 was asked for */
     nn_tensor tensors[NN_MAX_TENSORS];
     int ntensors;
+    /* The host copy: what files, tests and tools read and write. */
     float *params, *grads, *adam_m, *adam_v;
     size_t nparams;
     float *buffers;
     size_t nbuffers;
-    float *stat; /* BN batch mean and rstd of the last forward */
+    /* The same in the backend's memory: the host pointers themselves on the
+     * CPU, device copies on a GPU (uploaded by nn_model_set_device, read back
+     * tensor by tensor by nn_model_tensor and whole by nn_model_save). */
+    float *bparams, *bgrads, *badam_m, *badam_v, *bbuffers;
+    float *stat; /* BN batch mean and rstd of the last forward (backend memory) */
     size_t nstat;
     long adam_t;
     int training;
@@ -95,6 +102,9 @@ struct nn_model {
     int col_cap;
     float *col;
     int32_t *pool_idx; /* max-pool argmax when no cache is kept */
+    /* host inputs staged into backend memory (not used on the CPU) */
+    float *xin, *din;
+    size_t xin_cap, din_cap;
     /* LRCN workspaces */
     int lcap;
     float *feat, *dfeat, *lstm_out, *dlstm_out, *lstm_cache, *lstm_work;
@@ -124,7 +134,15 @@ const float *nn_stack_forward(nn_model *m, nn_stack *st, const float *in, int n,
 void nn_stack_backward(nn_model *m, nn_stack *st, const float *dout, float *dx);
 /* lrcn.c */
 void nn_lrcn_free_workspace(nn_model *m);
+/* Backend-memory views of tensor t (the host ones on the CPU). */
 float *nn_tensor_grad(nn_model *m, int t); /* NULL when frozen or t < 0 */
 float *nn_tensor_data(nn_model *m, int t); /* NULL when t < 0 */
+/* model.c: frees every workspace in backend memory (stacks, CNN scratch,
+ * LRCN buffers, staging); they grow again on the next call. */
+void nn_model_free_workspaces(nn_model *m);
+/* Copies the backend's parameters and running statistics to the host copy. */
+void nn_model_sync_host(nn_model *m);
+/* 0, or NN_EIO after a backend failure (reason in the backend's status). */
+int nn_model_be_check(nn_model *m);
 
 #endif

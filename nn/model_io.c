@@ -109,6 +109,8 @@ out:
 
 int nn_model_save(const nn_model *m, const char *path, char *err, size_t errlen)
 {
+    /* a model on a GPU: its device copy is the model (the host copy is a cache) */
+    nn_model_sync_host((nn_model *)m);
     nn_st_entry *e = calloc((size_t)m->ntensors * 2, sizeof(*e));
     char(*nbt)[NN_NAME_MAX] = calloc((size_t)m->ntensors, NN_NAME_MAX);
     int64_t zero = 0;

@@ -148,6 +148,24 @@ void nn_adam_default(nn_adam *a);
 /* One Adam step over every unfrozen parameter; the step count lives in m. */
 void nn_model_adam_step(nn_model *m, const nn_adam *a);
 
+/* ---- devices -------------------------------------------------------------
+ * A model computes on the CPU (OpenBLAS) until nn_model_set_device moves it.
+ * device: "cpu", "cuda" (the first GPU, when the library was built with
+ * nn/cuda/) or "auto" (cuda when a GPU is present, else cpu). Moving uploads
+ * the weights, running statistics, gradients and Adam moments; the public
+ * calls above keep taking and returning HOST buffers. While on a GPU the
+ * device copy is the model: nn_model_tensor and nn_model_save read it back,
+ * and host writes through nn_model_tensor's pointers reach it only by calling
+ * nn_model_set_device again. Returns 0, or a negative code with err (the
+ * model then stays on the CPU). */
+#define NN_DEVICE_FP32 1 /* plain fp32 on the GPU: TF32 off everywhere (tests) */
+int nn_model_set_device(nn_model *m, const char *device, int flags, char *err, size_t errlen);
+const char *nn_model_device(const nn_model *m); /* "cpu" or "cuda" */
+/* GPUs the CUDA backend can use: 0 when none is present or nn/cuda/ is not
+ * built in. */
+int nn_cuda_device_count(void);
+int nn_cuda_built(void); /* 1 when nn/cuda/ is built into the library */
+
 /* Sets the threads OpenBLAS uses (process-wide in OpenBLAS; by default it
  * uses every core, or OPENBLAS_NUM_THREADS). */
 void nn_set_threads(int n);

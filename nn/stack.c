@@ -9,12 +9,12 @@
 #define BN_MOMENTUM 0.1f
 #define BN_EPS 1e-5f
 
-/* Grows *p to n elements of size sz; contents are not kept. */
-static int grow(void *p, size_t n, size_t sz)
+/* Grows *p (backend memory) to n elements of size sz; contents are not kept. */
+static int grow(nn_model *m, void *p, size_t n, size_t sz)
 {
     void **pp = p;
-    free(*pp);
-    *pp = malloc(n ? n * sz : sz);
+    m->be->dealloc(m->bctx, *pp);
+    *pp = m->be->alloc(m->bctx, n ? n * sz : sz);
     return *pp ? 0 : NN_ENOMEM;
 }
 
@@ -22,8 +22,8 @@ int nn_stack_reserve(nn_model *m, nn_stack *st, int n, int cache)
 {
     if (n > st->pp_cap) {
         st->pp_cap = 0;
-        if (grow(&st->pp[0], st->max_act * n, sizeof(float)) ||
-            grow(&st->pp[1], st->max_act * n, sizeof(float)))
+        if (grow(m, &st->pp[0], st->max_act * n, sizeof(float)) ||
+            grow(m, &st->pp[1], st->max_act * n, sizeof(float)))
             return NN_ENOMEM;
         st->pp_cap = n;
     }
@@ -31,19 +31,19 @@ int nn_stack_reserve(nn_model *m, nn_stack *st, int n, int cache)
         size_t col = 1;
         for (int i = 0; i < st->n; i++)
             if (st->layers[i].kind == NN_L_CONV) {
-                size_t c = nn_conv2d_col_size(&st->layers[i].conv, n);
+                size_t c = m->be->conv2d_col_size(&st->layers[i].conv, n);
                 if (c > col) col = c;
             }
         m->col_cap = 0;
-        if (grow(&m->col, col, sizeof(float)) ||
-            grow(&m->pool_idx, st->max_act * n, sizeof(int32_t)))
+        if (grow(m, &m->col, col, sizeof(float)) ||
+            grow(m, &m->pool_idx, st->max_act * n, sizeof(int32_t)))
             return NN_ENOMEM;
         m->col_cap = n;
     }
     if (!cache || n <= st->cap) return 0;
     st->cap = 0;
-    if (grow(&st->cache, st->act_total * n, sizeof(float)) ||
-        grow(&st->idx, st->idx_total * n, sizeof(int32_t)))
+    if (grow(m, &st->cache, st->act_total * n, sizeof(float)) ||
+        grow(m, &st->idx, st->idx_total * n, sizeof(int32_t)))
         return NN_ENOMEM;
     st->cap = n;
     return 0;
@@ -77,6 +77,8 @@ static void fold_bn(float *w2, float *b2, const float *w, const float *b, nn_mod
 const float *nn_stack_forward(nn_model *m, nn_stack *st, const float *in, int n, int end, int cache,
                               int training)
 {
+    const nn_backend *be = m->be;
+    void *c = m->bctx;
     const float *cur = in;
     training = training && cache;
     for (int i = 0; i < end; i++) {
@@ -92,46 +94,47 @@ const float *nn_stack_forward(nn_model *m, nn_stack *st, const float *in, int n,
         const float *w = nn_tensor_data(m, l->wt), *b = nn_tensor_data(m, l->bt);
         switch (l->kind) {
         case NN_L_CONV:
-            if (!cache && i + 1 < end && st->layers[i + 1].kind == NN_L_BN) {
+            if (m->be->fold_bn && !cache && i + 1 < end && st->layers[i + 1].kind == NN_L_BN) {
                 /* eval: the batch-norm folds into the convolution, one pass instead of two;
                  * the conv writes the batch-norm's output and the loop skips that layer */
                 size_t wn = (size_t)l->oc * l->c * l->conv.kh * l->conv.kw;
                 fold_bn(m->fold, m->fold + wn, w, b, m, &st->layers[i + 1], wn / l->oc);
-                m->be->conv2d_forward(out, m->col, cur, m->fold, m->fold + wn, n, &l->conv);
+                m->be->conv2d_forward(m->bctx, out, m->col, cur, m->fold, m->fold + wn, n,
+                                      &l->conv);
                 i++;
                 break;
             }
-            m->be->conv2d_forward(out, m->col, cur, w, b, n, &l->conv);
+            be->conv2d_forward(c, out, m->col, cur, w, b, n, &l->conv);
             break;
         case NN_L_BN: {
             float *mean = m->stat + l->stat;
-            nn_batchnorm_forward(out, mean, mean + l->c, nn_tensor_data(m, l->rm),
-                                 nn_tensor_data(m, l->rv), cur, w, b, n, l->c, l->h * l->w,
-                                 bn_uses_batch(m, l, training), BN_MOMENTUM, BN_EPS);
+            be->batchnorm_forward(c, out, mean, mean + l->c, nn_tensor_data(m, l->rm),
+                                  nn_tensor_data(m, l->rv), cur, w, b, n, l->c, l->h * l->w,
+                                  bn_uses_batch(m, l, training), BN_MOMENTUM, BN_EPS);
             break;
         }
         case NN_L_RELU:
-            nn_relu_forward(out, cur, sz);
+            be->relu_forward(c, out, cur, sz);
             break;
         case NN_L_MAXPOOL:
-            nn_maxpool_forward(out, cache ? st->idx + (size_t)n * l->aux : m->pool_idx, cur, n,
-                               l->c, l->h, l->w, l->k, l->stride);
+            be->maxpool_forward(c, out, cache ? st->idx + (size_t)n * l->aux : m->pool_idx, cur, n,
+                                l->c, l->h, l->w, l->k, l->stride);
             break;
         case NN_L_GAP:
-            nn_gap_forward(out, cur, n, l->c, l->h * l->w);
+            be->gap_forward(c, out, cur, n, l->c, l->h * l->w);
             break;
         case NN_L_FLATTEN:
-            if (out != cur) memcpy(out, cur, sizeof(float) * sz);
+            if (out != cur) be->copy(c, out, cur, sizeof(float) * sz);
             break;
         case NN_L_LINEAR:
-            m->be->linear_forward(out, cur, w, b, n, l->c, l->oc);
+            be->linear_forward(c, out, cur, w, b, n, l->c, l->oc);
             break;
         case NN_L_DROPOUT:
             if (cache)
-                nn_dropout_forward(out, st->cache + (size_t)n * l->aux, cur, sz,
-                                   training ? l->p : 0.0f, &m->rng);
+                be->dropout_forward(c, out, st->cache + (size_t)n * l->aux, cur, sz,
+                                    training ? l->p : 0.0f, &m->rng);
             else if (out != cur)
-                memcpy(out, cur, sizeof(float) * sz);
+                be->copy(c, out, cur, sizeof(float) * sz);
             break;
         }
         cur = out;
@@ -152,6 +155,8 @@ static int layer_trainable(const nn_model *m, const nn_layer *l)
 
 void nn_stack_backward(nn_model *m, nn_stack *st, const float *dout, float *dx)
 {
+    const nn_backend *be = m->be;
+    void *c = m->bctx;
     int n = st->cached_n, end = st->cached_end, stop = 0;
     if (!dx) {
         while (stop < end && !layer_trainable(m, &st->layers[stop]))
@@ -169,42 +174,40 @@ void nn_stack_backward(nn_model *m, nn_stack *st, const float *dout, float *dx)
             gin = dx;
         } else if (i > stop) {
             gin = g == st->pp[0] ? st->pp[1] : st->pp[0];
-            memset(gin, 0, sizeof(float) * in_sz);
+            be->zero(c, gin, sizeof(float) * in_sz);
         }
         const float *w = nn_tensor_data(m, l->wt);
         float *dw = nn_tensor_grad(m, l->wt), *db = nn_tensor_grad(m, l->bt);
         switch (l->kind) {
         case NN_L_CONV:
-            m->be->conv2d_backward(gin, dw, db, m->col, g, in, w, n, &l->conv);
+            be->conv2d_backward(c, gin, dw, db, m->col, g, in, w, n, &l->conv);
             break;
         case NN_L_BN: {
             const float *mean = m->stat + l->stat;
             int batch = st->cached_training && !m->tensors[l->wt].frozen;
-            nn_batchnorm_backward(gin, dw, db, g, in, mean, mean + l->c, w, n, l->c, l->h * l->w,
-                                  batch);
+            be->batchnorm_backward(c, gin, dw, db, g, in, mean, mean + l->c, w, n, l->c,
+                                   l->h * l->w, batch, BN_EPS);
             break;
         }
         case NN_L_RELU:
-            if (gin) nn_relu_backward(gin, g, out, sz);
+            if (gin) be->relu_backward(c, gin, g, out, sz);
             break;
         case NN_L_MAXPOOL:
             if (gin)
-                nn_maxpool_backward(gin, g, st->idx + (size_t)n * l->aux, n, l->c, l->h, l->w, l->k,
-                                    l->stride);
+                be->maxpool_backward(c, gin, g, st->idx + (size_t)n * l->aux, n, l->c, l->h, l->w,
+                                     l->k, l->stride);
             break;
         case NN_L_GAP:
-            if (gin) nn_gap_backward(gin, g, n, l->c, l->h * l->w);
+            if (gin) be->gap_backward(c, gin, g, n, l->c, l->h * l->w);
             break;
         case NN_L_FLATTEN:
-            if (gin)
-                for (size_t k = 0; k < sz; k++)
-                    gin[k] += g[k];
+            if (gin) be->add(c, gin, g, sz);
             break;
         case NN_L_LINEAR:
-            m->be->linear_backward(gin, dw, db, g, in, w, n, l->c, l->oc);
+            be->linear_backward(c, gin, dw, db, g, in, w, n, l->c, l->oc);
             break;
         case NN_L_DROPOUT:
-            if (gin) nn_dropout_backward(gin, g, st->cache + (size_t)n * l->aux, sz);
+            if (gin) be->dropout_backward(c, gin, g, st->cache + (size_t)n * l->aux, sz);
             break;
         }
         g = gin;
