@@ -24,6 +24,7 @@ static void usage(FILE *f)
                "  --seed N, --val F, --test F  the split (defaults as in train)\n"
                "  --cache DIR        preprocessed-slice cache\n"
                "  --threads N        BLAS threads\n"
+               "  --device D         auto, cpu or cuda (nn.device; default auto)\n"
                "  -c FILE, --set K=V accepted like every subcommand\n"
                "  -h, --help         this text\n");
 }
@@ -50,6 +51,8 @@ int train_eval_main(int argc, char **argv)
         fprintf(stderr, "ichtriage eval: %s\n", err);
         return 2;
     }
+    char device[16];
+    snprintf(device, sizeof device, "%s", triage_config_str(&cfg, CFG_NN_DEVICE));
     triage_config_free(&cfg);
     static const struct option lo[] = {
         {"report", 1, 0, 'r'}, {"json", 1, 0, 'j'}, {"split", 1, 0, 'p'}, {"seed", 1, 0, 's'},
@@ -111,6 +114,11 @@ int train_eval_main(int argc, char **argv)
     struct triage_model tm;
     if (triage_model_load(&tm, model_path, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage eval: %s: %s\n", model_path, err);
+        return 1;
+    }
+    if (triage_nn_device(tm.nn, device, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage eval: %s\n", err);
+        triage_model_free(&tm);
         return 1;
     }
     float thr[2][TRAIN_LABELS];

@@ -87,6 +87,7 @@ static void usage(FILE *f)
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
         "                          over the labels (default) or on that of \"any\"\n"
         "  --threads N             BLAS threads (default: all cores)\n"
+        "  --device auto|cpu|cuda  where the model runs (nn.device; default auto)\n"
         "  --no-augment            (tests) no augmentation\n"
         "  --provenance TEXT       added to the model's provenance\n"
         "  --register              register the model under <store.dir>/models\n"
@@ -838,6 +839,7 @@ int train_train_main(int argc, char **argv)
     /* A registered run keeps the frozen test patients out, whatever its seed
      * and data, so that every registered model is scored on them. */
     const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
+    const char *device = triage_config_str(&cfg, CFG_NN_DEVICE);
     int frozen = 0;
     if (o.reg) {
         char **tp;
@@ -877,7 +879,7 @@ int train_train_main(int argc, char **argv)
     snprintf(best2, sizeof best2, "%s/best-stage2.safetensors", workdir);
     if (state_read(workdir, &st) == 0 && access(last, R_OK) == 0) {
         m = nn_model_load(last, err, sizeof err);
-        if (!m) {
+        if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
             goto out;
         }
@@ -889,7 +891,7 @@ int train_train_main(int argc, char **argv)
         snprintf(hp, sizeof hp, "%s/history.csv", workdir);
         unlink(hp);
         m = start_model(&o, &win, err, sizeof err);
-        if (!m) {
+        if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: %s\n", err);
             goto out;
         }
@@ -903,7 +905,7 @@ int train_train_main(int argc, char **argv)
         if (st.epoch >= o.epochs1 || st.bad >= o.patience) {
             nn_model_free(m);
             m = nn_model_load(access(best1, R_OK) == 0 ? best1 : last, err, sizeof err);
-            if (!m) {
+            if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
                 fprintf(stderr, "ichtriage train: %s\n", err);
                 goto out;
             }
@@ -950,7 +952,7 @@ int train_train_main(int argc, char **argv)
         if (st.epoch >= o.epochs2 || st.bad >= o.patience) {
             nn_model_free(m);
             m = nn_model_load(access(best2, R_OK) == 0 ? best2 : last, err, sizeof err);
-            if (!m) {
+            if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
                 fprintf(stderr, "ichtriage train: %s\n", err);
                 goto out;
             }

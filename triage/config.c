@@ -255,7 +255,7 @@ int triage_config_from_args(struct triage_config *c, int *argc, char **argv, cha
                 return -1;
             }
             path = argv[++i];
-        } else if (strcmp(argv[i], "--set") == 0) {
+        } else if (strcmp(argv[i], "--set") == 0 || strcmp(argv[i], "--device") == 0) {
             i++;
         }
     }
@@ -270,6 +270,19 @@ int triage_config_from_args(struct triage_config *c, int *argc, char **argv, cha
                 return -1;
             }
             if (triage_config_set(c, argv[++i], err, errlen) != 0) {
+                triage_config_free(c);
+                return -1;
+            }
+        } else if (strcmp(argv[i], "--device") == 0) {
+            /* every subcommand: the same as --set nn.device=X */
+            char kv[64];
+            if (i + 1 >= n) {
+                snprintf(err, errlen, "--device needs auto, cpu or cuda");
+                triage_config_free(c);
+                return -1;
+            }
+            snprintf(kv, sizeof kv, "nn.device=%.40s", argv[++i]);
+            if (triage_config_set(c, kv, err, errlen) != 0) {
                 triage_config_free(c);
                 return -1;
             }

@@ -28,6 +28,7 @@ struct triage_infer {
     pthread_cond_t cv;
     bool stop, kicked, reload;
     char model_cfg[1024];
+    char device[16]; /* nn.device */
     /* Guarded by mu: what status and the web page show. */
     bool model_ok;
     char model_version[160], model_error[1200];
@@ -60,7 +61,8 @@ static void load_model(struct triage_infer *t, struct triage_model *m, bool *hav
     if (triage_model_resolve(cfg, t->store_dir, path, sizeof path) != 0) {
         snprintf(err, sizeof err, "no model file: %s", path);
     } else if (triage_model_load(&fresh, path, err, sizeof err) == 0) {
-        ok = 1;
+        ok = triage_nn_device(fresh.nn, t->device, err, sizeof err) == 0;
+        if (!ok) triage_model_free(&fresh);
     }
     pthread_mutex_lock(&t->mu);
     if (ok) {
@@ -273,6 +275,7 @@ int triage_infer_start(struct triage_infer **out, const struct triage_infer_conf
     snprintf(t->store_dir, sizeof t->store_dir, "%s", cfg->store_dir);
     snprintf(t->db_path, sizeof t->db_path, "%s", cfg->db_path);
     snprintf(t->model_cfg, sizeof t->model_cfg, "%s", cfg->model ? cfg->model : "");
+    snprintf(t->device, sizeof t->device, "%s", cfg->device ? cfg->device : "auto");
     snprintf(t->model_error, sizeof t->model_error, "loading");
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->cv, NULL);

@@ -16,6 +16,7 @@ struct triage_infer_config {
     const char *model; /* triage.model (may be empty) */
     double max_tilt_deg;
     int threads; /* OpenBLAS threads for the model */
+    const char *device; /* nn.device: auto, cpu or cuda (NULL: auto) */
     /* Called on the inference thread after each job ends (result or failure). */
     void (*on_done)(void *ud);
     void *ud;

@@ -7,6 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "log.h"
 #include "scp_pixels.h"
 
 const char *const triage_label_names[TRIAGE_LABELS] = {
@@ -133,6 +134,23 @@ fail:
     nn_model_free(m->nn);
     memset(m, 0, sizeof *m);
     return -1;
+}
+
+int triage_nn_device(nn_model *m, const char *device, char *err, size_t errlen)
+{
+    const char *want = device && device[0] ? device : "auto";
+    char e[256] = "";
+    if (nn_model_set_device(m, want, 0, e, sizeof e) != 0) {
+        snprintf(err, errlen, "nn.device=%s: %s", want, e);
+        return -1;
+    }
+    const char *got = nn_model_device(m);
+    if (strcmp(want, "auto") == 0 && strcmp(got, "cpu") == 0)
+        util_log(UTIL_LOG_INFO, "nn_device", "device=cpu requested=auto reason=\"%s\"",
+                 nn_cuda_built() ? "no GPU present" : "built without nn/cuda");
+    else
+        util_log(UTIL_LOG_INFO, "nn_device", "device=%s requested=%s", got, want);
+    return 0;
 }
 
 void triage_model_free(struct triage_model *m)

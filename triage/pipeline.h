@@ -39,6 +39,10 @@ int triage_model_resolve(const char *configured, const char *store_dir, char *ou
  * with a message; m owns nothing then. */
 int triage_model_load(struct triage_model *m, const char *path, char *err, size_t errlen);
 void triage_model_free(struct triage_model *m);
+/* Moves a model to nn.device (auto, cpu or cuda; NULL or "" is auto) and logs
+ * one line saying where it runs (and why the CPU, when auto found no GPU).
+ * Returns 0, or -1 with a message (the model then stays on the CPU). */
+int triage_nn_device(nn_model *m, const char *device, char *err, size_t errlen);
 
 struct triage_result {
     int n;                      /* slices, in the volume's order */

@@ -77,11 +77,12 @@ static int64_t now_ms(void)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: ichtriage predict [-c FILE] [--set K=V]... [--json] PATH...\n\n"
+    fprintf(f, "usage: ichtriage predict [-c FILE] [--set K=V]... [--device D] [--json] PATH...\n\n"
                "Runs the triage model on DICOM files or folders (searched recursively), one\n"
                "result per series, with the field names of the worklist API. The model is\n"
                "triage.model, else <store.dir>/models/active.safetensors, else the shipped\n"
-               "default. Decision support, not a diagnosis.\n");
+               "default; --device auto|cpu|cuda (nn.device) says where it runs. Decision\n"
+               "support, not a diagnosis.\n");
 }
 
 int triage_predict_main(int argc, char **argv)
@@ -121,7 +122,8 @@ int triage_predict_main(int argc, char **argv)
         triage_config_free(&cfg);
         return 1;
     }
-    if (triage_model_load(&model, path, err, sizeof err) != 0) {
+    if (triage_model_load(&model, path, err, sizeof err) != 0 ||
+        triage_nn_device(model.nn, triage_config_str(&cfg, CFG_NN_DEVICE), err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage predict: %s\n", err);
         triage_config_free(&cfg);
         return 1;

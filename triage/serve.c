@@ -343,6 +343,7 @@ int triage_serve_main(int argc, char **argv)
         .model = triage_config_str(&n.cfg, CFG_TRIAGE_MODEL),
         .max_tilt_deg = (double)max_tilt,
         .threads = cores > 0 ? (int)cores : 1,
+        .device = triage_config_str(&n.cfg, CFG_NN_DEVICE),
         .on_done = wake_loop_result,
         .ud = &n,
     };
