@@ -111,6 +111,11 @@ void db_col_copy(sqlite3_stmt *st, int i, char *out, size_t n)
     snprintf(out, n, "%s", t ? (const char *)t : "");
 }
 
+void db_set_busy_timeout(struct db *db, int ms)
+{
+    sqlite3_busy_timeout(db->conn, ms);
+}
+
 sqlite3 *db_conn(struct db *db)
 {
     return db->conn;

@@ -39,6 +39,11 @@ struct db_instance {
  * the current version. The caller owns *out and frees it with db_close().
  * Returns 0, or -1 with a message in err. */
 int db_open(struct db **out, const char *path, char *err, size_t errlen);
+/* How long calls on the caller's connection (all but db_instance_put) wait
+ * for another process's lock before they fail as busy; 10 s after db_open.
+ * The libuv loop sets it short: while it waits, nothing else on the loop
+ * runs, /healthz included. */
+void db_set_busy_timeout(struct db *db, int ms);
 void db_close(struct db *db);
 
 /* The schema version this build writes. */

@@ -177,8 +177,8 @@ struct scp_server {
     unsigned long next_id = 1;
     std::atomic<unsigned long> tmp_seq{0};
     std::atomic<uint64_t> n_accepted{0}, n_rej_called{0}, n_rej_calling{0}, n_rej_limit{0},
-        n_rej_context{0}, n_conn_failed{0}, n_stored{0}, n_a700{0}, n_a900{0}, n_c000{0},
-        n_incomplete{0};
+        n_rej_context{0}, n_conn_failed{0}, n_stored{0}, n_incomplete{0};
+    std::atomic<uint64_t> n_refused[SCP_REFUSED_NKINDS]{};
 
     void listen_loop();
     void tls_listen_loop();
@@ -294,6 +294,7 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     rsp.DataSetType = DIMSE_DATASET_NULL;
     char reason[512] = "";
     unsigned status = SCP_STATUS_SUCCESS;
+    scp_refusal why = SCP_REFUSED_NONE;
     OFCondition cond = EC_Normal;
     auto t0 = Clock::now();
 
@@ -302,6 +303,7 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
         DIC_UL bits = 0, bytes = 0;
         cond = DIMSE_ignoreDataSet(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &bits, &bytes);
         status = SCP_STATUS_OUT_OF_RESOURCES;
+        why = SCP_REFUSED_LOW_SPACE;
     } else {
         T_ASC_PresentationContext pc;
         ASC_findAcceptedPresentationContext(assoc->params, pres_id, &pc);
@@ -311,6 +313,7 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
         int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
         if (fd < 0) {
             snprintf(reason, sizeof reason, "cannot create temp file: %s", strerror(errno));
+            why = scp_refusal_from_errno(errno);
             DIC_UL bits = 0, bytes = 0;
             cond = DIMSE_ignoreDataSet(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &bits, &bytes);
             status = SCP_STATUS_OUT_OF_RESOURCES;
@@ -326,19 +329,23 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                                                   &data_pres, &out, nullptr, nullptr);
                 if (cond.good() && !meta_ok) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
+                    why = SCP_REFUSED_IO;
                     snprintf(reason, sizeof reason, "cannot write file meta header");
                 }
             }
             if (cond.good() && status == SCP_STATUS_SUCCESS) {
                 if (consumer.error() == EFBIG) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
+                    why = SCP_REFUSED_TOO_LARGE;
                     snprintf(reason, sizeof reason, "dataset larger than %lld bytes",
                              (long long)cfg.max_instance_bytes);
                 } else if (consumer.error() != 0) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
+                    why = scp_refusal_from_errno(consumer.error());
                     snprintf(reason, sizeof reason, "write failed: %s", strerror(consumer.error()));
                 } else if (fdatasync(fd) != 0) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
+                    why = scp_refusal_from_errno(errno);
                     snprintf(reason, sizeof reason, "fdatasync failed: %s", strerror(errno));
                 }
             }
@@ -348,33 +355,39 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
             if (cond.good() && status == SCP_STATUS_SUCCESS &&
                 strcmp(pc.acceptedTransferSyntax,
                        UID_DeflatedExplicitVRLittleEndianTransferSyntax) == 0 &&
-                scp_deflated_over(tmp, cfg.max_instance_bytes, reason, sizeof reason))
+                scp_deflated_over(tmp, cfg.max_instance_bytes, reason, sizeof reason)) {
                 status = SCP_STATUS_OUT_OF_RESOURCES;
+                why = SCP_REFUSED_TOO_LARGE;
+            }
             if (cond.good() && status == SCP_STATUS_SUCCESS) {
                 scp_info info;
                 char err[512];
                 if (scp_info_read(tmp, &info, err, sizeof err) != 0) {
                     status = SCP_STATUS_CANNOT_UNDERSTAND;
+                    why = SCP_REFUSED_UNDERSTAND;
                     snprintf(reason, sizeof reason, "%s", err);
                 } else if (strcmp(info.sop_class, req->AffectedSOPClassUID) != 0) {
                     status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    why = SCP_REFUSED_SOP_CLASS;
                     snprintf(reason, sizeof reason,
                              "SOP class in dataset (%s) is not the one requested",
                              info.sop_class[0] ? info.sop_class : "missing");
                 } else if (strcmp(info.sop_uid, req->AffectedSOPInstanceUID) != 0) {
                     status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    why = SCP_REFUSED_SOP_CLASS;
                     snprintf(reason, sizeof reason,
                              "SOP instance UID in dataset differs from the request");
                 } else if (!scp_uid_valid(info.study_uid) || !scp_uid_valid(info.series_uid) ||
                            !scp_uid_valid(info.sop_uid)) {
                     status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    why = SCP_REFUSED_SOP_CLASS;
                     snprintf(reason, sizeof reason, "missing or invalid %s UID",
                              !scp_uid_valid(info.study_uid)    ? "study"
                              : !scp_uid_valid(info.series_uid) ? "series"
                                                                : "SOP instance");
                 } else {
                     scp_received r = {tmp, &info, consumer.written(), calling, peer.c_str()};
-                    status = cfg.store(cfg.ud, &r, reason, sizeof reason);
+                    status = cfg.store(cfg.ud, &r, &why, reason, sizeof reason);
                 }
             }
             unlink(tmp); // gone already when the store callback moved it
@@ -394,10 +407,13 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     rsp.DimseStatus = (Uint16)status;
     long ms =
         (long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count();
-    (status == SCP_STATUS_SUCCESS                    ? n_stored
-     : status == SCP_STATUS_OUT_OF_RESOURCES         ? n_a700
-     : status == SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS ? n_a900
-                                                     : n_c000)++;
+    if (status != SCP_STATUS_SUCCESS && why == SCP_REFUSED_NONE) // a store callback that forgot
+        why = status == SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS ? SCP_REFUSED_SOP_CLASS
+              : status == SCP_STATUS_CANNOT_UNDERSTAND      ? SCP_REFUSED_UNDERSTAND
+                                                            : SCP_REFUSED_IO;
+    if (status == SCP_STATUS_SUCCESS) why = SCP_REFUSED_NONE;
+    (status == SCP_STATUS_SUCCESS ? n_stored : n_refused[why])++;
+    if (cfg.outcome) cfg.outcome(cfg.ud, status, why, reason);
     if (status == SCP_STATUS_SUCCESS) {
         (*stored)++;
         util_log(UTIL_LOG_DEBUG, "instance_stored", "assoc=%lu sop=%s ms=%ld", a->id,
@@ -406,9 +422,9 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
         (*failed)++;
         char safe[64];
         util_log(UTIL_LOG_WARN, "store_failed",
-                 "assoc=%lu calling_ae=%s sop=%s status=0x%04X reason=\"%s\"", a->id,
+                 "assoc=%lu calling_ae=%s sop=%s status=0x%04X why=%s reason=\"%s\"", a->id,
                  util_log_safe(safe, sizeof safe, calling), req->AffectedSOPInstanceUID, status,
-                 reason);
+                 scp_refusal_name(why), reason);
     }
     OFCondition sent = DIMSE_sendStoreResponse(assoc, pres_id, req, &rsp, nullptr);
     quickack(a->fd); // the next request's first segment is ACKed at once too
@@ -901,9 +917,51 @@ extern "C" int scp_server_set_allowed_peers(struct scp_server *s, const char *al
 
 extern "C" void scp_server_counters(struct scp_server *s, struct scp_counters *out)
 {
-    *out = scp_counters{s->n_accepted,    s->n_rej_called,  s->n_rej_calling, s->n_rej_limit,
-                        s->n_rej_context, s->n_conn_failed, s->n_stored,      s->n_a700,
-                        s->n_a900,        s->n_c000,        s->n_incomplete};
+    *out = scp_counters{};
+    out->associations_accepted = s->n_accepted;
+    out->rejected_called_ae = s->n_rej_called;
+    out->rejected_calling_peer = s->n_rej_calling;
+    out->rejected_limit = s->n_rej_limit;
+    out->rejected_no_context = s->n_rej_context;
+    out->connections_failed = s->n_conn_failed;
+    out->stored = s->n_stored;
+    for (int i = 0; i < SCP_REFUSED_NKINDS; i++)
+        out->refused[i] = s->n_refused[i];
+    out->incomplete = s->n_incomplete;
+}
+
+extern "C" const char *scp_refusal_name(enum scp_refusal r)
+{
+    static const char *const names[SCP_REFUSED_NKINDS] = {"none",
+                                                          "low_space",
+                                                          "disk_full",
+                                                          "permission",
+                                                          "io_error",
+                                                          "database",
+                                                          "too_large",
+                                                          "does_not_match_sop_class",
+                                                          "cannot_understand"};
+    return r >= 0 && r < SCP_REFUSED_NKINDS ? names[r] : "unknown";
+}
+
+extern "C" enum scp_refusal scp_refusal_from_errno(int err)
+{
+    switch (err) {
+    case ENOSPC:
+    case EDQUOT:
+        return SCP_REFUSED_DISK_FULL;
+    case EACCES:
+    case EPERM:
+    case EROFS:
+        return SCP_REFUSED_PERMISSION;
+    default:
+        return SCP_REFUSED_IO;
+    }
+}
+
+extern "C" int scp_refusal_is_local(enum scp_refusal r)
+{
+    return r >= SCP_REFUSED_LOW_SPACE && r <= SCP_REFUSED_DATABASE;
 }
 
 extern "C" int scp_server_active(struct scp_server *s)

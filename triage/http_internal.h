@@ -85,6 +85,7 @@ struct triage_http {
     struct http_snapshot_row *snap;
     int nsnap;
     bool snap_ready;
+    uint64_t degraded_pushed; /* hash of the degraded list pages last heard */
 };
 
 /* The person behind a request: user name and CSRF token to check against. */

@@ -23,6 +23,15 @@ cJSON *http_degraded(struct triage_http *h)
     }
     if (h->store && atomic_load(&h->store->low_space))
         cJSON_AddItemToArray(a, cJSON_CreateString("disk low: new instances are refused (A700)"));
+    struct triage_store_verdict v;
+    if (h->store) {
+        triage_store_health_verdict(&h->store->health, http_now_ms(), &v);
+        if (v.failing) {
+            char msg[800];
+            triage_store_verdict_text(&v, msg, sizeof msg);
+            cJSON_AddItemToArray(a, cJSON_CreateString(msg));
+        }
+    }
     int64_t failed = 0;
     if (db_jobs_failed_since(h->db, http_now_ms() - 3600 * 1000, &failed) == 0 && failed > 0) {
         char msg[160];
@@ -101,25 +110,31 @@ int http_metrics(struct triage_http *h, h2o_req_t *req)
         return http_send(req, 500, "text/plain", "cannot read the database\n", 25);
     struct text t = {0};
     long long stored = h->store ? (long long)atomic_load(&h->store->stored) : 0;
-    long long refused = h->store ? (long long)atomic_load(&h->store->refused) : 0;
     metric(&t, "ichtriage_instances_received_total", "counter",
            "Instances stored and acknowledged since the node started.");
     add(&t, "ichtriage_instances_received_total %lld\n", stored);
     struct scp_counters sc = {0};
     if (h->scp) scp_server_counters(h->scp, &sc);
     metric(&t, "ichtriage_instances_rejected_total", "counter",
-           "Instances refused since the node started, by reason (A700 low space, A700 write or "
-           "database failure, A900, C000, association broken mid-dataset).");
-    long long other700 = (long long)sc.out_of_resources - refused;
-    add(&t, "ichtriage_instances_rejected_total{reason=\"low_space\"} %lld\n", refused);
-    add(&t, "ichtriage_instances_rejected_total{reason=\"write_or_database\"} %lld\n",
-        other700 > 0 ? other700 : 0);
-    add(&t, "ichtriage_instances_rejected_total{reason=\"does_not_match_sop_class\"} %llu\n",
-        (unsigned long long)sc.does_not_match_sop_class);
-    add(&t, "ichtriage_instances_rejected_total{reason=\"cannot_understand\"} %llu\n",
-        (unsigned long long)sc.cannot_understand);
+           "Instances refused since the node started, by reason: A700 for the node's own trouble "
+           "(low_space, disk_full, permission, io_error, database) or a dataset too large, A900, "
+           "C000, and incomplete (association broken mid-dataset).");
+    for (int r = SCP_REFUSED_NONE + 1; r < SCP_REFUSED_NKINDS; r++)
+        add(&t, "ichtriage_instances_rejected_total{reason=\"%s\"} %llu\n",
+            scp_refusal_name((enum scp_refusal)r), (unsigned long long)sc.refused[r]);
     add(&t, "ichtriage_instances_rejected_total{reason=\"incomplete\"} %llu\n",
         (unsigned long long)sc.incomplete);
+    if (h->store) {
+        struct triage_store_verdict v;
+        triage_store_health_verdict(&h->store->health, http_now_ms(), &v);
+        metric(&t, "ichtriage_stores_failing", "gauge",
+               "1 while the node refuses stores for its own trouble (see /healthz).");
+        add(&t, "ichtriage_stores_failing %d\n", v.failing ? 1 : 0);
+        metric(&t, "ichtriage_store_last_failure_timestamp_seconds", "gauge",
+               "When the node last refused a store for its own trouble; 0: not since start.");
+        add(&t, "ichtriage_store_last_failure_timestamp_seconds %.3f\n",
+            (double)v.last_failure_ms / 1000.0);
+    }
     metric(&t, "ichtriage_associations_total", "counter",
            "DICOM associations since the node started: accepted, rejected by reason, and "
            "connections that never made a usable request.");

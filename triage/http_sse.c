@@ -329,9 +329,17 @@ void http_push_now(struct triage_http *h)
                        : cost_ms * 4 > HTTP_PUSH_DELAY_MAX_MS ? HTTP_PUSH_DELAY_MAX_MS
                                                               : cost_ms * 4;
     if (!ev) return;
+    /* A degraded state that starts or ends (stores failing, a model that
+     * loads) changes no row, yet the page's banner must follow it. */
+    char *degraded = cJSON_PrintUnformatted(cJSON_GetObjectItem(ev, "degraded"));
+    uint64_t hash = 1469598103934665603ULL; /* FNV-1a */
+    for (const char *p = degraded ? degraded : ""; *p; p++)
+        hash = (hash ^ (unsigned char)*p) * 1099511628211ULL;
+    free(degraded);
     bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "rows")) > 0 ||
                cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0 ||
-               cJSON_GetObjectItem(ev, "order");
+               cJSON_GetObjectItem(ev, "order") || hash != h->degraded_pushed;
+    h->degraded_pushed = hash;
     if (any && h->nsse > 0) {
         char *text = cJSON_PrintUnformatted(ev);
         if (text) http_sse_broadcast(h, "worklist", text);

@@ -29,6 +29,10 @@
 #include "pacs.h"
 #include "store.h"
 
+/* How long the loop's own database calls wait for a lock held by another
+ * process (receiving waits longer, on its own connection). */
+#define LOOP_BUSY_TIMEOUT_MS 1000
+
 struct node {
     struct triage_config cfg;
     uv_loop_t *loop;
@@ -46,6 +50,8 @@ struct node {
     struct triage_http *http; /* web worklist, API, events, metrics */
     struct triage_pacs *pacs; /* results to PACS: its own thread */
     int grace;
+    bool stores_failing; /* as the web page was last told */
+    int64_t completion_retry_ms, completion_backoff_ms; /* after a failed tick */
 };
 
 static int64_t wall_ms(void)
@@ -58,7 +64,20 @@ static int64_t wall_ms(void)
 /* Decides the series that are due; new jobs wake the inference thread. */
 static void run_completion(struct node *n)
 {
-    if (triage_completion_tick(&n->complete, wall_ms()) > 0) {
+    int64_t now = wall_ms();
+    if (now < n->completion_retry_ms) return;
+    int queued = triage_completion_tick(&n->complete, now);
+    if (queued < 0) {
+        /* The index is locked by another process, or failing: each try
+         * holds the loop for the busy timeout, so try less and less often. */
+        n->completion_backoff_ms =
+            n->completion_backoff_ms ? n->completion_backoff_ms * 2 : LOOP_BUSY_TIMEOUT_MS;
+        if (n->completion_backoff_ms > 30000) n->completion_backoff_ms = 30000;
+        n->completion_retry_ms = now + n->completion_backoff_ms;
+        return;
+    }
+    n->completion_backoff_ms = 0;
+    if (queued > 0) {
         triage_infer_kick(n->infer);
         triage_http_changed(n->http);
     }
@@ -70,9 +89,22 @@ static void on_retention_timer(uv_timer_t *h)
     triage_retention_run(&n->retain, wall_ms());
 }
 
+/* A refusal that ages out of store.failure_window_seconds clears the
+ * "stores failing" state without any store: the page hears it here. */
+static void check_store_health(struct node *n)
+{
+    struct triage_store_verdict v;
+    triage_store_health_verdict(&n->store.health, wall_ms(), &v);
+    if (v.failing != n->stores_failing) {
+        n->stores_failing = v.failing;
+        triage_http_changed(n->http);
+    }
+}
+
 static void on_completion_timer(uv_timer_t *h)
 {
     run_completion(h->data);
+    check_store_health(h->data);
 }
 
 static void on_stored_async(uv_async_t *h)
@@ -106,10 +138,11 @@ static void on_heartbeat(uv_timer_t *h)
 #ifdef HAVE_SYSTEMD
     char version[160], why[1200];
     bool model = triage_infer_model(n->infer, version, sizeof version, why, sizeof why);
-    sd_notifyf(0, "WATCHDOG=1\nSTATUS=receiving; %lld stored, %d associations; %s%s%s",
+    sd_notifyf(0, "WATCHDOG=1\nSTATUS=receiving; %lld stored, %d associations; %s%s%s%s",
                (long long)atomic_load(&n->store.stored), scp_server_active(n->scp),
                model ? "model " : "NO MODEL: ", model ? version : why,
-               atomic_load(&n->store.low_space) ? "; DISK LOW: refusing instances (A700)" : "");
+               atomic_load(&n->store.low_space) ? "; DISK LOW: refusing instances (A700)" : "",
+               n->stores_failing ? "; STORES FAILING (see /healthz)" : "");
 #else
     (void)n;
 #endif
@@ -264,7 +297,7 @@ int triage_serve_main(int argc, char **argv)
     util_log_set_level((enum util_log_level)level);
     scp_log_init(level >= UTIL_LOG_DEBUG);
 
-    int64_t port, max_assoc, max_pdu, acse, dimse, deadline, min_free, max_inst, grace;
+    int64_t port, max_assoc, max_pdu, acse, dimse, deadline, min_free, max_inst, grace, window;
     if (get_int(&n, CFG_DICOM_PORT, 1, 65535, &port) ||
         get_int(&n, CFG_DICOM_MAX_ASSOCIATIONS, 1, 1000, &max_assoc) ||
         get_int(&n, CFG_DICOM_MAX_PDU, 4096, 131072, &max_pdu) ||
@@ -273,6 +306,7 @@ int triage_serve_main(int argc, char **argv)
         get_int(&n, CFG_DICOM_ASSOCIATION_DEADLINE, 1, 7 * 86400, &deadline) ||
         get_int(&n, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &min_free) ||
         get_int(&n, CFG_STORE_MAX_INSTANCE_MB, 1, 1 << 20, &max_inst) ||
+        get_int(&n, CFG_STORE_FAILURE_WINDOW_SECONDS, 0, 86400, &window) ||
         get_int(&n, CFG_DICOM_SHUTDOWN_GRACE, 0, 3600, &grace))
         return 2;
     const char *aet = triage_config_str(&n.cfg, CFG_DICOM_AETITLE);
@@ -287,8 +321,8 @@ int triage_serve_main(int argc, char **argv)
     /* Everything the node writes is for its own user only. */
     umask(077);
     n.store.min_free_bytes = min_free << 20;
-    if (triage_store_prepare(&n.store, triage_config_str(&n.cfg, CFG_STORE_DIR), err, sizeof err) !=
-        0) {
+    if (triage_store_prepare(&n.store, triage_config_str(&n.cfg, CFG_STORE_DIR), window, err,
+                             sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }
@@ -311,6 +345,8 @@ int triage_serve_main(int argc, char **argv)
         return 1;
     }
     if (requeued) util_log(UTIL_LOG_WARN, "jobs_requeued", "count=%d", requeued);
+    /* From here on the connection is the loop's: start-up could wait. */
+    db_set_busy_timeout(n.store.db, LOOP_BUSY_TIMEOUT_MS);
     int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days;
     if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, 0, 86400, &quiet) ||
         get_int(&n, CFG_TRIAGE_MIN_SLICES, 1, 1000, &min_slices) ||
@@ -355,6 +391,7 @@ int triage_serve_main(int argc, char **argv)
     uv_async_init(n.loop, &n.stored_async, on_stored_async);
     n.stored_async.data = &n;
     n.store.on_stored = wake_loop;
+    n.store.on_health = wake_loop;
     n.store.ud = &n;
     uv_signal_init(n.loop, &n.sigterm);
     uv_signal_init(n.loop, &n.sigint);
@@ -384,6 +421,7 @@ int triage_serve_main(int argc, char **argv)
         .tls_ca = triage_config_str(&n.cfg, CFG_DICOM_TLS_CA),
         .store = triage_store_instance,
         .space = triage_store_check_space,
+        .outcome = triage_store_outcome,
         .ud = &n.store,
     };
     if (scp_server_start(&n.scp, &sc, err, sizeof err) != 0) {
@@ -464,6 +502,7 @@ int triage_serve_main(int argc, char **argv)
     uv_run(n.loop, UV_RUN_DEFAULT);
     uv_loop_close(n.loop);
     db_close(n.store.db);
+    triage_store_finish(&n.store);
     util_log(UTIL_LOG_INFO, "stopped", "stored=%lld refused_low_space=%lld",
              (long long)atomic_load(&n.store.stored), (long long)atomic_load(&n.store.refused));
     triage_config_free(&n.cfg);

@@ -22,6 +22,7 @@
 #include "db_outbox.h"
 #include "db_status.h"
 #include "pipeline.h"
+#include "store_health.h"
 
 struct status {
     const char *config, *store_dir, *model_configured;
@@ -41,6 +42,9 @@ struct status {
     bool disk_ok;
     int64_t free_mb;   /* -1: unknown */
     int64_t in_flight; /* datasets being received (files in spool/.tmp); -1: unknown */
+    bool stores_known; /* the node's store-health file was read */
+    struct triage_store_verdict stores;
+    char stores_text[900];
     const char *problems[8];
     int n_problems;
 };
@@ -134,6 +138,16 @@ static void gather(struct status *s)
     char tmp[1300];
     snprintf(tmp, sizeof tmp, "%s/.tmp", s->spool);
     s->in_flight = count_dir(tmp);
+    /* Refused stores are known only to the node, which keeps them in a file. */
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    s->stores_known =
+        triage_store_health_read(s->store_dir, (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000,
+                                 &s->stores) == 0;
+    if (s->stores_known && s->stores.failing) {
+        triage_store_verdict_text(&s->stores, s->stores_text, sizeof s->stores_text);
+        problem(s, s->stores_text);
+    }
 }
 
 static void iso8601(int64_t ms, char *out, size_t n)
@@ -241,6 +255,8 @@ static void print_text(const struct status *s)
                (long long)s->min_free_mb, s->disk_ok ? "" : " LOW");
     if (s->in_flight >= 0)
         printf("receiving     %lld datasets in flight\n", (long long)s->in_flight);
+    if (s->stores_known)
+        printf("stores        %s\n", s->stores.failing ? "FAILING (see problem)" : "succeeding");
     if (!s->n_problems) printf("health        ok\n");
     for (int i = 0; i < s->n_problems; i++)
         printf("problem       %s\n", s->problems[i]);
@@ -317,6 +333,16 @@ static int print_json(const struct status *s)
         cJSON_AddNumberToObject(o, "receiving_in_flight", (double)s->in_flight);
     else
         cJSON_AddNullToObject(o, "receiving_in_flight");
+    cJSON *stores =
+        s->stores_known ? cJSON_AddObjectToObject(o, "stores") : cJSON_AddNullToObject(o, "stores");
+    if (stores && cJSON_IsObject(stores)) {
+        cJSON_AddBoolToObject(stores, "failing", s->stores.failing);
+        json_time(stores, "last_failure_at", s->stores.last_failure_ms);
+        json_time(stores, "last_success_at", s->stores.last_success_ms);
+        cJSON_AddNumberToObject(stores, "refused_since_success", (double)s->stores.since_success);
+        cJSON_AddStringToObject(stores, "why", s->stores.why);
+        cJSON_AddStringToObject(stores, "reason", s->stores.reason);
+    }
     for (int i = 0; i < s->n_problems; i++)
         cJSON_AddItemToArray(problems, cJSON_CreateString(s->problems[i]));
     char *text = cJSON_Print(o);
@@ -335,7 +361,9 @@ static void usage(FILE *f)
                "the DICOM port listens, the index (counts, last received, series states,\n"
                "PRAGMA quick_check), the triage queue and last triage, the model file the\n"
                "node would load, free disk space against store.min_free_mb, datasets being\n"
-               "received. Exit status 0 when healthy, 1 when a problem is listed.\n");
+               "received, and whether the node is refusing stores for its own trouble (from\n"
+               "<store.dir>/store-health.json, which the node keeps). Exit status 0 when\n"
+               "healthy, 1 when a problem is listed.\n");
 }
 
 int triage_status_main(int argc, char **argv)

@@ -53,7 +53,8 @@ static int mkdir_durable(const char *path)
     return errno == EEXIST ? 0 : -1;
 }
 
-int triage_store_prepare(struct triage_store *s, const char *dir, char *err, size_t errlen)
+int triage_store_prepare(struct triage_store *s, const char *dir, int64_t window_seconds, char *err,
+                         size_t errlen)
 {
     snprintf(s->dir, sizeof s->dir, "%s", dir);
     snprintf(s->spool, sizeof s->spool, "%s/spool", dir);
@@ -82,7 +83,13 @@ int triage_store_prepare(struct triage_store *s, const char *dir, char *err, siz
             return -1;
         }
     }
+    triage_store_health_init(&s->health, s->dir, window_seconds);
     return 0;
+}
+
+void triage_store_finish(struct triage_store *s)
+{
+    triage_store_health_free(&s->health);
 }
 
 static int64_t now_ms(void)
@@ -142,8 +149,15 @@ static int place_file(const char *tmp, const char *dir, const char *sop, char *n
     return -1;
 }
 
-unsigned triage_store_instance(void *ud, const struct scp_received *r, char *reason,
-                               size_t reason_len)
+void triage_store_outcome(void *ud, unsigned status, enum scp_refusal why, const char *reason)
+{
+    struct triage_store *s = ud;
+    if (triage_store_health_record(&s->health, now_ms(), status, why, reason) && s->on_health)
+        s->on_health(s->ud);
+}
+
+unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_refusal *why,
+                               char *reason, size_t reason_len)
 {
     struct triage_store *s = ud;
     const struct scp_info *in = r->info;
@@ -151,16 +165,19 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, char *rea
     snprintf(study_dir, sizeof study_dir, "%s/%s", s->spool, in->study_uid);
     snprintf(series_dir, sizeof series_dir, "%s/%s", study_dir, in->series_uid);
     if (mkdir_durable(study_dir) != 0 || mkdir_durable(series_dir) != 0) {
+        *why = scp_refusal_from_errno(errno);
         snprintf(reason, reason_len, "cannot create %s: %s", series_dir, strerror(errno));
         return SCP_STATUS_OUT_OF_RESOURCES;
     }
     if (place_file(r->tmp_path, series_dir, in->sop_uid, name, sizeof name) != 0) {
+        *why = scp_refusal_from_errno(errno);
         snprintf(reason, reason_len, "cannot move into spool: %s", strerror(errno));
         return SCP_STATUS_OUT_OF_RESOURCES;
     }
     snprintf(rel, sizeof rel, "spool/%s/%s/%s", in->study_uid, in->series_uid, name);
     snprintf(full, sizeof full, "%s/%s", series_dir, name);
     if (fsync_dir(series_dir) != 0) {
+        *why = scp_refusal_from_errno(errno);
         snprintf(reason, reason_len, "cannot sync %s: %s", series_dir, strerror(errno));
         unlink(full);
         return SCP_STATUS_OUT_OF_RESOURCES;
@@ -216,6 +233,7 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, char *rea
     if (db_instance_put(s->db, &row, old, sizeof old, err, sizeof err) != 0) {
         /* Not indexed, so not stored: the file must not outlive the failure. */
         unlink(full);
+        *why = SCP_REFUSED_DATABASE;
         snprintf(reason, reason_len, "%s", err);
         return SCP_STATUS_OUT_OF_RESOURCES;
     }

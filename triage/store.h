@@ -10,6 +10,7 @@
 
 #include "db.h"
 #include "scp.h"
+#include "store_health.h"
 
 struct triage_store {
     char dir[1024];   /* store.dir */
@@ -19,23 +20,32 @@ struct triage_store {
     int64_t min_free_bytes;
     /* Called after each instance is committed (from a receiving thread). */
     void (*on_stored)(void *ud);
+    /* Called when stores start or stop failing (from a receiving thread). */
+    void (*on_health)(void *ud);
     void *ud;
     atomic_bool low_space; /* last answer of the space check, for status and logs */
     atomic_llong stored, refused;
+    struct triage_store_health health; /* set up by triage_store_prepare */
 };
 
 /* Creates <dir>, <dir>/spool and <dir>/spool/.tmp (mode 0700, tightening
- * existing ones). Returns 0, or -1 with a message. */
-int triage_store_prepare(struct triage_store *s, const char *dir, char *err, size_t errlen);
+ * existing ones) and starts the store's health with failures kept for
+ * window_seconds. Returns 0, or -1 with a message; on success the caller
+ * ends with triage_store_finish(). */
+int triage_store_prepare(struct triage_store *s, const char *dir, int64_t window_seconds, char *err,
+                         size_t errlen);
+void triage_store_finish(struct triage_store *s);
 
 /* Start-up clean-up after a crash: removes every file in the temp folder
  * and every spool file that no index row points to (both were never
  * acknowledged). Counts go to the log. Returns 0, or -1 with a message. */
 int triage_store_recover(struct triage_store *s, char *err, size_t errlen);
 
-/* scp_store_fn and scp_space_fn for scp_server_config (ud = the store). */
-unsigned triage_store_instance(void *ud, const struct scp_received *r, char *reason,
-                               size_t reason_len);
+/* scp_store_fn, scp_space_fn and scp_outcome_fn for scp_server_config
+ * (ud = the store). */
+unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_refusal *why,
+                               char *reason, size_t reason_len);
 int triage_store_check_space(void *ud, char *reason, size_t reason_len);
+void triage_store_outcome(void *ud, unsigned status, enum scp_refusal why, const char *reason);
 
 #endif

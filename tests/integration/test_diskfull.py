@@ -6,10 +6,12 @@ real ENOSPC path (store.min_free_mb=0), once through the low-water mark.
 Needs permission to mount a tmpfs (root in CI); skipped otherwise.
 
     test_diskfull.py /path/to/ichtriage"""
+import json
 import os
 import re
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import dicomtest as dt  # noqa: E402
@@ -40,6 +42,11 @@ def wait_status(node, pred, timeout=10.0):
     return False
 
 
+def failing_lines(node):
+    with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port, timeout=10) as r:
+        return [d for d in json.loads(r.read())["degraded"] if d.startswith("stores failing")]
+
+
 class DiskFull(itest.NodeTest):
     def fill(self, min_free_mb, notify=False):
         """Sends 60 instances of 512 KB (about 31 MB) to a node whose store is
@@ -47,7 +54,8 @@ class DiskFull(itest.NodeTest):
         mnt = os.path.join(self.work, "mnt")
         self.mount_tmpfs(mnt, 20)
         files = self.gen("ct", count=60, rows=512, cols=512)
-        node = self.start_node({"store.min_free_mb": min_free_mb},
+        node = self.start_node({"store.min_free_mb": min_free_mb,
+                                "store.failure_window_seconds": 1},
                                store_dir=os.path.join(mnt, "store"), notify=notify)
         r = dt.storescu(node.port, files, workdir=self.work)
         self.assertEqual(r.association, "accepted", r.output[-2000:])
@@ -80,7 +88,16 @@ class DiskFull(itest.NodeTest):
 
     def test_enospc(self):
         node, mnt, files, ok, full = self.fill(min_free_mb=0)
+        # /healthz (the page's banner) says stores are failing, and why;
+        # the node's own state file survived the full disk.
+        lines = failing_lines(node)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r": (disk_full|database): .*(No space|full)", lines)
         self.send_again_after_growing(node, mnt, files, full)
+        deadline = time.monotonic() + 10
+        while failing_lines(node) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(failing_lines(node), [], "still failing after stores succeeded")
 
     def test_low_water_mark(self):
         node, mnt, files, ok, full = self.fill(min_free_mb=12, notify=True)

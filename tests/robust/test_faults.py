@@ -10,6 +10,12 @@ and message, the node staying up, and recovery once the fault is gone.
 - The database locked by another process (BEGIN EXCLUSIVE held): a store
   answers A700 after the busy timeout, nothing of it is left in the spool;
   once the lock goes, the same instance is stored.
+- In each of those store faults, admins see it while it lasts: /healthz
+  (and so the page's banner) says "stores failing" with the kind and the
+  reason, /metrics counts the refusals by reason and sets
+  ichtriage_stores_failing, and `ichtriage status` lists the problem; the
+  state stays while the fault lasts, even with no store coming, and clears
+  by itself once stores succeed again (store.failure_window_seconds later).
 - A corrupted model file at start (garbage, truncated) and at reload
   (SIGHUP): /healthz says degraded with the loader's reason, the node keeps
   receiving; at start the series waits, and is triaged once a good file is
@@ -18,6 +24,7 @@ and message, the node staying up, and recovery once the fault is gone.
 The full spool is tests/integration/test_diskfull.py (issue 2).
 
     test_faults.py /path/to/ichtriage /path/to/make_test_model"""
+import http.client
 import json
 import os
 import pwd
@@ -51,7 +58,77 @@ def healthz(node):
         return json.loads(r.read())
 
 
-class ReadOnlySpool(itest.NodeTest):
+def metrics(node):
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % node.http_port, timeout=10) as r:
+        text = r.read().decode()
+    return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1])
+            for l in text.splitlines() if l and not l.startswith("#")}
+
+
+WINDOW = 2  # store.failure_window_seconds of these nodes
+
+
+class Events:
+    """The page's event stream (/api/events): each worklist event carries the
+    degraded list the banner shows."""
+
+    def __init__(self, node):
+        self.conn = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=15)
+        self.conn.request("GET", "/api/events")
+        self.resp = self.conn.getresponse()
+
+    def wait_degraded(self, pred, timeout=15):
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.resp.readline().decode()
+            if line.startswith("data: "):
+                seen = json.loads(line[6:]).get("degraded", [])
+                if pred(seen):
+                    return seen
+        raise AssertionError("no event with the expected degraded list; last %r" % seen)
+
+    def close(self):
+        self.conn.close()
+
+
+def failing_lines(node):
+    return [d for d in healthz(node)["degraded"] if d.startswith("stores failing")]
+
+
+class StoreHealth:
+    """Checks of the "stores failing" state, mixed into the store faults."""
+
+    def assert_stores_failing(self, node, why, reason_word, refused):
+        h = healthz(node)
+        self.assertEqual(h["status"], "degraded", h)
+        lines = failing_lines(node)
+        self.assertEqual(len(lines), 1, h)
+        self.assertIn(": %s: " % why, lines[0])
+        self.assertIn(reason_word, lines[0])
+        m = metrics(node)
+        self.assertEqual(m["ichtriage_stores_failing"], 1, lines)
+        self.assertEqual(m['ichtriage_instances_rejected_total{reason="%s"}' % why], refused)
+        self.assertGreater(m["ichtriage_store_last_failure_timestamp_seconds"], time.time() - 600)
+        # The fault lasts and nothing is sent: the state does not time out.
+        time.sleep(WINDOW + 1)
+        self.assertEqual(len(failing_lines(node)), 1, "cleared while the fault lasts")
+
+    def assert_stores_recovered(self, node):
+        deadline = time.monotonic() + WINDOW + 10
+        while failing_lines(node) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(failing_lines(node), [], "still failing after stores succeeded")
+        self.assertEqual(metrics(node)["ichtriage_stores_failing"], 0)
+
+    def status_json(self, node):
+        p = subprocess.run([itest.EXE, "status", "-c", "/dev/null", "--set",
+                            "store.dir=" + node.store_dir, "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return json.loads(p.stdout)
+
+
+class ReadOnlySpool(StoreHealth, itest.NodeTest):
     def setUp(self):
         super().setUp()
         if os.geteuid() != 0:
@@ -66,7 +143,8 @@ class ReadOnlySpool(itest.NodeTest):
         nodedir = os.path.join(self.work, "node")
         os.makedirs(nodedir)
         os.chown(nodedir, self.user.pw_uid, self.user.pw_gid)
-        node = NobodyNode(self.user.pw_uid, self.user.pw_gid, itest.EXE, nodedir)
+        node = NobodyNode(self.user.pw_uid, self.user.pw_gid, itest.EXE, nodedir,
+                          {"store.failure_window_seconds": WINDOW})
         self.nodes.append(node)
         self.node = node.start()
         self.restore = []
@@ -105,9 +183,23 @@ class ReadOnlySpool(itest.NodeTest):
 
     def test_temp_folder_read_only(self):
         files = self.gen("a", count=3, rows=32, cols=32)
+        events = Events(self.node)
+        self.addCleanup(events.close)
+        events.wait_degraded(lambda d: not any(x.startswith("stores failing") for x in d))
         self.read_only(os.path.join(self.node.spool, ".tmp"))
         self.expect_refused(files, "Permission denied")
+        # The page hears it without any worklist row changing.
+        events.wait_degraded(lambda d: any(x.startswith("stores failing") for x in d))
+        self.assert_stores_failing(self.node, "permission", "cannot create temp file", len(files))
+        st = self.status_json(self.node)
+        self.assertTrue(st["stores"]["failing"], st)
+        self.assertTrue(any(p.startswith("stores failing") for p in st["problems"]), st)
         self.recover(files)
+        self.assert_stores_recovered(self.node)
+        events.wait_degraded(lambda d: not any(x.startswith("stores failing") for x in d))
+        st = self.status_json(self.node)
+        self.assertFalse(st["stores"]["failing"], st)
+        self.assertFalse(any(p.startswith("stores failing") for p in st["problems"]), st)
 
     def test_series_folder_read_only(self):
         first = self.gen("s", count=4, rows=32, cols=32)
@@ -117,13 +209,16 @@ class ReadOnlySpool(itest.NodeTest):
             self.node.store_dir, self.node.instances()[dt.sop_uids(first[0])[1]]["file_path"]))
         self.read_only(series_dir)
         self.expect_refused(first[1:], "Permission denied")
+        self.assert_stores_failing(self.node, "permission", "cannot move into spool",
+                                   len(first) - 1)
         self.recover(first[1:])
         self.assert_stored_exactly(self.node, first)
+        self.assert_stores_recovered(self.node)
 
 
-class LockedDatabase(itest.NodeTest):
+class LockedDatabase(StoreHealth, itest.NodeTest):
     def test_exclusive_lock_held_by_another_process(self):
-        node = self.start_node()
+        node = self.start_node({"store.failure_window_seconds": WINDOW})
         files = self.gen("a", count=2, rows=32, cols=32)
         r = dt.storescu(node.port, files[:1], workdir=self.work)
         self.assert_all_success(r, files[:1])
@@ -150,6 +245,7 @@ class LockedDatabase(itest.NodeTest):
             self.assertTrue(node.alive())
             rc, out = dt.echoscu(node.port)
             self.assertEqual(rc, 0, out)
+            self.assert_stores_failing(node, "database", "locked", 1)
         finally:
             holder.stdin.write(b"\n")
             holder.stdin.close()
@@ -162,6 +258,7 @@ class LockedDatabase(itest.NodeTest):
         self.assert_all_success(r, files[1:])
         self.assert_stored_exactly(node, files)
         self.assert_consistent(node)
+        self.assert_stores_recovered(node)
         sys.stderr.write("store refused after %.1f s of lock\n" % took)
 
 
