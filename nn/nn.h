@@ -72,6 +72,15 @@ nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen);
 nn_model *nn_model_load(const char *path, char *err, size_t errlen);
 /* Writes every tensor and the metadata; returns 0 or NN_EIO. */
 int nn_model_save(const nn_model *m, const char *path, char *err, size_t errlen);
+/* The optimizer's state (Adam's moments, PyTorch's names "<param>.exp_avg"
+ * and ".exp_avg_sq", and its step count) in a file of its own, so that a run
+ * resumed from a checkpoint goes on exactly as an uninterrupted one. Loading
+ * refuses a file of another model by name; on failure the state is fresh
+ * (zero moments, step 0). Return 0 or an error code with err. */
+int nn_model_save_optimizer(nn_model *m, const char *path, char *err, size_t errlen);
+int nn_model_load_optimizer(nn_model *m, const char *path, char *err, size_t errlen);
+/* Adam steps taken so far (the step count of the bias corrections). */
+long nn_model_optimizer_steps(const nn_model *m);
 void nn_model_free(nn_model *m);
 
 /* The architecture the model was built with (borrowed). */

@@ -266,6 +266,19 @@ static int state_read(const char *dir, struct state *s)
     return n == 5 ? 0 : -1;
 }
 
+/* The training state inside the checkpoint's own metadata, written with the
+ * weights in one file (a crash between two files cannot pair one epoch's
+ * weights with another's state), and the optimizer's step count to match. */
+#define CHECKPOINT_KEY "train_checkpoint"
+
+static int state_parse(const char *v, struct state *s, long *adam_steps)
+{
+    return v && sscanf(v, "stage=%d epoch=%d best=%lf best_epoch=%d bad=%d adam_steps=%ld",
+                       &s->stage, &s->epoch, &s->best, &s->best_epoch, &s->bad, adam_steps) == 6
+               ? 0
+               : -1;
+}
+
 static int state_write(const char *dir, const struct state *s)
 {
     char p[1200], t[1210];
@@ -673,6 +686,50 @@ static int save_model(nn_model *m, const char *path)
     return rc;
 }
 
+/* A checkpoint: the optimizer's state (workdir/last-optimizer.safetensors),
+ * then the weights with the training state in their metadata (last), then
+ * the state file for people and older runs. */
+static int checkpoint(nn_model *m, const char *workdir, const char *last, const struct state *st)
+{
+    char p[1200], err[256], v[256];
+    snprintf(p, sizeof p, "%s/last-optimizer.safetensors", workdir);
+    if (nn_model_save_optimizer(m, p, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "train_save_failed", "path=%s error=\"%s\"", p, err);
+        return -1;
+    }
+    snprintf(v, sizeof v, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d adam_steps=%ld",
+             st->stage, st->epoch, st->best, st->best_epoch, st->bad,
+             nn_model_optimizer_steps(m));
+    if (nn_model_meta_set(m, CHECKPOINT_KEY, v) != 0) return -1;
+    int rc = save_model(m, last);
+    nn_model_meta_set(m, CHECKPOINT_KEY, NULL);
+    return rc != 0 || state_write(workdir, st) != 0 ? -1 : 0;
+}
+
+/* Resuming: the state saved with the weights (else the state file), and the
+ * optimizer's state if it belongs to these weights. */
+static void resume_state(nn_model *m, const char *workdir, struct state *st)
+{
+    long steps = -1;
+    if (state_parse(nn_model_meta_get(m, CHECKPOINT_KEY), st, &steps) != 0) steps = -1;
+    nn_model_meta_set(m, CHECKPOINT_KEY, NULL);
+    char p[1200], err[1400] = "";
+    snprintf(p, sizeof p, "%s/last-optimizer.safetensors", workdir);
+    int rc = steps >= 0 ? nn_model_load_optimizer(m, p, err, sizeof err) : -1;
+    if (rc == 0 && nn_model_optimizer_steps(m) != steps) {
+        snprintf(err, sizeof err, "%s is of step %ld, the checkpoint of step %ld", p,
+                 nn_model_optimizer_steps(m), steps);
+        char ignored[64];
+        nn_model_load_optimizer(m, "", ignored, sizeof ignored); /* back to fresh moments */
+        rc = -1;
+    }
+    if (rc != 0)
+        util_log(UTIL_LOG_WARN, "train_resume_optimizer",
+                 "state=fresh reason=\"%s\" (the run goes on, not bit-identical to an "
+                 "uninterrupted one)",
+                 steps < 0 ? "checkpoint without optimizer state" : err);
+}
+
 /* The model to start from: a checkpoint, --init weights or a fresh one. */
 static nn_model *start_model(const struct opts *o, const struct triage_windows *w, char *err,
                              size_t errlen)
@@ -883,6 +940,7 @@ int train_train_main(int argc, char **argv)
             fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
             goto out;
         }
+        resume_state(m, workdir, &st);
         util_log(UTIL_LOG_INFO, "train_resume", "workdir=%s stage=%d epoch=%d", workdir, st.stage,
                  st.epoch);
     } else {
@@ -910,7 +968,7 @@ int train_train_main(int argc, char **argv)
                 goto out;
             }
             st = (struct state){.stage = 2, .best = -1, .best_epoch = -1};
-            if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+            if (checkpoint(m, workdir, last, &st) != 0) goto out;
             break;
         }
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
@@ -932,7 +990,7 @@ int train_train_main(int argc, char **argv)
         } else {
             st.bad++;
         }
-        if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+        if (checkpoint(m, workdir, last, &st) != 0) goto out;
     }
 
     /* Stage 2: convolutions (and the stage-1 head) frozen. */
@@ -957,7 +1015,7 @@ int train_train_main(int argc, char **argv)
                 goto out;
             }
             st = (struct state){.stage = 3, .best = -1, .best_epoch = -1};
-            if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+            if (checkpoint(m, workdir, last, &st) != 0) goto out;
             break;
         }
         pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
@@ -980,7 +1038,7 @@ int train_train_main(int argc, char **argv)
         } else {
             st.bad++;
         }
-        if (save_model(m, last) != 0 || state_write(workdir, &st) != 0) goto out;
+        if (checkpoint(m, workdir, last, &st) != 0) goto out;
     }
 
     /* Calibration, threshold, evaluation on the test split (validation when

@@ -6,6 +6,7 @@ on 2 cores.
 
 - a training run must beat chance on its own held-out test split;
 - a run killed after its first checkpoint and started again resumes there
+  and ends on the same weights as an uninterrupted run (optimizer state kept)
   and finishes;
 - two runs with the same seed give the same model (reproducible);
 - `eval` reads the model's thresholds and writes the report and JSON;
@@ -124,6 +125,18 @@ def main():
     hist = [l.split(",")[:2] for l in open(os.path.join(work, "history.csv"))]
     check(len(hist) == len(set(map(tuple, hist))), "no epoch trained twice after resuming")
     check(os.path.exists(out_c), "the resumed run wrote its model")
+    # With the optimizer's state saved at every checkpoint, the resumed run
+    # ends on the very weights of a run that was never interrupted.
+    check("train_resume_optimizer" not in r.stderr,
+          "the optimizer state was restored: " + "".join(
+              l for l in r.stderr.splitlines(True) if "train_resume_optimizer" in l))
+    out_u = os.path.join(tmp, "u.safetensors")
+    r = run(*train_args(data, out_u, os.path.join(tmp, "u.work"), epochs1=4, epochs2=2, spe=96))
+    with open(out_c, "rb") as f1, open(out_u, "rb") as f2:
+        a, b = f1.read(), f2.read()
+    ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
+    check(r.returncode == 0 and a[8 + ha:] == b[8 + hb:],
+          "killed and resumed: the same weights as an uninterrupted run")
 
     # 4. eval on the same folder, test split as train made it.
     rep = os.path.join(tmp, "eval.html")
