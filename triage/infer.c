@@ -126,7 +126,8 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
         fail = err;
         goto done;
     }
-    if (triage_predict_volume(m, &v, (const char *const *)paths, &r, e, sizeof e) != 0) {
+    if (triage_predict_volume(m, &v, (const char *const *)paths, t->cfg.decoder, &r, e, sizeof e) !=
+        0) {
         snprintf(err, errlen, "%s", e);
         fail = err;
         goto done;

@@ -8,6 +8,8 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
+#include "decode.h"
+
 struct triage_infer;
 
 struct triage_infer_config {
@@ -15,8 +17,11 @@ struct triage_infer_config {
     const char *db_path;
     const char *model; /* triage.model (may be empty) */
     double max_tilt_deg;
-    int threads; /* OpenBLAS threads for the model */
+    int threads;        /* OpenBLAS threads for the model */
     const char *device; /* nn.device: auto, cpu or cuda (NULL: auto) */
+    /* How pixels are decoded (triage.pixel_decoder); NULL: inline. Borrowed
+     * until triage_infer_stop(). */
+    const struct triage_decoder *decoder;
     /* Called on the inference thread after each job ends (result or failure). */
     void (*on_done)(void *ud);
     void *ud;

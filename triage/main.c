@@ -5,6 +5,7 @@
 #include "phantom.h"
 #include "trainer.h"
 #include "backup.h"
+#include "decode.h"
 #include "predict.h"
 #include "scp_info.h"
 #include "serve.h"
@@ -52,6 +53,8 @@ int main(int argc, char **argv)
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         if (strcmp(argv[1], commands[i].name) == 0) return commands[i].main(argc - 1, argv + 1);
+    /* Not listed: the node's own pixel decoder child (triage/decode.h). */
+    if (strcmp(argv[1], "decode-pixels") == 0) return triage_decode_main(argc - 1, argv + 1);
     fprintf(stderr, "ichtriage: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;

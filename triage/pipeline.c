@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include "log.h"
-#include "scp_pixels.h"
 
 const char *const triage_label_names[TRIAGE_LABELS] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
@@ -175,8 +174,8 @@ static double now_ms(void)
 }
 
 int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
-                          const char *const *paths, struct triage_result *r, char *err,
-                          size_t errlen)
+                          const char *const *paths, const struct triage_decoder *dec,
+                          struct triage_result *r, char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
     const nn_config *c = nn_model_config(m->nn);
@@ -185,39 +184,26 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
     float *scratch = malloc(sizeof(float) * triage_preprocess_scratch(v->rows, m->in_w, m->in_c));
     float *out = malloc(sizeof(float) * (size_t)v->n * (size_t)c->labels);
     r->probs = malloc(sizeof(float) * (size_t)v->n * TRIAGE_LABELS);
-    struct scp_pixels px = {0};
-    int px_file = -1, rc = -1;
+    struct triage_slices *slices = NULL;
+    int rc = -1;
     if (!x || !scratch || !out || !r->probs) {
         snprintf(err, errlen, "out of memory for %d slices", v->n);
         goto done;
     }
     double t0 = now_ms();
+    if (triage_slices_open(&slices, dec, v, paths, err, errlen) != 0) goto done;
     for (int i = 0; i < v->n; i++) {
-        const struct triage_slice *s = &v->slices[i];
-        if (s->file != px_file) {
-            /* Frames of one multi-frame file are decoded once. */
-            scp_pixels_free(&px);
-            px_file = -1;
-            char e[512];
-            if (scp_pixels_read(paths[s->file], &px, e, sizeof e) != 0) {
-                snprintf(err, errlen, "%s: %s", paths[s->file], e);
-                goto done;
-            }
-            px_file = s->file;
-        }
-        if (px.rows != v->rows || px.columns != v->columns || s->frame >= px.frames) {
-            snprintf(err, errlen, "%s: pixel data %dx%d (%d frames) does not match its header",
-                     paths[s->file], px.rows, px.columns, px.frames);
-            goto done;
-        }
-        const float *hu = px.hu + (size_t)s->frame * px.rows * px.columns;
-        if (triage_preprocess_slice(hu, px.rows, px.columns, &m->windows, m->in_h, m->in_w,
+        const float *hu;
+        if (triage_slices_next(slices, &hu, err, errlen) != 0) goto done;
+        if (triage_preprocess_slice(hu, v->rows, v->columns, &m->windows, m->in_h, m->in_w,
                                     x + per * (size_t)i, scratch) != 0) {
-            snprintf(err, errlen, "%s: cannot preprocess a %dx%d image", paths[s->file], px.rows,
-                     px.columns);
+            snprintf(err, errlen, "%s: cannot preprocess a %dx%d image", paths[v->slices[i].file],
+                     v->rows, v->columns);
             goto done;
         }
     }
+    triage_slices_close(slices);
+    slices = NULL;
     double t1 = now_ms();
     int len = v->n;
     if (nn_lrcn_predict(m->nn, x, &len, 1, out) != 0) {
@@ -242,7 +228,7 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
     r->ms_model = t2 - t1;
     rc = 0;
 done:
-    scp_pixels_free(&px);
+    triage_slices_close(slices);
     free(x);
     free(scratch);
     free(out);

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "decode.h"
 #include "nn.h"
 #include "preprocess.h"
 #include "volume.h"
@@ -53,13 +54,13 @@ struct triage_result {
     double ms_pixels, ms_model; /* time spent decoding + preprocessing, and in the model */
 };
 
-/* Decodes every slice of v (paths as given to triage_volume_build),
- * preprocesses it and runs the model. Returns 0, or -1 with a message (an
- * undecodable slice names its file). The caller frees r with
- * triage_result_free(). */
+/* Decodes every slice of v (paths as given to triage_volume_build) with
+ * dec (NULL: inline), preprocesses it and runs the model. Returns 0, or -1
+ * with a message (an undecodable slice names its file, a failed decoder
+ * child says how it ended). The caller frees r with triage_result_free(). */
 int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
-                          const char *const *paths, struct triage_result *r, char *err,
-                          size_t errlen);
+                          const char *const *paths, const struct triage_decoder *dec,
+                          struct triage_result *r, char *err, size_t errlen);
 void triage_result_free(struct triage_result *r);
 
 #endif

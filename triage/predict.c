@@ -183,7 +183,7 @@ int triage_predict_main(int argc, char **argv)
         } else if (triage_volume_build(paths, b - a, &v, e, sizeof e) != 0) {
             row.status = "failed";
         } else {
-            if (triage_predict_volume(&model, &v, paths, &r, e, sizeof e) != 0) {
+            if (triage_predict_volume(&model, &v, paths, NULL, &r, e, sizeof e) != 0) {
                 row.status = "failed";
             } else {
                 row.has_probability = true;

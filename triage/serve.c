@@ -46,11 +46,12 @@ struct node {
     struct triage_completion complete;
     struct triage_retention retain;
     struct triage_infer *infer;
+    struct triage_decoder decoder; /* triage.pixel_decoder, for the inference thread */
     struct scp_server *scp;
     struct triage_http *http; /* web worklist, API, events, metrics */
     struct triage_pacs *pacs; /* results to PACS: its own thread */
     int grace;
-    bool stores_failing; /* as the web page was last told */
+    bool stores_failing;                                /* as the web page was last told */
     int64_t completion_retry_ms, completion_backoff_ms; /* after a failed tick */
 };
 
@@ -369,6 +370,25 @@ int triage_serve_main(int argc, char **argv)
     for (char *p = n.complete.head_patterns; *p; p++)
         *p = (char)toupper((unsigned char)*p);
 
+    int64_t decoder_mb, decoder_cpu;
+    const char *decoder = triage_config_str(&n.cfg, CFG_TRIAGE_PIXEL_DECODER);
+    if (get_int(&n, CFG_TRIAGE_DECODER_MAX_MB, 256, INT64_C(1) << 20, &decoder_mb) ||
+        get_int(&n, CFG_TRIAGE_DECODER_CPU_SECONDS, 1, 86400, &decoder_cpu)) {
+        db_close(n.store.db);
+        return 2;
+    }
+    if (strcmp(decoder, "child") != 0 && strcmp(decoder, "inline") != 0) {
+        fprintf(stderr, "ichtriage serve: triage.pixel_decoder must be child or inline\n");
+        db_close(n.store.db);
+        return 2;
+    }
+    if (triage_decoder_init(&n.decoder, strcmp(decoder, "child") == 0, decoder_mb, (int)decoder_cpu,
+                            err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        db_close(n.store.db);
+        return 1;
+    }
+
     n.loop = uv_default_loop();
     uv_async_init(n.loop, &n.result_async, on_result_async);
     n.result_async.data = &n;
@@ -380,6 +400,7 @@ int triage_serve_main(int argc, char **argv)
         .max_tilt_deg = (double)max_tilt,
         .threads = cores > 0 ? (int)cores : 1,
         .device = triage_config_str(&n.cfg, CFG_NN_DEVICE),
+        .decoder = &n.decoder,
         .on_done = wake_loop_result,
         .ud = &n,
     };
@@ -503,6 +524,7 @@ int triage_serve_main(int argc, char **argv)
     uv_loop_close(n.loop);
     db_close(n.store.db);
     triage_store_finish(&n.store);
+    triage_decoder_free(&n.decoder);
     util_log(UTIL_LOG_INFO, "stopped", "stored=%lld refused_low_space=%lld",
              (long long)atomic_load(&n.store.stored), (long long)atomic_load(&n.store.refused));
     triage_config_free(&n.cfg);
