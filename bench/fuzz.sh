@@ -42,7 +42,8 @@ for t in "${targets[@]}"; do
   # -rss_limit_mb: the parsers' own caps must hold well below it; a
   # timeout of 10 s per input catches hangs (e.g. a loop on a lying length).
   # -malloc_limit_mb above 4 GB: dcmtk reserves (without touching) whatever a
-  # 32-bit length claims in a deflated dataset (fuzz/known/, docs/robustness.md);
+  # 32-bit length claims in a deflated dataset (fuzz_scp_pixels reads such files
+  # directly; the SCP and fuzz_scp_info refuse them first, docs/robustness.md);
   # memory actually used still counts against the RSS limit.
   "$exe" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=4200 \
     -max_len=262144 \

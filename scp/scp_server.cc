@@ -351,13 +351,19 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
             }
             close(fd);
             // A deflated dataset is loaded whole by dcmtk: one that inflates
-            // beyond the size cap is refused before it is parsed.
+            // beyond the size cap, or whose lengths claim more than it holds,
+            // is refused before it is parsed.
+            int deflated = 0;
             if (cond.good() && status == SCP_STATUS_SUCCESS &&
                 strcmp(pc.acceptedTransferSyntax,
-                       UID_DeflatedExplicitVRLittleEndianTransferSyntax) == 0 &&
-                scp_deflated_over(tmp, cfg.max_instance_bytes, reason, sizeof reason)) {
+                       UID_DeflatedExplicitVRLittleEndianTransferSyntax) == 0)
+                deflated = scp_deflated_check(tmp, cfg.max_instance_bytes, reason, sizeof reason);
+            if (deflated == 1) {
                 status = SCP_STATUS_OUT_OF_RESOURCES;
                 why = SCP_REFUSED_TOO_LARGE;
+            } else if (deflated == 2) {
+                status = SCP_STATUS_CANNOT_UNDERSTAND;
+                why = SCP_REFUSED_UNDERSTAND;
             }
             if (cond.good() && status == SCP_STATUS_SUCCESS) {
                 scp_info info;

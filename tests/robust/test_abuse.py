@@ -23,6 +23,7 @@ import dul  # noqa: E402
 import itest  # noqa: E402
 
 CONTEXTS = [(dul.VERIFICATION, [dul.IMPLICIT_LE]), (dul.CT_IMAGE, [dul.EXPLICIT_LE])]
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 
 
 class Abuse(itest.NodeTest):
@@ -363,6 +364,35 @@ class Claims2GB(itest.NodeTest):
         # About 30 MB at rest; parsing it would have added the 40 MB.
         self.assertLess(hwm, 55 << 10 if not os.environ.get("ASAN_OPTIONS") else 1 << 30,
                         "peak RSS %d kB while refusing a 40 MB inflated dataset" % hwm)
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+
+    def test_deflated_element_claiming_gigabytes(self):
+        """A deflated dataset whose pixel data claims 3.5 GB with 4 kB behind
+        it (raw PDUs: storescu itself will not load such a file): dcmtk would
+        reserve the 3.5 GB before finding the value missing (a deflated value
+        cannot be left on disk), so the node refuses it with C000 before
+        parsing, and its address space does not grow by it."""
+        import zlib
+        node = self.start_node()
+        cls, sop, data = self.big_pixel_dataset(0xE0000000, 4096)
+        co = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate, as the syntax wants
+        body = co.compress(data) + co.flush()
+
+        def vm_peak():
+            with open("/proc/%d/status" % node.proc.pid) as f:
+                return [int(l.split()[1]) for l in f if l.startswith("VmPeak")][0]
+        before = vm_peak()
+        a = dul.Association.connect("127.0.0.1", node.port,
+                                    contexts=[(dul.CT_IMAGE, [DEFLATED_LE])])
+        status, _ = a.c_store(cls, sop, body)
+        a.release()
+        self.assertEqual(status, 0xC000, "status %s" % (status and hex(status)))
+        grew = vm_peak() - before
+        self.assertLess(grew, 1 << 20, "address space grew by %d MB" % (grew >> 10))
+        self.assertTrue(any("claims 3758096384 bytes" in l for l in node.events("store_failed")),
+                        node.log_tail())
+        self.assert_not_stored(node, sop)
         rc, out = dt.echoscu(node.port)
         self.assertEqual(rc, 0, out)
 
