@@ -93,8 +93,20 @@ typedef struct nn_backend {
 
 /* The CPU backend (static storage, never freed). */
 const nn_backend *nn_backend_cpu(void);
-/* The CUDA backend when built in (nn/cuda/), else NULL. */
+/* The CUDA backend when built (nn/cuda/) and its module loads, else NULL.
+ * nn/cuda/ is a module of its own (libichtriage-nn-cuda.so), opened with
+ * dlopen on first use: the CUDA runtime, cuBLAS and cuDNN (hundreds of MB
+ * mapped, most of a second to load) stay out of every process that does not
+ * run on a GPU, which is every process on a machine without one. */
 const nn_backend *nn_backend_cuda(void);
+
+/* What the module exports (its one visible symbol, nn_cuda_module_entry). */
+#define NN_CUDA_MODULE_ABI 1
+typedef struct nn_cuda_module {
+    int abi; /* NN_CUDA_MODULE_ABI */
+    const nn_backend *backend;
+    int (*device_count)(void);
+} nn_cuda_module;
 /* Every backend built into this library, CPU first: tests run the same ops
  * on each and compare them with the CPU reference kernels. */
 int nn_backend_count(void);

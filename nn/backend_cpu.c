@@ -221,23 +221,6 @@ const nn_backend *nn_backend_cpu(void)
     return &cpu;
 }
 
-#ifndef NN_HAVE_CUDA
-const nn_backend *nn_backend_cuda(void)
-{
-    return NULL;
-}
-
-int nn_cuda_device_count(void)
-{
-    return 0;
-}
-#endif
-
-int nn_cuda_built(void)
-{
-    return nn_backend_cuda() != NULL;
-}
-
 int nn_backend_count(void)
 {
     return nn_backend_cuda() ? 2 : 1;

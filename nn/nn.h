@@ -173,7 +173,7 @@ const char *nn_model_device(const nn_model *m); /* "cpu" or "cuda" */
 /* GPUs the CUDA backend can use: 0 when none is present or nn/cuda/ is not
  * built in. */
 int nn_cuda_device_count(void);
-int nn_cuda_built(void); /* 1 when nn/cuda/ is built into the library */
+int nn_cuda_built(void); /* 1 when nn/cuda/'s module was built with the library */
 
 /* Sets the threads OpenBLAS uses (process-wide in OpenBLAS; by default it
  * uses every core, or OPENBLAS_NUM_THREADS). */

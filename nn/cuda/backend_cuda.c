@@ -146,7 +146,7 @@ static float *scratch(cuda_ctx *c, size_t n)
 
 /* ---- context ------------------------------------------------------------- */
 
-int nn_cuda_device_count(void)
+static int cuda_device_count(void)
 {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -192,7 +192,7 @@ static void cu_release(void *ctx)
 static int cu_init(void **out, int flags, char *err, size_t errlen)
 {
     *out = NULL;
-    if (nn_cuda_device_count() < 1) {
+    if (cuda_device_count() < 1) {
         nn_errf(err, errlen, "cuda: no GPU present (cudaGetDeviceCount found none)");
         return NN_EINVAL;
     }
@@ -826,7 +826,10 @@ static const nn_backend cuda = {
     .adam_update = cu_adam,
 };
 
-const nn_backend *nn_backend_cuda(void)
-{
-    return &cuda;
-}
+/* The module's one exported symbol (built with -fvisibility=hidden); the
+ * library finds it with dlsym (nn/backend_cuda_load.c). */
+__attribute__((visibility("default"))) const nn_cuda_module nn_cuda_module_entry = {
+    .abi = NN_CUDA_MODULE_ABI,
+    .backend = &cuda,
+    .device_count = cuda_device_count,
+};
