@@ -82,6 +82,13 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
     int rc = db_study_instance_file(h->db, study_uid, sop_uid, rel, sizeof rel);
     if (rc == 1) return http_send_error(req, 404, "no such slice in this study");
     if (rc != 0) return http_send_error(req, 500, "cannot read the index");
+    /* Decoded here, in the node, only what triage has already decoded
+     * without harm (in the pixel-decoder child, issue 10): the slices with a
+     * result. A file that crashed or never reached the decoder is not
+     * parsed for its pixels in this process. */
+    rc = db_slice_has_result(h->db, sop_uid, frame);
+    if (rc == 1) return http_send_error(req, 404, "no triaged slice: only slices with a result are shown");
+    if (rc != 0) return http_send_error(req, 500, "cannot read the index");
     snprintf(path, sizeof path, "%s/%s", h->store->dir, rel);
     struct scp_pixels px;
     char err[256];

@@ -79,6 +79,15 @@ class ApiTest(wt.WebTest):
         other = next(u for u in self.studies if u != uid)
         osop = self.get_json(self.node, "/api/studies/" + other)["key_sop_uid"]
         self.get_json(self.node, "/api/studies/%s/slices/%s.png" % (uid, osop), 404)
+        # Pixels are decoded in the node only for slices triage decoded (in
+        # its decoder child) first: not for a study that was not triaged.
+        (suid, sfiles), = self.short.items()
+        ssop = self.node.query("SELECT i.sop_uid FROM instances i JOIN series s ON s.id ="
+                               " i.series_id JOIN studies st ON st.id = s.study_ref"
+                               " WHERE st.study_uid = ?", (suid,))[0][0]
+        self.get_json(self.node, "/api/studies/%s/slices/%s.png" % (suid, ssop), 404)
+        self.get_json(self.node, "/api/studies/%s/slices/%s.png?frame=1" % (
+            uid, st["key_sop_uid"]), 404)
         self.get_json(self.node, "/api/studies/1.2.3.4", 404)
         self.get_json(self.node, "/api/studies/not-a-uid", 404)
         self.get_json(self.node, "/nope", 404)
