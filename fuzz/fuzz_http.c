@@ -79,6 +79,9 @@ static size_t exchange(struct harness *h, const char *req, size_t n, char *out, 
             got += k;
         }
         if (now_s() > deadline) {
+            /* A path may normalise to the event stream (/api/studies/../../
+             * api/events), which answers and then stays open: answered. */
+            if (got >= 12 && strncmp(out, "HTTP/1.1 ", 9) == 0) break;
             fprintf(stderr, "no answer within 5 s to:\n%.*s\n", (int)(n < 600 ? n : 600), req);
             abort();
         }
