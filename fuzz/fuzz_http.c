@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,6 +100,7 @@ static struct harness *harness(void)
     static struct harness *h;
     if (h) return h;
     h = calloc(1, sizeof *h);
+    signal(SIGPIPE, SIG_IGN); /* as `ichtriage serve` does: a closed peer is EPIPE */
     char dir[] = "/tmp/fuzz-http.XXXXXX", path[64], err[512], listen[32];
     if (!h || !mkdtemp(dir) || uv_loop_init(&h->loop) != 0) abort();
     snprintf(path, sizeof path, "%s/ichtriage.db", dir);

@@ -7,6 +7,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <unistd.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,6 +278,10 @@ int triage_serve_main(int argc, char **argv)
 {
     static struct node n; /* lives for the whole process: signal handles point into it */
     char err[1024];
+    /* A peer that goes away while the node writes to it (a browser closing
+     * the event stream, a DICOM peer, the pixel-decoder child's socket) is
+     * an EPIPE for that connection, never a signal that ends the node. */
+    signal(SIGPIPE, SIG_IGN);
     if (triage_config_from_args(&n.cfg, &argc, argv, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage serve: %s\n", err);
         return 2;
