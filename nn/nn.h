@@ -79,6 +79,8 @@ int nn_model_save(const nn_model *m, const char *path, char *err, size_t errlen)
  * (zero moments, step 0). Return 0 or an error code with err. */
 int nn_model_save_optimizer(nn_model *m, const char *path, char *err, size_t errlen);
 int nn_model_load_optimizer(nn_model *m, const char *path, char *err, size_t errlen);
+/* Fresh moments and step 0, as for a new run. */
+void nn_model_reset_optimizer(nn_model *m);
 /* Adam steps taken so far (the step count of the bias corrections). */
 long nn_model_optimizer_steps(const nn_model *m);
 void nn_model_free(nn_model *m);

@@ -15,6 +15,14 @@
 
 #define OPTIM_FORMAT "ichtriage-adam-1"
 
+/* Moment k (0: exp_avg, 1: exp_avg_sq) of parameter tensor t: its name in
+ * the file and its values in the model. */
+static float *moment(nn_model *m, const nn_tensor *t, int k, char *name, size_t n)
+{
+    snprintf(name, n, "%s.%s", t->name, k ? "exp_avg_sq" : "exp_avg");
+    return (k ? m->adam_v : m->adam_m) + t->off;
+}
+
 int nn_model_save_optimizer(nn_model *m, const char *path, char *err, size_t errlen)
 {
     nn_model_sync_host(m);
@@ -31,12 +39,11 @@ int nn_model_save_optimizer(nn_model *m, const char *path, char *err, size_t err
         const nn_tensor *t = &m->tensors[i];
         if (t->is_buffer) continue;
         for (int k = 0; k < 2; k++, n++) {
-            snprintf(names[n], sizeof names[n], "%s.%s", t->name, k ? "exp_avg_sq" : "exp_avg");
+            e[n].data = moment(m, t, k, names[n], sizeof names[n]);
             e[n].name = names[n];
             e[n].dtype = NN_ST_F32;
             e[n].ndim = t->ndim;
             memcpy(e[n].shape, t->shape, sizeof(int64_t) * (size_t)t->ndim);
-            e[n].data = (k ? m->adam_v : m->adam_m) + t->off;
         }
     }
     char step[32];
@@ -48,8 +55,7 @@ int nn_model_save_optimizer(nn_model *m, const char *path, char *err, size_t err
     return rc == 0 ? NN_OK : NN_EIO;
 }
 
-/* Fresh moments and step 0, as for a new run. */
-static void optimizer_reset(nn_model *m)
+void nn_model_reset_optimizer(nn_model *m)
 {
     memset(m->adam_m, 0, sizeof(float) * m->nparams);
     memset(m->adam_v, 0, sizeof(float) * m->nparams);
@@ -64,7 +70,7 @@ int nn_model_load_optimizer(nn_model *m, const char *path, char *err, size_t err
 {
     nn_st_file *f = nn_st_open(path, err, errlen);
     if (!f) {
-        optimizer_reset(m);
+        nn_model_reset_optimizer(m);
         return NN_EIO;
     }
     int rc = NN_EFORMAT;
@@ -82,9 +88,8 @@ int nn_model_load_optimizer(nn_model *m, const char *path, char *err, size_t err
         if (t->is_buffer) continue;
         for (int k = 0; k < 2; k++, want++) {
             char name[NN_NAME_MAX + 16];
-            snprintf(name, sizeof name, "%s.%s", t->name, k ? "exp_avg_sq" : "exp_avg");
-            if (nn_st_read_f32(f, name, (k ? m->adam_v : m->adam_m) + t->off, t->numel, err,
-                               errlen) != 0)
+            float *dst = moment(m, t, k, name, sizeof name);
+            if (nn_st_read_f32(f, name, dst, t->numel, err, errlen) != 0)
                 goto out;
         }
     }
@@ -100,7 +105,7 @@ int nn_model_load_optimizer(nn_model *m, const char *path, char *err, size_t err
     }
     rc = NN_OK;
 out:
-    if (rc != NN_OK) optimizer_reset(m); /* nothing half-loaded */
+    if (rc != NN_OK) nn_model_reset_optimizer(m); /* nothing half-loaded */
     nn_st_close(f);
     return rc;
 }

@@ -719,8 +719,7 @@ static void resume_state(nn_model *m, const char *workdir, struct state *st)
     if (rc == 0 && nn_model_optimizer_steps(m) != steps) {
         snprintf(err, sizeof err, "%s is of step %ld, the checkpoint of step %ld", p,
                  nn_model_optimizer_steps(m), steps);
-        char ignored[64];
-        nn_model_load_optimizer(m, "", ignored, sizeof ignored); /* back to fresh moments */
+        nn_model_reset_optimizer(m);
         rc = -1;
     }
     if (rc != 0)
