@@ -53,9 +53,11 @@ long dataset_offset(FILE *f)
 // claims. Positions are absolute, so nesting needs no stack: every value and
 // every defined-length sequence or item must end within the stream. Reads
 // headers as dcmtk does (a VR it does not know has the 4-byte length form).
-// Stops, without a verdict on what follows, where the content is not explicit
-// VR elements: an undefined length other than a sequence or encapsulated
-// pixel data (UN: implicit VR inside).
+// The content of a UN of undefined length is implicit VR (PS3.5 6.2.2), read
+// by dcmtk as a sequence: followed in implicit mode (tag and 4-byte length;
+// an undefined length opens a sequence) until its sequence delimiter. Stops,
+// without a verdict on what follows, where the content is not elements: an
+// undefined length other than a sequence, a UN or encapsulated pixel data.
 class Walker
 {
   public:
@@ -124,8 +126,35 @@ class Walker
     void header()
     {
         unsigned g = u16(hdr_), e = u16(hdr_ + 2);
+        if (implicit_ > 0 && g != 0xFFFE) {
+            unsigned long len = u32(hdr_ + 4);
+            have_ = 0;
+            if (len == 0xFFFFFFFFUL) {
+                if (g == 0x7FE0 && e == 0x0010)
+                    stopped_ = true; // no encapsulated pixel data in implicit VR
+                else
+                    implicit_++; // a sequence
+                return;
+            }
+            claim(g, e, len);
+            skip_until_ = pos_ + (long long)len;
+            return;
+        }
         if (g == 0xFFFE) { // item, item or sequence delimiter: no VR
             unsigned long len = u32(hdr_ + 4);
+            if (implicit_ > 0) {
+                // Items of undefined length and sequences nest; their
+                // delimiters close them, and the UN's own delimiter ends it.
+                // A defined-length item's elements follow in place.
+                if (e == 0xE000 && len == 0xFFFFFFFFUL)
+                    implicit_++;
+                else if (e == 0xE000)
+                    claim(g, e, len);
+                else if (e == 0xE00D || e == 0xE0DD)
+                    implicit_--;
+                have_ = 0;
+                return;
+            }
             if (e == 0xE0DD) fragments_ = false;
             if (e == 0xE000 && len != 0xFFFFFFFFUL) {
                 claim(g, e, len);
@@ -148,6 +177,8 @@ class Walker
         if (len == 0xFFFFFFFFUL) {
             if (g == 0x7FE0 && e == 0x0010)
                 fragments_ = true; // encapsulated pixel data: items are fragments
+            else if (hdr_[4] == 'U' && hdr_[5] == 'N')
+                implicit_ = 1; // implicit VR inside, until its sequence delimiter
             else if (!sq)
                 stopped_ = true;
             return;
@@ -160,6 +191,7 @@ class Walker
     int have_ = 0, need_ = 8;
     long long pos_ = 0, skip_until_ = 0, end_ = 0;
     bool fragments_ = false, stopped_ = false;
+    int implicit_ = 0; // depth of nesting inside a UN of undefined length
     unsigned group_ = 0, element_ = 0;
     unsigned long len_ = 0;
 };

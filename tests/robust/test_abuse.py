@@ -317,6 +317,31 @@ class Claims2GB(itest.NodeTest):
         a.release()
         return status
 
+    @staticmethod
+    def deflate(data):
+        """Raw deflate, as the syntax wants. PS3.5 A.5: an odd-length stream
+        gets one trailing zero byte (dcmtk refuses odd PDV fragments; the
+        length varies with the random UIDs)."""
+        import zlib
+        co = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = co.compress(data) + co.flush()
+        return body + b"\0" * (len(body) & 1)
+
+    @staticmethod
+    def vm_peak(node):
+        with open("/proc/%d/status" % node.proc.pid) as f:
+            return [int(l.split()[1]) for l in f if l.startswith("VmPeak")][0]
+
+    def store_deflated(self, node, cls, sop, body):
+        """Stores body in Deflated Explicit VR LE; returns (status, how many
+        kB the node's address space grew by meanwhile)."""
+        before = self.vm_peak(node)
+        a = dul.Association.connect("127.0.0.1", node.port,
+                                    contexts=[(dul.CT_IMAGE, [DEFLATED_LE])])
+        status, _ = a.c_store(cls, sop, body)
+        a.release()
+        return status, self.vm_peak(node) - before
+
     def test_over_max_instance_size_answers_a700(self):
         node = self.start_node({"store.max_instance_mb": 1})
         cls, sop, data = self.big_pixel_dataset(0x80000000, 3 << 20)
@@ -373,30 +398,49 @@ class Claims2GB(itest.NodeTest):
         reserve the 3.5 GB before finding the value missing (a deflated value
         cannot be left on disk), so the node refuses it with C000 before
         parsing, and its address space does not grow by it."""
-        import zlib
         node = self.start_node()
         cls, sop, data = self.big_pixel_dataset(0xE0000000, 4096)
-        co = zlib.compressobj(6, zlib.DEFLATED, -15)  # raw deflate, as the syntax wants
-        body = co.compress(data) + co.flush()
-        # PS3.5 A.5: an odd-length deflated stream gets one trailing zero
-        # byte (dcmtk refuses odd PDV fragments; the length varies with the
-        # random UIDs).
-        body += b"\0" * (len(body) & 1)
-
-        def vm_peak():
-            with open("/proc/%d/status" % node.proc.pid) as f:
-                return [int(l.split()[1]) for l in f if l.startswith("VmPeak")][0]
-        before = vm_peak()
-        a = dul.Association.connect("127.0.0.1", node.port,
-                                    contexts=[(dul.CT_IMAGE, [DEFLATED_LE])])
-        status, _ = a.c_store(cls, sop, body)
-        a.release()
+        status, grew = self.store_deflated(node, cls, sop, self.deflate(data))
         self.assertEqual(status, 0xC000, "status %s" % (status and hex(status)))
-        grew = vm_peak() - before
         self.assertLess(grew, 1 << 20, "address space grew by %d MB" % (grew >> 10))
         self.assertTrue(any("claims 3758096384 bytes" in l for l in node.events("store_failed")),
                         node.log_tail())
         self.assert_not_stored(node, sop)
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+
+    def test_deflated_lie_inside_undefined_length_un(self):
+        """The same lie one level down: before the pixel data, a private
+        element of VR UN and undefined length (whose content is implicit VR,
+        PS3.5 6.2.2) holds an item whose one element claims 3.5 GB with 4 kB
+        behind it. dcmtk reads such a UN as a sequence and would reserve the
+        3.5 GB; the node follows the implicit elements too and refuses it
+        with C000, its address space not growing by it."""
+        node = self.start_node()
+        cls, sop, data = self.big_pixel_dataset(4096, 4096)
+        pos = data.find(b"\xe0\x7f\x10\x00OW\x00\x00")
+        un = (struct.pack("<HH", 0x0029, 0x1010) + b"UN\0\0" + struct.pack("<I", 0xFFFFFFFF) +
+              struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) +
+              struct.pack("<HHI", 0x0029, 0x1011, 8) + b"ABCDEFGH" +
+              struct.pack("<HHI", 0x0010, 0x0010, 0xE0000000) + b"\0" * 4096)
+        status, grew = self.store_deflated(node, cls, sop, self.deflate(data[:pos] + un))
+        self.assertEqual(status, 0xC000, "status %s" % (status and hex(status)))
+        self.assertLess(grew, 1 << 20, "address space grew by %d MB" % (grew >> 10))
+        self.assertTrue(any("(0010,0010) claims 3758096384 bytes" in l
+                            for l in node.events("store_failed")), node.log_tail())
+        self.assert_not_stored(node, sop)
+        # The same UN told honestly (item and sequence delimiters, then the
+        # pixel data) is stored: the walk leaves implicit mode where it ends.
+        f = self.gen("honest", count=1, rows=64, cols=64)[0]
+        cls2, sop2, _, _ = dt.sop_uids(f)
+        data = dt.dataset_bytes(f)
+        pos = data.find(b"\xe0\x7f\x10\x00OW\x00\x00")
+        honest = (un[:un.find(struct.pack("<HH", 0x0010, 0x0010))] +
+                  struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        status, _ = self.store_deflated(node, cls2, sop2,
+                                        self.deflate(data[:pos] + honest + data[pos:]))
+        self.assertEqual(status, 0, "honest UN: status %s\n%s" % (status and hex(status),
+                                                                   node.log_tail()))
         rc, out = dt.echoscu(node.port)
         self.assertEqual(rc, 0, out)
 
