@@ -138,8 +138,14 @@ int triage_predict_main(int argc, char **argv)
             fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
             goto done;
         }
-        if (S_ISDIR(st.st_mode) ? nftw(argv[1 + i], on_walk, 16, FTW_PHYS) != 0
-                                : add_file(argv[1 + i], &fs) != 0) {
+        /* A folder given as a symbolic link is walked where it points (nftw
+         * with FTW_PHYS would report the link and not descend); links met
+         * inside are not followed. */
+        char *real = S_ISDIR(st.st_mode) ? realpath(argv[1 + i], NULL) : NULL;
+        int bad = S_ISDIR(st.st_mode) ? !real || nftw(real, on_walk, 16, FTW_PHYS) != 0
+                                      : add_file(argv[1 + i], &fs) != 0;
+        free(real);
+        if (bad) {
             fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
             goto done;
         }
@@ -147,6 +153,7 @@ int triage_predict_main(int argc, char **argv)
     walk_into = NULL;
     if (fs.skipped)
         fprintf(stderr, "ichtriage predict: %d file(s) skipped (not DICOM images)\n", fs.skipped);
+    if (fs.n == 0) fprintf(stderr, "ichtriage predict: no DICOM images found\n");
     qsort(fs.v, (size_t)fs.n, sizeof *fs.v, by_series);
     cJSON *array = json ? cJSON_CreateArray() : NULL;
     if (!json) triage_row_print_header(stdout);

@@ -326,6 +326,18 @@ class TriageTest(itest.NodeTest):
         self.assertEqual(out[0]["study_uid"], study)
         self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
         self.assertEqual(len(out[0]["slice_probabilities"]), 12)
+        # A folder given as a symbolic link is walked where it points (it
+        # gave an empty list before); a folder with no images says so.
+        link = os.path.join(self.work, "link")
+        os.symlink(os.path.join(self.work, "ph"), link)
+        empty = os.path.join(self.work, "empty")
+        os.mkdir(empty)
+        for path, n in ((link, 1), (empty, 0)):
+            p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
+                                "triage.model=" + self.model, "--json", path],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+            self.assertEqual(len(json.loads(p.stdout)), n, path)
+            self.assertEqual(b"no DICOM images found" in p.stderr, n == 0, p.stderr)
         bad = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
                               "triage.model=/nonexistent.safetensors", files[0]],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
