@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 
@@ -65,6 +66,22 @@ static int conn_open(sqlite3 **out, const char *path, char *err, size_t errlen)
     return 0;
 }
 
+/* The busy handler of the receiving threads' connection. SQLite's own
+ * sleeps 1, 2, 5, 10, 15, 20, 25 ms... between tries, so a store that meets
+ * another writer's commit (the inference thread's results, which runs at
+ * idle priority and fsyncs) waits up to 25 ms past its end. This one tries
+ * every quarter millisecond for the first 50 ms, then every millisecond, and
+ * gives up after 10 s as before. */
+static int busy_poll(void *arg, int count)
+{
+    (void)arg;
+    long waited_us = count < 200 ? count * 250L : 50000L + (count - 200) * 1000L;
+    if (waited_us >= 10000000L) return 0;
+    struct timespec ts = {0, count < 200 ? 250000L : 1000000L};
+    nanosleep(&ts, NULL);
+    return 1;
+}
+
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
     *out = NULL;
@@ -81,6 +98,7 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
         db_close(db);
         return -1;
     }
+    sqlite3_busy_handler(db->wconn, busy_poll, NULL);
     *out = db;
     return 0;
 }
