@@ -13,8 +13,8 @@ with the phantom folder's own truth (studies.csv, lesions.csv) and prints
 A study with several lesions counts under each. Decision support, not a
 diagnosis; phantoms are synthetic.
 
-    ichtriage predict --json PHANTOM_DIR > pred.json
-    models/breakdown.py pred.json PHANTOM_DIR"""
+    ichtriage predict --json PHANTOM_DIR... > pred.json
+    models/breakdown.py pred.json PHANTOM_DIR..."""
 import csv
 import json
 import os
@@ -31,17 +31,18 @@ def auc(pos, neg):
 
 
 def main(argv):
-    if len(argv) != 3:
+    if len(argv) < 3:
         sys.stderr.write(__doc__)
         return 2
     with open(argv[1]) as f:
         pred = {r["study_uid"]: r for r in json.load(f)}
-    with open(os.path.join(argv[2], "studies.csv")) as f:
-        studies = {r["study_uid"]: r for r in csv.DictReader(f)}
-    lesions = {}
-    with open(os.path.join(argv[2], "lesions.csv")) as f:
-        for r in csv.DictReader(f):
-            lesions.setdefault(r["study_uid"], []).append(r)
+    studies, lesions = {}, {}
+    for folder in argv[2:]:
+        with open(os.path.join(folder, "studies.csv")) as f:
+            studies.update({r["study_uid"]: r for r in csv.DictReader(f)})
+        with open(os.path.join(folder, "lesions.csv")) as f:
+            for r in csv.DictReader(f):
+                lesions.setdefault(r["study_uid"], []).append(r)
     missing = [u for u in studies if u not in pred or pred[u].get("probability") is None]
     if missing:
         sys.stderr.write("breakdown: %d of %d studies have no prediction\n"
