@@ -103,12 +103,11 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
     return 0;
 }
 
-int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...)
+/* Prepares sql, binds ap as fmt says, steps once: the step's result code. */
+static int step_bound(sqlite3 *c, const char *sql, const char *fmt, va_list ap)
 {
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-    va_list ap;
-    va_start(ap, fmt);
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return SQLITE_ERROR;
     for (int i = 0; fmt[i]; i++) {
         if (fmt[i] == 'i')
             sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t));
@@ -117,10 +116,27 @@ int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...)
         else
             sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
     }
-    va_end(ap);
     int rc = sqlite3_step(st);
     sqlite3_finalize(st);
+    return rc;
+}
+
+int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = step_bound(c, sql, fmt, ap);
+    va_end(ap);
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_row_exists(sqlite3 *c, const char *sql, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = step_bound(c, sql, fmt, ap);
+    va_end(ap);
+    return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? 1 : -1;
 }
 
 void db_col_copy(sqlite3_stmt *st, int i, char *out, size_t n)
@@ -214,15 +230,9 @@ int db_instance_put(struct db *db, const struct db_instance *in, char *old_path,
 
 int db_file_is_indexed(struct db *db, const char *file_path, bool *out)
 {
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(db->conn, "SELECT 1 FROM instances WHERE file_path = ?", -1, &st,
-                           NULL) != SQLITE_OK)
-        return -1;
-    sqlite3_bind_text(st, 1, file_path, -1, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    *out = rc == SQLITE_ROW;
-    sqlite3_finalize(st);
-    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+    int rc = db_row_exists(db->conn, "SELECT 1 FROM instances WHERE file_path = ?1", "s", file_path);
+    *out = rc == 0;
+    return rc < 0 ? -1 : 0;
 }
 
 int db_count_instances(struct db *db, int64_t *out)

@@ -31,6 +31,8 @@ void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row);
  * character each: 'i' int64_t, 'd' double, 's' text (copied). Returns 0
  * when it ran (done or a row), -1 otherwise. */
 int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...);
+/* The same for a query: 0 when it gives a row, 1 when none, -1 on error. */
+int db_row_exists(sqlite3 *c, const char *sql, const char *fmt, ...);
 /* Copies text column i into out (size n); NULL gives "". */
 void db_col_copy(sqlite3_stmt *st, int i, char *out, size_t n);
 

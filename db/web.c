@@ -133,16 +133,9 @@ int db_study_instance_file(struct db *db, const char *study_uid, const char *sop
 
 int db_slice_has_result(struct db *db, const char *sop_uid, int frame)
 {
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(db_conn(db),
-                           "SELECT 1 FROM slice_results WHERE sop_uid = ?1 AND frame = ?2 LIMIT 1",
-                           -1, &st, NULL) != SQLITE_OK)
-        return -1;
-    sqlite3_bind_text(st, 1, sop_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 2, frame);
-    int rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? 1 : -1;
+    return db_row_exists(db_conn(db),
+                         "SELECT 1 FROM slice_results WHERE sop_uid = ?1 AND frame = ?2 LIMIT 1",
+                         "si", sop_uid, (int64_t)frame);
 }
 
 static int run_changes(sqlite3 *c, sqlite3_stmt *st)

@@ -1,11 +1,13 @@
 /* nn/backend_cuda_load.c: finds the CUDA backend module (nn/cuda/, built as
- * libichtriage-nn-cuda.so) at run time. It is opened only when a GPU may be
- * there: the NVIDIA driver's libcuda.so.1 must load first, so on a machine
- * without one no process maps the CUDA runtime, cuBLAS or cuDNN (about 200
- * MB resident and most of a second per process: every `ichtriage` command
- * and every pixel-decoder child would pay it). Where the module is looked
- * for: $ICHTRIAGE_NN_CUDA_MODULE, then the build tree, then the installed
- * library folder. */
+ * libichtriage-nn-cuda.so) at run time, on first use. With nn.device=auto
+ * it is used only when a GPU may be there (nn_cuda_device_count: the NVIDIA
+ * driver's libcuda.so.1 must load first), so on a machine without one no
+ * `ichtriage` process maps the CUDA runtime, cuBLAS or cuDNN (about 200 MB
+ * resident and most of a second per process: every command and every
+ * pixel-decoder child would pay it). An explicit `cuda` device and the
+ * backend tests open it directly. Where the module is looked for:
+ * $ICHTRIAGE_NN_CUDA_MODULE, then the build tree, then the installed library
+ * folder. */
 #include "backend.h"
 #include "nn.h"
 

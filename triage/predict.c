@@ -138,13 +138,17 @@ int triage_predict_main(int argc, char **argv)
             fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
             goto done;
         }
-        /* A folder given as a symbolic link is walked where it points (nftw
-         * with FTW_PHYS would report the link and not descend); links met
-         * inside are not followed. */
-        char *real = S_ISDIR(st.st_mode) ? realpath(argv[1 + i], NULL) : NULL;
-        int bad = S_ISDIR(st.st_mode) ? !real || nftw(real, on_walk, 16, FTW_PHYS) != 0
-                                      : add_file(argv[1 + i], &fs) != 0;
-        free(real);
+        int bad;
+        if (S_ISDIR(st.st_mode)) {
+            /* A folder given as a symbolic link is walked where it points
+             * (nftw with FTW_PHYS would report the link and not descend);
+             * links met inside are not followed. */
+            char *real = realpath(argv[1 + i], NULL);
+            bad = !real || nftw(real, on_walk, 16, FTW_PHYS) != 0;
+            free(real);
+        } else {
+            bad = add_file(argv[1 + i], &fs) != 0;
+        }
         if (bad) {
             fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
             goto done;
