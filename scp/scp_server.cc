@@ -232,6 +232,17 @@ std::string host_only(const char *addr)
     return a;
 }
 
+// Sends an A-ABORT and returns at once. dcmtk's abort then waits for the
+// peer to close the connection (up to the ARTIM timeout, the acse timeout),
+// so a peer that sent garbage and never closes held this thread and an
+// association slot that long; with our read side shut down that wait ends
+// at the first read. The A-ABORT is written before it; the FIN follows.
+void abort_now(T_ASC_Association *assoc, int fd)
+{
+    if (fd >= 0) shutdown(fd, SHUT_RD);
+    ASC_abortAssociation(assoc);
+}
+
 void reject(T_ASC_Association *assoc, T_ASC_RejectParametersResult result,
             T_ASC_RejectParametersSource source, T_ASC_RejectParametersReason reason)
 {
@@ -609,7 +620,7 @@ void scp_server::run_assoc(Assoc *a)
         if (c.bad()) {
             end_reason =
                 a->expired ? "deadline" : (c == DIMSE_NODATAAVAILABLE ? "timeout" : "error");
-            ASC_abortAssociation(assoc);
+            abort_now(assoc, a->fd);
             break;
         }
         if (msg.CommandField == DIMSE_C_ECHO_RQ) {
@@ -623,7 +634,7 @@ void scp_server::run_assoc(Assoc *a)
         }
         if (c.bad()) {
             end_reason = a->expired ? "deadline" : "error";
-            ASC_abortAssociation(assoc);
+            abort_now(assoc, a->fd);
             break;
         }
     }
