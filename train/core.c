@@ -3,6 +3,7 @@
 #include "trainer.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -275,4 +276,101 @@ int train_evaluate_features(nn_model *m, const struct train_dataset *d, int spli
 out:
     free(lg[0]), free(lg[1]), free(p), free(y);
     return rc;
+}
+
+/* ---- calibration and thresholds -------------------------------------------------- */
+
+int train_calibrate(nn_model *m, const struct train_dataset *d, float sens,
+                    float thr[2][TRAIN_LABELS], struct train_reliability *rel, unsigned *fitted,
+                    char *t_desc, size_t tn)
+{
+    size_t N = d->nslices;
+    float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
+                    malloc(N * TRAIN_LABELS * sizeof(float))};
+    float *z = malloc(((size_t)d->nseries + 1) * sizeof(float));
+    float *pr = malloc(((size_t)d->nseries + 1) * sizeof(float));
+    unsigned char *y = malloc((size_t)d->nseries + 1);
+    int rc = -1;
+    if (!lg[0] || !lg[1] || !z || !pr || !y) goto out;
+    if (train_predict(m, d, TRAIN_SPLIT_VAL, lg[0], lg[1]) != 0) goto out;
+    int off = 0;
+    memset(rel, 0, sizeof *rel);
+    if (fitted) *fitted = 0;
+    for (int mo = 0; mo < 2; mo++) {
+        float T[TRAIN_LABELS];
+        for (int l = 0; l < TRAIN_LABELS; l++) {
+            /* Temperature on the study-level maxima: the quantity the node
+             * flags on is the study maximum. */
+            size_t n = 0;
+            for (int s = 0; s < d->nseries; s++) {
+                const struct train_series *se = &d->series[s];
+                if (se->split != TRAIN_SPLIT_VAL) continue;
+                float mx = -INFINITY;
+                for (int k = 0; k < se->n; k++) {
+                    float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
+                    if (v > mx) mx = v;
+                }
+                z[n] = mx, y[n++] = se->study[l] == 1;
+            }
+            size_t npos = 0;
+            for (size_t i = 0; i < n; i++)
+                npos += y[i];
+            int fit = npos > 0 && npos < n;
+            if (fit && fitted && mo == TRAIN_MODEL_LRCN) *fitted |= 1u << l;
+            T[l] = fit ? train_fit_temperature(z, y, n) : 1.0f;
+            if (mo == TRAIN_MODEL_LRCN && l == 0) {
+                rel->valid = 1;
+                for (int c = 0; c < 2; c++)
+                    for (size_t i = 0; i < n; i++) {
+                        double p = 1 / (1 + exp(-z[i] / (c ? T[0] : 1.0f)));
+                        int bin = (int)(p * 10);
+                        if (bin > 9) bin = 9;
+                        rel->pred[c][bin] += p, rel->obs[c][bin] += y[i], rel->count[c][bin]++;
+                    }
+                for (int c = 0; c < 2; c++)
+                    for (int b = 0; b < 10; b++)
+                        if (rel->count[c][b])
+                            rel->pred[c][b] /= rel->count[c][b], rel->obs[c][b] /= rel->count[c][b];
+            }
+            for (size_t i = 0; i < n; i++)
+                pr[i] = 1.0f / (1.0f + expf(-z[i] / T[l]));
+            /* A hair below the chosen probability: folding the temperature
+             * into the weights changes the last float bits of the logits. */
+            thr[mo][l] = train_threshold_for_sensitivity(pr, y, n, sens) * 0.9999f;
+        }
+        if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
+        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, T, TRAIN_LABELS) != 0) goto out;
+        off +=
+            snprintf(t_desc + off, tn - (size_t)off, "%s%s=", mo ? ";" : "", mo ? "lrcn" : "cnn");
+        for (int l = 0; l < TRAIN_LABELS && (size_t)off < tn; l++)
+            off += snprintf(t_desc + off, tn - (size_t)off, "%s%.4f", l ? "," : "", T[l]);
+    }
+    rc = 0;
+out:
+    free(lg[0]), free(lg[1]), free(z), free(pr), free(y);
+    return rc;
+}
+
+/* ---- comma-separated float lists (thresholds in metadata) ------------------------ */
+
+void train_floats_parse(const char *s, float *out, int n, float dflt)
+{
+    for (int i = 0; i < n; i++) {
+        char *end;
+        float v = s ? strtof(s, &end) : dflt;
+        if (!s || end == s) {
+            out[i] = dflt;
+            continue;
+        }
+        out[i] = v;
+        s = *end == ',' ? end + 1 : end;
+    }
+}
+
+void train_floats_format(char *out, size_t n, const float *v, int k)
+{
+    int off = 0;
+    if (n) *out = 0;
+    for (int i = 0; i < k && (size_t)off < n; i++)
+        off += snprintf(out + off, n - (size_t)off, "%s%.6g", i ? "," : "", v[i]);
 }

@@ -23,7 +23,7 @@
 #define MAX_FILES 2000000
 #define CACHE_MAGIC "ICHTCACHE2\n"
 
-static const char *const label_names[TRAIN_LABELS] = {
+const char *const train_label_names[TRAIN_LABELS] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
 
 void train_dataset_init(struct train_dataset *d, const struct triage_windows *w, int c, int h,
@@ -125,7 +125,7 @@ static int labels_read(const char *path, struct label_map *m, char *err, size_t 
         char *us = strrchr(id, '_');
         int li = -1;
         for (int l = 0; us && l < TRAIN_LABELS; l++)
-            if (strcmp(us + 1, label_names[l]) == 0) li = l;
+            if (strcmp(us + 1, train_label_names[l]) == 0) li = l;
         int v = atoi(comma + 1);
         if (li < 0 || us <= id + 3 || (v != 0 && v != 1) || (comma[1] != '0' && comma[1] != '1')) {
             snprintf(err, errlen, "%s:%ld: bad row (label name or value)", path, lineno);

@@ -16,6 +16,8 @@
 #include "scp_info.h"
 
 #define TRAIN_LABELS 6
+/* "any", then the five subtypes in the RSNA 2019 order. */
+extern const char *const train_label_names[TRAIN_LABELS];
 #define TRAIN_LABEL_UNKNOWN 255 /* slice label of a study-level (review) series */
 
 enum train_split { TRAIN_SPLIT_TRAIN = 0, TRAIN_SPLIT_VAL = 1, TRAIN_SPLIT_TEST = 2 };

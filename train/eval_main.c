@@ -29,18 +29,32 @@ static void usage(FILE *f)
                "  -h, --help         this text\n");
 }
 
-static void parse_floats(const char *s, float *out, int n)
+int train_open_model_data(struct triage_model *tm, struct train_dataset *d, const char *model_path,
+                          const char *device, char *const *folders, int nfolders, const char *cache,
+                          char *desc, size_t descn, char *err, size_t errlen)
 {
-    for (int i = 0; i < n; i++) {
-        char *end;
-        float v = s ? strtof(s, &end) : 0.5f;
-        if (!s || end == s) {
-            out[i] = 0.5f;
-            continue;
-        }
-        out[i] = v;
-        s = *end == ',' ? end + 1 : end;
+    char e[1024];
+    if (triage_model_load(tm, model_path, e, sizeof e) != 0) {
+        snprintf(err, errlen, "%s: %s", model_path, e);
+        return -1;
     }
+    if (triage_nn_device(tm->nn, device, err, errlen) != 0) {
+        triage_model_free(tm);
+        return -1;
+    }
+    train_dataset_init(d, &tm->windows, tm->in_c, tm->in_h, tm->in_w);
+    int off = 0;
+    if (descn) *desc = 0;
+    for (int i = 0; i < nfolders; i++) {
+        if (train_dataset_add_folder(d, folders[i], cache, err, errlen) != 0) {
+            train_dataset_free(d);
+            triage_model_free(tm);
+            return -1;
+        }
+        off += snprintf(desc + off, descn - (size_t)off, "%s%s", off ? ", " : "", folders[i]);
+        if ((size_t)off >= descn) off = (int)descn - 1;
+    }
+    return 0;
 }
 
 int train_eval_main(int argc, char **argv)
@@ -112,33 +126,20 @@ int train_eval_main(int argc, char **argv)
     }
     const char *model_path = argv[optind];
     struct triage_model tm;
-    if (triage_model_load(&tm, model_path, err, sizeof err) != 0) {
-        fprintf(stderr, "ichtriage eval: %s: %s\n", model_path, err);
-        return 1;
-    }
-    if (triage_nn_device(tm.nn, device, err, sizeof err) != 0) {
+    struct train_dataset d;
+    char desc[2048];
+    if (train_open_model_data(&tm, &d, model_path, device, argv + optind + 1, argc - optind - 1,
+                              cache, desc, sizeof desc, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage eval: %s\n", err);
-        triage_model_free(&tm);
         return 1;
     }
     float thr[2][TRAIN_LABELS];
     memcpy(thr[1], tm.thresholds, sizeof thr[1]);
-    parse_floats(nn_model_meta_get(tm.nn, "cnn_thresholds"), thr[0], TRAIN_LABELS);
-    struct train_dataset d;
-    train_dataset_init(&d, &tm.windows, tm.in_c, tm.in_h, tm.in_w);
+    train_floats_parse(nn_model_meta_get(tm.nn, "cnn_thresholds"), thr[0], TRAIN_LABELS, 0.5f);
     int rc = 1;
     struct train_eval *e = malloc(sizeof *e);
     if (!e) goto out;
-    char desc[2048];
-    int off = 0;
-    for (int i = optind + 1; i < argc; i++) {
-        if (train_dataset_add_folder(&d, argv[i], cache, err, sizeof err) != 0) {
-            fprintf(stderr, "ichtriage eval: %s\n", err);
-            goto out;
-        }
-        off += snprintf(desc + off, sizeof desc - (size_t)off, "%s%s", off ? ", " : "", argv[i]);
-        if ((size_t)off >= sizeof desc) off = (int)sizeof desc - 1;
-    }
+    int off = (int)strlen(desc);
     if (split >= 0) {
         train_dataset_split(&d, seed, val, test);
         snprintf(desc + off, sizeof desc - (size_t)off, " (split %d of seed %llu)", split,

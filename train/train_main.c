@@ -600,84 +600,6 @@ static void pos_weights(const struct train_dataset *d, float *pw)
     }
 }
 
-/* ---- calibration and thresholds --------------------------------------------------- */
-
-static int calibrate(nn_model *m, const struct train_dataset *d, float sens,
-                     float thr[2][TRAIN_LABELS], struct train_reliability *rel, char *t_desc,
-                     size_t tn)
-{
-    size_t N = d->nslices;
-    float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
-                    malloc(N * TRAIN_LABELS * sizeof(float))};
-    float *z = malloc((N + 1) * sizeof(float));
-    unsigned char *y = malloc(N + 1);
-    int rc = -1;
-    if (!lg[0] || !lg[1] || !z || !y) goto out;
-    if (train_predict(m, d, TRAIN_SPLIT_VAL, lg[0], lg[1]) != 0) goto out;
-    int off = 0;
-    memset(rel, 0, sizeof *rel);
-    for (int mo = 0; mo < 2; mo++) {
-        float T[TRAIN_LABELS];
-        for (int l = 0; l < TRAIN_LABELS; l++) {
-            /* Temperature on the study-level maxima plus slice logits: the
-             * quantity the node flags on is the study maximum. */
-            size_t n = 0;
-            for (int s = 0; s < d->nseries; s++) {
-                const struct train_series *se = &d->series[s];
-                if (se->split != TRAIN_SPLIT_VAL) continue;
-                float mx = -INFINITY;
-                for (int k = 0; k < se->n; k++) {
-                    float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
-                    if (v > mx) mx = v;
-                }
-                z[n] = mx, y[n++] = se->study[l] == 1;
-            }
-            size_t npos = 0;
-            for (size_t i = 0; i < n; i++)
-                npos += y[i];
-            T[l] = npos > 0 && npos < n ? train_fit_temperature(z, y, n) : 1.0f;
-            if (mo == TRAIN_MODEL_LRCN && l == 0) {
-                rel->valid = 1;
-                for (int c = 0; c < 2; c++)
-                    for (size_t i = 0; i < n; i++) {
-                        double p = 1 / (1 + exp(-z[i] / (c ? T[0] : 1.0f)));
-                        int bin = (int)(p * 10);
-                        if (bin > 9) bin = 9;
-                        rel->pred[c][bin] += p, rel->obs[c][bin] += y[i], rel->count[c][bin]++;
-                    }
-                for (int c = 0; c < 2; c++)
-                    for (int b = 0; b < 10; b++)
-                        if (rel->count[c][b])
-                            rel->pred[c][b] /= rel->count[c][b], rel->obs[c][b] /= rel->count[c][b];
-            }
-            float pr[4096];
-            size_t k2 = n < 4096 ? n : 4096;
-            for (size_t i = 0; i < k2; i++)
-                pr[i] = 1.0f / (1.0f + expf(-z[i] / T[l]));
-            /* A hair below the chosen probability: folding the temperature
-             * into the weights changes the last float bits of the logits. */
-            thr[mo][l] = train_threshold_for_sensitivity(pr, y, k2, sens) * 0.9999f;
-        }
-        if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
-        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, T, TRAIN_LABELS) != 0) goto out;
-        off +=
-            snprintf(t_desc + off, tn - (size_t)off, "%s%s=", mo ? ";" : "", mo ? "lrcn" : "cnn");
-        for (int l = 0; l < TRAIN_LABELS && (size_t)off < tn; l++)
-            off += snprintf(t_desc + off, tn - (size_t)off, "%s%.4f", l ? "," : "", T[l]);
-    }
-    rc = 0;
-out:
-    free(lg[0]), free(lg[1]), free(z), free(y);
-    return rc;
-}
-
-static void fmt_floats(char *out, size_t n, const float *v, int k)
-{
-    int off = 0;
-    for (int i = 0; i < k && (size_t)off < n; i++)
-        off += snprintf(out + off, n - (size_t)off, "%s%.6g", i ? "," : "", v[i]);
-}
-
 static int save_model(nn_model *m, const char *path)
 {
     char err[256];
@@ -1046,7 +968,7 @@ int train_train_main(int argc, char **argv)
     float thr[2][TRAIN_LABELS];
     struct train_reliability rel;
     char tdesc[512];
-    if (calibrate(m, &d, o.sensitivity, thr, &rel, tdesc, sizeof tdesc) != 0) {
+    if (train_calibrate(m, &d, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc) != 0) {
         fprintf(stderr, "ichtriage train: calibration failed\n");
         goto out;
     }
@@ -1071,9 +993,9 @@ int train_train_main(int argc, char **argv)
         off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%g/%g", i ? "," : "", win.center[i],
                         win.width[i]);
     nn_model_meta_set(m, "windows", buf);
-    fmt_floats(buf, sizeof buf, thr[TRAIN_MODEL_LRCN], TRAIN_LABELS);
+    train_floats_format(buf, sizeof buf, thr[TRAIN_MODEL_LRCN], TRAIN_LABELS);
     nn_model_meta_set(m, "thresholds", buf);
-    fmt_floats(buf, sizeof buf, thr[TRAIN_MODEL_CNN], TRAIN_LABELS);
+    train_floats_format(buf, sizeof buf, thr[TRAIN_MODEL_CNN], TRAIN_LABELS);
     nn_model_meta_set(m, "cnn_thresholds", buf);
     snprintf(buf, sizeof buf, "study-level sensitivity %.3f on validation", o.sensitivity);
     nn_model_meta_set(m, "threshold_rule", buf);

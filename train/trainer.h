@@ -91,6 +91,18 @@ struct train_reliability {
     float temperature[TRAIN_LABELS];
 };
 
+/* Calibration on the validation series of d: per label and for the CNN
+ * head and the LRCN, a temperature fitted to the study-level maxima (folded
+ * into m's last layers) and the highest threshold whose study-level
+ * sensitivity is at least sens, into thr [model][label]. rel gets the
+ * reliability diagram of "any" (LRCN) before and after. fitted (may be
+ * NULL) gets a bit per label that had positive and negative studies; the
+ * others keep temperature 1 and get threshold 0.5. t_desc gets the
+ * temperatures as text. Returns 0 or -1. */
+int train_calibrate(nn_model *m, const struct train_dataset *d, float sens,
+                    float thr[2][TRAIN_LABELS], struct train_reliability *rel, unsigned *fitted,
+                    char *t_desc, size_t tn);
+
 /* The self-contained HTML report (inline SVG) and the metrics JSON.
  * history may be NULL (eval). Returns 0 or -1 with a message. */
 int train_report_write(const char *html_path, const char *json_path, const char *title,
@@ -102,9 +114,25 @@ void train_eval_print(FILE *f, const struct train_eval *e);
 /* A short summary "study_auc_any=.. sens=.. spec=.." for the metadata. */
 void train_eval_summary(const struct train_eval *e, char *out, size_t n);
 
+/* Comma-separated floats (the thresholds in a model's metadata): parse n
+ * of them (dflt for each missing one, all when s is NULL), or format k. */
+void train_floats_parse(const char *s, float *out, int n, float dflt);
+void train_floats_format(char *out, size_t n, const float *v, int k);
+
+/* For eval and calibrate: loads model_path (onto device: auto, cpu, cuda)
+ * and the labelled folders into d, made for the model's windows and input,
+ * with a preprocessed-slice cache (NULL: the default). desc gets the
+ * folders, comma-separated. Returns 0, or -1 with a message; tm and d then
+ * own nothing. */
+struct triage_model;
+int train_open_model_data(struct triage_model *tm, struct train_dataset *d, const char *model_path,
+                          const char *device, char *const *folders, int nfolders, const char *cache,
+                          char *desc, size_t descn, char *err, size_t errlen);
+
 /* Subcommands. */
 int train_train_main(int argc, char **argv);
 int train_eval_main(int argc, char **argv);
 int train_model_main(int argc, char **argv);
+int train_calibrate_main(int argc, char **argv);
 
 #endif

@@ -28,6 +28,8 @@ static const struct command commands[] = {
     {"phantom", train_phantom_main, "write synthetic head-CT studies with labelled hemorrhages"},
     {"train", train_train_main, "train a model (two stages) on RSNA-layout or phantom folders"},
     {"eval", train_eval_main, "evaluate a model on labelled folders; HTML report + JSON"},
+    {"calibrate", train_calibrate_main,
+     "re-pick a model's calibration and thresholds on labelled studies"},
     {"model", train_model_main, "the model registry: list, promote ID, rollback, register"},
 };
 

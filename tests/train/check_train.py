@@ -10,6 +10,9 @@ on 2 cores.
   and finishes;
 - two runs with the same seed give the same model (reproducible);
 - `eval` reads the model's thresholds and writes the report and JSON;
+- `calibrate` re-picks temperatures and thresholds on another set: the
+  sensitivity asked for holds there, the ranking and all but the last
+  layers are unchanged, and a set without positives is refused;
 - bad data folders fail with a message that says what is wrong;
 - `model register|promote|list|rollback` manage <store.dir>/models.
 
@@ -148,6 +151,60 @@ def main():
     check(abs(e["levels"]["study"]["lrcn"]["any"]["auc"] - study_auc) < 1e-4,
           "eval of the test split reproduces train's figures")
     check("CNN" in r.stdout and "LRCN" in r.stdout, "eval prints CNN and LRCN side by side")
+
+    # 4b. calibrate: new temperatures and thresholds on studies the model
+    # never saw (another seed), no retraining.
+    cal = os.path.join(tmp, "cal")
+    r = run("phantom", cal, "--seed", "12", "-n", "40", "--size", "64", "--slices", "8",
+            "--noise", "2", "--no-artifacts", "--prevalence", "0.5",
+            "--subtype", "intraparenchymal=0.9", "--subtype", "subdural=0.6")
+    check(r.returncode == 0, "calibration phantoms written")
+    out_k = os.path.join(tmp, "k.safetensors")
+    js_k = os.path.join(tmp, "k.json")
+    r = run("calibrate", out, cal, "-o", out_k, "--sensitivity", "0.95", "--threads", "2",
+            "--report", os.path.join(tmp, "k.html"), "--json", js_k)
+    check(r.returncode == 0 and "before (stored threshold)" in r.stdout and "after" in r.stdout,
+          "calibrate exits 0 and prints the operating point before and after: " +
+          r.stderr[-300:])
+    print("     " + "\n     ".join(l for l in r.stdout.splitlines()
+                                   if l.startswith(("before", "after"))), flush=True)
+    mk = metadata(out_k)
+    check("ichtriage calibrate" in mk.get("threshold_rule", "") and
+          mk.get("calibration", "").startswith(meta["calibration"] + "; then ichtriage calibrate")
+          and "calibration_metrics" in mk, "the calibrated model says how it was calibrated")
+    check(mk["thresholds"] != meta["thresholds"], "new thresholds stored")
+    js_a, js_b = os.path.join(tmp, "ka.json"), os.path.join(tmp, "kb.json")
+    ra = run("eval", out, cal, "--report", os.path.join(tmp, "ka.html"), "--json", js_a)
+    rb = run("eval", out_k, cal, "--report", os.path.join(tmp, "kb.html"), "--json", js_b)
+    check(ra.returncode == 0 and rb.returncode == 0, "eval of both models on the calibration set")
+    ea = json.load(open(js_a))["levels"]["study"]["lrcn"]["any"]
+    eb = json.load(open(js_b))["levels"]["study"]["lrcn"]["any"]
+    print(f"     on the calibration set: sensitivity {ea['sensitivity']:.3f} -> "
+          f"{eb['sensitivity']:.3f}, AUC {ea['auc']:.4f} -> {eb['auc']:.4f}", flush=True)
+    check(eb["sensitivity"] >= 0.95, "at the new threshold the study-level sensitivity on the "
+          "calibration set is at least the 0.95 asked for")
+    check(abs(ea["auc"] - eb["auc"]) < 1e-4, "the ranking is unchanged (same AUC): a temperature "
+          "is monotonic")
+    with open(out, "rb") as f:
+        ha = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        wa = f.read()
+    with open(out_k, "rb") as f:
+        hk = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        wk = f.read()
+    changed = sorted(k for k in ha if k != "__metadata__" and
+                     wa[slice(*ha[k]["data_offsets"])] != wk[slice(*hk[k]["data_offsets"])])
+    check(changed and all(k.startswith(("out.", "cnn.classifier.")) for k in changed),
+          "only the last layers changed: " + ", ".join(changed))
+    neg = os.path.join(tmp, "neg")
+    run("phantom", neg, "--seed", "13", "-n", "6", "--size", "64", "--slices", "8",
+        "--prevalence", "0")
+    out_n = os.path.join(tmp, "n.safetensors")
+    r = run("calibrate", out, neg, "-o", out_n)
+    check(r.returncode != 0 and "both labels" in r.stderr and not os.path.exists(out_n),
+          "calibration data without a positive study: refused, nothing written: " +
+          r.stderr.strip()[-200:])
+    r = run("calibrate", out, cal)
+    check(r.returncode == 2 and "--out" in r.stderr, "calibrate without --out: usage error")
 
     # 5. Bad data folders.
     r = run("train", os.path.join(tmp, "missing"), "-o", os.path.join(tmp, "x.safetensors"))
