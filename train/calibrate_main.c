@@ -92,6 +92,7 @@ int train_calibrate_main(int argc, char **argv)
     struct train_dataset d;
     struct triage_model tm;
     struct train_eval *before = NULL, *after = NULL;
+    float *feat = NULL;
     int have_d = 0;
     optind = 1;
     int c;
@@ -190,16 +191,25 @@ int train_calibrate_main(int argc, char **argv)
     memcpy(old[TRAIN_MODEL_LRCN], tm.thresholds, sizeof old[0]);
     train_floats_parse(nn_model_meta_get(tm.nn, "cnn_thresholds"), old[TRAIN_MODEL_CNN],
                        TRAIN_LABELS, 0.5f);
+    /* The CNN features once, for the three passes (before, the fit,
+     * after): calibration changes only the layers above them. */
     before = malloc(sizeof *before), after = malloc(sizeof *after);
-    if (!before || !after) goto out;
-    if (train_evaluate(tm.nn, &d, TRAIN_SPLIT_VAL, old, before, err, sizeof err) != 0) {
+    feat = malloc(d.nslices * (size_t)nn_model_feature_size(tm.nn) * sizeof(float));
+    if (!before || !after || !feat) goto out;
+    if (train_features(tm.nn, &d, TRAIN_SPLIT_VAL, feat) != 0) {
+        fprintf(stderr, "ichtriage calibrate: the model failed on the data\n");
+        goto out;
+    }
+    if (train_evaluate_features(tm.nn, &d, TRAIN_SPLIT_VAL, feat, old, before, err, sizeof err) !=
+        0) {
         fprintf(stderr, "ichtriage calibrate: %s\n", err);
         goto out;
     }
     struct train_reliability rel;
     unsigned fitted = 0;
     char tdesc[512];
-    if (train_calibrate(tm.nn, &d, (float)sens, thr, &rel, &fitted, tdesc, sizeof tdesc) != 0) {
+    if (train_calibrate(tm.nn, &d, feat, (float)sens, thr, &rel, &fitted, tdesc, sizeof tdesc) !=
+        0) {
         fprintf(stderr, "ichtriage calibrate: calibration failed\n");
         goto out;
     }
@@ -213,7 +223,8 @@ int train_calibrate_main(int argc, char **argv)
             koff += snprintf(kept + koff, sizeof kept - (size_t)koff, "%s%s", koff ? "," : "",
                              train_label_names[l]);
         }
-    if (train_evaluate(tm.nn, &d, TRAIN_SPLIT_VAL, thr, after, err, sizeof err) != 0) {
+    if (train_evaluate_features(tm.nn, &d, TRAIN_SPLIT_VAL, feat, thr, after, err, sizeof err) !=
+        0) {
         fprintf(stderr, "ichtriage calibrate: %s\n", err);
         goto out;
     }
@@ -268,7 +279,7 @@ int train_calibrate_main(int argc, char **argv)
              after->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].specificity);
     rc = 0;
 out:
-    free(before), free(after);
+    free(before), free(after), free(feat);
     if (have_d) {
         train_dataset_free(&d);
         triage_model_free(&tm);

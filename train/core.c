@@ -280,7 +280,7 @@ out:
 
 /* ---- calibration and thresholds -------------------------------------------------- */
 
-int train_calibrate(nn_model *m, const struct train_dataset *d, float sens,
+int train_calibrate(nn_model *m, const struct train_dataset *d, const float *features, float sens,
                     float thr[2][TRAIN_LABELS], struct train_reliability *rel, unsigned *fitted,
                     char *t_desc, size_t tn)
 {
@@ -292,7 +292,7 @@ int train_calibrate(nn_model *m, const struct train_dataset *d, float sens,
     unsigned char *y = malloc((size_t)d->nseries + 1);
     int rc = -1;
     if (!lg[0] || !lg[1] || !z || !pr || !y) goto out;
-    if (train_predict(m, d, TRAIN_SPLIT_VAL, lg[0], lg[1]) != 0) goto out;
+    if (train_predict_features(m, d, TRAIN_SPLIT_VAL, features, lg[0], lg[1]) != 0) goto out;
     int off = 0;
     memset(rel, 0, sizeof *rel);
     if (fitted) *fitted = 0;

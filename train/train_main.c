@@ -968,7 +968,9 @@ int train_train_main(int argc, char **argv)
     float thr[2][TRAIN_LABELS];
     struct train_reliability rel;
     char tdesc[512];
-    if (train_calibrate(m, &d, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc) != 0) {
+    /* feat: the validation features of stage 2 (the CNN is frozen), or NULL
+     * when a resumed run did not get to stage 2 here. */
+    if (train_calibrate(m, &d, feat, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc) != 0) {
         fprintf(stderr, "ichtriage train: calibration failed\n");
         goto out;
     }

@@ -91,7 +91,8 @@ struct train_reliability {
     float temperature[TRAIN_LABELS];
 };
 
-/* Calibration on the validation series of d: per label and for the CNN
+/* Calibration on the validation series of d (their CNN features, as
+ * train_features writes them, or NULL: computed here): per label and for the CNN
  * head and the LRCN, a temperature fitted to the study-level maxima (folded
  * into m's last layers) and the highest threshold whose study-level
  * sensitivity is at least sens, into thr [model][label]. rel gets the
@@ -99,7 +100,7 @@ struct train_reliability {
  * NULL) gets a bit per label that had positive and negative studies; the
  * others keep temperature 1 and get threshold 0.5. t_desc gets the
  * temperatures as text. Returns 0 or -1. */
-int train_calibrate(nn_model *m, const struct train_dataset *d, float sens,
+int train_calibrate(nn_model *m, const struct train_dataset *d, const float *features, float sens,
                     float thr[2][TRAIN_LABELS], struct train_reliability *rel, unsigned *fitted,
                     char *t_desc, size_t tn);
 
