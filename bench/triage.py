@@ -87,7 +87,7 @@ def main():
         node = dt.Node(exe, os.path.join(work, "node"), {
             "triage.model": model, "triage.quiet_seconds": QUIET, "log.level": "info"})
         node.start()
-        # Warm-up: the model file is paged in, OpenBLAS threads started.
+        # Warm-up: the model file is paged in, the model's worker threads started.
         storescu(node.port, studies[0], work)
         wait_results(node, 1)
 

@@ -1,7 +1,10 @@
 /* nn/backend_cpu.c: the CPU backend table (OpenBLAS): host memory and thin
- * wrappers around the reference kernels of layers.h. */
+ * wrappers around the reference kernels of layers.h. The context is the
+ * model's worker pool (pool.h): the element-wise layers run on it in
+ * contiguous pieces, the convolutions and batch-norm take it along. */
 #include "backend.h"
 #include "nn.h"
+#include "pool.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -48,59 +51,142 @@ static void cpu_zero(void *ctx, void *dst, size_t bytes)
     memset(dst, 0, bytes);
 }
 
-static void cpu_add(void *ctx, float *restrict dst, const float *restrict src, size_t n)
+/* Element-wise work in pieces: a job of n items, the first `base` of each
+ * piece's range. Below this many items a piece is not worth a wake-up. */
+#define CPU_MIN_PIECE 32768
+
+struct ew_job {
+    float *dst;
+    const float *a, *b;
+    int32_t *idx;
+    const int32_t *cidx;
+    size_t n;
+    int pieces, H, W, k, stride, S;
+    void (*fn)(const struct ew_job *j, size_t lo, size_t hi);
+};
+
+static void ew_piece(void *arg, int i)
 {
-    (void)ctx;
-    for (size_t i = 0; i < n; i++)
-        dst[i] += src[i];
+    const struct ew_job *j = arg;
+    size_t lo, hi;
+    nn_pool_range(j->n, j->pieces, i, &lo, &hi);
+    if (hi > lo) j->fn(j, lo, hi);
+}
+
+/* Runs j->fn over [0, n) in pieces of at least min items (planes, or floats). */
+static void ew_run(void *ctx, struct ew_job *j, size_t min)
+{
+    j->pieces = nn_pool_ranges(j->n, min, nn_pool_threads(ctx));
+    nn_pool_run(ctx, j->pieces, ew_piece, j);
+}
+
+/* Planes of H x W (or S) floats per item, for the pooling layers. */
+static size_t planes_min(size_t plane)
+{
+    return plane >= CPU_MIN_PIECE ? 1 : CPU_MIN_PIECE / (plane ? plane : 1);
+}
+
+static void add_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    float *restrict d = j->dst;
+    const float *restrict a = j->a;
+    for (size_t i = lo; i < hi; i++)
+        d[i] += a[i];
+}
+
+static void cpu_add(void *ctx, float *dst, const float *src, size_t n)
+{
+    ew_run(ctx, &(struct ew_job){.dst = dst, .a = src, .n = n, .fn = add_range}, CPU_MIN_PIECE);
 }
 
 static void conv_fwd(void *ctx, float *out, float *col, const float *in, const float *w,
                      const float *b, int B, const nn_conv_shape *s)
 {
-    (void)ctx;
-    nn_conv2d_forward(out, col, in, w, b, B, s);
+    nn_conv2d_forward(ctx, out, col, in, w, b, B, s);
 }
 
 static void conv_bwd(void *ctx, float *din, float *dw, float *db, float *col, const float *dout,
                      const float *in, const float *w, int B, const nn_conv_shape *s)
 {
-    (void)ctx;
-    nn_conv2d_backward(din, dw, db, col, dout, in, w, B, s);
+    nn_conv2d_backward(ctx, din, dw, db, col, dout, in, w, B, s);
+}
+
+/* Max-pool by planes: the argmax offsets are inside each plane. */
+static size_t pool_out(const struct ew_job *j)
+{
+    return (size_t)((j->H - j->k) / j->stride + 1) * ((j->W - j->k) / j->stride + 1);
+}
+
+static void pool_fwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    size_t ip = (size_t)j->H * j->W, op = pool_out(j);
+    nn_maxpool_forward(j->dst + lo * op, j->idx ? j->idx + lo * op : NULL, j->a + lo * ip, 1,
+                       (int)(hi - lo), j->H, j->W, j->k, j->stride);
 }
 
 static void pool_fwd(void *ctx, float *out, int32_t *idx, const float *in, int B, int C, int H,
                      int W, int k, int stride)
 {
-    (void)ctx;
-    nn_maxpool_forward(out, idx, in, B, C, H, W, k, stride);
+    struct ew_job j = {.dst = out,
+                       .idx = idx,
+                       .a = in,
+                       .n = (size_t)B * C,
+                       .H = H,
+                       .W = W,
+                       .k = k,
+                       .stride = stride,
+                       .fn = pool_fwd_range};
+    ew_run(ctx, &j, planes_min((size_t)H * W));
+}
+
+static void pool_bwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    size_t ip = (size_t)j->H * j->W, op = pool_out(j);
+    nn_maxpool_backward(j->dst + lo * ip, j->a + lo * op, j->cidx + lo * op, 1, (int)(hi - lo),
+                        j->H, j->W, j->k, j->stride);
 }
 
 static void pool_bwd(void *ctx, float *din, const float *dout, const int32_t *idx, int B, int C,
                      int H, int W, int k, int stride)
 {
-    (void)ctx;
-    nn_maxpool_backward(din, dout, idx, B, C, H, W, k, stride);
+    struct ew_job j = {.dst = din,
+                       .a = dout,
+                       .cidx = idx,
+                       .n = (size_t)B * C,
+                       .H = H,
+                       .W = W,
+                       .k = k,
+                       .stride = stride,
+                       .fn = pool_bwd_range};
+    ew_run(ctx, &j, planes_min((size_t)H * W));
+}
+
+static void relu_fwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    nn_relu_forward(j->dst + lo, j->a + lo, hi - lo);
 }
 
 static void relu_fwd(void *ctx, float *out, const float *in, size_t n)
 {
-    (void)ctx;
-    nn_relu_forward(out, in, n);
+    ew_run(ctx, &(struct ew_job){.dst = out, .a = in, .n = n, .fn = relu_fwd_range}, CPU_MIN_PIECE);
+}
+
+static void relu_bwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    nn_relu_backward(j->dst + lo, j->a + lo, j->b + lo, hi - lo);
 }
 
 static void relu_bwd(void *ctx, float *din, const float *dout, const float *out, size_t n)
 {
-    (void)ctx;
-    nn_relu_backward(din, dout, out, n);
+    ew_run(ctx, &(struct ew_job){.dst = din, .a = dout, .b = out, .n = n, .fn = relu_bwd_range},
+           CPU_MIN_PIECE);
 }
 
 static void bn_fwd(void *ctx, float *out, float *mean, float *rstd, float *rm, float *rv,
                    const float *in, const float *gamma, const float *beta, int B, int C, int S,
                    int training, float momentum, float eps)
 {
-    (void)ctx;
-    nn_batchnorm_forward(out, mean, rstd, rm, rv, in, gamma, beta, B, C, S, training, momentum,
+    nn_batchnorm_forward(ctx, out, mean, rstd, rm, rv, in, gamma, beta, B, C, S, training, momentum,
                          eps);
 }
 
@@ -108,8 +194,8 @@ static void bn_bwd(void *ctx, float *din, float *dgamma, float *dbeta, const flo
                    const float *in, const float *mean, const float *rstd, const float *gamma, int B,
                    int C, int S, int training, float eps)
 {
-    (void)ctx, (void)eps;
-    nn_batchnorm_backward(din, dgamma, dbeta, dout, in, mean, rstd, gamma, B, C, S, training);
+    (void)eps;
+    nn_batchnorm_backward(ctx, din, dgamma, dbeta, dout, in, mean, rstd, gamma, B, C, S, training);
 }
 
 static void lin_fwd(void *ctx, float *out, const float *in, const float *w, const float *b, int N,
@@ -133,22 +219,37 @@ static void drop_fwd(void *ctx, float *out, float *mask, const float *in, size_t
     nn_dropout_forward(out, mask, in, n, p, rng);
 }
 
+static void drop_bwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    nn_dropout_backward(j->dst + lo, j->a + lo, j->b + lo, hi - lo);
+}
+
 static void drop_bwd(void *ctx, float *din, const float *dout, const float *mask, size_t n)
 {
-    (void)ctx;
-    nn_dropout_backward(din, dout, mask, n);
+    ew_run(ctx, &(struct ew_job){.dst = din, .a = dout, .b = mask, .n = n, .fn = drop_bwd_range},
+           CPU_MIN_PIECE);
+}
+
+static void gap_fwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    nn_gap_forward(j->dst + lo, j->a + lo * j->S, 1, (int)(hi - lo), j->S);
 }
 
 static void gap_fwd(void *ctx, float *out, const float *in, int B, int C, int S)
 {
-    (void)ctx;
-    nn_gap_forward(out, in, B, C, S);
+    struct ew_job j = {.dst = out, .a = in, .n = (size_t)B * C, .S = S, .fn = gap_fwd_range};
+    ew_run(ctx, &j, planes_min((size_t)S));
+}
+
+static void gap_bwd_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    nn_gap_backward(j->dst + lo * j->S, j->a + lo, 1, (int)(hi - lo), j->S);
 }
 
 static void gap_bwd(void *ctx, float *din, const float *dout, int B, int C, int S)
 {
-    (void)ctx;
-    nn_gap_backward(din, dout, B, C, S);
+    struct ew_job j = {.dst = din, .a = dout, .n = (size_t)B * C, .S = S, .fn = gap_bwd_range};
+    ew_run(ctx, &j, planes_min((size_t)S));
 }
 
 static float bce(void *ctx, float *dlogits, const float *logits, const float *targets,

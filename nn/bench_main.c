@@ -11,7 +11,8 @@
  *
  * DEVICE: cpu (default), cuda or auto; on a GPU in production precision
  * (TF32 convolutions where cuDNN picks them, as PyTorch's defaults).
- * Threads: OPENBLAS_NUM_THREADS (bench/nn.sh sets it to the core count).
+ * Threads: OPENBLAS_NUM_THREADS (bench/nn.sh sets it to the core count), which
+ * OpenBLAS's sgemm uses and a model's worker pool takes as its default.
  * Prints one line "key=value ..." per run. */
 #include "nn.h"
 

@@ -6,6 +6,7 @@
  * with N = 16 runs far below peak, so those layers put several images side
  * by side in the column buffer and scatter the result back to NCHW. */
 #include "layers.h"
+#include "pool.h"
 
 #include <cblas.h>
 #include <string.h>
@@ -60,10 +61,11 @@ size_t nn_conv2d_col_size(const nn_conv_shape *s, int B)
     return col;
 }
 
-/* col [c*kh*kw, ld] (the first oh*ow columns) <- patches of one image [c,h,w]. */
-static void im2col(float *col, size_t ld, const float *in, const nn_conv_shape *s)
+/* col [c*kh*kw, ld] (the first oh*ow columns) <- patches of channels
+ * [c0, c1) of one image [c,h,w]. */
+static void im2col(float *col, size_t ld, const float *in, const nn_conv_shape *s, int c0, int c1)
 {
-    for (int ci = 0; ci < s->c; ci++) {
+    for (int ci = c0; ci < c1; ci++) {
         const float *plane = in + (size_t)ci * s->h * s->w;
         for (int ki = 0; ki < s->kh; ki++) {
             for (int kj = 0; kj < s->kw; kj++) {
@@ -132,16 +134,88 @@ static void col2im(float *din, const float *col, size_t ld, const nn_conv_shape 
     }
 }
 
-void nn_conv2d_forward(float *out, float *col, const float *in, const float *w, const float *b,
-                       int B, const nn_conv_shape *s)
+/* Work spread over the pool in pieces of (image, channel) pairs of a group
+ * of n images: im2col into col at stride ld, col2im back, or the bias. */
+struct conv_job {
+    const nn_conv_shape *s;
+    const float *in, *b, *col;
+    float *out, *dst;
+    size_t ld, in_sz, out_sz;
+    int n, pieces;
+};
+
+static void im2col_piece(void *arg, int i)
 {
-    if (nn_winograd_applies(s))
-        nn_winograd_forward(out, col, in, w, b, B, s);
-    else
-        nn_conv2d_forward_im2col(out, col, in, w, b, B, s);
+    const struct conv_job *j = arg;
+    size_t lo, hi;
+    int c = j->s->c;
+    nn_pool_range((size_t)j->n * c, j->pieces, i, &lo, &hi);
+    for (int img = (int)(lo / (size_t)c); lo < hi; img++) {
+        size_t end = (size_t)(img + 1) * c < hi ? (size_t)(img + 1) * c : hi;
+        int ohw = j->s->oh * j->s->ow;
+        im2col(j->dst + (size_t)img * ohw, j->ld, j->in + img * j->in_sz, j->s,
+               (int)(lo - (size_t)img * c), (int)(end - (size_t)img * c));
+        lo = end;
+    }
 }
 
-void nn_conv2d_forward_im2col(float *out, float *col, const float *in, const float *w,
+/* col [c*kh*kw, ld] <- the patches of the n images of in, side by side. */
+static void im2col_group(nn_pool *p, float *col, size_t ld, const float *in, int n,
+                         const nn_conv_shape *s)
+{
+    struct conv_job j = {.s = s, .in = in, .dst = col, .ld = ld, .n = n};
+    j.in_sz = (size_t)s->c * s->h * s->w;
+    j.pieces = nn_pool_ranges((size_t)n * s->c, 1, 2 * nn_pool_threads(p));
+    nn_pool_run(p, j.pieces, im2col_piece, &j);
+}
+
+static void col2im_image(void *arg, int i)
+{
+    const struct conv_job *j = arg;
+    int ohw = j->s->oh * j->s->ow;
+    col2im(j->out + i * j->in_sz, j->col + (size_t)i * ohw, j->ld, j->s);
+}
+
+static void bias_piece(void *arg, int i)
+{
+    const struct conv_job *j = arg;
+    size_t lo, hi, ohw = (size_t)j->s->oh * j->s->ow;
+    nn_pool_range((size_t)j->n * j->s->oc, j->pieces, i, &lo, &hi);
+    for (size_t q = lo; q < hi; q++) {
+        float *p = j->out + q * ohw, bo = j->b[q % (size_t)j->s->oc];
+        for (size_t k = 0; k < ohw; k++)
+            p[k] += bo;
+    }
+}
+
+/* db [oc] += the sums of dout over images and positions, channels in pieces. */
+static void db_piece(void *arg, int i)
+{
+    const struct conv_job *j = arg;
+    size_t lo, hi;
+    int ohw = j->s->oh * j->s->ow;
+    nn_pool_range((size_t)j->s->oc, j->pieces, i, &lo, &hi);
+    for (size_t o = lo; o < hi; o++)
+        for (int bi = 0; bi < j->n; bi++) {
+            const float *p = j->col + bi * j->out_sz + o * ohw;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int k = 0; k < ohw; k++)
+                acc += p[k];
+            j->dst[o] += acc;
+        }
+}
+
+void nn_conv2d_forward(nn_pool *p, float *out, float *col, const float *in, const float *w,
+                       const float *b, int B, const nn_conv_shape *s)
+{
+    if (nn_winograd_applies(s))
+        nn_winograd_forward(p, out, col, in, w, b, B, s);
+    else
+        nn_conv2d_forward_im2col(p, out, col, in, w, b, B, s);
+}
+
+void nn_conv2d_forward_im2col(nn_pool *p, float *out, float *col, const float *in, const float *w,
                               const float *b, int B, const nn_conv_shape *s)
 {
     int ohw = s->oh * s->ow;
@@ -153,45 +227,39 @@ void nn_conv2d_forward_im2col(float *out, float *col, const float *in, const flo
         if (n == 1) {
             const float *src = in + b0 * in_sz;
             if (!is_pointwise(s)) {
-                im2col(col, ohw, src, s);
+                im2col_group(p, col, ohw, src, 1, s);
                 src = col;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->oc, ohw, ckk, 1.0f, w, ckk,
-                        src, ohw, 0.0f, out + b0 * out_sz, ohw);
+            nn_pool_sgemm(p, CblasNoTrans, CblasNoTrans, s->oc, ohw, ckk, 1.0f, w, ckk, src, ohw,
+                          0.0f, out + b0 * out_sz, ohw);
             continue;
         }
         size_t ld = (size_t)ohw * n;
-        for (int i = 0; i < n; i++) {
-            const float *src = in + (b0 + i) * in_sz;
-            if (is_pointwise(s)) {
+        if (is_pointwise(s)) {
+            for (int i = 0; i < n; i++)
                 for (int ci = 0; ci < s->c; ci++)
-                    memcpy(col + ci * ld + (size_t)i * ohw, src + (size_t)ci * ohw,
-                           sizeof(float) * ohw);
-            } else {
-                /* im2col writes rows of width ohw at stride ld */
-                float *dst = col + (size_t)i * ohw;
-                im2col(dst, ld, src, s);
-            }
+                    memcpy(col + ci * ld + (size_t)i * ohw,
+                           in + (b0 + i) * in_sz + (size_t)ci * ohw, sizeof(float) * ohw);
+        } else {
+            /* im2col writes rows of width ohw at stride ld */
+            im2col_group(p, col, ld, in + b0 * in_sz, n, s);
         }
         float *stage = col + (size_t)ckk * ld;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->oc, (int)ld, ckk, 1.0f, w, ckk,
-                    col, (int)ld, 0.0f, stage, (int)ld);
+        nn_pool_sgemm(p, CblasNoTrans, CblasNoTrans, s->oc, (int)ld, ckk, 1.0f, w, ckk, col,
+                      (int)ld, 0.0f, stage, (int)ld);
         for (int i = 0; i < n; i++)
             for (int o = 0; o < s->oc; o++)
                 memcpy(out + (b0 + i) * out_sz + (size_t)o * ohw, stage + o * ld + (size_t)i * ohw,
                        sizeof(float) * ohw);
     }
     if (b) {
-        for (int bi = 0; bi < B; bi++)
-            for (int o = 0; o < s->oc; o++) {
-                float *p = out + bi * out_sz + (size_t)o * ohw, bo = b[o];
-                for (int i = 0; i < ohw; i++)
-                    p[i] += bo;
-            }
+        struct conv_job j = {.s = s, .b = b, .out = out, .n = B};
+        j.pieces = nn_pool_ranges((size_t)B * s->oc, 8, 2 * nn_pool_threads(p));
+        nn_pool_run(p, j.pieces, bias_piece, &j);
     }
 }
 
-void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const float *dout,
+void nn_conv2d_backward(nn_pool *p, float *din, float *dw, float *db, float *col, const float *dout,
                         const float *in, const float *w, int B, const nn_conv_shape *s)
 {
     int ohw = s->oh * s->ow;
@@ -201,16 +269,11 @@ void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const floa
     /* 3x3 stride 1: the input gradient goes through Winograd after the loop */
     int wg = din && nn_winograd_backward_applies(s);
     float *din_gemm = wg ? NULL : din;
-    if (db)
-        for (int bi = 0; bi < B; bi++)
-            for (int o = 0; o < s->oc; o++) {
-                const float *p = dout + bi * out_sz + (size_t)o * ohw;
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int i = 0; i < ohw; i++)
-                    acc += p[i];
-                db[o] += acc;
-            }
+    if (db) {
+        struct conv_job j = {.s = s, .col = dout, .dst = db, .out_sz = out_sz, .n = B};
+        j.pieces = nn_pool_ranges((size_t)s->oc, 4, 2 * nn_pool_threads(p));
+        nn_pool_run(p, j.pieces, db_piece, &j);
+    }
     for (int b0 = 0; b0 < B; b0 += g) {
         int n = B - b0 < g ? B - b0 : g;
         size_t ld = (size_t)ohw * n;
@@ -227,24 +290,24 @@ void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const floa
         if (dw) {
             const float *src = in + b0 * in_sz;
             if (!direct) {
-                for (int i = 0; i < n; i++)
-                    im2col(col + (size_t)i * ohw, ld, src + i * in_sz, s);
+                im2col_group(p, col, ld, src, n, s);
                 src = col;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, s->oc, ckk, (int)ld, 1.0f, gr,
-                        (int)ld, src, (int)ld, 1.0f, dw, ckk);
+            nn_pool_sgemm(p, CblasNoTrans, CblasTrans, s->oc, ckk, (int)ld, 1.0f, gr, (int)ld, src,
+                          (int)ld, 1.0f, dw, ckk);
         }
         if (din_gemm) {
             if (direct) {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk,
-                            gr, ohw, 1.0f, din_gemm + b0 * in_sz, ohw);
+                nn_pool_sgemm(p, CblasTrans, CblasNoTrans, ckk, ohw, s->oc, 1.0f, w, ckk, gr, ohw,
+                              1.0f, din_gemm + b0 * in_sz, ohw);
                 continue;
             }
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, ckk, (int)ld, s->oc, 1.0f, w, ckk,
-                        gr, (int)ld, 0.0f, col, (int)ld);
-            for (int i = 0; i < n; i++)
-                col2im(din_gemm + (b0 + i) * in_sz, col + (size_t)i * ohw, ld, s);
+            nn_pool_sgemm(p, CblasTrans, CblasNoTrans, ckk, (int)ld, s->oc, 1.0f, w, ckk, gr,
+                          (int)ld, 0.0f, col, (int)ld);
+            struct conv_job j = {
+                .s = s, .col = col, .out = din_gemm + b0 * in_sz, .ld = ld, .in_sz = in_sz};
+            nn_pool_run(p, n, col2im_image, &j);
         }
     }
-    if (wg) nn_winograd_backward_data(din, col, dout, w, B, s);
+    if (wg) nn_winograd_backward_data(p, din, col, dout, w, B, s);
 }

@@ -2,6 +2,7 @@
  * linear, dropout, global average pool, sigmoid, BCE loss) and the random
  * numbers they draw. Convolution is in conv.c, the LSTM in lstm.c. */
 #include "layers.h"
+#include "pool.h"
 
 #include <cblas.h>
 #include <float.h>
@@ -93,13 +94,32 @@ void nn_relu_backward(float *restrict din, const float *restrict dout, const flo
 }
 
 /* ---- batch-norm ---------------------------------------------------------- */
-void nn_batchnorm_forward(float *out, float *mean, float *rstd, float *running_mean,
-                          float *running_var, const float *in, const float *gamma,
-                          const float *beta, int B, int C, int S, int training, float momentum,
-                          float eps)
+/* Channels are independent: the pool takes them in ranges, each channel
+ * summed in the same order as on one thread. */
+struct bn_job {
+    float *out, *mean, *rstd, *running_mean, *running_var, *din, *dgamma, *dbeta;
+    const float *in, *gamma, *beta, *dout, *cmean, *crstd;
+    int B, C, S, training, pieces;
+    float momentum, eps;
+};
+
+/* Ranges of channels; small layers (the 1-D batch-norm of the dense head)
+ * are not worth waking the workers for. */
+static int bn_pieces(nn_pool *p, int B, int C, int S)
 {
+    if ((size_t)B * C * S < 16384) return 1;
+    return nn_pool_ranges((size_t)C, 1, 2 * nn_pool_threads(p));
+}
+
+static void bn_forward_channels(const struct bn_job *j, int c0, int c1)
+{
+    float *out = j->out, *mean = j->mean, *rstd = j->rstd, *running_mean = j->running_mean,
+          *running_var = j->running_var;
+    const float *in = j->in, *gamma = j->gamma, *beta = j->beta;
+    int B = j->B, C = j->C, S = j->S, training = j->training;
+    float momentum = j->momentum, eps = j->eps;
     size_t n = (size_t)B * S;
-    for (int c = 0; c < C; c++) {
+    for (int c = c0; c < c1; c++) {
         float m, r;
         if (training) {
             /* two passes; each plane sums in float (vectorised), the planes in
@@ -147,12 +167,44 @@ void nn_batchnorm_forward(float *out, float *mean, float *rstd, float *running_m
     }
 }
 
-void nn_batchnorm_backward(float *din, float *dgamma, float *dbeta, const float *dout,
-                           const float *in, const float *mean, const float *rstd,
-                           const float *gamma, int B, int C, int S, int training)
+static void bn_forward_piece(void *arg, int i)
 {
+    const struct bn_job *j = arg;
+    size_t lo, hi;
+    nn_pool_range((size_t)j->C, j->pieces, i, &lo, &hi);
+    bn_forward_channels(j, (int)lo, (int)hi);
+}
+
+void nn_batchnorm_forward(nn_pool *p, float *out, float *mean, float *rstd, float *running_mean,
+                          float *running_var, const float *in, const float *gamma,
+                          const float *beta, int B, int C, int S, int training, float momentum,
+                          float eps)
+{
+    struct bn_job j = {.out = out,
+                       .mean = mean,
+                       .rstd = rstd,
+                       .running_mean = running_mean,
+                       .running_var = running_var,
+                       .in = in,
+                       .gamma = gamma,
+                       .beta = beta,
+                       .B = B,
+                       .C = C,
+                       .S = S,
+                       .training = training,
+                       .momentum = momentum,
+                       .eps = eps};
+    j.pieces = bn_pieces(p, B, C, S);
+    nn_pool_run(p, j.pieces, bn_forward_piece, &j);
+}
+
+static void bn_backward_channels(const struct bn_job *j, int c0, int c1)
+{
+    float *din = j->din, *dgamma = j->dgamma, *dbeta = j->dbeta;
+    const float *dout = j->dout, *in = j->in, *mean = j->cmean, *rstd = j->crstd, *gamma = j->gamma;
+    int B = j->B, C = j->C, S = j->S, training = j->training;
     size_t n = (size_t)B * S;
-    for (int c = 0; c < C; c++) {
+    for (int c = c0; c < c1; c++) {
         float m = mean[c], r = rstd[c], gm = gamma ? gamma[c] : 1.0f;
         double sum_g = 0.0, sum_gx = 0.0; /* sum(dout), sum(dout * xhat) */
         for (int b = 0; b < B; b++) {
@@ -181,6 +233,34 @@ void nn_batchnorm_backward(float *din, float *dgamma, float *dbeta, const float 
                 dx[s] += k * (g[s] - mg - (x[s] - m) * r * mgx);
         }
     }
+}
+
+static void bn_backward_piece(void *arg, int i)
+{
+    const struct bn_job *j = arg;
+    size_t lo, hi;
+    nn_pool_range((size_t)j->C, j->pieces, i, &lo, &hi);
+    bn_backward_channels(j, (int)lo, (int)hi);
+}
+
+void nn_batchnorm_backward(nn_pool *p, float *din, float *dgamma, float *dbeta, const float *dout,
+                           const float *in, const float *mean, const float *rstd,
+                           const float *gamma, int B, int C, int S, int training)
+{
+    struct bn_job j = {.din = din,
+                       .dgamma = dgamma,
+                       .dbeta = dbeta,
+                       .dout = dout,
+                       .in = in,
+                       .cmean = mean,
+                       .crstd = rstd,
+                       .gamma = gamma,
+                       .B = B,
+                       .C = C,
+                       .S = S,
+                       .training = training};
+    j.pieces = bn_pieces(p, B, C, S);
+    nn_pool_run(p, j.pieces, bn_backward_piece, &j);
 }
 
 /* ---- linear -------------------------------------------------------------- */

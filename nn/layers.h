@@ -12,6 +12,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The worker threads the convolutions spread over (pool.h); NULL runs them
+ * on the caller alone. */
+typedef struct nn_pool nn_pool;
+
 /* ---- conv2d ------------------------------------------------------------ */
 /* Geometry of one convolution: in [B, c, h, w] -> out [B, oc, oh, ow] with a
  * weight [oc, c, kh, kw] and bias [oc]. nn_conv_shape_init fills oh, ow. */
@@ -26,26 +30,26 @@ void nn_conv_shape_init(nn_conv_shape *s, int c, int h, int w, int oc, int k, in
 size_t nn_conv2d_col_size(const nn_conv_shape *s, int B);
 /* out [B,oc,oh,ow] = conv(in [B,c,h,w], w) + b; b may be NULL; col is scratch of
  * nn_conv2d_col_size() floats. Picks Winograd where it applies, else im2col. */
-void nn_conv2d_forward(float *out, float *col, const float *in, const float *w, const float *b,
-                       int B, const nn_conv_shape *s);
+void nn_conv2d_forward(nn_pool *p, float *out, float *col, const float *in, const float *w,
+                       const float *b, int B, const nn_conv_shape *s);
 /* The two algorithms behind it, for tests and benchmarks. */
-void nn_conv2d_forward_im2col(float *out, float *col, const float *in, const float *w,
+void nn_conv2d_forward_im2col(nn_pool *p, float *out, float *col, const float *in, const float *w,
                               const float *b, int B, const nn_conv_shape *s);
 /* Winograd F(2x2, 3x3): 3x3 kernels, stride 1, padding 1, at least 16 input
  * channels. ws: nn_winograd_ws_size() floats. */
 int nn_winograd_applies(const nn_conv_shape *s);
 size_t nn_winograd_ws_size(const nn_conv_shape *s, int B);
-void nn_winograd_forward(float *out, float *ws, const float *in, const float *w, const float *b,
-                         int B, const nn_conv_shape *s);
+void nn_winograd_forward(nn_pool *p, float *out, float *ws, const float *in, const float *w,
+                         const float *b, int B, const nn_conv_shape *s);
 /* din [B,c,h,w] += the input gradient of the convolution s from dout, by
  * Winograd (a 3x3 convolution of dout with the rotated, transposed weights);
  * applies when s is 3x3, stride 1, padding 1 and has at least 16 outputs. */
 int nn_winograd_backward_applies(const nn_conv_shape *s);
 size_t nn_winograd_backward_ws_size(const nn_conv_shape *s, int B);
-void nn_winograd_backward_data(float *din, float *ws, const float *dout, const float *w, int B,
-                               const nn_conv_shape *s);
+void nn_winograd_backward_data(nn_pool *p, float *din, float *ws, const float *dout, const float *w,
+                               int B, const nn_conv_shape *s);
 /* din [B,c,h,w] (may be NULL), dw [oc,c,kh,kw] and db [oc] (may be NULL). */
-void nn_conv2d_backward(float *din, float *dw, float *db, float *col, const float *dout,
+void nn_conv2d_backward(nn_pool *p, float *din, float *dw, float *db, float *col, const float *dout,
                         const float *in, const float *w, int B, const nn_conv_shape *s);
 
 /* ---- max-pool (k x k window, stride) --------------------------------- */
@@ -66,12 +70,12 @@ void nn_relu_backward(float *din, const float *dout, const float *out, size_t n)
  * backward and update running_mean/running_var (momentum as PyTorch: new =
  * (1-m)*old + m*batch, unbiased variance). Not training: use the running
  * statistics (mean and rstd are still written, for backward). */
-void nn_batchnorm_forward(float *out, float *mean, float *rstd, float *running_mean,
+void nn_batchnorm_forward(nn_pool *p, float *out, float *mean, float *rstd, float *running_mean,
                           float *running_var, const float *in, const float *gamma,
                           const float *beta, int B, int C, int S, int training, float momentum,
                           float eps);
 /* training must be what the forward pass used. */
-void nn_batchnorm_backward(float *din, float *dgamma, float *dbeta, const float *dout,
+void nn_batchnorm_backward(nn_pool *p, float *din, float *dgamma, float *dbeta, const float *dout,
                            const float *in, const float *mean, const float *rstd,
                            const float *gamma, int B, int C, int S, int training);
 

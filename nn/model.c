@@ -3,8 +3,10 @@
  * freeing, metadata, freezing, modes and accessors. */
 #include "err.h"
 #include "model_internal.h"
+#include "pool.h"
 
 #include <cblas.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,9 +30,31 @@ void nn_config_default(nn_config *c)
     c->seed = 1;
 }
 
+/* Threads for models created from now on; 0 until nn_set_threads or the
+ * first model (which takes OpenBLAS's own count: OPENBLAS_NUM_THREADS, else
+ * every core). */
+static atomic_int default_threads;
+
 void nn_set_threads(int n)
 {
-    openblas_set_num_threads(n);
+    atomic_store(&default_threads, n < 1 ? 1 : n);
+}
+
+/* The threads a new model's pool gets. nn/ splits its matrix products
+ * itself, so OpenBLAS's own threads are told to stand aside: two thread
+ * pools on the same cores spin against each other. */
+static int model_threads(void)
+{
+    int n = atomic_load(&default_threads);
+    if (n < 1) {
+        n = openblas_get_num_threads();
+        if (n < 1) n = 1;
+        int zero = 0;
+        atomic_compare_exchange_strong(&default_threads, &zero, n);
+        n = atomic_load(&default_threads);
+    }
+    openblas_set_num_threads(1);
+    return n;
 }
 
 static char *xstrdup(const char *s)
@@ -70,6 +94,9 @@ nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
     if (!m->arch) goto oom;
     m->cfg.arch = m->arch;
     m->be = nn_backend_cpu();
+    m->workers = nn_pool_create(model_threads());
+    if (!m->workers) goto oom;
+    m->bctx = m->workers;
     m->rng = c->seed ^ 0x5eed5eed5eed5eedULL;
     if (nn_arch_build(m, err, errlen) != 0) {
         nn_model_free(m);
@@ -164,7 +191,7 @@ static void drop_device(nn_model *m)
     m->be->dealloc(c, m->stat);
     m->be->release(c);
     m->be = nn_backend_cpu();
-    m->bctx = NULL;
+    m->bctx = m->workers;
     m->bparams = m->params;
     m->bgrads = m->grads;
     m->badam_m = m->adam_m;
@@ -267,6 +294,7 @@ void nn_model_free(nn_model *m)
         free(m->meta_v[i]);
     }
     free(m->arch);
+    nn_pool_free(m->workers);
     free(m);
 }
 

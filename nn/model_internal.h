@@ -72,8 +72,9 @@ struct nn_model {
     nn_config cfg;
     char *arch; /* cfg.arch points here */
     const nn_backend *be;
-    void *bctx;  /* be's context (NULL for the CPU) */
-    int be_fp32; /* NN_DEVICE_FP32 was asked for */
+    void *bctx;              /* be's context (the worker pool on the CPU) */
+    struct nn_pool *workers; /* the CPU backend's threads (pool.h), the model's own */
+    int be_fp32;             /* NN_DEVICE_FP32 was asked for */
     nn_tensor tensors[NN_MAX_TENSORS];
     int ntensors;
     /* The host copy: what files, tests and tools read and write. */

@@ -177,8 +177,10 @@ const char *nn_model_device(const nn_model *m); /* "cpu" or "cuda" */
 int nn_cuda_device_count(void);
 int nn_cuda_built(void); /* 1 when nn/cuda/'s module was built with the library */
 
-/* Sets the threads OpenBLAS uses (process-wide in OpenBLAS; by default it
- * uses every core, or OPENBLAS_NUM_THREADS). */
+/* Sets the threads each model created from now on computes with on the
+ * CPU (its own worker pool, nn/pool.h, the caller included). By default
+ * OpenBLAS's count: OPENBLAS_NUM_THREADS, else every core. OpenBLAS itself
+ * then runs on one thread: nn/ splits the matrix products. */
 void nn_set_threads(int n);
 
 #endif

@@ -8,12 +8,16 @@
  * linear passes. Images are grouped so that the GEMMs stay wide on the small
  * late layers, as in conv.c. */
 #include "layers.h"
+#include "pool.h"
 
 #include <cblas.h>
 #include <string.h>
 
 /* Tiles (columns of the 16 GEMMs) per group that keep OpenBLAS near peak. */
 #define WG_MIN_TILES 512
+/* The transforms run in at most this many pieces at once, each with its own
+ * scratch in the workspace (nothing here allocates). */
+#define WG_PIECES 16
 
 int nn_winograd_applies(const nn_conv_shape *s)
 {
@@ -43,16 +47,18 @@ static size_t scratch_size(const nn_conv_shape *s)
 size_t nn_winograd_ws_size(const nn_conv_shape *s, int B)
 {
     size_t nt = (size_t)tiles(s) * wg_group(s, B);
-    return 16 * ((size_t)s->oc * s->c + (size_t)s->c * nt + (size_t)s->oc * nt) + scratch_size(s);
+    return 16 * ((size_t)s->oc * s->c + (size_t)s->c * nt + (size_t)s->oc * nt) +
+           WG_PIECES * scratch_size(s);
 }
 
 /* U [16][oc][c] = G g G^T for every filter g [3][3] of w [oc][c][3][3].
  * flip: w is [c][oc][3][3] and each filter is rotated by 180 degrees, which
  * turns the weights of a convolution into those of its backward-data pass. */
-static void transform_weights(float *U, const float *w, int oc, int c, int flip)
+static void transform_weights(float *U, const float *w, int oc, int c, int flip, size_t k0,
+                              size_t k1)
 {
     size_t plane = (size_t)oc * c;
-    for (size_t k = 0; k < plane; k++) {
+    for (size_t k = k0; k < k1; k++) {
         float f[9];
         const float *g = w + 9 * k;
         if (flip) {
@@ -78,12 +84,13 @@ static void transform_weights(float *U, const float *w, int oc, int c, int flip)
     }
 }
 
-/* V [16][c][ld] at column col0 <- B^T d B for every tile of one image [c, h, w].
+/* V [16][c][ld] at column col0 <- B^T d B for every tile of channels
+ * [c0, c1) of one image [c, h, w].
  * Works a row of tiles at a time: B^T over the four input rows for all
  * columns at once, then B over each tile's four columns, so that every inner
  * loop runs along a row and vectorises. */
 static void transform_input(float *V, size_t ld, size_t col0, const float *in,
-                            const nn_conv_shape *s, float *scratch)
+                            const nn_conv_shape *s, int c0, int c1, float *scratch)
 {
     int th = (s->oh + 1) / 2, tw = (s->ow + 1) / 2, W = s->w;
     int pw = 2 * tw + 2; /* padded row: column x of the image at x + 1 */
@@ -93,7 +100,7 @@ static void transform_input(float *V, size_t ld, size_t col0, const float *in,
         d[k] = scratch + k * pw;
         t[k] = scratch + (4 + k) * pw;
     }
-    for (int ci = 0; ci < s->c; ci++) {
+    for (int ci = c0; ci < c1; ci++) {
         const float *src = in + (size_t)ci * s->h * W;
         for (int ty = 0; ty < th; ty++) {
             for (int k = 0; k < 4; k++) {
@@ -124,10 +131,10 @@ static void transform_input(float *V, size_t ld, size_t col0, const float *in,
     }
 }
 
-/* out [oc, oh, ow] of one image <- A^T m A (+ bias) from M [16][oc][ld] at col0,
- * a row of tiles at a time. */
+/* out [oc, oh, ow] of one image, channels [o0, o1) <- A^T m A (+ bias) from
+ * M [16][oc][ld] at col0, a row of tiles at a time. */
 static void transform_output(float *out, const float *M, size_t ld, size_t col0, const float *b,
-                             const nn_conv_shape *s, float *scratch, int accumulate)
+                             const nn_conv_shape *s, int o0, int o1, float *scratch, int accumulate)
 {
     int th = (s->oh + 1) / 2, tw = (s->ow + 1) / 2;
     size_t plane = (size_t)s->oc * ld;
@@ -137,7 +144,7 @@ static void transform_output(float *out, const float *M, size_t ld, size_t col0,
         a[q] = y1 + 2 * tw + 2 + (size_t)q * tw;
         c[q] = a[q] + 4 * (size_t)tw;
     }
-    for (int o = 0; o < s->oc; o++) {
+    for (int o = o0; o < o1; o++) {
         float *dst = out + (size_t)o * s->oh * s->ow, bias = b ? b[o] : 0.0f;
         for (int ty = 0; ty < th; ty++) {
             const float *m = M + (size_t)o * ld + col0 + (size_t)ty * tw;
@@ -172,35 +179,112 @@ static void transform_output(float *out, const float *M, size_t ld, size_t col0,
     }
 }
 
-/* The transformed weights U are in ws already. */
-static void run(float *out, float *ws, const float *in, const float *b, int B,
-                const nn_conv_shape *s, int accumulate)
+/* One group of images on the pool: the input transform in pieces of
+ * (image, channel) pairs, the 16 GEMMs one per task (each on one thread),
+ * the output transform in pieces of (image, output channel) pairs. */
+struct wg_job {
+    const nn_conv_shape *s;
+    const float *w, *in, *b;
+    float *out, *U, *V, *M, *scratch;
+    size_t ld, in_sz, out_sz, sstride;
+    int t, b0, n, pieces, accumulate, flip;
+};
+
+/* Piece i of the n x count pairs (image, channel): calls back per image
+ * with the channel range [c0, c1). */
+static void piece_pairs(const struct wg_job *j, int count, int i, int *first, size_t *lo,
+                        size_t *hi)
 {
-    int t = tiles(s), g = wg_group(s, B);
-    size_t in_sz = (size_t)s->c * s->h * s->w, out_sz = (size_t)s->oc * s->oh * s->ow;
-    float *U = ws, *V = U + 16 * (size_t)s->oc * s->c;
-    float *M = V + 16 * (size_t)s->c * t * g;
-    float *scratch = M + 16 * (size_t)s->oc * t * g;
-    for (int b0 = 0; b0 < B; b0 += g) {
-        int n = B - b0 < g ? B - b0 : g;
-        size_t ld = (size_t)t * n;
-        for (int i = 0; i < n; i++)
-            transform_input(V, ld, (size_t)i * t, in + (b0 + i) * in_sz, s, scratch);
-        for (int k = 0; k < 16; k++)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->oc, (int)ld, s->c, 1.0f,
-                        U + (size_t)k * s->oc * s->c, s->c, V + (size_t)k * s->c * ld, (int)ld,
-                        0.0f, M + (size_t)k * s->oc * ld, (int)ld);
-        for (int i = 0; i < n; i++)
-            transform_output(out + (b0 + i) * out_sz, M, ld, (size_t)i * t, b, s, scratch,
-                             accumulate);
+    nn_pool_range((size_t)j->n * count, j->pieces, i, lo, hi);
+    *first = (int)(*lo / (size_t)count);
+}
+
+static void input_piece(void *arg, int i)
+{
+    const struct wg_job *j = arg;
+    size_t lo, hi;
+    int img, c = j->s->c;
+    piece_pairs(j, c, i, &img, &lo, &hi);
+    for (; lo < hi; img++) {
+        size_t end = (size_t)(img + 1) * c < hi ? (size_t)(img + 1) * c : hi;
+        transform_input(j->V, j->ld, (size_t)img * j->t, j->in + (j->b0 + img) * j->in_sz, j->s,
+                        (int)(lo - (size_t)img * c), (int)(end - (size_t)img * c),
+                        j->scratch + (size_t)i * j->sstride);
+        lo = end;
     }
 }
 
-void nn_winograd_forward(float *out, float *ws, const float *in, const float *w, const float *b,
-                         int B, const nn_conv_shape *s)
+static void gemm_point(void *arg, int k)
 {
-    transform_weights(ws, w, s->oc, s->c, 0);
-    run(out, ws, in, b, B, s, 0);
+    const struct wg_job *j = arg;
+    const nn_conv_shape *s = j->s;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, s->oc, (int)j->ld, s->c, 1.0f,
+                j->U + (size_t)k * s->oc * s->c, s->c, j->V + (size_t)k * s->c * j->ld, (int)j->ld,
+                0.0f, j->M + (size_t)k * s->oc * j->ld, (int)j->ld);
+}
+
+static void output_piece(void *arg, int i)
+{
+    const struct wg_job *j = arg;
+    size_t lo, hi;
+    int img, oc = j->s->oc;
+    piece_pairs(j, oc, i, &img, &lo, &hi);
+    for (; lo < hi; img++) {
+        size_t end = (size_t)(img + 1) * oc < hi ? (size_t)(img + 1) * oc : hi;
+        transform_output(j->out + (j->b0 + img) * j->out_sz, j->M, j->ld, (size_t)img * j->t, j->b,
+                         j->s, (int)(lo - (size_t)img * oc), (int)(end - (size_t)img * oc),
+                         j->scratch + (size_t)i * j->sstride, j->accumulate);
+        lo = end;
+    }
+}
+
+static void weights_piece(void *arg, int i)
+{
+    const struct wg_job *j = arg;
+    size_t lo, hi;
+    nn_pool_range((size_t)j->s->oc * j->s->c, j->pieces, i, &lo, &hi);
+    transform_weights(j->U, j->w, j->s->oc, j->s->c, j->flip, lo, hi);
+}
+
+/* U <- the transformed weights, then out (+)= the convolution of in. */
+static void run(nn_pool *p, float *out, float *ws, const float *in, const float *w, int flip,
+                const float *b, int B, const nn_conv_shape *s, int accumulate)
+{
+    int t = tiles(s), g = wg_group(s, B);
+    int T = nn_pool_threads(p), pieces = 2 * T < WG_PIECES ? 2 * T : WG_PIECES;
+    struct wg_job j = {.s = s,
+                       .w = w,
+                       .in = in,
+                       .b = b,
+                       .out = out,
+                       .t = t,
+                       .accumulate = accumulate,
+                       .flip = flip};
+    j.in_sz = (size_t)s->c * s->h * s->w;
+    j.out_sz = (size_t)s->oc * s->oh * s->ow;
+    j.U = ws;
+    j.V = j.U + 16 * (size_t)s->oc * s->c;
+    j.M = j.V + 16 * (size_t)s->c * t * g;
+    j.scratch = j.M + 16 * (size_t)s->oc * t * g;
+    j.sstride = scratch_size(s);
+    j.pieces = nn_pool_ranges((size_t)s->oc * s->c, 256, pieces);
+    nn_pool_run(p, j.pieces, weights_piece, &j);
+    for (int b0 = 0; b0 < B; b0 += g) {
+        j.b0 = b0;
+        j.n = B - b0 < g ? B - b0 : g;
+        j.ld = (size_t)t * j.n;
+        j.pieces = nn_pool_ranges((size_t)j.n * s->c, 1, pieces);
+        nn_pool_run(p, j.pieces, input_piece, &j);
+        nn_pool_run(p, 16, gemm_point, &j);
+        j.pieces = nn_pool_ranges((size_t)j.n * s->oc, 1, pieces);
+        nn_pool_run(p, j.pieces, output_piece, &j);
+    }
+}
+
+void nn_winograd_forward(nn_pool *p, float *out, float *ws, const float *in, const float *w,
+                         const float *b, int B, const nn_conv_shape *s)
+{
+    run(p, out, ws, in, w, 0, b, B, s, 0);
 }
 
 /* Geometry of the backward-data pass of s, itself a 3x3 stride-1 convolution. */
@@ -223,10 +307,9 @@ size_t nn_winograd_backward_ws_size(const nn_conv_shape *s, int B)
     return nn_winograd_ws_size(&t, B);
 }
 
-void nn_winograd_backward_data(float *din, float *ws, const float *dout, const float *w, int B,
-                               const nn_conv_shape *s)
+void nn_winograd_backward_data(nn_pool *p, float *din, float *ws, const float *dout, const float *w,
+                               int B, const nn_conv_shape *s)
 {
     nn_conv_shape t = transposed(s);
-    transform_weights(ws, w, t.oc, t.c, 1);
-    run(din, ws, dout, NULL, B, &t, 1);
+    run(p, din, ws, dout, w, 1, NULL, B, &t, 1);
 }

@@ -8,7 +8,7 @@
  *            Adam step (features are computed once per run, not timed).
  *   train-bench ARCH BATCH SERIES LEN SECONDS
  * Prints "stage1_slices_per_s=.. stage2_slices_per_s=..". Threads:
- * OPENBLAS_NUM_THREADS. */
+ * OPENBLAS_NUM_THREADS, the default of the model's worker pool. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -42,7 +42,7 @@ static void usage(FILE *f)
             "                     calibrate-report.html)\n"
             "  --json FILE        metrics JSON (default calibrate-metrics.json)\n"
             "  --cache DIR        preprocessed-slice cache\n"
-            "  --threads N        BLAS threads\n"
+            "  --threads N        CPU threads (default: all cores)\n"
             "  --device D         auto, cpu or cuda (nn.device; default auto)\n"
             "  -c FILE, --set K=V configuration (store.dir for --reviews)\n"
             "  -h, --help         this text\n");

@@ -23,7 +23,7 @@ static void usage(FILE *f)
                "                     it with --seed/--val/--test (default all)\n"
                "  --seed N, --val F, --test F  the split (defaults as in train)\n"
                "  --cache DIR        preprocessed-slice cache\n"
-               "  --threads N        BLAS threads\n"
+               "  --threads N        CPU threads (default: all cores)\n"
                "  --device D         auto, cpu or cuda (nn.device; default auto)\n"
                "  -c FILE, --set K=V accepted like every subcommand\n"
                "  -h, --help         this text\n");

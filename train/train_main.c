@@ -86,7 +86,7 @@ static void usage(FILE *f)
         "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
         "                          over the labels (default) or on that of \"any\"\n"
-        "  --threads N             BLAS threads (default: all cores)\n"
+        "  --threads N             CPU threads (default: all cores)\n"
         "  --device auto|cpu|cuda  where the model runs (nn.device; default auto)\n"
         "  --no-augment            (tests) no augmentation\n"
         "  --provenance TEXT       added to the model's provenance\n"

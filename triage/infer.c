@@ -244,9 +244,11 @@ static void *infer_main(void *arg)
 }
 
 /* OpenBLAS starts its worker threads when the library loads, from the main
- * thread, at its priority; the model's matrix products run on them. Called
- * before any thread of ours exists, this lowers every thread but the main
- * one, which are then exactly OpenBLAS's workers. Returns how many. */
+ * thread, at its priority. nn/ runs OpenBLAS on one thread (its own worker
+ * pool, started from the inference thread, inherits SCHED_IDLE), so they
+ * should stay asleep; should they ever run, they yield too. Called before
+ * any thread of ours exists, this lowers every thread but the main one,
+ * which are then exactly OpenBLAS's workers. Returns how many. */
 static int lower_blas_workers(void)
 {
     DIR *d = opendir("/proc/self/task");

@@ -17,7 +17,7 @@ struct triage_infer_config {
     const char *db_path;
     const char *model; /* triage.model (may be empty) */
     double max_tilt_deg;
-    int threads;        /* OpenBLAS threads for the model */
+    int threads;        /* CPU threads for the model (nn_set_threads) */
     const char *device; /* nn.device: auto, cpu or cuda (NULL: auto) */
     /* How pixels are decoded (triage.pixel_decoder); NULL: inline. Borrowed
      * until triage_infer_stop(). */

@@ -30,13 +30,13 @@ static void conv_on(const nn_backend *be, int B, int c, int h, int w, int oc, in
     float *dx = buf(nx, 0), *dw = buf(nw, 0), *db = buf(oc, 0);
     float *rdx = buf(nx, 0), *rdw = buf(nw, 0), *rdb = buf(oc, 0);
     be->conv2d_forward(NULL, out, col, x, wt, b, B, &cs);
-    nn_conv2d_forward_im2col(ref, col, x, wt, b, B, &cs);
+    nn_conv2d_forward_im2col(NULL, ref, col, x, wt, b, B, &cs);
     expect_close(be->name, out, ref, no, 1e-5);
     be->conv2d_backward(NULL, dx, dw, db, col, g, x, wt, B, &cs);
     /* the CPU table points at these very kernels, so for it only the forward
      * comparison (Winograd against im2col) has teeth; another backend is
      * held to the CPU's gradients here */
-    nn_conv2d_backward(rdx, rdw, rdb, col, g, x, wt, B, &cs);
+    nn_conv2d_backward(NULL, rdx, rdw, rdb, col, g, x, wt, B, &cs);
     expect_close("conv dx", dx, rdx, nx, 1e-5);
     expect_close("conv dw", dw, rdw, nw, 1e-5);
     expect_close("conv db", db, rdb, oc, 1e-5);

@@ -59,18 +59,18 @@ static void conv_case(check_ctx *t, int B, int c, int h, int w, int oc, int k, i
     float *dg = dev_up(t, g, no), *dout = t->be->alloc(t->dev, no * sizeof(float));
     char what[160];
 
-    nn_conv2d_forward_im2col(ref, col, x, wt, b, B, &cs);
+    nn_conv2d_forward_im2col(NULL, ref, col, x, wt, b, B, &cs);
     for (int rep = 0; rep < 2; rep++) { /* the second call runs the cached plan */
         t->be->conv2d_forward(t->dev, dout, NULL, dxd, dwt, dbd, B, &cs);
         snprintf(what, sizeof(what), "%s fwd%s", name, rep ? " again" : "");
         cmp(t, what, dout, ref, no);
     }
-    nn_conv2d_forward_im2col(ref, col, x, wt, NULL, B, &cs);
+    nn_conv2d_forward_im2col(NULL, ref, col, x, wt, NULL, B, &cs);
     t->be->conv2d_forward(t->dev, dout, NULL, dxd, dwt, NULL, B, &cs);
     snprintf(what, sizeof(what), "%s fwd no bias", name);
     cmp(t, what, dout, ref, no);
 
-    nn_conv2d_backward(dx, dw, db, col, g, x, wt, B, &cs);
+    nn_conv2d_backward(NULL, dx, dw, db, col, g, x, wt, B, &cs);
     t->be->conv2d_backward(t->dev, ddx, ddw, ddb, NULL, dg, dxd, dwt, B, &cs);
     snprintf(what, sizeof(what), "%s dx", name);
     cmp(t, what, ddx, dx, nx);
@@ -79,9 +79,9 @@ static void conv_case(check_ctx *t, int B, int c, int h, int w, int oc, int k, i
     snprintf(what, sizeof(what), "%s db", name);
     cmp(t, what, ddb, db, oc);
     /* frozen weights: only the input gradient; first layer: only the weights */
-    nn_conv2d_backward(dx, NULL, NULL, col, g, x, wt, B, &cs);
+    nn_conv2d_backward(NULL, dx, NULL, NULL, col, g, x, wt, B, &cs);
     t->be->conv2d_backward(t->dev, ddx, NULL, NULL, NULL, dg, dxd, dwt, B, &cs);
-    nn_conv2d_backward(NULL, dw, db, col, g, x, wt, B, &cs);
+    nn_conv2d_backward(NULL, NULL, dw, db, col, g, x, wt, B, &cs);
     t->be->conv2d_backward(t->dev, NULL, ddw, ddb, NULL, dg, dxd, dwt, B, &cs);
     snprintf(what, sizeof(what), "%s dx (frozen w)", name);
     cmp(t, what, ddx, dx, nx);
@@ -207,7 +207,7 @@ static void bn_case(check_ctx *t, int B, int C, int S, int training)
     float *dstat = t->be->alloc(t->dev, 2 * C * sizeof(float));
     char name[64], what[128];
     snprintf(name, sizeof(name), "batchnorm %s B%d C%d S%d", training ? "train" : "eval", B, C, S);
-    nn_batchnorm_forward(out, stat, stat + C, rm, rv, x, gamma, beta, B, C, S, training, 0.1f,
+    nn_batchnorm_forward(NULL, out, stat, stat + C, rm, rv, x, gamma, beta, B, C, S, training, 0.1f,
                          1e-5f);
     t->be->batchnorm_forward(t->dev, dout, dstat, dstat + C, drm, drv, dxd, dgamma, dbeta, B, C, S,
                              training, 0.1f, 1e-5f);
@@ -221,7 +221,7 @@ static void bn_case(check_ctx *t, int B, int C, int S, int training)
     cmp(t, what, drm, rm, C);
     snprintf(what, sizeof(what), "%s running var", name);
     cmp(t, what, drv, rv, C);
-    nn_batchnorm_backward(dx, dgam, dbet, g, x, stat, stat + C, gamma, B, C, S, training);
+    nn_batchnorm_backward(NULL, dx, dgam, dbet, g, x, stat, stat + C, gamma, B, C, S, training);
     t->be->batchnorm_backward(t->dev, ddx, ddgam, ddbet, dg, dxd, dstat, dstat + C, dgamma, B, C, S,
                               training, 1e-5f);
     snprintf(what, sizeof(what), "%s dx", name);
@@ -231,12 +231,12 @@ static void bn_case(check_ctx *t, int B, int C, int S, int training)
     snprintf(what, sizeof(what), "%s dbeta", name);
     cmp(t, what, ddbet, dbet, C);
     /* frozen affine (only dx), and no dx with one parameter gradient */
-    nn_batchnorm_backward(dx, NULL, NULL, g, x, stat, stat + C, gamma, B, C, S, training);
+    nn_batchnorm_backward(NULL, dx, NULL, NULL, g, x, stat, stat + C, gamma, B, C, S, training);
     t->be->batchnorm_backward(t->dev, ddx, NULL, NULL, dg, dxd, dstat, dstat + C, dgamma, B, C, S,
                               training, 1e-5f);
     snprintf(what, sizeof(what), "%s dx (frozen)", name);
     cmp(t, what, ddx, dx, n);
-    nn_batchnorm_backward(NULL, dgam, NULL, g, x, stat, stat + C, gamma, B, C, S, training);
+    nn_batchnorm_backward(NULL, NULL, dgam, NULL, g, x, stat, stat + C, gamma, B, C, S, training);
     t->be->batchnorm_backward(t->dev, NULL, ddgam, NULL, dg, dxd, dstat, dstat + C, dgamma, B, C, S,
                               training, 1e-5f);
     snprintf(what, sizeof(what), "%s dgamma (no dx, no dbeta)", name);

@@ -71,7 +71,7 @@ static void away_from_zero(float *x, size_t n)
 
 static void conv_fwd(fd *c, float *out)
 {
-    nn_conv2d_forward(out, c->aux, c->x, c->w, c->b, c->B, &c->conv);
+    nn_conv2d_forward(NULL, out, c->aux, c->x, c->w, c->b, c->B, &c->conv);
 }
 
 static void conv_case(int k, int stride, int pad, int B)
@@ -83,7 +83,7 @@ static void conv_case(int k, int stride, int pad, int B)
     c.x = buf(nx, 1), c.w = buf(nw, 2), c.b = buf(5, 3), c.r = buf(c.nout, 4);
     c.out = buf(c.nout, 0), c.aux = buf(nn_conv2d_col_size(&c.conv, B), 0);
     float *dx = buf(nx, 0), *dw = buf(nw, 0), *db = buf(5, 0);
-    nn_conv2d_backward(dx, dw, db, c.aux, c.r, c.x, c.w, B, &c.conv);
+    nn_conv2d_backward(NULL, dx, dw, db, c.aux, c.r, c.x, c.w, B, &c.conv);
     check("conv dx", &c, c.x, nx, dx);
     check("conv dw", &c, c.w, nw, dw);
     check("conv db", &c, c.b, 5, db);
@@ -176,7 +176,7 @@ static void bn_fwd(fd *c, float *out)
     float rm[8], rv[8];
     memcpy(rm, c->aux2, sizeof(float) * c->C);
     memcpy(rv, c->aux2 + 8, sizeof(float) * c->C);
-    nn_batchnorm_forward(out, c->aux, c->aux + 8, rm, rv, c->x, c->w, c->b, c->B, c->C, c->S,
+    nn_batchnorm_forward(NULL, out, c->aux, c->aux + 8, rm, rv, c->x, c->w, c->b, c->B, c->C, c->S,
                          c->train, 0.1f, 1e-5f);
 }
 
@@ -191,7 +191,7 @@ static void bn_case(int B, int C, int S, int train)
         c.aux2[8 + i] = 0.5f + 0.1f * i;
     float *dx = buf(n, 0), *dg = buf(C, 0), *db = buf(C, 0);
     bn_fwd(&c, c.out);
-    nn_batchnorm_backward(dx, dg, db, c.r, c.x, c.aux, c.aux + 8, c.w, B, C, S, train);
+    nn_batchnorm_backward(NULL, dx, dg, db, c.r, c.x, c.aux, c.aux + 8, c.w, B, C, S, train);
     check("bn dx", &c, c.x, n, dx);
     check("bn dgamma", &c, c.w, C, dg);
     check("bn dbeta", &c, c.b, C, db);
@@ -293,8 +293,8 @@ static void winograd_case(int B, int c, int h, int w, int oc)
     size_t nx = (size_t)B * c * h * w, no = (size_t)B * oc * h * w;
     float *x = buf(nx, 1), *wt = buf((size_t)oc * c * 9, 2), *b = buf(oc, 3);
     float *ws = buf(nn_conv2d_col_size(&s, B), 0), *a = buf(no, 0), *ref = buf(no, 0);
-    nn_winograd_forward(a, ws, x, wt, b, B, &s);
-    nn_conv2d_forward_im2col(ref, ws, x, wt, b, B, &s);
+    nn_winograd_forward(NULL, a, ws, x, wt, b, B, &s);
+    nn_conv2d_forward_im2col(NULL, ref, ws, x, wt, b, B, &s);
     expect_close("winograd vs im2col", a, ref, no, 1e-5);
     free(x), free(wt), free(b), free(ws), free(a), free(ref);
 }
@@ -319,7 +319,7 @@ Test(gradcheck, winograd_backward_data)
         float *x = buf(nx, 1), *w = buf(nw, 2), *dout = buf(no, 3);
         float *ws = buf(nn_conv2d_col_size(&s, B), 0), *a = buf(nx, 4), *ref = buf(nx, 0);
         memcpy(ref, a, sizeof(float) * nx); /* both accumulate onto the same start */
-        nn_winograd_backward_data(a, ws, dout, w, B, &s);
+        nn_winograd_backward_data(NULL, a, ws, dout, w, B, &s);
         for (int b = 0; b < B; b++)
             for (int o = 0; o < 16; o++)
                 for (int ci = 0; ci < 5; ci++)

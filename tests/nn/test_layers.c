@@ -46,9 +46,9 @@ static void check_conv(const char *name, int k, int stride, int pad)
     cr_assert_eq((size_t)2 * 4 * s.oh * s.ow, no, "%s: output size", name);
     float *col = zeros(nn_conv2d_col_size(&s, 2)), *out = zeros(no);
     float *dx = zeros(nx), *dw = zeros(nw), *db = zeros(nb);
-    nn_conv2d_forward(out, col, x, w, b, 2, &s);
+    nn_conv2d_forward(NULL, out, col, x, w, b, 2, &s);
     expect_close(name, out, ref, no, NN_TOL_OUT);
-    nn_conv2d_backward(dx, dw, db, col, dout, x, w, 2, &s);
+    nn_conv2d_backward(NULL, dx, dw, db, col, dout, x, w, 2, &s);
     expect_close("conv dx", dx, rdx, nx, NN_TOL_GRAD);
     expect_close("conv dw", dw, rdw, nw, NN_TOL_GRAD);
     expect_close("conv db", db, rdb, nb, NN_TOL_GRAD);
@@ -120,11 +120,11 @@ static void check_bn(const char *name, int B, int C, int S, int training)
     float *rdx = get(name, "dx", NULL), *rdg = get(name, "dg", NULL), *rdb = get(name, "db", NULL);
     float *out = zeros(n), *dx = zeros(n), *dg = zeros(C), *db = zeros(C);
     float *mean = zeros(C), *rstd = zeros(C);
-    nn_batchnorm_forward(out, mean, rstd, rm, rv, x, g, b, B, C, S, training, 0.1f, 1e-5f);
+    nn_batchnorm_forward(NULL, out, mean, rstd, rm, rv, x, g, b, B, C, S, training, 0.1f, 1e-5f);
     expect_close(name, out, ref, n, NN_TOL_OUT);
     expect_close("running mean", rm, rm1, C, NN_TOL_OUT);
     expect_close("running var", rv, rv1, C, NN_TOL_OUT);
-    nn_batchnorm_backward(dx, dg, db, dout, x, mean, rstd, g, B, C, S, training);
+    nn_batchnorm_backward(NULL, dx, dg, db, dout, x, mean, rstd, g, B, C, S, training);
     expect_close("bn dx", dx, rdx, n, NN_TOL_GRAD);
     expect_close("bn dgamma", dg, rdg, C, NN_TOL_GRAD);
     expect_close("bn dbeta", db, rdb, C, NN_TOL_GRAD);
