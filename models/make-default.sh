@@ -38,7 +38,7 @@ gen ph-test 202 0 120
 "$bin" train "$work/ph-a" "$work/ph-b" "$work/ph-c" "$work/ph-d" "$work/ph-e" "$work/ph-f" \
     -o "$work/trained.safetensors" \
     --workdir "$work/run" --arch small --input 128 --seed 1 --val 0.1 --test 0 \
-    --epochs1 14 --slices-per-epoch 8000 --patience 4 --lr1 1e-3 --lr-decay 0.9 \
+    --epochs1 18 --slices-per-epoch 8000 --patience 4 --lr1 1e-3 --lr-decay 0.9 \
     --val-metric any --epochs2 30 --lr2 1e-3 --study-loss 1 --threads "$threads" \
     --provenance "models/make-default.sh: synthetic phantoms (ichtriage phantom --seed 101, studies 0-2399, --size 256); a demonstration, not clinically validated"
 
