@@ -3,7 +3,8 @@
 `ichtriage worklist --json`, a study with per-slice probabilities and its key
 slice as PNG, the review round trip (CSRF refused without the token, bad
 bodies 400), claims, the audit table, a new study pushed on the event
-stream, names converted from the Specific Character Set, unknown paths.
+stream, names converted from the Specific Character Set, unknown paths, and
+`ichtriage calibrate --reviews` on the studies reviewed through the API.
 
     python3 test_api.py ICHTRIAGE MAKE_TEST_MODEL"""
 import json
@@ -13,6 +14,13 @@ import threading
 import time
 
 import webtest as wt
+
+
+def json_metadata(path):
+    """The __metadata__ of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))["__metadata__"]
 
 GROUPS = {"received": 1, "waiting": 1, "triaging": 1, "failed": 1, "triaged": 2}
 
@@ -155,6 +163,41 @@ class ApiTest(wt.WebTest):
         _, _, metrics = wt.curl(self.node.base + "/metrics")
         self.assertIn(b'ichtriage_reviews{flagged="false",hemorrhage="true"} 1', metrics)
         self.assertIn(b"ichtriage_live_sensitivity 0.0000", metrics)
+
+    def test_reviews_recalibrate_the_model(self):
+        """`ichtriage calibrate --reviews` on what radiologists reviewed here,
+        the node still running: refused while only one label exists (nothing
+        written), then new thresholds picked on the two reviewed studies."""
+        pos, neg, _ = list(self.studies)
+        tok = "X-CSRF-Token: " + self.csrf()
+        model = self.node.settings["triage.model"]
+        out = os.path.join(self.work, "recalibrated.safetensors")
+        argv = [wt.itest.EXE, "calibrate", model, "--reviews", "-c", "/dev/null", "--set",
+                "store.dir=" + self.node.store_dir, "-o", out, "--threads", "1"]
+
+        def review(uid, body):
+            status, _, resp = wt.curl("%s/api/studies/%s/review" % (self.node.base, uid), "POST",
+                                      body, headers=[tok])
+            self.assertEqual(status, 201, resp)
+
+        review(neg, {"hemorrhage": False})
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        self.assertIn("found 0 positive and 1 negative", p.stderr)
+        self.assertFalse(os.path.exists(out))
+
+        review(pos, {"hemorrhage": True, "subtypes": ["subdural"]})
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("2 reviewed series of " + self.node.store_dir, p.stdout)
+        self.assertIn("only 1 positive series", p.stderr)
+        # Sensitivity 0.95 of one positive study: the threshold takes it.
+        after = [l for l in p.stdout.splitlines() if l.startswith("after")]
+        self.assertEqual(len(after), 1, p.stdout)
+        self.assertIn("sensitivity 1.000 (1 of 1)", after[0])
+        meta = json_metadata(out)
+        self.assertIn("reviewed series", meta["calibration"])
+        self.assertIn("reviewed series", meta["threshold_rule"])
 
     def test_claim(self):
         uid = next(iter(self.studies))
