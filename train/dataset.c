@@ -410,7 +410,9 @@ static struct label_entry *labels_of(struct label_map *m, const char *sop, const
 
 /* ---- the cache ---------------------------------------------------------------
  * One file per (folder, windows, slice size), invalidated by a fingerprint of
- * the file names, sizes and modification times and of the labels CSV. */
+ * the file names (relative to the folder, so that the same folder reached
+ * through another path or a symbolic link keeps its cache), sizes and
+ * modification times and of the labels CSV. */
 
 static void cache_path(const struct train_dataset *d, const char *dir, const char *cache_dir,
                        char *out, size_t n)
@@ -428,12 +430,14 @@ static void cache_path(const struct train_dataset *d, const char *dir, const cha
         snprintf(out, n, "%s/.ichtriage-cache/%016llx.cache", dir, (unsigned long long)h);
 }
 
-static uint64_t fingerprint(const struct file_list *fl, const char *csv)
+static uint64_t fingerprint(const struct file_list *fl, const char *dir, const char *csv)
 {
     uint64_t h = 14695981039346656037ULL;
     struct stat st;
+    size_t skip = strlen(dir);
     for (size_t i = 0; i < fl->n; i++) {
-        h = fnv(fl->p[i], strlen(fl->p[i]), h);
+        const char *rel = strncmp(fl->p[i], dir, skip) == 0 ? fl->p[i] + skip : fl->p[i];
+        h = fnv(rel, strlen(rel), h);
         if (stat(fl->p[i], &st) == 0) {
             long long v[2] = {(long long)st.st_size, (long long)st.st_mtime};
             h = fnv((const char *)v, sizeof v, h);
@@ -548,7 +552,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         return -1;
     }
     qsort(fl.p, fl.n, sizeof *fl.p, cmp_str);
-    uint64_t fp = fingerprint(&fl, csv);
+    uint64_t fp = fingerprint(&fl, dir, csv);
     char cpath[PATH_MAX + 300];
     cache_path(d, dir, cache_dir, cpath, sizeof cpath);
     if (cache_load(d, cpath, fp) == 0) {

@@ -302,13 +302,13 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     char marks[200], foreign[100];
     snprintf(marks, sizeof marks, "%s/0,%s/0", sops[0][0], sops[0][1]);
     snprintf(foreign, sizeof foreign, "%s/0", sops[1][0]);
-    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", foreign, "", "dr a", 900, err,
-                               sizeof err),
-                 2);
+    cr_assert_eq(
+        db_review_add(db, studies[0], true, "subdural", foreign, "", "dr a", 900, err, sizeof err),
+        2);
     cr_assert(strstr(err, "not a slice of this study"), "%s", err);
-    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", marks, "", "dr a", 1000, err,
-                               sizeof err),
-                 0, "%s", err);
+    cr_assert_eq(
+        db_review_add(db, studies[0], true, "subdural", marks, "", "dr a", 1000, err, sizeof err),
+        0, "%s", err);
     cr_assert_eq(db_review_add(db, studies[1], false, "", "", "", "dr b", 2000, err, sizeof err), 0,
                  "%s", err);
     db_close(db);
@@ -353,6 +353,69 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     /* No database: a clear error. */
     cr_assert_neq(train_dataset_add_reviews(&d, tmp, &added, err, sizeof err), 0);
     cr_assert(strstr(err, "no database"), "%s", err);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* mtime of path in nanoseconds, or -1. */
+static long long mtime_ns(const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+}
+
+/* Loads dir into a fresh dataset with its cache in cache_dir. */
+static void load(struct train_dataset *d, const char *dir, const char *cache_dir)
+{
+    struct triage_windows w;
+    triage_windows_default(&w);
+    train_dataset_init(d, &w, 3, 32, 32);
+    char err[512];
+    cr_assert_eq(train_dataset_add_folder(d, dir, cache_dir, err, sizeof err), 0, "%s", err);
+}
+
+Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX";
+    cr_assert(mkdtemp(tmp));
+    char ph[300], link[300], cache[300], err[512], cmd[400];
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(link, sizeof link, "%s/link", tmp);
+    snprintf(cache, sizeof cache, "%s/cache", tmp);
+    struct train_phantom_opts o;
+    train_phantom_opts_default(&o);
+    o.outdir = ph, o.seed = 7, o.count = 2, o.size = 64, o.slices_min = o.slices_max = 6;
+    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    cr_assert_eq(symlink(ph, link), 0);
+
+    struct train_dataset a, b;
+    load(&a, ph, cache);
+    snprintf(cmd, sizeof cmd, "ls %s/*.cache", cache);
+    FILE *ls = popen(cmd, "r");
+    char cfile[600] = "";
+    cr_assert(fgets(cfile, sizeof cfile, ls), "no cache file written in %s", cache);
+    pclose(ls);
+    cfile[strcspn(cfile, "\n")] = 0;
+    long long t0 = mtime_ns(cfile);
+    cr_assert_gt(t0, 0);
+    usleep(20000);
+    /* Through the symbolic link: read from the cache, not decoded and
+     * written again, and the same slices. */
+    load(&b, link, cache);
+    cr_assert_eq(mtime_ns(cfile), t0, "the cache was rewritten for the same folder");
+    cr_assert_eq(a.nslices, b.nslices);
+    cr_assert_eq(memcmp(a.pixels, b.pixels, a.nslices * 3 * 32 * 32), 0);
+    train_dataset_free(&b);
+    /* A file that changed invalidates it. */
+    snprintf(cmd, sizeof cmd, "touch -d '2001-01-01' \"$(ls %s/stage_2_train/*.dcm | head -1)\"",
+             ph);
+    cr_assert_eq(system(cmd), 0);
+    load(&b, link, cache);
+    cr_assert_neq(mtime_ns(cfile), t0, "a changed file did not invalidate the cache");
+    train_dataset_free(&a);
+    train_dataset_free(&b);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
 }
