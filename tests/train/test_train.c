@@ -238,6 +238,17 @@ static void copy(const char *src, const char *dst)
     fclose(a), fclose(b);
 }
 
+/* count phantom studies of 6 slices 64x64 of seed in dir. */
+static void small_phantoms(char *dir, int seed, int count)
+{
+    char err[512];
+    struct train_phantom_opts o;
+    train_phantom_opts_default(&o);
+    o.outdir = dir, o.seed = (uint64_t)seed, o.count = count, o.size = 64;
+    o.slices_min = o.slices_max = 6;
+    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+}
+
 Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
 {
     char tmp[] = "/tmp/ichtriage-reviews-XXXXXX";
@@ -245,10 +256,7 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     char ph[300], store[300], err[512];
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(store, sizeof store, "%s/store", tmp);
-    struct train_phantom_opts o;
-    train_phantom_opts_default(&o);
-    o.outdir = ph, o.seed = 5, o.count = 3, o.size = 64, o.slices_min = o.slices_max = 6;
-    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    small_phantoms(ph, 5, 3);
     mkdir(store, 0755);
     char spool[400];
     snprintf(spool, sizeof spool, "%s/spool", store);
@@ -379,14 +387,11 @@ Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX";
     cr_assert(mkdtemp(tmp));
-    char ph[300], link[300], cache[300], err[512], cmd[400];
+    char ph[300], link[300], cache[300], cmd[400];
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(link, sizeof link, "%s/link", tmp);
     snprintf(cache, sizeof cache, "%s/cache", tmp);
-    struct train_phantom_opts o;
-    train_phantom_opts_default(&o);
-    o.outdir = ph, o.seed = 7, o.count = 2, o.size = 64, o.slices_min = o.slices_max = 6;
-    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    small_phantoms(ph, 7, 2);
     cr_assert_eq(mkdir(cache, 0755), 0);
     cr_assert_eq(symlink(ph, link), 0);
 
