@@ -45,18 +45,14 @@ static void cpu_memcpy(void *ctx, void *dst, const void *src, size_t bytes)
     if (dst != src) memcpy(dst, src, bytes);
 }
 
-static void cpu_zero(void *ctx, void *dst, size_t bytes)
-{
-    (void)ctx;
-    memset(dst, 0, bytes);
-}
-
 /* Element-wise work in pieces: a job of n items, the first `base` of each
  * piece's range. Below this many items a piece is not worth a wake-up. */
 #define CPU_MIN_PIECE 32768
 
 struct ew_job {
-    float *dst;
+    float *dst, *m, *v;
+    unsigned char *raw;
+    const nn_adam_hyper *h;
     const float *a, *b;
     int32_t *idx;
     const int32_t *cidx;
@@ -84,6 +80,19 @@ static void ew_run(void *ctx, struct ew_job *j, size_t min)
 static size_t planes_min(size_t plane)
 {
     return plane >= CPU_MIN_PIECE ? 1 : CPU_MIN_PIECE / (plane ? plane : 1);
+}
+
+static void zero_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    memset(j->raw + lo, 0, hi - lo);
+}
+
+/* Zeroing the gradient buffers (tens of MB per layer in training) is memory
+ * bound, and still gains from a second core. */
+static void cpu_zero(void *ctx, void *dst, size_t bytes)
+{
+    ew_run(ctx, &(struct ew_job){.raw = dst, .n = bytes, .fn = zero_range},
+           CPU_MIN_PIECE * sizeof(float));
 }
 
 static void add_range(const struct ew_job *j, size_t lo, size_t hi)
@@ -274,11 +283,16 @@ static void lstm_bwd(void *ctx, float *dx, const nn_lstm_grads *g, float *work, 
     nn_lstm_backward(dx, g, work, dout, cache, x, p, len, S, F, H);
 }
 
+static void adam_range(const struct ew_job *j, size_t lo, size_t hi)
+{
+    nn_adam_update(j->dst + lo, j->a + lo, j->m + lo, j->v + lo, hi - lo, j->h);
+}
+
 static void adam(void *ctx, float *p, const float *g, float *m, float *v, size_t n,
                  const nn_adam_hyper *h)
 {
-    (void)ctx;
-    nn_adam_update(p, g, m, v, n, h);
+    struct ew_job j = {.dst = p, .a = g, .m = m, .v = v, .h = h, .n = n, .fn = adam_range};
+    ew_run(ctx, &j, CPU_MIN_PIECE);
 }
 
 static const nn_backend cpu = {

@@ -221,6 +221,23 @@ Test(pool, the_cpu_layers_on_three_threads_equal_one)
     be->add(NULL, d1, x, n);
     be->add(p, d3, x, n);
     expect_same("add", d3, d1, n);
+    nn_adam_hyper h = {.lr = 1e-3f,
+                       .beta1 = 0.9f,
+                       .beta2 = 0.999f,
+                       .eps = 1e-8f,
+                       .weight_decay = 0.01f,
+                       .step = 0.01f,
+                       .bc2 = 0.03f};
+    float *am1 = buf(n, 18), *am3 = buf(n, 18), *av1 = buf(n, 0), *av3 = buf(n, 0);
+    be->adam_update(NULL, d1, g, am1, av1, n, &h);
+    be->adam_update(p, d3, g, am3, av3, n, &h);
+    expect_same("adam parameters", d3, d1, n);
+    expect_same("adam first moment", am3, am1, n);
+    expect_same("adam second moment", av3, av1, n);
+    free(am1), free(am3), free(av1), free(av3);
+    be->zero(p, d3, n * sizeof(float) - 3); /* not a whole number of floats */
+    memset(d1, 0, n * sizeof(float) - 3);
+    cr_expect_eq(memcmp(d1, d3, n * sizeof(float)), 0, "zero");
 
     float *m1 = buf(np, 0), *m3 = buf(np, 0);
     int32_t *i1 = calloc(np, sizeof *i1), *i3 = calloc(np, sizeof *i3);
