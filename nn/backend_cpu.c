@@ -45,8 +45,9 @@ static void cpu_memcpy(void *ctx, void *dst, const void *src, size_t bytes)
     if (dst != src) memcpy(dst, src, bytes);
 }
 
-/* Element-wise work in pieces: a job of n items, the first `base` of each
- * piece's range. Below this many items a piece is not worth a wake-up. */
+/* Element-wise work in pieces: a job of n items (floats, bytes or planes),
+ * fn called on each piece's range [lo, hi). Below this many floats a piece is
+ * not worth a wake-up. */
 #define CPU_MIN_PIECE 32768
 
 struct ew_job {

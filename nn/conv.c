@@ -144,19 +144,17 @@ struct conv_job {
     int n, pieces;
 };
 
+static void im2col_channels(const void *arg, int i, int img, int c0, int c1)
+{
+    (void)i;
+    const struct conv_job *j = arg;
+    im2col(j->dst + (size_t)img * j->s->oh * j->s->ow, j->ld, j->in + img * j->in_sz, j->s, c0, c1);
+}
+
 static void im2col_piece(void *arg, int i)
 {
     const struct conv_job *j = arg;
-    size_t lo, hi;
-    int c = j->s->c;
-    nn_pool_range((size_t)j->n * c, j->pieces, i, &lo, &hi);
-    for (int img = (int)(lo / (size_t)c); lo < hi; img++) {
-        size_t end = (size_t)(img + 1) * c < hi ? (size_t)(img + 1) * c : hi;
-        int ohw = j->s->oh * j->s->ow;
-        im2col(j->dst + (size_t)img * ohw, j->ld, j->in + img * j->in_sz, j->s,
-               (int)(lo - (size_t)img * c), (int)(end - (size_t)img * c));
-        lo = end;
-    }
+    nn_pool_range_pairs((size_t)j->n, j->s->c, j->pieces, i, im2col_channels, j);
 }
 
 /* col [c*kh*kw, ld] <- the patches of the n images of in, side by side. */

@@ -166,6 +166,19 @@ void nn_pool_range(size_t n, int nranges, int i, size_t *lo, size_t *hi)
     *hi = n * (size_t)(i + 1) / (size_t)nranges;
 }
 
+void nn_pool_range_pairs(size_t n, int count, int nranges, int i,
+                         void (*fn)(const void *arg, int i, int img, int c0, int c1),
+                         const void *arg)
+{
+    size_t lo, hi, c = (size_t)count;
+    nn_pool_range(n * c, nranges, i, &lo, &hi);
+    for (size_t img = lo / c; lo < hi; img++) {
+        size_t end = (img + 1) * c < hi ? (img + 1) * c : hi;
+        fn(arg, i, (int)img, (int)(lo - img * c), (int)(end - img * c));
+        lo = end;
+    }
+}
+
 /* ---- matrix products ----------------------------------------------------- */
 
 struct gemm_task {

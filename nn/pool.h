@@ -33,6 +33,12 @@ void nn_pool_run(nn_pool *p, int n, void (*fn)(void *arg, int i), void *arg);
  * items; range i is [*lo, *hi). Returns how many ranges there are. */
 int nn_pool_ranges(size_t n, size_t min, int parts);
 void nn_pool_range(size_t n, int nranges, int i, size_t *lo, size_t *hi);
+/* Range i of nranges over the n x count pairs (image, channel), image-major:
+ * one call fn(arg, i, img, c0, c1) per image it touches, with the channels
+ * [c0, c1) of that image. */
+void nn_pool_range_pairs(size_t n, int count, int nranges, int i,
+                         void (*fn)(const void *arg, int i, int img, int c0, int c1),
+                         const void *arg);
 
 /* cblas_sgemm (row-major) with C cut into blocks of rows or columns, one per
  * thread; small products run whole on the caller. The blocks depend only on

@@ -190,28 +190,17 @@ struct wg_job {
     int t, b0, n, pieces, accumulate, flip;
 };
 
-/* Piece i of the n x count pairs (image, channel): calls back per image
- * with the channel range [c0, c1). */
-static void piece_pairs(const struct wg_job *j, int count, int i, int *first, size_t *lo,
-                        size_t *hi)
+static void input_channels(const void *arg, int i, int img, int c0, int c1)
 {
-    nn_pool_range((size_t)j->n * count, j->pieces, i, lo, hi);
-    *first = (int)(*lo / (size_t)count);
+    const struct wg_job *j = arg;
+    transform_input(j->V, j->ld, (size_t)img * j->t, j->in + (j->b0 + img) * j->in_sz, j->s, c0, c1,
+                    j->scratch + (size_t)i * j->sstride);
 }
 
 static void input_piece(void *arg, int i)
 {
     const struct wg_job *j = arg;
-    size_t lo, hi;
-    int img, c = j->s->c;
-    piece_pairs(j, c, i, &img, &lo, &hi);
-    for (; lo < hi; img++) {
-        size_t end = (size_t)(img + 1) * c < hi ? (size_t)(img + 1) * c : hi;
-        transform_input(j->V, j->ld, (size_t)img * j->t, j->in + (j->b0 + img) * j->in_sz, j->s,
-                        (int)(lo - (size_t)img * c), (int)(end - (size_t)img * c),
-                        j->scratch + (size_t)i * j->sstride);
-        lo = end;
-    }
+    nn_pool_range_pairs((size_t)j->n, j->s->c, j->pieces, i, input_channels, j);
 }
 
 static void gemm_point(void *arg, int k)
@@ -223,19 +212,17 @@ static void gemm_point(void *arg, int k)
                 0.0f, j->M + (size_t)k * s->oc * j->ld, (int)j->ld);
 }
 
+static void output_channels(const void *arg, int i, int img, int o0, int o1)
+{
+    const struct wg_job *j = arg;
+    transform_output(j->out + (j->b0 + img) * j->out_sz, j->M, j->ld, (size_t)img * j->t, j->b,
+                     j->s, o0, o1, j->scratch + (size_t)i * j->sstride, j->accumulate);
+}
+
 static void output_piece(void *arg, int i)
 {
     const struct wg_job *j = arg;
-    size_t lo, hi;
-    int img, oc = j->s->oc;
-    piece_pairs(j, oc, i, &img, &lo, &hi);
-    for (; lo < hi; img++) {
-        size_t end = (size_t)(img + 1) * oc < hi ? (size_t)(img + 1) * oc : hi;
-        transform_output(j->out + (j->b0 + img) * j->out_sz, j->M, j->ld, (size_t)img * j->t, j->b,
-                         j->s, (int)(lo - (size_t)img * oc), (int)(end - (size_t)img * oc),
-                         j->scratch + (size_t)i * j->sstride, j->accumulate);
-        lo = end;
-    }
+    nn_pool_range_pairs((size_t)j->n, j->s->oc, j->pieces, i, output_channels, j);
 }
 
 static void weights_piece(void *arg, int i)
