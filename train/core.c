@@ -82,6 +82,76 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
     return rc;
 }
 
+int train_negative_slices(const struct train_dataset *d, size_t *out)
+{
+    int n = 0;
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN || se->study[0] != 0) continue;
+        int pos = 0;
+        for (int k = 0; k < se->n && !pos; k++)
+            pos = d->labels[(se->first + (size_t)k) * TRAIN_LABELS] != 0;
+        if (pos) continue;
+        for (int k = 0; k < se->n; k++) {
+            if (out) out[n] = se->first + (size_t)k;
+            n++;
+        }
+    }
+    return n;
+}
+
+struct scored {
+    size_t i;
+    float z;
+};
+
+static int by_logit_desc(const void *a, const void *b)
+{
+    const struct scored *x = a, *y = b;
+    if (x->z != y->z) return x->z < y->z ? 1 : -1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+int train_hard_negatives(nn_model *m, const struct train_dataset *d, int ncand, int nhard,
+                         uint64_t *rng, size_t *out, float *out_logit)
+{
+    int nneg = train_negative_slices(d, NULL);
+    if (ncand > nneg) ncand = nneg;
+    if (nhard > ncand) nhard = ncand;
+    if (nhard <= 0) return 0;
+    size_t per = (size_t)d->c * d->h * d->w;
+    size_t *neg = malloc((size_t)nneg * sizeof *neg);
+    struct scored *sc = malloc((size_t)ncand * sizeof *sc);
+    float *x = malloc(BATCH * per * sizeof(float));
+    float *lg = malloc(BATCH * TRAIN_LABELS * sizeof(float));
+    int rc = !neg || !sc || !x || !lg ? NN_ENOMEM : 0;
+    if (rc == 0) {
+        train_negative_slices(d, neg);
+        /* ncand of them at random: the first ncand places of a partial shuffle. */
+        for (int k = 0; k < ncand; k++) {
+            size_t j = (size_t)k + nn_rng_next(rng) % (size_t)(nneg - k), t = neg[k];
+            neg[k] = neg[j], neg[j] = t;
+        }
+    }
+    for (int a = 0; rc == 0 && a < ncand; a += BATCH) {
+        int n = ncand - a < BATCH ? ncand - a : BATCH;
+        for (int k = 0; k < n; k++)
+            to_float(d->pixels + neg[a + k] * per, per, x + (size_t)k * per);
+        rc = nn_cnn_forward(m, x, n, lg);
+        for (int k = 0; rc == 0 && k < n; k++)
+            sc[a + k] = (struct scored){neg[a + k], lg[(size_t)k * TRAIN_LABELS]};
+    }
+    if (rc == 0) {
+        qsort(sc, (size_t)ncand, sizeof *sc, by_logit_desc);
+        for (int k = 0; k < nhard; k++) {
+            out[k] = sc[k].i;
+            if (out_logit) out_logit[k] = sc[k].z;
+        }
+    }
+    free(neg), free(sc), free(x), free(lg);
+    return rc == 0 ? nhard : rc;
+}
+
 /* The stage-1 head applied to features: the classifier's Linear layers with
  * ReLU between them (dropout is the identity in eval mode). */
 static int head_forward(nn_model *m, const float *feat, int n, float *logits)

@@ -32,13 +32,14 @@ struct opts {
     int val_any; /* early stopping on the AUC of "any" alone */
     int reviews; /* the node's reviewed studies as data too */
     float study_loss;
+    float hard_neg; /* share of each stage-1 epoch drawn from hard negatives */
     int auto_promote;
-        /* with --register: promote if at least as good as the active model */ /* weight of the
-                                                                                  stage-2
-                                                                                  max-over-slices
-                                                                                  term for
-                                                                                  slice-labelled
-                                                                                  series */
+    /* with --register: promote if at least as good as the active model */ /* weight of the
+                                                                              stage-2
+                                                                              max-over-slices
+                                                                              term for
+                                                                              slice-labelled
+                                                                              series */
 };
 
 struct state {
@@ -82,6 +83,10 @@ static void usage(FILE *f)
         "  --lr-decay F            stage-1 learning rate times F after each epoch (1)\n"
         "  --study-loss W          stage 2: add W x a max-over-slices (study-level) loss\n"
         "                          for series with slice labels too (default 0)\n"
+        "  --hard-negatives F      stage 1, from the second epoch: a share F of each epoch's\n"
+        "                          slices are the negatives the model finds hardest (the\n"
+        "                          highest \"any\" of 4x as many slices of negative series\n"
+        "                          drawn at random); default 0\n"
         "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
         "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
@@ -103,21 +108,37 @@ static void usage(FILE *f)
 
 static int parse(struct opts *o, int argc, char **argv)
 {
-    static const struct option lo[] = {{"out", 1, 0, 'o'},          {"workdir", 1, 0, 'w'},
-                                       {"cache", 1, 0, 'C'},        {"arch", 1, 0, 'a'},
-                                       {"init", 1, 0, 'I'},         {"windows", 1, 0, 'W'},
-                                       {"input", 1, 0, 'i'},        {"seed", 1, 0, 's'},
-                                       {"epochs1", 1, 0, '1'},      {"epochs2", 1, 0, '2'},
-                                       {"patience", 1, 0, 'p'},     {"batch", 1, 0, 'b'},
-                                       {"series-batch", 1, 0, 'B'}, {"slices-per-epoch", 1, 0, 'S'},
-                                       {"lr1", 1, 0, 'l'},          {"lr2", 1, 0, 'L'},
-                                       {"val", 1, 0, 'v'},          {"test", 1, 0, 't'},
-                                       {"sensitivity", 1, 0, 'x'},  {"threads", 1, 0, 'T'},
-                                       {"no-augment", 0, 0, 'N'},   {"provenance", 1, 0, 'P'},
-                                       {"register", 0, 0, 'R'},     {"val-metric", 1, 0, 'M'},
-                                       {"lr-decay", 1, 0, 'y'},     {"reviews", 0, 0, 'V'},
-                                       {"study-loss", 1, 0, 'Y'},   {"auto-promote", 0, 0, 'A'},
-                                       {"help", 0, 0, 'h'},         {0, 0, 0, 0}};
+    static const struct option lo[] = {{"out", 1, 0, 'o'},
+                                       {"workdir", 1, 0, 'w'},
+                                       {"cache", 1, 0, 'C'},
+                                       {"arch", 1, 0, 'a'},
+                                       {"init", 1, 0, 'I'},
+                                       {"windows", 1, 0, 'W'},
+                                       {"input", 1, 0, 'i'},
+                                       {"seed", 1, 0, 's'},
+                                       {"epochs1", 1, 0, '1'},
+                                       {"epochs2", 1, 0, '2'},
+                                       {"patience", 1, 0, 'p'},
+                                       {"batch", 1, 0, 'b'},
+                                       {"series-batch", 1, 0, 'B'},
+                                       {"slices-per-epoch", 1, 0, 'S'},
+                                       {"lr1", 1, 0, 'l'},
+                                       {"lr2", 1, 0, 'L'},
+                                       {"val", 1, 0, 'v'},
+                                       {"test", 1, 0, 't'},
+                                       {"sensitivity", 1, 0, 'x'},
+                                       {"threads", 1, 0, 'T'},
+                                       {"no-augment", 0, 0, 'N'},
+                                       {"provenance", 1, 0, 'P'},
+                                       {"register", 0, 0, 'R'},
+                                       {"val-metric", 1, 0, 'M'},
+                                       {"lr-decay", 1, 0, 'y'},
+                                       {"reviews", 0, 0, 'V'},
+                                       {"study-loss", 1, 0, 'Y'},
+                                       {"auto-promote", 0, 0, 'A'},
+                                       {"hard-negatives", 1, 0, 'H'},
+                                       {"help", 0, 0, 'h'},
+                                       {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
                        .arch = "small",
                        .seed = 1,
@@ -213,6 +234,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'Y':
             o->study_loss = strtof(optarg, NULL);
             break;
+        case 'H':
+            o->hard_neg = strtof(optarg, NULL);
+            break;
         case 'V':
             o->reviews = 1;
             break;
@@ -245,7 +269,7 @@ static int parse(struct opts *o, int argc, char **argv)
         o->patience < 1 || o->batch < 1 || o->batch > 1024 || o->series_batch < 1 ||
         !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
         !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0) ||
-        !(o->lr_decay > 0 && o->lr_decay <= 1)) {
+        !(o->lr_decay > 0 && o->lr_decay <= 1) || !(o->hard_neg >= 0 && o->hard_neg <= 0.5f)) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
     }
@@ -416,6 +440,30 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     size_t use = o->slices_per_epoch > 0 && (size_t)o->slices_per_epoch < n
                      ? (size_t)o->slices_per_epoch
                      : n;
+    /* Hard negatives (from the second epoch, when the model has learnt
+     * something to be wrong about): they take the last places of the draw,
+     * then the draw is shuffled again. */
+    int nhard = epoch > 0 ? (int)lroundf(o->hard_neg * (float)use) : 0;
+    if (nhard > 0) {
+        float *z = malloc((size_t)nhard * sizeof *z);
+        nn_model_set_training(m, 0);
+        /* Fewer negatives than asked for: the other places keep their draw. */
+        int got = z ? train_hard_negatives(m, d, 4 * nhard, nhard, &rng, idx + use - nhard, z)
+                    : NN_ENOMEM;
+        if (got < 0) {
+            free(z);
+            goto out;
+        }
+        for (size_t i = use - 1; i > 0; i--) {
+            size_t j = nn_rng_next(&rng) % (i + 1), t = idx[i];
+            idx[i] = idx[j], idx[j] = t;
+        }
+        util_log(UTIL_LOG_INFO, "train_hard_negatives",
+                 "epoch=%d slices=%d candidates=%d p_any_highest=%.3f p_any_lowest=%.3f", epoch + 1,
+                 got, 4 * nhard, got ? 1 / (1 + exp(-z[0])) : 0.0,
+                 got ? 1 / (1 + exp(-z[got - 1])) : 0.0);
+        free(z);
+    }
     int steps = (int)((use + (size_t)o->batch - 1) / (size_t)o->batch);
     struct train_augment aug;
     train_augment_default(&aug);
@@ -620,8 +668,7 @@ static int checkpoint(nn_model *m, const char *workdir, const char *last, const 
         return -1;
     }
     snprintf(v, sizeof v, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d adam_steps=%ld",
-             st->stage, st->epoch, st->best, st->best_epoch, st->bad,
-             nn_model_optimizer_steps(m));
+             st->stage, st->epoch, st->best, st->best_epoch, st->bad, nn_model_optimizer_steps(m));
     if (nn_model_meta_set(m, CHECKPOINT_KEY, v) != 0) return -1;
     int rc = save_model(m, last);
     nn_model_meta_set(m, CHECKPOINT_KEY, NULL);
@@ -1024,13 +1071,13 @@ int train_train_main(int argc, char **argv)
     nn_model_meta_set(m, "data_split", buf);
     snprintf(buf, sizeof buf,
              "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-             "series_batch=%d slices_per_epoch=%d lr1=%g lr_decay=%g lr2=%g study_loss=%g "
-             "val_metric=%s augment=%s "
+             "series_batch=%d slices_per_epoch=%d hard_negatives=%g lr1=%g lr_decay=%g lr2=%g "
+             "study_loss=%g val_metric=%s augment=%s "
              "init=%s",
              o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience,
-             o.batch, o.series_batch, o.slices_per_epoch, o.lr1, o.lr_decay, o.lr2, o.study_loss,
-             o.val_any ? "any" : "mean", o.no_augment ? "no" : "shift,rotation,flip,intensity",
-             o.init ? o.init : "none");
+             o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg, o.lr1, o.lr_decay, o.lr2,
+             o.study_loss, o.val_any ? "any" : "mean",
+             o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",

@@ -44,6 +44,20 @@ int train_predict_features(nn_model *m, const struct train_dataset *d, int split
 /* CNN features of the series of split into feat [nslices, feature_size]. */
 int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat);
 
+/* The training slices of negative series (no slice and not the study
+ * labelled "any"; slices of positive series are left out, since a slice
+ * next to a bleed may show some of it) into out (NULL: only counted).
+ * Returns how many. */
+int train_negative_slices(const struct train_dataset *d, size_t *out);
+
+/* Hard negatives for stage 1: ncand of those slices drawn at random with
+ * rng, scored by m as it is (call it in eval mode) without augmentation; the
+ * nhard with the highest logit of "any" go into out, highest first, and
+ * their logits into out_logit (may be NULL). Returns how many were written
+ * (fewer when there are fewer negative slices) or a negative NN_E* code. */
+int train_hard_negatives(nn_model *m, const struct train_dataset *d, int ncand, int nhard,
+                         uint64_t *rng, size_t *out, float *out_logit);
+
 /* Divides the last linear layer of the LRCN ("out") or of the stage-1 head
  * by per-label temperatures: calibrated logits without a change of format. */
 int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels);

@@ -42,13 +42,14 @@ def run(*args, **kw):
     return subprocess.run([ICH, *args], capture_output=True, text=True, **kw)
 
 
-def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0):
+def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0):
     a = ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
          "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
          "--patience", "8", "--val", "0.2", "--test", "0.3", "--threads", "2",
          "--batch", "16", "--series-batch", "4", "--lr1", "3e-3", "--lr-decay", "0.85",
          "--lr2", "3e-3", "--val-metric", "any", "--no-augment"]
-    return a + (["--slices-per-epoch", str(spe)] if spe else [])
+    return (a + (["--slices-per-epoch", str(spe)] if spe else [])
+            + (["--hard-negatives", str(hard)] if hard else []))
 
 
 def auc_se(auc, npos, nneg):
@@ -95,13 +96,16 @@ def main():
     check("not a diagnosis" in html and "<svg" in html and "ROC" in html,
           "HTML report with inline SVG and the notice")
 
-    # 2. Reproducible: the same seed again gives the same weights.
+    # 2. Reproducible: the same seed again gives the same weights, hard
+    # negatives (chosen by the model of the epoch before) included.
     outs = []
     for k in "bc":
         outs.append(os.path.join(tmp, k + ".safetensors"))
         r = run(*train_args(data, outs[-1], os.path.join(tmp, k + ".work"), epochs1=2, epochs2=2,
-                            spe=96))
+                            spe=96, hard=0.25))
         check(r.returncode == 0, "short run exits 0")
+        check("event=train_hard_negatives epoch=2 slices=24 " in r.stderr,
+              "the second epoch drew 24 hard negatives")
     with open(outs[0], "rb") as f1, open(outs[1], "rb") as f2:
         a, b = f1.read(), f2.read()
     ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
@@ -113,7 +117,8 @@ def main():
     # 3. Kill after the first checkpoint, run again: it resumes and finishes.
     work = os.path.join(tmp, "r.work")
     out_c = os.path.join(tmp, "r.safetensors")
-    p = subprocess.Popen([ICH, *train_args(data, out_c, work, epochs1=4, epochs2=2, spe=96)],
+    resumable = dict(epochs1=4, epochs2=2, spe=96, hard=0.25)
+    p = subprocess.Popen([ICH, *train_args(data, out_c, work, **resumable)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(work, "state")
     deadline = time.time() + 300
@@ -122,7 +127,7 @@ def main():
     p.send_signal(signal.SIGKILL)
     p.wait()
     check(os.path.exists(state), "a checkpoint was written before the kill")
-    r = run(*train_args(data, out_c, work, epochs1=4, epochs2=2, spe=96))
+    r = run(*train_args(data, out_c, work, **resumable))
     check(r.returncode == 0 and "event=train_resume" in r.stderr,
           "the rerun resumes: " + r.stderr[-300:])
     hist = [l.split(",")[:2] for l in open(os.path.join(work, "history.csv"))]
@@ -134,7 +139,7 @@ def main():
           "the optimizer state was restored: " + "".join(
               l for l in r.stderr.splitlines(True) if "train_resume_optimizer" in l))
     out_u = os.path.join(tmp, "u.safetensors")
-    r = run(*train_args(data, out_u, os.path.join(tmp, "u.work"), epochs1=4, epochs2=2, spe=96))
+    r = run(*train_args(data, out_u, os.path.join(tmp, "u.work"), **resumable))
     with open(out_c, "rb") as f1, open(out_u, "rb") as f2:
         a, b = f1.read(), f2.read()
     ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")

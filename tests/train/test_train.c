@@ -1,7 +1,8 @@
 /* tests/train/test_train.c: the pieces of `ichtriage train` that can be
  * checked without training: metrics against hand-computed values,
- * calibration, augmentation, the split by patient, and the stage-1 head
- * computed from features against nn's own prediction. */
+ * calibration, augmentation, the split by patient, the stage-1 head
+ * computed from features against nn's own prediction, the choice of hard
+ * negatives. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdlib.h>
@@ -179,7 +180,8 @@ Test(split, by_patient_stratified_and_seeded)
     train_dataset_free(&d);
 }
 
-Test(predict, head_from_features_matches_nn_and_temperature_folds)
+/* A tiny LRCN for fake_dataset's 3x16x16 slices, and random pixels for them. */
+static nn_model *tiny_model(void)
 {
     nn_config c;
     nn_config_default(&c);
@@ -188,11 +190,21 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
     char err[256];
     nn_model *m = nn_model_create(&c, err, sizeof err);
     cr_assert(m, "%s", err);
+    return m;
+}
+
+static void random_pixels(struct train_dataset *d, uint64_t rng)
+{
+    for (size_t i = 0; i < d->nslices * 3 * 16 * 16; i++)
+        d->pixels[i] = (uint8_t)(nn_rng_next(&rng) & 0xff);
+}
+
+Test(predict, head_from_features_matches_nn_and_temperature_folds)
+{
+    nn_model *m = tiny_model();
     struct train_dataset d;
     fake_dataset(&d, 2);
-    uint64_t rng = 3;
-    for (size_t i = 0; i < d.nslices * 3 * 16 * 16; i++)
-        d.pixels[i] = (uint8_t)(nn_rng_next(&rng) & 0xff);
+    random_pixels(&d, 3);
     size_t n = d.nslices;
     float *a = malloc(n * 6 * sizeof(float)), *b = malloc(n * 6 * sizeof(float));
     float *l = malloc(n * 6 * sizeof(float)), *x = malloc(n * 3 * 16 * 16 * sizeof(float));
@@ -212,6 +224,67 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
         cr_assert_float_eq(l2[i], l[i] / T[i % 6], 1e-4);
     }
     free(a), free(b), free(l), free(x), free(a2), free(l2);
+    train_dataset_free(&d);
+    nn_model_free(m);
+}
+
+/* Hard negatives: only slices of negative training series, the highest
+ * "any" logits of the candidates, the same for the same seed. */
+Test(hard_negatives, highest_any_of_negative_training_series_only)
+{
+    nn_model *m = tiny_model();
+    struct train_dataset d;
+    fake_dataset(&d, 30); /* 60 series of 4 slices, 20 of them positive */
+    random_pixels(&d, 5);
+    int neg_train = 0;
+    for (int i = 0; i < d.nseries; i++) {
+        struct train_series *s = &d.series[i];
+        if (s->study[0]) d.labels[(s->first + 2) * TRAIN_LABELS] = 1; /* one slice bleeds */
+        if (i == 2 || i == 4) s->split = TRAIN_SPLIT_VAL;             /* a negative, not train */
+        if (i == 9) s->slice_labels = 0; /* a reviewed negative study: labels 0 */
+        neg_train += !s->study[0] && s->split == TRAIN_SPLIT_TRAIN;
+    }
+    cr_assert_eq(d.series[2].study[0] + d.series[4].study[0] + d.series[9].study[0], 0);
+    cr_assert_eq(neg_train, 38);
+    cr_assert_eq(train_negative_slices(&d, NULL), 4 * neg_train);
+
+    size_t n = d.nslices;
+    float *z = malloc(n * TRAIN_LABELS * sizeof(float));
+    cr_assert_eq(train_predict(m, &d, -1, z, NULL), 0);
+    size_t hard[8], again[8];
+    float hz[8];
+    uint64_t r1 = 11, r2 = 11;
+    /* All negative slices as candidates: the 8 highest of them. */
+    int all = 4 * neg_train;
+    cr_assert_eq(train_hard_negatives(m, &d, 1000, 8, &r1, hard, hz), 8);
+    for (int k = 0; k < 8; k++) {
+        int s = (int)(hard[k] / 4);
+        cr_assert(!d.series[s].study[0] && d.series[s].split == TRAIN_SPLIT_TRAIN,
+                  "slice %zu of series %d is not a negative training slice", hard[k], s);
+        cr_assert_float_eq(hz[k], z[hard[k] * TRAIN_LABELS], 1e-4);
+        if (k) cr_assert_geq(hz[k - 1], hz[k]);
+        for (int j = 0; j < k; j++)
+            cr_assert_neq(hard[j], hard[k]);
+    }
+    int above = 0;
+    for (size_t i = 0; i < n; i++) {
+        int s = (int)(i / 4), chosen = 0;
+        for (int k = 0; k < 8; k++)
+            chosen |= hard[k] == i;
+        if (!chosen && !d.series[s].study[0] && d.series[s].split == TRAIN_SPLIT_TRAIN)
+            above += z[i * TRAIN_LABELS] > hz[7] + 1e-4f;
+    }
+    cr_assert_eq(above, 0, "%d negative slices score above the hardest 8", above);
+    /* Fewer candidates, drawn with the seed: the same draw again. */
+    r1 = r2 = 12;
+    cr_assert_eq(train_hard_negatives(m, &d, 20, 5, &r1, hard, NULL), 5);
+    cr_assert_eq(train_hard_negatives(m, &d, 20, 5, &r2, again, NULL), 5);
+    for (int k = 0; k < 5; k++)
+        cr_assert_eq(hard[k], again[k]);
+    /* More asked for than there are: what there is. */
+    size_t *every = malloc((size_t)all * 2 * sizeof *every);
+    cr_assert_eq(train_hard_negatives(m, &d, 2 * all, 2 * all, &r1, every, NULL), all);
+    free(every), free(z);
     train_dataset_free(&d);
     nn_model_free(m);
 }
