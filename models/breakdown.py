@@ -8,7 +8,10 @@ with the phantom folder's own truth (studies.csv, lesions.csv) and prints
     dense sinuses, motion, streaks): negative studies, how many are flagged;
   - the study-level AUC of "any" overall and between the clear cases the
     node's tests use (hemorrhage on at least a third of the slices, against
-    none).
+    none);
+  - that AUC by what the positive studies hold, each group against every
+    negative: only tiny lesions, only subarachnoid blood (not all tiny),
+    the rest.
 
 A study with several lesions counts under each. Decision support, not a
 diagnosis; phantoms are synthetic.
@@ -92,6 +95,26 @@ def main(argv):
               len(p_all), sum(bool(pred[u]["flagged"]) for u in negs), len(negs),
               sum(bool(pred[u]["flagged"]) for u, r in studies.items()
                   if int(r["any"]) > 0 and int(r["any"]) >= int(r["slices"]) // 3), len(clear)))
+
+    kinds = {"only tiny lesions": [], "only subarachnoid, not all tiny": [], "the rest": []}
+    for u, r in studies.items():
+        if int(r["any"]) == 0:
+            continue
+        les = lesions.get(u, [])
+        if les and all(x["size"] == "tiny" for x in les):
+            k = "only tiny lesions"
+        elif les and all(x["subtype"] == "subarachnoid" for x in les):
+            k = "only subarachnoid, not all tiny"
+        else:
+            k = "the rest"
+        kinds[k].append(pred[u]["probability"])
+    print()
+    print("study AUC of \"any\" by what the positives hold (each against all %d negatives)"
+          % len(n_all))
+    for k, g in kinds.items():
+        print("%-34s %4d positives  AUC %.3f" % (k, len(g), auc(g, n_all)))
+    rest = kinds["only subarachnoid, not all tiny"] + kinds["the rest"]
+    print("%-34s %4d positives  AUC %.3f" % ("all but the only-tiny", len(rest), auc(rest, n_all)))
     return 0
 
 
