@@ -29,17 +29,11 @@ struct opts {
     float lr1, lr2, lr_decay, val_frac, test_frac, sensitivity;
     int reg;
     int no_augment;
-    int val_any; /* early stopping on the AUC of "any" alone */
-    int reviews; /* the node's reviewed studies as data too */
-    float study_loss;
-    float hard_neg; /* share of each stage-1 epoch drawn from hard negatives */
-    int auto_promote;
-    /* with --register: promote if at least as good as the active model */ /* weight of the
-                                                                              stage-2
-                                                                              max-over-slices
-                                                                              term for
-                                                                              slice-labelled
-                                                                              series */
+    int val_any;      /* early stopping on the AUC of "any" alone */
+    int reviews;      /* the node's reviewed studies as data too */
+    float study_loss; /* weight of the stage-2 max-over-slices term for slice-labelled series */
+    float hard_neg;   /* share of each stage-1 epoch drawn from hard negatives */
+    int auto_promote; /* with --register: promote if at least as good as the active model */
 };
 
 struct state {
@@ -405,6 +399,15 @@ static int validate(nn_model *m, const struct train_dataset *d, const float *fea
 
 /* ---- stage 1 --------------------------------------------------------------------- */
 
+/* Fisher-Yates over idx [0, n), seeded by *rng. */
+static void shuffle(size_t *idx, size_t n, uint64_t *rng)
+{
+    for (size_t i = n - 1; n > 1 && i > 0; i--) {
+        size_t j = nn_rng_next(rng) % (i + 1), t = idx[i];
+        idx[i] = idx[j], idx[j] = t;
+    }
+}
+
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
                            int epoch, const float *pos_w, struct progress *pg)
 {
@@ -433,10 +436,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
                 idx[n++] = se->first + (size_t)k;
     }
     uint64_t rng = o->seed * 1000003ULL + (uint64_t)epoch * 7919ULL + 1;
-    for (size_t i = n - 1; i > 0; i--) {
-        size_t j = nn_rng_next(&rng) % (i + 1), t = idx[i];
-        idx[i] = idx[j], idx[j] = t;
-    }
+    shuffle(idx, n, &rng);
     size_t use = o->slices_per_epoch > 0 && (size_t)o->slices_per_epoch < n
                      ? (size_t)o->slices_per_epoch
                      : n;
@@ -454,10 +454,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
             free(z);
             goto out;
         }
-        for (size_t i = use - 1; i > 0; i--) {
-            size_t j = nn_rng_next(&rng) % (i + 1), t = idx[i];
-            idx[i] = idx[j], idx[j] = t;
-        }
+        shuffle(idx, use, &rng);
         util_log(UTIL_LOG_INFO, "train_hard_negatives",
                  "epoch=%d slices=%d candidates=%d p_any_highest=%.3f p_any_lowest=%.3f", epoch + 1,
                  got, 4 * nhard, got ? 1 / (1 + exp(-z[0])) : 0.0,
