@@ -210,6 +210,11 @@ def main():
           r.stderr.strip()[-200:])
     r = run("calibrate", out, cal)
     check(r.returncode == 2 and "--out" in r.stderr, "calibrate without --out: usage error")
+    for share in ("0.6", "-0.1"):
+        r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), "--hard-negatives", share)
+        check(r.returncode == 2 and "out of range" in r.stderr
+              and not os.path.exists(os.path.join(tmp, "x.safetensors")),
+              "--hard-negatives %s refused before any work: %s" % (share, r.stderr.strip()[:80]))
 
     # 5. Bad data folders.
     r = run("train", os.path.join(tmp, "missing"), "-o", os.path.join(tmp, "x.safetensors"))
