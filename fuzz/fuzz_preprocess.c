@@ -1,6 +1,7 @@
 /* fuzz/fuzz_preprocess.c: triage_preprocess_slice on arbitrary sizes, window
  * settings (triage_windows_parse of a string from the input, as a model's
- * metadata supplies it) and HU values, NaN and infinities included. Input:
+ * metadata supplies it) and HU values, NaN and infinities included; on the
+ * whole slice, then on the head crop found on it. Input:
  * 4 bytes of sizes, a NUL-terminated windows string, then floats. */
 #include <math.h>
 #include <string.h>
@@ -29,11 +30,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     float *hu = calloc(n, sizeof *hu);
     float *out = malloc((size_t)TRIAGE_MAX_WINDOWS * (out_h ? out_h : 1) * (out_w ? out_w : 1) *
                         sizeof *out);
+    int big = rows > cols ? rows : cols;
     float *scratch =
-        malloc(triage_preprocess_scratch(rows, out_w ? out_w : 1, w.n) * sizeof *scratch);
-    if (hu && out && scratch) {
+        malloc(triage_preprocess_scratch(big, out_w ? out_w : 1, w.n) * sizeof *scratch);
+    int *count = malloc(sizeof(int) * (size_t)(rows + cols));
+    if (hu && out && scratch && count) {
         memcpy(hu, data, size < n * sizeof *hu ? size : n * sizeof *hu);
-        if (triage_preprocess_slice(hu, rows, cols, &w, out_h, out_w, out, scratch) == 0) {
+        struct triage_head_box box;
+        triage_head_box_init(&box);
+        triage_head_box_add(&box, hu, rows, cols, count);
+        struct triage_region head;
+        triage_head_region(&box, rows, cols, &head);
+        if (head.w <= 0 || head.h <= 0 || head.w > big || head.h > big) {
+            fprintf(stderr, "head region %d,%d %dx%d of a %dx%d slice\n", head.x, head.y, head.w,
+                    head.h, cols, rows);
+            abort();
+        }
+        for (int pass = 0; pass < 2; pass++) {
+            if (triage_preprocess_slice(hu, rows, cols, pass ? &head : NULL, &w, out_h, out_w, out,
+                                        scratch) != 0)
+                continue;
             /* A window maps to [0, 1] whatever comes in, NaN included (the
              * area weights may sum to 1 plus a rounding error). */
             for (int i = 0; i < w.n * out_h * out_w; i++)
@@ -43,6 +59,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 }
         }
     }
+    free(count);
     free(hu);
     free(out);
     free(scratch);

@@ -24,12 +24,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     triage_windows_default(&w);
     enum { OUT = 32 };
     static float out[TRIAGE_MAX_WINDOWS * OUT * OUT];
-    float *scratch = malloc(triage_preprocess_scratch(px.rows, OUT, w.n) * sizeof *scratch);
-    if (scratch) {
+    /* Each frame as a whole, then cropped to the head found on the first
+     * four (the square can reach past the image). */
+    int big = px.rows > px.columns ? px.rows : px.columns;
+    float *scratch = malloc(triage_preprocess_scratch(big, OUT, w.n) * sizeof *scratch);
+    int *count = malloc(sizeof(int) * ((size_t)px.rows + px.columns));
+    if (scratch && count) {
+        struct triage_head_box box;
+        triage_head_box_init(&box);
+        for (int f = 0; f < px.frames && f < 4; f++) {
+            const float *hu = px.hu + (size_t)f * px.rows * px.columns;
+            (void)triage_preprocess_slice(hu, px.rows, px.columns, NULL, &w, OUT, OUT, out,
+                                          scratch);
+            triage_head_box_add(&box, hu, px.rows, px.columns, count);
+        }
+        struct triage_region r;
+        triage_head_region(&box, px.rows, px.columns, &r);
+        if (r.w > big || r.h > big) abort();
         for (int f = 0; f < px.frames && f < 4; f++)
             (void)triage_preprocess_slice(px.hu + (size_t)f * px.rows * px.columns, px.rows,
-                                          px.columns, &w, OUT, OUT, out, scratch);
+                                          px.columns, &r, &w, OUT, OUT, out, scratch);
     }
+    free(count);
     free(scratch);
     scp_pixels_free(&px);
     return 0;

@@ -17,6 +17,7 @@
 
 #include "log.h"
 #include "nn.h"
+#include "pipeline.h"
 #include "scp_pixels.h"
 #include "volume.h"
 
@@ -273,51 +274,23 @@ static int grow(struct train_dataset *d, size_t add_slices, int add_series)
     return 0;
 }
 
-/* Decodes and preprocesses the slices of v into the dataset's next slots.
- * Returns 0 or -1. */
+/* Decodes and preprocesses the slices of v into the dataset's next slots,
+ * through the node's own path (triage_preprocess_volume). Returns 0 or -1. */
 static int decode_volume(struct train_dataset *d, const struct triage_volume *v,
                          const char *const *paths, char *err, size_t errlen)
 {
     size_t per = (size_t)d->c * d->h * d->w;
-    float *out = malloc(per * sizeof(float));
-    float *scratch = malloc(triage_preprocess_scratch(v->rows, d->w, d->windows.n) * sizeof(float));
-    int rc = 0, cur_file = -1;
-    struct scp_pixels px = {0};
-    if (!out || !scratch) {
-        snprintf(err, errlen, "out of memory");
-        rc = -1;
+    float *x = malloc(per * (size_t)v->n * sizeof(float));
+    if (!x) {
+        snprintf(err, errlen, "out of memory for a series of %d slices", v->n);
+        return -1;
     }
-    for (int i = 0; rc == 0 && i < v->n; i++) {
-        const struct triage_slice *s = &v->slices[i];
-        if (s->file != cur_file) {
-            scp_pixels_free(&px);
-            char e[256];
-            if (scp_pixels_read(paths[s->file], &px, e, sizeof e) != 0) {
-                snprintf(err, errlen, "%s: %s", paths[s->file], e);
-                rc = -1;
-                break;
-            }
-            cur_file = s->file;
-        }
-        if (px.rows != v->rows || px.columns != v->columns || s->frame >= px.frames) {
-            snprintf(err, errlen, "%s: pixel data does not match its header", paths[s->file]);
-            rc = -1;
-            break;
-        }
-        const float *hu = px.hu + (size_t)s->frame * px.rows * px.columns;
-        if (triage_preprocess_slice(hu, px.rows, px.columns, &d->windows, d->h, d->w, out,
-                                    scratch) != 0) {
-            snprintf(err, errlen, "%s: preprocessing failed", paths[s->file]);
-            rc = -1;
-            break;
-        }
-        uint8_t *dst = d->pixels + (d->nslices + (size_t)i) * per;
-        for (size_t k = 0; k < per; k++)
-            dst[k] = (uint8_t)lrintf(out[k] * 255.0f);
-    }
-    scp_pixels_free(&px);
-    free(out);
-    free(scratch);
+    int rc = triage_preprocess_volume(v, paths, NULL, &d->windows, d->crop_head, d->h, d->w, x,
+                                      NULL, err, errlen);
+    uint8_t *dst = d->pixels + d->nslices * per;
+    for (size_t k = 0; rc == 0 && k < per * (size_t)v->n; k++)
+        dst[k] = (uint8_t)lrintf(x[k] * 255.0f);
+    free(x);
     return rc;
 }
 
@@ -423,6 +396,7 @@ static void cache_path(const struct train_dataset *d, const char *dir, const cha
     int k = snprintf(key, sizeof key, "%s|%dx%dx%d", real, d->c, d->h, d->w);
     for (int i = 0; i < d->windows.n && k < (int)sizeof key - 40; i++)
         k += snprintf(key + k, sizeof key - k, "|%g/%g", d->windows.center[i], d->windows.width[i]);
+    if (d->crop_head) k += snprintf(key + k, sizeof key - k, "|crop=head");
     uint64_t h = fnv(key, strlen(key), 14695981039346656037ULL);
     if (cache_dir)
         snprintf(out, n, "%s/%016llx.cache", cache_dir, (unsigned long long)h);

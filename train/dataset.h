@@ -4,11 +4,12 @@
  * use the same layout -- and from the node's reviewed studies (study-level
  * labels). Slices are grouped by (StudyInstanceUID, SeriesInstanceUID),
  * ordered along the normal by triage_volume_build and preprocessed by
- * triage_preprocess_slice, the node's own preprocessing. Each DICOM file is
+ * triage_preprocess_volume, the node's own preprocessing. Each DICOM file is
  * decoded once: the preprocessed slices are kept as uint8 in a cache file. */
 #ifndef TRAIN_DATASET_H
 #define TRAIN_DATASET_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -35,6 +36,7 @@ struct train_series {
 struct train_dataset {
     int c, h, w;                   /* slice shape, 3 x 128 x 128 */
     struct triage_windows windows; /* the windows the pixels were made with */
+    bool crop_head;                /* and the head crop ("crop=head"), set after init */
     struct train_series *series;   /* owned */
     int nseries;
     size_t nslices;

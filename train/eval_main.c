@@ -43,6 +43,7 @@ int train_open_model_data(struct triage_model *tm, struct train_dataset *d, cons
         return -1;
     }
     train_dataset_init(d, &tm->windows, tm->in_c, tm->in_h, tm->in_w);
+    d->crop_head = tm->crop_head;
     int off = 0;
     if (descn) *desc = 0;
     for (int i = 0; i < nfolders; i++) {

@@ -34,6 +34,7 @@ struct opts {
     float study_loss; /* weight of the stage-2 max-over-slices term for slice-labelled series */
     float hard_neg;   /* share of each stage-1 epoch drawn from hard negatives */
     int auto_promote; /* with --register: promote if at least as good as the active model */
+    bool crop_head;   /* --crop head: the head crop before the resize */
 };
 
 struct state {
@@ -67,6 +68,8 @@ static void usage(FILE *f)
         "                          by tools/vgg19_to_ichtriage.py)\n"
         "  --windows C/W,C/W,C/W   channel windows (default 40/80,80/200,600/2800)\n"
         "  --input N               slice size N x N (default 128)\n"
+        "  --crop head|none        crop each series to a square around the head before\n"
+        "                          the resize (preprocessing crop=head; default none)\n"
         "  --seed N                split, weights, shuffles, augmentation (default 1)\n"
         "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30)\n"
         "  --patience N            epochs without a better validation score (default 3)\n"
@@ -131,6 +134,7 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"study-loss", 1, 0, 'Y'},
                                        {"auto-promote", 0, 0, 'A'},
                                        {"hard-negatives", 1, 0, 'H'},
+                                       {"crop", 1, 0, 'K'},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
@@ -230,6 +234,10 @@ static int parse(struct opts *o, int argc, char **argv)
             break;
         case 'H':
             o->hard_neg = strtof(optarg, NULL);
+            break;
+        case 'K':
+            if (strcmp(optarg, "head") != 0 && strcmp(optarg, "none") != 0) return -1;
+            o->crop_head = strcmp(optarg, "head") == 0;
             break;
         case 'V':
             o->reviews = 1;
@@ -696,6 +704,28 @@ static void resume_state(nn_model *m, const char *workdir, struct state *st)
 }
 
 /* The model to start from: a checkpoint, --init weights or a fresh one. */
+/* The model's "preprocessing": the steps of this run (with or without the
+ * head crop), then the notes of from (an --init file's, such as "no ImageNet
+ * normalisation"; NULL for none). */
+static void set_preprocessing(nn_model *m, bool crop_head, const char *from)
+{
+    static const char *const steps[] = {"hu=", "window=", "resize=", "crop="};
+    char buf[1024];
+    int off = snprintf(buf, sizeof buf, "%s",
+                       crop_head ? TRIAGE_PREPROCESSING_CROP : TRIAGE_PREPROCESSING);
+    for (const char *p = from; p && *p;) {
+        size_t len = strcspn(p, ";");
+        bool step = len == 0;
+        for (size_t i = 0; !step && i < sizeof steps / sizeof *steps; i++)
+            step = strncmp(p, steps[i], strlen(steps[i])) == 0;
+        if (!step && off < (int)sizeof buf)
+            off += snprintf(buf + off, sizeof buf - (size_t)off, ";%.*s", (int)len, p);
+        p += len;
+        if (*p == ';') p++;
+    }
+    nn_model_meta_set(m, "preprocessing", buf);
+}
+
 static nn_model *start_model(const struct opts *o, const struct triage_windows *w, char *err,
                              size_t errlen)
 {
@@ -724,8 +754,7 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
             memcpy(a.data, b.data, a.numel * sizeof(float));
             copied++;
         }
-        const char *pre = nn_model_meta_get(src, "preprocessing");
-        if (pre) nn_model_meta_set(m, "preprocessing", pre);
+        set_preprocessing(m, o->crop_head, nn_model_meta_get(src, "preprocessing"));
         nn_model_free(src);
         if (copied == 0) {
             snprintf(err, errlen, "%s: no tensor matches the architecture '%s'", o->init, o->arch);
@@ -748,9 +777,7 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
     nn_model_meta_set(m, "labels",
                       "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
     nn_model_meta_set(m, "thresholds", "0.5,0.5,0.5,0.5,0.5,0.5");
-    if (!nn_model_meta_get(m, "preprocessing"))
-        nn_model_meta_set(m, "preprocessing",
-                          "hu=stored*slope+intercept;window=clamp01;resize=area");
+    set_preprocessing(m, o->crop_head, nn_model_meta_get(m, "preprocessing"));
     return m;
 }
 
@@ -769,8 +796,8 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
         util_log(UTIL_LOG_WARN, "model_compare", "active=unreadable error=\"%s\" promote=yes", err);
         return 1;
     }
-    int same_input =
-        tm.in_c == d->c && tm.in_h == d->h && tm.in_w == d->w && tm.windows.n == d->windows.n;
+    int same_input = tm.in_c == d->c && tm.in_h == d->h && tm.in_w == d->w &&
+                     tm.windows.n == d->windows.n && tm.crop_head == d->crop_head;
     for (int i = 0; same_input && i < tm.windows.n; i++)
         same_input = tm.windows.center[i] == d->windows.center[i] &&
                      tm.windows.width[i] == d->windows.width[i];
@@ -839,6 +866,7 @@ int train_train_main(int argc, char **argv)
         return 1;
     }
     train_dataset_init(&d, &win, win.n, o.input_hw, o.input_hw);
+    d.crop_head = o.crop_head;
     for (int i = 0; i < o.ndata; i++) {
         if (train_dataset_add_folder(&d, o.data[i], o.cache, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: %s\n", err);
@@ -1045,9 +1073,7 @@ int train_train_main(int argc, char **argv)
     nn_model_meta_set(m, "cnn_thresholds", buf);
     snprintf(buf, sizeof buf, "study-level sensitivity %.3f on validation", o.sensitivity);
     nn_model_meta_set(m, "threshold_rule", buf);
-    if (!nn_model_meta_get(m, "preprocessing"))
-        nn_model_meta_set(m, "preprocessing",
-                          "hu=stored*slope+intercept;window=clamp01;resize=area");
+    set_preprocessing(m, o.crop_head, nn_model_meta_get(m, "preprocessing"));
     snprintf(buf, sizeof buf,
              "temperature scaling on validation study maxima, folded into the "
              "last layers: %s",
@@ -1067,13 +1093,13 @@ int train_train_main(int argc, char **argv)
              o.test_frac);
     nn_model_meta_set(m, "data_split", buf);
     snprintf(buf, sizeof buf,
-             "arch=%s input=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
+             "arch=%s input=%d crop=%s seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
              "series_batch=%d slices_per_epoch=%d hard_negatives=%g lr1=%g lr_decay=%g lr2=%g "
              "study_loss=%g val_metric=%s augment=%s "
              "init=%s",
-             o.arch, o.input_hw, (unsigned long long)o.seed, o.epochs1, o.epochs2, o.patience,
-             o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg, o.lr1, o.lr_decay, o.lr2,
-             o.study_loss, o.val_any ? "any" : "mean",
+             o.arch, o.input_hw, o.crop_head ? "head" : "none", (unsigned long long)o.seed,
+             o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch,
+             o.hard_neg, o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean",
              o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);

@@ -163,11 +163,14 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
         fail = err;
         goto done;
     }
+    char crop[64] = "";
+    if (m->crop_head)
+        snprintf(crop, sizeof crop, " crop=%d,%d,%dx%d", r.crop.x, r.crop.y, r.crop.w, r.crop.h);
     util_log(UTIL_LOG_INFO, "series_triaged",
              "study=%s series=%s slices=%d p_any=%.4f flagged=%d key_slice=%d model=\"%s\" "
-             "ms_pixels=%.0f ms_model=%.0f ms_total=%.0f%s%s%s",
+             "ms_pixels=%.0f ms_model=%.0f ms_total=%.0f%s%s%s%s",
              v.study_uid, v.series_uid, r.n, r.study[0], r.flagged, r.key_slice, m->version,
-             r.ms_pixels, r.ms_model, res.ms_total, v.note[0] ? " note=\"" : "", v.note,
+             r.ms_pixels, r.ms_model, res.ms_total, crop, v.note[0] ? " note=\"" : "", v.note,
              v.note[0] ? "\"" : "");
 done:
     free(per);

@@ -1,6 +1,7 @@
 /* triage/pipeline.c: model loading and one series through the model. */
 #include "pipeline.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,6 +84,11 @@ int triage_model_load(struct triage_model *m, const char *path, char *err, size_
     if (m->windows.n != m->in_c) {
         snprintf(err, errlen, "model %s: %d windows for %d input channels", path, m->windows.n,
                  m->in_c);
+        goto fail;
+    }
+    if (triage_crop_parse(nn_model_meta_get(m->nn, "preprocessing"), &m->crop_head, e, sizeof e) !=
+        0) {
+        snprintf(err, errlen, "model %s: %s", path, e);
         goto fail;
     }
     /* Our labels by name in the model's output order. */
@@ -173,6 +179,66 @@ static double now_ms(void)
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+int triage_preprocess_volume(const struct triage_volume *v, const char *const *paths,
+                             const struct triage_decoder *dec, const struct triage_windows *w,
+                             bool crop_head, int out_h, int out_w, float *x,
+                             struct triage_region *used, char *err, size_t errlen)
+{
+    /* With the crop, the stream is the sampled slices, then every slice. */
+    int nsamples = crop_head ? (v->n < TRIAGE_HEAD_SAMPLES ? v->n : TRIAGE_HEAD_SAMPLES) : 0;
+    struct triage_volume stream = *v;
+    struct triage_slice *both = NULL; /* stream.slices when it is not v's */
+    int big = v->rows > v->columns ? v->rows : v->columns;
+    float *scratch = malloc(sizeof(float) * triage_preprocess_scratch(big, out_w, w->n));
+    int *count = crop_head ? malloc(sizeof(int) * (size_t)(v->rows + v->columns)) : NULL;
+    struct triage_slices *slices = NULL;
+    int rc = -1;
+    if (!scratch || (crop_head && !count)) {
+        snprintf(err, errlen, "out of memory");
+        goto done;
+    }
+    if (nsamples > 0) {
+        both = malloc(sizeof *both * (size_t)(nsamples + v->n));
+        if (!both) {
+            snprintf(err, errlen, "out of memory");
+            goto done;
+        }
+        for (int k = 0; k < nsamples; k++)
+            both[k] = v->slices[(int)((2 * (int64_t)k + 1) * v->n / (2 * nsamples))];
+        memcpy(both + nsamples, v->slices, sizeof *v->slices * (size_t)v->n);
+        stream.slices = both;
+        stream.n = nsamples + v->n;
+    }
+    if (triage_slices_open(&slices, dec, &stream, paths, err, errlen) != 0) goto done;
+    struct triage_head_box box;
+    triage_head_box_init(&box);
+    const float *hu;
+    for (int k = 0; k < nsamples; k++) {
+        if (triage_slices_next(slices, &hu, err, errlen) != 0) goto done;
+        triage_head_box_add(&box, hu, v->rows, v->columns, count);
+    }
+    struct triage_region region = {0, 0, v->columns, v->rows};
+    if (crop_head) triage_head_region(&box, v->rows, v->columns, &region);
+    if (used) *used = region;
+    size_t per = (size_t)w->n * out_h * out_w;
+    for (int i = 0; i < v->n; i++) {
+        if (triage_slices_next(slices, &hu, err, errlen) != 0) goto done;
+        if (triage_preprocess_slice(hu, v->rows, v->columns, &region, w, out_h, out_w,
+                                    x + per * (size_t)i, scratch) != 0) {
+            snprintf(err, errlen, "%s: cannot preprocess a %dx%d image", paths[v->slices[i].file],
+                     v->rows, v->columns);
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    triage_slices_close(slices);
+    free(both);
+    free(scratch);
+    free(count);
+    return rc;
+}
+
 int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
                           const char *const *paths, const struct triage_decoder *dec,
                           struct triage_result *r, char *err, size_t errlen)
@@ -181,29 +247,17 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
     const nn_config *c = nn_model_config(m->nn);
     size_t per = (size_t)m->in_c * m->in_h * m->in_w;
     float *x = malloc(sizeof(float) * per * (size_t)v->n);
-    float *scratch = malloc(sizeof(float) * triage_preprocess_scratch(v->rows, m->in_w, m->in_c));
     float *out = malloc(sizeof(float) * (size_t)v->n * (size_t)c->labels);
     r->probs = malloc(sizeof(float) * (size_t)v->n * TRIAGE_LABELS);
-    struct triage_slices *slices = NULL;
     int rc = -1;
-    if (!x || !scratch || !out || !r->probs) {
+    if (!x || !out || !r->probs) {
         snprintf(err, errlen, "out of memory for %d slices", v->n);
         goto done;
     }
     double t0 = now_ms();
-    if (triage_slices_open(&slices, dec, v, paths, err, errlen) != 0) goto done;
-    for (int i = 0; i < v->n; i++) {
-        const float *hu;
-        if (triage_slices_next(slices, &hu, err, errlen) != 0) goto done;
-        if (triage_preprocess_slice(hu, v->rows, v->columns, &m->windows, m->in_h, m->in_w,
-                                    x + per * (size_t)i, scratch) != 0) {
-            snprintf(err, errlen, "%s: cannot preprocess a %dx%d image", paths[v->slices[i].file],
-                     v->rows, v->columns);
-            goto done;
-        }
-    }
-    triage_slices_close(slices);
-    slices = NULL;
+    if (triage_preprocess_volume(v, paths, dec, &m->windows, m->crop_head, m->in_h, m->in_w, x,
+                                 &r->crop, err, errlen) != 0)
+        goto done;
     double t1 = now_ms();
     int len = v->n;
     if (nn_lrcn_predict(m->nn, x, &len, 1, out) != 0) {
@@ -228,9 +282,7 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
     r->ms_model = t2 - t1;
     rc = 0;
 done:
-    triage_slices_close(slices);
     free(x);
-    free(scratch);
     free(out);
     if (rc != 0) triage_result_free(r);
     return rc;

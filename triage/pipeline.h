@@ -25,6 +25,7 @@ struct triage_model {
     char version[160]; /* metadata "version", else the file name */
     struct triage_windows windows;
     int in_c, in_h, in_w;
+    bool crop_head;                 /* "crop=head" in its "preprocessing" */
     int label_index[TRIAGE_LABELS]; /* model output index of each of our labels */
     float thresholds[TRIAGE_LABELS];
 };
@@ -52,7 +53,22 @@ struct triage_result {
     int key_slice;              /* where "any" peaks */
     bool flagged;               /* study "any" at or above the model's threshold */
     double ms_pixels, ms_model; /* time spent decoding + preprocessing, and in the model */
+    struct triage_region crop;  /* the part of each slice the model saw (the whole slice
+                                   without "crop=head") */
 };
+
+/* The one path from a series' files to a model's input, for serving and
+ * training alike: decodes every slice of v (paths as given to
+ * triage_volume_build) with dec (NULL: inline) and preprocesses it with
+ * windows w to out_h x out_w into x (v->n * w->n * out_h * out_w floats, in
+ * the volume's order). With crop_head, the series' head crop comes first,
+ * from TRIAGE_HEAD_SAMPLES of its slices (decoded once more, in the same
+ * stream). used (may be NULL) gets the region of the slices the input was
+ * made from. Returns 0, or -1 with a message naming the file. */
+int triage_preprocess_volume(const struct triage_volume *v, const char *const *paths,
+                             const struct triage_decoder *dec, const struct triage_windows *w,
+                             bool crop_head, int out_h, int out_w, float *x,
+                             struct triage_region *used, char *err, size_t errlen);
 
 /* Decodes every slice of v (paths as given to triage_volume_build) with
  * dec (NULL: inline), preprocesses it and runs the model. Returns 0, or -1

@@ -42,14 +42,15 @@ def run(*args, **kw):
     return subprocess.run([ICH, *args], capture_output=True, text=True, **kw)
 
 
-def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0):
+def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, crop=None):
     a = ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
          "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
          "--patience", "8", "--val", "0.2", "--test", "0.3", "--threads", "2",
          "--batch", "16", "--series-batch", "4", "--lr1", "3e-3", "--lr-decay", "0.85",
          "--lr2", "3e-3", "--val-metric", "any", "--no-augment"]
     return (a + (["--slices-per-epoch", str(spe)] if spe else [])
-            + (["--hard-negatives", str(hard)] if hard else []))
+            + (["--hard-negatives", str(hard)] if hard else [])
+            + (["--crop", crop] if crop else []))
 
 
 def auc_se(auc, npos, nneg):
@@ -63,6 +64,19 @@ def metadata(path):
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n))["__metadata__"]
+
+
+def with_metadata(src, dst, key, value):
+    """A copy of the model file src with one metadata value changed."""
+    with open(src, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(n))
+        rest = f.read()
+    head["__metadata__"][key] = value
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dst, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + rest)
 
 
 def main():
@@ -113,6 +127,33 @@ def main():
     check(metadata(outs[0])["thresholds"] == metadata(outs[1])["thresholds"],
           "same seed, same thresholds")
     out_b = outs[1]
+
+    # 2b. The head crop: recorded in the model, so that eval, predict and the
+    # node crop as training did; a model asking for a crop the node does not
+    # know is refused, not run without it.
+    out_h = os.path.join(tmp, "h.safetensors")
+    r = run(*train_args(data, out_h, os.path.join(tmp, "h.work"), epochs1=2, epochs2=1, spe=96,
+                        crop="head"))
+    check(r.returncode == 0, "a run with --crop head exits 0: " + r.stderr[-300:])
+    mh = metadata(out_h)
+    check("crop=head" in mh["preprocessing"].split(";") and "crop=head" in mh["training"],
+          "the crop is in the model's preprocessing and training metadata: "
+          + mh["preprocessing"])
+    check("crop=" not in metadata(out_b)["preprocessing"], "a run without --crop records none")
+    r = run("eval", out_h, data, "--json", os.path.join(tmp, "h-eval.json"),
+            "--report", os.path.join(tmp, "h-eval.html"))
+    check(r.returncode == 0, "eval of the cropped model: " + r.stderr[-200:])
+    r = run("predict", "-c", "/dev/null", "--set", "triage.model=" + out_h, "--json", data)
+    rows = json.loads(r.stdout) if r.returncode == 0 else []
+    check(len(rows) == 60, "predict runs the cropped model on all 60 studies: " + r.stderr[-200:])
+    bad = os.path.join(tmp, "brain.safetensors")
+    with_metadata(out_h, bad, "preprocessing", "hu=stored*slope+intercept;crop=brain")
+    r = run("predict", "-c", "/dev/null", "--set", "triage.model=" + bad, "--json", data)
+    check(r.returncode != 0 and "crop=brain" in r.stderr,
+          "a model asking for an unknown crop is refused: " + r.stderr.strip()[-160:])
+    r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), "--crop", "brain")
+    check(r.returncode == 2 and not os.path.exists(os.path.join(tmp, "x.safetensors")),
+          "--crop brain refused before any work")
 
     # 3. Kill after the first checkpoint, run again: it resumes and finishes.
     work = os.path.join(tmp, "r.work")

@@ -299,6 +299,8 @@ Test(hard_negatives, highest_any_of_negative_training_series_only)
 #include "db_reviews.h"
 #include "phantom.h"
 #include "scp_info.h"
+#include "pipeline.h"
+#include "volume.h"
 
 static void copy(const char *src, const char *dst)
 {
@@ -312,14 +314,19 @@ static void copy(const char *src, const char *dst)
 }
 
 /* count phantom studies of 6 slices 64x64 of seed in dir. */
-static void small_phantoms(char *dir, int seed, int count)
+static void phantoms(char *dir, int seed, int count, int size)
 {
     char err[512];
     struct train_phantom_opts o;
     train_phantom_opts_default(&o);
-    o.outdir = dir, o.seed = (uint64_t)seed, o.count = count, o.size = 64;
+    o.outdir = dir, o.seed = (uint64_t)seed, o.count = count, o.size = size;
     o.slices_min = o.slices_max = 6;
     cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+}
+
+static void small_phantoms(char *dir, int seed, int count)
+{
+    phantoms(dir, seed, count, 64);
 }
 
 Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
@@ -446,14 +453,21 @@ static long long mtime_ns(const char *path)
     return (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
 }
 
-/* Loads dir into a fresh dataset with its cache in cache_dir. */
-static void load(struct train_dataset *d, const char *dir, const char *cache_dir)
+/* Loads dir into a fresh dataset of 3x32x32 slices (head-cropped or not)
+ * with its cache in cache_dir. */
+static void load_as(struct train_dataset *d, const char *dir, const char *cache_dir, bool crop)
 {
     struct triage_windows w;
     triage_windows_default(&w);
     train_dataset_init(d, &w, 3, 32, 32);
+    d->crop_head = crop;
     char err[512];
     cr_assert_eq(train_dataset_add_folder(d, dir, cache_dir, err, sizeof err), 0, "%s", err);
+}
+
+static void load(struct train_dataset *d, const char *dir, const char *cache_dir)
+{
+    load_as(d, dir, cache_dir, false);
 }
 
 Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
@@ -494,6 +508,76 @@ Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
     cr_assert_neq(mtime_ns(cfile), t0, "a changed file did not invalidate the cache");
     train_dataset_free(&a);
     train_dataset_free(&b);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* The series' files of one series UID among the .dcm files of dir/stage_2_train. */
+static int series_files(const char *dir, const char *series_uid, char **paths, int max)
+{
+    char cmd[400], line[1024], err[256];
+    snprintf(cmd, sizeof cmd, "ls %s/stage_2_train/*.dcm", dir);
+    FILE *ls = popen(cmd, "r");
+    int n = 0;
+    while (n < max && fgets(line, sizeof line, ls)) {
+        line[strcspn(line, "\n")] = 0;
+        struct scp_info info;
+        cr_assert_eq(scp_info_read(line, &info, err, sizeof err), 0, "%s", err);
+        if (strcmp(info.series_uid, series_uid) == 0) paths[n++] = strdup(line);
+    }
+    pclose(ls);
+    return n;
+}
+
+Test(crop, training_slices_are_the_nodes_and_the_head_fills_more, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-crop-XXXXXX", ph[300], cache[300], cmd[400], err[512];
+    cr_assert(mkdtemp(tmp));
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(cache, sizeof cache, "%s/cache", tmp);
+    phantoms(ph, 9, 3, 128); /* 128 pixels: the head is 80-90% of the image */
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    struct train_dataset plain, crop;
+    load_as(&plain, ph, cache, false);
+    load_as(&crop, ph, cache, true);
+    struct triage_windows w = crop.windows;
+    /* Two caches: the crop is part of the key. */
+    snprintf(cmd, sizeof cmd, "test $(ls %s/*.cache | wc -l) -eq 2", cache);
+    cr_assert_eq(system(cmd), 0, "the cropped slices did not get a cache of their own");
+    cr_assert_eq(plain.nslices, crop.nslices);
+    size_t per = 3 * 32 * 32;
+    for (int s = 0; s < crop.nseries; s++) {
+        const struct train_series *se = &crop.series[s];
+        char *paths[64];
+        int n = series_files(ph, se->series_uid, paths, 64);
+        struct triage_volume v;
+        cr_assert_eq(triage_volume_build((const char *const *)paths, n, &v, err, sizeof err), 0,
+                     "%s", err);
+        cr_assert_eq(v.n, se->n);
+        float *x = malloc(sizeof(float) * per * (size_t)v.n);
+        cr_assert_eq(triage_preprocess_volume(&v, (const char *const *)paths, NULL, &w, true, 32,
+                                              32, x, NULL, err, sizeof err),
+                     0, "%s", err);
+        /* What training learns from is what the node would feed the model. */
+        for (size_t k = 0; k < per * (size_t)v.n; k++)
+            cr_assert_eq(crop.pixels[se->first * per + k], (uint8_t)lrintf(x[k] * 255.0f),
+                         "series %d, value %zu", s, k);
+        /* The head (bone window above 0) covers more of the cropped input. */
+        size_t head_plain = 0, head_crop = 0;
+        for (int i = 0; i < v.n; i++)
+            for (int p = 0; p < 32 * 32; p++) {
+                head_plain += plain.pixels[(se->first + (size_t)i) * per + 2 * 32 * 32 + p] > 0;
+                head_crop += crop.pixels[(se->first + (size_t)i) * per + 2 * 32 * 32 + p] > 0;
+            }
+        cr_assert_gt(head_crop, head_plain * 21 / 20, "series %d: %zu head pixels cropped, %zu not",
+                     s, head_crop, head_plain);
+        free(x);
+        triage_volume_free(&v);
+        for (int i = 0; i < n; i++)
+            free(paths[i]);
+    }
+    train_dataset_free(&plain);
+    train_dataset_free(&crop);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
 }
