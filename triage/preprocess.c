@@ -67,7 +67,7 @@ static int area_weights(int o, int m, int n, int *first, float *wt, int maxw)
     return k;
 }
 
-/* The window of channel c applied to one HU value. */
+/* One window (lower edge lo, 1/width inv) applied to one HU value. */
 static inline float window_at(float hu, float lo, float inv)
 {
     float v = (hu - lo) * inv;
