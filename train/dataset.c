@@ -18,7 +18,6 @@
 #include "log.h"
 #include "nn.h"
 #include "pipeline.h"
-#include "scp_pixels.h"
 #include "volume.h"
 
 #define MAX_FILES 2000000
