@@ -112,6 +112,23 @@ static int by_logit_desc(const void *a, const void *b)
     return x->i < y->i ? -1 : x->i > y->i;
 }
 
+int train_cnn_logits(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
+                     float *logits)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    float *x = malloc(BATCH * per * sizeof(float));
+    if (!x) return NN_ENOMEM;
+    int rc = 0;
+    for (size_t a = 0; rc == 0 && a < n; a += BATCH) {
+        int b = n - a < BATCH ? (int)(n - a) : BATCH;
+        for (int k = 0; k < b; k++)
+            to_float(d->pixels + idx[a + (size_t)k] * per, per, x + (size_t)k * per);
+        rc = nn_cnn_forward(m, x, b, logits + a * TRAIN_LABELS);
+    }
+    free(x);
+    return rc;
+}
+
 int train_hard_negatives(nn_model *m, const struct train_dataset *d, int ncand, int nhard,
                          uint64_t *rng, size_t *out, float *out_logit)
 {
@@ -119,12 +136,10 @@ int train_hard_negatives(nn_model *m, const struct train_dataset *d, int ncand, 
     if (ncand > nneg) ncand = nneg;
     if (nhard > ncand) nhard = ncand;
     if (nhard <= 0) return 0;
-    size_t per = (size_t)d->c * d->h * d->w;
     size_t *neg = malloc((size_t)nneg * sizeof *neg);
     struct scored *sc = malloc((size_t)ncand * sizeof *sc);
-    float *x = malloc(BATCH * per * sizeof(float));
-    float *lg = malloc(BATCH * TRAIN_LABELS * sizeof(float));
-    int rc = !neg || !sc || !x || !lg ? NN_ENOMEM : 0;
+    float *lg = malloc((size_t)ncand * TRAIN_LABELS * sizeof(float));
+    int rc = !neg || !sc || !lg ? NN_ENOMEM : 0;
     if (rc == 0) {
         train_negative_slices(d, neg);
         /* ncand of them at random: the first ncand places of a partial shuffle. */
@@ -132,24 +147,71 @@ int train_hard_negatives(nn_model *m, const struct train_dataset *d, int ncand, 
             size_t j = (size_t)k + nn_rng_next(rng) % (size_t)(nneg - k), t = neg[k];
             neg[k] = neg[j], neg[j] = t;
         }
-    }
-    for (int a = 0; rc == 0 && a < ncand; a += BATCH) {
-        int n = ncand - a < BATCH ? ncand - a : BATCH;
-        for (int k = 0; k < n; k++)
-            to_float(d->pixels + neg[a + k] * per, per, x + (size_t)k * per);
-        rc = nn_cnn_forward(m, x, n, lg);
-        for (int k = 0; rc == 0 && k < n; k++)
-            sc[a + k] = (struct scored){neg[a + k], lg[(size_t)k * TRAIN_LABELS]};
+        rc = train_cnn_logits(m, d, neg, (size_t)ncand, lg);
     }
     if (rc == 0) {
+        for (int k = 0; k < ncand; k++)
+            sc[k] = (struct scored){neg[k], lg[(size_t)k * TRAIN_LABELS]};
         qsort(sc, (size_t)ncand, sizeof *sc, by_logit_desc);
         for (int k = 0; k < nhard; k++) {
             out[k] = sc[k].i;
             if (out_logit) out_logit[k] = sc[k].z;
         }
     }
-    free(neg), free(sc), free(x), free(lg);
+    free(neg), free(sc), free(lg);
     return rc == 0 ? nhard : rc;
+}
+
+static int by_index(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+size_t train_val_sample(const struct train_dataset *d, size_t want, uint64_t seed, size_t *out)
+{
+    size_t n = 0;
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_VAL || !se->slice_labels) continue;
+        for (int k = 0; k < se->n; k++)
+            out[n++] = se->first + (size_t)k;
+    }
+    if (want == 0 || want >= n) return n;
+    /* want of them at random: the first places of a partial shuffle, then
+     * back in dataset order (the slices of a series lie together in memory). */
+    uint64_t rng = seed * 6700417ULL + 0x5eed;
+    for (size_t k = 0; k < want; k++) {
+        size_t j = k + nn_rng_next(&rng) % (n - k), t = out[k];
+        out[k] = out[j], out[j] = t;
+    }
+    qsort(out, want, sizeof *out, by_index);
+    return want;
+}
+
+int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
+                          struct train_binary out[TRAIN_LABELS], double *weighted_logloss)
+{
+    float *lg = malloc((n ? n : 1) * TRAIN_LABELS * sizeof(float));
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    unsigned char *y = malloc(n ? n : 1);
+    int rc = !lg || !p || !y ? NN_ENOMEM : 0;
+    if (rc == 0) {
+        nn_model_set_training(m, 0);
+        rc = train_cnn_logits(m, d, idx, n, lg);
+    }
+    double wl = 0, ws = 0;
+    for (int l = 0; rc == 0 && l < TRAIN_LABELS; l++) {
+        for (size_t k = 0; k < n; k++) {
+            p[k] = 1.0f / (1.0f + expf(-lg[k * TRAIN_LABELS + l]));
+            y[k] = d->labels[idx[k] * TRAIN_LABELS + l] == 1;
+        }
+        train_binary_eval(p, y, n, 0.5f, &out[l]);
+        if (n) wl += train_rsna_weights[l] * out[l].logloss, ws += train_rsna_weights[l];
+    }
+    *weighted_logloss = ws > 0 ? wl / ws : NAN;
+    free(lg), free(p), free(y);
+    return rc;
 }
 
 /* The stage-1 head applied to features: the classifier's Linear layers with
@@ -374,7 +436,7 @@ int train_calibrate(nn_model *m, const struct train_dataset *d, const float *fea
             size_t n = 0;
             for (int s = 0; s < d->nseries; s++) {
                 const struct train_series *se = &d->series[s];
-                if (se->split != TRAIN_SPLIT_VAL) continue;
+                if (se->split != TRAIN_SPLIT_VAL || !se->slice_labels) continue;
                 float mx = -INFINITY;
                 for (int k = 0; k < se->n; k++) {
                     float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];

@@ -35,6 +35,7 @@ struct opts {
     float hard_neg;   /* share of each stage-1 epoch drawn from hard negatives */
     int auto_promote; /* with --register: promote if at least as good as the active model */
     bool crop_head;   /* --crop head: the head crop before the resize */
+    int val_slices;   /* stage 1 validates on this many validation slices (0: all) */
 };
 
 struct state {
@@ -88,6 +89,9 @@ static void usage(FILE *f)
         "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
         "                          over the labels (default) or on that of \"any\"\n"
+        "  --val-slices N          stage 1 validates on N validation slices drawn once with\n"
+        "                          the seed (default 0: all); stage 2 and the final\n"
+        "                          evaluation use all of them\n"
         "  --threads N             CPU threads (default: all cores)\n"
         "  --device auto|cpu|cuda  where the model runs (nn.device; default auto)\n"
         "  --no-augment            (tests) no augmentation\n"
@@ -135,6 +139,7 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"auto-promote", 0, 0, 'A'},
                                        {"hard-negatives", 1, 0, 'H'},
                                        {"crop", 1, 0, 'K'},
+                                       {"val-slices", 1, 0, 'Q'},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
@@ -239,6 +244,9 @@ static int parse(struct opts *o, int argc, char **argv)
             if (strcmp(optarg, "head") != 0 && strcmp(optarg, "none") != 0) return -1;
             o->crop_head = strcmp(optarg, "head") == 0;
             break;
+        case 'Q':
+            o->val_slices = atoi(optarg);
+            break;
         case 'V':
             o->reviews = 1;
             break;
@@ -271,7 +279,8 @@ static int parse(struct opts *o, int argc, char **argv)
         o->patience < 1 || o->batch < 1 || o->batch > 1024 || o->series_batch < 1 ||
         !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
         !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0) ||
-        !(o->lr_decay > 0 && o->lr_decay <= 1) || !(o->hard_neg >= 0 && o->hard_neg <= 0.5f)) {
+        !(o->lr_decay > 0 && o->lr_decay <= 1) || !(o->hard_neg >= 0 && o->hard_neg <= 0.5f) ||
+        o->val_slices < 0) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
     }
@@ -402,6 +411,21 @@ static int validate(nn_model *m, const struct train_dataset *d, const float *fea
     *auc = n ? s / n : 0;
     *loss = e->weighted_logloss[TRAIN_LEVEL_SLICE][mo];
     free(e);
+    return 0;
+}
+
+/* The same score for stage 1 on a fixed sample of validation slices (the
+ * CNN alone, slice level): each epoch's validation costs a pass over them. */
+static int validate_sample(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
+                           int any_only, double *auc, double *loss)
+{
+    struct train_binary b[TRAIN_LABELS];
+    if (train_evaluate_slices(m, d, idx, n, b, loss) != 0) return -1;
+    double s = 0;
+    int k = 0;
+    for (int l = 0; l < (any_only ? 1 : TRAIN_LABELS); l++)
+        if (!isnan(b[l].auc)) s += b[l].auc, k++;
+    *auc = k ? s / k : 0;
     return 0;
 }
 
@@ -847,6 +871,7 @@ int train_train_main(int argc, char **argv)
     int rc = 1;
     nn_model *m = NULL;
     float *feat = NULL;
+    size_t *vs = NULL, nvs = 0; /* stage 1's validation sample (--val-slices) */
     struct train_eval *ev = NULL;
     struct train_dataset d;
     struct triage_windows win;
@@ -921,6 +946,12 @@ int train_train_main(int argc, char **argv)
                 d.nseries);
         goto out;
     }
+    if (o.val_slices > 0) {
+        vs = malloc(d.nslices * sizeof *vs);
+        if (!vs) goto out;
+        nvs = train_val_sample(&d, (size_t)o.val_slices, o.seed, vs);
+        util_log(UTIL_LOG_INFO, "train_val_sample", "stage=1 slices=%zu of=%zu", nvs, sl[1]);
+    }
 
     struct state st = {.stage = 1, .epoch = 0, .best = -1, .best_epoch = -1, .bad = 0};
     char last[1200], best1[1200], best2[1200];
@@ -967,7 +998,14 @@ int train_train_main(int argc, char **argv)
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
         double loss = stage1_epoch(m, &d, &o, st.epoch, pw, &pg);
         double auc = 0, vloss = 0;
-        if (isnan(loss) || validate(m, &d, NULL, 0, o.val_any, &auc, &vloss) != 0) {
+        int bad = isnan(loss);
+        /* Validation series that are all study-labelled have no slices to
+         * sample: the whole validation split, as without the option. */
+        if (!bad && nvs > 0)
+            bad = validate_sample(m, &d, vs, nvs, o.val_any, &auc, &vloss) != 0;
+        else if (!bad)
+            bad = validate(m, &d, NULL, 0, o.val_any, &auc, &vloss) != 0;
+        if (bad) {
             fprintf(stderr, "ichtriage train: stage 1 failed at epoch %d\n", st.epoch + 1);
             goto out;
         }
@@ -1095,12 +1133,13 @@ int train_train_main(int argc, char **argv)
     snprintf(buf, sizeof buf,
              "arch=%s input=%d crop=%s seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
              "series_batch=%d slices_per_epoch=%d hard_negatives=%g lr1=%g lr_decay=%g lr2=%g "
-             "study_loss=%g val_metric=%s augment=%s "
+             "study_loss=%g val_metric=%s val_slices=%d augment=%s "
              "init=%s",
              o.arch, o.input_hw, o.crop_head ? "head" : "none", (unsigned long long)o.seed,
              o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch,
              o.hard_neg, o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean",
-             o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
+             o.val_slices, o.no_augment ? "no" : "shift,rotation,flip,intensity",
+             o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",
@@ -1162,6 +1201,7 @@ int train_train_main(int argc, char **argv)
 out:
     free(ev);
     free(feat);
+    free(vs);
     nn_model_free(m);
     train_dataset_free(&d);
     triage_config_free(&cfg);

@@ -58,6 +58,12 @@ int train_negative_slices(const struct train_dataset *d, size_t *out);
 int train_hard_negatives(nn_model *m, const struct train_dataset *d, int ncand, int nhard,
                          uint64_t *rng, size_t *out, float *out_logit);
 
+/* The stage-1 head's logits (the CNN alone, as the model is: call it in eval
+ * mode) of the slices idx[0..n) of d, n x TRAIN_LABELS, in batches.
+ * Returns 0 or a negative NN_E* code. */
+int train_cnn_logits(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
+                     float *logits);
+
 /* Divides the last linear layer of the LRCN ("out") or of the stage-1 head
  * by per-label temperatures: calibrated logits without a change of format. */
 int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels);
@@ -88,6 +94,18 @@ int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
 int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
                             const float *features, const float thresholds[2][TRAIN_LABELS],
                             struct train_eval *out, char *err, size_t errlen);
+
+/* Stage 1's validation sample: the slices of validation series with slice
+ * labels (out holds d->nslices), or want of them drawn with seed (the same
+ * for the same seed, in dataset order) when there are more. 0: all.
+ * Returns how many. */
+size_t train_val_sample(const struct train_dataset *d, size_t want, uint64_t seed, size_t *out);
+
+/* The CNN alone on the slices idx[0..n) (slice level, threshold 0.5): each
+ * label's figures and the RSNA weighted log loss, as train_evaluate gives
+ * them for the same slices. Returns 0 or a negative NN_E* code. */
+int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
+                          struct train_binary out[TRAIN_LABELS], double *weighted_logloss);
 
 /* Per-epoch history for the report. */
 struct train_epoch {

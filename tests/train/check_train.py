@@ -42,7 +42,8 @@ def run(*args, **kw):
     return subprocess.run([ICH, *args], capture_output=True, text=True, **kw)
 
 
-def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, crop=None):
+def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, crop=None,
+               val_slices=0):
     a = ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
          "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
          "--patience", "8", "--val", "0.2", "--test", "0.3", "--threads", "2",
@@ -50,7 +51,8 @@ def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, 
          "--lr2", "3e-3", "--val-metric", "any", "--no-augment"]
     return (a + (["--slices-per-epoch", str(spe)] if spe else [])
             + (["--hard-negatives", str(hard)] if hard else [])
-            + (["--crop", crop] if crop else []))
+            + (["--crop", crop] if crop else [])
+            + (["--val-slices", str(val_slices)] if val_slices else []))
 
 
 def auc_se(auc, npos, nneg):
@@ -130,12 +132,16 @@ def main():
 
     # 2b. The head crop: recorded in the model, so that eval, predict and the
     # node crop as training did; a model asking for a crop the node does not
-    # know is refused, not run without it.
+    # know is refused, not run without it. The same run validates stage 1 on
+    # a sample of 40 validation slices (--val-slices).
     out_h = os.path.join(tmp, "h.safetensors")
     r = run(*train_args(data, out_h, os.path.join(tmp, "h.work"), epochs1=2, epochs2=1, spe=96,
-                        crop="head"))
+                        crop="head", val_slices=40))
     check(r.returncode == 0, "a run with --crop head exits 0: " + r.stderr[-300:])
     mh = metadata(out_h)
+    check(re.search(r"event=train_val_sample stage=1 slices=40 of=\d+", r.stderr)
+          and "val_slices=40" in mh["training"].split(),
+          "stage 1 validated on 40 slices, and the model says so: " + mh["training"])
     check("crop=head" in mh["preprocessing"].split(";") and "crop=head" in mh["training"],
           "the crop is in the model's preprocessing and training metadata: "
           + mh["preprocessing"])
@@ -251,6 +257,10 @@ def main():
           r.stderr.strip()[-200:])
     r = run("calibrate", out, cal)
     check(r.returncode == 2 and "--out" in r.stderr, "calibrate without --out: usage error")
+    r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), "--val-slices", "-5")
+    check(r.returncode == 2 and "out of range" in r.stderr
+          and not os.path.exists(os.path.join(tmp, "x.safetensors")),
+          "--val-slices -5 refused before any work")
     for share in ("0.6", "-0.1"):
         r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), "--hard-negatives", share)
         check(r.returncode == 2 and "out of range" in r.stderr

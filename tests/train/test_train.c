@@ -289,6 +289,71 @@ Test(hard_negatives, highest_any_of_negative_training_series_only)
     nn_model_free(m);
 }
 
+/* Stage 1's validation sample: validation slices with slice labels only,
+ * the same for the same seed, in dataset order; on all of them the CNN's
+ * figures are train_evaluate's slice-level ones. */
+Test(val_sample, seeded_subset_of_labelled_validation_slices)
+{
+    nn_model *m = tiny_model();
+    struct train_dataset d;
+    fake_dataset(&d, 30); /* 60 series of 4 slices */
+    random_pixels(&d, 7);
+    uint64_t rng = 3;
+    for (size_t i = 0; i < d.nslices; i++)
+        for (int l = 0; l < TRAIN_LABELS; l++)
+            d.labels[i * TRAIN_LABELS + l] = (nn_rng_next(&rng) % 3) == 0;
+    train_dataset_split(&d, 7, 0.3, 0.2);
+    d.series[0].split = d.series[1].split = TRAIN_SPLIT_VAL;
+    d.series[1].slice_labels = 0; /* a reviewed study: study labels only */
+    size_t labelled = 0;
+    for (int s = 0; s < d.nseries; s++)
+        if (d.series[s].split == TRAIN_SPLIT_VAL && d.series[s].slice_labels)
+            labelled += (size_t)d.series[s].n;
+    cr_assert_gt(labelled, 20);
+
+    size_t *all = malloc(d.nslices * sizeof *all), *a = malloc(d.nslices * sizeof *a);
+    size_t *b = malloc(d.nslices * sizeof *b);
+    cr_assert_eq(train_val_sample(&d, 0, 1, all), labelled);
+    cr_assert_eq(train_val_sample(&d, labelled + 5, 1, a), labelled, "more than there is: all");
+    cr_assert_eq(train_val_sample(&d, 20, 1, a), 20);
+    cr_assert_eq(train_val_sample(&d, 20, 1, b), 20);
+    for (int k = 0; k < 20; k++) {
+        const struct train_series *se = &d.series[a[k] / 4];
+        cr_assert(se->split == TRAIN_SPLIT_VAL && se->slice_labels,
+                  "slice %zu is not a labelled validation slice", a[k]);
+        cr_assert_eq(a[k], b[k], "the same seed, the same sample");
+        if (k) cr_assert_lt(a[k - 1], a[k], "in dataset order, no slice twice");
+    }
+    cr_assert_eq(train_val_sample(&d, 20, 2, b), 20);
+    int diff = 0;
+    for (int k = 0; k < 20; k++)
+        diff += a[k] != b[k];
+    cr_assert_gt(diff, 0, "another seed, another sample");
+
+    /* On every labelled validation slice: what train_evaluate says at slice level. */
+    float thr[2][TRAIN_LABELS];
+    for (int i = 0; i < 2 * TRAIN_LABELS; i++)
+        thr[i / TRAIN_LABELS][i % TRAIN_LABELS] = 0.5f; /* as stage 1's validation */
+    struct train_eval *e = malloc(sizeof *e);
+    char err[256];
+    cr_assert_eq(train_evaluate(m, &d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err), 0, "%s", err);
+    struct train_binary r[TRAIN_LABELS];
+    double wl;
+    cr_assert_eq(train_evaluate_slices(m, &d, all, labelled, r, &wl), 0);
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        const struct train_binary *x = &e->m[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN][l];
+        cr_assert_float_eq(r[l].auc, x->auc, 1e-3, "label %d: %f against %f", l, r[l].auc, x->auc);
+        cr_assert_float_eq(r[l].logloss, x->logloss, 1e-4);
+    }
+    cr_assert_float_eq(wl, e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN], 1e-4);
+    /* A sample scores its own slices: another sample, other figures. */
+    cr_assert_eq(train_evaluate_slices(m, &d, a, 20, r, &wl), 0);
+    cr_assert(fabs(wl - e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN]) > 1e-6);
+    free(all), free(a), free(b), free(e);
+    train_dataset_free(&d);
+    nn_model_free(m);
+}
+
 /* The node's reviewed studies: files in the spool, a review in the database
  * -> series with the review as study-level labels and unknown slice labels. */
 #include <stdio.h>
