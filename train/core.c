@@ -436,7 +436,7 @@ int train_calibrate(nn_model *m, const struct train_dataset *d, const float *fea
             size_t n = 0;
             for (int s = 0; s < d->nseries; s++) {
                 const struct train_series *se = &d->series[s];
-                if (se->split != TRAIN_SPLIT_VAL || !se->slice_labels) continue;
+                if (se->split != TRAIN_SPLIT_VAL) continue;
                 float mx = -INFINITY;
                 for (int k = 0; k < se->n; k++) {
                     float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
