@@ -354,6 +354,34 @@ Test(val_sample, seeded_subset_of_labelled_validation_slices)
     nn_model_free(m);
 }
 
+/* Calibration takes every validation series, study-labelled (reviewed) ones
+ * too: with only those, "any" still has both classes and is fitted. */
+Test(calibrate, study_labelled_series_count)
+{
+    nn_model *m = tiny_model();
+    struct train_dataset d;
+    fake_dataset(&d, 4); /* 8 series, patients 0 and 3 positive */
+    random_pixels(&d, 9);
+    for (int s = 0; s < d.nseries; s++) {
+        d.series[s].split = TRAIN_SPLIT_VAL;
+        d.series[s].slice_labels = 0; /* reviews: the study's labels only */
+    }
+    float thr[2][TRAIN_LABELS];
+    struct train_reliability rel;
+    unsigned fitted = 0;
+    char t[256];
+    cr_assert_eq(train_calibrate(m, &d, NULL, 0.95f, thr, &rel, &fitted, t, sizeof t), 0);
+    cr_assert(fitted & 1u, "\"any\" fitted on study-labelled series (mask %x)", fitted);
+    cr_assert_eq(fitted & ~1u, 0, "the subtypes have no positive study here");
+    int n = 0;
+    for (int c = 0; c < 2; c++)
+        for (int b = 0; b < 10; b++)
+            n += rel.count[c][b];
+    cr_assert_eq(n, 2 * d.nseries, "every series in the reliability diagram");
+    train_dataset_free(&d);
+    nn_model_free(m);
+}
+
 /* The node's reviewed studies: files in the spool, a review in the database
  * -> series with the review as study-level labels and unknown slice labels. */
 #include <stdio.h>
