@@ -53,6 +53,18 @@ def storescu(port, files, work):
     return took
 
 
+def chest_series(out):
+    """200 instances of 512x512: a chest series, stored and never triaged, so
+    it adds no jobs."""
+    import pydicom
+    files = dt.generate(out, count=200)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.BodyPartExamined, ds.StudyDescription, ds.SeriesDescription = "CHEST", "CT CHEST", "AXIAL"
+        ds.save_as(f)
+    return files
+
+
 def wait_results(node, n, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,12 +94,7 @@ def main():
         nstudies = 4 + 10 * rounds
         print("generating phantoms (%d studies x 40 slices, 512x512) ..." % nstudies, flush=True)
         studies = phantoms(exe, os.path.join(work, "ph"), 4242, nstudies)
-        big = dt.generate(os.path.join(work, "ingest"), count=200)
-        import pydicom
-        for f in big:  # a chest series: stored, never triaged, so it adds no jobs
-            ds = pydicom.dcmread(f)
-            ds.BodyPartExamined, ds.StudyDescription, ds.SeriesDescription = "CHEST", "CT CHEST", "AXIAL"
-            ds.save_as(f)
+        big = chest_series(os.path.join(work, "ingest"))
         nslices = len(studies[0])
 
         node = dt.Node(exe, os.path.join(work, "node"), {
