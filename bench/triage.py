@@ -65,6 +65,11 @@ def chest_series(out):
     return files
 
 
+def pending(node):
+    """Jobs queued or running: inference has work."""
+    return node.query("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0]
+
+
 def wait_results(node, n, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,10 +133,9 @@ def main():
             for i in range(done, done + 10):
                 storescu(node.port, studies[i], work)
             time.sleep(QUIET + 0.5)
-            running = node.query("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0]
+            running = pending(node)
             busy.append(storescu(node.port, big, work))
-            left = node.query("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0]
-            if running == 0 or left == 0:
+            if running == 0 or pending(node) == 0:
                 print("warning: inference was idle during part of round %d's loaded ingest" % (r + 1))
             done += 10
             wait_results(node, done)

@@ -386,6 +386,17 @@ static void progress_show(struct progress *p, int done, int total, double loss, 
 
 /* ---- validation score ----------------------------------------------------------- */
 
+/* The early-stopping score: the mean AUC of b over the labels present, or
+ * that of "any" alone. */
+static double mean_auc(const struct train_binary b[TRAIN_LABELS], int any_only)
+{
+    double s = 0;
+    int n = 0;
+    for (int l = 0; l < (any_only ? 1 : TRAIN_LABELS); l++)
+        if (!isnan(b[l].auc)) s += b[l].auc, n++;
+    return n ? s / n : 0;
+}
+
 /* Mean slice-level AUC over the labels present on validation, and the RSNA
  * weighted log loss, of the CNN (stage 1) or LRCN (stage 2). */
 static int validate(nn_model *m, const struct train_dataset *d, const float *feat, int lrcn,
@@ -402,13 +413,7 @@ static int validate(nn_model *m, const struct train_dataset *d, const float *fea
         return -1;
     }
     int mo = lrcn ? TRAIN_MODEL_LRCN : TRAIN_MODEL_CNN;
-    double s = 0;
-    int n = 0;
-    for (int l = 0; l < (any_only ? 1 : TRAIN_LABELS); l++) {
-        double a = e->m[TRAIN_LEVEL_SLICE][mo][l].auc;
-        if (!isnan(a)) s += a, n++;
-    }
-    *auc = n ? s / n : 0;
+    *auc = mean_auc(e->m[TRAIN_LEVEL_SLICE][mo], any_only);
     *loss = e->weighted_logloss[TRAIN_LEVEL_SLICE][mo];
     free(e);
     return 0;
@@ -421,11 +426,7 @@ static int validate_sample(nn_model *m, const struct train_dataset *d, const siz
 {
     struct train_binary b[TRAIN_LABELS];
     if (train_evaluate_slices(m, d, idx, n, b, loss) != 0) return -1;
-    double s = 0;
-    int k = 0;
-    for (int l = 0; l < (any_only ? 1 : TRAIN_LABELS); l++)
-        if (!isnan(b[l].auc)) s += b[l].auc, k++;
-    *auc = k ? s / k : 0;
+    *auc = mean_auc(b, any_only);
     return 0;
 }
 
