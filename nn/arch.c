@@ -102,7 +102,7 @@ static int parse_int(const char **s, int lo, int hi)
     return v < lo || v > hi ? -1 : (int)v;
 }
 
-/* Features: cN / bN [kK][sS][pP], M[k], G, F. */
+/* Features: cN / bN [kK][sS][pP], M[k], G, GM, F. */
 static int build_features(nn_model *m, const char *tok, int *c, int *h, int *w, int *idx, char *err,
                           size_t errlen)
 {
@@ -157,6 +157,20 @@ static int build_features(nn_model *m, const char *tok, int *c, int *h, int *w, 
         l->oh = *h = (*h - k) / k + 1;
         l->ow = *w = (*w - k) / k + 1;
         (*idx)++;
+        return 0;
+    }
+    if (strcmp(tok, "GM") == 0) {
+        /* AdaptiveMaxPool2d(1), Flatten: one max-pool window over the whole
+         * map, so its argmax and backward are the max-pool layer's */
+        if (*h != *w) {
+            nn_errf(err, errlen, "arch: GM needs a square map, not %dx%d", *h, *w);
+            return -1;
+        }
+        nn_layer *l = push_layer(st, NN_L_MAXPOOL, *c, *h, *w);
+        if (!l) return -1;
+        l->k = l->stride = *h;
+        l->oh = l->ow = *h = *w = 1;
+        *idx += 2;
         return 0;
     }
     if ((tok[0] == 'G' || tok[0] == 'F') && !*s) {
@@ -220,7 +234,8 @@ static int build_cnn(nn_model *m, const char *spec, char *err, size_t errlen)
     for (char *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save))
         if (build_features(m, t, &c, &h, &w, &idx, err, errlen) != 0) return -1;
     if (m->cnn.n == 0 || h != 1 || w != 1) {
-        nn_errf(err, errlen, "arch: the features must end with G (global pool) or F (flatten)");
+        nn_errf(err, errlen,
+                "arch: the features must end with G or GM (global pool) or F (flatten)");
         return -1;
     }
     m->feat_end = m->cnn.n;

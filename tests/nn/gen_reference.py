@@ -1,9 +1,10 @@
 #!/usr/bin/python3
 """Writes the PyTorch reference files under tests/nn/ref/ that the C tests
 compare against: small instances of every layer (inputs, weights, outputs,
-every gradient), a tiny LRCN and a tiny stage-1 CNN (train-mode logits, loss,
-all gradients, losses over a few Adam steps) and the `small` preset as a
-PyTorch-made model file with its eval-mode predictions.
+every gradient), a tiny LRCN, one with a global max pool (GM) and a tiny
+stage-1 CNN (train-mode logits, loss, all gradients, losses over a few Adam
+steps) and the `small` preset as a PyTorch-made model file with its eval-mode
+predictions.
 
     /usr/bin/python3 tests/nn/gen_reference.py    # needs Debian's python3-torch
 
@@ -131,6 +132,14 @@ def main():
     x = torch.rand(6, 3, 12, 12)
     opt = torch.optim.AdamW(m.cnn.parameters(), lr=1e-2, weight_decay=0.1)
     train_reference("tiny_cnn", m, x, [6], True, opt)
+
+    # a global max pool (GM) as the feature: the gradient reaches the
+    # convolutions through one argmax per channel
+    torch.manual_seed(4)
+    m = LRCN("b4,M,b6,M,c8,GM|", 3, (16, 16), hidden=5, dense=6, dropout=0.0)
+    lengths = [2, 3]
+    x = torch.rand(sum(lengths), 3, 16, 16)
+    train_reference("tiny_gmp", m, x, lengths, False, torch.optim.Adam(m.parameters(), lr=1e-2))
 
     # the real `small` preset (at 32x32 to keep the file small) as a PyTorch
     # user would ship it: running statistics moved by a few training batches

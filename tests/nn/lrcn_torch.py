@@ -56,6 +56,9 @@ class CNN(nn.Module):
             elif tok == "G":
                 layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
                 h = w = 1
+            elif tok == "GM":
+                layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+                h = w = 1
             elif tok == "F":
                 layers.append(nn.Flatten())
                 c, h, w = c * h * w, 1, 1

@@ -107,6 +107,15 @@ Test(model, tiny_lrcn_matches_torch)
     train_like_torch("tiny_lrcn.safetensors", "tiny_lrcn_ref.safetensors", 0, &a);
 }
 
+/* GM (AdaptiveMaxPool2d(1)) as the feature: one window over the whole map */
+Test(model, tiny_global_max_pool_lrcn_matches_torch)
+{
+    nn_adam a;
+    nn_adam_default(&a);
+    a.lr = 1e-2f;
+    train_like_torch("tiny_gmp.safetensors", "tiny_gmp_ref.safetensors", 0, &a);
+}
+
 Test(model, tiny_cnn_stage1_adamw_matches_torch)
 {
     nn_adam a;
@@ -289,6 +298,15 @@ Test(model, presets_and_bad_arch)
     c.arch = "c8,M|";
     cr_expect_null(nn_model_create(&c, err, sizeof(err)));
     cr_expect(strstr(err, "must end with") != NULL, "%s", err);
+    c.arch = "b8,M,b16,GM|"; /* 128x128 in: a 64x64 map, 16 features */
+    m = nn_model_create(&c, err, sizeof(err));
+    cr_assert(m, "%s", err);
+    cr_expect_eq(nn_model_feature_size(m), 16);
+    nn_model_free(m);
+    c.in_w = 96; /* a 64x48 map has no one square window */
+    c.arch = "b8,M,GM|";
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "square") != NULL, "%s", err);
     nn_model_free(NULL);
 }
 
@@ -387,7 +405,8 @@ Test(model, optimizer_state_resumes_bit_for_bit)
     cr_expect_neq(nn_model_load_optimizer(o, op, err, sizeof err), 0);
     cr_expect(strstr(err, "cnn."), "%s", err);
     cr_expect_eq(nn_model_optimizer_steps(o), 0);
-    cr_expect_neq(nn_model_load_optimizer(o, wp, err, sizeof err), 0, "a model file taken as state");
+    cr_expect_neq(nn_model_load_optimizer(o, wp, err, sizeof err), 0,
+                  "a model file taken as state");
     nn_model_free(o), nn_model_free(f), nn_model_free(r), nn_model_free(m);
     unlink(wp), unlink(op);
 }
