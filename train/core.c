@@ -395,6 +395,7 @@ int train_evaluate_features(nn_model *m, const struct train_dataset *d, int spli
             }
             b = &e->m[TRAIN_LEVEL_STUDY][mo][l];
             train_binary_eval(p, y, n, thresholds[mo][l], b);
+            train_binary_ci(p, y, n, b); /* studies are independent; slices are not */
             wl[1] += train_rsna_weights[l] * b->logloss;
             wsum[1] += train_rsna_weights[l];
             if (l == 0)

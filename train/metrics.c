@@ -1,4 +1,5 @@
-/* train/metrics.c: AUC, confusion counts, log loss, ROC, calibration. */
+/* train/metrics.c: AUC, confusion counts, log loss, ROC, calibration,
+ * confidence intervals. */
 #include "metrics.h"
 
 #include <math.h>
@@ -80,6 +81,62 @@ void train_binary_eval(const float *p, const unsigned char *y, size_t n, float t
     o->precision = o->tp + o->fp ? (double)o->tp / (double)(o->tp + o->fp) : NAN;
     o->auc = train_auc(p, y, n);
     o->logloss = train_logloss(p, y, n);
+    o->auc_lo = o->auc_hi = o->sens_lo = o->sens_hi = o->spec_lo = o->spec_hi = NAN;
+}
+
+#define Z95 1.959963984540054
+
+double train_auc_variance(const float *p, const unsigned char *y, size_t n)
+{
+    struct pv *v = sorted(p, y, n);
+    if (!v) return NAN;
+    double P = 0, N = 0;
+    for (size_t i = 0; i < n; i++)
+        v[i].y ? P++ : N++;
+    /* Structural components, walking tie groups from the highest p down: a
+     * positive's V10 is the share of negatives it beats (ties half), a
+     * negative's V01 the share of positives that beat it. Their means are
+     * the AUC; var = var(V10) / P + var(V01) / N. */
+    double above_pos = 0, above_neg = 0, s10 = 0, q10 = 0, s01 = 0, q01 = 0;
+    for (size_t a = 0, b; a < n; a = b) {
+        double tp = 0, fp = 0;
+        for (b = a; b < n && v[b].p == v[a].p; b++)
+            v[b].y ? tp++ : fp++;
+        if (N > 0) {
+            double v10 = (N - above_neg - fp + fp / 2) / N;
+            s10 += tp * v10, q10 += tp * v10 * v10;
+        }
+        if (P > 0) {
+            double v01 = (above_pos + tp / 2) / P;
+            s01 += fp * v01, q01 += fp * v01 * v01;
+        }
+        above_pos += tp, above_neg += fp;
+    }
+    free(v);
+    if (P < 2 || N < 2) return NAN;
+    double var10 = (q10 - s10 * s10 / P) / (P - 1), var01 = (q01 - s01 * s01 / N) / (N - 1);
+    return fmax(var10, 0) / P + fmax(var01, 0) / N;
+}
+
+void train_wilson(size_t k, size_t n, double *lo, double *hi)
+{
+    if (n == 0) {
+        *lo = *hi = NAN;
+        return;
+    }
+    double z2 = Z95 * Z95, q = (double)k / (double)n, d = 1 + z2 / (double)n;
+    double c = (q + z2 / (2.0 * (double)n)) / d;
+    double h = Z95 * sqrt(q * (1 - q) / (double)n + z2 / (4.0 * (double)n * (double)n)) / d;
+    *lo = fmax(c - h, 0), *hi = fmin(c + h, 1);
+}
+
+void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct train_binary *b)
+{
+    double se = sqrt(train_auc_variance(p, y, n));
+    b->auc_lo = isnan(se) ? NAN : fmax(b->auc - Z95 * se, 0);
+    b->auc_hi = isnan(se) ? NAN : fmin(b->auc + Z95 * se, 1);
+    train_wilson(b->tp, b->tp + b->fn, &b->sens_lo, &b->sens_hi);
+    train_wilson(b->tn, b->tn + b->fp, &b->spec_lo, &b->spec_hi);
 }
 
 int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, float *tpr, int max)

@@ -15,12 +15,25 @@ struct train_binary {
     double auc;                                           /* NAN when one class is absent */
     double accuracy, sensitivity, specificity, precision; /* NAN when undefined */
     double logloss;
+    /* 95% confidence intervals, from train_binary_ci; NAN until then and
+     * where undefined */
+    double auc_lo, auc_hi, sens_lo, sens_hi, spec_lo, spec_hi;
 };
 
 /* Metrics of probabilities p against labels y at threshold t (p >= t is
  * positive). */
 void train_binary_eval(const float *p, const unsigned char *y, size_t n, float t,
                        struct train_binary *out);
+/* 95% confidence intervals of the metrics b holds for the same p and y: the
+ * AUC's by DeLong's variance (normal, clipped to [0, 1]), sensitivity's and
+ * specificity's by Wilson's score interval. They assume independent samples:
+ * studies, not the slices of a series (those would come out too narrow). */
+void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct train_binary *b);
+/* DeLong's variance of the AUC (ties counted half); NAN with fewer than 2
+ * of either class. */
+double train_auc_variance(const float *p, const unsigned char *y, size_t n);
+/* Wilson's 95% score interval of the proportion k of n (NAN for n = 0). */
+void train_wilson(size_t k, size_t n, double *lo, double *hi);
 double train_auc(const float *p, const unsigned char *y, size_t n);
 double train_logloss(const float *p, const unsigned char *y, size_t n);
 /* Points of the ROC curve (fpr, tpr), at most max points (thinned evenly),

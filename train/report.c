@@ -30,6 +30,19 @@ void train_eval_print(FILE *f, const struct train_eval *e)
             fprintf(f, "%-6s %-5s weighted log loss %.4f\n", level_names[lv], model_names[mo],
                     e->weighted_logloss[lv][mo]);
         }
+    const struct train_binary *a = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
+    fprintf(f,
+            "95%% confidence intervals, study level, \"any\", %zu positive and %zu negative "
+            "studies\n(DeLong for the AUC, Wilson for sensitivity and specificity):\n",
+            a->pos, a->n - a->pos);
+    for (int mo = 0; mo < 2; mo++) {
+        const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][mo][0];
+        fprintf(
+            f,
+            "study  %-5s auc %.3f [%.3f, %.3f]  sens %.3f [%.3f, %.3f]  spec %.3f [%.3f, %.3f]\n",
+            model_names[mo], b->auc, b->auc_lo, b->auc_hi, b->sensitivity, b->sens_lo, b->sens_hi,
+            b->specificity, b->spec_lo, b->spec_hi);
+    }
 }
 
 void train_eval_summary(const struct train_eval *e, char *out, size_t n)
@@ -37,10 +50,10 @@ void train_eval_summary(const struct train_eval *e, char *out, size_t n)
     const struct train_binary *l = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
     const struct train_binary *c = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_CNN][0];
     snprintf(out, n,
-             "studies=%d study_auc_any=%.4f sensitivity=%.4f specificity=%.4f threshold=%.4f "
-             "cnn_study_auc_any=%.4f weighted_logloss_slice=%.4f",
-             e->nseries, l->auc, l->sensitivity, l->specificity, e->thresholds[1][0], c->auc,
-             e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_LRCN]);
+             "studies=%d study_auc_any=%.4f study_auc_any_ci95=%.3f-%.3f sensitivity=%.4f "
+             "specificity=%.4f threshold=%.4f cnn_study_auc_any=%.4f weighted_logloss_slice=%.4f",
+             e->nseries, l->auc, l->auc_lo, l->auc_hi, l->sensitivity, l->specificity,
+             e->thresholds[1][0], c->auc, e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_LRCN]);
 }
 
 static void jnum(FILE *f, double v)
@@ -49,6 +62,21 @@ static void jnum(FILE *f, double v)
         fputs("null", f);
     else
         fprintf(f, "%.6g", v);
+}
+
+/* [lo, hi], or null when the interval is undefined (or not computed) */
+static void jpair(FILE *f, const char *key, double lo, double hi)
+{
+    fprintf(f, ", \"%s\": ", key);
+    if (isnan(lo) || isnan(hi)) {
+        fputs("null", f);
+        return;
+    }
+    fputc('[', f);
+    jnum(f, lo);
+    fputs(", ", f);
+    jnum(f, hi);
+    fputc(']', f);
 }
 
 static void esc(FILE *f, const char *s)
@@ -109,6 +137,9 @@ static int write_json(const char *path, const char *model, const struct train_ev
                     fprintf(f, ", \"%s\": ", k[i]);
                     jnum(f, v[i]);
                 }
+                jpair(f, "auc_ci95", b->auc_lo, b->auc_hi);
+                jpair(f, "sensitivity_ci95", b->sens_lo, b->sens_hi);
+                jpair(f, "specificity_ci95", b->spec_lo, b->spec_hi);
                 fputc('}', f);
             }
             fputc('}', f);
@@ -238,11 +269,19 @@ int train_report_write(const char *html_path, const char *json_path, const char 
                         level_names[lv], model_names[mo], names[l], b->n, b->pos);
                 double v[] = {b->accuracy,  b->sensitivity, b->specificity,
                               b->precision, b->auc,         e->thresholds[mo][l]};
-                for (int i = 0; i < 6; i++)
-                    if (isnan(v[i]))
+                /* sensitivity, specificity, AUC: their 95% interval below, where known */
+                double lo[] = {NAN, b->sens_lo, b->spec_lo, NAN, b->auc_lo, NAN};
+                double hi[] = {NAN, b->sens_hi, b->spec_hi, NAN, b->auc_hi, NAN};
+                for (int i = 0; i < 6; i++) {
+                    if (isnan(v[i])) {
                         fputs("<td>&ndash;</td>", f);
-                    else
-                        fprintf(f, "<td>%.3f</td>", v[i]);
+                        continue;
+                    }
+                    fprintf(f, "<td>%.3f", v[i]);
+                    if (!isnan(lo[i]) && !isnan(hi[i]))
+                        fprintf(f, "<br><small>%.3f&ndash;%.3f</small>", lo[i], hi[i]);
+                    fputs("</td>", f);
+                }
                 fputs("</tr>", f);
             }
             fprintf(f,
@@ -250,7 +289,11 @@ int train_report_write(const char *html_path, const char *json_path, const char 
                     "weighted log loss %.4f</td></tr>",
                     level_names[lv], model_names[mo], e->weighted_logloss[lv][mo]);
         }
-    fputs("</table>", f);
+    fputs("</table><p>Under a study-level figure, its 95% confidence interval: DeLong's for the "
+          "AUC, Wilson's for sensitivity and specificity. None per slice: the slices of a "
+          "series are not independent, and intervals that assume they are would be too "
+          "narrow.</p>",
+          f);
 
     /* ROC curves of "any". */
     fputs("<h2>ROC, any hemorrhage</h2>", f);

@@ -104,6 +104,11 @@ def main():
           f"{sl['n']} slices positive), study AUC any {study_auc}", flush=True)
     check(slice_auc > 0.5 + 2 * se, "the LRCN beats chance on its own test split (slice-level "
           "AUC for any more than 2 standard errors above 0.5)")
+    st = m["levels"]["study"]["lrcn"]["any"]
+    check(sl["auc_ci95"] is None and st["auc_ci95"] is not None
+          and st["auc_ci95"][0] <= study_auc <= st["auc_ci95"][1]
+          and st["sensitivity_ci95"][0] <= st["sensitivity"] <= st["sensitivity_ci95"][1],
+          "95% intervals around the study-level AUC and sensitivity, none per slice")
     thr = [float(v) for v in meta["thresholds"].split(",")]
     check(len(thr) == 6 and all(0 < v < 1 for v in thr), "six thresholds in (0,1) stored")
     for key in ("provenance", "metrics", "data", "training", "calibration", "date"):

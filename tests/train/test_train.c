@@ -45,6 +45,87 @@ Test(metrics, confusion_at_threshold)
     cr_assert_float_eq(b.logloss, ll, 1e-6);
 }
 
+/* DeLong's variance by its definition, pair by pair, without sorting. */
+static double delong_by_pairs(const float *p, const unsigned char *y, int n)
+{
+    double P = 0, N = 0, auc = 0;
+    for (int i = 0; i < n; i++)
+        y[i] ? P++ : N++;
+    double v10[64], v01[64];
+    for (int i = 0; i < n; i++) {
+        double s = 0;
+        for (int j = 0; j < n; j++) {
+            if (y[i] == y[j]) continue;
+            float a = y[i] ? p[i] : p[j], b = y[i] ? p[j] : p[i]; /* positive, negative */
+            s += a > b ? 1 : a == b ? 0.5 : 0;
+        }
+        (y[i] ? v10 : v01)[i] = s / (y[i] ? N : P);
+        if (y[i]) auc += s / (N * P);
+    }
+    double s10 = 0, s01 = 0;
+    for (int i = 0; i < n; i++)
+        if (y[i])
+            s10 += (v10[i] - auc) * (v10[i] - auc);
+        else
+            s01 += (v01[i] - auc) * (v01[i] - auc);
+    return s10 / (P - 1) / P + s01 / (N - 1) / N;
+}
+
+Test(metrics, auc_variance_is_delongs)
+{
+    /* ties within and across the classes */
+    float p[] = {0.9f, 0.8f, 0.8f, 0.7f, 0.6f, 0.6f, 0.6f, 0.5f, 0.4f, 0.3f, 0.3f, 0.2f, 0.1f};
+    unsigned char y[] = {1, 1, 0, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0};
+    int n = (int)(sizeof p / sizeof p[0]);
+    double want = delong_by_pairs(p, y, n);
+    cr_assert_gt(want, 0);
+    cr_assert_float_eq(train_auc_variance(p, y, (size_t)n), want, 1e-12);
+    /* random scores, 60 studies */
+    float q[60];
+    unsigned char z[60];
+    uint64_t rng = 7;
+    for (int i = 0; i < 60; i++) {
+        rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        z[i] = (rng >> 40) % 3 == 0;
+        q[i] = (float)((rng >> 20) % 1000) / 1000.0f + (z[i] ? 0.3f : 0.0f);
+    }
+    cr_assert_float_eq(train_auc_variance(q, z, 60), delong_by_pairs(q, z, 60), 1e-12);
+    /* fewer than two of a class: undefined */
+    unsigned char one[] = {1, 0, 0, 0};
+    cr_assert(isnan(train_auc_variance(p, one, 4)));
+}
+
+Test(metrics, confidence_intervals)
+{
+    double lo, hi;
+    train_wilson(0, 10, &lo, &hi); /* Wilson's known values */
+    cr_assert_float_eq(lo, 0.0, 1e-9);
+    cr_assert_float_eq(hi, 0.27753, 1e-5);
+    train_wilson(10, 10, &lo, &hi);
+    cr_assert_float_eq(lo, 0.72247, 1e-5);
+    cr_assert_float_eq(hi, 1.0, 1e-9);
+    train_wilson(5, 10, &lo, &hi);
+    cr_assert_float_eq(lo, 0.23659, 1e-5);
+    cr_assert_float_eq(hi, 0.76341, 1e-5);
+    train_wilson(0, 0, &lo, &hi);
+    cr_assert(isnan(lo) && isnan(hi));
+
+    float p[] = {0.9f, 0.8f, 0.7f, 0.65f, 0.6f, 0.5f, 0.4f, 0.35f, 0.3f, 0.1f};
+    unsigned char y[] = {1, 1, 0, 1, 1, 0, 1, 0, 0, 0};
+    struct train_binary b;
+    train_binary_eval(p, y, 10, 0.55f, &b);
+    cr_assert(isnan(b.auc_lo) && isnan(b.sens_lo), "only train_binary_ci sets them");
+    train_binary_ci(p, y, 10, &b);
+    double se = sqrt(train_auc_variance(p, y, 10));
+    cr_assert_float_eq(b.auc_lo, b.auc - 1.959964 * se, 1e-5);
+    cr_assert_float_eq(b.auc_hi, fmin(b.auc + 1.959964 * se, 1.0), 1e-5);
+    train_wilson(4, 5, &lo, &hi); /* 4 of the 5 positives at or above 0.55 */
+    cr_assert_float_eq(b.sens_lo, lo, 1e-12);
+    cr_assert_float_eq(b.sens_hi, hi, 1e-12);
+    train_wilson(4, 5, &lo, &hi); /* 4 of the 5 negatives below */
+    cr_assert_float_eq(b.spec_lo, lo, 1e-12);
+}
+
 Test(metrics, threshold_reaches_the_sensitivity)
 {
     float p[20];
