@@ -103,7 +103,7 @@ double train_auc_variance(const float *p, const unsigned char *y, size_t n)
         for (b = a; b < n && v[b].p == v[a].p; b++)
             v[b].y ? tp++ : fp++;
         if (N > 0) {
-            double v10 = (N - above_neg - fp + fp / 2) / N;
+            double v10 = (N - above_neg - fp / 2) / N; /* the negatives below, half the tied */
             s10 += tp * v10, q10 += tp * v10 * v10;
         }
         if (P > 0) {
