@@ -29,23 +29,48 @@ static struct pv *sorted(const float *p, const unsigned char *y, size_t n)
     return v;
 }
 
-double train_auc(const float *p, const unsigned char *y, size_t n)
+/* The AUC (ties counted half), and with var DeLong's variance of it: one
+ * walk over the tie groups from the highest p down. */
+static double auc_walk(const float *p, const unsigned char *y, size_t n, double *var)
 {
+    if (var) *var = NAN;
     struct pv *v = sorted(p, y, n);
     if (!v) return NAN;
-    double pos = 0, neg = 0, area = 0;
+    double P = 0, N = 0;
+    for (size_t i = 0; i < n; i++)
+        v[i].y ? P++ : N++;
+    /* DeLong's structural components: a positive's V10 is the share of
+     * negatives it beats, a negative's V01 the share of positives that beat
+     * it (ties half). Their means are the AUC; var = var(V10) / P +
+     * var(V01) / N. */
+    double pos = 0, neg = 0, area = 0, s10 = 0, q10 = 0, q01 = 0;
     for (size_t a = 0, b; a < n; a = b) {
         double tp = 0, fp = 0;
         for (b = a; b < n && v[b].p == v[a].p; b++)
             v[b].y ? tp++ : fp++;
-        /* Negatives in this tie group beat every positive already seen and
-         * half of the positives tied with them. */
+        /* Negatives in this tie group are beaten by every positive already
+         * seen and by half of the positives tied with them. */
         area += fp * (pos + tp / 2);
+        if (var && N > 0 && P > 0) {
+            double v10 = (N - neg - fp / 2) / N; /* the negatives below, half the tied */
+            double v01 = (pos + tp / 2) / P;
+            s10 += tp * v10, q10 += tp * v10 * v10, q01 += fp * v01 * v01;
+        }
         pos += tp, neg += fp;
     }
     free(v);
     if (pos == 0 || neg == 0) return NAN;
+    if (var && P >= 2 && N >= 2) {
+        double s01 = area / P; /* the sum of the V01 */
+        double var10 = (q10 - s10 * s10 / P) / (P - 1), var01 = (q01 - s01 * s01 / N) / (N - 1);
+        *var = fmax(var10, 0) / P + fmax(var01, 0) / N;
+    }
     return area / (pos * neg);
+}
+
+double train_auc(const float *p, const unsigned char *y, size_t n)
+{
+    return auc_walk(p, y, n, NULL);
 }
 
 double train_logloss(const float *p, const unsigned char *y, size_t n)
@@ -88,34 +113,9 @@ void train_binary_eval(const float *p, const unsigned char *y, size_t n, float t
 
 double train_auc_variance(const float *p, const unsigned char *y, size_t n)
 {
-    struct pv *v = sorted(p, y, n);
-    if (!v) return NAN;
-    double P = 0, N = 0;
-    for (size_t i = 0; i < n; i++)
-        v[i].y ? P++ : N++;
-    /* Structural components, walking tie groups from the highest p down: a
-     * positive's V10 is the share of negatives it beats (ties half), a
-     * negative's V01 the share of positives that beat it. Their means are
-     * the AUC; var = var(V10) / P + var(V01) / N. */
-    double above_pos = 0, above_neg = 0, s10 = 0, q10 = 0, s01 = 0, q01 = 0;
-    for (size_t a = 0, b; a < n; a = b) {
-        double tp = 0, fp = 0;
-        for (b = a; b < n && v[b].p == v[a].p; b++)
-            v[b].y ? tp++ : fp++;
-        if (N > 0) {
-            double v10 = (N - above_neg - fp / 2) / N; /* the negatives below, half the tied */
-            s10 += tp * v10, q10 += tp * v10 * v10;
-        }
-        if (P > 0) {
-            double v01 = (above_pos + tp / 2) / P;
-            s01 += fp * v01, q01 += fp * v01 * v01;
-        }
-        above_pos += tp, above_neg += fp;
-    }
-    free(v);
-    if (P < 2 || N < 2) return NAN;
-    double var10 = (q10 - s10 * s10 / P) / (P - 1), var01 = (q01 - s01 * s01 / N) / (N - 1);
-    return fmax(var10, 0) / P + fmax(var01, 0) / N;
+    double var;
+    auc_walk(p, y, n, &var);
+    return var;
 }
 
 void train_wilson(size_t k, size_t n, double *lo, double *hi)
