@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs everything ichtriage needs to build, run and test on Debian 12.
-# Runs apt-get as root: as another user it asks sudo. Benchmarks that compare
-# with PyTorch also need python3-torch: pass --bench to install it.
+# Runs apt-get as root: as another user it asks sudo. python3-torch is for
+# tests and benchmarks only (the VGG19 conversion test, the PyTorch peers of
+# bench/): the node itself never runs Python.
 set -eu
 if [ "$(id -u)" != 0 ]; then exec sudo "$0" "$@"; fi
 export DEBIAN_FRONTEND=noninteractive
@@ -11,8 +12,7 @@ pkgs="meson ninja-build pkg-config gcc g++ clang
   libinih-dev libpng-dev libsystemd-dev libcriterion-dev libcairo2-dev
   orthanc dicom3tools python3 python3-numpy python3-pydicom curl util-linux procps systemd
   openssl valgrind
-  chromium firefox-esr python3-websocket"
-if [ "${1:-}" = "--bench" ]; then pkgs="$pkgs python3-torch"; fi
+  chromium firefox-esr python3-websocket python3-torch"
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $pkgs

@@ -4,6 +4,7 @@ the spool and the index.
 
 Uses Debian's /usr/bin/python3 standard library only (plus pydicom where a
 helper says so)."""
+import fcntl
 import os
 import re
 import shlex
@@ -20,11 +21,69 @@ GEN_CT = os.path.join(HERE, "gen_ct.py")
 PYTHON = "/usr/bin/python3"
 
 
+_held_ports = []
+
+
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    """A TCP port that nobody listens on right now (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port for a node or peer under test to listen on, nobody else's.
+
+    Asking the kernel for port 0 and closing it is racy: the port comes from
+    the ephemeral range, so until the node binds it, any outgoing connection
+    on the machine (storescu, a browser, another test) may be given it as its
+    source port. So the port is taken below the ephemeral range, where the
+    kernel never hands ports out by itself, and reserved among the tests
+    (meson runs several at once) by an flock on a file named after it, held
+    until this process exits."""
+    top = min(_ephemeral_low(), 32768)
+    bottom = 20000
+    if top - bottom < 1000:
+        bottom = 1024
+    lockdir = os.path.join(tempfile.gettempdir(), "ichtriage-test-ports")
+    if not os.path.isdir(lockdir):
+        os.makedirs(lockdir, exist_ok=True)
+        try:
+            os.chmod(lockdir, 0o1777)  # tests that run as another user
+        except OSError:
+            pass
+    span = top - bottom
+    start = (os.getpid() * 7919 + len(_held_ports) * 101) % span
+    for i in range(span):
+        port = bottom + (start + i) % span
+        try:
+            fd = os.open(os.path.join(lockdir, str(port)),
+                         os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("0.0.0.0", port))
+        except OSError:
+            os.close(fd)
+            continue
+        # Kept open, out of the way of low descriptor numbers that helpers
+        # hand to children; not inherited by them (close-on-exec).
+        try:
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 512)
+            os.close(fd)
+            fd = high
+        except OSError:  # a descriptor limit below 512
+            pass
+        _held_ports.append(fd)
+        return port
+    raise OSError("no free TCP port in %d-%d" % (bottom, top - 1))
 
 
 def wait_port(port, timeout=10.0, host="127.0.0.1"):

@@ -29,9 +29,10 @@ class Browser(browser.Driver):
                 "--autoplay-policy=no-user-gesture-required",
                 "--user-data-dir=" + self.profile, "--window-size=%d,%d" % (width, height)]
         argv += list(extra_args)
-        # The browser reads commands on fd 3 and writes answers on fd 4.
+        # The browser reads commands on fd 3 and writes answers on fd 4. bash,
+        # not sh: dash refuses to redirect from a descriptor above 9.
         self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", 'exec "$@" 3<&%d 4>&%d' % (to_chrome_r, from_chrome_w), "sh"] + argv,
+            ["/bin/bash", "-c", 'exec "$@" 3<&%d 4>&%d' % (to_chrome_r, from_chrome_w), "bash"] + argv,
             pass_fds=(to_chrome_r, from_chrome_w), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_chrome_r)
