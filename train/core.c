@@ -324,16 +324,34 @@ static float sigm(float x)
     return 1.0f / (1.0f + expf(-x));
 }
 
+static int evaluate(nn_model *m, const struct train_dataset *d, int split, const float *features,
+                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, float *study_any,
+                    unsigned char *study_y, char *err, size_t errlen);
+
 int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, char *err,
                    size_t errlen)
 {
-    return train_evaluate_features(m, d, split, NULL, thresholds, e, err, errlen);
+    return evaluate(m, d, split, NULL, thresholds, e, NULL, NULL, err, errlen);
+}
+
+int train_evaluate_scores(nn_model *m, const struct train_dataset *d, int split,
+                          const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
+                          float *study_any, unsigned char *study_y, char *err, size_t errlen)
+{
+    return evaluate(m, d, split, NULL, thresholds, e, study_any, study_y, err, errlen);
 }
 
 int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
                             const float *features, const float thresholds[2][TRAIN_LABELS],
                             struct train_eval *e, char *err, size_t errlen)
+{
+    return evaluate(m, d, split, features, thresholds, e, NULL, NULL, err, errlen);
+}
+
+static int evaluate(nn_model *m, const struct train_dataset *d, int split, const float *features,
+                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, float *study_any,
+                    unsigned char *study_y, char *err, size_t errlen)
 {
     memset(e, 0, sizeof *e);
     memcpy(e->thresholds, thresholds, sizeof e->thresholds);
@@ -392,6 +410,10 @@ int train_evaluate_features(nn_model *m, const struct train_dataset *d, int spli
                 }
                 p[n] = sigm(mx);
                 y[n++] = se->study[l] == 1;
+            }
+            if (l == 0 && mo == TRAIN_MODEL_LRCN) {
+                if (study_any) memcpy(study_any, p, n * sizeof *p);
+                if (study_y) memcpy(study_y, y, n);
             }
             b = &e->m[TRAIN_LEVEL_STUDY][mo][l];
             train_binary_eval(p, y, n, thresholds[mo][l], b);

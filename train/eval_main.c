@@ -19,6 +19,9 @@ static void usage(FILE *f)
                "thresholds stored in the model. Decision support, not a diagnosis.\n\n"
                "  --report FILE      HTML report (default eval-report.html)\n"
                "  --json FILE        metrics JSON (default eval-metrics.json)\n"
+               "  --compare OTHER    also evaluate the model file OTHER on the same series and\n"
+               "                     compare the two study-level AUCs of \"any\" (DeLong's\n"
+               "                     paired test): the difference, its 95%% interval, p\n"
                "  --split all|train|val|test  evaluate one split of the data as `train` made\n"
                "                     it with --seed/--val/--test (default all)\n"
                "  --seed N, --val F, --test F  the split (defaults as in train)\n"
@@ -58,6 +61,84 @@ int train_open_model_data(struct triage_model *tm, struct train_dataset *d, cons
     return 0;
 }
 
+int train_model_fits(const struct triage_model *tm, const struct train_dataset *d)
+{
+    int same = tm->in_c == d->c && tm->in_h == d->h && tm->in_w == d->w &&
+               tm->windows.n == d->windows.n && tm->crop_head == d->crop_head;
+    for (int i = 0; same && i < tm->windows.n; i++)
+        same = tm->windows.center[i] == d->windows.center[i] &&
+               tm->windows.width[i] == d->windows.width[i];
+    return same;
+}
+
+static void model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LABELS])
+{
+    memcpy(thr[1], tm->thresholds, sizeof thr[1]);
+    train_floats_parse(nn_model_meta_get(tm->nn, "cnn_thresholds"), thr[0], TRAIN_LABELS, 0.5f);
+}
+
+/* --compare: the model at other_path on the same series as e (d, split),
+ * whose LRCN study-level "any" scores and labels are pa and ya: fills e->cmp.
+ * A model made for other input gets the same folders preprocessed its own
+ * way, and must find the same series in them. Returns 0 or -1 with a
+ * message. */
+static int compare_with(const char *other_path, const char *device, const struct train_dataset *d,
+                        char *const *folders, int nfolders, const char *cache, int split,
+                        uint64_t seed, double val, double test, const float *pa,
+                        const unsigned char *ya, struct train_eval *e, char *err, size_t errlen)
+{
+    struct triage_model om;
+    struct train_dataset od;
+    const struct train_dataset *dd = d;
+    char e2[512], desc[8];
+    int rc = -1, own = 0;
+    if (triage_model_load(&om, other_path, err, errlen) != 0) return -1;
+    if (!train_model_fits(&om, d)) {
+        /* made for another input: the folders again, preprocessed for it */
+        triage_model_free(&om);
+        if (train_open_model_data(&om, &od, other_path, device, folders, nfolders, cache, desc,
+                                  sizeof desc, err, errlen) != 0)
+            return -1;
+        own = 1, dd = &od;
+        if (split >= 0) train_dataset_split(&od, seed, val, test);
+        int same = od.nseries == d->nseries;
+        for (int s = 0; same && s < d->nseries; s++)
+            same = strcmp(od.series[s].series_uid, d->series[s].series_uid) == 0 &&
+                   strcmp(od.series[s].study_uid, d->series[s].study_uid) == 0 &&
+                   od.series[s].split == d->series[s].split;
+        if (!same) {
+            snprintf(err, errlen,
+                     "%s: prepared for its own input, the folders do not give the "
+                     "same series as for the first model",
+                     other_path);
+            goto out;
+        }
+    } else if (triage_nn_device(om.nn, device, err, errlen) != 0) {
+        goto out;
+    }
+    float thr[2][TRAIN_LABELS];
+    model_thresholds(&om, thr);
+    struct train_eval *oe = malloc(sizeof *oe);
+    float *pb = malloc((size_t)(d->nseries ? d->nseries : 1) * sizeof *pb);
+    if (!oe || !pb) {
+        snprintf(err, errlen, "out of memory");
+    } else if (train_evaluate_scores(om.nn, dd, split, thr, oe, pb, NULL, e2, sizeof e2) != 0) {
+        snprintf(err, errlen, "%s: %s", other_path, e2);
+    } else {
+        train_auc_paired(pa, pb, ya, (size_t)e->nseries, &e->cmp.auc);
+        snprintf(e->cmp.model, sizeof e->cmp.model, "%s", other_path);
+        e->cmp.sensitivity = oe->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].sensitivity;
+        e->cmp.specificity = oe->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].specificity;
+        e->cmp.valid = 1;
+        rc = 0;
+    }
+    free(oe), free(pb);
+out:
+    if (own) train_dataset_free(&od);
+    triage_model_free(&om);
+    return rc;
+}
+
 int train_eval_main(int argc, char **argv)
 {
     struct triage_config cfg;
@@ -70,10 +151,11 @@ int train_eval_main(int argc, char **argv)
     snprintf(device, sizeof device, "%s", triage_config_str(&cfg, CFG_NN_DEVICE));
     triage_config_free(&cfg);
     static const struct option lo[] = {
-        {"report", 1, 0, 'r'}, {"json", 1, 0, 'j'}, {"split", 1, 0, 'p'}, {"seed", 1, 0, 's'},
-        {"val", 1, 0, 'v'},    {"test", 1, 0, 't'}, {"cache", 1, 0, 'C'}, {"threads", 1, 0, 'T'},
-        {"help", 0, 0, 'h'},   {0, 0, 0, 0}};
+        {"report", 1, 0, 'r'},  {"json", 1, 0, 'j'}, {"split", 1, 0, 'p'}, {"seed", 1, 0, 's'},
+        {"val", 1, 0, 'v'},     {"test", 1, 0, 't'}, {"cache", 1, 0, 'C'}, {"threads", 1, 0, 'T'},
+        {"compare", 1, 0, 'm'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
     const char *report = "eval-report.html", *json = "eval-metrics.json", *cache = NULL;
+    const char *compare = NULL;
     int split = -1;
     uint64_t seed = 1;
     double val = 0.15, test = 0.15;
@@ -110,6 +192,9 @@ int train_eval_main(int argc, char **argv)
         case 'C':
             cache = optarg;
             break;
+        case 'm':
+            compare = optarg;
+            break;
         case 'T':
             nn_set_threads(atoi(optarg));
             break;
@@ -135,19 +220,25 @@ int train_eval_main(int argc, char **argv)
         return 1;
     }
     float thr[2][TRAIN_LABELS];
-    memcpy(thr[1], tm.thresholds, sizeof thr[1]);
-    train_floats_parse(nn_model_meta_get(tm.nn, "cnn_thresholds"), thr[0], TRAIN_LABELS, 0.5f);
+    model_thresholds(&tm, thr);
     int rc = 1;
     struct train_eval *e = malloc(sizeof *e);
-    if (!e) goto out;
+    float *pa = malloc((size_t)(d.nseries ? d.nseries : 1) * sizeof *pa);
+    unsigned char *ya = malloc((size_t)(d.nseries ? d.nseries : 1));
+    if (!e || !pa || !ya) goto out;
     int off = (int)strlen(desc);
     if (split >= 0) {
         train_dataset_split(&d, seed, val, test);
         snprintf(desc + off, sizeof desc - (size_t)off, " (split %d of seed %llu)", split,
                  (unsigned long long)seed);
     }
-    if (train_evaluate(tm.nn, &d, split, thr, e, err, sizeof err) != 0) {
+    if (train_evaluate_scores(tm.nn, &d, split, thr, e, pa, ya, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage eval: %s\n", err);
+        goto out;
+    }
+    if (compare && compare_with(compare, device, &d, argv + optind + 1, argc - optind - 1, cache,
+                                split, seed, val, test, pa, ya, e, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage eval: --compare %s\n", err);
         goto out;
     }
     train_eval_print(stdout, e);
@@ -159,9 +250,15 @@ int train_eval_main(int argc, char **argv)
     char sum[512];
     train_eval_summary(e, sum, sizeof sum);
     util_log(UTIL_LOG_INFO, "eval_done", "model=%s report=%s %s", model_path, report, sum);
+    if (e->cmp.valid)
+        util_log(UTIL_LOG_INFO, "eval_compare",
+                 "model=%s other=%s study_auc_any=%.4f other_study_auc_any=%.4f "
+                 "difference=%.4f difference_ci95=%.4f,%.4f p=%.4g",
+                 model_path, compare, e->cmp.auc.auc_a, e->cmp.auc.auc_b, e->cmp.auc.diff,
+                 e->cmp.auc.lo, e->cmp.auc.hi, e->cmp.auc.p);
     rc = 0;
 out:
-    free(e);
+    free(e), free(pa), free(ya);
     train_dataset_free(&d);
     triage_model_free(&tm);
     return rc;

@@ -11,6 +11,7 @@ const float train_rsna_weights[6] = {2, 1, 1, 1, 1, 1};
 struct pv {
     float p;
     unsigned char y;
+    size_t i; /* index in the caller's arrays */
 };
 
 static int cmp_desc(const void *a, const void *b)
@@ -24,14 +25,15 @@ static struct pv *sorted(const float *p, const unsigned char *y, size_t n)
     struct pv *v = malloc((n ? n : 1) * sizeof *v);
     if (!v) return NULL;
     for (size_t i = 0; i < n; i++)
-        v[i].p = p[i], v[i].y = y[i] ? 1 : 0;
+        v[i].p = p[i], v[i].y = y[i] ? 1 : 0, v[i].i = i;
     qsort(v, n, sizeof *v, cmp_desc);
     return v;
 }
 
-/* The AUC (ties counted half), and with var DeLong's variance of it: one
- * walk over the tie groups from the highest p down. */
-static double auc_walk(const float *p, const unsigned char *y, size_t n, double *var)
+/* The AUC (ties counted half), with var DeLong's variance of it, and with
+ * comp each sample's structural component (at its own index): one walk over
+ * the tie groups from the highest p down. */
+static double auc_walk(const float *p, const unsigned char *y, size_t n, double *var, double *comp)
 {
     if (var) *var = NAN;
     struct pv *v = sorted(p, y, n);
@@ -51,10 +53,12 @@ static double auc_walk(const float *p, const unsigned char *y, size_t n, double 
         /* Negatives in this tie group are beaten by every positive already
          * seen and by half of the positives tied with them. */
         area += fp * (pos + tp / 2);
-        if (var && N > 0 && P > 0) {
+        if (N > 0 && P > 0) {
             double v10 = (N - neg - fp / 2) / N; /* the negatives below, half the tied */
             double v01 = (pos + tp / 2) / P;
             s10 += tp * v10, q10 += tp * v10 * v10, q01 += fp * v01 * v01;
+            for (size_t k = a; comp && k < b; k++)
+                comp[v[k].i] = v[k].y ? v10 : v01;
         }
         pos += tp, neg += fp;
     }
@@ -70,7 +74,7 @@ static double auc_walk(const float *p, const unsigned char *y, size_t n, double 
 
 double train_auc(const float *p, const unsigned char *y, size_t n)
 {
-    return auc_walk(p, y, n, NULL);
+    return auc_walk(p, y, n, NULL, NULL);
 }
 
 double train_logloss(const float *p, const unsigned char *y, size_t n)
@@ -114,7 +118,7 @@ void train_binary_eval(const float *p, const unsigned char *y, size_t n, float t
 double train_auc_variance(const float *p, const unsigned char *y, size_t n)
 {
     double var;
-    auc_walk(p, y, n, &var);
+    auc_walk(p, y, n, &var, NULL);
     return var;
 }
 
@@ -137,6 +141,35 @@ void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct tr
     b->auc_hi = isnan(se) ? NAN : fmin(b->auc + Z95 * se, 1);
     train_wilson(b->tp, b->tp + b->fn, &b->sens_lo, &b->sens_hi);
     train_wilson(b->tn, b->tn + b->fp, &b->spec_lo, &b->spec_hi);
+}
+
+void train_auc_paired(const float *pa, const float *pb, const unsigned char *y, size_t n,
+                      struct train_auc_diff *o)
+{
+    o->auc_a = o->auc_b = o->diff = o->lo = o->hi = o->p = NAN;
+    double *ca = malloc((n ? n : 1) * sizeof *ca), *cb = malloc((n ? n : 1) * sizeof *cb);
+    if (!ca || !cb) goto out;
+    o->auc_a = auc_walk(pa, y, n, NULL, ca);
+    o->auc_b = auc_walk(pb, y, n, NULL, cb);
+    o->diff = o->auc_a - o->auc_b;
+    double P = 0, N = 0;
+    for (size_t i = 0; i < n; i++)
+        y[i] ? P++ : N++;
+    if (isnan(o->diff) || P < 2 || N < 2) goto out;
+    /* var(A - B) = (S10aa + S10bb - 2 S10ab) / P + (S01aa + S01bb - 2 S01ab) / N,
+     * the S the sample (co)variances of the components within each class:
+     * the variance of the per-sample difference of components. The mean of
+     * each class's components is the AUC. */
+    double q[2] = {0, 0};
+    for (size_t i = 0; i < n; i++) {
+        double d = (ca[i] - o->auc_a) - (cb[i] - o->auc_b);
+        q[y[i] ? 1 : 0] += d * d;
+    }
+    double se = sqrt(q[1] / (P - 1) / P + q[0] / (N - 1) / N);
+    o->lo = fmax(o->diff - Z95 * se, -1), o->hi = fmin(o->diff + Z95 * se, 1);
+    o->p = se > 0 ? erfc(fabs(o->diff) / se / sqrt(2.0)) : o->diff == 0 ? 1.0 : 0.0;
+out:
+    free(ca), free(cb);
 }
 
 int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, float *tpr, int max)

@@ -32,6 +32,15 @@ void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct tr
 /* DeLong's variance of the AUC (ties counted half); NAN with fewer than 2
  * of either class. */
 double train_auc_variance(const float *p, const unsigned char *y, size_t n);
+/* Two models' AUCs on the same samples, compared by DeLong's paired test:
+ * auc_a - auc_b with its 95% interval and the two-sided p-value of "no
+ * difference" (normal); the interval clipped to [-1, 1]. lo, hi, p NAN with
+ * fewer than 2 of either class. */
+struct train_auc_diff {
+    double auc_a, auc_b, diff, lo, hi, p;
+};
+void train_auc_paired(const float *pa, const float *pb, const unsigned char *y, size_t n,
+                      struct train_auc_diff *out);
 /* Wilson's 95% score interval of the proportion k of n (NAN for n = 0). */
 void train_wilson(size_t k, size_t n, double *lo, double *hi);
 double train_auc(const float *p, const unsigned char *y, size_t n);

@@ -43,6 +43,16 @@ void train_eval_print(FILE *f, const struct train_eval *e)
             model_names[mo], b->auc, b->auc_lo, b->auc_hi, b->sensitivity, b->sens_lo, b->sens_hi,
             b->specificity, b->spec_lo, b->spec_hi);
     }
+    const struct train_compare *c = &e->cmp;
+    if (c->valid) {
+        fprintf(f, "Compared with %s on the same %d series (study level, LRCN, \"any\"):\n",
+                c->model, e->nseries);
+        fprintf(f,
+                "auc %.3f against %.3f: difference %+.3f [%+.3f, %+.3f], p = %.3g (DeLong, "
+                "paired)\nthe other model at its own threshold: sens %.3f  spec %.3f\n",
+                c->auc.auc_a, c->auc.auc_b, c->auc.diff, c->auc.lo, c->auc.hi, c->auc.p,
+                c->sensitivity, c->specificity);
+    }
 }
 
 void train_eval_summary(const struct train_eval *e, char *out, size_t n)
@@ -158,6 +168,25 @@ static int write_json(const char *path, const char *model, const struct train_ev
         fprintf(f, ", \"seconds\": %.1f}", h[i].seconds);
     }
     fputs("]", f);
+    if (e->cmp.valid) {
+        const struct train_compare *c = &e->cmp;
+        fputs(", \"compare\": {\"model\": ", f);
+        jstr(f, c->model);
+        fputs(", \"level\": \"study\", \"label\": \"any\", \"auc\": ", f);
+        jnum(f, c->auc.auc_a);
+        fputs(", \"other_auc\": ", f);
+        jnum(f, c->auc.auc_b);
+        fputs(", \"difference\": ", f);
+        jnum(f, c->auc.diff);
+        jpair(f, "difference_ci95", c->auc.lo, c->auc.hi);
+        fputs(", \"p_value\": ", f);
+        jnum(f, c->auc.p);
+        fputs(", \"other_sensitivity\": ", f);
+        jnum(f, c->sensitivity);
+        fputs(", \"other_specificity\": ", f);
+        jnum(f, c->specificity);
+        fputs("}", f);
+    }
     if (rel && rel->valid) {
         fputs(", \"temperature\": [", f);
         for (int l = 0; l < TRAIN_LABELS; l++)
@@ -294,6 +323,19 @@ int train_report_write(const char *html_path, const char *json_path, const char 
           "series are not independent, and intervals that assume they are would be too "
           "narrow.</p>",
           f);
+    if (e->cmp.valid) {
+        const struct train_compare *c = &e->cmp;
+        fputs("<h2>Compared with another model</h2><p>", f);
+        esc(f, c->model);
+        fprintf(f,
+                ", on the same %d series (study level, LRCN, &ldquo;any&rdquo;): AUC %.3f here "
+                "against %.3f there, a difference of %+.3f (95%% interval %+.3f to %+.3f, "
+                "p&nbsp;=&nbsp;%.3g by DeLong's test for two models scored on the same "
+                "studies). At its own stored threshold the other model has sensitivity %.3f "
+                "and specificity %.3f.</p>",
+                e->nseries, c->auc.auc_a, c->auc.auc_b, c->auc.diff, c->auc.lo, c->auc.hi, c->auc.p,
+                c->sensitivity, c->specificity);
+    }
 
     /* ROC curves of "any". */
     fputs("<h2>ROC, any hemorrhage</h2>", f);

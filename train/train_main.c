@@ -808,10 +808,14 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
 
 /* --auto-promote: the new model replaces the active one only if it is at
  * least as good on the same held-out split of this run's data: study-level
- * AUC for "any" and sensitivity at each model's own threshold. Returns 1 to
- * promote (also when nothing is active), 0 to keep the active model. */
+ * AUC for "any" and sensitivity at each model's own threshold. mine_p and
+ * y: the new model's study scores of "any" on that split, for DeLong's
+ * paired test of the two AUCs, which the log and the message give (it does
+ * not decide: the rule is the one above). Returns 1 to promote (also when
+ * nothing is active), 0 to keep the active model. */
 static int better_than_active(const char *store, const struct train_dataset *d, int split,
-                              const struct train_eval *mine)
+                              const struct train_eval *mine, const float *mine_p,
+                              const unsigned char *y)
 {
     char path[1200], err[512];
     snprintf(path, sizeof path, "%s/models/active.safetensors", store);
@@ -821,28 +825,39 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
         util_log(UTIL_LOG_WARN, "model_compare", "active=unreadable error=\"%s\" promote=yes", err);
         return 1;
     }
-    int same_input = tm.in_c == d->c && tm.in_h == d->h && tm.in_w == d->w &&
-                     tm.windows.n == d->windows.n && tm.crop_head == d->crop_head;
-    for (int i = 0; same_input && i < tm.windows.n; i++)
-        same_input = tm.windows.center[i] == d->windows.center[i] &&
-                     tm.windows.width[i] == d->windows.width[i];
     int better = 0;
     struct train_eval *old = malloc(sizeof *old);
+    float *old_p = malloc((size_t)(d->nseries ? d->nseries : 1) * sizeof *old_p);
     float thr[2][TRAIN_LABELS];
     for (int l = 0; l < TRAIN_LABELS; l++)
         thr[0][l] = 0.5f, thr[1][l] = tm.thresholds[l];
-    if (!same_input) {
+    if (!train_model_fits(&tm, d)) {
         util_log(UTIL_LOG_WARN, "model_compare", "reason=other_input_or_windows promote=no");
-    } else if (old && train_evaluate(tm.nn, d, split, thr, old, err, sizeof err) == 0) {
+    } else if (old && old_p &&
+               train_evaluate_scores(tm.nn, d, split, thr, old, old_p, NULL, err, sizeof err) ==
+                   0) {
         const struct train_binary *a = &mine->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         const struct train_binary *b = &old->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
+        struct train_auc_diff dd;
+        train_auc_paired(mine_p, old_p, y, (size_t)mine->nseries, &dd);
         better = !(a->auc < b->auc) && !(a->sensitivity < b->sensitivity);
         util_log(UTIL_LOG_INFO, "model_compare",
                  "new_auc=%.4f new_sensitivity=%.4f active_auc=%.4f active_sensitivity=%.4f "
+                 "auc_difference=%.4f auc_difference_ci95=%.4f,%.4f p=%.4g series=%d "
                  "promote=%s",
-                 a->auc, a->sensitivity, b->auc, b->sensitivity, better ? "yes" : "no");
+                 a->auc, a->sensitivity, b->auc, b->sensitivity, dd.diff, dd.lo, dd.hi, dd.p,
+                 mine->nseries, better ? "yes" : "no");
+        printf("against the active model on the %d test series: study AUC of \"any\" %.3f "
+               "against %.3f, difference %+.3f [95%% interval %+.3f, %+.3f], p = %.3g "
+               "(DeLong, paired); sensitivity %.3f against %.3f\n",
+               mine->nseries, a->auc, b->auc, dd.diff, dd.lo, dd.hi, dd.p, a->sensitivity,
+               b->sensitivity);
+    } else {
+        util_log(UTIL_LOG_WARN, "model_compare",
+                 "reason=active_not_evaluated error=\"%s\" promote=no",
+                 old && old_p ? err : "out of memory");
     }
-    free(old);
+    free(old), free(old_p);
     triage_model_free(&tm);
     return better;
 }
@@ -874,6 +889,8 @@ int train_train_main(int argc, char **argv)
     float *feat = NULL;
     size_t *vs = NULL, nvs = 0; /* stage 1's validation sample (--val-slices) */
     struct train_eval *ev = NULL;
+    float *scores = NULL;
+    unsigned char *score_y = NULL;
     struct train_dataset d;
     struct triage_windows win;
     triage_windows_default(&win);
@@ -1087,7 +1104,11 @@ int train_train_main(int argc, char **argv)
     }
     ev = malloc(sizeof *ev);
     int split = cnt[2] > 0 ? TRAIN_SPLIT_TEST : TRAIN_SPLIT_VAL;
-    if (!ev || train_evaluate(m, &d, split, thr, ev, err, sizeof err) != 0) {
+    /* the test series' study scores, for a paired comparison at promotion */
+    scores = malloc((size_t)(d.nseries ? d.nseries : 1) * sizeof *scores);
+    score_y = malloc((size_t)(d.nseries ? d.nseries : 1));
+    if (!ev || !scores || !score_y ||
+        train_evaluate_scores(m, &d, split, thr, ev, scores, score_y, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage train: evaluation: %s\n", err);
         goto out;
     }
@@ -1187,7 +1208,7 @@ int train_train_main(int argc, char **argv)
                    "to compare on; promote it with: ichtriage model promote %s)\n",
                    id, id);
         } else {
-            int better = better_than_active(store, &d, split, ev);
+            int better = better_than_active(store, &d, split, ev, scores, score_y);
             if (better && train_registry_promote(triage_config_str(&cfg, CFG_STORE_DIR), id, err,
                                                  sizeof err) != 0) {
                 fprintf(stderr, "ichtriage train: promote: %s\n", err);
@@ -1201,6 +1222,7 @@ int train_train_main(int argc, char **argv)
     rc = 0;
 out:
     free(ev);
+    free(scores), free(score_y);
     free(feat);
     free(vs);
     nn_model_free(m);

@@ -83,6 +83,15 @@ struct train_eval {
     /* ROC of "any" [level][model]. */
     int roc_n[2][2];
     float roc_fpr[2][2][TRAIN_ROC_POINTS], roc_tpr[2][2][TRAIN_ROC_POINTS];
+    /* `eval --compare`: the LRCN's study-level "any" against another model
+     * on the same series (auc_a this model, auc_b the other); valid 0 when
+     * there was none. */
+    struct train_compare {
+        int valid;
+        char model[512];
+        struct train_auc_diff auc;
+        double sensitivity, specificity; /* the other model's, at its own threshold */
+    } cmp;
 };
 
 /* Evaluates m on the series of split (-1: all) of d with per-model
@@ -90,6 +99,13 @@ struct train_eval {
 int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *out, char *err,
                    size_t errlen);
+
+/* train_evaluate, and the LRCN's study-level probability of "any" and its
+ * label per series of the split, in dataset order, into study_any and
+ * study_y (each may be NULL; room for e->nseries, at most d->nseries). */
+int train_evaluate_scores(nn_model *m, const struct train_dataset *d, int split,
+                          const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
+                          float *study_any, unsigned char *study_y, char *err, size_t errlen);
 
 int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
                             const float *features, const float thresholds[2][TRAIN_LABELS],
@@ -161,6 +177,8 @@ struct triage_model;
 int train_open_model_data(struct triage_model *tm, struct train_dataset *d, const char *model_path,
                           const char *device, char *const *folders, int nfolders, const char *cache,
                           char *desc, size_t descn, char *err, size_t errlen);
+/* 1 when d's slices are what tm takes: its input size, windows and crop. */
+int train_model_fits(const struct triage_model *tm, const struct train_dataset *d);
 
 /* Subcommands. */
 int train_train_main(int argc, char **argv);

@@ -154,6 +154,35 @@ def main():
     r = run("eval", out_h, data, "--json", os.path.join(tmp, "h-eval.json"),
             "--report", os.path.join(tmp, "h-eval.html"))
     check(r.returncode == 0, "eval of the cropped model: " + r.stderr[-200:])
+    # eval --compare: the uncropped model against the cropped one on the same
+    # studies (each preprocessed its own way), and against itself. (The JSON
+    # holds 6 significant digits.)
+    js_c, html_c = os.path.join(tmp, "c-eval.json"), os.path.join(tmp, "c-eval.html")
+    r = run("eval", out_b, data, "--compare", out_h, "--json", js_c, "--report", html_c)
+    check(r.returncode == 0, "eval --compare exits 0: " + r.stderr[-300:])
+    ec, eh = json.load(open(js_c)), json.load(open(os.path.join(tmp, "h-eval.json")))
+    c = ec.get("compare") or {}
+    auc_b = ec["levels"]["study"]["lrcn"]["any"]["auc"]
+    auc_h = eh["levels"]["study"]["lrcn"]["any"]["auc"]
+    check(c.get("model") == out_h and abs(c["auc"] - auc_b) < 1e-5
+          and abs(c["other_auc"] - auc_h) < 1e-5 and abs(c["difference"] - (auc_b - auc_h)) < 1e-5
+          and c["difference_ci95"][0] <= c["difference"] <= c["difference_ci95"][1]
+          and 0 <= c["p_value"] <= 1
+          and abs(c["other_sensitivity"]
+                  - eh["levels"]["study"]["lrcn"]["any"]["sensitivity"]) < 1e-5,
+          "eval --compare: each model's study AUC as its own eval gives it, the difference "
+          "inside its 95%% interval, a p-value: %s" % c)
+    check("Compared with " + out_h in r.stdout and "DeLong, paired" in r.stdout
+          and "Compared with another model" in open(html_c).read(),
+          "the comparison is printed and in the HTML report")
+    r = run("eval", out_b, data, "--compare", out_b, "--json", js_c, "--report", html_c)
+    c = (json.load(open(js_c)).get("compare") or {}) if r.returncode == 0 else {}
+    check(c.get("difference") == 0 and c.get("p_value") == 1,
+          "a model compared with itself: no difference, p = 1: %s" % c)
+    r = run("eval", out_b, data, "--compare", os.path.join(tmp, "none.safetensors"),
+            "--json", js_c, "--report", html_c)
+    check(r.returncode == 1 and "--compare" in r.stderr and "none.safetensors" in r.stderr,
+          "--compare with a missing model file: a clear error: " + r.stderr.strip()[-160:])
     r = run("predict", "-c", "/dev/null", "--set", "triage.model=" + out_h, "--json", data)
     rows = json.loads(r.stdout) if r.returncode == 0 else []
     check(len(rows) == 60, "predict runs the cropped model on all 60 studies: " + r.stderr[-200:])
@@ -344,6 +373,15 @@ def main():
                   ("promoted" in r.stdout) == said and len(lines) == (2 if said else 1),
                   "train.auto_promote=yes follows the comparison on the frozen test patients: " +
                   r.stdout.strip())
+            mc = re.search(r"event=model_compare new_auc=(\S+) new_sensitivity=\S+ "
+                           r"active_auc=(\S+) active_sensitivity=\S+ auc_difference=(\S+) "
+                           r"auc_difference_ci95=(\S+),(\S+) p=(\S+) series=(\d+)", r.stderr)
+            v = [float(x) for x in mc.groups()] if mc else []
+            check(mc and abs(v[2] - (v[0] - v[1])) < 2e-4 and v[3] <= v[2] <= v[4]
+                  and 0 <= v[5] <= 1 and int(v[6]) == int(test_series.group(1))
+                  and "DeLong, paired" in r.stdout,
+                  "the comparison gives the AUC difference, its interval and DeLong's paired "
+                  "p on the frozen test series: " + (mc.group(0) if mc else "no model_compare"))
             held = re.search(r"event=test_split frozen_patients=(\d+) series_held_out=(\d+)",
                              r.stderr)
             check(held and int(held.group(1)) == len(frozen) and

@@ -45,13 +45,14 @@ Test(metrics, confusion_at_threshold)
     cr_assert_float_eq(b.logloss, ll, 1e-6);
 }
 
-/* DeLong's variance by its definition, pair by pair, without sorting. */
-static double delong_by_pairs(const float *p, const unsigned char *y, int n)
+/* DeLong's structural components by their definition, pair by pair, without
+ * sorting: a positive's share of negatives it beats, a negative's share of
+ * positives that beat it (ties half). Returns the AUC. */
+static double components_by_pairs(const float *p, const unsigned char *y, int n, double *v)
 {
     double P = 0, N = 0, auc = 0;
     for (int i = 0; i < n; i++)
         y[i] ? P++ : N++;
-    double v10[64], v01[64];
     for (int i = 0; i < n; i++) {
         double s = 0;
         for (int j = 0; j < n; j++) {
@@ -59,15 +60,24 @@ static double delong_by_pairs(const float *p, const unsigned char *y, int n)
             float a = y[i] ? p[i] : p[j], b = y[i] ? p[j] : p[i]; /* positive, negative */
             s += a > b ? 1 : a == b ? 0.5 : 0;
         }
-        (y[i] ? v10 : v01)[i] = s / (y[i] ? N : P);
+        v[i] = s / (y[i] ? N : P);
         if (y[i]) auc += s / (N * P);
     }
-    double s10 = 0, s01 = 0;
+    return auc;
+}
+
+/* DeLong's variance by its definition: the components' variance per class. */
+static double delong_by_pairs(const float *p, const unsigned char *y, int n)
+{
+    double P = 0, N = 0, v[64];
+    for (int i = 0; i < n; i++)
+        y[i] ? P++ : N++;
+    double auc = components_by_pairs(p, y, n, v), s10 = 0, s01 = 0;
     for (int i = 0; i < n; i++)
         if (y[i])
-            s10 += (v10[i] - auc) * (v10[i] - auc);
+            s10 += (v[i] - auc) * (v[i] - auc);
         else
-            s01 += (v01[i] - auc) * (v01[i] - auc);
+            s01 += (v[i] - auc) * (v[i] - auc);
     return s10 / (P - 1) / P + s01 / (N - 1) / N;
 }
 
@@ -93,6 +103,63 @@ Test(metrics, auc_variance_is_delongs)
     /* fewer than two of a class: undefined */
     unsigned char one[] = {1, 0, 0, 0};
     cr_assert(isnan(train_auc_variance(p, one, 4)));
+}
+
+/* The paired test by its textbook form: the 2x2 covariance matrices of the
+ * two models' components, per class, and the contrast (1, -1). */
+static double paired_var_by_pairs(const float *pa, const float *pb, const unsigned char *y, int n)
+{
+    double va[64], vb[64], P = 0, N = 0;
+    double A = components_by_pairs(pa, y, n, va), B = components_by_pairs(pb, y, n, vb);
+    double S[2][3] = {{0}}; /* [class][aa, bb, ab] */
+    for (int i = 0; i < n; i++) {
+        int c = y[i] ? 1 : 0;
+        y[i] ? P++ : N++;
+        S[c][0] += (va[i] - A) * (va[i] - A);
+        S[c][1] += (vb[i] - B) * (vb[i] - B);
+        S[c][2] += (va[i] - A) * (vb[i] - B);
+    }
+    return (S[1][0] + S[1][1] - 2 * S[1][2]) / (P - 1) / P +
+           (S[0][0] + S[0][1] - 2 * S[0][2]) / (N - 1) / N;
+}
+
+Test(metrics, paired_auc_comparison_is_delongs)
+{
+    float a[60], b[60];
+    unsigned char y[60];
+    uint64_t rng = 11;
+    for (int i = 0; i < 60; i++) {
+        rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        y[i] = (rng >> 40) % 3 == 0;
+        float noise = (float)((rng >> 20) % 1000) / 1000.0f;
+        a[i] = noise + (y[i] ? 0.4f : 0.0f);
+        /* b: correlated with a, a weaker signal, coarse (ties) */
+        b[i] = roundf((0.7f * noise + 0.3f * (float)((rng >> 8) % 100) / 100.0f +
+                       (y[i] ? 0.2f : 0.0f)) *
+                      10.0f) /
+               10.0f;
+    }
+    struct train_auc_diff d;
+    train_auc_paired(a, b, y, 60, &d);
+    cr_assert_float_eq(d.auc_a, train_auc(a, y, 60), 1e-12);
+    cr_assert_float_eq(d.auc_b, train_auc(b, y, 60), 1e-12);
+    cr_assert_float_eq(d.diff, d.auc_a - d.auc_b, 1e-12);
+    double se = sqrt(paired_var_by_pairs(a, b, y, 60));
+    cr_assert_gt(se, 0);
+    cr_assert_float_eq(d.lo, d.diff - 1.959963984540054 * se, 1e-9);
+    cr_assert_float_eq(d.hi, d.diff + 1.959963984540054 * se, 1e-9);
+    cr_assert_float_eq(d.p, erfc(fabs(d.diff) / se / sqrt(2.0)), 1e-9);
+    /* Pairing matters: the same two AUCs as if independent would have the
+     * sum of the variances, which is larger for correlated scores. */
+    cr_assert_lt(se * se, train_auc_variance(a, y, 60) + train_auc_variance(b, y, 60));
+    /* A model against itself: no difference, p = 1. */
+    train_auc_paired(a, a, y, 60, &d);
+    cr_assert_float_eq(d.diff, 0.0, 1e-15);
+    cr_assert_float_eq(d.p, 1.0, 1e-15);
+    /* Fewer than two of a class: no interval. */
+    unsigned char one[] = {1, 0, 0, 0};
+    train_auc_paired(a, b, one, 4, &d);
+    cr_assert(isnan(d.p) && isnan(d.lo) && !isnan(d.diff));
 }
 
 Test(metrics, confidence_intervals)
