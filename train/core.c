@@ -16,6 +16,7 @@ void train_augment_default(struct train_augment *a)
     a->gain = 0.10f;
     a->offset = 0.04f;
     a->flip = 1;
+    a->channel_period = 0;
 }
 
 void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
@@ -26,7 +27,8 @@ void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c
     float dy = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)h;
     int flip = a->flip && nn_rng_uniform(rng) < 0.5f;
     float gain[8], off[8];
-    for (int k = 0; k < c && k < 8; k++) {
+    int nj = a->channel_period > 0 && a->channel_period < c ? a->channel_period : c;
+    for (int k = 0; k < nj && k < 8; k++) {
         gain[k] = 1 + (2 * nn_rng_uniform(rng) - 1) * a->gain;
         off[k] = (2 * nn_rng_uniform(rng) - 1) * a->offset;
     }
@@ -49,22 +51,17 @@ void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c
                         v += wt * (float)p[(size_t)yy * w + xx];
                     }
                 v = v / 255.0f;
-                if (k < 8 && v > 0) v = v * gain[k] + off[k];
+                int g = a->channel_period > 0 ? k % a->channel_period : k;
+                if (g < 8 && v > 0) v = v * gain[g] + off[g];
                 out[(size_t)k * h * w + (size_t)y * w + x] = v < 0 ? 0 : v > 1 ? 1 : v;
             }
         }
     }
 }
 
-static void to_float(const uint8_t *in, size_t n, float *out)
-{
-    for (size_t i = 0; i < n; i++)
-        out[i] = (float)in[i] / 255.0f;
-}
-
 int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
+    size_t per = train_dataset_input_size(d);
     int F = nn_model_feature_size(m);
     float *x = malloc(BATCH * per * sizeof(float));
     if (!x) return NN_ENOMEM;
@@ -74,7 +71,8 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
         if (split >= 0 && se->split != split) continue;
         for (int a = 0; rc == 0 && a < se->n; a += BATCH) {
             int n = se->n - a < BATCH ? se->n - a : BATCH;
-            to_float(d->pixels + (se->first + (size_t)a) * per, (size_t)n * per, x);
+            for (int k = 0; k < n; k++)
+                train_dataset_input_float(d, se->first + (size_t)(a + k), x + (size_t)k * per);
             rc = nn_cnn_features(m, x, n, feat + (se->first + (size_t)a) * F);
         }
     }
@@ -115,14 +113,14 @@ static int by_logit_desc(const void *a, const void *b)
 int train_cnn_logits(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
                      float *logits)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
+    size_t per = train_dataset_input_size(d);
     float *x = malloc(BATCH * per * sizeof(float));
     if (!x) return NN_ENOMEM;
     int rc = 0;
     for (size_t a = 0; rc == 0 && a < n; a += BATCH) {
         int b = n - a < BATCH ? (int)(n - a) : BATCH;
         for (int k = 0; k < b; k++)
-            to_float(d->pixels + idx[a + (size_t)k] * per, per, x + (size_t)k * per);
+            train_dataset_input_float(d, idx[a + (size_t)k], x + (size_t)k * per);
         rc = nn_cnn_forward(m, x, b, logits + a * TRAIN_LABELS);
     }
     free(x);

@@ -34,6 +34,51 @@ void train_dataset_init(struct train_dataset *d, const struct triage_windows *w,
     d->c = c, d->h = h, d->w = wd;
 }
 
+size_t train_dataset_input_size(const struct train_dataset *d)
+{
+    return (size_t)(2 * d->context + 1) * d->c * d->h * d->w;
+}
+
+/* The series slice i belongs to (series are stored in slice order). */
+static const struct train_series *series_of(const struct train_dataset *d, size_t i)
+{
+    int lo = 0, hi = d->nseries - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (d->series[mid].first <= i)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return &d->series[lo];
+}
+
+void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    if (d->context == 0) {
+        memcpy(out, d->pixels + i * per, per);
+        return;
+    }
+    const struct train_series *se = series_of(d, i);
+    int k = (int)(i - se->first);
+    for (int o = -d->context; o <= d->context; o++, out += per)
+        memcpy(out, d->pixels + (se->first + (size_t)triage_context_slice(k, o, se->n)) * per, per);
+}
+
+void train_dataset_input_float(const struct train_dataset *d, size_t i, float *out)
+{
+    size_t per = (size_t)d->c * d->h * d->w;
+    const struct train_series *se = d->context ? series_of(d, i) : NULL;
+    int k = se ? (int)(i - se->first) : 0;
+    for (int o = -d->context; o <= d->context; o++, out += per) {
+        size_t j = se ? se->first + (size_t)triage_context_slice(k, o, se->n) : i;
+        const uint8_t *p = d->pixels + j * per;
+        for (size_t q = 0; q < per; q++)
+            out[q] = (float)p[q] / 255.0f;
+    }
+}
+
 void train_dataset_free(struct train_dataset *d)
 {
     if (!d) return;

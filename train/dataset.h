@@ -37,6 +37,8 @@ struct train_dataset {
     int c, h, w;                   /* slice shape, 3 x 128 x 128 */
     struct triage_windows windows; /* the windows the pixels were made with */
     bool crop_head;                /* and the head crop ("crop=head"), set after init */
+    int context;                   /* each input holds the slices this far either side
+                                      (the model's "context"), set after init */
     struct train_series *series;   /* owned */
     int nseries;
     size_t nslices;
@@ -70,6 +72,12 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
 int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, int *added, char *err,
                               size_t errlen);
 void train_dataset_free(struct train_dataset *d);
+/* The model's input for slice i: (2 context + 1) x c x h x w, the windows of
+ * slices i-context..i+context of its series (docs/model-format.md,
+ * "context"), as stored (value/255 is the window output) or as floats. */
+size_t train_dataset_input_size(const struct train_dataset *d);
+void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out);
+void train_dataset_input_float(const struct train_dataset *d, size_t i, float *out);
 
 /* Splits by patient: every series of a patient gets the same split;
  * patients with and without a positive study are shuffled separately

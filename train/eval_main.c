@@ -45,8 +45,9 @@ int train_open_model_data(struct triage_model *tm, struct train_dataset *d, cons
         triage_model_free(tm);
         return -1;
     }
-    train_dataset_init(d, &tm->windows, tm->in_c, tm->in_h, tm->in_w);
+    train_dataset_init(d, &tm->windows, tm->windows.n, tm->in_h, tm->in_w);
     d->crop_head = tm->crop_head;
+    d->context = tm->context;
     int off = 0;
     if (descn) *desc = 0;
     for (int i = 0; i < nfolders; i++) {
@@ -63,15 +64,26 @@ int train_open_model_data(struct triage_model *tm, struct train_dataset *d, cons
 
 int train_model_fits(const struct triage_model *tm, const struct train_dataset *d)
 {
-    int same = tm->in_c == d->c && tm->in_h == d->h && tm->in_w == d->w &&
-               tm->windows.n == d->windows.n && tm->crop_head == d->crop_head;
+    int same = tm->in_c == d->c * (2 * d->context + 1) && tm->context == d->context &&
+               tm->in_h == d->h && tm->in_w == d->w && tm->windows.n == d->windows.n &&
+               tm->crop_head == d->crop_head;
     for (int i = 0; same && i < tm->windows.n; i++)
         same = tm->windows.center[i] == d->windows.center[i] &&
                tm->windows.width[i] == d->windows.width[i];
     return same;
 }
 
-static void model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LABELS])
+const struct train_dataset *train_dataset_for_model(const struct triage_model *tm,
+                                                    const struct train_dataset *d,
+                                                    struct train_dataset *view)
+{
+    if (train_model_fits(tm, d)) return d;
+    *view = *d;
+    view->context = tm->context;
+    return train_model_fits(tm, view) ? view : NULL;
+}
+
+void train_model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LABELS])
 {
     memcpy(thr[1], tm->thresholds, sizeof thr[1]);
     train_floats_parse(nn_model_meta_get(tm->nn, "cnn_thresholds"), thr[0], TRAIN_LABELS, 0.5f);
@@ -88,12 +100,12 @@ static int compare_with(const char *other_path, const char *device, const struct
                         const unsigned char *ya, struct train_eval *e, char *err, size_t errlen)
 {
     struct triage_model om;
-    struct train_dataset od;
-    const struct train_dataset *dd = d;
+    struct train_dataset od, view;
+    const struct train_dataset *dd;
     char e2[512], desc[8];
     int rc = -1, own = 0;
     if (triage_model_load(&om, other_path, err, errlen) != 0) return -1;
-    if (!train_model_fits(&om, d)) {
+    if (!(dd = train_dataset_for_model(&om, d, &view))) {
         /* made for another input: the folders again, preprocessed for it */
         triage_model_free(&om);
         if (train_open_model_data(&om, &od, other_path, device, folders, nfolders, cache, desc,
@@ -117,7 +129,7 @@ static int compare_with(const char *other_path, const char *device, const struct
         goto out;
     }
     float thr[2][TRAIN_LABELS];
-    model_thresholds(&om, thr);
+    train_model_thresholds(&om, thr);
     struct train_eval *oe = malloc(sizeof *oe);
     float *pb = malloc((size_t)(d->nseries ? d->nseries : 1) * sizeof *pb);
     if (!oe || !pb) {
@@ -220,7 +232,7 @@ int train_eval_main(int argc, char **argv)
         return 1;
     }
     float thr[2][TRAIN_LABELS];
-    model_thresholds(&tm, thr);
+    train_model_thresholds(&tm, thr);
     int rc = 1;
     struct train_eval *e = malloc(sizeof *e);
     float *pa = malloc((size_t)(d.nseries ? d.nseries : 1) * sizeof *pa);

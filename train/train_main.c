@@ -36,6 +36,7 @@ struct opts {
     int auto_promote; /* with --register: promote if at least as good as the active model */
     bool crop_head;   /* --crop head: the head crop before the resize */
     int val_slices;   /* stage 1 validates on this many validation slices (0: all) */
+    int context;      /* --context: neighbouring slices each side as channels */
 };
 
 struct state {
@@ -71,6 +72,9 @@ static void usage(FILE *f)
         "  --input N               slice size N x N (default 128)\n"
         "  --crop head|none        crop each series to a square around the head before\n"
         "                          the resize (preprocessing crop=head; default none)\n"
+        "  --context K             each slice's input also holds the windows of the K\n"
+        "                          slices either side of it (0-4, default 0: the slice\n"
+        "                          alone; the model's \"context\")\n"
         "  --seed N                split, weights, shuffles, augmentation (default 1)\n"
         "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30)\n"
         "  --patience N            epochs without a better validation score (default 3)\n"
@@ -140,6 +144,7 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"hard-negatives", 1, 0, 'H'},
                                        {"crop", 1, 0, 'K'},
                                        {"val-slices", 1, 0, 'Q'},
+                                       {"context", 1, 0, 'k'},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
@@ -247,6 +252,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'Q':
             o->val_slices = atoi(optarg);
             break;
+        case 'k':
+            o->context = atoi(optarg);
+            break;
         case 'V':
             o->reviews = 1;
             break;
@@ -280,7 +288,7 @@ static int parse(struct opts *o, int argc, char **argv)
         !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
         !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0) ||
         !(o->lr_decay > 0 && o->lr_decay <= 1) || !(o->hard_neg >= 0 && o->hard_neg <= 0.5f) ||
-        o->val_slices < 0) {
+        o->val_slices < 0 || o->context < 0 || o->context > TRIAGE_MAX_CONTEXT) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
     }
@@ -444,18 +452,19 @@ static void shuffle(size_t *idx, size_t n, uint64_t *rng)
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
                            int epoch, const float *pos_w, struct progress *pg)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
+    size_t per = train_dataset_input_size(d);
     size_t n = 0;
     for (int s = 0; s < d->nseries; s++)
         if (d->series[s].split == TRAIN_SPLIT_TRAIN && d->series[s].slice_labels)
             n += (size_t)d->series[s].n;
     size_t *idx = malloc((n ? n : 1) * sizeof *idx);
     float *x = malloc((size_t)o->batch * per * sizeof(float));
+    uint8_t *u = malloc(per);
     float *lg = malloc((size_t)o->batch * TRAIN_LABELS * sizeof(float));
     float *dl = malloc((size_t)o->batch * TRAIN_LABELS * sizeof(float));
     float *yt = malloc((size_t)o->batch * TRAIN_LABELS * sizeof(float));
     double total = NAN;
-    if (!idx || !x || !lg || !dl || !yt || n == 0) goto out;
+    if (!idx || !x || !u || !lg || !dl || !yt || n == 0) goto out;
     n = 0;
     /* What is certain: slices with labels; of study-level series, every
      * slice of a negative study and, of a positive one, the slices the
@@ -497,6 +506,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     int steps = (int)((use + (size_t)o->batch - 1) / (size_t)o->batch);
     struct train_augment aug;
     train_augment_default(&aug);
+    if (d->context) aug.channel_period = d->c; /* a window jitters alike in every slice */
     nn_adam adam;
     nn_adam_default(&adam);
     adam.lr = o->lr1 * powf(o->lr_decay, (float)epoch);
@@ -509,10 +519,11 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
         for (int k = 0; k < b; k++) {
             size_t i = idx[a + k];
             if (o->no_augment) {
-                for (size_t q = 0; q < per; q++)
-                    x[k * per + q] = d->pixels[i * per + q] / 255.0f;
+                train_dataset_input_float(d, i, x + k * per);
             } else {
-                train_augment_slice(&aug, d->pixels + i * per, d->c, d->h, d->w, x + k * per, &rng);
+                train_dataset_input(d, i, u);
+                train_augment_slice(&aug, u, (2 * d->context + 1) * d->c, d->h, d->w, x + k * per,
+                                    &rng);
             }
             for (int l = 0; l < TRAIN_LABELS; l++) {
                 uint8_t v = d->labels[i * TRAIN_LABELS + l];
@@ -541,7 +552,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     total = sum / steps;
 out:
     nn_model_set_training(m, 0);
-    free(idx), free(x), free(lg), free(dl), free(yt);
+    free(idx), free(x), free(u), free(lg), free(dl), free(yt);
     return total;
 }
 
@@ -728,6 +739,36 @@ static void resume_state(nn_model *m, const char *workdir, struct state *st)
                  steps < 0 ? "checkpoint without optimizer state" : err);
 }
 
+/* Whether a checkpoint was made for the input these options give (windows,
+ * context, size, crop); otherwise err says how it differs. */
+static bool checkpoint_fits(const nn_model *m, const struct train_dataset *d, char *err,
+                            size_t errlen)
+{
+    const nn_config *c = nn_model_config(m);
+    struct triage_windows w;
+    int context;
+    bool crop;
+    char e[256];
+    const char *ws = nn_model_meta_get(m, "windows");
+    if (!ws || triage_windows_parse(ws, &w, e, sizeof e) != 0 ||
+        triage_context_parse(nn_model_meta_get(m, "context"), &context, e, sizeof e) != 0 ||
+        triage_crop_parse(nn_model_meta_get(m, "preprocessing"), &crop, e, sizeof e) != 0) {
+        snprintf(err, errlen, "its metadata does not say what input it takes");
+        return false;
+    }
+    bool same = w.n == d->windows.n && context == d->context && crop == d->crop_head &&
+                c->in_c == w.n * (2 * context + 1) && c->in_h == d->h && c->in_w == d->w;
+    for (int i = 0; same && i < w.n; i++)
+        same = w.center[i] == d->windows.center[i] && w.width[i] == d->windows.width[i];
+    if (!same)
+        snprintf(err, errlen,
+                 "made for windows %s, context %d, crop %s, input %dx%d; these options "
+                 "(--windows, --context, --crop, --input) give context %d, crop %s, input %dx%d",
+                 ws, context, crop ? "head" : "none", c->in_h, c->in_w, d->context,
+                 d->crop_head ? "head" : "none", d->h, d->w);
+    return same;
+}
+
 /* The model to start from: a checkpoint, --init weights or a fresh one. */
 /* The model's "preprocessing": the steps of this run (with or without the
  * head crop), then the notes of from (an --init file's, such as "no ImageNet
@@ -757,6 +798,7 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
     nn_config cfg;
     nn_config_default(&cfg);
     cfg.arch = o->arch;
+    cfg.in_c = w->n * (2 * o->context + 1);
     cfg.in_h = cfg.in_w = o->input_hw;
     cfg.seed = o->seed;
     nn_model *m = nn_model_create(&cfg, err, errlen);
@@ -796,8 +838,12 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
         off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%g/%g", i ? "," : "", w->center[i],
                         w->width[i]);
     nn_model_meta_set(m, "windows", buf);
-    snprintf(buf, sizeof buf, "%dx%dx%d", w->n, o->input_hw, o->input_hw);
+    snprintf(buf, sizeof buf, "%dx%dx%d", cfg.in_c, o->input_hw, o->input_hw);
     nn_model_meta_set(m, "input", buf);
+    if (o->context) {
+        snprintf(buf, sizeof buf, "%d", o->context);
+        nn_model_meta_set(m, "context", buf);
+    }
     nn_model_meta_set(m, "format", "ichtriage-lrcn-1");
     nn_model_meta_set(m, "labels",
                       "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
@@ -829,12 +875,13 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
     struct train_eval *old = malloc(sizeof *old);
     float *old_p = malloc((size_t)(d->nseries ? d->nseries : 1) * sizeof *old_p);
     float thr[2][TRAIN_LABELS];
-    for (int l = 0; l < TRAIN_LABELS; l++)
-        thr[0][l] = 0.5f, thr[1][l] = tm.thresholds[l];
-    if (!train_model_fits(&tm, d)) {
+    train_model_thresholds(&tm, thr);
+    struct train_dataset view;
+    const struct train_dataset *od = train_dataset_for_model(&tm, d, &view);
+    if (!od) {
         util_log(UTIL_LOG_WARN, "model_compare", "reason=other_input_or_windows promote=no");
     } else if (old && old_p &&
-               train_evaluate_scores(tm.nn, d, split, thr, old, old_p, NULL, err, sizeof err) ==
+               train_evaluate_scores(tm.nn, od, split, thr, old, old_p, NULL, err, sizeof err) ==
                    0) {
         const struct train_binary *a = &mine->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         const struct train_binary *b = &old->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
@@ -910,6 +957,7 @@ int train_train_main(int argc, char **argv)
     }
     train_dataset_init(&d, &win, win.n, o.input_hw, o.input_hw);
     d.crop_head = o.crop_head;
+    d.context = o.context;
     for (int i = 0; i < o.ndata; i++) {
         if (train_dataset_add_folder(&d, o.data[i], o.cache, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: %s\n", err);
@@ -980,6 +1028,13 @@ int train_train_main(int argc, char **argv)
         m = nn_model_load(last, err, sizeof err);
         if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
+            goto out;
+        }
+        if (!checkpoint_fits(m, &d, err, sizeof err)) {
+            fprintf(stderr,
+                    "ichtriage train: checkpoint %s: %s; resume with the options it was "
+                    "started with, or use another --workdir\n",
+                    last, err);
             goto out;
         }
         resume_state(m, workdir, &st);
@@ -1118,7 +1173,7 @@ int train_train_main(int argc, char **argv)
     time_t tnow = time(NULL);
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&tnow));
     nn_model_meta_set(m, "format", "ichtriage-lrcn-1");
-    snprintf(buf, sizeof buf, "%dx%dx%d", d.c, d.h, d.w);
+    snprintf(buf, sizeof buf, "%dx%dx%d", nn_model_config(m)->in_c, d.h, d.w);
     nn_model_meta_set(m, "input", buf);
     nn_model_meta_set(m, "labels",
                       "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
@@ -1152,16 +1207,16 @@ int train_train_main(int argc, char **argv)
              d.nseries, d.nslices, cnt[0], cnt[1], cnt[2], (unsigned long long)o.seed, o.val_frac,
              o.test_frac);
     nn_model_meta_set(m, "data_split", buf);
-    snprintf(buf, sizeof buf,
-             "arch=%s input=%d crop=%s seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-             "series_batch=%d slices_per_epoch=%d hard_negatives=%g lr1=%g lr_decay=%g lr2=%g "
-             "study_loss=%g val_metric=%s val_slices=%d augment=%s "
-             "init=%s",
-             o.arch, o.input_hw, o.crop_head ? "head" : "none", (unsigned long long)o.seed,
-             o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch,
-             o.hard_neg, o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean",
-             o.val_slices, o.no_augment ? "no" : "shift,rotation,flip,intensity",
-             o.init ? o.init : "none");
+    snprintf(
+        buf, sizeof buf,
+        "arch=%s input=%d crop=%s context=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
+        "series_batch=%d slices_per_epoch=%d hard_negatives=%g lr1=%g lr_decay=%g lr2=%g "
+        "study_loss=%g val_metric=%s val_slices=%d augment=%s "
+        "init=%s",
+        o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
+        o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
+        o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
+        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",

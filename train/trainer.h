@@ -23,6 +23,9 @@
 struct train_augment {
     float shift_frac, rot_deg, gain, offset;
     int flip;
+    /* channels k and k + channel_period share their gain and offset (the
+     * same window of neighbouring slices, "context"); 0: each its own */
+    int channel_period;
 };
 void train_augment_default(struct train_augment *a);
 void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
@@ -177,8 +180,18 @@ struct triage_model;
 int train_open_model_data(struct triage_model *tm, struct train_dataset *d, const char *model_path,
                           const char *device, char *const *folders, int nfolders, const char *cache,
                           char *desc, size_t descn, char *err, size_t errlen);
-/* 1 when d's slices are what tm takes: its input size, windows and crop. */
+/* 1 when d's slices are what tm takes: its input size, windows, crop and
+ * context. */
 int train_model_fits(const struct triage_model *tm, const struct train_dataset *d);
+/* d as tm's input: d itself, or *view (d's slices, each with tm's context
+ * of neighbours; it shares d's memory and is not freed) when only the
+ * context differs; NULL when tm takes other slices. */
+const struct train_dataset *train_dataset_for_model(const struct triage_model *tm,
+                                                    const struct train_dataset *d,
+                                                    struct train_dataset *view);
+/* tm's thresholds per label: [0] the CNN alone's ("cnn_thresholds", 0.5
+ * where absent), [1] the LRCN's. */
+void train_model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LABELS]);
 
 /* Subcommands. */
 int train_train_main(int argc, char **argv);

@@ -1,6 +1,7 @@
 /* triage/pipeline.c: model loading and one series through the model. */
 #include "pipeline.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,9 +82,13 @@ int triage_model_load(struct triage_model *m, const char *path, char *err, size_
     } else {
         triage_windows_default(&m->windows);
     }
-    if (m->windows.n != m->in_c) {
-        snprintf(err, errlen, "model %s: %d windows for %d input channels", path, m->windows.n,
-                 m->in_c);
+    if (triage_context_parse(nn_model_meta_get(m->nn, "context"), &m->context, e, sizeof e) != 0) {
+        snprintf(err, errlen, "model %s: %s", path, e);
+        goto fail;
+    }
+    if (m->windows.n * (2 * m->context + 1) != m->in_c) {
+        snprintf(err, errlen, "model %s: %d windows of %d slices for %d input channels", path,
+                 m->windows.n, 2 * m->context + 1, m->in_c);
         goto fail;
     }
     if (triage_crop_parse(nn_model_meta_get(m->nn, "preprocessing"), &m->crop_head, e, sizeof e) !=
@@ -239,13 +244,41 @@ done:
     return rc;
 }
 
+/* x: the series' slices preprocessed (its windows) -> out: probabilities
+ * [n, labels]. A model with context sees each slice with its neighbours:
+ * their inputs are stacked and run through the CNN a chunk at a time (so the
+ * stacked copy of the series is never whole), then the BiLSTM runs over the
+ * features. */
+static int run_model(struct triage_model *m, const float *x, int n, float *out)
+{
+    if (m->context == 0) return nn_lrcn_predict(m->nn, x, &n, 1, out);
+    enum { CHUNK = 16 };
+    const nn_config *c = nn_model_config(m->nn);
+    size_t per = (size_t)m->windows.n * m->in_h * m->in_w;
+    int F = nn_model_feature_size(m->nn);
+    float *in = malloc(sizeof(float) * (size_t)m->in_c * m->in_h * m->in_w * CHUNK);
+    float *feat = malloc(sizeof(float) * (size_t)F * (size_t)n);
+    int rc = in && feat ? 0 : NN_ENOMEM;
+    for (int a = 0; rc == 0 && a < n; a += CHUNK) {
+        int b = n - a < CHUNK ? n - a : CHUNK;
+        triage_context_stack(x, n, per, m->context, a, b, in);
+        rc = nn_cnn_features(m->nn, in, b, feat + (size_t)a * F);
+    }
+    if (rc == 0) rc = nn_lrcn_forward_features(m->nn, feat, &n, 1, out);
+    for (size_t i = 0; rc == 0 && i < (size_t)n * (size_t)c->labels; i++)
+        out[i] = 1.0f / (1.0f + expf(-out[i]));
+    free(in);
+    free(feat);
+    return rc;
+}
+
 int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
                           const char *const *paths, const struct triage_decoder *dec,
                           struct triage_result *r, char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
     const nn_config *c = nn_model_config(m->nn);
-    size_t per = (size_t)m->in_c * m->in_h * m->in_w;
+    size_t per = (size_t)m->windows.n * m->in_h * m->in_w;
     float *x = malloc(sizeof(float) * per * (size_t)v->n);
     float *out = malloc(sizeof(float) * (size_t)v->n * (size_t)c->labels);
     r->probs = malloc(sizeof(float) * (size_t)v->n * TRIAGE_LABELS);
@@ -259,8 +292,7 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
                                  &r->crop, err, errlen) != 0)
         goto done;
     double t1 = now_ms();
-    int len = v->n;
-    if (nn_lrcn_predict(m->nn, x, &len, 1, out) != 0) {
+    if (run_model(m, x, v->n, out) != 0) {
         snprintf(err, errlen, "model failed on a series of %d slices", v->n);
         goto done;
     }

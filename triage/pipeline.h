@@ -26,6 +26,7 @@ struct triage_model {
     struct triage_windows windows;
     int in_c, in_h, in_w;
     bool crop_head;                 /* "crop=head" in its "preprocessing" */
+    int context;                    /* "context": neighbouring slices each side as channels */
     int label_index[TRIAGE_LABELS]; /* model output index of each of our labels */
     float thresholds[TRIAGE_LABELS];
 };
@@ -37,7 +38,8 @@ struct triage_model {
 int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n);
 
 /* Loads path. Refuses a file whose metadata lacks the six labels, has bad
- * windows or thresholds, or whose input is not 3 channels. Returns 0, or -1
+ * windows, context or thresholds, or whose input channels are not its windows
+ * times the 2 x context + 1 slices it sees. Returns 0, or -1
  * with a message; m owns nothing then. */
 int triage_model_load(struct triage_model *m, const char *path, char *err, size_t errlen);
 void triage_model_free(struct triage_model *m);

@@ -227,3 +227,28 @@ int triage_crop_parse(const char *preprocessing, bool *crop_head, char *err, siz
     }
     return 0;
 }
+
+void triage_context_stack(const float *x, int n, size_t per, int k, int first, int count,
+                          float *out)
+{
+    for (int i = first; i < first + count; i++)
+        for (int d = -k; d <= k; d++) {
+            memcpy(out, x + (size_t)triage_context_slice(i, d, n) * per, per * sizeof *x);
+            out += per;
+        }
+}
+
+int triage_context_parse(const char *s, int *k, char *err, size_t errlen)
+{
+    *k = 0;
+    if (!s) return 0;
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || v < 0 || v > TRIAGE_MAX_CONTEXT) {
+        snprintf(err, errlen, "'context' is '%.32s', not a number of slices 0-%d", s,
+                 TRIAGE_MAX_CONTEXT);
+        return -1;
+    }
+    *k = (int)v;
+    return 0;
+}

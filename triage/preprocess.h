@@ -59,6 +59,24 @@ size_t triage_preprocess_scratch(int rows, int out_w, int nwindows);
  * step or with "crop=none". Other steps describe what every model does.
  * Returns 0, or -1 with a message for any other crop. */
 int triage_crop_parse(const char *preprocessing, bool *crop_head, char *err, size_t errlen);
+/* Neighbouring slices as channels (model metadata "context" = k,
+ * docs/model-format.md): the input of slice i of a series is the windows of
+ * slices i-k, ..., i+k in that order, each slice's windows together; beyond
+ * either end of the series the end slice stands in. k = 0: the slice alone. */
+#define TRIAGE_MAX_CONTEXT 4
+static inline int triage_context_slice(int i, int d, int n)
+{
+    int j = i + d;
+    return j < 0 ? 0 : j >= n ? n - 1 : j;
+}
+/* x: the n slices of one series in order, per floats each (its windows) ->
+ * out: the inputs of slices first, ..., first + count - 1, (2k+1) * per
+ * floats each. */
+void triage_context_stack(const float *x, int n, size_t per, int k, int first, int count,
+                          float *out);
+/* Reads metadata "context" (NULL or absent: 0): an integer 0..TRIAGE_MAX_CONTEXT.
+ * Returns 0, or -1 with a message. */
+int triage_context_parse(const char *s, int *k, char *err, size_t errlen);
 struct triage_head_box {
     int x0, y0, x1, y1; /* inclusive; x1 < x0 while nothing was found */
 };

@@ -43,7 +43,7 @@ def run(*args, **kw):
 
 
 def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, crop=None,
-               val_slices=0):
+               val_slices=0, context=0):
     a = ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
          "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
          "--patience", "8", "--val", "0.2", "--test", "0.3", "--threads", "2",
@@ -52,7 +52,8 @@ def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, 
     return (a + (["--slices-per-epoch", str(spe)] if spe else [])
             + (["--hard-negatives", str(hard)] if hard else [])
             + (["--crop", crop] if crop else [])
-            + (["--val-slices", str(val_slices)] if val_slices else []))
+            + (["--val-slices", str(val_slices)] if val_slices else [])
+            + (["--context", str(context)] if context else []))
 
 
 def auc_se(auc, npos, nneg):
@@ -194,6 +195,40 @@ def main():
     r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), "--crop", "brain")
     check(r.returncode == 2 and not os.path.exists(os.path.join(tmp, "x.safetensors")),
           "--crop brain refused before any work")
+
+    # 2c. Neighbouring slices as channels (--context 1): 3 windows x 3 slices
+    # in, recorded in the model; eval, eval --compare (the same decoded slices,
+    # seen with each model's own context) and predict run it; a checkpoint is
+    # not resumed with another context.
+    out_x, work_x = os.path.join(tmp, "ctx.safetensors"), os.path.join(tmp, "ctx.work")
+    r = run(*train_args(data, out_x, work_x, epochs1=2, epochs2=1, spe=96, context=1))
+    check(r.returncode == 0, "a run with --context 1 exits 0: " + r.stderr[-300:])
+    mx = metadata(out_x)
+    check(mx.get("context") == "1" and mx["input"] == "9x64x64"
+          and "context=1" in mx["training"].split(),
+          "the model takes 9 channels and records its context: %s, %s" % (
+              mx.get("context"), mx["input"]))
+    check("context" not in metadata(out_b), "a run without --context records none")
+    js_x = os.path.join(tmp, "ctx-eval.json")
+    r = run("eval", out_x, data, "--json", js_x, "--report", os.path.join(tmp, "ctx-eval.html"))
+    check(r.returncode == 0, "eval of the context model: " + r.stderr[-200:])
+    r = run("eval", out_b, data, "--compare", out_x, "--json", js_c, "--report", html_c)
+    c = (json.load(open(js_c)).get("compare") or {}) if r.returncode == 0 else {}
+    ex = json.load(open(js_x))["levels"]["study"]["lrcn"]["any"]
+    check(abs(c.get("other_auc", -1) - ex["auc"]) < 1e-5
+          and abs(c.get("other_sensitivity", -1) - ex["sensitivity"]) < 1e-5,
+          "eval --compare scores the context model as its own eval does: %s" % c)
+    r = run("predict", "-c", "/dev/null", "--set", "triage.model=" + out_x, "--json", data)
+    rows = json.loads(r.stdout) if r.returncode == 0 else []
+    check(len(rows) == 60 and all(len(x["slice_probabilities"]) == 8 for x in rows),
+          "predict runs the context model on all 60 studies: " + r.stderr[-200:])
+    r = run(*train_args(data, out_x, work_x, epochs1=2, epochs2=1, spe=96, context=2))
+    check(r.returncode == 1 and "--context" in r.stderr and "context 1" in r.stderr,
+          "a checkpoint made with context 1 is not resumed with --context 2: "
+          + r.stderr.strip()[-240:])
+    r = run("train", data, "-o", os.path.join(tmp, "y.safetensors"), "--context", "5")
+    check(r.returncode == 2 and not os.path.exists(os.path.join(tmp, "y.safetensors")),
+          "--context 5 refused before any work")
 
     # 3. Kill after the first checkpoint, run again: it resumes and finishes.
     work = os.path.join(tmp, "r.work")

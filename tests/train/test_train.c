@@ -376,6 +376,103 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
     nn_model_free(m);
 }
 
+/* Neighbouring slices as channels ("context"): each slice's input is the
+ * windows of its own series' slices around it, never another series', and
+ * everything that feeds the model from a dataset builds it that way. */
+Test(context, inputs_stay_within_the_series)
+{
+    struct train_dataset d;
+    fake_dataset(&d, 2); /* 4 series of 4 slices */
+    size_t per = 3 * 16 * 16;
+    for (size_t i = 0; i < d.nslices; i++)
+        memset(d.pixels + i * per, (int)(10 * i + 1), per);
+    d.context = 1;
+    cr_assert_eq(train_dataset_input_size(&d), 3 * per);
+    uint8_t *u = malloc(3 * per);
+    float *f = malloc(3 * per * sizeof(float));
+    for (size_t i = 0; i < d.nslices; i++) {
+        size_t first = i / 4 * 4, last = first + 3;
+        size_t want[3] = {i == first ? i : i - 1, i, i == last ? i : i + 1};
+        train_dataset_input(&d, i, u);
+        train_dataset_input_float(&d, i, f);
+        for (int s = 0; s < 3; s++)
+            for (size_t q = 0; q < per; q++) {
+                cr_assert_eq(u[s * per + q], 10 * want[s] + 1, "slice %zu, neighbour %d", i, s - 1);
+                cr_assert_float_eq(f[s * per + q], u[s * per + q] / 255.0f, 1e-7);
+            }
+    }
+    d.context = 0;
+    cr_assert_eq(train_dataset_input_size(&d), per);
+    train_dataset_input(&d, 5, u);
+    cr_assert_eq(memcmp(u, d.pixels + 5 * per, per), 0);
+    free(u), free(f);
+    train_dataset_free(&d);
+}
+
+Test(context, the_model_sees_each_slice_with_its_neighbours)
+{
+    nn_config c;
+    nn_config_default(&c);
+    c.arch = "b4,M,b8,G|d12,D0.5";
+    c.in_c = 9;
+    c.in_h = c.in_w = 16;
+    char err[256];
+    nn_model *m = nn_model_create(&c, err, sizeof err);
+    cr_assert(m, "%s", err);
+    struct train_dataset d;
+    fake_dataset(&d, 2);
+    random_pixels(&d, 11);
+    d.context = 1;
+    size_t n = d.nslices, per = 3 * 16 * 16;
+    float *x = malloc(n * per * sizeof(float)), *xs = malloc(n * 3 * per * sizeof(float));
+    for (size_t i = 0; i < n * per; i++)
+        x[i] = d.pixels[i] / 255.0f;
+    for (int s = 0; s < d.nseries; s++)
+        triage_context_stack(x + d.series[s].first * per, d.series[s].n, per, 1, 0, d.series[s].n,
+                             xs + d.series[s].first * 3 * per);
+    float *a = malloc(n * 6 * sizeof(float)), *b = malloc(n * 6 * sizeof(float));
+    float *l = malloc(n * 6 * sizeof(float)), *l2 = malloc(n * 6 * sizeof(float));
+    cr_assert_eq(train_predict(m, &d, -1, a, l), 0);
+    cr_assert_eq(nn_cnn_predict(m, xs, (int)n, b), 0);
+    for (size_t i = 0; i < n * 6; i++)
+        cr_assert_float_eq(a[i], b[i], 1e-4, "CNN logit %zu", i);
+    int lengths[4] = {4, 4, 4, 4};
+    cr_assert_eq(nn_lrcn_predict(m, xs, lengths, 4, b), 0);
+    for (size_t i = 0; i < n * 6; i++)
+        cr_assert_float_eq(1 / (1 + expf(-l[i])), b[i], 1e-4, "LRCN %zu", i);
+    size_t idx[3] = {3, 4, 9};
+    cr_assert_eq(train_cnn_logits(m, &d, idx, 3, l2), 0);
+    for (int k = 0; k < 3; k++)
+        for (int j = 0; j < 6; j++)
+            cr_assert_float_eq(l2[k * 6 + j], a[idx[k] * 6 + j], 1e-4);
+    free(x), free(xs), free(a), free(b), free(l), free(l2);
+    train_dataset_free(&d);
+    nn_model_free(m);
+}
+
+Test(augment, a_window_jitters_alike_in_every_slice)
+{
+    enum { C = 9, H = 16, W = 16, P = 3 };
+    uint8_t in[C * H * W];
+    for (int i = 0; i < C * H * W; i++)
+        in[i] = (uint8_t)(40 + (i % (H * W)) % 200); /* every channel the same picture */
+    struct train_augment a;
+    train_augment_default(&a);
+    a.channel_period = P;
+    float out[C * H * W];
+    uint64_t rng = 9;
+    for (int trial = 0; trial < 5; trial++) {
+        train_augment_slice(&a, in, C, H, W, out, &rng);
+        for (int k = P; k < C; k++)
+            cr_assert_eq(memcmp(out + k * H * W, out + (k % P) * H * W, sizeof(float) * H * W), 0,
+                         "channel %d differs from channel %d", k, k % P);
+    }
+    /* without the period, each channel has its own jitter */
+    a.channel_period = 0;
+    train_augment_slice(&a, in, C, H, W, out, &rng);
+    cr_assert_neq(memcmp(out + P * H * W, out, sizeof(float) * H * W), 0);
+}
+
 /* Hard negatives: only slices of negative training series, the highest
  * "any" logits of the candidates, the same for the same seed. */
 Test(hard_negatives, highest_any_of_negative_training_series_only)
@@ -819,6 +916,100 @@ Test(crop, training_slices_are_the_nodes_and_the_head_fills_more, .timeout = 120
     }
     train_dataset_free(&plain);
     train_dataset_free(&crop);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* A model with context on the node: triage_predict_volume (which stacks the
+ * neighbours a chunk at a time and runs the BiLSTM over the features) gives
+ * what nn_lrcn_predict gives on the whole series stacked at once; a model
+ * whose input channels do not match its windows and context is refused. */
+Test(context, the_node_runs_a_context_model_on_a_series, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-context-XXXXXX", ph[300], path[300], cmd[400], err[512];
+    cr_assert(mkdtemp(tmp));
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+    struct train_phantom_opts o;
+    train_phantom_opts_default(&o);
+    o.outdir = ph, o.seed = 12, o.count = 1, o.size = 64;
+    o.slices_min = o.slices_max = 21; /* more than one chunk of the node's (16) */
+    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    nn_config c;
+    nn_config_default(&c);
+    c.arch = "b4,M,b8,G|d12,D0.5";
+    c.in_c = 9;
+    c.in_h = c.in_w = 32;
+    nn_model *m = nn_model_create(&c, err, sizeof err);
+    cr_assert(m, "%s", err);
+    nn_model_meta_set(m, "windows", "40/80,80/200,600/2800");
+    nn_model_meta_set(m, "labels",
+                      "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
+    nn_model_meta_set(m, "thresholds", "0.5,0.5,0.5,0.5,0.5,0.5");
+    nn_model_meta_set(m, "context", "1");
+    /* Weights large enough that the output follows the input closely (a
+     * freshly initialised LRCN gives about 0.5 whatever it sees). */
+    for (int i = 0; i < nn_model_tensor_count(m); i++) {
+        nn_tensor_info t;
+        nn_model_tensor(m, i, &t);
+        if (t.ndim < 2) continue;
+        for (size_t k = 0; k < t.numel; k++)
+            t.data[k] *= 4;
+    }
+    cr_assert_eq(nn_model_save(m, path, err, sizeof err), 0, "%s", err);
+
+    struct triage_model tm;
+    cr_assert_eq(triage_model_load(&tm, path, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(tm.context, 1);
+    cr_assert_eq(tm.in_c, 9);
+    char *paths[128];
+    snprintf(cmd, sizeof cmd, "ls %s/stage_2_train/*.dcm", ph);
+    FILE *ls = popen(cmd, "r");
+    int n = 0;
+    char line[1024];
+    while (n < 128 && fgets(line, sizeof line, ls)) {
+        line[strcspn(line, "\n")] = 0;
+        paths[n++] = strdup(line);
+    }
+    pclose(ls);
+    struct triage_volume v;
+    cr_assert_eq(triage_volume_build((const char *const *)paths, n, &v, err, sizeof err), 0, "%s",
+                 err);
+    cr_assert_eq(v.n, 21);
+    struct triage_result r;
+    cr_assert_eq(
+        triage_predict_volume(&tm, &v, (const char *const *)paths, NULL, &r, err, sizeof err), 0,
+        "%s", err);
+    size_t per = 3 * 32 * 32;
+    float *x = malloc(sizeof(float) * per * (size_t)v.n);
+    float *xs = malloc(sizeof(float) * 3 * per * (size_t)v.n);
+    float *p = malloc(sizeof(float) * 6 * (size_t)v.n);
+    cr_assert_eq(triage_preprocess_volume(&v, (const char *const *)paths, NULL, &tm.windows, false,
+                                          32, 32, x, NULL, err, sizeof err),
+                 0, "%s", err);
+    triage_context_stack(x, v.n, per, 1, 0, v.n, xs);
+    int len = v.n;
+    cr_assert_eq(nn_lrcn_predict(m, xs, &len, 1, p), 0);
+    for (int i = 0; i < v.n * 6; i++)
+        cr_assert_float_eq(r.probs[i], p[i], 1e-5, "slice %d, label %d", i / 6, i % 6);
+    triage_result_free(&r);
+    triage_model_free(&tm);
+
+    /* Three windows of three slices need nine channels. */
+    nn_model_meta_set(m, "context", "2");
+    cr_assert_eq(nn_model_save(m, path, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(triage_model_load(&tm, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "3 windows of 5 slices for 9 input channels"), "%s", err);
+    nn_model_meta_set(m, "context", "many");
+    cr_assert_eq(nn_model_save(m, path, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(triage_model_load(&tm, path, err, sizeof err), -1);
+    cr_assert(strstr(err, "context"), "%s", err);
+
+    free(x), free(xs), free(p);
+    triage_volume_free(&v);
+    for (int i = 0; i < n; i++)
+        free(paths[i]);
+    nn_model_free(m);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
 }

@@ -182,3 +182,62 @@ Test(crop, parsed_from_the_preprocessing_metadata)
     cr_assert(strstr(err, "crop=brain"), "%s", err);
     cr_assert_eq(triage_crop_parse("crop=headx", &crop, err, sizeof err), -1);
 }
+
+/* Slice i of a series holds the value 10 i in each of its c x hw floats,
+ * plus the channel number, so that both the slice and the channel show. */
+static void series_of_constants(float *x, int n, int c, int hw)
+{
+    for (int i = 0; i < n; i++)
+        for (int ch = 0; ch < c; ch++)
+            for (int q = 0; q < hw; q++)
+                x[((size_t)i * c + ch) * hw + q] = 10.0f * i + ch;
+}
+
+Test(context, neighbours_in_order_and_the_end_slice_beyond_the_ends)
+{
+    enum { N = 5, C = 3, HW = 4, K = 2, S = 2 * K + 1 };
+    float x[N * C * HW], out[N * S * C * HW];
+    series_of_constants(x, N, C, HW);
+    triage_context_stack(x, N, (size_t)C * HW, K, 0, N, out);
+    for (int i = 0; i < N; i++)
+        for (int s = 0; s < S; s++) {
+            int j = i + s - K;
+            j = j < 0 ? 0 : j >= N ? N - 1 : j;
+            for (int ch = 0; ch < C; ch++)
+                for (int q = 0; q < HW; q++)
+                    cr_assert_eq(out[(((size_t)i * S + s) * C + ch) * HW + q], 10.0f * j + ch,
+                                 "slice %d, neighbour %d, channel %d", i, s - K, ch);
+        }
+    /* the centre block is the slice itself */
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(memcmp(out + ((size_t)i * S + K) * C * HW, x + (size_t)i * C * HW,
+                            sizeof(float) * C * HW),
+                     0);
+    /* a chunk from the middle is the same as those slices of the whole */
+    float part[2 * S * C * HW];
+    triage_context_stack(x, N, (size_t)C * HW, K, 2, 2, part);
+    cr_assert_eq(memcmp(part, out + (size_t)2 * S * C * HW, sizeof part), 0);
+    /* context 0 is the slices themselves; a one-slice series repeats it */
+    triage_context_stack(x, N, (size_t)C * HW, 0, 0, N, out);
+    cr_assert_eq(memcmp(out, x, sizeof x), 0);
+    triage_context_stack(x, 1, (size_t)C * HW, 1, 0, 1, out);
+    for (int s = 0; s < 3; s++)
+        cr_assert_eq(memcmp(out + (size_t)s * C * HW, x, sizeof(float) * C * HW), 0);
+}
+
+Test(context, parsed_from_the_metadata)
+{
+    int k = -1;
+    char err[128];
+    cr_assert_eq(triage_context_parse(NULL, &k, err, sizeof err), 0);
+    cr_assert_eq(k, 0);
+    cr_assert_eq(triage_context_parse("1", &k, err, sizeof err), 0);
+    cr_assert_eq(k, 1);
+    cr_assert_eq(triage_context_parse("4", &k, err, sizeof err), 0);
+    cr_assert_eq(k, 4);
+    const char *bad[] = {"", "-1", "5", "1x", "one"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        cr_assert_eq(triage_context_parse(bad[i], &k, err, sizeof err), -1, "'%s'", bad[i]);
+        cr_assert(strstr(err, "context"), "%s", err);
+    }
+}
