@@ -95,14 +95,29 @@ static size_t exchange(struct harness *h, const char *req, size_t n, char *out, 
     return got;
 }
 
+static char dir[] = "/tmp/fuzz-http.XXXXXX";
+
+/* The database's folder goes when the fuzzer or the regression run exits. */
+static void remove_dir(void)
+{
+    static const char *const files[] = {"ichtriage.db", "ichtriage.db-wal", "ichtriage.db-shm"};
+    char path[64];
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
 static struct harness *harness(void)
 {
     static struct harness *h;
     if (h) return h;
     h = calloc(1, sizeof *h);
     signal(SIGPIPE, SIG_IGN); /* as `ichtriage serve` does: a closed peer is EPIPE */
-    char dir[] = "/tmp/fuzz-http.XXXXXX", path[64], err[512], listen[32];
+    char path[64], err[512], listen[32];
     if (!h || !mkdtemp(dir) || uv_loop_init(&h->loop) != 0) abort();
+    atexit(remove_dir);
     snprintf(path, sizeof path, "%s/ichtriage.db", dir);
     if (db_open(&h->db, path, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
