@@ -14,6 +14,19 @@ static const char *const model_names[2] = {"CNN", "LRCN"};
 
 #define NOTICE "Decision support, not a diagnosis."
 
+/* "0.912 [0.871, 0.953]"; "n/a" for a figure a class too few makes
+ * undefined (no positives: no sensitivity, no AUC; one: no AUC interval). */
+static const char *with_ci(char out[40], double v, double lo, double hi)
+{
+    if (isnan(v))
+        snprintf(out, 40, "n/a");
+    else if (isnan(lo) || isnan(hi))
+        snprintf(out, 40, "%.3f [n/a]", v);
+    else
+        snprintf(out, 40, "%.3f [%.3f, %.3f]", v, lo, hi);
+    return out;
+}
+
 void train_eval_print(FILE *f, const struct train_eval *e)
 {
     fprintf(f, "%s %d series, %zu slices\n", NOTICE, e->nseries, e->nslices);
@@ -23,9 +36,15 @@ void train_eval_print(FILE *f, const struct train_eval *e)
         for (int mo = 0; mo < 2; mo++) {
             for (int l = 0; l < TRAIN_LABELS; l++) {
                 const struct train_binary *b = &e->m[lv][mo][l];
-                fprintf(f, "%-6s %-5s %-17s %6.3f %6.3f %6.3f %6.3f %6.3f %6.3f\n", level_names[lv],
-                        model_names[mo], names[l], b->accuracy, b->sensitivity, b->specificity,
-                        b->precision, b->auc, e->thresholds[mo][l]);
+                double v[] = {b->accuracy,  b->sensitivity, b->specificity,
+                              b->precision, b->auc,         e->thresholds[mo][l]};
+                fprintf(f, "%-6s %-5s %-17s", level_names[lv], model_names[mo], names[l]);
+                for (int i = 0; i < 6; i++)
+                    if (isnan(v[i]))
+                        fputs("    n/a", f);
+                    else
+                        fprintf(f, " %6.3f", v[i]);
+                fputc('\n', f);
             }
             fprintf(f, "%-6s %-5s weighted log loss %.4f\n", level_names[lv], model_names[mo],
                     e->weighted_logloss[lv][mo]);
@@ -37,11 +56,11 @@ void train_eval_print(FILE *f, const struct train_eval *e)
             a->pos, a->n - a->pos);
     for (int mo = 0; mo < 2; mo++) {
         const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][mo][0];
-        fprintf(
-            f,
-            "study  %-5s auc %.3f [%.3f, %.3f]  sens %.3f [%.3f, %.3f]  spec %.3f [%.3f, %.3f]\n",
-            model_names[mo], b->auc, b->auc_lo, b->auc_hi, b->sensitivity, b->sens_lo, b->sens_hi,
-            b->specificity, b->spec_lo, b->spec_hi);
+        char x[3][40];
+        fprintf(f, "study  %-5s auc %s  sens %s  spec %s\n", model_names[mo],
+                with_ci(x[0], b->auc, b->auc_lo, b->auc_hi),
+                with_ci(x[1], b->sensitivity, b->sens_lo, b->sens_hi),
+                with_ci(x[2], b->specificity, b->spec_lo, b->spec_hi));
     }
     const struct train_compare *c = &e->cmp;
     if (c->valid) {
@@ -351,7 +370,11 @@ int train_report_write(const char *html_path, const char *json_path, const char 
             svg_poly(f, e->roc_fpr[lv][mo], e->roc_tpr[lv][mo], e->roc_n[lv][mo], 0, 1, 0, 1,
                      colors[mo]);
             char lb[64];
-            snprintf(lb, sizeof lb, "%s AUC %.3f", model_names[mo], e->m[lv][mo][0].auc);
+            double auc = e->m[lv][mo][0].auc;
+            if (isnan(auc))
+                snprintf(lb, sizeof lb, "%s AUC n/a", model_names[mo]);
+            else
+                snprintf(lb, sizeof lb, "%s AUC %.3f", model_names[mo], auc);
             svg_legend(f, mo, lb);
         }
         fputs("</svg>", f);

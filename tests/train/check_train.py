@@ -272,6 +272,16 @@ def main():
     check(abs(e["levels"]["study"]["lrcn"]["any"]["auc"] - study_auc) < 1e-4,
           "eval of the test split reproduces train's figures")
     check("CNN" in r.stdout and "LRCN" in r.stdout, "eval prints CNN and LRCN side by side")
+    # Only negative studies: what needs positives is "n/a", not "nan".
+    neg = os.path.join(tmp, "neg")
+    r = run("phantom", neg, "--seed", "12", "-n", "4", "--size", "64", "--slices", "8",
+            "--prevalence", "0")
+    check(r.returncode == 0, "negative phantoms written")
+    r = run("eval", out, neg, "--json", js, "--report", rep)
+    check(r.returncode == 0 and "n/a" in r.stdout and "nan" not in r.stdout.lower()
+          and "nan" not in open(rep).read().lower(),
+          "eval of negatives only: n/a where a figure needs positives, no nan: "
+          + r.stdout[-300:] + r.stderr[-200:])
 
     # 4b. calibrate: new temperatures and thresholds on studies the model
     # never saw (another seed), no retraining.
