@@ -22,7 +22,13 @@ mkdir -p "$work"
 # to 128x128 anyway. Many heads rather than many passes: with 320 heads,
 # stage 1 learnt them by heart (validation AUC flat from the second epoch
 # while the training loss fell); 1080 did better, so 2160 now.
-gen() { [ -f "$work/$1/studies.csv" ] || "$bin" phantom "$work/$1" --seed "$2" --first "$3" -n "$4" --size 256; }
+# A folder is complete once its labels CSV is there (the phantom command
+# renames it into place last); one left by an interrupted run is made again.
+gen() {
+    [ -f "$work/$1/stage_2_train.csv" ] && return 0
+    rm -rf "${work:?}/$1"
+    "$bin" phantom "$work/$1" --seed "$2" --first "$3" -n "$4" --size 256
+}
 gen ph-a 101 0 200 & gen ph-b 101 200 200 & wait
 gen ph-c 101 400 400 & gen ph-d 101 800 400 & wait
 gen ph-e 101 1200 600 & gen ph-f 101 1800 600 & wait

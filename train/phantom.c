@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 const char *const train_phantom_label_names[TRAIN_PHANTOM_NSUBTYPES + 1] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
@@ -404,11 +405,14 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
     return 0;
 }
 
+/* The CSV files are written as NAME.part and renamed when every study is
+ * written, the labels last: a folder with stage_2_train.csv is complete, and
+ * an interrupted run never looks like data. */
 static FILE *open_csv(const char *dir, const char *name, const char *header, char *err,
                       size_t errlen)
 {
     char path[4200];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
+    snprintf(path, sizeof path, "%s/%s.part", dir, name);
     FILE *f = fopen(path, "w");
     if (!f) {
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
@@ -418,12 +422,20 @@ static FILE *open_csv(const char *dir, const char *name, const char *header, cha
     return f;
 }
 
-static int close_csv(FILE *f, int rc, char *err, size_t errlen)
+static int close_csv(FILE *f, const char *dir, const char *name, int rc, char *err, size_t errlen)
 {
     if (!f) return rc;
-    if (fclose(f) != 0 && rc == 0) {
-        snprintf(err, errlen, "writing a CSV file failed: %s", strerror(errno));
-        return -1;
+    bool ok = fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if ((fclose(f) != 0 || !ok) && rc == 0) {
+        snprintf(err, errlen, "writing %s failed: %s", name, strerror(errno));
+        rc = -1;
+    }
+    char part[4200], path[4200];
+    snprintf(part, sizeof part, "%s/%s.part", dir, name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    if (rc == 0 && rename(part, path) != 0) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        rc = -1;
     }
     return rc;
 }
@@ -437,6 +449,14 @@ int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errl
     snprintf(dir, sizeof dir, "%s/stage_2_train.csv", o->outdir);
     if (stat(dir, &st) == 0) {
         snprintf(err, errlen, "%s exists: write each run into a new folder", dir);
+        return -1;
+    }
+    snprintf(dir, sizeof dir, "%s/stage_2_train.csv.part", o->outdir);
+    if (stat(dir, &st) == 0) {
+        snprintf(err, errlen,
+                 "%s exists: a run into this folder was interrupted; remove the folder or "
+                 "write into a new one",
+                 dir);
         return -1;
     }
     snprintf(dir, sizeof dir, "%s/stage_2_train", o->outdir);
@@ -470,9 +490,9 @@ int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errl
             positives += pos;
         }
     }
-    rc = close_csv(f.labels, rc, err, errlen);
-    rc = close_csv(f.studies, rc, err, errlen);
-    rc = close_csv(f.lesions, rc, err, errlen);
+    rc = close_csv(f.lesions, o->outdir, "lesions.csv", rc, err, errlen);
+    rc = close_csv(f.studies, o->outdir, "studies.csv", rc, err, errlen);
+    rc = close_csv(f.labels, o->outdir, "stage_2_train.csv", rc, err, errlen);
     if (rc == 0) {
         clock_gettime(CLOCK_MONOTONIC, &t1);
         char safe[256];

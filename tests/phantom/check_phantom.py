@@ -7,10 +7,12 @@ usage: check_phantom.py ICHTRIAGE"""
 import csv
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from collections import defaultdict
 
@@ -32,6 +34,30 @@ def fail(msg):
 def check(cond, msg):
     if not cond:
         fail(msg)
+
+
+def interrupted(out):
+    """A run killed halfway leaves no CSV that looks like data (they are
+    .part until every study is written), and a new run into its folder is
+    refused with a clear message rather than mixed with it."""
+    p = subprocess.Popen([EXE, "phantom", "--seed", "5", "-n", "200", "--size", "64", out],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    files = os.path.join(out, "stage_2_train")
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None and not (
+            os.path.isdir(files) and len(os.listdir(files)) > 10):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    check(p.returncode == -signal.SIGKILL, "the run was killed halfway")
+    for name in ("stage_2_train.csv", "studies.csv", "lesions.csv"):
+        check(not os.path.exists(os.path.join(out, name)),
+              f"an interrupted run left {name}, which looks complete")
+    check(os.path.exists(os.path.join(out, "stage_2_train.csv.part")),
+          "an interrupted run leaves its labels as .part")
+    r = phantom("-n", "1", out)
+    check(r.returncode == 1 and "interrupted" in r.stderr,
+          f"a run into an interrupted run's folder: exit {r.returncode}, {r.stderr!r}")
 
 
 def bad_options(tmp):
@@ -227,6 +253,9 @@ def main():
         r = phantom("-n", "1", out)
         check(r.returncode == 1 and "exists" in r.stderr,
               f"second run into one folder: exit {r.returncode}, {r.stderr!r}")
+        check(not [f for f in os.listdir(out) if f.endswith(".part")],
+              "a finished run leaves no .part files")
+        interrupted(os.path.join(tmp, "killed"))
     print("ok")
 
 
