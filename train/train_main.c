@@ -67,7 +67,8 @@ static void usage(FILE *f)
         "  --cache DIR             preprocessed-slice cache (default DATA/.ichtriage-cache)\n"
         "  --arch small|vgg19|SPEC architecture (default small)\n"
         "  --init FILE             start from these weights (a model file, e.g. VGG19 made\n"
-        "                          by tools/vgg19_to_ichtriage.py)\n"
+        "                          by tools/vgg19_to_ichtriage.py; with --context, a first\n"
+        "                          convolution made for one slice goes to the centre one)\n"
         "  --windows C/W,C/W,C/W   channel windows (default 40/80,80/200,600/2800)\n"
         "  --input N               slice size N x N (default 128)\n"
         "  --crop head|none        crop each series to a square around the head before\n"
@@ -810,16 +811,29 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
             return NULL;
         }
         /* Copy every tensor present in both with the same shape (for
-         * example VGG19's convolutions); the rest keeps its fresh weights. */
-        int copied = 0;
+         * example VGG19's convolutions); the rest keeps its fresh weights.
+         * A first convolution made for one slice, where this model sees
+         * 2 context + 1 (--context), goes to the centre slice's channels
+         * and the neighbours' start at zero: the model starts out as the
+         * one it was given, and learns what the neighbours add. */
+        int copied = 0, inflated = 0, S = 2 * o->context + 1;
         for (int i = 0; i < nn_model_tensor_count(m); i++) {
             nn_tensor_info a, b;
             nn_model_tensor(m, i, &a);
-            if (nn_model_tensor_find(src, a.name, &b) != 0 || b.numel != a.numel ||
-                b.ndim != a.ndim)
-                continue;
-            memcpy(a.data, b.data, a.numel * sizeof(float));
-            copied++;
+            if (nn_model_tensor_find(src, a.name, &b) != 0 || b.ndim != a.ndim) continue;
+            if (b.numel == a.numel) {
+                memcpy(a.data, b.data, a.numel * sizeof(float));
+                copied++;
+            } else if (S > 1 && a.ndim == 4 && a.shape[0] == b.shape[0] &&
+                       a.shape[1] == S * b.shape[1] && a.shape[2] == b.shape[2] &&
+                       a.shape[3] == b.shape[3]) {
+                size_t k = (size_t)(b.shape[2] * b.shape[3]), cin = (size_t)b.shape[1];
+                memset(a.data, 0, a.numel * sizeof(float));
+                for (int64_t oc = 0; oc < a.shape[0]; oc++)
+                    memcpy(a.data + ((size_t)oc * S * cin + (size_t)o->context * cin) * k,
+                           b.data + (size_t)oc * cin * k, cin * k * sizeof(float));
+                copied++, inflated++;
+            }
         }
         set_preprocessing(m, o->crop_head, nn_model_meta_get(src, "preprocessing"));
         nn_model_free(src);
@@ -828,7 +842,8 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
             nn_model_free(m);
             return NULL;
         }
-        util_log(UTIL_LOG_INFO, "train_init", "file=%s tensors=%d", o->init, copied);
+        util_log(UTIL_LOG_INFO, "train_init", "file=%s tensors=%d inflated=%d", o->init, copied,
+                 inflated);
     }
     /* What the node needs to load it, so every checkpoint can be tried
      * with `ichtriage eval` or `predict`; the final model overwrites these. */
@@ -1058,8 +1073,15 @@ int train_train_main(int argc, char **argv)
     /* Stage 1. */
     while (st.stage == 1) {
         if (st.epoch >= o.epochs1 || st.bad >= o.patience) {
-            nn_model_free(m);
-            m = nn_model_load(access(best1, R_OK) == 0 ? best1 : last, err, sizeof err);
+            /* the best epoch's weights; with --epochs1 0, the model as it
+             * started (--init) */
+            const char *from = access(best1, R_OK) == 0  ? best1
+                               : access(last, R_OK) == 0 ? last
+                                                         : NULL;
+            if (from) {
+                nn_model_free(m);
+                m = nn_model_load(from, err, sizeof err);
+            }
             if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
                 fprintf(stderr, "ichtriage train: %s\n", err);
                 goto out;

@@ -226,6 +226,22 @@ def main():
     check(r.returncode == 1 and "--context" in r.stderr and "context 1" in r.stderr,
           "a checkpoint made with context 1 is not resumed with --context 2: "
           + r.stderr.strip()[-240:])
+    # --init from a model without context: its first convolution goes to the
+    # centre slice's channels (the neighbours' start at zero), so before any
+    # training the CNN scores every slice as the model it came from.
+    out_i = os.path.join(tmp, "ctx-init.safetensors")
+    r = run(*train_args(data, out_i, os.path.join(tmp, "ctx-init.work"), epochs1=0, epochs2=0,
+                        context=1), "--init", out)
+    check(r.returncode == 0 and re.search(r"event=train_init .* inflated=1", r.stderr),
+          "--context 1 --init a model without context, no epochs: " + r.stderr[-300:])
+    if r.returncode == 0:
+        mi = json.load(open(os.path.join(tmp, "ctx-init.work", "metrics.json")))
+        ma = json.load(open(os.path.join(tmp, "a.work", "metrics.json")))
+        a_cnn = ma["levels"]["slice"]["cnn"]["any"]["auc"]
+        i_cnn = mi["levels"]["slice"]["cnn"]["any"]["auc"]
+        check(abs(a_cnn - i_cnn) < 1e-4,
+              f"the inflated CNN scores the test slices as the model it came from "
+              f"(slice AUC {i_cnn} against {a_cnn})")
     r = run("train", data, "-o", os.path.join(tmp, "y.safetensors"), "--context", "5")
     check(r.returncode == 2 and not os.path.exists(os.path.join(tmp, "y.safetensors")),
           "--context 5 refused before any work")
