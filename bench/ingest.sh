@@ -43,7 +43,10 @@ trap cleanup EXIT
 
 export TCP_NODELAY=1   # storescu, storescp and Orthanc read it from here
 
-port() { "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); import dicomtest; print(dicomtest.free_port())' "$tools"; }
+# N ports below the ephemeral range (tests/tools/dicomtest.py), distinct: drawn
+# in one process, since each one's reservation ends when that process does.
+ports() { "$PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); import dicomtest; print(" ".join(str(dicomtest.free_port()) for _ in range(int(sys.argv[2]))))' "$tools" "$1"; }
+port() { ports 1; }
 now() { date +%s.%N; }
 elapsed() { "$PYTHON" -c 'import sys; print("%.3f" % (float(sys.argv[2]) - float(sys.argv[1])))' "$1" "$2"; }
 
@@ -119,8 +122,9 @@ check_count() {
 
 run_ichtriage() {
     local dir=$1 p h
-    p=$(port)
-    h=$(port)
+    read -r p h <<PORTS
+$(ports 2)
+PORTS
     "$ichtriage" serve -c /dev/null --set dicom.port="$p" --set dicom.aetitle=ICHTRIAGE \
         --set store.dir="$dir" --set store.min_free_mb=0 \
         --set http.listen=127.0.0.1:"$h" --set log.level=warn 2>>"$work/ichtriage.log" &
