@@ -375,12 +375,22 @@ struct progress {
     int tty;
     double t0;
     int stage, epoch, epochs;
+    size_t items;  /* slices (stage 1) or series (stage 2) trained on so far */
+    double t_last; /* when the last step ended */
 };
+
+/* Slices or series per second of the epoch's training steps (validation
+ * not counted). */
+static double progress_rate(const struct progress *p)
+{
+    return p->t_last > p->t0 ? (double)p->items / (p->t_last - p->t0) : 0;
+}
 
 static void progress_show(struct progress *p, int done, int total, double loss, size_t items)
 {
+    p->items = items, p->t_last = now();
     if (!p->tty) return;
-    double el = now() - p->t0, rate = el > 0 ? (double)items / el : 0;
+    double el = p->t_last - p->t0, rate = el > 0 ? (double)items / el : 0;
     double eta = done > 0 ? el * (total - done) / done : 0;
     char bar[31];
     int fill = total ? 30 * done / total : 0;
@@ -1091,6 +1101,7 @@ int train_train_main(int argc, char **argv)
             break;
         }
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
+        pg.items = 0, pg.t_last = pg.t0;
         double loss = stage1_epoch(m, &d, &o, st.epoch, pw, &pg);
         double auc = 0, vloss = 0;
         int bad = isnan(loss);
@@ -1108,8 +1119,9 @@ int train_train_main(int argc, char **argv)
         struct train_epoch he = {1, st.epoch, loss, vloss, auc, now() - pg.t0};
         history_append(workdir, &he);
         util_log(UTIL_LOG_INFO, "train_epoch",
-                 "stage=1 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.0f", st.epoch,
-                 loss, vloss, auc, he.seconds);
+                 "stage=1 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.0f "
+                 "slices_per_s=%.1f",
+                 st.epoch, loss, vloss, auc, he.seconds, progress_rate(&pg));
         if (auc > st.best) {
             st.best = auc, st.best_epoch = st.epoch, st.bad = 0;
             if (save_model(m, best1) != 0) goto out;
@@ -1145,6 +1157,7 @@ int train_train_main(int argc, char **argv)
             break;
         }
         pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
+        pg.items = 0, pg.t_last = pg.t0;
         double loss = stage2_epoch(m, &d, &o, st.epoch, feat, pw, &pg);
         double auc = 0, vloss = 0;
         if (isnan(loss) || validate(m, &d, feat, 1, o.val_any, &auc, &vloss) != 0) {
@@ -1155,8 +1168,9 @@ int train_train_main(int argc, char **argv)
         struct train_epoch he = {2, st.epoch, loss, vloss, auc, now() - pg.t0};
         history_append(workdir, &he);
         util_log(UTIL_LOG_INFO, "train_epoch",
-                 "stage=2 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.1f", st.epoch,
-                 loss, vloss, auc, he.seconds);
+                 "stage=2 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.1f "
+                 "series_per_s=%.1f",
+                 st.epoch, loss, vloss, auc, he.seconds, progress_rate(&pg));
         /* Ties go to the later epoch only if the loss is lower. */
         if (auc > st.best + 1e-9) {
             st.best = auc, st.best_epoch = st.epoch, st.bad = 0;

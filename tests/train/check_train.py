@@ -103,6 +103,12 @@ def main():
     se = auc_se(slice_auc, sl["positives"], sl["n"] - sl["positives"])
     print(f"     test split: slice AUC any {slice_auc:.3f} (SE {se:.3f}, {sl['positives']} of "
           f"{sl['n']} slices positive), study AUC any {study_auc}", flush=True)
+    # Off a terminal: one line per epoch, with the speed of its training steps.
+    ep = re.findall(r"event=train_epoch stage=(\d) epoch=(\d+) .*seconds=\S+ "
+                    r"(slices|series)_per_s=([0-9.]+)", r.stderr)
+    check(len([e for e in ep if e[0] == "1"]) == 8 and all(float(e[3]) > 0 for e in ep)
+          and {e[2] for e in ep if e[0] == "2"} <= {"series"},
+          "one line per epoch with its speed: %s" % ep[:3])
     check(slice_auc > 0.5 + 2 * se, "the LRCN beats chance on its own test split (slice-level "
           "AUC for any more than 2 standard errors above 0.5)")
     st = m["levels"]["study"]["lrcn"]["any"]
