@@ -53,27 +53,36 @@ static const struct train_series *series_of(const struct train_dataset *d, size_
     return &d->series[lo];
 }
 
-void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out)
+/* The dataset indices of the slices in slice i's input, in order: i alone
+ * without context, else its series' slices i-context..i+context (the end
+ * slice beyond either end). Returns how many (2 context + 1). */
+static int input_slices(const struct train_dataset *d, size_t i, size_t *j)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
     if (d->context == 0) {
-        memcpy(out, d->pixels + i * per, per);
-        return;
+        j[0] = i;
+        return 1;
     }
     const struct train_series *se = series_of(d, i);
-    int k = (int)(i - se->first);
-    for (int o = -d->context; o <= d->context; o++, out += per)
-        memcpy(out, d->pixels + (se->first + (size_t)triage_context_slice(k, o, se->n)) * per, per);
+    int k = (int)(i - se->first), n = 0;
+    for (int o = -d->context; o <= d->context; o++)
+        j[n++] = se->first + (size_t)triage_context_slice(k, o, se->n);
+    return n;
+}
+
+void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out)
+{
+    size_t per = (size_t)d->c * d->h * d->w, j[2 * TRIAGE_MAX_CONTEXT + 1];
+    int n = input_slices(d, i, j);
+    for (int s = 0; s < n; s++)
+        memcpy(out + (size_t)s * per, d->pixels + j[s] * per, per);
 }
 
 void train_dataset_input_float(const struct train_dataset *d, size_t i, float *out)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
-    const struct train_series *se = d->context ? series_of(d, i) : NULL;
-    int k = se ? (int)(i - se->first) : 0;
-    for (int o = -d->context; o <= d->context; o++, out += per) {
-        size_t j = se ? se->first + (size_t)triage_context_slice(k, o, se->n) : i;
-        const uint8_t *p = d->pixels + j * per;
+    size_t per = (size_t)d->c * d->h * d->w, j[2 * TRIAGE_MAX_CONTEXT + 1];
+    int n = input_slices(d, i, j);
+    for (int s = 0; s < n; s++, out += per) {
+        const uint8_t *p = d->pixels + j[s] * per;
         for (size_t q = 0; q < per; q++)
             out[q] = (float)p[q] / 255.0f;
     }

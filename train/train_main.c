@@ -750,36 +750,6 @@ static void resume_state(nn_model *m, const char *workdir, struct state *st)
                  steps < 0 ? "checkpoint without optimizer state" : err);
 }
 
-/* Whether a checkpoint was made for the input these options give (windows,
- * context, size, crop); otherwise err says how it differs. */
-static bool checkpoint_fits(const nn_model *m, const struct train_dataset *d, char *err,
-                            size_t errlen)
-{
-    const nn_config *c = nn_model_config(m);
-    struct triage_windows w;
-    int context;
-    bool crop;
-    char e[256];
-    const char *ws = nn_model_meta_get(m, "windows");
-    if (!ws || triage_windows_parse(ws, &w, e, sizeof e) != 0 ||
-        triage_context_parse(nn_model_meta_get(m, "context"), &context, e, sizeof e) != 0 ||
-        triage_crop_parse(nn_model_meta_get(m, "preprocessing"), &crop, e, sizeof e) != 0) {
-        snprintf(err, errlen, "its metadata does not say what input it takes");
-        return false;
-    }
-    bool same = w.n == d->windows.n && context == d->context && crop == d->crop_head &&
-                c->in_c == w.n * (2 * context + 1) && c->in_h == d->h && c->in_w == d->w;
-    for (int i = 0; same && i < w.n; i++)
-        same = w.center[i] == d->windows.center[i] && w.width[i] == d->windows.width[i];
-    if (!same)
-        snprintf(err, errlen,
-                 "made for windows %s, context %d, crop %s, input %dx%d; these options "
-                 "(--windows, --context, --crop, --input) give context %d, crop %s, input %dx%d",
-                 ws, context, crop ? "head" : "none", c->in_h, c->in_w, d->context,
-                 d->crop_head ? "head" : "none", d->h, d->w);
-    return same;
-}
-
 /* The model to start from: a checkpoint, --init weights or a fresh one. */
 /* The model's "preprocessing": the steps of this run (with or without the
  * head crop), then the notes of from (an --init file's, such as "no ImageNet
@@ -1050,16 +1020,28 @@ int train_train_main(int argc, char **argv)
     snprintf(best1, sizeof best1, "%s/best-stage1.safetensors", workdir);
     snprintf(best2, sizeof best2, "%s/best-stage2.safetensors", workdir);
     if (state_read(workdir, &st) == 0 && access(last, R_OK) == 0) {
-        m = nn_model_load(last, err, sizeof err);
-        if (!m || triage_nn_device(m, device, err, sizeof err) != 0) {
+        /* Only with the input it was made for: windows, context, crop, size. */
+        struct triage_model ck;
+        if (triage_model_load(&ck, last, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
             goto out;
         }
-        if (!checkpoint_fits(m, &d, err, sizeof err)) {
+        if (!train_model_fits(&ck, &d)) {
             fprintf(stderr,
-                    "ichtriage train: checkpoint %s: %s; resume with the options it was "
+                    "ichtriage train: checkpoint %s: made for windows %s, context %d, crop %s, "
+                    "input %dx%dx%d; these options (--windows, --context, --crop, --input) give "
+                    "context %d, crop %s, input %zux%dx%d; resume with the options it was "
                     "started with, or use another --workdir\n",
-                    last, err);
+                    last, nn_model_meta_get(ck.nn, "windows"), ck.context,
+                    ck.crop_head ? "head" : "none", ck.in_c, ck.in_h, ck.in_w, d.context,
+                    d.crop_head ? "head" : "none",
+                    train_dataset_input_size(&d) / ((size_t)d.h * d.w), d.h, d.w);
+            triage_model_free(&ck);
+            goto out;
+        }
+        m = ck.nn; /* the model is all that is kept of it */
+        if (triage_nn_device(m, device, err, sizeof err) != 0) {
+            fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
             goto out;
         }
         resume_state(m, workdir, &st);
