@@ -9,9 +9,12 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,7 +24,7 @@
 #include "volume.h"
 
 #define MAX_FILES 2000000
-#define CACHE_MAGIC "ICHTCACHE2\n"
+#define CACHE_MAGIC "ICHTCACHE3\n"
 
 const char *const train_label_names[TRAIN_LABELS] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
@@ -39,18 +42,94 @@ size_t train_dataset_input_size(const struct train_dataset *d)
     return (size_t)(2 * d->context + 1) * d->c * d->h * d->w;
 }
 
-/* The series slice i belongs to (series are stored in slice order). */
-static const struct train_series *series_of(const struct train_dataset *d, size_t i)
+/* Of the n records of size bytes at v, sorted by the size_t at offset off,
+ * the index of the last one whose value is at most i (0 if none). */
+static int last_at_or_before(const void *v, int n, size_t size, size_t off, size_t i)
 {
-    int lo = 0, hi = d->nseries - 1;
+    int lo = 0, hi = n - 1;
     while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
-        if (d->series[mid].first <= i)
+        size_t at;
+        memcpy(&at, (const char *)v + (size_t)mid * size + off, sizeof at);
+        if (at <= i)
             lo = mid;
         else
             hi = mid - 1;
     }
-    return &d->series[lo];
+    return lo;
+}
+
+/* The series slice i belongs to (series are stored in slice order). */
+static const struct train_series *series_of(const struct train_dataset *d, size_t i)
+{
+    return &d->series[last_at_or_before(d->series, d->nseries, sizeof *d->series,
+                                        offsetof(struct train_series, first), i)];
+}
+
+/* ---- pixels: runs of slices, mapped or in memory ------------------------- */
+
+static size_t slice_bytes(const struct train_dataset *d)
+{
+    return (size_t)d->c * d->h * d->w;
+}
+
+const uint8_t *train_dataset_pixels(const struct train_dataset *d, size_t i)
+{
+    /* the last run that starts at or before i */
+    const struct train_pixel_run *r = &d->runs[last_at_or_before(
+        d->runs, d->nruns, sizeof *d->runs, offsetof(struct train_pixel_run, first), i)];
+    return r->p + (i - r->first) * slice_bytes(d);
+}
+
+static void run_free(struct train_pixel_run *r)
+{
+    if (r->map)
+        munmap(r->map, r->maplen);
+    else
+        free(r->p);
+    memset(r, 0, sizeof *r);
+}
+
+static struct train_pixel_run *run_add(struct train_dataset *d)
+{
+    struct train_pixel_run *v = realloc(d->runs, (size_t)(d->nruns + 1) * sizeof *v);
+    if (!v) return NULL;
+    d->runs = v;
+    struct train_pixel_run *r = &d->runs[d->nruns++];
+    memset(r, 0, sizeof *r);
+    r->first = d->nslices;
+    return r;
+}
+
+/* Drops the pixels of slices from nslices on (after a folder failed). */
+static void runs_truncate(struct train_dataset *d, size_t nslices)
+{
+    while (d->nruns > 0 && d->runs[d->nruns - 1].first >= nslices)
+        run_free(&d->runs[--d->nruns]);
+    if (d->nruns > 0) {
+        struct train_pixel_run *r = &d->runs[d->nruns - 1];
+        if (r->first + r->n > nslices) r->n = nslices - r->first;
+    }
+}
+
+uint8_t *train_dataset_reserve(struct train_dataset *d, size_t n)
+{
+    size_t per = slice_bytes(d);
+    struct train_pixel_run *r = d->nruns ? &d->runs[d->nruns - 1] : NULL;
+    if (!r || r->map || r->first + r->n != d->nslices) {
+        if (!(r = run_add(d))) return NULL;
+    }
+    size_t need = r->n + n;
+    if (need > r->cap) {
+        size_t cap = r->cap ? r->cap : 64;
+        while (cap < need)
+            cap *= 2;
+        uint8_t *p = realloc(r->p, cap * per);
+        if (!p) return NULL;
+        r->p = p, r->cap = cap;
+    }
+    r->n = need;
+    return r->p + (d->nslices - r->first) * per;
 }
 
 /* The dataset indices of the slices in slice i's input, in order: i alone
@@ -71,18 +150,18 @@ static int input_slices(const struct train_dataset *d, size_t i, size_t *j)
 
 void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out)
 {
-    size_t per = (size_t)d->c * d->h * d->w, j[2 * TRIAGE_MAX_CONTEXT + 1];
+    size_t per = slice_bytes(d), j[2 * TRIAGE_MAX_CONTEXT + 1];
     int n = input_slices(d, i, j);
     for (int s = 0; s < n; s++)
-        memcpy(out + (size_t)s * per, d->pixels + j[s] * per, per);
+        memcpy(out + (size_t)s * per, train_dataset_pixels(d, j[s]), per);
 }
 
 void train_dataset_input_float(const struct train_dataset *d, size_t i, float *out)
 {
-    size_t per = (size_t)d->c * d->h * d->w, j[2 * TRIAGE_MAX_CONTEXT + 1];
+    size_t per = slice_bytes(d), j[2 * TRIAGE_MAX_CONTEXT + 1];
     int n = input_slices(d, i, j);
     for (int s = 0; s < n; s++, out += per) {
-        const uint8_t *p = d->pixels + j[s] * per;
+        const uint8_t *p = train_dataset_pixels(d, j[s]);
         for (size_t q = 0; q < per; q++)
             out[q] = (float)p[q] / 255.0f;
     }
@@ -91,8 +170,10 @@ void train_dataset_input_float(const struct train_dataset *d, size_t i, float *o
 void train_dataset_free(struct train_dataset *d)
 {
     if (!d) return;
+    for (int i = 0; i < d->nruns; i++)
+        run_free(&d->runs[i]);
+    free(d->runs);
     free(d->series);
-    free(d->pixels);
     free(d->labels);
     memset(d, 0, sizeof *d);
 }
@@ -314,10 +395,6 @@ static void files_free(struct file_list *fl)
 
 static int grow(struct train_dataset *d, size_t add_slices, int add_series)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
-    uint8_t *px = realloc(d->pixels, (d->nslices + add_slices) * per);
-    if (!px) return -1;
-    d->pixels = px;
     uint8_t *lb = realloc(d->labels, (d->nslices + add_slices) * TRAIN_LABELS);
     if (!lb) return -1;
     d->labels = lb;
@@ -327,12 +404,12 @@ static int grow(struct train_dataset *d, size_t add_slices, int add_series)
     return 0;
 }
 
-/* Decodes and preprocesses the slices of v into the dataset's next slots,
- * through the node's own path (triage_preprocess_volume). Returns 0 or -1. */
-static int decode_volume(struct train_dataset *d, const struct triage_volume *v,
-                         const char *const *paths, char *err, size_t errlen)
+/* Decodes and preprocesses the slices of v into dst (v->n slices), through
+ * the node's own path (triage_preprocess_volume). Returns 0 or -1. */
+static int decode_volume(const struct train_dataset *d, const struct triage_volume *v,
+                         const char *const *paths, uint8_t *dst, char *err, size_t errlen)
 {
-    size_t per = (size_t)d->c * d->h * d->w;
+    size_t per = slice_bytes(d);
     float *x = malloc(per * (size_t)v->n * sizeof(float));
     if (!x) {
         snprintf(err, errlen, "out of memory for a series of %d slices", v->n);
@@ -340,7 +417,6 @@ static int decode_volume(struct train_dataset *d, const struct triage_volume *v,
     }
     int rc = triage_preprocess_volume(v, paths, NULL, &d->windows, d->crop_head, d->h, d->w, x,
                                       NULL, err, errlen);
-    uint8_t *dst = d->pixels + d->nslices * per;
     for (size_t k = 0; rc == 0 && k < per * (size_t)v->n; k++)
         dst[k] = (uint8_t)lrintf(x[k] * 255.0f);
     free(x);
@@ -363,8 +439,11 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
 {
     struct triage_volume v;
     if (triage_volume_build(paths, npaths, &v, err, errlen) != 0) return -1;
-    if (grow(d, (size_t)v.n, 1) != 0 || decode_volume(d, &v, paths, err, errlen) != 0) {
-        if (!err[0]) snprintf(err, errlen, "out of memory");
+    uint8_t *px = NULL;
+    if (grow(d, (size_t)v.n, 1) != 0 || !(px = train_dataset_reserve(d, (size_t)v.n)) ||
+        decode_volume(d, &v, paths, px, err, errlen) != 0) {
+        if (!px) snprintf(err, errlen, "out of memory");
+        runs_truncate(d, d->nslices);
         triage_volume_free(&v);
         return -1;
     }
@@ -485,38 +564,93 @@ struct cache_head {
     int32_t skipped;
 };
 
+/* The file: the head, padded to CACHE_PIXELS (a page, so that the pixels are
+ * aligned); the pixels, slice after slice; the series; their labels. */
+#define CACHE_PIXELS 4096
+
+static size_t cache_size(const struct train_dataset *d, size_t nslices, int nseries)
+{
+    return CACHE_PIXELS + nslices * slice_bytes(d) + (size_t)nseries * sizeof(struct train_series) +
+           nslices * TRAIN_LABELS;
+}
+
+static int pread_full(int fd, void *buf, size_t n, size_t off)
+{
+    for (size_t k = 0; k < n;) {
+        ssize_t r = pread(fd, (char *)buf + k, n - k, (off_t)(off + k));
+        if (r <= 0) return -1;
+        k += (size_t)r;
+    }
+    return 0;
+}
+
+/* Maps fd (total bytes) read-only as the pixels of slices first ..
+ * d->nslices - 1. Returns 0 or -1. */
+static int map_pixels(struct train_dataset *d, int fd, size_t total, size_t first)
+{
+    void *map = mmap(NULL, total, PROT_READ, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) return -1;
+    struct train_pixel_run *r = run_add(d);
+    if (!r) {
+        munmap(map, total);
+        return -1;
+    }
+    r->first = first;
+    r->n = d->nslices - first;
+    r->p = (uint8_t *)map + CACHE_PIXELS;
+    r->map = map;
+    r->maplen = total;
+    return 0;
+}
+
 static int cache_load(struct train_dataset *d, const char *path, uint64_t fp)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
     struct cache_head h;
+    struct stat st;
     int rc = -1;
-    if (fread(&h, sizeof h, 1, f) != 1 || memcmp(h.magic, CACHE_MAGIC, sizeof h.magic) != 0 ||
+    if (pread_full(fd, &h, sizeof h, 0) != 0 || memcmp(h.magic, CACHE_MAGIC, sizeof h.magic) != 0 ||
         h.fingerprint != fp || h.c != d->c || h.h != d->h || h.w != d->w || h.nseries <= 0 ||
-        h.nslices == 0 || h.nslices > (1ULL << 32))
+        h.nslices == 0 || h.nslices > (1ULL << 32) || fstat(fd, &st) != 0 ||
+        (size_t)st.st_size != cache_size(d, h.nslices, h.nseries))
         goto out;
     if (grow(d, h.nslices, h.nseries) != 0) goto out;
     struct train_series *s = d->series + d->nseries;
-    size_t per = (size_t)d->c * d->h * d->w;
-    if (fread(s, sizeof *s, (size_t)h.nseries, f) != (size_t)h.nseries ||
-        fread(d->labels + d->nslices * TRAIN_LABELS, TRAIN_LABELS, h.nslices, f) != h.nslices ||
-        fread(d->pixels + d->nslices * per, per, h.nslices, f) != h.nslices)
+    size_t meta = CACHE_PIXELS + h.nslices * slice_bytes(d);
+    if (pread_full(fd, s, (size_t)h.nseries * sizeof *s, meta) != 0 ||
+        pread_full(fd, d->labels + d->nslices * TRAIN_LABELS, h.nslices * TRAIN_LABELS,
+                   meta + (size_t)h.nseries * sizeof *s) != 0)
         goto out;
-    for (int i = 0; i < h.nseries; i++) {
+    for (int i = 0; i < h.nseries; i++)
         if (s[i].first + (size_t)s[i].n > h.nslices) goto out;
-        s[i].first += d->nslices;
-    }
-    d->nseries += h.nseries;
+    size_t first = d->nslices;
     d->nslices += h.nslices;
+    if (map_pixels(d, fd, (size_t)st.st_size, first) != 0) {
+        d->nslices = first;
+        goto out;
+    }
+    for (int i = 0; i < h.nseries; i++)
+        s[i].first += first;
+    d->nseries += h.nseries;
     d->skipped_files += h.skipped;
     rc = 0;
 out:
-    fclose(f);
+    close(fd);
     return rc;
 }
 
-static void cache_save(const struct train_dataset *d, int first_series, size_t first_slice,
-                       int skipped, const char *path, uint64_t fp)
+/* A cache being written: the pixels go to the file as series are decoded,
+ * so a folder larger than memory can be decoded; the file is then mapped. */
+struct cache_writer {
+    FILE *f;
+    char tmp[PATH_MAX + 410];
+};
+
+/* Opens <path>.tmp for writing, locked, so that two runs decoding the same
+ * folder do not write one file. Returns 0, or -1 (logged) when no cache can
+ * be written: the folder is then decoded into memory. */
+static int cache_create(struct cache_writer *cw, const char *path)
 {
     char dirp[PATH_MAX + 400];
     snprintf(dirp, sizeof dirp, "%s", path);
@@ -525,14 +659,49 @@ static void cache_save(const struct train_dataset *d, int first_series, size_t f
         *sl = 0;
         mkdir(dirp, 0755);
     }
-    char tmp[PATH_MAX + 410];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s error=\"%s\"", path,
-                 strerror(errno));
-        return;
+    snprintf(cw->tmp, sizeof cw->tmp, "%s.tmp", path);
+    for (int tries = 0; tries < 10; tries++) {
+        int fd = open(cw->tmp, O_RDWR | O_CREAT | O_CLOEXEC, 0644); /* read: mapped after */
+        if (fd < 0) break;
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            close(fd);
+            util_log(UTIL_LOG_WARN, "train_cache_busy",
+                     "path=%s reason=\"another run is writing it\" decoding=memory", cw->tmp);
+            return -1;
+        }
+        /* Still the file of that name (not one another run has just renamed
+         * into place as the cache)? */
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && stat(cw->tmp, &b) == 0 && a.st_ino == b.st_ino &&
+            a.st_dev == b.st_dev) {
+            if (ftruncate(fd, CACHE_PIXELS) != 0 || lseek(fd, CACHE_PIXELS, SEEK_SET) < 0 ||
+                !(cw->f = fdopen(fd, "wb"))) {
+                close(fd);
+                break;
+            }
+            return 0;
+        }
+        close(fd);
     }
+    util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s error=\"%s\" decoding=memory", path,
+             strerror(errno));
+    return -1;
+}
+
+static void cache_abandon(struct cache_writer *cw)
+{
+    if (!cw->f) return;
+    unlink(cw->tmp);
+    fclose(cw->f);
+    cw->f = NULL;
+}
+
+/* Writes the series from first_series on and their labels, then the head;
+ * syncs, maps the file as those slices' pixels and renames it into place.
+ * Returns 0, or -1 when it could not be written or mapped (logged). */
+static int cache_finish(struct cache_writer *cw, struct train_dataset *d, int first_series,
+                        size_t first_slice, int skipped, const char *path, uint64_t fp)
+{
     struct cache_head h = {.fingerprint = fp,
                            .c = d->c,
                            .h = d->h,
@@ -541,8 +710,8 @@ static void cache_save(const struct train_dataset *d, int first_series, size_t f
                            .nslices = d->nslices - first_slice,
                            .skipped = skipped};
     memcpy(h.magic, CACHE_MAGIC, sizeof h.magic);
-    size_t per = (size_t)d->c * d->h * d->w;
-    int ok = fwrite(&h, sizeof h, 1, f) == 1;
+    FILE *f = cw->f;
+    int ok = 1;
     for (int i = first_series; ok && i < d->nseries; i++) {
         struct train_series s = d->series[i];
         s.first -= first_slice;
@@ -550,12 +719,111 @@ static void cache_save(const struct train_dataset *d, int first_series, size_t f
     }
     ok = ok &&
          fwrite(d->labels + first_slice * TRAIN_LABELS, TRAIN_LABELS, h.nslices, f) == h.nslices;
-    ok = ok && fwrite(d->pixels + first_slice * per, per, h.nslices, f) == h.nslices;
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, path) != 0) {
-        unlink(tmp);
-        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s", path);
+    ok = ok && fflush(f) == 0 && pwrite(fileno(f), &h, sizeof h, 0) == (ssize_t)sizeof h &&
+         fsync(fileno(f)) == 0;
+    size_t total = cache_size(d, h.nslices, h.nseries);
+    if (!ok || map_pixels(d, fileno(f), total, first_slice) != 0) {
+        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s error=\"%s\" decoding=memory",
+                 path, strerror(errno));
+        cache_abandon(cw);
+        return -1;
     }
+    if (rename(cw->tmp, path) != 0) {
+        /* the mapping stays valid; the next run decodes again */
+        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s error=\"%s\"", path,
+                 strerror(errno));
+        unlink(cw->tmp);
+    }
+    fclose(cw->f);
+    cw->f = NULL;
+    return 0;
+}
+
+/* Decodes the series of recs (nrec, sorted by series) into the dataset:
+ * their pixels into cw's file, or into memory when cw is NULL. Returns 0,
+ * -1 with a message, or 1 when the cache file could not be written (logged;
+ * the caller drops what was added and decodes into memory). */
+static int decode_folder(struct train_dataset *d, const struct file_list *fl, struct label_map *lm,
+                         const struct file_rec *recs, size_t nrec, struct cache_writer *cw,
+                         const char *cpath, int *skipped, char *err, size_t errlen)
+{
+    size_t per = slice_bytes(d);
+    const char **paths = malloc(nrec * sizeof *paths);
+    uint8_t *buf = NULL;
+    size_t bufn = 0;
+    int rc = 0;
+    if (!paths) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t a = 0, b; a < nrec && rc == 0; a = b) {
+        for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
+                        strcmp(recs[a].series, recs[b].series) == 0;
+             b++)
+            ;
+        int np = (int)(b - a);
+        for (int k = 0; k < np; k++)
+            paths[k] = fl->p[recs[a + k].idx];
+        struct triage_volume v;
+        char e[512];
+        if (triage_volume_build(paths, np, &v, e, sizeof e) != 0) {
+            util_log(UTIL_LOG_WARN, "train_series_skipped", "series=%s reason=\"%s\"",
+                     recs[a].series, e);
+            *skipped += np;
+            continue;
+        }
+        uint8_t *px = NULL;
+        if (grow(d, (size_t)v.n, 1) == 0) {
+            if (!cw) {
+                px = train_dataset_reserve(d, (size_t)v.n);
+            } else {
+                if ((size_t)v.n > bufn) {
+                    free(buf);
+                    bufn = (buf = malloc((size_t)v.n * per)) ? (size_t)v.n : 0;
+                }
+                px = buf;
+            }
+        }
+        if (!px) {
+            snprintf(err, errlen, "out of memory for a series of %d slices", v.n);
+            rc = -1;
+        } else if (decode_volume(d, &v, paths, px, err, errlen) != 0) {
+            rc = -1;
+        } else if (cw && fwrite(px, per, (size_t)v.n, cw->f) != (size_t)v.n) {
+            util_log(UTIL_LOG_WARN, "train_cache_unwritable",
+                     "path=%s error=\"%s\" decoding=memory", cpath, strerror(errno));
+            rc = 1;
+        }
+        if (rc != 0) {
+            triage_volume_free(&v);
+            break;
+        }
+        struct train_series *s = &d->series[d->nseries];
+        memset(s, 0, sizeof *s);
+        snprintf(s->study_uid, sizeof s->study_uid, "%s", recs[a].study);
+        snprintf(s->series_uid, sizeof s->series_uid, "%s", recs[a].series);
+        snprintf(s->patient_id, sizeof s->patient_id, "%s",
+                 recs[a].patient[0] ? recs[a].patient : recs[a].study);
+        s->n = v.n;
+        s->first = d->nslices;
+        s->slice_labels = 1;
+        for (int i = 0; i < v.n; i++) {
+            const char *path = paths[v.slices[i].file];
+            /* The slice's SOP: from the volume (frames share their file's). */
+            struct label_entry *le = labels_of(lm, v.slices[i].sop_uid, path);
+            uint8_t *y = d->labels + (d->nslices + (size_t)i) * TRAIN_LABELS;
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                y[l] = le && le->y[l] != TRAIN_LABEL_UNKNOWN ? le->y[l] : 0;
+                if (y[l] == 1) s->study[l] = 1;
+            }
+        }
+        d->nslices += (size_t)v.n;
+        d->nseries++;
+        triage_volume_free(&v);
+    }
+    free(buf);
+    free(paths);
+    return rc;
 }
 
 int train_dataset_add_folder(struct train_dataset *d, const char *dir, const char *cache_dir,
@@ -591,8 +859,9 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
 
     struct label_map lm = {0};
     struct file_rec *recs = NULL;
-    int rc = -1, first_series = d->nseries, skipped = 0;
-    size_t first_slice = d->nslices;
+    struct cache_writer cw = {0};
+    int rc = -1, first_series = d->nseries, skipped = 0, unlabelled;
+    size_t first_slice = d->nslices, nrec = 0;
     if (labels_read(csv, &lm, err, errlen) != 0) goto out;
     if (lm.n == 0) {
         snprintf(err, errlen, "%s: no label rows", csv);
@@ -603,7 +872,6 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    size_t nrec = 0;
     for (size_t i = 0; i < fl.n; i++) {
         struct scp_info info;
         char e[256];
@@ -627,57 +895,22 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         goto out;
     }
     qsort(recs, nrec, sizeof *recs, cmp_rec);
-    const char **paths = malloc(nrec * sizeof *paths);
-    if (!paths) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
+    unlabelled = skipped;
+    int r = decode_folder(d, &fl, &lm, recs, nrec, cache_create(&cw, cpath) == 0 ? &cw : NULL,
+                          cpath, &skipped, err, errlen);
+    if (r == 0 && cw.f && d->nseries > first_series &&
+        cache_finish(&cw, d, first_series, first_slice, skipped, cpath, fp) != 0)
+        r = 1;
+    if (r == 1) {
+        /* the cache could not be written (logged): into memory, again */
+        cache_abandon(&cw);
+        d->nseries = first_series;
+        d->nslices = first_slice;
+        runs_truncate(d, first_slice);
+        skipped = unlabelled;
+        r = decode_folder(d, &fl, &lm, recs, nrec, NULL, cpath, &skipped, err, errlen);
     }
-    for (size_t a = 0, b; a < nrec; a = b) {
-        for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
-                        strcmp(recs[a].series, recs[b].series) == 0;
-             b++)
-            ;
-        int np = (int)(b - a);
-        for (int k = 0; k < np; k++)
-            paths[k] = fl.p[recs[a + k].idx];
-        struct triage_volume v;
-        char e[512];
-        if (triage_volume_build(paths, np, &v, e, sizeof e) != 0) {
-            util_log(UTIL_LOG_WARN, "train_series_skipped", "series=%s reason=\"%s\"",
-                     recs[a].series, e);
-            skipped += np;
-            continue;
-        }
-        if (grow(d, (size_t)v.n, 1) != 0 || decode_volume(d, &v, paths, err, errlen) != 0) {
-            if (!err[0]) snprintf(err, errlen, "out of memory");
-            triage_volume_free(&v);
-            free(paths);
-            goto out;
-        }
-        struct train_series *s = &d->series[d->nseries];
-        memset(s, 0, sizeof *s);
-        snprintf(s->study_uid, sizeof s->study_uid, "%s", recs[a].study);
-        snprintf(s->series_uid, sizeof s->series_uid, "%s", recs[a].series);
-        snprintf(s->patient_id, sizeof s->patient_id, "%s",
-                 recs[a].patient[0] ? recs[a].patient : recs[a].study);
-        s->n = v.n;
-        s->first = d->nslices;
-        s->slice_labels = 1;
-        for (int i = 0; i < v.n; i++) {
-            const char *path = paths[v.slices[i].file];
-            /* The slice's SOP: from the volume (frames share their file's). */
-            struct label_entry *le = labels_of(&lm, v.slices[i].sop_uid, path);
-            uint8_t *y = d->labels + (d->nslices + (size_t)i) * TRAIN_LABELS;
-            for (int l = 0; l < TRAIN_LABELS; l++) {
-                y[l] = le && le->y[l] != TRAIN_LABEL_UNKNOWN ? le->y[l] : 0;
-                if (y[l] == 1) s->study[l] = 1;
-            }
-        }
-        d->nslices += (size_t)v.n;
-        d->nseries++;
-        triage_volume_free(&v);
-    }
-    free(paths);
+    if (r != 0) goto out;
     if (d->nseries == first_series) {
         snprintf(err, errlen, "%s: no usable series (all %zu labelled files skipped)", dir, nrec);
         goto out;
@@ -685,12 +918,13 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     d->skipped_files += skipped;
     util_log(UTIL_LOG_INFO, "train_data_decoded", "dir=%s series=%d slices=%zu skipped_files=%d",
              dir, d->nseries - first_series, d->nslices - first_slice, skipped);
-    cache_save(d, first_series, first_slice, skipped, cpath, fp);
     rc = 0;
 out:
+    cache_abandon(&cw);
     if (rc != 0) {
         d->nseries = first_series;
         d->nslices = first_slice;
+        runs_truncate(d, first_slice);
     }
     free(recs);
     map_free(&lm);

@@ -5,7 +5,10 @@
  * labels). Slices are grouped by (StudyInstanceUID, SeriesInstanceUID),
  * ordered along the normal by triage_volume_build and preprocessed by
  * triage_preprocess_volume, the node's own preprocessing. Each DICOM file is
- * decoded once: the preprocessed slices are kept as uint8 in a cache file. */
+ * decoded once: the preprocessed slices are kept as uint8 in a cache file,
+ * which is then mapped read-only rather than read, so that the data can be
+ * larger than memory (the RSNA 2019 set is 37 GB at 3 x 128 x 128); the
+ * kernel's page cache keeps what fits. */
 #ifndef TRAIN_DATASET_H
 #define TRAIN_DATASET_H
 
@@ -33,6 +36,16 @@ struct train_series {
     int split;                   /* enum train_split */
 };
 
+/* The pixels of consecutive slices: part of a mapped cache file, or memory
+ * (no cache could be written, reviewed studies, tests). */
+struct train_pixel_run {
+    size_t first, n; /* slices first .. first + n - 1 */
+    uint8_t *p;      /* their pixels, n x c x h x w */
+    void *map;       /* the mapped cache file (maplen bytes), or NULL: p is malloc'd */
+    size_t maplen;
+    size_t cap; /* memory runs: slices p has room for */
+};
+
 struct train_dataset {
     int c, h, w;                   /* slice shape, 3 x 128 x 128 */
     struct triage_windows windows; /* the windows the pixels were made with */
@@ -42,10 +55,18 @@ struct train_dataset {
     struct train_series *series;   /* owned */
     int nseries;
     size_t nslices;
-    uint8_t *pixels;   /* owned: nslices * c * h * w, value/255 is the window output */
+    struct train_pixel_run *runs; /* owned, in slice order; value/255 is the window output */
+    int nruns;
     uint8_t *labels;   /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
     int skipped_files; /* files without labels or not usable as slices */
 };
+
+/* The c x h x w pixels of slice i (i < nslices). */
+const uint8_t *train_dataset_pixels(const struct train_dataset *d, size_t i);
+/* Room in memory for the pixels of slices nslices .. nslices + n - 1, which
+ * the caller fills and then counts in nslices. Returns it, NULL when out of
+ * memory. */
+uint8_t *train_dataset_reserve(struct train_dataset *d, size_t n);
 
 /* Initialises an empty dataset of slices c x h x w made with windows w. */
 void train_dataset_init(struct train_dataset *d, const struct triage_windows *w, int c, int h,

@@ -285,9 +285,10 @@ static void fake_dataset(struct train_dataset *d, int npatients)
     train_dataset_init(d, &w, 3, 16, 16);
     d->nseries = npatients * 2; /* two studies per patient */
     d->series = calloc((size_t)d->nseries, sizeof *d->series);
-    d->nslices = (size_t)d->nseries * 4;
-    d->labels = calloc(d->nslices, TRAIN_LABELS);
-    d->pixels = calloc(d->nslices, 3 * 16 * 16);
+    size_t n = (size_t)d->nseries * 4;
+    d->labels = calloc(n, TRAIN_LABELS);
+    memset(train_dataset_reserve(d, n), 0, n * 3 * 16 * 16);
+    d->nslices = n;
     for (int i = 0; i < d->nseries; i++) {
         struct train_series *s = &d->series[i];
         snprintf(s->patient_id, sizeof s->patient_id, "P%03d", i / 2);
@@ -344,7 +345,7 @@ static nn_model *tiny_model(void)
 static void random_pixels(struct train_dataset *d, uint64_t rng)
 {
     for (size_t i = 0; i < d->nslices * 3 * 16 * 16; i++)
-        d->pixels[i] = (uint8_t)(nn_rng_next(&rng) & 0xff);
+        d->runs[0].p[i] = (uint8_t)(nn_rng_next(&rng) & 0xff);
 }
 
 Test(predict, head_from_features_matches_nn_and_temperature_folds)
@@ -357,7 +358,7 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
     float *a = malloc(n * 6 * sizeof(float)), *b = malloc(n * 6 * sizeof(float));
     float *l = malloc(n * 6 * sizeof(float)), *x = malloc(n * 3 * 16 * 16 * sizeof(float));
     for (size_t i = 0; i < n * 3 * 16 * 16; i++)
-        x[i] = d.pixels[i] / 255.0f;
+        x[i] = d.runs[0].p[i] / 255.0f;
     cr_assert_eq(train_predict(m, &d, -1, a, l), 0);
     cr_assert_eq(nn_cnn_predict(m, x, (int)n, b), 0);
     for (size_t i = 0; i < n * 6; i++)
@@ -385,7 +386,7 @@ Test(context, inputs_stay_within_the_series)
     fake_dataset(&d, 2); /* 4 series of 4 slices */
     size_t per = 3 * 16 * 16;
     for (size_t i = 0; i < d.nslices; i++)
-        memset(d.pixels + i * per, (int)(10 * i + 1), per);
+        memset(d.runs[0].p + i * per, (int)(10 * i + 1), per);
     d.context = 1;
     cr_assert_eq(train_dataset_input_size(&d), 3 * per);
     uint8_t *u = malloc(3 * per);
@@ -404,7 +405,7 @@ Test(context, inputs_stay_within_the_series)
     d.context = 0;
     cr_assert_eq(train_dataset_input_size(&d), per);
     train_dataset_input(&d, 5, u);
-    cr_assert_eq(memcmp(u, d.pixels + 5 * per, per), 0);
+    cr_assert_eq(memcmp(u, train_dataset_pixels(&d, 5), per), 0);
     free(u), free(f);
     train_dataset_free(&d);
 }
@@ -426,7 +427,7 @@ Test(context, the_model_sees_each_slice_with_its_neighbours)
     size_t n = d.nslices, per = 3 * 16 * 16;
     float *x = malloc(n * per * sizeof(float)), *xs = malloc(n * 3 * per * sizeof(float));
     for (size_t i = 0; i < n * per; i++)
-        x[i] = d.pixels[i] / 255.0f;
+        x[i] = d.runs[0].p[i] / 255.0f;
     for (int s = 0; s < d.nseries; s++)
         triage_context_stack(x + d.series[s].first * per, d.series[s].n, per, 1, 0, d.series[s].n,
                              xs + d.series[s].first * 3 * per);
@@ -629,7 +630,11 @@ Test(calibrate, study_labelled_series_count)
 
 /* The node's reviewed studies: files in the spool, a review in the database
  * -> series with the review as study-level labels and unknown slice labels. */
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
+#include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -836,7 +841,14 @@ Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
     load(&b, link, cache);
     cr_assert_eq(mtime_ns(cfile), t0, "the cache was rewritten for the same folder");
     cr_assert_eq(a.nslices, b.nslices);
-    cr_assert_eq(memcmp(a.pixels, b.pixels, a.nslices * 3 * 32 * 32), 0);
+    for (size_t i = 0; i < a.nslices; i++)
+        cr_assert_eq(memcmp(train_dataset_pixels(&a, i), train_dataset_pixels(&b, i), 3 * 32 * 32),
+                     0, "slice %zu", i);
+    /* Both the run that wrote the cache and the one that found it use the
+     * file, mapped, not a copy in memory. */
+    cr_assert_eq(a.nruns, 1);
+    cr_assert_eq(b.nruns, 1);
+    cr_assert(a.runs[0].map && b.runs[0].map);
     train_dataset_free(&b);
     /* A file that changed invalidates it. */
     snprintf(cmd, sizeof cmd, "touch -d '2001-01-01' \"$(ls %s/stage_2_train/*.dcm | head -1)\"",
@@ -844,10 +856,124 @@ Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
     cr_assert_eq(system(cmd), 0);
     load(&b, link, cache);
     cr_assert_neq(mtime_ns(cfile), t0, "a changed file did not invalidate the cache");
+    /* The new cache replaced the file a has mapped: a keeps reading the old
+     * one (same pixels: only a date changed). */
+    for (size_t i = 0; i < a.nslices; i++)
+        cr_assert_eq(memcmp(train_dataset_pixels(&a, i), train_dataset_pixels(&b, i), 3 * 32 * 32),
+                     0, "slice %zu", i);
     train_dataset_free(&a);
     train_dataset_free(&b);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
+}
+
+/* A fresh folder from tmp (a mkdtemp template) with 2 small phantom studies
+ * (12 slices) in tmp/ph. */
+static void two_studies(char *tmp, char *ph, size_t n)
+{
+    cr_assert(mkdtemp(tmp));
+    snprintf(ph, n, "%s/ph", tmp);
+    small_phantoms(ph, 7, 2);
+}
+
+static void rm_rf(const char *dir)
+{
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* The name of the one cache file in dir ("" when none). */
+static void cache_file(const char *dir, char *out, size_t n)
+{
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "ls %s/*.cache 2>/dev/null", dir);
+    FILE *ls = popen(cmd, "r");
+    if (!fgets(out, (int)n, ls)) out[0] = 0;
+    pclose(ls);
+    out[strcspn(out, "\n")] = 0;
+}
+
+static void same_slices(const struct train_dataset *a, const struct train_dataset *b)
+{
+    cr_assert_eq(a->nseries, b->nseries);
+    cr_assert_eq(a->nslices, b->nslices);
+    for (size_t i = 0; i < a->nslices; i++) {
+        cr_assert_eq(memcmp(train_dataset_pixels(a, i), train_dataset_pixels(b, i), 3 * 32 * 32), 0,
+                     "slice %zu", i);
+        cr_assert_eq(
+            memcmp(a->labels + i * TRAIN_LABELS, b->labels + i * TRAIN_LABELS, TRAIN_LABELS), 0,
+            "labels of slice %zu", i);
+    }
+}
+
+/* The cache is written as the slices are decoded (so that a folder larger
+ * than memory can be); when the disk fills part way, the folder is decoded
+ * into memory instead, with the same result, and no part of a file stays. */
+Test(cache, a_cache_that_cannot_be_written_whole_falls_back_to_memory, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], c1[300], c2[300], cmd[400];
+    two_studies(tmp, ph, sizeof ph); /* 12 slices of 3 KiB */
+    snprintf(c1, sizeof c1, "%s/c1", tmp);
+    snprintf(c2, sizeof c2, "%s/c2", tmp);
+    cr_assert_eq(mkdir(c1, 0755), 0);
+    cr_assert_eq(mkdir(c2, 0755), 0);
+    struct train_dataset a, b;
+    load(&a, ph, c1);
+    cr_assert(a.nruns == 1 && a.runs[0].map);
+    /* Files may grow to 16 KiB only: the cache stops after a few slices. */
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit old, lim = {16384, 16384};
+    cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    lim.rlim_max = old.rlim_max;
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    load(&b, ph, c2);
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    cr_assert(b.nruns == 1 && !b.runs[0].map, "the slices are not in memory");
+    same_slices(&a, &b);
+    snprintf(cmd, sizeof cmd, "test -z \"$(ls -A %s)\"", c2);
+    cr_assert_eq(system(cmd), 0, "something was left in %s", c2);
+    train_dataset_free(&a);
+    train_dataset_free(&b);
+    rm_rf(tmp);
+}
+
+/* Two runs decoding the same folder at once: one writes the cache, the
+ * other decodes into memory rather than write the same file. */
+Test(cache, a_cache_another_run_is_writing_is_left_to_it, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], cache[300], cfile[600], part[620];
+    two_studies(tmp, ph, sizeof ph);
+    snprintf(cache, sizeof cache, "%s/cache", tmp);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    struct train_dataset a, b;
+    load(&a, ph, cache);
+    cache_file(cache, cfile, sizeof cfile);
+    cr_assert_str_not_empty(cfile);
+    cr_assert_eq(unlink(cfile), 0);
+    /* "Another run" holds the file being written. */
+    snprintf(part, sizeof part, "%s.tmp", cfile);
+    int fd = open(part, O_RDWR | O_CREAT, 0644);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(flock(fd, LOCK_EX), 0);
+    load(&b, ph, cache);
+    cr_assert(b.nruns == 1 && !b.runs[0].map, "the slices are not in memory");
+    same_slices(&a, &b);
+    cr_assert_eq(access(cfile, F_OK), -1, "a cache was written beside the other run");
+    struct stat st;
+    cr_assert_eq(fstat(fd, &st), 0);
+    cr_assert_eq(st.st_size, 0, "the other run's file was written to");
+    train_dataset_free(&b);
+    close(fd);
+    /* Once it is gone, the cache is written (over its leftover) and used. */
+    load(&b, ph, cache);
+    cr_assert(b.nruns == 1 && b.runs[0].map);
+    cr_assert_eq(access(cfile, F_OK), 0);
+    cr_assert_eq(access(part, F_OK), -1);
+    same_slices(&a, &b);
+    train_dataset_free(&a);
+    train_dataset_free(&b);
+    rm_rf(tmp);
 }
 
 /* The series' files of one series UID among the .dcm files of dir/stage_2_train. */
@@ -898,14 +1024,16 @@ Test(crop, training_slices_are_the_nodes_and_the_head_fills_more, .timeout = 120
                      0, "%s", err);
         /* What training learns from is what the node would feed the model. */
         for (size_t k = 0; k < per * (size_t)v.n; k++)
-            cr_assert_eq(crop.pixels[se->first * per + k], (uint8_t)lrintf(x[k] * 255.0f),
+            cr_assert_eq(train_dataset_pixels(&crop, se->first)[k], (uint8_t)lrintf(x[k] * 255.0f),
                          "series %d, value %zu", s, k);
         /* The head (bone window above 0) covers more of the cropped input. */
         size_t head_plain = 0, head_crop = 0;
         for (int i = 0; i < v.n; i++)
             for (int p = 0; p < 32 * 32; p++) {
-                head_plain += plain.pixels[(se->first + (size_t)i) * per + 2 * 32 * 32 + p] > 0;
-                head_crop += crop.pixels[(se->first + (size_t)i) * per + 2 * 32 * 32 + p] > 0;
+                head_plain +=
+                    train_dataset_pixels(&plain, se->first + (size_t)i)[2 * 32 * 32 + p] > 0;
+                head_crop +=
+                    train_dataset_pixels(&crop, se->first + (size_t)i)[2 * 32 * 32 + p] > 0;
             }
         cr_assert_gt(head_crop, head_plain * 21 / 20, "series %d: %zu head pixels cropped, %zu not",
                      s, head_crop, head_plain);
