@@ -41,7 +41,8 @@ static void usage(FILE *f)
             "  --report FILE      HTML report, with the reliability diagram (default\n"
             "                     calibrate-report.html)\n"
             "  --json FILE        metrics JSON (default calibrate-metrics.json)\n"
-            "  --cache DIR        preprocessed-slice cache\n"
+            "  --cache DIR        preprocessed-slice cache; with --reviews, the reviewed\n"
+            "                     slices go to a file there instead of memory\n"
             "  --threads N        CPU threads (default: all cores)\n"
             "  --device D         auto, cpu or cuda (nn.device; default auto)\n"
             "  -c FILE, --set K=V configuration (store.dir for --reviews)\n"
@@ -155,8 +156,7 @@ int train_calibrate_main(int argc, char **argv)
     int off = (int)strlen(desc);
     if (reviews) {
         int added = 0;
-        if (train_dataset_add_reviews(&d, triage_config_str(&cfg, CFG_STORE_DIR), &added, err,
-                                      sizeof err) != 0) {
+        if (train_reviews_add(&d, &cfg, cache, &added, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage calibrate: reviews: %s\n", err);
             goto out;
         }

@@ -16,6 +16,7 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -25,6 +26,14 @@
 
 #define MAX_FILES 2000000
 #define CACHE_MAGIC "ICHTCACHE3\n"
+
+/* The pixels of series being added, going to an unnamed file (spill_begin). */
+struct train_spill {
+    FILE *f;
+    size_t first; /* the first slice in the file */
+    int64_t keep_free;
+    char dir[PATH_MAX];
+};
 
 const char *const train_label_names[TRAIN_LABELS] = {
     "any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
@@ -132,6 +141,30 @@ uint8_t *train_dataset_reserve(struct train_dataset *d, size_t n)
     return r->p + (d->nslices - r->first) * per;
 }
 
+/* A file of slices (a cache, a spill) starts with a head padded to
+ * CACHE_PIXELS (a page, so that the pixels are aligned), then the pixels,
+ * slice after slice; a cache then has the series and their labels. */
+#define CACHE_PIXELS 4096
+
+/* Maps fd (total bytes) read-only as the pixels of slices first ..
+ * d->nslices - 1. Returns 0 or -1. */
+static int map_pixels(struct train_dataset *d, int fd, size_t total, size_t first)
+{
+    void *map = mmap(NULL, total, PROT_READ, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) return -1;
+    struct train_pixel_run *r = run_add(d);
+    if (!r) {
+        munmap(map, total);
+        return -1;
+    }
+    r->first = first;
+    r->n = d->nslices - first;
+    r->p = (uint8_t *)map + CACHE_PIXELS;
+    r->map = map;
+    r->maplen = total;
+    return 0;
+}
+
 /* The dataset indices of the slices in slice i's input, in order: i alone
  * without context, else its series' slices i-context..i+context (the end
  * slice beyond either end). Returns how many (2 context + 1). */
@@ -170,6 +203,10 @@ void train_dataset_input_float(const struct train_dataset *d, size_t i, float *o
 void train_dataset_free(struct train_dataset *d)
 {
     if (!d) return;
+    if (d->spill) {
+        fclose(d->spill->f);
+        free(d->spill);
+    }
     for (int i = 0; i < d->nruns; i++)
         run_free(&d->runs[i]);
     free(d->runs);
@@ -433,16 +470,91 @@ static bool marked_in(const char *list, const char *sop, int frame)
     return false;
 }
 
+int train_dataset_spill_begin(struct train_dataset *d, const char *dir, int64_t keep_free)
+{
+    struct train_spill *sp = calloc(1, sizeof *sp);
+    int fd = sp ? open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600) : -1;
+    if (fd < 0 || ftruncate(fd, CACHE_PIXELS) != 0 || lseek(fd, CACHE_PIXELS, SEEK_SET) < 0 ||
+        !(sp->f = fdopen(fd, "w+b"))) {
+        util_log(UTIL_LOG_WARN, "train_spill_unavailable", "dir=%s error=\"%s\" decoding=memory",
+                 dir, strerror(errno));
+        if (fd >= 0) close(fd);
+        free(sp);
+        return -1;
+    }
+    sp->first = d->nslices;
+    sp->keep_free = keep_free;
+    snprintf(sp->dir, sizeof sp->dir, "%s", dir);
+    d->spill = sp;
+    return 0;
+}
+
+int train_dataset_spill_end(struct train_dataset *d, char *err, size_t errlen)
+{
+    struct train_spill *sp = d->spill;
+    if (!sp) return 0;
+    d->spill = NULL;
+    size_t n = d->nslices - sp->first;
+    int rc = 0;
+    if (n > 0 && map_pixels(d, fileno(sp->f), CACHE_PIXELS + n * slice_bytes(d), sp->first) != 0) {
+        snprintf(err, errlen, "cannot map the slices written to a file in %s: %s", sp->dir,
+                 strerror(errno));
+        rc = -1;
+    }
+    fclose(sp->f);
+    free(sp);
+    return rc;
+}
+
+/* Writes the n slices at px to the spill file, whole or not at all (the
+ * file is flushed). Returns 0, or -1 when they do not fit or cannot be
+ * written (logged): then the spill ends and they belong in memory. */
+static int spill_put(struct train_dataset *d, const uint8_t *px, size_t n)
+{
+    struct train_spill *sp = d->spill;
+    size_t bytes = n * slice_bytes(d);
+    struct statvfs v;
+    const char *why = NULL;
+    if (statvfs(sp->dir, &v) == 0 &&
+        (int64_t)v.f_bavail * (int64_t)v.f_frsize < sp->keep_free + (int64_t)bytes)
+        why = "disk_low";
+    else if (fwrite(px, 1, bytes, sp->f) != bytes || fflush(sp->f) != 0)
+        why = strerror(errno);
+    if (!why) return 0;
+    util_log(UTIL_LOG_WARN, "train_spill_stopped",
+             "dir=%s reason=\"%s\" slices_written=%zu decoding=memory", sp->dir, why,
+             d->nslices - sp->first);
+    return -1;
+}
+
 int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
                              const uint8_t study[TRAIN_LABELS], const char *marked, int *nmarked,
                              char *err, size_t errlen)
 {
     struct triage_volume v;
     if (triage_volume_build(paths, npaths, &v, err, errlen) != 0) return -1;
-    uint8_t *px = NULL;
-    if (grow(d, (size_t)v.n, 1) != 0 || !(px = train_dataset_reserve(d, (size_t)v.n)) ||
-        decode_volume(d, &v, paths, px, err, errlen) != 0) {
-        if (!px) snprintf(err, errlen, "out of memory");
+    size_t n = (size_t)v.n;
+    uint8_t *buf = d->spill ? malloc(n * slice_bytes(d)) : NULL, *px = NULL;
+    int rc = -1;
+    if (grow(d, n, 1) != 0 || !(px = d->spill ? buf : train_dataset_reserve(d, n))) {
+        snprintf(err, errlen, "out of memory");
+    } else if (decode_volume(d, &v, paths, px, err, errlen) == 0) {
+        rc = 0;
+        if (d->spill && spill_put(d, px, n) != 0) {
+            /* what is in the file is mapped; this series and the rest: memory */
+            uint8_t *m = NULL;
+            if (train_dataset_spill_end(d, err, errlen) != 0) {
+                rc = -1;
+            } else if (!(m = train_dataset_reserve(d, n))) {
+                snprintf(err, errlen, "out of memory");
+                rc = -1;
+            } else {
+                memcpy(m, px, n * slice_bytes(d));
+            }
+        }
+    }
+    free(buf);
+    if (rc != 0) {
         runs_truncate(d, d->nslices);
         triage_volume_free(&v);
         return -1;
@@ -564,10 +676,6 @@ struct cache_head {
     int32_t skipped;
 };
 
-/* The file: the head, padded to CACHE_PIXELS (a page, so that the pixels are
- * aligned); the pixels, slice after slice; the series; their labels. */
-#define CACHE_PIXELS 4096
-
 static size_t cache_size(const struct train_dataset *d, size_t nslices, int nseries)
 {
     return CACHE_PIXELS + nslices * slice_bytes(d) + (size_t)nseries * sizeof(struct train_series) +
@@ -581,25 +689,6 @@ static int pread_full(int fd, void *buf, size_t n, size_t off)
         if (r <= 0) return -1;
         k += (size_t)r;
     }
-    return 0;
-}
-
-/* Maps fd (total bytes) read-only as the pixels of slices first ..
- * d->nslices - 1. Returns 0 or -1. */
-static int map_pixels(struct train_dataset *d, int fd, size_t total, size_t first)
-{
-    void *map = mmap(NULL, total, PROT_READ, MAP_SHARED, fd, 0);
-    if (map == MAP_FAILED) return -1;
-    struct train_pixel_run *r = run_add(d);
-    if (!r) {
-        munmap(map, total);
-        return -1;
-    }
-    r->first = first;
-    r->n = d->nslices - first;
-    r->p = (uint8_t *)map + CACHE_PIXELS;
-    r->map = map;
-    r->maplen = total;
     return 0;
 }
 

@@ -46,6 +46,8 @@ struct train_pixel_run {
     size_t cap; /* memory runs: slices p has room for */
 };
 
+struct train_spill;
+
 struct train_dataset {
     int c, h, w;                   /* slice shape, 3 x 128 x 128 */
     struct triage_windows windows; /* the windows the pixels were made with */
@@ -57,8 +59,9 @@ struct train_dataset {
     size_t nslices;
     struct train_pixel_run *runs; /* owned, in slice order; value/255 is the window output */
     int nruns;
-    uint8_t *labels;   /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
-    int skipped_files; /* files without labels or not usable as slices */
+    struct train_spill *spill; /* between train_dataset_spill_begin and _end */
+    uint8_t *labels;           /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
+    int skipped_files;         /* files without labels or not usable as slices */
 };
 
 /* The c x h x w pixels of slice i (i < nslices). */
@@ -86,12 +89,29 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
 int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
                              const uint8_t study[TRAIN_LABELS], const char *marked, int *nmarked,
                              char *err, size_t errlen);
+/* From train_dataset_spill_begin to _end, the pixels of the series that
+ * train_dataset_add_series adds go to an unnamed temporary file in dir
+ * (deleted when the dataset is freed) and are then mapped: they need disk,
+ * not memory. While less than keep_free bytes would be left on dir's file
+ * system, or when a write fails, they go to memory instead (logged).
+ * begin returns 0, or -1 (logged) when no such file can be made: memory.
+ * end maps them; returns 0 or -1 with a message. No pixels of the series
+ * added in between can be read before end. */
+int train_dataset_spill_begin(struct train_dataset *d, const char *dir, int64_t keep_free);
+int train_dataset_spill_end(struct train_dataset *d, char *err, size_t errlen);
 /* Appends the node's reviewed studies (train/reviews.c): every series in
  * <store_dir>/spool of each study whose latest review is in
- * <store_dir>/ichtriage.db, with the review as study-level labels. *added
- * gets the number of series. Returns 0 or -1 with a message. */
-int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, int *added, char *err,
-                              size_t errlen);
+ * <store_dir>/ichtriage.db, with the review as study-level labels. Their
+ * pixels spill to a file in spill_dir (NULL: memory) as above, leaving
+ * keep_free bytes free there. *added gets the number of series. Returns 0
+ * or -1 with a message. */
+int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, const char *spill_dir,
+                              int64_t keep_free, int *added, char *err, size_t errlen);
+/* train_dataset_add_reviews for the store of cfg; the spill (--cache DIR,
+ * NULL: memory) leaves the node's store.min_free_mb plus 2 GiB free. */
+struct triage_config;
+int train_reviews_add(struct train_dataset *d, const struct triage_config *cfg,
+                      const char *spill_dir, int *added, char *err, size_t errlen);
 void train_dataset_free(struct train_dataset *d);
 /* The model's input for slice i: (2 context + 1) x c x h x w, the windows of
  * slices i-context..i+context of its series (docs/model-format.md,

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "db.h"
+#include "config.h"
 #include "db_reviews.h"
 #include "log.h"
 #include "trainer.h"
@@ -89,8 +90,8 @@ static int series_files(const char *dir, char **paths, int max)
     return n;
 }
 
-int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, int *added, char *err,
-                              size_t errlen)
+int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, const char *spill_dir,
+                              int64_t keep_free, int *added, char *err, size_t errlen)
 {
     char dbp[PATH_MAX];
     snprintf(dbp, sizeof dbp, "%s/ichtriage.db", store_dir);
@@ -116,6 +117,7 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, in
         return -1;
     }
     int nmarked = 0;
+    if (spill_dir) train_dataset_spill_begin(d, spill_dir, keep_free);
     for (int i = 0; i < l.n; i++) {
         char sdir[PATH_MAX];
         snprintf(sdir, sizeof sdir, "%s/spool/%s", store_dir, l.r[i].study);
@@ -147,8 +149,21 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, in
         closedir(dd);
     }
     free(paths);
-    util_log(UTIL_LOG_INFO, "train_reviews", "studies=%d series=%d marked_slices=%d", l.n, *added,
-             nmarked);
+    rc = train_dataset_spill_end(d, err, errlen);
+    if (rc == 0)
+        util_log(UTIL_LOG_INFO, "train_reviews", "studies=%d series=%d marked_slices=%d", l.n,
+                 *added, nmarked);
     list_free(&l);
-    return 0;
+    return rc;
+}
+
+int train_reviews_add(struct train_dataset *d, const struct triage_config *cfg,
+                      const char *spill_dir, int *added, char *err, size_t errlen)
+{
+    int64_t min_free_mb;
+    if (triage_config_int(cfg, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &min_free_mb, err,
+                          errlen) != 0)
+        return -1;
+    return train_dataset_add_reviews(d, triage_config_str(cfg, CFG_STORE_DIR), spill_dir,
+                                     (min_free_mb << 20) + (INT64_C(2) << 30), added, err, errlen);
 }

@@ -64,7 +64,9 @@ static void usage(FILE *f)
         "  -o, --out FILE          the trained model (default model.safetensors)\n"
         "  --workdir DIR           checkpoints, history, report (default OUT.work); a run\n"
         "                          that finds its checkpoints there resumes\n"
-        "  --cache DIR             preprocessed-slice cache (default DATA/.ichtriage-cache)\n"
+        "  --cache DIR             preprocessed-slice cache (default DATA/.ichtriage-cache);\n"
+        "                          with --reviews, the reviewed slices go to a file there\n"
+        "                          too (deleted at the end) instead of memory\n"
         "  --arch small|vgg19|SPEC architecture (default small)\n"
         "  --init FILE             start from these weights (a model file, e.g. VGG19 made\n"
         "                          by tools/vgg19_to_ichtriage.py; with --context, a first\n"
@@ -961,8 +963,7 @@ int train_train_main(int argc, char **argv)
     }
     if (o.reviews) {
         int added = 0;
-        if (train_dataset_add_reviews(&d, triage_config_str(&cfg, CFG_STORE_DIR), &added, err,
-                                      sizeof err) != 0) {
+        if (train_reviews_add(&d, &cfg, o.cache, &added, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: reviews: %s\n", err);
             goto out;
         }

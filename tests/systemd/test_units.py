@@ -230,9 +230,11 @@ class Units(unittest.TestCase):
         self.assertEqual(d["Nice"], ["19"])
         self.assertEqual(d["IOSchedulingClass"], ["idle"])
         self.assertEqual(d["ExecStart"], [
-            "%s train -c %s --reviews --register -o /var/lib/ichtriage/candidate.safetensors" % (
+            "%s train -c %s --reviews --register --cache /var/cache/ichtriage "
+            "-o /var/lib/ichtriage/candidate.safetensors" % (
                 os.path.join(ARGS["bindir"], "ichtriage"),
                 os.path.join(ARGS["confdir"], "ichtriage.conf"))])
+        self.assertEqual(d["CacheDirectory"], ["ichtriage"])
         t = self.directives("ichtriage-train.timer")
         self.assertEqual(t["Persistent"], ["true"])
         p = run(["systemd-analyze", "calendar", "--iterations=2", t["OnCalendar"][0]])

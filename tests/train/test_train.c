@@ -672,6 +672,21 @@ static void small_phantoms(char *dir, int seed, int count)
     phantoms(dir, seed, count, 64);
 }
 
+static void same_slices(const struct train_dataset *a, const struct train_dataset *b)
+{
+    cr_assert_eq(a->nseries, b->nseries);
+    cr_assert_eq(a->nslices, b->nslices);
+    cr_assert(a->c == b->c && a->h == b->h && a->w == b->w);
+    for (size_t i = 0; i < a->nslices; i++) {
+        cr_assert_eq(memcmp(train_dataset_pixels(a, i), train_dataset_pixels(b, i),
+                            (size_t)a->c * a->h * a->w),
+                     0, "slice %zu", i);
+        cr_assert_eq(
+            memcmp(a->labels + i * TRAIN_LABELS, b->labels + i * TRAIN_LABELS, TRAIN_LABELS), 0,
+            "labels of slice %zu", i);
+    }
+}
+
 Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
 {
     char tmp[] = "/tmp/ichtriage-reviews-XXXXXX";
@@ -749,7 +764,8 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     triage_windows_default(&w);
     train_dataset_init(&d, &w, 3, 32, 32);
     int added = 0;
-    cr_assert_eq(train_dataset_add_reviews(&d, store, &added, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(train_dataset_add_reviews(&d, store, NULL, 0, &added, err, sizeof err), 0, "%s",
+                 err);
     cr_assert_eq(added, 2);
     cr_assert_eq(d.nseries, 2);
     for (int i = 0; i < d.nseries; i++) {
@@ -780,9 +796,41 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
         }
         if (pos) cr_assert(marked == 2 && unknown == 4, "marked %d unknown %d", marked, unknown);
     }
+    /* With a spill folder the slices go to an unnamed file and are mapped;
+     * with the disk low, or when a write fails part way, to memory: the same
+     * slices and labels every time, and nothing left in the folder. */
+    char spill[400];
+    snprintf(spill, sizeof spill, "%s/spill", tmp);
+    cr_assert_eq(mkdir(spill, 0755), 0);
+    struct train_dataset sd[3];
+    int64_t keep[3] = {INT64_MAX / 2, 0, 0};
+    for (int k = 0; k < 3; k++) {
+        /* 128x128 slices: the series (6 x 48 KiB) are larger than what the
+         * database needs to be read */
+        train_dataset_init(&sd[k], &w, 3, 128, 128);
+        /* third: files may not grow past the first series */
+        struct rlimit old, lim;
+        cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+        lim = (struct rlimit){4096 + 6 * 3 * 128 * 128 + 4096, old.rlim_max};
+        signal(SIGXFSZ, SIG_IGN);
+        if (k == 2) cr_assert_eq(setrlimit(RLIMIT_FSIZE, &lim), 0);
+        int rc = train_dataset_add_reviews(&sd[k], store, spill, keep[k], &added, err, sizeof err);
+        cr_assert_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+        cr_assert_eq(rc, 0, "%s", err);
+        cr_assert_eq(memcmp(d.labels, sd[k].labels, d.nslices * TRAIN_LABELS), 0);
+        same_slices(&sd[0], &sd[k]);
+    }
+    cr_assert(sd[0].nruns == 1 && !sd[0].runs[0].map, "not in memory with the disk low");
+    cr_assert(sd[1].nruns == 1 && sd[1].runs[0].map, "not in the file");
+    cr_assert(sd[2].nruns == 2 && sd[2].runs[0].map && sd[2].runs[0].n == 6 && !sd[2].runs[1].map,
+              "the first series not in the file and the second in memory");
+    snprintf(cmd, sizeof cmd, "test -z \"$(ls -A %s)\"", spill);
+    cr_assert_eq(system(cmd), 0, "something was left in %s", spill);
+    for (int k = 0; k < 3; k++)
+        train_dataset_free(&sd[k]);
     train_dataset_free(&d);
     /* No database: a clear error. */
-    cr_assert_neq(train_dataset_add_reviews(&d, tmp, &added, err, sizeof err), 0);
+    cr_assert_neq(train_dataset_add_reviews(&d, tmp, NULL, 0, &added, err, sizeof err), 0);
     cr_assert(strstr(err, "no database"), "%s", err);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
@@ -892,19 +940,6 @@ static void cache_file(const char *dir, char *out, size_t n)
     if (!fgets(out, (int)n, ls)) out[0] = 0;
     pclose(ls);
     out[strcspn(out, "\n")] = 0;
-}
-
-static void same_slices(const struct train_dataset *a, const struct train_dataset *b)
-{
-    cr_assert_eq(a->nseries, b->nseries);
-    cr_assert_eq(a->nslices, b->nslices);
-    for (size_t i = 0; i < a->nslices; i++) {
-        cr_assert_eq(memcmp(train_dataset_pixels(a, i), train_dataset_pixels(b, i), 3 * 32 * 32), 0,
-                     "slice %zu", i);
-        cr_assert_eq(
-            memcmp(a->labels + i * TRAIN_LABELS, b->labels + i * TRAIN_LABELS, TRAIN_LABELS), 0,
-            "labels of slice %zu", i);
-    }
 }
 
 /* The cache is written as the slices are decoded (so that a folder larger
