@@ -146,6 +146,15 @@ uint8_t *train_dataset_reserve(struct train_dataset *d, size_t n)
  * slice after slice; a cache then has the series and their labels. */
 #define CACHE_PIXELS 4096
 
+/* fd, emptied, as a stream that writes pixels from CACHE_PIXELS on (the
+ * head is written last); opened for reading too, to be mapped. NULL on
+ * failure (fd stays open). */
+static FILE *pixels_file(int fd)
+{
+    if (ftruncate(fd, CACHE_PIXELS) != 0 || lseek(fd, CACHE_PIXELS, SEEK_SET) < 0) return NULL;
+    return fdopen(fd, "w+b");
+}
+
 /* Maps fd (total bytes) read-only as the pixels of slices first ..
  * d->nslices - 1. Returns 0 or -1. */
 static int map_pixels(struct train_dataset *d, int fd, size_t total, size_t first)
@@ -474,8 +483,7 @@ int train_dataset_spill_begin(struct train_dataset *d, const char *dir, int64_t 
 {
     struct train_spill *sp = calloc(1, sizeof *sp);
     int fd = sp ? open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600) : -1;
-    if (fd < 0 || ftruncate(fd, CACHE_PIXELS) != 0 || lseek(fd, CACHE_PIXELS, SEEK_SET) < 0 ||
-        !(sp->f = fdopen(fd, "w+b"))) {
+    if (fd < 0 || !(sp->f = pixels_file(fd))) {
         util_log(UTIL_LOG_WARN, "train_spill_unavailable", "dir=%s error=\"%s\" decoding=memory",
                  dir, strerror(errno));
         if (fd >= 0) close(fd);
@@ -763,8 +771,7 @@ static int cache_create(struct cache_writer *cw, const char *path)
         struct stat a, b;
         if (fstat(fd, &a) == 0 && stat(cw->tmp, &b) == 0 && a.st_ino == b.st_ino &&
             a.st_dev == b.st_dev) {
-            if (ftruncate(fd, CACHE_PIXELS) != 0 || lseek(fd, CACHE_PIXELS, SEEK_SET) < 0 ||
-                !(cw->f = fdopen(fd, "wb"))) {
+            if (!(cw->f = pixels_file(fd))) {
                 close(fd);
                 break;
             }
