@@ -17,6 +17,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -44,6 +45,7 @@ void train_dataset_init(struct train_dataset *d, const struct triage_windows *w,
     memset(d, 0, sizeof *d);
     d->windows = *w;
     d->c = c, d->h = h, d->w = wd;
+    d->cache_sync_ms = 1000;
 }
 
 size_t train_dataset_input_size(const struct train_dataset *d)
@@ -146,12 +148,13 @@ uint8_t *train_dataset_reserve(struct train_dataset *d, size_t n)
  * slice after slice; a cache then has the series and their labels. */
 #define CACHE_PIXELS 4096
 
-/* fd, emptied, as a stream that writes pixels from CACHE_PIXELS on (the
- * head is written last); opened for reading too, to be mapped. NULL on
- * failure (fd stays open). */
-static FILE *pixels_file(int fd)
+/* fd, cut after its first `keep` bytes of pixels, as a stream that writes
+ * the pixels from there on (the head is written last); opened for reading
+ * too, to be mapped. NULL on failure (fd stays open). */
+static FILE *pixels_file(int fd, size_t keep)
 {
-    if (ftruncate(fd, CACHE_PIXELS) != 0 || lseek(fd, CACHE_PIXELS, SEEK_SET) < 0) return NULL;
+    off_t at = (off_t)(CACHE_PIXELS + keep);
+    if (ftruncate(fd, at) != 0 || lseek(fd, at, SEEK_SET) < 0) return NULL;
     return fdopen(fd, "w+b");
 }
 
@@ -483,7 +486,7 @@ int train_dataset_spill_begin(struct train_dataset *d, const char *dir, int64_t 
 {
     struct train_spill *sp = calloc(1, sizeof *sp);
     int fd = sp ? open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600) : -1;
-    if (fd < 0 || !(sp->f = pixels_file(fd))) {
+    if (fd < 0 || !(sp->f = pixels_file(fd, 0))) {
         util_log(UTIL_LOG_WARN, "train_spill_unavailable", "dir=%s error=\"%s\" decoding=memory",
                  dir, strerror(errno));
         if (fd >= 0) close(fd);
@@ -737,16 +740,44 @@ out:
     return rc;
 }
 
-/* A cache being written: the pixels go to the file as series are decoded,
- * so a folder larger than memory can be decoded; the file is then mapped. */
+/* A cache being written: the pixels go to <cache>.tmp as series are
+ * decoded, so that a folder larger than memory can be decoded; the file is
+ * then mapped. <cache>.tmp.progress records the series whose pixels are on
+ * disk (made durable about once a second), so that a decode that is killed
+ * (an RSNA folder takes about an hour) goes on where it stopped. */
 struct cache_writer {
-    FILE *f;
-    char tmp[PATH_MAX + 410];
+    int fd;       /* <cache>.tmp, locked; -1 when there is none */
+    FILE *f;      /* its pixels */
+    int progress; /* <cache>.tmp.progress, or -1 */
+    char *pend;   /* records of series not yet made durable */
+    size_t npend, cappend;
+    size_t first_slice; /* the folder's first slice in the dataset */
+    int unlabelled;     /* files skipped before decoding */
+    int sync_ms;
+    struct timespec synced_at;
+    char tmp[PATH_MAX + 410], prog[PATH_MAX + 430];
 };
 
-/* Opens <path>.tmp for writing, locked, so that two runs decoding the same
- * folder do not write one file. Returns 0, or -1 (logged) when no cache can
- * be written: the folder is then decoded into memory. */
+#define PROGRESS_MAGIC "ICHTPROG1\n"
+
+struct progress_head {
+    char magic[12];
+    uint64_t fingerprint;
+    int32_t c, h, w, pad;
+};
+
+/* One series whose pixels are in the file, followed by its s.n x
+ * TRAIN_LABELS labels. */
+struct progress_rec {
+    uint64_t next;   /* the file record (recs index) after the series */
+    int32_t skipped; /* files skipped by the decode so far */
+    int32_t pad;
+    struct train_series s; /* s.first: from the folder's first slice */
+};
+
+/* Opens <path>.tmp, locked, so that two runs decoding the same folder do not
+ * write one file. Returns 0, or -1 (logged) when no cache can be written:
+ * the folder is then decoded into memory. */
 static int cache_create(struct cache_writer *cw, const char *path)
 {
     char dirp[PATH_MAX + 400];
@@ -757,6 +788,7 @@ static int cache_create(struct cache_writer *cw, const char *path)
         mkdir(dirp, 0755);
     }
     snprintf(cw->tmp, sizeof cw->tmp, "%s.tmp", path);
+    snprintf(cw->prog, sizeof cw->prog, "%s.tmp.progress", path);
     for (int tries = 0; tries < 10; tries++) {
         int fd = open(cw->tmp, O_RDWR | O_CREAT | O_CLOEXEC, 0644); /* read: mapped after */
         if (fd < 0) break;
@@ -771,10 +803,7 @@ static int cache_create(struct cache_writer *cw, const char *path)
         struct stat a, b;
         if (fstat(fd, &a) == 0 && stat(cw->tmp, &b) == 0 && a.st_ino == b.st_ino &&
             a.st_dev == b.st_dev) {
-            if (!(cw->f = pixels_file(fd))) {
-                close(fd);
-                break;
-            }
+            cw->fd = fd;
             return 0;
         }
         close(fd);
@@ -784,12 +813,147 @@ static int cache_create(struct cache_writer *cw, const char *path)
     return -1;
 }
 
+/* Adds to d the series that cw's progress file records for the files of
+ * fingerprint fp (their pixels are in the file, mapped at the end), as far
+ * as the file holds their pixels and they are the series of recs. Returns
+ * how many bytes of the progress file those records take (0: none usable);
+ * *next gets the record to go on from, *vskipped the files skipped. */
+static long progress_read(struct cache_writer *cw, struct train_dataset *d, uint64_t fp,
+                          const struct file_rec *recs, size_t nrec, size_t *next, int *vskipped)
+{
+    int fd = open(cw->prog, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    FILE *f = fdopen(fd, "rb");
+    struct progress_head h;
+    struct stat st;
+    long good = 0;
+    size_t done = 0, per = slice_bytes(d);
+    if (!f || fread(&h, sizeof h, 1, f) != 1 ||
+        memcmp(h.magic, PROGRESS_MAGIC, sizeof PROGRESS_MAGIC) != 0 || h.fingerprint != fp ||
+        h.c != d->c || h.h != d->h || h.w != d->w || fstat(cw->fd, &st) != 0)
+        goto out;
+    good = (long)sizeof h;
+    struct progress_rec r;
+    while (fread(&r, sizeof r, 1, f) == 1) {
+        struct train_series *s = &r.s;
+        s->study_uid[sizeof s->study_uid - 1] = s->series_uid[sizeof s->series_uid - 1] = 0;
+        s->patient_id[sizeof s->patient_id - 1] = 0;
+        if (s->n <= 0 || s->first != done || r.next <= *next || r.next > nrec ||
+            strcmp(recs[r.next - 1].series, s->series_uid) != 0 ||
+            strcmp(recs[r.next - 1].study, s->study_uid) != 0 ||
+            (size_t)st.st_size < CACHE_PIXELS + (done + (size_t)s->n) * per ||
+            grow(d, (size_t)s->n, 1) != 0 ||
+            fread(d->labels + d->nslices * TRAIN_LABELS, TRAIN_LABELS, (size_t)s->n, f) !=
+                (size_t)s->n)
+            break;
+        s->first = d->nslices;
+        d->series[d->nseries++] = *s;
+        d->nslices += (size_t)s->n;
+        done += (size_t)s->n;
+        *next = r.next;
+        *vskipped = r.skipped;
+        good = ftell(f);
+    }
+out:
+    if (f)
+        fclose(f);
+    else
+        close(fd);
+    return good;
+}
+
+/* Starts writing: goes on from what an earlier run that was stopped left
+ * (progress_read; logged), else from nothing. *next gets the first record
+ * to decode, *vskipped the files the earlier run skipped. Returns 0, or -1
+ * (logged) when the file cannot be written: cw is abandoned. */
+static void cache_abandon(struct cache_writer *cw);
+static int cache_start(struct cache_writer *cw, struct train_dataset *d, uint64_t fp,
+                       const struct file_rec *recs, size_t nrec, size_t *next, int *vskipped)
+{
+    int first_series = d->nseries;
+    cw->first_slice = d->nslices;
+    *next = 0, *vskipped = 0;
+    long good = progress_read(cw, d, fp, recs, nrec, next, vskipped);
+    size_t kept = d->nslices - cw->first_slice;
+    if (!(cw->f = pixels_file(cw->fd, kept * slice_bytes(d)))) {
+        util_log(UTIL_LOG_WARN, "train_cache_unwritable", "path=%s error=\"%s\" decoding=memory",
+                 cw->tmp, strerror(errno));
+        cache_abandon(cw);
+        d->nseries = first_series, d->nslices = cw->first_slice;
+        *next = 0, *vskipped = 0;
+        return -1;
+    }
+    cw->fd = -1; /* the stream's now */
+    clock_gettime(CLOCK_MONOTONIC, &cw->synced_at);
+    if (d->nseries > first_series)
+        util_log(UTIL_LOG_INFO, "train_cache_resumed", "path=%s series=%d slices=%zu next_file=%zu",
+                 cw->tmp, d->nseries - first_series, kept, *next);
+    /* Without a progress file the cache is still written, only not resumable. */
+    struct progress_head h = {.fingerprint = fp, .c = d->c, .h = d->h, .w = d->w};
+    memcpy(h.magic, PROGRESS_MAGIC, sizeof PROGRESS_MAGIC);
+    cw->progress = open(cw->prog, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (cw->progress >= 0 &&
+        (good > 0
+             ? ftruncate(cw->progress, good) != 0 || lseek(cw->progress, good, SEEK_SET) != good
+             : ftruncate(cw->progress, 0) != 0 ||
+                   write(cw->progress, &h, sizeof h) != (ssize_t)sizeof h)) {
+        close(cw->progress);
+        cw->progress = -1;
+        unlink(cw->prog);
+    }
+    return 0;
+}
+
+/* Notes that the series just added (d->series[d->nseries - 1]) ends before
+ * record next; about once every cw->sync_ms, makes the pixels written so
+ * far durable and then records their series, so that a killed run resumes
+ * after them. */
+static void cache_progress(struct cache_writer *cw, const struct train_dataset *d, size_t next,
+                           int skipped)
+{
+    if (cw->progress < 0) return;
+    const struct train_series *s = &d->series[d->nseries - 1];
+    size_t need = sizeof(struct progress_rec) + (size_t)s->n * TRAIN_LABELS;
+    if (cw->npend + need > cw->cappend) {
+        size_t cap = (cw->npend + need) * 2;
+        char *p = realloc(cw->pend, cap);
+        if (!p) return; /* a resume would find fewer series */
+        cw->pend = p, cw->cappend = cap;
+    }
+    struct progress_rec r = {.next = next, .skipped = skipped - cw->unlabelled, .s = *s};
+    r.s.first -= cw->first_slice;
+    memcpy(cw->pend + cw->npend, &r, sizeof r);
+    memcpy(cw->pend + cw->npend + sizeof r, d->labels + s->first * TRAIN_LABELS,
+           (size_t)s->n * TRAIN_LABELS);
+    cw->npend += need;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if ((now.tv_sec - cw->synced_at.tv_sec) * 1000 +
+            (now.tv_nsec - cw->synced_at.tv_nsec) / 1000000 <
+        cw->sync_ms)
+        return;
+    cw->synced_at = now;
+    if (fflush(cw->f) != 0 || fdatasync(fileno(cw->f)) != 0) return; /* the write fails too */
+    if (write(cw->progress, cw->pend, cw->npend) != (ssize_t)cw->npend ||
+        fdatasync(cw->progress) != 0) {
+        /* a part of a record is ignored by the next run; stop recording */
+        close(cw->progress);
+        cw->progress = -1;
+        return;
+    }
+    cw->npend = 0;
+}
+
 static void cache_abandon(struct cache_writer *cw)
 {
-    if (!cw->f) return;
+    if (cw->fd < 0 && !cw->f) return;
     unlink(cw->tmp);
-    fclose(cw->f);
-    cw->f = NULL;
+    unlink(cw->prog);
+    if (cw->f) fclose(cw->f);
+    if (cw->fd >= 0) close(cw->fd);
+    if (cw->progress >= 0) close(cw->progress);
+    free(cw->pend);
+    cw->f = NULL, cw->fd = -1, cw->progress = -1, cw->pend = NULL;
 }
 
 /* Writes the series from first_series on and their labels, then the head;
@@ -830,18 +994,22 @@ static int cache_finish(struct cache_writer *cw, struct train_dataset *d, int fi
                  strerror(errno));
         unlink(cw->tmp);
     }
+    unlink(cw->prog);
     fclose(cw->f);
-    cw->f = NULL;
+    if (cw->progress >= 0) close(cw->progress);
+    free(cw->pend);
+    cw->f = NULL, cw->progress = -1, cw->pend = NULL;
     return 0;
 }
 
-/* Decodes the series of recs (nrec, sorted by series) into the dataset:
+/* Decodes the series of recs (nrec, sorted by series) from start on into the dataset:
  * their pixels into cw's file, or into memory when cw is NULL. Returns 0,
  * -1 with a message, or 1 when the cache file could not be written (logged;
  * the caller drops what was added and decodes into memory). */
 static int decode_folder(struct train_dataset *d, const struct file_list *fl, struct label_map *lm,
-                         const struct file_rec *recs, size_t nrec, struct cache_writer *cw,
-                         const char *cpath, int *skipped, char *err, size_t errlen)
+                         const struct file_rec *recs, size_t start, size_t nrec,
+                         struct cache_writer *cw, const char *cpath, int *skipped, char *err,
+                         size_t errlen)
 {
     size_t per = slice_bytes(d);
     const char **paths = malloc(nrec * sizeof *paths);
@@ -852,7 +1020,7 @@ static int decode_folder(struct train_dataset *d, const struct file_list *fl, st
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (size_t a = 0, b; a < nrec && rc == 0; a = b) {
+    for (size_t a = start, b; a < nrec && rc == 0; a = b) {
         for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
                         strcmp(recs[a].series, recs[b].series) == 0;
              b++)
@@ -916,6 +1084,7 @@ static int decode_folder(struct train_dataset *d, const struct file_list *fl, st
         d->nslices += (size_t)v.n;
         d->nseries++;
         triage_volume_free(&v);
+        if (cw) cache_progress(cw, d, b, *skipped);
     }
     free(buf);
     free(paths);
@@ -955,7 +1124,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
 
     struct label_map lm = {0};
     struct file_rec *recs = NULL;
-    struct cache_writer cw = {0};
+    struct cache_writer cw = {.fd = -1, .progress = -1, .sync_ms = d->cache_sync_ms};
     int rc = -1, first_series = d->nseries, skipped = 0, unlabelled;
     size_t first_slice = d->nslices, nrec = 0;
     if (labels_read(csv, &lm, err, errlen) != 0) goto out;
@@ -991,9 +1160,14 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         goto out;
     }
     qsort(recs, nrec, sizeof *recs, cmp_rec);
-    unlabelled = skipped;
-    int r = decode_folder(d, &fl, &lm, recs, nrec, cache_create(&cw, cpath) == 0 ? &cw : NULL,
-                          cpath, &skipped, err, errlen);
+    unlabelled = cw.unlabelled = skipped;
+    size_t start = 0;
+    int vskipped = 0;
+    bool cached = cache_create(&cw, cpath) == 0 &&
+                  cache_start(&cw, d, fp, recs, nrec, &start, &vskipped) == 0;
+    skipped += vskipped;
+    int r = decode_folder(d, &fl, &lm, recs, start, nrec, cached ? &cw : NULL, cpath, &skipped, err,
+                          errlen);
     if (r == 0 && cw.f && d->nseries > first_series &&
         cache_finish(&cw, d, first_series, first_slice, skipped, cpath, fp) != 0)
         r = 1;
@@ -1004,7 +1178,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         d->nslices = first_slice;
         runs_truncate(d, first_slice);
         skipped = unlabelled;
-        r = decode_folder(d, &fl, &lm, recs, nrec, NULL, cpath, &skipped, err, errlen);
+        r = decode_folder(d, &fl, &lm, recs, 0, nrec, NULL, cpath, &skipped, err, errlen);
     }
     if (r != 0) goto out;
     if (d->nseries == first_series) {

@@ -62,6 +62,8 @@ struct train_dataset {
     struct train_spill *spill; /* between train_dataset_spill_begin and _end */
     uint8_t *labels;           /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
     int skipped_files;         /* files without labels or not usable as slices */
+    int cache_sync_ms;         /* how often a cache being written records what is on disk, so
+                                  that a killed decode resumes (init: 1000) */
 };
 
 /* The c x h x w pixels of slice i (i < nslices). */

@@ -636,6 +636,7 @@ Test(calibrate, study_labelled_series_count)
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "db.h"
@@ -1008,6 +1009,126 @@ Test(cache, a_cache_another_run_is_writing_is_left_to_it, .timeout = 120)
     same_slices(&a, &b);
     train_dataset_free(&a);
     train_dataset_free(&b);
+    rm_rf(tmp);
+}
+
+/* The size of path, -1 when there is none. */
+static long long file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? (long long)st.st_size : -1;
+}
+
+/* Decodes folder ph with its cache in dir in a child process, recording
+ * its progress after every series, and kills it once the progress file
+ * (prog) records two series. The head of that file is 40 bytes, each
+ * record 240 bytes and the labels of its 6 slices. */
+static void killed_decode(const char *ph, const char *dir, const char *prog)
+{
+    long long two = 40 + 2 * (240 + 6 * TRAIN_LABELS);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        struct train_dataset d;
+        struct triage_windows w;
+        char err[512];
+        triage_windows_default(&w);
+        train_dataset_init(&d, &w, 3, 32, 32);
+        d.cache_sync_ms = 0; /* a record after every series */
+        _exit(train_dataset_add_folder(&d, ph, dir, err, sizeof err) == 0 ? 0 : 1);
+    }
+    for (int i = 0; i < 20000 && file_size(prog) < two; i++)
+        usleep(500);
+    kill(pid, SIGKILL);
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFSIGNALED(status), "the decode ended before it was killed (status %d)", status);
+    cr_assert_geq(file_size(prog), two, "fewer than two series recorded before the kill");
+}
+
+/* load() with what it logs in *log (n bytes). */
+static void load_logged(struct train_dataset *d, const char *ph, const char *dir, const char *logp,
+                        char *log, size_t n)
+{
+    fflush(stderr);
+    int saved = dup(2), lf = open(logp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    cr_assert(saved >= 0 && lf >= 0);
+    dup2(lf, 2);
+    load(d, ph, dir);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    ssize_t k = pread(lf, log, n - 1, 0);
+    log[k > 0 ? k : 0] = 0;
+    close(lf);
+}
+
+/* A decode that is killed part way (an RSNA folder takes about an hour) goes
+ * on where it stopped: the next run takes the series the killed one had
+ * recorded, as far as the file really holds them, decodes the rest, and
+ * ends with what a decode from nothing gives. */
+Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], c1[300], c2[300], cfile[600];
+    char part[620], prog[640], logp[320], log[8192];
+    cr_assert(mkdtemp(tmp));
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(c1, sizeof c1, "%s/c1", tmp);
+    snprintf(c2, sizeof c2, "%s/c2", tmp);
+    snprintf(logp, sizeof logp, "%s/log", tmp);
+    phantoms(ph, 21, 40, 64); /* 40 series of 6 slices */
+    cr_assert_eq(mkdir(c1, 0755), 0);
+    cr_assert_eq(mkdir(c2, 0755), 0);
+    struct train_dataset fresh, d;
+    load(&fresh, ph, c2);
+    cache_file(c2, cfile, sizeof cfile);
+    cr_assert_str_not_empty(cfile);
+    /* The same name in c1 (the key holds the folder, not where the cache is). */
+    snprintf(part, sizeof part, "%s/%s.tmp", c1, strrchr(cfile, '/') + 1);
+    snprintf(prog, sizeof prog, "%s.progress", part);
+    killed_decode(ph, c1, prog);
+    /* The pixel file holds one whole series and a part of the next (as
+     * after a crash that lost what was not yet on disk): only the first of
+     * the series recorded may be taken. 4096: the file's head. */
+    size_t series_bytes = 6 * 3 * 32 * 32;
+    cr_assert_geq(file_size(part), 4096 + 2 * (long long)series_bytes);
+    cr_assert_eq(truncate(part, 4096 + series_bytes + 1000), 0);
+
+    load_logged(&d, ph, c1, logp, log, sizeof log);
+    cr_assert(strstr(log, "event=train_cache_resumed") && strstr(log, " series=1 slices=6 "),
+              "the run did not go on from the first series: %s", log);
+    same_slices(&fresh, &d);
+    for (int s = 0; s < d.nseries; s++) {
+        cr_assert_str_eq(d.series[s].series_uid, fresh.series[s].series_uid);
+        cr_assert_eq(d.series[s].first, fresh.series[s].first);
+        cr_assert_eq(memcmp(d.series[s].study, fresh.series[s].study, TRAIN_LABELS), 0);
+    }
+    cr_assert(d.nruns == 1 && d.runs[0].map, "the resumed cache is not the mapped file");
+    cr_assert_eq(file_size(part), -1, "the .tmp was left");
+    cr_assert_eq(file_size(prog), -1, "the progress file was left");
+    train_dataset_free(&d);
+    /* The cache is whole: the next run reads it and decodes nothing. */
+    load_logged(&d, ph, c1, logp, log, sizeof log);
+    cr_assert(strstr(log, "event=train_data_cached"), "%s", log);
+    same_slices(&fresh, &d);
+    train_dataset_free(&d);
+
+    /* Killed again, and then one file changes: what was recorded is for
+     * other files, and the folder is decoded from nothing. */
+    rm_rf(c1);
+    cr_assert_eq(mkdir(c1, 0755), 0);
+    killed_decode(ph, c1, prog);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "touch -d '2001-01-01' \"$(ls %s/stage_2_train/*.dcm | tail -1)\"",
+             ph);
+    cr_assert_eq(system(cmd), 0);
+    load_logged(&d, ph, c1, logp, log, sizeof log);
+    cr_assert(!strstr(log, "event=train_cache_resumed") && strstr(log, "event=train_data_decoded"),
+              "%s", log);
+    same_slices(&fresh, &d);
+    cr_assert_eq(file_size(prog), -1, "the progress file was left");
+    train_dataset_free(&d);
+    train_dataset_free(&fresh);
     rm_rf(tmp);
 }
 
