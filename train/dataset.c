@@ -219,6 +219,7 @@ void train_dataset_free(struct train_dataset *d)
         fclose(d->spill->f);
         free(d->spill);
     }
+    free(d->scache);
     for (int i = 0; i < d->nruns; i++)
         run_free(&d->runs[i]);
     free(d->runs);
@@ -538,6 +539,168 @@ static int spill_put(struct train_dataset *d, const uint8_t *px, size_t n)
     return -1;
 }
 
+/* How d's slices are made (their shape, the windows, the crop), as a
+ * string for cache keys. */
+static void prep_string(const struct train_dataset *d, char *key, size_t n)
+{
+    int k = snprintf(key, n, "|%dx%dx%d", d->c, d->h, d->w);
+    for (int i = 0; i < d->windows.n && k < (int)n - 40; i++)
+        k += snprintf(key + k, n - k, "|%g/%g", d->windows.center[i], d->windows.width[i]);
+    if (d->crop_head) snprintf(key + k, n - k, "|crop=head");
+}
+
+static int pread_full(int fd, void *buf, size_t n, size_t off)
+{
+    for (size_t k = 0; k < n;) {
+        ssize_t r = pread(fd, (char *)buf + k, n - k, (off_t)(off + k));
+        if (r <= 0) return -1;
+        k += (size_t)r;
+    }
+    return 0;
+}
+
+/* ---- reviewed series kept between runs ----------------------------------- */
+
+/* <dir>/<key>.slices: a head, then the series' n slices as decoded. */
+#define SERIES_MAGIC "ICHTSERIES1\n"
+
+struct series_head {
+    char magic[16];
+    uint64_t key;
+    int32_t c, h, w, n;
+};
+
+struct train_series_cache {
+    char dir[PATH_MAX];
+    int64_t keep_free;
+    struct timespec start; /* files not used since are swept at the end */
+    int used, written;
+    bool stopped; /* writing stopped (disk low, a write failed; logged) */
+};
+
+int train_dataset_series_cache_begin(struct train_dataset *d, const char *dir, int64_t keep_free)
+{
+    struct train_series_cache *c = calloc(1, sizeof *c);
+    struct stat st;
+    if (!c || (mkdir(dir, 0700) != 0 && errno != EEXIST) || stat(dir, &st) != 0 ||
+        !S_ISDIR(st.st_mode) || access(dir, W_OK | X_OK) != 0) {
+        util_log(UTIL_LOG_WARN, "train_series_cache_unavailable", "dir=%s error=\"%s\"", dir,
+                 strerror(errno));
+        free(c);
+        return -1;
+    }
+    snprintf(c->dir, sizeof c->dir, "%s", dir);
+    c->keep_free = keep_free;
+    /* the clock file times come from */
+    clock_gettime(CLOCK_REALTIME_COARSE, &c->start);
+    d->scache = c;
+    return 0;
+}
+
+static bool older(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+int train_dataset_series_cache_end(struct train_dataset *d, bool sweep)
+{
+    struct train_series_cache *c = d->scache;
+    if (!c) return 0;
+    d->scache = NULL;
+    int removed = 0, used = c->used;
+    DIR *dd = sweep ? opendir(c->dir) : NULL;
+    struct dirent *de;
+    while (dd && (de = readdir(dd))) {
+        /* <key>.slices and what killed runs left of <key>.slices.XXXXXX */
+        if (!strstr(de->d_name, ".slices")) continue;
+        struct stat st;
+        if (fstatat(dirfd(dd), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) &&
+            older(&st.st_mtim, &c->start) && unlinkat(dirfd(dd), de->d_name, 0) == 0)
+            removed++;
+    }
+    if (dd) closedir(dd);
+    util_log(UTIL_LOG_INFO, "train_series_cache", "dir=%s used=%d written=%d removed=%d", c->dir,
+             c->used, c->written, removed);
+    free(c);
+    return used;
+}
+
+/* The key of the series of files paths (as listed): the preprocessing and
+ * each file's name, size and modification time. */
+static uint64_t series_key(const struct train_dataset *d, const char *const *paths, int npaths)
+{
+    char prep[256];
+    prep_string(d, prep, sizeof prep);
+    uint64_t h = fnv(prep, strlen(prep), 14695981039346656037ULL);
+    for (int i = 0; i < npaths; i++) {
+        struct stat st;
+        h = fnv(paths[i], strlen(paths[i]) + 1, h);
+        if (stat(paths[i], &st) == 0) {
+            long long v[3] = {(long long)st.st_size, (long long)st.st_mtim.tv_sec,
+                              (long long)st.st_mtim.tv_nsec};
+            h = fnv((const char *)v, sizeof v, h);
+        }
+    }
+    return h;
+}
+
+/* The n slices of the series key from the cache into px, the file marked as
+ * used. Returns true, or false when it has no good copy. */
+static bool scache_read(struct train_dataset *d, uint64_t key, int n, uint8_t *px)
+{
+    char path[PATH_MAX + 40];
+    snprintf(path, sizeof path, "%s/%016llx.slices", d->scache->dir, (unsigned long long)key);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    struct series_head h;
+    struct stat st;
+    size_t bytes = (size_t)n * slice_bytes(d);
+    bool ok = pread_full(fd, &h, sizeof h, 0) == 0 &&
+              memcmp(h.magic, SERIES_MAGIC, sizeof SERIES_MAGIC) == 0 && h.key == key &&
+              h.c == d->c && h.h == d->h && h.w == d->w && h.n == n && fstat(fd, &st) == 0 &&
+              (size_t)st.st_size == sizeof h + bytes && pread_full(fd, px, bytes, sizeof h) == 0;
+    /* used now: the sweep at the end keeps it (read-only: utimensat) */
+    if (ok) utimensat(AT_FDCWD, path, NULL, 0);
+    close(fd);
+    if (ok) d->scache->used++;
+    return ok;
+}
+
+/* Keeps the n slices at px as series key: written whole under another
+ * name, synced, then renamed. While less than keep_free would be left, or
+ * after a write fails, nothing more is written (logged once). */
+static void scache_write(struct train_dataset *d, uint64_t key, int n, const uint8_t *px)
+{
+    struct train_series_cache *c = d->scache;
+    if (c->stopped) return;
+    struct series_head h = {.key = key, .c = d->c, .h = d->h, .w = d->w, .n = n};
+    memcpy(h.magic, SERIES_MAGIC, sizeof SERIES_MAGIC);
+    size_t bytes = (size_t)n * slice_bytes(d);
+    char path[PATH_MAX + 40], tmp[PATH_MAX + 50];
+    snprintf(path, sizeof path, "%s/%016llx.slices", c->dir, (unsigned long long)key);
+    snprintf(tmp, sizeof tmp, "%s.XXXXXX", path);
+    struct statvfs v;
+    const char *why = NULL;
+    if (statvfs(c->dir, &v) == 0 &&
+        (int64_t)v.f_bavail * (int64_t)v.f_frsize < c->keep_free + (int64_t)(sizeof h + bytes)) {
+        why = "disk_low";
+    } else {
+        int fd = mkostemp(tmp, O_CLOEXEC);
+        bool ok = fd >= 0 && write(fd, &h, sizeof h) == (ssize_t)sizeof h &&
+                  write(fd, px, bytes) == (ssize_t)bytes && fdatasync(fd) == 0;
+        if (fd >= 0 && close(fd) != 0) ok = false;
+        if (ok && rename(tmp, path) == 0) {
+            c->written++;
+            return;
+        }
+        why = strerror(errno);
+        if (fd >= 0) unlink(tmp);
+    }
+    util_log(UTIL_LOG_WARN, "train_series_cache_stopped",
+             "dir=%s reason=\"%s\" written=%d rest=decoded_each_run", c->dir, why, c->written);
+    c->stopped = true;
+}
+
 int train_dataset_add_series(struct train_dataset *d, const char *const *paths, int npaths,
                              const uint8_t study[TRAIN_LABELS], const char *marked, int *nmarked,
                              char *err, size_t errlen)
@@ -546,11 +709,14 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
     if (triage_volume_build(paths, npaths, &v, err, errlen) != 0) return -1;
     size_t n = (size_t)v.n;
     uint8_t *buf = d->spill ? malloc(n * slice_bytes(d)) : NULL, *px = NULL;
-    int rc = -1;
+    int rc = -1, used_before = d->scache ? d->scache->used : 0;
+    uint64_t key = d->scache ? series_key(d, paths, npaths) : 0;
     if (grow(d, n, 1) != 0 || !(px = d->spill ? buf : train_dataset_reserve(d, n))) {
         snprintf(err, errlen, "out of memory");
-    } else if (decode_volume(d, &v, paths, px, err, errlen) == 0) {
+    } else if ((d->scache && scache_read(d, key, v.n, px)) ||
+               decode_volume(d, &v, paths, px, err, errlen) == 0) {
         rc = 0;
+        if (d->scache && d->scache->used == used_before) scache_write(d, key, v.n, px);
         if (d->spill && spill_put(d, px, n) != 0) {
             /* what is in the file is mapped; this series and the rest: memory */
             uint8_t *m = NULL;
@@ -645,13 +811,11 @@ static struct label_entry *labels_of(struct label_map *m, const char *sop, const
 static void cache_path(const struct train_dataset *d, const char *dir, const char *cache_dir,
                        char *out, size_t n)
 {
-    char real[PATH_MAX];
+    char real[PATH_MAX], prep[256];
     if (!realpath(dir, real)) snprintf(real, sizeof real, "%s", dir);
     char key[PATH_MAX + 256];
-    int k = snprintf(key, sizeof key, "%s|%dx%dx%d", real, d->c, d->h, d->w);
-    for (int i = 0; i < d->windows.n && k < (int)sizeof key - 40; i++)
-        k += snprintf(key + k, sizeof key - k, "|%g/%g", d->windows.center[i], d->windows.width[i]);
-    if (d->crop_head) k += snprintf(key + k, sizeof key - k, "|crop=head");
+    prep_string(d, prep, sizeof prep);
+    snprintf(key, sizeof key, "%s%s", real, prep);
     uint64_t h = fnv(key, strlen(key), 14695981039346656037ULL);
     if (cache_dir)
         snprintf(out, n, "%s/%016llx.cache", cache_dir, (unsigned long long)h);
@@ -691,16 +855,6 @@ static size_t cache_size(const struct train_dataset *d, size_t nslices, int nser
 {
     return CACHE_PIXELS + nslices * slice_bytes(d) + (size_t)nseries * sizeof(struct train_series) +
            nslices * TRAIN_LABELS;
-}
-
-static int pread_full(int fd, void *buf, size_t n, size_t off)
-{
-    for (size_t k = 0; k < n;) {
-        ssize_t r = pread(fd, (char *)buf + k, n - k, (off_t)(off + k));
-        if (r <= 0) return -1;
-        k += (size_t)r;
-    }
-    return 0;
 }
 
 static int cache_load(struct train_dataset *d, const char *path, uint64_t fp)

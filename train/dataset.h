@@ -47,6 +47,7 @@ struct train_pixel_run {
 };
 
 struct train_spill;
+struct train_series_cache;
 
 struct train_dataset {
     int c, h, w;                   /* slice shape, 3 x 128 x 128 */
@@ -59,11 +60,12 @@ struct train_dataset {
     size_t nslices;
     struct train_pixel_run *runs; /* owned, in slice order; value/255 is the window output */
     int nruns;
-    struct train_spill *spill; /* between train_dataset_spill_begin and _end */
-    uint8_t *labels;           /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
-    int skipped_files;         /* files without labels or not usable as slices */
-    int cache_sync_ms;         /* how often a cache being written records what is on disk, so
-                                  that a killed decode resumes (init: 1000) */
+    struct train_spill *spill;         /* between train_dataset_spill_begin and _end */
+    struct train_series_cache *scache; /* between train_dataset_series_cache_begin and _end */
+    uint8_t *labels;   /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
+    int skipped_files; /* files without labels or not usable as slices */
+    int cache_sync_ms; /* how often a cache being written records what is on disk, so
+                          that a killed decode resumes (init: 1000) */
 };
 
 /* The c x h x w pixels of slice i (i < nslices). */
@@ -101,12 +103,23 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
  * added in between can be read before end. */
 int train_dataset_spill_begin(struct train_dataset *d, const char *dir, int64_t keep_free);
 int train_dataset_spill_end(struct train_dataset *d, char *err, size_t errlen);
+/* From train_dataset_series_cache_begin to _end, train_dataset_add_series
+ * keeps each series' slices in dir (<key>.slices, 0700, keyed by its files'
+ * names, sizes and modification times and by how slices are made) and takes
+ * them from there instead of decoding while its files stay the same. Files
+ * are written only while keep_free bytes would stay free (logged when not).
+ * begin returns 0, or -1 (logged) when dir cannot be used: no cache. end
+ * with sweep deletes the files of series not added in between; it returns
+ * how many series came from dir. */
+int train_dataset_series_cache_begin(struct train_dataset *d, const char *dir, int64_t keep_free);
+int train_dataset_series_cache_end(struct train_dataset *d, bool sweep);
 /* Appends the node's reviewed studies (train/reviews.c): every series in
  * <store_dir>/spool of each study whose latest review is in
  * <store_dir>/ichtriage.db, with the review as study-level labels. Their
- * pixels spill to a file in spill_dir (NULL: memory) as above, leaving
- * keep_free bytes free there. *added gets the number of series. Returns 0
- * or -1 with a message. */
+ * pixels spill to a file in spill_dir (NULL: memory) as above, and each
+ * series' slices are kept in spill_dir/reviewed-series between runs (the
+ * series cache above, swept at the end), leaving keep_free bytes free there.
+ * *added gets the number of series. Returns 0 or -1 with a message. */
 int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, const char *spill_dir,
                               int64_t keep_free, int *added, char *err, size_t errlen);
 /* train_dataset_add_reviews for the store of cfg; the spill (--cache DIR,

@@ -117,7 +117,14 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, co
         return -1;
     }
     int nmarked = 0;
-    if (spill_dir) train_dataset_spill_begin(d, spill_dir, keep_free);
+    if (spill_dir) {
+        /* Their labels change from run to run, their slices do not: the
+         * slices of each series are kept in spill_dir/reviewed-series. */
+        char sc[PATH_MAX];
+        snprintf(sc, sizeof sc, "%s/reviewed-series", spill_dir);
+        train_dataset_series_cache_begin(d, sc, keep_free);
+        train_dataset_spill_begin(d, spill_dir, keep_free);
+    }
     for (int i = 0; i < l.n; i++) {
         char sdir[PATH_MAX];
         snprintf(sdir, sizeof sdir, "%s/spool/%s", store_dir, l.r[i].study);
@@ -149,10 +156,14 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, co
         closedir(dd);
     }
     free(paths);
+    /* Every reviewed study was seen: the kept series of studies no longer
+     * reviewed (or no longer in the spool, or changed) go. */
+    int kept = train_dataset_series_cache_end(d, true);
     rc = train_dataset_spill_end(d, err, errlen);
     if (rc == 0)
-        util_log(UTIL_LOG_INFO, "train_reviews", "studies=%d series=%d marked_slices=%d", l.n,
-                 *added, nmarked);
+        util_log(UTIL_LOG_INFO, "train_reviews",
+                 "studies=%d series=%d marked_slices=%d series_not_decoded=%d", l.n, *added,
+                 nmarked, kept);
     list_free(&l);
     return rc;
 }

@@ -705,7 +705,7 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     struct db *db;
     cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
     /* Index every file into the spool. */
-    char cmd[700], line[1024], studies[3][SCP_UID_MAX], sops[3][2][SCP_UID_MAX];
+    char cmd[1400], line[1024], studies[3][SCP_UID_MAX], sops[3][2][SCP_UID_MAX];
     int nst = 0, nsop[3] = {0};
     snprintf(cmd, sizeof cmd, "ls %s/stage_2_train/*.dcm", ph);
     FILE *ls = popen(cmd, "r");
@@ -825,11 +825,105 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     cr_assert(sd[1].nruns == 1 && sd[1].runs[0].map, "not in the file");
     cr_assert(sd[2].nruns == 2 && sd[2].runs[0].map && sd[2].runs[0].n == 6 && !sd[2].runs[1].map,
               "the first series not in the file and the second in memory");
-    snprintf(cmd, sizeof cmd, "test -z \"$(ls -A %s)\"", spill);
+    /* Nothing left but the kept series (written by the second run: the
+     * first had the disk low). */
+    snprintf(cmd, sizeof cmd, "test \"$(ls -A %s)\" = reviewed-series", spill);
     cr_assert_eq(system(cmd), 0, "something was left in %s", spill);
     for (int k = 0; k < 3; k++)
         train_dataset_free(&sd[k]);
     train_dataset_free(&d);
+
+    /* The kept series: one file per reviewed series, read instead of
+     * decoding. Proof: a kept file's pixels changed to a pattern come back
+     * as that series' slices. */
+    char kept[420], files[2][600];
+    snprintf(kept, sizeof kept, "%s/reviewed-series", spill);
+    snprintf(cmd, sizeof cmd, "ls %s/*.slices", kept);
+    ls = popen(cmd, "r");
+    int nfiles = 0;
+    while (nfiles < 2 && fgets(files[nfiles], sizeof files[0], ls))
+        files[nfiles][strcspn(files[nfiles], "\n")] = 0, nfiles++;
+    cr_assert(!fgets(line, sizeof line, ls), "more than two kept series");
+    pclose(ls);
+    cr_assert_eq(nfiles, 2);
+    size_t series_bytes = 6 * 3 * 128 * 128;
+    struct stat st;
+    cr_assert_eq(stat(files[0], &st), 0);
+    cr_assert_eq((size_t)st.st_size, 40 + series_bytes, "a kept file is its head and the slices");
+    cr_assert_eq(st.st_mode & 0077, 0, "a kept file is readable by others");
+    uint8_t *pattern = malloc(series_bytes);
+    for (size_t i = 0; i < series_bytes; i++)
+        pattern[i] = (uint8_t)(i * 7 + 3);
+    int fd = open(files[0], O_WRONLY);
+    cr_assert_eq(pwrite(fd, pattern, series_bytes, 40), (ssize_t)series_bytes); /* after the head */
+    close(fd);
+    /* The review of the negative study changes: the labels are this run's,
+     * the slices the kept ones. */
+    cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(
+        db_review_add(db, studies[1], true, "epidural", "", "", "dr c", 3000, err, sizeof err), 0,
+        "%s", err);
+    db_close(db);
+    struct train_dataset k1;
+    train_dataset_init(&k1, &w, 3, 128, 128);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, spill, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    cr_assert_eq(k1.nseries, 2);
+    int found = 0;
+    for (int i = 0; i < k1.nseries; i++) {
+        const struct train_series *se = &k1.series[i];
+        cr_assert_eq(se->study[0], 1, "series %d: the new review's label", i);
+        if (strcmp(se->study_uid, studies[1]) == 0) cr_assert_eq(se->study[1], 1);
+        if (memcmp(train_dataset_pixels(&k1, se->first), pattern, series_bytes) == 0) found++;
+    }
+    cr_assert_eq(found, 1, "the kept slices were not used");
+    /* A file of a series that changes: that series is decoded again (the
+     * same slices as without the cache), its old file swept, the other
+     * kept as it is. */
+    train_dataset_free(&k1);
+    cr_assert_eq(unlink(files[0]), 0); /* the pattern: decoded and kept again */
+    train_dataset_init(&k1, &w, 3, 128, 128);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, spill, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    train_dataset_free(&k1);
+    ino_t ino[2];
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(stat(files[i], &st), 0, "%s was not kept", files[i]);
+        ino[i] = st.st_ino;
+    }
+    /* (kept by an earlier run: the sweep goes by the files' times) */
+    snprintf(cmd, sizeof cmd,
+             "touch -d '2001-01-01' %s/*.slices \"$(ls %s/spool/%s/*/*.dcm | head -1)\"", kept,
+             store, studies[0]);
+    cr_assert_eq(system(cmd), 0);
+    struct train_dataset ref;
+    train_dataset_init(&ref, &w, 3, 128, 128);
+    cr_assert_eq(train_dataset_add_reviews(&ref, store, NULL, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    train_dataset_init(&k1, &w, 3, 128, 128);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, spill, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    same_slices(&ref, &k1);
+    snprintf(cmd, sizeof cmd, "test $(ls %s | wc -l) -eq 2", kept);
+    cr_assert_eq(system(cmd), 0, "not one file per reviewed series");
+    int same = 0;
+    for (int i = 0; i < 2; i++)
+        same += stat(files[i], &st) == 0 && st.st_ino == ino[i];
+    cr_assert_eq(same, 1, "not just the changed series written again");
+    train_dataset_free(&ref);
+    train_dataset_free(&k1);
+    /* The study leaves the spool (retention): its kept series go too. */
+    snprintf(cmd, sizeof cmd, "rm -rf %s/spool/%s && touch -d '2001-01-01' %s/*.slices", store,
+             studies[0], kept);
+    cr_assert_eq(system(cmd), 0);
+    train_dataset_init(&k1, &w, 3, 128, 128);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, spill, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    cr_assert_eq(added, 1);
+    snprintf(cmd, sizeof cmd, "test $(ls %s | wc -l) -eq 1", kept);
+    cr_assert_eq(system(cmd), 0, "the series of a study no longer in the spool was kept");
+    free(pattern);
+    train_dataset_free(&k1);
     /* No database: a clear error. */
     cr_assert_neq(train_dataset_add_reviews(&d, tmp, NULL, 0, &added, err, sizeof err), 0);
     cr_assert(strstr(err, "no database"), "%s", err);
