@@ -46,6 +46,7 @@ void train_dataset_init(struct train_dataset *d, const struct triage_windows *w,
     d->windows = *w;
     d->c = c, d->h = h, d->w = wd;
     d->cache_sync_ms = 1000;
+    d->progress_every_s = 60;
 }
 
 size_t train_dataset_input_size(const struct train_dataset *d)
@@ -1156,14 +1157,69 @@ static int cache_finish(struct cache_writer *cw, struct train_dataset *d, int fi
     return 0;
 }
 
+/* ---- progress of a long decode ---------------------------------------------- */
+
+/* On a terminal, a line redrawn in place; otherwise a log line every
+ * d->progress_every_s seconds. The first decode of the RSNA folder (752k
+ * files) takes about an hour. */
+struct decode_progress {
+    const char *dir, *stage; /* "headers" or "slices" */
+    size_t total;
+    int tty, shown;
+    double every, t0, last;
+};
+
+static double mono_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void progress_begin(struct decode_progress *p, const struct train_dataset *d,
+                           const char *dir, const char *stage, size_t total)
+{
+    *p = (struct decode_progress){.dir = dir, .stage = stage, .total = total, .tty = isatty(2)};
+    p->every = p->tty ? 0.25 : d->progress_every_s;
+    p->t0 = p->last = mono_s();
+}
+
+/* done of total files (from first, where an earlier run stopped), slices
+ * made so far. */
+static void progress_step(struct decode_progress *p, size_t first, size_t done, size_t slices)
+{
+    double t = mono_s();
+    if (t - p->last < p->every || done >= p->total) return;
+    p->last = t;
+    double rate = t > p->t0 ? (double)(done - first) / (t - p->t0) : 0;
+    double eta = rate > 0 ? (double)(p->total - done) / rate : 0;
+    if (p->tty) {
+        char sl[40] = "";
+        if (strcmp(p->stage, "slices") == 0) snprintf(sl, sizeof sl, "%zu slices, ", slices);
+        fprintf(stderr, "\r%s: %s %zu/%zu files, %s%.0f files/s, ETA %dm%02ds ", p->dir,
+                strcmp(p->stage, "headers") == 0 ? "reading headers" : "decoding", done, p->total,
+                sl, rate, (int)eta / 60, (int)eta % 60);
+        p->shown = 1;
+    } else {
+        util_log(UTIL_LOG_INFO, "train_decode_progress",
+                 "dir=%s stage=%s files=%zu total=%zu slices=%zu files_per_s=%.0f eta_s=%.0f",
+                 p->dir, p->stage, done, p->total, slices, rate, eta);
+    }
+}
+
+static void progress_end(struct decode_progress *p)
+{
+    if (p->shown) fputs("\r\033[K", stderr); /* the line goes; the log says the rest */
+}
+
 /* Decodes the series of recs (nrec, sorted by series) from start on into the dataset:
  * their pixels into cw's file, or into memory when cw is NULL. Returns 0,
  * -1 with a message, or 1 when the cache file could not be written (logged;
  * the caller drops what was added and decodes into memory). */
-static int decode_folder(struct train_dataset *d, const struct file_list *fl, struct label_map *lm,
-                         const struct file_rec *recs, size_t start, size_t nrec,
-                         struct cache_writer *cw, const char *cpath, int *skipped, char *err,
-                         size_t errlen)
+static int decode_folder(struct train_dataset *d, const char *dir, const struct file_list *fl,
+                         struct label_map *lm, const struct file_rec *recs, size_t start,
+                         size_t nrec, struct cache_writer *cw, const char *cpath, int *skipped,
+                         char *err, size_t errlen)
 {
     size_t per = slice_bytes(d);
     const char **paths = malloc(nrec * sizeof *paths);
@@ -1174,7 +1230,9 @@ static int decode_folder(struct train_dataset *d, const struct file_list *fl, st
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (size_t a = start, b; a < nrec && rc == 0; a = b) {
+    struct decode_progress pg;
+    progress_begin(&pg, d, dir, "slices", nrec);
+    for (size_t a = start, b; a < nrec && rc == 0; progress_step(&pg, start, a = b, d->nslices)) {
         for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
                         strcmp(recs[a].series, recs[b].series) == 0;
              b++)
@@ -1240,6 +1298,7 @@ static int decode_folder(struct train_dataset *d, const struct file_list *fl, st
         triage_volume_free(&v);
         if (cw) cache_progress(cw, d, b, *skipped);
     }
+    progress_end(&pg);
     free(buf);
     free(paths);
     return rc;
@@ -1291,7 +1350,9 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    for (size_t i = 0; i < fl.n; i++) {
+    struct decode_progress pg;
+    progress_begin(&pg, d, dir, "headers", fl.n);
+    for (size_t i = 0; i < fl.n; progress_step(&pg, 0, ++i, 0)) {
         struct scp_info info;
         char e[256];
         if (scp_info_read(fl.p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
@@ -1309,6 +1370,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(r->sop, sizeof r->sop, "%s", info.sop_uid);
         snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
     }
+    progress_end(&pg);
     if (nrec == 0) {
         snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl.n, csv);
         goto out;
@@ -1320,8 +1382,8 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     bool cached = cache_create(&cw, cpath) == 0 &&
                   cache_start(&cw, d, fp, recs, nrec, &start, &vskipped) == 0;
     skipped += vskipped;
-    int r = decode_folder(d, &fl, &lm, recs, start, nrec, cached ? &cw : NULL, cpath, &skipped, err,
-                          errlen);
+    int r = decode_folder(d, dir, &fl, &lm, recs, start, nrec, cached ? &cw : NULL, cpath, &skipped,
+                          err, errlen);
     if (r == 0 && cw.f && d->nseries > first_series &&
         cache_finish(&cw, d, first_series, first_slice, skipped, cpath, fp) != 0)
         r = 1;
@@ -1332,7 +1394,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         d->nslices = first_slice;
         runs_truncate(d, first_slice);
         skipped = unlabelled;
-        r = decode_folder(d, &fl, &lm, recs, 0, nrec, NULL, cpath, &skipped, err, errlen);
+        r = decode_folder(d, dir, &fl, &lm, recs, 0, nrec, NULL, cpath, &skipped, err, errlen);
     }
     if (r != 0) goto out;
     if (d->nseries == first_series) {

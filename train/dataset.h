@@ -62,10 +62,12 @@ struct train_dataset {
     int nruns;
     struct train_spill *spill;         /* between train_dataset_spill_begin and _end */
     struct train_series_cache *scache; /* between train_dataset_series_cache_begin and _end */
-    uint8_t *labels;   /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
-    int skipped_files; /* files without labels or not usable as slices */
-    int cache_sync_ms; /* how often a cache being written records what is on disk, so
-                          that a killed decode resumes (init: 1000) */
+    uint8_t *labels;         /* owned: nslices * TRAIN_LABELS, 0, 1 or TRAIN_LABEL_UNKNOWN */
+    int skipped_files;       /* files without labels or not usable as slices */
+    int cache_sync_ms;       /* how often a cache being written records what is on disk, so
+                                that a killed decode resumes (init: 1000) */
+    double progress_every_s; /* a decode's progress in the log this often when stderr is
+                                not a terminal (init: 60) */
 };
 
 /* The c x h x w pixels of slice i (i < nslices). */

@@ -1226,6 +1226,48 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
     rm_rf(tmp);
 }
 
+/* A long decode shows its progress: on a terminal a line redrawn in place,
+ * otherwise a log line every progress_every_s seconds (here: every step). */
+Test(cache, a_decode_logs_its_progress, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], cache[300], logp[320], log[16384];
+    char want[400];
+    two_studies(tmp, ph, sizeof ph); /* 2 series of 6 files */
+    snprintf(cache, sizeof cache, "%s/cache", tmp);
+    snprintf(logp, sizeof logp, "%s/log", tmp);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    struct train_dataset d;
+    struct triage_windows w;
+    char err[512];
+    triage_windows_default(&w);
+    train_dataset_init(&d, &w, 3, 32, 32);
+    cr_assert_eq(d.progress_every_s, 60);
+    d.progress_every_s = 0;
+    fflush(stderr);
+    int saved = dup(2), lf = open(logp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    cr_assert(saved >= 0 && lf >= 0);
+    dup2(lf, 2);
+    int rc = train_dataset_add_folder(&d, ph, cache, err, sizeof err);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    ssize_t k = pread(lf, log, sizeof log - 1, 0);
+    log[k > 0 ? k : 0] = 0;
+    close(lf);
+    cr_assert_eq(rc, 0, "%s", err);
+    for (int i = 1; i < 12; i++) {
+        snprintf(want, sizeof want,
+                 "event=train_decode_progress dir=%s stage=headers files=%d total=12 ", ph, i);
+        cr_assert(strstr(log, want), "no \"%s\" in %s", want, log);
+    }
+    snprintf(want, sizeof want,
+             "event=train_decode_progress dir=%s stage=slices files=6 total=12 slices=6 ", ph);
+    cr_assert(strstr(log, want), "no \"%s\" in %s", want, log);
+    cr_assert(!strstr(log, "files=12 total=12"), "the end logged as progress: %s", log);
+    train_dataset_free(&d);
+    rm_rf(tmp);
+}
+
 /* The series' files of one series UID among the .dcm files of dir/stage_2_train. */
 static int series_files(const char *dir, const char *series_uid, char **paths, int max)
 {
