@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "progress.h"
+
 #define BATCH 32
 
 void train_augment_default(struct train_augment *a)
@@ -65,6 +67,17 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
     int F = nn_model_feature_size(m);
     float *x = malloc(BATCH * per * sizeof(float));
     if (!x) return NN_ENOMEM;
+    size_t total = 0, done = 0;
+    for (int s = 0; s < d->nseries; s++)
+        if (split < 0 || d->series[s].split == split) total += (size_t)d->series[s].n;
+    /* The whole RSNA test set at 128: about an hour on 2 cores. */
+    struct train_progress pg;
+    train_progress_begin(&pg, "train_features_progress", "computing features",
+                         split < 0                    ? "split=all"
+                         : split == TRAIN_SPLIT_TRAIN ? "split=train"
+                         : split == TRAIN_SPLIT_VAL   ? "split=val"
+                                                      : "split=test",
+                         "slices", total, 0, d->progress_every_s);
     int rc = 0;
     for (int s = 0; rc == 0 && s < d->nseries; s++) {
         const struct train_series *se = &d->series[s];
@@ -74,8 +87,10 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
             for (int k = 0; k < n; k++)
                 train_dataset_input_float(d, se->first + (size_t)(a + k), x + (size_t)k * per);
             rc = nn_cnn_features(m, x, n, feat + (se->first + (size_t)a) * F);
+            train_progress_step(&pg, done += (size_t)n);
         }
     }
+    train_progress_end(&pg);
     free(x);
     return rc;
 }

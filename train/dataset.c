@@ -23,6 +23,7 @@
 #include "log.h"
 #include "nn.h"
 #include "pipeline.h"
+#include "progress.h"
 #include "volume.h"
 
 #define MAX_FILES 2000000
@@ -1157,59 +1158,17 @@ static int cache_finish(struct cache_writer *cw, struct train_dataset *d, int fi
     return 0;
 }
 
-/* ---- progress of a long decode ---------------------------------------------- */
-
-/* On a terminal, a line redrawn in place; otherwise a log line every
- * d->progress_every_s seconds. The first decode of the RSNA folder (752k
- * files) takes about an hour. */
-struct decode_progress {
-    const char *dir, *stage; /* "headers" or "slices" */
-    size_t total;
-    int tty, shown;
-    double every, t0, last;
-};
-
-static double mono_s(void)
+/* The progress of a stage ("headers", "slices") of decoding dir: the
+ * first decode of the RSNA folder (752k files) takes about an hour. */
+static void decode_progress(struct train_progress *p, const struct train_dataset *d,
+                            const char *dir, const char *stage, size_t total, size_t first)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + t.tv_nsec / 1e9;
-}
-
-static void progress_begin(struct decode_progress *p, const struct train_dataset *d,
-                           const char *dir, const char *stage, size_t total)
-{
-    *p = (struct decode_progress){.dir = dir, .stage = stage, .total = total, .tty = isatty(2)};
-    p->every = p->tty ? 0.25 : d->progress_every_s;
-    p->t0 = p->last = mono_s();
-}
-
-/* done of total files (from first, where an earlier run stopped), slices
- * made so far. */
-static void progress_step(struct decode_progress *p, size_t first, size_t done, size_t slices)
-{
-    double t = mono_s();
-    if (t - p->last < p->every || done >= p->total) return;
-    p->last = t;
-    double rate = t > p->t0 ? (double)(done - first) / (t - p->t0) : 0;
-    double eta = rate > 0 ? (double)(p->total - done) / rate : 0;
-    if (p->tty) {
-        char sl[40] = "";
-        if (strcmp(p->stage, "slices") == 0) snprintf(sl, sizeof sl, "%zu slices, ", slices);
-        fprintf(stderr, "\r%s: %s %zu/%zu files, %s%.0f files/s, ETA %dm%02ds ", p->dir,
-                strcmp(p->stage, "headers") == 0 ? "reading headers" : "decoding", done, p->total,
-                sl, rate, (int)eta / 60, (int)eta % 60);
-        p->shown = 1;
-    } else {
-        util_log(UTIL_LOG_INFO, "train_decode_progress",
-                 "dir=%s stage=%s files=%zu total=%zu slices=%zu files_per_s=%.0f eta_s=%.0f",
-                 p->dir, p->stage, done, p->total, slices, rate, eta);
-    }
-}
-
-static void progress_end(struct decode_progress *p)
-{
-    if (p->shown) fputs("\r\033[K", stderr); /* the line goes; the log says the rest */
+    char label[PATH_MAX + 40], fields[PATH_MAX + 40];
+    snprintf(label, sizeof label, "%s: %s", dir,
+             strcmp(stage, "headers") == 0 ? "reading headers" : "decoding");
+    snprintf(fields, sizeof fields, "dir=%s stage=%s", dir, stage);
+    train_progress_begin(p, "train_decode_progress", label, fields, "files", total, first,
+                         d->progress_every_s);
 }
 
 /* Decodes the series of recs (nrec, sorted by series) from start on into the dataset:
@@ -1230,9 +1189,9 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    struct decode_progress pg;
-    progress_begin(&pg, d, dir, "slices", nrec);
-    for (size_t a = start, b; a < nrec && rc == 0; progress_step(&pg, start, a = b, d->nslices)) {
+    struct train_progress pg;
+    decode_progress(&pg, d, dir, "slices", nrec, start);
+    for (size_t a = start, b; a < nrec && rc == 0; train_progress_step(&pg, a = b)) {
         for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
                         strcmp(recs[a].series, recs[b].series) == 0;
              b++)
@@ -1298,7 +1257,7 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
         triage_volume_free(&v);
         if (cw) cache_progress(cw, d, b, *skipped);
     }
-    progress_end(&pg);
+    train_progress_end(&pg);
     free(buf);
     free(paths);
     return rc;
@@ -1350,9 +1309,9 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    struct decode_progress pg;
-    progress_begin(&pg, d, dir, "headers", fl.n);
-    for (size_t i = 0; i < fl.n; progress_step(&pg, 0, ++i, 0)) {
+    struct train_progress pg;
+    decode_progress(&pg, d, dir, "headers", fl.n, 0);
+    for (size_t i = 0; i < fl.n; train_progress_step(&pg, ++i)) {
         struct scp_info info;
         char e[256];
         if (scp_info_read(fl.p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
@@ -1370,7 +1329,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(r->sop, sizeof r->sop, "%s", info.sop_uid);
         snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
     }
-    progress_end(&pg);
+    train_progress_end(&pg);
     if (nrec == 0) {
         snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl.n, csv);
         goto out;

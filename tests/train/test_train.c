@@ -1140,21 +1140,44 @@ static void killed_decode(const char *ph, const char *dir, const char *prog)
     cr_assert_geq(file_size(prog), two, "fewer than two series recorded before the kill");
 }
 
-/* load() with what it logs in *log (n bytes). */
-static void load_logged(struct train_dataset *d, const char *ph, const char *dir, const char *logp,
-                        char *log, size_t n)
+/* stderr of f(arg) into log (n bytes) through the file logp. */
+static int logged(int (*f)(void *), void *arg, const char *logp, char *log, size_t n)
 {
     fflush(stderr);
     int saved = dup(2), lf = open(logp, O_RDWR | O_CREAT | O_TRUNC, 0644);
     cr_assert(saved >= 0 && lf >= 0);
     dup2(lf, 2);
-    load(d, ph, dir);
+    int rc = f(arg);
     fflush(stderr);
     dup2(saved, 2);
     close(saved);
     ssize_t k = pread(lf, log, n - 1, 0);
     log[k > 0 ? k : 0] = 0;
     close(lf);
+    return rc;
+}
+
+struct add_folder_args {
+    struct train_dataset *d;
+    const char *dir, *cache;
+    char err[512];
+};
+
+static int add_folder_call(void *v)
+{
+    struct add_folder_args *a = v;
+    return train_dataset_add_folder(a->d, a->dir, a->cache, a->err, sizeof a->err);
+}
+
+/* load() with what it logs in *log (n bytes). */
+static void load_logged(struct train_dataset *d, const char *ph, const char *dir, const char *logp,
+                        char *log, size_t n)
+{
+    struct triage_windows w;
+    triage_windows_default(&w);
+    train_dataset_init(d, &w, 3, 32, 32);
+    struct add_folder_args a = {.d = d, .dir = ph, .cache = dir};
+    cr_assert_eq(logged(add_folder_call, &a, logp, log, n), 0, "%s", a.err);
 }
 
 /* A decode that is killed part way (an RSNA folder takes about an hour) goes
@@ -1226,44 +1249,62 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
     rm_rf(tmp);
 }
 
-/* A long decode shows its progress: on a terminal a line redrawn in place,
- * otherwise a log line every progress_every_s seconds (here: every step). */
-Test(cache, a_decode_logs_its_progress, .timeout = 120)
+struct features_args {
+    nn_model *m;
+    struct train_dataset *d;
+    float *feat;
+};
+
+static int features_call(void *v)
+{
+    struct features_args *a = v;
+    return train_features(a->m, a->d, -1, a->feat);
+}
+
+/* Long passes show their progress: on a terminal a line redrawn in place,
+ * otherwise a log line every progress_every_s seconds (here: every step):
+ * decoding a folder (reading headers, then decoding) and computing
+ * features. */
+Test(cache, long_passes_log_their_progress, .timeout = 120)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], cache[300], logp[320], log[16384];
-    char want[400];
+    char want[400], err[512];
     two_studies(tmp, ph, sizeof ph); /* 2 series of 6 files */
     snprintf(cache, sizeof cache, "%s/cache", tmp);
     snprintf(logp, sizeof logp, "%s/log", tmp);
     cr_assert_eq(mkdir(cache, 0755), 0);
     struct train_dataset d;
     struct triage_windows w;
-    char err[512];
     triage_windows_default(&w);
     train_dataset_init(&d, &w, 3, 32, 32);
     cr_assert_eq(d.progress_every_s, 60);
     d.progress_every_s = 0;
-    fflush(stderr);
-    int saved = dup(2), lf = open(logp, O_RDWR | O_CREAT | O_TRUNC, 0644);
-    cr_assert(saved >= 0 && lf >= 0);
-    dup2(lf, 2);
-    int rc = train_dataset_add_folder(&d, ph, cache, err, sizeof err);
-    fflush(stderr);
-    dup2(saved, 2);
-    close(saved);
-    ssize_t k = pread(lf, log, sizeof log - 1, 0);
-    log[k > 0 ? k : 0] = 0;
-    close(lf);
-    cr_assert_eq(rc, 0, "%s", err);
+    struct add_folder_args fa = {.d = &d, .dir = ph, .cache = cache};
+    cr_assert_eq(logged(add_folder_call, &fa, logp, log, sizeof log), 0, "%s", fa.err);
     for (int i = 1; i < 12; i++) {
         snprintf(want, sizeof want,
-                 "event=train_decode_progress dir=%s stage=headers files=%d total=12 ", ph, i);
+                 "event=train_decode_progress dir=%s stage=headers done=%d total=12 unit=files ",
+                 ph, i);
         cr_assert(strstr(log, want), "no \"%s\" in %s", want, log);
     }
     snprintf(want, sizeof want,
-             "event=train_decode_progress dir=%s stage=slices files=6 total=12 slices=6 ", ph);
+             "event=train_decode_progress dir=%s stage=slices done=6 total=12 unit=files ", ph);
     cr_assert(strstr(log, want), "no \"%s\" in %s", want, log);
-    cr_assert(!strstr(log, "files=12 total=12"), "the end logged as progress: %s", log);
+    cr_assert(!strstr(log, "done=12 total=12"), "the end logged as progress: %s", log);
+
+    nn_config c;
+    nn_config_default(&c);
+    c.arch = "b4,M,b8,G|d12,D0.5";
+    c.in_c = 3, c.in_h = c.in_w = 32;
+    nn_model *m = nn_model_create(&c, err, sizeof err);
+    cr_assert(m, "%s", err);
+    struct features_args ea = {m, &d, malloc(d.nslices * (size_t)nn_model_feature_size(m) * 4)};
+    cr_assert_eq(logged(features_call, &ea, logp, log, sizeof log), 0);
+    cr_assert(strstr(log, "event=train_features_progress split=all done=6 total=12 unit=slices "),
+              "%s", log);
+    cr_assert(!strstr(log, "done=12 total=12"), "the end logged as progress: %s", log);
+    free(ea.feat);
+    nn_model_free(m);
     train_dataset_free(&d);
     rm_rf(tmp);
 }

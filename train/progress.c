@@ -1,0 +1,51 @@
+/* train/progress.c: see progress.h. */
+#include "progress.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+static double mono_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
+
+void train_progress_begin(struct train_progress *p, const char *event, const char *label,
+                          const char *fields, const char *unit, size_t total, size_t first,
+                          double every_s)
+{
+    memset(p, 0, sizeof *p);
+    p->event = event, p->unit = unit, p->total = total, p->first = first;
+    p->tty = isatty(2);
+    snprintf(p->what, sizeof p->what, "%s", p->tty ? label : fields);
+    p->every = p->tty ? 0.25 : every_s;
+    p->t0 = p->last = mono_s();
+}
+
+void train_progress_step(struct train_progress *p, size_t done)
+{
+    double t = mono_s();
+    if (t - p->last < p->every || done >= p->total) return;
+    p->last = t;
+    double rate = t > p->t0 ? (double)(done - p->first) / (t - p->t0) : 0;
+    double eta = rate > 0 ? (double)(p->total - done) / rate : 0;
+    if (p->tty) {
+        fprintf(stderr, "\r%s: %zu/%zu %s, %.0f %s/s, ETA %dm%02ds ", p->what, done, p->total,
+                p->unit, rate, p->unit, (int)eta / 60, (int)eta % 60);
+        p->shown = 1;
+    } else {
+        util_log(UTIL_LOG_INFO, p->event, "%s done=%zu total=%zu unit=%s per_s=%.0f eta_s=%.0f",
+                 p->what, done, p->total, p->unit, rate, eta);
+    }
+}
+
+void train_progress_end(struct train_progress *p)
+{
+    if (p->shown) fputs("\r\033[K", stderr); /* the line goes; the log says the rest */
+    p->shown = 0;
+}
