@@ -71,13 +71,13 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
     for (int s = 0; s < d->nseries; s++)
         if (split < 0 || d->series[s].split == split) total += (size_t)d->series[s].n;
     /* The whole RSNA test set at 128: about an hour on 2 cores. */
-    struct train_progress pg;
-    train_progress_begin(&pg, "train_features_progress", "computing features",
-                         split < 0                    ? "split=all"
-                         : split == TRAIN_SPLIT_TRAIN ? "split=train"
-                         : split == TRAIN_SPLIT_VAL   ? "split=val"
-                                                      : "split=test",
-                         "slices", total, 0, d->progress_every_s);
+    struct util_progress pg;
+    util_progress_begin(&pg, "train_features_progress", "computing features",
+                        split < 0                    ? "split=all"
+                        : split == TRAIN_SPLIT_TRAIN ? "split=train"
+                        : split == TRAIN_SPLIT_VAL   ? "split=val"
+                                                     : "split=test",
+                        "slices", total, 0, d->progress_every_s);
     int rc = 0;
     for (int s = 0; rc == 0 && s < d->nseries; s++) {
         const struct train_series *se = &d->series[s];
@@ -87,10 +87,10 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
             for (int k = 0; k < n; k++)
                 train_dataset_input_float(d, se->first + (size_t)(a + k), x + (size_t)k * per);
             rc = nn_cnn_features(m, x, n, feat + (se->first + (size_t)a) * F);
-            train_progress_step(&pg, done += (size_t)n);
+            util_progress_step(&pg, done += (size_t)n);
         }
     }
-    train_progress_end(&pg);
+    util_progress_end(&pg);
     free(x);
     return rc;
 }

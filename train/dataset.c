@@ -1160,15 +1160,15 @@ static int cache_finish(struct cache_writer *cw, struct train_dataset *d, int fi
 
 /* The progress of a stage ("headers", "slices") of decoding dir: the
  * first decode of the RSNA folder (752k files) takes about an hour. */
-static void decode_progress(struct train_progress *p, const struct train_dataset *d,
-                            const char *dir, const char *stage, size_t total, size_t first)
+static void decode_progress(struct util_progress *p, const struct train_dataset *d, const char *dir,
+                            const char *stage, size_t total, size_t first)
 {
     char label[PATH_MAX + 40], fields[PATH_MAX + 40];
     snprintf(label, sizeof label, "%s: %s", dir,
              strcmp(stage, "headers") == 0 ? "reading headers" : "decoding");
     snprintf(fields, sizeof fields, "dir=%s stage=%s", dir, stage);
-    train_progress_begin(p, "train_decode_progress", label, fields, "files", total, first,
-                         d->progress_every_s);
+    util_progress_begin(p, "train_decode_progress", label, fields, "files", total, first,
+                        d->progress_every_s);
 }
 
 /* Decodes the series of recs (nrec, sorted by series) from start on into the dataset:
@@ -1189,9 +1189,9 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    struct train_progress pg;
+    struct util_progress pg;
     decode_progress(&pg, d, dir, "slices", nrec, start);
-    for (size_t a = start, b; a < nrec && rc == 0; train_progress_step(&pg, a = b)) {
+    for (size_t a = start, b; a < nrec && rc == 0; util_progress_step(&pg, a = b)) {
         for (b = a + 1; b < nrec && strcmp(recs[a].study, recs[b].study) == 0 &&
                         strcmp(recs[a].series, recs[b].series) == 0;
              b++)
@@ -1257,7 +1257,7 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
         triage_volume_free(&v);
         if (cw) cache_progress(cw, d, b, *skipped);
     }
-    train_progress_end(&pg);
+    util_progress_end(&pg);
     free(buf);
     free(paths);
     return rc;
@@ -1309,9 +1309,9 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    struct train_progress pg;
+    struct util_progress pg;
     decode_progress(&pg, d, dir, "headers", fl.n, 0);
-    for (size_t i = 0; i < fl.n; train_progress_step(&pg, ++i)) {
+    for (size_t i = 0; i < fl.n; util_progress_step(&pg, ++i)) {
         struct scp_info info;
         char e[256];
         if (scp_info_read(fl.p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
@@ -1329,7 +1329,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(r->sop, sizeof r->sop, "%s", info.sop_uid);
         snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
     }
-    train_progress_end(&pg);
+    util_progress_end(&pg);
     if (nrec == 0) {
         snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl.n, csv);
         goto out;

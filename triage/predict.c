@@ -13,6 +13,7 @@
 
 #include "config.h"
 #include "pipeline.h"
+#include "progress.h"
 #include "rows.h"
 #include "scp_info.h"
 #include "volume.h"
@@ -161,7 +162,14 @@ int triage_predict_main(int argc, char **argv)
     qsort(fs.v, (size_t)fs.n, sizeof *fs.v, by_series);
     cJSON *array = json ? cJSON_CreateArray() : NULL;
     if (!json) triage_row_print_header(stdout);
-    int rank = 0, failures = 0;
+    int rank = 0, failures = 0, nseries = 0;
+    for (int a = 0; a < fs.n; a++)
+        nseries += a == 0 || by_series(&fs.v[a - 1], &fs.v[a]) != 0;
+    /* --json prints nothing until the end: the progress, on stderr. */
+    struct util_progress pg;
+    if (json)
+        util_progress_begin(&pg, "predict_progress", "predicting", "", "series", (size_t)nseries, 0,
+                            60);
     for (int a = 0; a < fs.n;) {
         int b = a;
         while (b < fs.n && by_series(&fs.v[a], &fs.v[b]) == 0)
@@ -227,8 +235,10 @@ int triage_predict_main(int argc, char **argv)
         triage_result_free(&r);
         free(paths);
         a = b;
+        if (json) util_progress_step(&pg, (size_t)rank);
     }
     if (json) {
+        util_progress_end(&pg);
         char *text = cJSON_Print(array);
         if (text) puts(text);
         cJSON_free(text);

@@ -1,4 +1,4 @@
-/* train/progress.c: see progress.h. */
+/* util/progress.c: see progress.h. */
 #include "progress.h"
 
 #include <stdio.h>
@@ -15,9 +15,9 @@ static double mono_s(void)
     return (double)t.tv_sec + t.tv_nsec / 1e9;
 }
 
-void train_progress_begin(struct train_progress *p, const char *event, const char *label,
-                          const char *fields, const char *unit, size_t total, size_t first,
-                          double every_s)
+void util_progress_begin(struct util_progress *p, const char *event, const char *label,
+                         const char *fields, const char *unit, size_t total, size_t first,
+                         double every_s)
 {
     memset(p, 0, sizeof *p);
     p->event = event, p->unit = unit, p->total = total, p->first = first;
@@ -27,7 +27,7 @@ void train_progress_begin(struct train_progress *p, const char *event, const cha
     p->t0 = p->last = mono_s();
 }
 
-void train_progress_step(struct train_progress *p, size_t done)
+void util_progress_step(struct util_progress *p, size_t done)
 {
     double t = mono_s();
     if (t - p->last < p->every || done >= p->total) return;
@@ -35,16 +35,16 @@ void train_progress_step(struct train_progress *p, size_t done)
     double rate = t > p->t0 ? (double)(done - p->first) / (t - p->t0) : 0;
     double eta = rate > 0 ? (double)(p->total - done) / rate : 0;
     if (p->tty) {
-        fprintf(stderr, "\r%s: %zu/%zu %s, %.0f %s/s, ETA %dm%02ds ", p->what, done, p->total,
-                p->unit, rate, p->unit, (int)eta / 60, (int)eta % 60);
+        fprintf(stderr, "\r%s: %zu/%zu %s, %.*f %s/s, ETA %dm%02ds ", p->what, done, p->total,
+                p->unit, rate < 10 ? 1 : 0, rate, p->unit, (int)eta / 60, (int)eta % 60);
         p->shown = 1;
     } else {
-        util_log(UTIL_LOG_INFO, p->event, "%s done=%zu total=%zu unit=%s per_s=%.0f eta_s=%.0f",
-                 p->what, done, p->total, p->unit, rate, eta);
+        util_log(UTIL_LOG_INFO, p->event, "%s%sdone=%zu total=%zu unit=%s per_s=%.0f eta_s=%.0f",
+                 p->what, p->what[0] ? " " : "", done, p->total, p->unit, rate, eta);
     }
 }
 
-void train_progress_end(struct train_progress *p)
+void util_progress_end(struct util_progress *p)
 {
     if (p->shown) fputs("\r\033[K", stderr); /* the line goes; the log says the rest */
     p->shown = 0;
