@@ -573,25 +573,36 @@ struct series_head {
 };
 
 struct train_series_cache {
-    char dir[PATH_MAX];
+    char parent[PATH_MAX], dir[PATH_MAX + 20]; /* dir: parent/<preprocessing> */
     int64_t keep_free;
     struct timespec start; /* files not used since are swept at the end */
     int used, written;
     bool stopped; /* writing stopped (disk low, a write failed; logged) */
 };
 
+/* A folder of kept series for each way of making slices, so that runs for
+ * models of other inputs (train at 128, calibrate a 256 model) do not sweep
+ * each other's; there, a series not used for this long goes. */
+#define SERIES_CACHE_UNUSED_DAYS 30
+
 int train_dataset_series_cache_begin(struct train_dataset *d, const char *dir, int64_t keep_free)
 {
     struct train_series_cache *c = calloc(1, sizeof *c);
     struct stat st;
-    if (!c || (mkdir(dir, 0700) != 0 && errno != EEXIST) || stat(dir, &st) != 0 ||
-        !S_ISDIR(st.st_mode) || access(dir, W_OK | X_OK) != 0) {
+    char prep[256];
+    prep_string(d, prep, sizeof prep);
+    if (c)
+        snprintf(c->dir, sizeof c->dir, "%s/%016llx", dir,
+                 (unsigned long long)fnv(prep, strlen(prep), 14695981039346656037ULL));
+    if (!c || (mkdir(dir, 0700) != 0 && errno != EEXIST) ||
+        (mkdir(c->dir, 0700) != 0 && errno != EEXIST) || stat(c->dir, &st) != 0 ||
+        !S_ISDIR(st.st_mode) || access(c->dir, W_OK | X_OK) != 0) {
         util_log(UTIL_LOG_WARN, "train_series_cache_unavailable", "dir=%s error=\"%s\"", dir,
                  strerror(errno));
         free(c);
         return -1;
     }
-    snprintf(c->dir, sizeof c->dir, "%s", dir);
+    snprintf(c->parent, sizeof c->parent, "%s", dir);
     c->keep_free = keep_free;
     /* the clock file times come from */
     clock_gettime(CLOCK_REALTIME_COARSE, &c->start);
@@ -604,23 +615,51 @@ static bool older(const struct timespec *a, const struct timespec *b)
     return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
 }
 
+/* Deletes the kept series in dir (<key>.slices, and what killed runs left
+ * of <key>.slices.XXXXXX) last used before t. Returns how many. */
+static int sweep_slices(const char *dir, const struct timespec *t)
+{
+    int removed = 0;
+    DIR *dd = opendir(dir);
+    struct dirent *de;
+    while (dd && (de = readdir(dd))) {
+        if (!strstr(de->d_name, ".slices")) continue;
+        struct stat st;
+        if (fstatat(dirfd(dd), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) &&
+            older(&st.st_mtim, t) && unlinkat(dirfd(dd), de->d_name, 0) == 0)
+            removed++;
+    }
+    if (dd) closedir(dd);
+    return removed;
+}
+
 int train_dataset_series_cache_end(struct train_dataset *d, bool sweep)
 {
     struct train_series_cache *c = d->scache;
     if (!c) return 0;
     d->scache = NULL;
     int removed = 0, used = c->used;
-    DIR *dd = sweep ? opendir(c->dir) : NULL;
-    struct dirent *de;
-    while (dd && (de = readdir(dd))) {
-        /* <key>.slices and what killed runs left of <key>.slices.XXXXXX */
-        if (!strstr(de->d_name, ".slices")) continue;
-        struct stat st;
-        if (fstatat(dirfd(dd), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) &&
-            older(&st.st_mtim, &c->start) && unlinkat(dirfd(dd), de->d_name, 0) == 0)
-            removed++;
+    if (sweep) {
+        removed = sweep_slices(c->dir, &c->start);
+        /* in the folders of other preprocessings, what was not used for a
+         * month (their own runs keep what they use); empty folders go */
+        struct timespec month = c->start;
+        month.tv_sec -= SERIES_CACHE_UNUSED_DAYS * 86400;
+        DIR *dd = opendir(c->parent);
+        struct dirent *de;
+        while (dd && (de = readdir(dd))) {
+            char sub[PATH_MAX + 300];
+            struct stat st;
+            if (strlen(de->d_name) != 16 || strspn(de->d_name, "0123456789abcdef") != 16 ||
+                fstatat(dirfd(dd), de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+                !S_ISDIR(st.st_mode))
+                continue;
+            snprintf(sub, sizeof sub, "%s/%s", c->parent, de->d_name);
+            removed += sweep_slices(sub, &month);
+            unlinkat(dirfd(dd), de->d_name, AT_REMOVEDIR); /* fails if anything else is there */
+        }
+        if (dd) closedir(dd);
     }
-    if (dd) closedir(dd);
     util_log(UTIL_LOG_INFO, "train_series_cache", "dir=%s used=%d written=%d removed=%d", c->dir,
              c->used, c->written, removed);
     free(c);
@@ -650,7 +689,7 @@ static uint64_t series_key(const struct train_dataset *d, const char *const *pat
  * used. Returns true, or false when it has no good copy. */
 static bool scache_read(struct train_dataset *d, uint64_t key, int n, uint8_t *px)
 {
-    char path[PATH_MAX + 40];
+    char path[PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/%016llx.slices", d->scache->dir, (unsigned long long)key);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return false;
@@ -678,7 +717,7 @@ static void scache_write(struct train_dataset *d, uint64_t key, int n, const uin
     struct series_head h = {.key = key, .c = d->c, .h = d->h, .w = d->w, .n = n};
     memcpy(h.magic, SERIES_MAGIC, sizeof SERIES_MAGIC);
     size_t bytes = (size_t)n * slice_bytes(d);
-    char path[PATH_MAX + 40], tmp[PATH_MAX + 50];
+    char path[PATH_MAX + 64], tmp[PATH_MAX + 80];
     snprintf(path, sizeof path, "%s/%016llx.slices", c->dir, (unsigned long long)key);
     snprintf(tmp, sizeof tmp, "%s.XXXXXX", path);
     struct statvfs v;

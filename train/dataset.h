@@ -106,13 +106,14 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
 int train_dataset_spill_begin(struct train_dataset *d, const char *dir, int64_t keep_free);
 int train_dataset_spill_end(struct train_dataset *d, char *err, size_t errlen);
 /* From train_dataset_series_cache_begin to _end, train_dataset_add_series
- * keeps each series' slices in dir (<key>.slices, 0700, keyed by its files'
- * names, sizes and modification times and by how slices are made) and takes
- * them from there instead of decoding while its files stay the same. Files
- * are written only while keep_free bytes would stay free (logged when not).
- * begin returns 0, or -1 (logged) when dir cannot be used: no cache. end
- * with sweep deletes the files of series not added in between; it returns
- * how many series came from dir. */
+ * keeps each series' slices in dir (<preprocessing>/<key>.slices, 0600,
+ * keyed by its files' names, sizes and modification times, one folder per
+ * way of making slices) and takes them from there instead of decoding while
+ * its files stay the same. Files are written only while keep_free bytes
+ * would stay free (logged when not). begin returns 0, or -1 (logged) when
+ * dir cannot be used: no cache. end with sweep deletes the files of this
+ * preprocessing's series not added in between, and those of the others not
+ * used for 30 days; it returns how many series came from dir. */
 int train_dataset_series_cache_begin(struct train_dataset *d, const char *dir, int64_t keep_free);
 int train_dataset_series_cache_end(struct train_dataset *d, bool sweep);
 /* Appends the node's reviewed studies (train/reviews.c): every series in

@@ -705,7 +705,7 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     struct db *db;
     cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
     /* Index every file into the spool. */
-    char cmd[1400], line[1024], studies[3][SCP_UID_MAX], sops[3][2][SCP_UID_MAX];
+    char cmd[4000], line[1024], studies[3][SCP_UID_MAX], sops[3][2][SCP_UID_MAX];
     int nst = 0, nsop[3] = {0};
     snprintf(cmd, sizeof cmd, "ls %s/stage_2_train/*.dcm", ph);
     FILE *ls = popen(cmd, "r");
@@ -836,8 +836,18 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     /* The kept series: one file per reviewed series, read instead of
      * decoding. Proof: a kept file's pixels changed to a pattern come back
      * as that series' slices. */
-    char kept[420], files[2][600];
+    char kept[600], files[2][700];
     snprintf(kept, sizeof kept, "%s/reviewed-series", spill);
+    /* one folder per way of making slices (here 3x128x128, default
+     * windows, no crop) */
+    snprintf(cmd, sizeof cmd, "ls %s", kept);
+    ls = popen(cmd, "r");
+    cr_assert(fgets(line, sizeof line, ls));
+    line[strcspn(line, "\n")] = 0;
+    cr_assert(!fgets(cmd, sizeof cmd, ls), "more than one preprocessing");
+    pclose(ls);
+    cr_assert_eq(strlen(line), 16, "%s", line);
+    snprintf(kept + strlen(kept), sizeof kept - strlen(kept), "/%.16s", line);
     snprintf(cmd, sizeof cmd, "ls %s/*.slices", kept);
     ls = popen(cmd, "r");
     int nfiles = 0;
@@ -924,6 +934,24 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
     cr_assert_eq(system(cmd), 0, "the series of a study no longer in the spool was kept");
     free(pattern);
     train_dataset_free(&k1);
+    /* A run for a model of another input keeps its own folder and leaves
+     * this one; a folder not used for a month goes. */
+    train_dataset_init(&k1, &w, 3, 64, 64);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, spill, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    train_dataset_free(&k1);
+    snprintf(cmd, sizeof cmd,
+             "test $(ls %s/*.slices | wc -l) -eq 1 && test $(ls %s/.. | wc -l) -eq 2", kept, kept);
+    cr_assert_eq(system(cmd), 0, "a run for another input swept this input's series");
+    snprintf(cmd, sizeof cmd, "touch -d '40 days ago' %s/*.slices %s", kept, kept);
+    cr_assert_eq(system(cmd), 0);
+    train_dataset_init(&k1, &w, 3, 64, 64);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, spill, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    train_dataset_free(&k1);
+    cr_assert_eq(access(kept, F_OK), -1, "a folder not used for 40 days was kept");
+    snprintf(cmd, sizeof cmd, "test $(ls %s/reviewed-series | wc -l) -eq 1", spill);
+    cr_assert_eq(system(cmd), 0, "the folder in use went");
     /* No database: a clear error. */
     cr_assert_neq(train_dataset_add_reviews(&d, tmp, NULL, 0, &added, err, sizeof err), 0);
     cr_assert(strstr(err, "no database"), "%s", err);
