@@ -523,14 +523,21 @@ int train_dataset_spill_end(struct train_dataset *d, char *err, size_t errlen)
 /* Writes the n slices at px to the spill file, whole or not at all (the
  * file is flushed). Returns 0, or -1 when they do not fit or cannot be
  * written (logged): then the spill ends and they belong in memory. */
+/* Whether writing bytes more to dir's file system would leave less than
+ * keep_free free there (false when it cannot be told). */
+static bool disk_low(const char *dir, int64_t keep_free, size_t bytes)
+{
+    struct statvfs v;
+    return statvfs(dir, &v) == 0 &&
+           (int64_t)v.f_bavail * (int64_t)v.f_frsize < keep_free + (int64_t)bytes;
+}
+
 static int spill_put(struct train_dataset *d, const uint8_t *px, size_t n)
 {
     struct train_spill *sp = d->spill;
     size_t bytes = n * slice_bytes(d);
-    struct statvfs v;
     const char *why = NULL;
-    if (statvfs(sp->dir, &v) == 0 &&
-        (int64_t)v.f_bavail * (int64_t)v.f_frsize < sp->keep_free + (int64_t)bytes)
+    if (disk_low(sp->dir, sp->keep_free, bytes))
         why = "disk_low";
     else if (fwrite(px, 1, bytes, sp->f) != bytes || fflush(sp->f) != 0)
         why = strerror(errno);
@@ -549,6 +556,14 @@ static void prep_string(const struct train_dataset *d, char *key, size_t n)
     for (int i = 0; i < d->windows.n && k < (int)n - 40; i++)
         k += snprintf(key + k, n - k, "|%g/%g", d->windows.center[i], d->windows.width[i]);
     if (d->crop_head) snprintf(key + k, n - k, "|crop=head");
+}
+
+/* prep_string hashed: the kept series' folder and the start of their keys. */
+static uint64_t prep_hash(const struct train_dataset *d)
+{
+    char prep[256];
+    prep_string(d, prep, sizeof prep);
+    return fnv(prep, strlen(prep), 14695981039346656037ULL);
 }
 
 static int pread_full(int fd, void *buf, size_t n, size_t off)
@@ -589,11 +604,7 @@ int train_dataset_series_cache_begin(struct train_dataset *d, const char *dir, i
 {
     struct train_series_cache *c = calloc(1, sizeof *c);
     struct stat st;
-    char prep[256];
-    prep_string(d, prep, sizeof prep);
-    if (c)
-        snprintf(c->dir, sizeof c->dir, "%s/%016llx", dir,
-                 (unsigned long long)fnv(prep, strlen(prep), 14695981039346656037ULL));
+    if (c) snprintf(c->dir, sizeof c->dir, "%s/%016llx", dir, (unsigned long long)prep_hash(d));
     if (!c || (mkdir(dir, 0700) != 0 && errno != EEXIST) ||
         (mkdir(c->dir, 0700) != 0 && errno != EEXIST) || stat(c->dir, &st) != 0 ||
         !S_ISDIR(st.st_mode) || access(c->dir, W_OK | X_OK) != 0) {
@@ -670,9 +681,7 @@ int train_dataset_series_cache_end(struct train_dataset *d, bool sweep)
  * each file's name, size and modification time. */
 static uint64_t series_key(const struct train_dataset *d, const char *const *paths, int npaths)
 {
-    char prep[256];
-    prep_string(d, prep, sizeof prep);
-    uint64_t h = fnv(prep, strlen(prep), 14695981039346656037ULL);
+    uint64_t h = prep_hash(d);
     for (int i = 0; i < npaths; i++) {
         struct stat st;
         h = fnv(paths[i], strlen(paths[i]) + 1, h);
@@ -720,10 +729,8 @@ static void scache_write(struct train_dataset *d, uint64_t key, int n, const uin
     char path[PATH_MAX + 64], tmp[PATH_MAX + 80];
     snprintf(path, sizeof path, "%s/%016llx.slices", c->dir, (unsigned long long)key);
     snprintf(tmp, sizeof tmp, "%s.XXXXXX", path);
-    struct statvfs v;
     const char *why = NULL;
-    if (statvfs(c->dir, &v) == 0 &&
-        (int64_t)v.f_bavail * (int64_t)v.f_frsize < c->keep_free + (int64_t)(sizeof h + bytes)) {
+    if (disk_low(c->dir, c->keep_free, sizeof h + bytes)) {
         why = "disk_low";
     } else {
         int fd = mkostemp(tmp, O_CLOEXEC);
