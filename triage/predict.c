@@ -5,11 +5,13 @@
 
 #include <cjson/cJSON.h>
 #include <ftw.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "pipeline.h"
@@ -165,9 +167,11 @@ int triage_predict_main(int argc, char **argv)
     int rank = 0, failures = 0, nseries = 0;
     for (int a = 0; a < fs.n; a++)
         nseries += a == 0 || by_series(&fs.v[a - 1], &fs.v[a]) != 0;
-    /* --json prints nothing until the end: the progress, on stderr. */
+    /* --json prints nothing until the end, and rows printed to a file or a
+     * pipe are not seen either: the progress, on stderr. */
     struct util_progress pg;
-    if (json)
+    bool progress = json || !isatty(STDOUT_FILENO);
+    if (progress)
         util_progress_begin(&pg, "predict_progress", "predicting", "", "series", (size_t)nseries, 0,
                             60);
     for (int a = 0; a < fs.n;) {
@@ -235,10 +239,10 @@ int triage_predict_main(int argc, char **argv)
         triage_result_free(&r);
         free(paths);
         a = b;
-        if (json) util_progress_step(&pg, (size_t)rank);
+        if (progress) util_progress_step(&pg, (size_t)rank);
     }
+    if (progress) util_progress_end(&pg);
     if (json) {
-        util_progress_end(&pg);
         char *text = cJSON_Print(array);
         if (text) puts(text);
         cJSON_free(text);

@@ -2,6 +2,7 @@
 #include "progress.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,6 +25,10 @@ void util_progress_begin(struct util_progress *p, const char *event, const char 
     p->tty = isatty(2);
     snprintf(p->what, sizeof p->what, "%s", p->tty ? label : fields);
     p->every = p->tty ? 0.25 : every_s;
+    const char *env = getenv("ICHTRIAGE_PROGRESS_EVERY_S");
+    char *end;
+    double v = env ? strtod(env, &end) : -1;
+    if (!p->tty && env && end != env && *end == '\0' && v >= 0) p->every = v;
     p->t0 = p->last = mono_s();
 }
 

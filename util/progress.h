@@ -18,7 +18,8 @@ struct util_progress {
  * already (an earlier run's). label: the terminal line's start; fields: the
  * log line's key=value pairs before done=.. total=.. (may be ""); every_s: seconds
  * between log lines when stderr is not a terminal (a terminal's line is
- * redrawn every 0.25 s). */
+ * redrawn every 0.25 s); $ICHTRIAGE_PROGRESS_EVERY_S, a number of seconds,
+ * overrides it (tests, or a closer watch on a long run). */
 void util_progress_begin(struct util_progress *p, const char *event, const char *label,
                          const char *fields, const char *unit, size_t total, size_t first,
                          double every_s);

@@ -12,6 +12,7 @@ tests check the plumbing and the order rules, not what a model has learnt.
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -343,6 +344,28 @@ class TriageTest(itest.NodeTest):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.assertNotEqual(bad.returncode, 0)
         self.assertIn(b"model", bad.stderr)
+
+    def test_predict_shows_its_progress(self):
+        """Rows that go to a file or a pipe, and --json's, which prints at the
+        end: the progress goes to stderr (every step here, through the
+        environment; never the end)."""
+        ph = os.path.join(self.work, "ph3")
+        phantom(itest.EXE, ph, seed=21, count=3)
+        cmd = [itest.EXE, "predict", "-c", "/dev/null", "--set", "triage.model=" + self.model]
+        env = dict(os.environ, ICHTRIAGE_PROGRESS_EVERY_S="0")
+        for mode in ([], ["--json"]):
+            p = subprocess.run(cmd + mode + [ph], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, check=True)
+            lines = [l for l in p.stderr.decode().splitlines() if "event=predict_progress" in l]
+            self.assertEqual([re.search(r" done=(\d+) total=3 unit=series", l).group(1)
+                              for l in lines], ["1", "2"], p.stderr)
+            if mode:
+                self.assertEqual(len(json.loads(p.stdout)), 3)
+            else:
+                self.assertIn(b"-- 3 series.", p.stdout)
+        # by default a line a minute: none in a run this short
+        p = subprocess.run(cmd + [ph], stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+        self.assertNotIn(b"predict_progress", p.stderr)
 
 
 if __name__ == "__main__":
