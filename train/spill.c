@@ -282,6 +282,8 @@ void ds_kept_write(struct train_dataset *d, uint64_t key, int n, const uint8_t *
     c->stopped = true;
 }
 
+/* For train_dataset_free: the spill file closed (its slices are lost unless
+ * train_dataset_spill_end mapped them) and the kept series' state freed. */
 void ds_disk_free(struct train_dataset *d)
 {
     if (d->spill) {
