@@ -368,7 +368,7 @@ struct cache_writer {
     int unlabelled;     /* files skipped before decoding */
     int sync_ms;
     struct timespec synced_at;
-    char tmp[PATH_MAX + 410], prog[PATH_MAX + 430];
+    char tmp[PATH_MAX + 410], prog[PATH_MAX + 430], recs[PATH_MAX + 430];
 };
 
 #define PROGRESS_MAGIC "ICHTPROG1\n"
@@ -388,6 +388,67 @@ struct progress_rec {
     struct train_series s; /* s.first: from the folder's first slice */
 };
 
+/* <cache>.tmp.recs: the labelled files' records (study, series, SOP,
+ * patient), sorted, so that a resumed decode does not read every header
+ * again (752k files for RSNA). */
+#define RECS_MAGIC "ICHTRECS1\n"
+
+struct recs_head {
+    char magic[12];
+    uint32_t rec_size; /* sizeof(struct file_rec) */
+    uint64_t fingerprint, nrec;
+    int32_t unlabelled, pad;
+};
+
+/* The records an earlier run that was stopped wrote for the nfiles files of
+ * fp, or NULL; *nrec and *unlabelled (files without pixels or labels) with
+ * them. */
+static struct file_rec *recs_read(const struct cache_writer *cw, uint64_t fp, size_t nfiles,
+                                  size_t *nrec, int *unlabelled)
+{
+    int fd = open(cw->recs, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    struct recs_head h;
+    struct stat st;
+    struct file_rec *r = NULL;
+    bool ok = ds_pread_full(fd, &h, sizeof h, 0) == 0 &&
+              memcmp(h.magic, RECS_MAGIC, sizeof RECS_MAGIC) == 0 && h.rec_size == sizeof *r &&
+              h.fingerprint == fp && h.nrec > 0 && h.nrec <= nfiles && h.unlabelled >= 0 &&
+              fstat(fd, &st) == 0 && (uint64_t)st.st_size == sizeof h + h.nrec * sizeof *r &&
+              (r = malloc(h.nrec * sizeof *r)) &&
+              ds_pread_full(fd, r, h.nrec * sizeof *r, sizeof h) == 0;
+    for (size_t i = 0; ok && i < h.nrec; i++) {
+        ok = r[i].idx >= 0 && (size_t)r[i].idx < nfiles;
+        r[i].study[sizeof r[i].study - 1] = r[i].series[sizeof r[i].series - 1] = 0;
+        r[i].sop[sizeof r[i].sop - 1] = r[i].patient[sizeof r[i].patient - 1] = 0;
+    }
+    close(fd);
+    if (!ok) {
+        free(r);
+        return NULL;
+    }
+    *nrec = h.nrec;
+    *unlabelled = h.unlabelled;
+    return r;
+}
+
+/* Keeps the records for a resume: written whole, synced, renamed. Without
+ * them a resume reads the headers again. */
+static void recs_write(const struct cache_writer *cw, uint64_t fp, const struct file_rec *r,
+                       size_t n, int unlabelled)
+{
+    struct recs_head h = {
+        .rec_size = sizeof *r, .fingerprint = fp, .nrec = n, .unlabelled = unlabelled};
+    memcpy(h.magic, RECS_MAGIC, sizeof RECS_MAGIC);
+    char tmp[PATH_MAX + 450];
+    snprintf(tmp, sizeof tmp, "%s.XXXXXX", cw->recs);
+    int fd = mkostemp(tmp, O_CLOEXEC);
+    bool ok = fd >= 0 && write(fd, &h, sizeof h) == (ssize_t)sizeof h &&
+              write(fd, r, n * sizeof *r) == (ssize_t)(n * sizeof *r) && fdatasync(fd) == 0;
+    if (fd >= 0 && close(fd) != 0) ok = false;
+    if (!ok || rename(tmp, cw->recs) != 0) unlink(tmp);
+}
+
 /* Opens <path>.tmp, locked, so that two runs decoding the same folder do not
  * write one file. Returns 0, or -1 (logged) when no cache can be written:
  * the folder is then decoded into memory. */
@@ -402,6 +463,7 @@ static int cache_create(struct cache_writer *cw, const char *path)
     }
     snprintf(cw->tmp, sizeof cw->tmp, "%s.tmp", path);
     snprintf(cw->prog, sizeof cw->prog, "%s.tmp.progress", path);
+    snprintf(cw->recs, sizeof cw->recs, "%s.tmp.recs", path);
     for (int tries = 0; tries < 10; tries++) {
         int fd = open(cw->tmp, O_RDWR | O_CREAT | O_CLOEXEC, 0644); /* read: mapped after */
         if (fd < 0) break;
@@ -562,6 +624,7 @@ static void cache_abandon(struct cache_writer *cw)
     if (cw->fd < 0 && !cw->f) return;
     unlink(cw->tmp);
     unlink(cw->prog);
+    unlink(cw->recs);
     if (cw->f) fclose(cw->f);
     if (cw->fd >= 0) close(cw->fd);
     if (cw->progress >= 0) close(cw->progress);
@@ -608,6 +671,7 @@ static int cache_finish(struct cache_writer *cw, struct train_dataset *d, int fi
         unlink(cw->tmp);
     }
     unlink(cw->prog);
+    unlink(cw->recs);
     fclose(cw->f);
     if (cw->progress >= 0) close(cw->progress);
     free(cw->pend);
@@ -761,6 +825,14 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         snprintf(err, errlen, "%s: no label rows", csv);
         goto out;
     }
+    /* The cache file is locked first: a run that was stopped may have left
+     * the file records, and then the headers need not be read again. */
+    bool locked = cache_create(&cw, cpath) == 0;
+    if (locked && (recs = recs_read(&cw, fp, fl.n, &nrec, &skipped))) {
+        util_log(UTIL_LOG_INFO, "train_headers_recorded", "path=%s files=%zu labelled=%zu", cw.recs,
+                 fl.n, nrec);
+        goto decode;
+    }
     recs = calloc(fl.n, sizeof *recs);
     if (!recs) {
         snprintf(err, errlen, "out of memory");
@@ -792,11 +864,12 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         goto out;
     }
     qsort(recs, nrec, sizeof *recs, cmp_rec);
+    if (locked) recs_write(&cw, fp, recs, nrec, skipped);
+decode:
     unlabelled = cw.unlabelled = skipped;
     size_t start = 0;
     int vskipped = 0;
-    bool cached = cache_create(&cw, cpath) == 0 &&
-                  cache_start(&cw, d, fp, recs, nrec, &start, &vskipped) == 0;
+    bool cached = locked && cache_start(&cw, d, fp, recs, nrec, &start, &vskipped) == 0;
     skipped += vskipped;
     int r = decode_folder(d, dir, &fl, &lm, recs, start, nrec, cached ? &cw : NULL, cpath, &skipped,
                           err, errlen);

@@ -1224,7 +1224,7 @@ static void load_logged(struct train_dataset *d, const char *ph, const char *dir
 Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], c1[300], c2[300], cfile[600];
-    char part[620], prog[640], logp[320], log[8192];
+    char part[620], prog[640], recs[640], logp[320], log[8192];
     cr_assert(mkdtemp(tmp));
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(c1, sizeof c1, "%s/c1", tmp);
@@ -1240,7 +1240,9 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
     /* The same name in c1 (the key holds the folder, not where the cache is). */
     snprintf(part, sizeof part, "%s/%s.tmp", c1, strrchr(cfile, '/') + 1);
     snprintf(prog, sizeof prog, "%s.progress", part);
+    snprintf(recs, sizeof recs, "%s.recs", part);
     killed_decode(ph, c1, prog);
+    cr_assert_gt(file_size(recs), 0, "the killed run left no file records");
     /* The pixel file holds one whole series and a part of the next (as
      * after a crash that lost what was not yet on disk): only the first of
      * the series recorded may be taken. 4096: the file's head. */
@@ -1251,6 +1253,9 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
     load_logged(&d, ph, c1, logp, log, sizeof log);
     cr_assert(strstr(log, "event=train_cache_resumed") && strstr(log, " series=1 slices=6 "),
               "the run did not go on from the first series: %s", log);
+    /* the headers were not read again: the records of the killed run */
+    cr_assert(strstr(log, "event=train_headers_recorded") && strstr(log, " files=240 labelled=240"),
+              "%s", log);
     same_slices(&fresh, &d);
     for (int s = 0; s < d.nseries; s++) {
         cr_assert_str_eq(d.series[s].series_uid, fresh.series[s].series_uid);
@@ -1260,6 +1265,7 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
     cr_assert(d.nruns == 1 && d.runs[0].map, "the resumed cache is not the mapped file");
     cr_assert_eq(file_size(part), -1, "the .tmp was left");
     cr_assert_eq(file_size(prog), -1, "the progress file was left");
+    cr_assert_eq(file_size(recs), -1, "the file records were left");
     train_dataset_free(&d);
     /* The cache is whole: the next run reads it and decodes nothing. */
     load_logged(&d, ph, c1, logp, log, sizeof log);
@@ -1277,7 +1283,9 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
              ph);
     cr_assert_eq(system(cmd), 0);
     load_logged(&d, ph, c1, logp, log, sizeof log);
-    cr_assert(!strstr(log, "event=train_cache_resumed") && strstr(log, "event=train_data_decoded"),
+    cr_assert(!strstr(log, "event=train_cache_resumed") &&
+                  !strstr(log, "event=train_headers_recorded") &&
+                  strstr(log, "event=train_data_decoded"),
               "%s", log);
     same_slices(&fresh, &d);
     cr_assert_eq(file_size(prog), -1, "the progress file was left");
