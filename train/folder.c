@@ -432,8 +432,9 @@ static struct file_rec *recs_read(const struct cache_writer *cw, uint64_t fp, si
     return r;
 }
 
-/* Keeps the records for a resume: written whole, synced, renamed. Without
- * them a resume reads the headers again. */
+/* Keeps the records for a resume: written whole to <recs>.new (the same
+ * name each time, under the cache's lock: what a killed run left is written
+ * over), synced, renamed. Without them a resume reads the headers again. */
 static void recs_write(const struct cache_writer *cw, uint64_t fp, const struct file_rec *r,
                        size_t n, int unlabelled)
 {
@@ -441,8 +442,8 @@ static void recs_write(const struct cache_writer *cw, uint64_t fp, const struct 
         .rec_size = sizeof *r, .fingerprint = fp, .nrec = n, .unlabelled = unlabelled};
     memcpy(h.magic, RECS_MAGIC, sizeof RECS_MAGIC);
     char tmp[PATH_MAX + 450];
-    snprintf(tmp, sizeof tmp, "%s.XXXXXX", cw->recs);
-    int fd = mkostemp(tmp, O_CLOEXEC);
+    snprintf(tmp, sizeof tmp, "%s.new", cw->recs);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     bool ok = fd >= 0 && write(fd, &h, sizeof h) == (ssize_t)sizeof h &&
               write(fd, r, n * sizeof *r) == (ssize_t)(n * sizeof *r) && fdatasync(fd) == 0;
     if (fd >= 0 && close(fd) != 0) ok = false;

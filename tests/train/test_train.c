@@ -1266,6 +1266,9 @@ Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
     cr_assert_eq(file_size(part), -1, "the .tmp was left");
     cr_assert_eq(file_size(prog), -1, "the progress file was left");
     cr_assert_eq(file_size(recs), -1, "the file records were left");
+    strcat(recs, ".new");
+    cr_assert_eq(file_size(recs), -1, "the file records being written were left");
+    recs[strlen(recs) - 4] = '\0';
     train_dataset_free(&d);
     /* The cache is whole: the next run reads it and decodes nothing. */
     load_logged(&d, ph, c1, logp, log, sizeof log);
