@@ -5,7 +5,9 @@
  * are spill.c's. */
 #include "dataset.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -250,6 +252,27 @@ static bool marked_in(const char *list, const char *sop, int frame)
     for (const char *p = list; p && (p = strstr(p, e)); p += n)
         if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return true;
     return false;
+}
+
+/* Writes a (an bytes), then b (bn bytes), to fd, syncs its data and closes
+ * it (fd < 0: nothing, a failure). Returns 0, or -1 with errno set. */
+int ds_write_synced(int fd, const void *a, size_t an, const void *b, size_t bn)
+{
+    if (fd < 0) return -1;
+    const void *part[2] = {a, b};
+    size_t len[2] = {an, bn};
+    bool ok = true;
+    for (int i = 0; i < 2 && ok; i++)
+        for (size_t k = 0; ok && k < len[i];) {
+            ssize_t w = write(fd, (const char *)part[i] + k, len[i] - k);
+            ok = w > 0;
+            if (ok) k += (size_t)w;
+        }
+    ok = ok && fdatasync(fd) == 0;
+    int e = errno;
+    if (close(fd) != 0 && ok) return -1;
+    errno = e;
+    return ok ? 0 : -1;
 }
 
 /* n bytes at off of fd into buf. Returns 0, or -1 (an error or a short file). */

@@ -29,6 +29,7 @@ int ds_map_pixels(struct train_dataset *d, int fd, size_t total, size_t first);
 int ds_decode(const struct train_dataset *d, const struct triage_volume *v,
               const char *const *paths, uint8_t *dst, char *err, size_t errlen);
 int ds_pread_full(int fd, void *buf, size_t n, size_t off);
+int ds_write_synced(int fd, const void *a, size_t an, const void *b, size_t bn);
 
 /* spill.c */
 void ds_prep_string(const struct train_dataset *d, char *key, size_t n);

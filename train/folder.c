@@ -165,7 +165,6 @@ static int find_labels_csv(const char *dir, char *out, size_t n, char *err, size
 struct file_list {
     char **p;
     size_t n, cap;
-    uint64_t fingerprint; /* names, sizes and mtimes */
 };
 
 static int walk(const char *dir, struct file_list *fl, int depth, char *err, size_t errlen)
@@ -444,10 +443,8 @@ static void recs_write(const struct cache_writer *cw, uint64_t fp, const struct 
     char tmp[PATH_MAX + 450];
     snprintf(tmp, sizeof tmp, "%s.new", cw->recs);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    bool ok = fd >= 0 && write(fd, &h, sizeof h) == (ssize_t)sizeof h &&
-              write(fd, r, n * sizeof *r) == (ssize_t)(n * sizeof *r) && fdatasync(fd) == 0;
-    if (fd >= 0 && close(fd) != 0) ok = false;
-    if (!ok || rename(tmp, cw->recs) != 0) unlink(tmp);
+    if (ds_write_synced(fd, &h, sizeof h, r, n * sizeof *r) != 0 || rename(tmp, cw->recs) != 0)
+        unlink(tmp);
 }
 
 /* Opens <path>.tmp, locked, so that two runs decoding the same folder do not
@@ -693,6 +690,51 @@ static void decode_progress(struct util_progress *p, const struct train_dataset 
                         d->progress_every_s);
 }
 
+/* Reads the header of every file of fl: the records of those with pixels
+ * and a row in lm, sorted by series (*nrec of them; *skipped counts the
+ * others). NULL with a message when none is left or memory runs out. */
+static struct file_rec *read_headers(const struct train_dataset *d, const char *dir,
+                                     const struct file_list *fl, struct label_map *lm,
+                                     const char *csv, size_t *nrec, int *skipped, char *err,
+                                     size_t errlen)
+{
+    struct file_rec *recs = calloc(fl->n, sizeof *recs);
+    if (!recs) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    size_t n = 0;
+    struct util_progress pg;
+    decode_progress(&pg, d, dir, "headers", fl->n, 0);
+    for (size_t i = 0; i < fl->n; util_progress_step(&pg, ++i)) {
+        struct scp_info info;
+        char e[256];
+        if (scp_info_read(fl->p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
+            (*skipped)++;
+            continue;
+        }
+        if (!labels_of(lm, info.sop_uid, fl->p[i])) {
+            (*skipped)++;
+            continue;
+        }
+        struct file_rec *r = &recs[n++];
+        r->idx = (int)i;
+        snprintf(r->study, sizeof r->study, "%s", info.study_uid);
+        snprintf(r->series, sizeof r->series, "%s", info.series_uid);
+        snprintf(r->sop, sizeof r->sop, "%s", info.sop_uid);
+        snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
+    }
+    util_progress_end(&pg);
+    if (n == 0) {
+        snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl->n, csv);
+        free(recs);
+        return NULL;
+    }
+    qsort(recs, n, sizeof *recs, cmp_rec);
+    *nrec = n;
+    return recs;
+}
+
 /* Decodes the series of recs (nrec, sorted by series) from start on into the dataset:
  * their pixels into cw's file, or into memory when cw is NULL. Returns 0,
  * -1 with a message, or 1 when the cache file could not be written (logged;
@@ -832,41 +874,10 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     if (locked && (recs = recs_read(&cw, fp, fl.n, &nrec, &skipped))) {
         util_log(UTIL_LOG_INFO, "train_headers_recorded", "path=%s files=%zu labelled=%zu", cw.recs,
                  fl.n, nrec);
-        goto decode;
+    } else {
+        if (!(recs = read_headers(d, dir, &fl, &lm, csv, &nrec, &skipped, err, errlen))) goto out;
+        if (locked) recs_write(&cw, fp, recs, nrec, skipped);
     }
-    recs = calloc(fl.n, sizeof *recs);
-    if (!recs) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    struct util_progress pg;
-    decode_progress(&pg, d, dir, "headers", fl.n, 0);
-    for (size_t i = 0; i < fl.n; util_progress_step(&pg, ++i)) {
-        struct scp_info info;
-        char e[256];
-        if (scp_info_read(fl.p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
-            skipped++;
-            continue;
-        }
-        if (!labels_of(&lm, info.sop_uid, fl.p[i])) {
-            skipped++;
-            continue;
-        }
-        struct file_rec *r = &recs[nrec++];
-        r->idx = (int)i;
-        snprintf(r->study, sizeof r->study, "%s", info.study_uid);
-        snprintf(r->series, sizeof r->series, "%s", info.series_uid);
-        snprintf(r->sop, sizeof r->sop, "%s", info.sop_uid);
-        snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
-    }
-    util_progress_end(&pg);
-    if (nrec == 0) {
-        snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl.n, csv);
-        goto out;
-    }
-    qsort(recs, nrec, sizeof *recs, cmp_rec);
-    if (locked) recs_write(&cw, fp, recs, nrec, skipped);
-decode:
     unlabelled = cw.unlabelled = skipped;
     size_t start = 0;
     int vskipped = 0;

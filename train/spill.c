@@ -267,10 +267,7 @@ void ds_kept_write(struct train_dataset *d, uint64_t key, int n, const uint8_t *
         why = "disk_low";
     } else {
         int fd = mkostemp(tmp, O_CLOEXEC);
-        bool ok = fd >= 0 && write(fd, &h, sizeof h) == (ssize_t)sizeof h &&
-                  write(fd, px, bytes) == (ssize_t)bytes && fdatasync(fd) == 0;
-        if (fd >= 0 && close(fd) != 0) ok = false;
-        if (ok && rename(tmp, path) == 0) {
+        if (ds_write_synced(fd, &h, sizeof h, px, bytes) == 0 && rename(tmp, path) == 0) {
             c->written++;
             return;
         }
