@@ -135,7 +135,9 @@ static void place_sah(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l,
     static const float rlo[4] = {6, 10, 18, 30}, rhi[4] = {10, 18, 30, 50};
     l->r = by_size(r, size, rlo, rhi);
     l->hu = frand(r, 60, 78);
-    l->frac = size == 0 ? frand(r, 0.3f, 0.6f) : frand(r, 0.4f, 1.0f);
+    /* acute blood replaces most of the CSF it reaches: the basal cisterns
+     * of an aneurysmal bleed turn white; tiny ones are thinner */
+    l->frac = size == 0 ? frand(r, 0.4f, 0.8f) : frand(r, 0.7f, 1.0f);
     if (ph_rng_chance(r, 0.45)) {
         /* basal cisterns and Sylvian fissures (aneurysmal pattern) */
         l->c[0] = frand(r, -25, 25);
@@ -308,7 +310,8 @@ int ph_lesions_hit(const struct ph_lesion *les, int n, const struct ph_point *pt
             if (pt->cls != PH_CSF_SPACE) break;
             float d0 = pt->hs[0] - l->c[0], d1 = pt->hs[1] - l->c[1], d2 = pt->hs[2] - l->c[2];
             float q2 = (d0 * d0 + d1 * d1 + d2 * d2) / (l->r * l->r);
-            if (q2 < 1.0f) hits[nh++] = (struct ph_hit){l->type, l->frac * (1.0f - q2), l->hu};
+            /* near-uniform, thinning only towards its edge */
+            if (q2 < 1.0f) hits[nh++] = (struct ph_hit){l->type, l->frac * (1.0f - q2 * q2), l->hu};
             break;
         }
         default:
