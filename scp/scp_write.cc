@@ -5,9 +5,12 @@
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dctk.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <string>
+#include <unistd.h>
 
 namespace
 {
@@ -161,9 +164,16 @@ int write_ct(const char *path, const scp_ct_study *st, const scp_ct_series *se,
         set_err(err, errlen, std::string("scp_write_ct: ") + p.what + ": " + p.first.text());
         return -1;
     }
+    errno = 0;
     OFCondition c = file.saveFile(path, EXS_LittleEndianExplicit);
     if (c.bad()) {
-        set_err(err, errlen, std::string("scp_write_ct: ") + path + ": " + c.text());
+        /* dcmtk says only that the stream ended; the system says why (a
+         * full disk: "No space left on device") */
+        int why = errno;
+        std::string msg = std::string("scp_write_ct: ") + path + ": " + c.text();
+        if (why != 0) msg += std::string(" (") + std::strerror(why) + ")";
+        set_err(err, errlen, msg);
+        unlink(path); /* no half-written file left behind */
         return -1;
     }
     return 0;

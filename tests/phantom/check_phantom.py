@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """`ichtriage phantom` from the outside: option errors, then a small run
 checked with pydicom, dcmdump and dciodvfy, the label CSV against the files,
-the study summary against the labels, the preview PNGs, and how dense its
-subarachnoid blood is.
+the study summary against the labels, the preview PNGs, how dense its
+subarachnoid blood is, and a disk that fills up during a run.
 
 usage: check_phantom.py ICHTRIAGE"""
 import csv
@@ -297,8 +297,36 @@ def subarachnoid_blood_is_dense(tmp):
     check(median(p90) >= 35, f"subarachnoid blood's 90th percentile excess: median {median(p90)} HU < 35")
 
 
+def disk_full(tmp):
+    """A run into a disk that fills up stops with the system's reason, leaves
+    no labels CSV that looks complete and no half-written DICOM file. Needs
+    a 1 MB tmpfs (root, as in CI); skipped with a note where mount is not
+    permitted."""
+    mnt = os.path.join(tmp, "tiny")
+    os.mkdir(mnt)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        print("skipped disk_full: mount -t tmpfs not permitted")
+        return
+    try:
+        out = os.path.join(mnt, "ph")
+        r = phantom("--seed", "3", "-n", "4", "--size", "128", out)
+        check(r.returncode == 1 and "No space left on device" in r.stderr,
+              f"a full disk: exit {r.returncode}, {r.stderr!r}")
+        check(not os.path.exists(os.path.join(out, "stage_2_train.csv")),
+              "a run stopped by a full disk left a labels CSV that looks complete")
+        names = os.listdir(os.path.join(out, "stage_2_train"))
+        check(names, "nothing was written before the disk filled")
+        for name in names:
+            d = pydicom.dcmread(os.path.join(out, "stage_2_train", name))
+            check(len(d.PixelData) == 2 * d.Rows * d.Columns, f"{name}: written in part")
+    finally:
+        subprocess.run(["umount", "-l", mnt])
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
+        disk_full(tmp)
         subarachnoid_blood_is_dense(tmp)
         bad_options(os.path.join(tmp, "bad"))
         out = os.path.join(tmp, "run")
