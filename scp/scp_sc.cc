@@ -86,9 +86,9 @@ int write_sc(const char *path, const scp_derived *d, const uint8_t *rgb, int row
         if (c.good()) c = item->putAndInsertString(DCM_ReferencedSOPClassUID, src_class);
         if (c.good()) c = item->putAndInsertString(DCM_ReferencedSOPInstanceUID, src_uid);
     }
-    if (c.good()) c = file.saveFile(path, EXS_LittleEndianExplicit);
-    if (c.bad()) {
-        set_err(err, errlen, std::string("scp_write_sc: ") + path + ": " + c.text());
+    if (c.bad()) why = c.text();
+    if (c.bad() || !scp_save_file(file, path, why)) {
+        set_err(err, errlen, std::string("scp_write_sc: ") + path + ": " + why);
         return -1;
     }
     return 0;

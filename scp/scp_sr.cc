@@ -198,9 +198,9 @@ int write_sr(const char *path, const scp_derived *d, const scp_sr_content *c, ch
     for (DcmObject *o = patient.nextInContainer(nullptr); o; o = patient.nextInContainer(o))
         ds->insert(static_cast<DcmElement *>(o->clone()), true);
     cond = scp_put_derived(ds, d, "SR");
-    if (cond.good()) cond = file.saveFile(path, EXS_LittleEndianExplicit);
-    if (cond.bad()) {
-        set_err(err, errlen, std::string("scp_write_sr: ") + path + ": " + cond.text());
+    if (cond.bad()) why = cond.text();
+    if (cond.bad() || !scp_save_file(file, path, why)) {
+        set_err(err, errlen, std::string("scp_write_sr: ") + path + ": " + why);
         return -1;
     }
     return 0;

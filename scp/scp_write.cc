@@ -2,6 +2,8 @@
 // phantom generator). C API in scp_write.h; no exception leaves this file.
 #include "scp_write.h"
 
+#include "scp_derived.hh"
+
 #include <dcmtk/config/osconfig.h>
 #include <dcmtk/dcmdata/dctk.h>
 
@@ -10,6 +12,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace
@@ -164,22 +167,30 @@ int write_ct(const char *path, const scp_ct_study *st, const scp_ct_series *se,
         set_err(err, errlen, std::string("scp_write_ct: ") + p.what + ": " + p.first.text());
         return -1;
     }
-    errno = 0;
-    OFCondition c = file.saveFile(path, EXS_LittleEndianExplicit);
-    if (c.bad()) {
-        /* dcmtk says only that the stream ended; the system says why (a
-         * full disk: "No space left on device") */
-        int why = errno;
-        std::string msg = std::string("scp_write_ct: ") + path + ": " + c.text();
-        if (why != 0) msg += std::string(" (") + std::strerror(why) + ")";
-        set_err(err, errlen, msg);
-        unlink(path); /* no half-written file left behind */
+    std::string why;
+    if (!scp_save_file(file, path, why)) {
+        set_err(err, errlen, std::string("scp_write_ct: ") + path + ": " + why);
         return -1;
     }
     return 0;
 }
 
 } // namespace
+
+bool scp_save_file(DcmFileFormat &file, const char *path, std::string &why)
+{
+    errno = 0;
+    OFCondition c = file.saveFile(path, EXS_LittleEndianExplicit);
+    if (c.good()) return true;
+    /* dcmtk says only that the stream ended; the system says why */
+    int sys = errno;
+    why = c.text();
+    if (sys != 0) why += std::string(" (") + std::strerror(sys) + ")";
+    /* no half-written file left behind (a device or link is not ours) */
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISREG(st.st_mode)) unlink(path);
+    return false;
+}
 
 extern "C" int scp_write_ct(const char *path, const struct scp_ct_study *study,
                             const struct scp_ct_series *series, const struct scp_ct_image *image,

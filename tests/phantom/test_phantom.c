@@ -302,7 +302,8 @@ Test(phantom, options_are_checked)
 
 /* ---- the DICOM layer ---- */
 
-static void write_test_image(const char *path, int rows, int cols, uint16_t *pix)
+static int try_write_test_image(const char *path, int rows, int cols, uint16_t *pix, char *err,
+                                size_t errlen)
 {
     struct scp_ct_study st = {.patient_name = "TEST^ROUND^TRIP",
                               .patient_id = "RT1",
@@ -340,8 +341,33 @@ static void write_test_image(const char *path, int rows, int cols, uint16_t *pix
                               .rows = rows,
                               .columns = cols,
                               .pixels = pix};
+    return scp_write_ct(path, &st, &se, &im, err, errlen);
+}
+
+static void write_test_image(const char *path, int rows, int cols, uint16_t *pix)
+{
     char err[512] = "";
-    cr_assert_eq(scp_write_ct(path, &st, &se, &im, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(try_write_test_image(path, rows, cols, pix, err, sizeof err), 0, "%s", err);
+}
+
+/* A write that fails says the system's reason, not only dcmtk's "I/O
+ * suspension or premature end of stream", and leaves no file; /dev/full
+ * fails every write with ENOSPC, as a full disk does, and is not removed. */
+Test(scp_write, a_failed_write_says_why_and_leaves_nothing)
+{
+    uint16_t pix[64 * 64];
+    char err[512] = "";
+    cr_assert_eq(try_write_test_image("/dev/full", 64, 64, pix, err, sizeof err), -1);
+    cr_assert(strstr(err, "No space left on device") != NULL, "%s", err);
+    struct stat st;
+    cr_assert(stat("/dev/full", &st) == 0 && S_ISCHR(st.st_mode), "/dev/full is still there");
+
+    char dir[256], path[300];
+    make_tmpdir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/missing/x.dcm", dir);
+    cr_assert_eq(try_write_test_image(path, 64, 64, pix, err, sizeof err), -1);
+    cr_assert(strstr(err, "No such file or directory") != NULL, "%s", err);
+    remove_tree(dir);
 }
 
 /* Writes a rows x cols test image called name into a fresh folder (dir and
