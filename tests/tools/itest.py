@@ -51,11 +51,15 @@ class NodeTest(unittest.TestCase):
                     self.assertEqual(rc, 0, "node did not exit 0 on SIGTERM; log:\n" + node.log_tail())
         for m in reversed(self.mounts):
             subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+        # a test expected to fail (meson's should_fail) sets
+        # ICHTRIAGE_IT_KEEP=0: its work dir would pile up, one per run
+        keep = failed and os.environ.get("ICHTRIAGE_IT_KEEP", "1") != "0"
         if failed:
-            sys.stderr.write("\n[kept work dir of %s: %s]\n" % (self.id(), self.work))
+            sys.stderr.write("\n[%s work dir of %s: %s]\n" %
+                             ("kept" if keep else "removed", self.id(), self.work))
             for node in self.nodes:
                 sys.stderr.write("--- %s (last lines)\n%s\n" % (node.log_path, node.log_tail(25)))
-        else:
+        if not keep:
             shutil.rmtree(self.work, ignore_errors=True)
 
     def _failed(self):
