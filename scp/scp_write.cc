@@ -182,11 +182,11 @@ bool scp_save_file(DcmFileFormat &file, const char *path, std::string &why)
     errno = 0;
     OFCondition c = file.saveFile(path, EXS_LittleEndianExplicit);
     if (c.good()) return true;
-    /* dcmtk says only that the stream ended; the system says why */
+    // dcmtk says only that the stream ended; the system says why
     int sys = errno;
     why = c.text();
     if (sys != 0) why += std::string(" (") + std::strerror(sys) + ")";
-    /* no half-written file left behind (a device or link is not ours) */
+    // no half-written file left behind (a device or link is not ours)
     struct stat st;
     if (lstat(path, &st) == 0 && S_ISREG(st.st_mode)) unlink(path);
     return false;
