@@ -9,6 +9,7 @@ import csv
 import os
 import re
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -248,11 +249,6 @@ def hu(path):
     return d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
 
 
-def median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
 def subarachnoid_blood_is_dense(tmp):
     """Acute subarachnoid blood replaces most of the CSF it reaches (the
     basal cisterns of an aneurysmal bleed turn white), thinning only at its
@@ -293,8 +289,10 @@ def subarachnoid_blood_is_dense(tmp):
         largest.append(ex[-1])
         p90.append(ex[int(0.9 * (len(ex) - 1))])
     check(len(largest) >= 8, f"only {len(largest)} subarachnoid bleeds above the tiny class")
-    check(median(largest) >= 45, f"subarachnoid blood's largest excess: median {median(largest)} HU < 45")
-    check(median(p90) >= 35, f"subarachnoid blood's 90th percentile excess: median {median(p90)} HU < 35")
+    check(statistics.median(largest) >= 45,
+          f"subarachnoid blood's largest excess: median {statistics.median(largest)} HU < 45")
+    check(statistics.median(p90) >= 35,
+          f"subarachnoid blood's 90th percentile excess: median {statistics.median(p90)} HU < 35")
 
 
 def disk_full(tmp):
