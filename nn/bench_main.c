@@ -173,6 +173,9 @@ static int bench_train(const char *arch, int slices, int steps, const char *devi
 
 int main(int argc, char **argv)
 {
+    char blas_err[256]; /* the node's kernels, so that the figures are the node's */
+    if (nn_blas_rerun(argv, blas_err, sizeof blas_err) != 0)
+        fprintf(stderr, "nn-bench: %s\n", blas_err);
     if (argc == 3 && strcmp(argv[1], "sgemm") == 0) return bench_sgemm(atoi(argv[2]));
     if (argc == 5 && strcmp(argv[1], "fwd") == 0)
         return bench_fwd(argv[2], atoi(argv[3]), atof(argv[4]));

@@ -183,4 +183,24 @@ int nn_cuda_built(void); /* 1 when nn/cuda/'s module was built with the library 
  * then runs on one thread: nn/ splits the matrix products. */
 void nn_set_threads(int n);
 
+/* OpenBLAS's kernels (nn/blas.c). OpenBLAS picks them when it loads, from
+ * the CPU's model number; a CPU it does not know gets the slowest,
+ * Prescott's, even where AVX2 or AVX-512 would run 2-3x faster. */
+const char *nn_blas_core(void); /* the kernels in use, e.g. "Haswell" */
+#define NN_CPU_AVX2_FMA 1u
+#define NN_CPU_AVX512 2u        /* F, CD, BW, DQ and VL */
+unsigned nn_cpu_features(void); /* NN_CPU_* of this CPU */
+/* The kernels to ask for instead of chosen, given the CPU's NN_CPU_*
+ * features: "SkylakeX" or "Haswell" where chosen is OpenBLAS's fallback
+ * (Prescott) and the CPU can run them; NULL where chosen stands. */
+const char *nn_blas_better_core(const char *chosen, unsigned features);
+/* First thing in main(), before any thread or open file: where OpenBLAS fell
+ * back to Prescott on a CPU that can run better kernels, and
+ * OPENBLAS_CORETYPE is not set, sets it (and ICHTRIAGE_OPENBLAS_CHOSE to
+ * what OpenBLAS chose) and runs the program again with the same arguments
+ * (execv of its own path, from /proc/self/exe: same process, same pid).
+ * Returns 0 when there was nothing to do; -1 with err when the exec failed
+ * (the program goes on with the slow kernels). */
+int nn_blas_rerun(char **argv, char *err, size_t errlen);
+
 #endif

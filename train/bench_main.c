@@ -26,6 +26,9 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
+    char blas_err[256]; /* the node's kernels, so that the figures are the node's */
+    if (nn_blas_rerun(argv, blas_err, sizeof blas_err) != 0)
+        fprintf(stderr, "train-bench: %s\n", blas_err);
     if (argc != 6) {
         fprintf(stderr, "usage: train-bench ARCH BATCH SERIES LEN SECONDS\n");
         return 2;
@@ -105,8 +108,9 @@ int main(int argc, char **argv)
         if ((t = now() - t0) >= secs && steps >= 2) break;
     }
     double s2 = steps * (double)N / t;
-    printf("arch=%s batch=%d series=%d len=%d stage1_slices_per_s=%.2f stage2_slices_per_s=%.1f\n",
-           arch, B, S, L, s1, s2);
+    printf("arch=%s batch=%d series=%d len=%d blas=%s stage1_slices_per_s=%.2f "
+           "stage2_slices_per_s=%.1f\n",
+           arch, B, S, L, nn_blas_core(), s1, s2);
     nn_model_free(m);
     free(px), free(x), free(lg), free(dl), free(y), free(feat), free(len);
     return 0;

@@ -1,7 +1,10 @@
 /* triage/main.c: the `ichtriage` command and its subcommands. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "log.h"
+#include "nn.h"
 #include "phantom.h"
 #include "trainer.h"
 #include "backup.h"
@@ -44,6 +47,10 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    /* OpenBLAS's fastest kernels this CPU runs, before anything starts. */
+    char err[256];
+    if (nn_blas_rerun(argv, err, sizeof err) != 0)
+        util_log(UTIL_LOG_WARN, "nn_blas_slow", "error=\"%s\"", err);
     scp_log_init(0);
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
         usage(argc < 2 ? stderr : stdout);
@@ -51,6 +58,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "--version") == 0) {
         printf("ichtriage %s\n", ICHTRIAGE_VERSION);
+        const char *chose = getenv("ICHTRIAGE_OPENBLAS_CHOSE");
+        printf("OpenBLAS kernels: %s", nn_blas_core());
+        if (chose) printf(" (OpenBLAS chose %s: it does not know this CPU)", chose);
+        putchar('\n');
         return 0;
     }
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)

@@ -155,11 +155,22 @@ int triage_nn_device(nn_model *m, const char *device, char *err, size_t errlen)
         return -1;
     }
     const char *got = nn_model_device(m);
+    /* On the CPU, OpenBLAS's kernels too, and what it chose by itself where
+     * nn_blas_rerun() asked for better ones. */
+    char blas[128] = "";
+    if (strcmp(got, "cpu") == 0) {
+        const char *chose = getenv("ICHTRIAGE_OPENBLAS_CHOSE");
+        char c[32];
+        snprintf(blas, sizeof blas, " blas=%s", nn_blas_core());
+        if (chose)
+            snprintf(blas + strlen(blas), sizeof blas - strlen(blas), " blas_chosen_by_openblas=%s",
+                     util_log_safe(c, sizeof c, chose));
+    }
     if (strcmp(want, "auto") == 0 && strcmp(got, "cpu") == 0)
-        util_log(UTIL_LOG_INFO, "nn_device", "device=cpu requested=auto reason=\"%s\"",
-                 nn_cuda_built() ? "no GPU present" : "built without nn/cuda");
+        util_log(UTIL_LOG_INFO, "nn_device", "device=cpu requested=auto reason=\"%s\"%s",
+                 nn_cuda_built() ? "no GPU present" : "built without nn/cuda", blas);
     else
-        util_log(UTIL_LOG_INFO, "nn_device", "device=%s requested=%s", got, want);
+        util_log(UTIL_LOG_INFO, "nn_device", "device=%s requested=%s%s", got, want, blas);
     return 0;
 }
 
