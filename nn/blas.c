@@ -18,10 +18,18 @@
 #include <strings.h>
 #include <unistd.h>
 
+/* What OpenBLAS chose by itself, handed to the rerun. */
+#define CHOSE_ENV "ICHTRIAGE_OPENBLAS_CHOSE"
+
 const char *nn_blas_core(void)
 {
     const char *c = openblas_get_corename();
     return c && c[0] ? c : "unknown";
+}
+
+const char *nn_blas_fallback(void)
+{
+    return getenv(CHOSE_ENV);
 }
 
 unsigned nn_cpu_features(void)
@@ -54,8 +62,7 @@ int nn_blas_rerun(char **argv, char *err, size_t errlen)
     const char *chosen = nn_blas_core();
     const char *better = nn_blas_better_core(chosen, nn_cpu_features());
     if (!better) return 0;
-    if (setenv("OPENBLAS_CORETYPE", better, 1) != 0 ||
-        setenv("ICHTRIAGE_OPENBLAS_CHOSE", chosen, 1) != 0) {
+    if (setenv("OPENBLAS_CORETYPE", better, 1) != 0 || setenv(CHOSE_ENV, chosen, 1) != 0) {
         snprintf(err, errlen, "setenv: %s", strerror(errno));
         return -1;
     }
@@ -73,6 +80,6 @@ int nn_blas_rerun(char **argv, char *err, size_t errlen)
              "OPENBLAS_CORETYPE=%s failed: %s",
              chosen, better, strerror(errno));
     unsetenv("OPENBLAS_CORETYPE");
-    unsetenv("ICHTRIAGE_OPENBLAS_CHOSE");
+    unsetenv(CHOSE_ENV);
     return -1;
 }

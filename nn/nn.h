@@ -187,6 +187,9 @@ void nn_set_threads(int n);
  * the CPU's model number; a CPU it does not know gets the slowest,
  * Prescott's, even where AVX2 or AVX-512 would run 2-3x faster. */
 const char *nn_blas_core(void); /* the kernels in use, e.g. "Haswell" */
+/* What OpenBLAS had chosen by itself where nn_blas_rerun() replaced it
+ * ("Prescott"), else NULL. */
+const char *nn_blas_fallback(void);
 #define NN_CPU_AVX2_FMA 1u
 #define NN_CPU_AVX512 2u        /* F, CD, BW, DQ and VL */
 unsigned nn_cpu_features(void); /* NN_CPU_* of this CPU */

@@ -1,6 +1,5 @@
 /* triage/main.c: the `ichtriage` command and its subcommands. */
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "log.h"
@@ -58,7 +57,7 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "--version") == 0) {
         printf("ichtriage %s\n", ICHTRIAGE_VERSION);
-        const char *chose = getenv("ICHTRIAGE_OPENBLAS_CHOSE");
+        const char *chose = nn_blas_fallback();
         printf("OpenBLAS kernels: %s", nn_blas_core());
         if (chose) printf(" (OpenBLAS chose %s: it does not know this CPU)", chose);
         putchar('\n');

@@ -159,7 +159,7 @@ int triage_nn_device(nn_model *m, const char *device, char *err, size_t errlen)
      * nn_blas_rerun() asked for better ones. */
     char blas[128] = "";
     if (strcmp(got, "cpu") == 0) {
-        const char *chose = getenv("ICHTRIAGE_OPENBLAS_CHOSE");
+        const char *chose = nn_blas_fallback();
         char c[32];
         snprintf(blas, sizeof blas, " blas=%s", nn_blas_core());
         if (chose)

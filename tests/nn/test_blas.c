@@ -41,7 +41,7 @@ Test(blas, a_chosen_coretype_is_not_second_guessed)
     cr_expect_eq(nn_blas_rerun(argv, err, sizeof err), 0);
     cr_expect_str_eq(err, "");
     cr_expect_str_eq(getenv("OPENBLAS_CORETYPE"), "Prescott");
-    cr_expect_null(getenv("ICHTRIAGE_OPENBLAS_CHOSE"));
+    cr_expect_null(nn_blas_fallback());
 }
 
 Test(blas, the_kernels_in_use_have_a_name)

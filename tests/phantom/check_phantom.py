@@ -289,10 +289,9 @@ def subarachnoid_blood_is_dense(tmp):
         largest.append(ex[-1])
         p90.append(ex[int(0.9 * (len(ex) - 1))])
     check(len(largest) >= 8, f"only {len(largest)} subarachnoid bleeds above the tiny class")
-    check(statistics.median(largest) >= 45,
-          f"subarachnoid blood's largest excess: median {statistics.median(largest)} HU < 45")
-    check(statistics.median(p90) >= 35,
-          f"subarachnoid blood's 90th percentile excess: median {statistics.median(p90)} HU < 35")
+    med_largest, med_p90 = statistics.median(largest), statistics.median(p90)
+    check(med_largest >= 45, f"subarachnoid blood's largest excess: median {med_largest} HU < 45")
+    check(med_p90 >= 35, f"subarachnoid blood's 90th percentile excess: median {med_p90} HU < 35")
 
 
 def disk_full(tmp):
