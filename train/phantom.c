@@ -367,6 +367,20 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
         for (int k = 0; k <= TRAIN_PHANTOM_NSUBTYPES; k++)
             fprintf(f->labels, "ID_%s_%s,%d\n", sop, train_phantom_label_names[k], pos[k]);
         if (o->preview) ph_sheet_add(&sheet, s, b.hu, b.mask, o->size);
+        if (o->masks && pos[0]) {
+            /* the pixels each positive label counts; a subtype's blood on
+             * less than the rule's area is not in the mask, as not in the label */
+            uint8_t keep = 0;
+            for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
+                keep |= (uint8_t)(pos[k + 1] ? 1u << k : 0);
+            for (size_t i = 0; i < nn; i++)
+                b.mask[i] &= keep;
+            snprintf(path, sizeof path, "%s/masks/ID_%s.png", o->outdir, sop);
+            if (ph_mask_write(path, b.mask, o->size, err, errlen) != 0) {
+                rc = -1;
+                break;
+            }
+        }
     }
     if (rc == 0 && o->preview) {
         char path[4200];
@@ -463,6 +477,10 @@ int train_phantom_run(const struct train_phantom_opts *o, char *err, size_t errl
     if (mkdir_p(dir, err, errlen) != 0) return -1;
     if (o->preview) {
         snprintf(dir, sizeof dir, "%s/preview", o->outdir);
+        if (mkdir_p(dir, err, errlen) != 0) return -1;
+    }
+    if (o->masks) {
+        snprintf(dir, sizeof dir, "%s/masks", o->outdir);
         if (mkdir_p(dir, err, errlen) != 0) return -1;
     }
     struct run_files f = {0};

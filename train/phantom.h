@@ -38,6 +38,7 @@ struct train_phantom_opts {
     double noise_min, noise_max;                        /* HU standard deviation */
     bool artifacts;                                     /* streaks, motion, calcifications */
     bool preview;                                       /* PNG contact sheets */
+    bool masks; /* masks/ID_<sop>.png: where each slice shows the blood its labels count */
     /* For tests: subtypes whose blood is left out (mass effect kept), so a
      * run with this mask and noise 0 shows exactly what the blood adds. */
     unsigned omit_blood_mask;
@@ -51,7 +52,7 @@ void train_phantom_opts_default(struct train_phantom_opts *o);
 int train_phantom_opts_check(const struct train_phantom_opts *o, char *err, size_t errlen);
 
 /* Generates the studies into o->outdir (created if missing): stage_2_train.csv,
- * stage_2_train/ID_<sop>.dcm, studies.csv, lesions.csv and preview/ PNGs.
+ * stage_2_train/ID_<sop>.dcm, studies.csv, lesions.csv, preview/ and masks/ PNGs.
  * Refuses a folder that already holds a stage_2_train.csv. Returns 0, or -1
  * with a message in err. Single-threaded: split a large set over processes
  * with first_study, each into its own folder. */

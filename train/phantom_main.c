@@ -12,7 +12,7 @@ static void usage(FILE *out)
     fputs("usage: ichtriage phantom [options] OUTDIR\n"
           "Writes synthetic head-CT studies with labelled hemorrhages in the RSNA 2019\n"
           "layout: OUTDIR/stage_2_train.csv, OUTDIR/stage_2_train/ID_<sop>.dcm,\n"
-          "OUTDIR/studies.csv, OUTDIR/lesions.csv (and OUTDIR/preview/*.png).\n"
+          "OUTDIR/studies.csv, OUTDIR/lesions.csv (and OUTDIR/preview/, OUTDIR/masks/).\n"
           "Synthetic anatomy, not real patients. See docs/phantom.md.\n"
           "\n"
           "  --seed N               random seed; same seed, same files (default 1)\n"
@@ -29,6 +29,9 @@ static void usage(FILE *out)
           "  --noise SD|MIN-MAX     image noise in HU (default 3-10)\n"
           "  --no-artifacts         no streaks, motion, calcifications or dense falx\n"
           "  --preview              a PNG contact sheet per study, lesions outlined\n"
+          "  --masks                masks/ID_<sop>.png per slice with blood: bit k of a\n"
+          "                         pixel for subtype k (epidural 0 .. subdural 4) where\n"
+          "                         its label counts the blood (see docs/phantom.md)\n"
           "  --omit-blood NAMES     (tests) leave out the blood of these subtypes,\n"
           "                         comma-separated, keeping everything else\n"
           "  -c FILE, --set K=V     accepted like every subcommand; phantom reads no keys\n"
@@ -100,6 +103,7 @@ int train_phantom_main(int argc, char **argv)
         O_NOISE,
         O_NOART,
         O_PREVIEW,
+        O_MASKS,
         O_OMIT,
         O_SET
     };
@@ -115,6 +119,7 @@ int train_phantom_main(int argc, char **argv)
         {"noise", required_argument, NULL, O_NOISE},
         {"no-artifacts", no_argument, NULL, O_NOART},
         {"preview", no_argument, NULL, O_PREVIEW},
+        {"masks", no_argument, NULL, O_MASKS},
         {"omit-blood", required_argument, NULL, O_OMIT},
         {"set", required_argument, NULL, O_SET},
         {"help", no_argument, NULL, 'h'},
@@ -190,6 +195,9 @@ int train_phantom_main(int argc, char **argv)
             break;
         case O_PREVIEW:
             o.preview = true;
+            break;
+        case O_MASKS:
+            o.masks = true;
             break;
         case O_OMIT: {
             const char *p = optarg;

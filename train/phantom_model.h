@@ -207,5 +207,8 @@ int ph_sheet_init(struct ph_sheet *sh, int nslices, int tile);
 void ph_sheet_add(struct ph_sheet *sh, int index, const float *hu, const uint8_t *mask, int size);
 int ph_sheet_write(const struct ph_sheet *sh, const char *path, char *err, size_t errlen);
 void ph_sheet_free(struct ph_sheet *sh);
+/* --masks: one slice's blood mask (size x size, bit k for subtype k) as an
+ * 8-bit grey PNG. Returns 0, or -1 with a message. */
+int ph_mask_write(const char *path, const uint8_t *mask, int size, char *err, size_t errlen);
 
 #endif

@@ -1,6 +1,7 @@
 /* The --preview contact sheet: every slice of a study in the brain window
  * (40/80), downsampled to a tile, with the visible part of each lesion
- * outlined in its subtype's colour, written as an RGB PNG with libpng. */
+ * outlined in its subtype's colour, written as an RGB PNG with libpng; and
+ * the --masks files, one grey PNG per slice that shows blood. */
 #include "phantom_model.h"
 
 #include <png.h>
@@ -85,7 +86,9 @@ void ph_sheet_add(struct ph_sheet *sh, int index, const float *hu, const uint8_t
     }
 }
 
-int ph_sheet_write(const struct ph_sheet *sh, const char *path, char *err, size_t errlen)
+/* Writes w x h pixels of ch channels (1: grey, 3: RGB), 8 bits each, as a PNG. */
+static int write_png(const char *path, const uint8_t *px, int w, int h, int ch, char *err,
+                     size_t errlen)
 {
     FILE *f = fopen(path, "wb");
     if (!f) {
@@ -101,11 +104,12 @@ int ph_sheet_write(const struct ph_sheet *sh, const char *path, char *err, size_
         return -1;
     }
     png_init_io(png, f);
-    png_set_IHDR(png, info, (png_uint_32)sh->width, (png_uint_32)sh->height, 8, PNG_COLOR_TYPE_RGB,
-                 PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8,
+                 ch == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
     png_write_info(png, info);
-    for (int y = 0; y < sh->height; y++)
-        png_write_row(png, sh->rgb + 3 * (size_t)y * sh->width);
+    for (int y = 0; y < h; y++)
+        png_write_row(png, (png_bytep)(px + (size_t)ch * y * w));
     png_write_end(png, NULL);
     png_destroy_write_struct(&png, &info);
     if (fclose(f) != 0) {
@@ -113,6 +117,16 @@ int ph_sheet_write(const struct ph_sheet *sh, const char *path, char *err, size_
         return -1;
     }
     return 0;
+}
+
+int ph_sheet_write(const struct ph_sheet *sh, const char *path, char *err, size_t errlen)
+{
+    return write_png(path, sh->rgb, sh->width, sh->height, 3, err, errlen);
+}
+
+int ph_mask_write(const char *path, const uint8_t *mask, int size, char *err, size_t errlen)
+{
+    return write_png(path, mask, size, size, 1, err, errlen);
 }
 
 void ph_sheet_free(struct ph_sheet *sh)

@@ -214,6 +214,21 @@ def check_run(out, count):
             per_study[study][k] += values[k]
     check(images == set(files), "label rows and files do not match")
 
+    # --masks: a grey 8-bit PNG of the slice's size for exactly the images
+    # with a positive label (test_phantom checks their pixels)
+    positive = {rows[i][0][: -len("_any")] for i in range(0, len(rows), 6) if rows[i][1] == "1"}
+    masks = sorted(os.listdir(os.path.join(out, "masks")))
+    check({m[: -len(".png")] for m in masks} == positive,
+          f"{len(masks)} masks for {len(positive)} images with a positive label")
+    for m in masks:
+        with open(os.path.join(out, "masks", m), "rb") as f:
+            head = f.read(26)
+        w, h = struct.unpack(">II", head[16:24])
+        ds = pydicom.dcmread(os.path.join(out, "stage_2_train", m[: -len(".png")] + ".dcm"),
+                             stop_before_pixels=True)
+        check(head[:8] == b"\x89PNG\r\n\x1a\n" and (w, h) == (ds.Columns, ds.Rows)
+              and head[24:26] == b"\x08\x00", f"{m}: not an 8-bit grey PNG of the slice's size")
+
     with open(os.path.join(out, "studies.csv")) as f:
         studies = list(csv.DictReader(f))
     check(len(studies) == count, "one summary row per study")
@@ -328,7 +343,7 @@ def main():
         bad_options(os.path.join(tmp, "bad"))
         out = os.path.join(tmp, "run")
         r = phantom("--seed", "9", "-n", "3", "--size", "192", "--slices", "12-16",
-                    "--prevalence", "0.8", "--preview", out)
+                    "--prevalence", "0.8", "--preview", "--masks", out)
         check(r.returncode == 0, f"run failed: {r.stderr}")
         check_run(out, 3)
         r = phantom("-n", "1", out)

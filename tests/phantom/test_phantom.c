@@ -1,10 +1,11 @@
 /* Tests of the phantom generator and of the DICOM layer under it:
- * reproducibility for a seed, labels that follow the visibility rule
- * (measured on the files through the node's own pixel reader), the CT
+ * reproducibility for a seed, labels and masks that follow the visibility
+ * rule (measured on the files through the node's own pixel reader), the CT
  * writer's round trip through scp_info and scp_pixels, and the pixel reader
  * on compressed transfer syntaxes. */
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -198,6 +199,32 @@ static struct label_row *read_labels(const char *dir, int *n)
     return rows;
 }
 
+/* masks/<image>.png of dir as rows x cols bytes (libpng), or NULL when
+ * there is no such file. */
+static uint8_t *read_mask(const char *dir, const char *image, int rows, int cols)
+{
+    char path[400];
+    snprintf(path, sizeof path, "%s/masks/%s.png", dir, image);
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    png_infop info = png_create_info_struct(png);
+    cr_assert(png && info);
+    cr_assert_eq(setjmp(png_jmpbuf(png)), 0, "%s: not a PNG libpng can read", path);
+    png_init_io(png, f);
+    png_read_info(png, info);
+    cr_assert_eq(png_get_image_width(png, info), (png_uint_32)cols, "%s", path);
+    cr_assert_eq(png_get_image_height(png, info), (png_uint_32)rows, "%s", path);
+    cr_assert_eq(png_get_color_type(png, info), PNG_COLOR_TYPE_GRAY, "%s", path);
+    cr_assert_eq(png_get_bit_depth(png, info), 8, "%s", path);
+    uint8_t *m = malloc((size_t)rows * cols);
+    for (int y = 0; y < rows; y++)
+        png_read_row(png, m + (size_t)y * cols, NULL);
+    png_destroy_read_struct(&png, &info, NULL);
+    fclose(f);
+    return m;
+}
+
 static void read_hu(const char *dir, const char *image, struct scp_pixels *px,
                     struct scp_info *info)
 {
@@ -219,11 +246,13 @@ Test(phantom, labels_follow_the_visibility_rule, .timeout = 180)
     o.prevalence = 1;
     for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
         o.subtype_prevalence[k] = 1;
+    o.masks = true;
     run_ok(&o);
     for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++) {
         make_tmpdir(omit[k], sizeof omit[k]);
         struct train_phantom_opts ok = o;
         ok.outdir = omit[k];
+        ok.masks = false;
         ok.omit_blood_mask = 1u << k;
         run_ok(&ok);
     }
@@ -231,12 +260,17 @@ Test(phantom, labels_follow_the_visibility_rule, .timeout = 180)
     struct label_row *rows = read_labels(full, &n);
     cr_assert_geq(n, 3 * 14);
     int positives[TRAIN_PHANTOM_NSUBTYPES + 1] = {0}, negatives = 0;
+    size_t masked[TRAIN_PHANTOM_NSUBTYPES] = {0};
     for (int i = 0; i < n; i++) {
         struct scp_pixels a, b;
         struct scp_info ia, ib;
         read_hu(full, rows[i].image, &a, &ia);
         cr_assert_eq(a.frames, 1);
         double px_area = ia.pixel_spacing[0] * ia.pixel_spacing[1];
+        /* --masks: a file for each slice with a positive label, none for the others */
+        uint8_t *mask = read_mask(full, rows[i].image, a.rows, a.columns);
+        cr_assert_eq(mask != NULL, rows[i].value[0] == 1, "%s: mask file %s", rows[i].image,
+                     mask ? "without a positive label" : "missing");
         int any = 0;
         for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++) {
             read_hu(omit[k], rows[i].image, &b, &ib);
@@ -244,13 +278,27 @@ Test(phantom, labels_follow_the_visibility_rule, .timeout = 180)
             cr_assert_eq(a.rows * a.columns, b.rows * b.columns);
             /* stored values are rounded, so a true excess of 10 HU reads
              * as at least 9, and a read excess of 11 is at least 10 */
-            size_t lenient = 0, strict = 0;
+            int label = rows[i].value[k + 1];
+            size_t lenient = 0, strict = 0, in_mask = 0;
             for (size_t p = 0; p < (size_t)a.rows * a.columns; p++) {
                 float d = a.hu[p] - b.hu[p];
                 lenient += d >= TRAIN_PHANTOM_MIN_EXCESS_HU - 1;
                 strict += d >= TRAIN_PHANTOM_MIN_EXCESS_HU + 1;
+                /* the mask marks exactly the pixels the label counts: all
+                 * of them when the label is positive, none otherwise */
+                int m = mask && (mask[p] >> k & 1);
+                in_mask += m;
+                if (m)
+                    cr_assert(label && d >= TRAIN_PHANTOM_MIN_EXCESS_HU - 1,
+                              "%s: %s mask on a pixel %.1f HU above the blood-free slice%s",
+                              rows[i].image, train_phantom_label_names[k + 1], d,
+                              label ? "" : " of a negative label");
+                else
+                    cr_assert(!label || d < TRAIN_PHANTOM_MIN_EXCESS_HU + 1,
+                              "%s: %s mask misses a pixel %.1f HU above the blood-free slice",
+                              rows[i].image, train_phantom_label_names[k + 1], d);
             }
-            int label = rows[i].value[k + 1];
+            masked[k] += in_mask;
             if (label)
                 cr_assert_geq(lenient * px_area, TRAIN_PHANTOM_MIN_AREA_MM2,
                               "%s labelled %s but only %.1f mm^2 show the blood", rows[i].image,
@@ -265,6 +313,11 @@ Test(phantom, labels_follow_the_visibility_rule, .timeout = 180)
         }
         cr_assert_eq(rows[i].value[0], any, "%s: any must be the OR of the subtypes",
                      rows[i].image);
+        if (mask)
+            for (size_t p = 0; p < (size_t)a.rows * a.columns; p++)
+                cr_assert_eq(mask[p] >> TRAIN_PHANTOM_NSUBTYPES, 0, "%s: unknown mask bits",
+                             rows[i].image);
+        free(mask);
         positives[0] += any;
         negatives += !any;
         scp_pixels_free(&a);
@@ -276,6 +329,9 @@ Test(phantom, labels_follow_the_visibility_rule, .timeout = 180)
     for (int k = 1; k <= TRAIN_PHANTOM_NSUBTYPES; k++)
         subtypes_seen += positives[k] > 0;
     cr_assert_geq(subtypes_seen, 4, "only %d subtypes visible in three studies", subtypes_seen);
+    for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
+        cr_assert_eq(masked[k] > 0, positives[k + 1] > 0, "%s: %zu mask pixels, %d positive slices",
+                     train_phantom_label_names[k + 1], masked[k], positives[k + 1]);
     free(rows);
     remove_tree(full);
     for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++)
