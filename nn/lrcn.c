@@ -144,6 +144,63 @@ int nn_cnn_backward(nn_model *m, const float *dlogits)
     return done(m, 0);
 }
 
+/* The global pool that ends the features (G or GM): its index, or -1. */
+static int map_layer(const nn_model *m)
+{
+    for (int i = 0; i < m->feat_end; i++) {
+        const nn_layer *l = &m->cnn.layers[i];
+        if ((l->kind == NN_L_GAP || l->kind == NN_L_MAXPOOL) && l->oh == 1 && l->ow == 1 &&
+            l->h * l->w > 1 && i > 0)
+            return i;
+    }
+    return -1;
+}
+
+int nn_cnn_map_shape(const nn_model *m, int *c, int *h, int *w)
+{
+    int i = map_layer(m);
+    if (i < 0) return NN_EINVAL;
+    const nn_layer *l = &m->cnn.layers[i];
+    *c = l->c, *h = l->h, *w = l->w;
+    return 0;
+}
+
+int nn_cnn_map(nn_model *m, float *map)
+{
+    int i = map_layer(m);
+    if (i < 0 || m->cnn.cached_n < 1 || m->cnn.cached_end != m->cnn.n) return NN_EINVAL;
+    const nn_layer *l = &m->cnn.layers[i];
+    int n = m->cnn.cached_n;
+    const float *in = m->cnn.cache + (size_t)n * m->cnn.layers[i - 1].act;
+    m->be->download(m->bctx, map, in, sizeof(float) * (size_t)n * l->c * l->h * l->w);
+    return done(m, 0);
+}
+
+int nn_cnn_backward_map(nn_model *m, const float *dlogits, const float *dmap)
+{
+    int i = map_layer(m);
+    if (i < 0 || m->cnn.cached_n < 1 || m->cnn.cached_end != m->cnn.n) return NN_EINVAL;
+    const nn_layer *l = &m->cnn.layers[i];
+    size_t n = (size_t)m->cnn.cached_n;
+    size_t nl = n * m->cfg.labels, nm = n * l->c * l->h * l->w;
+    const float *g = dlogits;
+    if (m->be != nn_backend_cpu()) {
+        /* both staged at once: din holds the logits' gradient, then the map's */
+        if (nl + nm > m->din_cap) {
+            m->be->dealloc(m->bctx, m->din);
+            m->din = m->be->alloc(m->bctx, sizeof(float) * (nl + nm));
+            m->din_cap = m->din ? nl + nm : 0;
+            if (!m->din) return NN_ENOMEM;
+        }
+        m->be->upload(m->bctx, m->din, dlogits, sizeof(float) * nl);
+        m->be->upload(m->bctx, m->din + nl, dmap, sizeof(float) * nm);
+        g = m->din;
+        dmap = m->din + nl;
+    }
+    nn_stack_backward_at(m, &m->cnn, g, NULL, i, dmap);
+    return done(m, 0);
+}
+
 /* LSTM and head over features [N, F] in backend memory (kept until backward). */
 static int lrcn_tail(nn_model *m, const float *feat, int N, const int *len, int S, float *logits,
                      int training)

@@ -133,6 +133,10 @@ const float *nn_stack_forward(nn_model *m, nn_stack *st, const float *in, int n,
                               int training);
 /* Backward through the layers of the last caching forward; dx may be NULL. */
 void nn_stack_backward(nn_model *m, nn_stack *st, const float *dout, float *dx);
+/* The same, adding dextra (backend memory, n x the input of layer at) to the
+ * gradient that reaches the input of layer at (at > 0). */
+void nn_stack_backward_at(nn_model *m, nn_stack *st, const float *dout, float *dx, int at,
+                          const float *dextra);
 /* lrcn.c */
 void nn_lrcn_free_workspace(nn_model *m);
 /* Backend-memory views of tensor t (the host ones on the CPU). */

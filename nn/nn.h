@@ -136,6 +136,16 @@ int nn_lrcn_predict(nn_model *m, const float *x, const int *lengths, int nseries
  * must have the shape of the logits just produced. Mode: nn_model_set_training. */
 int nn_cnn_forward(nn_model *m, const float *x, int n, float *logits); /* [n, labels] */
 int nn_cnn_backward(nn_model *m, const float *dlogits);
+/* Localisation in training: the CNN's last feature map, the input of the
+ * global pool (G or GM) that ends its features. Its shape; and after a
+ * training nn_cnn_forward, the map itself [n, c, h, w] (host memory).
+ * nn_cnn_backward_map is nn_cnn_backward with a gradient for that map as
+ * well (dmap [n, c, h, w]: a second loss on it, its gradient added to what
+ * flows back through the pool). Each returns 0, or NN_EINVAL when the
+ * features end in no global pool or no training forward came before. */
+int nn_cnn_map_shape(const nn_model *m, int *c, int *h, int *w);
+int nn_cnn_map(nn_model *m, float *map);
+int nn_cnn_backward_map(nn_model *m, const float *dlogits, const float *dmap);
 /* logits [sum(lengths), labels]. With the CNN trainable this keeps every CNN
  * activation of every slice (about 9 MB per 128x128 slice of `small`, plus
  * gradient buffers); with the CNN frozen (stage 2) the CNN runs in chunks

@@ -155,6 +155,12 @@ static int layer_trainable(const nn_model *m, const nn_layer *l)
 
 void nn_stack_backward(nn_model *m, nn_stack *st, const float *dout, float *dx)
 {
+    nn_stack_backward_at(m, st, dout, dx, -1, NULL);
+}
+
+void nn_stack_backward_at(nn_model *m, nn_stack *st, const float *dout, float *dx, int at,
+                          const float *dextra)
+{
     const nn_backend *be = m->be;
     void *c = m->bctx;
     int n = st->cached_n, end = st->cached_end, stop = 0;
@@ -210,6 +216,8 @@ void nn_stack_backward(nn_model *m, nn_stack *st, const float *dout, float *dx)
             if (gin) be->dropout_backward(c, gin, g, st->cache + (size_t)n * l->aux, sz);
             break;
         }
+        /* a second loss on this layer's input: its gradient joins the one from above */
+        if (i == at && gin && dextra) be->add(c, gin, dextra, in_sz);
         g = gin;
     }
 }

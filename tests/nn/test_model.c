@@ -410,3 +410,112 @@ Test(model, optimizer_state_resumes_bit_for_bit)
     nn_model_free(o), nn_model_free(f), nn_model_free(r), nn_model_free(m);
     unlink(wp), unlink(op);
 }
+
+/* Localisation training reads the map before the global pool and adds a
+ * gradient for it: the map is the one the logits are pooled from, and its
+ * gradient reaches the weights as finite differences of sum(map * r) say,
+ * added to the logits' own. */
+static double map_loss(nn_model *m, const float *x, int n, const float *r, float *lg, float *map,
+                       size_t nm)
+{
+    cr_assert_eq(nn_cnn_forward(m, x, n, lg), 0);
+    cr_assert_eq(nn_cnn_map(m, map), 0);
+    double l = 0;
+    for (size_t i = 0; i < nm; i++)
+        l += (double)map[i] * r[i];
+    return l;
+}
+
+Test(model, the_last_feature_map_and_its_gradient)
+{
+    nn_model *m = tiny(21, 0.0f);
+    int c, h, w, n = 3;
+    cr_assert_eq(nn_cnn_map_shape(m, &c, &h, &w), 0);
+    cr_assert(c == 6 && h == 4 && w == 4, "map %dx%dx%d", c, h, w);
+    size_t per = 3 * 8 * 8, nm = (size_t)n * c * h * w;
+    float *x = calloc(n * per, sizeof(float)), *map = calloc(nm, sizeof(float));
+    float *r = calloc(nm, sizeof(float)), *zero = calloc(nm, sizeof(float));
+    float lg[3 * 6], dl[3 * 6], zl[3 * 6] = {0};
+    fill_random(x, n * per, 31);
+    fill_random(r, nm, 32);
+    fill_random(dl, 3 * 6, 33);
+    cr_expect_eq(nn_cnn_map(m, map), NN_EINVAL, "a map before any training forward");
+    nn_model_set_training(m, 1);
+    map_loss(m, x, n, r, lg, map, nm);
+
+    /* the logits are the classifier on the map's mean */
+    nn_tensor_info W, B;
+    cr_assert_eq(nn_model_tensor_find(m, "cnn.classifier.0.weight", &W), 0);
+    cr_assert_eq(nn_model_tensor_find(m, "cnn.classifier.0.bias", &B), 0);
+    for (int k = 0; k < n; k++)
+        for (int l = 0; l < 6; l++) {
+            double z = B.data[l];
+            for (int ch = 0; ch < c; ch++) {
+                double mean = 0;
+                for (int p = 0; p < h * w; p++)
+                    mean += map[((size_t)k * c + ch) * h * w + p];
+                z += W.data[l * c + ch] * mean / (h * w);
+            }
+            cr_expect(fabs(z - lg[k * 6 + l]) < 1e-4, "logit %d,%d: %g from the map, %g", k, l, z,
+                      lg[k * 6 + l]);
+        }
+
+    /* the map's gradient alone, against central differences */
+    nn_tensor_info conv;
+    cr_assert_eq(nn_model_tensor_find(m, "cnn.features.0.weight", &conv), 0);
+    nn_model_zero_grad(m);
+    map_loss(m, x, n, r, lg, map, nm);
+    cr_assert_eq(nn_cnn_backward_map(m, zl, r), 0);
+    float *g_map = malloc(conv.numel * sizeof(float));
+    memcpy(g_map, conv.grad, conv.numel * sizeof(float));
+    double worst = 0, scale = 1e-3;
+    for (size_t i = 0; i < conv.numel; i++)
+        scale = fmax(scale, fabs(g_map[i]));
+    for (size_t i = 0; i < conv.numel; i += 7) {
+        float v = conv.data[i];
+        conv.data[i] = v + 1e-2f;
+        double lp = map_loss(m, x, n, r, lg, map, nm);
+        conv.data[i] = v - 1e-2f;
+        double lm = map_loss(m, x, n, r, lg, map, nm);
+        conv.data[i] = v;
+        worst = fmax(worst, fabs((lp - lm) / 2e-2 - g_map[i]) / scale);
+    }
+    cr_expect(worst < 2e-2, "the map's gradient: relative error %.3g", worst);
+
+    /* with the logits' gradient too: the sum of the two */
+    nn_model_zero_grad(m);
+    map_loss(m, x, n, r, lg, map, nm);
+    cr_assert_eq(nn_cnn_backward(m, dl), 0);
+    float *g_logits = malloc(conv.numel * sizeof(float));
+    memcpy(g_logits, conv.grad, conv.numel * sizeof(float));
+    nn_model_zero_grad(m);
+    map_loss(m, x, n, r, lg, map, nm);
+    cr_assert_eq(nn_cnn_backward_map(m, dl, r), 0);
+    for (size_t i = 0; i < conv.numel; i++)
+        cr_expect(fabs(conv.grad[i] - g_logits[i] - g_map[i]) < 1e-4 * scale + 1e-6,
+                  "weight %zu: %g, not %g + %g", i, conv.grad[i], g_logits[i], g_map[i]);
+    /* a zero map gradient is nn_cnn_backward */
+    nn_model_zero_grad(m);
+    map_loss(m, x, n, r, lg, map, nm);
+    cr_assert_eq(nn_cnn_backward_map(m, dl, zero), 0);
+    for (size_t i = 0; i < conv.numel; i++)
+        cr_expect(fabs(conv.grad[i] - g_logits[i]) < 1e-6, "weight %zu", i);
+    free(x), free(map), free(r), free(zero), free(g_map), free(g_logits);
+    nn_model_free(m);
+
+    /* a global max pool has a map too; features that end in a flatten do not */
+    nn_config cf;
+    nn_config_default(&cf);
+    char err[256] = "";
+    cf.in_h = cf.in_w = 8;
+    cf.arch = "b4,M,c6,GM|";
+    m = nn_model_create(&cf, err, sizeof(err));
+    cr_assert(m, "%s", err);
+    cr_expect(nn_cnn_map_shape(m, &c, &h, &w) == 0 && c == 6 && h == 4 && w == 4);
+    nn_model_free(m);
+    cf.arch = "b4,M,F|d8";
+    m = nn_model_create(&cf, err, sizeof(err));
+    cr_assert(m, "%s", err);
+    cr_expect_eq(nn_cnn_map_shape(m, &c, &h, &w), NN_EINVAL);
+    nn_model_free(m);
+}
