@@ -21,25 +21,47 @@ void train_augment_default(struct train_augment *a)
     a->channel_period = 0;
 }
 
-void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
-                         float *out, uint64_t *rng)
+void train_augment_draw(const struct train_augment *a, int c, int h, int w, uint64_t *rng,
+                        struct train_affine *t)
 {
     float ang = (2 * nn_rng_uniform(rng) - 1) * a->rot_deg * (float)M_PI / 180.0f;
-    float dx = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)w;
-    float dy = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)h;
-    int flip = a->flip && nn_rng_uniform(rng) < 0.5f;
-    float gain[8], off[8];
+    t->dx = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)w;
+    t->dy = (2 * nn_rng_uniform(rng) - 1) * a->shift_frac * (float)h;
+    t->flip = a->flip && nn_rng_uniform(rng) < 0.5f;
     int nj = a->channel_period > 0 && a->channel_period < c ? a->channel_period : c;
     for (int k = 0; k < nj && k < 8; k++) {
-        gain[k] = 1 + (2 * nn_rng_uniform(rng) - 1) * a->gain;
-        off[k] = (2 * nn_rng_uniform(rng) - 1) * a->offset;
+        t->gain[k] = 1 + (2 * nn_rng_uniform(rng) - 1) * a->gain;
+        t->off[k] = (2 * nn_rng_uniform(rng) - 1) * a->offset;
     }
-    float cs = cosf(ang), sn = sinf(ang), cx = (float)(w - 1) / 2, cy = (float)(h - 1) / 2;
+    t->cs = cosf(ang), t->sn = sinf(ang);
+}
+
+void train_augment_none(struct train_affine *t)
+{
+    memset(t, 0, sizeof *t);
+    t->cs = 1;
+    for (int k = 0; k < 8; k++)
+        t->gain[k] = 1;
+}
+
+/* Output pixel (x, y) -> its source position: the inverse of rotate + shift
+ * (+ flip) about the centre. */
+static void source_of(const struct train_affine *t, int h, int w, int x, int y, float *sx,
+                      float *sy)
+{
+    float cx = (float)(w - 1) / 2, cy = (float)(h - 1) / 2;
+    float ox = (float)(t->flip ? w - 1 - x : x) - cx - t->dx, oy = (float)y - cy - t->dy;
+    *sx = t->cs * ox + t->sn * oy + cx;
+    *sy = -t->sn * ox + t->cs * oy + cy;
+}
+
+void train_augment_apply(const struct train_augment *a, const struct train_affine *t,
+                         const uint8_t *in, int c, int h, int w, float *out)
+{
     for (int y = 0; y < h; y++) {
         for (int x = 0; x < w; x++) {
-            /* Output pixel -> source position: inverse of rotate + shift (+ flip). */
-            float ox = (float)(flip ? w - 1 - x : x) - cx - dx, oy = (float)y - cy - dy;
-            float sx = cs * ox + sn * oy + cx, sy = -sn * ox + cs * oy + cy;
+            float sx, sy;
+            source_of(t, h, w, x, y, &sx, &sy);
             int x0 = (int)floorf(sx), y0 = (int)floorf(sy);
             float fx = sx - (float)x0, fy = sy - (float)y0;
             for (int k = 0; k < c; k++) {
@@ -54,11 +76,37 @@ void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c
                     }
                 v = v / 255.0f;
                 int g = a->channel_period > 0 ? k % a->channel_period : k;
-                if (g < 8 && v > 0) v = v * gain[g] + off[g];
+                if (g < 8 && v > 0) v = v * t->gain[g] + t->off[g];
                 out[(size_t)k * h * w + (size_t)y * w + x] = v < 0 ? 0 : v > 1 ? 1 : v;
             }
         }
     }
+}
+
+void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
+                         float *out, uint64_t *rng)
+{
+    struct train_affine t;
+    train_augment_draw(a, c, h, w, rng, &t);
+    train_augment_apply(a, &t, in, c, h, w, out);
+}
+
+void train_augment_cells(const struct train_affine *t, const uint8_t *mask, int h, int w,
+                         uint8_t *cells, int gh, int gw)
+{
+    int mh = h / TRAIN_MASK_SCALE, mw = w / TRAIN_MASK_SCALE;
+    memset(cells, 0, (size_t)gh * gw);
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            float sx, sy;
+            source_of(t, h, w, x, y, &sx, &sy);
+            /* the mask cell the source position falls in (nearest: a mask is not blended) */
+            int mx = (int)floorf((sx + 0.5f) / TRAIN_MASK_SCALE);
+            int my = (int)floorf((sy + 0.5f) / TRAIN_MASK_SCALE);
+            if (mx < 0 || my < 0 || mx >= mw || my >= mh) continue;
+            uint8_t b = mask[(size_t)my * mw + mx];
+            if (b) cells[(size_t)(y * gh / h) * gw + (size_t)(x * gw / w)] |= b;
+        }
 }
 
 int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat)

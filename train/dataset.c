@@ -6,7 +6,9 @@
 #include "dataset.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
+#include <png.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -64,9 +66,29 @@ static const struct train_series *series_of(const struct train_dataset *d, size_
 
 /* ---- pixels: runs of slices, mapped or in memory ------------------------- */
 
-size_t ds_slice_bytes(const struct train_dataset *d)
+size_t ds_pixel_bytes(const struct train_dataset *d)
 {
     return (size_t)d->c * d->h * d->w;
+}
+
+size_t train_dataset_mask_size(const struct train_dataset *d)
+{
+    return d->masks ? (size_t)(d->h / TRAIN_MASK_SCALE) * (size_t)(d->w / TRAIN_MASK_SCALE) : 0;
+}
+
+size_t ds_slice_bytes(const struct train_dataset *d)
+{
+    return ds_pixel_bytes(d) + train_dataset_mask_size(d);
+}
+
+/* The first byte of a mask that is not known (no bit of a real mask). */
+#define MASK_UNKNOWN 0x80
+
+const uint8_t *train_dataset_mask(const struct train_dataset *d, size_t i)
+{
+    if (!d->masks) return NULL;
+    const uint8_t *m = train_dataset_pixels(d, i) + ds_pixel_bytes(d);
+    return m[0] & MASK_UNKNOWN ? NULL : m;
 }
 
 const uint8_t *train_dataset_pixels(const struct train_dataset *d, size_t i)
@@ -175,7 +197,7 @@ static int input_slices(const struct train_dataset *d, size_t i, size_t *j)
 
 void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out)
 {
-    size_t per = ds_slice_bytes(d), j[2 * TRIAGE_MAX_CONTEXT + 1];
+    size_t per = ds_pixel_bytes(d), j[2 * TRIAGE_MAX_CONTEXT + 1];
     int n = input_slices(d, i, j);
     for (int s = 0; s < n; s++)
         memcpy(out + (size_t)s * per, train_dataset_pixels(d, j[s]), per);
@@ -183,7 +205,7 @@ void train_dataset_input(const struct train_dataset *d, size_t i, uint8_t *out)
 
 void train_dataset_input_float(const struct train_dataset *d, size_t i, float *out)
 {
-    size_t per = ds_slice_bytes(d), j[2 * TRIAGE_MAX_CONTEXT + 1];
+    size_t per = ds_pixel_bytes(d), j[2 * TRIAGE_MAX_CONTEXT + 1];
     int n = input_slices(d, i, j);
     for (int s = 0; s < n; s++, out += per) {
         const uint8_t *p = train_dataset_pixels(d, j[s]);
@@ -225,21 +247,95 @@ int ds_grow(struct train_dataset *d, size_t add_slices, int add_series)
     return 0;
 }
 
-/* Decodes and preprocesses the slices of v into dst (v->n slices), through
- * the node's own path (triage_preprocess_volume). Returns 0 or -1. */
-int ds_decode(const struct train_dataset *d, const struct triage_volume *v,
-              const char *const *paths, uint8_t *dst, char *err, size_t errlen)
+int train_mask_read(const char *path, int rows, int cols, uint8_t *out, char *err, size_t errlen)
 {
-    size_t per = ds_slice_bytes(d);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    int rc = -1;
+    if (!png || !info || setjmp(png_jmpbuf(png))) {
+        snprintf(err, errlen, "%s: not a PNG that can be read", path);
+        goto out;
+    }
+    png_init_io(png, f);
+    png_read_info(png, info);
+    if (png_get_color_type(png, info) != PNG_COLOR_TYPE_GRAY || png_get_bit_depth(png, info) != 8 ||
+        png_get_interlace_type(png, info) != 0 ||
+        png_get_image_width(png, info) != (png_uint_32)cols ||
+        png_get_image_height(png, info) != (png_uint_32)rows) {
+        snprintf(err, errlen, "%s: a mask must be an 8-bit grey PNG of the slice's %dx%d pixels",
+                 path, cols, rows);
+        goto out;
+    }
+    for (int y = 0; y < rows; y++)
+        png_read_row(png, out + (size_t)y * cols, NULL);
+    rc = 0;
+out:
+    png_destroy_read_struct(&png, &info, NULL);
+    fclose(f);
+    return rc;
+}
+
+/* Slice i's mask record (mh x mw) from mask_dir/ID_<sop>.png: each source
+ * pixel's bits go to the cell its centre falls in, after the crop (region)
+ * and the resize to h x w. No file: no blood. Returns 0 or -1. */
+static int mask_make(const struct train_dataset *d, const struct triage_volume *v, int i,
+                     const char *mask_dir, const struct triage_region *region, uint8_t *src,
+                     uint8_t *out, char *err, size_t errlen)
+{
+    size_t mb = train_dataset_mask_size(d);
+    memset(out, 0, mb);
+    if (!mask_dir || v->slices[i].frame > 0) {
+        out[0] = MASK_UNKNOWN;
+        return 0;
+    }
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/ID_%s.png", mask_dir, v->slices[i].sop_uid);
+    if (access(path, F_OK) != 0) return 0;
+    if (train_mask_read(path, v->rows, v->columns, src, err, errlen) != 0) return -1;
+    int mh = d->h / TRAIN_MASK_SCALE, mw = d->w / TRAIN_MASK_SCALE;
+    for (int y = 0; y < v->rows; y++)
+        for (int x = 0; x < v->columns; x++) {
+            uint8_t b = src[(size_t)y * v->columns + x] & 0x1f;
+            if (!b) continue;
+            double ix = ((double)x + 0.5 - region->x) * d->w / region->w;
+            double iy = ((double)y + 0.5 - region->y) * d->h / region->h;
+            if (ix < 0 || iy < 0 || ix >= d->w || iy >= d->h) continue;
+            int cx = (int)(ix / TRAIN_MASK_SCALE), cy = (int)(iy / TRAIN_MASK_SCALE);
+            out[(size_t)(cy < mh ? cy : mh - 1) * mw + (cx < mw ? cx : mw - 1)] |= b;
+        }
+    return 0;
+}
+
+/* Decodes and preprocesses the slices of v into dst (v->n slice records),
+ * through the node's own path (triage_preprocess_volume); with d->masks,
+ * each slice's mask from mask_dir (NULL: not known). Returns 0 or -1. */
+int ds_decode(const struct train_dataset *d, const struct triage_volume *v,
+              const char *const *paths, const char *mask_dir, uint8_t *dst, char *err,
+              size_t errlen)
+{
+    size_t per = ds_pixel_bytes(d), rec = ds_slice_bytes(d);
     float *x = malloc(per * (size_t)v->n * sizeof(float));
-    if (!x) {
+    uint8_t *src = d->masks && mask_dir ? malloc((size_t)v->rows * v->columns) : NULL;
+    if (!x || (d->masks && mask_dir && !src)) {
+        free(x);
         snprintf(err, errlen, "out of memory for a series of %d slices", v->n);
         return -1;
     }
+    struct triage_region used;
     int rc = triage_preprocess_volume(v, paths, NULL, &d->windows, d->crop_head, d->h, d->w, x,
-                                      NULL, err, errlen);
-    for (size_t k = 0; rc == 0 && k < per * (size_t)v->n; k++)
-        dst[k] = (uint8_t)lrintf(x[k] * 255.0f);
+                                      &used, err, errlen);
+    for (int i = 0; rc == 0 && i < v->n; i++) {
+        uint8_t *o = dst + rec * (size_t)i;
+        for (size_t k = 0; k < per; k++)
+            o[k] = (uint8_t)lrintf(x[per * (size_t)i + k] * 255.0f);
+        if (d->masks) rc = mask_make(d, v, i, mask_dir, &used, src, o + per, err, errlen);
+    }
+    free(src);
     free(x);
     return rc;
 }
@@ -300,7 +396,7 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
     if (ds_grow(d, n, 1) != 0 || !(px = d->spill ? buf : train_dataset_reserve(d, n))) {
         snprintf(err, errlen, "out of memory");
     } else if ((kept = d->scache && ds_kept_read(d, key, v.n, px)) ||
-               ds_decode(d, &v, paths, px, err, errlen) == 0) {
+               ds_decode(d, &v, paths, NULL, px, err, errlen) == 0) {
         rc = 0;
         if (d->scache && !kept) ds_kept_write(d, key, v.n, px);
         if (d->spill && ds_spill_put(d, px, n) != 0) {

@@ -55,6 +55,8 @@ struct train_dataset {
     bool crop_head;                /* and the head crop ("crop=head"), set after init */
     int context;                   /* each input holds the slices this far either side
                                       (the model's "context"), set after init */
+    bool masks;                    /* each slice carries its blood mask (below), set after
+                                      init, before any data is added */
     struct train_series *series;   /* owned */
     int nseries;
     size_t nslices;
@@ -72,6 +74,22 @@ struct train_dataset {
 
 /* The c x h x w pixels of slice i (i < nslices). */
 const uint8_t *train_dataset_pixels(const struct train_dataset *d, size_t i);
+/* Blood masks, for a localisation loss in training (train --loc-loss).
+ * With d->masks, every slice carries after its pixels a mask of
+ * (h / TRAIN_MASK_SCALE) x (w / TRAIN_MASK_SCALE) bytes in the frame of the
+ * model's input (after the crop and the resize): bit k set where any pixel
+ * of subtype k's blood falls in that cell (k in label order without "any":
+ * epidural 0 .. subdural 4). They come from a folder's masks/ID_<sop>.png
+ * (`ichtriage phantom --masks`, docs/phantom.md): a slice without a file
+ * there shows no blood. train_dataset_mask gives slice i's mask, or NULL
+ * when it is not known (no masks, a folder without masks/, a reviewed
+ * series, a frame of a multi-frame file). */
+#define TRAIN_MASK_SCALE 4
+const uint8_t *train_dataset_mask(const struct train_dataset *d, size_t i);
+size_t train_dataset_mask_size(const struct train_dataset *d); /* bytes, 0 without masks */
+/* One mask file (masks/ID_<sop>.png: an 8-bit grey PNG of the slice's rows x
+ * cols, bit k for subtype k) into out. Returns 0, or -1 with a message. */
+int train_mask_read(const char *path, int rows, int cols, uint8_t *out, char *err, size_t errlen);
 /* Room in memory for the pixels of slices nslices .. nslices + n - 1, which
  * the caller fills and then counts in nslices. Returns it, NULL when out of
  * memory. */

@@ -14,20 +14,23 @@
 #include "volume.h"
 
 /* A file of slices (a cache, a spill) starts with a head padded to
- * DS_FILE_HEAD (a page, so that the pixels are aligned), then the pixels,
- * slice after slice; a cache then has the series and their labels. */
+ * DS_FILE_HEAD (a page, so that the pixels are aligned), then the slices'
+ * records (pixels, then the mask with d->masks), slice after slice; a cache
+ * then has the series and their labels. */
 #define DS_FILE_HEAD 4096
 #define DS_FNV_BASIS 14695981039346656037ULL
 
 /* dataset.c */
-size_t ds_slice_bytes(const struct train_dataset *d);
+size_t ds_slice_bytes(const struct train_dataset *d); /* a slice's record: pixels, then mask */
+size_t ds_pixel_bytes(const struct train_dataset *d); /* c x h x w */
 uint64_t ds_fnv(const char *s, size_t n, uint64_t h);
 int ds_grow(struct train_dataset *d, size_t add_slices, int add_series);
 void ds_runs_truncate(struct train_dataset *d, size_t nslices);
 FILE *ds_pixels_file(int fd, size_t keep);
 int ds_map_pixels(struct train_dataset *d, int fd, size_t total, size_t first);
 int ds_decode(const struct train_dataset *d, const struct triage_volume *v,
-              const char *const *paths, uint8_t *dst, char *err, size_t errlen);
+              const char *const *paths, const char *mask_dir, uint8_t *dst, char *err,
+              size_t errlen);
 int ds_pread_full(int fd, void *buf, size_t n, size_t off);
 int ds_write_synced(int fd, const void *a, size_t an, const void *b, size_t bn);
 

@@ -280,7 +280,17 @@ static void cache_path(const struct train_dataset *d, const char *dir, const cha
         snprintf(out, n, "%s/.ichtriage-cache/%016llx.cache", dir, (unsigned long long)h);
 }
 
-static uint64_t fingerprint(const struct file_list *fl, const char *dir, const char *csv)
+/* With masks, the folder's masks/ (NULL when it has none) into mask_dir. */
+static const char *masks_of(const struct train_dataset *d, const char *dir, char *mask_dir,
+                            size_t n)
+{
+    struct stat st;
+    snprintf(mask_dir, n, "%s/masks", dir);
+    return d->masks && stat(mask_dir, &st) == 0 && S_ISDIR(st.st_mode) ? mask_dir : NULL;
+}
+
+static uint64_t fingerprint(const struct file_list *fl, const char *dir, const char *csv,
+                            const char *mask_dir)
 {
     uint64_t h = DS_FNV_BASIS;
     struct stat st;
@@ -295,6 +305,11 @@ static uint64_t fingerprint(const struct file_list *fl, const char *dir, const c
     }
     if (stat(csv, &st) == 0) {
         long long v[2] = {(long long)st.st_size, (long long)st.st_mtime};
+        h = ds_fnv((const char *)v, sizeof v, h);
+    }
+    /* a mask added or removed changes the folder's time */
+    if (mask_dir && stat(mask_dir, &st) == 0) {
+        long long v[2] = {(long long)st.st_mtim.tv_sec, (long long)st.st_mtim.tv_nsec};
         h = ds_fnv((const char *)v, sizeof v, h);
     }
     return h;
@@ -742,7 +757,7 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
 static int decode_folder(struct train_dataset *d, const char *dir, const struct file_list *fl,
                          struct label_map *lm, const struct file_rec *recs, size_t start,
                          size_t nrec, struct cache_writer *cw, const char *cpath, int *skipped,
-                         char *err, size_t errlen)
+                         const char *mask_dir, char *err, size_t errlen)
 {
     size_t per = ds_slice_bytes(d);
     const char **paths = malloc(nrec * sizeof *paths);
@@ -786,7 +801,7 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
         if (!px) {
             snprintf(err, errlen, "out of memory for a series of %d slices", v.n);
             rc = -1;
-        } else if (ds_decode(d, &v, paths, px, err, errlen) != 0) {
+        } else if (ds_decode(d, &v, paths, mask_dir, px, err, errlen) != 0) {
             rc = -1;
         } else if (cw && fwrite(px, per, (size_t)v.n, cw->f) != (size_t)v.n) {
             util_log(UTIL_LOG_WARN, "train_cache_unwritable",
@@ -848,12 +863,17 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         return -1;
     }
     qsort(fl.p, fl.n, sizeof *fl.p, cmp_str);
-    uint64_t fp = fingerprint(&fl, dir, csv);
+    char mdir[PATH_MAX + 8];
+    const char *masks = masks_of(d, dir, mdir, sizeof mdir);
+    uint64_t fp = fingerprint(&fl, dir, csv, masks);
     char cpath[PATH_MAX + 300];
     cache_path(d, dir, cache_dir, cpath, sizeof cpath);
     if (cache_load(d, cpath, fp) == 0) {
-        util_log(UTIL_LOG_INFO, "train_data_cached", "dir=%s series=%d slices=%zu", dir, d->nseries,
-                 d->nslices);
+        util_log(UTIL_LOG_INFO, "train_data_cached", "dir=%s series=%d slices=%zu%s", dir,
+                 d->nseries, d->nslices,
+                 !d->masks ? ""
+                 : masks   ? " masks=yes"
+                           : " masks=no");
         files_free(&fl);
         return 0;
     }
@@ -884,7 +904,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     bool cached = locked && cache_start(&cw, d, fp, recs, nrec, &start, &vskipped) == 0;
     skipped += vskipped;
     int r = decode_folder(d, dir, &fl, &lm, recs, start, nrec, cached ? &cw : NULL, cpath, &skipped,
-                          err, errlen);
+                          masks, err, errlen);
     if (r == 0 && cw.f && d->nseries > first_series &&
         cache_finish(&cw, d, first_series, first_slice, skipped, cpath, fp) != 0)
         r = 1;
@@ -895,7 +915,8 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         d->nslices = first_slice;
         ds_runs_truncate(d, first_slice);
         skipped = unlabelled;
-        r = decode_folder(d, dir, &fl, &lm, recs, 0, nrec, NULL, cpath, &skipped, err, errlen);
+        r = decode_folder(d, dir, &fl, &lm, recs, 0, nrec, NULL, cpath, &skipped, masks, err,
+                          errlen);
     }
     if (r != 0) goto out;
     if (d->nseries == first_series) {
@@ -903,8 +924,11 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
         goto out;
     }
     d->skipped_files += skipped;
-    util_log(UTIL_LOG_INFO, "train_data_decoded", "dir=%s series=%d slices=%zu skipped_files=%d",
-             dir, d->nseries - first_series, d->nslices - first_slice, skipped);
+    util_log(UTIL_LOG_INFO, "train_data_decoded", "dir=%s series=%d slices=%zu skipped_files=%d%s",
+             dir, d->nseries - first_series, d->nslices - first_slice, skipped,
+             !d->masks ? ""
+             : masks   ? " masks=yes"
+                       : " masks=no");
     rc = 0;
 out:
     cache_abandon(&cw);

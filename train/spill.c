@@ -91,14 +91,15 @@ int ds_spill_put(struct train_dataset *d, const uint8_t *px, size_t n)
     return -1;
 }
 
-/* How d's slices are made (their shape, the windows, the crop), as a
- * string for cache keys. */
+/* How d's slices are made (their shape, the windows, the crop, the masks),
+ * as a string for cache keys. */
 void ds_prep_string(const struct train_dataset *d, char *key, size_t n)
 {
     int k = snprintf(key, n, "|%dx%dx%d", d->c, d->h, d->w);
     for (int i = 0; i < d->windows.n && k < (int)n - 40; i++)
         k += snprintf(key + k, n - k, "|%g/%g", d->windows.center[i], d->windows.width[i]);
-    if (d->crop_head) snprintf(key + k, n - k, "|crop=head");
+    if (d->crop_head) k += snprintf(key + k, n - k, "|crop=head");
+    if (d->masks && k < (int)n) snprintf(key + k, n - k, "|masks=%d", TRAIN_MASK_SCALE);
 }
 
 /* ds_prep_string hashed: the kept series' folder and the start of their keys. */

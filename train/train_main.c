@@ -14,6 +14,7 @@
 #include "config.h"
 #include "log.h"
 #include "pipeline.h"
+#include "loc.h"
 #include "registry.h"
 #include "trainer.h"
 
@@ -37,6 +38,7 @@ struct opts {
     bool crop_head;   /* --crop head: the head crop before the resize */
     int val_slices;   /* stage 1 validates on this many validation slices (0: all) */
     int context;      /* --context: neighbouring slices each side as channels */
+    float loc_loss;   /* --loc-loss: weight of stage 1's localisation loss (0: none) */
 };
 
 struct state {
@@ -92,6 +94,9 @@ static void usage(FILE *f)
         "                          slices are the negatives the model finds hardest (the\n"
         "                          highest \"any\" of 4x as many slices of negative series\n"
         "                          drawn at random); default 0\n"
+        "  --loc-loss W            stage 1: add W x a loss on where the blood is, per cell\n"
+        "                          of the CNN's last map, for slices with blood masks\n"
+        "                          (phantom folders made with --masks); default 0\n"
         "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
         "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
@@ -148,6 +153,7 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"crop", 1, 0, 'K'},
                                        {"val-slices", 1, 0, 'Q'},
                                        {"context", 1, 0, 'k'},
+                                       {"loc-loss", 1, 0, 'G'},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
@@ -258,6 +264,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'k':
             o->context = atoi(optarg);
             break;
+        case 'G':
+            o->loc_loss = strtof(optarg, NULL);
+            break;
         case 'V':
             o->reviews = 1;
             break;
@@ -291,7 +300,9 @@ static int parse(struct opts *o, int argc, char **argv)
         !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
         !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0) ||
         !(o->lr_decay > 0 && o->lr_decay <= 1) || !(o->hard_neg >= 0 && o->hard_neg <= 0.5f) ||
-        o->val_slices < 0 || o->context < 0 || o->context > TRIAGE_MAX_CONTEXT) {
+        o->val_slices < 0 || o->context < 0 || o->context > TRIAGE_MAX_CONTEXT ||
+        !(o->loc_loss >= 0 && o->loc_loss <= 100) ||
+        (o->loc_loss > 0 && o->input_hw % TRAIN_MASK_SCALE != 0)) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
     }
@@ -463,7 +474,8 @@ static void shuffle(size_t *idx, size_t n, uint64_t *rng)
 }
 
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
-                           int epoch, const float *pos_w, struct progress *pg)
+                           int epoch, const float *pos_w, struct train_loc *loc, double *loc_loss,
+                           struct progress *pg)
 {
     size_t per = train_dataset_input_size(d);
     size_t n = 0;
@@ -525,18 +537,30 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     adam.lr = o->lr1 * powf(o->lr_decay, (float)epoch);
     nn_model_seed(m, rng);
     nn_model_set_training(m, 1);
-    double sum = 0;
+    double sum = 0, lsum = 0;
     for (int st = 0; st < steps; st++) {
         size_t a = (size_t)st * o->batch;
         int b = (int)(use - a < (size_t)o->batch ? use - a : (size_t)o->batch);
         for (int k = 0; k < b; k++) {
             size_t i = idx[a + k];
+            struct train_affine t;
             if (o->no_augment) {
                 train_dataset_input_float(d, i, x + k * per);
+                train_augment_none(&t);
             } else {
+                int c = (2 * d->context + 1) * d->c;
                 train_dataset_input(d, i, u);
-                train_augment_slice(&aug, u, (2 * d->context + 1) * d->c, d->h, d->w, x + k * per,
-                                    &rng);
+                train_augment_draw(&aug, c, d->h, d->w, &rng, &t);
+                train_augment_apply(&aug, &t, u, c, d->h, d->w, x + k * per);
+            }
+            if (loc) {
+                /* the mask moves with the pixels */
+                const uint8_t *mask = train_dataset_mask(d, i);
+                loc->known[k] = mask != NULL;
+                if (mask)
+                    train_augment_cells(&t, mask, d->h, d->w,
+                                        loc->cells + (size_t)k * loc->gh * loc->gw, loc->gh,
+                                        loc->gw);
             }
             for (int l = 0; l < TRAIN_LABELS; l++) {
                 uint8_t v = d->labels[i * TRAIN_LABELS + l];
@@ -557,12 +581,20 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
                                 ((double)b * TRAIN_LABELS));
                 dl[q] = 0;
             }
-        if (nn_cnn_backward(m, dl) != 0) goto out;
+        if (loc) {
+            if (nn_cnn_map(m, loc->map) != 0) goto out;
+            lsum += train_loc_loss(loc, b, train_rsna_weights, pos_w, o->loc_loss);
+            if (nn_cnn_backward_map(m, dl, loc->dmap) != 0) goto out;
+            train_loc_step(loc, adam.lr);
+        } else if (nn_cnn_backward(m, dl) != 0) {
+            goto out;
+        }
         nn_model_adam_step(m, &adam);
         sum += loss;
         progress_show(pg, st + 1, steps, sum / (st + 1), a + (size_t)b);
     }
     total = sum / steps;
+    *loc_loss = lsum / steps;
 out:
     nn_model_set_training(m, 0);
     free(idx), free(x), free(u), free(lg), free(dl), free(yt);
@@ -713,12 +745,18 @@ static int save_model(nn_model *m, const char *path)
 /* A checkpoint: the optimizer's state (workdir/last-optimizer.safetensors),
  * then the weights with the training state in their metadata (last), then
  * the state file for people and older runs. */
-static int checkpoint(nn_model *m, const char *workdir, const char *last, const struct state *st)
+static int checkpoint(nn_model *m, const char *workdir, const char *last, const struct state *st,
+                      const struct train_loc *loc)
 {
     char p[1200], err[256], v[256];
     snprintf(p, sizeof p, "%s/last-optimizer.safetensors", workdir);
     if (nn_model_save_optimizer(m, p, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "train_save_failed", "path=%s error=\"%s\"", p, err);
+        return -1;
+    }
+    snprintf(p, sizeof p, "%s/last-loc.bin", workdir);
+    if (loc && train_loc_save(loc, p, nn_model_optimizer_steps(m)) != 0) {
+        util_log(UTIL_LOG_ERROR, "train_save_failed", "path=%s error=\"%s\"", p, strerror(errno));
         return -1;
     }
     snprintf(v, sizeof v, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d adam_steps=%ld",
@@ -906,6 +944,51 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
     return better;
 }
 
+/* --loc-loss: the head, from the checkpoint's when it belongs to it. Only
+ * data with masks teaches it; none at all is a mistake worth stopping for.
+ * Returns 0, or -1 (said). */
+static int start_loc(struct train_loc *loc, nn_model *m, const struct train_dataset *d,
+                     const struct opts *o, const char *workdir)
+{
+    char err[1400] = "";
+    size_t known = 0, positive = 0;
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN) continue;
+        for (int k = 0; k < se->n; k++) {
+            const uint8_t *mk = train_dataset_mask(d, se->first + (size_t)k);
+            if (!mk) continue;
+            known++;
+            for (size_t q = 0; q < train_dataset_mask_size(d) && mk; q++)
+                if (mk[q]) positive++, mk = NULL;
+        }
+    }
+    if (known == 0) {
+        fprintf(stderr, "ichtriage train: --loc-loss: no training slice has a blood mask (phantom "
+                        "folders made with `ichtriage phantom --masks` have them)\n");
+        return -1;
+    }
+    if (train_loc_init(loc, m, o->batch, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage train: %s\n", err);
+        return -1;
+    }
+    char p[1200];
+    snprintf(p, sizeof p, "%s/last-loc.bin", workdir);
+    long steps = nn_model_optimizer_steps(m);
+    if (steps > 0 && train_loc_load(loc, p, steps, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_WARN, "train_resume_loc",
+                 "state=fresh reason=\"%s\" (the run goes on, not bit-identical to an "
+                 "uninterrupted one)",
+                 err);
+        train_loc_free(loc);
+        if (train_loc_init(loc, m, o->batch, err, sizeof err) != 0) return -1;
+    }
+    util_log(UTIL_LOG_INFO, "train_loc",
+             "weight=%g map=%dx%dx%d masked_slices=%zu with_blood=%zu head_steps=%ld", o->loc_loss,
+             loc->c, loc->gh, loc->gw, known, positive, loc->t);
+    return 0;
+}
+
 int train_train_main(int argc, char **argv)
 {
     struct triage_config cfg;
@@ -936,6 +1019,7 @@ int train_train_main(int argc, char **argv)
     float *scores = NULL;
     unsigned char *score_y = NULL;
     struct train_dataset d;
+    struct train_loc loc = {0}; /* --loc-loss: stage 1's localisation head */
     struct triage_windows win;
     triage_windows_default(&win);
     if (o.windows && triage_windows_parse(o.windows, &win, err, sizeof err) != 0) {
@@ -955,6 +1039,7 @@ int train_train_main(int argc, char **argv)
     train_dataset_init(&d, &win, win.n, o.input_hw, o.input_hw);
     d.crop_head = o.crop_head;
     d.context = o.context;
+    d.masks = o.loc_loss > 0;
     for (int i = 0; i < o.ndata; i++) {
         if (train_dataset_add_folder(&d, o.data[i], o.cache, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: %s\n", err);
@@ -1062,6 +1147,7 @@ int train_train_main(int argc, char **argv)
     float pw[TRAIN_LABELS];
     pos_weights(&d, pw);
     struct progress pg = {.tty = isatty(2)};
+    if (o.loc_loss > 0 && st.stage == 1 && start_loc(&loc, m, &d, &o, workdir) != 0) goto out;
 
     /* Stage 1. */
     while (st.stage == 1) {
@@ -1080,12 +1166,14 @@ int train_train_main(int argc, char **argv)
                 goto out;
             }
             st = (struct state){.stage = 2, .best = -1, .best_epoch = -1};
-            if (checkpoint(m, workdir, last, &st) != 0) goto out;
+            if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0)
+                goto out;
             break;
         }
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
         pg.items = 0, pg.t_last = pg.t0;
-        double loss = stage1_epoch(m, &d, &o, st.epoch, pw, &pg);
+        double lloss = 0;
+        double loss = stage1_epoch(m, &d, &o, st.epoch, pw, loc.c ? &loc : NULL, &lloss, &pg);
         double auc = 0, vloss = 0;
         int bad = isnan(loss);
         /* Validation series that are all study-labelled have no slices to
@@ -1101,17 +1189,19 @@ int train_train_main(int argc, char **argv)
         st.epoch++;
         struct train_epoch he = {1, st.epoch, loss, vloss, auc, now() - pg.t0};
         history_append(workdir, &he);
+        char ls[64] = "";
+        if (loc.c) snprintf(ls, sizeof ls, " loc_loss=%.4f", lloss);
         util_log(UTIL_LOG_INFO, "train_epoch",
-                 "stage=1 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.0f "
+                 "stage=1 epoch=%d loss=%.4f%s val_loss=%.4f val_auc=%.4f seconds=%.0f "
                  "slices_per_s=%.1f",
-                 st.epoch, loss, vloss, auc, he.seconds, progress_rate(&pg));
+                 st.epoch, loss, ls, vloss, auc, he.seconds, progress_rate(&pg));
         if (auc > st.best) {
             st.best = auc, st.best_epoch = st.epoch, st.bad = 0;
             if (save_model(m, best1) != 0) goto out;
         } else {
             st.bad++;
         }
-        if (checkpoint(m, workdir, last, &st) != 0) goto out;
+        if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0) goto out;
     }
 
     /* Stage 2: convolutions (and the stage-1 head) frozen. */
@@ -1136,7 +1226,8 @@ int train_train_main(int argc, char **argv)
                 goto out;
             }
             st = (struct state){.stage = 3, .best = -1, .best_epoch = -1};
-            if (checkpoint(m, workdir, last, &st) != 0) goto out;
+            if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0)
+                goto out;
             break;
         }
         pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
@@ -1161,7 +1252,7 @@ int train_train_main(int argc, char **argv)
         } else {
             st.bad++;
         }
-        if (checkpoint(m, workdir, last, &st) != 0) goto out;
+        if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0) goto out;
     }
 
     /* Calibration, threshold, evaluation on the test split (validation when
@@ -1229,13 +1320,14 @@ int train_train_main(int argc, char **argv)
     snprintf(
         buf, sizeof buf,
         "arch=%s input=%d crop=%s context=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-        "series_batch=%d slices_per_epoch=%d hard_negatives=%g lr1=%g lr_decay=%g lr2=%g "
-        "study_loss=%g val_metric=%s val_slices=%d augment=%s "
+        "series_batch=%d slices_per_epoch=%d hard_negatives=%g loc_loss=%g lr1=%g lr_decay=%g "
+        "lr2=%g study_loss=%g val_metric=%s val_slices=%d augment=%s "
         "init=%s",
         o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
         o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
-        o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
-        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
+        o.loc_loss, o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean",
+        o.val_slices, o.no_augment ? "no" : "shift,rotation,flip,intensity",
+        o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",
@@ -1299,6 +1391,7 @@ out:
     free(scores), free(score_y);
     free(feat);
     free(vs);
+    train_loc_free(&loc);
     nn_model_free(m);
     train_dataset_free(&d);
     triage_config_free(&cfg);

@@ -30,6 +30,26 @@ struct train_augment {
 void train_augment_default(struct train_augment *a);
 void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,
                          float *out, uint64_t *rng);
+/* The same in two steps, so that a slice's mask can follow its pixels: the
+ * random changes drawn (in the order train_augment_slice draws them), then
+ * applied. train_augment_none is no change at all. */
+struct train_affine {
+    float cs, sn, dx, dy; /* rotation, then shift (pixels) */
+    int flip;
+    float gain[8], off[8];
+};
+void train_augment_draw(const struct train_augment *a, int c, int h, int w, uint64_t *rng,
+                        struct train_affine *t);
+void train_augment_none(struct train_affine *t);
+void train_augment_apply(const struct train_augment *a, const struct train_affine *t,
+                         const uint8_t *in, int c, int h, int w, float *out);
+/* The localisation targets of one slice: its mask (train_dataset_mask, in
+ * cells of TRAIN_MASK_SCALE pixels of the h x w input) moved as t moves the
+ * pixels, then gathered on the gh x gw grid of the CNN's last feature map:
+ * cells[gy * gw + gx] gets the bits of every input pixel that grid cell
+ * covers. */
+void train_augment_cells(const struct train_affine *t, const uint8_t *mask, int h, int w,
+                         uint8_t *cells, int gh, int gw);
 
 /* Logits of every slice of the series of split (-1: all): the stage-1 head
  * (CNN alone) and the LRCN, each [nslices of the dataset, TRAIN_LABELS],

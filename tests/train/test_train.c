@@ -1522,3 +1522,220 @@ Test(context, the_node_runs_a_context_model_on_a_series, .timeout = 120)
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
 }
+
+/* ---- blood masks and the localisation loss (--loc-loss) ---- */
+
+#include "loc.h"
+
+/* masks/<image>.png of a phantom folder (size x size), or NULL: no file. */
+static uint8_t *mask_png(const char *ph, const char *sop, int size)
+{
+    char path[700], err[800];
+    snprintf(path, sizeof path, "%s/masks/ID_%s.png", ph, sop);
+    if (access(path, F_OK) != 0) return NULL;
+    uint8_t *m = malloc((size_t)size * size);
+    cr_assert_eq(train_mask_read(path, size, size, m, err, sizeof err), 0, "%s", err);
+    return m;
+}
+
+static void load_masks(struct train_dataset *d, const char *dir, const char *cache, int hw,
+                       bool crop, bool masks)
+{
+    struct triage_windows w;
+    triage_windows_default(&w);
+    train_dataset_init(d, &w, 3, hw, hw);
+    d->crop_head = crop;
+    d->masks = masks;
+    char err[512];
+    cr_assert_eq(train_dataset_add_folder(d, dir, cache, err, sizeof err), 0, "%s", err);
+}
+
+Test(masks, follow_the_blood_into_the_input_frame, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-masks-XXXXXX", ph[300], bare[300], cache[300];
+    cr_assert(mkdtemp(tmp));
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(bare, sizeof bare, "%s/bare", tmp);
+    snprintf(cache, sizeof cache, "%s/cache", tmp);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    char err[512];
+    struct train_phantom_opts o;
+    train_phantom_opts_default(&o);
+    o.outdir = ph, o.seed = 21, o.count = 4, o.size = 64, o.prevalence = 1;
+    o.slices_min = o.slices_max = 8;
+    o.masks = true;
+    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    o.outdir = bare, o.masks = false;
+    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+
+    /* Input = image, no crop: each mask cell is exactly the OR of the 4x4
+     * pixels of the file it covers. */
+    struct train_dataset a, plain, crop, none;
+    load_masks(&a, ph, cache, 64, false, true);
+    load_masks(&plain, ph, cache, 64, false, false);
+    cr_assert_eq(train_dataset_mask_size(&a), 16 * 16);
+    cr_assert_eq(train_dataset_mask_size(&plain), 0);
+    int positive_slices = 0, subtypes = 0;
+    for (int s = 0; s < a.nseries; s++) {
+        const struct train_series *se = &a.series[s];
+        char *paths[64];
+        int np = series_files(ph, se->series_uid, paths, 64);
+        struct triage_volume v;
+        cr_assert_eq(triage_volume_build((const char *const *)paths, np, &v, err, sizeof err), 0);
+        cr_assert_eq(v.n, se->n);
+        for (int k = 0; k < se->n; k++) {
+            size_t i = se->first + (size_t)k;
+            /* the pixels are those of a dataset without masks */
+            cr_assert_eq(
+                memcmp(train_dataset_pixels(&a, i), train_dataset_pixels(&plain, i), 3 * 64 * 64),
+                0, "slice %zu: pixels moved with the masks", i);
+            cr_assert_null(train_dataset_mask(&plain, i));
+            const uint8_t *m = train_dataset_mask(&a, i);
+            cr_assert_not_null(m, "slice %zu: the folder has masks", i);
+            uint8_t *src = mask_png(ph, v.slices[k].sop_uid, 64);
+            cr_assert_eq(src != NULL, a.labels[i * TRAIN_LABELS] == 1);
+            uint8_t all = 0;
+            for (int cy = 0; cy < 16; cy++)
+                for (int cx = 0; cx < 16; cx++) {
+                    uint8_t want = 0;
+                    for (int y = 4 * cy; src && y < 4 * cy + 4; y++)
+                        for (int x = 4 * cx; x < 4 * cx + 4; x++)
+                            want |= src[y * 64 + x];
+                    cr_assert_eq(m[cy * 16 + cx], want, "slice %zu cell %d,%d", i, cy, cx);
+                    all |= want;
+                }
+            for (int l = 1; l < TRAIN_LABELS; l++)
+                cr_assert_eq(all >> (l - 1) & 1, a.labels[i * TRAIN_LABELS + l],
+                             "slice %zu: mask bit of %s against its label", i,
+                             train_label_names[l]);
+            positive_slices += a.labels[i * TRAIN_LABELS] == 1;
+            subtypes |= all;
+            free(src);
+        }
+        for (int k = 0; k < np; k++)
+            free(paths[k]);
+        triage_volume_free(&v);
+    }
+    cr_assert_gt(positive_slices, 4);
+    cr_assert_geq(__builtin_popcount((unsigned)subtypes), 3, "subtypes seen: %x", subtypes);
+
+    /* Cropped and resized: a mask bit on exactly the slices its label has,
+     * and the cache of the masked slices is another file than the plain one. */
+    load_masks(&crop, ph, cache, 32, true, true);
+    for (size_t i = 0; i < crop.nslices; i++) {
+        const uint8_t *m = train_dataset_mask(&crop, i);
+        cr_assert_not_null(m);
+        uint8_t all = 0;
+        for (size_t q = 0; q < train_dataset_mask_size(&crop); q++)
+            all |= m[q];
+        for (int l = 1; l < TRAIN_LABELS; l++)
+            cr_assert_eq(all >> (l - 1) & 1, crop.labels[i * TRAIN_LABELS + l], "slice %zu", i);
+    }
+    /* A folder without masks/: not known, and nothing to learn from. */
+    load_masks(&none, bare, cache, 32, true, true);
+    for (size_t i = 0; i < none.nslices; i++)
+        cr_assert_null(train_dataset_mask(&none, i));
+    /* From the caches again: the same masks */
+    struct train_dataset again;
+    load_masks(&again, ph, cache, 32, true, true);
+    for (size_t i = 0; i < crop.nslices; i++)
+        cr_assert_eq(memcmp(train_dataset_pixels(&again, i), train_dataset_pixels(&crop, i),
+                            3 * 32 * 32 + 8 * 8),
+                     0);
+    train_dataset_free(&again);
+    train_dataset_free(&a), train_dataset_free(&plain), train_dataset_free(&crop),
+        train_dataset_free(&none);
+    rm_rf(tmp);
+}
+
+/* The targets move with the pixels: a bright 4x4 block and its mask cell,
+ * under no change, a flip, and random draws. */
+Test(augment, cells_follow_the_pixels)
+{
+    enum { H = 64, G = 8 };
+    uint8_t img[3 * H * H] = {0}, mask[(H / 4) * (H / 4)] = {0}, cells[G * G];
+    int by = 24, bx = 44; /* the block's corner, on the mask's 4-pixel cells */
+    for (int y = by; y < by + 4; y++)
+        for (int x = bx; x < bx + 4; x++)
+            img[y * H + x] = 255;
+    mask[(by / 4) * (H / 4) + bx / 4] = 1u << 3;
+    struct train_augment aug;
+    train_augment_default(&aug);
+    aug.gain = aug.offset = 0;
+    float out[3 * H * H];
+    uint64_t rng = 5;
+    for (int round = 0; round < 12; round++) {
+        struct train_affine t;
+        if (round == 0)
+            train_augment_none(&t);
+        else
+            train_augment_draw(&aug, 3, H, H, &rng, &t);
+        if (round == 1) t.flip = 1, t.dx = t.dy = 0, t.cs = 1, t.sn = 0;
+        train_augment_apply(&aug, &t, img, 3, H, H, out);
+        train_augment_cells(&t, mask, H, H, cells, G, G);
+        /* every grid cell where the block is clearly seen is a target, and
+         * no target lies far from it */
+        uint8_t seen[G * G] = {0};
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < H; x++)
+                if (out[y * H + x] > 0.75f) seen[(y * G / H) * G + x * G / H] = 1;
+        int nseen = 0;
+        for (int c = 0; c < G * G; c++) {
+            nseen += seen[c];
+            if (seen[c]) cr_assert_eq(cells[c], 1u << 3, "round %d cell %d", round, c);
+            if (cells[c]) {
+                int cy = c / G, cx = c % G, near = 0;
+                for (int dy = -1; dy <= 1; dy++)
+                    for (int dx = -1; dx <= 1; dx++) {
+                        int yy = cy + dy, xx = cx + dx;
+                        near |= yy >= 0 && xx >= 0 && yy < G && xx < G && seen[yy * G + xx];
+                    }
+                cr_assert(near, "round %d: a target at cell %d, the block elsewhere", round, c);
+            }
+        }
+        cr_assert_gt(nseen, 0, "round %d: the block left the image", round);
+        if (round == 1) cr_assert_eq(cells[3 * G + (H - 1 - bx) * G / H], 1u << 3, "flipped");
+    }
+}
+
+/* The head's loss against central differences, for its weights and for the map. */
+Test(loc, the_gradients_are_the_losss)
+{
+    nn_model *m = tiny_model(); /* a 8 x 8 x 8 map before its global pool */
+    struct train_loc l;
+    char err[256];
+    cr_assert_eq(train_loc_init(&l, m, 3, err, sizeof err), 0, "%s", err);
+    cr_assert(l.c == 8 && l.gh == 8 && l.gw == 8);
+    size_t nm = 3 * (size_t)l.c * l.gh * l.gw;
+    uint64_t rng = 3;
+    for (size_t i = 0; i < nm; i++)
+        l.map[i] = nn_rng_uniform(&rng);
+    for (size_t i = 0; i < l.nparam; i++)
+        l.p[i] = nn_rng_uniform(&rng) - 0.5f;
+    for (int i = 0; i < 3 * 64; i++)
+        l.cells[i] = nn_rng_uniform(&rng) < 0.2f ? (uint8_t)(1 + nn_rng_next(&rng) % 31) : 0;
+    l.known[0] = l.known[2] = true, l.known[1] = false;
+    const float lw[6] = NN_RSNA_LABEL_WEIGHTS, pw[6] = {3, 5, 2, 2, 4, 2};
+    train_loc_loss(&l, 3, lw, pw, 2.0f);
+    float *gp = malloc(l.nparam * sizeof(float)), *gm = malloc(nm * sizeof(float));
+    memcpy(gp, l.grad, l.nparam * sizeof(float));
+    memcpy(gm, l.dmap, nm * sizeof(float));
+    double worst = 0;
+    for (int k = 0; k < 40; k++) {
+        float *v = k % 2 ? &l.p[nn_rng_next(&rng) % l.nparam] : &l.map[nn_rng_next(&rng) % nm];
+        float g = k % 2 ? gp[v - l.p] : gm[v - l.map], x = *v;
+        *v = x + 1e-2f;
+        double lp = train_loc_loss(&l, 3, lw, pw, 2.0f);
+        *v = x - 1e-2f;
+        double lm = train_loc_loss(&l, 3, lw, pw, 2.0f);
+        *v = x;
+        worst = fmax(worst, fabs((lp - lm) / 2e-2 - g) / (fabs(g) + 1e-4));
+    }
+    cr_expect(worst < 2e-2, "relative error %.3g", worst);
+    /* a slice without a mask adds nothing */
+    for (size_t i = 64 * 8; i < 2 * 64 * 8; i++)
+        cr_assert_eq(gm[i], 0.0f);
+    free(gp), free(gm);
+    train_loc_free(&l);
+    nn_model_free(m);
+}
