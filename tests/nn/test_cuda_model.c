@@ -2,8 +2,8 @@
  * one model (same seed, so the same weights and dropout masks), one moved to
  * the GPU in fp32 mode: inference outputs, training logits, EVERY parameter
  * gradient, the weights and running statistics after Adam steps, stage 1
- * (the CNN alone), stage 2 (frozen CNN, precomputed features), saving from
- * the GPU, and moving back to the CPU. A small LRCN with batch-norm, and
+ * (the CNN alone, also with a loss on its last feature map), stage 2 (frozen CNN, precomputed
+ * features), saving from the GPU, and moving back to the CPU. A small LRCN with batch-norm, and
  * VGG19's LRCN at 32x32 (all 16 convolutions, the flatten and the 1000-wide
  * dense layers). Exits 77 (skipped) when no GPU is present. */
 #include "cuda_check.h"
@@ -178,13 +178,9 @@ static void inference(check_ctx *t, pair *p, const int *len, int S)
     free(x), free(a), free(b);
 }
 
-static void stage1(check_ctx *t, pair *p, int n)
+/* Stage 1 on both: the CNN alone learns, in training mode, from zero gradients. */
+static void stage1_begin(pair *p)
 {
-    float *x = host_random((size_t)n * p->in_size, 8), *y = host_random((size_t)n * LABELS, 9);
-    for (int i = 0; i < n * LABELS; i++)
-        y[i] = y[i] > 0.0f;
-    float *la = malloc(sizeof(float) * n * LABELS), *lb = malloc(sizeof(float) * n * LABELS);
-    float *dl = malloc(sizeof(float) * n * LABELS);
     nn_model_freeze(p->cpu, "lstm.", 1), nn_model_freeze(p->gpu, "lstm.", 1);
     nn_model_freeze(p->cpu, "dense.", 1), nn_model_freeze(p->gpu, "dense.", 1);
     nn_model_freeze(p->cpu, "out.", 1), nn_model_freeze(p->gpu, "out.", 1);
@@ -192,6 +188,16 @@ static void stage1(check_ctx *t, pair *p, int n)
     nn_model_set_training(p->gpu, 1);
     nn_model_zero_grad(p->cpu);
     nn_model_zero_grad(p->gpu);
+}
+
+static void stage1(check_ctx *t, pair *p, int n)
+{
+    float *x = host_random((size_t)n * p->in_size, 8), *y = host_random((size_t)n * LABELS, 9);
+    for (int i = 0; i < n * LABELS; i++)
+        y[i] = y[i] > 0.0f;
+    float *la = malloc(sizeof(float) * n * LABELS), *lb = malloc(sizeof(float) * n * LABELS);
+    float *dl = malloc(sizeof(float) * n * LABELS);
+    stage1_begin(p);
     nn_cnn_forward(p->cpu, x, n, la);
     nn_cnn_forward(p->gpu, x, n, lb);
     char what[128];
@@ -206,6 +212,37 @@ static void stage1(check_ctx *t, pair *p, int n)
     nn_model_set_training(p->cpu, 0);
     nn_model_set_training(p->gpu, 0);
     free(x), free(y), free(la), free(lb), free(dl);
+}
+
+/* Stage 1 with a second loss on the last feature map (train --loc-loss):
+ * the map read back from the GPU, and its gradient added on the GPU. */
+static void stage1_map(check_ctx *t, pair *p, int n)
+{
+    int c, h, w;
+    if (nn_cnn_map_shape(p->cpu, &c, &h, &w) != 0) {
+        check_true(t, "stage-1 map: the model has one", 0);
+        return;
+    }
+    size_t nm = (size_t)n * c * h * w;
+    float *x = host_random((size_t)n * p->in_size, 10), *dl = host_random((size_t)n * LABELS, 11);
+    float *dm = host_random(nm, 12), *ma = malloc(sizeof(float) * nm);
+    float *mb = malloc(sizeof(float) * nm), *lg = malloc(sizeof(float) * n * LABELS);
+    stage1_begin(p);
+    nn_cnn_forward(p->cpu, x, n, lg);
+    nn_cnn_forward(p->gpu, x, n, lg);
+    check_true(t, "stage-1 map read on both",
+               nn_cnn_map(p->cpu, ma) == 0 && nn_cnn_map(p->gpu, mb) == 0);
+    char what[128];
+    snprintf(what, sizeof(what), "%s stage-1 last feature map", p->name);
+    check_nmse(t, what, mb, ma, nm, 0.0);
+    check_true(t, "stage-1 backward with the map's gradient on both",
+               nn_cnn_backward_map(p->cpu, dl, dm) == 0 &&
+                   nn_cnn_backward_map(p->gpu, dl, dm) == 0);
+    compare_tensors(t, p, "stage 1 with a map loss", 0);
+    unfreeze_all(p);
+    nn_model_set_training(p->cpu, 0);
+    nn_model_set_training(p->gpu, 0);
+    free(x), free(dl), free(dm), free(ma), free(mb), free(lg);
 }
 
 /* Stage 2: CNN frozen, so the LRCN runs the CNN in eval chunks and only the
@@ -302,6 +339,7 @@ int main(void)
         lrcn_train_steps(&t, &small, len, 3, 3);
         inference(&t, &small, len2, 2); /* after training: running statistics moved */
         stage1(&t, &small, 6);
+        stage1_map(&t, &small, 6);
         stage2(&t, &small, len, 3);
         save_and_move(&t, &small);
         lrcn_train_steps(&t, &small, len2, 2, 1); /* and back on the GPU again */
