@@ -12,9 +12,9 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "loc.h"
 #include "log.h"
 #include "pipeline.h"
-#include "loc.h"
 #include "registry.h"
 #include "trainer.h"
 
@@ -743,6 +743,7 @@ static int save_model(nn_model *m, const char *path)
 }
 
 /* A checkpoint: the optimizer's state (workdir/last-optimizer.safetensors),
+ * with --loc-loss in stage 1 the localisation head (workdir/last-loc.bin),
  * then the weights with the training state in their metadata (last), then
  * the state file for people and older runs. */
 static int checkpoint(nn_model *m, const char *workdir, const char *last, const struct state *st,
@@ -1166,8 +1167,7 @@ int train_train_main(int argc, char **argv)
                 goto out;
             }
             st = (struct state){.stage = 2, .best = -1, .best_epoch = -1};
-            if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0)
-                goto out;
+            if (checkpoint(m, workdir, last, &st, NULL) != 0) goto out;
             break;
         }
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
@@ -1201,7 +1201,7 @@ int train_train_main(int argc, char **argv)
         } else {
             st.bad++;
         }
-        if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0) goto out;
+        if (checkpoint(m, workdir, last, &st, loc.c ? &loc : NULL) != 0) goto out;
     }
 
     /* Stage 2: convolutions (and the stage-1 head) frozen. */
@@ -1226,8 +1226,7 @@ int train_train_main(int argc, char **argv)
                 goto out;
             }
             st = (struct state){.stage = 3, .best = -1, .best_epoch = -1};
-            if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0)
-                goto out;
+            if (checkpoint(m, workdir, last, &st, NULL) != 0) goto out;
             break;
         }
         pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
@@ -1252,7 +1251,7 @@ int train_train_main(int argc, char **argv)
         } else {
             st.bad++;
         }
-        if (checkpoint(m, workdir, last, &st, st.stage == 1 && loc.c ? &loc : NULL) != 0) goto out;
+        if (checkpoint(m, workdir, last, &st, NULL) != 0) goto out;
     }
 
     /* Calibration, threshold, evaluation on the test split (validation when
