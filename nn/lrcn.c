@@ -59,17 +59,23 @@ static int reserve_lrcn(nn_model *m, int N, int S)
     return 0;
 }
 
+/* Grows *buf (backend memory) to hold n floats; contents are not kept.
+ * Returns 0, or NN_ENOMEM. */
+static int reserve(nn_model *m, float **buf, size_t *cap, size_t n)
+{
+    if (n <= *cap) return 0;
+    m->be->dealloc(m->bctx, *buf);
+    *buf = m->be->alloc(m->bctx, sizeof(float) * n);
+    *cap = *buf ? n : 0;
+    return *buf ? 0 : NN_ENOMEM;
+}
+
 /* Host floats into the backend: the pointer itself on the CPU, else a copy
  * in *buf (grown to n floats). NULL when out of memory. */
 static const float *stage(nn_model *m, float **buf, size_t *cap, const float *host, size_t n)
 {
     if (m->be == nn_backend_cpu()) return host;
-    if (n > *cap) {
-        m->be->dealloc(m->bctx, *buf);
-        *buf = m->be->alloc(m->bctx, sizeof(float) * n);
-        *cap = *buf ? n : 0;
-        if (!*buf) return NULL;
-    }
+    if (reserve(m, buf, cap, n) != 0) return NULL;
     m->be->upload(m->bctx, *buf, host, sizeof(float) * n);
     return *buf;
 }
@@ -186,12 +192,7 @@ int nn_cnn_backward_map(nn_model *m, const float *dlogits, const float *dmap)
     const float *g = dlogits;
     if (m->be != nn_backend_cpu()) {
         /* both staged at once: din holds the logits' gradient, then the map's */
-        if (nl + nm > m->din_cap) {
-            m->be->dealloc(m->bctx, m->din);
-            m->din = m->be->alloc(m->bctx, sizeof(float) * (nl + nm));
-            m->din_cap = m->din ? nl + nm : 0;
-            if (!m->din) return NN_ENOMEM;
-        }
+        if (reserve(m, &m->din, &m->din_cap, nl + nm) != 0) return NN_ENOMEM;
         m->be->upload(m->bctx, m->din, dlogits, sizeof(float) * nl);
         m->be->upload(m->bctx, m->din + nl, dmap, sizeof(float) * nm);
         g = m->din;

@@ -866,14 +866,12 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     char mdir[PATH_MAX + 8];
     const char *masks = masks_of(d, dir, mdir, sizeof mdir);
     uint64_t fp = fingerprint(&fl, dir, csv, masks);
+    const char *said = !d->masks ? "" : masks ? " masks=yes" : " masks=no"; /* for the log */
     char cpath[PATH_MAX + 300];
     cache_path(d, dir, cache_dir, cpath, sizeof cpath);
     if (cache_load(d, cpath, fp) == 0) {
         util_log(UTIL_LOG_INFO, "train_data_cached", "dir=%s series=%d slices=%zu%s", dir,
-                 d->nseries, d->nslices,
-                 !d->masks ? ""
-                 : masks   ? " masks=yes"
-                           : " masks=no");
+                 d->nseries, d->nslices, said);
         files_free(&fl);
         return 0;
     }
@@ -925,10 +923,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     }
     d->skipped_files += skipped;
     util_log(UTIL_LOG_INFO, "train_data_decoded", "dir=%s series=%d slices=%zu skipped_files=%d%s",
-             dir, d->nseries - first_series, d->nslices - first_slice, skipped,
-             !d->masks ? ""
-             : masks   ? " masks=yes"
-                       : " masks=no");
+             dir, d->nseries - first_series, d->nslices - first_slice, skipped, said);
     rc = 0;
 out:
     cache_abandon(&cw);

@@ -36,7 +36,7 @@ int train_loc_init(struct train_loc *l, nn_model *m, int batch, char *err, size_
     l->dmap = malloc((size_t)batch * l->c * g * sizeof(float));
     l->cells = malloc((size_t)batch * g);
     l->known = malloc((size_t)batch * sizeof *l->known);
-    l->z = malloc(g * TRAIN_LABELS * sizeof(float));
+    l->z = malloc(3 * g * TRAIN_LABELS * sizeof(float));
     if (!l->p || !l->map || !l->dmap || !l->cells || !l->known || !l->z) {
         train_loc_free(l);
         snprintf(err, errlen, "out of memory");
@@ -58,81 +58,66 @@ void train_loc_free(struct train_loc *l)
     memset(l, 0, sizeof *l);
 }
 
-/* BCE with logits, positive weight pw: the loss and d/dz. */
-static float bce(float z, float t, float pw, float *dz)
-{
-    float sp_pos = fmaxf(-z, 0) + log1pf(expf(-fabsf(z))); /* softplus(-z) = -log sigmoid(z) */
-    float sp_neg = sp_pos + z;                             /* softplus(z) */
-    float s = 1 / (1 + expf(-z));
-    *dz = t > 0 ? pw * (s - 1) : s;
-    return t > 0 ? pw * sp_pos : sp_neg;
-}
-
 double train_loc_loss(struct train_loc *l, int n, const float *label_w, const float *pos_w,
                       float weight)
 {
-    int g = l->gh * l->gw, C = l->c;
+    int g = l->gh * l->gw, C = l->c, L = TRAIN_LABELS;
     size_t per = (size_t)C * g;
+    float *z = l->z, *t = l->z + (size_t)g * L, *dz = t + (size_t)g * L;
     memset(l->grad, 0, l->nparam * sizeof(float));
     memset(l->dmap, 0, (size_t)n * per * sizeof(float));
-    /* the mean over the batch's slices, labels and cells, as the slice
-     * loss is over slices and labels; slices without a mask add nothing */
-    double norm = (double)n * TRAIN_LABELS * g, loss = 0;
-    float scale = (float)(weight / norm);
+    /* nn_bce_logits takes the mean over one slice's cells and labels; over
+     * the batch it is the mean over all n slices, as the slice loss is, so
+     * slices without a mask add nothing and count in the mean */
+    double loss = 0;
+    float scale = weight / (float)n;
     for (int k = 0; k < n; k++) {
         if (!l->known[k]) continue;
         const float *map = l->map + (size_t)k * per;
         const uint8_t *cells = l->cells + (size_t)k * g;
         float *dmap = l->dmap + (size_t)k * per;
-        /* z [labels, cells] = w . map + b */
-        for (int y = 0; y < TRAIN_LABELS; y++)
-            for (int p = 0; p < g; p++)
-                l->z[y * g + p] = l->b[y];
-        for (int y = 0; y < TRAIN_LABELS; y++)
+        /* z [cells, labels] = w . map + b; label 0 is "any": blood of any subtype */
+        for (int p = 0; p < g; p++)
+            for (int y = 0; y < L; y++) {
+                z[p * L + y] = l->b[y];
+                t[p * L + y] = (float)(y == 0 ? cells[p] != 0 : cells[p] >> (y - 1) & 1);
+            }
+        for (int y = 0; y < L; y++)
             for (int c = 0; c < C; c++) {
                 float wc = l->w[y * C + c];
                 const float *mc = map + (size_t)c * g;
                 for (int p = 0; p < g; p++)
-                    l->z[y * g + p] += wc * mc[p];
+                    z[p * L + y] += wc * mc[p];
             }
-        for (int y = 0; y < TRAIN_LABELS; y++)
-            for (int p = 0; p < g; p++) {
-                /* label 0 is "any": a cell with blood of any subtype */
-                int t = y == 0 ? cells[p] != 0 : cells[p] >> (y - 1) & 1;
-                float dz;
-                loss += label_w[y] * bce(l->z[y * g + p], (float)t, pos_w[y], &dz);
-                l->z[y * g + p] = dz * label_w[y] * scale; /* now dL/dz */
-            }
-        for (int y = 0; y < TRAIN_LABELS; y++) {
-            const float *dz = l->z + y * g;
+        loss += nn_bce_logits(dz, z, t, label_w, pos_w, g, L);
+        for (int y = 0; y < L; y++) {
             float *gw = l->grad + y * C;
             for (int p = 0; p < g; p++)
-                l->grad[TRAIN_LABELS * C + y] += dz[p];
+                l->grad[L * C + y] += dz[p * L + y] * scale;
             for (int c = 0; c < C; c++) {
                 const float *mc = map + (size_t)c * g;
-                float *dc = dmap + (size_t)c * g, wc = l->w[y * C + c], acc = 0;
+                float *dc = dmap + (size_t)c * g, wc = l->w[y * C + c] * scale, acc = 0;
                 for (int p = 0; p < g; p++) {
-                    acc += dz[p] * mc[p];
-                    dc[p] += dz[p] * wc;
+                    acc += dz[p * L + y] * mc[p];
+                    dc[p] += dz[p * L + y] * wc;
                 }
-                gw[c] += acc;
+                gw[c] += acc * scale;
             }
         }
     }
-    return loss * weight / norm;
+    return loss * scale;
 }
 
 void train_loc_step(struct train_loc *l, float lr)
 {
-    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
     l->t++;
-    float c1 = 1 - powf(b1, (float)l->t), c2 = 1 - powf(b2, (float)l->t);
-    for (size_t i = 0; i < l->nparam; i++) {
-        float g = l->grad[i];
-        l->am[i] = b1 * l->am[i] + (1 - b1) * g;
-        l->av[i] = b2 * l->av[i] + (1 - b2) * g * g;
-        l->p[i] -= lr * (l->am[i] / c1) / (sqrtf(l->av[i] / c2) + eps);
-    }
+    nn_adam_hyper h = {.lr = lr,
+                       .beta1 = 0.9f,
+                       .beta2 = 0.999f,
+                       .eps = 1e-8f,
+                       .step = lr / (1.0f - powf(0.9f, (float)l->t)),
+                       .bc2 = sqrtf(1.0f - powf(0.999f, (float)l->t))};
+    nn_adam_update(l->p, l->grad, l->am, l->av, l->nparam, &h);
 }
 
 struct loc_head {

@@ -23,7 +23,7 @@ struct train_loc {
     float *dmap;    /* [cap, c, gh, gw]: the loss's gradient for it */
     uint8_t *cells; /* [cap, gh, gw]: each slice's targets (train_augment_cells) */
     bool *known;    /* [cap]: the slice has a mask; without one it adds nothing */
-    float *z;       /* scratch */
+    float *z;       /* scratch: one slice's logits, targets and their gradient */
 };
 
 /* For model m (its map's shape) and batches of up to batch slices. Returns
