@@ -247,6 +247,18 @@ int ds_grow(struct train_dataset *d, size_t add_slices, int add_series)
     return 0;
 }
 
+/* libpng's errors into the message (not onto stderr), then back to the setjmp. */
+static void png_error_said(png_structp png, png_const_charp msg)
+{
+    snprintf(png_get_error_ptr(png), 128, "%s", msg);
+    png_longjmp(png, 1);
+}
+
+static void png_warning_dropped(png_structp png, png_const_charp msg)
+{
+    (void)png, (void)msg;
+}
+
 int train_mask_read(const char *path, int rows, int cols, uint8_t *out, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "rb");
@@ -254,11 +266,13 @@ int train_mask_read(const char *path, int rows, int cols, uint8_t *out, char *er
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    char why[128] = "out of memory";
+    png_structp png =
+        png_create_read_struct(PNG_LIBPNG_VER_STRING, why, png_error_said, png_warning_dropped);
     png_infop info = png ? png_create_info_struct(png) : NULL;
     int rc = -1;
     if (!png || !info || setjmp(png_jmpbuf(png))) {
-        snprintf(err, errlen, "%s: not a PNG that can be read", path);
+        snprintf(err, errlen, "%s: not a PNG that can be read (%s)", path, why);
         goto out;
     }
     png_init_io(png, f);

@@ -3,6 +3,7 @@
  * threshold, the final evaluation and report, and registration. */
 #include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,8 +120,39 @@ static void usage(FILE *f)
         "  -h, --help              this text\n");
 }
 
+/* A number option's value; *bad is set to it when it is not a number of
+ * the kind (or is out of range), so that "--epochs1 x" is refused rather
+ * than read as 0. */
+static int int_arg(const char *s, const char **bad)
+{
+    char *e;
+    errno = 0;
+    long v = strtol(s, &e, 10);
+    if (e == s || *e || errno || v < INT_MIN || v > INT_MAX) *bad = s;
+    return (int)v;
+}
+
+static float float_arg(const char *s, const char **bad)
+{
+    char *e;
+    errno = 0;
+    float v = strtof(s, &e);
+    if (e == s || *e || errno) *bad = s;
+    return v;
+}
+
+static uint64_t seed_arg(const char *s, const char **bad)
+{
+    char *e;
+    errno = 0;
+    unsigned long long v = strtoull(s, &e, 10);
+    if (e == s || *e || errno || *s == '-') *bad = s;
+    return (uint64_t)v;
+}
+
 static int parse(struct opts *o, int argc, char **argv)
 {
+    const char *bad = NULL; /* a number option's value that is not one */
     static const struct option lo[] = {{"out", 1, 0, 'o'},
                                        {"workdir", 1, 0, 'w'},
                                        {"cache", 1, 0, 'C'},
@@ -194,46 +226,46 @@ static int parse(struct opts *o, int argc, char **argv)
             o->windows = optarg;
             break;
         case 'i':
-            o->input_hw = atoi(optarg);
+            o->input_hw = int_arg(optarg, &bad);
             break;
         case 's':
-            o->seed = strtoull(optarg, NULL, 10);
+            o->seed = seed_arg(optarg, &bad);
             break;
         case '1':
-            o->epochs1 = atoi(optarg);
+            o->epochs1 = int_arg(optarg, &bad);
             break;
         case '2':
-            o->epochs2 = atoi(optarg);
+            o->epochs2 = int_arg(optarg, &bad);
             break;
         case 'p':
-            o->patience = atoi(optarg);
+            o->patience = int_arg(optarg, &bad);
             break;
         case 'b':
-            o->batch = atoi(optarg);
+            o->batch = int_arg(optarg, &bad);
             break;
         case 'B':
-            o->series_batch = atoi(optarg);
+            o->series_batch = int_arg(optarg, &bad);
             break;
         case 'S':
-            o->slices_per_epoch = atoi(optarg);
+            o->slices_per_epoch = int_arg(optarg, &bad);
             break;
         case 'l':
-            o->lr1 = strtof(optarg, NULL);
+            o->lr1 = float_arg(optarg, &bad);
             break;
         case 'L':
-            o->lr2 = strtof(optarg, NULL);
+            o->lr2 = float_arg(optarg, &bad);
             break;
         case 'v':
-            o->val_frac = strtof(optarg, NULL);
+            o->val_frac = float_arg(optarg, &bad);
             break;
         case 't':
-            o->test_frac = strtof(optarg, NULL);
+            o->test_frac = float_arg(optarg, &bad);
             break;
         case 'x':
-            o->sensitivity = strtof(optarg, NULL);
+            o->sensitivity = float_arg(optarg, &bad);
             break;
         case 'T':
-            o->threads = atoi(optarg);
+            o->threads = int_arg(optarg, &bad);
             break;
         case 'N':
             o->no_augment = 1;
@@ -249,29 +281,29 @@ static int parse(struct opts *o, int argc, char **argv)
             o->reg = 1;
             break;
         case 'Y':
-            o->study_loss = strtof(optarg, NULL);
+            o->study_loss = float_arg(optarg, &bad);
             break;
         case 'H':
-            o->hard_neg = strtof(optarg, NULL);
+            o->hard_neg = float_arg(optarg, &bad);
             break;
         case 'K':
             if (strcmp(optarg, "head") != 0 && strcmp(optarg, "none") != 0) return -1;
             o->crop_head = strcmp(optarg, "head") == 0;
             break;
         case 'Q':
-            o->val_slices = atoi(optarg);
+            o->val_slices = int_arg(optarg, &bad);
             break;
         case 'k':
-            o->context = atoi(optarg);
+            o->context = int_arg(optarg, &bad);
             break;
         case 'G':
-            o->loc_loss = strtof(optarg, NULL);
+            o->loc_loss = float_arg(optarg, &bad);
             break;
         case 'V':
             o->reviews = 1;
             break;
         case 'y':
-            o->lr_decay = strtof(optarg, NULL);
+            o->lr_decay = float_arg(optarg, &bad);
             break;
         case 'M':
             if (strcmp(optarg, "any") != 0 && strcmp(optarg, "mean") != 0) return -1;
@@ -293,6 +325,11 @@ static int parse(struct opts *o, int argc, char **argv)
     }
     if (o->ndata == 0 && !o->reviews) {
         fprintf(stderr, "ichtriage train: no DATA folder given (nor --reviews)\n");
+        return -1;
+    }
+    if (bad) {
+        fprintf(stderr, "ichtriage train: \"%s\" is not a number this option takes (see --help)\n",
+                bad);
         return -1;
     }
     if (o->input_hw < 16 || o->input_hw > 512 || o->epochs1 < 0 || o->epochs2 < 0 ||

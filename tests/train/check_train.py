@@ -298,6 +298,12 @@ def main():
             os.path.join(tmp, "l0.work"), "--input", "64", "--loc-loss", "1")
     check(r.returncode == 1 and "--masks" in r.stderr,
           "--loc-loss on data without masks: a clear error: " + r.stderr.strip()[-200:])
+    for opt, bad in (("--loc-loss", "-1"), ("--loc-loss", "abc"), ("--epochs1", "x"),
+                     ("--lr1", "1e-3x")):
+        r = run("train", data, "-o", os.path.join(tmp, "l1.safetensors"), opt, bad)
+        check(r.returncode == 2 and not os.path.exists(os.path.join(tmp, "l1.safetensors"))
+              and (bad == "-1" or f'"{bad}" is not a number' in r.stderr),
+              f"{opt} {bad} refused before any work: " + r.stderr.strip()[:120])
     masked = os.path.join(tmp, "phm")
     r = run("phantom", masked, "--seed", "11", "-n", "60", "--size", "64", "--slices", "8",
             "--noise", "2", "--no-artifacts", "--prevalence", "0.6",

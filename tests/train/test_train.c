@@ -1643,6 +1643,51 @@ Test(masks, follow_the_blood_into_the_input_frame, .timeout = 120)
                             3 * 32 * 32 + 8 * 8),
                      0);
     train_dataset_free(&again);
+
+    /* A mask that is not one (not a PNG; a PNG of another size): the folder
+     * is refused with the file's name, and the dataset keeps nothing of it. */
+    char bad[700], cmd[1600];
+    snprintf(cmd, sizeof cmd, "ls %s/masks | head -1", ph);
+    FILE *ls = popen(cmd, "r");
+    char first[400] = "";
+    cr_assert_not_null(fgets(first, sizeof first, ls));
+    pclose(ls);
+    first[strcspn(first, "\n")] = 0;
+    snprintf(bad, sizeof bad, "%s/masks/%s", ph, first);
+    struct train_phantom_opts q = o; /* masks of 128x128 pixels, for the second round */
+    char small[300];
+    snprintf(small, sizeof small, "%s/small", tmp);
+    q.outdir = small, q.size = 128, q.count = 1, q.masks = true;
+    cr_assert_eq(train_phantom_run(&q, err, sizeof err), 0, "%s", err);
+    for (int round = 0; round < 2; round++) {
+        if (round == 0) {
+            FILE *f = fopen(bad, "wb");
+            cr_assert_not_null(f);
+            fputs("not a png", f);
+            fclose(f);
+        } else {
+            snprintf(cmd, sizeof cmd, "cp \"$(ls -d %s/masks/* | head -1)\" '%s'", small, bad);
+            cr_assert_eq(system(cmd), 0);
+        }
+        /* a cache of its own, so that the folder is decoded again */
+        char c2[320];
+        snprintf(c2, sizeof c2, "%s/cache%d", tmp, round);
+        cr_assert_eq(mkdir(c2, 0755), 0);
+        struct train_dataset b;
+        struct triage_windows w;
+        triage_windows_default(&w);
+        train_dataset_init(&b, &w, 3, 32, 32);
+        b.crop_head = true, b.masks = true;
+        cr_assert_eq(train_dataset_add_folder(&b, ph, c2, err, sizeof err), -1,
+                     "round %d: a bad mask was accepted", round);
+        cr_assert(strstr(err, first) != NULL, "round %d: the message names the file: %s", round,
+                  err);
+        cr_assert(strstr(err, round ? "64x64" : "PNG"),
+                  "round %d: the message says what is wrong: %s", round, err);
+        cr_assert_eq(b.nslices, 0);
+        cr_assert_eq(b.nseries, 0);
+        train_dataset_free(&b);
+    }
     train_dataset_free(&a), train_dataset_free(&plain), train_dataset_free(&crop),
         train_dataset_free(&none);
     rm_rf(tmp);
