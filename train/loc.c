@@ -10,6 +10,8 @@
  * run (WORKDIR/last-loc.bin), so that a resumed run is the same run. */
 #include "loc.h"
 
+#include "trainer.h"
+
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -56,6 +58,35 @@ void train_loc_free(struct train_loc *l)
 {
     free(l->p), free(l->map), free(l->dmap), free(l->cells), free(l->known), free(l->z);
     memset(l, 0, sizeof *l);
+}
+
+size_t train_loc_cell_weights(const struct train_dataset *d, int gh, int gw, float *pw)
+{
+    double pos[TRAIN_LABELS] = {0}, all = 0;
+    size_t counted = 0, g = (size_t)gh * gw;
+    uint8_t *cells = malloc(g ? g : 1);
+    struct train_affine t;
+    train_augment_none(&t);
+    for (int s = 0; s < d->nseries && cells; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN) continue;
+        for (int k = 0; k < se->n; k++) {
+            const uint8_t *mask = train_dataset_mask(d, se->first + (size_t)k);
+            if (!mask) continue;
+            train_augment_cells(&t, mask, d->h, d->w, cells, gh, gw);
+            counted++;
+            all += (double)g;
+            for (size_t p = 0; p < g; p++)
+                for (int y = 0; y < TRAIN_LABELS; y++)
+                    pos[y] += y == 0 ? cells[p] != 0 : cells[p] >> (y - 1) & 1;
+        }
+    }
+    free(cells);
+    for (int y = 0; y < TRAIN_LABELS; y++) {
+        double w = pos[y] > 0 ? (all - pos[y]) / pos[y] : 1;
+        pw[y] = w < 1 ? 1 : w > TRAIN_LOC_MAX_POS_W ? TRAIN_LOC_MAX_POS_W : (float)w;
+    }
+    return counted;
 }
 
 double train_loc_loss(struct train_loc *l, int n, const float *label_w, const float *pos_w,

@@ -40,6 +40,7 @@ struct opts {
     int val_slices;   /* stage 1 validates on this many validation slices (0: all) */
     int context;      /* --context: neighbouring slices each side as channels */
     float loc_loss;   /* --loc-loss: weight of stage 1's localisation loss (0: none) */
+    bool loc_cells;   /* --loc-cell-weights: the cells' own positive-class weights */
 };
 
 struct state {
@@ -98,6 +99,9 @@ static void usage(FILE *f)
         "  --loc-loss W            stage 1: add W x a loss on where the blood is, per cell\n"
         "                          of the CNN's last map, for slices with blood masks\n"
         "                          (phantom folders made with --masks); default 0\n"
+        "  --loc-cell-weights      with --loc-loss: weigh blood in a cell by how rare blood\n"
+        "                          is among the cells of the training masks (negative /\n"
+        "                          positive cells, at most 100), not among slices\n"
         "  --val F, --test F       share of patients for validation and test (0.15, 0.15)\n"
         "  --sensitivity S         study-level sensitivity the threshold aims at (0.95)\n"
         "  --val-metric mean|any   early stopping on the mean slice-level validation AUC\n"
@@ -186,6 +190,7 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"val-slices", 1, 0, 'Q'},
                                        {"context", 1, 0, 'k'},
                                        {"loc-loss", 1, 0, 'G'},
+                                       {"loc-cell-weights", 0, 0, 'g'},
                                        {"help", 0, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
@@ -299,6 +304,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'G':
             o->loc_loss = float_arg(optarg, &bad);
             break;
+        case 'g':
+            o->loc_cells = true;
+            break;
         case 'V':
             o->reviews = 1;
             break;
@@ -341,6 +349,10 @@ static int parse(struct opts *o, int argc, char **argv)
         !(o->loc_loss >= 0 && o->loc_loss <= 100) ||
         (o->loc_loss > 0 && o->input_hw % TRAIN_MASK_SCALE != 0)) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
+        return -1;
+    }
+    if (o->loc_cells && !(o->loc_loss > 0)) {
+        fprintf(stderr, "ichtriage train: --loc-cell-weights needs --loc-loss W (W > 0)\n");
         return -1;
     }
     return 0;
@@ -620,7 +632,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
             }
         if (loc) {
             if (nn_cnn_map(m, loc->map) != 0) goto out;
-            lsum += train_loc_loss(loc, b, train_rsna_weights, pos_w, o->loc_loss);
+            lsum += train_loc_loss(loc, b, train_rsna_weights, loc->pos_w, o->loc_loss);
             if (nn_cnn_backward_map(m, dl, loc->dmap) != 0) goto out;
             train_loc_step(loc, adam.lr);
         } else if (nn_cnn_backward(m, dl) != 0) {
@@ -986,7 +998,7 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
  * data with masks teaches it; none at all is a mistake worth stopping for.
  * Returns 0, or -1 (said). */
 static int start_loc(struct train_loc *loc, nn_model *m, const struct train_dataset *d,
-                     const struct opts *o, const char *workdir)
+                     const struct opts *o, const char *workdir, const float *slice_pw)
 {
     char err[1400] = "";
     size_t known = 0, positive = 0;
@@ -1021,9 +1033,23 @@ static int start_loc(struct train_loc *loc, nn_model *m, const struct train_data
         train_loc_free(loc);
         if (train_loc_init(loc, m, o->batch, err, sizeof err) != 0) return -1;
     }
+    /* the cells' weights come from the data, not the checkpoint: a resumed
+     * run computes the same ones */
+    memcpy(loc->pos_w, slice_pw, sizeof loc->pos_w);
+    if (o->loc_cells && train_loc_cell_weights(d, loc->gh, loc->gw, loc->pos_w) == 0) {
+        fprintf(stderr, "ichtriage train: --loc-cell-weights: out of memory\n");
+        train_loc_free(loc);
+        return -1;
+    }
+    char pws[200];
+    int at = 0;
+    for (int y = 0; y < TRAIN_LABELS && at < (int)sizeof pws; y++)
+        at += snprintf(pws + at, sizeof pws - (size_t)at, "%s%.1f", y ? "," : "", loc->pos_w[y]);
     util_log(UTIL_LOG_INFO, "train_loc",
-             "weight=%g map=%dx%dx%d masked_slices=%zu with_blood=%zu head_steps=%ld", o->loc_loss,
-             loc->c, loc->gh, loc->gw, known, positive, loc->t);
+             "weight=%g map=%dx%dx%d masked_slices=%zu with_blood=%zu head_steps=%ld "
+             "pos_weights=%s from=%s",
+             o->loc_loss, loc->c, loc->gh, loc->gw, known, positive, loc->t, pws,
+             o->loc_cells ? "cells" : "slices");
     return 0;
 }
 
@@ -1185,7 +1211,7 @@ int train_train_main(int argc, char **argv)
     float pw[TRAIN_LABELS];
     pos_weights(&d, pw);
     struct progress pg = {.tty = isatty(2)};
-    if (o.loc_loss > 0 && st.stage == 1 && start_loc(&loc, m, &d, &o, workdir) != 0) goto out;
+    if (o.loc_loss > 0 && st.stage == 1 && start_loc(&loc, m, &d, &o, workdir, pw) != 0) goto out;
 
     /* Stage 1. */
     while (st.stage == 1) {
@@ -1356,14 +1382,14 @@ int train_train_main(int argc, char **argv)
     snprintf(
         buf, sizeof buf,
         "arch=%s input=%d crop=%s context=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-        "series_batch=%d slices_per_epoch=%d hard_negatives=%g loc_loss=%g lr1=%g lr_decay=%g "
+        "series_batch=%d slices_per_epoch=%d hard_negatives=%g loc_loss=%g%s lr1=%g lr_decay=%g "
         "lr2=%g study_loss=%g val_metric=%s val_slices=%d augment=%s "
         "init=%s",
         o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
         o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
-        o.loc_loss, o.lr1, o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean",
-        o.val_slices, o.no_augment ? "no" : "shift,rotation,flip,intensity",
-        o.init ? o.init : "none");
+        o.loc_loss, o.loc_loss > 0 && o.loc_cells ? " loc_weights=cells" : "", o.lr1, o.lr_decay,
+        o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
+        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",

@@ -336,6 +336,23 @@ def main():
     hc = int.from_bytes(c[:8], "little")
     check(r.returncode == 0 and c[8 + hc:] != b[8 + hb:],
           "the localisation loss changes what is learnt (a run without it ends elsewhere)")
+    # --loc-cell-weights: the cells' own positive-class weights, logged and
+    # recorded; they change what is learnt; without --loc-loss, refused.
+    r = run("train", masked, "-o", os.path.join(tmp, "l2.safetensors"), "--loc-cell-weights")
+    check(r.returncode == 2 and "--loc-cell-weights needs --loc-loss" in r.stderr
+          and not os.path.exists(os.path.join(tmp, "l2.safetensors")),
+          "--loc-cell-weights without --loc-loss refused: " + r.stderr.strip()[:120])
+    out_c = os.path.join(tmp, "lc.safetensors")
+    r = run(*train_args(masked, out_c, os.path.join(tmp, "lc.work"), epochs1=3, epochs2=1,
+                        spe=96), "--loc-loss", "1", "--loc-cell-weights")
+    with open(out_c, "rb") as f:
+        c = f.read()
+    hc = int.from_bytes(c[:8], "little")
+    loc_lines = [ln for ln in r.stderr.splitlines() if "event=train_loc " in ln]
+    check(r.returncode == 0 and loc_lines and "from=cells" in loc_lines[0]
+          and "loc_weights=cells" in metadata(out_c)["training"] and c[8 + hc:] != b[8 + hb:],
+          "--loc-cell-weights: logged, recorded, and another run than the slices' weights: "
+          + (loc_lines[0] if loc_lines else r.stderr[-300:]))
 
     # 4. eval on the same folder, test split as train made it.
     rep = os.path.join(tmp, "eval.html")

@@ -1538,6 +1538,18 @@ static uint8_t *mask_png(const char *ph, const char *sop, int size)
     return m;
 }
 
+/* Phantom studies with masks, all positive, 8 slices of 64x64, in ph; o is
+ * left as it made them. */
+static void masked_phantom(struct train_phantom_opts *o, const char *ph, uint64_t seed, int count)
+{
+    char err[512];
+    train_phantom_opts_default(o);
+    o->outdir = ph, o->seed = seed, o->count = count, o->size = 64, o->prevalence = 1;
+    o->slices_min = o->slices_max = 8;
+    o->masks = true;
+    cr_assert_eq(train_phantom_run(o, err, sizeof err), 0, "%s", err);
+}
+
 static void load_masks(struct train_dataset *d, const char *dir, const char *cache, int hw,
                        bool crop, bool masks)
 {
@@ -1560,11 +1572,7 @@ Test(masks, follow_the_blood_into_the_input_frame, .timeout = 120)
     cr_assert_eq(mkdir(cache, 0755), 0);
     char err[512];
     struct train_phantom_opts o;
-    train_phantom_opts_default(&o);
-    o.outdir = ph, o.seed = 21, o.count = 4, o.size = 64, o.prevalence = 1;
-    o.slices_min = o.slices_max = 8;
-    o.masks = true;
-    cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
+    masked_phantom(&o, ph, 21, 4);
     o.outdir = bare, o.masks = false;
     cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
 
@@ -1783,4 +1791,67 @@ Test(loc, the_gradients_are_the_losss)
     free(gp), free(gm);
     train_loc_free(&l);
     nn_model_free(m);
+}
+
+/* --loc-cell-weights: negative / positive cells per label over the training
+ * split's masked slices, on the map's grid, counted here straight from the
+ * masks (a grid cell of 8x8 input pixels is 2x2 mask cells). */
+Test(loc, cell_weights_count_the_training_masks, .timeout = 120)
+{
+    char tmp[] = "/tmp/ichtriage-cellw-XXXXXX", ph[300], cache[300];
+    cr_assert(mkdtemp(tmp));
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(cache, sizeof cache, "%s/cache", tmp);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    struct train_phantom_opts o;
+    masked_phantom(&o, ph, 22, 14);
+    struct train_dataset d;
+    load_masks(&d, ph, cache, 64, false, true);
+    /* the last two series are validation: they must not count */
+    cr_assert_geq(d.nseries, 4);
+    for (int s = d.nseries - 2; s < d.nseries; s++)
+        d.series[s].split = TRAIN_SPLIT_VAL;
+    double pos[TRAIN_LABELS] = {0}, all = 0;
+    size_t want_slices = 0;
+    for (int s = 0; s < d.nseries; s++) {
+        const struct train_series *se = &d.series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN) continue;
+        for (int k = 0; k < se->n; k++) {
+            const uint8_t *m = train_dataset_mask(&d, se->first + (size_t)k);
+            cr_assert_not_null(m);
+            want_slices++;
+            for (int gy = 0; gy < 8; gy++)
+                for (int gx = 0; gx < 8; gx++) {
+                    uint8_t bits = 0;
+                    for (int y = 2 * gy; y < 2 * gy + 2; y++)
+                        for (int x = 2 * gx; x < 2 * gx + 2; x++)
+                            bits |= m[y * 16 + x];
+                    all++;
+                    pos[0] += bits != 0;
+                    for (int l = 1; l < TRAIN_LABELS; l++)
+                        pos[l] += bits >> (l - 1) & 1;
+                }
+        }
+    }
+    cr_assert_gt(pos[0], 0, "the phantoms have blood");
+    float pw[TRAIN_LABELS];
+    cr_assert_eq(train_loc_cell_weights(&d, 8, 8, pw), want_slices);
+    int subtypes = 0, clamped = 0;
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        double w = pos[l] > 0 ? (all - pos[l]) / pos[l] : 1;
+        subtypes += l > 0 && pos[l] > 0;
+        clamped += w > TRAIN_LOC_MAX_POS_W;
+        w = w < 1 ? 1 : w > TRAIN_LOC_MAX_POS_W ? TRAIN_LOC_MAX_POS_W : w;
+        cr_expect_float_eq(pw[l], (float)w, 1e-4f * (float)w, "%s: %g against %g (%g of %g)",
+                           train_label_names[l], pw[l], w, pos[l], all);
+    }
+    /* the data has both sides of the clamp */
+    cr_assert_geq(subtypes, 3, "subtypes with blood: %d", subtypes);
+    cr_assert(clamped > 0 && clamped < subtypes, "labels clamped: %d", clamped);
+    /* no mask anywhere (a dataset read without them): nothing counted */
+    struct train_dataset plain;
+    load_masks(&plain, ph, cache, 64, false, false);
+    cr_assert_eq(train_loc_cell_weights(&plain, 8, 8, pw), 0);
+    train_dataset_free(&plain), train_dataset_free(&d);
+    rm_rf(tmp);
 }
