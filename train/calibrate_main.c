@@ -14,6 +14,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "number.h"
 #include "pipeline.h"
 #include "trainer.h"
 
@@ -98,15 +99,14 @@ int train_calibrate_main(int argc, char **argv)
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "ho:", lo, NULL)) != -1) {
-        char *end;
         switch (c) {
         case 'o':
             out_path = optarg;
             break;
         case 'S':
-            sens = strtod(optarg, &end);
-            if (end == optarg || *end || !(sens > 0 && sens <= 1)) {
-                fprintf(stderr, "ichtriage calibrate: --sensitivity: a number in (0, 1]\n");
+            if (util_number_double(optarg, &sens) != 0 || !(sens > 0 && sens <= 1)) {
+                fprintf(stderr, "ichtriage calibrate: --sensitivity \"%s\": a number in (0, 1]\n",
+                        optarg);
                 goto out;
             }
             break;
@@ -122,9 +122,16 @@ int train_calibrate_main(int argc, char **argv)
         case 'C':
             cache = optarg;
             break;
-        case 'T':
-            nn_set_threads(atoi(optarg));
+        case 'T': {
+            long n;
+            if (util_number_long(optarg, 0, 1024, &n) != 0) {
+                fprintf(stderr, "ichtriage calibrate: --threads \"%s\": an integer 0..1024\n",
+                        optarg);
+                goto out;
+            }
+            if (n > 0) nn_set_threads((int)n);
             break;
+        }
         case 'h':
             usage(stdout);
             rc = 0;

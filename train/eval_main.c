@@ -8,6 +8,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "number.h"
 #include "pipeline.h"
 #include "trainer.h"
 
@@ -151,6 +152,14 @@ out:
     return rc;
 }
 
+/* A number option's value that is not one, or out of its range. */
+static int bad_number(const char *opt, const char *value)
+{
+    fprintf(stderr, "ichtriage eval: %s \"%s\": not a number in its range (see --help)\n", opt,
+            value);
+    return 2;
+}
+
 int train_eval_main(int argc, char **argv)
 {
     struct triage_config cfg;
@@ -193,13 +202,15 @@ int train_eval_main(int argc, char **argv)
             }
             break;
         case 's':
-            seed = strtoull(optarg, NULL, 10);
+            if (util_number_u64(optarg, &seed) != 0) return bad_number("--seed", optarg);
             break;
         case 'v':
-            val = atof(optarg);
+            if (util_number_double(optarg, &val) != 0 || !(val > 0 && val < 0.5))
+                return bad_number("--val", optarg);
             break;
         case 't':
-            test = atof(optarg);
+            if (util_number_double(optarg, &test) != 0 || !(test >= 0 && test < 0.5))
+                return bad_number("--test", optarg);
             break;
         case 'C':
             cache = optarg;
@@ -207,9 +218,12 @@ int train_eval_main(int argc, char **argv)
         case 'm':
             compare = optarg;
             break;
-        case 'T':
-            nn_set_threads(atoi(optarg));
+        case 'T': {
+            long n;
+            if (util_number_long(optarg, 0, 1024, &n) != 0) return bad_number("--threads", optarg);
+            if (n > 0) nn_set_threads((int)n);
             break;
+        }
         case 'h':
             usage(stdout);
             return 0;

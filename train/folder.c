@@ -100,8 +100,9 @@ static int labels_read(const char *path, struct label_map *m, char *err, size_t 
         int li = -1;
         for (int l = 0; us && l < TRAIN_LABELS; l++)
             if (strcmp(us + 1, train_label_names[l]) == 0) li = l;
-        int v = atoi(comma + 1);
-        if (li < 0 || us <= id + 3 || (v != 0 && v != 1) || (comma[1] != '0' && comma[1] != '1')) {
+        /* exactly 0 or 1: "0.7" or "1x" is not a label */
+        int v = strcmp(comma + 1, "0") == 0 ? 0 : strcmp(comma + 1, "1") == 0 ? 1 : -1;
+        if (li < 0 || us <= id + 3 || v < 0) {
             snprintf(err, errlen, "%s:%ld: bad row (label name or value)", path, lineno);
             fclose(f);
             return -1;

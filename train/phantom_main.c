@@ -1,11 +1,12 @@
 /* `ichtriage phantom OUTDIR`: command-line options of the phantom generator. */
 #include "phantom.h"
 
-#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "number.h"
 
 static void usage(FILE *out)
 {
@@ -39,22 +40,10 @@ static void usage(FILE *out)
           out);
 }
 
-static int parse_double(const char *s, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end || errno) return -1;
-    *out = v;
-    return 0;
-}
-
 static int parse_int(const char *s, long lo, long hi, int *out)
 {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno || v < lo || v > hi) return -1;
+    long v;
+    if (util_number_long(s, lo, hi, &v) != 0) return -1;
     *out = (int)v;
     return 0;
 }
@@ -66,12 +55,12 @@ static int parse_range(const char *s, double *lo, double *hi)
     if (snprintf(buf, sizeof buf, "%s", s) >= (int)sizeof buf) return -1;
     char *dash = strchr(buf + 1, '-');
     if (dash) *dash = 0;
-    if (parse_double(buf, lo) != 0) return -1;
+    if (util_number_double(buf, lo) != 0) return -1;
     if (!dash) {
         *hi = *lo;
         return 0;
     }
-    if (parse_double(dash + 1, hi) != 0 || *hi < *lo) return -1;
+    if (util_number_double(dash + 1, hi) != 0 || *hi < *lo) return -1;
     return 0;
 }
 
@@ -133,15 +122,10 @@ int train_phantom_main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, ":n:c:h", longopts, NULL)) != -1) {
         double lo, hi;
         switch (c) {
-        case O_SEED: {
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(optarg, &end, 0);
-            if (end == optarg || *end || errno || optarg[0] == '-')
+        case O_SEED:
+            if (util_number_u64(optarg, &o.seed) != 0)
                 return bad("--seed", optarg, "a non-negative integer");
-            o.seed = v;
             break;
-        }
         case 'n':
             if (parse_int(optarg, 1, 1000000, &o.count) != 0)
                 return bad("--count", optarg, "an integer 1..1000000");
@@ -151,7 +135,8 @@ int train_phantom_main(int argc, char **argv)
                 return bad("--first", optarg, "an integer >= 0");
             break;
         case O_PREV:
-            if (parse_double(optarg, &o.prevalence) != 0 || o.prevalence < 0 || o.prevalence > 1)
+            if (util_number_double(optarg, &o.prevalence) != 0 || o.prevalence < 0 ||
+                o.prevalence > 1)
                 return bad("--prevalence", optarg, "a number within 0..1");
             break;
         case O_SUB: {
@@ -162,7 +147,7 @@ int train_phantom_main(int argc, char **argv)
                 return bad("--subtype", optarg,
                            "NAME=P with NAME one of epidural, intraparenchymal, "
                            "intraventricular, subarachnoid, subdural");
-            if (parse_double(eq + 1, &p) != 0 || p < 0 || p > 1)
+            if (util_number_double(eq + 1, &p) != 0 || p < 0 || p > 1)
                 return bad("--subtype", optarg, "the share P must be within 0..1");
             o.subtype_prevalence[k] = p;
             break;

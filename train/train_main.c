@@ -2,6 +2,7 @@
  * stopping, checkpoints every epoch and resume, calibration, the operating
  * threshold, the final evaluation and report, and registration. */
 #include <errno.h>
+#include <float.h>
 #include <getopt.h>
 #include <limits.h>
 #include <math.h>
@@ -15,6 +16,7 @@
 #include "config.h"
 #include "loc.h"
 #include "log.h"
+#include "number.h"
 #include "pipeline.h"
 #include "registry.h"
 #include "trainer.h"
@@ -129,29 +131,23 @@ static void usage(FILE *f)
  * than read as 0. */
 static int int_arg(const char *s, const char **bad)
 {
-    char *e;
-    errno = 0;
-    long v = strtol(s, &e, 10);
-    if (e == s || *e || errno || v < INT_MIN || v > INT_MAX) *bad = s;
+    long v = 0;
+    if (util_number_long(s, INT_MIN, INT_MAX, &v) != 0) *bad = s;
     return (int)v;
 }
 
 static float float_arg(const char *s, const char **bad)
 {
-    char *e;
-    errno = 0;
-    float v = strtof(s, &e);
-    if (e == s || *e || errno) *bad = s;
-    return v;
+    double v = 0;
+    if (util_number_double(s, &v) != 0 || fabs(v) > FLT_MAX) *bad = s;
+    return (float)v;
 }
 
 static uint64_t seed_arg(const char *s, const char **bad)
 {
-    char *e;
-    errno = 0;
-    unsigned long long v = strtoull(s, &e, 10);
-    if (e == s || *e || errno || *s == '-') *bad = s;
-    return (uint64_t)v;
+    uint64_t v = 0;
+    if (util_number_u64(s, &v) != 0) *bad = s;
+    return v;
 }
 
 static int parse(struct opts *o, int argc, char **argv)

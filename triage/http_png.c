@@ -4,6 +4,7 @@
  * The decode runs on the loop: one slice takes milliseconds. */
 #include "http_internal.h"
 
+#include <limits.h>
 #include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 
 #include "db_web.h"
 #include "log.h"
+#include "number.h"
 #include "preprocess.h"
 #include "scp_pixels.h"
 
@@ -74,11 +76,12 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
                    const char *sop_uid)
 {
     char rel[600], path[2000], num[16];
-    int frame = 0;
+    long frame = 0;
     if (req->query_at != SIZE_MAX &&
         http_param(req->path.base + req->query_at + 1, req->path.len - req->query_at - 1, "frame",
-                   num, sizeof num))
-        frame = atoi(num);
+                   num, sizeof num) &&
+        util_number_long(num, 0, INT_MAX, &frame) != 0)
+        return http_send_error(req, 400, "frame: a frame number, 0 or more");
     int rc = db_study_instance_file(h->db, study_uid, sop_uid, rel, sizeof rel);
     if (rc == 1) return http_send_error(req, 404, "no such slice in this study");
     if (rc != 0) return http_send_error(req, 500, "cannot read the index");
@@ -86,8 +89,9 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
      * without harm (in the pixel-decoder child, issue 10): the slices with a
      * result. A file that crashed or never reached the decoder is not
      * parsed for its pixels in this process. */
-    rc = db_slice_has_result(h->db, sop_uid, frame);
-    if (rc == 1) return http_send_error(req, 404, "no triaged slice: only slices with a result are shown");
+    rc = db_slice_has_result(h->db, sop_uid, (int)frame);
+    if (rc == 1)
+        return http_send_error(req, 404, "no triaged slice: only slices with a result are shown");
     if (rc != 0) return http_send_error(req, 500, "cannot read the index");
     snprintf(path, sizeof path, "%s/%s", h->store->dir, rel);
     struct scp_pixels px;

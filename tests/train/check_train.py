@@ -304,6 +304,16 @@ def main():
         check(r.returncode == 2 and not os.path.exists(os.path.join(tmp, "l1.safetensors"))
               and (bad == "-1" or f'"{bad}" is not a number' in r.stderr),
               f"{opt} {bad} refused before any work: " + r.stderr.strip()[:120])
+    # eval and calibrate read their numbers the same way: refused, exit 2,
+    # before the model or the data is read
+    for cmd, opt, bad in (("eval", "--seed", "-1"), ("eval", "--val", "abc"),
+                          ("eval", "--test", "0.9"), ("eval", "--threads", "2x"),
+                          ("calibrate", "--threads", "x"), ("calibrate", "--sensitivity", "1e-3x")):
+        r = run(cmd, out, data, opt, bad, *(["-o", os.path.join(tmp, "c1.safetensors")]
+                                            if cmd == "calibrate" else []))
+        check(r.returncode == 2 and f'"{bad}"' in r.stderr
+              and not os.path.exists(os.path.join(tmp, "c1.safetensors")),
+              f"{cmd} {opt} {bad} refused before any work: " + r.stderr.strip()[:160])
     masked = os.path.join(tmp, "phm")
     r = run("phantom", masked, "--seed", "11", "-n", "60", "--size", "64", "--slices", "8",
             "--noise", "2", "--no-artifacts", "--prevalence", "0.6",
@@ -454,6 +464,12 @@ def main():
     os.symlink(os.path.join(data, "stage_2_train"), os.path.join(empty, "dcm"))
     r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
     check(r.returncode != 0 and "bad row" in r.stderr, "bad CSV row: " + r.stderr.strip())
+    for value in ("0.7", "1x", ""):
+        with open(os.path.join(empty, "stage_2_train.csv"), "w") as f:
+            f.write("ID,Label\nID_1.2.3_any,%s\n" % value)
+        r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
+        check(r.returncode != 0 and "bad row" in r.stderr,
+              "label value %r is not 0 or 1: %s" % (value, r.stderr.strip()))
     with open(os.path.join(empty, "stage_2_train.csv"), "w") as f:
         f.write("ID,Label\nID_9.9.9_any,1\n")
     r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))

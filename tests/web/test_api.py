@@ -96,6 +96,10 @@ class ApiTest(wt.WebTest):
         self.get_json(self.node, "/api/studies/%s/slices/%s.png" % (suid, ssop), 404)
         self.get_json(self.node, "/api/studies/%s/slices/%s.png?frame=1" % (
             uid, st["key_sop_uid"]), 404)
+        # A frame that is not a frame number is refused, not read as frame 0.
+        for bad in ("abc", "0x", "-1", "1.5", ""):
+            self.get_json(self.node, "/api/studies/%s/slices/%s.png?frame=%s" % (
+                uid, st["key_sop_uid"], bad), 400)
         self.get_json(self.node, "/api/studies/1.2.3.4", 404)
         self.get_json(self.node, "/api/studies/not-a-uid", 404)
         self.get_json(self.node, "/nope", 404)
