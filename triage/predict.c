@@ -28,13 +28,15 @@ struct file {
 struct files {
     struct file *v;
     int n, cap, skipped;
+    size_t total;             /* files to read (counted first), for the progress */
+    struct util_progress *pg; /* reading their headers; NULL while counting */
 };
 
 /* nftw has no user pointer: the walk's state is this one static, used only
  * during the walk on the main thread. */
 static struct files *walk_into;
 
-static int add_file(const char *path, struct files *fs)
+static int read_file(const char *path, struct files *fs)
 {
     if (fs->n == fs->cap) {
         int cap = fs->cap ? fs->cap * 2 : 256;
@@ -56,12 +58,53 @@ static int add_file(const char *path, struct files *fs)
     return 0;
 }
 
+/* Counts the file (no fs->pg yet), or reads it and shows the progress. */
+static int add_file(const char *path, struct files *fs)
+{
+    if (!fs->pg) {
+        fs->total++;
+        return 0;
+    }
+    int rc = read_file(path, fs);
+    util_progress_step(fs->pg, (size_t)fs->n + (size_t)fs->skipped);
+    return rc;
+}
+
 static int on_walk(const char *path, const struct stat *st, int type, struct FTW *ftw)
 {
     (void)st;
     (void)ftw;
     if (type != FTW_F) return 0;
     return add_file(path, walk_into) ? -1 : 0;
+}
+
+/* Adds the DICOM images of paths (files, or folders walked) to fs, or, before
+ * fs->pg is set, counts the files. Returns 0, or -1 with a message. */
+static int walk(struct files *fs, char *const *paths, int npaths)
+{
+    for (int i = 0; i < npaths; i++) {
+        struct stat st;
+        if (stat(paths[i], &st) != 0) {
+            fprintf(stderr, "ichtriage predict: cannot read %s\n", paths[i]);
+            return -1;
+        }
+        int bad;
+        if (S_ISDIR(st.st_mode)) {
+            /* A folder given as a symbolic link is walked where it points
+             * (nftw with FTW_PHYS would report the link and not descend);
+             * links met inside are not followed. */
+            char *real = realpath(paths[i], NULL);
+            bad = !real || nftw(real, on_walk, 16, FTW_PHYS) != 0;
+            free(real);
+        } else {
+            bad = add_file(paths[i], fs) != 0;
+        }
+        if (bad) {
+            fprintf(stderr, "ichtriage predict: cannot read %s\n", paths[i]);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static int by_series(const void *a, const void *b)
@@ -133,29 +176,20 @@ int triage_predict_main(int argc, char **argv)
     }
     triage_config_free(&cfg);
 
+    /* Two walks: the first counts the files (names only), the second reads
+     * their headers, which takes a while on a big folder, with a progress */
     struct files fs = {0};
+    struct util_progress read_pg;
     walk_into = &fs;
-    for (int i = 0; i < npaths; i++) {
-        struct stat st;
-        if (stat(argv[1 + i], &st) != 0) {
-            fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
-            goto done;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            fs.pg = &read_pg;
+            util_progress_begin(&read_pg, "predict_read_progress", "reading headers", "", "files",
+                                fs.total, 0, 60);
         }
-        int bad;
-        if (S_ISDIR(st.st_mode)) {
-            /* A folder given as a symbolic link is walked where it points
-             * (nftw with FTW_PHYS would report the link and not descend);
-             * links met inside are not followed. */
-            char *real = realpath(argv[1 + i], NULL);
-            bad = !real || nftw(real, on_walk, 16, FTW_PHYS) != 0;
-            free(real);
-        } else {
-            bad = add_file(argv[1 + i], &fs) != 0;
-        }
-        if (bad) {
-            fprintf(stderr, "ichtriage predict: cannot read %s\n", argv[1 + i]);
-            goto done;
-        }
+        int bad = walk(&fs, argv + 1, npaths);
+        if (pass == 1) util_progress_end(&read_pg);
+        if (bad) goto done;
     }
     walk_into = NULL;
     if (fs.skipped)

@@ -348,7 +348,8 @@ class TriageTest(itest.NodeTest):
     def test_predict_shows_its_progress(self):
         """Rows that go to a file or a pipe, and --json's, which prints at the
         end: the progress goes to stderr (every step here, through the
-        environment; never the end)."""
+        environment; never the end), after that of reading the files'
+        headers."""
         ph = os.path.join(self.work, "ph3")
         phantom(itest.EXE, ph, seed=21, count=3)
         cmd = [itest.EXE, "predict", "-c", "/dev/null", "--set", "triage.model=" + self.model]
@@ -359,13 +360,19 @@ class TriageTest(itest.NodeTest):
             lines = [l for l in p.stderr.decode().splitlines() if "event=predict_progress" in l]
             self.assertEqual([re.search(r" done=(\d+) total=3 unit=series", l).group(1)
                               for l in lines], ["1", "2"], p.stderr)
+            # before that, the headers of every file under the folder are read
+            nfiles = sum(len(f) for _, _, f in os.walk(ph))
+            lines = [l for l in p.stderr.decode().splitlines()
+                     if "event=predict_read_progress" in l]
+            self.assertEqual([re.search(r" done=(\d+) total=%d unit=files" % nfiles, l).group(1)
+                              for l in lines], [str(k) for k in range(1, nfiles)], p.stderr)
             if mode:
                 self.assertEqual(len(json.loads(p.stdout)), 3)
             else:
                 self.assertIn(b"-- 3 series.", p.stdout)
         # by default a line a minute: none in a run this short
         p = subprocess.run(cmd + [ph], stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
-        self.assertNotIn(b"predict_progress", p.stderr)
+        self.assertNotIn(b"_progress", p.stderr)
 
 
 if __name__ == "__main__":
