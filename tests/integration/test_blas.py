@@ -61,6 +61,31 @@ class Kernels(unittest.TestCase):
         if first and first.group(1).lower() == "prescott":
             self.assertIn("chose Prescott", note)
 
+    def test_a_rerun_that_fails_goes_on_with_openblas_choice(self):
+        """The program's file cannot be run again (failexec makes execv
+        fail): it says why, and goes on with what OpenBLAS chose."""
+        shim = os.environ.get("ICHTRIAGE_TEST_FAILEXEC")
+        if not shim or not os.path.exists(shim):
+            self.skipTest("no failexec shim (run through meson test)")
+        if not {"avx2", "fma"} <= cpu_flags():
+            self.skipTest("no AVX2 and FMA here: nothing better to run again with")
+        p = subprocess.run([itest.EXE, "--version"],
+                           env=clean_env(LD_PRELOAD=shim, OPENBLAS_VERBOSE="2"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = re.search(r"Core: (\S+)", p.stderr.decode())
+        if not first or first.group(1).lower() != "prescott":
+            self.skipTest("OpenBLAS knows this CPU (%s): no rerun to fail"
+                          % (first.group(1) if first else "?"))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        out, err = p.stdout.decode(), p.stderr.decode()
+        self.assertRegex(out, r"(?m)^OpenBLAS kernels: Prescott$")
+        slow = [l for l in err.splitlines() if "event=nn_blas_slow" in l]
+        self.assertEqual(len(slow), 1, err)
+        better = "SkylakeX" if AVX512 <= cpu_flags() else "Haswell"
+        self.assertIn("running again with OPENBLAS_CORETYPE=%s failed: Permission denied" % better,
+                      slow[0])
+        self.assertIn("level=warn", slow[0])
+
     def test_a_chosen_coretype_stands(self):
         self.assertEqual(self.kernels(OPENBLAS_CORETYPE="Prescott"), ("Prescott", ""))
 
