@@ -146,7 +146,7 @@ static int hexval(int c)
     return isdigit(c) ? c - '0' : isxdigit(c) ? tolower(c) - 'a' + 10 : -1;
 }
 
-bool http_param(const char *q, size_t len, const char *name, char *out, size_t n)
+int http_param(const char *q, size_t len, const char *name, char *out, size_t n)
 {
     size_t nl = strlen(name);
     const char *p = q, *end = q + len;
@@ -163,15 +163,18 @@ bool http_param(const char *q, size_t len, const char *name, char *out, size_t n
                     ch = hexval(s[1]) * 16 + hexval(s[2]);
                     s += 2;
                 }
-                if (o + 1 >= n) return false;
+                if (o + 1 >= n) {
+                    if (n) out[0] = '\0';
+                    return -1;
+                }
                 out[o++] = (char)ch;
             }
             out[o] = '\0';
-            return true;
+            return 1;
         }
         p = stop + 1;
     }
-    return false;
+    return 0;
 }
 
 void http_peer(h2o_req_t *req, char *out, size_t n)

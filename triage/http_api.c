@@ -83,7 +83,7 @@ static int api_worklist(struct triage_http *h, h2o_req_t *req)
     if (req->query_at != SIZE_MAX) {
         const char *q = req->path.base + req->query_at + 1;
         size_t ql = req->path.len - req->query_at - 1;
-        if (http_param(q, ql, "status", status, sizeof status)) {
+        if (http_param(q, ql, "status", status, sizeof status) != 0) { /* too long: not one */
             bool known = false;
             for (size_t i = 0; i < sizeof statuses / sizeof statuses[0]; i++)
                 known = known || strcmp(status, statuses[i]) == 0;
@@ -288,8 +288,8 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
         return http_send_error(req, 500, "cannot store the review");
     }
     db_audit_add(h->db, now, who->user, "reviewed", uid, list);
-    util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s marked_slices=%d",
-             uid, hemorrhage, list[0] ? list : "-", nmarked);
+    util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s marked_slices=%d", uid,
+             hemorrhage, list[0] ? list : "-", nmarked);
     triage_http_changed(h);
     cJSON *o = cJSON_CreateObject();
     cJSON *reviews = cJSON_AddArrayToObject(o, "reviews");

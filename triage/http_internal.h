@@ -107,8 +107,10 @@ bool http_method_is(h2o_req_t *req, const char *m);
 /* Value of a header (lower-case name) or of a cookie into out; false when absent. */
 bool http_header(h2o_req_t *req, const char *name, char *out, size_t n);
 bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n);
-/* Decoded value of a query parameter (or form field in body) into out. */
-bool http_param(const char *query, size_t len, const char *name, char *out, size_t n);
+/* Decoded value of a query parameter (or form field in body) into out: 1;
+ * 0 when absent; -1 when longer than out holds (out is then "", never a
+ * truncated value: a cut password must not be checked as if whole). */
+int http_param(const char *query, size_t len, const char *name, char *out, size_t n);
 void http_peer(h2o_req_t *req, char *out, size_t n);
 
 /* http_auth.c */

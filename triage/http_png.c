@@ -79,7 +79,7 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
     long frame = 0;
     if (req->query_at != SIZE_MAX &&
         http_param(req->path.base + req->query_at + 1, req->path.len - req->query_at - 1, "frame",
-                   num, sizeof num) &&
+                   num, sizeof num) != 0 &&
         util_number_long(num, 0, INT_MAX, &frame) != 0)
         return http_send_error(req, 400, "frame: a frame number, 0 or more");
     int rc = db_study_instance_file(h->db, study_uid, sop_uid, rel, sizeof rel);

@@ -69,6 +69,9 @@ class ApiTest(wt.WebTest):
         self.assertEqual(self.get_json(self.node, "/api/worklist?status=reviewed"), [])
         err = self.get_json(self.node, "/api/worklist?status=bogus", 400)
         self.assertIn("status must be", err["error"])
+        # longer than any status: refused, not read as no filter
+        err = self.get_json(self.node, "/api/worklist?status=" + "triaged" * 8, 400)
+        self.assertIn("status must be", err["error"])
 
     def test_study_view_and_key_slice(self):
         uid = next(iter(self.studies))

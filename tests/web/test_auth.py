@@ -47,6 +47,11 @@ class AuthTest(wt.WebTest):
 
         status, _, body = self.req(node, "/login", "POST", {"user": "alice", "password": "nope"})
         self.assertEqual(status, 401, body)
+        # A form field longer than the node holds is refused whole (it was
+        # cut to 255 bytes and checked as a password)
+        status, _, body = self.req(node, "/login", "POST",
+                                   "user=alice&password=alice-pw" + "x" * 300)
+        self.assertEqual(status, 400, body)
         status, hd, body = self.req(node, "/login", "POST",
                                     {"user": "alice", "password": "alice-pw"}, jar=jar)
         self.assertEqual(status, 200, body)
