@@ -111,9 +111,9 @@ bool http_header(h2o_req_t *req, const char *name, char *out, size_t n)
     ssize_t i = h2o_find_header_by_str(&req->headers, name, strlen(name), -1);
     if (i < 0) return false;
     h2o_iovec_t v = req->headers.entries[i].value;
-    size_t len = v.len < n - 1 ? v.len : n - 1;
-    memcpy(out, v.base, len);
-    out[len] = '\0';
+    if (v.len >= n) return false; /* never a cut value */
+    memcpy(out, v.base, v.len);
+    out[v.len] = '\0';
     return true;
 }
 

@@ -104,7 +104,8 @@ int http_send_json(h2o_req_t *req, int status, cJSON *json); /* takes json */
 int http_send_error(h2o_req_t *req, int status, const char *message);
 void http_add_header(h2o_req_t *req, const char *name, const char *value);
 bool http_method_is(h2o_req_t *req, const char *m);
-/* Value of a header (lower-case name) or of a cookie into out; false when absent. */
+/* Value of a header (lower-case name) or of a cookie into out; false when
+ * absent or longer than out holds. */
 bool http_header(h2o_req_t *req, const char *name, char *out, size_t n);
 bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n);
 /* Decoded value of a query parameter (or form field in body) into out: 1;
