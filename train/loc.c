@@ -10,14 +10,14 @@
  * run (WORKDIR/last-loc.bin), so that a resumed run is the same run. */
 #include "loc.h"
 
-#include "trainer.h"
-
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "trainer.h"
 
 #define LOC_MAGIC "ICHTLOC1\n"
 #define LOC_PRIOR (-4.0f) /* the bias starts at a cell being blood with p ~ 0.02 */
