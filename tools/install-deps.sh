@@ -11,7 +11,7 @@ pkgs="meson ninja-build pkg-config gcc g++ clang
   libsqlite3-dev sqlite3 libuv1-dev libh2o-dev libopenblas-dev libcjson-dev
   libinih-dev libpng-dev libsystemd-dev libcriterion-dev libcairo2-dev
   orthanc dicom3tools python3 python3-numpy python3-pydicom curl util-linux procps systemd
-  openssl valgrind
+  openssl valgrind strace
   chromium firefox-esr python3-websocket python3-torch"
 apt-get update -qq
 # shellcheck disable=SC2086
