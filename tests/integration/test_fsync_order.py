@@ -15,7 +15,9 @@ that before each C-STORE response was written:
      synced, after the rename;
 
 and that the earlier copy a resend replaces is removed only after that
-commit. Then it runs a node whose fsync and fdatasync do nothing
+commit: on one association, and on four at once, where the index's commits
+are shared (group commit) and a response may follow another thread's sync.
+Then it runs a node whose fsync and fdatasync do nothing
 (LD_PRELOAD nofsync.so) and checks that every response is found answered
 too early: the check can fail (as it does with the node's folder fsync
 after the rename taken out). Not covered: a disk that acknowledges writes
@@ -71,7 +73,7 @@ def calls(trace_path):
                     continue
                 start = end = ts
             ret = re.search(r"\)\s+=\s+(-?\d+)", args)
-            out.append({"name": name, "args": args, "start": start, "end": end,
+            out.append({"name": name, "args": args, "start": start, "end": end, "tid": pid,
                         "ret": int(ret.group(1)) if ret else None})
     out.sort(key=lambda c: c["start"])
     return out
@@ -84,8 +86,12 @@ def fd_path(args):
 
 def check_order(trace_path, spool):
     """(counts, violations). counts: the responses, new folders and removed
-    earlier copies the check saw; each violation a line naming the response
-    and what was not on disk when it was written."""
+    earlier copies the check saw, and the responses whose commit another
+    thread synced (group commit); each violation a line naming the response
+    and what was not on disk when it was written. An association is served
+    by one thread, which renames, syncs its folders and answers: each
+    response's window runs from that thread's previous response. The index
+    is committed by whichever thread leads the group commit."""
     cs = calls(trace_path)
     writes, syncs, renames, mkdirs, unlinks, responses = [], [], [], [], [], []
     for c in cs:
@@ -120,16 +126,18 @@ def check_order(trace_path, spool):
         return any(p == path and c["start"] > after and c["end"] < before for p, c in syncs)
 
     violations = []
-    seen = {"responses": len(responses), "folders": 0, "removed": 0}
-    prev = 0.0
+    seen = {"responses": len(responses), "folders": 0, "removed": 0, "shared_commits": 0}
+    last = {}  # thread: its previous response
     for k, resp in enumerate(responses, 1):
-        t = resp["start"]
+        t, tid = resp["start"], resp["tid"]
+        prev = last.get(tid, 0.0)
+        last[tid] = t
         what = "response %d" % k
         mine = [(s, d, c) for s, d, c in renames
-                if prev < c["start"] < t and d.startswith(spool + "/") and d.endswith(".dcm")]
+                if c["tid"] == tid and prev < c["start"] < t and d.startswith(spool + "/")
+                and d.endswith(".dcm")]
         if len(mine) != 1:
             violations.append("%s: %d renames into the spool before it, not 1" % (what, len(mine)))
-            prev = t
             continue
         src, dst, ren = mine[0]
         last_write = max((c["start"] for p, c in writes if p == src and c["start"] < ren["start"]),
@@ -142,7 +150,7 @@ def check_order(trace_path, spool):
             violations.append("%s: folder %s not synced after the rename into it"
                               % (what, os.path.dirname(dst)))
         for d, mk in mkdirs:
-            if not prev < mk["start"] < t:
+            if mk["tid"] != tid or not prev < mk["start"] < t:
                 continue
             seen["folders"] += 1
             if not synced(os.path.dirname(d.rstrip("/")), mk["end"], t):
@@ -150,17 +158,21 @@ def check_order(trace_path, spool):
         wal = [c for p, c in writes if p.endswith("-wal") and ren["end"] < c["start"] < t]
         if not wal:
             violations.append("%s: no index write after the rename" % what)
+        # the row is in one of these writes; a sync after the first of them
+        # (with associations at once, other commits' writes may follow it)
         commit = [c for p, c in syncs if p and p.endswith("-wal") and wal
-                  and c["start"] > max(w["start"] for w in wal) and c["end"] < t]
+                  and c["start"] > min(w["start"] for w in wal) and c["end"] < t]
         if wal and not commit:
             violations.append("%s: index row not synced (committed) before it" % what)
+        elif commit and all(c["tid"] != tid for c in commit):
+            seen["shared_commits"] += 1
         for p, un in unlinks:
-            if not (prev < un["start"] < t and p.startswith(spool + "/") and p.endswith(".dcm")):
+            if not (un["tid"] == tid and prev < un["start"] < t and p.startswith(spool + "/")
+                    and p.endswith(".dcm")):
                 continue
             seen["removed"] += 1
             if not (commit and un["start"] > commit[0]["end"]):
                 violations.append("%s: earlier copy %s removed before the commit" % (what, p))
-        prev = t
     return seen, violations
 
 
@@ -220,9 +232,37 @@ class FsyncOrder(itest.NodeTest):
         # six responses; at least the two studies' and two series' folders
         # made (the first window also has the store's own, made at start);
         # the resend's earlier copy removed: none of the checks went unused
-        self.assertEqual((seen["responses"], seen["removed"]), (6, 1), seen)
+        self.assertEqual((seen["responses"], seen["removed"], seen["shared_commits"]), (6, 1, 0),
+                         seen)
         self.assertGreaterEqual(seen["folders"], 4, seen)
         self.assertEqual(bad, [], "answered before on disk:\n" + "\n".join(bad))
+
+    def test_parallel_associations_share_commits_not_the_order(self):
+        """Four associations at once: each thread's responses follow their
+        own syncs, and the commits are shared (group commit) where they
+        overlap."""
+        series = [self.gen("p%d" % i, count=6, rows=64, cols=64) for i in range(4)]
+        node, trace = self.traced_node("parallel")
+        procs = []
+        for i, files in enumerate(series):
+            cfg = dt.exact_config(files, self.work)
+            out = open(os.path.join(self.work, "storescu%d.log" % i), "w+b")
+            procs.append((subprocess.Popen(
+                dt.storescu_cmd(node.port, files, calling="SENDER%d" % i, config=cfg),
+                stdout=out, stderr=subprocess.STDOUT, env=dt.storescu_env()), out))
+        for (p, out), files in zip(procs, series):
+            p.wait(120)
+            out.seek(0)
+            text = out.read().decode("utf-8", "replace")
+            out.close()
+            statuses, assoc = dt.parse_storescu(text)
+            self.assert_all_success(dt.StoreResult(p.returncode, text, statuses, assoc), files)
+        self.stop(node)
+        seen, bad = check_order(trace, os.path.realpath(os.path.join(node.store_dir, "spool")))
+        self.assertEqual(seen["responses"], 24, seen)
+        self.assertEqual(bad, [], "answered before on disk:\n" + "\n".join(bad))
+        sys.stderr.write("responses whose commit another thread synced: %d of 24\n"
+                         % seen["shared_commits"])
 
     def test_the_check_finds_missing_syncs(self):
         shim = os.environ.get("ICHTRIAGE_TEST_NOFSYNC")
