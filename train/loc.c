@@ -60,6 +60,13 @@ void train_loc_free(struct train_loc *l)
     memset(l, 0, sizeof *l);
 }
 
+/* Whether a cell's mask bits hold label y's blood (0, "any": blood of any
+ * subtype; y >= 1: subtype y - 1's bit). */
+static int cell_has(uint8_t bits, int y)
+{
+    return y == 0 ? bits != 0 : bits >> (y - 1) & 1;
+}
+
 size_t train_loc_cell_weights(const struct train_dataset *d, int gh, int gw, float *pw)
 {
     double pos[TRAIN_LABELS] = {0}, all = 0;
@@ -78,7 +85,7 @@ size_t train_loc_cell_weights(const struct train_dataset *d, int gh, int gw, flo
             all += (double)g;
             for (size_t p = 0; p < g; p++)
                 for (int y = 0; y < TRAIN_LABELS; y++)
-                    pos[y] += y == 0 ? cells[p] != 0 : cells[p] >> (y - 1) & 1;
+                    pos[y] += cell_has(cells[p], y);
         }
     }
     free(cells);
@@ -89,8 +96,7 @@ size_t train_loc_cell_weights(const struct train_dataset *d, int gh, int gw, flo
     return counted;
 }
 
-double train_loc_loss(struct train_loc *l, int n, const float *label_w, const float *pos_w,
-                      float weight)
+double train_loc_loss(struct train_loc *l, int n, const float *label_w, float weight)
 {
     int g = l->gh * l->gw, C = l->c, L = TRAIN_LABELS;
     size_t per = (size_t)C * g;
@@ -107,11 +113,11 @@ double train_loc_loss(struct train_loc *l, int n, const float *label_w, const fl
         const float *map = l->map + (size_t)k * per;
         const uint8_t *cells = l->cells + (size_t)k * g;
         float *dmap = l->dmap + (size_t)k * per;
-        /* z [cells, labels] = w . map + b; label 0 is "any": blood of any subtype */
+        /* z [cells, labels] = w . map + b */
         for (int p = 0; p < g; p++)
             for (int y = 0; y < L; y++) {
                 z[p * L + y] = l->b[y];
-                t[p * L + y] = (float)(y == 0 ? cells[p] != 0 : cells[p] >> (y - 1) & 1);
+                t[p * L + y] = (float)cell_has(cells[p], y);
             }
         for (int y = 0; y < L; y++)
             for (int c = 0; c < C; c++) {
@@ -120,7 +126,7 @@ double train_loc_loss(struct train_loc *l, int n, const float *label_w, const fl
                 for (int p = 0; p < g; p++)
                     z[p * L + y] += wc * mc[p];
             }
-        loss += nn_bce_logits(dz, z, t, label_w, pos_w, g, L);
+        loss += nn_bce_logits(dz, z, t, label_w, l->pos_w, g, L);
         for (int y = 0; y < L; y++) {
             float *gw = l->grad + y * C;
             for (int p = 0; p < g; p++)

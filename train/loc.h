@@ -24,19 +24,18 @@ struct train_loc {
     uint8_t *cells;            /* [cap, gh, gw]: each slice's targets (train_augment_cells) */
     bool *known;               /* [cap]: the slice has a mask; without one it adds nothing */
     float *z;                  /* scratch: one slice's logits, targets and their gradient */
-    float pos_w[TRAIN_LABELS]; /* the cells' positive-class weights (start: the slices') */
+    float pos_w[TRAIN_LABELS]; /* cells' positive-class weights, set by the caller */
 };
 
 /* For model m (its map's shape) and batches of up to batch slices. Returns
  * 0, or -1 with a message (no map: the features must end in a global pool). */
 int train_loc_init(struct train_loc *l, nn_model *m, int batch, char *err, size_t errlen);
 void train_loc_free(struct train_loc *l);
-/* The loss over the first n slices of the batch (map, cells and known
- * filled), weighted by label_w and, for cells with blood, pos_w, as a mean
- * over n x labels x cells times weight; dmap and the head's gradient get
- * its gradient. */
-double train_loc_loss(struct train_loc *l, int n, const float *label_w, const float *pos_w,
-                      float weight);
+/* The loss over the first n slices of the batch (map, cells, known and
+ * pos_w filled), weighted by label_w and, for cells with blood, pos_w, as a
+ * mean over n x labels x cells times weight; dmap and the head's gradient
+ * get its gradient. */
+double train_loc_loss(struct train_loc *l, int n, const float *label_w, float weight);
 /* --loc-cell-weights: the cells' own positive-class weights. Over the
  * training split's slices that have a mask, taken as they are (no
  * augmentation) onto the gh x gw grid: negative cells / positive cells per

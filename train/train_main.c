@@ -628,7 +628,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
             }
         if (loc) {
             if (nn_cnn_map(m, loc->map) != 0) goto out;
-            lsum += train_loc_loss(loc, b, train_rsna_weights, loc->pos_w, o->loc_loss);
+            lsum += train_loc_loss(loc, b, train_rsna_weights, o->loc_loss);
             if (nn_cnn_backward_map(m, dl, loc->dmap) != 0) goto out;
             train_loc_step(loc, adam.lr);
         } else if (nn_cnn_backward(m, dl) != 0) {
@@ -1383,8 +1383,8 @@ int train_train_main(int argc, char **argv)
         "init=%s",
         o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
         o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
-        o.loc_loss, o.loc_loss > 0 && o.loc_cells ? " loc_weights=cells" : "", o.lr1, o.lr_decay,
-        o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
+        o.loc_loss, o.loc_cells ? " loc_weights=cells" : "", o.lr1, o.lr_decay, o.lr2, o.study_loss,
+        o.val_any ? "any" : "mean", o.val_slices,
         o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);

@@ -1769,7 +1769,8 @@ Test(loc, the_gradients_are_the_losss)
         l.cells[i] = nn_rng_uniform(&rng) < 0.2f ? (uint8_t)(1 + nn_rng_next(&rng) % 31) : 0;
     l.known[0] = l.known[2] = true, l.known[1] = false;
     const float lw[6] = NN_RSNA_LABEL_WEIGHTS, pw[6] = {3, 5, 2, 2, 4, 2};
-    train_loc_loss(&l, 3, lw, pw, 2.0f);
+    memcpy(l.pos_w, pw, sizeof l.pos_w);
+    train_loc_loss(&l, 3, lw, 2.0f);
     float *gp = malloc(l.nparam * sizeof(float)), *gm = malloc(nm * sizeof(float));
     memcpy(gp, l.grad, l.nparam * sizeof(float));
     memcpy(gm, l.dmap, nm * sizeof(float));
@@ -1778,9 +1779,9 @@ Test(loc, the_gradients_are_the_losss)
         float *v = k % 2 ? &l.p[nn_rng_next(&rng) % l.nparam] : &l.map[nn_rng_next(&rng) % nm];
         float g = k % 2 ? gp[v - l.p] : gm[v - l.map], x = *v;
         *v = x + 1e-2f;
-        double lp = train_loc_loss(&l, 3, lw, pw, 2.0f);
+        double lp = train_loc_loss(&l, 3, lw, 2.0f);
         *v = x - 1e-2f;
-        double lm = train_loc_loss(&l, 3, lw, pw, 2.0f);
+        double lm = train_loc_loss(&l, 3, lw, 2.0f);
         *v = x;
         worst = fmax(worst, fabs((lp - lm) / 2e-2 - g) / (fabs(g) + 1e-4));
     }
