@@ -15,6 +15,7 @@
 #include <sys/random.h>
 
 #include "log.h"
+#include "number.h"
 
 /* The one h2o handler: it carries the server. */
 struct route_handler {
@@ -316,9 +317,8 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss, char *e
     if (hl >= sizeof host) goto bad;
     memcpy(host, listen, hl);
     host[hl] = '\0';
-    char *end;
-    long port = strtol(colon + 1, &end, 10);
-    if (*end || port < 0 || port > 65535) goto bad;
+    long port;
+    if (util_number_long(colon + 1, 0, 65535, &port) != 0) goto bad;
     if (strchr(host, ':')) {
         if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) != 0) goto bad;
     } else if (uv_ip4_addr(strcmp(host, "localhost") == 0 ? "127.0.0.1" : host, (int)port,

@@ -16,6 +16,7 @@
 #include "db.h"
 #include "db_outbox.h"
 #include "log.h"
+#include "number.h"
 #include "pacs_render.h"
 #include "scp_pixels.h"
 #include "scp_sc.h"
@@ -87,11 +88,10 @@ int triage_pacs_parse_destinations(const char *list, struct triage_pacs_dest *ou
             s += 4;
         }
         const char *at = strchr(s, '@'), *colon = strrchr(s, ':');
-        char *stop = NULL;
-        long port = colon ? strtol(colon + 1, &stop, 10) : 0;
+        long port = 0;
         if (!at || !colon || colon < at || at == s || (size_t)(at - s) > 16 || colon == at + 1 ||
-            (size_t)(colon - at - 1) >= sizeof d->host || !stop || *stop || port < 1 ||
-            port > 65535) {
+            (size_t)(colon - at - 1) >= sizeof d->host ||
+            util_number_long(colon + 1, 1, 65535, &port) != 0) {
             snprintf(err, errlen, "pacs.destinations: '%s' is not [tls:]AET@host:port", item);
             return -1;
         }

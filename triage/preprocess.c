@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "number.h"
+
 void triage_windows_default(struct triage_windows *w)
 {
     *w = (struct triage_windows){3, {40, 80, 600}, {80, 200, 2800}};
@@ -242,9 +244,8 @@ int triage_context_parse(const char *s, int *k, char *err, size_t errlen)
 {
     *k = 0;
     if (!s) return 0;
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || v < 0 || v > TRIAGE_MAX_CONTEXT) {
+    long v;
+    if (util_number_long(s, 0, TRIAGE_MAX_CONTEXT, &v) != 0) {
         snprintf(err, errlen, "'context' is '%.32s', not a number of slices 0-%d", s,
                  TRIAGE_MAX_CONTEXT);
         return -1;
