@@ -82,6 +82,13 @@ def metadata(path):
         return json.loads(f.read(n))["__metadata__"]
 
 
+def weights(path):
+    """The tensor bytes of a model file (what follows its JSON header)."""
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        return f.read()
+
+
 def with_metadata(src, dst, key, value):
     """A copy of the model file src with one metadata value changed."""
     with open(src, "rb") as f:
@@ -147,10 +154,7 @@ def main():
         check(r.returncode == 0, "short run exits 0")
         check("event=train_hard_negatives epoch=2 slices=24 " in r.stderr,
               "the second epoch drew 24 hard negatives")
-    with open(outs[0], "rb") as f1, open(outs[1], "rb") as f2:
-        a, b = f1.read(), f2.read()
-    ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
-    check(a[8 + ha:] == b[8 + hb:], "same seed, same weights")
+    check(weights(outs[0]) == weights(outs[1]), "same seed, same weights")
     check(metadata(outs[0])["thresholds"] == metadata(outs[1])["thresholds"],
           "same seed, same thresholds")
     out_b = outs[1]
@@ -284,10 +288,7 @@ def main():
               l for l in r.stderr.splitlines(True) if "train_resume_optimizer" in l))
     out_u = os.path.join(tmp, "u.safetensors")
     r = run(*train_args(data, out_u, os.path.join(tmp, "u.work"), **resumable))
-    with open(out_c, "rb") as f1, open(out_u, "rb") as f2:
-        a, b = f1.read(), f2.read()
-    ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
-    check(r.returncode == 0 and a[8 + ha:] == b[8 + hb:],
+    check(r.returncode == 0 and weights(out_c) == weights(out_u),
           "killed and resumed: the same weights as an uninterrupted run")
 
     # 3b. --loc-loss: a localisation loss where the data has blood masks. The
@@ -332,19 +333,13 @@ def main():
     out_lu = os.path.join(tmp, "lu.safetensors")
     r = run(*train_args(masked, out_lu, os.path.join(tmp, "lu.work"), epochs1=3, epochs2=1,
                         spe=96), "--loc-loss", "1")
-    with open(out_l, "rb") as f1, open(out_lu, "rb") as f2:
-        a, b = f1.read(), f2.read()
-    ha, hb = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
-    check(r.returncode == 0 and a[8 + ha:] == b[8 + hb:],
+    check(r.returncode == 0 and weights(out_l) == weights(out_lu),
           "--loc-loss, killed and resumed: the same weights as an uninterrupted run")
     check("loc_loss=1" in metadata(out_l)["training"], "the model records its --loc-loss")
     out_n = os.path.join(tmp, "ln.safetensors")
     r = run(*train_args(masked, out_n, os.path.join(tmp, "ln.work"), epochs1=3, epochs2=1,
                         spe=96))
-    with open(out_n, "rb") as f:
-        c = f.read()
-    hc = int.from_bytes(c[:8], "little")
-    check(r.returncode == 0 and c[8 + hc:] != b[8 + hb:],
+    check(r.returncode == 0 and weights(out_n) != weights(out_lu),
           "the localisation loss changes what is learnt (a run without it ends elsewhere)")
     # --loc-cell-weights: the cells' own positive-class weights, logged and
     # recorded; they change what is learnt; without --loc-loss, refused.
@@ -355,12 +350,10 @@ def main():
     out_c = os.path.join(tmp, "lc.safetensors")
     r = run(*train_args(masked, out_c, os.path.join(tmp, "lc.work"), epochs1=3, epochs2=1,
                         spe=96), "--loc-loss", "1", "--loc-cell-weights")
-    with open(out_c, "rb") as f:
-        c = f.read()
-    hc = int.from_bytes(c[:8], "little")
     loc_lines = [ln for ln in r.stderr.splitlines() if "event=train_loc " in ln]
     check(r.returncode == 0 and loc_lines and "from=cells" in loc_lines[0]
-          and "loc_weights=cells" in metadata(out_c)["training"] and c[8 + hc:] != b[8 + hb:],
+          and "loc_weights=cells" in metadata(out_c)["training"]
+          and weights(out_c) != weights(out_lu),
           "--loc-cell-weights: logged, recorded, and another run than the slices' weights: "
           + (loc_lines[0] if loc_lines else r.stderr[-300:]))
 
