@@ -161,6 +161,25 @@ int train_negative_slices(const struct train_dataset *d, size_t *out)
     return n;
 }
 
+int train_small_bleed_slices(const struct train_dataset *d, int max_slices, size_t *out)
+{
+    int n = 0;
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (se->split != TRAIN_SPLIT_TRAIN || !se->slice_labels) continue;
+        int pos = 0;
+        for (int k = 0; k < se->n; k++)
+            pos += d->labels[(se->first + (size_t)k) * TRAIN_LABELS] == 1;
+        if (pos < 1 || pos > max_slices) continue;
+        for (int k = 0; k < se->n; k++)
+            if (d->labels[(se->first + (size_t)k) * TRAIN_LABELS] == 1) {
+                if (out) out[n] = se->first + (size_t)k;
+                n++;
+            }
+    }
+    return n;
+}
+
 struct scored {
     size_t i;
     float z;

@@ -37,6 +37,8 @@ struct opts {
     int reviews;      /* the node's reviewed studies as data too */
     float study_loss; /* weight of the stage-2 max-over-slices term for slice-labelled series */
     float hard_neg;   /* share of each stage-1 epoch drawn from hard negatives */
+    float small;      /* share of each stage-1 epoch drawn from small bleeds' slices */
+    int small_slices; /* a small bleed shows on at most this many slices of its series */
     int auto_promote; /* with --register: promote if at least as good as the active model */
     bool crop_head;   /* --crop head: the head crop before the resize */
     int val_slices;   /* stage 1 validates on this many validation slices (0: all) */
@@ -98,6 +100,10 @@ static void usage(FILE *f)
         "                          slices are the negatives the model finds hardest (the\n"
         "                          highest \"any\" of 4x as many slices of negative series\n"
         "                          drawn at random); default 0\n"
+        "  --small-bleeds F        stage 1: a share F of each epoch's slices are drawn from\n"
+        "                          the slices of small bleeds (series whose \"any\" shows on\n"
+        "                          1 to --small-bleed-slices slices); default 0\n"
+        "  --small-bleed-slices N  what a small bleed is, in slices (default 3)\n"
         "  --loc-loss W            stage 1: add W x a loss on where the blood is, per cell\n"
         "                          of the CNN's last map, for slices with blood masks\n"
         "                          (phantom folders made with --masks); default 0\n"
@@ -182,6 +188,8 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"study-loss", 1, 0, 'Y'},
                                        {"auto-promote", 0, 0, 'A'},
                                        {"hard-negatives", 1, 0, 'H'},
+                                       {"small-bleeds", 1, 0, 'E'},
+                                       {"small-bleed-slices", 1, 0, 'e'},
                                        {"crop", 1, 0, 'K'},
                                        {"val-slices", 1, 0, 'Q'},
                                        {"context", 1, 0, 'k'},
@@ -203,7 +211,8 @@ static int parse(struct opts *o, int argc, char **argv)
                        .lr2 = 1e-3f,
                        .val_frac = 0.15f,
                        .test_frac = 0.15f,
-                       .sensitivity = 0.95f};
+                       .sensitivity = 0.95f,
+                       .small_slices = 3};
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "o:h", lo, NULL)) != -1) {
@@ -287,6 +296,12 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'H':
             o->hard_neg = float_arg(optarg, &bad);
             break;
+        case 'E':
+            o->small = float_arg(optarg, &bad);
+            break;
+        case 'e':
+            o->small_slices = int_arg(optarg, &bad);
+            break;
         case 'K':
             if (strcmp(optarg, "head") != 0 && strcmp(optarg, "none") != 0) return -1;
             o->crop_head = strcmp(optarg, "head") == 0;
@@ -341,6 +356,7 @@ static int parse(struct opts *o, int argc, char **argv)
         !(o->val_frac > 0 && o->val_frac < 0.5) || !(o->test_frac >= 0 && o->test_frac < 0.5) ||
         !(o->sensitivity > 0 && o->sensitivity <= 1) || !(o->lr1 > 0) || !(o->lr2 > 0) ||
         !(o->lr_decay > 0 && o->lr_decay <= 1) || !(o->hard_neg >= 0 && o->hard_neg <= 0.5f) ||
+        !(o->small >= 0 && o->small <= 0.5f) || o->small_slices < 1 || o->small_slices > 1000 ||
         o->val_slices < 0 || o->context < 0 || o->context > TRIAGE_MAX_CONTEXT ||
         !(o->loc_loss >= 0 && o->loc_loss <= 100) ||
         (o->loc_loss > 0 && o->input_hw % TRAIN_MASK_SCALE != 0)) {
@@ -518,6 +534,26 @@ static void shuffle(size_t *idx, size_t n, uint64_t *rng)
     }
 }
 
+/* n of the training slices of small bleeds (train_small_bleed_slices) into
+ * out, in a fresh random order each round through them (so each appears
+ * n / pool times, give or take one). Returns the pool's size (0: nothing
+ * written, the places keep their draw) or a negative NN_E* code. */
+static int small_bleeds(const struct train_dataset *d, int max_slices, int n, uint64_t *rng,
+                        size_t *out)
+{
+    int np = train_small_bleed_slices(d, max_slices, NULL);
+    if (np == 0) return 0;
+    size_t *pool = malloc((size_t)np * sizeof *pool);
+    if (!pool) return NN_ENOMEM;
+    train_small_bleed_slices(d, max_slices, pool);
+    for (int k = 0; k < n; k++) {
+        if (k % np == 0) shuffle(pool, (size_t)np, rng);
+        out[k] = pool[k % np];
+    }
+    free(pool);
+    return np;
+}
+
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
                            int epoch, const float *pos_w, struct train_loc *loc, double *loc_loss,
                            struct progress *pg)
@@ -553,9 +589,18 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
                      ? (size_t)o->slices_per_epoch
                      : n;
     /* Hard negatives (from the second epoch, when the model has learnt
-     * something to be wrong about): they take the last places of the draw,
-     * then the draw is shuffled again. */
+     * something to be wrong about) take the last places of the draw, small
+     * bleeds the places before them; then the draw is shuffled again. */
     int nhard = epoch > 0 ? (int)lroundf(o->hard_neg * (float)use) : 0;
+    int nsmall = (int)lroundf(o->small * (float)use);
+    if (nsmall > (int)use - nhard) nsmall = (int)use - nhard;
+    if (nsmall > 0) {
+        int got = small_bleeds(d, o->small_slices, nsmall, &rng, idx + use - nhard - nsmall);
+        if (got < 0) goto out;
+        util_log(got ? UTIL_LOG_INFO : UTIL_LOG_WARN, "train_small_bleeds",
+                 "epoch=%d slices=%d pool=%d max_slices=%d", epoch + 1, got ? nsmall : 0, got,
+                 o->small_slices);
+    }
     if (nhard > 0) {
         float *z = malloc((size_t)nhard * sizeof *z);
         nn_model_set_training(m, 0);
@@ -566,13 +611,13 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
             free(z);
             goto out;
         }
-        shuffle(idx, use, &rng);
         util_log(UTIL_LOG_INFO, "train_hard_negatives",
                  "epoch=%d slices=%d candidates=%d p_any_highest=%.3f p_any_lowest=%.3f", epoch + 1,
                  got, 4 * nhard, got ? 1 / (1 + exp(-z[0])) : 0.0,
                  got ? 1 / (1 + exp(-z[got - 1])) : 0.0);
         free(z);
     }
+    if (nhard > 0 || nsmall > 0) shuffle(idx, use, &rng);
     int steps = (int)((use + (size_t)o->batch - 1) / (size_t)o->batch);
     struct train_augment aug;
     train_augment_default(&aug);
@@ -1378,13 +1423,14 @@ int train_train_main(int argc, char **argv)
     snprintf(
         buf, sizeof buf,
         "arch=%s input=%d crop=%s context=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
-        "series_batch=%d slices_per_epoch=%d hard_negatives=%g loc_loss=%g%s lr1=%g lr_decay=%g "
+        "series_batch=%d slices_per_epoch=%d hard_negatives=%g small_bleeds=%g/%d loc_loss=%g%s "
+        "lr1=%g lr_decay=%g "
         "lr2=%g study_loss=%g val_metric=%s val_slices=%d augment=%s "
         "init=%s",
         o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
         o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
-        o.loc_loss, o.loc_cells ? " loc_weights=cells" : "", o.lr1, o.lr_decay, o.lr2, o.study_loss,
-        o.val_any ? "any" : "mean", o.val_slices,
+        o.small, o.small_slices, o.loc_loss, o.loc_cells ? " loc_weights=cells" : "", o.lr1,
+        o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
         o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);

@@ -73,6 +73,12 @@ int train_features(nn_model *m, const struct train_dataset *d, int split, float 
  * Returns how many. */
 int train_negative_slices(const struct train_dataset *d, size_t *out);
 
+/* The training slices of small bleeds: the slices labelled "any" of
+ * slice-labelled training series in which 1 to max_slices slices are, into
+ * out (NULL: only counted). Returns how many. A bleed visible on a few slices
+ * is a few of the epoch's thousands of draws, and the one a model misses. */
+int train_small_bleed_slices(const struct train_dataset *d, int max_slices, size_t *out);
+
 /* Hard negatives for stage 1: ncand of those slices drawn at random with
  * rng, scored by m as it is (call it in eval mode) without augmentation; the
  * nhard with the highest logit of "any" go into out, highest first, and

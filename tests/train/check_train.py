@@ -45,7 +45,7 @@ def run(*args, **kw):
 
 
 def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, crop=None,
-               val_slices=0, context=0):
+               val_slices=0, context=0, small=0):
     a = ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
          "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
          "--patience", "8", "--val", "0.2", "--test", "0.3", "--threads", "2",
@@ -53,6 +53,7 @@ def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, 
          "--lr2", "3e-3", "--val-metric", "any", "--no-augment"]
     return (a + (["--slices-per-epoch", str(spe)] if spe else [])
             + (["--hard-negatives", str(hard)] if hard else [])
+            + (["--small-bleeds", str(small)] if small else [])
             + (["--crop", crop] if crop else [])
             + (["--val-slices", str(val_slices)] if val_slices else [])
             + (["--context", str(context)] if context else []))
@@ -145,15 +146,22 @@ def main():
           "HTML report with inline SVG and the notice")
 
     # 2. Reproducible: the same seed again gives the same weights, hard
-    # negatives (chosen by the model of the epoch before) included.
+    # negatives (chosen by the model of the epoch before) and small bleeds
+    # (drawn with the seed) included.
     outs = []
     for k in "bc":
         outs.append(os.path.join(tmp, k + ".safetensors"))
         r = run(*train_args(data, outs[-1], os.path.join(tmp, k + ".work"), epochs1=2, epochs2=2,
-                            spe=96, hard=0.25))
+                            spe=96, hard=0.25, small=0.125))
         check(r.returncode == 0, "short run exits 0")
         check("event=train_hard_negatives epoch=2 slices=24 " in r.stderr,
               "the second epoch drew 24 hard negatives")
+        pools = re.findall(r"event=train_small_bleeds epoch=(\d) slices=(\d+) pool=(\d+) "
+                           r"max_slices=3", r.stderr)
+        check([p[:2] for p in pools] == [("1", "12"), ("2", "12")] and int(pools[0][2]) > 0,
+              "each epoch drew 12 slices of small bleeds: %s" % pools)
+    check("small_bleeds=0.125/3 " in metadata(outs[0])["training"],
+          "the share of small bleeds is in the model's training metadata")
     check(weights(outs[0]) == weights(outs[1]), "same seed, same weights")
     check(metadata(outs[0])["thresholds"] == metadata(outs[1])["thresholds"],
           "same seed, same thresholds")
@@ -440,6 +448,12 @@ def main():
         check(r.returncode == 2 and "out of range" in r.stderr
               and not os.path.exists(os.path.join(tmp, "x.safetensors")),
               "--hard-negatives %s refused before any work: %s" % (share, r.stderr.strip()[:80]))
+    for opt, value in (("--small-bleeds", "0.6"), ("--small-bleeds", "x"),
+                       ("--small-bleed-slices", "0")):
+        r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), opt, value)
+        check(r.returncode == 2 and ("out of range" in r.stderr or "not a number" in r.stderr)
+              and not os.path.exists(os.path.join(tmp, "x.safetensors")),
+              "%s %s refused before any work: %s" % (opt, value, r.stderr.strip()[:80]))
 
     # 5. Bad data folders.
     r = run("train", os.path.join(tmp, "missing"), "-o", os.path.join(tmp, "x.safetensors"))

@@ -535,6 +535,41 @@ Test(hard_negatives, highest_any_of_negative_training_series_only)
     nn_model_free(m);
 }
 
+/* Small bleeds: the "any" slices of slice-labelled training series whose
+ * "any" shows on 1 to max_slices slices; nothing of a bigger bleed, of a
+ * validation series, of a study-level series or of a negative one. */
+Test(small_bleeds, slices_of_training_series_with_few_bleeding_slices_only)
+{
+    struct train_dataset d;
+    fake_dataset(&d, 30); /* 60 series of 4 slices, 20 of them positive */
+    int want[240] = {0}, nwant = 0, npos = 0;
+    for (int i = 0; i < d.nseries; i++) {
+        struct train_series *s = &d.series[i];
+        if (!s->study[0]) continue;
+        int shows = 1 + npos++ % 4; /* 1, 2, 3, 4, 1, ... slices with blood */
+        for (int k = 0; k < shows; k++)
+            d.labels[(s->first + (size_t)k) * TRAIN_LABELS] = 1;
+        int val = npos == 2, study_level = npos == 3;
+        if (val) s->split = TRAIN_SPLIT_VAL;
+        if (study_level) s->slice_labels = 0;
+        if (shows <= 3 && !val && !study_level)
+            for (int k = 0; k < shows; k++)
+                want[nwant++] = (int)s->first + k;
+    }
+    cr_assert_eq(npos, 20);
+    /* Another subtype without "any" would be a labelling error: it is not counted. */
+    d.labels[(d.series[1].first + 1) * TRAIN_LABELS + 2] = 1;
+    size_t got[240];
+    cr_assert_eq(train_small_bleed_slices(&d, 3, NULL), nwant);
+    cr_assert_eq(train_small_bleed_slices(&d, 3, got), nwant);
+    for (int k = 0; k < nwant; k++) /* in dataset order */
+        cr_assert_eq(got[k], (size_t)want[k], "place %d: slice %zu, not %d", k, got[k], want[k]);
+    /* 1 slice: the series with one; 4: every positive training series with slice labels. */
+    cr_assert_eq(train_small_bleed_slices(&d, 1, NULL), 5);
+    cr_assert_eq(train_small_bleed_slices(&d, 4, NULL), 5 * (1 + 2 + 3 + 4) - 2 - 3);
+    train_dataset_free(&d);
+}
+
 /* Stage 1's validation sample: validation slices with slice labels only,
  * the same for the same seed, in dataset order; on all of them the CNN's
  * figures are train_evaluate's slice-level ones. */
