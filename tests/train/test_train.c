@@ -557,8 +557,8 @@ Test(small_bleeds, slices_of_training_series_with_few_bleeding_slices_only)
                 want[nwant++] = (int)s->first + k;
     }
     cr_assert_eq(npos, 20);
-    /* Another subtype without "any" would be a labelling error: it is not counted. */
-    d.labels[(d.series[1].first + 1) * TRAIN_LABELS + 2] = 1;
+    /* A subtype without "any" (a labelling error) makes no small bleed: only "any" counts. */
+    d.labels[(d.series[2].first + 1) * TRAIN_LABELS + 2] = 1; /* a negative training series */
     size_t got[240];
     cr_assert_eq(train_small_bleed_slices(&d, 3, NULL), nwant);
     cr_assert_eq(train_small_bleed_slices(&d, 3, got), nwant);
