@@ -315,6 +315,28 @@ size_t nn_model_param_count(const nn_model *m)
     return m->nparams;
 }
 
+size_t nn_model_state_size(const nn_model *m)
+{
+    return m->nparams + m->nbuffers;
+}
+
+void nn_model_state_get(const nn_model *m, float *dst)
+{
+    m->be->download(m->bctx, dst, m->bparams, sizeof(float) * m->nparams);
+    m->be->download(m->bctx, dst + m->nparams, m->bbuffers, sizeof(float) * m->nbuffers);
+}
+
+void nn_model_state_set(nn_model *m, const float *src)
+{
+    m->be->upload(m->bctx, m->bparams, src, sizeof(float) * m->nparams);
+    m->be->upload(m->bctx, m->bbuffers, src + m->nparams, sizeof(float) * m->nbuffers);
+    if (m->be != nn_backend_cpu()) {
+        /* the host view follows, as after a download */
+        memcpy(m->params, src, sizeof(float) * m->nparams);
+        memcpy(m->buffers, src + m->nparams, sizeof(float) * m->nbuffers);
+    }
+}
+
 float *nn_tensor_data(nn_model *m, int t)
 {
     if (t < 0) return NULL;

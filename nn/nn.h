@@ -121,6 +121,13 @@ int nn_model_tensor_count(const nn_model *m);
 int nn_model_tensor(const nn_model *m, int i, nn_tensor_info *out);
 int nn_model_tensor_find(const nn_model *m, const char *name, nn_tensor_info *out);
 size_t nn_model_param_count(const nn_model *m); /* trainable + frozen floats */
+/* The model's whole state as one vector, for weight averaging (`ichtriage
+ * train --ema`): every parameter, then every running statistic,
+ * nn_model_state_size floats. get copies it out; set replaces the model's
+ * with src (on a GPU, both cross to or from the device). */
+size_t nn_model_state_size(const nn_model *m);
+void nn_model_state_get(const nn_model *m, float *dst);
+void nn_model_state_set(nn_model *m, const float *src);
 
 /* ---- inference (eval mode always, no cache kept) ------------------------ */
 /* x [n, in_c, in_h, in_w] -> feat [n, nn_model_feature_size()]. */

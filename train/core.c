@@ -609,3 +609,13 @@ void train_floats_format(char *out, size_t n, const float *v, int k)
     for (int i = 0; i < k && (size_t)off < n; i++)
         off += snprintf(out + off, n - (size_t)off, "%s%.6g", i ? "," : "", v[i]);
 }
+
+double train_ema_update(float *shadow, const float *x, size_t n, double decay, long step)
+{
+    double warm = (1.0 + (double)step) / (10.0 + (double)step);
+    double d = warm < decay ? warm : decay;
+    float a = (float)d, b = (float)(1.0 - d);
+    for (size_t i = 0; i < n; i++)
+        shadow[i] = a * shadow[i] + b * x[i];
+    return d;
+}

@@ -45,6 +45,7 @@ struct opts {
     int context;      /* --context: neighbouring slices each side as channels */
     float loc_loss;   /* --loc-loss: weight of stage 1's localisation loss (0: none) */
     bool loc_cells;   /* --loc-cell-weights: the cells' own positive-class weights */
+    float ema;        /* --ema: stage 1 validates and keeps an average of its weights (0: none) */
 };
 
 struct state {
@@ -104,6 +105,9 @@ static void usage(FILE *f)
         "                          the slices of small bleeds (series whose \"any\" shows on\n"
         "                          1 to --small-bleed-slices slices); default 0\n"
         "  --small-bleed-slices N  what a small bleed is, in slices (default 3)\n"
+        "  --ema D                 stage 1: keep an exponential moving average of the\n"
+        "                          weights (decay D per step, 0.5 <= D < 1), validate it\n"
+        "                          and keep it as the stage's result; default 0 (none)\n"
         "  --loc-loss W            stage 1: add W x a loss on where the blood is, per cell\n"
         "                          of the CNN's last map, for slices with blood masks\n"
         "                          (phantom folders made with --masks); default 0\n"
@@ -190,6 +194,7 @@ static int parse(struct opts *o, int argc, char **argv)
                                        {"hard-negatives", 1, 0, 'H'},
                                        {"small-bleeds", 1, 0, 'E'},
                                        {"small-bleed-slices", 1, 0, 'e'},
+                                       {"ema", 1, 0, 'Z'},
                                        {"crop", 1, 0, 'K'},
                                        {"val-slices", 1, 0, 'Q'},
                                        {"context", 1, 0, 'k'},
@@ -302,6 +307,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'e':
             o->small_slices = int_arg(optarg, &bad);
             break;
+        case 'Z':
+            o->ema = float_arg(optarg, &bad);
+            break;
         case 'K':
             if (strcmp(optarg, "head") != 0 && strcmp(optarg, "none") != 0) return -1;
             o->crop_head = strcmp(optarg, "head") == 0;
@@ -359,6 +367,7 @@ static int parse(struct opts *o, int argc, char **argv)
         !(o->small >= 0 && o->small <= 0.5f) || o->small_slices < 1 || o->small_slices > 1000 ||
         o->val_slices < 0 || o->context < 0 || o->context > TRIAGE_MAX_CONTEXT ||
         !(o->loc_loss >= 0 && o->loc_loss <= 100) ||
+        !(o->ema == 0 || (o->ema >= 0.5f && o->ema < 1)) ||
         (o->loc_loss > 0 && o->input_hw % TRAIN_MASK_SCALE != 0)) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
@@ -554,9 +563,107 @@ static int small_bleeds(const struct train_dataset *d, int max_slices, int n, ui
     return np;
 }
 
+static int save_model(nn_model *m, const char *path)
+{
+    char err[256];
+    int rc = nn_model_save(m, path, err, sizeof err);
+    if (rc != 0) util_log(UTIL_LOG_ERROR, "train_save_failed", "path=%s error=\"%s\"", path, err);
+    return rc;
+}
+
+/* ---- weight averaging (--ema) ------------------------------------------------------ */
+
+/* Stage 1's average of the weights: updated after every optimizer step,
+ * validated, kept as the best epoch's weights and checkpointed with the run
+ * (workdir/last-ema.safetensors, a model file of its own, tied to the
+ * optimizer's step count). raw holds the trained weights while the average
+ * is in the model. */
+struct ema {
+    float *avg, *raw;
+    size_t n;
+    double decay;
+};
+
+#define EMA_STEPS_KEY "train_ema_steps"
+
+static void ema_free(struct ema *e)
+{
+    free(e->avg), free(e->raw);
+    *e = (struct ema){0};
+}
+
+static void ema_step(struct ema *e, nn_model *m)
+{
+    nn_model_state_get(m, e->raw);
+    train_ema_update(e->avg, e->raw, e->n, e->decay, nn_model_optimizer_steps(m));
+}
+
+/* The average in, the trained weights out of the way; and back. */
+static void ema_in(struct ema *e, nn_model *m)
+{
+    nn_model_state_get(m, e->raw);
+    nn_model_state_set(m, e->avg);
+}
+
+static void ema_out(struct ema *e, nn_model *m)
+{
+    nn_model_state_set(m, e->raw);
+}
+
+/* The average of a run resumed at m's optimizer step, else (a new run, or a
+ * checkpoint of another step) m's own weights, with a warning when a run
+ * resumes without it. */
+static int ema_start(struct ema *e, nn_model *m, double decay, const char *workdir)
+{
+    e->n = nn_model_state_size(m);
+    e->decay = decay;
+    e->avg = malloc(e->n * sizeof(float));
+    e->raw = malloc(e->n * sizeof(float));
+    if (!e->avg || !e->raw) {
+        ema_free(e);
+        return -1;
+    }
+    nn_model_state_get(m, e->avg);
+    long steps = nn_model_optimizer_steps(m);
+    if (steps == 0) return 0;
+    char p[1200], err[512] = "", why[1400] = "";
+    snprintf(p, sizeof p, "%s/last-ema.safetensors", workdir);
+    nn_model *a = nn_model_load(p, err, sizeof err);
+    const char *v = a ? nn_model_meta_get(a, EMA_STEPS_KEY) : NULL;
+    if (!a)
+        snprintf(why, sizeof why, "%s", err);
+    else if (!v || strtol(v, NULL, 10) != steps)
+        snprintf(why, sizeof why, "%s is of step %s, the checkpoint of step %ld", p, v ? v : "?",
+                 steps);
+    else if (nn_model_state_size(a) != e->n)
+        snprintf(why, sizeof why, "%s is of another architecture", p);
+    else
+        nn_model_state_get(a, e->avg);
+    nn_model_free(a);
+    if (why[0])
+        util_log(UTIL_LOG_WARN, "train_resume_ema",
+                 "state=fresh reason=\"%s\" (the average starts again from the weights; the run "
+                 "goes on, not bit-identical to an uninterrupted one)",
+                 why);
+    return 0;
+}
+
+/* Writes the average (in the model now) as workdir/last-ema.safetensors,
+ * before the checkpoint of the same step. */
+static int ema_save(nn_model *m, const char *workdir)
+{
+    char p[1200], v[32];
+    snprintf(p, sizeof p, "%s/last-ema.safetensors", workdir);
+    snprintf(v, sizeof v, "%ld", nn_model_optimizer_steps(m));
+    if (nn_model_meta_set(m, EMA_STEPS_KEY, v) != 0) return -1;
+    int rc = save_model(m, p);
+    nn_model_meta_set(m, EMA_STEPS_KEY, NULL);
+    return rc;
+}
+
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
-                           int epoch, const float *pos_w, struct train_loc *loc, double *loc_loss,
-                           struct progress *pg)
+                           int epoch, const float *pos_w, struct train_loc *loc, struct ema *ema,
+                           double *loc_loss, struct progress *pg)
 {
     size_t per = train_dataset_input_size(d);
     size_t n = 0;
@@ -680,6 +787,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
             goto out;
         }
         nn_model_adam_step(m, &adam);
+        if (ema) ema_step(ema, m);
         sum += loss;
         progress_show(pg, st + 1, steps, sum / (st + 1), a + (size_t)b);
     }
@@ -824,13 +932,6 @@ static void pos_weights(const struct train_dataset *d, float *pw)
     }
 }
 
-static int save_model(nn_model *m, const char *path)
-{
-    char err[256];
-    int rc = nn_model_save(m, path, err, sizeof err);
-    if (rc != 0) util_log(UTIL_LOG_ERROR, "train_save_failed", "path=%s error=\"%s\"", path, err);
-    return rc;
-}
 
 /* A checkpoint: the optimizer's state (workdir/last-optimizer.safetensors),
  * with --loc-loss in stage 1 the localisation head (workdir/last-loc.bin),
@@ -1125,6 +1226,7 @@ int train_train_main(int argc, char **argv)
     unsigned char *score_y = NULL;
     struct train_dataset d;
     struct train_loc loc = {0}; /* --loc-loss: stage 1's localisation head */
+    struct ema ema = {0};       /* --ema: stage 1's average of the weights */
     struct triage_windows win;
     triage_windows_default(&win);
     if (o.windows && triage_windows_parse(o.windows, &win, err, sizeof err) != 0) {
@@ -1253,6 +1355,13 @@ int train_train_main(int argc, char **argv)
     pos_weights(&d, pw);
     struct progress pg = {.tty = isatty(2)};
     if (o.loc_loss > 0 && st.stage == 1 && start_loc(&loc, m, &d, &o, workdir, pw) != 0) goto out;
+    if (o.ema > 0 && st.stage == 1) {
+        if (ema_start(&ema, m, o.ema, workdir) != 0) {
+            fprintf(stderr, "ichtriage train: --ema: out of memory\n");
+            goto out;
+        }
+        util_log(UTIL_LOG_INFO, "train_ema", "decay=%g floats=%zu", o.ema, ema.n);
+    }
 
     /* Stage 1. */
     while (st.stage == 1) {
@@ -1277,9 +1386,13 @@ int train_train_main(int argc, char **argv)
         pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
         pg.items = 0, pg.t_last = pg.t0;
         double lloss = 0;
-        double loss = stage1_epoch(m, &d, &o, st.epoch, pw, loc.c ? &loc : NULL, &lloss, &pg);
+        double loss = stage1_epoch(m, &d, &o, st.epoch, pw, loc.c ? &loc : NULL,
+                                   ema.avg ? &ema : NULL, &lloss, &pg);
         double auc = 0, vloss = 0;
         int bad = isnan(loss);
+        /* With --ema the average is what is validated and kept as the best
+         * epoch's weights; training goes on from the trained ones. */
+        if (!bad && ema.avg) ema_in(&ema, m);
         /* Validation series that are all study-labelled have no slices to
          * sample: the whole validation split, as without the option. */
         if (!bad && nvs > 0)
@@ -1304,6 +1417,10 @@ int train_train_main(int argc, char **argv)
             if (save_model(m, best1) != 0) goto out;
         } else {
             st.bad++;
+        }
+        if (ema.avg) {
+            if (ema_save(m, workdir) != 0) goto out;
+            ema_out(&ema, m);
         }
         if (checkpoint(m, workdir, last, &st, loc.c ? &loc : NULL) != 0) goto out;
     }
@@ -1424,12 +1541,13 @@ int train_train_main(int argc, char **argv)
         buf, sizeof buf,
         "arch=%s input=%d crop=%s context=%d seed=%llu epochs1=%d epochs2=%d patience=%d batch=%d "
         "series_batch=%d slices_per_epoch=%d hard_negatives=%g small_bleeds=%g/%d loc_loss=%g%s "
+        "ema=%g "
         "lr1=%g lr_decay=%g "
         "lr2=%g study_loss=%g val_metric=%s val_slices=%d augment=%s "
         "init=%s",
         o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
         o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
-        o.small, o.small_slices, o.loc_loss, o.loc_cells ? " loc_weights=cells" : "", o.lr1,
+        o.small, o.small_slices, o.loc_loss, o.loc_cells ? " loc_weights=cells" : "", o.ema, o.lr1,
         o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
         o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
@@ -1496,6 +1614,7 @@ out:
     free(feat);
     free(vs);
     train_loc_free(&loc);
+    ema_free(&ema);
     nn_model_free(m);
     train_dataset_free(&d);
     triage_config_free(&cfg);

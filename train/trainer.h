@@ -79,6 +79,12 @@ int train_negative_slices(const struct train_dataset *d, size_t *out);
  * is a few of the epoch's thousands of draws, and the one a model misses. */
 int train_small_bleed_slices(const struct train_dataset *d, int max_slices, size_t *out);
 
+/* Weight averaging (--ema): shadow <- d shadow + (1 - d) x over n floats,
+ * with d = min(decay, (1 + step) / (10 + step)) so that the first steps'
+ * weights, far from trained, fade fast. step: optimizer steps taken, this one
+ * included. Returns d. */
+double train_ema_update(float *shadow, const float *x, size_t n, double decay, long step);
+
 /* Hard negatives for stage 1: ncand of those slices drawn at random with
  * rng, scored by m as it is (call it in eval mode) without augmentation; the
  * nhard with the highest logit of "any" go into out, highest first, and

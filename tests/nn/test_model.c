@@ -283,6 +283,43 @@ Test(model, save_and_load_round_trip)
     unlink(path);
 }
 
+/* The state vector (weight averaging): every parameter and running
+ * statistic, in the tensors' order, out and back in. */
+Test(model, state_vector_holds_every_weight_and_statistic)
+{
+    nn_model *m = tiny(4, 0.5f);
+    size_t n = nn_model_state_size(m), sum = 0, stats = 0;
+    for (int i = 0; i < nn_model_tensor_count(m); i++) {
+        nn_tensor_info t;
+        nn_model_tensor(m, i, &t);
+        sum += t.numel;
+        if (!t.grad) stats += t.numel;
+    }
+    cr_assert_eq(n, sum);
+    cr_assert(stats > 0, "the tiny model has batch-norm statistics");
+    cr_assert_eq(n - stats, nn_model_param_count(m));
+    float *v = malloc(n * sizeof *v), *w = malloc(n * sizeof *w);
+    nn_model_state_get(m, v);
+    for (size_t i = 0; i < n; i++)
+        w[i] = (float)i * 0.5f - 3.0f;
+    nn_model_state_set(m, w);
+    /* each tensor now holds its own stretch of w: parameters first, then
+     * the statistics, each in the tensors' order */
+    size_t p = 0, b = nn_model_param_count(m);
+    for (int i = 0; i < nn_model_tensor_count(m); i++) {
+        nn_tensor_info t;
+        nn_model_tensor(m, i, &t);
+        size_t *at = t.grad ? &p : &b;
+        cr_expect(memcmp(t.data, w + *at, t.numel * 4) == 0, "%s is not its part", t.name);
+        *at += t.numel;
+    }
+    nn_model_state_set(m, v);
+    nn_model_state_get(m, w);
+    cr_expect(memcmp(v, w, n * sizeof *v) == 0, "not restored");
+    free(v), free(w);
+    nn_model_free(m);
+}
+
 Test(model, presets_and_bad_arch)
 {
     nn_config c;

@@ -45,7 +45,7 @@ def run(*args, **kw):
 
 
 def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, crop=None,
-               val_slices=0, context=0, small=0):
+               val_slices=0, context=0, small=0, ema=0):
     a = ["train", data, "-o", out, "--workdir", workdir, "--arch", ARCH, "--input", "64",
          "--seed", str(seed), "--epochs1", str(epochs1), "--epochs2", str(epochs2),
          "--patience", "8", "--val", "0.2", "--test", "0.3", "--threads", "2",
@@ -54,6 +54,7 @@ def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, 
     return (a + (["--slices-per-epoch", str(spe)] if spe else [])
             + (["--hard-negatives", str(hard)] if hard else [])
             + (["--small-bleeds", str(small)] if small else [])
+            + (["--ema", str(ema)] if ema else [])
             + (["--crop", crop] if crop else [])
             + (["--val-slices", str(val_slices)] if val_slices else [])
             + (["--context", str(context)] if context else []))
@@ -299,6 +300,39 @@ def main():
     check(r.returncode == 0 and weights(out_c) == weights(out_u),
           "killed and resumed: the same weights as an uninterrupted run")
 
+    # 3a. --ema: stage 1 validates an average of its weights and keeps it as
+    # the best epoch's; the average is checkpointed with the run, so killed
+    # and resumed, the run ends on the weights of an uninterrupted one.
+    work_e = os.path.join(tmp, "ema.work")
+    out_e, out_eu = os.path.join(tmp, "ema.safetensors"), os.path.join(tmp, "ema-u.safetensors")
+    averaged = dict(epochs1=4, epochs2=2, spe=96, ema=0.9)
+    kill_after_checkpoint(train_args(data, out_e, work_e, **averaged), work_e)
+    hist = open(os.path.join(work_e, "history.csv")).read().splitlines()
+    best1, avg1, last1 = (weights(os.path.join(work_e, f)) for f in (
+        "best-stage1.safetensors", "last-ema.safetensors", "last.safetensors"))
+    check(len(hist) == 1 and best1 == avg1 and avg1 != last1,
+          "after the first epoch the best weights kept are the average, not the trained ones "
+          "(%d epochs)" % len(hist))
+    check(metadata(os.path.join(work_e, "last-ema.safetensors")).get("train_ema_steps") == "6",
+          "the average records the optimizer step it belongs to (96 slices in batches of 16)")
+    r = run(*train_args(data, out_e, work_e, **averaged))
+    check(r.returncode == 0 and "event=train_resume" in r.stderr
+          and "train_resume_ema" not in r.stderr, "the rerun resumes the average: "
+          + r.stderr[-300:])
+    r = run(*train_args(data, out_eu, os.path.join(tmp, "ema-u.work"), **averaged))
+    check(r.returncode == 0 and "event=train_ema decay=0.9 " in r.stderr,
+          "an uninterrupted --ema run: " + r.stderr[-300:])
+    check(os.path.exists(out_e) and weights(out_e) == weights(out_eu),
+          "--ema killed and resumed: the same weights as an uninterrupted run")
+    check("ema=0.9 " in metadata(out_eu)["training"], "the decay is in the training metadata")
+    # The average lost on resume: a warning, and the run goes on.
+    work_f = os.path.join(tmp, "ema-lost.work")
+    kill_after_checkpoint(train_args(data, out_e, work_f, **averaged), work_f)
+    os.unlink(os.path.join(work_f, "last-ema.safetensors"))
+    r = run(*train_args(data, os.path.join(tmp, "ema-lost.safetensors"), work_f, **averaged))
+    check(r.returncode == 0 and "level=warn event=train_resume_ema state=fresh" in r.stderr,
+          "a lost average is a warning, not a failed run: " + r.stderr[-300:])
+
     # 3b. --loc-loss: a localisation loss where the data has blood masks. The
     # same studies with masks/ (phantom --masks); on data without masks the
     # option is refused with a reason; killed and resumed, the run ends on the
@@ -448,7 +482,8 @@ def main():
         check(r.returncode == 2 and "out of range" in r.stderr
               and not os.path.exists(os.path.join(tmp, "x.safetensors")),
               "--hard-negatives %s refused before any work: %s" % (share, r.stderr.strip()[:80]))
-    for opt, value in (("--small-bleeds", "0.6"), ("--small-bleeds", "x"),
+    for opt, value in (("--small-bleeds", "0.6"), ("--small-bleeds", "x"), ("--ema", "1"),
+                       ("--ema", "0.3"), ("--ema", "-0.5"),
                        ("--small-bleed-slices", "0")):
         r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), opt, value)
         check(r.returncode == 2 and ("out of range" in r.stderr or "not a number" in r.stderr)

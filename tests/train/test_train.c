@@ -535,6 +535,30 @@ Test(hard_negatives, highest_any_of_negative_training_series_only)
     nn_model_free(m);
 }
 
+/* Weight averaging: the decay warms up as (1 + t) / (10 + t) until it reaches
+ * the one asked for; the average of a constant is that constant however it
+ * starts, and each step moves the average by (1 - d) of the gap. */
+Test(ema, the_average_follows_the_weights_with_a_warm_up)
+{
+    cr_expect_float_eq(train_ema_update((float[]){0}, (float[]){0}, 1, 0.999, 1), 2.0 / 11, 1e-12);
+    cr_expect_float_eq(train_ema_update((float[]){0}, (float[]){0}, 1, 0.999, 100), 101.0 / 110,
+                       1e-12);
+    cr_expect_float_eq(train_ema_update((float[]){0}, (float[]){0}, 1, 0.9, 100), 0.9, 1e-12);
+    float avg[3] = {0, 4, -2}, x[3] = {1, 1, 1};
+    double keep[3] = {0, 4, -2};
+    for (long t = 1; t <= 300; t++) {
+        double d = train_ema_update(avg, x, 3, 0.99, t);
+        cr_assert(d > 0 && d <= 0.99);
+        for (int i = 0; i < 3; i++) {
+            keep[i] = d * keep[i] + (1 - d);
+            cr_assert_float_eq(avg[i], keep[i], 1e-5, "element %d at step %ld", i, t);
+        }
+    }
+    /* after 300 steps, 0.99 per step from about the 90th: within 0.99^200 of 1 */
+    for (int i = 0; i < 3; i++)
+        cr_expect(fabsf(avg[i] - 1) < 0.5f * powf(0.99f, 200), "element %d: %g", i, avg[i]);
+}
+
 /* Small bleeds: the "any" slices of slice-labelled training series whose
  * "any" shows on 1 to max_slices slices; nothing of a bigger bleed, of a
  * validation series, of a study-level series or of a negative one. */
