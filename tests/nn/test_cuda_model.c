@@ -3,7 +3,8 @@
  * the GPU in fp32 mode: inference outputs, training logits, EVERY parameter
  * gradient, the weights and running statistics after Adam steps, stage 1
  * (the CNN alone, also with a loss on its last feature map), stage 2 (frozen CNN, precomputed
- * features), saving from the GPU, and moving back to the CPU. A small LRCN with batch-norm, and
+ * features), saving from the GPU, moving back to the CPU, and the state vector of
+ * weight averaging. A small LRCN with batch-norm, and
  * VGG19's LRCN at 32x32 (all 16 convolutions, the flatten and the 1000-wide
  * dense layers). Exits 77 (skipped) when no GPU is present. */
 #include "cuda_check.h"
@@ -315,6 +316,24 @@ static void save_and_move(check_ctx *t, pair *p)
     nn_model_free(back);
 }
 
+/* The state vector (train --ema): what is set reaches the device, and the
+ * GPU then computes what the CPU does with the same state. */
+static void state_vector(check_ctx *t, pair *p, const int *len, int S)
+{
+    size_t n = nn_model_state_size(p->cpu);
+    check_true(t, "state vectors of the same size", nn_model_state_size(p->gpu) == n);
+    float *v = malloc(n * sizeof *v), *w = malloc(n * sizeof *w);
+    nn_model_state_get(p->cpu, v);
+    for (size_t i = 0; i < n; i++)
+        v[i] *= 0.9f; /* running variances stay positive */
+    nn_model_state_set(p->cpu, v);
+    nn_model_state_set(p->gpu, v);
+    nn_model_state_get(p->gpu, w);
+    check_true(t, "the device holds the state set, bit for bit", memcmp(v, w, n * sizeof *v) == 0);
+    inference(t, p, len, S);
+    free(v), free(w);
+}
+
 static void free_pair(pair *p)
 {
     nn_model_free(p->cpu);
@@ -342,6 +361,7 @@ int main(void)
         stage1_map(&t, &small, 6);
         stage2(&t, &small, len, 3);
         save_and_move(&t, &small);
+        state_vector(&t, &small, len, 3);
         lrcn_train_steps(&t, &small, len2, 2, 1); /* and back on the GPU again */
     }
     free_pair(&small);
