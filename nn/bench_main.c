@@ -17,6 +17,7 @@
 #include "nn.h"
 
 #include <cblas.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -171,18 +172,47 @@ static int bench_train(const char *arch, int slices, int steps, const char *devi
     return rc != 0;
 }
 
+/* A number argument, the whole of it and in range, else usage's exit 2
+ * (atoi would read "abc" as 0 and "3x" as 3). */
+static long arg_long(const char *s, long lo, long hi)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || errno || v < lo || v > hi) {
+        fprintf(stderr, "nn-bench: \"%s\" is not an integer in %ld..%ld\n", s, lo, hi);
+        exit(2);
+    }
+    return v;
+}
+
+static double arg_seconds(const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end || errno || !(v > 0 && v <= 86400)) {
+        fprintf(stderr, "nn-bench: \"%s\" is not a number of seconds (0..86400]\n", s);
+        exit(2);
+    }
+    return v;
+}
+
 int main(int argc, char **argv)
 {
     char blas_err[256]; /* the node's kernels, so that the figures are the node's */
     if (nn_blas_rerun(argv, blas_err, sizeof blas_err) != 0)
         fprintf(stderr, "nn-bench: %s\n", blas_err);
-    if (argc == 3 && strcmp(argv[1], "sgemm") == 0) return bench_sgemm(atoi(argv[2]));
+    if (argc == 3 && strcmp(argv[1], "sgemm") == 0)
+        return bench_sgemm((int)arg_long(argv[2], 1, 16384));
     if (argc == 5 && strcmp(argv[1], "fwd") == 0)
-        return bench_fwd(argv[2], atoi(argv[3]), atof(argv[4]));
+        return bench_fwd(argv[2], (int)arg_long(argv[3], 1, 4096), arg_seconds(argv[4]));
     if ((argc == 5 || argc == 6) && strcmp(argv[1], "train") == 0)
-        return bench_train(argv[2], atoi(argv[3]), atoi(argv[4]), argc == 6 ? argv[5] : "cpu");
+        return bench_train(argv[2], (int)arg_long(argv[3], 1, 4096),
+                           (int)arg_long(argv[4], 1, 1000000), argc == 6 ? argv[5] : "cpu");
     if (argc == 6 && strcmp(argv[1], "lrcn-fwd") == 0)
-        return bench_lrcn_fwd(argv[2], atoi(argv[3]), atoi(argv[4]), argv[5]);
+        return bench_lrcn_fwd(argv[2], (int)arg_long(argv[3], 1, 100000),
+                              (int)arg_long(argv[4], 1, 1000000), argv[5]);
     fprintf(stderr, "usage: nn-bench sgemm N | fwd ARCH BATCH SECONDS | train ARCH SLICES STEPS "
                     "[DEVICE] | lrcn-fwd ARCH SLICES REPS DEVICE\n");
     return 2;

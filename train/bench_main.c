@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "nn.h"
+#include "number.h"
 #include "trainer.h"
 
 static double now(void)
@@ -34,9 +35,19 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *arch = argv[1];
-    int B = atoi(argv[2]), S = atoi(argv[3]), L = atoi(argv[4]);
-    double secs = atof(argv[5]);
-    if (B < 1 || S < 1 || L < 1 || L > NN_MAX_SERIES_LEN || secs <= 0) return 2;
+    long b, s, l;
+    double secs;
+    if (util_number_long(argv[2], 1, 4096, &b) != 0 ||
+        util_number_long(argv[3], 1, 4096, &s) != 0 ||
+        util_number_long(argv[4], 1, NN_MAX_SERIES_LEN, &l) != 0 ||
+        util_number_double(argv[5], &secs) != 0 || !(secs > 0 && secs <= 86400)) {
+        fprintf(stderr,
+                "train-bench: BATCH 1..4096, SERIES 1..4096, LEN 1..%d and SECONDS "
+                "(0, 86400] are numbers\n",
+                NN_MAX_SERIES_LEN);
+        return 2;
+    }
+    int B = (int)b, S = (int)s, L = (int)l;
     nn_config c;
     nn_config_default(&c);
     c.arch = arch;
