@@ -689,6 +689,7 @@ Test(calibrate, study_labelled_series_count)
 
 /* The node's reviewed studies: files in the spool, a review in the database
  * -> series with the review as study-level labels and unknown slice labels. */
+#include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -704,6 +705,27 @@ Test(calibrate, study_labelled_series_count)
 #include "scp_info.h"
 #include "pipeline.h"
 #include "volume.h"
+
+/* A test's scratch folder: made from a mkdtemp template, removed by the
+ * test's .fini = scratch_fini whether the test passed or an assertion
+ * stopped it (criterion runs fini either way; each test is a process of its
+ * own, so one folder per test). */
+static char scratch_path[256];
+
+static void scratch(char *tmpl)
+{
+    cr_assert(mkdtemp(tmpl), "mkdtemp %s: %s", tmpl, strerror(errno));
+    snprintf(scratch_path, sizeof scratch_path, "%s", tmpl);
+}
+
+static void scratch_fini(void)
+{
+    if (!scratch_path[0]) return;
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", scratch_path);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", scratch_path);
+    scratch_path[0] = 0;
+}
 
 static void copy(const char *src, const char *dst)
 {
@@ -747,10 +769,10 @@ static void same_slices(const struct train_dataset *a, const struct train_datase
     }
 }
 
-Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120)
+Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-reviews-XXXXXX";
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     char ph[300], store[300], err[512];
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(store, sizeof store, "%s/store", tmp);
@@ -1043,10 +1065,10 @@ static void load(struct train_dataset *d, const char *dir, const char *cache_dir
     load_as(d, dir, cache_dir, false);
 }
 
-Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
+Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX";
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     char ph[300], link[300], cache[300], cmd[400];
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(link, sizeof link, "%s/link", tmp);
@@ -1101,7 +1123,7 @@ Test(cache, the_same_folder_by_another_path_keeps_its_cache, .timeout = 120)
  * (12 slices) in tmp/ph. */
 static void two_studies(char *tmp, char *ph, size_t n)
 {
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     snprintf(ph, n, "%s/ph", tmp);
     small_phantoms(ph, 7, 2);
 }
@@ -1127,7 +1149,8 @@ static void cache_file(const char *dir, char *out, size_t n)
 /* The cache is written as the slices are decoded (so that a folder larger
  * than memory can be); when the disk fills part way, the folder is decoded
  * into memory instead, with the same result, and no part of a file stays. */
-Test(cache, a_cache_that_cannot_be_written_whole_falls_back_to_memory, .timeout = 120)
+Test(cache, a_cache_that_cannot_be_written_whole_falls_back_to_memory, .timeout = 120,
+     .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], c1[300], c2[300], cmd[400];
     two_studies(tmp, ph, sizeof ph); /* 12 slices of 3 KiB */
@@ -1157,7 +1180,7 @@ Test(cache, a_cache_that_cannot_be_written_whole_falls_back_to_memory, .timeout 
 
 /* Two runs decoding the same folder at once: one writes the cache, the
  * other decodes into memory rather than write the same file. */
-Test(cache, a_cache_another_run_is_writing_is_left_to_it, .timeout = 120)
+Test(cache, a_cache_another_run_is_writing_is_left_to_it, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], cache[300], cfile[600], part[620];
     two_studies(tmp, ph, sizeof ph);
@@ -1280,11 +1303,11 @@ static void load_logged(struct train_dataset *d, const char *ph, const char *dir
  * on where it stopped: the next run takes the series the killed one had
  * recorded, as far as the file really holds them, decodes the rest, and
  * ends with what a decode from nothing gives. */
-Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120)
+Test(cache, a_killed_decode_resumes_where_it_stopped, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], c1[300], c2[300], cfile[600];
     char part[620], prog[640], recs[640], logp[320], log[8192];
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(c1, sizeof c1, "%s/c1", tmp);
     snprintf(c2, sizeof c2, "%s/c2", tmp);
@@ -1372,7 +1395,7 @@ static int features_call(void *v)
  * otherwise a log line every progress_every_s seconds (here: every step):
  * decoding a folder (reading headers, then decoding) and computing
  * features. */
-Test(cache, long_passes_log_their_progress, .timeout = 120)
+Test(cache, long_passes_log_their_progress, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], cache[300], logp[320], log[16384];
     char want[400], err[512];
@@ -1433,10 +1456,11 @@ static int series_files(const char *dir, const char *series_uid, char **paths, i
     return n;
 }
 
-Test(crop, training_slices_are_the_nodes_and_the_head_fills_more, .timeout = 120)
+Test(crop, training_slices_are_the_nodes_and_the_head_fills_more, .timeout = 120,
+     .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-crop-XXXXXX", ph[300], cache[300], cmd[400], err[512];
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(cache, sizeof cache, "%s/cache", tmp);
     phantoms(ph, 9, 3, 128); /* 128 pixels: the head is 80-90% of the image */
@@ -1492,10 +1516,10 @@ Test(crop, training_slices_are_the_nodes_and_the_head_fills_more, .timeout = 120
  * neighbours a chunk at a time and runs the BiLSTM over the features) gives
  * what nn_lrcn_predict gives on the whole series stacked at once; a model
  * whose input channels do not match its windows and context is refused. */
-Test(context, the_node_runs_a_context_model_on_a_series, .timeout = 120)
+Test(context, the_node_runs_a_context_model_on_a_series, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-context-XXXXXX", ph[300], path[300], cmd[400], err[512];
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
     struct train_phantom_opts o;
@@ -1621,10 +1645,10 @@ static void load_masks(struct train_dataset *d, const char *dir, const char *cac
     cr_assert_eq(train_dataset_add_folder(d, dir, cache, err, sizeof err), 0, "%s", err);
 }
 
-Test(masks, follow_the_blood_into_the_input_frame, .timeout = 120)
+Test(masks, follow_the_blood_into_the_input_frame, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-masks-XXXXXX", ph[300], bare[300], cache[300];
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(bare, sizeof bare, "%s/bare", tmp);
     snprintf(cache, sizeof cache, "%s/cache", tmp);
@@ -1856,10 +1880,10 @@ Test(loc, the_gradients_are_the_losss)
 /* --loc-cell-weights: negative / positive cells per label over the training
  * split's masked slices, on the map's grid, counted here straight from the
  * masks (a grid cell of 8x8 input pixels is 2x2 mask cells). */
-Test(loc, cell_weights_count_the_training_masks, .timeout = 120)
+Test(loc, cell_weights_count_the_training_masks, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-cellw-XXXXXX", ph[300], cache[300];
-    cr_assert(mkdtemp(tmp));
+    scratch(tmp);
     snprintf(ph, sizeof ph, "%s/ph", tmp);
     snprintf(cache, sizeof cache, "%s/cache", tmp);
     cr_assert_eq(mkdir(cache, 0755), 0);
