@@ -571,6 +571,15 @@ static int save_model(nn_model *m, const char *path)
     return rc;
 }
 
+/* Saves m with one more metadata entry, key = value, that stays out of m. */
+static int save_model_with(nn_model *m, const char *path, const char *key, const char *value)
+{
+    if (nn_model_meta_set(m, key, value) != 0) return -1;
+    int rc = save_model(m, path);
+    nn_model_meta_set(m, key, NULL);
+    return rc;
+}
+
 /* ---- weight averaging (--ema) ------------------------------------------------------ */
 
 /* Stage 1's average of the weights: updated after every optimizer step,
@@ -655,10 +664,7 @@ static int ema_save(nn_model *m, const char *workdir)
     char p[1200], v[32];
     snprintf(p, sizeof p, "%s/last-ema.safetensors", workdir);
     snprintf(v, sizeof v, "%ld", nn_model_optimizer_steps(m));
-    if (nn_model_meta_set(m, EMA_STEPS_KEY, v) != 0) return -1;
-    int rc = save_model(m, p);
-    nn_model_meta_set(m, EMA_STEPS_KEY, NULL);
-    return rc;
+    return save_model_with(m, p, EMA_STEPS_KEY, v);
 }
 
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
@@ -932,7 +938,6 @@ static void pos_weights(const struct train_dataset *d, float *pw)
     }
 }
 
-
 /* A checkpoint: the optimizer's state (workdir/last-optimizer.safetensors),
  * with --loc-loss in stage 1 the localisation head (workdir/last-loc.bin),
  * then the weights with the training state in their metadata (last), then
@@ -953,10 +958,8 @@ static int checkpoint(nn_model *m, const char *workdir, const char *last, const 
     }
     snprintf(v, sizeof v, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d adam_steps=%ld",
              st->stage, st->epoch, st->best, st->best_epoch, st->bad, nn_model_optimizer_steps(m));
-    if (nn_model_meta_set(m, CHECKPOINT_KEY, v) != 0) return -1;
-    int rc = save_model(m, last);
-    nn_model_meta_set(m, CHECKPOINT_KEY, NULL);
-    return rc != 0 || state_write(workdir, st) != 0 ? -1 : 0;
+    if (save_model_with(m, last, CHECKPOINT_KEY, v) != 0) return -1;
+    return state_write(workdir, st) != 0 ? -1 : 0;
 }
 
 /* Resuming: the state saved with the weights (else the state file), and the
