@@ -2,8 +2,9 @@
 # models/make-default.sh: makes models/default.safetensors, the demonstration
 # model the node ships, with one `ichtriage train` run on synthetic phantoms,
 # `ichtriage calibrate` on phantoms of a second seed, and scores it with
-# `ichtriage eval` on phantoms of a third. Within 2 hours on 2 idle cores
-# (models/README.md has the time measured). Trained on synthetic phantoms: a
+# `ichtriage eval` on phantoms of a third. About 2 hours on 2 idle cores:
+# within them on a VM like that of 2026-11-30, over them on slower ones
+# (models/README.md has the times measured). Trained on synthetic phantoms: a
 # demonstration, not clinically validated. Decision support, not a diagnosis.
 #
 #   models/make-default.sh [BUILD_DIR [WORK_DIR]]
@@ -45,11 +46,15 @@ gen ph-test 202 0 120
 # with the slice loss plus a max-over-slices study loss. Then temperature
 # calibration on validation and the thresholds for study-level sensitivity
 # 0.95. A run that is interrupted resumes from its checkpoints in --workdir.
+# --ema 0.998: stage 1 validates, and keeps, a moving average of its weights
+# over about the last two epochs rather than the weights of the last step; the
+# eleventh version, with it, did better on all three phantom sets than the
+# same recipe without it (docs/benchmarks.md, "Weight averaging in stage 1").
 "$bin" train "$work/ph-a" "$work/ph-b" "$work/ph-c" "$work/ph-d" "$work/ph-e" "$work/ph-f" \
     -o "$work/trained.safetensors" \
     --workdir "$work/run" --arch small --input 128 --crop head --seed 1 --val 0.1 --test 0 \
     --epochs1 18 --slices-per-epoch 8000 --patience 4 --lr1 1e-3 --lr-decay 0.9 \
-    --val-metric any --epochs2 30 --lr2 1e-3 --study-loss 1 --threads "$threads" \
+    --val-metric any --epochs2 30 --lr2 1e-3 --study-loss 1 --ema 0.998 --threads "$threads" \
     --provenance "models/make-default.sh: synthetic phantoms (ichtriage phantom --seed 101, studies 0-2399, --size 256); a demonstration, not clinically validated"
 
 # The validation split that chose the stage-2 epoch also chose the threshold,
