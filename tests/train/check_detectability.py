@@ -3,7 +3,9 @@
 with the blood's excess as the files show it, the noise correlation it
 assumes checked against an explicit covariance matrix, the share of
 negatives each positive outranks, and a pair of folders that are not the same
-studies refused.
+studies refused. The location-unknown observer (--search): at one known
+position its AUC is Phi(d'/sqrt 2); searching thousands of positions, a d' of
+3 is found far less often, one of 12 always.
 
     check_detectability.py ICHTRIAGE_BINARY"""
 import csv
@@ -55,11 +57,40 @@ def main():
     check(np.allclose((s * det.correlate(s)).sum(), s.ravel() @ C @ s.ravel()),
           "s.C.s from correlate() equals the explicit covariance's")
 
+    # the location-unknown observer on a drawn lesion: a plus of 5 pixels on
+    # one slice of a flat head at 40 HU, noise SD 5
+    head = np.full((2, 64, 64), 40.0, np.float32)
+    blob = np.zeros_like(head)
+    blob[1, 31:34, 32] = 1
+    blob[1, 32, 31:34] = 1
+    one = (blob[1] * det.correlate(blob[1])).sum()
+    unit = float((blob * blob).sum() / np.sqrt(25 * one))  # d' of amplitude 1
+
+    def search(dprime, k, **kw):
+        return det.search(head + blob * (dprime / unit), head, 5.0, k,
+                          np.random.default_rng(7), **kw)
+
+    dp, auc, npos = search(1.0, 400, only_blood=True)
+    # location known: pos = d' + Z, neg = Z', AUC = Phi(d'/sqrt 2) = 0.760
+    check(abs(dp - 1.0) < 1e-4 and npos == 1 and abs(auc - 0.760) < 0.05,
+          "known location: d' %.3f (1), AUC %.3f against Phi(1/sqrt 2) = 0.760" % (dp, auc))
+    dp, auc, npos = search(3.0, 100)
+    check(abs(dp - 3.0) < 1e-3 and npos > 7000 and auc < 0.75,
+          "location unknown, %d positions: d' 3 is found far less often than the "
+          "known location's 0.983 (AUC %.3f)" % (npos, auc))
+    dp, auc, _ = search(12.0, 40)
+    check(auc == 1.0, "location unknown: d' 12 always wins (AUC %.3f)" % auc)
+    dp2, _, npos2 = search(3.0, 2, f=2)
+    check(npos2 < npos / 3 and 0 < dp2 < 3.0,
+          "2x2 pixels averaged: a quarter of the positions, %d; the plus's d' %.2f, "
+          "below the files' grid's 3" % (npos2, dp2))
+
     with tempfile.TemporaryDirectory() as t:
         ph, nb, other = (os.path.join(t, x) for x in ("ph", "nb", "other"))
-        phantom(ich, ph, 11)
-        phantom(ich, nb, 11, "--omit-blood", ALL)
-        phantom(ich, other, 12, "--omit-blood", ALL)
+        # seed 22: 3 positives, one of them with only a tiny lesion, 3 negatives
+        phantom(ich, ph, 22)
+        phantom(ich, nb, 22, "--omit-blood", ALL)
+        phantom(ich, other, 23, "--omit-blood", ALL)
         with open(os.path.join(ph, "studies.csv")) as f:
             studies = list(csv.DictReader(f))
         pos = [r["study_uid"] for r in studies if int(r["any"]) > 0]
@@ -77,6 +108,25 @@ def main():
         check(all(float(x["dprime_npw"]) > 0 for x in rows), "every positive has a d' above 0")
         check(all(x["group"] in ("subarachnoid alone", "subarachnoid and other", "no subarachnoid")
                   for x in rows), "every positive falls in a group")
+
+        r = run("--search", "3", ph, nb)
+        srows = list(csv.DictReader(io.StringIO(r.stdout)))
+        check(r.returncode == 0 and len(srows) == len(rows) and
+              all(0 <= float(x[c]) <= 1 for x in srows for c in ("search_auc", "search_auc_half")) and
+              all(int(x["search_positions"]) > int(x["search_positions_half"]) > 0 for x in srows),
+              "--search: an AUC on both grids for every positive")
+        check(all(float(x["dprime_npw_best_slice"]) > 0 and
+                  float(x["dprime_npw_best_slice_half"]) > 0 for x in srows),
+              "--search: every template has a d' above 0 on both grids")
+        r = run("--tiny-only", ph, nb)
+        trows = list(csv.DictReader(io.StringIO(r.stdout)))
+        check(r.returncode == 0 and all(x["only_tiny"] == "yes" for x in trows) and
+              len(trows) >= 1 and len(trows) == sum(x["only_tiny"] == "yes" for x in rows),
+              "--tiny-only: the positives whose lesions are all tiny (%d of %d)"
+              % (len(trows), len(rows)))
+        for bad in ("1", "x"):
+            r = run("--search", bad, ph, nb)
+            check(r.returncode == 2 and "--search" in r.stderr, "--search %s: refused" % bad)
 
         r = run(ph, ph)
         check(r.returncode == 1 and "--omit-blood" in r.stderr,
