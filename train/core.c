@@ -19,6 +19,7 @@ void train_augment_default(struct train_augment *a)
     a->offset = 0.04f;
     a->flip = 1;
     a->channel_period = 0;
+    a->sharp = 0;
 }
 
 void train_augment_draw(const struct train_augment *a, int c, int h, int w, uint64_t *rng,
@@ -34,6 +35,10 @@ void train_augment_draw(const struct train_augment *a, int c, int h, int w, uint
         t->off[k] = (2 * nn_rng_uniform(rng) - 1) * a->offset;
     }
     t->cs = cosf(ang), t->sn = sinf(ang);
+    if (a->sharp > 0 && nn_rng_uniform(rng) < a->sharp) {
+        t->cs = 1, t->sn = 0;
+        t->dx = roundf(t->dx), t->dy = roundf(t->dy);
+    }
 }
 
 void train_augment_none(struct train_affine *t)

@@ -33,6 +33,7 @@ struct opts {
     float lr1, lr2, lr_decay, val_frac, test_frac, sensitivity;
     int reg;
     int no_augment;
+    float sharp;
     int val_any;      /* early stopping on the AUC of "any" alone */
     int reviews;      /* the node's reviewed studies as data too */
     float study_loss; /* weight of the stage-2 max-over-slices term for slice-labelled series */
@@ -123,6 +124,9 @@ static void usage(FILE *f)
         "                          evaluation use all of them\n"
         "  --threads N             CPU threads (default: all cores)\n"
         "  --device auto|cpu|cuda  where the model runs (nn.device; default auto)\n"
+        "  --sharp F               stage 1: a share F of the augmented slices are moved by\n"
+        "                          whole pixels only (no rotation), so that they keep the\n"
+        "                          sharpness inference sees (default 0)\n"
         "  --no-augment            (tests) no augmentation\n"
         "  --provenance TEXT       added to the model's provenance\n"
         "  --register              register the model under <store.dir>/models\n"
@@ -163,45 +167,27 @@ static uint64_t seed_arg(const char *s, const char **bad)
 static int parse(struct opts *o, int argc, char **argv)
 {
     const char *bad = NULL; /* a number option's value that is not one */
-    static const struct option lo[] = {{"out", 1, 0, 'o'},
-                                       {"workdir", 1, 0, 'w'},
-                                       {"cache", 1, 0, 'C'},
-                                       {"arch", 1, 0, 'a'},
-                                       {"init", 1, 0, 'I'},
-                                       {"windows", 1, 0, 'W'},
-                                       {"input", 1, 0, 'i'},
-                                       {"seed", 1, 0, 's'},
-                                       {"epochs1", 1, 0, '1'},
-                                       {"epochs2", 1, 0, '2'},
-                                       {"patience", 1, 0, 'p'},
-                                       {"batch", 1, 0, 'b'},
-                                       {"series-batch", 1, 0, 'B'},
-                                       {"slices-per-epoch", 1, 0, 'S'},
-                                       {"lr1", 1, 0, 'l'},
-                                       {"lr2", 1, 0, 'L'},
-                                       {"val", 1, 0, 'v'},
-                                       {"test", 1, 0, 't'},
-                                       {"sensitivity", 1, 0, 'x'},
-                                       {"threads", 1, 0, 'T'},
-                                       {"no-augment", 0, 0, 'N'},
-                                       {"provenance", 1, 0, 'P'},
-                                       {"register", 0, 0, 'R'},
-                                       {"val-metric", 1, 0, 'M'},
-                                       {"lr-decay", 1, 0, 'y'},
-                                       {"reviews", 0, 0, 'V'},
-                                       {"study-loss", 1, 0, 'Y'},
-                                       {"auto-promote", 0, 0, 'A'},
-                                       {"hard-negatives", 1, 0, 'H'},
-                                       {"small-bleeds", 1, 0, 'E'},
-                                       {"small-bleed-slices", 1, 0, 'e'},
-                                       {"ema", 1, 0, 'Z'},
-                                       {"crop", 1, 0, 'K'},
-                                       {"val-slices", 1, 0, 'Q'},
-                                       {"context", 1, 0, 'k'},
-                                       {"loc-loss", 1, 0, 'G'},
-                                       {"loc-cell-weights", 0, 0, 'g'},
-                                       {"help", 0, 0, 'h'},
-                                       {0, 0, 0, 0}};
+    static const struct option lo[] = {
+        {"out", 1, 0, 'o'},          {"workdir", 1, 0, 'w'},
+        {"cache", 1, 0, 'C'},        {"arch", 1, 0, 'a'},
+        {"init", 1, 0, 'I'},         {"windows", 1, 0, 'W'},
+        {"input", 1, 0, 'i'},        {"seed", 1, 0, 's'},
+        {"epochs1", 1, 0, '1'},      {"epochs2", 1, 0, '2'},
+        {"patience", 1, 0, 'p'},     {"batch", 1, 0, 'b'},
+        {"series-batch", 1, 0, 'B'}, {"slices-per-epoch", 1, 0, 'S'},
+        {"lr1", 1, 0, 'l'},          {"lr2", 1, 0, 'L'},
+        {"val", 1, 0, 'v'},          {"test", 1, 0, 't'},
+        {"sensitivity", 1, 0, 'x'},  {"threads", 1, 0, 'T'},
+        {"no-augment", 0, 0, 'N'},   {"sharp", 1, 0, 'F'},
+        {"provenance", 1, 0, 'P'},   {"register", 0, 0, 'R'},
+        {"val-metric", 1, 0, 'M'},   {"lr-decay", 1, 0, 'y'},
+        {"reviews", 0, 0, 'V'},      {"study-loss", 1, 0, 'Y'},
+        {"auto-promote", 0, 0, 'A'}, {"hard-negatives", 1, 0, 'H'},
+        {"small-bleeds", 1, 0, 'E'}, {"small-bleed-slices", 1, 0, 'e'},
+        {"ema", 1, 0, 'Z'},          {"crop", 1, 0, 'K'},
+        {"val-slices", 1, 0, 'Q'},   {"context", 1, 0, 'k'},
+        {"loc-loss", 1, 0, 'G'},     {"loc-cell-weights", 0, 0, 'g'},
+        {"help", 0, 0, 'h'},         {0, 0, 0, 0}};
     *o = (struct opts){.out = "model.safetensors",
                        .arch = "small",
                        .seed = 1,
@@ -285,6 +271,9 @@ static int parse(struct opts *o, int argc, char **argv)
         case 'N':
             o->no_augment = 1;
             break;
+        case 'F':
+            o->sharp = float_arg(optarg, &bad);
+            break;
         case 'P':
             o->provenance = optarg;
             break;
@@ -367,7 +356,7 @@ static int parse(struct opts *o, int argc, char **argv)
         !(o->small >= 0 && o->small <= 0.5f) || o->small_slices < 1 || o->small_slices > 1000 ||
         o->val_slices < 0 || o->context < 0 || o->context > TRIAGE_MAX_CONTEXT ||
         !(o->loc_loss >= 0 && o->loc_loss <= 100) ||
-        !(o->ema == 0 || (o->ema >= 0.5f && o->ema < 1)) ||
+        !(o->ema == 0 || (o->ema >= 0.5f && o->ema < 1)) || !(o->sharp >= 0 && o->sharp <= 1) ||
         (o->loc_loss > 0 && o->input_hw % TRAIN_MASK_SCALE != 0)) {
         fprintf(stderr, "ichtriage train: an option is out of range (see --help)\n");
         return -1;
@@ -735,6 +724,7 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     struct train_augment aug;
     train_augment_default(&aug);
     if (d->context) aug.channel_period = d->c; /* a window jitters alike in every slice */
+    aug.sharp = o->sharp;
     nn_adam adam;
     nn_adam_default(&adam);
     adam.lr = o->lr1 * powf(o->lr_decay, (float)epoch);
@@ -1546,13 +1536,14 @@ int train_train_main(int argc, char **argv)
         "series_batch=%d slices_per_epoch=%d hard_negatives=%g small_bleeds=%g/%d loc_loss=%g%s "
         "ema=%g "
         "lr1=%g lr_decay=%g "
-        "lr2=%g study_loss=%g val_metric=%s val_slices=%d augment=%s "
+        "lr2=%g study_loss=%g val_metric=%s val_slices=%d augment=%s sharp=%g "
         "init=%s",
         o.arch, o.input_hw, o.crop_head ? "head" : "none", o.context, (unsigned long long)o.seed,
         o.epochs1, o.epochs2, o.patience, o.batch, o.series_batch, o.slices_per_epoch, o.hard_neg,
         o.small, o.small_slices, o.loc_loss, o.loc_cells ? " loc_weights=cells" : "", o.ema, o.lr1,
         o.lr_decay, o.lr2, o.study_loss, o.val_any ? "any" : "mean", o.val_slices,
-        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.init ? o.init : "none");
+        o.no_augment ? "no" : "shift,rotation,flip,intensity", o.no_augment ? 0.0 : o.sharp,
+        o.init ? o.init : "none");
     nn_model_meta_set(m, "training", buf);
     nn_model_meta_set(m, "date", date);
     snprintf(buf, sizeof buf, "ichtriage train %s; %s%s%s", date, summary, o.provenance ? "; " : "",

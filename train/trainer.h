@@ -26,6 +26,12 @@ struct train_augment {
     /* channels k and k + channel_period share their gain and offset (the
      * same window of neighbouring slices, "context"); 0: each its own */
     int channel_period;
+    /* the share of slices moved by whole pixels only (no rotation, the shift
+     * rounded): their pixels are copied, not resampled, so they keep the
+     * sharpness (of one-pixel findings and of the noise) that inference
+     * sees; resampling at a fraction of a pixel blurs. 0: none, and no
+     * random number drawn for it */
+    float sharp;
 };
 void train_augment_default(struct train_augment *a);
 void train_augment_slice(const struct train_augment *a, const uint8_t *in, int c, int h, int w,

@@ -483,7 +483,8 @@ def main():
               and not os.path.exists(os.path.join(tmp, "x.safetensors")),
               "--hard-negatives %s refused before any work: %s" % (share, r.stderr.strip()[:80]))
     for opt, value in (("--small-bleeds", "0.6"), ("--small-bleeds", "x"), ("--ema", "1"),
-                       ("--ema", "0.3"), ("--ema", "-0.5"),
+                       ("--ema", "0.3"), ("--ema", "-0.5"), ("--sharp", "1.5"),
+                       ("--sharp", "-0.1"), ("--sharp", "half"),
                        ("--small-bleed-slices", "0")):
         r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), opt, value)
         check(r.returncode == 2 and ("out of range" in r.stderr or "not a number" in r.stderr)

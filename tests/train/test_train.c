@@ -258,6 +258,56 @@ Test(augment, off_is_identity_and_flip_mirrors)
     cr_assert(flipped > 2 && flipped < 18, "flipped %d of 20", flipped);
 }
 
+/* --sharp 1: every slice is the input moved by whole pixels (perhaps
+ * mirrored), each pixel a copy of one input pixel or 0 outside it, never a
+ * blend; the default draws blend almost every pixel. */
+static int whole_pixel_move(const uint8_t *in, const float *out, int h, int w)
+{
+    for (int flip = 0; flip <= 1; flip++)
+        for (int dy = -4; dy <= 4; dy++)
+            for (int dx = -4; dx <= 4; dx++) {
+                int same = 1;
+                for (int y = 0; y < h && same; y++)
+                    for (int x = 0; x < w && same; x++) {
+                        int sx = (flip ? w - 1 - x : x) - dx, sy = y - dy;
+                        float want =
+                            sx < 0 || sy < 0 || sx >= w || sy >= h ? 0 : in[sy * w + sx] / 255.0f;
+                        same = fabsf(out[y * w + x] - want) < 1e-6f;
+                    }
+                if (same) return 1;
+            }
+    return 0;
+}
+
+Test(augment, sharp_slices_are_copied_by_whole_pixels)
+{
+    enum { H = 32, W = 32 };
+    uint8_t in[H * W];
+    for (int i = 0; i < H * W; i++)
+        in[i] = (uint8_t)(1 + (i * 37 + (i / W) * 11) % 250); /* no two neighbours alike */
+    struct train_augment a;
+    train_augment_default(&a);
+    a.gain = a.offset = 0; /* the pixels as they are */
+    float out[H * W];
+    int moved[2] = {0, 0}, blends[2] = {0, 0};
+    for (int sharp = 0; sharp <= 1; sharp++) {
+        a.sharp = (float)sharp;
+        uint64_t rng = 9;
+        for (int trial = 0; trial < 20; trial++) {
+            train_augment_slice(&a, in, 1, H, W, out, &rng);
+            moved[sharp] += whole_pixel_move(in, out, H, W);
+            for (int i = 0; i < H * W; i++) {
+                float v = out[i] * 255.0f;
+                if (fabsf(v - roundf(v)) > 1e-3f) blends[sharp]++;
+            }
+        }
+    }
+    cr_assert_eq(moved[1], 20, "--sharp 1: %d of 20 slices a whole-pixel move", moved[1]);
+    cr_assert_eq(blends[1], 0, "--sharp 1: %d blended pixels", blends[1]);
+    cr_assert_lt(moved[0], 2, "default: %d of 20 slices a whole-pixel move", moved[0]);
+    cr_assert_gt(blends[0], 20 * H * W / 2, "default: only %d blended pixels", blends[0]);
+}
+
 Test(augment, really_changes_the_slice)
 {
     enum { C = 3, H = 32, W = 32 };
