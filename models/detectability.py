@@ -195,11 +195,18 @@ def main(argv):
 
     rows = []
     for uid, pairs in files.items():
+        kinds = {k for k, _ in lesions.get(uid, ())}
+        tiny = bool(kinds) and all(size == "tiny" for _, size in lesions[uid])
+        if tiny_only and not tiny:
+            continue  # before any pixel is read
         sd = float(studies[uid]["noise_sd"])
         ss = scs = top = 0.0
         counted = []
-        for a, b in pairs:
-            s = hu(a) - hu(b)
+        # each file decoded once: kept for --search, which needs every slice
+        with_blood = [hu(a) for a, _ in pairs]
+        without = [hu(b) for _, b in pairs]
+        for a, b in zip(with_blood, without):
+            s = a - b
             if not s.any():
                 continue
             ss += (s * s).sum()
@@ -211,12 +218,8 @@ def main(argv):
                              "second folder of its pair made with --omit-blood?\n"
                              % (uid, os.path.dirname(pairs[0][0])))
             return 1
-        kinds = {k for k, _ in lesions.get(uid, ())}
         group = ("subarachnoid alone" if kinds == {"subarachnoid"} else
                  "subarachnoid and other" if "subarachnoid" in kinds else "no subarachnoid")
-        tiny = bool(kinds) and all(size == "tiny" for _, size in lesions[uid])
-        if tiny_only and not tiny:
-            continue
         row = {"study_uid": uid, "group": group, "only_tiny": "yes" if tiny else "no",
                "noise_sd": sd,
                "positive_slices": int(studies[uid]["any"]),
@@ -227,8 +230,8 @@ def main(argv):
         if search_k:
             # seeded by the study, so each row is the same whatever else is read
             rng = np.random.default_rng(int(uid.replace(".", "")[-18:]))
-            a = np.array([hu(x) for x, _ in pairs], np.float32)
-            b = np.array([hu(y) for _, y in pairs], np.float32)
+            a = np.array(with_blood, np.float32)
+            b = np.array(without, np.float32)
             for f, tag in ((1, ""), (2, "_half")):
                 if a.shape[1] % f or a.shape[2] % f:
                     continue
