@@ -89,7 +89,8 @@ static void usage(FILE *f)
         "                          slices either side of it (0-4, default 0: the slice\n"
         "                          alone; the model's \"context\")\n"
         "  --seed N                split, weights, shuffles, augmentation (default 1)\n"
-        "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30)\n"
+        "  --epochs1 N, --epochs2 N  most epochs per stage (default 12, 30; --epochs2 0:\n"
+        "                          stage 1 only)\n"
         "  --patience N            epochs without a better validation score (default 3)\n"
         "  --batch N               slices per stage-1 step (default 32)\n"
         "  --series-batch N        series per stage-2 step (default 8)\n"
@@ -1418,8 +1419,9 @@ int train_train_main(int argc, char **argv)
         if (checkpoint(m, workdir, last, &st, loc.c ? &loc : NULL) != 0) goto out;
     }
 
-    /* Stage 2: convolutions (and the stage-1 head) frozen. */
-    if (st.stage == 2) {
+    /* Stage 2: convolutions (and the stage-1 head) frozen. With --epochs2 0
+     * there is nothing to train: no features (calibration makes its own). */
+    if (st.stage == 2 && o.epochs2 > 0) {
         nn_model_freeze(m, "cnn.", 1);
         int F = nn_model_feature_size(m);
         feat = malloc(d.nslices * (size_t)F * sizeof(float));

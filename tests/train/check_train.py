@@ -266,6 +266,8 @@ def main():
                         context=1), "--init", out)
     check(r.returncode == 0 and re.search(r"event=train_init .* inflated=1", r.stderr),
           "--context 1 --init a model without context, no epochs: " + r.stderr[-300:])
+    check(r.returncode == 0 and "event=train_features " not in r.stderr,
+          "--epochs2 0: no stage-2 features are computed")
     if r.returncode == 0:
         mi = json.load(open(os.path.join(tmp, "ctx-init.work", "metrics.json")))
         ma = json.load(open(os.path.join(tmp, "a.work", "metrics.json")))
