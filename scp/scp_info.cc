@@ -98,8 +98,10 @@ extern "C" int scp_info_frames(const char *path, int max, double *positions, dou
             if (!*has_spacing && m) *has_spacing = get_doubles(m, DCM_PixelSpacing, spacing, 2);
         }
         int n = 0;
-        for (unsigned long i = 0; per && i < per->card() && n < max; i++) {
-            DcmItem *pp = first_item(per->getItem(i), DCM_PlanePositionSequence);
+        // nextInContainer, not getItem(i): the latter walks from the head.
+        for (DcmObject *it = per ? per->nextInContainer(nullptr) : nullptr; it && n < max;
+             it = per->nextInContainer(it)) {
+            DcmItem *pp = first_item(static_cast<DcmItem *>(it), DCM_PlanePositionSequence);
             if (!pp || !get_doubles(pp, DCM_ImagePositionPatient, positions + 3 * n, 3)) break;
             n++;
         }

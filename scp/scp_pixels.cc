@@ -90,7 +90,7 @@ bool get_pad(DcmItem *item, const DcmTagKey &tag, bool is_signed, long &out)
     return false;
 }
 
-int read_layout(DcmDataset *ds, layout &l, std::string &why)
+int read_layout(DcmDataset *ds, unsigned long max_pixels, layout &l, std::string &why)
 {
     int spp = 1, pixrep = 0;
     if (!get_u16(ds, DCM_Rows, l.rows) || !get_u16(ds, DCM_Columns, l.columns) ||
@@ -120,8 +120,7 @@ int read_layout(DcmDataset *ds, layout &l, std::string &why)
     }
     if (l.rows < 1 || l.columns < 1 || l.rows > SCP_PIXELS_MAX_DIM ||
         l.columns > SCP_PIXELS_MAX_DIM || l.frames < 1 ||
-        (unsigned long)l.rows * (unsigned long)l.columns * (unsigned long)l.frames >
-            SCP_PIXELS_MAX_TOTAL) {
+        (unsigned long)l.rows * (unsigned long)l.columns * (unsigned long)l.frames > max_pixels) {
         why = "image size out of range";
         return -1;
     }
@@ -148,7 +147,8 @@ inline long stored_value(unsigned raw, const layout &l)
     return (long)v;
 }
 
-int read_pixels(const char *path, scp_pixels *out, char *err, unsigned long errlen)
+int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, char *err,
+                unsigned long errlen)
 {
     register_decoders();
     DcmFileFormat file;
@@ -160,7 +160,7 @@ int read_pixels(const char *path, scp_pixels *out, char *err, unsigned long errl
     DcmDataset *ds = file.getDataset();
     layout l;
     std::string why;
-    if (read_layout(ds, l, why) != 0) {
+    if (read_layout(ds, max_pixels, l, why) != 0) {
         set_err(err, errlen, std::string(path) + ": " + why);
         return -1;
     }
@@ -201,11 +201,17 @@ int read_pixels(const char *path, scp_pixels *out, char *err, unsigned long errl
     DcmItem *shared = nullptr;
     if (ds->findAndGetSequenceItem(DCM_SharedFunctionalGroupsSequence, shared, 0).good())
         read_group_rescale(shared, base);
+    // One walk along the per-frame items: getItem(f) walks the list from its
+    // head, which made tens of thousands of frames quadratic (seconds).
+    DcmSequenceOfItems *per = nullptr;
+    if (ds->findAndGetSequence(DCM_PerFrameFunctionalGroupsSequence, per).bad()) per = nullptr;
+    DcmObject *pf = nullptr;
     for (int f = 0; f < l.frames; f++) {
         frame_rescale[(size_t)f] = base;
-        DcmItem *pf = nullptr;
-        if (ds->findAndGetSequenceItem(DCM_PerFrameFunctionalGroupsSequence, pf, f).good())
-            read_group_rescale(pf, frame_rescale[(size_t)f]);
+        if (per && (pf = per->nextInContainer(pf)) != nullptr)
+            read_group_rescale(static_cast<DcmItem *>(pf), frame_rescale[(size_t)f]);
+        else
+            per = nullptr;
     }
 
     // A hostile file can carry "NaN" or "1e999" here; NaN HU would pass every
@@ -252,6 +258,12 @@ int read_pixels(const char *path, scp_pixels *out, char *err, unsigned long errl
 extern "C" int scp_pixels_read(const char *path, struct scp_pixels *out, char *err,
                                unsigned long errlen)
 {
+    return scp_pixels_read_max(path, SCP_PIXELS_MAX_TOTAL, out, err, errlen);
+}
+
+extern "C" int scp_pixels_read_max(const char *path, unsigned long max_pixels,
+                                   struct scp_pixels *out, char *err, unsigned long errlen)
+{
     if (!out) {
         set_err(err, errlen, "scp_pixels_read: out is NULL");
         return -1;
@@ -262,7 +274,8 @@ extern "C" int scp_pixels_read(const char *path, struct scp_pixels *out, char *e
         return -1;
     }
     try {
-        return read_pixels(path, out, err, errlen);
+        if (max_pixels > SCP_PIXELS_MAX_TOTAL) max_pixels = SCP_PIXELS_MAX_TOTAL;
+        return read_pixels(path, max_pixels, out, err, errlen);
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string(path) + ": " + e.what());
     } catch (...) {

@@ -33,6 +33,14 @@ struct scp_pixels {
  * thread-safe. */
 int scp_pixels_read(const char *path, struct scp_pixels *out, char *err, unsigned long errlen);
 
+/* scp_pixels_read with a lower cap on rows * columns * frames (at most
+ * SCP_PIXELS_MAX_TOTAL), checked before anything is decoded: "image size out
+ * of range" beyond it. For callers that bound their work per file (the fuzz
+ * target: a compressed file of a few hundred bytes can declare 2^28 pixels,
+ * which take minutes to decode under the sanitizers). */
+int scp_pixels_read_max(const char *path, unsigned long max_pixels, struct scp_pixels *out,
+                        char *err, unsigned long errlen);
+
 /* Releases what *px owns and zeroes it; NULL and zeroed structs are fine. */
 void scp_pixels_free(struct scp_pixels *px);
 

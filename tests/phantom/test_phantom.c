@@ -523,6 +523,26 @@ static void run_tool(const char *fmt, const char *path)
     cr_assert_eq(system(cmd), 0, "%s failed", cmd);
 }
 
+/* scp_pixels_read_max refuses, before decoding, a file of more pixels than
+ * its cap and reads one of exactly that many. */
+Test(scp_pixels, read_max_caps_the_pixel_count)
+{
+    char dir[256], path[300], err[512] = "";
+    int rows = 40, cols = 56;
+    uint16_t *pix = make_test_file(dir, path, "cap.dcm", rows, cols);
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read_max(path, (unsigned long)rows * cols - 1, &px, err, sizeof err),
+                 -1);
+    cr_assert(strstr(err, "image size out of range"), "%s", err);
+    cr_assert_null(px.hu);
+    cr_assert_eq(scp_pixels_read_max(path, (unsigned long)rows * cols, &px, err, sizeof err), 0,
+                 "%s", err);
+    cr_assert_float_eq(px.hu[7], (float)pix[7] - 1024.0f, 1e-3);
+    scp_pixels_free(&px);
+    free(pix);
+    remove_tree(dir);
+}
+
 /* Pixel Padding Value, alone and with a Range Limit, gives air. */
 Test(scp_pixels, padding_values_read_as_air)
 {
@@ -555,6 +575,33 @@ Test(scp_pixels, padding_values_read_as_air)
     }
     cr_assert_gt(expect, 3);
     cr_assert_eq(px.padded, expect);
+    scp_pixels_free(&px);
+    free(pix);
+    remove_tree(dir);
+}
+
+/* Per-frame functional groups give each frame its own Rescale Slope and
+ * Intercept, in item order; a frame without an item keeps the file's. */
+Test(scp_pixels, per_frame_rescale_applies_to_its_frame)
+{
+    char dir[256], path[300], err[512] = "";
+    int rows = 40, cols = 56;
+    uint16_t *pix = make_test_file(dir, path, "pf.dcm", rows, cols);
+    run_tool("dcmodify -nb -m '(0028,0010)=10' -i '(0028,0008)=4'"
+             " -i '(5200,9230)[0].(0028,9145)[0].(0028,1052)=-1000'"
+             " -i '(5200,9230)[1].(0028,9145)[0].(0028,1052)=-900'"
+             " -i '(5200,9230)[1].(0028,9145)[0].(0028,1053)=2'"
+             " -i '(5200,9230)[2].(0028,9145)[0].(0028,1052)=-800' '%s' >/dev/null",
+             path);
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(px.frames, 4);
+    const float slope[4] = {1, 2, 1, 1}, icpt[4] = {-1000, -900, -800, -1024};
+    int per = 10 * cols;
+    for (int f = 0; f < 4; f++)
+        for (int i = f * per; i < (f + 1) * per; i++)
+            cr_assert_float_eq(px.hu[i], slope[f] * (float)pix[i] + icpt[f], 1e-3,
+                               "frame %d value %d", f, i);
     scp_pixels_free(&px);
     free(pix);
     remove_tree(dir);
