@@ -205,13 +205,13 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
     // head, which made tens of thousands of frames quadratic (seconds).
     DcmSequenceOfItems *per = nullptr;
     if (ds->findAndGetSequence(DCM_PerFrameFunctionalGroupsSequence, per).bad()) per = nullptr;
-    DcmObject *pf = nullptr;
+    DcmObject *pf = per ? per->nextInContainer(nullptr) : nullptr;
     for (int f = 0; f < l.frames; f++) {
         frame_rescale[(size_t)f] = base;
-        if (per && (pf = per->nextInContainer(pf)) != nullptr)
+        if (pf) {
             read_group_rescale(static_cast<DcmItem *>(pf), frame_rescale[(size_t)f]);
-        else
-            per = nullptr;
+            pf = per->nextInContainer(pf);
+        }
     }
 
     // A hostile file can carry "NaN" or "1e999" here; NaN HU would pass every
