@@ -18,6 +18,8 @@ import tempfile
 import numpy as np
 import pydicom
 
+from checks import Checks
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "..", "models", "combine.py")
 
@@ -34,12 +36,7 @@ def rows(out):
 
 def main():
     ich = sys.argv[1]
-    failures = []
-
-    def check(cond, what):
-        print(("ok   " if cond else "FAIL ") + what)
-        if not cond:
-            failures.append(what)
+    check = Checks()
 
     with tempfile.TemporaryDirectory() as t:
         sets = {}
@@ -146,7 +143,7 @@ def main():
                 x.pixel_array[:, ::-1], y.pixel_array) and not np.array_equal(
                 x.pixel_array, y.pixel_array)
         check(same, "--flip: every image mirrored left to right, its UIDs kept")
-    return 1 if failures else 0
+    return check.status()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import tempfile
 
 import numpy as np
 
+from checks import Checks
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "..", "models", "detectability.py")
 ALL = "epidural,intraparenchymal,intraventricular,subarachnoid,subdural"
@@ -35,12 +37,7 @@ def run(*args):
 
 def main():
     ich = sys.argv[1]
-    failures = []
-
-    def check(cond, what):
-        print(("ok   " if cond else "FAIL ") + what)
-        if not cond:
-            failures.append(what)
+    check = Checks()
 
     # the noise correlation: against the covariance matrix of the generator's
     # noise, built from its kernel ([1 2 1]/4 both ways, unit variance)
@@ -157,7 +154,7 @@ def main():
               "a folder of other studies as the blood-free twin: refused")
         r = run(ph)
         check(r.returncode == 2, "an odd number of folders: the usage, status 2")
-    return 1 if failures else 0
+    return check.status()
 
 
 if __name__ == "__main__":
