@@ -57,10 +57,13 @@ def study_scores(paths):
     members = []
     for p in paths:
         with open(p) as f:
-            members.append({r["study_uid"]: r["slice_probabilities"] for r in json.load(f)})
+            members.append({r["study_uid"]: r["slice_probabilities"] for r in json.load(f)
+                            if r.get("slice_probabilities")})
     scores = {}
     for uid in members[0]:
-        slices = [m[uid] for m in members]
+        slices = [m.get(uid) for m in members]
+        if None in slices:
+            continue  # reported as a study without a prediction
         if any(len(s) != len(slices[0]) for s in slices):
             raise SystemExit("combine: %s has different slice counts in %s" % (uid, paths))
         scores[uid] = max(sum(s[i] for s in slices) / len(slices) for i in range(len(slices[0])))
@@ -79,6 +82,8 @@ def main(argv):
         return 0
     if not a.set or not a.combination:
         ap.error("give at least one --set and one combination")
+    if not 0 < a.sensitivity <= 1:
+        ap.error("--sensitivity: above 0, at most 1")
     sets = [(n, d.split(",")) for n, _, d in (s.partition("=") for s in a.set)]
     print("%-24s %s" % ("set:", "   ".join("%-17s" % n for n, _ in sets)))
     print("%-24s %s" % ("combination", "   ".join("AUC   sens  spec " for _ in sets)))
@@ -87,6 +92,8 @@ def main(argv):
         thr, cells = None, []
         for n, folders in sets:
             t = truth(folders)
+            if all(t.values()) or not any(t.values()):
+                raise SystemExit("combine: set %s needs positive and negative studies" % n)
             sc = study_scores([m.format(set=n) for m in members.split(",")])
             missing = [u for u in t if u not in sc]
             if missing:

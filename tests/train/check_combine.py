@@ -123,6 +123,23 @@ def main():
               "members with different slice counts for a study: refused")
         r = run("a=" + a)
         check(r.returncode == 2, "no --set: the usage, status 2")
+        r = run(*setargs, "--sensitivity", "0", "a=" + a)
+        check(r.returncode == 2 and "--sensitivity" in r.stderr, "--sensitivity 0: refused")
+        # a member without one study (a failed series has no probabilities)
+        with open(os.path.join(t, "b-cal.json")) as f:
+            gap = json.load(f)
+        gap[0]["slice_probabilities"] = None
+        with open(os.path.join(t, "g-cal.json"), "w") as f:
+            json.dump(gap, f)
+        r = run("--set", "cal=" + sets["cal"][0], "x=%s,%s" % (a, os.path.join(t, "g-{set}.json")))
+        check(r.returncode != 0 and "1 studies of set cal have no prediction" in r.stderr,
+              "a member without a result for one study: refused, the study counted")
+        os.makedirs(os.path.join(t, "negonly"))
+        with open(os.path.join(t, "negonly", "studies.csv"), "w") as f:
+            f.write("study_uid,any\n%s,0\n" % sets["cal"][1][0][0])
+        r = run("--set", "n=" + os.path.join(t, "negonly"), "a=" + os.path.join(t, "a-cal.json"))
+        check(r.returncode != 0 and "positive and negative" in r.stderr,
+              "a set of negatives only: refused")
 
         # --flip: a mirrored copy, same files and UIDs, truth copied
         src = sets["cal"][0]
