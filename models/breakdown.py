@@ -33,16 +33,23 @@ def auc(pos, neg):
     return wins / (len(pos) * len(neg))
 
 
+def read_studies(folders):
+    """The phantom folders' studies.csv rows, by study UID."""
+    studies = {}
+    for folder in folders:
+        with open(os.path.join(folder, "studies.csv")) as f:
+            studies.update({r["study_uid"]: r for r in csv.DictReader(f)})
+    return studies
+
+
 def main(argv):
     if len(argv) < 3:
         sys.stderr.write(__doc__)
         return 2
     with open(argv[1]) as f:
         pred = {r["study_uid"]: r for r in json.load(f)}
-    studies, lesions = {}, {}
+    studies, lesions = read_studies(argv[2:]), {}
     for folder in argv[2:]:
-        with open(os.path.join(folder, "studies.csv")) as f:
-            studies.update({r["study_uid"]: r for r in csv.DictReader(f)})
         with open(os.path.join(folder, "lesions.csv")) as f:
             for r in csv.DictReader(f):
                 lesions.setdefault(r["study_uid"], []).append(r)

@@ -22,7 +22,6 @@ image mirrored left to right (same UIDs and truth files), for predict.
 
 Decision support, not a diagnosis; phantoms are synthetic."""
 import argparse
-import csv
 import glob
 import json
 import math
@@ -30,7 +29,7 @@ import os
 import shutil
 import sys
 
-from breakdown import auc
+from breakdown import auc, read_studies
 
 
 def flip(src, dst):
@@ -43,14 +42,6 @@ def flip(src, dst):
         d = pydicom.dcmread(f)
         d.PixelData = d.pixel_array[:, ::-1].copy().tobytes()
         d.save_as(os.path.join(dst, "stage_2_train", os.path.basename(f)))
-
-
-def truth(folders):
-    t = {}
-    for folder in folders:
-        with open(os.path.join(folder, "studies.csv")) as f:
-            t.update({r["study_uid"]: int(r["any"]) for r in csv.DictReader(f)})
-    return t
 
 
 def study_scores(paths):
@@ -84,16 +75,18 @@ def main(argv):
         ap.error("give at least one --set and one combination")
     if not 0 < a.sensitivity <= 1:
         ap.error("--sensitivity: above 0, at most 1")
-    sets = [(n, d.split(",")) for n, _, d in (s.partition("=") for s in a.set)]
+    sets = []  # (name, {study UID: positive})
+    for n, _, folders in (s.partition("=") for s in a.set):
+        t = {u: int(r["any"]) > 0 for u, r in read_studies(folders.split(",")).items()}
+        if all(t.values()) or not any(t.values()):
+            raise SystemExit("combine: set %s needs positive and negative studies" % n)
+        sets.append((n, t))
     print("%-24s %s" % ("set:", "   ".join("%-17s" % n for n, _ in sets)))
     print("%-24s %s" % ("combination", "   ".join("AUC   sens  spec " for _ in sets)))
     for combo in a.combination:
         name, _, members = combo.partition("=")
         thr, cells = None, []
-        for n, folders in sets:
-            t = truth(folders)
-            if all(t.values()) or not any(t.values()):
-                raise SystemExit("combine: set %s needs positive and negative studies" % n)
+        for n, t in sets:
             sc = study_scores([m.format(set=n) for m in members.split(",")])
             missing = [u for u in t if u not in sc]
             if missing:
