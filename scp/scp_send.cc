@@ -174,7 +174,8 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
     for (int i = 0; i < n; i++) {
         if (!readable[i]) continue;
         if (broken) {
-            std::snprintf(files[i].error, sizeof files[i].error, "association lost before sending");
+            std::snprintf(files[i].error, sizeof files[i].error,
+                          "not sent: the association ended after an earlier object failed");
             continue;
         }
         T_ASC_PresentationContextID pc = scu.findAnyPresentationContextID(cls[i].c_str(), "");
@@ -188,7 +189,11 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
         c = scu.sendSTORERequest(pc, files[i].path, nullptr, status);
         if (c.bad()) {
             std::snprintf(files[i].error, sizeof files[i].error, "C-STORE: %s", c.text());
-            broken = !scu.isConnected();
+            // No answer in time, or a broken one: a late answer may still come,
+            // and dcmtk would take it for the answer to the next request on
+            // this association. So none goes on it: the rest wait for a new one.
+            if (scu.isConnected()) scu.abortAssociation();
+            broken = true;
             continue;
         }
         files[i].status = status;

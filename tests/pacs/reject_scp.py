@@ -1,12 +1,16 @@
 """A tiny Storage SCP that accepts associations and every presentation
 context, and answers each C-STORE with one fixed status (A700, out of
-resources, by default): a PACS that is full. Built on tests/tools/dul.py's
-PDU helpers; runs in a thread of the test.
+resources, by default): a PACS that is full. With late_first=S, the very
+first C-STORE is answered 0x0000 only after S seconds (a PACS that stalls
+once): an SCU that has given up waiting must not read that late answer as
+the answer to its next request. Built on tests/tools/dul.py's PDU helpers;
+runs in a thread of the test.
 
     scp = RejectScp(status=0xA700); scp.start(); ... scp.stores; scp.close()"""
 import socket
 import struct
 import threading
+import time
 
 import dul
 
@@ -60,8 +64,9 @@ def _store_rsp(sop_class, sop_uid, msg_id, status):
 
 
 class RejectScp:
-    def __init__(self, status=0xA700):
+    def __init__(self, status=0xA700, late_first=0):
         self.status = status
+        self.late_first = late_first
         self.stores = []        # (sop class, sop instance) of each C-STORE answered
         self.associations = 0
         self.sock = socket.socket()
@@ -127,6 +132,10 @@ class RejectScp:
                     uid = cmd[0x00001000].rstrip(b"\0").decode()
                     msg_id = struct.unpack("<H", cmd[0x00000110])[0]
                     self.stores.append((cls, uid))
-                    rsp = _store_rsp(cls, uid, msg_id, self.status)
+                    status = self.status
+                    if self.late_first and len(self.stores) == 1:
+                        time.sleep(self.late_first)
+                        status = 0x0000
+                    rsp = _store_rsp(cls, uid, msg_id, status)
                     conn.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(pc_id, rsp, True, True)))
                     command, in_dataset = b"", False

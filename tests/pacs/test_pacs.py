@@ -5,7 +5,8 @@ receiver; both objects pass dciodvfy; our own objects sent back to the node
 are stored but never triaged; a re-triaged study sends a new revision; with
 Orthanc down the results wait (and survive a restart) and arrive once it is
 up, nothing sent twice; a destination answering A700 is retried, then given
-up with a visible error.
+up with a visible error; a late answer is never read as the answer to the
+next object.
 
 The model has random weights (tests/triage/make_test_model.c) and pacs.send
 is "all": these tests check delivery, not what a model has learnt.
@@ -299,6 +300,31 @@ class PacsTest(itest.NodeTest):
                                 stdout=subprocess.PIPE, check=False)
         self.assertEqual(json.loads(status.stdout)["pacs_deliveries"],
                          {"pending": 0, "sent": 0, "failed": 2})
+
+    def test_late_answer_is_not_taken_for_the_next(self):
+        # The PACS answers the first object (0x0000) only after the node has
+        # stopped waiting, and refuses everything after it (A700). Read on the
+        # same association, that late answer would pass for the next object's
+        # and mark a refused object sent; the node must instead drop the
+        # association and record nothing as sent.
+        scp = RejectScp(0xA700, late_first=3).start()
+        self.stoppers.append(scp.close)
+        node = self.node("SLOW@127.0.0.1:%d" % scp.port,
+                         **{"pacs.max_attempts": 2, "pacs.timeout": 1})
+        _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=36)
+        self.send(node, files)
+        rows = self.wait_deliveries(node, lambda r: r[2] == "failed", 2)
+        self.assertEqual([r[2] for r in rows], ["failed", "failed"], rows)
+        self.assertEqual(node.events("pacs_sent"), [])
+        # The first attempt: the object that got no answer in time, and the
+        # other, never sent on that association.
+        first = [e for e in node.events("pacs_retry") if "attempt=1" in e]
+        self.assertEqual(len(first), 2, node.events("pacs_retry"))
+        self.assertTrue(any("C-STORE" in e for e in first), first)
+        self.assertTrue(any("not sent" in e for e in first), first)
+        # That attempt sent one object; the second attempt (late answer long
+        # since given) sent both, each refused.
+        self.assertEqual(len(scp.stores), 3, scp.stores)
 
     def storescp(self, name, tls=None):
         """dcmtk's storescp on a free port (TLS with tls=(key, cert)); returns
