@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <ini.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,8 +45,8 @@ static const struct {
     [CFG_HTTP_WEBHOOK] = {"http.webhook", ""},
     [CFG_TRIAGE_QUIET_SECONDS] = {"triage.quiet_seconds", "5"},
     [CFG_TRIAGE_MODEL] = {"triage.model", ""},
-    [CFG_TRIAGE_HEAD_PATTERNS] = {"triage.head_patterns",
-                                  "HEAD,BRAIN,SKULL,CRAN,CEREB,NEURO,STROKE,HIRN,KOPF,SCHAEDEL,CCT"},
+    [CFG_TRIAGE_HEAD_PATTERNS] =
+        {"triage.head_patterns", "HEAD,BRAIN,SKULL,CRAN,CEREB,NEURO,STROKE,HIRN,KOPF,SCHAEDEL,CCT"},
     [CFG_TRIAGE_MIN_SLICES] = {"triage.min_slices", "10"},
     [CFG_TRIAGE_PIXEL_DECODER] = {"triage.pixel_decoder", "child"},
     [CFG_TRIAGE_DECODER_MAX_MB] = {"triage.decoder_max_mb", "4096"},
@@ -65,6 +66,57 @@ static const struct {
     [CFG_PACS_TLS_KEY] = {"pacs.tls_key", ""},
     [CFG_LOG_LEVEL] = {"log.level", "info"},
 };
+
+/* The range of every integer key and the choices of every enumerated one:
+ * what triage_config_check() enforces, at start and on reload alike. */
+static const struct {
+    int64_t min, max;
+} ranges[CFG_NKEYS] = {
+    [CFG_DICOM_PORT] = {1, 65535},
+    [CFG_DICOM_MAX_ASSOCIATIONS] = {1, 1000},
+    [CFG_DICOM_MAX_PDU] = {4096, 131072},
+    [CFG_DICOM_ACSE_TIMEOUT] = {1, 3600},
+    [CFG_DICOM_DIMSE_TIMEOUT] = {1, 3600},
+    [CFG_DICOM_ASSOCIATION_DEADLINE] = {1, 7 * 86400},
+    [CFG_DICOM_TLS_PORT] = {0, 65535},
+    [CFG_DICOM_SHUTDOWN_GRACE] = {0, 3600},
+    [CFG_STORE_MIN_FREE_MB] = {0, INT64_C(1) << 30},
+    [CFG_STORE_MAX_INSTANCE_MB] = {1, 1 << 20},
+    [CFG_STORE_RETENTION_DAYS] = {0, 100000},
+    [CFG_STORE_KEEP_REVIEWED_DAYS] = {0, 100000},
+    [CFG_STORE_FAILURE_WINDOW_SECONDS] = {0, 86400},
+    [CFG_TRIAGE_QUIET_SECONDS] = {0, 86400},
+    [CFG_TRIAGE_MIN_SLICES] = {1, 1000},
+    [CFG_TRIAGE_DECODER_MAX_MB] = {256, INT64_C(1) << 20},
+    [CFG_TRIAGE_DECODER_CPU_SECONDS] = {1, 86400},
+    [CFG_TRIAGE_MAX_TILT] = {0, 89},
+    [CFG_PACS_TIMEOUT] = {1, 3600},
+    [CFG_PACS_MAX_ATTEMPTS] = {1, 1000},
+    [CFG_PACS_RETRY_SECONDS] = {1, 86400},
+    [CFG_PACS_MAX_RETRY_SECONDS] = {1, 7 * 86400},
+};
+
+static const char *const choices[CFG_NKEYS] = {
+    [CFG_TRIAGE_PIXEL_DECODER] = "child|inline",
+    [CFG_NN_DEVICE] = "auto|cpu|cuda",
+    [CFG_PACS_SEND] = "all|flagged",
+    [CFG_LOG_LEVEL] = "error|warn|info|debug",
+};
+
+/* Files the node reads at start: a reload checks that they are still there. */
+static const enum triage_config_key files[] = {
+    CFG_DICOM_TLS_CERT, CFG_DICOM_TLS_KEY, CFG_DICOM_TLS_CA,  CFG_HTTP_USERS,   CFG_HTTP_TLS_CERT,
+    CFG_HTTP_TLS_KEY,   CFG_PACS_TLS_CA,   CFG_PACS_TLS_CERT, CFG_PACS_TLS_KEY,
+};
+
+static bool one_of(const char *list, const char *s)
+{
+    size_t n = strlen(s);
+    for (const char *p = list;; p++) {
+        if (n && strncmp(p, s, n) == 0 && (p[n] == '|' || p[n] == 0)) return true;
+        if (!(p = strchr(p, '|'))) return false;
+    }
+}
 
 const char *triage_config_name(enum triage_config_key k)
 {
@@ -101,6 +153,7 @@ struct parse_ctx {
     char *err;
     size_t errlen;
     int failed;
+    bool seen[CFG_NKEYS];
 };
 
 static int on_ini(void *user, const char *section, const char *name, const char *value)
@@ -113,6 +166,15 @@ static int on_ini(void *user, const char *section, const char *name, const char 
         p->failed = 1;
         return 0;
     }
+    /* A key given twice would keep only its last value, silently. */
+    if (p->seen[k]) {
+        if (!p->failed)
+            snprintf(p->err, p->errlen, "[%s] %s is given twice in %s", section, name,
+                     p->c->source);
+        p->failed = 1;
+        return 0;
+    }
+    p->seen[k] = true;
     return put(p->c, k, value) == 0;
 }
 
@@ -135,11 +197,24 @@ int triage_config_load(struct triage_config *c, const char *path, char *err, siz
         triage_config_free(c);
         return -1;
     }
-    struct parse_ctx p = {c, err, errlen, 0};
+    struct parse_ctx p = {c, err, errlen, 0, {false}};
+    /* Debian's inih takes an indented line for the continuation of the key
+     * before it and hands it over as a new value of that key; and it cuts
+     * lines at 200 bytes. Either would replace a list (destinations, head
+     * patterns) by its last part without a word. So: one value, one line, of
+     * any length; an indented line is a syntax error. */
+    ini_allow_multiline = false;
+    ini_use_stack = false;
+    ini_allow_realloc = true;
+    ini_max_line = 1 << 20;
     int rc = ini_parse_file(f, on_ini, &p);
     fclose(f);
     if (rc != 0 || p.failed) {
-        if (!p.failed) snprintf(err, errlen, "config %s: syntax error on line %d", file, rc);
+        if (!p.failed)
+            snprintf(err, errlen,
+                     "config %s: syntax error on line %d (each key = value on one line; "
+                     "an indented line does not continue the one before)",
+                     file, rc);
         triage_config_free(c);
         return -1;
     }
@@ -207,14 +282,16 @@ void triage_config_free(struct triage_config *c)
         free(c->values[i]);
         c->values[i] = NULL;
     }
-    for (int i = 0; i < c->nsets; i++) free(c->sets[i]);
+    for (int i = 0; i < c->nsets; i++)
+        free(c->sets[i]);
     c->nsets = 0;
 }
 
 int triage_config_bool(const struct triage_config *c, enum triage_config_key k, int *out, char *err,
                        size_t errlen)
 {
-    static const char *const yes[] = {"yes", "true", "on", "1"}, *const no[] = {"no", "false", "off", "0"};
+    static const char *const yes[] = {"yes", "true", "on", "1"}, *const no[] = {"no", "false",
+                                                                                "off", "0"};
     const char *s = c->values[k];
     for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++) {
         if (strcasecmp(s, yes[i]) == 0) return *out = 1, 0;
@@ -239,6 +316,48 @@ int triage_config_int(const struct triage_config *c, enum triage_config_key k, i
         return -1;
     }
     *out = v;
+    return 0;
+}
+
+int triage_config_get(const struct triage_config *c, enum triage_config_key k, int64_t *out,
+                      char *err, size_t errlen)
+{
+    return triage_config_int(c, k, ranges[k].min, ranges[k].max, out, err, errlen);
+}
+
+int triage_config_check(const struct triage_config *c, char *err, size_t errlen)
+{
+    for (int k = 0; k < CFG_NKEYS; k++) {
+        int64_t v;
+        if (ranges[k].max != 0 && triage_config_get(c, k, &v, err, errlen) != 0) return -1;
+        if (choices[k] && !one_of(choices[k], c->values[k])) {
+            char want[64];
+            snprintf(want, sizeof want, "%s", choices[k]);
+            for (char *p = want; *p; p++)
+                if (*p == '|') *p = ',';
+            snprintf(err, errlen, "%s = '%s': want one of %s", keys[k].name, c->values[k], want);
+            return -1;
+        }
+    }
+    int yes;
+    if (triage_config_bool(c, CFG_TRAIN_AUTO_PROMOTE, &yes, err, errlen) != 0) return -1;
+    size_t aet = strlen(c->values[CFG_DICOM_AETITLE]);
+    if (aet < 1 || aet > 16) {
+        snprintf(err, errlen, "dicom.aetitle must be 1 to 16 characters");
+        return -1;
+    }
+    if (strlen(c->values[CFG_PACS_CALLING_AETITLE]) > 16) {
+        snprintf(err, errlen, "pacs.calling_aetitle must be at most 16 characters");
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        const char *path = c->values[files[i]];
+        if (path[0] && access(path, R_OK) != 0) {
+            snprintf(err, errlen, "%s = '%s': cannot read it: %s", keys[files[i]].name, path,
+                     strerror(errno));
+            return -1;
+        }
+    }
     return 0;
 }
 

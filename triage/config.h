@@ -90,6 +90,17 @@ int triage_config_bool(const struct triage_config *c, enum triage_config_key k, 
 int triage_config_int(const struct triage_config *c, enum triage_config_key k, int64_t min,
                       int64_t max, int64_t *out, char *err, size_t errlen);
 
+/* Parses an integer key within the range the node allows for it (the table
+ * in config.c). Returns 0, or -1 with a message. */
+int triage_config_get(const struct triage_config *c, enum triage_config_key k, int64_t *out,
+                      char *err, size_t errlen);
+/* Checks every key the node reads: integers in range, enumerated values
+ * among their choices, yes/no keys, AE title lengths, and that the files
+ * named (TLS keys and certificates, http.users) can be read. Start and
+ * reload both run it, so a reload never accepts what a restart would
+ * refuse. Returns 0, or -1 with a message naming the key. */
+int triage_config_check(const struct triage_config *c, char *err, size_t errlen);
+
 /* Parses the common options of every subcommand, -c FILE and --set K=V
  * (repeatable), removing them from argv; the rest stays in order. Loads the
  * configuration into c. Returns 0, or -1 with a message. */

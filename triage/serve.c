@@ -178,12 +178,18 @@ static void on_reload_signal(uv_signal_t *h, int signum)
         util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
         return;
     }
-    int level = util_log_level_parse(triage_config_str(&fresh, CFG_LOG_LEVEL));
-    if (level < 0) {
-        util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"bad log.level\"");
+    /* What a restart would refuse is refused now, while the node still runs
+     * on the old file: else "reloaded" would hide a node that cannot start. */
+    struct triage_pacs_dest dests[TRIAGE_PACS_MAX_DESTS];
+    int ndests;
+    if (triage_config_check(&fresh, err, sizeof err) != 0 ||
+        triage_pacs_parse_destinations(triage_config_str(&fresh, CFG_PACS_DESTINATIONS), dests,
+                                       TRIAGE_PACS_MAX_DESTS, &ndests, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
         triage_config_free(&fresh);
         return;
     }
+    int level = util_log_level_parse(triage_config_str(&fresh, CFG_LOG_LEVEL));
     if (scp_server_set_allowed_peers(n->scp, triage_config_str(&fresh, CFG_DICOM_ALLOWED_PEERS),
                                      err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
@@ -192,37 +198,21 @@ static void on_reload_signal(uv_signal_t *h, int signum)
     }
     util_log_set_level((enum util_log_level)level);
     triage_infer_reload(n->infer, triage_config_str(&fresh, CFG_TRIAGE_MODEL));
-    enum triage_config_key restart_keys[] = {CFG_DICOM_PORT,
-                                             CFG_STORE_DIR,
-                                             CFG_HTTP_LISTEN,
-                                             CFG_HTTP_USERS,
-                                             CFG_HTTP_TLS_CERT,
-                                             CFG_HTTP_TLS_KEY,
-                                             CFG_HTTP_WEBHOOK,
-                                             CFG_DICOM_AETITLE,
-                                             CFG_PACS_DESTINATIONS,
-                                             CFG_PACS_SEND,
-                                             CFG_PACS_CALLING_AETITLE,
-                                             CFG_PACS_TIMEOUT,
-                                             CFG_PACS_MAX_ATTEMPTS,
-                                             CFG_PACS_RETRY_SECONDS,
-                                             CFG_PACS_MAX_RETRY_SECONDS,
-                                             CFG_PACS_TLS_CA,
-                                             CFG_PACS_TLS_CERT,
-                                             CFG_PACS_TLS_KEY};
-    for (size_t i = 0; i < sizeof restart_keys / sizeof restart_keys[0]; i++)
-        if (strcmp(triage_config_str(&fresh, restart_keys[i]),
-                   triage_config_str(&n->cfg, restart_keys[i])) != 0)
+    /* The rest is read once, at start. */
+    for (int k = 0; k < CFG_NKEYS; k++)
+        if (k != CFG_LOG_LEVEL && k != CFG_DICOM_ALLOWED_PEERS && k != CFG_TRIAGE_MODEL &&
+            k != CFG_TRAIN_AUTO_PROMOTE /* read by each training run, not the node */ &&
+            strcmp(triage_config_str(&fresh, k), triage_config_str(&n->cfg, k)) != 0)
             util_log(UTIL_LOG_WARN, "reload_needs_restart", "key=%s",
-                     triage_config_name(restart_keys[i]));
+                     triage_config_name((enum triage_config_key)k));
     util_log(UTIL_LOG_INFO, "reloaded", "config=%s", fresh.source);
     triage_config_free(&fresh);
 }
 
-static int get_int(struct node *n, enum triage_config_key k, int64_t min, int64_t max, int64_t *out)
+static int get_int(struct node *n, enum triage_config_key k, int64_t *out)
 {
     char err[512];
-    if (triage_config_int(&n->cfg, k, min, max, out, err, sizeof err) != 0) {
+    if (triage_config_get(&n->cfg, k, out, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage: %s\n", err);
         return -1;
     }
@@ -233,18 +223,13 @@ static int get_int(struct node *n, enum triage_config_key k, int64_t min, int64_
 static int start_pacs(struct node *n, const char *dbpath, char *err, size_t errlen)
 {
     int64_t timeout, attempts, retry, max_retry;
-    if (get_int(n, CFG_PACS_TIMEOUT, 1, 3600, &timeout) ||
-        get_int(n, CFG_PACS_MAX_ATTEMPTS, 1, 1000, &attempts) ||
-        get_int(n, CFG_PACS_RETRY_SECONDS, 1, 86400, &retry) ||
-        get_int(n, CFG_PACS_MAX_RETRY_SECONDS, 1, 7 * 86400, &max_retry)) {
+    if (get_int(n, CFG_PACS_TIMEOUT, &timeout) || get_int(n, CFG_PACS_MAX_ATTEMPTS, &attempts) ||
+        get_int(n, CFG_PACS_RETRY_SECONDS, &retry) ||
+        get_int(n, CFG_PACS_MAX_RETRY_SECONDS, &max_retry)) {
         snprintf(err, errlen, "bad [pacs] value");
         return -1;
     }
     const char *send = triage_config_str(&n->cfg, CFG_PACS_SEND);
-    if (strcmp(send, "all") != 0 && strcmp(send, "flagged") != 0) {
-        snprintf(err, errlen, "pacs.send must be all or flagged");
-        return -1;
-    }
     const char *calling = triage_config_str(&n->cfg, CFG_PACS_CALLING_AETITLE);
     struct triage_pacs_config pc = {
         .db_path = dbpath,
@@ -295,33 +280,27 @@ int triage_serve_main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    int level = util_log_level_parse(triage_config_str(&n.cfg, CFG_LOG_LEVEL));
-    if (level < 0) {
-        fprintf(stderr, "ichtriage serve: log.level must be error, warn, info or debug\n");
+    if (triage_config_check(&n.cfg, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage serve: %s\n", err);
         return 2;
     }
+    int level = util_log_level_parse(triage_config_str(&n.cfg, CFG_LOG_LEVEL));
     util_log_set_level((enum util_log_level)level);
     scp_log_init(level >= UTIL_LOG_DEBUG);
 
     int64_t port, max_assoc, max_pdu, acse, dimse, deadline, min_free, max_inst, grace, window;
-    if (get_int(&n, CFG_DICOM_PORT, 1, 65535, &port) ||
-        get_int(&n, CFG_DICOM_MAX_ASSOCIATIONS, 1, 1000, &max_assoc) ||
-        get_int(&n, CFG_DICOM_MAX_PDU, 4096, 131072, &max_pdu) ||
-        get_int(&n, CFG_DICOM_ACSE_TIMEOUT, 1, 3600, &acse) ||
-        get_int(&n, CFG_DICOM_DIMSE_TIMEOUT, 1, 3600, &dimse) ||
-        get_int(&n, CFG_DICOM_ASSOCIATION_DEADLINE, 1, 7 * 86400, &deadline) ||
-        get_int(&n, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &min_free) ||
-        get_int(&n, CFG_STORE_MAX_INSTANCE_MB, 1, 1 << 20, &max_inst) ||
-        get_int(&n, CFG_STORE_FAILURE_WINDOW_SECONDS, 0, 86400, &window) ||
-        get_int(&n, CFG_DICOM_SHUTDOWN_GRACE, 0, 3600, &grace))
+    if (get_int(&n, CFG_DICOM_PORT, &port) || get_int(&n, CFG_DICOM_MAX_ASSOCIATIONS, &max_assoc) ||
+        get_int(&n, CFG_DICOM_MAX_PDU, &max_pdu) || get_int(&n, CFG_DICOM_ACSE_TIMEOUT, &acse) ||
+        get_int(&n, CFG_DICOM_DIMSE_TIMEOUT, &dimse) ||
+        get_int(&n, CFG_DICOM_ASSOCIATION_DEADLINE, &deadline) ||
+        get_int(&n, CFG_STORE_MIN_FREE_MB, &min_free) ||
+        get_int(&n, CFG_STORE_MAX_INSTANCE_MB, &max_inst) ||
+        get_int(&n, CFG_STORE_FAILURE_WINDOW_SECONDS, &window) ||
+        get_int(&n, CFG_DICOM_SHUTDOWN_GRACE, &grace))
         return 2;
     const char *aet = triage_config_str(&n.cfg, CFG_DICOM_AETITLE);
-    if (!aet[0] || strlen(aet) > 16) {
-        fprintf(stderr, "ichtriage serve: dicom.aetitle must be 1 to 16 characters\n");
-        return 2;
-    }
     int64_t tls_port;
-    if (get_int(&n, CFG_DICOM_TLS_PORT, 0, 65535, &tls_port)) return 2;
+    if (get_int(&n, CFG_DICOM_TLS_PORT, &tls_port)) return 2;
     n.grace = (int)grace;
 
     /* Everything the node writes is for its own user only. */
@@ -332,13 +311,18 @@ int triage_serve_main(int argc, char **argv)
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }
+    if (triage_store_lock(&n.store, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        return 1;
+    }
     char dbpath[1200];
     snprintf(dbpath, sizeof dbpath, "%s/ichtriage.db", n.store.dir);
+    bool new_index = access(dbpath, F_OK) != 0 && errno == ENOENT;
     if (db_open(&n.store.db, dbpath, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }
-    if (triage_store_recover(&n.store, err, sizeof err) != 0) {
+    if (triage_store_recover(&n.store, new_index, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         db_close(n.store.db);
         return 1;
@@ -354,11 +338,11 @@ int triage_serve_main(int argc, char **argv)
     /* From here on the connection is the loop's: start-up could wait. */
     db_set_busy_timeout(n.store.db, LOOP_BUSY_TIMEOUT_MS);
     int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days;
-    if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, 0, 86400, &quiet) ||
-        get_int(&n, CFG_TRIAGE_MIN_SLICES, 1, 1000, &min_slices) ||
-        get_int(&n, CFG_TRIAGE_MAX_TILT, 0, 89, &max_tilt) ||
-        get_int(&n, CFG_STORE_RETENTION_DAYS, 0, 100000, &keep_days) ||
-        get_int(&n, CFG_STORE_KEEP_REVIEWED_DAYS, 0, 100000, &keep_reviewed_days)) {
+    if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, &quiet) ||
+        get_int(&n, CFG_TRIAGE_MIN_SLICES, &min_slices) ||
+        get_int(&n, CFG_TRIAGE_MAX_TILT, &max_tilt) ||
+        get_int(&n, CFG_STORE_RETENTION_DAYS, &keep_days) ||
+        get_int(&n, CFG_STORE_KEEP_REVIEWED_DAYS, &keep_reviewed_days)) {
         db_close(n.store.db);
         return 2;
     }
@@ -377,13 +361,8 @@ int triage_serve_main(int argc, char **argv)
 
     int64_t decoder_mb, decoder_cpu;
     const char *decoder = triage_config_str(&n.cfg, CFG_TRIAGE_PIXEL_DECODER);
-    if (get_int(&n, CFG_TRIAGE_DECODER_MAX_MB, 256, INT64_C(1) << 20, &decoder_mb) ||
-        get_int(&n, CFG_TRIAGE_DECODER_CPU_SECONDS, 1, 86400, &decoder_cpu)) {
-        db_close(n.store.db);
-        return 2;
-    }
-    if (strcmp(decoder, "child") != 0 && strcmp(decoder, "inline") != 0) {
-        fprintf(stderr, "ichtriage serve: triage.pixel_decoder must be child or inline\n");
+    if (get_int(&n, CFG_TRIAGE_DECODER_MAX_MB, &decoder_mb) ||
+        get_int(&n, CFG_TRIAGE_DECODER_CPU_SECONDS, &decoder_cpu)) {
         db_close(n.store.db);
         return 2;
     }
@@ -452,6 +431,7 @@ int triage_serve_main(int argc, char **argv)
     };
     if (scp_server_start(&n.scp, &sc, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        triage_infer_stop(n.infer);
         db_close(n.store.db);
         return 1;
     }

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/time.h>
@@ -250,13 +251,41 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_
     return SCP_STATUS_SUCCESS;
 }
 
+int triage_store_lock(const struct triage_store *s, char *err, size_t errlen)
+{
+    char path[1200];
+    snprintf(path, sizeof path, "%s/ichtriage.lock", s->dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK)
+            snprintf(err, errlen,
+                     "another ichtriage node runs on store.dir %s (it holds %s); refusing to "
+                     "start on the same store",
+                     s->dir, path);
+        else
+            snprintf(err, errlen, "cannot lock %s: %s", path, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return 0; /* fd stays open: the lock is the process's until it ends */
+}
+
 /* Walks dir (relative path rel under the store) removing .dcm files that no
- * row points to. */
-static int sweep(struct triage_store *s, const char *rel, int depth, long *removed)
+ * row points to (only counting them when dry). */
+static int sweep(struct triage_store *s, const char *rel, int depth, bool dry, long *removed)
 {
     char path[2100];
     snprintf(path, sizeof path, "%s/%s", s->dir, rel);
     DIR *d = opendir(path);
+    if (!d && errno == ENOTDIR) {
+        /* Not the node's: left alone, and no reason not to start. */
+        util_log(UTIL_LOG_WARN, "spool_stray_file", "path=%s", rel);
+        return 0;
+    }
     if (!d) return errno == ENOENT ? 0 : -1;
     struct dirent *e;
     int rc = 0;
@@ -265,7 +294,7 @@ static int sweep(struct triage_store *s, const char *rel, int depth, long *remov
         char child[1024];
         snprintf(child, sizeof child, "%s/%s", rel, e->d_name);
         if (depth < 2) {
-            if (sweep(s, child, depth + 1, removed) != 0) rc = -1;
+            if (sweep(s, child, depth + 1, dry, removed) != 0) rc = -1;
             continue;
         }
         bool indexed = false;
@@ -273,7 +302,9 @@ static int sweep(struct triage_store *s, const char *rel, int depth, long *remov
             rc = -1;
             continue;
         }
-        if (!indexed) {
+        if (!indexed && dry) {
+            (*removed)++;
+        } else if (!indexed) {
             char full[2100];
             snprintf(full, sizeof full, "%s/%s", s->dir, child);
             if (unlink(full) == 0) (*removed)++;
@@ -283,9 +314,26 @@ static int sweep(struct triage_store *s, const char *rel, int depth, long *remov
     return rc;
 }
 
-int triage_store_recover(struct triage_store *s, char *err, size_t errlen)
+int triage_store_recover(struct triage_store *s, bool new_index, char *err, size_t errlen)
 {
     long temps = 0, orphans = 0;
+    if (new_index) {
+        /* Files without an index are a lost index (deleted, moved aside), not
+         * a crash between rename and commit: every one of them may have been
+         * acknowledged. */
+        if (sweep(s, "spool", 0, true, &orphans) != 0) {
+            snprintf(err, errlen, "cannot read the spool: %s", strerror(errno));
+            return -1;
+        }
+        if (orphans) {
+            snprintf(err, errlen,
+                     "%s/ichtriage.db was missing (created empty now) but the spool holds %ld "
+                     "instance files: refusing to delete them; restore the index "
+                     "(ichtriage restore) or move %s away",
+                     s->dir, orphans, s->spool);
+            return -1;
+        }
+    }
     DIR *d = opendir(s->tmp);
     if (!d) {
         snprintf(err, errlen, "cannot open %s: %s", s->tmp, strerror(errno));
@@ -297,7 +345,7 @@ int triage_store_recover(struct triage_store *s, char *err, size_t errlen)
         if (unlinkat(dirfd(d), e->d_name, 0) == 0) temps++;
     }
     closedir(d);
-    if (sweep(s, "spool", 0, &orphans) != 0) {
+    if (sweep(s, "spool", 0, false, &orphans) != 0) {
         snprintf(err, errlen, "cannot check the spool against the index: %s", strerror(errno));
         return -1;
     }

@@ -36,10 +36,19 @@ int triage_store_prepare(struct triage_store *s, const char *dir, int64_t window
                          size_t errlen);
 void triage_store_finish(struct triage_store *s);
 
+/* Takes <dir>/ichtriage.lock (an exclusive flock, held until the process
+ * ends), so that a second node on the same store refuses to start instead
+ * of cleaning up the files the first is receiving. Call after
+ * triage_store_prepare(), before triage_store_recover(). Returns 0, or -1
+ * with a message. */
+int triage_store_lock(const struct triage_store *s, char *err, size_t errlen);
+
 /* Start-up clean-up after a crash: removes every file in the temp folder
  * and every spool file that no index row points to (both were never
- * acknowledged). Counts go to the log. Returns 0, or -1 with a message. */
-int triage_store_recover(struct triage_store *s, char *err, size_t errlen);
+ * acknowledged). Counts go to the log. new_index: the index was created
+ * just now; then unindexed files are not removed but refused (the index was
+ * lost, not the files: restore it). Returns 0, or -1 with a message. */
+int triage_store_recover(struct triage_store *s, bool new_index, char *err, size_t errlen);
 
 /* scp_store_fn, scp_space_fn and scp_outcome_fn for scp_server_config
  * (ud = the store). */

@@ -133,3 +133,87 @@ Test(config, reload_reads_the_file_again_and_keeps_set)
     triage_config_free(&c);
     unlink(path);
 }
+
+/* Loads text as a config file; returns load()'s result, err filled. */
+static int load_text(struct triage_config *c, const char *text, char *err, size_t errlen)
+{
+    char path[] = "/tmp/ichtriage-conf-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    write_file(path, text);
+    int rc = triage_config_load(c, path, err, errlen);
+    unlink(path);
+    return rc;
+}
+
+Test(config, wrapped_or_repeated_value_is_an_error_not_its_last_part)
+{
+    struct triage_config c;
+    char err[512];
+    /* inih would take the indented line as a new value of destinations. */
+    cr_assert_eq(load_text(&c,
+                           "[pacs]\ndestinations = PACS1@10.0.0.1:104,\n"
+                           "    PACS2@10.0.0.2:104\n",
+                           err, sizeof err),
+                 -1);
+    /* inih reads "PACS2@10.0.0.2:104" as a key (':' also separates). */
+    cr_assert(strstr(err, "unknown key [pacs] PACS2") != NULL, "%s", err);
+    cr_assert_eq(
+        load_text(&c, "[triage]\nhead_patterns = HEAD,BRAIN,\n  CRAN,CEREB\n", err, sizeof err),
+        -1);
+    cr_assert(strstr(err, "line 3") != NULL, "%s", err);
+    cr_assert_eq(load_text(&c, "[triage]\nmin_slices = 5\nmin_slices = 20\n", err, sizeof err), -1);
+    cr_assert(strstr(err, "min_slices is given twice") != NULL, "%s", err);
+}
+
+Test(config, long_line_is_kept_whole)
+{
+    /* Twelve destinations: about 300 bytes, past inih's 200-byte line. */
+    char text[2048] = "[pacs]\ndestinations = ", list[1024] = "";
+    for (int i = 1; i <= 12; i++)
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%sPACS%02d@10.0.0.%d:104",
+                 i > 1 ? ", " : "", i, i);
+    strcat(text, list);
+    strcat(text, "\n[triage]\nmin_slices = 7\n");
+    cr_assert_gt(strlen(list), 250);
+    struct triage_config c;
+    char err[512];
+    cr_assert_eq(load_text(&c, text, err, sizeof err), 0, "%s", err);
+    cr_assert_str_eq(triage_config_str(&c, CFG_PACS_DESTINATIONS), list);
+    cr_assert_str_eq(triage_config_str(&c, CFG_TRIAGE_MIN_SLICES), "7");
+    triage_config_free(&c);
+}
+
+Test(config, check_finds_what_a_start_would_refuse)
+{
+    struct triage_config c;
+    char err[512];
+    cr_assert_eq(triage_config_load(&c, "/dev/null", err, sizeof err), 0);
+    cr_assert_eq(triage_config_check(&c, err, sizeof err), 0, "%s", err);
+    const char *bad[][2] = {
+        {"triage.quiet_seconds=abc", "triage.quiet_seconds"},
+        {"store.retention_days=-5", "store.retention_days"},
+        {"triage.pixel_decoder=bogus", "child,inline"},
+        {"nn.device=quantum", "auto,cpu,cuda"},
+        {"pacs.send=some", "pacs.send"},
+        {"log.level=loud", "log.level"},
+        {"train.auto_promote=maybe", "train.auto_promote"},
+        {"dicom.aetitle=SEVENTEEN_LETTERS", "dicom.aetitle"},
+        {"dicom.tls_key=/nonexistent.key", "/nonexistent.key"},
+        {"http.users=/nonexistent/users", "http.users"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        struct triage_config b;
+        cr_assert_eq(triage_config_load(&b, "/dev/null", err, sizeof err), 0);
+        cr_assert_eq(triage_config_set(&b, bad[i][0], err, sizeof err), 0, "%s", err);
+        cr_expect_eq(triage_config_check(&b, err, sizeof err), -1, "%s accepted", bad[i][0]);
+        cr_expect(strstr(err, bad[i][1]) != NULL, "%s: %s", bad[i][0], err);
+        triage_config_free(&b);
+    }
+    int64_t v;
+    cr_assert_eq(triage_config_set(&c, "dicom.max_associations=1001", err, sizeof err), 0);
+    cr_assert_eq(triage_config_get(&c, CFG_DICOM_MAX_ASSOCIATIONS, &v, err, sizeof err), -1);
+    cr_assert(strstr(err, "from 1 to 1000") != NULL, "%s", err);
+    triage_config_free(&c);
+}

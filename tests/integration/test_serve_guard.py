@@ -1,0 +1,116 @@
+"""What `ichtriage serve` refuses at start and on reload, so that an admin's
+slip never costs acknowledged instances or a node that cannot restart:
+
+- a second node on the same store.dir refuses to start, before it cleans up
+  anything (its start-up clean-up would delete the files the first node is
+  receiving, and those it renamed into the spool but has not indexed yet);
+- a store whose index is gone (ichtriage.db deleted or moved aside) but
+  whose spool holds instances: the node refuses to start instead of deleting
+  every instance as unindexed;
+- SIGHUP with a value a restart would refuse is refused (the old
+  configuration stays), and a changed key that only a restart applies says
+  so (reload_needs_restart).
+
+    python3 test_serve_guard.py ICHTRIAGE"""
+import os
+import signal
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+
+
+def spool_files(store):
+    out = []
+    for root, _, names in os.walk(os.path.join(store, "spool")):
+        out += [os.path.join(root, n) for n in names]
+    return sorted(out)
+
+
+class ServeGuard(itest.NodeTest):
+    def test_second_node_on_the_same_store_refuses_and_removes_nothing(self):
+        first = self.start_node()
+        # What a running node has in flight: a file being received, and one
+        # renamed into the spool whose row is not committed yet.
+        tmp = os.path.join(first.store_dir, "spool", ".tmp", "in-flight.part")
+        renamed = os.path.join(first.store_dir, "spool", "1.2.3", "1.2.3.4", "1.2.3.4.5.dcm")
+        os.makedirs(os.path.dirname(renamed))
+        for path in (tmp, renamed):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 132)
+        # Its own ports: only the store is shared.
+        second = dt.Node(itest.EXE, os.path.join(self.work, "second"), store_dir=first.store_dir)
+        with self.assertRaises(dt.NodeError) as cm:
+            second.start(timeout=20)
+        self.assertIn("another ichtriage node runs on store.dir", str(cm.exception))
+        self.assertTrue(os.path.exists(tmp))
+        self.assertTrue(os.path.exists(renamed))
+        self.assertTrue(first.alive())
+        # The lock is the running node's alone: once it stops, a node starts.
+        self.assertEqual(first.stop(), 0)
+        second.start()
+        self.nodes.append(second)
+        self.assertFalse(os.path.exists(renamed))  # the clean-up after a "crash"
+
+    def test_lost_index_with_instances_in_the_spool_refuses_to_start(self):
+        node = self.start_node()
+        files = self.gen("ct", count=3, rows=64, cols=64)
+        self.assert_all_success(dt.storescu(node.port, files, workdir=self.work), files)
+        self.assertEqual(node.stop(), 0)
+        stored = spool_files(node.store_dir)
+        self.assertEqual(len(stored), 3)
+        for suffix in ("", "-wal", "-shm"):
+            path = os.path.join(node.store_dir, "ichtriage.db" + suffix)
+            if os.path.exists(path):
+                os.unlink(path)
+        with self.assertRaises(dt.NodeError) as cm:
+            node.start(timeout=20)
+        self.assertIn("refusing to delete them", str(cm.exception))
+        self.assertEqual(spool_files(node.store_dir), stored)
+
+    def write_conf(self, node, extra):
+        settings = dict(node.settings)
+        settings.update(extra)
+        with open(node.conf, "w") as f:
+            for k, v in settings.items():
+                f.write("[%s]\n%s = %s\n" % (k.split(".")[0], k.split(".")[1], v))
+
+    def config_node(self, extra):
+        """A node that reads its settings from a file (a reload reads it again)."""
+        node = dt.Node(itest.EXE, os.path.join(self.work, "node"))
+        node.conf = os.path.join(self.work, "node.conf")
+        self.write_conf(node, extra)
+        node.argv = lambda: [itest.EXE, "serve", "-c", node.conf]
+        self.nodes.append(node)
+        return node.start()
+
+    def reload(self, node, extra, event):
+        self.write_conf(node, extra)
+        n = len(node.events(event))
+        node.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(node.wait_event(event, count=n + 1), node.log_tail())
+        return node.events(event)[-1]
+
+    def test_reload_refuses_what_a_restart_would_and_names_restart_keys(self):
+        node = self.config_node({"triage.quiet_seconds": 2})
+        for key, bad in (("triage.quiet_seconds", "abc"), ("nn.device", "quantum"),
+                         ("log.level", "loud"), ("pacs.destinations", "PACS@nowhere")):
+            line = self.reload(node, {key: bad}, "reload_refused")
+            self.assertIn(key if key != "pacs.destinations" else "PACS@nowhere", line)
+        self.assertEqual(node.events("reloaded"), [])
+        # A TLS key file that is not there would stop the next start: refused too.
+        line = self.reload(node, {"dicom.tls_port": dt.free_port(),
+                                  "dicom.tls_cert": "/nonexistent.pem",
+                                  "dicom.tls_key": "/nonexistent.key"}, "reload_refused")
+        self.assertIn("/nonexistent", line)
+        # A valid change that only a restart applies: reloaded, with the key named.
+        self.reload(node, {"triage.quiet_seconds": 3, "store.retention_days": 30}, "reloaded")
+        keys = sorted(e.split("key=")[1] for e in node.events("reload_needs_restart"))
+        self.assertEqual(keys, ["store.retention_days", "triage.quiet_seconds"])
+        self.assertTrue(node.alive())
+
+
+if __name__ == "__main__":
+    sys.exit(itest.main())
