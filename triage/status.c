@@ -393,9 +393,8 @@ int triage_status_main(int argc, char **argv)
                        .store_dir = triage_config_str(&cfg, CFG_STORE_DIR),
                        .model_configured = triage_config_str(&cfg, CFG_TRIAGE_MODEL),
                        .http_listen = triage_config_str(&cfg, CFG_HTTP_LISTEN)};
-    if (triage_config_int(&cfg, CFG_DICOM_PORT, 1, 65535, &s.port, err, sizeof err) != 0 ||
-        triage_config_int(&cfg, CFG_STORE_MIN_FREE_MB, 0, INT64_C(1) << 30, &s.min_free_mb, err,
-                          sizeof err) != 0) {
+    if (triage_config_get(&cfg, CFG_DICOM_PORT, &s.port, err, sizeof err) != 0 ||
+        triage_config_get(&cfg, CFG_STORE_MIN_FREE_MB, &s.min_free_mb, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage status: %s\n", err);
         triage_config_free(&cfg);
         return 2;
