@@ -508,6 +508,7 @@ int triage_serve_main(int argc, char **argv)
     uv_run(n.loop, UV_RUN_DEFAULT);
     uv_loop_close(n.loop);
     db_close(n.store.db);
+    triage_store_mark_clean(&n.store);
     triage_store_finish(&n.store);
     triage_decoder_free(&n.decoder);
     util_log(UTIL_LOG_INFO, "stopped", "stored=%lld refused_low_space=%lld",

@@ -45,10 +45,15 @@ int triage_store_lock(const struct triage_store *s, char *err, size_t errlen);
 
 /* Start-up clean-up after a crash: removes every file in the temp folder
  * and every spool file that no index row points to (both were never
- * acknowledged). Counts go to the log. new_index: the index was created
+ * acknowledged); after a clean stop (triage_store_mark_clean) only the
+ * temp folder. Counts go to the log. new_index: the index was created
  * just now; then unindexed files are not removed but refused (the index was
  * lost, not the files: restore it). Returns 0, or -1 with a message. */
 int triage_store_recover(struct triage_store *s, bool new_index, char *err, size_t errlen);
+/* Marks a clean stop (call once every association has ended and the index
+ * is closed): the next start then skips the check of every spool file
+ * against the index, which only a crash can make necessary. */
+void triage_store_mark_clean(struct triage_store *s);
 
 /* scp_store_fn, scp_space_fn and scp_outcome_fn for scp_server_config
  * (ud = the store). */
