@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <uv.h>
 
@@ -299,6 +300,18 @@ int triage_serve_main(int argc, char **argv)
         get_int(&n, CFG_DICOM_SHUTDOWN_GRACE, &grace))
         return 2;
     const char *aet = triage_config_str(&n.cfg, CFG_DICOM_AETITLE);
+    /* Each association holds a socket and a temp file, and the index,
+     * decoder and HTTP want theirs: systemd's soft limit of 1024 runs out
+     * below dicom.max_associations' 1000. The hard limit is ours to take. */
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+        nofile.rlim_cur = nofile.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &nofile);
+    }
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < (rlim_t)(4 * max_assoc + 256))
+        util_log(UTIL_LOG_WARN, "open_files_limit_low",
+                 "limit=%llu max_associations=%lld want=%lld", (unsigned long long)nofile.rlim_cur,
+                 (long long)max_assoc, (long long)(4 * max_assoc + 256));
     int64_t tls_port;
     if (get_int(&n, CFG_DICOM_TLS_PORT, &tls_port)) return 2;
     n.grace = (int)grace;

@@ -136,5 +136,18 @@ class ServeGuard(itest.NodeTest):
         self.assertTrue(node.alive())
 
 
+    def test_open_files_limit_raised_to_the_hard_limit(self):
+        # systemd's soft limit is 1024, short of 1000 associations' sockets
+        # and temp files; the node takes the hard limit it is allowed.
+        node = dt.Node(itest.EXE, os.path.join(self.work, "node"))
+        argv = node.argv
+        node.argv = lambda: ["prlimit", "--nofile=256:4096"] + argv()
+        self.nodes.append(node)
+        node.start()
+        with open("/proc/%d/limits" % node.proc.pid) as f:
+            line, = [x for x in f if x.startswith("Max open files")]
+        self.assertEqual(line.split()[3:5], ["4096", "4096"], line)
+
+
 if __name__ == "__main__":
     sys.exit(itest.main())
