@@ -4,6 +4,7 @@
 #include "model_internal.h"
 #include "safetensors.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,7 +79,17 @@ nn_model *nn_model_load(const char *path, char *err, size_t errlen)
                     s ? "has another dtype or shape" : "is missing", want);
             goto fail;
         }
-        memcpy(nn_tensor_data(m, i), s->data, s->nbytes);
+        /* A NaN or Inf weight (a diverged run, an fp16 overflow in an
+         * export) makes every output NaN, which would read as "not flagged". */
+        float *d = nn_tensor_data(m, i);
+        memcpy(d, s->data, s->nbytes);
+        size_t n = s->nbytes / sizeof(float);
+        for (size_t k = 0; k < n; k++)
+            if (!isfinite(d[k])) {
+                nn_errf(err, errlen, "%s: tensor %s holds a non-finite value at index %zu", path,
+                        t->name, k);
+                goto fail;
+            }
     }
     for (int i = 0; i < nn_st_count(f); i++) {
         const char *name = nn_st_at(f, i)->name;

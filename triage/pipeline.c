@@ -308,6 +308,14 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
         goto done;
     }
     double t2 = now_ms();
+    /* NaN compares false against everything: folded into the maxima below
+     * it would read as p=0, "not flagged". An unknown result must fail. */
+    for (size_t i = 0; i < (size_t)v->n * (size_t)c->labels; i++)
+        if (!isfinite(out[i])) {
+            snprintf(err, errlen, "model produced non-finite output (slice %zu, label %zu)",
+                     i / (size_t)c->labels, i % (size_t)c->labels);
+            goto done;
+        }
     r->n = v->n;
     for (int l = 0; l < TRIAGE_LABELS; l++)
         r->study[l] = 0;

@@ -283,6 +283,42 @@ Test(model, save_and_load_round_trip)
     unlink(path);
 }
 
+/* A weight or statistic that is NaN or Inf (a diverged run, an fp16
+ * overflow in an export) would make every output NaN, read downstream as
+ * "not flagged": the file is refused, naming the tensor. */
+static void expect_refused(const char *name, float bad)
+{
+    nn_model *m = tiny(4, 0.5f);
+    nn_tensor_info t = {0};
+    if (strcmp(name, "running_var") == 0) { /* the first batch-norm statistic */
+        for (int i = 0; i < nn_model_tensor_count(m) && !strstr(t.name ? t.name : "", name); i++)
+            nn_model_tensor(m, i, &t);
+    } else {
+        cr_assert_eq(nn_model_tensor_find(m, name, &t), 0, "no %s", name);
+    }
+    cr_assert(t.name && strstr(t.name, name), "no %s", name);
+    char want[128];
+    snprintf(want, sizeof want, "tensor %s holds a non-finite value at index %zu", t.name,
+             t.numel - 1);
+    t.data[t.numel - 1] = bad;
+    char path[] = "/tmp/nn_test_model_XXXXXX", err[256] = "";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    cr_expect_null(nn_model_load(path, err, sizeof(err)), "%s with %g was loaded", name, bad);
+    cr_expect(strstr(err, want) != NULL, "%s", err);
+    nn_model_free(m);
+    unlink(path);
+}
+
+Test(model, non_finite_weights_are_refused)
+{
+    expect_refused("out.bias", NAN);
+    expect_refused("out.bias", -INFINITY);
+    expect_refused("running_var", INFINITY);
+}
+
 /* The state vector (weight averaging): every parameter and running
  * statistic, in the tensors' order, out and back in. */
 Test(model, state_vector_holds_every_weight_and_statistic)

@@ -1,0 +1,172 @@
+"""Models whose numbers are not numbers (files.md #1, triage.md #3): a NaN or
+Inf weight makes every output NaN, and NaN compares false against every
+threshold, so such a model used to triage every study "p=0, not flagged".
+
+- A file with a NaN weight is refused by `model register`, `model promote`,
+  the node at start (model not loaded, studies wait) and at SIGHUP reload
+  (the old model is kept and used).
+- A model whose weights are all finite but whose forward pass overflows
+  (Inf, then Inf*0 = NaN) fails the series with a reason, in the node and
+  in `ichtriage predict`: an unknown result is never a negative one.
+
+    python3 test_bad_model.py ICHTRIAGE MAKE_TEST_MODEL"""
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import dicomtest as dt  # noqa: E402
+import itest  # noqa: E402
+
+MAKE_MODEL = None
+SLICES = 6
+
+
+def rewrite(src, dst, fills):
+    """Copies the safetensors file src to dst with some F32 tensors set:
+    fills maps a tensor name to f(index) -> value."""
+    with open(src, "rb") as f:
+        b = bytearray(f.read())
+    hl = struct.unpack("<Q", b[:8])[0]
+    header = json.loads(b[8:8 + hl])
+    base = 8 + hl
+    for name, f in fills.items():
+        start, end = header[name]["data_offsets"]
+        for k, off in enumerate(range(base + start, base + end, 4)):
+            b[off:off + 4] = struct.pack("<f", f(k))
+    tmp = dst + ".new"
+    with open(tmp, "wb") as f:
+        f.write(b)
+    os.replace(tmp, dst)
+
+
+class BadModelTest(itest.NodeTest):
+    def setUp(self):
+        super().setUp()
+        self.good = os.path.join(self.work, "good.safetensors")
+        subprocess.run([MAKE_MODEL, self.good], check=True)
+        # as the reviewer made it: every value of out.bias NaN
+        self.nan = os.path.join(self.work, "nan.safetensors")
+        rewrite(self.good, self.nan, {"out.bias": lambda k: float("nan")})
+        self.seed = 40
+
+    def phantom(self):
+        """One new phantom study: (study_uid, files)."""
+        self.seed += 1
+        out = os.path.join(self.work, "ph%d" % self.seed)
+        subprocess.run([itest.EXE, "phantom", "--seed", str(self.seed), "-n", "1", "--size",
+                        "64", "--slices", str(SLICES), out],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import pydicom
+        files = []
+        for root, _, names in os.walk(out):
+            files += [os.path.join(root, n) for n in names if n.endswith(".dcm")]
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        return study, out, sorted(files)
+
+    def node(self, model):
+        return self.start_node({"triage.model": model, "triage.quiet_seconds": 1,
+                                "triage.min_slices": SLICES})
+
+    def send(self, node, files):
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+
+    def wait_status(self, node, study, status, timeout=30):
+        deadline = time.monotonic() + timeout
+        row = None
+        while time.monotonic() < deadline:
+            p = subprocess.run([itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                                "store.dir=" + node.store_dir, "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+            rows = [r for r in json.loads(p.stdout) if r["study_uid"] == study]
+            row = rows[0] if rows else None
+            if row and row["status"] == status:
+                return row
+            time.sleep(0.2)
+        self.fail("study %s not %s after %ss: %r\n%s" % (study, status, timeout, row,
+                                                         node.log_tail()))
+
+    def model_cmd(self, store, *args):
+        return subprocess.run([itest.EXE, "model", "-c", "/dev/null", "--set",
+                               "store.dir=" + store] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def assert_names_nan(self, text):
+        self.assertIn("tensor out.bias holds a non-finite value", text)
+
+    # ------------------------------------------------------------------
+    def test_nan_weight_refused_by_the_registry(self):
+        store = os.path.join(self.work, "store")
+        p = self.model_cmd(store, "register", self.nan)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        self.assert_names_nan(p.stderr.decode())
+        # a file already in the registry (copied there by hand, or by an
+        # older version) is checked again when promoted
+        p = self.model_cmd(store, "register", self.good)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        mid = p.stdout.decode().strip()
+        rewrite(self.good, os.path.join(store, "models", mid + ".safetensors"),
+                {"out.bias": lambda k: float("nan")})
+        p = self.model_cmd(store, "promote", mid)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        self.assert_names_nan(p.stderr.decode())
+        self.assertFalse(os.path.exists(os.path.join(store, "models", "active.safetensors")))
+
+    def test_nan_weight_refused_at_start_and_at_reload(self):
+        model = os.path.join(self.work, "model.safetensors")
+        rewrite(self.nan, model, {})
+        node = self.node(model)
+        self.assertTrue(node.wait_event("model_not_loaded"), node.log_tail())
+        self.assert_names_nan(node.events("model_not_loaded")[-1])
+        study, _, files = self.phantom()
+        self.send(node, files)
+        self.wait_status(node, study, "waiting")
+        # fixed, then broken again: the reload keeps the old model and uses it
+        rewrite(self.good, model, {})
+        node.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
+        self.wait_status(node, study, "triaged")
+        rewrite(self.nan, model, {})
+        node.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(node.wait_event("model_reload_refused"), node.log_tail())
+        line = node.events("model_reload_refused")[-1]
+        self.assert_names_nan(line)
+        self.assertIn("kept=old", line)
+        study2, _, files2 = self.phantom()
+        self.send(node, files2)
+        row = self.wait_status(node, study2, "triaged")
+        self.assertIsNotNone(row["probability"])
+
+    def test_overflowing_model_fails_the_series(self):
+        # Every weight finite, so the file loads; the head's last batch-norm
+        # scale (3e38 / sqrt(var + eps)) overflows to Inf, and the output
+        # layer's zero weights make Inf*0 = NaN.
+        model = os.path.join(self.work, "overflow.safetensors")
+        rewrite(self.good, model, {"dense.5.weight": lambda k: 3e38,
+                                   "dense.5.bias": lambda k: 3e38,
+                                   "out.weight": lambda k: 0.0})
+        node = self.node(model)
+        self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
+        study, folder, files = self.phantom()
+        self.send(node, files)
+        row = self.wait_status(node, study, "failed")
+        self.assertIn("model produced non-finite output", row["status_reason"])
+        self.assertIsNone(row["probability"])
+        self.assertFalse(row["flagged"])
+        p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--device", "cpu", "--set",
+                            "triage.model=" + model, "--json", folder],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(p.returncode, 1, p.stderr)  # 1: a series failed
+        out = json.loads(p.stdout)
+        self.assertEqual([r["status"] for r in out], ["failed"], out)
+        self.assertIn("model produced non-finite output", out[0]["status_reason"])
+
+
+if __name__ == "__main__":
+    MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
+    sys.exit(itest.main())
