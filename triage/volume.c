@@ -55,6 +55,7 @@ void triage_volume_free(struct triage_volume *v)
 struct candidate {
     struct scp_info info;
     int frames;
+    int unplaced;      /* frames of a multi-frame object whose position was not read */
     double *frame_pos; /* frames * 3, for multi-frame objects */
 };
 
@@ -81,16 +82,23 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
         struct scp_info *in = &c[i].info;
         c[i].frames = in->has_pixel_data ? in->number_of_frames : 0;
         if (in->number_of_frames > 1 && c[i].frames > 0) {
-            int max =
-                in->number_of_frames < TRIAGE_MAX_SLICES ? in->number_of_frames : TRIAGE_MAX_SLICES;
-            c[i].frame_pos = malloc(sizeof(double) * 3 * (size_t)max);
+            /* as for single-frame files: never triage a part of the series */
+            if (in->number_of_frames > TRIAGE_MAX_SLICES) {
+                snprintf(err, errlen, "more than %d slices in one series (%d frames in one image)",
+                         TRIAGE_MAX_SLICES, in->number_of_frames);
+                goto done;
+            }
+            c[i].frame_pos = malloc(sizeof(double) * 3 * (size_t)in->number_of_frames);
             if (!c[i].frame_pos) goto oom_done;
             bool ho, hs;
-            int got = scp_info_frames(paths[i], max, c[i].frame_pos, in->orientation, &ho,
-                                      in->pixel_spacing, &hs, e, sizeof e);
+            int got = scp_info_frames(paths[i], in->number_of_frames, c[i].frame_pos,
+                                      in->orientation, &ho, in->pixel_spacing, &hs, e, sizeof e);
             if (ho) in->has_orientation = true;
             if (hs) in->has_pixel_spacing = true;
+            /* Positions are read up to the first frame without one: that
+             * frame and the ones after it are dropped, and counted. */
             c[i].frames = got > 0 ? got : 0;
+            c[i].unplaced = in->number_of_frames - c[i].frames;
             in->has_position = got > 0;
         }
     }
@@ -129,6 +137,7 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
     /* 3. keep the images in that plane and size; count the rest. */
     for (int i = 0; i < npaths; i++) {
         struct scp_info *in = &c[i].info;
+        out->dropped_inconsistent += c[i].unplaced;
         if (!c[i].frames) continue;
         if (triage_image_type_is_localizer(in->image_type)) {
             out->dropped_localizers += c[i].frames;

@@ -1,0 +1,64 @@
+"""Enhanced CT (one multi-frame image) is never triaged on a part of its
+frames without saying so (triage.md #4), through `ichtriage predict --json`:
+
+- more frames than the volume limit fails the series, as the same series
+  sent as single-frame files does (it used to be triaged on the first frames
+  in file order);
+- a frame without a position: that frame and the ones after it, whose
+  positions are not read, are counted in the series' note (they used to be
+  dropped silently).
+
+    python3 test_enhanced_frames.py ICHTRIAGE MAKE_TEST_MODEL"""
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import itest  # noqa: E402
+
+MAKE_MODEL = None
+MAX_SLICES = 1000  # TRIAGE_MAX_SLICES (triage/volume.h)
+
+
+class EnhancedFramesTest(itest.NodeTest):
+    def setUp(self):
+        super().setUp()
+        self.model = os.path.join(self.work, "model.safetensors")
+        subprocess.run([MAKE_MODEL, self.model], check=True)
+
+    def predict(self, folder):
+        p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--device", "cpu",
+                            "--set", "triage.model=" + self.model, "--set",
+                            "triage.min_slices=5", "--json", folder],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out = json.loads(p.stdout)
+        self.assertEqual(len(out), 1, out)
+        return p.returncode, out[0], p.stderr.decode()
+
+    def test_more_frames_than_the_limit_fail_the_series(self):
+        (path,) = self.gen("many", count=MAX_SLICES + 1, rows=16, cols=16, sop="enhanced-ct")
+        rc, row, err = self.predict(os.path.dirname(path))
+        self.assertEqual(row["status"], "failed", row)
+        self.assertIn("more than %d slices" % MAX_SLICES, row["status_reason"])
+        self.assertEqual(rc, 1, err)
+
+    def test_frames_without_a_position_are_counted(self):
+        (path,) = self.gen("gap", count=30, rows=32, cols=32, sop="enhanced-ct")
+        import pydicom
+        ds = pydicom.dcmread(path)
+        del ds.PerFrameFunctionalGroupsSequence[9].PlanePositionSequence
+        ds.save_as(path)
+        rc, row, err = self.predict(os.path.dirname(path))
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(row["status"], "triaged", row)
+        self.assertEqual(row["slices"], 9)
+        # frame 10 has no position; 11..30 are not read past it
+        self.assertIn("21 image(s) of other size or without geometry dropped",
+                      row["status_reason"])
+
+
+if __name__ == "__main__":
+    MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
+    sys.exit(itest.main())
