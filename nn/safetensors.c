@@ -189,6 +189,10 @@ nn_st_file *nn_st_open(const char *path, char *err, size_t errlen)
             f->meta = j;
             continue;
         }
+        if (f->ntensors == NN_ST_MAX_TENSORS) {
+            nn_errf(err, errlen, "%s: more than %d tensors in the header", path, NN_ST_MAX_TENSORS);
+            goto fail;
+        }
         for (int i = 0; i < f->ntensors; i++)
             if (strcmp(f->tensors[i].name, j->string) == 0) {
                 nn_errf(err, errlen, "%s: tensor %s appears twice", path, j->string);

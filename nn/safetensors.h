@@ -14,6 +14,9 @@
 #define NN_ST_MAX_DIMS 8
 /* Header cap: a model header is a few kB; anything near this is hostile. */
 #define NN_ST_MAX_HEADER (64u << 20)
+/* Tensor cap: a model holds a few hundred, an optimizer file twice that;
+ * the cap bounds the work of the name checks on a hostile header. */
+#define NN_ST_MAX_TENSORS 4096
 
 typedef enum nn_st_dtype {
     NN_ST_F32 = 0,

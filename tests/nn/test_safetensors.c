@@ -124,6 +124,40 @@ Test(safetensors, duplicate_names)
     expect_refused("appears twice");
 }
 
+/* A header of n empty tensors t0, t1, ... */
+static void write_many(int n)
+{
+    const char *entry = "\"t%d\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}";
+    size_t cap = (size_t)n * 80 + 16, len = 0;
+    char *h = malloc(cap);
+    cr_assert(h);
+    h[len++] = '{';
+    for (int i = 0; i < n; i++) {
+        if (i) h[len++] = ',';
+        len += (size_t)snprintf(h + len, cap - len, entry, i);
+    }
+    snprintf(h + len, cap - len, "}");
+    write_raw(strlen(h), h, 0);
+    free(h);
+}
+
+/* The duplicate-name check compares every pair: the number of tensors is
+ * capped, so a hostile header of a million entries is refused, not spent
+ * hours on. */
+Test(safetensors, tensor_count_is_capped)
+{
+    write_many(NN_ST_MAX_TENSORS);
+    char err[256] = "";
+    nn_st_file *f = nn_st_open(path, err, sizeof(err));
+    cr_assert(f, "%s", err);
+    cr_expect_eq(nn_st_count(f), NN_ST_MAX_TENSORS);
+    nn_st_close(f);
+    write_many(NN_ST_MAX_TENSORS + 1);
+    char want[64];
+    snprintf(want, sizeof want, "more than %d tensors", NN_ST_MAX_TENSORS);
+    expect_refused(want);
+}
+
 /* Model-level: a real model file, cut short or altered, is refused by name. */
 static void copy_ref_model(size_t cut)
 {
