@@ -177,8 +177,15 @@ static int build_features(nn_model *m, const char *tok, int *c, int *h, int *w, 
         nn_layer *l = push_layer(st, tok[0] == 'G' ? NN_L_GAP : NN_L_FLATTEN, *c, *h, *w);
         if (!l) return -1;
         if (tok[0] == 'F') {
+            /* in 64 bits: c <= 65536 and a 4096x4096 input overflow an int */
+            int64_t f = (int64_t)*c * *h * *w;
+            if (f > 1 << 20) {
+                nn_errf(err, errlen, "arch: F flattens %lld features, at most %d", (long long)f,
+                        1 << 20);
+                return -1;
+            }
             l->inplace = st->n > 1;
-            *c = *c * *h * *w;
+            *c = (int)f;
         } else {
             (*idx)++; /* the Flatten after AdaptiveAvgPool2d */
         }

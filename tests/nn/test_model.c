@@ -394,6 +394,12 @@ Test(model, sizes_from_a_file_are_bounded)
     c.arch = "c60000,c60000,G|";
     cr_expect_null(nn_model_create(&c, err, sizeof(err)));
     cr_expect(strstr(err, "parameters") != NULL, "%s", err);
+    /* 128 x 4096 x 4096 = 2^31 features: past INT_MAX */
+    nn_config_default(&c);
+    c.arch = "c128,F|";
+    c.in_h = c.in_w = 4096;
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "F flattens 2147483648 features") != NULL, "%s", err);
 }
 
 Test(model, backward_needs_a_training_forward)
