@@ -36,14 +36,52 @@ static int meta_int(const nn_st_file *f, const char *key, int dflt, int lo, int 
     return 0;
 }
 
+/* The metadata is read by key (the first of equal keys) and copied into the
+ * model in order (the last one wins): two values of one key would give a
+ * model that is not what its metadata says. Bounded first, so the check is. */
+static int meta_check(const nn_st_file *f, const char *path, char *err, size_t errlen)
+{
+    int n = nn_st_meta_count(f);
+    if (n > NN_MAX_META) {
+        nn_errf(err, errlen, "%s: %d metadata entries, at most %d", path, n, NN_MAX_META);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        const char *k, *v, *o;
+        nn_st_meta_at(f, i, &k, &v);
+        for (int j = 0; j < i; j++) {
+            nn_st_meta_at(f, j, &o, &v);
+            if (strcmp(k, o) == 0) {
+                nn_errf(err, errlen, "%s: metadata %.64s appears twice", path, k);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Text from the file reaches log lines inside error="...": no quote,
+ * backslash or control character may end the value or forge a line. */
+static void err_safe(char *err, size_t errlen)
+{
+    for (size_t i = 0; err && i < errlen && err[i]; i++) {
+        unsigned char ch = (unsigned char)err[i];
+        if (ch < ' ' || ch == '"' || ch == '\\' || ch == 0x7f) err[i] = '_';
+    }
+}
+
 nn_model *nn_model_load(const char *path, char *err, size_t errlen)
 {
     if (err && errlen) err[0] = '\0';
     nn_st_file *f = nn_st_open(path, err, errlen);
-    if (!f) return NULL;
+    if (!f) {
+        err_safe(err, errlen);
+        return NULL;
+    }
     nn_model *m = NULL;
     nn_config c;
     nn_config_default(&c);
+    if (meta_check(f, path, err, errlen) != 0) goto out;
     c.arch = nn_st_meta(f, "arch");
     const char *input = nn_st_meta(f, "input"), *labels = nn_st_meta(f, "labels");
     const char *dd = nn_st_meta(f, "dense_dropout");
@@ -51,12 +89,21 @@ nn_model *nn_model_load(const char *path, char *err, size_t errlen)
         nn_errf(err, errlen, "%s: metadata has no 'arch'", path);
         goto out;
     }
-    if (input && sscanf(input, "%dx%dx%d", &c.in_c, &c.in_h, &c.in_w) != 3) {
+    int end = 0;
+    if (input &&
+        (sscanf(input, "%dx%dx%d%n", &c.in_c, &c.in_h, &c.in_w, &end) != 3 || input[end])) {
         nn_errf(err, errlen, "%s: metadata input='%.32s' is not CxHxW", path, input);
         goto out;
     }
     if (labels) c.labels = count_items(labels);
-    if (dd) c.dense_dropout = strtof(dd, NULL);
+    if (dd) {
+        char *e;
+        c.dense_dropout = strtof(dd, &e);
+        if (e == dd || *e) {
+            nn_errf(err, errlen, "%s: metadata dense_dropout='%.32s' is not a number", path, dd);
+            goto out;
+        }
+    }
     if (meta_int(f, "lstm_hidden", 100, 1, 4096, &c.lstm_hidden, err, errlen) ||
         meta_int(f, "dense", 100, 1, 65536, &c.dense, err, errlen))
         goto out;
@@ -115,6 +162,7 @@ fail:
     m = NULL;
 out:
     nn_st_close(f);
+    if (!m) err_safe(err, errlen);
     return m;
 }
 

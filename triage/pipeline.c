@@ -55,6 +55,14 @@ static int parse_floats(const char *s, float *out, int n)
     return *s ? -1 : 0;
 }
 
+/* The model's metadata reaches log lines (version="...", error="..."): no
+ * quote, backslash or control character may end the value or forge a line. */
+static void text_safe(char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < ' ' || *s == '"' || *s == '\\' || *s == 0x7f) *s = '_';
+}
+
 int triage_model_load(struct triage_model *m, const char *path, char *err, size_t errlen)
 {
     memset(m, 0, sizeof *m);
@@ -72,6 +80,7 @@ int triage_model_load(struct triage_model *m, const char *path, char *err, size_
     const char *v = nn_model_meta_get(m->nn, "version");
     const char *base = strrchr(path, '/');
     snprintf(m->version, sizeof m->version, "%s", v && v[0] ? v : base ? base + 1 : path);
+    text_safe(m->version);
 
     const char *windows = nn_model_meta_get(m->nn, "windows");
     if (windows) {
@@ -141,6 +150,7 @@ int triage_model_load(struct triage_model *m, const char *path, char *err, size_
     }
     return 0;
 fail:
+    if (errlen) text_safe(err);
     nn_model_free(m->nn);
     memset(m, 0, sizeof *m);
     return -1;

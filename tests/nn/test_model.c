@@ -319,6 +319,69 @@ Test(model, non_finite_weights_are_refused)
     expect_refused("running_var", INFINITY);
 }
 
+/* Saves the tiny model with metadata key set to value (NULL: as it is),
+ * then inserts extra (JSON members, or NULL) at the start of
+ * __metadata__; returns the error of loading it ("" when it loaded). */
+static const char *load_edited(const char *key, const char *value, const char *extra)
+{
+    static char err[512];
+    nn_model *m = tiny(4, 0.5f);
+    if (key) cr_assert_eq(nn_model_meta_set(m, key, value), 0);
+    char path[] = "/tmp/nn_test_model_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    nn_model_free(m);
+    if (extra) {
+        FILE *f = fopen(path, "rb");
+        cr_assert(f);
+        fseek(f, 0, SEEK_END);
+        size_t n = (size_t)ftell(f), add = strlen(extra);
+        fseek(f, 0, SEEK_SET);
+        char *b = malloc(n + add);
+        cr_assert(b && fread(b, 1, n, f) == n);
+        fclose(f);
+        uint64_t hl = 0;
+        for (int i = 7; i >= 0; i--)
+            hl = (hl << 8) | (unsigned char)b[i];
+        const char *at = strstr(b + 8, "\"__metadata__\":{");
+        cr_assert(at && at < b + 8 + hl);
+        size_t cut = (size_t)(at - b) + strlen("\"__metadata__\":{");
+        memmove(b + cut + add, b + cut, n - cut);
+        memcpy(b + cut, extra, add);
+        hl += add;
+        for (int i = 0; i < 8; i++)
+            b[i] = (char)(hl >> (8 * i));
+        f = fopen(path, "wb");
+        cr_assert(f && fwrite(b, 1, n + add, f) == n + add);
+        fclose(f);
+        free(b);
+    }
+    err[0] = 0;
+    nn_model *r = nn_model_load(path, err, sizeof(err));
+    nn_model_free(r);
+    unlink(path);
+    cr_assert((r == NULL) == (err[0] != 0), "%s", err);
+    return err;
+}
+
+Test(model, metadata_is_read_strictly)
+{
+    cr_expect_str_eq(load_edited(NULL, NULL, NULL), "");
+    /* the architecture comes from the first "arch", the copied metadata from
+     * the last: the model would not be what its metadata says */
+    const char *e = load_edited(NULL, NULL, "\"arch\":\"c8,G|\",");
+    cr_expect(strstr(e, "metadata arch appears twice"), "%s", e);
+    e = load_edited("input", "3x8x8junk", NULL);
+    cr_expect(strstr(e, "is not CxHxW"), "%s", e);
+    e = load_edited("dense_dropout", "0.5abc", NULL);
+    cr_expect(strstr(e, "dense_dropout='0.5abc' is not a number"), "%s", e);
+    /* text from the file cannot end a log value or start a log line */
+    e = load_edited("input", "3x8\"\nts=x event=forged\\", NULL);
+    cr_expect(strstr(e, "input='3x8__ts=x event=forged_' is not CxHxW"), "%s", e);
+}
+
 /* The state vector (weight averaging): every parameter and running
  * statistic, in the tensors' order, out and back in. */
 Test(model, state_vector_holds_every_weight_and_statistic)

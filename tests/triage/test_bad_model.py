@@ -8,6 +8,8 @@ threshold, so such a model used to triage every study "p=0, not flagged".
 - A model whose weights are all finite but whose forward pass overflows
   (Inf, then Inf*0 = NaN) fails the series with a reason, in the node and
   in `ichtriage predict`: an unknown result is never a negative one.
+- Text from the model file (its version, a metadata value in an error)
+  cannot end a log value or start a forged log line.
 
     python3 test_bad_model.py ICHTRIAGE MAKE_TEST_MODEL"""
 import json
@@ -42,6 +44,18 @@ def rewrite(src, dst, fills):
     with open(tmp, "wb") as f:
         f.write(b)
     os.replace(tmp, dst)
+
+
+def with_metadata(src, dst, **meta):
+    """Copies src to dst with __metadata__ entries set."""
+    with open(src, "rb") as f:
+        b = f.read()
+    hl = struct.unpack("<Q", b[:8])[0]
+    header = json.loads(b[8:8 + hl])
+    header["__metadata__"].update(meta)
+    h = json.dumps(header).encode()
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b[8 + hl:])
 
 
 class BadModelTest(itest.NodeTest):
@@ -141,6 +155,21 @@ class BadModelTest(itest.NodeTest):
         self.send(node, files2)
         row = self.wait_status(node, study2, "triaged")
         self.assertIsNotNone(row["probability"])
+
+    def test_text_from_the_model_cannot_forge_log_lines(self):
+        model = os.path.join(self.work, "forged.safetensors")
+        with_metadata(self.good, model, version='v1"\nts=0 level=info event=forged x="')
+        node = self.node(model)
+        self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
+        self.assertIn('version="v1__ts=0 level=info event=forged x=_"',
+                      node.events("model_loaded")[-1])
+        # and in an error: the windows metadata is echoed by its parser
+        with_metadata(self.good, model, windows='40/80\nts=0 level=info event=forged')
+        node.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(node.wait_event("model_reload_refused"), node.log_tail())
+        self.assertIn("bad windows '40/80_ts=0", node.events("model_reload_refused")[-1])
+        forged = [l for l in node.log().splitlines() if l.startswith("ts=0 ")]
+        self.assertEqual(forged, [], node.log_tail())
 
     def test_overflowing_model_fails_the_series(self):
         # Every weight finite, so the file loads; the head's last batch-norm
