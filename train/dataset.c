@@ -327,7 +327,10 @@ static int mask_make(const struct train_dataset *d, const struct triage_volume *
 
 /* Decodes and preprocesses the slices of v into dst (v->n slice records),
  * through the node's own path (triage_preprocess_volume); with d->masks,
- * each slice's mask from mask_dir (NULL: not known). Returns 0 or -1. */
+ * each slice's mask from mask_dir (NULL: not known). Returns 0; 1 when the
+ * series' own pixels cannot be decoded (pixel data that does not match its
+ * header: the series is to be skipped); -1 when memory runs out or a mask
+ * cannot be read. err says why. */
 int ds_decode(const struct train_dataset *d, const struct triage_volume *v,
               const char *const *paths, const char *mask_dir, uint8_t *dst, char *err,
               size_t errlen)
@@ -341,8 +344,10 @@ int ds_decode(const struct train_dataset *d, const struct triage_volume *v,
         return -1;
     }
     struct triage_region used;
+    errno = 0;
     int rc = triage_preprocess_volume(v, paths, NULL, &d->windows, d->crop_head, d->h, d->w, x,
                                       &used, err, errlen);
+    if (rc != 0) rc = errno == ENOMEM ? -1 : 1;
     for (int i = 0; rc == 0 && i < v->n; i++) {
         uint8_t *o = dst + rec * (size_t)i;
         for (size_t k = 0; k < per; k++)

@@ -556,6 +556,7 @@ out:
  * to decode, *vskipped the files the earlier run skipped. Returns 0, or -1
  * (logged) when the file cannot be written: cw is abandoned. */
 static void cache_abandon(struct cache_writer *cw);
+static void progress_sync(struct cache_writer *cw);
 static int cache_start(struct cache_writer *cw, struct train_dataset *d, uint64_t fp,
                        const struct file_rec *recs, size_t nrec, size_t *next, int *vskipped)
 {
@@ -622,6 +623,13 @@ static void cache_progress(struct cache_writer *cw, const struct train_dataset *
         cw->sync_ms)
         return;
     cw->synced_at = now;
+    progress_sync(cw);
+}
+
+/* Makes the pixels written so far durable, then records their series. */
+static void progress_sync(struct cache_writer *cw)
+{
+    if (cw->progress < 0 || cw->npend == 0) return;
     if (fflush(cw->f) != 0 || fdatasync(fileno(cw->f)) != 0) return; /* the write fails too */
     if (write(cw->progress, cw->pend, cw->npend) != (ssize_t)cw->npend ||
         fdatasync(cw->progress) != 0) {
@@ -633,17 +641,30 @@ static void cache_progress(struct cache_writer *cw, const struct train_dataset *
     cw->npend = 0;
 }
 
-static void cache_abandon(struct cache_writer *cw)
+/* Stops writing the cache: with keep (the folder failed for a reason that
+ * a next run may not meet, such as memory), what is on disk stays for that
+ * run to resume from, as after a kill; else (the cache cannot be written)
+ * its files go. */
+static void cache_close(struct cache_writer *cw, bool keep)
 {
     if (cw->fd < 0 && !cw->f) return;
-    unlink(cw->tmp);
-    unlink(cw->prog);
-    unlink(cw->recs);
+    if (keep && cw->f) {
+        progress_sync(cw);
+    } else if (!keep) {
+        unlink(cw->tmp);
+        unlink(cw->prog);
+        unlink(cw->recs);
+    }
     if (cw->f) fclose(cw->f);
     if (cw->fd >= 0) close(cw->fd);
     if (cw->progress >= 0) close(cw->progress);
     free(cw->pend);
     cw->f = NULL, cw->fd = -1, cw->progress = -1, cw->pend = NULL;
+}
+
+static void cache_abandon(struct cache_writer *cw)
+{
+    cache_close(cw, false);
 }
 
 /* Writes the series from first_series on and their labels, then the head;
@@ -799,10 +820,22 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
                 px = buf;
             }
         }
+        int dec = px ? ds_decode(d, &v, paths, mask_dir, px, e, sizeof e) : -1;
+        if (dec == 1) {
+            /* pixels that do not match the header (RSNA has such a file):
+             * that series only, as when its volume cannot be built */
+            util_log(UTIL_LOG_WARN, "train_series_skipped", "series=%s reason=\"%s\"",
+                     recs[a].series, e);
+            *skipped += np;
+            if (!cw) ds_runs_truncate(d, d->nslices); /* the slices reserved for it */
+            triage_volume_free(&v);
+            continue;
+        }
         if (!px) {
             snprintf(err, errlen, "out of memory for a series of %d slices", v.n);
             rc = -1;
-        } else if (ds_decode(d, &v, paths, mask_dir, px, err, errlen) != 0) {
+        } else if (dec != 0) {
+            snprintf(err, errlen, "%s", e);
             rc = -1;
         } else if (cw && fwrite(px, per, (size_t)v.n, cw->f) != (size_t)v.n) {
             util_log(UTIL_LOG_WARN, "train_cache_unwritable",
@@ -927,7 +960,7 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
              dir, d->nseries - first_series, d->nslices - first_slice, skipped, said);
     rc = 0;
 out:
-    cache_abandon(&cw);
+    cache_close(&cw, rc != 0); /* kept on an error: a next run resumes */
     if (rc != 0) {
         d->nseries = first_series;
         d->nslices = first_slice;

@@ -1827,6 +1827,9 @@ Test(masks, follow_the_blood_into_the_input_frame, .timeout = 120, .fini = scrat
                   "round %d: the message says what is wrong: %s", round, err);
         cr_assert_eq(b.nslices, 0);
         cr_assert_eq(b.nseries, 0);
+        /* what a next run resumes from stays (the headers read) */
+        snprintf(cmd, sizeof cmd, "test -s \"$(ls %s/*.cache.tmp.recs)\"", c2);
+        cr_assert_eq(system(cmd), 0, "round %d: the file records were deleted", round);
         train_dataset_free(&b);
     }
     train_dataset_free(&a), train_dataset_free(&plain), train_dataset_free(&crop),
@@ -1987,5 +1990,83 @@ Test(loc, cell_weights_count_the_training_masks, .timeout = 120, .fini = scratch
     load_masks(&plain, ph, cache, 64, false, false);
     cr_assert_eq(train_loc_cell_weights(&plain, 8, 8, pw), 0);
     train_dataset_free(&plain), train_dataset_free(&d);
+    rm_rf(tmp);
+}
+
+/* The slices of d's series s, pixels and labels, equal those of e's series t. */
+static void same_series(const struct train_dataset *d, int s, const struct train_dataset *e, int t)
+{
+    const struct train_series *a = &d->series[s], *b = &e->series[t];
+    cr_assert_str_eq(a->series_uid, b->series_uid);
+    cr_assert_eq(a->n, b->n);
+    cr_assert_eq(memcmp(a->study, b->study, TRAIN_LABELS), 0);
+    for (int i = 0; i < a->n; i++) {
+        cr_assert_eq(memcmp(train_dataset_pixels(d, a->first + i),
+                            train_dataset_pixels(e, b->first + i), (size_t)d->c * d->h * d->w),
+                     0, "series %s slice %d", a->series_uid, i);
+        cr_assert_eq(memcmp(d->labels + (a->first + i) * TRAIN_LABELS,
+                            e->labels + (b->first + i) * TRAIN_LABELS, TRAIN_LABELS),
+                     0);
+    }
+}
+
+/* One series whose pixel data does not match its header (RSNA has such a
+ * file): that series is skipped, logged and counted, and the rest of the
+ * folder loads, into the cache and into memory alike. */
+Test(cache, a_series_whose_pixels_do_not_match_its_header_is_skipped, .timeout = 120,
+     .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[300], c1[300], c2[300], c3[300], cfile[600];
+    char part[620], logp[320], log[8192], cmd[1400], *paths[16];
+    scratch(tmp);
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(c1, sizeof c1, "%s/c1", tmp);
+    snprintf(c2, sizeof c2, "%s/c2", tmp);
+    snprintf(c3, sizeof c3, "%s/c3", tmp);
+    snprintf(logp, sizeof logp, "%s/log", tmp);
+    phantoms(ph, 23, 3, 64); /* 3 series of 6 slices of 64x64 */
+    cr_assert_eq(mkdir(c1, 0755), 0);
+    cr_assert_eq(mkdir(c2, 0755), 0);
+    cr_assert_eq(mkdir(c3, 0755), 0);
+    struct train_dataset fresh, d;
+    load(&fresh, ph, c1);
+    cr_assert_eq(fresh.nseries, 3);
+    /* The middle series' files say 128 rows; their pixels hold 64. */
+    const char *bad = fresh.series[1].series_uid;
+    int n = series_files(ph, bad, paths, 16);
+    cr_assert_eq(n, fresh.series[1].n);
+    for (int i = 0; i < n; i++) {
+        snprintf(cmd, sizeof cmd, "dcmodify -nb -m '(0028,0010)=128' '%s' >/dev/null", paths[i]);
+        cr_assert_eq(system(cmd), 0, "%s", cmd);
+        free(paths[i]);
+    }
+    for (int round = 0; round < 3; round++) {
+        /* 0: decoded into the cache; 1: read from it; 2: into memory, the
+         * cache being another run's */
+        const char *dir = round < 2 ? c2 : c3;
+        int fd = -1;
+        if (round == 2) {
+            cache_file(c2, cfile, sizeof cfile);
+            cr_assert_str_not_empty(cfile);
+            snprintf(part, sizeof part, "%s/%s.tmp", c3, strrchr(cfile, '/') + 1);
+            fd = open(part, O_RDWR | O_CREAT, 0644);
+            cr_assert(fd >= 0 && flock(fd, LOCK_EX) == 0);
+        }
+        load_logged(&d, ph, dir, logp, log, sizeof log);
+        if (fd >= 0) close(fd);
+        cr_assert_eq(d.nseries, 2, "round %d: %s", round, log);
+        cr_assert_eq(d.nslices, fresh.nslices - (size_t)fresh.series[1].n, "round %d", round);
+        cr_assert_geq(d.skipped_files, fresh.skipped_files + n, "round %d", round);
+        if (round != 1) {
+            char want[200];
+            snprintf(want, sizeof want, "event=train_series_skipped series=%s ", bad);
+            cr_assert(strstr(log, want) && strstr(log, "expected"), "round %d: %s", round, log);
+        }
+        cr_assert(round != 2 || (d.nruns == 1 && !d.runs[0].map), "round 2 not in memory");
+        same_series(&d, 0, &fresh, 0);
+        same_series(&d, 1, &fresh, 2);
+        train_dataset_free(&d);
+    }
+    train_dataset_free(&fresh);
     rm_rf(tmp);
 }
