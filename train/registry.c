@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,36 +30,103 @@ fail:
     return -1;
 }
 
-/* Copies src to dst through dst.tmp + fsync + rename. */
-static int copy_file(const char *src, const char *dst, char *err, size_t errlen)
+/* Makes a rename or a new name in dir durable. */
+static void sync_dir(const char *dir)
 {
-    char tmp[1200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", dst);
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+}
+
+/* Takes <dir>/.lock exclusively: add, promote and rollback run one at a
+ * time, so that two writers (the retraining timer's auto-promote and an
+ * admin's rollback) cannot interleave their file switch and log entry.
+ * Returns the descriptor to close to release it, or -1 with a message. */
+static int registry_lock(const char *dir, char *err, size_t errlen)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/.lock", dir);
+    int fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: %s", p, strerror(errno));
+        return -1;
+    }
+    int r;
+    while ((r = flock(fd, LOCK_EX)) != 0 && errno == EINTR)
+        ;
+    if (r != 0) {
+        snprintf(err, errlen, "%s: %s", p, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* A new temporary file beside dst (<dst>.XXXXXX.tmp, a name of its own:
+ * the ".tmp" keeps it out of backups) into tmp. Returns its descriptor, or
+ * -1 with a message. */
+static int temp_beside(const char *dst, char *tmp, size_t n, char *err, size_t errlen)
+{
+    snprintf(tmp, n, "%s.XXXXXX.tmp", dst);
+    int fd = mkostemps(tmp, 4, O_CLOEXEC);
+    if (fd < 0 || fchmod(fd, 0640) != 0) {
+        snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+            unlink(tmp);
+        }
+        return -1;
+    }
+    return fd;
+}
+
+/* Puts the finished temporary file tmp (descriptor fd, closed here) in
+ * place as dst in dir: fsync, rename, fsync of dir. Returns 0, or -1 with
+ * a message (tmp removed). */
+static int replace_with(int fd, const char *tmp, const char *dst, const char *dir, char *err,
+                        size_t errlen)
+{
+    int ok = fsync(fd) == 0;
+    if (close(fd) != 0) ok = 0;
+    if (!ok || rename(tmp, dst) != 0) {
+        snprintf(err, errlen, "%s: %s", dst, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    sync_dir(dir);
+    return 0;
+}
+
+/* Copies src to dst (in dir) through a temporary file + fsync + rename. */
+static int copy_file(const char *src, const char *dst, const char *dir, char *err, size_t errlen)
+{
+    char tmp[1300];
     int in = open(src, O_RDONLY | O_CLOEXEC);
     if (in < 0) {
         snprintf(err, errlen, "%s: %s", src, strerror(errno));
         return -1;
     }
-    int out = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    int out = temp_beside(dst, tmp, sizeof tmp, err, errlen);
     if (out < 0) {
-        snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
         close(in);
         return -1;
     }
     char buf[1 << 16];
     ssize_t r;
     int ok = 1;
-    while ((r = read(in, buf, sizeof buf)) > 0)
+    while (ok && (r = read(in, buf, sizeof buf)) > 0)
         if (write(out, buf, (size_t)r) != r) ok = 0;
-    if (r < 0 || fsync(out) != 0) ok = 0;
+    if (r < 0) ok = 0;
     close(in);
-    if (close(out) != 0) ok = 0;
-    if (!ok || rename(tmp, dst) != 0) {
-        snprintf(err, errlen, "%s: %s", dst, strerror(errno));
+    if (!ok) {
+        snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
+        close(out);
         unlink(tmp);
         return -1;
     }
-    return 0;
+    return replace_with(out, tmp, dst, dir, err, errlen);
 }
 
 static int valid_id(const char *id)
@@ -78,17 +146,24 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
     nn_model *m = nn_model_load(model_path, err, errlen);
     if (!m) return -1;
     nn_model_free(m);
+    int lock = registry_lock(dir, err, errlen);
+    if (lock < 0) return -1;
     time_t t = time(NULL);
     char stamp[32];
     strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", gmtime(&t));
-    for (int k = 0; k < 100; k++) {
+    int k = 0, rc = -1;
+    for (; k < 100; k++) {
         snprintf(id, idn, k ? "m%s-%d" : "m%s", stamp, k);
         snprintf(dst, sizeof dst, "%s/%s.safetensors", dir, id);
         if (access(dst, F_OK) != 0) break;
     }
-    if (copy_file(model_path, dst, err, errlen) != 0) return -1;
-    util_log(UTIL_LOG_INFO, "model_registered", "id=%s", id);
-    return 0;
+    if (k == 100)
+        snprintf(err, errlen, "%s: 100 models registered in one second already", dir);
+    else
+        rc = copy_file(model_path, dst, dir, err, errlen);
+    close(lock);
+    if (rc == 0) util_log(UTIL_LOG_INFO, "model_registered", "id=%s", id);
+    return rc;
 }
 
 static int log_append(const char *dir, const char *line)
@@ -99,7 +174,8 @@ static int log_append(const char *dir, const char *line)
     if (!f) return -1;
     fprintf(f, "%s\n", line);
     int rc = fflush(f) == 0 && fsync(fileno(f)) == 0 ? 0 : -1;
-    fclose(f);
+    if (fclose(f) != 0) rc = -1;
+    sync_dir(dir); /* when it was created */
     return rc;
 }
 
@@ -146,7 +222,20 @@ static int activate(const char *dir, const char *id, char *err, size_t errlen)
     nn_model *m = nn_model_load(src, err, errlen);
     if (!m) return -1;
     nn_model_free(m);
-    return copy_file(src, dst, err, errlen);
+    return copy_file(src, dst, dir, err, errlen);
+}
+
+/* After the log could not be written: active.safetensors back to what the
+ * log names (prev; "": none was active), so that the two agree. */
+static void deactivate(const char *dir, const char *prev)
+{
+    char e[256], p[1200];
+    snprintf(p, sizeof p, "%s/active.safetensors", dir);
+    if (prev[0] ? activate(dir, prev, e, sizeof e) != 0 : unlink(p) != 0 && errno != ENOENT)
+        util_log(UTIL_LOG_ERROR, "model_active_unrestored", "active=%s log=%s", p,
+                 prev[0] ? prev : "none");
+    else if (!prev[0])
+        sync_dir(dir);
 }
 
 int train_registry_promote(const char *store_dir, const char *id, char *err, size_t errlen)
@@ -157,41 +246,71 @@ int train_registry_promote(const char *store_dir, const char *id, char *err, siz
         return -1;
     }
     if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
-    if (activate(dir, id, err, errlen) != 0) return -1;
-    if (log_append(dir, id) != 0) {
-        snprintf(err, errlen, "%s/active.log: cannot write", dir);
-        return -1;
+    int lock = registry_lock(dir, err, errlen);
+    if (lock < 0) return -1;
+    char prev[128];
+    train_registry_active(store_dir, prev, sizeof prev);
+    int rc = activate(dir, id, err, errlen);
+    if (rc == 0 && log_append(dir, id) != 0) {
+        snprintf(err, errlen, "%s/active.log: cannot write; %s stays active", dir,
+                 prev[0] ? prev : "no model");
+        deactivate(dir, prev);
+        rc = -1;
     }
-    util_log(UTIL_LOG_INFO, "model_promoted", "id=%s", id);
-    return 0;
+    close(lock);
+    if (rc == 0) util_log(UTIL_LOG_INFO, "model_promoted", "id=%s", id);
+    return rc;
+}
+
+/* Replaces dst (in dir) with the len bytes of text: temporary file, fsync,
+ * rename, fsync of dir. Returns 0 or -1 with a message. */
+static int write_whole(const char *dir, const char *dst, const char *text, size_t len, char *err,
+                       size_t errlen)
+{
+    char t[1300];
+    int fd = temp_beside(dst, t, sizeof t, err, errlen);
+    if (fd < 0) return -1;
+    for (size_t k = 0; k < len;) {
+        ssize_t w = write(fd, text + k, len - k);
+        if (w <= 0) {
+            snprintf(err, errlen, "%s: %s", t, strerror(errno));
+            close(fd);
+            unlink(t);
+            return -1;
+        }
+        k += (size_t)w;
+    }
+    return replace_with(fd, t, dst, dir, err, errlen);
+}
+
+/* Writes the log as ids[0..n-1]. Returns 0 or -1 with a message. */
+static int log_write(const char *dir, char ids[][128], int n, char *err, size_t errlen)
+{
+    char p[1200], text[64 * 129] = "";
+    snprintf(p, sizeof p, "%s/active.log", dir);
+    size_t len = 0;
+    for (int i = 0; i < n && len < sizeof text; i++)
+        len += (size_t)snprintf(text + len, sizeof text - len, "%s\n", ids[i]);
+    return write_whole(dir, p, text, len < sizeof text ? len : sizeof text - 1, err, errlen);
 }
 
 int train_registry_rollback(const char *store_dir, char *id, size_t idn, char *err, size_t errlen)
 {
     char dir[1100], ids[64][128];
     if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
-    int n = log_read(dir, ids, 64);
+    int lock = registry_lock(dir, err, errlen);
+    if (lock < 0) return -1;
+    int n = log_read(dir, ids, 64), rc = -1;
     if (n < 2) {
         snprintf(err, errlen, "no earlier active model to roll back to");
-        return -1;
+    } else if (activate(dir, ids[n - 2], err, errlen) == 0) {
+        /* the log without the current one, so a second rollback goes
+         * further back */
+        rc = log_write(dir, ids, n - 1, err, errlen);
+        if (rc != 0) deactivate(dir, ids[n - 1]);
     }
-    if (activate(dir, ids[n - 2], err, errlen) != 0) return -1;
-    /* Rewrite the log without the current one, so a second rollback goes
-     * further back. */
-    char p[1200], t[1210];
-    snprintf(p, sizeof p, "%s/active.log", dir);
-    snprintf(t, sizeof t, "%s.tmp", p);
-    FILE *f = fopen(t, "w");
-    if (!f) {
-        snprintf(err, errlen, "%s: %s", t, strerror(errno));
-        return -1;
-    }
-    for (int i = 0; i < n - 1; i++)
-        fprintf(f, "%s\n", ids[i]);
-    if (fclose(f) != 0 || rename(t, p) != 0) {
-        snprintf(err, errlen, "%s: cannot write", p);
-        return -1;
-    }
+    close(lock);
+    if (rc != 0) return -1;
     snprintf(id, idn, "%s", ids[n - 2]);
     util_log(UTIL_LOG_INFO, "model_rolled_back", "id=%s from=%s", ids[n - 2], ids[n - 1]);
     return 0;
@@ -328,39 +447,40 @@ int train_registry_test_patients(const char *store_dir, char ***ids, int *n, cha
 int train_registry_freeze_test(const char *store_dir, char *const *ids, int n, char *err,
                                size_t errlen)
 {
-    char dir[1100], p[1200], tmp[1300];
+    char dir[1100], p[1200];
     if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
     snprintf(p, sizeof p, "%s/test-patients.txt", dir);
-    if (access(p, F_OK) == 0) return 0;
-    snprintf(tmp, sizeof tmp, "%s.tmp", p);
-    FILE *f = fopen(tmp, "w");
-    if (!f) {
-        snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
-        return -1;
+    int lock = registry_lock(dir, err, errlen); /* two runs: the first one's */
+    if (lock < 0) return -1;
+    if (access(p, F_OK) == 0) {
+        close(lock);
+        return 0;
     }
-    time_t t = time(NULL);
-    char stamp[32];
-    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
-    fprintf(f,
-            "# ichtriage: the frozen test split, written %s by the first registered training\n"
-            "# run. Registered runs never train on these patients and compare models on them.\n",
-            stamp);
-    for (int i = 0; i < n; i++)
-        fprintf(f, "%s\n", ids[i]);
-    int ok = fflush(f) == 0 && fsync(fileno(f)) == 0;
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, p) != 0) {
-        snprintf(err, errlen, "%s: %s", p, strerror(errno));
-        unlink(tmp);
-        return -1;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    int rc = -1;
+    if (f) {
+        time_t t = time(NULL);
+        char stamp[32];
+        strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", gmtime(&t));
+        fprintf(f,
+                "# ichtriage: the frozen test split, written %s by the first registered "
+                "training\n# run. Registered runs never train on these patients and compare "
+                "models on them.\n",
+                stamp);
+        for (int i = 0; i < n; i++)
+            fprintf(f, "%s\n", ids[i]);
+        if (fclose(f) == 0)
+            rc = write_whole(dir, p, text, len, err, errlen);
+        else
+            f = NULL;
     }
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
-    util_log(UTIL_LOG_INFO, "test_split_frozen", "patients=%d file=%s", n, p);
-    return 0;
+    if (!f) snprintf(err, errlen, "out of memory");
+    free(text);
+    close(lock);
+    if (rc == 0) util_log(UTIL_LOG_INFO, "test_split_frozen", "patients=%d file=%s", n, p);
+    return rc;
 }
 
 void train_registry_free_ids(char **ids, int n)

@@ -1,0 +1,106 @@
+#!/usr/bin/python3
+"""tests/train/check_registry.py: `ichtriage model register|promote|rollback`
+run by two writers at once (the retraining timer's auto-promote while an
+admin promotes or rolls back) on a real registry folder:
+
+- every command succeeds (none fails because another one runs);
+- afterwards active.safetensors is, byte for byte, the model that the last
+  line of active.log names (what `model list` marks and `rollback` uses);
+- registrations at the same moment get ids of their own, each a whole copy;
+- no temporary file is left in the folder.
+
+The two models are the shipped one and a copy with one output bias changed
+(same size and header, as two fine-tunes of one architecture would be).
+
+Usage: check_registry.py ICHTRIAGE SHIPPED_MODEL"""
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import Checks  # noqa: E402
+
+ICH, SHIPPED = sys.argv[1], sys.argv[2]
+ROUNDS = 30
+check = Checks()
+
+
+def variant(src, dst):
+    """src with the first value of out.bias changed: another valid model."""
+    b = bytearray(open(src, "rb").read())
+    hl = struct.unpack("<Q", b[:8])[0]
+    start = 8 + hl + json.loads(b[8:8 + hl])["out.bias"]["data_offsets"][0]
+    v = struct.unpack("<f", b[start:start + 4])[0]
+    b[start:start + 4] = struct.pack("<f", v + 0.25)
+    with open(dst, "wb") as f:
+        f.write(b)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def main():
+    with tempfile.TemporaryDirectory(prefix="ichtriage-registry-") as tmp:
+        store = os.path.join(tmp, "store")
+        models = os.path.join(store, "models")
+        a, c = os.path.join(tmp, "a.safetensors"), os.path.join(tmp, "c.safetensors")
+        with open(a, "wb") as f:
+            f.write(read(SHIPPED))
+        variant(a, c)
+        s = ["--set", "store.dir=" + store]
+
+        def start(*args):
+            return subprocess.Popen([ICH, "model", *s, *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+
+        def finish(procs):
+            out = []
+            for p in procs:
+                o, e = p.communicate(timeout=120)
+                out.append((p.returncode, o.strip(), e.strip()))
+            return out
+
+        ida = finish([start("register", a)])[0][1]
+        idc = finish([start("register", c)])[0][1]
+        check(ida and idc and ida != idc, "two models registered: %s %s" % (ida, idc))
+        # Registrations at once: an id each, each a whole copy of its file.
+        regs = finish([start("register", a if k % 2 == 0 else c) for k in range(4)])
+        check(all(rc == 0 for rc, _, _ in regs), "4 registrations at once succeed: %r" % regs)
+        ids = [o.splitlines()[-1] if o else "" for _, o, _ in regs]
+        check(len(set(ids)) == 4, "4 registrations at once get 4 ids: %r" % ids)
+        for k, i in enumerate(ids):
+            p = os.path.join(models, i + ".safetensors")
+            check(os.path.exists(p) and read(p) == read(a if k % 2 == 0 else c),
+                  "registered %s is a whole copy of its file" % i)
+        check(finish([start("promote", ida)])[0][0] == 0, "promote the first")
+        check(finish([start("promote", idc)])[0][0] == 0, "promote the second")
+
+        # Promotes and a rollback at once, ROUNDS times.
+        failed, mismatched = [], []
+        for r in range(ROUNDS):
+            res = finish([start("promote", ida), start("promote", idc), start("rollback")])
+            failed += [(r, rc, e) for rc, _, e in res if rc != 0]
+            with open(os.path.join(models, "active.log")) as f:
+                tail = [x for x in f.read().splitlines() if x][-1]
+            if read(os.path.join(models, "active.safetensors")) != \
+                    read(os.path.join(models, tail + ".safetensors")):
+                mismatched.append((r, tail))
+        check(not failed, "no promote or rollback failed: %r" % failed[:3])
+        check(not mismatched, "active.safetensors is the model active.log names last, "
+              "after every round: %d of %d rounds not: %r" % (len(mismatched), ROUNDS,
+                                                               mismatched[:3]))
+        r = finish([start("list")])[0]
+        star = [ln.split()[1] for ln in r[1].splitlines() if ln.startswith("*")]
+        check(r[0] == 0 and star == [tail], "model list marks the log's last: %r" % star)
+        left = [n for n in os.listdir(models) if n.endswith(".tmp") or ".tmp" in n]
+        check(not left, "no temporary file left: %r" % left)
+    return check.status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
