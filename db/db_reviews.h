@@ -35,11 +35,13 @@ int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const c
                   const char *slices, const char *comment, const char *reviewer, int64_t now_ms,
                   char *err, size_t errlen);
 
-/* Every review of study_uid, oldest first. fn returning non-zero stops. */
+/* Every review of study_uid, oldest first. Returns 0, -1 on a database
+ * error, or what fn returned when that was non-zero (which stops: a
+ * callback that fails, e.g. out of memory, is not a shorter list). */
 int db_reviews_of_study(struct db *db, const char *study_uid, db_review_fn fn, void *ud);
 
 /* The latest review of each reviewed study, oldest study first: the
- * retraining labels. fn returning non-zero stops. */
+ * retraining labels. Returns as db_reviews_of_study. */
 int db_reviews_latest(struct db *db, db_review_fn fn, void *ud);
 
 #endif

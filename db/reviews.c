@@ -128,7 +128,7 @@ static int each_review(sqlite3 *c, const char *sql, const char *uid, db_review_f
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
     if (uid) sqlite3_bind_text(st, 1, uid, -1, SQLITE_STATIC);
-    int rc;
+    int rc, stopped = 0;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         struct db_review_row r = {
             .id = sqlite3_column_int64(st, 0),
@@ -140,13 +140,10 @@ static int each_review(sqlite3 *c, const char *sql, const char *uid, db_review_f
             .created_at_ms = sqlite3_column_int64(st, 6),
             .slices = (const char *)sqlite3_column_text(st, 7),
         };
-        if (fn(ud, &r) != 0) {
-            rc = SQLITE_DONE;
-            break;
-        }
+        if ((stopped = fn(ud, &r)) != 0) break;
     }
     sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? 0 : -1;
+    return stopped ? stopped : rc == SQLITE_DONE ? 0 : -1;
 }
 
 #define REVIEW_COLUMNS                                                                             \

@@ -443,8 +443,10 @@ int train_dataset_add_series(struct train_dataset *d, const char *const *paths, 
     snprintf(s->series_uid, sizeof s->series_uid, "%s", v.series_uid);
     struct scp_info info;
     char e[256];
-    if (scp_info_read(paths[0], &info, e, sizeof e) == 0)
-        snprintf(s->patient_id, sizeof s->patient_id, "%s", info.patient_id);
+    /* an empty PatientID (type 2, often empty once anonymised): the study
+     * is its own patient, as in folders, not one patient of all such */
+    bool pid = scp_info_read(paths[0], &info, e, sizeof e) == 0 && info.patient_id[0];
+    snprintf(s->patient_id, sizeof s->patient_id, "%s", pid ? info.patient_id : v.study_uid);
     s->n = v.n;
     s->first = d->nslices;
     memcpy(s->study, study, TRAIN_LABELS);

@@ -8,6 +8,7 @@
  * max-over-slices loss. */
 #include <dirent.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,7 @@ struct review {
 struct review_list {
     struct review *r;
     int n, cap;
+    bool oom;
 };
 
 static int collect(void *ud, const struct db_review_row *row)
@@ -43,7 +45,7 @@ static int collect(void *ud, const struct db_review_row *row)
     if (l->n == l->cap) {
         int cap = l->cap ? l->cap * 2 : 64;
         struct review *nr = realloc(l->r, (size_t)cap * sizeof *nr);
-        if (!nr) return 1;
+        if (!nr) return l->oom = true, -1; /* an error, not a shorter list */
         l->r = nr, l->cap = cap;
     }
     struct review *r = &l->r[l->n++];
@@ -54,7 +56,8 @@ static int collect(void *ud, const struct db_review_row *row)
         const char *s = row->subtypes ? strstr(row->subtypes, subtype_names[k]) : NULL;
         r->y[k] = s != NULL;
     }
-    if (row->hemorrhage && row->slices && row->slices[0]) r->slices = strdup(row->slices);
+    if (row->hemorrhage && row->slices && row->slices[0] && !(r->slices = strdup(row->slices)))
+        return l->oom = true, -1;
     return 0;
 }
 
@@ -106,7 +109,8 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, co
     int rc = db_reviews_latest(db, collect, &l);
     db_close(db);
     if (rc != 0) {
-        snprintf(err, errlen, "%s: reading the reviews failed", dbp);
+        snprintf(err, errlen, "%s: reading the reviews failed%s", dbp,
+                 l.oom ? ": out of memory" : "");
         list_free(&l);
         return -1;
     }

@@ -819,6 +819,12 @@ static void same_slices(const struct train_dataset *a, const struct train_datase
     }
 }
 
+static int review_fails(void *ud, const struct db_review_row *r)
+{
+    (void)ud, (void)r;
+    return -1;
+}
+
 Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120, .fini = scratch_fini)
 {
     char tmp[] = "/tmp/ichtriage-reviews-XXXXXX";
@@ -1083,6 +1089,24 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120, .fi
     cr_assert_eq(access(kept, F_OK), -1, "a folder not used for 40 days was kept");
     snprintf(cmd, sizeof cmd, "test $(ls %s/reviewed-series | wc -l) -eq 1", spill);
     cr_assert_eq(system(cmd), 0, "the folder in use went");
+    /* A study whose PatientID is empty (type 2, often empty once
+     * anonymised) is a patient of its own, as in RSNA folders, not one
+     * patient with every other such study. */
+    snprintf(cmd, sizeof cmd, "dcmodify -nb -m '(0010,0020)=' %s/spool/%s/*/*.dcm >/dev/null",
+             store, studies[1]);
+    cr_assert_eq(system(cmd), 0);
+    train_dataset_init(&k1, &w, 3, 32, 32);
+    cr_assert_eq(train_dataset_add_reviews(&k1, store, NULL, 0, &added, err, sizeof err), 0, "%s",
+                 err);
+    cr_assert_eq(k1.nseries, 1);
+    cr_assert_str_eq(k1.series[0].patient_id, studies[1]);
+    train_dataset_free(&k1);
+    /* A callback that fails (as collecting does when memory runs out)
+     * makes the read fail, not end early as if the list were whole. */
+    cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(db_reviews_latest(db, review_fails, NULL), -1);
+    cr_assert_eq(db_reviews_of_study(db, studies[1], review_fails, NULL), -1);
+    db_close(db);
     /* No database: a clear error. */
     cr_assert_neq(train_dataset_add_reviews(&d, tmp, NULL, 0, &added, err, sizeof err), 0);
     cr_assert(strstr(err, "no database"), "%s", err);
