@@ -87,9 +87,11 @@ static int labels_read(const char *path, struct label_map *m, char *err, size_t 
         lineno++;
         size_t len = strcspn(line, "\r\n");
         line[len] = 0;
-        if (lineno == 1 || len == 0) continue;
-        char *comma = strrchr(line, ',');
         char *id = line;
+        if (lineno == 1 && strncmp(id, "\xef\xbb\xbf", 3) == 0) id += 3; /* a UTF-8 BOM */
+        /* RSNA's files start with the header; one without has a row there */
+        if ((lineno == 1 && strcmp(id, "ID,Label") == 0) || len == 0) continue;
+        char *comma = strrchr(id, ',');
         if (!comma || strncmp(id, "ID_", 3) != 0) {
             snprintf(err, errlen, "%s:%ld: expected ID_<sop>_<label>,0|1", path, lineno);
             fclose(f);
@@ -290,6 +292,14 @@ static const char *masks_of(const struct train_dataset *d, const char *dir, char
     return d->masks && stat(mask_dir, &st) == 0 && S_ISDIR(st.st_mode) ? mask_dir : NULL;
 }
 
+/* h with a file's size and modification time (to the nanosecond). */
+static uint64_t fnv_stat(const struct stat *st, uint64_t h)
+{
+    long long v[3] = {(long long)st->st_size, (long long)st->st_mtim.tv_sec,
+                      (long long)st->st_mtim.tv_nsec};
+    return ds_fnv((const char *)v, sizeof v, h);
+}
+
 static uint64_t fingerprint(const struct file_list *fl, const char *dir, const char *csv,
                             const char *mask_dir)
 {
@@ -299,15 +309,11 @@ static uint64_t fingerprint(const struct file_list *fl, const char *dir, const c
     for (size_t i = 0; i < fl->n; i++) {
         const char *rel = strncmp(fl->p[i], dir, skip) == 0 ? fl->p[i] + skip : fl->p[i];
         h = ds_fnv(rel, strlen(rel), h);
-        if (stat(fl->p[i], &st) == 0) {
-            long long v[2] = {(long long)st.st_size, (long long)st.st_mtime};
-            h = ds_fnv((const char *)v, sizeof v, h);
-        }
+        if (stat(fl->p[i], &st) == 0) h = fnv_stat(&st, h);
     }
-    if (stat(csv, &st) == 0) {
-        long long v[2] = {(long long)st.st_size, (long long)st.st_mtime};
-        h = ds_fnv((const char *)v, sizeof v, h);
-    }
+    /* nanoseconds: a label flipped (same size) in the second of the last
+     * change is a change */
+    if (stat(csv, &st) == 0) h = fnv_stat(&st, h);
     /* a mask added or removed changes the folder's time */
     if (mask_dir && stat(mask_dir, &st) == 0) {
         long long v[2] = {(long long)st.st_mtim.tv_sec, (long long)st.st_mtim.tv_nsec};
@@ -350,8 +356,14 @@ static int cache_load(struct train_dataset *d, const char *path, uint64_t fp)
         ds_pread_full(fd, d->labels + d->nslices * TRAIN_LABELS, h.nslices * TRAIN_LABELS,
                       meta + (size_t)h.nseries * sizeof *s) != 0)
         goto out;
-    for (int i = 0; i < h.nseries; i++)
-        if (s[i].first + (size_t)s[i].n > h.nslices) goto out;
+    /* a corrupt file with the right head: whole series within the slices */
+    for (int i = 0; i < h.nseries; i++) {
+        s[i].study_uid[sizeof s[i].study_uid - 1] = s[i].series_uid[sizeof s[i].series_uid - 1] = 0;
+        s[i].patient_id[sizeof s[i].patient_id - 1] = 0;
+        if (s[i].n <= 0 || s[i].n > TRIAGE_MAX_SLICES || s[i].first > h.nslices ||
+            (size_t)s[i].n > h.nslices - s[i].first)
+            goto out;
+    }
     size_t first = d->nslices;
     d->nslices += h.nslices;
     if (ds_map_pixels(d, fd, (size_t)st.st_size, first) != 0) {

@@ -2094,3 +2094,130 @@ Test(cache, a_series_whose_pixels_do_not_match_its_header_is_skipped, .timeout =
     train_dataset_free(&fresh);
     rm_rf(tmp);
 }
+
+/* A labels CSV without its header line keeps its first row (the header is
+ * skipped only when it is one, also after a UTF-8 BOM): the labels are the
+ * same as from the file as written. */
+Test(labels, a_csv_without_its_header_keeps_its_first_row, .timeout = 120, .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-labels-XXXXXX", ph[300], csv[320], cache[320], cmd[1600];
+    scratch(tmp);
+    snprintf(ph, sizeof ph, "%s/ph", tmp);
+    snprintf(csv, sizeof csv, "%s/stage_2_train.csv", ph);
+    phantoms(ph, 23, 3, 64);
+    struct train_dataset fresh, d;
+    snprintf(cache, sizeof cache, "%s/c0", tmp);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    load(&fresh, ph, cache);
+    snprintf(cmd, sizeof cmd, "head -1 %s | grep -qx 'ID,Label' && grep -q ',1$' %s", csv, csv);
+    cr_assert_eq(system(cmd), 0, "the phantom labels have no header or no positive row");
+    for (int round = 0; round < 2; round++) {
+        if (round == 0) /* no header, a positive row first */
+            snprintf(cmd, sizeof cmd,
+                     "cd %s && p=$(grep -m1 ',1$' stage_2_train.csv) && "
+                     "{ echo \"$p\"; grep -vx -e 'ID,Label' -e \"$p\" stage_2_train.csv; } > x && "
+                     "mv x stage_2_train.csv",
+                     ph);
+        else /* a header after a UTF-8 BOM */
+            snprintf(cmd, sizeof cmd,
+                     "cd %s && { printf '\\357\\273\\277ID,Label\\r\\n'; cat stage_2_train.csv; } "
+                     "> x && mv x stage_2_train.csv",
+                     ph);
+        cr_assert_eq(system(cmd), 0);
+        snprintf(cache, sizeof cache, "%s/c%d", tmp, round + 1);
+        cr_assert_eq(mkdir(cache, 0755), 0);
+        load(&d, ph, cache);
+        same_slices(&fresh, &d);
+        train_dataset_free(&d);
+    }
+    train_dataset_free(&fresh);
+    rm_rf(tmp);
+}
+
+/* A fresh folder from tmp (a mkdtemp template) with 3 phantom series of 6
+ * slices in tmp/ph, loaded into d with its cache in tmp/cache; the log's
+ * file into logp. Each n bytes. */
+static void three_series(char *tmp, char *ph, char *cache, char *logp, size_t n,
+                         struct train_dataset *d)
+{
+    scratch(tmp);
+    snprintf(ph, n, "%s/ph", tmp);
+    snprintf(cache, n, "%s/cache", tmp);
+    snprintf(logp, n, "%s/log", tmp);
+    phantoms(ph, 23, 3, 64);
+    cr_assert_eq(mkdir(cache, 0755), 0);
+    load(d, ph, cache);
+}
+
+/* A label flipped (same size) within the second of the file's last change
+ * is a change: the cache goes by the nanosecond. */
+Test(cache, a_label_flipped_in_the_same_second_is_a_change, .timeout = 120, .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[320], csv[340], cache[320], cmd[1200];
+    char logp[320], log[8192];
+    struct train_dataset a, b;
+    three_series(tmp, ph, cache, logp, sizeof ph, &a);
+    snprintf(csv, sizeof csv, "%s/stage_2_train.csv", ph);
+    struct stat st;
+    cr_assert_eq(stat(csv, &st), 0);
+    /* the first negative "any" row becomes positive, in place */
+    snprintf(cmd, sizeof cmd,
+             "n=$(grep -n -m1 '_any,0$' %s | cut -d: -f1) && sed -i \"${n}s/,0$/,1/\" %s", csv,
+             csv);
+    cr_assert_eq(system(cmd), 0);
+    struct stat now;
+    cr_assert_eq(stat(csv, &now), 0);
+    cr_assert_eq(now.st_size, st.st_size);
+    struct timespec t[2] = {st.st_mtim, st.st_mtim}; /* the same second, another nanosecond */
+    t[1].tv_nsec = st.st_mtim.tv_nsec > 0 ? st.st_mtim.tv_nsec - 1 : 1;
+    cr_assert_eq(utimensat(AT_FDCWD, csv, t, 0), 0);
+    load_logged(&b, ph, cache, logp, log, sizeof log);
+    cr_assert(strstr(log, "event=train_data_decoded") && !strstr(log, "event=train_data_cached"),
+              "the cache of the old labels was used: %s", log);
+    cr_assert_eq(a.nslices, b.nslices);
+    cr_assert_neq(memcmp(a.labels, b.labels, a.nslices * TRAIN_LABELS), 0, "no label changed");
+    train_dataset_free(&a);
+    train_dataset_free(&b);
+    rm_rf(tmp);
+}
+
+/* A cache file whose head is right but whose series records are not (a
+ * disk or a copy gone wrong): its strings are ended within their fields,
+ * and a series that would not lie within its slices makes the file not
+ * taken; the folder is decoded again. */
+Test(cache, a_corrupt_series_record_is_not_taken, .timeout = 120, .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-cache-XXXXXX", ph[320], cache[320], cfile[600];
+    char logp[320], log[8192];
+    struct train_dataset fresh, d;
+    three_series(tmp, ph, cache, logp, sizeof ph, &fresh);
+    cache_file(cache, cfile, sizeof cfile);
+    cr_assert_str_not_empty(cfile);
+    /* the series records follow the file's head (4096 bytes) and pixels */
+    off_t rec = (off_t)(4096 + fresh.nslices * 3 * 32 * 32);
+    int fd = open(cfile, O_RDWR);
+    cr_assert_geq(fd, 0);
+    /* 1: the second series' study UID fills its field, without its end */
+    char full[SCP_UID_MAX];
+    memset(full, '7', sizeof full);
+    off_t at = rec + (off_t)sizeof(struct train_series) + offsetof(struct train_series, study_uid);
+    cr_assert_eq(pwrite(fd, full, sizeof full, at), (ssize_t)sizeof full);
+    load_logged(&d, ph, cache, logp, log, sizeof log);
+    cr_assert(strstr(log, "event=train_data_cached"), "%s", log);
+    cr_assert_eq(strlen(d.series[1].study_uid), sizeof full - 1);
+    train_dataset_free(&d);
+    /* 2: the first series' slice count negative */
+    int bad = -1;
+    at = rec + offsetof(struct train_series, n);
+    cr_assert_eq(pwrite(fd, &bad, sizeof bad, at), (ssize_t)sizeof bad);
+    close(fd);
+    load_logged(&d, ph, cache, logp, log, sizeof log);
+    cr_assert(strstr(log, "event=train_data_decoded") && !strstr(log, "event=train_data_cached"),
+              "the corrupt cache was taken: %s", log);
+    same_slices(&fresh, &d);
+    for (int i = 0; i < d.nseries; i++)
+        cr_assert_eq(d.series[i].n, fresh.series[i].n);
+    train_dataset_free(&d);
+    train_dataset_free(&fresh);
+    rm_rf(tmp);
+}
