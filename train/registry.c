@@ -424,13 +424,15 @@ int train_registry_test_patients(const char *store_dir, char ***ids, int *n, cha
     while (fgets(line, sizeof line, f)) {
         line[strcspn(line, "\r\n")] = 0;
         if (!line[0] || line[0] == '#') continue;
+        /* an ID written with a backslash before it (see freeze): the rest */
+        const char *pid = line[0] == '\\' ? line + 1 : line;
         if (*n == cap) {
             cap = cap ? 2 * cap : 64;
             char **grown = realloc(*ids, (size_t)cap * sizeof *grown);
             if (!grown) break;
             *ids = grown;
         }
-        if (!((*ids)[*n] = strdup(line))) break;
+        if (!((*ids)[*n] = strdup(pid))) break;
         (*n)++;
     }
     int bad = ferror(f) || !feof(f);
@@ -469,8 +471,11 @@ int train_registry_freeze_test(const char *store_dir, char *const *ids, int n, c
                 "training\n# run. Registered runs never train on these patients and compare "
                 "models on them.\n",
                 stamp);
+        /* an ID that starts with '#' would read as a comment: a backslash
+         * goes before it (a PatientID, LO, holds none; and before one that
+         * starts with a backslash all the same) */
         for (int i = 0; i < n; i++)
-            fprintf(f, "%s\n", ids[i]);
+            fprintf(f, "%s%s\n", ids[i][0] == '#' || ids[i][0] == '\\' ? "\\" : "", ids[i]);
         if (fclose(f) == 0)
             rc = write_whole(dir, p, text, len, err, errlen);
         else

@@ -2221,3 +2221,25 @@ Test(cache, a_corrupt_series_record_is_not_taken, .timeout = 120, .fini = scratc
     train_dataset_free(&fresh);
     rm_rf(tmp);
 }
+
+#include "registry.h"
+
+/* The frozen test split keeps every patient, also one whose ID starts with
+ * '#' (which the file's comments do), so that none of them leaves the test
+ * set when the file is read back; a second freeze leaves the first. */
+Test(registry, the_frozen_split_reads_back_every_patient, .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-registry-XXXXXX", err[512];
+    scratch(tmp);
+    char *ids[] = {"#12", "p1", "\\odd", "# 7", "2.25.1"}, *other[] = {"p9"};
+    int n = (int)(sizeof ids / sizeof ids[0]), got = 0;
+    cr_assert_eq(train_registry_freeze_test(tmp, ids, n, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(train_registry_freeze_test(tmp, other, 1, err, sizeof err), 0, "%s", err);
+    char **back = NULL;
+    cr_assert_eq(train_registry_test_patients(tmp, &back, &got, err, sizeof err), 1, "%s", err);
+    cr_assert_eq(got, n);
+    for (int i = 0; i < n; i++)
+        cr_assert_str_eq(back[i], ids[i]);
+    train_registry_free_ids(back, got);
+    rm_rf(tmp);
+}
