@@ -2,10 +2,16 @@
 // header with dcmtk. Pixel data and other large values stay on disk.
 #include "scp_info.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
+#include <vector>
+
+#include <zlib.h>
 
 #include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dcistrmf.h>
 #include <dcmtk/dcmdata/dctk.h>
 #include <dcmtk/oflog/oflog.h>
 
@@ -68,7 +74,233 @@ DcmItem *first_item(DcmItem *group, const DcmTagKey &seq)
     return nullptr;
 }
 
+// Follows the element headers of a dataset as its bytes stream by and keeps
+// the open sequences and items on a bounded stack of their own, so that a
+// nesting dcmtk would parse by recursion (one thread stack frame per level,
+// no limit of its own) is refused before dcmtk sees it. Values are passed
+// over. Explicit VR (little or big endian) and implicit VR little endian,
+// which also holds inside a UN of undefined length (PS3.5 6.2.2); in implicit
+// VR a defined length opens a sequence when the dictionary says SQ, as it
+// does for dcmtk. Any undefined length other than Pixel Data's counts as a
+// sequence, the way dcmtk reads it; the items of encapsulated pixel data are
+// fragments and are passed over.
+class NestWalker
+{
+  public:
+    NestWalker(bool implicit, bool big, int max_levels)
+        : implicit_(implicit), big_(big), cap_(2 * max_levels)
+    {
+        stack_.reserve((size_t)cap_);
+    }
+    // Feeds the next n bytes; false once the nesting is past the limit.
+    bool feed(const unsigned char *p, size_t n)
+    {
+        const unsigned char *end = p + n;
+        while (p < end && !over_) {
+            long long gap = skip_until_ - pos_; // the rest of a value passed over
+            if (gap > 0) {
+                long long step = std::min<long long>(gap, end - p);
+                p += step;
+                pos_ += step;
+                continue;
+            }
+            if (have_ == 0) close_ended();
+            hdr_[have_++] = *p++;
+            pos_++;
+            if (have_ == need_) header();
+        }
+        return !over_;
+    }
+    // Where the walk wants to read next (past a value it passes over).
+    long long next() const
+    {
+        return skip_until_ > pos_ ? skip_until_ : pos_;
+    }
+    void seek(long long pos)
+    {
+        pos_ = pos;
+    }
+
+  private:
+    struct Open {
+        long long end; // -1: undefined length, closed by a delimiter
+        bool item;
+        bool implicit; // implicit VR little endian inside (a UN's content)
+    };
+    unsigned u16(const unsigned char *b, bool big) const
+    {
+        return big ? (b[0] << 8) | b[1] : b[0] | (b[1] << 8);
+    }
+    unsigned long u32(const unsigned char *b, bool big) const
+    {
+        return big ? ((unsigned long)b[0] << 24) | ((unsigned long)b[1] << 16) | (b[2] << 8) | b[3]
+                   : b[0] | (b[1] << 8) | ((unsigned long)b[2] << 16) | ((unsigned long)b[3] << 24);
+    }
+    // The length field's size as dcmtk reads it (a VR it does not know has
+    // the 4-byte form).
+    static bool short_form(const unsigned char *vr)
+    {
+        char name[3] = {(char)vr[0], (char)vr[1], 0};
+        return !DcmVR(name).usesExtendedLengthEncoding();
+    }
+    bool in_implicit() const
+    {
+        return stack_.empty() ? implicit_ : stack_.back().implicit;
+    }
+    // Sequences and items of defined length end where their length says.
+    void close_ended()
+    {
+        while (!stack_.empty() && stack_.back().end >= 0 && pos_ >= stack_.back().end)
+            stack_.pop_back();
+    }
+    void open(unsigned long len, bool item, bool implicit)
+    {
+        if ((int)stack_.size() >= cap_) {
+            over_ = true;
+            return;
+        }
+        stack_.push_back({len == 0xFFFFFFFFUL ? -1 : pos_ + (long long)len, item, implicit});
+    }
+    void header()
+    {
+        bool imp = in_implicit(), big = big_ && !imp;
+        unsigned g = u16(hdr_, big), e = u16(hdr_ + 2, big);
+        if (g == 0xFFFE) { // item or delimiter: no VR
+            unsigned long len = u32(hdr_ + 4, big);
+            have_ = 0;
+            need_ = 8;
+            if (fragments_) {
+                if (e == 0xE000 && len != 0xFFFFFFFFUL)
+                    skip_until_ = pos_ + (long long)len;
+                else
+                    fragments_ = false;
+                return;
+            }
+            if (e == 0xE000) {
+                open(len, true, imp);
+            } else if (e == 0xE00D) {
+                if (!stack_.empty() && stack_.back().item) stack_.pop_back();
+            } else if (e == 0xE0DD) {
+                if (!stack_.empty() && stack_.back().item) stack_.pop_back();
+                if (!stack_.empty() && !stack_.back().item) stack_.pop_back();
+            }
+            return;
+        }
+        bool pixels = g == 0x7FE0 && e == 0x0010;
+        if (imp) {
+            unsigned long len = u32(hdr_ + 4, false);
+            have_ = 0;
+            if (len == 0xFFFFFFFFUL) {
+                if (pixels)
+                    fragments_ = true;
+                else
+                    open(len, false, true);
+            } else if (DcmTag(DcmTagKey((Uint16)g, (Uint16)e)).getEVR() == EVR_SQ) {
+                open(len, false, true);
+            } else {
+                skip_until_ = pos_ + (long long)len;
+            }
+            return;
+        }
+        if (need_ == 8 && !short_form(hdr_ + 4)) {
+            need_ = 12; // two reserved bytes, then a 4-byte length
+            return;
+        }
+        unsigned long len = need_ == 8 ? u16(hdr_ + 6, big) : u32(hdr_ + 8, big);
+        bool sq = hdr_[4] == 'S' && hdr_[5] == 'Q', un = hdr_[4] == 'U' && hdr_[5] == 'N';
+        have_ = 0;
+        need_ = 8;
+        if (len == 0xFFFFFFFFUL && pixels)
+            fragments_ = true;
+        else if (len == 0xFFFFFFFFUL || sq)
+            open(len, false, un && len == 0xFFFFFFFFUL);
+        else
+            skip_until_ = pos_ + (long long)len;
+    }
+
+    bool implicit_, big_;
+    int cap_;
+    std::vector<Open> stack_;
+    unsigned char hdr_[12];
+    int have_ = 0, need_ = 8;
+    long long pos_ = 0, skip_until_ = 0;
+    bool fragments_ = false, over_ = false;
+};
+
+// The dataset's offset in a Part 10 file and its transfer syntax, read by
+// dcmtk's meta header reader (offset 0 and no syntax without a preamble).
+long meta_end(const char *path, OFString *ts)
+{
+    DcmInputFileStream in(path);
+    if (!in.good()) return -1;
+    DcmMetaInfo mi;
+    mi.transferInit();
+    OFCondition c = mi.read(in, EXS_Unknown, EGL_noChange, kMaxReadLength);
+    mi.transferEnd();
+    if (c.bad()) return -1;
+    if (mi.findAndGetOFString(DCM_TransferSyntaxUID, *ts).bad()) ts->clear();
+    return (long)in.tell();
+}
+
 } // namespace
+
+extern "C" int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long errlen)
+{
+    OFString xfer;
+    long start = meta_end(path, &xfer);
+    FILE *f = start >= 0 ? fopen(path, "rb") : nullptr;
+    if (!f) return 0; // the parser reports what it cannot open or read
+    const char *ts = xfer.c_str();
+    bool ok = true;
+    if (fseek(f, start, SEEK_SET) == 0) {
+        std::vector<unsigned char> in(1 << 16);
+        bool deflated = strcmp(ts, UID_DeflatedExplicitVRLittleEndianTransferSyntax) == 0;
+        bool implicit = strcmp(ts, UID_LittleEndianImplicitTransferSyntax) == 0;
+        if (!ts[0]) { // no meta header: explicit when a VR follows the first tag
+            size_t n = fread(in.data(), 1, 6, f);
+            implicit = n == 6 && !(isupper(in[4]) && isupper(in[5]));
+            fseek(f, start, SEEK_SET);
+        }
+        NestWalker walk(implicit, strcmp(ts, UID_BigEndianExplicitTransferSyntax) == 0, max_levels);
+        z_stream z;
+        memset(&z, 0, sizeof z);
+        if (deflated && inflateInit2(&z, -MAX_WBITS) != Z_OK) deflated = false;
+        if (deflated) {
+            std::vector<unsigned char> out(1 << 16);
+            int rc = Z_OK;
+            while (ok && rc == Z_OK) {
+                if (z.avail_in == 0) {
+                    size_t n = fread(in.data(), 1, in.size(), f);
+                    if (n == 0) break;
+                    z.next_in = in.data();
+                    z.avail_in = (uInt)n;
+                }
+                z.next_out = out.data();
+                z.avail_out = (uInt)out.size();
+                rc = inflate(&z, Z_NO_FLUSH);
+                ok = walk.feed(out.data(), out.size() - z.avail_out);
+                if (rc == Z_BUF_ERROR) rc = Z_OK;
+            }
+            inflateEnd(&z);
+        } else {
+            long long at = 0;
+            for (;;) {
+                // Values passed over are not read: seek past them.
+                if (walk.next() > at) {
+                    at = walk.next();
+                    if (fseek(f, start + at, SEEK_SET) != 0) break;
+                    walk.seek(at);
+                }
+                size_t n = fread(in.data(), 1, in.size(), f);
+                if (n == 0 || !(ok = walk.feed(in.data(), n))) break;
+                at += (long long)n;
+            }
+        }
+    }
+    fclose(f);
+    if (!ok) snprintf(err, errlen, "sequences nested deeper than %d levels", max_levels);
+    return ok ? 0 : -1;
+}
 
 extern "C" int scp_info_frames(const char *path, int max, double *positions, double orientation[6],
                                bool *has_orientation, double spacing[2], bool *has_spacing,
@@ -77,6 +309,7 @@ extern "C" int scp_info_frames(const char *path, int max, double *positions, dou
     *has_orientation = false;
     *has_spacing = false;
     try {
+        if (scp_nesting_check(path, SCP_NESTING_MAX, err, errlen) != 0) return -1;
         DcmFileFormat ff;
         OFCondition c =
             ff.loadFile(path, EXS_Unknown, EGL_noChange, kMaxReadLength, ERM_autoDetect);
@@ -154,6 +387,7 @@ extern "C" int scp_info_read(const char *path, struct scp_info *out, char *err,
     out->samples_per_pixel = 1;
     out->rescale_slope = 1.0;
     try {
+        if (scp_nesting_check(path, SCP_NESTING_MAX, err, errlen) != 0) return -1;
         DcmFileFormat ff;
         OFCondition c =
             ff.loadFile(path, EXS_Unknown, EGL_noChange, kMaxReadLength, ERM_autoDetect);

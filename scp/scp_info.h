@@ -11,6 +11,11 @@ extern "C" {
 #endif
 
 #define SCP_UID_MAX 65 /* 64 characters + NUL */
+/* Deepest nesting of sequences the node parses. dcmtk parses nested
+ * sequences by recursion with no limit of its own; thousands of levels
+ * overflow a thread's stack. Real objects (SR content trees included) stay
+ * far below this. */
+#define SCP_NESTING_MAX 128
 
 struct scp_info {
     char sop_class[SCP_UID_MAX];
@@ -53,10 +58,20 @@ struct scp_info {
 
 /* Reads the attributes of the DICOM file at path into *out (zeroed first).
  * Large element values are left on disk. Returns 0, or -1 with a message in
- * err (size errlen) when the file cannot be parsed as DICOM. Missing
+ * err (size errlen) when the file cannot be parsed as DICOM or nests
+ * sequences deeper than SCP_NESTING_MAX. Missing
  * attributes are left at their documented defaults; validation is the
  * caller's choice. Never throws. */
 int scp_info_read(const char *path, struct scp_info *out, char *err, unsigned long errlen);
+
+/* Walks the element headers of the DICOM file at path (any transfer syntax
+ * the node accepts; a deflated dataset is inflated as it is walked) and
+ * returns -1 with a message in err when sequences nest deeper than
+ * max_levels, else 0 (also for a file it cannot read: the parser judges
+ * those). Memory is bounded by max_levels; values are seeked over, not read.
+ * scp_info_read and scp_info_frames run it before dcmtk parses the file.
+ * Never throws; thread-safe. */
+int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long errlen);
 
 /* For multi-frame (enhanced) images: the position of each frame, from the
  * per-frame functional groups (PlanePositionSequence), into positions

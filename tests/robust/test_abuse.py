@@ -216,6 +216,58 @@ class Abuse(itest.NodeTest):
         self.node = node
         self.assert_healthy()
 
+    # --- nesting that dcmtk would parse by recursion --------------------------
+    @staticmethod
+    def nested(depth, implicit):
+        """depth levels of (0008,1140) SQ > item > SQ ...: of undefined
+        length in explicit VR LE, of defined lengths (no delimiters to count)
+        in implicit VR LE."""
+        if not implicit:
+            return (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) +
+                    struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)) * depth + \
+                   (struct.pack("<HHI", 0xFFFE, 0xE00D, 0) +
+                    struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)) * depth
+        heads = []
+        for k in range(depth):  # level k's sequence holds 16 bytes per level below it
+            rest = 16 * (depth - k) - 8
+            heads.append(struct.pack("<HHI", 0x0008, 0x1140, rest) +
+                         struct.pack("<HHI", 0xFFFE, 0xE000, rest - 8))
+        return b"".join(heads)
+
+    def store_nested(self, name, depth, implicit):
+        """Stores a CT with depth levels of nesting before (0010,0010)."""
+        import pydicom
+        f = self.gen(name, count=1, rows=32, cols=32)[0]
+        ds = pydicom.dcmread(f)
+        ts = dul.IMPLICIT_LE if implicit else dul.EXPLICIT_LE
+        data = dul.encode_dataset(ds, ts)
+        pos = data.find(struct.pack("<HH", 0x0010, 0x0010))
+        self.assertGreater(pos, 0)
+        data = data[:pos] + self.nested(depth, implicit) + data[pos:]
+        a = dul.Association.connect("127.0.0.1", self.node.port,
+                                    contexts=[(dul.CT_IMAGE, [ts])])
+        status, _ = a.c_store(dul.CT_IMAGE, str(ds.SOPInstanceUID), data)
+        a.release()
+        return status, str(ds.SOPInstanceUID)
+
+    def test_sequences_nested_twenty_thousand_deep(self):
+        """dcmtk parses nested sequences by recursion, with no limit: 20,000
+        levels (400 kB) overflowed the association thread's stack and killed
+        the node. Refused with C000 before the parse, in both encodings, and
+        the node goes on; nesting within the limit is stored."""
+        for implicit in (False, True):
+            with self.subTest(implicit=implicit):
+                status, sop = self.store_nested("deep%d" % implicit, 20000, implicit)
+                self.assertEqual(status, 0xC000, "status %s\n%s" % (
+                    status and hex(status), self.node.log_tail()))
+                self.assertTrue(any("nested deeper than" in l
+                                    for l in self.node.events("store_failed")),
+                                self.node.log_tail())
+                self.assert_healthy([sop])
+                status, sop = self.store_nested("ok%d" % implicit, 100, implicit)
+                self.assertEqual(status, 0, "100 levels: status %s" % (status and hex(status)))
+                self.assertIn(sop, self.node.instances())
+
     # --- a dataset that never arrives whole ---------------------------------
     def send_part(self, fraction):
         _, cls, sop, data = self.ct("part", rows=256, cols=256)
