@@ -450,7 +450,9 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
 
 // Waits (up to the ACSE timeout) until the whole A-ASSOCIATE-RQ PDU is in
 // the socket buffer, then lets dcmtk parse it from there, one connection at
-// a time because dcmtk takes the socket from a process-wide variable.
+// a time because dcmtk takes the socket from a process-wide variable. A
+// request larger than the peek buffer is refused: dcmtk never waits on the
+// network while it holds that lock.
 bool scp_server::receive_request(Assoc *a)
 {
     const size_t cap = 65536;
@@ -459,6 +461,8 @@ bool scp_server::receive_request(Assoc *a)
     size_t want = 6;
     bool have_len = false; // not want == 6: a PDU that claims length 0 must end the wait too
     const char *why = nullptr;
+    uint32_t claimed = 0; // a first PDU's length over the cap
+    bool rq = false;
     for (;;) {
         ssize_t n = recv(a->fd, buf.data(), want, MSG_PEEK | MSG_DONTWAIT);
         if (n == 0) {
@@ -468,6 +472,16 @@ bool scp_server::receive_request(Assoc *a)
         if (n > 0 && (size_t)n >= 6 && !have_len) {
             uint32_t len = ((uint32_t)buf[2] << 24) | ((uint32_t)buf[3] << 16) |
                            ((uint32_t)buf[4] << 8) | buf[5];
+            if (6 + (size_t)len > cap) {
+                // dcmtk would read the part beyond the cap under accept_mu,
+                // waiting on the peer: one that stalls there held every new
+                // association up for a minute, or for the association
+                // deadline when it trickles. Real requests are a few kB.
+                claimed = len;
+                rq = buf[0] == 0x01;
+                why = "request_too_large";
+                break;
+            }
             want = std::min<size_t>(cap, 6 + (size_t)len);
             have_len = true;
             continue;
@@ -492,7 +506,17 @@ bool scp_server::receive_request(Assoc *a)
     }
     if (why) {
         n_conn_failed++;
-        util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=%s", a->id, why);
+        if (claimed) {
+            util_log(UTIL_LOG_WARN, "association_failed",
+                     "assoc=%lu reason=%s length=%lu limit=%zu", a->id, why, (unsigned long)claimed,
+                     cap - 6);
+            // A-ASSOCIATE-RJ: permanent, from the ACSE service provider, no
+            // reason given (PS3.8 9.3.4), so the peer is told, not just cut.
+            static const unsigned char rj[10] = {0x03, 0, 0, 0, 0, 4, 0, 1, 2, 1};
+            if (rq) (void)!send(a->fd, rj, sizeof rj, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } else {
+            util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=%s", a->id, why);
+        }
         std::lock_guard<std::mutex> g(mu);
         close(a->fd);
         a->fd = -1;

@@ -14,6 +14,7 @@ this file does not repeat them.
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -91,6 +92,32 @@ class Abuse(itest.NodeTest):
         rq = dul.associate_rq("ICHTRIAGE", "RAWSCU", CONTEXTS)
         lying = rq[:2] + struct.pack(">I", len(rq) - 6 + 1000) + rq[6:]
         self.raw_pdu(lying, close_within=3 + 10)  # dropped at the ACSE timeout
+        self.assert_healthy()
+
+    def test_associate_rq_over_64k_that_stalls_blocks_no_one(self):
+        """A request claiming 200 kB, 70 kB of it sent (a valid request
+        padded with unknown items), then silence. dcmtk read the rest under
+        the lock every new association needs, waiting on this peer: echoscu
+        from another client failed for a minute (for the association deadline
+        when the peer trickled). Now it is refused as too large at once, and
+        echoscu with the node's own ACSE timeout succeeds meanwhile."""
+        rq = dul.associate_rq("ICHTRIAGE", "RAWSCU", CONTEXTS)
+        body = rq[6:]
+        pad = b"\x55\x00" + struct.pack(">H", 0)
+        body += pad * ((70000 - len(body)) // len(pad))
+        s = dul.connect("127.0.0.1", self.node.port)
+        s.sendall(struct.pack(">BBI", dul.A_ASSOCIATE_RQ, 0, 200000) + body)
+        self.node.wait_event("association_failed", timeout=2)  # the node has it (or is in dcmtk)
+        acse = str(self.node_settings["dicom.acse_timeout"])
+        p = subprocess.run(["echoscu", "-to", acse, "-ta", acse, "-td", acse, "-aec", "ICHTRIAGE",
+                            "127.0.0.1", str(self.node.port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(p.returncode, 0, "C-ECHO while a large request stalled:\n" +
+                         p.stdout.decode("utf-8", "replace"))
+        self.assertTrue(any("reason=request_too_large length=200000" in l
+                            for l in self.node.events("association_failed")),
+                        self.node.log_tail())
+        self.closed_within(s, 10)
         self.assert_healthy()
 
     def test_associate_rq_length_4gb(self):
