@@ -4,7 +4,9 @@
  * Group commit: a thread that wants a row committed queues its request. If
  * no commit is running, it becomes the leader: it takes every queued request,
  * writes them in one transaction (a savepoint each, so one bad row fails
- * alone), commits once, and wakes the others. Otherwise it waits; when the
+ * alone), commits once, and wakes the others. An error that makes SQLite roll
+ * the whole transaction back (disk full, I/O error) has each request written
+ * again alone, so each is told what was committed. Otherwise it waits; when the
  * running commit ends, the next leader takes its request along. */
 #include "db_internal.h"
 #include "db_put.h"
@@ -166,23 +168,73 @@ void db_close(struct db *db)
     free(db);
 }
 
-/* Writes one batch in one transaction. Called by the leader without the
- * mutex held; only the leader touches wconn. */
+static void put_failed(struct put_req *r, const char *what, sqlite3 *c)
+{
+    r->rc = -1;
+    snprintf(r->err, r->errlen, "%s: %s", what, sqlite3_errmsg(c));
+}
+
+/* Ends the transaction unless SQLite already did: after SQLITE_FULL,
+ * SQLITE_IOERR or SQLITE_NOMEM it rolls the whole transaction back itself. */
+static void rollback_open(sqlite3 *c)
+{
+    if (!sqlite3_get_autocommit(c)) sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+}
+
+/* One request in a transaction of its own. */
+static void commit_one(struct db *db, struct put_req *r)
+{
+    sqlite3 *c = db->wconn;
+    if (r->old_path_len) r->old_path[0] = 0;
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        put_failed(r, "database busy or unavailable", c);
+        return;
+    }
+    r->rc = db_put_one(&db->put, r->in, r->old_path, r->old_path_len, r->err, r->errlen);
+    if (r->rc == 0 && sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK)
+        put_failed(r, "commit failed", c);
+    if (r->rc != 0) rollback_open(c);
+}
+
+/* Writes one batch in one transaction, a savepoint per request so that a
+ * bad row fails alone. An error after which SQLite rolled the whole
+ * transaction back (or a savepoint that cannot be set, rolled back to or
+ * released) loses every row written so far: going on would have committed
+ * the rest one by one, outside the transaction, and reported them failed.
+ * Then each request is written again in a transaction of its own, so each
+ * one's result is what is committed. Called by the leader without the mutex
+ * held; only the leader touches wconn. */
 static void commit_batch(struct db *db, struct put_req *batch)
 {
     sqlite3 *c = db->wconn;
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
-        for (struct put_req *r = batch; r; r = r->next) {
-            r->rc = -1;
-            snprintf(r->err, r->errlen, "database busy or unavailable: %s", sqlite3_errmsg(c));
-        }
+        for (struct put_req *r = batch; r; r = r->next)
+            put_failed(r, "database busy or unavailable", c);
         return;
     }
-    for (struct put_req *r = batch; r; r = r->next) {
-        sqlite3_exec(c, "SAVEPOINT one", NULL, NULL, NULL);
+    bool lost = false;
+    for (struct put_req *r = batch; r && !lost; r = r->next) {
+        if (sqlite3_exec(c, "SAVEPOINT one", NULL, NULL, NULL) != SQLITE_OK) {
+            lost = true;
+            continue;
+        }
         r->rc = db_put_one(&db->put, r->in, r->old_path, r->old_path_len, r->err, r->errlen);
-        if (r->rc != 0) sqlite3_exec(c, "ROLLBACK TO one", NULL, NULL, NULL);
-        sqlite3_exec(c, "RELEASE one", NULL, NULL, NULL);
+        if (r->rc != 0 && (sqlite3_get_autocommit(c) ||
+                           sqlite3_exec(c, "ROLLBACK TO one", NULL, NULL, NULL) != SQLITE_OK))
+            lost = true;
+        else if (sqlite3_exec(c, "RELEASE one", NULL, NULL, NULL) != SQLITE_OK)
+            lost = true;
+    }
+    if (lost) {
+        int n = 0;
+        for (struct put_req *r = batch; r; r = r->next)
+            n++;
+        util_log(UTIL_LOG_WARN, "db_batch_rolled_back", "rows=%d reason=\"%s\"", n,
+                 sqlite3_errmsg(c));
+        rollback_open(c);
+        for (struct put_req *r = batch; r; r = r->next)
+            commit_one(db, r);
+        return;
     }
     if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
         const char *msg = sqlite3_errmsg(c);
@@ -190,7 +242,7 @@ static void commit_batch(struct db *db, struct put_req *batch)
             if (r->rc == 0) snprintf(r->err, r->errlen, "commit failed: %s", msg);
             r->rc = -1;
         }
-        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        rollback_open(c);
     }
 }
 
@@ -230,7 +282,8 @@ int db_instance_put(struct db *db, const struct db_instance *in, char *old_path,
 
 int db_file_is_indexed(struct db *db, const char *file_path, bool *out)
 {
-    int rc = db_row_exists(db->conn, "SELECT 1 FROM instances WHERE file_path = ?1", "s", file_path);
+    int rc =
+        db_row_exists(db->conn, "SELECT 1 FROM instances WHERE file_path = ?1", "s", file_path);
     *out = rc == 0;
     return rc < 0 ? -1 : 0;
 }
