@@ -22,7 +22,8 @@ namespace
 // loaded lazily and never here.
 const Uint32 kMaxReadLength = 4096;
 
-void copy_str(DcmItem *item, const DcmTagKey &tag, char *out, size_t n)
+// Copies the value, cut to fit n; returns its length before the cut.
+size_t copy_str(DcmItem *item, const DcmTagKey &tag, char *out, size_t n)
 {
     OFString v;
     out[0] = 0;
@@ -37,6 +38,19 @@ void copy_str(DcmItem *item, const DcmTagKey &tag, char *out, size_t n)
         size_t k = len - start < n - 1 ? len - start : n - 1;
         memcpy(out, v.c_str() + start, k);
         out[k] = 0;
+        return len - start;
+    }
+    return 0;
+}
+
+// A UID cut to fit would name another object: the first one too long is
+// noted in *info for the caller to refuse.
+void copy_uid(DcmItem *item, const DcmTagKey &tag, char *out, const char *name, scp_info *info)
+{
+    size_t len = copy_str(item, tag, out, SCP_UID_MAX);
+    if (len >= SCP_UID_MAX && !info->overlong_uid) {
+        info->overlong_uid = name;
+        info->overlong_uid_len = (int)len;
     }
 }
 
@@ -408,11 +422,11 @@ extern "C" int scp_info_read(const char *path, struct scp_info *out, char *err,
             DcmXfer x(ds->getOriginalXfer());
             snprintf(out->transfer_syntax, sizeof out->transfer_syntax, "%s", x.getXferID());
         }
-        copy_str(ds, DCM_SOPClassUID, out->sop_class, sizeof out->sop_class);
-        copy_str(ds, DCM_SOPInstanceUID, out->sop_uid, sizeof out->sop_uid);
-        copy_str(ds, DCM_StudyInstanceUID, out->study_uid, sizeof out->study_uid);
-        copy_str(ds, DCM_SeriesInstanceUID, out->series_uid, sizeof out->series_uid);
-        copy_str(ds, DCM_FrameOfReferenceUID, out->frame_of_ref_uid, sizeof out->frame_of_ref_uid);
+        copy_uid(ds, DCM_SOPClassUID, out->sop_class, "SOP class", out);
+        copy_uid(ds, DCM_SOPInstanceUID, out->sop_uid, "SOP instance", out);
+        copy_uid(ds, DCM_StudyInstanceUID, out->study_uid, "study", out);
+        copy_uid(ds, DCM_SeriesInstanceUID, out->series_uid, "series", out);
+        copy_uid(ds, DCM_FrameOfReferenceUID, out->frame_of_ref_uid, "frame of reference", out);
         copy_str(ds, DCM_PatientID, out->patient_id, sizeof out->patient_id);
         copy_str(ds, DCM_PatientName, out->patient_name, sizeof out->patient_name);
         copy_str(ds, DCM_SpecificCharacterSet, out->specific_charset, sizeof out->specific_charset);

@@ -54,6 +54,12 @@ struct scp_info {
     double orientation[6];                   /* ImageOrientationPatient */
     double rescale_slope, rescale_intercept; /* 1 and 0 when absent */
     double window_center, window_width;      /* 0 when absent */
+    /* The first of the UIDs above (SOP class, SOP instance, study, series,
+     * frame of reference) longer than 64 characters, which its field holds
+     * cut to 64: "study" etc. (a static string), with its length; NULL when
+     * none is. */
+    const char *overlong_uid;
+    int overlong_uid_len;
 };
 
 /* Reads the attributes of the DICOM file at path into *out (zeroed first).

@@ -383,6 +383,11 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                     status = SCP_STATUS_CANNOT_UNDERSTAND;
                     why = SCP_REFUSED_UNDERSTAND;
                     snprintf(reason, sizeof reason, "%s", err);
+                } else if (info.overlong_uid) {
+                    status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
+                    why = SCP_REFUSED_SOP_CLASS;
+                    snprintf(reason, sizeof reason, "invalid %s UID: %d characters, at most 64",
+                             info.overlong_uid, info.overlong_uid_len);
                 } else if (strcmp(info.sop_class, req->AffectedSOPClassUID) != 0) {
                     status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
                     why = SCP_REFUSED_SOP_CLASS;

@@ -135,6 +135,23 @@ class BadDatasets(itest.NodeTest):
                        is_does_not_match, "series UID with a path in it")
 
 
+    def test_uids_over_64_characters_are_refused_not_cut(self):
+        """Two instances whose Study and Series Instance UIDs have 66
+        characters and differ only after the 64th were cut to 64, answered
+        0000 and filed as one series of one study. Each is refused with
+        A900 now, the log line naming the UID and its length."""
+        for i in (1, 2):
+            study = "1.2.3.4.5.6.7.8.9." + "1" * 46 + ".%d" % i
+            self.assertEqual(len(study), 66)
+            ds = self.ct_dataset(StudyInstanceUID=study, SeriesInstanceUID=study[:-1] + "7.%d" % i)
+            self.store_bad(dul.CT_IMAGE, str(ds.SOPInstanceUID), dul.encode_dataset(ds),
+                           is_does_not_match, "66-character UIDs, number %d" % i)
+            self.assertIn('reason="invalid study UID: 66 characters, at most 64"',
+                          self.node.events("store_failed")[-1])
+        self.assertEqual(self.node.query(
+            "SELECT count(*) FROM studies WHERE study_uid LIKE '1.2.3.4.5.6.7.8.9.%'")[0][0], 0)
+
+
 class Rejections(itest.NodeTest):
     def expect_rejected(self, node, called, calling, result, source, reason, log_reason=None):
         before = len(node.events("association_rejected"))
