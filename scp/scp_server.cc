@@ -189,6 +189,8 @@ struct scp_server {
     void run_assoc(Assoc *a);
     bool receive_request(Assoc *a);
     size_t count(bool associated_only);
+    size_t count_locked(bool associated_only); // mu held
+    bool claim_slot(Assoc *a, size_t *busy);
     bool peer_allowed(const char *ae, const char *host);
     OFCondition handle_store(Assoc *a, T_ASC_PresentationContextID pres_id, T_DIMSE_C_StoreRQ *req,
                              unsigned *stored, unsigned *failed);
@@ -573,8 +575,8 @@ void scp_server::run_assoc(Assoc *a)
     {
         // Count this association only now that it is one; over the limit
         // it is refused as transient, so the peer may retry later.
-        size_t busy = count(true);
-        if (stopping || busy >= (size_t)cfg.max_associations) {
+        size_t busy = 0;
+        if (!claim_slot(a, &busy)) {
             reject(assoc, ASC_RESULT_REJECTEDTRANSIENT,
                    ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
                    ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED);
@@ -585,7 +587,6 @@ void scp_server::run_assoc(Assoc *a)
             n_rej_limit++;
             goto done;
         }
-        a->associated = true;
     }
     if (aetitle != assoc->params->DULparams.calledAPTitle) {
         reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
@@ -730,13 +731,30 @@ void scp_server::reap(bool all)
     }
 }
 
-size_t scp_server::count(bool associated_only)
+size_t scp_server::count_locked(bool associated_only)
 {
-    std::lock_guard<std::mutex> g(mu);
     size_t n = 0;
     for (Assoc *a : assocs)
         if (!a->finished && (!associated_only || a->associated)) n++;
     return n;
+}
+
+size_t scp_server::count(bool associated_only)
+{
+    std::lock_guard<std::mutex> g(mu);
+    return count_locked(associated_only);
+}
+
+// Counts the associations and, under the limit, marks a as one of them in
+// the same step under mu: counted apart, requests read at the same moment
+// all saw busy == limit - 1 and all passed.
+bool scp_server::claim_slot(Assoc *a, size_t *busy)
+{
+    std::lock_guard<std::mutex> g(mu);
+    *busy = count_locked(true);
+    if (stopping || *busy >= (size_t)cfg.max_associations) return false;
+    a->associated = true;
+    return true;
 }
 
 // Starts a connection's thread; assoc is NULL when its request has yet to

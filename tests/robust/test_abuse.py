@@ -414,6 +414,31 @@ class Flood(itest.NodeTest):
         sys.stderr.write("flood of 60 over a limit of 2: %s in %.1f s\n" % (answers, took))
 
 
+    def test_requests_at_once_never_pass_the_limit(self):
+        """Sixteen requests arrive together with nothing held and a limit of
+        two: at most two are accepted. The count and the mark of a new
+        association were two steps under the lock, so requests read at the
+        same moment could all see one slot free and all take it."""
+        node = self.start_node({"dicom.max_associations": 2, "dicom.acse_timeout": 5})
+        rq = dul.associate_rq("ICHTRIAGE", "BURST", CONTEXTS)
+        socks = [dul.connect("127.0.0.1", node.port) for _ in range(16)]
+        for s in socks:
+            s.sendall(rq)
+        answers = []
+        for s in socks:  # the accepted stay open until every answer is in
+            try:
+                t, _ = dul.recv_pdu(s)
+            except (dul.DulError, OSError):
+                t = "closed"
+            answers.append({dul.A_ASSOCIATE_RJ: "rejected", dul.A_ASSOCIATE_AC: "accepted"}.get(t, t))
+        for s in socks:
+            s.close()
+        self.assertLessEqual(answers.count("accepted"), 2, "limit 2: %s" % answers)
+        self.assertGreaterEqual(answers.count("accepted"), 1, "limit 2: %s" % answers)
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+
+
 class Claims2GB(itest.NodeTest):
     def big_pixel_dataset(self, claimed, sent):
         """A CT dataset whose Pixel Data (OW, explicit VR LE) claims claimed
