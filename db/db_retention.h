@@ -15,11 +15,17 @@
 int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
                      int64_t *study_ids, int max, int *n);
 
-/* In one transaction: deletes the instance rows of the study and marks it
- * purged. Calls fn(ud, file_path) for each removed row's file (relative to
- * store.dir) after the commit, so that the caller removes the files only
- * once no row points to them. Returns the number of rows, or -1. */
-int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms,
-                       void (*fn)(void *ud, const char *file_path), void *ud);
+#define DB_RETENTION_NOT_DUE (-2)
+
+/* In one transaction: checks that the study is still due (as above, with
+ * the same arguments), deletes its instance rows and marks it purged. Calls
+ * fn(ud, file_path) for each removed row's file (relative to store.dir)
+ * after the commit, so that the caller removes the files only once no row
+ * points to them. Returns the number of rows; DB_RETENTION_NOT_DUE, having
+ * changed nothing, when the study is no longer due (an instance arrived
+ * since it was listed); or -1. */
+int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t keep_ms,
+                       int64_t keep_reviewed_ms, void (*fn)(void *ud, const char *file_path),
+                       void *ud);
 
 #endif

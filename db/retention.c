@@ -2,8 +2,21 @@
 #include "db_internal.h"
 #include "db_retention.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* When study st may go (db_retention.h); ?1: updated before, ?2: reviewed
+ * before. One text for the listing and for the check again at purge time. */
+static const char due_where[] =
+    "st.purged_at IS NULL AND st.updated_at < ?1"
+    " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.study_ref = st.id"
+    "   AND s.state NOT IN ('triaged', 'not_applicable'))"
+    " AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
+    "   AND pr.state IN ('pending', 'ready', 'failed') AND (pr.state != 'ready' OR"
+    "   EXISTS (SELECT 1 FROM pacs_deliveries d WHERE d.revision_ref = pr.id"
+    "     AND d.state != 'sent')))"
+    " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)";
 
 int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
                      int64_t *study_ids, int max, int *n)
@@ -11,16 +24,9 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     *n = 0;
-    const char *sql =
-        "SELECT st.id FROM studies st WHERE st.purged_at IS NULL AND st.updated_at < ?1"
-        " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.study_ref = st.id"
-        "   AND s.state NOT IN ('triaged', 'not_applicable'))"
-        " AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
-        "   AND pr.state IN ('pending', 'ready', 'failed') AND (pr.state != 'ready' OR"
-        "   EXISTS (SELECT 1 FROM pacs_deliveries d WHERE d.revision_ref = pr.id"
-        "     AND d.state != 'sent')))"
-        " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)"
-        " ORDER BY st.updated_at LIMIT ?3";
+    char sql[1024];
+    snprintf(sql, sizeof sql,
+             "SELECT st.id FROM studies st WHERE %s ORDER BY st.updated_at LIMIT ?3", due_where);
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
     sqlite3_bind_int64(st, 1, now_ms - keep_ms);
     sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
@@ -32,21 +38,39 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
     return rc == SQLITE_DONE ? 0 : -1;
 }
 
-int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms,
-                       void (*fn)(void *ud, const char *file_path), void *ud)
+int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t keep_ms,
+                       int64_t keep_reviewed_ms, void (*fn)(void *ud, const char *file_path),
+                       void *ud)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st = NULL;
     char **paths = NULL;
     int n = 0, cap = 0;
+    char sql[1024];
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    /* Still due now that no one else can write: an instance received since
+     * the listing (and acknowledged to its sender) keeps the study. */
+    snprintf(sql, sizeof sql, "UPDATE studies AS st SET purged_at = ?3 WHERE st.id = ?4 AND %s",
+             due_where);
+    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) goto bad;
+    sqlite3_bind_int64(st, 1, now_ms - keep_ms);
+    sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
+    sqlite3_bind_int64(st, 3, now_ms);
+    sqlite3_bind_int64(st, 4, study_id);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc != SQLITE_DONE) goto bad;
+    if (sqlite3_changes(c) != 1) {
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        return DB_RETENTION_NOT_DUE;
+    }
     if (sqlite3_prepare_v2(c,
                            "DELETE FROM instances WHERE series_id IN"
                            " (SELECT id FROM series WHERE study_ref = ?1) RETURNING file_path",
                            -1, &st, NULL) != SQLITE_OK)
         goto bad;
     sqlite3_bind_int64(st, 1, study_id);
-    int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         if (n == cap) {
             cap = cap ? cap * 2 : 64;
@@ -57,15 +81,6 @@ int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms,
         if (!(paths[n] = strdup((const char *)sqlite3_column_text(st, 0)))) goto bad;
         n++;
     }
-    sqlite3_finalize(st);
-    st = NULL;
-    if (rc != SQLITE_DONE) goto bad;
-    if (sqlite3_prepare_v2(c, "UPDATE studies SET purged_at = ?2 WHERE id = ?1", -1, &st, NULL) !=
-        SQLITE_OK)
-        goto bad;
-    sqlite3_bind_int64(st, 1, study_id);
-    sqlite3_bind_int64(st, 2, now_ms);
-    rc = sqlite3_step(st);
     sqlite3_finalize(st);
     st = NULL;
     if (rc != SQLITE_DONE || sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;

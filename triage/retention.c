@@ -45,7 +45,13 @@ int triage_retention_run(struct triage_retention *r, int64_t now_ms)
     }
     for (int i = 0; i < n; i++) {
         struct removal rm = {r->store_dir, 0, 0};
-        int rows = db_retention_purge(r->db, ids[i], now_ms, remove_file, &rm);
+        int rows = db_retention_purge(r->db, ids[i], now_ms, r->keep_ms, r->keep_reviewed_ms,
+                                      remove_file, &rm);
+        if (rows == DB_RETENTION_NOT_DUE) {
+            util_log(UTIL_LOG_INFO, "study_kept",
+                     "study_id=%lld reason=\"changed since it was found due\"", (long long)ids[i]);
+            continue;
+        }
         if (rows < 0) {
             util_log(UTIL_LOG_ERROR, "retention_failed", "study_id=%lld error=\"database\"",
                      (long long)ids[i]);

@@ -1,0 +1,115 @@
+/* The outbox queue and retention at the database level, on a real SQLite
+ * file: the interleavings that the node produces only by timing (an
+ * instance committed between retention's listing and its purge, a result
+ * replaced before its revision is built) are made here in order. */
+#include <criterion/criterion.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "db.h"
+#include "db_outbox.h"
+#include "db_retention.h"
+
+#define DAY 86400000LL
+
+static char dir[128], path[200];
+static struct db *db;
+
+static void setup(void)
+{
+    char err[256];
+    snprintf(dir, sizeof dir, "/tmp/ichtriage-queue-db.XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/t.db", dir);
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+}
+
+static void teardown(void)
+{
+    db_close(db);
+    char cmd[200];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_expect_eq(system(cmd), 0);
+}
+
+/* Runs SQL on a second connection to the same file. */
+static void sql(const char *q)
+{
+    sqlite3 *c;
+    cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
+    char *msg = NULL;
+    cr_assert_eq(sqlite3_exec(c, q, NULL, NULL, &msg), SQLITE_OK, "%s: %s", q, msg);
+    sqlite3_close(c);
+}
+
+static int64_t count(const char *q)
+{
+    sqlite3 *c;
+    sqlite3_stmt *st;
+    cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
+    cr_assert_eq(sqlite3_prepare_v2(c, q, -1, &st, NULL), SQLITE_OK, "%s", q);
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW);
+    int64_t v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    sqlite3_close(c);
+    return v;
+}
+
+static void put(const char *sop, int64_t at)
+{
+    char rel[128], old[512], err[512];
+    snprintf(rel, sizeof rel, "spool/1.2.3/1.2.3.4/%s.dcm", sop);
+    struct db_instance in = {.patient_id = "P1",
+                             .study_uid = "1.2.3",
+                             .series_uid = "1.2.3.4",
+                             .modality = "CT",
+                             .series_number = 1,
+                             .sop_uid = sop,
+                             .sop_class = "1.2.840.10008.5.1.4.1.1.2",
+                             .instance_number = 1,
+                             .rows = 64,
+                             .columns = 64,
+                             .number_of_frames = 1,
+                             .rescale_slope = 1,
+                             .file_path = rel,
+                             .file_size = 10,
+                             .received_at_ms = at};
+    cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
+}
+
+static void record_path(void *ud, const char *file_path)
+{
+    (void)file_path;
+    (*(int *)ud)++;
+}
+
+Test(retention, instance_committed_after_listing_keeps_the_study, .init = setup, .fini = teardown)
+{
+    const int64_t now = 100 * DAY, keep = 30 * DAY, keep_reviewed = 365 * DAY;
+    put("1.2.3.4.1", 10 * DAY);
+    sql("UPDATE series SET state = 'triaged'");
+    sql("UPDATE studies SET updated_at = 864000000");
+    int64_t ids[4];
+    int n = 0;
+    cr_assert_eq(db_retention_due(db, now, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    /* A late instance of the study, committed (and so acknowledged) now. */
+    put("1.2.3.4.2", now);
+    int removed = 0;
+    cr_expect_eq(db_retention_purge(db, ids[0], now, keep, keep_reviewed, record_path, &removed),
+                 DB_RETENTION_NOT_DUE);
+    cr_expect_eq(removed, 0);
+    cr_expect_eq(count("SELECT count(*) FROM instances"), 2);
+    cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 0);
+    /* Once triaged and old again it goes, every instance with it. */
+    sql("UPDATE series SET state = 'triaged'");
+    cr_expect_eq(
+        db_retention_purge(db, ids[0], now + 40 * DAY, keep, keep_reviewed, record_path, &removed),
+        2);
+    cr_expect_eq(removed, 2);
+    cr_expect_eq(count("SELECT count(*) FROM instances"), 0);
+    cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 1);
+}
