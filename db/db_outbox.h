@@ -56,8 +56,12 @@ struct db_outbox_source {
     char (*sop_class)[65];
     int *frame;
 };
-/* Fills *out (caller frees with db_outbox_source_free). Returns 0, 1 when the
- * result or its key file is gone, -1 on error. */
+/* Fills *out (caller frees with db_outbox_source_free). Returns 0;
+ * DB_OUTBOX_SUPERSEDED when the revision's result was replaced by a newer
+ * one (a re-triage); DB_OUTBOX_KEY_GONE when its key slice is no longer
+ * indexed; -1 on error. */
+#define DB_OUTBOX_SUPERSEDED 1
+#define DB_OUTBOX_KEY_GONE 2
 int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source *out);
 void db_outbox_source_free(struct db_outbox_source *s);
 
@@ -72,6 +76,10 @@ int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_
                              int64_t now_ms);
 /* The revision could not be built: state "failed" with reason. */
 int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason);
+/* A pending revision whose result was replaced before it was built: state
+ * "skipped" (nothing to send, nothing failed; retention ignores it), and
+ * revision 0, as only sent revisions are numbered. */
+int db_outbox_revision_superseded(struct db *db, int64_t revision_id);
 
 struct db_outbox_delivery {
     int64_t id, revision_id;

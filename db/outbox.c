@@ -116,7 +116,7 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
             " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"
             " JOIN series s ON s.id = pr.series_ref"
             " JOIN results r ON r.series_ref = pr.series_ref AND r.created_at = pr.result_at"
-            " JOIN instances i ON i.sop_uid = r.key_sop"
+            " LEFT JOIN instances i ON i.sop_uid = r.key_sop"
             " LEFT JOIN pacs_revisions prev ON prev.id = (SELECT max(p2.id) FROM pacs_revisions p2"
             "  WHERE p2.study_ref = pr.study_ref AND p2.id < pr.id AND p2.sr_sop_uid != '')"
             " WHERE pr.id = ?1",
@@ -126,7 +126,11 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
     int rc = sqlite3_step(st);
     if (rc != SQLITE_ROW) {
         sqlite3_finalize(st);
-        return rc == SQLITE_DONE ? 1 : -1;
+        return rc == SQLITE_DONE ? DB_OUTBOX_SUPERSEDED : -1;
+    }
+    if (sqlite3_column_type(st, 17) == SQLITE_NULL) {
+        sqlite3_finalize(st);
+        return DB_OUTBOX_KEY_GONE;
     }
     out->revision_id = sqlite3_column_int64(st, 0);
     out->study_id = sqlite3_column_int64(st, 1);
@@ -211,6 +215,15 @@ int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *re
     return db_exec_bound(db_conn(db),
                          "UPDATE pacs_revisions SET state = 'failed', reason = ?2 WHERE id = ?1",
                          "is", revision_id, reason ? reason : "");
+}
+
+int db_outbox_revision_superseded(struct db *db, int64_t revision_id)
+{
+    return db_exec_bound(db_conn(db),
+                         "UPDATE pacs_revisions SET state = 'skipped', revision = 0,"
+                         " reason = 'superseded by a newer result before it was built'"
+                         " WHERE id = ?1 AND state = 'pending'",
+                         "i", revision_id);
 }
 
 int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n)

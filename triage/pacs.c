@@ -147,8 +147,14 @@ static void build(struct triage_pacs *p, int64_t rev_id)
 {
     struct db_outbox_source s;
     int rc = db_outbox_source(p->db, rev_id, &s);
+    if (rc == DB_OUTBOX_SUPERSEDED) {
+        util_log(UTIL_LOG_INFO, "pacs_revision_superseded", "revision_id=%lld", (long long)rev_id);
+        if (db_outbox_revision_superseded(p->db, rev_id) != 0)
+            util_log(UTIL_LOG_ERROR, "pacs_record_failed", "revision_id=%lld", (long long)rev_id);
+        return;
+    }
     if (rc != 0) {
-        const char *why = rc > 0 ? "result superseded or key slice gone" : "database error";
+        const char *why = rc > 0 ? "key slice no longer indexed" : "database error";
         util_log(UTIL_LOG_WARN, "pacs_revision_not_built", "revision_id=%lld reason=\"%s\"",
                  (long long)rev_id, why);
         if (rc > 0) db_outbox_revision_failed(p->db, rev_id, why);

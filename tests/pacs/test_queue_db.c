@@ -12,6 +12,7 @@
 #include "db.h"
 #include "db_outbox.h"
 #include "db_retention.h"
+#include "pacs.h"
 
 #define DAY 86400000LL
 
@@ -80,6 +81,46 @@ static void put(const char *sop, int64_t at)
     cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
 }
 
+/* The series' result (one row per series, replaced by a re-triage) at
+ * time at, flagged or not, with a key slice 1.2.3.4.1. */
+static void result(int64_t at, bool flagged)
+{
+    char q[700];
+    snprintf(q, sizeof q,
+             "INSERT OR REPLACE INTO results (series_ref, content_key, model_version, p_any,"
+             " p_epidural, p_intraparenchymal, p_intraventricular, p_subarachnoid, p_subdural,"
+             " flagged, slices, key_index, key_sop, created_at) VALUES (1, 'k', 'm', 0.9, 0, 0,"
+             " 0, 0, 0, %d, 1, 0, '1.2.3.4.1', %lld);"
+             "UPDATE series SET state = 'triaged';"
+             "UPDATE studies SET result_series_ref = 1, updated_at = %lld;",
+             flagged, (long long)at, (long long)at);
+    sql(q);
+}
+
+/* Runs the real sender thread on the database until revision id is no
+ * longer pending (10 s at most). The destination listens nowhere. */
+static void run_sender_until_built(int64_t id, bool send_all)
+{
+    struct triage_pacs_config c = {.db_path = path,
+                                   .store_dir = dir,
+                                   .destinations = "PACS@127.0.0.1:9",
+                                   .send_all = send_all,
+                                   .calling_aet = "ICHTRIAGE",
+                                   .timeout_s = 1,
+                                   .max_attempts = 3,
+                                   .retry_ms = 60000,
+                                   .max_retry_ms = 60000};
+    struct triage_pacs *p;
+    char err[256], q[200];
+    cr_assert_eq(triage_pacs_start(&p, &c, err, sizeof err), 0, "%s", err);
+    snprintf(q, sizeof q,
+             "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state = 'pending'",
+             (long long)id);
+    for (int i = 0; i < 100 && count(q) != 0; i++)
+        usleep(100000);
+    triage_pacs_stop(p);
+}
+
 static void record_path(void *ud, const char *file_path)
 {
     (void)file_path;
@@ -112,4 +153,34 @@ Test(retention, instance_committed_after_listing_keeps_the_study, .init = setup,
     cr_expect_eq(removed, 2);
     cr_expect_eq(count("SELECT count(*) FROM instances"), 0);
     cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 1);
+}
+
+Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = setup,
+     .fini = teardown)
+{
+    put("1.2.3.4.1", 1000);
+    result(1000, true);
+    struct db_outbox_new f[4];
+    int n = 0, rev;
+    int64_t id1;
+    cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(db_outbox_revision_add(db, &f[0], "pending", "", 1000, &id1, &rev), 0);
+    result(2000, true); /* re-triaged before the sender built revision 1 */
+    run_sender_until_built(id1, true);
+    char q[200];
+    snprintf(q, sizeof q,
+             "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state = 'skipped'"
+             " AND revision = 0 AND reason LIKE '%%superseded%%'",
+             (long long)id1);
+    cr_expect_eq(count(q), 1);
+    /* Nothing of it keeps the study from retention once the newer result
+     * is dealt with (here: the newer revision's rows removed). */
+    snprintf(q, sizeof q,
+             "DELETE FROM pacs_deliveries; DELETE FROM pacs_revisions WHERE id != %lld",
+             (long long)id1);
+    sql(q);
+    int64_t ids[4];
+    cr_assert_eq(db_retention_due(db, 1000 * DAY, 30 * DAY, 365 * DAY, ids, 4, &n), 0);
+    cr_expect_eq(n, 1);
 }
