@@ -21,7 +21,10 @@
 struct db_outbox_new {
     int64_t study_id, series_id, result_at;
     bool flagged;
-    bool sent_before; /* an earlier revision of this study was sent somewhere */
+    /* An earlier revision of this study was built or is to be built: it
+     * may reach PACS (or has), so this result must follow it there even
+     * when not flagged (pacs.send = flagged). */
+    bool sent_before;
 };
 /* Up to max of them, oldest first; *n is how many. Returns 0 or -1. */
 int db_outbox_scan(struct db *db, struct db_outbox_new *out, int max, int *n);

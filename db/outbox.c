@@ -14,8 +14,8 @@ int db_outbox_scan(struct db *db, struct db_outbox_new *out, int max, int *n)
     if (sqlite3_prepare_v2(
             db_conn(db),
             "SELECT st.id, r.series_ref, r.created_at, r.flagged,"
-            " EXISTS (SELECT 1 FROM pacs_revisions pr JOIN pacs_deliveries d"
-            "  ON d.revision_ref = pr.id WHERE pr.study_ref = st.id AND d.state = 'sent')"
+            " EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
+            "  AND pr.state IN ('pending', 'ready'))"
             " FROM studies st JOIN results r ON r.series_ref = st.result_series_ref"
             " JOIN series s ON s.id = r.series_ref"
             " WHERE s.state = 'triaged' AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr"

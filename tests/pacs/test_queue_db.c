@@ -97,9 +97,9 @@ static void result(int64_t at, bool flagged)
     sql(q);
 }
 
-/* Runs the real sender thread on the database until revision id is no
- * longer pending (10 s at most). The destination listens nowhere. */
-static void run_sender_until_built(int64_t id, bool send_all)
+/* Runs the real sender thread on the database until the count query done
+ * answers non-zero (10 s at most). The destination listens nowhere. */
+static void run_sender_until(const char *done, bool send_all)
 {
     struct triage_pacs_config c = {.db_path = path,
                                    .store_dir = dir,
@@ -111,12 +111,9 @@ static void run_sender_until_built(int64_t id, bool send_all)
                                    .retry_ms = 60000,
                                    .max_retry_ms = 60000};
     struct triage_pacs *p;
-    char err[256], q[200];
+    char err[256];
     cr_assert_eq(triage_pacs_start(&p, &c, err, sizeof err), 0, "%s", err);
-    snprintf(q, sizeof q,
-             "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state = 'pending'",
-             (long long)id);
-    for (int i = 0; i < 100 && count(q) != 0; i++)
+    for (int i = 0; i < 100 && count(done) == 0; i++)
         usleep(100000);
     triage_pacs_stop(p);
 }
@@ -155,8 +152,8 @@ Test(retention, instance_committed_after_listing_keeps_the_study, .init = setup,
     cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 1);
 }
 
-Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = setup,
-     .fini = teardown)
+/* The study's first result (flagged, at 1000) queued: revision 1 pending. */
+static int64_t flagged_revision_pending(void)
 {
     put("1.2.3.4.1", 1000);
     result(1000, true);
@@ -166,9 +163,19 @@ Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = set
     cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
     cr_assert_eq(n, 1);
     cr_assert_eq(db_outbox_revision_add(db, &f[0], "pending", "", 1000, &id1, &rev), 0);
+    return id1;
+}
+
+Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = setup,
+     .fini = teardown)
+{
+    int64_t id1 = flagged_revision_pending();
     result(2000, true); /* re-triaged before the sender built revision 1 */
-    run_sender_until_built(id1, true);
     char q[200];
+    snprintf(q, sizeof q,
+             "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state != 'pending'",
+             (long long)id1);
+    run_sender_until(q, true);
     snprintf(q, sizeof q,
              "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state = 'skipped'"
              " AND revision = 0 AND reason LIKE '%%superseded%%'",
@@ -181,6 +188,39 @@ Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = set
              (long long)id1);
     sql(q);
     int64_t ids[4];
+    int n = 0;
     cr_assert_eq(db_retention_due(db, 1000 * DAY, 30 * DAY, 365 * DAY, ids, 4, &n), 0);
     cr_expect_eq(n, 1);
+}
+
+/* An earlier flagged revision that may reach PACS: built, its deliveries
+ * waiting (PACS down). */
+static int64_t flagged_revision_waiting(void)
+{
+    int64_t id1 = flagged_revision_pending();
+    struct db_outbox_object o[2] = {{"PACS@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"},
+                                    {"PACS@127.0.0.1:9", "sc", "outbox/1-sc.dcm", "9.2"}};
+    cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 2, 1000), 0);
+    sql("UPDATE pacs_deliveries SET next_attempt_at = 9000000000000");
+    return id1;
+}
+
+Test(outbox, send_flagged_sends_the_correction_of_a_waiting_flagged_revision, .init = setup,
+     .fini = teardown)
+{
+    flagged_revision_waiting();
+    result(2000, false); /* late images: re-triaged, no longer flagged */
+    run_sender_until("SELECT count(*) FROM pacs_revisions WHERE result_at = 2000", false);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE result_at = 2000"
+                       " AND state != 'skipped'"),
+                 1);
+}
+
+Test(outbox, send_flagged_skips_a_not_flagged_result_with_nothing_before, .init = setup,
+     .fini = teardown)
+{
+    put("1.2.3.4.1", 1000);
+    result(1000, false);
+    run_sender_until("SELECT count(*) FROM pacs_revisions", false);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE state = 'skipped'"), 1);
 }
