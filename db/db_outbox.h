@@ -110,7 +110,9 @@ int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64
 int db_outbox_fail_unlisted(struct db *db, const char *const *dests, int ndests, int64_t now_ms,
                             int *count);
 
-/* Deliveries given up, newest first (strings borrowed for the callback). */
+/* Deliveries given up, newest first (strings borrowed for the callback);
+ * with them, revisions that could not be built: object "build", no
+ * destination, attempts 0, last_attempt_ms when the result was queued. */
 struct db_outbox_failure {
     const char *study_uid, *destination, *object, *sop_uid, *error;
     int revision, attempts;

@@ -355,8 +355,11 @@ int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud
                            " pr.revision, d.attempts, coalesce(d.last_attempt_at, 0)"
                            " FROM pacs_deliveries d JOIN pacs_revisions pr"
                            " ON pr.id = d.revision_ref JOIN studies st ON st.id = pr.study_ref"
-                           " WHERE d.state = 'failed' ORDER BY d.last_attempt_at DESC, d.id DESC"
-                           " LIMIT ?1",
+                           " WHERE d.state = 'failed'"
+                           " UNION ALL SELECT st.study_uid, '', 'build', '', pr.reason,"
+                           " pr.revision, 0, pr.created_at FROM pacs_revisions pr"
+                           " JOIN studies st ON st.id = pr.study_ref WHERE pr.state = 'failed'"
+                           " ORDER BY 8 DESC LIMIT ?1",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_int(st, 1, limit);

@@ -28,6 +28,14 @@
 #define IDLE_MS 60000         /* longest sleep: the queue is looked at this often anyway */
 #define BATCH 64
 
+/* A revision whose building failed (disk full, I/O): tried again at next_at;
+ * given up (failed) after max_attempts, as deliveries are. Kept in memory:
+ * a restart tries every pending revision again at once. */
+struct build_retry {
+    int64_t revision_id, next_at;
+    int attempts;
+};
+
 struct triage_pacs {
     /* Set at start, read-only afterwards. */
     struct triage_pacs_dest dests[TRIAGE_PACS_MAX_DESTS];
@@ -40,6 +48,9 @@ struct triage_pacs {
     char software_version[64];
     char store_dir[1024];
     struct db *db; /* the thread's own connection */
+    /* The thread's own. */
+    struct build_retry retries[BATCH];
+    int nretries;
     pthread_t thread;
     /* Guarded by mu. */
     pthread_mutex_t mu;
@@ -103,6 +114,48 @@ int triage_pacs_parse_destinations(const char *list, struct triage_pacs_dest *ou
     return 0;
 }
 
+static int64_t backoff_ms(const struct triage_pacs *p, int attempts);
+
+static struct build_retry *retry_find(struct triage_pacs *p, int64_t revision_id)
+{
+    for (int i = 0; i < p->nretries; i++)
+        if (p->retries[i].revision_id == revision_id) return &p->retries[i];
+    return NULL;
+}
+
+static void retry_drop(struct triage_pacs *p, int64_t revision_id)
+{
+    struct build_retry *r = retry_find(p, revision_id);
+    if (r) *r = p->retries[--p->nretries];
+}
+
+/* Building revision_id failed for reason: left pending and tried again
+ * later, or, after max_attempts, marked failed (shown with the given-up
+ * deliveries). */
+static void build_failed(struct triage_pacs *p, int64_t revision_id, const char *study,
+                         int revision, const char *reason)
+{
+    struct build_retry *r = retry_find(p, revision_id);
+    int attempts = (r ? r->attempts : 0) + 1;
+    if (attempts >= p->max_attempts) {
+        util_log(UTIL_LOG_ERROR, "pacs_revision_failed",
+                 "study=%s revision=%d attempts=%d reason=\"%s\"", study, revision, attempts,
+                 reason);
+        if (db_outbox_revision_failed(p->db, revision_id, reason) != 0)
+            util_log(UTIL_LOG_ERROR, "pacs_record_failed", "revision_id=%lld",
+                     (long long)revision_id);
+        retry_drop(p, revision_id);
+        return;
+    }
+    if (!r && p->nretries < BATCH) r = &p->retries[p->nretries++];
+    int64_t wait = backoff_ms(p, attempts);
+    if (r) /* else (BATCH revisions failing at once) tried again each pass */
+        *r = (struct build_retry){revision_id, now_ms() + wait, attempts};
+    util_log(UTIL_LOG_WARN, "pacs_revision_retry",
+             "study=%s revision=%d attempt=%d next_in_ms=%lld reason=\"%s\"", study, revision,
+             attempts, (long long)wait, reason);
+}
+
 /* Makes a written file durable under its final name. */
 static int commit_file(const char *tmp, const char *final, const char *dir)
 {
@@ -145,23 +198,32 @@ static int key_refs(const struct db_outbox_source *s, struct scp_sr_image_ref *r
 /* Builds a revision's SR and SC files and queues their deliveries. */
 static void build(struct triage_pacs *p, int64_t rev_id)
 {
+    struct build_retry *due = retry_find(p, rev_id);
+    if (due && due->next_at > now_ms()) return;
     struct db_outbox_source s;
     int rc = db_outbox_source(p->db, rev_id, &s);
     if (rc == DB_OUTBOX_SUPERSEDED) {
         util_log(UTIL_LOG_INFO, "pacs_revision_superseded", "revision_id=%lld", (long long)rev_id);
+        retry_drop(p, rev_id);
         if (db_outbox_revision_superseded(p->db, rev_id) != 0)
             util_log(UTIL_LOG_ERROR, "pacs_record_failed", "revision_id=%lld", (long long)rev_id);
         return;
     }
+    if (rc < 0) {
+        build_failed(p, rev_id, "", 0, "database error");
+        return;
+    }
     if (rc != 0) {
-        const char *why = rc > 0 ? "key slice no longer indexed" : "database error";
+        const char *why = "key slice no longer indexed";
         util_log(UTIL_LOG_WARN, "pacs_revision_not_built", "revision_id=%lld reason=\"%s\"",
                  (long long)rev_id, why);
-        if (rc > 0) db_outbox_revision_failed(p->db, rev_id, why);
+        db_outbox_revision_failed(p->db, rev_id, why);
+        retry_drop(p, rev_id);
         return;
     }
     char dir[1100], src[1600], rel_sr[64], rel_sc[64], path_sr[1200], path_sc[1200], tmp[1300];
     char err[2048] = "";
+    tmp[0] = '\0';
     snprintf(dir, sizeof dir, "%s/outbox", p->store_dir);
     snprintf(src, sizeof src, "%s/%s", p->store_dir, s.key_path);
     snprintf(rel_sr, sizeof rel_sr, "outbox/%lld-sr.dcm", (long long)rev_id);
@@ -254,7 +316,9 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         0) {
         /* Left pending: built again (new UIDs) next time; nothing was sent. */
         util_log(UTIL_LOG_ERROR, "pacs_queue_failed", "revision_id=%lld", (long long)rev_id);
+        build_failed(p, rev_id, s.study_uid, s.revision, "cannot queue the deliveries");
     } else {
+        retry_drop(p, rev_id);
         util_log(UTIL_LOG_INFO, "pacs_revision_built",
                  "study=%s revision=%d flagged=%d sr=%s sc=%s destinations=%d", s.study_uid,
                  s.revision, s.flagged, sr_sop, sc_sop, p->ndests);
@@ -264,9 +328,11 @@ static void build(struct triage_pacs *p, int64_t rev_id)
     db_outbox_source_free(&s);
     return;
 failed:
-    util_log(UTIL_LOG_ERROR, "pacs_revision_failed", "study=%s revision=%d reason=\"%s\"",
-             s.study_uid, s.revision, err);
-    db_outbox_revision_failed(p->db, rev_id, err);
+    /* Built again from the start (new UIDs) next time: nothing of it stays. */
+    if (tmp[0]) unlink(tmp);
+    unlink(path_sr);
+    unlink(path_sc);
+    build_failed(p, rev_id, s.study_uid, s.revision, err);
     free(rgb);
     scp_pixels_free(&px);
     db_outbox_source_free(&s);
@@ -450,6 +516,8 @@ static void *sender_main(void *arg)
         int64_t now = now_ms(), wake = now + IDLE_MS, at;
         bool found;
         if (db_outbox_next_due(p->db, &at, &found) == 0 && found && at < wake) wake = at;
+        for (int i = 0; i < p->nretries; i++)
+            if (p->retries[i].next_at < wake) wake = p->retries[i].next_at;
         struct timespec ts = {.tv_sec = wake / 1000, .tv_nsec = (long)(wake % 1000) * 1000000};
         pthread_mutex_lock(&p->mu);
         while (!p->stop && !p->kicked && now_ms() < wake)

@@ -364,6 +364,26 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(len(os.listdir(good_dir)), 2)
         self.assertEqual(os.listdir(bad_dir), [])
 
+    def test_build_fault_retried_until_it_clears(self):
+        port, out = self.storescp("fault")
+        node = self.node("FAULT@127.0.0.1:%d" % port)
+        # outbox/ cannot be made (a file holds its name): building fails.
+        outbox = os.path.join(node.store_dir, "outbox")
+        if os.path.isdir(outbox):
+            os.rmdir(outbox)
+        with open(outbox, "w") as f:
+            f.write("in the way\n")
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=36)
+        self.send(node, files)
+        self.assertTrue(node.wait_event("pacs_revision_retry", timeout=60), node.log_tail())
+        revs = [tuple(r) for r in node.query("SELECT state FROM pacs_revisions")]
+        self.assertEqual(revs, [("pending",)], node.log_tail())
+        # The fault clears: the same result is built and delivered.
+        os.unlink(outbox)
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 2, timeout=30)
+        self.assertEqual(sorted(r[1] for r in rows), ["sc", "sr"])
+        self.assertEqual(len(os.listdir(out)), 2)
+
     def test_send_flagged_only(self):
         port, out = self.storescp("flagged")
         _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=35)

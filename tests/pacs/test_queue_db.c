@@ -99,7 +99,7 @@ static void result(int64_t at, bool flagged)
 
 /* Runs the real sender thread on the database until the count query done
  * answers non-zero (10 s at most). The destination listens nowhere. */
-static void run_sender_until(const char *done, bool send_all)
+static void run_sender_until(const char *done, bool send_all, int max_attempts)
 {
     struct triage_pacs_config c = {.db_path = path,
                                    .store_dir = dir,
@@ -107,7 +107,7 @@ static void run_sender_until(const char *done, bool send_all)
                                    .send_all = send_all,
                                    .calling_aet = "ICHTRIAGE",
                                    .timeout_s = 1,
-                                   .max_attempts = 3,
+                                   .max_attempts = max_attempts,
                                    .retry_ms = 60000,
                                    .max_retry_ms = 60000};
     struct triage_pacs *p;
@@ -175,7 +175,7 @@ Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = set
     snprintf(q, sizeof q,
              "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state != 'pending'",
              (long long)id1);
-    run_sender_until(q, true);
+    run_sender_until(q, true, 3);
     snprintf(q, sizeof q,
              "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state = 'skipped'"
              " AND revision = 0 AND reason LIKE '%%superseded%%'",
@@ -210,7 +210,7 @@ Test(outbox, send_flagged_sends_the_correction_of_a_waiting_flagged_revision, .i
 {
     flagged_revision_waiting();
     result(2000, false); /* late images: re-triaged, no longer flagged */
-    run_sender_until("SELECT count(*) FROM pacs_revisions WHERE result_at = 2000", false);
+    run_sender_until("SELECT count(*) FROM pacs_revisions WHERE result_at = 2000", false, 3);
     cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE result_at = 2000"
                        " AND state != 'skipped'"),
                  1);
@@ -221,6 +221,29 @@ Test(outbox, send_flagged_skips_a_not_flagged_result_with_nothing_before, .init 
 {
     put("1.2.3.4.1", 1000);
     result(1000, false);
-    run_sender_until("SELECT count(*) FROM pacs_revisions", false);
+    run_sender_until("SELECT count(*) FROM pacs_revisions", false, 3);
     cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE state = 'skipped'"), 1);
+}
+
+static int list_failure(void *ud, const struct db_outbox_failure *f)
+{
+    if (strcmp(f->object, "build") == 0 && strstr(f->error, "cannot read")) (*(int *)ud)++;
+    return 0;
+}
+
+Test(outbox, revision_that_cannot_be_built_is_given_up_and_listed, .init = setup, .fini = teardown)
+{
+    /* The key slice is indexed but its file is not there: every attempt
+     * fails; with pacs.max_attempts = 1 the first one gives up. */
+    int64_t id1 = flagged_revision_pending();
+    char q[200];
+    snprintf(q, sizeof q,
+             "SELECT count(*) FROM pacs_revisions WHERE id = %lld AND state = 'failed'",
+             (long long)id1);
+    run_sender_until(q, true, 1);
+    cr_assert_eq(count(q), 1);
+    int listed = 0;
+    cr_assert_eq(db_outbox_failed(db, 10, list_failure, &listed), 0);
+    cr_expect_eq(listed, 1);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries"), 0);
 }
