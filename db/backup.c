@@ -130,6 +130,46 @@ int db_backup_files(const char *db_path,
     return ret;
 }
 
+int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_ms, int *settled,
+                            char *err, size_t errlen)
+{
+    *settled = 0;
+    sqlite3 *c;
+    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READWRITE, err, errlen) != 0) return -1;
+    sqlite3_stmt *st = NULL, *up = NULL;
+    int rc = sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(
+            c, "SELECT id, file_path FROM pacs_deliveries WHERE state = 'pending'", -1, &st, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(c,
+                                "UPDATE pacs_deliveries SET state = 'sent', sent_at = ?2,"
+                                " last_error = '' WHERE id = ?1",
+                                -1, &up, NULL);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *rel = (const char *)sqlite3_column_text(st, 1);
+        char path[4200];
+        struct stat sb;
+        snprintf(path, sizeof path, "%s/%s", root, rel ? rel : "");
+        rc = SQLITE_OK;
+        if (!rel || strstr(rel, "..") || lstat(path, &sb) == 0 || errno != ENOENT) continue;
+        sqlite3_bind_int64(up, 1, sqlite3_column_int64(st, 0));
+        sqlite3_bind_int64(up, 2, now_ms);
+        rc = sqlite3_step(up) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+        sqlite3_reset(up);
+        (*settled)++;
+    }
+    if (rc == SQLITE_DONE) rc = sqlite3_exec(c, "COMMIT", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    }
+    sqlite3_finalize(st);
+    sqlite3_finalize(up);
+    sqlite3_close(c);
+    return rc == SQLITE_OK ? 0 : -1;
+}
+
 int db_backup_before_migration(struct sqlite3 *conn, int from_version, char *err, size_t errlen)
 {
     const char *path = sqlite3_db_filename(conn, "main");

@@ -26,6 +26,14 @@ int db_backup_files(const char *db_path,
                     int (*fn)(void *ud, const char *file_path, int64_t file_size), void *ud,
                     char *err, size_t errlen);
 
+/* For a backup whose outbox/ was copied (to root) after its database
+ * (db_path): a pending PACS delivery whose file is not there was delivered
+ * everywhere between the two (the node removes a revision's files only
+ * then), so it is marked sent in the copy; *settled counts them. Returns 0,
+ * or -1 with a message in err. */
+int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_ms, int *settled,
+                            char *err, size_t errlen);
+
 /* Called by the migration, on the connection it is about to migrate and
  * outside any transaction, when an existing database (from_version > 0) is
  * older than this build: copies it to

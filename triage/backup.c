@@ -4,9 +4,13 @@
  *   ichtriage.db   a snapshot of the index (SQLite online backup API),
  *   spool/...      every file that snapshot indexes, same relative paths,
  *   models/...     the model registry (registered models, the active one),
+ *   outbox/...     the results built for PACS and not yet delivered,
  *   MANIFEST       written last: a folder without it is not a backup.
  * Backup takes the snapshot first and copies the files the snapshot lists,
- * so the copy never holds a row without its file. An instance the node
+ * so the copy never holds a row without its file; outbox/ is copied after
+ * the snapshot too, and a delivery whose file the node removed meanwhile
+ * (it does so once every destination acknowledged) is marked sent in the
+ * copy. An instance the node
  * replaces (a resend) between the two steps makes the backup fail; run it
  * again. Instances received after the snapshot are not in the backup.
  *
@@ -43,8 +47,8 @@ struct copier {
     bool chown;
     bool check_only; /* restore's first pass: only look at the sources */
     int64_t files, bytes;
-    int64_t model_files; /* files copied from models/ */
-    char last_dir[4096]; /* the destination folder synced last */
+    int64_t model_files, outbox_files; /* files copied by copy_tree */
+    char last_dir[4096];               /* the destination folder synced last */
     char *err;
     size_t errlen;
 };
@@ -190,11 +194,12 @@ static int copy_one(void *ud, const char *rel, int64_t size)
     return 0;
 }
 
-/* Copies the folder rel (relative to from; "models": the registry) and
+/* Copies the folder rel (relative to from: "models", the registry, or
+ * "outbox", the results for PACS) and
  * what it holds, regular files only, leaving out the ".tmp" files of a
- * registration in progress. The registry replaces files by rename, never
- * writes one in place, so each copy is a whole file. Absent: nothing. */
-static int copy_tree(struct copier *c, const char *rel)
+ * registration or a build in progress. Both replace files by rename, never
+ * write one in place, so each copy is a whole file. Absent: nothing. */
+static int copy_tree(struct copier *c, const char *rel, int64_t *count)
 {
     char src[4200], dst[4200];
     snprintf(src, sizeof src, "%s/%s", c->from, rel);
@@ -220,14 +225,14 @@ static int copy_tree(struct copier *c, const char *rel)
         snprintf(to, sizeof to, "%s/%s", c->to, sub);
         if (lstat(from, &st) != 0) continue; /* replaced meanwhile: its new name is listed */
         if (S_ISDIR(st.st_mode)) {
-            rc = copy_tree(c, sub);
+            rc = copy_tree(c, sub, count);
         } else if (S_ISREG(st.st_mode)) {
             rc = sync_dir_of(c, to) == 0 ? copy_file(c, from, to, st.st_size) : -1;
             if (rc == -1)
                 snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", from, to,
                          strerror(errno));
             if (rc == 0) {
-                c->model_files++;
+                (*count)++;
                 c->bytes += st.st_size;
             }
         }
@@ -283,9 +288,11 @@ static int write_manifest(const char *dir, const struct db_status *st, const str
             "instances = %lld\n"
             "files = %lld\n"
             "model_files = %lld\n"
+            "outbox_files = %lld\n"
             "bytes = %lld\n",
             when, ICHTRIAGE_VERSION, st->schema_version, store_dir, (long long)st->instances,
-            (long long)c->files, (long long)c->model_files, (long long)c->bytes);
+            (long long)c->files, (long long)c->model_files, (long long)c->outbox_files,
+            (long long)c->bytes);
     int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
     if (fclose(f) != 0) bad = 1;
     if (bad || rename(part, path) != 0 || fsync_path(dir) != 0) {
@@ -376,19 +383,28 @@ int triage_backup_main(int argc, char **argv)
     util_log(UTIL_LOG_INFO, "backup_start", "store=%s backup=%s", store, dir);
     if (db_backup_copy(db_path, dst_db, err, sizeof err) != 0) goto out;
     if (db_backup_files(dst_db, copy_one, &c, err, sizeof err) != 0 ||
-        copy_tree(&c, "models") != 0 || finish_dirs(&c) != 0) {
+        copy_tree(&c, "models", &c.model_files) != 0 ||
+        copy_tree(&c, "outbox", &c.outbox_files) != 0 || finish_dirs(&c) != 0) {
         if (!err[0])
             snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
     }
+    int settled = 0;
+    if (db_backup_outbox_settle(dst_db, dir, (int64_t)time(NULL) * 1000, &settled, err,
+                                sizeof err) != 0)
+        goto out;
+    if (settled)
+        util_log(UTIL_LOG_INFO, "backup_outbox_settled",
+                 "deliveries=%d reason=\"delivered while the backup ran\"", settled);
     if (db_status_read(dst_db, false, &st, err, sizeof err) != 0 ||
         write_manifest(dir, &st, &c, store, err, sizeof err) != 0)
         goto out;
     util_log(UTIL_LOG_INFO, "backup_done", "backup=%s instances=%lld files=%lld bytes=%lld", dir,
              (long long)st.instances, (long long)c.files, (long long)c.bytes);
-    printf("backup of %s in %s: %lld instances, %lld files, %lld model files, %.1f MiB\n", store,
-           dir, (long long)st.instances, (long long)c.files, (long long)c.model_files,
-           (double)c.bytes / (1024.0 * 1024.0));
+    printf("backup of %s in %s: %lld instances, %lld files, %lld model files, %lld outbox files, "
+           "%.1f MiB\n",
+           store, dir, (long long)st.instances, (long long)c.files, (long long)c.model_files,
+           (long long)c.outbox_files, (double)c.bytes / (1024.0 * 1024.0));
     rc = 0;
 out:
     if (rc) {
@@ -469,7 +485,8 @@ int triage_restore_main(int argc, char **argv)
     c.gid = sst.st_gid;
     util_log(UTIL_LOG_INFO, "restore_start", "backup=%s store=%s", dir, store);
     if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0 ||
-        copy_tree(&c, "models") != 0 || finish_dirs(&c) != 0) {
+        copy_tree(&c, "models", &c.model_files) != 0 ||
+        copy_tree(&c, "outbox", &c.outbox_files) != 0 || finish_dirs(&c) != 0) {
         if (!err[0])
             snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
@@ -481,9 +498,10 @@ int triage_restore_main(int argc, char **argv)
     }
     util_log(UTIL_LOG_INFO, "restore_done", "store=%s instances=%lld files=%lld bytes=%lld", store,
              (long long)st.instances, (long long)c.files, (long long)c.bytes);
-    printf("restored %s into %s: %lld instances, %lld files, %lld model files, %.1f MiB\n", dir,
-           store, (long long)st.instances, (long long)c.files, (long long)c.model_files,
-           (double)c.bytes / (1024.0 * 1024.0));
+    printf("restored %s into %s: %lld instances, %lld files, %lld model files, %lld outbox files, "
+           "%.1f MiB\n",
+           dir, store, (long long)st.instances, (long long)c.files, (long long)c.model_files,
+           (long long)c.outbox_files, (double)c.bytes / (1024.0 * 1024.0));
     rc = 0;
 out:
     if (rc) {

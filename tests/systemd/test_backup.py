@@ -230,6 +230,49 @@ class Backup(itest.NodeTest):
         self.assert_all_success(r, late)
         self.assert_consistent(node2)
 
+    def test_round_trip_keeps_the_pacs_queue(self):
+        """Results waiting for PACS (outbox/ files, pending deliveries) come
+        back with a restore; a delivery whose file the node removed (once
+        every destination acknowledged it) is sent, not left to fail."""
+        import sqlite3
+        node, _ = self.received(series=1, count=2)
+        self.assertEqual(node.stop(), 0)
+        outbox = os.path.join(node.store_dir, "outbox")
+        os.makedirs(outbox, exist_ok=True)
+        objects = {"1-sr.dcm": os.urandom(1500), "1-sc.dcm": os.urandom(2500)}
+        for name, data in objects.items():
+            with open(os.path.join(outbox, name), "wb") as f:
+                f.write(data)
+        con = sqlite3.connect(node.db_path)
+        with con:
+            study, series = con.execute("SELECT study_ref, id FROM series").fetchone()
+            for rev in (1, 2):  # revision 2's files are gone: delivered everywhere
+                cur = con.execute(
+                    "INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision,"
+                    " state, created_at) VALUES (?, ?, ?, ?, 'ready', 1)",
+                    (study, series, rev, rev))
+                for obj in ("sr", "sc"):
+                    con.execute("INSERT INTO pacs_deliveries (revision_ref, destination, object,"
+                                " file_path, sop_uid, next_attempt_at) VALUES (?, 'P@h:104', ?,"
+                                " ?, '1.2', 0)",
+                                (cur.lastrowid, obj, "outbox/%d-%s.dcm" % (rev, obj)))
+        con.close()
+        bdir = os.path.join(self.work, "backup")
+        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("2 outbox files", out)
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual({p[len("outbox/"):]: c for p, c in tree(store2).items()
+                          if p.startswith("outbox/")}, objects)
+        con = sqlite3.connect(os.path.join(store2, "ichtriage.db"))
+        states = sorted(con.execute("SELECT pr.revision, d.object, d.state FROM pacs_deliveries d"
+                                    " JOIN pacs_revisions pr ON pr.id = d.revision_ref"))
+        con.close()
+        self.assertEqual(states, [(1, "sc", "pending"), (1, "sr", "pending"),
+                                  (2, "sc", "sent"), (2, "sr", "sent")])
+
     def test_backup_while_receiving(self):
         """Online: a backup taken while a series streams in is consistent,
         holds what was acknowledged before it began, and the stream is not
