@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sqlite3.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -130,6 +131,19 @@ int db_backup_files(const char *db_path,
     return ret;
 }
 
+/* Ends the write transaction of a copy's connection c: commits when rc is
+ * SQLITE_OK, else rolls back with the error in err; closes c. */
+static int end_write(sqlite3 *c, int rc, const char *db_path, char *err, size_t errlen)
+{
+    if (rc == SQLITE_OK) rc = sqlite3_exec(c, "COMMIT", NULL, NULL, NULL);
+    if (rc != SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    }
+    sqlite3_close(c);
+    return rc == SQLITE_OK ? 0 : -1;
+}
+
 int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_ms, int *settled,
                             char *err, size_t errlen)
 {
@@ -138,6 +152,16 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
     if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READWRITE, err, errlen) != 0) return -1;
     sqlite3_stmt *st = NULL, *up = NULL;
     int rc = sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    /* An index older than the PACS queue (schema 4) has nothing to settle. */
+    bool queue = false;
+    if (rc == SQLITE_OK &&
+        (rc = sqlite3_prepare_v2(c, "SELECT 1 FROM sqlite_master WHERE name = 'pacs_deliveries'",
+                                 -1, &st, NULL)) == SQLITE_OK) {
+        queue = sqlite3_step(st) == SQLITE_ROW;
+        sqlite3_finalize(st);
+        st = NULL;
+    }
+    if (rc == SQLITE_OK && !queue) return end_write(c, SQLITE_OK, db_path, err, errlen);
     if (rc == SQLITE_OK)
         rc = sqlite3_prepare_v2(
             c, "SELECT id, file_path FROM pacs_deliveries WHERE state = 'pending'", -1, &st, NULL);
@@ -159,15 +183,66 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
         sqlite3_reset(up);
         (*settled)++;
     }
-    if (rc == SQLITE_DONE) rc = sqlite3_exec(c, "COMMIT", NULL, NULL, NULL);
-    if (rc != SQLITE_OK) {
-        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
-        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
-    }
     sqlite3_finalize(st);
     sqlite3_finalize(up);
+    return end_write(c, rc == SQLITE_DONE ? SQLITE_OK : rc, db_path, err, errlen);
+}
+
+int db_backup_file_indexed(const char *db_path, const char *file_path, bool *indexed, char *err,
+                           size_t errlen)
+{
+    *indexed = false;
+    sqlite3 *c;
+    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(c, "SELECT 1 FROM instances WHERE file_path = ?1", -1, &st, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, file_path, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+        *indexed = rc == SQLITE_ROW;
+        sqlite3_finalize(st);
+    }
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
     sqlite3_close(c);
-    return rc == SQLITE_OK ? 0 : -1;
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_backup_forget_files(const char *db_path, char *const *file_paths, int n, int64_t now_ms,
+                           char *err, size_t errlen)
+{
+    sqlite3 *c;
+    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READWRITE, err, errlen) != 0) return -1;
+    sqlite3_stmt *del = NULL, *mark = NULL;
+    int rc = sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(c,
+                                "DELETE FROM instances WHERE file_path = ?1"
+                                " RETURNING (SELECT study_ref FROM series WHERE id = series_id)",
+                                -1, &del, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_prepare_v2(c,
+                                "UPDATE studies SET purged_at = ?2 WHERE id = ?1"
+                                " AND purged_at IS NULL AND NOT EXISTS (SELECT 1 FROM instances i"
+                                " JOIN series s ON s.id = i.series_id WHERE s.study_ref = ?1)",
+                                -1, &mark, NULL);
+    for (int i = 0; rc == SQLITE_OK && i < n; i++) {
+        sqlite3_bind_text(del, 1, file_paths[i], -1, SQLITE_STATIC);
+        int64_t study = -1;
+        while ((rc = sqlite3_step(del)) == SQLITE_ROW)
+            study = sqlite3_column_int64(del, 0);
+        sqlite3_reset(del);
+        if (rc != SQLITE_DONE) break;
+        rc = SQLITE_OK;
+        if (study < 0) continue;
+        sqlite3_bind_int64(mark, 1, study);
+        sqlite3_bind_int64(mark, 2, now_ms);
+        rc = sqlite3_step(mark) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+        sqlite3_reset(mark);
+    }
+    sqlite3_finalize(del);
+    sqlite3_finalize(mark);
+    return end_write(c, rc, db_path, err, errlen);
 }
 
 int db_backup_before_migration(struct sqlite3 *conn, int from_version, char *err, size_t errlen)

@@ -4,6 +4,7 @@
 #ifndef DB_BACKUP_H
 #define DB_BACKUP_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -33,6 +34,18 @@ int db_backup_files(const char *db_path,
  * or -1 with a message in err. */
 int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_ms, int *settled,
                             char *err, size_t errlen);
+
+/* Whether the database at db_path (the live index, read-only) still has a
+ * row for file_path. Returns 0, or -1 with a message in err. */
+int db_backup_file_indexed(const char *db_path, const char *file_path, bool *indexed, char *err,
+                           size_t errlen);
+
+/* In the copy at db_path: removes the instance rows of the n file paths (a
+ * file the live node no longer indexes: purged by retention or replaced
+ * while the backup ran) and marks a study left with no instance purged at
+ * now_ms, as retention does. Returns 0, or -1 with a message in err. */
+int db_backup_forget_files(const char *db_path, char *const *file_paths, int n, int64_t now_ms,
+                           char *err, size_t errlen);
 
 /* Called by the migration, on the connection it is about to migrate and
  * outside any transaction, when an existing database (from_version > 0) is

@@ -7,12 +7,14 @@
  *   outbox/...     the results built for PACS and not yet delivered,
  *   MANIFEST       written last: a folder without it is not a backup.
  * Backup takes the snapshot first and copies the files the snapshot lists,
- * so the copy never holds a row without its file; outbox/ is copied after
- * the snapshot too, and a delivery whose file the node removed meanwhile
- * (it does so once every destination acknowledged) is marked sent in the
- * copy. An instance the node
- * replaces (a resend) between the two steps makes the backup fail; run it
- * again. Instances received after the snapshot are not in the backup.
+ * so the copy never holds a row without its file. A file the node removes
+ * in between (retention purging its study, a resend replacing it) is left
+ * out, with its row, once the live index confirms it has no row for it
+ * either; a study left with no instance is marked purged in the copy.
+ * outbox/ is copied after the snapshot too; a delivery whose file the node
+ * removed meanwhile (it does so once every destination acknowledged it) is
+ * marked sent in the copy. Instances received after the snapshot are not
+ * in the backup.
  *
  * Restore refuses a store.dir that holds anything; it checks the backup
  * (database quick_check, every file present with its size) before it
@@ -26,6 +28,7 @@
 #include <fcntl.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -48,7 +51,10 @@ struct copier {
     bool check_only; /* restore's first pass: only look at the sources */
     int64_t files, bytes;
     int64_t model_files, outbox_files; /* files copied by copy_tree */
-    char last_dir[4096];               /* the destination folder synced last */
+    const char *live_db; /* backup: the node's index, asked about a file gone meanwhile */
+    char **gone;         /* backup: files of the snapshot the live index dropped since */
+    int ngone, capgone;
+    char last_dir[4096]; /* the destination folder synced last */
     char *err;
     size_t errlen;
 };
@@ -157,6 +163,35 @@ static int copy_file(struct copier *c, const char *src, const char *dst, int64_t
     return rc;
 }
 
+/* The snapshot's file rel (at src) is gone. When the live index no longer
+ * has it either (retention purged its study, or a resend replaced it), it
+ * is left out of the copy: its row is removed there after the walk. */
+static int forget(struct copier *c, const char *rel, const char *src)
+{
+    bool indexed = true;
+    if (db_backup_file_indexed(c->live_db, rel, &indexed, c->err, c->errlen) != 0) return -1;
+    if (indexed) {
+        snprintf(c->err, c->errlen, "%.1000s is missing although the index lists it", src);
+        return -1;
+    }
+    if (c->ngone == c->capgone) {
+        int cap = c->capgone ? c->capgone * 2 : 64;
+        char **grown = realloc(c->gone, sizeof *grown * (size_t)cap);
+        if (!grown) {
+            snprintf(c->err, c->errlen, "out of memory");
+            return -1;
+        }
+        c->gone = grown;
+        c->capgone = cap;
+    }
+    if (!(c->gone[c->ngone] = strdup(rel))) {
+        snprintf(c->err, c->errlen, "out of memory");
+        return -1;
+    }
+    c->ngone++;
+    return 0;
+}
+
 /* db_backup_files callback: copies (or, check_only, checks) one file. */
 static int copy_one(void *ud, const char *rel, int64_t size)
 {
@@ -179,12 +214,9 @@ static int copy_one(void *ud, const char *rel, int64_t size)
         int rc = 0;
         if (make_parents(c, dst) != 0 || sync_dir_of(c, dst) != 0 ||
             (rc = copy_file(c, src, dst, size)) == -1) {
-            if (errno == ENOENT && access(src, F_OK) != 0)
-                snprintf(c->err, c->errlen,
-                         "%s is gone: the instance was replaced while the backup ran", src);
-            else
-                snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
-                         strerror(errno));
+            if (errno == ENOENT && access(src, F_OK) != 0 && c->live_db) return forget(c, rel, src);
+            snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
+                     strerror(errno));
             return -1;
         }
         if (rc != 0) return -1;
@@ -361,7 +393,8 @@ int triage_backup_main(int argc, char **argv)
     char err[2048] = "", db_path[1200], dst_db[4200];
     snprintf(db_path, sizeof db_path, "%s/ichtriage.db", store);
     snprintf(dst_db, sizeof dst_db, "%s/ichtriage.db", dir);
-    struct copier c = {.from = store, .to = dir, .err = err, .errlen = sizeof err};
+    struct copier c = {
+        .from = store, .to = dir, .live_db = db_path, .err = err, .errlen = sizeof err};
     struct db_status st;
     rc = 1;
     if (access(db_path, R_OK) != 0) {
@@ -389,6 +422,13 @@ int triage_backup_main(int argc, char **argv)
             snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
     }
+    if (c.ngone) {
+        if (db_backup_forget_files(dst_db, c.gone, c.ngone, (int64_t)time(NULL) * 1000, err,
+                                   sizeof err) != 0)
+            goto out;
+        util_log(UTIL_LOG_INFO, "backup_files_left_out",
+                 "files=%d reason=\"removed from the store while the backup ran\"", c.ngone);
+    }
     int settled = 0;
     if (db_backup_outbox_settle(dst_db, dir, (int64_t)time(NULL) * 1000, &settled, err,
                                 sizeof err) != 0)
@@ -414,6 +454,9 @@ out:
                 "(no MANIFEST)\n",
                 err, dir);
     }
+    for (int i = 0; i < c.ngone; i++)
+        free(c.gone[i]);
+    free(c.gone);
     triage_config_free(&cfg);
     return rc;
 }

@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import dicomtest as dt  # noqa: E402
@@ -272,6 +273,57 @@ class Backup(itest.NodeTest):
         con.close()
         self.assertEqual(states, [(1, "sc", "pending"), (1, "sr", "pending"),
                                   (2, "sc", "sent"), (2, "sr", "sent")])
+
+    def test_backup_while_retention_purges(self):
+        """Retention removes a study the backup has listed but not copied yet:
+        the backup leaves that study out (marked purged) and completes. The
+        backup's first file copy is held 8 s (strace delay injection) while
+        a node with store.retention_days purges the study."""
+        import sqlite3
+        if not shutil.which("strace"):
+            self.skipTest("needs strace")
+        node, files = self.received(series=2, count=3)
+        self.assertEqual(node.stop(), 0)
+        DAY = 86400 * 1000
+        con = sqlite3.connect(node.db_path)
+        with con:
+            # The study whose files are copied last becomes old and triaged.
+            last = con.execute("SELECT st.id FROM instances i JOIN series s ON s.id ="
+                               " i.series_id JOIN studies st ON st.id = s.study_ref"
+                               " ORDER BY i.file_path DESC LIMIT 1").fetchone()[0]
+            con.execute("UPDATE series SET state = 'not_applicable' WHERE study_ref != ?", (last,))
+            con.execute("UPDATE series SET state = 'triaged' WHERE study_ref = ?", (last,))
+            old = int(time.time() * 1000) - 3 * DAY
+            con.execute("UPDATE studies SET updated_at = ?, received_at = ? WHERE id = ?",
+                        (old, old, last))
+            kept = con.execute("SELECT i.file_path FROM instances i JOIN series s ON s.id ="
+                               " i.series_id WHERE s.study_ref != ?", (last,)).fetchall()
+        con.close()
+        bdir = os.path.join(self.work, "backup")
+        argv = ["strace", "-f", "-o", "/dev/null", "-e", "trace=copy_file_range", "-e",
+                "inject=copy_file_range:delay_enter=8000000:when=1", itest.EXE, "backup"]
+        backup = subprocess.Popen(argv + store_args(node.store_dir) + [bdir],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10  # the snapshot is taken before any copy
+        while not os.path.exists(os.path.join(bdir, "ichtriage.db")) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        node.settings["store.retention_days"] = "1"
+        node.start()
+        self.assertTrue(node.wait_event("study_purged", timeout=6), node.log_tail())
+        out, err = backup.communicate(timeout=60)
+        self.assertEqual(backup.returncode, 0, err.decode())
+        self.assertIn("%d instances" % len(kept), out.decode())
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        con = sqlite3.connect(os.path.join(store2, "ichtriage.db"))
+        self.assertEqual(sorted(con.execute("SELECT file_path FROM instances")), sorted(kept))
+        self.assertEqual(con.execute("SELECT purged_at IS NOT NULL FROM studies WHERE id = ?",
+                                     (last,)).fetchone()[0], 1)
+        con.close()
+        self.assertEqual(sorted(p for p in tree(store2) if p.startswith("spool/")),
+                         sorted(k[0] for k in kept))
 
     def test_backup_while_receiving(self):
         """Online: a backup taken while a series streams in is consistent,
