@@ -99,10 +99,9 @@ void db_outbox_source_free(struct db_outbox_source *s)
     s->slices = 0;
 }
 
-int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source *out)
+/* db_outbox_source's reads, inside its transaction. */
+static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source *out)
 {
-    memset(out, 0, sizeof *out);
-    sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(
             c,
@@ -181,6 +180,22 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
 bad:
     db_outbox_source_free(out);
     return -1;
+}
+
+int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source *out)
+{
+    memset(out, 0, sizeof *out);
+    sqlite3 *c = db_conn(db);
+    /* One snapshot: a re-triage committing between the result and its
+     * per-slice rows would otherwise mix two results in one object. */
+    if (sqlite3_exec(c, "BEGIN", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    int rc = source_read(c, revision_id, out);
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        db_outbox_source_free(out);
+        return -1;
+    }
+    return rc;
 }
 
 int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,

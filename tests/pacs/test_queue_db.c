@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "db.h"
+#include "db_internal.h"
 #include "db_outbox.h"
 #include "db_retention.h"
 #include "pacs.h"
@@ -246,4 +247,38 @@ Test(outbox, revision_that_cannot_be_built_is_given_up_and_listed, .init = setup
     cr_assert_eq(db_outbox_failed(db, 10, list_failure, &listed), 0);
     cr_expect_eq(listed, 1);
     cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries"), 0);
+}
+
+/* A re-triage that commits while db_outbox_source runs: just as its
+ * per-slice statement starts. */
+static int retriage_at_slices(unsigned type, void *ud, void *stmt, void *x)
+{
+    (void)type, (void)x;
+    const char *q = sqlite3_sql(stmt);
+    if (*(int *)ud == 0 && q && strstr(q, "SELECT sr.idx")) {
+        *(int *)ud = 1;
+        sql("UPDATE slice_results SET p_any = 0.75;"
+            "UPDATE results SET p_any = 0.75, created_at = 2000;");
+    }
+    return 0;
+}
+
+Test(outbox, source_reads_one_result, .init = setup, .fini = teardown)
+{
+    int64_t id1 = flagged_revision_pending();
+    sql("INSERT INTO slice_results (series_ref, idx, sop_uid, frame, p_any, p_epidural,"
+        " p_intraparenchymal, p_intraventricular, p_subarachnoid, p_subdural)"
+        " VALUES (1, 0, '1.2.3.4.1', 0, 0.9, 0, 0, 0, 0, 0)");
+    int fired = 0;
+    sqlite3_trace_v2(db_conn(db), SQLITE_TRACE_STMT, retriage_at_slices, &fired);
+    struct db_outbox_source src;
+    int rc = db_outbox_source(db, id1, &src);
+    sqlite3_trace_v2(db_conn(db), 0, NULL, NULL);
+    cr_assert_eq(rc, 0, "%d", rc);
+    cr_assert_eq(fired, 1);
+    cr_assert_eq(src.slices, 1);
+    /* The study's result and its slices are the same result's. */
+    cr_expect_float_eq(src.p[0], 0.9f, 1e-6);
+    cr_expect_float_eq(src.p_any[0], 0.9f, 1e-6);
+    db_outbox_source_free(&src);
 }
