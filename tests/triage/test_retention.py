@@ -58,12 +58,18 @@ class Retention(itest.NodeTest):
                             " WHERE study_uid = ?", (now - 3 * DAY, now - 3 * DAY, u))
             con.execute("UPDATE studies SET reviewed_at = ?, status = 'reviewed'"
                         " WHERE study_uid = ?", (now - 10 * DAY, reviewed))
-            sid, ser = con.execute("SELECT st.id, s.id FROM studies st JOIN series s"
+            ser, = con.execute("SELECT s.id FROM studies st JOIN series s"
                                    " ON s.study_ref = st.id WHERE st.study_uid = ?",
                                    (undelivered,)).fetchone()
-            con.execute("INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision,"
-                        " state, created_at) VALUES (?, ?, ?, 1, 'pending', ?)",
-                        (sid, ser, now, now))
+            # Its result built and queued for a PACS, not acknowledged yet
+            # (the node recorded it skipped: it has no pacs.destinations).
+            rev, = con.execute("SELECT id FROM pacs_revisions WHERE series_ref = ?",
+                               (ser,)).fetchone()
+            con.execute("UPDATE pacs_revisions SET state = 'ready', revision = 1 WHERE id = ?",
+                        (rev,))
+            con.execute("INSERT INTO pacs_deliveries (revision_ref, destination, object,"
+                        " file_path, sop_uid, next_attempt_at) VALUES (?, 'PACS@127.0.0.1:9',"
+                        " 'sr', 'outbox/1-sr.dcm', '1.2', ?)", (rev, now))
         con.close()
 
         node.start()
