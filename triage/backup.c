@@ -39,6 +39,7 @@
 #include "db_backup.h"
 #include "db_status.h"
 #include "log.h"
+#include "store.h"
 
 #define BACKUP_FORMAT "ichtriage-backup 1"
 
@@ -247,9 +248,8 @@ static int copy_tree(struct copier *c, const char *rel, int64_t *count)
         snprintf(c->err, c->errlen, "cannot create %.1000s: %.1000s", dst, strerror(errno));
     for (struct dirent *e; rc == 0 && (e = readdir(d));) {
         size_t len = strlen(e->d_name);
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") ||
-            (len > 4 && !strcmp(e->d_name + len - 4, ".tmp")))
-            continue;
+        /* Dot files are locks (models/.lock), not data. */
+        if (e->d_name[0] == '.' || (len > 4 && !strcmp(e->d_name + len - 4, ".tmp"))) continue;
         char sub[2100], from[4200], to[4200];
         struct stat st;
         if ((size_t)snprintf(sub, sizeof sub, "%s/%s", rel, e->d_name) >= sizeof sub) continue;
@@ -279,7 +279,8 @@ static int finish_dirs(struct copier *c)
 }
 
 /* True when dir does not exist or holds nothing but, at most, empty
- * spool/ and spool/.tmp/ folders (what a node leaves before any data). */
+ * spool/ and spool/.tmp/ folders and the store's lock file (what a node
+ * leaves before any data). */
 static bool dir_is_empty(const char *dir, int depth)
 {
     DIR *d = opendir(dir);
@@ -287,6 +288,7 @@ static bool dir_is_empty(const char *dir, int depth)
     bool empty = true;
     for (struct dirent *e; empty && (e = readdir(d));) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (depth == 0 && !strcmp(e->d_name, "ichtriage.lock")) continue;
         const char *allowed = depth == 0 ? "spool" : depth == 1 ? ".tmp" : NULL;
         char sub[4200];
         snprintf(sub, sizeof sub, "%s/%s", dir, e->d_name);
@@ -526,6 +528,14 @@ int triage_restore_main(int argc, char **argv)
     c.chown = geteuid() == 0 && (sst.st_uid != 0 || sst.st_gid != 0);
     c.uid = sst.st_uid;
     c.gid = sst.st_gid;
+    /* A node started meanwhile would clean up what is being restored. */
+    if (triage_store_lock(store, err, sizeof err) != 0) goto out;
+    char lock_path[1100];
+    snprintf(lock_path, sizeof lock_path, "%.1000s/ichtriage.lock", store);
+    if (c.chown && chown(lock_path, c.uid, c.gid) != 0) {
+        snprintf(err, sizeof err, "cannot chown %.1000s: %.64s", lock_path, strerror(errno));
+        goto out;
+    }
     util_log(UTIL_LOG_INFO, "restore_start", "backup=%s store=%s", dir, store);
     if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0 ||
         copy_tree(&c, "models", &c.model_files) != 0 ||

@@ -324,7 +324,7 @@ int triage_serve_main(int argc, char **argv)
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }
-    if (triage_store_lock(&n.store, err, sizeof err) != 0) {
+    if (triage_store_lock(n.store.dir, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }

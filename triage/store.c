@@ -251,10 +251,10 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_
     return SCP_STATUS_SUCCESS;
 }
 
-int triage_store_lock(const struct triage_store *s, char *err, size_t errlen)
+int triage_store_lock(const char *dir, char *err, size_t errlen)
 {
     char path[1200];
-    snprintf(path, sizeof path, "%s/ichtriage.lock", s->dir);
+    snprintf(path, sizeof path, "%s/ichtriage.lock", dir);
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) {
         snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
@@ -265,7 +265,7 @@ int triage_store_lock(const struct triage_store *s, char *err, size_t errlen)
             snprintf(err, errlen,
                      "another ichtriage node runs on store.dir %s (it holds %s); refusing to "
                      "start on the same store",
-                     s->dir, path);
+                     dir, path);
         else
             snprintf(err, errlen, "cannot lock %s: %s", path, strerror(errno));
         close(fd);
@@ -292,7 +292,10 @@ static int sweep(struct triage_store *s, const char *rel, int depth, bool dry, l
     while ((e = readdir(d)) != NULL) {
         if (e->d_name[0] == '.') continue; /* ., .. and .tmp */
         char child[1024];
-        snprintf(child, sizeof child, "%s/%s", rel, e->d_name);
+        if ((size_t)snprintf(child, sizeof child, "%s/%s", rel, e->d_name) >= sizeof child) {
+            util_log(UTIL_LOG_WARN, "spool_stray_file", "path=%s/%.64s...", rel, e->d_name);
+            continue; /* not a name of the node's (UIDs are 64 at most) */
+        }
         if (depth < 2) {
             if (sweep(s, child, depth + 1, dry, removed) != 0) rc = -1;
             continue;

@@ -38,10 +38,10 @@ void triage_store_finish(struct triage_store *s);
 
 /* Takes <dir>/ichtriage.lock (an exclusive flock, held until the process
  * ends), so that a second node on the same store refuses to start instead
- * of cleaning up the files the first is receiving. Call after
- * triage_store_prepare(), before triage_store_recover(). Returns 0, or -1
- * with a message. */
-int triage_store_lock(const struct triage_store *s, char *err, size_t errlen);
+ * of cleaning up the files the first is receiving (and a restore refuses a
+ * store a node runs on). The node calls it after triage_store_prepare(),
+ * before triage_store_recover(). Returns 0, or -1 with a message. */
+int triage_store_lock(const char *dir, char *err, size_t errlen);
 
 /* Start-up clean-up after a crash: removes every file in the temp folder
  * and every spool file that no index row points to (both were never

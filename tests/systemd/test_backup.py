@@ -388,6 +388,19 @@ class Backup(itest.NodeTest):
         self.assertEqual(rc, 1)
         self.assertIn("missing or not", err)
         self.assertEqual(os.listdir(target), [], "restore wrote before checking the backup")
+        # An empty store a node holds (its lock; it would clean up what the
+        # restore writes): refused, nothing written.
+        import fcntl
+        target = os.path.join(self.work, "t3")
+        os.mkdir(target, 0o700)
+        with open(os.path.join(target, "ichtriage.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rc, _, err = ichtriage("restore", *store_args(target), bdir)
+        self.assertEqual(rc, 1)
+        self.assertIn("another ichtriage node runs on store.dir", err)
+        self.assertEqual(os.listdir(target), ["ichtriage.lock"])
+        # Free, the same empty store (a lock file is no data) takes the restore.
+        self.assertEqual(ichtriage("restore", *store_args(target), bdir)[0], 0)
 
     def test_restore_as_root_takes_the_store_owner(self):
         """The admin restores as root into /var/lib/ichtriage made by tmpfiles
