@@ -13,8 +13,10 @@
                      */
 
 /* Series still receiving whose quiet period is over (last instance at or
- * before now_ms - quiet_ms) or whose expected count is reached. Writes up to
- * max ids; *n is how many. */
+ * before now_ms - quiet_ms) or that hold exactly their expected count (Images
+ * in Acquisition): past it (a series of several acquisitions) only the quiet
+ * period completes, not every further instance. Writes up to max ids; *n is
+ * how many. */
 int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids, int max, int *n);
 
 struct db_series_info {
@@ -44,7 +46,8 @@ int db_series_instances(struct db *db, int64_t series_id, struct db_instance_bri
 /* Records the decision on a complete series in one transaction: its state
  * ("waiting" with a new job, "not_applicable", or "triaged" when this very
  * content was already triaged), the reason shown to users and the content
- * key; then the study's status. Returns 0 or -1 with err. */
+ * key; queued jobs of other content are superseded; then the study's status.
+ * Returns 0 or -1 with err. */
 int db_series_decide(struct db *db, int64_t series_id, const char *state, const char *reason,
                      const char *content_key, int64_t now_ms, char *err, size_t errlen);
 
@@ -55,7 +58,9 @@ struct db_job {
     int64_t id, series_id;
     char content_key[33];
 };
-/* Takes the oldest queued job (state running, series triaging). Returns 1
+/* Takes the oldest queued job for its series' current content (state
+ * running, series triaging); a job whose series is receiving again waits for
+ * the new decision, one for content since replaced is superseded. Returns 1
  * with *job set, 0 when there is none, -1 on error. */
 int db_job_claim(struct db *db, int64_t now_ms, struct db_job *job);
 

@@ -20,7 +20,7 @@ int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids,
     if (sqlite3_prepare_v2(c,
                            "SELECT id FROM series WHERE state = 'receiving' AND"
                            " (last_instance_at <= ?1 OR"
-                           "  (expected_count > 0 AND instance_count >= expected_count))"
+                           "  (expected_count > 0 AND instance_count = expected_count))"
                            " ORDER BY last_instance_at LIMIT ?2",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
@@ -153,6 +153,14 @@ int db_series_decide(struct db *db, int64_t series_id, const char *state, const 
         sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
         return 0;
     }
+    /* Queued jobs for other content of this series are stale: running them
+     * would triage a partial series and delay everyone queued behind. */
+    if (db_exec_bound(c,
+                      "UPDATE jobs SET state = 'superseded', finished_at = ?3"
+                      " WHERE series_ref = ?1 AND state = 'queued'"
+                      " AND (?4 != 'waiting' OR content_key != ?2)",
+                      "isis", series_id, content_key, now_ms, state) != 0)
+        goto bad;
     if (strcmp(state, "waiting") == 0) {
         /* The same content may complete again before its job ran (sent
          * again while the job waited, or a crash before it ran): one job
@@ -217,9 +225,19 @@ int db_job_claim(struct db *db, int64_t now_ms, struct db_job *job)
     sqlite3_stmt *st;
     int got = 0;
     int64_t study = 0;
+    /* A job for content its series no longer has (queued before
+     * db_series_decide superseded such jobs) never runs. */
+    if (db_exec_bound(c,
+                      "UPDATE jobs SET state = 'superseded', finished_at = ?1"
+                      " WHERE state = 'queued' AND content_key !="
+                      " (SELECT s.content_key FROM series s WHERE s.id = jobs.series_ref)",
+                      "i", now_ms) != 0)
+        goto bad;
     if (sqlite3_prepare_v2(c,
                            "UPDATE jobs SET state = 'running', started_at = ?1 WHERE id ="
-                           " (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
+                           " (SELECT j.id FROM jobs j JOIN series s ON s.id = j.series_ref"
+                           "  WHERE j.state = 'queued' AND j.content_key = s.content_key"
+                           "  AND s.state != 'receiving' ORDER BY j.id LIMIT 1)"
                            " RETURNING id, series_ref, content_key",
                            -1, &st, NULL) != SQLITE_OK)
         goto bad;

@@ -126,6 +126,35 @@ class TriageTest(itest.NodeTest):
         self.send(node, files)
         self.wait_status(node, study, ("triaged",), timeout=20)
 
+    def test_more_instances_than_expected_triaged_once(self):
+        # Images in Acquisition 4 on a 12-slice series (several acquisitions
+        # in one series), one association per file: past the expected count
+        # the quiet period completes it, not every further instance.
+        quiet = 3
+        node = self.node(**{"triage.quiet_seconds": quiet})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=12)
+        (study, files), = studies.items()
+        import pydicom
+        for f in files:
+            ds = pydicom.dcmread(f)
+            ds.ImagesInAcquisition = 4
+            ds.save_as(f)
+        for f in files:
+            self.send(node, [f])
+        deadline = time.monotonic() + quiet + 30
+        row = None
+        while time.monotonic() < deadline:
+            row = self.wait_status(node, study, ("triaged", "received", "waiting", "triaging",
+                                                 "not_applicable"))
+            if row["status"] == "triaged" and row["slices"] == len(files):
+                break
+            time.sleep(0.3)
+        self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
+        time.sleep(1)
+        ran = [k for state, k in self.jobs(node, study) if state != "superseded"]
+        self.assertEqual(ran, ["%d-" % len(files) + ran[-1].split("-")[1]], ran)
+        self.assertEqual(len(node.events("series_triaged")), 1)
+
     def test_restart_in_the_middle_of_a_series(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=13)

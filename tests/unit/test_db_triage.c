@@ -1,0 +1,112 @@
+/* Unit tests of db/triage.c: jobs of a series whose content changed. Real
+ * SQLite files in a temp dir. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "db.h"
+#include "db_triage.h"
+
+static char dir[256], path[300];
+static struct db *db;
+static const int64_t t0 = 1700000000000;
+
+static void setup(void)
+{
+    char err[512];
+    snprintf(dir, sizeof dir, "/tmp/ichtriage-test-dbtriage-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/test.db", dir);
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+}
+
+static void teardown(void)
+{
+    db_close(db);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* Stores slice k of one axial CT series, received at t0 + k ms. */
+static void put(int k)
+{
+    char sop[32], file[64], old[512], err[512];
+    snprintf(sop, sizeof sop, "1.2.3.4.%d", k);
+    snprintf(file, sizeof file, "s/%s.dcm", sop);
+    struct db_instance in = {
+        .patient_id = "P1",
+        .patient_name = "Doe^Jane",
+        .study_uid = "1.2.3",
+        .series_uid = "1.2.3.4",
+        .modality = "CT",
+        .series_number = 2,
+        .sop_uid = sop,
+        .sop_class = "1.2.840.10008.5.1.4.1.1.2",
+        .transfer_syntax = "1.2.840.10008.1.2.1",
+        .instance_number = k,
+        .rows = 512,
+        .columns = 512,
+        .number_of_frames = 1,
+        .has_position = true,
+        .position = {0, 0, k},
+        .has_orientation = true,
+        .orientation = {1, 0, 0, 0, 1, 0},
+        .rescale_slope = 1,
+        .rescale_intercept = -1024,
+        .file_path = file,
+        .file_size = 1000,
+        .calling_ae = "CT1",
+        .received_at_ms = t0 + k,
+    };
+    cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
+}
+
+/* The one series, due after its quiet period. */
+static int64_t due(void)
+{
+    int64_t ids[4];
+    int n;
+    cr_assert_eq(db_series_due(db, t0 + 100000, 5000, ids, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    return ids[0];
+}
+
+static void decide(int64_t id, const char *state, const char *key)
+{
+    char err[512];
+    cr_assert_eq(db_series_decide(db, id, state, "", key, t0 + 100000, err, sizeof err), 0, "%s",
+                 err);
+}
+
+TestSuite(db_triage, .init = setup, .fini = teardown);
+
+/* Five slices decided with a job queued (content "5-a"), then a sixth stored
+ * before the job ran: the queued job is for old content. */
+static void queued_then_reopened(void)
+{
+    for (int k = 1; k <= 5; k++)
+        put(k);
+    decide(due(), "waiting", "5-a");
+    put(6);
+}
+
+Test(db_triage, stale_queued_job_is_never_claimed)
+{
+    queued_then_reopened();
+    struct db_job job;
+    cr_assert_eq(db_job_claim(db, t0 + 100001, &job), 0, "claimed a job of a series receiving");
+    decide(due(), "waiting", "6-b");
+    cr_assert_eq(db_job_claim(db, t0 + 100002, &job), 1);
+    cr_assert_str_eq(job.content_key, "6-b");
+    cr_assert_eq(db_job_claim(db, t0 + 100003, &job), 0, "the stale job ran as well");
+}
+
+Test(db_triage, no_job_left_when_the_new_content_is_not_triaged)
+{
+    queued_then_reopened();
+    decide(due(), "not_applicable", "6-b");
+    struct db_job job;
+    cr_assert_eq(db_job_claim(db, t0 + 100001, &job), 0, "a job ran for replaced content");
+}
