@@ -25,6 +25,7 @@ struct db_series_info {
     char modality[17], body_part[17], series_desc[65], study_desc[65];
     char state[16], content_key[33];
     int instance_count;
+    int64_t last_instance_at_ms;
     bool has_result;
     char result_key[33]; /* content_key of the stored result, "" when none */
 };
@@ -47,9 +48,13 @@ int db_series_instances(struct db *db, int64_t series_id, struct db_instance_bri
  * ("waiting" with a new job, "not_applicable", or "triaged" when this very
  * content was already triaged), the reason shown to users and the content
  * key; queued jobs of other content are superseded; then the study's status.
- * Returns 0 or -1 with err. */
-int db_series_decide(struct db *db, int64_t series_id, const char *state, const char *reason,
-                     const char *content_key, int64_t now_ms, char *err, size_t errlen);
+ * seen is what the decision was made on (db_series_info, read before the
+ * instances): when the series got or replaced an instance since, nothing is
+ * written and it stays receiving, to be decided again. Returns 0 when
+ * decided, 1 when the series changed, -1 with err. */
+int db_series_decide(struct db *db, const struct db_series_info *seen, const char *state,
+                     const char *reason, const char *content_key, int64_t now_ms, char *err,
+                     size_t errlen);
 
 /* At start-up: jobs left running by a crash are queued again. */
 int db_jobs_requeue(struct db *db, int *count);

@@ -41,7 +41,7 @@ int db_series_info(struct db *db, int64_t series_id, struct db_series_info *out)
     if (sqlite3_prepare_v2(c,
                            "SELECT s.id, s.study_ref, s.series_uid, st.study_uid, s.modality,"
                            " s.body_part, s.series_desc, st.study_desc, s.state, s.content_key,"
-                           " s.instance_count, r.content_key"
+                           " s.instance_count, r.content_key, s.last_instance_at"
                            " FROM series s JOIN studies st ON st.id = s.study_ref"
                            " LEFT JOIN results r ON r.series_ref = s.id WHERE s.id = ?1",
                            -1, &st, NULL) != SQLITE_OK)
@@ -62,6 +62,7 @@ int db_series_info(struct db *db, int64_t series_id, struct db_series_info *out)
         out->instance_count = sqlite3_column_int(st, 10);
         out->has_result = sqlite3_column_type(st, 11) != SQLITE_NULL;
         db_col_copy(st, 11, out->result_key, sizeof out->result_key);
+        out->last_instance_at_ms = sqlite3_column_int64(st, 12);
     }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : -1;
@@ -126,10 +127,12 @@ static int refresh_study(sqlite3 *c, int64_t study_id)
     return rc == SQLITE_DONE ? 0 : -1;
 }
 
-int db_series_decide(struct db *db, int64_t series_id, const char *state, const char *reason,
-                     const char *content_key, int64_t now_ms, char *err, size_t errlen)
+int db_series_decide(struct db *db, const struct db_series_info *seen, const char *state,
+                     const char *reason, const char *content_key, int64_t now_ms, char *err,
+                     size_t errlen)
 {
     sqlite3 *c = db_conn(db);
+    int64_t series_id = seen->id;
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
         return fail(c, err, errlen, "begin");
     sqlite3_stmt *st;
@@ -137,6 +140,7 @@ int db_series_decide(struct db *db, int64_t series_id, const char *state, const 
     if (sqlite3_prepare_v2(c,
                            "UPDATE series SET state = ?2, state_reason = ?3, content_key = ?4,"
                            " completed_at = ?5 WHERE id = ?1 AND state = 'receiving'"
+                           " AND instance_count = ?6 AND last_instance_at = ?7"
                            " RETURNING study_ref",
                            -1, &st, NULL) != SQLITE_OK)
         goto bad;
@@ -145,13 +149,16 @@ int db_series_decide(struct db *db, int64_t series_id, const char *state, const 
     sqlite3_bind_text(st, 3, reason ? reason : "", -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, content_key, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, now_ms);
+    sqlite3_bind_int(st, 6, seen->instance_count);
+    sqlite3_bind_int64(st, 7, seen->last_instance_at_ms);
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) study = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW) {
-        /* A new instance arrived since the caller looked: not complete after all. */
+        /* An instance stored since the caller looked: its decision is for
+         * other content; the series, still receiving, is decided again. */
         sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
-        return 0;
+        return 1;
     }
     /* Queued jobs for other content of this series are stale: running them
      * would triage a partial series and delay everyone queued behind. */

@@ -118,10 +118,20 @@ static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
                  c->min_slices);
     }
     char err[512];
-    if (db_series_decide(c->db, id, state, reason, key, now_ms, err, sizeof err) != 0) {
+    /* info was read before the instances: one stored in between makes them
+     * differ, one stored after makes db_series_decide refuse. */
+    int decided = n == info.instance_count
+                      ? db_series_decide(c->db, &info, state, reason, key, now_ms, err, sizeof err)
+                      : 1;
+    if (decided < 0) {
         util_log(UTIL_LOG_ERROR, "series_decide_failed", "series=%s error=\"%s\"", info.series_uid,
                  err);
         return -1;
+    }
+    if (decided > 0) {
+        util_log(UTIL_LOG_DEBUG, "series_changed", "study=%s series=%s instances=%d",
+                 info.study_uid, info.series_uid, n);
+        return 0;
     }
     util_log(UTIL_LOG_INFO, "series_complete", "study=%s series=%s instances=%d state=%s%s%s%s",
              info.study_uid, info.series_uid, n, state, reason[0] ? " reason=\"" : "", reason,

@@ -1,5 +1,5 @@
-/* Unit tests of db/triage.c: jobs of a series whose content changed. Real
- * SQLite files in a temp dir. */
+/* Unit tests of db/triage.c: jobs of a series whose content changed, and a
+ * decision racing a newly stored instance. Real SQLite files in a temp dir. */
 #include <criterion/criterion.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,8 +29,8 @@ static void teardown(void)
     cr_assert_eq(system(cmd), 0);
 }
 
-/* Stores slice k of one axial CT series, received at t0 + k ms. */
-static void put(int k)
+/* Stores slice k of one axial CT series, received at t0 + ms. */
+static void put_at(int k, int64_t ms)
 {
     char sop[32], file[64], old[512], err[512];
     snprintf(sop, sizeof sop, "1.2.3.4.%d", k);
@@ -58,9 +58,14 @@ static void put(int k)
         .file_path = file,
         .file_size = 1000,
         .calling_ae = "CT1",
-        .received_at_ms = t0 + k,
+        .received_at_ms = t0 + ms,
     };
     cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
+}
+
+static void put(int k)
+{
+    put_at(k, k);
 }
 
 /* The one series, due after its quiet period. */
@@ -76,7 +81,9 @@ static int64_t due(void)
 static void decide(int64_t id, const char *state, const char *key)
 {
     char err[512];
-    cr_assert_eq(db_series_decide(db, id, state, "", key, t0 + 100000, err, sizeof err), 0, "%s",
+    struct db_series_info seen;
+    cr_assert_eq(db_series_info(db, id, &seen), 0);
+    cr_assert_eq(db_series_decide(db, &seen, state, "", key, t0 + 100000, err, sizeof err), 0, "%s",
                  err);
 }
 
@@ -109,4 +116,45 @@ Test(db_triage, no_job_left_when_the_new_content_is_not_triaged)
     decide(due(), "not_applicable", "6-b");
     struct db_job job;
     cr_assert_eq(db_job_claim(db, t0 + 100001, &job), 0, "a job ran for replaced content");
+}
+
+/* Completion read the series, then an instance was stored (or replaced)
+ * before its decision: the decision is for other content and is not
+ * written; the series stays receiving and becomes due again. */
+static void decision_refused_after(void (*change)(void))
+{
+    char err[512];
+    for (int k = 1; k <= 4; k++)
+        put(k);
+    int64_t id = due();
+    struct db_series_info seen, now;
+    cr_assert_eq(db_series_info(db, id, &seen), 0);
+    change();
+    cr_assert_eq(db_series_decide(db, &seen, "not_applicable", "4 axial slices", "4-a", t0 + 100000,
+                                  err, sizeof err),
+                 1, "decided on stale content: %s", err);
+    cr_assert_eq(db_series_info(db, id, &now), 0);
+    cr_assert_str_eq(now.state, "receiving");
+    cr_assert_str_eq(now.content_key, "");
+    cr_assert_eq(due(), id);
+}
+
+static void add_fifth(void)
+{
+    put(5);
+}
+
+static void replace_fourth(void)
+{
+    put_at(4, 50);
+}
+
+Test(db_triage, decision_refused_after_a_new_instance)
+{
+    decision_refused_after(add_fifth);
+}
+
+Test(db_triage, decision_refused_after_a_replaced_instance)
+{
+    decision_refused_after(replace_fourth);
 }
