@@ -130,7 +130,7 @@ class TriageTest(itest.NodeTest):
         # Images in Acquisition 4 on a 12-slice series (several acquisitions
         # in one series), one association per file: past the expected count
         # the quiet period completes it, not every further instance.
-        quiet = 3
+        quiet = 6  # longer than any gap between two storescu runs here
         node = self.node(**{"triage.quiet_seconds": quiet})
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=12)
         (study, files), = studies.items()
