@@ -41,10 +41,15 @@ sqlite3 *db_conn(struct db *db);
 
 /* Recomputes a study's status and result from its series (?1 = study id).
  * Order of precedence: reviewed, triaging, waiting, received (a series still
- * receiving), triaged, failed, not_applicable. */
+ * receiving), triaged, failed, not_applicable. Not reviewed once a result is
+ * stored for a series that got instances after the review: nobody has read
+ * that one (the review stays, in reviews and reviewed_at). */
 #define DB_STUDY_REFRESH_SQL                                                                       \
     "UPDATE studies SET status = CASE"                                                             \
-    "  WHEN reviewed_at IS NOT NULL THEN 'reviewed'"                                               \
+    "  WHEN reviewed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM results r"                       \
+    "    JOIN series s ON s.id = r.series_ref WHERE s.study_ref = studies.id"                      \
+    "    AND r.created_at > studies.reviewed_at AND s.last_instance_at > studies.reviewed_at)"     \
+    "    THEN 'reviewed'"                                                                          \
     "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
     "    AND s.state = 'triaging') THEN 'triaging'"                                                \
     "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \

@@ -193,6 +193,54 @@ class TriageTest(itest.NodeTest):
         self.assertEqual(row["result_updates"], 1)
         self.assertEqual(len(self.jobs(node, study)), 2)
 
+    def review(self, node, study):
+        """POST .../review as a radiologist does (CSRF token of the session)."""
+        import urllib.request
+        base = "http://127.0.0.1:%d" % node.http_port
+        with urllib.request.urlopen(base + "/api/session", timeout=10) as r:
+            csrf = json.load(r)["csrf"]
+        req = urllib.request.Request(
+            "%s/api/studies/%s/review" % (base, study), method="POST",
+            data=json.dumps({"hemorrhage": False, "subtypes": [], "comment": ""}).encode(),
+            headers={"Content-Type": "application/json", "X-CSRF-Token": csrf})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            self.assertEqual(r.status, 201)
+
+    def test_retriage_after_review_returns_to_the_worklist(self):
+        # Reviewed, then late instances: the new result is on images nobody
+        # reviewed, so the study is back on the worklist (flagged: first).
+        low = os.path.join(self.work, "low.safetensors")
+        subprocess.run([MAKE_MODEL, low, "b8,M,b16,M,b16,M,b16,G|", "1", "0.01"], check=True)
+        node = self.node(**{"triage.model": low})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=14)
+        (study, files), = studies.items()
+        self.send(node, files[:-1])
+        self.wait_status(node, study, ("triaged",))
+        self.review(node, study)
+        self.assertNotIn(study, [r["study_uid"] for r in self.worklist(node)])
+        self.assertEqual([r["study_uid"] for r in self.worklist(node, "reviewed")], [study])
+        self.send(node, files[-1:])
+        deadline = time.monotonic() + QUIET + 30
+        rows = []
+        while time.monotonic() < deadline:
+            rows = [r for r in self.worklist(node) if r["study_uid"] == study]
+            if rows and rows[0]["slices"] == len(files) and rows[0]["status"] == "triaged":
+                break
+            time.sleep(0.3)
+        self.assertTrue(rows, "re-triaged after review, not on the worklist: %r"
+                        % self.worklist(node, "reviewed"))
+        row = rows[0]
+        self.assertEqual((row["status"], row["slices"], row["flagged"], row["result_updates"]),
+                         ("triaged", len(files), True, 1), row)
+        self.assertEqual(self.worklist(node)[0]["study_uid"], study)
+        # The earlier review is kept.
+        self.assertEqual(node.query("SELECT count(*) FROM reviews")[0][0], 1)
+        # Resent unchanged after a new review: same content, stays reviewed.
+        self.review(node, study)
+        self.send(node, files[-1:])
+        self.assertTrue(node.wait_event("series_complete", timeout=QUIET + 10, count=3))
+        self.assertNotIn(study, [r["study_uid"] for r in self.worklist(node)])
+
     def test_same_content_is_not_triaged_twice(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=15)
