@@ -84,6 +84,31 @@ static void load_model(struct triage_infer *t, struct triage_model *m, bool *hav
                  "error=\"%s\"%s", err, *have ? " kept=old" : " jobs=waiting");
 }
 
+/* Ends a job, retrying with back-off (1, 2, ... 32 s) while the database
+ * refuses the write (busy past its timeout, disk full, an I/O error), so that
+ * a passing fault neither drops a computed result nor leaves the series
+ * triaging. Returns 0, or -1 with e once the retries are spent or at stop. */
+static int finish_job(struct triage_infer *t, struct db *db, const struct db_job *job,
+                      const struct db_result *res, const char *error, char *e, size_t elen)
+{
+    for (int delay_s = 1;; delay_s *= 2) {
+        if (db_job_finish(db, job, res, error, now_ms(), e, elen) == 0) return 0;
+        if (delay_s > 32) return -1;
+        util_log(UTIL_LOG_WARN, "job_finish_retry", "job=%lld retry_in_s=%d error=\"%s\"",
+                 (long long)job->id, delay_s, e);
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += delay_s;
+        pthread_mutex_lock(&t->mu);
+        int rc = 0;
+        while (!t->stop && rc != ETIMEDOUT)
+            rc = pthread_cond_timedwait(&t->cv, &t->mu, &until);
+        bool stop = t->stop;
+        pthread_mutex_unlock(&t->mu);
+        if (stop) return -1;
+    }
+}
+
 /* Runs one job; returns the error text (static buffer err) or NULL. */
 static const char *run_job(struct triage_infer *t, struct db *db, struct triage_model *m,
                            const struct db_job *job, char *err, size_t errlen)
@@ -158,7 +183,7 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
     };
     for (int l = 0; l < DB_LABELS; l++)
         res.p[l] = r.study[l];
-    if (db_job_finish(db, job, &res, NULL, now_ms(), e, sizeof e) != 0) {
+    if (finish_job(t, db, job, &res, NULL, e, sizeof e) != 0) {
         snprintf(err, errlen, "%s", e);
         fail = err;
         goto done;
@@ -229,13 +254,15 @@ static void *infer_main(void *arg)
             pthread_mutex_unlock(&t->mu);
             continue;
         }
+        util_log(UTIL_LOG_DEBUG, "job_started", "job=%lld series_id=%lld content=%s",
+                 (long long)job.id, (long long)job.series_id, job.content_key);
         char why[1024];
         const char *fail = run_job(t, db, &m, &job, why, sizeof why);
         if (fail) {
             util_log(UTIL_LOG_WARN, "series_failed", "job=%lld error=\"%s\"", (long long)job.id,
                      fail);
             char e[512];
-            if (db_job_finish(db, &job, NULL, fail, now_ms(), e, sizeof e) != 0)
+            if (finish_job(t, db, &job, NULL, fail, e, sizeof e) != 0)
                 util_log(UTIL_LOG_ERROR, "job_finish_failed", "job=%lld error=\"%s\"",
                          (long long)job.id, e);
         }

@@ -241,6 +241,34 @@ class TriageTest(itest.NodeTest):
         self.assertTrue(node.wait_event("series_complete", timeout=QUIET + 10, count=3))
         self.assertNotIn(study, [r["study_uid"] for r in self.worklist(node)])
 
+    def test_result_kept_when_the_database_is_busy_at_the_end(self):
+        # Another writer holds the index past the busy timeout (10 s) while
+        # the model runs: storing the result fails once, and is retried
+        # rather than dropped (the series failed with "database is locked").
+        import sqlite3
+        # VGG19 sizes: seconds per series, time to take the lock meanwhile.
+        slow = os.path.join(self.work, "vgg19.safetensors")
+        subprocess.run([MAKE_MODEL, slow, "vgg19"], check=True, stdout=subprocess.DEVNULL)
+        node = self.node(**{"triage.model": slow})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=17, slices=24)
+        (study, files), = studies.items()
+        self.send(node, files)
+        self.assertTrue(node.wait_event("job_started", timeout=QUIET + 20))
+        con = sqlite3.connect(node.db_path, timeout=10, isolation_level=None)
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and not (node.events("job_finish_retry")
+                                                      or node.events("series_failed")):
+                time.sleep(0.05)
+        finally:
+            con.execute("ROLLBACK")
+            con.close()
+        self.assertTrue(node.events("job_finish_retry"), node.log_tail())
+        row = self.wait_status(node, study, ("triaged", "failed"), timeout=60)
+        self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
+        self.assertEqual([j[0] for j in self.jobs(node, study)], ["done"])
+
     def test_same_content_is_not_triaged_twice(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=15)
