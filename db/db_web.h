@@ -47,8 +47,10 @@ int db_study_slices(struct db *db, const char *study_uid, db_slice_fn fn, void *
  * study_uid. Returns 0, 1 when not found, -1 on error. */
 int db_study_instance_file(struct db *db, const char *study_uid, const char *sop_uid, char *path,
                            size_t pathlen);
-/* Whether frame of instance sop_uid has a per-slice result: triage has read
- * its pixels (in the decoder child) without harm. Returns 0 yes, 1 no, -1. */
+/* Whether frame of instance sop_uid has a per-slice result computed from
+ * its current file: triage has read these pixels (in the decoder child)
+ * without harm. Returns 0 yes, 1 no result, 2 a result of an earlier copy
+ * (the instance was received again after its triage started), -1 error. */
 int db_slice_has_result(struct db *db, const char *sop_uid, int frame);
 
 /* Claims: one reader per study. db_claim_set claims for reader; a study

@@ -133,9 +133,23 @@ int db_study_instance_file(struct db *db, const char *study_uid, const char *sop
 
 int db_slice_has_result(struct db *db, const char *sop_uid, int frame)
 {
-    return db_row_exists(db_conn(db),
-                         "SELECT 1 FROM slice_results WHERE sop_uid = ?1 AND frame = ?2 LIMIT 1",
-                         "si", sop_uid, (int64_t)frame);
+    sqlite3 *c = db_conn(db);
+    /* The result's pixels were read after its job started: a file received
+     * since then (a re-sent instance replaces the file in place and keeps
+     * the old slice_results) is not the one the decoder child read. */
+    int rc = db_row_exists(c,
+                           "SELECT 1 FROM slice_results sr JOIN results r"
+                           " ON r.series_ref = sr.series_ref JOIN instances i"
+                           " ON i.sop_uid = sr.sop_uid AND i.series_id = sr.series_ref"
+                           " WHERE sr.sop_uid = ?1 AND sr.frame = ?2 AND i.received_at <"
+                           " (SELECT max(j.started_at) FROM jobs j WHERE j.series_ref ="
+                           " r.series_ref AND j.content_key = r.content_key AND j.state = 'done')"
+                           " LIMIT 1",
+                           "si", sop_uid, (int64_t)frame);
+    if (rc != 1) return rc;
+    rc = db_row_exists(c, "SELECT 1 FROM slice_results WHERE sop_uid = ?1 AND frame = ?2 LIMIT 1",
+                       "si", sop_uid, (int64_t)frame);
+    return rc == 0 ? 2 : rc;
 }
 
 static int run_changes(sqlite3 *c, sqlite3_stmt *st)

@@ -87,11 +87,18 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
     if (rc != 0) return http_send_error(req, 500, "cannot read the index");
     /* Decoded here, in the node, only what triage has already decoded
      * without harm (in the pixel-decoder child, issue 10): the slices with a
-     * result. A file that crashed or never reached the decoder is not
-     * parsed for its pixels in this process. */
+     * result, from this very file. A file that crashed or never reached the
+     * decoder (a re-sent instance not yet triaged again) is not parsed for
+     * its pixels in this process. */
     rc = db_slice_has_result(h->db, sop_uid, (int)frame);
     if (rc == 1)
         return http_send_error(req, 404, "no triaged slice: only slices with a result are shown");
+    if (rc == 2) {
+        util_log(UTIL_LOG_INFO, "slice_image_refused", "sop=%s frame=%ld reason=received_again",
+                 sop_uid, frame);
+        return http_send_error(req, 409,
+                               "slice received again since triage: not shown until triaged again");
+    }
     if (rc != 0) return http_send_error(req, 500, "cannot read the index");
     snprintf(path, sizeof path, "%s/%s", h->store->dir, rel);
     struct scp_pixels px;

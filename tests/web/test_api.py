@@ -111,6 +111,40 @@ class ApiTest(wt.WebTest):
         rows = self.node.query("SELECT user, action FROM audit WHERE study_uid = ?", (uid,))
         self.assertIn(("local", "opened"), [tuple(r) for r in rows])
 
+    def test_resent_slice_not_decoded_in_node(self):
+        """A key slice sent again with other pixels replaces its file but
+        keeps the old per-slice result: until it is triaged again (never
+        here: quiet 600 s) its file has not been through the decoder child,
+        so the node refuses to decode it for the PNG (409) and stays up."""
+        import pydicom
+        uid = next(iter(self.studies))
+        st = self.get_json(self.node, "/api/studies/" + uid)
+        key = st["key_sop_uid"]
+        png = "/api/studies/%s/slices/%s.png" % (uid, key)
+        self.assertEqual(wt.curl(self.node.base + png)[0], 200)
+        src = next(f for f in self.studies[uid] if wt.dt.sop_uids(f)[1] == key)
+        ds = pydicom.dcmread(src)
+        arr = ds.pixel_array
+        arr[...] = arr.max()
+        ds.PixelData = arr.tobytes()
+        resent = os.path.join(self.work, "resent.dcm")
+        ds.save_as(resent)
+        self.node.stop()
+        self.node.settings["triage.quiet_seconds"] = "600"
+        self.node.start()
+        self.send(self.node, [resent])
+        self.assertTrue(self.node.wait_event("instance_replaced"), self.node.log_tail())
+        status, _, body = wt.curl(self.node.base + png)
+        self.assertEqual(status, 409, body)
+        self.assertIn("received again", json.loads(body)["error"])
+        self.assertTrue(self.node.events("slice_image_refused"))
+        # The other slices of the study, not re-sent, are still shown.
+        other = next(s for s in st["slice_probabilities"] if s["sop_uid"] != key)
+        self.assertEqual(wt.curl("%s/api/studies/%s/slices/%s.png" % (
+            self.node.base, uid, other["sop_uid"]))[0], 200)
+        self.assertTrue(self.node.alive())
+        self.assertEqual(self.get_json(self.node, "/healthz")["status"], "ok")
+
     def test_review_round_trip(self):
         uid, other = list(self.studies)[:2]
         url = "%s/api/studies/%s/review" % (self.node.base, uid)
