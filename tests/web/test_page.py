@@ -167,6 +167,49 @@ class PageTest(wt.WebTest):
         self.assertEqual(b.dialogs(), [])
         self.assertEqual(b.console_errors(), [])
 
+    FORM = ("(() => { const f = document.getElementById('review-form');"
+            " return [f.hemorrhage.value,"
+            " [...f.querySelectorAll('input[name=subtype]:checked')].map(c => c.value),"
+            " f.comment.value, f.hidden]; })()")
+
+    def open_study(self, uid):
+        b = self.browser
+        b.eval("location.hash = '#/study/%s'" % uid)
+        b.wait("document.getElementById('details').innerText.includes('%s')" % uid)
+        b.wait("document.querySelectorAll('#strip svg rect.mark-target').length === 12")
+
+    def test_review_form_belongs_to_its_study(self):
+        """Answers typed on study A (not saved) are gone when study B opens,
+        so one click cannot store A's finding on B; a study that fails to
+        load shows nothing of the previous one and no form."""
+        node = self.web_node()
+        studies = wt.phantom(os.path.join(self.work, "ph"), seed=36, count=2)
+        self.send(node, [f for fs in studies.values() for f in fs])
+        self.wait_rows(node, list(studies))
+        a, b_uid = list(studies)
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        b.wait("document.querySelectorAll('#rows tr').length === 2")
+        self.open_study(a)
+        b.click("input[name=hemorrhage][value=yes]")
+        b.click("input[name=subtype][value=subdural]")
+        b.click("#slices input[name=mark]")
+        b.eval("document.querySelector('textarea[name=comment]').value = 'for study A'")
+        self.assertEqual(b.eval(self.FORM), ["yes", ["subdural"], "for study A", False])
+        self.open_study(b_uid)
+        self.assertEqual(b.eval(self.FORM), ["", [], "", False])
+        self.assertEqual(b.eval("document.querySelectorAll('#strip .mark-tick').length"), 0)
+        # A study that is not there: nothing of B remains under its title.
+        b.eval("location.hash = '#/study/1.2.3.4'")
+        b.wait("document.getElementById('study-title').textContent.startsWith('Study not found')")
+        self.assertEqual(b.eval(
+            "['details', 'strip', 'slices', 'reviews'].map(id => document.getElementById(id).children.length)"),
+            [0, 0, 0, 0])
+        self.assertTrue(b.eval("document.getElementById('review-form').hidden"))
+        self.open_study(a)
+        self.assertEqual(b.eval(self.FORM), ["", [], "", False])
+        self.assertEqual(b.dialogs(), [])
+
     def test_degraded_banner(self):
         node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
         b = self.browser = self.new_browser()

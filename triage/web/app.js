@@ -306,17 +306,35 @@ function drawMarks() {
     : "No slice marked (optional: click bars in the strip or tick key slices).";
 }
 
+// Another study: nothing of the previous one's review (answers, marks,
+// message) may carry over, or one click would store it on this study.
+function resetReview(uid) {
+  state.marks = new Map();
+  state.marksFor = uid;
+  $("review-form").reset();
+  $("review-msg").textContent = "";
+}
+
 async function showStudy(uid, quiet) {
-  if (state.marksFor !== uid) { state.marks = new Map(); state.marksFor = uid; }
+  if (state.marksFor !== uid) resetReview(uid);
   state.study = uid;
   let st;
   try {
     st = await api("/api/studies/" + encodeURIComponent(uid));
   } catch (e) {
+    if (state.study !== uid) return;
     $("study-title").textContent = "Study not found: " + e.message;
+    if (!quiet) {
+      // Nothing of another study under this title, and no form to review it.
+      state.slices = [];
+      $("study-flag").hidden = true;
+      ["details", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
+      $("review-form").hidden = true;
+    }
     return;
   }
   if (state.study !== uid) return;
+  $("review-form").hidden = false;
   $("study-title").textContent = (st.patient_name || "(no name)") + " \u2014 " + (st.study_description || "study");
   const flagged = st.flagged && st.status !== "reviewed";
   $("study-flag").hidden = !flagged;
