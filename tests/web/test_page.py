@@ -210,6 +210,61 @@ class PageTest(wt.WebTest):
         self.assertEqual(b.eval(self.FORM), ["", [], "", False])
         self.assertEqual(b.dialogs(), [])
 
+    def test_node_restart_under_open_page(self):
+        """The node restarts (a new CSRF token) under an open page: a study
+        stored afterwards appears live, and a review saved from the form is
+        accepted (the page renews its session on the refused POST)."""
+        node = self.web_node(threshold="0.01")
+        (uid0, files0), = wt.phantom(os.path.join(self.work, "ph"), seed=37).items()
+        self.send(node, files0)
+        self.wait_rows(node, [uid0])
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        b.wait("document.querySelectorAll('#rows tr').length === 1")
+        b.wait("state.events && state.events.readyState === 1")
+        csrf = b.eval("state.session.csrf")
+        b.eval("window.__no_reload = 1")
+        node.stop()
+        node.start()
+        uid1, f1 = self.new_study(38)
+        self.send(node, f1)
+        b.wait("!!document.querySelector('#rows tr[data-study-uid=\"%s\"].flagged')" % uid1, 40)
+        self.assertEqual(b.eval("window.__no_reload"), 1)
+        self.open_study(uid1)
+        b.click("input[name=hemorrhage][value=no]")
+        b.click("#review-form button[type=submit]")
+        b.wait("document.getElementById('review-msg').textContent !== ''")
+        self.assertEqual(b.eval("document.getElementById('review-msg').textContent"), "Review saved.")
+        self.assertNotEqual(b.eval("state.session.csrf"), csrf)
+        st = self.get_json(node, "/api/studies/" + uid1)
+        self.assertEqual(st["status"], "reviewed")
+
+    def test_lost_session_shows_login(self):
+        """With logins, a node restart ends every session: the page's event
+        stream is refused (401, EventSource closed for good), and the page
+        shows the login form instead of a frozen list; after logging in
+        again the list is live."""
+        node = self.public_node()
+        b = self.browser = self.new_browser(insecure=True)
+        b.open(node.base + "/")
+        b.wait("!document.getElementById('login-view').hidden")
+
+        def login():
+            b.eval("(() => { const f = document.getElementById('login-form');"
+                   " f.user.value = 'alice'; f.password.value = 'alice-pw';"
+                   " f.querySelector('button').click(); })()")
+        login()
+        b.wait("!document.getElementById('list-view').hidden")
+        b.wait("state.events && state.events.readyState === 1")
+        node.stop()
+        node.start()
+        b.wait("!document.getElementById('login-view').hidden && "
+               "document.getElementById('list-view').hidden", 40)
+        login()
+        b.wait("!document.getElementById('list-view').hidden")
+        b.wait("state.events && state.events.readyState === 1 && "
+               "document.getElementById('offline').hidden")
+
     def test_degraded_banner(self):
         node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
         b = self.browser = self.new_browser()

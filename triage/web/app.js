@@ -18,6 +18,8 @@ const state = {
   slices: [],         // the open study's per-slice results
   marks: new Map(),   // "sop/frame" -> slice marked as showing the bleed
   marksFor: null,     // the study the marks belong to
+  retryMs: 0,         // back-off of the next start() after a lost stream
+  retryTimer: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -39,6 +41,12 @@ async function api(path, opts = {}) {
     if (state.session) headers["X-CSRF-Token"] = state.session.csrf;
   }
   const r = await fetch(path, { ...opts, headers, credentials: "same-origin" });
+  // A POST refused for its session or CSRF token (the node restarted, the
+  // session ended): the session is fetched again and the POST retried once.
+  if ((r.status === 401 || r.status === 403) && opts.method === "POST" && !opts.retried &&
+      path.startsWith("/api/") && await refreshSession()) {
+    return api(path, { ...opts, retried: true });
+  }
   let body = null;
   try { body = await r.json(); } catch (e) { body = null; }
   if (!r.ok) {
@@ -217,8 +225,20 @@ function listen() {
     if ($("status-filter").value === "") offer(rows);
     if (state.study && d.rows.some((r) => r.study_uid === state.study)) showStudy(state.study, true);
   });
-  es.onopen = () => { $("offline").hidden = true; };
-  es.onerror = () => { $("offline").hidden = false; };
+  es.onopen = () => { $("offline").hidden = true; state.retryMs = 0; };
+  es.onerror = () => {
+    $("offline").hidden = false;
+    // A refused (re)connect (401 after a restart or the session's end, 503
+    // when the node has too many streams) closes an EventSource for good:
+    // start again, which also renews the session and its CSRF token.
+    if (es.readyState === EventSource.CLOSED && state.events === es) restartLater();
+  };
+}
+
+function restartLater() {
+  if (state.retryTimer) return;
+  state.retryMs = Math.min(30000, state.retryMs ? state.retryMs * 2 : 1000);
+  state.retryTimer = setTimeout(() => { state.retryTimer = null; start(); }, state.retryMs);
 }
 
 async function loadFiltered() {
@@ -426,13 +446,33 @@ function route() {
   }
 }
 
+function showLogin() {
+  if (state.events) { state.events.close(); state.events = null; }
+  state.session = null;
+  $("offline").hidden = true;
+  $("list-view").hidden = true;
+  $("study-view").hidden = true;
+  $("login-view").hidden = false;
+}
+
+// Returns whether a session was fetched; shows the login form on 401.
+async function refreshSession() {
+  try {
+    state.session = await api("/api/session");
+    return true;
+  } catch (e) {
+    if (e.status === 401) showLogin();
+    return false;
+  }
+}
+
 async function start() {
   try {
     state.session = await api("/api/session");
   } catch (e) {
-    if (e.status === 401) { $("login-view").hidden = false; return; }
+    if (e.status === 401) { showLogin(); return; }
     $("offline").hidden = false;
-    setTimeout(start, 3000);
+    restartLater();
     return;
   }
   $("login-view").hidden = true;
