@@ -102,6 +102,7 @@ static int api_worklist(struct triage_http *h, h2o_req_t *req)
 struct study_ctx {
     cJSON *o;
     struct triage_http *h;
+    char charset[256]; /* the study's Specific Character Set, for its series */
 };
 
 static int study_cb(void *ud, const struct db_study_view *v)
@@ -109,32 +110,40 @@ static int study_cb(void *ud, const struct db_study_view *v)
     struct study_ctx *c = ud;
     cJSON *o = triage_row_json(&v->row);
     if (!o) return 1;
-    cJSON_AddStringToObject(o, "specific_charset", v->specific_charset);
-    cJSON_AddStringToObject(o, "patient_birth_date", v->birth_date);
-    cJSON_AddStringToObject(o, "patient_sex", v->sex);
-    cJSON_AddStringToObject(o, "study_date", v->study_date);
-    cJSON_AddStringToObject(o, "study_time", v->study_time);
-    cJSON_AddStringToObject(o, "study_id", v->study_id);
-    cJSON_AddStringToObject(o, "key_sop_uid", v->key_sop);
+    const char *cs = v->specific_charset;
+    snprintf(c->charset, sizeof c->charset, "%s", cs ? cs : "");
+    triage_json_add_utf8(o, "specific_charset", cs);
+    triage_json_add_text(o, "patient_birth_date", v->birth_date, cs, 0);
+    triage_json_add_text(o, "patient_sex", v->sex, cs, 0);
+    triage_json_add_text(o, "study_date", v->study_date, cs, 0);
+    triage_json_add_text(o, "study_time", v->study_time, cs, 0);
+    triage_json_add_text(o, "study_id", v->study_id, cs, 0);
+    triage_json_add_utf8(o, "key_sop_uid", v->key_sop);
     cJSON_AddNumberToObject(o, "key_index", v->key_index);
-    cJSON_AddStringToObject(o, "note", v->note);
+    triage_json_add_utf8(o, "note", v->note);
     cJSON_AddNumberToObject(o, "triage_ms", v->ms_total);
-    cJSON_AddStringToObject(o, "claimed_by", v->claimed_by);
+    triage_json_add_utf8(o, "claimed_by", v->claimed_by);
     c->o = o;
     return 0;
 }
 
+struct series_ctx {
+    cJSON *arr;
+    const char *charset;
+};
+
 static int series_cb(void *ud, const struct db_series_row *s)
 {
+    const struct series_ctx *c = ud;
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "series_uid", s->series_uid);
-    cJSON_AddStringToObject(o, "modality", s->modality);
-    cJSON_AddStringToObject(o, "description", s->series_desc);
+    triage_json_add_utf8(o, "series_uid", s->series_uid);
+    triage_json_add_text(o, "modality", s->modality, c->charset, 0);
+    triage_json_add_text(o, "description", s->series_desc, c->charset, 0);
     cJSON_AddStringToObject(o, "state", s->state);
-    cJSON_AddStringToObject(o, "reason", s->state_reason);
+    triage_json_add_utf8(o, "reason", s->state_reason);
     cJSON_AddNumberToObject(o, "instances", s->instance_count);
     cJSON_AddBoolToObject(o, "has_result", s->has_result);
-    cJSON_AddItemToArray(ud, o);
+    cJSON_AddItemToArray(c->arr, o);
     return 0;
 }
 
@@ -175,8 +184,8 @@ static int review_cb(void *ud, const struct db_review_row *r)
         s += n;
         if (*s == ',') s++;
     }
-    cJSON_AddStringToObject(o, "comment", r->comment);
-    cJSON_AddStringToObject(o, "reviewer", r->reviewer);
+    triage_json_add_utf8(o, "comment", r->comment);
+    triage_json_add_utf8(o, "reviewer", r->reviewer);
     triage_iso_time(r->created_at_ms, when, sizeof when);
     cJSON_AddStringToObject(o, "created_at", when);
     cJSON_AddItemToArray(ud, o);
@@ -190,10 +199,10 @@ static int api_study(struct triage_http *h, h2o_req_t *req, const struct http_wh
     int rc = db_study_view(h->db, uid, study_cb, &c);
     if (rc == 1) return http_send_error(req, 404, "no such study");
     if (rc != 0 || !c.o) return http_send_error(req, 500, "cannot read the study");
-    cJSON *series = cJSON_AddArrayToObject(c.o, "series");
+    struct series_ctx series = {cJSON_AddArrayToObject(c.o, "series"), c.charset};
     cJSON *slices = cJSON_AddArrayToObject(c.o, "slice_probabilities");
     cJSON *reviews = cJSON_AddArrayToObject(c.o, "reviews");
-    if (db_study_series(h->db, uid, series_cb, series) != 0 ||
+    if (db_study_series(h->db, uid, series_cb, &series) != 0 ||
         db_study_slices(h->db, uid, slice_cb, slices) != 0 ||
         db_reviews_of_study(h->db, uid, review_cb, reviews) != 0) {
         cJSON_Delete(c.o);

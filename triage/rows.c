@@ -1,6 +1,7 @@
 /* triage/rows.c: worklist rows as JSON (cJSON) and as text. */
 #include "rows.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -17,22 +18,56 @@ void triage_iso_time(int64_t ms, char *out, size_t n)
     strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
-/* Adds key with value converted from the study's Specific Character Set
- * to UTF-8 (plain ASCII needs nothing). */
-static void add_text(cJSON *o, const char *key, const char *value, const char *charset,
-                     int person_name)
+/* Length of the well-formed UTF-8 sequence at s (no overlong forms,
+ * surrogates or code points above U+10FFFF), 0 when it is not one. */
+static size_t utf8_seq(const unsigned char *s)
 {
-    const char *v = value ? value : "";
-    const char *p = v;
-    while (*p && (unsigned char)*p < 0x80 && *p != 0x1B)
-        p++;
-    if (!*p) {
-        cJSON_AddStringToObject(o, key, v);
-        return;
+    if (s[0] < 0x80) return 1;
+    size_t n = s[0] >= 0xC2 && s[0] <= 0xDF   ? 2
+               : s[0] >= 0xE0 && s[0] <= 0xEF ? 3
+               : s[0] >= 0xF0 && s[0] <= 0xF4 ? 4
+                                              : 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (s[0] == 0xE0) lo = 0xA0;
+    if (s[0] == 0xED) hi = 0x9F;
+    if (s[0] == 0xF0) lo = 0x90;
+    if (s[0] == 0xF4) hi = 0x8F;
+    if (n == 0 || s[1] < lo || s[1] > hi) return 0;
+    for (size_t i = 2; i < n; i++)
+        if ((s[i] & 0xC0) != 0x80) return 0;
+    return n;
+}
+
+/* Every byte of s that is not part of well-formed UTF-8 becomes '?'. */
+static void utf8_repair(char *s)
+{
+    unsigned char *p = (unsigned char *)s;
+    while (*p) {
+        size_t n = utf8_seq(p);
+        if (n == 0) {
+            *p++ = '?';
+        } else {
+            p += n;
+        }
     }
+}
+
+void triage_json_add_text(cJSON *o, const char *key, const char *value, const char *charset,
+                          int person_name)
+{
     char utf8[1024];
-    scp_charset_to_utf8(charset ? charset : "", v, person_name, utf8, sizeof utf8);
+    scp_charset_to_utf8(charset ? charset : "", value ? value : "", person_name, utf8, sizeof utf8);
+    utf8_repair(utf8); /* a value not in its declared character set */
     cJSON_AddStringToObject(o, key, utf8);
+}
+
+void triage_json_add_utf8(cJSON *o, const char *key, const char *value)
+{
+    char *copy = strdup(value ? value : "");
+    if (!copy) return;
+    utf8_repair(copy);
+    cJSON_AddStringToObject(o, key, copy);
+    free(copy);
 }
 
 cJSON *triage_row_json(const struct db_worklist_row *r)
@@ -42,10 +77,10 @@ cJSON *triage_row_json(const struct db_worklist_row *r)
     char when[32];
     cJSON_AddStringToObject(o, "study_uid", r->study_uid ? r->study_uid : "");
     cJSON_AddStringToObject(o, "series_uid", r->series_uid ? r->series_uid : "");
-    cJSON_AddStringToObject(o, "accession", r->accession ? r->accession : "");
-    cJSON_AddStringToObject(o, "patient_id", r->patient_id ? r->patient_id : "");
-    add_text(o, "patient_name", r->patient_name, r->specific_charset, 1);
-    add_text(o, "study_description", r->study_desc, r->specific_charset, 0);
+    triage_json_add_text(o, "accession", r->accession, r->specific_charset, 0);
+    triage_json_add_text(o, "patient_id", r->patient_id, r->specific_charset, 0);
+    triage_json_add_text(o, "patient_name", r->patient_name, r->specific_charset, 1);
+    triage_json_add_text(o, "study_description", r->study_desc, r->specific_charset, 0);
     triage_iso_time(r->received_at_ms, when, sizeof when);
     cJSON_AddStringToObject(o, "received_at", when);
     triage_iso_time(r->updated_at_ms, when, sizeof when);
@@ -62,8 +97,8 @@ cJSON *triage_row_json(const struct db_worklist_row *r)
     }
     cJSON_AddBoolToObject(o, "flagged", r->flagged);
     cJSON_AddStringToObject(o, "status", r->status ? r->status : "");
-    cJSON_AddStringToObject(o, "status_reason", r->status_reason ? r->status_reason : "");
-    cJSON_AddStringToObject(o, "model_version", r->model_version ? r->model_version : "");
+    triage_json_add_utf8(o, "status_reason", r->status_reason);
+    triage_json_add_utf8(o, "model_version", r->model_version);
     cJSON_AddNumberToObject(o, "result_updates", r->result_updates);
     cJSON_AddStringToObject(o, "notice", "decision support, not a diagnosis");
     return o;
@@ -73,6 +108,34 @@ void triage_row_print_header(FILE *f)
 {
     fprintf(f, "%-4s %-4s %-6s %-15s %-8s %-16s %-16s %s\n", "#", "flag", "p(ICH)", "status", "age",
             "patient_id", "accession", "study_uid");
+}
+
+/* value for a terminal in out: converted to UTF-8, no control character
+ * (C0, DEL, C1: escape sequences a peer could plant) and at most width
+ * characters, padded to width when pad. */
+static void term_text(const char *value, const char *charset, size_t width, int pad, char *out,
+                      size_t outlen)
+{
+    char utf8[1024];
+    scp_charset_to_utf8(charset ? charset : "", value ? value : "", 0, utf8, sizeof utf8);
+    utf8_repair(utf8);
+    size_t o = 0, chars = 0;
+    for (const unsigned char *p = (const unsigned char *)utf8; *p && chars < width;) {
+        size_t n = utf8_seq(p);
+        int control = *p < 0x20 || *p == 0x7F || (p[0] == 0xC2 && p[1] < 0xA0);
+        if (o + (control ? 1 : n) >= outlen) break;
+        if (control) {
+            out[o++] = '?';
+        } else {
+            memcpy(out + o, p, n);
+            o += n;
+        }
+        p += n;
+        chars++;
+    }
+    for (; pad && chars < width && o + 1 < outlen; chars++)
+        out[o++] = ' ';
+    out[o] = '\0';
 }
 
 void triage_row_print(FILE *f, int rank, const struct db_worklist_row *r, int64_t now_ms)
@@ -88,6 +151,10 @@ void triage_row_print(FILE *f, int rank, const struct db_worklist_row *r, int64_
                  (long long)(age % 3600 / 60));
     else
         snprintf(when, sizeof when, "%lldd", (long long)(age / 86400));
-    fprintf(f, "%-4d %-4s %-6s %-15s %-8s %-16.16s %-16.16s %s\n", rank, r->flagged ? "FLAG" : "",
-            p, r->status, when, r->patient_id, r->accession, r->study_uid);
+    char id[80], acc[80], uid[256];
+    term_text(r->patient_id, r->specific_charset, 16, 1, id, sizeof id);
+    term_text(r->accession, r->specific_charset, 16, 1, acc, sizeof acc);
+    term_text(r->study_uid, "", sizeof uid, 0, uid, sizeof uid);
+    fprintf(f, "%-4d %-4s %-6s %-15s %-8s %s %s %s\n", rank, r->flagged ? "FLAG" : "", p, r->status,
+            when, id, acc, uid);
 }

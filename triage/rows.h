@@ -16,6 +16,15 @@
  * the row's Specific Character Set. */
 cJSON *triage_row_json(const struct db_worklist_row *row);
 
+/* Adds key with value (a DICOM string as stored) converted from charset,
+ * the study's Specific Character Set, to UTF-8; bytes that are not UTF-8
+ * after that (a value not in its declared set) become '?'. */
+void triage_json_add_text(cJSON *o, const char *key, const char *value, const char *charset,
+                          int person_name);
+/* Adds key with value, text of the node's own (reasons, notes, user names,
+ * model versions), with every byte that is not well-formed UTF-8 as '?'. */
+void triage_json_add_utf8(cJSON *o, const char *key, const char *value);
+
 /* ISO-8601 UTC ("2026-11-29T20:06:52Z") of Unix milliseconds into out. */
 void triage_iso_time(int64_t ms, char *out, size_t n);
 

@@ -319,11 +319,45 @@ class ApiTest(wt.WebTest):
         lat = wt.phantom(os.path.join(self.work, "lat"), seed=25)
         (luid, lfiles), = lat.items()
         wt.rename(lfiles, wt.LATIN1_NAME, "ISO_IR 100")
+        # Every other DICOM string of the Latin-1 study in Latin-1 too, and
+        # a Patient ID with terminal escape sequences in the other one.
+        import pydicom
+        acc, desc, sid = "\u00c4123", "Sch\u00e4del nativ", "\u00dc7"
+        for f in lfiles:
+            ds = pydicom.dcmread(f)
+            ds.AccessionNumber, ds.SeriesDescription, ds.StudyID = acc, desc, sid
+            ds.save_as(f)
+        evil_id = "ID\x1b]0;owned\x07\x1b[2JX"
+        for f in xfiles:
+            ds = pydicom.dcmread(f)
+            ds.PatientID = evil_id
+            ds.save_as(f)
         self.send(self.node, xfiles + lfiles)
-        rows = self.wait_rows(self.node, [xuid, luid])
+        self.wait_rows(self.node, [xuid, luid])
+        stored = self.node.query("SELECT CAST(accession AS BLOB) FROM studies WHERE study_uid = ?",
+                                 (luid,))
+        self.assertEqual(stored[0][0], acc.encode("latin-1"))  # as the dataset had it
+        status, _, body = wt.curl(self.node.base + "/api/worklist")
+        rows = json.loads(body.decode("utf-8"))  # strict: the body is UTF-8
         names = {r["study_uid"]: r["patient_name"] for r in rows}
         self.assertEqual(names[xuid], wt.XSS_NAME)
         self.assertEqual(names[luid], wt.LATIN1_NAME)
+        lrow = next(r for r in rows if r["study_uid"] == luid)
+        self.assertEqual(lrow["accession"], acc)
+        status, _, body = wt.curl(self.node.base + "/api/studies/" + luid)
+        st = json.loads(body.decode("utf-8"))
+        self.assertEqual((st["accession"], st["study_id"], st["series"][0]["description"]),
+                         (acc, sid, desc))
+        # `ichtriage worklist` (text) shows the converted accession and
+        # prints no control byte a peer sent (terminal escape sequences).
+        p = subprocess.run([wt.itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                            "store.dir=" + self.node.store_dir], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, check=True)
+        text = p.stdout.decode("utf-8")
+        self.assertIn(acc, text)
+        self.assertFalse([ch for ch in text if ch != "\n" and
+                          (ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0)], repr(text))
+        self.assertIn("ID?]0;owned??[2J ", text)
         stored = self.node.query("SELECT CAST(p.patient_name AS BLOB) FROM patients p JOIN studies s"
                                  " ON s.patient_ref = p.id WHERE s.study_uid = ?", (luid,))
         self.assertEqual(stored[0][0], wt.LATIN1_NAME.encode("latin-1"))  # as the dataset had it
