@@ -147,7 +147,40 @@ inline long stored_value(unsigned raw, const layout &l)
     return (long)v;
 }
 
-int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, char *err,
+// One frame of the pixel data (frame >= 0) into buf, decoded on its own:
+// dcmtk reads (and decompresses) only that frame's bytes. Returns 0, or -1
+// with why.
+int read_one_frame(DcmDataset *ds, const layout &l, long frame, std::vector<Uint16> &buf,
+                   std::string &why)
+{
+    DcmElement *pd = nullptr;
+    Uint32 size = 0;
+    if (ds->findAndGetElement(DCM_PixelData, pd).bad() || !pd ||
+        pd->getUncompressedFrameSize(ds, size).bad()) {
+        why = "no pixel data";
+        return -1;
+    }
+    size_t need = (size_t)l.rows * (size_t)l.columns * (size_t)(l.bits_allocated / 8);
+    if (size < need) {
+        why = "frame of " + std::to_string(size) + " bytes, " + std::to_string(need) + " expected";
+        return -1;
+    }
+    buf.assign((size_t)size / 2 + 1, 0); // Uint16 cells; room for a pad byte
+    Uint32 start = 0;
+    OFString model;
+    OFCondition c = pd->getUncompressedFrame(ds, (Uint32)frame, start, buf.data(),
+                                             (Uint32)(buf.size() * 2), model);
+    if (c.bad()) {
+        why = "cannot decode frame " + std::to_string(frame) + " (transfer syntax " +
+              DcmXfer(ds->getOriginalXfer()).getXferName() + "): " + c.text();
+        return -1;
+    }
+    return 0;
+}
+
+// frame < 0: every frame; else only that one (out->frames 1), 1 when the
+// file has no such frame.
+int read_pixels(const char *path, unsigned long max_pixels, long frame, scp_pixels *out, char *err,
                 unsigned long errlen)
 {
     register_decoders();
@@ -164,7 +197,20 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
         set_err(err, errlen, std::string(path) + ": " + why);
         return -1;
     }
-    if (DcmXfer(ds->getOriginalXfer()).isEncapsulated()) {
+    if (frame >= l.frames) {
+        set_err(err, errlen,
+                std::string(path) + ": no frame " + std::to_string(frame) + " of " +
+                    std::to_string(l.frames));
+        return 1;
+    }
+    int first = frame < 0 ? 0 : (int)frame, nframes = frame < 0 ? l.frames : 1;
+    std::vector<Uint16> one;
+    if (frame >= 0) {
+        if (read_one_frame(ds, l, frame, one, why) != 0) {
+            set_err(err, errlen, std::string(path) + ": " + why);
+            return -1;
+        }
+    } else if (DcmXfer(ds->getOriginalXfer()).isEncapsulated()) {
         c = ds->chooseRepresentation(EXS_LittleEndianExplicit, nullptr);
         if (c.bad() || !ds->canWriteXfer(EXS_LittleEndianExplicit)) {
             set_err(err, errlen,
@@ -175,16 +221,22 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
         }
     }
     size_t per_frame = (size_t)l.rows * (size_t)l.columns;
-    size_t total = per_frame * (size_t)l.frames;
+    size_t total = per_frame * (size_t)nframes;
     const Uint16 *p16 = nullptr;
     const Uint8 *p8 = nullptr;
     unsigned long count = 0;
-    if (l.bits_allocated == 16) {
+    if (frame >= 0) {
+        if (l.bits_allocated == 16)
+            p16 = one.data();
+        else
+            p8 = reinterpret_cast<const Uint8 *>(one.data());
+        count = (unsigned long)total;
+    } else if (l.bits_allocated == 16) {
         c = ds->findAndGetUint16Array(DCM_PixelData, p16, &count);
     } else {
         c = ds->findAndGetUint8Array(DCM_PixelData, p8, &count);
     }
-    if (c.bad() || (!p16 && !p8)) {
+    if ((frame < 0 && c.bad()) || (!p16 && !p8)) {
         set_err(err, errlen, std::string(path) + ": no pixel data");
         return -1;
     }
@@ -195,7 +247,7 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
         return -1;
     }
 
-    std::vector<rescale> frame_rescale((size_t)l.frames);
+    std::vector<rescale> frame_rescale((size_t)nframes);
     rescale base;
     read_rescale(ds, base);
     DcmItem *shared = nullptr;
@@ -206,7 +258,9 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
     DcmSequenceOfItems *per = nullptr;
     if (ds->findAndGetSequence(DCM_PerFrameFunctionalGroupsSequence, per).bad()) per = nullptr;
     DcmObject *pf = per ? per->nextInContainer(nullptr) : nullptr;
-    for (int f = 0; f < l.frames; f++) {
+    for (int f = 0; pf && f < first; f++)
+        pf = per->nextInContainer(pf);
+    for (int f = 0; f < nframes; f++) {
         frame_rescale[(size_t)f] = base;
         if (pf) {
             read_group_rescale(static_cast<DcmItem *>(pf), frame_rescale[(size_t)f]);
@@ -231,7 +285,7 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
         return -1;
     }
     unsigned long padded = 0;
-    for (int f = 0; f < l.frames; f++) {
+    for (int f = 0; f < nframes; f++) {
         const rescale &r = frame_rescale[(size_t)f];
         size_t base_i = (size_t)f * per_frame;
         for (size_t i = 0; i < per_frame; i++) {
@@ -247,7 +301,7 @@ int read_pixels(const char *path, unsigned long max_pixels, scp_pixels *out, cha
     }
     out->rows = l.rows;
     out->columns = l.columns;
-    out->frames = l.frames;
+    out->frames = nframes;
     out->hu = hu;
     out->padded = padded;
     return 0;
@@ -261,8 +315,11 @@ extern "C" int scp_pixels_read(const char *path, struct scp_pixels *out, char *e
     return scp_pixels_read_max(path, SCP_PIXELS_MAX_TOTAL, out, err, errlen);
 }
 
-extern "C" int scp_pixels_read_max(const char *path, unsigned long max_pixels,
-                                   struct scp_pixels *out, char *err, unsigned long errlen)
+namespace
+{
+
+int read_guarded(const char *path, unsigned long max_pixels, long frame, struct scp_pixels *out,
+                 char *err, unsigned long errlen)
 {
     if (!out) {
         set_err(err, errlen, "scp_pixels_read: out is NULL");
@@ -275,7 +332,7 @@ extern "C" int scp_pixels_read_max(const char *path, unsigned long max_pixels,
     }
     try {
         if (max_pixels > SCP_PIXELS_MAX_TOTAL) max_pixels = SCP_PIXELS_MAX_TOTAL;
-        return read_pixels(path, max_pixels, out, err, errlen);
+        return read_pixels(path, max_pixels, frame, out, err, errlen);
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string(path) + ": " + e.what());
     } catch (...) {
@@ -283,6 +340,25 @@ extern "C" int scp_pixels_read_max(const char *path, unsigned long max_pixels,
     }
     scp_pixels_free(out);
     return -1;
+}
+
+} // namespace
+
+extern "C" int scp_pixels_read_max(const char *path, unsigned long max_pixels,
+                                   struct scp_pixels *out, char *err, unsigned long errlen)
+{
+    return read_guarded(path, max_pixels, -1, out, err, errlen);
+}
+
+extern "C" int scp_pixels_read_frame(const char *path, long frame, struct scp_pixels *out,
+                                     char *err, unsigned long errlen)
+{
+    if (frame < 0) {
+        if (out) std::memset(out, 0, sizeof *out);
+        set_err(err, errlen, "scp_pixels_read_frame: negative frame");
+        return -1;
+    }
+    return read_guarded(path, SCP_PIXELS_MAX_TOTAL, frame, out, err, errlen);
 }
 
 extern "C" void scp_pixels_free(struct scp_pixels *px)

@@ -41,6 +41,13 @@ int scp_pixels_read(const char *path, struct scp_pixels *out, char *err, unsigne
 int scp_pixels_read_max(const char *path, unsigned long max_pixels, struct scp_pixels *out,
                         char *err, unsigned long errlen);
 
+/* Only frame (0-based) of the file at path, decoded on its own (dcmtk reads
+ * and decompresses that frame's bytes only, not the whole multi-frame
+ * object): *out as scp_pixels_read gives it with frames 1. Returns 0, 1 when
+ * the file has fewer frames (message in err), -1 as scp_pixels_read. */
+int scp_pixels_read_frame(const char *path, long frame, struct scp_pixels *out, char *err,
+                          unsigned long errlen);
+
 /* Releases what *px owns and zeroes it; NULL and zeroed structs are fine. */
 void scp_pixels_free(struct scp_pixels *px);
 

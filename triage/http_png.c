@@ -1,7 +1,8 @@
 /* triage/http_png.c: GET /api/studies/{study}/slices/{sop}.png[?frame=N]:
  * one stored slice rendered server-side in the brain window (40/80 HU,
  * triage_windows_default's first window) as an 8-bit grey PNG with libpng.
- * The decode runs on the loop: one slice takes milliseconds. */
+ * The decode runs on the loop: one slice (one frame, also of a multi-frame
+ * file) takes milliseconds. */
 #include "http_internal.h"
 
 #include <limits.h>
@@ -103,13 +104,14 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
     snprintf(path, sizeof path, "%s/%s", h->store->dir, rel);
     struct scp_pixels px;
     char err[256];
-    if (scp_pixels_read(path, &px, err, sizeof err) != 0) {
-        util_log(UTIL_LOG_WARN, "slice_image_failed", "sop=%s reason=\"%s\"", sop_uid, err);
+    /* Only the requested frame: a multi-frame (Enhanced CT) file is not
+     * decoded whole on the loop for one image. */
+    rc = scp_pixels_read_frame(path, frame, &px, err, sizeof err);
+    if (rc == 1) return http_send_error(req, 404, "no such frame");
+    if (rc != 0) {
+        util_log(UTIL_LOG_WARN, "slice_image_failed", "sop=%s frame=%ld reason=\"%s\"", sop_uid,
+                 frame, err);
         return http_send_error(req, 500, "cannot decode the slice");
-    }
-    if (frame < 0 || frame >= px.frames) {
-        scp_pixels_free(&px);
-        return http_send_error(req, 404, "no such frame");
     }
     struct triage_windows w;
     triage_windows_default(&w);
@@ -118,7 +120,7 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
     unsigned char *grey = malloc(n);
     struct png_mem m = {0};
     if (grey) {
-        const float *hu = px.hu + (size_t)frame * n;
+        const float *hu = px.hu;
         for (size_t i = 0; i < n; i++) {
             float v = (hu[i] - lo) / width;
             grey[i] = (unsigned char)(v <= 0 ? 0 : v >= 1 ? 255 : v * 255.0f + 0.5f);
