@@ -435,7 +435,15 @@ class Flood(itest.NodeTest):
             s.close()
         self.assertLessEqual(answers.count("accepted"), 2, "limit 2: %s" % answers)
         self.assertGreaterEqual(answers.count("accepted"), 1, "limit 2: %s" % answers)
+        # The slots come back once the node has seen its peers go (it logs
+        # association_ended a moment before it frees the slot).
+        self.assertTrue(node.wait_event("association_ended", count=answers.count("accepted")),
+                        node.log_tail())
+        deadline = time.monotonic() + 5
         rc, out = dt.echoscu(node.port)
+        while rc != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            rc, out = dt.echoscu(node.port)
         self.assertEqual(rc, 0, out)
 
 
