@@ -31,6 +31,7 @@ struct db_instance {
     double rescale_slope, rescale_intercept;
     const char *file_path; /* relative to the store directory */
     int64_t file_size;
+    const char *content_digest; /* SHA-256 of the dataset as sent; "" or NULL: unknown */
     const char *calling_ae, *peer_addr;
     int64_t received_at_ms; /* Unix time in milliseconds */
 };

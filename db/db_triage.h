@@ -9,8 +9,8 @@
 
 #include "db.h"
 
-#define DB_LABELS 6 /* any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural   \
-                     */
+/* any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural */
+#define DB_LABELS 6
 
 /* Series still receiving whose quiet period is over (last instance at or
  * before now_ms - quiet_ms) or that hold exactly their expected count (Images
@@ -36,6 +36,7 @@ struct db_instance_brief {
     char sop_uid[65], sop_class[65], image_type[129];
     char file_path[512];
     int64_t file_size;
+    char content_digest[65]; /* "" for instances stored before schema 8 */
     int frames;
     bool has_orientation;
     double orientation[6];

@@ -38,9 +38,10 @@ static const char *sql_instance =
     "INSERT INTO instances (sop_uid, series_id, sop_class, transfer_syntax, image_type,"
     "  instance_number, rows, columns, frames, pixel_spacing_row, pixel_spacing_col,"
     "  slice_thickness, position_x, position_y, position_z, orientation, rescale_slope,"
-    "  rescale_intercept, file_path, file_size, calling_ae, peer_addr, received_at)"
+    "  rescale_intercept, file_path, file_size, calling_ae, peer_addr, received_at,"
+    "  content_digest)"
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,"
-    "  ?18, ?19, ?20, ?21, ?22, ?23)"
+    "  ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
     " ON CONFLICT (sop_uid) DO UPDATE SET"
     "  series_id = excluded.series_id, sop_class = excluded.sop_class,"
     "  transfer_syntax = excluded.transfer_syntax, image_type = excluded.image_type,"
@@ -53,7 +54,13 @@ static const char *sql_instance =
     "  orientation = excluded.orientation, rescale_slope = excluded.rescale_slope,"
     "  rescale_intercept = excluded.rescale_intercept, file_path = excluded.file_path,"
     "  file_size = excluded.file_size, calling_ae = excluded.calling_ae,"
-    "  peer_addr = excluded.peer_addr, received_at = excluded.received_at";
+    "  peer_addr = excluded.peer_addr,"
+    /* The same bytes again: still the copy that was triaged (SET reads the
+     * old row's values). */
+    "  received_at = CASE WHEN content_digest != '' AND"
+    "   content_digest = excluded.content_digest THEN received_at"
+    "   ELSE excluded.received_at END,"
+    "  content_digest = excluded.content_digest";
 
 static const char *sql_recount =
     "UPDATE series SET instance_count ="
@@ -215,6 +222,7 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     bind_str(st, 21, in->calling_ae);
     bind_str(st, 22, in->peer_addr);
     sqlite3_bind_int64(st, 23, in->received_at_ms);
+    bind_str(st, 24, in->content_digest);
     if (step_done(st) != 0) goto fail;
 
     if (recount(s, series) != 0) goto fail;

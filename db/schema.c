@@ -90,7 +90,7 @@ static const char *const migrations[] = {
     "  id INTEGER PRIMARY KEY,"
     "  series_ref INTEGER NOT NULL REFERENCES series(id),"
     "  content_key TEXT NOT NULL,"
-    "  state TEXT NOT NULL DEFAULT 'queued'," /* queued, running, done, failed */
+    "  state TEXT NOT NULL DEFAULT 'queued'," /* queued, running, done, failed, superseded */
     "  created_at INTEGER NOT NULL,"
     "  started_at INTEGER,"
     "  finished_at INTEGER,"
@@ -153,8 +153,8 @@ static const char *const migrations[] = {
     "  study_ref INTEGER NOT NULL REFERENCES studies(id),"
     "  series_ref INTEGER NOT NULL REFERENCES series(id),"
     "  result_at INTEGER NOT NULL," /* results.created_at of the result reported */
-    "  revision INTEGER NOT NULL," /* 1, 2, ... per study; 0 for skipped old results */
-    "  state TEXT NOT NULL," /* pending, ready, skipped, failed */
+    "  revision INTEGER NOT NULL,"  /* 1, 2, ... per study; 0 for skipped old results */
+    "  state TEXT NOT NULL,"        /* pending, ready, skipped, failed */
     "  reason TEXT NOT NULL DEFAULT '',"
     "  created_at INTEGER NOT NULL,"
     "  UNIQUE (series_ref, result_at));"
@@ -162,8 +162,8 @@ static const char *const migrations[] = {
     "  id INTEGER PRIMARY KEY,"
     "  revision_ref INTEGER NOT NULL REFERENCES pacs_revisions(id),"
     "  destination TEXT NOT NULL," /* as configured: [tls:]AET@host:port */
-    "  object TEXT NOT NULL," /* sr, sc */
-    "  file_path TEXT NOT NULL," /* relative to store.dir */
+    "  object TEXT NOT NULL,"      /* sr, sc */
+    "  file_path TEXT NOT NULL,"   /* relative to store.dir */
     "  sop_uid TEXT NOT NULL,"
     "  state TEXT NOT NULL DEFAULT 'pending'," /* pending, sent, failed */
     "  attempts INTEGER NOT NULL DEFAULT 0,"
@@ -190,6 +190,13 @@ static const char *const migrations[] = {
     /* 6 -> 7: the slices a reviewer marked as showing the bleed ("sop/frame"
      * entries, comma-separated): certain slice labels for retraining. */
     "ALTER TABLE reviews ADD COLUMN slices TEXT NOT NULL DEFAULT '';",
+
+    /* 7 -> 8: the SHA-256 of each instance's dataset as it was sent. A copy
+     * re-sent with the same bytes keeps its received_at (its triage result
+     * and slice images stay valid) and its series' content key; one with
+     * other bytes, even of the same size, changes both. '' for instances
+     * stored before: their size stands in. */
+    "ALTER TABLE instances ADD COLUMN content_digest TEXT NOT NULL DEFAULT '';",
 };
 
 int db_schema_version(void)

@@ -76,7 +76,8 @@ int db_series_instances(struct db *db, int64_t series_id, struct db_instance_bri
     *n = 0;
     if (sqlite3_prepare_v2(c,
                            "SELECT sop_uid, sop_class, image_type, file_path, file_size,"
-                           " orientation, frames FROM instances WHERE series_id = ?1"
+                           " orientation, frames, content_digest FROM instances"
+                           " WHERE series_id = ?1"
                            " ORDER BY sop_uid",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
@@ -100,6 +101,7 @@ int db_series_instances(struct db *db, int64_t series_id, struct db_instance_bri
         db_col_copy(st, 3, b->file_path, sizeof b->file_path);
         b->file_size = sqlite3_column_int64(st, 4);
         b->frames = sqlite3_column_int(st, 6);
+        db_col_copy(st, 7, b->content_digest, sizeof b->content_digest);
         const char *o = (const char *)sqlite3_column_text(st, 5);
         if (o && o[0]) {
             b->has_orientation = sscanf(o, "%lf\\%lf\\%lf\\%lf\\%lf\\%lf", &b->orientation[0],

@@ -136,7 +136,8 @@ int db_slice_has_result(struct db *db, const char *sop_uid, int frame)
     sqlite3 *c = db_conn(db);
     /* The result's pixels were read after its job started: a file received
      * since then (a re-sent instance replaces the file in place and keeps
-     * the old slice_results) is not the one the decoder child read. */
+     * the old slice_results) is not the one the decoder child read. A copy
+     * re-sent with the same bytes keeps its received_at (db/instances.c). */
     int rc = db_row_exists(c,
                            "SELECT 1 FROM slice_results sr JOIN results r"
                            " ON r.series_ref = sr.series_ref JOIN instances i"

@@ -52,6 +52,7 @@ struct scp_received {
     const char *tmp_path;        /* complete, fsynced file with meta header */
     const struct scp_info *info; /* parsed and checked: UIDs valid, SOP class matches */
     int64_t file_size;
+    const char *digest; /* SHA-256 of the dataset bytes as sent (64 hex digits) */
     const char *calling_ae;
     const char *peer_addr;
 };

@@ -35,6 +35,7 @@
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/dul.h>
 #include <dcmtk/dcmtls/tlslayer.h>
+#include <openssl/evp.h>
 
 #include "log.h"
 #include "scp_inflate.h"
@@ -62,11 +63,39 @@ void quickack(int sock)
 // A DcmConsumer that writes to a file descriptor and never fails towards
 // dcmtk: a write error (disk full) or the size cap is remembered and the rest
 // of the dataset is read off the wire and dropped, so the association stays
-// in step and the peer gets a proper A700 instead of an abort.
+// in step and the peer gets a proper A700 instead of an abort. From
+// start_digest() on, the bytes written are also hashed (SHA-256): the
+// dataset as the peer sent it, without our meta header, so that a re-sent
+// identical instance is known for what it is.
 class SpoolConsumer : public DcmConsumer
 {
   public:
     SpoolConsumer(int fd, int64_t cap, int sock) : fd_(fd), cap_(cap), sock_(sock) {}
+    ~SpoolConsumer() override
+    {
+        EVP_MD_CTX_free(md_);
+    }
+    SpoolConsumer(const SpoolConsumer &) = delete;
+    SpoolConsumer &operator=(const SpoolConsumer &) = delete;
+    void start_digest()
+    {
+        md_ = EVP_MD_CTX_new();
+        if (md_ && EVP_DigestInit_ex(md_, EVP_sha256(), nullptr) != 1) {
+            EVP_MD_CTX_free(md_);
+            md_ = nullptr;
+        }
+        if (!md_ && err_ == 0) err_ = ENOMEM;
+    }
+    // The digest as 64 hex digits; false when it could not be computed.
+    bool digest(char out[65])
+    {
+        unsigned char d[EVP_MAX_MD_SIZE];
+        unsigned len = 0;
+        if (!md_ || EVP_DigestFinal_ex(md_, d, &len) != 1 || len != 32) return false;
+        for (unsigned i = 0; i < len; i++)
+            snprintf(out + 2 * i, 3, "%02x", d[i]);
+        return true;
+    }
     OFBool good() const override
     {
         return OFTrue;
@@ -96,6 +125,7 @@ class SpoolConsumer : public DcmConsumer
                 err_ = errno;
                 break;
             }
+            if (md_ && EVP_DigestUpdate(md_, p, (size_t)w) != 1) err_ = EIO;
             p += w;
             left -= w;
             written_ += w;
@@ -118,6 +148,7 @@ class SpoolConsumer : public DcmConsumer
     int sock_;
     int64_t written_ = 0;
     int err_ = 0;
+    EVP_MD_CTX *md_ = nullptr;
 };
 
 // DcmTransportConnection keeps its socket protected; a member pointer taken
@@ -332,11 +363,14 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
             status = SCP_STATUS_OUT_OF_RESOURCES;
         } else {
             SpoolConsumer consumer(fd, cfg.max_instance_bytes, a->fd);
+            char digest[65] = "";
             {
                 SpoolStream out(&consumer);
                 bool meta_ok =
                     write_meta(out, req->AffectedSOPClassUID, req->AffectedSOPInstanceUID,
                                pc.acceptedTransferSyntax, calling);
+                out.flush(); // the meta header is ours: not in the digest
+                consumer.start_digest();
                 T_ASC_PresentationContextID data_pres = pres_id;
                 cond = DIMSE_receiveDataSetInFile(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout,
                                                   &data_pres, &out, nullptr, nullptr);
@@ -360,6 +394,10 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                     status = SCP_STATUS_OUT_OF_RESOURCES;
                     why = scp_refusal_from_errno(errno);
                     snprintf(reason, sizeof reason, "fdatasync failed: %s", strerror(errno));
+                } else if (!consumer.digest(digest)) {
+                    status = SCP_STATUS_OUT_OF_RESOURCES;
+                    why = SCP_REFUSED_IO;
+                    snprintf(reason, sizeof reason, "cannot compute the content digest");
                 }
             }
             close(fd);
@@ -410,7 +448,8 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                              : !scp_uid_valid(info.series_uid) ? "series"
                                                                : "SOP instance");
                 } else {
-                    scp_received r = {tmp, &info, consumer.written(), calling, peer.c_str()};
+                    scp_received r = {tmp,    &info,   consumer.written(),
+                                      digest, calling, peer.c_str()};
                     status = cfg.store(cfg.ud, &r, &why, reason, sizeof reason);
                 }
             }

@@ -11,14 +11,18 @@
 #include "scp_info.h"
 #include "volume.h"
 
-void triage_content_key(const char *const *sops, const int64_t *sizes, int n, char out[33])
+void triage_content_key(const char *const *sops, const char *const *digests, const int64_t *sizes,
+                        int n, char out[33])
 {
-    /* FNV-1a over "sop:size;" in SOP order: a resent identical instance
-     * keeps the key, anything added, removed or changed in size does not. */
+    /* FNV-1a over "sop:digest;" in SOP order: a resent identical instance
+     * keeps the key; anything added, removed or changed in its bytes does
+     * not. An instance stored before digests (schema 8) counts by size. */
     uint64_t h = 1469598103934665603ULL;
     for (int i = 0; i < n; i++) {
-        char buf[96];
-        int len = snprintf(buf, sizeof buf, "%s:%lld;", sops[i], (long long)sizes[i]);
+        char buf[160];
+        int len = digests && digests[i] && digests[i][0]
+                      ? snprintf(buf, sizeof buf, "%s:%s;", sops[i], digests[i])
+                      : snprintf(buf, sizeof buf, "%s:%lld;", sops[i], (long long)sizes[i]);
         for (int k = 0; k < len; k++) {
             h ^= (unsigned char)buf[k];
             h *= 1099511628211ULL;
@@ -61,9 +65,11 @@ static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
     if (db_series_info(c->db, id, &info) != 0 || db_series_instances(c->db, id, &inst, &n) != 0)
         return -1;
     const char **sops = malloc(sizeof *sops * (size_t)(n ? n : 1));
+    const char **digests = malloc(sizeof *digests * (size_t)(n ? n : 1));
     int64_t *sizes = malloc(sizeof *sizes * (size_t)(n ? n : 1));
-    if (!sops || !sizes) {
+    if (!sops || !digests || !sizes) {
         free(sops);
+        free(digests);
         free(sizes);
         free(inst);
         return -1;
@@ -71,6 +77,7 @@ static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
     int ct = 0, localizers = 0, usable = 0;
     for (int i = 0; i < n; i++) {
         sops[i] = inst[i].sop_uid;
+        digests[i] = inst[i].content_digest;
         sizes[i] = inst[i].file_size;
         if (!scp_sop_class_is_ct(inst[i].sop_class)) continue;
         ct++;
@@ -84,8 +91,9 @@ static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
         }
     }
     char key[33];
-    triage_content_key(sops, sizes, n, key);
+    triage_content_key(sops, digests, sizes, n, key);
     free(sops);
+    free(digests);
     free(sizes);
     free(inst);
 

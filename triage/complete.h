@@ -24,7 +24,9 @@ struct triage_completion {
 int triage_completion_tick(struct triage_completion *c, int64_t now_ms);
 
 /* The content key of a series: its instance count and a hash over the SOP
- * Instance UIDs and file sizes, as 33 characters at most. */
-void triage_content_key(const char *const *sops, const int64_t *sizes, int n, char out[33]);
+ * Instance UIDs and their datasets' digests (the file size where no digest
+ * was recorded), as 33 characters at most. digests may be NULL. */
+void triage_content_key(const char *const *sops, const char *const *digests, const int64_t *sizes,
+                        int n, char out[33]);
 
 #endif

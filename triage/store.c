@@ -222,6 +222,7 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_
         .rescale_intercept = in->rescale_intercept,
         .file_path = rel,
         .file_size = r->file_size,
+        .content_digest = r->digest,
         .calling_ae = r->calling_ae,
         .peer_addr = r->peer_addr,
         .received_at_ms = now_ms(),

@@ -143,6 +143,40 @@ Test(db, resent_instance_replaces_row_and_reports_old_file)
     cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.5'"), 1);
 }
 
+/* received_at is when the content arrived: a copy re-sent with the same
+ * bytes keeps it (its triage result still describes the file), one with
+ * other bytes of the same size does not. Rows without a digest (stored before
+ * schema 8) are always new content. */
+Test(db, resent_same_bytes_keep_received_at)
+{
+    struct db *db;
+    char err[256], old[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_instance a = row("1.2.3.4.1", "1.2.3.4", "spool/a.dcm");
+    a.content_digest = "aa";
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    a.file_path = "spool/a~1.dcm";
+    a.received_at_ms += 1000;
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    const char *q = "SELECT received_at FROM instances WHERE sop_uid = '1.2.3.4.1'";
+    cr_assert_eq(scalar(q), 1700000000000);
+    a.file_path = "spool/a.dcm";
+    a.received_at_ms += 1000;
+    a.content_digest = "bb"; /* same file_size, other bytes */
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(scalar(q), 1700000002000);
+    a.file_path = "spool/a~1.dcm";
+    a.received_at_ms += 1000;
+    a.content_digest = NULL;
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(scalar(q), 1700000003000);
+    a.file_path = "spool/a.dcm";
+    a.received_at_ms += 1000;
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(scalar(q), 1700000004000, "an unknown digest matched another unknown one");
+    db_close(db);
+}
+
 Test(db, failing_row_fails_alone)
 {
     struct db *db;

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "complete.h"
 #include "db.h"
 #include "db_triage.h"
 
@@ -157,4 +158,27 @@ Test(db_triage, decision_refused_after_a_new_instance)
 Test(db_triage, decision_refused_after_a_replaced_instance)
 {
     decision_refused_after(replace_fourth);
+}
+
+/* The content key follows the bytes, not the sizes: the same SOP UIDs with
+ * the same digests give the same key, one other digest (a same-size copy
+ * with other pixels) another; rows without a digest count by size. */
+Test(content_key, follows_the_digests)
+{
+    const char *sops[] = {"1.2.1", "1.2.2"};
+    const char *d1[] = {"aa", "bb"}, *d2[] = {"aa", "cc"}, *none[] = {"", ""};
+    const int64_t sizes[] = {1000, 1000}, other[] = {1000, 1001};
+    char k1[33], k1b[33], k2[33], s1[33], s2[33], n1[33];
+    triage_content_key(sops, d1, sizes, 2, k1);
+    triage_content_key(sops, d1, other, 2, k1b);
+    triage_content_key(sops, d2, sizes, 2, k2);
+    triage_content_key(sops, none, sizes, 2, s1);
+    triage_content_key(sops, none, other, 2, s2);
+    triage_content_key(sops, NULL, sizes, 2, n1);
+    cr_assert_str_eq(k1, k1b, "a digest is the content: the size adds nothing");
+    cr_assert_str_neq(k1, k2);
+    cr_assert_str_neq(s1, s2);
+    cr_assert_str_eq(s1, n1);
+    cr_assert_str_neq(k1, s1);
+    cr_assert_eq(strncmp(k1, "2-", 2), 0, "%s", k1);
 }

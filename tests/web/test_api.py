@@ -145,6 +145,52 @@ class ApiTest(wt.WebTest):
         self.assertTrue(self.node.alive())
         self.assertEqual(self.get_json(self.node, "/healthz")["status"], "ok")
 
+    def test_resent_same_bytes_shown_other_bytes_triaged_again(self):
+        """A key slice re-sent with the same bytes (a scanner's retry) is not
+        new content: its image is still shown and its series is not triaged
+        again. Re-sent with other pixels in a file of the same size, the
+        series is triaged again (the size no longer stands for the content)
+        and the image is shown once that triage is done."""
+        import pydicom
+        uid = next(iter(self.studies))
+        key = self.get_json(self.node, "/api/studies/" + uid)["key_sop_uid"]
+        png = "%s/api/studies/%s/slices/%s.png" % (self.node.base, uid, key)
+        self.assertEqual(wt.curl(png)[0], 200)
+        src = next(f for f in self.studies[uid] if wt.dt.sop_uids(f)[1] == key)
+        row = "SELECT file_size, received_at, content_digest FROM instances WHERE sop_uid = ?"
+        size, received, digest = self.node.query(row, (key,))[0]
+        self.assertRegex(digest, "^[0-9a-f]{64}$")
+        triaged = len(self.node.events("series_triaged"))
+        complete = len(self.node.events("series_complete"))
+        self.send(self.node, [src])
+        self.assertTrue(self.node.wait_event("instance_replaced"), self.node.log_tail())
+        self.assertEqual(tuple(self.node.query(row, (key,))[0]), (size, received, digest))
+        self.assertEqual(wt.curl(png)[0], 200)
+        # Decided again after the quiet period: the content triaged already.
+        self.assertTrue(self.node.wait_event("series_complete", timeout=20, count=complete + 1),
+                        self.node.log_tail())
+        self.assertIn("state=triaged", self.node.events("series_complete")[-1])
+        self.assertEqual(len(self.node.events("series_triaged")), triaged)
+        self.assertEqual(wt.curl(png)[0], 200)
+        # Other pixels, the same file size.
+        with open(src, "rb") as f:
+            raw = f.read()
+        pixels = pydicom.dcmread(src).PixelData
+        self.assertTrue(raw.endswith(pixels))
+        flipped = bytes(b ^ 0x01 for b in pixels)
+        resent = os.path.join(self.work, "resent.dcm")
+        with open(resent, "wb") as f:
+            f.write(raw[:len(raw) - len(pixels)] + flipped)
+        self.send(self.node, [resent])
+        self.assertTrue(self.node.wait_event("series_triaged", timeout=30, count=triaged + 1),
+                        self.node.log_tail())
+        size2, received2, digest2 = self.node.query(row, (key,))[0]
+        self.assertEqual(size2, size)
+        self.assertNotEqual(digest2, digest)
+        self.assertGreater(received2, received)
+        self.wait_rows(self.node, [uid])
+        self.assertEqual(wt.curl(png)[0], 200)
+
     def test_review_round_trip(self):
         uid, other = list(self.studies)[:2]
         url = "%s/api/studies/%s/review" % (self.node.base, uid)
