@@ -7,6 +7,10 @@
 #include <dcmtk/dcmnet/diutil.h>
 #include <dcmtk/dcmnet/scu.h>
 #include <dcmtk/dcmtls/tlslayer.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include <arpa/inet.h>
 
 #include <cstdio>
 #include <exception>
@@ -74,6 +78,18 @@ std::unique_ptr<DcmTLSTransportLayer> make_tls(const scp_send_dest *d, std::stri
             return nullptr;
         }
         t->setCertificateVerification(DCV_requireCertificate);
+        // A certificate signed by the CA is not enough: it must be the one
+        // for the host we dial (its DNS name, or its IP address in an IP
+        // subjectAltName), else any certificate from that CA would do.
+        X509_VERIFY_PARAM *param = SSL_CTX_get0_param(t->getNativeHandle());
+        X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+        unsigned char ip[16];
+        bool is_ip = inet_pton(AF_INET, d->host, ip) == 1 || inet_pton(AF_INET6, d->host, ip) == 1;
+        if ((is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, d->host)
+                   : X509_VERIFY_PARAM_set1_host(param, d->host, 0)) != 1) {
+            why = std::string("TLS: cannot check the certificate against host ") + d->host;
+            return nullptr;
+        }
     } else {
         t->setCertificateVerification(DCV_ignoreCertificate);
     }

@@ -342,27 +342,40 @@ class PacsTest(itest.NodeTest):
         return port, out
 
     def test_tls_destination(self):
-        certs = []
-        for name in ("trusted", "stranger"):
+        """Over TLS a result goes only to the PACS whose certificate the CA
+        file vouches for and that names the host dialled: not to a stranger,
+        and not to a trusted certificate issued for another host."""
+        certs = {}
+        for name, san in (("trusted", "IP:127.0.0.1"), ("stranger", "IP:127.0.0.1"),
+                          ("misnamed", "DNS:pacs.example")):
             key, crt = os.path.join(self.work, name + ".key"), os.path.join(self.work, name + ".pem")
             subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                            key, "-out", crt, "-days", "2", "-subj", "/CN=127.0.0.1"],
+                            key, "-out", crt, "-days", "2", "-subj", "/CN=" + name,
+                            "-addext", "subjectAltName=" + san],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            certs.append((key, crt))
-        good_port, good_dir = self.storescp("secure", tls=certs[0])
-        bad_port, bad_dir = self.storescp("stranger", tls=certs[1])
-        node = self.node("tls:SECURE@127.0.0.1:%d,tls:STRANGER@127.0.0.1:%d"
-                         % (good_port, bad_port),
-                         **{"pacs.tls_ca": certs[0][1], "pacs.max_attempts": 2})
+            certs[name] = (key, crt)
+        # The CA file trusts the misnamed certificate too: only its name is wrong.
+        ca = os.path.join(self.work, "ca.pem")
+        with open(ca, "w") as f:
+            for name in ("trusted", "misnamed"):
+                with open(certs[name][1]) as c:
+                    f.write(c.read())
+        ports, dirs = {}, {}
+        for name in certs:
+            ports[name], dirs[name] = self.storescp(name, tls=certs[name])
+        node = self.node(",".join("tls:%s@127.0.0.1:%d" % (n.upper(), ports[n]) for n in certs),
+                         **{"pacs.tls_ca": ca, "pacs.max_attempts": 2})
         _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=34)
         self.send(node, files)
-        rows = self.wait_deliveries(node, lambda r: r[2] in ("sent", "failed"), 4)
+        rows = self.wait_deliveries(node, lambda r: r[2] in ("sent", "failed"), 6)
         by_dest = {}
         for r in rows:
             by_dest.setdefault(r[0].split("@")[0], set()).add(r[2])
-        self.assertEqual(by_dest, {"tls:SECURE": {"sent"}, "tls:STRANGER": {"failed"}}, rows)
-        self.assertEqual(len(os.listdir(good_dir)), 2)
-        self.assertEqual(os.listdir(bad_dir), [])
+        self.assertEqual(by_dest, {"tls:TRUSTED": {"sent"}, "tls:STRANGER": {"failed"},
+                                   "tls:MISNAMED": {"failed"}}, rows)
+        self.assertEqual(len(os.listdir(dirs["trusted"])), 2)
+        self.assertEqual(os.listdir(dirs["stranger"]), [])
+        self.assertEqual(os.listdir(dirs["misnamed"]), [])
 
     def test_build_fault_retried_until_it_clears(self):
         port, out = self.storescp("fault")
