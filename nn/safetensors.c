@@ -333,6 +333,18 @@ int nn_st_write(const char *path, const nn_st_entry *t, int n, const char *const
         unlink(tmp);
         goto out;
     }
+    /* The new name is durable only once its folder is synced: without it a
+     * crash could bring back the previous checkpoint, or no file at all. */
+    char *slash = strrchr(tmp, '/');
+    if (slash)
+        slash[slash == tmp ? 1 : 0] = '\0';
+    else
+        snprintf(tmp, tl, ".");
+    int dfd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    bad = dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL); /* EINVAL: no such sync here */
+    if (bad) nn_errf(err, errlen, "%s: cannot sync its folder: %s", path, strerror(errno));
+    if (dfd >= 0) close(dfd);
+    if (bad) goto out;
     rc = 0;
     goto out;
 oom:
