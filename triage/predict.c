@@ -114,6 +114,14 @@ static int by_series(const void *a, const void *b)
     return c ? c : strcmp(x->info.series_uid, y->info.series_uid);
 }
 
+/* Series together, and within one the files in path order: the same input
+ * gives the same output (qsort is not stable). */
+static int by_series_then_path(const void *a, const void *b)
+{
+    int c = by_series(a, b);
+    return c ? c : strcmp(((const struct file *)a)->path, ((const struct file *)b)->path);
+}
+
 static int64_t now_ms(void)
 {
     struct timeval tv;
@@ -195,7 +203,7 @@ int triage_predict_main(int argc, char **argv)
     if (fs.skipped)
         fprintf(stderr, "ichtriage predict: %d file(s) skipped (not DICOM images)\n", fs.skipped);
     if (fs.n == 0) fprintf(stderr, "ichtriage predict: no DICOM images found\n");
-    qsort(fs.v, (size_t)fs.n, sizeof *fs.v, by_series);
+    qsort(fs.v, (size_t)fs.n, sizeof *fs.v, by_series_then_path);
     cJSON *array = json ? cJSON_CreateArray() : NULL;
     if (!json) triage_row_print_header(stdout);
     int rank = 0, failures = 0, nseries = 0;
@@ -214,9 +222,18 @@ int triage_predict_main(int argc, char **argv)
             b++;
         const char **paths = malloc(sizeof *paths * (size_t)(b - a));
         if (!paths) goto done;
+        /* The CT images of the series, wherever they sort: another object
+         * in it (a dose report, a screen capture) is left out, as the node
+         * does, and does not decide for the whole series. */
+        int nct = 0;
         for (int k = a; k < b; k++)
-            paths[k - a] = fs.v[k].path;
+            if (scp_sop_class_is_ct(fs.v[k].info.sop_class)) paths[nct++] = fs.v[k].path;
         const struct scp_info *in = &fs.v[a].info;
+        for (int k = a; k < b; k++)
+            if (scp_sop_class_is_ct(fs.v[k].info.sop_class)) {
+                in = &fs.v[k].info;
+                break;
+            }
         struct db_worklist_row row = {
             .study_uid = in->study_uid,
             .series_uid = in->series_uid,
@@ -229,15 +246,16 @@ int triage_predict_main(int argc, char **argv)
             .model_version = model.version,
             .received_at_ms = now_ms(),
             .updated_at_ms = now_ms(),
-            .slices = b - a,
+            .slices = nct,
         };
         struct triage_volume v;
         struct triage_result r = {0};
         char e[1024] = "";
-        if (!scp_sop_class_is_ct(in->sop_class)) {
+        if (nct == 0) {
             row.status = "not_applicable";
+            row.slices = b - a;
             snprintf(e, sizeof e, "not a CT image (modality %s)", in->modality);
-        } else if (triage_volume_build(paths, b - a, &v, e, sizeof e) != 0) {
+        } else if (triage_volume_build(paths, nct, &v, e, sizeof e) != 0) {
             row.status = "failed";
         } else {
             if (triage_predict_volume(&model, &v, paths, NULL, &r, e, sizeof e) != 0) {

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -430,6 +431,22 @@ class TriageTest(itest.NodeTest):
         out = json.loads(p.stdout)
         self.assertEqual(len(out), 1)
         self.assertEqual(out[0]["study_uid"], study)
+        self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
+        self.assertEqual(len(out[0]["slice_probabilities"]), 12)
+        # Another object in the series (here a Secondary Capture, sorting
+        # first) is left out; it decided "not applicable" for the series.
+        import pydicom
+        mixed = os.path.join(self.work, "mixed")
+        shutil.copytree(os.path.join(self.work, "ph"), mixed)
+        ds = pydicom.dcmread(files[0])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".9"
+        ds.save_as(os.path.join(mixed, "000.dcm"))
+        p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
+                            "triage.model=" + self.model, "--json", mixed],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+        out = json.loads(p.stdout)
+        self.assertEqual([r["status"] for r in out], ["triaged"], out)
         self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
         self.assertEqual(len(out[0]["slice_probabilities"]), 12)
         # A folder given as a symbolic link is walked where it points (it
