@@ -283,7 +283,7 @@ int triage_predict_main(int argc, char **argv)
                     cJSON_AddItemToArray(per,
                                          cJSON_CreateNumber(r.probs[(size_t)i * TRIAGE_LABELS]));
             }
-            if (o) cJSON_AddItemToArray(array, o);
+            if (o && !cJSON_AddItemToArray(array, o)) cJSON_Delete(o); /* no array: out of memory */
         } else {
             triage_row_print(stdout, rank, &row, row.received_at_ms);
             if (e[0]) printf("     %s\n", e);
@@ -299,6 +299,10 @@ int triage_predict_main(int argc, char **argv)
         if (text) puts(text);
         cJSON_free(text);
         cJSON_Delete(array);
+        if (!text) {
+            fprintf(stderr, "predict: out of memory while writing the JSON\n");
+            failures++;
+        }
     } else {
         printf("-- %d series. Decision support, not a diagnosis.\n", rank);
     }
