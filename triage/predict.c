@@ -226,13 +226,11 @@ int triage_predict_main(int argc, char **argv)
          * in it (a dose report, a screen capture) is left out, as the node
          * does, and does not decide for the whole series. */
         int nct = 0;
-        for (int k = a; k < b; k++)
-            if (scp_sop_class_is_ct(fs.v[k].info.sop_class)) paths[nct++] = fs.v[k].path;
-        const struct scp_info *in = &fs.v[a].info;
+        const struct scp_info *in = &fs.v[a].info; /* the first CT image's, if any */
         for (int k = a; k < b; k++)
             if (scp_sop_class_is_ct(fs.v[k].info.sop_class)) {
-                in = &fs.v[k].info;
-                break;
+                if (nct == 0) in = &fs.v[k].info;
+                paths[nct++] = fs.v[k].path;
             }
         struct db_worklist_row row = {
             .study_uid = in->study_uid,
