@@ -17,7 +17,10 @@ static const char *sql_study =
     "INSERT INTO studies (study_uid, patient_ref, accession, study_id, study_date, study_time,"
     "  study_desc, received_at, updated_at)"
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)"
-    " ON CONFLICT (study_uid) DO UPDATE SET updated_at = excluded.updated_at"
+    " ON CONFLICT (study_uid) DO UPDATE SET updated_at = excluded.updated_at,"
+    /* Sent again after retention purged it: its new files are kept, and
+     * go, by the same rule as any others. */
+    "  purged_at = NULL"
     " RETURNING id";
 
 /* A new instance re-opens its series: completion is decided again. */

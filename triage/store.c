@@ -165,12 +165,20 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_
     char study_dir[1400], series_dir[1500], name[160], rel[1024], full[2600];
     snprintf(study_dir, sizeof study_dir, "%s/%s", s->spool, in->study_uid);
     snprintf(series_dir, sizeof series_dir, "%s/%s", study_dir, in->series_uid);
-    if (mkdir_durable(study_dir) != 0 || mkdir_durable(series_dir) != 0) {
-        *why = scp_refusal_from_errno(errno);
-        snprintf(reason, reason_len, "cannot create %s: %s", series_dir, strerror(errno));
-        return SCP_STATUS_OUT_OF_RESOURCES;
+    /* Retention removes a study's folders once its files are gone; it may do
+     * so between the mkdir and the rename here, so ENOENT makes them again. */
+    int placed = -1;
+    for (int attempt = 0; attempt < 3 && placed != 0; attempt++) {
+        if (mkdir_durable(study_dir) != 0 || mkdir_durable(series_dir) != 0) {
+            if (errno == ENOENT && attempt < 2) continue;
+            *why = scp_refusal_from_errno(errno);
+            snprintf(reason, reason_len, "cannot create %s: %s", series_dir, strerror(errno));
+            return SCP_STATUS_OUT_OF_RESOURCES;
+        }
+        placed = place_file(r->tmp_path, series_dir, in->sop_uid, name, sizeof name);
+        if (placed != 0 && errno != ENOENT) break;
     }
-    if (place_file(r->tmp_path, series_dir, in->sop_uid, name, sizeof name) != 0) {
+    if (placed != 0) {
         *why = scp_refusal_from_errno(errno);
         snprintf(reason, reason_len, "cannot move into spool: %s", strerror(errno));
         return SCP_STATUS_OUT_OF_RESOURCES;

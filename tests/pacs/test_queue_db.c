@@ -153,6 +153,33 @@ Test(retention, instance_committed_after_listing_keeps_the_study, .init = setup,
     cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 1);
 }
 
+/* A scanner sends a purged study again: its new instances are kept by the
+ * same rule as any others, so the study is due again once they are old. */
+Test(retention, study_received_again_after_its_purge_is_due_again, .init = setup, .fini = teardown)
+{
+    const int64_t keep = 30 * DAY, keep_reviewed = 365 * DAY;
+    put("1.2.3.4.1", 10 * DAY);
+    sql("UPDATE series SET state = 'triaged'");
+    sql("UPDATE studies SET updated_at = 864000000");
+    int removed = 0;
+    cr_assert_eq(db_retention_purge(db, 1, 100 * DAY, keep, keep_reviewed, record_path, &removed),
+                 1);
+    put("1.2.3.4.2", 200 * DAY);
+    cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 0);
+    sql("UPDATE series SET state = 'triaged'");
+    int64_t ids[4];
+    int n = 0;
+    cr_assert_eq(db_retention_due(db, 200 * DAY + keep / 2, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_expect_eq(n, 0, "kept for its own window");
+    cr_assert_eq(db_retention_due(db, 200 * DAY + keep + DAY, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_expect_eq(db_retention_purge(db, ids[0], 200 * DAY + keep + DAY, keep, keep_reviewed,
+                                    record_path, &removed),
+                 1);
+    cr_expect_eq(removed, 2);
+    cr_expect_eq(count("SELECT count(*) FROM instances"), 0);
+}
+
 /* The study's first result (flagged, at 1000) queued: revision 1 pending. */
 static int64_t flagged_revision_pending(void)
 {
