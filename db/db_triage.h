@@ -57,7 +57,8 @@ int db_series_decide(struct db *db, const struct db_series_info *seen, const cha
                      const char *reason, const char *content_key, int64_t now_ms, char *err,
                      size_t errlen);
 
-/* At start-up: jobs left running by a crash are queued again. */
+/* Running jobs are queued again: at start-up, those a crash left; during
+ * a run, the one whose end the inference thread could not write. */
 int db_jobs_requeue(struct db *db, int *count);
 
 struct db_job {

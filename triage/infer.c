@@ -84,16 +84,17 @@ static void load_model(struct triage_infer *t, struct triage_model *m, bool *hav
                  "error=\"%s\"%s", err, *have ? " kept=old" : " jobs=waiting");
 }
 
-/* Ends a job, retrying with back-off (1, 2, ... 32 s) while the database
- * refuses the write (busy past its timeout, disk full, an I/O error), so that
- * a passing fault neither drops a computed result nor leaves the series
- * triaging. Returns 0, or -1 with e once the retries are spent or at stop. */
+/* Ends a job, retrying with back-off (1, 2, 4 s) while the database refuses
+ * the write (busy past its timeout, disk full, an I/O error). Returns 0, or
+ * -1 with e once the retries are spent or at stop; the job is then still
+ * running in the database, and infer_main queues it again (it runs again
+ * from its files) once the database takes writes. */
 static int finish_job(struct triage_infer *t, struct db *db, const struct db_job *job,
                       const struct db_result *res, const char *error, char *e, size_t elen)
 {
     for (int delay_s = 1;; delay_s *= 2) {
         if (db_job_finish(db, job, res, error, now_ms(), e, elen) == 0) return 0;
-        if (delay_s > 32) return -1;
+        if (delay_s > 4) return -1;
         util_log(UTIL_LOG_WARN, "job_finish_retry", "job=%lld retry_in_s=%d error=\"%s\"",
                  (long long)job->id, delay_s, e);
         struct timespec until;
@@ -109,9 +110,10 @@ static int finish_job(struct triage_infer *t, struct db *db, const struct db_job
     }
 }
 
-/* Runs one job; returns the error text (static buffer err) or NULL. */
+/* Runs one job; returns the error text (static buffer err) or NULL. Sets
+ * *unfinished when its result could not be stored (finish_job). */
 static const char *run_job(struct triage_infer *t, struct db *db, struct triage_model *m,
-                           const struct db_job *job, char *err, size_t errlen)
+                           const struct db_job *job, char *err, size_t errlen, bool *unfinished)
 {
     double t0 = mono_ms();
     char **rel = NULL;
@@ -184,6 +186,7 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
     for (int l = 0; l < DB_LABELS; l++)
         res.p[l] = r.study[l];
     if (finish_job(t, db, job, &res, NULL, e, sizeof e) != 0) {
+        *unfinished = true;
         snprintf(err, errlen, "%s", e);
         fail = err;
         goto done;
@@ -232,6 +235,8 @@ static void *infer_main(void *arg)
     struct triage_model m;
     bool have = false;
     load_model(t, &m, &have);
+    /* A job whose end could not be written: queued again before the next. */
+    bool requeue = false;
     for (;;) {
         pthread_mutex_lock(&t->mu);
         bool stop = t->stop, reload = t->reload;
@@ -239,8 +244,13 @@ static void *infer_main(void *arg)
         pthread_mutex_unlock(&t->mu);
         if (stop) break;
         if (reload) load_model(t, &m, &have);
+        int count = 0;
+        if (requeue && db_jobs_requeue(db, &count) == 0) {
+            requeue = false;
+            util_log(UTIL_LOG_INFO, "jobs_requeued", "count=%d", count);
+        }
         struct db_job job;
-        int got = have ? db_job_claim(db, now_ms(), &job) : 0;
+        int got = have && !requeue ? db_job_claim(db, now_ms(), &job) : 0;
         if (got < 0) util_log(UTIL_LOG_ERROR, "job_claim_failed", "error=\"database\"");
         if (got <= 0) {
             pthread_mutex_lock(&t->mu);
@@ -257,14 +267,24 @@ static void *infer_main(void *arg)
         util_log(UTIL_LOG_DEBUG, "job_started", "job=%lld series_id=%lld content=%s",
                  (long long)job.id, (long long)job.series_id, job.content_key);
         char why[1024];
-        const char *fail = run_job(t, db, &m, &job, why, sizeof why);
-        if (fail) {
+        bool unfinished = false;
+        const char *fail = run_job(t, db, &m, &job, why, sizeof why, &unfinished);
+        if (unfinished) {
+            util_log(UTIL_LOG_ERROR, "job_unfinished",
+                     "job=%lld error=\"%s\" then=\"queued again once the database takes writes\"",
+                     (long long)job.id, fail);
+            requeue = true;
+        } else if (fail) {
             util_log(UTIL_LOG_WARN, "series_failed", "job=%lld error=\"%s\"", (long long)job.id,
                      fail);
             char e[512];
-            if (finish_job(t, db, &job, NULL, fail, e, sizeof e) != 0)
-                util_log(UTIL_LOG_ERROR, "job_finish_failed", "job=%lld error=\"%s\"",
+            if (finish_job(t, db, &job, NULL, fail, e, sizeof e) != 0) {
+                util_log(UTIL_LOG_ERROR, "job_unfinished",
+                         "job=%lld error=\"%s\" then=\"queued again once the database takes "
+                         "writes\"",
                          (long long)job.id, e);
+                requeue = true;
+            }
         }
         if (t->cfg.on_done) t->cfg.on_done(t->cfg.ud);
     }
@@ -351,13 +371,19 @@ bool triage_infer_model(struct triage_infer *t, char *version, size_t vlen, char
     return ok;
 }
 
-void triage_infer_stop(struct triage_infer *t)
+void triage_infer_request_stop(struct triage_infer *t)
 {
     if (!t) return;
     pthread_mutex_lock(&t->mu);
     t->stop = true;
     pthread_cond_signal(&t->cv);
     pthread_mutex_unlock(&t->mu);
+}
+
+void triage_infer_stop(struct triage_infer *t)
+{
+    if (!t) return;
+    triage_infer_request_stop(t);
     pthread_join(t->thread, NULL);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->cv);

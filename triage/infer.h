@@ -43,6 +43,9 @@ void triage_infer_reload(struct triage_infer *t, const char *model);
 /* Copies the loaded model's version (or "" ) and, when none is loaded, the
  * reason into the buffers. Returns true when a model is loaded. */
 bool triage_infer_model(struct triage_infer *t, char *version, size_t vlen, char *why, size_t wlen);
+/* Asks the thread to stop after the job in progress, without waiting
+ * (any thread; NULL is a no-op). */
+void triage_infer_request_stop(struct triage_infer *t);
 /* Finishes the job in progress, stops and frees. NULL is a no-op. */
 void triage_infer_stop(struct triage_infer *t);
 

@@ -592,13 +592,19 @@ void triage_pacs_kick(struct triage_pacs *p)
     pthread_mutex_unlock(&p->mu);
 }
 
-void triage_pacs_stop(struct triage_pacs *p)
+void triage_pacs_request_stop(struct triage_pacs *p)
 {
     if (!p) return;
     pthread_mutex_lock(&p->mu);
     p->stop = true;
     pthread_cond_signal(&p->cv);
     pthread_mutex_unlock(&p->mu);
+}
+
+void triage_pacs_stop(struct triage_pacs *p)
+{
+    if (!p) return;
+    triage_pacs_request_stop(p);
     pthread_join(p->thread, NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);

@@ -45,6 +45,9 @@ int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config 
                       size_t errlen);
 /* New results may be in the database (any thread; never blocks). NULL: no-op. */
 void triage_pacs_kick(struct triage_pacs *p);
+/* Asks the sender to stop after the association in progress, without
+ * waiting. NULL: no-op. */
+void triage_pacs_request_stop(struct triage_pacs *p);
 /* Finishes the association in progress, then stops. NULL: no-op. */
 void triage_pacs_stop(struct triage_pacs *p);
 

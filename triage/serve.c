@@ -503,6 +503,11 @@ int triage_serve_main(int argc, char **argv)
 
     triage_http_stop(n.http); /* before the handles it shares the loop with close */
     n.http = NULL;
+    /* The job and the PACS association in progress finish while the
+     * associations in progress do, not after them: the stop takes the
+     * longest of the three, not their sum (systemd's TimeoutStopSec). */
+    triage_infer_request_stop(n.infer);
+    triage_pacs_request_stop(n.pacs);
     /* Stop accepting, let associations in progress finish, then close. */
     scp_server_stop(n.scp, n.grace);
     n.scp = NULL;

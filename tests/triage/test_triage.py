@@ -242,30 +242,51 @@ class TriageTest(itest.NodeTest):
         self.assertTrue(node.wait_event("series_complete", timeout=QUIET + 10, count=3))
         self.assertNotIn(study, [r["study_uid"] for r in self.worklist(node)])
 
-    def test_result_kept_when_the_database_is_busy_at_the_end(self):
-        # Another writer holds the index past the busy timeout (10 s) while
-        # the model runs: storing the result fails once, and is retried
-        # rather than dropped (the series failed with "database is locked").
+    def _lock_while_the_model_runs(self, seed, until):
+        """A VGG19 node (seconds per series: time to take the lock meanwhile)
+        triages one study while another writer holds the index, until
+        until(node) is true; then the lock goes. Returns node, study, files."""
         import sqlite3
-        # VGG19 sizes: seconds per series, time to take the lock meanwhile.
         slow = os.path.join(self.work, "vgg19.safetensors")
         subprocess.run([MAKE_MODEL, slow, "vgg19"], check=True, stdout=subprocess.DEVNULL)
         node = self.node(**{"triage.model": slow})
-        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=17, slices=24)
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=seed, slices=24)
         (study, files), = studies.items()
         self.send(node, files)
         self.assertTrue(node.wait_event("job_started", timeout=QUIET + 20))
         con = sqlite3.connect(node.db_path, timeout=10, isolation_level=None)
         con.execute("BEGIN IMMEDIATE")
         try:
+            until(node)
+        finally:
+            con.execute("ROLLBACK")
+            con.close()
+        return node, study, files
+
+    def test_result_kept_when_the_database_is_busy_at_the_end(self):
+        # Another writer holds the index past the busy timeout (10 s) while
+        # the model runs: storing the result fails once, and is retried
+        # rather than dropped (the series failed with "database is locked").
+        def first_end(node):
             deadline = time.monotonic() + 40
             while time.monotonic() < deadline and not (node.events("job_finish_retry")
                                                       or node.events("series_failed")):
                 time.sleep(0.05)
-        finally:
-            con.execute("ROLLBACK")
-            con.close()
+        node, study, files = self._lock_while_the_model_runs(17, first_end)
         self.assertTrue(node.events("job_finish_retry"), node.log_tail())
+        row = self.wait_status(node, study, ("triaged", "failed"), timeout=60)
+        self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
+        self.assertEqual([j[0] for j in self.jobs(node, study)], ["done"])
+
+    def test_result_not_lost_when_the_database_refuses_it_longer_than_the_retries(self):
+        # The lock is held past every retry of the job's end (about 45 s of
+        # busy timeouts and back-off): the job is queued again, runs again
+        # once the lock goes, and the series is triaged; before, it stayed
+        # "triaging" until the node was restarted.
+        def retries_spent(node):
+            self.assertTrue(node.wait_event("job_unfinished", timeout=120), node.log_tail())
+        node, study, files = self._lock_while_the_model_runs(18, retries_spent)
+        self.assertTrue(node.wait_event("jobs_requeued", timeout=30), node.log_tail())
         row = self.wait_status(node, study, ("triaged", "failed"), timeout=60)
         self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
         self.assertEqual([j[0] for j in self.jobs(node, study)], ["done"])
