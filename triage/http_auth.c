@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "db_web.h"
 #include "log.h"
@@ -156,11 +157,36 @@ static bool check_password(const struct http_user *u, const char *password)
     return ok;
 }
 
+/* Login CSRF: a page of another site must not log the reader's browser in
+ * under an account of that site's choosing (the browser keeps a cookie set
+ * by the answer to a cross-site form). Browsers say where a POST comes from
+ * (Origin, and Sec-Fetch-Site); only this node's own pages may log in. A
+ * client that sends neither (curl, a script) is not a page of another site. */
+static bool login_from_here(h2o_req_t *req)
+{
+    char site[32], origin[300];
+    if (h2o_find_header_by_str(&req->headers, "sec-fetch-site", 14, -1) >= 0 &&
+        (!http_header(req, "sec-fetch-site", site, sizeof site) ||
+         (strcmp(site, "same-origin") != 0 && strcmp(site, "none") != 0)))
+        return false;
+    if (h2o_find_header_by_str(&req->headers, "origin", 6, -1) < 0) return true;
+    if (!http_header(req, "origin", origin, sizeof origin)) return false;
+    const char *host = strstr(origin, "://"); /* "null" (a sandboxed page) has none */
+    if (!host) return false;
+    host += 3;
+    h2o_iovec_t a = req->input.authority;
+    return strlen(host) == a.len && strncasecmp(host, a.base, a.len) == 0;
+}
+
 int http_auth_login(struct triage_http *h, h2o_req_t *req)
 {
     if (h->loopback) return http_send_error(req, 400, "no login on a loopback address");
     char addr[64];
     http_peer(req, addr, sizeof addr);
+    if (!login_from_here(req)) {
+        util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"from another site\"", addr);
+        return http_send_error(req, 403, "login only from this node's own page");
+    }
     struct http_fail *f = fail_slot(h, addr, false);
     if (f && f->count >= HTTP_FAIL_MAX) {
         util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s", addr);
@@ -183,7 +209,10 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     const struct http_user *u = NULL;
     for (int i = 0; i < h->nusers; i++)
         if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];
-    bool ok = u && check_password(u, password);
+    /* An unknown name costs a hash too, so that the answer's time does not
+     * tell which names exist. */
+    const struct http_user *probe = u ? u : h->nusers > 0 ? &h->users[0] : NULL;
+    bool ok = probe && check_password(probe, password) && u;
     explicit_bzero(password, sizeof password);
     if (!ok) {
         f = fail_slot(h, addr, true);

@@ -124,6 +124,42 @@ class AuthTest(wt.WebTest):
         self.assertTrue(node.events("login_throttled"))
         self.assertNotIn("alice-pw", node.log())
 
+    def test_login_only_from_this_nodes_page_and_unknown_names_take_as_long(self):
+        node = self.public_node()
+        creds = {"user": "alice", "password": "alice-pw"}
+        here = node.base  # https://127.0.0.1:port, as the node's own page has it
+        # A form on another site (login CSRF) is refused whatever it holds,
+        # as is a sandboxed page (Origin "null") and a cross-site fetch.
+        for hdrs in (["Origin: https://evil.example"], ["Origin: null"],
+                     ["Sec-Fetch-Site: cross-site"], ["Sec-Fetch-Site: same-site"],
+                     ["Origin: %s.evil.example" % here]):
+            status, hd, body = self.req(node, "/login", "POST", creds, hdrs)
+            self.assertEqual(status, 403, (hdrs, body))
+            self.assertNotIn("set-cookie", hd)
+        self.assertTrue(node.events("login_refused"))
+        # The node's own page (what a browser sends), and curl, log in.
+        status, hd, body = self.req(node, "/login", "POST", creds,
+                                    ["Origin: " + here, "Sec-Fetch-Site: same-origin"])
+        self.assertEqual(status, 200, body)
+        self.assertIn("set-cookie", hd)
+        self.assertEqual(self.req(node, "/login", "POST", creds)[0], 200)
+
+        # How long the node takes to answer (curl's time from request sent
+        # to first byte, not a wall-clock limit): a name that does not exist
+        # is checked against a hash too, so it is not answered several times
+        # faster than a real name with a wrong password (it was: no hash).
+        def server_s(user):
+            out = subprocess.run(
+                ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code} %{time_pretransfer} "
+                 "%{time_starttransfer}", "-H", "Content-Type: application/json",
+                 "--data-binary", json.dumps({"user": user, "password": "wrong"}),
+                 node.base + "/login"], stdout=subprocess.PIPE, check=True).stdout.split()
+            self.assertEqual(out[0], b"401")
+            return float(out[2]) - float(out[1])
+        known = min(server_s("alice") for _ in range(2))
+        unknown = min(server_s("mallory") for _ in range(2))
+        self.assertGreater(unknown, known / 3, (known, unknown))
+
 
 class Hook(http.server.BaseHTTPRequestHandler):
     received = []
