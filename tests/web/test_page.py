@@ -153,6 +153,10 @@ class PageTest(wt.WebTest):
         b.eval("document.querySelector('textarea[name=comment]').value = 'seen in the browser'")
         b.click("#review-form button[type=submit]")
         b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        # Opened once: the page's refresh after the review (and after each
+        # update of the study) is not another opening in the audit.
+        self.assertEqual(node.query("SELECT count(*) FROM audit WHERE action = 'opened'"
+                                    " AND study_uid = ?", (uid,))[0][0], 1)
         st = self.get_json(node, "/api/studies/" + uid)
         self.assertEqual(st["status"], "reviewed")
         self.assertEqual([(r["reviewer"], r["subtypes"], r["comment"]) for r in st["reviews"]],

@@ -340,7 +340,9 @@ async function showStudy(uid, quiet) {
   state.study = uid;
   let st;
   try {
-    st = await api("/api/studies/" + encodeURIComponent(uid));
+    // A quiet reload (an update, a review, a claim) is not another opening
+    // for the audit.
+    st = await api("/api/studies/" + encodeURIComponent(uid) + (quiet ? "?refresh=1" : ""));
   } catch (e) {
     if (state.study !== uid) return;
     $("study-title").textContent = "Study not found: " + e.message;
