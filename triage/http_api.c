@@ -220,6 +220,16 @@ static int api_study(struct triage_http *h, h2o_req_t *req, const struct http_wh
     return http_send_json(req, 200, c.o);
 }
 
+/* Characters, as the page's form counts them (at most as many as its
+ * UTF-16 units), not bytes: 4000 accented letters are 8000 bytes. */
+static size_t utf8_chars(const char *s)
+{
+    size_t n = 0;
+    for (; *s; s++)
+        n += ((unsigned char)*s & 0xC0) != 0x80;
+    return n;
+}
+
 static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_who *who,
                       const char *uid)
 {
@@ -239,8 +249,8 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
         msg = "\"subtypes\" must be an array of names";
     else if (comment && !cJSON_IsString(comment) && !cJSON_IsNull(comment))
         msg = "\"comment\" must be a string";
-    else if (cJSON_IsString(comment) && strlen(comment->valuestring) > 4000)
-        msg = "\"comment\" is longer than 4000 bytes";
+    else if (cJSON_IsString(comment) && utf8_chars(comment->valuestring) > 4000)
+        msg = "\"comment\" is longer than 4000 characters";
     char list[256] = "";
     for (cJSON *s = subs && cJSON_IsArray(subs) ? subs->child : NULL; s && !msg; s = s->next) {
         bool known = false;

@@ -198,8 +198,9 @@ class ApiTest(wt.WebTest):
         sl = self.get_json(self.node, "/api/studies/" + uid)["slice_probabilities"]
         marks = [{"sop_uid": s["sop_uid"], "frame": s["frame"]} for s in sl[3:5]]
         foreign = self.get_json(self.node, "/api/studies/" + other)["slice_probabilities"][0]
-        good = {"hemorrhage": True, "subtypes": ["subdural", "subarachnoid"], "comment": "thin SDH",
-                "slices": marks}
+        # The form allows 4000 characters; these take 7991 bytes.
+        good = {"hemorrhage": True, "subtypes": ["subdural", "subarachnoid"],
+                "comment": "thin SDH " + "\u00e9" * 3991, "slices": marks}
         status, _, body = wt.curl(url, "POST", good)
         self.assertEqual(status, 403, body)  # no CSRF token
         status, _, body = wt.curl(url, "POST", good, headers=["X-CSRF-Token: wrong"])
@@ -209,6 +210,7 @@ class ApiTest(wt.WebTest):
                          ({"hemorrhage": True, "subtypes": ["bleed"]}, "subtypes"),
                          ({"hemorrhage": False, "subtypes": ["subdural"]}, "false"),
                          ({"hemorrhage": True, "comment": 3}, "comment"),
+                         ({"hemorrhage": True, "comment": "a" * 4001}, "comment"),
                          ({"hemorrhage": True, "slices": "all"}, "slices"),
                          ({"hemorrhage": True, "slices": [{"sop_uid": "not a uid"}]}, "slices"),
                          ({"hemorrhage": False, "slices": marks}, "false"),
@@ -233,7 +235,7 @@ class ApiTest(wt.WebTest):
         self.assertEqual(rev["reviewer"], "local")
         self.assertTrue(rev["hemorrhage"])
         self.assertEqual(sorted(rev["subtypes"]), ["subarachnoid", "subdural"])
-        self.assertEqual(rev["comment"], "thin SDH")
+        self.assertEqual(rev["comment"], good["comment"])
         self.assertEqual(rev["slices"], marks)
         rows = self.node.query("SELECT r.hemorrhage, r.subtypes, r.reviewer, r.slices FROM reviews r"
                                " JOIN studies s ON s.id = r.study_ref WHERE s.study_uid = ?",
