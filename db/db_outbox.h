@@ -77,8 +77,9 @@ struct db_outbox_object {
 int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,
                              const char *sr_sop_uid, const struct db_outbox_object *o, int n,
                              int64_t now_ms);
-/* The revision could not be built: state "failed" with reason. */
-int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason);
+/* The revision could not be built: state "failed" with reason, at now_ms. */
+int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason,
+                              int64_t now_ms);
 /* A pending revision whose result was replaced before it was built: state
  * "skipped" (nothing to send, nothing failed; retention ignores it), and
  * revision 0, as only sent revisions are numbered. */
@@ -121,11 +122,15 @@ struct db_outbox_failure {
 typedef int (*db_outbox_failure_fn)(void *ud, const struct db_outbox_failure *f);
 int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud);
 
-/* Deliveries given up at or after since_ms (the page's banner). */
-int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *out);
+/* Deliveries, and revisions that could not be built, given up at or after
+ * since_ms (the page's banner). */
+int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *deliveries,
+                           int64_t *revisions);
 
+/* Deliveries by state; revisions_failed: results never built (given up). */
 struct db_outbox_counts {
     int64_t pending, sent, failed;
+    int64_t revisions_failed;
 };
 int db_outbox_counts(struct db *db, struct db_outbox_counts *out);
 /* The same from the database file at path, opened read-only (`ichtriage

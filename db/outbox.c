@@ -225,11 +225,13 @@ bad:
     return -1;
 }
 
-int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason)
+int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason,
+                              int64_t now_ms)
 {
     return db_exec_bound(db_conn(db),
-                         "UPDATE pacs_revisions SET state = 'failed', reason = ?2 WHERE id = ?1",
-                         "is", revision_id, reason ? reason : "");
+                         "UPDATE pacs_revisions SET state = 'failed', reason = ?2, failed_at = ?3"
+                         " WHERE id = ?1",
+                         "isi", revision_id, reason ? reason : "", now_ms);
 }
 
 int db_outbox_revision_superseded(struct db *db, int64_t revision_id)
@@ -416,7 +418,14 @@ static int counts_on(sqlite3 *c, struct db_outbox_counts *out)
         if (strcmp(s, "failed") == 0) out->failed = n;
     }
     sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? 0 : -1;
+    if (rc != SQLITE_DONE ||
+        sqlite3_prepare_v2(c, "SELECT count(*) FROM pacs_revisions WHERE state = 'failed'", -1, &st,
+                           NULL) != SQLITE_OK)
+        return -1;
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) out->revisions_failed = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
 }
 
 int db_outbox_counts(struct db *db, struct db_outbox_counts *out)
@@ -446,18 +455,23 @@ int db_outbox_counts_read(const char *path, struct db_outbox_counts *out, bool *
     return rc;
 }
 
-int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *out)
+int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *deliveries, int64_t *revisions)
 {
-    *out = 0;
+    *deliveries = *revisions = 0;
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(db_conn(db),
-                           "SELECT count(*) FROM pacs_deliveries WHERE state = 'failed'"
-                           " AND last_attempt_at >= ?1",
+                           "SELECT (SELECT count(*) FROM pacs_deliveries WHERE state = 'failed'"
+                           "  AND last_attempt_at >= ?1),"
+                           " (SELECT count(*) FROM pacs_revisions WHERE state = 'failed'"
+                           "  AND failed_at >= ?1)",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_int64(st, 1, since_ms);
     int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
+    if (rc == SQLITE_ROW) {
+        *deliveries = sqlite3_column_int64(st, 0);
+        *revisions = sqlite3_column_int64(st, 1);
+    }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : -1;
 }

@@ -197,6 +197,11 @@ static const char *const migrations[] = {
      * other bytes, even of the same size, changes both. '' for instances
      * stored before: their size stands in. */
     "ALTER TABLE instances ADD COLUMN content_digest TEXT NOT NULL DEFAULT '';",
+
+    /* 8 -> 9: when a revision that could not be built was given up (the
+     * page's banner and /healthz say so for a day, as for deliveries). NULL
+     * for revisions failed before. */
+    "ALTER TABLE pacs_revisions ADD COLUMN failed_at INTEGER;",
 };
 
 int db_schema_version(void)

@@ -39,14 +39,20 @@ cJSON *http_degraded(struct triage_http *h)
                  (long long)failed);
         cJSON_AddItemToArray(a, cJSON_CreateString(msg));
     }
-    int64_t undelivered = 0; /* results to PACS given up (triage/pacs.c) */
-    if (db_outbox_failed_since(h->db, http_now_ms() - 86400 * 1000, &undelivered) == 0 &&
-        undelivered > 0) {
+    /* results to PACS given up (triage/pacs.c) */
+    int64_t given_up[2] = {0, 0};
+    static const char *const what[2] = {
+        "results not delivered to PACS: %lld objects given up in the last day"
+        " (log event pacs_delivery_failed)",
+        "results not built for PACS: %lld given up in the last day"
+        " (log event pacs_revision_failed, /api/pacs/failures)"};
+    if (db_outbox_failed_since(h->db, http_now_ms() - 86400 * 1000, &given_up[0], &given_up[1]) !=
+        0)
+        given_up[0] = given_up[1] = 0;
+    for (int i = 0; i < 2; i++) {
+        if (given_up[i] == 0) continue;
         char msg[200];
-        snprintf(msg, sizeof msg,
-                 "results not delivered to PACS: %lld objects given up in the last day"
-                 " (log event pacs_delivery_failed)",
-                 (long long)undelivered);
+        snprintf(msg, sizeof msg, what[i], (long long)given_up[i]);
         cJSON_AddItemToArray(a, cJSON_CreateString(msg));
     }
     return a;
@@ -175,6 +181,9 @@ int http_metrics(struct triage_http *h, h2o_req_t *req)
         add(&t, "ichtriage_pacs_deliveries{state=\"pending\"} %lld\n", (long long)oc.pending);
         add(&t, "ichtriage_pacs_deliveries{state=\"sent\"} %lld\n", (long long)oc.sent);
         add(&t, "ichtriage_pacs_deliveries{state=\"failed\"} %lld\n", (long long)oc.failed);
+        metric(&t, "ichtriage_pacs_results_not_built", "gauge",
+               "Results whose objects for PACS could not be built (given up).");
+        add(&t, "ichtriage_pacs_results_not_built %lld\n", (long long)oc.revisions_failed);
     }
     metric(&t, "ichtriage_triage_latency_seconds", "histogram",
            "From a series' job being queued to its result.");

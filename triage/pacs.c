@@ -141,7 +141,7 @@ static void build_failed(struct triage_pacs *p, int64_t revision_id, const char 
         util_log(UTIL_LOG_ERROR, "pacs_revision_failed",
                  "study=%s revision=%d attempts=%d reason=\"%s\"", study, revision, attempts,
                  reason);
-        if (db_outbox_revision_failed(p->db, revision_id, reason) != 0)
+        if (db_outbox_revision_failed(p->db, revision_id, reason, now_ms()) != 0)
             util_log(UTIL_LOG_ERROR, "pacs_record_failed", "revision_id=%lld",
                      (long long)revision_id);
         retry_drop(p, revision_id);
@@ -217,7 +217,7 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         const char *why = "key slice no longer indexed";
         util_log(UTIL_LOG_WARN, "pacs_revision_not_built", "revision_id=%lld reason=\"%s\"",
                  (long long)rev_id, why);
-        db_outbox_revision_failed(p->db, rev_id, why);
+        db_outbox_revision_failed(p->db, rev_id, why, now_ms());
         retry_drop(p, rev_id);
         return;
     }

@@ -284,14 +284,8 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(len(failed), 2, failed)
         self.assertGreaterEqual(len(node.events("pacs_retry")), 4)
         # Visible on the page (its degraded banner, also in /healthz) and in /metrics.
-        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
-        self.assertTrue(any("not delivered to PACS: 2 objects" in d for d in health["degraded"]),
-                        health)
-        metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics"
-                                         % node.http_port).read().decode()
-        self.assertIn('ichtriage_pacs_deliveries{state="failed"} 2\n', metrics)
-        failures = json.load(urllib.request.urlopen(
-            "http://127.0.0.1:%d/api/pacs/failures" % node.http_port))
+        failures = self.assert_shown(node, "not delivered to PACS: 2 objects",
+                                     'ichtriage_pacs_deliveries{state="failed"} 2\n')
         self.assertEqual(sorted(f["object"] for f in failures), ["sc", "sr"])
         self.assertTrue(all(f["study_uid"] == study and f["attempts"] == 3 and
                             "0xA700" in f["error"] for f in failures), failures)
@@ -377,15 +371,31 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(os.listdir(dirs["stranger"]), [])
         self.assertEqual(os.listdir(dirs["misnamed"]), [])
 
-    def test_build_fault_retried_until_it_clears(self):
-        port, out = self.storescp("fault")
-        node = self.node("FAULT@127.0.0.1:%d" % port)
-        # outbox/ cannot be made (a file holds its name): building fails.
+    def assert_shown(self, node, banner, metric):
+        """What was given up is in /healthz (the page's banner) and /metrics;
+        returns /api/pacs/failures."""
+        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
+        self.assertTrue(any(banner in d for d in health["degraded"]), health)
+        metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics"
+                                         % node.http_port).read().decode()
+        self.assertIn(metric, metrics)
+        return json.load(urllib.request.urlopen(
+            "http://127.0.0.1:%d/api/pacs/failures" % node.http_port))
+
+    @staticmethod
+    def block_outbox(node):
+        """outbox/ cannot be made (a file holds its name): building fails."""
         outbox = os.path.join(node.store_dir, "outbox")
         if os.path.isdir(outbox):
             os.rmdir(outbox)
         with open(outbox, "w") as f:
             f.write("in the way\n")
+        return outbox
+
+    def test_build_fault_retried_until_it_clears(self):
+        port, out = self.storescp("fault")
+        node = self.node("FAULT@127.0.0.1:%d" % port)
+        outbox = self.block_outbox(node)
         study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=36)
         self.send(node, files)
         self.assertTrue(node.wait_event("pacs_revision_retry", timeout=60), node.log_tail())
@@ -396,6 +406,18 @@ class PacsTest(itest.NodeTest):
         rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 2, timeout=30)
         self.assertEqual(sorted(r[1] for r in rows), ["sc", "sr"])
         self.assertEqual(len(os.listdir(out)), 2)
+
+    def test_build_fault_given_up_is_shown(self):
+        port, _ = self.storescp("unbuilt")
+        node = self.node("FAULT@127.0.0.1:%d" % port, **{"pacs.max_attempts": 1})
+        self.block_outbox(node)
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=37)
+        self.send(node, files)
+        self.assertTrue(node.wait_event("pacs_revision_failed", timeout=60), node.log_tail())
+        # No delivery exists to fail, yet the admins see it (it was silent).
+        failures = self.assert_shown(node, "results not built for PACS: 1",
+                                     "ichtriage_pacs_results_not_built 1\n")
+        self.assertEqual([f["study_uid"] for f in failures], [study], failures)
 
     def test_send_flagged_only(self):
         port, out = self.storescp("flagged")

@@ -117,9 +117,11 @@ Test(pacs, outbox_counts_on_a_fresh_database)
     int64_t at;
     cr_assert_eq(db_outbox_next_due(db, &at, &found), 0);
     cr_expect(!found);
-    int64_t failed = -1;
-    cr_assert_eq(db_outbox_failed_since(db, 0, &failed), 0);
+    int64_t failed = -1, unbuilt = -1;
+    cr_assert_eq(db_outbox_failed_since(db, 0, &failed, &unbuilt), 0);
     cr_expect_eq(failed, 0);
+    cr_expect_eq(unbuilt, 0);
+    cr_expect_eq(c.revisions_failed, 0);
     db_close(db);
     char cmd[200];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

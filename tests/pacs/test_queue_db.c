@@ -274,6 +274,14 @@ Test(outbox, revision_that_cannot_be_built_is_given_up_and_listed, .init = setup
     cr_assert_eq(db_outbox_failed(db, 10, list_failure, &listed), 0);
     cr_expect_eq(listed, 1);
     cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries"), 0);
+    /* Counted for the banner (a day) and the metrics. */
+    int64_t deliveries = -1, revisions = -1;
+    cr_assert_eq(db_outbox_failed_since(db, 0, &deliveries, &revisions), 0);
+    cr_expect_eq(deliveries, 0);
+    cr_expect_eq(revisions, 1);
+    struct db_outbox_counts c;
+    cr_assert_eq(db_outbox_counts(db, &c), 0);
+    cr_expect_eq(c.revisions_failed, 1);
 }
 
 /* A re-triage that commits while db_outbox_source runs: just as its
