@@ -50,6 +50,9 @@ struct db_outbox_source {
     int key_index;
     char key_sop[65], key_sop_class[65], key_path[512]; /* key_path relative to store.dir */
     int key_frame;
+    /* The key image's Pixel Spacing (row, column; mm), 0 when it has none
+     * (an enhanced CT keeps it per frame): its picture's aspect. */
+    double key_spacing[2];
     /* The SR of the latest earlier revision of this study that was built,
      * "" when none: the new SR replaces it. */
     char prev_sr_series_uid[65], prev_sr_sop_uid[65];

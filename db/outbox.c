@@ -111,7 +111,8 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
             " r.key_sop, i.sop_class, i.file_path,"
             " coalesce((SELECT frame FROM slice_results sr WHERE sr.series_ref = r.series_ref"
             "  AND sr.idx = r.key_index), 0), r.slices,"
-            " coalesce(prev.sr_series_uid, ''), coalesce(prev.sr_sop_uid, '')"
+            " coalesce(prev.sr_series_uid, ''), coalesce(prev.sr_sop_uid, ''),"
+            " coalesce(i.pixel_spacing_row, 0), coalesce(i.pixel_spacing_col, 0)"
             " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"
             " JOIN series s ON s.id = pr.series_ref"
             " JOIN results r ON r.series_ref = pr.series_ref AND r.created_at = pr.result_at"
@@ -149,6 +150,8 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
     int slices = sqlite3_column_int(st, 19);
     db_col_copy(st, 20, out->prev_sr_series_uid, sizeof out->prev_sr_series_uid);
     db_col_copy(st, 21, out->prev_sr_sop_uid, sizeof out->prev_sr_sop_uid);
+    out->key_spacing[0] = sqlite3_column_double(st, 22);
+    out->key_spacing[1] = sqlite3_column_double(st, 23);
     sqlite3_finalize(st);
     if (slices < 0 || slices > 100000) return -1;
     if (slices == 0) return 0;

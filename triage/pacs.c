@@ -132,6 +132,14 @@ static void retry_drop(struct triage_pacs *p, int64_t revision_id)
 /* Building revision_id failed for reason: left pending and tried again
  * later, or, after max_attempts, marked failed (shown with the given-up
  * deliveries). */
+/* Rows further apart than columns are drawn taller; 1 when the spacing is
+ * unknown or beyond any scanner's (a tenfold difference). */
+static double picture_aspect(const double spacing[2])
+{
+    double a = spacing[0] > 0 && spacing[1] > 0 ? spacing[0] / spacing[1] : 1.0;
+    return a >= 0.1 && a <= 10 ? a : 1.0;
+}
+
 static void build_failed(struct triage_pacs *p, int64_t revision_id, const char *study,
                          int revision, const char *reason)
 {
@@ -283,7 +291,7 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         .hu = px.hu + (size_t)frame * (size_t)px.rows * (size_t)px.columns,
         .hu_rows = px.rows,
         .hu_cols = px.columns,
-        .pixel_aspect = 1.0,
+        .pixel_aspect = picture_aspect(s.key_spacing),
         .p_any = s.p_any,
         .slices = s.slices,
         .key_index = s.key_index,

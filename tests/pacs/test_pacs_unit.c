@@ -56,6 +56,42 @@ Test(pacs, destinations_refused)
     }
 }
 
+/* Rows of the slice drawn white in column x of the image area (56..567). */
+static int white_rows(const struct triage_pacs_picture *pic, int x)
+{
+    uint8_t *rgb = NULL;
+    int rows = 0, cols = 0, n = 0;
+    char err[256];
+    cr_assert_eq(triage_pacs_render(pic, &rgb, &rows, &cols, err, sizeof err), 0, "%s", err);
+    for (int y = 56; y < 56 + 512; y++)
+        n += rgb[((size_t)y * (size_t)cols + (size_t)x) * 3] == 255;
+    free(rgb);
+    return n;
+}
+
+/* A slice whose rows are half as far apart as its columns is drawn half as
+ * tall as it is wide, as a viewer would show it. */
+Test(pacs, picture_keeps_the_pixel_aspect)
+{
+    enum { R = 64, C = 64 };
+    float *hu = malloc(sizeof *hu * R * C);
+    cr_assert_not_null(hu);
+    for (int i = 0; i < R * C; i++)
+        hu[i] = 80.0f; /* white in the brain window */
+    struct triage_pacs_picture pic = {.hu = hu,
+                                      .hu_rows = R,
+                                      .hu_cols = C,
+                                      .pixel_aspect = 1,
+                                      .slices = 0,
+                                      .model_version = "unit"};
+    int square = white_rows(&pic, 400);
+    pic.pixel_aspect = 0.5;
+    int flat = white_rows(&pic, 400);
+    cr_expect_geq(square, 500, "%d", square);
+    cr_expect(flat >= 250 && flat <= 262, "%d of %d", flat, square);
+    free(hu);
+}
+
 Test(pacs, picture_has_the_slice_and_the_text)
 {
     enum { R = 64, C = 64, S = 5 };

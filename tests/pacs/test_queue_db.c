@@ -75,6 +75,8 @@ static void put(const char *sop, int64_t at)
                              .rows = 64,
                              .columns = 64,
                              .number_of_frames = 1,
+                             .has_pixel_spacing = true,
+                             .pixel_spacing = {0.5, 0.25},
                              .rescale_slope = 1,
                              .file_path = rel,
                              .file_size = 10,
@@ -315,5 +317,8 @@ Test(outbox, source_reads_one_result, .init = setup, .fini = teardown)
     /* The study's result and its slices are the same result's. */
     cr_expect_float_eq(src.p[0], 0.9f, 1e-6);
     cr_expect_float_eq(src.p_any[0], 0.9f, 1e-6);
+    /* The key image's spacing, for its picture's aspect. */
+    cr_expect_float_eq(src.key_spacing[0], 0.5, 1e-9);
+    cr_expect_float_eq(src.key_spacing[1], 0.25, 1e-9);
     db_outbox_source_free(&src);
 }
