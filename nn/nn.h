@@ -66,7 +66,7 @@ void nn_config_default(nn_config *c);
 /* A freshly initialised model (PyTorch's default initialisation, from seed).
  * Caller owns the result: nn_model_free(). NULL with err on failure. */
 nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen);
-/* Reads a safetensors model (mmap), builds the architecture its metadata
+/* Reads a safetensors model (into memory), builds the architecture its metadata
  * names and copies every tensor; a tensor missing, extra, of the wrong dtype
  * or shape is refused by name. Caller owns the result. */
 nn_model *nn_model_load(const char *path, char *err, size_t errlen);

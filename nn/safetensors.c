@@ -1,4 +1,4 @@
-/* nn/safetensors.c: the safetensors reader (mmap + cJSON) and writer. */
+/* nn/safetensors.c: the safetensors reader (read + cJSON) and writer. */
 #include "safetensors.h"
 #include "err.h"
 
@@ -9,12 +9,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 struct nn_st_file {
-    void *map;
+    void *map; /* the whole file, read into memory */
     size_t map_size;
     cJSON *root;
     nn_st_tensor *tensors;
@@ -44,7 +43,7 @@ static int json_uint(const cJSON *j, uint64_t *out)
 void nn_st_close(nn_st_file *f)
 {
     if (!f) return;
-    if (f->map) munmap(f->map, f->map_size);
+    free(f->map);
     cJSON_Delete(f->root);
     free(f->tensors);
     free(f);
@@ -138,12 +137,24 @@ nn_st_file *nn_st_open(const char *path, char *err, size_t errlen)
                 (long long)st.st_size);
         goto fail_fd;
     }
+    /* Read, not mapped: a file cut short while it is loaded (a model copied
+     * over in place) is an error here; mapped, it was a SIGBUS that ended
+     * the node. The weights are copied out of it anyway. */
     f->map_size = (size_t)st.st_size;
-    f->map = mmap(NULL, f->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (f->map == MAP_FAILED) {
-        f->map = NULL;
-        nn_errf(err, errlen, "%s: mmap: %s", path, strerror(errno));
+    f->map = malloc(f->map_size);
+    if (!f->map) {
+        nn_errf(err, errlen, "%s: out of memory for %zu bytes", path, f->map_size);
         goto fail_fd;
+    }
+    for (size_t got = 0; got < f->map_size;) {
+        ssize_t r = pread(fd, (char *)f->map + got, f->map_size - got, (off_t)got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            nn_errf(err, errlen, "%s: %s", path,
+                    r < 0 ? strerror(errno) : "shorter than its size: changed while read");
+            goto fail_fd;
+        }
+        got += (size_t)r;
     }
     close(fd);
     const uint8_t *p = f->map;

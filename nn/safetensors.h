@@ -1,4 +1,4 @@
-/* nn/safetensors.h: read (mmap) and write safetensors files.
+/* nn/safetensors.h: read (into memory) and write safetensors files.
  *
  * Format: 8-byte little-endian header length, a JSON header mapping tensor
  * names to {"dtype", "shape", "data_offsets": [begin, end]} plus an optional
