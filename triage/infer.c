@@ -4,7 +4,6 @@
 #include <dirent.h>
 #include <sched.h>
 #include <errno.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,9 +146,7 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
         fail = err;
         goto done;
     }
-    if (fabs(v.normal[2]) < cos(t->cfg.max_tilt_deg * M_PI / 180)) {
-        snprintf(err, errlen, "slices are not axial (normal %.2f,%.2f,%.2f)", v.normal[0],
-                 v.normal[1], v.normal[2]);
+    if (triage_volume_check(&v, t->cfg.max_tilt_deg, t->cfg.min_slices, err, errlen) != 0) {
         fail = err;
         goto done;
     }

@@ -17,6 +17,9 @@ struct triage_infer_config {
     const char *db_path;
     const char *model; /* triage.model (may be empty) */
     double max_tilt_deg;
+    /* triage.min_slices, checked again on the slices the volume placed
+     * (completion counts frames whose positions are read only here). */
+    int min_slices;
     int threads;        /* CPU threads for the model (nn_set_threads) */
     const char *device; /* nn.device: auto, cpu or cuda (NULL: auto) */
     /* How pixels are decoded (triage.pixel_decoder); NULL: inline. Borrowed

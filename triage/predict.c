@@ -135,8 +135,11 @@ static void usage(FILE *f)
                "Runs the triage model on DICOM files or folders (searched recursively), one\n"
                "result per series, with the field names of the worklist API. The model is\n"
                "triage.model, else <store.dir>/models/active.safetensors, else the shipped\n"
-               "default; --device auto|cpu|cuda (nn.device) says where it runs. Decision\n"
-               "support, not a diagnosis.\n");
+               "default; --device auto|cpu|cuda (nn.device) says where it runs. The CT\n"
+               "images given are triaged whatever their body part or number (the node's\n"
+               "triage.head_patterns and triage.min_slices do not apply), but slices that are\n"
+               "not axial within triage.max_tilt are not applicable, as on the node.\n"
+               "Decision support, not a diagnosis.\n");
 }
 
 int triage_predict_main(int argc, char **argv)
@@ -165,6 +168,14 @@ int triage_predict_main(int argc, char **argv)
     }
     if (npaths == 0) {
         usage(stderr);
+        triage_config_free(&cfg);
+        return 2;
+    }
+    /* The node's check on a built volume that its slices are axial
+     * (triage_volume_check); the files chosen stand for its other rules. */
+    int64_t max_tilt;
+    if (triage_config_get(&cfg, CFG_TRIAGE_MAX_TILT, &max_tilt, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage predict: %s\n", err);
         triage_config_free(&cfg);
         return 2;
     }
@@ -256,7 +267,9 @@ int triage_predict_main(int argc, char **argv)
         } else if (triage_volume_build(paths, nct, &v, e, sizeof e) != 0) {
             row.status = "failed";
         } else {
-            if (triage_predict_volume(&model, &v, paths, NULL, &r, e, sizeof e) != 0) {
+            if (triage_volume_check(&v, (double)max_tilt, 1, e, sizeof e) != 0) {
+                row.status = "not_applicable";
+            } else if (triage_predict_volume(&model, &v, paths, NULL, &r, e, sizeof e) != 0) {
                 row.status = "failed";
             } else {
                 row.has_probability = true;

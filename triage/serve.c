@@ -395,6 +395,7 @@ int triage_serve_main(int argc, char **argv)
         .db_path = dbpath,
         .model = triage_config_str(&n.cfg, CFG_TRIAGE_MODEL),
         .max_tilt_deg = (double)max_tilt,
+        .min_slices = (int)min_slices,
         .threads = cores > 0 ? (int)cores : 1,
         .device = triage_config_str(&n.cfg, CFG_NN_DEVICE),
         .decoder = &n.decoder,

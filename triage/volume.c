@@ -26,6 +26,22 @@ bool triage_orientation_axial(const double o[6], double max_tilt_deg)
     return fabs(n[2]) >= cos(max_tilt_deg * M_PI / 180.0);
 }
 
+int triage_volume_check(const struct triage_volume *v, double max_tilt_deg, int min_slices,
+                        char *err, size_t errlen)
+{
+    if (fabs(v->normal[2]) < cos(max_tilt_deg * M_PI / 180)) {
+        snprintf(err, errlen, "slices are not axial (normal %.2f,%.2f,%.2f)", v->normal[0],
+                 v->normal[1], v->normal[2]);
+        return -1;
+    }
+    if (v->n < min_slices) {
+        snprintf(err, errlen, "%d slices placed, fewer than triage.min_slices=%d%s%.400s", v->n,
+                 min_slices, v->note[0] ? ": " : "", v->note);
+        return -1;
+    }
+    return 0;
+}
+
 bool triage_image_type_is_localizer(const char *image_type)
 {
     /* ImageType value 3 names localizers; some scanners say SCOUT. */

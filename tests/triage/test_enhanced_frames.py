@@ -8,6 +8,8 @@ frames without saying so (triage.md #4), through `ichtriage predict --json`:
   positions are not read, are counted in the series' note (they used to be
   dropped silently).
 
+And, as on the node, a series whose slices are not axial is not triaged.
+
     python3 test_enhanced_frames.py ICHTRIAGE MAKE_TEST_MODEL"""
 import json
 import os
@@ -57,6 +59,23 @@ class EnhancedFramesTest(itest.NodeTest):
         # frame 10 has no position; 11..30 are not read past it
         self.assertIn("21 image(s) of other size or without geometry dropped",
                       row["status_reason"])
+
+    def test_sagittal_series_is_not_triaged(self):
+        # As on the node (triage.max_tilt): a series whose slices are not
+        # axial is not applicable, with the reason, instead of getting a
+        # probability.
+        files = self.gen("sag", count=8, rows=32, cols=32)
+        import pydicom
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+            ds.ImagePositionPatient = [float(i), 0.0, 0.0]
+            ds.save_as(f)
+        rc, row, err = self.predict(os.path.dirname(files[0]))
+        self.assertEqual(row["status"], "not_applicable", row)
+        self.assertIn("slices are not axial", row["status_reason"])
+        self.assertIsNone(row["probability"])
+        self.assertEqual(rc, 0, err)
 
 
 if __name__ == "__main__":

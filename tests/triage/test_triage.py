@@ -383,6 +383,22 @@ class TriageTest(itest.NodeTest):
         # Frames were written bottom to top; ordered along the normal they stay so.
         self.assertEqual([f[0] for f in frames], list(range(12)))
 
+    def test_enhanced_ct_with_too_few_frames_placed_fails(self):
+        # 12 frames, the 4th without a position: completion counts 12, but
+        # only 3 are placed, fewer than triage.min_slices=5. The series fails
+        # with the reason (the model had run on the 3).
+        node = self.node()
+        (path,) = self.gen("few", count=12, rows=64, cols=64, sop="enhanced-ct")
+        import pydicom
+        ds = pydicom.dcmread(path)
+        study = ds.StudyInstanceUID
+        del ds.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+        ds.save_as(path)
+        self.send(node, [path])
+        row = self.wait_status(node, study, ("failed", "triaged"))
+        self.assertEqual(row["status"], "failed", row)
+        self.assertIn("3 slices placed, fewer than triage.min_slices=5", row["status_reason"])
+
     def test_study_takes_the_highest_of_its_series(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=21)
