@@ -69,6 +69,11 @@ int db_claims(struct db *db, db_claim_fn fn, void *ud);
  * which study ("" for none). Returns 0 or -1. */
 int db_audit_add(struct db *db, int64_t now_ms, const char *user, const char *action,
                  const char *study_uid, const char *detail);
+/* Appends "user opened study_uid", unless the same person's last opening
+ * of it is less than window_ms old (the page reloads an open study on each
+ * update of it). Returns 0 or -1. */
+int db_audit_opened(struct db *db, int64_t now_ms, const char *user, const char *study_uid,
+                    int64_t window_ms);
 
 #define DB_LATENCY_BUCKETS 10
 /* Upper bounds in seconds of the triage latency histogram (job queued to

@@ -201,7 +201,10 @@ static const char *const migrations[] = {
     /* 8 -> 9: when a revision that could not be built was given up (the
      * page's banner and /healthz say so for a day, as for deliveries). NULL
      * for revisions failed before. */
-    "ALTER TABLE pacs_revisions ADD COLUMN failed_at INTEGER;",
+    "ALTER TABLE pacs_revisions ADD COLUMN failed_at INTEGER;"
+    /* and the audit by study: an opening is recorded once per person in a
+     * window (db_audit_opened), which looks for the last one. */
+    "CREATE INDEX audit_study ON audit(study_uid, at);",
 };
 
 int db_schema_version(void)

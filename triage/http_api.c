@@ -208,14 +208,10 @@ static int api_study(struct triage_http *h, h2o_req_t *req, const struct http_wh
         cJSON_Delete(c.o);
         return http_send_error(req, 500, "cannot read the study");
     }
-    /* The page reloads an open study on each update of it (?refresh=1):
-     * the audit records the person opening it, not each reload. */
-    char refresh[8] = "";
-    if (req->query_at != SIZE_MAX)
-        http_param(req->path.base + req->query_at + 1, req->path.len - req->query_at - 1, "refresh",
-                   refresh, sizeof refresh);
-    if (strcmp(refresh, "1") != 0 &&
-        db_audit_add(h->db, http_now_ms(), who->user, "opened", uid, "") != 0)
+    /* The page reloads an open study on each update of it: the audit
+     * records a person opening it, once in HTTP_AUDIT_OPENED_MS, not each
+     * reload (nor can a request's parameters keep it out of the audit). */
+    if (db_audit_opened(h->db, http_now_ms(), who->user, uid, HTTP_AUDIT_OPENED_MS) != 0)
         util_log(UTIL_LOG_ERROR, "audit_failed", "study=%s", uid);
     return http_send_json(req, 200, c.o);
 }

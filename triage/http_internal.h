@@ -12,9 +12,11 @@
 #include "http.h"
 
 #define HTTP_MAX_BODY (64 * 1024) /* largest request body accepted */
-#define HTTP_MAX_SSE 64           /* event streams at once */
-#define HTTP_MAX_SESSIONS 256     /* logged-in sessions at once */
-#define HTTP_MAX_USERS 256        /* users file lines */
+/* An opening of a study is audited once per person in this window. */
+#define HTTP_AUDIT_OPENED_MS (10 * 60 * 1000)
+#define HTTP_MAX_SSE 64       /* event streams at once */
+#define HTTP_MAX_SESSIONS 256 /* logged-in sessions at once */
+#define HTTP_MAX_USERS 256    /* users file lines */
 #define HTTP_SESSION_MS (12 * 3600 * 1000LL)
 #define HTTP_FAIL_SLOTS 64 /* addresses tracked for failed logins */
 #define HTTP_FAIL_MAX 5    /* failed logins per address per window */

@@ -340,9 +340,7 @@ async function showStudy(uid, quiet) {
   state.study = uid;
   let st;
   try {
-    // A quiet reload (an update, a review, a claim) is not another opening
-    // for the audit.
-    st = await api("/api/studies/" + encodeURIComponent(uid) + (quiet ? "?refresh=1" : ""));
+    st = await api("/api/studies/" + encodeURIComponent(uid));
   } catch (e) {
     if (state.study !== uid) return;
     $("study-title").textContent = "Study not found: " + e.message;
