@@ -266,22 +266,23 @@ static void *infer_main(void *arg)
         char why[1024];
         bool unfinished = false;
         const char *fail = run_job(t, db, &m, &job, why, sizeof why, &unfinished);
-        if (unfinished) {
-            util_log(UTIL_LOG_ERROR, "job_unfinished",
-                     "job=%lld error=\"%s\" then=\"queued again once the database takes writes\"",
-                     (long long)job.id, fail);
-            requeue = true;
-        } else if (fail) {
+        if (!unfinished && fail) {
             util_log(UTIL_LOG_WARN, "series_failed", "job=%lld error=\"%s\"", (long long)job.id,
                      fail);
             char e[512];
-            if (finish_job(t, db, &job, NULL, fail, e, sizeof e) != 0) {
-                util_log(UTIL_LOG_ERROR, "job_unfinished",
-                         "job=%lld error=\"%s\" then=\"queued again once the database takes "
-                         "writes\"",
-                         (long long)job.id, e);
-                requeue = true;
+            unfinished = finish_job(t, db, &job, NULL, fail, e, sizeof e) != 0;
+            if (unfinished) {
+                snprintf(why, sizeof why, "%s", e);
+                fail = why;
             }
+        }
+        if (unfinished) {
+            /* At stop, the next start queues it again (db_jobs_requeue). */
+            util_log(UTIL_LOG_ERROR, "job_unfinished",
+                     "job=%lld error=\"%s\" then=\"queued again once the database takes writes,"
+                     " or at the next start\"",
+                     (long long)job.id, fail);
+            requeue = true;
         }
         if (t->cfg.on_done) t->cfg.on_done(t->cfg.ud);
     }
