@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -349,7 +350,10 @@ extern "C" int scp_info_frames(const char *path, int max, double *positions, dou
         for (DcmObject *it = per ? per->nextInContainer(nullptr) : nullptr; it && n < max;
              it = per->nextInContainer(it)) {
             DcmItem *pp = first_item(static_cast<DcmItem *>(it), DCM_PlanePositionSequence);
-            if (!pp || !get_doubles(pp, DCM_ImagePositionPatient, positions + 3 * n, 3)) break;
+            double *p = positions + 3 * n;
+            if (!pp || !get_doubles(pp, DCM_ImagePositionPatient, p, 3) || !std::isfinite(p[0]) ||
+                !std::isfinite(p[1]) || !std::isfinite(p[2]))
+                p[0] = p[1] = p[2] = NAN; /* this frame only: the next ones are read */
             n++;
         }
         return n;

@@ -81,10 +81,11 @@ int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long
 
 /* For multi-frame (enhanced) images: the position of each frame, from the
  * per-frame functional groups (PlanePositionSequence), into positions
- * [max * 3], and the orientation and pixel spacing from the shared (or first
- * per-frame) functional groups, where has_* say whether they were found.
- * Returns the number of frames whose position was read (at most max), or -1
- * with a message when the file cannot be parsed. */
+ * [max * 3] (NaN, NaN, NaN for a frame without one), and the orientation and
+ * pixel spacing from the shared (or first per-frame) functional groups,
+ * where has_* say whether they were found. Returns the number of frames
+ * whose group was read (at most max), or -1 with a message when the file
+ * cannot be parsed. */
 int scp_info_frames(const char *path, int max, double *positions, double orientation[6],
                     bool *has_orientation, double spacing[2], bool *has_spacing, char *err,
                     unsigned long errlen);

@@ -70,9 +70,10 @@ void triage_volume_free(struct triage_volume *v)
 
 struct candidate {
     struct scp_info info;
-    int frames;
-    int unplaced;      /* frames of a multi-frame object whose position was not read */
-    double *frame_pos; /* frames * 3, for multi-frame objects */
+    int frames;        /* frames with a position (counted, voted, kept) */
+    int unplaced;      /* frames of a multi-frame object without a position */
+    int nread;         /* multi-frame: frame_pos entries, placed or NaN */
+    double *frame_pos; /* nread * 3, for multi-frame objects */
 };
 
 int triage_volume_build(const char *const *paths, int npaths, struct triage_volume *out, char *err,
@@ -111,11 +112,13 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
                                       in->orientation, &ho, in->pixel_spacing, &hs, e, sizeof e);
             if (ho) in->has_orientation = true;
             if (hs) in->has_pixel_spacing = true;
-            /* Positions are read up to the first frame without one: that
-             * frame and the ones after it are dropped, and counted. */
-            c[i].frames = got > 0 ? got : 0;
+            /* A frame without a position is dropped, and counted. */
+            c[i].nread = got > 0 ? got : 0;
+            c[i].frames = 0;
+            for (int f = 0; f < c[i].nread; f++)
+                c[i].frames += !isnan(c[i].frame_pos[3 * f]);
             c[i].unplaced = in->number_of_frames - c[i].frames;
-            in->has_position = got > 0;
+            in->has_position = c[i].frames > 0;
         }
     }
     for (int i = 0; i < npaths; i++) {
@@ -174,7 +177,8 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
             out->dropped_inconsistent += c[i].frames;
             continue;
         }
-        for (int f = 0; f < c[i].frames; f++) {
+        for (int f = 0; f < (c[i].frame_pos ? c[i].nread : c[i].frames); f++) {
+            if (c[i].frame_pos && isnan(c[i].frame_pos[3 * f])) continue;
             if (out->n >= TRIAGE_MAX_SLICES) {
                 snprintf(err, errlen, "more than %d slices in one series", TRIAGE_MAX_SLICES);
                 goto done;

@@ -4,9 +4,9 @@ frames without saying so (triage.md #4), through `ichtriage predict --json`:
 - more frames than the volume limit fails the series, as the same series
   sent as single-frame files does (it used to be triaged on the first frames
   in file order);
-- a frame without a position: that frame and the ones after it, whose
-  positions are not read, are counted in the series' note (they used to be
-  dropped silently).
+- a frame without a position is dropped and counted in the series' note
+  (it used to be dropped silently, and then with every frame after it); the
+  frames after it are slices.
 
 And, as on the node, a series whose slices are not axial is not triaged.
 
@@ -55,10 +55,11 @@ class EnhancedFramesTest(itest.NodeTest):
         rc, row, err = self.predict(os.path.dirname(path))
         self.assertEqual(rc, 0, err)
         self.assertEqual(row["status"], "triaged", row)
-        self.assertEqual(row["slices"], 9)
-        # frame 10 has no position; 11..30 are not read past it
-        self.assertIn("21 image(s) of other size or without geometry dropped",
+        # frame 10 has no position; 11..30 are slices
+        self.assertEqual(row["slices"], 29)
+        self.assertIn("1 image(s) of other size or without geometry dropped",
                       row["status_reason"])
+        self.assertEqual(len(row["slice_probabilities"]), 29)
 
     def test_sagittal_series_is_not_triaged(self):
         # As on the node (triage.max_tilt): a series whose slices are not
