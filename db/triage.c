@@ -307,7 +307,7 @@ int db_series_files(struct db *db, int64_t series_id, char ***paths, int *n)
 }
 
 static int store_result(sqlite3 *c, const struct db_job *job, const struct db_result *r,
-                        int64_t now_ms)
+                        const char *content_key, int64_t now_ms)
 {
     if (db_exec_bound(
             c,
@@ -317,11 +317,10 @@ static int store_result(sqlite3 *c, const struct db_job *job, const struct db_re
             " ms_total, created_at)"
             " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,"
             " ?16, ?17, ?18)",
-            "issddddddiiissdddi", job->series_id, job->content_key, r->model_version,
-            (double)r->p[0], (double)r->p[1], (double)r->p[2], (double)r->p[3], (double)r->p[4],
-            (double)r->p[5], (int64_t)r->flagged, (int64_t)r->slices, (int64_t)r->key_index,
-            r->key_sop, r->note ? r->note : "", r->ms_pixels, r->ms_model, r->ms_total,
-            now_ms) != 0)
+            "issddddddiiissdddi", job->series_id, content_key, r->model_version, (double)r->p[0],
+            (double)r->p[1], (double)r->p[2], (double)r->p[3], (double)r->p[4], (double)r->p[5],
+            (int64_t)r->flagged, (int64_t)r->slices, (int64_t)r->key_index, r->key_sop,
+            r->note ? r->note : "", r->ms_pixels, r->ms_model, r->ms_total, now_ms) != 0)
         return -1;
     if (db_exec_bound(c, "DELETE FROM slice_results WHERE series_ref = ?1", "i", job->series_id) !=
         0)
@@ -364,8 +363,31 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
         if (sqlite3_step(st) == SQLITE_ROW) had_result = sqlite3_column_int(st, 0);
         sqlite3_finalize(st);
     }
+    /* Other bytes received for the series since the job started (a new
+     * instance, or a copy with other content: the same bytes again keep
+     * their received_at): the model may have read some of them, so what it
+     * saw is no content of the series. The result is kept for the worklist
+     * under no content key, and the series is decided again (it was taken
+     * for its content when a copy A, replaced by B, came back as A). */
+    int changed = 0;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT EXISTS (SELECT 1 FROM instances i, jobs j WHERE j.id = ?2"
+                           " AND i.series_id = ?1 AND i.received_at > j.started_at)",
+                           -1, &st, NULL) != SQLITE_OK)
+        goto bad;
+    sqlite3_bind_int64(st, 1, job->series_id);
+    sqlite3_bind_int64(st, 2, job->id);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) changed = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW) goto bad;
+    if (changed &&
+        db_exec_bound(c,
+                      "UPDATE series SET state = 'receiving' WHERE id = ?1 AND state = 'triaging'",
+                      "i", job->series_id) != 0)
+        goto bad;
     if (res) {
-        if (store_result(c, job, res, now_ms) != 0) goto bad;
+        if (store_result(c, job, res, changed ? "" : job->content_key, now_ms) != 0) goto bad;
         /* Only if nothing re-opened the series while the model ran. */
         if (db_exec_bound(c,
                           "UPDATE series SET state = 'triaged', state_reason = ?2,"

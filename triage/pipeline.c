@@ -313,6 +313,8 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
                                  &r->crop, err, errlen) != 0)
         goto done;
     double t1 = now_ms();
+    /* Every file is read: what follows is the model alone. */
+    util_log(UTIL_LOG_DEBUG, "series_pixels_read", "slices=%d ms=%.0f", v->n, t1 - t0);
     if (run_model(m, x, v->n, out) != 0) {
         snprintf(err, errlen, "model failed on a series of %d slices", v->n);
         goto done;

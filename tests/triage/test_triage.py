@@ -291,6 +291,42 @@ class TriageTest(itest.NodeTest):
         self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
         self.assertEqual([j[0] for j in self.jobs(node, study)], ["done"])
 
+    def test_copy_replaced_and_restored_during_the_run_is_triaged_again(self):
+        # While the model reads the series, a slice is replaced by other
+        # pixels (B) and then by its first bytes again (A). The content is
+        # A's again, but a model that read the files later could have read
+        # B: its result must not pass for A's. It was kept as A's result
+        # (one job); now the series is triaged again.
+        import pydicom
+        slow = os.path.join(self.work, "vgg19.safetensors")
+        subprocess.run([MAKE_MODEL, slow, "vgg19"], check=True, stdout=subprocess.DEVNULL)
+        node = self.node(**{"triage.model": slow})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=19, slices=40)
+        (study, files), = studies.items()
+        other = os.path.join(self.work, "other.dcm")
+        ds = pydicom.dcmread(files[20])
+        arr = ds.pixel_array
+        ds.PixelData = (arr.max() - arr).astype(arr.dtype).tobytes()
+        ds.save_as(other)
+        self.send(node, files)
+        # The copies come once the model has read every file (before, the
+        # job could fail on the replaced file, which hides the race).
+        self.assertTrue(node.wait_event("series_pixels_read", timeout=QUIET + 20))
+        self.send(node, [other])
+        self.send(node, [files[20]])
+        self.assertFalse(node.events("series_triaged"),
+                         "the job ended before the copies came: the test saw no race")
+        deadline = time.monotonic() + QUIET + 120
+        while time.monotonic() < deadline and len(node.events("series_triaged")) < 2:
+            time.sleep(0.2)
+        row = self.wait_status(node, study, ("triaged",), timeout=30)
+        self.assertEqual(row["slices"], len(files), row)
+        states = [j[0] for j in self.jobs(node, study)]
+        self.assertEqual(states.count("done"), 2, states)
+        (keys,) = node.query("SELECT s.content_key, r.content_key FROM series s"
+                             " JOIN results r ON r.series_ref = s.id")
+        self.assertEqual(keys[0], keys[1])
+
     def test_same_content_is_not_triaged_twice(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=15)
