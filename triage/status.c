@@ -237,8 +237,10 @@ static void print_text(const struct status *s)
             printf("triage        not in this database\n");
         }
         if (s->pacs_present)
-            printf("to PACS       %lld pending, %lld sent, %lld given up\n",
-                   (long long)s->pacs.pending, (long long)s->pacs.sent, (long long)s->pacs.failed);
+            printf("to PACS       %lld pending, %lld sent, %lld given up; %lld results not "
+                   "built\n",
+                   (long long)s->pacs.pending, (long long)s->pacs.sent, (long long)s->pacs.failed,
+                   (long long)s->pacs.revisions_failed);
     } else {
         printf("database      %s\n", s->db_err);
     }
@@ -314,6 +316,11 @@ static int print_json(const struct status *s)
         cJSON_AddNumberToObject(pacs, "sent", (double)s->pacs.sent);
         cJSON_AddNumberToObject(pacs, "failed", (double)s->pacs.failed);
     }
+    /* Results whose SR and SC could not be built (given up): no delivery. */
+    if (s->pacs_present)
+        cJSON_AddNumberToObject(o, "pacs_results_not_built", (double)s->pacs.revisions_failed);
+    else
+        cJSON_AddNullToObject(o, "pacs_results_not_built");
     cJSON *model = cJSON_AddObjectToObject(o, "model");
     if (model) {
         cJSON_AddBoolToObject(model, "found", s->model_found);

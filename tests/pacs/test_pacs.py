@@ -418,6 +418,10 @@ class PacsTest(itest.NodeTest):
         failures = self.assert_shown(node, "results not built for PACS: 1",
                                      "ichtriage_pacs_results_not_built 1\n")
         self.assertEqual([f["study_uid"] for f in failures], [study], failures)
+        status = subprocess.run([itest.EXE, "status", "-c", "/dev/null", "--set",
+                                 "store.dir=" + node.store_dir, "--json"],
+                                stdout=subprocess.PIPE, check=False)
+        self.assertEqual(json.loads(status.stdout)["pacs_results_not_built"], 1)
 
     def test_send_flagged_only(self):
         port, out = self.storescp("flagged")
