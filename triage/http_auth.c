@@ -206,6 +206,20 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         http_param(req->entity.base, req->entity.len, "password", password, sizeof password);
     }
     if (!user[0] || !password[0]) return http_send_error(req, 400, "user and password required");
+    /* The per-address limit does not bound checks from many addresses; each
+     * holds the loop (pages, completion) for the hash's time. */
+    int64_t now = http_now_ms();
+    h->login_tokens += (double)(now - h->login_tokens_ms) * HTTP_LOGIN_PER_S / 1000.0;
+    if (h->login_tokens > HTTP_LOGIN_BURST || h->login_tokens_ms == 0)
+        h->login_tokens = HTTP_LOGIN_BURST;
+    h->login_tokens_ms = now;
+    if (h->login_tokens < 1) {
+        explicit_bzero(password, sizeof password);
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins from all addresses\"",
+                 addr);
+        return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
+    }
+    h->login_tokens -= 1;
     const struct http_user *u = NULL;
     for (int i = 0; i < h->nusers; i++)
         if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];

@@ -21,6 +21,10 @@
 #define HTTP_FAIL_SLOTS 64 /* addresses tracked for failed logins */
 #define HTTP_FAIL_MAX 5    /* failed logins per address per window */
 #define HTTP_FAIL_WINDOW_MS (15 * 60 * 1000LL)
+/* Password checks (about 20 ms of the loop each for yescrypt), from all
+ * addresses together: a burst of this many, then this many a second. */
+#define HTTP_LOGIN_BURST 20
+#define HTTP_LOGIN_PER_S 10
 #define HTTP_USER_MAX 64
 #define HTTP_PUSH_DELAY_MS 250      /* least time between pushes */
 #define HTTP_PUSH_DELAY_MAX_MS 5000 /* most, however long a push takes */
@@ -75,6 +79,8 @@ struct triage_http {
     int nusers;
     struct http_session sessions[HTTP_MAX_SESSIONS];
     struct http_fail fails[HTTP_FAIL_SLOTS];
+    double login_tokens; /* password checks that may run now (HTTP_LOGIN_*) */
+    int64_t login_tokens_ms;
 
     struct http_sse *sse[HTTP_MAX_SSE];
     int nsse;

@@ -160,6 +160,26 @@ class AuthTest(wt.WebTest):
         unknown = min(server_s("mallory") for _ in range(2))
         self.assertGreater(unknown, known / 3, (known, unknown))
 
+    def test_logins_from_all_addresses_are_limited_together(self):
+        # Each password check holds the node's loop for the hash's time; the
+        # per-address limit does not bound many addresses. 60 logins at
+        # once (right password, so no address is throttled): a burst of 20
+        # pass, then 10 a second; the rest are told to come back (429).
+        node = self.public_node()
+        body = json.dumps({"user": "alice", "password": "alice-pw"})
+        out = subprocess.run(
+            ["curl", "-sk", "--parallel", "--parallel-max", "60",
+             "-w", "%{http_code}\\n", "-H", "Content-Type: application/json",
+             "--data-binary", body] + ["-o", "/dev/null", node.base + "/login"] * 60,
+            stdout=subprocess.PIPE, check=True).stdout.decode().split()
+        self.assertEqual(len(out), 60, out)
+        self.assertGreaterEqual(out.count("200"), 20, out)
+        self.assertGreater(out.count("429"), 0, out)
+        self.assertEqual(out.count("200") + out.count("429"), 60, out)
+        self.assertTrue(node.events("login_throttled"))
+        time.sleep(1.5)
+        self.assertEqual(self.req(node, "/login", "POST", json.loads(body))[0], 200)
+
 
 class Hook(http.server.BaseHTTPRequestHandler):
     received = []
