@@ -330,12 +330,19 @@ int triage_serve_main(int argc, char **argv)
     }
     char dbpath[1200];
     snprintf(dbpath, sizeof dbpath, "%s/ichtriage.db", n.store.dir);
-    bool new_index = access(dbpath, F_OK) != 0 && errno == ENOENT;
+    /* Checked before db_open creates the file: a refused start must leave
+     * the index missing, or the next start would take the instances for
+     * unindexed ones and remove them. */
+    if (access(dbpath, F_OK) != 0 && errno == ENOENT &&
+        triage_store_check_lost_index(&n.store, err, sizeof err) != 0) {
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
+        return 1;
+    }
     if (db_open(&n.store.db, dbpath, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }
-    if (triage_store_recover(&n.store, new_index, err, sizeof err) != 0) {
+    if (triage_store_recover(&n.store, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         db_close(n.store.db);
         return 1;

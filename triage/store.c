@@ -309,8 +309,8 @@ static int sweep(struct triage_store *s, const char *rel, int depth, bool dry, l
             if (sweep(s, child, depth + 1, dry, removed) != 0) rc = -1;
             continue;
         }
-        bool indexed = false;
-        if (db_file_is_indexed(s->db, child, &indexed) != 0) {
+        bool indexed = false; /* without an index (s->db NULL), none is */
+        if (s->db && db_file_is_indexed(s->db, child, &indexed) != 0) {
             rc = -1;
             continue;
         }
@@ -343,26 +343,29 @@ void triage_store_mark_clean(struct triage_store *s)
     if (fd >= 0) close(fd);
 }
 
-int triage_store_recover(struct triage_store *s, bool new_index, char *err, size_t errlen)
+int triage_store_check_lost_index(struct triage_store *s, char *err, size_t errlen)
+{
+    /* Files without an index are a lost index, not a crash between rename
+     * and commit. */
+    long files = 0;
+    if (sweep(s, "spool", 0, true, &files) != 0) {
+        snprintf(err, errlen, "cannot read the spool: %s", strerror(errno));
+        return -1;
+    }
+    if (files) {
+        snprintf(err, errlen,
+                 "%s/ichtriage.db is missing but the spool holds %ld instance files: refusing "
+                 "to delete them; restore a backup (ichtriage restore BACKUP EMPTY_DIR, then "
+                 "point store.dir there) or move %s away",
+                 s->dir, files, s->spool);
+        return -1;
+    }
+    return 0;
+}
+
+int triage_store_recover(struct triage_store *s, char *err, size_t errlen)
 {
     long temps = 0, orphans = 0;
-    if (new_index) {
-        /* Files without an index are a lost index (deleted, moved aside), not
-         * a crash between rename and commit: every one of them may have been
-         * acknowledged. */
-        if (sweep(s, "spool", 0, true, &orphans) != 0) {
-            snprintf(err, errlen, "cannot read the spool: %s", strerror(errno));
-            return -1;
-        }
-        if (orphans) {
-            snprintf(err, errlen,
-                     "%s/ichtriage.db was missing (created empty now) but the spool holds %ld "
-                     "instance files: refusing to delete them; restore the index "
-                     "(ichtriage restore) or move %s away",
-                     s->dir, orphans, s->spool);
-            return -1;
-        }
-    }
     DIR *d = opendir(s->tmp);
     if (!d) {
         snprintf(err, errlen, "cannot open %s: %s", s->tmp, strerror(errno));

@@ -43,13 +43,17 @@ void triage_store_finish(struct triage_store *s);
  * before triage_store_recover(). Returns 0, or -1 with a message. */
 int triage_store_lock(const char *dir, char *err, size_t errlen);
 
+/* Before the index is opened, when its file does not exist: refuses (-1
+ * with a message) a spool that holds instance files. The index was lost
+ * (deleted, moved aside), not the files, and every one of them may have
+ * been acknowledged; no index is created, so every later start refuses
+ * too. Returns 0 when the spool holds none. */
+int triage_store_check_lost_index(struct triage_store *s, char *err, size_t errlen);
 /* Start-up clean-up after a crash: removes every file in the temp folder
  * and every spool file that no index row points to (both were never
  * acknowledged); after a clean stop (triage_store_mark_clean) only the
- * temp folder. Counts go to the log. new_index: the index was created
- * just now; then unindexed files are not removed but refused (the index was
- * lost, not the files: restore it). Returns 0, or -1 with a message. */
-int triage_store_recover(struct triage_store *s, bool new_index, char *err, size_t errlen);
+ * temp folder. Counts go to the log. Returns 0, or -1 with a message. */
+int triage_store_recover(struct triage_store *s, char *err, size_t errlen);
 /* Marks a clean stop (call once every association has ended and the index
  * is closed): the next start then skips the check of every spool file
  * against the index, which only a crash can make necessary. */
