@@ -99,6 +99,31 @@ def main():
         check(r[0] == 0 and star == [tail], "model list marks the log's last: %r" % star)
         left = [n for n in os.listdir(models) if n.endswith(".tmp") or ".tmp" in n]
         check(not left, "no temporary file left: %r" % left)
+
+        # An admin's `sudo ichtriage model register|promote` in the node's
+        # store (owned by its user): what it makes takes the store's owner,
+        # or the node could not read the model nor take the lock (they were
+        # root's, 0640).
+        if os.geteuid() == 0:
+            import pwd
+            nobody = pwd.getpwnam("nobody")
+            owned = os.path.join(tmp, "owned")
+            os.mkdir(owned, 0o700)
+            os.chown(owned, nobody.pw_uid, nobody.pw_gid)
+            o = ["--set", "store.dir=" + owned]
+            reg = subprocess.run([ICH, "model", *o, "register", a], stdout=subprocess.PIPE,
+                                 text=True)
+            oid = reg.stdout.strip().splitlines()[-1] if reg.stdout.strip() else ""
+            pro = subprocess.run([ICH, "model", *o, "promote", oid])
+            check(reg.returncode == 0 and pro.returncode == 0, "register and promote as root")
+            wrong = []
+            for root, dirs, files in os.walk(owned):
+                for n in dirs + files:
+                    st = os.stat(os.path.join(root, n))
+                    if (st.st_uid, st.st_gid) != (nobody.pw_uid, nobody.pw_gid):
+                        wrong.append((os.path.relpath(os.path.join(root, n), owned), st.st_uid))
+            check(os.path.exists(os.path.join(owned, "models", "active.safetensors")) and
+                  not wrong, "made as root, owned by the store's owner: %r" % wrong)
     return check.status()
 
 
