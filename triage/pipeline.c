@@ -1,6 +1,7 @@
 /* triage/pipeline.c: model loading and one series through the model. */
 #include "pipeline.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -18,24 +19,42 @@ const char *const triage_label_names[TRIAGE_LABELS] = {
 #define ICHTRIAGE_DATADIR "/usr/share/ichtriage"
 #endif
 
+/* True for a binary run from the build folder it was made in (the README's
+ * first command): it may use the source tree's model. An installed one uses
+ * the installed model, never the checkout it was built from. */
+static bool run_from_build_folder(void)
+{
+    char exe[PATH_MAX], root[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0 || !realpath(ICHTRIAGE_BUILD_ROOT, root)) return false;
+    exe[len] = 0;
+    size_t rl = strlen(root);
+    return strncmp(exe, root, rl) == 0 && exe[rl] == '/';
+}
+
 int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n)
 {
     if (configured && configured[0]) {
         snprintf(out, n, "%s", configured);
         return access(out, R_OK) == 0 ? 0 : -1;
     }
-    const char *candidates[3] = {NULL, ICHTRIAGE_SOURCE_ROOT "/models/default.safetensors",
-                                 ICHTRIAGE_DATADIR "/models/default.safetensors"};
     char active[1100];
     snprintf(active, sizeof active, "%s/models/active.safetensors", store_dir);
-    candidates[0] = active;
-    for (int i = 0; i < 3; i++) {
+    const char *candidates[3] = {active, ICHTRIAGE_DATADIR "/models/default.safetensors", NULL};
+    int nc = 2;
+    if (run_from_build_folder()) {
+        candidates[1] = ICHTRIAGE_SOURCE_ROOT "/models/default.safetensors";
+        candidates[2] = ICHTRIAGE_DATADIR "/models/default.safetensors";
+        nc = 3;
+    }
+    for (int i = 0; i < nc; i++) {
         if (access(candidates[i], R_OK) == 0) {
             snprintf(out, n, "%s", candidates[i]);
             return 0;
         }
     }
-    snprintf(out, n, "none of %s, %s, %s", candidates[0], candidates[1], candidates[2]);
+    snprintf(out, n, "none of %s, %s%s%s", candidates[0], candidates[1], nc == 3 ? ", " : "",
+             nc == 3 ? candidates[2] : "");
     return -1;
 }
 

@@ -7,6 +7,7 @@ node's unit 2.0 or lower.
 
     test_units.py /path/to/ichtriage --build-root=... --prefix=... (see meson.build)"""
 import datetime
+import json
 import os
 import re
 import shutil
@@ -121,6 +122,14 @@ class Units(unittest.TestCase):
                 self.assertTrue(a.read() == b.read(), "installed default model differs")
         else:
             self.assertFalse(os.path.exists(models_dir), "empty models folder installed")
+        # The installed binary loads the installed model, never the source
+        # tree's it was built from (it did, before the installed one).
+        store = os.path.join(self.root, "status-store")
+        p = subprocess.run([exe, "status", "-c", "/dev/null", "--set", "store.dir=" + store,
+                            "--json"], stdout=subprocess.PIPE)
+        model = json.loads(p.stdout)["model"]
+        where = model.get("path") or model.get("tried")
+        self.assertNotIn(ARGS["source-root"] + "/models", where, model)
         # Nothing where a package would not expect it.
         for rel in self.installed:
             self.assertTrue(rel.startswith(ARGS["prefix"] + "/") or
