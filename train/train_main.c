@@ -657,15 +657,33 @@ static int ema_save(nn_model *m, const char *workdir)
     return save_model_with(m, p, EMA_STEPS_KEY, v);
 }
 
+/* What stage 1 may learn from, being certain: slices with labels; of
+ * study-level (reviewed) series, every slice of a negative study and, of a
+ * positive one, the slices the reviewer marked (their unknown subtype
+ * labels are left out of the loss). */
+static bool certain_slice(const struct train_dataset *d, const struct train_series *se, int k)
+{
+    return se->slice_labels || !se->study[0] ||
+           d->labels[(se->first + (size_t)k) * TRAIN_LABELS] == 1;
+}
+
+static size_t certain_train_slices(const struct train_dataset *d)
+{
+    size_t n = 0;
+    for (int s = 0; s < d->nseries; s++)
+        for (int k = 0; d->series[s].split == TRAIN_SPLIT_TRAIN && k < d->series[s].n; k++)
+            n += certain_slice(d, &d->series[s], k);
+    return n;
+}
+
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
                            int epoch, const float *pos_w, struct train_loc *loc, struct ema *ema,
                            double *loc_loss, struct progress *pg)
 {
     size_t per = train_dataset_input_size(d);
-    size_t n = 0;
-    for (int s = 0; s < d->nseries; s++)
-        if (d->series[s].split == TRAIN_SPLIT_TRAIN && d->series[s].slice_labels)
-            n += (size_t)d->series[s].n;
+    /* Counted as the draw below takes them (slice-labelled series only had
+     * been counted: reviews overran the array, or left it empty). */
+    size_t n = certain_train_slices(d);
     size_t *idx = malloc((n ? n : 1) * sizeof *idx);
     float *x = malloc((size_t)o->batch * per * sizeof(float));
     uint8_t *u = malloc(per);
@@ -675,16 +693,11 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
     double total = NAN;
     if (!idx || !x || !u || !lg || !dl || !yt || n == 0) goto out;
     n = 0;
-    /* What is certain: slices with labels; of study-level series, every
-     * slice of a negative study and, of a positive one, the slices the
-     * reviewer marked (their unknown subtype labels are left out of the loss). */
     for (int s = 0; s < d->nseries; s++) {
         const struct train_series *se = &d->series[s];
         if (se->split != TRAIN_SPLIT_TRAIN) continue;
         for (int k = 0; k < se->n; k++)
-            if (se->slice_labels || !se->study[0] ||
-                d->labels[(se->first + (size_t)k) * TRAIN_LABELS] == 1)
-                idx[n++] = se->first + (size_t)k;
+            if (certain_slice(d, se, k)) idx[n++] = se->first + (size_t)k;
     }
     uint64_t rng = o->seed * 1000003ULL + (uint64_t)epoch * 7919ULL + 1;
     shuffle(idx, n, &rng);
@@ -1393,6 +1406,14 @@ int train_train_main(int argc, char **argv)
             bad = validate_sample(m, &d, vs, nvs, o.val_any, &auc, &vloss) != 0;
         else if (!bad)
             bad = validate(m, &d, NULL, 0, o.val_any, &auc, &vloss) != 0;
+        if (bad && certain_train_slices(&d) == 0) {
+            fprintf(stderr,
+                    "ichtriage train: stage 1 has no slice to learn from: the training split "
+                    "holds no slice-labelled series, no negative reviewed study and no slice a "
+                    "reviewer marked (review more studies, mark the slices that show the bleed, "
+                    "or start from a model with --init and --epochs1 0)\n");
+            goto out;
+        }
         if (bad) {
             fprintf(stderr, "ichtriage train: stage 1 failed at epoch %d\n", st.epoch + 1);
             goto out;
