@@ -413,6 +413,70 @@ static int state_write(const char *dir, const struct state *s)
     return rename(t, p);
 }
 
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ ((const uint8_t *)p)[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* What a run trains on, as a key: every series (UIDs, patient, slices,
+ * labels) with the split it is in (which the seed, the fractions and the
+ * frozen test patients decide), the seed, the architecture and --init. A
+ * checkpoint made for another key is not resumed: its patients may now be
+ * in the validation or test split, and a finished run must not stand for
+ * one on new data (the weekly timer reuses its workdir). */
+static uint64_t run_key(const struct train_dataset *d, const struct opts *o)
+{
+    uint64_t h = 1469598103934665603ULL;
+    h = fnv(h, &o->seed, sizeof o->seed);
+    h = fnv(h, o->arch ? o->arch : "", strlen(o->arch ? o->arch : "") + 1);
+    h = fnv(h, o->init ? o->init : "", strlen(o->init ? o->init : "") + 1);
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        h = fnv(h, se->study_uid, strlen(se->study_uid) + 1);
+        h = fnv(h, se->series_uid, strlen(se->series_uid) + 1);
+        h = fnv(h, se->patient_id, strlen(se->patient_id) + 1);
+        int v[3] = {se->n, se->slice_labels, se->split};
+        h = fnv(h, v, sizeof v);
+        h = fnv(h, se->study, sizeof se->study);
+        h = fnv(h, d->labels + se->first * TRAIN_LABELS, (size_t)se->n * TRAIN_LABELS);
+    }
+    return h;
+}
+
+/* The key of the run a workdir holds (workdir/run-key); 0 when it has none
+ * (made before the key was kept). */
+static uint64_t run_key_read(const char *dir)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/run-key", dir);
+    FILE *f = fopen(p, "r");
+    unsigned long long k = 0;
+    if (f) {
+        if (fscanf(f, "%llx", &k) != 1) k = 0;
+        fclose(f);
+    }
+    return (uint64_t)k;
+}
+
+static int run_key_write(const char *dir, uint64_t key)
+{
+    char p[1200], t[1210];
+    snprintf(p, sizeof p, "%s/run-key", dir);
+    snprintf(t, sizeof t, "%s.tmp", p);
+    FILE *f = fopen(t, "w");
+    if (!f) return -1;
+    fprintf(f, "%016llx\n", (unsigned long long)key);
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
+        fclose(f);
+        unlink(t);
+        return -1;
+    }
+    fclose(f);
+    return rename(t, p);
+}
+
 static int history_read(const char *dir, struct train_epoch *h, int max)
 {
     char p[1200];
@@ -1319,7 +1383,28 @@ int train_train_main(int argc, char **argv)
     snprintf(last, sizeof last, "%s/last.safetensors", workdir);
     snprintf(best1, sizeof best1, "%s/best-stage1.safetensors", workdir);
     snprintf(best2, sizeof best2, "%s/best-stage2.safetensors", workdir);
-    if (state_read(workdir, &st) == 0 && access(last, R_OK) == 0) {
+    uint64_t key = run_key(&d, &o), held = run_key_read(workdir);
+    bool have = state_read(workdir, &st) == 0 && access(last, R_OK) == 0;
+    if (have && held != 0 && held != key) {
+        /* Its checkpoints go before anything else is written: a run cut
+         * short from here on must not find them again under the new key. */
+        util_log(UTIL_LOG_WARN, "train_workdir_reset",
+                 "workdir=%s stage=%d epoch=%d reason=\"it holds a run on other data, split, seed, "
+                 "architecture or --init: training starts again\"",
+                 workdir, st.stage, st.epoch);
+        char sp[1200];
+        snprintf(sp, sizeof sp, "%s/state", workdir);
+        if ((unlink(sp) != 0 && errno != ENOENT) || (unlink(last) != 0 && errno != ENOENT)) {
+            fprintf(stderr, "ichtriage train: cannot reset %s: %s\n", workdir, strerror(errno));
+            goto out;
+        }
+        have = false;
+    }
+    if (!have && run_key_write(workdir, key) != 0) {
+        fprintf(stderr, "ichtriage train: cannot write %s/run-key: %s\n", workdir, strerror(errno));
+        goto out;
+    }
+    if (have) {
         /* Only with the input it was made for: windows, context, crop, size. */
         struct triage_model ck;
         if (triage_model_load(&ck, last, err, sizeof err) != 0) {

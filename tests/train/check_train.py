@@ -301,6 +301,15 @@ def main():
     r = run(*train_args(data, out_u, os.path.join(tmp, "u.work"), **resumable))
     check(r.returncode == 0 and weights(out_c) == weights(out_u),
           "killed and resumed: the same weights as an uninterrupted run")
+    # 3b. The finished run's workdir with another seed (another split): its
+    # patients may be in the new validation and test splits, so it is not
+    # resumed (it was, and, finished, stood for the new run with no epoch
+    # trained: the weekly timer reuses its workdir on new reviews).
+    r = run(*train_args(data, out_c, work, seed=2, **resumable))
+    check(r.returncode == 0 and "event=train_workdir_reset" in r.stderr
+          and "event=train_resume " not in r.stderr
+          and "event=train_epoch stage=1 epoch=1 " in r.stderr,
+          "another split in a finished workdir trains again: " + r.stderr[-300:])
 
     # 3a. --ema: stage 1 validates an average of its weights and keeps it as
     # the best epoch's; the average is checkpointed with the run, so killed
