@@ -143,6 +143,13 @@ void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct tr
     train_wilson(b->tn, b->tn + b->fp, &b->spec_lo, &b->spec_hi);
 }
 
+bool train_at_least_as_good(const struct train_binary *fresh, const struct train_binary *active)
+{
+    return isfinite(fresh->auc) && isfinite(active->auc) && isfinite(fresh->sensitivity) &&
+           isfinite(active->sensitivity) && fresh->auc >= active->auc &&
+           fresh->sensitivity >= active->sensitivity;
+}
+
 void train_auc_paired(const float *pa, const float *pb, const unsigned char *y, size_t n,
                       struct train_auc_diff *o)
 {

@@ -5,6 +5,7 @@
 #ifndef TRAIN_METRICS_H
 #define TRAIN_METRICS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /* RSNA 2019 label weights: any 2, each subtype 1. */
@@ -41,6 +42,12 @@ struct train_auc_diff {
 };
 void train_auc_paired(const float *pa, const float *pb, const unsigned char *y, size_t n,
                       struct train_auc_diff *out);
+/* Automatic promotion's rule: the new model's study-level AUC and
+ * sensitivity both at least the active one's, on the same test studies. False
+ * when either figure is undefined on either side (the test split lacks
+ * positive or negative studies): then nothing is compared, and a person
+ * decides. */
+bool train_at_least_as_good(const struct train_binary *fresh, const struct train_binary *active);
 /* Wilson's 95% score interval of the proportion k of n (NAN for n = 0). */
 void train_wilson(size_t k, size_t n, double *lo, double *hi);
 double train_auc(const float *p, const unsigned char *y, size_t n);

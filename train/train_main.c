@@ -1185,7 +1185,7 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
         const struct train_binary *b = &old->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         struct train_auc_diff dd;
         train_auc_paired(mine_p, old_p, y, (size_t)mine->nseries, &dd);
-        better = !(a->auc < b->auc) && !(a->sensitivity < b->sensitivity);
+        better = train_at_least_as_good(a, b);
         util_log(UTIL_LOG_INFO, "model_compare",
                  "new_auc=%.4f new_sensitivity=%.4f active_auc=%.4f active_sensitivity=%.4f "
                  "auc_difference=%.4f auc_difference_ci95=%.4f,%.4f p=%.4g series=%d "

@@ -27,6 +27,27 @@ Test(metrics, auc_by_hand)
     cr_assert(isnan(train_auc(q, o, 4)));
 }
 
+/* Automatic promotion compares only figures that exist: a test split with
+ * one class gives NAN, which `!(a < b)` had taken for "at least as good". */
+Test(metrics, promotion_needs_figures_on_both_sides)
+{
+    struct train_binary fresh = {.auc = 0.9, .sensitivity = 0.95};
+    struct train_binary active = {.auc = 0.9, .sensitivity = 0.95};
+    cr_expect(train_at_least_as_good(&fresh, &active), "equal is at least as good");
+    active.auc = 0.91;
+    cr_expect(!train_at_least_as_good(&fresh, &active), "lower AUC");
+    active.auc = 0.8, active.sensitivity = 0.96;
+    cr_expect(!train_at_least_as_good(&fresh, &active), "lower sensitivity");
+    active.sensitivity = 0.9;
+    cr_expect(train_at_least_as_good(&fresh, &active), "better on both");
+    fresh.auc = NAN;
+    cr_expect(!train_at_least_as_good(&fresh, &active), "no AUC for the new model");
+    fresh.auc = 0.9, active.auc = NAN;
+    cr_expect(!train_at_least_as_good(&fresh, &active), "no AUC for the active one");
+    active.auc = 0.8, fresh.sensitivity = NAN;
+    cr_expect(!train_at_least_as_good(&fresh, &active), "no sensitivity");
+}
+
 Test(metrics, confusion_at_threshold)
 {
     float p[] = {0.9f, 0.4f, 0.5f, 0.3f, 0.1f};
