@@ -10,6 +10,7 @@
 #include "log.h"
 #include "number.h"
 #include "pipeline.h"
+#include "registry.h"
 #include "trainer.h"
 
 static void usage(FILE *f)
@@ -90,6 +91,10 @@ void train_model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LA
     train_floats_parse(nn_model_meta_get(tm->nn, "cnn_thresholds"), thr[0], TRAIN_LABELS, 0.5f);
 }
 
+/* store.dir: its frozen test patients are in the test split of --split,
+ * as in every training run on its data. */
+static char eval_store[1024];
+
 /* --compare: the model at other_path on the same series as e (d, split),
  * whose LRCN study-level "any" scores and labels are pa and ya: fills e->cmp.
  * A model made for other input gets the same folders preprocessed its own
@@ -113,7 +118,8 @@ static int compare_with(const char *other_path, const char *device, const struct
                                   sizeof desc, err, errlen) != 0)
             return -1;
         own = 1, dd = &od;
-        if (split >= 0) train_dataset_split(&od, seed, val, test);
+        if (split >= 0 && train_registry_split(&od, eval_store, seed, val, test, err, errlen) < 0)
+            goto out;
         int same = od.nseries == d->nseries;
         for (int s = 0; same && s < d->nseries; s++)
             same = strcmp(od.series[s].series_uid, d->series[s].series_uid) == 0 &&
@@ -170,6 +176,7 @@ int train_eval_main(int argc, char **argv)
     }
     char device[16];
     snprintf(device, sizeof device, "%s", triage_config_str(&cfg, CFG_NN_DEVICE));
+    snprintf(eval_store, sizeof eval_store, "%s", triage_config_str(&cfg, CFG_STORE_DIR));
     triage_config_free(&cfg);
     static const struct option lo[] = {
         {"report", 1, 0, 'r'},  {"json", 1, 0, 'j'}, {"split", 1, 0, 'p'}, {"seed", 1, 0, 's'},
@@ -254,7 +261,10 @@ int train_eval_main(int argc, char **argv)
     if (!e || !pa || !ya) goto out;
     int off = (int)strlen(desc);
     if (split >= 0) {
-        train_dataset_split(&d, seed, val, test);
+        if (train_registry_split(&d, eval_store, seed, val, test, err, sizeof err) < 0) {
+            fprintf(stderr, "ichtriage eval: frozen test split: %s\n", err);
+            goto out;
+        }
         snprintf(desc + off, sizeof desc - (size_t)off, " (split %d of seed %llu)", split,
                  (unsigned long long)seed);
     }

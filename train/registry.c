@@ -433,6 +433,20 @@ int train_model_main(int argc, char **argv)
 
 /* ---- the frozen test split --------------------------------------------------- */
 
+int train_registry_split(struct train_dataset *d, const char *store_dir, uint64_t seed,
+                         double val_frac, double test_frac, char *err, size_t errlen)
+{
+    train_dataset_split(d, seed, val_frac, test_frac);
+    char **tp;
+    int ntp;
+    int frozen = train_registry_test_patients(store_dir, &tp, &ntp, err, errlen);
+    if (frozen <= 0) return frozen;
+    int held = train_dataset_hold_out(d, tp, ntp);
+    util_log(UTIL_LOG_INFO, "test_split", "frozen_patients=%d series_held_out=%d", ntp, held);
+    train_registry_free_ids(tp, ntp);
+    return ntp;
+}
+
 int train_registry_test_patients(const char *store_dir, char ***ids, int *n, char *err,
                                  size_t errlen)
 {

@@ -7,6 +7,7 @@
 #define TRAIN_REGISTRY_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Copies model_path into the registry as a new id (written to id). Returns 0
  * or -1 with a message. */
@@ -32,5 +33,14 @@ int train_registry_test_patients(const char *store_dir, char ***ids, int *n, cha
 int train_registry_freeze_test(const char *store_dir, char *const *ids, int n, char *err,
                                size_t errlen);
 void train_registry_free_ids(char **ids, int n);
+
+struct train_dataset;
+/* Splits d by patient (train_dataset_split) and then moves the store's
+ * frozen test patients, when it has any, into the test split: every run and
+ * evaluation on this store's data, registered or not, keeps them out of
+ * training (event=test_split). Returns the number of frozen patients (0
+ * without the file), or -1 with a message. */
+int train_registry_split(struct train_dataset *d, const char *store_dir, uint64_t seed,
+                         double val_frac, double test_frac, char *err, size_t errlen);
 
 #endif

@@ -1335,26 +1335,15 @@ int train_train_main(int argc, char **argv)
         fprintf(stderr, "ichtriage train: no labelled series found\n");
         goto out;
     }
-    train_dataset_split(&d, o.seed, o.val_frac, o.test_frac);
-    /* A registered run keeps the frozen test patients out, whatever its seed
-     * and data, so that every registered model is scored on them. */
+    /* Every run keeps the store's frozen test patients out, whatever its
+     * seed and data, so that every model it may register is scored on them
+     * (a plain run had trained on them, and could be registered after). */
     const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
     const char *device = triage_config_str(&cfg, CFG_NN_DEVICE);
-    int frozen = 0;
-    if (o.reg) {
-        char **tp;
-        int ntp;
-        frozen = train_registry_test_patients(store, &tp, &ntp, err, sizeof err);
-        if (frozen < 0) {
-            fprintf(stderr, "ichtriage train: frozen test split: %s\n", err);
-            goto out;
-        }
-        if (frozen) {
-            int held = train_dataset_hold_out(&d, tp, ntp);
-            util_log(UTIL_LOG_INFO, "test_split", "frozen_patients=%d series_held_out=%d", ntp,
-                     held);
-            train_registry_free_ids(tp, ntp);
-        }
+    int frozen = train_registry_split(&d, store, o.seed, o.val_frac, o.test_frac, err, sizeof err);
+    if (frozen < 0) {
+        fprintf(stderr, "ichtriage train: frozen test split: %s\n", err);
+        goto out;
     }
     int cnt[3], pos[3];
     size_t sl[3], psl[3];

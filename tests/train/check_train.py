@@ -600,6 +600,21 @@ def main():
                      if l and not l.startswith("#")]
             check(again == frozen, "the frozen test split is not rewritten")
         time.sleep(1.1)
+    # A plain run (not registered) on the store's data holds the frozen
+    # patients out too (it trained on them, and could be registered after),
+    # and so does eval's --split.
+    r = run(*train_args(data, os.path.join(tmp, "plain.safetensors"),
+                        os.path.join(tmp, "plain.work"), seed=5, epochs1=1, epochs2=1, spe=64),
+            "--set", "store.dir=" + store2)
+    held = re.search(r"event=test_split frozen_patients=(\d+) series_held_out=(\d+)", r.stderr)
+    check(r.returncode == 0 and held and int(held.group(2)) == len(frozen),
+          "a plain run holds out the frozen patients: " + (held.group(0) if held else "none"))
+    r = run("eval", os.path.join(tmp, "plain.safetensors"), data, "--split", "test", "--seed", "5",
+            "--val", "0.2", "--test", "0.3", "--set", "store.dir=" + store2,
+            "--report", os.path.join(tmp, "plain-eval.html"),
+            "--json", os.path.join(tmp, "plain-eval.json"))
+    check(r.returncode == 0 and "event=test_split" in r.stderr,
+          "eval --split holds out the frozen patients: " + r.stderr[-300:])
     # A registered run that finds none of the frozen patients in its data
     # has nothing to compare on and leaves promotion to a person.
     store3 = os.path.join(tmp, "store3")
