@@ -37,8 +37,7 @@ static void upper(char *s)
         *s = (char)toupper((unsigned char)*s);
 }
 
-/* True when any pattern of the comma-separated list occurs in text. */
-static int matches(const char *patterns, const char *text)
+bool triage_patterns_match(const char *patterns, const char *text)
 {
     char t[160];
     snprintf(t, sizeof t, "%s", text);
@@ -46,13 +45,19 @@ static int matches(const char *patterns, const char *text)
     const char *p = patterns;
     while (*p) {
         size_t len = strcspn(p, ",");
+        const char *start = p, *end = p + len;
+        while (start < end && isspace((unsigned char)*start))
+            start++;
+        while (end > start && isspace((unsigned char)end[-1]))
+            end--;
         char pat[64];
-        snprintf(pat, sizeof pat, "%.*s", (int)(len < sizeof pat ? len : sizeof pat - 1), p);
-        if (pat[0] && strstr(t, pat)) return 1;
+        size_t n = (size_t)(end - start) < sizeof pat ? (size_t)(end - start) : sizeof pat - 1;
+        snprintf(pat, sizeof pat, "%.*s", (int)n, start);
+        if (pat[0] && strstr(t, pat)) return true;
         p += len;
         if (*p == ',') p++;
     }
-    return 0;
+    return false;
 }
 
 /* Decides one due series; returns 1 when a job was queued, 0 otherwise, -1
@@ -110,9 +115,9 @@ static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
     } else if (ct == 0) {
         state = "not_applicable";
         snprintf(reason, sizeof reason, "no CT image storage objects");
-    } else if (!matches(c->head_patterns, info.body_part) &&
-               !matches(c->head_patterns, info.study_desc) &&
-               !matches(c->head_patterns, info.series_desc)) {
+    } else if (!triage_patterns_match(c->head_patterns, info.body_part) &&
+               !triage_patterns_match(c->head_patterns, info.study_desc) &&
+               !triage_patterns_match(c->head_patterns, info.series_desc)) {
         state = "not_applicable";
         snprintf(
             reason, sizeof reason,

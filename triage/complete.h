@@ -23,6 +23,11 @@ struct triage_completion {
  * queued (>= 0), or -1 when the database failed (logged). */
 int triage_completion_tick(struct triage_completion *c, int64_t now_ms);
 
+/* True when any pattern of the comma-separated list (upper case; blanks
+ * around each are not part of it: "HEAD, BRAIN") occurs in text, in any
+ * case. triage.head_patterns against body part and descriptions. */
+bool triage_patterns_match(const char *patterns, const char *text);
+
 /* The content key of a series: its instance count and a hash over the SOP
  * Instance UIDs and their datasets' digests (the file size where no digest
  * was recorded), as 33 characters at most. digests may be NULL. */

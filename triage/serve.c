@@ -257,7 +257,9 @@ static void usage(FILE *f)
                "Runs the node: the DICOM Storage SCP (C-ECHO, C-STORE) that stores every\n"
                "instance durably in <store.dir>/spool and indexes it in <store.dir>/ichtriage.db.\n"
                "SIGTERM or SIGINT: stop accepting, let associations in progress finish\n"
-               "(dicom.shutdown_grace seconds), exit. SIGHUP: reload the configuration.\n");
+               "(dicom.shutdown_grace seconds), exit. SIGHUP: read the configuration again and\n"
+               "apply dicom.allowed_peers, log.level and the model; other keys that changed\n"
+               "need a restart (logged as reload_needs_restart).\n");
 }
 
 int triage_serve_main(int argc, char **argv)

@@ -163,6 +163,17 @@ Test(db_triage, decision_refused_after_a_replaced_instance)
 /* The content key follows the bytes, not the sizes: the same SOP UIDs with
  * the same digests give the same key, one other digest (a same-size copy
  * with other pixels) another; rows without a digest count by size. */
+/* "HEAD, BRAIN" (as the allowlist's example is written) names BRAIN, not
+ * " BRAIN": a body part of exactly BRAIN had matched nothing. */
+Test(head_patterns, blanks_around_a_pattern_are_not_part_of_it)
+{
+    cr_expect(triage_patterns_match("HEAD, BRAIN", "brain"));
+    cr_expect(triage_patterns_match(" NECK ,\tHEAD ", "HEAD"));
+    cr_expect(triage_patterns_match("HEAD,BRAIN", "CT Brain w/o"));
+    cr_expect(!triage_patterns_match("HEAD, BRAIN", "CHEST"));
+    cr_expect(!triage_patterns_match(" , ,", "ANYTHING"), "blank patterns match nothing");
+}
+
 Test(content_key, follows_the_digests)
 {
     const char *sops[] = {"1.2.1", "1.2.2"};
