@@ -2,6 +2,7 @@
  * stopping, checkpoints every epoch and resume, calibration, the operating
  * threshold, the final evaluation and report, and registration. */
 #include <errno.h>
+#include <fcntl.h>
 #include <float.h>
 #include <getopt.h>
 #include <limits.h>
@@ -9,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -1314,6 +1316,19 @@ int train_train_main(int argc, char **argv)
         triage_config_free(&cfg);
         return 1;
     }
+    /* One run per workdir (the timer's and an admin's had interleaved their
+     * history and overwritten each other's checkpoints); held to the end. */
+    char lockp[1200];
+    snprintf(lockp, sizeof lockp, "%s/.lock", workdir);
+    int lockfd = open(lockp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lockfd < 0 || flock(lockfd, LOCK_EX | LOCK_NB) != 0) {
+        fprintf(stderr, "ichtriage train: %s: %s\n", lockp,
+                lockfd >= 0 && errno == EWOULDBLOCK ? "another ichtriage train runs in this workdir"
+                                                    : strerror(errno));
+        if (lockfd >= 0) close(lockfd);
+        triage_config_free(&cfg);
+        return 1;
+    }
     train_dataset_init(&d, &win, win.n, o.input_hw, o.input_hw);
     d.crop_head = o.crop_head;
     d.context = o.context;
@@ -1330,6 +1345,16 @@ int train_train_main(int argc, char **argv)
             fprintf(stderr, "ichtriage train: reviews: %s\n", err);
             goto out;
         }
+    }
+    if (d.nseries == 0 && o.reviews && o.ndata == 0) {
+        /* The weekly timer before the first review: nothing to do is no
+         * failure of the unit, and leaves nothing behind. */
+        printf("nothing to learn yet: no study reviewed in %s\n",
+               triage_config_str(&cfg, CFG_STORE_DIR));
+        unlink(lockp);
+        rmdir(workdir);
+        rc = 0;
+        goto out;
     }
     if (d.nseries == 0) {
         fprintf(stderr, "ichtriage train: no labelled series found\n");
@@ -1700,6 +1725,7 @@ int train_train_main(int argc, char **argv)
     }
     rc = 0;
 out:
+    close(lockfd);
     free(ev);
     free(scores), free(score_y);
     free(feat);

@@ -60,13 +60,16 @@ def train_args(data, out, workdir, seed=1, epochs1=8, epochs2=6, spe=0, hard=0, 
             + (["--context", str(context)] if context else []))
 
 
-def kill_after_checkpoint(args, workdir):
-    """Runs ichtriage ARGS and kills it (SIGKILL) once WORKDIR/state exists."""
+def kill_after_checkpoint(args, workdir, meanwhile=None):
+    """Runs ichtriage ARGS and kills it (SIGKILL) once WORKDIR/state exists,
+    after calling meanwhile() if given (the run still going)."""
     p = subprocess.Popen([ICH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(workdir, "state")
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not os.path.exists(state):
         time.sleep(0.05)
+    if meanwhile:
+        meanwhile(p)
     p.send_signal(signal.SIGKILL)
     p.wait()
 
@@ -284,7 +287,15 @@ def main():
     work = os.path.join(tmp, "r.work")
     out_c = os.path.join(tmp, "r.safetensors")
     resumable = dict(epochs1=4, epochs2=2, spe=96, hard=0.25)
-    kill_after_checkpoint(train_args(data, out_c, work, **resumable), work)
+    def second_run(first):
+        # One run per workdir: a second one at the same time is refused (they
+        # had interleaved their history and overwritten each other's
+        # checkpoints).
+        r = run(*train_args(data, out_c, work, **resumable))
+        check(first.poll() is None and r.returncode == 1
+              and "another ichtriage train runs in this workdir" in r.stderr,
+              "a second run in the same workdir is refused: " + r.stderr[-200:])
+    kill_after_checkpoint(train_args(data, out_c, work, **resumable), work, second_run)
     check(os.path.exists(os.path.join(work, "state")), "a checkpoint was written before the kill")
     r = run(*train_args(data, out_c, work, **resumable))
     check(r.returncode == 0 and "event=train_resume" in r.stderr,

@@ -3,7 +3,7 @@ end: phantom studies sent to a real node and triaged, each reviewed through
 the JSON API (positives with the slices that show the bleed marked, as the
 page does), then `ichtriage train --reviews` on the node's store, alone and
 with a folder of phantoms besides, each a tiny run that must finish with a
-model.
+model; with no review yet, nothing to do.
 
 Stage 1 had sized its list of slices on the slice-labelled series only:
 from reviews alone it had none and always failed ("stage 1 failed at
@@ -24,6 +24,8 @@ class RetrainTest(wt.WebTest):
     def setUp(self):
         super().setUp()
         self.node = self.web_node()
+
+    def review_all(self):
         self.studies = wt.phantom(os.path.join(self.work, "ph"), seed=61, count=10)
         self.send(self.node, [f for fs in self.studies.values() for f in fs])
         self.wait_rows(self.node, list(self.studies), timeout=90)
@@ -39,21 +41,30 @@ class RetrainTest(wt.WebTest):
                                       "POST", body, headers=[tok])
             self.assertEqual(status, 201, resp)
 
-    def train(self, name, *data):
+    def train(self, name, *data, made=True):
         out = os.path.join(self.work, name + ".safetensors")
         p = subprocess.run([wt.itest.EXE, "train", *data, "--reviews", "-c", "/dev/null",
                             "--set", "store.dir=" + self.node.store_dir, "-o", out] + TINY,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=600)
         self.assertEqual(p.returncode, 0, p.stderr[-3000:])
-        self.assertTrue(os.path.isfile(out))
+        self.assertEqual(os.path.isfile(out), made)
         return p
 
+    def test_no_review_yet_is_nothing_to_do(self):
+        # The weekly timer before the first review: not a failed unit (it
+        # exited 1, "no labelled series found"), and no workdir left.
+        p = self.train("none", made=False)
+        self.assertIn("nothing to learn yet", p.stdout)
+        self.assertFalse(os.path.exists(os.path.join(self.work, "none.safetensors.work")))
+
     def test_reviews_alone_train_a_model(self):
+        self.review_all()
         p = self.train("reviews")
         self.assertIn("event=train_reviews studies=10 series=10 marked_slices=10", p.stderr)
 
     def test_reviews_and_a_folder_train_a_model(self):
+        self.review_all()
         folder = os.path.join(self.work, "more")
         wt.phantom(folder, seed=62, count=4)
         self.train("both", folder)
