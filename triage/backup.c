@@ -399,6 +399,7 @@ int triage_backup_main(int argc, char **argv)
         .from = store, .to = dir, .live_db = db_path, .err = err, .errlen = sizeof err};
     struct db_status st;
     rc = 1;
+    bool started = false; /* dir is ours to call incomplete */
     if (access(db_path, R_OK) != 0) {
         snprintf(err, sizeof err, "no database at %.1000s: %.1000s", db_path, strerror(errno));
         goto out;
@@ -411,6 +412,7 @@ int triage_backup_main(int argc, char **argv)
         snprintf(err, sizeof err, "cannot create %.1000s: %.1000s", dir, strerror(errno));
         goto out;
     }
+    started = true;
     if (chmod(dir, 0700) != 0) {
         snprintf(err, sizeof err, "cannot set the mode of %.1000s: %.1000s", dir, strerror(errno));
         goto out;
@@ -451,10 +453,11 @@ int triage_backup_main(int argc, char **argv)
 out:
     if (rc) {
         util_log(UTIL_LOG_ERROR, "backup_failed", "backup=%s", dir);
-        fprintf(stderr,
-                "ichtriage backup: %s\nichtriage backup: %s is not a complete backup "
-                "(no MANIFEST)\n",
-                err, dir);
+        fprintf(stderr, "ichtriage backup: %s\n", err);
+        /* Only about a folder this run wrote into: an earlier backup found
+         * there is left as it was, complete or not. */
+        if (started)
+            fprintf(stderr, "ichtriage backup: %s is not a complete backup (no MANIFEST)\n", dir);
     }
     for (int i = 0; i < c.ngone; i++)
         free(c.gone[i]);

@@ -357,9 +357,12 @@ class Backup(itest.NodeTest):
         node, _ = self.received(series=1, count=2)
         bdir = os.path.join(self.work, "backup")
         self.assertEqual(ichtriage("backup", *store_args(node.store_dir), bdir)[0], 0)
-        # Backing up into a folder that holds something.
+        # Backing up into a folder that holds something: refused, without
+        # calling the complete backup there incomplete (it did).
         rc, _, err = ichtriage("backup", *store_args(node.store_dir), bdir)
         self.assertEqual(rc, 1, err)
+        self.assertIn("exists and is not empty", err)
+        self.assertNotIn("not a complete backup", err)
         self.assertEqual(node.stop(), 0)
         # A store that holds data.
         before = tree(node.store_dir)
