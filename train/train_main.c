@@ -546,17 +546,27 @@ static void progress_show(struct progress *p, int done, int total, double loss, 
 
 /* The early-stopping score: the mean AUC of b over the labels present, or
  * that of "any" alone. */
-static double mean_auc(const struct train_binary b[TRAIN_LABELS], int any_only)
+/* NAN when no label has an AUC. */
+static double mean_auc_or_nan(const struct train_binary b[TRAIN_LABELS], int any_only)
 {
     double s = 0;
     int n = 0;
     for (int l = 0; l < (any_only ? 1 : TRAIN_LABELS); l++)
         if (!isnan(b[l].auc)) s += b[l].auc, n++;
-    return n ? s / n : 0;
+    return n ? s / n : NAN;
+}
+
+static double mean_auc(const struct train_binary b[TRAIN_LABELS], int any_only)
+{
+    double a = mean_auc_or_nan(b, any_only);
+    return isnan(a) ? 0 : a;
 }
 
 /* Mean slice-level AUC over the labels present on validation, and the RSNA
- * weighted log loss, of the CNN (stage 1) or LRCN (stage 2). */
+ * weighted log loss, of the CNN (stage 1) or LRCN (stage 2). A validation
+ * split of reviewed studies only has no slice labels: then the same at the
+ * study level (max over slices), which reviews label; it had scored 0 and
+ * NAN every epoch, and early stopping kept the first. */
 static int validate(nn_model *m, const struct train_dataset *d, const float *feat, int lrcn,
                     int any_only, double *auc, double *loss)
 {
@@ -571,8 +581,10 @@ static int validate(nn_model *m, const struct train_dataset *d, const float *fea
         return -1;
     }
     int mo = lrcn ? TRAIN_MODEL_LRCN : TRAIN_MODEL_CNN;
-    *auc = mean_auc(e->m[TRAIN_LEVEL_SLICE][mo], any_only);
-    *loss = e->weighted_logloss[TRAIN_LEVEL_SLICE][mo];
+    int level = isnan(mean_auc_or_nan(e->m[TRAIN_LEVEL_SLICE][mo], any_only)) ? TRAIN_LEVEL_STUDY
+                                                                              : TRAIN_LEVEL_SLICE;
+    *auc = mean_auc(e->m[level][mo], any_only);
+    *loss = e->weighted_logloss[level][mo];
     free(e);
     return 0;
 }

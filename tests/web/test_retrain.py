@@ -62,6 +62,13 @@ class RetrainTest(wt.WebTest):
         self.review_all()
         p = self.train("reviews")
         self.assertIn("event=train_reviews studies=10 series=10 marked_slices=10", p.stderr)
+        # Validated at the study level, which reviews label (it was 0 and NAN
+        # every epoch: no slice labels in a validation split of reviews).
+        epochs = [l for l in p.stderr.splitlines() if "event=train_epoch" in l]
+        self.assertEqual(len(epochs), 2, p.stderr[-2000:])
+        for l in epochs:
+            self.assertNotIn("val_loss=nan", l)
+            self.assertNotIn("val_auc=0.0000", l)
 
     def test_reviews_and_a_folder_train_a_model(self):
         self.review_all()
