@@ -488,6 +488,7 @@ static int evaluate(nn_model *m, const struct train_dataset *d, int split, const
             for (int s = 0; s < d->nseries; s++) {
                 const struct train_series *se = &d->series[s];
                 if (split >= 0 && se->split != split) continue;
+                if (l > 0 && se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* not scored */
                 float mx = -INFINITY;
                 for (int k = 0; k < se->n; k++) {
                     float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
@@ -545,6 +546,7 @@ int train_calibrate(nn_model *m, const struct train_dataset *d, const float *fea
             for (int s = 0; s < d->nseries; s++) {
                 const struct train_series *se = &d->series[s];
                 if (se->split != TRAIN_SPLIT_VAL) continue;
+                if (l > 0 && se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* not fitted */
                 float mx = -INFINITY;
                 for (int k = 0; k < se->n; k++) {
                     float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];

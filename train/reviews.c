@@ -52,9 +52,13 @@ static int collect(void *ud, const struct db_review_row *row)
     memset(r, 0, sizeof *r);
     snprintf(r->study, sizeof r->study, "%s", row->study_uid);
     r->y[0] = row->hemorrhage ? 1 : 0;
+    /* A bleed with no subtype named says nothing of the subtypes: unknown,
+     * left out of the losses and the metrics (it had counted as five
+     * negatives). Once one is named, the others are absent. */
+    bool named = row->subtypes && row->subtypes[0];
     for (int k = 1; row->hemorrhage && k < TRAIN_LABELS; k++) {
-        const char *s = row->subtypes ? strstr(row->subtypes, subtype_names[k]) : NULL;
-        r->y[k] = s != NULL;
+        const char *s = named ? strstr(row->subtypes, subtype_names[k]) : NULL;
+        r->y[k] = named ? s != NULL : TRAIN_LABEL_UNKNOWN;
     }
     if (row->hemorrhage && row->slices && row->slices[0] && !(r->slices = strdup(row->slices)))
         return l->oom = true, -1;

@@ -960,6 +960,7 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
                     dl[r * TRAIN_LABELS + l] = 0;
                     if (lg[r * TRAIN_LABELS + l] > lg[arg * TRAIN_LABELS + l]) arg = r;
                 }
+                if (se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* no gradient */
                 float z = lg[arg * TRAIN_LABELS + l], yv = se->study[l] ? 1.0f : 0.0f;
                 float pw = yv > 0 ? pos_w[l] : 1.0f, sg = 1.0f / (1.0f + expf(-z));
                 /* d/dz of w * (pw * y * softplus(-z) + (1 - y) * softplus(z)), per element. */

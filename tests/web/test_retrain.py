@@ -33,8 +33,9 @@ class RetrainTest(wt.WebTest):
         for i, uid in enumerate(self.studies):
             body = {"hemorrhage": False}
             if i % 2 == 0:
+                # Studies 0, 4, 8 with a subtype named, 2 and 6 without.
                 sl = self.get_json(self.node, "/api/studies/" + uid)["slice_probabilities"]
-                body = {"hemorrhage": True, "subtypes": ["subdural"],
+                body = {"hemorrhage": True, "subtypes": ["subdural"] if i % 4 == 0 else [],
                         "slices": [{"sop_uid": s["sop_uid"], "frame": s["frame"]}
                                    for s in sl[4:6]]}
             status, _, resp = wt.curl("%s/api/studies/%s/review" % (self.node.base, uid),
@@ -69,6 +70,27 @@ class RetrainTest(wt.WebTest):
         for l in epochs:
             self.assertNotIn("val_loss=nan", l)
             self.assertNotIn("val_auc=0.0000", l)
+
+    def test_a_bleed_without_subtypes_leaves_them_unknown(self):
+        # Scored on the reviews (calibrate --reviews): the two bleeds whose
+        # review names no subtype count for "any" and for no subtype (they
+        # had counted as negatives of all five).
+        self.review_all()
+        self.train("model")
+        out = os.path.join(self.work, "cal.safetensors")
+        js = os.path.join(self.work, "cal.json")
+        p = subprocess.run([wt.itest.EXE, "calibrate", os.path.join(self.work, "model.safetensors"),
+                            "--reviews", "-c", "/dev/null", "--set",
+                            "store.dir=" + self.node.store_dir, "-o", out, "--json", js,
+                            "--report", os.path.join(self.work, "cal.html"), "--threads", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+        self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+        import json
+        study = json.load(open(js))["levels"]["study"]["lrcn"]
+        self.assertEqual((study["any"]["n"], study["any"]["positives"]), (10, 5), study["any"])
+        self.assertEqual((study["subdural"]["n"], study["subdural"]["positives"]), (8, 3),
+                         study["subdural"])
+        self.assertEqual((study["epidural"]["n"], study["epidural"]["positives"]), (8, 0))
 
     def test_reviews_and_a_folder_train_a_model(self):
         self.review_all()
