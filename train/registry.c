@@ -313,34 +313,63 @@ static int write_whole(const char *dir, const char *dst, const char *text, size_
 /* Writes the log as ids[0..n-1]. Returns 0 or -1 with a message. */
 static int log_write(const char *dir, char ids[][128], int n, char *err, size_t errlen)
 {
-    char p[1200], text[64 * 129] = "";
+    char p[1200];
     snprintf(p, sizeof p, "%s/active.log", dir);
+    char *text = malloc((size_t)(n > 0 ? n : 1) * 129);
+    if (!text) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     size_t len = 0;
-    for (int i = 0; i < n && len < sizeof text; i++)
-        len += (size_t)snprintf(text + len, sizeof text - len, "%s\n", ids[i]);
-    return write_whole(dir, p, text, len < sizeof text ? len : sizeof text - 1, err, errlen);
+    for (int i = 0; i < n; i++)
+        len += (size_t)sprintf(text + len, "%s\n", ids[i]);
+    int rc = write_whole(dir, p, text, len, err, errlen);
+    free(text);
+    return rc;
 }
+
+/* Promotions a rollback can go back through (active.log is kept whole up
+ * to this many; it had been cut to 64 by each rollback). */
+#define LOG_MAX 4096
 
 int train_registry_rollback(const char *store_dir, char *id, size_t idn, char *err, size_t errlen)
 {
-    char dir[1100], ids[64][128];
-    if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
+    char dir[1100];
+    char(*ids)[128] = malloc(LOG_MAX * sizeof *ids);
+    if (!ids) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) {
+        free(ids);
+        return -1;
+    }
     int lock = registry_lock(dir, err, errlen);
-    if (lock < 0) return -1;
-    int n = log_read(dir, ids, 64), rc = -1;
-    if (n < 2) {
+    if (lock < 0) {
+        free(ids);
+        return -1;
+    }
+    int n = log_read(dir, ids, LOG_MAX), rc = -1;
+    /* Back to the last model other than the current one: the same id
+     * promoted twice in a row is one step (the rollback had "restored" the
+     * current model). */
+    int k = n - 2;
+    while (k >= 0 && strcmp(ids[k], ids[n - 1]) == 0)
+        k--;
+    if (k < 0) {
         snprintf(err, errlen, "no earlier active model to roll back to");
-    } else if (activate(dir, ids[n - 2], err, errlen) == 0) {
-        /* the log without the current one, so a second rollback goes
-         * further back */
-        rc = log_write(dir, ids, n - 1, err, errlen);
+    } else if (activate(dir, ids[k], err, errlen) == 0) {
+        /* the log up to it, so a second rollback goes further back */
+        rc = log_write(dir, ids, k + 1, err, errlen);
         if (rc != 0) deactivate(dir, ids[n - 1]);
     }
     close(lock);
-    if (rc != 0) return -1;
-    snprintf(id, idn, "%s", ids[n - 2]);
-    util_log(UTIL_LOG_INFO, "model_rolled_back", "id=%s from=%s", ids[n - 2], ids[n - 1]);
-    return 0;
+    if (rc == 0) {
+        snprintf(id, idn, "%s", ids[k]);
+        util_log(UTIL_LOG_INFO, "model_rolled_back", "id=%s from=%s", ids[k], ids[n - 1]);
+    }
+    free(ids);
+    return rc == 0 ? 0 : -1;
 }
 
 static int cmp_str(const void *a, const void *b)
