@@ -168,11 +168,31 @@ static int find_labels_csv(const char *dir, char *out, size_t n, char *err, size
 struct file_list {
     char **p;
     size_t n, cap;
+    /* Folders walked, by device and inode: one reached again through a
+     * link (a loop such as again -> ., or a second link to it) is walked
+     * once; every file below a loop had been read eight times. */
+    struct {
+        dev_t dev;
+        ino_t ino;
+    } seen[4096];
+    size_t nseen;
 };
 
 static int walk(const char *dir, struct file_list *fl, int depth, char *err, size_t errlen)
 {
     if (depth > 8) return 0;
+    struct stat ds;
+    if (stat(dir, &ds) != 0) {
+        snprintf(err, errlen, "%s: %s", dir, strerror(errno));
+        return -1;
+    }
+    for (size_t i = 0; i < fl->nseen; i++)
+        if (fl->seen[i].dev == ds.st_dev && fl->seen[i].ino == ds.st_ino) {
+            util_log(UTIL_LOG_WARN, "train_folder_again", "path=%s reason=\"walked already\"", dir);
+            return 0;
+        }
+    if (fl->nseen < sizeof fl->seen / sizeof fl->seen[0])
+        fl->seen[fl->nseen++] = (typeof(fl->seen[0])){ds.st_dev, ds.st_ino};
     DIR *dd = opendir(dir);
     if (!dd) {
         snprintf(err, errlen, "%s: %s", dir, strerror(errno));

@@ -149,6 +149,17 @@ def main():
     check("not a diagnosis" in html and "<svg" in html and "ROC" in html,
           "HTML report with inline SVG and the notice")
 
+    # 1b. A folder with a link back into itself (again -> .) is walked once:
+    #     every slice had been read eight times.
+    loop = os.path.join(tmp, "loop")
+    r = run("phantom", loop, "--seed", "12", "-n", "3", "--size", "64", "--slices", "8")
+    os.symlink(".", os.path.join(loop, "stage_2_train", "again"))
+    r = run("eval", out, loop, "--report", os.path.join(tmp, "loop.html"),
+            "--json", os.path.join(tmp, "loop.json"))
+    check(r.returncode == 0 and "3 series, 24 slices" in r.stdout
+          and "event=train_folder_again" in r.stderr,
+          "a folder linked into itself is read once: " + r.stdout[:120])
+
     # 2. Reproducible: the same seed again gives the same weights, hard
     # negatives (chosen by the model of the epoch before) and small bleeds
     # (drawn with the seed) included.
