@@ -772,13 +772,20 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    size_t n = 0;
+    size_t n = 0, unreadable = 0;
+    char first_bad[512] = "";
     struct util_progress pg;
     decode_progress(&pg, d, dir, "headers", fl->n, 0);
     for (size_t i = 0; i < fl->n; util_progress_step(&pg, ++i)) {
         struct scp_info info;
-        char e[256];
+        char e[256] = "";
         if (scp_info_read(fl->p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
+            if (!unreadable++) {
+                snprintf(first_bad, sizeof first_bad, "%.300s: %.200s", fl->p[i],
+                         e[0] ? e : "no pixel data");
+                for (char *q = first_bad; *q; q++) /* a log value in quotes */
+                    if (*q == '"' || *q == '\\' || (unsigned char)*q < 32) *q = '\'';
+            }
             (*skipped)++;
             continue;
         }
@@ -794,6 +801,17 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
         snprintf(r->patient, sizeof r->patient, "%s", info.patient_id);
     }
     util_progress_end(&pg);
+    /* Files that are not readable images leave holes in their series: said
+     * as a warning with the first one (an info count had been all). */
+    if (unreadable)
+        util_log(UTIL_LOG_WARN, "train_files_unreadable", "dir=%s files=%zu of=%zu first=\"%s\"",
+                 dir, unreadable, fl->n, first_bad);
+    if (n == 0 && unreadable == fl->n) {
+        snprintf(err, errlen, "%s: none of its %zu .dcm files is a readable DICOM image (%s)", dir,
+                 fl->n, first_bad);
+        free(recs);
+        return NULL;
+    }
     if (n == 0) {
         snprintf(err, errlen, "%s: none of its %zu DICOM files has a row in %s", dir, fl->n, csv);
         free(recs);

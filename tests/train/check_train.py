@@ -19,6 +19,7 @@ on 2 cores.
 - `model register|promote|list|rollback` manage <store.dir>/models.
 
 Usage: check_train.py ICHTRIAGE"""
+import glob
 import json
 import math
 import re
@@ -551,6 +552,26 @@ def main():
     r = run("train", empty, "-o", os.path.join(tmp, "x.safetensors"))
     check(r.returncode != 0 and "has a row in" in r.stderr, "labels of other files: " +
           r.stderr.strip())
+    # Files that are not DICOM images: a warning naming the first (it was an
+    # info count), and an error that says so when none is readable (it said
+    # none had a row in the CSV).
+    junk = os.path.join(tmp, "junk")
+    r = run("phantom", junk, "--seed", "13", "-n", "2", "--size", "64", "--slices", "8")
+    dcm = sorted(glob.glob(os.path.join(junk, "stage_2_train", "*.dcm")))
+    with open(dcm[0], "w") as f:
+        f.write("not DICOM\n")
+    r = run("eval", out, junk, "--report", os.path.join(tmp, "junk.html"),
+            "--json", os.path.join(tmp, "junk.json"))
+    check(r.returncode == 0 and "level=warn event=train_files_unreadable" in r.stderr
+          and "files=1 of=16" in r.stderr and os.path.basename(dcm[0]) in r.stderr,
+          "an unreadable file is a warning naming it: " + r.stderr[-300:])
+    for p in dcm:
+        with open(p, "w") as f:
+            f.write("not DICOM\n")
+    r = run("eval", out, junk, "--report", os.path.join(tmp, "junk.html"),
+            "--json", os.path.join(tmp, "junk.json"))
+    check(r.returncode != 0 and "none of its 16 .dcm files is a readable DICOM image"
+          in r.stderr, "no readable file: " + r.stderr.strip()[-200:])
 
     # 6. The registry.
     store = os.path.join(tmp, "store")
