@@ -267,6 +267,12 @@ static void deactivate(const char *dir, const char *prev)
 
 int train_registry_promote(const char *store_dir, const char *id, char *err, size_t errlen)
 {
+    return train_registry_promote_over(store_dir, id, NULL, err, errlen);
+}
+
+int train_registry_promote_over(const char *store_dir, const char *id, const char *was, char *err,
+                                size_t errlen)
+{
     char dir[1100];
     if (!valid_id(id)) {
         snprintf(err, errlen, "'%s' is not a model id", id);
@@ -277,6 +283,12 @@ int train_registry_promote(const char *store_dir, const char *id, char *err, siz
     if (lock < 0) return -1;
     char prev[128];
     train_registry_active(store_dir, prev, sizeof prev);
+    if (was && strcmp(prev, was) != 0) {
+        snprintf(err, errlen, "the active model is now %s, not %s as compared",
+                 prev[0] ? prev : "none", was[0] ? was : "none");
+        close(lock);
+        return TRAIN_REGISTRY_CHANGED;
+    }
     int rc = activate(dir, id, err, errlen);
     if (rc == 0 && log_append(dir, id) != 0) {
         snprintf(err, errlen, "%s/active.log: cannot write; %s stays active", dir,

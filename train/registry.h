@@ -15,6 +15,13 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
                        char *err, size_t errlen);
 /* Makes id the active model (atomic replace of active.safetensors). */
 int train_registry_promote(const char *store_dir, const char *id, char *err, size_t errlen);
+/* The same, only while the active model is still was (its id, "" for none):
+ * automatic promotion compared the new model with was, and an admin's
+ * promote or rollback meanwhile must stand. Returns 0, -1 with a message,
+ * or TRAIN_REGISTRY_CHANGED (nothing done; err names the active one). */
+#define TRAIN_REGISTRY_CHANGED (-2)
+int train_registry_promote_over(const char *store_dir, const char *id, const char *was, char *err,
+                                size_t errlen);
 /* Puts back the model that was active before the current one. */
 int train_registry_rollback(const char *store_dir, char *id, size_t idn, char *err, size_t errlen);
 /* The id of the active model ("" when none). */

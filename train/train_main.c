@@ -1725,15 +1725,25 @@ int train_train_main(int argc, char **argv)
                    "to compare on; promote it with: ichtriage model promote %s)\n",
                    id, id);
         } else {
+            /* Promoted only over the model it was compared with: an admin's
+             * promote or rollback during the comparison stands. */
+            char was[128];
+            train_registry_active(store, was, sizeof was);
             int better = better_than_active(store, &d, split, ev, scores, score_y);
-            if (better && train_registry_promote(triage_config_str(&cfg, CFG_STORE_DIR), id, err,
-                                                 sizeof err) != 0) {
+            int pr = better ? train_registry_promote_over(store, id, was, err, sizeof err) : 0;
+            if (pr == TRAIN_REGISTRY_CHANGED) {
+                util_log(UTIL_LOG_WARN, "model_compare", "promote=no reason=\"%s\"", err);
+                printf("registered %s, not promoted: %s (promote it with: ichtriage model "
+                       "promote %s)\n",
+                       id, err, id);
+            } else if (pr != 0) {
                 fprintf(stderr, "ichtriage train: promote: %s\n", err);
                 goto out;
+            } else {
+                printf(better ? "registered %s, promoted (send SIGHUP to a running node)\n"
+                              : "registered %s, kept the active model (not at least as good)\n",
+                       id);
             }
-            printf(better ? "registered %s, promoted (send SIGHUP to a running node)\n"
-                          : "registered %s, kept the active model (not at least as good)\n",
-                   id);
         }
     }
     rc = 0;

@@ -400,17 +400,24 @@ Test(split, by_patient_stratified_and_seeded)
     train_dataset_free(&d);
 }
 
-/* A tiny LRCN for fake_dataset's 3x16x16 slices, and random pixels for them. */
-static nn_model *tiny_model(void)
+/* A model of arch with in_c x hw x hw input (random weights). */
+static nn_model *model_of(const char *arch, int in_c, int hw)
 {
+    char err[512];
     nn_config c;
     nn_config_default(&c);
-    c.arch = "b4,M,b8,G|d12,D0.5";
-    c.in_h = c.in_w = 16;
-    char err[256];
+    c.arch = arch;
+    c.in_c = in_c;
+    c.in_h = c.in_w = hw;
     nn_model *m = nn_model_create(&c, err, sizeof err);
     cr_assert(m, "%s", err);
     return m;
+}
+
+/* A tiny LRCN for fake_dataset's 3x16x16 slices, and random pixels for them. */
+static nn_model *tiny_model(void)
+{
+    return model_of("b4,M,b8,G|d12,D0.5", 3, 16);
 }
 
 static void random_pixels(struct train_dataset *d, uint64_t rng)
@@ -1622,13 +1629,7 @@ Test(context, the_node_runs_a_context_model_on_a_series, .timeout = 120, .fini =
     o.outdir = ph, o.seed = 12, o.count = 1, o.size = 64;
     o.slices_min = o.slices_max = 21; /* more than one chunk of the node's (16) */
     cr_assert_eq(train_phantom_run(&o, err, sizeof err), 0, "%s", err);
-    nn_config c;
-    nn_config_default(&c);
-    c.arch = "b4,M,b8,G|d12,D0.5";
-    c.in_c = 9;
-    c.in_h = c.in_w = 32;
-    nn_model *m = nn_model_create(&c, err, sizeof err);
-    cr_assert(m, "%s", err);
+    nn_model *m = model_of("b4,M,b8,G|d12,D0.5", 9, 32);
     nn_model_meta_set(m, "windows", "40/80,80/200,600/2800");
     nn_model_meta_set(m, "labels",
                       "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
@@ -2244,6 +2245,31 @@ Test(cache, a_corrupt_series_record_is_not_taken, .timeout = 120, .fini = scratc
 }
 
 #include "registry.h"
+
+/* Automatic promotion promotes only over the model it compared with: an
+ * admin's promote in between stands (it had been replaced). */
+Test(registry, promote_over_refuses_when_the_active_model_changed, .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-registry-XXXXXX", err[512], path[300], a[128], b[128], act[128];
+    scratch(tmp);
+    nn_model *m = model_of("b4,M,G|d8", 3, 16);
+    snprintf(path, sizeof path, "%s/m.safetensors", tmp);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof err), 0, "%s", err);
+    nn_model_free(m);
+    cr_assert_eq(train_registry_add(tmp, path, a, sizeof a, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(train_registry_add(tmp, path, b, sizeof b, err, sizeof err), 0, "%s", err);
+    cr_assert_str_neq(a, b);
+    /* Compared with nothing active; an admin promotes a meanwhile. */
+    cr_assert_eq(train_registry_promote(tmp, a, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(train_registry_promote_over(tmp, b, "", err, sizeof err), TRAIN_REGISTRY_CHANGED);
+    train_registry_active(tmp, act, sizeof act);
+    cr_expect_str_eq(act, a);
+    /* Compared with a, still active: promoted. */
+    cr_expect_eq(train_registry_promote_over(tmp, b, a, err, sizeof err), 0, "%s", err);
+    train_registry_active(tmp, act, sizeof act);
+    cr_expect_str_eq(act, b);
+    rm_rf(tmp);
+}
 
 /* The frozen test split keeps every patient, also one whose ID starts with
  * '#' (which the file's comments do), so that none of them leaves the test
