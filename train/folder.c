@@ -137,6 +137,7 @@ static int find_labels_csv(const char *dir, char *out, size_t n, char *err, size
     }
     struct dirent *de;
     int found = 0;
+    char other[PATH_MAX] = "";
     while ((de = readdir(dd))) {
         size_t l = strlen(de->d_name);
         if (l < 5 || strcmp(de->d_name + l - 4, ".csv") != 0) continue;
@@ -148,13 +149,23 @@ static int find_labels_csv(const char *dir, char *out, size_t n, char *err, size
             if (!fgets(head, sizeof head, f)) head[0] = 0;
             fclose(f);
         }
-        if (strncmp(head, "ID,Label", 8) == 0) {
+        /* a spreadsheet's export may begin with a UTF-8 byte order mark */
+        const char *h = strncmp(head, "\xEF\xBB\xBF", 3) == 0 ? head + 3 : head;
+        if (strncmp(h, "ID,Label", 8) != 0) continue;
+        if (found++)
+            snprintf(other, sizeof other, "%s", p);
+        else
             snprintf(out, n, "%s", p);
-            found = 1;
-            break;
-        }
     }
     closedir(dd);
+    if (found > 1) {
+        /* which one readdir gives first is no way to choose labels */
+        snprintf(err, errlen,
+                 "%s: more than one CSV with header ID,Label (%s, %s): name the labels "
+                 "stage_2_train.csv",
+                 dir, out, other);
+        return -1;
+    }
     if (!found)
         snprintf(err, errlen,
                  "%s: no labels file (stage_2_train.csv or a CSV with header ID,Label); "

@@ -572,6 +572,25 @@ def main():
             "--json", os.path.join(tmp, "junk.json"))
     check(r.returncode != 0 and "none of its 16 .dcm files is a readable DICOM image"
           in r.stderr, "no readable file: " + r.stderr.strip()[-200:])
+    # Labels under another name, exported by a spreadsheet (a UTF-8 byte
+    # order mark first): found (it was not); two such files: refused, not
+    # whichever the folder listing gives first.
+    bom = os.path.join(tmp, "bom")
+    run("phantom", bom, "--seed", "14", "-n", "2", "--size", "64", "--slices", "8")
+    with open(os.path.join(bom, "stage_2_train.csv"), "rb") as f:
+        labels = f.read()
+    os.unlink(os.path.join(bom, "stage_2_train.csv"))
+    with open(os.path.join(bom, "export.csv"), "wb") as f:
+        f.write(b"\xef\xbb\xbf" + labels)
+    ev = ["--report", os.path.join(tmp, "bom.html"), "--json", os.path.join(tmp, "bom.json")]
+    r = run("eval", out, bom, *ev)
+    check(r.returncode == 0 and "2 series, 16 slices" in r.stdout,
+          "labels in a CSV that starts with a byte order mark: " + r.stderr.strip()[-200:])
+    with open(os.path.join(bom, "older.csv"), "wb") as f:
+        f.write(labels)
+    r = run("eval", out, bom, *ev)
+    check(r.returncode != 0 and "more than one CSV with header ID,Label" in r.stderr,
+          "two labels CSVs: refused: " + r.stderr.strip()[-200:])
 
     # 6. The registry.
     store = os.path.join(tmp, "store")
