@@ -497,6 +497,32 @@ static int history_read(const char *dir, struct train_epoch *h, int max)
     return n;
 }
 
+/* At a resume: drops the rows of epochs after the checkpoint's (stage,
+ * epoch). A kill between an epoch's row and its checkpoint left the row,
+ * and the epoch, trained again, was listed twice in the history and the
+ * report. */
+static void history_trim(const char *dir, int stage, int epoch)
+{
+    enum { MAX = 10000 };
+    struct train_epoch *h = malloc(MAX * sizeof *h);
+    if (!h) return;
+    int n = history_read(dir, h, MAX), keep = 0;
+    for (int i = 0; i < n; i++)
+        if (h[i].stage < stage || (h[i].stage == stage && h[i].epoch <= epoch)) h[keep++] = h[i];
+    if (keep < n) {
+        char p[1200], t[1210];
+        snprintf(p, sizeof p, "%s/history.csv", dir);
+        snprintf(t, sizeof t, "%s.tmp", p);
+        FILE *f = fopen(t, "w");
+        for (int i = 0; f && i < keep; i++)
+            fprintf(f, "%d,%d,%.6f,%.6f,%.6f,%.1f\n", h[i].stage, h[i].epoch, h[i].train_loss,
+                    h[i].val_loss, h[i].val_auc, h[i].seconds);
+        if (f && fclose(f) == 0 && rename(t, p) == 0)
+            util_log(UTIL_LOG_INFO, "train_history_trimmed", "rows_dropped=%d", n - keep);
+    }
+    free(h);
+}
+
 static void history_append(const char *dir, const struct train_epoch *e)
 {
     char p[1200];
@@ -1457,6 +1483,7 @@ int train_train_main(int argc, char **argv)
             goto out;
         }
         resume_state(m, workdir, &st);
+        history_trim(workdir, st.stage, st.epoch);
         util_log(UTIL_LOG_INFO, "train_resume", "workdir=%s stage=%d epoch=%d", workdir, st.stage,
                  st.epoch);
     } else {

@@ -309,6 +309,11 @@ def main():
               "a second run in the same workdir is refused: " + r.stderr[-200:])
     kill_after_checkpoint(train_args(data, out_c, work, **resumable), work, second_run)
     check(os.path.exists(os.path.join(work, "state")), "a checkpoint was written before the kill")
+    # As a kill between an epoch's history row and its checkpoint leaves it:
+    # the next epoch's row is there, its checkpoint is not.
+    st = dict(kv.split("=") for kv in open(os.path.join(work, "state")).read().split())
+    with open(os.path.join(work, "history.csv"), "a") as f:
+        f.write("%s,%d,0.5,0.5,0.5,1.0\n" % (st["stage"], int(st["epoch"]) + 1))
     r = run(*train_args(data, out_c, work, **resumable))
     check(r.returncode == 0 and "event=train_resume" in r.stderr,
           "the rerun resumes: " + r.stderr[-300:])
