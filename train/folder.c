@@ -964,9 +964,12 @@ int train_dataset_add_folder(struct train_dataset *d, const char *dir, const cha
     const char *said = !d->masks ? "" : masks ? " masks=yes" : " masks=no"; /* for the log */
     char cpath[PATH_MAX + 300];
     cache_path(d, dir, cache_dir, cpath, sizeof cpath);
+    int series_before = d->nseries;
+    size_t slices_before = d->nslices;
     if (cache_load(d, cpath, fp) == 0) {
+        /* this folder's, not the running totals of every folder so far */
         util_log(UTIL_LOG_INFO, "train_data_cached", "dir=%s series=%d slices=%zu%s", dir,
-                 d->nseries, d->nslices, said);
+                 d->nseries - series_before, d->nslices - slices_before, said);
         files_free(&fl);
         return 0;
     }
