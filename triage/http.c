@@ -351,13 +351,32 @@ bad:;
     return -1;
 }
 
+int triage_http_check(const char *listen, const char *users, const char *cert, const char *key,
+                      char *err, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (parse_listen(listen, &ss, err, errlen) != 0) return -1;
+    if (!is_loopback(&ss) && (!users || !users[0] || !cert || !cert[0] || !key || !key[0])) {
+        snprintf(err, errlen,
+                 "http.listen %s is not loopback: http.users, http.tls_cert and "
+                 "http.tls_key are required",
+                 listen);
+        return -1;
+    }
+    return 0;
+}
+
 int triage_http_start(struct triage_http **out, const struct triage_http_config *cfg, char *err,
                       size_t errlen)
 {
     *out = NULL;
+    if (triage_http_check(cfg->listen, cfg->users_file, cfg->tls_cert, cfg->tls_key, err, errlen) !=
+        0)
+        return -1;
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
-    if (parse_listen(cfg->listen, &ss, err, errlen) != 0) return -1;
+    parse_listen(cfg->listen, &ss, err, errlen);
     struct triage_http *h = calloc(1, sizeof *h);
     if (!h) {
         snprintf(err, errlen, "out of memory");
@@ -383,15 +402,7 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
     rh->h = h;
 
     if (!h->loopback) {
-        const char *users = cfg->users_file ? cfg->users_file : "";
-        if (!users[0] || !cfg->tls_cert || !cfg->tls_cert[0] || !cfg->tls_key || !cfg->tls_key[0]) {
-            snprintf(err, errlen,
-                     "http.listen %s is not loopback: http.users, http.tls_cert and "
-                     "http.tls_key are required",
-                     cfg->listen);
-            goto fail;
-        }
-        if (http_auth_load(h, users, err, errlen) != 0) goto fail;
+        if (http_auth_load(h, cfg->users_file, err, errlen) != 0) goto fail;
         if (setup_tls(h, cfg->tls_cert, cfg->tls_key, err, errlen) != 0) goto fail;
     }
 

@@ -283,7 +283,11 @@ int triage_serve_main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    if (triage_config_check(&n.cfg, err, sizeof err) != 0) {
+    if (triage_config_check(&n.cfg, err, sizeof err) != 0 ||
+        triage_http_check(triage_config_str(&n.cfg, CFG_HTTP_LISTEN),
+                          triage_config_str(&n.cfg, CFG_HTTP_USERS),
+                          triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
+                          triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY), err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage serve: %s\n", err);
         return 2;
     }

@@ -25,6 +25,8 @@ class AuthTest(wt.WebTest):
         with self.assertRaises(dt.NodeError) as cm:
             self.web_node(**{"http.listen": "0.0.0.0:%d" % dt.free_port()})
         self.assertIn("http.users, http.tls_cert and http.tls_key are required", str(cm.exception))
+        # Refused before it made anything: no index (it had made the store).
+        self.assertFalse(os.path.exists(os.path.join(self.nodes[-1].store_dir, "ichtriage.db")))
         self.nodes.clear()
 
     def test_login_session_csrf_and_throttle(self):
