@@ -22,7 +22,8 @@
 #include "volume.h"
 
 #define MAX_FILES 2000000
-#define CACHE_MAGIC "ICHTCACHE3\n"
+/* 4: a second file of one instance is dropped; a cache of 3 may hold it twice */
+#define CACHE_MAGIC "ICHTCACHE4\n"
 
 /* ---- labels CSV: sop -> 6 labels, open addressing ---------------------- */
 
@@ -275,6 +276,18 @@ static int cmp_rec(const void *a, const void *b)
     const struct file_rec *x = a, *y = b;
     int c = strcmp(x->study, y->study);
     if (!c) c = strcmp(x->series, y->series);
+    if (!c) c = x->idx - y->idx;
+    return c;
+}
+
+/* By series, then SOP Instance UID, then file: copies of one instance next
+ * to each other, the first file first. */
+static int cmp_rec_sop(const void *a, const void *b)
+{
+    const struct file_rec *x = a, *y = b;
+    int c = strcmp(x->study, y->study);
+    if (!c) c = strcmp(x->series, y->series);
+    if (!c) c = strcmp(x->sop, y->sop);
     if (!c) c = x->idx - y->idx;
     return c;
 }
@@ -828,6 +841,25 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
         free(recs);
         return NULL;
     }
+    /* A second file of the same instance (a copy beside it) would be the
+     * same slice twice in its series: the first file is kept. */
+    qsort(recs, n, sizeof *recs, cmp_rec_sop);
+    size_t kept = 0, copies = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (kept && strcmp(recs[i].sop, recs[kept - 1].sop) == 0 &&
+            strcmp(recs[i].series, recs[kept - 1].series) == 0 &&
+            strcmp(recs[i].study, recs[kept - 1].study) == 0) {
+            if (!copies++)
+                util_log(UTIL_LOG_WARN, "train_files_duplicate",
+                         "dir=%s dropped=\"%.300s\" kept=\"%.300s\"", dir, fl->p[recs[i].idx],
+                         fl->p[recs[kept - 1].idx]);
+            (*skipped)++;
+            continue;
+        }
+        recs[kept++] = recs[i];
+    }
+    if (copies) util_log(UTIL_LOG_WARN, "train_files_duplicate", "dir=%s files=%zu", dir, copies);
+    n = kept;
     qsort(recs, n, sizeof *recs, cmp_rec);
     *nrec = n;
     return recs;

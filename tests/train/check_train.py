@@ -596,6 +596,19 @@ def main():
     r = run("eval", out, bom, *ev)
     check(r.returncode != 0 and "more than one CSV with header ID,Label" in r.stderr,
           "two labels CSVs: refused: " + r.stderr.strip()[-200:])
+    # A copy of a file beside it is one instance: one slice, with a warning
+    # (it was the same slice twice in its series).
+    dup = os.path.join(tmp, "dup")
+    run("phantom", dup, "--seed", "15", "-n", "2", "--size", "64", "--slices", "8")
+    first = sorted(glob.glob(os.path.join(dup, "stage_2_train", "*.dcm")))[0]
+    with open(first, "rb") as a, open(os.path.join(dup, "stage_2_train", "zz-copy.dcm"),
+                                      "wb") as b:
+        b.write(a.read())
+    r = run("eval", out, dup, "--report", os.path.join(tmp, "dup.html"),
+            "--json", os.path.join(tmp, "dup.json"))
+    check(r.returncode == 0 and "2 series, 16 slices" in r.stdout
+          and "event=train_files_duplicate" in r.stderr,
+          "a copied file is one slice: " + r.stdout[:100])
 
     # 6. The registry.
     store = os.path.join(tmp, "store")
