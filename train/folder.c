@@ -879,6 +879,9 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
     uint8_t *buf = NULL;
     size_t bufn = 0;
     int rc = 0;
+    /* Labels the CSV has no row for (taken as absent), and slices with a
+     * subtype but not "any": said, not silently trained on. */
+    size_t missing = 0, inconsistent = 0;
     if (!paths) {
         snprintf(err, errlen, "out of memory");
         return -1;
@@ -953,10 +956,15 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
             /* The slice's SOP: from the volume (frames share their file's). */
             struct label_entry *le = labels_of(lm, v.slices[i].sop_uid, path);
             uint8_t *y = d->labels + (d->nslices + (size_t)i) * TRAIN_LABELS;
+            int sub = 0;
             for (int l = 0; l < TRAIN_LABELS; l++) {
-                y[l] = le && le->y[l] != TRAIN_LABEL_UNKNOWN ? le->y[l] : 0;
+                bool known = le && le->y[l] != TRAIN_LABEL_UNKNOWN;
+                missing += !known;
+                y[l] = known ? le->y[l] : 0;
                 if (y[l] == 1) s->study[l] = 1;
+                if (l > 0) sub |= y[l] == 1;
             }
+            inconsistent += sub && y[0] != 1;
         }
         d->nslices += (size_t)v.n;
         d->nseries++;
@@ -964,6 +972,13 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
         if (cw) cache_progress(cw, d, b, *skipped);
     }
     util_progress_end(&pg);
+    if (missing)
+        util_log(UTIL_LOG_WARN, "train_labels_missing",
+                 "dir=%s labels=%zu reason=\"no row in the labels CSV: taken as absent (0)\"", dir,
+                 missing);
+    if (inconsistent)
+        util_log(UTIL_LOG_WARN, "train_labels_inconsistent",
+                 "dir=%s slices=%zu reason=\"a subtype 1 with any 0\"", dir, inconsistent);
     free(buf);
     free(paths);
     return rc;

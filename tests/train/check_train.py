@@ -609,6 +609,18 @@ def main():
     check(r.returncode == 0 and "2 series, 16 slices" in r.stdout
           and "event=train_files_duplicate" in r.stderr,
           "a copied file is one slice: " + r.stdout[:100])
+    # Labels of "any" only: the subtypes, absent from the CSV, are taken as
+    # absent, and said (they were, silently).
+    anyonly = os.path.join(tmp, "anyonly")
+    run("phantom", anyonly, "--seed", "16", "-n", "2", "--size", "64", "--slices", "8")
+    csvp = os.path.join(anyonly, "stage_2_train.csv")
+    rows = open(csvp).read().splitlines()
+    with open(csvp, "w") as f:
+        f.write("\n".join([rows[0]] + [x for x in rows[1:] if "_any," in x]) + "\n")
+    r = run("eval", out, anyonly, "--report", os.path.join(tmp, "anyonly.html"),
+            "--json", os.path.join(tmp, "anyonly.json"))
+    check(r.returncode == 0 and "event=train_labels_missing" in r.stderr
+          and "labels=80 " in r.stderr, "an any-only CSV is said: " + r.stderr[-300:])
 
     # 6. The registry.
     store = os.path.join(tmp, "store")
