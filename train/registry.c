@@ -52,6 +52,8 @@ fail:
     return -1;
 }
 
+static void reconcile(const char *dir);
+
 /* Makes a rename or a new name in dir durable. */
 static void sync_dir(const char *dir)
 {
@@ -171,6 +173,7 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
     nn_model_free(m);
     int lock = registry_lock(dir, err, errlen);
     if (lock < 0) return -1;
+    reconcile(dir);
     time_t t = time(NULL);
     char stamp[32];
     strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", gmtime(&t));
@@ -252,6 +255,51 @@ static int activate(const char *dir, const char *id, char *err, size_t errlen)
     return copy_file(src, dst, dir, err, errlen);
 }
 
+/* Whether files a and b hold the same bytes (false when either is
+ * missing). */
+static bool same_bytes(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (stat(a, &sa) != 0 || stat(b, &sb) != 0 || sa.st_size != sb.st_size) return false;
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    bool same = fa && fb;
+    char ba[65536], bb[65536];
+    while (same) {
+        size_t na = fread(ba, 1, sizeof ba, fa), nb = fread(bb, 1, sizeof bb, fb);
+        same = na == nb && memcmp(ba, bb, na) == 0;
+        if (na < sizeof ba) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
+}
+
+/* Under the lock: active.safetensors back to the model active.log names
+ * last, should they differ. A promote or rollback killed between the file
+ * switch and its log line left them apart (the command had not finished,
+ * so the log's is the model in force), and `model list` and the next
+ * rollback went by the log while the node loaded the file. */
+static void reconcile(const char *dir)
+{
+    char last[128], p[1200], want[1200], e[256];
+    char(*ids)[128] = malloc(sizeof *ids);
+    if (!ids) return;
+    /* the last line only: log_read keeps the newest */
+    int n = log_read(dir, ids, 1);
+    snprintf(last, sizeof last, "%s", n ? ids[0] : "");
+    free(ids);
+    if (!last[0]) return;
+    snprintf(p, sizeof p, "%s/active.safetensors", dir);
+    snprintf(want, sizeof want, "%s/%s.safetensors", dir, last);
+    if (access(want, R_OK) != 0 || same_bytes(p, want)) return;
+    if (activate(dir, last, e, sizeof e) == 0)
+        util_log(UTIL_LOG_WARN, "model_active_repaired",
+                 "id=%s reason=\"active.safetensors was not the model active.log names last\"",
+                 last);
+    else
+        util_log(UTIL_LOG_ERROR, "model_active_unrepaired", "id=%s error=\"%s\"", last, e);
+}
+
 /* After the log could not be written: active.safetensors back to what the
  * log names (prev; "": none was active), so that the two agree. */
 static void deactivate(const char *dir, const char *prev)
@@ -281,6 +329,7 @@ int train_registry_promote_over(const char *store_dir, const char *id, const cha
     if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
     int lock = registry_lock(dir, err, errlen);
     if (lock < 0) return -1;
+    reconcile(dir);
     char prev[128];
     train_registry_active(store_dir, prev, sizeof prev);
     if (was && strcmp(prev, was) != 0) {
@@ -361,6 +410,7 @@ int train_registry_rollback(const char *store_dir, char *id, size_t idn, char *e
         free(ids);
         return -1;
     }
+    reconcile(dir);
     int n = log_read(dir, ids, LOG_MAX), rc = -1;
     /* Back to the last model other than the current one: the same id
      * promoted twice in a row is one step (the rollback had "restored" the

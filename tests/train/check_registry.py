@@ -121,6 +121,22 @@ def main():
         check(after == before + 69, "the log keeps the whole history: %d lines, %d expected"
               % (after, before + 69))
 
+        # A promote killed between the file switch and its log line: the
+        # file is another model than the log names last. The next command
+        # that takes the lock puts back the log's (the command in force):
+        # they had stayed apart, model list and rollback going by the log
+        # while the node loaded the file.
+        with open(os.path.join(models, "active.log")) as f:
+            last = [x for x in f.read().splitlines() if x][-1]
+        other = c if read(os.path.join(models, last + ".safetensors")) == read(a) else a
+        with open(os.path.join(models, "active.safetensors"), "wb") as f:
+            f.write(read(other))
+        r = finish([start("register", a)])[0]
+        check(r[0] == 0 and "event=model_active_repaired" in r[2] and
+              read(os.path.join(models, "active.safetensors")) ==
+              read(os.path.join(models, last + ".safetensors")),
+              "the file that active.log does not name is put back: %r" % (r[2][-300:],))
+
         # An admin's `sudo ichtriage model register|promote` in the node's
         # store (owned by its user): what it makes takes the store's owner,
         # or the node could not read the model nor take the lock (they were
