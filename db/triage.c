@@ -369,18 +369,12 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
      * saw is no content of the series. The result is kept for the worklist
      * under no content key, and the series is decided again (it was taken
      * for its content when a copy A, replaced by B, came back as A). */
-    int changed = 0;
-    if (sqlite3_prepare_v2(c,
-                           "SELECT EXISTS (SELECT 1 FROM instances i, jobs j WHERE j.id = ?2"
-                           " AND i.series_id = ?1 AND i.received_at > j.started_at)",
-                           -1, &st, NULL) != SQLITE_OK)
-        goto bad;
-    sqlite3_bind_int64(st, 1, job->series_id);
-    sqlite3_bind_int64(st, 2, job->id);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) changed = sqlite3_column_int(st, 0);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW) goto bad;
+    int later = db_row_exists(c,
+                              "SELECT 1 FROM instances i, jobs j WHERE j.id = ?2"
+                              " AND i.series_id = ?1 AND i.received_at > j.started_at LIMIT 1",
+                              "ii", job->series_id, job->id);
+    if (later < 0) goto bad;
+    bool changed = later == 0;
     if (changed &&
         db_exec_bound(c,
                       "UPDATE series SET state = 'receiving' WHERE id = ?1 AND state = 'triaging'",

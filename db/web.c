@@ -243,20 +243,12 @@ int db_audit_add(struct db *db, int64_t now_ms, const char *user, const char *ac
 int db_audit_opened(struct db *db, int64_t now_ms, const char *user, const char *study_uid,
                     int64_t window_ms)
 {
-    sqlite3 *c = db_conn(db);
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c,
-                           "INSERT INTO audit (at, user, action, study_uid)"
-                           " SELECT ?1, ?2, 'opened', ?3 WHERE NOT EXISTS (SELECT 1 FROM audit"
-                           "  WHERE study_uid = ?3 AND at > ?1 - ?4 AND user = ?2"
-                           "  AND action = 'opened')",
-                           -1, &st, NULL) != SQLITE_OK)
-        return -1;
-    sqlite3_bind_int64(st, 1, now_ms);
-    sqlite3_bind_text(st, 2, user, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, study_uid, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 4, window_ms);
-    return run_changes(c, st) < 0 ? -1 : 0;
+    return db_exec_bound(db_conn(db),
+                         "INSERT INTO audit (at, user, action, study_uid)"
+                         " SELECT ?1, ?2, 'opened', ?3 WHERE NOT EXISTS (SELECT 1 FROM audit"
+                         "  WHERE study_uid = ?3 AND at > ?1 - ?4 AND user = ?2"
+                         "  AND action = 'opened')",
+                         "issi", now_ms, user, study_uid, window_ms);
 }
 
 static int scalar(sqlite3 *c, const char *sql, int64_t bind, int64_t *out)

@@ -271,13 +271,17 @@ struct file_rec {
     char patient[65];
 };
 
+static int cmp_series(const struct file_rec *x, const struct file_rec *y)
+{
+    int c = strcmp(x->study, y->study);
+    return c ? c : strcmp(x->series, y->series);
+}
+
 static int cmp_rec(const void *a, const void *b)
 {
     const struct file_rec *x = a, *y = b;
-    int c = strcmp(x->study, y->study);
-    if (!c) c = strcmp(x->series, y->series);
-    if (!c) c = x->idx - y->idx;
-    return c;
+    int c = cmp_series(x, y);
+    return c ? c : x->idx - y->idx;
 }
 
 /* By series, then SOP Instance UID, then file: copies of one instance next
@@ -285,11 +289,9 @@ static int cmp_rec(const void *a, const void *b)
 static int cmp_rec_sop(const void *a, const void *b)
 {
     const struct file_rec *x = a, *y = b;
-    int c = strcmp(x->study, y->study);
-    if (!c) c = strcmp(x->series, y->series);
+    int c = cmp_series(x, y);
     if (!c) c = strcmp(x->sop, y->sop);
-    if (!c) c = x->idx - y->idx;
-    return c;
+    return c ? c : x->idx - y->idx;
 }
 
 /* The SOP key of a file: its SOPInstanceUID without "ID_", else its name. */
@@ -804,12 +806,9 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
         struct scp_info info;
         char e[256] = "";
         if (scp_info_read(fl->p[i], &info, e, sizeof e) != 0 || !info.has_pixel_data) {
-            if (!unreadable++) {
+            if (!unreadable++)
                 snprintf(first_bad, sizeof first_bad, "%.300s: %.200s", fl->p[i],
                          e[0] ? e : "no pixel data");
-                for (char *q = first_bad; *q; q++) /* a log value in quotes */
-                    if (*q == '"' || *q == '\\' || (unsigned char)*q < 32) *q = '\'';
-            }
             (*skipped)++;
             continue;
         }
@@ -827,9 +826,10 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
     util_progress_end(&pg);
     /* Files that are not readable images leave holes in their series: said
      * as a warning with the first one (an info count had been all). */
+    char safe[512];
     if (unreadable)
-        util_log(UTIL_LOG_WARN, "train_files_unreadable", "dir=%s files=%zu of=%zu first=\"%s\"",
-                 dir, unreadable, fl->n, first_bad);
+        util_log(UTIL_LOG_WARN, "train_files_unreadable", "dir=%s files=%zu of=%zu first=%s", dir,
+                 unreadable, fl->n, util_log_safe(safe, sizeof safe, first_bad));
     if (n == 0 && unreadable == fl->n) {
         snprintf(err, errlen, "%s: none of its %zu .dcm files is a readable DICOM image (%s)", dir,
                  fl->n, first_bad);
@@ -846,9 +846,8 @@ static struct file_rec *read_headers(const struct train_dataset *d, const char *
     qsort(recs, n, sizeof *recs, cmp_rec_sop);
     size_t kept = 0, copies = 0;
     for (size_t i = 0; i < n; i++) {
-        if (kept && strcmp(recs[i].sop, recs[kept - 1].sop) == 0 &&
-            strcmp(recs[i].series, recs[kept - 1].series) == 0 &&
-            strcmp(recs[i].study, recs[kept - 1].study) == 0) {
+        if (kept && cmp_series(&recs[i], &recs[kept - 1]) == 0 &&
+            strcmp(recs[i].sop, recs[kept - 1].sop) == 0) {
             if (!copies++)
                 util_log(UTIL_LOG_WARN, "train_files_duplicate",
                          "dir=%s dropped=\"%.300s\" kept=\"%.300s\"", dir, fl->p[recs[i].idx],

@@ -281,23 +281,18 @@ static bool same_bytes(const char *a, const char *b)
  * rollback went by the log while the node loaded the file. */
 static void reconcile(const char *dir)
 {
-    char last[128], p[1200], want[1200], e[256];
-    char(*ids)[128] = malloc(sizeof *ids);
-    if (!ids) return;
+    char last[1][128], p[1200], want[1200], e[256];
     /* the last line only: log_read keeps the newest */
-    int n = log_read(dir, ids, 1);
-    snprintf(last, sizeof last, "%s", n ? ids[0] : "");
-    free(ids);
-    if (!last[0]) return;
+    if (log_read(dir, last, 1) == 0) return;
     snprintf(p, sizeof p, "%s/active.safetensors", dir);
-    snprintf(want, sizeof want, "%s/%s.safetensors", dir, last);
+    snprintf(want, sizeof want, "%s/%s.safetensors", dir, last[0]);
     if (access(want, R_OK) != 0 || same_bytes(p, want)) return;
-    if (activate(dir, last, e, sizeof e) == 0)
+    if (activate(dir, last[0], e, sizeof e) == 0)
         util_log(UTIL_LOG_WARN, "model_active_repaired",
                  "id=%s reason=\"active.safetensors was not the model active.log names last\"",
-                 last);
+                 last[0]);
     else
-        util_log(UTIL_LOG_ERROR, "model_active_unrepaired", "id=%s error=\"%s\"", last, e);
+        util_log(UTIL_LOG_ERROR, "model_active_unrepaired", "id=%s error=\"%s\"", last[0], e);
 }
 
 /* After the log could not be written: active.safetensors back to what the

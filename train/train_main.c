@@ -398,21 +398,30 @@ static int state_parse(const char *v, struct state *s, long *adam_steps)
                : -1;
 }
 
-static int state_write(const char *dir, const struct state *s)
+/* Replaces dir/name with text: a temporary file, fsync, rename. */
+static int replace_text(const char *dir, const char *name, const char *text)
 {
     char p[1200], t[1210];
-    snprintf(p, sizeof p, "%s/state", dir);
+    snprintf(p, sizeof p, "%s/%s", dir, name);
     snprintf(t, sizeof t, "%s.tmp", p);
     FILE *f = fopen(t, "w");
     if (!f) return -1;
-    fprintf(f, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d\n", s->stage, s->epoch, s->best,
-            s->best_epoch, s->bad);
+    fputs(text, f);
     if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
         fclose(f);
+        unlink(t);
         return -1;
     }
     fclose(f);
     return rename(t, p);
+}
+
+static int state_write(const char *dir, const struct state *s)
+{
+    char text[200];
+    snprintf(text, sizeof text, "stage=%d epoch=%d best=%.17g best_epoch=%d bad=%d\n", s->stage,
+             s->epoch, s->best, s->best_epoch, s->bad);
+    return replace_text(dir, "state", text);
 }
 
 static uint64_t fnv(uint64_t h, const void *p, size_t n)
@@ -464,19 +473,9 @@ static uint64_t run_key_read(const char *dir)
 
 static int run_key_write(const char *dir, uint64_t key)
 {
-    char p[1200], t[1210];
-    snprintf(p, sizeof p, "%s/run-key", dir);
-    snprintf(t, sizeof t, "%s.tmp", p);
-    FILE *f = fopen(t, "w");
-    if (!f) return -1;
-    fprintf(f, "%016llx\n", (unsigned long long)key);
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0) {
-        fclose(f);
-        unlink(t);
-        return -1;
-    }
-    fclose(f);
-    return rename(t, p);
+    char text[32];
+    snprintf(text, sizeof text, "%016llx\n", (unsigned long long)key);
+    return replace_text(dir, "run-key", text);
 }
 
 static int history_read(const char *dir, struct train_epoch *h, int max)
@@ -497,6 +496,13 @@ static int history_read(const char *dir, struct train_epoch *h, int max)
     return n;
 }
 
+/* One row of history.csv. */
+static void history_row(FILE *f, const struct train_epoch *e)
+{
+    fprintf(f, "%d,%d,%.6f,%.6f,%.6f,%.1f\n", e->stage, e->epoch, e->train_loss, e->val_loss,
+            e->val_auc, e->seconds);
+}
+
 /* At a resume: drops the rows of epochs after the checkpoint's (stage,
  * epoch). A kill between an epoch's row and its checkpoint left the row,
  * and the epoch, trained again, was listed twice in the history and the
@@ -515,8 +521,7 @@ static void history_trim(const char *dir, int stage, int epoch)
         snprintf(t, sizeof t, "%s.tmp", p);
         FILE *f = fopen(t, "w");
         for (int i = 0; f && i < keep; i++)
-            fprintf(f, "%d,%d,%.6f,%.6f,%.6f,%.1f\n", h[i].stage, h[i].epoch, h[i].train_loss,
-                    h[i].val_loss, h[i].val_auc, h[i].seconds);
+            history_row(f, &h[i]);
         if (f && fclose(f) == 0 && rename(t, p) == 0)
             util_log(UTIL_LOG_INFO, "train_history_trimmed", "rows_dropped=%d", n - keep);
     }
@@ -529,8 +534,7 @@ static void history_append(const char *dir, const struct train_epoch *e)
     snprintf(p, sizeof p, "%s/history.csv", dir);
     FILE *f = fopen(p, "a");
     if (!f) return;
-    fprintf(f, "%d,%d,%.6f,%.6f,%.6f,%.1f\n", e->stage, e->epoch, e->train_loss, e->val_loss,
-            e->val_auc, e->seconds);
+    history_row(f, e);
     fclose(f);
 }
 

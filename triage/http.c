@@ -351,13 +351,13 @@ bad:;
     return -1;
 }
 
-int triage_http_check(const char *listen, const char *users, const char *cert, const char *key,
-                      char *err, size_t errlen)
+/* triage_http_check, giving the parsed address in ss. */
+static int check_listen(const char *listen, const char *users, const char *cert, const char *key,
+                        struct sockaddr_storage *ss, char *err, size_t errlen)
 {
-    struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    if (parse_listen(listen, &ss, err, errlen) != 0) return -1;
-    if (!is_loopback(&ss) && (!users || !users[0] || !cert || !cert[0] || !key || !key[0])) {
+    memset(ss, 0, sizeof *ss);
+    if (parse_listen(listen, ss, err, errlen) != 0) return -1;
+    if (!is_loopback(ss) && (!users || !users[0] || !cert || !cert[0] || !key || !key[0])) {
         snprintf(err, errlen,
                  "http.listen %s is not loopback: http.users, http.tls_cert and "
                  "http.tls_key are required",
@@ -367,16 +367,21 @@ int triage_http_check(const char *listen, const char *users, const char *cert, c
     return 0;
 }
 
+int triage_http_check(const char *listen, const char *users, const char *cert, const char *key,
+                      char *err, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    return check_listen(listen, users, cert, key, &ss, err, errlen);
+}
+
 int triage_http_start(struct triage_http **out, const struct triage_http_config *cfg, char *err,
                       size_t errlen)
 {
     *out = NULL;
-    if (triage_http_check(cfg->listen, cfg->users_file, cfg->tls_cert, cfg->tls_key, err, errlen) !=
+    struct sockaddr_storage ss;
+    if (check_listen(cfg->listen, cfg->users_file, cfg->tls_cert, cfg->tls_key, &ss, err, errlen) !=
         0)
         return -1;
-    struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    parse_listen(cfg->listen, &ss, err, errlen);
     struct triage_http *h = calloc(1, sizeof *h);
     if (!h) {
         snprintf(err, errlen, "out of memory");

@@ -129,9 +129,6 @@ static void retry_drop(struct triage_pacs *p, int64_t revision_id)
     if (r) *r = p->retries[--p->nretries];
 }
 
-/* Building revision_id failed for reason: left pending and tried again
- * later, or, after max_attempts, marked failed (shown with the given-up
- * deliveries). */
 /* Rows further apart than columns are drawn taller; 1 when the spacing is
  * unknown or beyond any scanner's (a tenfold difference). */
 static double picture_aspect(const double spacing[2])
@@ -140,6 +137,9 @@ static double picture_aspect(const double spacing[2])
     return a >= 0.1 && a <= 10 ? a : 1.0;
 }
 
+/* Building revision_id failed for reason: left pending and tried again
+ * later, or, after max_attempts, marked failed (shown with the given-up
+ * deliveries). */
 static void build_failed(struct triage_pacs *p, int64_t revision_id, const char *study,
                          int revision, const char *reason)
 {

@@ -40,21 +40,21 @@ int triage_model_resolve(const char *configured, const char *store_dir, char *ou
     }
     char active[1100];
     snprintf(active, sizeof active, "%s/models/active.safetensors", store_dir);
-    const char *candidates[3] = {active, ICHTRIAGE_DATADIR "/models/default.safetensors", NULL};
-    int nc = 2;
-    if (run_from_build_folder()) {
-        candidates[1] = ICHTRIAGE_SOURCE_ROOT "/models/default.safetensors";
-        candidates[2] = ICHTRIAGE_DATADIR "/models/default.safetensors";
-        nc = 3;
-    }
+    const char *candidates[3];
+    int nc = 0;
+    candidates[nc++] = active;
+    if (run_from_build_folder())
+        candidates[nc++] = ICHTRIAGE_SOURCE_ROOT "/models/default.safetensors";
+    candidates[nc++] = ICHTRIAGE_DATADIR "/models/default.safetensors";
+    size_t len = (size_t)snprintf(out, n, "none of");
     for (int i = 0; i < nc; i++) {
         if (access(candidates[i], R_OK) == 0) {
             snprintf(out, n, "%s", candidates[i]);
             return 0;
         }
+        if (len < n)
+            len += (size_t)snprintf(out + len, n - len, "%s %s", i ? "," : "", candidates[i]);
     }
-    snprintf(out, n, "none of %s, %s%s%s", candidates[0], candidates[1], nc == 3 ? ", " : "",
-             nc == 3 ? candidates[2] : "");
     return -1;
 }
 

@@ -19,17 +19,23 @@ static void cross(const double a[3], const double b[3], double out[3])
             out[i] /= n;
 }
 
+/* A slice normal within max_tilt_deg of the head-foot axis. */
+static bool normal_axial(const double n[3], double max_tilt_deg)
+{
+    return fabs(n[2]) >= cos(max_tilt_deg * M_PI / 180.0);
+}
+
 bool triage_orientation_axial(const double o[6], double max_tilt_deg)
 {
     double n[3];
     cross(o, o + 3, n);
-    return fabs(n[2]) >= cos(max_tilt_deg * M_PI / 180.0);
+    return normal_axial(n, max_tilt_deg);
 }
 
 int triage_volume_check(const struct triage_volume *v, double max_tilt_deg, int min_slices,
                         char *err, size_t errlen)
 {
-    if (fabs(v->normal[2]) < cos(max_tilt_deg * M_PI / 180)) {
+    if (!normal_axial(v->normal, max_tilt_deg)) {
         snprintf(err, errlen, "slices are not axial (normal %.2f,%.2f,%.2f)", v->normal[0],
                  v->normal[1], v->normal[2]);
         return -1;
