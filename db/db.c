@@ -105,9 +105,11 @@ int db_open(struct db **out, const char *path, char *err, size_t errlen)
     return 0;
 }
 
-/* Prepares sql, binds ap as fmt says, steps once: the step's result code. */
-static int step_bound(sqlite3 *c, const char *sql, const char *fmt, va_list ap)
+/* Prepares sql, binds ap as fmt says, steps once: the step's result code.
+ * With out, a row's first column goes there (NULL or no row: 0). */
+static int step_bound(sqlite3 *c, int64_t *out, const char *sql, const char *fmt, va_list ap)
 {
+    if (out) *out = 0;
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return SQLITE_ERROR;
     for (int i = 0; fmt[i]; i++) {
@@ -119,6 +121,7 @@ static int step_bound(sqlite3 *c, const char *sql, const char *fmt, va_list ap)
             sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_TRANSIENT);
     }
     int rc = sqlite3_step(st);
+    if (out && rc == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
     return rc;
 }
@@ -127,7 +130,7 @@ int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int rc = step_bound(c, sql, fmt, ap);
+    int rc = step_bound(c, NULL, sql, fmt, ap);
     va_end(ap);
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
@@ -136,9 +139,18 @@ int db_row_exists(sqlite3 *c, const char *sql, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int rc = step_bound(c, sql, fmt, ap);
+    int rc = step_bound(c, NULL, sql, fmt, ap);
     va_end(ap);
     return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? 1 : -1;
+}
+
+int db_scalar(sqlite3 *c, int64_t *out, const char *sql, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = step_bound(c, out, sql, fmt, ap);
+    va_end(ap);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
 
 void db_col_copy(sqlite3_stmt *st, int i, char *out, size_t n)

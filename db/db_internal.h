@@ -33,6 +33,9 @@ void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row);
 int db_exec_bound(sqlite3 *c, const char *sql, const char *fmt, ...);
 /* The same for a query: 0 when it gives a row, 1 when none, -1 on error. */
 int db_row_exists(sqlite3 *c, const char *sql, const char *fmt, ...);
+/* The same for a one-value query: its value in *out (0 when NULL or no
+ * row). Returns 0, or -1 on error (sqlite3_errmsg(c) says which). */
+int db_scalar(sqlite3 *c, int64_t *out, const char *sql, const char *fmt, ...);
 /* Copies text column i into out (size n); NULL gives "". */
 void db_col_copy(sqlite3_stmt *st, int i, char *out, size_t n);
 

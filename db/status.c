@@ -1,27 +1,17 @@
 /* db/status.c: the read-only queries behind `ichtriage status`. */
+#include "db_internal.h"
 #include "db_status.h"
 
 #include <sqlite3.h>
 #include <stdio.h>
 #include <string.h>
 
-/* Runs a one-value query; *out stays 0 when it answers NULL. */
+/* db_scalar with its error in err. */
 static int scalar(sqlite3 *c, const char *sql, int64_t *out, char *err, size_t errlen)
 {
-    sqlite3_stmt *st;
-    *out = 0;
-    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) {
-        snprintf(err, errlen, "%s", sqlite3_errmsg(c));
-        return -1;
-    }
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
-        snprintf(err, errlen, "%s", sqlite3_errmsg(c));
-        return -1;
-    }
-    return 0;
+    if (db_scalar(c, out, sql, "") == 0) return 0;
+    snprintf(err, errlen, "%s", sqlite3_errmsg(c));
+    return -1;
 }
 
 /* Runs "SELECT name, count ... GROUP BY name" into out (at most

@@ -251,30 +251,19 @@ int db_audit_opened(struct db *db, int64_t now_ms, const char *user, const char 
                          "issi", now_ms, user, study_uid, window_ms);
 }
 
-static int scalar(sqlite3 *c, const char *sql, int64_t bind, int64_t *out)
-{
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-    if (sqlite3_bind_parameter_count(st) > 0) sqlite3_bind_int64(st, 1, bind);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return rc == SQLITE_ROW ? 0 : -1;
-}
-
 int db_metrics_read(struct db *db, struct db_metrics *m)
 {
     sqlite3 *c = db_conn(db);
     memset(m, 0, sizeof *m);
-    if (scalar(c, "SELECT count(*) FROM instances", 0, &m->instances) ||
-        scalar(c, "SELECT count(*) FROM series", 0, &m->series) ||
-        scalar(c, "SELECT count(*) FROM series WHERE completed_at IS NOT NULL", 0,
-               &m->series_completed) ||
-        scalar(c, "SELECT count(*) FROM studies", 0, &m->studies) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'queued'", 0, &m->jobs_queued) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'running'", 0, &m->jobs_running) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'done'", 0, &m->jobs_done) ||
-        scalar(c, "SELECT count(*) FROM jobs WHERE state = 'failed'", 0, &m->jobs_failed))
+    if (db_scalar(c, &m->instances, "SELECT count(*) FROM instances", "") ||
+        db_scalar(c, &m->series, "SELECT count(*) FROM series", "") ||
+        db_scalar(c, &m->series_completed,
+                  "SELECT count(*) FROM series WHERE completed_at IS NOT NULL", "") ||
+        db_scalar(c, &m->studies, "SELECT count(*) FROM studies", "") ||
+        db_scalar(c, &m->jobs_queued, "SELECT count(*) FROM jobs WHERE state = 'queued'", "") ||
+        db_scalar(c, &m->jobs_running, "SELECT count(*) FROM jobs WHERE state = 'running'", "") ||
+        db_scalar(c, &m->jobs_done, "SELECT count(*) FROM jobs WHERE state = 'done'", "") ||
+        db_scalar(c, &m->jobs_failed, "SELECT count(*) FROM jobs WHERE state = 'failed'", ""))
         return -1;
 
     sqlite3_stmt *st;
@@ -326,7 +315,7 @@ int db_metrics_read(struct db *db, struct db_metrics *m)
 int db_jobs_failed_since(struct db *db, int64_t since_ms, int64_t *n)
 {
     *n = 0;
-    return scalar(db_conn(db),
-                  "SELECT count(*) FROM jobs WHERE state = 'failed' AND finished_at >= ?1",
-                  since_ms, n);
+    return db_scalar(db_conn(db), n,
+                     "SELECT count(*) FROM jobs WHERE state = 'failed' AND finished_at >= ?1", "i",
+                     since_ms);
 }
