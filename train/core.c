@@ -287,12 +287,15 @@ int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size
     }
     double wl = 0, ws = 0;
     for (int l = 0; rc == 0 && l < TRAIN_LABELS; l++) {
+        size_t nk = 0; /* slices whose label l is known */
         for (size_t k = 0; k < n; k++) {
-            p[k] = 1.0f / (1.0f + expf(-lg[k * TRAIN_LABELS + l]));
-            y[k] = d->labels[idx[k] * TRAIN_LABELS + l] == 1;
+            uint8_t v = d->labels[idx[k] * TRAIN_LABELS + l];
+            if (v == TRAIN_LABEL_UNKNOWN) continue;
+            p[nk] = 1.0f / (1.0f + expf(-lg[k * TRAIN_LABELS + l]));
+            y[nk++] = v == 1;
         }
-        train_binary_eval(p, y, n, 0.5f, &out[l]);
-        if (n) wl += train_rsna_weights[l] * out[l].logloss, ws += train_rsna_weights[l];
+        train_binary_eval(p, y, nk, 0.5f, &out[l]);
+        if (nk) wl += train_rsna_weights[l] * out[l].logloss, ws += train_rsna_weights[l];
     }
     *weighted_logloss = ws > 0 ? wl / ws : NAN;
     free(lg), free(p), free(y);
@@ -470,8 +473,10 @@ static int evaluate(nn_model *m, const struct train_dataset *d, int split, const
                 if ((split >= 0 && se->split != split) || !se->slice_labels) continue;
                 for (int k = 0; k < se->n; k++) {
                     size_t i = se->first + (size_t)k;
+                    uint8_t v = d->labels[i * TRAIN_LABELS + l];
+                    if (v == TRAIN_LABEL_UNKNOWN) continue; /* not scored */
                     p[n] = sigm(lg[mo][i * TRAIN_LABELS + l]);
-                    y[n++] = d->labels[i * TRAIN_LABELS + l] == 1;
+                    y[n++] = v == 1;
                 }
             }
             struct train_binary *b = &e->m[TRAIN_LEVEL_SLICE][mo][l];
@@ -504,8 +509,10 @@ static int evaluate(nn_model *m, const struct train_dataset *d, int split, const
             b = &e->m[TRAIN_LEVEL_STUDY][mo][l];
             train_binary_eval(p, y, n, thresholds[mo][l], b);
             train_binary_ci(p, y, n, b); /* studies are independent; slices are not */
-            wl[1] += train_rsna_weights[l] * b->logloss;
-            wsum[1] += train_rsna_weights[l];
+            if (n) {
+                wl[1] += train_rsna_weights[l] * b->logloss;
+                wsum[1] += train_rsna_weights[l];
+            }
             if (l == 0)
                 e->roc_n[1][mo] =
                     train_roc(p, y, n, e->roc_fpr[1][mo], e->roc_tpr[1][mo], TRAIN_ROC_POINTS);

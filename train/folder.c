@@ -22,8 +22,9 @@
 #include "volume.h"
 
 #define MAX_FILES 2000000
-/* 4: a second file of one instance is dropped; a cache of 3 may hold it twice */
-#define CACHE_MAGIC "ICHTCACHE4\n"
+/* 4: a second file of one instance is dropped; a cache of 3 may hold it twice.
+ * 5: a subtype the CSV has no row for is unknown; a cache of 4 holds it as 0. */
+#define CACHE_MAGIC "ICHTCACHE5\n"
 
 /* ---- labels CSV: sop -> 6 labels, open addressing ---------------------- */
 
@@ -444,7 +445,7 @@ struct cache_writer {
     char tmp[PATH_MAX + 410], prog[PATH_MAX + 430], recs[PATH_MAX + 430];
 };
 
-#define PROGRESS_MAGIC "ICHTPROG1\n"
+#define PROGRESS_MAGIC "ICHTPROG2\n" /* 2: as the cache's 5 */
 
 struct progress_head {
     char magic[12];
@@ -878,9 +879,10 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
     uint8_t *buf = NULL;
     size_t bufn = 0;
     int rc = 0;
-    /* Labels the CSV has no row for (taken as absent), and slices with a
-     * subtype but not "any": said, not silently trained on. */
-    size_t missing = 0, inconsistent = 0;
+    /* Labels the CSV has no row for (subtypes: unknown; "any": from the
+     * subtypes), and slices with a subtype but not "any": said, not
+     * silently trained on. */
+    size_t missing = 0, any_missing = 0, inconsistent = 0;
     if (!paths) {
         snprintf(err, errlen, "out of memory");
         return -1;
@@ -956,14 +958,22 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
             struct label_entry *le = labels_of(lm, v.slices[i].sop_uid, path);
             uint8_t *y = d->labels + (d->nslices + (size_t)i) * TRAIN_LABELS;
             int sub = 0;
-            for (int l = 0; l < TRAIN_LABELS; l++) {
+            for (int l = 1; l < TRAIN_LABELS; l++) {
                 bool known = le && le->y[l] != TRAIN_LABEL_UNKNOWN;
                 missing += !known;
-                y[l] = known ? le->y[l] : 0;
-                if (y[l] == 1) s->study[l] = 1;
-                if (l > 0) sub |= y[l] == 1;
+                y[l] = known ? le->y[l] : TRAIN_LABEL_UNKNOWN;
+                sub |= y[l] == 1;
             }
+            /* "any" without its row: 1 with a subtype, otherwise 0 */
+            bool any_known = le && le->y[0] != TRAIN_LABEL_UNKNOWN;
+            any_missing += !any_known;
+            y[0] = any_known ? le->y[0] : sub;
             inconsistent += sub && y[0] != 1;
+            /* the series' labels: 1 where a slice has it, otherwise
+             * unknown where a slice's is, otherwise 0 */
+            for (int l = 0; l < TRAIN_LABELS; l++)
+                if (y[l] == 1 || (y[l] == TRAIN_LABEL_UNKNOWN && s->study[l] == 0))
+                    s->study[l] = y[l];
         }
         d->nslices += (size_t)v.n;
         d->nseries++;
@@ -973,8 +983,14 @@ static int decode_folder(struct train_dataset *d, const char *dir, const struct 
     util_progress_end(&pg);
     if (missing)
         util_log(UTIL_LOG_WARN, "train_labels_missing",
-                 "dir=%s labels=%zu reason=\"no row in the labels CSV: taken as absent (0)\"", dir,
-                 missing);
+                 "dir=%s labels=%zu reason=\"subtypes with no row in the labels CSV: unknown, not"
+                 " trained on nor scored\"",
+                 dir, missing);
+    if (any_missing)
+        util_log(UTIL_LOG_WARN, "train_labels_missing",
+                 "dir=%s labels=%zu reason=\"'any' with no row in the labels CSV: taken from the"
+                 " slice's subtypes (absent without one)\"",
+                 dir, any_missing);
     if (inconsistent)
         util_log(UTIL_LOG_WARN, "train_labels_inconsistent",
                  "dir=%s slices=%zu reason=\"a subtype 1 with any 0\"", dir, inconsistent);

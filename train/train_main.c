@@ -784,6 +784,23 @@ static size_t certain_train_slices(const struct train_dataset *d)
     return n;
 }
 
+/* Unknown labels (the subtypes of a marked slice, or those a labels CSV did
+ * not give) teach nothing: for one row of nn_bce_logits' (labels y, logits
+ * lg, gradient dl, its mean taken over denom elements), the gradient of each
+ * unknown label is set to 0 and its share of the loss (counted as y = 0) is
+ * returned, to be taken off. */
+static float unknown_out(const uint8_t *y, const float *lg, float *dl, double denom)
+{
+    double off = 0;
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        if (y[l] != TRAIN_LABEL_UNKNOWN) continue;
+        float z = lg[l];
+        off += train_rsna_weights[l] * (fmaxf(z, 0) + log1pf(expf(-fabsf(z)))) / denom;
+        dl[l] = 0;
+    }
+    return (float)off;
+}
+
 static double stage1_epoch(nn_model *m, const struct train_dataset *d, const struct opts *o,
                            int epoch, const float *pos_w, struct train_loc *loc, struct ema *ema,
                            double *loc_loss, struct progress *pg)
@@ -885,17 +902,9 @@ static double stage1_epoch(nn_model *m, const struct train_dataset *d, const str
         nn_model_zero_grad(m);
         if (nn_cnn_forward(m, x, b, lg) != 0) goto out;
         float loss = nn_bce_logits(dl, lg, yt, train_rsna_weights, pos_w, b, TRAIN_LABELS);
-        /* Unknown labels (the subtypes of a marked slice) teach nothing: no
-         * gradient, no share of the loss (the mean stays over b x labels). */
         for (int k = 0; k < b; k++)
-            for (int l = 0; l < TRAIN_LABELS; l++) {
-                size_t q = (size_t)k * TRAIN_LABELS + l;
-                if (d->labels[idx[a + k] * TRAIN_LABELS + l] != TRAIN_LABEL_UNKNOWN) continue;
-                float z = lg[q];
-                loss -= (float)(train_rsna_weights[l] * (fmaxf(z, 0) + log1pf(expf(-fabsf(z)))) /
-                                ((double)b * TRAIN_LABELS));
-                dl[q] = 0;
-            }
+            loss -= unknown_out(d->labels + idx[a + k] * TRAIN_LABELS, lg + k * TRAIN_LABELS,
+                                dl + k * TRAIN_LABELS, (double)b * TRAIN_LABELS);
         if (loc) {
             if (nn_cnn_map(m, loc->map) != 0) goto out;
             lsum += train_loc_loss(loc, b, train_rsna_weights, o->loc_loss);
@@ -937,8 +946,9 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
     int *len = malloc((size_t)o->series_batch * sizeof *len);
     int *src = malloc((size_t)o->series_batch * sizeof *src);
     size_t *from = malloc((size_t)o->series_batch * sizeof *from);
+    size_t *off_of = malloc((size_t)o->series_batch * sizeof *off_of); /* its first slice taken */
     double total = NAN;
-    if (!ser || !fb || !lg || !dl || !yt || !len || !src || !from || ns == 0) goto out;
+    if (!ser || !fb || !lg || !dl || !yt || !len || !src || !from || !off_of || ns == 0) goto out;
     uint64_t rng = o->seed * 2000003ULL + (uint64_t)epoch * 104729ULL + 7;
     for (int i = ns - 1; i > 0; i--) {
         int j = (int)(nn_rng_next(&rng) % (uint64_t)(i + 1)), t = ser[i];
@@ -965,7 +975,7 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
                 off = (int)(nn_rng_next(&rng) % (uint64_t)(n - nn2 + 1));
                 n = nn2;
             }
-            len[b] = n, src[b] = ser[k], from[b] = tot;
+            len[b] = n, src[b] = ser[k], from[b] = tot, off_of[b] = (size_t)off;
             memcpy(fb + tot * F, feat + (se->first + (size_t)off) * F,
                    (size_t)n * F * sizeof(float));
             for (int i = 0; i < n; i++)
@@ -978,6 +988,16 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
         nn_model_zero_grad(m);
         if (nn_lrcn_forward_features(m, fb, len, b, lg) != 0) goto out;
         float loss = nn_bce_logits(dl, lg, yt, train_rsna_weights, pos_w, (int)tot, TRAIN_LABELS);
+        /* Slice labels the CSV did not give (an "any"-only CSV's subtypes). */
+        for (int k = 0; k < b; k++) {
+            const struct train_series *se = &d->series[src[k]];
+            for (int i = 0; se->slice_labels && i < len[k]; i++) {
+                size_t r = from[k] + (size_t)i;
+                loss -= unknown_out(d->labels + (se->first + off_of[k] + (size_t)i) * TRAIN_LABELS,
+                                    lg + r * TRAIN_LABELS, dl + r * TRAIN_LABELS,
+                                    (double)tot * TRAIN_LABELS);
+            }
+        }
         /* Series with study-level labels only: max over slices per label
          * (multiple-instance), the gradient flows to the slice that is max. */
         for (int k = 0; k < b; k++) {
@@ -1006,6 +1026,7 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
             const struct train_series *se = &d->series[src[k]];
             if (!se->slice_labels) continue;
             for (int l = 0; l < TRAIN_LABELS; l++) {
+                if (se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* no gradient */
                 size_t arg = from[k];
                 float yv = 0;
                 for (int i = 0; i < len[k]; i++) {
@@ -1028,6 +1049,7 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
 out:
     nn_model_set_training(m, 0);
     free(ser), free(fb), free(lg), free(dl), free(yt), free(len), free(src), free(from);
+    free(off_of);
     return total;
 }
 
@@ -1035,18 +1057,19 @@ out:
  * clamped to [1, 20]. */
 static void pos_weights(const struct train_dataset *d, float *pw)
 {
-    double pos[TRAIN_LABELS] = {0}, all = 0;
+    double pos[TRAIN_LABELS] = {0}, all[TRAIN_LABELS] = {0};
     for (int s = 0; s < d->nseries; s++) {
         const struct train_series *se = &d->series[s];
         if (se->split != TRAIN_SPLIT_TRAIN || !se->slice_labels) continue;
-        for (int k = 0; k < se->n; k++) {
-            all++;
-            for (int l = 0; l < TRAIN_LABELS; l++)
-                pos[l] += d->labels[(se->first + (size_t)k) * TRAIN_LABELS + l] == 1;
-        }
+        for (int k = 0; k < se->n; k++)
+            for (int l = 0; l < TRAIN_LABELS; l++) {
+                uint8_t v = d->labels[(se->first + (size_t)k) * TRAIN_LABELS + l];
+                all[l] += v != TRAIN_LABEL_UNKNOWN;
+                pos[l] += v == 1;
+            }
     }
     for (int l = 0; l < TRAIN_LABELS; l++) {
-        double w = pos[l] > 0 ? (all - pos[l]) / pos[l] : 1;
+        double w = pos[l] > 0 ? (all[l] - pos[l]) / pos[l] : 1;
         pw[l] = (float)(w < 1 ? 1 : w > 20 ? 20 : w);
     }
 }

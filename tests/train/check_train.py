@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+
 ICH = sys.argv[1]
 ARCH = "b8,M,b16,M,b32,M,b32,G|"
 FAILS = []
@@ -609,10 +611,11 @@ def main():
     check(r.returncode == 0 and "2 series, 16 slices" in r.stdout
           and "event=train_files_duplicate" in r.stderr,
           "a copied file is one slice: " + r.stdout[:100])
-    # Labels of "any" only: the subtypes, absent from the CSV, are taken as
-    # absent, and said (they were, silently).
+    # Labels of "any" only: the subtypes, absent from the CSV, are unknown,
+    # and said. They are neither scored (they had been scored as absent, and
+    # before that trained on as absent, silently) nor trained on.
     anyonly = os.path.join(tmp, "anyonly")
-    run("phantom", anyonly, "--seed", "16", "-n", "2", "--size", "64", "--slices", "8")
+    run("phantom", anyonly, "--seed", "16", "-n", "12", "--size", "64", "--slices", "8")
     csvp = os.path.join(anyonly, "stage_2_train.csv")
     rows = open(csvp).read().splitlines()
     with open(csvp, "w") as f:
@@ -620,7 +623,21 @@ def main():
     r = run("eval", out, anyonly, "--report", os.path.join(tmp, "anyonly.html"),
             "--json", os.path.join(tmp, "anyonly.json"))
     check(r.returncode == 0 and "event=train_labels_missing" in r.stderr
-          and "labels=80 " in r.stderr, "an any-only CSV is said: " + r.stderr[-300:])
+          and "labels=480 " in r.stderr, "an any-only CSV is said: " + r.stderr[-300:])
+    if r.returncode == 0:
+        lv = json.load(open(os.path.join(tmp, "anyonly.json")))["levels"]
+        for level in ("slice", "study"):
+            m = lv[level]["lrcn"]
+            check(m["any"]["n"] > 0 and all(m[x]["n"] == 0 for x in SUBTYPES),
+                  "any-only CSV, %s level: 'any' scored, subtypes not: %s" % (
+                      level, [m[x]["n"] for x in ("any",) + SUBTYPES]))
+            check(m["weighted_logloss"] is not None and math.isfinite(m["weighted_logloss"]),
+                  "any-only CSV, %s level: a weighted log loss over 'any'" % level)
+    r = run(*train_args(anyonly, os.path.join(tmp, "anyonly.safetensors"),
+                        os.path.join(tmp, "anyonly.work"), epochs1=2, epochs2=2))
+    losses = [float(x) for x in re.findall(r"event=train_epoch .*? loss=(\S+)", r.stderr)]
+    check(r.returncode == 0 and losses and all(math.isfinite(x) for x in losses),
+          "training on an any-only CSV: finite losses %s: %s" % (losses, r.stderr[-300:]))
 
     # 6. The registry.
     store = os.path.join(tmp, "store")
