@@ -44,14 +44,18 @@ sqlite3 *db_conn(struct db *db);
 
 /* Recomputes a study's status and result from its series (?1 = study id).
  * Order of precedence: reviewed, triaging, waiting, received (a series still
- * receiving), triaged, failed, not_applicable. Not reviewed once a result is
- * stored for a series that got instances after the review: nobody has read
- * that one (the review stays, in reviews and reviewed_at). */
+ * receiving), failed, triaged, not_applicable. A failed series outranks a
+ * triaged one: a study with one series unread is not yet known, and unknown
+ * is never listed as low (its probability, from the triaged series, stays).
+ * Not reviewed once a series that got instances after the review has a
+ * result stored, or failed, since: nobody has read that one (the review
+ * stays, in reviews and reviewed_at). */
 #define DB_STUDY_REFRESH_SQL                                                                       \
     "UPDATE studies SET status = CASE"                                                             \
-    "  WHEN reviewed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM results r"                       \
-    "    JOIN series s ON s.id = r.series_ref WHERE s.study_ref = studies.id"                      \
-    "    AND r.created_at > studies.reviewed_at AND s.last_instance_at > studies.reviewed_at)"     \
+    "  WHEN reviewed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM series s"                        \
+    "    LEFT JOIN results r ON r.series_ref = s.id WHERE s.study_ref = studies.id"                \
+    "    AND s.last_instance_at > studies.reviewed_at"                                             \
+    "    AND (r.created_at > studies.reviewed_at OR s.state = 'failed'))"                          \
     "    THEN 'reviewed'"                                                                          \
     "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
     "    AND s.state = 'triaging') THEN 'triaging'"                                                \
@@ -60,9 +64,9 @@ sqlite3 *db_conn(struct db *db);
     "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
     "    AND s.state = 'receiving') THEN 'received'"                                               \
     "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
-    "    AND s.state = 'triaged') THEN 'triaged'"                                                  \
-    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
     "    AND s.state = 'failed') THEN 'failed'"                                                    \
+    "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
+    "    AND s.state = 'triaged') THEN 'triaged'"                                                  \
     "  ELSE 'not_applicable' END,"                                                                 \
     " probability = (SELECT max(r.p_any) FROM results r JOIN series s ON s.id = r.series_ref"      \
     "  WHERE s.study_ref = studies.id),"                                                           \

@@ -7,6 +7,7 @@
 
 #include "complete.h"
 #include "db.h"
+#include "db_reviews.h"
 #include "db_triage.h"
 
 static char dir[256], path[300];
@@ -30,17 +31,18 @@ static void teardown(void)
     cr_assert_eq(system(cmd), 0);
 }
 
-/* Stores slice k of one axial CT series, received at t0 + ms. */
-static void put_at(int k, int64_t ms)
+/* Stores slice k of axial CT series series_uid of study study_uid, received
+ * at t0 + ms. */
+static void put_in(const char *study_uid, const char *series_uid, int k, int64_t ms)
 {
-    char sop[32], file[64], old[512], err[512];
-    snprintf(sop, sizeof sop, "1.2.3.4.%d", k);
+    char sop[80], file[100], old[512], err[512];
+    snprintf(sop, sizeof sop, "%s.%d", series_uid, k);
     snprintf(file, sizeof file, "s/%s.dcm", sop);
     struct db_instance in = {
         .patient_id = "P1",
         .patient_name = "Doe^Jane",
-        .study_uid = "1.2.3",
-        .series_uid = "1.2.3.4",
+        .study_uid = study_uid,
+        .series_uid = series_uid,
         .modality = "CT",
         .series_number = 2,
         .sop_uid = sop,
@@ -62,6 +64,12 @@ static void put_at(int k, int64_t ms)
         .received_at_ms = t0 + ms,
     };
     cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
+}
+
+/* Stores slice k of the one series of the tests above. */
+static void put_at(int k, int64_t ms)
+{
+    put_in("1.2.3", "1.2.3.4", k, ms);
 }
 
 static void put(int k)
@@ -89,6 +97,7 @@ static void decide(int64_t id, const char *state, const char *key)
 }
 
 TestSuite(db_triage, .init = setup, .fini = teardown);
+TestSuite(worklist, .init = setup, .fini = teardown);
 
 /* Five slices decided with a job queued (content "5-a"), then a sixth stored
  * before the job ran: the queued job is for old content. */
@@ -192,4 +201,152 @@ Test(content_key, follows_the_digests)
     cr_assert_str_eq(s1, n1);
     cr_assert_str_neq(k1, s1);
     cr_assert_eq(strncmp(k1, "2-", 2), 0, "%s", k1);
+}
+
+/* ---- the worklist's order (design.md), on studies brought to each state
+ * the way the node does: instances stored, the series decided, its job
+ * claimed and ended. ---------------------------------------------------- */
+
+static const int64_t later = t0 + 10000000; /* every series' quiet period over */
+
+/* Stores 4 slices of a new series series_uid of study_uid at t0 + ms and
+ * returns the series' id, due. */
+static int64_t series_in(const char *study_uid, const char *series_uid, int64_t ms)
+{
+    for (int k = 1; k <= 4; k++)
+        put_in(study_uid, series_uid, k, ms);
+    int64_t ids[64];
+    int n;
+    cr_assert_eq(db_series_due(db, later, 5000, ids, 64, &n), 0);
+    for (int i = 0; i < n; i++) {
+        struct db_series_info in;
+        cr_assert_eq(db_series_info(db, ids[i], &in), 0);
+        if (strcmp(in.series_uid, series_uid) == 0) return ids[i];
+    }
+    cr_assert_fail("series %s is not due", series_uid);
+    return -1;
+}
+
+/* The series decided for a job, which is claimed (the series triaging). */
+static struct db_job claimed(int64_t id)
+{
+    struct db_job job;
+    decide(id, "waiting", "4-x");
+    cr_assert_eq(db_job_claim(db, later, &job), 1);
+    cr_assert_eq(job.series_id, id, "claimed another series' job");
+    return job;
+}
+
+/* The series triaged with probability p (flagged or not); error: failed. */
+static void ended(int64_t id, double p, bool flagged, const char *error)
+{
+    char err[512];
+    struct db_job job = claimed(id);
+    struct db_result res = {.model_version = "m1", .flagged = flagged, .key_sop = ""};
+    for (int l = 0; l < DB_LABELS; l++)
+        res.p[l] = (float)(l == 0 ? p : p / 2);
+    cr_assert_eq(db_job_finish(db, &job, error ? NULL : &res, error, later, err, sizeof err), 0,
+                 "%s", err);
+}
+
+struct order {
+    char uid[16][32];
+    char status[16][20];
+    int n;
+};
+
+static int collect(void *ud, const struct db_worklist_row *row)
+{
+    struct order *o = ud;
+    cr_assert_lt(o->n, 16);
+    snprintf(o->uid[o->n], sizeof o->uid[0], "%s", row->study_uid);
+    snprintf(o->status[o->n], sizeof o->status[0], "%s", row->status);
+    o->n++;
+    return 0;
+}
+
+static void expect_order(const char *status, const char *const *want, int nwant)
+{
+    struct order o = {0};
+    cr_assert_eq(db_worklist(db, status, collect, &o), 0);
+    char got[600] = "";
+    for (int i = 0; i < o.n; i++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), " %s(%s)", o.uid[i], o.status[i]);
+    cr_assert_eq(o.n, nwant, "%d rows:%s", o.n, got);
+    for (int i = 0; i < nwant; i++)
+        cr_assert_str_eq(o.uid[i], want[i], "row %d: order%s", i, got);
+}
+
+/* Every status, flagged and not, ties in probability and in age, a flagged
+ * study whose probability is below an unflagged one's (results of models
+ * with other thresholds), a flagged study still receiving a new series,
+ * a reviewed one: the order design.md and docs/web.md give. Study uids
+ * name the group each belongs in (1 to 4) and its place there. */
+Test(worklist, every_status_in_its_group_and_order)
+{
+    char err[512];
+    /* (3) triaged and not flagged, by probability, ties by age */
+    ended(series_in("3.c", "3.c.1", 10), 0.30, false, NULL);
+    /* (2) not yet known, by age, whatever the reason */
+    series_in("2.a", "2.a.1", 20);                       /* received: receiving */
+    ended(series_in("2.b", "2.b.1", 30), 0, false, "x"); /* failed */
+    /* (1) flagged, by probability, ties by age */
+    ended(series_in("1.c", "1.c.1", 40), 0.60, true, NULL);
+    /* (4) not applicable */
+    decide(series_in("4.a", "4.a.1", 50), "not_applicable", "not a head");
+    ended(series_in("1.a", "1.a.1", 60), 0.90, true, NULL);
+    ended(series_in("3.b", "3.b.1", 70), 0.80, false, NULL); /* above a flagged 0.60 */
+    /* reviewed: off the list, on ?status=reviewed */
+    ended(series_in("9.a", "9.a.1", 80), 0.99, true, NULL);
+    cr_assert_eq(
+        db_review_add(db, "9.a", true, "subdural", "", "", "dr", later + 1, err, sizeof err), 0,
+        "%s", err);
+    claimed(series_in("2.d", "2.d.1", 100));                 /* triaging */
+    ended(series_in("1.d", "1.d.1", 110), 0.60, true, NULL); /* ties 1.c, later */
+    ended(series_in("3.a", "3.a.1", 5), 0.80, false, NULL);  /* ties 3.b, earlier */
+    /* flagged, and a new series of it arriving: still first */
+    ended(series_in("1.b", "1.b.1", 120), 0.70, true, NULL);
+    series_in("1.b", "1.b.2", 130);
+    /* a study with a series triaged low and one failed is not yet known */
+    ended(series_in("2.e", "2.e.1", 140), 0.05, false, NULL);
+    ended(series_in("2.e", "2.e.2", 140), 0, false, "y");
+    /* waiting (last: the claims above take the oldest queued job) */
+    decide(series_in("2.c", "2.c.1", 90), "waiting", "4-x");
+    const char *want[] = {"1.a", "1.b", "1.c", "1.d", "2.a", "2.b", "2.c",
+                          "2.d", "2.e", "3.a", "3.b", "3.c", "4.a"};
+    expect_order(NULL, want, 13);
+    const char *reviewed[] = {"9.a"};
+    expect_order("reviewed", reviewed, 1);
+    const char *failed[] = {"2.b", "2.e"};
+    expect_order("failed", failed, 2);
+}
+
+/* A reviewed study whose late series then fails is back on the list (it
+ * had stayed reviewed, off the list, for good: only a result brought it
+ * back). */
+Test(worklist, reviewed_study_back_when_a_late_series_fails)
+{
+    char err[512];
+    ended(series_in("5.a", "5.a.1", 10), 0.20, false, NULL);
+    cr_assert_eq(db_review_add(db, "5.a", false, "", "", "", "dr", later + 1, err, sizeof err), 0,
+                 "%s", err);
+    const char *none[] = {NULL};
+    expect_order(NULL, none, 0);
+    /* instances after the review: stored later than it */
+    for (int k = 1; k <= 4; k++)
+        put_in("5.a", "5.a.2", k, later - t0 + 2);
+    int64_t ids[4];
+    int n;
+    cr_assert_eq(db_series_due(db, later + 100000, 5000, ids, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    struct db_series_info seen;
+    cr_assert_eq(db_series_info(db, ids[0], &seen), 0);
+    cr_assert_eq(db_series_decide(db, &seen, "waiting", "", "4-y", later + 100000, err, sizeof err),
+                 0, "%s", err);
+    struct db_job job;
+    cr_assert_eq(db_job_claim(db, later + 100001, &job), 1);
+    cr_assert_eq(db_job_finish(db, &job, NULL, "undecodable", later + 100002, err, sizeof err), 0,
+                 "%s", err);
+    const char *back[] = {"5.a"};
+    expect_order(NULL, back, 1);
 }
