@@ -17,6 +17,9 @@ import sys
 import tempfile
 import unittest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import itest  # noqa: E402
+
 ARGS = {}
 EXE = None
 MAX_EXPOSURE = 2.0
@@ -268,12 +271,7 @@ def main():
         else:
             argv.append(a)
     prog = unittest.main(module="__main__", argv=argv, exit=False, verbosity=2)
-    r = prog.result
-    if not r.wasSuccessful():
-        return 1
-    if r.testsRun and len(r.skipped) == r.testsRun:
-        return 77
-    return 0
+    return itest.exit_code(prog.result)
 
 
 if __name__ == "__main__":

@@ -233,15 +233,16 @@ class Node:
     def log_tail(self, n=40):
         return "\n".join(self.log().splitlines()[-n:])
 
-    def events(self, name):
-        """Log lines whose event is name."""
+    def events(self, name, since_start=False):
+        """Log lines whose event is name (of every start of this node's log,
+        or with since_start of the last start only)."""
         pat = re.compile(r"\bevent=%s\b" % re.escape(name))
-        return [l for l in self.log().splitlines() if pat.search(l)]
+        return [l for l in self.log(since_start).splitlines() if pat.search(l)]
 
-    def wait_event(self, name, timeout=10.0, count=1):
+    def wait_event(self, name, timeout=10.0, count=1, since_start=False):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if len(self.events(name)) >= count:
+            if len(self.events(name, since_start)) >= count:
                 return True
             time.sleep(0.05)
         return False

@@ -18,11 +18,21 @@ import os
 import subprocess
 import sys
 import time
+import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools"))
 import dicomtest as dt  # noqa: E402
 import itest  # noqa: E402
+
+# The shipped model's known gap (issue 5): how many of this test's clear
+# negatives it flags. test_clear_negatives_not_flagged is should_fail in
+# meson, which takes any failure for the expected one; so anything else
+# going wrong in it (the node, storescu, a study not triaged, more negatives
+# flagged than this) ends the script with 99, an error meson reports even
+# for a test expected to fail.
+KNOWN_FLAGGED_NEGATIVES = int(os.environ.get("ICHTRIAGE_KNOWN_FLAGGED_NEGATIVES", "1"))
+HARD_ERRORS = []
 
 MODEL = os.environ.get("ICHTRIAGE_TEST_MODEL") or os.path.join(HERE, "..", "..", "models",
                                                               "default.safetensors")
@@ -79,11 +89,23 @@ class DefaultModel(itest.NodeTest):
                         min(order.index(s) for s in clear_neg))
 
     def test_clear_negatives_not_flagged(self):
-        rows, clear_pos, clear_neg = self.triage_phantoms()
+        try:
+            rows, clear_pos, clear_neg = self.triage_phantoms()
+        except unittest.SkipTest:
+            raise
+        except BaseException as e:
+            HARD_ERRORS.append("the run itself failed: %r" % e)
+            raise
         flagged = {x["study_uid"]: x["flagged"] for x in rows}
-        for s in clear_neg:
-            self.assertFalse(flagged[s], "clear negative %s flagged" % s)
+        wrong = [s for s in clear_neg if flagged[s]]
+        if len(wrong) > KNOWN_FLAGGED_NEGATIVES:
+            HARD_ERRORS.append("%d of %d clear negatives flagged, more than the known %d"
+                               % (len(wrong), len(clear_neg), KNOWN_FLAGGED_NEGATIVES))
+        self.assertEqual(wrong, [], "clear negatives flagged (%d known)" % KNOWN_FLAGGED_NEGATIVES)
 
 
 if __name__ == "__main__":
-    sys.exit(itest.main())
+    rc = itest.main()
+    for e in HARD_ERRORS:
+        sys.stderr.write("not the known gap: %s\n" % e)
+    sys.exit(99 if HARD_ERRORS else rc)
