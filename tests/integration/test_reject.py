@@ -62,6 +62,7 @@ class BadDatasets(itest.NodeTest):
         self.assertEqual(status, 0, "%s: good instance after it got %s" % (what, status))
         self.assert_stored_exactly(self.node, [good])
         self.assert_consistent(self.node)
+        self.assert_not_failing_stores(self.node)
 
     def ct_dataset(self, **changes):
         import pydicom

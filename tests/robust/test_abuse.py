@@ -499,6 +499,7 @@ class Claims2GB(itest.NodeTest):
         self.assert_not_stored(node, sop)
         self.assertTrue(node.alive())
         self.assert_consistent(node)
+        self.assert_not_failing_stores(node)
 
     def test_deflated_dataset_inflating_past_the_cap(self):
         """40 kB on the wire, 40 MB once inflated, store.max_instance_mb 8:

@@ -99,7 +99,11 @@ def failing_lines(node):
 class StoreHealth:
     """Checks of the "stores failing" state, mixed into the store faults."""
 
-    def assert_stores_failing(self, node, why, reason_word, refused):
+    def assert_stores_failing(self, node, why, reason_word, refused, status=True):
+        """The node says stores fail (healthz, metrics; with status, also
+        `ichtriage status`, which reads the database)."""
+        if status:
+            self.assert_status_says_failing(node)
         h = healthz(node)
         self.assertEqual(h["status"], "degraded", h)
         lines = failing_lines(node)
@@ -120,6 +124,11 @@ class StoreHealth:
             time.sleep(0.2)
         self.assertEqual(failing_lines(node), [], "still failing after stores succeeded")
         self.assertEqual(metrics(node)["ichtriage_stores_failing"], 0)
+
+    def assert_status_says_failing(self, node):
+        st = self.status_json(node)
+        self.assertTrue(st["stores"]["failing"], st)
+        self.assertTrue(any(p.startswith("stores failing") for p in st["problems"]), st)
 
     def status_json(self, node):
         p = subprocess.run([itest.EXE, "status", "-c", "/dev/null", "--set",
@@ -192,9 +201,6 @@ class ReadOnlySpool(StoreHealth, itest.NodeTest):
         # The page hears it without any worklist row changing.
         events.wait_degraded(lambda d: any(x.startswith("stores failing") for x in d))
         self.assert_stores_failing(self.node, "permission", "cannot create temp file", len(files))
-        st = self.status_json(self.node)
-        self.assertTrue(st["stores"]["failing"], st)
-        self.assertTrue(any(p.startswith("stores failing") for p in st["problems"]), st)
         self.recover(files)
         self.assert_stores_recovered(self.node)
         events.wait_degraded(lambda d: not any(x.startswith("stores failing") for x in d))
@@ -246,12 +252,14 @@ class LockedDatabase(StoreHealth, itest.NodeTest):
             self.assertTrue(node.alive())
             rc, out = dt.echoscu(node.port)
             self.assertEqual(rc, 0, out)
-            self.assert_stores_failing(node, "database", "locked", 1)
+            # (`ichtriage status` reads the database: after the lock, below)
+            self.assert_stores_failing(node, "database", "locked", 1, status=False)
         finally:
             holder.stdin.write(b"\n")
             holder.stdin.close()
             holder.wait(30)
             holder.stdout.close()
+        self.assert_status_says_failing(node)
         # The refused instance left nothing; once the lock is gone it is stored.
         self.assert_not_stored(node, dt.sop_uids(files[1])[1])
         self.assert_consistent(node)

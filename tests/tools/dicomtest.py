@@ -5,6 +5,7 @@ the spool and the index.
 Uses Debian's /usr/bin/python3 standard library only (plus pydicom where a
 helper says so)."""
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -232,6 +233,13 @@ class Node:
 
     def log_tail(self, n=40):
         return "\n".join(self.log().splitlines()[-n:])
+
+    def healthz(self):
+        """GET /healthz, as JSON."""
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % self.http_port,
+                                    timeout=10) as r:
+            return json.loads(r.read())
 
     def events(self, name, since_start=False):
         """Log lines whose event is name (of every start of this node's log,

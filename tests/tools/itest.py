@@ -144,6 +144,12 @@ class NodeTest(unittest.TestCase):
         self.assertFalse(bad, "series.instance_count disagrees with instances: %s"
                          % [tuple(b) for b in bad])
 
+    def assert_not_failing_stores(self, node):
+        """A peer's own trouble (a refused dataset, a broken association)
+        is not the node's: /healthz lists no "stores failing"."""
+        degraded = node.healthz()["degraded"]
+        self.assertFalse([d for d in degraded if d.startswith("stores failing")], degraded)
+
     def assert_not_stored(self, node, sop):
         self.assertEqual(node.query("SELECT COUNT(*) FROM instances WHERE sop_uid = ?", (sop,))[0][0]
                          if os.path.exists(node.db_path) else 0, 0, "%s was indexed" % sop)
