@@ -54,7 +54,10 @@ int db_schema_version(void);
  * When the SOP Instance UID was already indexed, the row is replaced in the
  * same commit and the file path it used to point to is copied to old_path
  * (size old_path_len; "" when the instance is new) so the caller can remove
- * that file afterwards. Returns 0, or -1 with a message in err. */
+ * that file afterwards. Returns 0; 1 when the instance is refused, nothing
+ * written, because its UIDs conflict with what is stored (its series is in
+ * another study, or its SOP instance in another series); -1 on a database
+ * error. Both with a message in err. */
 int db_instance_put(struct db *db, const struct db_instance *in, char *old_path,
                     size_t old_path_len, char *err, size_t errlen);
 

@@ -10,7 +10,10 @@ struct db_put_stmts {
 
 int db_put_prepare(struct db_put_stmts *s, sqlite3 *conn, char *err, size_t errlen);
 void db_put_finalize(struct db_put_stmts *s);
-/* Inside an open transaction: upserts patient, study, series and instance. */
+/* Inside an open transaction: upserts patient, study, series and instance.
+ * Returns 0; 1 when the instance is refused (its series is in another study,
+ * or its SOP instance in another series), with the reason in err; -1 on a
+ * database error. After 1 or -1 the caller rolls back. */
 int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_path,
                size_t old_path_len, char *err, size_t errlen);
 

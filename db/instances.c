@@ -33,7 +33,7 @@ static const char *sql_series =
     "  last_instance_at = max(last_instance_at, excluded.last_instance_at),"
     "  expected_count = max(expected_count, excluded.expected_count),"
     "  state = 'receiving', state_reason = ''"
-    " RETURNING id";
+    " RETURNING id, study_ref";
 
 static const char *sql_old = "SELECT file_path, series_id FROM instances WHERE sop_uid = ?1";
 
@@ -120,15 +120,21 @@ static void bind_opt_double(sqlite3_stmt *st, int i, bool has, double v)
         sqlite3_bind_null(st, i);
 }
 
-/* Steps a statement that returns one id. */
-static int step_id(sqlite3_stmt *st, int64_t *id)
+/* Steps a statement that returns one id (and, with id2, a second one). */
+static int step_ids(sqlite3_stmt *st, int64_t *id, int64_t *id2)
 {
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) *id = sqlite3_column_int64(st, 0);
+    if (rc == SQLITE_ROW && id2) *id2 = sqlite3_column_int64(st, 1);
     int done = rc == SQLITE_ROW ? sqlite3_step(st) : rc;
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     return rc == SQLITE_ROW && done == SQLITE_DONE ? 0 : -1;
+}
+
+static int step_id(sqlite3_stmt *st, int64_t *id)
+{
+    return step_ids(st, id, NULL);
 }
 
 static int step_done(sqlite3_stmt *st)
@@ -183,7 +189,16 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     bind_str(st, 10, in->station_name);
     sqlite3_bind_int(st, 11, in->images_in_acquisition > 0 ? in->images_in_acquisition : 0);
     sqlite3_bind_int64(st, 12, in->received_at_ms);
-    if (step_id(st, &series) != 0) goto fail;
+    int64_t series_study = 0;
+    if (step_ids(st, &series, &series_study) != 0) goto fail;
+    /* UIDs are unique: a series already in another study, or an instance
+     * already in another series, is a sender's error, refused (rolled back
+     * by the caller). Merged, one patient's slices were counted, triaged
+     * and shown in another's study, or taken from it. */
+    if (series_study != study) {
+        snprintf(err, errlen, "series %s is already stored in another study", in->series_uid);
+        return 1;
+    }
 
     st = s->old;
     bind_str(st, 1, in->sop_uid);
@@ -195,6 +210,11 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) goto fail;
+    if (old_series && old_series != series) {
+        snprintf(err, errlen, "SOP instance %s is already stored in another series", in->sop_uid);
+        if (old_path_len) old_path[0] = 0;
+        return 1;
+    }
 
     char orient[160] = "";
     if (in->has_orientation)
@@ -229,7 +249,6 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     if (step_done(st) != 0) goto fail;
 
     if (recount(s, series) != 0) goto fail;
-    if (old_series && old_series != series && recount(s, old_series) != 0) goto fail;
     /* A new instance may re-open a triaged series: the study shows it. */
     sqlite3_bind_int64(s->refresh, 1, study);
     if (step_done(s->refresh) != 0) goto fail;

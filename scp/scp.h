@@ -29,14 +29,16 @@ enum {
  * the peer's. */
 enum scp_refusal {
     SCP_REFUSED_NONE,
-    SCP_REFUSED_LOW_SPACE,  /* the space callback said no (store.min_free_mb) */
-    SCP_REFUSED_DISK_FULL,  /* ENOSPC or EDQUOT while writing */
-    SCP_REFUSED_PERMISSION, /* EACCES, EPERM or EROFS: modes, a read-only mount */
-    SCP_REFUSED_IO,         /* any other file-system error */
-    SCP_REFUSED_DATABASE,   /* the index could not be written (busy, locked, ...) */
-    SCP_REFUSED_TOO_LARGE,  /* over max_instance_bytes, also once inflated */
-    SCP_REFUSED_SOP_CLASS,  /* A900: the dataset does not match its request */
-    SCP_REFUSED_UNDERSTAND, /* C000: not parseable */
+    SCP_REFUSED_LOW_SPACE,    /* the space callback said no (store.min_free_mb) */
+    SCP_REFUSED_DISK_FULL,    /* ENOSPC or EDQUOT while writing */
+    SCP_REFUSED_PERMISSION,   /* EACCES, EPERM or EROFS: modes, a read-only mount */
+    SCP_REFUSED_IO,           /* any other file-system error */
+    SCP_REFUSED_DATABASE,     /* the index could not be written (busy, locked, ...) */
+    SCP_REFUSED_TOO_LARGE,    /* over max_instance_bytes, also once inflated */
+    SCP_REFUSED_SOP_CLASS,    /* A900: the dataset does not match its request */
+    SCP_REFUSED_UNDERSTAND,   /* C000: not parseable */
+    SCP_REFUSED_UID_CONFLICT, /* A900: its series is stored in another study, or its SOP
+                                 instance in another series */
     SCP_REFUSED_NKINDS
 };
 

@@ -1043,7 +1043,8 @@ extern "C" const char *scp_refusal_name(enum scp_refusal r)
                                                           "database",
                                                           "too_large",
                                                           "does_not_match_sop_class",
-                                                          "cannot_understand"};
+                                                          "cannot_understand",
+                                                          "uid_conflict"};
     return r >= 0 && r < SCP_REFUSED_NKINDS ? names[r] : "unknown";
 }
 

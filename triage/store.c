@@ -240,12 +240,13 @@ unsigned triage_store_instance(void *ud, const struct scp_received *r, enum scp_
     memcpy(row.orientation, in->orientation, sizeof row.orientation);
 
     char old[1024], err[512];
-    if (db_instance_put(s->db, &row, old, sizeof old, err, sizeof err) != 0) {
+    int put = db_instance_put(s->db, &row, old, sizeof old, err, sizeof err);
+    if (put != 0) {
         /* Not indexed, so not stored: the file must not outlive the failure. */
         unlink(full);
-        *why = SCP_REFUSED_DATABASE;
+        *why = put == 1 ? SCP_REFUSED_UID_CONFLICT : SCP_REFUSED_DATABASE;
         snprintf(reason, reason_len, "%s", err);
-        return SCP_STATUS_OUT_OF_RESOURCES;
+        return put == 1 ? SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS : SCP_STATUS_OUT_OF_RESOURCES;
     }
     if (old[0] && strcmp(old, rel) != 0) {
         char old_full[2100];

@@ -122,6 +122,42 @@ class BadDatasets(itest.NodeTest):
         self.store_bad(dul.CT_IMAGE, sop, dul.encode_dataset(ds), is_does_not_match,
                        "no SOP Instance UID")
 
+    def test_uids_already_stored_elsewhere(self):
+        """UIDs are unique: a series already stored under another study
+        (another patient's), or a SOP instance already stored in another
+        series, is refused with A900 (why=uid_conflict) and what was stored
+        stays as it was. They had been merged: the slice counted and
+        triaged in the first patient's study, or taken from it."""
+        import pydicom
+        from pydicom.uid import generate_uid
+        first = self.gen("first", count=2, rows=64, cols=64)
+        for f in first:
+            cls, sop, _, _ = dt.sop_uids(f)
+            self.assertEqual(self.assoc.c_store(cls, sop, dt.dataset_bytes(f))[0], 0)
+        ds = pydicom.dcmread(first[0])
+        ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+        ds.PatientID, ds.PatientName = "OTHER", "OTHER^PATIENT"
+        self.store_bad(dul.CT_IMAGE, str(ds.SOPInstanceUID), dul.encode_dataset(ds),
+                       is_does_not_match, "its series under another study")
+        self.assertIn("why=uid_conflict", self.node.events("store_failed")[-1])
+        before = self.node.instances()
+        ds = pydicom.dcmread(first[1])
+        ds.SeriesInstanceUID = generate_uid()
+        sop = str(ds.SOPInstanceUID)
+        status, _ = self.assoc.c_store(dul.CT_IMAGE, sop, dul.encode_dataset(ds))
+        self.assertTrue(is_does_not_match(status), "its SOP instance in another series: %s"
+                        % (status and hex(status)))
+        self.assertIn("already stored in another series", self.node.events("store_failed")[-1])
+        after = self.node.instances()
+        self.assertEqual(after[sop]["series_id"], before[sop]["series_id"])
+        self.assertEqual(after[sop]["file_path"], before[sop]["file_path"])
+        self.assertTrue(os.path.exists(os.path.join(self.node.store_dir, after[sop]["file_path"])))
+        self.assert_consistent(self.node)
+        self.assert_not_failing_stores(self.node)
+        with self.node.db() as con:
+            self.assertEqual(con.execute("SELECT count(*) FROM patients WHERE patient_id ="
+                                         " 'OTHER'").fetchone()[0], 0, "the refused left a row")
+
     def test_sop_instance_uid_not_the_requested_one(self):
         ds = self.ct_dataset()
         other = str(ds.SOPInstanceUID)

@@ -132,15 +132,42 @@ Test(db, resent_instance_replaces_row_and_reports_old_file)
     a.file_path = "spool/a~1.dcm";
     cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
     cr_assert_str_eq(old, "spool/a.dcm");
-    /* Moved to another series: both counts follow. */
-    a.series_uid = "1.2.3.5";
-    a.file_path = "spool/a.dcm";
-    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
-    cr_assert_str_eq(old, "spool/a~1.dcm");
     db_close(db);
     cr_assert_eq(scalar("SELECT count(*) FROM instances"), 1);
-    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.4'"), 0);
-    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.5'"), 1);
+    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.4'"), 1);
+}
+
+/* UIDs are unique. A SOP instance sent again in another series, or a series
+ * sent again in another study (another patient's, say), is refused (1) and
+ * changes nothing: it had been moved, taking an acknowledged slice from the
+ * first study (whose result stayed), or counted and triaged in the first
+ * study. */
+Test(db, instance_or_series_in_another_parent_is_refused)
+{
+    struct db *db;
+    char err[256], old[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_instance a = row("1.2.3.4.1", "1.2.3.4", "spool/a.dcm");
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    struct db_instance moved = row("1.2.3.4.1", "1.2.3.5", "spool/b.dcm");
+    cr_assert_eq(db_instance_put(db, &moved, old, sizeof old, err, sizeof err), 1, "%s", err);
+    cr_assert(strstr(err, "already stored in another series"), "%s", err);
+    cr_assert_str_eq(old, "", "the first copy's file reported for removal");
+    struct db_instance other = row("1.2.3.4.2", "1.2.3.4", "spool/c.dcm");
+    other.study_uid = "1.2.9";
+    other.patient_id = "P2";
+    other.patient_name = "Roe^Richard";
+    cr_assert_eq(db_instance_put(db, &other, old, sizeof old, err, sizeof err), 1, "%s", err);
+    cr_assert(strstr(err, "already stored in another study"), "%s", err);
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM instances"), 1);
+    cr_assert_eq(scalar("SELECT count(*) FROM series"), 1, "nothing of the refused is written");
+    cr_assert_eq(scalar("SELECT count(*) FROM studies"), 1);
+    cr_assert_eq(scalar("SELECT count(*) FROM patients"), 1);
+    cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.4'"), 1);
+    cr_assert_eq(scalar("SELECT count(*) FROM instances i JOIN series s ON s.id = i.series_id"
+                        " WHERE i.sop_uid = '1.2.3.4.1' AND s.series_uid = '1.2.3.4'"),
+                 1);
 }
 
 /* received_at is when the content arrived: a copy re-sent with the same
