@@ -49,7 +49,9 @@ struct db_outbox_source {
     bool flagged;
     int key_index;
     char key_sop[65], key_sop_class[65], key_path[512]; /* key_path relative to store.dir */
-    int key_frame;
+    /* The key slice's frame in its instance, 0-based (as slice_results keeps
+     * it), and that instance's NumberOfFrames (1 for a single-frame one). */
+    int key_frame, key_frames;
     /* The key image's Pixel Spacing (row, column; mm), 0 when it has none
      * (an enhanced CT keeps it per frame): its picture's aspect. */
     double key_spacing[2];
@@ -60,7 +62,8 @@ struct db_outbox_source {
     float *p_any; /* per slice, in slice order; owned, db_outbox_source_free */
     char (*sop)[65];
     char (*sop_class)[65];
-    int *frame;
+    int *frame;  /* 0-based, as key_frame */
+    int *frames; /* NumberOfFrames of the slice's instance, as key_frames */
 };
 /* Fills *out (caller frees with db_outbox_source_free). Returns 0;
  * DB_OUTBOX_SUPERSEDED when the revision's result was replaced by a newer

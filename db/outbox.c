@@ -93,9 +93,10 @@ void db_outbox_source_free(struct db_outbox_source *s)
     free(s->sop);
     free(s->sop_class);
     free(s->frame);
+    free(s->frames);
     s->p_any = NULL;
     s->sop = s->sop_class = NULL;
-    s->frame = NULL;
+    s->frame = s->frames = NULL;
     s->slices = 0;
 }
 
@@ -112,7 +113,8 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
             " coalesce((SELECT frame FROM slice_results sr WHERE sr.series_ref = r.series_ref"
             "  AND sr.idx = r.key_index), 0), r.slices,"
             " coalesce(prev.sr_series_uid, ''), coalesce(prev.sr_sop_uid, ''),"
-            " coalesce(i.pixel_spacing_row, 0), coalesce(i.pixel_spacing_col, 0)"
+            " coalesce(i.pixel_spacing_row, 0), coalesce(i.pixel_spacing_col, 0),"
+            " coalesce(i.frames, 1)"
             " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"
             " JOIN series s ON s.id = pr.series_ref"
             " JOIN results r ON r.series_ref = pr.series_ref AND r.created_at = pr.result_at"
@@ -152,6 +154,7 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
     db_col_copy(st, 21, out->prev_sr_sop_uid, sizeof out->prev_sr_sop_uid);
     out->key_spacing[0] = sqlite3_column_double(st, 22);
     out->key_spacing[1] = sqlite3_column_double(st, 23);
+    out->key_frames = sqlite3_column_int(st, 24);
     sqlite3_finalize(st);
     if (slices < 0 || slices > 100000) return -1;
     if (slices == 0) return 0;
@@ -159,10 +162,11 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
     out->sop = calloc((size_t)slices, sizeof *out->sop);
     out->sop_class = calloc((size_t)slices, sizeof *out->sop_class);
     out->frame = calloc((size_t)slices, sizeof *out->frame);
-    if (!out->p_any || !out->sop || !out->sop_class || !out->frame) goto bad;
+    out->frames = calloc((size_t)slices, sizeof *out->frames);
+    if (!out->p_any || !out->sop || !out->sop_class || !out->frame || !out->frames) goto bad;
     if (sqlite3_prepare_v2(c,
                            "SELECT sr.idx, sr.p_any, sr.sop_uid, coalesce(i.sop_class, ''),"
-                           " sr.frame FROM slice_results sr"
+                           " sr.frame, coalesce(i.frames, 1) FROM slice_results sr"
                            " LEFT JOIN instances i ON i.sop_uid = sr.sop_uid"
                            " WHERE sr.series_ref = ?1 ORDER BY sr.idx",
                            -1, &st, NULL) != SQLITE_OK)
@@ -175,6 +179,7 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
         db_col_copy(st, 2, out->sop[i], sizeof out->sop[i]);
         db_col_copy(st, 3, out->sop_class[i], sizeof out->sop_class[i]);
         out->frame[i] = sqlite3_column_int(st, 4);
+        out->frames[i] = sqlite3_column_int(st, 5);
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE) goto bad;

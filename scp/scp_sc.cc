@@ -19,7 +19,7 @@ void set_err(char *err, unsigned long errlen, const std::string &msg)
 }
 
 int write_sc(const char *path, const scp_derived *d, const uint8_t *rgb, int rows, int columns,
-             const char *src_class, const char *src_uid, char *err, unsigned long errlen)
+             const scp_sr_image_ref *src, char *err, unsigned long errlen)
 {
     if (!path || !d || !rgb || rows <= 0 || columns <= 0 || rows > 4096 || columns > 4096 ||
         !d->series_uid || !*d->series_uid || !d->sop_uid || !*d->sop_uid) {
@@ -80,11 +80,14 @@ int write_sc(const char *path, const scp_derived *d, const uint8_t *rgb, int row
     if (c.good()) c = ds->putAndInsertUint16(DCM_PixelRepresentation, 0);
     if (c.good())
         c = ds->putAndInsertUint8Array(DCM_PixelData, rgb, (unsigned long)rows * columns * 3);
-    if (c.good() && src_class && *src_class && src_uid && *src_uid) {
+    if (c.good() && src && src->sop_class && *src->sop_class && src->sop_uid && *src->sop_uid) {
         DcmItem *item = nullptr;
         c = ds->findOrCreateSequenceItem(DCM_SourceImageSequence, item, -2);
-        if (c.good()) c = item->putAndInsertString(DCM_ReferencedSOPClassUID, src_class);
-        if (c.good()) c = item->putAndInsertString(DCM_ReferencedSOPInstanceUID, src_uid);
+        if (c.good()) c = item->putAndInsertString(DCM_ReferencedSOPClassUID, src->sop_class);
+        if (c.good()) c = item->putAndInsertString(DCM_ReferencedSOPInstanceUID, src->sop_uid);
+        if (c.good() && src->frame > 0)
+            c = item->putAndInsertString(DCM_ReferencedFrameNumber,
+                                         std::to_string(src->frame).c_str());
     }
     if (c.bad()) why = c.text();
     if (c.bad() || !scp_save_file(file, path, why)) {
@@ -97,11 +100,11 @@ int write_sc(const char *path, const scp_derived *d, const uint8_t *rgb, int row
 } // namespace
 
 extern "C" int scp_write_sc(const char *path, const struct scp_derived *d, const uint8_t *rgb,
-                            int rows, int columns, const char *source_sop_class,
-                            const char *source_sop_uid, char *err, unsigned long errlen)
+                            int rows, int columns, const struct scp_sr_image_ref *source, char *err,
+                            unsigned long errlen)
 {
     try {
-        return write_sc(path, d, rgb, rows, columns, source_sop_class, source_sop_uid, err, errlen);
+        return write_sc(path, d, rgb, rows, columns, source, err, errlen);
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string("scp_write_sc: ") + e.what());
     } catch (...) {

@@ -15,10 +15,11 @@ extern "C" {
 
 /* Writes the SC to path (Explicit VR Little Endian, file meta header),
  * replacing any file there. rgb: rows * columns * 3 bytes, row by row,
- * borrowed. source_sop_class/uid: the key slice the picture shows (Source
- * Image Sequence). Returns 0, or -1 with a message in err. Never throws. */
+ * borrowed. source: the key slice the picture shows (Source Image Sequence,
+ * with its frame number when it is a frame of a multi-frame object); NULL
+ * for none. Returns 0, or -1 with a message in err. Never throws. */
 int scp_write_sc(const char *path, const struct scp_derived *d, const uint8_t *rgb, int rows,
-                 int columns, const char *source_sop_class, const char *source_sop_uid, char *err,
+                 int columns, const struct scp_sr_image_ref *source, char *err,
                  unsigned long errlen);
 
 #ifdef __cplusplus

@@ -179,11 +179,20 @@ static int commit_file(const char *tmp, const char *final, const char *dir)
     return rc;
 }
 
+/* The Referenced Frame Number of frame (0-based, as slice_results keeps it)
+ * of an instance of frames frames: 1-based in a multi-frame object, 0 (the
+ * reference names no frame) in a single-frame one. */
+static int ref_frame(int frame, int frames)
+{
+    return frames > 1 ? frame + 1 : 0;
+}
+
 /* Up to KEY_REFS slices: the key slice, then the most probable others. */
 static int key_refs(const struct db_outbox_source *s, struct scp_sr_image_ref *refs)
 {
     int n = 0;
-    refs[n++] = (struct scp_sr_image_ref){s->key_sop_class, s->key_sop, s->key_frame};
+    refs[n++] = (struct scp_sr_image_ref){s->key_sop_class, s->key_sop,
+                                          ref_frame(s->key_frame, s->key_frames)};
     int picked[KEY_REFS] = {s->key_index, -1, -1};
     while (n < KEY_REFS) {
         int best = -1;
@@ -191,14 +200,16 @@ static int key_refs(const struct db_outbox_source *s, struct scp_sr_image_ref *r
             bool taken = false;
             for (int k = 0; k < n; k++)
                 taken = taken || picked[k] == i ||
-                        (strcmp(s->sop[i], refs[k].sop_uid) == 0 && s->frame[i] == refs[k].frame);
+                        (strcmp(s->sop[i], refs[k].sop_uid) == 0 &&
+                         ref_frame(s->frame[i], s->frames[i]) == refs[k].frame);
             if (!taken && s->sop_class[i][0] && s->p_any[i] >= SUBTYPE_THRESHOLD &&
                 (best < 0 || s->p_any[i] > s->p_any[best]))
                 best = i;
         }
         if (best < 0) break;
         picked[n] = best;
-        refs[n++] = (struct scp_sr_image_ref){s->sop_class[best], s->sop[best], s->frame[best]};
+        refs[n++] = (struct scp_sr_image_ref){s->sop_class[best], s->sop[best],
+                                              ref_frame(s->frame[best], s->frames[best])};
     }
     return n;
 }
@@ -285,10 +296,11 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sr);
         goto failed;
     }
-    if (scp_pixels_read(src, &px, err, sizeof err) != 0) goto failed;
-    int frame = s.key_frame > 0 && s.key_frame <= px.frames ? s.key_frame - 1 : 0;
+    /* Only the key frame: a multi-frame (Enhanced CT) object is not decoded
+     * whole for one picture. */
+    if (scp_pixels_read_frame(src, s.key_frame, &px, err, sizeof err) != 0) goto failed;
     struct triage_pacs_picture pic = {
-        .hu = px.hu + (size_t)frame * (size_t)px.rows * (size_t)px.columns,
+        .hu = px.hu,
         .hu_rows = px.rows,
         .hu_cols = px.columns,
         .pixel_aspect = picture_aspect(s.key_spacing),
@@ -309,8 +321,7 @@ static void build(struct triage_pacs *p, int64_t rev_id)
     d_sc.series_number = 9500 + s.revision;
     d_sc.series_desc = desc_sc;
     snprintf(tmp, sizeof tmp, "%s.tmp", path_sc);
-    if (scp_write_sc(tmp, &d_sc, rgb, rows, cols, s.key_sop_class, s.key_sop, err, sizeof err) !=
-            0 ||
+    if (scp_write_sc(tmp, &d_sc, rgb, rows, cols, &refs[0], err, sizeof err) != 0 ||
         commit_file(tmp, path_sc, dir) != 0) {
         if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sc);
         goto failed;

@@ -242,6 +242,61 @@ class PacsTest(itest.NodeTest):
                                  .ReferencedSOPInstanceUID, first_sr)
         self.assertTrue(seen)
 
+    def test_enhanced_ct_key_frame(self):
+        """An Enhanced CT (one multi-frame object): the SR names each slice by
+        its 1-based frame number and the SC shows the key frame itself.
+        slice_results keeps frames 0-based; they were passed on as they were
+        (every reference one frame early, frame 0 none at all) and the SC
+        drew the frame before the key."""
+        port, out = self.storescp("enhanced")
+        node = self.node("ENHANCED@127.0.0.1:%d" % port)
+        frames = 30
+        (path,) = self.gen("enh", count=frames, rows=32, cols=32, sop="enhanced-ct")
+        import numpy as np
+        import pydicom
+        ds = pydicom.dcmread(path)
+        # Frames in the file from top to bottom, so slice and frame numbers
+        # differ; frame k is flat at its own HU, whose grey in the brain
+        # window (0..80 HU) tells which frame a picture shows.
+        hu = []
+        for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            item.PlanePositionSequence[0].ImagePositionPatient[2] = -100.0 + 5.0 * (frames - 1 - k)
+            hu.append(2 * (frames - 1 - k) + 1)
+        pixels = np.stack([np.full((32, 32), 1024 + v, dtype=np.uint16) for v in hu])
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path)
+        self.send(node, [path])
+        self.wait_deliveries(node, lambda r: r[2] == "sent", 2)
+        key_sop, key_index = node.query("SELECT key_sop, key_index FROM results")[0]
+        slices = {i: (f, p) for i, f, p in node.query(
+            "SELECT idx, frame, p_any FROM slice_results ORDER BY idx")}
+        self.assertEqual(len(slices), frames)
+        key_frame = slices[key_index][0]
+        # As the node picks them: the key slice, then the most probable others.
+        others = sorted((i for i in slices if i != key_index and slices[i][1] >= 0.5),
+                        key=lambda i: -slices[i][1])[:2]
+        want = [key_frame + 1] + [slices[i][0] + 1 for i in others]
+        got = {}
+        for f in os.listdir(out):
+            got[str(pydicom.dcmread(os.path.join(out, f)).SOPClassUID)] = os.path.join(out, f)
+        self.assertEqual(sorted(got), sorted([SC_CLASS, SR_CLASS]), got)
+        sr = pydicom.dcmread(got[SR_CLASS])
+        refs = [item.ReferencedSOPSequence[0] for item in sr.ContentSequence
+                if item.ValueType == "IMAGE"]
+        self.assertEqual([r.ReferencedSOPInstanceUID for r in refs], [key_sop] * len(want))
+        self.assertEqual([int(r.get("ReferencedFrameNumber", 0)) for r in refs], want,
+                         "key slice %d is frame %d (0-based)" % (key_index, key_frame))
+        sc = pydicom.dcmread(got[SC_CLASS])
+        self.assertEqual(int(sc.SourceImageSequence[0].ReferencedFrameNumber), key_frame + 1)
+        # The middle of the picture's image square (56 + 512 / 2, 512 / 2).
+        grey = int(sc.pixel_array[56 + 256, 256, 0])
+        greys = [round(min(max(v / 80.0, 0.0), 1.0) * 255) for v in hu]
+        shown = min(range(frames), key=lambda k: abs(greys[k] - grey))
+        self.assertEqual(shown, key_frame, "grey %d" % grey)
+        self.assertLessEqual(abs(greys[key_frame] - grey), 1)
+        for p in got.values():
+            self.dciodvfy_clean(p)
+
     def test_orthanc_down_then_up(self):
         orthanc = self.orthanc()
         node = self.node("ORTHANC@127.0.0.1:%d" % orthanc.dicom_port,
