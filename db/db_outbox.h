@@ -16,8 +16,11 @@
 #include "db.h"
 #include "db_triage.h"
 
-/* A study result that no revision covers yet: the result of the series that
- * sets the study's result, once that series is triaged. */
+/* A study result to report: the result of the series that sets the study's
+ * result, once that series is triaged, when it is not what the study's
+ * newest revision (of any state) reports. A re-triage that moves the study's
+ * result to another series, even back to one whose result an earlier
+ * revision sent, so makes a new revision; an unchanged study none. */
 struct db_outbox_new {
     int64_t study_id, series_id, result_at;
     bool flagged;

@@ -11,17 +11,18 @@ int db_outbox_scan(struct db *db, struct db_outbox_new *out, int max, int *n)
 {
     *n = 0;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(
-            db_conn(db),
-            "SELECT st.id, r.series_ref, r.created_at, r.flagged,"
-            " EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
-            "  AND pr.state IN ('pending', 'ready'))"
-            " FROM studies st JOIN results r ON r.series_ref = st.result_series_ref"
-            " JOIN series s ON s.id = r.series_ref"
-            " WHERE s.state = 'triaged' AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr"
-            "  WHERE pr.series_ref = r.series_ref AND pr.result_at = r.created_at)"
-            " ORDER BY r.created_at LIMIT ?1",
-            -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(db_conn(db),
+                           "SELECT st.id, r.series_ref, r.created_at, r.flagged,"
+                           " EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
+                           "  AND pr.state IN ('pending', 'ready'))"
+                           " FROM studies st JOIN results r ON r.series_ref = st.result_series_ref"
+                           " JOIN series s ON s.id = r.series_ref"
+                           " LEFT JOIN pacs_revisions last ON last.id = (SELECT max(pr.id)"
+                           "  FROM pacs_revisions pr WHERE pr.study_ref = st.id)"
+                           " WHERE s.state = 'triaged' AND (last.id IS NULL"
+                           "  OR last.series_ref != r.series_ref OR last.result_at != r.created_at)"
+                           " ORDER BY r.created_at LIMIT ?1",
+                           -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_int(st, 1, max);
     int rc;

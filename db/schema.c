@@ -205,6 +205,54 @@ static const char *const migrations[] = {
     /* and the audit by study: an opening is recorded once per person in a
      * window (db_audit_opened), which looks for the last one. */
     "CREATE INDEX audit_study ON audit(study_uid, at);",
+
+    /* 9 -> 10: results to PACS: a result may be reported again in a later
+     * revision (a re-triage moved the study's result back to a series
+     * whose result an earlier revision sent), so one revision per result
+     * (UNIQUE (series_ref, result_at)) no more. SQLite cannot drop a
+     * constraint: both outbox tables are copied anew, ids kept (deliveries
+     * refer to revisions, so they move with them). The sender looks for a
+     * study's newest revision: indexed by study. */
+    "CREATE TABLE pacs_revisions_new ("
+    "  id INTEGER PRIMARY KEY,"
+    "  study_ref INTEGER NOT NULL REFERENCES studies(id),"
+    "  series_ref INTEGER NOT NULL REFERENCES series(id),"
+    "  result_at INTEGER NOT NULL," /* results.created_at of the result reported */
+    "  revision INTEGER NOT NULL,"  /* 1, 2, ... per study; 0 for skipped ones */
+    "  state TEXT NOT NULL,"        /* pending, ready, skipped, failed */
+    "  reason TEXT NOT NULL DEFAULT '',"
+    "  created_at INTEGER NOT NULL,"
+    "  sr_series_uid TEXT NOT NULL DEFAULT '',"
+    "  sr_sop_uid TEXT NOT NULL DEFAULT '',"
+    "  failed_at INTEGER);"
+    "INSERT INTO pacs_revisions_new (id, study_ref, series_ref, result_at, revision, state,"
+    "  reason, created_at, sr_series_uid, sr_sop_uid, failed_at)"
+    "  SELECT id, study_ref, series_ref, result_at, revision, state, reason, created_at,"
+    "  sr_series_uid, sr_sop_uid, failed_at FROM pacs_revisions;"
+    "CREATE TABLE pacs_deliveries_new ("
+    "  id INTEGER PRIMARY KEY,"
+    "  revision_ref INTEGER NOT NULL REFERENCES pacs_revisions_new(id),"
+    "  destination TEXT NOT NULL,"
+    "  object TEXT NOT NULL,"
+    "  file_path TEXT NOT NULL,"
+    "  sop_uid TEXT NOT NULL,"
+    "  state TEXT NOT NULL DEFAULT 'pending',"
+    "  attempts INTEGER NOT NULL DEFAULT 0,"
+    "  next_attempt_at INTEGER NOT NULL,"
+    "  last_attempt_at INTEGER,"
+    "  last_error TEXT NOT NULL DEFAULT '',"
+    "  sent_at INTEGER,"
+    "  UNIQUE (revision_ref, destination, object));"
+    "INSERT INTO pacs_deliveries_new SELECT id, revision_ref, destination, object, file_path,"
+    "  sop_uid, state, attempts, next_attempt_at, last_attempt_at, last_error, sent_at"
+    "  FROM pacs_deliveries;"
+    "DROP TABLE pacs_deliveries;"
+    "DROP TABLE pacs_revisions;"
+    /* renames the deliveries' reference with it */
+    "ALTER TABLE pacs_revisions_new RENAME TO pacs_revisions;"
+    "ALTER TABLE pacs_deliveries_new RENAME TO pacs_deliveries;"
+    "CREATE INDEX pacs_deliveries_due ON pacs_deliveries(state, next_attempt_at);"
+    "CREATE INDEX pacs_revisions_study ON pacs_revisions(study_ref, id);",
 };
 
 int db_schema_version(void)

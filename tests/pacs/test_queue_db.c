@@ -60,13 +60,14 @@ static int64_t count(const char *q)
     return v;
 }
 
-static void put(const char *sop, int64_t at)
+/* An instance sop of series (of study 1.2.3) received at time at. */
+static void put_in(const char *series, const char *sop, int64_t at)
 {
     char rel[128], old[512], err[512];
-    snprintf(rel, sizeof rel, "spool/1.2.3/1.2.3.4/%s.dcm", sop);
+    snprintf(rel, sizeof rel, "spool/1.2.3/%s/%s.dcm", series, sop);
     struct db_instance in = {.patient_id = "P1",
                              .study_uid = "1.2.3",
-                             .series_uid = "1.2.3.4",
+                             .series_uid = series,
                              .modality = "CT",
                              .series_number = 1,
                              .sop_uid = sop,
@@ -82,6 +83,11 @@ static void put(const char *sop, int64_t at)
                              .file_size = 10,
                              .received_at_ms = at};
     cr_assert_eq(db_instance_put(db, &in, old, sizeof old, err, sizeof err), 0, "%s", err);
+}
+
+static void put(const char *sop, int64_t at)
+{
+    put_in("1.2.3.4", sop, at);
 }
 
 /* The series' result (one row per series, replaced by a re-triage) at
@@ -321,4 +327,69 @@ Test(outbox, source_reads_one_result, .init = setup, .fini = teardown)
     cr_expect_float_eq(src.key_spacing[0], 0.5, 1e-9);
     cr_expect_float_eq(src.key_spacing[1], 0.25, 1e-9);
     db_outbox_source_free(&src);
+}
+
+/* Series series_ref's result at time at with probability p (flagged at 0.5)
+ * and key slice key, and the study's result set to series study_result, as
+ * a triage of that series leaves them. */
+static void series_result(int series_ref, int64_t at, double p, const char *key, int study_result)
+{
+    char q[800];
+    snprintf(q, sizeof q,
+             "INSERT OR REPLACE INTO results (series_ref, content_key, model_version, p_any,"
+             " p_epidural, p_intraparenchymal, p_intraventricular, p_subarachnoid, p_subdural,"
+             " flagged, slices, key_index, key_sop, created_at) VALUES (%d, 'k', 'm', %g, 0, 0,"
+             " 0, 0, 0, %d, 1, 0, '%s', %lld);"
+             "UPDATE series SET state = 'triaged' WHERE id = %d;"
+             "UPDATE studies SET result_series_ref = %d, updated_at = %lld;",
+             series_ref, p, p >= 0.5, key, (long long)at, series_ref, study_result, (long long)at);
+    sql(q);
+}
+
+/* Scans and adds what the scan finds as pending, built at once (ready);
+ * returns how many it found, each one's revision in revs. */
+static int scan_and_build(int *revs)
+{
+    struct db_outbox_new f[4];
+    int n = 0;
+    cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
+    for (int i = 0; i < n; i++) {
+        int64_t id;
+        cr_assert_eq(db_outbox_revision_add(db, &f[i], "pending", "", 1000, &id, &revs[i]), 0);
+        struct db_outbox_object o[2] = {{"PACS@127.0.0.1:9", "sr", "outbox/x-sr.dcm", "9.1"},
+                                        {"PACS@127.0.0.1:9", "sc", "outbox/x-sc.dcm", "9.2"}};
+        cr_assert_eq(db_outbox_revision_ready(db, id, "9.0", "9.1", o, 2, 1000), 0);
+    }
+    return n;
+}
+
+/* Series B (flagged) is sent as revision 2 after series A's result went out
+ * as revision 1; B is triaged again after late images and drops below A:
+ * the study's result is A's again, unchanged since revision 1. PACS's
+ * newest result must become A's (revision 3), not stay B's flagged one. */
+Test(outbox, result_moved_back_to_an_older_series_is_sent_again, .init = setup, .fini = teardown)
+{
+    int revs[4];
+    put_in("1.2.3.4", "1.2.3.4.1", 1000);
+    put_in("1.2.3.5", "1.2.3.5.1", 1500);
+    series_result(1, 1000, 0.3, "1.2.3.4.1", 1);
+    cr_assert_eq(scan_and_build(revs), 1);
+    cr_expect_eq(revs[0], 1);
+    cr_expect_eq(scan_and_build(revs), 0, "an unchanged study sends nothing again");
+    series_result(2, 2000, 0.9, "1.2.3.5.1", 2);
+    cr_assert_eq(scan_and_build(revs), 1);
+    cr_expect_eq(revs[0], 2);
+    series_result(2, 3000, 0.02, "1.2.3.5.1", 1);
+    cr_assert_eq(scan_and_build(revs), 1, "the study's result moved back to series A");
+    cr_expect_eq(revs[0], 3);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE revision = 3"
+                       " AND series_ref = 1 AND result_at = 1000"),
+                 1);
+    cr_expect_eq(scan_and_build(revs), 0, "revision 3 is sent once");
+    /* Nor again after a restart: what was sent is in the database. */
+    char err[256];
+    db_close(db);
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    cr_expect_eq(scan_and_build(revs), 0);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions"), 3);
 }
