@@ -146,12 +146,13 @@ static void build_failed(struct triage_pacs *p, int64_t revision_id, const char 
     struct build_retry *r = retry_find(p, revision_id);
     int attempts = (r ? r->attempts : 0) + 1;
     if (attempts >= p->max_attempts) {
-        util_log(UTIL_LOG_ERROR, "pacs_revision_failed",
-                 "study=%s revision=%d attempts=%d reason=\"%s\"", study, revision, attempts,
-                 reason);
+        /* recorded first: the line says what /healthz already shows */
         if (db_outbox_revision_failed(p->db, revision_id, reason, now_ms()) != 0)
             util_log(UTIL_LOG_ERROR, "pacs_record_failed", "revision_id=%lld",
                      (long long)revision_id);
+        util_log(UTIL_LOG_ERROR, "pacs_revision_failed",
+                 "study=%s revision=%d attempts=%d reason=\"%s\"", study, revision, attempts,
+                 reason);
         retry_drop(p, revision_id);
         return;
     }
