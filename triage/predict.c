@@ -234,15 +234,15 @@ int triage_predict_main(int argc, char **argv)
         const char **paths = malloc(sizeof *paths * (size_t)(b - a));
         if (!paths) goto done;
         /* The CT images of the series, wherever they sort: another object
-         * in it (a dose report, a screen capture) is left out, as the node
-         * does, and does not decide for the whole series. */
+         * in it (a dose report, a screen capture) is left out, by
+         * triage_volume_build as on the node, and does not decide for the
+         * whole series. */
         int nct = 0;
         const struct scp_info *in = &fs.v[a].info; /* the first CT image's, if any */
-        for (int k = a; k < b; k++)
-            if (scp_sop_class_is_ct(fs.v[k].info.sop_class)) {
-                if (nct == 0) in = &fs.v[k].info;
-                paths[nct++] = fs.v[k].path;
-            }
+        for (int k = a; k < b; k++) {
+            paths[k - a] = fs.v[k].path;
+            if (scp_sop_class_is_ct(fs.v[k].info.sop_class) && nct++ == 0) in = &fs.v[k].info;
+        }
         struct db_worklist_row row = {
             .study_uid = in->study_uid,
             .series_uid = in->series_uid,
@@ -264,7 +264,7 @@ int triage_predict_main(int argc, char **argv)
             row.status = "not_applicable";
             row.slices = b - a;
             snprintf(e, sizeof e, "not a CT image (modality %s)", in->modality);
-        } else if (triage_volume_build(paths, nct, &v, e, sizeof e) != 0) {
+        } else if (triage_volume_build(paths, b - a, &v, e, sizeof e) != 0) {
             row.status = "failed";
         } else {
             if (triage_volume_check(&v, (double)max_tilt, 1, e, sizeof e) != 0) {

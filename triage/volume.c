@@ -103,6 +103,15 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
             goto done;
         }
         struct scp_info *in = &c[i].info;
+        /* Another object stored in the series (a screen capture, a dose
+         * report) is not a slice even when it carries a position: left out
+         * and counted, as completion and `ichtriage predict` leave it out.
+         * A file without a SOP Class UID (de-identified training data may
+         * have none) is taken as an image. */
+        if (in->sop_class[0] && !scp_sop_class_is_ct(in->sop_class)) {
+            out->dropped_not_ct++;
+            continue;
+        }
         c[i].frames = in->has_pixel_data ? in->number_of_frames : 0;
         if (in->number_of_frames > 1 && c[i].frames > 0) {
             /* as for single-frame files: never triage a part of the series */
@@ -229,6 +238,9 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
     }
     int k = 0;
     out->note[0] = 0;
+    if (out->dropped_not_ct)
+        k += snprintf(out->note + k, sizeof out->note - (size_t)k,
+                      "%d object(s) other than CT images left out; ", out->dropped_not_ct);
     if (out->dropped_localizers)
         k += snprintf(out->note + k, sizeof out->note - (size_t)k,
                       "%d localizer/off-plane image(s) dropped; ", out->dropped_localizers);

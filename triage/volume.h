@@ -28,6 +28,7 @@ struct triage_volume {
     double normal[3];
     double spacing; /* median distance between neighbours (mm); 0 for one slice */
     char study_uid[SCP_UID_MAX], series_uid[SCP_UID_MAX];
+    int dropped_not_ct;       /* objects of another SOP class (screen captures, ...) */
     int dropped_localizers;   /* localizers, scouts, images off the main plane */
     int dropped_inconsistent; /* other size, or no position/orientation */
     int missing_slices;       /* slices missing from gaps along the normal */

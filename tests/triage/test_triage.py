@@ -496,8 +496,23 @@ class TriageTest(itest.NodeTest):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=20)
         (study, files), = studies.items()
-        self.send(node, files)
+        # Another object in the series (here a Secondary Capture, sorting
+        # first, with the position and orientation of a slice) is left out by
+        # both: it had decided "not applicable" for the series in predict,
+        # and the node had taken it as a 13th slice (a duplicate position).
+        import pydicom
+        mixed = os.path.join(self.work, "mixed")
+        shutil.copytree(os.path.join(self.work, "ph"), mixed)
+        ds = pydicom.dcmread(files[0])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".9"
+        sc = os.path.join(mixed, "000.dcm")
+        ds.save_as(sc)
+        self.send(node, files + [sc])
         row = self.wait_status(node, study, ("triaged",))
+        self.assertEqual(row["slices"], 12, row)
+        self.assertIn("1 object(s) other than CT images left out", row["status_reason"])
+        self.assertNotIn("duplicate", row["status_reason"])
         p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
                             "triage.model=" + self.model, "--json",
                             os.path.join(self.work, "ph")],
@@ -507,15 +522,6 @@ class TriageTest(itest.NodeTest):
         self.assertEqual(out[0]["study_uid"], study)
         self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
         self.assertEqual(len(out[0]["slice_probabilities"]), 12)
-        # Another object in the series (here a Secondary Capture, sorting
-        # first) is left out; it decided "not applicable" for the series.
-        import pydicom
-        mixed = os.path.join(self.work, "mixed")
-        shutil.copytree(os.path.join(self.work, "ph"), mixed)
-        ds = pydicom.dcmread(files[0])
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".9"
-        ds.save_as(os.path.join(mixed, "000.dcm"))
         p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
                             "triage.model=" + self.model, "--json", mixed],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
@@ -523,6 +529,7 @@ class TriageTest(itest.NodeTest):
         self.assertEqual([r["status"] for r in out], ["triaged"], out)
         self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
         self.assertEqual(len(out[0]["slice_probabilities"]), 12)
+        self.assertEqual(out[0]["status_reason"], row["status_reason"])
         # A folder given as a symbolic link is walked where it points (it
         # gave an empty list before); a folder with no images says so.
         link = os.path.join(self.work, "link")
