@@ -81,6 +81,16 @@ bool get_doubles(DcmItem *item, const DcmTagKey &tag, double *out, int count)
     return true;
 }
 
+// get_doubles, and every value finite: a position or orientation of NaN or
+// infinity is no geometry (it would scramble the order of a whole series).
+bool get_finite_doubles(DcmItem *item, const DcmTagKey &tag, double *out, int count)
+{
+    if (!get_doubles(item, tag, out, count)) return false;
+    for (int i = 0; i < count; i++)
+        if (!std::isfinite(out[i])) return false;
+    return true;
+}
+
 // The first item of sequence seq inside group, or null.
 DcmItem *first_item(DcmItem *group, const DcmTagKey &seq)
 {
@@ -341,7 +351,8 @@ extern "C" int scp_info_frames(const char *path, int max, double *positions, dou
         for (DcmItem *g : groups) {
             DcmItem *o = first_item(g, DCM_PlaneOrientationSequence);
             if (!*has_orientation && o)
-                *has_orientation = get_doubles(o, DCM_ImageOrientationPatient, orientation, 6);
+                *has_orientation =
+                    get_finite_doubles(o, DCM_ImageOrientationPatient, orientation, 6);
             DcmItem *m = first_item(g, DCM_PixelMeasuresSequence);
             if (!*has_spacing && m) *has_spacing = get_doubles(m, DCM_PixelSpacing, spacing, 2);
         }
@@ -351,8 +362,7 @@ extern "C" int scp_info_frames(const char *path, int max, double *positions, dou
              it = per->nextInContainer(it)) {
             DcmItem *pp = first_item(static_cast<DcmItem *>(it), DCM_PlanePositionSequence);
             double *p = positions + 3 * n;
-            if (!pp || !get_doubles(pp, DCM_ImagePositionPatient, p, 3) || !std::isfinite(p[0]) ||
-                !std::isfinite(p[1]) || !std::isfinite(p[2]))
+            if (!pp || !get_finite_doubles(pp, DCM_ImagePositionPatient, p, 3))
                 p[0] = p[1] = p[2] = NAN; /* this frame only: the next ones are read */
             n++;
         }
@@ -461,8 +471,9 @@ extern "C" int scp_info_read(const char *path, struct scp_info *out, char *err,
         if (out->number_of_frames < 1) out->number_of_frames = 1;
         out->images_in_acquisition = get_int(ds, DCM_ImagesInAcquisition, 0);
         out->has_pixel_spacing = get_doubles(ds, DCM_PixelSpacing, out->pixel_spacing, 2);
-        out->has_position = get_doubles(ds, DCM_ImagePositionPatient, out->position, 3);
-        out->has_orientation = get_doubles(ds, DCM_ImageOrientationPatient, out->orientation, 6);
+        out->has_position = get_finite_doubles(ds, DCM_ImagePositionPatient, out->position, 3);
+        out->has_orientation =
+            get_finite_doubles(ds, DCM_ImageOrientationPatient, out->orientation, 6);
         get_doubles(ds, DCM_SliceThickness, &out->slice_thickness, 1);
         if (!get_doubles(ds, DCM_RescaleSlope, &out->rescale_slope, 1)) out->rescale_slope = 1.0;
         get_doubles(ds, DCM_RescaleIntercept, &out->rescale_intercept, 1);

@@ -48,10 +48,12 @@ struct scp_info {
     int number_of_frames;      /* 1 for single-frame objects */
     int images_in_acquisition; /* (0020,1002); 0 when absent */
     bool has_pixel_spacing, has_position, has_orientation, has_pixel_data;
-    double pixel_spacing[2];                 /* row spacing, column spacing (mm) */
-    double slice_thickness;                  /* 0 when absent */
-    double position[3];                      /* ImagePositionPatient */
-    double orientation[6];                   /* ImageOrientationPatient */
+    double pixel_spacing[2]; /* row spacing, column spacing (mm) */
+    double slice_thickness;  /* 0 when absent */
+    /* ImagePositionPatient and ImageOrientationPatient; has_position and
+     * has_orientation are false when a value is missing or not finite. */
+    double position[3];
+    double orientation[6];
     double rescale_slope, rescale_intercept; /* 1 and 0 when absent */
     double window_center, window_width;      /* 0 when absent */
     /* The first of the UIDs above (SOP class, SOP instance, study, series,
@@ -81,7 +83,8 @@ int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long
 
 /* For multi-frame (enhanced) images: the position of each frame, from the
  * per-frame functional groups (PlanePositionSequence), into positions
- * [max * 3] (NaN, NaN, NaN for a frame without one), and the orientation and
+ * [max * 3] (NaN, NaN, NaN for a frame without one, or with a value that is
+ * not finite), and the orientation and
  * pixel spacing from the shared (or first per-frame) functional groups,
  * where has_* say whether they were found. Returns the number of frames
  * whose group was read (at most max), or -1 with a message when the file

@@ -1,11 +1,16 @@
 /* Unit tests of scp/'s C helpers: UID checks (everything in a spool path
- * passes them), SOP class tables, and refusing what is not DICOM. */
+ * passes them), SOP class tables, refusing what is not DICOM, and geometry
+ * that is not finite. */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "scp_info.h"
+#include "scp_write.h"
+#include "volume.h"
 
 Test(scp_info, uid_validity)
 {
@@ -32,9 +37,9 @@ Test(scp_info, sop_classes)
     cr_assert(scp_sop_class_is_ct("1.2.840.10008.5.1.4.1.1.2"));
     cr_assert(scp_sop_class_is_ct("1.2.840.10008.5.1.4.1.1.2.1"));
     cr_assert_not(scp_sop_class_is_ct("1.2.840.10008.5.1.4.1.1.4"));
-    cr_assert(scp_sop_class_storable("1.2.840.10008.5.1.4.1.1.4"));  /* MR */
-    cr_assert(scp_sop_class_storable("1.2.840.10008.5.1.4.1.1.7"));  /* SC */
-    cr_assert_not(scp_sop_class_storable("1.2.840.10008.1.1"));      /* Verification */
+    cr_assert(scp_sop_class_storable("1.2.840.10008.5.1.4.1.1.4")); /* MR */
+    cr_assert(scp_sop_class_storable("1.2.840.10008.5.1.4.1.1.7")); /* SC */
+    cr_assert_not(scp_sop_class_storable("1.2.840.10008.1.1"));     /* Verification */
 }
 
 Test(scp_info, garbage_is_refused_with_a_message)
@@ -56,4 +61,79 @@ Test(scp_info, garbage_is_refused_with_a_message)
     cr_assert_eq(scp_info_read("/nonexistent/file.dcm", &info, err, sizeof err), -1);
     cr_assert(strstr(err, "cannot") != NULL, "%s", err);
     unlink(path);
+}
+
+/* Writes an 8x8 axial CT slice at position pos (instance number i) into dir
+ * as NN.dcm; path receives its name. */
+static void write_slice(const char *dir, int i, const double pos[3], const double orient[6],
+                        char *path, size_t len)
+{
+    /* Only what the geometry needs: empty strings for the rest. */
+    static const struct scp_ct_study st = {.study_uid = "2.25.7001"};
+    struct scp_ct_series se = {
+        .series_uid = "2.25.7002", .frame_of_ref_uid = "2.25.7003", .pixel_spacing = {0.5, 0.5}};
+    memcpy(se.orientation, orient, sizeof se.orientation);
+    uint16_t pix[64];
+    for (int k = 0; k < 64; k++)
+        pix[k] = (uint16_t)(1000 + k);
+    char sop[32];
+    snprintf(sop, sizeof sop, "2.25.71%02d", i);
+    struct scp_ct_image im = {
+        .sop_uid = sop, .instance_number = i + 1, .rescale_slope = 1, .rows = 8, .columns = 8};
+    im.pixels = pix;
+    memcpy(im.position, pos, sizeof im.position);
+    snprintf(path, len, "%s/%02d.dcm", dir, i);
+    char err[256];
+    cr_assert_eq(scp_write_ct(path, &st, &se, &im, err, sizeof err), 0, "%s", err);
+}
+
+/* A NaN (or infinite) position or orientation is no geometry: the slice is
+ * dropped and counted, not placed. A NaN position had been read as present,
+ * made by_along an inconsistent comparator, and the whole series came out
+ * in a scrambled order (16 slices kept, "about 1 slice(s) missing"). */
+Test(scp_info, geometry_that_is_not_finite_is_missing)
+{
+    char dir[] = "/tmp/ichtriage-geometry-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    enum { N = 16, BAD = 5 };
+    const double axial[6] = {1, 0, 0, 0, 1, 0};
+    char paths[N][300];
+    const char *order[N];
+    for (int i = 0; i < N; i++) {
+        double pos[3] = {-2, -2, 2.5 * i};
+        if (i == BAD) pos[0] = NAN;
+        write_slice(dir, i, pos, axial, paths[i], sizeof paths[i]);
+        order[i] = paths[(i * 7) % N]; /* not in z order */
+    }
+    struct scp_info in;
+    char err[512];
+    cr_assert_eq(scp_info_read(paths[BAD], &in, err, sizeof err), 0, "%s", err);
+    cr_assert_not(in.has_position);
+    cr_assert(in.has_orientation);
+    cr_assert_eq(scp_info_read(paths[0], &in, err, sizeof err), 0, "%s", err);
+    cr_assert(in.has_position);
+
+    char inf_path[300];
+    const double tilted[6] = {1, 0, 0, 0, INFINITY, 0}, pos[3] = {0, 0, 0};
+    write_slice(dir, 99, pos, tilted, inf_path, sizeof inf_path);
+    cr_assert_eq(scp_info_read(inf_path, &in, err, sizeof err), 0, "%s", err);
+    cr_assert_not(in.has_orientation);
+    cr_assert(in.has_position);
+
+    struct triage_volume v;
+    cr_assert_eq(triage_volume_build(order, N, &v, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(v.n, N - 1, "%d slices: %s", v.n, v.note);
+    cr_assert_eq(v.dropped_inconsistent, 1, "%s", v.note);
+    for (int i = 0; i < v.n; i++) {
+        int z = i < BAD ? i : i + 1; /* the slice at BAD is the one left out */
+        cr_assert_float_eq(v.slices[i].along, 2.5 * z, 1e-6, "slice %d at %g", i,
+                           v.slices[i].along);
+    }
+    cr_assert_eq(v.missing_slices, 1, "%s", v.note);
+    triage_volume_free(&v);
+
+    for (int i = 0; i < N; i++)
+        unlink(paths[i]);
+    unlink(inf_path);
+    rmdir(dir);
 }
