@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "preprocess.h"
 #include "scp_pixels.h"
 
 extern char **environ;
@@ -497,10 +498,12 @@ int triage_decode_main(int argc, char **argv)
     char magic[8];
     int32_t head[3];
     int64_t forever = INT64_MAX;
+    /* The stream is the head crop's samples, then every slice
+     * (triage_preprocess_volume): up to TRIAGE_MAX_SLICES and those. */
     if (read_full(0, magic, 8, forever) || memcmp(magic, MAGIC, 8) ||
-        read_full(0, head, sizeof head, forever) || head[0] <= 0 || head[0] > TRIAGE_MAX_SLICES ||
-        head[1] <= 0 || head[1] > SCP_PIXELS_MAX_DIM || head[2] <= 0 ||
-        head[2] > SCP_PIXELS_MAX_DIM)
+        read_full(0, head, sizeof head, forever) || head[0] <= 0 ||
+        head[0] > TRIAGE_MAX_SLICES + TRIAGE_HEAD_SAMPLES || head[1] <= 0 ||
+        head[1] > SCP_PIXELS_MAX_DIM || head[2] <= 0 || head[2] > SCP_PIXELS_MAX_DIM)
         return 5;
     struct triage_volume v = {.n = head[0], .rows = head[1], .columns = head[2]};
     v.slices = calloc((size_t)v.n, sizeof *v.slices);

@@ -1,7 +1,8 @@
 /* Writes a small LRCN with random weights and the metadata the node needs,
  * for tests of the triage plumbing (order, states, restarts), which do not
  * depend on what the model has learnt:
- *   make_test_model OUT.safetensors [ARCH] [SEED] [THRESHOLD] */
+ *   make_test_model OUT.safetensors [ARCH] [SEED] [THRESHOLD] [PREPROCESSING]
+ * (PREPROCESSING: the metadata's steps, e.g. "crop=head"; none by default). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,7 +12,8 @@
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s OUT.safetensors [ARCH] [SEED] [THRESHOLD]\n", argv[0]);
+        fprintf(stderr, "usage: %s OUT.safetensors [ARCH] [SEED] [THRESHOLD] [PREPROCESSING]\n",
+                argv[0]);
         return 2;
     }
     nn_config c;
@@ -37,6 +39,7 @@ int main(int argc, char **argv)
                       "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
     nn_model_meta_set(m, "windows", "40/80,80/200,600/2800");
     nn_model_meta_set(m, "thresholds", th);
+    if (argc > 5) nn_model_meta_set(m, "preprocessing", argv[5]);
     nn_model_meta_set(m, "version", "test-random-weights");
     nn_model_meta_set(m, "provenance", "random weights for plumbing tests; learnt nothing");
     int rc = nn_model_save(m, argv[1], err, sizeof err);

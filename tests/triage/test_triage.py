@@ -482,6 +482,23 @@ class TriageTest(itest.NodeTest):
         self.assertIn("missing", note)
         self.assertIn("missing", row["status_reason"])
 
+    def test_series_of_the_most_slices_is_triaged(self):
+        """1000 slices (TRIAGE_MAX_SLICES) and a model that crops the head:
+        the pixel decoder child is sent the crop's 8 samples and then every
+        slice. It had refused more than 1000 ("pixel decoder exited with
+        status 5"), so 993-1000 slices always failed on the node."""
+        crop = os.path.join(self.work, "crop.safetensors")
+        subprocess.run([MAKE_MODEL, crop, "b8,M,b16,M,b16,M,b16,G|", "1", "0.5", "crop=head"],
+                       check=True)
+        node = self.node(**{"triage.model": crop})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=23, slices=1000,
+                          size=64, extra=("--thickness", "0.5"))
+        (study, files), = studies.items()
+        self.send(node, files)
+        row = self.wait_status(node, study, ("triaged", "failed"), timeout=120)
+        self.assertEqual(row["status"], "triaged", row)
+        self.assertEqual(row["slices"], 1000)
+
     def test_missing_model_keeps_receiving(self):
         node = self.node(**{"triage.model": os.path.join(self.work, "nope.safetensors")})
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=19)
