@@ -122,6 +122,39 @@ static int by_series_then_path(const void *a, const void *b)
     return c ? c : strcmp(((const struct file *)a)->path, ((const struct file *)b)->path);
 }
 
+static int by_sop_then_path(const void *a, const void *b)
+{
+    const struct file *x = a, *y = b;
+    int c = strcmp(x->info.sop_uid, y->info.sop_uid);
+    return c ? c : strcmp(x->path, y->path);
+}
+
+/* Keeps the first file (in path order) of each SOP Instance UID, as the node
+ * stores one file per instance: a copy of a folder given beside it would
+ * otherwise be every slice twice. Says how many were left out. */
+static void drop_copies(struct files *fs)
+{
+    qsort(fs->v, (size_t)fs->n, sizeof *fs->v, by_sop_then_path);
+    int kept = 0, copies = 0;
+    for (int i = 0; i < fs->n; i++) {
+        if (kept && fs->v[i].info.sop_uid[0] &&
+            strcmp(fs->v[i].info.sop_uid, fs->v[kept - 1].info.sop_uid) == 0) {
+            if (!copies++)
+                fprintf(stderr,
+                        "ichtriage predict: %s is another file of the instance in %s: left out\n",
+                        fs->v[i].path, fs->v[kept - 1].path);
+            free(fs->v[i].path);
+            continue;
+        }
+        fs->v[kept++] = fs->v[i];
+    }
+    fs->n = kept;
+    if (copies)
+        fprintf(stderr,
+                "ichtriage predict: %d file(s) skipped (another file of the same SOP instance)\n",
+                copies);
+}
+
 static int64_t now_ms(void)
 {
     struct timeval tv;
@@ -139,6 +172,8 @@ static void usage(FILE *f)
                "images given are triaged whatever their body part or number (the node's\n"
                "triage.head_patterns and triage.min_slices do not apply), but slices that are\n"
                "not axial within triage.max_tilt are not applicable, as on the node.\n"
+               "Copies (files of one SOP instance) count once, the first in path order, as\n"
+               "the node keeps one file per instance.\n"
                "Decision support, not a diagnosis.\n");
 }
 
@@ -214,6 +249,7 @@ int triage_predict_main(int argc, char **argv)
     if (fs.skipped)
         fprintf(stderr, "ichtriage predict: %d file(s) skipped (not DICOM images)\n", fs.skipped);
     if (fs.n == 0) fprintf(stderr, "ichtriage predict: no DICOM images found\n");
+    drop_copies(&fs);
     qsort(fs.v, (size_t)fs.n, sizeof *fs.v, by_series_then_path);
     cJSON *array = json ? cJSON_CreateArray() : NULL;
     if (!json) triage_row_print_header(stdout);

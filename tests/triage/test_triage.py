@@ -565,6 +565,30 @@ class TriageTest(itest.NodeTest):
         self.assertNotEqual(bad.returncode, 0)
         self.assertIn(b"model", bad.stderr)
 
+    def test_predict_reads_one_file_per_instance(self):
+        """A folder given with a copy of it beside (here inside another
+        folder given too): each SOP instance counts once, the first file in
+        path order, as the node keeps one file per instance. The copies had
+        been slices too (24 of 12, "12 slice(s) at a duplicate position")."""
+        ph = os.path.join(self.work, "ph")
+        phantom(itest.EXE, ph, seed=24)
+        shutil.copytree(ph, os.path.join(self.work, "more", "copy"))
+        cmd = [itest.EXE, "predict", "-c", "/dev/null", "--set", "triage.model=" + self.model,
+               "--json"]
+        once = json.loads(subprocess.run(cmd + [ph], stdout=subprocess.PIPE, check=True).stdout)
+        p = subprocess.run(cmd + [ph, os.path.join(self.work, "more")], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, check=True)
+        twice = json.loads(p.stdout)
+        self.assertEqual(len(twice), 1, twice)
+        for key in ("slices", "status", "status_reason"):
+            self.assertEqual(twice[0][key], once[0][key], key)
+        self.assertEqual(twice[0]["slices"], 12)
+        self.assertAlmostEqual(twice[0]["probability"], once[0]["probability"], places=6)
+        self.assertIn(b"12 file(s) skipped (another file of the same SOP instance)", p.stderr)
+        # the first in path order is read: .../more/copy/... sorts before .../ph/...
+        self.assertRegex(p.stderr.decode(), r"ph/stage_2_train/\S+ is another file of the "
+                         r"instance in \S+/more/copy/stage_2_train/")
+
     def test_predict_shows_its_progress(self):
         """Rows that go to a file or a pipe, and --json's, which prints at the
         end: the progress goes to stderr (every step here, through the
