@@ -130,11 +130,8 @@ static int inline_next(struct triage_slices *s, const float **hu, char *err, siz
         /* Frames of one multi-frame file are decoded once. */
         scp_pixels_free(&s->px);
         s->px_file = -1;
-        char e[512];
-        if (scp_pixels_read(path, &s->px, e, sizeof e) != 0) {
-            snprintf(err, errlen, "%s: %s", path, e);
-            return -1;
-        }
+        /* Its messages start with the path. */
+        if (scp_pixels_read(path, &s->px, err, errlen) != 0) return -1;
         s->px_file = sl->file;
     }
     if (s->px.rows != v->rows || s->px.columns != v->columns || sl->frame >= s->px.frames) {

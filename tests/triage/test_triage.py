@@ -375,7 +375,11 @@ class TriageTest(itest.NodeTest):
         ds.save_as(bad[3])
         self.send(node, bad + good)
         row = self.wait_status(node, bad_study, ("failed",))
-        self.assertTrue(row["status_reason"], row)
+        # The file's spool path once, then what is wrong (it came twice).
+        reason = row["status_reason"]
+        self.assertRegex(reason, r"^/\S+/%s\.dcm: pixel data holds 50 values"
+                         % re.escape(ds.SOPInstanceUID))
+        self.assertEqual(reason.count(ds.SOPInstanceUID), 1, reason)
         self.wait_status(node, good_study, ("triaged",))
         self.assertTrue(node.events("series_failed"))
         # Failed is "not yet known": listed before triaged, unflagged studies.
