@@ -37,9 +37,10 @@ static void remove_file(void *ud, const char *rel)
 int triage_retention_run(struct triage_retention *r, int64_t now_ms)
 {
     if (r->keep_ms <= 0) return 0;
-    int64_t ids[32];
+    int64_t ids[TRIAGE_RETENTION_BATCH];
     int n;
-    if (db_retention_due(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, ids, 32, &n) != 0) {
+    if (db_retention_due(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, ids,
+                         TRIAGE_RETENTION_BATCH, &n) != 0) {
         util_log(UTIL_LOG_ERROR, "retention_failed", "error=\"cannot read studies\"");
         return -1;
     }

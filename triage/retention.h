@@ -1,7 +1,11 @@
 /* Retention: removes the spool files (and instance rows) of studies that
  * are old, triaged and delivered; never anything not yet triaged or
  * delivered; reviewed studies, the retraining labels, stay longer. Runs on
- * the loop, a batch at a time. Off unless store.retention_days is set. */
+ * the loop, a batch at a time: a few studies, so that a backlog (the first
+ * run on an old store: thousands of files) holds the loop (HTTP, series
+ * completion, the watchdog's heartbeat) for a few studies' unlinks at a
+ * time, not for all of them; a full batch asks for the next soon. Off
+ * unless store.retention_days is set. */
 #ifndef TRIAGE_RETENTION_H
 #define TRIAGE_RETENTION_H
 
@@ -15,7 +19,10 @@ struct triage_retention {
     int64_t keep_ms, keep_reviewed_ms; /* keep_ms 0: retention off */
 };
 
-/* Purges up to a batch of due studies; returns how many studies, or -1. */
+#define TRIAGE_RETENTION_BATCH 4
+
+/* Purges up to TRIAGE_RETENTION_BATCH due studies; returns how many
+ * studies, or -1. */
 int triage_retention_run(struct triage_retention *r, int64_t now_ms);
 
 #endif

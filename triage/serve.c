@@ -89,7 +89,10 @@ static void run_completion(struct node *n)
 static void on_retention_timer(uv_timer_t *h)
 {
     struct node *n = h->data;
-    triage_retention_run(&n->retain, wall_ms());
+    /* a full batch: more may be due, the next batch in a second (the loop
+     * runs in between); otherwise the next look in 10 minutes */
+    if (triage_retention_run(&n->retain, wall_ms()) == TRIAGE_RETENTION_BATCH)
+        uv_timer_start(h, on_retention_timer, 1000, 600000);
 }
 
 /* A refusal that ages out of store.failure_window_seconds clears the

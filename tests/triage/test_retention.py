@@ -95,6 +95,45 @@ class Retention(itest.NodeTest):
                             "store.dir=" + node.store_dir], stdout=subprocess.PIPE, check=True)
         self.assertIn(old, p.stdout.decode())
 
+    def test_a_backlog_goes_a_few_studies_at_a_time(self):
+        """Six studies due at once (the first run on an old store) are all
+        purged, a batch of at most 4 at a time with the loop free in
+        between, not all in one go (which held the loop for every unlink of
+        the backlog: HTTP, completion and the watchdog's heartbeat)."""
+        model = os.path.join(self.work, "model.safetensors")
+        subprocess.run([MAKE_MODEL, model], check=True)
+        node = self.start_node({"triage.model": model, "triage.quiet_seconds": 1,
+                                "triage.min_slices": 5, "store.retention_days": 1})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=41, count=6)
+        files = [f for u in sorted(studies) for f in studies[u]]
+        r = dt.storescu(node.port, files, workdir=self.work)
+        self.assert_all_success(r, files)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            states = dict(node.query("SELECT study_uid, status FROM studies"))
+            if len(states) == 6 and all(s == "triaged" for s in states.values()):
+                break
+            time.sleep(0.2)
+        self.assertEqual(sorted(states.values()), ["triaged"] * 6, states)
+        self.assertEqual(node.stop(), 0)
+        old = int(time.time() * 1000) - 3 * DAY
+        con = sqlite3.connect(node.db_path)
+        with con:
+            con.execute("UPDATE studies SET updated_at = ?, received_at = ?", (old, old))
+        con.close()
+        node.start()
+        self.assertTrue(node.wait_event("study_purged", timeout=30, count=6, since_start=True),
+                        node.log_tail())
+        at = [l.split()[0] for l in node.events("study_purged", since_start=True)]
+        # the log's ts=...Z times: batches are a second apart
+        import datetime
+        t = [datetime.datetime.strptime(x[3:], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp() for x in at]
+        gaps = [b - a for a, b in zip(t, t[1:])]
+        self.assertTrue(any(g >= 0.5 for g in gaps[:4]) and all(g < 0.5 for g in gaps[:3]),
+                        "purged in batches of 4: gaps %s" % gaps)
+        self.assertEqual(node.query("SELECT count(*) FROM instances")[0][0], 0)
+        self.assert_consistent_files(node)
+
     def assert_consistent_files(self, node):
         rows = node.query("SELECT file_path FROM instances")
         indexed = {os.path.normpath(r[0]) for r in rows}
