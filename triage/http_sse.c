@@ -297,14 +297,16 @@ static void webhook_send(struct triage_http *h, const cJSON *row)
     };
     uv_process_options_t opt = {
         .exit_cb = webhook_exit, .file = "curl", .args = args, .stdio_count = 3, .stdio = stdio};
+    /* uv_spawn registers the process handle with the loop even when it
+     * fails: both handles are closed, and w is freed by the last close. */
     int rc = uv_spawn(h->loop, &w->proc, &opt);
+    w->open = 2;
     if (rc != 0) {
         util_log(UTIL_LOG_WARN, "webhook_failed", "reason=\"%s\"", uv_strerror(rc));
-        w->open = 1;
+        uv_close((uv_handle_t *)&w->proc, webhook_closed);
         uv_close((uv_handle_t *)&w->in, webhook_closed);
         return;
     }
-    w->open = 2;
     uv_buf_t buf = uv_buf_init(w->body, (unsigned)strlen(w->body));
     if (uv_write(&w->wr, (uv_stream_t *)&w->in, &buf, 1, webhook_written) != 0)
         uv_close((uv_handle_t *)&w->in, webhook_closed);

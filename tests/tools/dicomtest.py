@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -129,6 +130,7 @@ class Node:
         self.proc = None
         self._log_offset_at_start = 0
         self.notify_sock = None   # see listen_notify()
+        self.env = {}             # set in the node's environment, over the test's
         self.notes = []
 
     def listen_notify(self, watchdog_usec=1000000):
@@ -162,6 +164,8 @@ class Node:
         # ICHTRIAGE_TEST_WRAPPER (e.g. "valgrind --error-exitcode=99"): the
         # node runs under it (issue 10's memcheck run in .ci/run).
         argv = shlex.split(os.environ.get("ICHTRIAGE_TEST_WRAPPER", ""))
+        if argv:  # found on the test's PATH, whatever the node's (self.env)
+            argv[0] = shutil.which(argv[0]) or argv[0]
         argv += [self.exe, "serve", "-c", "/dev/null"]
         for k, v in self.settings.items():
             argv += ["--set", "%s=%s" % (k, v)]
@@ -179,6 +183,7 @@ class Node:
             env.pop(k, None)
         if self.notify_sock is not None:
             env.update(self.notify_env)
+        env.update(self.env)
         self.proc = subprocess.Popen(self.argv(), stdout=logf, stderr=logf,
                                      stdin=subprocess.DEVNULL, env=env)
         logf.close()

@@ -32,10 +32,11 @@ class NodeTest(unittest.TestCase):
         self.nodes = []
         self.mounts = []  # unmounted in tearDown, after the nodes stopped
 
-    def start_node(self, settings=None, store_dir=None, name="node", notify=False):
+    def start_node(self, settings=None, store_dir=None, name="node", notify=False, env=None):
         merged = dict(self.node_settings)
         merged.update(settings or {})
         node = dt.Node(EXE, os.path.join(self.work, name), merged, store_dir=store_dir)
+        node.env = env or {}
         if notify:
             node.listen_notify()
         self.nodes.append(node)

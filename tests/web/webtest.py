@@ -114,11 +114,11 @@ class WebTest(itest.NodeTest):
         subprocess.run([MAKE_MODEL, path, "b8,M,b16,M,b16,M,b16,G|", "1", threshold], check=True)
         return path
 
-    def web_node(self, threshold="0.5", **extra):
+    def web_node(self, threshold="0.5", env=None, **extra):
         settings = {"triage.model": self.make_model(threshold), "triage.quiet_seconds": 1,
                     "triage.min_slices": 5, "log.level": "info"}
         settings.update(extra)
-        node = self.start_node(settings)
+        node = self.start_node(settings, env=env)
         node.base = "http://127.0.0.1:%d" % node.http_port
         return node
 
