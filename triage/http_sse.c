@@ -368,6 +368,15 @@ void triage_http_changed(struct triage_http *h)
     uv_timer_start(&h->push, on_push, h->push_delay_ms ? h->push_delay_ms : HTTP_PUSH_DELAY_MS, 0);
 }
 
+/* A stream that cannot start with the whole list is refused: the page
+ * would have nothing for later events to apply to. */
+static int sse_refuse(struct http_sse *s, h2o_req_t *req)
+{
+    free(s);
+    util_log(UTIL_LOG_WARN, "events_refused", "reason=\"cannot read the worklist\"");
+    return http_send_error(req, 503, "cannot read the worklist; try again");
+}
+
 int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *who)
 {
     if (h->nsse >= HTTP_MAX_SSE) return http_send_error(req, 503, "too many event streams");
@@ -381,13 +390,25 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     /* Changes not pushed yet go to the other streams (and the webhook) now:
      * this one's later events are then relative to the full state it starts
      * with. With nobody listening the snapshot is just brought up to date. */
+    cJSON *flagged_rows = NULL;
     if (h->nsse > 0 || h->webhook[0]) {
         http_push_now(h);
     } else {
-        cJSON *none = NULL;
-        cJSON_Delete(worklist_event(h, false, &none));
-        cJSON_Delete(none);
+        cJSON *snap = worklist_event(h, false, &flagged_rows);
+        cJSON_Delete(flagged_rows);
+        if (!snap) return sse_refuse(s, req);
+        cJSON_Delete(snap);
     }
+    /* The stream starts with every row and the order, so a page needs
+     * nothing else. */
+    cJSON *ev = worklist_event(h, true, &flagged_rows);
+    cJSON_Delete(flagged_rows);
+    char *text = ev ? cJSON_PrintUnformatted(ev) : NULL;
+    cJSON_Delete(ev);
+    size_t len;
+    char *msg = text ? format_event(h, "worklist", text, &len) : NULL;
+    free(text);
+    if (!msg) return sse_refuse(s, req);
     h->sse[h->nsse++] = s;
     req->res.status = 200;
     req->res.reason = "OK";
@@ -395,19 +416,9 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     http_add_header(req, "cache-control", "no-store");
     http_add_header(req, "x-accel-buffering", "no");
     h2o_start_response(req, &s->super);
-    /* The stream starts with every row and the order, so a page needs
-     * nothing else. */
-    cJSON *flagged_rows = NULL;
-    cJSON *ev = worklist_event(h, true, &flagged_rows);
-    cJSON_Delete(flagged_rows);
-    char *text = ev ? cJSON_PrintUnformatted(ev) : NULL;
-    cJSON_Delete(ev);
-    size_t len;
-    char *msg = format_event(h, "worklist", text ? text : "{}", &len);
-    free(text);
     static const char hello[] = "retry: 3000\n\n";
     sse_queue(s, hello, sizeof hello - 1);
-    if (msg) sse_queue(s, msg, len);
+    sse_queue(s, msg, len);
     free(msg);
     if (!uv_is_active((uv_handle_t *)&h->ping)) {
         h->ping.data = h;

@@ -519,23 +519,29 @@ class EnhancedPngTest(wt.WebTest):
         self.assertLess(max(times), ms_pixels / 1000 / 5, (times, ms_pixels))
 
 
+def node_with_studies(test, n):
+    """A node (no model) whose index holds n triaged studies 1.2.0, 1.2.1, ..."""
+    node = test.start_node({"triage.model": os.path.join(test.work, "none.safetensors")})
+    node.stop()
+    import sqlite3
+    con = sqlite3.connect(node.db_path)
+    con.execute("INSERT INTO patients (patient_id, patient_name) VALUES ('P', 'Doe^J')")
+    con.executemany(
+        "INSERT INTO studies (study_uid, patient_ref, accession, study_desc, received_at,"
+        " updated_at, status, probability) VALUES (?, 1, ?, 'CT HEAD', ?, ?, 'triaged', ?)",
+        [("1.2.%d" % i, "A%d" % i, 1700000000000 + i, 1700000000000 + i, (i % 97) / 97)
+         for i in range(n)])
+    con.commit()
+    con.close()
+    node.start()
+    node.base = "http://127.0.0.1:%d" % node.http_port
+    return node
+
+
 class LongListTest(wt.WebTest):
     def test_first_event_of_a_long_list(self):
         # 2500 studies make a first event over 1 MiB: it must arrive whole.
-        node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
-        node.stop()
-        import sqlite3
-        con = sqlite3.connect(node.db_path)
-        con.execute("INSERT INTO patients (patient_id, patient_name) VALUES ('P', 'Doe^J')")
-        con.executemany(
-            "INSERT INTO studies (study_uid, patient_ref, accession, study_desc, received_at,"
-            " updated_at, status, probability) VALUES (?, 1, ?, 'CT HEAD', ?, ?, 'triaged', ?)",
-            [("1.2.%d" % i, "A%d" % i, 1700000000000 + i, 1700000000000 + i, (i % 97) / 97)
-             for i in range(2500)])
-        con.commit()
-        con.close()
-        node.start()
-        node.base = "http://127.0.0.1:%d" % node.http_port
+        node = node_with_studies(self, 2500)
         rows = self.get_json(node, "/api/worklist")
         self.assertEqual(len(rows), 2500)
         p = subprocess.run(["curl", "-sN", "-m", "5", node.base + "/api/events"],
@@ -545,6 +551,58 @@ class LongListTest(wt.WebTest):
         self.assertGreater(len(data[0]), 1 << 20)
         self.assertEqual(first["order"], [r["study_uid"] for r in rows])
         self.assertEqual(len(first["rows"]), 2500)
+
+
+def first_event(port, timeout=60):
+    """(status, the first event's data or the error body) of GET /api/events."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", "/api/events")
+        r = c.getresponse()
+        if r.status != 200:
+            return r.status, json.loads(r.read())
+        while True:
+            line = r.fp.readline().decode()
+            if not line:
+                return r.status, None
+            if line.startswith("data: "):
+                return r.status, json.loads(line[6:])
+    finally:
+        c.close()
+
+
+class UnreadableListTest(wt.WebTest):
+    def test_events_refused_while_the_list_cannot_be_read(self):
+        node = node_with_studies(self, 1)
+        # Another process holds the WAL index's read and write locks (bytes
+        # 120-127 of the -shm file): every read of the index fails, after
+        # SQLite's own retries (about 10 s), with "locking protocol".
+        holder = subprocess.Popen(
+            ["/usr/bin/python3", "-c",
+             "import fcntl, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "fcntl.lockf(fd, fcntl.LOCK_EX, 8, 120)\n"
+             "print('locked', flush=True)\n"
+             "sys.stdin.readline()\n", node.db_path + "-shm"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            self.assertEqual(holder.stdout.readline().strip(), b"locked")
+            # The stream's first event must be the whole list: without it the
+            # page had nothing for later events to apply to (it was "{}").
+            status, body = first_event(node.http_port)
+            self.assertEqual(status, 503, body)
+            self.assertIn("cannot read the worklist", body["error"])
+            self.assertTrue(node.events("events_refused"), node.log_tail())
+        finally:
+            holder.stdin.write(b"\n")
+            holder.stdin.close()
+            holder.wait(30)
+            holder.stdout.close()
+        status, first = first_event(node.http_port)
+        self.assertEqual(status, 200)
+        self.assertTrue(first["full"])
+        self.assertEqual([r["study_uid"] for r in first["rows"]], ["1.2.0"])
 
 
 class DegradedTest(wt.WebTest):

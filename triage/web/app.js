@@ -215,6 +215,14 @@ function listen() {
   // the order; the first event of a stream carries everything.
   es.addEventListener("worklist", (ev) => {
     const d = JSON.parse(ev.data);
+    if (!Array.isArray(d.rows) || !Array.isArray(d.removed)) {
+      // Nothing to build the list from, and later events would apply to
+      // nothing: the stream is as good as lost; start again.
+      $("offline").hidden = false;
+      es.close();
+      if (state.events === es) restartLater();
+      return;
+    }
     if (d.full) state.byUid = new Map();
     for (const r of d.rows) state.byUid.set(r.study_uid, r);
     for (const uid of d.removed) state.byUid.delete(uid);
