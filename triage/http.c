@@ -36,6 +36,11 @@ int64_t http_now_ms(void)
     return tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
+int64_t http_clock_ms(void)
+{
+    return (int64_t)(uv_hrtime() / 1000000);
+}
+
 void http_random_hex(char *out, size_t bytes)
 {
     unsigned char buf[64];
@@ -493,8 +498,8 @@ void triage_http_stop(struct triage_http *h)
         /* Idle keep-alive connections close now, busy ones after their
          * response; give them a second. */
         h2o_context_request_shutdown(&h->ctx);
-        int64_t until = http_now_ms() + 1000;
-        while (conns_open(h) && http_now_ms() < until) {
+        int64_t until = http_clock_ms() + 1000;
+        while (conns_open(h) && http_clock_ms() < until) {
             uv_run(h->loop, UV_RUN_NOWAIT);
             if (conns_open(h)) uv_sleep(5);
         }

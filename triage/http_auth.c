@@ -87,7 +87,7 @@ static struct http_session *find_session(struct triage_http *h, h2o_req_t *req)
 {
     char token[80];
     if (!http_cookie(req, COOKIE, token, sizeof token)) return NULL;
-    int64_t now = http_now_ms();
+    int64_t now = http_clock_ms();
     for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
         struct http_session *s = &h->sessions[i];
         if (s->token[0] && s->expires_ms > now && same_token(s->token, token)) return s;
@@ -114,7 +114,7 @@ int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who)
 bool http_auth_session_live(struct triage_http *h, const char *token)
 {
     if (!token[0]) return h->loopback;
-    int64_t now = http_now_ms();
+    int64_t now = http_clock_ms();
     for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
         const struct http_session *s = &h->sessions[i];
         if (s->token[0] && s->expires_ms > now && same_token(s->token, token)) return true;
@@ -130,7 +130,7 @@ bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who)
 
 static struct http_fail *fail_slot(struct triage_http *h, const char *addr, bool create)
 {
-    int64_t now = http_now_ms();
+    int64_t now = http_clock_ms();
     struct http_fail *oldest = &h->fails[0];
     for (int i = 0; i < HTTP_FAIL_SLOTS; i++) {
         struct http_fail *f = &h->fails[i];
@@ -178,6 +178,19 @@ static bool login_from_here(h2o_req_t *req)
     return strlen(host) == a.len && strncasecmp(host, a.base, a.len) == 0;
 }
 
+/* Takes one password check from the allowance of all addresses together
+ * (HTTP_LOGIN_*) at now (http_clock_ms()); false when none is left. */
+static bool login_take(struct triage_http *h, int64_t now)
+{
+    h->login_tokens += (double)(now - h->login_tokens_ms) * HTTP_LOGIN_PER_S / 1000.0;
+    if (h->login_tokens > HTTP_LOGIN_BURST || h->login_tokens_ms == 0)
+        h->login_tokens = HTTP_LOGIN_BURST;
+    h->login_tokens_ms = now;
+    if (h->login_tokens < 1) return false;
+    h->login_tokens -= 1;
+    return true;
+}
+
 int http_auth_login(struct triage_http *h, h2o_req_t *req)
 {
     if (h->loopback) return http_send_error(req, 400, "no login on a loopback address");
@@ -208,18 +221,13 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     if (!user[0] || !password[0]) return http_send_error(req, 400, "user and password required");
     /* The per-address limit does not bound checks from many addresses; each
      * holds the loop (pages, completion) for the hash's time. */
-    int64_t now = http_now_ms();
-    h->login_tokens += (double)(now - h->login_tokens_ms) * HTTP_LOGIN_PER_S / 1000.0;
-    if (h->login_tokens > HTTP_LOGIN_BURST || h->login_tokens_ms == 0)
-        h->login_tokens = HTTP_LOGIN_BURST;
-    h->login_tokens_ms = now;
-    if (h->login_tokens < 1) {
+    int64_t now = http_clock_ms();
+    if (!login_take(h, now)) {
         explicit_bzero(password, sizeof password);
         util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins from all addresses\"",
                  addr);
         return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
     }
-    h->login_tokens -= 1;
     const struct http_user *u = NULL;
     for (int i = 0; i < h->nusers; i++)
         if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];
@@ -238,7 +246,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     /* A new session; a full table drops the one closest to expiry. */
     struct http_session *s = &h->sessions[0];
     for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
-        if (!h->sessions[i].token[0] || h->sessions[i].expires_ms < http_now_ms()) {
+        if (!h->sessions[i].token[0] || h->sessions[i].expires_ms < now) {
             s = &h->sessions[i];
             break;
         }
@@ -247,7 +255,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     http_random_hex(s->token, 32);
     http_random_hex(s->csrf, 32);
     snprintf(s->user, sizeof s->user, "%s", user);
-    s->expires_ms = http_now_ms() + HTTP_SESSION_MS;
+    s->expires_ms = now + HTTP_SESSION_MS;
     /* No reset of the address's failures on success: one known password
      * must not buy more guesses at the others. */
     util_log(UTIL_LOG_INFO, "login", "peer=%s", addr);

@@ -38,12 +38,12 @@ struct http_user {
 struct http_session {
     char token[65], csrf[65];
     char user[HTTP_USER_MAX];
-    int64_t expires_ms;
+    int64_t expires_ms; /* http_clock_ms() */
 };
 struct http_fail {
     char addr[64];
     int count;
-    int64_t first_ms;
+    int64_t first_ms; /* http_clock_ms() */
 };
 
 /* A snapshot of the worklist as last pushed: study uid -> the row's JSON
@@ -79,8 +79,8 @@ struct triage_http {
     int nusers;
     struct http_session sessions[HTTP_MAX_SESSIONS];
     struct http_fail fails[HTTP_FAIL_SLOTS];
-    double login_tokens; /* password checks that may run now (HTTP_LOGIN_*) */
-    int64_t login_tokens_ms;
+    double login_tokens;     /* password checks that may run now (HTTP_LOGIN_*) */
+    int64_t login_tokens_ms; /* http_clock_ms() of the last refill; 0 before the first */
 
     struct http_sse *sse[HTTP_MAX_SSE];
     int nsse;
@@ -103,7 +103,11 @@ struct http_who {
     const char *session; /* the session's token; "" on loopback */
 };
 
+/* Wall-clock time (Unix ms): for what is shown or stored. */
 int64_t http_now_ms(void);
+/* Monotonic ms (since boot): for rate limits and session lifetimes, which a
+ * step of the wall clock (NTP, an administrator) must not move. */
+int64_t http_clock_ms(void);
 void http_random_hex(char *out, size_t bytes); /* out: 2*bytes+1 chars */
 
 /* Responses. Each sends and returns 0 (h2o's "handled"). */

@@ -182,6 +182,39 @@ class AuthTest(wt.WebTest):
         time.sleep(1.5)
         self.assertEqual(self.req(node, "/login", "POST", json.loads(body))[0], 200)
 
+    def test_wall_clock_steps_move_no_limit(self):
+        # Login throttling and session lifetimes went by the wall clock: a
+        # step back refused every login (429) for as long as the step, a step
+        # forward ended every session.
+        shim = os.environ.get("ICHTRIAGE_TEST_CLOCKSTEP")
+        if not shim:
+            self.skipTest("no clockstep shim (run through meson test)")
+        step = os.path.join(self.work, "clockstep")
+
+        def step_clock(seconds):
+            with open(step, "w") as f:
+                f.write(str(seconds))
+        step_clock(0)
+        node = self.public_node(env={"LD_PRELOAD": shim, "ICHTRIAGE_CLOCKSTEP_FILE": step})
+        jar = os.path.join(self.work, "cookies")
+        login = {"user": "alice", "password": "alice-pw"}
+        self.assertEqual(self.req(node, "/login", "POST", login, jar=jar)[0], 200)
+        step_clock(-3600)  # an hour back
+        status, _, body = self.req(node, "/login", "POST", {"user": "bob", "password": "bob-pw"})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.req(node, "/api/session", jar=jar)[0], 200)
+        step_clock(13 * 3600)  # past the session's 12 h
+        status, _, body = self.req(node, "/api/session", jar=jar)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.req(node, "/login", "POST", login)[0], 200)
+        # Still the wall clock where times are stored: the audit's login rows.
+        con = node.db()
+        times = [r[0] for r in con.execute("SELECT at FROM audit WHERE action = 'login' ORDER BY id")]
+        con.close()
+        self.assertEqual(len(times), 3, times)
+        self.assertLess(times[1], times[0] - 3000 * 1000)
+        self.assertGreater(times[2], times[0] + 12 * 3600 * 1000)
+
 
 class Hook(http.server.BaseHTTPRequestHandler):
     received = []
@@ -194,7 +227,6 @@ class Hook(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
 
 class WebhookTest(wt.WebTest):
     def test_webhook_for_new_flagged_study(self):
