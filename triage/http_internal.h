@@ -84,8 +84,9 @@ struct triage_http {
 
     struct http_sse *sse[HTTP_MAX_SSE];
     int nsse;
-    uv_timer_t ping; /* keep-alive comments on event streams */
+    uv_timer_t ping; /* event streams: degraded states, keep-alive comments */
     bool ping_ready;
+    unsigned ping_ticks;
     uv_timer_t push; /* coalesces triage_http_changed() calls */
     bool push_ready;
     uint64_t push_delay_ms; /* 4x the last push's cost, at least HTTP_PUSH_DELAY_MS */

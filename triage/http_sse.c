@@ -15,6 +15,10 @@
 
 #define SSE_PENDING_MAX (1 << 20) /* backlog per slow client (one event may be bigger) */
 #define SSE_PING_MS 15000
+/* While streams are open, the degraded states are read again this often:
+ * some start or end with no worklist change (a delivery to PACS given up on
+ * its own thread, a window of the last hour or day ending). */
+#define SSE_CHECK_MS 5000
 
 struct http_sse {
     h2o_generator_t super; /* first: h2o hands it back */
@@ -126,9 +130,26 @@ void http_sse_end_dead_sessions(struct triage_http *h)
         }
 }
 
+/* FNV-1a of the degraded list's text: what pages last heard, in short. */
+static uint64_t degraded_hash(const cJSON *degraded)
+{
+    char *text = cJSON_PrintUnformatted(degraded);
+    uint64_t hash = 1469598103934665603ULL;
+    for (const char *p = text ? text : ""; *p; p++)
+        hash = (hash ^ (unsigned char)*p) * 1099511628211ULL;
+    free(text);
+    return hash;
+}
+
 static void on_ping(uv_timer_t *t)
 {
     struct triage_http *h = t->data;
+    if (h->nsse > 0) {
+        cJSON *degraded = http_degraded(h);
+        if (degraded && degraded_hash(degraded) != h->degraded_pushed) http_push_now(h);
+        cJSON_Delete(degraded);
+    }
+    if (++h->ping_ticks % (SSE_PING_MS / SSE_CHECK_MS) != 0) return;
     http_sse_end_dead_sessions(h); /* logged out or expired */
     static const char ping[] = ": ping\n\n";
     for (int i = 0; i < h->nsse; i++)
@@ -333,11 +354,7 @@ void http_push_now(struct triage_http *h)
     if (!ev) return;
     /* A degraded state that starts or ends (stores failing, a model that
      * loads) changes no row, yet the page's banner must follow it. */
-    char *degraded = cJSON_PrintUnformatted(cJSON_GetObjectItem(ev, "degraded"));
-    uint64_t hash = 1469598103934665603ULL; /* FNV-1a */
-    for (const char *p = degraded ? degraded : ""; *p; p++)
-        hash = (hash ^ (unsigned char)*p) * 1099511628211ULL;
-    free(degraded);
+    uint64_t hash = degraded_hash(cJSON_GetObjectItem(ev, "degraded"));
     bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "rows")) > 0 ||
                cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0 ||
                cJSON_GetObjectItem(ev, "order") || hash != h->degraded_pushed;
@@ -403,6 +420,7 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
      * nothing else. */
     cJSON *ev = worklist_event(h, true, &flagged_rows);
     cJSON_Delete(flagged_rows);
+    if (ev) h->degraded_pushed = degraded_hash(cJSON_GetObjectItem(ev, "degraded"));
     char *text = ev ? cJSON_PrintUnformatted(ev) : NULL;
     cJSON_Delete(ev);
     size_t len;
@@ -422,7 +440,7 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     free(msg);
     if (!uv_is_active((uv_handle_t *)&h->ping)) {
         h->ping.data = h;
-        uv_timer_start(&h->ping, on_ping, SSE_PING_MS, SSE_PING_MS);
+        uv_timer_start(&h->ping, on_ping, SSE_CHECK_MS, SSE_CHECK_MS);
     }
     return 0;
 }

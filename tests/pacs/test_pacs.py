@@ -350,6 +350,31 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(json.loads(status.stdout)["pacs_deliveries"],
                          {"pending": 0, "sent": 0, "failed": 2})
 
+    def test_given_up_reaches_an_open_page(self):
+        # The page's banner heard of a delivery given up only when something
+        # else changed: the PACS thread does not wake the loop, and pushes
+        # came only from worklist changes.
+        node = self.node("CLOSED@127.0.0.1:%d" % dt.free_port(),
+                         **{"pacs.max_attempts": 2, "pacs.retry_seconds": 2})
+        stream = dt.EventStream("http://127.0.0.1:%d/api/events" % node.http_port)
+        self.stoppers.append(stream.close)
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=38)
+        self.send(node, files)
+        self.assertTrue(node.wait_event("pacs_delivery_failed", timeout=60, count=2),
+                        node.log_tail())
+        given_up = time.monotonic()
+        banner = "results not delivered to PACS: 2 objects"
+        deadline = given_up + 12
+        heard = None
+        while heard is None and time.monotonic() < deadline:
+            heard = next((ev for ev in list(stream.events)
+                          if any(banner in d for d in ev["data"].get("degraded", []))), None)
+            time.sleep(0.1)
+        self.assertIsNotNone(heard, "not on the stream 12 s after it was given up; "
+                             "events: %r" % [ev["data"].get("degraded") for ev in stream.events])
+        self.assertLess(heard["at"] - given_up, 7)
+        self.assert_shown(node, banner, 'ichtriage_pacs_deliveries{state="failed"} 2\n')
+
     def test_late_answer_is_not_taken_for_the_next(self):
         # The PACS answers the first object (0x0000) only after the node has
         # stopped waiting, and refuses everything after it (A700). Read on the

@@ -16,6 +16,7 @@ import sqlite3
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,6 +98,37 @@ def wait_port(port, timeout=10.0, host="127.0.0.1"):
         except OSError:
             time.sleep(0.05)
     return False
+
+
+class EventStream:
+    """GET url (server-sent events) with curl; .events collects
+    {"event", "data" (parsed JSON), "at" (time.monotonic())} as they come.
+    close() ends it."""
+
+    def __init__(self, url, timeout=120):
+        self.events = []
+        self.proc = subprocess.Popen(["curl", "-sN", "-m", str(timeout), url],
+                                     stdout=subprocess.PIPE)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        ev = {}
+        for line in self.proc.stdout:
+            line = line.decode().rstrip("\n")
+            if not line:
+                if ev:
+                    ev["at"] = time.monotonic()
+                    self.events.append(ev)
+                ev = {}
+            elif line.startswith("event: "):
+                ev["event"] = line[7:]
+            elif line.startswith("data: "):
+                ev["data"] = json.loads(line[6:])
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
 
 
 class NodeError(Exception):
