@@ -112,8 +112,8 @@ DcmItem *first_item(DcmItem *group, const DcmTagKey &seq)
 class NestWalker
 {
   public:
-    NestWalker(bool implicit, bool big, int max_levels)
-        : implicit_(implicit), big_(big), cap_(2 * max_levels)
+    NestWalker(bool implicit, bool big, int max_levels, long long max_elements)
+        : implicit_(implicit), big_(big), cap_(2 * max_levels), max_elements_(max_elements)
     {
         stack_.reserve((size_t)cap_);
     }
@@ -135,6 +135,11 @@ class NestWalker
             if (have_ == need_) header();
         }
         return !over_;
+    }
+    // True when the walk stopped at too many elements (not too deep).
+    bool too_many() const
+    {
+        return elements_ > max_elements_;
     }
     // Where the walk wants to read next (past a value it passes over).
     long long next() const
@@ -186,6 +191,12 @@ class NestWalker
         }
         stack_.push_back({len == 0xFFFFFFFFUL ? -1 : pos_ + (long long)len, item, implicit});
     }
+    // One more element (or item, or delimiter) header read whole: dcmtk
+    // keeps an object of some 200 bytes for each.
+    void count()
+    {
+        if (++elements_ > max_elements_) over_ = true;
+    }
     void header()
     {
         bool imp = in_implicit(), big = big_ && !imp;
@@ -194,6 +205,7 @@ class NestWalker
             unsigned long len = u32(hdr_ + 4, big);
             have_ = 0;
             need_ = 8;
+            count();
             if (fragments_) {
                 if (e == 0xE000 && len != 0xFFFFFFFFUL)
                     skip_until_ = pos_ + (long long)len;
@@ -215,6 +227,7 @@ class NestWalker
         if (imp) {
             unsigned long len = u32(hdr_ + 4, false);
             have_ = 0;
+            count();
             if (len == 0xFFFFFFFFUL) {
                 if (pixels)
                     fragments_ = true;
@@ -235,6 +248,7 @@ class NestWalker
         bool sq = hdr_[4] == 'S' && hdr_[5] == 'Q', un = hdr_[4] == 'U' && hdr_[5] == 'N';
         have_ = 0;
         need_ = 8;
+        count();
         if (len == 0xFFFFFFFFUL && pixels)
             fragments_ = true;
         else if (len == 0xFFFFFFFFUL || sq)
@@ -245,6 +259,7 @@ class NestWalker
 
     bool implicit_, big_;
     int cap_;
+    long long max_elements_, elements_ = 0;
     std::vector<Open> stack_;
     unsigned char hdr_[12];
     int have_ = 0, need_ = 8;
@@ -276,7 +291,7 @@ extern "C" int scp_nesting_check(const char *path, int max_levels, char *err, un
     FILE *f = start >= 0 ? fopen(path, "rb") : nullptr;
     if (!f) return 0; // the parser reports what it cannot open or read
     const char *ts = xfer.c_str();
-    bool ok = true;
+    bool ok = true, too_many = false;
     if (fseek(f, start, SEEK_SET) == 0) {
         std::vector<unsigned char> in(1 << 16);
         bool deflated = strcmp(ts, UID_DeflatedExplicitVRLittleEndianTransferSyntax) == 0;
@@ -286,7 +301,8 @@ extern "C" int scp_nesting_check(const char *path, int max_levels, char *err, un
             implicit = n == 6 && !(isupper(in[4]) && isupper(in[5]));
             fseek(f, start, SEEK_SET);
         }
-        NestWalker walk(implicit, strcmp(ts, UID_BigEndianExplicitTransferSyntax) == 0, max_levels);
+        NestWalker walk(implicit, strcmp(ts, UID_BigEndianExplicitTransferSyntax) == 0, max_levels,
+                        SCP_ELEMENTS_MAX);
         z_stream z;
         memset(&z, 0, sizeof z);
         if (deflated && inflateInit2(&z, -MAX_WBITS) != Z_OK) deflated = false;
@@ -321,9 +337,13 @@ extern "C" int scp_nesting_check(const char *path, int max_levels, char *err, un
                 at += (long long)n;
             }
         }
+        too_many = walk.too_many();
     }
     fclose(f);
-    if (!ok) snprintf(err, errlen, "sequences nested deeper than %d levels", max_levels);
+    if (!ok && too_many)
+        snprintf(err, errlen, "more than %d data elements", SCP_ELEMENTS_MAX);
+    else if (!ok)
+        snprintf(err, errlen, "sequences nested deeper than %d levels", max_levels);
     return ok ? 0 : -1;
 }
 

@@ -16,6 +16,13 @@ extern "C" {
  * overflow a thread's stack. Real objects (SR content trees included) stay
  * far below this. */
 #define SCP_NESTING_MAX 128
+/* Most data elements (items and delimiters included) the node parses in one
+ * dataset. dcmtk keeps an object of about 200 bytes for each, so a dataset
+ * of tiny elements under the size cap would need some 28 times its size in
+ * memory (a 48 MB one took 1.35 GB). The largest real objects, enhanced
+ * multi-frame CT with per-frame groups for thousands of frames, hold a few
+ * hundred thousand. */
+#define SCP_ELEMENTS_MAX 1000000
 
 struct scp_info {
     char sop_class[SCP_UID_MAX];
@@ -75,10 +82,10 @@ int scp_info_read(const char *path, struct scp_info *out, char *err, unsigned lo
 /* Walks the element headers of the DICOM file at path (any transfer syntax
  * the node accepts; a deflated dataset is inflated as it is walked) and
  * returns -1 with a message in err when sequences nest deeper than
- * max_levels, else 0 (also for a file it cannot read: the parser judges
- * those). Memory is bounded by max_levels; values are seeked over, not read.
- * scp_info_read and scp_info_frames run it before dcmtk parses the file.
- * Never throws; thread-safe. */
+ * max_levels or there are more than SCP_ELEMENTS_MAX elements, else 0 (also for a file it cannot
+ * read: the parser judges those). Memory is bounded by max_levels; values are seeked over, not
+ * read. scp_info_read and scp_info_frames run it before dcmtk parses the file. Never throws;
+ * thread-safe. */
 int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long errlen);
 
 /* For multi-frame (enhanced) images: the position of each frame, from the

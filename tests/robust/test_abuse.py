@@ -295,6 +295,30 @@ class Abuse(itest.NodeTest):
                 self.assertEqual(status, 0, "100 levels: status %s" % (status and hex(status)))
                 self.assertIn(sop, self.node.instances())
 
+    def test_a_million_tiny_elements(self):
+        """dcmtk keeps an object of some 200 bytes for each element: a
+        dataset of 1.2 million empty items (10 MB) had the node hold over
+        300 MB and stored it. Refused with C000 before the parse, and the
+        node goes on."""
+        import pydicom
+        f = self.gen("many", count=1, rows=32, cols=32)[0]
+        ds = pydicom.dcmread(f)
+        data = dul.encode_dataset(ds, dul.EXPLICIT_LE)
+        pos = data.find(struct.pack("<HH", 0x0010, 0x0010))
+        self.assertGreater(pos, 0)
+        items = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) +
+                 struct.pack("<HHI", 0xFFFE, 0xE000, 0) * 1200000 +
+                 struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        a = dul.Association.connect("127.0.0.1", self.node.port,
+                                    contexts=[(dul.CT_IMAGE, [dul.EXPLICIT_LE])])
+        status, _ = a.c_store(dul.CT_IMAGE, str(ds.SOPInstanceUID), data[:pos] + items + data[pos:])
+        a.release()
+        self.assertEqual(status, 0xC000, "status %s\n%s" % (status and hex(status),
+                                                             self.node.log_tail()))
+        self.assertTrue(any("more than 1000000 data elements" in l
+                            for l in self.node.events("store_failed")), self.node.log_tail())
+        self.assert_healthy([str(ds.SOPInstanceUID)])
+
     # --- a dataset that never arrives whole ---------------------------------
     def send_part(self, fraction):
         _, cls, sop, data = self.ct("part", rows=256, cols=256)
