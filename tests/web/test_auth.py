@@ -248,6 +248,13 @@ class WebhookTest(wt.WebTest):
             self.assertEqual((msg["event"], msg["study_uid"]), ("flagged", uid))
             self.assertEqual(msg["notice"], "decision support, not a diagnosis")
             self.assertNotIn(b"SECRET", body)
+            # Once per study that becomes flagged: the same study sent
+            # again, after its quiet period and a margin, fires nothing more
+            # (the check right after the first message could not see a
+            # second one).
+            self.send(node, files)
+            time.sleep(1 + 3)
+            self.assertEqual(len(Hook.received), 1, node.log_tail())
         finally:
             server.shutdown()
             server.server_close()
