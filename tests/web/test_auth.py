@@ -167,18 +167,25 @@ class AuthTest(wt.WebTest):
         # per-address limit does not bound many addresses. 60 logins at
         # once (right password, so no address is throttled): a burst of 20
         # pass, then 10 a second; the rest are told to come back (429).
+        # The allowance bounds what passes in the time the 60 took: at most
+        # 20 + 10 a second. A 429 is due only where they took under 4 s; a
+        # machine so slow that a check takes 100 ms never drains it.
         node = self.public_node()
         body = json.dumps({"user": "alice", "password": "alice-pw"})
+        t0 = time.monotonic()
         out = subprocess.run(
             ["curl", "-sk", "--parallel", "--parallel-max", "60",
              "-w", "%{http_code}\\n", "-H", "Content-Type: application/json",
              "--data-binary", body] + ["-o", "/dev/null", node.base + "/login"] * 60,
             stdout=subprocess.PIPE, check=True).stdout.decode().split()
+        took = time.monotonic() - t0
         self.assertEqual(len(out), 60, out)
         self.assertGreaterEqual(out.count("200"), 20, out)
-        self.assertGreater(out.count("429"), 0, out)
+        self.assertLessEqual(out.count("200"), 20 + 10 * took + 1, (took, out))
         self.assertEqual(out.count("200") + out.count("429"), 60, out)
-        self.assertTrue(node.events("login_throttled"))
+        if took < 4 - 0.5:
+            self.assertGreater(out.count("429"), 0, (took, out))
+            self.assertTrue(node.events("login_throttled"))
         time.sleep(1.5)
         self.assertEqual(self.req(node, "/login", "POST", json.loads(body))[0], 200)
 
