@@ -45,6 +45,10 @@ namespace
 
 using Clock = std::chrono::steady_clock;
 
+// Longest a TLS connection may take for its handshake and request (or the
+// ACSE timeout, when shorter) while it holds up the other new ones.
+const int TLS_ACCEPT_S = 10;
+
 struct Peer {
     std::string ae;
     std::string host; // empty: any host
@@ -203,6 +207,14 @@ struct scp_server {
     std::atomic<bool> stopping{false};
     std::mutex mu;        // guards assocs and peers
     std::mutex accept_mu; // dcmtk reads the accepted socket from a global
+    // The TLS connection in its handshake (and request), if any: a copy of
+    // its socket kept open until dcmtk is done with it (so the number
+    // cannot be reused meanwhile), and since when, for check_deadlines and
+    // stop to cut it.
+    std::mutex tls_mu;
+    int tls_fd = -1;
+    bool tls_cut = false;
+    Clock::time_point tls_since;
     std::list<Assoc *> assocs;
     std::vector<Peer> peers;
     unsigned long next_id = 1;
@@ -739,6 +751,17 @@ done:
 void scp_server::check_deadlines()
 {
     auto now = Clock::now();
+    {
+        std::lock_guard<std::mutex> g(tls_mu);
+        if (tls_fd >= 0 && !tls_cut &&
+            now - tls_since >= std::chrono::seconds(std::min(cfg.acse_timeout, TLS_ACCEPT_S))) {
+            tls_cut = true;
+            util_log(UTIL_LOG_WARN, "association_failed",
+                     "tls=1 reason=no_handshake_and_request_within_%ds",
+                     std::min(cfg.acse_timeout, TLS_ACCEPT_S));
+            shutdown(tls_fd, SHUT_RDWR);
+        }
+    }
     std::lock_guard<std::mutex> g(mu);
     for (Assoc *a : assocs) {
         if (!a->finished && !a->expired && a->fd >= 0 && now >= a->deadline) {
@@ -826,10 +849,13 @@ void scp_server::add_assoc(int fd, T_ASC_Association *assoc)
     }
 }
 
-// TLS connections are accepted by dcmtk itself (handshake and request), one
-// at a time under accept_mu. The handshake is bounded by socket timeouts set
-// on the listening socket (inherited by accepted ones), so a stalled TLS peer
-// delays other new associations by at most that long.
+// TLS connections do their handshake and request in dcmtk, one at a time
+// under accept_mu (dcmtk takes the socket from a global). Each read is
+// bounded by socket timeouts set on the listening socket (inherited by
+// accepted ones), and the whole of it by check_deadlines, which cuts a
+// connection still at it after TLS_ACCEPT_S (or the ACSE timeout): a peer
+// that trickles its handshake a byte every few seconds had held up every
+// new TLS association, and the node's stop, for as long as it went on.
 void scp_server::tls_listen_loop()
 {
     int lfd = (int)DUL_networkSocket(tls_net->network);
@@ -840,13 +866,31 @@ void scp_server::tls_listen_loop()
             std::this_thread::sleep_for(std::chrono::milliseconds(100));
             continue;
         }
+        int fd = accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd < 0) continue;
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        {
+            std::lock_guard<std::mutex> g(tls_mu);
+            tls_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+            tls_cut = false;
+            tls_since = Clock::now();
+        }
         T_ASC_Association *assoc = nullptr;
         OFCondition c;
         {
             std::lock_guard<std::mutex> g(accept_mu);
+            dcmExternalSocketHandle.set(fd);
             c = ASC_receiveAssociation(tls_net, &assoc, cfg.max_pdu, nullptr, nullptr, OFTrue,
-                                       DUL_NOBLOCK, 0);
+                                       DUL_BLOCK, cfg.acse_timeout);
+            dcmExternalSocketHandle.set(-1);
         }
+        {
+            std::lock_guard<std::mutex> g(tls_mu);
+            if (tls_fd >= 0) close(tls_fd);
+            tls_fd = -1;
+        }
+        if (!assoc && c.bad()) close(fd); // dcmtk closes it with the association
         if (c == DUL_NOASSOCIATIONREQUEST) {
             if (assoc) ASC_destroyAssociation(&assoc);
             continue;
@@ -1078,6 +1122,11 @@ extern "C" void scp_server_stop(struct scp_server *s, int grace_seconds)
     if (!s) return;
     s->stopping = true;
     if (s->listener.joinable()) s->listener.join();
+    {
+        // a TLS connection still in its handshake is not waited for
+        std::lock_guard<std::mutex> g(s->tls_mu);
+        if (s->tls_fd >= 0) shutdown(s->tls_fd, SHUT_RDWR);
+    }
     if (s->tls_listener.joinable()) s->tls_listener.join();
     auto until = Clock::now() + std::chrono::seconds(grace_seconds);
     while (scp_server_active(s) > 0 && Clock::now() < until) {

@@ -5,6 +5,7 @@ clear message. Keys are made with openssl at test time."""
 import os
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 import dicomtest as dt  # noqa: E402
@@ -56,6 +57,51 @@ class TlsTest(itest.NodeTest):
         self.assert_consistent(node)
         # The plain port keeps working beside it.
         self.assertEqual(dt.echoscu(node.port)[0], 0)
+
+    def trickle(self, port, seconds):
+        """A peer that starts a TLS handshake and sends a byte every 2 s
+        (each under the node's 5 s read timeout) for seconds; returns a
+        function that tells whether it is still at it."""
+        import socket
+        import threading
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes
+        done = threading.Event()
+
+        def run():
+            end = time.monotonic() + seconds
+            try:
+                while time.monotonic() < end:
+                    time.sleep(2)
+                    sock.sendall(b"\x01")
+            except OSError:
+                pass
+            finally:
+                sock.close()
+                done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        return lambda: not done.is_set()
+
+    def test_trickling_handshake_holds_no_one_up(self):
+        """A peer trickling its handshake is cut after 10 s: other TLS
+        peers get in while it is still sending, and the node stops while
+        another one is. It had held up every new TLS association, and the
+        stop, for as long as it went on."""
+        node = self.tls_node()
+        trickling = self.trickle(self.tls_port, 40)
+        time.sleep(1)
+        p = subprocess.run(["echoscu", "+tla", "+cf", self.ca[1], "-aec", "ICHTRIAGE",
+                            "127.0.0.1", str(self.tls_port)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout.decode(errors="replace"))
+        self.assertTrue(trickling(), "C-ECHO over TLS had to wait for the trickling peer to end")
+        self.assertTrue(any("tls=1" in l for l in node.events("association_failed")),
+                        node.log_tail())
+        trickling = self.trickle(self.tls_port, 60)
+        time.sleep(1)
+        self.assertEqual(node.stop(), 0, node.log_tail())
+        self.assertTrue(trickling(), "the stop had to wait for the trickling peer to end")
 
     def test_plain_client_on_tls_port_is_refused(self):
         node = self.tls_node()
