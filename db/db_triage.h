@@ -14,9 +14,10 @@
 
 /* Series still receiving whose quiet period is over (last instance at or
  * before now_ms - quiet_ms) or that hold exactly their expected count (Images
- * in Acquisition): past it (a series of several acquisitions) only the quiet
- * period completes, not every further instance. Writes up to max ids; *n is
- * how many. */
+ * in Acquisition) and never held more: once past it (a series of several
+ * acquisitions) only the quiet period completes, not every further instance
+ * nor a later acquisition's larger count reached part-way. Writes up to max
+ * ids; *n is how many. */
 int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids, int max, int *n);
 
 struct db_series_info {

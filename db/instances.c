@@ -23,7 +23,9 @@ static const char *sql_study =
     "  purged_at = NULL"
     " RETURNING id";
 
-/* A new instance re-opens its series: completion is decided again. */
+/* A new instance re-opens its series: completion is decided again. Its
+ * Images in Acquisition raises the expected count in sql_recount, which
+ * needs the count it had before. */
 static const char *sql_series =
     "INSERT INTO series (series_uid, study_ref, modality, body_part, series_number,"
     "  series_desc, frame_of_ref_uid, convolution_kernel, manufacturer, station_name,"
@@ -31,7 +33,6 @@ static const char *sql_series =
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)"
     " ON CONFLICT (series_uid) DO UPDATE SET"
     "  last_instance_at = max(last_instance_at, excluded.last_instance_at),"
-    "  expected_count = max(expected_count, excluded.expected_count),"
     "  state = 'receiving', state_reason = ''"
     " RETURNING id, study_ref";
 
@@ -65,9 +66,17 @@ static const char *sql_instance =
     "   ELSE excluded.received_at END,"
     "  content_digest = excluded.content_digest";
 
+/* A series holding more instances than its expected count (several
+ * acquisitions) is marked past_expected before ?2, this instance's Images in
+ * Acquisition, raises that count: a later acquisition's larger count is
+ * reached part-way, and must not complete it (db_series_due). SET reads
+ * the row as it was. */
 static const char *sql_recount =
-    "UPDATE series SET instance_count ="
-    " (SELECT count(*) FROM instances WHERE series_id = ?1) WHERE id = ?1";
+    "UPDATE series SET instance_count = c.n,"
+    " past_expected = past_expected OR (expected_count > 0 AND c.n > expected_count),"
+    " expected_count = max(expected_count, ?2)"
+    " FROM (SELECT count(*) AS n FROM instances WHERE series_id = ?1) AS c"
+    " WHERE series.id = ?1";
 
 int db_put_prepare(struct db_put_stmts *s, sqlite3 *conn, char *err, size_t errlen)
 {
@@ -145,9 +154,12 @@ static int step_done(sqlite3_stmt *st)
     return rc == SQLITE_DONE ? 0 : -1;
 }
 
-static int recount(struct db_put_stmts *s, int64_t series_id)
+/* expected: the Images in Acquisition of the instance just stored, 0 when
+ * none (or for the series an instance left). */
+static int recount(struct db_put_stmts *s, int64_t series_id, int expected)
 {
     sqlite3_bind_int64(s->recount, 1, series_id);
+    sqlite3_bind_int(s->recount, 2, expected);
     return step_done(s->recount);
 }
 
@@ -248,7 +260,8 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     bind_str(st, 24, in->content_digest);
     if (step_done(st) != 0) goto fail;
 
-    if (recount(s, series) != 0) goto fail;
+    if (recount(s, series, in->images_in_acquisition > 0 ? in->images_in_acquisition : 0) != 0)
+        goto fail;
     /* A new instance may re-open a triaged series: the study shows it. */
     sqlite3_bind_int64(s->refresh, 1, study);
     if (step_done(s->refresh) != 0) goto fail;

@@ -253,6 +253,14 @@ static const char *const migrations[] = {
     "ALTER TABLE pacs_deliveries_new RENAME TO pacs_deliveries;"
     "CREATE INDEX pacs_deliveries_due ON pacs_deliveries(state, next_attempt_at);"
     "CREATE INDEX pacs_revisions_study ON pacs_revisions(study_ref, id);",
+
+    /* 10 -> 11: a series that held more instances than its expected count
+     * (Images in Acquisition) at some time is complete only after the
+     * quiet period (db_series_due): with several acquisitions the count
+     * passes through the next one's larger expected count part-way. */
+    "ALTER TABLE series ADD COLUMN past_expected INTEGER NOT NULL DEFAULT 0;"
+    "UPDATE series SET past_expected = 1 WHERE expected_count > 0"
+    "  AND instance_count > expected_count;",
 };
 
 int db_schema_version(void)

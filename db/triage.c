@@ -20,7 +20,8 @@ int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids,
     if (sqlite3_prepare_v2(c,
                            "SELECT id FROM series WHERE state = 'receiving' AND"
                            " (last_instance_at <= ?1 OR"
-                           "  (expected_count > 0 AND instance_count = expected_count))"
+                           "  (expected_count > 0 AND instance_count = expected_count"
+                           "   AND NOT past_expected))"
                            " ORDER BY last_instance_at LIMIT ?2",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;

@@ -156,6 +156,42 @@ class TriageTest(itest.NodeTest):
         self.assertEqual(ran, ["%d-" % len(files) + ran[-1].split("-")[1]], ran)
         self.assertEqual(len(node.events("series_triaged")), 1)
 
+    def test_second_acquisition_with_a_larger_count_completes_once(self):
+        # One series of two acquisitions, Images in Acquisition 6 and then
+        # 10, one association per file: past the first count only the quiet
+        # period completes it. The count passed through 10 (the raised
+        # expected count) with 4 slices missing: it was completed there and
+        # triaged (a job at 6, 10 and 16 instances). The first acquisition
+        # alone looks complete and is decided at once (nothing says more is
+        # coming); min_slices 7 makes that decision "not applicable", not a
+        # job.
+        quiet = 6  # longer than any gap between two storescu runs here
+        node = self.node(**{"triage.quiet_seconds": quiet, "triage.min_slices": 7})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=22, slices=16)
+        (study, files), = studies.items()
+        import pydicom
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.AcquisitionNumber = 1 if i < 6 else 2
+            ds.ImagesInAcquisition = 6 if i < 6 else 10
+            ds.save_as(f)
+        for f in files:
+            self.send(node, [f])
+            time.sleep(0.3)
+        last = time.monotonic()
+        self.assertTrue(node.wait_event("series_complete", timeout=quiet + 30, count=2),
+                        node.log_tail())
+        waited = time.monotonic() - last
+        row = self.wait_status(node, study, ("triaged",), timeout=60)
+        self.assertEqual(row["slices"], len(files), row)
+        time.sleep(1)
+        done = [re.search(r" instances=(\d+) state=(\w+)", l).groups()
+                for l in node.events("series_complete")]
+        self.assertEqual(done, [("6", "not_applicable"), ("16", "waiting")], done)
+        self.assertGreater(waited, quiet - 1, "completed before the quiet period")
+        jobs = self.jobs(node, study)
+        self.assertEqual([(state, k.split("-")[0]) for state, k in jobs], [("done", "16")], jobs)
+
     def test_restart_in_the_middle_of_a_series(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=13)
