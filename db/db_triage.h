@@ -92,9 +92,11 @@ struct db_result {
     const struct db_slice_result *per_slice; /* slices entries */
 };
 /* Ends a job: with res, stores the result (replacing an earlier one) and
- * marks the series triaged unless new instances re-opened it meanwhile;
- * without res, the job and series fail with error. Then the study's status.
- * Returns 0 or -1 with err. */
+ * marks the series triaged unless new instances re-opened it meanwhile (the
+ * result then has no content key, and the series is decided again, even
+ * one decided meanwhile to keep the result just replaced); without res, the
+ * job and series fail with error. Then the study's status. Returns 0 or -1
+ * with err. */
 int db_job_finish(struct db *db, const struct db_job *job, const struct db_result *res,
                   const char *error, int64_t now_ms, char *err, size_t errlen);
 

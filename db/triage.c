@@ -382,7 +382,8 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
                       "i", job->series_id) != 0)
         goto bad;
     if (res) {
-        if (store_result(c, job, res, changed ? "" : job->content_key, now_ms) != 0) goto bad;
+        const char *key = changed ? "" : job->content_key;
+        if (store_result(c, job, res, key, now_ms) != 0) goto bad;
         /* Only if nothing re-opened the series while the model ran. */
         if (db_exec_bound(c,
                           "UPDATE series SET state = 'triaged', state_reason = ?2,"
@@ -390,6 +391,15 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
                           "is", job->series_id, res->note ? res->note : "") != 0 ||
             db_exec_bound(c, "UPDATE jobs SET state = 'done', finished_at = ?2 WHERE id = ?1", "ii",
                           job->id, now_ms) != 0)
+            goto bad;
+        /* A series decided meanwhile to keep its result (its content came
+         * back to the one triaged before) kept the result this one just
+         * replaced: it is decided again, never left with a result of other
+         * content. */
+        if (db_exec_bound(c,
+                          "UPDATE series SET state = 'receiving', state_reason = ''"
+                          " WHERE id = ?1 AND state = 'triaged' AND content_key != ?2",
+                          "is", job->series_id, key) != 0)
             goto bad;
     } else {
         if (db_exec_bound(c,

@@ -327,23 +327,30 @@ class TriageTest(itest.NodeTest):
         self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
         self.assertEqual([j[0] for j in self.jobs(node, study)], ["done"])
 
-    def test_copy_replaced_and_restored_during_the_run_is_triaged_again(self):
-        # While the model reads the series, a slice is replaced by other
-        # pixels (B) and then by its first bytes again (A). The content is
-        # A's again, but a model that read the files later could have read
-        # B: its result must not pass for A's. It was kept as A's result
-        # (one job); now the series is triaged again.
+    def _slow_node_and_other_copy(self, seed):
+        """A VGG19 node (seconds per series) and a 40-slice study, with
+        another copy of its slice 20 (pixels inverted). Returns node, study,
+        files, the copy's path."""
         import pydicom
         slow = os.path.join(self.work, "vgg19.safetensors")
         subprocess.run([MAKE_MODEL, slow, "vgg19"], check=True, stdout=subprocess.DEVNULL)
         node = self.node(**{"triage.model": slow})
-        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=19, slices=40)
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=seed, slices=40)
         (study, files), = studies.items()
         other = os.path.join(self.work, "other.dcm")
         ds = pydicom.dcmread(files[20])
         arr = ds.pixel_array
         ds.PixelData = (arr.max() - arr).astype(arr.dtype).tobytes()
         ds.save_as(other)
+        return node, study, files, other
+
+    def test_copy_replaced_and_restored_during_the_run_is_triaged_again(self):
+        # While the model reads the series, a slice is replaced by other
+        # pixels (B) and then by its first bytes again (A). The content is
+        # A's again, but a model that read the files later could have read
+        # B: its result must not pass for A's. It was kept as A's result
+        # (one job); now the series is triaged again.
+        node, study, files, other = self._slow_node_and_other_copy(19)
         self.send(node, files)
         # The copies come once the model has read every file (before, the
         # job could fail on the replaced file, which hides the race).
@@ -362,6 +369,37 @@ class TriageTest(itest.NodeTest):
         (keys,) = node.query("SELECT s.content_key, r.content_key FROM series s"
                              " JOIN results r ON r.series_ref = s.id")
         self.assertEqual(keys[0], keys[1])
+
+    def test_copy_replaced_and_restored_during_a_retriage_is_triaged_again(self):
+        # The same with an earlier result: content A triaged, then a slice
+        # replaced by other pixels (B) and, while B's job runs, restored (A).
+        # A's result was there, so A was decided "triaged" at once; then
+        # B's job stored its result (under no content key) over A's, and the
+        # series stayed triaged: B's probabilities as A's result, two jobs.
+        # Now a result that is not the series' content sends it back to be
+        # decided, and A is triaged again.
+        node, study, files, other = self._slow_node_and_other_copy(23)
+        self.send(node, files)
+        self.assertTrue(node.wait_event("series_triaged", timeout=QUIET + 120), node.log_tail())
+        self.send(node, [other])
+        self.assertTrue(node.wait_event("series_pixels_read", timeout=QUIET + 20, count=2))
+        self.send(node, [files[20]])
+        self.assertTrue(node.wait_event("series_complete", timeout=QUIET + 20, count=3))
+        self.assertEqual(len(node.events("series_triaged")), 1,
+                         "B's job ended before A was decided: the test saw no race")
+        self.assertIn("state=triaged", node.events("series_complete")[2])
+        deadline = time.monotonic() + QUIET + 120
+        while time.monotonic() < deadline and len(node.events("series_triaged")) < 3:
+            time.sleep(0.2)
+        time.sleep(1)
+        row = self.wait_status(node, study, ("triaged",), timeout=30)
+        self.assertEqual(row["slices"], len(files), row)
+        states = [j[0] for j in self.jobs(node, study)]
+        self.assertEqual(states, ["done"] * 3, states)
+        (keys,) = node.query("SELECT s.content_key, r.content_key FROM series s"
+                             " JOIN results r ON r.series_ref = s.id")
+        self.assertEqual(keys[0], keys[1])
+        self.assertEqual(keys[0], self.jobs(node, study)[0][1])
 
     def test_same_content_is_not_triaged_twice(self):
         node = self.node()
