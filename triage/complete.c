@@ -60,9 +60,9 @@ bool triage_patterns_match(const char *patterns, const char *text)
     return false;
 }
 
-/* Decides one due series; returns 1 when a job was queued, 0 otherwise, -1
- * on a database error. */
-static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
+/* Decides one due series; returns 1 when decided (*queued set when that
+ * queued a job), 0 when it changed meanwhile, -1 on a database error. */
+static int decide(struct triage_completion *c, int64_t id, int64_t now_ms, bool *queued)
 {
     struct db_series_info info;
     struct db_instance_brief *inst = NULL;
@@ -149,21 +149,25 @@ static int decide(struct triage_completion *c, int64_t id, int64_t now_ms)
     util_log(UTIL_LOG_INFO, "series_complete", "study=%s series=%s instances=%d state=%s%s%s%s",
              info.study_uid, info.series_uid, n, state, reason[0] ? " reason=\"" : "", reason,
              reason[0] ? "\"" : "");
-    return strcmp(state, "waiting") == 0;
+    *queued = strcmp(state, "waiting") == 0;
+    return 1;
 }
 
-int triage_completion_tick(struct triage_completion *c, int64_t now_ms)
+int triage_completion_tick(struct triage_completion *c, int64_t now_ms, int *queued)
 {
     int64_t ids[64];
-    int n, queued = 0;
+    int n, decided = 0;
+    *queued = 0;
     if (db_series_due(c->db, now_ms, c->quiet_ms, ids, 64, &n) != 0) {
         util_log(UTIL_LOG_ERROR, "completion_failed", "error=\"cannot read series\"");
         return -1;
     }
     for (int i = 0; i < n; i++) {
-        int r = decide(c, ids[i], now_ms);
+        bool job = false;
+        int r = decide(c, ids[i], now_ms, &job);
         if (r < 0) return -1;
-        queued += r;
+        decided += r;
+        *queued += job;
     }
-    return queued;
+    return decided;
 }

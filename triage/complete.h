@@ -7,6 +7,7 @@
 #ifndef TRIAGE_COMPLETE_H
 #define TRIAGE_COMPLETE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "db.h"
@@ -19,9 +20,11 @@ struct triage_completion {
     double max_tilt_deg;
 };
 
-/* Decides every series that is due at now_ms. Returns the number of jobs
- * queued (>= 0), or -1 when the database failed (logged). */
-int triage_completion_tick(struct triage_completion *c, int64_t now_ms);
+/* Decides every series that is due at now_ms. Returns the number of series
+ * decided (>= 0: a job, not applicable, or an earlier result kept; each
+ * changes its study's status), *queued of them with a job; or -1 when the
+ * database failed (logged). */
+int triage_completion_tick(struct triage_completion *c, int64_t now_ms, int *queued);
 
 /* True when any pattern of the comma-separated list (upper case; blanks
  * around each are not part of it: "HEAD, BRAIN") occurs in text, in any

@@ -64,13 +64,16 @@ static int64_t wall_ms(void)
     return tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
-/* Decides the series that are due; new jobs wake the inference thread. */
+/* Decides the series that are due; new jobs wake the inference thread, and
+ * every decision (a job, not applicable, a result kept) changes a study's
+ * status: the page hears it. */
 static void run_completion(struct node *n)
 {
     int64_t now = wall_ms();
     if (now < n->completion_retry_ms) return;
-    int queued = triage_completion_tick(&n->complete, now);
-    if (queued < 0) {
+    int queued;
+    int decided = triage_completion_tick(&n->complete, now, &queued);
+    if (decided < 0) {
         /* The index is locked by another process, or failing: each try
          * holds the loop for the busy timeout, so try less and less often. */
         n->completion_backoff_ms =
@@ -80,10 +83,8 @@ static void run_completion(struct node *n)
         return;
     }
     n->completion_backoff_ms = 0;
-    if (queued > 0) {
-        triage_infer_kick(n->infer);
-        triage_http_changed(n->http);
-    }
+    if (queued > 0) triage_infer_kick(n->infer);
+    if (decided > 0) triage_http_changed(n->http);
 }
 
 static void on_retention_timer(uv_timer_t *h)

@@ -313,7 +313,10 @@ class ApiTest(wt.WebTest):
                                headers=[tok])
         self.assertEqual(status, 409)
 
-    def test_events_push_a_new_study(self):
+    def event_stream(self):
+        """curl -N on /api/events: the process, and the list a thread fills
+        with each event as {"event": name, "data": parsed JSON} once the
+        first has come (the caller kills the process)."""
         events = []
         proc = subprocess.Popen(["curl", "-sN", "-m", "40", self.node.base + "/api/events"],
                                 stdout=subprocess.PIPE)
@@ -330,13 +333,19 @@ class ApiTest(wt.WebTest):
                     ev["event"] = line[7:]
                 elif line.startswith("data: "):
                     ev["data"] = json.loads(line[6:])
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not events:
+            proc.kill()
+            proc.wait()
+            self.fail("no first event")
+        return proc, events
+
+    def test_events_push_a_new_study(self):
+        proc, events = self.event_stream()
         try:
-            deadline = time.monotonic() + 10
-            while not events and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.assertTrue(events, "no first event")
             first = events[0]
             self.assertEqual(first["event"], "worklist")
             self.assertTrue(first["data"]["full"])
@@ -366,6 +375,36 @@ class ApiTest(wt.WebTest):
             self.assertEqual(orders[-1], api)
             _, _, metrics = wt.curl(self.node.base + "/metrics")
             self.assertIn(b"ichtriage_event_streams 1", metrics)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def test_events_push_a_decision_without_a_job(self):
+        # A chest CT is decided "not applicable" at the end of its quiet
+        # period, on the loop's timer: no job, so no result to announce.
+        # The stream ended with the study "received" and never heard the
+        # decision; the page showed it as waiting for triage.
+        import pydicom
+        proc, events = self.event_stream()
+        try:
+            chest = wt.phantom(os.path.join(self.work, "chest"), seed=26)
+            (uid, files), = chest.items()
+            for f in files:
+                ds = pydicom.dcmread(f)
+                ds.BodyPartExamined = "CHEST"
+                ds.StudyDescription = ds.SeriesDescription = "CT THORAX"
+                ds.save_as(f)
+            self.send(self.node, files)
+            rows = self.wait_rows(self.node, [uid], ("not_applicable",))
+            (row,) = [r for r in rows if r["study_uid"] == uid]
+            self.assertIn("not a head study", row["status_reason"])
+            deadline = time.monotonic() + 5
+            pushed = []
+            while time.monotonic() < deadline and "not_applicable" not in pushed:
+                pushed = [r["status"] for ev in events[1:] for r in ev["data"]["rows"]
+                          if r["study_uid"] == uid]
+                time.sleep(0.1)
+            self.assertIn("not_applicable", pushed, "statuses pushed: %s" % pushed)
         finally:
             proc.kill()
             proc.wait()
