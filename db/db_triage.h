@@ -59,8 +59,12 @@ int db_series_decide(struct db *db, const struct db_series_info *seen, const cha
                      size_t errlen);
 
 /* Running jobs are queued again: at start-up, those a crash left; during
- * a run, the one whose end the inference thread could not write. */
-int db_jobs_requeue(struct db *db, int *count);
+ * a run, the one whose end the inference thread could not write. With
+ * max_stops > 0 (at start-up) each counts one more stop of the node while it
+ * ran, and one at max_stops fails with its series (a job that brings the
+ * node down would else be claimed first after every restart). *count: jobs
+ * queued again; *failed: jobs failed. Returns 0 or -1. */
+int db_jobs_requeue(struct db *db, int max_stops, int64_t now_ms, int *count, int *failed);
 
 struct db_job {
     int64_t id, series_id;

@@ -261,6 +261,11 @@ static const char *const migrations[] = {
     "ALTER TABLE series ADD COLUMN past_expected INTEGER NOT NULL DEFAULT 0;"
     "UPDATE series SET past_expected = 1 WHERE expected_count > 0"
     "  AND instance_count > expected_count;",
+
+    /* 11 -> 12: how many times the node stopped (a crash, a kill) while a
+     * job ran: one that brings the node down fails after a few, instead of
+     * being claimed first after every restart (db_jobs_requeue). */
+    "ALTER TABLE jobs ADD COLUMN stops INTEGER NOT NULL DEFAULT 0;",
 };
 
 int db_schema_version(void)

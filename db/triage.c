@@ -206,26 +206,55 @@ bad:
     return -1;
 }
 
-int db_jobs_requeue(struct db *db, int *count)
+int db_jobs_requeue(struct db *db, int max_stops, int64_t now_ms, int *count, int *failed)
 {
     sqlite3 *c = db_conn(db);
-    *count = 0;
+    char why[64];
+    snprintf(why, sizeof why, "the node stopped %d times while triaging it", max_stops);
+    *count = *failed = 0;
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
-    int rc = sqlite3_exec(c,
-                          "UPDATE jobs SET state = 'queued', started_at = NULL"
-                          " WHERE state = 'running';",
-                          NULL, NULL, NULL);
-    *count = sqlite3_changes(c);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_exec(c,
-                          "UPDATE series SET state = 'waiting' WHERE state = 'triaging';"
-                          "UPDATE studies SET status = 'waiting' WHERE status = 'triaging';",
-                          NULL, NULL, NULL);
-    if (rc != SQLITE_OK || sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
-        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
-        return -1;
+    if (max_stops > 0) {
+        if (db_exec_bound(c, "UPDATE jobs SET stops = stops + 1 WHERE state = 'running'", "") !=
+                0 ||
+            db_exec_bound(c,
+                          "UPDATE series SET state = 'failed', state_reason = ?2"
+                          " WHERE state = 'triaging' AND id IN (SELECT series_ref FROM jobs"
+                          " WHERE state = 'running' AND stops >= ?1)",
+                          "is", (int64_t)max_stops, why) != 0 ||
+            db_exec_bound(c,
+                          "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3"
+                          " WHERE state = 'running' AND stops >= ?1",
+                          "iis", (int64_t)max_stops, now_ms, why) != 0)
+            goto bad;
+        *failed = sqlite3_changes(c);
     }
+    if (sqlite3_exec(c,
+                     "UPDATE jobs SET state = 'queued', started_at = NULL WHERE state = 'running'",
+                     NULL, NULL, NULL) != SQLITE_OK)
+        goto bad;
+    *count = sqlite3_changes(c);
+    if (sqlite3_exec(c,
+                     "UPDATE series SET state = 'waiting' WHERE state = 'triaging';"
+                     "UPDATE studies SET status = 'waiting' WHERE status = 'triaging';",
+                     NULL, NULL, NULL) != SQLITE_OK)
+        goto bad;
+    /* Their studies show the failure, one by one in id order. */
+    int64_t study = 0;
+    while (*failed) {
+        if (db_scalar(c, &study,
+                      "SELECT min(s.study_ref) FROM jobs j JOIN series s ON s.id = j.series_ref"
+                      " WHERE j.state = 'failed' AND j.finished_at = ?1 AND j.error = ?2"
+                      " AND s.study_ref > ?3",
+                      "isi", now_ms, why, study) != 0)
+            goto bad;
+        if (!study) break;
+        if (refresh_study(c, study) != 0) goto bad;
+    }
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
     return 0;
+bad:
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
 }
 
 int db_job_claim(struct db *db, int64_t now_ms, struct db_job *job)

@@ -241,8 +241,9 @@ static void *infer_main(void *arg)
         pthread_mutex_unlock(&t->mu);
         if (stop) break;
         if (reload) load_model(t, &m, &have);
-        int count = 0;
-        if (requeue && db_jobs_requeue(db, &count) == 0) {
+        int count = 0, failed;
+        /* No stop counted: the database, not the job, kept its end out. */
+        if (requeue && db_jobs_requeue(db, 0, now_ms(), &count, &failed) == 0) {
             requeue = false;
             util_log(UTIL_LOG_INFO, "jobs_requeued", "count=%d", count);
         }

@@ -35,6 +35,10 @@
  * process (receiving waits longer, on its own connection). */
 #define LOOP_BUSY_TIMEOUT_MS 1000
 
+/* A job running when the node stopped this many times (a crash each time,
+ * perhaps its own doing) fails with its series instead of running again. */
+#define JOB_MAX_STOPS 3
+
 struct node {
     struct triage_config cfg;
     uv_loop_t *loop;
@@ -358,13 +362,16 @@ int triage_serve_main(int argc, char **argv)
         return 1;
     }
 
-    int requeued = 0;
-    if (db_jobs_requeue(n.store.db, &requeued) != 0) {
+    int requeued = 0, given_up = 0;
+    if (db_jobs_requeue(n.store.db, JOB_MAX_STOPS, wall_ms(), &requeued, &given_up) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"cannot requeue jobs\"");
         db_close(n.store.db);
         return 1;
     }
     if (requeued) util_log(UTIL_LOG_WARN, "jobs_requeued", "count=%d", requeued);
+    if (given_up)
+        util_log(UTIL_LOG_ERROR, "jobs_failed_after_stops", "count=%d stops=%d", given_up,
+                 JOB_MAX_STOPS);
     /* From here on the connection is the loop's: start-up could wait. */
     db_set_busy_timeout(n.store.db, LOOP_BUSY_TIMEOUT_MS);
     int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days;

@@ -401,6 +401,32 @@ class TriageTest(itest.NodeTest):
         self.assertEqual(keys[0], keys[1])
         self.assertEqual(keys[0], self.jobs(node, study)[0][1])
 
+    def test_job_running_at_three_stops_fails_its_series(self):
+        # A job during which the node dies (here kill -9; in a hospital a
+        # crash or the OOM killer, perhaps the job's own doing) is queued
+        # again at the next start and claimed first. Three times: it fails
+        # with its series, instead of bringing the node down after every
+        # restart. It ran a fourth time and the series was triaged.
+        slow = os.path.join(self.work, "vgg19.safetensors")
+        subprocess.run([MAKE_MODEL, slow, "vgg19"], check=True, stdout=subprocess.DEVNULL)
+        node = self.node(**{"triage.model": slow})
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=24, slices=24)
+        (study, files), = studies.items()
+        self.send(node, files)
+        for stop in (1, 2, 3):
+            self.assertTrue(node.wait_event("job_started", timeout=QUIET + 30, count=stop),
+                            node.log_tail())
+            self.assertFalse(node.events("series_triaged"), "the job ended before the kill")
+            node.kill9()
+            node.start()
+        row = self.wait_status(node, study, ("failed", "triaged"), timeout=60)
+        self.assertEqual(row["status"], "failed", row)
+        self.assertIn("stopped 3 times", row["status_reason"])
+        self.assertTrue(node.events("jobs_failed_after_stops"), node.log_tail())
+        time.sleep(1)
+        self.assertEqual(len(node.events("job_started")), 3)
+        self.assertEqual([j[0] for j in self.jobs(node, study)], ["failed"])
+
     def test_same_content_is_not_triaged_twice(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=15)
