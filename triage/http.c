@@ -346,6 +346,11 @@ static int setup_tls(struct triage_http *h, const char *cert, const char *key, c
         SSL_CTX_use_PrivateKey_file(h->ssl, key, SSL_FILETYPE_PEM) != 1 ||
         SSL_CTX_check_private_key(h->ssl) != 1)
         goto bad;
+    /* HTTP/2 when the browser offers it: each open page holds an event
+     * stream, and over HTTP/1.1 a browser keeps six connections per host,
+     * so a seventh tab could load nothing; HTTP/2 carries them all on one
+     * connection. */
+    h2o_ssl_register_alpn_protocols(h->ssl, h2o_http2_alpn_protocols);
     h->accept_ctx.ssl_ctx = h->ssl;
     h->tls = true;
     return 0;

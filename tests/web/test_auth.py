@@ -189,6 +189,28 @@ class AuthTest(wt.WebTest):
         time.sleep(1.5)
         self.assertEqual(self.req(node, "/login", "POST", json.loads(body))[0], 200)
 
+    def test_many_pages_share_one_connection_over_http2(self):
+        """Each open page holds an event stream; over HTTP/1.1 a browser keeps
+        six connections per host, so a seventh tab loaded nothing. Over TLS
+        the node speaks HTTP/2 (ALPN), where one connection carries them all:
+        ten event streams and the worklist at once on one connection, each
+        answered 200 over HTTP/2."""
+        node = self.public_node()
+        jar = os.path.join(self.work, "cookies")
+        self.assertEqual(self.req(node, "/login", "POST", {"user": "alice",
+                                                          "password": "alice-pw"}, jar=jar)[0], 200)
+        urls = [node.base + "/api/events"] * 10 + [node.base + "/api/worklist"]
+        argv = ["curl", "-sk", "--http2", "--parallel",
+                "--parallel-max", "20", "-m", "4", "-b", jar,
+                "-w", "%{http_version} %{http_code} %{num_connects}\\n"]
+        for u in urls:
+            argv += ["-o", "/dev/null", u]
+        out = subprocess.run(argv, stdout=subprocess.PIPE).stdout.decode().split("\n")
+        got = [l.split() for l in out if l.strip()]
+        self.assertEqual(len(got), 11, out)
+        self.assertTrue(all(v == "2" and code == "200" for v, code, _ in got), got)
+        self.assertEqual(sum(int(n) for _, _, n in got), 1, "connections made: %s" % got)
+
     def test_wall_clock_steps_move_no_limit(self):
         # Login throttling and session lifetimes went by the wall clock: a
         # step back refused every login (429) for as long as the step, a step
