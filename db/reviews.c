@@ -112,6 +112,16 @@ int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const c
         goto rollback;
     sqlite3_bind_int64(st, 1, sid);
     if (step_done(st) != 0) goto rollback;
+    /* Its audit line in the same commit: no review without it, nor a line
+     * for a review not stored; the finding is in it, not only the subtypes. */
+    char detail[300];
+    snprintf(detail, sizeof detail, "hemorrhage=%d subtypes=%s", hemorrhage ? 1 : 0,
+             subtypes && subtypes[0] ? subtypes : "-");
+    if (db_exec_bound(c,
+                      "INSERT INTO audit (at, user, action, study_uid, detail)"
+                      " VALUES (?1, ?2, 'reviewed', ?3, ?4)",
+                      "isss", now_ms, reviewer, study_uid, detail) != 0)
+        goto rollback;
     if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto rollback;
     return 0;
 rollback:

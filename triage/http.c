@@ -14,6 +14,7 @@
 #include <strings.h>
 #include <sys/random.h>
 
+#include "db_web.h"
 #include "log.h"
 #include "number.h"
 
@@ -52,6 +53,14 @@ void http_random_hex(char *out, size_t bytes)
     }
     for (size_t i = 0; i < bytes; i++)
         snprintf(out + 2 * i, 3, "%02x", buf[i]);
+}
+
+void http_audit(struct triage_http *h, const char *user, const char *action, const char *study_uid,
+                const char *detail)
+{
+    if (db_audit_add(h->db, http_now_ms(), user, action, study_uid, detail) != 0)
+        util_log(UTIL_LOG_ERROR, "audit_failed", "action=%s study=%s", action,
+                 study_uid[0] ? study_uid : "-");
 }
 
 void http_add_header(h2o_req_t *req, const char *name, const char *value)

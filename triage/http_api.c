@@ -309,7 +309,6 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
         util_log(UTIL_LOG_ERROR, "review_failed", "study=%s reason=\"%s\"", uid, err);
         return http_send_error(req, 500, "cannot store the review");
     }
-    db_audit_add(h->db, now, who->user, "reviewed", uid, list);
     util_log(UTIL_LOG_INFO, "reviewed", "study=%s hemorrhage=%d subtypes=%s marked_slices=%d", uid,
              hemorrhage, list[0] ? list : "-", nmarked);
     triage_http_changed(h);
@@ -351,8 +350,7 @@ static int api_claim(struct triage_http *h, h2o_req_t *req, const struct http_wh
     if (rc == 1)
         return http_send_error(req, claim ? 404 : 409,
                                claim ? "no such study" : "not claimed by you");
-    db_audit_add(h->db, http_now_ms(), who->user, claim ? "claimed" : "released", uid,
-                 force && holder[0] ? holder : "");
+    http_audit(h, who->user, claim ? "claimed" : "released", uid, force && holder[0] ? holder : "");
     triage_http_changed(h);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "study_uid", uid);

@@ -240,7 +240,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         f = fail_slot(h, addr, true);
         f->count++;
         util_log(UTIL_LOG_WARN, "login_failed", "peer=%s", addr);
-        db_audit_add(h->db, http_now_ms(), user, "login_failed", "", addr);
+        http_audit(h, user, "login_failed", "", addr);
         return http_send_error(req, 401, "wrong user or password");
     }
     /* A new session; a full table drops the one closest to expiry. */
@@ -259,7 +259,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     /* No reset of the address's failures on success: one known password
      * must not buy more guesses at the others. */
     util_log(UTIL_LOG_INFO, "login", "peer=%s", addr);
-    db_audit_add(h->db, http_now_ms(), user, "login", "", addr);
+    http_audit(h, user, "login", "", addr);
     char cookie[256];
     snprintf(cookie, sizeof cookie,
              COOKIE "=%s; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=%lld", s->token,
@@ -278,6 +278,7 @@ int http_auth_logout(struct triage_http *h, h2o_req_t *req)
         struct http_who who = {.csrf = s->csrf};
         if (!http_auth_csrf_ok(req, &who))
             return http_send_error(req, 403, "missing or wrong X-CSRF-Token header");
+        http_audit(h, s->user, "logout", "", "");
         memset(s, 0, sizeof *s);
         http_sse_end_dead_sessions(h); /* its pages stop hearing events now */
     }

@@ -110,6 +110,10 @@ int64_t http_now_ms(void);
  * step of the wall clock (NTP, an administrator) must not move. */
 int64_t http_clock_ms(void);
 void http_random_hex(char *out, size_t bytes); /* out: 2*bytes+1 chars */
+/* Appends an audit line (db_audit_add, now); one that cannot be written is
+ * logged (event=audit_failed), not lost without a word. */
+void http_audit(struct triage_http *h, const char *user, const char *action, const char *study_uid,
+                const char *detail);
 
 /* Responses. Each sends and returns 0 (h2o's "handled"). */
 int http_send(h2o_req_t *req, int status, const char *type, const char *body, size_t len);

@@ -82,6 +82,10 @@ class AuthTest(wt.WebTest):
         audit = [tuple(r) for r in node.query("SELECT user, action FROM audit")]
         for entry in (("alice", "login_failed"), ("alice", "login"), ("alice", "reviewed")):
             self.assertIn(entry, audit)
+        # The review's line says what was found, not only the subtypes.
+        detail, = node.query("SELECT detail FROM audit WHERE action = 'reviewed'")[0]
+        self.assertEqual(detail, "hemorrhage=%d subtypes=%s" % (
+            1 if review["hemorrhage"] else 0, ",".join(review.get("subtypes", [])) or "-"))
 
         # sha512-crypt works too; claims name the person, and taking over
         # another reader's study needs force.
@@ -109,6 +113,8 @@ class AuthTest(wt.WebTest):
         self.assertEqual(self.req(node, "/logout", "POST", {}, ["X-CSRF-Token: " + csrf],
                                   jar=jar)[0], 200)
         self.assertEqual(self.req(node, "/api/worklist", jar=jar)[0], 401)
+        self.assertIn(("alice", "logout"), [tuple(r) for r in node.query(
+            "SELECT user, action FROM audit")])
         try:
             self.assertEqual(stream.wait(10), 0)  # the server ended it
         finally:
