@@ -18,6 +18,10 @@ static const char *sql_study =
     "  study_desc, received_at, updated_at)"
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)"
     " ON CONFLICT (study_uid) DO UPDATE SET updated_at = excluded.updated_at,"
+    /* The patient as the newest instance names it: a re-send with a
+     * corrected name or ID (an unknown trauma patient reconciled) shows
+     * the correction; it had kept the first name for good. */
+    "  patient_ref = excluded.patient_ref,"
     /* Sent again after retention purged it: its new files are kept, and
      * go, by the same rule as any others. */
     "  purged_at = NULL"

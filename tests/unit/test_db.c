@@ -137,6 +137,27 @@ Test(db, resent_instance_replaces_row_and_reports_old_file)
     cr_assert_eq(scalar("SELECT instance_count FROM series WHERE series_uid = '1.2.3.4'"), 1);
 }
 
+/* A study sent again with its patient's name or ID corrected (an unknown
+ * trauma patient reconciled) shows the correction: the first name had
+ * stayed for good. */
+Test(db, resent_study_takes_the_corrected_patient)
+{
+    struct db *db;
+    char err[256], old[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    struct db_instance a = row("1.2.3.4.1", "1.2.3.4", "spool/a.dcm");
+    a.patient_id = "TRAUMA-7";
+    a.patient_name = "Unknown^Trauma";
+    cr_assert_eq(db_instance_put(db, &a, old, sizeof old, err, sizeof err), 0, "%s", err);
+    struct db_instance b = row("1.2.3.4.2", "1.2.3.4", "spool/b.dcm");
+    cr_assert_eq(db_instance_put(db, &b, old, sizeof old, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM studies st JOIN patients p ON p.id = st.patient_ref"
+                        " WHERE p.patient_id = 'P1' AND p.patient_name = 'Doe^Jane'"),
+                 1);
+    cr_assert_eq(scalar("SELECT count(*) FROM studies"), 1);
+}
+
 /* UIDs are unique. A SOP instance sent again in another series, or a series
  * sent again in another study (another patient's, say), is refused (1) and
  * changes nothing: it had been moved, taking an acknowledged slice from the
