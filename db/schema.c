@@ -273,13 +273,20 @@ int db_schema_version(void)
     return (int)(sizeof migrations / sizeof migrations[0]);
 }
 
-int db_migrate(sqlite3 *conn, char *err, size_t errlen)
+static int user_version(sqlite3 *conn, int *version)
 {
     sqlite3_stmt *st = NULL;
-    int version = 0;
-    if (sqlite3_prepare_v2(conn, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK) goto fail;
-    if (sqlite3_step(st) == SQLITE_ROW) version = sqlite3_column_int(st, 0);
+    *version = 0;
+    if (sqlite3_prepare_v2(conn, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK) return -1;
+    if (sqlite3_step(st) == SQLITE_ROW) *version = sqlite3_column_int(st, 0);
     sqlite3_finalize(st);
+    return 0;
+}
+
+int db_migrate(sqlite3 *conn, char *err, size_t errlen)
+{
+    int version = 0;
+    if (user_version(conn, &version) != 0) goto fail;
     if (version > db_schema_version()) {
         snprintf(err, errlen, "database schema version %d is newer than this build (%d)", version,
                  db_schema_version());
@@ -294,6 +301,21 @@ int db_migrate(sqlite3 *conn, char *err, size_t errlen)
         char pragma[64];
         snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v + 1);
         if (sqlite3_exec(conn, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) goto fail;
+        /* Read again under the write lock: another process (a train run
+         * and a newly upgraded node, say) may have migrated meanwhile, and
+         * a step applied twice fails ("duplicate column"). */
+        int now = v;
+        if (user_version(conn, &now) != 0 || now != v) {
+            sqlite3_exec(conn, "COMMIT", NULL, NULL, NULL);
+            if (now == v) goto fail;
+            if (now > db_schema_version()) {
+                snprintf(err, errlen, "database schema version %d is newer than this build (%d)",
+                         now, db_schema_version());
+                return -1;
+            }
+            v = now - 1; /* on from where it is */
+            continue;
+        }
         if (sqlite3_exec(conn, migrations[v], NULL, NULL, NULL) != SQLITE_OK ||
             sqlite3_exec(conn, pragma, NULL, NULL, NULL) != SQLITE_OK) {
             snprintf(err, errlen, "migration %d -> %d failed: %s", v, v + 1, sqlite3_errmsg(conn));
