@@ -43,6 +43,7 @@ static const struct {
     [CFG_HTTP_TLS_CERT] = {"http.tls_cert", ""},
     [CFG_HTTP_TLS_KEY] = {"http.tls_key", ""},
     [CFG_HTTP_WEBHOOK] = {"http.webhook", ""},
+    [CFG_HTTP_TRUSTED_PROXIES] = {"http.trusted_proxies", ""},
     [CFG_TRIAGE_QUIET_SECONDS] = {"triage.quiet_seconds", "5"},
     [CFG_TRIAGE_MODEL] = {"triage.model", ""},
     [CFG_TRIAGE_HEAD_PATTERNS] =

@@ -192,7 +192,18 @@ int http_param(const char *q, size_t len, const char *name, char *out, size_t n)
     return 0;
 }
 
-void http_peer(h2o_req_t *req, char *out, size_t n)
+/* True when s (an address, n bytes) is one inet_pton reads. */
+static bool is_address(const char *s, size_t n)
+{
+    char a[INET6_ADDRSTRLEN];
+    unsigned char bin[sizeof(struct in6_addr)];
+    if (n == 0 || n >= sizeof a) return false;
+    memcpy(a, s, n);
+    a[n] = 0;
+    return inet_pton(AF_INET, a, bin) == 1 || inet_pton(AF_INET6, a, bin) == 1;
+}
+
+void http_peer(struct triage_http *h, h2o_req_t *req, char *out, size_t n)
 {
     struct sockaddr_storage ss;
     snprintf(out, n, "?");
@@ -202,6 +213,44 @@ void http_peer(h2o_req_t *req, char *out, size_t n)
         inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, out, (socklen_t)n);
     else if (ss.ss_family == AF_INET6)
         inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, out, (socklen_t)n);
+    /* From a trusted proxy: the client is the address it appended last to
+     * X-Forwarded-For (what the client itself wrote before it is not
+     * believed). From anyone else the header is ignored. */
+    char key[80], xff[1024];
+    snprintf(key, sizeof key, ",%s,", out);
+    if (!h->trusted_proxies[0] || !strstr(h->trusted_proxies, key) ||
+        !http_header(req, "x-forwarded-for", xff, sizeof xff))
+        return;
+    char *last = strrchr(xff, ',');
+    last = last ? last + 1 : xff;
+    while (*last == ' ' || *last == '\t')
+        last++;
+    size_t k = strcspn(last, " \t");
+    if (is_address(last, k) && k < n) {
+        memcpy(out, last, k);
+        out[k] = 0;
+    }
+}
+
+/* http.trusted_proxies ("a, b") into ",a,b,"; each must be an address. */
+static int parse_proxies(struct triage_http *h, const char *list, char *err, size_t errlen)
+{
+    size_t at = 0;
+    h->trusted_proxies[0] = 0;
+    for (const char *p = list ? list : ""; *p;) {
+        p += strspn(p, " \t,");
+        size_t k = strcspn(p, " \t,");
+        if (k == 0) break;
+        if (!is_address(p, k) || at + k + 2 >= sizeof h->trusted_proxies) {
+            snprintf(err, errlen, "http.trusted_proxies: '%.*s' is not an IP address", (int)k, p);
+            return -1;
+        }
+        at += (size_t)snprintf(h->trusted_proxies + at, sizeof h->trusted_proxies - at, ",%.*s",
+                               (int)k, p);
+        p += k;
+    }
+    if (at) snprintf(h->trusted_proxies + at, sizeof h->trusted_proxies - at, ",");
+    return 0;
 }
 
 static const struct triage_web_asset *find_asset(const char *path)
@@ -412,6 +461,10 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
     h->infer = cfg->infer;
     h->scp = cfg->scp;
     snprintf(h->webhook, sizeof h->webhook, "%s", cfg->webhook ? cfg->webhook : "");
+    if (parse_proxies(h, cfg->trusted_proxies, err, errlen) != 0) {
+        free(h);
+        return -1;
+    }
     h->loopback = is_loopback(&ss);
     http_random_hex(h->local_csrf, 32);
 

@@ -16,15 +16,16 @@ struct triage_http;
 
 struct triage_http_config {
     uv_loop_t *loop;
-    struct db *db;              /* the loop thread's connection; borrowed */
-    const char *listen;         /* http.listen: host:port, [v6]:port */
-    const char *users_file;     /* http.users, "" none */
-    const char *tls_cert;       /* http.tls_cert */
-    const char *tls_key;        /* http.tls_key */
-    const char *webhook;        /* http.webhook, "" none */
-    struct triage_store *store; /* counters, spool dir, low-space flag; borrowed */
-    struct triage_infer *infer; /* the model's state; borrowed, may be NULL */
-    struct scp_server *scp;     /* active associations; borrowed, may be NULL */
+    struct db *db;               /* the loop thread's connection; borrowed */
+    const char *listen;          /* http.listen: host:port, [v6]:port */
+    const char *users_file;      /* http.users, "" none */
+    const char *tls_cert;        /* http.tls_cert */
+    const char *tls_key;         /* http.tls_key */
+    const char *webhook;         /* http.webhook, "" none */
+    const char *trusted_proxies; /* http.trusted_proxies: addresses, comma-separated */
+    struct triage_store *store;  /* counters, spool dir, low-space flag; borrowed */
+    struct triage_infer *infer;  /* the model's state; borrowed, may be NULL */
+    struct scp_server *scp;      /* active associations; borrowed, may be NULL */
 };
 
 /* Listens on cfg->listen. Off loopback it needs users, a certificate and a

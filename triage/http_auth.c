@@ -195,7 +195,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
 {
     if (h->loopback) return http_send_error(req, 400, "no login on a loopback address");
     char addr[64];
-    http_peer(req, addr, sizeof addr);
+    http_peer(h, req, addr, sizeof addr);
     if (!login_from_here(req)) {
         util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"from another site\"", addr);
         return http_send_error(req, 403, "login only from this node's own page");

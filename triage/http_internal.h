@@ -63,7 +63,8 @@ struct triage_http {
     struct triage_infer *infer;
     struct scp_server *scp;
     char webhook[1024];
-    bool loopback; /* no login: actions are the local user's */
+    char trusted_proxies[512]; /* ",a,b," (each address between commas), "" none */
+    bool loopback;             /* no login: actions are the local user's */
     bool tls;
 
     h2o_globalconf_t globalconf;
@@ -129,7 +130,9 @@ bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n);
  * 0 when absent; -1 when longer than out holds (out is then "", never a
  * truncated value: a cut password must not be checked as if whole). */
 int http_param(const char *query, size_t len, const char *name, char *out, size_t n);
-void http_peer(h2o_req_t *req, char *out, size_t n);
+/* The client's address into out: the peer's, or, from an address in
+ * http.trusted_proxies, the last one of its X-Forwarded-For. */
+void http_peer(struct triage_http *h, h2o_req_t *req, char *out, size_t n);
 
 /* http_auth.c */
 int http_auth_load(struct triage_http *h, const char *users_file, char *err, size_t errlen);

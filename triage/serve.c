@@ -481,6 +481,7 @@ int triage_serve_main(int argc, char **argv)
         .tls_cert = triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
         .tls_key = triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY),
         .webhook = triage_config_str(&n.cfg, CFG_HTTP_WEBHOOK),
+        .trusted_proxies = triage_config_str(&n.cfg, CFG_HTTP_TRUSTED_PROXIES),
         .store = &n.store,
         .infer = n.infer,
         .scp = n.scp,

@@ -195,6 +195,38 @@ class AuthTest(wt.WebTest):
         time.sleep(1.5)
         self.assertEqual(self.req(node, "/login", "POST", json.loads(body))[0], 200)
 
+    def test_failed_logins_counted_per_client_behind_a_trusted_proxy(self):
+        """Behind a reverse proxy every browser has the proxy's address: 5
+        wrong passwords by one person had locked everyone out for 15
+        minutes. From an address in http.trusted_proxies the client is the
+        last address of X-Forwarded-For; from anyone else the header counts
+        for nothing (a client cannot pick its own address)."""
+        wrong = {"user": "alice", "password": "nope"}
+        right = {"user": "bob", "password": "bob-pw"}
+
+        def login(node, body, client):
+            return self.req(node, "/login", "POST", body,
+                            ["X-Forwarded-For: 192.0.2.99, %s" % client])[0]
+
+        node = self.public_node(**{"http.trusted_proxies": "10.9.9.9, 127.0.0.1"})
+        for _ in range(5):
+            self.assertEqual(login(node, wrong, "198.51.100.1"), 401)
+        self.assertEqual(login(node, wrong, "198.51.100.1"), 429, "the typist is held")
+        self.assertEqual(login(node, right, "198.51.100.2"), 200, "another reader is not")
+        self.assertTrue(any("peer=198.51.100.1" in l for l in node.events("login_throttled")),
+                        node.log_tail())
+        audit = [r[0] for r in node.query("SELECT detail FROM audit WHERE action = 'login'")]
+        self.assertEqual(audit, ["198.51.100.2"])
+        self.assertEqual(node.stop(), 0)
+        self.nodes.remove(node)
+        # Not a trusted proxy: the header is the client's own say, ignored.
+        node = self.public_node()
+        for i in range(5):
+            self.assertEqual(login(node, wrong, "198.51.100.%d" % (10 + i)), 401)
+        self.assertEqual(login(node, right, "198.51.100.20"), 429)
+        with self.assertRaises(dt.NodeError):
+            self.public_node(**{"http.trusted_proxies": "nginx.local"})
+
     def test_many_pages_share_one_connection_over_http2(self):
         """Each open page holds an event stream; over HTTP/1.1 a browser keeps
         six connections per host, so a seventh tab loaded nothing. Over TLS
