@@ -104,14 +104,17 @@ int db_backup_copy(const char *src_path, const char *dst_path, char *err, size_t
 }
 
 int db_backup_files(const char *db_path,
-                    int (*fn)(void *ud, const char *file_path, int64_t file_size), void *ud,
-                    char *err, size_t errlen)
+                    int (*fn)(void *ud, const char *file_path, int64_t file_size,
+                              const char *digest),
+                    void *ud, char *err, size_t errlen)
 {
     sqlite3 *c;
     if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c, "SELECT file_path, file_size FROM instances ORDER BY file_path", -1,
-                           &st, NULL) != SQLITE_OK) {
+    if (sqlite3_prepare_v2(c,
+                           "SELECT file_path, file_size, content_digest FROM instances"
+                           " ORDER BY file_path",
+                           -1, &st, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
         sqlite3_close(c);
         return -1;
@@ -119,7 +122,8 @@ int db_backup_files(const char *db_path,
     int rc, ret = 0;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         const char *p = (const char *)sqlite3_column_text(st, 0);
-        ret = fn(ud, p ? p : "", sqlite3_column_int64(st, 1));
+        const char *d = (const char *)sqlite3_column_text(st, 2);
+        ret = fn(ud, p ? p : "", sqlite3_column_int64(st, 1), d ? d : "");
         if (ret != 0) break;
     }
     if (ret == 0 && rc != SQLITE_DONE) {
@@ -188,16 +192,20 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
     return end_write(c, rc == SQLITE_DONE ? SQLITE_OK : rc, db_path, err, errlen);
 }
 
-int db_backup_file_indexed(const char *db_path, const char *file_path, bool *indexed, char *err,
-                           size_t errlen)
+int db_backup_file_indexed(const char *db_path, const char *file_path, const char *digest,
+                           bool *indexed, char *err, size_t errlen)
 {
     *indexed = false;
     sqlite3 *c;
     if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
     sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(c, "SELECT 1 FROM instances WHERE file_path = ?1", -1, &st, NULL);
+    int rc = sqlite3_prepare_v2(c,
+                                "SELECT 1 FROM instances WHERE file_path = ?1"
+                                " AND (?2 = '' OR content_digest = ?2)",
+                                -1, &st, NULL);
     if (rc == SQLITE_OK) {
         sqlite3_bind_text(st, 1, file_path, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, digest ? digest : "", -1, SQLITE_STATIC);
         rc = sqlite3_step(st);
         *indexed = rc == SQLITE_ROW;
         sqlite3_finalize(st);

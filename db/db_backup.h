@@ -18,14 +18,16 @@ struct sqlite3;
  * -1 with a message in err. */
 int db_backup_copy(const char *src_path, const char *dst_path, char *err, size_t errlen);
 
-/* Calls fn(ud, file_path, file_size) for every instance the database at
- * db_path indexes, ordered by file_path (relative to the store directory),
- * reading through its own read-only connection. Stops at the first non-zero
+/* Calls fn(ud, file_path, file_size, digest) for every instance the
+ * database at db_path indexes (digest: its content_digest, "" for rows
+ * older than schema 8), ordered by file_path (relative to the store
+ * directory), reading through its own read-only connection. Stops at the first non-zero
  * return of fn and returns it. Returns 0, fn's value, or -1 with a message
  * in err. */
 int db_backup_files(const char *db_path,
-                    int (*fn)(void *ud, const char *file_path, int64_t file_size), void *ud,
-                    char *err, size_t errlen);
+                    int (*fn)(void *ud, const char *file_path, int64_t file_size,
+                              const char *digest),
+                    void *ud, char *err, size_t errlen);
 
 /* For a backup whose outbox/ was copied (to root) after its database
  * (db_path): a pending PACS delivery whose file is not there was delivered
@@ -36,9 +38,10 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
                             char *err, size_t errlen);
 
 /* Whether the database at db_path (the live index, read-only) still has a
- * row for file_path. Returns 0, or -1 with a message in err. */
-int db_backup_file_indexed(const char *db_path, const char *file_path, bool *indexed, char *err,
-                           size_t errlen);
+ * row for file_path with that content digest ("": any). Returns 0, or -1
+ * with a message in err. */
+int db_backup_file_indexed(const char *db_path, const char *file_path, const char *digest,
+                           bool *indexed, char *err, size_t errlen);
 
 /* In the copy at db_path: removes the instance rows of the n file paths (a
  * file the live node no longer indexes: purged by retention or replaced

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include <openssl/evp.h>
 #include <zlib.h>
 
 #include <dcmtk/config/osconfig.h>
@@ -283,6 +284,37 @@ long meta_end(const char *path, OFString *ts)
 }
 
 } // namespace
+
+extern "C" int scp_dataset_digest(const char *path, char out[65], char *err, unsigned long errlen)
+{
+    OFString ts;
+    long start = meta_end(path, &ts);
+    FILE *f = start >= 0 ? fopen(path, "rb") : nullptr;
+    if (!f) {
+        snprintf(err, errlen, "%s: cannot read a DICOM file", path);
+        return -1;
+    }
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    bool ok =
+        md && EVP_DigestInit_ex(md, EVP_sha256(), nullptr) == 1 && fseek(f, start, SEEK_SET) == 0;
+    std::vector<unsigned char> buf(1 << 16);
+    size_t n;
+    while (ok && (n = fread(buf.data(), 1, buf.size(), f)) > 0)
+        ok = EVP_DigestUpdate(md, buf.data(), n) == 1;
+    ok = ok && !ferror(f);
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned len = 0;
+    ok = ok && EVP_DigestFinal_ex(md, d, &len) == 1 && len == 32;
+    EVP_MD_CTX_free(md);
+    fclose(f);
+    if (!ok) {
+        snprintf(err, errlen, "%s: cannot read it whole", path);
+        return -1;
+    }
+    for (unsigned i = 0; i < len; i++)
+        snprintf(out + 2 * i, 3, "%02x", d[i]);
+    return 0;
+}
 
 extern "C" int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long errlen)
 {

@@ -88,6 +88,12 @@ int scp_info_read(const char *path, struct scp_info *out, char *err, unsigned lo
  * thread-safe. */
 int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long errlen);
 
+/* The SHA-256 (64 hex digits and a NUL into out) of the dataset of the
+ * DICOM file at path, without its meta header: for a stored instance, the
+ * bytes as its sender sent them, the index's content_digest. Returns 0, or
+ * -1 with a message in err. Never throws; thread-safe. */
+int scp_dataset_digest(const char *path, char out[65], char *err, unsigned long errlen);
+
 /* For multi-frame (enhanced) images: the position of each frame, from the
  * per-frame functional groups (PlanePositionSequence), into positions
  * [max * 3] (NaN, NaN, NaN for a frame without one, or with a value that is

@@ -39,6 +39,7 @@
 #include "db_backup.h"
 #include "db_status.h"
 #include "log.h"
+#include "scp_info.h"
 #include "store.h"
 
 #define BACKUP_FORMAT "ichtriage-backup 1"
@@ -164,15 +165,20 @@ static int copy_file(struct copier *c, const char *src, const char *dst, int64_t
     return rc;
 }
 
-/* The snapshot's file rel (at src) is gone. When the live index no longer
- * has it either (retention purged its study, or a resend replaced it), it
- * is left out of the copy: its row is removed there after the walk. */
-static int forget(struct copier *c, const char *rel, const char *src)
+/* The snapshot's file rel (at src) is gone, or holds other bytes than the
+ * snapshot's row says (digest). When the live index no longer has it with
+ * those bytes either (retention purged its study, or a resend replaced it,
+ * and a later one may have taken its name again), it is left out of the
+ * copy: its row is removed there after the walk. what: what is wrong with
+ * it, for the error when the index still lists it. */
+static int forget(struct copier *c, const char *rel, const char *src, const char *digest,
+                  const char *what)
 {
     bool indexed = true;
-    if (db_backup_file_indexed(c->live_db, rel, &indexed, c->err, c->errlen) != 0) return -1;
+    if (db_backup_file_indexed(c->live_db, rel, digest, &indexed, c->err, c->errlen) != 0)
+        return -1;
     if (indexed) {
-        snprintf(c->err, c->errlen, "%.1000s is missing although the index lists it", src);
+        snprintf(c->err, c->errlen, "%.1000s %s although the index lists it", src, what);
         return -1;
     }
     if (c->ngone == c->capgone) {
@@ -193,8 +199,22 @@ static int forget(struct copier *c, const char *rel, const char *src)
     return 0;
 }
 
-/* db_backup_files callback: copies (or, check_only, checks) one file. */
-static int copy_one(void *ud, const char *rel, int64_t size)
+/* Whether the dataset of the file at path has the digest want ("": not
+ * known, taken as matching). On a read error, false with the reason in
+ * c->err. */
+static bool digest_matches(struct copier *c, const char *path, const char *want)
+{
+    char got[65];
+    if (!want[0]) return true;
+    if (scp_dataset_digest(path, got, c->err, c->errlen) != 0) return false;
+    c->err[0] = 0;
+    return strcmp(got, want) == 0;
+}
+
+/* db_backup_files callback: copies (or, check_only, checks) one file, and
+ * checks its bytes against the row's digest (a copy that is not the
+ * snapshot's instance is never kept). */
+static int copy_one(void *ud, const char *rel, int64_t size, const char *digest)
 {
     struct copier *c = ud;
     if (!safe_rel_path(rel)) {
@@ -211,16 +231,32 @@ static int copy_one(void *ud, const char *rel, int64_t size)
                      (long long)size);
             return -1;
         }
+        if (!digest_matches(c, src, digest)) {
+            if (!c->err[0])
+                snprintf(c->err, c->errlen,
+                         "%.1000s does not hold the bytes its index row names (damaged)", src);
+            return -1;
+        }
     } else {
         int rc = 0;
         if (make_parents(c, dst) != 0 || sync_dir_of(c, dst) != 0 ||
             (rc = copy_file(c, src, dst, size)) == -1) {
-            if (errno == ENOENT && access(src, F_OK) != 0 && c->live_db) return forget(c, rel, src);
+            if (errno == ENOENT && access(src, F_OK) != 0 && c->live_db)
+                return forget(c, rel, src, "", "is missing");
             snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
                      strerror(errno));
             return -1;
         }
-        if (rc != 0) return -1;
+        /* Other bytes than the snapshot's (another size, or the same size
+         * and another digest): a resend took the name meanwhile. */
+        if (rc == -2 || !digest_matches(c, dst, digest)) {
+            unlink(dst);
+            if (c->live_db) return forget(c, rel, src, digest, "holds other bytes");
+            if (!c->err[0])
+                snprintf(c->err, c->errlen, "%.1000s does not hold the bytes its index row names",
+                         src);
+            return -1;
+        }
     }
     c->files++;
     c->bytes += size;

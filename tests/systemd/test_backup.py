@@ -3,6 +3,7 @@
 round trips with a node that received instances.
 
     test_backup.py /path/to/ichtriage"""
+import hashlib
 import json
 import os
 import pwd
@@ -324,6 +325,74 @@ class Backup(itest.NodeTest):
         con.close()
         self.assertEqual(sorted(p for p in tree(store2) if p.startswith("spool/")),
                          sorted(k[0] for k in kept))
+
+    def test_backup_while_an_instance_is_resent(self):
+        """The instance the backup copies last is sent again twice, with other
+        bytes of the same size, while the backup's first copy is held 8 s:
+        the spool name of the first copy comes back with the third's bytes.
+        The backup must not keep those bytes under the first copy's row:
+        it leaves the instance out (the node replaced it after the
+        snapshot), and every row of what is restored names its file's
+        bytes. It had copied the third copy's bytes under the first's row."""
+        import sqlite3
+        import struct as st
+        node, files = self.received(series=1, count=3)
+        con = sqlite3.connect("file:%s?mode=ro" % node.db_path, uri=True)
+        rel, sop = con.execute("SELECT file_path, sop_uid FROM instances"
+                               " ORDER BY file_path DESC LIMIT 1").fetchone()
+        con.close()
+        src = [f for f in files if dt.sop_uids(f)[1] == sop][0]
+        with open(src, "rb") as f:
+            data = f.read()
+        variants = []
+        for k in (1, 2):  # the last pixel's high byte changed: same size, other bytes
+            v = os.path.join(self.work, "v%d.dcm" % k)
+            with open(v, "wb") as f:
+                f.write(data[:-1] + bytes([(data[-1] + k) % 256]))
+            variants.append(v)
+        bdir = os.path.join(self.work, "backup")
+        argv = ["strace", "-f", "-o", "/dev/null", "-e", "trace=copy_file_range", "-e",
+                "inject=copy_file_range:delay_enter=8000000:when=1", itest.EXE, "backup"]
+        backup = subprocess.Popen(argv + store_args(node.store_dir) + [bdir],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(bdir, "ichtriage.db")) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        for v in variants:
+            r = dt.storescu(node.port, [v], workdir=self.work)
+            self.assert_all_success(r, [v])
+        con = sqlite3.connect("file:%s?mode=ro" % node.db_path, uri=True)
+        self.assertEqual(con.execute("SELECT file_path FROM instances WHERE sop_uid = ?",
+                                     (sop,)).fetchone()[0], rel, "the name did not come back")
+        con.close()
+        out, err = backup.communicate(timeout=60)
+        self.assertEqual(backup.returncode, 0, err.decode())
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        con = sqlite3.connect(os.path.join(store2, "ichtriage.db"))
+        rows = con.execute("SELECT sop_uid, file_path, content_digest FROM instances").fetchall()
+        con.close()
+        self.assertNotIn(sop, [r[0] for r in rows], "the replaced instance's row was kept")
+        self.assertEqual(len(rows), 2)
+        for _, path, digest in rows:
+            with open(os.path.join(store2, path), "rb") as f:
+                b = f.read()
+            meta = 132 + 12 + st.unpack("<I", b[140:144])[0]  # after (0002,0000) UL
+            self.assertEqual(hashlib.sha256(b[meta:]).hexdigest(), digest, path)
+        # A backup whose file was changed in place (same size): restore
+        # refuses it before writing anything (it had checked sizes only).
+        damaged = os.path.join(bdir, rows[0][1])
+        with open(damaged, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([(last[0] + 1) % 256]))
+        rc, out, err = ichtriage("restore", *store_args(os.path.join(self.work, "r3")), bdir)
+        self.assertNotEqual(rc, 0, out)
+        self.assertIn("does not hold the bytes its index row names", err)
+        self.assertFalse(os.path.exists(os.path.join(self.work, "r3", "spool")))
 
     def test_backup_while_receiving(self):
         """Online: a backup taken while a series streams in is consistent,

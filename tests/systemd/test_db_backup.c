@@ -113,11 +113,12 @@ Test(db_backup, copy_refuses_to_overwrite)
     sqlite3_close(c);
 }
 
-static int collect(void *ud, const char *file_path, int64_t size)
+static int collect(void *ud, const char *file_path, int64_t size, const char *digest)
 {
     char *out = ud;
     char line[300];
-    snprintf(line, sizeof line, "%s:%lld;", file_path, (long long)size);
+    snprintf(line, sizeof line, "%s:%lld%s%s;", file_path, (long long)size, digest[0] ? ":" : "",
+             digest);
     strcat(out, line);
     return 0;
 }
@@ -131,22 +132,23 @@ Test(db_backup, files_of_a_copy_and_status)
     sqlite3 *c;
     cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
     /* Rows straight in SQL: only file_path and file_size matter here. */
-    cr_assert_eq(sqlite3_exec(c,
-                              "INSERT INTO patients(id, patient_id) VALUES (1, 'P');"
-                              "INSERT INTO studies(id, study_uid, patient_ref, received_at, "
-                              "updated_at) VALUES (1, '1.2', 1, 0, 0);"
-                              "INSERT INTO series(id, series_uid, study_ref, first_instance_at, "
-                              "last_instance_at) VALUES (1, '1.2.3', 1, 0, 0);"
-                              "INSERT INTO instances(sop_uid, series_id, sop_class, "
-                              "transfer_syntax, file_path, file_size, received_at) VALUES "
-                              "('1', 1, 'c', 't', 'spool/b', 20, 5000),"
-                              "('2', 1, 'c', 't', 'spool/a', 10, 7000);",
-                              NULL, NULL, NULL),
-                 SQLITE_OK, "%s", sqlite3_errmsg(c));
+    cr_assert_eq(
+        sqlite3_exec(c,
+                     "INSERT INTO patients(id, patient_id) VALUES (1, 'P');"
+                     "INSERT INTO studies(id, study_uid, patient_ref, received_at, "
+                     "updated_at) VALUES (1, '1.2', 1, 0, 0);"
+                     "INSERT INTO series(id, series_uid, study_ref, first_instance_at, "
+                     "last_instance_at) VALUES (1, '1.2.3', 1, 0, 0);"
+                     "INSERT INTO instances(sop_uid, series_id, sop_class, "
+                     "transfer_syntax, file_path, file_size, received_at, content_digest) VALUES "
+                     "('1', 1, 'c', 't', 'spool/b', 20, 5000, 'bb'),"
+                     "('2', 1, 'c', 't', 'spool/a', 10, 7000, '');",
+                     NULL, NULL, NULL),
+        SQLITE_OK, "%s", sqlite3_errmsg(c));
     sqlite3_close(c);
     char got[1000] = "";
     cr_assert_eq(db_backup_files(path, collect, got, err, sizeof err), 0, "%s", err);
-    cr_assert_str_eq(got, "spool/a:10;spool/b:20;");
+    cr_assert_str_eq(got, "spool/a:10;spool/b:20:bb;");
     struct db_status s;
     cr_assert_eq(db_status_read(path, true, &s, err, sizeof err), 0, "%s", err);
     cr_assert_eq(s.instances, 2);
