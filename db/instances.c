@@ -36,7 +36,10 @@ static const char *sql_series =
     "  expected_count, first_instance_at, last_instance_at)"
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)"
     " ON CONFLICT (series_uid) DO UPDATE SET"
-    "  last_instance_at = max(last_instance_at, excluded.last_instance_at),"
+    /* the latest arrival's time, not the largest: after the wall clock
+     * went back, a value from before the step would stay ahead of every
+     * later instance (and the quiet period be judged from it) */
+    "  last_instance_at = excluded.last_instance_at,"
     "  state = 'receiving', state_reason = ''"
     " RETURNING id, study_ref";
 

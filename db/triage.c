@@ -19,7 +19,7 @@ int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids,
     *n = 0;
     if (sqlite3_prepare_v2(c,
                            "SELECT id FROM series WHERE state = 'receiving' AND"
-                           " (last_instance_at <= ?1 OR"
+                           " (last_instance_at <= ?1 OR last_instance_at > ?3 OR"
                            "  (expected_count > 0 AND instance_count = expected_count"
                            "   AND NOT past_expected))"
                            " ORDER BY last_instance_at LIMIT ?2",
@@ -27,6 +27,11 @@ int db_series_due(struct db *db, int64_t now_ms, int64_t quiet_ms, int64_t *ids,
         return -1;
     sqlite3_bind_int64(st, 1, now_ms - quiet_ms);
     sqlite3_bind_int(st, 2, max);
+    /* A last instance more than the quiet period in the future: the wall
+     * clock went back since (NTP, a restored VM), and the series has been
+     * quiet at least that long; it had waited until the clock caught up,
+     * an hour for a step of an hour. */
+    sqlite3_bind_int64(st, 3, now_ms + quiet_ms);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
         ids[(*n)++] = sqlite3_column_int64(st, 0);
@@ -398,11 +403,15 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
      * their received_at): the model may have read some of them, so what it
      * saw is no content of the series. The result is kept for the worklist
      * under no content key, and the series is decided again (it was taken
-     * for its content when a copy A, replaced by B, came back as A). */
+     * for its content when a copy A, replaced by B, came back as A).
+     * Times after now are from before the wall clock went back: not "since
+     * the job started" (every job had been taken for changed, and its series
+     * triaged again and again until the clock caught up). */
     int later = db_row_exists(c,
                               "SELECT 1 FROM instances i, jobs j WHERE j.id = ?2"
-                              " AND i.series_id = ?1 AND i.received_at > j.started_at LIMIT 1",
-                              "ii", job->series_id, job->id);
+                              " AND i.series_id = ?1 AND i.received_at > j.started_at"
+                              " AND i.received_at <= ?3 LIMIT 1",
+                              "iii", job->series_id, job->id, now_ms);
     if (later < 0) goto bad;
     bool changed = later == 0;
     if (changed &&

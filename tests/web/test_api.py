@@ -523,6 +523,35 @@ def png_grey(data):
     return rows
 
 
+class ClockStepTest(wt.WebTest):
+    def test_a_series_completes_after_the_wall_clock_went_back(self):
+        """A series whose last instance came just before the wall clock went
+        back an hour (NTP stepping, a restored VM) is complete after its
+        quiet period, not an hour later when the clock has caught up, and
+        triaged once; the next study, received on the new time, completes
+        as usual."""
+        shim = os.environ.get("ICHTRIAGE_TEST_CLOCKSTEP")
+        if not shim:
+            itest.skip_or_fail(self, "no clockstep shim (run through meson test)")
+        step = os.path.join(self.work, "clockstep")
+        with open(step, "w") as f:
+            f.write("0")
+        node = self.web_node(env={"LD_PRELOAD": shim, "ICHTRIAGE_CLOCKSTEP_FILE": step})
+        studies = wt.phantom(os.path.join(self.work, "ph"), seed=61, count=2)
+        (first, ffiles), (second, sfiles) = sorted(studies.items())
+        self.send(node, ffiles)
+        with open(step, "w") as f:
+            f.write("-3600")
+        self.wait_rows(node, [first], timeout=30)
+        self.send(node, sfiles)
+        rows = self.wait_rows(node, [second], timeout=30)
+        # triaged once: its job was not taken for one that saw new bytes
+        # (instances "received" an hour ahead of the new time had made every
+        # job's series be triaged again, over and over)
+        self.assertEqual([r["result_updates"] for r in rows if r["study_uid"] == first], [0], rows)
+        self.assertEqual(node.query("SELECT count(*) FROM jobs")[0][0], 2)
+
+
 class EnhancedPngTest(wt.WebTest):
     def test_one_frame_of_a_multi_frame_file(self):
         """The key images of an Enhanced CT (one JPEG-LS file of 200 frames)
