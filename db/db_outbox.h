@@ -70,7 +70,8 @@ struct db_outbox_source {
 };
 /* Fills *out (caller frees with db_outbox_source_free). Returns 0;
  * DB_OUTBOX_SUPERSEDED when the revision's result was replaced by a newer
- * one (a re-triage); DB_OUTBOX_KEY_GONE when its key slice is no longer
+ * one (a re-triage), or the study has a newer revision (its result moved to
+ * another series); DB_OUTBOX_KEY_GONE when its key slice is no longer
  * indexed; -1 on error. */
 #define DB_OUTBOX_SUPERSEDED 1
 #define DB_OUTBOX_KEY_GONE 2

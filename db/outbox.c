@@ -122,7 +122,11 @@ static int source_read(sqlite3 *c, int64_t revision_id, struct db_outbox_source 
             " LEFT JOIN instances i ON i.sop_uid = r.key_sop"
             " LEFT JOIN pacs_revisions prev ON prev.id = (SELECT max(p2.id) FROM pacs_revisions p2"
             "  WHERE p2.study_ref = pr.study_ref AND p2.id < pr.id AND p2.sr_sop_uid != '')"
-            " WHERE pr.id = ?1",
+            " WHERE pr.id = ?1"
+            /* a newer revision of the study (its result moved to another
+             * series) supersedes it too: PACS would get it before that */
+            " AND NOT EXISTS (SELECT 1 FROM pacs_revisions p3"
+            "  WHERE p3.study_ref = pr.study_ref AND p3.id > pr.id)",
             -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_int64(st, 1, revision_id);

@@ -367,6 +367,32 @@ static int scan_and_build(int *revs)
  * as revision 1; B is triaged again after late images and drops below A:
  * the study's result is A's again, unchanged since revision 1. PACS's
  * newest result must become A's (revision 3), not stay B's flagged one. */
+/* The study's result moves to another series while its revision waits to
+ * be built: that revision is superseded (skipped), not built and sent
+ * before the newer one (PACS had got a stale revision first). */
+Test(outbox, revision_of_a_result_moved_away_before_built_is_superseded, .init = setup,
+     .fini = teardown)
+{
+    put_in("1.2.3.4", "1.2.3.4.1", 1000);
+    put_in("1.2.3.5", "1.2.3.5.1", 1500);
+    series_result(1, 1000, 0.3, "1.2.3.4.1", 1);
+    struct db_outbox_new f[4];
+    int n = 0, rev;
+    int64_t id1, id2;
+    cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(db_outbox_revision_add(db, &f[0], "pending", "", 1000, &id1, &rev), 0);
+    series_result(2, 2000, 0.9, "1.2.3.5.1", 2); /* before revision 1 was built */
+    cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(db_outbox_revision_add(db, &f[0], "pending", "", 2000, &id2, &rev), 0);
+    struct db_outbox_source src;
+    cr_expect_eq(db_outbox_source(db, id1, &src), DB_OUTBOX_SUPERSEDED);
+    cr_assert_eq(db_outbox_source(db, id2, &src), 0);
+    cr_expect_eq(src.series_id, 2);
+    db_outbox_source_free(&src);
+}
+
 Test(outbox, result_moved_back_to_an_older_series_is_sent_again, .init = setup, .fini = teardown)
 {
     int revs[4];
