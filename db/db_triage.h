@@ -99,10 +99,12 @@ struct db_result {
  * marks the series triaged unless new instances re-opened it meanwhile (the
  * result then has no content key, and the series is decided again, even
  * one decided meanwhile to keep the result just replaced); without res, the
- * job and series fail with error. Then the study's status. Returns 0 or -1
- * with err. */
+ * job and series fail with error, or with not_applicable the job is done
+ * and the series not applicable for that reason (its slices turned out not
+ * axial: an enhanced CT's orientation is read with its frames). Then the
+ * study's status. Returns 0 or -1 with err. */
 int db_job_finish(struct db *db, const struct db_job *job, const struct db_result *res,
-                  const char *error, int64_t now_ms, char *err, size_t errlen);
+                  const char *error, bool not_applicable, int64_t now_ms, char *err, size_t errlen);
 
 /* One row of the worklist (strings borrowed for the callback only). */
 struct db_worklist_row {

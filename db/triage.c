@@ -385,7 +385,7 @@ static int store_result(sqlite3 *c, const struct db_job *job, const struct db_re
 }
 
 int db_job_finish(struct db *db, const struct db_job *job, const struct db_result *res,
-                  const char *error, int64_t now_ms, char *err, size_t errlen)
+                  const char *error, bool not_applicable, int64_t now_ms, char *err, size_t errlen)
 {
     sqlite3 *c = db_conn(db);
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
@@ -440,14 +440,16 @@ int db_job_finish(struct db *db, const struct db_job *job, const struct db_resul
                           "is", job->series_id, key) != 0)
             goto bad;
     } else {
+        const char *series_state = not_applicable ? "not_applicable" : "failed";
         if (db_exec_bound(c,
-                          "UPDATE series SET state = 'failed', state_reason = ?2"
+                          "UPDATE series SET state = ?3, state_reason = ?2"
                           " WHERE id = ?1 AND state = 'triaging'",
-                          "is", job->series_id, error ? error : "failed") != 0 ||
+                          "iss", job->series_id, error ? error : "failed", series_state) != 0 ||
             db_exec_bound(c,
-                          "UPDATE jobs SET state = 'failed', finished_at = ?2, error = ?3"
+                          "UPDATE jobs SET state = ?4, finished_at = ?2, error = ?3"
                           " WHERE id = ?1",
-                          "iis", job->id, now_ms, error ? error : "failed") != 0)
+                          "iiss", job->id, now_ms, error ? error : "failed",
+                          not_applicable ? "done" : "failed") != 0)
             goto bad;
     }
     int64_t study = 0;

@@ -89,10 +89,11 @@ static void load_model(struct triage_infer *t, struct triage_model *m, bool *hav
  * running in the database, and infer_main queues it again (it runs again
  * from its files) once the database takes writes. */
 static int finish_job(struct triage_infer *t, struct db *db, const struct db_job *job,
-                      const struct db_result *res, const char *error, char *e, size_t elen)
+                      const struct db_result *res, const char *error, bool not_applicable, char *e,
+                      size_t elen)
 {
     for (int delay_s = 1;; delay_s *= 2) {
-        if (db_job_finish(db, job, res, error, now_ms(), e, elen) == 0) return 0;
+        if (db_job_finish(db, job, res, error, not_applicable, now_ms(), e, elen) == 0) return 0;
         if (delay_s > 4) return -1;
         util_log(UTIL_LOG_WARN, "job_finish_retry", "job=%lld retry_in_s=%d error=\"%s\"",
                  (long long)job->id, delay_s, e);
@@ -110,9 +111,11 @@ static int finish_job(struct triage_infer *t, struct db *db, const struct db_job
 }
 
 /* Runs one job; returns the error text (static buffer err) or NULL. Sets
- * *unfinished when its result could not be stored (finish_job). */
+ * *unfinished when its result could not be stored (finish_job), and
+ * *not_applicable when the error is that its slices are not axial. */
 static const char *run_job(struct triage_infer *t, struct db *db, struct triage_model *m,
-                           const struct db_job *job, char *err, size_t errlen, bool *unfinished)
+                           const struct db_job *job, char *err, size_t errlen, bool *unfinished,
+                           bool *not_applicable)
 {
     double t0 = mono_ms();
     char **rel = NULL;
@@ -146,7 +149,9 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
         fail = err;
         goto done;
     }
-    if (triage_volume_check(&v, t->cfg.max_tilt_deg, t->cfg.min_slices, err, errlen) != 0) {
+    int check = triage_volume_check(&v, t->cfg.max_tilt_deg, t->cfg.min_slices, err, errlen);
+    if (check != 0) {
+        *not_applicable = check == 1;
         fail = err;
         goto done;
     }
@@ -182,7 +187,7 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
     };
     for (int l = 0; l < DB_LABELS; l++)
         res.p[l] = r.study[l];
-    if (finish_job(t, db, job, &res, NULL, e, sizeof e) != 0) {
+    if (finish_job(t, db, job, &res, NULL, false, e, sizeof e) != 0) {
         *unfinished = true;
         snprintf(err, errlen, "%s", e);
         fail = err;
@@ -265,13 +270,17 @@ static void *infer_main(void *arg)
         util_log(UTIL_LOG_DEBUG, "job_started", "job=%lld series_id=%lld content=%s",
                  (long long)job.id, (long long)job.series_id, job.content_key);
         char why[1024];
-        bool unfinished = false;
-        const char *fail = run_job(t, db, &m, &job, why, sizeof why, &unfinished);
+        bool unfinished = false, na = false;
+        const char *fail = run_job(t, db, &m, &job, why, sizeof why, &unfinished, &na);
         if (!unfinished && fail) {
-            util_log(UTIL_LOG_WARN, "series_failed", "job=%lld error=\"%s\"", (long long)job.id,
-                     fail);
+            if (na)
+                util_log(UTIL_LOG_INFO, "series_not_applicable", "job=%lld reason=\"%s\"",
+                         (long long)job.id, fail);
+            else
+                util_log(UTIL_LOG_WARN, "series_failed", "job=%lld error=\"%s\"", (long long)job.id,
+                         fail);
             char e[512];
-            unfinished = finish_job(t, db, &job, NULL, fail, e, sizeof e) != 0;
+            unfinished = finish_job(t, db, &job, NULL, fail, na, e, sizeof e) != 0;
             if (unfinished) {
                 snprintf(why, sizeof why, "%s", e);
                 fail = why;

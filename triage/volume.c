@@ -38,12 +38,12 @@ int triage_volume_check(const struct triage_volume *v, double max_tilt_deg, int 
     if (!normal_axial(v->normal, max_tilt_deg)) {
         snprintf(err, errlen, "slices are not axial (normal %.2f,%.2f,%.2f)", v->normal[0],
                  v->normal[1], v->normal[2]);
-        return -1;
+        return 1;
     }
     if (v->n < min_slices) {
         snprintf(err, errlen, "%d slices placed, fewer than triage.min_slices=%d%s%.400s", v->n,
                  min_slices, v->note[0] ? ": " : "", v->note);
-        return -1;
+        return 2;
     }
     return 0;
 }

@@ -53,7 +53,8 @@ bool triage_orientation_axial(const double orientation[6], double max_tilt_deg);
 
 /* Whether the model may run on the built volume, as the node and `ichtriage
  * predict` both decide: slices axial within max_tilt_deg, and at least
- * min_slices of them placed. Returns 0, or -1 with the reason in err. */
+ * min_slices of them placed. Returns 0; 1 (not axial: the series is not
+ * applicable) or 2 (too few placed: it fails) with the reason in err. */
 int triage_volume_check(const struct triage_volume *v, double max_tilt_deg, int min_slices,
                         char *err, size_t errlen);
 

@@ -78,6 +78,42 @@ class EnhancedFramesTest(itest.NodeTest):
         self.assertIsNone(row["probability"])
         self.assertEqual(rc, 0, err)
 
+    def test_sagittal_enhanced_ct_on_the_node_is_not_applicable(self):
+        """An enhanced CT's orientation is in its functional groups, so the
+        node learns that it is sagittal only in the job: the series is then
+        not applicable (with the reason), as predict says, not failed; and
+        its study, whose axial series was triaged, is triaged, not listed as
+        failed (not yet known) among the studies still to read."""
+        import pydicom
+        import time
+        import dicomtest as dt
+        (enh,) = self.gen("sagenh", count=12, rows=32, cols=32, sop="enhanced-ct")
+        ds = pydicom.dcmread(enh)
+        ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0] \
+            .ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            item.PlanePositionSequence[0].ImagePositionPatient = ["%g" % (5.0 * i), "-125", "125"]
+        axial = self.gen("ax", count=12, rows=32, cols=32,
+                         study_uid=str(ds.StudyInstanceUID))
+        ds.save_as(enh)
+        node = self.start_node({"triage.model": self.model, "triage.quiet_seconds": 1,
+                                "triage.min_slices": 5})
+        r = dt.storescu(node.port, [enh] + axial, workdir=self.work)
+        self.assert_all_success(r, [enh] + axial)
+        deadline = time.monotonic() + 60
+        states = {}
+        while time.monotonic() < deadline:
+            states = dict(node.query("SELECT series_uid, state || ' ' || state_reason"
+                                     " FROM series"))
+            if len(states) == 2 and not any(v.split()[0] in ("receiving", "waiting", "triaging")
+                                            for v in states.values()):
+                break
+            time.sleep(0.2)
+        self.assertTrue(states.get(str(ds.SeriesInstanceUID), "").startswith(
+            "not_applicable slices are not axial"), states)
+        status, = node.query("SELECT status FROM studies")[0]
+        self.assertEqual(status, "triaged", states)
+
 
 if __name__ == "__main__":
     MAKE_MODEL = os.path.abspath(sys.argv.pop(2))

@@ -245,8 +245,8 @@ static void ended(int64_t id, double p, bool flagged, const char *error)
     struct db_result res = {.model_version = "m1", .flagged = flagged, .key_sop = ""};
     for (int l = 0; l < DB_LABELS; l++)
         res.p[l] = (float)(l == 0 ? p : p / 2);
-    cr_assert_eq(db_job_finish(db, &job, error ? NULL : &res, error, later, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(db_job_finish(db, &job, error ? NULL : &res, error, false, later, err, sizeof err),
+                 0, "%s", err);
 }
 
 struct order {
@@ -345,8 +345,9 @@ Test(worklist, reviewed_study_back_when_a_late_series_fails)
                  0, "%s", err);
     struct db_job job;
     cr_assert_eq(db_job_claim(db, later + 100001, &job), 1);
-    cr_assert_eq(db_job_finish(db, &job, NULL, "undecodable", later + 100002, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(
+        db_job_finish(db, &job, NULL, "undecodable", false, later + 100002, err, sizeof err), 0,
+        "%s", err);
     const char *back[] = {"5.a"};
     expect_order(NULL, back, 1);
 }
