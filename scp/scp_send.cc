@@ -186,9 +186,13 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
                     std::to_string(d->port) + " failed: " + c.text());
         return -1;
     }
-    bool broken = false;
+    bool broken = false, halted = false;
     for (int i = 0; i < n; i++) {
         if (!readable[i]) continue;
+        if (halted) {
+            std::snprintf(files[i].error, sizeof files[i].error, "%s", SCP_SEND_STOPPED);
+            continue;
+        }
         if (broken) {
             std::snprintf(files[i].error, sizeof files[i].error,
                           "not sent: the association ended after an earlier object failed");
@@ -218,7 +222,7 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
         else
             std::snprintf(files[i].error, sizeof files[i].error, "C-STORE status %s",
                           hex_status(status).c_str());
-        if (answered) answered(ud, i, &files[i]);
+        if (answered && !answered(ud, i, &files[i])) halted = true;
     }
     if (scu.isConnected()) scu.releaseAssociation();
     return 0;

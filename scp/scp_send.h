@@ -40,8 +40,12 @@ struct scp_send_file {
 bool scp_send_status_ok(int status);
 
 /* Called (on the calling thread) as soon as the peer answered files[i], so
- * that the caller can record the acknowledgement before the next file. */
-typedef void (*scp_send_answered_fn)(void *ud, int i, const struct scp_send_file *f);
+ * that the caller can record the acknowledgement before the next file.
+ * Returns false to send nothing more (the node is stopping): the files
+ * after it are not sent (error SCP_SEND_STOPPED), and the association is
+ * released. */
+#define SCP_SEND_STOPPED "not sent: stopped"
+typedef bool (*scp_send_answered_fn)(void *ud, int i, const struct scp_send_file *f);
 
 /* Opens an association to dest proposing each file's SOP class (its own
  * transfer syntax, then the uncompressed ones), stores files[0..n) in

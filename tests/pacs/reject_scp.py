@@ -3,7 +3,8 @@ context, and answers each C-STORE with one fixed status (A700, out of
 resources, by default): a PACS that is full. With late_first=S, the very
 first C-STORE is answered 0x0000 only after S seconds (a PACS that stalls
 once): an SCU that has given up waiting must not read that late answer as
-the answer to its next request. Built on tests/tools/dul.py's PDU helpers;
+the answer to its next request. With delay=S every other answer waits S
+seconds (a slow PACS). Built on tests/tools/dul.py's PDU helpers;
 runs in a thread of the test.
 
     scp = RejectScp(status=0xA700); scp.start(); ... scp.stores; scp.close()"""
@@ -64,9 +65,10 @@ def _store_rsp(sop_class, sop_uid, msg_id, status):
 
 
 class RejectScp:
-    def __init__(self, status=0xA700, late_first=0):
+    def __init__(self, status=0xA700, late_first=0, delay=0):
         self.status = status
         self.late_first = late_first
+        self.delay = delay  # seconds before each answer (after the first's late one)
         self.stores = []        # (sop class, sop instance) of each C-STORE answered
         self.associations = 0
         self.sock = socket.socket()
@@ -136,6 +138,8 @@ class RejectScp:
                     if self.late_first and len(self.stores) == 1:
                         time.sleep(self.late_first)
                         status = 0x0000
+                    elif self.delay:
+                        time.sleep(self.delay)
                     rsp = _store_rsp(cls, uid, msg_id, status)
                     conn.sendall(dul.pdu(dul.P_DATA_TF, dul.pdv(pc_id, rsp, True, True)))
                     command, in_dataset = b"", False

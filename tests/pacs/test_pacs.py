@@ -375,6 +375,37 @@ class PacsTest(itest.NodeTest):
         self.assertLess(heard["at"] - given_up, 7)
         self.assert_shown(node, banner, 'ichtriage_pacs_deliveries{state="failed"} 2\n')
 
+    def test_stop_sends_no_more_objects_to_a_slow_pacs(self):
+        """A slow PACS (the first answer after 5 s, each next after 1 s):
+        while the first revision's objects go out, the other studies' are
+        built, and the next association carries all of them. A stop during
+        it ends the association after the object in flight, records no
+        attempt for the rest, and the next start sends them. Before, the
+        stop waited for the whole batch (up to pacs.timeout per object, past
+        systemd's TimeoutStopSec with enough of them)."""
+        scp = RejectScp(0x0000, late_first=5, delay=1).start()
+        self.stoppers.append(scp.close)
+        node = self.node("SLOW@127.0.0.1:%d" % scp.port, **{"pacs.timeout": 20})
+        files = []
+        for seed in (51, 52, 53, 54):
+            files += phantom(itest.EXE, os.path.join(self.work, "ph%d" % seed), seed=seed)[2]
+        self.send(node, files)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(scp.stores) < 4:
+            time.sleep(0.05)
+        self.assertGreaterEqual(len(scp.stores), 4, node.log_tail())
+        at_stop = len(scp.stores)
+        self.assertEqual(node.stop(), 0, node.log_tail())
+        time.sleep(1.5)  # an object still going out would be answered by now
+        self.assertLessEqual(len(scp.stores), at_stop + 1, "objects sent after the stop")
+        rows = self.deliveries(node)
+        self.assertEqual(len(rows), 8, rows)
+        waiting = [r for r in rows if r[2] == "pending"]
+        self.assertTrue(waiting, rows)
+        self.assertEqual([r[3] for r in waiting], [0] * len(waiting), "attempts counted: %s" % rows)
+        node.start()
+        self.wait_deliveries(node, lambda r: r[2] == "sent", 8, timeout=90)
+
     def test_late_answer_is_not_taken_for_the_next(self):
         # The PACS answers the first object (0x0000) only after the node has
         # stopped waiting, and refuses everything after it (A700). Read on the
