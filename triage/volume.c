@@ -151,7 +151,13 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
                 dot += in->orientation[k] * o->orientation[k];
             if (dot > 1.98) votes += c[j].frames; /* both cosines within ~8 degrees */
         }
-        if (votes > best) {
+        /* A tie goes to the more axial plane (the one the model reads), not
+         * to the file listed first: the node and predict list files in
+         * other orders. */
+        double nz = fabs(in->orientation[0] * in->orientation[4] -
+                         in->orientation[1] * in->orientation[3]),
+               ref_nz = fabs(ref_orient[0] * ref_orient[4] - ref_orient[1] * ref_orient[3]);
+        if (votes > best || (votes == best && nz > ref_nz)) {
             best = votes;
             memcpy(ref_orient, in->orientation, sizeof ref_orient);
             ref_rows = in->rows;

@@ -137,3 +137,35 @@ Test(scp_info, geometry_that_is_not_finite_is_missing)
     unlink(inf_path);
     rmdir(dir);
 }
+
+/* As many sagittal images as axial ones in a series: the axial plane is
+ * kept whichever file comes first (the node and predict list files in
+ * other orders; the first file's plane had won the tie). */
+Test(scp_info, a_tie_of_planes_keeps_the_axial_one)
+{
+    char dir[] = "/tmp/ichtriage-tie-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    enum { N = 4 };
+    const double axial[6] = {1, 0, 0, 0, 1, 0}, sagittal[6] = {0, 1, 0, 0, 0, -1};
+    char paths[2 * N][300];
+    for (int i = 0; i < N; i++) {
+        double a[3] = {-2, -2, 2.5 * i}, g[3] = {2.5 * i, -2, 2};
+        write_slice(dir, i, a, axial, paths[i], sizeof paths[i]);
+        write_slice(dir, N + i, g, sagittal, paths[N + i], sizeof paths[N + i]);
+    }
+    for (int first_sagittal = 0; first_sagittal < 2; first_sagittal++) {
+        const char *order[2 * N];
+        for (int i = 0; i < 2 * N; i++)
+            order[i] = paths[first_sagittal ? (i + N) % (2 * N) : i];
+        struct triage_volume v;
+        char err[512];
+        cr_assert_eq(triage_volume_build(order, 2 * N, &v, err, sizeof err), 0, "%s", err);
+        cr_expect_eq(v.n, N);
+        cr_expect_float_eq(fabs(v.normal[2]), 1.0, 1e-9, "sagittal first: %d, normal %g,%g,%g",
+                           first_sagittal, v.normal[0], v.normal[1], v.normal[2]);
+        triage_volume_free(&v);
+    }
+    for (int i = 0; i < 2 * N; i++)
+        unlink(paths[i]);
+    rmdir(dir);
+}
