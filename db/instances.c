@@ -206,7 +206,8 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     bind_str(st, 8, in->convolution_kernel);
     bind_str(st, 9, in->manufacturer);
     bind_str(st, 10, in->station_name);
-    sqlite3_bind_int(st, 11, in->images_in_acquisition > 0 ? in->images_in_acquisition : 0);
+    int expected = in->images_in_acquisition > 0 ? in->images_in_acquisition : 0;
+    sqlite3_bind_int(st, 11, expected);
     sqlite3_bind_int64(st, 12, in->received_at_ms);
     int64_t series_study = 0;
     if (step_ids(st, &series, &series_study) != 0) goto fail;
@@ -267,8 +268,7 @@ int db_put_one(struct db_put_stmts *s, const struct db_instance *in, char *old_p
     bind_str(st, 24, in->content_digest);
     if (step_done(st) != 0) goto fail;
 
-    if (recount(s, series, in->images_in_acquisition > 0 ? in->images_in_acquisition : 0) != 0)
-        goto fail;
+    if (recount(s, series, expected) != 0) goto fail;
     /* A new instance may re-open a triaged series: the study shows it. */
     sqlite3_bind_int64(s->refresh, 1, study);
     if (step_done(s->refresh) != 0) goto fail;

@@ -190,7 +190,8 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
     for (int i = 0; i < n; i++) {
         if (!readable[i]) continue;
         if (halted) {
-            std::snprintf(files[i].error, sizeof files[i].error, "%s", SCP_SEND_STOPPED);
+            files[i].status = SCP_SEND_STOPPED;
+            std::snprintf(files[i].error, sizeof files[i].error, "not sent: stopped");
             continue;
         }
         if (broken) {

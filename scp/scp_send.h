@@ -28,7 +28,9 @@ struct scp_send_dest {
 /* What happened to one file. status is the C-STORE response status when
  * answered (0x0000 success, 0xB000/0xB007/0xB006 warnings, others failures),
  * else -1 with why in error (not sent: no association, no accepted
- * presentation context, unreadable file, network failure). */
+ * presentation context, unreadable file, network failure), or
+ * SCP_SEND_STOPPED when the caller stopped the sending before it. */
+#define SCP_SEND_STOPPED (-2)
 struct scp_send_file {
     const char *path; /* in: the file */
     int status;       /* out */
@@ -42,9 +44,8 @@ bool scp_send_status_ok(int status);
 /* Called (on the calling thread) as soon as the peer answered files[i], so
  * that the caller can record the acknowledgement before the next file.
  * Returns false to send nothing more (the node is stopping): the files
- * after it are not sent (error SCP_SEND_STOPPED), and the association is
+ * after it are not sent (status SCP_SEND_STOPPED), and the association is
  * released. */
-#define SCP_SEND_STOPPED "not sent: stopped"
 typedef bool (*scp_send_answered_fn)(void *ud, int i, const struct scp_send_file *f);
 
 /* Opens an association to dest proposing each file's SOP class (its own

@@ -155,16 +155,6 @@ class SpoolConsumer : public DcmConsumer
     EVP_MD_CTX *md_ = nullptr;
 };
 
-// DcmTransportConnection keeps its socket protected; a member pointer taken
-// through a derived class is the lawful way to read it. Needed only for TLS
-// associations, which dcmtk accepts itself (for the deadline's shutdown()).
-struct SocketAccess : DcmTransportConnection {
-    static int fd(DcmTransportConnection *c)
-    {
-        return c ? (int)(c->*(&SocketAccess::getSocket))() : -1;
-    }
-};
-
 class SpoolStream : public DcmOutputStream
 {
   public:
@@ -753,12 +743,11 @@ void scp_server::check_deadlines()
     auto now = Clock::now();
     {
         std::lock_guard<std::mutex> g(tls_mu);
-        if (tls_fd >= 0 && !tls_cut &&
-            now - tls_since >= std::chrono::seconds(std::min(cfg.acse_timeout, TLS_ACCEPT_S))) {
+        int limit_s = std::min(cfg.acse_timeout, TLS_ACCEPT_S);
+        if (tls_fd >= 0 && !tls_cut && now - tls_since >= std::chrono::seconds(limit_s)) {
             tls_cut = true;
             util_log(UTIL_LOG_WARN, "association_failed",
-                     "tls=1 reason=no_handshake_and_request_within_%ds",
-                     std::min(cfg.acse_timeout, TLS_ACCEPT_S));
+                     "tls=1 reason=no_handshake_and_request_within_%ds", limit_s);
             shutdown(tls_fd, SHUT_RDWR);
         }
     }
@@ -906,7 +895,7 @@ void scp_server::tls_listen_loop()
             }
             continue;
         }
-        add_assoc(SocketAccess::fd(DUL_getTransportConnection(assoc->DULassociation)), assoc);
+        add_assoc(fd, assoc); /* the socket accepted above, dcmtk's now */
     }
     shutdown(lfd, SHUT_RDWR);
 }

@@ -447,14 +447,12 @@ static void drop_delivered(struct triage_pacs *p, int64_t revision_id)
     }
 }
 
-/* One association's deliveries; which of them the peer has answered, and
- * whether the sending stopped after one of them (the node stopping). */
+/* One association's deliveries; which of them the peer has answered. */
 struct group {
     struct triage_pacs *p;
     const struct db_outbox_delivery *g;
     int64_t start;
     bool answered[BATCH];
-    bool halted;
 };
 
 static bool stopping(struct triage_pacs *p);
@@ -468,8 +466,7 @@ static bool on_answered(void *ud, int i, const struct scp_send_file *f)
     struct group *gr = ud;
     gr->answered[i] = true;
     record(gr->p, &gr->g[i], scp_send_status_ok(f->status), f->status, f->error, true, gr->start);
-    if (stopping(gr->p)) gr->halted = true;
-    return !gr->halted;
+    return !stopping(gr->p);
 }
 
 /* Sends the deliveries of one destination (one association). */
@@ -503,7 +500,7 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
     }
     for (int i = 0; i < n; i++)
         /* not sent because the node stops: no attempt, sent after the start */
-        if (!gr.answered[i] && !(gr.halted && strcmp(files[i].error, SCP_SEND_STOPPED) == 0))
+        if (!gr.answered[i] && files[i].status != SCP_SEND_STOPPED)
             record(p, &g[i], false, -1, rc == 0 ? files[i].error : err, d != NULL, gr.start);
     for (int i = 0; i < n; i++)
         if (i == 0 || g[i].revision_id != g[i - 1].revision_id) drop_delivered(p, g[i].revision_id);

@@ -94,7 +94,7 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
     if (!c) goto oom;
     int rc = -1;
     /* 1. headers; 2. the dominant orientation and size (by count). */
-    double ref_orient[6] = {0};
+    double ref_orient[6] = {0}, best_nz = 0; /* best_nz: |z| of its plane's normal */
     int ref_rows = 0, ref_cols = 0, best = 0;
     for (int i = 0; i < npaths; i++) {
         char e[256];
@@ -154,11 +154,11 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
         /* A tie goes to the more axial plane (the one the model reads), not
          * to the file listed first: the node and predict list files in
          * other orders. */
-        double nz = fabs(in->orientation[0] * in->orientation[4] -
-                         in->orientation[1] * in->orientation[3]),
-               ref_nz = fabs(ref_orient[0] * ref_orient[4] - ref_orient[1] * ref_orient[3]);
-        if (votes > best || (votes == best && nz > ref_nz)) {
+        double normal[3];
+        cross(in->orientation, in->orientation + 3, normal);
+        if (votes > best || (votes == best && fabs(normal[2]) > best_nz)) {
             best = votes;
+            best_nz = fabs(normal[2]);
             memcpy(ref_orient, in->orientation, sizeof ref_orient);
             ref_rows = in->rows;
             ref_cols = in->columns;
