@@ -232,24 +232,28 @@ void http_peer(struct triage_http *h, h2o_req_t *req, char *out, size_t n)
     }
 }
 
-/* http.trusted_proxies ("a, b") into ",a,b,"; each must be an address. */
-static int parse_proxies(struct triage_http *h, const char *list, char *err, size_t errlen)
+/* http.trusted_proxies ("a, b") into ",a,b," in out[n]; each must be an
+ * address. */
+static int parse_proxies(const char *list, char *out, size_t n, char *err, size_t errlen)
 {
     size_t at = 0;
-    h->trusted_proxies[0] = 0;
+    out[0] = 0;
     for (const char *p = list ? list : ""; *p;) {
         p += strspn(p, " \t,");
         size_t k = strcspn(p, " \t,");
         if (k == 0) break;
-        if (!is_address(p, k) || at + k + 2 >= sizeof h->trusted_proxies) {
+        if (!is_address(p, k)) {
             snprintf(err, errlen, "http.trusted_proxies: '%.*s' is not an IP address", (int)k, p);
             return -1;
         }
-        at += (size_t)snprintf(h->trusted_proxies + at, sizeof h->trusted_proxies - at, ",%.*s",
-                               (int)k, p);
+        if (at + k + 2 >= n) {
+            snprintf(err, errlen, "http.trusted_proxies: more than %zu characters", n - 2);
+            return -1;
+        }
+        at += (size_t)snprintf(out + at, n - at, ",%.*s", (int)k, p);
         p += k;
     }
-    if (at) snprintf(h->trusted_proxies + at, sizeof h->trusted_proxies - at, ",");
+    if (at) snprintf(out + at, n - at, ",");
     return 0;
 }
 
@@ -419,27 +423,29 @@ bad:;
     return -1;
 }
 
-/* triage_http_check, giving the parsed address in ss. */
-static int check_listen(const char *listen, const char *users, const char *cert, const char *key,
-                        struct sockaddr_storage *ss, char *err, size_t errlen)
+/* triage_http_check, giving the parsed address in ss and the trusted
+ * proxies in proxies[n]. */
+static int check_config(const struct triage_http_config *cfg, struct sockaddr_storage *ss,
+                        char *proxies, size_t n, char *err, size_t errlen)
 {
     memset(ss, 0, sizeof *ss);
-    if (parse_listen(listen, ss, err, errlen) != 0) return -1;
-    if (!is_loopback(ss) && (!users || !users[0] || !cert || !cert[0] || !key || !key[0])) {
+    if (parse_listen(cfg->listen, ss, err, errlen) != 0) return -1;
+    if (!is_loopback(ss) && (!cfg->users_file || !cfg->users_file[0] || !cfg->tls_cert ||
+                             !cfg->tls_cert[0] || !cfg->tls_key || !cfg->tls_key[0])) {
         snprintf(err, errlen,
                  "http.listen %s is not loopback: http.users, http.tls_cert and "
                  "http.tls_key are required",
-                 listen);
+                 cfg->listen);
         return -1;
     }
-    return 0;
+    return parse_proxies(cfg->trusted_proxies, proxies, n, err, errlen);
 }
 
-int triage_http_check(const char *listen, const char *users, const char *cert, const char *key,
-                      char *err, size_t errlen)
+int triage_http_check(const struct triage_http_config *cfg, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
-    return check_listen(listen, users, cert, key, &ss, err, errlen);
+    char proxies[sizeof((struct triage_http *)0)->trusted_proxies];
+    return check_config(cfg, &ss, proxies, sizeof proxies, err, errlen);
 }
 
 int triage_http_start(struct triage_http **out, const struct triage_http_config *cfg, char *err,
@@ -447,9 +453,8 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
 {
     *out = NULL;
     struct sockaddr_storage ss;
-    if (check_listen(cfg->listen, cfg->users_file, cfg->tls_cert, cfg->tls_key, &ss, err, errlen) !=
-        0)
-        return -1;
+    char proxies[sizeof((struct triage_http *)0)->trusted_proxies];
+    if (check_config(cfg, &ss, proxies, sizeof proxies, err, errlen) != 0) return -1;
     struct triage_http *h = calloc(1, sizeof *h);
     if (!h) {
         snprintf(err, errlen, "out of memory");
@@ -461,10 +466,7 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
     h->infer = cfg->infer;
     h->scp = cfg->scp;
     snprintf(h->webhook, sizeof h->webhook, "%s", cfg->webhook ? cfg->webhook : "");
-    if (parse_proxies(h, cfg->trusted_proxies, err, errlen) != 0) {
-        free(h);
-        return -1;
-    }
+    memcpy(h->trusted_proxies, proxies, sizeof proxies);
     h->loopback = is_loopback(&ss);
     http_random_hex(h->local_csrf, 32);
 

@@ -32,11 +32,11 @@ struct triage_http_config {
  * key, and serves HTTPS with logins. Copies what it needs of cfg; the
  * borrowed pointers must outlive the server. Returns 0, or -1 with a
  * message. The caller owns *out: triage_http_stop(). */
-/* What triage_http_start checks before anything: listen parses, and off
- * loopback users, certificate and key are all given. serve calls it first,
- * so that a node that will refuse makes no store. Returns 0, or -1. */
-int triage_http_check(const char *listen, const char *users, const char *cert, const char *key,
-                      char *err, size_t errlen);
+/* What triage_http_start checks before anything, of cfg's strings only:
+ * listen parses, off loopback users, certificate and key are all given, and
+ * trusted_proxies are addresses. serve calls it first, so that a node that
+ * will refuse makes no store. Returns 0, or -1 with a message. */
+int triage_http_check(const struct triage_http_config *cfg, char *err, size_t errlen);
 int triage_http_start(struct triage_http **out, const struct triage_http_config *cfg, char *err,
                       size_t errlen);
 

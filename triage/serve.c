@@ -291,11 +291,16 @@ int triage_serve_main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    struct triage_http_config hc = {
+        .listen = triage_config_str(&n.cfg, CFG_HTTP_LISTEN),
+        .users_file = triage_config_str(&n.cfg, CFG_HTTP_USERS),
+        .tls_cert = triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
+        .tls_key = triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY),
+        .webhook = triage_config_str(&n.cfg, CFG_HTTP_WEBHOOK),
+        .trusted_proxies = triage_config_str(&n.cfg, CFG_HTTP_TRUSTED_PROXIES),
+    };
     if (triage_config_check(&n.cfg, err, sizeof err) != 0 ||
-        triage_http_check(triage_config_str(&n.cfg, CFG_HTTP_LISTEN),
-                          triage_config_str(&n.cfg, CFG_HTTP_USERS),
-                          triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
-                          triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY), err, sizeof err) != 0) {
+        triage_http_check(&hc, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage serve: %s\n", err);
         return 2;
     }
@@ -473,19 +478,11 @@ int triage_serve_main(int argc, char **argv)
         db_close(n.store.db);
         return 1;
     }
-    struct triage_http_config hc = {
-        .loop = n.loop,
-        .db = n.store.db,
-        .listen = triage_config_str(&n.cfg, CFG_HTTP_LISTEN),
-        .users_file = triage_config_str(&n.cfg, CFG_HTTP_USERS),
-        .tls_cert = triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
-        .tls_key = triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY),
-        .webhook = triage_config_str(&n.cfg, CFG_HTTP_WEBHOOK),
-        .trusted_proxies = triage_config_str(&n.cfg, CFG_HTTP_TRUSTED_PROXIES),
-        .store = &n.store,
-        .infer = n.infer,
-        .scp = n.scp,
-    };
+    hc.loop = n.loop;
+    hc.db = n.store.db;
+    hc.store = &n.store;
+    hc.infer = n.infer;
+    hc.scp = n.scp;
     if (triage_http_start(&n.http, &hc, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         scp_server_stop(n.scp, 0);

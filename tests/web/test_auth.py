@@ -9,6 +9,7 @@ logs out. Also the webhook for a newly flagged study (loopback node).
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -224,8 +225,15 @@ class AuthTest(wt.WebTest):
         for i in range(5):
             self.assertEqual(login(node, wrong, "198.51.100.%d" % (10 + i)), 401)
         self.assertEqual(login(node, right, "198.51.100.20"), 429)
-        with self.assertRaises(dt.NodeError):
+        self.assertEqual(node.stop(), 0)
+        self.nodes.remove(node)
+        shutil.rmtree(node.store_dir)
+        # A name is not an address: refused before the node makes anything
+        # (it had made the index, then failed as the HTTP side started).
+        with self.assertRaises(dt.NodeError) as cm:
             self.public_node(**{"http.trusted_proxies": "nginx.local"})
+        self.assertIn("http.trusted_proxies: 'nginx.local' is not an IP address", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.nodes[-1].store_dir, "ichtriage.db")))
 
     def test_many_pages_share_one_connection_over_http2(self):
         """Each open page holds an event stream; over HTTP/1.1 a browser keeps
