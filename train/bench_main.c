@@ -14,16 +14,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "nn.h"
 #include "number.h"
 #include "trainer.h"
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 int main(int argc, char **argv)
 {
@@ -80,7 +74,7 @@ int main(int argc, char **argv)
     /* Stage 1. */
     nn_model_set_training(m, 1);
     int steps = 0;
-    double t0 = now(), t;
+    double t0 = util_clock_s(), t;
     for (;;) {
         for (int k = 0; k < B; k++)
             train_augment_slice(&aug, px + k * per, c.in_c, c.in_h, c.in_w, x + k * per, &rng);
@@ -90,7 +84,7 @@ int main(int argc, char **argv)
         nn_cnn_backward(m, dl);
         nn_model_adam_step(m, &adam);
         steps++;
-        if ((t = now() - t0) >= secs && steps >= 2) break;
+        if ((t = util_clock_s() - t0) >= secs && steps >= 2) break;
     }
     double s1 = steps * (double)B / t;
 
@@ -108,7 +102,7 @@ int main(int argc, char **argv)
     nn_model_freeze(m, "cnn.", 1);
     nn_model_set_training(m, 1);
     steps = 0;
-    t0 = now();
+    t0 = util_clock_s();
     for (;;) {
         nn_model_zero_grad(m);
         nn_lrcn_forward_features(m, feat, len, S, lg);
@@ -116,7 +110,7 @@ int main(int argc, char **argv)
         nn_lrcn_backward(m, dl);
         nn_model_adam_step(m, &adam);
         steps++;
-        if ((t = now() - t0) >= secs && steps >= 2) break;
+        if ((t = util_clock_s() - t0) >= secs && steps >= 2) break;
     }
     double s2 = steps * (double)N / t;
     printf("arch=%s batch=%d series=%d len=%d blas=%s stage1_slices_per_s=%.2f "

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "config.h"
 #include "loc.h"
 #include "log.h"
@@ -57,13 +58,6 @@ struct state {
     double best;
     int best_epoch, bad;
 };
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static void usage(FILE *f)
 {
@@ -557,7 +551,7 @@ static double progress_rate(const struct progress *p)
 
 static void progress_show(struct progress *p, int done, int total, double loss, size_t items)
 {
-    p->items = items, p->t_last = now();
+    p->items = items, p->t_last = util_clock_s();
     if (!p->tty) return;
     double el = p->t_last - p->t0, rate = el > 0 ? (double)items / el : 0;
     double eta = done > 0 ? el * (total - done) / done : 0;
@@ -1556,7 +1550,7 @@ int train_train_main(int argc, char **argv)
             if (checkpoint(m, workdir, last, &st, NULL) != 0) goto out;
             break;
         }
-        pg.t0 = now(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
+        pg.t0 = util_clock_s(), pg.stage = 1, pg.epoch = st.epoch + 1, pg.epochs = o.epochs1;
         pg.items = 0, pg.t_last = pg.t0;
         double lloss = 0;
         double loss = stage1_epoch(m, &d, &o, st.epoch, pw, loc.c ? &loc : NULL,
@@ -1585,7 +1579,7 @@ int train_train_main(int argc, char **argv)
             goto out;
         }
         st.epoch++;
-        struct train_epoch he = {1, st.epoch, loss, vloss, auc, now() - pg.t0};
+        struct train_epoch he = {1, st.epoch, loss, vloss, auc, util_clock_s() - pg.t0};
         history_append(workdir, &he);
         char ls[64] = "";
         if (loc.c) snprintf(ls, sizeof ls, " loc_loss=%.4f", lloss);
@@ -1614,11 +1608,12 @@ int train_train_main(int argc, char **argv)
         feat = malloc(d.nslices * (size_t)F * sizeof(float));
         if (!feat) goto out;
         nn_model_set_training(m, 0);
-        double t0 = now();
+        double t0 = util_clock_s();
         if (train_features(m, &d, TRAIN_SPLIT_TRAIN, feat) != 0 ||
             train_features(m, &d, TRAIN_SPLIT_VAL, feat) != 0)
             goto out;
-        util_log(UTIL_LOG_INFO, "train_features", "slices=%zu seconds=%.0f", sl[0], now() - t0);
+        util_log(UTIL_LOG_INFO, "train_features", "slices=%zu seconds=%.0f", sl[0],
+                 util_clock_s() - t0);
     }
     while (st.stage == 2) {
         if (st.epoch >= o.epochs2 || st.bad >= o.patience) {
@@ -1632,7 +1627,7 @@ int train_train_main(int argc, char **argv)
             if (checkpoint(m, workdir, last, &st, NULL) != 0) goto out;
             break;
         }
-        pg.t0 = now(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
+        pg.t0 = util_clock_s(), pg.stage = 2, pg.epoch = st.epoch + 1, pg.epochs = o.epochs2;
         pg.items = 0, pg.t_last = pg.t0;
         double loss = stage2_epoch(m, &d, &o, st.epoch, feat, pw, &pg);
         double auc = 0, vloss = 0;
@@ -1641,7 +1636,7 @@ int train_train_main(int argc, char **argv)
             goto out;
         }
         st.epoch++;
-        struct train_epoch he = {2, st.epoch, loss, vloss, auc, now() - pg.t0};
+        struct train_epoch he = {2, st.epoch, loss, vloss, auc, util_clock_s() - pg.t0};
         history_append(workdir, &he);
         util_log(UTIL_LOG_INFO, "train_epoch",
                  "stage=2 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.1f "

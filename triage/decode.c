@@ -10,6 +10,7 @@
  * The parent trusts nothing it reads: the sizes are its own, a message is
  * cut and made printable, and a child that says nothing for 10 times its
  * CPU limit is killed. */
+#include "clock.h"
 #include "decode.h"
 
 #include <errno.h>
@@ -60,13 +61,6 @@ struct triage_slices {
     int wall_seconds, cpu_seconds;
     int64_t max_mb;
 };
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 int triage_decoder_init(struct triage_decoder *d, bool child, int64_t max_mb, int cpu_seconds,
                         char *err, size_t errlen)
@@ -152,7 +146,7 @@ static int read_full(int fd, void *buf, size_t len, int64_t deadline)
 {
     char *p = buf;
     while (len > 0) {
-        int64_t left = deadline - mono_ms();
+        int64_t left = deadline - (int64_t)util_clock_ms();
         if (left <= 0) return -2;
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
         int r = poll(&pfd, 1, left > 60000 ? 60000 : (int)left);
@@ -238,7 +232,7 @@ static int child_next(struct triage_slices *s, const float **hu, char *err, size
     size_t pixels = (size_t)s->v->rows * (size_t)s->v->columns;
     /* A series may take long when receiving keeps the CPU; a child that says
      * nothing at all for this long is stuck. */
-    int64_t deadline = mono_ms() + (int64_t)s->wall_seconds * 1000;
+    int64_t deadline = (int64_t)util_clock_ms() + (int64_t)s->wall_seconds * 1000;
     int32_t tag;
     int rc = read_full(s->fd, &tag, sizeof tag, deadline);
     if (rc == 0 && tag == 0) rc = read_full(s->fd, s->buf, pixels * sizeof(float), deadline);

@@ -14,6 +14,7 @@
 #include <strings.h>
 #include <sys/random.h>
 
+#include "clock.h"
 #include "db_web.h"
 #include "log.h"
 #include "number.h"
@@ -39,7 +40,7 @@ int64_t http_now_ms(void)
 
 int64_t http_clock_ms(void)
 {
-    return (int64_t)(uv_hrtime() / 1000000);
+    return (int64_t)util_clock_ms();
 }
 
 void http_random_hex(char *out, size_t bytes)

@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "db.h"
 #include "db_triage.h"
 #include "log.h"
@@ -38,13 +39,6 @@ static int64_t now_ms(void)
     struct timeval tv;
     gettimeofday(&tv, NULL);
     return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
-}
-
-static double mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
 /* Loads the configured model into *m; on failure *m is untouched. */
@@ -117,7 +111,7 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
                            const struct db_job *job, char *err, size_t errlen, bool *unfinished,
                            bool *not_applicable)
 {
-    double t0 = mono_ms();
+    double t0 = util_clock_ms();
     char **rel = NULL;
     int n = 0;
     const char *fail = NULL;
@@ -182,7 +176,7 @@ static const char *run_job(struct triage_infer *t, struct db *db, struct triage_
         .note = v.note,
         .ms_pixels = r.ms_pixels,
         .ms_model = r.ms_model,
-        .ms_total = mono_ms() - t0,
+        .ms_total = util_clock_ms() - t0,
         .per_slice = per,
     };
     for (int l = 0; l < DB_LABELS; l++)

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "log.h"
 
 const char *const triage_label_names[TRIAGE_LABELS] = {
@@ -217,13 +218,6 @@ void triage_result_free(struct triage_result *r)
     memset(r, 0, sizeof *r);
 }
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
 int triage_preprocess_volume(const struct triage_volume *v, const char *const *paths,
                              const struct triage_decoder *dec, const struct triage_windows *w,
                              bool crop_head, int out_h, int out_w, float *x,
@@ -327,18 +321,18 @@ int triage_predict_volume(struct triage_model *m, const struct triage_volume *v,
         snprintf(err, errlen, "out of memory for %d slices", v->n);
         goto done;
     }
-    double t0 = now_ms();
+    double t0 = util_clock_ms();
     if (triage_preprocess_volume(v, paths, dec, &m->windows, m->crop_head, m->in_h, m->in_w, x,
                                  &r->crop, err, errlen) != 0)
         goto done;
-    double t1 = now_ms();
+    double t1 = util_clock_ms();
     /* Every file is read: what follows is the model alone. */
     util_log(UTIL_LOG_DEBUG, "series_pixels_read", "slices=%d ms=%.0f", v->n, t1 - t0);
     if (run_model(m, x, v->n, out) != 0) {
         snprintf(err, errlen, "model failed on a series of %d slices", v->n);
         goto done;
     }
-    double t2 = now_ms();
+    double t2 = util_clock_ms();
     /* NaN compares false against everything: folded into the maxima below
      * it would read as p=0, "not flagged". An unknown result must fail. */
     for (size_t i = 0; i < (size_t)v->n * (size_t)c->labels; i++)

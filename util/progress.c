@@ -7,14 +7,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "log.h"
-
-static double mono_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + t.tv_nsec / 1e9;
-}
 
 void util_progress_begin(struct util_progress *p, const char *event, const char *label,
                          const char *fields, const char *unit, size_t total, size_t first,
@@ -29,12 +23,12 @@ void util_progress_begin(struct util_progress *p, const char *event, const char 
     char *end;
     double v = env ? strtod(env, &end) : -1;
     if (!p->tty && env && end != env && *end == '\0' && v >= 0) p->every = v;
-    p->t0 = p->last = mono_s();
+    p->t0 = p->last = util_clock_s();
 }
 
 void util_progress_step(struct util_progress *p, size_t done)
 {
-    double t = mono_s();
+    double t = util_clock_s();
     if (t - p->last < p->every || done >= p->total) return;
     p->last = t;
     double rate = t > p->t0 ? (double)(done - p->first) / (t - p->t0) : 0;
