@@ -11,12 +11,14 @@
 #include "db_internal.h"
 #include "db_put.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -82,6 +84,24 @@ static int busy_poll(void *arg, int count)
     struct timespec ts = {0, count < 200 ? 250000L : 1000000L};
     nanosleep(&ts, NULL);
     return 1;
+}
+
+bool db_index_is_new(const char *path)
+{
+    sqlite3 *c = NULL;
+    int version = -1;
+    if (sqlite3_open_v2(path, &c, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) == SQLITE_OK) {
+        sqlite3_busy_timeout(c, 10000);
+        sqlite3_stmt *st;
+        if (sqlite3_prepare_v2(c, "PRAGMA user_version", -1, &st, NULL) == SQLITE_OK) {
+            if (sqlite3_step(st) == SQLITE_ROW) version = sqlite3_column_int(st, 0);
+            sqlite3_finalize(st);
+        }
+    }
+    sqlite3_close(c);
+    if (version == 0) return true; /* empty, or a file no node wrote */
+    /* Missing: the read-only open fails. Otherwise db_open says why. */
+    return version < 0 && access(path, F_OK) != 0 && errno == ENOENT;
 }
 
 int db_open(struct db **out, const char *path, char *err, size_t errlen)

@@ -36,6 +36,11 @@ struct db_instance {
     int64_t received_at_ms; /* Unix time in milliseconds */
 };
 
+/* True when the database at path holds no index of the node's yet: the file
+ * is missing, empty (a truncated copy, "> ichtriage.db"), or a database whose
+ * schema version is 0. db_open would make a fresh one, in which every
+ * stored instance looks unindexed. */
+bool db_index_is_new(const char *path);
 /* Opens (creating if needed) the database at path and brings its schema to
  * the current version. The caller owns *out and frees it with db_close().
  * Returns 0, or -1 with a message in err. */

@@ -349,11 +349,10 @@ int triage_serve_main(int argc, char **argv)
     }
     char dbpath[1200];
     snprintf(dbpath, sizeof dbpath, "%s/ichtriage.db", n.store.dir);
-    /* Checked before db_open creates the file: a refused start must leave
-     * the index missing, or the next start would take the instances for
+    /* Checked before db_open makes the index: a refused start must leave
+     * it as it is, or the next start would take the instances for
      * unindexed ones and remove them. */
-    if (access(dbpath, F_OK) != 0 && errno == ENOENT &&
-        triage_store_check_lost_index(&n.store, err, sizeof err) != 0) {
+    if (db_index_is_new(dbpath) && triage_store_check_lost_index(&n.store, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 1;
     }

@@ -355,10 +355,11 @@ int triage_store_check_lost_index(struct triage_store *s, char *err, size_t errl
     }
     if (files) {
         snprintf(err, errlen,
-                 "%s/ichtriage.db is missing but the spool holds %ld instance files: refusing "
-                 "to delete them; restore a backup (ichtriage restore BACKUP EMPTY_DIR, then "
-                 "point store.dir there) or move %s away",
-                 s->dir, files, s->spool);
+                 "%s/ichtriage.db is missing or empty but the spool holds %ld instance files: "
+                 "refusing to delete them; restore a backup (move %s aside, make it again "
+                 "empty, then ichtriage restore BACKUP: docs/operations.md, \"To restore\") "
+                 "or move %s away",
+                 s->dir, files, s->dir, s->spool);
         return -1;
     }
     return 0;

@@ -15,6 +15,7 @@ slip never costs acknowledged instances or a node that cannot restart:
 
     python3 test_serve_guard.py ICHTRIAGE"""
 import os
+import sqlite3
 import signal
 import sys
 
@@ -102,6 +103,34 @@ class ServeGuard(itest.NodeTest):
             self.assertIn("refusing to delete them", str(cm.exception))
             self.assertEqual(spool_files(node.store_dir), stored)
             self.assertFalse(os.path.exists(os.path.join(node.store_dir, "ichtriage.db")))
+
+    def test_empty_index_with_instances_in_the_spool_refuses_to_start(self):
+        """An empty ichtriage.db (a truncated copy, "> ichtriage.db") is a
+        valid empty database to SQLite: the node made a fresh schema in it,
+        and the start-up walk removed every stored instance as unindexed.
+        Now it is refused like a missing index, and so is a database with
+        no schema of the node's (user_version 0)."""
+        node = self.start_node()
+        files = self.gen("ct", count=3, rows=64, cols=64)
+        self.assert_all_success(dt.storescu(node.port, files, workdir=self.work), files)
+        node.kill9()  # as after a crash: the start-up walk runs
+        stored = spool_files(node.store_dir)
+        self.assertEqual(len(stored), 3)
+        db = os.path.join(node.store_dir, "ichtriage.db")
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.unlink(db + suffix)
+        open(db, "w").close()
+        with self.assertRaises(dt.NodeError) as cm:
+            node.start(timeout=20)
+        self.assertIn("is missing or empty but the spool holds 3 instance files", str(cm.exception))
+        self.assertEqual(spool_files(node.store_dir), stored)
+        self.assertEqual(os.path.getsize(db), 0, "the refused start left the index as it was")
+        sqlite3.connect(db).execute("CREATE TABLE notes (x)").connection.commit()
+        with self.assertRaises(dt.NodeError) as cm:
+            node.start(timeout=20)
+        self.assertIn("refusing to delete them", str(cm.exception))
+        self.assertEqual(spool_files(node.store_dir), stored)
 
     def write_conf(self, node, extra):
         settings = dict(node.settings)
