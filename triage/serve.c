@@ -177,6 +177,42 @@ static void on_stop_signal(uv_signal_t *h, int signum)
     uv_stop(n->loop);
 }
 
+/* The HTTP side's settings in c (its strings; triage_http_start takes the
+ * rest from the node). */
+static struct triage_http_config http_settings(const struct triage_config *c)
+{
+    return (struct triage_http_config){
+        .listen = triage_config_str(c, CFG_HTTP_LISTEN),
+        .users_file = triage_config_str(c, CFG_HTTP_USERS),
+        .tls_cert = triage_config_str(c, CFG_HTTP_TLS_CERT),
+        .tls_key = triage_config_str(c, CFG_HTTP_TLS_KEY),
+        .webhook = triage_config_str(c, CFG_HTTP_WEBHOOK),
+        .trusted_proxies = triage_config_str(c, CFG_HTTP_TRUSTED_PROXIES),
+    };
+}
+
+/* What a start refuses before it touches the store, and a reload while the
+ * node still runs on the old file: else "reloaded" would hide a node that
+ * cannot start. Returns 0, or -1 with a message. */
+static int check_startable(const struct triage_config *c, char *err, size_t errlen)
+{
+    struct triage_http_config hc = http_settings(c);
+    struct triage_pacs_dest dests[TRIAGE_PACS_MAX_DESTS];
+    int ndests;
+    int64_t tls_port;
+    if (triage_config_check(c, err, errlen) != 0 || triage_http_check(&hc, err, errlen) != 0 ||
+        triage_pacs_parse_destinations(triage_config_str(c, CFG_PACS_DESTINATIONS), dests,
+                                       TRIAGE_PACS_MAX_DESTS, &ndests, err, errlen) != 0 ||
+        triage_config_get(c, CFG_DICOM_TLS_PORT, &tls_port, err, errlen) != 0)
+        return -1;
+    if (tls_port && (!triage_config_str(c, CFG_DICOM_TLS_CERT)[0] ||
+                     !triage_config_str(c, CFG_DICOM_TLS_KEY)[0])) {
+        snprintf(err, errlen, "dicom.tls_port is set: dicom.tls_cert and dicom.tls_key are needed");
+        return -1;
+    }
+    return 0;
+}
+
 static void on_reload_signal(uv_signal_t *h, int signum)
 {
     (void)signum;
@@ -187,13 +223,7 @@ static void on_reload_signal(uv_signal_t *h, int signum)
         util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
         return;
     }
-    /* What a restart would refuse is refused now, while the node still runs
-     * on the old file: else "reloaded" would hide a node that cannot start. */
-    struct triage_pacs_dest dests[TRIAGE_PACS_MAX_DESTS];
-    int ndests;
-    if (triage_config_check(&fresh, err, sizeof err) != 0 ||
-        triage_pacs_parse_destinations(triage_config_str(&fresh, CFG_PACS_DESTINATIONS), dests,
-                                       TRIAGE_PACS_MAX_DESTS, &ndests, err, sizeof err) != 0) {
+    if (check_startable(&fresh, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "reload_refused", "reason=\"%s\"", err);
         triage_config_free(&fresh);
         return;
@@ -280,6 +310,7 @@ int triage_serve_main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     if (triage_config_from_args(&n.cfg, &argc, argv, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage serve: %s\n", err);
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 2;
     }
     for (int i = 1; i < argc; i++) {
@@ -291,17 +322,11 @@ int triage_serve_main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    struct triage_http_config hc = {
-        .listen = triage_config_str(&n.cfg, CFG_HTTP_LISTEN),
-        .users_file = triage_config_str(&n.cfg, CFG_HTTP_USERS),
-        .tls_cert = triage_config_str(&n.cfg, CFG_HTTP_TLS_CERT),
-        .tls_key = triage_config_str(&n.cfg, CFG_HTTP_TLS_KEY),
-        .webhook = triage_config_str(&n.cfg, CFG_HTTP_WEBHOOK),
-        .trusted_proxies = triage_config_str(&n.cfg, CFG_HTTP_TRUSTED_PROXIES),
-    };
-    if (triage_config_check(&n.cfg, err, sizeof err) != 0 ||
-        triage_http_check(&hc, err, sizeof err) != 0) {
+    /* A configuration the node refuses exits 2, which the unit does not
+     * restart (RestartPreventExitStatus): it would fail the same way. */
+    if (check_startable(&n.cfg, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage serve: %s\n", err);
+        util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         return 2;
     }
     int level = util_log_level_parse(triage_config_str(&n.cfg, CFG_LOG_LEVEL));
@@ -477,6 +502,7 @@ int triage_serve_main(int argc, char **argv)
         db_close(n.store.db);
         return 1;
     }
+    struct triage_http_config hc = http_settings(&n.cfg);
     hc.loop = n.loop;
     hc.db = n.store.db;
     hc.store = &n.store;

@@ -7,16 +7,19 @@ slip never costs acknowledged instances or a node that cannot restart:
 - a store whose index is gone (ichtriage.db deleted or moved aside) but
   whose spool holds instances: the node refuses to start instead of deleting
   every instance as unindexed;
-- SIGHUP with a value a restart would refuse is refused (the old
-  configuration stays), and a changed key that only a restart applies says
-  so (reload_needs_restart);
+- a configuration the node refuses exits 2 with event=start_failed before
+  it makes anything, and SIGHUP with a value a restart would refuse is
+  refused (the old configuration stays) by the same checks; a changed key
+  that only a restart applies says so (reload_needs_restart);
 - the walk that checks every spool file against the index runs after a
   crash, not after a clean stop (on a store of millions it takes minutes).
 
     python3 test_serve_guard.py ICHTRIAGE"""
 import os
-import sqlite3
+import shutil
 import signal
+import sqlite3
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,12 +170,44 @@ class ServeGuard(itest.NodeTest):
                                   "dicom.tls_cert": "/nonexistent.pem",
                                   "dicom.tls_key": "/nonexistent.key"}, "reload_refused")
         self.assertIn("/nonexistent", line)
+        # What only the start checked had been "reloaded", and the next
+        # restart refused it: HTTP off loopback without logins, a DICOM TLS
+        # port without its certificate, a trusted proxy that is a name.
+        for extra, why in (({"http.listen": "0.0.0.0:%d" % dt.free_port()},
+                            "http.users, http.tls_cert and http.tls_key are required"),
+                           ({"dicom.tls_port": dt.free_port()},
+                            "dicom.tls_cert and dicom.tls_key are needed"),
+                           ({"http.trusted_proxies": "nginx.local"}, "'nginx.local' is not an IP")):
+            self.assertIn(why, self.reload(node, extra, "reload_refused"))
+        self.assertEqual(node.events("reloaded"), [])
         # A valid change that only a restart applies: reloaded, with the key named.
         self.reload(node, {"triage.quiet_seconds": 3, "store.retention_days": 30}, "reloaded")
         keys = sorted(e.split("key=")[1] for e in node.events("reload_needs_restart"))
         self.assertEqual(keys, ["store.retention_days", "triage.quiet_seconds"])
         self.assertTrue(node.alive())
 
+
+    def test_refused_configuration_exits_2_with_start_failed_before_the_store(self):
+        """A configuration the node refuses exits 2 (the unit does not
+        restart it: RestartPreventExitStatus=2) with event=start_failed,
+        which docs/operations.md tells admins to look for; it had printed
+        only a line of its own. A bad PACS destination list and a DICOM TLS
+        port without its certificate were refused only after the index was
+        made."""
+        for extra, why in (({"dicom.port": "abc"}, "dicom.port"),
+                           ({"pacs.destinations": "PACS@nowhere"}, "PACS@nowhere"),
+                           ({"dicom.tls_port": dt.free_port()},
+                            "dicom.tls_cert and dicom.tls_key are needed")):
+            node = dt.Node(itest.EXE, os.path.join(self.work, "refused"), settings=extra)
+            shutil.rmtree(node.store_dir, ignore_errors=True)
+            r = subprocess.run(node.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, timeout=30)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            failed = [l for l in r.stderr.splitlines() if "event=start_failed" in l]
+            self.assertTrue(failed and why in failed[0], r.stderr)
+            self.assertFalse(os.path.exists(os.path.join(node.store_dir, "ichtriage.db")))
+        unit = open(os.path.join(os.path.dirname(itest.EXE), "systemd", "ichtriage.service")).read()
+        self.assertIn("RestartPreventExitStatus=2", unit)
 
     def test_open_files_limit_raised_to_the_hard_limit(self):
         # systemd's soft limit is 1024, short of 1000 associations' sockets
