@@ -170,9 +170,11 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
     if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
     nn_model *m = nn_model_load(model_path, err, errlen);
     if (!m) return -1;
-    nn_model_free(m);
     int lock = registry_lock(dir, err, errlen);
-    if (lock < 0) return -1;
+    if (lock < 0) {
+        nn_model_free(m);
+        return -1;
+    }
     reconcile(dir);
     time_t t = time(NULL);
     char stamp[32];
@@ -183,10 +185,24 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
         snprintf(dst, sizeof dst, "%s/%s.safetensors", dir, id);
         if (access(dst, F_OK) != 0) break;
     }
-    if (k == 100)
+    /* Written with the id as its version: each result, the worklist, the
+     * SR and the node's status name the model by it (else every promoted
+     * model was "active.safetensors"). */
+    if (k == 100) {
         snprintf(err, errlen, "%s: 100 models registered in one second already", dir);
-    else
-        rc = copy_file(model_path, dst, dir, err, errlen);
+    } else if (nn_model_meta_set(m, "version", id) != 0) {
+        snprintf(err, errlen, "%s: cannot set its version", model_path);
+    } else if (nn_model_save(m, dst, err, errlen) == 0) { /* temp file, fsync, rename */
+        int fd = open(dst, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0 && fchmod(fd, 0640) == 0 && own_like_folder(fd, dst) == 0) {
+            rc = 0;
+        } else {
+            snprintf(err, errlen, "%s: %s", dst, strerror(errno));
+            unlink(dst);
+        }
+        if (fd >= 0) close(fd);
+    }
+    nn_model_free(m);
     close(lock);
     if (rc == 0) util_log(UTIL_LOG_INFO, "model_registered", "id=%s", id);
     return rc;

@@ -41,6 +41,26 @@ int triage_model_resolve(const char *configured, const char *store_dir, char *ou
     }
     char active[1100];
     snprintf(active, sizeof active, "%s/models/active.safetensors", store_dir);
+    /* The model promoted last (train/registry.c keeps active.log). Should
+     * its file be gone, the demonstration default must not take its place
+     * unnoticed: the hospital's own model, or no model and a banner. */
+    char log[1100], line[256] = "", id[128] = "";
+    snprintf(log, sizeof log, "%s/models/active.log", store_dir);
+    FILE *f = fopen(log, "r");
+    while (f && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (line[0]) snprintf(id, sizeof id, "%.127s", line);
+    }
+    if (f) fclose(f);
+    if (id[0] && access(active, R_OK) != 0) {
+        snprintf(out, n, "%s/models/%s.safetensors", store_dir, id);
+        if (!strchr(id, '/') && access(out, R_OK) == 0) return 0;
+        snprintf(out, n,
+                 "%s/models/active.log names model %s, but neither active.safetensors nor "
+                 "%s.safetensors can be read there (ichtriage model promote ID)",
+                 store_dir, id, id);
+        return -1;
+    }
     const char *candidates[3];
     int nc = 0;
     candidates[nc++] = active;

@@ -33,8 +33,11 @@ struct triage_model {
 
 /* Picks the model file: configured if non-empty, else
  * <store_dir>/models/active.safetensors if it exists, else the shipped
- * default (models/ in the source tree, or the installed data dir). Writes the
- * path to out; returns 0, or -1 when none exists (out names what was tried). */
+ * default (models/ in the source tree, or the installed data dir). A
+ * registry that names an active model (models/active.log) never falls back
+ * to the default: without active.safetensors its registered copy
+ * (models/ID.safetensors) is taken, and without that none. Writes the path
+ * to out; returns 0, or -1 when none exists (out says what was tried). */
 int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n);
 
 /* Loads path. Refuses a file whose metadata lacks the six labels, has bad

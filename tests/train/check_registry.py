@@ -6,8 +6,13 @@ admin promotes or rolls back) on a real registry folder:
 - every command succeeds (none fails because another one runs);
 - afterwards active.safetensors is, byte for byte, the model that the last
   line of active.log names (what `model list` marks and `rollback` uses);
-- registrations at the same moment get ids of their own, each a whole copy;
-- no temporary file is left in the folder.
+- registrations at the same moment get ids of their own, each a whole copy
+  of its model's weights, with the id as its version (what results, the
+  worklist and the SR name the model by);
+- no temporary file is left in the folder;
+- the node's model (`predict` resolves it as `serve` does) is named by its
+  id, and when active.safetensors is gone the registered copy of the model
+  active.log names is taken, never the shipped demonstration model.
 
 The two models are the shipped one and a copy with one output bias changed
 (same size and header, as two fine-tunes of one architecture would be).
@@ -44,6 +49,23 @@ def read(path):
         return f.read()
 
 
+def header(path):
+    b = read(path)
+    hl = struct.unpack("<Q", b[:8])[0]
+    return json.loads(b[8:8 + hl]), b[8 + hl:]
+
+
+def weights(path):
+    """Each tensor's bytes by name: the model without its metadata."""
+    h, data = header(path)
+    return {k: data[v["data_offsets"][0]:v["data_offsets"][1]]
+            for k, v in h.items() if k != "__metadata__"}
+
+
+def version(path):
+    return header(path)[0].get("__metadata__", {}).get("version")
+
+
 def main():
     with tempfile.TemporaryDirectory(prefix="ichtriage-registry-") as tmp:
         store = os.path.join(tmp, "store")
@@ -75,8 +97,9 @@ def main():
         check(len(set(ids)) == 4, "4 registrations at once get 4 ids: %r" % ids)
         for k, i in enumerate(ids):
             p = os.path.join(models, i + ".safetensors")
-            check(os.path.exists(p) and read(p) == read(a if k % 2 == 0 else c),
-                  "registered %s is a whole copy of its file" % i)
+            check(os.path.exists(p) and weights(p) == weights(a if k % 2 == 0 else c)
+                  and version(p) == i,
+                  "registered %s holds its file's weights, version %r" % (i, version(p)))
         check(finish([start("promote", ida)])[0][0] == 0, "promote the first")
         check(finish([start("promote", idc)])[0][0] == 0, "promote the second")
 
@@ -109,7 +132,7 @@ def main():
         for i in (ida, idc, idc):
             finish([start("promote", i)])
         r = finish([start("rollback")])[0]
-        check(r[0] == 0 and read(os.path.join(models, "active.safetensors")) == read(a),
+        check(r[0] == 0 and weights(os.path.join(models, "active.safetensors")) == weights(a),
               "rollback after a repeated promotion goes back to the model before: %r" % (r,))
         with open(os.path.join(models, "active.log")) as f:
             before = len([x for x in f.read().splitlines() if x])
@@ -128,14 +151,40 @@ def main():
         # while the node loaded the file.
         with open(os.path.join(models, "active.log")) as f:
             last = [x for x in f.read().splitlines() if x][-1]
-        other = c if read(os.path.join(models, last + ".safetensors")) == read(a) else a
+        other = idc if weights(os.path.join(models, last + ".safetensors")) == weights(a) else ida
         with open(os.path.join(models, "active.safetensors"), "wb") as f:
-            f.write(read(other))
+            f.write(read(os.path.join(models, other + ".safetensors")))
         r = finish([start("register", a)])[0]
         check(r[0] == 0 and "event=model_active_repaired" in r[2] and
               read(os.path.join(models, "active.safetensors")) ==
               read(os.path.join(models, last + ".safetensors")),
               "the file that active.log does not name is put back: %r" % (r[2][-300:],))
+
+        # The model in force is named by its id wherever a result names its
+        # model; had been "active.safetensors" for every promoted model.
+        ph = os.path.join(tmp, "ph")
+        subprocess.run([ICH, "phantom", ph, "-n", "1", "--size", "128", "--seed", "5"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def predict():
+            r = subprocess.run([ICH, "predict", "-c", "/dev/null", *s, "--json", ph],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               timeout=300)
+            rows = json.loads(r.stdout) if r.returncode == 0 else []
+            return r.returncode, [row.get("model_version") for row in rows], r.stderr
+
+        rc, named, _ = predict()
+        check(rc == 0 and named == [last], "predict names the active model %s: %r" % (last, named))
+        # active.safetensors lost (a restore that left it out, a hand's rm):
+        # the node had taken the shipped demonstration model in its place.
+        os.unlink(os.path.join(models, "active.safetensors"))
+        rc, named, _ = predict()
+        check(rc == 0 and named == [last],
+              "without active.safetensors, the registered copy of %s: %r" % (last, named))
+        os.rename(os.path.join(models, last + ".safetensors"), os.path.join(tmp, "gone"))
+        rc, named, err = predict()
+        check(rc != 0 and "active.log names model %s" % last in err,
+              "without either, no model and why: %d %r" % (rc, err[-300:]))
 
         # An admin's `sudo ichtriage model register|promote` in the node's
         # store (owned by its user): what it makes takes the store's owner,
