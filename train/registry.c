@@ -457,6 +457,10 @@ static int list(const char *store_dir)
     train_registry_active(store_dir, active, sizeof active);
     DIR *dd = opendir(dir);
     printf("%-2s %-22s %-22s %s\n", "", "ID", "DATE", "METRICS");
+    if (!dd && errno != ENOENT) {
+        fprintf(stderr, "ichtriage model: %s: %s\n", dir, strerror(errno));
+        return 1;
+    }
     if (!dd) return 0;
     char *names[1024];
     int n = 0;
@@ -487,7 +491,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: ichtriage model list | promote ID | rollback | register FILE\n"
                "The model registry under <store.dir>/models. The node loads\n"
-               "<store.dir>/models/active.safetensors (on start and on SIGHUP); promotion is a\n"
+               "<store.dir>/models/active.safetensors (at start, on SIGHUP, and when a promote\n"
+               "or rollback replaces it); promotion is a\n"
                "person's decision. '*' marks the active model.\n"
                "  -c FILE, --set K=V   configuration (store.dir)\n");
 }
@@ -513,13 +518,13 @@ int train_model_main(int argc, char **argv)
         if (rc)
             fprintf(stderr, "ichtriage model: %s\n", err);
         else
-            printf("active: %s (send SIGHUP to a running node to load it)\n", argv[2]);
+            printf("active: %s (a running node loads it now)\n", argv[2]);
     } else if (argc == 2 && strcmp(argv[1], "rollback") == 0) {
         rc = train_registry_rollback(store, id, sizeof id, err, sizeof err) == 0 ? 0 : 1;
         if (rc)
             fprintf(stderr, "ichtriage model: %s\n", err);
         else
-            printf("active: %s\n", id);
+            printf("active: %s (a running node loads it now)\n", id);
     } else if (argc == 3 && strcmp(argv[1], "register") == 0) {
         rc = train_registry_add(store, argv[2], id, sizeof id, err, sizeof err) == 0 ? 0 : 1;
         if (rc)
@@ -529,6 +534,13 @@ int train_model_main(int argc, char **argv)
     } else {
         usage(stderr);
     }
+    const char *configured = triage_config_str(&cfg, CFG_TRIAGE_MODEL);
+    if (rc == 0 && configured[0] && argc >= 2 &&
+        (strcmp(argv[1], "promote") == 0 || strcmp(argv[1], "rollback") == 0))
+        fprintf(stderr,
+                "ichtriage model: note: triage.model is set (%s): the node loads that file, "
+                "not the registry's active model\n",
+                configured);
     triage_config_free(&cfg);
     return rc;
 }

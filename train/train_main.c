@@ -1789,7 +1789,7 @@ int train_train_main(int argc, char **argv)
                 fprintf(stderr, "ichtriage train: promote: %s\n", err);
                 goto out;
             } else {
-                printf(better ? "registered %s, promoted (send SIGHUP to a running node)\n"
+                printf(better ? "registered %s, promoted (a running node loads it now)\n"
                               : "registered %s, kept the active model (not at least as good)\n",
                        id);
             }

@@ -357,7 +357,7 @@ void triage_infer_kick(struct triage_infer *t)
 void triage_infer_reload(struct triage_infer *t, const char *model)
 {
     pthread_mutex_lock(&t->mu);
-    snprintf(t->model_cfg, sizeof t->model_cfg, "%s", model ? model : "");
+    if (model) snprintf(t->model_cfg, sizeof t->model_cfg, "%s", model);
     t->reload = true;
     pthread_cond_signal(&t->cv);
     pthread_mutex_unlock(&t->mu);

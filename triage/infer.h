@@ -40,8 +40,9 @@ int triage_infer_start(struct triage_infer **out, const struct triage_infer_conf
                        size_t errlen);
 /* Wakes the thread: new jobs may be queued. Any thread. */
 void triage_infer_kick(struct triage_infer *t);
-/* Asks for the model to be loaded again from path (empty: resolve again);
- * the old one stays if the new one fails. Any thread. */
+/* Asks for the model to be loaded again from path (empty: resolve again;
+ * NULL: as configured before); the old one stays if the new one fails.
+ * Any thread. */
 void triage_infer_reload(struct triage_infer *t, const char *model);
 /* Copies the loaded model's version (or "" ) and, when none is loaded, the
  * reason into the buffers. Returns true when a model is loaded. */

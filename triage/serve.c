@@ -43,6 +43,7 @@ struct node {
     struct triage_config cfg;
     uv_loop_t *loop;
     uv_signal_t sigterm, sigint, sighup;
+    uv_fs_event_t models; /* <store.dir>/models: a promote or rollback */
     uv_async_t stored_async;
     uv_timer_t heartbeat;    /* watchdog keep-alive and STATUS= refresh */
     uv_timer_t completion;   /* series completion */
@@ -246,6 +247,33 @@ static void on_reload_signal(uv_signal_t *h, int signum)
                      triage_config_name((enum triage_config_key)k));
     util_log(UTIL_LOG_INFO, "reloaded", "config=%s", fresh.source);
     triage_config_free(&fresh);
+}
+
+/* A promote or rollback renames a new active.safetensors into the
+ * registry (train/registry.c): the node loads it then, as at SIGHUP. The
+ * retraining timer's auto-promote had waited for the next restart. */
+static void on_models_changed(uv_fs_event_t *h, const char *name, int events, int status)
+{
+    (void)events;
+    struct node *n = h->data;
+    if (status < 0 || !name || strcmp(name, "active.safetensors") != 0) return;
+    util_log(UTIL_LOG_INFO, "model_active_changed", "path=%s/models/%s", n->store.dir, name);
+    triage_infer_reload(n->infer, NULL);
+}
+
+/* Watches <store.dir>/models (made here if need be, as the registry makes
+ * it). Without the watch the node still starts: SIGHUP loads a model. */
+static void watch_models(struct node *n)
+{
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/models", n->store.dir);
+    uv_fs_event_init(n->loop, &n->models);
+    n->models.data = n;
+    int rc = mkdir(dir, 0700) == 0 || errno == EEXIST ? 0 : -errno;
+    if (rc == 0) rc = uv_fs_event_start(&n->models, on_models_changed, dir, 0);
+    if (rc != 0)
+        util_log(UTIL_LOG_WARN, "models_watch_failed", "path=%s error=\"%s\"", dir,
+                 uv_strerror(rc));
 }
 
 static int get_int(struct node *n, enum triage_config_key k, int64_t *out)
@@ -472,6 +500,7 @@ int triage_serve_main(int argc, char **argv)
     uv_signal_start(&n.sigterm, on_stop_signal, SIGTERM);
     uv_signal_start(&n.sigint, on_stop_signal, SIGINT);
     uv_signal_start(&n.sighup, on_reload_signal, SIGHUP);
+    watch_models(&n);
 
     /* dcmtk disables Nagle only when this is set before its network starts;
      * scanners rarely do, and without it each small response waits ~40 ms. */
@@ -566,6 +595,7 @@ int triage_serve_main(int argc, char **argv)
     uv_close((uv_handle_t *)&n.sigterm, NULL);
     uv_close((uv_handle_t *)&n.sigint, NULL);
     uv_close((uv_handle_t *)&n.sighup, NULL);
+    uv_close((uv_handle_t *)&n.models, NULL);
     uv_close((uv_handle_t *)&n.stored_async, NULL);
     uv_close((uv_handle_t *)&n.heartbeat, NULL);
     uv_close((uv_handle_t *)&n.completion, NULL);

@@ -209,6 +209,33 @@ class ServeGuard(itest.NodeTest):
         unit = open(os.path.join(os.path.dirname(itest.EXE), "systemd", "ichtriage.service")).read()
         self.assertIn("RestartPreventExitStatus=2", unit)
 
+    def test_promote_and_rollback_reach_the_running_node(self):
+        """`model promote` and `rollback` (and the retraining timer's
+        auto-promote) replace models/active.safetensors; the node loads it
+        at once, named by its registry id. It had waited for a SIGHUP that
+        nothing sent, so an auto-promoted model took effect at whatever
+        restart came next while `model list` marked it active."""
+        node = self.start_node()
+        self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
+        shipped = os.path.join(HERE, "..", "..", "models", "default.safetensors")
+
+        def model(*args):
+            r = subprocess.run([itest.EXE, "model", "--set", "store.dir=" + node.store_dir,
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            return r.stdout.strip().splitlines()[-1]
+
+        first, second = model("register", shipped), model("register", shipped)
+        for args, want in ((("promote", first), first), (("promote", second), second),
+                           (("rollback",), first)):
+            n = len(node.events("model_loaded"))
+            model(*args)
+            self.assertTrue(node.wait_event("model_loaded", count=n + 1, timeout=20),
+                            node.log_tail())
+            self.assertIn('version="%s"' % want, node.events("model_loaded")[-1])
+        self.assertEqual(len(node.events("model_active_changed")), 3)
+
     def test_open_files_limit_raised_to_the_hard_limit(self):
         # systemd's soft limit is 1024, short of 1000 associations' sockets
         # and temp files; the node takes the hard limit it is allowed.

@@ -210,6 +210,14 @@ def main():
                         wrong.append((os.path.relpath(os.path.join(root, n), owned), st.st_uid))
             check(os.path.exists(os.path.join(owned, "models", "active.safetensors")) and
                   not wrong, "made as root, owned by the store's owner: %r" % wrong)
+            # Someone else (not root: root reads anything) cannot read the
+            # registry: an error, not an empty list ("no models", exit 0).
+            r = subprocess.run(["setpriv", "--reuid=%d" % nobody.pw_uid,
+                                "--regid=%d" % nobody.pw_gid, "--clear-groups", ICH, "model",
+                                "--set", "store.dir=" + store, "list"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            check(r.returncode == 1 and "Permission denied" in r.stderr,
+                  "model list without access fails: %d %r" % (r.returncode, r.stderr[-200:]))
     return check.status()
 
 
