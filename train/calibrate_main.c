@@ -194,10 +194,10 @@ int train_calibrate_main(int argc, char **argv)
     util_log(UTIL_LOG_INFO, "calibrate_start", "model=%s series=%d positive=%d negative=%d",
              model_path, d.nseries, npos, nneg);
 
+    /* In our label order; tm.label_index says where each is among the
+     * model's outputs, and in its thresholds. */
     float old[2][TRAIN_LABELS], thr[2][TRAIN_LABELS];
-    memcpy(old[TRAIN_MODEL_LRCN], tm.thresholds, sizeof old[0]);
-    train_floats_parse(nn_model_meta_get(tm.nn, "cnn_thresholds"), old[TRAIN_MODEL_CNN],
-                       TRAIN_LABELS, 0.5f);
+    train_model_thresholds(&tm, old);
     /* The CNN features once, for the three passes (before, the fit,
      * after): calibration changes only the layers above them. */
     before = malloc(sizeof *before), after = malloc(sizeof *after);
@@ -207,16 +207,16 @@ int train_calibrate_main(int argc, char **argv)
         fprintf(stderr, "ichtriage calibrate: the model failed on the data\n");
         goto out;
     }
-    if (train_evaluate_features(tm.nn, &d, TRAIN_SPLIT_VAL, feat, old, before, err, sizeof err) !=
-        0) {
+    if (train_evaluate_features(tm.nn, tm.label_index, &d, TRAIN_SPLIT_VAL, feat, old, before, err,
+                                sizeof err) != 0) {
         fprintf(stderr, "ichtriage calibrate: %s\n", err);
         goto out;
     }
     struct train_reliability rel;
     unsigned fitted = 0;
     char tdesc[512];
-    if (train_calibrate(tm.nn, &d, feat, (float)sens, thr, &rel, &fitted, tdesc, sizeof tdesc) !=
-        0) {
+    if (train_calibrate(tm.nn, tm.label_index, &d, feat, (float)sens, thr, &rel, &fitted, tdesc,
+                        sizeof tdesc) != 0) {
         fprintf(stderr, "ichtriage calibrate: calibration failed\n");
         goto out;
     }
@@ -230,8 +230,8 @@ int train_calibrate_main(int argc, char **argv)
             koff += snprintf(kept + koff, sizeof kept - (size_t)koff, "%s%s", koff ? "," : "",
                              train_label_names[l]);
         }
-    if (train_evaluate_features(tm.nn, &d, TRAIN_SPLIT_VAL, feat, thr, after, err, sizeof err) !=
-        0) {
+    if (train_evaluate_features(tm.nn, tm.label_index, &d, TRAIN_SPLIT_VAL, feat, thr, after, err,
+                                sizeof err) != 0) {
         fprintf(stderr, "ichtriage calibrate: %s\n", err);
         goto out;
     }
@@ -245,10 +245,10 @@ int train_calibrate_main(int argc, char **argv)
     char date[32], buf[4096];
     time_t tnow = time(NULL);
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&tnow));
-    train_floats_format(buf, sizeof buf, thr[TRAIN_MODEL_LRCN], TRAIN_LABELS);
-    nn_model_meta_set(tm.nn, "thresholds", buf);
-    train_floats_format(buf, sizeof buf, thr[TRAIN_MODEL_CNN], TRAIN_LABELS);
-    nn_model_meta_set(tm.nn, "cnn_thresholds", buf);
+    if (train_model_thresholds_set(tm.nn, tm.label_index, thr) != 0) {
+        fprintf(stderr, "ichtriage calibrate: cannot store the new thresholds\n");
+        goto out;
+    }
     snprintf(buf, sizeof buf,
              "study-level sensitivity %.3f on %d series (%d positive) of %s (ichtriage "
              "calibrate %s)%s%s",

@@ -303,7 +303,8 @@ int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size
 }
 
 /* The stage-1 head applied to features: the classifier's Linear layers with
- * ReLU between them (dropout is the identity in eval mode). */
+ * ReLU between them (dropout is the identity in eval mode). logits: n rows
+ * of the model's outputs. */
 static int head_forward(nn_model *m, const float *feat, int n, float *logits)
 {
     nn_tensor_info wt[16], bs[16];
@@ -316,7 +317,7 @@ static int head_forward(nn_model *m, const float *feat, int n, float *logits)
         if (nn_model_tensor_find(m, name, &bs[nl]) != 0) return NN_EFORMAT;
         nl++;
     }
-    if (nl == 0) return NN_EFORMAT;
+    if (nl == 0 || wt[nl - 1].shape[0] != nn_model_config(m)->labels) return NN_EFORMAT;
     int F = nn_model_feature_size(m);
     size_t maxw = (size_t)F;
     for (int l = 0; l < nl; l++)
@@ -347,16 +348,38 @@ static int head_forward(nn_model *m, const float *feat, int n, float *logits)
     return 0;
 }
 
-int train_predict_features(nn_model *m, const struct train_dataset *d, int split,
-                           const float *features, float *cnn_logits, float *lrcn_logits)
+/* out [n, TRAIN_LABELS] from a model's raw outputs raw [n, nout]: our label
+ * l is output label_index[l] (NULL: output l). */
+static void our_labels(const float *raw, int n, int nout, const int *label_index, float *out)
 {
-    int F = nn_model_feature_size(m);
+    for (int i = 0; i < n; i++)
+        for (int l = 0; l < TRAIN_LABELS; l++)
+            out[(size_t)i * TRAIN_LABELS + l] =
+                raw[(size_t)i * nout + (label_index ? label_index[l] : l)];
+}
+
+int train_predict_features(nn_model *m, const struct train_dataset *d, int split,
+                           const float *features, const int *label_index, float *cnn_logits,
+                           float *lrcn_logits)
+{
+    int F = nn_model_feature_size(m), nout = nn_model_config(m)->labels;
+    for (int l = 0; l < TRAIN_LABELS; l++)
+        if ((label_index ? label_index[l] : l) >= nout) return NN_EFORMAT;
+    int longest = 1;
+    for (int s = 0; s < d->nseries; s++)
+        if (d->series[s].n > longest) longest = d->series[s].n;
     nn_model_set_training(m, 0);
     float *feat = NULL;
+    /* one series' outputs in the model's order, before they are put in ours */
+    float *raw = malloc((size_t)longest * (size_t)nout * sizeof(float));
+    if (!raw) return NN_ENOMEM;
     int rc = 0;
     if (!features) {
         feat = malloc(d->nslices * (size_t)F * sizeof(float));
-        if (!feat) return NN_ENOMEM;
+        if (!feat) {
+            free(raw);
+            return NN_ENOMEM;
+        }
         rc = train_features(m, d, split, feat);
         features = feat;
     }
@@ -364,45 +387,76 @@ int train_predict_features(nn_model *m, const struct train_dataset *d, int split
         const struct train_series *se = &d->series[s];
         if (split >= 0 && se->split != split) continue;
         const float *f = features + se->first * F;
-        if (cnn_logits) rc = head_forward(m, f, se->n, cnn_logits + se->first * TRAIN_LABELS);
-        if (rc == 0 && lrcn_logits)
-            rc = nn_lrcn_forward_features(m, f, &se->n, 1, lrcn_logits + se->first * TRAIN_LABELS);
+        if (cnn_logits && (rc = head_forward(m, f, se->n, raw)) == 0)
+            our_labels(raw, se->n, nout, label_index, cnn_logits + se->first * TRAIN_LABELS);
+        if (rc == 0 && lrcn_logits && (rc = nn_lrcn_forward_features(m, f, &se->n, 1, raw)) == 0)
+            our_labels(raw, se->n, nout, label_index, lrcn_logits + se->first * TRAIN_LABELS);
     }
-    free(feat);
+    free(feat), free(raw);
     return rc;
 }
 
 int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
                   float *lrcn_logits)
 {
-    return train_predict_features(m, d, split, NULL, cnn_logits, lrcn_logits);
+    return train_predict_features(m, d, split, NULL, NULL, cnn_logits, lrcn_logits);
 }
 
-int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels)
+/* The last linear layer of the LRCN ("out") or of the stage-1 head: one row
+ * of w and one value of b per output. */
+static int output_layer(nn_model *m, int cnn_head, nn_tensor_info *w, nn_tensor_info *b)
+{
+    char name[64];
+    if (!cnn_head)
+        return nn_model_tensor_find(m, "out.weight", w) == 0 &&
+                       nn_model_tensor_find(m, "out.bias", b) == 0
+                   ? 0
+                   : NN_EFORMAT;
+    int last = -1;
+    for (int j = 0; j < 64; j++) {
+        snprintf(name, sizeof name, "cnn.classifier.%d.weight", j);
+        if (nn_model_tensor_find(m, name, w) == 0) last = j;
+    }
+    if (last < 0) return NN_EFORMAT;
+    snprintf(name, sizeof name, "cnn.classifier.%d.weight", last);
+    nn_model_tensor_find(m, name, w);
+    snprintf(name, sizeof name, "cnn.classifier.%d.bias", last);
+    return nn_model_tensor_find(m, name, b) == 0 ? 0 : NN_EFORMAT;
+}
+
+int train_fold_temperature(nn_model *m, int cnn_head, const int *label_index, const float *t)
 {
     nn_tensor_info w, b;
-    char name[64];
-    if (cnn_head) {
-        int last = -1;
-        for (int j = 0; j < 64; j++) {
-            snprintf(name, sizeof name, "cnn.classifier.%d.weight", j);
-            if (nn_model_tensor_find(m, name, &w) == 0) last = j;
-        }
-        if (last < 0) return NN_EFORMAT;
-        snprintf(name, sizeof name, "cnn.classifier.%d.weight", last);
-        nn_model_tensor_find(m, name, &w);
-        snprintf(name, sizeof name, "cnn.classifier.%d.bias", last);
-        if (nn_model_tensor_find(m, name, &b) != 0) return NN_EFORMAT;
-    } else if (nn_model_tensor_find(m, "out.weight", &w) != 0 ||
-               nn_model_tensor_find(m, "out.bias", &b) != 0) {
-        return NN_EFORMAT;
-    }
-    if (w.shape[0] != labels) return NN_EINVAL;
+    int rc = output_layer(m, cnn_head, &w, &b);
+    if (rc != 0) return rc;
     size_t in = (size_t)w.shape[1];
-    for (int l = 0; l < labels; l++) {
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        int o = label_index ? label_index[l] : l;
+        if (o >= w.shape[0]) return NN_EINVAL;
         for (size_t k = 0; k < in; k++)
-            w.data[(size_t)l * in + k] /= t[l];
-        b.data[l] /= t[l];
+            w.data[(size_t)o * in + k] /= t[l];
+        b.data[o] /= t[l];
+    }
+    return 0;
+}
+
+int train_outputs_reorder(nn_model *m, const int *label_index)
+{
+    for (int head = 0; head < 2; head++) {
+        nn_tensor_info w, b;
+        int rc = output_layer(m, head, &w, &b);
+        if (rc != 0) return rc;
+        if (w.shape[0] != TRAIN_LABELS) return NN_EINVAL;
+        size_t in = (size_t)w.shape[1];
+        float *old = malloc(TRAIN_LABELS * (in + 1) * sizeof(float));
+        if (!old) return NN_ENOMEM;
+        memcpy(old, w.data, TRAIN_LABELS * in * sizeof(float));
+        memcpy(old + TRAIN_LABELS * in, b.data, TRAIN_LABELS * sizeof(float));
+        for (int l = 0; l < TRAIN_LABELS; l++) {
+            memcpy(w.data + (size_t)l * in, old + (size_t)label_index[l] * in, in * sizeof(float));
+            b.data[l] = old[TRAIN_LABELS * in + (size_t)label_index[l]];
+        }
+        free(old);
     }
     return 0;
 }
@@ -412,34 +466,37 @@ static float sigm(float x)
     return 1.0f / (1.0f + expf(-x));
 }
 
-static int evaluate(nn_model *m, const struct train_dataset *d, int split, const float *features,
-                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, float *study_any,
-                    unsigned char *study_y, char *err, size_t errlen);
+static int evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
+                    const float *features, const float thresholds[2][TRAIN_LABELS],
+                    struct train_eval *e, float *study_any, unsigned char *study_y, char *err,
+                    size_t errlen);
 
-int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
+int train_evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, char *err,
                    size_t errlen)
 {
-    return evaluate(m, d, split, NULL, thresholds, e, NULL, NULL, err, errlen);
+    return evaluate(m, label_index, d, split, NULL, thresholds, e, NULL, NULL, err, errlen);
 }
 
-int train_evaluate_scores(nn_model *m, const struct train_dataset *d, int split,
-                          const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
+int train_evaluate_scores(nn_model *m, const int *label_index, const struct train_dataset *d,
+                          int split, const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
                           float *study_any, unsigned char *study_y, char *err, size_t errlen)
 {
-    return evaluate(m, d, split, NULL, thresholds, e, study_any, study_y, err, errlen);
+    return evaluate(m, label_index, d, split, NULL, thresholds, e, study_any, study_y, err, errlen);
 }
 
-int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
-                            const float *features, const float thresholds[2][TRAIN_LABELS],
-                            struct train_eval *e, char *err, size_t errlen)
+int train_evaluate_features(nn_model *m, const int *label_index, const struct train_dataset *d,
+                            int split, const float *features,
+                            const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
+                            char *err, size_t errlen)
 {
-    return evaluate(m, d, split, features, thresholds, e, NULL, NULL, err, errlen);
+    return evaluate(m, label_index, d, split, features, thresholds, e, NULL, NULL, err, errlen);
 }
 
-static int evaluate(nn_model *m, const struct train_dataset *d, int split, const float *features,
-                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, float *study_any,
-                    unsigned char *study_y, char *err, size_t errlen)
+static int evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
+                    const float *features, const float thresholds[2][TRAIN_LABELS],
+                    struct train_eval *e, float *study_any, unsigned char *study_y, char *err,
+                    size_t errlen)
 {
     memset(e, 0, sizeof *e);
     memcpy(e->thresholds, thresholds, sizeof e->thresholds);
@@ -453,7 +510,7 @@ static int evaluate(nn_model *m, const struct train_dataset *d, int split, const
         snprintf(err, errlen, "out of memory");
         goto out;
     }
-    int r = train_predict_features(m, d, split, features, lg[0], lg[1]);
+    int r = train_predict_features(m, d, split, features, label_index, lg[0], lg[1]);
     if (r != 0) {
         snprintf(err, errlen, "prediction failed (nn error %d)", r);
         goto out;
@@ -528,9 +585,9 @@ out:
 
 /* ---- calibration and thresholds -------------------------------------------------- */
 
-int train_calibrate(nn_model *m, const struct train_dataset *d, const float *features, float sens,
-                    float thr[2][TRAIN_LABELS], struct train_reliability *rel, unsigned *fitted,
-                    char *t_desc, size_t tn)
+int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,
+                    const float *features, float sens, float thr[2][TRAIN_LABELS],
+                    struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn)
 {
     size_t N = d->nslices;
     float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
@@ -540,7 +597,8 @@ int train_calibrate(nn_model *m, const struct train_dataset *d, const float *fea
     unsigned char *y = malloc((size_t)d->nseries + 1);
     int rc = -1;
     if (!lg[0] || !lg[1] || !z || !pr || !y) goto out;
-    if (train_predict_features(m, d, TRAIN_SPLIT_VAL, features, lg[0], lg[1]) != 0) goto out;
+    if (train_predict_features(m, d, TRAIN_SPLIT_VAL, features, label_index, lg[0], lg[1]) != 0)
+        goto out;
     int off = 0;
     memset(rel, 0, sizeof *rel);
     if (fitted) *fitted = 0;
@@ -588,7 +646,7 @@ int train_calibrate(nn_model *m, const struct train_dataset *d, const float *fea
             thr[mo][l] = train_threshold_for_sensitivity(pr, y, n, sens) * 0.9999f;
         }
         if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
-        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, T, TRAIN_LABELS) != 0) goto out;
+        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, label_index, T) != 0) goto out;
         off +=
             snprintf(t_desc + off, tn - (size_t)off, "%s%s=", mo ? ";" : "", mo ? "lrcn" : "cnn");
         for (int l = 0; l < TRAIN_LABELS && (size_t)off < tn; l++)

@@ -88,7 +88,30 @@ const struct train_dataset *train_dataset_for_model(const struct triage_model *t
 void train_model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LABELS])
 {
     memcpy(thr[1], tm->thresholds, sizeof thr[1]);
-    train_floats_parse(nn_model_meta_get(tm->nn, "cnn_thresholds"), thr[0], TRAIN_LABELS, 0.5f);
+    /* triage_model_load has checked that the outputs are at most NN_MAX_LABELS */
+    float all[NN_MAX_LABELS];
+    train_floats_parse(nn_model_meta_get(tm->nn, "cnn_thresholds"), all,
+                       nn_model_config(tm->nn)->labels, 0.5f);
+    for (int l = 0; l < TRAIN_LABELS; l++)
+        thr[0][l] = all[tm->label_index[l]];
+}
+
+int train_model_thresholds_set(nn_model *m, const int *label_index,
+                               const float thr[2][TRAIN_LABELS])
+{
+    static const char *const key[2] = {"cnn_thresholds", "thresholds"};
+    int nout = nn_model_config(m)->labels;
+    if (nout < TRAIN_LABELS || nout > NN_MAX_LABELS) return -1;
+    for (int mo = 0; mo < 2; mo++) {
+        float all[NN_MAX_LABELS];
+        char buf[NN_MAX_LABELS * 16];
+        train_floats_parse(nn_model_meta_get(m, key[mo]), all, nout, 0.5f);
+        for (int l = 0; l < TRAIN_LABELS; l++)
+            all[label_index ? label_index[l] : l] = thr[mo][l];
+        train_floats_format(buf, sizeof buf, all, nout);
+        if (nn_model_meta_set(m, key[mo], buf) != 0) return -1;
+    }
+    return 0;
 }
 
 /* store.dir: its frozen test patients are in the test split of --split,
@@ -141,7 +164,8 @@ static int compare_with(const char *other_path, const char *device, const struct
     float *pb = malloc((size_t)(d->nseries ? d->nseries : 1) * sizeof *pb);
     if (!oe || !pb) {
         snprintf(err, errlen, "out of memory");
-    } else if (train_evaluate_scores(om.nn, dd, split, thr, oe, pb, NULL, e2, sizeof e2) != 0) {
+    } else if (train_evaluate_scores(om.nn, om.label_index, dd, split, thr, oe, pb, NULL, e2,
+                                     sizeof e2) != 0) {
         snprintf(err, errlen, "%s: %s", other_path, e2);
     } else {
         train_auc_paired(pa, pb, ya, (size_t)e->nseries, &e->cmp.auc);
@@ -268,7 +292,8 @@ int train_eval_main(int argc, char **argv)
         snprintf(desc + off, sizeof desc - (size_t)off, " (split %d of seed %llu)", split,
                  (unsigned long long)seed);
     }
-    if (train_evaluate_scores(tm.nn, &d, split, thr, e, pa, ya, err, sizeof err) != 0) {
+    if (train_evaluate_scores(tm.nn, tm.label_index, &d, split, thr, e, pa, ya, err, sizeof err) !=
+        0) {
         fprintf(stderr, "ichtriage eval: %s\n", err);
         goto out;
     }

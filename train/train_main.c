@@ -26,6 +26,9 @@
 
 #define MAX_DATA 16
 
+/* The "labels" of every model the trainer makes: its outputs in our order. */
+#define OUR_LABELS "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural"
+
 struct opts {
     const char *data[MAX_DATA];
     int ndata;
@@ -600,7 +603,8 @@ static int validate(nn_model *m, const struct train_dataset *d, const float *fea
             thr[i][l] = 0.5f;
     struct train_eval *e = malloc(sizeof *e);
     char err[256];
-    if (!e || train_evaluate_features(m, d, TRAIN_SPLIT_VAL, feat, thr, e, err, sizeof err) != 0) {
+    if (!e ||
+        train_evaluate_features(m, NULL, d, TRAIN_SPLIT_VAL, feat, thr, e, err, sizeof err) != 0) {
         free(e);
         return -1;
     }
@@ -1138,6 +1142,40 @@ static void set_preprocessing(nn_model *m, bool crop_head, const char *from)
     nn_model_meta_set(m, "preprocessing", buf);
 }
 
+/* An --init file, its outputs in our label order: one whose "labels" name
+ * them in another order (made in PyTorch, say) has the rows of its last
+ * layers put in ours, so that each is copied to the output it belongs to. */
+static nn_model *init_load(const char *path, char *err, size_t errlen)
+{
+    nn_model *src = nn_model_load(path, err, errlen);
+    const char *labels = src ? nn_model_meta_get(src, "labels") : NULL;
+    if (!labels || strcmp(labels, OUR_LABELS) == 0) return src;
+    char e[512], named[160];
+    snprintf(named, sizeof named, "%s", labels);
+    nn_model_free(src);
+    struct triage_model tm; /* for its label_index */
+    if (triage_model_load(&tm, path, e, sizeof e) != 0) {
+        snprintf(err, errlen, "--init: outputs labelled \"%s\": %s", named, e);
+        return NULL;
+    }
+    /* With another number of outputs the last layers have other shapes and
+     * are not copied. */
+    int rc = nn_model_config(tm.nn)->labels == TRAIN_LABELS
+                 ? train_outputs_reorder(tm.nn, tm.label_index)
+                 : 0;
+    if (rc != 0) {
+        snprintf(err, errlen, "--init %s: cannot put its outputs in our order (nn error %d)", path,
+                 rc);
+        triage_model_free(&tm);
+        return NULL;
+    }
+    char safe[256];
+    util_log(UTIL_LOG_INFO, "train_init_labels", "file=%s labels=\"%s\" outputs=%d reordered=%s",
+             path, util_log_safe(safe, sizeof safe, named), nn_model_config(tm.nn)->labels,
+             nn_model_config(tm.nn)->labels == TRAIN_LABELS ? "yes" : "no");
+    return tm.nn; /* the model is all that is kept of it */
+}
+
 static nn_model *start_model(const struct opts *o, const struct triage_windows *w, char *err,
                              size_t errlen)
 {
@@ -1150,7 +1188,7 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
     nn_model *m = nn_model_create(&cfg, err, errlen);
     if (!m) return NULL;
     if (o->init) {
-        nn_model *src = nn_model_load(o->init, err, errlen);
+        nn_model *src = init_load(o->init, err, errlen);
         if (!src) {
             nn_model_free(m);
             return NULL;
@@ -1205,8 +1243,7 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
         nn_model_meta_set(m, "context", buf);
     }
     nn_model_meta_set(m, "format", "ichtriage-lrcn-1");
-    nn_model_meta_set(m, "labels",
-                      "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
+    nn_model_meta_set(m, "labels", OUR_LABELS);
     nn_model_meta_set(m, "thresholds", "0.5,0.5,0.5,0.5,0.5,0.5");
     set_preprocessing(m, o->crop_head, nn_model_meta_get(m, "preprocessing"));
     return m;
@@ -1241,8 +1278,8 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
     if (!od) {
         util_log(UTIL_LOG_WARN, "model_compare", "reason=other_input_or_windows promote=no");
     } else if (old && old_p &&
-               train_evaluate_scores(tm.nn, od, split, thr, old, old_p, NULL, err, sizeof err) ==
-                   0) {
+               train_evaluate_scores(tm.nn, tm.label_index, od, split, thr, old, old_p, NULL, err,
+                                     sizeof err) == 0) {
         const struct train_binary *a = &mine->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         const struct train_binary *b = &old->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         struct train_auc_diff dd;
@@ -1498,6 +1535,19 @@ int train_train_main(int argc, char **argv)
             triage_model_free(&ck);
             goto out;
         }
+        /* Training writes our label order into every checkpoint; one in
+         * another order was not made by it, and its optimizer state (kept
+         * per weight) could not follow a reordering. */
+        const char *labels = nn_model_meta_get(ck.nn, "labels");
+        if (strcmp(labels, OUR_LABELS) != 0) {
+            fprintf(stderr,
+                    "ichtriage train: checkpoint %s: its outputs are labelled \"%s\", not "
+                    "\"%s\" as training makes them; it was not made by ichtriage train: use "
+                    "another --workdir (or start from it with --init)\n",
+                    last, labels, OUR_LABELS);
+            triage_model_free(&ck);
+            goto out;
+        }
         m = ck.nn; /* the model is all that is kept of it */
         if (triage_nn_device(m, device, err, sizeof err) != 0) {
             fprintf(stderr, "ichtriage train: checkpoint %s: %s\n", last, err);
@@ -1660,7 +1710,8 @@ int train_train_main(int argc, char **argv)
     char tdesc[512];
     /* feat: the validation features of stage 2 (the CNN is frozen), or NULL
      * when a resumed run did not get to stage 2 here. */
-    if (train_calibrate(m, &d, feat, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc) != 0) {
+    if (train_calibrate(m, NULL, &d, feat, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc) !=
+        0) {
         fprintf(stderr, "ichtriage train: calibration failed\n");
         goto out;
     }
@@ -1670,7 +1721,7 @@ int train_train_main(int argc, char **argv)
     scores = malloc((size_t)(d.nseries ? d.nseries : 1) * sizeof *scores);
     score_y = malloc((size_t)(d.nseries ? d.nseries : 1));
     if (!ev || !scores || !score_y ||
-        train_evaluate_scores(m, &d, split, thr, ev, scores, score_y, err, sizeof err) != 0) {
+        train_evaluate_scores(m, NULL, &d, split, thr, ev, scores, score_y, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage train: evaluation: %s\n", err);
         goto out;
     }
@@ -1682,17 +1733,13 @@ int train_train_main(int argc, char **argv)
     nn_model_meta_set(m, "format", "ichtriage-lrcn-1");
     snprintf(buf, sizeof buf, "%dx%dx%d", nn_model_config(m)->in_c, d.h, d.w);
     nn_model_meta_set(m, "input", buf);
-    nn_model_meta_set(m, "labels",
-                      "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural");
+    nn_model_meta_set(m, "labels", OUR_LABELS);
     int off = 0;
     for (int i = 0; i < win.n; i++)
         off += snprintf(buf + off, sizeof buf - (size_t)off, "%s%g/%g", i ? "," : "", win.center[i],
                         win.width[i]);
     nn_model_meta_set(m, "windows", buf);
-    train_floats_format(buf, sizeof buf, thr[TRAIN_MODEL_LRCN], TRAIN_LABELS);
-    nn_model_meta_set(m, "thresholds", buf);
-    train_floats_format(buf, sizeof buf, thr[TRAIN_MODEL_CNN], TRAIN_LABELS);
-    nn_model_meta_set(m, "cnn_thresholds", buf);
+    train_model_thresholds_set(m, NULL, thr);
     snprintf(buf, sizeof buf, "study-level sensitivity %.3f on validation", o.sensitivity);
     nn_model_meta_set(m, "threshold_rule", buf);
     set_preprocessing(m, o.crop_head, nn_model_meta_get(m, "preprocessing"));

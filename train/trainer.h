@@ -57,18 +57,27 @@ void train_augment_apply(const struct train_augment *a, const struct train_affin
 void train_augment_cells(const struct train_affine *t, const uint8_t *mask, int h, int w,
                          uint8_t *cells, int gh, int gw);
 
+/* A model's outputs need not be in our label order (train_label_names):
+ * its "labels" metadata names them in its own, as a model made in PyTorch
+ * may, and triage_model_load maps them by name into a label_index (our
+ * label l is output label_index[l]). Every function here that reads a
+ * model's outputs, or changes its last layers, takes that label_index; NULL
+ * is outputs 0..5 in our order, as the trainer makes its models. */
+
 /* Logits of every slice of the series of split (-1: all): the stage-1 head
- * (CNN alone) and the LRCN, each [nslices of the dataset, TRAIN_LABELS],
- * rows of other splits left untouched. Either output may be NULL. Runs in
- * eval mode. Returns 0 or a negative NN_E* code. */
+ * (CNN alone) and the LRCN, each [nslices of the dataset, TRAIN_LABELS] in
+ * our label order, rows of other splits left untouched. Either output may
+ * be NULL. Runs in eval mode. Returns 0 or a negative NN_E* code. */
 int train_predict(nn_model *m, const struct train_dataset *d, int split, float *cnn_logits,
                   float *lrcn_logits);
 
-/* The same from CNN features already computed for those series (features
- * [nslices, feature_size], as train_features writes them; NULL: computed
- * here). A frozen CNN's features do not change, so stage 2 computes them once. */
+/* The same for a model with label_index, from CNN features already
+ * computed for those series (features [nslices, feature_size], as
+ * train_features writes them; NULL: computed here). A frozen CNN's features
+ * do not change, so stage 2 computes them once. */
 int train_predict_features(nn_model *m, const struct train_dataset *d, int split,
-                           const float *features, float *cnn_logits, float *lrcn_logits);
+                           const float *features, const int *label_index, float *cnn_logits,
+                           float *lrcn_logits);
 
 /* CNN features of the series of split into feat [nslices, feature_size]. */
 int train_features(nn_model *m, const struct train_dataset *d, int split, float *feat);
@@ -106,8 +115,16 @@ int train_cnn_logits(nn_model *m, const struct train_dataset *d, const size_t *i
                      float *logits);
 
 /* Divides the last linear layer of the LRCN ("out") or of the stage-1 head
- * by per-label temperatures: calibrated logits without a change of format. */
-int train_fold_temperature(nn_model *m, int cnn_head, const float *t, int labels);
+ * by per-label temperatures t (in our label order; the row of each is the
+ * model's output label_index[l]; other outputs are left): calibrated logits
+ * without a change of format. */
+int train_fold_temperature(nn_model *m, int cnn_head, const int *label_index, const float *t);
+
+/* Puts the outputs of a model of TRAIN_LABELS outputs in our label order:
+ * the rows of both heads' last layers, so that output l becomes the one
+ * label_index[l] was. Its metadata ("labels", "thresholds") is the caller's.
+ * Returns 0 or a negative NN_E* code (NN_EINVAL: another number of outputs). */
+int train_outputs_reorder(nn_model *m, const int *label_index);
 
 /* ---- evaluation ------------------------------------------------------------ */
 enum { TRAIN_LEVEL_SLICE = 0, TRAIN_LEVEL_STUDY = 1 };
@@ -135,22 +152,24 @@ struct train_eval {
     } cmp;
 };
 
-/* Evaluates m on the series of split (-1: all) of d with per-model
- * thresholds [2][TRAIN_LABELS]. Returns 0 or -1 with a message. */
-int train_evaluate(nn_model *m, const struct train_dataset *d, int split,
+/* Evaluates m (outputs as label_index says) on the series of split (-1:
+ * all) of d with per-model thresholds [2][TRAIN_LABELS] in our label order.
+ * Returns 0 or -1 with a message. */
+int train_evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *out, char *err,
                    size_t errlen);
 
 /* train_evaluate, and the LRCN's study-level probability of "any" and its
  * label per series of the split, in dataset order, into study_any and
  * study_y (each may be NULL; room for e->nseries, at most d->nseries). */
-int train_evaluate_scores(nn_model *m, const struct train_dataset *d, int split,
-                          const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
+int train_evaluate_scores(nn_model *m, const int *label_index, const struct train_dataset *d,
+                          int split, const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
                           float *study_any, unsigned char *study_y, char *err, size_t errlen);
 
-int train_evaluate_features(nn_model *m, const struct train_dataset *d, int split,
-                            const float *features, const float thresholds[2][TRAIN_LABELS],
-                            struct train_eval *out, char *err, size_t errlen);
+int train_evaluate_features(nn_model *m, const int *label_index, const struct train_dataset *d,
+                            int split, const float *features,
+                            const float thresholds[2][TRAIN_LABELS], struct train_eval *out,
+                            char *err, size_t errlen);
 
 /* Stage 1's validation sample: the slices of validation series with slice
  * labels (out holds d->nslices), or want of them drawn with seed (the same
@@ -183,15 +202,16 @@ struct train_reliability {
 /* Calibration on the validation series of d (their CNN features, as
  * train_features writes them, or NULL: computed here): per label and for the CNN
  * head and the LRCN, a temperature fitted to the study-level maxima (folded
- * into m's last layers) and the highest threshold whose study-level
- * sensitivity is at least sens, into thr [model][label]. rel gets the
+ * into m's last layers, at the outputs label_index names) and the highest
+ * threshold whose study-level sensitivity is at least sens, into thr
+ * [model][label] in our label order. rel gets the
  * reliability diagram of "any" (LRCN) before and after. fitted (may be
  * NULL) gets a bit per label that had positive and negative studies; the
  * others keep temperature 1 and get threshold 0.5. t_desc gets the
  * temperatures as text. Returns 0 or -1. */
-int train_calibrate(nn_model *m, const struct train_dataset *d, const float *features, float sens,
-                    float thr[2][TRAIN_LABELS], struct train_reliability *rel, unsigned *fitted,
-                    char *t_desc, size_t tn);
+int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,
+                    const float *features, float sens, float thr[2][TRAIN_LABELS],
+                    struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn);
 
 /* The self-contained HTML report (inline SVG) and the metrics JSON.
  * history may be NULL (eval). Returns 0 or -1 with a message. */
@@ -227,9 +247,14 @@ int train_model_fits(const struct triage_model *tm, const struct train_dataset *
 const struct train_dataset *train_dataset_for_model(const struct triage_model *tm,
                                                     const struct train_dataset *d,
                                                     struct train_dataset *view);
-/* tm's thresholds per label: [0] the CNN alone's ("cnn_thresholds", 0.5
- * where absent), [1] the LRCN's. */
+/* tm's thresholds per label, in our label order: [0] the CNN alone's
+ * ("cnn_thresholds", 0.5 where absent), [1] the LRCN's. */
 void train_model_thresholds(const struct triage_model *tm, float thr[2][TRAIN_LABELS]);
+/* The reverse: thr (our label order) into m's "cnn_thresholds" and
+ * "thresholds", each in the model's output order (label_index as above);
+ * an output that is none of our labels keeps its value. Returns 0 or -1. */
+int train_model_thresholds_set(nn_model *m, const int *label_index,
+                               const float thr[2][TRAIN_LABELS]);
 
 /* Subcommands. */
 int train_train_main(int argc, char **argv);

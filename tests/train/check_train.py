@@ -15,6 +15,8 @@ on 2 cores.
 - `calibrate` re-picks temperatures and thresholds on another set: the
   sensitivity asked for holds there, the ranking and all but the last
   layers are unchanged, and a set without positives is refused;
+- a model whose outputs are in another label order ("labels" says which)
+  gives the same eval figures, calibrated predictions and --init weights;
 - bad data folders fail with a message that says what is wrong;
 - `model register|promote|list|rollback` manage <store.dir>/models.
 
@@ -108,6 +110,52 @@ def with_metadata(src, dst, key, value):
     raw += b" " * (-len(raw) % 8)
     with open(dst, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw + rest)
+
+
+def outputs_rotated(src, dst):
+    """A copy of the model file src with its outputs in another order (each
+    moved one place on, "any" last) and its "labels" and thresholds saying
+    so: the same model to anything that reads its outputs by name, as a
+    model made in PyTorch may be."""
+    with open(src, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(n))
+        data = bytearray(f.read())
+    meta = head["__metadata__"]
+    k = len(meta["labels"].split(","))
+    order = list(range(1, k)) + [0]  # new output i is old output order[i]
+    layers = [x for x in head if x.startswith("cnn.classifier.") and x.endswith(".weight")]
+    last = max(layers, key=lambda x: int(x.split(".")[2]))[:-len(".weight")]
+    for name in ("out.weight", "out.bias", last + ".weight", last + ".bias"):
+        assert head[name]["shape"][0] == k
+        a, b = head[name]["data_offsets"]
+        row, old = (b - a) // k, bytes(data[a:b])
+        data[a:b] = b"".join(old[i * row:(i + 1) * row] for i in order)
+    for key in ("labels", "thresholds", "cnn_thresholds"):
+        if key in meta:
+            v = meta[key].split(",")
+            meta[key] = ",".join(v[i] for i in order)
+    raw = json.dumps(head).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dst, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + bytes(data))
+
+
+def by_label(path, key):
+    """A model file's per-output metadata value key as {label: float}."""
+    m = metadata(path)
+    return dict(zip(m["labels"].split(","), map(float, m[key].split(","))))
+
+
+def close(a, b, tol=1e-5):
+    """The same JSON-like figures within tol."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return abs(a - b) <= tol or (math.isnan(a) and math.isnan(b))
+    return a == b
 
 
 def main():
@@ -514,6 +562,73 @@ def main():
           r.stderr.strip()[-200:])
     r = run("calibrate", out, cal)
     check(r.returncode == 2 and "--out" in r.stderr, "calibrate without --out: usage error")
+
+    # 4c. The same model with its outputs in another order, its "labels"
+    # saying which: eval, eval --compare, calibrate and train --init read each
+    # output by its name, as the node does (they had read them in our order:
+    # other figures, and thresholds and temperatures put on other labels'
+    # outputs); a checkpoint in another order is refused, not resumed.
+    rot = os.path.join(tmp, "rot.safetensors")
+    outputs_rotated(out, rot)
+    lv = {}
+    for name, model in (("same", out), ("rot", rot)):
+        js_o = os.path.join(tmp, name + "-eval.json")
+        r = run("eval", model, cal, "--report", os.path.join(tmp, name + "-eval.html"),
+                "--json", js_o)
+        lv[name] = json.load(open(js_o))["levels"] if r.returncode == 0 else None
+    ls, lr = (lv[k] and lv[k]["study"]["lrcn"]["any"] for k in ("same", "rot"))
+    check(lv["same"] is not None and close(lv["same"], lv["rot"]),
+          "eval of the model with rotated outputs: the same figures for every label, level and "
+          "model (study AUC of any %s, sensitivity %s, specificity %s; as stored: %s, %s, %s)" % (
+              lr and lr["auc"], lr and lr["sensitivity"], lr and lr["specificity"],
+              ls and ls["auc"], ls and ls["sensitivity"], ls and ls["specificity"]))
+    r = run("eval", out, cal, "--compare", rot, "--json", js_c, "--report", html_c)
+    c = (json.load(open(js_c)).get("compare") or {}) if r.returncode == 0 else {}
+    check(c.get("difference") is not None and abs(c["difference"]) < 1e-6
+          and ls and abs(c["other_sensitivity"] - ls["sensitivity"]) < 1e-6,
+          "eval --compare of the model with its rotated self: no difference: %s" % c)
+    for name, model in (("same", out), ("rot", rot)):
+        r = run("calibrate", model, cal, "-o", os.path.join(tmp, name + "-cal.safetensors"),
+                "--threads", "2", "--report", os.path.join(tmp, name + "-cal.html"),
+                "--json", os.path.join(tmp, name + "-cal.json"))
+        check(r.returncode == 0, "calibrate %s exits 0: %s" % (name, r.stderr[-200:]))
+    cal_s, cal_r = (os.path.join(tmp, k + "-cal.safetensors") for k in ("same", "rot"))
+    check(metadata(cal_r)["labels"] == metadata(rot)["labels"]
+          and all(close(by_label(cal_s, k), by_label(cal_r, k)) for k in
+                  ("thresholds", "cnn_thresholds")),
+          "calibrated, the rotated model keeps its order and stores each label's thresholds at "
+          "its own output: %s against %s" % (by_label(cal_r, "thresholds"),
+                                              by_label(cal_s, "thresholds")))
+    rows = {}
+    for name, model in (("same", cal_s), ("rot", cal_r)):
+        r = run("predict", "-c", "/dev/null", "--set", "triage.model=" + model, "--json", data)
+        rows[name] = [(x["study_uid"], x["flagged"], x["probability"], x["subtypes"])
+                      for x in json.loads(r.stdout)] if r.returncode == 0 else None
+    check(rows["same"] and close(rows["same"], rows["rot"]),
+          "the two calibrated models predict alike: %s of %s flagged against %s" % (
+              sum(x[1] for x in rows["rot"] or []), len(rows["rot"] or []),
+              sum(x[1] for x in rows["same"] or [])))
+    # --init from it: the rows of its last layers go to the outputs they
+    # belong to, so that the run starts from the very weights --init of the
+    # model in our order gives.
+    inits = {}
+    for name, model in (("same", out), ("rot", rot)):
+        inits[name] = os.path.join(tmp, name + "-init.safetensors")
+        r = run(*train_args(data, inits[name], os.path.join(tmp, name + "-init.work"),
+                            epochs1=0, epochs2=0), "--init", model)
+        check(r.returncode == 0 and (name == "same") != ("event=train_init_labels" in r.stderr),
+              "--init %s, no epochs: %s" % (name, r.stderr[-300:]))
+    check(os.path.exists(inits["rot"]) and weights(inits["same"]) == weights(inits["rot"])
+          and metadata(inits["rot"])["labels"] == metadata(out)["labels"],
+          "--init from the rotated model: the same weights as from the model itself, in our order")
+    # That run's checkpoint turned round: refused with a reason.
+    work_r = os.path.join(tmp, "rot-init.work")
+    last = os.path.join(work_r, "last.safetensors")
+    outputs_rotated(last, last)
+    r = run(*train_args(data, inits["rot"], work_r, epochs1=0, epochs2=0), "--init", rot)
+    check(r.returncode == 1 and "not made by ichtriage train" in r.stderr,
+          "a checkpoint with its outputs in another order is not resumed: "
+          + r.stderr.strip()[-240:])
     r = run("train", data, "-o", os.path.join(tmp, "x.safetensors"), "--val-slices", "-5")
     check(r.returncode == 2 and "out of range" in r.stderr
           and not os.path.exists(os.path.join(tmp, "x.safetensors")),

@@ -442,8 +442,8 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
     for (size_t i = 0; i < n * 6; i++)
         cr_assert_float_eq(a[i], b[i], 1e-4);
     float T[6] = {2, 1, 1, 1, 1, 4};
-    cr_assert_eq(train_fold_temperature(m, 1, T, 6), 0);
-    cr_assert_eq(train_fold_temperature(m, 0, T, 6), 0);
+    cr_assert_eq(train_fold_temperature(m, 1, NULL, T), 0);
+    cr_assert_eq(train_fold_temperature(m, 0, NULL, T), 0);
     float *a2 = malloc(n * 6 * sizeof(float)), *l2 = malloc(n * 6 * sizeof(float));
     cr_assert_eq(train_predict(m, &d, -1, a2, l2), 0);
     for (size_t i = 0; i < n * 6; i++) {
@@ -453,6 +453,48 @@ Test(predict, head_from_features_matches_nn_and_temperature_folds)
     free(a), free(b), free(l), free(x), free(a2), free(l2);
     train_dataset_free(&d);
     nn_model_free(m);
+}
+
+/* A model whose outputs are in another order than our labels: with its
+ * label_index every prediction comes out in our order, and a temperature
+ * goes to the output of its label; train_outputs_reorder puts the outputs
+ * back in ours. */
+Test(predict, outputs_in_another_order_read_by_label_index)
+{
+    nn_model *m = tiny_model(), *p = tiny_model();
+    struct train_dataset d;
+    fake_dataset(&d, 2);
+    random_pixels(&d, 5);
+    size_t n = d.nslices;
+    /* p's output k is m's output rot[k]: each label one place on, "any" last */
+    const int rot[TRAIN_LABELS] = {1, 2, 3, 4, 5, 0},
+              label_index[TRAIN_LABELS] = {5, 0, 1, 2, 3, 4};
+    cr_assert_eq(train_outputs_reorder(p, rot), 0);
+    float *a = malloc(n * 6 * sizeof(float)), *l = malloc(n * 6 * sizeof(float));
+    float *a2 = malloc(n * 6 * sizeof(float)), *l2 = malloc(n * 6 * sizeof(float));
+    cr_assert_eq(train_predict(m, &d, -1, a, l), 0);
+    cr_assert_eq(train_predict(p, &d, -1, a2, l2), 0);
+    cr_assert(fabsf(a2[0] - a[1]) < 1e-5f && fabsf(l2[5] - l[0]) < 1e-5f, "the outputs moved");
+    cr_assert_eq(train_predict_features(p, &d, -1, NULL, label_index, a2, l2), 0);
+    for (size_t i = 0; i < n * 6; i++) {
+        cr_assert_float_eq(a2[i], a[i], 1e-5);
+        cr_assert_float_eq(l2[i], l[i], 1e-5);
+    }
+    float T[6] = {2, 1, 1, 1, 1, 4};
+    cr_assert_eq(train_fold_temperature(p, 1, label_index, T), 0);
+    cr_assert_eq(train_fold_temperature(p, 0, label_index, T), 0);
+    cr_assert_eq(train_predict_features(p, &d, -1, NULL, label_index, a2, l2), 0);
+    for (size_t i = 0; i < n * 6; i++) {
+        cr_assert_float_eq(a2[i], a[i] / T[i % 6], 1e-4);
+        cr_assert_float_eq(l2[i], l[i] / T[i % 6], 1e-4);
+    }
+    cr_assert_eq(train_outputs_reorder(p, label_index), 0);
+    cr_assert_eq(train_predict(p, &d, -1, a2, l2), 0);
+    for (size_t i = 0; i < n * 6; i++)
+        cr_assert_float_eq(l2[i], l[i] / T[i % 6], 1e-4);
+    free(a), free(l), free(a2), free(l2);
+    train_dataset_free(&d);
+    nn_model_free(m), nn_model_free(p);
 }
 
 /* Neighbouring slices as channels ("context"): each slice's input is the
@@ -719,7 +761,8 @@ Test(val_sample, seeded_subset_of_labelled_validation_slices)
         thr[i / TRAIN_LABELS][i % TRAIN_LABELS] = 0.5f; /* as stage 1's validation */
     struct train_eval *e = malloc(sizeof *e);
     char err[256];
-    cr_assert_eq(train_evaluate(m, &d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(train_evaluate(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err), 0, "%s",
+                 err);
     struct train_binary r[TRAIN_LABELS];
     double wl;
     cr_assert_eq(train_evaluate_slices(m, &d, all, labelled, r, &wl), 0);
@@ -753,7 +796,7 @@ Test(calibrate, study_labelled_series_count)
     struct train_reliability rel;
     unsigned fitted = 0;
     char t[256];
-    cr_assert_eq(train_calibrate(m, &d, NULL, 0.95f, thr, &rel, &fitted, t, sizeof t), 0);
+    cr_assert_eq(train_calibrate(m, NULL, &d, NULL, 0.95f, thr, &rel, &fitted, t, sizeof t), 0);
     cr_assert(fitted & 1u, "\"any\" fitted on study-labelled series (mask %x)", fitted);
     cr_assert_eq(fitted & ~1u, 0, "the subtypes have no positive study here");
     int n = 0;
