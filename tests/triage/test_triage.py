@@ -40,6 +40,26 @@ def phantom(exe, out, seed, slices=12, size=128, count=1, extra=()):
     return {k: [f for _, f in sorted(v)] for k, v in studies.items()}
 
 
+def another_series(files, out, pixels):
+    """The slices of files as another series of the same study (new series
+    and SOP instance UIDs, series number 3), each one's pixel array passed
+    through pixels(); written to out/sNN.dcm. (series uid, files)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    os.makedirs(out, exist_ok=True)
+    series, made = generate_uid(), []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = 3
+        ds.PixelData = pixels(ds.pixel_array).tobytes()
+        made.append(os.path.join(out, "s%02d.dcm" % i))
+        ds.save_as(made[-1])
+    return series, made
+
+
 class TriageTest(itest.NodeTest):
     def setUp(self):
         super().setUp()
@@ -544,22 +564,10 @@ class TriageTest(itest.NodeTest):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=21)
         (study, files), = studies.items()
-        import pydicom
-        from pydicom.uid import generate_uid
         # A second, "thin" series of the same study: the same slices under new UIDs
         # and flipped left-right, so the model gives it another probability.
-        thin_uid, thin = generate_uid(), []
-        for i, f in enumerate(files):
-            ds = pydicom.dcmread(f)
-            ds.SeriesInstanceUID = thin_uid
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.SeriesNumber = 3
-            arr = ds.pixel_array[:, ::-1].copy()
-            ds.PixelData = arr.tobytes()
-            out = os.path.join(self.work, "thin%02d.dcm" % i)
-            ds.save_as(out)
-            thin.append(out)
+        thin_uid, thin = another_series(files, os.path.join(self.work, "thin"),
+                                        lambda a: a[:, ::-1].copy())
         self.send(node, files + thin)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -11,6 +11,8 @@ Chromium is not installed. test_page_firefox.py runs the same in Firefox.
     python3 test_page.py ICHTRIAGE MAKE_TEST_MODEL"""
 import json
 import os
+import subprocess
+import time
 
 import cdp
 import webtest as wt
@@ -213,6 +215,79 @@ class PageTest(wt.WebTest):
         self.open_study(a)
         self.assertEqual(b.eval(self.FORM), ["", [], "", False])
         self.assertEqual(b.dialogs(), [])
+
+    @staticmethod
+    def series_of(path):
+        import pydicom
+        return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+    def predict(self, paths):
+        """{series_uid: p_any} from `ichtriage predict` with the node's model."""
+        p = subprocess.run([wt.itest.EXE, "predict", "-c", "/dev/null", "--set",
+                            "triage.model=" + self.make_model(), "--json"] + paths,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
+        return {r["series_uid"]: r["probability"] for r in json.loads(p.stdout)}
+
+    def figures(self):
+        """(sop/frame of each key slice image, its caption) as the page shows them."""
+        return self.browser.eval(
+            "[...document.querySelectorAll('#slices figure')].map(f => ["
+            " decodeURIComponent(f.querySelector('img').getAttribute('src').split('/slices/')[1])"
+            "  .replace('.png?frame=', '/'),"
+            " f.querySelector('figcaption').textContent])")
+
+    def test_key_slices_follow_the_result_series(self):
+        """An open study whose result moves to another series (another
+        reconstruction, with a higher p(ICH)) shows that series' key slices,
+        and a slice marked on the old series is no longer marked: the page
+        had kept the old images, captions and boxes (the count of key
+        slices was the same), and a tick would mark an old slice."""
+        node = self.web_node()
+        (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=39).items()
+        # Another series of the study, its slices all air, so that the model
+        # gives it another probability (the test model's random weights
+        # barely tell a flipped or brightened copy from the original).
+        air_series, air = wt.test_triage.another_series(files, os.path.join(self.work, "air"),
+                                                        lambda a: a * 0)
+        series = {self.series_of(files[0]): files, air_series: air}
+        p = self.predict([os.path.join(self.work, "ph"), os.path.join(self.work, "air")])
+        self.assertEqual(set(p), set(series))
+        # The lower one first: the higher one, second, becomes the result.
+        first, second = sorted(series, key=p.get)
+        self.assertGreater(p[second] - p[first], 1e-5, p)
+        self.send(node, series[first])
+        self.wait_rows(node, [uid])
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        self.open_study(uid)
+        old = self.get_json(node, "/api/studies/" + uid)
+        self.assertEqual(old["series_uid"], first)
+        b.wait("document.querySelectorAll('#slices figure').length === 3")
+        b.click("#slices input[name=mark]")
+        b.wait("document.querySelectorAll('#strip .mark-tick').length === 1")
+
+        self.send(node, series[second])
+        deadline = time.monotonic() + 40
+        while self.get_json(node, "/api/studies/" + uid)["series_uid"] != second:
+            self.assertLess(time.monotonic(), deadline, node.log_tail())
+            time.sleep(0.2)
+        b.wait("document.getElementById('details').innerText.includes(%s)" % json.dumps(second),
+               20)
+        st = self.get_json(node, "/api/studies/" + uid)
+        by_key = {"%s/%d" % (s["sop_uid"], s["frame"]): s for s in st["slice_probabilities"]}
+        shown = self.figures()
+        self.assertEqual(len(shown), 3)
+        self.assertEqual([k for k, _ in shown if k not in by_key], [],
+                         "key slices not of the result's series shown")
+        for key, caption in shown:
+            self.assertTrue(caption.endswith("slice %d: %.0f%%" % (by_key[key]["index"] + 1,
+                                                                   100 * by_key[key]["any"])),
+                            caption)
+        self.assertEqual(shown[0][0], "%s/0" % st["key_sop_uid"])
+        self.assertEqual(b.eval("state.marks.size"), 0)
+        self.assertTrue(b.eval("document.getElementById('marks-line').textContent")
+                        .startswith("No slice marked"))
+        self.assertEqual(b.console_errors(), [])
 
     def test_node_restart_under_open_page(self):
         """The node restarts (a new CSRF token) under an open page: a study

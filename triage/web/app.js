@@ -357,6 +357,7 @@ async function showStudy(uid, quiet) {
       state.slices = [];
       $("study-flag").hidden = true;
       ["details", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
+      $("slices").__figures = null;
       $("review-form").hidden = true;
     }
     return;
@@ -379,12 +380,21 @@ async function showStudy(uid, quiet) {
   $("details").replaceChildren(...d.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v || "" })]));
   const sl = st.slice_probabilities || [];
   state.slices = sl;
+  // The result may have moved to another series (a reconstruction with a
+  // higher p): a mark on a slice it no longer has would label a slice of
+  // the old series.
+  const current = new Set(sl.map(markKey));
+  for (const k of [...state.marks.keys()]) if (!current.has(k)) state.marks.delete(k);
   const keys = [];
   if (st.key_sop_uid) keys.push(sl.find((s) => s.sop_uid === st.key_sop_uid) || { sop_uid: st.key_sop_uid, frame: 0, index: st.key_index, any: st.probability });
   [...sl].sort((a, b) => b.any - a.any).forEach((s) => {
     if (keys.length < 3 && !keys.some((k) => k.sop_uid === s.sop_uid && k.frame === s.frame)) keys.push(s);
   });
-  if (!quiet || $("slices").children.length !== keys.length) {
+  // Rebuilt when the key slices or their captions change (not on every
+  // quiet reload, which would load the images again).
+  const figures = JSON.stringify([uid, keys.map((s) => [markKey(s), s.index, s.any])]);
+  if (!quiet || $("slices").__figures !== figures) {
+    $("slices").__figures = figures;
     $("slices").replaceChildren(...keys.map((s, i) => {
       const box = el("input", { type: "checkbox", name: "mark", value: markKey(s) });
       box.addEventListener("change", () => toggleMark(s));
