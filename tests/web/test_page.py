@@ -289,6 +289,25 @@ class PageTest(wt.WebTest):
                         .startswith("No slice marked"))
         self.assertEqual(b.console_errors(), [])
 
+    def test_malformed_study_link(self):
+        """A study link that does not decode (a cut "%E0%A4%A") is a study
+        not found, and the list is live when the reader goes back to it: the
+        page had thrown before opening its event stream, and the list stayed
+        empty with no event stream and no banner."""
+        node = self.web_node()
+        uid, files = self.new_study(40)
+        self.send(node, files)
+        self.wait_rows(node, [uid])
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/#/study/%E0%A4%A")
+        b.wait("document.getElementById('study-title').textContent.startsWith('Study not found')")
+        self.assertTrue(b.eval("document.getElementById('review-form').hidden"))
+        b.eval("location.hash = '#/'")
+        b.wait("document.querySelectorAll('#rows tr').length === 1")
+        b.wait("state.events && state.events.readyState === 1")
+        self.assertTrue(b.eval("document.getElementById('offline').hidden"))
+        self.assertEqual(b.console_errors(), [])
+
     def test_node_restart_under_open_page(self):
         """The node restarts (a new CSRF token) under an open page: a study
         stored afterwards appears live, and a review saved from the form is

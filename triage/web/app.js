@@ -343,6 +343,16 @@ function resetReview(uid) {
   $("review-msg").textContent = "";
 }
 
+// Nothing of another study under this title, and no form to review it.
+function studyNotFound(why) {
+  $("study-title").textContent = "Study not found: " + why;
+  state.slices = [];
+  $("study-flag").hidden = true;
+  ["details", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
+  $("slices").__figures = null;
+  $("review-form").hidden = true;
+}
+
 async function showStudy(uid, quiet) {
   if (state.marksFor !== uid) resetReview(uid);
   state.study = uid;
@@ -351,15 +361,8 @@ async function showStudy(uid, quiet) {
     st = await api("/api/studies/" + encodeURIComponent(uid));
   } catch (e) {
     if (state.study !== uid) return;
-    $("study-title").textContent = "Study not found: " + e.message;
-    if (!quiet) {
-      // Nothing of another study under this title, and no form to review it.
-      state.slices = [];
-      $("study-flag").hidden = true;
-      ["details", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
-      $("slices").__figures = null;
-      $("review-form").hidden = true;
-    }
+    if (quiet) $("study-title").textContent = "Study not found: " + e.message;
+    else studyNotFound(e.message);
     return;
   }
   if (state.study !== uid) return;
@@ -458,7 +461,16 @@ function route() {
   $("study-view").hidden = !m;
   if (m) {
     $("review-msg").textContent = "";
-    showStudy(decodeURIComponent(m[1]));
+    let uid;
+    try {
+      uid = decodeURIComponent(m[1]);
+    } catch (e) {
+      // A malformed link (a cut "%E0%A4%A"): no study of that name.
+      state.study = null;
+      studyNotFound("the link is malformed");
+      return;
+    }
+    showStudy(uid);
   } else {
     state.study = null;
   }
@@ -497,8 +509,8 @@ async function start() {
   $("who").textContent = state.session.user;
   $("logout-btn").hidden = !state.session.login;
   alertsButton();
+  listen(); // first: the list is live whatever the route
   route();
-  listen();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
