@@ -338,8 +338,12 @@ static int on_req(h2o_handler_t *self, h2o_req_t *req)
     if (strncmp(path, "/api/", 5) == 0) {
         struct http_who who;
         if (!http_auth_who(h, req, &who)) return http_send_error(req, 401, "login required");
-        if (strcmp(path, "/api/events") == 0)
-            return get ? http_sse_open(h, req, &who) : http_send_error(req, 405, "GET only");
+        if (strcmp(path, "/api/events") == 0) {
+            /* Not HEAD: it would open a stream, and hold its slot, too. */
+            if (http_method_is(req, "GET")) return http_sse_open(h, req, &who);
+            http_add_header(req, "allow", "GET");
+            return http_send_error(req, 405, "GET only");
+        }
         if (post && !http_auth_csrf_ok(req, &who))
             return http_send_error(req, 403, "missing or wrong X-CSRF-Token header");
         return http_api(h, req, &who, path);

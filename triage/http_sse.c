@@ -15,6 +15,11 @@
 
 #define SSE_PENDING_MAX (1 << 20) /* backlog per slow client (one event may be bigger) */
 #define SSE_PING_MS 15000
+/* Streams from one login session (on loopback, one client address), of
+ * HTTP_MAX_SSE: well above a reader's open tabs. A stream whose client went
+ * away stays until a write to it fails (the next ping): one client opening
+ * streams in a loop must not take every slot from the other readers. */
+#define SSE_PER_CLIENT_MAX 16
 /* While streams are open, the degraded states are read again this often:
  * some start or end with no worklist change (a delivery to PACS given up on
  * its own thread, a window of the last hour or day ending). */
@@ -29,6 +34,7 @@ struct http_sse {
     size_t pending_len;
     bool ending;      /* send the final chunk once the write in progress ends */
     char session[65]; /* the login session it belongs to; "" on loopback */
+    char client[65];  /* whose streams count together: the session, else the address */
 };
 
 static void sse_remove(struct http_sse *s)
@@ -397,6 +403,18 @@ static int sse_refuse(struct http_sse *s, h2o_req_t *req)
 int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *who)
 {
     if (h->nsse >= HTTP_MAX_SSE) return http_send_error(req, 503, "too many event streams");
+    char client[sizeof((struct http_sse *)0)->client], peer[64];
+    http_peer(h, req, peer, sizeof peer);
+    snprintf(client, sizeof client, "%s", who->session[0] ? who->session : peer);
+    int mine = 0;
+    for (int i = 0; i < h->nsse; i++)
+        mine += strcmp(h->sse[i]->client, client) == 0;
+    if (mine >= SSE_PER_CLIENT_MAX) {
+        util_log(UTIL_LOG_WARN, "events_refused",
+                 "reason=\"too many streams from one client\" user=%s peer=%s streams=%d",
+                 who->user, peer, mine);
+        return http_send_error(req, 503, "too many event streams from this client");
+    }
     struct http_sse *s = calloc(1, sizeof *s);
     if (!s) return http_send_error(req, 503, "out of memory");
     s->super.proceed = sse_proceed;
@@ -404,6 +422,7 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     s->h = h;
     s->req = req;
     snprintf(s->session, sizeof s->session, "%s", who->session);
+    memcpy(s->client, client, sizeof client);
     /* Changes not pushed yet go to the other streams (and the webhook) now:
      * this one's later events are then relative to the full state it starts
      * with. With nobody listening the snapshot is just brought up to date. */

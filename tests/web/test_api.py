@@ -9,6 +9,7 @@ stream, names converted from the Specific Character Set, unknown paths, and
     python3 test_api.py ICHTRIAGE MAKE_TEST_MODEL"""
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -671,6 +672,61 @@ class UnreadableListTest(wt.WebTest):
         self.assertEqual(status, 200)
         self.assertTrue(first["full"])
         self.assertEqual([r["study_uid"] for r in first["rows"]], ["1.2.0"])
+
+
+class EventStreamLimitTest(wt.WebTest):
+    """Event streams are few (64): a HEAD request opens none, and one client
+    (a login session; on loopback, an address) holds at most 16."""
+
+    def streams(self, node):
+        status, _, body = wt.curl(node.base + "/metrics", insecure=True)
+        self.assertEqual(status, 200)
+        return int(re.search(rb"^ichtriage_event_streams (\d+)$", body, re.M).group(1))
+
+    def hold(self, argv):
+        """A curl reading an event stream, once its first event came."""
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (p.kill(), p.wait(), p.stdout.close()))
+        while not p.stdout.readline().startswith(b"data: "):
+            self.assertIsNone(p.poll(), "the stream ended before its first event")
+        return p
+
+    def test_head_opens_no_stream(self):
+        node = node_with_studies(self, 1)
+        for _ in range(3):
+            p = subprocess.run(["curl", "-sS", "-I", "-m", "5", node.base + "/api/events"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            head = p.stdout.decode("latin-1").lower()
+            self.assertTrue(head.startswith("http/1.1 405"), (head, p.stderr))
+            self.assertIn("\r\nallow: get\r\n", head)
+        self.assertEqual(self.streams(node), 0)
+
+    def test_streams_per_client(self):
+        # Loopback: per client address.
+        node = node_with_studies(self, 1)
+        for _ in range(16):
+            self.hold(["curl", "-sN", node.base + "/api/events"])
+        self.assertEqual(self.streams(node), 16)
+        status, body = first_event(node.http_port)
+        self.assertEqual(status, 503, body)
+        self.assertIn("from this client", body["error"])
+        self.assertTrue(node.events("events_refused"), node.log_tail())
+        node.stop()
+
+        # With logins: per session; another reader's session is not refused.
+        node = self.public_node()
+        jars = [os.path.join(self.work, "jar-a"), os.path.join(self.work, "jar-b")]
+        for jar in jars:
+            status, _, body = wt.curl(node.base + "/login", "POST",
+                                      {"user": "alice", "password": "alice-pw"},
+                                      cookies=jar, insecure=True)
+            self.assertEqual(status, 200, body)
+        for _ in range(16):
+            self.hold(["curl", "-skN", "-b", jars[0], node.base + "/api/events"])
+        status, _, body = wt.curl(node.base + "/api/events", cookies=jars[0], insecure=True)
+        self.assertEqual(status, 503, body)
+        self.hold(["curl", "-skN", "-b", jars[1], node.base + "/api/events"])
+        self.assertEqual(self.streams(node), 17)
 
 
 class DegradedTest(wt.WebTest):
