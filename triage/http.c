@@ -166,9 +166,12 @@ int http_param(const char *q, size_t len, const char *name, char *out, size_t n)
 {
     size_t nl = strlen(name);
     const char *p = q, *end = q + len;
+    if (n) out[0] = '\0';
     while (p < end) {
         const char *amp = memchr(p, '&', (size_t)(end - p));
         const char *stop = amp ? amp : end;
+        /* "?status" is a filter given without its value, not none. */
+        if ((size_t)(stop - p) == nl && memcmp(p, name, nl) == 0) return -1;
         if ((size_t)(stop - p) >= nl + 1 && memcmp(p, name, nl) == 0 && p[nl] == '=') {
             size_t o = 0;
             for (const char *s = p + nl + 1; s < stop; s++) {
@@ -179,7 +182,9 @@ int http_param(const char *q, size_t len, const char *name, char *out, size_t n)
                     ch = hexval(s[1]) * 16 + hexval(s[2]);
                     s += 2;
                 }
-                if (o + 1 >= n) {
+                /* A NUL would end the value early: "reviewed%00x" is not
+                 * "reviewed", nor "pw%00x" the password "pw". */
+                if (ch == 0 || o + 1 >= n) {
                     if (n) out[0] = '\0';
                     return -1;
                 }

@@ -83,7 +83,8 @@ static int api_worklist(struct triage_http *h, h2o_req_t *req)
     if (req->query_at != SIZE_MAX) {
         const char *q = req->path.base + req->query_at + 1;
         size_t ql = req->path.len - req->query_at - 1;
-        if (http_param(q, ql, "status", status, sizeof status) != 0) { /* too long: not one */
+        /* Too long, without a value or with a NUL: not one (400). */
+        if (http_param(q, ql, "status", status, sizeof status) != 0) {
             bool known = false;
             for (size_t i = 0; i < sizeof statuses / sizeof statuses[0]; i++)
                 known = known || strcmp(status, statuses[i]) == 0;

@@ -127,8 +127,9 @@ bool http_method_is(h2o_req_t *req, const char *m);
 bool http_header(h2o_req_t *req, const char *name, char *out, size_t n);
 bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n);
 /* Decoded value of a query parameter (or form field in body) into out: 1;
- * 0 when absent; -1 when longer than out holds (out is then "", never a
- * truncated value: a cut password must not be checked as if whole). */
+ * 0 when absent; -1 when longer than out holds, named without "=" or with a
+ * NUL in its value (out is then "", never a truncated value: a cut password
+ * must not be checked as if whole). */
 int http_param(const char *query, size_t len, const char *name, char *out, size_t n);
 /* The client's address into out: the peer's, or, from an address in
  * http.trusted_proxies, the last one of its X-Forwarded-For. */

@@ -73,6 +73,11 @@ class ApiTest(wt.WebTest):
         # longer than any status: refused, not read as no filter
         err = self.get_json(self.node, "/api/worklist?status=" + "triaged" * 8, 400)
         self.assertIn("status must be", err["error"])
+        # Named without a value, or a value with a NUL in it: refused, not
+        # read as no filter or as the status before the NUL.
+        for query in ("status", "status=", "a=1&status", "status=reviewed%00x"):
+            err = self.get_json(self.node, "/api/worklist?" + query, 400)
+            self.assertIn("status must be", err["error"])
 
     def test_study_view_and_key_slice(self):
         uid = next(iter(self.studies))
@@ -101,8 +106,8 @@ class ApiTest(wt.WebTest):
         self.get_json(self.node, "/api/studies/%s/slices/%s.png?frame=1" % (
             uid, st["key_sop_uid"]), 404)
         # A frame that is not a frame number is refused, not read as frame 0.
-        for bad in ("abc", "0x", "-1", "1.5", ""):
-            self.get_json(self.node, "/api/studies/%s/slices/%s.png?frame=%s" % (
+        for bad in ("=abc", "=0x", "=-1", "=1.5", "=", "", "=0%00"):
+            self.get_json(self.node, "/api/studies/%s/slices/%s.png?frame%s" % (
                 uid, st["key_sop_uid"], bad), 400)
         self.get_json(self.node, "/api/studies/1.2.3.4", 404)
         self.get_json(self.node, "/api/studies/not-a-uid", 404)
