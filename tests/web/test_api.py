@@ -538,7 +538,7 @@ class ClockStepTest(wt.WebTest):
         as usual."""
         shim = os.environ.get("ICHTRIAGE_TEST_CLOCKSTEP")
         if not shim:
-            itest.skip_or_fail(self, "no clockstep shim (run through meson test)")
+            wt.itest.skip_or_fail(self, "no clockstep shim (run through meson test)")
         step = os.path.join(self.work, "clockstep")
         with open(step, "w") as f:
             f.write("0")
