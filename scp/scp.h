@@ -15,12 +15,14 @@
 extern "C" {
 #endif
 
-/* DIMSE statuses the store callback may answer (PS3.4 B.2.3). */
+/* DIMSE statuses of a C-STORE (PS3.4 B.2.3, PS3.7 C); the store callback
+ * answers one of the first four. */
 enum {
     SCP_STATUS_SUCCESS = 0x0000,
     SCP_STATUS_OUT_OF_RESOURCES = 0xA700,
     SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS = 0xA900,
     SCP_STATUS_CANNOT_UNDERSTAND = 0xC000,
+    SCP_STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122,
 };
 
 /* Why an instance was refused: for metrics and the node's health, since a
@@ -39,6 +41,8 @@ enum scp_refusal {
     SCP_REFUSED_UNDERSTAND,   /* C000: not parseable */
     SCP_REFUSED_UID_CONFLICT, /* A900: its series is stored in another study, or its SOP
                                  instance in another series */
+    SCP_REFUSED_UNSUPPORTED,  /* 0122: the request's SOP class is not its presentation
+                                 context's, or not a storage class */
     SCP_REFUSED_NKINDS
 };
 
@@ -113,7 +117,7 @@ struct scp_counters {
     uint64_t rejected_called_ae, rejected_calling_peer, rejected_limit, rejected_no_context;
     uint64_t connections_failed; /* no usable A-ASSOCIATE-RQ (silent, closed, garbage, TLS) */
     uint64_t stored;             /* answered 0000 */
-    uint64_t refused[SCP_REFUSED_NKINDS]; /* answered A700, A900 or C000, by why */
+    uint64_t refused[SCP_REFUSED_NKINDS]; /* answered A700, A900, C000 or 0122, by why */
     uint64_t incomplete;                  /* the association broke while a dataset arrived */
 };
 void scp_server_counters(struct scp_server *s, struct scp_counters *out);

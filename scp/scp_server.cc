@@ -344,15 +344,34 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     OFCondition cond = EC_Normal;
     auto t0 = Clock::now();
 
-    if (cfg.space && cfg.space(cfg.ud, reason, sizeof reason) != 0) {
+    // The request's SOP class must be its context's abstract syntax, and a
+    // storage class (PS3.7 9.1.1): a CT image on the Verification context,
+    // an MR image or a private class on the CT context had been stored.
+    T_ASC_PresentationContext pc;
+    bool pc_found = ASC_findAcceptedPresentationContext(assoc->params, pres_id, &pc).good();
+    if (!pc_found || strcmp(pc.abstractSyntax, req->AffectedSOPClassUID) != 0 ||
+        !scp_sop_class_storable(req->AffectedSOPClassUID)) {
+        char cls[sizeof req->AffectedSOPClassUID];
+        util_log_safe(cls, sizeof cls, req->AffectedSOPClassUID);
+        if (!pc_found)
+            snprintf(reason, sizeof reason, "no accepted presentation context %u",
+                     (unsigned)pres_id);
+        else if (strcmp(pc.abstractSyntax, req->AffectedSOPClassUID) != 0)
+            snprintf(reason, sizeof reason, "SOP class %s sent on the presentation context of %s",
+                     cls, pc.abstractSyntax);
+        else
+            snprintf(reason, sizeof reason, "SOP class %s is not a storage class", cls);
+        DIC_UL bits = 0, bytes = 0;
+        cond = DIMSE_ignoreDataSet(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &bits, &bytes);
+        status = SCP_STATUS_SOP_CLASS_NOT_SUPPORTED;
+        why = SCP_REFUSED_UNSUPPORTED;
+    } else if (cfg.space && cfg.space(cfg.ud, reason, sizeof reason) != 0) {
         // No room: read the dataset off the wire without storing it.
         DIC_UL bits = 0, bytes = 0;
         cond = DIMSE_ignoreDataSet(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout, &bits, &bytes);
         status = SCP_STATUS_OUT_OF_RESOURCES;
         why = SCP_REFUSED_LOW_SPACE;
     } else {
-        T_ASC_PresentationContext pc;
-        ASC_findAcceptedPresentationContext(assoc->params, pres_id, &pc);
         char tmp[4096];
         snprintf(tmp, sizeof tmp, "%s/%ld-%lu-%lu.part", tmp_dir.c_str(), (long)getpid(), a->id,
                  tmp_seq.fetch_add(1));
@@ -376,6 +395,15 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                 T_ASC_PresentationContextID data_pres = pres_id;
                 cond = DIMSE_receiveDataSetInFile(assoc, DIMSE_NONBLOCKING, cfg.dimse_timeout,
                                                   &data_pres, &out, nullptr, nullptr);
+                // A dataset travels on its command's context (PS3.7 6.3.1);
+                // one on another was filed in the command context's syntax.
+                if (cond.good() && data_pres != pres_id) {
+                    char text[96];
+                    snprintf(text, sizeof text,
+                             "dataset on presentation context %u, its command on %u",
+                             (unsigned)data_pres, (unsigned)pres_id);
+                    cond = makeDcmnetCondition(DIMSEC_INVALIDPRESENTATIONCONTEXTID, OF_error, text);
+                }
                 if (cond.good() && !meta_ok) {
                     status = SCP_STATUS_OUT_OF_RESOURCES;
                     why = SCP_REFUSED_IO;
@@ -1077,7 +1105,8 @@ extern "C" const char *scp_refusal_name(enum scp_refusal r)
                                                           "too_large",
                                                           "does_not_match_sop_class",
                                                           "cannot_understand",
-                                                          "uid_conflict"};
+                                                          "uid_conflict",
+                                                          "sop_class_not_supported"};
     return r >= 0 && r < SCP_REFUSED_NKINDS ? names[r] : "unknown";
 }
 

@@ -48,9 +48,9 @@ class BadDatasets(itest.NodeTest):
         finally:
             super().tearDown()
 
-    def store_bad(self, sop_class, sop_uid, data, check, what):
+    def store_bad(self, sop_class, sop_uid, data, check, what, pc_abstract=None):
         failed_before = len(self.node.events("store_failed"))
-        status, _ = self.assoc.c_store(sop_class, sop_uid, data)
+        status, _ = self.assoc.c_store(sop_class, sop_uid, data, pc_abstract)
         self.assertTrue(check(status), "%s: status %s" % (what, None if status is None else hex(status)))
         self.assertTrue(self.node.wait_event("store_failed", timeout=5, count=failed_before + 1),
                         "%s: no event=store_failed logged" % what)
@@ -103,6 +103,31 @@ class BadDatasets(itest.NodeTest):
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.node.http_port) as m:
             text = m.read().decode()
         self.assertIn('ichtriage_instances_rejected_total{reason="does_not_match_sop_class"} 1',
+                      text)
+
+    def test_store_on_a_context_of_another_sop_class(self):
+        """The Affected SOP Class of a C-STORE must be its presentation
+        context's abstract syntax, one of the storage classes the node
+        accepts (PS3.7 9.1.1, PS3.4 B.2.3): a CT image on the Verification
+        context, an MR image on the CT context and a private class on the
+        CT context are answered 0122 (SOP class not supported) and nothing
+        is stored. Each had been answered 0000 and stored."""
+        not_supported = lambda s: s == 0x0122  # noqa: E731
+        ds = self.ct_dataset()
+        self.store_bad(dul.CT_IMAGE, str(ds.SOPInstanceUID), dul.encode_dataset(ds, dul.IMPLICIT_LE),
+                       not_supported, "CT on the Verification context", pc_abstract=dul.VERIFICATION)
+        self.assertIn("why=sop_class_not_supported", self.node.events("store_failed")[-1])
+        mr = self.gen("mr", count=1, rows=64, cols=64, sop="mr")[0]
+        cls, sop, _, _ = dt.sop_uids(mr)
+        self.store_bad(cls, sop, dt.dataset_bytes(mr), not_supported, "MR on the CT context",
+                       pc_abstract=dul.CT_IMAGE)
+        ds = self.ct_dataset(SOPClassUID="1.2.3.4.5.6")
+        self.store_bad("1.2.3.4.5.6", str(ds.SOPInstanceUID), dul.encode_dataset(ds),
+                       not_supported, "a private class on the CT context", pc_abstract=dul.CT_IMAGE)
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.node.http_port) as m:
+            text = m.read().decode()
+        self.assertIn('ichtriage_instances_rejected_total{reason="sop_class_not_supported"} 3',
                       text)
 
     def test_missing_study_uid(self):

@@ -205,6 +205,30 @@ class Abuse(itest.NodeTest):
         self.closed_within(a.sock, 15)
         self.assert_healthy([sop])
 
+    def test_dataset_on_another_context_than_its_command(self):
+        """A dataset must travel on its command's presentation context
+        (PS3.7 6.3.1): one sent on the other CT context, in that context's
+        Implicit VR, had been filed as Explicit VR, its command context's
+        syntax. The node aborts the association, logs why, and stores
+        nothing."""
+        import pydicom
+        f, cls, sop, _ = self.ct("pcmix")
+        data = dul.encode_dataset(pydicom.dcmread(f), dul.IMPLICIT_LE)
+        a = dul.Association.connect("127.0.0.1", self.node.port,
+                                    contexts=[(dul.CT_IMAGE, [dul.EXPLICIT_LE]),
+                                              (dul.CT_IMAGE, [dul.IMPLICIT_LE])])
+        self.assertEqual(a.accepted, {1: dul.EXPLICIT_LE, 3: dul.IMPLICIT_LE})
+        a.send_message(1, dul.c_store_rq(cls, sop, 1))
+        a._send_stream(3, data, False, 16000)
+        a.sock.settimeout(10)
+        with self.assertRaises((dul.Aborted, dul.Closed, ConnectionResetError)):
+            a.recv_command()
+        a.close()
+        self.assertTrue(self.node.wait_event("store_incomplete", timeout=5), self.node.log_tail())
+        self.assertIn("dataset on presentation context 3, its command on 1",
+                      self.node.events("store_incomplete")[-1])
+        self.assert_healthy([sop])
+
     def test_command_set_that_is_garbage(self):
         """The node aborts and closes at once: it does not wait the ARTIM
         time (the 3 s acse timeout here) for a peer that sent garbage to
