@@ -258,6 +258,26 @@ int parse_peers(const char *s, std::vector<Peer> *out, char *err, size_t errlen)
     return 0;
 }
 
+// A condition's text, on one line, for a log value (key="...") or a
+// message: dcmtk's dump puts each sub-condition on a line of its own, which
+// split a log record in two.
+std::string cond_text(const OFCondition &c)
+{
+    OFString dumped;
+    DimseCondition::dump(dumped, c);
+    std::string out;
+    for (const char *p = dumped.c_str(); *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '\n')
+            out += p[1] ? "; " : "";
+        else if (ch < ' ' || ch == 0x7f)
+            out += ' ';
+        else
+            out += ch == '"' ? '\'' : (char)ch;
+    }
+    return out;
+}
+
 // The peer's address as dcmtk gives it may carry a port ("host:port").
 std::string host_only(const char *addr)
 {
@@ -490,9 +510,8 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     if (cond.bad()) {
         // The dataset never arrived whole: nothing was stored, no answer is
         // possible; the caller ends the association.
-        OFString text;
         util_log(UTIL_LOG_WARN, "store_incomplete", "assoc=%lu sop=%s reason=\"%s\"", a->id,
-                 req->AffectedSOPInstanceUID, DimseCondition::dump(text, cond).c_str());
+                 req->AffectedSOPInstanceUID, cond_text(cond).c_str());
         (*failed)++;
         n_incomplete++;
         return cond;
@@ -608,10 +627,9 @@ bool scp_server::receive_request(Assoc *a)
         dcmExternalSocketHandle.set(-1);
     }
     if (c.bad()) {
-        OFString text;
         n_conn_failed++;
         util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu reason=\"%s\"", a->id,
-                 DimseCondition::dump(text, c).c_str());
+                 cond_text(c).c_str());
         std::lock_guard<std::mutex> g(mu);
         if (assoc) {
             ASC_dropAssociation(assoc); // closes the socket
@@ -640,6 +658,7 @@ void scp_server::run_assoc(Assoc *a)
     unsigned stored = 0, failed = 0;
     auto t0 = Clock::now();
     const char *end_reason = "released";
+    std::string detail; // the condition that ended it, if one did
 
     {
         // Count this association only now that it is one; over the limit
@@ -719,6 +738,7 @@ void scp_server::run_assoc(Assoc *a)
         if (c.bad()) {
             end_reason =
                 a->expired ? "deadline" : (c == DIMSE_NODATAAVAILABLE ? "timeout" : "error");
+            detail = cond_text(c);
             abort_now(assoc, a->fd);
             break;
         }
@@ -731,17 +751,23 @@ void scp_server::run_assoc(Assoc *a)
                      (unsigned)msg.CommandField);
             c = DIMSE_BADCOMMANDTYPE;
         }
+        if (c == DUL_PEERABORTEDASSOCIATION) { // in the middle of a dataset: nothing to abort
+            end_reason = "peer_aborted";
+            break;
+        }
         if (c.bad()) {
             end_reason = a->expired ? "deadline" : "error";
+            detail = cond_text(c);
             abort_now(assoc, a->fd);
             break;
         }
     }
-    util_log(UTIL_LOG_INFO, "association_ended",
-             "assoc=%lu calling_ae=%s stored=%u failed=%u ms=%ld reason=%s", a->id, calling, stored,
-             failed,
+    util_log(detail.empty() ? UTIL_LOG_INFO : UTIL_LOG_WARN, "association_ended",
+             "assoc=%lu calling_ae=%s stored=%u failed=%u ms=%ld reason=%s%s%s%s", a->id, calling,
+             stored, failed,
              (long)std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - t0).count(),
-             end_reason);
+             end_reason, detail.empty() ? "" : " detail=\"", detail.c_str(),
+             detail.empty() ? "" : "\"");
 done:
     int fd;
     {
@@ -913,10 +939,9 @@ void scp_server::tls_listen_loop()
             continue;
         }
         if (c.bad()) {
-            OFString text;
             n_conn_failed++;
             util_log(UTIL_LOG_WARN, "association_failed", "tls=1 reason=\"%s\"",
-                     DimseCondition::dump(text, c).c_str());
+                     cond_text(c).c_str());
             if (assoc) {
                 ASC_dropAssociation(assoc);
                 ASC_destroyAssociation(&assoc);
@@ -966,9 +991,8 @@ int scp_server::start_tls(char *err, size_t errlen)
     c = ASC_initializeNetwork(NET_ACCEPTOR, cfg.tls_port, cfg.acse_timeout, &tls_net);
     if (c.good()) c = ASC_setTransportLayer(tls_net, tls_layer, 0);
     if (c.bad()) {
-        OFString text;
         snprintf(err, errlen, "cannot listen on DICOM TLS port %d: %s", cfg.tls_port,
-                 DimseCondition::dump(text, c).c_str());
+                 cond_text(c).c_str());
         return -1;
     }
     int lfd = (int)DUL_networkSocket(tls_net->network);
@@ -1035,9 +1059,8 @@ extern "C" int scp_server_start(struct scp_server **out, const struct scp_server
         dcmDisableGethostbyaddr.set(OFTrue);
         OFCondition c = ASC_initializeNetwork(NET_ACCEPTOR, cfg->port, cfg->acse_timeout, &s->net);
         if (c.bad()) {
-            OFString text;
             snprintf(err, errlen, "cannot listen on DICOM port %d: %s", cfg->port,
-                     DimseCondition::dump(text, c).c_str());
+                     cond_text(c).c_str());
             delete s;
             return -1;
         }

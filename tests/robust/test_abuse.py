@@ -58,6 +58,18 @@ class Abuse(itest.NodeTest):
         self.assert_all_success(r, good)
         self.assert_stored_exactly(self.node, good)
         self.assert_consistent(self.node)
+        self.assert_log_records_whole()
+
+    def assert_log_records_whole(self):
+        """Each of the node's records is one line: dcmtk's text of a
+        condition with a cause (one line each) had split a record, its
+        quoted reason left open and the rest on a line of its own."""
+        import re
+        for line in self.node.log().splitlines():
+            self.assertFalse(re.match(r"[0-9a-f]{4}:[0-9a-f]{4} ", line),
+                             "a record split in two, its rest: %r" % line)
+            if line.startswith("ts="):
+                self.assertEqual(line.count('"') % 2, 0, "a quote left open: %r" % line)
 
     def wait_no_temp(self, timeout=10):
         deadline = time.monotonic() + timeout
@@ -229,6 +241,24 @@ class Abuse(itest.NodeTest):
                       self.node.events("store_incomplete")[-1])
         self.assert_healthy([sop])
 
+    def test_command_on_a_rejected_context_is_logged_with_its_cause(self):
+        """A command on a presentation context the node rejected (JPEG 2000
+        here) aborts the association; the log said only reason=error, now
+        it says why."""
+        _, cls, sop, data = self.ct("rejected")
+        a = dul.Association.connect("127.0.0.1", self.node.port,
+                                    contexts=[(dul.CT_IMAGE, ["1.2.840.10008.1.2.4.90"]),
+                                              (dul.CT_IMAGE, [dul.EXPLICIT_LE])])
+        self.assertEqual(list(a.accepted), [3])
+        a.send_message(1, dul.c_store_rq(cls, sop, 1), data)
+        self.closed_within(a.sock, 15)
+        self.assertTrue(self.node.wait_event("association_ended", timeout=5))
+        ended = self.node.events("association_ended")[-1]
+        self.assertIn("reason=error", ended)
+        self.assertIn('detail="', ended)
+        self.assertIn("Bad presentation context ID", ended)
+        self.assert_healthy([sop])
+
     def test_command_set_that_is_garbage(self):
         """The node aborts and closes at once: it does not wait the ARTIM
         time (the 3 s acse timeout here) for a peer that sent garbage to
@@ -363,10 +393,22 @@ class Abuse(itest.NodeTest):
         return a, sop
 
     def test_abort_in_the_middle_of_a_dataset(self):
+        """The peer's A-ABORT is logged as such (it had been reason=error),
+        and not answered with an A-ABORT of the node's (PS3.8 7.3.2: no
+        answer to an A-ABORT)."""
         a, sop = self.send_part(0.5)
-        a.abort()
+        a.sock.sendall(dul.pdu(dul.A_ABORT, b"\0\0\0\0"))
+        a.sock.settimeout(10)
+        try:
+            got = dul.recv_pdu(a.sock)[0]
+        except (dul.Closed, ConnectionResetError):
+            got = None
+        a.close()
+        self.assertIsNone(got, "the node answered the peer's A-ABORT with PDU type %s" % got)
         self.assertTrue(self.node.wait_event("store_incomplete", timeout=10),
                         "nothing logged about the cut dataset")
+        self.assertTrue(self.node.wait_event("association_ended", timeout=5))
+        self.assertIn("reason=peer_aborted", self.node.events("association_ended")[-1])
         self.assert_healthy([sop])
 
     def test_connection_cut_in_the_middle_of_a_dataset(self):
