@@ -349,6 +349,10 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     T_ASC_Association *assoc = a->assoc;
     const char *calling = assoc->params->DULparams.callingAPTitle;
     std::string peer = host_only(assoc->params->DULparams.callingPresentationAddress);
+    // The request's UID is the peer's text: quotes and '=' in it broke the
+    // key=value records it was logged in. A valid UID passes unchanged.
+    char sop[sizeof req->AffectedSOPInstanceUID];
+    util_log_safe(sop, sizeof sop, req->AffectedSOPInstanceUID);
     T_DIMSE_C_StoreRSP rsp;
     memset(&rsp, 0, sizeof rsp);
     rsp.MessageIDBeingRespondedTo = req->MessageID;
@@ -481,9 +485,11 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                 } else if (strcmp(info.sop_class, req->AffectedSOPClassUID) != 0) {
                     status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
                     why = SCP_REFUSED_SOP_CLASS;
+                    char cls[sizeof info.sop_class];
                     snprintf(reason, sizeof reason,
                              "SOP class in dataset (%s) is not the one requested",
-                             info.sop_class[0] ? info.sop_class : "missing");
+                             info.sop_class[0] ? util_log_safe(cls, sizeof cls, info.sop_class)
+                                               : "missing");
                 } else if (strcmp(info.sop_uid, req->AffectedSOPInstanceUID) != 0) {
                     status = SCP_STATUS_DOES_NOT_MATCH_SOP_CLASS;
                     why = SCP_REFUSED_SOP_CLASS;
@@ -510,8 +516,8 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     if (cond.bad()) {
         // The dataset never arrived whole: nothing was stored, no answer is
         // possible; the caller ends the association.
-        util_log(UTIL_LOG_WARN, "store_incomplete", "assoc=%lu sop=%s reason=\"%s\"", a->id,
-                 req->AffectedSOPInstanceUID, cond_text(cond).c_str());
+        util_log(UTIL_LOG_WARN, "store_incomplete", "assoc=%lu sop=%s reason=\"%s\"", a->id, sop,
+                 cond_text(cond).c_str());
         (*failed)++;
         n_incomplete++;
         return cond;
@@ -528,15 +534,14 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
     if (cfg.outcome) cfg.outcome(cfg.ud, status, why, reason);
     if (status == SCP_STATUS_SUCCESS) {
         (*stored)++;
-        util_log(UTIL_LOG_DEBUG, "instance_stored", "assoc=%lu sop=%s ms=%ld", a->id,
-                 req->AffectedSOPInstanceUID, ms);
+        util_log(UTIL_LOG_DEBUG, "instance_stored", "assoc=%lu sop=%s ms=%ld", a->id, sop, ms);
     } else {
         (*failed)++;
         char safe[64];
         util_log(UTIL_LOG_WARN, "store_failed",
                  "assoc=%lu calling_ae=%s sop=%s status=0x%04X why=%s reason=\"%s\"", a->id,
-                 util_log_safe(safe, sizeof safe, calling), req->AffectedSOPInstanceUID, status,
-                 scp_refusal_name(why), reason);
+                 util_log_safe(safe, sizeof safe, calling), sop, status, scp_refusal_name(why),
+                 reason);
     }
     OFCondition sent = DIMSE_sendStoreResponse(assoc, pres_id, req, &rsp, nullptr);
     quickack(a->fd); // the next request's first segment is ACKed at once too

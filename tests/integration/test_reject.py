@@ -191,6 +191,20 @@ class BadDatasets(itest.NodeTest):
                        "dataset UID differs from the request")
         self.assert_not_stored(self.node, other)
 
+    def test_request_uid_that_would_forge_a_log_record(self):
+        """The request's SOP Instance UID is the peer's text and went into
+        the log as it came: quotes and '=' in it opened a quoted value and
+        added keys of the peer's choosing (dcmtk drops the spaces and the
+        newline). It is logged made safe, the record whole."""
+        ds = self.ct_dataset()
+        forged = '1.2"\nts=2026-12-03T00:00:00Z level=error event=forged x="'
+        self.store_bad(dul.CT_IMAGE, forged, dul.encode_dataset(ds), is_does_not_match,
+                       "a request UID with quotes and a record in it")
+        line = self.node.events("store_failed")[-1]
+        self.assertNotIn("event=forged", self.node.log())
+        self.assertEqual(line.count('"'), 2, line)
+        self.assertIn(" sop=1.2_ts_2026-12-03T00:00:00Zlevel_erro", line)
+
     def test_invalid_uid_that_could_escape_the_spool(self):
         ds = self.ct_dataset(SeriesInstanceUID="../../../../tmp")
         self.store_bad(dul.CT_IMAGE, str(ds.SOPInstanceUID), dul.encode_dataset(ds),
