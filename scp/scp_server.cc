@@ -161,10 +161,14 @@ class SpoolStream : public DcmOutputStream
     explicit SpoolStream(SpoolConsumer *c) : DcmOutputStream(c) {}
 };
 
+// Which connections count: all, those past their A-ASSOCIATE-RQ (against
+// max_associations), or those not yet (against their own cap).
+enum class Counted { ALL, ASSOCIATED, WAITING };
+
 struct Assoc {
     T_ASC_Association *assoc = nullptr;
     int fd = -1;
-    std::atomic<bool> associated{false}; // past the A-ASSOCIATE-RQ: counts against the limit
+    std::atomic<bool> associated{false}; // holds a slot: counts against max_associations
     Clock::time_point deadline;
     std::atomic<bool> expired{false};
     std::atomic<bool> finished{false};
@@ -221,8 +225,8 @@ struct scp_server {
     void check_deadlines();
     void run_assoc(Assoc *a);
     bool receive_request(Assoc *a);
-    size_t count(bool associated_only);
-    size_t count_locked(bool associated_only); // mu held
+    size_t count(Counted which);
+    size_t count_locked(Counted which); // mu held
     bool claim_slot(Assoc *a, size_t *busy);
     bool peer_allowed(const char *ae, const char *host);
     OFCondition handle_store(Assoc *a, T_ASC_PresentationContextID pres_id, T_DIMSE_C_StoreRQ *req,
@@ -665,22 +669,6 @@ void scp_server::run_assoc(Assoc *a)
     const char *end_reason = "released";
     std::string detail; // the condition that ended it, if one did
 
-    {
-        // Count this association only now that it is one; over the limit
-        // it is refused as transient, so the peer may retry later.
-        size_t busy = 0;
-        if (!claim_slot(a, &busy)) {
-            reject(assoc, ASC_RESULT_REJECTEDTRANSIENT,
-                   ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
-                   ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED);
-            util_log(UTIL_LOG_WARN, "association_rejected",
-                     "assoc=%lu calling_ae=%s peer=%s reason=%s active=%zu limit=%d", a->id,
-                     calling, peer.c_str(), stopping ? "shutting_down" : "too_many_associations",
-                     busy, cfg.max_associations);
-            n_rej_limit++;
-            goto done;
-        }
-    }
     if (aetitle != assoc->params->DULparams.calledAPTitle) {
         reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
                ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED);
@@ -698,6 +686,24 @@ void scp_server::run_assoc(Assoc *a)
                  a->id, calling, called, peer.c_str());
         n_rej_calling++;
         goto done;
+    }
+    {
+        // Count this association only now that it is one, and after the
+        // permanent refusals: a peer with a wrong AE title is told so, not
+        // asked to retry, while the node is full. Over the limit it is
+        // refused as transient, so the peer may retry later.
+        size_t busy = 0;
+        if (!claim_slot(a, &busy)) {
+            reject(assoc, ASC_RESULT_REJECTEDTRANSIENT,
+                   ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
+                   ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED);
+            util_log(UTIL_LOG_WARN, "association_rejected",
+                     "assoc=%lu calling_ae=%s peer=%s reason=%s active=%zu limit=%d", a->id,
+                     calling, peer.c_str(), stopping ? "shutting_down" : "too_many_associations",
+                     busy, cfg.max_associations);
+            n_rej_limit++;
+            goto done;
+        }
     }
     {
         const char *verification[] = {UID_VerificationSOPClass};
@@ -841,18 +847,20 @@ void scp_server::reap(bool all)
     }
 }
 
-size_t scp_server::count_locked(bool associated_only)
+size_t scp_server::count_locked(Counted which)
 {
     size_t n = 0;
     for (Assoc *a : assocs)
-        if (!a->finished && (!associated_only || a->associated)) n++;
+        if (!a->finished &&
+            (which == Counted::ALL || a->associated == (which == Counted::ASSOCIATED)))
+            n++;
     return n;
 }
 
-size_t scp_server::count(bool associated_only)
+size_t scp_server::count(Counted which)
 {
     std::lock_guard<std::mutex> g(mu);
-    return count_locked(associated_only);
+    return count_locked(which);
 }
 
 // Counts the associations and, under the limit, marks a as one of them in
@@ -861,7 +869,7 @@ size_t scp_server::count(bool associated_only)
 bool scp_server::claim_slot(Assoc *a, size_t *busy)
 {
     std::lock_guard<std::mutex> g(mu);
-    *busy = count_locked(true);
+    *busy = count_locked(Counted::ASSOCIATED);
     if (stopping || *busy >= (size_t)cfg.max_associations) return false;
     a->associated = true;
     return true;
@@ -910,7 +918,7 @@ void scp_server::tls_listen_loop()
     while (!stopping) {
         struct pollfd pfd = {lfd, POLLIN, 0};
         if (poll(&pfd, 1, 500) <= 0) continue;
-        if (count(false) >= 2 * (size_t)cfg.max_associations) {
+        if (count(Counted::WAITING) >= 2 * (size_t)cfg.max_associations) {
             std::this_thread::sleep_for(std::chrono::milliseconds(100));
             continue;
         }
@@ -1024,8 +1032,10 @@ void scp_server::listen_loop()
         int fd = accept4(lfd, (sockaddr *)&from, &len, SOCK_CLOEXEC);
         if (fd < 0) continue;
         // Connections still waiting for their request have a cap of their
-        // own, so silent peers cannot exhaust threads either.
-        if (count(false) >= 2 * (size_t)cfg.max_associations) {
+        // own, so silent peers cannot exhaust threads either; associations
+        // do not count against it (they did, and at the limit a new peer
+        // was cut off instead of being told A-ASSOCIATE-RJ).
+        if (count(Counted::WAITING) >= 2 * (size_t)cfg.max_associations) {
             util_log(UTIL_LOG_WARN, "connection_refused", "reason=too_many_connections limit=%d",
                      2 * cfg.max_associations);
             close(fd);
@@ -1160,7 +1170,7 @@ extern "C" int scp_refusal_is_local(enum scp_refusal r)
 
 extern "C" int scp_server_active(struct scp_server *s)
 {
-    return (int)s->count(false);
+    return (int)s->count(Counted::ALL);
 }
 
 extern "C" void scp_server_stop(struct scp_server *s, int grace_seconds)

@@ -305,6 +305,48 @@ class Rejections(itest.NodeTest):
         a.release()
         held.pop().release()
 
+    def test_wrong_ae_titles_are_refused_as_such_while_full(self):
+        """The AE titles are checked before the association limit: while the
+        node was full, a peer with a wrong called AE title (or a calling
+        one not allowed) got the transient "local limit exceeded" and would
+        retry, where the permanent "not recognized" is the answer."""
+        node = self.start_node({"dicom.max_associations": 1,
+                                "dicom.allowed_peers": "RAWSCU"})
+        held = dul.Association.connect("127.0.0.1", node.port)
+        self.expect_rejected(node, "NOTUS", "RAWSCU", 1, 1, 7, "called_ae_not_ours")
+        self.expect_rejected(node, "ICHTRIAGE", "INTRUDER", 1, 1, 3, "calling_peer_not_allowed")
+        self.expect_rejected(node, "ICHTRIAGE", "RAWSCU", 2, 3, 2, "too_many_associations")
+        self.assertEqual(held.c_echo()[0], 0)
+        held.release()
+
+    def test_associations_do_not_count_against_the_cap_on_waiting_connections(self):
+        """Connections that have not sent their request yet are capped at
+        twice dicom.max_associations, apart from the associations
+        (docs/conformance.md): with the two associations of a limit of two
+        held and two silent connections, a new peer was cut off at once
+        (4 of a cap of 4) instead of being told A-ASSOCIATE-RJ."""
+        node = self.start_node({"dicom.max_associations": 2, "dicom.acse_timeout": 20})
+        held = [dul.Association.connect("127.0.0.1", node.port) for _ in range(2)]
+        silent = [dul.connect("127.0.0.1", node.port) for _ in range(2)]
+        time.sleep(0.5)  # accepted and waiting for their request
+        try:
+            self.expect_rejected(node, "ICHTRIAGE", "RAWSCU", 2, 3, 2, "too_many_associations")
+            # The cap itself still holds: with four waiting, a fifth is closed unanswered.
+            silent += [dul.connect("127.0.0.1", node.port) for _ in range(2)]
+            time.sleep(0.5)
+            s = dul.connect("127.0.0.1", node.port)
+            s.sendall(dul.associate_rq("ICHTRIAGE", "RAWSCU", [(dul.VERIFICATION, [dul.IMPLICIT_LE])]))
+            with self.assertRaises((dul.Closed, ConnectionResetError)):
+                dul.recv_pdu(s)
+            s.close()
+            self.assertTrue(node.wait_event("connection_refused", timeout=5))
+        finally:
+            for x in silent:
+                x.close()
+        for a in held:
+            self.assertEqual(a.c_echo()[0], 0)
+            a.release()
+
     def test_silent_peer_is_dropped(self):
         node = self.start_node({"dicom.acse_timeout": 3})
         s = dul.connect("127.0.0.1", node.port)
