@@ -282,6 +282,15 @@ std::string cond_text(const OFCondition &c)
     return out;
 }
 
+// An AE title without its leading and trailing spaces, which are not
+// significant (PS3.5 6.2): " ICHTRIAGE" is ICHTRIAGE.
+std::string ae_trim(const char *ae)
+{
+    std::string s = ae ? ae : "";
+    size_t b = s.find_first_not_of(' '), e = s.find_last_not_of(' ');
+    return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
+}
+
 // The peer's address as dcmtk gives it may carry a port ("host:port").
 std::string host_only(const char *addr)
 {
@@ -660,16 +669,18 @@ void scp_server::run_assoc(Assoc *a)
         return;
     }
     T_ASC_Association *assoc = a->assoc;
+    std::string calling_ae = ae_trim(assoc->params->DULparams.callingAPTitle);
+    std::string called_ae = ae_trim(assoc->params->DULparams.calledAPTitle);
     char calling[64], called[64];
-    util_log_safe(calling, sizeof calling, assoc->params->DULparams.callingAPTitle);
-    util_log_safe(called, sizeof called, assoc->params->DULparams.calledAPTitle);
+    util_log_safe(calling, sizeof calling, calling_ae.c_str());
+    util_log_safe(called, sizeof called, called_ae.c_str());
     std::string peer = host_only(assoc->params->DULparams.callingPresentationAddress);
     unsigned stored = 0, failed = 0;
     auto t0 = Clock::now();
     const char *end_reason = "released";
     std::string detail; // the condition that ended it, if one did
 
-    if (aetitle != assoc->params->DULparams.calledAPTitle) {
+    if (called_ae != aetitle) {
         reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
                ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED);
         util_log(UTIL_LOG_WARN, "association_rejected",
@@ -678,7 +689,7 @@ void scp_server::run_assoc(Assoc *a)
         n_rej_called++;
         goto done;
     }
-    if (!peer_allowed(assoc->params->DULparams.callingAPTitle, peer.c_str())) {
+    if (!peer_allowed(calling_ae.c_str(), peer.c_str())) {
         reject(assoc, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
                ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED);
         util_log(UTIL_LOG_WARN, "association_rejected",

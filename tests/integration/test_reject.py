@@ -276,6 +276,19 @@ class Rejections(itest.NodeTest):
         self.assertEqual(a.c_echo()[0], 0)
         a.release()
 
+    def test_leading_spaces_in_ae_titles_are_not_significant(self):
+        """PS3.5 6.2: leading and trailing spaces of an AE title are not
+        significant. A called AE " ICHTRIAGE" was rejected (called AE not
+        recognized), and " RAWSCU" was not the RAWSCU of the allowlist."""
+        node = self.start_node({"dicom.allowed_peers": "RAWSCU"})
+        a = dul.Association.connect("127.0.0.1", node.port, called=" ICHTRIAGE",
+                                    calling="  RAWSCU")
+        self.assertEqual(a.c_echo()[0], 0)
+        a.release()
+        self.assertIn("calling_ae=RAWSCU ", node.events("association_accepted")[-1])
+        self.expect_rejected(node, " ICHTRIAGE", " INTRUDER", 1, 1, 3, "calling_peer_not_allowed")
+        self.expect_rejected(node, " ICHTRIAGE2", "RAWSCU", 1, 1, 7, "called_ae_not_ours")
+
     def test_calling_ae_bound_to_our_host_is_allowed(self):
         node = self.start_node({"dicom.allowed_peers": "LOCALSCU@127.0.0.1, ELSEWHERE@10.255.255.1"})
         a = dul.Association.connect("127.0.0.1", node.port, calling="LOCALSCU")
