@@ -124,7 +124,8 @@ int http_metrics(struct triage_http *h, h2o_req_t *req)
     metric(&t, "ichtriage_instances_rejected_total", "counter",
            "Instances refused since the node started, by reason: A700 for the node's own trouble "
            "(low_space, disk_full, permission, io_error, database) or a dataset too large, A900, "
-           "C000, and incomplete (association broken mid-dataset).");
+           "C000, 0122 (SOP class not supported on its context), and incomplete (association "
+           "broken mid-dataset).");
     for (int r = SCP_REFUSED_NONE + 1; r < SCP_REFUSED_NKINDS; r++)
         add(&t, "ichtriage_instances_rejected_total{reason=\"%s\"} %llu\n",
             scp_refusal_name((enum scp_refusal)r), (unsigned long long)sc.refused[r]);
