@@ -5,11 +5,18 @@
 #include "pool.h"
 
 #include <cblas.h>
-#include <float.h>
 #include <math.h>
 #include <string.h>
 
 /* ---- max-pool ---------------------------------------------------------- */
+/* A NaN wins every comparison, as in PyTorch: an overflow upstream must
+ * reach the output, where triage fails the series, not vanish into a
+ * plausible maximum. */
+static inline int pool_wins(float v, float best)
+{
+    return v > best || v != v;
+}
+
 /* The VGG case, 2x2 windows with stride 2, over P planes of H x W. */
 static void maxpool2x2(float *out, int32_t *idx, const float *in, int P, int H, int W)
 {
@@ -22,12 +29,14 @@ static void maxpool2x2(float *out, int32_t *idx, const float *in, int P, int H, 
             const float *r0 = src + (2 * oy) * W, *r1 = r0 + W;
             for (int ox = 0; ox < OW; ox++) {
                 float a = r0[2 * ox], b = r0[2 * ox + 1], c = r1[2 * ox], d = r1[2 * ox + 1];
-                float ab = a >= b ? a : b, cd = c >= d ? c : d;
-                dst[oy * OW + ox] = ab >= cd ? ab : cd;
+                int b_wins = pool_wins(b, a), d_wins = pool_wins(d, c);
+                float ab = b_wins ? b : a, cd = d_wins ? d : c;
+                int cd_wins = pool_wins(cd, ab);
+                dst[oy * OW + ox] = cd_wins ? cd : ab;
                 if (arg) {
                     int32_t o = 2 * oy * W + 2 * ox;
-                    int32_t iab = a >= b ? o : o + 1, icd = c >= d ? o + W : o + W + 1;
-                    arg[oy * OW + ox] = ab >= cd ? iab : icd;
+                    int32_t iab = b_wins ? o + 1 : o, icd = d_wins ? o + W + 1 : o + W;
+                    arg[oy * OW + ox] = cd_wins ? icd : iab;
                 }
             }
         }
@@ -48,12 +57,12 @@ void nn_maxpool_forward(float *out, int32_t *idx, const float *in, int B, int C,
         int32_t *arg = idx ? idx + p * OH * OW : NULL;
         for (int oy = 0; oy < OH; oy++)
             for (int ox = 0; ox < OW; ox++) {
-                float best = -FLT_MAX;
                 int32_t bi = (oy * stride) * W + ox * stride;
+                float best = src[bi];
                 for (int ky = 0; ky < k; ky++)
                     for (int kx = 0; kx < k; kx++) {
                         int32_t o = (oy * stride + ky) * W + ox * stride + kx;
-                        if (src[o] > best) {
+                        if (pool_wins(src[o], best)) {
                             best = src[o];
                             bi = o;
                         }
@@ -80,17 +89,22 @@ void nn_maxpool_backward(float *din, const float *dout, const int32_t *idx, int 
 /* ---- ReLU ---------------------------------------------------------------- */
 void nn_relu_forward(float *out, const float *in, size_t n)
 {
-    /* out may equal in, so no restrict here; the loop still vectorises */
+    /* out may equal in, so no restrict here; the loop still vectorises.
+     * NaN passes (PyTorch's threshold: x <= 0 ? 0 : x), so an overflow
+     * upstream reaches the output and fails the series instead of turning
+     * into a confident 0. */
     for (size_t i = 0; i < n; i++)
-        out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+        out[i] = in[i] <= 0.0f ? 0.0f : in[i];
 }
 
 void nn_relu_backward(float *restrict din, const float *restrict dout, const float *restrict out,
                       size_t n)
 {
-    /* a product, not a branch: the sign pattern is random, and GCC vectorises this form */
+    /* a product, not a branch: the sign pattern is random, and GCC vectorises
+     * this form. PyTorch's rule, out <= 0 ? 0 : dout: a NaN output passes its
+     * gradient on. */
     for (size_t i = 0; i < n; i++)
-        din[i] += dout[i] * (float)(out[i] > 0.0f);
+        din[i] += dout[i] * (float)!(out[i] <= 0.0f);
 }
 
 /* ---- batch-norm ---------------------------------------------------------- */

@@ -7,8 +7,6 @@
 // tests/nn/test_cuda_ops.c holds them to those.
 #include "kernels.h"
 
-#include <cfloat>
-
 namespace {
 
 constexpr int kThreads = 256;
@@ -45,18 +43,20 @@ __global__ void k_col_sums(float *db, const float *dout, int N, int OC)
     }
 }
 
+// NaN passes, forward and backward, as on the CPU (nn_relu_forward).
 __global__ void k_relu_forward(float *out, const float *in, size_t n)
 {
-    GRID_LOOP(i, n) out[i] = in[i] > 0.0f ? in[i] : 0.0f;
+    GRID_LOOP(i, n) out[i] = in[i] <= 0.0f ? 0.0f : in[i];
 }
 
 __global__ void k_relu_backward(float *din, const float *dout, const float *out, size_t n)
 {
-    GRID_LOOP(i, n) din[i] += dout[i] * (float)(out[i] > 0.0f);
+    GRID_LOOP(i, n) din[i] += dout[i] * (float)!(out[i] <= 0.0f);
 }
 
 // out/idx [P, OH, OW]; idx is the offset of the first maximum inside its
-// input plane (raster order, as the CPU kernel picks it).
+// input plane (raster order, as the CPU kernel picks it). A NaN wins every
+// comparison (the last NaN of the window, as on the CPU and in PyTorch).
 __global__ void k_maxpool_forward(float *out, int32_t *idx, const float *in, int P, int H, int W,
                                   int k, int stride, int OH, int OW)
 {
@@ -67,12 +67,12 @@ __global__ void k_maxpool_forward(float *out, int32_t *idx, const float *in, int
         int o = (int)(i % per);
         int oy = o / OW, ox = o % OW;
         const float *src = in + p * H * W;
-        float best = -FLT_MAX;
         int32_t bi = (oy * stride) * W + ox * stride;
+        float best = src[bi];
         for (int ky = 0; ky < k; ky++)
             for (int kx = 0; kx < k; kx++) {
                 int32_t off = (oy * stride + ky) * W + ox * stride + kx;
-                if (src[off] > best) {
+                if (src[off] > best || isnan(src[off])) {
                     best = src[off];
                     bi = off;
                 }

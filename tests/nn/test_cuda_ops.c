@@ -123,6 +123,55 @@ static void pool_case(check_ctx *t, int B, int C, int H, int W, int k, int s)
     dfree(t, dxd), dfree(t, dg), dfree(t, ddx), dfree(t, dout), dfree(t, didx);
 }
 
+/* A NaN (an overflow upstream) passes ReLU and wins max-pool on the device as
+ * on the CPU: same NaN positions, same argmax, same gradients. */
+static void nan_case(check_ctx *t)
+{
+    int B = 1, C = 2, H = 6, W = 6;
+    size_t n = (size_t)B * C * H * W;
+    float *x = host_random(n, 31);
+    for (size_t i = 0; i < n; i += 7)
+        x[i] = NAN;
+    float *dx = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * n);
+    float *dxd = dev_up(t, x, n), *dout = t->be->alloc(t->dev, n * sizeof(float));
+    nn_relu_forward(out, x, n);
+    t->be->relu_forward(t->dev, dout, dxd, n);
+    float *h = dev_down(t, dout, n);
+    check_true(t, "relu keeps NaN", memcmp(h, out, n * sizeof(float)) == 0);
+    float *g = host_random(n, 32), *dg = dev_up(t, g, n), *ddx = dev_up(t, g, n);
+    memcpy(dx, g, n * sizeof(float));
+    nn_relu_backward(dx, g, out, n);
+    t->be->relu_backward(t->dev, ddx, dg, dout, n);
+    free(h);
+    h = dev_down(t, ddx, n);
+    check_true(t, "relu dx through NaN", memcmp(h, dx, n * sizeof(float)) == 0);
+    free(h);
+    int ks[2][2] = {{2, 2}, {3, 1}};
+    for (int c = 0; c < 2; c++) {
+        int k = ks[c][0], s = ks[c][1], OH = (H - k) / s + 1, OW = (W - k) / s + 1;
+        size_t no = (size_t)B * C * OH * OW;
+        int32_t *idx = malloc(no * sizeof(int32_t)), *gidx = malloc(no * sizeof(int32_t));
+        int32_t *didx = t->be->alloc(t->dev, no * sizeof(int32_t));
+        nn_maxpool_forward(out, idx, x, B, C, H, W, k, s);
+        t->be->maxpool_forward(t->dev, dout, didx, dxd, B, C, H, W, k, s);
+        h = dev_down(t, dout, no);
+        t->be->download(t->dev, gidx, didx, no * sizeof(int32_t));
+        int nans = 0, same = 1;
+        for (size_t i = 0; i < no; i++) {
+            nans += isnan(out[i]);
+            same = same && isnan(out[i]) == isnan(h[i]) && (isnan(h[i]) || h[i] == out[i]) &&
+                   gidx[i] == idx[i];
+        }
+        char what[64];
+        snprintf(what, sizeof what, "maxpool k%d s%d keeps NaN (%d), same argmax", k, s, nans);
+        check_true(t, what, nans > 0 && same);
+        free(h), free(idx), free(gidx);
+        dfree(t, didx);
+    }
+    free(x), free(dx), free(out), free(g);
+    dfree(t, dxd), dfree(t, dout), dfree(t, dg), dfree(t, ddx);
+}
+
 /* ---- ReLU, GAP, dropout -------------------------------------------------- */
 
 static void elementwise(check_ctx *t)
@@ -448,6 +497,7 @@ int main(void)
     pool_case(&t, 1, 2, 7, 7, 3, 2); /* overlapping windows */
     pool_case(&t, 2, 4, 6, 6, 3, 3);
     elementwise(&t);
+    nan_case(&t);
     bn_case(&t, 4, 3, 25, 1);
     bn_case(&t, 4, 3, 25, 0);
     bn_case(&t, 7, 5, 1, 1); /* the head's 1-D batch-norm */

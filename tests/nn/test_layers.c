@@ -3,6 +3,7 @@
 #include "nn_test.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,6 +78,40 @@ Test(layers, maxpool)
     nn_maxpool_backward(dx, dout, idx, 2, 3, 6, 7, 2, 2);
     expect_close("maxpool dx", dx, rdx, nx, NN_TOL_GRAD);
     free(x), free(ref), free(dout), free(rdx), free(out), free(dx), free(idx);
+}
+
+/* A NaN (an overflow upstream) passes ReLU and wins max-pool, as in PyTorch:
+ * zeroed, it would come out as a finite, confident "not flagged". */
+Test(layers, nan_passes_relu_and_maxpool)
+{
+    float x[6] = {1.0f, NAN, -1.0f, 0.0f, -INFINITY, INFINITY}, out[6];
+    float dout[6] = {1, 2, 3, 4, 5, 6}, dx[6] = {0};
+    nn_relu_forward(out, x, 6);
+    cr_expect(out[0] == 1.0f && isnan(out[1]) && out[2] == 0.0f && out[3] == 0.0f &&
+                  out[4] == 0.0f && out[5] == INFINITY,
+              "relu: %g %g %g %g %g %g", out[0], out[1], out[2], out[3], out[4], out[5]);
+    nn_relu_backward(dx, dout, out, 6);
+    float want[6] = {1, 2, 0, 0, 0, 6}; /* PyTorch's: out <= 0 ? 0 : dout */
+    cr_expect(memcmp(dx, want, sizeof want) == 0, "relu dx: %g %g %g %g %g %g", dx[0], dx[1], dx[2],
+              dx[3], dx[4], dx[5]);
+    nn_relu_forward(x, x, 6); /* in place, as the stacks run it */
+    cr_expect(isnan(x[1]) && x[2] == 0.0f);
+
+    /* one 4x4 plane: the 2x2/2 path and the general one (3x3, stride 1) */
+    float p[16] = {1,         2,         5, 6,   3,         NAN,       7,   8,
+                   -INFINITY, -INFINITY, 9, NAN, -INFINITY, -INFINITY, NAN, 10};
+    float o[4];
+    int32_t idx[4];
+    nn_maxpool_forward(o, idx, p, 1, 1, 4, 4, 2, 2);
+    cr_expect(isnan(o[0]) && idx[0] == 5, "2x2 window with a NaN: %g at %d", o[0], idx[0]);
+    cr_expect(o[1] == 8.0f && idx[1] == 7, "2x2 window without: %g at %d", o[1], idx[1]);
+    cr_expect(o[2] == -INFINITY && idx[2] == 8, "2x2 window of -inf: %g at %d", o[2], idx[2]);
+    cr_expect(isnan(o[3]) && idx[3] == 14, "2x2 window of two NaN: the last, %d", idx[3]);
+    nn_maxpool_forward(o, idx, p, 1, 1, 4, 4, 3, 1);
+    for (int i = 0; i < 4; i++)
+        cr_expect(isnan(o[i]), "3x3 window %d: %g", i, o[i]);
+    cr_expect(idx[0] == 5 && idx[1] == 11 && idx[2] == 14 && idx[3] == 14, "%d %d %d %d", idx[0],
+              idx[1], idx[2], idx[3]);
 }
 
 Test(layers, relu_sigmoid_gap)

@@ -195,6 +195,28 @@ Test(model, a_thousand_slices)
     nn_model_free(m);
 }
 
+/* Finite weights whose first convolution overflows (+Inf - Inf = NaN): the
+ * NaN must pass every ReLU and max-pool to the probabilities, where triage
+ * fails the series (docs/model-format.md). Zeroed, it came out as a finite
+ * and confident p. */
+Test(model, an_overflow_in_the_first_layer_reaches_the_output)
+{
+    nn_model *m = tiny(6, 0.5f);
+    nn_tensor_info t;
+    cr_assert_eq(nn_model_tensor_find(m, "cnn.features.0.weight", &t), 0);
+    for (size_t i = 0; i < t.numel; i++)
+        t.data[i] = i % 2 ? -3e38f : 3e38f;
+    int len = 3;
+    size_t per = 3 * 8 * 8;
+    float *x = calloc(len * per, sizeof(float)), p[3 * 6];
+    fill_random(x, len * per, 12);
+    cr_assert_eq(nn_lrcn_predict(m, x, &len, 1, p), 0);
+    for (int i = 0; i < len * 6; i++)
+        cr_expect(isnan(p[i]), "prob[%d]=%g", i, p[i]);
+    free(x);
+    nn_model_free(m);
+}
+
 Test(model, seeds_make_runs_repeat)
 {
     nn_model *a = tiny(9, 0.5f), *b = tiny(9, 0.5f), *c = tiny(10, 0.5f);

@@ -6,8 +6,9 @@ threshold, so such a model used to triage every study "p=0, not flagged".
   the node at start (model not loaded, studies wait) and at SIGHUP reload
   (the old model is kept and used).
 - A model whose weights are all finite but whose forward pass overflows
-  (Inf, then Inf*0 = NaN) fails the series with a reason, in the node and
-  in `ichtriage predict`: an unknown result is never a negative one.
+  (Inf, then Inf*0 = NaN), in the head or in the first convolution (the NaN
+  passes every ReLU and max-pool), fails the series with a reason, in the
+  node and in `ichtriage predict`: an unknown result is never a negative one.
 - Text from the model file (its version, a metadata value in an error)
   cannot end a log value or start a forged log line.
 
@@ -171,14 +172,8 @@ class BadModelTest(itest.NodeTest):
         forged = [l for l in node.log().splitlines() if l.startswith("ts=0 ")]
         self.assertEqual(forged, [], node.log_tail())
 
-    def test_overflowing_model_fails_the_series(self):
-        # Every weight finite, so the file loads; the head's last batch-norm
-        # scale (3e38 / sqrt(var + eps)) overflows to Inf, and the output
-        # layer's zero weights make Inf*0 = NaN.
-        model = os.path.join(self.work, "overflow.safetensors")
-        rewrite(self.good, model, {"dense.5.weight": lambda k: 3e38,
-                                   "dense.5.bias": lambda k: 3e38,
-                                   "out.weight": lambda k: 0.0})
+    def assert_fails_the_series(self, model):
+        """The node and `ichtriage predict` fail a series on model."""
         node = self.node(model)
         self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
         study, folder, files = self.phantom()
@@ -195,6 +190,24 @@ class BadModelTest(itest.NodeTest):
         self.assertEqual([r["status"] for r in out], ["failed"], out)
         self.assertIn("model produced non-finite output", out[0]["status_reason"])
 
+    def test_overflowing_model_fails_the_series(self):
+        # Every weight finite, so the file loads; the head's last batch-norm
+        # scale (3e38 / sqrt(var + eps)) overflows to Inf, and the output
+        # layer's zero weights make Inf*0 = NaN.
+        model = os.path.join(self.work, "overflow.safetensors")
+        rewrite(self.good, model, {"dense.5.weight": lambda k: 3e38,
+                                   "dense.5.bias": lambda k: 3e38,
+                                   "out.weight": lambda k: 0.0})
+        self.assert_fails_the_series(model)
+
+    def test_overflow_in_the_first_layer_fails_the_series(self):
+        # The first convolution overflows (+Inf - Inf = NaN); every ReLU and
+        # max-pool after it must pass the NaN on, not zero it into a finite,
+        # confident "p=0.000, not flagged".
+        model = os.path.join(self.work, "overflow0.safetensors")
+        rewrite(self.good, model, {"cnn.features.0.weight":
+                                   lambda k: 3e38 if k % 2 else -3e38})
+        self.assert_fails_the_series(model)
 
 if __name__ == "__main__":
     MAKE_MODEL = os.path.abspath(sys.argv.pop(2))
