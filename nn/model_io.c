@@ -127,16 +127,26 @@ nn_model *nn_model_load(const char *path, char *err, size_t errlen)
             goto fail;
         }
         /* A NaN or Inf weight (a diverged run, an fp16 overflow in an
-         * export) makes every output NaN, which would read as "not flagged". */
+         * export) makes every output NaN, which would read as "not flagged".
+         * No data has a negative variance: batch-norm would take the square
+         * root of it (NaN), or of nearly nothing (a wild scale). */
         float *d = nn_tensor_data(m, i);
         memcpy(d, s->data, s->nbytes);
         size_t n = s->nbytes / sizeof(float);
-        for (size_t k = 0; k < n; k++)
+        const char *leaf = strrchr(t->name, '.');
+        int variance = leaf && strcmp(leaf, ".running_var") == 0;
+        for (size_t k = 0; k < n; k++) {
             if (!isfinite(d[k])) {
                 nn_errf(err, errlen, "%s: tensor %s holds a non-finite value at index %zu", path,
                         t->name, k);
                 goto fail;
             }
+            if (variance && d[k] < 0.0f) {
+                nn_errf(err, errlen, "%s: tensor %s holds a negative variance at index %zu", path,
+                        t->name, k);
+                goto fail;
+            }
+        }
     }
     for (int i = 0; i < nn_st_count(f); i++) {
         const char *name = nn_st_at(f, i)->name;

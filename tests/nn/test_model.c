@@ -306,9 +306,10 @@ Test(model, save_and_load_round_trip)
 }
 
 /* A weight or statistic that is NaN or Inf (a diverged run, an fp16
- * overflow in an export) would make every output NaN, read downstream as
- * "not flagged": the file is refused, naming the tensor. */
-static void expect_refused(const char *name, float bad)
+ * overflow in an export), or a negative variance, would make every output
+ * NaN, read downstream as "not flagged": the file is refused, naming the
+ * tensor and what it holds. */
+static void expect_refused(const char *name, float bad, const char *what)
 {
     nn_model *m = tiny(4, 0.5f);
     nn_tensor_info t = {0};
@@ -320,8 +321,7 @@ static void expect_refused(const char *name, float bad)
     }
     cr_assert(t.name && strstr(t.name, name), "no %s", name);
     char want[128];
-    snprintf(want, sizeof want, "tensor %s holds a non-finite value at index %zu", t.name,
-             t.numel - 1);
+    snprintf(want, sizeof want, "tensor %s holds a %s at index %zu", t.name, what, t.numel - 1);
     t.data[t.numel - 1] = bad;
     char path[] = "/tmp/nn_test_model_XXXXXX", err[256] = "";
     int fd = mkstemp(path);
@@ -336,9 +336,17 @@ static void expect_refused(const char *name, float bad)
 
 Test(model, non_finite_weights_are_refused)
 {
-    expect_refused("out.bias", NAN);
-    expect_refused("out.bias", -INFINITY);
-    expect_refused("running_var", INFINITY);
+    expect_refused("out.bias", NAN, "non-finite value");
+    expect_refused("out.bias", -INFINITY, "non-finite value");
+    expect_refused("running_var", INFINITY, "non-finite value");
+}
+
+Test(model, negative_variances_are_refused)
+{
+    expect_refused("running_var", -1.0f, "negative variance");
+    expect_refused("running_var", -1e-7f,
+                   "negative variance"); /* within eps: no NaN, still wrong */
+    expect_refused("dense.1.running_var", -0.5f, "negative variance");
 }
 
 /* Saves the tiny model with metadata key set to value (NULL: as it is),

@@ -2,9 +2,10 @@
 Inf weight makes every output NaN, and NaN compares false against every
 threshold, so such a model used to triage every study "p=0, not flagged".
 
-- A file with a NaN weight is refused by `model register`, `model promote`,
-  the node at start (model not loaded, studies wait) and at SIGHUP reload
-  (the old model is kept and used).
+- A file with a NaN weight, or a negative batch-norm variance, is refused
+  by `model register`, `model promote`, the node at start (model not
+  loaded, studies wait) and at SIGHUP reload (the old model is kept and
+  used).
 - A model whose weights are all finite but whose forward pass overflows
   (Inf, then Inf*0 = NaN), in the head or in the first convolution (the NaN
   passes every ReLU and max-pool), fails the series with a reason, in the
@@ -64,9 +65,6 @@ class BadModelTest(itest.NodeTest):
         super().setUp()
         self.good = os.path.join(self.work, "good.safetensors")
         subprocess.run([MAKE_MODEL, self.good], check=True)
-        # as the reviewer made it: every value of out.bias NaN
-        self.nan = os.path.join(self.work, "nan.safetensors")
-        rewrite(self.good, self.nan, {"out.bias": lambda k: float("nan")})
         self.seed = 40
 
     def phantom(self):
@@ -111,33 +109,34 @@ class BadModelTest(itest.NodeTest):
                                "store.dir=" + store] + list(args),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def assert_names_nan(self, text):
-        self.assertIn("tensor out.bias holds a non-finite value", text)
-
-    # ------------------------------------------------------------------
-    def test_nan_weight_refused_by_the_registry(self):
+    def assert_refused_by_the_registry(self, fills, reason):
+        """A copy of the good model with fills is refused, with reason, by
+        `model register` and, already in the registry, by `model promote`."""
         store = os.path.join(self.work, "store")
-        p = self.model_cmd(store, "register", self.nan)
+        bad = os.path.join(self.work, "bad.safetensors")
+        rewrite(self.good, bad, fills)
+        p = self.model_cmd(store, "register", bad)
         self.assertNotEqual(p.returncode, 0, p.stdout)
-        self.assert_names_nan(p.stderr.decode())
+        self.assertIn(reason, p.stderr.decode())
         # a file already in the registry (copied there by hand, or by an
         # older version) is checked again when promoted
         p = self.model_cmd(store, "register", self.good)
         self.assertEqual(p.returncode, 0, p.stderr)
         mid = p.stdout.decode().strip()
-        rewrite(self.good, os.path.join(store, "models", mid + ".safetensors"),
-                {"out.bias": lambda k: float("nan")})
+        rewrite(self.good, os.path.join(store, "models", mid + ".safetensors"), fills)
         p = self.model_cmd(store, "promote", mid)
         self.assertNotEqual(p.returncode, 0, p.stdout)
-        self.assert_names_nan(p.stderr.decode())
+        self.assertIn(reason, p.stderr.decode())
         self.assertFalse(os.path.exists(os.path.join(store, "models", "active.safetensors")))
 
-    def test_nan_weight_refused_at_start_and_at_reload(self):
+    def assert_refused_at_start_and_at_reload(self, make_bad, reason):
+        """make_bad(path) writes a bad model there: the node refuses it at
+        start (studies wait) and at reload (the old model is kept and used)."""
         model = os.path.join(self.work, "model.safetensors")
-        rewrite(self.nan, model, {})
+        make_bad(model)
         node = self.node(model)
         self.assertTrue(node.wait_event("model_not_loaded"), node.log_tail())
-        self.assert_names_nan(node.events("model_not_loaded")[-1])
+        self.assertIn(reason, node.events("model_not_loaded")[-1])
         study, _, files = self.phantom()
         self.send(node, files)
         self.wait_status(node, study, "waiting")
@@ -146,16 +145,39 @@ class BadModelTest(itest.NodeTest):
         node.proc.send_signal(signal.SIGHUP)
         self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
         self.wait_status(node, study, "triaged")
-        rewrite(self.nan, model, {})
+        make_bad(model)
         node.proc.send_signal(signal.SIGHUP)
         self.assertTrue(node.wait_event("model_reload_refused"), node.log_tail())
         line = node.events("model_reload_refused")[-1]
-        self.assert_names_nan(line)
+        self.assertIn(reason, line)
         self.assertIn("kept=old", line)
         study2, _, files2 = self.phantom()
         self.send(node, files2)
         row = self.wait_status(node, study2, "triaged")
         self.assertIsNotNone(row["probability"])
+
+    # ------------------------------------------------------------------
+    NAN = {"out.bias": lambda k: float("nan")}
+    NAN_REASON = "tensor out.bias holds a non-finite value"
+    # the first batch-norm's variance, one channel below zero: its square
+    # root is NaN, so every series would fail, and a reload would have
+    # dropped the good model for it
+    NEGVAR = {"cnn.features.1.running_var": lambda k: -0.5 if k == 3 else 1.0}
+    NEGVAR_REASON = "tensor cnn.features.1.running_var holds a negative variance at index 3"
+
+    def test_nan_weight_refused_by_the_registry(self):
+        self.assert_refused_by_the_registry(self.NAN, self.NAN_REASON)
+
+    def test_nan_weight_refused_at_start_and_at_reload(self):
+        self.assert_refused_at_start_and_at_reload(lambda p: rewrite(self.good, p, self.NAN),
+                                                   self.NAN_REASON)
+
+    def test_negative_variance_refused_by_the_registry(self):
+        self.assert_refused_by_the_registry(self.NEGVAR, self.NEGVAR_REASON)
+
+    def test_negative_variance_refused_at_start_and_at_reload(self):
+        self.assert_refused_at_start_and_at_reload(lambda p: rewrite(self.good, p, self.NEGVAR),
+                                                   self.NEGVAR_REASON)
 
     def test_text_from_the_model_cannot_forge_log_lines(self):
         model = os.path.join(self.work, "forged.safetensors")
