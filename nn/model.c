@@ -68,16 +68,18 @@ static char *xstrdup(const char *s)
 /* The keys nn_model_load() rebuilds the architecture from. */
 static int set_arch_meta(nn_model *m)
 {
-    char hidden[16], dense[16], dd[32];
+    char hidden[16], dense[16], dd[32], input[64];
     snprintf(hidden, sizeof(hidden), "%d", m->cfg.lstm_hidden);
     snprintf(dense, sizeof(dense), "%d", m->cfg.dense);
     snprintf(dd, sizeof(dd), "%g", (double)m->cfg.dense_dropout);
+    snprintf(input, sizeof(input), "%dx%dx%d", m->cfg.in_c, m->cfg.in_h, m->cfg.in_w);
     return nn_model_meta_set(m, "format", "ichtriage-lrcn-1") ||
-           nn_model_meta_set(m, "arch", m->arch) || nn_model_meta_set(m, "lstm_hidden", hidden) ||
-           nn_model_meta_set(m, "dense", dense) || nn_model_meta_set(m, "dense_dropout", dd);
+           nn_model_meta_set(m, "arch", m->arch) || nn_model_meta_set(m, "input", input) ||
+           nn_model_meta_set(m, "lstm_hidden", hidden) || nn_model_meta_set(m, "dense", dense) ||
+           nn_model_meta_set(m, "dense_dropout", dd);
 }
 
-nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
+nn_model *nn_model_build(const nn_config *c, char *err, size_t errlen)
 {
     /* the config may come from a file's metadata: bound every size */
     if (!c || !c->arch || c->in_c < 1 || c->in_c > 64 || c->in_h < 1 || c->in_h > 4096 ||
@@ -129,23 +131,32 @@ nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
     m->badam_v = m->adam_v;
     m->bbuffers = m->buffers;
     nn_arch_init_weights(m);
-    char seed[32], input[64], prov[96];
-    snprintf(seed, sizeof(seed), "%llu", (unsigned long long)c->seed);
-    snprintf(input, sizeof(input), "%dx%dx%d", c->in_c, c->in_h, c->in_w);
-    snprintf(prov, sizeof(prov), "untrained: initialised by nn_model_create seed=%s", seed);
-    if (nn_model_meta_set(m, "windows", "40/80,80/200,600/2800") ||
-        nn_model_meta_set(m, "labels", c->labels == 6 ? default_labels : "") ||
-        nn_model_meta_set(m, "thresholds", "0.5,0.5,0.5,0.5,0.5,0.5") ||
-        nn_model_meta_set(m, "preprocessing",
-                          "hu=stored*slope+intercept;window=clamp01;resize=area") ||
-        nn_model_meta_set(m, "provenance", prov) || nn_model_meta_set(m, "input", input) ||
-        set_arch_meta(m))
-        goto oom;
+    if (set_arch_meta(m)) goto oom;
     return m;
 oom:
     nn_errf(err, errlen, "out of memory");
     nn_model_free(m);
     return NULL;
+}
+
+nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen)
+{
+    nn_model *m = nn_model_build(c, err, errlen);
+    if (!m) return NULL;
+    char prov[96];
+    snprintf(prov, sizeof(prov), "untrained: initialised by nn_model_create seed=%llu",
+             (unsigned long long)c->seed);
+    if (nn_model_meta_set(m, "windows", "40/80,80/200,600/2800") ||
+        nn_model_meta_set(m, "labels", c->labels == 6 ? default_labels : "") ||
+        nn_model_meta_set(m, "thresholds", "0.5,0.5,0.5,0.5,0.5,0.5") ||
+        nn_model_meta_set(m, "preprocessing",
+                          "hu=stored*slope+intercept;window=clamp01;resize=area") ||
+        nn_model_meta_set(m, "provenance", prov)) {
+        nn_errf(err, errlen, "out of memory");
+        nn_model_free(m);
+        return NULL;
+    }
+    return m;
 }
 
 static void free_stack(nn_model *m, nn_stack *st)

@@ -119,6 +119,12 @@ struct nn_model {
     int nmeta;
 };
 
+/* model.c: nn_model_create without the metadata a new model starts with
+ * (windows, labels, thresholds, preprocessing, provenance): only the keys
+ * of its architecture (format, arch, input, lstm_hidden, dense,
+ * dense_dropout). nn_model_load adds the file's own, and no others. */
+nn_model *nn_model_build(const nn_config *c, char *err, size_t errlen);
+
 /* arch.c: layers, tensor table (sizes only) and stack layouts from m->cfg;
  * then, once the buffers exist, the initial weights from m->cfg.seed. */
 int nn_arch_build(nn_model *m, char *err, size_t errlen);

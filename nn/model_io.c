@@ -85,13 +85,15 @@ nn_model *nn_model_load(const char *path, char *err, size_t errlen)
     c.arch = nn_st_meta(f, "arch");
     const char *input = nn_st_meta(f, "input"), *labels = nn_st_meta(f, "labels");
     const char *dd = nn_st_meta(f, "dense_dropout");
-    if (!c.arch) {
-        nn_errf(err, errlen, "%s: metadata has no 'arch'", path);
+    /* what the file does not say is not made up: no default input size
+     * (the weights of a G or GM model fit any), and no other metadata than
+     * the file's own (nn_model_build, not nn_model_create) */
+    if (!c.arch || !input) {
+        nn_errf(err, errlen, "%s: metadata has no '%s'", path, c.arch ? "input" : "arch");
         goto out;
     }
     int end = 0;
-    if (input &&
-        (sscanf(input, "%dx%dx%d%n", &c.in_c, &c.in_h, &c.in_w, &end) != 3 || input[end])) {
+    if (sscanf(input, "%dx%dx%d%n", &c.in_c, &c.in_h, &c.in_w, &end) != 3 || input[end]) {
         nn_errf(err, errlen, "%s: metadata input='%.32s' is not CxHxW", path, input);
         goto out;
     }
@@ -107,7 +109,7 @@ nn_model *nn_model_load(const char *path, char *err, size_t errlen)
     if (meta_int(f, "lstm_hidden", 100, 1, 4096, &c.lstm_hidden, err, errlen) ||
         meta_int(f, "dense", 100, 1, 65536, &c.dense, err, errlen))
         goto out;
-    m = nn_model_create(&c, err, errlen);
+    m = nn_model_build(&c, err, errlen);
     if (!m) goto out;
     for (int i = 0; i < m->ntensors; i++) {
         nn_tensor *t = &m->tensors[i];

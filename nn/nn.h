@@ -68,7 +68,10 @@ void nn_config_default(nn_config *c);
 nn_model *nn_model_create(const nn_config *c, char *err, size_t errlen);
 /* Reads a safetensors model (into memory), builds the architecture its metadata
  * names and copies every tensor; a tensor missing, extra, of the wrong dtype
- * or shape is refused by name. Caller owns the result. */
+ * or shape is refused by name, as is a file without 'arch' or 'input'. The
+ * model's metadata is the file's: nothing of nn_model_create's (windows,
+ * labels, thresholds, provenance) stands in for a key it lacks. Caller owns
+ * the result. */
 nn_model *nn_model_load(const char *path, char *err, size_t errlen);
 /* Writes every tensor and the metadata; returns 0 or NN_EIO. */
 int nn_model_save(const nn_model *m, const char *path, char *err, size_t errlen);

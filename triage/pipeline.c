@@ -122,14 +122,16 @@ int triage_model_load(struct triage_model *m, const char *path, char *err, size_
     snprintf(m->version, sizeof m->version, "%s", v && v[0] ? v : base ? base + 1 : path);
     text_safe(m->version);
 
+    /* Windows, labels and thresholds are the model's own: a file without
+     * them is refused, never run with someone else's. */
     const char *windows = nn_model_meta_get(m->nn, "windows");
-    if (windows) {
-        if (triage_windows_parse(windows, &m->windows, e, sizeof e) != 0) {
-            snprintf(err, errlen, "model %s: %s", path, e);
-            goto fail;
-        }
-    } else {
-        triage_windows_default(&m->windows);
+    if (!windows) {
+        snprintf(err, errlen, "model %s: no 'windows' in its metadata", path);
+        goto fail;
+    }
+    if (triage_windows_parse(windows, &m->windows, e, sizeof e) != 0) {
+        snprintf(err, errlen, "model %s: %s", path, e);
+        goto fail;
     }
     if (triage_context_parse(nn_model_meta_get(m->nn, "context"), &m->context, e, sizeof e) != 0) {
         snprintf(err, errlen, "model %s: %s", path, e);
@@ -176,8 +178,12 @@ int triage_model_load(struct triage_model *m, const char *path, char *err, size_
     }
     float th[NN_MAX_LABELS];
     const char *ths = nn_model_meta_get(m->nn, "thresholds");
-    if (!ths || parse_floats(ths, th, count) != 0) {
-        snprintf(err, errlen, "model %s: 'thresholds' missing or not %d numbers", path, count);
+    if (!ths) {
+        snprintf(err, errlen, "model %s: no 'thresholds' in its metadata", path);
+        goto fail;
+    }
+    if (parse_floats(ths, th, count) != 0) {
+        snprintf(err, errlen, "model %s: 'thresholds' is not %d numbers", path, count);
         goto fail;
     }
     for (int l = 0; l < TRIAGE_LABELS; l++) {

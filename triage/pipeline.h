@@ -40,9 +40,10 @@ struct triage_model {
  * to out; returns 0, or -1 when none exists (out says what was tried). */
 int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n);
 
-/* Loads path. Refuses a file whose metadata lacks the six labels, has bad
- * windows, context or thresholds, or whose input channels are not its windows
- * times the 2 x context + 1 slices it sees. Returns 0, or -1
+/* Loads path. Refuses a file whose metadata lacks the six labels, windows or
+ * thresholds (nothing stands in for them), has bad windows, context or
+ * thresholds, or whose input channels are not its windows times the
+ * 2 x context + 1 slices it sees. Returns 0, or -1
  * with a message; m owns nothing then. */
 int triage_model_load(struct triage_model *m, const char *path, char *err, size_t errlen);
 void triage_model_free(struct triage_model *m);

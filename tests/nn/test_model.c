@@ -278,16 +278,24 @@ Test(model, frozen_cnn_is_left_alone)
     nn_model_free(m);
 }
 
+/* Saves m to a new temporary file; path is the mkstemp template, and gets
+ * the file's name. */
+static void save_temp(const nn_model *m, char *path)
+{
+    char err[256] = "";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+}
+
 Test(model, save_and_load_round_trip)
 {
     nn_model *m = tiny(4, 0.5f);
     cr_assert_eq(nn_model_meta_set(m, "thresholds", "0.3,0.2,0.2,0.2,0.2,0.2"), 0);
     cr_assert_eq(nn_model_meta_set(m, "provenance", "test"), 0);
     char path[] = "/tmp/nn_test_model_XXXXXX", err[256] = "";
-    int fd = mkstemp(path);
-    cr_assert(fd >= 0);
-    close(fd);
-    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    save_temp(m, path);
     nn_model *r = nn_model_load(path, err, sizeof(err));
     cr_assert(r, "%s", err);
     cr_expect_str_eq(nn_model_meta_get(r, "thresholds"), "0.3,0.2,0.2,0.2,0.2,0.2");
@@ -324,10 +332,7 @@ static void expect_refused(const char *name, float bad, const char *what)
     snprintf(want, sizeof want, "tensor %s holds a %s at index %zu", t.name, what, t.numel - 1);
     t.data[t.numel - 1] = bad;
     char path[] = "/tmp/nn_test_model_XXXXXX", err[256] = "";
-    int fd = mkstemp(path);
-    cr_assert(fd >= 0);
-    close(fd);
-    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    save_temp(m, path);
     cr_expect_null(nn_model_load(path, err, sizeof(err)), "%s with %g was loaded", name, bad);
     cr_expect(strstr(err, want) != NULL, "%s", err);
     nn_model_free(m);
@@ -358,10 +363,7 @@ static const char *load_edited(const char *key, const char *value, const char *e
     nn_model *m = tiny(4, 0.5f);
     if (key) cr_assert_eq(nn_model_meta_set(m, key, value), 0);
     char path[] = "/tmp/nn_test_model_XXXXXX";
-    int fd = mkstemp(path);
-    cr_assert(fd >= 0);
-    close(fd);
-    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    save_temp(m, path);
     nn_model_free(m);
     if (extra) {
         FILE *f = fopen(path, "rb");
@@ -410,6 +412,38 @@ Test(model, metadata_is_read_strictly)
     /* text from the file cannot end a log value or start a log line */
     e = load_edited("input", "3x8\"\nts=x event=forged\\", NULL);
     cr_expect(strstr(e, "input='3x8__ts=x event=forged_' is not CxHxW"), "%s", e);
+}
+
+/* A loaded model holds the file's metadata and nothing made up: a file
+ * without thresholds must not come back with nn_model_create's 0.5 (which
+ * the node would then flag at), nor one without provenance as "untrained".
+ * Its input size is not guessed either. */
+Test(model, a_loaded_model_has_only_the_files_metadata)
+{
+    static const char *const gone[] = {"thresholds", "labels", "windows", "provenance",
+                                       "preprocessing"};
+    nn_model *m = tiny(4, 0.5f);
+    for (size_t i = 0; i < sizeof gone / sizeof *gone; i++)
+        cr_assert_eq(nn_model_meta_set(m, gone[i], NULL), 0);
+    cr_assert_eq(nn_model_meta_set(m, "kept", "yes"), 0);
+    char path[] = "/tmp/nn_test_model_XXXXXX", err[256] = "";
+    save_temp(m, path);
+    nn_model *r = nn_model_load(path, err, sizeof(err));
+    cr_assert(r, "%s", err);
+    for (size_t i = 0; i < sizeof gone / sizeof *gone; i++)
+        cr_expect_null(nn_model_meta_get(r, gone[i]), "%s='%s' made up", gone[i],
+                       nn_model_meta_get(r, gone[i]));
+    cr_expect_str_eq(nn_model_meta_get(r, "kept"), "yes");
+    cr_expect_str_eq(nn_model_meta_get(r, "input"), "3x8x8");
+    nn_model_free(r);
+    cr_assert_eq(nn_model_meta_set(m, "input", NULL), 0);
+    cr_assert_eq(nn_model_save(m, path, err, sizeof(err)), 0, "%s", err);
+    r = nn_model_load(path, err, sizeof(err));
+    cr_expect_null(r, "loaded without an input size: %s", nn_model_meta_get(r, "input"));
+    cr_expect(strstr(err, "metadata has no 'input'"), "%s", err);
+    nn_model_free(r);
+    nn_model_free(m);
+    unlink(path);
 }
 
 /* The state vector (weight averaging): every parameter and running

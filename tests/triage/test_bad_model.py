@@ -10,6 +10,8 @@ threshold, so such a model used to triage every study "p=0, not flagged".
   (Inf, then Inf*0 = NaN), in the head or in the first convolution (the NaN
   passes every ReLU and max-pool), fails the series with a reason, in the
   node and in `ichtriage predict`: an unknown result is never a negative one.
+- A file without its thresholds, labels, windows or input size is refused
+  (nothing stands in for them), at start and at reload.
 - Text from the model file (its version, a metadata value in an error)
   cannot end a log value or start a forged log line.
 
@@ -49,12 +51,15 @@ def rewrite(src, dst, fills):
 
 
 def with_metadata(src, dst, **meta):
-    """Copies src to dst with __metadata__ entries set."""
+    """Copies src to dst with __metadata__ entries set (None: removed)."""
     with open(src, "rb") as f:
         b = f.read()
     hl = struct.unpack("<Q", b[:8])[0]
     header = json.loads(b[8:8 + hl])
     header["__metadata__"].update(meta)
+    for k, v in meta.items():
+        if v is None:
+            del header["__metadata__"][k]
     h = json.dumps(header).encode()
     with open(dst, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + b[8 + hl:])
@@ -178,6 +183,29 @@ class BadModelTest(itest.NodeTest):
     def test_negative_variance_refused_at_start_and_at_reload(self):
         self.assert_refused_at_start_and_at_reload(lambda p: rewrite(self.good, p, self.NEGVAR),
                                                    self.NEGVAR_REASON)
+
+    def test_model_without_thresholds_refused_at_start_and_at_reload(self):
+        # nn_model_create's 0.5 had stood in for them
+        self.assert_refused_at_start_and_at_reload(
+            lambda p: with_metadata(self.good, p, thresholds=None),
+            "no 'thresholds' in its metadata")
+
+    def test_model_without_its_metadata_refused_by_predict(self):
+        # each key the model alone can say: nothing of nn_model_create's
+        # stands in (labels and windows), no input size is guessed
+        study, folder, _ = self.phantom()
+        for key, reason in [("thresholds", "no 'thresholds' in its metadata"),
+                            ("labels", "no 'labels' in its metadata"),
+                            ("windows", "no 'windows' in its metadata"),
+                            ("input", "metadata has no 'input'")]:
+            model = os.path.join(self.work, "no-%s.safetensors" % key)
+            with_metadata(self.good, model, **{key: None})
+            p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--device", "cpu",
+                                "--set", "triage.model=" + model, "--json", folder],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.assertNotEqual(p.returncode, 0, (key, p.stdout))
+            self.assertEqual(p.stdout, b"", key)
+            self.assertIn(reason, p.stderr.decode(), key)
 
     def test_text_from_the_model_cannot_forge_log_lines(self):
         model = os.path.join(self.work, "forged.safetensors")
