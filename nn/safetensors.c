@@ -114,6 +114,60 @@ static int parse_tensor(nn_st_tensor *t, const cJSON *j, const uint8_t *data, si
     return 0;
 }
 
+/* A tensor's bytes in the data section, for the coverage check. */
+struct st_range {
+    size_t begin, end;
+    const char *name;
+};
+
+static int range_cmp(const void *a, const void *b)
+{
+    const struct st_range *x = a, *y = b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+/* The format's rule: the tensors cover the data section exactly, no two
+ * sharing a byte and no byte left to none (a hole could hide a second file;
+ * tensors that overlap are two views of one set of weights, which no writer
+ * makes). */
+static int check_coverage(const nn_st_file *f, const uint8_t *data, size_t data_size,
+                          const char *path, char *err, size_t errlen)
+{
+    struct st_range *r = malloc(sizeof(*r) * (f->ntensors > 0 ? (size_t)f->ntensors : 1));
+    if (!r) {
+        nn_errf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (int i = 0; i < f->ntensors; i++) {
+        const nn_st_tensor *t = &f->tensors[i];
+        r[i].begin = (size_t)((const uint8_t *)t->data - data);
+        r[i].end = r[i].begin + t->nbytes;
+        r[i].name = t->name;
+    }
+    qsort(r, (size_t)f->ntensors, sizeof(*r), range_cmp);
+    size_t at = 0;
+    int rc = 0;
+    for (int i = 0; i < f->ntensors && rc == 0; i++) {
+        if (r[i].begin < at) {
+            nn_errf(err, errlen, "%s: tensors %s and %s overlap", path, r[i - 1].name, r[i].name);
+            rc = -1;
+        } else if (r[i].begin > at) {
+            nn_errf(err, errlen, "%s: data bytes %zu to %zu belong to no tensor (before %s)", path,
+                    at, r[i].begin, r[i].name);
+            rc = -1;
+        }
+        at = r[i].end;
+    }
+    if (rc == 0 && at != data_size) {
+        nn_errf(err, errlen, "%s: data bytes %zu to %zu belong to no tensor (after the last)", path,
+                at, data_size);
+        rc = -1;
+    }
+    free(r);
+    return rc;
+}
+
 nn_st_file *nn_st_open(const char *path, char *err, size_t errlen)
 {
     nn_st_file *f = calloc(1, sizeof(*f));
@@ -212,6 +266,7 @@ nn_st_file *nn_st_open(const char *path, char *err, size_t errlen)
         if (parse_tensor(&f->tensors[f->ntensors], j, data, data_size, err, errlen) != 0) goto fail;
         f->ntensors++;
     }
+    if (check_coverage(f, data, data_size, path, err, errlen) != 0) goto fail;
     return f;
 fail_fd:
     close(fd);

@@ -3,7 +3,8 @@
  * Format: 8-byte little-endian header length, a JSON header mapping tensor
  * names to {"dtype", "shape", "data_offsets": [begin, end]} plus an optional
  * "__metadata__" object of string to string, then the raw little-endian data.
- * Every length and offset from the file is checked before use; a file that
+ * Every length and offset from the file is checked before use, and the
+ * tensors must cover the data exactly (no overlap, no hole); a file that
  * does not follow the format is refused with a message naming the problem. */
 #ifndef NN_SAFETENSORS_H
 #define NN_SAFETENSORS_H

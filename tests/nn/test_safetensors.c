@@ -124,6 +124,50 @@ Test(safetensors, duplicate_names)
     expect_refused("appears twice");
 }
 
+/* The tensors must cover the data exactly, as the format says: a byte of
+ * two tensors, or of none, is refused; the order of the header does not
+ * matter, nor do empty tensors. */
+Test(safetensors, data_covered_exactly)
+{
+    const char *h = "{\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]},"
+                    "\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,8]},"
+                    "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
+    write_raw(strlen(h), h, 12);
+    char err[256] = "";
+    nn_st_file *f = nn_st_open(path, err, sizeof(err));
+    cr_expect(f, "%s", err);
+    nn_st_close(f);
+    /* each header with its data bytes, and why it is refused */
+    static const struct {
+        const char *h;
+        size_t data;
+        const char *why;
+    } bad[] = {
+        /* as the reviewer made it: two tensors reading the same bytes */
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
+         8, "tensors a and b overlap"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
+         12, "tensors a and b overlap"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]}}",
+         8, "tensors a and e overlap"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+         12, "data bytes 4 to 8 belong to no tensor (before b)"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
+         "data bytes 0 to 4 belong to no tensor"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 9,
+         "data bytes 4 to 9 belong to no tensor (after the last)"},
+        {"{\"__metadata__\":{\"k\":\"v\"}}", 4, "data bytes 0 to 4 belong to no tensor"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        write_raw(strlen(bad[i].h), bad[i].h, bad[i].data);
+        expect_refused(bad[i].why);
+    }
+}
+
 /* A header of n empty tensors t0, t1, ... */
 static void write_many(int n)
 {
@@ -221,6 +265,42 @@ Test(safetensors, model_mismatch_names_the_tensor)
     cr_expect_null(nn_model_load(other, err, sizeof(err)));
     cr_expect(strstr(err, "arch") != NULL, "%s", err);
     unlink(other);
+}
+
+/* A real model whose two tensors share their data is refused by the loader
+ * too (the weights of one would silently be another's). */
+Test(safetensors, model_with_overlapping_tensors_is_refused)
+{
+    copy_ref_model(0);
+    FILE *in = fopen(path, "rb");
+    cr_assert(in);
+    fseek(in, 0, SEEK_END);
+    long len = ftell(in);
+    fseek(in, 0, SEEK_SET);
+    char *b = malloc(len + 1);
+    cr_assert(b && fread(b, 1, len, in) == (size_t)len);
+    fclose(in);
+    b[len] = 0;
+    /* dense.0.bias moved onto the first bytes of the data, in a header of
+     * the same length ("[0,24]" padded with spaces) */
+    char *at = strstr(b + 8, "\"dense.0.bias\"");
+    cr_assert(at);
+    at = strstr(at, "\"data_offsets\":[");
+    cr_assert(at);
+    at += strlen("\"data_offsets\":[");
+    size_t w = strcspn(at, "]");
+    char repl[32];
+    int rl = snprintf(repl, sizeof repl, "0,%d", 6 * 4);
+    cr_assert((size_t)rl <= w);
+    memset(at, ' ', w);
+    memcpy(at, repl, (size_t)rl);
+    FILE *out = fopen(path, "wb");
+    cr_assert(out && fwrite(b, 1, len, out) == (size_t)len);
+    fclose(out);
+    free(b);
+    char err[256] = "";
+    cr_expect_null(nn_model_load(path, err, sizeof(err)));
+    cr_expect(strstr(err, "overlap") && strstr(err, "dense.0.bias"), "%s", err);
 }
 
 /* Damaged copies of a real model file (bytes of the header and data changed,
