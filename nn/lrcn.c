@@ -6,9 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Slices per CNN call at inference: bounds the workspaces for 1000-slice series. */
-#define NN_INFER_BATCH 32
-
 static int sum_lengths(const int *len, int S)
 {
     if (!len || S < 1) return -1;

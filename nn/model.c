@@ -13,6 +13,11 @@
 
 /* 4 GiB of weights; VGG19's LRCN has 36 M. */
 #define NN_MAX_PARAMS (1u << 30)
+/* Floats in the largest layer output (or input) of one slice. Inference
+ * holds three buffers of NN_INFER_BATCH times this (nn_stack_reserve): at
+ * 2^24, 2 GiB each. VGG19 at 512x512, the largest input `ichtriage train`
+ * makes, is right at it; its documented 128x128 needs 1/16 of it. */
+#define NN_MAX_ACT (1u << 24)
 
 static const char *const default_labels =
     "any,epidural,intraparenchymal,intraventricular,subarachnoid,subdural";
@@ -107,6 +112,16 @@ nn_model *nn_model_build(const nn_config *c, char *err, size_t errlen)
     if (m->nparams > NN_MAX_PARAMS) {
         nn_errf(err, errlen, "arch: %zu parameters, more than the %zu allowed", m->nparams,
                 (size_t)NN_MAX_PARAMS);
+        nn_model_free(m);
+        return NULL;
+    }
+    /* refused here, not at the first series: its buffers could never be had */
+    if (m->cnn.max_act > NN_MAX_ACT) {
+        nn_errf(err, errlen,
+                "arch: a layer of %zu values per %dx%d slice, more than the %zu allowed (%zu MiB "
+                "for a batch of %d slices)",
+                m->cnn.max_act, c->in_h, c->in_w, (size_t)NN_MAX_ACT,
+                m->cnn.max_act * NN_INFER_BATCH * sizeof(float) >> 20, NN_INFER_BATCH);
         nn_model_free(m);
         return NULL;
     }

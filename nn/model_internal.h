@@ -119,6 +119,10 @@ struct nn_model {
     int nmeta;
 };
 
+/* Slices per CNN call at inference: bounds the workspaces for 1000-slice
+ * series (lrcn.c), and so the largest layer a model may have (model.c). */
+#define NN_INFER_BATCH 32
+
 /* model.c: nn_model_create without the metadata a new model starts with
  * (windows, labels, thresholds, preprocessing, provenance): only the keys
  * of its architecture (format, arch, input, lstm_hidden, dense,

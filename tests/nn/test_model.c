@@ -527,6 +527,27 @@ Test(model, sizes_from_a_file_are_bounded)
     c.in_h = c.in_w = 4096;
     cr_expect_null(nn_model_create(&c, err, sizeof(err)));
     cr_expect(strstr(err, "F flattens 2147483648 features") != NULL, "%s", err);
+    /* A layer's output per slice: 64 channels at 512x512 (VGG19's first
+     * ones at the largest input train makes) is the most; weights far under
+     * their cap do not make a layer of 65536 channels at 128x128 fit (2^30
+     * values per slice, 128 GiB for a batch), refused at load, not at the
+     * first series */
+    nn_config_default(&c);
+    c.arch = "c64,G|";
+    c.in_h = c.in_w = 512;
+    nn_model *m = nn_model_create(&c, err, sizeof(err));
+    cr_expect(m, "%s", err);
+    nn_model_free(m);
+    c.arch = "c65,G|";
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "a layer of 17039360 values per 512x512 slice, more than the 16777216"),
+              "%s", err);
+    nn_config_default(&c);
+    c.arch = "c65536,G|";
+    cr_expect_null(nn_model_create(&c, err, sizeof(err)));
+    cr_expect(strstr(err, "a layer of 1073741824 values per 128x128 slice") &&
+                  strstr(err, "131072 MiB for a batch of 32 slices"),
+              "%s", err);
 }
 
 Test(model, backward_needs_a_training_forward)

@@ -11,7 +11,8 @@ threshold, so such a model used to triage every study "p=0, not flagged".
   passes every ReLU and max-pool), fails the series with a reason, in the
   node and in `ichtriage predict`: an unknown result is never a negative one.
 - A file without its thresholds, labels, windows or input size is refused
-  (nothing stands in for them), at start and at reload.
+  (nothing stands in for them), at start and at reload; so is one whose
+  layers are too large to run a batch of slices through.
 - Text from the model file (its version, a metadata value in an error)
   cannot end a log value or start a forged log line.
 
@@ -63,6 +64,29 @@ def with_metadata(src, dst, **meta):
     h = json.dumps(header).encode()
     with open(dst, "wb") as f:
         f.write(struct.pack("<Q", len(h)) + h + b[8 + hl:])
+
+
+def widen(src, dst, old, new):
+    """Writes dst: the model src (of a spec with a layer of `old` channels,
+    no other dimension equal to it) with that layer `new` channels wide,
+    every value 0."""
+    with open(src, "rb") as f:
+        b = f.read()
+    hl = struct.unpack("<Q", b[:8])[0]
+    header = json.loads(b[8:8 + hl])
+    meta = header.pop("__metadata__")
+    meta["arch"] = meta["arch"].replace("c%d," % old, "c%d," % new)
+    out, off = {"__metadata__": meta}, 0
+    for name, t in header.items():
+        shape = [new if d == old else d for d in t["shape"]]
+        n = {"F32": 4, "I64": 8}[t["dtype"]]
+        for d in shape:
+            n *= d
+        out[name] = {"dtype": t["dtype"], "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(out).encode()
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + bytes(off))
 
 
 class BadModelTest(itest.NodeTest):
@@ -206,6 +230,17 @@ class BadModelTest(itest.NodeTest):
             self.assertNotEqual(p.returncode, 0, (key, p.stdout))
             self.assertEqual(p.stdout, b"", key)
             self.assertIn(reason, p.stderr.decode(), key)
+
+    def test_model_too_wide_to_run_refused_at_start_and_at_reload(self):
+        # 2048 channels at 128x128: 2^25 values per slice, 4 GiB per batch
+        # of 32 slices; its weights are small, so it had loaded, and failed
+        # every series ("model failed on a series of N slices") for want of
+        # its buffers, a reload having dropped the working model for it
+        narrow = os.path.join(self.work, "narrow.safetensors")
+        subprocess.run([MAKE_MODEL, narrow, "c5,G|"], check=True)
+        self.assert_refused_at_start_and_at_reload(
+            lambda p: widen(narrow, p, 5, 2048),
+            "arch: a layer of 33554432 values per 128x128 slice, more than the 16777216 allowed")
 
     def test_text_from_the_model_cannot_forge_log_lines(self):
         model = os.path.join(self.work, "forged.safetensors")
