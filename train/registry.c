@@ -16,6 +16,7 @@
 #include "config.h"
 #include "log.h"
 #include "nn.h"
+#include "pipeline.h"
 #include "trainer.h"
 
 /* Run as root (`sudo ichtriage model promote`), what is made in a folder
@@ -168,11 +169,14 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
 {
     char dir[1100], dst[1200];
     if (mkdirs(store_dir, dir, sizeof dir, err, errlen) != 0) return -1;
-    nn_model *m = nn_model_load(model_path, err, errlen);
-    if (!m) return -1;
+    /* Checked as the node checks what it loads (labels, thresholds,
+     * windows): a model the node would refuse is no candidate. */
+    struct triage_model tm;
+    if (triage_model_load(&tm, model_path, err, errlen) != 0) return -1;
+    nn_model *m = tm.nn;
     int lock = registry_lock(dir, err, errlen);
     if (lock < 0) {
-        nn_model_free(m);
+        triage_model_free(&tm);
         return -1;
     }
     reconcile(dir);
@@ -202,7 +206,7 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
         }
         if (fd >= 0) close(fd);
     }
-    nn_model_free(m);
+    triage_model_free(&tm);
     close(lock);
     if (rc == 0) util_log(UTIL_LOG_INFO, "model_registered", "id=%s", id);
     return rc;
@@ -265,9 +269,9 @@ static int activate(const char *dir, const char *id, char *err, size_t errlen)
         snprintf(err, errlen, "no registered model '%s' (see: ichtriage model list)", id);
         return -1;
     }
-    nn_model *m = nn_model_load(src, err, errlen);
-    if (!m) return -1;
-    nn_model_free(m);
+    struct triage_model tm;
+    if (triage_model_load(&tm, src, err, errlen) != 0) return -1;
+    triage_model_free(&tm);
     return copy_file(src, dst, dir, err, errlen);
 }
 

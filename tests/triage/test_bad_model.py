@@ -214,6 +214,27 @@ class BadModelTest(itest.NodeTest):
             lambda p: with_metadata(self.good, p, thresholds=None),
             "no 'thresholds' in its metadata")
 
+    def test_model_the_node_would_refuse_is_refused_by_the_registry(self):
+        # `model register` and `promote` checked the file as nn/ reads it,
+        # not as the node does: a model without thresholds, labels or
+        # windows was registered and promoted, and the node then refused it
+        store = os.path.join(self.work, "store")
+        for key in ("thresholds", "labels", "windows"):
+            bad = os.path.join(self.work, "no-%s.safetensors" % key)
+            with_metadata(self.good, bad, **{key: None})
+            p = self.model_cmd(store, "register", bad)
+            self.assertNotEqual(p.returncode, 0, (key, p.stdout))
+            self.assertIn("no '%s' in its metadata" % key, p.stderr.decode())
+            p = self.model_cmd(store, "register", self.good)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            mid = p.stdout.decode().strip()
+            with_metadata(self.good, os.path.join(store, "models", mid + ".safetensors"),
+                          **{key: None})
+            p = self.model_cmd(store, "promote", mid)
+            self.assertNotEqual(p.returncode, 0, (key, p.stdout))
+            self.assertIn("no '%s' in its metadata" % key, p.stderr.decode())
+        self.assertFalse(os.path.exists(os.path.join(store, "models", "active.safetensors")))
+
     def test_model_without_its_metadata_refused_by_predict(self):
         # each key the model alone can say: nothing of nn_model_create's
         # stands in (labels and windows), no input size is guessed
