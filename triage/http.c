@@ -198,27 +198,44 @@ int http_param(const char *q, size_t len, const char *name, char *out, size_t n)
     return 0;
 }
 
-/* True when s (an address, n bytes) is one inet_pton reads. */
-static bool is_address(const char *s, size_t n)
+/* An address as it is compared, logged and counted: s (n bytes) as
+ * inet_pton reads it, written back in inet_ntop's form into out[outn]; an
+ * IPv4 address in IPv6's mapped form (::ffff:a.b.c.d, how a dual-stack
+ * listener such as [::]:port sees IPv4 peers) as plain IPv4. False when s is
+ * not an address (out is then unchanged). */
+static bool canon_address(const char *s, size_t n, char *out, size_t outn)
 {
-    char a[INET6_ADDRSTRLEN];
-    unsigned char bin[sizeof(struct in6_addr)];
+    char a[INET6_ADDRSTRLEN], text[INET6_ADDRSTRLEN];
+    struct in6_addr bin;
     if (n == 0 || n >= sizeof a) return false;
     memcpy(a, s, n);
     a[n] = 0;
-    return inet_pton(AF_INET, a, bin) == 1 || inet_pton(AF_INET6, a, bin) == 1;
+    if (inet_pton(AF_INET, a, &bin) == 1) {
+        inet_ntop(AF_INET, &bin, text, sizeof text);
+    } else if (inet_pton(AF_INET6, a, &bin) != 1) {
+        return false;
+    } else if (IN6_IS_ADDR_V4MAPPED(&bin)) {
+        inet_ntop(AF_INET, &bin.s6_addr[12], text, sizeof text);
+    } else {
+        inet_ntop(AF_INET6, &bin, text, sizeof text);
+    }
+    if (strlen(text) >= outn) return false;
+    snprintf(out, outn, "%s", text);
+    return true;
 }
 
 void http_peer(struct triage_http *h, h2o_req_t *req, char *out, size_t n)
 {
     struct sockaddr_storage ss;
+    char text[INET6_ADDRSTRLEN] = "";
     snprintf(out, n, "?");
     socklen_t len = req->conn->callbacks->get_peername(req->conn, (struct sockaddr *)&ss);
     if (len == 0) return;
     if (ss.ss_family == AF_INET)
-        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, out, (socklen_t)n);
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, text, sizeof text);
     else if (ss.ss_family == AF_INET6)
-        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, out, (socklen_t)n);
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, text, sizeof text);
+    if (!canon_address(text, strlen(text), out, n)) return;
     /* From a trusted proxy: the client is the address it appended last to
      * X-Forwarded-For (what the client itself wrote before it is not
      * believed). From anyone else the header is ignored. */
@@ -231,11 +248,7 @@ void http_peer(struct triage_http *h, h2o_req_t *req, char *out, size_t n)
     last = last ? last + 1 : xff;
     while (*last == ' ' || *last == '\t')
         last++;
-    size_t k = strcspn(last, " \t");
-    if (is_address(last, k) && k < n) {
-        memcpy(out, last, k);
-        out[k] = 0;
-    }
+    canon_address(last, strcspn(last, " \t"), out, n);
 }
 
 /* http.trusted_proxies ("a, b") into ",a,b," in out[n]; each must be an
@@ -248,15 +261,17 @@ static int parse_proxies(const char *list, char *out, size_t n, char *err, size_
         p += strspn(p, " \t,");
         size_t k = strcspn(p, " \t,");
         if (k == 0) break;
-        if (!is_address(p, k)) {
+        char addr[INET6_ADDRSTRLEN];
+        if (!canon_address(p, k, addr, sizeof addr)) {
             snprintf(err, errlen, "http.trusted_proxies: '%.*s' is not an IP address", (int)k, p);
             return -1;
         }
-        if (at + k + 2 >= n) {
+        size_t al = strlen(addr);
+        if (at + al + 2 >= n) {
             snprintf(err, errlen, "http.trusted_proxies: more than %zu characters", n - 2);
             return -1;
         }
-        at += (size_t)snprintf(out + at, n - at, ",%.*s", (int)k, p);
+        at += (size_t)snprintf(out + at, n - at, ",%s", addr);
         p += k;
     }
     if (at) snprintf(out + at, n - at, ",");

@@ -235,6 +235,38 @@ class AuthTest(wt.WebTest):
         self.assertIn("http.trusted_proxies: 'nginx.local' is not an IP address", str(cm.exception))
         self.assertFalse(os.path.exists(os.path.join(self.nodes[-1].store_dir, "ichtriage.db")))
 
+    def test_trusted_proxy_on_a_dual_stack_listener(self):
+        """On [::]:port IPv4 peers arrive as ::ffff:a.b.c.d: the proxy named
+        as 127.0.0.1 was never recognised, X-Forwarded-For was ignored and
+        every browser behind it shared one count (and logs named
+        ::ffff:127.0.0.1). Mapped addresses are IPv4 again, also in the
+        header and in the list (an entry written ::ffff:... matches too)."""
+        wrong = {"user": "alice", "password": "nope"}
+        right = {"user": "bob", "password": "bob-pw"}
+
+        def login(node, body, client):
+            return self.req(node, "/login", "POST", body,
+                            ["X-Forwarded-For: %s" % client])[0]
+
+        for proxy, client in (("127.0.0.1", "198.51.100.1"),
+                              ("::ffff:127.0.0.1", "::ffff:198.51.100.1")):
+            port = dt.free_port()
+            node = self.public_node(**{"http.listen": "[::]:%d" % port,
+                                       "http.trusted_proxies": proxy})
+            node.base = "https://127.0.0.1:%d" % port
+            for _ in range(5):
+                self.assertEqual(login(node, wrong, client), 401)
+            self.assertEqual(login(node, wrong, client), 429, "the typist is held")
+            self.assertEqual(login(node, right, "198.51.100.2"), 200, node.log_tail())
+            self.assertTrue(any("peer=198.51.100.1" in l
+                                for l in node.events("login_throttled")), node.log_tail())
+            self.assertNotIn("::ffff:", node.log())
+            audit = [r[0] for r in node.query("SELECT detail FROM audit WHERE action = 'login'")]
+            self.assertEqual(audit, ["198.51.100.2"])
+            self.assertEqual(node.stop(), 0)
+            self.nodes.remove(node)
+            shutil.rmtree(node.store_dir)
+
     def test_many_pages_share_one_connection_over_http2(self):
         """Each open page holds an event stream; over HTTP/1.1 a browser keeps
         six connections per host, so a seventh tab loaded nothing. Over TLS
