@@ -133,7 +133,7 @@ bool http_header(h2o_req_t *req, const char *name, char *out, size_t n)
     return true;
 }
 
-bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n)
+int http_cookie(h2o_req_t *req, const char *name, int nth, char *out, size_t n)
 {
     size_t nl = strlen(name);
     for (ssize_t i = -1; (i = h2o_find_header(&req->headers, H2O_TOKEN_COOKIE, i)) >= 0;) {
@@ -144,17 +144,17 @@ bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n)
                 p++;
             const char *semi = memchr(p, ';', (size_t)(end - p));
             const char *stop = semi ? semi : end;
-            if ((size_t)(stop - p) > nl && memcmp(p, name, nl) == 0 && p[nl] == '=') {
+            if ((size_t)(stop - p) > nl && memcmp(p, name, nl) == 0 && p[nl] == '=' && nth-- == 0) {
                 size_t len = (size_t)(stop - p) - nl - 1;
-                if (len >= n) return false;
+                if (len >= n) return -1;
                 memcpy(out, p + nl + 1, len);
                 out[len] = '\0';
-                return true;
+                return 1;
             }
             p = stop;
         }
     }
-    return false;
+    return 0;
 }
 
 static int hexval(int c)

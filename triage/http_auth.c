@@ -15,7 +15,10 @@
 #include "db_web.h"
 #include "log.h"
 
-#define COOKIE "ichtriage_session"
+/* __Host-: a browser keeps it only from a secure origin, for Path=/ and
+ * without Domain, so neither a neighbouring host of a parent domain nor a
+ * plain-HTTP answer can set one beside ours. */
+#define COOKIE "__Host-ichtriage_session"
 
 int http_auth_load(struct triage_http *h, const char *path, char *err, size_t errlen)
 {
@@ -83,14 +86,27 @@ static bool same_token(const char *a, const char *b)
     return d == 0 && la > 0;
 }
 
-static struct http_session *find_session(struct triage_http *h, h2o_req_t *req)
+static struct http_session *live_session(struct triage_http *h, const char *token)
 {
-    char token[80];
-    if (!http_cookie(req, COOKIE, token, sizeof token)) return NULL;
     int64_t now = http_clock_ms();
     for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
         struct http_session *s = &h->sessions[i];
         if (s->token[0] && s->expires_ms > now && same_token(s->token, token)) return s;
+    }
+    return NULL;
+}
+
+/* The live session of one of the request's session cookies: each is tried
+ * (up to HTTP_SESSION_COOKIES), since a stale or planted one may come
+ * before the reader's own. */
+static struct http_session *find_session(struct triage_http *h, h2o_req_t *req)
+{
+    char token[80];
+    for (int c = 0; c < HTTP_SESSION_COOKIES; c++) {
+        int got = http_cookie(req, COOKIE, c, token, sizeof token);
+        if (got == 0) break;
+        struct http_session *s = got > 0 ? live_session(h, token) : NULL;
+        if (s) return s;
     }
     return NULL;
 }
@@ -114,12 +130,7 @@ int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who)
 bool http_auth_session_live(struct triage_http *h, const char *token)
 {
     if (!token[0]) return h->loopback;
-    int64_t now = http_clock_ms();
-    for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
-        const struct http_session *s = &h->sessions[i];
-        if (s->token[0] && s->expires_ms > now && same_token(s->token, token)) return true;
-    }
-    return false;
+    return live_session(h, token) != NULL;
 }
 
 bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who)

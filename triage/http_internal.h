@@ -14,9 +14,10 @@
 #define HTTP_MAX_BODY (64 * 1024) /* largest request body accepted */
 /* An opening of a study is audited once per person in this window. */
 #define HTTP_AUDIT_OPENED_MS (10 * 60 * 1000)
-#define HTTP_MAX_SSE 64       /* event streams at once */
-#define HTTP_MAX_SESSIONS 256 /* logged-in sessions at once */
-#define HTTP_MAX_USERS 256    /* users file lines */
+#define HTTP_MAX_SSE 64         /* event streams at once */
+#define HTTP_MAX_SESSIONS 256   /* logged-in sessions at once */
+#define HTTP_SESSION_COOKIES 16 /* session cookies of one request tried */
+#define HTTP_MAX_USERS 256      /* users file lines */
 #define HTTP_SESSION_MS (12 * 3600 * 1000LL)
 #define HTTP_FAIL_SLOTS 64 /* addresses tracked for failed logins */
 #define HTTP_FAIL_MAX 5    /* failed logins per address per window */
@@ -122,10 +123,14 @@ int http_send_json(h2o_req_t *req, int status, cJSON *json); /* takes json */
 int http_send_error(h2o_req_t *req, int status, const char *message);
 void http_add_header(h2o_req_t *req, const char *name, const char *value);
 bool http_method_is(h2o_req_t *req, const char *m);
-/* Value of a header (lower-case name) or of a cookie into out; false when
- * absent or longer than out holds. */
+/* Value of a header (lower-case name) into out; false when absent or longer
+ * than out holds. */
 bool http_header(h2o_req_t *req, const char *name, char *out, size_t n);
-bool http_cookie(h2o_req_t *req, const char *name, char *out, size_t n);
+/* Value of the nth (from 0) cookie called name into out: 1; 0 when there
+ * are not that many; -1 when that one is longer than out holds (out is then
+ * unchanged, never a cut value). A browser sends several of one name when
+ * they were set for other paths or by a parent domain. */
+int http_cookie(h2o_req_t *req, const char *name, int nth, char *out, size_t n);
 /* Decoded value of a query parameter (or form field in body) into out: 1;
  * 0 when absent; -1 when longer than out holds, named without "=" or with a
  * NUL in its value (out is then "", never a truncated value: a cut password

@@ -267,6 +267,38 @@ class AuthTest(wt.WebTest):
             self.nodes.remove(node)
             shutil.rmtree(node.store_dir)
 
+    def test_every_session_cookie_is_tried(self):
+        """A browser sends several cookies of one name (other paths, a parent
+        domain's): only the first was tried, so a stale or planted one
+        before the reader's own answered 401. The cookie is __Host-: Secure,
+        Path=/, no Domain, so no other host can set one beside it."""
+        node = self.public_node()
+        status, hd, body = self.req(node, "/login", "POST",
+                                    {"user": "alice", "password": "alice-pw"})
+        self.assertEqual(status, 200, body)
+        cookie = hd["set-cookie"][0]
+        pair, attrs = cookie.split(";", 1)
+        name, token = pair.split("=", 1)
+        self.assertEqual(name, "__Host-ichtriage_session")
+        self.assertIn("Path=/;", attrs.replace(" ", "") + ";")
+        self.assertIn("Secure", attrs)
+        self.assertNotIn("domain", attrs.lower())
+        for sent in ("%s=bogus; %s=%s" % (name, name, token),
+                     "%s=%s; %s=%s" % (name, "f" * 200, name, token),
+                     "other=1; %s=; %s=%s" % (name, name, token)):
+            status, _, body = self.req(node, "/api/session", headers=["Cookie: " + sent])
+            self.assertEqual(status, 200, (sent, body))
+            self.assertEqual(json.loads(body)["user"], "alice")
+        # Two Cookie headers (HTTP/2 sends each cookie in its own).
+        status, _, _ = self.req(node, "/api/session", headers=[
+            "Cookie: %s=bogus" % name, "Cookie: %s=%s" % (name, token)])
+        self.assertEqual(status, 200)
+        self.assertEqual(self.req(node, "/api/session",
+                                  headers=["Cookie: %s=bogus" % name])[0], 401)
+        # The old name is not a session any more.
+        self.assertEqual(self.req(node, "/api/session",
+                                  headers=["Cookie: ichtriage_session=" + token])[0], 401)
+
     def test_many_pages_share_one_connection_over_http2(self):
         """Each open page holds an event stream; over HTTP/1.1 a browser keeps
         six connections per host, so a seventh tab loaded nothing. Over TLS
