@@ -2,11 +2,14 @@
  * actions are the local user's ("local"). Elsewhere: users and crypt(3)
  * hashes (yescrypt, sha512-crypt) from http.users, a session cookie
  * (HttpOnly, Secure, SameSite=Strict) after POST /login, a CSRF token per
- * session that every POST must carry in X-CSRF-Token, and at most
- * HTTP_FAIL_MAX failed logins per address per HTTP_FAIL_WINDOW_MS. */
+ * session that every POST must carry in X-CSRF-Token, at most
+ * HTTP_FAIL_MAX failed logins per address per HTTP_FAIL_WINDOW_MS and
+ * HTTP_NAME_FAIL_MAX per user name per HTTP_NAME_FAIL_WINDOW_MS. */
 #include "http_internal.h"
 
 #include <crypt.h>
+#include <limits.h>
+#include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +22,87 @@
  * without Domain, so neither a neighbouring host of a parent domain nor a
  * plain-HTTP answer can set one beside ours. */
 #define COOKIE "__Host-ichtriage_session"
+
+/* A hash of key under secret (random), so that nobody can pick names or
+ * addresses that all hash alike. */
+static uint32_t keyed_hash(const char secret[HTTP_HASH_KEY], const char *key)
+{
+    unsigned char in[HTTP_HASH_KEY + HTTP_USER_MAX], md[SHA256_DIGEST_LENGTH];
+    size_t kl = strnlen(key, HTTP_USER_MAX);
+    memcpy(in, secret, HTTP_HASH_KEY);
+    memcpy(in + HTTP_HASH_KEY, key, kl);
+    SHA256(in, HTTP_HASH_KEY + kl, md);
+    return (uint32_t)md[0] << 24 | (uint32_t)md[1] << 16 | (uint32_t)md[2] << 8 | md[3];
+}
+
+int http_fails_init(struct http_fails *t, int64_t window_ms)
+{
+    memset(t, 0, sizeof *t);
+    t->window_ms = window_ms;
+    t->cap = (int)HTTP_FAILS_IN(window_ms);
+    http_random_hex(t->secret, HTTP_HASH_KEY / 2);
+    t->ring = calloc((size_t)t->cap, sizeof *t->ring);
+    return t->ring ? 0 : -1;
+}
+
+void http_fails_free(struct http_fails *t)
+{
+    /* Names tried may be passwords typed into the wrong field. */
+    if (t->ring) explicit_bzero(t->ring, (size_t)t->cap * sizeof *t->ring);
+    free(t->ring);
+    t->ring = NULL;
+    t->n = 0;
+}
+
+static int *fails_chain(struct http_fails *t, const char *key)
+{
+    return &t->chain[keyed_hash(t->secret, key) % HTTP_FAIL_BUCKETS];
+}
+
+/* Drops the entries whose window has passed at now (oldest first). */
+static void fails_expire(struct http_fails *t, int64_t now)
+{
+    while (t->n > 0 && now - t->ring[t->head].first_ms > t->window_ms) {
+        struct http_fail *old = &t->ring[t->head];
+        int *link = fails_chain(t, old->key);
+        while (*link != t->head + 1)
+            link = &t->ring[*link - 1].next;
+        *link = old->next;
+        explicit_bzero(old, sizeof *old);
+        t->head = (t->head + 1) % t->cap;
+        t->n--;
+    }
+}
+
+static struct http_fail *fails_find(struct http_fails *t, const char *key, int64_t now)
+{
+    fails_expire(t, now);
+    for (int e = *fails_chain(t, key); e; e = t->ring[e - 1].next)
+        if (strcmp(t->ring[e - 1].key, key) == 0) return &t->ring[e - 1];
+    return NULL;
+}
+
+int http_fails_count(struct http_fails *t, const char *key, int64_t now)
+{
+    struct http_fail *f = fails_find(t, key, now);
+    return f ? f->count : t->n == t->cap ? INT_MAX : 0;
+}
+
+void http_fails_add(struct http_fails *t, const char *key, int64_t now)
+{
+    struct http_fail *f = fails_find(t, key, now);
+    if (!f && t->n < t->cap) {
+        int at = (t->head + t->n) % t->cap;
+        f = &t->ring[at];
+        snprintf(f->key, sizeof f->key, "%s", key);
+        f->first_ms = now;
+        int *chain = fails_chain(t, key);
+        f->next = *chain;
+        *chain = at + 1;
+        t->n++;
+    }
+    if (f) f->count++;
+}
 
 int http_auth_load(struct triage_http *h, const char *path, char *err, size_t errlen)
 {
@@ -66,6 +150,11 @@ int http_auth_load(struct triage_http *h, const char *path, char *err, size_t er
         snprintf(err, errlen, "http.users %s: no users", path);
         return -1;
     }
+    if (http_fails_init(&h->addr_fails, HTTP_FAIL_WINDOW_MS) != 0 ||
+        http_fails_init(&h->name_fails, HTTP_NAME_FAIL_WINDOW_MS) != 0) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     return 0;
 }
 
@@ -74,6 +163,8 @@ void http_auth_free(struct triage_http *h)
     if (h->users) explicit_bzero(h->users, HTTP_MAX_USERS * sizeof *h->users);
     free(h->users);
     h->users = NULL;
+    http_fails_free(&h->addr_fails);
+    http_fails_free(&h->name_fails);
 }
 
 /* Constant-time comparison of two NUL-terminated tokens. */
@@ -139,23 +230,6 @@ bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who)
     return http_header(req, "x-csrf-token", got, sizeof got) && same_token(who->csrf, got);
 }
 
-static struct http_fail *fail_slot(struct triage_http *h, const char *addr, bool create)
-{
-    int64_t now = http_clock_ms();
-    struct http_fail *oldest = &h->fails[0];
-    for (int i = 0; i < HTTP_FAIL_SLOTS; i++) {
-        struct http_fail *f = &h->fails[i];
-        if (f->addr[0] && now - f->first_ms > HTTP_FAIL_WINDOW_MS) f->addr[0] = '\0';
-        if (f->addr[0] && strcmp(f->addr, addr) == 0) return f;
-        if (!f->addr[0] || f->first_ms < oldest->first_ms) oldest = f;
-    }
-    if (!create) return NULL;
-    memset(oldest, 0, sizeof *oldest);
-    snprintf(oldest->addr, sizeof oldest->addr, "%s", addr);
-    oldest->first_ms = now;
-    return oldest;
-}
-
 static bool check_password(const struct http_user *u, const char *password)
 {
     struct crypt_data cd;
@@ -211,8 +285,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"from another site\"", addr);
         return http_send_error(req, 403, "login only from this node's own page");
     }
-    struct http_fail *f = fail_slot(h, addr, false);
-    if (f && f->count >= HTTP_FAIL_MAX) {
+    if (http_fails_count(&h->addr_fails, addr, http_clock_ms()) >= HTTP_FAIL_MAX) {
         util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s", addr);
         return http_send_error(req, 429, "too many failed logins; try again later");
     }
@@ -229,27 +302,42 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         http_param(req->entity.base, req->entity.len, "user", user, sizeof user);
         http_param(req->entity.base, req->entity.len, "password", password, sizeof password);
     }
-    if (!user[0] || !password[0]) return http_send_error(req, 400, "user and password required");
+    if (!user[0] || !password[0]) {
+        explicit_bzero(password, sizeof password);
+        return http_send_error(req, 400, "user and password required");
+    }
+    int64_t now = http_clock_ms();
+    struct http_user *u = NULL;
+    for (int i = 0; i < h->nusers; i++)
+        if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];
+    /* Guesses at one name from many addresses. Names that do not exist are
+     * counted alike, so the limit does not tell which do; the address a
+     * name last logged in from is not held, so guessing at a name does not
+     * lock its reader out at their own desk. */
+    if (!(u && strcmp(u->last_addr, addr) == 0) &&
+        http_fails_count(&h->name_fails, user, now) >= HTTP_NAME_FAIL_MAX) {
+        explicit_bzero(password, sizeof password);
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"failed logins of the name\"",
+                 addr);
+        http_audit(h, user, "login_throttled", "", addr);
+        return http_send_error(req, 429, "too many failed logins for this user; try again later");
+    }
     /* The per-address limit does not bound checks from many addresses; each
      * holds the loop (pages, completion) for the hash's time. */
-    int64_t now = http_clock_ms();
     if (!login_take(h, now)) {
         explicit_bzero(password, sizeof password);
         util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins from all addresses\"",
                  addr);
         return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
     }
-    const struct http_user *u = NULL;
-    for (int i = 0; i < h->nusers; i++)
-        if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];
     /* An unknown name costs a hash too, so that the answer's time does not
      * tell which names exist. */
     const struct http_user *probe = u ? u : h->nusers > 0 ? &h->users[0] : NULL;
     bool ok = probe && check_password(probe, password) && u;
     explicit_bzero(password, sizeof password);
     if (!ok) {
-        f = fail_slot(h, addr, true);
-        f->count++;
+        http_fails_add(&h->addr_fails, addr, now);
+        http_fails_add(&h->name_fails, user, now);
         util_log(UTIL_LOG_WARN, "login_failed", "peer=%s", addr);
         http_audit(h, user, "login_failed", "", addr);
         return http_send_error(req, 401, "wrong user or password");
@@ -267,6 +355,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     http_random_hex(s->csrf, 32);
     snprintf(s->user, sizeof s->user, "%s", user);
     s->expires_ms = now + HTTP_SESSION_MS;
+    snprintf(u->last_addr, sizeof u->last_addr, "%s", addr);
     /* No reset of the address's failures on success: one known password
      * must not buy more guesses at the others. */
     util_log(UTIL_LOG_INFO, "login", "peer=%s", addr);

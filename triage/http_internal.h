@@ -19,13 +19,22 @@
 #define HTTP_SESSION_COOKIES 16 /* session cookies of one request tried */
 #define HTTP_MAX_USERS 256      /* users file lines */
 #define HTTP_SESSION_MS (12 * 3600 * 1000LL)
-#define HTTP_FAIL_SLOTS 64 /* addresses tracked for failed logins */
-#define HTTP_FAIL_MAX 5    /* failed logins per address per window */
+#define HTTP_FAIL_MAX 5 /* failed logins per address per window */
 #define HTTP_FAIL_WINDOW_MS (15 * 60 * 1000LL)
+/* Failed logins per user name (from all addresses but the one it last
+ * logged in from) per window: bounds guessing at one account from many
+ * addresses, and lets the lock end soon after the guessing does. */
+#define HTTP_NAME_FAIL_MAX 10
+#define HTTP_NAME_FAIL_WINDOW_MS (5 * 60 * 1000LL)
+#define HTTP_FAIL_BUCKETS 4096 /* hash chains of a failure table */
+#define HTTP_HASH_KEY 32       /* bytes of a random hash key (hex text) */
 /* Password checks (about 20 ms of the loop each for yescrypt), from all
  * addresses together: a burst of this many, then this many a second. */
 #define HTTP_LOGIN_BURST 20
 #define HTTP_LOGIN_PER_S 10
+/* The most password checks, so failures, in window_ms: what a failure
+ * table must hold so that it never has to forget a live entry. */
+#define HTTP_FAILS_IN(window_ms) (HTTP_LOGIN_BURST + HTTP_LOGIN_PER_S * (window_ms) / 1000 + 1)
 #define HTTP_USER_MAX 64
 #define HTTP_PUSH_DELAY_MS 250      /* least time between pushes */
 #define HTTP_PUSH_DELAY_MAX_MS 5000 /* most, however long a push takes */
@@ -35,16 +44,31 @@ struct http_sse; /* one event stream, http_sse.c */
 struct http_user {
     char name[HTTP_USER_MAX];
     char hash[256];
+    char last_addr[64]; /* where it last logged in from ("" not since start) */
 };
 struct http_session {
     char token[65], csrf[65];
     char user[HTTP_USER_MAX];
     int64_t expires_ms; /* http_clock_ms() */
 };
+/* Failed logins of one key (a client address, or a user name). */
 struct http_fail {
-    char addr[64];
+    char key[HTTP_USER_MAX];
     int count;
-    int64_t first_ms; /* http_clock_ms() */
+    int next;         /* the next entry (index + 1) in its hash chain; 0 none */
+    int64_t first_ms; /* http_clock_ms() of the first failure */
+};
+/* Failures by key, each counted for window_ms from its first. The entries
+ * sit in a ring in the order they were made, which is the order they
+ * expire; cap is HTTP_FAILS_IN(window_ms), so the ring is never full of
+ * live entries and none is forgotten to make room for another (rotating
+ * through many addresses or names resets nothing). */
+struct http_fails {
+    struct http_fail *ring; /* cap entries, owned */
+    int cap, head, n;       /* entries held: ring[head], ... n of them */
+    int64_t window_ms;
+    char secret[HTTP_HASH_KEY + 1]; /* random hex: nobody can pick keys of one chain */
+    int chain[HTTP_FAIL_BUCKETS];   /* first entry (index + 1) per hash; 0 none */
 };
 
 /* A snapshot of the worklist as last pushed: study uid -> the row's JSON
@@ -80,7 +104,7 @@ struct triage_http {
     struct http_user *users;
     int nusers;
     struct http_session sessions[HTTP_MAX_SESSIONS];
-    struct http_fail fails[HTTP_FAIL_SLOTS];
+    struct http_fails addr_fails, name_fails;
     double login_tokens;     /* password checks that may run now (HTTP_LOGIN_*) */
     int64_t login_tokens_ms; /* http_clock_ms() of the last refill; 0 before the first */
 
@@ -141,6 +165,16 @@ int http_param(const char *query, size_t len, const char *name, char *out, size_
 void http_peer(struct triage_http *h, h2o_req_t *req, char *out, size_t n);
 
 /* http_auth.c */
+/* A failure table counting for window_ms (http_fails_free frees it): 0, or
+ * -1 out of memory. */
+int http_fails_init(struct http_fails *t, int64_t window_ms);
+void http_fails_free(struct http_fails *t);
+/* key's failures within the window at now (http_clock_ms()); INT_MAX
+ * when key has none and there is no room to count one (never, by cap,
+ * while login_take holds), so that it is held rather than forgotten. */
+int http_fails_count(struct http_fails *t, const char *key, int64_t now);
+/* Counts one failure of key at now (not without room: see above). */
+void http_fails_add(struct http_fails *t, const char *key, int64_t now);
 int http_auth_load(struct triage_http *h, const char *users_file, char *err, size_t errlen);
 /* Who is asking: 1 with *who set, 0 not logged in (a response was NOT sent). */
 int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who);

@@ -235,6 +235,64 @@ class AuthTest(wt.WebTest):
         self.assertIn("http.trusted_proxies: 'nginx.local' is not an IP address", str(cm.exception))
         self.assertFalse(os.path.exists(os.path.join(self.nodes[-1].store_dir, "ichtriage.db")))
 
+    def login_from(self, node, source, user, password):
+        """(status, error) of a login from the address source (a 127.x.y.z:
+        the node listens on 0.0.0.0). A 429 of the allowance of all
+        addresses together is waited out: these tests are about the others."""
+        while True:
+            out = subprocess.run(
+                ["curl", "-sk", "--interface", source, "-w", "\n%{http_code}",
+                 "-H", "Content-Type: application/json", "--data-binary",
+                 json.dumps({"user": user, "password": password}), node.base + "/login"],
+                stdout=subprocess.PIPE, check=True).stdout.decode()
+            body, status = out.rsplit("\n", 1)
+            error = json.loads(body).get("error", "")
+            if status != "429" or "at once" not in error:
+                return int(status), error
+            time.sleep(0.2)
+
+    def test_failed_logins_outlast_many_other_addresses(self):
+        """Failed logins were kept for 64 addresses, a new one taking the
+        oldest's place: after 64 other addresses failed once each, a
+        throttled address had 5 new guesses. The table now holds every
+        failure the allowance of all addresses lets through in the window,
+        so no live count is dropped."""
+        node = self.public_node()
+        for _ in range(5):
+            self.assertEqual(self.login_from(node, "127.0.0.2", "alice", "bad")[0], 401)
+        self.assertEqual(self.login_from(node, "127.0.0.2", "alice", "alice-pw")[0], 429)
+        for i in range(70):
+            self.assertEqual(self.login_from(node, "127.0.1.%d" % (i + 1), "nobody%d" % i,
+                                             "bad")[0], 401)
+        status, error = self.login_from(node, "127.0.0.2", "alice", "alice-pw")
+        self.assertEqual(status, 429, "a throttled address got a new count")
+        self.assertIn("failed logins", error)
+        self.assertEqual(self.login_from(node, "127.0.0.3", "alice", "alice-pw")[0], 200)
+
+    def test_failed_logins_counted_per_name(self):
+        """Guessing one account's password from many addresses was bounded
+        only by the allowance of all addresses together. At most 10 failures
+        per name in 5 minutes, names that do not exist alike; the address
+        the name last logged in from is not held by them."""
+        node = self.public_node()
+        self.assertEqual(self.login_from(node, "127.0.0.5", "alice", "alice-pw")[0], 200)
+        for k, name in enumerate(("alice", "mallory")):
+            for i in range(10):
+                self.assertEqual(self.login_from(node, "127.0.%d.%d" % (2 + k, i // 5 + 1), name,
+                                                 "bad")[0], 401, (name, i))
+            status, error = self.login_from(node, "127.0.2.9", name, "bad")
+            self.assertEqual((status, error), (429, "too many failed logins for this user; "
+                                               "try again later"), name)
+            self.assertEqual(self.login_from(node, "127.0.2.9", name, "bad")[0], 429, name)
+        # The right password from elsewhere waits too; alice at her own desk
+        # logs in, and so does another name.
+        self.assertEqual(self.login_from(node, "127.0.2.10", "alice", "alice-pw")[0], 429)
+        self.assertEqual(self.login_from(node, "127.0.0.5", "alice", "alice-pw")[0], 200)
+        self.assertEqual(self.login_from(node, "127.0.2.10", "bob", "bob-pw")[0], 200)
+        self.assertTrue(node.events("login_throttled"))
+        self.assertIn(("alice", "login_throttled"), [tuple(r) for r in node.query(
+            "SELECT user, action FROM audit")])
+
     def test_trusted_proxy_on_a_dual_stack_listener(self):
         """On [::]:port IPv4 peers arrive as ::ffff:a.b.c.d: the proxy named
         as 127.0.0.1 was never recognised, X-Forwarded-For was ignored and

@@ -1,7 +1,9 @@
 /* Unit tests of what the web worklist keeps in db/ (reviews, claims,
- * audit, metrics; db_reviews.h, db_web.h) and of the DICOM text to UTF-8
- * conversion (scp_charset.h). Real SQLite files in a temp dir. */
+ * audit, metrics; db_reviews.h, db_web.h), of the DICOM text to UTF-8
+ * conversion (scp_charset.h) and of the login side's tables
+ * (http_internal.h). Real SQLite files in a temp dir. */
 #include <criterion/criterion.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +11,7 @@
 #include "db.h"
 #include "db_reviews.h"
 #include "db_web.h"
+#include "http_internal.h"
 #include "scp_charset.h"
 
 static char dir[256], path[300];
@@ -89,8 +92,8 @@ Test(web_db, latest_review_is_the_label_and_the_study_leaves_the_list)
     char err[256];
     cr_assert_eq(
         db_review_add(db, "1.2.3", true, "subdural", "", "first", "alice", 10, err, sizeof err), 0);
-    cr_assert_eq(db_review_add(db, "1.2.3", false, "", "", "second look", "bob", 20, err, sizeof err),
-                 0);
+    cr_assert_eq(
+        db_review_add(db, "1.2.3", false, "", "", "second look", "bob", 20, err, sizeof err), 0);
     cr_assert_eq(db_review_add(db, "9.9.9", true, "", "", "", "alice", 30, err, sizeof err), 1);
     struct seen all = {0}, latest = {0};
     cr_assert_eq(db_reviews_of_study(db, "1.2.3", collect, &all), 0);
@@ -163,4 +166,71 @@ Test(charset, unknown_charset_falls_back_to_ascii_and_truncates_on_boundaries)
     char small[6];
     cr_assert_eq(scp_charset_to_utf8("ISO_IR 100", "\xfc\xfc\xfc", 0, small, sizeof small), 0);
     cr_assert_str_eq(small, "\xc3\xbc\xc3\xbc");
+}
+
+/* Failed logins were kept for 64 addresses, a new one taking the oldest's
+ * place, so rotating through 65 reset every count. The table holds all
+ * that the allowance of all addresses lets fail in a window: nothing live
+ * is dropped, and it says "held" rather than forget when (never) full. */
+Test(http_fails, keeps_every_live_count_and_drops_only_expired_ones)
+{
+    struct http_fails *t = calloc(1, sizeof *t);
+    cr_assert_eq(http_fails_init(t, 1000), 0);
+    cr_assert_eq(t->cap, HTTP_LOGIN_BURST + HTTP_LOGIN_PER_S + 1);
+    char key[32];
+    for (int i = 0; i < t->cap; i++) {
+        snprintf(key, sizeof key, "10.0.0.%d", i);
+        http_fails_add(t, key, i);
+    }
+    http_fails_add(t, "10.0.0.0", 40);
+    cr_assert_eq(http_fails_count(t, "10.0.0.0", 40), 2);
+    cr_assert_eq(http_fails_count(t, "10.0.0.30", 40), 1);
+    cr_assert_eq(http_fails_count(t, "10.9.9.9", 40), INT_MAX, "full: held, none forgotten");
+    http_fails_add(t, "10.9.9.9", 40);
+    cr_assert_eq(http_fails_count(t, "10.0.0.0", 40), 2);
+    /* Past the first failure's window its count goes, the others stay. */
+    cr_assert_eq(http_fails_count(t, "10.0.0.0", 1001), 0);
+    cr_assert_eq(http_fails_count(t, "10.0.0.1", 1001), 1);
+    cr_assert_eq(http_fails_count(t, "10.9.9.9", 1001), 0);
+    http_fails_add(t, "10.9.9.9", 1001);
+    cr_assert_eq(http_fails_count(t, "10.9.9.9", 1001), 1);
+    http_fails_free(t);
+    free(t);
+}
+
+/* Against a plain list, over many windows: failures at the allowance's
+ * rate (10 a second) from 2000 keys, enough live at once (600 in a 60 s
+ * window) that hash chains hold several and expiry unlinks from their
+ * middle. */
+Test(http_fails, counts_as_a_plain_list_does)
+{
+    enum { KEYS = 2000, STEPS = 8000 };
+    struct http_fails *t = calloc(1, sizeof *t);
+    cr_assert_eq(http_fails_init(t, 60000), 0);
+    static int count[KEYS];
+    static int64_t first[KEYS];
+    unsigned seed = 7;
+    char key[32];
+    for (int step = 0; step < STEPS; step++) {
+        int64_t now = 100LL * step;
+        seed = seed * 1103515245u + 12345u;
+        int k = (int)((seed >> 8) % KEYS);
+        for (int i = 0; i < KEYS; i++)
+            if (count[i] && now - first[i] > 60000) count[i] = 0;
+        snprintf(key, sizeof key, "fe80::%d", k);
+        cr_assert_eq(http_fails_count(t, key, now), count[k], "step %d key %d", step, k);
+        http_fails_add(t, key, now);
+        if (count[k]++ == 0) first[k] = now;
+        cr_assert_leq(t->n, t->cap);
+    }
+    int live = 0;
+    for (int i = 0; i < KEYS; i++) {
+        snprintf(key, sizeof key, "fe80::%d", i);
+        bool expired = 100LL * STEPS - first[i] > 60000;
+        cr_assert_eq(http_fails_count(t, key, 100LL * STEPS), expired ? 0 : count[i]);
+        live += count[i] && !expired;
+    }
+    cr_assert_eq(t->n, live);
+    http_fails_free(t);
+    free(t);
 }
