@@ -150,6 +150,7 @@ int http_auth_load(struct triage_http *h, const char *path, char *err, size_t er
         snprintf(err, errlen, "http.users %s: no users", path);
         return -1;
     }
+    http_random_hex(h->probe_key, HTTP_HASH_KEY / 2);
     if (http_fails_init(&h->addr_fails, HTTP_FAIL_WINDOW_MS) != 0 ||
         http_fails_init(&h->name_fails, HTTP_NAME_FAIL_WINDOW_MS) != 0) {
         snprintf(err, errlen, "out of memory");
@@ -230,6 +231,22 @@ bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who)
     return http_header(req, "x-csrf-token", got, sizeof got) && same_token(who->csrf, got);
 }
 
+/* The user called name (the last line of that name), NULL none. */
+static struct http_user *find_user(struct triage_http *h, const char *name)
+{
+    struct http_user *u = NULL;
+    for (int i = 0; i < h->nusers; i++)
+        if (strcmp(h->users[i].name, name) == 0) u = &h->users[i];
+    return u;
+}
+
+const struct http_user *http_auth_probe(struct triage_http *h, const char *name)
+{
+    const struct http_user *u = find_user(h, name);
+    if (u) return u;
+    return h->nusers > 0 ? &h->users[keyed_hash(h->probe_key, name) % (unsigned)h->nusers] : NULL;
+}
+
 static bool check_password(const struct http_user *u, const char *password)
 {
     struct crypt_data cd;
@@ -307,9 +324,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         return http_send_error(req, 400, "user and password required");
     }
     int64_t now = http_clock_ms();
-    struct http_user *u = NULL;
-    for (int i = 0; i < h->nusers; i++)
-        if (strcmp(h->users[i].name, user) == 0) u = &h->users[i];
+    struct http_user *u = find_user(h, user);
     /* Guesses at one name from many addresses. Names that do not exist are
      * counted alike, so the limit does not tell which do; the address a
      * name last logged in from is not held, so guessing at a name does not
@@ -330,9 +345,7 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
                  addr);
         return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
     }
-    /* An unknown name costs a hash too, so that the answer's time does not
-     * tell which names exist. */
-    const struct http_user *probe = u ? u : h->nusers > 0 ? &h->users[0] : NULL;
+    const struct http_user *probe = http_auth_probe(h, user);
     bool ok = probe && check_password(probe, password) && u;
     explicit_bzero(password, sizeof password);
     if (!ok) {

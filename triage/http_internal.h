@@ -105,8 +105,9 @@ struct triage_http {
     int nusers;
     struct http_session sessions[HTTP_MAX_SESSIONS];
     struct http_fails addr_fails, name_fails;
-    double login_tokens;     /* password checks that may run now (HTTP_LOGIN_*) */
-    int64_t login_tokens_ms; /* http_clock_ms() of the last refill; 0 before the first */
+    char probe_key[HTTP_HASH_KEY + 1]; /* random hex: http_auth_probe */
+    double login_tokens;               /* password checks that may run now (HTTP_LOGIN_*) */
+    int64_t login_tokens_ms;           /* http_clock_ms() of the last refill; 0 before the first */
 
     struct http_sse *sse[HTTP_MAX_SSE];
     int nsse;
@@ -176,6 +177,13 @@ int http_fails_count(struct http_fails *t, const char *key, int64_t now);
 /* Counts one failure of key at now (not without room: see above). */
 void http_fails_add(struct http_fails *t, const char *key, int64_t now);
 int http_auth_load(struct triage_http *h, const char *users_file, char *err, size_t errlen);
+/* The user whose hash a login as name is checked against: name's own; for
+ * a name that does not exist, one picked by a keyed hash of the name, the
+ * same for that name each time. So a name that does not exist costs what
+ * one that does costs, whatever mix of hash kinds and costs the users file
+ * holds (one fixed user's hash, when it is the only slow or fast kind,
+ * told the names apart by time). NULL when there are no users. */
+const struct http_user *http_auth_probe(struct triage_http *h, const char *name);
 /* Who is asking: 1 with *who set, 0 not logged in (a response was NOT sent). */
 int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who);
 /* True when the request carries who's CSRF token. */

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "db.h"
 #include "db_reviews.h"
@@ -233,4 +234,40 @@ Test(http_fails, counts_as_a_plain_list_does)
     cr_assert_eq(t->n, live);
     http_fails_free(t);
     free(t);
+}
+
+/* An unknown name was checked against the first user's hash: with
+ * yescrypt first and sha512-crypt (several times faster) for bob, every
+ * unknown name took yescrypt's time and bob's wrong password far less.
+ * Each unknown name is now checked against a user picked by the name: the
+ * same each time, and over many names each kind about as often as the
+ * file holds it, so no kind of time says "no such name". */
+Test(http_auth, unknown_names_are_checked_against_a_hash_picked_by_the_name)
+{
+    char users[] = "/tmp/ichtriage-test-users-XXXXXX";
+    int fd = mkstemp(users);
+    cr_assert_geq(fd, 0);
+    FILE *f = fdopen(fd, "w");
+    fputs("alice:$y$j9T$69Q/pi6PWyV5DSi2QeFS9/$8j6qP0P.pg0wq694bZNPAWmNMq6Xzhe7x74.ekEutL1\n"
+          "bob:$6$6WZsH4XUEqNSWHNF$W9q7e4An/aMUix9dJmPc/S1GfCF.le5ziY/bC.8lXGD1TUx44HsnIsTkfgTdF"
+          "gW4obWHJOMrpiSvvGeduRPkw1\n",
+          f);
+    fclose(f);
+    struct triage_http *h = calloc(1, sizeof *h);
+    char err[256];
+    cr_assert_eq(http_auth_load(h, users, err, sizeof err), 0, "%s", err);
+    unlink(users);
+    cr_assert_str_eq(http_auth_probe(h, "alice")->name, "alice");
+    cr_assert_str_eq(http_auth_probe(h, "bob")->name, "bob");
+    int bob = 0;
+    char name[32];
+    for (int i = 0; i < 200; i++) {
+        snprintf(name, sizeof name, "nobody%d", i);
+        const struct http_user *p = http_auth_probe(h, name);
+        cr_assert_eq(http_auth_probe(h, name), p, "%s: the same user each time", name);
+        bob += strncmp(p->hash, "$6$", 3) == 0;
+    }
+    cr_assert(bob > 60 && bob < 140, "sha512-crypt for %d of 200 unknown names", bob);
+    http_auth_free(h);
+    free(h);
 }
