@@ -355,20 +355,34 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         http_audit(h, user, "login_failed", "", addr);
         return http_send_error(req, 401, "wrong user or password");
     }
-    /* A new session; a full table drops the one closest to expiry. */
-    struct http_session *s = &h->sessions[0];
+    /* A new session in a free place. One who holds HTTP_USER_SESSIONS
+     * gives up their own oldest; a table full of other readers' live
+     * sessions refuses the login, rather than log another reader out. */
+    struct http_session *s = NULL, *own_oldest = NULL;
+    int own = 0;
     for (int i = 0; i < HTTP_MAX_SESSIONS; i++) {
-        if (!h->sessions[i].token[0] || h->sessions[i].expires_ms < now) {
-            s = &h->sessions[i];
-            break;
+        struct http_session *x = &h->sessions[i];
+        if (!x->token[0] || x->expires_ms <= now) {
+            if (!s) s = x;
+        } else if (strcmp(x->user, user) == 0) {
+            own++;
+            if (!own_oldest || x->expires_ms < own_oldest->expires_ms) own_oldest = x;
         }
-        if (h->sessions[i].expires_ms < s->expires_ms) s = &h->sessions[i];
+    }
+    bool replaced = own >= HTTP_USER_SESSIONS;
+    if (replaced) {
+        s = own_oldest;
+    } else if (!s) {
+        util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"sessions full\" sessions=%d",
+                 addr, HTTP_MAX_SESSIONS);
+        return http_send_error(req, 503, "too many readers logged in; try again when one logs out");
     }
     http_random_hex(s->token, 32);
     http_random_hex(s->csrf, 32);
     snprintf(s->user, sizeof s->user, "%s", user);
     s->expires_ms = now + HTTP_SESSION_MS;
     snprintf(u->last_addr, sizeof u->last_addr, "%s", addr);
+    if (replaced) http_sse_end_dead_sessions(h); /* the old session's pages stop hearing */
     /* No reset of the address's failures on success: one known password
      * must not buy more guesses at the others. */
     util_log(UTIL_LOG_INFO, "login", "peer=%s", addr);

@@ -17,6 +17,7 @@
 #define HTTP_MAX_SSE 64         /* event streams at once */
 #define HTTP_MAX_SESSIONS 256   /* logged-in sessions at once */
 #define HTTP_SESSION_COOKIES 16 /* session cookies of one request tried */
+#define HTTP_USER_SESSIONS 16   /* of one user at once: a new one ends their oldest */
 #define HTTP_MAX_USERS 256      /* users file lines */
 #define HTTP_SESSION_MS (12 * 3600 * 1000LL)
 #define HTTP_FAIL_MAX 5 /* failed logins per address per window */

@@ -309,6 +309,48 @@ class AuthTest(wt.WebTest):
         self.assertIn(("alice", "login_throttled"), [tuple(r) for r in node.query(
             "SELECT user, action FROM audit")])
 
+    def test_logins_log_nobody_else_out(self):
+        """With 256 sessions in the table each new login dropped the session
+        closest to expiry, whoever's it was: any account holder could log
+        every reader out. Now one user holds at most 16 (a 17th ends their
+        own oldest), and a table full of other readers' sessions refuses
+        the login (503) rather than end one of them."""
+        users = os.path.join(self.work, "many-users")
+        with open(users, "w") as f:
+            for i in range(17):
+                f.write("u%d:%s\n" % (i, wt.crypt_hash("pw%d" % i, "$6$")))
+        node = self.public_node(**{"http.users": users})
+
+        def login(i):
+            while True:
+                status, hd, body = self.req(node, "/login", "POST",
+                                            {"user": "u%d" % i, "password": "pw%d" % i})
+                if status != 429:
+                    break
+                time.sleep(0.2)  # the allowance of all addresses (10 a second)
+            if status != 200:
+                return status, json.loads(body)["error"]
+            return status, hd["set-cookie"][0].split(";", 1)[0]
+
+        def live(cookie):
+            status = self.req(node, "/api/session", headers=["Cookie: " + cookie])[0]
+            self.assertIn(status, (200, 401))
+            return status == 200
+
+        own = [login(0)[1] for _ in range(17)]
+        self.assertFalse(live(own[0]), "the 17th session of u0 ends u0's oldest")
+        self.assertTrue(all(live(c) for c in own[1:]))
+        others = [login(i)[1] for i in range(1, 16) for _ in range(16)]  # 256 in all
+        status, error = login(16)
+        self.assertEqual((status, error), (503, "too many readers logged in; try again when "
+                                                "one logs out"))
+        self.assertTrue(node.events("login_refused"))
+        self.assertTrue(live(own[1]), "the session closest to expiry is kept")
+        status, cookie = login(0)  # u0 again: its own oldest goes, nobody else's
+        self.assertEqual(status, 200)
+        self.assertFalse(live(own[1]))
+        self.assertEqual([c for c in others + own[2:] + [cookie] if not live(c)], [])
+
     def test_trusted_proxy_on_a_dual_stack_listener(self):
         """On [::]:port IPv4 peers arrive as ::ffff:a.b.c.d: the proxy named
         as 127.0.0.1 was never recognised, X-Forwarded-For was ignored and
