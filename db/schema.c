@@ -266,6 +266,13 @@ static const char *const migrations[] = {
      * job ran: one that brings the node down fails after a few, instead of
      * being claimed first after every restart (db_jobs_requeue). */
     "ALTER TABLE jobs ADD COLUMN stops INTEGER NOT NULL DEFAULT 0;",
+
+    /* 12 -> 13: per-slice results by instance. The slice image asks
+     * whether a slice has a result (db_slice_has_result) by its SOP
+     * Instance UID; without this each request for a slice without one read
+     * every row (0.37 s on the loop at 3 million). They are kept after
+     * retention with their study's result (the study page shows them). */
+    "CREATE INDEX slice_results_sop ON slice_results(sop_uid, frame);",
 };
 
 int db_schema_version(void)

@@ -96,6 +96,40 @@ Test(db, refuses_newer_schema)
     cr_assert(strstr(err, "newer") != NULL, "%s", err);
 }
 
+/* Schema 13: per-slice results by instance (the slice image's lookup had
+ * read every row), also for a database made at 12. */
+Test(db, slice_results_are_indexed_by_instance_also_after_an_upgrade)
+{
+    struct db *db;
+    char err[256];
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(scalar("SELECT count(*) FROM sqlite_master WHERE name = 'slice_results_sop'"), 1);
+    sqlite3 *c;
+    cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
+    cr_assert_eq(
+        sqlite3_exec(c, "DROP INDEX slice_results_sop; PRAGMA user_version = 12", NULL, NULL, NULL),
+        SQLITE_OK);
+    sqlite3_close(c);
+    cr_assert_eq(db_open(&db, path, err, sizeof err), 0, "%s", err);
+    db_close(db);
+    cr_assert_eq(scalar("PRAGMA user_version"), db_schema_version());
+    cr_assert_eq(scalar("SELECT count(*) FROM sqlite_master WHERE name = 'slice_results_sop'"), 1);
+    /* What db_slice_has_result asks goes by it. */
+    cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
+    sqlite3_stmt *st;
+    cr_assert_eq(sqlite3_prepare_v2(c,
+                                    "EXPLAIN QUERY PLAN SELECT 1 FROM slice_results"
+                                    " WHERE sop_uid = 'x' AND frame = 0",
+                                    -1, &st, NULL),
+                 SQLITE_OK);
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW);
+    const char *plan = (const char *)sqlite3_column_text(st, 3);
+    cr_assert(strstr(plan, "USING COVERING INDEX slice_results_sop") != NULL, "%s", plan);
+    sqlite3_finalize(st);
+    sqlite3_close(c);
+}
+
 Test(db, records_instance_with_study_and_series)
 {
     struct db *db;
