@@ -3,6 +3,8 @@
 #include "scp_pixels.h"
 
 #include <dcmtk/config/osconfig.h>
+#include <dcmtk/dcmdata/dcfcache.h>
+#include <dcmtk/dcmdata/dcpxitem.h>
 #include <dcmtk/dcmdata/dcrledrg.h>
 #include <dcmtk/dcmdata/dctk.h>
 #include <dcmtk/dcmjpeg/djdecode.h>
@@ -147,6 +149,51 @@ inline long stored_value(unsigned raw, const layout &l)
     return (long)v;
 }
 
+// The pixel item (fragment) where frame starts, for getUncompressedFrame; 0
+// lets dcmtk find it. dcmtk 3.6.7 finds it only with exactly one fragment
+// per frame or from a filled Basic Offset Table, while PS3.5 A.4 allows the
+// JPEG family several fragments per frame with an empty table (and a table
+// may be wrong). A JPEG or JPEG-LS frame is one codestream that starts with
+// SOI (FF D8), which no codestream holds inside (every FF in entropy-coded
+// data is stuffed): when exactly frames fragments start with it, they are
+// the frames' starts. Only the first two bytes of each fragment are read.
+// RLE allows one fragment per frame only (A.4.2); dcmtk still decodes more
+// from a filled table. note: why dcmtk may fail, for its message.
+Uint32 start_fragment(DcmPixelData *pd, const layout &l, long frame, DcmFileCache &cache,
+                      std::string &note)
+{
+    E_TransferSyntax xfer = EXS_Unknown;
+    const DcmRepresentationParameter *param = nullptr;
+    pd->getOriginalRepresentationKey(xfer, param);
+    DcmPixelSequence *seq = nullptr;
+    if (!DcmXfer(xfer).isEncapsulated() ||
+        pd->getEncapsulatedRepresentation(xfer, param, seq).bad() || !seq)
+        return 0;
+    unsigned long fragments = seq->card() - (seq->card() > 0); // item 0: the offset table
+    if (fragments == (unsigned long)l.frames) return 0;        // dcmtk's own rule holds
+    if (xfer == EXS_RLELossless) {
+        note = "RLE Lossless with " + std::to_string(fragments) + " fragments for " +
+               std::to_string(l.frames) + " frame(s): PS3.5 A.4.2 allows one fragment per frame";
+        return 0;
+    }
+    if (l.frames == 1) return 0;
+    long starts = 0;
+    Uint32 start = 0;
+    for (unsigned long i = 1; i <= fragments; i++) {
+        DcmPixelItem *item = nullptr;
+        Uint8 head[2];
+        if (seq->getItem(item, i).bad() || !item || item->getLength() < 2 ||
+            item->getPartialValue(head, 0, 2, &cache).bad())
+            continue;
+        if (head[0] != 0xFF || head[1] != 0xD8) continue;
+        if (starts++ == frame) start = (Uint32)i;
+    }
+    if (starts == l.frames) return start;
+    note = std::to_string(starts) + " of " + std::to_string(fragments) +
+           " fragments start a JPEG image, for " + std::to_string(l.frames) + " frames";
+    return 0;
+}
+
 // One frame of the pixel data (frame >= 0) into buf, decoded on its own:
 // dcmtk reads (and decompresses) only that frame's bytes. Returns 0, or -1
 // with why.
@@ -155,7 +202,7 @@ int read_one_frame(DcmDataset *ds, const layout &l, long frame, std::vector<Uint
 {
     DcmElement *pd = nullptr;
     Uint32 size = 0;
-    if (ds->findAndGetElement(DCM_PixelData, pd).bad() || !pd ||
+    if (ds->findAndGetElement(DCM_PixelData, pd).bad() || !pd || pd->ident() != EVR_PixelData ||
         pd->getUncompressedFrameSize(ds, size).bad()) {
         why = "no pixel data";
         return -1;
@@ -166,13 +213,16 @@ int read_one_frame(DcmDataset *ds, const layout &l, long frame, std::vector<Uint
         return -1;
     }
     buf.assign((size_t)size / 2 + 1, 0); // Uint16 cells; room for a pad byte
-    Uint32 start = 0;
+    DcmFileCache cache;
+    std::string note;
+    Uint32 first = start_fragment(static_cast<DcmPixelData *>(pd), l, frame, cache, note);
     OFString model;
-    OFCondition c = pd->getUncompressedFrame(ds, (Uint32)frame, start, buf.data(),
-                                             (Uint32)(buf.size() * 2), model);
+    OFCondition c = pd->getUncompressedFrame(ds, (Uint32)frame, first, buf.data(),
+                                             (Uint32)(buf.size() * 2), model, &cache);
     if (c.bad()) {
         why = "cannot decode frame " + std::to_string(frame) + " (transfer syntax " +
-              DcmXfer(ds->getOriginalXfer()).getXferName() + "): " + c.text();
+              DcmXfer(ds->getOriginalXfer()).getXferName() + "): " + c.text() +
+              (note.empty() ? "" : " (" + note + ")");
         return -1;
     }
     return 0;

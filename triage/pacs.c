@@ -215,6 +215,35 @@ static int key_refs(const struct db_outbox_source *s, struct scp_sr_image_ref *r
     return n;
 }
 
+/* The summary image of s (key slice src) into *rgb (rows x cols, the
+ * caller frees). Returns 0, or -1 with the reason. */
+static int summary(const struct db_outbox_source *s, const char *src, const double *sub,
+                   uint8_t **rgb, int *rows, int *cols, char *err, size_t errlen)
+{
+    /* Only the key frame: a multi-frame (Enhanced CT) object is not decoded
+     * whole for one picture. */
+    struct scp_pixels px = {0};
+    if (scp_pixels_read_frame(src, s->key_frame, &px, err, errlen) != 0) return -1;
+    struct triage_pacs_picture pic = {
+        .hu = px.hu,
+        .hu_rows = px.rows,
+        .hu_cols = px.columns,
+        .pixel_aspect = picture_aspect(s->key_spacing),
+        .p_any = s->p_any,
+        .slices = s->slices,
+        .key_index = s->key_index,
+        .suspected = s->flagged,
+        .p_study = s->p[0],
+        .p_subtype = sub,
+        .subtype_threshold = SUBTYPE_THRESHOLD,
+        .model_version = s->model_version,
+        .revision = s->revision,
+    };
+    int rc = triage_pacs_render(&pic, rgb, rows, cols, err, errlen);
+    scp_pixels_free(&px);
+    return rc;
+}
+
 /* Builds a revision's SR and SC files and queues their deliveries. */
 static void build(struct triage_pacs *p, int64_t rev_id)
 {
@@ -260,7 +289,6 @@ static void build(struct triage_pacs *p, int64_t rev_id)
     double sub[SCP_SR_SUBTYPES];
     for (int i = 0; i < SCP_SR_SUBTYPES; i++)
         sub[i] = s.p[i + 1];
-    struct scp_pixels px = {0};
     uint8_t *rgb = NULL;
     int rows = 0, cols = 0;
     if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
@@ -297,43 +325,36 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sr);
         goto failed;
     }
-    /* Only the key frame: a multi-frame (Enhanced CT) object is not decoded
-     * whole for one picture. */
-    if (scp_pixels_read_frame(src, s.key_frame, &px, err, sizeof err) != 0) goto failed;
-    struct triage_pacs_picture pic = {
-        .hu = px.hu,
-        .hu_rows = px.rows,
-        .hu_cols = px.columns,
-        .pixel_aspect = picture_aspect(s.key_spacing),
-        .p_any = s.p_any,
-        .slices = s.slices,
-        .key_index = s.key_index,
-        .suspected = s.flagged,
-        .p_study = s.p[0],
-        .p_subtype = sub,
-        .subtype_threshold = SUBTYPE_THRESHOLD,
-        .model_version = s.model_version,
-        .revision = s.revision,
-    };
-    if (triage_pacs_render(&pic, &rgb, &rows, &cols, err, sizeof err) != 0) goto failed;
-    struct scp_derived d_sc = d_sr;
-    d_sc.series_uid = sc_series;
-    d_sc.sop_uid = sc_sop;
-    d_sc.series_number = 9500 + s.revision;
-    d_sc.series_desc = desc_sc;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path_sc);
-    if (scp_write_sc(tmp, &d_sc, rgb, rows, cols, &refs[0], err, sizeof err) != 0 ||
-        commit_file(tmp, path_sc, dir) != 0) {
-        if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sc);
-        goto failed;
+    /* The summary image. One that cannot be drawn (the key slice does not
+     * decode on its own) would fail the same way at every attempt: the SR
+     * goes alone, rather than neither. A file that cannot be written is
+     * tried again, as the SR is. */
+    char why_no_sc[1024] = "";
+    bool sc = summary(&s, src, sub, &rgb, &rows, &cols, why_no_sc, sizeof why_no_sc) == 0;
+    if (!sc) {
+        util_log(UTIL_LOG_WARN, "pacs_summary_failed",
+                 "study=%s revision=%d reason=\"%s\" sent=sr_only", s.study_uid, s.revision,
+                 why_no_sc);
+    } else {
+        struct scp_derived d_sc = d_sr;
+        d_sc.series_uid = sc_series;
+        d_sc.sop_uid = sc_sop;
+        d_sc.series_number = 9500 + s.revision;
+        d_sc.series_desc = desc_sc;
+        snprintf(tmp, sizeof tmp, "%s.tmp", path_sc);
+        if (scp_write_sc(tmp, &d_sc, rgb, rows, cols, &refs[0], err, sizeof err) != 0 ||
+            commit_file(tmp, path_sc, dir) != 0) {
+            if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sc);
+            goto failed;
+        }
     }
     struct db_outbox_object objs[TRIAGE_PACS_MAX_DESTS * 2];
+    int nobjs = 0;
     for (int i = 0; i < p->ndests; i++) {
-        objs[2 * i] = (struct db_outbox_object){p->dests[i].spec, "sr", rel_sr, sr_sop};
-        objs[2 * i + 1] = (struct db_outbox_object){p->dests[i].spec, "sc", rel_sc, sc_sop};
+        objs[nobjs++] = (struct db_outbox_object){p->dests[i].spec, "sr", rel_sr, sr_sop};
+        if (sc) objs[nobjs++] = (struct db_outbox_object){p->dests[i].spec, "sc", rel_sc, sc_sop};
     }
-    if (db_outbox_revision_ready(p->db, rev_id, sr_series, sr_sop, objs, 2 * p->ndests, now_ms()) !=
-        0) {
+    if (db_outbox_revision_ready(p->db, rev_id, sr_series, sr_sop, objs, nobjs, now_ms()) != 0) {
         /* Left pending: built again (new UIDs) next time; nothing was sent. */
         util_log(UTIL_LOG_ERROR, "pacs_queue_failed", "revision_id=%lld", (long long)rev_id);
         build_failed(p, rev_id, s.study_uid, s.revision, "cannot queue the deliveries");
@@ -341,10 +362,9 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         retry_drop(p, rev_id);
         util_log(UTIL_LOG_INFO, "pacs_revision_built",
                  "study=%s revision=%d flagged=%d sr=%s sc=%s destinations=%d", s.study_uid,
-                 s.revision, s.flagged, sr_sop, sc_sop, p->ndests);
+                 s.revision, s.flagged, sr_sop, sc ? sc_sop : "none", p->ndests);
     }
     free(rgb);
-    scp_pixels_free(&px);
     db_outbox_source_free(&s);
     return;
 failed:
@@ -354,7 +374,6 @@ failed:
     unlink(path_sc);
     build_failed(p, rev_id, s.study_uid, s.revision, err);
     free(rgb);
-    scp_pixels_free(&px);
     db_outbox_source_free(&s);
 }
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.error
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -296,6 +297,81 @@ class PacsTest(itest.NodeTest):
         self.assertLessEqual(abs(greys[key_frame] - grey), 1)
         for p in got.values():
             self.dciodvfy_clean(p)
+
+    def fragmented_enhanced_ct(self, name, converter, frames=12):
+        """An Enhanced CT of 64x64 frames whose positions run against the
+        file's order (slice i is frame frames-1-i), compressed by converter
+        (a dcmtk tool and its options) into several fragments per frame with
+        an empty Basic Offset Table."""
+        import pydicom
+        (plain,) = self.gen(name, count=frames, rows=64, cols=64, sop="enhanced-ct", seed=8)
+        ds = pydicom.dcmread(plain)
+        for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            item.PlanePositionSequence[0].ImagePositionPatient[2] = -100.0 + 5.0 * (frames - 1 - k)
+        ds.save_as(plain)
+        path = plain + ".enc.dcm"
+        subprocess.run(converter + [plain, path], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        os.unlink(plain)
+        dump = subprocess.run(["dcmdump", path], stdout=subprocess.PIPE, check=True).stdout
+        self.assertGreater(dump.count(b"(fffe,e000) pi") - 1, frames, "one fragment per frame")
+        return path, str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+
+    def slice_png(self, node, study, sop, frame):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/api/studies/%s/slices/%s.png?frame=%d"
+                                        % (node.http_port, study, sop, frame), timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def test_enhanced_ct_of_several_fragments_per_frame(self):
+        """JPEG frames of several fragments each and an empty Basic Offset
+        Table (PS3.5 A.4 allows both): triage decoded the whole object, but
+        the summary image and the page's slice images decode one frame, which
+        dcmtk alone could not find past the first ("basic offset table is
+        empty"): every other frame's image was a 500, and with the key slice
+        not in frame 0 neither the SR nor the SC reached PACS."""
+        port, out = self.storescp("frag")
+        node = self.node("FRAG@127.0.0.1:%d" % port)
+        frames = 12
+        path, study, sop = self.fragmented_enhanced_ct(
+            "frag", ["dcmcjpeg", "+e1", "+fs", "1", "-ot"], frames)
+        self.send(node, [path])
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 2)
+        self.assertEqual(sorted(r[1] for r in rows), ["sc", "sr"], rows)
+        key_index, = node.query("SELECT key_index FROM results")[0]
+        key_frame, = node.query("SELECT frame FROM slice_results WHERE idx = ?", (key_index,))[0]
+        self.assertNotEqual(key_frame, 0, "the test wants a key slice beyond frame 0")
+        import pydicom
+        sc = [pydicom.dcmread(os.path.join(out, f)) for f in os.listdir(out)]
+        sc = [ds for ds in sc if ds.SOPClassUID == SC_CLASS]
+        self.assertEqual(int(sc[0].SourceImageSequence[0].ReferencedFrameNumber), key_frame + 1)
+        self.assertEqual([self.slice_png(node, study, sop, f) for f in range(frames)],
+                         [200] * frames)
+        self.assertFalse(node.wait_event("pacs_summary_failed", timeout=0.1, since_start=True))
+
+    def test_summary_image_that_cannot_be_drawn_sends_the_sr_alone(self):
+        """RLE with several fragments per frame (dcmcrle +fs, "non-standard":
+        PS3.5 A.4.2 allows one per frame) and an empty offset table is
+        triaged (the whole object decodes), but its key frame does not decode
+        alone. That failure comes
+        back at every attempt: the SR goes alone. Building used to fail
+        after writing the SR, remove it and retry until given up, so nothing
+        of the result reached PACS."""
+        port, out = self.storescp("sronly")
+        node = self.node("SRONLY@127.0.0.1:%d" % port)
+        path, _, _ = self.fragmented_enhanced_ct("rle", ["dcmcrle", "+fs", "1", "-ot"])
+        self.send(node, [path])
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 1)
+        self.assertEqual([r[1] for r in rows], ["sr"], rows)
+        self.assertTrue(node.wait_event("pacs_summary_failed", since_start=True), node.log_tail())
+        self.assertIn("allows one fragment per frame", node.log_tail())
+        self.assertEqual([tuple(r) for r in node.query("SELECT state FROM pacs_revisions")],
+                         [("ready",)])
+        import pydicom
+        got = [str(pydicom.dcmread(os.path.join(out, f)).SOPClassUID) for f in os.listdir(out)]
+        self.assertEqual(got, [SR_CLASS])
 
     def test_orthanc_down_then_up(self):
         orthanc = self.orthanc()

@@ -477,6 +477,14 @@ Test(scp_write, ct_round_trip_through_the_readers)
     remove_tree(dir);
 }
 
+/* Runs the dcmtk converter tool (with its options) from in to out. */
+static void encode(const char *tool, const char *in, const char *out)
+{
+    char cmd[1000];
+    snprintf(cmd, sizeof cmd, "%s '%s' '%s' 2>/dev/null", tool, in, out);
+    cr_assert_eq(system(cmd), 0, "%s failed", cmd);
+}
+
 /* The reader decodes lossless JPEG, JPEG-LS and RLE to the same HU. */
 Test(scp_pixels, compressed_syntaxes_decode_to_the_same_values)
 {
@@ -487,10 +495,9 @@ Test(scp_pixels, compressed_syntaxes_decode_to_the_same_values)
     cr_assert_eq(scp_pixels_read(path, &plain, err, sizeof err), 0, "%s", err);
     const char *tools[] = {"dcmcjpeg --encode-lossless", "dcmcjpls --encode-lossless", "dcmcrle"};
     for (int t = 0; t < 3; t++) {
-        char out[300], cmd[1000];
+        char out[300];
         snprintf(out, sizeof out, "%s/c%d.dcm", dir, t);
-        snprintf(cmd, sizeof cmd, "%s '%s' '%s'", tools[t], path, out);
-        cr_assert_eq(system(cmd), 0, "%s failed", cmd);
+        encode(tools[t], path, out);
         struct scp_info info;
         cr_assert_eq(scp_info_read(out, &info, err, sizeof err), 0, "%s", err);
         cr_assert_str_neq(info.transfer_syntax, "1.2.840.10008.1.2.1", "%s did not compress",
@@ -622,6 +629,83 @@ Test(scp_pixels, multi_frame_gives_frames)
     for (int i = 0; i < rows * cols; i++)
         cr_assert_float_eq(px.hu[i], (float)pix[i] - 1024.0f, 1e-3, "value %d", i);
     scp_pixels_free(&px);
+    free(pix);
+    remove_tree(dir);
+}
+
+/* Fragments (pixel items) of the encapsulated pixel data of path. */
+static int count_fragments(const char *path)
+{
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "dcmdump '%s' | grep -c '(fffe,e000) pi'", path);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    int n = -1;
+    cr_assert_eq(fscanf(p, "%d", &n), 1);
+    pclose(p);
+    return n - 1; /* item 0 is the Basic Offset Table */
+}
+
+/* Sets every entry of the Basic Offset Table of the file at path to 0, as
+ * if every frame started in the first fragment. */
+static void zero_offset_table(const char *path, int frames)
+{
+    size_t len;
+    unsigned char *buf = read_all(path, &len);
+    static const unsigned char head[] = {0xe0, 0x7f, 0x10, 0x00, 'O',  'B',  0,    0,
+                                         0xff, 0xff, 0xff, 0xff, 0xfe, 0xff, 0x00, 0xe0};
+    unsigned char *at = memmem(buf, len, head, sizeof head);
+    cr_assert_not_null(at, "%s: no encapsulated pixel data", path);
+    uint32_t table;
+    memcpy(&table, at + sizeof head, 4);
+    cr_assert_eq(table, 4u * (uint32_t)frames, "%s: offset table of %u bytes", path, table);
+    memset(at + sizeof head + 4, 0, table);
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f);
+    cr_assert_eq(fwrite(buf, 1, len, f), len);
+    fclose(f);
+    free(buf);
+}
+
+/* One frame decoded alone, as the slice images and the PACS summary read
+ * it, when frames span several fragments (PS3.5 A.4 allows it for JPEG and
+ * JPEG-LS) and the Basic Offset Table is empty or wrong: dcmtk 3.6.7 alone
+ * refused every frame but the first ("basic offset table is empty"), or,
+ * from a wrong table, gave another frame's pixels. RLE allows one fragment
+ * per frame only: more are decoded as dcmtk can (from a filled table), and
+ * the refusal says why. */
+Test(scp_pixels, a_frame_of_several_fragments_decodes_alone, .timeout = 60)
+{
+    char dir[256], path[300], err[512] = "";
+    int rows = 128, cols = 128, frames = 4, per = rows / frames * cols;
+    uint16_t *pix = make_test_file(dir, path, "mf.dcm", rows, cols);
+    run_tool("dcmodify -nb -m '(0028,0010)=32' -i '(0028,0008)=4' '%s' >/dev/null", path);
+    const char *tools[] = {"dcmcjpeg +e1 +fs 1 -ot", "dcmcjpls +fs 1 -ot", "dcmcjpeg +e1 +fs 1"};
+    for (int t = 0; t < 3; t++) {
+        char out[300];
+        snprintf(out, sizeof out, "%s/f%d.dcm", dir, t);
+        encode(tools[t], path, out);
+        cr_assert_gt(count_fragments(out), frames, "%s: one fragment per frame", tools[t]);
+        if (t == 2) zero_offset_table(out, frames);
+        for (int f = 0; f < frames; f++) {
+            struct scp_pixels px;
+            cr_assert_eq(scp_pixels_read_frame(out, f, &px, err, sizeof err), 0, "%s: %s", tools[t],
+                         err);
+            cr_assert_eq(px.frames, 1);
+            cr_assert_eq(px.rows * px.columns, per);
+            for (int i = 0; i < per; i++)
+                cr_assert_float_eq(px.hu[i], (float)pix[f * per + i] - 1024.0f, 1e-3,
+                                   "%s: frame %d value %d", tools[t], f, i);
+            scp_pixels_free(&px);
+        }
+    }
+    char rle[300];
+    snprintf(rle, sizeof rle, "%s/rle.dcm", dir);
+    encode("dcmcrle +fs 1 -ot", path, rle);
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read_frame(rle, 1, &px, err, sizeof err), -1);
+    cr_assert(strstr(err, "allows one fragment per frame"), "%s", err);
+    cr_assert_null(px.hu);
     free(pix);
     remove_tree(dir);
 }
