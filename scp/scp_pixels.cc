@@ -40,6 +40,7 @@ void register_decoders()
 
 struct rescale {
     double slope = 1.0, intercept = 0.0;
+    bool has_slope = false, has_intercept = false;
 };
 
 // Slope and intercept from item (top level or a Pixel Value Transformation
@@ -47,8 +48,14 @@ struct rescale {
 void read_rescale(DcmItem *item, rescale &r)
 {
     Float64 v;
-    if (item->findAndGetFloat64(DCM_RescaleSlope, v).good() && v != 0.0) r.slope = v;
-    if (item->findAndGetFloat64(DCM_RescaleIntercept, v).good()) r.intercept = v;
+    if (item->findAndGetFloat64(DCM_RescaleSlope, v).good()) {
+        r.slope = v;
+        r.has_slope = true;
+    }
+    if (item->findAndGetFloat64(DCM_RescaleIntercept, v).good()) {
+        r.intercept = v;
+        r.has_intercept = true;
+    }
 }
 
 void read_group_rescale(DcmItem *group, rescale &r)
@@ -57,6 +64,26 @@ void read_group_rescale(DcmItem *group, rescale &r)
     if (group &&
         group->findAndGetSequenceItem(DCM_PixelValueTransformationSequence, pvt, 0).good() && pvt)
         read_rescale(pvt, r);
+}
+
+// Stored values are HU only through Rescale Slope and Intercept (Type 1 in
+// CT Image Storage; in Enhanced CT, in the Pixel Value Transformation
+// functional group of every frame): an image without them, or with slope 0,
+// is refused rather than read with 1 and 0 (a positive study without its
+// intercept was triaged at 0.030 instead of 0.992). Returns "" or why not.
+std::string rescale_problem(const rescale &r, bool enhanced, int frame)
+{
+    const char *where = enhanced ? " in the Pixel Value Transformation functional group" : "";
+    std::string which = enhanced ? " of frame " + std::to_string(frame) : "";
+    if (!r.has_intercept) return std::string("no Rescale Intercept (0028,1052)") + where + which;
+    if (!r.has_slope) return std::string("no Rescale Slope (0028,1053)") + where + which;
+    if (r.slope == 0.0) return "Rescale Slope 0" + which;
+    // A hostile file can carry "NaN" or "1e999" here; NaN HU would pass every
+    // window unclamped and reach the model (found by fuzz/fuzz_scp_pixels).
+    if (!std::isfinite(r.slope) || !std::isfinite(r.intercept) ||
+        std::fabs(r.slope) * 4294967296.0 + std::fabs(r.intercept) > 1e30)
+        return "Rescale Slope/Intercept not finite or out of range" + which;
+    return "";
 }
 
 struct layout {
@@ -228,6 +255,43 @@ int read_one_frame(DcmDataset *ds, const layout &l, long frame, std::vector<Uint
     return 0;
 }
 
+// The rescale of frames first .. first + nframes - 1 into out. Enhanced CT
+// carries it in its functional groups only; other objects at the top level,
+// which functional groups may override per frame. Returns 0, or -1 with why.
+int read_frame_rescale(DcmDataset *ds, int first, int nframes, std::vector<rescale> &out,
+                       std::string &why)
+{
+    OFString sop_class;
+    ds->findAndGetOFString(DCM_SOPClassUID, sop_class);
+    bool enhanced = sop_class == UID_EnhancedCTImageStorage;
+    out.assign((size_t)nframes, rescale());
+    rescale base;
+    if (!enhanced) read_rescale(ds, base);
+    DcmItem *shared = nullptr;
+    if (ds->findAndGetSequenceItem(DCM_SharedFunctionalGroupsSequence, shared, 0).good())
+        read_group_rescale(shared, base);
+    // One walk along the per-frame items: getItem(f) walks the list from its
+    // head, which made tens of thousands of frames quadratic (seconds).
+    DcmSequenceOfItems *per = nullptr;
+    if (ds->findAndGetSequence(DCM_PerFrameFunctionalGroupsSequence, per).bad()) per = nullptr;
+    DcmObject *pf = per ? per->nextInContainer(nullptr) : nullptr;
+    for (int f = 0; pf && f < first; f++)
+        pf = per->nextInContainer(pf);
+    for (int f = 0; f < nframes; f++) {
+        out[(size_t)f] = base;
+        if (pf) {
+            read_group_rescale(static_cast<DcmItem *>(pf), out[(size_t)f]);
+            pf = per->nextInContainer(pf);
+        }
+        why = rescale_problem(out[(size_t)f], enhanced, first + f + 1);
+        if (!why.empty()) {
+            why += ": stored values cannot be read as HU";
+            return -1;
+        }
+    }
+    return 0;
+}
+
 // frame < 0: every frame; else only that one (out->frames 1), 1 when the
 // file has no such frame.
 int read_pixels(const char *path, unsigned long max_pixels, long frame, scp_pixels *out, char *err,
@@ -254,6 +318,11 @@ int read_pixels(const char *path, unsigned long max_pixels, long frame, scp_pixe
         return 1;
     }
     int first = frame < 0 ? 0 : (int)frame, nframes = frame < 0 ? l.frames : 1;
+    std::vector<rescale> frame_rescale;
+    if (read_frame_rescale(ds, first, nframes, frame_rescale, why) != 0) {
+        set_err(err, errlen, std::string(path) + ": " + why);
+        return -1;
+    }
     std::vector<Uint16> one;
     if (frame >= 0) {
         if (read_one_frame(ds, l, frame, one, why) != 0) {
@@ -295,38 +364,6 @@ int read_pixels(const char *path, unsigned long max_pixels, long frame, scp_pixe
                 std::string(path) + ": pixel data holds " + std::to_string(count) + " values, " +
                     std::to_string(total) + " expected");
         return -1;
-    }
-
-    std::vector<rescale> frame_rescale((size_t)nframes);
-    rescale base;
-    read_rescale(ds, base);
-    DcmItem *shared = nullptr;
-    if (ds->findAndGetSequenceItem(DCM_SharedFunctionalGroupsSequence, shared, 0).good())
-        read_group_rescale(shared, base);
-    // One walk along the per-frame items: getItem(f) walks the list from its
-    // head, which made tens of thousands of frames quadratic (seconds).
-    DcmSequenceOfItems *per = nullptr;
-    if (ds->findAndGetSequence(DCM_PerFrameFunctionalGroupsSequence, per).bad()) per = nullptr;
-    DcmObject *pf = per ? per->nextInContainer(nullptr) : nullptr;
-    for (int f = 0; pf && f < first; f++)
-        pf = per->nextInContainer(pf);
-    for (int f = 0; f < nframes; f++) {
-        frame_rescale[(size_t)f] = base;
-        if (pf) {
-            read_group_rescale(static_cast<DcmItem *>(pf), frame_rescale[(size_t)f]);
-            pf = per->nextInContainer(pf);
-        }
-    }
-
-    // A hostile file can carry "NaN" or "1e999" here; NaN HU would pass every
-    // window unclamped and reach the model (found by fuzz/fuzz_scp_pixels).
-    for (const rescale &r : frame_rescale) {
-        if (!std::isfinite(r.slope) || !std::isfinite(r.intercept) ||
-            std::fabs(r.slope) * 4294967296.0 + std::fabs(r.intercept) > 1e30) {
-            set_err(err, errlen,
-                    std::string(path) + ": Rescale Slope/Intercept not finite or out of range");
-            return -1;
-        }
     }
 
     float *hu = static_cast<float *>(std::malloc(total * sizeof(float)));

@@ -28,9 +28,12 @@ struct scp_pixels {
 
 /* Reads and decodes the pixel data of the file at path into *out (zeroed
  * first). Returns 0, or -1 with a message in err (size errlen): not DICOM,
- * no pixel data, a colour image, an undecodable transfer syntax, or sizes
- * beyond the caps above. On failure *out owns nothing. Never throws;
- * thread-safe. */
+ * no pixel data, a colour image, an undecodable transfer syntax, sizes
+ * beyond the caps above, or no Rescale Slope and Intercept for a frame (or
+ * slope 0): without them stored values are no HU. Enhanced CT Image Storage
+ * must carry them in its Pixel Value Transformation functional groups;
+ * other objects at the top level, which functional groups may override.
+ * On failure *out owns nothing. Never throws; thread-safe. */
 int scp_pixels_read(const char *path, struct scp_pixels *out, char *err, unsigned long errlen);
 
 /* scp_pixels_read with a lower cap on rows * columns * frames (at most

@@ -74,6 +74,12 @@ void triage_volume_free(struct triage_volume *v)
     memset(v, 0, sizeof *v);
 }
 
+/* Images the model can read, by size. */
+static bool size_in_range(const struct scp_info *in)
+{
+    return in->rows >= TRIAGE_MIN_DIM && in->columns >= TRIAGE_MIN_DIM;
+}
+
 struct candidate {
     struct scp_info info;
     int frames;        /* frames with a position (counted, voted, kept) */
@@ -96,6 +102,7 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
     /* 1. headers; 2. the dominant orientation and size (by count). */
     double ref_orient[6] = {0}, best_nz = 0; /* best_nz: |z| of its plane's normal */
     int ref_rows = 0, ref_cols = 0, best = 0;
+    const struct scp_info *odd_size = NULL; /* the first image of a size out of range */
     for (int i = 0; i < npaths; i++) {
         char e[256];
         if (scp_info_read(paths[i], &c[i].info, e, sizeof e) != 0) {
@@ -135,10 +142,12 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
             c[i].unplaced = in->number_of_frames - c[i].frames;
             in->has_position = c[i].frames > 0;
         }
+        if (c[i].frames && !size_in_range(in) && !odd_size) odd_size = in;
     }
     for (int i = 0; i < npaths; i++) {
         struct scp_info *in = &c[i].info;
-        if (!c[i].frames || !in->has_orientation || triage_image_type_is_localizer(in->image_type))
+        if (!c[i].frames || !in->has_orientation || !size_in_range(in) ||
+            triage_image_type_is_localizer(in->image_type))
             continue;
         int votes = 0;
         for (int j = 0; j < npaths; j++) {
@@ -163,6 +172,11 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
             ref_rows = in->rows;
             ref_cols = in->columns;
         }
+    }
+    if (best == 0 && odd_size) {
+        snprintf(err, errlen, "image size %dx%d out of range (at least %dx%d)", odd_size->rows,
+                 odd_size->columns, TRIAGE_MIN_DIM, TRIAGE_MIN_DIM);
+        goto done;
     }
     if (best == 0) {
         snprintf(err, errlen, "no image with position and orientation in %d file(s)", npaths);

@@ -11,6 +11,10 @@
 #include "scp_info.h"
 
 #define TRIAGE_MAX_SLICES 1000
+/* Fewest rows and columns of an image the model reads: a CT slice has
+ * hundreds (a series of 1x1 "images" had been triaged at 0.000); smaller
+ * ones are left out and counted, and a series of nothing else fails. */
+#define TRIAGE_MIN_DIM 64
 
 struct triage_slice {
     int file;  /* index into the paths given to triage_volume_build */

@@ -252,7 +252,7 @@ class PacsTest(itest.NodeTest):
         port, out = self.storescp("enhanced")
         node = self.node("ENHANCED@127.0.0.1:%d" % port)
         frames = 30
-        (path,) = self.gen("enh", count=frames, rows=32, cols=32, sop="enhanced-ct")
+        (path,) = self.gen("enh", count=frames, rows=64, cols=64, sop="enhanced-ct")
         import numpy as np
         import pydicom
         ds = pydicom.dcmread(path)
@@ -263,7 +263,7 @@ class PacsTest(itest.NodeTest):
         for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
             item.PlanePositionSequence[0].ImagePositionPatient[2] = -100.0 + 5.0 * (frames - 1 - k)
             hu.append(2 * (frames - 1 - k) + 1)
-        pixels = np.stack([np.full((32, 32), 1024 + v, dtype=np.uint16) for v in hu])
+        pixels = np.stack([np.full((64, 64), 1024 + v, dtype=np.uint16) for v in hu])
         ds.PixelData = pixels.tobytes()
         ds.save_as(path)
         self.send(node, [path])

@@ -709,3 +709,59 @@ Test(scp_pixels, a_frame_of_several_fragments_decodes_alone, .timeout = 60)
     free(pix);
     remove_tree(dir);
 }
+
+/* scp_pixels_read and _read_frame on path: both fail with a message that
+ * holds want. */
+static void assert_refused(const char *path, const char *want)
+{
+    struct scp_pixels px;
+    char err[512] = "";
+    cr_assert_eq(scp_pixels_read(path, &px, err, sizeof err), -1, "%s read", want);
+    cr_assert(strstr(err, want), "%s", err);
+    cr_assert_null(px.hu);
+    cr_assert_eq(scp_pixels_read_frame(path, 0, &px, err, sizeof err), -1, "%s read", want);
+    cr_assert(strstr(err, want), "%s", err);
+}
+
+/* Stored values become HU only through Rescale Slope and Intercept (Type 1
+ * in CT Image Storage; per frame in Enhanced CT's Pixel Value
+ * Transformation functional group). Without them, or with slope 0, an
+ * image is refused; they had been taken as 1 and 0 (a positive phantom
+ * study without its intercept was triaged at 0.030 instead of 0.992). */
+Test(scp_pixels, hu_need_rescale_slope_and_intercept)
+{
+    char dir[256], path[300], err[512] = "";
+    int rows = 40, cols = 56;
+    uint16_t *pix = make_test_file(dir, path, "r.dcm", rows, cols);
+    char cmd[1000];
+    const char *edits[][2] = {
+        {"-ea '(0028,1052)'", "no Rescale Intercept (0028,1052)"},
+        {"-ea '(0028,1053)'", "no Rescale Slope (0028,1053)"},
+        {"-m '(0028,1053)=0'", "Rescale Slope 0"},
+        /* Enhanced CT: the top level's values do not count */
+        {"-m '(0008,0016)=1.2.840.10008.5.1.4.1.1.2.1'",
+         "no Rescale Intercept (0028,1052) in the Pixel Value Transformation functional group of "
+         "frame 1"},
+    };
+    for (size_t e = 0; e < sizeof edits / sizeof *edits; e++) {
+        char out[300];
+        snprintf(out, sizeof out, "%s/e%zu.dcm", dir, e);
+        snprintf(cmd, sizeof cmd, "cp '%s' '%s' && dcmodify -nb %s '%s' >/dev/null", path, out,
+                 edits[e][0], out);
+        cr_assert_eq(system(cmd), 0, "%s failed", cmd);
+        assert_refused(out, edits[e][1]);
+    }
+    /* The Enhanced CT with its values in the shared functional group */
+    char enh[300];
+    snprintf(enh, sizeof enh, "%s/e3.dcm", dir);
+    run_tool("dcmodify -nb -i '(5200,9229)[0].(0028,9145)[0].(0028,1052)=-1000'"
+             " -i '(5200,9229)[0].(0028,9145)[0].(0028,1053)=2' '%s' >/dev/null",
+             enh);
+    struct scp_pixels px;
+    cr_assert_eq(scp_pixels_read(enh, &px, err, sizeof err), 0, "%s", err);
+    for (int i = 0; i < rows * cols; i++)
+        cr_assert_float_eq(px.hu[i], 2.0f * (float)pix[i] - 1000.0f, 1e-3, "value %d", i);
+    scp_pixels_free(&px);
+    free(pix);
+    remove_tree(dir);
+}

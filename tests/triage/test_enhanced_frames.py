@@ -47,7 +47,7 @@ class EnhancedFramesTest(itest.NodeTest):
         self.assertEqual(rc, 1, err)
 
     def test_frames_without_a_position_are_counted(self):
-        (path,) = self.gen("gap", count=30, rows=32, cols=32, sop="enhanced-ct")
+        (path,) = self.gen("gap", count=30, rows=64, cols=64, sop="enhanced-ct")
         import pydicom
         ds = pydicom.dcmread(path)
         del ds.PerFrameFunctionalGroupsSequence[9].PlanePositionSequence
@@ -65,7 +65,7 @@ class EnhancedFramesTest(itest.NodeTest):
         # As on the node (triage.max_tilt): a series whose slices are not
         # axial is not applicable, with the reason, instead of getting a
         # probability.
-        files = self.gen("sag", count=8, rows=32, cols=32)
+        files = self.gen("sag", count=8, rows=64, cols=64)
         import pydicom
         for i, f in enumerate(files):
             ds = pydicom.dcmread(f)
@@ -87,13 +87,13 @@ class EnhancedFramesTest(itest.NodeTest):
         import pydicom
         import time
         import dicomtest as dt
-        (enh,) = self.gen("sagenh", count=12, rows=32, cols=32, sop="enhanced-ct")
+        (enh,) = self.gen("sagenh", count=12, rows=64, cols=64, sop="enhanced-ct")
         ds = pydicom.dcmread(enh)
         ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0] \
             .ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
         for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
             item.PlanePositionSequence[0].ImagePositionPatient = ["%g" % (5.0 * i), "-125", "125"]
-        axial = self.gen("ax", count=12, rows=32, cols=32,
+        axial = self.gen("ax", count=12, rows=64, cols=64,
                          study_uid=str(ds.StudyInstanceUID))
         ds.save_as(enh)
         node = self.start_node({"triage.model": self.model, "triage.quiet_seconds": 1,

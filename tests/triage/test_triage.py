@@ -507,6 +507,52 @@ class TriageTest(itest.NodeTest):
         self.assertLess(order.index(bad_study), order.index(good_study))
         self.assertTrue(node.alive())
 
+    def test_slices_without_hu_or_too_small_fail_their_series(self):
+        """Stored values are HU only through Rescale Slope and Intercept
+        (Type 1 in CT Image Storage, per frame in Enhanced CT's functional
+        groups): a series without them, or with slope 0, fails with the
+        reason on the node and in predict; they had been taken as 1 and 0
+        and a positive study without its intercept triaged at 0.030 instead
+        of 0.992. So does a series of 1x1 images (triaged at 0.000)."""
+        import pydicom
+        node = self.node()
+        studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=19, count=2)
+        (no_icpt, a), (zero_slope, b) = sorted(studies.items())
+        for f in a:
+            ds = pydicom.dcmread(f)
+            del ds.RescaleIntercept
+            ds.save_as(f)
+        ds = pydicom.dcmread(b[4])
+        ds.RescaleSlope = "0"
+        ds.save_as(b[4])
+        tiny = self.gen("tiny", count=12, rows=1, cols=1)
+        (enh,) = self.gen("enh", count=12, rows=64, cols=64, sop="enhanced-ct")
+        ds = pydicom.dcmread(enh)
+        del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0] \
+            .RescaleIntercept
+        ds.RescaleIntercept = "-1024"  # not where Enhanced CT keeps it
+        ds.save_as(enh)
+        uid = {f: str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+               for f in (tiny[0], enh)}
+        self.send(node, a + b + tiny + [enh])
+        want = {no_icpt: "no Rescale Intercept (0028,1052): stored values cannot be read as HU",
+                zero_slope: "Rescale Slope 0",
+                uid[tiny[0]]: "image size 1x1 out of range",
+                uid[enh]: "no Rescale Intercept (0028,1052) in the Pixel Value Transformation"
+                          " functional group of frame 1"}
+        for study, reason in want.items():
+            row = self.wait_status(node, study, ("failed", "triaged"))
+            self.assertEqual(row["status"], "failed", row)
+            self.assertIn(reason, row["status_reason"])
+            self.assertIsNone(row["probability"])
+        p = subprocess.run([itest.EXE, "predict", "-c", "/dev/null", "--set",
+                            "triage.model=" + self.model, "--json", os.path.join(self.work, "ph")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out = {r["study_uid"]: r for r in json.loads(p.stdout)}
+        for study in (no_icpt, zero_slope):
+            self.assertEqual(out[study]["status"], "failed", out[study])
+            self.assertIn(want[study], out[study]["status_reason"])
+
     def test_two_studies_interleaved_on_parallel_associations(self):
         node = self.node()
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=18, count=2)

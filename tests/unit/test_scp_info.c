@@ -63,28 +63,40 @@ Test(scp_info, garbage_is_refused_with_a_message)
     unlink(path);
 }
 
-/* Writes an 8x8 axial CT slice at position pos (instance number i) into dir
- * as NN.dcm; path receives its name. */
-static void write_slice(const char *dir, int i, const double pos[3], const double orient[6],
-                        char *path, size_t len)
+/* Writes a size x size axial CT slice at position pos (instance number i)
+ * into dir as NN.dcm; path receives its name. */
+static void write_slice_of(const char *dir, int i, int size, const double pos[3],
+                           const double orient[6], char *path, size_t len)
 {
     /* Only what the geometry needs: empty strings for the rest. */
     static const struct scp_ct_study st = {.study_uid = "2.25.7001"};
     struct scp_ct_series se = {
         .series_uid = "2.25.7002", .frame_of_ref_uid = "2.25.7003", .pixel_spacing = {0.5, 0.5}};
     memcpy(se.orientation, orient, sizeof se.orientation);
-    uint16_t pix[64];
-    for (int k = 0; k < 64; k++)
-        pix[k] = (uint16_t)(1000 + k);
+    uint16_t *pix = malloc(sizeof *pix * (size_t)size * (size_t)size);
+    cr_assert_not_null(pix);
+    for (int k = 0; k < size * size; k++)
+        pix[k] = (uint16_t)(1000 + k % 1000);
     char sop[32];
     snprintf(sop, sizeof sop, "2.25.71%02d", i);
-    struct scp_ct_image im = {
-        .sop_uid = sop, .instance_number = i + 1, .rescale_slope = 1, .rows = 8, .columns = 8};
+    struct scp_ct_image im = {.sop_uid = sop,
+                              .instance_number = i + 1,
+                              .rescale_slope = 1,
+                              .rows = size,
+                              .columns = size};
     im.pixels = pix;
     memcpy(im.position, pos, sizeof im.position);
     snprintf(path, len, "%s/%02d.dcm", dir, i);
     char err[256];
     cr_assert_eq(scp_write_ct(path, &st, &se, &im, err, sizeof err), 0, "%s", err);
+    free(pix);
+}
+
+/* The same, of the smallest size the model reads. */
+static void write_slice(const char *dir, int i, const double pos[3], const double orient[6],
+                        char *path, size_t len)
+{
+    write_slice_of(dir, i, TRIAGE_MIN_DIM, pos, orient, path, len);
 }
 
 /* A NaN (or infinite) position or orientation is no geometry: the slice is
@@ -166,6 +178,36 @@ Test(scp_info, a_tie_of_planes_keeps_the_axial_one)
         triage_volume_free(&v);
     }
     for (int i = 0; i < 2 * N; i++)
+        unlink(paths[i]);
+    rmdir(dir);
+}
+
+/* Images smaller than TRIAGE_MIN_DIM are no slices the model can read:
+ * left out and counted beside real ones, and a series of nothing else
+ * fails with the reason. A series of twelve 1x1 images had been triaged at
+ * 0.000. */
+Test(scp_info, images_too_small_for_the_model_are_left_out)
+{
+    char dir[] = "/tmp/ichtriage-small-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    enum { N = 6, TINY = 8 };
+    const double axial[6] = {1, 0, 0, 0, 1, 0};
+    char paths[N + TINY][300];
+    const char *order[N + TINY];
+    for (int i = 0; i < N + TINY; i++) {
+        double pos[3] = {-2, -2, 2.5 * i};
+        write_slice_of(dir, i, i < N ? TRIAGE_MIN_DIM : 1, pos, axial, paths[i], sizeof paths[i]);
+        order[i] = paths[i];
+    }
+    struct triage_volume v;
+    char err[512];
+    cr_assert_eq(triage_volume_build(order, N + TINY, &v, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(v.n, N, "%d slices: %s", v.n, v.note);
+    cr_assert_eq(v.dropped_inconsistent, TINY, "%s", v.note);
+    triage_volume_free(&v);
+    cr_assert_eq(triage_volume_build(order + N, TINY, &v, err, sizeof err), -1);
+    cr_assert(strstr(err, "image size 1x1 out of range"), "%s", err);
+    for (int i = 0; i < N + TINY; i++)
         unlink(paths[i]);
     rmdir(dir);
 }
