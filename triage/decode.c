@@ -13,6 +13,7 @@
 #include "clock.h"
 #include "decode.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -50,6 +51,7 @@ extern char **environ;
 struct triage_slices {
     const struct triage_volume *v;
     const char *const *paths;
+    int lead; /* v's first slices that repeat later ones (triage_slices_open) */
     int next; /* the slice next() returns */
     /* inline */
     struct scp_pixels px;
@@ -184,6 +186,37 @@ static void child_kill(struct triage_slices *s)
     s->pid = 0;
 }
 
+/* Where the stream stands, for a message: "at slice K of N (file)", K and N
+ * counted in the series; a sample of the head crop is the slice it repeats. */
+static void where(const struct triage_slices *s, char *out, size_t len)
+{
+    const struct triage_volume *v = s->v;
+    int i = s->next < v->n ? s->next : v->n - 1, k = i;
+    for (int j = s->lead; k < s->lead && j < v->n; j++)
+        if (v->slices[j].file == v->slices[i].file && v->slices[j].frame == v->slices[i].frame)
+            k = j;
+    if (k < s->lead) k = s->lead; /* not repeated after all: never a number below 1 */
+    snprintf(out, len, "at slice %d of %d%s (%s)", k - s->lead + 1, v->n - s->lead,
+             i < s->lead ? ", read for the head crop" : "", s->paths[v->slices[i].file]);
+}
+
+/* What the child's exit status says (triage_decode_main), "" when nothing. */
+static const char *exit_meaning(int status)
+{
+    switch (status) {
+    case 4:
+        return " (it could not set its limits)";
+    case 5:
+        return " (it refused the request)";
+    case 6:
+        return " (out of memory)";
+    case 7:
+        return " (it could not write its reply)";
+    default:
+        return "";
+    }
+}
+
 /* The child is gone or must go: reaps it and says how it ended. */
 static void child_ended(struct triage_slices *s, bool timed_out, char *err, size_t errlen)
 {
@@ -204,26 +237,24 @@ static void child_ended(struct triage_slices *s, bool timed_out, char *err, size
     }
     pid_t pid = s->pid;
     s->pid = 0;
-    int i = s->next < s->v->n ? s->next : s->v->n - 1;
-    char where[1400];
-    snprintf(where, sizeof where, "at slice %d of %d (%s)", i + 1, s->v->n,
-             s->paths[s->v->slices[i].file]);
+    char at[1400];
+    where(s, at, sizeof at);
     if (timed_out)
-        snprintf(err, errlen, "pixel decoder stopped: no answer for %d s %s", s->wall_seconds,
-                 where);
+        snprintf(err, errlen, "pixel decoder stopped: no answer for %d s %s", s->wall_seconds, at);
     else if (lingered)
-        snprintf(err, errlen, "pixel decoder ended its reply early and did not exit %s", where);
+        snprintf(err, errlen, "pixel decoder ended its reply early and did not exit %s", at);
     else if (WIFSIGNALED(st) && WTERMSIG(st) == SIGXCPU)
         snprintf(err, errlen,
                  "pixel decoder stopped: over its CPU limit (triage.decoder_cpu_seconds=%d) %s",
-                 s->cpu_seconds, where);
+                 s->cpu_seconds, at);
     else if (WIFSIGNALED(st))
         snprintf(err, errlen, "pixel decoder crashed: signal %d (%s) %s", WTERMSIG(st),
-                 strsignal(WTERMSIG(st)), where);
+                 strsignal(WTERMSIG(st)), at);
     else if (WIFEXITED(st) && WEXITSTATUS(st) != 0)
-        snprintf(err, errlen, "pixel decoder exited with status %d %s", WEXITSTATUS(st), where);
+        snprintf(err, errlen, "pixel decoder exited with status %d%s %s", WEXITSTATUS(st),
+                 exit_meaning(WEXITSTATUS(st)), at);
     else
-        snprintf(err, errlen, "pixel decoder ended its reply early %s", where);
+        snprintf(err, errlen, "pixel decoder ended its reply early %s", at);
     util_log(UTIL_LOG_WARN, "pixel_decoder_failed", "pid=%d reason=\"%s\"", (int)pid, err);
 }
 
@@ -257,8 +288,9 @@ static int child_next(struct triage_slices *s, const float **hu, char *err, size
         return -1;
     }
     child_kill(s);
-    snprintf(err, errlen, "pixel decoder: unreadable reply at slice %d of %d", s->next + 1,
-             s->v->n);
+    char at[1400];
+    where(s, at, sizeof at);
+    snprintf(err, errlen, "pixel decoder: unreadable reply %s", at);
     return -1;
 }
 
@@ -349,16 +381,25 @@ static int child_start(struct triage_slices *s, const struct triage_decoder *d, 
 }
 
 int triage_slices_open(struct triage_slices **out, const struct triage_decoder *d,
-                       const struct triage_volume *v, const char *const *paths, char *err,
+                       const struct triage_volume *v, int lead, const char *const *paths, char *err,
                        size_t errlen)
 {
     *out = NULL;
+    assert(lead >= 0 && lead <= v->n);
+    /* triage_volume_build keeps no other sizes; the buffers below are sized
+     * by these. */
+    if (v->rows < 1 || v->columns < 1 || v->rows > SCP_PIXELS_MAX_DIM ||
+        v->columns > SCP_PIXELS_MAX_DIM) {
+        snprintf(err, errlen, "image size %dx%d out of range", v->rows, v->columns);
+        return -1;
+    }
     struct triage_slices *s = calloc(1, sizeof *s);
     if (!s) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
     s->v = v;
+    s->lead = lead;
     s->paths = paths;
     s->px_file = -1;
     s->fd = -1;
@@ -519,7 +560,7 @@ int triage_decode_main(int argc, char **argv)
     }
     struct triage_slices *s;
     char err[1024];
-    if (triage_slices_open(&s, NULL, &v, (const char *const *)paths, err, sizeof err) != 0)
+    if (triage_slices_open(&s, NULL, &v, 0, (const char *const *)paths, err, sizeof err) != 0)
         return write_error(err) ? 7 : 0;
     size_t bytes = sizeof(float) * (size_t)v.rows * (size_t)v.columns;
     int rc = 0;

@@ -35,10 +35,12 @@ void triage_decoder_free(struct triage_decoder *d);
 struct triage_slices;
 
 /* Starts decoding the slices of v (paths as given to triage_volume_build)
- * with d (NULL: inline). Returns 0, or -1 with a message; the caller closes
+ * with d (NULL: inline). The first lead of them repeat slices further on
+ * (the head crop's samples): messages number slices as the series does,
+ * v->n - lead of them. Returns 0, or -1 with a message; the caller closes
  * *out with triage_slices_close(). */
 int triage_slices_open(struct triage_slices **out, const struct triage_decoder *d,
-                       const struct triage_volume *v, const char *const *paths, char *err,
+                       const struct triage_volume *v, int lead, const char *const *paths, char *err,
                        size_t errlen);
 /* The next slice's v->rows * v->columns HU values, valid until the next
  * call. Returns 0, or -1 with a message naming the file or how the child

@@ -274,7 +274,7 @@ int triage_preprocess_volume(const struct triage_volume *v, const char *const *p
         stream.slices = both;
         stream.n = nsamples + v->n;
     }
-    if (triage_slices_open(&slices, dec, &stream, paths, err, errlen) != 0) goto done;
+    if (triage_slices_open(&slices, dec, &stream, nsamples, paths, err, errlen) != 0) goto done;
     struct triage_head_box box;
     triage_head_box_init(&box);
     const float *hu;

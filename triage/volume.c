@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scp_pixels.h"
+
 static void cross(const double a[3], const double b[3], double out[3])
 {
     out[0] = a[1] * b[2] - a[2] * b[1];
@@ -74,10 +76,11 @@ void triage_volume_free(struct triage_volume *v)
     memset(v, 0, sizeof *v);
 }
 
-/* Images the model can read, by size. */
+/* Images the model can read, by size (volume.h). */
 static bool size_in_range(const struct scp_info *in)
 {
-    return in->rows >= TRIAGE_MIN_DIM && in->columns >= TRIAGE_MIN_DIM;
+    return in->rows >= TRIAGE_MIN_DIM && in->columns >= TRIAGE_MIN_DIM &&
+           in->rows <= SCP_PIXELS_MAX_DIM && in->columns <= SCP_PIXELS_MAX_DIM;
 }
 
 struct candidate {
@@ -174,8 +177,9 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
         }
     }
     if (best == 0 && odd_size) {
-        snprintf(err, errlen, "image size %dx%d out of range (at least %dx%d)", odd_size->rows,
-                 odd_size->columns, TRIAGE_MIN_DIM, TRIAGE_MIN_DIM);
+        snprintf(err, errlen, "image size %dx%d out of range (%dx%d to %dx%d)", odd_size->rows,
+                 odd_size->columns, TRIAGE_MIN_DIM, TRIAGE_MIN_DIM, SCP_PIXELS_MAX_DIM,
+                 SCP_PIXELS_MAX_DIM);
         goto done;
     }
     if (best == 0) {

@@ -11,9 +11,12 @@
 #include "scp_info.h"
 
 #define TRIAGE_MAX_SLICES 1000
-/* Fewest rows and columns of an image the model reads: a CT slice has
- * hundreds (a series of 1x1 "images" had been triaged at 0.000); smaller
- * ones are left out and counted, and a series of nothing else fails. */
+/* Rows and columns of an image the model reads, each: at least
+ * TRIAGE_MIN_DIM, as a CT slice has hundreds (a series of 1x1 "images" had
+ * been triaged at 0.000), and at most SCP_PIXELS_MAX_DIM, what the pixel
+ * reader decodes (a series whose headers said 65535x65535 had the node
+ * allocate 17 GB for one slice before its decoder refused). Other images
+ * are left out and counted, and a series of nothing else fails. */
 #define TRIAGE_MIN_DIM 64
 
 struct triage_slice {

@@ -128,6 +128,44 @@ class Decoder(itest.NodeTest):
         kids = subprocess.run(["pgrep", "-P", str(node.proc.pid)], stdout=subprocess.PIPE)
         self.assertEqual(kids.stdout.split(), [])
 
+    def test_sizes_and_slices_are_named_as_the_series_has_them(self):
+        """A series whose headers say 65535x65535 fails on its size before
+        anything is allocated for it; the node had allocated 17 GB for one
+        slice, then its child refused the request: "pixel decoder exited
+        with status 5 at slice 1 of 20", the cause unnamed. And with the head
+        crop (whose samples the child decodes first) a failure names the
+        slice as the series counts them: slice 2 of 20, not 1 of 28."""
+        hooks = subprocess.run([itest.EXE, "decode-pixels", "--has-test-hooks"])
+        if hooks.returncode != 0:
+            self.skipTest("built with -Dtest_hooks=false")
+        crop = os.path.join(self.work, "crop.safetensors")
+        subprocess.run([MAKE_MODEL, crop, "b8,M,b16,M,b16,M,b16,G|", "1", "0.5", "crop=head"],
+                       check=True)
+        _, huge, files = self.phantom(40)
+        subprocess.run(["dcmodify", "-nb", "-m", "(0028,0010)=65535", "-m", "(0028,0011)=65535"]
+                       + files, check=True, stdout=subprocess.DEVNULL)
+        out = os.path.join(self.work, "ph41")
+        subprocess.run([itest.EXE, "phantom", "--seed", "41", "-n", "1", "--size", "64",
+                        "--slices", "20", out], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        d = os.path.join(out, "stage_2_train")
+        crashing = sorted(os.path.join(d, f) for f in os.listdir(d))
+        crash = dt.sop_uids(crashing[0])[3]
+        os.environ["ICHTRIAGE_TEST_DECODER_FAULT"] = "segv:" + crash
+        try:
+            node = self.node(**{"triage.model": crop})
+        finally:
+            del os.environ["ICHTRIAGE_TEST_DECODER_FAULT"]
+        r = dt.storescu(node.port, files + crashing, workdir=self.work)
+        self.assert_all_success(r, files + crashing)
+        state, error = self.job(node, huge)
+        self.assertEqual(state, "failed", error)
+        self.assertEqual(error, "image size 65535x65535 out of range (64x64 to 8192x8192)")
+        state, error = self.job(node, crash)
+        self.assertEqual(state, "failed", error)
+        self.assertIn("pixel decoder crashed: signal 11 (Segmentation fault) at slice 2 of 20,"
+                      " read for the head crop (", error)
+
 
 if __name__ == "__main__":
     MAKE_MODEL = os.path.abspath(sys.argv.pop(2))

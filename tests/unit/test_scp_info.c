@@ -211,3 +211,32 @@ Test(scp_info, images_too_small_for_the_model_are_left_out)
         unlink(paths[i]);
     rmdir(dir);
 }
+
+/* Images whose headers say more rows or columns than the pixel reader
+ * decodes (SCP_PIXELS_MAX_DIM) are left out the same way: a series whose
+ * headers said 65535x65535 had the node allocate 17 GB for one slice before
+ * its pixel decoder refused ("exited with status 5"). */
+Test(scp_info, images_larger_than_the_reader_decodes_are_left_out)
+{
+    char dir[] = "/tmp/ichtriage-huge-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    enum { N = 6 };
+    const double axial[6] = {1, 0, 0, 0, 1, 0};
+    char paths[N][300], cmd[4000];
+    const char *order[N];
+    for (int i = 0; i < N; i++) {
+        double pos[3] = {-2, -2, 2.5 * i};
+        write_slice(dir, i, pos, axial, paths[i], sizeof paths[i]);
+        order[i] = paths[i];
+    }
+    snprintf(cmd, sizeof cmd, "dcmodify -nb -m '(0028,0010)=65535' -m '(0028,0011)=65535' %s/*.dcm",
+             dir);
+    cr_assert_eq(system(cmd), 0, "%s", cmd);
+    struct triage_volume v;
+    char err[512];
+    cr_assert_eq(triage_volume_build(order, N, &v, err, sizeof err), -1);
+    cr_assert(strstr(err, "image size 65535x65535 out of range (64x64 to 8192x8192)"), "%s", err);
+    for (int i = 0; i < N; i++)
+        unlink(paths[i]);
+    rmdir(dir);
+}
