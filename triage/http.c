@@ -110,6 +110,12 @@ int http_send_json(h2o_req_t *req, int status, cJSON *json)
     return rc;
 }
 
+int http_send_405(h2o_req_t *req, const char *allow)
+{
+    http_add_header(req, "allow", allow);
+    return http_send_error(req, 405, strncmp(allow, "GET", 3) == 0 ? "GET only" : "POST only");
+}
+
 int http_send_error(h2o_req_t *req, int status, const char *message)
 {
     cJSON *o = cJSON_CreateObject();
@@ -339,15 +345,15 @@ static int on_req(h2o_handler_t *self, h2o_req_t *req)
         return http_send_error(req, 413, "request body too large");
 
     if (strcmp(path, "/healthz") == 0)
-        return get ? healthz(h, req) : http_send_error(req, 405, "GET only");
+        return get ? healthz(h, req) : http_send_405(req, "GET, HEAD");
     if (strcmp(path, "/metrics") == 0)
-        return get ? http_metrics(h, req) : http_send_error(req, 405, "GET only");
+        return get ? http_metrics(h, req) : http_send_405(req, "GET, HEAD");
     if (strcmp(path, "/login") == 0)
-        return post ? http_auth_login(h, req) : http_send_error(req, 405, "POST only");
+        return post ? http_auth_login(h, req) : http_send_405(req, "POST");
     if (strcmp(path, "/logout") == 0)
-        return post ? http_auth_logout(h, req) : http_send_error(req, 405, "POST only");
+        return post ? http_auth_logout(h, req) : http_send_405(req, "POST");
     if (strcmp(path, "/") == 0 || strcmp(path, "/index.html") == 0) {
-        if (!get) return http_send_error(req, 405, "GET only");
+        if (!get) return http_send_405(req, "GET, HEAD");
         return send_asset(req, find_asset("index.html"));
     }
     if (strncmp(path, "/static/", 8) == 0) {
@@ -361,8 +367,7 @@ static int on_req(h2o_handler_t *self, h2o_req_t *req)
         if (strcmp(path, "/api/events") == 0) {
             /* Not HEAD: it would open a stream, and hold its slot, too. */
             if (http_method_is(req, "GET")) return http_sse_open(h, req, &who);
-            http_add_header(req, "allow", "GET");
-            return http_send_error(req, 405, "GET only");
+            return http_send_405(req, "GET");
         }
         if (post && !http_auth_csrf_ok(req, &who))
             return http_send_error(req, 403, "missing or wrong X-CSRF-Token header");

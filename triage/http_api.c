@@ -374,11 +374,11 @@ int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, 
     bool get = http_method_is(req, "GET") || http_method_is(req, "HEAD");
     bool post = http_method_is(req, "POST");
     if (strcmp(path, "/api/session") == 0)
-        return get ? api_session(h, req, who) : http_send_error(req, 405, "GET only");
+        return get ? api_session(h, req, who) : http_send_405(req, "GET, HEAD");
     if (strcmp(path, "/api/worklist") == 0)
-        return get ? api_worklist(h, req) : http_send_error(req, 405, "GET only");
+        return get ? api_worklist(h, req) : http_send_405(req, "GET, HEAD");
     if (strcmp(path, "/api/pacs/failures") == 0)
-        return get ? http_pacs_failures(h, req) : http_send_error(req, 405, "GET only");
+        return get ? http_pacs_failures(h, req) : http_send_405(req, "GET, HEAD");
     if (strncmp(path, "/api/studies/", 13) == 0) {
         char uid[128], rest[160] = "";
         const char *p = path + 13, *slash = strchr(p, '/');
@@ -388,16 +388,13 @@ int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, 
         uid[n] = '\0';
         if (slash) snprintf(rest, sizeof rest, "%s", slash);
         if (!valid_uid(uid)) return http_send_error(req, 404, "no such study");
-        if (!rest[0])
-            return get ? api_study(h, req, who, uid) : http_send_error(req, 405, "GET only");
+        if (!rest[0]) return get ? api_study(h, req, who, uid) : http_send_405(req, "GET, HEAD");
         if (strcmp(rest, "/review") == 0)
-            return post ? api_review(h, req, who, uid) : http_send_error(req, 405, "POST only");
+            return post ? api_review(h, req, who, uid) : http_send_405(req, "POST");
         if (strcmp(rest, "/claim") == 0)
-            return post ? api_claim(h, req, who, uid, true)
-                        : http_send_error(req, 405, "POST only");
+            return post ? api_claim(h, req, who, uid, true) : http_send_405(req, "POST");
         if (strcmp(rest, "/release") == 0)
-            return post ? api_claim(h, req, who, uid, false)
-                        : http_send_error(req, 405, "POST only");
+            return post ? api_claim(h, req, who, uid, false) : http_send_405(req, "POST");
         if (strncmp(rest, "/slices/", 8) == 0) {
             char sop[sizeof rest];
             snprintf(sop, sizeof sop, "%s", rest + 8);
@@ -406,7 +403,7 @@ int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, 
                 return http_send_error(req, 404, "no such slice");
             sop[sl - 4] = '\0';
             if (!valid_uid(sop)) return http_send_error(req, 404, "no such slice");
-            return get ? http_slice_png(h, req, uid, sop) : http_send_error(req, 405, "GET only");
+            return get ? http_slice_png(h, req, uid, sop) : http_send_405(req, "GET, HEAD");
         }
     }
     return http_send_error(req, 404, "no such API");

@@ -147,6 +147,9 @@ void http_audit(struct triage_http *h, const char *user, const char *action, con
 int http_send(h2o_req_t *req, int status, const char *type, const char *body, size_t len);
 int http_send_json(h2o_req_t *req, int status, cJSON *json); /* takes json */
 int http_send_error(h2o_req_t *req, int status, const char *message);
+/* 405 with the Allow header RFC 9110 asks for ("GET, HEAD", "GET" or
+ * "POST"). */
+int http_send_405(h2o_req_t *req, const char *allow);
 void http_add_header(h2o_req_t *req, const char *name, const char *value);
 bool http_method_is(h2o_req_t *req, const char *m);
 /* Value of a header (lower-case name) into out; false when absent or longer

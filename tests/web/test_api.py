@@ -706,6 +706,19 @@ class EventStreamLimitTest(wt.WebTest):
             self.assertIn("\r\nallow: get\r\n", head)
         self.assertEqual(self.streams(node), 0)
 
+    def test_every_405_says_what_is_allowed(self):
+        # RFC 9110: a 405 lists the methods the resource takes (Allow); only
+        # the event stream's had one
+        node = node_with_studies(self, 1)
+        for method, path, allow in (("DELETE", "/healthz", "GET, HEAD"),
+                                    ("POST", "/metrics", "GET, HEAD"),
+                                    ("GET", "/login", "POST"),
+                                    ("PUT", "/api/worklist", "GET, HEAD"),
+                                    ("PUT", "/", "GET, HEAD")):
+            status, headers, _ = wt.curl(node.base + path, method)
+            self.assertEqual(status, 405, (method, path))
+            self.assertEqual(headers.get("allow"), [allow], (method, path, headers))
+
     def test_streams_per_client(self):
         # Loopback: per client address.
         node = node_with_studies(self, 1)
