@@ -140,7 +140,7 @@ static const char *const migrations[] = {
     "  id INTEGER PRIMARY KEY,"
     "  at INTEGER NOT NULL,"
     "  user TEXT NOT NULL,"
-    "  action TEXT NOT NULL," /* opened, reviewed, claimed, released, login, login_failed */
+    "  action TEXT NOT NULL," /* docs/web.md lists them: opened, reviewed, claimed, ... */
     "  study_uid TEXT NOT NULL DEFAULT '',"
     "  detail TEXT NOT NULL DEFAULT '');",
 
