@@ -360,7 +360,10 @@ OFCondition scp_server::handle_store(Assoc *a, T_ASC_PresentationContextID pres_
                                      T_DIMSE_C_StoreRQ *req, unsigned *stored, unsigned *failed)
 {
     T_ASC_Association *assoc = a->assoc;
-    const char *calling = assoc->params->DULparams.callingAPTitle;
+    // As the association was judged (ae_trim): what the file's meta header,
+    // the index and the log record.
+    std::string calling_ae = ae_trim(assoc->params->DULparams.callingAPTitle);
+    const char *calling = calling_ae.c_str();
     std::string peer = host_only(assoc->params->DULparams.callingPresentationAddress);
     // The request's UID is the peer's text: quotes and '=' in it broke the
     // key=value records it was logged in. A valid UID passes unchanged.

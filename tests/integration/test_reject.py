@@ -288,6 +288,12 @@ class Rejections(itest.NodeTest):
         self.assertIn("calling_ae=RAWSCU ", node.events("association_accepted")[-1])
         self.expect_rejected(node, " ICHTRIAGE", " INTRUDER", 1, 1, 3, "calling_peer_not_allowed")
         self.expect_rejected(node, " ICHTRIAGE2", "RAWSCU", 1, 1, 7, "called_ae_not_ours")
+        # What is stored names the peer as it was judged, not "  RAWSCU".
+        files = self.gen("ct", count=1, rows=64, cols=64)
+        r = dt.storescu(node.port, files, workdir=self.work, calling="  RAWSCU")
+        self.assert_all_success(r, files)
+        self.assertEqual([row[0] for row in node.query("SELECT calling_ae FROM instances")],
+                         ["RAWSCU"])
 
     def test_calling_ae_bound_to_our_host_is_allowed(self):
         node = self.start_node({"dicom.allowed_peers": "LOCALSCU@127.0.0.1, ELSEWHERE@10.255.255.1"})
