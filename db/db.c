@@ -104,6 +104,17 @@ bool db_index_is_new(const char *path)
     return version < 0 && access(path, F_OK) != 0 && errno == ENOENT;
 }
 
+int db_open_existing(struct db **out, const char *path, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (db_index_is_new(path)) {
+        snprintf(err, errlen, "%s holds no index of the node's (missing, empty or not its schema)",
+                 path);
+        return -1;
+    }
+    return db_open(out, path, err, errlen);
+}
+
 int db_open(struct db **out, const char *path, char *err, size_t errlen)
 {
     *out = NULL;

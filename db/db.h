@@ -41,6 +41,11 @@ struct db_instance {
  * schema version is 0. db_open would make a fresh one, in which every
  * stored instance looks unindexed. */
 bool db_index_is_new(const char *path);
+/* db_open for the node's other commands (worklist, training from reviews):
+ * refuses, opening nothing, a database db_index_is_new calls new. Making
+ * its schema there would hide a lost index from the node's next start,
+ * which would then remove every stored instance as unindexed. */
+int db_open_existing(struct db **out, const char *path, char *err, size_t errlen);
 /* Opens (creating if needed) the database at path and brings its schema to
  * the current version. The caller owns *out and frees it with db_close().
  * Returns 0, or -1 with a message in err. */

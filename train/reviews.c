@@ -103,12 +103,8 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, co
     char dbp[PATH_MAX];
     snprintf(dbp, sizeof dbp, "%s/ichtriage.db", store_dir);
     *added = 0;
-    if (access(dbp, R_OK) != 0) {
-        snprintf(err, errlen, "%s: no database (is store.dir right?)", dbp);
-        return -1;
-    }
     struct db *db = NULL;
-    if (db_open(&db, dbp, err, errlen) != 0) return -1;
+    if (db_open_existing(&db, dbp, err, errlen) != 0) return -1;
     struct review_list l = {0};
     int rc = db_reviews_latest(db, collect, &l);
     db_close(db);

@@ -77,12 +77,8 @@ int triage_worklist_main(int argc, char **argv)
     char path[1200];
     snprintf(path, sizeof path, "%s/ichtriage.db", triage_config_str(&cfg, CFG_STORE_DIR));
     triage_config_free(&cfg);
-    if (access(path, F_OK) != 0) {
-        fprintf(stderr, "ichtriage worklist: no database at %s (check store.dir)\n", path);
-        return 1;
-    }
     struct db *db;
-    if (db_open(&db, path, err, sizeof err) != 0) {
+    if (db_open_existing(&db, path, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage worklist: %s\n", err);
         return 1;
     }

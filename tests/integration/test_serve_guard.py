@@ -129,6 +129,20 @@ class ServeGuard(itest.NodeTest):
         self.assertIn("is missing or empty but the spool holds 3 instance files", str(cm.exception))
         self.assertEqual(spool_files(node.store_dir), stored)
         self.assertEqual(os.path.getsize(db), 0, "the refused start left the index as it was")
+        # Nor do the node's other commands make a schema in it (an admin's
+        # look at the worklist, the retraining timer reading reviews): the
+        # next start would have taken it for the index and emptied the spool.
+        for cmd in (["worklist"], ["train", "--reviews", "--epochs1", "1", "-o",
+                                   os.path.join(self.work, "m.safetensors")]):
+            r = subprocess.run([itest.EXE, *cmd, "-c", "/dev/null", "--set",
+                                "store.dir=" + node.store_dir], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, timeout=120)
+            self.assertNotEqual(r.returncode, 0, (cmd, r.stdout))
+            self.assertIn("holds no index of the node's", r.stderr, cmd)
+            self.assertEqual(os.path.getsize(db), 0, cmd)
+        with self.assertRaises(dt.NodeError):
+            node.start(timeout=20)
+        self.assertEqual(spool_files(node.store_dir), stored)
         sqlite3.connect(db).execute("CREATE TABLE notes (x)").connection.commit()
         with self.assertRaises(dt.NodeError) as cm:
             node.start(timeout=20)
