@@ -15,8 +15,8 @@
 
 #define SSE_PENDING_MAX (1 << 20) /* backlog per slow client (one event may be bigger) */
 #define SSE_PING_MS 15000
-/* Streams from one login session (on loopback, one client address), of
- * HTTP_MAX_SSE: well above a reader's open tabs. A stream whose client went
+/* Streams of one user, all their sessions together (on loopback, one
+ * client address), of HTTP_MAX_SSE: well above a reader's open tabs. A stream whose client went
  * away stays until a write to it fails (the next ping): one client opening
  * streams in a loop must not take every slot from the other readers. */
 #define SSE_PER_CLIENT_MAX 16
@@ -34,7 +34,7 @@ struct http_sse {
     size_t pending_len;
     bool ending;      /* send the final chunk once the write in progress ends */
     char session[65]; /* the login session it belongs to; "" on loopback */
-    char client[65];  /* whose streams count together: the session, else the address */
+    char client[65];  /* whose streams count together: the user, else the address */
 };
 
 static void sse_remove(struct http_sse *s)
@@ -405,7 +405,8 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     if (h->nsse >= HTTP_MAX_SSE) return http_send_error(req, 503, "too many event streams");
     char client[sizeof((struct http_sse *)0)->client], peer[64];
     http_peer(h, req, peer, sizeof peer);
-    snprintf(client, sizeof client, "%s", who->session[0] ? who->session : peer);
+    /* Per user, not per session: one user may hold HTTP_USER_SESSIONS. */
+    snprintf(client, sizeof client, "%s", who->session[0] ? who->user : peer);
     int mine = 0;
     for (int i = 0; i < h->nsse; i++)
         mine += strcmp(h->sse[i]->client, client) == 0;
