@@ -325,25 +325,27 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     }
     int64_t now = http_clock_ms();
     struct http_user *u = find_user(h, user);
-    /* Guesses at one name from many addresses. Names that do not exist are
-     * counted alike, so the limit does not tell which do; the address a
-     * name last logged in from is not held, so guessing at a name does not
-     * lock its reader out at their own desk. */
-    if (!(u && strcmp(u->last_addr, addr) == 0) &&
-        http_fails_count(&h->name_fails, user, now) >= HTTP_NAME_FAIL_MAX) {
-        explicit_bzero(password, sizeof password);
-        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"failed logins of the name\"",
-                 addr);
-        http_audit(h, user, "login_throttled", "", addr);
-        return http_send_error(req, 429, "too many failed logins for this user; try again later");
-    }
     /* The per-address limit does not bound checks from many addresses; each
-     * holds the loop (pages, completion) for the hash's time. */
+     * holds the loop (pages, completion) for the hash's time. Taken before
+     * the per-name check too, so that its refusals (a log line each) cost
+     * the sender as much as a guess. */
     if (!login_take(h, now)) {
         explicit_bzero(password, sizeof password);
         util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins from all addresses\"",
                  addr);
         return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
+    }
+    /* Guesses at one name from many addresses. Names that do not exist are
+     * counted alike, so the limit does not tell which do; the address a
+     * name last logged in from is not held, so guessing at a name does not
+     * lock its reader out at their own desk. The audit has the hold once,
+     * when it begins (below), not each refusal. */
+    if (!(u && strcmp(u->last_addr, addr) == 0) &&
+        http_fails_count(&h->name_fails, user, now) >= HTTP_NAME_FAIL_MAX) {
+        explicit_bzero(password, sizeof password);
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"failed logins of the name\"",
+                 addr);
+        return http_send_error(req, 429, "too many failed logins for this user; try again later");
     }
     const struct http_user *probe = http_auth_probe(h, user);
     bool ok = probe && check_password(probe, password) && u;
@@ -353,6 +355,8 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         http_fails_add(&h->name_fails, user, now);
         util_log(UTIL_LOG_WARN, "login_failed", "peer=%s", addr);
         http_audit(h, user, "login_failed", "", addr);
+        if (http_fails_count(&h->name_fails, user, now) == HTTP_NAME_FAIL_MAX)
+            http_audit(h, user, "login_throttled", "", addr); /* the name is held from now */
         return http_send_error(req, 401, "wrong user or password");
     }
     /* A new session in a free place. One who holds HTTP_USER_SESSIONS
@@ -369,7 +373,8 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
             if (!own_oldest || x->expires_ms < own_oldest->expires_ms) own_oldest = x;
         }
     }
-    bool replaced = own >= HTTP_USER_SESSIONS;
+    /* A full table takes the user's own oldest too, where they have one. */
+    bool replaced = own >= HTTP_USER_SESSIONS || (!s && own > 0);
     if (replaced) {
         s = own_oldest;
     } else if (!s) {
