@@ -325,12 +325,17 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         if (!err[0]) snprintf(err, sizeof err, "cannot write %s", path_sr);
         goto failed;
     }
-    /* The summary image. One that cannot be drawn (the key slice does not
-     * decode on its own) would fail the same way at every attempt: the SR
-     * goes alone, rather than neither. A file that cannot be written is
-     * tried again, as the SR is. */
+    /* The summary image. One that cannot be drawn is tried again, as a
+     * file that cannot be written is (the key slice's file may be out of
+     * reach for a moment: no memory, too many files open). At the last
+     * attempt the SR goes alone, rather than neither: a key slice that does
+     * not decode on its own fails the same way every time. */
     char why_no_sc[1024] = "";
     bool sc = summary(&s, src, sub, &rgb, &rows, &cols, why_no_sc, sizeof why_no_sc) == 0;
+    if (!sc && (due ? due->attempts : 0) + 1 < p->max_attempts) {
+        snprintf(err, sizeof err, "summary image: %s", why_no_sc);
+        goto failed;
+    }
     if (!sc) {
         util_log(UTIL_LOG_WARN, "pacs_summary_failed",
                  "study=%s revision=%d reason=\"%s\" sent=sr_only", s.study_uid, s.revision,

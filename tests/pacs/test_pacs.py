@@ -355,17 +355,20 @@ class PacsTest(itest.NodeTest):
         """RLE with several fragments per frame (dcmcrle +fs, "non-standard":
         PS3.5 A.4.2 allows one per frame) and an empty offset table is
         triaged (the whole object decodes), but its key frame does not decode
-        alone. That failure comes
-        back at every attempt: the SR goes alone. Building used to fail
-        after writing the SR, remove it and retry until given up, so nothing
-        of the result reached PACS."""
+        alone. That failure comes back at every attempt; the build is tried
+        again (a passing failure, out of memory or of file descriptors,
+        would clear) and at the last attempt the SR goes alone. Building
+        used to fail after writing the SR, remove it and retry until given
+        up, so nothing of the result reached PACS."""
         port, out = self.storescp("sronly")
-        node = self.node("SRONLY@127.0.0.1:%d" % port)
+        node = self.node("SRONLY@127.0.0.1:%d" % port, **{"pacs.max_attempts": 3})
         path, _, _ = self.fragmented_enhanced_ct("rle", ["dcmcrle", "+fs", "1", "-ot"])
         self.send(node, [path])
         rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 1)
         self.assertEqual([r[1] for r in rows], ["sr"], rows)
         self.assertTrue(node.wait_event("pacs_summary_failed", since_start=True), node.log_tail())
+        self.assertEqual(len(node.events("pacs_revision_retry", since_start=True)), 2,
+                         node.log_tail())
         self.assertIn("allows one fragment per frame", node.log_tail())
         self.assertEqual([tuple(r) for r in node.query("SELECT state FROM pacs_revisions")],
                          [("ready",)])
