@@ -1178,9 +1178,11 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120, .fi
     cr_assert_eq(db_reviews_latest(db, review_fails, NULL), -1);
     cr_assert_eq(db_reviews_of_study(db, studies[1], review_fails, NULL), -1);
     db_close(db);
-    /* No database: a clear error. */
+    /* No database: a clear error, and none made. */
     cr_assert_neq(train_dataset_add_reviews(&d, tmp, NULL, 0, &added, err, sizeof err), 0);
-    cr_assert(strstr(err, "no database"), "%s", err);
+    cr_assert(strstr(err, "holds no index of the node's"), "%s", err);
+    snprintf(dbp, sizeof dbp, "%s/ichtriage.db", tmp);
+    cr_assert_neq(access(dbp, F_OK), 0);
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     cr_assert_eq(system(cmd), 0);
 }
