@@ -342,14 +342,23 @@ int triage_config_check(const struct triage_config *c, char *err, size_t errlen)
     }
     int yes;
     if (triage_config_bool(c, CFG_TRAIN_AUTO_PROMOTE, &yes, err, errlen) != 0) return -1;
-    size_t aet = strlen(c->values[CFG_DICOM_AETITLE]);
-    if (aet < 1 || aet > 16) {
-        snprintf(err, errlen, "dicom.aetitle must be 1 to 16 characters");
-        return -1;
-    }
-    if (strlen(c->values[CFG_PACS_CALLING_AETITLE]) > 16) {
-        snprintf(err, errlen, "pacs.calling_aetitle must be at most 16 characters");
-        return -1;
+    /* PS3.5: up to 16 characters, no backslash or control character, and
+     * leading and trailing spaces are not significant: a title configured
+     * with them would never match the trimmed one a peer calls. */
+    for (int k = 0; k < 2; k++) {
+        enum triage_config_key key = k ? CFG_PACS_CALLING_AETITLE : CFG_DICOM_AETITLE;
+        const char *t = c->values[key];
+        size_t n = strlen(t);
+        bool bad = n > 16 || (k == 0 && n < 1) || (n && (t[0] == ' ' || t[n - 1] == ' '));
+        for (size_t i = 0; i < n; i++)
+            if ((unsigned char)t[i] < ' ' || t[i] == '\\' || t[i] == 0x7f) bad = true;
+        if (bad) {
+            snprintf(err, errlen,
+                     "%s must be %s16 characters, without a backslash, a control character or "
+                     "spaces at either end",
+                     keys[key].name, k ? "at most " : "1 to ");
+            return -1;
+        }
     }
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         const char *path = c->values[files[i]];

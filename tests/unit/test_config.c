@@ -200,6 +200,9 @@ Test(config, check_finds_what_a_start_would_refuse)
         {"log.level=loud", "log.level"},
         {"train.auto_promote=maybe", "train.auto_promote"},
         {"dicom.aetitle=SEVENTEEN_LETTERS", "dicom.aetitle"},
+        {"dicom.aetitle= NODE", "spaces at either end"},
+        {"dicom.aetitle=A\\B", "dicom.aetitle"},
+        {"pacs.calling_aetitle=SEVENTEEN_LETTERS", "pacs.calling_aetitle"},
         {"dicom.tls_key=/nonexistent.key", "/nonexistent.key"},
         {"http.users=/nonexistent/users", "http.users"},
     };
