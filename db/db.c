@@ -89,14 +89,10 @@ static int busy_poll(void *arg, int count)
 bool db_index_is_new(const char *path)
 {
     sqlite3 *c = NULL;
-    int version = -1;
+    int64_t version = -1;
     if (sqlite3_open_v2(path, &c, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) == SQLITE_OK) {
         sqlite3_busy_timeout(c, 10000);
-        sqlite3_stmt *st;
-        if (sqlite3_prepare_v2(c, "PRAGMA user_version", -1, &st, NULL) == SQLITE_OK) {
-            if (sqlite3_step(st) == SQLITE_ROW) version = sqlite3_column_int(st, 0);
-            sqlite3_finalize(st);
-        }
+        if (db_scalar(c, &version, "PRAGMA user_version", "") != 0) version = -1;
     }
     sqlite3_close(c);
     if (version == 0) return true; /* empty, or a file no node wrote */

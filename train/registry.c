@@ -253,10 +253,7 @@ static int log_read(const char *dir, char ids[][128], int max)
 
 int train_registry_active(const char *store_dir, char *id, size_t idn)
 {
-    char dir[1100], ids[64][128];
-    snprintf(dir, sizeof dir, "%s/models", store_dir);
-    int n = log_read(dir, ids, 64);
-    snprintf(id, idn, "%s", n ? ids[n - 1] : "");
+    triage_model_active_id(store_dir, id, idn);
     return 0;
 }
 

@@ -33,6 +33,19 @@ static bool run_from_build_folder(void)
     return strncmp(exe, root, rl) == 0 && exe[rl] == '/';
 }
 
+void triage_model_active_id(const char *store_dir, char *id, size_t n)
+{
+    char log[1100], line[256];
+    snprintf(log, sizeof log, "%s/models/active.log", store_dir);
+    snprintf(id, n, "%s", "");
+    FILE *f = fopen(log, "r");
+    while (f && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (line[0]) snprintf(id, n, "%.127s", line);
+    }
+    if (f) fclose(f);
+}
+
 int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n)
 {
     if (configured && configured[0]) {
@@ -41,17 +54,11 @@ int triage_model_resolve(const char *configured, const char *store_dir, char *ou
     }
     char active[1100];
     snprintf(active, sizeof active, "%s/models/active.safetensors", store_dir);
-    /* The model promoted last (train/registry.c keeps active.log). Should
-     * its file be gone, the demonstration default must not take its place
-     * unnoticed: the hospital's own model, or no model and a banner. */
-    char log[1100], line[256] = "", id[128] = "";
-    snprintf(log, sizeof log, "%s/models/active.log", store_dir);
-    FILE *f = fopen(log, "r");
-    while (f && fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\r\n")] = 0;
-        if (line[0]) snprintf(id, sizeof id, "%.127s", line);
-    }
-    if (f) fclose(f);
+    /* Should the file of the model promoted last be gone, the
+     * demonstration default must not take its place unnoticed: the
+     * hospital's own model, or no model and a banner. */
+    char id[128];
+    triage_model_active_id(store_dir, id, sizeof id);
     if (id[0] && access(active, R_OK) != 0) {
         snprintf(out, n, "%s/models/%s.safetensors", store_dir, id);
         if (!strchr(id, '/') && access(out, R_OK) == 0) return 0;

@@ -39,6 +39,9 @@ struct triage_model {
  * (models/ID.safetensors) is taken, and without that none. Writes the path
  * to out; returns 0, or -1 when none exists (out says what was tried). */
 int triage_model_resolve(const char *configured, const char *store_dir, char *out, size_t n);
+/* The id of the model the registry promoted last: the last line of
+ * <store_dir>/models/active.log (train/registry.c writes it), "" when none. */
+void triage_model_active_id(const char *store_dir, char *id, size_t n);
 
 /* Loads path. Refuses a file whose metadata lacks the six labels, windows or
  * thresholds (nothing stands in for them), has bad windows, context or
