@@ -35,6 +35,9 @@ void train_phantom_opts_default(struct train_phantom_opts *o)
     o->noise_min = 3.0;
     o->noise_max = 10.0;
     o->artifacts = true;
+    o->size_cut[0] = 0.25;
+    o->size_cut[1] = 0.55;
+    o->size_cut[2] = 0.85;
 }
 
 int train_phantom_opts_check(const struct train_phantom_opts *o, char *err, size_t errlen)
@@ -62,6 +65,11 @@ int train_phantom_opts_check(const struct train_phantom_opts *o, char *err, size
         any_subtype += o->subtype_prevalence[k];
     if (o->prevalence > 0 && any_subtype <= 0) {
         snprintf(err, errlen, "prevalence above 0 needs a subtype with a share above 0");
+        return -1;
+    }
+    if (!(o->size_cut[0] >= 0 && o->size_cut[0] <= o->size_cut[1] &&
+          o->size_cut[1] <= o->size_cut[2] && o->size_cut[2] <= 1)) {
+        snprintf(err, errlen, "the lesion size shares must be non-negative");
         return -1;
     }
     if (o->slices_min < 0 || o->slices_max < o->slices_min || o->slices_max > 1000 ||
@@ -237,7 +245,7 @@ static int generate_study(const struct train_phantom_opts *o, int index, struct 
     if (artifacts) ph_head_add_mimics(&hd, &r);
     unsigned mask = pick_subtypes(&r, o);
     struct ph_lesion les[PH_MAX_LESIONS];
-    int nles = ph_lesions_random(&hd, &r, mask, les, PH_MAX_LESIONS);
+    int nles = ph_lesions_random(&hd, &r, mask, o->size_cut, les, PH_MAX_LESIONS);
     unsigned types = ph_lesions_types(les, nles);
 
     double thickness = pick_thickness(&r, o);

@@ -43,6 +43,10 @@ struct train_phantom_opts {
      * run with this mask and noise 0 shows exactly what the blood adds. */
     unsigned omit_blood_mask;
     int first_study; /* index of the first study (studies are independent) */
+    /* Where a lesion's size class is drawn: a uniform draw below size_cut[0]
+     * is tiny, below size_cut[1] small, below size_cut[2] medium, else large.
+     * The defaults (0.25, 0.55, 0.85) give shares 25/30/30/15 %. */
+    double size_cut[3];
 };
 
 /* Fills o with the documented defaults (outdir NULL). */

@@ -17,12 +17,13 @@ static void normalize(float v[3])
         v[i] /= n;
 }
 
-/* Sizes: tiny ones are meant to be hard (1-3 slices, faint edges). */
-static int pick_size(struct ph_rng *r, char out[8])
+/* Sizes: tiny ones are meant to be hard (1-3 slices, faint edges). One
+ * uniform draw whatever the shares, so other shares keep every other draw. */
+static int pick_size(struct ph_rng *r, const double cut[3], char out[8])
 {
     static const char *const names[] = {"tiny", "small", "medium", "large"};
     double x = ph_rng_uniform(r);
-    int s = x < 0.25 ? 0 : x < 0.55 ? 1 : x < 0.85 ? 2 : 3;
+    int s = x < cut[0] ? 0 : x < cut[1] ? 1 : x < cut[2] ? 2 : 3;
     strcpy(out, names[s]);
     return s;
 }
@@ -153,8 +154,8 @@ static void place_sah(struct ph_head *hd, struct ph_rng *r, struct ph_lesion *l,
     }
 }
 
-int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, struct ph_lesion *out,
-                      int max)
+int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, const double size_cut[3],
+                      struct ph_lesion *out, int max)
 {
     int n = 0;
     for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++) {
@@ -164,7 +165,7 @@ int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, struc
             struct ph_lesion *l = &out[n++];
             memset(l, 0, sizeof *l);
             l->type = (enum train_phantom_subtype)k;
-            int size = pick_size(r, l->size);
+            int size = pick_size(r, size_cut, l->size);
             switch (l->type) {
             case TRAIN_PHANTOM_EPIDURAL:
             case TRAIN_PHANTOM_SUBDURAL:

@@ -25,6 +25,8 @@ static void usage(FILE *out)
           "                         0.12, intraparenchymal 0.4, intraventricular 0.3,\n"
           "                         subarachnoid 0.4, subdural 0.45); repeatable\n"
           "  --slices N|MIN-MAX     slices per series (default: cover the head, 20-60)\n"
+          "  --sizes T,S,M,L        shares of lesions by size class, tiny, small, medium,\n"
+          "                         large; scaled to sum to 1 (default 0.25,0.3,0.3,0.15)\n"
           "  --thickness MM|MIN-MAX slice thickness = spacing in mm (default 2.5-5)\n"
           "  --size N               rows = columns, 64..1024 (default 512)\n"
           "  --noise SD|MIN-MAX     image noise in HU (default 3-10)\n"
@@ -64,6 +66,30 @@ static int parse_range(const char *s, double *lo, double *hi)
     return 0;
 }
 
+/* "T,S,M,L": four non-negative shares, scaled to sum to 1, as the three
+ * cut points of struct train_phantom_opts. */
+static int parse_sizes(const char *s, double cut[3])
+{
+    double v[4], sum = 0;
+    const char *p = s;
+    for (int i = 0; i < 4; i++) {
+        char buf[64];
+        size_t len = strcspn(p, ",");
+        if (len == 0 || len >= sizeof buf || (i < 3 && p[len] != ',') || (i == 3 && p[len]))
+            return -1;
+        memcpy(buf, p, len);
+        buf[len] = 0;
+        if (util_number_double(buf, &v[i]) != 0 || !(v[i] >= 0 && v[i] <= 1e6)) return -1;
+        sum += v[i];
+        p += len + (i < 3);
+    }
+    if (!(sum > 0)) return -1;
+    cut[0] = v[0] / sum;
+    cut[1] = (v[0] + v[1]) / sum;
+    cut[2] = (v[0] + v[1] + v[2]) / sum;
+    return 0;
+}
+
 static int subtype_index(const char *name, size_t len)
 {
     for (int k = 0; k < TRAIN_PHANTOM_NSUBTYPES; k++) {
@@ -94,6 +120,7 @@ int train_phantom_main(int argc, char **argv)
         O_PREVIEW,
         O_MASKS,
         O_OMIT,
+        O_SIZES,
         O_SET
     };
     static const struct option longopts[] = {
@@ -110,6 +137,7 @@ int train_phantom_main(int argc, char **argv)
         {"preview", no_argument, NULL, O_PREVIEW},
         {"masks", no_argument, NULL, O_MASKS},
         {"omit-blood", required_argument, NULL, O_OMIT},
+        {"sizes", required_argument, NULL, O_SIZES},
         {"set", required_argument, NULL, O_SET},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -196,6 +224,12 @@ int train_phantom_main(int argc, char **argv)
             }
             break;
         }
+        case O_SIZES:
+            if (parse_sizes(optarg, o.size_cut) != 0)
+                return bad("--sizes", optarg,
+                           "four non-negative shares T,S,M,L (tiny, small, medium, large) "
+                           "with a sum above 0");
+            break;
         case 'c':
         case O_SET:
             break;

@@ -143,10 +143,11 @@ struct ph_lesion {
 
 #define PH_MAX_LESIONS 8
 
-/* Places lesions of the subtypes in mask into hd; adds their mass effect.
- * Returns how many were written to out. */
-int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, struct ph_lesion *out,
-                      int max);
+/* Places lesions of the subtypes in mask into hd, their size classes drawn
+ * by size_cut (struct train_phantom_opts); adds their mass effect. Returns
+ * how many were written to out. */
+int ph_lesions_random(struct ph_head *hd, struct ph_rng *r, unsigned mask, const double size_cut[3],
+                      struct ph_lesion *out, int max);
 
 /* The subtypes whose blood the lesions can show: their own, and
  * intraventricular for an intraparenchymal bleed that reaches a ventricle. */

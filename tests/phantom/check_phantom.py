@@ -76,6 +76,12 @@ def bad_options(tmp):
         (["--noise", "-2", tmp], "--noise"),
         (["--seed", "-3", tmp], "--seed"),
         (["--omit-blood", "any", tmp], "--omit-blood"),
+        (["--sizes", "1,1,1", tmp], "--sizes"),
+        (["--sizes", "1,1,1,1,1", tmp], "--sizes"),
+        (["--sizes", "0,0,0,0", tmp], "--sizes"),
+        (["--sizes", "-1,1,1,1", tmp], "--sizes"),
+        (["--sizes", "1,,1,1", tmp], "--sizes"),
+        (["--sizes", "a,b,c,d", tmp], "--sizes"),
         ([*(f"--subtype={n}=0" for n in LABELS[1:]), tmp], "needs a subtype"),
         (["--frobnicate", tmp], "unknown option"),
         (["--seed"], "needs a value"),
@@ -309,6 +315,34 @@ def subarachnoid_blood_is_dense(tmp):
     check(med_p90 >= 35, f"subarachnoid blood's 90th percentile excess: median {med_p90} HU < 35")
 
 
+def size_shares(tmp):
+    """--sizes T,S,M,L sets the share of each lesion size class: all tiny,
+    or all large, as lesions.csv records them, on the same heads with the
+    same subtypes (the draws before the sizes are the same), and the default
+    shares give both."""
+    common = ["--seed", "11", "-n", "8", "--size", "128", "--slices", "16", "--prevalence", "1"]
+    seen = {}
+    for name, extra in (("tiny", ["--sizes", "1,0,0,0"]), ("large", ["--sizes", "0,0,0,2"]),
+                        ("default", [])):
+        out = os.path.join(tmp, "sizes-" + name)
+        r = phantom(*common, *extra, out)
+        check(r.returncode == 0, f"--sizes {extra}: {r.stderr}")
+        with open(os.path.join(out, "lesions.csv")) as f:
+            rows = list(csv.DictReader(f))
+        check(rows, f"{name}: no lesions at prevalence 1")
+        with open(os.path.join(out, "studies.csv")) as f:
+            # the anatomy's mimics; streaks and motion are drawn after the lesions
+            mimics = [(row["index"], [m for m in row["mimics"].split(";") if "=" not in m])
+                      for row in csv.DictReader(f)]
+        subtypes = sorted({(row["index"], row["subtype"]) for row in rows})
+        seen[name] = ({row["size"] for row in rows}, (mimics, subtypes))
+    check(seen["tiny"][0] == {"tiny"}, f"--sizes 1,0,0,0 gave sizes {seen['tiny'][0]}")
+    check(seen["large"][0] == {"large"}, f"--sizes 0,0,0,2 gave sizes {seen['large'][0]}")
+    check(len(seen["default"][0]) >= 2, f"the default shares gave only {seen['default'][0]}")
+    check(seen["tiny"][1] == seen["large"][1] == seen["default"][1],
+          "other size shares changed the studies' mimics or subtypes")
+
+
 def disk_full(tmp):
     """A run into a disk that fills up stops with the system's reason, leaves
     no labels CSV that looks complete and no half-written DICOM file. Needs
@@ -343,6 +377,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         disk_full(tmp)
         subarachnoid_blood_is_dense(tmp)
+        size_shares(tmp)
         bad_options(os.path.join(tmp, "bad"))
         out = os.path.join(tmp, "run")
         r = phantom("--seed", "9", "-n", "3", "--size", "192", "--slices", "12-16",
