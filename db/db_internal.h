@@ -27,6 +27,10 @@ struct db_worklist_row;
     " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
 void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row);
 
+/* The text of db_retention_due's listing (?1 updated before, ?2 reviewed
+ * before, ?3 how many), for its query plan to be checked. */
+void db_retention_due_sql(char *sql, size_t n);
+
 /* Runs one statement whose parameters ?1, ?2, ... are given by fmt, one
  * character each: 'i' int64_t, 'd' double, 's' text (copied). Returns 0
  * when it ran (done or a row), -1 otherwise. */

@@ -18,15 +18,22 @@ static const char due_where[] =
     "     AND d.state != 'sent')))"
     " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)";
 
+void db_retention_due_sql(char *sql, size_t n)
+{
+    /* st.purged_at IS NULL in due_where lets it go by studies_retention
+     * (schema 14), which is in this order already. */
+    snprintf(sql, n, "SELECT st.id FROM studies st WHERE %s ORDER BY st.updated_at LIMIT ?3",
+             due_where);
+}
+
 int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
                      int64_t *study_ids, int max, int *n)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     *n = 0;
-    char sql[1024];
-    snprintf(sql, sizeof sql,
-             "SELECT st.id FROM studies st WHERE %s ORDER BY st.updated_at LIMIT ?3", due_where);
+    char sql[2048];
+    db_retention_due_sql(sql, sizeof sql);
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
     sqlite3_bind_int64(st, 1, now_ms - keep_ms);
     sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
@@ -46,7 +53,7 @@ int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t 
     sqlite3_stmt *st = NULL;
     char **paths = NULL;
     int n = 0, cap = 0;
-    char sql[1024];
+    char sql[2048];
     if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
     /* Still due now that no one else can write: an instance received since
      * the listing (and acknowledged to its sender) keeps the study. */

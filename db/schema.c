@@ -273,6 +273,13 @@ static const char *const migrations[] = {
      * every row (0.37 s on the loop at 3 million). They are kept after
      * retention with their study's result (the study page shows them). */
     "CREATE INDEX slice_results_sop ON slice_results(sop_uid, frame);",
+
+    /* 13 -> 14: the studies retention may purge (db_retention_due) by when
+     * they last changed, oldest first, among those not yet purged. Without
+     * it each batch of a few studies read and sorted every study not yet
+     * purged, correlated subqueries and all (0.7 s on the loop at 300,000,
+     * per batch of 4). */
+    "CREATE INDEX studies_retention ON studies(updated_at) WHERE purged_at IS NULL;",
 };
 
 int db_schema_version(void)
