@@ -45,7 +45,7 @@ struct node {
     uv_signal_t sigterm, sigint, sighup;
     uv_fs_event_t models; /* <store.dir>/models: a promote or rollback */
     uv_async_t stored_async;
-    uv_timer_t heartbeat;    /* watchdog keep-alive and STATUS= refresh */
+    uv_timer_t heartbeat;    /* watchdog keep-alive, STATUS= refresh, free space */
     uv_timer_t completion;   /* series completion */
     uv_timer_t retention;    /* removing old, triaged, delivered studies' files */
     uv_async_t result_async; /* the inference thread finished a job */
@@ -143,10 +143,17 @@ static void wake_loop_result(void *ud)
 }
 
 /* Runs on the loop: if the loop is stuck, systemd's watchdog sees no
- * keep-alive and restarts the node. */
+ * keep-alive and restarts the node. Free space is measured here too (one
+ * statvfs): "disk low" starts and ends with the disk, not only when a
+ * C-STORE asks (a node started below the mark said it was fine until a
+ * scanner was refused, and kept saying "low" after space was freed). */
 static void on_heartbeat(uv_timer_t *h)
 {
     struct node *n = h->data;
+    bool was_low = atomic_load(&n->store.low_space);
+    char why_space[300];
+    triage_store_measure_space(&n->store, why_space, sizeof why_space);
+    if (atomic_load(&n->store.low_space) != was_low) triage_http_changed(n->http);
 #ifdef HAVE_SYSTEMD
     char version[160], why[1200];
     bool model = triage_infer_model(n->infer, version, sizeof version, why, sizeof why);
@@ -155,8 +162,6 @@ static void on_heartbeat(uv_timer_t *h)
                model ? "model " : "NO MODEL: ", model ? version : why,
                atomic_load(&n->store.low_space) ? "; DISK LOW: refusing instances (A700)" : "",
                n->stores_failing ? "; STORES FAILING (see /healthz)" : "");
-#else
-    (void)n;
 #endif
 }
 

@@ -100,9 +100,8 @@ static int64_t now_ms(void)
     return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
-int triage_store_check_space(void *ud, char *reason, size_t reason_len)
+int triage_store_measure_space(struct triage_store *s, char *reason, size_t reason_len)
 {
-    struct triage_store *s = ud;
     struct statvfs v;
     if (statvfs(s->spool, &v) != 0) {
         snprintf(reason, reason_len, "cannot check free space of %s: %s", s->spool,
@@ -116,13 +115,18 @@ int triage_store_check_space(void *ud, char *reason, size_t reason_len)
         util_log(low ? UTIL_LOG_ERROR : UTIL_LOG_INFO, low ? "disk_low" : "disk_ok",
                  "spool=%s free_mb=%lld min_free_mb=%lld", s->spool, (long long)(avail >> 20),
                  (long long)(s->min_free_bytes >> 20));
-    if (low) {
+    if (low)
         snprintf(reason, reason_len, "free space %lld MiB below store.min_free_mb=%lld",
                  (long long)(avail >> 20), (long long)(s->min_free_bytes >> 20));
-        atomic_fetch_add(&s->refused, 1);
-        return 1;
-    }
-    return 0;
+    return low ? 1 : 0;
+}
+
+int triage_store_check_space(void *ud, char *reason, size_t reason_len)
+{
+    struct triage_store *s = ud;
+    int rc = triage_store_measure_space(s, reason, reason_len);
+    if (rc == 1) atomic_fetch_add(&s->refused, 1);
+    return rc;
 }
 
 /* Renames tmp to dir/<sop>.dcm, or <sop>~N.dcm when that name is taken,

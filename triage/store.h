@@ -23,7 +23,7 @@ struct triage_store {
     /* Called when stores start or stop failing (from a receiving thread). */
     void (*on_health)(void *ud);
     void *ud;
-    atomic_bool low_space; /* last answer of the space check, for status and logs */
+    atomic_bool low_space; /* last measure of free space, for status and logs */
     atomic_llong stored, refused;
     struct triage_store_health health; /* set up by triage_store_prepare */
 };
@@ -58,6 +58,14 @@ int triage_store_recover(struct triage_store *s, char *err, size_t errlen);
  * is closed): the next start then skips the check of every spool file
  * against the index, which only a crash can make necessary. */
 void triage_store_mark_clean(struct triage_store *s);
+
+/* Measures the spool's free space against min_free_bytes and sets
+ * low_space (logging disk_low / disk_ok when it changes). The node calls it
+ * on a timer as well as before each C-STORE, so that /healthz, the page and
+ * STATUS= follow the disk both ways without a store arriving. Returns 0, 1
+ * when low (why in reason), -1 when it cannot be measured (why in reason;
+ * low_space unchanged). Any thread. */
+int triage_store_measure_space(struct triage_store *s, char *reason, size_t reason_len);
 
 /* scp_store_fn, scp_space_fn and scp_outcome_fn for scp_server_config
  * (ud = the store). */

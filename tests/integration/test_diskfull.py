@@ -2,7 +2,9 @@
 """Issue 2: the spool on a small tmpfs that fills up. storescu gets A700 for
 what did not fit, the rest is stored bit for bit, the node keeps running, index
 and spool agree, and storing works again once there is space. Once through the
-real ENOSPC path (store.min_free_mb=0), once through the low-water mark.
+real ENOSPC path (store.min_free_mb=0), once through the low-water mark; and
+a node started below the mark says so, and stops saying so once space is
+freed, with no store arriving.
 Needs permission to mount a tmpfs (root in CI); skipped otherwise.
 
     test_diskfull.py /path/to/ichtriage"""
@@ -120,6 +122,53 @@ class DiskFull(itest.NodeTest):
         self.send_again_after_growing(node, mnt, files, full)
         self.assertTrue(wait_status(node, lambda st: not says_disk_low(st)),
                         "STATUS= still says the disk is low: %s" % node.notifications()[-3:])
+
+    def test_disk_low_follows_the_disk_without_stores(self):
+        """A node started below store.min_free_mb says so at once, and stops
+        saying so once space is freed, with no C-STORE either time: free
+        space was measured only when a scanner sent something, so such a
+        node reported healthy until a scanner was refused, and "disk low"
+        stayed until the next store after space came back."""
+        mnt = os.path.join(self.work, "mnt")
+        self.mount_tmpfs(mnt, 20)
+        node = self.start_node({"store.min_free_mb": 64}, store_dir=os.path.join(mnt, "store"),
+                               notify=True)
+        low = "disk low: new instances are refused (A700)"
+
+        def degraded():
+            with urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port,
+                                        timeout=10) as r:
+                return json.loads(r.read())["degraded"]
+
+        def wait_degraded(pred, timeout=15.0):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                # read as systemd would: an unread socket fills and
+                # sd_notify then blocks the node's loop
+                node.notifications()
+                if pred(degraded()):
+                    return True
+                time.sleep(0.2)
+            return False
+
+        self.assertTrue(wait_degraded(lambda d: low in d),
+                        "/healthz never said the disk is low: %s\n%s" % (degraded(), node.log_tail()))
+        notified = any("READY=1" in n for n in node.notifications())
+        if notified:
+            self.assertTrue(wait_status(node, says_disk_low),
+                            "STATUS= never mentioned the low disk: %s" % node.notifications()[-3:])
+        self.assertEqual(len(node.events("disk_low")), 1, node.log_tail())
+        self.resize_tmpfs(mnt, 200)
+        self.assertTrue(wait_degraded(lambda d: low not in d),
+                        "/healthz still says the disk is low with %.0f MB free: %s"
+                        % (free_mb(mnt), degraded()))
+        if notified:
+            self.assertTrue(wait_status(node, lambda st: not says_disk_low(st)),
+                            "STATUS= still says the disk is low: %s" % node.notifications()[-3:])
+        self.assertEqual(len(node.events("disk_ok")), 1, node.log_tail())
+        # Measuring is not refusing: nothing was sent, nothing counted.
+        self.assertEqual(node.stop(), 0)
+        self.assertIn("refused_low_space=0", node.events("stopped")[-1])
 
 
 if __name__ == "__main__":
