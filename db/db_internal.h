@@ -11,8 +11,10 @@ int db_migrate(sqlite3 *conn, char *err, size_t errlen);
 struct db_worklist_row;
 
 /* The worklist row of a study, shared by the worklist and the study view:
- * DB_ROW_COLUMNS (21 columns, 0..20) selected FROM DB_ROW_JOINS, read by
- * db_row_fill (strings borrowed from the statement until its next step). */
+ * DB_ROW_COLUMNS (DB_ROW_NCOLS columns, from 0) selected FROM DB_ROW_JOINS,
+ * read by db_row_fill (strings borrowed from the statement until its next
+ * step). */
+#define DB_ROW_NCOLS 22
 #define DB_ROW_COLUMNS                                                                             \
     "st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"                       \
     " p.patient_name, st.study_desc, st.status, st.status_reason,"                                 \
@@ -20,7 +22,8 @@ struct db_worklist_row;
     " coalesce(r.slices, (SELECT sum(s.instance_count) FROM series s"                              \
     "   WHERE s.study_ref = st.id)),"                                                              \
     " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"                   \
-    " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates, p.specific_charset"
+    " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates, p.specific_charset,"          \
+    " coalesce(st.purged_at, 0)"
 #define DB_ROW_JOINS                                                                               \
     " FROM studies st JOIN patients p ON p.id = st.patient_ref"                                    \
     " LEFT JOIN series rs ON rs.id = st.result_series_ref"                                         \

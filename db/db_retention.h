@@ -6,12 +6,19 @@
 
 #include "db.h"
 
-/* Up to max studies whose spool files may be removed at now_ms: last
- * updated before now_ms - keep_ms; every series triaged or not applicable
- * (nothing waiting, triaging or failed); every PACS delivery of theirs
- * acknowledged (nothing pending, failed or given up); and, when a
+/* A study opened (audit "opened") less than this long ago is being read:
+ * the page records an opening once in 10 minutes, and on each update of
+ * the open study. */
+#define DB_RETENTION_OPENED_MS (3600 * 1000LL)
+
+/* Up to max studies whose spool files may be removed at now_ms, oldest
+ * first: last updated before now_ms - keep_ms; every series triaged or not
+ * applicable (nothing waiting, triaging or failed); every PACS delivery of
+ * theirs acknowledged (nothing pending, failed or given up); and, when a
  * radiologist reviewed it (its label for retraining), reviewed before
- * now_ms - keep_reviewed_ms. Not yet purged. */
+ * now_ms - keep_reviewed_ms. Not yet purged. Never one flagged and not
+ * reviewed (it stays until it is read, however old), nor one being read:
+ * claimed, or opened less than DB_RETENTION_OPENED_MS ago. */
 int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
                      int64_t *study_ids, int max, int *n);
 
@@ -27,5 +34,11 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
 int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t keep_ms,
                        int64_t keep_reviewed_ms, void (*fn)(void *ud, const char *file_path),
                        void *ud);
+
+/* Of the studies old, done with and delivered as above, how many are kept
+ * all the same because they are flagged and not reviewed, and how many
+ * (of the others) because they are being read. Returns 0 or -1. */
+int db_retention_held(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
+                      int64_t *flagged_unread, int64_t *being_read);
 
 #endif

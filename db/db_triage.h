@@ -118,6 +118,9 @@ struct db_worklist_row {
     double subtypes[DB_LABELS - 1];
     bool flagged;
     int result_updates; /* times the result changed after the first */
+    /* When retention removed the study's files (its images): 0 while they
+     * are kept. The row, results and reviews stay. */
+    int64_t purged_at_ms;
 };
 typedef int (*db_worklist_fn)(void *ud, const struct db_worklist_row *row);
 /* Calls fn for each study in worklist order (see design.md): flagged and

@@ -6,17 +6,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* When study st may go (db_retention.h); ?1: updated before, ?2: reviewed
- * before. One text for the listing and for the check again at purge time. */
-static const char due_where[] =
-    "st.purged_at IS NULL AND st.updated_at < ?1"
-    " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.study_ref = st.id"
-    "   AND s.state NOT IN ('triaged', 'not_applicable'))"
-    " AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"
-    "   AND pr.state IN ('pending', 'ready', 'failed') AND (pr.state != 'ready' OR"
-    "   EXISTS (SELECT 1 FROM pacs_deliveries d WHERE d.revision_ref = pr.id"
-    "     AND d.state != 'sent')))"
-    " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)";
+/* When study st may go (db_retention.h), in three parts: old, done with
+ * and delivered (?1: updated before, ?2: reviewed before); not flagged and
+ * unread; not being read (?5: opened after). One text for the listing, the
+ * check again at purge time and the count of those held. */
+#define OLD_AND_DONE                                                                               \
+    "st.purged_at IS NULL AND st.updated_at < ?1"                                                  \
+    " AND NOT EXISTS (SELECT 1 FROM series s WHERE s.study_ref = st.id"                            \
+    "   AND s.state NOT IN ('triaged', 'not_applicable'))"                                         \
+    " AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"                  \
+    "   AND pr.state IN ('pending', 'ready', 'failed') AND (pr.state != 'ready' OR"                \
+    "   EXISTS (SELECT 1 FROM pacs_deliveries d WHERE d.revision_ref = pr.id"                      \
+    "     AND d.state != 'sent')))"                                                                \
+    " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)"
+/* A flagged study back on the list after a review (a later series) is
+ * unread again: status, not reviewed_at. */
+#define NOT_FLAGGED_UNREAD "(st.flagged = 0 OR st.status = 'reviewed')"
+#define NOT_BEING_READ                                                                             \
+    "(NOT EXISTS (SELECT 1 FROM claims cl WHERE cl.study_ref = st.id)"                             \
+    " AND NOT EXISTS (SELECT 1 FROM audit a WHERE a.study_uid = st.study_uid AND a.at > ?5"        \
+    "   AND a.action = 'opened'))"
+static const char due_where[] = OLD_AND_DONE " AND " NOT_FLAGGED_UNREAD " AND " NOT_BEING_READ;
+
+/* The parameters of due_where but ?3 and ?4. */
+static void bind_rule(sqlite3_stmt *st, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms)
+{
+    sqlite3_bind_int64(st, 1, now_ms - keep_ms);
+    sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
+    sqlite3_bind_int64(st, 5, now_ms - DB_RETENTION_OPENED_MS);
+}
 
 void db_retention_due_sql(char *sql, size_t n)
 {
@@ -35,8 +53,7 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
     char sql[2048];
     db_retention_due_sql(sql, sizeof sql);
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-    sqlite3_bind_int64(st, 1, now_ms - keep_ms);
-    sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
+    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms);
     sqlite3_bind_int(st, 3, max);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
@@ -60,8 +77,7 @@ int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t 
     snprintf(sql, sizeof sql, "UPDATE studies AS st SET purged_at = ?3 WHERE st.id = ?4 AND %s",
              due_where);
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) goto bad;
-    sqlite3_bind_int64(st, 1, now_ms - keep_ms);
-    sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
+    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms);
     sqlite3_bind_int64(st, 3, now_ms);
     sqlite3_bind_int64(st, 4, study_id);
     int rc = sqlite3_step(st);
@@ -104,4 +120,26 @@ bad:
         free(paths[i]);
     free(paths);
     return -1;
+}
+
+int db_retention_held(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
+                      int64_t *flagged_unread, int64_t *being_read)
+{
+    sqlite3 *c = db_conn(db);
+    sqlite3_stmt *st;
+    *flagged_unread = *being_read = 0;
+    if (sqlite3_prepare_v2(c,
+                           "SELECT coalesce(sum(NOT " NOT_FLAGGED_UNREAD "), 0),"
+                           " coalesce(sum(" NOT_FLAGGED_UNREAD " AND NOT " NOT_BEING_READ "), 0)"
+                           " FROM studies st WHERE " OLD_AND_DONE,
+                           -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *flagged_unread = sqlite3_column_int64(st, 0);
+        *being_read = sqlite3_column_int64(st, 1);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : -1;
 }

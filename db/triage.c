@@ -495,6 +495,7 @@ void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row)
         .flagged = sqlite3_column_int(st, 18) != 0,
         .result_updates = sqlite3_column_int(st, 19),
         .specific_charset = (const char *)sqlite3_column_text(st, 20),
+        .purged_at_ms = sqlite3_column_int64(st, 21),
     };
     for (int l = 0; l < DB_LABELS - 1; l++)
         row->subtypes[l] = sqlite3_column_double(st, 13 + l);

@@ -31,19 +31,21 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
     sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
+        /* the view's own columns come after the row's */
+        const int k = DB_ROW_NCOLS;
         struct db_study_view v = {
             .specific_charset = text(st, 20),
-            .birth_date = text(st, 21),
-            .sex = text(st, 22),
-            .study_date = text(st, 23),
-            .study_time = text(st, 24),
-            .study_id = text(st, 25),
-            .key_sop = text(st, 26),
-            .key_index = sqlite3_column_int(st, 27),
-            .note = text(st, 28),
-            .ms_total = sqlite3_column_double(st, 29),
-            .claimed_by = text(st, 30),
-            .claimed_at_ms = sqlite3_column_int64(st, 31),
+            .birth_date = text(st, k),
+            .sex = text(st, k + 1),
+            .study_date = text(st, k + 2),
+            .study_time = text(st, k + 3),
+            .study_id = text(st, k + 4),
+            .key_sop = text(st, k + 5),
+            .key_index = sqlite3_column_int(st, k + 6),
+            .note = text(st, k + 7),
+            .ms_total = sqlite3_column_double(st, k + 8),
+            .claimed_by = text(st, k + 9),
+            .claimed_at_ms = sqlite3_column_int64(st, k + 10),
         };
         db_row_fill(st, &v.row);
         fn(ud, &v);

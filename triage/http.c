@@ -81,6 +81,7 @@ int http_send(h2o_req_t *req, int status, const char *type, const char *body, si
                       : status == 404 ? "Not Found"
                       : status == 405 ? "Method Not Allowed"
                       : status == 409 ? "Conflict"
+                      : status == 410 ? "Gone"
                       : status == 413 ? "Payload Too Large"
                       : status == 429 ? "Too Many Requests"
                       : status == 503 ? "Service Unavailable"

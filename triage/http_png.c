@@ -15,6 +15,7 @@
 #include "log.h"
 #include "number.h"
 #include "preprocess.h"
+#include "rows.h"
 #include "scp_pixels.h"
 
 struct png_mem {
@@ -73,6 +74,26 @@ static int encode_png(const unsigned char *grey, int rows, int cols, struct png_
     return m->oom ? -1 : 0;
 }
 
+static int purged_cb(void *ud, const struct db_study_view *v)
+{
+    *(int64_t *)ud = v->row.purged_at_ms;
+    return 0;
+}
+
+/* A slice of a study whose files retention removed: 410, saying so, not a
+ * 404 that reads as a wrong link. Else 404. */
+static int no_such_slice(struct triage_http *h, h2o_req_t *req, const char *study_uid)
+{
+    int64_t purged = 0;
+    if (db_study_view(h->db, study_uid, purged_cb, &purged) == 0 && purged) {
+        char day[32], msg[96];
+        triage_iso_time(purged, day, sizeof day);
+        snprintf(msg, sizeof msg, "images removed by retention on %.10s", day);
+        return http_send_error(req, 410, msg);
+    }
+    return http_send_error(req, 404, "no such slice in this study");
+}
+
 int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
                    const char *sop_uid)
 {
@@ -84,7 +105,7 @@ int http_slice_png(struct triage_http *h, h2o_req_t *req, const char *study_uid,
         util_number_long(num, 0, INT_MAX, &frame) != 0)
         return http_send_error(req, 400, "frame: a frame number, 0 or more");
     int rc = db_study_instance_file(h->db, study_uid, sop_uid, rel, sizeof rel);
-    if (rc == 1) return http_send_error(req, 404, "no such slice in this study");
+    if (rc == 1) return no_such_slice(h, req, study_uid);
     if (rc != 0) return http_send_error(req, 500, "cannot read the index");
     /* Decoded here, in the node, only what triage has already decoded
      * without harm (in the pixel-decoder child, issue 10): the slices with a

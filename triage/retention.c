@@ -34,6 +34,27 @@ static void remove_file(void *ud, const char *rel)
     }
 }
 
+/* A flagged study nobody has read keeps its images past retention: the
+ * log says how many, when that changes. */
+static void log_held(struct triage_retention *r, int64_t now_ms)
+{
+    int64_t flagged, reading;
+    if (db_retention_held(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, &flagged, &reading) !=
+        0) {
+        util_log(UTIL_LOG_ERROR, "retention_failed", "error=\"cannot count studies kept\"");
+        return;
+    }
+    if (r->held_logged && flagged == r->held_flagged && reading == r->held_reading) return;
+    if (r->held_logged || flagged || reading)
+        util_log(flagged ? UTIL_LOG_WARN : UTIL_LOG_INFO, "retention_held",
+                 "flagged_not_reviewed=%lld being_read=%lld reason=\"kept past"
+                 " store.retention_days until reviewed or no longer being read\"",
+                 (long long)flagged, (long long)reading);
+    r->held_flagged = flagged;
+    r->held_reading = reading;
+    r->held_logged = true;
+}
+
 int triage_retention_run(struct triage_retention *r, int64_t now_ms)
 {
     if (r->keep_ms <= 0) return 0;
@@ -62,5 +83,6 @@ int triage_retention_run(struct triage_retention *r, int64_t now_ms)
                  "study_id=%lld instances=%d files_removed=%ld files_failed=%ld", (long long)ids[i],
                  rows, rm.files, rm.failed);
     }
+    if (n < TRIAGE_RETENTION_BATCH) log_held(r, now_ms);
     return n;
 }

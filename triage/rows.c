@@ -100,6 +100,14 @@ cJSON *triage_row_json(const struct db_worklist_row *r)
     triage_json_add_utf8(o, "status_reason", r->status_reason);
     triage_json_add_utf8(o, "model_version", r->model_version);
     cJSON_AddNumberToObject(o, "result_updates", r->result_updates);
+    /* Retention removed the files: the result stays, the images do not. */
+    cJSON_AddBoolToObject(o, "images_removed", r->purged_at_ms != 0);
+    if (r->purged_at_ms) {
+        triage_iso_time(r->purged_at_ms, when, sizeof when);
+        cJSON_AddStringToObject(o, "purged_at", when);
+    } else {
+        cJSON_AddNullToObject(o, "purged_at");
+    }
     cJSON_AddStringToObject(o, "notice", "decision support, not a diagnosis");
     return o;
 }
@@ -155,6 +163,12 @@ void triage_row_print(FILE *f, int rank, const struct db_worklist_row *r, int64_
     term_text(r->patient_id, r->specific_charset, 16, 1, id, sizeof id);
     term_text(r->accession, r->specific_charset, 16, 1, acc, sizeof acc);
     term_text(r->study_uid, "", sizeof uid, 0, uid, sizeof uid);
-    fprintf(f, "%-4d %-4s %-6s %-15s %-8s %s %s %s\n", rank, r->flagged ? "FLAG" : "", p, r->status,
-            when, id, acc, uid);
+    char purged[64] = "";
+    if (r->purged_at_ms) {
+        char day[32];
+        triage_iso_time(r->purged_at_ms, day, sizeof day);
+        snprintf(purged, sizeof purged, "  images removed by retention on %.10s", day);
+    }
+    fprintf(f, "%-4d %-4s %-6s %-15s %-8s %s %s %s%s\n", rank, r->flagged ? "FLAG" : "", p,
+            r->status, when, id, acc, uid, purged);
 }

@@ -97,8 +97,10 @@ static void on_retention_timer(uv_timer_t *h)
     struct node *n = h->data;
     /* a full batch: more may be due, the next batch in a second (the loop
      * runs in between); otherwise the next look in 10 minutes */
-    if (triage_retention_run(&n->retain, wall_ms()) == TRIAGE_RETENTION_BATCH)
-        uv_timer_start(h, on_retention_timer, 1000, 600000);
+    int purged = triage_retention_run(&n->retain, wall_ms());
+    if (purged == TRIAGE_RETENTION_BATCH) uv_timer_start(h, on_retention_timer, 1000, 600000);
+    /* their rows say the images are gone: the page, and a study open on it */
+    if (purged > 0) triage_http_changed(n->http);
 }
 
 /* A refusal that ages out of store.failure_window_seconds clears the

@@ -64,7 +64,8 @@ int triage_worklist_main(int argc, char **argv)
                    "Prints the worklist in the order radiologists see it: flagged and not yet\n"
                    "reviewed by probability, then studies not yet triaged or failed (oldest\n"
                    "first), then the other triaged ones by probability, then those not\n"
-                   "applicable. Reviewed studies only with --status reviewed.\n"
+                   "applicable. Reviewed studies only with --status reviewed. A study whose\n"
+                   "files retention removed ends with \"images removed by retention on DATE\".\n"
                    "Decision support, not a diagnosis.\n");
             triage_config_free(&cfg);
             return 0;

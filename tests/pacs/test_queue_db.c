@@ -188,6 +188,59 @@ Test(retention, study_received_again_after_its_purge_is_due_again, .init = setup
     cr_expect_eq(count("SELECT count(*) FROM instances"), 0);
 }
 
+static int due_now(int64_t now, int64_t keep, int64_t keep_reviewed)
+{
+    int64_t ids[4];
+    int n = -1;
+    cr_assert_eq(db_retention_due(db, now, keep, keep_reviewed, ids, 4, &n), 0);
+    return n;
+}
+
+/* A flagged study nobody has read keeps its files, however old, also when
+ * it is back on the list after a review (a later series); so does a study
+ * being read: claimed, or opened in the last hour. db_retention_held
+ * counts them. */
+Test(retention, flagged_unread_and_being_read_studies_stay, .init = setup, .fini = teardown)
+{
+    const int64_t now = 100 * DAY, keep = 30 * DAY, keep_reviewed = 0;
+    int64_t flagged = -1, reading = -1;
+    put("1.2.3.4.1", 10 * DAY);
+    sql("UPDATE series SET state = 'triaged';"
+        "UPDATE studies SET updated_at = 864000000, status = 'triaged', flagged = 1");
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a flagged, unread study went");
+    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, &flagged, &reading), 0);
+    cr_expect_eq(flagged, 1);
+    cr_expect_eq(reading, 0);
+    int removed = 0;
+    cr_expect_eq(db_retention_purge(db, 1, now, keep, keep_reviewed, record_path, &removed),
+                 DB_RETENTION_NOT_DUE);
+    /* reviewed once, then a later series made it unread again */
+    sql("UPDATE studies SET reviewed_at = 864000000");
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0);
+    sql("UPDATE studies SET status = 'reviewed'");
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 1);
+
+    sql("INSERT INTO claims (study_ref, reader, claimed_at) VALUES (1, 'alice', 0)");
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a claimed study went");
+    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, &flagged, &reading), 0);
+    cr_expect_eq(flagged, 0);
+    cr_expect_eq(reading, 1);
+    sql("DELETE FROM claims");
+    char q[200];
+    snprintf(q, sizeof q,
+             "INSERT INTO audit (at, user, action, study_uid) VALUES (%lld, 'bob', 'opened',"
+             " '1.2.3')",
+             (long long)(now - DB_RETENTION_OPENED_MS / 2));
+    sql(q);
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a study opened half an hour ago went");
+    cr_expect_eq(due_now(now + DB_RETENTION_OPENED_MS, keep, keep_reviewed), 1);
+    cr_expect_eq(db_retention_purge(db, 1, now + DB_RETENTION_OPENED_MS, keep, keep_reviewed,
+                                    record_path, &removed),
+                 1);
+    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, &flagged, &reading), 0);
+    cr_expect_eq(flagged + reading, 0);
+}
+
 /* The plan of the listing, one line per step. */
 static void listing_plan(char *plan, size_t n)
 {

@@ -765,5 +765,90 @@ class DegradedTest(wt.WebTest):
         self.assertTrue(h["degraded"][0].startswith("model not loaded"), h)
 
 
+DAY = 86400 * 1000
+
+
+class RetentionApiTest(wt.WebTest):
+    def test_purged_study_says_so_and_unread_flagged_or_being_read_stay(self):
+        """Four studies, all flagged (threshold 0.01), old, triaged and
+        delivered, with store.keep_reviewed_days 0: one reviewed, one
+        flagged and not reviewed, one reviewed and then claimed, one
+        reviewed and then opened. Retention removes the files of the first
+        only (it had removed all four: a flagged study nobody had read lost
+        its images, and so could a study open on a reader's screen), logs
+        the three it keeps, and the first says so: images_removed and
+        purged_at in /api/worklist, /api/studies and `ichtriage worklist`,
+        410 naming the date for its slices (it had read as flagged,
+        unread, 12 instances, with every slice a 404)."""
+        node = self.web_node(threshold="0.01", **{"store.retention_days": 1,
+                                                  "store.keep_reviewed_days": 0})
+        studies = wt.phantom(os.path.join(self.work, "ph"), seed=61, count=4)
+        self.send(node, [f for fs in studies.values() for f in fs])
+        rows = self.wait_rows(node, list(studies))
+        self.assertTrue(all(r["flagged"] for r in rows), rows)
+        self.assertEqual({r["images_removed"] for r in rows}, {False})
+        self.assertEqual({r["purged_at"] for r in rows}, {None})
+        gone, unread, claimed, opened = sorted(studies)
+        tok = "X-CSRF-Token: " + self.get_json(node, "/api/session")["csrf"]
+
+        def post(uid, what, body, expect):
+            status, _, resp = wt.curl("%s/api/studies/%s/%s" % (node.base, uid, what), "POST",
+                                      body, headers=[tok])
+            self.assertEqual(status, expect, resp)
+
+        for uid in (gone, claimed, opened):
+            post(uid, "review", {"hemorrhage": False}, 201)
+        post(claimed, "claim", {}, 200)
+        self.get_json(node, "/api/studies/" + opened)  # audited: opened now
+        key_sop = node.query("SELECT r.key_sop FROM results r JOIN studies st"
+                             " ON st.result_series_ref = r.series_ref WHERE st.study_uid = ?",
+                             (gone,))[0][0]
+        self.assertEqual(node.stop(), 0)
+        import sqlite3
+        con = sqlite3.connect(node.db_path)
+        with con:
+            old = int(time.time() * 1000) - 3 * DAY
+            con.execute("UPDATE studies SET updated_at = ?, received_at = ?", (old, old))
+        con.close()
+        node.start()
+        self.assertTrue(node.wait_event("retention_held", timeout=20, since_start=True),
+                        node.log_tail())
+        purged = node.events("study_purged", since_start=True)
+        self.assertEqual(len(purged), 1, node.log_tail())
+        held = node.events("retention_held", since_start=True)
+        self.assertIn("flagged_not_reviewed=1 being_read=2", held[0])
+        self.assertEqual(dict(node.query("SELECT study_uid, purged_at IS NOT NULL FROM studies")),
+                         {gone: 1, unread: 0, claimed: 0, opened: 0})
+
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        rows = self.get_json(node, "/api/worklist?status=reviewed") + \
+            self.get_json(node, "/api/worklist")
+        by_uid = {r["study_uid"]: r for r in rows}
+        self.assertEqual(set(by_uid), set(studies))
+        self.assertTrue(by_uid[gone]["images_removed"])
+        self.assertTrue(by_uid[gone]["purged_at"].startswith(today + "T"), by_uid[gone])
+        for uid in (unread, claimed, opened):
+            self.assertEqual((by_uid[uid]["images_removed"], by_uid[uid]["purged_at"]),
+                             (False, None))
+        st = self.get_json(node, "/api/studies/" + gone)
+        self.assertEqual((st["images_removed"], st["purged_at"]),
+                         (True, by_uid[gone]["purged_at"]))
+        self.assertEqual(len(st["slice_probabilities"]), 12)  # the result stays
+        status, _, body = wt.curl("%s/api/studies/%s/slices/%s.png" % (node.base, gone, key_sop))
+        self.assertEqual(status, 410, body)
+        self.assertEqual(json.loads(body)["error"], "images removed by retention on " + today)
+        # The command line says it too, and the JSON is the API's.
+        cli = self.cli_worklist(node, "reviewed")
+        self.assertEqual({r["study_uid"]: r["purged_at"] for r in cli if r["images_removed"]},
+                         {gone: by_uid[gone]["purged_at"]})
+        p = subprocess.run([wt.itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                            "store.dir=" + node.store_dir, "--status", "reviewed"],
+                           stdout=subprocess.PIPE, text=True, check=True)
+        line = {u: next(l for l in p.stdout.splitlines() if u in l) for u in (gone, claimed, opened)}
+        self.assertTrue(line[gone].endswith(gone + "  images removed by retention on " + today),
+                        line[gone])
+        self.assertNotIn("images removed", line[claimed] + line[opened])
+
+
 if __name__ == "__main__":
     raise SystemExit(wt.main())

@@ -4,7 +4,8 @@ as text (no element, no dialog), a newly triaged study appearing live (no
 reload) with a sound (or the page saying that sound is off), a new row held
 back while the pointer is over the list (real pointer moves), the study
 view (probability strip, key slice PNG) and a review submitted from the form
-(real clicks); the degraded banner; the login page over HTTPS. Screenshots
+(real clicks); a study whose images retention removed; the degraded
+banner; the login page over HTTPS. Screenshots
 are kept in the build directory (tests/web/*.png). Skipped (77) when
 Chromium is not installed. test_page_firefox.py runs the same in Firefox.
 
@@ -362,6 +363,56 @@ class PageTest(wt.WebTest):
         b.wait("!document.getElementById('list-view').hidden")
         b.wait("state.events && state.events.readyState === 1 && "
                "document.getElementById('offline').hidden")
+
+    def test_study_whose_images_retention_removed(self):
+        """A study whose files retention removed says so in its row and its
+        view, and the view asks for no slice image: it had stayed a plain
+        row, and its view showed the key slices as broken images (each a
+        404, "no such slice in this study")."""
+        node = self.web_node(threshold="0.999", **{"store.retention_days": 1})
+        studies = wt.phantom(os.path.join(self.work, "ph"), seed=63, count=2)
+        self.send(node, [f for fs in studies.values() for f in fs])
+        rows = self.wait_rows(node, list(studies))
+        self.assertFalse(any(r["flagged"] for r in rows), rows)  # flagged ones stay until read
+        gone, kept = sorted(studies)
+        self.assertEqual(node.stop(), 0)
+        import sqlite3
+        con = sqlite3.connect(node.db_path)
+        with con:
+            old = int(time.time() * 1000) - 3 * 86400 * 1000
+            con.execute("UPDATE studies SET updated_at = ?, received_at = ? WHERE study_uid = ?",
+                        (old, old, gone))
+        con.close()
+        node.start()
+        self.assertTrue(node.wait_event("study_purged", timeout=20, since_start=True),
+                        node.log_tail())
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        b.wait("document.querySelectorAll('#rows tr').length === 2")
+        row = "document.querySelector('#rows tr[data-study-uid=\"%s\"]').innerText"
+        self.assertIn("images removed by retention on " + today, b.eval(row % gone))
+        self.assertNotIn("images removed", b.eval(row % kept))
+        self.open_study(gone)
+        b.wait("!document.getElementById('study-purged').hidden")
+        self.assertTrue(b.eval("document.getElementById('study-purged').textContent")
+                        .startswith("Images removed by retention on " + today))
+        self.assertEqual(b.eval("document.querySelectorAll('#slices img').length"), 0)
+        self.assertIn("No images: images removed by retention on " + today,
+                      b.eval("document.getElementById('slices').innerText"))
+        # The result stays: the strip of per-slice probabilities.
+        self.assertEqual(b.eval("document.querySelectorAll('#strip svg rect.mark-target').length"),
+                         12)
+        b.screenshot(self.artifact("purged-study.png"))
+        # The other study, opened after it, shows its images and no notice.
+        self.open_study(kept)
+        b.wait("[...document.querySelectorAll('#slices img')].some(i => i.complete && i.naturalWidth === 64)")
+        self.assertTrue(b.eval("document.getElementById('study-purged').hidden"))
+        self.assertEqual(b.eval(
+            "performance.getEntriesByType('resource').filter(e => e.name.includes('%s/slices/'))"
+            ".length" % gone), 0)
+        self.assertEqual(b.console_errors(), [])
 
     def test_degraded_banner(self):
         node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})

@@ -75,6 +75,11 @@ function suspected(row) {
 function statusText(row) {
   return row.status.replace("_", " ") + (row.status_reason ? " (" + row.status_reason + ")" : "");
 }
+// Retention removed the study's files: its result and reviews stay, its
+// images do not (no slice can be shown).
+function purgedText(row) {
+  return row.images_removed ? "images removed by retention on " + String(row.purged_at).slice(0, 10) : "";
+}
 
 // --- the list -----------------------------------------------------------------
 function rowCells(tr, row, rank) {
@@ -90,7 +95,8 @@ function rowCells(tr, row, rank) {
     row.patient_name, row.patient_id, row.accession, row.study_description,
     el("span", { cls: "age", "data-at": row.received_at, text: age(row.received_at),
                  title: row.received_at }),
-    statusText(row), row.claimed_by || "", open,
+    el("span", {}, statusText(row), row.images_removed ? el("span", { cls: "purged", text: purgedText(row) }) : null),
+    row.claimed_by || "", open,
   ];
   tr.replaceChildren(...cells.map((c) => el("td", {}, c)));
 }
@@ -348,6 +354,7 @@ function studyNotFound(why) {
   $("study-title").textContent = "Study not found: " + why;
   state.slices = [];
   $("study-flag").hidden = true;
+  $("study-purged").hidden = true;
   ["details", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
   $("slices").__figures = null;
   $("review-form").hidden = true;
@@ -371,6 +378,11 @@ async function showStudy(uid, quiet) {
   const flagged = st.flagged && st.status !== "reviewed";
   $("study-flag").hidden = !flagged;
   $("study-flag").textContent = flagged ? "\u26a0 FLAGGED: p(ICH) " + pct(st.probability) + " \u2014 read first" : "";
+  $("study-purged").hidden = !st.images_removed;
+  $("study-purged").textContent = st.images_removed
+    ? "Images removed by retention on " + String(st.purged_at).slice(0, 10) +
+      ": this node no longer holds the slices; the probabilities are those triage computed. Read the images in PACS."
+    : "";
   const d = [
     ["Patient", st.patient_name], ["Patient ID", st.patient_id], ["Birth date", st.patient_birth_date],
     ["Sex", st.patient_sex], ["Accession", st.accession], ["Study date", st.study_date + " " + st.study_time],
@@ -395,18 +407,21 @@ async function showStudy(uid, quiet) {
   });
   // Rebuilt when the key slices or their captions change (not on every
   // quiet reload, which would load the images again).
-  const figures = JSON.stringify([uid, keys.map((s) => [markKey(s), s.index, s.any])]);
+  const figures = JSON.stringify([uid, st.images_removed, keys.map((s) => [markKey(s), s.index, s.any])]);
   if (!quiet || $("slices").__figures !== figures) {
     $("slices").__figures = figures;
-    $("slices").replaceChildren(...keys.map((s, i) => {
-      const box = el("input", { type: "checkbox", name: "mark", value: markKey(s) });
-      box.addEventListener("change", () => toggleMark(s));
-      return el("figure", {},
-        el("img", { src: "/api/studies/" + encodeURIComponent(uid) + "/slices/" + encodeURIComponent(s.sop_uid) +
-                          ".png?frame=" + (s.frame || 0), alt: "slice " + (s.index + 1) }),
-        el("figcaption", { text: (i === 0 ? "key slice " : "slice ") + (s.index + 1) + ": " + pct(s.any) }),
-        el("label", {}, box, " bleed visible here"));
-    }));
+    // Without the files no image is asked for (each would be refused, 410).
+    $("slices").replaceChildren(...(st.images_removed
+      ? [el("p", { cls: "hint", text: "No images: " + purgedText(st) + "." })]
+      : keys.map((s, i) => {
+        const box = el("input", { type: "checkbox", name: "mark", value: markKey(s) });
+        box.addEventListener("change", () => toggleMark(s));
+        return el("figure", {},
+          el("img", { src: "/api/studies/" + encodeURIComponent(uid) + "/slices/" + encodeURIComponent(s.sop_uid) +
+                            ".png?frame=" + (s.frame || 0), alt: "slice " + (s.index + 1) }),
+          el("figcaption", { text: (i === 0 ? "key slice " : "slice ") + (s.index + 1) + ": " + pct(s.any) }),
+          el("label", {}, box, " bleed visible here"));
+      })));
   }
   drawMarks();
   $("claimed").textContent = st.claimed_by ? st.claimed_by : "nobody";
