@@ -103,16 +103,14 @@ int db_backup_copy(const char *src_path, const char *dst_path, char *err, size_t
     return rc;
 }
 
-int db_backup_files(const char *db_path,
-                    int (*fn)(void *ud, const char *file_path, int64_t file_size,
-                              const char *digest),
+int db_backup_files(const char *db_path, int (*fn)(void *ud, const struct db_backup_file *file),
                     void *ud, char *err, size_t errlen)
 {
     sqlite3 *c;
     if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(c,
-                           "SELECT file_path, file_size, content_digest FROM instances"
+                           "SELECT file_path, file_size, content_digest, sop_uid FROM instances"
                            " ORDER BY file_path",
                            -1, &st, NULL) != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
@@ -123,7 +121,12 @@ int db_backup_files(const char *db_path,
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         const char *p = (const char *)sqlite3_column_text(st, 0);
         const char *d = (const char *)sqlite3_column_text(st, 2);
-        ret = fn(ud, p ? p : "", sqlite3_column_int64(st, 1), d ? d : "");
+        const char *sop = (const char *)sqlite3_column_text(st, 3);
+        struct db_backup_file f = {.file_path = p ? p : "",
+                                   .file_size = sqlite3_column_int64(st, 1),
+                                   .digest = d ? d : "",
+                                   .sop_uid = sop ? sop : ""};
+        ret = fn(ud, &f);
         if (ret != 0) break;
     }
     if (ret == 0 && rc != SQLITE_DONE) {
@@ -216,29 +219,71 @@ int db_backup_file_indexed(const char *db_path, const char *file_path, const cha
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
 }
 
-int db_backup_forget_files(const char *db_path, char *const *file_paths, int n, int64_t now_ms,
-                           char *err, size_t errlen)
+int db_backup_live_instance(const char *db_path, const char *sop_uid, bool *found, char *path,
+                            size_t n, int64_t *size, char digest[65], char *err, size_t errlen)
+{
+    *found = false;
+    sqlite3 *c;
+    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(
+        c, "SELECT file_path, file_size, content_digest FROM instances WHERE sop_uid = ?1", -1, &st,
+        NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, sop_uid, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            const char *p = (const char *)sqlite3_column_text(st, 0);
+            const char *d = (const char *)sqlite3_column_text(st, 2);
+            snprintf(path, n, "%s", p ? p : "");
+            *size = sqlite3_column_int64(st, 1);
+            snprintf(digest, 65, "%s", d ? d : "");
+            *found = true;
+        }
+        sqlite3_finalize(st);
+    }
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
+    sqlite3_close(c);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_backup_amend_files(const char *db_path, const struct db_backup_change *changes, int n,
+                          int64_t now_ms, char *err, size_t errlen)
 {
     sqlite3 *c;
     if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READWRITE, err, errlen) != 0) return -1;
-    sqlite3_stmt *del = NULL, *mark = NULL;
+    sqlite3_stmt *del = NULL, *mark = NULL, *count = NULL, *move = NULL;
+    const char *sql[] = {
+        "DELETE FROM instances WHERE file_path = ?1 RETURNING series_id,"
+        " (SELECT study_ref FROM series WHERE id = series_id)",
+        "UPDATE studies SET purged_at = ?2 WHERE id = ?1 AND purged_at IS NULL AND NOT EXISTS"
+        " (SELECT 1 FROM instances i JOIN series s ON s.id = i.series_id WHERE s.study_ref = ?1)",
+        /* A study purged keeps its series' counts, as retention leaves them. */
+        "UPDATE series SET instance_count = (SELECT count(*) FROM instances WHERE series_id = ?1)"
+        " WHERE id = ?1 AND EXISTS (SELECT 1 FROM instances i JOIN series s ON s.id ="
+        " i.series_id WHERE s.study_ref = series.study_ref)",
+        "UPDATE instances SET file_path = ?2, file_size = ?3 WHERE file_path = ?1"};
+    sqlite3_stmt **st[] = {&del, &mark, &count, &move};
     int rc = sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_prepare_v2(c,
-                                "DELETE FROM instances WHERE file_path = ?1"
-                                " RETURNING (SELECT study_ref FROM series WHERE id = series_id)",
-                                -1, &del, NULL);
-    if (rc == SQLITE_OK)
-        rc = sqlite3_prepare_v2(c,
-                                "UPDATE studies SET purged_at = ?2 WHERE id = ?1"
-                                " AND purged_at IS NULL AND NOT EXISTS (SELECT 1 FROM instances i"
-                                " JOIN series s ON s.id = i.series_id WHERE s.study_ref = ?1)",
-                                -1, &mark, NULL);
+    for (size_t i = 0; rc == SQLITE_OK && i < sizeof sql / sizeof sql[0]; i++)
+        rc = sqlite3_prepare_v2(c, sql[i], -1, st[i], NULL);
     for (int i = 0; rc == SQLITE_OK && i < n; i++) {
-        sqlite3_bind_text(del, 1, file_paths[i], -1, SQLITE_STATIC);
-        int64_t study = -1;
-        while ((rc = sqlite3_step(del)) == SQLITE_ROW)
-            study = sqlite3_column_int64(del, 0);
+        const struct db_backup_change *ch = &changes[i];
+        if (ch->new_path) {
+            sqlite3_bind_text(move, 1, ch->file_path, -1, SQLITE_STATIC);
+            sqlite3_bind_text(move, 2, ch->new_path, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(move, 3, ch->new_size);
+            rc = sqlite3_step(move) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+            sqlite3_reset(move);
+            continue;
+        }
+        sqlite3_bind_text(del, 1, ch->file_path, -1, SQLITE_STATIC);
+        int64_t series = -1, study = -1;
+        while ((rc = sqlite3_step(del)) == SQLITE_ROW) {
+            series = sqlite3_column_int64(del, 0);
+            study = sqlite3_column_int64(del, 1);
+        }
         sqlite3_reset(del);
         if (rc != SQLITE_DONE) break;
         rc = SQLITE_OK;
@@ -247,9 +292,15 @@ int db_backup_forget_files(const char *db_path, char *const *file_paths, int n, 
         sqlite3_bind_int64(mark, 2, now_ms);
         rc = sqlite3_step(mark) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
         sqlite3_reset(mark);
+        if (rc != SQLITE_OK) break;
+        sqlite3_bind_int64(count, 1, series);
+        rc = sqlite3_step(count) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+        sqlite3_reset(count);
     }
     sqlite3_finalize(del);
     sqlite3_finalize(mark);
+    sqlite3_finalize(count);
+    sqlite3_finalize(move);
     return end_write(c, rc, db_path, err, errlen);
 }
 

@@ -1,6 +1,6 @@
-/* db/: copies of the index. `ichtriage backup` and `restore` use the first
- * two; db_open() calls the third before it migrates an existing database,
- * so a failed or regretted migration can be undone by hand. */
+/* db/: copies of the index. `ichtriage backup` and `restore` use all but
+ * the last; db_open() calls the last before it migrates an existing
+ * database, so a failed or regretted migration can be undone by hand. */
 #ifndef DB_BACKUP_H
 #define DB_BACKUP_H
 
@@ -18,15 +18,20 @@ struct sqlite3;
  * -1 with a message in err. */
 int db_backup_copy(const char *src_path, const char *dst_path, char *err, size_t errlen);
 
-/* Calls fn(ud, file_path, file_size, digest) for every instance the
- * database at db_path indexes (digest: its content_digest, "" for rows
- * older than schema 8), ordered by file_path (relative to the store
- * directory), reading through its own read-only connection. Stops at the first non-zero
- * return of fn and returns it. Returns 0, fn's value, or -1 with a message
- * in err. */
-int db_backup_files(const char *db_path,
-                    int (*fn)(void *ud, const char *file_path, int64_t file_size,
-                              const char *digest),
+/* One indexed instance as db_backup_files hands it to its callback; the
+ * strings live until the callback returns. */
+struct db_backup_file {
+    const char *file_path; /* relative to the store directory */
+    int64_t file_size;
+    const char *digest; /* content_digest, "" for rows older than schema 8 */
+    const char *sop_uid;
+};
+
+/* Calls fn(ud, file) for every instance the database at db_path indexes,
+ * ordered by file_path, reading through its own read-only connection.
+ * Stops at the first non-zero return of fn and returns it. Returns 0, fn's
+ * value, or -1 with a message in err. */
+int db_backup_files(const char *db_path, int (*fn)(void *ud, const struct db_backup_file *file),
                     void *ud, char *err, size_t errlen);
 
 /* For a backup whose outbox/ was copied (to root) after its database
@@ -43,12 +48,29 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
 int db_backup_file_indexed(const char *db_path, const char *file_path, const char *digest,
                            bool *indexed, char *err, size_t errlen);
 
-/* In the copy at db_path: removes the instance rows of the n file paths (a
- * file the live node no longer indexes: purged by retention or replaced
- * while the backup ran) and marks a study left with no instance purged at
- * now_ms, as retention does. Returns 0, or -1 with a message in err. */
-int db_backup_forget_files(const char *db_path, char *const *file_paths, int n, int64_t now_ms,
-                           char *err, size_t errlen);
+/* The live index's row (db_path, read-only) of the instance sop_uid:
+ * *found, and then its file_path (into path, n bytes), file_size and
+ * content_digest (digest, 65 bytes). Returns 0, or -1 with a message in
+ * err. */
+int db_backup_live_instance(const char *db_path, const char *sop_uid, bool *found, char *path,
+                            size_t n, int64_t *size, char digest[65], char *err, size_t errlen);
+
+/* A change to a copy's instance rows (db_backup_amend_files): the row of
+ * file_path is moved to new_path with new_size (the node stored the same
+ * bytes again under another name while the backup ran), or, new_path
+ * NULL, removed (a file the live node no longer indexes: purged by
+ * retention or replaced with other bytes). */
+struct db_backup_change {
+    char *file_path, *new_path;
+    int64_t new_size;
+};
+
+/* In the copy at db_path, in one transaction: applies the n changes; a
+ * study left with no instance is marked purged at now_ms, as retention
+ * does, and a series that keeps instances gets its instance_count
+ * recounted. Returns 0, or -1 with a message in err. */
+int db_backup_amend_files(const char *db_path, const struct db_backup_change *changes, int n,
+                          int64_t now_ms, char *err, size_t errlen);
 
 /* Called by the migration, on the connection it is about to migrate and
  * outside any transaction, when an existing database (from_version > 0) is

@@ -7,10 +7,13 @@
  *   outbox/...     the results built for PACS and not yet delivered,
  *   MANIFEST       written last: a folder without it is not a backup.
  * Backup takes the snapshot first and copies the files the snapshot lists,
- * so the copy never holds a row without its file. A file the node removes
- * in between (retention purging its study, a resend replacing it) is left
- * out, with its row, once the live index confirms it has no row for it
- * either; a study left with no instance is marked purged in the copy.
+ * so the copy never holds a row without its file. An instance the node
+ * stored again with the same bytes in between (under a new name, the old
+ * one removed) is copied from its new name and its row moved there. A
+ * file the node removes otherwise (retention purging its study, a resend
+ * with other bytes replacing it) is left out, with its row, once the live
+ * index confirms it has no row for it either; a study left with no
+ * instance is marked purged in the copy.
  * outbox/ is copied after the snapshot too; a delivery whose file the node
  * removed meanwhile (it does so once every destination acknowledged it) is
  * marked sent in the copy. Instances received after the snapshot are not
@@ -54,8 +57,8 @@ struct copier {
     int64_t files, bytes;
     int64_t model_files, outbox_files; /* files copied by copy_tree */
     const char *live_db; /* backup: the node's index, asked about a file gone meanwhile */
-    char **gone;         /* backup: files of the snapshot the live index dropped since */
-    int ngone, capgone;
+    struct db_backup_change *changes; /* backup: rows of the snapshot to move or remove */
+    int nchanges, capchanges, ngone;
     char last_dir[4096]; /* the destination folder synced last */
     char *err;
     size_t errlen;
@@ -165,40 +168,6 @@ static int copy_file(struct copier *c, const char *src, const char *dst, int64_t
     return rc;
 }
 
-/* The snapshot's file rel (at src) is gone, or holds other bytes than the
- * snapshot's row says (digest). When the live index no longer has it with
- * those bytes either (retention purged its study, or a resend replaced it,
- * and a later one may have taken its name again), it is left out of the
- * copy: its row is removed there after the walk. what: what is wrong with
- * it, for the error when the index still lists it. */
-static int forget(struct copier *c, const char *rel, const char *src, const char *digest,
-                  const char *what)
-{
-    bool indexed = true;
-    if (db_backup_file_indexed(c->live_db, rel, digest, &indexed, c->err, c->errlen) != 0)
-        return -1;
-    if (indexed) {
-        snprintf(c->err, c->errlen, "%.1000s %s although the index lists it", src, what);
-        return -1;
-    }
-    if (c->ngone == c->capgone) {
-        int cap = c->capgone ? c->capgone * 2 : 64;
-        char **grown = realloc(c->gone, sizeof *grown * (size_t)cap);
-        if (!grown) {
-            snprintf(c->err, c->errlen, "out of memory");
-            return -1;
-        }
-        c->gone = grown;
-        c->capgone = cap;
-    }
-    if (!(c->gone[c->ngone] = strdup(rel))) {
-        snprintf(c->err, c->errlen, "out of memory");
-        return -1;
-    }
-    c->ngone++;
-    return 0;
-}
-
 /* Whether the dataset of the file at path has the digest want ("": not
  * known, taken as matching). On a read error, false with the reason in
  * c->err. */
@@ -211,12 +180,109 @@ static bool digest_matches(struct copier *c, const char *path, const char *want)
     return strcmp(got, want) == 0;
 }
 
+/* Adds a change to the copy's rows (new_path NULL: the row goes). */
+static int add_change(struct copier *c, const char *rel, const char *new_path, int64_t new_size)
+{
+    if (c->nchanges == c->capchanges) {
+        int cap = c->capchanges ? c->capchanges * 2 : 64;
+        struct db_backup_change *grown = realloc(c->changes, sizeof *grown * (size_t)cap);
+        if (!grown) {
+            snprintf(c->err, c->errlen, "out of memory");
+            return -1;
+        }
+        c->changes = grown;
+        c->capchanges = cap;
+    }
+    struct db_backup_change *ch = &c->changes[c->nchanges];
+    *ch = (struct db_backup_change){.file_path = strdup(rel),
+                                    .new_path = new_path ? strdup(new_path) : NULL,
+                                    .new_size = new_size};
+    if (!ch->file_path || (new_path && !ch->new_path)) {
+        free(ch->file_path);
+        free(ch->new_path);
+        snprintf(c->err, c->errlen, "out of memory");
+        return -1;
+    }
+    c->nchanges++;
+    if (!new_path) c->ngone++;
+    return 0;
+}
+
+/* The snapshot's file of f is gone or holds other bytes. When the live
+ * index has the same instance with the same bytes under another name (a
+ * resend of the same dataset moves it to <sop>~1.dcm and removes the old
+ * name; a meta header written anew can change its size), that file is
+ * copied and the copy's row moved to it: 1. 0 when there is no such file
+ * to copy, -1 on an error. A few tries: a resend may move it again while
+ * it is copied. */
+static int copy_moved(struct copier *c, const struct db_backup_file *f)
+{
+    for (int attempt = 0; f->digest[0] && attempt < 3; attempt++) {
+        char path[1100], digest[65], src[4200], dst[4200];
+        int64_t size = 0;
+        bool found;
+        if (db_backup_live_instance(c->live_db, f->sop_uid, &found, path, sizeof path, &size,
+                                    digest, c->err, c->errlen) != 0)
+            return -1;
+        if (!found || strcmp(digest, f->digest) != 0) return 0;
+        if (!strcmp(path, f->file_path) && size == f->file_size) return 0; /* the same file */
+        if (!safe_rel_path(path)) {
+            snprintf(c->err, c->errlen, "the index holds an unexpected file path '%.1000s'", path);
+            return -1;
+        }
+        snprintf(src, sizeof src, "%s/%s", c->from, path);
+        snprintf(dst, sizeof dst, "%s/%s", c->to, path);
+        int rc = 0;
+        if (make_parents(c, dst) != 0 || sync_dir_of(c, dst) != 0 ||
+            (rc = copy_file(c, src, dst, size)) == -1) {
+            if (errno == ENOENT && access(src, F_OK) != 0) continue; /* moved again */
+            snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
+                     strerror(errno));
+            return -1;
+        }
+        if (rc == -2 || !digest_matches(c, dst, f->digest)) {
+            unlink(dst); /* replaced again meanwhile */
+            c->err[0] = 0;
+            continue;
+        }
+        if (add_change(c, f->file_path, path, size) != 0) return -1;
+        c->files++;
+        c->bytes += size;
+        return 1;
+    }
+    return 0;
+}
+
+/* The snapshot's file of f (at src) is gone, or holds other bytes than
+ * its row says. Copied from its new name when the instance is stored
+ * again with the same bytes (copy_moved). Else, when the live index no
+ * longer has it with those bytes either (retention purged its study, or a
+ * resend replaced it, and a later one may have taken its name again), it
+ * is left out of the copy: its row is removed there after the walk.
+ * digest: the bytes asked about ("": any); what: what is wrong with it,
+ * for the error when the index still lists it. */
+static int forget(struct copier *c, const struct db_backup_file *f, const char *src,
+                  const char *digest, const char *what)
+{
+    int moved = copy_moved(c, f);
+    if (moved != 0) return moved < 0 ? -1 : 0;
+    bool indexed = true;
+    if (db_backup_file_indexed(c->live_db, f->file_path, digest, &indexed, c->err, c->errlen) != 0)
+        return -1;
+    if (indexed) {
+        snprintf(c->err, c->errlen, "%.1000s %s although the index lists it", src, what);
+        return -1;
+    }
+    return add_change(c, f->file_path, NULL, 0);
+}
+
 /* db_backup_files callback: copies (or, check_only, checks) one file, and
  * checks its bytes against the row's digest (a copy that is not the
  * snapshot's instance is never kept). */
-static int copy_one(void *ud, const char *rel, int64_t size, const char *digest)
+static int copy_one(void *ud, const struct db_backup_file *f)
 {
     struct copier *c = ud;
+    const char *rel = f->file_path;
     if (!safe_rel_path(rel)) {
         snprintf(c->err, c->errlen, "the index holds an unexpected file path '%.1000s'", rel);
         return -1;
@@ -226,12 +292,12 @@ static int copy_one(void *ud, const char *rel, int64_t size, const char *digest)
     snprintf(dst, sizeof dst, "%s/%s", c->to, rel);
     if (c->check_only) {
         struct stat st;
-        if (stat(src, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size != size) {
+        if (stat(src, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size != f->file_size) {
             snprintf(c->err, c->errlen, "%.1000s is missing or not %lld bytes", src,
-                     (long long)size);
+                     (long long)f->file_size);
             return -1;
         }
-        if (!digest_matches(c, src, digest)) {
+        if (!digest_matches(c, src, f->digest)) {
             if (!c->err[0])
                 snprintf(c->err, c->errlen,
                          "%.1000s does not hold the bytes its index row names (damaged)", src);
@@ -240,18 +306,21 @@ static int copy_one(void *ud, const char *rel, int64_t size, const char *digest)
     } else {
         int rc = 0;
         if (make_parents(c, dst) != 0 || sync_dir_of(c, dst) != 0 ||
-            (rc = copy_file(c, src, dst, size)) == -1) {
+            (rc = copy_file(c, src, dst, f->file_size)) == -1) {
             if (errno == ENOENT && access(src, F_OK) != 0 && c->live_db)
-                return forget(c, rel, src, "", "is missing");
+                return forget(c, f, src, "", "is missing");
             snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
                      strerror(errno));
             return -1;
         }
         /* Other bytes than the snapshot's (another size, or the same size
          * and another digest): a resend took the name meanwhile. */
-        if (rc == -2 || !digest_matches(c, dst, digest)) {
+        if (rc == -2 || !digest_matches(c, dst, f->digest)) {
             unlink(dst);
-            if (c->live_db) return forget(c, rel, src, digest, "holds other bytes");
+            if (c->live_db) {
+                c->err[0] = 0;
+                return forget(c, f, src, f->digest, "holds other bytes");
+            }
             if (!c->err[0])
                 snprintf(c->err, c->errlen, "%.1000s does not hold the bytes its index row names",
                          src);
@@ -259,7 +328,7 @@ static int copy_one(void *ud, const char *rel, int64_t size, const char *digest)
         }
     }
     c->files++;
-    c->bytes += size;
+    c->bytes += f->file_size;
     return 0;
 }
 
@@ -462,12 +531,17 @@ int triage_backup_main(int argc, char **argv)
             snprintf(err, sizeof err, "cannot sync %.1000s: %.1000s", c.last_dir, strerror(errno));
         goto out;
     }
-    if (c.ngone) {
-        if (db_backup_forget_files(dst_db, c.gone, c.ngone, (int64_t)time(NULL) * 1000, err,
-                                   sizeof err) != 0)
+    if (c.nchanges) {
+        if (db_backup_amend_files(dst_db, c.changes, c.nchanges, (int64_t)time(NULL) * 1000, err,
+                                  sizeof err) != 0)
             goto out;
-        util_log(UTIL_LOG_INFO, "backup_files_left_out",
-                 "files=%d reason=\"removed from the store while the backup ran\"", c.ngone);
+        if (c.nchanges > c.ngone)
+            util_log(UTIL_LOG_INFO, "backup_files_moved",
+                     "files=%d reason=\"stored again with the same bytes while the backup ran\"",
+                     c.nchanges - c.ngone);
+        if (c.ngone)
+            util_log(UTIL_LOG_INFO, "backup_files_left_out",
+                     "files=%d reason=\"removed from the store while the backup ran\"", c.ngone);
     }
     int settled = 0;
     if (db_backup_outbox_settle(dst_db, dir, (int64_t)time(NULL) * 1000, &settled, err,
@@ -495,9 +569,11 @@ out:
         if (started)
             fprintf(stderr, "ichtriage backup: %s is not a complete backup (no MANIFEST)\n", dir);
     }
-    for (int i = 0; i < c.ngone; i++)
-        free(c.gone[i]);
-    free(c.gone);
+    for (int i = 0; i < c.nchanges; i++) {
+        free(c.changes[i].file_path);
+        free(c.changes[i].new_path);
+    }
+    free(c.changes);
     triage_config_free(&cfg);
     return rc;
 }

@@ -82,6 +82,34 @@ class Backup(itest.NodeTest):
         self.assertEqual(doc["healthy"], rc == 0, out)
         return rc, doc
 
+    def copied_last(self, node, files):
+        """(spool path, SOP instance UID, file sent) of the instance a
+        backup copies last."""
+        import sqlite3
+        con = sqlite3.connect("file:%s?mode=ro" % node.db_path, uri=True)
+        rel, sop = con.execute("SELECT file_path, sop_uid FROM instances"
+                               " ORDER BY file_path DESC LIMIT 1").fetchone()
+        con.close()
+        return rel, sop, [f for f in files if dt.sop_uids(f)[1] == sop][0]
+
+    def held_backup(self, store_dir, bdir, hold_s=8):
+        """Starts `ichtriage backup` with its first file copy held hold_s
+        (strace delay injection) and returns the process once the
+        snapshot (bdir/ichtriage.db) is there: what the test does next
+        happens between the snapshot and the copies."""
+        if not shutil.which("strace"):
+            self.skipTest("needs strace")
+        argv = ["strace", "-f", "-o", "/dev/null", "-e", "trace=copy_file_range", "-e",
+                "inject=copy_file_range:delay_enter=%d:when=1" % (hold_s * 1000000), itest.EXE,
+                "backup"]
+        backup = subprocess.Popen(argv + store_args(store_dir) + [bdir],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10  # the snapshot is taken before any copy
+        while not os.path.exists(os.path.join(bdir, "ichtriage.db")) and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        return backup
+
     # --- status -----------------------------------------------------------
     def test_status(self):
         node, files = self.received(series=2, count=3)
@@ -281,8 +309,6 @@ class Backup(itest.NodeTest):
         backup's first file copy is held 8 s (strace delay injection) while
         a node with store.retention_days purges the study."""
         import sqlite3
-        if not shutil.which("strace"):
-            self.skipTest("needs strace")
         node, files = self.received(series=2, count=3)
         self.assertEqual(node.stop(), 0)
         DAY = 86400 * 1000
@@ -301,14 +327,7 @@ class Backup(itest.NodeTest):
                                " i.series_id WHERE s.study_ref != ?", (last,)).fetchall()
         con.close()
         bdir = os.path.join(self.work, "backup")
-        argv = ["strace", "-f", "-o", "/dev/null", "-e", "trace=copy_file_range", "-e",
-                "inject=copy_file_range:delay_enter=8000000:when=1", itest.EXE, "backup"]
-        backup = subprocess.Popen(argv + store_args(node.store_dir) + [bdir],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10  # the snapshot is taken before any copy
-        while not os.path.exists(os.path.join(bdir, "ichtriage.db")) and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
+        backup = self.held_backup(node.store_dir, bdir)
         node.settings["store.retention_days"] = "1"
         node.start()
         self.assertTrue(node.wait_event("study_purged", timeout=6), node.log_tail())
@@ -337,11 +356,7 @@ class Backup(itest.NodeTest):
         import sqlite3
         import struct as st
         node, files = self.received(series=1, count=3)
-        con = sqlite3.connect("file:%s?mode=ro" % node.db_path, uri=True)
-        rel, sop = con.execute("SELECT file_path, sop_uid FROM instances"
-                               " ORDER BY file_path DESC LIMIT 1").fetchone()
-        con.close()
-        src = [f for f in files if dt.sop_uids(f)[1] == sop][0]
+        rel, sop, src = self.copied_last(node, files)
         with open(src, "rb") as f:
             data = f.read()
         variants = []
@@ -351,14 +366,7 @@ class Backup(itest.NodeTest):
                 f.write(data[:-1] + bytes([(data[-1] + k) % 256]))
             variants.append(v)
         bdir = os.path.join(self.work, "backup")
-        argv = ["strace", "-f", "-o", "/dev/null", "-e", "trace=copy_file_range", "-e",
-                "inject=copy_file_range:delay_enter=8000000:when=1", itest.EXE, "backup"]
-        backup = subprocess.Popen(argv + store_args(node.store_dir) + [bdir],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(os.path.join(bdir, "ichtriage.db")) and \
-                time.monotonic() < deadline:
-            time.sleep(0.05)
+        backup = self.held_backup(node.store_dir, bdir)
         for v in variants:
             r = dt.storescu(node.port, [v], workdir=self.work)
             self.assert_all_success(r, [v])
@@ -373,9 +381,11 @@ class Backup(itest.NodeTest):
         self.assertEqual(rc, 0, err)
         con = sqlite3.connect(os.path.join(store2, "ichtriage.db"))
         rows = con.execute("SELECT sop_uid, file_path, content_digest FROM instances").fetchall()
+        count = con.execute("SELECT instance_count FROM series").fetchone()[0]
         con.close()
         self.assertNotIn(sop, [r[0] for r in rows], "the replaced instance's row was kept")
         self.assertEqual(len(rows), 2)
+        self.assertEqual(count, 2, "the series' instance_count still counts the left-out one")
         for _, path, digest in rows:
             with open(os.path.join(store2, path), "rb") as f:
                 b = f.read()
@@ -393,6 +403,38 @@ class Backup(itest.NodeTest):
         self.assertNotEqual(rc, 0, out)
         self.assertIn("does not hold the bytes its index row names", err)
         self.assertFalse(os.path.exists(os.path.join(self.work, "r3", "spool")))
+
+    def test_backup_while_an_instance_is_resent_with_the_same_bytes(self):
+        """The instance the backup copies last is sent again, the same
+        bytes, while the backup's first copy is held 8 s: the node moves
+        it to <sop>~1.dcm and removes the snapshot's name. The backup
+        copies it from its new name and moves its row there: every
+        acknowledged instance is in the backup. It had left the instance
+        out (backup_files_left_out files=1)."""
+        node, files = self.received(series=1, count=3)
+        rel, sop, src = self.copied_last(node, files)
+        bdir = os.path.join(self.work, "backup")
+        backup = self.held_backup(node.store_dir, bdir)
+        r = dt.storescu(node.port, [src], workdir=self.work)
+        self.assert_all_success(r, [src])
+        moved = node.instances()[sop]["file_path"]
+        self.assertNotEqual(moved, rel, "the resend kept the spool name: nothing was tested")
+        self.assertFalse(os.path.exists(os.path.join(node.store_dir, rel)))
+        out, err = backup.communicate(timeout=60)
+        self.assertEqual(backup.returncode, 0, err.decode())
+        self.assertIn("3 instances, 3 files", out.decode())
+        self.assertNotIn("backup_files_left_out", err.decode())
+        self.assertIn("event=backup_files_moved files=1", err.decode())
+        self.assertEqual(node.stop(), 0)
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        instances = node2.instances()
+        self.assertEqual(set(instances), {dt.sop_uids(f)[1] for f in files})
+        self.assertEqual(instances[sop]["file_path"], moved)
+        self.assert_stored_exactly(node2, files, instances)
+        self.assert_consistent(node2)
 
     def test_backup_while_receiving(self):
         """Online: a backup taken while a series streams in is consistent,

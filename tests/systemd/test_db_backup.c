@@ -113,12 +113,12 @@ Test(db_backup, copy_refuses_to_overwrite)
     sqlite3_close(c);
 }
 
-static int collect(void *ud, const char *file_path, int64_t size, const char *digest)
+static int collect(void *ud, const struct db_backup_file *f)
 {
     char *out = ud;
     char line[300];
-    snprintf(line, sizeof line, "%s:%lld%s%s;", file_path, (long long)size, digest[0] ? ":" : "",
-             digest);
+    snprintf(line, sizeof line, "%s:%lld:%s%s%s;", f->file_path, (long long)f->file_size,
+             f->sop_uid, f->digest[0] ? ":" : "", f->digest);
     strcat(out, line);
     return 0;
 }
@@ -148,7 +148,7 @@ Test(db_backup, files_of_a_copy_and_status)
     sqlite3_close(c);
     char got[1000] = "";
     cr_assert_eq(db_backup_files(path, collect, got, err, sizeof err), 0, "%s", err);
-    cr_assert_str_eq(got, "spool/a:10;spool/b:20:bb;");
+    cr_assert_str_eq(got, "spool/a:10:2;spool/b:20:1:bb;");
     struct db_status s;
     cr_assert_eq(db_status_read(path, true, &s, err, sizeof err), 0, "%s", err);
     cr_assert_eq(s.instances, 2);
