@@ -3,6 +3,7 @@
 #include "scp_info.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -285,22 +286,24 @@ long meta_end(const char *path, OFString *ts)
 
 } // namespace
 
-extern "C" int scp_dataset_digest(const char *path, char out[65], char *err, unsigned long errlen)
+extern "C" int scp_file_digest(const char *path, long offset, char out[65], long long *size,
+                               char *err, unsigned long errlen)
 {
-    OFString ts;
-    long start = meta_end(path, &ts);
-    FILE *f = start >= 0 ? fopen(path, "rb") : nullptr;
+    FILE *f = fopen(path, "rb");
     if (!f) {
-        snprintf(err, errlen, "%s: cannot read a DICOM file", path);
+        snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
         return -1;
     }
     EVP_MD_CTX *md = EVP_MD_CTX_new();
     bool ok =
-        md && EVP_DigestInit_ex(md, EVP_sha256(), nullptr) == 1 && fseek(f, start, SEEK_SET) == 0;
+        md && EVP_DigestInit_ex(md, EVP_sha256(), nullptr) == 1 && fseek(f, offset, SEEK_SET) == 0;
     std::vector<unsigned char> buf(1 << 16);
     size_t n;
-    while (ok && (n = fread(buf.data(), 1, buf.size(), f)) > 0)
+    *size = 0;
+    while (ok && (n = fread(buf.data(), 1, buf.size(), f)) > 0) {
         ok = EVP_DigestUpdate(md, buf.data(), n) == 1;
+        *size += (long long)n;
+    }
     ok = ok && !ferror(f);
     unsigned char d[EVP_MAX_MD_SIZE];
     unsigned len = 0;
@@ -314,6 +317,18 @@ extern "C" int scp_dataset_digest(const char *path, char out[65], char *err, uns
     for (unsigned i = 0; i < len; i++)
         snprintf(out + 2 * i, 3, "%02x", d[i]);
     return 0;
+}
+
+extern "C" int scp_dataset_digest(const char *path, char out[65], char *err, unsigned long errlen)
+{
+    OFString ts;
+    long start = meta_end(path, &ts);
+    if (start < 0) {
+        snprintf(err, errlen, "%s: cannot read a DICOM file", path);
+        return -1;
+    }
+    long long size;
+    return scp_file_digest(path, start, out, &size, err, errlen);
 }
 
 extern "C" int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long errlen)

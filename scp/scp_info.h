@@ -94,6 +94,13 @@ int scp_nesting_check(const char *path, int max_levels, char *err, unsigned long
  * -1 with a message in err. Never throws; thread-safe. */
 int scp_dataset_digest(const char *path, char out[65], char *err, unsigned long errlen);
 
+/* The SHA-256 (64 hex digits and a NUL into out) of the bytes of the file
+ * at path from offset on, any file (`ichtriage backup` lists its copies
+ * with it); *size: how many bytes that was. Returns 0, or -1 with a
+ * message in err. Never throws; thread-safe. */
+int scp_file_digest(const char *path, long offset, char out[65], long long *size, char *err,
+                    unsigned long errlen);
+
 /* For multi-frame (enhanced) images: the position of each frame, from the
  * per-frame functional groups (PlanePositionSequence), into positions
  * [max * 3] (NaN, NaN, NaN for a frame without one, or with a value that is

@@ -5,7 +5,9 @@
  *   spool/...      every file that snapshot indexes, same relative paths,
  *   models/...     the model registry (registered models, the active one),
  *   outbox/...     the results built for PACS and not yet delivered,
- *   MANIFEST       written last: a folder without it is not a backup.
+ *   MANIFEST       written last: a folder without it is not a backup; it
+ *                  lists every file outside the spool with its size and
+ *                  SHA-256 (backup_list.h), the spool's being in the index.
  * Backup takes the snapshot first and copies the files the snapshot lists,
  * so the copy never holds a row without its file. An instance the node
  * stored again with the same bytes in between (under a new name, the old
@@ -20,11 +22,13 @@
  * in the backup.
  *
  * Restore refuses a store.dir that holds anything; it checks the backup
- * (database quick_check, every file present with its size) before it
+ * (MANIFEST's list, database quick_check, every spool file present with
+ * its size and digest) before it
  * writes, copies the files, and puts the database in place last, so an
  * interrupted restore leaves no index and is simply run again. Run as root
  * into an existing store.dir, what it writes takes that folder's owner. */
 #include "backup.h"
+#include "backup_list.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -45,7 +49,9 @@
 #include "scp_info.h"
 #include "store.h"
 
-#define BACKUP_FORMAT "ichtriage-backup 1"
+/* Format 2 adds the file list (backup_list.h); restore still takes 1. */
+#define BACKUP_FORMAT "ichtriage-backup 2"
+#define BACKUP_FORMAT_1 "ichtriage-backup 1"
 
 /* Where copies go and who owns them; also the running totals. */
 struct copier {
@@ -56,6 +62,9 @@ struct copier {
     bool check_only; /* restore's first pass: only look at the sources */
     int64_t files, bytes;
     int64_t model_files, outbox_files; /* files copied by copy_tree */
+    /* backup: copy_tree lists what it copies here; restore's first pass
+     * (check_only): what copy_tree finds must be listed here. */
+    struct backup_list *list;
     const char *live_db; /* backup: the node's index, asked about a file gone meanwhile */
     struct db_backup_change *changes; /* backup: rows of the snapshot to move or remove */
     int nchanges, capchanges, ngone;
@@ -336,7 +345,8 @@ static int copy_one(void *ud, const struct db_backup_file *f)
  * "outbox", the results for PACS) and
  * what it holds, regular files only, leaving out the ".tmp" files of a
  * registration or a build in progress. Both replace files by rename, never
- * write one in place, so each copy is a whole file. Absent: nothing. */
+ * write one in place, so each copy is a whole file. Absent: nothing. With
+ * check_only, checks each file against c->list instead. */
 static int copy_tree(struct copier *c, const char *rel, int64_t *count)
 {
     char src[4200], dst[4200];
@@ -348,7 +358,7 @@ static int copy_tree(struct copier *c, const char *rel, int64_t *count)
         snprintf(c->err, c->errlen, "cannot read %.1000s: %.1000s", src, strerror(errno));
         return -1;
     }
-    int rc = make_parents(c, dst);
+    int rc = c->check_only ? 0 : make_parents(c, dst);
     if (rc != 0)
         snprintf(c->err, c->errlen, "cannot create %.1000s: %.1000s", dst, strerror(errno));
     for (struct dirent *e; rc == 0 && (e = readdir(d));) {
@@ -363,11 +373,14 @@ static int copy_tree(struct copier *c, const char *rel, int64_t *count)
         if (lstat(from, &st) != 0) continue; /* replaced meanwhile: its new name is listed */
         if (S_ISDIR(st.st_mode)) {
             rc = copy_tree(c, sub, count);
+        } else if (S_ISREG(st.st_mode) && c->check_only) {
+            rc = backup_list_check(c->list, sub, from, c->err, c->errlen);
         } else if (S_ISREG(st.st_mode)) {
             rc = sync_dir_of(c, to) == 0 ? copy_file(c, from, to, st.st_size) : -1;
             if (rc == -1)
                 snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", from, to,
                          strerror(errno));
+            if (rc == 0 && c->list) rc = backup_list_add(c->list, sub, to, c->err, c->errlen);
             if (rc == 0) {
                 (*count)++;
                 c->bytes += st.st_size;
@@ -428,10 +441,12 @@ static int write_manifest(const char *dir, const struct db_status *st, const str
             "files = %lld\n"
             "model_files = %lld\n"
             "outbox_files = %lld\n"
-            "bytes = %lld\n",
+            "bytes = %lld\n"
+            "listed_files = %d\n",
             when, ICHTRIAGE_VERSION, st->schema_version, store_dir, (long long)st->instances,
             (long long)c->files, (long long)c->model_files, (long long)c->outbox_files,
-            (long long)c->bytes);
+            (long long)c->bytes, c->list->n);
+    backup_list_write(c->list, f);
     int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
     if (fclose(f) != 0) bad = 1;
     if (bad || rename(part, path) != 0 || fsync_path(dir) != 0) {
@@ -486,7 +501,8 @@ static const char restore_help[] =
     "\n"
     "Puts a backup made by 'ichtriage backup' back into store.dir, which must not\n"
     "exist or be empty: stop the node and move the old store aside first. The\n"
-    "backup is checked before anything is written; the index is put in place last.\n"
+    "backup is checked before anything is written (every file against MANIFEST or\n"
+    "the index: present, its size, its SHA-256); the index is put in place last.\n"
     "Run as root into an existing store.dir, the files take that folder's owner.\n";
 
 int triage_backup_main(int argc, char **argv)
@@ -500,8 +516,10 @@ int triage_backup_main(int argc, char **argv)
     char err[2048] = "", db_path[1200], dst_db[4200];
     snprintf(db_path, sizeof db_path, "%s/ichtriage.db", store);
     snprintf(dst_db, sizeof dst_db, "%s/ichtriage.db", dir);
+    struct backup_list list = {0};
     struct copier c = {
         .from = store, .to = dir, .live_db = db_path, .err = err, .errlen = sizeof err};
+    c.list = &list;
     struct db_status st;
     rc = 1;
     bool started = false; /* dir is ours to call incomplete */
@@ -550,7 +568,9 @@ int triage_backup_main(int argc, char **argv)
     if (settled)
         util_log(UTIL_LOG_INFO, "backup_outbox_settled",
                  "deliveries=%d reason=\"delivered while the backup ran\"", settled);
-    if (db_status_read(dst_db, false, &st, err, sizeof err) != 0 ||
+    /* Listed once the copy's database is final. */
+    if (backup_list_add(&list, "ichtriage.db", dst_db, err, sizeof err) != 0 ||
+        db_status_read(dst_db, false, &st, err, sizeof err) != 0 ||
         write_manifest(dir, &st, &c, store, err, sizeof err) != 0)
         goto out;
     util_log(UTIL_LOG_INFO, "backup_done", "backup=%s instances=%lld files=%lld bytes=%lld", dir,
@@ -574,26 +594,67 @@ out:
         free(c.changes[i].new_path);
     }
     free(c.changes);
+    backup_list_free(&list);
     triage_config_free(&cfg);
     return rc;
 }
 
-/* Reads "format = ..." from dir/MANIFEST; 0 when it is ours. */
-static int check_manifest(const char *dir, char *err, size_t errlen)
+/* Reads dir/MANIFEST: its format (2, or 1 for a backup made before the
+ * file list), and for format 2 the file list into list. Returns the
+ * format, or -1 with a message in err. */
+static int read_manifest(const char *dir, struct backup_list *list, char *err, size_t errlen)
 {
-    char path[4200], line[512];
+    char path[4200];
     snprintf(path, sizeof path, "%s/MANIFEST", dir);
     FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(err, errlen, "%.1000s: %.1000s (not a complete backup)", path, strerror(errno));
         return -1;
     }
-    int ok = 0;
-    while (!ok && fgets(line, sizeof line, f))
-        ok = !strcmp(line, "format = " BACKUP_FORMAT "\n");
+    int format = 0;
+    long listed = -1;
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    while ((len = getline(&line, &cap, f)) > 0) {
+        if (line[len - 1] == '\n') line[--len] = 0;
+        if (!strcmp(line, "format = " BACKUP_FORMAT)) {
+            format = 2;
+        } else if (!strcmp(line, "format = " BACKUP_FORMAT_1)) {
+            format = 1;
+        } else if (!strncmp(line, "listed_files = ", 15)) {
+            listed = strtol(line + 15, NULL, 10);
+        } else if (!strncmp(line, "file = ", 7) &&
+                   backup_list_parse(list, line + 7, err, errlen) != 0) {
+            format = -1;
+            break;
+        }
+    }
+    free(line);
     fclose(f);
-    if (!ok) snprintf(err, errlen, "%.1000s: not a '" BACKUP_FORMAT "' manifest", path);
-    return ok ? 0 : -1;
+    if (format == 0)
+        snprintf(err, errlen, "%.1000s: not a '" BACKUP_FORMAT "' manifest", path);
+    else if (format == 2 && listed != list->n)
+        snprintf(err, errlen, "%.1000s lists %d files of %ld (damaged)", path, list->n, listed);
+    return format > 0 && (format == 1 || listed == list->n) ? format : -1;
+}
+
+/* Restore's check of what the spool's index does not cover: models/ and
+ * outbox/ hold exactly the files MANIFEST lists, with their sizes and
+ * SHA-256, and no listed file is missing (ichtriage.db, checked first,
+ * is seen by then). */
+static int check_listed(struct copier *c)
+{
+    if (copy_tree(c, "models", &c->model_files) != 0 ||
+        copy_tree(c, "outbox", &c->outbox_files) != 0)
+        return -1;
+    const struct backup_listed *gone = backup_list_unseen(c->list, "");
+    if (gone) {
+        snprintf(c->err, c->errlen, "%.1000s/%.1000s is missing (MANIFEST lists it)", c->from,
+                 gone->path);
+        return -1;
+    }
+    return 0;
 }
 
 int triage_restore_main(int argc, char **argv)
@@ -607,12 +668,17 @@ int triage_restore_main(int argc, char **argv)
     char err[2048] = "", src_db[4200], db_path[1200];
     snprintf(src_db, sizeof src_db, "%s/ichtriage.db", dir);
     snprintf(db_path, sizeof db_path, "%s/ichtriage.db", store);
+    struct backup_list list = {0};
     struct copier c = {
         .from = dir, .to = store, .check_only = true, .err = err, .errlen = sizeof err};
+    c.list = &list;
     struct db_status st;
     struct stat sst;
     rc = 1;
-    if (check_manifest(dir, err, sizeof err) != 0) goto out;
+    int format = read_manifest(dir, &list, err, sizeof err);
+    if (format < 0) goto out;
+    if (format == 2 && backup_list_check(&list, "ichtriage.db", src_db, err, sizeof err) != 0)
+        goto out;
     if (db_status_read(src_db, true, &st, err, sizeof err) != 0) goto out;
     if (!st.quick_check_ok) {
         snprintf(err, sizeof err, "%.1000s: quick_check: %.1000s", src_db, st.quick_check);
@@ -630,6 +696,23 @@ int triage_restore_main(int argc, char **argv)
     }
     /* First pass: the backup is whole, before anything is written. */
     if (db_backup_files(src_db, copy_one, &c, err, sizeof err) != 0) goto out;
+    if (format == 2 && check_listed(&c) != 0) goto out;
+    if (format == 1) {
+        /* Older backups are still restored (refusing them would leave a
+         * site without its backups), with what could not be checked said. */
+        util_log(UTIL_LOG_WARN, "restore_unchecked",
+                 "backup=%s format=\"" BACKUP_FORMAT_1 "\" reason=\"no file list: ichtriage.db "
+                 "checked by quick_check only, models/ and outbox/ not checked\"",
+                 dir);
+        fprintf(stderr,
+                "ichtriage restore: warning: %s is an older backup (" BACKUP_FORMAT_1
+                ") whose MANIFEST lists no files: the spool files were checked against the "
+                "index, ichtriage.db by SQLite's quick_check only, and models/ and outbox/ could "
+                "not be checked (a file missing or damaged there is not found); run "
+                "'ichtriage status' and check the model loads after the restore\n",
+                dir);
+    }
+    c.list = NULL;
     c.check_only = false;
     c.files = c.bytes = 0;
     if (mkdir(store, 0700) != 0 && errno != EEXIST) {
@@ -676,6 +759,7 @@ out:
         util_log(UTIL_LOG_ERROR, "restore_failed", "store=%s", store);
         fprintf(stderr, "ichtriage restore: %s\n", err);
     }
+    backup_list_free(&list);
     triage_config_free(&cfg);
     return rc;
 }

@@ -229,8 +229,16 @@ class Backup(itest.NodeTest):
                 self.assertTrue(itest.owner_only(os.path.join(d, x)), os.path.join(d, x))
         with open(os.path.join(bdir, "MANIFEST")) as f:
             manifest = f.read()
-        self.assertIn("format = ichtriage-backup 1\n", manifest)
+        self.assertIn("format = ichtriage-backup 2\n", manifest)
         self.assertIn("instances = 8\n", manifest)
+        # Every file outside the spool listed with its size and SHA-256.
+        listed = sorted(line[len("file = "):] for line in manifest.splitlines()
+                        if line.startswith("file = "))
+        outside = {p: c for p, c in tree(bdir).items()
+                   if p != "MANIFEST" and not p.startswith("spool/")}
+        self.assertEqual(listed, sorted("%s %d %s" % (hashlib.sha256(c).hexdigest(), len(c), p)
+                                        for p, c in outside.items()))
+        self.assertIn("listed_files = 4\n", manifest)
         backed = tree(os.path.join(bdir, "spool"))
         self.assertEqual(len(backed), 8)
 
@@ -515,6 +523,73 @@ class Backup(itest.NodeTest):
         self.assertEqual(os.listdir(target), ["ichtriage.lock"])
         # Free, the same empty store (a lock file is no data) takes the restore.
         self.assertEqual(ichtriage("restore", *store_args(target), bdir)[0], 0)
+
+    def test_restore_checks_what_the_index_does_not_cover(self):
+        """ichtriage.db, models/ and outbox/ are checked against MANIFEST's
+        file list before anything is written: a file missing, truncated,
+        changed or added is refused. Restore had copied them blindly and
+        reported success; the node then failed to load the model. An older
+        backup (format 1, no list) is restored with a warning that says
+        what could not be checked."""
+        node, _ = self.received(series=1, count=2)
+        self.assertEqual(node.stop(), 0)
+        for name in ("models/active.safetensors", "models/m1.safetensors", "outbox/1-sr.dcm"):
+            os.makedirs(os.path.dirname(os.path.join(node.store_dir, name)), exist_ok=True)
+            with open(os.path.join(node.store_dir, name), "wb") as f:
+                f.write(os.urandom(2000))
+        bdir = os.path.join(self.work, "backup")
+        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 0, err)
+
+        def damaged(name, change):
+            """A copy of the backup with change(path of name) applied."""
+            copy = os.path.join(self.work, "damaged-%d" % len(os.listdir(self.work)))
+            shutil.copytree(bdir, copy)
+            change(os.path.join(copy, name))
+            return copy
+
+        def flip_last_byte(path):
+            with open(path, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                b = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([b[0] ^ 0xFF]))
+
+        def add(path):
+            with open(path, "wb") as f:
+                f.write(b"x")
+
+        cases = [
+            ("outbox/1-sr.dcm", os.unlink, "outbox/1-sr.dcm is missing (MANIFEST lists it)"),
+            ("models/active.safetensors", os.unlink, "is missing (MANIFEST lists it)"),
+            ("models/m1.safetensors", lambda p: os.truncate(p, 100),
+             "m1.safetensors has 100 bytes, MANIFEST lists 2000"),
+            ("models/m1.safetensors", flip_last_byte, "does not hold the bytes MANIFEST lists"),
+            ("ichtriage.db", flip_last_byte, "ichtriage.db does not hold the bytes MANIFEST lists"),
+            ("models/m2.safetensors", add, "is not in the backup's MANIFEST"),
+        ]
+        for name, change, why in cases:
+            copy = damaged(name, change)
+            target = os.path.join(self.work, "t-" + os.path.basename(copy))
+            os.mkdir(target, 0o700)
+            rc, out, err = ichtriage("restore", *store_args(target), copy)
+            self.assertEqual(rc, 1, "%s: %s" % (name, out))
+            self.assertIn(why, err, name)
+            self.assertEqual(os.listdir(target), [], "restore wrote before checking " + name)
+        # An older backup: its MANIFEST has format 1 and no file list.
+        old = os.path.join(self.work, "old")
+        shutil.copytree(bdir, old)
+        with open(os.path.join(old, "MANIFEST")) as f:
+            lines = [line for line in f if not line.startswith(("file = ", "listed_files = "))]
+        with open(os.path.join(old, "MANIFEST"), "w") as f:
+            f.write("".join(lines).replace("ichtriage-backup 2", "ichtriage-backup 1"))
+        rc, out, err = ichtriage("restore", *store_args(os.path.join(self.work, "r-old")), old)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("models/ and outbox/ could not be checked", err)
+        self.assertIn("event=restore_unchecked", err)
+        rc, out, err = ichtriage("restore", *store_args(os.path.join(self.work, "r-new")), bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("could not be checked", err)
 
     def test_restore_as_root_takes_the_store_owner(self):
         """The admin restores as root into /var/lib/ichtriage made by tmpfiles
