@@ -65,9 +65,11 @@ struct copier {
     /* backup: copy_tree lists what it copies here; restore's first pass
      * (check_only): what copy_tree finds must be listed here. */
     struct backup_list *list;
-    const char *live_db; /* backup: the node's index, asked about a file gone meanwhile */
+    const char *live_db;    /* backup: the node's index, asked about a file gone meanwhile */
+    bool leave_out_missing; /* backup: a file the index lists but the store lost is left out */
     struct db_backup_change *changes; /* backup: rows of the snapshot to move or remove */
     int nchanges, capchanges, ngone;
+    int nlost;           /* of ngone: files the store lost, left out by leave_out_missing */
     char last_dir[4096]; /* the destination folder synced last */
     char *err;
     size_t errlen;
@@ -268,18 +270,31 @@ static int copy_moved(struct copier *c, const struct db_backup_file *f)
  * longer has it with those bytes either (retention purged its study, or a
  * resend replaced it, and a later one may have taken its name again), it
  * is left out of the copy: its row is removed there after the walk.
- * digest: the bytes asked about ("": any); what: what is wrong with it,
- * for the error when the index still lists it. */
-static int forget(struct copier *c, const struct db_backup_file *f, const char *src,
-                  const char *digest, const char *what)
+ * missing: the file is gone (else it holds other bytes). A missing file
+ * the live index still lists (the store lost it) fails the backup, or
+ * with leave_out_missing is left out too, logged. */
+static int forget(struct copier *c, const struct db_backup_file *f, const char *src, bool missing)
 {
     int moved = copy_moved(c, f);
     if (moved != 0) return moved < 0 ? -1 : 0;
     bool indexed = true;
-    if (db_backup_file_indexed(c->live_db, f->file_path, digest, &indexed, c->err, c->errlen) != 0)
+    if (db_backup_file_indexed(c->live_db, f->file_path, missing ? "" : f->digest, &indexed, c->err,
+                               c->errlen) != 0)
         return -1;
-    if (indexed) {
-        snprintf(c->err, c->errlen, "%.1000s %s although the index lists it", src, what);
+    if (indexed && missing && c->leave_out_missing) {
+        util_log(UTIL_LOG_WARN, "backup_instance_left_out",
+                 "sop=%s path=%s reason=\"the index lists it, its file is missing from the "
+                 "store\"",
+                 f->sop_uid, f->file_path);
+        c->nlost++;
+    } else if (indexed) {
+        snprintf(c->err, c->errlen, "%.1000s %s although the index lists it%s", src,
+                 missing ? "is missing" : "holds other bytes",
+                 missing ? ": the store has lost this file, and every backup fails on it; "
+                           "'ichtriage backup --leave-out-missing DIR' leaves such instances "
+                           "out of the backup, each logged (docs/operations.md, \"Backup and "
+                           "restore\")"
+                         : "");
         return -1;
     }
     return add_change(c, f->file_path, NULL, 0);
@@ -317,7 +332,7 @@ static int copy_one(void *ud, const struct db_backup_file *f)
         if (make_parents(c, dst) != 0 || sync_dir_of(c, dst) != 0 ||
             (rc = copy_file(c, src, dst, f->file_size)) == -1) {
             if (errno == ENOENT && access(src, F_OK) != 0 && c->live_db)
-                return forget(c, f, src, "", "is missing");
+                return forget(c, f, src, true);
             snprintf(c->err, c->errlen, "cannot copy %.1000s to %.1000s: %.1000s", src, dst,
                      strerror(errno));
             return -1;
@@ -328,7 +343,7 @@ static int copy_one(void *ud, const struct db_backup_file *f)
             unlink(dst);
             if (c->live_db) {
                 c->err[0] = 0;
-                return forget(c, f, src, f->digest, "holds other bytes");
+                return forget(c, f, src, false);
             }
             if (!c->err[0])
                 snprintf(c->err, c->errlen, "%.1000s does not hold the bytes its index row names",
@@ -456,9 +471,10 @@ static int write_manifest(const char *dir, const struct db_status *st, const str
     return 0;
 }
 
-/* Parses the common options and exactly one DIR argument. */
+/* Parses the common options, option (when not NULL: a flag that sets
+ * *option_set) and exactly one DIR argument. */
 static int parse_args(const char *cmd, const char *help, struct triage_config *cfg, int argc,
-                      char **argv, const char **dir)
+                      char **argv, const char **dir, const char *option, bool *option_set)
 {
     char err[1024];
     if (triage_config_from_args(cfg, &argc, argv, err, sizeof err) != 0) {
@@ -471,6 +487,10 @@ static int parse_args(const char *cmd, const char *help, struct triage_config *c
             printf("%s", help);
             triage_config_free(cfg);
             return 1;
+        }
+        if (option && !strcmp(argv[i], option)) {
+            *option_set = true;
+            continue;
         }
         if (*dir || argv[i][0] == '-' || !argv[i][0]) {
             fprintf(stderr, "ichtriage %s: unexpected argument '%s'\n%s", cmd, argv[i], help);
@@ -488,13 +508,17 @@ static int parse_args(const char *cmd, const char *help, struct triage_config *c
 }
 
 static const char backup_help[] =
-    "usage: ichtriage backup [-c FILE] [--set section.key=value]... DIR\n"
+    "usage: ichtriage backup [-c FILE] [--set section.key=value]... [--leave-out-missing] DIR\n"
     "\n"
     "Copies the index (a consistent snapshot, taken while the node runs), every\n"
-    "spool file it refers to and the model registry (models/) into DIR, which must\n"
-    "not exist or be empty. DIR/MANIFEST is written last. The copy holds patient\n"
-    "data: DIR is made readable by its owner only. 'ichtriage restore DIR' puts it\n"
-    "back.\n";
+    "spool file it refers to, the model registry (models/) and the results waiting\n"
+    "for PACS (outbox/) into DIR, which must not exist or be empty. DIR/MANIFEST is\n"
+    "written last. The copy holds patient data: DIR is made readable by its owner\n"
+    "only. 'ichtriage restore DIR' puts it back.\n"
+    "\n"
+    "  --leave-out-missing  an instance the index lists but whose spool file the\n"
+    "                       store has lost is left out of the backup (logged,\n"
+    "                       event=backup_instance_left_out) instead of failing it\n";
 
 static const char restore_help[] =
     "usage: ichtriage restore [-c FILE] [--set section.key=value]... DIR\n"
@@ -509,7 +533,9 @@ int triage_backup_main(int argc, char **argv)
 {
     struct triage_config cfg;
     const char *dir;
-    int rc = parse_args("backup", backup_help, &cfg, argc, argv, &dir);
+    bool leave_out_missing = false;
+    int rc = parse_args("backup", backup_help, &cfg, argc, argv, &dir, "--leave-out-missing",
+                        &leave_out_missing);
     if (rc) return rc == 1 ? 0 : rc;
     umask(077);
     const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
@@ -520,6 +546,7 @@ int triage_backup_main(int argc, char **argv)
     struct copier c = {
         .from = store, .to = dir, .live_db = db_path, .err = err, .errlen = sizeof err};
     c.list = &list;
+    c.leave_out_missing = leave_out_missing;
     struct db_status st;
     rc = 1;
     bool started = false; /* dir is ours to call incomplete */
@@ -557,9 +584,13 @@ int triage_backup_main(int argc, char **argv)
             util_log(UTIL_LOG_INFO, "backup_files_moved",
                      "files=%d reason=\"stored again with the same bytes while the backup ran\"",
                      c.nchanges - c.ngone);
-        if (c.ngone)
+        if (c.ngone > c.nlost)
             util_log(UTIL_LOG_INFO, "backup_files_left_out",
-                     "files=%d reason=\"removed from the store while the backup ran\"", c.ngone);
+                     "files=%d reason=\"removed from the store while the backup ran\"",
+                     c.ngone - c.nlost);
+        if (c.nlost)
+            util_log(UTIL_LOG_WARN, "backup_files_left_out",
+                     "files=%d reason=\"missing from the store (--leave-out-missing)\"", c.nlost);
     }
     int settled = 0;
     if (db_backup_outbox_settle(dst_db, dir, (int64_t)time(NULL) * 1000, &settled, err,
@@ -579,6 +610,10 @@ int triage_backup_main(int argc, char **argv)
            "%.1f MiB\n",
            store, dir, (long long)st.instances, (long long)c.files, (long long)c.model_files,
            (long long)c.outbox_files, (double)c.bytes / (1024.0 * 1024.0));
+    if (c.nlost)
+        printf("left out: %d instances whose files are missing from the store (logged, "
+               "event=backup_instance_left_out)\n",
+               c.nlost);
     rc = 0;
 out:
     if (rc) {
@@ -661,7 +696,7 @@ int triage_restore_main(int argc, char **argv)
 {
     struct triage_config cfg;
     const char *dir;
-    int rc = parse_args("restore", restore_help, &cfg, argc, argv, &dir);
+    int rc = parse_args("restore", restore_help, &cfg, argc, argv, &dir, NULL, NULL);
     if (rc) return rc == 1 ? 0 : rc;
     umask(077);
     const char *store = triage_config_str(&cfg, CFG_STORE_DIR);

@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "db.h"
+#include "db_backup.h"
 #include "db_outbox.h"
 #include "db_status.h"
 #include "pipeline.h"
@@ -37,6 +38,10 @@ struct status {
     bool db_ok;
     char db_err[512];
     struct db_status db;
+    /* Indexed spool files missing from the store (lost: every backup
+     * fails on them); -1 when the spool could not be looked at. */
+    int64_t files_missing;
+    char first_missing[1100], missing_text[1400];
     bool pacs_present;            /* the database has the outbox (results to PACS) */
     struct db_outbox_counts pacs; /* deliveries by state */
     bool disk_ok;
@@ -93,6 +98,95 @@ static void problem(struct status *s, const char *what)
         s->problems[s->n_problems++] = what;
 }
 
+/* The names in one spool folder, sorted: count_missing reads each folder
+ * once instead of calling stat() for each of its files (millions on a
+ * large store, the rows come ordered by path so a folder's are together). */
+struct folder {
+    char rel[1100]; /* as in file_path, up to the name's slash */
+    char *names;    /* NUL-separated */
+    size_t len, cap;
+    char **sorted;
+    size_t n, ncap;
+};
+
+struct missing_walk {
+    struct status *s;
+    struct folder dir;
+    bool read; /* dir holds a folder's names */
+};
+
+static int by_name(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Reads the folder rel (rel_len bytes of it) of the store into f.
+ * Returns 0 (a folder that does not exist holds nothing), or -1
+ * (unreadable here, out of memory). */
+static int folder_read(struct folder *f, const char *store_dir, const char *rel, size_t rel_len)
+{
+    snprintf(f->rel, sizeof f->rel, "%.*s", (int)rel_len, rel);
+    f->len = f->n = 0;
+    char path[2400];
+    snprintf(path, sizeof path, "%s/%s", store_dir, f->rel);
+    DIR *d = opendir(path);
+    if (!d) return errno == ENOENT ? 0 : -1;
+    int rc = 0;
+    for (struct dirent *e; rc == 0 && (e = readdir(d));) {
+        size_t need = strlen(e->d_name) + 1;
+        if (f->len + need > f->cap) {
+            size_t cap = (f->cap + need) * 2;
+            char *grown = realloc(f->names, cap);
+            if (!grown) {
+                rc = -1;
+                break;
+            }
+            f->names = grown;
+            f->cap = cap;
+        }
+        memcpy(f->names + f->len, e->d_name, need);
+        f->len += need;
+        f->n++;
+    }
+    closedir(d);
+    if (rc == 0 && f->n > f->ncap) {
+        char **grown = realloc(f->sorted, sizeof *grown * f->n);
+        if (!grown) return -1;
+        f->sorted = grown;
+        f->ncap = f->n;
+    }
+    if (rc != 0) return -1;
+    for (size_t i = 0, at = 0; i < f->n; at += strlen(f->names + at) + 1)
+        f->sorted[i++] = f->names + at;
+    qsort(f->sorted, f->n, sizeof *f->sorted, by_name);
+    return 0;
+}
+
+/* db_backup_files callback: counts an indexed file missing from the
+ * spool, once the live index confirms it still lists it (a resend or
+ * retention may have moved or removed it since the list was read).
+ * Stops (1) where the spool cannot be read (run as another user). */
+static int count_missing(void *ud, const struct db_backup_file *f)
+{
+    struct missing_walk *w = ud;
+    const char *slash = strrchr(f->file_path, '/');
+    if (!slash) return 0;
+    size_t rel_len = (size_t)(slash - f->file_path);
+    bool same =
+        w->read && strlen(w->dir.rel) == rel_len && strncmp(w->dir.rel, f->file_path, rel_len) == 0;
+    if (!same && folder_read(&w->dir, w->s->store_dir, f->file_path, rel_len) != 0) return 1;
+    w->read = true;
+    const char *name = slash + 1;
+    if (bsearch(&name, w->dir.sorted, w->dir.n, sizeof *w->dir.sorted, by_name)) return 0;
+    char err[256];
+    bool indexed = false;
+    if (db_backup_file_indexed(w->s->db_path, f->file_path, "", &indexed, err, sizeof err) != 0)
+        return 1;
+    if (indexed && !w->s->files_missing++)
+        snprintf(w->s->first_missing, sizeof w->s->first_missing, "%s", f->file_path);
+    return 0;
+}
+
 static void gather(struct status *s)
 {
     snprintf(s->db_path, sizeof s->db_path, "%s/ichtriage.db", s->store_dir);
@@ -115,6 +209,24 @@ static void gather(struct status *s)
         problem(s, "database quick_check failed");
     else if (s->db.schema_version > db_schema_version())
         problem(s, "database schema newer than this build");
+    s->files_missing = -1;
+    if (s->db_ok) {
+        char err[256];
+        struct missing_walk w = {.s = s};
+        s->files_missing = 0;
+        if (db_backup_files(s->db_path, count_missing, &w, err, sizeof err) != 0)
+            s->files_missing = -1;
+        free(w.dir.names);
+        free(w.dir.sorted);
+    }
+    if (s->files_missing > 0) {
+        snprintf(s->missing_text, sizeof s->missing_text,
+                 "%lld indexed spool files missing from the store (first: %s): every backup "
+                 "fails on them until 'ichtriage backup --leave-out-missing' leaves them out "
+                 "(docs/operations.md, \"Backup and restore\")",
+                 (long long)s->files_missing, s->first_missing);
+        problem(s, s->missing_text);
+    }
 
     struct statvfs v;
     const char *where = statvfs(s->spool, &v) == 0 ? s->spool : s->store_dir;
@@ -222,6 +334,13 @@ static void print_text(const struct status *s)
         } else {
             printf("last received never\n");
         }
+        if (s->files_missing > 0)
+            printf("spool files   %lld MISSING (first: %s)\n", (long long)s->files_missing,
+                   s->first_missing);
+        else if (s->files_missing == 0)
+            printf("spool files   all present\n");
+        else
+            printf("spool files   (cannot tell: the spool is not readable here)\n");
         print_counts("series        ", s->db.series_states, s->db.n_series_states);
         if (s->db.has_triage) {
             print_counts("triage queue  ", s->db.job_states, s->db.n_job_states);
@@ -299,6 +418,14 @@ static int print_json(const struct status *s)
         cJSON_AddNumberToObject(db, "spool_bytes", (double)s->db.spool_bytes);
         json_time(db, "last_received_at", s->db.last_received_ms);
         json_counts(db, "series_by_state", s->db.series_states, s->db.n_series_states);
+        if (s->files_missing >= 0)
+            cJSON_AddNumberToObject(db, "files_missing", (double)s->files_missing);
+        else
+            cJSON_AddNullToObject(db, "files_missing");
+        if (s->files_missing > 0)
+            cJSON_AddStringToObject(db, "first_missing_file", s->first_missing);
+        else
+            cJSON_AddNullToObject(db, "first_missing_file");
     } else {
         cJSON_AddStringToObject(db, "error", s->db_err);
     }
@@ -366,11 +493,12 @@ static void usage(FILE *f)
                "\n"
                "Health at a glance, read from the store without disturbing the node: whether\n"
                "the DICOM port listens, the index (counts, last received, series states,\n"
-               "PRAGMA quick_check), the triage queue and last triage, the model file the\n"
-               "node would load, free disk space against store.min_free_mb, datasets being\n"
-               "received, and whether the node is refusing stores for its own trouble (from\n"
-               "<store.dir>/store-health.json, which the node keeps). Exit status 0 when\n"
-               "healthy, 1 when a problem is listed.\n");
+               "PRAGMA quick_check, indexed spool files missing from the store), the triage\n"
+               "queue and last triage, the model file the node would load, free disk space\n"
+               "against store.min_free_mb, datasets being received, and whether the node is\n"
+               "refusing stores for its own trouble (from <store.dir>/store-health.json,\n"
+               "which the node keeps). Exit status 0 when healthy, 1 when a problem is\n"
+               "listed.\n");
 }
 
 int triage_status_main(int argc, char **argv)

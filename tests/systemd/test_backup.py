@@ -444,6 +444,43 @@ class Backup(itest.NodeTest):
         self.assert_stored_exactly(node2, files, instances)
         self.assert_consistent(node2)
 
+    def test_a_spool_file_lost_from_the_store(self):
+        """One spool file the index lists is gone from the store. Every
+        backup fails on it, and the admin is told how to get out; status
+        lists it as a problem (it said health ok); `backup
+        --leave-out-missing` leaves that instance out, logged, and the
+        restored store is consistent."""
+        node, files = self.received(series=1, count=3)
+        rel, sop, _ = self.copied_last(node, files)
+        os.unlink(os.path.join(node.store_dir, rel))
+        rc, doc = self.status(node.store_dir, node.port, http_port=node.http_port)
+        self.assertEqual(rc, 1, doc)
+        self.assertEqual(doc["database"]["files_missing"], 1, doc)
+        self.assertEqual(doc["database"]["first_missing_file"], rel)
+        self.assertTrue([p for p in doc["problems"] if "--leave-out-missing" in p], doc)
+        bdir = os.path.join(self.work, "backup")
+        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("is missing although the index lists it", err)
+        self.assertIn("'ichtriage backup --leave-out-missing DIR'", err)
+        bdir = os.path.join(self.work, "backup2")
+        rc, out, err = ichtriage("backup", "--leave-out-missing", *store_args(node.store_dir),
+                                 bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("2 instances, 2 files", out)
+        self.assertIn("left out: 1 instances whose files are missing", out)
+        self.assertIn("event=backup_instance_left_out sop=%s path=%s" % (sop, rel), err)
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        kept = [f for f in files if dt.sop_uids(f)[1] != sop]
+        self.assertEqual(set(node2.instances()), {dt.sop_uids(f)[1] for f in kept})
+        self.assert_stored_exactly(node2, kept)
+        self.assert_consistent(node2)
+        rc, doc = self.status(store2, node2.port, http_port=node2.http_port)
+        self.assertEqual((rc, doc["database"]["files_missing"]), (0, 0), doc)
+
     def test_backup_while_receiving(self):
         """Online: a backup taken while a series streams in is consistent,
         holds what was acknowledged before it began, and the stream is not
