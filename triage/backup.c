@@ -139,6 +139,24 @@ static int sync_dir_of(struct copier *c, const char *path)
     return 0;
 }
 
+/* Writes the n bytes at buf to fd, going on after a short write. A write
+ * that writes nothing is a full disk. Returns 0, or -1 with errno. */
+static int write_all(int fd, const char *buf, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, buf, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) return -1;
+        if (w == 0) {
+            errno = ENOSPC;
+            return -1;
+        }
+        buf += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
 /* Copies src to a new file dst (never replacing one), synced, mode 0600. */
 static int copy_file(struct copier *c, const char *src, const char *dst, int64_t size)
 {
@@ -151,12 +169,14 @@ static int copy_file(struct copier *c, const char *src, const char *dst, int64_t
     }
     int64_t done = 0;
     int rc = 0;
+    bool by_hand = false; /* copy_file_range cannot: another file system */
     for (;;) {
-        ssize_t n = copy_file_range(in, NULL, out, NULL, 1 << 30, 0);
-        if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP)) {
+        ssize_t n = by_hand ? -1 : copy_file_range(in, NULL, out, NULL, 1 << 30, 0);
+        if (by_hand || (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP))) {
             char buf[1 << 16];
+            by_hand = true;
             n = read(in, buf, sizeof buf);
-            if (n > 0 && write(out, buf, (size_t)n) != n) n = -1;
+            if (n > 0 && write_all(out, buf, (size_t)n) != 0) n = -1;
         }
         if (n < 0) {
             rc = -1;

@@ -509,6 +509,32 @@ class Backup(itest.NodeTest):
         self.assert_consistent(node2)
         self.assert_stored_exactly(node2, [f for f in first + files if dt.sop_uids(f)[1] in got])
 
+    def test_a_full_disk_is_said(self):
+        """Backup and restore onto a file system too small (a 1 MiB tmpfs):
+        both fail saying the disk is full. The read/write copy (another
+        file system than the source's) took a short write for an error
+        without setting errno and reported copy_file_range's 'Invalid
+        cross-device link'."""
+        node = self.start_node()
+        files = self.gen("big", count=20, rows=256, cols=256)  # 128 KiB each: 2.5 MiB
+        self.assert_all_success(dt.storescu(node.port, files, workdir=self.work), files)
+        self.assertEqual(node.stop(), 0)
+        small = os.path.join(self.work, "small")
+        self.mount_tmpfs(small, 1)
+        rc, out, err = ichtriage("backup", *store_args(node.store_dir),
+                                 os.path.join(small, "backup"))
+        self.assertEqual(rc, 1, out)
+        self.assertIn("No space left on device", err)
+        self.assertNotIn("cross-device", err)
+        bdir = os.path.join(self.work, "backup")
+        self.assertEqual(ichtriage("backup", *store_args(node.store_dir), bdir)[0], 0)
+        subprocess.run(["umount", small], check=True)
+        self.mount_tmpfs(small, 1)
+        rc, out, err = ichtriage("restore", *store_args(small), bdir)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("No space left on device", err)
+        self.assertNotIn("cross-device", err)
+
     def test_restore_refuses(self):
         node, _ = self.received(series=1, count=2)
         bdir = os.path.join(self.work, "backup")
