@@ -373,7 +373,7 @@ int nn_st_write(const char *path, const nn_st_entry *t, int n, const char *const
     size_t tl = strlen(path) + 32;
     tmp = malloc(tl);
     if (!tmp) goto oom;
-    snprintf(tmp, tl, "%s.tmp.%ld", path, (long)getpid());
+    snprintf(tmp, tl, "%s.%ld.tmp", path, (long)getpid());
     fp = fopen(tmp, "wb");
     if (!fp) {
         nn_errf(err, errlen, "%s: %s", tmp, strerror(errno));

@@ -70,8 +70,9 @@ typedef struct nn_st_entry {
 } nn_st_entry;
 
 /* Writes the tensors and the metadata pairs (meta_keys[i] = meta_values[i])
- * to path through a temporary file and rename, so a reader never sees half a
- * file. Returns 0 or -1 with err. */
+ * to path through a temporary file (<path>.<pid>.tmp: a name ending in
+ * ".tmp", which `ichtriage backup` leaves out of models/) and rename, so a
+ * reader never sees half a file. Returns 0 or -1 with err. */
 int nn_st_write(const char *path, const nn_st_entry *t, int n, const char *const *meta_keys,
                 const char *const *meta_values, int nmeta, char *err, size_t errlen);
 

@@ -196,7 +196,7 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
         snprintf(err, errlen, "%s: 100 models registered in one second already", dir);
     } else if (nn_model_meta_set(m, "version", id) != 0) {
         snprintf(err, errlen, "%s: cannot set its version", model_path);
-    } else if (nn_model_save(m, dst, err, errlen) == 0) { /* temp file, fsync, rename */
+    } else if (nn_model_save(m, dst, err, errlen) == 0) { /* <dst>.<pid>.tmp, fsync, rename */
         int fd = open(dst, O_RDONLY | O_CLOEXEC);
         if (fd >= 0 && fchmod(fd, 0640) == 0 && own_like_folder(fd, dst) == 0) {
             rc = 0;
