@@ -151,13 +151,17 @@ static int end_write(sqlite3 *c, int rc, const char *db_path, char *err, size_t 
     return rc == SQLITE_OK ? 0 : -1;
 }
 
-int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_ms, int *settled,
-                            char *err, size_t errlen)
+int db_backup_outbox_settle(const char *db_path, const char *root, const char *live_db,
+                            int *settled, int *missing, char *err, size_t errlen)
 {
-    *settled = 0;
-    sqlite3 *c;
+    *settled = *missing = 0;
+    sqlite3 *c, *live;
     if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READWRITE, err, errlen) != 0) return -1;
-    sqlite3_stmt *st = NULL, *up = NULL;
+    if (db_conn_open_flags(&live, live_db, SQLITE_OPEN_READONLY, err, errlen) != 0) {
+        sqlite3_close(c);
+        return -1;
+    }
+    sqlite3_stmt *st = NULL, *up = NULL, *ask = NULL;
     int rc = sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     /* An index older than the PACS queue (schema 4) has nothing to settle. */
     bool queue = false;
@@ -168,7 +172,10 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
         sqlite3_finalize(st);
         st = NULL;
     }
-    if (rc == SQLITE_OK && !queue) return end_write(c, SQLITE_OK, db_path, err, errlen);
+    if (rc == SQLITE_OK && !queue) {
+        sqlite3_close(live);
+        return end_write(c, SQLITE_OK, db_path, err, errlen);
+    }
     if (rc == SQLITE_OK)
         rc = sqlite3_prepare_v2(
             c, "SELECT id, file_path FROM pacs_deliveries WHERE state = 'pending'", -1, &st, NULL);
@@ -177,21 +184,60 @@ int db_backup_outbox_settle(const char *db_path, const char *root, int64_t now_m
                                 "UPDATE pacs_deliveries SET state = 'sent', sent_at = ?2,"
                                 " last_error = '' WHERE id = ?1",
                                 -1, &up, NULL);
+    if (rc == SQLITE_OK &&
+        sqlite3_prepare_v2(live,
+                           "SELECT state, coalesce(sent_at, 0) FROM pacs_deliveries"
+                           " WHERE id = ?1 AND file_path = ?2",
+                           -1, &ask, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", live_db, sqlite3_errmsg(live));
+        rc = SQLITE_ABORT;
+    }
     while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int64_t id = sqlite3_column_int64(st, 0);
         const char *rel = (const char *)sqlite3_column_text(st, 1);
         char path[4200];
         struct stat sb;
         snprintf(path, sizeof path, "%s/%s", root, rel ? rel : "");
         rc = SQLITE_OK;
         if (!rel || strstr(rel, "..") || lstat(path, &sb) == 0 || errno != ENOENT) continue;
-        sqlite3_bind_int64(up, 1, sqlite3_column_int64(st, 0));
-        sqlite3_bind_int64(up, 2, now_ms);
+        sqlite3_bind_int64(ask, 1, id);
+        sqlite3_bind_text(ask, 2, rel, -1, SQLITE_TRANSIENT);
+        int found = sqlite3_step(ask);
+        bool sent =
+            found == SQLITE_ROW && !strcmp((const char *)sqlite3_column_text(ask, 0), "sent");
+        int64_t sent_at = found == SQLITE_ROW ? sqlite3_column_int64(ask, 1) : 0;
+        char state[16];
+        snprintf(state, sizeof state, "%s",
+                 found == SQLITE_ROW ? (const char *)sqlite3_column_text(ask, 0) : "none");
+        sqlite3_reset(ask);
+        if (found != SQLITE_ROW && found != SQLITE_DONE) {
+            snprintf(err, errlen, "%s: %s", live_db, sqlite3_errmsg(live));
+            rc = SQLITE_ABORT;
+            break;
+        }
+        if (!sent) {
+            util_log(UTIL_LOG_WARN, "backup_outbox_file_missing",
+                     "delivery=%lld path=%s live_state=%s reason=\"not delivered, and its file "
+                     "is not in the node's outbox/ either\"",
+                     (long long)id, rel, state);
+            (*missing)++;
+            continue;
+        }
+        sqlite3_bind_int64(up, 1, id);
+        sqlite3_bind_int64(up, 2, sent_at);
         rc = sqlite3_step(up) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
         sqlite3_reset(up);
         (*settled)++;
     }
     sqlite3_finalize(st);
     sqlite3_finalize(up);
+    sqlite3_finalize(ask);
+    sqlite3_close(live);
+    if (rc == SQLITE_ABORT) {
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        sqlite3_close(c);
+        return -1;
+    }
     return end_write(c, rc == SQLITE_DONE ? SQLITE_OK : rc, db_path, err, errlen);
 }
 

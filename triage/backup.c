@@ -18,8 +18,9 @@
  * instance is marked purged in the copy.
  * outbox/ is copied after the snapshot too; a delivery whose file the node
  * removed meanwhile (it does so once every destination acknowledged it) is
- * marked sent in the copy. Instances received after the snapshot are not
- * in the backup.
+ * marked sent in the copy once the live index says it was sent; one whose
+ * file is gone undelivered stays pending, logged. Instances received
+ * after the snapshot are not in the backup.
  *
  * Restore refuses a store.dir that holds anything; it checks the backup
  * (MANIFEST's list, database quick_check, every spool file present with
@@ -612,9 +613,9 @@ int triage_backup_main(int argc, char **argv)
             util_log(UTIL_LOG_WARN, "backup_files_left_out",
                      "files=%d reason=\"missing from the store (--leave-out-missing)\"", c.nlost);
     }
-    int settled = 0;
-    if (db_backup_outbox_settle(dst_db, dir, (int64_t)time(NULL) * 1000, &settled, err,
-                                sizeof err) != 0)
+    int settled = 0, outbox_missing = 0;
+    if (db_backup_outbox_settle(dst_db, dir, db_path, &settled, &outbox_missing, err, sizeof err) !=
+        0)
         goto out;
     if (settled)
         util_log(UTIL_LOG_INFO, "backup_outbox_settled",
@@ -634,6 +635,10 @@ int triage_backup_main(int argc, char **argv)
         printf("left out: %d instances whose files are missing from the store (logged, "
                "event=backup_instance_left_out)\n",
                c.nlost);
+    if (outbox_missing)
+        printf("outbox: %d pending deliveries whose files the store has lost (logged, "
+               "event=backup_outbox_file_missing): they will fail to send\n",
+               outbox_missing);
     rc = 0;
 out:
     if (rc) {

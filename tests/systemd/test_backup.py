@@ -270,21 +270,27 @@ class Backup(itest.NodeTest):
 
     def test_round_trip_keeps_the_pacs_queue(self):
         """Results waiting for PACS (outbox/ files, pending deliveries) come
-        back with a restore; a delivery whose file the node removed (once
-        every destination acknowledged it) is sent, not left to fail."""
+        back with a restore. Revision 2 is delivered everywhere while the
+        backup's first copy is held (its files removed, its deliveries
+        sent in the node's index): recorded as sent in the backup, not
+        left to fail. Revision 3's files were lost from the node's outbox/
+        while its deliveries are still pending there: they stay pending in
+        the backup, logged. The backup had called them sent, from the
+        files' absence alone."""
         import sqlite3
         node, _ = self.received(series=1, count=2)
         self.assertEqual(node.stop(), 0)
         outbox = os.path.join(node.store_dir, "outbox")
         os.makedirs(outbox, exist_ok=True)
-        objects = {"1-sr.dcm": os.urandom(1500), "1-sc.dcm": os.urandom(2500)}
+        objects = {"%d-%s.dcm" % (rev, obj): os.urandom(1500)
+                   for rev in (1, 2) for obj in ("sr", "sc")}
         for name, data in objects.items():
             with open(os.path.join(outbox, name), "wb") as f:
                 f.write(data)
         con = sqlite3.connect(node.db_path)
         with con:
             study, series = con.execute("SELECT study_ref, id FROM series").fetchone()
-            for rev in (1, 2):  # revision 2's files are gone: delivered everywhere
+            for rev in (1, 2, 3):  # revision 3: no files
                 cur = con.execute(
                     "INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision,"
                     " state, created_at) VALUES (?, ?, ?, ?, 'ready', 1)",
@@ -296,20 +302,35 @@ class Backup(itest.NodeTest):
                                 (cur.lastrowid, obj, "outbox/%d-%s.dcm" % (rev, obj)))
         con.close()
         bdir = os.path.join(self.work, "backup")
-        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
-        self.assertEqual(rc, 0, err)
+        backup = self.held_backup(node.store_dir, bdir)
+        con = sqlite3.connect(node.db_path)
+        with con:  # revision 2 delivered, as the node does it: sent, then its files go
+            con.execute("UPDATE pacs_deliveries SET state = 'sent', sent_at = 12345 WHERE"
+                        " revision_ref = (SELECT id FROM pacs_revisions WHERE revision = 2)")
+        con.close()
+        for obj in ("sr", "sc"):
+            os.unlink(os.path.join(outbox, "2-%s.dcm" % obj))
+            del objects["2-%s.dcm" % obj]
+        out, err = backup.communicate(timeout=60)
+        out, err = out.decode(), err.decode()
+        self.assertEqual(backup.returncode, 0, err)
         self.assertIn("2 outbox files", out)
+        self.assertIn("event=backup_outbox_settled deliveries=2", err)
+        self.assertEqual(err.count("event=backup_outbox_file_missing"), 2, err)
+        self.assertIn("outbox: 2 pending deliveries whose files the store has lost", out)
         store2 = os.path.join(self.work, "restored")
         rc, out, err = ichtriage("restore", *store_args(store2), bdir)
         self.assertEqual(rc, 0, err)
         self.assertEqual({p[len("outbox/"):]: c for p, c in tree(store2).items()
                           if p.startswith("outbox/")}, objects)
         con = sqlite3.connect(os.path.join(store2, "ichtriage.db"))
-        states = sorted(con.execute("SELECT pr.revision, d.object, d.state FROM pacs_deliveries d"
+        states = sorted(con.execute("SELECT pr.revision, d.object, d.state, d.sent_at"
+                                    " FROM pacs_deliveries d"
                                     " JOIN pacs_revisions pr ON pr.id = d.revision_ref"))
         con.close()
-        self.assertEqual(states, [(1, "sc", "pending"), (1, "sr", "pending"),
-                                  (2, "sc", "sent"), (2, "sr", "sent")])
+        self.assertEqual(states, [(1, "sc", "pending", None), (1, "sr", "pending", None),
+                                  (2, "sc", "sent", 12345), (2, "sr", "sent", 12345),
+                                  (3, "sc", "pending", None), (3, "sr", "pending", None)])
 
     def test_backup_while_retention_purges(self):
         """Retention removes a study the backup has listed but not copied yet:
