@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "dataset_parts.h"
+#include "io.h"
 #include "nn.h"
 #include "pipeline.h"
 #include "volume.h"
@@ -378,11 +379,7 @@ int ds_write_synced(int fd, const void *a, size_t an, const void *b, size_t bn)
     size_t len[2] = {an, bn};
     bool ok = true;
     for (int i = 0; i < 2 && ok; i++)
-        for (size_t k = 0; ok && k < len[i];) {
-            ssize_t w = write(fd, (const char *)part[i] + k, len[i] - k);
-            ok = w > 0;
-            if (ok) k += (size_t)w;
-        }
+        ok = util_write_all(fd, part[i], len[i]) == 0;
     ok = ok && fdatasync(fd) == 0;
     int e = errno;
     if (close(fd) != 0 && ok) return -1;

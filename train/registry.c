@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "io.h"
 #include "log.h"
 #include "nn.h"
 #include "pipeline.h"
@@ -143,9 +144,11 @@ static int copy_file(const char *src, const char *dst, const char *dir, char *er
     ssize_t r;
     int ok = 1;
     while (ok && (r = read(in, buf, sizeof buf)) > 0)
-        if (write(out, buf, (size_t)r) != r) ok = 0;
+        if (util_write_all(out, buf, (size_t)r) != 0) ok = 0;
     if (r < 0) ok = 0;
+    int e = errno;
     close(in);
+    errno = e;
     if (!ok) {
         snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
         close(out);
@@ -370,15 +373,11 @@ static int write_whole(const char *dir, const char *dst, const char *text, size_
     char t[1300];
     int fd = temp_beside(dst, t, sizeof t, err, errlen);
     if (fd < 0) return -1;
-    for (size_t k = 0; k < len;) {
-        ssize_t w = write(fd, text + k, len - k);
-        if (w <= 0) {
-            snprintf(err, errlen, "%s: %s", t, strerror(errno));
-            close(fd);
-            unlink(t);
-            return -1;
-        }
-        k += (size_t)w;
+    if (util_write_all(fd, text, len) != 0) {
+        snprintf(err, errlen, "%s: %s", t, strerror(errno));
+        close(fd);
+        unlink(t);
+        return -1;
     }
     return replace_with(fd, t, dst, dir, err, errlen);
 }

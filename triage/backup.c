@@ -46,6 +46,7 @@
 #include "db.h"
 #include "db_backup.h"
 #include "db_status.h"
+#include "io.h"
 #include "log.h"
 #include "scp_info.h"
 #include "store.h"
@@ -140,24 +141,6 @@ static int sync_dir_of(struct copier *c, const char *path)
     return 0;
 }
 
-/* Writes the n bytes at buf to fd, going on after a short write. A write
- * that writes nothing is a full disk. Returns 0, or -1 with errno. */
-static int write_all(int fd, const char *buf, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, buf, n);
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0) return -1;
-        if (w == 0) {
-            errno = ENOSPC;
-            return -1;
-        }
-        buf += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Copies src to a new file dst (never replacing one), synced, mode 0600. */
 static int copy_file(struct copier *c, const char *src, const char *dst, int64_t size)
 {
@@ -177,7 +160,7 @@ static int copy_file(struct copier *c, const char *src, const char *dst, int64_t
             char buf[1 << 16];
             by_hand = true;
             n = read(in, buf, sizeof buf);
-            if (n > 0 && write_all(out, buf, (size_t)n) != 0) n = -1;
+            if (n > 0 && util_write_all(out, buf, (size_t)n) != 0) n = -1;
         }
         if (n < 0) {
             rc = -1;

@@ -20,6 +20,9 @@ from collections import defaultdict
 
 import pydicom
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
+from checks import small_tmpfs  # noqa: E402
+
 LABELS = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
 EXE = sys.argv[1]
 
@@ -349,15 +352,9 @@ def disk_full(tmp):
     a 1 MB tmpfs (root, as in CI); skipped with a note where mount is not
     permitted."""
     mnt = os.path.join(tmp, "tiny")
-    os.mkdir(mnt)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
-                      stderr=subprocess.DEVNULL).returncode != 0:
-        # .ci/run (root, ICHTRIAGE_TEST_STRICT=1) can mount: there, not a skip
-        check(os.environ.get("ICHTRIAGE_TEST_STRICT") != "1",
-              "disk_full not run: mount -t tmpfs not permitted")
-        print("skipped disk_full: mount -t tmpfs not permitted")
-        return
-    try:
+    with small_tmpfs(mnt, 1, check, "disk_full") as mounted:
+        if not mounted:
+            return
         out = os.path.join(mnt, "ph")
         r = phantom("--seed", "3", "-n", "4", "--size", "128", out)
         check(r.returncode == 1 and "No space left on device" in r.stderr,
@@ -369,8 +366,6 @@ def disk_full(tmp):
         for name in names:
             d = pydicom.dcmread(os.path.join(out, "stage_2_train", name))
             check(len(d.PixelData) == 2 * d.Rows * d.Columns, f"{name}: written in part")
-    finally:
-        subprocess.run(["umount", "-l", mnt])
 
 
 def main():

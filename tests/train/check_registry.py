@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checks import Checks  # noqa: E402
+from checks import Checks, small_tmpfs  # noqa: E402
 
 ICH, SHIPPED = sys.argv[1], sys.argv[2]
 ROUNDS = 30
@@ -218,7 +218,34 @@ def main():
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             check(r.returncode == 1 and "Permission denied" in r.stderr,
                   "model list without access fails: %d %r" % (r.returncode, r.stderr[-200:]))
+        full_disk(tmp, a)
     return check.status()
+
+
+def full_disk(tmp, model):
+    """A promote onto a disk too full for the copy of the model fails with
+    the system's reason and leaves no temporary file and no active model
+    (the copy's short write had been reported with a stale errno: "No such
+    file or directory"). Needs a small tmpfs (root, as in CI)."""
+    mnt = os.path.join(tmp, "small")
+    with small_tmpfs(mnt, 8, check, "full_disk") as mounted:
+        if not mounted:
+            return
+        o = ["--set", "store.dir=" + mnt]
+        reg = subprocess.run([ICH, "model", *o, "register", model], stdout=subprocess.PIPE,
+                             text=True)
+        mid = reg.stdout.strip().splitlines()[-1] if reg.stdout.strip() else ""
+        check(reg.returncode == 0 and mid, "register onto the 8 MB disk")
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        with open(os.path.join(mnt, "fill"), "wb") as f:
+            f.write(b"\0" * max(0, free - os.path.getsize(model) // 2))
+        r = subprocess.run([ICH, "model", *o, "promote", mid], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        check(r.returncode == 1 and "No space left on device" in r.stderr,
+              "promote onto a full disk: %d %r" % (r.returncode, r.stderr[-200:]))
+        left = sorted(os.listdir(os.path.join(mnt, "models")))
+        check(left == [".lock", mid + ".safetensors"],
+              "a failed promote leaves the registry as it was: %r" % left)
 
 
 if __name__ == "__main__":
