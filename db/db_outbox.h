@@ -83,10 +83,10 @@ struct db_outbox_object {
     const char *destination, *object, *file_path, *sop_uid;
 };
 /* In one transaction: the revision's deliveries (due now), its SR's UIDs
- * and its state "ready". Returns 0 or -1. */
+ * and its state "ready". Returns 0, or -1 with SQLite's message in err. */
 int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,
                              const char *sr_sop_uid, const struct db_outbox_object *o, int n,
-                             int64_t now_ms);
+                             int64_t now_ms, char *err, size_t errlen);
 /* The revision could not be built: state "failed" with reason, at now_ms. */
 int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason,
                               int64_t now_ms);

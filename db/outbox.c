@@ -213,10 +213,13 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
 
 int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,
                              const char *sr_sop_uid, const struct db_outbox_object *o, int n,
-                             int64_t now_ms)
+                             int64_t now_ms, char *err, size_t errlen)
 {
     sqlite3 *c = db_conn(db);
-    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) return -1;
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s", sqlite3_errmsg(c));
+        return -1;
+    }
     for (int i = 0; i < n; i++)
         if (db_exec_bound(
                 c,
@@ -234,6 +237,8 @@ int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_
     if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
     return 0;
 bad:
+    /* read before the rollback replaces it */
+    snprintf(err, errlen, "%s", sqlite3_errmsg(c));
     sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
     return -1;
 }

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -109,6 +110,19 @@ int triage_pacs_parse_destinations(const char *list, struct triage_pacs_dest *ou
         memcpy(d->aet, s, (size_t)(at - s));
         memcpy(d->host, at + 1, (size_t)(colon - at - 1));
         d->port = (int)port;
+        /* Twice the same PACS would get every object twice; the same
+         * spelling twice made each revision's deliveries collide in the
+         * queue, and no result was ever sent. */
+        for (int k = 0; k < *n; k++)
+            if (strcmp(out[k].aet, d->aet) == 0 && strcasecmp(out[k].host, d->host) == 0 &&
+                out[k].port == d->port) {
+                if (strcmp(out[k].spec, item) == 0)
+                    snprintf(err, errlen, "pacs.destinations: '%s' is listed twice", item);
+                else
+                    snprintf(err, errlen, "pacs.destinations: '%s' is the same destination as '%s'",
+                             item, out[k].spec);
+                return -1;
+            }
         (*n)++;
     }
     return 0;
@@ -359,10 +373,14 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         objs[nobjs++] = (struct db_outbox_object){p->dests[i].spec, "sr", rel_sr, sr_sop};
         if (sc) objs[nobjs++] = (struct db_outbox_object){p->dests[i].spec, "sc", rel_sc, sc_sop};
     }
-    if (db_outbox_revision_ready(p->db, rev_id, sr_series, sr_sop, objs, nobjs, now_ms()) != 0) {
+    if (db_outbox_revision_ready(p->db, rev_id, sr_series, sr_sop, objs, nobjs, now_ms(), err,
+                                 sizeof err) != 0) {
         /* Left pending: built again (new UIDs) next time; nothing was sent. */
-        util_log(UTIL_LOG_ERROR, "pacs_queue_failed", "revision_id=%lld", (long long)rev_id);
-        build_failed(p, rev_id, s.study_uid, s.revision, "cannot queue the deliveries");
+        util_log(UTIL_LOG_ERROR, "pacs_queue_failed", "revision_id=%lld reason=\"%s\"",
+                 (long long)rev_id, err);
+        char why[sizeof err + 64];
+        snprintf(why, sizeof why, "cannot queue the deliveries: %s", err);
+        build_failed(p, rev_id, s.study_uid, s.revision, why);
     } else {
         retry_drop(p, rev_id);
         util_log(UTIL_LOG_INFO, "pacs_revision_built",

@@ -191,7 +191,10 @@ class ServeGuard(itest.NodeTest):
                             "http.users, http.tls_cert and http.tls_key are required"),
                            ({"dicom.tls_port": dt.free_port()},
                             "dicom.tls_cert and dicom.tls_key are needed"),
-                           ({"http.trusted_proxies": "nginx.local"}, "'nginx.local' is not an IP")):
+                           ({"http.trusted_proxies": "nginx.local"}, "'nginx.local' is not an IP"),
+                           # no result would ever be sent (their deliveries collide)
+                           ({"pacs.destinations": "A@127.0.0.1:104,A@127.0.0.1:104"},
+                            "'A@127.0.0.1:104' is listed twice")):
             self.assertIn(why, self.reload(node, extra, "reload_refused"))
         self.assertEqual(node.events("reloaded"), [])
         # A valid change that only a restart applies: reloaded, with the key named.
@@ -210,6 +213,8 @@ class ServeGuard(itest.NodeTest):
         made."""
         for extra, why in (({"dicom.port": "abc"}, "dicom.port"),
                            ({"pacs.destinations": "PACS@nowhere"}, "PACS@nowhere"),
+                           ({"pacs.destinations": "A@127.0.0.1:104,A@127.0.0.1:104 "},
+                            "'A@127.0.0.1:104' is listed twice"),
                            ({"dicom.tls_port": dt.free_port()},
                             "dicom.tls_cert and dicom.tls_key are needed")):
             node = dt.Node(itest.EXE, os.path.join(self.work, "refused"), settings=extra)

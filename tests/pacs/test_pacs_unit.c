@@ -56,6 +56,33 @@ Test(pacs, destinations_refused)
     }
 }
 
+/* The same destination twice: each revision's deliveries collided in the
+ * queue (one row per revision, destination and object), the revision was
+ * never queued, and no result reached any destination. */
+Test(pacs, destination_listed_twice_refused)
+{
+    const char *twice[][2] = {
+        {"A@h:1,A@h:1", "'A@h:1' is listed twice"},
+        {"A@h:1,A@h:1 ", "'A@h:1' is listed twice"},
+        {"A@h:1, B@h:2 ,A@h:1", "'A@h:1' is listed twice"},
+        {"A@h:1,B@H:1,A@H:1", "'A@H:1' is the same destination as 'A@h:1'"},
+        {"A@h:1,tls:A@h:1", "'tls:A@h:1' is the same destination as 'A@h:1'"}};
+    struct triage_pacs_dest d[4];
+    for (size_t i = 0; i < sizeof twice / sizeof twice[0]; i++) {
+        int n;
+        char err[256] = "";
+        cr_expect_eq(triage_pacs_parse_destinations(twice[i][0], d, 4, &n, err, sizeof err), -1,
+                     "%s", twice[i][0]);
+        cr_expect(strstr(err, twice[i][1]) != NULL, "%s: %s", twice[i][0], err);
+    }
+    /* Another AE title on the same host and port is another destination. */
+    int n;
+    char err[256] = "";
+    cr_expect_eq(triage_pacs_parse_destinations("A@h:1,B@h:1,A@h:2", d, 4, &n, err, sizeof err), 0,
+                 "%s", err);
+    cr_expect_eq(n, 3);
+}
+
 /* Rows of the slice drawn white in column x of the image area (56..567). */
 static int white_rows(const struct triage_pacs_picture *pic, int x)
 {

@@ -328,9 +328,27 @@ static int64_t flagged_revision_waiting(void)
     int64_t id1 = flagged_revision_pending();
     struct db_outbox_object o[2] = {{"PACS@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"},
                                     {"PACS@127.0.0.1:9", "sc", "outbox/1-sc.dcm", "9.2"}};
-    cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 2, 1000), 0);
+    char err[256];
+    cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 2, 1000, err, sizeof err), 0,
+                 "%s", err);
     sql("UPDATE pacs_deliveries SET next_attempt_at = 9000000000000");
     return id1;
+}
+
+/* Deliveries that cannot be queued (here the same object twice to one
+ * destination, as a destination listed twice made them) leave the revision
+ * pending with nothing queued, and say why: the log had said only "cannot
+ * queue the deliveries". */
+Test(outbox, deliveries_that_cannot_be_queued_say_why, .init = setup, .fini = teardown)
+{
+    int64_t id1 = flagged_revision_pending();
+    struct db_outbox_object o[2] = {{"PACS@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"},
+                                    {"PACS@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"}};
+    char err[256] = "";
+    cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 2, 1000, err, sizeof err), -1);
+    cr_expect(strstr(err, "UNIQUE") != NULL, "%s", err);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries"), 0);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE state = 'pending'"), 1);
 }
 
 Test(outbox, send_flagged_sends_the_correction_of_a_waiting_flagged_revision, .init = setup,
@@ -450,7 +468,9 @@ static int scan_and_build(int *revs)
         cr_assert_eq(db_outbox_revision_add(db, &f[i], "pending", "", 1000, &id, &revs[i]), 0);
         struct db_outbox_object o[2] = {{"PACS@127.0.0.1:9", "sr", "outbox/x-sr.dcm", "9.1"},
                                         {"PACS@127.0.0.1:9", "sc", "outbox/x-sc.dcm", "9.2"}};
-        cr_assert_eq(db_outbox_revision_ready(db, id, "9.0", "9.1", o, 2, 1000), 0);
+        char err[256];
+        cr_assert_eq(db_outbox_revision_ready(db, id, "9.0", "9.1", o, 2, 1000, err, sizeof err), 0,
+                     "%s", err);
     }
     return n;
 }
