@@ -233,7 +233,11 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
 
 extern "C" bool scp_send_status_ok(int status)
 {
-    return status == 0x0000 || status == 0xB000 || status == 0xB006 || status == 0xB007;
+    // PS3.7 C.1.2: any Bxxx, and 0001, 0107, 0116, are warnings, the object
+    // stored. Taken for failures, each was sent again, so PACS got it
+    // pacs.max_attempts times and the node then called it given up.
+    return status >= 0 && status <= 0xFFFF &&
+           (status == STATUS_Success || DICOM_WARNING_STATUS(status));
 }
 
 extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n,

@@ -26,7 +26,7 @@ struct scp_send_dest {
 };
 
 /* What happened to one file. status is the C-STORE response status when
- * answered (0x0000 success, 0xB000/0xB007/0xB006 warnings, others failures),
+ * answered (0x0000 success, warnings as scp_send_status_ok, others failures),
  * else -1 with why in error (not sent: no association, no accepted
  * presentation context, unreadable file, network failure), or
  * SCP_SEND_STOPPED when the caller stopped the sending before it. */
@@ -37,8 +37,8 @@ struct scp_send_file {
     char error[256];  /* out: "" on success */
 };
 
-/* Status 0x0000 and the warning statuses B000, B006, B007 mean the peer
- * took the object. */
+/* Status 0x0000 and the warning statuses (PS3.7 C.1.2: 0001, 0107, 0116
+ * and any Bxxx) mean the peer took the object. */
 bool scp_send_status_ok(int status);
 
 /* Called (on the calling thread) as soon as the peer answered files[i], so

@@ -429,6 +429,28 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(json.loads(status.stdout)["pacs_deliveries"],
                          {"pending": 0, "sent": 0, "failed": 2})
 
+    def test_warning_status_is_stored(self):
+        """B001 is a warning (PS3.7 C.1.2: the object is stored, as for
+        0001, 0107, 0116 and any Bxxx). Only B000, B006 and B007 were taken
+        for warnings: each object was stored once per attempt, then called
+        given up."""
+        scp = RejectScp(0xB001).start()
+        self.stoppers.append(scp.close)
+        node = self.node("WARN@127.0.0.1:%d" % scp.port, **{"pacs.max_attempts": 3})
+        _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=39)
+        self.send(node, files)
+        rows = self.wait_deliveries(node, lambda r: r[2] in ("sent", "failed"), 2)
+        time.sleep(3)  # a retry (1 to 2 s) would have stored them again by now
+        self.assertEqual([(r[1], r[2], r[3]) for r in self.deliveries(node)],
+                         [("sr", "sent", 1), ("sc", "sent", 1)], rows)
+        self.assertEqual(len(scp.stores), 2, scp.stores)
+        sent = node.events("pacs_sent")
+        self.assertEqual(len(sent), 2, sent)
+        self.assertTrue(all("status=0xB001" in e for e in sent), sent)
+        self.assertEqual(node.events("pacs_retry") + node.events("pacs_delivery_failed"), [])
+        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
+        self.assertFalse([d for d in health.get("degraded", []) if "PACS" in d], health)
+
     def test_given_up_reaches_an_open_page(self):
         # The page's banner heard of a delivery given up only when something
         # else changed: the PACS thread does not wake the loop, and pushes

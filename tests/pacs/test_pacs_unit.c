@@ -11,6 +11,7 @@
 #include "db_outbox.h"
 #include "pacs.h"
 #include "pacs_render.h"
+#include "scp_send.h"
 
 Test(pacs, destinations_parse)
 {
@@ -81,6 +82,19 @@ Test(pacs, destination_listed_twice_refused)
     cr_expect_eq(triage_pacs_parse_destinations("A@h:1,B@h:1,A@h:2", d, 4, &n, err, sizeof err), 0,
                  "%s", err);
     cr_expect_eq(n, 3);
+}
+
+/* PS3.7 C.1.2: warnings (stored) are 0001, 0107, 0116 and any Bxxx; B001
+ * and the others had been taken for failures and the object sent again. */
+Test(pacs, warning_statuses_mean_stored)
+{
+    const int stored[] = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB001, 0xB006, 0xB007, 0xBFFF};
+    const int refused[] = {0xA700, 0xA7FF, 0xA900, 0xC000, 0xCFFF, 0x0110,
+                           0x0122, 0x0211, 0xFF00, 0xFE00, -1,     SCP_SEND_STOPPED};
+    for (size_t i = 0; i < sizeof stored / sizeof stored[0]; i++)
+        cr_expect(scp_send_status_ok(stored[i]), "0x%04X", (unsigned)stored[i]);
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++)
+        cr_expect(!scp_send_status_ok(refused[i]), "0x%04X", (unsigned)refused[i]);
 }
 
 /* Rows of the slice drawn white in column x of the image area (56..567). */
