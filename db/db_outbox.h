@@ -100,7 +100,8 @@ struct db_outbox_delivery {
     char destination[160], object[8], file_path[512], sop_uid[65], study_uid[65];
     int attempts;
 };
-/* Pending deliveries due at now_ms, grouped by destination, oldest first. */
+/* Pending deliveries due at now_ms, grouped by destination; in each, those
+ * with fewer failed attempts first, then oldest first. */
 int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n);
 /* The earliest next attempt of a pending delivery; 0 with *found false when
  * none is pending. */

@@ -271,7 +271,10 @@ int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out,
                            " JOIN pacs_revisions pr ON pr.id = d.revision_ref"
                            " JOIN studies st ON st.id = pr.study_ref"
                            " WHERE d.state = 'pending' AND d.next_attempt_at <= ?1"
-                           " ORDER BY d.destination, d.id LIMIT ?2",
+                           /* an object that failed goes after those that
+                            * did not: one the peer aborts on would end
+                            * the association before them every time */
+                           " ORDER BY d.destination, d.attempts, d.id LIMIT ?2",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_int64(st, 1, now_ms);

@@ -195,6 +195,7 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
             continue;
         }
         if (broken) {
+            files[i].status = SCP_SEND_UNSENT;
             std::snprintf(files[i].error, sizeof files[i].error,
                           "not sent: the association ended after an earlier object failed");
             continue;

@@ -29,8 +29,12 @@ struct scp_send_dest {
  * answered (0x0000 success, warnings as scp_send_status_ok, others failures),
  * else -1 with why in error (not sent: no association, no accepted
  * presentation context, unreadable file, network failure), or
- * SCP_SEND_STOPPED when the caller stopped the sending before it. */
+ * SCP_SEND_STOPPED when the caller stopped the sending before it, or
+ * SCP_SEND_UNSENT when the association ended (aborted, or an earlier
+ * file's answer did not come in time) before it went out: nothing of it
+ * reached the peer, and a new association may carry it. */
 #define SCP_SEND_STOPPED (-2)
+#define SCP_SEND_UNSENT (-3)
 struct scp_send_file {
     const char *path; /* in: the file */
     int status;       /* out */

@@ -540,10 +540,20 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
     } else {
         snprintf(err, sizeof err, "destination no longer configured");
     }
-    for (int i = 0; i < n; i++)
-        /* not sent because the node stops: no attempt, sent after the start */
-        if (!gr.answered[i] && files[i].status != SCP_SEND_STOPPED)
-            record(p, &g[i], false, -1, rc == 0 ? files[i].error : err, d != NULL, gr.start);
+    for (int i = 0; i < n; i++) {
+        if (gr.answered[i] || files[i].status == SCP_SEND_STOPPED)
+            continue; /* not sent because the node stops: no attempt, sent after the start */
+        if (files[i].status == SCP_SEND_UNSENT) {
+            /* Never on the wire: no attempt used, due still, so the next
+             * pass sends it on a new association. Counted, an object the
+             * peer aborts on had used up the attempts of all behind it. */
+            util_log(UTIL_LOG_INFO, "pacs_requeued",
+                     "study=%s object=%s destination=%s reason=\"%s\"", g[i].study_uid, g[i].object,
+                     g[i].destination, files[i].error);
+            continue;
+        }
+        record(p, &g[i], false, -1, rc == 0 ? files[i].error : err, d != NULL, gr.start);
+    }
     for (int i = 0; i < n; i++)
         if (i == 0 || g[i].revision_id != g[i - 1].revision_id) drop_delivered(p, g[i].revision_id);
 }

@@ -4,7 +4,9 @@ resources, by default): a PACS that is full. With late_first=S, the very
 first C-STORE is answered 0x0000 only after S seconds (a PACS that stalls
 once): an SCU that has given up waiting must not read that late answer as
 the answer to its next request. With delay=S every other answer waits S
-seconds (a slow PACS). Built on tests/tools/dul.py's PDU helpers;
+seconds (a slow PACS). With abort_class=UID a C-STORE of that SOP class is
+answered with an A-ABORT (a PACS that chokes on one kind of object). Built
+on tests/tools/dul.py's PDU helpers;
 runs in a thread of the test.
 
     scp = RejectScp(status=0xA700); scp.start(); ... scp.stores; scp.close()"""
@@ -65,8 +67,10 @@ def _store_rsp(sop_class, sop_uid, msg_id, status):
 
 
 class RejectScp:
-    def __init__(self, status=0xA700, late_first=0, delay=0):
+    def __init__(self, status=0xA700, late_first=0, delay=0, abort_class=None):
         self.status = status
+        self.abort_class = abort_class
+        self.aborted = []       # (sop class, sop instance) of each C-STORE aborted
         self.late_first = late_first
         self.delay = delay  # seconds before each answer (after the first's late one)
         self.stores = []        # (sop class, sop instance) of each C-STORE answered
@@ -133,6 +137,10 @@ class RejectScp:
                     cls = cmd[0x00000002].rstrip(b"\0").decode()
                     uid = cmd[0x00001000].rstrip(b"\0").decode()
                     msg_id = struct.unpack("<H", cmd[0x00000110])[0]
+                    if cls == self.abort_class:
+                        self.aborted.append((cls, uid))
+                        conn.sendall(dul.pdu(dul.A_ABORT, b"\0\0\0\0"))
+                        return
                     self.stores.append((cls, uid))
                     status = self.status
                     if self.late_first and len(self.stores) == 1:

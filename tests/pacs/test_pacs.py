@@ -451,6 +451,30 @@ class PacsTest(itest.NodeTest):
         health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
         self.assertFalse([d for d in health.get("degraded", []) if "PACS" in d], health)
 
+    def test_object_the_pacs_aborts_on_does_not_hold_back_the_others(self):
+        """A PACS that aborts the association on every SR: each SC is still
+        delivered, at its first attempt, and each SR uses only its own
+        attempts. The objects behind an SR on its association never went
+        out, yet each such association counted an attempt for them, and the
+        SR (oldest, so first every time) was behind on every one: the SCs,
+        of any study, were given up without ever being sent."""
+        scp = RejectScp(0x0000, abort_class=SR_CLASS).start()
+        self.stoppers.append(scp.close)
+        node = self.node("CHOKES@127.0.0.1:%d" % scp.port, **{"pacs.max_attempts": 3})
+        files = []
+        for seed in (61, 62):
+            files += phantom(itest.EXE, os.path.join(self.work, "ph%d" % seed), seed=seed)[2]
+        self.send(node, files)
+        rows = self.wait_deliveries(node, lambda r: r[2] in ("sent", "failed"), 4, timeout=90)
+        by_object = sorted((r[1], r[2], r[3]) for r in rows)
+        self.assertEqual(by_object, [("sc", "sent", 1)] * 2 + [("sr", "failed", 3)] * 2, rows)
+        self.assertEqual(sorted(c for c, _ in scp.stores), [SC_CLASS] * 2, scp.stores)
+        self.assertEqual(len(scp.aborted), 6, scp.aborted)
+        # An object left behind by the abort was sent again, not counted.
+        self.assertTrue(node.events("pacs_requeued"), node.log_tail())
+        self.assertFalse([e for e in node.events("pacs_retry") if "object=sc" in e],
+                         node.events("pacs_retry"))
+
     def test_given_up_reaches_an_open_page(self):
         # The page's banner heard of a delivery given up only when something
         # else changed: the PACS thread does not wake the loop, and pushes
@@ -522,15 +546,22 @@ class PacsTest(itest.NodeTest):
         rows = self.wait_deliveries(node, lambda r: r[2] == "failed", 2)
         self.assertEqual([r[2] for r in rows], ["failed", "failed"], rows)
         self.assertEqual(node.events("pacs_sent"), [])
-        # The first attempt: the object that got no answer in time, and the
-        # other, never sent on that association.
-        first = [e for e in node.events("pacs_retry") if "attempt=1" in e]
-        self.assertEqual(len(first), 2, node.events("pacs_retry"))
-        self.assertTrue(any("C-STORE" in e for e in first), first)
-        self.assertTrue(any("not sent" in e for e in first), first)
-        # That attempt sent one object; the second attempt (late answer long
-        # since given) sent both, each refused.
-        self.assertEqual(len(scp.stores), 3, scp.stores)
+        # The first association: the object that got no answer in time uses
+        # an attempt; the other, never sent on it, uses none and goes on a
+        # new association.
+        retries = node.events("pacs_retry")
+        first = [e for e in retries if "attempt=1" in e and "object=sr" in e]
+        self.assertEqual(len(first), 1, retries)
+        self.assertIn("C-STORE:", first[0])
+        self.assertFalse([e for e in retries if "not sent" in e], retries)
+        requeued = node.events("pacs_requeued")
+        self.assertEqual(len(requeued), 1, requeued)
+        self.assertIn("object=sc", requeued[0])
+        # The SR went out twice (its second attempt refused, the late answer
+        # long since given). The SC's first association may time out while
+        # the PACS still sits on the late answer: once or twice.
+        self.assertEqual(len([c for c, _ in scp.stores if c == SR_CLASS]), 2, scp.stores)
+        self.assertIn(len([c for c, _ in scp.stores if c == SC_CLASS]), (1, 2), scp.stores)
 
     def storescp(self, name, tls=None):
         """dcmtk's storescp on a free port (TLS with tls=(key, cert)); returns
