@@ -4,8 +4,9 @@
  * next attempt time and outcome. A delivery is marked sent only after the
  * peer acknowledged it, in its own commit, so a restart re-sends only what
  * was never acknowledged. These functions are for the sender thread's own
- * connection (db_open), except db_outbox_failed and db_outbox_counts, which
- * any connection may call (the loop's: web page, metrics, status). */
+ * connection (db_open), except db_outbox_failed, db_outbox_counts,
+ * db_outbox_by_destination and db_outbox_retry, which any connection may
+ * call (the loop's: web page, metrics, status; `ichtriage pacs`). */
 #ifndef DB_OUTBOX_H
 #define DB_OUTBOX_H
 
@@ -138,10 +139,11 @@ int db_outbox_failed(struct db *db, int limit, db_outbox_failure_fn fn, void *ud
 int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *deliveries,
                            int64_t *revisions);
 
-/* Deliveries by state; revisions_failed: results never built (given up). */
+/* Deliveries by state; revisions_failed: results never built (given up);
+ * revisions_pending: results waiting to be built. */
 struct db_outbox_counts {
     int64_t pending, sent, failed;
-    int64_t revisions_failed;
+    int64_t revisions_failed, revisions_pending;
 };
 int db_outbox_counts(struct db *db, struct db_outbox_counts *out);
 /* The same from the database file at path, opened read-only (`ichtriage
@@ -149,5 +151,22 @@ int db_outbox_counts(struct db *db, struct db_outbox_counts *out);
  * predates the outbox. Returns 0, or -1 with err. */
 int db_outbox_counts_read(const char *path, struct db_outbox_counts *out, bool *present, char *err,
                           size_t errlen);
+
+/* Deliveries by destination and state, up to max destinations in order
+ * (`ichtriage pacs list`); *n is how many. Returns 0 or -1. */
+struct db_outbox_destination {
+    char destination[160];
+    int64_t pending, sent, failed;
+};
+int db_outbox_by_destination(struct db *db, struct db_outbox_destination *out, int max, int *n);
+
+/* `ichtriage pacs retry`, from any connection, the node running or not: in
+ * one transaction, deliveries given up go back to pending with no attempts,
+ * due at now_ms, and revisions that could not be built back to pending (built
+ * again); all of them, or (study_uid not NULL) that study's. The sender finds
+ * them at its next look at the queue. *deliveries and *revisions: how many.
+ * Returns 0, or -1 with err (nothing changed). */
+int db_outbox_retry(struct db *db, const char *study_uid, int64_t now_ms, int *deliveries,
+                    int *revisions, char *err, size_t errlen);
 
 #endif

@@ -70,21 +70,34 @@ bad:
     return -1;
 }
 
-int db_outbox_pending(struct db *db, int64_t *ids, int max, int *n)
+/* A query of a list of at most max rows: sql with ?1 bound to arg (the
+ * limit, or a key), *n set to 0. NULL on error. */
+static sqlite3_stmt *list_query(struct db *db, const char *sql, int64_t arg, int *n)
 {
     *n = 0;
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(db_conn(db),
-                           "SELECT id FROM pacs_revisions WHERE state = 'pending' ORDER BY id"
-                           " LIMIT ?1",
-                           -1, &st, NULL) != SQLITE_OK)
-        return -1;
-    sqlite3_bind_int(st, 1, max);
+    if (sqlite3_prepare_v2(db_conn(db), sql, -1, &st, NULL) != SQLITE_OK) return NULL;
+    sqlite3_bind_int64(st, 1, arg);
+    return st;
+}
+
+/* Ends a list query whose last step returned rc: 0 when its rows were read
+ * (all, or as many as fit), else -1. */
+static int list_done(sqlite3_stmt *st, int rc)
+{
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_outbox_pending(struct db *db, int64_t *ids, int max, int *n)
+{
+    sqlite3_stmt *st = list_query(
+        db, "SELECT id FROM pacs_revisions WHERE state = 'pending' ORDER BY id LIMIT ?1", max, n);
+    if (!st) return -1;
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max)
         ids[(*n)++] = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+    return list_done(st, rc);
 }
 
 void db_outbox_source_free(struct db_outbox_source *s)
@@ -211,15 +224,22 @@ int db_outbox_source(struct db *db, int64_t revision_id, struct db_outbox_source
     return rc;
 }
 
+/* A transaction on c that failed: SQLite's message into err, read before
+ * the rollback replaces it, then rolled back. Returns -1. */
+static int rolled_back(sqlite3 *c, char *err, size_t errlen)
+{
+    snprintf(err, errlen, "%s", sqlite3_errmsg(c));
+    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
 int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_series_uid,
                              const char *sr_sop_uid, const struct db_outbox_object *o, int n,
                              int64_t now_ms, char *err, size_t errlen)
 {
     sqlite3 *c = db_conn(db);
-    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
-        snprintf(err, errlen, "%s", sqlite3_errmsg(c));
-        return -1;
-    }
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+        return rolled_back(c, err, errlen);
     for (int i = 0; i < n; i++)
         if (db_exec_bound(
                 c,
@@ -237,10 +257,7 @@ int db_outbox_revision_ready(struct db *db, int64_t revision_id, const char *sr_
     if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
     return 0;
 bad:
-    /* read before the rollback replaces it */
-    snprintf(err, errlen, "%s", sqlite3_errmsg(c));
-    sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
-    return -1;
+    return rolled_back(c, err, errlen);
 }
 
 int db_outbox_revision_failed(struct db *db, int64_t revision_id, const char *reason,
@@ -325,20 +342,17 @@ int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms)
 int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*paths)[512], int max,
                                   int *n)
 {
-    *n = 0;
-    sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(db_conn(db),
-                           "SELECT DISTINCT file_path FROM pacs_deliveries WHERE revision_ref = ?1"
-                           " AND NOT EXISTS (SELECT 1 FROM pacs_deliveries"
-                           "  WHERE revision_ref = ?1 AND state != 'sent')",
-                           -1, &st, NULL) != SQLITE_OK)
-        return -1;
-    sqlite3_bind_int64(st, 1, revision_id);
+    sqlite3_stmt *st =
+        list_query(db,
+                   "SELECT DISTINCT file_path FROM pacs_deliveries WHERE revision_ref = ?1"
+                   " AND NOT EXISTS (SELECT 1 FROM pacs_deliveries"
+                   "  WHERE revision_ref = ?1 AND state != 'sent')",
+                   revision_id, n);
+    if (!st) return -1;
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max)
         db_col_copy(st, 0, paths[(*n)++], sizeof paths[0]);
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+    return list_done(st, rc);
 }
 
 int db_outbox_attempt_failed(struct db *db, int64_t id, const char *error, int64_t now_ms,
@@ -440,11 +454,16 @@ static int counts_on(sqlite3 *c, struct db_outbox_counts *out)
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE ||
-        sqlite3_prepare_v2(c, "SELECT count(*) FROM pacs_revisions WHERE state = 'failed'", -1, &st,
-                           NULL) != SQLITE_OK)
+        sqlite3_prepare_v2(c,
+                           "SELECT coalesce(sum(state = 'failed'), 0),"
+                           " coalesce(sum(state = 'pending'), 0) FROM pacs_revisions",
+                           -1, &st, NULL) != SQLITE_OK)
         return -1;
     rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) out->revisions_failed = sqlite3_column_int64(st, 0);
+    if (rc == SQLITE_ROW) {
+        out->revisions_failed = sqlite3_column_int64(st, 0);
+        out->revisions_pending = sqlite3_column_int64(st, 1);
+    }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : -1;
 }
@@ -495,4 +514,54 @@ int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *deliveries,
     }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int db_outbox_by_destination(struct db *db, struct db_outbox_destination *out, int max, int *n)
+{
+    sqlite3_stmt *st = list_query(db,
+                                  "SELECT destination, sum(state = 'pending'), sum(state = 'sent'),"
+                                  " sum(state = 'failed') FROM pacs_deliveries GROUP BY destination"
+                                  " ORDER BY destination LIMIT ?1",
+                                  max, n);
+    if (!st) return -1;
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max) {
+        struct db_outbox_destination *d = &out[(*n)++];
+        db_col_copy(st, 0, d->destination, sizeof d->destination);
+        d->pending = sqlite3_column_int64(st, 1);
+        d->sent = sqlite3_column_int64(st, 2);
+        d->failed = sqlite3_column_int64(st, 3);
+    }
+    return list_done(st, rc);
+}
+
+int db_outbox_retry(struct db *db, const char *study_uid, int64_t now_ms, int *deliveries,
+                    int *revisions, char *err, size_t errlen)
+{
+    *deliveries = *revisions = 0;
+    sqlite3 *c = db_conn(db);
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    /* Fresh attempts, due now; the last error stays until the next one. */
+    if (db_exec_bound(c,
+                      "UPDATE pacs_deliveries SET state = 'pending', attempts = 0,"
+                      " next_attempt_at = ?1 WHERE state = 'failed' AND (?2 IS NULL OR"
+                      " revision_ref IN (SELECT pr.id FROM pacs_revisions pr JOIN studies st"
+                      "  ON st.id = pr.study_ref WHERE st.study_uid = ?2))",
+                      "is", now_ms, study_uid) != 0)
+        goto bad;
+    *deliveries = sqlite3_changes(c);
+    /* Built again from the start; one whose study has a newer revision by
+     * now is skipped by the sender (superseded), which lets it go too. */
+    if (db_exec_bound(c,
+                      "UPDATE pacs_revisions SET state = 'pending', reason = '', failed_at = NULL"
+                      " WHERE state = 'failed' AND (?1 IS NULL OR"
+                      " study_ref IN (SELECT id FROM studies WHERE study_uid = ?1))",
+                      "s", study_uid) != 0)
+        goto bad;
+    *revisions = sqlite3_changes(c);
+    if (sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) goto bad;
+    return 0;
+bad:
+    *deliveries = *revisions = 0;
+    return rolled_back(c, err, errlen);
 }

@@ -8,6 +8,7 @@
 #include "trainer.h"
 #include "backup.h"
 #include "decode.h"
+#include "pacs_cmd.h"
 #include "predict.h"
 #include "scp_info.h"
 #include "serve.h"
@@ -25,6 +26,7 @@ static const struct command commands[] = {
     {"worklist", triage_worklist_main, "print the worklist in reading order (--json)"},
     {"predict", triage_predict_main, "run the model on DICOM files or folders (--json)"},
     {"status", triage_status_main, "health at a glance: port, index, disk (--json)"},
+    {"pacs", triage_pacs_main, "results to PACS: list what waits or was given up, retry it"},
     {"backup", triage_backup_main, "copy the index (online) and the spool into DIR"},
     {"restore", triage_restore_main, "put a backup back into an empty store.dir"},
     {"phantom", train_phantom_main, "write synthetic head-CT studies with labelled hemorrhages"},

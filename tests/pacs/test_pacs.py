@@ -475,6 +475,64 @@ class PacsTest(itest.NodeTest):
         self.assertFalse([e for e in node.events("pacs_retry") if "object=sc" in e],
                          node.events("pacs_retry"))
 
+    def pacs_cmd(self, node, *args):
+        return subprocess.run([itest.EXE, "pacs", "-c", "/dev/null", "--set",
+                               "store.dir=" + node.store_dir, *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+
+    def test_retry_by_hand_delivers_what_was_given_up(self):
+        """`ichtriage pacs list` shows what was given up, and `pacs retry`
+        puts it back in the queue of the running node, which delivers it.
+        Nothing could: the docs said to resend by hand with storescu, which
+        left the rows given up, the files in outbox/ and the study out of
+        retention for ever."""
+        scp = RejectScp(0xA700).start()
+        self.stoppers.append(scp.close)
+        dest = "FULL@127.0.0.1:%d" % scp.port
+        node = self.node(dest, **{"pacs.max_attempts": 2})
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=40)
+        import pydicom
+        name = str(pydicom.dcmread(files[0], stop_before_pixels=True).PatientName)
+        self.send(node, files)
+        rows = self.wait_deliveries(node, lambda r: r[2] == "failed", 2)
+
+        listed = self.pacs_cmd(node, "list")
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertRegex(listed.stdout, r"%s +0 +2 +0\n" % dest)
+        self.assertIn(study, listed.stdout)
+        self.assertIn("C-STORE status 0xA700", listed.stdout)
+        self.assertTrue(name and name not in listed.stdout, listed.stdout)
+        got = json.loads(self.pacs_cmd(node, "list", "--json").stdout)
+        self.assertEqual(got["destinations"],
+                         [{"destination": dest, "pending": 0, "sent": 0, "failed": 2}])
+        self.assertEqual(sorted((f["object"], f["study_uid"], f["attempts"])
+                                for f in got["failed"]), [("sc", study, 2), ("sr", study, 2)])
+        self.assertEqual(got["results_not_built"], 0)
+
+        other = self.pacs_cmd(node, "retry", "1.2.3.4.5")
+        self.assertEqual(other.returncode, 1, other.stderr)
+        self.assertIn("nothing of study 1.2.3.4.5 was given up", other.stderr)
+        self.assertEqual(self.pacs_cmd(node, "retry").returncode, 2)
+
+        # The PACS is fixed; the node runs on.
+        scp.status = 0x0000
+        stores = len(scp.stores)
+        r = self.pacs_cmd(node, "retry", study)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("2 objects back in the queue", r.stdout)
+        rows = self.wait_deliveries(node, lambda r: r[2] == "sent", 2, timeout=90)
+        self.assertEqual(sorted((r[1], r[3]) for r in rows), [("sc", 1), ("sr", 1)], rows)
+        self.assertEqual(len(scp.stores), stores + 2, scp.stores)
+        for r in rows:  # delivered everywhere: its files go
+            self.assertFalse(os.path.exists(os.path.join(node.store_dir, r[5])), r)
+        got = json.loads(self.pacs_cmd(node, "list", "--json").stdout)
+        self.assertEqual(got["destinations"],
+                         [{"destination": dest, "pending": 0, "sent": 2, "failed": 0}])
+        self.assertEqual(got["failed"], [])
+        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
+        self.assertFalse([d for d in health.get("degraded", []) if "PACS" in d], health)
+
     def test_given_up_reaches_an_open_page(self):
         # The page's banner heard of a delivery given up only when something
         # else changed: the PACS thread does not wake the loop, and pushes

@@ -280,18 +280,24 @@ Test(retention, listing_goes_by_the_index_of_studies_not_purged, .init = setup, 
     cr_expect(strstr(plan, "TEMP B-TREE") == NULL, "%s", plan);
 }
 
+/* A flagged result of the study at time at, queued: a revision pending. */
+static int64_t flagged_result_queued(int64_t at)
+{
+    result(at, true);
+    struct db_outbox_new f[4];
+    int n = 0, rev;
+    int64_t id;
+    cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(db_outbox_revision_add(db, &f[0], "pending", "", at, &id, &rev), 0);
+    return id;
+}
+
 /* The study's first result (flagged, at 1000) queued: revision 1 pending. */
 static int64_t flagged_revision_pending(void)
 {
     put("1.2.3.4.1", 1000);
-    result(1000, true);
-    struct db_outbox_new f[4];
-    int n = 0, rev;
-    int64_t id1;
-    cr_assert_eq(db_outbox_scan(db, f, 4, &n), 0);
-    cr_assert_eq(n, 1);
-    cr_assert_eq(db_outbox_revision_add(db, &f[0], "pending", "", 1000, &id1, &rev), 0);
-    return id1;
+    return flagged_result_queued(1000);
 }
 
 Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = setup,
@@ -400,6 +406,48 @@ Test(outbox, revision_that_cannot_be_built_is_given_up_and_listed, .init = setup
     struct db_outbox_counts c;
     cr_assert_eq(db_outbox_counts(db, &c), 0);
     cr_expect_eq(c.revisions_failed, 1);
+}
+
+/* `ichtriage pacs retry`: what was given up (two deliveries of revision 1,
+ * revision 2's build) goes back in the queue with fresh attempts, due now;
+ * another study's retry, or a second one, changes nothing. Given up, they
+ * had stayed so for ever, and kept their study from retention. */
+Test(outbox, retry_puts_back_what_was_given_up, .init = setup, .fini = teardown)
+{
+    flagged_revision_waiting();
+    for (int64_t id = 1; id <= 2; id++)
+        cr_assert_eq(db_outbox_attempt_failed(db, id, "C-STORE status 0xA700", 2000, 3000, true),
+                     0);
+    int64_t id2 = flagged_result_queued(4000);
+    cr_assert_eq(db_outbox_revision_failed(db, id2, "cannot write outbox/2-sr.dcm", 5000), 0);
+
+    int deliveries = -1, revisions = -1;
+    char err[256] = "";
+    cr_assert_eq(db_outbox_retry(db, "9.9.9", 6000, &deliveries, &revisions, err, sizeof err), 0,
+                 "%s", err);
+    cr_expect_eq(deliveries + revisions, 0);
+    cr_assert_eq(db_outbox_retry(db, "1.2.3", 6000, &deliveries, &revisions, err, sizeof err), 0,
+                 "%s", err);
+    cr_expect_eq(deliveries, 2);
+    cr_expect_eq(revisions, 1);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries WHERE state = 'pending'"
+                       " AND attempts = 0 AND next_attempt_at = 6000"
+                       " AND last_error = 'C-STORE status 0xA700'"),
+                 2);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE state = 'pending'"
+                       " AND failed_at IS NULL AND reason = ''"),
+                 1);
+    struct db_outbox_delivery due[4];
+    int n = 0;
+    cr_assert_eq(db_outbox_due(db, 6000, due, 4, &n), 0);
+    cr_expect_eq(n, 2);
+    cr_assert_eq(db_outbox_retry(db, NULL, 7000, &deliveries, &revisions, err, sizeof err), 0);
+    cr_expect_eq(deliveries + revisions, 0);
+    struct db_outbox_counts c;
+    cr_assert_eq(db_outbox_counts(db, &c), 0);
+    cr_expect_eq(c.failed + c.revisions_failed, 0);
+    cr_expect_eq(c.pending, 2);
+    cr_expect_eq(c.revisions_pending, 1);
 }
 
 /* A re-triage that commits while db_outbox_source runs: just as its
