@@ -445,25 +445,24 @@ static int64_t backoff_ms(const struct triage_pacs *p, int attempts)
     return wait < p->max_retry_ms ? wait : p->max_retry_ms;
 }
 
-/* Records one delivery's attempt: sent, retried later, or given up. start:
- * when the attempt began; the objects of one association are retried
- * together. */
-static void record(struct triage_pacs *p, const struct db_outbox_delivery *x, bool ok, int status,
-                   const char *why, bool configured, int64_t start)
+/* The peer took the delivery (status: its answer, success or a warning). */
+static void record_sent(struct triage_pacs *p, const struct db_outbox_delivery *x, int status)
 {
-    int64_t now = now_ms();
-    if (ok) {
-        if (db_outbox_sent(p->db, x->id, now) != 0)
-            util_log(UTIL_LOG_ERROR, "pacs_record_failed", "delivery=%lld", (long long)x->id);
-        util_log(UTIL_LOG_INFO, "pacs_sent",
-                 "study=%s object=%s sop=%s destination=%s status=0x%04X", x->study_uid, x->object,
-                 x->sop_uid, x->destination, (unsigned)status);
-        return;
-    }
+    if (db_outbox_sent(p->db, x->id, now_ms()) != 0)
+        util_log(UTIL_LOG_ERROR, "pacs_record_failed", "delivery=%lld", (long long)x->id);
+    util_log(UTIL_LOG_INFO, "pacs_sent", "study=%s object=%s sop=%s destination=%s status=0x%04X",
+             x->study_uid, x->object, x->sop_uid, x->destination, (unsigned)status);
+}
+
+/* An attempt of the delivery failed for why; it ended at end (that of its
+ * association): retried a backoff after that, or given up. */
+static void record_failed(struct triage_pacs *p, const struct db_outbox_delivery *x,
+                          const char *why, bool configured, int64_t end)
+{
     int attempts = x->attempts + 1;
     bool give_up = !configured || attempts >= p->max_attempts;
-    int64_t next = start + backoff_ms(p, attempts);
-    db_outbox_attempt_failed(p->db, x->id, why, now, next, give_up);
+    int64_t next = end + backoff_ms(p, attempts);
+    db_outbox_attempt_failed(p->db, x->id, why, end, next, give_up);
     if (give_up)
         util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
                  "study=%s object=%s sop=%s destination=%s attempts=%d reason=\"%s\"", x->study_uid,
@@ -471,7 +470,8 @@ static void record(struct triage_pacs *p, const struct db_outbox_delivery *x, bo
     else
         util_log(UTIL_LOG_WARN, "pacs_retry",
                  "study=%s object=%s destination=%s attempt=%d next_in_ms=%lld reason=\"%s\"",
-                 x->study_uid, x->object, x->destination, attempts, (long long)(next - now), why);
+                 x->study_uid, x->object, x->destination, attempts, (long long)(next - now_ms()),
+                 why);
 }
 
 /* A revision delivered everywhere needs its files no more (those of a
@@ -493,21 +493,18 @@ static void drop_delivered(struct triage_pacs *p, int64_t revision_id)
 struct group {
     struct triage_pacs *p;
     const struct db_outbox_delivery *g;
-    int64_t start;
-    bool answered[BATCH];
 };
 
 static bool stopping(struct triage_pacs *p);
 
-/* The peer's answer is committed before the next object goes out, so a
- * crash cannot forget an acknowledgement of an earlier object. At stop, no
+/* An acknowledgement is committed before the next object goes out, so a
+ * crash cannot forget it. At stop, no
  * next object goes out: a batch to a slow PACS (each answer up to
  * pacs.timeout) had held the stop past systemd's TimeoutStopSec. */
 static bool on_answered(void *ud, int i, const struct scp_send_file *f)
 {
     struct group *gr = ud;
-    gr->answered[i] = true;
-    record(gr->p, &gr->g[i], scp_send_status_ok(f->status), f->status, f->error, true, gr->start);
+    if (scp_send_status_ok(f->status)) record_sent(gr->p, &gr->g[i], f->status);
     return !stopping(gr->p);
 }
 
@@ -521,7 +518,7 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
         snprintf(paths[i], sizeof paths[i], "%s/%s", p->store_dir, g[i].file_path);
         files[i] = (struct scp_send_file){.path = paths[i]};
     }
-    struct group gr = {.p = p, .g = g, .start = now_ms()};
+    struct group gr = {.p = p, .g = g};
     char err[512] = "";
     int rc = -1;
     if (d) {
@@ -540,8 +537,13 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
     } else {
         snprintf(err, sizeof err, "destination no longer configured");
     }
+    /* Failures are recorded once the association is over, all at its end:
+     * their next attempts are a backoff after it (after its start, a slow
+     * attempt was retried at once) and fall due together. A crash before
+     * loses only their count. */
+    int64_t end = now_ms();
     for (int i = 0; i < n; i++) {
-        if (gr.answered[i] || files[i].status == SCP_SEND_STOPPED)
+        if (scp_send_status_ok(files[i].status) || files[i].status == SCP_SEND_STOPPED)
             continue; /* not sent because the node stops: no attempt, sent after the start */
         if (files[i].status == SCP_SEND_UNSENT) {
             /* Never on the wire: no attempt used, due still, so the next
@@ -552,7 +554,7 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
                      g[i].destination, files[i].error);
             continue;
         }
-        record(p, &g[i], false, -1, rc == 0 ? files[i].error : err, d != NULL, gr.start);
+        record_failed(p, &g[i], rc == 0 ? files[i].error : err, d != NULL, end);
     }
     for (int i = 0; i < n; i++)
         if (i == 0 || g[i].revision_id != g[i - 1].revision_id) drop_delivered(p, g[i].revision_id);

@@ -589,6 +589,25 @@ class PacsTest(itest.NodeTest):
         node.start()
         self.wait_deliveries(node, lambda r: r[2] == "sent", 8, timeout=90)
 
+    def test_retry_waits_after_a_slow_attempt(self):
+        """A PACS that takes 2 s to refuse each object, with
+        pacs.retry_seconds 1: the retry comes 1 s after the attempt ended,
+        both objects on one association. Measured from the attempt's start,
+        it was due before the attempt ended (next_in_ms=-1000, -3000): no
+        backoff at all for a slow PACS."""
+        scp = RejectScp(0xA700, delay=2).start()
+        self.stoppers.append(scp.close)
+        node = self.node("SLOWREFUSE@127.0.0.1:%d" % scp.port,
+                         **{"pacs.max_attempts": 2, "pacs.timeout": 10})
+        _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=41)
+        self.send(node, files)
+        self.wait_deliveries(node, lambda r: r[2] == "failed", 2, timeout=90)
+        retries = node.events("pacs_retry")
+        self.assertEqual(len(retries), 2, retries)
+        waits = [int(e.split("next_in_ms=")[1].split()[0]) for e in retries]
+        self.assertTrue(all(900 <= w <= 1000 for w in waits), retries)
+        self.assertEqual(scp.associations, 2, retries)
+
     def test_late_answer_is_not_taken_for_the_next(self):
         # The PACS answers the first object (0x0000) only after the node has
         # stopped waiting, and refuses everything after it (A700). Read on the
