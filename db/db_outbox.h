@@ -102,8 +102,11 @@ struct db_outbox_delivery {
     int attempts;
 };
 /* Pending deliveries due at now_ms, grouped by destination; in each, those
- * with fewer failed attempts first, then oldest first. */
-int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n);
+ * with fewer failed attempts first, then oldest first. Those set for more
+ * than horizon_ms (the longest backoff) after now_ms are due too: the wall
+ * clock went back since they were set. */
+int db_outbox_due(struct db *db, int64_t now_ms, int64_t horizon_ms, struct db_outbox_delivery *out,
+                  int max, int *n);
 /* The earliest next attempt of a pending delivery; 0 with *found false when
  * none is pending. */
 int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found);

@@ -278,7 +278,8 @@ int db_outbox_revision_superseded(struct db *db, int64_t revision_id)
                          "i", revision_id);
 }
 
-int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out, int max, int *n)
+int db_outbox_due(struct db *db, int64_t now_ms, int64_t horizon_ms, struct db_outbox_delivery *out,
+                  int max, int *n)
 {
     *n = 0;
     sqlite3_stmt *st;
@@ -287,7 +288,8 @@ int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out,
                            " d.sop_uid, st.study_uid, d.attempts FROM pacs_deliveries d"
                            " JOIN pacs_revisions pr ON pr.id = d.revision_ref"
                            " JOIN studies st ON st.id = pr.study_ref"
-                           " WHERE d.state = 'pending' AND d.next_attempt_at <= ?1"
+                           " WHERE d.state = 'pending' AND (d.next_attempt_at <= ?1"
+                           "  OR d.next_attempt_at > ?1 + ?3)"
                            /* an object that failed goes after those that
                             * did not: one the peer aborts on would end
                             * the association before them every time */
@@ -296,6 +298,7 @@ int db_outbox_due(struct db *db, int64_t now_ms, struct db_outbox_delivery *out,
         return -1;
     sqlite3_bind_int64(st, 1, now_ms);
     sqlite3_bind_int(st, 2, max);
+    sqlite3_bind_int64(st, 3, horizon_ms);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max) {
         struct db_outbox_delivery *d = &out[(*n)++];

@@ -59,11 +59,21 @@ struct triage_pacs {
     bool kicked, stop;
 };
 
+/* The wall clock: the queue's times are kept in the database, across
+ * restarts. */
 static int64_t now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Is a retry set for at due at now? Also when at is further ahead than any
+ * backoff: the wall clock went back since (NTP, a restored VM), and the
+ * retry had waited for as long as the step. */
+static bool due_at(const struct triage_pacs *p, int64_t at, int64_t now)
+{
+    return at <= now || at > now + p->max_retry_ms;
 }
 
 int triage_pacs_parse_destinations(const char *list, struct triage_pacs_dest *out, int max, int *n,
@@ -262,7 +272,7 @@ static int summary(const struct db_outbox_source *s, const char *src, const doub
 static void build(struct triage_pacs *p, int64_t rev_id)
 {
     struct build_retry *due = retry_find(p, rev_id);
-    if (due && due->next_at > now_ms()) return;
+    if (due && !due_at(p, due->next_at, now_ms())) return;
     struct db_outbox_source s;
     int rc = db_outbox_source(p->db, rev_id, &s);
     if (rc == DB_OUTBOX_SUPERSEDED) {
@@ -574,7 +584,7 @@ static void deliver(struct triage_pacs *p)
     struct db_outbox_delivery *due = malloc(sizeof *due * BATCH);
     if (!due) return;
     int n = 0;
-    if (db_outbox_due(p->db, now_ms(), due, BATCH, &n) == 0) {
+    if (db_outbox_due(p->db, now_ms(), p->max_retry_ms, due, BATCH, &n) == 0) {
         for (int i = 0; i < n && !stopping(p);) {
             int j = i + 1;
             while (j < n && strcmp(due[j].destination, due[i].destination) == 0)
@@ -586,6 +596,26 @@ static void deliver(struct triage_pacs *p)
     free(due);
 }
 
+/* Sleeps until kicked, stopped, or wait_ms passed. Measured on the
+ * monotonic clock (the condition variable's): a step of the wall clock back
+ * had stretched the sleep by the step. */
+static void idle(struct triage_pacs *p, int64_t wait_ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += wait_ms / 1000;
+    until.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&p->mu);
+    while (!p->stop && !p->kicked && wait_ms > 0)
+        if (pthread_cond_timedwait(&p->cv, &p->mu, &until) == ETIMEDOUT) break;
+    p->kicked = false;
+    pthread_mutex_unlock(&p->mu);
+}
+
 static void *sender_main(void *arg)
 {
     struct triage_pacs *p = arg;
@@ -593,17 +623,13 @@ static void *sender_main(void *arg)
         if (stopping(p)) break;
         intake(p);
         deliver(p);
-        int64_t now = now_ms(), wake = now + IDLE_MS, at;
+        int64_t now = now_ms(), wait = IDLE_MS, at;
         bool found;
-        if (db_outbox_next_due(p->db, &at, &found) == 0 && found && at < wake) wake = at;
+        if (db_outbox_next_due(p->db, &at, &found) == 0 && found && at - now < wait)
+            wait = at - now;
         for (int i = 0; i < p->nretries; i++)
-            if (p->retries[i].next_at < wake) wake = p->retries[i].next_at;
-        struct timespec ts = {.tv_sec = wake / 1000, .tv_nsec = (long)(wake % 1000) * 1000000};
-        pthread_mutex_lock(&p->mu);
-        while (!p->stop && !p->kicked && now_ms() < wake)
-            if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT) break;
-        p->kicked = false;
-        pthread_mutex_unlock(&p->mu);
+            if (p->retries[i].next_at - now < wait) wait = p->retries[i].next_at - now;
+        idle(p, wait);
     }
     return NULL;
 }
@@ -645,7 +671,11 @@ int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config 
         util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
                  "count=%d reason=\"destination no longer configured\"", dropped);
     pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->cv, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     if (pthread_create(&p->thread, NULL, sender_main, p) != 0) {
         snprintf(err, errlen, "cannot start the PACS sender thread");
         pthread_mutex_destroy(&p->mu);

@@ -337,7 +337,8 @@ static int64_t flagged_revision_waiting(void)
     char err[256];
     cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 2, 1000, err, sizeof err), 0,
                  "%s", err);
-    sql("UPDATE pacs_deliveries SET next_attempt_at = 9000000000000");
+    /* retried in 30 s: within the sender's longest backoff (run_sender_until) */
+    sql("UPDATE pacs_deliveries SET next_attempt_at = strftime('%s', 'now') * 1000 + 30000");
     return id1;
 }
 
@@ -439,7 +440,7 @@ Test(outbox, retry_puts_back_what_was_given_up, .init = setup, .fini = teardown)
                  1);
     struct db_outbox_delivery due[4];
     int n = 0;
-    cr_assert_eq(db_outbox_due(db, 6000, due, 4, &n), 0);
+    cr_assert_eq(db_outbox_due(db, 6000, 60000, due, 4, &n), 0);
     cr_expect_eq(n, 2);
     cr_assert_eq(db_outbox_retry(db, NULL, 7000, &deliveries, &revisions, err, sizeof err), 0);
     cr_expect_eq(deliveries + revisions, 0);
@@ -448,6 +449,28 @@ Test(outbox, retry_puts_back_what_was_given_up, .init = setup, .fini = teardown)
     cr_expect_eq(c.failed + c.revisions_failed, 0);
     cr_expect_eq(c.pending, 2);
     cr_expect_eq(c.revisions_pending, 1);
+}
+
+/* A retry set further ahead than the longest backoff (an hour here) was set
+ * before the wall clock went back: it is due now, not after the step. */
+Test(outbox, retry_beyond_the_longest_backoff_is_due, .init = setup, .fini = teardown)
+{
+    const int64_t hour = 3600000, now = 10 * DAY;
+    flagged_revision_waiting();
+    char q[200];
+    snprintf(q, sizeof q, "UPDATE pacs_deliveries SET next_attempt_at = %lld WHERE id = 1",
+             (long long)(now + hour / 2)); /* a backoff still running */
+    sql(q);
+    snprintf(q, sizeof q, "UPDATE pacs_deliveries SET next_attempt_at = %lld WHERE id = 2",
+             (long long)(now + 2 * hour)); /* the clock went back 1.5 h or more */
+    sql(q);
+    struct db_outbox_delivery due[4];
+    int n = 0;
+    cr_assert_eq(db_outbox_due(db, now, hour, due, 4, &n), 0);
+    cr_assert_eq(n, 1);
+    cr_expect_eq(due[0].id, 2);
+    cr_assert_eq(db_outbox_due(db, now + hour / 2, hour, due, 4, &n), 0);
+    cr_expect_eq(n, 2);
 }
 
 /* A re-triage that commits while db_outbox_source runs: just as its
