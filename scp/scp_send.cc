@@ -108,8 +108,8 @@ std::string hex_status(int s)
     return b;
 }
 
-int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_answered_fn answered,
-               void *ud, char *err, size_t errlen)
+int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
+               scp_send_answered_fn answered, void *ud, char *err, size_t errlen)
 {
     for (int i = 0; i < n; i++) {
         files[i].status = -1;
@@ -189,6 +189,9 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
     bool broken = false, halted = false;
     for (int i = 0; i < n; i++) {
         if (!readable[i]) continue;
+        // Asked before the first file too: a stop that came while the
+        // association was being set up sends nothing on it.
+        if (!halted && !broken && go_on && !go_on(ud)) halted = true;
         if (halted) {
             files[i].status = SCP_SEND_STOPPED;
             std::snprintf(files[i].error, sizeof files[i].error, "not sent: stopped");
@@ -224,7 +227,7 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_ans
         else
             std::snprintf(files[i].error, sizeof files[i].error, "C-STORE status %s",
                           hex_status(status).c_str());
-        if (answered && !answered(ud, i, &files[i])) halted = true;
+        if (answered) answered(ud, i, &files[i]);
     }
     if (scu.isConnected()) scu.releaseAssociation();
     return 0;
@@ -242,14 +245,15 @@ extern "C" bool scp_send_status_ok(int status)
 }
 
 extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n,
-                              scp_send_answered_fn answered, void *ud, char *err, size_t errlen)
+                              scp_send_go_on_fn go_on, scp_send_answered_fn answered, void *ud,
+                              char *err, size_t errlen)
 {
     try {
         if (!dest || (!files && n > 0)) {
             set_err(err, errlen, "scp_send_files: bad arguments");
             return -1;
         }
-        return send_files(dest, files, n, answered, ud, err, errlen);
+        return send_files(dest, files, n, go_on, answered, ud, err, errlen);
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string("scp_send_files: ") + e.what());
     } catch (...) {

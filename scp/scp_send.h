@@ -45,21 +45,26 @@ struct scp_send_file {
  * and any Bxxx) mean the peer took the object. */
 bool scp_send_status_ok(int status);
 
+/* Called (on the calling thread) before each file goes out, the first
+ * included, once the association is established. Returns false to send
+ * nothing more (the node is stopping): that file and those after it are
+ * not sent (status SCP_SEND_STOPPED), and the association is released. */
+typedef bool (*scp_send_go_on_fn)(void *ud);
+
 /* Called (on the calling thread) as soon as the peer answered files[i], so
- * that the caller can record the acknowledgement before the next file.
- * Returns false to send nothing more (the node is stopping): the files
- * after it are not sent (status SCP_SEND_STOPPED), and the association is
- * released. */
-typedef bool (*scp_send_answered_fn)(void *ud, int i, const struct scp_send_file *f);
+ * that the caller can record the acknowledgement before the next file. */
+typedef void (*scp_send_answered_fn)(void *ud, int i, const struct scp_send_file *f);
 
 /* Opens an association to dest proposing each file's SOP class (its own
  * transfer syntax, then the uncompressed ones), stores files[0..n) in
  * order and releases. Returns 0 when the association was established (each
  * file's outcome is in files[i]; answered, if not NULL, was called for each
  * file the peer answered), -1 when it was not (rejected, refused, timed
- * out, TLS failure: why in err, every file's status -1). Never throws. */
+ * out, TLS failure: why in err, every file's status -1). go_on and answered
+ * may be NULL; ud is passed to both. Never throws. */
 int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n,
-                   scp_send_answered_fn answered, void *ud, char *err, size_t errlen);
+                   scp_send_go_on_fn go_on, scp_send_answered_fn answered, void *ud, char *err,
+                   size_t errlen);
 
 #ifdef __cplusplus
 }

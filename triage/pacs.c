@@ -508,13 +508,20 @@ struct group {
 static bool stopping(struct triage_pacs *p);
 
 /* An acknowledgement is committed before the next object goes out, so a
- * crash cannot forget it. At stop, no
- * next object goes out: a batch to a slow PACS (each answer up to
- * pacs.timeout) had held the stop past systemd's TimeoutStopSec. */
-static bool on_answered(void *ud, int i, const struct scp_send_file *f)
+ * crash cannot forget it. */
+static void on_answered(void *ud, int i, const struct scp_send_file *f)
 {
     struct group *gr = ud;
     if (scp_send_status_ok(f->status)) record_sent(gr->p, &gr->g[i], f->status);
+}
+
+/* At stop no object goes out, the first included: a batch to a slow PACS
+ * (each answer up to pacs.timeout) had held the stop past systemd's
+ * TimeoutStopSec, and a stop while the association was set up still sent
+ * (and waited for) its first object. */
+static bool go_on(void *ud)
+{
+    struct group *gr = ud;
     return !stopping(gr->p);
 }
 
@@ -543,7 +550,7 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
             .tls_cert = p->tls_cert,
             .tls_key = p->tls_key,
         };
-        rc = scp_send_files(&sd, files, n, on_answered, &gr, err, sizeof err);
+        rc = scp_send_files(&sd, files, n, go_on, on_answered, &gr, err, sizeof err);
     } else {
         snprintf(err, sizeof err, "destination no longer configured");
     }

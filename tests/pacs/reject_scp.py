@@ -5,7 +5,9 @@ first C-STORE is answered 0x0000 only after S seconds (a PACS that stalls
 once): an SCU that has given up waiting must not read that late answer as
 the answer to its next request. With delay=S every other answer waits S
 seconds (a slow PACS). With abort_class=UID a C-STORE of that SOP class is
-answered with an A-ABORT (a PACS that chokes on one kind of object). Built
+answered with an A-ABORT (a PACS that chokes on one kind of object). With
+accept_delay=S each association is accepted only S seconds after it was
+asked for (counted in requests). Built
 on tests/tools/dul.py's PDU helpers;
 runs in a thread of the test.
 
@@ -67,8 +69,10 @@ def _store_rsp(sop_class, sop_uid, msg_id, status):
 
 
 class RejectScp:
-    def __init__(self, status=0xA700, late_first=0, delay=0, abort_class=None):
+    def __init__(self, status=0xA700, late_first=0, delay=0, abort_class=None, accept_delay=0):
         self.status = status
+        self.accept_delay = accept_delay
+        self.requests = 0       # A-ASSOCIATE-RQs received
         self.abort_class = abort_class
         self.aborted = []       # (sop class, sop instance) of each C-STORE aborted
         self.late_first = late_first
@@ -110,6 +114,8 @@ class RejectScp:
         if t != dul.A_ASSOCIATE_RQ:
             return
         called, calling, contexts = _parse_rq(payload)
+        self.requests += 1
+        time.sleep(self.accept_delay)
         conn.sendall(_associate_ac(called, calling, contexts))
         self.associations += 1
         command, in_dataset = b"", False

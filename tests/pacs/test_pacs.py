@@ -608,6 +608,30 @@ class PacsTest(itest.NodeTest):
         self.assertTrue(all(900 <= w <= 1000 for w in waits), retries)
         self.assertEqual(scp.associations, 2, retries)
 
+    def test_stop_while_the_association_is_set_up_sends_nothing(self):
+        """A stop that comes while the PACS takes its time to accept the
+        association: once accepted, no object goes out on it, none uses an
+        attempt, and the next start sends them. The first object went out
+        (and its answer was waited for, up to pacs.timeout) whatever the
+        stop."""
+        scp = RejectScp(0x0000, accept_delay=3).start()
+        self.stoppers.append(scp.close)
+        node = self.node("SLOWACCEPT@127.0.0.1:%d" % scp.port, **{"pacs.timeout": 20})
+        _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=42)
+        self.send(node, files)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and scp.requests < 1:
+            time.sleep(0.05)
+        self.assertEqual(scp.requests, 1, node.log_tail())
+        self.assertEqual(node.stop(), 0, node.log_tail())
+        time.sleep(1)  # an object sent after the accept would be stored by now
+        self.assertEqual(scp.stores, [])
+        rows = self.deliveries(node)
+        self.assertEqual([(r[2], r[3]) for r in rows], [("pending", 0)] * 2, rows)
+        node.start()
+        self.wait_deliveries(node, lambda r: r[2] == "sent", 2)
+        self.assertEqual(len(scp.stores), 2, scp.stores)
+
     def test_late_answer_is_not_taken_for_the_next(self):
         # The PACS answers the first object (0x0000) only after the node has
         # stopped waiting, and refuses everything after it (A700). Read on the
