@@ -217,7 +217,11 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_
             // No answer in time, or a broken one: a late answer may still come,
             // and dcmtk would take it for the answer to the next request on
             // this association. So none goes on it: the rest wait for a new one.
-            if (scu.isConnected()) scu.abortAssociation();
+            // One the peer aborted is gone: dropped, not aborted again.
+            if (c == DUL_PEERABORTEDASSOCIATION)
+                scu.closeAssociation(DCMSCU_PEER_ABORTED_ASSOCIATION);
+            else if (scu.isConnected())
+                scu.abortAssociation();
             broken = true;
             continue;
         }
