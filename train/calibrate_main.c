@@ -215,7 +215,7 @@ int train_calibrate_main(int argc, char **argv)
     struct train_reliability rel;
     unsigned fitted = 0;
     char tdesc[512];
-    if (train_calibrate(tm.nn, tm.label_index, &d, feat, (float)sens, thr, &rel, &fitted, tdesc,
+    if (train_calibrate(tm.nn, tm.label_index, &d, feat, sens, thr, &rel, &fitted, tdesc,
                         sizeof tdesc) != 0) {
         fprintf(stderr, "ichtriage calibrate: calibration failed\n");
         goto out;

@@ -586,7 +586,7 @@ out:
 /* ---- calibration and thresholds -------------------------------------------------- */
 
 int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,
-                    const float *features, float sens, float thr[2][TRAIN_LABELS],
+                    const float *features, double sens, float thr[2][TRAIN_LABELS],
                     struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn)
 {
     size_t N = d->nslices;

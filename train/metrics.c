@@ -243,7 +243,13 @@ float train_threshold_for_sensitivity(const float *p, const unsigned char *y, si
             pp[j] = pp[j - 1], j--;
         pp[j] = x;
     }
-    size_t need = (size_t)ceil(target * (double)pos - 1e-9);
+    /* ceil(target * pos) positives, less a relative hair: a decimal target
+     * is a binary fraction a little above or below it (0.07 x 100 is
+     * 7.000000000000001), and must not ask for one positive more. The
+     * hair is far above double's rounding and below the step of any target
+     * of up to six decimals for a million positives. */
+    double want = target * (double)pos;
+    size_t need = (size_t)ceil(want - 1e-9 * want);
     if (need < 1) need = 1;
     if (need > pos) need = pos;
     float t = pp[need - 1];

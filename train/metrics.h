@@ -56,7 +56,8 @@ double train_logloss(const float *p, const unsigned char *y, size_t n);
  * from (0,0) to (1,1). Returns the count written. */
 int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, float *tpr, int max);
 /* The largest threshold whose sensitivity is at least target (0.5 when y has
- * no positives). */
+ * no positives). target is a double all the way from the command line: as a
+ * float, 0.85 is 0.8500000238 and asks for one positive more. */
 float train_threshold_for_sensitivity(const float *p, const unsigned char *y, size_t n,
                                       double target);
 /* Temperature T > 0 minimising the log loss of sigmoid(logit / T). */

@@ -36,7 +36,8 @@ struct opts {
     uint64_t seed;
     int input_hw;
     int epochs1, epochs2, patience, batch, series_batch, slices_per_epoch, threads;
-    float lr1, lr2, lr_decay, val_frac, test_frac, sensitivity;
+    float lr1, lr2, lr_decay, val_frac, test_frac;
+    double sensitivity; /* a double all the way to the threshold: 0.85f asks for too much */
     int reg;
     int no_augment;
     float sharp;
@@ -150,10 +151,17 @@ static int int_arg(const char *s, const char **bad)
     return (int)v;
 }
 
-static float float_arg(const char *s, const char **bad)
+static double double_arg(const char *s, const char **bad)
 {
     double v = 0;
-    if (util_number_double(s, &v) != 0 || fabs(v) > FLT_MAX) *bad = s;
+    if (util_number_double(s, &v) != 0) *bad = s;
+    return v;
+}
+
+static float float_arg(const char *s, const char **bad)
+{
+    double v = double_arg(s, bad);
+    if (fabs(v) > FLT_MAX) *bad = s;
     return (float)v;
 }
 
@@ -202,7 +210,7 @@ static int parse(struct opts *o, int argc, char **argv)
                        .lr2 = 1e-3f,
                        .val_frac = 0.15f,
                        .test_frac = 0.15f,
-                       .sensitivity = 0.95f,
+                       .sensitivity = 0.95,
                        .small_slices = 3};
     optind = 1;
     int c;
@@ -263,7 +271,7 @@ static int parse(struct opts *o, int argc, char **argv)
             o->test_frac = float_arg(optarg, &bad);
             break;
         case 'x':
-            o->sensitivity = float_arg(optarg, &bad);
+            o->sensitivity = double_arg(optarg, &bad);
             break;
         case 'T':
             o->threads = int_arg(optarg, &bad);

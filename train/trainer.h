@@ -210,7 +210,7 @@ struct train_reliability {
  * others keep temperature 1 and get threshold 0.5. t_desc gets the
  * temperatures as text. Returns 0 or -1. */
 int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,
-                    const float *features, float sens, float thr[2][TRAIN_LABELS],
+                    const float *features, double sens, float thr[2][TRAIN_LABELS],
                     struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn);
 
 /* The self-contained HTML report (inline SVG) and the metrics JSON.

@@ -542,6 +542,19 @@ def main():
           "calibration set is at least the 0.95 asked for")
     check(abs(ea["auc"] - eb["auc"]) < 1e-4, "the ranking is unchanged (same AUC): a temperature "
           "is monotonic")
+    # --sensitivity 0.85 on 20 positive studies flags 17: read as a float
+    # (0.85f x 20 = 17.0000005) it had asked for 18.
+    cal20 = os.path.join(tmp, "cal20")
+    run("phantom", cal20, "--seed", "14", "-n", "40", "--size", "64", "--slices", "8",
+        "--noise", "2", "--no-artifacts", "--prevalence", "0.5",
+        "--subtype", "intraparenchymal=0.9", "--subtype", "subdural=0.6")
+    js_85 = os.path.join(tmp, "k85.json")
+    r = run("calibrate", out, cal20, "-o", os.path.join(tmp, "k85.safetensors"), "--sensitivity",
+            "0.85", "--threads", "2", "--report", os.path.join(tmp, "k85.html"), "--json", js_85)
+    a85 = json.load(open(js_85))["levels"]["study"]["lrcn"]["any"] if r.returncode == 0 else {}
+    check(r.returncode == 0 and a85["positives"] == 20 and a85["tp"] == 17,
+          "--sensitivity 0.85: %s of %s positive studies flagged, 17 of 20 asked for" % (
+              a85.get("tp"), a85.get("positives")))
     with open(out, "rb") as f:
         ha = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         wa = f.read()

@@ -10,6 +10,7 @@
 
 #include "metrics.h"
 #include "nn.h"
+#include "number.h"
 #include "trainer.h"
 
 Test(metrics, auc_by_hand)
@@ -229,6 +230,43 @@ Test(metrics, threshold_reaches_the_sensitivity)
     cr_assert_lt(b.sensitivity, 0.95);
 }
 
+/* --sensitivity as the commands read it (util_number_double, a double to
+ * the threshold): the threshold keeps exactly ceil(target x positives) of
+ * them, counted here in integers, however the decimal target rounds in
+ * binary (0.07 x 100 is 7.000000000000001). calibrate's test below passes
+ * the target through train_calibrate, where it had become a float. */
+Test(metrics, threshold_for_every_target_and_positive_count)
+{
+    static const struct {
+        const char *arg;
+        int hundredths;
+    } target[] = {{"0.8", 80},  {"0.85", 85}, {"0.9", 90}, {"0.95", 95}, {"0.97", 97},
+                  {"0.98", 98}, {"0.99", 99}, {"0.07", 7}, {"0.57", 57}, {"1", 100}};
+    static const int count[] = {5, 7, 10, 20, 33, 50, 100, 200, 1000};
+    enum { MAXN = 2 * 1000 };
+    float *p = malloc(MAXN * sizeof *p);
+    unsigned char *y = malloc(MAXN);
+    for (size_t a = 0; a < sizeof target / sizeof target[0]; a++) {
+        double sens;
+        cr_assert_eq(util_number_double(target[a].arg, &sens), 0);
+        for (size_t c = 0; c < sizeof count / sizeof count[0]; c++) {
+            int P = count[c], n = 2 * P;
+            /* positives and negatives interleaved, every score its own */
+            for (int i = 0; i < n; i++)
+                p[i] = (float)(i + 1) / (float)(n + 1), y[i] = i % 2;
+            float t = train_threshold_for_sensitivity(p, y, (size_t)n, sens);
+            int kept = 0;
+            for (int i = 0; i < n; i++)
+                kept += y[i] && p[i] >= t;
+            int need = (target[a].hundredths * P + 99) / 100;
+            cr_expect_eq(kept, need,
+                         "--sensitivity %s, %d positives: the threshold keeps %d, %d do",
+                         target[a].arg, P, kept, need);
+        }
+    }
+    free(p), free(y);
+}
+
 Test(metrics, temperature_recovers_a_known_scale)
 {
     /* Labels drawn from sigmoid(z); logits given as 3 z: T should be ~3. */
@@ -363,6 +401,7 @@ static void fake_dataset(struct train_dataset *d, int npatients)
     for (int i = 0; i < d->nseries; i++) {
         struct train_series *s = &d->series[i];
         snprintf(s->patient_id, sizeof s->patient_id, "P%03d", i / 2);
+        snprintf(s->study_uid, sizeof s->study_uid, "2.25.%d", i);
         snprintf(s->series_uid, sizeof s->series_uid, "1.2.%d", i);
         s->n = 4;
         s->first = (size_t)i * 4;
@@ -776,6 +815,66 @@ Test(val_sample, seeded_subset_of_labelled_validation_slices)
     cr_assert_eq(train_evaluate_slices(m, &d, a, 20, r, &wl), 0);
     cr_assert(fabs(wl - e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN]) > 1e-6);
     free(all), free(a), free(b), free(e);
+    train_dataset_free(&d);
+    nn_model_free(m);
+}
+
+/* --sensitivity through train_calibrate as the commands pass it (a double):
+ * the LRCN's threshold of "any" keeps exactly ceil(target x 20) of 20
+ * positive studies. The labels follow the untrained model's own scores, every
+ * third study out of place, so that the temperature has something to fit. */
+Test(calibrate, the_threshold_keeps_the_share_of_positives_asked_for)
+{
+    nn_model *m = tiny_model();
+    struct train_dataset d;
+    fake_dataset(&d, 20); /* 40 studies */
+    random_pixels(&d, 13);
+    for (int s = 0; s < d.nseries; s++)
+        d.series[s].split = TRAIN_SPLIT_VAL, d.series[s].slice_labels = 0;
+    float thr[2][TRAIN_LABELS] = {{0.5f}, {0.5f}}, score[40];
+    struct train_eval *e = malloc(sizeof *e);
+    char err[256];
+    cr_assert_eq(
+        train_evaluate_scores(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, score, NULL, err, sizeof err),
+        0, "%s", err);
+    int order[40];
+    for (int i = 0; i < 40; i++)
+        order[i] = i;
+    for (int i = 1; i < 40; i++) /* by score, highest first */
+        for (int j = i; j > 0 && score[order[j - 1]] < score[order[j]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1], order[j - 1] = t;
+        }
+    /* The untrained model's scores differ by about 1e-6: spread them to
+     * logits of about -1 to 1 (the last layer x 1e4, centred). */
+    float spread[TRAIN_LABELS] = {1e-4f, 1e-4f, 1e-4f, 1e-4f, 1e-4f, 1e-4f};
+    cr_assert_eq(train_fold_temperature(m, 0, NULL, spread), 0);
+    nn_tensor_info bias;
+    cr_assert_eq(nn_model_tensor_find(m, "out.bias", &bias), 0);
+    double mid = score[order[20]];
+    bias.data[0] -= (float)(log(mid / (1 - mid)) / spread[0]);
+    /* 20 positives among the first 30, every third of those negative */
+    for (int r = 0; r < 40; r++)
+        d.series[order[r]].study[0] = r < 30 && r % 3 != 2;
+    static const struct {
+        const char *arg;
+        size_t need;
+    } target[] = {{"0.8", 16}, {"0.85", 17}, {"0.9", 18}, {"0.95", 19}, {"0.97", 20}};
+    for (size_t k = 0; k < sizeof target / sizeof target[0]; k++) {
+        double sens;
+        cr_assert_eq(util_number_double(target[k].arg, &sens), 0);
+        struct train_reliability rel;
+        char t[256];
+        cr_assert_eq(train_calibrate(m, NULL, &d, NULL, sens, thr, &rel, NULL, t, sizeof t), 0);
+        cr_assert_eq(train_evaluate(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err), 0, "%s",
+                     err);
+        const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
+        cr_assert_eq(b->pos, 20);
+        cr_expect_eq(b->tp, target[k].need,
+                     "--sensitivity %s: %zu of 20 positive studies flagged, %zu asked for (%s)",
+                     target[k].arg, b->tp, target[k].need, t);
+    }
+    free(e);
     train_dataset_free(&d);
     nn_model_free(m);
 }
