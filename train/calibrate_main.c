@@ -66,6 +66,23 @@ static int meta_append(nn_model *m, const char *key, const char *add)
     return rc;
 }
 
+/* The positive and negative studies of "any" among d's series (a study is
+ * positive when one of its series is). Returns 0, -1 when out of memory. */
+static int count_studies(const struct train_dataset *d, int *npos, int *nneg)
+{
+    int *study_of = malloc(((size_t)d->nseries + 1) * sizeof *study_of);
+    unsigned char *pos = calloc((size_t)d->nseries + 1, 1);
+    int ns = study_of && pos ? train_dataset_studies(d, -1, study_of) : -1;
+    for (int s = 0; s < d->nseries && ns > 0; s++)
+        if (d->series[s].study[0] == 1) pos[study_of[s]] = 1;
+    *npos = 0;
+    for (int k = 0; k < ns; k++)
+        *npos += pos[k];
+    *nneg = ns - *npos;
+    free(study_of), free(pos);
+    return ns < 0 ? -1 : 0;
+}
+
 static void print_operating_point(const char *when, const struct train_eval *e, float thr)
 {
     const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
@@ -170,29 +187,29 @@ int train_calibrate_main(int argc, char **argv)
         snprintf(desc + off, sizeof desc - (size_t)off, "%s%d reviewed series of %s",
                  off ? ", " : "", added, triage_config_str(&cfg, CFG_STORE_DIR));
     }
-    /* Every series is calibration data. */
-    int npos = 0, nneg = 0;
-    for (int s = 0; s < d.nseries; s++) {
+    /* Every series is calibration data; a study's series count as one. */
+    for (int s = 0; s < d.nseries; s++)
         d.series[s].split = TRAIN_SPLIT_VAL;
-        if (d.series[s].study[0] == 1)
-            npos++;
-        else
-            nneg++;
+    int npos = 0, nneg = 0;
+    if (count_studies(&d, &npos, &nneg) != 0) {
+        fprintf(stderr, "ichtriage calibrate: out of memory\n");
+        goto out;
     }
     if (npos == 0 || nneg == 0) {
         fprintf(stderr,
                 "ichtriage calibrate: the studies need both labels for \"any\": found %d "
-                "positive and %d negative series; nothing written\n",
+                "positive and %d negative studies; nothing written\n",
                 npos, nneg);
         goto out;
     }
     if (npos < FEW_POSITIVES)
         fprintf(stderr,
-                "ichtriage calibrate: warning: only %d positive series; the threshold for "
-                "sensitivity %.2f rests on the lowest few of them\n",
-                npos, sens);
-    util_log(UTIL_LOG_INFO, "calibrate_start", "model=%s series=%d positive=%d negative=%d",
-             model_path, d.nseries, npos, nneg);
+                "ichtriage calibrate: warning: only %d positive %s; the threshold for "
+                "sensitivity %g rests on the lowest few of them\n",
+                npos, npos == 1 ? "study" : "studies", sens);
+    util_log(UTIL_LOG_INFO, "calibrate_start",
+             "model=%s series=%d studies=%d positive=%d negative=%d", model_path, d.nseries,
+             npos + nneg, npos, nneg);
 
     /* In our label order; tm.label_index says where each is among the
      * model's outputs, and in its thresholds. */
@@ -235,7 +252,8 @@ int train_calibrate_main(int argc, char **argv)
         fprintf(stderr, "ichtriage calibrate: %s\n", err);
         goto out;
     }
-    printf("calibration data: %s: %d series, %d positive for \"any\"\n", desc, d.nseries, npos);
+    printf("calibration data: %s: %d studies (%d series), %d positive for \"any\"\n", desc,
+           npos + nneg, d.nseries, npos);
     print_operating_point("before (stored threshold)", before, old[TRAIN_MODEL_LRCN][0]);
     print_operating_point("after (new threshold, chosen on these studies)", after,
                           thr[TRAIN_MODEL_LRCN][0]);
@@ -250,9 +268,9 @@ int train_calibrate_main(int argc, char **argv)
         goto out;
     }
     snprintf(buf, sizeof buf,
-             "study-level sensitivity %.3f on %d series (%d positive) of %s (ichtriage "
+             "study-level sensitivity %.3f on %d studies (%d positive) of %s (ichtriage "
              "calibrate %s)%s%s",
-             sens, d.nseries, npos, desc, date, *kept ? "; kept from before: " : "", kept);
+             sens, npos + nneg, npos, desc, date, *kept ? "; kept from before: " : "", kept);
     nn_model_meta_set(tm.nn, "threshold_rule", buf);
     snprintf(buf, sizeof buf, "ichtriage calibrate %s: temperature scaling on %s: %s", date, desc,
              tdesc);
@@ -279,9 +297,9 @@ int train_calibrate_main(int argc, char **argv)
         goto out;
     }
     util_log(UTIL_LOG_INFO, "calibrate_done",
-             "model=%s out=%s series=%d positive=%d threshold_any=%.4f sensitivity=%.3f "
+             "model=%s out=%s studies=%d positive=%d threshold_any=%.4f sensitivity=%.3f "
              "specificity=%.3f",
-             model_path, out_path, d.nseries, npos, thr[TRAIN_MODEL_LRCN][0],
+             model_path, out_path, npos + nneg, npos, thr[TRAIN_MODEL_LRCN][0],
              after->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].sensitivity,
              after->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].specificity);
     rc = 0;

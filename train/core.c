@@ -466,6 +466,38 @@ static float sigm(float x)
     return 1.0f / (1.0f + expf(-x));
 }
 
+/* Study level of label l from the logits lg [nslices, TRAIN_LABELS] of the
+ * series study_of numbers (train_dataset_studies, ns studies): per study,
+ * the maximum logit over the slices of all its series, as the node's
+ * worklist takes the maximum over a study's series, and its label, 1 when
+ * any of its series has it; a subtype none has and some do not know is
+ * unknown and left out. Into z and y, for the studies with a known label,
+ * in study order; mx and lab are ns places of room. Returns how many. */
+static size_t study_maxima(const struct train_dataset *d, const int *study_of, int ns,
+                           const float *lg, int l, float *mx, uint8_t *lab, float *z,
+                           unsigned char *y)
+{
+    for (int k = 0; k < ns; k++)
+        mx[k] = -INFINITY, lab[k] = 0;
+    for (int s = 0; s < d->nseries; s++) {
+        int k = study_of[s];
+        if (k < 0) continue;
+        const struct train_series *se = &d->series[s];
+        for (int i = 0; i < se->n; i++) {
+            float v = lg[(se->first + (size_t)i) * TRAIN_LABELS + l];
+            if (v > mx[k]) mx[k] = v;
+        }
+        if (se->study[l] == 1)
+            lab[k] = 1;
+        else if (l > 0 && se->study[l] == TRAIN_LABEL_UNKNOWN && lab[k] != 1)
+            lab[k] = TRAIN_LABEL_UNKNOWN;
+    }
+    size_t n = 0;
+    for (int k = 0; k < ns; k++)
+        if (lab[k] != TRAIN_LABEL_UNKNOWN) z[n] = mx[k], y[n++] = lab[k];
+    return n;
+}
+
 static int evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
                     const float *features, const float thresholds[2][TRAIN_LABELS],
                     struct train_eval *e, float *study_any, unsigned char *study_y, char *err,
@@ -500,13 +532,16 @@ static int evaluate(nn_model *m, const int *label_index, const struct train_data
 {
     memset(e, 0, sizeof *e);
     memcpy(e->thresholds, thresholds, sizeof e->thresholds);
-    size_t N = d->nslices;
+    size_t N = d->nslices, S = (size_t)d->nseries + 1;
     float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
                     malloc(N * TRAIN_LABELS * sizeof(float))};
-    float *p = malloc((N + (size_t)d->nseries) * sizeof(float));
-    unsigned char *y = malloc(N + (size_t)d->nseries);
+    float *p = malloc((N + S) * sizeof(float)), *mx = malloc(S * sizeof(float));
+    unsigned char *y = malloc(N + S);
+    uint8_t *lab = malloc(S);
+    int *study_of = malloc(S * sizeof(int));
     int rc = -1;
-    if (!lg[0] || !lg[1] || !p || !y) {
+    if (!lg[0] || !lg[1] || !p || !mx || !y || !lab || !study_of ||
+        (e->nstudies = train_dataset_studies(d, split, study_of)) < 0) {
         snprintf(err, errlen, "out of memory");
         goto out;
     }
@@ -545,20 +580,10 @@ static int evaluate(nn_model *m, const int *label_index, const struct train_data
             if (l == 0)
                 e->roc_n[0][mo] =
                     train_roc(p, y, n, e->roc_fpr[0][mo], e->roc_tpr[0][mo], TRAIN_ROC_POINTS);
-            /* study level: max over the slices */
-            n = 0;
-            for (int s = 0; s < d->nseries; s++) {
-                const struct train_series *se = &d->series[s];
-                if (split >= 0 && se->split != split) continue;
-                if (l > 0 && se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* not scored */
-                float mx = -INFINITY;
-                for (int k = 0; k < se->n; k++) {
-                    float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
-                    if (v > mx) mx = v;
-                }
-                p[n] = sigm(mx);
-                y[n++] = se->study[l] == 1;
-            }
+            /* study level: max over the slices of the study's series */
+            n = study_maxima(d, study_of, e->nstudies, lg[mo], l, mx, lab, p, y);
+            for (size_t k = 0; k < n; k++)
+                p[k] = sigm(p[k]);
             if (l == 0 && mo == TRAIN_MODEL_LRCN) {
                 if (study_any) memcpy(study_any, p, n * sizeof *p);
                 if (study_y) memcpy(study_y, y, n);
@@ -579,7 +604,7 @@ static int evaluate(nn_model *m, const int *label_index, const struct train_data
     }
     rc = 0;
 out:
-    free(lg[0]), free(lg[1]), free(p), free(y);
+    free(lg[0]), free(lg[1]), free(p), free(mx), free(y), free(lab), free(study_of);
     return rc;
 }
 
@@ -589,14 +614,18 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
                     const float *features, double sens, float thr[2][TRAIN_LABELS],
                     struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn)
 {
-    size_t N = d->nslices;
+    size_t N = d->nslices, S = (size_t)d->nseries + 1;
     float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
                     malloc(N * TRAIN_LABELS * sizeof(float))};
-    float *z = malloc(((size_t)d->nseries + 1) * sizeof(float));
-    float *pr = malloc(((size_t)d->nseries + 1) * sizeof(float));
-    unsigned char *y = malloc((size_t)d->nseries + 1);
+    float *z = malloc(S * sizeof(float)), *pr = malloc(S * sizeof(float));
+    float *mx = malloc(S * sizeof(float));
+    unsigned char *y = malloc(S);
+    uint8_t *lab = malloc(S);
+    int *study_of = malloc(S * sizeof(int)), ns;
     int rc = -1;
-    if (!lg[0] || !lg[1] || !z || !pr || !y) goto out;
+    if (!lg[0] || !lg[1] || !z || !pr || !mx || !y || !lab || !study_of ||
+        (ns = train_dataset_studies(d, TRAIN_SPLIT_VAL, study_of)) < 0)
+        goto out;
     if (train_predict_features(m, d, TRAIN_SPLIT_VAL, features, label_index, lg[0], lg[1]) != 0)
         goto out;
     int off = 0;
@@ -606,19 +635,8 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
         float T[TRAIN_LABELS];
         for (int l = 0; l < TRAIN_LABELS; l++) {
             /* Temperature on the study-level maxima: the quantity the node
-             * flags on is the study maximum. */
-            size_t n = 0;
-            for (int s = 0; s < d->nseries; s++) {
-                const struct train_series *se = &d->series[s];
-                if (se->split != TRAIN_SPLIT_VAL) continue;
-                if (l > 0 && se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* not fitted */
-                float mx = -INFINITY;
-                for (int k = 0; k < se->n; k++) {
-                    float v = lg[mo][(se->first + (size_t)k) * TRAIN_LABELS + l];
-                    if (v > mx) mx = v;
-                }
-                z[n] = mx, y[n++] = se->study[l] == 1;
-            }
+             * flags on is the study's maximum over its series. */
+            size_t n = study_maxima(d, study_of, ns, lg[mo], l, mx, lab, z, y);
             size_t npos = 0;
             for (size_t i = 0; i < n; i++)
                 npos += y[i];
@@ -654,7 +672,7 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
     }
     rc = 0;
 out:
-    free(lg[0]), free(lg[1]), free(z), free(pr), free(y);
+    free(lg[0]), free(lg[1]), free(z), free(pr), free(mx), free(y), free(lab), free(study_of);
     return rc;
 }
 

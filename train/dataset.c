@@ -578,3 +578,39 @@ void train_dataset_count(const struct train_dataset *d, int split, int *nseries,
     if (pos_slices) *pos_slices = psl;
     if (pos_series) *pos_series = ps;
 }
+struct uid_at {
+    const char *uid;
+    int i;
+};
+
+static int by_uid_then_index(const void *a, const void *b)
+{
+    const struct uid_at *x = a, *y = b;
+    int c = strcmp(x->uid, y->uid);
+    return c ? c : (x->i > y->i) - (x->i < y->i);
+}
+
+int train_dataset_studies(const struct train_dataset *d, int split, int *study_of)
+{
+    struct uid_at *v = malloc(((size_t)d->nseries + 1) * sizeof *v);
+    if (!v) return -1;
+    int n = 0;
+    for (int i = 0; i < d->nseries; i++) {
+        study_of[i] = -1;
+        if (split < 0 || d->series[i].split == split)
+            v[n++] = (struct uid_at){d->series[i].study_uid, i};
+    }
+    /* Sorted by UID, each series of a study points at the study's first
+     * series (by index); the studies are then numbered in dataset order:
+     * a first series takes the next number, the others their first's,
+     * already numbered. */
+    qsort(v, (size_t)n, sizeof *v, by_uid_then_index);
+    for (int a = 0, b; a < n; a = b)
+        for (b = a; b < n && strcmp(v[b].uid, v[a].uid) == 0; b++)
+            study_of[v[b].i] = v[a].i;
+    free(v);
+    int ns = 0;
+    for (int i = 0; i < d->nseries; i++)
+        if (study_of[i] >= 0) study_of[i] = study_of[i] == i ? ns++ : study_of[study_of[i]];
+    return ns;
+}

@@ -148,6 +148,13 @@ int train_dataset_add_reviews(struct train_dataset *d, const char *store_dir, co
 struct triage_config;
 int train_reviews_add(struct train_dataset *d, const struct triage_config *cfg,
                       const char *spill_dir, int *added, char *err, size_t errlen);
+/* The studies of split (-1: all): series whose StudyInstanceUIDs are the
+ * same (a study's brain and bone kernels, its reformats) are one study, as
+ * they are one row of the node's worklist. study_of[s] (room for
+ * d->nseries) gets the number of series s's study, the studies numbered in
+ * the order they first appear, or -1 for a series of another split.
+ * Returns the number of studies, -1 when out of memory. */
+int train_dataset_studies(const struct train_dataset *d, int split, int *study_of);
 void train_dataset_free(struct train_dataset *d);
 /* The model's input for slice i: (2 context + 1) x c x h x w, the windows of
  * slices i-context..i+context of its series (docs/model-format.md,

@@ -17,11 +17,12 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: ichtriage eval [options] MODEL DATA...\n"
                "Evaluates MODEL on folders in the RSNA 2019 layout (phantom folders too): per\n"
-               "slice and per study (max over its slices), the CNN alone and the LRCN, at the\n"
-               "thresholds stored in the model. Decision support, not a diagnosis.\n\n"
+               "slice and per study (max over the slices of all its series), the CNN alone and\n"
+               "the LRCN, at the thresholds stored in the model. Decision support, not a\n"
+               "diagnosis.\n\n"
                "  --report FILE      HTML report (default eval-report.html)\n"
                "  --json FILE        metrics JSON (default eval-metrics.json)\n"
-               "  --compare OTHER    also evaluate the model file OTHER on the same series and\n"
+               "  --compare OTHER    also evaluate the model file OTHER on the same studies and\n"
                "                     compare the two study-level AUCs of \"any\" (DeLong's\n"
                "                     paired test): the difference, its 95%% interval, p\n"
                "  --split all|train|val|test  evaluate one split of the data as `train` made\n"
@@ -118,7 +119,7 @@ int train_model_thresholds_set(nn_model *m, const int *label_index,
  * as in every training run on its data. */
 static char eval_store[1024];
 
-/* --compare: the model at other_path on the same series as e (d, split),
+/* --compare: the model at other_path on the same studies as e (d, split),
  * whose LRCN study-level "any" scores and labels are pa and ya: fills e->cmp.
  * A model made for other input gets the same folders preprocessed its own
  * way, and must find the same series in them. Returns 0 or -1 with a
@@ -168,7 +169,7 @@ static int compare_with(const char *other_path, const char *device, const struct
                                      sizeof e2) != 0) {
         snprintf(err, errlen, "%s: %s", other_path, e2);
     } else {
-        train_auc_paired(pa, pb, ya, (size_t)e->nseries, &e->cmp.auc);
+        train_auc_paired(pa, pb, ya, (size_t)e->nstudies, &e->cmp.auc);
         snprintf(e->cmp.model, sizeof e->cmp.model, "%s", other_path);
         e->cmp.sensitivity = oe->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].sensitivity;
         e->cmp.specificity = oe->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0].specificity;

@@ -29,7 +29,8 @@ static const char *with_ci(char out[40], double v, double lo, double hi)
 
 void train_eval_print(FILE *f, const struct train_eval *e)
 {
-    fprintf(f, "%s %d series, %zu slices\n", NOTICE, e->nseries, e->nslices);
+    fprintf(f, "%s %d studies, %d series, %zu slices\n", NOTICE, e->nstudies, e->nseries,
+            e->nslices);
     fprintf(f, "%-6s %-5s %-17s %6s %6s %6s %6s %6s %6s\n", "level", "model", "label", "acc",
             "sens", "spec", "prec", "auc", "thr");
     for (int lv = 0; lv < 2; lv++)
@@ -64,8 +65,8 @@ void train_eval_print(FILE *f, const struct train_eval *e)
     }
     const struct train_compare *c = &e->cmp;
     if (c->valid) {
-        fprintf(f, "Compared with %s on the same %d series (study level, LRCN, \"any\"):\n",
-                c->model, e->nseries);
+        fprintf(f, "Compared with %s on the same %d studies (study level, LRCN, \"any\"):\n",
+                c->model, e->nstudies);
         fprintf(f,
                 "auc %.3f against %.3f: difference %+.3f [%+.3f, %+.3f], p = %.3g (DeLong, "
                 "paired)\nthe other model at its own threshold: sens %.3f  spec %.3f\n",
@@ -79,9 +80,10 @@ void train_eval_summary(const struct train_eval *e, char *out, size_t n)
     const struct train_binary *l = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
     const struct train_binary *c = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_CNN][0];
     snprintf(out, n,
-             "studies=%d study_auc_any=%.4f study_auc_any_ci95=%.3f-%.3f sensitivity=%.4f "
-             "specificity=%.4f threshold=%.4f cnn_study_auc_any=%.4f weighted_logloss_slice=%.4f",
-             e->nseries, l->auc, l->auc_lo, l->auc_hi, l->sensitivity, l->specificity,
+             "studies=%d series=%d study_auc_any=%.4f study_auc_any_ci95=%.3f-%.3f "
+             "sensitivity=%.4f specificity=%.4f threshold=%.4f cnn_study_auc_any=%.4f "
+             "weighted_logloss_slice=%.4f",
+             e->nstudies, e->nseries, l->auc, l->auc_lo, l->auc_hi, l->sensitivity, l->specificity,
              e->thresholds[1][0], c->auc, e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_LRCN]);
 }
 
@@ -145,7 +147,8 @@ static int write_json(const char *path, const char *model, const struct train_ev
     if (!f) return -1;
     fprintf(f, "{\"notice\": \"%s\", \"model\": ", NOTICE);
     jstr(f, model);
-    fprintf(f, ", \"series\": %d, \"slices\": %zu, \"levels\": {", e->nseries, e->nslices);
+    fprintf(f, ", \"studies\": %d, \"series\": %d, \"slices\": %zu, \"levels\": {", e->nstudies,
+            e->nseries, e->nslices);
     for (int lv = 0; lv < 2; lv++) {
         fprintf(f, "%s\"%s\": {", lv ? ", " : "", level_names[lv]);
         for (int mo = 0; mo < 2; mo++) {
@@ -297,7 +300,8 @@ int train_report_write(const char *html_path, const char *json_path, const char 
     esc(f, title);
     fputs("</h1><p>Model: <code>", f);
     esc(f, model_path);
-    fprintf(f, "</code><br>Evaluated on %d series, %zu slices.", e->nseries, e->nslices);
+    fprintf(f, "</code><br>Evaluated on %d studies, %d series, %zu slices.", e->nstudies,
+            e->nseries, e->nslices);
     if (data_desc) {
         fputs("<br>Data: ", f);
         esc(f, data_desc);
@@ -305,7 +309,8 @@ int train_report_write(const char *html_path, const char *json_path, const char 
     fputs("</p>", f);
 
     /* The table: per level and model, per label. */
-    fputs("<h2>Metrics (study = max over its slices)</h2><table><tr><th>level</th><th>model</th>"
+    fputs("<h2>Metrics (study = max over the slices of all its "
+          "series)</h2><table><tr><th>level</th><th>model</th>"
           "<th>label</th><th>n</th><th>pos</th><th>accuracy</th><th>sensitivity</th>"
           "<th>specificity</th><th>precision</th><th>AUC</th><th>threshold</th></tr>",
           f);
@@ -347,13 +352,13 @@ int train_report_write(const char *html_path, const char *json_path, const char 
         fputs("<h2>Compared with another model</h2><p>", f);
         esc(f, c->model);
         fprintf(f,
-                ", on the same %d series (study level, LRCN, &ldquo;any&rdquo;): AUC %.3f here "
+                ", on the same %d studies (study level, LRCN, &ldquo;any&rdquo;): AUC %.3f here "
                 "against %.3f there, a difference of %+.3f (95%% interval %+.3f to %+.3f, "
                 "p&nbsp;=&nbsp;%.3g by DeLong's test for two models scored on the same "
                 "studies). At its own stored threshold the other model has sensitivity %.3f "
                 "and specificity %.3f.</p>",
-                e->nseries, c->auc.auc_a, c->auc.auc_b, c->auc.diff, c->auc.lo, c->auc.hi, c->auc.p,
-                c->sensitivity, c->specificity);
+                e->nstudies, c->auc.auc_a, c->auc.auc_b, c->auc.diff, c->auc.lo, c->auc.hi,
+                c->auc.p, c->sensitivity, c->specificity);
     }
 
     /* ROC curves of "any". */

@@ -1291,18 +1291,18 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
         const struct train_binary *a = &mine->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         const struct train_binary *b = &old->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
         struct train_auc_diff dd;
-        train_auc_paired(mine_p, old_p, y, (size_t)mine->nseries, &dd);
+        train_auc_paired(mine_p, old_p, y, (size_t)mine->nstudies, &dd);
         better = train_at_least_as_good(a, b);
         util_log(UTIL_LOG_INFO, "model_compare",
                  "new_auc=%.4f new_sensitivity=%.4f active_auc=%.4f active_sensitivity=%.4f "
                  "auc_difference=%.4f auc_difference_ci95=%.4f,%.4f p=%.4g series=%d "
-                 "promote=%s",
+                 "studies=%d promote=%s",
                  a->auc, a->sensitivity, b->auc, b->sensitivity, dd.diff, dd.lo, dd.hi, dd.p,
-                 mine->nseries, better ? "yes" : "no");
-        printf("against the active model on the %d test series: study AUC of \"any\" %.3f "
+                 mine->nseries, mine->nstudies, better ? "yes" : "no");
+        printf("against the active model on the %d test studies: study AUC of \"any\" %.3f "
                "against %.3f, difference %+.3f [95%% interval %+.3f, %+.3f], p = %.3g "
                "(DeLong, paired); sensitivity %.3f against %.3f\n",
-               mine->nseries, a->auc, b->auc, dd.diff, dd.lo, dd.hi, dd.p, a->sensitivity,
+               mine->nstudies, a->auc, b->auc, dd.diff, dd.lo, dd.hi, dd.p, a->sensitivity,
                b->sensitivity);
     } else {
         util_log(UTIL_LOG_WARN, "model_compare",

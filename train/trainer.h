@@ -132,9 +132,11 @@ enum { TRAIN_MODEL_CNN = 0, TRAIN_MODEL_LRCN = 1 };
 #define TRAIN_ROC_POINTS 101
 
 struct train_eval {
-    int nseries;
+    int nseries, nstudies; /* series of one study (same StudyInstanceUID) are one */
     size_t nslices;
-    /* [level][model][label]; slice level only over slices with known labels. */
+    /* [level][model][label]; slice level only over slices with known labels;
+     * study level over studies, each the maximum over the slices of all its
+     * series (what the node's worklist shows), labelled as any of them is. */
     struct train_binary m[2][2][TRAIN_LABELS];
     double weighted_logloss[2][2];     /* RSNA weights 2,1,1,1,1,1 */
     float thresholds[2][TRAIN_LABELS]; /* [model][label], applied at both levels */
@@ -142,7 +144,7 @@ struct train_eval {
     int roc_n[2][2];
     float roc_fpr[2][2][TRAIN_ROC_POINTS], roc_tpr[2][2][TRAIN_ROC_POINTS];
     /* `eval --compare`: the LRCN's study-level "any" against another model
-     * on the same series (auc_a this model, auc_b the other); valid 0 when
+     * on the same studies (auc_a this model, auc_b the other); valid 0 when
      * there was none. */
     struct train_compare {
         int valid;
@@ -160,8 +162,9 @@ int train_evaluate(nn_model *m, const int *label_index, const struct train_datas
                    size_t errlen);
 
 /* train_evaluate, and the LRCN's study-level probability of "any" and its
- * label per series of the split, in dataset order, into study_any and
- * study_y (each may be NULL; room for e->nseries, at most d->nseries). */
+ * label per study of the split, in the order train_dataset_studies numbers
+ * them, into study_any and study_y (each may be NULL; room for e->nstudies,
+ * at most d->nseries). */
 int train_evaluate_scores(nn_model *m, const int *label_index, const struct train_dataset *d,
                           int split, const float thresholds[2][TRAIN_LABELS], struct train_eval *e,
                           float *study_any, unsigned char *study_y, char *err, size_t errlen);
@@ -199,9 +202,10 @@ struct train_reliability {
     float temperature[TRAIN_LABELS];
 };
 
-/* Calibration on the validation series of d (their CNN features, as
+/* Calibration on the validation studies of d (their CNN features, as
  * train_features writes them, or NULL: computed here): per label and for the CNN
- * head and the LRCN, a temperature fitted to the study-level maxima (folded
+ * head and the LRCN, a temperature fitted to the study-level maxima (over
+ * the slices of all series of a study, as train_evaluate's study level; folded
  * into m's last layers, at the outputs label_index names) and the highest
  * threshold whose study-level sensitivity is at least sens, into thr
  * [model][label] in our label order. rel gets the

@@ -26,11 +26,15 @@ import json
 import math
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+import pydicom
+from pydicom.uid import generate_uid
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 
@@ -139,6 +143,28 @@ def outputs_rotated(src, dst):
     raw += b" " * (-len(raw) % 8)
     with open(dst, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw + bytes(data))
+
+
+def second_series(src, dst):
+    """A copy of the phantom folder src in which every series is also a
+    second series of its study (new Series and SOP Instance UIDs, the same
+    pixels and labels), as a study with a brain and a bone kernel is."""
+    shutil.copytree(src, dst)
+    csvp = os.path.join(dst, "stage_2_train.csv")
+    rows = open(csvp).read().splitlines()
+    series = {}
+    for path in sorted(glob.glob(os.path.join(dst, "stage_2_train", "*.dcm"))):
+        ds = pydicom.dcmread(path)
+        old = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series.setdefault(
+            ds.SeriesInstanceUID, generate_uid(entropy_srcs=["series", ds.SeriesInstanceUID]))
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["sop", old])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(os.path.join(dst, "stage_2_train", "ID_%s.dcm" % ds.SOPInstanceUID))
+        rows += [x.replace("ID_%s_" % old, "ID_%s_" % ds.SOPInstanceUID)
+                 for x in rows if x.startswith("ID_%s_" % old)]
+    with open(csvp, "w") as f:
+        f.write("\n".join(rows) + "\n")
 
 
 def by_label(path, key):
@@ -495,8 +521,41 @@ def main():
             "--report", rep, "--json", js)
     check(r.returncode == 0, "eval exits 0: " + r.stderr[-300:])
     e = json.load(open(js))
-    check(abs(e["levels"]["study"]["lrcn"]["any"]["auc"] - study_auc) < 1e-4,
-          "eval of the test split reproduces train's figures")
+    check(close(e["levels"], m["levels"]) and e["studies"] == m["studies"]
+          and e["series"] == m["series"],
+          "eval of the test split reproduces train's figures: every level, model and label, "
+          "counts, sensitivity, specificity and intervals (study AUC of any %s against %s)" % (
+              e["levels"]["study"]["lrcn"]["any"]["auc"], study_auc))
+    # Every series also as a second series of its study (a brain and a bone
+    # kernel): the studies are the same 12, with the same figures, and
+    # calibrate picks the same thresholds. Each series had counted as a
+    # study: "24 series ... 10 positive and 14 negative studies".
+    one, two = os.path.join(tmp, "one"), os.path.join(tmp, "two")
+    run("phantom", one, "--seed", "21", "-n", "12", "--size", "64", "--slices", "8",
+        "--prevalence", "0.5")
+    second_series(one, two)
+    lv, cal_thr = {}, {}
+    for name in ("one", "two"):
+        js_o = os.path.join(tmp, name + ".json")
+        r = run("eval", out, os.path.join(tmp, name), "--json", js_o,
+                "--report", os.path.join(tmp, name + ".html"))
+        lv[name] = json.load(open(js_o)) if r.returncode == 0 else {}
+        if name == "two":
+            check(r.returncode == 0 and "12 studies, 24 series, 192 slices" in r.stdout,
+                  "two series of each of 12 studies are 12 studies: " + r.stdout[:120])
+        out_o = os.path.join(tmp, name + "-cal.safetensors")
+        r = run("calibrate", out, os.path.join(tmp, name), "-o", out_o, "--threads", "2",
+                "--report", os.path.join(tmp, name + "-cal.html"),
+                "--json", os.path.join(tmp, name + "-cal.json"))
+        cal_thr[name] = metadata(out_o)["thresholds"] if r.returncode == 0 else None
+    check(lv["one"] and lv["two"] and close(lv["one"]["levels"]["study"],
+                                            lv["two"]["levels"]["study"]),
+          "each series twice: the same study-level figures (any: %s positive of %s)" % (
+              lv["two"] and lv["two"]["levels"]["study"]["lrcn"]["any"]["positives"],
+              lv["two"] and lv["two"]["levels"]["study"]["lrcn"]["any"]["n"]))
+    check(cal_thr["one"] is not None and cal_thr["one"] == cal_thr["two"],
+          "each series twice: calibrate picks the same thresholds: %s against %s" % (
+              cal_thr["two"], cal_thr["one"]))
     check("CNN" in r.stdout and "LRCN" in r.stdout, "eval prints CNN and LRCN side by side")
     # Only negative studies: what needs positives is "n/a", not "nan".
     neg = os.path.join(tmp, "neg")

@@ -819,6 +819,16 @@ Test(val_sample, seeded_subset_of_labelled_validation_slices)
     nn_model_free(m);
 }
 
+/* fake_dataset's 2 x npatients series with random pixels, all of them
+ * validation series with study labels only, as reviews give them. */
+static void validation_studies(struct train_dataset *d, int npatients, uint64_t rng)
+{
+    fake_dataset(d, npatients);
+    random_pixels(d, rng);
+    for (int s = 0; s < d->nseries; s++)
+        d->series[s].split = TRAIN_SPLIT_VAL, d->series[s].slice_labels = 0;
+}
+
 /* --sensitivity through train_calibrate as the commands pass it (a double):
  * the LRCN's threshold of "any" keeps exactly ceil(target x 20) of 20
  * positive studies. The labels follow the untrained model's own scores, every
@@ -827,10 +837,7 @@ Test(calibrate, the_threshold_keeps_the_share_of_positives_asked_for)
 {
     nn_model *m = tiny_model();
     struct train_dataset d;
-    fake_dataset(&d, 20); /* 40 studies */
-    random_pixels(&d, 13);
-    for (int s = 0; s < d.nseries; s++)
-        d.series[s].split = TRAIN_SPLIT_VAL, d.series[s].slice_labels = 0;
+    validation_studies(&d, 20, 13); /* 40 studies */
     float thr[2][TRAIN_LABELS] = {{0.5f}, {0.5f}}, score[40];
     struct train_eval *e = malloc(sizeof *e);
     char err[256];
@@ -879,18 +886,68 @@ Test(calibrate, the_threshold_keeps_the_share_of_positives_asked_for)
     nn_model_free(m);
 }
 
+/* The series of one study (its brain and bone kernels) are one study, as on
+ * the node's worklist: the study's score is the maximum over all of them,
+ * its label positive when one of them is, and evaluation, the threshold and
+ * the temperature count it once. Each series had counted as a study. */
+Test(evaluate, the_series_of_a_study_are_one_study)
+{
+    nn_model *m = tiny_model();
+    struct train_dataset d;
+    validation_studies(&d, 12, 17); /* 24 series */
+    float thr[2][TRAIN_LABELS] = {{0.5f}, {0.5f}}, series_score[24], study_score[24];
+    unsigned char study_y[24];
+    struct train_eval *e = malloc(sizeof *e);
+    char err[256];
+    cr_assert_eq(train_evaluate_scores(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, series_score, NULL,
+                                       err, sizeof err),
+                 0, "%s", err);
+    cr_assert_eq(e->nstudies, 24, "a study per series");
+    /* Series 12 + i a second series of study i (its patient too), some of
+     * them the positive one of their study. */
+    int pos = 0;
+    for (int i = 0; i < 12; i++) {
+        struct train_series *a = &d.series[i], *b = &d.series[12 + i];
+        memcpy(b->study_uid, a->study_uid, sizeof b->study_uid);
+        memcpy(b->patient_id, a->patient_id, sizeof b->patient_id);
+        b->study[0] = i % 4 == 1;
+        pos += a->study[0] || b->study[0];
+    }
+    cr_assert_eq(train_evaluate_scores(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, study_score, study_y,
+                                       err, sizeof err),
+                 0, "%s", err);
+    cr_assert_eq(e->nseries, 24);
+    cr_assert_eq(e->nstudies, 12);
+    for (int mo = 0; mo < 2; mo++) {
+        const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][mo][0];
+        cr_assert_eq(b->n, 12, "%zu studies scored", b->n);
+        cr_assert_eq(b->pos, (size_t)pos, "%zu positive studies, %d", b->pos, pos);
+    }
+    for (int i = 0; i < 12; i++) {
+        cr_assert_float_eq(study_score[i], fmaxf(series_score[i], series_score[12 + i]), 1e-7,
+                           "study %d: the maximum over its two series", i);
+        cr_assert_eq(study_y[i], d.series[i].study[0] || d.series[12 + i].study[0]);
+    }
+    struct train_reliability rel;
+    char t[256];
+    unsigned fitted;
+    cr_assert_eq(train_calibrate(m, NULL, &d, NULL, 0.95, thr, &rel, &fitted, t, sizeof t), 0);
+    int n = 0;
+    for (int b = 0; b < 10; b++)
+        n += rel.count[0][b];
+    cr_assert_eq(n, 12, "the temperature fitted on %d studies, 12", n);
+    free(e);
+    train_dataset_free(&d);
+    nn_model_free(m);
+}
+
 /* Calibration takes every validation series, study-labelled (reviewed) ones
  * too: with only those, "any" still has both classes and is fitted. */
 Test(calibrate, study_labelled_series_count)
 {
     nn_model *m = tiny_model();
     struct train_dataset d;
-    fake_dataset(&d, 4); /* 8 series, patients 0 and 3 positive */
-    random_pixels(&d, 9);
-    for (int s = 0; s < d.nseries; s++) {
-        d.series[s].split = TRAIN_SPLIT_VAL;
-        d.series[s].slice_labels = 0; /* reviews: the study's labels only */
-    }
+    validation_studies(&d, 4, 9); /* 8 series, patients 0 and 3 positive */
     float thr[2][TRAIN_LABELS];
     struct train_reliability rel;
     unsigned fitted = 0;

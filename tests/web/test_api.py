@@ -295,7 +295,7 @@ class ApiTest(wt.WebTest):
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("2 reviewed series of " + self.node.store_dir, p.stdout)
-        self.assertIn("only 1 positive series", p.stderr)
+        self.assertIn("only 1 positive study", p.stderr)
         # Sensitivity 0.95 of one positive study: the threshold takes it.
         after = [l for l in p.stdout.splitlines() if l.startswith("after")]
         self.assertEqual(len(after), 1, p.stdout)
