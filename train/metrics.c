@@ -122,23 +122,43 @@ double train_auc_variance(const float *p, const unsigned char *y, size_t n)
     return var;
 }
 
+/* Wilson's score interval of a proportion q of n: the p with
+ * (q - p)^2 <= z^2 p (1 - p) / n. */
+static void wilson(double q, double n, double *lo, double *hi)
+{
+    double z2 = Z95 * Z95, d = 1 + z2 / n;
+    double c = (q + z2 / (2.0 * n)) / d;
+    double h = Z95 * sqrt(q * (1 - q) / n + z2 / (4.0 * n * n)) / d;
+    *lo = fmax(c - h, 0), *hi = fmin(c + h, 1);
+}
+
 void train_wilson(size_t k, size_t n, double *lo, double *hi)
 {
-    if (n == 0) {
+    if (n == 0)
         *lo = *hi = NAN;
-        return;
-    }
-    double z2 = Z95 * Z95, q = (double)k / (double)n, d = 1 + z2 / (double)n;
-    double c = (q + z2 / (2.0 * (double)n)) / d;
-    double h = Z95 * sqrt(q * (1 - q) / (double)n + z2 / (4.0 * (double)n * (double)n)) / d;
-    *lo = fmax(c - h, 0), *hi = fmin(c + h, 1);
+    else
+        wilson((double)k / (double)n, (double)n, lo, hi);
 }
 
 void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct train_binary *b)
 {
-    double se = sqrt(train_auc_variance(p, y, n));
-    b->auc_lo = isnan(se) ? NAN : fmax(b->auc - Z95 * se, 0);
-    b->auc_hi = isnan(se) ? NAN : fmin(b->auc + Z95 * se, 1);
+    double var = train_auc_variance(p, y, n),
+           m = (double)(b->pos < b->n - b->pos ? b->pos : b->n - b->pos);
+    b->auc_ci_bound = var == 0;
+    if (var > 0) {
+        b->auc_lo = fmax(b->auc - Z95 * sqrt(var), 0);
+        b->auc_hi = fmin(b->auc + Z95 * sqrt(var), 1);
+    } else if (var == 0) {
+        /* Every positive above every negative (or below, or every score
+         * tied): DeLong's variance is 0 and its interval would have no
+         * width whatever the sample size. The AUC's variance is at most
+         * A (1 - A) / min(P, N) (Birnbaum and Klose 1957); the AUCs that
+         * put the observed one within 1.96 such standard errors are
+         * Wilson's interval of it as a proportion of min(P, N). */
+        wilson(b->auc, m, &b->auc_lo, &b->auc_hi);
+    } else {
+        b->auc_lo = b->auc_hi = NAN;
+    }
     train_wilson(b->tp, b->tp + b->fn, &b->sens_lo, &b->sens_hi);
     train_wilson(b->tn, b->tn + b->fp, &b->spec_lo, &b->spec_hi);
 }
@@ -173,8 +193,17 @@ void train_auc_paired(const float *pa, const float *pb, const unsigned char *y, 
         q[y[i] ? 1 : 0] += d * d;
     }
     double se = sqrt(q[1] / (P - 1) / P + q[0] / (N - 1) / N);
-    o->lo = fmax(o->diff - Z95 * se, -1), o->hi = fmin(o->diff + Z95 * se, 1);
-    o->p = se > 0 ? erfc(fabs(o->diff) / se / sqrt(2.0)) : o->diff == 0 ? 1.0 : 0.0;
+    if (se > 0) {
+        o->lo = fmax(o->diff - Z95 * se, -1), o->hi = fmin(o->diff + Z95 * se, 1);
+        o->p = erfc(fabs(o->diff) / se / sqrt(2.0));
+    } else if (o->diff == 0) {
+        /* every sample's components the same for both: the two rank these
+         * studies alike (the same model, or both perfect), no difference */
+        o->lo = o->hi = 0, o->p = 1;
+    }
+    /* else the AUCs differ by the same amount in every sample's components
+     * (one model perfect, the other's scores all tied): the variance is 0
+     * and the test undefined, not p = 0; lo, hi and p stay NAN */
 out:
     free(ca), free(cb);
 }

@@ -19,6 +19,7 @@ struct train_binary {
     /* 95% confidence intervals, from train_binary_ci; NAN until then and
      * where undefined */
     double auc_lo, auc_hi, sens_lo, sens_hi, spec_lo, spec_hi;
+    int auc_ci_bound; /* 1: DeLong's variance was 0, the AUC's interval is the bound below */
 };
 
 /* Metrics of probabilities p against labels y at threshold t (p >= t is
@@ -27,8 +28,13 @@ void train_binary_eval(const float *p, const unsigned char *y, size_t n, float t
                        struct train_binary *out);
 /* 95% confidence intervals of the metrics b holds for the same p and y: the
  * AUC's by DeLong's variance (normal, clipped to [0, 1]), sensitivity's and
- * specificity's by Wilson's score interval. They assume independent samples:
- * studies, not the slices of a series (those would come out too narrow). */
+ * specificity's by Wilson's score interval. Where DeLong's variance is 0
+ * (AUC 1 or 0, or every score tied), which would give an interval of no
+ * width, the AUC's is Wilson's interval of it as a proportion of min(P, N)
+ * (the largest variance an AUC of P positives and N negatives can have is
+ * A (1 - A) / min(P, N)), and auc_ci_bound says so. NAN with fewer than 2 of
+ * either class. They assume independent samples: studies, not the slices of
+ * a series (those would come out too narrow). */
 void train_binary_ci(const float *p, const unsigned char *y, size_t n, struct train_binary *b);
 /* DeLong's variance of the AUC (ties counted half); NAN with fewer than 2
  * of either class. */
@@ -36,7 +42,10 @@ double train_auc_variance(const float *p, const unsigned char *y, size_t n);
 /* Two models' AUCs on the same samples, compared by DeLong's paired test:
  * auc_a - auc_b with its 95% interval and the two-sided p-value of "no
  * difference" (normal); the interval clipped to [-1, 1]. lo, hi, p NAN with
- * fewer than 2 of either class. */
+ * fewer than 2 of either class, and where the variance of the difference is
+ * 0 while the AUCs differ (one model perfect, the other's scores all tied):
+ * undefined, not p = 0. Two models that rank the samples alike (the same
+ * model) have p = 1 and the interval [0, 0]. */
 struct train_auc_diff {
     double auc_a, auc_b, diff, lo, hi, p;
 };

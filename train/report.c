@@ -27,6 +27,30 @@ static const char *with_ci(char out[40], double v, double lo, double hi)
     return out;
 }
 
+/* v with format fmt, or "n/a" for a figure that is undefined. */
+static const char *num(char out[32], const char *fmt, double v)
+{
+    if (isnan(v))
+        snprintf(out, 32, "n/a");
+    else
+        snprintf(out, 32, fmt, v);
+    return out;
+}
+
+/* Why the paired comparison has no p-value (c->auc.p NAN), or "". */
+static const char *paired_na(const struct train_eval *e)
+{
+    const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
+    if (!isnan(e->cmp.auc.p) || isnan(e->cmp.auc.diff)) return "";
+    if (b->pos < 2 || b->n - b->pos < 2) return "; fewer than 2 positive or negative studies";
+    return "; the variance of the difference is 0 while the AUCs differ: one model separates "
+           "the studies perfectly, the other not at all";
+}
+
+#define AUC_BOUND_NOTE                                                                             \
+    "DeLong's variance of an AUC of 1 or 0 (or of scores all tied) is 0; its interval is "         \
+    "Wilson's for the AUC as a proportion of min(positives, negatives)"
+
 void train_eval_print(FILE *f, const struct train_eval *e)
 {
     fprintf(f, "%s %d studies, %d series, %zu slices\n", NOTICE, e->nstudies, e->nseries,
@@ -55,23 +79,29 @@ void train_eval_print(FILE *f, const struct train_eval *e)
             "95%% confidence intervals, study level, \"any\", %zu positive and %zu negative "
             "studies\n(DeLong for the AUC, Wilson for sensitivity and specificity):\n",
             a->pos, a->n - a->pos);
+    int bound = 0;
     for (int mo = 0; mo < 2; mo++) {
         const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][mo][0];
         char x[3][40];
-        fprintf(f, "study  %-5s auc %s  sens %s  spec %s\n", model_names[mo],
-                with_ci(x[0], b->auc, b->auc_lo, b->auc_hi),
+        fprintf(f, "study  %-5s auc %s%s  sens %s  spec %s\n", model_names[mo],
+                with_ci(x[0], b->auc, b->auc_lo, b->auc_hi), b->auc_ci_bound ? "*" : "",
                 with_ci(x[1], b->sensitivity, b->sens_lo, b->sens_hi),
                 with_ci(x[2], b->specificity, b->spec_lo, b->spec_hi));
+        bound |= b->auc_ci_bound;
     }
+    if (bound) fprintf(f, "* %s\n", AUC_BOUND_NOTE);
     const struct train_compare *c = &e->cmp;
     if (c->valid) {
+        char x[8][32];
         fprintf(f, "Compared with %s on the same %d studies (study level, LRCN, \"any\"):\n",
                 c->model, e->nstudies);
         fprintf(f,
-                "auc %.3f against %.3f: difference %+.3f [%+.3f, %+.3f], p = %.3g (DeLong, "
-                "paired)\nthe other model at its own threshold: sens %.3f  spec %.3f\n",
-                c->auc.auc_a, c->auc.auc_b, c->auc.diff, c->auc.lo, c->auc.hi, c->auc.p,
-                c->sensitivity, c->specificity);
+                "auc %s against %s: difference %s [%s, %s], p = %s (DeLong, paired%s)\n"
+                "the other model at its own threshold: sens %s  spec %s\n",
+                num(x[0], "%.3f", c->auc.auc_a), num(x[1], "%.3f", c->auc.auc_b),
+                num(x[2], "%+.3f", c->auc.diff), num(x[3], "%+.3f", c->auc.lo),
+                num(x[4], "%+.3f", c->auc.hi), num(x[5], "%.3g", c->auc.p), paired_na(e),
+                num(x[6], "%.3f", c->sensitivity), num(x[7], "%.3f", c->specificity));
     }
 }
 
@@ -170,6 +200,9 @@ static int write_json(const char *path, const char *model, const struct train_ev
                     jnum(f, v[i]);
                 }
                 jpair(f, "auc_ci95", b->auc_lo, b->auc_hi);
+                if (!isnan(b->auc_lo))
+                    fprintf(f, ", \"auc_ci95_method\": \"%s\"",
+                            b->auc_ci_bound ? "wilson_min_class" : "delong");
                 jpair(f, "sensitivity_ci95", b->sens_lo, b->sens_hi);
                 jpair(f, "specificity_ci95", b->spec_lo, b->spec_hi);
                 fputc('}', f);
@@ -345,20 +378,26 @@ int train_report_write(const char *html_path, const char *json_path, const char 
     fputs("</table><p>Under a study-level figure, its 95% confidence interval: DeLong's for the "
           "AUC, Wilson's for sensitivity and specificity. None per slice: the slices of a "
           "series are not independent, and intervals that assume they are would be too "
-          "narrow.</p>",
+          "narrow.",
           f);
+    for (int mo = 0, said = 0; mo < 2 && !said; mo++)
+        if ((said = e->m[TRAIN_LEVEL_STUDY][mo][0].auc_ci_bound)) fputs(" " AUC_BOUND_NOTE ".", f);
+    fputs("</p>", f);
     if (e->cmp.valid) {
         const struct train_compare *c = &e->cmp;
+        char x[8][32];
         fputs("<h2>Compared with another model</h2><p>", f);
         esc(f, c->model);
         fprintf(f,
-                ", on the same %d studies (study level, LRCN, &ldquo;any&rdquo;): AUC %.3f here "
-                "against %.3f there, a difference of %+.3f (95%% interval %+.3f to %+.3f, "
-                "p&nbsp;=&nbsp;%.3g by DeLong's test for two models scored on the same "
-                "studies). At its own stored threshold the other model has sensitivity %.3f "
-                "and specificity %.3f.</p>",
-                e->nstudies, c->auc.auc_a, c->auc.auc_b, c->auc.diff, c->auc.lo, c->auc.hi,
-                c->auc.p, c->sensitivity, c->specificity);
+                ", on the same %d studies (study level, LRCN, &ldquo;any&rdquo;): AUC %s here "
+                "against %s there, a difference of %s (95%% interval %s to %s, "
+                "p&nbsp;=&nbsp;%s by DeLong's test for two models scored on the same "
+                "studies%s). At its own stored threshold the other model has sensitivity %s "
+                "and specificity %s.</p>",
+                e->nstudies, num(x[0], "%.3f", c->auc.auc_a), num(x[1], "%.3f", c->auc.auc_b),
+                num(x[2], "%+.3f", c->auc.diff), num(x[3], "%+.3f", c->auc.lo),
+                num(x[4], "%+.3f", c->auc.hi), num(x[5], "%.3g", c->auc.p), paired_na(e),
+                num(x[6], "%.3f", c->sensitivity), num(x[7], "%.3f", c->specificity));
     }
 
     /* ROC curves of "any". */

@@ -178,6 +178,14 @@ Test(metrics, paired_auc_comparison_is_delongs)
     train_auc_paired(a, a, y, 60, &d);
     cr_assert_float_eq(d.diff, 0.0, 1e-15);
     cr_assert_float_eq(d.p, 1.0, 1e-15);
+    /* One model perfect, the other's scores all tied: the variance of the
+     * difference is 0 and the test undefined (it had said p = 0). */
+    float perfect[60], tied[60];
+    for (int i = 0; i < 60; i++)
+        perfect[i] = y[i] ? 0.9f : 0.1f, tied[i] = 0.5f;
+    train_auc_paired(perfect, tied, y, 60, &d);
+    cr_assert_float_eq(d.diff, 0.5, 1e-12);
+    cr_assert(isnan(d.p) && isnan(d.lo) && isnan(d.hi), "p %f [%f, %f]", d.p, d.lo, d.hi);
     /* Fewer than two of a class: no interval. */
     unsigned char one[] = {1, 0, 0, 0};
     train_auc_paired(a, b, one, 4, &d);
@@ -199,20 +207,80 @@ Test(metrics, confidence_intervals)
     train_wilson(0, 0, &lo, &hi);
     cr_assert(isnan(lo) && isnan(hi));
 
-    float p[] = {0.9f, 0.8f, 0.7f, 0.65f, 0.6f, 0.5f, 0.4f, 0.35f, 0.3f, 0.1f};
-    unsigned char y[] = {1, 1, 0, 1, 1, 0, 1, 0, 0, 0};
+    /* 7 positives, 5 of them at or above 0.55; 5 negatives, 4 below: each
+     * interval of its own counts (equal counts could not tell them apart) */
+    float p[] = {0.9f, 0.8f, 0.7f, 0.65f, 0.6f, 0.58f, 0.5f, 0.4f, 0.35f, 0.3f, 0.2f, 0.1f};
+    unsigned char y[] = {1, 1, 0, 1, 1, 1, 0, 1, 0, 0, 1, 0};
     struct train_binary b;
-    train_binary_eval(p, y, 10, 0.55f, &b);
+    train_binary_eval(p, y, 12, 0.55f, &b);
     cr_assert(isnan(b.auc_lo) && isnan(b.sens_lo), "only train_binary_ci sets them");
-    train_binary_ci(p, y, 10, &b);
-    double se = sqrt(train_auc_variance(p, y, 10));
+    train_binary_ci(p, y, 12, &b);
+    double se = sqrt(train_auc_variance(p, y, 12));
+    cr_assert_gt(se, 0);
+    cr_assert(!b.auc_ci_bound);
     cr_assert_float_eq(b.auc_lo, b.auc - 1.959964 * se, 1e-5);
     cr_assert_float_eq(b.auc_hi, fmin(b.auc + 1.959964 * se, 1.0), 1e-5);
-    train_wilson(4, 5, &lo, &hi); /* 4 of the 5 positives at or above 0.55 */
+    cr_assert_eq(b.tp + b.fn, 7);
+    train_wilson(5, 7, &lo, &hi); /* 5 of the 7 positives at or above 0.55 */
     cr_assert_float_eq(b.sens_lo, lo, 1e-12);
     cr_assert_float_eq(b.sens_hi, hi, 1e-12);
+    cr_assert_float_eq(lo, 0.35893, 1e-5); /* Wilson's 5 of 7 */
+    cr_assert_float_eq(hi, 0.91778, 1e-5);
     train_wilson(4, 5, &lo, &hi); /* 4 of the 5 negatives below */
     cr_assert_float_eq(b.spec_lo, lo, 1e-12);
+    cr_assert_float_eq(b.spec_hi, hi, 1e-12);
+}
+
+/* An AUC of 1 or 0, or scores all tied: DeLong's variance is 0, and its
+ * interval had no width ("auc 1.000 [1.000, 1.000]") however few the
+ * studies. The interval is Wilson's of the AUC as a proportion of the
+ * smaller class; it narrows as that grows. */
+Test(metrics, auc_interval_when_delongs_variance_is_0)
+{
+    float p[] = {0.9f, 0.8f, 0.7f, 0.6f, 0.5f, 0.4f, 0.3f, 0.2f, 0.1f};
+    unsigned char y[] = {1, 1, 1, 1, 0, 0, 0, 0, 0}, r[9];
+    struct train_binary b;
+    double lo, hi;
+    train_binary_eval(p, y, 9, 0.5f, &b);
+    train_binary_ci(p, y, 9, &b);
+    cr_assert_float_eq(b.auc, 1.0, 1e-12);
+    cr_assert_eq(train_auc_variance(p, y, 9), 0.0);
+    train_wilson(4, 4, &lo, &hi); /* 4 positives, the smaller class */
+    cr_assert(b.auc_ci_bound);
+    cr_assert_float_eq(b.auc_lo, lo, 1e-12, "AUC 1 of 4 and 5: from %f, not 1", b.auc_lo);
+    cr_assert_lt(b.auc_lo, 0.6);
+    cr_assert_float_eq(b.auc_hi, 1.0, 1e-12);
+    for (int i = 0; i < 9; i++) /* every negative above: AUC 0 */
+        r[i] = !y[i];
+    train_binary_eval(p, r, 9, 0.5f, &b);
+    train_binary_ci(p, r, 9, &b);
+    cr_assert_float_eq(b.auc, 0.0, 1e-12);
+    train_wilson(0, 4, &lo, &hi);
+    cr_assert_float_eq(b.auc_lo, 0.0, 1e-12);
+    cr_assert_float_eq(b.auc_hi, hi, 1e-12);
+    float q[9] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f}; /* all tied */
+    train_binary_eval(q, y, 9, 0.5f, &b);
+    train_binary_ci(q, y, 9, &b);
+    train_wilson(2, 4, &lo, &hi);
+    cr_assert(b.auc_ci_bound && b.auc_lo < 0.5 && b.auc_hi > 0.5);
+    cr_assert_float_eq(b.auc_lo, lo, 1e-12);
+    cr_assert_float_eq(b.auc_hi, hi, 1e-12);
+    /* more studies, a narrower interval */
+    float p40[80];
+    unsigned char y40[80];
+    for (int i = 0; i < 80; i++)
+        p40[i] = (float)(80 - i), y40[i] = i < 40;
+    struct train_binary b40;
+    train_binary_eval(p40, y40, 80, 0.5f, &b40);
+    train_binary_ci(p40, y40, 80, &b40);
+    train_binary_eval(p, y, 9, 0.5f, &b);
+    train_binary_ci(p, y, 9, &b);
+    cr_assert(b40.auc_lo > b.auc_lo && b40.auc_lo < 1.0, "%f against %f", b40.auc_lo, b.auc_lo);
+    /* and one positive: no interval at all */
+    unsigned char one[9] = {1, 0, 0, 0, 0, 0, 0, 0, 0};
+    train_binary_eval(p, one, 9, 0.5f, &b);
+    train_binary_ci(p, one, 9, &b);
+    cr_assert(isnan(b.auc_lo) && isnan(b.auc_hi) && !b.auc_ci_bound);
 }
 
 Test(metrics, threshold_reaches_the_sensitivity)
