@@ -233,8 +233,8 @@ int train_calibrate_main(int argc, char **argv)
     unsigned fitted = 0;
     char tdesc[512];
     if (train_calibrate(tm.nn, tm.label_index, &d, feat, sens, thr, &rel, &fitted, tdesc,
-                        sizeof tdesc) != 0) {
-        fprintf(stderr, "ichtriage calibrate: calibration failed\n");
+                        sizeof tdesc, err, sizeof err) != 0) {
+        fprintf(stderr, "ichtriage calibrate: calibration failed: %s\n", err);
         goto out;
     }
     /* A label with no positive (or no negative) study here keeps its

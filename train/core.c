@@ -274,8 +274,35 @@ size_t train_val_sample(const struct train_dataset *d, size_t want, uint64_t see
     return want;
 }
 
+/* The first of n logits that is not finite, or -1. */
+static long first_nonfinite(const float *lg, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(lg[i])) return (long)i;
+    return -1;
+}
+
+/* The message for a logit of label l of dataset slice i that is not finite:
+ * a NaN ranks nowhere (the AUC's walk had stood still on one) and comes of
+ * weights that training made non-finite, after the epoch's loss was
+ * taken. */
+static void say_nonfinite(const struct train_dataset *d, const char *model, size_t i, int l,
+                          char *err, size_t errlen)
+{
+    int s = 0;
+    while (s + 1 < d->nseries && d->series[s + 1].first <= i)
+        s++;
+    const struct train_series *se = &d->series[s];
+    snprintf(err, errlen,
+             "the %s's output for \"%s\" is not a number (NaN or infinite) at slice %zu of %d of "
+             "series %s: its weights are not finite (training diverged; a lower learning rate "
+             "may help)",
+             model, train_label_names[l], i - se->first + 1, se->n, se->series_uid);
+}
+
 int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
-                          struct train_binary out[TRAIN_LABELS], double *weighted_logloss)
+                          struct train_binary out[TRAIN_LABELS], double *weighted_logloss,
+                          char *err, size_t errlen)
 {
     float *lg = malloc((n ? n : 1) * TRAIN_LABELS * sizeof(float));
     float *p = malloc((n ? n : 1) * sizeof(float));
@@ -284,6 +311,13 @@ int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size
     if (rc == 0) {
         nn_model_set_training(m, 0);
         rc = train_cnn_logits(m, d, idx, n, lg);
+    }
+    long bad = rc == 0 ? first_nonfinite(lg, n * TRAIN_LABELS) : -1;
+    if (bad >= 0) {
+        say_nonfinite(d, "CNN", idx[bad / TRAIN_LABELS], (int)(bad % TRAIN_LABELS), err, errlen);
+        rc = NN_EFORMAT;
+    } else if (rc != 0) {
+        snprintf(err, errlen, "%s", rc == NN_ENOMEM ? "out of memory" : "the CNN failed");
     }
     double wl = 0, ws = 0;
     for (int l = 0; rc == 0 && l < TRAIN_LABELS; l++) {
@@ -503,6 +537,27 @@ static int evaluate(nn_model *m, const int *label_index, const struct train_data
                     struct train_eval *e, float *study_any, unsigned char *study_y, char *err,
                     size_t errlen);
 
+/* 0 when the logits lg [model] of every slice of split (-1: all) are
+ * finite; else -1 with a message naming the first that is not. */
+static int outputs_finite(const struct train_dataset *d, int split, float *const lg[2], char *err,
+                          size_t errlen)
+{
+    for (int s = 0; s < d->nseries; s++) {
+        const struct train_series *se = &d->series[s];
+        if (split >= 0 && se->split != split) continue;
+        for (int mo = 0; mo < 2; mo++) {
+            const float *v = lg[mo] + se->first * TRAIN_LABELS;
+            long bad = first_nonfinite(v, (size_t)se->n * TRAIN_LABELS);
+            if (bad < 0) continue;
+            say_nonfinite(d, mo == TRAIN_MODEL_LRCN ? "LRCN" : "CNN",
+                          se->first + (size_t)bad / TRAIN_LABELS, (int)(bad % TRAIN_LABELS), err,
+                          errlen);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int train_evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *e, char *err,
                    size_t errlen)
@@ -550,6 +605,7 @@ static int evaluate(nn_model *m, const int *label_index, const struct train_data
         snprintf(err, errlen, "prediction failed (nn error %d)", r);
         goto out;
     }
+    if (outputs_finite(d, split, lg, err, errlen) != 0) goto out;
     train_dataset_count(d, split, &e->nseries, &e->nslices, NULL, NULL);
     if (e->nseries == 0) {
         snprintf(err, errlen, "no series to evaluate");
@@ -612,7 +668,8 @@ out:
 
 int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,
                     const float *features, double sens, float thr[2][TRAIN_LABELS],
-                    struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn)
+                    struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn,
+                    char *err, size_t errlen)
 {
     size_t N = d->nslices, S = (size_t)d->nseries + 1;
     float *lg[2] = {malloc(N * TRAIN_LABELS * sizeof(float)),
@@ -624,10 +681,16 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
     int *study_of = malloc(S * sizeof(int)), ns;
     int rc = -1;
     if (!lg[0] || !lg[1] || !z || !pr || !mx || !y || !lab || !study_of ||
-        (ns = train_dataset_studies(d, TRAIN_SPLIT_VAL, study_of)) < 0)
+        (ns = train_dataset_studies(d, TRAIN_SPLIT_VAL, study_of)) < 0) {
+        snprintf(err, errlen, "out of memory");
         goto out;
-    if (train_predict_features(m, d, TRAIN_SPLIT_VAL, features, label_index, lg[0], lg[1]) != 0)
+    }
+    int r = train_predict_features(m, d, TRAIN_SPLIT_VAL, features, label_index, lg[0], lg[1]);
+    if (r != 0) {
+        snprintf(err, errlen, "prediction failed (nn error %d)", r);
         goto out;
+    }
+    if (outputs_finite(d, TRAIN_SPLIT_VAL, lg, err, errlen) != 0) goto out;
     int off = 0;
     memset(rel, 0, sizeof *rel);
     if (fitted) *fitted = 0;
@@ -664,7 +727,10 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
             thr[mo][l] = train_threshold_for_sensitivity(pr, y, n, sens) * 0.9999f;
         }
         if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
-        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, label_index, T) != 0) goto out;
+        if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, label_index, T) != 0) {
+            snprintf(err, errlen, "the model's last layers are not as expected");
+            goto out;
+        }
         off +=
             snprintf(t_desc + off, tn - (size_t)off, "%s%s=", mo ? ";" : "", mo ? "lrcn" : "cnn");
         for (int l = 0; l < TRAIN_LABELS && (size_t)off < tn; l++)

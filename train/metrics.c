@@ -30,12 +30,31 @@ static struct pv *sorted(const float *p, const unsigned char *y, size_t n)
     return v;
 }
 
+static bool any_nan(const float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (isnan(p[i])) return true;
+    return false;
+}
+
+/* The end of the tie group that starts at a: at least a + 1, also where
+ * v[a].p is NaN, which equals nothing (the walks below had stood still). */
+static size_t tie_end(const struct pv *v, size_t n, size_t a)
+{
+    size_t b = a + 1;
+    while (b < n && v[b].p == v[a].p)
+        b++;
+    return b;
+}
+
 /* The AUC (ties counted half), with var DeLong's variance of it, and with
  * comp each sample's structural component (at its own index): one walk over
- * the tie groups from the highest p down. */
+ * the tie groups from the highest p down. NAN when a score is NaN: no
+ * ranking, no AUC. */
 static double auc_walk(const float *p, const unsigned char *y, size_t n, double *var, double *comp)
 {
     if (var) *var = NAN;
+    if (any_nan(p, n)) return NAN;
     struct pv *v = sorted(p, y, n);
     if (!v) return NAN;
     double P = 0, N = 0;
@@ -48,8 +67,9 @@ static double auc_walk(const float *p, const unsigned char *y, size_t n, double 
     double pos = 0, neg = 0, area = 0, s10 = 0, q10 = 0, q01 = 0;
     for (size_t a = 0, b; a < n; a = b) {
         double tp = 0, fp = 0;
-        for (b = a; b < n && v[b].p == v[a].p; b++)
-            v[b].y ? tp++ : fp++;
+        b = tie_end(v, n, a);
+        for (size_t k = a; k < b; k++)
+            v[k].y ? tp++ : fp++;
         /* Negatives in this tie group are beaten by every positive already
          * seen and by half of the positives tied with them. */
         area += fp * (pos + tp / 2);
@@ -210,7 +230,7 @@ out:
 
 int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, float *tpr, int max)
 {
-    struct pv *v = sorted(p, y, n);
+    struct pv *v = any_nan(p, n) ? NULL : sorted(p, y, n);
     if (!v || max < 2) {
         free(v);
         return 0;
@@ -229,9 +249,10 @@ int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, floa
     }
     double tp = 0, fp = 0;
     fx[k] = 0, ty[k] = 0, k++;
-    for (size_t a = 0, b; a < n; a = b) {
-        for (b = a; b < n && v[b].p == v[a].p; b++)
-            v[b].y ? tp++ : fp++;
+    for (size_t a = 0, b; a < n; a = b) { /* a point per tie group: at most n + 1 in all */
+        b = tie_end(v, n, a);
+        for (size_t i = a; i < b; i++)
+            v[i].y ? tp++ : fp++;
         fx[k] = neg ? (float)(fp / neg) : 0;
         ty[k] = pos ? (float)(tp / pos) : 0;
         k++;

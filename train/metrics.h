@@ -62,7 +62,8 @@ void train_wilson(size_t k, size_t n, double *lo, double *hi);
 double train_auc(const float *p, const unsigned char *y, size_t n);
 double train_logloss(const float *p, const unsigned char *y, size_t n);
 /* Points of the ROC curve (fpr, tpr), at most max points (thinned evenly),
- * from (0,0) to (1,1). Returns the count written. */
+ * from (0,0) to (1,1). Returns the count written, 0 when a score is NaN
+ * (as train_auc is NAN then). */
 int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, float *tpr, int max);
 /* The largest threshold whose sensitivity is at least target (0.5 when y has
  * no positives). target is a double all the way from the command line: as a

@@ -603,16 +603,16 @@ static double mean_auc(const struct train_binary b[TRAIN_LABELS], int any_only)
  * study level (max over slices), which reviews label; it had scored 0 and
  * NAN every epoch, and early stopping kept the first. */
 static int validate(nn_model *m, const struct train_dataset *d, const float *feat, int lrcn,
-                    int any_only, double *auc, double *loss)
+                    int any_only, double *auc, double *loss, char *err, size_t errlen)
 {
     float thr[2][TRAIN_LABELS];
     for (int i = 0; i < 2; i++)
         for (int l = 0; l < TRAIN_LABELS; l++)
             thr[i][l] = 0.5f;
     struct train_eval *e = malloc(sizeof *e);
-    char err[256];
+    if (!e) snprintf(err, errlen, "out of memory");
     if (!e ||
-        train_evaluate_features(m, NULL, d, TRAIN_SPLIT_VAL, feat, thr, e, err, sizeof err) != 0) {
+        train_evaluate_features(m, NULL, d, TRAIN_SPLIT_VAL, feat, thr, e, err, errlen) != 0) {
         free(e);
         return -1;
     }
@@ -628,10 +628,10 @@ static int validate(nn_model *m, const struct train_dataset *d, const float *fea
 /* The same score for stage 1 on a fixed sample of validation slices (the
  * CNN alone, slice level): each epoch's validation costs a pass over them. */
 static int validate_sample(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
-                           int any_only, double *auc, double *loss)
+                           int any_only, double *auc, double *loss, char *err, size_t errlen)
 {
     struct train_binary b[TRAIN_LABELS];
-    if (train_evaluate_slices(m, d, idx, n, b, loss) != 0) return -1;
+    if (train_evaluate_slices(m, d, idx, n, b, loss, err, errlen) != 0) return -1;
     *auc = mean_auc(b, any_only);
     return 0;
 }
@@ -1615,15 +1615,16 @@ int train_train_main(int argc, char **argv)
                                    ema.avg ? &ema : NULL, &lloss, &pg);
         double auc = 0, vloss = 0;
         int bad = isnan(loss);
+        if (bad) snprintf(err, sizeof err, "the epoch's loss is not a number (training diverged)");
         /* With --ema the average is what is validated and kept as the best
          * epoch's weights; training goes on from the trained ones. */
         if (!bad && ema.avg) ema_in(&ema, m);
         /* Validation series that are all study-labelled have no slices to
          * sample: the whole validation split, as without the option. */
         if (!bad && nvs > 0)
-            bad = validate_sample(m, &d, vs, nvs, o.val_any, &auc, &vloss) != 0;
+            bad = validate_sample(m, &d, vs, nvs, o.val_any, &auc, &vloss, err, sizeof err) != 0;
         else if (!bad)
-            bad = validate(m, &d, NULL, 0, o.val_any, &auc, &vloss) != 0;
+            bad = validate(m, &d, NULL, 0, o.val_any, &auc, &vloss, err, sizeof err) != 0;
         if (bad && certain_train_slices(&d) == 0) {
             fprintf(stderr,
                     "ichtriage train: stage 1 has no slice to learn from: the training split "
@@ -1633,7 +1634,7 @@ int train_train_main(int argc, char **argv)
             goto out;
         }
         if (bad) {
-            fprintf(stderr, "ichtriage train: stage 1 failed at epoch %d\n", st.epoch + 1);
+            fprintf(stderr, "ichtriage train: stage 1 failed at epoch %d: %s\n", st.epoch + 1, err);
             goto out;
         }
         st.epoch++;
@@ -1689,8 +1690,11 @@ int train_train_main(int argc, char **argv)
         pg.items = 0, pg.t_last = pg.t0;
         double loss = stage2_epoch(m, &d, &o, st.epoch, feat, pw, &pg);
         double auc = 0, vloss = 0;
-        if (isnan(loss) || validate(m, &d, feat, 1, o.val_any, &auc, &vloss) != 0) {
-            fprintf(stderr, "ichtriage train: stage 2 failed at epoch %d\n", st.epoch + 1);
+        if (isnan(loss))
+            snprintf(err, sizeof err, "the epoch's loss is not a number (training diverged)");
+        if (isnan(loss) ||
+            validate(m, &d, feat, 1, o.val_any, &auc, &vloss, err, sizeof err) != 0) {
+            fprintf(stderr, "ichtriage train: stage 2 failed at epoch %d: %s\n", st.epoch + 1, err);
             goto out;
         }
         st.epoch++;
@@ -1718,9 +1722,9 @@ int train_train_main(int argc, char **argv)
     char tdesc[512];
     /* feat: the validation features of stage 2 (the CNN is frozen), or NULL
      * when a resumed run did not get to stage 2 here. */
-    if (train_calibrate(m, NULL, &d, feat, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc) !=
-        0) {
-        fprintf(stderr, "ichtriage train: calibration failed\n");
+    if (train_calibrate(m, NULL, &d, feat, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc, err,
+                        sizeof err) != 0) {
+        fprintf(stderr, "ichtriage train: calibration failed: %s\n", err);
         goto out;
     }
     ev = malloc(sizeof *ev);

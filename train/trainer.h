@@ -156,7 +156,8 @@ struct train_eval {
 
 /* Evaluates m (outputs as label_index says) on the series of split (-1:
  * all) of d with per-model thresholds [2][TRAIN_LABELS] in our label order.
- * Returns 0 or -1 with a message. */
+ * Returns 0 or -1 with a message; an output that is not finite (NaN or
+ * infinite: the weights are not) is such an error, not a score. */
 int train_evaluate(nn_model *m, const int *label_index, const struct train_dataset *d, int split,
                    const float thresholds[2][TRAIN_LABELS], struct train_eval *out, char *err,
                    size_t errlen);
@@ -182,9 +183,12 @@ size_t train_val_sample(const struct train_dataset *d, size_t want, uint64_t see
 
 /* The CNN alone on the slices idx[0..n) (slice level, threshold 0.5): each
  * label's figures and the RSNA weighted log loss, as train_evaluate gives
- * them for the same slices. Returns 0 or a negative NN_E* code. */
+ * them for the same slices. Returns 0 or a negative NN_E* code with a
+ * message in err: NN_EFORMAT when an output is not finite (weights that
+ * training made NaN), which train_evaluate refuses alike. */
 int train_evaluate_slices(nn_model *m, const struct train_dataset *d, const size_t *idx, size_t n,
-                          struct train_binary out[TRAIN_LABELS], double *weighted_logloss);
+                          struct train_binary out[TRAIN_LABELS], double *weighted_logloss,
+                          char *err, size_t errlen);
 
 /* Per-epoch history for the report. */
 struct train_epoch {
@@ -212,10 +216,12 @@ struct train_reliability {
  * reliability diagram of "any" (LRCN) before and after. fitted (may be
  * NULL) gets a bit per label that had positive and negative studies; the
  * others keep temperature 1 and get threshold 0.5. t_desc gets the
- * temperatures as text. Returns 0 or -1. */
+ * temperatures as text. Returns 0, or -1 with a message in err (an output
+ * that is not finite, as for train_evaluate). */
 int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,
                     const float *features, double sens, float thr[2][TRAIN_LABELS],
-                    struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn);
+                    struct train_reliability *rel, unsigned *fitted, char *t_desc, size_t tn,
+                    char *err, size_t errlen);
 
 /* The self-contained HTML report (inline SVG) and the metrics JSON.
  * history may be NULL (eval). Returns 0 or -1 with a message. */

@@ -363,6 +363,25 @@ Test(metrics, roc_runs_from_0_to_1)
     cr_assert_float_eq(fx[n - 1], 1, 1e-9);
 }
 
+/* A NaN score: the AUC's walk over tie groups had stood still on it (a NaN
+ * equals nothing), and the ROC's had written past its buffer. */
+Test(metrics, a_nan_score_neither_hangs_nor_overruns, .timeout = 10)
+{
+    float p[] = {NAN, 0.9f, 0.1f, 0.5f, NAN}, fx[101], ty[101];
+    unsigned char y[] = {1, 1, 0, 0, 0};
+    cr_assert(isnan(train_auc(p, y, 5)));
+    cr_assert(isnan(train_auc_variance(p, y, 5)));
+    cr_assert_eq(train_roc(p, y, 5, fx, ty, 101), 0);
+    struct train_binary b;
+    train_binary_eval(p, y, 5, 0.5f, &b);
+    train_binary_ci(p, y, 5, &b);
+    cr_assert(isnan(b.auc) && isnan(b.auc_lo));
+    struct train_auc_diff d;
+    float q[] = {0.8f, 0.9f, 0.1f, 0.5f, 0.2f};
+    train_auc_paired(q, p, y, 5, &d);
+    cr_assert(isnan(d.diff) && isnan(d.p));
+}
+
 Test(augment, off_is_identity_and_flip_mirrors)
 {
     enum { C = 3, H = 8, W = 8 };
@@ -872,7 +891,7 @@ Test(val_sample, seeded_subset_of_labelled_validation_slices)
                  err);
     struct train_binary r[TRAIN_LABELS];
     double wl;
-    cr_assert_eq(train_evaluate_slices(m, &d, all, labelled, r, &wl), 0);
+    cr_assert_eq(train_evaluate_slices(m, &d, all, labelled, r, &wl, err, sizeof err), 0);
     for (int l = 0; l < TRAIN_LABELS; l++) {
         const struct train_binary *x = &e->m[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN][l];
         cr_assert_float_eq(r[l].auc, x->auc, 1e-3, "label %d: %f against %f", l, r[l].auc, x->auc);
@@ -880,11 +899,54 @@ Test(val_sample, seeded_subset_of_labelled_validation_slices)
     }
     cr_assert_float_eq(wl, e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN], 1e-4);
     /* A sample scores its own slices: another sample, other figures. */
-    cr_assert_eq(train_evaluate_slices(m, &d, a, 20, r, &wl), 0);
+    cr_assert_eq(train_evaluate_slices(m, &d, a, 20, r, &wl, err, sizeof err), 0);
     cr_assert(fabs(wl - e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_CNN]) > 1e-6);
     free(all), free(a), free(b), free(e);
     train_dataset_free(&d);
     nn_model_free(m);
+}
+
+/* Weights that training made NaN (after the epoch's loss was taken, by its
+ * last step) give NaN outputs: evaluation, stage 1's validation on a sample
+ * and calibration refuse them with the reason, rather than score them. */
+Test(evaluate, outputs_that_are_not_finite_are_an_error, .timeout = 60)
+{
+    struct train_dataset d;
+    fake_dataset(&d, 4);
+    random_pixels(&d, 19);
+    for (int s = 0; s < d.nseries; s++)
+        d.series[s].split = TRAIN_SPLIT_VAL;
+    float thr[2][TRAIN_LABELS] = {{0.5f}, {0.5f}}, nan[TRAIN_LABELS] = {1, 1, 1, 1, 1, 1};
+    nan[3] = NAN;
+    struct train_eval *e = malloc(sizeof *e);
+    struct train_reliability rel;
+    char err[512] = "", t[256];
+    for (int head = 0; head < 2; head++) {
+        nn_model *m = tiny_model();
+        cr_assert_eq(train_fold_temperature(m, head, NULL, nan), 0);
+        const char *who = head ? "the CNN's" : "the LRCN's";
+        cr_assert_eq(train_evaluate(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err), -1);
+        cr_assert(strstr(err, who) && strstr(err, "\"intraventricular\" is not a number") &&
+                      strstr(err, "slice 1 of 4 of series 1.2."),
+                  "%s", err);
+        err[0] = 0;
+        cr_assert_eq(
+            train_calibrate(m, NULL, &d, NULL, 0.95, thr, &rel, NULL, t, sizeof t, err, sizeof err),
+            -1);
+        cr_assert(strstr(err, who), "%s", err);
+        if (head) {
+            size_t idx[] = {5, 6, 7};
+            struct train_binary b[TRAIN_LABELS];
+            double wl;
+            err[0] = 0;
+            cr_assert_eq(train_evaluate_slices(m, &d, idx, 3, b, &wl, err, sizeof err), NN_EFORMAT);
+            cr_assert(strstr(err, "the CNN's") && strstr(err, "slice 2 of 4 of series 1.2.1"), "%s",
+                      err);
+        }
+        nn_model_free(m);
+    }
+    free(e);
+    train_dataset_free(&d);
 }
 
 /* fake_dataset's 2 x npatients series with random pixels, all of them
@@ -940,7 +1002,9 @@ Test(calibrate, the_threshold_keeps_the_share_of_positives_asked_for)
         cr_assert_eq(util_number_double(target[k].arg, &sens), 0);
         struct train_reliability rel;
         char t[256];
-        cr_assert_eq(train_calibrate(m, NULL, &d, NULL, sens, thr, &rel, NULL, t, sizeof t), 0);
+        cr_assert_eq(
+            train_calibrate(m, NULL, &d, NULL, sens, thr, &rel, NULL, t, sizeof t, err, sizeof err),
+            0, "%s", err);
         cr_assert_eq(train_evaluate(m, NULL, &d, TRAIN_SPLIT_VAL, thr, e, err, sizeof err), 0, "%s",
                      err);
         const struct train_binary *b = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
@@ -999,7 +1063,9 @@ Test(evaluate, the_series_of_a_study_are_one_study)
     struct train_reliability rel;
     char t[256];
     unsigned fitted;
-    cr_assert_eq(train_calibrate(m, NULL, &d, NULL, 0.95, thr, &rel, &fitted, t, sizeof t), 0);
+    cr_assert_eq(
+        train_calibrate(m, NULL, &d, NULL, 0.95, thr, &rel, &fitted, t, sizeof t, err, sizeof err),
+        0, "%s", err);
     int n = 0;
     for (int b = 0; b < 10; b++)
         n += rel.count[0][b];
@@ -1019,8 +1085,10 @@ Test(calibrate, study_labelled_series_count)
     float thr[2][TRAIN_LABELS];
     struct train_reliability rel;
     unsigned fitted = 0;
-    char t[256];
-    cr_assert_eq(train_calibrate(m, NULL, &d, NULL, 0.95f, thr, &rel, &fitted, t, sizeof t), 0);
+    char t[256], err[256];
+    cr_assert_eq(
+        train_calibrate(m, NULL, &d, NULL, 0.95, thr, &rel, &fitted, t, sizeof t, err, sizeof err),
+        0, "%s", err);
     cr_assert(fitted & 1u, "\"any\" fitted on study-labelled series (mask %x)", fitted);
     cr_assert_eq(fitted & ~1u, 0, "the subtypes have no positive study here");
     int n = 0;
