@@ -27,8 +27,7 @@ static const char *with_ci(char out[40], double v, double lo, double hi)
     return out;
 }
 
-/* v with format fmt, or "n/a" for a figure that is undefined. */
-static const char *num(char out[32], const char *fmt, double v)
+const char *train_num(char out[32], const char *fmt, double v)
 {
     if (isnan(v))
         snprintf(out, 32, "n/a");
@@ -71,8 +70,9 @@ void train_eval_print(FILE *f, const struct train_eval *e)
                         fprintf(f, " %6.3f", v[i]);
                 fputc('\n', f);
             }
-            fprintf(f, "%-6s %-5s weighted log loss %.4f\n", level_names[lv], model_names[mo],
-                    e->weighted_logloss[lv][mo]);
+            char wl[32];
+            fprintf(f, "%-6s %-5s weighted log loss %s\n", level_names[lv], model_names[mo],
+                    train_num(wl, "%.4f", e->weighted_logloss[lv][mo]));
         }
     const struct train_binary *a = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
     fprintf(f,
@@ -98,10 +98,11 @@ void train_eval_print(FILE *f, const struct train_eval *e)
         fprintf(f,
                 "auc %s against %s: difference %s [%s, %s], p = %s (DeLong, paired%s)\n"
                 "the other model at its own threshold: sens %s  spec %s\n",
-                num(x[0], "%.3f", c->auc.auc_a), num(x[1], "%.3f", c->auc.auc_b),
-                num(x[2], "%+.3f", c->auc.diff), num(x[3], "%+.3f", c->auc.lo),
-                num(x[4], "%+.3f", c->auc.hi), num(x[5], "%.3g", c->auc.p), paired_na(e),
-                num(x[6], "%.3f", c->sensitivity), num(x[7], "%.3f", c->specificity));
+                train_num(x[0], "%.3f", c->auc.auc_a), train_num(x[1], "%.3f", c->auc.auc_b),
+                train_num(x[2], "%+.3f", c->auc.diff), train_num(x[3], "%+.3f", c->auc.lo),
+                train_num(x[4], "%+.3f", c->auc.hi), train_num(x[5], "%.3g", c->auc.p),
+                paired_na(e), train_num(x[6], "%.3f", c->sensitivity),
+                train_num(x[7], "%.3f", c->specificity));
     }
 }
 
@@ -109,12 +110,16 @@ void train_eval_summary(const struct train_eval *e, char *out, size_t n)
 {
     const struct train_binary *l = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_LRCN][0];
     const struct train_binary *c = &e->m[TRAIN_LEVEL_STUDY][TRAIN_MODEL_CNN][0];
+    char x[5][32], ci[64] = "n/a";
+    if (!isnan(l->auc_lo) && !isnan(l->auc_hi))
+        snprintf(ci, sizeof ci, "%.3f-%.3f", l->auc_lo, l->auc_hi);
     snprintf(out, n,
-             "studies=%d series=%d study_auc_any=%.4f study_auc_any_ci95=%.3f-%.3f "
-             "sensitivity=%.4f specificity=%.4f threshold=%.4f cnn_study_auc_any=%.4f "
-             "weighted_logloss_slice=%.4f",
-             e->nstudies, e->nseries, l->auc, l->auc_lo, l->auc_hi, l->sensitivity, l->specificity,
-             e->thresholds[1][0], c->auc, e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_LRCN]);
+             "studies=%d series=%d study_auc_any=%s study_auc_any_ci95=%s sensitivity=%s "
+             "specificity=%s threshold=%.4f cnn_study_auc_any=%s weighted_logloss_slice=%s",
+             e->nstudies, e->nseries, train_num(x[0], "%.4f", l->auc), ci,
+             train_num(x[1], "%.4f", l->sensitivity), train_num(x[2], "%.4f", l->specificity),
+             e->thresholds[1][0], train_num(x[3], "%.4f", c->auc),
+             train_num(x[4], "%.4f", e->weighted_logloss[TRAIN_LEVEL_SLICE][TRAIN_MODEL_LRCN]));
 }
 
 static void jnum(FILE *f, double v)
@@ -370,10 +375,12 @@ int train_report_write(const char *html_path, const char *json_path, const char 
                 }
                 fputs("</tr>", f);
             }
+            char wl[32];
             fprintf(f,
                     "<tr><td>%s</td><td>%s</td><td colspan='9' style='text-align:left'>RSNA "
-                    "weighted log loss %.4f</td></tr>",
-                    level_names[lv], model_names[mo], e->weighted_logloss[lv][mo]);
+                    "weighted log loss %s</td></tr>",
+                    level_names[lv], model_names[mo],
+                    train_num(wl, "%.4f", e->weighted_logloss[lv][mo]));
         }
     fputs("</table><p>Under a study-level figure, its 95% confidence interval: DeLong's for the "
           "AUC, Wilson's for sensitivity and specificity. None per slice: the slices of a "
@@ -394,10 +401,11 @@ int train_report_write(const char *html_path, const char *json_path, const char 
                 "p&nbsp;=&nbsp;%s by DeLong's test for two models scored on the same "
                 "studies%s). At its own stored threshold the other model has sensitivity %s "
                 "and specificity %s.</p>",
-                e->nstudies, num(x[0], "%.3f", c->auc.auc_a), num(x[1], "%.3f", c->auc.auc_b),
-                num(x[2], "%+.3f", c->auc.diff), num(x[3], "%+.3f", c->auc.lo),
-                num(x[4], "%+.3f", c->auc.hi), num(x[5], "%.3g", c->auc.p), paired_na(e),
-                num(x[6], "%.3f", c->sensitivity), num(x[7], "%.3f", c->specificity));
+                e->nstudies, train_num(x[0], "%.3f", c->auc.auc_a),
+                train_num(x[1], "%.3f", c->auc.auc_b), train_num(x[2], "%+.3f", c->auc.diff),
+                train_num(x[3], "%+.3f", c->auc.lo), train_num(x[4], "%+.3f", c->auc.hi),
+                train_num(x[5], "%.3g", c->auc.p), paired_na(e),
+                train_num(x[6], "%.3f", c->sensitivity), train_num(x[7], "%.3f", c->specificity));
     }
 
     /* ROC curves of "any". */

@@ -1299,11 +1299,14 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
                  "studies=%d promote=%s",
                  a->auc, a->sensitivity, b->auc, b->sensitivity, dd.diff, dd.lo, dd.hi, dd.p,
                  mine->nseries, mine->nstudies, better ? "yes" : "no");
-        printf("against the active model on the %d test studies: study AUC of \"any\" %.3f "
-               "against %.3f, difference %+.3f [95%% interval %+.3f, %+.3f], p = %.3g "
-               "(DeLong, paired); sensitivity %.3f against %.3f\n",
-               mine->nstudies, a->auc, b->auc, dd.diff, dd.lo, dd.hi, dd.p, a->sensitivity,
-               b->sensitivity);
+        char x[8][32];
+        printf("against the active model on the %d test studies: study AUC of \"any\" %s "
+               "against %s, difference %s [95%% interval %s, %s], p = %s (DeLong, paired); "
+               "sensitivity %s against %s\n",
+               mine->nstudies, train_num(x[0], "%.3f", a->auc), train_num(x[1], "%.3f", b->auc),
+               train_num(x[2], "%+.3f", dd.diff), train_num(x[3], "%+.3f", dd.lo),
+               train_num(x[4], "%+.3f", dd.hi), train_num(x[5], "%.3g", dd.p),
+               train_num(x[6], "%.3f", a->sensitivity), train_num(x[7], "%.3f", b->sensitivity));
     } else {
         util_log(UTIL_LOG_WARN, "model_compare",
                  "reason=active_not_evaluated error=\"%s\" promote=no",

@@ -229,9 +229,14 @@ int train_report_write(const char *html_path, const char *json_path, const char 
                        const char *model_path, const char *data_desc, const struct train_eval *e,
                        const struct train_epoch *history, int nhistory,
                        const struct train_reliability *rel, char *err, size_t errlen);
+/* v formatted with fmt into out, or "n/a" where it is undefined (NAN), as
+ * the tables, reports and metadata print a figure that a class too few
+ * leaves undefined. Returns out. */
+const char *train_num(char out[32], const char *fmt, double v);
 /* One line per model and level, the paper's Table 1, to f. */
 void train_eval_print(FILE *f, const struct train_eval *e);
-/* A short summary "study_auc_any=.. sens=.. spec=.." for the metadata. */
+/* A short summary "study_auc_any=.. sens=.. spec=.." for the metadata
+ * ("n/a" for a figure that is undefined). */
 void train_eval_summary(const struct train_eval *e, char *out, size_t n);
 
 /* Comma-separated floats (the thresholds in a model's metadata): parse n

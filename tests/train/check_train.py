@@ -562,10 +562,10 @@ def main():
     r = run("phantom", neg, "--seed", "12", "-n", "4", "--size", "64", "--slices", "8",
             "--prevalence", "0")
     check(r.returncode == 0, "negative phantoms written")
-    r = run("eval", out, neg, "--json", js, "--report", rep)
+    r = run("eval", out, neg, "--json", js, "--report", rep, "--compare", out_b)
     check(r.returncode == 0 and "n/a" in r.stdout and "nan" not in r.stdout.lower()
-          and "nan" not in open(rep).read().lower(),
-          "eval of negatives only: n/a where a figure needs positives, no nan: "
+          and "nan" not in open(rep).read().lower() and "p = n/a" in r.stdout,
+          "eval --compare of negatives only: n/a where a figure needs positives, no nan: "
           + r.stdout[-300:] + r.stderr[-200:])
 
     # 4b. calibrate: new temperatures and thresholds on studies the model

@@ -2627,3 +2627,55 @@ Test(registry, the_frozen_split_reads_back_every_patient, .fini = scratch_fini)
     train_registry_free_ids(back, got);
     rm_rf(tmp);
 }
+
+/* Whether the text file at path holds "nan" in any case. */
+static bool file_says_nan(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    cr_assert(f, "%s", path);
+    char line[8192];
+    bool nan = false;
+    while (!nan && fgets(line, sizeof line, f))
+        nan = strcasestr(line, "nan") != NULL;
+    fclose(f);
+    return nan;
+}
+
+/* Figures a class too few leaves undefined read "n/a" in the table, the
+ * comparison, the HTML report and the metadata's summary (null in the
+ * JSON), never "nan": the weighted log loss of a level with no known label,
+ * `--compare`'s difference and p, and the summary's interval had printed
+ * "nan" ("study_auc_any_ci95=nan-nan" in a model's metadata). */
+Test(report, undefined_figures_read_n_a, .fini = scratch_fini)
+{
+    struct train_eval *e = calloc(1, sizeof *e);
+    e->nstudies = e->nseries = 3, e->nslices = 24;
+    for (int lv = 0; lv < 2; lv++)
+        for (int mo = 0; mo < 2; mo++) {
+            for (int l = 0; l < TRAIN_LABELS; l++)
+                train_binary_eval(NULL, NULL, 0, 0.5f, &e->m[lv][mo][l]); /* nothing scored */
+            e->weighted_logloss[lv][mo] = NAN;
+            e->thresholds[mo][lv] = 0.5f;
+        }
+    e->cmp.valid = 1;
+    snprintf(e->cmp.model, sizeof e->cmp.model, "other.safetensors");
+    e->cmp.auc = (struct train_auc_diff){NAN, NAN, NAN, NAN, NAN, NAN};
+    e->cmp.sensitivity = e->cmp.specificity = NAN;
+    char *text = NULL, sum[512], tmp[] = "/tmp/ichtriage-report-XXXXXX", html[300], js[300],
+         err[256];
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    train_eval_print(f, e);
+    fclose(f);
+    cr_assert(!strcasestr(text, "nan"), "%s", text);
+    cr_assert(strstr(text, "weighted log loss n/a") && strstr(text, "p = n/a"), "%s", text);
+    train_eval_summary(e, sum, sizeof sum);
+    cr_assert(!strcasestr(sum, "nan") && strstr(sum, "study_auc_any_ci95=n/a"), "%s", sum);
+    scratch(tmp);
+    snprintf(html, sizeof html, "%s/r.html", tmp);
+    snprintf(js, sizeof js, "%s/r.json", tmp);
+    cr_assert_eq(train_report_write(html, js, "t", "m", NULL, e, NULL, 0, NULL, err, sizeof err), 0,
+                 "%s", err);
+    cr_assert(!file_says_nan(html) && !file_says_nan(js));
+    free(text), free(e);
+}
