@@ -705,6 +705,7 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
                 npos += y[i];
             int fit = npos > 0 && npos < n;
             if (fit && fitted && mo == TRAIN_MODEL_LRCN) *fitted |= 1u << l;
+            if (mo == TRAIN_MODEL_LRCN) rel->studies[l] = n, rel->positives[l] = npos;
             T[l] = fit ? train_fit_temperature(z, y, n) : 1.0f;
             if (mo == TRAIN_MODEL_LRCN && l == 0) {
                 rel->valid = 1;
@@ -723,8 +724,9 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
             for (size_t i = 0; i < n; i++)
                 pr[i] = 1.0f / (1.0f + expf(-z[i] / T[l]));
             /* A hair below the chosen probability: folding the temperature
-             * into the weights changes the last float bits of the logits. */
-            thr[mo][l] = train_threshold_for_sensitivity(pr, y, n, sens) * 0.9999f;
+             * into the weights changes the last float bits of the logits.
+             * Without a positive study there is nothing to aim at: 0.5. */
+            thr[mo][l] = npos ? train_threshold_for_sensitivity(pr, y, n, sens) * 0.9999f : 0.5f;
         }
         if (mo == TRAIN_MODEL_LRCN) memcpy(rel->temperature, T, sizeof T);
         if (train_fold_temperature(m, mo == TRAIN_MODEL_CNN, label_index, T) != 0) {

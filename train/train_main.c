@@ -1257,6 +1257,35 @@ static nn_model *start_model(const struct opts *o, const struct triage_windows *
     return m;
 }
 
+/* The labels train_calibrate could not fit on validation (fitted: its
+ * mask): logged as a warning, and into out, for the threshold rule, as
+ * "; not fitted: no positive validation study (threshold 0.5, temperature
+ * 1): a,b; no negative ... (temperature 1): c", or "" when every label was
+ * fitted. The thresholds had been stored as if chosen. */
+static void not_fitted(const struct train_reliability *rel, unsigned fitted, char *out, size_t n)
+{
+    char list[2][112] = {"", ""}; /* the six names fit */
+    int off[2] = {0, 0};
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        if (fitted & (1u << l)) continue;
+        int k = rel->positives[l] > 0; /* 0: no positive study, 1: no negative one */
+        off[k] += snprintf(list[k] + off[k], sizeof list[k] - (size_t)off[k], "%s%s",
+                           off[k] ? "," : "", train_label_names[l]);
+    }
+    *out = 0;
+    if (!*list[0] && !*list[1]) return;
+    util_log(UTIL_LOG_WARN, "train_labels_not_fitted",
+             "no_positive=%s no_negative=%s split=val threshold_no_positive=0.5 temperature=1",
+             *list[0] ? list[0] : "-", *list[1] ? list[1] : "-");
+    int o = snprintf(out, n, "; not fitted");
+    if (*list[0])
+        o += snprintf(out + o, n - (size_t)o,
+                      ": no positive validation study (threshold 0.5, temperature 1): %s", list[0]);
+    if (*list[1])
+        snprintf(out + o, n - (size_t)o, "%s no negative validation study (temperature 1): %s",
+                 *list[0] ? ";" : ":", list[1]);
+}
+
 /* --auto-promote: the new model replaces the active one only if it is at
  * least as good on the same held-out split of this run's data: study-level
  * AUC for "any" and sensitivity at each model's own threshold. mine_p and
@@ -1725,11 +1754,14 @@ int train_train_main(int argc, char **argv)
     char tdesc[512];
     /* feat: the validation features of stage 2 (the CNN is frozen), or NULL
      * when a resumed run did not get to stage 2 here. */
-    if (train_calibrate(m, NULL, &d, feat, o.sensitivity, thr, &rel, NULL, tdesc, sizeof tdesc, err,
-                        sizeof err) != 0) {
+    unsigned fitted = 0;
+    if (train_calibrate(m, NULL, &d, feat, o.sensitivity, thr, &rel, &fitted, tdesc, sizeof tdesc,
+                        err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage train: calibration failed: %s\n", err);
         goto out;
     }
+    char unfitted[512];
+    not_fitted(&rel, fitted, unfitted, sizeof unfitted);
     ev = malloc(sizeof *ev);
     int split = cnt[2] > 0 ? TRAIN_SPLIT_TEST : TRAIN_SPLIT_VAL;
     /* the test series' study scores, for a paired comparison at promotion */
@@ -1755,7 +1787,8 @@ int train_train_main(int argc, char **argv)
                         win.width[i]);
     nn_model_meta_set(m, "windows", buf);
     train_model_thresholds_set(m, NULL, thr);
-    snprintf(buf, sizeof buf, "study-level sensitivity %.3f on validation", o.sensitivity);
+    snprintf(buf, sizeof buf, "study-level sensitivity %.3f on validation%s", o.sensitivity,
+             unfitted);
     nn_model_meta_set(m, "threshold_rule", buf);
     set_preprocessing(m, o.crop_head, nn_model_meta_get(m, "preprocessing"));
     snprintf(buf, sizeof buf,

@@ -204,6 +204,7 @@ struct train_reliability {
     double pred[2][10], obs[2][10];
     int count[2][10];
     float temperature[TRAIN_LABELS];
+    size_t studies[TRAIN_LABELS], positives[TRAIN_LABELS]; /* per label, what it was fitted on */
 };
 
 /* Calibration on the validation studies of d (their CNN features, as
@@ -213,9 +214,13 @@ struct train_reliability {
  * into m's last layers, at the outputs label_index names) and the highest
  * threshold whose study-level sensitivity is at least sens, into thr
  * [model][label] in our label order. rel gets the
- * reliability diagram of "any" (LRCN) before and after. fitted (may be
- * NULL) gets a bit per label that had positive and negative studies; the
- * others keep temperature 1 and get threshold 0.5. t_desc gets the
+ * reliability diagram of "any" (LRCN) before and after, and each label's
+ * count of studies (its label known) and positive ones. fitted (may be
+ * NULL) gets a bit per label whose temperature was fitted, which needs
+ * positive and negative studies; the others keep temperature 1. A label
+ * without a positive study gets threshold 0.5 (no sensitivity to aim at);
+ * one with positives and no negative study gets its threshold from its
+ * positives as the others do. t_desc gets the
  * temperatures as text. Returns 0, or -1 with a message in err (an output
  * that is not finite, as for train_evaluate). */
 int train_calibrate(nn_model *m, const int *label_index, const struct train_dataset *d,

@@ -1096,6 +1096,17 @@ Test(calibrate, study_labelled_series_count)
         for (int b = 0; b < 10; b++)
             n += rel.count[c][b];
     cr_assert_eq(n, 2 * d.nseries, "every series in the reliability diagram");
+    /* what each label was fitted on; a label without a positive study has
+     * threshold 0.5 (it had 0.49995, as if chosen) */
+    cr_assert_eq(rel.studies[0], 8);
+    cr_assert_eq(rel.positives[0], 4);
+    for (int l = 1; l < TRAIN_LABELS; l++) {
+        cr_assert_eq(rel.studies[l], 8);
+        cr_assert_eq(rel.positives[l], 0);
+        cr_assert_eq(thr[0][l], 0.5f, "%s: %.6f", train_label_names[l], thr[0][l]);
+        cr_assert_eq(thr[1][l], 0.5f, "%s: %.6f", train_label_names[l], thr[1][l]);
+        cr_assert_eq(rel.temperature[l], 1.0f);
+    }
     train_dataset_free(&d);
     nn_model_free(m);
 }
