@@ -70,7 +70,8 @@ int train_roc(const float *p, const unsigned char *y, size_t n, float *fpr, floa
  * float, 0.85 is 0.8500000238 and asks for one positive more. */
 float train_threshold_for_sensitivity(const float *p, const unsigned char *y, size_t n,
                                       double target);
-/* Temperature T > 0 minimising the log loss of sigmoid(logit / T). */
+/* Temperature T minimising the log loss of sigmoid(logit / T), searched in
+ * [0.05, 20]: at an end of that range when the best lies beyond. */
 float train_fit_temperature(const float *logit, const unsigned char *y, size_t n);
 
 #endif

@@ -1726,6 +1726,43 @@ static int logged(int (*f)(void *), void *arg, const char *logp, char *log, size
     return rc;
 }
 
+struct calibrate_args {
+    nn_model *m;
+    struct train_dataset *d;
+    float thr[2][TRAIN_LABELS];
+    struct train_reliability rel;
+    char t[256], err[256];
+};
+
+static int calibrate_call(void *v)
+{
+    struct calibrate_args *a = v;
+    return train_calibrate(a->m, NULL, a->d, NULL, 0.95, a->thr, &a->rel, NULL, a->t, sizeof a->t,
+                           a->err, sizeof a->err);
+}
+
+/* A temperature that the fit pushes to an end of [0.05, 20] is said: the
+ * untrained model's scores tell nothing of its 4 positive studies in 8,
+ * and the fit flattens them as far as it may (the shipped model's CNN has
+ * such a temperature, 20.0000, for subarachnoid, which went unremarked). */
+Test(calibrate, a_temperature_at_its_bound_is_logged, .fini = scratch_fini)
+{
+    char tmp[] = "/tmp/ichtriage-bound-XXXXXX", logp[300], log[4096];
+    scratch(tmp);
+    snprintf(logp, sizeof logp, "%s/log", tmp);
+    struct train_dataset d;
+    validation_studies(&d, 4, 9);
+    struct calibrate_args a = {.m = tiny_model(), .d = &d};
+    cr_assert_eq(logged(calibrate_call, &a, logp, log, sizeof log), 0, "%s", a.err);
+    cr_assert_float_eq(a.rel.temperature[0], 20.0f, 1e-2);
+    cr_assert(strstr(log, "level=warn event=train_temperature_at_bound model=lrcn label=any "
+                          "temperature=20.0000 bound=20 studies=8 positive=4"),
+              "%s", log);
+    cr_assert(!strstr(log, "label=epidural"), "an unfitted label keeps 1, no bound: %s", log);
+    train_dataset_free(&d);
+    nn_model_free(a.m);
+}
+
 struct add_folder_args {
     struct train_dataset *d;
     const char *dir, *cache;
