@@ -291,8 +291,8 @@ int train_calibrate_main(int argc, char **argv)
         goto out;
     }
     snprintf(buf, sizeof buf, "%s (calibration data; the thresholds were chosen on it)", desc);
-    if (train_report_write(report, json, "ichtriage calibrate", out_path, buf, after, NULL, 0, &rel,
-                           err, sizeof err) != 0) {
+    if (train_report_write(report, json, "ichtriage calibrate", out_path, buf, after, NULL, 0, NULL,
+                           &rel, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage calibrate: %s\n", err);
         goto out;
     }

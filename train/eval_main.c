@@ -304,8 +304,8 @@ int train_eval_main(int argc, char **argv)
         goto out;
     }
     train_eval_print(stdout, e);
-    if (train_report_write(report, json, "ichtriage eval", model_path, desc, e, NULL, 0, NULL, err,
-                           sizeof err) != 0) {
+    if (train_report_write(report, json, "ichtriage eval", model_path, desc, e, NULL, 0, NULL, NULL,
+                           err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage eval: %s\n", err);
         goto out;
     }

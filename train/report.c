@@ -312,8 +312,8 @@ static void svg_legend(FILE *f, int i, const char *label)
 
 int train_report_write(const char *html_path, const char *json_path, const char *title,
                        const char *model_path, const char *data_desc, const struct train_eval *e,
-                       const struct train_epoch *h, int nh, const struct train_reliability *rel,
-                       char *err, size_t errlen)
+                       const struct train_epoch *h, int nh, const char *val_auc,
+                       const struct train_reliability *rel, char *err, size_t errlen)
 {
     if (json_path && write_json(json_path, model_path, e, h, nh, rel) != 0) {
         snprintf(err, errlen, "%s: cannot write", json_path);
@@ -465,8 +465,10 @@ int train_report_write(const char *html_path, const char *json_path, const char 
             }
             double lo = 0;
             if (what && hi < 1) hi = 1;
-            svg_axes(f, what ? "validation mean AUC per epoch" : "loss per epoch",
-                     "epoch (stage 1, then stage 2)", what ? "AUC" : "loss");
+            char t[96];
+            snprintf(t, sizeof t, "validation %s per epoch", val_auc ? val_auc : "AUC");
+            svg_axes(f, what ? t : "loss per epoch", "epoch (stage 1, then stage 2)",
+                     what ? "AUC" : "loss");
             float xs[512], ys[2][512];
             int k = nh < 512 ? nh : 512;
             for (int i = 0; i < k; i++) {

@@ -1838,8 +1838,8 @@ int train_train_main(int argc, char **argv)
     snprintf(json, sizeof json, "%s/metrics.json", workdir);
     snprintf(buf, sizeof buf, "%s; %s; evaluated on the %s split", nn_model_meta_get(m, "data"),
              nn_model_meta_get(m, "data_split"), split == TRAIN_SPLIT_TEST ? "test" : "validation");
-    if (train_report_write(html, json, "ichtriage train", o.out, buf, ev, hist, nh, &rel, err,
-                           sizeof err) != 0)
+    if (train_report_write(html, json, "ichtriage train", o.out, buf, ev, hist, nh,
+                           o.val_any ? "AUC of any" : "mean AUC", &rel, err, sizeof err) != 0)
         fprintf(stderr, "ichtriage train: report: %s\n", err);
     util_log(UTIL_LOG_INFO, "train_done", "model=%s report=%s %s", o.out, html, summary);
     if (o.reg) {

@@ -229,10 +229,12 @@ int train_calibrate(nn_model *m, const int *label_index, const struct train_data
                     char *err, size_t errlen);
 
 /* The self-contained HTML report (inline SVG) and the metrics JSON.
- * history may be NULL (eval). Returns 0 or -1 with a message. */
+ * history may be NULL (eval); val_auc names what its val_auc is (train's
+ * --val-metric: "mean AUC" or "AUC of any"; NULL: "AUC"). Returns 0 or -1
+ * with a message. */
 int train_report_write(const char *html_path, const char *json_path, const char *title,
                        const char *model_path, const char *data_desc, const struct train_eval *e,
-                       const struct train_epoch *history, int nhistory,
+                       const struct train_epoch *history, int nhistory, const char *val_auc,
                        const struct train_reliability *rel, char *err, size_t errlen);
 /* v formatted with fmt into out, or "n/a" where it is undefined (NAN), as
  * the tables, reports and metadata print a figure that a class too few

@@ -225,6 +225,8 @@ def main():
     html = open(os.path.join(tmp, "a.work", "report.html")).read()
     check("not a diagnosis" in html and "<svg" in html and "ROC" in html,
           "HTML report with inline SVG and the notice")
+    check("validation AUC of any per epoch" in html and "mean AUC" not in html,
+          "the history chart names the validation metric (--val-metric any)")
 
     # 1b. A folder with a link back into itself (again -> .) is walked once:
     #     every slice had been read eight times.

@@ -2722,8 +2722,30 @@ Test(report, undefined_figures_read_n_a, .fini = scratch_fini)
     scratch(tmp);
     snprintf(html, sizeof html, "%s/r.html", tmp);
     snprintf(js, sizeof js, "%s/r.json", tmp);
-    cr_assert_eq(train_report_write(html, js, "t", "m", NULL, e, NULL, 0, NULL, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(
+        train_report_write(html, js, "t", "m", NULL, e, NULL, 0, NULL, NULL, err, sizeof err), 0,
+        "%s", err);
     cr_assert(!file_says_nan(html) && !file_says_nan(js));
     free(text), free(e);
+}
+
+/* The history chart names the validation figure train chose
+ * (--val-metric): it had said "mean AUC" of a run scored on "any" alone. */
+Test(report, the_history_chart_names_the_validation_metric, .fini = scratch_fini)
+{
+    struct train_eval *e = calloc(1, sizeof *e);
+    struct train_epoch h[2] = {{1, 1, 0.6, 0.5, 0.7, 1}, {2, 1, 0.4, 0.45, 0.8, 1}};
+    char tmp[] = "/tmp/ichtriage-report-XXXXXX", html[300], err[256];
+    scratch(tmp);
+    snprintf(html, sizeof html, "%s/r.html", tmp);
+    cr_assert_eq(train_report_write(html, NULL, "t", "m", NULL, e, h, 2, "AUC of any", NULL, err,
+                                    sizeof err),
+                 0, "%s", err);
+    FILE *f = fopen(html, "r");
+    char text[65536];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = 0;
+    fclose(f);
+    cr_assert(strstr(text, "validation AUC of any per epoch") && !strstr(text, "mean AUC"));
+    free(e);
 }
