@@ -1736,7 +1736,8 @@ int train_train_main(int argc, char **argv)
                  "stage=2 epoch=%d loss=%.4f val_loss=%.4f val_auc=%.4f seconds=%.1f "
                  "series_per_s=%.1f",
                  st.epoch, loss, vloss, auc, he.seconds, progress_rate(&pg));
-        /* Ties go to the later epoch only if the loss is lower. */
+        /* Only a higher score is an improvement: a tie (within 1e-9)
+         * keeps the earlier epoch, whatever its loss. */
         if (auc > st.best + 1e-9) {
             st.best = auc, st.best_epoch = st.epoch, st.bad = 0;
             if (save_model(m, best2) != 0) goto out;
