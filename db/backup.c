@@ -178,11 +178,14 @@ int db_backup_outbox_settle(const char *db_path, const char *root, const char *l
     }
     if (rc == SQLITE_OK)
         rc = sqlite3_prepare_v2(
-            c, "SELECT id, file_path FROM pacs_deliveries WHERE state = 'pending'", -1, &st, NULL);
+            c, "SELECT id, file_path FROM pacs_deliveries WHERE state IN ('pending', 'failed')", -1,
+            &st, NULL);
     if (rc == SQLITE_OK)
         rc = sqlite3_prepare_v2(c,
-                                "UPDATE pacs_deliveries SET state = 'sent', sent_at = ?2,"
-                                " last_error = '' WHERE id = ?1",
+                                "UPDATE pacs_deliveries SET state = ?3,"
+                                " sent_at = CASE ?3 WHEN 'sent' THEN ?2 ELSE sent_at END,"
+                                " last_error = CASE ?3 WHEN 'sent' THEN '' ELSE last_error END"
+                                " WHERE id = ?1",
                                 -1, &up, NULL);
     if (rc == SQLITE_OK &&
         sqlite3_prepare_v2(live,
@@ -203,19 +206,20 @@ int db_backup_outbox_settle(const char *db_path, const char *root, const char *l
         sqlite3_bind_int64(ask, 1, id);
         sqlite3_bind_text(ask, 2, rel, -1, SQLITE_TRANSIENT);
         int found = sqlite3_step(ask);
-        bool sent =
-            found == SQLITE_ROW && !strcmp((const char *)sqlite3_column_text(ask, 0), "sent");
         int64_t sent_at = found == SQLITE_ROW ? sqlite3_column_int64(ask, 1) : 0;
         char state[16];
         snprintf(state, sizeof state, "%s",
                  found == SQLITE_ROW ? (const char *)sqlite3_column_text(ask, 0) : "none");
         sqlite3_reset(ask);
+        /* the node removes a revision's files once each of its deliveries
+         * is one or the other, and neither changes again */
+        bool done = !strcmp(state, "sent") || !strcmp(state, "dismissed");
         if (found != SQLITE_ROW && found != SQLITE_DONE) {
             snprintf(err, errlen, "%s: %s", live_db, sqlite3_errmsg(live));
             rc = SQLITE_ABORT;
             break;
         }
-        if (!sent) {
+        if (!done) {
             util_log(UTIL_LOG_WARN, "backup_outbox_file_missing",
                      "delivery=%lld path=%s live_state=%s reason=\"not delivered, and its file "
                      "is not in the node's outbox/ either\"",
@@ -225,6 +229,7 @@ int db_backup_outbox_settle(const char *db_path, const char *root, const char *l
         }
         sqlite3_bind_int64(up, 1, id);
         sqlite3_bind_int64(up, 2, sent_at);
+        sqlite3_bind_text(up, 3, state, -1, SQLITE_TRANSIENT);
         rc = sqlite3_step(up) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
         sqlite3_reset(up);
         (*settled)++;

@@ -35,14 +35,15 @@ int db_backup_files(const char *db_path, int (*fn)(void *ud, const struct db_bac
                     void *ud, char *err, size_t errlen);
 
 /* For a backup whose outbox/ was copied (to root) after its database
- * (db_path): a pending PACS delivery whose file is not there is looked up
- * in the live index (live_db, read-only). Sent there, it was delivered
- * everywhere between the two (the node removes a revision's files only
- * then): it is marked sent in the copy, with the live sent_at; *settled
- * counts them. Still pending or given up there, its file is missing from
- * the node's outbox/ too: it stays as it is, logged
- * (event=backup_outbox_file_missing); *missing counts them. Returns 0, or
- * -1 with a message in err. */
+ * (db_path): a PACS delivery pending or given up whose file is not there is
+ * looked up in the live index (live_db, read-only). Sent or dismissed there
+ * (`ichtriage pacs dismiss`), its revision was done with between the two
+ * (the node removes a revision's files only once each of its deliveries is
+ * one or the other): it takes that state in the copy, with the live
+ * sent_at when sent; *settled counts them. Still pending or given up
+ * there, its file is missing from the node's outbox/ too: it stays as it
+ * is, logged (event=backup_outbox_file_missing); *missing counts them.
+ * Returns 0, or -1 with a message in err. */
 int db_backup_outbox_settle(const char *db_path, const char *root, const char *live_db,
                             int *settled, int *missing, char *err, size_t errlen);
 

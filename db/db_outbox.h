@@ -5,8 +5,16 @@
  * peer acknowledged it, in its own commit, so a restart re-sends only what
  * was never acknowledged. These functions are for the sender thread's own
  * connection (db_open), except db_outbox_failed, db_outbox_counts,
- * db_outbox_by_destination and db_outbox_retry, which any connection may
- * call (the loop's: web page, metrics, status; `ichtriage pacs`). */
+ * db_outbox_by_destination, db_outbox_retry, db_outbox_dismiss and
+ * db_outbox_revision_files_done, which any connection may call (the loop's:
+ * web page, metrics, status; `ichtriage pacs`).
+ *
+ * States. A revision: pending (to be built), ready (built, its deliveries
+ * queued), skipped (nothing to send), failed (its building given up),
+ * dismissed (given up, then let go by an admin). A delivery: pending, sent,
+ * failed (given up), dismissed (given up, then let go by an admin).
+ * Dismissed is final: nothing sends, builds or retries it again, and it
+ * counts as done for retention and for removing a revision's files. */
 #ifndef DB_OUTBOX_H
 #define DB_OUTBOX_H
 
@@ -113,8 +121,9 @@ int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found);
 
 /* The peer acknowledged the delivery. */
 int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms);
-/* When every delivery of the revision is sent, its files (relative paths,
- * at most max) are no longer needed: *n of them are written to paths. */
+/* When every delivery of the revision is sent or dismissed, its files
+ * (relative paths, at most max) are no longer needed: *n of them are
+ * written to paths. Once so, it stays so (neither state ever changes). */
 int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*paths)[512], int max,
                                   int *n);
 /* An attempt failed: attempts + 1, the error kept; retried at next_at_ms, or
@@ -143,10 +152,11 @@ int db_outbox_failed_since(struct db *db, int64_t since_ms, int64_t *deliveries,
                            int64_t *revisions);
 
 /* Deliveries by state; revisions_failed: results never built (given up);
- * revisions_pending: results waiting to be built. */
+ * revisions_pending: results waiting to be built; revisions_dismissed:
+ * results never built, let go by an admin. */
 struct db_outbox_counts {
-    int64_t pending, sent, failed;
-    int64_t revisions_failed, revisions_pending;
+    int64_t pending, sent, failed, dismissed;
+    int64_t revisions_failed, revisions_pending, revisions_dismissed;
 };
 int db_outbox_counts(struct db *db, struct db_outbox_counts *out);
 /* The same from the database file at path, opened read-only (`ichtriage
@@ -159,17 +169,38 @@ int db_outbox_counts_read(const char *path, struct db_outbox_counts *out, bool *
  * (`ichtriage pacs list`); *n is how many. Returns 0 or -1. */
 struct db_outbox_destination {
     char destination[160];
-    int64_t pending, sent, failed;
+    int64_t pending, sent, failed, dismissed;
 };
 int db_outbox_by_destination(struct db *db, struct db_outbox_destination *out, int max, int *n);
 
 /* `ichtriage pacs retry`, from any connection, the node running or not: in
  * one transaction, deliveries given up go back to pending with no attempts,
  * due at now_ms, and revisions that could not be built back to pending (built
- * again); all of them, or (study_uid not NULL) that study's. The sender finds
+ * again); all of them, or (study_uid not NULL) that study's. Dismissed ones
+ * stay dismissed. The sender finds
  * them at its next look at the queue. *deliveries and *revisions: how many.
  * Returns 0, or -1 with err (nothing changed). */
 int db_outbox_retry(struct db *db, const char *study_uid, int64_t now_ms, int *deliveries,
                     int *revisions, char *err, size_t errlen);
+
+/* One object or result given up that db_outbox_dismiss let go: object sr or
+ * sc for a delivery; "build", destination "", for a result that could not
+ * be built. */
+struct db_outbox_dismissed {
+    int64_t revision_id;
+    int revision;
+    char study_uid[65], destination[160], object[8], sop_uid[65];
+};
+/* `ichtriage pacs dismiss`, from any connection, the node running or not:
+ * in one transaction, deliveries given up (failed) and revisions whose
+ * building was given up become dismissed, each with an audit line (user,
+ * action pacs_dismissed, its study, detail "revision=N destination=D
+ * object=O"); all of them, or (study_uid not NULL) that study's. Pending
+ * and sent rows are never touched: the sender no longer touches the rows
+ * it changes. *out (n of them, by revision; the caller frees it with
+ * free()) lists what was dismissed. Returns 0, or -1 with err (nothing
+ * changed, *out NULL). */
+int db_outbox_dismiss(struct db *db, const char *study_uid, const char *user, int64_t now_ms,
+                      struct db_outbox_dismissed **out, int *n, char *err, size_t errlen);
 
 #endif

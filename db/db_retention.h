@@ -14,7 +14,8 @@
 /* Up to max studies whose spool files may be removed at now_ms, oldest
  * first: last updated before now_ms - keep_ms; every series triaged or not
  * applicable (nothing waiting, triaging or failed); every PACS delivery of
- * theirs acknowledged (nothing pending, failed or given up); and, when a
+ * theirs acknowledged or dismissed by an admin (`ichtriage pacs dismiss`;
+ * nothing pending or given up); and, when a
  * radiologist reviewed it (its label for retraining), reviewed before
  * now_ms - keep_reviewed_ms. Not yet purged. Never one flagged and not
  * reviewed (it stays until it is read, however old), nor one being read:

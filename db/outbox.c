@@ -2,6 +2,7 @@
 #include "db_internal.h"
 #include "db_outbox.h"
 #include "db_status.h"
+#include "db_web.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -349,7 +350,7 @@ int db_outbox_revision_files_done(struct db *db, int64_t revision_id, char (*pat
         list_query(db,
                    "SELECT DISTINCT file_path FROM pacs_deliveries WHERE revision_ref = ?1"
                    " AND NOT EXISTS (SELECT 1 FROM pacs_deliveries"
-                   "  WHERE revision_ref = ?1 AND state != 'sent')",
+                   "  WHERE revision_ref = ?1 AND state NOT IN ('sent', 'dismissed'))",
                    revision_id, n);
     if (!st) return -1;
     int rc;
@@ -454,18 +455,21 @@ static int counts_on(sqlite3 *c, struct db_outbox_counts *out)
         if (strcmp(s, "pending") == 0) out->pending = n;
         if (strcmp(s, "sent") == 0) out->sent = n;
         if (strcmp(s, "failed") == 0) out->failed = n;
+        if (strcmp(s, "dismissed") == 0) out->dismissed = n;
     }
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE ||
         sqlite3_prepare_v2(c,
                            "SELECT coalesce(sum(state = 'failed'), 0),"
-                           " coalesce(sum(state = 'pending'), 0) FROM pacs_revisions",
+                           " coalesce(sum(state = 'pending'), 0),"
+                           " coalesce(sum(state = 'dismissed'), 0) FROM pacs_revisions",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         out->revisions_failed = sqlite3_column_int64(st, 0);
         out->revisions_pending = sqlite3_column_int64(st, 1);
+        out->revisions_dismissed = sqlite3_column_int64(st, 2);
     }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : -1;
@@ -523,7 +527,8 @@ int db_outbox_by_destination(struct db *db, struct db_outbox_destination *out, i
 {
     sqlite3_stmt *st = list_query(db,
                                   "SELECT destination, sum(state = 'pending'), sum(state = 'sent'),"
-                                  " sum(state = 'failed') FROM pacs_deliveries GROUP BY destination"
+                                  " sum(state = 'failed'), sum(state = 'dismissed')"
+                                  " FROM pacs_deliveries GROUP BY destination"
                                   " ORDER BY destination LIMIT ?1",
                                   max, n);
     if (!st) return -1;
@@ -534,6 +539,7 @@ int db_outbox_by_destination(struct db *db, struct db_outbox_destination *out, i
         d->pending = sqlite3_column_int64(st, 1);
         d->sent = sqlite3_column_int64(st, 2);
         d->failed = sqlite3_column_int64(st, 3);
+        d->dismissed = sqlite3_column_int64(st, 4);
     }
     return list_done(st, rc);
 }
@@ -567,4 +573,90 @@ int db_outbox_retry(struct db *db, const char *study_uid, int64_t now_ms, int *d
 bad:
     *deliveries = *revisions = 0;
     return rolled_back(c, err, errlen);
+}
+
+/* The objects and the results given up, of the study ?1 (all when NULL):
+ * one text for db_outbox_dismiss's listing and its changes. */
+#define GIVEN_UP_DELIVERIES                                                                        \
+    " FROM pacs_deliveries d JOIN pacs_revisions pr ON pr.id = d.revision_ref"                     \
+    " JOIN studies st ON st.id = pr.study_ref"                                                     \
+    " WHERE d.state = 'failed' AND (?1 IS NULL OR st.study_uid = ?1)"
+#define GIVEN_UP_REVISIONS                                                                         \
+    " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"                              \
+    " WHERE pr.state = 'failed' AND (?1 IS NULL OR st.study_uid = ?1)"
+
+/* db_outbox_dismiss's listing, inside its transaction: *out grown as it
+ * goes (freed by the caller, also on error). Returns 0, -1 on an SQLite
+ * error, -2 out of memory. */
+static int dismissed_read(sqlite3 *c, const char *study_uid, struct db_outbox_dismissed **out,
+                          int *n)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(
+            c,
+            "SELECT st.study_uid, pr.id, d.destination, d.object, pr.revision,"
+            " d.sop_uid" GIVEN_UP_DELIVERIES
+            " UNION ALL SELECT st.study_uid, pr.id, '', 'build', pr.revision, ''" GIVEN_UP_REVISIONS
+            " ORDER BY 2, 3, 4",
+            -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    if (study_uid) sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
+    int rc, cap = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (*n == cap) {
+            cap = cap ? cap * 2 : 16;
+            struct db_outbox_dismissed *grown = realloc(*out, sizeof **out * (size_t)cap);
+            if (!grown) {
+                sqlite3_finalize(st);
+                return -2;
+            }
+            *out = grown;
+        }
+        struct db_outbox_dismissed *d = &(*out)[(*n)++];
+        db_col_copy(st, 0, d->study_uid, sizeof d->study_uid);
+        d->revision_id = sqlite3_column_int64(st, 1);
+        db_col_copy(st, 2, d->destination, sizeof d->destination);
+        db_col_copy(st, 3, d->object, sizeof d->object);
+        d->revision = sqlite3_column_int(st, 4);
+        db_col_copy(st, 5, d->sop_uid, sizeof d->sop_uid);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_outbox_dismiss(struct db *db, const char *study_uid, const char *user, int64_t now_ms,
+                      struct db_outbox_dismissed **out, int *n, char *err, size_t errlen)
+{
+    *out = NULL;
+    *n = 0;
+    sqlite3 *c = db_conn(db);
+    int rc = 0;
+    if (sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK ||
+        (rc = dismissed_read(c, study_uid, out, n)) != 0)
+        goto bad;
+    for (int i = 0; i < *n; i++) {
+        const struct db_outbox_dismissed *d = &(*out)[i];
+        char detail[300];
+        snprintf(detail, sizeof detail, "revision=%d destination=%s object=%s", d->revision,
+                 d->destination[0] ? d->destination : "-", d->object);
+        if (db_audit_add(db, now_ms, user, "pacs_dismissed", d->study_uid, detail) != 0) goto bad;
+    }
+    if (db_exec_bound(c,
+                      "UPDATE pacs_deliveries SET state = 'dismissed'"
+                      " WHERE id IN (SELECT d.id" GIVEN_UP_DELIVERIES ")",
+                      "s", study_uid) != 0 ||
+        db_exec_bound(c,
+                      "UPDATE pacs_revisions SET state = 'dismissed'"
+                      " WHERE id IN (SELECT pr.id" GIVEN_UP_REVISIONS ")",
+                      "s", study_uid) != 0 ||
+        sqlite3_exec(c, "COMMIT", NULL, NULL, NULL) != SQLITE_OK)
+        goto bad;
+    return 0;
+bad:
+    free(*out);
+    *out = NULL;
+    *n = 0;
+    rolled_back(c, err, errlen);
+    if (rc == -2) snprintf(err, errlen, "out of memory");
+    return -1;
 }

@@ -7,7 +7,8 @@
 #include <string.h>
 
 /* When study st may go (db_retention.h), in three parts: old, done with
- * and delivered (?1: updated before, ?2: reviewed before); not flagged and
+ * and delivered or dismissed (?1: updated before, ?2: reviewed before; a
+ * revision or delivery an admin dismissed is done with); not flagged and
  * unread; not being read (?5: opened after). One text for the listing, the
  * check again at purge time and the count of those held. */
 #define OLD_AND_DONE                                                                               \
@@ -17,7 +18,7 @@
     " AND NOT EXISTS (SELECT 1 FROM pacs_revisions pr WHERE pr.study_ref = st.id"                  \
     "   AND pr.state IN ('pending', 'ready', 'failed') AND (pr.state != 'ready' OR"                \
     "   EXISTS (SELECT 1 FROM pacs_deliveries d WHERE d.revision_ref = pr.id"                      \
-    "     AND d.state != 'sent')))"                                                                \
+    "     AND d.state NOT IN ('sent', 'dismissed'))))"                                             \
     " AND (st.reviewed_at IS NULL OR st.reviewed_at < ?2)"
 /* A flagged study back on the list after a review (a later series) is
  * unread again: status, not reviewed_at. */

@@ -17,9 +17,10 @@
  * index confirms it has no row for it either; a study left with no
  * instance is marked purged in the copy.
  * outbox/ is copied after the snapshot too; a delivery whose file the node
- * removed meanwhile (it does so once every destination acknowledged it) is
- * marked sent in the copy once the live index says it was sent; one whose
- * file is gone undelivered stays pending, logged. Instances received
+ * removed meanwhile (it does so once every destination acknowledged it or
+ * an admin dismissed what was given up) is marked sent or dismissed in the
+ * copy once the live index says so; one whose file is gone undelivered
+ * stays as it was, logged. Instances received
  * after the snapshot are not in the backup.
  *
  * Restore refuses a store.dir that holds anything; it checks the backup
@@ -602,7 +603,7 @@ int triage_backup_main(int argc, char **argv)
         goto out;
     if (settled)
         util_log(UTIL_LOG_INFO, "backup_outbox_settled",
-                 "deliveries=%d reason=\"delivered while the backup ran\"", settled);
+                 "deliveries=%d reason=\"delivered or dismissed while the backup ran\"", settled);
     /* Listed once the copy's database is final. */
     if (backup_list_add(&list, "ichtriage.db", dst_db, err, sizeof err) != 0 ||
         db_status_read(dst_db, false, &st, err, sizeof err) != 0 ||
@@ -619,7 +620,7 @@ int triage_backup_main(int argc, char **argv)
                "event=backup_instance_left_out)\n",
                c.nlost);
     if (outbox_missing)
-        printf("outbox: %d pending deliveries whose files the store has lost (logged, "
+        printf("outbox: %d deliveries pending or given up whose files the store has lost (logged, "
                "event=backup_outbox_file_missing): they will fail to send\n",
                outbox_missing);
     rc = 0;

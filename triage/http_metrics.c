@@ -178,10 +178,12 @@ int http_metrics(struct triage_http *h, h2o_req_t *req)
     struct db_outbox_counts oc;
     if (db_outbox_counts(h->db, &oc) == 0) {
         metric(&t, "ichtriage_pacs_deliveries", "gauge",
-               "Result objects (SR, SC) to PACS destinations, by state; failed: given up.");
+               "Result objects (SR, SC) to PACS destinations, by state; failed: given up;"
+               " dismissed: given up, then let go by an admin.");
         add(&t, "ichtriage_pacs_deliveries{state=\"pending\"} %lld\n", (long long)oc.pending);
         add(&t, "ichtriage_pacs_deliveries{state=\"sent\"} %lld\n", (long long)oc.sent);
         add(&t, "ichtriage_pacs_deliveries{state=\"failed\"} %lld\n", (long long)oc.failed);
+        add(&t, "ichtriage_pacs_deliveries{state=\"dismissed\"} %lld\n", (long long)oc.dismissed);
         metric(&t, "ichtriage_pacs_results_not_built", "gauge",
                "Results whose objects for PACS could not be built (given up).");
         add(&t, "ichtriage_pacs_results_not_built %lld\n", (long long)oc.revisions_failed);

@@ -484,19 +484,22 @@ static void record_failed(struct triage_pacs *p, const struct db_outbox_delivery
                  why);
 }
 
-/* A revision delivered everywhere needs its files no more (those of a
- * revision given up somewhere stay, for an operator to look at or resend). */
-static void drop_delivered(struct triage_pacs *p, int64_t revision_id)
+int triage_pacs_drop_files(struct db *db, const char *store_dir, int64_t revision_id)
 {
     char rel[4][512], path[1600];
-    int n = 0;
-    if (db_outbox_revision_files_done(p->db, revision_id, rel, 4, &n) != 0) return;
+    int n = 0, removed = 0;
+    if (db_outbox_revision_files_done(db, revision_id, rel, 4, &n) != 0) return -1;
     for (int i = 0; i < n; i++) {
-        snprintf(path, sizeof path, "%s/%s", p->store_dir, rel[i]);
-        if (unlink(path) != 0 && errno != ENOENT)
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", store_dir, rel[i]) >= sizeof path)
+            util_log(UTIL_LOG_WARN, "pacs_cleanup_failed", "file=%s reason=\"path too long\"",
+                     rel[i]);
+        else if (unlink(path) == 0)
+            removed++;
+        else if (errno != ENOENT)
             util_log(UTIL_LOG_WARN, "pacs_cleanup_failed", "file=%s reason=\"%s\"", rel[i],
                      strerror(errno));
     }
+    return removed;
 }
 
 /* One association's deliveries; which of them the peer has answered. */
@@ -574,7 +577,8 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
         record_failed(p, &g[i], rc == 0 ? files[i].error : err, d != NULL, end);
     }
     for (int i = 0; i < n; i++)
-        if (i == 0 || g[i].revision_id != g[i - 1].revision_id) drop_delivered(p, g[i].revision_id);
+        if (i == 0 || g[i].revision_id != g[i - 1].revision_id)
+            triage_pacs_drop_files(p->db, p->store_dir, g[i].revision_id);
 }
 
 static bool stopping(struct triage_pacs *p)

@@ -51,4 +51,15 @@ void triage_pacs_request_stop(struct triage_pacs *p);
 /* Finishes the association in progress, then stops. NULL: no-op. */
 void triage_pacs_stop(struct triage_pacs *p);
 
+struct db;
+/* A revision each of whose deliveries is sent or dismissed needs its files
+ * in <store_dir>/outbox/ no more: they are removed (those of a revision with
+ * a delivery pending or given up stay, for it to be sent, retried or looked
+ * at). Nothing makes such a revision's deliveries pending again, so this is
+ * safe from any process while the node runs: the sender after an
+ * acknowledgement, `ichtriage pacs dismiss` after a dismissal. A file that
+ * cannot be removed is logged (event=pacs_cleanup_failed). Returns how many
+ * were removed, or -1 when the database cannot be read. */
+int triage_pacs_drop_files(struct db *db, const char *store_dir, int64_t revision_id);
+
 #endif

@@ -1,20 +1,29 @@
-/* triage/pacs_cmd.c: `ichtriage pacs list|retry`, the results-to-PACS queue
- * for an admin: what waits and what was given up, per destination, and
- * putting what was given up back in the queue once the cause is fixed.
- * Safe while the node runs: it changes only rows the sender no longer
- * touches (given up), in one transaction, and the sender finds them at its
- * next look at the queue. No patient names: UIDs and reasons only. */
+/* triage/pacs_cmd.c: `ichtriage pacs list|retry|dismiss`, the
+ * results-to-PACS queue for an admin: what waits and what was given up, per
+ * destination; putting what was given up back in the queue once the cause
+ * is fixed; or letting go for good what never can be delivered (a
+ * destination removed from pacs.destinations, a key slice no longer
+ * indexed). Safe while the node runs: retry and dismiss change only rows
+ * the sender no longer touches (given up), in one transaction; the sender
+ * finds retried ones at its next look at the queue, and dismiss removes
+ * the files of a revision with nothing left to send under the sender's own
+ * rule (triage_pacs_drop_files). No patient names: UIDs and reasons only. */
 #include "pacs_cmd.h"
 
 #include <cjson/cJSON.h>
+#include <pwd.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "config.h"
 #include "db.h"
 #include "db_outbox.h"
+#include "log.h"
+#include "pacs.h"
 #include "rows.h"
 
 #define LIST_MAX 1000 /* given-up objects listed, newest first */
@@ -25,19 +34,32 @@ static void usage(FILE *f)
     fprintf(f, "usage: ichtriage pacs [-c FILE] [--set section.key=value]... list [--json]\n"
                "       ichtriage pacs [-c FILE] [--set section.key=value]... retry STUDY_UID...\n"
                "       ichtriage pacs [-c FILE] [--set section.key=value]... retry --all\n"
+               "       ichtriage pacs [-c FILE] [--set section.key=value]... dismiss STUDY_UID...\n"
+               "       ichtriage pacs [-c FILE] [--set section.key=value]... dismiss --all\n"
                "\n"
                "The queue of results to PACS (the SR and SC of each triaged study).\n"
                "\n"
-               "list   per destination, the objects waiting (pending), delivered (sent) and\n"
-               "       given up (failed); results waiting to be built and those whose\n"
-               "       building was given up; then each object given up, newest first, with\n"
-               "       its study UID, revision, destination, attempts and last error.\n"
-               "retry  puts the objects given up (for every destination) back in the queue\n"
-               "       with pacs.max_attempts fresh attempts, due at once, and the results\n"
-               "       whose building was given up back to be built: those of the studies\n"
-               "       named, or all with --all. Safe while the node runs, which picks them up\n"
-               "       within a minute (at its next look at the queue). A study given up has\n"
-               "       its files kept (retention skips it) until its results are delivered.\n"
+               "list     per destination, the objects waiting (pending), given up (failed),\n"
+               "         delivered (sent) and dismissed; results waiting to be built, those\n"
+               "         whose building was given up and those dismissed; then each object\n"
+               "         given up, newest first, with its study UID, revision, destination,\n"
+               "         attempts and last error.\n"
+               "retry    puts the objects given up (for every destination) back in the queue\n"
+               "         with pacs.max_attempts fresh attempts, due at once, and the results\n"
+               "         whose building was given up back to be built: those of the studies\n"
+               "         named, or all with --all. Safe while the node runs, which picks them\n"
+               "         up within a minute (at its next look at the queue). A study given up\n"
+               "         has its files kept (retention skips it) until its results are\n"
+               "         delivered or dismissed. It leaves dismissed ones as they are.\n"
+               "dismiss  lets go for good of the objects and results given up (never those\n"
+               "         pending or sent) of the studies named, or all with --all: for what\n"
+               "         can never be delivered, such as objects for a destination removed\n"
+               "         from pacs.destinations, or results whose key slice is no longer\n"
+               "         indexed. They count as done: their study may go by retention, and the\n"
+               "         files of a result with nothing left to send are removed from outbox/.\n"
+               "         Each is logged (event=pacs_dismissed) and recorded in the audit table\n"
+               "         (action pacs_dismissed, user $SUDO_USER or the account running this).\n"
+               "         Final: retry does nothing to them. Safe while the node runs.\n"
                "\n"
                "Exit status: 0 done; 1 a study named has nothing given up, or the database\n"
                "cannot be read or written; 2 usage.\n");
@@ -93,12 +115,13 @@ static int list(struct db *db, bool json)
     if (db_outbox_counts(db, &c) != 0 || db_outbox_by_destination(db, d, DESTS_MAX, &n) != 0)
         return -1;
     if (!json) {
-        printf("%-40s %8s %8s %8s\n", "destination", "pending", "failed", "sent");
+        printf("%-40s %8s %8s %8s %9s\n", "destination", "pending", "failed", "sent", "dismissed");
         for (int i = 0; i < n; i++)
-            printf("%-40s %8lld %8lld %8lld\n", d[i].destination, (long long)d[i].pending,
-                   (long long)d[i].failed, (long long)d[i].sent);
-        printf("results waiting to be built: %lld; not built (given up): %lld\n",
-               (long long)c.revisions_pending, (long long)c.revisions_failed);
+            printf("%-40s %8lld %8lld %8lld %9lld\n", d[i].destination, (long long)d[i].pending,
+                   (long long)d[i].failed, (long long)d[i].sent, (long long)d[i].dismissed);
+        printf("results waiting to be built: %lld; not built (given up): %lld; dismissed: %lld\n",
+               (long long)c.revisions_pending, (long long)c.revisions_failed,
+               (long long)c.revisions_dismissed);
         if (c.failed + c.revisions_failed == 0) return 0;
         printf("\ngiven up, newest first (object build: the result could not be built):\n");
         return db_outbox_failed(db, LIST_MAX, failure_text, NULL);
@@ -112,9 +135,11 @@ static int list(struct db *db, bool json)
         cJSON_AddNumberToObject(x, "pending", (double)d[i].pending);
         cJSON_AddNumberToObject(x, "sent", (double)d[i].sent);
         cJSON_AddNumberToObject(x, "failed", (double)d[i].failed);
+        cJSON_AddNumberToObject(x, "dismissed", (double)d[i].dismissed);
     }
     cJSON_AddNumberToObject(o, "results_to_build", (double)c.revisions_pending);
     cJSON_AddNumberToObject(o, "results_not_built", (double)c.revisions_failed);
+    cJSON_AddNumberToObject(o, "results_dismissed", (double)c.revisions_dismissed);
     int rc = -1;
     if (failed && db_outbox_failed(db, LIST_MAX, failure_json, failed) == 0) {
         char *text = cJSON_Print(o);
@@ -150,10 +175,82 @@ static int retry(struct db *db, char **studies, int n)
     return rc;
 }
 
+/* Who dismisses, for the audit: the person behind sudo (the docs run it
+ * as the service user), else the account running it. */
+static void who(char *out, size_t n)
+{
+    const char *sudo = getenv("SUDO_USER");
+    const struct passwd *pw = getpwuid(geteuid());
+    if (sudo && sudo[0])
+        snprintf(out, n, "%s", sudo);
+    else if (pw)
+        snprintf(out, n, "%s", pw->pw_name);
+    else
+        snprintf(out, n, "uid %u", (unsigned)geteuid());
+}
+
+/* Lets go of what was given up: studies[0..n), or all when n is 0. The
+ * files of each revision left with nothing to send go now, as the sender
+ * removes those of a revision delivered everywhere; nothing else would
+ * remove them (the sender looks at a revision only when it sends). */
+static int dismiss(struct db *db, const char *store_dir, char **studies, int n)
+{
+    char user[256], safe_user[128];
+    who(user, sizeof user);
+    util_log_safe(safe_user, sizeof safe_user, user);
+    int rc = 0;
+    for (int i = 0; i < (n ? n : 1); i++) {
+        const char *study = n ? studies[i] : NULL;
+        struct db_outbox_dismissed *d;
+        int nd, objects = 0, results = 0, files = 0;
+        char err[512];
+        if (db_outbox_dismiss(db, study, user, now_ms(), &d, &nd, err, sizeof err) != 0) {
+            fprintf(stderr, "ichtriage pacs dismiss: %s\n", err);
+            return 1;
+        }
+        for (int j = 0; j < nd; j++) {
+            bool build = strcmp(d[j].object, "build") == 0;
+            util_log(UTIL_LOG_INFO, "pacs_dismissed",
+                     "study=%s revision=%d destination=%s object=%s sop=%s user=%s", d[j].study_uid,
+                     d[j].revision, build ? "-" : d[j].destination, d[j].object,
+                     build ? "-" : d[j].sop_uid, safe_user);
+            if (build) {
+                results++;
+                continue;
+            }
+            objects++;
+            int removed = 0;
+            if (j == 0 || d[j].revision_id != d[j - 1].revision_id)
+                removed = triage_pacs_drop_files(db, store_dir, d[j].revision_id);
+            if (removed < 0) {
+                fprintf(stderr,
+                        "ichtriage pacs dismiss: cannot read the queue: files of"
+                        " revision %d of study %s kept in outbox/\n",
+                        d[j].revision, d[j].study_uid);
+                rc = 1;
+            }
+            files += removed > 0 ? removed : 0;
+        }
+        free(d);
+        printf("%s: %d objects dismissed, %d results dismissed, %d files removed from outbox/\n",
+               study ? study : "all studies", objects, results, files);
+        if (study && nd == 0) {
+            fprintf(stderr,
+                    "ichtriage pacs dismiss: nothing of study %s was given up (what is pending or"
+                    " sent is never dismissed)\n",
+                    study);
+            rc = 1;
+        }
+    }
+    return rc;
+}
+
 /* What the command line asks. */
+enum pacs_action { PACS_LIST, PACS_RETRY, PACS_DISMISS };
 struct request {
-    bool list, json;
-    char **studies; /* retry: these, or all when none */
+    enum pacs_action action;
+    bool json;
+    char **studies; /* retry, dismiss: these, or all when none */
     int nstudies;
 };
 
@@ -167,18 +264,25 @@ static int parse(int argc, char **argv, struct request *r)
             return 0;
         }
     bool all = false, bad = argc < 2;
-    r->list = !bad && strcmp(argv[1], "list") == 0;
-    if (!bad && !r->list && strcmp(argv[1], "retry") != 0) bad = true;
+    if (!bad && strcmp(argv[1], "list") == 0)
+        r->action = PACS_LIST;
+    else if (!bad && strcmp(argv[1], "retry") == 0)
+        r->action = PACS_RETRY;
+    else if (!bad && strcmp(argv[1], "dismiss") == 0)
+        r->action = PACS_DISMISS;
+    else
+        bad = true;
+    bool list = r->action == PACS_LIST;
     for (int i = 2; !bad && i < argc; i++)
-        if (r->list && strcmp(argv[i], "--json") == 0)
+        if (list && strcmp(argv[i], "--json") == 0)
             r->json = true;
-        else if (!r->list && strcmp(argv[i], "--all") == 0)
+        else if (!list && strcmp(argv[i], "--all") == 0)
             all = true;
-        else if (!r->list && argv[i][0] != '-')
+        else if (!list && argv[i][0] != '-')
             r->studies[r->nstudies++] = argv[i];
         else
             bad = true;
-    if (!r->list && all == (r->nstudies > 0)) bad = true; /* STUDY_UID... or --all */
+    if (!bad && !list && all == (r->nstudies > 0)) bad = true; /* STUDY_UID... or --all */
     if (bad) usage(stderr);
     return bad ? 2 : 1;
 }
@@ -191,8 +295,9 @@ int triage_pacs_main(int argc, char **argv)
         fprintf(stderr, "ichtriage pacs: %s\n", err);
         return 2;
     }
-    char path[1200];
-    snprintf(path, sizeof path, "%s/ichtriage.db", triage_config_str(&cfg, CFG_STORE_DIR));
+    char store_dir[1024], path[1200];
+    snprintf(store_dir, sizeof store_dir, "%s", triage_config_str(&cfg, CFG_STORE_DIR));
+    snprintf(path, sizeof path, "%s/ichtriage.db", store_dir);
     triage_config_free(&cfg);
     struct request r;
     int rc = parse(argc, argv, &r);
@@ -202,11 +307,13 @@ int triage_pacs_main(int argc, char **argv)
         fprintf(stderr, "ichtriage pacs: %s\n", err);
         return 1;
     }
-    if (r.list) {
+    if (r.action == PACS_LIST) {
         rc = list(db, r.json) == 0 ? 0 : 1;
         if (rc) fprintf(stderr, "ichtriage pacs list: cannot read the queue\n");
-    } else {
+    } else if (r.action == PACS_RETRY) {
         rc = retry(db, r.studies, r.nstudies);
+    } else {
+        rc = dismiss(db, store_dir, r.studies, r.nstudies);
     }
     db_close(db);
     return rc;

@@ -479,11 +479,11 @@ class PacsTest(itest.NodeTest):
         # at log.level debug, as here) for each.
         self.assertNotIn("Abort Failed", node.log())
 
-    def pacs_cmd(self, node, *args):
+    def pacs_cmd(self, node, *args, env=None):
         return subprocess.run([itest.EXE, "pacs", "-c", "/dev/null", "--set",
                                "store.dir=" + node.store_dir, *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              timeout=60)
+                              timeout=60, env=dict(os.environ, **(env or {})))
 
     def test_retry_by_hand_delivers_what_was_given_up(self):
         """`ichtriage pacs list` shows what was given up, and `pacs retry`
@@ -503,13 +503,13 @@ class PacsTest(itest.NodeTest):
 
         listed = self.pacs_cmd(node, "list")
         self.assertEqual(listed.returncode, 0, listed.stderr)
-        self.assertRegex(listed.stdout, r"%s +0 +2 +0\n" % dest)
+        self.assertRegex(listed.stdout, r"%s +0 +2 +0 +0\n" % dest)
         self.assertIn(study, listed.stdout)
         self.assertIn("C-STORE status 0xA700", listed.stdout)
         self.assertTrue(name and name not in listed.stdout, listed.stdout)
         got = json.loads(self.pacs_cmd(node, "list", "--json").stdout)
-        self.assertEqual(got["destinations"],
-                         [{"destination": dest, "pending": 0, "sent": 0, "failed": 2}])
+        self.assertEqual(got["destinations"], [{"destination": dest, "pending": 0, "sent": 0,
+                                                 "failed": 2, "dismissed": 0}])
         self.assertEqual(sorted((f["object"], f["study_uid"], f["attempts"])
                                 for f in got["failed"]), [("sc", study, 2), ("sr", study, 2)])
         self.assertEqual(got["results_not_built"], 0)
@@ -531,11 +531,116 @@ class PacsTest(itest.NodeTest):
         for r in rows:  # delivered everywhere: its files go
             self.assertFalse(os.path.exists(os.path.join(node.store_dir, r[5])), r)
         got = json.loads(self.pacs_cmd(node, "list", "--json").stdout)
-        self.assertEqual(got["destinations"],
-                         [{"destination": dest, "pending": 0, "sent": 2, "failed": 0}])
+        self.assertEqual(got["destinations"], [{"destination": dest, "pending": 0, "sent": 2,
+                                                 "failed": 0, "dismissed": 0}])
         self.assertEqual(got["failed"], [])
         health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
         self.assertFalse([d for d in health.get("degraded", []) if "PACS" in d], health)
+
+    def test_dismiss_lets_go_of_a_removed_destination(self):
+        """Objects for a destination taken out of pacs.destinations are given
+        up at the next start and can never be delivered: `pacs dismiss`,
+        while the node runs, lets them go (logged, audited), removes the
+        result's files, clears the banner, and the study may go by
+        retention. They had kept the banner up for a day, the files in
+        outbox/ and the study out of retention for ever; retry only gave
+        them up again."""
+        port, _ = self.storescp("kept")
+        kept = "KEPT@127.0.0.1:%d" % port
+        gone = "GONE@127.0.0.1:%d" % dt.free_port()  # nothing listens: retried
+        node = self.node(kept + "," + gone, **{"pacs.max_attempts": 1000})
+        study, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=43)
+        import pydicom
+        name = str(pydicom.dcmread(files[0], stop_before_pixels=True).PatientName)
+        self.send(node, files)
+        self.wait_deliveries(node, lambda r: r[0] == kept and r[2] == "sent", 2)
+        self.wait_deliveries(node, lambda r: r[0] == gone and r[2] == "pending" and r[3] >= 1, 2,
+                             what="attempts to the destination about to go")
+        # Nothing pending is dismissed.
+        r = self.pacs_cmd(node, "dismiss", study)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("nothing of study %s was given up" % study, r.stderr)
+        self.assertEqual(sorted(x[2] for x in self.deliveries(node) if x[0] == gone),
+                         ["pending", "pending"])
+
+        # The destination is removed from the config: given up at start.
+        self.assertEqual(node.stop(), 0)
+        node.settings["pacs.destinations"] = kept
+        node.start()
+        rows = self.wait_deliveries(node, lambda r: r[0] == gone and r[2] == "failed", 2)
+        self.assertTrue(all(r[4] == "destination no longer configured"
+                            for r in rows if r[0] == gone), rows)
+        self.assert_shown(node, "not delivered to PACS: 2 objects",
+                          'ichtriage_pacs_deliveries{state="failed"} 2\n')
+        paths = sorted({r[5] for r in rows})
+        self.assertEqual(len(paths), 2, rows)
+        for p in paths:
+            self.assertTrue(os.path.exists(os.path.join(node.store_dir, p)), p)
+
+        r = self.pacs_cmd(node, "dismiss", study, env={"SUDO_USER": "admin1"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("%s: 2 objects dismissed, 0 results dismissed, 2 files removed from outbox/"
+                      % study, r.stdout)
+        logged = sorted(l for l in r.stderr.splitlines() if "event=pacs_dismissed" in l)
+        self.assertEqual(len(logged), 2, r.stderr)
+        for line, obj in zip(logged, ("sc", "sr")):
+            for field in ("study=" + study, "revision=1", "destination=" + gone,
+                          "object=" + obj, "user=admin1"):
+                self.assertIn(field, line)
+        self.assertTrue(name and name not in r.stdout + r.stderr, r.stderr)
+        self.assertEqual(sorted((x[0], x[2]) for x in self.deliveries(node)),
+                         [(gone, "dismissed")] * 2 + [(kept, "sent")] * 2)
+        for p in paths:  # nothing left to send: the result's files go
+            self.assertFalse(os.path.exists(os.path.join(node.store_dir, p)), p)
+        self.assertEqual([tuple(a) for a in node.query(
+            "SELECT user, study_uid, detail FROM audit WHERE action = 'pacs_dismissed'"
+            " ORDER BY id")],
+            [("admin1", study, "revision=1 destination=%s object=%s" % (gone, obj))
+             for obj in ("sc", "sr")])
+
+        # The banner is gone, at once (no event needed: the page asks).
+        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
+        self.assertFalse([d for d in health.get("degraded", []) if "PACS" in d], health)
+        metrics = urllib.request.urlopen("http://127.0.0.1:%d/metrics"
+                                         % node.http_port).read().decode()
+        self.assertIn('ichtriage_pacs_deliveries{state="failed"} 0\n', metrics)
+        self.assertIn('ichtriage_pacs_deliveries{state="dismissed"} 2\n', metrics)
+        self.assertEqual(json.load(urllib.request.urlopen(
+            "http://127.0.0.1:%d/api/pacs/failures" % node.http_port)), [])
+        listed = self.pacs_cmd(node, "list")
+        self.assertRegex(listed.stdout, r"%s +0 +0 +0 +2\n" % gone)
+        self.assertRegex(listed.stdout, r"%s +0 +0 +2 +0\n" % kept)
+        got = json.loads(self.pacs_cmd(node, "list", "--json").stdout)
+        self.assertEqual(got["destinations"], [
+            {"destination": gone, "pending": 0, "sent": 0, "failed": 0, "dismissed": 2},
+            {"destination": kept, "pending": 0, "sent": 2, "failed": 0, "dismissed": 0}])
+        self.assertEqual((got["failed"], got["results_dismissed"]), ([], 0))
+
+        # Final: retry and a second dismissal leave them as they are.
+        self.assertEqual(self.pacs_cmd(node, "retry", study).returncode, 1)
+        r = self.pacs_cmd(node, "retry", "--all")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("0 objects back in the queue", r.stdout)
+        self.assertEqual(self.pacs_cmd(node, "dismiss", study).returncode, 1)
+        self.assertEqual(sorted((x[0], x[2]) for x in self.deliveries(node)),
+                         [(gone, "dismissed")] * 2 + [(kept, "sent")] * 2)
+
+        # Done with: retention takes the study once it is old (made so while
+        # the node is stopped; not flagged, so that the random model's flag
+        # does not keep it).
+        self.assertEqual(node.stop(), 0)
+        old = int(time.time() * 1000) - 3 * 86400 * 1000
+        import sqlite3
+        con = sqlite3.connect(node.db_path)
+        with con:
+            con.execute("UPDATE studies SET updated_at = ?, received_at = ?, flagged = 0",
+                        (old, old))
+        con.close()
+        node.settings["store.retention_days"] = "1"
+        node.start()
+        self.assertTrue(node.wait_event("study_purged", timeout=20), node.log_tail())
+        self.assertEqual([tuple(x) for x in node.query(
+            "SELECT purged_at IS NOT NULL FROM studies WHERE study_uid = ?", (study,))], [(1,)])
 
     def test_given_up_reaches_an_open_page(self):
         # The page's banner heard of a delivery given up only when something

@@ -451,6 +451,101 @@ Test(outbox, retry_puts_back_what_was_given_up, .init = setup, .fini = teardown)
     cr_expect_eq(c.revisions_pending, 1);
 }
 
+/* What can never be delivered (a destination removed from the config, a
+ * key slice no longer indexed) is let go by an admin: only what was given
+ * up, each with an audit line; the files of a revision with nothing left to
+ * send may go, its study is done with for retention, and retry leaves it
+ * dismissed. A given-up row had kept its study and its files for ever. */
+Test(outbox, dismiss_lets_go_of_what_was_given_up, .init = setup, .fini = teardown)
+{
+    const int64_t now = 1000 * DAY, keep = 30 * DAY, keep_reviewed = 365 * DAY;
+    int64_t id1 = flagged_revision_pending();
+    struct db_outbox_object o[3] = {{"GONE@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"},
+                                    {"GONE@127.0.0.1:9", "sc", "outbox/1-sc.dcm", "9.2"},
+                                    {"PACS@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"}};
+    char err[256] = "";
+    cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 3, 1000, err, sizeof err), 0,
+                 "%s", err);
+    /* GONE's SR given up, its SC still being tried; PACS has its SR. */
+    cr_assert_eq(
+        db_outbox_attempt_failed(db, 1, "destination no longer configured", 2000, 2000, true), 0);
+    cr_assert_eq(db_outbox_sent(db, 3, 2000), 0);
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0);
+
+    struct db_outbox_dismissed *d = NULL;
+    int n = -1;
+    cr_assert_eq(db_outbox_dismiss(db, "1.2.3", "alice", 3000, &d, &n, err, sizeof err), 0, "%s",
+                 err);
+    cr_assert_eq(n, 1);
+    cr_expect_eq(d[0].revision_id, id1);
+    cr_expect_eq(d[0].revision, 1);
+    cr_expect_str_eq(d[0].study_uid, "1.2.3");
+    cr_expect_str_eq(d[0].destination, "GONE@127.0.0.1:9");
+    cr_expect_str_eq(d[0].object, "sr");
+    free(d);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries WHERE (id = 1 AND state = 'dismissed')"
+                       " OR (id = 2 AND state = 'pending') OR (id = 3 AND state = 'sent')"),
+                 3, "only what was given up is dismissed");
+    char paths[4][512];
+    int np = -1;
+    cr_assert_eq(db_outbox_revision_files_done(db, id1, paths, 4, &np), 0);
+    cr_expect_eq(np, 0, "its SC still pending: the files stay");
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "still something pending");
+
+    /* The SC is given up too, and a later result of the study could not be
+     * built (its key slice gone). */
+    cr_assert_eq(
+        db_outbox_attempt_failed(db, 2, "destination no longer configured", 4000, 4000, true), 0);
+    int64_t id2 = flagged_result_queued(4000);
+    cr_assert_eq(db_outbox_revision_failed(db, id2, "key slice no longer indexed", 5000), 0);
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a given-up study went");
+    cr_assert_eq(db_outbox_dismiss(db, NULL, "bob", 6000, &d, &n, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(n, 2);
+    cr_expect_eq(d[0].revision_id, id1);
+    cr_expect_str_eq(d[0].object, "sc");
+    cr_expect_eq(d[1].revision_id, id2);
+    cr_expect_str_eq(d[1].object, "build");
+    cr_expect_str_eq(d[1].destination, "");
+    free(d);
+    cr_assert_eq(db_outbox_revision_files_done(db, id1, paths, 4, &np), 0);
+    cr_expect_eq(np, 2, "nothing left to send: its files may go");
+    cr_expect_eq(count("SELECT count(*) FROM audit WHERE action = 'pacs_dismissed'"
+                       " AND study_uid = '1.2.3'"),
+                 3);
+    cr_expect_eq(count("SELECT count(*) FROM audit WHERE action = 'pacs_dismissed'"
+                       " AND user = 'alice' AND at = 3000"
+                       " AND detail = 'revision=1 destination=GONE@127.0.0.1:9 object=sr'"),
+                 1);
+    cr_expect_eq(count("SELECT count(*) FROM audit WHERE user = 'bob'"
+                       " AND detail = 'revision=2 destination=- object=build'"),
+                 1);
+
+    /* Nothing more to dismiss, and retry leaves them dismissed. */
+    cr_assert_eq(db_outbox_dismiss(db, "1.2.3", "alice", 7000, &d, &n, err, sizeof err), 0);
+    cr_expect_eq(n, 0);
+    free(d);
+    int deliveries = -1, revisions = -1;
+    cr_assert_eq(db_outbox_retry(db, NULL, 7000, &deliveries, &revisions, err, sizeof err), 0);
+    cr_expect_eq(deliveries + revisions, 0);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_deliveries WHERE state = 'dismissed'"), 2);
+    cr_expect_eq(count("SELECT count(*) FROM pacs_revisions WHERE state = 'dismissed'"), 1);
+    struct db_outbox_counts c;
+    cr_assert_eq(db_outbox_counts(db, &c), 0);
+    cr_expect_eq(c.failed + c.revisions_failed + c.pending + c.revisions_pending, 0);
+    cr_expect_eq(c.dismissed, 2);
+    cr_expect_eq(c.revisions_dismissed, 1);
+    cr_expect_eq(c.sent, 1);
+    int64_t given_up[2] = {-1, -1};
+    cr_assert_eq(db_outbox_failed_since(db, 0, &given_up[0], &given_up[1]), 0);
+    cr_expect_eq(given_up[0] + given_up[1], 0, "the banner would still show them");
+
+    /* Done with: retention purges the study. */
+    int removed = 0;
+    cr_expect_eq(due_now(now, keep, keep_reviewed), 1);
+    cr_expect_eq(db_retention_purge(db, 1, now, keep, keep_reviewed, record_path, &removed), 1);
+    cr_expect_eq(removed, 1);
+}
+
 /* A retry set further ahead than the longest backoff (an hour here) was set
  * before the wall clock went back: it is due now, not after the step. */
 Test(outbox, retry_beyond_the_longest_backoff_is_due, .init = setup, .fini = teardown)

@@ -276,30 +276,33 @@ class Backup(itest.NodeTest):
         left to fail. Revision 3's files were lost from the node's outbox/
         while its deliveries are still pending there: they stay pending in
         the backup, logged. The backup had called them sent, from the
-        files' absence alone."""
+        files' absence alone. Revision 4, given up, is dismissed meanwhile
+        (`ichtriage pacs dismiss` removes its files): dismissed in the
+        backup too, not left given up with its files missing."""
         import sqlite3
         node, _ = self.received(series=1, count=2)
         self.assertEqual(node.stop(), 0)
         outbox = os.path.join(node.store_dir, "outbox")
         os.makedirs(outbox, exist_ok=True)
         objects = {"%d-%s.dcm" % (rev, obj): os.urandom(1500)
-                   for rev in (1, 2) for obj in ("sr", "sc")}
+                   for rev in (1, 2, 4) for obj in ("sr", "sc")}
         for name, data in objects.items():
             with open(os.path.join(outbox, name), "wb") as f:
                 f.write(data)
         con = sqlite3.connect(node.db_path)
         with con:
             study, series = con.execute("SELECT study_ref, id FROM series").fetchone()
-            for rev in (1, 2, 3):  # revision 3: no files
+            for rev in (1, 2, 3, 4):  # revision 3: no files; 4: given up
                 cur = con.execute(
                     "INSERT INTO pacs_revisions (study_ref, series_ref, result_at, revision,"
                     " state, created_at) VALUES (?, ?, ?, ?, 'ready', 1)",
                     (study, series, rev, rev))
                 for obj in ("sr", "sc"):
                     con.execute("INSERT INTO pacs_deliveries (revision_ref, destination, object,"
-                                " file_path, sop_uid, next_attempt_at) VALUES (?, 'P@h:104', ?,"
-                                " ?, '1.2', 0)",
-                                (cur.lastrowid, obj, "outbox/%d-%s.dcm" % (rev, obj)))
+                                " file_path, sop_uid, next_attempt_at, state) VALUES (?, 'P@h:104',"
+                                " ?, ?, '1.2', 0, ?)",
+                                (cur.lastrowid, obj, "outbox/%d-%s.dcm" % (rev, obj),
+                                 "failed" if rev == 4 else "pending"))
         con.close()
         bdir = os.path.join(self.work, "backup")
         backup = self.held_backup(node.store_dir, bdir)
@@ -311,13 +314,21 @@ class Backup(itest.NodeTest):
         for obj in ("sr", "sc"):
             os.unlink(os.path.join(outbox, "2-%s.dcm" % obj))
             del objects["2-%s.dcm" % obj]
+        dismiss = subprocess.run([itest.EXE, "pacs"] + store_args(node.store_dir)
+                                 + ["dismiss", "--all"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, timeout=60)
+        self.assertEqual(dismiss.returncode, 0, dismiss.stderr)
+        self.assertIn("2 objects dismissed, 0 results dismissed, 2 files removed", dismiss.stdout)
+        for obj in ("sr", "sc"):
+            del objects["4-%s.dcm" % obj]
         out, err = backup.communicate(timeout=60)
         out, err = out.decode(), err.decode()
         self.assertEqual(backup.returncode, 0, err)
         self.assertIn("2 outbox files", out)
-        self.assertIn("event=backup_outbox_settled deliveries=2", err)
+        self.assertIn("event=backup_outbox_settled deliveries=4", err)
         self.assertEqual(err.count("event=backup_outbox_file_missing"), 2, err)
-        self.assertIn("outbox: 2 pending deliveries whose files the store has lost", out)
+        self.assertIn("outbox: 2 deliveries pending or given up whose files the store has lost",
+                      out)
         store2 = os.path.join(self.work, "restored")
         rc, out, err = ichtriage("restore", *store_args(store2), bdir)
         self.assertEqual(rc, 0, err)
@@ -330,7 +341,8 @@ class Backup(itest.NodeTest):
         con.close()
         self.assertEqual(states, [(1, "sc", "pending", None), (1, "sr", "pending", None),
                                   (2, "sc", "sent", 12345), (2, "sr", "sent", 12345),
-                                  (3, "sc", "pending", None), (3, "sr", "pending", None)])
+                                  (3, "sc", "pending", None), (3, "sr", "pending", None),
+                                  (4, "sc", "dismissed", None), (4, "sr", "dismissed", None)])
 
     def test_backup_while_retention_purges(self):
         """Retention removes a study the backup has listed but not copied yet:
