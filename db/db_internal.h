@@ -56,7 +56,10 @@ sqlite3 *db_conn(struct db *db);
  * is never listed as low (its probability, from the triaged series, stays).
  * Not reviewed once a series that got instances after the review has a
  * result stored, or failed, since: nobody has read that one (the review
- * stays, in reviews and reviewed_at). */
+ * stays, in reviews and reviewed_at). The reason names each series it
+ * comes from, by its description, or its number where the description is
+ * empty or not printable ASCII (the index keeps descriptions in the
+ * study's character set, and the reason is the node's own UTF-8 text). */
 #define DB_STUDY_REFRESH_SQL                                                                       \
     "UPDATE studies SET status = CASE"                                                             \
     "  WHEN reviewed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM series s"                        \
@@ -81,8 +84,12 @@ sqlite3 *db_conn(struct db *db);
     "  ON s.id = r.series_ref WHERE s.study_ref = studies.id), 0),"                                \
     " result_series_ref = (SELECT r.series_ref FROM results r JOIN series s"                       \
     "  ON s.id = r.series_ref WHERE s.study_ref = studies.id ORDER BY r.p_any DESC LIMIT 1),"      \
-    " status_reason = coalesce((SELECT group_concat(s.state_reason, '; ') FROM series s"           \
-    "  WHERE s.study_ref = studies.id AND s.state_reason != ''), '')"                              \
+    " status_reason = coalesce((SELECT group_concat(named, '; ') FROM (SELECT"                     \
+    "  CASE WHEN s.series_desc != '' AND s.series_desc NOT GLOB '*[^ -~]*' THEN s.series_desc"     \
+    "  WHEN s.series_number IS NOT NULL THEN 'series ' || s.series_number"                         \
+    "  ELSE 'series without number' END || ': ' || s.state_reason AS named FROM series s"          \
+    "  WHERE s.study_ref = studies.id AND s.state_reason != ''"                                    \
+    "  ORDER BY s.series_number, s.id)), '')"                                                      \
     " WHERE id = ?1"
 
 #endif

@@ -31,6 +31,8 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
 struct db_series_row {
     const char *series_uid, *modality, *series_desc, *state, *state_reason;
     int instance_count;
+    bool has_number; /* Series Number, when the series had one */
+    int number;
     bool has_result;
 };
 typedef int (*db_series_row_fn)(void *ud, const struct db_series_row *s);

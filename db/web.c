@@ -61,8 +61,8 @@ int db_study_series(struct db *db, const char *study_uid, db_series_row_fn fn, v
     if (sqlite3_prepare_v2(c,
                            "SELECT s.series_uid, s.modality, s.series_desc, s.state,"
                            " s.state_reason, s.instance_count,"
-                           " EXISTS (SELECT 1 FROM results r WHERE r.series_ref = s.id)"
-                           " FROM series s JOIN studies st ON st.id = s.study_ref"
+                           " EXISTS (SELECT 1 FROM results r WHERE r.series_ref = s.id),"
+                           " s.series_number FROM series s JOIN studies st ON st.id = s.study_ref"
                            " WHERE st.study_uid = ?1 ORDER BY s.series_number, s.id",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
@@ -77,6 +77,8 @@ int db_study_series(struct db *db, const char *study_uid, db_series_row_fn fn, v
             .state_reason = text(st, 4),
             .instance_count = sqlite3_column_int(st, 5),
             .has_result = sqlite3_column_int(st, 6) != 0,
+            .has_number = sqlite3_column_type(st, 7) != SQLITE_NULL,
+            .number = sqlite3_column_int(st, 7),
         };
         if (fn(ud, &s) != 0) {
             rc = SQLITE_DONE;

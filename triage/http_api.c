@@ -142,6 +142,10 @@ static int series_cb(void *ud, const struct db_series_row *s)
     triage_json_add_text(o, "description", s->series_desc, c->charset, 0);
     cJSON_AddStringToObject(o, "state", s->state);
     triage_json_add_utf8(o, "reason", s->state_reason);
+    if (s->has_number)
+        cJSON_AddNumberToObject(o, "number", s->number);
+    else
+        cJSON_AddNullToObject(o, "number");
     cJSON_AddNumberToObject(o, "instances", s->instance_count);
     cJSON_AddBoolToObject(o, "has_result", s->has_result);
     cJSON_AddItemToArray(c->arr, o);

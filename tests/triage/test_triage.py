@@ -40,10 +40,11 @@ def phantom(exe, out, seed, slices=12, size=128, count=1, extra=()):
     return {k: [f for _, f in sorted(v)] for k, v in studies.items()}
 
 
-def another_series(files, out, pixels):
+def another_series(files, out, pixels=None, number=3, description=None):
     """The slices of files as another series of the same study (new series
-    and SOP instance UIDs, series number 3), each one's pixel array passed
-    through pixels(); written to out/sNN.dcm. (series uid, files)."""
+    and SOP instance UIDs, series number number, None for none, and
+    description when given), each one's pixel array passed through pixels()
+    when given; written to out/sNN.dcm. (series uid, files)."""
     import pydicom
     from pydicom.uid import generate_uid
     os.makedirs(out, exist_ok=True)
@@ -53,8 +54,14 @@ def another_series(files, out, pixels):
         ds.SeriesInstanceUID = series
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SeriesNumber = 3
-        ds.PixelData = pixels(ds.pixel_array).tobytes()
+        if number is None:
+            del ds.SeriesNumber
+        else:
+            ds.SeriesNumber = number
+        if description is not None:
+            ds.SeriesDescription = description
+        if pixels:
+            ds.PixelData = pixels(ds.pixel_array).tobytes()
         made.append(os.path.join(out, "s%02d.dcm" % i))
         ds.save_as(made[-1])
     return series, made
@@ -495,10 +502,11 @@ class TriageTest(itest.NodeTest):
         ds.save_as(bad[3])
         self.send(node, bad + good)
         row = self.wait_status(node, bad_study, ("failed",))
-        # The file's spool path once, then what is wrong (it came twice).
+        # The series, the file's spool path once, then what is wrong (it
+        # came twice).
         reason = row["status_reason"]
-        self.assertRegex(reason, r"^/\S+/%s\.dcm: pixel data holds 50 values"
-                         % re.escape(ds.SOPInstanceUID))
+        self.assertRegex(reason, r"^%s: /\S+/%s\.dcm: pixel data holds 50 values"
+                         % (re.escape(ds.SeriesDescription), re.escape(ds.SOPInstanceUID)))
         self.assertEqual(reason.count(ds.SOPInstanceUID), 1, reason)
         self.wait_status(node, good_study, ("triaged",))
         self.assertTrue(node.events("series_failed"))
@@ -704,7 +712,10 @@ class TriageTest(itest.NodeTest):
         self.assertEqual([r["status"] for r in out], ["triaged"], out)
         self.assertAlmostEqual(out[0]["probability"], row["probability"], places=5)
         self.assertEqual(len(out[0]["slice_probabilities"]), 12)
-        self.assertEqual(out[0]["status_reason"], row["status_reason"])
+        # The study's reason names the series it is about; predict's row is
+        # that series.
+        self.assertEqual("%s: %s" % (ds.SeriesDescription, out[0]["status_reason"]),
+                         row["status_reason"])
         # A folder given as a symbolic link is walked where it points (it
         # gave an empty list before); a folder with no images says so.
         link = os.path.join(self.work, "link")

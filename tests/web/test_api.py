@@ -415,6 +415,42 @@ class ApiTest(wt.WebTest):
             proc.kill()
             proc.wait()
 
+    def test_a_series_left_out_is_named_in_the_reason(self):
+        """A study with series triage left out (a 3-image "SCOUT", three
+        images of a series without description): the row's reason names
+        each series it comes from, and the study lists every series with
+        its number, description, images, state and reason. The reasons had
+        been joined bare ("3 axial slices, fewer than
+        triage.min_slices=5; 3 axial ..."), as if said of the series that
+        set the result."""
+        (uid, files), = wt.phantom(os.path.join(self.work, "named"), seed=27).items()
+        scout, sfiles = wt.test_triage.another_series(
+            files[:3], os.path.join(self.work, "scout"), number=1, description="SCOUT")
+        bare, bfiles = wt.test_triage.another_series(
+            files[3:6], os.path.join(self.work, "bare"), number=7, description="")
+        self.send(self.node, files + sfiles + bfiles)
+        self.wait_rows(self.node, [uid])
+        deadline = time.monotonic() + 30
+        while True:
+            st = self.get_json(self.node, "/api/studies/" + uid)
+            if [s["state"] for s in st["series"]] == ["not_applicable", "triaged", "not_applicable"]:
+                break
+            self.assertLess(time.monotonic(), deadline, st["series"])
+            time.sleep(0.2)
+        few = "3 axial slices, fewer than triage.min_slices=5"
+        (row,) = [r for r in self.get_json(self.node, "/api/worklist") if r["study_uid"] == uid]
+        self.assertEqual(row["status"], "triaged")
+        self.assertEqual(row["status_reason"], "SCOUT: %s; series 7: %s" % (few, few))
+        self.assertEqual(st["status_reason"], row["status_reason"])
+        desc = st["series"][1]["description"]
+        self.assertTrue(desc.startswith("Phantom head axial"), desc)
+        self.assertEqual([(s["number"], s["description"], s["instances"], s["reason"],
+                           s["series_uid"] == st["series_uid"]) for s in st["series"]],
+                         [(1, "SCOUT", 3, few, False), (2, desc, 12, "", True),
+                          (7, "", 3, few, False)])
+        self.assertEqual({s["series_uid"] for s in st["series"]} - {st["series_uid"]},
+                         {scout, bare})
+
     def test_names_converted_and_not_markup(self):
         xss = wt.phantom(os.path.join(self.work, "xss"), seed=24)
         (xuid, xfiles), = xss.items()

@@ -290,6 +290,48 @@ class PageTest(wt.WebTest):
                         .startswith("No slice marked"))
         self.assertEqual(b.console_errors(), [])
 
+    def test_series_named_in_the_row_and_the_view(self):
+        """A flagged study with a 3-image "SCOUT" series beside the one that
+        set the result: the row's status names the scout as the series the
+        reason is about, and the study view lists every series (number,
+        description, images, state, reason) and names the result series by
+        its description. The row had read "triaged (3 axial slices, fewer
+        than triage.min_slices=5)" under the flag, and the view showed the
+        result series as a bare UID and no other series."""
+        node = self.web_node(threshold="0.01")
+        (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=41).items()
+        scout, sfiles = wt.test_triage.another_series(
+            files[:3], os.path.join(self.work, "scout"), number=1, description="SCOUT")
+        self.send(node, files + sfiles)
+        deadline = time.monotonic() + 40
+        while True:
+            self.wait_rows(node, [uid])
+            st = self.get_json(node, "/api/studies/" + uid)
+            if [s["state"] for s in st["series"]] == ["not_applicable", "triaged"]:
+                break
+            self.assertLess(time.monotonic(), deadline, node.log_tail())
+            time.sleep(0.2)
+        desc = next(s["description"] for s in st["series"] if s["series_uid"] == st["series_uid"])
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        row = "document.querySelector('#rows tr[data-study-uid=\"%s\"]')" % uid
+        b.wait("!!%s" % row)
+        text = b.eval(row + ".innerText")
+        self.assertIn("FLAGGED", text)
+        self.assertIn("triaged (SCOUT: 3 axial slices, fewer than triage.min_slices=5)", text)
+        self.open_study(uid)
+        shown = b.eval("[...document.querySelectorAll('#series-rows tr')].map(t =>"
+                       " [...t.cells].map(c => c.innerText.trim()))")
+        self.assertEqual(shown, [
+            ["1", "SCOUT", "3", "not applicable", "3 axial slices, fewer than triage.min_slices=5"],
+            ["2", desc, "12", "triaged result", ""]], shown)
+        self.assertEqual(b.eval("document.querySelector('#series-rows tr.result')"
+                                ".dataset.seriesUid"), st["series_uid"])
+        details = b.eval("document.getElementById('details').innerText")
+        self.assertIn("%s (series 2) \u2014 %s" % (desc, st["series_uid"]), details)
+        b.screenshot(self.artifact("study-series.png"))
+        self.assertEqual(b.console_errors(), [])
+
     def test_malformed_study_link(self):
         """A study link that does not decode (a cut "%E0%A4%A") is a study
         not found, and the list is live when the reader goes back to it: the

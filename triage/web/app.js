@@ -75,6 +75,12 @@ function suspected(row) {
 function statusText(row) {
   return row.status.replace("_", " ") + (row.status_reason ? " (" + row.status_reason + ")" : "");
 }
+// A series as PACS lists it: its description, else its number.
+function seriesName(s) {
+  if (!s) return "";
+  if (s.description) return s.description + (s.number != null ? " (series " + s.number + ")" : "");
+  return s.number != null ? "series " + s.number : "series without number";
+}
 // Retention removed the study's files: its result and reviews stay, its
 // images do not (no slice can be shown).
 function purgedText(row) {
@@ -355,9 +361,32 @@ function studyNotFound(why) {
   state.slices = [];
   $("study-flag").hidden = true;
   $("study-purged").hidden = true;
-  ["details", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
+  ["details", "series-rows", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
   $("slices").__figures = null;
   $("review-form").hidden = true;
+}
+
+// The series that set the result, named as PACS lists it (its UID beside).
+function resultSeries(st) {
+  if (!st.series_uid) return "none yet";
+  const s = (st.series || []).find((x) => x.series_uid === st.series_uid);
+  return s ? seriesName(s) + " \u2014 " + st.series_uid : st.series_uid;
+}
+
+// Every series of the study, what triage made of it and why: a series
+// left out (a scout, too few slices) says so under its own name.
+function seriesRows(st) {
+  $("series-rows").replaceChildren(...(st.series || []).map((s) => {
+    const result = s.series_uid === st.series_uid;
+    const tr = el("tr", { cls: result ? "result" : "", "data-series-uid": s.series_uid },
+      el("td", { text: s.number != null ? String(s.number) : "\u2014" }),
+      el("td", { text: s.description || "(no description)", title: s.series_uid }),
+      el("td", { text: String(s.instances) }),
+      el("td", {}, s.state.replace("_", " "), result ? " " : null,
+        result ? el("span", { cls: "badge", text: "result" }) : null),
+      el("td", { text: s.reason || "" }));
+    return tr;
+  }));
 }
 
 async function showStudy(uid, quiet) {
@@ -386,13 +415,14 @@ async function showStudy(uid, quiet) {
   const d = [
     ["Patient", st.patient_name], ["Patient ID", st.patient_id], ["Birth date", st.patient_birth_date],
     ["Sex", st.patient_sex], ["Accession", st.accession], ["Study date", st.study_date + " " + st.study_time],
-    ["Study UID", st.study_uid], ["Series (result)", st.series_uid], ["Slices", String(st.slices)],
+    ["Study UID", st.study_uid], ["Series (result)", resultSeries(st)], ["Slices", String(st.slices)],
     ["Arrived", st.received_at + " (" + age(st.received_at) + ")"], ["Status", statusText(st)],
     ["p(ICH)", pct(st.probability)], ["Suspected subtypes", suspected(st) || "none above 50%"],
     ["Model", st.model_version || "(not triaged)"], ["Triage time", st.triage_ms ? (st.triage_ms / 1000).toFixed(1) + " s" : "—"],
     ["Note", st.note || ""], ["Notice", st.notice],
   ];
   $("details").replaceChildren(...d.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v || "" })]));
+  seriesRows(st);
   const sl = st.slice_probabilities || [];
   state.slices = sl;
   // The result may have moved to another series (a reconstruction with a
