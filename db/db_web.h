@@ -39,10 +39,19 @@ typedef int (*db_series_row_fn)(void *ud, const struct db_series_row *s);
 /* The series of study_uid in series-number order. */
 int db_study_series(struct db *db, const char *study_uid, db_series_row_fn fn, void *ud);
 
+/* One slice of a result: its position idx (0-based, from the feet), its
+ * frame (0-based) in instance sop_uid (borrowed for the callback) of
+ * frames frames, that instance's InstanceNumber (-1 when it has none or is
+ * no longer indexed) and the slice's probabilities. */
+struct db_slice {
+    int idx;
+    const char *sop_uid;
+    int frame, frames, instance_number;
+    float p[DB_LABELS];
+};
 /* Per-slice probabilities of the series that set the study's result, in
- * slice order (along the normal). */
-typedef int (*db_slice_fn)(void *ud, int idx, const char *sop_uid, int frame,
-                           const float p[DB_LABELS]);
+ * slice order (along the normal, from the feet to the head). */
+typedef int (*db_slice_fn)(void *ud, const struct db_slice *s);
 int db_study_slices(struct db *db, const char *study_uid, db_slice_fn fn, void *ud);
 
 /* The file (relative to store.dir) of instance sop_uid when it belongs to

@@ -96,18 +96,25 @@ int db_study_slices(struct db *db, const char *study_uid, db_slice_fn fn, void *
     if (sqlite3_prepare_v2(c,
                            "SELECT sr.idx, sr.sop_uid, sr.frame, sr.p_any, sr.p_epidural,"
                            " sr.p_intraparenchymal, sr.p_intraventricular, sr.p_subarachnoid,"
-                           " sr.p_subdural FROM slice_results sr"
+                           " sr.p_subdural, coalesce(i.instance_number, -1), coalesce(i.frames, 1)"
+                           " FROM slice_results sr"
                            " JOIN studies st ON st.result_series_ref = sr.series_ref"
+                           " LEFT JOIN instances i ON i.sop_uid = sr.sop_uid"
+                           "  AND i.series_id = sr.series_ref"
                            " WHERE st.study_uid = ?1 ORDER BY sr.idx",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        float p[DB_LABELS];
+        struct db_slice s = {.idx = sqlite3_column_int(st, 0),
+                             .sop_uid = text(st, 1),
+                             .frame = sqlite3_column_int(st, 2),
+                             .instance_number = sqlite3_column_int(st, 9),
+                             .frames = sqlite3_column_int(st, 10)};
         for (int l = 0; l < DB_LABELS; l++)
-            p[l] = (float)sqlite3_column_double(st, 3 + l);
-        if (fn(ud, sqlite3_column_int(st, 0), text(st, 1), sqlite3_column_int(st, 2), p) != 0) {
+            s.p[l] = (float)sqlite3_column_double(st, 3 + l);
+        if (fn(ud, &s) != 0) {
             rc = SQLITE_DONE;
             break;
         }

@@ -152,14 +152,19 @@ static int series_cb(void *ud, const struct db_series_row *s)
     return 0;
 }
 
-static int slice_cb(void *ud, int idx, const char *sop, int frame, const float p[DB_LABELS])
+static int slice_cb(void *ud, const struct db_slice *s)
 {
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddNumberToObject(o, "index", idx);
-    cJSON_AddStringToObject(o, "sop_uid", sop);
-    cJSON_AddNumberToObject(o, "frame", frame);
+    cJSON_AddNumberToObject(o, "index", s->idx);
+    cJSON_AddStringToObject(o, "sop_uid", s->sop_uid);
+    cJSON_AddNumberToObject(o, "frame", s->frame);
+    cJSON_AddNumberToObject(o, "frames", s->frames);
+    if (s->instance_number >= 0)
+        cJSON_AddNumberToObject(o, "instance_number", s->instance_number);
+    else
+        cJSON_AddNullToObject(o, "instance_number");
     for (int l = 0; l < DB_LABELS; l++)
-        cJSON_AddNumberToObject(o, label_names[l], p[l]);
+        cJSON_AddNumberToObject(o, label_names[l], s->p[l]);
     cJSON_AddItemToArray(ud, o);
     return 0;
 }

@@ -19,6 +19,7 @@
 #include "log.h"
 #include "number.h"
 #include "pacs_render.h"
+#include "scp_info.h"
 #include "scp_pixels.h"
 #include "scp_sc.h"
 #include "scp_send.h"
@@ -248,6 +249,10 @@ static int summary(const struct db_outbox_source *s, const char *src, const doub
      * whole for one picture. */
     struct scp_pixels px = {0};
     if (scp_pixels_read_frame(src, s->key_frame, &px, err, errlen) != 0) return -1;
+    /* Its InstanceNumber, for the caption: the image PACS shows. */
+    struct scp_info info;
+    char e[256];
+    int instance = scp_info_read(src, &info, e, sizeof e) == 0 ? info.instance_number : -1;
     struct triage_pacs_picture pic = {
         .hu = px.hu,
         .hu_rows = px.rows,
@@ -256,6 +261,9 @@ static int summary(const struct db_outbox_source *s, const char *src, const doub
         .p_any = s->p_any,
         .slices = s->slices,
         .key_index = s->key_index,
+        .key_instance_number = instance,
+        .key_frame = s->key_frame,
+        .key_frames = s->key_frames,
         .suspected = s->flagged,
         .p_study = s->p[0],
         .p_subtype = sub,

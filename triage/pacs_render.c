@@ -44,6 +44,17 @@ static void text_at(cairo_t *cr, double x, double y, double size, const char *s)
     cairo_show_text(cr, s);
 }
 
+void triage_slice_caption(char *out, size_t n, int index, int slices, int instance_number,
+                          int frame, int frames)
+{
+    int k = snprintf(out, n, "slice %d of %d", index + 1, slices);
+    if (k < 0 || (size_t)k >= n || instance_number < 0) return;
+    if (frames > 1)
+        snprintf(out + k, n - (size_t)k, " (image %d, frame %d)", instance_number, frame + 1);
+    else
+        snprintf(out + k, n - (size_t)k, " (image %d)", instance_number);
+}
+
 static void draw_strip(cairo_t *cr, const struct triage_pacs_picture *in, double thr)
 {
     double x0 = 8, w = W - 16, y0 = STRIP_Y + 14, h = STRIP_H - 18;
@@ -51,7 +62,8 @@ static void draw_strip(cairo_t *cr, const struct triage_pacs_picture *in, double
     cairo_rectangle(cr, x0, y0, w, h);
     cairo_fill(cr);
     cairo_set_source_rgb(cr, 0.85, 0.85, 0.85);
-    text_at(cr, x0, STRIP_Y + 10, 11, "probability of hemorrhage per slice, in slice order");
+    text_at(cr, x0, STRIP_Y + 10, 11,
+            "probability of hemorrhage per slice, feet (left) to head (right)");
     if (in->slices <= 0 || !in->p_any) return;
     double bw = w / in->slices;
     for (int i = 0; i < in->slices; i++) {
@@ -131,8 +143,10 @@ int triage_pacs_render(const struct triage_pacs_picture *in, uint8_t **rgb, int 
     cairo_paint(cr);
     cairo_restore(cr);
     cairo_set_source_rgb(cr, 1.0, 0.85, 0.1);
-    snprintf(line, sizeof line, "key slice %d of %d, brain window 40/80", in->key_index + 1,
-             in->slices);
+    char key[96];
+    triage_slice_caption(key, sizeof key, in->key_index, in->slices, in->key_instance_number,
+                         in->key_frame, in->key_frames);
+    snprintf(line, sizeof line, "key %s, brain window 40/80", key);
     text_at(cr, 8, IMG_Y + IMG_H - 8, 12, line);
 
     draw_strip(cr, in, 0.5);

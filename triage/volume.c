@@ -190,6 +190,13 @@ int triage_volume_build(const char *const *paths, int npaths, struct triage_volu
                          sizeof *out->slices);
     if (!out->slices) goto oom_done;
     cross(ref_orient, ref_orient + 3, out->normal);
+    /* The normal toward the head (+z of the patient's coordinates), however
+     * the rows and columns run (columns running 0,-1,0 give 0,0,-1): the
+     * slices go from the feet to the head, the order that the page and the
+     * PACS summary label and that the model is given. */
+    if (out->normal[2] < 0)
+        for (int k = 0; k < 3; k++)
+            out->normal[k] = -out->normal[k];
     out->rows = ref_rows;
     out->columns = ref_cols;
     /* 3. keep the images in that plane and size; count the rest. */

@@ -29,11 +29,11 @@ struct triage_slice {
 };
 
 struct triage_volume {
-    struct triage_slice *slices; /* owned; in order along the normal */
+    struct triage_slice *slices; /* owned; along the normal, from the feet to the head */
     int n;
     int rows, columns;
-    double normal[3];
-    double spacing; /* median distance between neighbours (mm); 0 for one slice */
+    double normal[3]; /* unit; its z never negative */
+    double spacing;   /* median distance between neighbours (mm); 0 for one slice */
     char study_uid[SCP_UID_MAX], series_uid[SCP_UID_MAX];
     int dropped_not_ct;       /* objects of another SOP class (screen captures, ...) */
     int dropped_localizers;   /* localizers, scouts, images off the main plane */

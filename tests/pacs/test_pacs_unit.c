@@ -149,6 +149,8 @@ Test(pacs, picture_has_the_slice_and_the_text)
                                       .p_any = p,
                                       .slices = S,
                                       .key_index = 2,
+                                      .key_instance_number = 7,
+                                      .key_frames = 1,
                                       .suspected = true,
                                       .p_study = 0.9,
                                       .p_subtype = sub,
@@ -174,6 +176,22 @@ Test(pacs, picture_has_the_slice_and_the_text)
     free(hu);
     pic.hu = NULL;
     cr_expect_eq(triage_pacs_render(&pic, &rgb, &rows, &cols, err, sizeof err), -1);
+}
+
+/* The key slice's caption names its place from the feet and the image PACS
+ * shows, as the web page does: it had said "key slice 3 of 5" by position
+ * alone, where PACS numbers images by InstanceNumber. */
+Test(pacs, slice_caption_names_the_image)
+{
+    char c[96];
+    triage_slice_caption(c, sizeof c, 2, 5, 10, 0, 1);
+    cr_expect_str_eq(c, "slice 3 of 5 (image 10)");
+    triage_slice_caption(c, sizeof c, 2, 5, 1, 2, 40);
+    cr_expect_str_eq(c, "slice 3 of 5 (image 1, frame 3)");
+    triage_slice_caption(c, sizeof c, 0, 5, -1, 0, 1);
+    cr_expect_str_eq(c, "slice 1 of 5");
+    triage_slice_caption(c, 8, 2, 5, 10, 0, 1);
+    cr_expect_str_eq(c, "slice 3");
 }
 
 Test(pacs, outbox_counts_on_a_fresh_database)

@@ -182,6 +182,39 @@ Test(scp_info, a_tie_of_planes_keeps_the_axial_one)
     rmdir(dir);
 }
 
+/* Slices go from the feet to the head, whichever way their rows and
+ * columns run: with columns running 0,-1,0 the normal of rows x columns
+ * points to the feet, and the series had come out head first (the page
+ * labels the strip foot to head). */
+Test(scp_info, slices_go_from_the_feet_to_the_head)
+{
+    char dir[] = "/tmp/ichtriage-order-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    enum { N = 4 };
+    const double flipped[6] = {1, 0, 0, 0, -1, 0};
+    char paths[N][300];
+    const char *order[N];
+    for (int i = 0; i < N; i++) {
+        double pos[3] = {-2, 2, 2.5 * i};
+        write_slice(dir, i, pos, flipped, paths[i], sizeof paths[i]);
+        order[i] = paths[i];
+    }
+    struct triage_volume v;
+    char err[512];
+    cr_assert_eq(triage_volume_build(order, N, &v, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(v.n, N);
+    cr_expect_float_eq(v.normal[2], 1.0, 1e-9, "normal %g,%g,%g", v.normal[0], v.normal[1],
+                       v.normal[2]);
+    for (int i = 0; i < N; i++)
+        cr_expect_float_eq(v.slices[i].pos[2], 2.5 * i, 1e-9, "slice %d at z %g", i,
+                           v.slices[i].pos[2]);
+    cr_expect_eq(v.missing_slices + v.duplicate_positions, 0, "%s", v.note);
+    triage_volume_free(&v);
+    for (int i = 0; i < N; i++)
+        unlink(paths[i]);
+    rmdir(dir);
+}
+
 /* Images smaller than TRIAGE_MIN_DIM are no slices the model can read:
  * left out and counted beside real ones, and a series of nothing else
  * fails with the reason. A series of twelve 1x1 images had been triaged at

@@ -451,6 +451,24 @@ class ApiTest(wt.WebTest):
         self.assertEqual({s["series_uid"] for s in st["series"]} - {st["series_uid"]},
                          {scout, bare})
 
+    def test_slices_from_the_feet_with_their_image_numbers(self):
+        """Per-slice results go from the feet to the head whatever way the
+        columns run, each with the InstanceNumber PACS shows: a series
+        numbered from the head with columns running 0,-1,0 had come out
+        head first (the page labels the strip foot to head), and a slice
+        was known by its position alone."""
+        import pydicom
+        (uid, files), = wt.phantom(os.path.join(self.work, "hf"), seed=28).items()
+        wt.head_first(files)
+        self.send(self.node, files)
+        self.wait_rows(self.node, [uid])
+        st = self.get_json(self.node, "/api/studies/" + uid)
+        sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+        got = st["slice_probabilities"]
+        self.assertEqual([s["sop_uid"] for s in got], sops, "not from the feet to the head")
+        self.assertEqual([(s["index"], s["instance_number"], s["frames"]) for s in got],
+                         [(i, 12 - i, 1) for i in range(12)])
+
     def test_names_converted_and_not_markup(self):
         xss = wt.phantom(os.path.join(self.work, "xss"), seed=24)
         (xuid, xfiles), = xss.items()

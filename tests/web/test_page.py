@@ -281,9 +281,9 @@ class PageTest(wt.WebTest):
         self.assertEqual([k for k, _ in shown if k not in by_key], [],
                          "key slices not of the result's series shown")
         for key, caption in shown:
-            self.assertTrue(caption.endswith("slice %d: %.0f%%" % (by_key[key]["index"] + 1,
-                                                                   100 * by_key[key]["any"])),
-                            caption)
+            s = by_key[key]
+            self.assertTrue(caption.endswith("slice %d of 12 (image %d): %.0f%%" % (
+                s["index"] + 1, s["instance_number"], 100 * s["any"])), caption)
         self.assertEqual(shown[0][0], "%s/0" % st["key_sop_uid"])
         self.assertEqual(b.eval("state.marks.size"), 0)
         self.assertTrue(b.eval("document.getElementById('marks-line').textContent")
@@ -330,6 +330,44 @@ class PageTest(wt.WebTest):
         details = b.eval("document.getElementById('details').innerText")
         self.assertIn("%s (series 2) \u2014 %s" % (desc, st["series_uid"]), details)
         b.screenshot(self.artifact("study-series.png"))
+        self.assertEqual(b.console_errors(), [])
+
+    def test_strip_runs_from_foot_to_head_and_names_images(self):
+        """The strip says, in its label and at its ends, that it runs from
+        the feet (left) to the head (right), and each slice, in the strip's
+        tooltips and the key slices' captions, is named by its place and by
+        the image number PACS shows (here numbered from the head). The label
+        had said "head to foot" with no visible end, and captions gave the
+        position alone ("key slice 1")."""
+        node = self.web_node()
+        (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=42).items()
+        wt.head_first(files)
+        self.send(node, files)
+        self.wait_rows(node, [uid])
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        self.open_study(uid)
+        self.assertEqual(b.eval("document.querySelector('#strip svg').getAttribute('aria-label')"),
+                         "probability of hemorrhage per slice, from the feet (left) to the head"
+                         " (right)")
+        ends = b.eval("['.end-foot', '.end-head'].map(c => {"
+                      " const t = document.querySelector('#strip svg ' + c);"
+                      " return [t.textContent, t.getBoundingClientRect().x]; })")
+        self.assertIn("foot", ends[0][0])
+        self.assertIn("head", ends[1][0])
+        self.assertLess(ends[0][1], ends[1][1])
+        titles = b.eval("[...document.querySelectorAll('#strip rect.mark-target title')]"
+                        ".map(t => t.textContent.split(':')[0])")
+        self.assertEqual(titles, ["slice %d of 12 (image %d)" % (i + 1, 12 - i) for i in range(12)])
+        b.wait("document.querySelectorAll('#slices figure').length === 3")
+        st = self.get_json(node, "/api/studies/" + uid)
+        by_key = {"%s/%d" % (s["sop_uid"], s["frame"]): s for s in st["slice_probabilities"]}
+        shown = self.figures()
+        for n, (key, caption) in enumerate(shown):
+            s = by_key[key]
+            self.assertEqual(caption, "%sslice %d of 12 (image %d): %.0f%%" % (
+                "key " if n == 0 else "", s["index"] + 1, 12 - s["index"], 100 * s["any"]))
+        b.screenshot(self.artifact("study-strip.png"))
         self.assertEqual(b.console_errors(), [])
 
     def test_malformed_study_link(self):

@@ -40,6 +40,19 @@ def rename(files, name, charset=None):
         ds.save_as(f)
 
 
+def head_first(files):
+    """Rewrites files (one series, in slice order from the feet) as a scanner
+    that numbers images from the head and runs its columns from the
+    patient's front to back: InstanceNumber n..1, ImageOrientationPatient
+    1,0,0,0,-1,0 (rows x columns then points to the feet)."""
+    import pydicom
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.InstanceNumber = len(files) - k
+        ds.ImageOrientationPatient = [1, 0, 0, 0, -1, 0]
+        ds.save_as(f)
+
+
 def curl(url, method="GET", body=None, headers=(), cookies=None, insecure=False, timeout=20):
     """(status, headers dict lower-case, body bytes) of one request with curl."""
     with tempfile.NamedTemporaryFile(prefix="hdr.", delete=False) as h:

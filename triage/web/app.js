@@ -273,13 +273,25 @@ async function loadFiltered() {
 }
 
 // --- the study view -------------------------------------------------------------
+// A slice as the page names it: its place from the feet (the order of the
+// strip) and, where known, the image PACS shows (InstanceNumber, and the
+// frame of a multi-frame image), as the PACS summary names its key slice
+// (triage_slice_caption in triage/pacs_render.c).
+function sliceName(s, n) {
+  let t = "slice " + (s.index + 1) + " of " + n;
+  if (s.instance_number != null) {
+    t += " (image " + s.instance_number + (s.frames > 1 ? ", frame " + ((s.frame || 0) + 1) : "") + ")";
+  }
+  return t;
+}
+
 function strip(slices, threshold) {
   const NS = "http://www.w3.org/2000/svg", w = 600, h = 120, n = Math.max(1, slices.length);
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("width", w);
   svg.setAttribute("height", h + 20);
   svg.setAttribute("role", "img");
-  svg.setAttribute("aria-label", "probability of hemorrhage per slice, head to foot order along the normal");
+  svg.setAttribute("aria-label", "probability of hemorrhage per slice, from the feet (left) to the head (right)");
   const bw = w / n;
   slices.forEach((s, i) => {
     const r = document.createElementNS(NS, "rect");
@@ -302,7 +314,7 @@ function strip(slices, threshold) {
     hit.dataset.mark = key;
     hit.addEventListener("click", () => toggleMark(s));
     const t = document.createElementNS(NS, "title");
-    t.textContent = "slice " + (i + 1) + ": " + pct(s.any) + (marked ? " \u2014 marked: bleed visible" : " \u2014 click to mark: bleed visible");
+    t.textContent = sliceName(s, slices.length) + ": " + pct(s.any) + (marked ? " \u2014 marked: bleed visible" : " \u2014 click to mark: bleed visible");
     hit.append(t);
     if (marked) {
       r.setAttribute("stroke", "#000"); r.setAttribute("stroke-width", "2");
@@ -319,10 +331,16 @@ function strip(slices, threshold) {
   line.setAttribute("y1", h / 2); line.setAttribute("y2", h / 2);
   line.setAttribute("stroke", "#999"); line.setAttribute("stroke-dasharray", "4 3");
   svg.append(line);
-  const label = document.createElementNS(NS, "text");
-  label.setAttribute("x", 2); label.setAttribute("y", h + 15);
-  label.textContent = slices.length + " slices; dashed line 50%";
-  svg.append(label);
+  // Which end is which, in words: the order is the slices' along the body.
+  [[2, "start", "\u25c0 foot", "end-foot"], [w / 2, "middle", slices.length + " slices; dashed line 50%", null],
+   [w - 2, "end", "head \u25b6", "end-head"]].forEach(([x, anchor, text, cls]) => {
+    const label = document.createElementNS(NS, "text");
+    label.setAttribute("x", x); label.setAttribute("y", h + 15);
+    label.setAttribute("text-anchor", anchor);
+    if (cls) label.classList.add(cls);
+    label.textContent = text;
+    svg.append(label);
+  });
   return svg;
 }
 
@@ -448,8 +466,8 @@ async function showStudy(uid, quiet) {
         box.addEventListener("change", () => toggleMark(s));
         return el("figure", {},
           el("img", { src: "/api/studies/" + encodeURIComponent(uid) + "/slices/" + encodeURIComponent(s.sop_uid) +
-                            ".png?frame=" + (s.frame || 0), alt: "slice " + (s.index + 1) }),
-          el("figcaption", { text: (i === 0 ? "key slice " : "slice ") + (s.index + 1) + ": " + pct(s.any) }),
+                            ".png?frame=" + (s.frame || 0), alt: sliceName(s, sl.length || st.slices) }),
+          el("figcaption", { text: (i === 0 ? "key " : "") + sliceName(s, sl.length || st.slices) + ": " + pct(s.any) }),
           el("label", {}, box, " bleed visible here"));
       })));
   }
