@@ -14,7 +14,7 @@ struct db_worklist_row;
  * DB_ROW_COLUMNS (DB_ROW_NCOLS columns, from 0) selected FROM DB_ROW_JOINS,
  * read by db_row_fill (strings borrowed from the statement until its next
  * step). */
-#define DB_ROW_NCOLS 22
+#define DB_ROW_NCOLS 24
 #define DB_ROW_COLUMNS                                                                             \
     "st.study_uid, coalesce(rs.series_uid, ''), st.accession, p.patient_id,"                       \
     " p.patient_name, st.study_desc, st.status, st.status_reason,"                                 \
@@ -23,7 +23,7 @@ struct db_worklist_row;
     "   WHERE s.study_ref = st.id)),"                                                              \
     " st.probability, r.p_epidural, r.p_intraparenchymal, r.p_intraventricular,"                   \
     " r.p_subarachnoid, r.p_subdural, st.flagged, st.result_updates, p.specific_charset,"          \
-    " coalesce(st.purged_at, 0)"
+    " coalesce(st.purged_at, 0), st.study_date, st.study_time"
 #define DB_ROW_JOINS                                                                               \
     " FROM studies st JOIN patients p ON p.id = st.patient_ref"                                    \
     " LEFT JOIN series rs ON rs.id = st.result_series_ref"                                         \

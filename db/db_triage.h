@@ -121,6 +121,8 @@ struct db_worklist_row {
     /* When retention removed the study's files (its images): 0 while they
      * are kept. The row, results and reviews stay. */
     int64_t purged_at_ms;
+    /* StudyDate and StudyTime as stored (DA, TM: the scanner's local time). */
+    const char *study_date, *study_time;
 };
 typedef int (*db_worklist_fn)(void *ud, const struct db_worklist_row *row);
 /* Calls fn for each study in worklist order (see design.md): flagged and

@@ -16,7 +16,7 @@
  * worklist's fields for the study. */
 struct db_study_view {
     struct db_worklist_row row;
-    const char *specific_charset, *birth_date, *sex, *study_date, *study_time, *study_id;
+    const char *specific_charset, *birth_date, *sex, *study_id;
     const char *key_sop; /* "" until triaged */
     int key_index;
     const char *note;

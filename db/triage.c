@@ -496,6 +496,8 @@ void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row)
         .result_updates = sqlite3_column_int(st, 19),
         .specific_charset = (const char *)sqlite3_column_text(st, 20),
         .purged_at_ms = sqlite3_column_int64(st, 21),
+        .study_date = (const char *)sqlite3_column_text(st, 22),
+        .study_time = (const char *)sqlite3_column_text(st, 23),
     };
     for (int l = 0; l < DB_LABELS - 1; l++)
         row->subtypes[l] = sqlite3_column_double(st, 13 + l);

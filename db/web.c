@@ -22,7 +22,7 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
     sqlite3_stmt *st;
     const char *sql =
         "SELECT " DB_ROW_COLUMNS ","
-        " p.birth_date, p.sex, st.study_date, st.study_time, st.study_id,"
+        " p.birth_date, p.sex, st.study_id,"
         " coalesce(r.key_sop, ''), coalesce(r.key_index, -1), coalesce(r.note, ''),"
         " coalesce(r.ms_total, 0), coalesce(cl.reader, ''), coalesce(cl.claimed_at, 0)" DB_ROW_JOINS
         " LEFT JOIN claims cl ON cl.study_ref = st.id"
@@ -37,15 +37,13 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
             .specific_charset = text(st, 20),
             .birth_date = text(st, k),
             .sex = text(st, k + 1),
-            .study_date = text(st, k + 2),
-            .study_time = text(st, k + 3),
-            .study_id = text(st, k + 4),
-            .key_sop = text(st, k + 5),
-            .key_index = sqlite3_column_int(st, k + 6),
-            .note = text(st, k + 7),
-            .ms_total = sqlite3_column_double(st, k + 8),
-            .claimed_by = text(st, k + 9),
-            .claimed_at_ms = sqlite3_column_int64(st, k + 10),
+            .study_id = text(st, k + 2),
+            .key_sop = text(st, k + 3),
+            .key_index = sqlite3_column_int(st, k + 4),
+            .note = text(st, k + 5),
+            .ms_total = sqlite3_column_double(st, k + 6),
+            .claimed_by = text(st, k + 7),
+            .claimed_at_ms = sqlite3_column_int64(st, k + 8),
         };
         db_row_fill(st, &v.row);
         fn(ud, &v);

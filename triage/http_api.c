@@ -116,8 +116,6 @@ static int study_cb(void *ud, const struct db_study_view *v)
     triage_json_add_utf8(o, "specific_charset", cs);
     triage_json_add_text(o, "patient_birth_date", v->birth_date, cs, 0);
     triage_json_add_text(o, "patient_sex", v->sex, cs, 0);
-    triage_json_add_text(o, "study_date", v->study_date, cs, 0);
-    triage_json_add_text(o, "study_time", v->study_time, cs, 0);
     triage_json_add_text(o, "study_id", v->study_id, cs, 0);
     triage_json_add_utf8(o, "key_sop_uid", v->key_sop);
     cJSON_AddNumberToObject(o, "key_index", v->key_index);

@@ -286,6 +286,8 @@ int triage_predict_main(int argc, char **argv)
             .patient_id = in->patient_id,
             .patient_name = in->patient_name,
             .study_desc = in->study_desc,
+            .study_date = in->study_date,
+            .study_time = in->study_time,
             .status = "triaged",
             .status_reason = "",
             .model_version = model.version,

@@ -1,6 +1,7 @@
 /* triage/rows.c: worklist rows as JSON (cJSON) and as text. */
 #include "rows.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -70,6 +71,67 @@ void triage_json_add_utf8(cJSON *o, const char *key, const char *value)
     free(copy);
 }
 
+/* The digits of s, at most max of them, into out (size max + 1); other
+ * characters (the separators of ACR-NEMA dates and times, spaces) are
+ * skipped, and with fraction a '.' ends a time (a fraction of a second).
+ * Returns how many, max + 1 when there are more. */
+static int digits_of(const char *s, bool fraction, char *out, int max)
+{
+    int n = 0;
+    for (; s && *s && !(fraction && *s == '.'); s++) {
+        if (*s < '0' || *s > '9') continue;
+        if (n == max) return max + 1;
+        out[n++] = *s;
+    }
+    out[n] = '\0';
+    return n;
+}
+
+/* The number written by the len digits at s. */
+static int number_at(const char *s, int len)
+{
+    int v = 0;
+    for (int i = 0; i < len; i++)
+        v = v * 10 + (s[i] - '0');
+    return v;
+}
+
+int triage_study_when(const char *date, const char *time, char *iso, size_t n, int64_t *at_s)
+{
+    if (n) iso[0] = '\0';
+    char d[9], t[7];
+    if (digits_of(date, false, d, 8) != 8) return -1;
+    struct tm tm = {.tm_year = number_at(d, 4) - 1900,
+                    .tm_mon = number_at(d + 4, 2) - 1,
+                    .tm_mday = number_at(d + 6, 2)};
+    struct tm check = tm;
+    time_t day = timegm(&check);
+    /* timegm carries a 31st of February into March: not a date */
+    if (day == (time_t)-1 || check.tm_mday != tm.tm_mday || check.tm_mon != tm.tm_mon) return -1;
+    int nt = digits_of(time, true, t, 6);
+    int hh = nt >= 2 ? number_at(t, 2) : 0, mm = nt >= 4 ? number_at(t + 2, 2) : 0,
+        ss = nt == 6 ? number_at(t + 4, 2) : 0;
+    if ((nt == 2 || nt == 4 || nt == 6) && hh < 24 && mm < 60 && ss <= 60) { /* 60: leap */
+        snprintf(iso, n, "%.4s-%.2s-%.2sT%02d:%02d:%02d", d, d + 4, d + 6, hh, mm,
+                 ss > 59 ? 59 : ss);
+        *at_s = (int64_t)day + hh * 3600 + mm * 60 + ss;
+    } else {
+        snprintf(iso, n, "%.4s-%.2s-%.2s", d, d + 4, d + 6);
+        *at_s = (int64_t)day + 86399; /* the day's end: never older than it may be */
+    }
+    return 0;
+}
+
+bool triage_row_prior(const struct db_worklist_row *r)
+{
+    char iso[32];
+    int64_t at_s;
+    if (triage_study_when(r->study_date, r->study_time, iso, sizeof iso, &at_s) != 0) return false;
+    /* The scanner's clock is in its own zone (UTC-12 to UTC+14), arrival in
+     * UTC: the study counts from the latest instant it may have been. */
+    return r->received_at_ms / 1000 - (at_s + 12 * 3600) > TRIAGE_PRIOR_DAYS * 86400;
+}
+
 cJSON *triage_row_json(const struct db_worklist_row *r)
 {
     cJSON *o = cJSON_CreateObject();
@@ -81,6 +143,14 @@ cJSON *triage_row_json(const struct db_worklist_row *r)
     triage_json_add_text(o, "patient_id", r->patient_id, r->specific_charset, 0);
     triage_json_add_text(o, "patient_name", r->patient_name, r->specific_charset, 1);
     triage_json_add_text(o, "study_description", r->study_desc, r->specific_charset, 0);
+    triage_json_add_text(o, "study_date", r->study_date, r->specific_charset, 0);
+    triage_json_add_text(o, "study_time", r->study_time, r->specific_charset, 0);
+    int64_t study_s;
+    if (triage_study_when(r->study_date, r->study_time, when, sizeof when, &study_s) == 0)
+        cJSON_AddStringToObject(o, "study_datetime", when);
+    else
+        cJSON_AddNullToObject(o, "study_datetime");
+    cJSON_AddBoolToObject(o, "prior", triage_row_prior(r));
     triage_iso_time(r->received_at_ms, when, sizeof when);
     cJSON_AddStringToObject(o, "received_at", when);
     triage_iso_time(r->updated_at_ms, when, sizeof when);
@@ -114,8 +184,8 @@ cJSON *triage_row_json(const struct db_worklist_row *r)
 
 void triage_row_print_header(FILE *f)
 {
-    fprintf(f, "%-4s %-4s %-6s %-15s %-8s %-16s %-16s %s\n", "#", "flag", "p(ICH)", "status", "age",
-            "patient_id", "accession", "study_uid");
+    fprintf(f, "%-4s %-4s %-6s %-15s %-8s %-16s %-16s %-16s %s\n", "#", "flag", "p(ICH)", "status",
+            "age", "study_date", "patient_id", "accession", "study_uid");
 }
 
 /* value for a terminal in out: converted to UTF-8, no control character
@@ -163,12 +233,18 @@ void triage_row_print(FILE *f, int rank, const struct db_worklist_row *r, int64_
     term_text(r->patient_id, r->specific_charset, 16, 1, id, sizeof id);
     term_text(r->accession, r->specific_charset, 16, 1, acc, sizeof acc);
     term_text(r->study_uid, "", sizeof uid, 0, uid, sizeof uid);
+    /* The study's date beside its arrival: "prior" for an earlier study
+     * sent again. */
+    char study[32] = "-", iso[32];
+    int64_t study_s;
+    if (triage_study_when(r->study_date, r->study_time, iso, sizeof iso, &study_s) == 0)
+        snprintf(study, sizeof study, "%.10s%s", iso, triage_row_prior(r) ? " prior" : "");
     char purged[64] = "";
     if (r->purged_at_ms) {
         char day[32];
         triage_iso_time(r->purged_at_ms, day, sizeof day);
         snprintf(purged, sizeof purged, "  images removed by retention on %.10s", day);
     }
-    fprintf(f, "%-4d %-4s %-6s %-15s %-8s %s %s %s%s\n", rank, r->flagged ? "FLAG" : "", p,
-            r->status, when, id, acc, uid, purged);
+    fprintf(f, "%-4d %-4s %-6s %-15s %-8s %-16s %s %s %s%s\n", rank, r->flagged ? "FLAG" : "", p,
+            r->status, when, study, id, acc, uid, purged);
 }

@@ -66,6 +66,8 @@ int triage_worklist_main(int argc, char **argv)
                    "first), then the other triaged ones by probability, then those not\n"
                    "applicable. Reviewed studies only with --status reviewed. A study whose\n"
                    "files retention removed ends with \"images removed by retention on DATE\".\n"
+                   "study_date is the study's own date, \"prior\" when it is more than 2 days\n"
+                   "before the study arrived (an earlier study sent again, not a new one).\n"
                    "Decision support, not a diagnosis.\n");
             triage_config_free(&cfg);
             return 0;

@@ -469,6 +469,48 @@ class ApiTest(wt.WebTest):
         self.assertEqual([(s["index"], s["instance_number"], s["frames"]) for s in got],
                          [(i, 12 - i, 1) for i in range(12)])
 
+    def test_study_date_and_prior(self):
+        """Rows carry the study's date and time (as stored, and as
+        ISO-8601 in the scanner's time) and mark a study dated more than 2
+        days before it arrived as a prior, in the API, `ichtriage worklist
+        --json` and its text: the only time had been the arrival, and an
+        old study sent again looked like a new one."""
+        import datetime
+        (new, files), = wt.phantom(os.path.join(self.work, "today"), seed=29).items()
+        now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        wt.date_study(files, now - datetime.timedelta(hours=1))
+        self.send(self.node, files)
+        rows = {r["study_uid"]: r for r in self.wait_rows(self.node, [new])}
+        made = (now - datetime.timedelta(hours=1)).replace(tzinfo=None)
+        self.assertEqual((rows[new]["study_date"], rows[new]["study_time"],
+                          rows[new]["study_datetime"], rows[new]["prior"]),
+                         (made.strftime("%Y%m%d"), made.strftime("%H%M%S"), made.isoformat(),
+                          False))
+        import pydicom
+        old = {}
+        for uid, fs in self.studies.items():  # phantoms are dated 2020 to 2024
+            ds = pydicom.dcmread(fs[0], stop_before_pixels=True)
+            when = datetime.datetime.strptime(ds.StudyDate + ds.StudyTime, "%Y%m%d%H%M%S")
+            old[uid] = when.isoformat()
+            self.assertEqual((rows[uid]["study_datetime"], rows[uid]["prior"]),
+                             (when.isoformat(), True))
+        st = self.get_json(self.node, "/api/studies/" + next(iter(self.studies)))
+        self.assertTrue(st["prior"])
+        self.assertEqual(st["study_datetime"], old[st["study_uid"]])
+        cli = {r["study_uid"]: r for r in self.cli_worklist(self.node)}
+        self.assertEqual({u: (r["study_datetime"], r["prior"]) for u, r in cli.items()},
+                         {u: (r["study_datetime"], r["prior"]) for u, r in rows.items()})
+        p = subprocess.run([wt.itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                            "store.dir=" + self.node.store_dir], stdout=subprocess.PIPE,
+                           text=True, check=True)
+        date = {}
+        for u in rows:
+            line = next(l for l in p.stdout.splitlines() if u in l)
+            date[u] = re.search(r" (\d{4}-\d\d-\d\d)( prior)? ", line).groups()
+        self.assertEqual(date[new], (made.strftime("%Y-%m-%d"), None))
+        for uid in self.studies:
+            self.assertEqual(date[uid], (old[uid][:10], " prior"))
+
     def test_names_converted_and_not_markup(self):
         xss = wt.phantom(os.path.join(self.work, "xss"), seed=24)
         (xuid, xfiles), = xss.items()

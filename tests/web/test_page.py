@@ -370,6 +370,65 @@ class PageTest(wt.WebTest):
         b.screenshot(self.artifact("study-strip.png"))
         self.assertEqual(b.console_errors(), [])
 
+    def test_study_date_prior_and_local_times(self):
+        """The list shows each study's date beside its arrival and marks a
+        study dated more than 2 days before it arrived as "prior"; the view
+        shows the date readably, and arrival and review times in the
+        browser's time zone (here Asia/Kathmandu, UTC+05:45). The list had
+        only "Arrived", so an old study sent again looked new, and the view
+        showed "20201212 112341" and UTC ISO strings."""
+        import datetime
+        node = self.web_node()
+        (old, ofiles), = wt.phantom(os.path.join(self.work, "old"), seed=43).items()
+        (new, nfiles), = wt.phantom(os.path.join(self.work, "new"), seed=44).items()
+        made = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) - \
+            datetime.timedelta(hours=1)
+        wt.date_study(ofiles, made - datetime.timedelta(days=400))
+        wt.date_study(nfiles, made)
+        self.send(node, ofiles + nfiles)
+        rows = {r["study_uid"]: r for r in self.wait_rows(node, [old, new])}
+        saved = os.environ.get("TZ")
+        os.environ["TZ"] = "Asia/Kathmandu"
+        try:
+            b = self.browser = self.new_browser()
+        finally:
+            if saved is None:
+                del os.environ["TZ"]
+            else:
+                os.environ["TZ"] = saved
+        b.open(node.base + "/")
+        b.wait("document.querySelectorAll('#rows tr').length === 2")
+        zone = datetime.timezone(datetime.timedelta(hours=5, minutes=45))
+
+        def local(iso):
+            t = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+            return t.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+        header = b.eval("[...document.querySelectorAll('#worklist thead th')].map(t => t.textContent)")
+        col = header.index("Study date") + 1
+        cell = "document.querySelector('#rows tr[data-study-uid=\"%s\"] td:nth-child(%d)')"
+        for uid, when, prior in ((old, made - datetime.timedelta(days=400), True),
+                                 (new, made, False)):
+            text = b.eval((cell % (uid, col)) + ".innerText")
+            self.assertEqual(text.split()[:2], when.strftime("%Y-%m-%d %H:%M").split(), text)
+            self.assertEqual("prior" in text, prior, text)
+            self.assertEqual(b.eval((cell % (uid, col + 1)) + ".querySelector('.age').title"),
+                             local(rows[uid]["received_at"]))
+        self.open_study(old)
+        details = b.eval("document.getElementById('details').innerText")
+        when = (made - datetime.timedelta(days=400)).strftime("%Y-%m-%d %H:%M")
+        self.assertIn("Study date\n%s \u2014 prior:" % when, details)
+        self.assertIn("Arrived\n%s (" % local(rows[old]["received_at"]), details)
+        self.assertNotIn("Z (", details)
+        b.click("input[name=hemorrhage][value=no]")
+        b.click("#review-form button[type=submit]")
+        b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        review = self.get_json(node, "/api/studies/" + old)["reviews"][0]
+        b.wait("document.querySelectorAll('#reviews li').length === 1")
+        self.assertTrue(b.eval("document.querySelector('#reviews li').textContent")
+                        .startswith(local(review["created_at"]) + " local: no hemorrhage"))
+        b.screenshot(self.artifact("worklist-dates.png"))
+        self.assertEqual(b.console_errors(), [])
+
     def test_malformed_study_link(self):
         """A study link that does not decode (a cut "%E0%A4%A") is a study
         not found, and the list is live when the reader goes back to it: the

@@ -15,6 +15,7 @@
 #include "db_reviews.h"
 #include "db_web.h"
 #include "http_internal.h"
+#include "rows.h"
 #include "scp_charset.h"
 
 static char dir[256], path[300];
@@ -184,6 +185,43 @@ Test(charset, unknown_charset_falls_back_to_ascii_and_truncates_on_boundaries)
  * place, so rotating through 65 reset every count. The table holds all
  * that the allowance of all addresses lets fail in a window: nothing live
  * is dropped, and it says "held" rather than forget when (never) full. */
+/* A row's study date as ISO-8601 (the scanner's local time) and whether it
+ * is a prior: an old study sent again had looked like a new one, the list
+ * showing only when it arrived. */
+Test(rows, study_date_and_prior)
+{
+    char iso[32];
+    int64_t at;
+    cr_assert_eq(triage_study_when("20201212", "112341.123", iso, sizeof iso, &at), 0);
+    cr_expect_str_eq(iso, "2020-12-12T11:23:41");
+    cr_expect_eq(at, 1607772221);
+    cr_assert_eq(triage_study_when("2020.12.12", "11:23", iso, sizeof iso, &at), 0);
+    cr_expect_str_eq(iso, "2020-12-12T11:23:00"); /* ACR-NEMA separators */
+    cr_assert_eq(triage_study_when("20201212", "", iso, sizeof iso, &at), 0);
+    cr_expect_str_eq(iso, "2020-12-12"); /* no time: the day's end counts */
+    cr_expect_eq(at, 1607817599);
+    cr_assert_eq(triage_study_when("20201212", "2561", iso, sizeof iso, &at), 0);
+    cr_expect_str_eq(iso, "2020-12-12");
+    const char *bad[] = {"", "2020121", "202012121", "20200231", "20201300", "garbage"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cr_expect_eq(triage_study_when(bad[i], "1200", iso, sizeof iso, &at), -1, "%s", bad[i]);
+        cr_expect_str_eq(iso, "");
+    }
+    cr_expect_eq(triage_study_when(NULL, NULL, iso, sizeof iso, &at), -1);
+
+    /* 2020-12-12 11:23:41 read as UTC, arriving 2 days and 12 h later: not
+     * yet a prior (the scanner may be at UTC-12); a second more is. */
+    struct db_worklist_row r = {.study_date = "20201212", .study_time = "112341"};
+    r.received_at_ms = (1607772221LL + 2 * 86400 + 12 * 3600) * 1000;
+    cr_expect_not(triage_row_prior(&r));
+    r.received_at_ms += 1000;
+    cr_expect(triage_row_prior(&r));
+    r.study_date = "";
+    cr_expect_not(triage_row_prior(&r)); /* no date: unknown, not old */
+    r.study_date = "20301212";
+    cr_expect_not(triage_row_prior(&r)); /* a date after arrival: a wrong clock */
+}
+
 Test(http_fails, keeps_every_live_count_and_drops_only_expired_ones)
 {
     struct http_fails *t = calloc(1, sizeof *t);

@@ -53,6 +53,16 @@ def head_first(files):
         ds.save_as(f)
 
 
+def date_study(files, when):
+    """Sets StudyDate and StudyTime of files to the datetime when."""
+    import pydicom
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyDate = when.strftime("%Y%m%d")
+        ds.StudyTime = when.strftime("%H%M%S")
+        ds.save_as(f)
+
+
 def curl(url, method="GET", body=None, headers=(), cookies=None, insecure=False, timeout=20):
     """(status, headers dict lower-case, body bytes) of one request with curl."""
     with tempfile.NamedTemporaryFile(prefix="hdr.", delete=False) as h:

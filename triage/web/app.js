@@ -65,6 +65,21 @@ function age(iso) {
   if (s < 86400 * 2) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min ago";
   return Math.floor(s / 86400) + " days ago";
 }
+// A time from the node (ISO-8601 UTC) in the browser's time zone,
+// "2026-12-03 17:31"; "" when there is none.
+function localTime(iso) {
+  const d = new Date(iso);
+  if (!iso || isNaN(d)) return "";
+  const two = (n) => String(n).padStart(2, "0");
+  return d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + " " +
+    two(d.getHours()) + ":" + two(d.getMinutes());
+}
+// The study's date and time as the scanner wrote them (its own local time,
+// no zone to convert from): "2020-12-12 11:23".
+function studyWhen(row) {
+  return row.study_datetime ? row.study_datetime.replace("T", " ").slice(0, 16) : "";
+}
+const PRIOR_TITLE = "the study's date is more than 2 days before it arrived: an earlier study sent again, not a new one";
 function pct(p) { return p == null ? "—" : (100 * p).toFixed(0) + "%"; }
 function suspected(row) {
   if (!row.subtypes) return "";
@@ -99,8 +114,10 @@ function rowCells(tr, row, rank) {
   const cells = [
     String(rank), flag, el("span", { cls: "prob", text: pct(row.probability) }), suspected(row),
     row.patient_name, row.patient_id, row.accession, row.study_description,
+    el("span", { cls: "study-date" }, studyWhen(row) || "\u2014", row.prior ? " " : null,
+       row.prior ? el("span", { cls: "badge prior", text: "prior", title: PRIOR_TITLE }) : null),
     el("span", { cls: "age", "data-at": row.received_at, text: age(row.received_at),
-                 title: row.received_at }),
+                 title: localTime(row.received_at) }),
     el("span", {}, statusText(row), row.images_removed ? el("span", { cls: "purged", text: purgedText(row) }) : null),
     row.claimed_by || "", open,
   ];
@@ -432,9 +449,10 @@ async function showStudy(uid, quiet) {
     : "";
   const d = [
     ["Patient", st.patient_name], ["Patient ID", st.patient_id], ["Birth date", st.patient_birth_date],
-    ["Sex", st.patient_sex], ["Accession", st.accession], ["Study date", st.study_date + " " + st.study_time],
+    ["Sex", st.patient_sex], ["Accession", st.accession],
+    ["Study date", (studyWhen(st) || "unknown") + (st.prior ? " \u2014 prior: " + PRIOR_TITLE : "")],
     ["Study UID", st.study_uid], ["Series (result)", resultSeries(st)], ["Slices", String(st.slices)],
-    ["Arrived", st.received_at + " (" + age(st.received_at) + ")"], ["Status", statusText(st)],
+    ["Arrived", localTime(st.received_at) + " (" + age(st.received_at) + ")"], ["Status", statusText(st)],
     ["p(ICH)", pct(st.probability)], ["Suspected subtypes", suspected(st) || "none above 50%"],
     ["Model", st.model_version || "(not triaged)"], ["Triage time", st.triage_ms ? (st.triage_ms / 1000).toFixed(1) + " s" : "—"],
     ["Note", st.note || ""], ["Notice", st.notice],
@@ -476,7 +494,7 @@ async function showStudy(uid, quiet) {
   $("release-btn").hidden = !(st.claimed_by && state.session && st.claimed_by === state.session.user);
   $("claim-btn").hidden = !$("release-btn").hidden;
   $("reviews").replaceChildren(...(st.reviews || []).map((r) => el("li", {
-    text: r.created_at + " " + r.reviewer + ": " + (r.hemorrhage ? "hemorrhage" : "no hemorrhage") +
+    text: localTime(r.created_at) + " " + r.reviewer + ": " + (r.hemorrhage ? "hemorrhage" : "no hemorrhage") +
       (r.subtypes.length ? " (" + r.subtypes.join(", ") + ")" : "") +
       (r.slices && r.slices.length ? "; " + r.slices.length + " slice(s) marked" : "") +
       (r.comment ? " \u2014 " + r.comment : ""),
