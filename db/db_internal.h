@@ -54,18 +54,21 @@ sqlite3 *db_conn(struct db *db);
  * receiving), failed, triaged, not_applicable. A failed series outranks a
  * triaged one: a study with one series unread is not yet known, and unknown
  * is never listed as low (its probability, from the triaged series, stays).
- * Not reviewed once a series that got instances after the review has a
- * result stored, or failed, since: nobody has read that one (the review
- * stays, in reviews and reviewed_at). The reason names each series it
- * comes from, by its description, or its number where the description is
- * empty or not printable ASCII (the index keeps descriptions in the
- * study's character set, and the reason is the node's own UTF-8 text). */
+ * Not reviewed once a series has a result stored after the review, or
+ * failed after it, whenever its instances came: nobody has read that
+ * result (a series still receiving, waiting or triaging when the review was
+ * saved is as unread as a late one). The review stays, in reviews and
+ * reviewed_at. The reason names each series it comes from, by its
+ * description, or its number where the description is empty or not
+ * printable ASCII (the index keeps descriptions in the study's character
+ * set, and the reason is the node's own UTF-8 text). */
 #define DB_STUDY_REFRESH_SQL                                                                       \
     "UPDATE studies SET status = CASE"                                                             \
     "  WHEN reviewed_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM series s"                        \
     "    LEFT JOIN results r ON r.series_ref = s.id WHERE s.study_ref = studies.id"                \
-    "    AND s.last_instance_at > studies.reviewed_at"                                             \
-    "    AND (r.created_at > studies.reviewed_at OR s.state = 'failed'))"                          \
+    "    AND (r.created_at > studies.reviewed_at OR (s.state = 'failed' AND EXISTS"                \
+    "      (SELECT 1 FROM jobs j WHERE j.series_ref = s.id AND j.state = 'failed'"                 \
+    "       AND j.finished_at > studies.reviewed_at))))"                                           \
     "    THEN 'reviewed'"                                                                          \
     "  WHEN EXISTS (SELECT 1 FROM series s WHERE s.study_ref = studies.id"                         \
     "    AND s.state = 'triaging') THEN 'triaging'"                                                \

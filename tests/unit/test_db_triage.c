@@ -351,3 +351,42 @@ Test(worklist, reviewed_study_back_when_a_late_series_fails)
     const char *back[] = {"5.a"};
     expect_order(NULL, back, 1);
 }
+
+/* A series still waiting or triaging when the review is saved, whose result
+ * (or failure) comes after it: the study is back on the list, flagged. It
+ * had stayed reviewed, off the list, because only a series with instances
+ * after the review counted, and these came before it. */
+Test(worklist, reviewed_study_back_when_a_series_triaging_at_the_review_ends)
+{
+    char err[512];
+    struct db_job flagged = claimed(series_in("7.a", "7.a.1", 10)); /* triaging */
+    cr_assert_eq(db_review_add(db, "7.a", false, "", "", "", "dr", later + 1, err, sizeof err), 0,
+                 "%s", err);
+    const char *none[] = {NULL};
+    expect_order(NULL, none, 0);
+    struct db_result res = {.model_version = "m1", .p = {0.997f}, .flagged = true, .key_sop = ""};
+    cr_assert_eq(db_job_finish(db, &flagged, &res, NULL, false, later + 2, err, sizeof err), 0,
+                 "%s", err);
+    const char *back[] = {"7.a"};
+    expect_order(NULL, back, 1);
+    struct order o = {0};
+    cr_assert_eq(db_worklist(db, NULL, collect, &o), 0);
+    cr_assert_str_eq(o.status[0], "triaged");
+
+    /* The same for a job that fails after the review. */
+    struct db_job failing = claimed(series_in("7.b", "7.b.1", 20));
+    cr_assert_eq(db_review_add(db, "7.b", false, "", "", "", "dr", later + 3, err, sizeof err), 0,
+                 "%s", err);
+    cr_assert_eq(
+        db_job_finish(db, &failing, NULL, "undecodable", false, later + 4, err, sizeof err), 0,
+        "%s", err);
+    const char *both[] = {"7.a", "7.b"};
+    expect_order(NULL, both, 2);
+
+    /* Reviewed once the results are in: it stays reviewed. */
+    cr_assert_eq(db_review_add(db, "7.a", true, "", "", "", "dr", later + 5, err, sizeof err), 0,
+                 "%s", err);
+    cr_assert_eq(db_review_add(db, "7.b", false, "", "", "", "dr", later + 5, err, sizeof err), 0,
+                 "%s", err);
+    expect_order(NULL, none, 0);
+}

@@ -54,6 +54,13 @@ class PageTest(wt.WebTest):
         return self.browser.eval(
             "[...document.querySelectorAll('#rows tr')].map(t => t.dataset.studyUid)")
 
+    def record_notifications(self):
+        """Desktop notifications as if the user had allowed them (headless
+        browsers show none): window.__notes records what the page asks for."""
+        self.browser.eval("window.__notes = []; window.Notification = class {"
+                          " static get permission() { return 'granted'; }"
+                          " constructor(title, opts) { window.__notes.push([title, opts.body]); } }")
+
     def new_study(self, seed):
         (uid, files), = wt.phantom(os.path.join(self.work, "new%d" % seed), seed=seed).items()
         return uid, files
@@ -91,11 +98,7 @@ class PageTest(wt.WebTest):
 
         # A new study appears live, without a reload, with a sound.
         b.eval("window.__no_reload = 1")
-        # Desktop notifications as if the user had allowed them (headless
-        # Chromium shows none): record what the page asks for.
-        b.eval("window.__notes = []; window.Notification = class {"
-               " static get permission() { return 'granted'; }"
-               " constructor(title, opts) { window.__notes.push([title, opts.body]); } }")
+        self.record_notifications()
         beeps = int(b.eval("document.body.dataset.beeps || '0'"))
         uid1, f1 = self.new_study(34)
         self.send(node, f1)
@@ -216,6 +219,40 @@ class PageTest(wt.WebTest):
         self.open_study(a)
         self.assertEqual(b.eval(self.FORM), ["", [], "", False])
         self.assertEqual(b.dialogs(), [])
+
+    def test_review_before_triage_ends(self):
+        """A review saved while the study's series waits for its quiet
+        period: the view says by the save button that triage has not
+        finished, and the flagged result that comes after the review brings
+        the study back to the list, flagged and unread, with the alert. It
+        had stayed reviewed, off the list, with no alert: only a series with
+        instances after the review counted."""
+        node = self.web_node(threshold="0.01", **{"triage.quiet_seconds": 6})
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        b.wait("state.events && state.events.readyState === 1")
+        self.record_notifications()
+        uid, files = self.new_study(41)
+        self.send(node, files)
+        b.eval("location.hash = '#/study/%s'" % uid)
+        note = b.wait("!document.getElementById('review-pending').hidden && "
+                      "document.getElementById('review-pending').textContent")
+        self.assertIn("Triage has not finished", note)
+        b.click("input[name=hemorrhage][value=no]")
+        b.click("#review-form button[type=submit]")
+        b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        b.hover("header h1")
+        b.eval("location.hash = '#/'")
+        b.wait("!!document.querySelector('#rows tr[data-study-uid=\"%s\"].flagged')" % uid, 40)
+        (reviewed, result), = node.query(
+            "SELECT st.reviewed_at, r.created_at FROM studies st JOIN series s"
+            " ON s.study_ref = st.id JOIN results r ON r.series_ref = s.id")
+        self.assertLess(reviewed, result, "the result came before the review")
+        row, = [r for r in self.get_json(node, "/api/worklist") if r["study_uid"] == uid]
+        self.assertEqual((row["status"], row["flagged"]), ("triaged", True))
+        b.wait("window.__notes.length === 1")
+        self.assertEqual(b.dialogs(), [])
+        self.assertEqual(b.console_errors(), [])
 
     @staticmethod
     def series_of(path):

@@ -490,6 +490,14 @@ async function showStudy(uid, quiet) {
       })));
   }
   drawMarks();
+  // A result that comes after the review brings the study back unread;
+  // the reader is told by the save button that one may still come.
+  const unfinished = (st.series || []).filter((s) => ["receiving", "waiting", "triaging"].includes(s.state));
+  $("review-pending").hidden = !unfinished.length;
+  $("review-pending").textContent = unfinished.length
+    ? "Triage has not finished: " + unfinished.length + " series " + unfinished.map((s) => s.state).join(", ") +
+      ". Its result may flag this study after you save; the study then comes back to the list, unread."
+    : "";
   $("claimed").textContent = st.claimed_by ? st.claimed_by : "nobody";
   $("release-btn").hidden = !(st.claimed_by && state.session && st.claimed_by === state.session.user);
   $("claim-btn").hidden = !$("release-btn").hidden;
