@@ -30,6 +30,14 @@ struct db_worklist_row;
     " LEFT JOIN results r ON r.series_ref = st.result_series_ref"
 void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row);
 
+/* What a reader is shown of a study (struct db_review_seen), as two
+ * columns, for the study whose id is the SQL expression sid: its latest
+ * review's id and its newest result's time, 0 when none. */
+#define DB_STUDY_SEEN_COLUMNS(sid)                                                                 \
+    " coalesce((SELECT max(sx.id) FROM reviews sx WHERE sx.study_ref = " sid "), 0),"              \
+    " coalesce((SELECT max(sr.created_at) FROM results sr JOIN series ss"                          \
+    "  ON ss.id = sr.series_ref WHERE ss.study_ref = " sid "), 0)"
+
 /* The text of db_retention_due's listing (?1 updated before, ?2 reviewed
  * before, ?3 how many), for its query plan to be checked. */
 void db_retention_due_sql(char *sql, size_t n);

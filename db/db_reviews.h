@@ -25,15 +25,29 @@ struct db_review_row {
 };
 typedef int (*db_review_fn)(void *ud, const struct db_review_row *r);
 
+/* What a reader was shown of a study: its latest review (reviews.id, 0 for
+ * none) and the time its newest result was stored (results.created_at, 0
+ * for none). */
+struct db_review_seen {
+    int64_t review_id;
+    int64_t result_at_ms; /* -1 in what a reader saw: not compared */
+};
+
 /* Stores a review of study_uid, sets the study's reviewed time and status
  * and drops its claim, in one transaction. slices: the slices the reviewer
  * marked as showing the bleed ("sop/frame" entries, comma-separated; NULL or
- * "" for none), each an instance of this study. Returns 0, 1 when no such
- * study, 2 when a marked slice is not one of the study's instances (err says
- * which), -1 with err on failure. */
+ * "" for none), each an instance of this study. saw: what the reviewer was
+ * shown; when another review or another result has come since, nothing is
+ * stored (two readers must not replace each other's finding unknowingly).
+ * NULL: not compared. now (may be NULL): the study's latest review and
+ * result when that was compared. Returns 0, 1 when no such study, 2 when a
+ * marked slice is not one of the study's instances (err says which), 3 when
+ * the study is not as saw says (err says what changed), -1 with err on
+ * failure. */
 int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const char *subtypes,
                   const char *slices, const char *comment, const char *reviewer, int64_t now_ms,
-                  char *err, size_t errlen);
+                  const struct db_review_seen *saw, struct db_review_seen *now, char *err,
+                  size_t errlen);
 
 /* Every review of study_uid, oldest first. Returns 0, -1 on a database
  * error, or what fn returned when that was non-zero (which stops: a

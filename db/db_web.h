@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "db.h"
+#include "db_reviews.h"
 #include "db_triage.h"
 
 /* One study in detail; strings borrowed for the callback only. row has the
@@ -23,6 +24,7 @@ struct db_study_view {
     double ms_total;
     const char *claimed_by; /* "" when nobody */
     int64_t claimed_at_ms;
+    struct db_review_seen seen; /* what a reader shown this view has seen */
 };
 typedef int (*db_study_view_fn)(void *ud, const struct db_study_view *v);
 /* Calls fn once for study_uid. Returns 0, 1 when no such study, -1 on error. */

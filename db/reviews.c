@@ -65,9 +65,35 @@ static int slices_of_study(sqlite3 *c, int64_t sid, const char *slices, char *er
     return rc;
 }
 
+/* Whether study sid is still as saw says: 0 yes, 3 no (err says what
+ * changed), -1 on error; *now is what it is. */
+static int seen_still(sqlite3 *c, int64_t sid, const struct db_review_seen *saw,
+                      struct db_review_seen *now, char *err, size_t errlen)
+{
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(c, "SELECT" DB_STUDY_SEEN_COLUMNS("?1"), -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(st, 1, sid);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *now = (struct db_review_seen){sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1)};
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW) return -1;
+    if (now->review_id != saw->review_id) {
+        if (err) snprintf(err, errlen, "another review since");
+        return 3;
+    }
+    if (saw->result_at_ms >= 0 && now->result_at_ms != saw->result_at_ms) {
+        if (err) snprintf(err, errlen, "another result since");
+        return 3;
+    }
+    return 0;
+}
+
 int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const char *subtypes,
                   const char *slices, const char *comment, const char *reviewer, int64_t now_ms,
-                  char *err, size_t errlen)
+                  const struct db_review_seen *saw, struct db_review_seen *now, char *err,
+                  size_t errlen)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
@@ -78,6 +104,14 @@ int db_review_add(struct db *db, const char *study_uid, bool hemorrhage, const c
         sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
         if (found < 0) goto fail;
         return 1;
+    }
+    struct db_review_seen is;
+    int same = saw ? seen_still(c, sid, saw, &is, err, errlen) : 0;
+    if (saw && now && same >= 0) *now = is;
+    if (same != 0) {
+        if (same < 0) goto rollback;
+        sqlite3_exec(c, "ROLLBACK", NULL, NULL, NULL);
+        return 3;
     }
     int marked = slices && slices[0] ? slices_of_study(c, sid, slices, err, errlen) : 0;
     if (marked != 0) {

@@ -20,11 +20,11 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
-    const char *sql =
-        "SELECT " DB_ROW_COLUMNS ","
-        " p.birth_date, p.sex, st.study_id,"
-        " coalesce(r.key_sop, ''), coalesce(r.key_index, -1), coalesce(r.note, ''),"
-        " coalesce(r.ms_total, 0), coalesce(cl.reader, ''), coalesce(cl.claimed_at, 0)" DB_ROW_JOINS
+    const char *sql = "SELECT " DB_ROW_COLUMNS ","
+                      " p.birth_date, p.sex, st.study_id,"
+                      " coalesce(r.key_sop, ''), coalesce(r.key_index, -1), coalesce(r.note, ''),"
+                      " coalesce(r.ms_total, 0), coalesce(cl.reader, ''),"
+                      " coalesce(cl.claimed_at, 0)," DB_STUDY_SEEN_COLUMNS("st.id") DB_ROW_JOINS
         " LEFT JOIN claims cl ON cl.study_ref = st.id"
         " WHERE st.study_uid = ?1";
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
@@ -44,6 +44,7 @@ int db_study_view(struct db *db, const char *study_uid, db_study_view_fn fn, voi
             .ms_total = sqlite3_column_double(st, k + 6),
             .claimed_by = text(st, k + 7),
             .claimed_at_ms = sqlite3_column_int64(st, k + 8),
+            .seen = {sqlite3_column_int64(st, k + 9), sqlite3_column_int64(st, k + 10)},
         };
         db_row_fill(st, &v.row);
         fn(ud, &v);

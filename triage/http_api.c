@@ -122,6 +122,9 @@ static int study_cb(void *ud, const struct db_study_view *v)
     triage_json_add_utf8(o, "note", v->note);
     cJSON_AddNumberToObject(o, "triage_ms", v->ms_total);
     triage_json_add_utf8(o, "claimed_by", v->claimed_by);
+    /* What a review from this view says it saw (seen_review, seen_result). */
+    cJSON_AddNumberToObject(o, "review_id", (double)v->seen.review_id);
+    cJSON_AddNumberToObject(o, "result_version", (double)v->seen.result_at_ms);
     c->o = o;
     return 0;
 }
@@ -171,6 +174,7 @@ static int review_cb(void *ud, const struct db_review_row *r)
 {
     cJSON *o = cJSON_CreateObject();
     char when[32];
+    cJSON_AddNumberToObject(o, "id", (double)r->id);
     cJSON_AddBoolToObject(o, "hemorrhage", r->hemorrhage);
     cJSON *subs = cJSON_AddArrayToObject(o, "subtypes");
     char buf[256];
@@ -234,6 +238,74 @@ static size_t utf8_chars(const char *s)
     return n;
 }
 
+/* A version the review's body names: absent or null gives absent; else a
+ * whole number from 0. Returns 0, or -1 when it is something else. */
+static int seen_version(const cJSON *v, int64_t absent, int64_t *out)
+{
+    *out = absent;
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > 9007199254740992.0 ||
+        v->valuedouble != (double)(int64_t)v->valuedouble)
+        return -1;
+    *out = (int64_t)v->valuedouble;
+    return 0;
+}
+
+static const char *text_of(const cJSON *o, const char *name)
+{
+    const char *v = cJSON_GetStringValue(cJSON_GetObjectItem(o, name));
+    return v ? v : "?";
+}
+
+/* 409 for a review whose reader had not seen the study as it is now: the
+ * latest review (who, when, finding) or the newer result, and the versions
+ * to send once the reader has looked again. */
+static int review_conflict(struct triage_http *h, h2o_req_t *req, const char *uid,
+                           const struct db_review_seen *saw, const struct db_review_seen *now)
+{
+    cJSON *o = cJSON_CreateObject(), *all = cJSON_CreateArray();
+    db_reviews_of_study(h->db, uid, review_cb, all);
+    int n = cJSON_GetArraySize(all);
+    cJSON *latest = n > 0 ? cJSON_DetachItemFromArray(all, n - 1) : NULL;
+    cJSON_Delete(all);
+    char msg[400];
+    if (now->review_id != saw->review_id && latest) {
+        bool hem = cJSON_IsTrue(cJSON_GetObjectItem(latest, "hemorrhage"));
+        char finding[200];
+        snprintf(finding, sizeof finding, "%s", hem ? "hemorrhage" : "no hemorrhage");
+        const char *sep = ": ";
+        const cJSON *sub;
+        cJSON_ArrayForEach(sub, cJSON_GetObjectItem(latest, "subtypes"))
+        {
+            size_t used = strlen(finding);
+            snprintf(finding + used, sizeof finding - used, "%s%s", sep, sub->valuestring);
+            sep = ", ";
+        }
+        snprintf(msg, sizeof msg,
+                 "%s reviewed this study at %s (%s) after the view you saved from; look at it "
+                 "again, then save again to add your review",
+                 text_of(latest, "reviewer"), text_of(latest, "created_at"), finding);
+    } else if (now->review_id != saw->review_id) {
+        snprintf(msg, sizeof msg,
+                 "this study has no review %lld; look at it again, then save again to add your "
+                 "review",
+                 (long long)saw->review_id);
+    } else {
+        snprintf(msg, sizeof msg,
+                 "a newer result came after the view you saved from; look at it again, then save "
+                 "again to add your review");
+    }
+    cJSON_AddStringToObject(o, "error", msg);
+    if (latest) cJSON_AddItemToObject(o, "review", latest);
+    cJSON_AddNumberToObject(o, "review_id", (double)now->review_id);
+    cJSON_AddNumberToObject(o, "result_version", (double)now->result_at_ms);
+    util_log(UTIL_LOG_WARN, "review_conflict",
+             "study=%s seen_review=%lld review=%lld seen_result=%lld result=%lld", uid,
+             (long long)saw->review_id, (long long)now->review_id, (long long)saw->result_at_ms,
+             (long long)now->result_at_ms);
+    return http_send_json(req, 409, o);
+}
+
 static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_who *who,
                       const char *uid)
 {
@@ -271,6 +343,14 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
         }
     }
     if (!msg && cJSON_IsFalse(hem) && list[0]) msg = "subtypes given but \"hemorrhage\" is false";
+    /* What the reader saw: the latest review shown (absent: none, so that a
+     * client that does not say replaces no one's review unknowingly), and
+     * the study's result_version (absent: not compared). */
+    struct db_review_seen saw, now = {0, 0};
+    if (!msg && seen_version(cJSON_GetObjectItem(body, "seen_review"), 0, &saw.review_id) != 0)
+        msg = "\"seen_review\" must be the id of the latest review shown, or null";
+    if (!msg && seen_version(cJSON_GetObjectItem(body, "seen_result"), -1, &saw.result_at_ms) != 0)
+        msg = "\"seen_result\" must be the study's result_version as shown, or null";
     /* The slices the reviewer marked as showing the bleed: [{"sop_uid": UID,
      * "frame": N}] (frame 0 when absent), stored as "sop/frame,...". */
     cJSON *slices = cJSON_GetObjectItem(body, "slices");
@@ -303,16 +383,16 @@ static int api_review(struct triage_http *h, h2o_req_t *req, const struct http_w
         return http_send_error(req, 400, msg);
     }
     char err[256];
-    int64_t now = http_now_ms();
     int rc = db_review_add(h->db, uid, cJSON_IsTrue(hem), list, marks,
-                           cJSON_IsString(comment) ? comment->valuestring : "", who->user, now, err,
-                           sizeof err);
+                           cJSON_IsString(comment) ? comment->valuestring : "", who->user,
+                           http_now_ms(), &saw, &now, err, sizeof err);
     free(marks);
     int nmarked = cJSON_IsArray(slices) ? cJSON_GetArraySize(slices) : 0;
     bool hemorrhage = cJSON_IsTrue(hem);
     cJSON_Delete(body);
     if (rc == 1) return http_send_error(req, 404, "no such study");
     if (rc == 2) return http_send_error(req, 400, err);
+    if (rc == 3) return review_conflict(h, req, uid, &saw, &now);
     if (rc != 0) {
         util_log(UTIL_LOG_ERROR, "review_failed", "study=%s reason=\"%s\"", uid, err);
         return http_send_error(req, 500, "cannot store the review");

@@ -1260,15 +1260,16 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120, .fi
     char marks[200], foreign[100];
     snprintf(marks, sizeof marks, "%s/0,%s/0", sops[0][0], sops[0][1]);
     snprintf(foreign, sizeof foreign, "%s/0", sops[1][0]);
-    cr_assert_eq(
-        db_review_add(db, studies[0], true, "subdural", foreign, "", "dr a", 900, err, sizeof err),
-        2);
+    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", foreign, "", "dr a", 900, NULL,
+                               NULL, err, sizeof err),
+                 2);
     cr_assert(strstr(err, "not a slice of this study"), "%s", err);
+    cr_assert_eq(db_review_add(db, studies[0], true, "subdural", marks, "", "dr a", 1000, NULL,
+                               NULL, err, sizeof err),
+                 0, "%s", err);
     cr_assert_eq(
-        db_review_add(db, studies[0], true, "subdural", marks, "", "dr a", 1000, err, sizeof err),
+        db_review_add(db, studies[1], false, "", "", "", "dr b", 2000, NULL, NULL, err, sizeof err),
         0, "%s", err);
-    cr_assert_eq(db_review_add(db, studies[1], false, "", "", "", "dr b", 2000, err, sizeof err), 0,
-                 "%s", err);
     db_close(db);
 
     struct train_dataset d;
@@ -1381,9 +1382,9 @@ Test(reviews, reviewed_studies_become_study_labelled_series, .timeout = 120, .fi
     /* The review of the negative study changes: the labels are this run's,
      * the slices the kept ones. */
     cr_assert_eq(db_open(&db, dbp, err, sizeof err), 0, "%s", err);
-    cr_assert_eq(
-        db_review_add(db, studies[1], true, "epidural", "", "", "dr c", 3000, err, sizeof err), 0,
-        "%s", err);
+    cr_assert_eq(db_review_add(db, studies[1], true, "epidural", "", "", "dr c", 3000, NULL, NULL,
+                               err, sizeof err),
+                 0, "%s", err);
     db_close(db);
     struct train_dataset k1;
     train_dataset_init(&k1, &w, 3, 128, 128);

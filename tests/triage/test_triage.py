@@ -258,14 +258,20 @@ class TriageTest(itest.NodeTest):
         self.assertEqual(len(self.jobs(node, study)), 2)
 
     def review(self, node, study):
-        """POST .../review as a radiologist does (CSRF token of the session)."""
+        """POST .../review as a radiologist does (CSRF token of the session,
+        having looked at the study: the review names the latest review and
+        the result it saw)."""
         import urllib.request
         base = "http://127.0.0.1:%d" % node.http_port
         with urllib.request.urlopen(base + "/api/session", timeout=10) as r:
             csrf = json.load(r)["csrf"]
+        with urllib.request.urlopen("%s/api/studies/%s" % (base, study), timeout=10) as r:
+            st = json.load(r)
         req = urllib.request.Request(
             "%s/api/studies/%s/review" % (base, study), method="POST",
-            data=json.dumps({"hemorrhage": False, "subtypes": [], "comment": ""}).encode(),
+            data=json.dumps({"hemorrhage": False, "subtypes": [], "comment": "",
+                             "seen_review": st["review_id"],
+                             "seen_result": st["result_version"]}).encode(),
             headers={"Content-Type": "application/json", "X-CSRF-Token": csrf})
         with urllib.request.urlopen(req, timeout=10) as r:
             self.assertEqual(r.status, 201)

@@ -298,9 +298,9 @@ Test(worklist, every_status_in_its_group_and_order)
     ended(series_in("3.b", "3.b.1", 70), 0.80, false, NULL); /* above a flagged 0.60 */
     /* reviewed: off the list, on ?status=reviewed */
     ended(series_in("9.a", "9.a.1", 80), 0.99, true, NULL);
-    cr_assert_eq(
-        db_review_add(db, "9.a", true, "subdural", "", "", "dr", later + 1, err, sizeof err), 0,
-        "%s", err);
+    cr_assert_eq(db_review_add(db, "9.a", true, "subdural", "", "", "dr", later + 1, NULL, NULL,
+                               err, sizeof err),
+                 0, "%s", err);
     claimed(series_in("2.d", "2.d.1", 100));                 /* triaging */
     ended(series_in("1.d", "1.d.1", 110), 0.60, true, NULL); /* ties 1.c, later */
     ended(series_in("3.a", "3.a.1", 5), 0.80, false, NULL);  /* ties 3.b, earlier */
@@ -328,8 +328,9 @@ Test(worklist, reviewed_study_back_when_a_late_series_fails)
 {
     char err[512];
     ended(series_in("5.a", "5.a.1", 10), 0.20, false, NULL);
-    cr_assert_eq(db_review_add(db, "5.a", false, "", "", "", "dr", later + 1, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(
+        db_review_add(db, "5.a", false, "", "", "", "dr", later + 1, NULL, NULL, err, sizeof err),
+        0, "%s", err);
     const char *none[] = {NULL};
     expect_order(NULL, none, 0);
     /* instances after the review: stored later than it */
@@ -360,8 +361,9 @@ Test(worklist, reviewed_study_back_when_a_series_triaging_at_the_review_ends)
 {
     char err[512];
     struct db_job flagged = claimed(series_in("7.a", "7.a.1", 10)); /* triaging */
-    cr_assert_eq(db_review_add(db, "7.a", false, "", "", "", "dr", later + 1, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(
+        db_review_add(db, "7.a", false, "", "", "", "dr", later + 1, NULL, NULL, err, sizeof err),
+        0, "%s", err);
     const char *none[] = {NULL};
     expect_order(NULL, none, 0);
     struct db_result res = {.model_version = "m1", .p = {0.997f}, .flagged = true, .key_sop = ""};
@@ -375,8 +377,9 @@ Test(worklist, reviewed_study_back_when_a_series_triaging_at_the_review_ends)
 
     /* The same for a job that fails after the review. */
     struct db_job failing = claimed(series_in("7.b", "7.b.1", 20));
-    cr_assert_eq(db_review_add(db, "7.b", false, "", "", "", "dr", later + 3, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(
+        db_review_add(db, "7.b", false, "", "", "", "dr", later + 3, NULL, NULL, err, sizeof err),
+        0, "%s", err);
     cr_assert_eq(
         db_job_finish(db, &failing, NULL, "undecodable", false, later + 4, err, sizeof err), 0,
         "%s", err);
@@ -384,9 +387,11 @@ Test(worklist, reviewed_study_back_when_a_series_triaging_at_the_review_ends)
     expect_order(NULL, both, 2);
 
     /* Reviewed once the results are in: it stays reviewed. */
-    cr_assert_eq(db_review_add(db, "7.a", true, "", "", "", "dr", later + 5, err, sizeof err), 0,
-                 "%s", err);
-    cr_assert_eq(db_review_add(db, "7.b", false, "", "", "", "dr", later + 5, err, sizeof err), 0,
-                 "%s", err);
+    cr_assert_eq(
+        db_review_add(db, "7.a", true, "", "", "", "dr", later + 5, NULL, NULL, err, sizeof err), 0,
+        "%s", err);
+    cr_assert_eq(
+        db_review_add(db, "7.b", false, "", "", "", "dr", later + 5, NULL, NULL, err, sizeof err),
+        0, "%s", err);
     expect_order(NULL, none, 0);
 }

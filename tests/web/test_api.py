@@ -269,6 +269,58 @@ class ApiTest(wt.WebTest):
         self.assertIn(b'ichtriage_reviews{flagged="false",hemorrhage="true"} 1', metrics)
         self.assertIn(b"ichtriage_live_sensitivity 0.0000", metrics)
 
+    def test_review_names_what_its_reader_saw(self):
+        """Two readers of one study: a review sent with the view its reader
+        saw (the latest review's id, the result's version) is refused, 409
+        naming the other reader's review, when another review or a newer
+        result came since; nothing is stored, and sent again with what the
+        409 says it is stored. A body without seen_review saw no review.
+        The later review had replaced the earlier one silently (201)."""
+        uid = list(self.studies)[0]
+        url = "%s/api/studies/%s/review" % (self.node.base, uid)
+        tok = "X-CSRF-Token: " + self.csrf()
+        st = self.get_json(self.node, "/api/studies/" + uid)
+        self.assertEqual(st["review_id"], 0)
+        (created,), = self.node.query("SELECT max(r.created_at) FROM results r JOIN series s"
+                                      " ON s.id = r.series_ref JOIN studies st ON"
+                                      " st.id = s.study_ref WHERE st.study_uid = ?", (uid,))
+        self.assertEqual(st["result_version"], created)
+        seen = {"seen_review": st["review_id"], "seen_result": st["result_version"]}
+        first = dict(seen, hemorrhage=True, subtypes=["subdural"], comment="A: SDH left")
+        status, _, body = wt.curl(url, "POST", first, headers=[tok])
+        self.assertEqual(status, 201, body)
+        (mine,) = json.loads(body)["reviews"]
+        # The second reader opened the study before the first saved.
+        second = dict(seen, hemorrhage=False, comment="B: nothing")
+        for stale in (second, {"hemorrhage": False}):
+            status, _, body = wt.curl(url, "POST", stale, headers=[tok])
+            self.assertEqual(status, 409, body)
+            conflict = json.loads(body)
+            self.assertIn("local reviewed this study at %s (hemorrhage: subdural)"
+                          % mine["created_at"], conflict["error"])
+            self.assertEqual((conflict["review"]["id"], conflict["review"]["comment"]),
+                             (mine["id"], "A: SDH left"))
+            self.assertEqual((conflict["review_id"], conflict["result_version"]),
+                             (mine["id"], created))
+        self.assertEqual(len(self.get_json(self.node, "/api/studies/" + uid)["reviews"]), 1)
+        self.assertTrue(self.node.events("review_conflict"))
+        # A result newer than the one seen: refused too.
+        status, _, body = wt.curl(url, "POST", dict(second, seen_review=mine["id"],
+                                                    seen_result=created - 1), headers=[tok])
+        self.assertEqual(status, 409, body)
+        self.assertIn("a newer result came", json.loads(body)["error"])
+        for bad in ({"seen_review": "x"}, {"seen_review": -1}, {"seen_result": 1.5}):
+            status, _, body = wt.curl(url, "POST", dict(second, **bad), headers=[tok])
+            self.assertEqual(status, 400, (bad, body))
+        # Having looked again: stored, the latest review now the second's.
+        status, _, body = wt.curl(url, "POST", dict(second, seen_review=conflict["review_id"],
+                                                    seen_result=conflict["result_version"]),
+                                  headers=[tok])
+        self.assertEqual(status, 201, body)
+        st = self.get_json(self.node, "/api/studies/" + uid)
+        self.assertEqual([r["comment"] for r in st["reviews"]], ["A: SDH left", "B: nothing"])
+        self.assertEqual(st["review_id"], st["reviews"][-1]["id"])
+
     def test_reviews_recalibrate_the_model(self):
         """`ichtriage calibrate --reviews` on what radiologists reviewed here,
         the node still running: refused while only one label exists (nothing

@@ -54,6 +54,13 @@ class PageTest(wt.WebTest):
         return self.browser.eval(
             "[...document.querySelectorAll('#rows tr')].map(t => t.dataset.studyUid)")
 
+    def live_page(self, node):
+        """node's page open in a new browser, its event stream open."""
+        b = self.browser = self.new_browser()
+        b.open(node.base + "/")
+        b.wait("state.events && state.events.readyState === 1")
+        return b
+
     def record_notifications(self):
         """Desktop notifications as if the user had allowed them (headless
         browsers show none): window.__notes records what the page asks for."""
@@ -228,9 +235,7 @@ class PageTest(wt.WebTest):
         had stayed reviewed, off the list, with no alert: only a series with
         instances after the review counted."""
         node = self.web_node(threshold="0.01", **{"triage.quiet_seconds": 6})
-        b = self.browser = self.new_browser()
-        b.open(node.base + "/")
-        b.wait("state.events && state.events.readyState === 1")
+        b = self.live_page(node)
         self.record_notifications()
         uid, files = self.new_study(41)
         self.send(node, files)
@@ -251,6 +256,40 @@ class PageTest(wt.WebTest):
         row, = [r for r in self.get_json(node, "/api/worklist") if r["study_uid"] == uid]
         self.assertEqual((row["status"], row["flagged"]), ("triaged", True))
         b.wait("window.__notes.length === 1")
+        self.assertEqual(b.dialogs(), [])
+        self.assertEqual(b.console_errors(), [])
+
+    def test_review_by_another_reader_while_open(self):
+        """A study open on this page is reviewed by another reader: the view
+        shows that review at once (the study left the list, and only studies
+        in an event's rows were reloaded), and saving this reader's review
+        is refused with that review named, the answers kept; saved again, it
+        is stored beside it. The second review had silently replaced the
+        first as the study's label."""
+        node = self.web_node()
+        (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=42).items()
+        self.send(node, files)
+        self.wait_rows(node, [uid])
+        b = self.live_page(node)
+        self.open_study(uid)
+        b.click("input[name=hemorrhage][value=no]")
+        b.eval("document.querySelector('textarea[name=comment]').value = 'B: nothing'")
+        csrf = self.get_json(node, "/api/session")["csrf"]
+        status, _, body = wt.curl("%s/api/studies/%s/review" % (node.base, uid), "POST",
+                                  {"hemorrhage": True, "subtypes": ["subdural"],
+                                   "comment": "A: SDH left"}, headers=["X-CSRF-Token: " + csrf])
+        self.assertEqual(status, 201, body)
+        b.wait("document.getElementById('reviews').innerText.includes('A: SDH left')", 10)
+        b.click("#review-form button[type=submit]")
+        msg = b.wait("document.getElementById('review-msg').textContent")
+        self.assertTrue(msg.startswith("Not saved: local reviewed this study at"), msg)
+        self.assertIn("(hemorrhage: subdural)", msg)
+        self.assertEqual(b.eval(self.FORM), ["no", [], "B: nothing", False])
+        self.assertEqual(len(self.get_json(node, "/api/studies/" + uid)["reviews"]), 1)
+        b.click("#review-form button[type=submit]")
+        b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        st = self.get_json(node, "/api/studies/" + uid)
+        self.assertEqual([r["comment"] for r in st["reviews"]], ["A: SDH left", "B: nothing"])
         self.assertEqual(b.dialogs(), [])
         self.assertEqual(b.console_errors(), [])
 

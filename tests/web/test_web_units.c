@@ -94,11 +94,14 @@ TestSuite(web_db, .init = setup, .fini = teardown);
 Test(web_db, latest_review_is_the_label_and_the_study_leaves_the_list)
 {
     char err[256];
+    cr_assert_eq(db_review_add(db, "1.2.3", true, "subdural", "", "first", "alice", 10, NULL, NULL,
+                               err, sizeof err),
+                 0);
+    cr_assert_eq(db_review_add(db, "1.2.3", false, "", "", "second look", "bob", 20, NULL, NULL,
+                               err, sizeof err),
+                 0);
     cr_assert_eq(
-        db_review_add(db, "1.2.3", true, "subdural", "", "first", "alice", 10, err, sizeof err), 0);
-    cr_assert_eq(
-        db_review_add(db, "1.2.3", false, "", "", "second look", "bob", 20, err, sizeof err), 0);
-    cr_assert_eq(db_review_add(db, "9.9.9", true, "", "", "", "alice", 30, err, sizeof err), 1);
+        db_review_add(db, "9.9.9", true, "", "", "", "alice", 30, NULL, NULL, err, sizeof err), 1);
     struct seen all = {0}, latest = {0};
     cr_assert_eq(db_reviews_of_study(db, "1.2.3", collect, &all), 0);
     cr_assert_eq(all.n, 2);
@@ -131,7 +134,8 @@ Test(web_db, claims_need_force_to_take_over_and_end_with_the_review)
     cr_assert_eq(db_claim_release(db, "1.2.3", "bob"), 1);
     cr_assert_eq(db_claim_set(db, "1.2.3", "bob", true, 4, holder, sizeof holder), 0);
     cr_assert_eq(db_claim_set(db, "9.9.9", "bob", false, 4, holder, sizeof holder), 1);
-    cr_assert_eq(db_review_add(db, "1.2.3", true, "", "", "", "bob", 5, err, sizeof err), 0);
+    cr_assert_eq(
+        db_review_add(db, "1.2.3", true, "", "", "", "bob", 5, NULL, NULL, err, sizeof err), 0);
     cr_assert_eq(db_claim_release(db, "1.2.3", "bob"), 1); /* the review dropped it */
     cr_assert_eq(db_audit_add(db, 6, "bob", "opened", "1.2.3", ""), 0);
 }

@@ -18,6 +18,7 @@ const state = {
   slices: [],         // the open study's per-slice results
   marks: new Map(),   // "sop/frame" -> slice marked as showing the bleed
   marksFor: null,     // the study the marks belong to
+  seen: null,         // {review, result}: what the reader was shown when the form was (re)set
   retryMs: 0,         // back-off of the next start() after a lost stream
   retryTimer: null,
 };
@@ -260,7 +261,11 @@ function listen() {
     degraded(d.degraded);
     if (d.new_flagged && d.new_flagged.length) alertFlagged(d.new_flagged, rows);
     if ($("status-filter").value === "") offer(rows);
-    if (state.study && d.rows.some((r) => r.study_uid === state.study)) showStudy(state.study, true);
+    // Also when it left the list: reviewed by another reader, whose review
+    // the open view must show.
+    if (state.study && (d.rows.some((r) => r.study_uid === state.study) || d.removed.includes(state.study))) {
+      showStudy(state.study, true);
+    }
   });
   es.onopen = () => { $("offline").hidden = true; state.retryMs = 0; };
   es.onerror = () => {
@@ -386,6 +391,7 @@ function drawMarks() {
 function resetReview(uid) {
   state.marks = new Map();
   state.marksFor = uid;
+  state.seen = null;
   $("review-form").reset();
   $("review-msg").textContent = "";
 }
@@ -437,6 +443,9 @@ async function showStudy(uid, quiet) {
     return;
   }
   if (state.study !== uid) return;
+  // A review says what its reader was shown (a review by another reader or
+  // a newer result since then: the node refuses it, 409).
+  if (!state.seen) state.seen = { review: st.review_id, result: st.result_version };
   $("review-form").hidden = false;
   $("study-title").textContent = (st.patient_name || "(no name)") + " \u2014 " + (st.study_description || "study");
   const flagged = st.flagged && st.status !== "reviewed";
@@ -517,6 +526,8 @@ async function submitReview(ev) {
     subtypes: [...f.querySelectorAll("input[name=subtype]:checked")].map((c) => c.value),
     comment: f.comment.value,
     slices: [...state.marks.values()].map((s) => ({ sop_uid: s.sop_uid, frame: s.frame || 0 })),
+    seen_review: state.seen ? state.seen.review : 0,
+    seen_result: state.seen ? state.seen.result : null,
   };
   if (!body.hemorrhage) { body.subtypes = []; body.slices = []; }
   try {
@@ -524,9 +535,16 @@ async function submitReview(ev) {
     $("review-msg").textContent = "Review saved.";
     f.reset();
     state.marks = new Map();
+    state.seen = null;
     await showStudy(uid, true);
   } catch (e) {
     $("review-msg").textContent = "Not saved: " + e.message;
+    // Reviewed elsewhere or a newer result: the view shows the study as it
+    // is now, the answers stay, and saving again stores them knowingly.
+    if (e.status === 409 && state.study === uid) {
+      state.seen = null;
+      await showStudy(uid, true);
+    }
   }
 }
 
