@@ -3,8 +3,9 @@
  * changed, the uids of rows that left, the order of the open list when it
  * changed, and the uids of studies newly flagged (for the page's sound and
  * notification, and the webhook); a stream's first event carries all.
- * The server owns each stream (struct http_sse) until h2o stops it or the
- * server ends it. */
+ * An event "ping" every SSE_PING_MS keeps proxies and the page's watchdog
+ * content. The server owns each stream (struct http_sse) until h2o stops it
+ * or the server ends it. */
 #include "http_internal.h"
 
 #include <stdio.h>
@@ -157,7 +158,10 @@ static void on_ping(uv_timer_t *t)
     }
     if (++h->ping_ticks % (SSE_PING_MS / SSE_CHECK_MS) != 0) return;
     http_sse_end_dead_sessions(h); /* logged out or expired */
-    static const char ping[] = ": ping\n\n";
+    /* An event, not a comment: EventSource hands comments to nobody, and the
+     * page needs to hear that the stream is alive (its watchdog: a
+     * connection that died without FIN or RST stays open for ever). */
+    static const char ping[] = "event: ping\ndata: {}\n\n";
     for (int i = 0; i < h->nsse; i++)
         if (!h->sse[i]->pending_len) sse_queue(h->sse[i], ping, sizeof ping - 1);
 }

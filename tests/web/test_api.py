@@ -373,8 +373,9 @@ class ApiTest(wt.WebTest):
 
     def event_stream(self):
         """curl -N on /api/events: the process, and the list a thread fills
-        with each event as {"event": name, "data": parsed JSON} once the
-        first has come (the caller kills the process)."""
+        with each worklist event as {"event": name, "data": parsed JSON}
+        once the first has come (the caller kills the process). Pings are
+        left out."""
         events = []
         proc = subprocess.Popen(["curl", "-sN", "-m", "40", self.node.base + "/api/events"],
                                 stdout=subprocess.PIPE)
@@ -384,7 +385,7 @@ class ApiTest(wt.WebTest):
             for line in proc.stdout:
                 line = line.decode().rstrip("\n")
                 if not line:
-                    if ev:
+                    if ev and ev.get("event") != "ping":
                         events.append(ev)
                     ev = {}
                 elif line.startswith("event: "):
@@ -436,6 +437,17 @@ class ApiTest(wt.WebTest):
         finally:
             proc.kill()
             proc.wait()
+
+    def test_events_keep_alive_is_an_event(self):
+        """Every 15 s the stream carries an event "ping": a page hears it
+        (EventSource hands comments to nobody) and can tell a live stream
+        from one that died without being closed. It was a comment."""
+        t0 = time.monotonic()
+        p = subprocess.run(["curl", "-sN", "-m", "17", self.node.base + "/api/events"],
+                           stdout=subprocess.PIPE)
+        self.assertGreater(time.monotonic() - t0, 16)  # ended by -m, not by the node
+        text = p.stdout.decode()
+        self.assertIn("\nevent: ping\ndata: {}\n\n", text, text[-300:])
 
     def test_events_push_a_decision_without_a_job(self):
         # A chest CT is decided "not applicable" at the end of its quiet

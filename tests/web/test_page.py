@@ -293,6 +293,46 @@ class PageTest(wt.WebTest):
         self.assertEqual(b.dialogs(), [])
         self.assertEqual(b.console_errors(), [])
 
+    def test_silent_stream_shows_the_banner_and_recovers(self):
+        """The path to the node goes silent with no FIN or RST (a proxy
+        stopped with SIGSTOP: as a NAT change or a laptop's sleep leave it):
+        the page hears no ping for 35 s, shows its offline banner and
+        reconnects; once the path works again the list is live, with the
+        study stored meanwhile. The keep-alive was a comment, which
+        EventSource hands to no page, and the page had no watchdog: the list
+        stayed stale for ever, the stream "open", no banner."""
+        import signal
+        node = self.web_node()
+        uid0, files0 = self.new_study(43)
+        self.send(node, files0)
+        self.wait_rows(node, [uid0])
+        port = wt.dt.free_port()
+        proxy = subprocess.Popen(["/usr/bin/python3", os.path.join(wt.HERE, "tcpproxy.py"),
+                                  str(port), str(node.http_port)], stdout=subprocess.PIPE)
+        self.addCleanup(proxy.stdout.close)
+        self.addCleanup(proxy.wait)
+        self.addCleanup(proxy.kill)
+        self.addCleanup(os.kill, proxy.pid, signal.SIGCONT)
+        self.assertEqual(proxy.stdout.readline(), b"ready\n")
+        b = self.browser = self.new_browser()
+        b.open("http://127.0.0.1:%d/" % port)
+        b.wait("document.querySelectorAll('#rows tr').length === 1")
+        b.wait("state.events && state.events.readyState === 1")
+        os.kill(proxy.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        uid1, files1 = self.new_study(44)
+        self.send(node, files1)
+        self.wait_rows(node, [uid1])
+        b.wait("!document.getElementById('offline').hidden", 50)
+        self.assertGreater(time.monotonic() - stopped, 15)  # not a false alarm
+        self.assertFalse(b.eval("!!document.querySelector('#rows tr[data-study-uid=\"%s\"]')"
+                                % uid1))
+        os.kill(proxy.pid, signal.SIGCONT)
+        b.wait("!!document.querySelector('#rows tr[data-study-uid=\"%s\"]')" % uid1, 40)
+        b.wait("document.getElementById('offline').hidden && state.events &&"
+               " state.events.readyState === 1")
+        self.assertEqual(b.console_errors(), [])
+
     @staticmethod
     def series_of(path):
         import pydicom

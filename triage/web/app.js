@@ -21,7 +21,13 @@ const state = {
   seen: null,         // {review, result}: what the reader was shown when the form was (re)set
   retryMs: 0,         // back-off of the next start() after a lost stream
   retryTimer: null,
+  heardAt: 0,         // when the event stream last said anything (an event or its ping)
 };
+
+// The node pings every 15 s: a stream silent for longer than this died
+// without being closed (a NAT change, a laptop's sleep, a frozen proxy),
+// and EventSource, still "open", would wait on it for ever.
+const STREAM_QUIET_MS = 35000;
 
 const $ = (id) => document.getElementById(id);
 function el(tag, props, ...kids) {
@@ -241,9 +247,12 @@ function listen() {
   if (state.events) state.events.close();
   const es = new EventSource("/api/events");
   state.events = es;
+  state.heardAt = Date.now();
+  es.addEventListener("ping", () => { state.heardAt = Date.now(); });
   // Events carry new and changed rows, removed uids and (when it changed)
   // the order; the first event of a stream carries everything.
   es.addEventListener("worklist", (ev) => {
+    state.heardAt = Date.now();
     const d = JSON.parse(ev.data);
     if (!Array.isArray(d.rows) || !Array.isArray(d.removed)) {
       // Nothing to build the list from, and later events would apply to
@@ -267,7 +276,7 @@ function listen() {
       showStudy(state.study, true);
     }
   });
-  es.onopen = () => { $("offline").hidden = true; state.retryMs = 0; };
+  es.onopen = () => { $("offline").hidden = true; state.retryMs = 0; state.heardAt = Date.now(); };
   es.onerror = () => {
     $("offline").hidden = false;
     // A refused (re)connect (401 after a restart or the session's end, 503
@@ -275,6 +284,17 @@ function listen() {
     // start again, which also renews the session and its CSRF token.
     if (es.readyState === EventSource.CLOSED && state.events === es) restartLater();
   };
+}
+
+// Checked every 5 s: a stream silent past STREAM_QUIET_MS is closed and
+// started again, with the offline banner up meanwhile.
+function watchStream() {
+  const es = state.events;
+  if (!es || Date.now() - state.heardAt <= STREAM_QUIET_MS) return;
+  $("offline").hidden = false;
+  es.close();
+  state.events = null;
+  restartLater();
 }
 
 function restartLater() {
@@ -605,7 +625,8 @@ async function refreshSession() {
 
 async function start() {
   try {
-    state.session = await api("/api/session");
+    // Bounded: over a connection that died silently, the answer never comes.
+    state.session = await api("/api/session", { signal: AbortSignal.timeout(10000) });
   } catch (e) {
     if (e.status === 401) { showLogin(); return; }
     $("offline").hidden = false;
@@ -650,6 +671,7 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   });
   window.addEventListener("hashchange", route);
+  setInterval(watchStream, 5000);
   setInterval(() => document.querySelectorAll(".age").forEach((s) => { s.textContent = age(s.dataset.at); }), 30000);
   start();
 });
