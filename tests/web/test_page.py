@@ -333,6 +333,39 @@ class PageTest(wt.WebTest):
                " state.events.readyState === 1")
         self.assertEqual(b.console_errors(), [])
 
+    def test_key_slice_of_a_multi_frame_series(self):
+        """An Enhanced CT (one instance, every frame a slice, one SOP
+        Instance UID): the key slice shown, its caption and its "bleed
+        visible here" box are the key frame's. The page found the key slice
+        by SOP UID alone: it showed frame 0 as the key slice, and ticking its
+        box marked frame 0 for retraining."""
+        import pydicom
+        # Model seed 2 puts the key slice of this series at frame 7 (seed 1
+        # at frame 0, where the page's mistake would not show).
+        node = self.web_node(model_seed="2")
+        (enh,) = self.gen("enh", count=12, rows=64, cols=64, sop="enhanced-ct", seed=1)
+        uid = str(pydicom.dcmread(enh, stop_before_pixels=True).StudyInstanceUID)
+        self.send(node, [enh])
+        self.wait_rows(node, [uid])
+        st = self.get_json(node, "/api/studies/" + uid)
+        key = st["slice_probabilities"][st["key_index"]]
+        self.assertEqual(key["sop_uid"], st["key_sop_uid"])
+        self.assertNotEqual(key["frame"], 0, "the test needs a key slice other than frame 0")
+        b = self.live_page(node)
+        self.open_study(uid)
+        b.wait("document.querySelectorAll('#slices figure').length === 3")
+        want = "%s/%d" % (key["sop_uid"], key["frame"])
+        shown, caption = self.figures()[0]
+        self.assertEqual((shown, caption), (want, "key slice %d: %.0f%%" % (
+            st["key_index"] + 1, 100 * key["any"])))
+        b.click("#slices input[name=mark]")
+        b.click("input[name=hemorrhage][value=yes]")
+        b.click("#review-form button[type=submit]")
+        b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        marked = self.get_json(node, "/api/studies/" + uid)["reviews"][0]["slices"]
+        self.assertEqual(marked, [{"sop_uid": key["sop_uid"], "frame": key["frame"]}])
+        self.assertEqual(b.console_errors(), [])
+
     @staticmethod
     def series_of(path):
         import pydicom

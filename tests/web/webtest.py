@@ -132,13 +132,15 @@ class WebTest(itest.NodeTest):
         node.plain = "http://127.0.0.1:%d" % port
         return node
 
-    def make_model(self, threshold="0.5"):
-        path = os.path.join(self.work, "model-%s.safetensors" % threshold)
-        subprocess.run([MAKE_MODEL, path, "b8,M,b16,M,b16,M,b16,G|", "1", threshold], check=True)
+    def make_model(self, threshold="0.5", seed="1"):
+        """A test model with random weights drawn from seed."""
+        path = os.path.join(self.work, "model-%s-%s.safetensors" % (threshold, seed))
+        subprocess.run([MAKE_MODEL, path, "b8,M,b16,M,b16,M,b16,G|", seed, threshold], check=True)
         return path
 
-    def web_node(self, threshold="0.5", env=None, **extra):
-        settings = {"triage.model": self.make_model(threshold), "triage.quiet_seconds": 1,
+    def web_node(self, threshold="0.5", env=None, model_seed="1", **extra):
+        settings = {"triage.model": self.make_model(threshold, model_seed),
+                    "triage.quiet_seconds": 1,
                     "triage.min_slices": 5, "log.level": "info"}
         settings.update(extra)
         node = self.start_node(settings, env=env)

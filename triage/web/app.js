@@ -496,7 +496,9 @@ async function showStudy(uid, quiet) {
   const current = new Set(sl.map(markKey));
   for (const k of [...state.marks.keys()]) if (!current.has(k)) state.marks.delete(k);
   const keys = [];
-  if (st.key_sop_uid) keys.push(sl.find((s) => s.sop_uid === st.key_sop_uid) || { sop_uid: st.key_sop_uid, frame: 0, index: st.key_index, any: st.probability });
+  // By its index: the frames of a multi-frame instance (Enhanced CT) share
+  // one SOP Instance UID.
+  if (st.key_sop_uid) keys.push(sl.find((s) => s.index === st.key_index && s.sop_uid === st.key_sop_uid) || { sop_uid: st.key_sop_uid, frame: 0, index: st.key_index, any: st.probability });
   [...sl].sort((a, b) => b.any - a.any).forEach((s) => {
     if (keys.length < 3 && !keys.some((k) => k.sop_uid === s.sop_uid && k.frame === s.frame)) keys.push(s);
   });
