@@ -230,17 +230,7 @@ class LockedDatabase(StoreHealth, itest.NodeTest):
         r = dt.storescu(node.port, files[:1], workdir=self.work)
         self.assert_all_success(r, files[:1])
         # Another process takes the database (as the sqlite3 shell would).
-        holder = subprocess.Popen(
-            ["/usr/bin/python3", "-c",
-             "import sqlite3, sys\n"
-             "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-             "c.execute('BEGIN EXCLUSIVE')\n"
-             "print('locked', flush=True)\n"
-             "sys.stdin.readline()\n"
-             "c.execute('ROLLBACK')\n", node.db_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        try:
-            self.assertEqual(holder.stdout.readline().strip(), b"locked")
+        with itest.database_locked(node.db_path):
             t0 = time.monotonic()
             r = dt.storescu(node.port, files[1:], workdir=self.work, timeout=120)
             took = time.monotonic() - t0
@@ -254,11 +244,6 @@ class LockedDatabase(StoreHealth, itest.NodeTest):
             self.assertEqual(rc, 0, out)
             # (`ichtriage status` reads the database: after the lock, below)
             self.assert_stores_failing(node, "database", "locked", 1, status=False)
-        finally:
-            holder.stdin.write(b"\n")
-            holder.stdin.close()
-            holder.wait(30)
-            holder.stdout.close()
         self.assert_status_says_failing(node)
         # The refused instance left nothing; once the lock is gone it is stored.
         self.assert_not_stored(node, dt.sop_uids(files[1])[1])

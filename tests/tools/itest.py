@@ -7,6 +7,7 @@ stored).
 
 Exit status: 0 pass, 1 fail, 77 (meson's "skipped") when every test skipped.
 A failing test keeps its work dir (node log, store) and prints where it is."""
+import contextlib
 import os
 import shutil
 import stat
@@ -157,6 +158,30 @@ class NodeTest(unittest.TestCase):
         stray = [p for p in node.spool_files() if sop in p]
         self.assertFalse(stray, "%s left files in the spool: %s" % (sop, stray))
         self.assertEqual(node.temp_files(), [], "temp files left in spool/.tmp")
+
+
+@contextlib.contextmanager
+def database_locked(db_path, begin="BEGIN EXCLUSIVE"):
+    """Another process holds db_path's lock (begin: the transaction it
+    opens, as the sqlite3 shell would) for the body of the with."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute(sys.argv[2])\n"
+         "print('locked', flush=True)\n"
+         "sys.stdin.readline()\n"
+         "c.execute('ROLLBACK')\n", db_path, begin],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        if holder.stdout.readline().strip() != b"locked":
+            raise RuntimeError("could not lock " + db_path)
+        yield
+    finally:
+        holder.stdin.write(b"\n")
+        holder.stdin.close()
+        holder.wait(30)
+        holder.stdout.close()
 
 
 def owner_only(path):

@@ -366,6 +366,25 @@ class PageTest(wt.WebTest):
         self.assertEqual(marked, [{"sop_uid": key["sop_uid"], "frame": key["frame"]}])
         self.assertEqual(b.console_errors(), [])
 
+    def test_claim_that_fails_says_so(self):
+        """A claim the node cannot store (its index locked by another
+        process: 500 after the loop's 1 s of retries) says so by the claim
+        button; it had been ignored, the page as if nothing was clicked."""
+        node = self.web_node()
+        uid, files = self.new_study(45)
+        self.send(node, files)
+        self.wait_rows(node, [uid])
+        b = self.live_page(node)
+        self.open_study(uid)
+        with wt.itest.database_locked(node.db_path, "BEGIN IMMEDIATE"):
+            b.click("#claim-btn")
+            msg = b.wait("document.getElementById('claim-msg').textContent", 40)
+        self.assertEqual(msg, "Not claimed: cannot store the claim")
+        self.assertEqual(self.get_json(node, "/api/studies/" + uid)["claimed_by"], "")
+        b.click("#claim-btn")
+        b.wait("document.getElementById('claimed').textContent === 'local'")
+        self.assertEqual(b.eval("document.getElementById('claim-msg').textContent"), "")
+
     @staticmethod
     def series_of(path):
         import pydicom

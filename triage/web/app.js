@@ -414,6 +414,7 @@ function resetReview(uid) {
   state.seen = null;
   $("review-form").reset();
   $("review-msg").textContent = "";
+  $("claim-msg").textContent = "";
 }
 
 // Nothing of another study under this title, and no form to review it.
@@ -572,12 +573,18 @@ async function submitReview(ev) {
 
 async function claim(on) {
   const uid = state.study, url = "/api/studies/" + encodeURIComponent(uid) + (on ? "/claim" : "/release");
+  const failed = (e) => { $("claim-msg").textContent = (on ? "Not claimed: " : "Not released: ") + e.message; };
+  $("claim-msg").textContent = "";
   try {
     await api(url, { method: "POST", body: "{}" });
   } catch (e) {
     // Someone else is reading it: take it over only when asked to.
-    if (e.status === 409 && on && confirm(e.message.split(";")[0] + ". Take it over?")) {
-      try { await api(url, { method: "POST", body: JSON.stringify({ force: true }) }); } catch (e2) { /* shown below */ }
+    if (e.status === 409 && on) {
+      if (confirm(e.message.split(";")[0] + ". Take it over?")) {
+        try { await api(url, { method: "POST", body: JSON.stringify({ force: true }) }); } catch (e2) { failed(e2); }
+      }
+    } else {
+      failed(e);
     }
   }
   await showStudy(uid, true);
