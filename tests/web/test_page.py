@@ -356,8 +356,9 @@ class PageTest(wt.WebTest):
         b.wait("document.querySelectorAll('#slices figure').length === 3")
         want = "%s/%d" % (key["sop_uid"], key["frame"])
         shown, caption = self.figures()[0]
-        self.assertEqual((shown, caption), (want, "key slice %d: %.0f%%" % (
-            st["key_index"] + 1, 100 * key["any"])))
+        self.assertEqual((shown, caption), (want, "key slice %d of %d (image %d, frame %d): %.0f%%" % (
+            st["key_index"] + 1, len(st["slice_probabilities"]), key["instance_number"],
+            key["frame"] + 1, 100 * key["any"])))
         b.click("#slices input[name=mark]")
         b.click("input[name=hemorrhage][value=yes]")
         b.click("#review-form button[type=submit]")
