@@ -312,12 +312,16 @@ int train_eval_main(int argc, char **argv)
     char sum[512];
     train_eval_summary(e, sum, sizeof sum);
     util_log(UTIL_LOG_INFO, "eval_done", "model=%s report=%s %s", model_path, report, sum);
-    if (e->cmp.valid)
+    if (e->cmp.valid) {
+        char x[6][32]; /* n/a for what the studies cannot give, as printed */
         util_log(UTIL_LOG_INFO, "eval_compare",
-                 "model=%s other=%s study_auc_any=%.4f other_study_auc_any=%.4f "
-                 "difference=%.4f difference_ci95=%.4f,%.4f p=%.4g",
-                 model_path, compare, e->cmp.auc.auc_a, e->cmp.auc.auc_b, e->cmp.auc.diff,
-                 e->cmp.auc.lo, e->cmp.auc.hi, e->cmp.auc.p);
+                 "model=%s other=%s study_auc_any=%s other_study_auc_any=%s "
+                 "difference=%s difference_ci95=%s,%s p=%s",
+                 model_path, compare, train_num(x[0], "%.4f", e->cmp.auc.auc_a),
+                 train_num(x[1], "%.4f", e->cmp.auc.auc_b),
+                 train_num(x[2], "%.4f", e->cmp.auc.diff), train_num(x[3], "%.4f", e->cmp.auc.lo),
+                 train_num(x[4], "%.4f", e->cmp.auc.hi), train_num(x[5], "%.4g", e->cmp.auc.p));
+    }
     rc = 0;
 out:
     free(e), free(pa), free(ya);

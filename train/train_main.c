@@ -1322,13 +1322,16 @@ static int better_than_active(const char *store, const struct train_dataset *d, 
         struct train_auc_diff dd;
         train_auc_paired(mine_p, old_p, y, (size_t)mine->nstudies, &dd);
         better = train_at_least_as_good(a, b);
-        util_log(UTIL_LOG_INFO, "model_compare",
-                 "new_auc=%.4f new_sensitivity=%.4f active_auc=%.4f active_sensitivity=%.4f "
-                 "auc_difference=%.4f auc_difference_ci95=%.4f,%.4f p=%.4g series=%d "
-                 "studies=%d promote=%s",
-                 a->auc, a->sensitivity, b->auc, b->sensitivity, dd.diff, dd.lo, dd.hi, dd.p,
-                 mine->nseries, mine->nstudies, better ? "yes" : "no");
         char x[8][32];
+        util_log(UTIL_LOG_INFO, "model_compare",
+                 "new_auc=%s new_sensitivity=%s active_auc=%s active_sensitivity=%s "
+                 "auc_difference=%s auc_difference_ci95=%s,%s p=%s series=%d "
+                 "studies=%d promote=%s",
+                 train_num(x[0], "%.4f", a->auc), train_num(x[1], "%.4f", a->sensitivity),
+                 train_num(x[2], "%.4f", b->auc), train_num(x[3], "%.4f", b->sensitivity),
+                 train_num(x[4], "%.4f", dd.diff), train_num(x[5], "%.4f", dd.lo),
+                 train_num(x[6], "%.4f", dd.hi), train_num(x[7], "%.4g", dd.p), mine->nseries,
+                 mine->nstudies, better ? "yes" : "no");
         printf("against the active model on the %d test studies: study AUC of \"any\" %s "
                "against %s, difference %s [95%% interval %s, %s], p = %s (DeLong, paired); "
                "sensitivity %s against %s\n",

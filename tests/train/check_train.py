@@ -569,6 +569,10 @@ def main():
           and "nan" not in open(rep).read().lower() and "p = n/a" in r.stdout,
           "eval --compare of negatives only: n/a where a figure needs positives, no nan: "
           + r.stdout[-300:] + r.stderr[-200:])
+    cmp_line = [x for x in r.stderr.splitlines() if "event=eval_compare" in x]
+    check(cmp_line and not re.search(r"=(-?nan|[^ ]*,-?nan)\b", cmp_line[0], re.I)
+          and "p=n/a" in cmp_line[0],
+          "eval --compare of negatives only: its log line says n/a, not nan: %r" % cmp_line)
 
     # 4b. calibrate: new temperatures and thresholds on studies the model
     # never saw (another seed), no retraining.
