@@ -544,6 +544,16 @@ int db_outbox_by_destination(struct db *db, struct db_outbox_destination *out, i
     return list_done(st, rc);
 }
 
+/* What was given up, of one study (?1) or of all (?1 NULL): what retry
+ * puts back in the queue and dismiss lets go of. */
+#define GIVEN_UP_DELIVERIES                                                                        \
+    " FROM pacs_deliveries d JOIN pacs_revisions pr ON pr.id = d.revision_ref"                     \
+    " JOIN studies st ON st.id = pr.study_ref"                                                     \
+    " WHERE d.state = 'failed' AND (?1 IS NULL OR st.study_uid = ?1)"
+#define GIVEN_UP_REVISIONS                                                                         \
+    " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"                              \
+    " WHERE pr.state = 'failed' AND (?1 IS NULL OR st.study_uid = ?1)"
+
 int db_outbox_retry(struct db *db, const char *study_uid, int64_t now_ms, int *deliveries,
                     int *revisions, char *err, size_t errlen)
 {
@@ -553,18 +563,15 @@ int db_outbox_retry(struct db *db, const char *study_uid, int64_t now_ms, int *d
     /* Fresh attempts, due now; the last error stays until the next one. */
     if (db_exec_bound(c,
                       "UPDATE pacs_deliveries SET state = 'pending', attempts = 0,"
-                      " next_attempt_at = ?1 WHERE state = 'failed' AND (?2 IS NULL OR"
-                      " revision_ref IN (SELECT pr.id FROM pacs_revisions pr JOIN studies st"
-                      "  ON st.id = pr.study_ref WHERE st.study_uid = ?2))",
-                      "is", now_ms, study_uid) != 0)
+                      " next_attempt_at = ?2 WHERE id IN (SELECT d.id" GIVEN_UP_DELIVERIES ")",
+                      "si", study_uid, now_ms) != 0)
         goto bad;
     *deliveries = sqlite3_changes(c);
     /* Built again from the start; one whose study has a newer revision by
      * now is skipped by the sender (superseded), which lets it go too. */
     if (db_exec_bound(c,
                       "UPDATE pacs_revisions SET state = 'pending', reason = '', failed_at = NULL"
-                      " WHERE state = 'failed' AND (?1 IS NULL OR"
-                      " study_ref IN (SELECT id FROM studies WHERE study_uid = ?1))",
+                      " WHERE id IN (SELECT pr.id" GIVEN_UP_REVISIONS ")",
                       "s", study_uid) != 0)
         goto bad;
     *revisions = sqlite3_changes(c);
@@ -577,14 +584,6 @@ bad:
 
 /* The objects and the results given up, of the study ?1 (all when NULL):
  * one text for db_outbox_dismiss's listing and its changes. */
-#define GIVEN_UP_DELIVERIES                                                                        \
-    " FROM pacs_deliveries d JOIN pacs_revisions pr ON pr.id = d.revision_ref"                     \
-    " JOIN studies st ON st.id = pr.study_ref"                                                     \
-    " WHERE d.state = 'failed' AND (?1 IS NULL OR st.study_uid = ?1)"
-#define GIVEN_UP_REVISIONS                                                                         \
-    " FROM pacs_revisions pr JOIN studies st ON st.id = pr.study_ref"                              \
-    " WHERE pr.state = 'failed' AND (?1 IS NULL OR st.study_uid = ?1)"
-
 /* db_outbox_dismiss's listing, inside its transaction: *out grown as it
  * goes (freed by the caller, also on error). Returns 0, -1 on an SQLite
  * error, -2 out of memory. */
