@@ -8,6 +8,7 @@
 #include <sqlite3.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -246,57 +247,84 @@ int db_backup_outbox_settle(const char *db_path, const char *root, const char *l
     return end_write(c, rc == SQLITE_DONE ? SQLITE_OK : rc, db_path, err, errlen);
 }
 
-int db_backup_file_indexed(const char *db_path, const char *file_path, const char *digest,
-                           bool *indexed, char *err, size_t errlen)
-{
-    *indexed = false;
+struct db_live {
     sqlite3 *c;
-    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
-    sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(c,
-                                "SELECT 1 FROM instances WHERE file_path = ?1"
-                                " AND (?2 = '' OR content_digest = ?2)",
-                                -1, &st, NULL);
-    if (rc == SQLITE_OK) {
-        sqlite3_bind_text(st, 1, file_path, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, digest ? digest : "", -1, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-        *indexed = rc == SQLITE_ROW;
-        sqlite3_finalize(st);
+    sqlite3_stmt *file, *sop;
+    char path[1024]; /* for messages */
+};
+
+int db_live_open(struct db_live **out, const char *db_path, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct db_live *l = calloc(1, sizeof *l);
+    if (!l) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
     }
+    snprintf(l->path, sizeof l->path, "%s", db_path);
+    if (db_conn_open_flags(&l->c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) {
+        free(l);
+        return -1;
+    }
+    if (sqlite3_prepare_v2(l->c,
+                           "SELECT 1 FROM instances WHERE file_path = ?1"
+                           " AND (?2 = '' OR content_digest = ?2)",
+                           -1, &l->file, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(
+            l->c, "SELECT file_path, file_size, content_digest FROM instances WHERE sop_uid = ?1",
+            -1, &l->sop, NULL) != SQLITE_OK) {
+        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(l->c));
+        db_live_close(l);
+        return -1;
+    }
+    *out = l;
+    return 0;
+}
+
+void db_live_close(struct db_live *l)
+{
+    if (!l) return;
+    sqlite3_finalize(l->file);
+    sqlite3_finalize(l->sop);
+    sqlite3_close(l->c);
+    free(l);
+}
+
+/* Ends a question on st: rc its last step's result. */
+static int live_done(struct db_live *l, sqlite3_stmt *st, int rc, char *err, size_t errlen)
+{
     if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
-    sqlite3_close(c);
+        snprintf(err, errlen, "%s: %s", l->path, sqlite3_errmsg(l->c));
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
 }
 
-int db_backup_live_instance(const char *db_path, const char *sop_uid, bool *found, char *path,
-                            size_t n, int64_t *size, char digest[65], char *err, size_t errlen)
+int db_live_file_indexed(struct db_live *l, const char *file_path, const char *digest,
+                         bool *indexed, char *err, size_t errlen)
+{
+    sqlite3_bind_text(l->file, 1, file_path, -1, SQLITE_STATIC);
+    sqlite3_bind_text(l->file, 2, digest ? digest : "", -1, SQLITE_STATIC);
+    int rc = sqlite3_step(l->file);
+    *indexed = rc == SQLITE_ROW;
+    return live_done(l, l->file, rc, err, errlen);
+}
+
+int db_live_instance(struct db_live *l, const char *sop_uid, bool *found, char *path, size_t n,
+                     int64_t *size, char digest[65], char *err, size_t errlen)
 {
     *found = false;
-    sqlite3 *c;
-    if (db_conn_open_flags(&c, db_path, SQLITE_OPEN_READONLY, err, errlen) != 0) return -1;
-    sqlite3_stmt *st;
-    int rc = sqlite3_prepare_v2(
-        c, "SELECT file_path, file_size, content_digest FROM instances WHERE sop_uid = ?1", -1, &st,
-        NULL);
-    if (rc == SQLITE_OK) {
-        sqlite3_bind_text(st, 1, sop_uid, -1, SQLITE_STATIC);
-        rc = sqlite3_step(st);
-        if (rc == SQLITE_ROW) {
-            const char *p = (const char *)sqlite3_column_text(st, 0);
-            const char *d = (const char *)sqlite3_column_text(st, 2);
-            snprintf(path, n, "%s", p ? p : "");
-            *size = sqlite3_column_int64(st, 1);
-            snprintf(digest, 65, "%s", d ? d : "");
-            *found = true;
-        }
-        sqlite3_finalize(st);
+    sqlite3_bind_text(l->sop, 1, sop_uid, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(l->sop);
+    if (rc == SQLITE_ROW) {
+        const char *p = (const char *)sqlite3_column_text(l->sop, 0);
+        const char *d = (const char *)sqlite3_column_text(l->sop, 2);
+        snprintf(path, n, "%s", p ? p : "");
+        *size = sqlite3_column_int64(l->sop, 1);
+        snprintf(digest, 65, "%s", d ? d : "");
+        *found = true;
     }
-    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
-        snprintf(err, errlen, "%s: %s", db_path, sqlite3_errmsg(c));
-    sqlite3_close(c);
-    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+    return live_done(l, l->sop, rc, err, errlen);
 }
 
 int db_backup_amend_files(const char *db_path, const struct db_backup_change *changes, int n,
@@ -319,9 +347,14 @@ int db_backup_amend_files(const char *db_path, const struct db_backup_change *ch
     int rc = sqlite3_exec(c, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     for (size_t i = 0; rc == SQLITE_OK && i < sizeof sql / sizeof sql[0]; i++)
         rc = sqlite3_prepare_v2(c, sql[i], -1, st[i], NULL);
-    for (int i = 0; rc == SQLITE_OK && i < n; i++) {
-        const struct db_backup_change *ch = &changes[i];
-        if (ch->new_path) {
+    /* A series is recounted, and its study looked at, once after a run of
+     * its rows (the changes come ordered by path, a series' files
+     * together), not after each row: a count per row was quadratic in the
+     * series' size. */
+    int64_t series = -1, study = -1;
+    for (int i = 0; rc == SQLITE_OK && i <= n; i++) {
+        const struct db_backup_change *ch = i < n ? &changes[i] : NULL;
+        if (ch && ch->new_path) {
             sqlite3_bind_text(move, 1, ch->file_path, -1, SQLITE_STATIC);
             sqlite3_bind_text(move, 2, ch->new_path, -1, SQLITE_STATIC);
             sqlite3_bind_int64(move, 3, ch->new_size);
@@ -329,24 +362,30 @@ int db_backup_amend_files(const char *db_path, const struct db_backup_change *ch
             sqlite3_reset(move);
             continue;
         }
-        sqlite3_bind_text(del, 1, ch->file_path, -1, SQLITE_STATIC);
-        int64_t series = -1, study = -1;
-        while ((rc = sqlite3_step(del)) == SQLITE_ROW) {
-            series = sqlite3_column_int64(del, 0);
-            study = sqlite3_column_int64(del, 1);
+        int64_t row_series = -1, row_study = -1;
+        if (ch) {
+            sqlite3_bind_text(del, 1, ch->file_path, -1, SQLITE_STATIC);
+            while ((rc = sqlite3_step(del)) == SQLITE_ROW) {
+                row_series = sqlite3_column_int64(del, 0);
+                row_study = sqlite3_column_int64(del, 1);
+            }
+            sqlite3_reset(del);
+            if (rc != SQLITE_DONE) break;
+            rc = SQLITE_OK;
+            if (row_study < 0 || row_series == series) continue;
         }
-        sqlite3_reset(del);
-        if (rc != SQLITE_DONE) break;
-        rc = SQLITE_OK;
-        if (study < 0) continue;
-        sqlite3_bind_int64(mark, 1, study);
-        sqlite3_bind_int64(mark, 2, now_ms);
-        rc = sqlite3_step(mark) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
-        sqlite3_reset(mark);
-        if (rc != SQLITE_OK) break;
-        sqlite3_bind_int64(count, 1, series);
-        rc = sqlite3_step(count) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
-        sqlite3_reset(count);
+        if (study >= 0) {
+            sqlite3_bind_int64(mark, 1, study);
+            sqlite3_bind_int64(mark, 2, now_ms);
+            rc = sqlite3_step(mark) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+            sqlite3_reset(mark);
+            if (rc != SQLITE_OK) break;
+            sqlite3_bind_int64(count, 1, series);
+            rc = sqlite3_step(count) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+            sqlite3_reset(count);
+        }
+        series = row_series;
+        study = row_study;
     }
     sqlite3_finalize(del);
     sqlite3_finalize(mark);

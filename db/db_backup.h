@@ -47,18 +47,28 @@ int db_backup_files(const char *db_path, int (*fn)(void *ud, const struct db_bac
 int db_backup_outbox_settle(const char *db_path, const char *root, const char *live_db,
                             int *settled, int *missing, char *err, size_t errlen);
 
-/* Whether the database at db_path (the live index, read-only) still has a
- * row for file_path with that content digest ("": any). Returns 0, or -1
- * with a message in err. */
-int db_backup_file_indexed(const char *db_path, const char *file_path, const char *digest,
-                           bool *indexed, char *err, size_t errlen);
+/* The live index, opened read-only once for a walk that asks about many
+ * files (a backup, `ichtriage status`): a store that lost its spool asks
+ * once per indexed file, and a connection opened per question made that
+ * minutes per 100,000 files. Each question reads the index as it is then
+ * (no transaction is held between them). */
+struct db_live;
 
-/* The live index's row (db_path, read-only) of the instance sop_uid:
- * *found, and then its file_path (into path, n bytes), file_size and
- * content_digest (digest, 65 bytes). Returns 0, or -1 with a message in
+/* Opens the live index at db_path. Returns 0, or -1 with a message in
  * err. */
-int db_backup_live_instance(const char *db_path, const char *sop_uid, bool *found, char *path,
-                            size_t n, int64_t *size, char digest[65], char *err, size_t errlen);
+int db_live_open(struct db_live **out, const char *db_path, char *err, size_t errlen);
+void db_live_close(struct db_live *live);
+
+/* Whether the live index still has a row for file_path with that content
+ * digest ("": any). Returns 0, or -1 with a message in err. */
+int db_live_file_indexed(struct db_live *live, const char *file_path, const char *digest,
+                         bool *indexed, char *err, size_t errlen);
+
+/* The live index's row of the instance sop_uid: *found, and then its
+ * file_path (into path, n bytes), file_size and content_digest (digest, 65
+ * bytes). Returns 0, or -1 with a message in err. */
+int db_live_instance(struct db_live *live, const char *sop_uid, bool *found, char *path, size_t n,
+                     int64_t *size, char digest[65], char *err, size_t errlen);
 
 /* A change to a copy's instance rows (db_backup_amend_files): the row of
  * file_path is moved to new_path with new_size (the node stored the same

@@ -69,6 +69,7 @@ struct copier {
      * (check_only): what copy_tree finds must be listed here. */
     struct backup_list *list;
     const char *live_db;    /* backup: the node's index, asked about a file gone meanwhile */
+    struct db_live *live;   /* live_db, opened on the first question */
     bool leave_out_missing; /* backup: a file the index lists but the store lost is left out */
     struct db_backup_change *changes; /* backup: rows of the snapshot to move or remove */
     int nchanges, capchanges, ngone;
@@ -233,12 +234,13 @@ static int add_change(struct copier *c, const char *rel, const char *new_path, i
  * it is copied. */
 static int copy_moved(struct copier *c, const struct db_backup_file *f)
 {
+    if (!c->live && db_live_open(&c->live, c->live_db, c->err, c->errlen) != 0) return -1;
     for (int attempt = 0; f->digest[0] && attempt < 3; attempt++) {
         char path[1100], digest[65], src[4200], dst[4200];
         int64_t size = 0;
         bool found;
-        if (db_backup_live_instance(c->live_db, f->sop_uid, &found, path, sizeof path, &size,
-                                    digest, c->err, c->errlen) != 0)
+        if (db_live_instance(c->live, f->sop_uid, &found, path, sizeof path, &size, digest, c->err,
+                             c->errlen) != 0)
             return -1;
         if (!found || strcmp(digest, f->digest) != 0) return 0;
         if (!strcmp(path, f->file_path) && size == f->file_size) return 0; /* the same file */
@@ -283,8 +285,8 @@ static int forget(struct copier *c, const struct db_backup_file *f, const char *
     int moved = copy_moved(c, f);
     if (moved != 0) return moved < 0 ? -1 : 0;
     bool indexed = true;
-    if (db_backup_file_indexed(c->live_db, f->file_path, missing ? "" : f->digest, &indexed, c->err,
-                               c->errlen) != 0)
+    if (db_live_file_indexed(c->live, f->file_path, missing ? "" : f->digest, &indexed, c->err,
+                             c->errlen) != 0)
         return -1;
     if (indexed && missing && c->leave_out_missing) {
         util_log(UTIL_LOG_WARN, "backup_instance_left_out",
@@ -638,6 +640,7 @@ out:
         free(c.changes[i].new_path);
     }
     free(c.changes);
+    db_live_close(c.live);
     backup_list_free(&list);
     triage_config_free(&cfg);
     return rc;

@@ -112,7 +112,8 @@ struct folder {
 struct missing_walk {
     struct status *s;
     struct folder dir;
-    bool read; /* dir holds a folder's names */
+    bool read;            /* dir holds a folder's names */
+    struct db_live *live; /* the index, opened at the first file missing */
 };
 
 static int by_name(const void *a, const void *b)
@@ -180,8 +181,8 @@ static int count_missing(void *ud, const struct db_backup_file *f)
     if (bsearch(&name, w->dir.sorted, w->dir.n, sizeof *w->dir.sorted, by_name)) return 0;
     char err[256];
     bool indexed = false;
-    if (db_backup_file_indexed(w->s->db_path, f->file_path, "", &indexed, err, sizeof err) != 0)
-        return 1;
+    if (!w->live && db_live_open(&w->live, w->s->db_path, err, sizeof err) != 0) return 1;
+    if (db_live_file_indexed(w->live, f->file_path, "", &indexed, err, sizeof err) != 0) return 1;
     if (indexed && !w->s->files_missing++)
         snprintf(w->s->first_missing, sizeof w->s->first_missing, "%s", f->file_path);
     return 0;
@@ -218,6 +219,7 @@ static void gather(struct status *s)
             s->files_missing = -1;
         free(w.dir.names);
         free(w.dir.sorted);
+        db_live_close(w.live);
     }
     if (s->files_missing > 0) {
         snprintf(s->missing_text, sizeof s->missing_text,

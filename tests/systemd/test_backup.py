@@ -514,6 +514,34 @@ class Backup(itest.NodeTest):
         rc, doc = self.status(store2, node2.port, http_port=node2.http_port)
         self.assertEqual((rc, doc["database"]["files_missing"]), (0, 0), doc)
 
+    def test_spool_files_lost_from_several_series(self):
+        """Files lost from three series, two of one and one of each other
+        (the backup recounts a series once after the run of its rows):
+        `backup --leave-out-missing` leaves all four out and the restored
+        store's series counts agree with its rows."""
+        node, files = self.received(series=3, count=3)
+        lost = files[0:2] + files[3:4] + files[8:9]
+        instances = node.instances()
+        for f in lost:
+            os.unlink(os.path.join(node.store_dir, instances[dt.sop_uids(f)[1]]["file_path"]))
+        rc, doc = self.status(node.store_dir, node.port, http_port=node.http_port)
+        self.assertEqual(doc["database"]["files_missing"], 4, doc)
+        bdir = os.path.join(self.work, "backup")
+        rc, out, err = ichtriage("backup", "--leave-out-missing", *store_args(node.store_dir),
+                                 bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("5 instances, 5 files", out)
+        self.assertIn("left out: 4 instances whose files are missing", out)
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        kept = [f for f in files if f not in lost]
+        self.assert_stored_exactly(node2, kept)
+        self.assert_consistent(node2)
+        counts = sorted(r[0] for r in node2.query("SELECT instance_count FROM series"))
+        self.assertEqual(counts, [1, 2, 2])
+
     def test_backup_while_a_model_is_registered(self):
         """`ichtriage model register` writes the model to a temporary file
         beside its name and renames it; its rename is held 5 s (strace)
