@@ -71,9 +71,11 @@ struct copier {
     const char *live_db;    /* backup: the node's index, asked about a file gone meanwhile */
     struct db_live *live;   /* live_db, opened on the first question */
     bool leave_out_missing; /* backup: a file the index lists but the store lost is left out */
+    bool leave_out_damaged; /* backup: so is one the index lists that holds other bytes */
     struct db_backup_change *changes; /* backup: rows of the snapshot to move or remove */
     int nchanges, capchanges, ngone;
     int nlost;           /* of ngone: files the store lost, left out by leave_out_missing */
+    int ndamaged;        /* of ngone: files damaged in place, left out by leave_out_damaged */
     char last_dir[4096]; /* the destination folder synced last */
     char *err;
     size_t errlen;
@@ -279,7 +281,9 @@ static int copy_moved(struct copier *c, const struct db_backup_file *f)
  * is left out of the copy: its row is removed there after the walk.
  * missing: the file is gone (else it holds other bytes). A missing file
  * the live index still lists (the store lost it) fails the backup, or
- * with leave_out_missing is left out too, logged. */
+ * with leave_out_missing is left out too, logged; so does one it still
+ * lists with the digest the file no longer has (damaged in place), with
+ * leave_out_damaged. */
 static int forget(struct copier *c, const struct db_backup_file *f, const char *src, bool missing)
 {
     int moved = copy_moved(c, f);
@@ -288,20 +292,23 @@ static int forget(struct copier *c, const struct db_backup_file *f, const char *
     if (db_live_file_indexed(c->live, f->file_path, missing ? "" : f->digest, &indexed, c->err,
                              c->errlen) != 0)
         return -1;
-    if (indexed && missing && c->leave_out_missing) {
-        util_log(UTIL_LOG_WARN, "backup_instance_left_out",
-                 "sop=%s path=%s reason=\"the index lists it, its file is missing from the "
-                 "store\"",
-                 f->sop_uid, f->file_path);
-        c->nlost++;
+    if (indexed && (missing ? c->leave_out_missing : c->leave_out_damaged)) {
+        util_log(UTIL_LOG_WARN, "backup_instance_left_out", "sop=%s path=%s reason=\"%s\"",
+                 f->sop_uid, f->file_path,
+                 missing ? "the index lists it, its file is missing from the store"
+                         : "its file no longer holds the bytes its index row names (damaged)");
+        if (missing)
+            c->nlost++;
+        else
+            c->ndamaged++;
     } else if (indexed) {
-        snprintf(c->err, c->errlen, "%.1000s %s although the index lists it%s", src,
-                 missing ? "is missing" : "holds other bytes",
-                 missing ? ": the store has lost this file, and every backup fails on it; "
-                           "'ichtriage backup --leave-out-missing DIR' leaves such instances "
-                           "out of the backup, each logged (docs/operations.md, \"Backup and "
-                           "restore\")"
-                         : "");
+        snprintf(c->err, c->errlen,
+                 "%.1000s %s although the index lists it: %s, and every backup fails on it; "
+                 "'ichtriage backup %s DIR' leaves such instances out of the backup, each "
+                 "logged (docs/operations.md, \"Backup and restore\")",
+                 src, missing ? "is missing" : "holds other bytes than its row names",
+                 missing ? "the store has lost this file" : "the file is damaged",
+                 missing ? "--leave-out-missing" : "--leave-out-damaged");
         return -1;
     }
     return add_change(c, f->file_path, NULL, 0);
@@ -480,8 +487,10 @@ static int write_manifest(const char *dir, const struct db_status *st, const str
 
 /* Parses the common options, option (when not NULL: a flag that sets
  * *option_set) and exactly one DIR argument. */
+/* options: NULL-terminated, each setting *option_set[i]. */
 static int parse_args(const char *cmd, const char *help, struct triage_config *cfg, int argc,
-                      char **argv, const char **dir, const char *option, bool *option_set)
+                      char **argv, const char **dir, const char *const *options,
+                      bool *const *option_set)
 {
     char err[1024];
     if (triage_config_from_args(cfg, &argc, argv, err, sizeof err) != 0) {
@@ -495,8 +504,11 @@ static int parse_args(const char *cmd, const char *help, struct triage_config *c
             triage_config_free(cfg);
             return 1;
         }
-        if (option && !strcmp(argv[i], option)) {
-            *option_set = true;
+        int o = 0;
+        while (options && options[o] && strcmp(argv[i], options[o]))
+            o++;
+        if (options && options[o]) {
+            *option_set[o] = true;
             continue;
         }
         if (*dir || argv[i][0] == '-' || !argv[i][0]) {
@@ -515,7 +527,8 @@ static int parse_args(const char *cmd, const char *help, struct triage_config *c
 }
 
 static const char backup_help[] =
-    "usage: ichtriage backup [-c FILE] [--set section.key=value]... [--leave-out-missing] DIR\n"
+    "usage: ichtriage backup [-c FILE] [--set section.key=value]... [--leave-out-missing]\n"
+    "                        [--leave-out-damaged] DIR\n"
     "\n"
     "Copies the index (a consistent snapshot, taken while the node runs), every\n"
     "spool file it refers to, the model registry (models/) and the results waiting\n"
@@ -525,7 +538,9 @@ static const char backup_help[] =
     "\n"
     "  --leave-out-missing  an instance the index lists but whose spool file the\n"
     "                       store has lost is left out of the backup (logged,\n"
-    "                       event=backup_instance_left_out) instead of failing it\n";
+    "                       event=backup_instance_left_out) instead of failing it\n"
+    "  --leave-out-damaged  so is one whose spool file no longer holds the bytes its\n"
+    "                       index row names (damaged in place)\n";
 
 static const char restore_help[] =
     "usage: ichtriage restore [-c FILE] [--set section.key=value]... DIR\n"
@@ -540,9 +555,10 @@ int triage_backup_main(int argc, char **argv)
 {
     struct triage_config cfg;
     const char *dir;
-    bool leave_out_missing = false;
-    int rc = parse_args("backup", backup_help, &cfg, argc, argv, &dir, "--leave-out-missing",
-                        &leave_out_missing);
+    bool leave_out_missing = false, leave_out_damaged = false;
+    const char *const options[] = {"--leave-out-missing", "--leave-out-damaged", NULL};
+    bool *const set[] = {&leave_out_missing, &leave_out_damaged};
+    int rc = parse_args("backup", backup_help, &cfg, argc, argv, &dir, options, set);
     if (rc) return rc == 1 ? 0 : rc;
     umask(077);
     const char *store = triage_config_str(&cfg, CFG_STORE_DIR);
@@ -554,6 +570,7 @@ int triage_backup_main(int argc, char **argv)
         .from = store, .to = dir, .live_db = db_path, .err = err, .errlen = sizeof err};
     c.list = &list;
     c.leave_out_missing = leave_out_missing;
+    c.leave_out_damaged = leave_out_damaged;
     struct db_status st;
     rc = 1;
     bool started = false; /* dir is ours to call incomplete */
@@ -591,13 +608,16 @@ int triage_backup_main(int argc, char **argv)
             util_log(UTIL_LOG_INFO, "backup_files_moved",
                      "files=%d reason=\"stored again with the same bytes while the backup ran\"",
                      c.nchanges - c.ngone);
-        if (c.ngone > c.nlost)
+        if (c.ngone > c.nlost + c.ndamaged)
             util_log(UTIL_LOG_INFO, "backup_files_left_out",
                      "files=%d reason=\"removed from the store while the backup ran\"",
-                     c.ngone - c.nlost);
+                     c.ngone - c.nlost - c.ndamaged);
         if (c.nlost)
             util_log(UTIL_LOG_WARN, "backup_files_left_out",
                      "files=%d reason=\"missing from the store (--leave-out-missing)\"", c.nlost);
+        if (c.ndamaged)
+            util_log(UTIL_LOG_WARN, "backup_files_left_out",
+                     "files=%d reason=\"damaged in the store (--leave-out-damaged)\"", c.ndamaged);
     }
     int settled = 0, outbox_missing = 0;
     if (db_backup_outbox_settle(dst_db, dir, db_path, &settled, &outbox_missing, err, sizeof err) !=
@@ -621,6 +641,10 @@ int triage_backup_main(int argc, char **argv)
         printf("left out: %d instances whose files are missing from the store (logged, "
                "event=backup_instance_left_out)\n",
                c.nlost);
+    if (c.ndamaged)
+        printf("left out: %d instances whose files are damaged in the store (logged, "
+               "event=backup_instance_left_out)\n",
+               c.ndamaged);
     if (outbox_missing)
         printf("outbox: %d deliveries pending or given up whose files the store has lost (logged, "
                "event=backup_outbox_file_missing): they will fail to send\n",

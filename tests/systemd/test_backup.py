@@ -514,6 +514,41 @@ class Backup(itest.NodeTest):
         rc, doc = self.status(store2, node2.port, http_port=node2.http_port)
         self.assertEqual((rc, doc["database"]["files_missing"]), (0, 0), doc)
 
+    def test_a_spool_file_damaged_in_place(self):
+        """One spool file keeps its name and size but not its bytes (a
+        flipped byte: a disk or file-system fault). Every backup fails on
+        it, naming the way out; `backup --leave-out-damaged` leaves that
+        instance out, logged, and the restored store is consistent. There
+        was no way out: --leave-out-missing did not cover it."""
+        node, files = self.received(series=1, count=3)
+        rel, sop, _ = self.copied_last(node, files)
+        with open(os.path.join(node.store_dir, rel), "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([(last[0] + 1) % 256]))
+        bdir = os.path.join(self.work, "backup")
+        rc, out, err = ichtriage("backup", "--leave-out-missing", *store_args(node.store_dir),
+                                 bdir)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("holds other bytes than its row names although the index lists it", err)
+        self.assertIn("'ichtriage backup --leave-out-damaged DIR'", err)
+        bdir = os.path.join(self.work, "backup2")
+        rc, out, err = ichtriage("backup", "--leave-out-damaged", *store_args(node.store_dir),
+                                 bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("2 instances, 2 files", out)
+        self.assertIn("left out: 1 instances whose files are damaged in the store", out)
+        self.assertIn("event=backup_instance_left_out sop=%s path=%s" % (sop, rel), err)
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        kept = [f for f in files if dt.sop_uids(f)[1] != sop]
+        self.assertEqual(set(node2.instances()), {dt.sop_uids(f)[1] for f in kept})
+        self.assert_stored_exactly(node2, kept)
+        self.assert_consistent(node2)
+
     def test_spool_files_lost_from_several_series(self):
         """Files lost from three series, two of one and one of each other
         (the backup recounts a series once after the run of its rows):
