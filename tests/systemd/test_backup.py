@@ -477,6 +477,32 @@ class Backup(itest.NodeTest):
         self.assert_stored_exactly(node2, files, instances)
         self.assert_consistent(node2)
 
+    def assert_left_out(self, node, files, rel, sop, option, failure, left_out, other=()):
+        """The one file rel (instance sop) of files fails a backup (with
+        the options other), which names option; a backup with option leaves
+        that instance out, logged, and restores consistent. Returns the
+        restored store's node."""
+        rc, out, err = ichtriage("backup", *other, *store_args(node.store_dir),
+                                 os.path.join(self.work, "backup"))
+        self.assertEqual(rc, 1, out)
+        self.assertIn(failure, err)
+        self.assertIn("'ichtriage backup %s DIR'" % option, err)
+        bdir = os.path.join(self.work, "backup2")
+        rc, out, err = ichtriage("backup", option, *store_args(node.store_dir), bdir)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("2 instances, 2 files", out)
+        self.assertIn("left out: 1 instances " + left_out, out)
+        self.assertIn("event=backup_instance_left_out sop=%s path=%s" % (sop, rel), err)
+        store2 = os.path.join(self.work, "restored")
+        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
+        self.assertEqual(rc, 0, err)
+        node2 = self.start_node(store_dir=store2, name="node2")
+        kept = [f for f in files if dt.sop_uids(f)[1] != sop]
+        self.assertEqual(set(node2.instances()), {dt.sop_uids(f)[1] for f in kept})
+        self.assert_stored_exactly(node2, kept)
+        self.assert_consistent(node2)
+        return node2
+
     def test_a_spool_file_lost_from_the_store(self):
         """One spool file the index lists is gone from the store. Every
         backup fails on it, and the admin is told how to get out; status
@@ -491,27 +517,10 @@ class Backup(itest.NodeTest):
         self.assertEqual(doc["database"]["files_missing"], 1, doc)
         self.assertEqual(doc["database"]["first_missing_file"], rel)
         self.assertTrue([p for p in doc["problems"] if "--leave-out-missing" in p], doc)
-        bdir = os.path.join(self.work, "backup")
-        rc, out, err = ichtriage("backup", *store_args(node.store_dir), bdir)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("is missing although the index lists it", err)
-        self.assertIn("'ichtriage backup --leave-out-missing DIR'", err)
-        bdir = os.path.join(self.work, "backup2")
-        rc, out, err = ichtriage("backup", "--leave-out-missing", *store_args(node.store_dir),
-                                 bdir)
-        self.assertEqual(rc, 0, err)
-        self.assertIn("2 instances, 2 files", out)
-        self.assertIn("left out: 1 instances whose files are missing", out)
-        self.assertIn("event=backup_instance_left_out sop=%s path=%s" % (sop, rel), err)
-        store2 = os.path.join(self.work, "restored")
-        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
-        self.assertEqual(rc, 0, err)
-        node2 = self.start_node(store_dir=store2, name="node2")
-        kept = [f for f in files if dt.sop_uids(f)[1] != sop]
-        self.assertEqual(set(node2.instances()), {dt.sop_uids(f)[1] for f in kept})
-        self.assert_stored_exactly(node2, kept)
-        self.assert_consistent(node2)
-        rc, doc = self.status(store2, node2.port, http_port=node2.http_port)
+        node2 = self.assert_left_out(node, files, rel, sop, "--leave-out-missing",
+                                     "is missing although the index lists it",
+                                     "whose files are missing")
+        rc, doc = self.status(node2.store_dir, node2.port, http_port=node2.http_port)
         self.assertEqual((rc, doc["database"]["files_missing"]), (0, 0), doc)
 
     def test_a_spool_file_damaged_in_place(self):
@@ -527,27 +536,9 @@ class Backup(itest.NodeTest):
             last = f.read(1)
             f.seek(-1, os.SEEK_END)
             f.write(bytes([(last[0] + 1) % 256]))
-        bdir = os.path.join(self.work, "backup")
-        rc, out, err = ichtriage("backup", "--leave-out-missing", *store_args(node.store_dir),
-                                 bdir)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("holds other bytes than its row names although the index lists it", err)
-        self.assertIn("'ichtriage backup --leave-out-damaged DIR'", err)
-        bdir = os.path.join(self.work, "backup2")
-        rc, out, err = ichtriage("backup", "--leave-out-damaged", *store_args(node.store_dir),
-                                 bdir)
-        self.assertEqual(rc, 0, err)
-        self.assertIn("2 instances, 2 files", out)
-        self.assertIn("left out: 1 instances whose files are damaged in the store", out)
-        self.assertIn("event=backup_instance_left_out sop=%s path=%s" % (sop, rel), err)
-        store2 = os.path.join(self.work, "restored")
-        rc, out, err = ichtriage("restore", *store_args(store2), bdir)
-        self.assertEqual(rc, 0, err)
-        node2 = self.start_node(store_dir=store2, name="node2")
-        kept = [f for f in files if dt.sop_uids(f)[1] != sop]
-        self.assertEqual(set(node2.instances()), {dt.sop_uids(f)[1] for f in kept})
-        self.assert_stored_exactly(node2, kept)
-        self.assert_consistent(node2)
+        self.assert_left_out(node, files, rel, sop, "--leave-out-damaged",
+                             "holds other bytes than its row names although the index lists it",
+                             "whose files are damaged in the store", ("--leave-out-missing",))
 
     def test_spool_files_lost_from_several_series(self):
         """Files lost from three series, two of one and one of each other
