@@ -19,9 +19,10 @@
  * radiologist reviewed it (its label for retraining), reviewed before
  * now_ms - keep_reviewed_ms. Not yet purged. Never one flagged and not
  * reviewed (it stays until it is read, however old), nor one being read:
- * claimed, or opened less than DB_RETENTION_OPENED_MS ago. */
+ * claimed (a live claim: made or renewed less than claim_ms ago, as
+ * db_claim_live), or opened less than DB_RETENTION_OPENED_MS ago. */
 int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
-                     int64_t *study_ids, int max, int *n);
+                     int64_t claim_ms, int64_t *study_ids, int max, int *n);
 
 #define DB_RETENTION_NOT_DUE (-2)
 
@@ -33,13 +34,13 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
  * changed nothing, when the study is no longer due (an instance arrived
  * since it was listed); or -1. */
 int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t keep_ms,
-                       int64_t keep_reviewed_ms, void (*fn)(void *ud, const char *file_path),
-                       void *ud);
+                       int64_t keep_reviewed_ms, int64_t claim_ms,
+                       void (*fn)(void *ud, const char *file_path), void *ud);
 
 /* Of the studies old, done with and delivered as above, how many are kept
  * all the same because they are flagged and not reviewed, and how many
  * (of the others) because they are being read. Returns 0 or -1. */
 int db_retention_held(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
-                      int64_t *flagged_unread, int64_t *being_read);
+                      int64_t claim_ms, int64_t *flagged_unread, int64_t *being_read);
 
 #endif

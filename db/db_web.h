@@ -22,7 +22,8 @@ struct db_study_view {
     int key_index;
     const char *note;
     double ms_total;
-    const char *claimed_by; /* "" when nobody */
+    /* "" when nobody; a claim that may have lapsed (db_claim_live) */
+    const char *claimed_by;
     int64_t claimed_at_ms;
     struct db_review_seen seen; /* what a reader shown this view has seen */
 };
@@ -66,17 +67,27 @@ int db_study_instance_file(struct db *db, const char *study_uid, const char *sop
  * (the instance was received again after its triage started), -1 error. */
 int db_slice_has_result(struct db *db, const char *sop_uid, int frame);
 
-/* Claims: one reader per study. db_claim_set claims for reader; a study
- * another reader holds is taken over only with force, else 2 is returned
- * with the holder copied. db_claim_release drops it when reader holds it.
- * Return 0, 1 when no such study (or, for release, not held by reader),
- * 2 (set: held by another), -1 on error. */
+/* Claims: one reader per study, for claim_ms from when it was made or last
+ * renewed (claimed_at); then it has lapsed (the reader closed the tab, or
+ * went home) and counts as no claim. db_claim_set claims for reader at
+ * now_ms. Returns 0 claimed (holder: the reader whose live claim force
+ * took over, else ""), 3 reader's own live claim renewed, 4 another
+ * reader's lapsed claim taken over (holder: that reader), 2 held by another
+ * reader (live; taken over only with force; holder copied), 1 no such
+ * study, -1 error. db_claim_release drops reader's live claim: 0, 1 when no
+ * such study or not held by reader, -1 on error. */
 int db_claim_set(struct db *db, const char *study_uid, const char *reader, bool force,
-                 int64_t now_ms, char *holder, size_t holderlen);
-int db_claim_release(struct db *db, const char *study_uid, const char *reader);
-/* Claims of all studies: fn per claim. */
+                 int64_t now_ms, int64_t claim_ms, char *holder, size_t holderlen);
+int db_claim_release(struct db *db, const char *study_uid, const char *reader, int64_t now_ms,
+                     int64_t claim_ms);
+/* Whether a claim made or renewed at claimed_at_ms is live at now_ms. */
+static inline bool db_claim_live(int64_t claimed_at_ms, int64_t now_ms, int64_t claim_ms)
+{
+    return claimed_at_ms > now_ms - claim_ms;
+}
+/* The live claims of all studies: fn per claim. */
 typedef int (*db_claim_fn)(void *ud, const char *study_uid, const char *reader, int64_t at_ms);
-int db_claims(struct db *db, db_claim_fn fn, void *ud);
+int db_claims(struct db *db, int64_t now_ms, int64_t claim_ms, db_claim_fn fn, void *ud);
 
 /* Appends one audit line: who did what (opened, reviewed, claimed, ...) to
  * which study ("" for none). Returns 0 or -1. */

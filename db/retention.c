@@ -9,7 +9,8 @@
 /* When study st may go (db_retention.h), in three parts: old, done with
  * and delivered or dismissed (?1: updated before, ?2: reviewed before; a
  * revision or delivery an admin dismissed is done with); not flagged and
- * unread; not being read (?5: opened after). One text for the listing, the
+ * unread; not being read (?5: opened after, ?6: a live claim's made or
+ * renewed after). One text for the listing, the
  * check again at purge time and the count of those held. */
 #define OLD_AND_DONE                                                                               \
     "st.purged_at IS NULL AND st.updated_at < ?1"                                                  \
@@ -24,17 +25,19 @@
  * unread again: status, not reviewed_at. */
 #define NOT_FLAGGED_UNREAD "(st.flagged = 0 OR st.status = 'reviewed')"
 #define NOT_BEING_READ                                                                             \
-    "(NOT EXISTS (SELECT 1 FROM claims cl WHERE cl.study_ref = st.id)"                             \
+    "(NOT EXISTS (SELECT 1 FROM claims cl WHERE cl.study_ref = st.id AND cl.claimed_at > ?6)"      \
     " AND NOT EXISTS (SELECT 1 FROM audit a WHERE a.study_uid = st.study_uid AND a.at > ?5"        \
     "   AND a.action = 'opened'))"
 static const char due_where[] = OLD_AND_DONE " AND " NOT_FLAGGED_UNREAD " AND " NOT_BEING_READ;
 
 /* The parameters of due_where but ?3 and ?4. */
-static void bind_rule(sqlite3_stmt *st, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms)
+static void bind_rule(sqlite3_stmt *st, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
+                      int64_t claim_ms)
 {
     sqlite3_bind_int64(st, 1, now_ms - keep_ms);
     sqlite3_bind_int64(st, 2, now_ms - keep_reviewed_ms);
     sqlite3_bind_int64(st, 5, now_ms - DB_RETENTION_OPENED_MS);
+    sqlite3_bind_int64(st, 6, now_ms - claim_ms);
 }
 
 void db_retention_due_sql(char *sql, size_t n)
@@ -46,7 +49,7 @@ void db_retention_due_sql(char *sql, size_t n)
 }
 
 int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
-                     int64_t *study_ids, int max, int *n)
+                     int64_t claim_ms, int64_t *study_ids, int max, int *n)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
@@ -54,7 +57,7 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
     char sql[2048];
     db_retention_due_sql(sql, sizeof sql);
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) return -1;
-    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms);
+    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms, claim_ms);
     sqlite3_bind_int(st, 3, max);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
@@ -64,8 +67,8 @@ int db_retention_due(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t kee
 }
 
 int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t keep_ms,
-                       int64_t keep_reviewed_ms, void (*fn)(void *ud, const char *file_path),
-                       void *ud)
+                       int64_t keep_reviewed_ms, int64_t claim_ms,
+                       void (*fn)(void *ud, const char *file_path), void *ud)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st = NULL;
@@ -78,7 +81,7 @@ int db_retention_purge(struct db *db, int64_t study_id, int64_t now_ms, int64_t 
     snprintf(sql, sizeof sql, "UPDATE studies AS st SET purged_at = ?3 WHERE st.id = ?4 AND %s",
              due_where);
     if (sqlite3_prepare_v2(c, sql, -1, &st, NULL) != SQLITE_OK) goto bad;
-    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms);
+    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms, claim_ms);
     sqlite3_bind_int64(st, 3, now_ms);
     sqlite3_bind_int64(st, 4, study_id);
     int rc = sqlite3_step(st);
@@ -124,7 +127,7 @@ bad:
 }
 
 int db_retention_held(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t keep_reviewed_ms,
-                      int64_t *flagged_unread, int64_t *being_read)
+                      int64_t claim_ms, int64_t *flagged_unread, int64_t *being_read)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
@@ -135,7 +138,7 @@ int db_retention_held(struct db *db, int64_t now_ms, int64_t keep_ms, int64_t ke
                            " FROM studies st WHERE " OLD_AND_DONE,
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
-    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms);
+    bind_rule(st, now_ms, keep_ms, keep_reviewed_ms, claim_ms);
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         *flagged_unread = sqlite3_column_int64(st, 0);

@@ -172,22 +172,27 @@ static int run_changes(sqlite3 *c, sqlite3_stmt *st)
 }
 
 int db_claim_set(struct db *db, const char *study_uid, const char *reader, bool force,
-                 int64_t now_ms, char *holder, size_t holderlen)
+                 int64_t now_ms, int64_t claim_ms, char *holder, size_t holderlen)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     if (holderlen) holder[0] = '\0';
     if (sqlite3_prepare_v2(c,
-                           "SELECT cl.reader FROM claims cl JOIN studies st"
+                           "SELECT cl.reader, cl.claimed_at FROM claims cl JOIN studies st"
                            " ON st.id = cl.study_ref WHERE st.study_uid = ?1",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) snprintf(holder, holderlen, "%s", text(st, 0));
+    bool live = false;
+    if (rc == SQLITE_ROW) {
+        snprintf(holder, holderlen, "%s", text(st, 0));
+        live = db_claim_live(sqlite3_column_int64(st, 1), now_ms, claim_ms);
+    }
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) return -1;
-    if (rc == SQLITE_ROW && !force && strcmp(holder, reader) != 0) return 2;
+    bool mine = rc == SQLITE_ROW && strcmp(holder, reader) == 0;
+    if (live && !mine && !force) return 2;
     if (sqlite3_prepare_v2(c,
                            "INSERT OR REPLACE INTO claims (study_ref, reader, claimed_at)"
                            " SELECT id, ?2, ?3 FROM studies WHERE study_uid = ?1",
@@ -196,32 +201,43 @@ int db_claim_set(struct db *db, const char *study_uid, const char *reader, bool 
     sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, reader, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 3, now_ms);
-    return run_changes(c, st);
+    int done = run_changes(c, st);
+    if (done != 0) return done;
+    /* The reader's own claim, live: renewed; lapsed: claimed anew. */
+    if (mine) {
+        if (holderlen) holder[0] = '\0';
+        return live ? 3 : 0;
+    }
+    return rc == SQLITE_ROW && !live ? 4 : 0;
 }
 
-int db_claim_release(struct db *db, const char *study_uid, const char *reader)
+int db_claim_release(struct db *db, const char *study_uid, const char *reader, int64_t now_ms,
+                     int64_t claim_ms)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
-    if (sqlite3_prepare_v2(c,
-                           "DELETE FROM claims WHERE reader = ?2 AND study_ref ="
-                           " (SELECT id FROM studies WHERE study_uid = ?1)",
-                           -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(
+            c,
+            "DELETE FROM claims WHERE reader = ?2 AND claimed_at > ?3 AND study_ref ="
+            " (SELECT id FROM studies WHERE study_uid = ?1)",
+            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_text(st, 1, study_uid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, reader, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now_ms - claim_ms);
     return run_changes(c, st);
 }
 
-int db_claims(struct db *db, db_claim_fn fn, void *ud)
+int db_claims(struct db *db, int64_t now_ms, int64_t claim_ms, db_claim_fn fn, void *ud)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(c,
                            "SELECT st.study_uid, cl.reader, cl.claimed_at FROM claims cl"
-                           " JOIN studies st ON st.id = cl.study_ref",
+                           " JOIN studies st ON st.id = cl.study_ref WHERE cl.claimed_at > ?1",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
+    sqlite3_bind_int64(st, 1, now_ms - claim_ms);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
         if (fn(ud, text(st, 0), text(st, 1), sqlite3_column_int64(st, 2)) != 0) {

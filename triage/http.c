@@ -497,6 +497,7 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
     h->infer = cfg->infer;
     h->scp = cfg->scp;
     snprintf(h->webhook, sizeof h->webhook, "%s", cfg->webhook ? cfg->webhook : "");
+    h->claim_ms = cfg->claim_ms > 0 ? cfg->claim_ms : TRIAGE_HTTP_CLAIM_MS;
     memcpy(h->trusted_proxies, proxies, sizeof proxies);
     h->loopback = is_loopback(&ss);
     http_random_hex(h->local_csrf, 32);

@@ -26,7 +26,10 @@ struct triage_http_config {
     struct triage_store *store;  /* counters, spool dir, low-space flag; borrowed */
     struct triage_infer *infer;  /* the model's state; borrowed, may be NULL */
     struct scp_server *scp;      /* active associations; borrowed, may be NULL */
+    int64_t claim_ms; /* http.claim_minutes: a claim lapses after it; 0: TRIAGE_HTTP_CLAIM_MS */
 };
+
+#define TRIAGE_HTTP_CLAIM_MS (30 * 60000) /* http.claim_minutes' default */
 
 /* Listens on cfg->listen. Off loopback it needs users, a certificate and a
  * key, and serves HTTPS with logins. Copies what it needs of cfg; the

@@ -23,22 +23,21 @@ static const char *const label_names[DB_LABELS] = {
 static const char *const statuses[] = {"received", "waiting",        "triaging", "triaged",
                                        "failed",   "not_applicable", "reviewed"};
 
-struct claim_list {
-    cJSON *map; /* study_uid -> reader */
+struct list_ctx {
+    struct triage_http *h;
+    cJSON *arr, *claims; /* claims: study_uid -> reader, of live claims */
+    int64_t now_ms, lapses_at_ms;
+    bool oom;
 };
 
 static int claim_cb(void *ud, const char *uid, const char *reader, int64_t at)
 {
-    (void)at;
-    cJSON_AddStringToObject(ud, uid, reader);
+    struct list_ctx *c = ud;
+    cJSON_AddStringToObject(c->claims, uid, reader);
+    int64_t lapses = at + c->h->claim_ms;
+    if (!c->lapses_at_ms || lapses < c->lapses_at_ms) c->lapses_at_ms = lapses;
     return 0;
 }
-
-struct list_ctx {
-    struct triage_http *h;
-    cJSON *arr, *claims;
-    bool oom;
-};
 
 static int list_row(void *ud, const struct db_worklist_row *row)
 {
@@ -56,14 +55,18 @@ static int list_row(void *ud, const struct db_worklist_row *row)
 
 cJSON *http_worklist_json(struct triage_http *h, const char *status)
 {
-    struct list_ctx c = {.h = h, .arr = cJSON_CreateArray(), .claims = cJSON_CreateObject()};
-    if (!c.arr || !c.claims || db_claims(h->db, claim_cb, c.claims) != 0 ||
+    struct list_ctx c = {.h = h,
+                         .arr = cJSON_CreateArray(),
+                         .claims = cJSON_CreateObject(),
+                         .now_ms = http_now_ms()};
+    if (!c.arr || !c.claims || db_claims(h->db, c.now_ms, h->claim_ms, claim_cb, &c) != 0 ||
         db_worklist(h->db, status, list_row, &c) != 0 || c.oom) {
         cJSON_Delete(c.arr);
         cJSON_Delete(c.claims);
         return NULL;
     }
     cJSON_Delete(c.claims);
+    h->claim_lapses_at_ms = c.lapses_at_ms;
     return c.arr;
 }
 
@@ -121,7 +124,8 @@ static int study_cb(void *ud, const struct db_study_view *v)
     cJSON_AddNumberToObject(o, "key_index", v->key_index);
     triage_json_add_utf8(o, "note", v->note);
     cJSON_AddNumberToObject(o, "triage_ms", v->ms_total);
-    triage_json_add_utf8(o, "claimed_by", v->claimed_by);
+    bool live = db_claim_live(v->claimed_at_ms, http_now_ms(), c->h->claim_ms);
+    triage_json_add_utf8(o, "claimed_by", live ? v->claimed_by : "");
     /* What a review from this view says it saw (seen_review, seen_result). */
     cJSON_AddNumberToObject(o, "review_id", (double)v->seen.review_id);
     cJSON_AddNumberToObject(o, "result_version", (double)v->seen.result_at_ms);
@@ -422,9 +426,10 @@ static int api_claim(struct triage_http *h, h2o_req_t *req, const struct http_wh
         cJSON_Delete(body);
     }
     char holder[HTTP_USER_MAX] = "";
-    int rc = claim
-                 ? db_claim_set(h->db, uid, who->user, force, http_now_ms(), holder, sizeof holder)
-                 : db_claim_release(h->db, uid, who->user);
+    int64_t now = http_now_ms();
+    int rc =
+        claim ? db_claim_set(h->db, uid, who->user, force, now, h->claim_ms, holder, sizeof holder)
+              : db_claim_release(h->db, uid, who->user, now, h->claim_ms);
     if (rc < 0) return http_send_error(req, 500, "cannot store the claim");
     if (rc == 2) {
         cJSON *o = cJSON_CreateObject();
@@ -438,8 +443,14 @@ static int api_claim(struct triage_http *h, h2o_req_t *req, const struct http_wh
     if (rc == 1)
         return http_send_error(req, claim ? 404 : 409,
                                claim ? "no such study" : "not claimed by you");
-    http_audit(h, who->user, claim ? "claimed" : "released", uid, force && holder[0] ? holder : "");
-    triage_http_changed(h);
+    /* A renewal (the page repeats the claim while the study is open) is
+     * not another claim: no audit line, no row changed. */
+    if (rc != 3) {
+        char detail[HTTP_USER_MAX + 16];
+        snprintf(detail, sizeof detail, rc == 4 ? "%s (lapsed)" : "%s", holder);
+        http_audit(h, who->user, claim ? "claimed" : "released", uid, detail);
+        triage_http_changed(h);
+    }
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "study_uid", uid);
     cJSON_AddStringToObject(o, "claimed_by", claim ? who->user : "");
@@ -452,6 +463,8 @@ static int api_session(struct triage_http *h, h2o_req_t *req, const struct http_
     cJSON_AddStringToObject(o, "user", who->user);
     cJSON_AddStringToObject(o, "csrf", who->csrf);
     cJSON_AddBoolToObject(o, "login", !h->loopback);
+    /* The page renews the claim of an open study well within this. */
+    cJSON_AddNumberToObject(o, "claim_seconds", (double)(h->claim_ms / 1000));
     cJSON_AddStringToObject(o, "notice", "decision support, not a diagnosis");
     return http_send_json(req, 200, o);
 }

@@ -91,6 +91,10 @@ struct triage_http {
     char webhook[1024];
     char trusted_proxies[512]; /* ",a,b," (each address between commas), "" none */
     bool loopback;             /* no login: actions are the local user's */
+    int64_t claim_ms;          /* a claim lapses this long after it was made or renewed */
+    /* When the first live claim the worklist last showed lapses (wall ms;
+     * 0 none): the event streams are then told, as no row changed. */
+    int64_t claim_lapses_at_ms;
     bool tls;
 
     h2o_globalconf_t globalconf;

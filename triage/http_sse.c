@@ -153,7 +153,10 @@ static void on_ping(uv_timer_t *t)
     struct triage_http *h = t->data;
     if (h->nsse > 0) {
         cJSON *degraded = http_degraded(h);
-        if (degraded && degraded_hash(degraded) != h->degraded_pushed) http_push_now(h);
+        /* A claim that lapsed (its reader left) changes its row with no
+         * event of its own. */
+        bool lapsed = h->claim_lapses_at_ms && http_now_ms() >= h->claim_lapses_at_ms;
+        if (lapsed || (degraded && degraded_hash(degraded) != h->degraded_pushed)) http_push_now(h);
         cJSON_Delete(degraded);
     }
     if (++h->ping_ticks % (SSE_PING_MS / SSE_CHECK_MS) != 0) return;

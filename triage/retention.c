@@ -39,8 +39,8 @@ static void remove_file(void *ud, const char *rel)
 static void log_held(struct triage_retention *r, int64_t now_ms)
 {
     int64_t flagged, reading;
-    if (db_retention_held(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, &flagged, &reading) !=
-        0) {
+    if (db_retention_held(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, r->claim_ms, &flagged,
+                          &reading) != 0) {
         util_log(UTIL_LOG_ERROR, "retention_failed", "error=\"cannot count studies kept\"");
         return;
     }
@@ -60,7 +60,7 @@ int triage_retention_run(struct triage_retention *r, int64_t now_ms)
     if (r->keep_ms <= 0) return 0;
     int64_t ids[TRIAGE_RETENTION_BATCH];
     int n;
-    if (db_retention_due(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, ids,
+    if (db_retention_due(r->db, now_ms, r->keep_ms, r->keep_reviewed_ms, r->claim_ms, ids,
                          TRIAGE_RETENTION_BATCH, &n) != 0) {
         util_log(UTIL_LOG_ERROR, "retention_failed", "error=\"cannot read studies\"");
         return -1;
@@ -68,7 +68,7 @@ int triage_retention_run(struct triage_retention *r, int64_t now_ms)
     for (int i = 0; i < n; i++) {
         struct removal rm = {r->store_dir, 0, 0};
         int rows = db_retention_purge(r->db, ids[i], now_ms, r->keep_ms, r->keep_reviewed_ms,
-                                      remove_file, &rm);
+                                      r->claim_ms, remove_file, &rm);
         if (rows == DB_RETENTION_NOT_DUE) {
             util_log(UTIL_LOG_INFO, "study_kept",
                      "study_id=%lld reason=\"changed since it was found due\"", (long long)ids[i]);

@@ -19,6 +19,7 @@ struct triage_retention {
     struct db *db; /* the loop's connection */
     const char *store_dir;
     int64_t keep_ms, keep_reviewed_ms; /* keep_ms 0: retention off */
+    int64_t claim_ms;                  /* http.claim_minutes: a claim lapses after it */
     /* Studies kept past retention as last logged (retention_held), so
      * that the log says when they change, not every ten minutes. */
     int64_t held_flagged, held_reading;

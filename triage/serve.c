@@ -438,19 +438,21 @@ int triage_serve_main(int argc, char **argv)
                  JOB_MAX_STOPS);
     /* From here on the connection is the loop's: start-up could wait. */
     db_set_busy_timeout(n.store.db, LOOP_BUSY_TIMEOUT_MS);
-    int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days;
+    int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days, claim_minutes;
     if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, &quiet) ||
         get_int(&n, CFG_TRIAGE_MIN_SLICES, &min_slices) ||
         get_int(&n, CFG_TRIAGE_MAX_TILT, &max_tilt) ||
         get_int(&n, CFG_STORE_RETENTION_DAYS, &keep_days) ||
-        get_int(&n, CFG_STORE_KEEP_REVIEWED_DAYS, &keep_reviewed_days)) {
+        get_int(&n, CFG_STORE_KEEP_REVIEWED_DAYS, &keep_reviewed_days) ||
+        get_int(&n, CFG_HTTP_CLAIM_MINUTES, &claim_minutes)) {
         db_close(n.store.db);
         return 2;
     }
     n.retain = (struct triage_retention){.db = n.store.db,
                                          .store_dir = n.store.dir,
                                          .keep_ms = keep_days * 86400000,
-                                         .keep_reviewed_ms = keep_reviewed_days * 86400000};
+                                         .keep_reviewed_ms = keep_reviewed_days * 86400000,
+                                         .claim_ms = claim_minutes * 60000};
     n.complete = (struct triage_completion){.db = n.store.db,
                                             .quiet_ms = quiet * 1000,
                                             .min_slices = (int)min_slices,
@@ -544,6 +546,7 @@ int triage_serve_main(int argc, char **argv)
     hc.store = &n.store;
     hc.infer = n.infer;
     hc.scp = n.scp;
+    hc.claim_ms = n.retain.claim_ms;
     if (triage_http_start(&n.http, &hc, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         scp_server_stop(n.scp, 0);

@@ -16,6 +16,7 @@
 #include "pacs.h"
 
 #define DAY 86400000LL
+#define CLAIM_MS (30 * 60000LL) /* http.claim_minutes' default */
 
 static char dir[128], path[200];
 static struct db *db;
@@ -141,21 +142,22 @@ Test(retention, instance_committed_after_listing_keeps_the_study, .init = setup,
     sql("UPDATE studies SET updated_at = 864000000");
     int64_t ids[4];
     int n = 0;
-    cr_assert_eq(db_retention_due(db, now, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_assert_eq(db_retention_due(db, now, keep, keep_reviewed, CLAIM_MS, ids, 4, &n), 0);
     cr_assert_eq(n, 1);
     /* A late instance of the study, committed (and so acknowledged) now. */
     put("1.2.3.4.2", now);
     int removed = 0;
-    cr_expect_eq(db_retention_purge(db, ids[0], now, keep, keep_reviewed, record_path, &removed),
-                 DB_RETENTION_NOT_DUE);
+    cr_expect_eq(
+        db_retention_purge(db, ids[0], now, keep, keep_reviewed, CLAIM_MS, record_path, &removed),
+        DB_RETENTION_NOT_DUE);
     cr_expect_eq(removed, 0);
     cr_expect_eq(count("SELECT count(*) FROM instances"), 2);
     cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 0);
     /* Once triaged and old again it goes, every instance with it. */
     sql("UPDATE series SET state = 'triaged'");
-    cr_expect_eq(
-        db_retention_purge(db, ids[0], now + 40 * DAY, keep, keep_reviewed, record_path, &removed),
-        2);
+    cr_expect_eq(db_retention_purge(db, ids[0], now + 40 * DAY, keep, keep_reviewed, CLAIM_MS,
+                                    record_path, &removed),
+                 2);
     cr_expect_eq(removed, 2);
     cr_expect_eq(count("SELECT count(*) FROM instances"), 0);
     cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 1);
@@ -170,19 +172,22 @@ Test(retention, study_received_again_after_its_purge_is_due_again, .init = setup
     sql("UPDATE series SET state = 'triaged'");
     sql("UPDATE studies SET updated_at = 864000000");
     int removed = 0;
-    cr_assert_eq(db_retention_purge(db, 1, 100 * DAY, keep, keep_reviewed, record_path, &removed),
-                 1);
+    cr_assert_eq(
+        db_retention_purge(db, 1, 100 * DAY, keep, keep_reviewed, CLAIM_MS, record_path, &removed),
+        1);
     put("1.2.3.4.2", 200 * DAY);
     cr_expect_eq(count("SELECT count(*) FROM studies WHERE purged_at IS NOT NULL"), 0);
     sql("UPDATE series SET state = 'triaged'");
     int64_t ids[4];
     int n = 0;
-    cr_assert_eq(db_retention_due(db, 200 * DAY + keep / 2, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_assert_eq(
+        db_retention_due(db, 200 * DAY + keep / 2, keep, keep_reviewed, CLAIM_MS, ids, 4, &n), 0);
     cr_expect_eq(n, 0, "kept for its own window");
-    cr_assert_eq(db_retention_due(db, 200 * DAY + keep + DAY, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_assert_eq(
+        db_retention_due(db, 200 * DAY + keep + DAY, keep, keep_reviewed, CLAIM_MS, ids, 4, &n), 0);
     cr_assert_eq(n, 1);
     cr_expect_eq(db_retention_purge(db, ids[0], 200 * DAY + keep + DAY, keep, keep_reviewed,
-                                    record_path, &removed),
+                                    CLAIM_MS, record_path, &removed),
                  1);
     cr_expect_eq(removed, 2);
     cr_expect_eq(count("SELECT count(*) FROM instances"), 0);
@@ -192,13 +197,13 @@ static int due_now(int64_t now, int64_t keep, int64_t keep_reviewed)
 {
     int64_t ids[4];
     int n = -1;
-    cr_assert_eq(db_retention_due(db, now, keep, keep_reviewed, ids, 4, &n), 0);
+    cr_assert_eq(db_retention_due(db, now, keep, keep_reviewed, CLAIM_MS, ids, 4, &n), 0);
     return n;
 }
 
 /* A flagged study nobody has read keeps its files, however old, also when
  * it is back on the list after a review (a later series); so does a study
- * being read: claimed, or opened in the last hour. db_retention_held
+ * being read: claimed (a claim not lapsed), or opened in the last hour. db_retention_held
  * counts them. */
 Test(retention, flagged_unread_and_being_read_studies_stay, .init = setup, .fini = teardown)
 {
@@ -208,25 +213,35 @@ Test(retention, flagged_unread_and_being_read_studies_stay, .init = setup, .fini
     sql("UPDATE series SET state = 'triaged';"
         "UPDATE studies SET updated_at = 864000000, status = 'triaged', flagged = 1");
     cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a flagged, unread study went");
-    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, &flagged, &reading), 0);
+    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, CLAIM_MS, &flagged, &reading), 0);
     cr_expect_eq(flagged, 1);
     cr_expect_eq(reading, 0);
     int removed = 0;
-    cr_expect_eq(db_retention_purge(db, 1, now, keep, keep_reviewed, record_path, &removed),
-                 DB_RETENTION_NOT_DUE);
+    cr_expect_eq(
+        db_retention_purge(db, 1, now, keep, keep_reviewed, CLAIM_MS, record_path, &removed),
+        DB_RETENTION_NOT_DUE);
     /* reviewed once, then a later series made it unread again */
     sql("UPDATE studies SET reviewed_at = 864000000");
     cr_expect_eq(due_now(now, keep, keep_reviewed), 0);
     sql("UPDATE studies SET status = 'reviewed'");
     cr_expect_eq(due_now(now, keep, keep_reviewed), 1);
 
-    sql("INSERT INTO claims (study_ref, reader, claimed_at) VALUES (1, 'alice', 0)");
+    char q[200];
+    snprintf(q, sizeof q,
+             "INSERT INTO claims (study_ref, reader, claimed_at) VALUES (1, 'alice', %lld)",
+             (long long)(now - CLAIM_MS / 2));
+    sql(q);
     cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a claimed study went");
-    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, &flagged, &reading), 0);
+    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, CLAIM_MS, &flagged, &reading), 0);
     cr_expect_eq(flagged, 0);
     cr_expect_eq(reading, 1);
+    /* A claim lapses (its reader went home): it keeps nothing. */
+    cr_expect_eq(due_now(now + CLAIM_MS / 2, keep, keep_reviewed), 1, "a lapsed claim kept it");
+    cr_assert_eq(db_retention_held(db, now + CLAIM_MS / 2, keep, keep_reviewed, CLAIM_MS, &flagged,
+                                   &reading),
+                 0);
+    cr_expect_eq(reading, 0);
     sql("DELETE FROM claims");
-    char q[200];
     snprintf(q, sizeof q,
              "INSERT INTO audit (at, user, action, study_uid) VALUES (%lld, 'bob', 'opened',"
              " '1.2.3')",
@@ -235,9 +250,9 @@ Test(retention, flagged_unread_and_being_read_studies_stay, .init = setup, .fini
     cr_expect_eq(due_now(now, keep, keep_reviewed), 0, "a study opened half an hour ago went");
     cr_expect_eq(due_now(now + DB_RETENTION_OPENED_MS, keep, keep_reviewed), 1);
     cr_expect_eq(db_retention_purge(db, 1, now + DB_RETENTION_OPENED_MS, keep, keep_reviewed,
-                                    record_path, &removed),
+                                    CLAIM_MS, record_path, &removed),
                  1);
-    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, &flagged, &reading), 0);
+    cr_assert_eq(db_retention_held(db, now, keep, keep_reviewed, CLAIM_MS, &flagged, &reading), 0);
     cr_expect_eq(flagged + reading, 0);
 }
 
@@ -323,7 +338,7 @@ Test(outbox, revision_superseded_before_built_is_skipped_not_failed, .init = set
     sql(q);
     int64_t ids[4];
     int n = 0;
-    cr_assert_eq(db_retention_due(db, 1000 * DAY, 30 * DAY, 365 * DAY, ids, 4, &n), 0);
+    cr_assert_eq(db_retention_due(db, 1000 * DAY, 30 * DAY, 365 * DAY, CLAIM_MS, ids, 4, &n), 0);
     cr_expect_eq(n, 1);
 }
 
@@ -542,7 +557,8 @@ Test(outbox, dismiss_lets_go_of_what_was_given_up, .init = setup, .fini = teardo
     /* Done with: retention purges the study. */
     int removed = 0;
     cr_expect_eq(due_now(now, keep, keep_reviewed), 1);
-    cr_expect_eq(db_retention_purge(db, 1, now, keep, keep_reviewed, record_path, &removed), 1);
+    cr_expect_eq(
+        db_retention_purge(db, 1, now, keep, keep_reviewed, CLAIM_MS, record_path, &removed), 1);
     cr_expect_eq(removed, 1);
 }
 

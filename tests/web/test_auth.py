@@ -480,6 +480,60 @@ class AuthTest(wt.WebTest):
         self.assertLess(times[1], times[0] - 3000 * 1000)
         self.assertGreater(times[2], times[0] + 12 * 3600 * 1000)
 
+    def test_claims_lapse_unless_renewed(self):
+        """A claim lasts http.claim_minutes (here 2) from when it was made
+        or last renewed (the page repeats it while the study is open). A
+        lapsed one is nobody's: not in the list or the study, not the old
+        reader's to release, and another reader claims the study without
+        force, the audit naming whose claim lapsed. Claims had never
+        lapsed: a reader who closed the tab held the study for ever. The
+        node's wall clock is stepped (clockstep), as claims are stored."""
+        env, step_clock = self.clock_step()
+        node = self.public_node(env=env, **{"http.claim_minutes": "2"})
+        (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=47).items()
+        self.send(node, files)
+        readers = {}
+        for name in ("alice", "bob"):
+            jar = os.path.join(self.work, name + "-cookies")
+            status, _, body = self.req(node, "/login", "POST",
+                                       {"user": name, "password": name + "-pw"}, jar=jar)
+            self.assertEqual(status, 200, body)
+            readers[name] = (jar, ["X-CSRF-Token: " + json.loads(body)["csrf"]])
+            self.assertEqual(json.loads(self.req(node, "/api/session", jar=jar)[2])["claim_seconds"],
+                             120)
+
+        def post(name, action, body=None):
+            jar, hd = readers[name]
+            status, _, text = self.req(node, "/api/studies/%s/%s" % (uid, action), "POST",
+                                       body or {}, hd, jar=jar)
+            return status, json.loads(text)
+
+        def claimed_by():
+            jar = readers["bob"][0]
+            st = json.loads(self.req(node, "/api/studies/" + uid, jar=jar)[2])
+            row, = [r for r in json.loads(self.req(node, "/api/worklist", jar=jar)[2])
+                    if r["study_uid"] == uid]
+            self.assertEqual(row["claimed_by"], st["claimed_by"])
+            return st["claimed_by"]
+
+        self.assertEqual(post("alice", "claim"), (200, {"study_uid": uid, "claimed_by": "alice"}))
+        step_clock(60)
+        self.assertEqual(post("alice", "claim")[0], 200)  # renewed: 2 min from now
+        step_clock(150)  # past the first claim's 2 min, within the renewal's
+        self.assertEqual(post("bob", "claim"), (409, {
+            "error": "being read by alice; send {\"force\": true} to take it over",
+            "claimed_by": "alice"}))
+        self.assertEqual(claimed_by(), "alice")
+        step_clock(190)  # 130 s after the renewal: lapsed
+        self.assertEqual(claimed_by(), "")
+        self.assertEqual(post("alice", "release")[0], 409)
+        self.assertEqual(post("bob", "claim"), (200, {"study_uid": uid, "claimed_by": "bob"}))
+        self.assertEqual(claimed_by(), "bob")
+        # One line per claim: the renewal is none.
+        self.assertEqual([tuple(r) for r in node.query(
+            "SELECT user, action, detail FROM audit WHERE action IN ('claimed', 'released')"
+            " ORDER BY id")], [("alice", "claimed", ""), ("bob", "claimed", "alice (lapsed)")])
+
 
 class Hook(http.server.BaseHTTPRequestHandler):
     received = []

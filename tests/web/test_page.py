@@ -386,6 +386,42 @@ class PageTest(wt.WebTest):
         b.wait("document.getElementById('claimed').textContent === 'local'")
         self.assertEqual(b.eval("document.getElementById('claim-msg').textContent"), "")
 
+    def test_open_study_keeps_its_claim(self):
+        """A claim lapses http.claim_minutes (here 1) after it was made or
+        renewed; the page renews it while the study is open (every third of
+        that), so the reader keeps it past the first minute, and once the
+        study is closed it lapses, the list saying nobody reads it without
+        any other change to the row. The node's wall clock is stepped
+        (clockstep) past the minute rather than waited for."""
+        env, step_clock = self.clock_step()
+        node = self.web_node(env=env, **{"http.claim_minutes": "1"})
+        uid, files = self.new_study(46)
+        self.send(node, files)
+        self.wait_rows(node, [uid])
+        b = self.live_page(node)
+        self.open_study(uid)
+        b.click("#claim-btn")
+        b.wait("document.getElementById('claimed').textContent === 'local'")
+        (first,), = node.query("SELECT claimed_at FROM claims")
+        deadline = time.monotonic() + 30
+        renewed = first
+        while renewed == first and time.monotonic() < deadline:
+            time.sleep(0.2)
+            (renewed,), = node.query("SELECT claimed_at FROM claims")
+        self.assertGreater(renewed, first, "the open study's claim was not renewed in 30 s")
+        step_clock(45)  # now about 65 s after the claim, 45 s after its renewal
+        self.assertEqual(self.get_json(node, "/api/studies/" + uid)["claimed_by"], "local")
+        self.assertEqual(node.query("SELECT count(*) FROM audit WHERE action = 'claimed'")[0][0], 1)
+        # Closed: no more renewals, and the lapse reaches the list by itself.
+        b.eval("location.hash = '#/'")
+        cell = ("document.querySelector('#rows tr[data-study-uid=\"%s\"] td:nth-child(12)')"
+                ".textContent" % uid)
+        b.wait(cell + " === 'local'")
+        step_clock(200)
+        b.wait(cell + " === ''", 15)
+        self.assertEqual(self.get_json(node, "/api/studies/" + uid)["claimed_by"], "")
+        self.assertEqual(b.console_errors(), [])
+
     @staticmethod
     def series_of(path):
         import pydicom

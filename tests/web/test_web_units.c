@@ -124,20 +124,48 @@ Test(web_db, latest_review_is_the_label_and_the_study_leaves_the_list)
     cr_assert_eq(m.instances, 2);
 }
 
+static int count_claim(void *ud, const char *uid, const char *reader, int64_t at)
+{
+    (void)uid, (void)reader, (void)at;
+    (*(int *)ud)++;
+    return 0;
+}
+
+/* Claims last claim_ms (here 10) from when they were made or renewed. */
 Test(web_db, claims_need_force_to_take_over_and_end_with_the_review)
 {
     char holder[64], err[256];
-    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 1, holder, sizeof holder), 0);
-    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 2, holder, sizeof holder), 0);
-    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", false, 3, holder, sizeof holder), 2);
+    const int64_t ms = 10;
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 1, ms, holder, sizeof holder), 0);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 2, ms, holder, sizeof holder), 3);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", false, 3, ms, holder, sizeof holder), 2);
     cr_assert_str_eq(holder, "alice");
-    cr_assert_eq(db_claim_release(db, "1.2.3", "bob"), 1);
-    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", true, 4, holder, sizeof holder), 0);
-    cr_assert_eq(db_claim_set(db, "9.9.9", "bob", false, 4, holder, sizeof holder), 1);
+    cr_assert_eq(db_claim_release(db, "1.2.3", "bob", 3, ms), 1);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", true, 4, ms, holder, sizeof holder), 0);
+    cr_assert_str_eq(holder, "alice");
+    cr_assert_eq(db_claim_set(db, "9.9.9", "bob", false, 4, ms, holder, sizeof holder), 1);
+    int n = 0;
+    cr_assert_eq(db_claims(db, 13, ms, count_claim, &n), 0);
+    cr_assert_eq(n, 1);
+    /* bob's claim (4) has lapsed at 14: it counts as none, alice claims
+     * without force, bob cannot release it */
+    n = 0;
+    cr_assert_eq(db_claims(db, 14, ms, count_claim, &n), 0);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(db_claim_release(db, "1.2.3", "bob", 14, ms), 1);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 14, ms, holder, sizeof holder), 4);
+    cr_assert_str_eq(holder, "bob");
+    /* renewed at 20, alive at 29 though made at 14; her own lapsed claim
+     * is claimed anew */
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 20, ms, holder, sizeof holder), 3);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", false, 29, ms, holder, sizeof holder), 2);
+    cr_assert_eq(db_claim_set(db, "1.2.3", "alice", false, 31, ms, holder, sizeof holder), 0);
+    cr_assert_str_eq(holder, "");
+    cr_assert_eq(db_claim_set(db, "1.2.3", "bob", true, 32, ms, holder, sizeof holder), 0);
     cr_assert_eq(
-        db_review_add(db, "1.2.3", true, "", "", "", "bob", 5, NULL, NULL, err, sizeof err), 0);
-    cr_assert_eq(db_claim_release(db, "1.2.3", "bob"), 1); /* the review dropped it */
-    cr_assert_eq(db_audit_add(db, 6, "bob", "opened", "1.2.3", ""), 0);
+        db_review_add(db, "1.2.3", true, "", "", "", "bob", 35, NULL, NULL, err, sizeof err), 0);
+    cr_assert_eq(db_claim_release(db, "1.2.3", "bob", 35, ms), 1); /* the review dropped it */
+    cr_assert_eq(db_audit_add(db, 36, "bob", "opened", "1.2.3", ""), 0);
 }
 
 /* A slice image asks whether its slice has a result; that the question

@@ -120,6 +120,21 @@ class WebTest(itest.NodeTest):
                                                        crypt_hash("bob-pw", "$6$")))
         return users, cert, key
 
+    def clock_step(self):
+        """(env for a node whose wall clock the test moves, step(seconds)
+        that moves it that far from the real one): tests/web/clockstep.c
+        preloaded. Skipped without the shim (failed where it must be)."""
+        shim = os.environ.get("ICHTRIAGE_TEST_CLOCKSTEP")
+        if not shim:
+            itest.skip_or_fail(self, "no clockstep shim (run through meson test)")
+        path = os.path.join(self.work, "clockstep")
+
+        def step(seconds):
+            with open(path, "w") as f:
+                f.write(str(seconds))
+        step(0)
+        return {"LD_PRELOAD": shim, "ICHTRIAGE_CLOCKSTEP_FILE": path}, step
+
     def public_node(self, **extra):
         """A node on 0.0.0.0 with logins and HTTPS; node.base is https://127.0.0.1:port."""
         users, cert, key = self.tls_files()

@@ -22,6 +22,7 @@ const state = {
   retryMs: 0,         // back-off of the next start() after a lost stream
   retryTimer: null,
   heardAt: 0,         // when the event stream last said anything (an event or its ping)
+  claimTimer: null,   // {uid, id}: renews this reader's claim of the open study
 };
 
 // The node pings every 15 s: a stream silent for longer than this died
@@ -531,8 +532,10 @@ async function showStudy(uid, quiet) {
       ". Its result may flag this study after you save; the study then comes back to the list, unread."
     : "";
   $("claimed").textContent = st.claimed_by ? st.claimed_by : "nobody";
-  $("release-btn").hidden = !(st.claimed_by && state.session && st.claimed_by === state.session.user);
-  $("claim-btn").hidden = !$("release-btn").hidden;
+  const mine = !!(st.claimed_by && state.session && st.claimed_by === state.session.user);
+  $("release-btn").hidden = !mine;
+  $("claim-btn").hidden = mine;
+  keepClaim(uid, mine);
   $("reviews").replaceChildren(...(st.reviews || []).map((r) => el("li", {
     text: localTime(r.created_at) + " " + r.reviewer + ": " + (r.hemorrhage ? "hemorrhage" : "no hemorrhage") +
       (r.subtypes.length ? " (" + r.subtypes.join(", ") + ")" : "") +
@@ -590,6 +593,31 @@ async function claim(on) {
   await showStudy(uid, true);
 }
 
+// A claim lapses http.claim_minutes after it was made or last renewed, so
+// that a reader who closed the tab or went home holds no study for ever:
+// while the study is open here and claimed by this reader, the page renews
+// it (the same claim again) every third of that time.
+function keepClaim(uid, mine) {
+  const t = state.claimTimer;
+  if (t && (!mine || t.uid !== uid)) { clearInterval(t.id); state.claimTimer = null; }
+  if (!mine || state.claimTimer) return;
+  const ms = Math.max(1000, 1000 * ((state.session && state.session.claim_seconds) || 1800) / 3);
+  state.claimTimer = { uid, id: setInterval(() => renewClaim(uid), ms) };
+}
+
+async function renewClaim(uid) {
+  if (state.study !== uid) { keepClaim(uid, false); return; }
+  try {
+    await api("/api/studies/" + encodeURIComponent(uid) + "/claim", { method: "POST", body: "{}" });
+  } catch (e) {
+    // Taken over by another reader (409): the view says by whom, and the
+    // renewing stops; any other failure is said by the button.
+    if (state.study !== uid) return;
+    if (e.status !== 409) $("claim-msg").textContent = "Claim not renewed: " + e.message;
+    await showStudy(uid, true);
+  }
+}
+
 // --- routing and start ---------------------------------------------------------
 function route() {
   const m = location.hash.match(/^#\/study\/(.+)$/);
@@ -609,6 +637,7 @@ function route() {
     showStudy(uid);
   } else {
     state.study = null;
+    keepClaim(null, false);
   }
 }
 
