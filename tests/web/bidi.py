@@ -162,6 +162,17 @@ class Browser(browser.Driver):
             {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
              "actions": steps}]})
 
+    # key name -> WebDriver's code point for it
+    KEYS = {"Tab": "\ue004", "Enter": "\ue007", " ": " ", "ArrowLeft": "\ue012",
+            "ArrowUp": "\ue013", "ArrowRight": "\ue014", "ArrowDown": "\ue015",
+            "Home": "\ue011", "End": "\ue010"}
+
+    def key(self, name):
+        v = self.KEYS[name]
+        self.send("input.performActions", {"context": self.context, "actions": [
+            {"type": "key", "id": "keyboard",
+             "actions": [{"type": "keyDown", "value": v}, {"type": "keyUp", "value": v}]}]})
+
     def screenshot(self, path):
         data = self.send("browsingContext.captureScreenshot",
                          {"context": self.context, "origin": "document"})

@@ -1,7 +1,8 @@
 """What the two browser drivers share (cdp.py for Chromium, bidi.py for
 Firefox): finding the executable and waiting for a page expression. Each
 driver has eval(expr) -> JSON-like value, open, screenshot, dialogs,
-console_errors, close and mouse(x, y, click), so one test drives either."""
+console_errors, close, mouse(x, y, click) and key(name), so one test drives
+either."""
 import json
 import shutil
 import time
@@ -38,6 +39,12 @@ class Driver:
     def mouse(self, x, y, click):
         """Moves the pointer to viewport (x, y), then presses and releases the
         left button if click: real input events, as a hand makes them."""
+        raise NotImplementedError
+
+    def key(self, name):
+        """Presses and releases one key, a real input event: "Tab", "Enter",
+        " " (Space), "ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown",
+        "Home", "End"."""
         raise NotImplementedError
 
     def center(self, selector):

@@ -110,6 +110,22 @@ class Browser(browser.Driver):
                 self.send("Input.dispatchMouseEvent", {"type": t, "x": x, "y": y,
                                                        "button": "left", "clickCount": 1})
 
+    # key name -> (code, Windows virtual key code, text it types)
+    KEYS = {"Tab": ("Tab", 9, ""), "Enter": ("Enter", 13, "\r"), " ": ("Space", 32, " "),
+            "ArrowLeft": ("ArrowLeft", 37, ""), "ArrowUp": ("ArrowUp", 38, ""),
+            "ArrowRight": ("ArrowRight", 39, ""), "ArrowDown": ("ArrowDown", 40, ""),
+            "Home": ("Home", 36, ""), "End": ("End", 35, "")}
+
+    def key(self, name):
+        code, vk, text = self.KEYS[name]
+        down = {"type": "keyDown" if text else "rawKeyDown", "key": name, "code": code,
+                "windowsVirtualKeyCode": vk}
+        if text:
+            down["text"] = text
+        self.send("Input.dispatchKeyEvent", down)
+        self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": name, "code": code,
+                                             "windowsVirtualKeyCode": vk})
+
     def screenshot(self, path):
         data = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         with open(path, "wb") as f:

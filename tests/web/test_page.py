@@ -422,6 +422,85 @@ class PageTest(wt.WebTest):
         self.assertEqual(self.get_json(node, "/api/studies/" + uid)["claimed_by"], "")
         self.assertEqual(b.console_errors(), [])
 
+    def test_slices_marked_from_the_keyboard(self):
+        """The probability strip works from the keyboard alone: Tab reaches
+        it (a focus outline), arrow keys and Home move a cursor from slice
+        to slice and show that slice below, Space and Enter mark or unmark
+        it, and the strip says so to assistive technology (a multi-select
+        list whose active option is named by slice, image and probability,
+        aria-selected when marked). The marks go with the review. Only a
+        mouse click had marked a slice."""
+        node = self.web_node()
+        uid, files = self.new_study(48)
+        self.send(node, files)
+        self.wait_rows(node, [uid])
+        st = self.get_json(node, "/api/studies/" + uid)
+        sl = st["slice_probabilities"]
+        b = self.live_page(node)
+        self.open_study(uid)
+        strip = "document.querySelector('#strip svg')"
+        for _ in range(80):
+            if b.eval("document.activeElement === %s" % strip):
+                break
+            b.key("Tab")
+        self.assertTrue(b.eval("document.activeElement === %s" % strip),
+                        "Tab never reached the strip")
+        # The focus is seen (headless Firefox gives its window no focus, so
+        # nothing there matches :focus; Chromium does).
+        if b.eval("document.hasFocus()"):
+            self.assertEqual(b.eval("getComputedStyle(%s).outlineStyle" % strip), "solid")
+        self.assertEqual(b.eval("[%s.getAttribute('role'), %s.getAttribute('aria-multiselectable')]"
+                                % (strip, strip)), ["listbox", "true"])
+        active = ("(() => { const s = %s; const o = document.getElementById("
+                  "s.getAttribute('aria-activedescendant'));"
+                  " return o && [o.getAttribute('role'), o.getAttribute('aria-label'),"
+                  " o.getAttribute('aria-selected'), o.dataset.mark]; })()" % strip)
+
+        def name(i):
+            s = sl[i]
+            return "slice %d of %d (image %d): %.0f%%" % (i + 1, len(sl), s["instance_number"],
+                                                         100 * s["any"])
+
+        def key_of(i):
+            return "%s/%d" % (sl[i]["sop_uid"], sl[i]["frame"])
+        b.key("Home")
+        self.assertEqual(b.eval(active), ["option", name(0), "false", key_of(0)])
+        b.key("ArrowRight")
+        b.key("ArrowRight")
+        self.assertEqual(b.eval(active), ["option", name(2), "false", key_of(2)])
+        # The slice under the cursor is shown below the strip.
+        self.assertEqual(b.wait("(() => { const f = document.getElementById('strip-slice');"
+                                " const i = f.querySelector('img');"
+                                " return !f.hidden && i.complete && i.naturalWidth > 0 &&"
+                                " [decodeURIComponent(i.getAttribute('src').split('/slices/')[1])"
+                                "  .replace('.png?frame=', '/'),"
+                                "  f.querySelector('figcaption').textContent]; })()"),
+                         [key_of(2), name(2) + " \u2014 not marked"])
+        b.key(" ")
+        self.assertEqual(b.eval(active), ["option", name(2) + ", marked: bleed visible", "true",
+                                          key_of(2)])
+        b.key("ArrowRight")
+        b.key("Enter")
+        b.key("Enter")  # and unmarked again
+        b.key("ArrowRight")
+        b.key("Enter")
+        self.assertEqual(b.eval(active)[1:3], [name(4) + ", marked: bleed visible", "true"])
+        self.assertTrue(b.eval("document.activeElement === %s" % strip), "the strip lost the focus")
+        self.assertEqual(b.eval("document.querySelectorAll('#strip .mark-tick').length"), 2)
+        self.assertEqual(b.eval("[...document.querySelectorAll('#strip [role=option]')]"
+                                ".filter(o => o.getAttribute('aria-selected') === 'true')"
+                                ".map(o => o.dataset.mark)"), [key_of(2), key_of(4)])
+        self.assertEqual(b.eval("document.getElementById('marks-line').textContent"),
+                         "Slices marked as showing the bleed: 3, 5")
+        b.screenshot(self.artifact("study-keyboard.png"))
+        b.click("input[name=hemorrhage][value=yes]")
+        b.click("#review-form button[type=submit]")
+        b.wait("document.getElementById('review-msg').textContent === 'Review saved.'")
+        st = self.get_json(node, "/api/studies/" + uid)
+        self.assertEqual(sorted("%s/%d" % (m["sop_uid"], m["frame"]) for m in st["reviews"][0]["slices"]),
+                         sorted([key_of(2), key_of(4)]))
+        self.assertEqual(b.console_errors(), [])
+
     @staticmethod
     def series_of(path):
         import pydicom

@@ -23,6 +23,9 @@ const state = {
   retryTimer: null,
   heardAt: 0,         // when the event stream last said anything (an event or its ping)
   claimTimer: null,   // {uid, id}: renews this reader's claim of the open study
+  cursor: null,       // the strip's cursor: index of a slice in state.slices
+  keyIndex: 0,        // the open study's key slice, where the cursor starts
+  imagesRemoved: false,
 };
 
 // The node pings every 15 s: a stream silent for longer than this died
@@ -328,13 +331,22 @@ function sliceName(s, n) {
   return t;
 }
 
-function strip(slices, threshold) {
+// The strip is one widget for the mouse and the keyboard alike (a
+// multi-select list of slices): Tab reaches it, the arrow keys (Home, End,
+// Page Up/Down) move a cursor from slice to slice and show that slice
+// below, Space or Enter marks it; the slice under the cursor is its active
+// option, named by place, image and probability.
+function strip(slices) {
   const NS = "http://www.w3.org/2000/svg", w = 600, h = 120, n = Math.max(1, slices.length);
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("width", w);
   svg.setAttribute("height", h + 20);
-  svg.setAttribute("role", "img");
+  svg.setAttribute("role", "listbox");
+  svg.setAttribute("aria-multiselectable", "true");
+  svg.setAttribute("tabindex", "0");
   svg.setAttribute("aria-label", "probability of hemorrhage per slice, from the feet (left) to the head (right)");
+  svg.setAttribute("aria-describedby", "strip-hint");
+  svg.addEventListener("keydown", stripKey);
   const bw = w / n;
   slices.forEach((s, i) => {
     const r = document.createElementNS(NS, "rect");
@@ -355,7 +367,12 @@ function strip(slices, threshold) {
     hit.setAttribute("fill", "transparent");
     hit.classList.add("mark-target");
     hit.dataset.mark = key;
-    hit.addEventListener("click", () => toggleMark(s));
+    hit.id = "slice-opt-" + i;
+    hit.setAttribute("role", "option");
+    hit.setAttribute("aria-selected", marked ? "true" : "false");
+    hit.setAttribute("aria-label", sliceName(s, slices.length) + ": " + pct(s.any) +
+      (marked ? ", marked: bleed visible" : ""));
+    hit.addEventListener("click", () => { state.cursor = i; toggleMark(s); });
     const t = document.createElementNS(NS, "title");
     t.textContent = sliceName(s, slices.length) + ": " + pct(s.any) + (marked ? " \u2014 marked: bleed visible" : " \u2014 click to mark: bleed visible");
     hit.append(t);
@@ -369,6 +386,17 @@ function strip(slices, threshold) {
     }
     svg.append(hit);
   });
+  // The cursor: a frame round its slice's column, drawn thick while the
+  // strip has the focus (style.css), so that it is seen, not only read.
+  if (state.cursor != null) {
+    const c = document.createElementNS(NS, "rect");
+    c.setAttribute("x", (state.cursor * bw + 1).toFixed(1)); c.setAttribute("y", 1);
+    c.setAttribute("width", Math.max(2, bw - 2).toFixed(1)); c.setAttribute("height", h - 2);
+    c.setAttribute("fill", "none"); c.setAttribute("pointer-events", "none");
+    c.classList.add("strip-cursor");
+    svg.append(c);
+    svg.setAttribute("aria-activedescendant", "slice-opt-" + state.cursor);
+  }
   const line = document.createElementNS(NS, "line");
   line.setAttribute("x1", 0); line.setAttribute("x2", w);
   line.setAttribute("y1", h / 2); line.setAttribute("y2", h / 2);
@@ -397,20 +425,63 @@ function toggleMark(s) {
   drawMarks();
 }
 
+// The strip's keys: the cursor moves by a slice (arrows), by ten (Page Up,
+// Page Down) or to an end (Home, End); Space and Enter mark its slice.
+function stripKey(ev) {
+  const n = state.slices.length;
+  if (!n) return;
+  const at = state.cursor == null ? -1 : state.cursor;
+  const moves = { ArrowLeft: at - 1, ArrowDown: at - 1, ArrowRight: at + 1, ArrowUp: at + 1,
+                  PageDown: at - 10, PageUp: at + 10, Home: 0, End: n - 1 };
+  if (ev.key in moves) {
+    state.cursor = Math.min(n - 1, Math.max(0, at < 0 ? (state.keyIndex || 0) : moves[ev.key]));
+    drawMarks();
+  } else if (ev.key === " " || ev.key === "Enter") {
+    if (at < 0) state.cursor = state.keyIndex || 0;
+    toggleMark(state.slices[state.cursor]);
+  } else {
+    return;
+  }
+  ev.preventDefault(); // no scrolling, no form submitted
+}
+
+// The slice under the strip's cursor, as an image (none where retention
+// removed the files) and a caption that says whether it is marked.
+function cursorSlice() {
+  const fig = $("strip-slice"), s = state.cursor == null ? null : state.slices[state.cursor];
+  fig.hidden = !s;
+  if (!s) return;
+  const img = fig.querySelector("img");
+  const src = "/api/studies/" + encodeURIComponent(state.study) + "/slices/" + encodeURIComponent(s.sop_uid) +
+    ".png?frame=" + (s.frame || 0);
+  img.hidden = !!state.imagesRemoved;
+  if (!state.imagesRemoved && img.getAttribute("src") !== src) img.src = src;
+  img.alt = sliceName(s, state.slices.length);
+  fig.querySelector("figcaption").textContent = sliceName(s, state.slices.length) + ": " + pct(s.any) +
+    (state.marks.has(markKey(s)) ? " \u2014 marked: bleed visible" : " \u2014 not marked");
+}
+
 function drawMarks() {
   const sl = state.slices || [];
+  if (state.cursor != null && state.cursor >= sl.length) state.cursor = sl.length ? sl.length - 1 : null;
+  // Drawn anew: the focus, if the strip had it, goes to the new one.
+  const focused = $("strip").contains(document.activeElement);
   $("strip").replaceChildren(sl.length ? strip(sl) : el("p", { text: "No per-slice result yet." }));
+  if (focused && sl.length) $("strip").firstChild.focus({ preventScroll: true });
+  $("strip-hint").hidden = !sl.length;
+  cursorSlice();
   document.querySelectorAll("#slices input[name=mark]").forEach((c) => { c.checked = state.marks.has(c.value); });
   const nums = [...state.marks.values()].map((s) => s.index + 1).sort((a, b) => a - b);
   $("marks-line").textContent = nums.length
     ? "Slices marked as showing the bleed: " + nums.join(", ")
-    : "No slice marked (optional: click bars in the strip or tick key slices).";
+    : "No slice marked (optional: click bars in the strip, or Tab to it and press Space, or tick key slices).";
 }
 
 // Another study: nothing of the previous one's review (answers, marks,
 // message) may carry over, or one click would store it on this study.
 function resetReview(uid) {
   state.marks = new Map();
+  state.cursor = null;
   state.marksFor = uid;
   state.seen = null;
   $("review-form").reset();
@@ -422,6 +493,9 @@ function resetReview(uid) {
 function studyNotFound(why) {
   $("study-title").textContent = "Study not found: " + why;
   state.slices = [];
+  state.cursor = null;
+  $("strip-hint").hidden = true;
+  $("strip-slice").hidden = true;
   $("study-flag").hidden = true;
   $("study-purged").hidden = true;
   ["details", "series-rows", "strip", "slices", "reviews"].forEach((id) => $(id).replaceChildren());
@@ -492,6 +566,8 @@ async function showStudy(uid, quiet) {
   seriesRows(st);
   const sl = st.slice_probabilities || [];
   state.slices = sl;
+  state.keyIndex = Math.max(0, sl.findIndex((s) => s.index === st.key_index && s.sop_uid === st.key_sop_uid));
+  state.imagesRemoved = !!st.images_removed;
   // The result may have moved to another series (a reconstruction with a
   // higher p): a mark on a slice it no longer has would label a slice of
   // the old series.
