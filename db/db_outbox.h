@@ -109,15 +109,16 @@ struct db_outbox_delivery {
     char destination[160], object[8], file_path[512], sop_uid[65], study_uid[65];
     int attempts;
 };
-/* Pending deliveries due at now_ms, grouped by destination; in each, those
- * with fewer failed attempts first, then oldest first. Those set for more
- * than horizon_ms (the longest backoff) after now_ms are due too: the wall
- * clock went back since they were set. */
-int db_outbox_due(struct db *db, int64_t now_ms, int64_t horizon_ms, struct db_outbox_delivery *out,
-                  int max, int *n);
-/* The earliest next attempt of a pending delivery; 0 with *found false when
- * none is pending. */
-int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found);
+/* Pending deliveries to destination due at now_ms: those with fewer failed
+ * attempts first, then oldest first. Those set for more than horizon_ms
+ * (the longest backoff) after now_ms are due too: the wall clock went back
+ * since they were set. Each destination has its own sender, which asks for
+ * its own only. */
+int db_outbox_due(struct db *db, const char *destination, int64_t now_ms, int64_t horizon_ms,
+                  struct db_outbox_delivery *out, int max, int *n);
+/* The earliest next attempt of a delivery pending to destination; 0 with
+ * *found false when none is pending. */
+int db_outbox_next_due(struct db *db, const char *destination, int64_t *at_ms, bool *found);
 
 /* The peer acknowledged the delivery. */
 int db_outbox_sent(struct db *db, int64_t id, int64_t now_ms);

@@ -279,8 +279,8 @@ int db_outbox_revision_superseded(struct db *db, int64_t revision_id)
                          "i", revision_id);
 }
 
-int db_outbox_due(struct db *db, int64_t now_ms, int64_t horizon_ms, struct db_outbox_delivery *out,
-                  int max, int *n)
+int db_outbox_due(struct db *db, const char *destination, int64_t now_ms, int64_t horizon_ms,
+                  struct db_outbox_delivery *out, int max, int *n)
 {
     *n = 0;
     sqlite3_stmt *st;
@@ -289,17 +289,18 @@ int db_outbox_due(struct db *db, int64_t now_ms, int64_t horizon_ms, struct db_o
                            " d.sop_uid, st.study_uid, d.attempts FROM pacs_deliveries d"
                            " JOIN pacs_revisions pr ON pr.id = d.revision_ref"
                            " JOIN studies st ON st.id = pr.study_ref"
-                           " WHERE d.state = 'pending' AND (d.next_attempt_at <= ?1"
-                           "  OR d.next_attempt_at > ?1 + ?3)"
+                           " WHERE d.state = 'pending' AND d.destination = ?4"
+                           " AND (d.next_attempt_at <= ?1 OR d.next_attempt_at > ?1 + ?3)"
                            /* an object that failed goes after those that
                             * did not: one the peer aborts on would end
                             * the association before them every time */
-                           " ORDER BY d.destination, d.attempts, d.id LIMIT ?2",
+                           " ORDER BY d.attempts, d.id LIMIT ?2",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
     sqlite3_bind_int64(st, 1, now_ms);
     sqlite3_bind_int(st, 2, max);
     sqlite3_bind_int64(st, 3, horizon_ms);
+    sqlite3_bind_text(st, 4, destination, -1, SQLITE_STATIC);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW && *n < max) {
         struct db_outbox_delivery *d = &out[(*n)++];
@@ -316,15 +317,16 @@ int db_outbox_due(struct db *db, int64_t now_ms, int64_t horizon_ms, struct db_o
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
 
-int db_outbox_next_due(struct db *db, int64_t *at_ms, bool *found)
+int db_outbox_next_due(struct db *db, const char *destination, int64_t *at_ms, bool *found)
 {
     *found = false;
     sqlite3_stmt *st;
     if (sqlite3_prepare_v2(db_conn(db),
                            "SELECT min(next_attempt_at) FROM pacs_deliveries"
-                           " WHERE state = 'pending'",
+                           " WHERE state = 'pending' AND destination = ?1",
                            -1, &st, NULL) != SQLITE_OK)
         return -1;
+    sqlite3_bind_text(st, 1, destination, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL) {
         *at_ms = sqlite3_column_int64(st, 0);

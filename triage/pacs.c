@@ -1,5 +1,9 @@
-/* triage/pacs.c: the sender of results to PACS (pacs.h). One thread with its
- * own database connection; the loop only calls triage_pacs_kick(). */
+/* triage/pacs.c: the sender of results to PACS (pacs.h). A builder thread
+ * makes each result's objects and queues their deliveries; each destination
+ * has a sender thread of its own, so that one that hangs (a connect, an
+ * acceptance or an answer waiting out pacs.timeout) holds back only its own
+ * deliveries. Each thread has its own database connection; the loop only
+ * calls triage_pacs_kick(). */
 #include "pacs.h"
 
 #include <assert.h>
@@ -38,6 +42,17 @@ struct build_retry {
     int attempts;
 };
 
+/* The sender of one destination: its deliveries, one association at a
+ * time, and its own backoff (the queue's next attempt times). */
+struct dest_sender {
+    struct triage_pacs *p;
+    const struct triage_pacs_dest *dest;
+    struct db *db; /* the thread's own connection */
+    pthread_t thread;
+    pthread_cond_t cv; /* with p->mu */
+    bool kicked;       /* guarded by p->mu */
+};
+
 struct triage_pacs {
     /* Set at start, read-only afterwards. */
     struct triage_pacs_dest dests[TRIAGE_PACS_MAX_DESTS];
@@ -49,14 +64,16 @@ struct triage_pacs {
     char tls_ca[512], tls_cert[512], tls_key[512];
     char software_version[64];
     char store_dir[1024];
-    struct db *db; /* the thread's own connection */
-    /* The thread's own. */
+    struct db *db; /* the builder's own connection */
+    /* The builder's own. */
     struct build_retry retries[BATCH];
     int nretries;
     pthread_t thread;
+    struct dest_sender senders[TRIAGE_PACS_MAX_DESTS];
+    int nsenders; /* started */
     /* Guarded by mu. */
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv; /* the builder's */
     bool kicked, stop;
 };
 
@@ -276,6 +293,21 @@ static int summary(const struct db_outbox_source *s, const char *src, const doub
     return rc;
 }
 
+static void kick(struct triage_pacs *p, pthread_cond_t *cv, bool *kicked)
+{
+    pthread_mutex_lock(&p->mu);
+    *kicked = true;
+    pthread_cond_signal(cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* New deliveries are queued for every destination. */
+static void kick_senders(struct triage_pacs *p)
+{
+    for (int i = 0; i < p->nsenders; i++)
+        kick(p, &p->senders[i].cv, &p->senders[i].kicked);
+}
+
 /* Builds a revision's SR and SC files and queues their deliveries. */
 static void build(struct triage_pacs *p, int64_t rev_id)
 {
@@ -401,6 +433,7 @@ static void build(struct triage_pacs *p, int64_t rev_id)
         build_failed(p, rev_id, s.study_uid, s.revision, why);
     } else {
         retry_drop(p, rev_id);
+        kick_senders(p); /* due now */
         util_log(UTIL_LOG_INFO, "pacs_revision_built",
                  "study=%s revision=%d flagged=%d sr=%s sc=%s destinations=%d", s.study_uid,
                  s.revision, s.flagged, sr_sop, sc ? sc_sop : "none", p->ndests);
@@ -448,13 +481,6 @@ static void intake(struct triage_pacs *p)
         build(p, ids[i]);
 }
 
-static const struct triage_pacs_dest *find_dest(const struct triage_pacs *p, const char *spec)
-{
-    for (int i = 0; i < p->ndests; i++)
-        if (strcmp(p->dests[i].spec, spec) == 0) return &p->dests[i];
-    return NULL;
-}
-
 static int64_t backoff_ms(const struct triage_pacs *p, int attempts)
 {
     int64_t wait = p->retry_ms;
@@ -464,9 +490,9 @@ static int64_t backoff_ms(const struct triage_pacs *p, int attempts)
 }
 
 /* The peer took the delivery (status: its answer, success or a warning). */
-static void record_sent(struct triage_pacs *p, const struct db_outbox_delivery *x, int status)
+static void record_sent(struct dest_sender *s, const struct db_outbox_delivery *x, int status)
 {
-    if (db_outbox_sent(p->db, x->id, now_ms()) != 0)
+    if (db_outbox_sent(s->db, x->id, now_ms()) != 0)
         util_log(UTIL_LOG_ERROR, "pacs_record_failed", "delivery=%lld", (long long)x->id);
     util_log(UTIL_LOG_INFO, "pacs_sent", "study=%s object=%s sop=%s destination=%s status=0x%04X",
              x->study_uid, x->object, x->sop_uid, x->destination, (unsigned)status);
@@ -474,13 +500,13 @@ static void record_sent(struct triage_pacs *p, const struct db_outbox_delivery *
 
 /* An attempt of the delivery failed for why; it ended at end (that of its
  * association): retried a backoff after that, or given up. */
-static void record_failed(struct triage_pacs *p, const struct db_outbox_delivery *x,
-                          const char *why, bool configured, int64_t end)
+static void record_failed(struct dest_sender *s, const struct db_outbox_delivery *x,
+                          const char *why, int64_t end)
 {
     int attempts = x->attempts + 1;
-    bool give_up = !configured || attempts >= p->max_attempts;
-    int64_t next = end + backoff_ms(p, attempts);
-    db_outbox_attempt_failed(p->db, x->id, why, end, next, give_up);
+    bool give_up = attempts >= s->p->max_attempts;
+    int64_t next = end + backoff_ms(s->p, attempts);
+    db_outbox_attempt_failed(s->db, x->id, why, end, next, give_up);
     if (give_up)
         util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
                  "study=%s object=%s sop=%s destination=%s attempts=%d reason=\"%s\"", x->study_uid,
@@ -512,18 +538,24 @@ int triage_pacs_drop_files(struct db *db, const char *store_dir, int64_t revisio
 
 /* One association's deliveries; which of them the peer has answered. */
 struct group {
-    struct triage_pacs *p;
+    struct dest_sender *s;
     const struct db_outbox_delivery *g;
 };
 
-static bool stopping(struct triage_pacs *p);
+static bool stopping(struct triage_pacs *p)
+{
+    pthread_mutex_lock(&p->mu);
+    bool s = p->stop;
+    pthread_mutex_unlock(&p->mu);
+    return s;
+}
 
 /* An acknowledgement is committed before the next object goes out, so a
  * crash cannot forget it. */
 static void on_answered(void *ud, int i, const struct scp_send_file *f)
 {
     struct group *gr = ud;
-    if (scp_send_status_ok(f->status)) record_sent(gr->p, &gr->g[i], f->status);
+    if (scp_send_status_ok(f->status)) record_sent(gr->s, &gr->g[i], f->status);
 }
 
 /* At stop no object goes out, the first included: a batch to a slow PACS
@@ -533,38 +565,34 @@ static void on_answered(void *ud, int i, const struct scp_send_file *f)
 static bool go_on(void *ud)
 {
     struct group *gr = ud;
-    return !stopping(gr->p);
+    return !stopping(gr->s->p);
 }
 
-/* Sends the deliveries of one destination (one association). */
-static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g, int n)
+/* Sends deliveries of the sender's destination (one association). */
+static void send_group(struct dest_sender *s, const struct db_outbox_delivery *g, int n)
 {
-    const struct triage_pacs_dest *d = find_dest(p, g[0].destination);
+    const struct triage_pacs *p = s->p;
+    const struct triage_pacs_dest *d = s->dest;
     struct scp_send_file files[BATCH];
     char paths[BATCH][1600];
     for (int i = 0; i < n; i++) {
         snprintf(paths[i], sizeof paths[i], "%s/%s", p->store_dir, g[i].file_path);
         files[i] = (struct scp_send_file){.path = paths[i]};
     }
-    struct group gr = {.p = p, .g = g};
+    struct group gr = {.s = s, .g = g};
     char err[512] = "";
-    int rc = -1;
-    if (d) {
-        struct scp_send_dest sd = {
-            .calling_aet = p->calling_aet,
-            .called_aet = d->aet,
-            .host = d->host,
-            .port = d->port,
-            .timeout_s = p->timeout_s,
-            .tls = d->tls,
-            .tls_ca = p->tls_ca,
-            .tls_cert = p->tls_cert,
-            .tls_key = p->tls_key,
-        };
-        rc = scp_send_files(&sd, files, n, go_on, on_answered, &gr, err, sizeof err);
-    } else {
-        snprintf(err, sizeof err, "destination no longer configured");
-    }
+    struct scp_send_dest sd = {
+        .calling_aet = p->calling_aet,
+        .called_aet = d->aet,
+        .host = d->host,
+        .port = d->port,
+        .timeout_s = p->timeout_s,
+        .tls = d->tls,
+        .tls_ca = p->tls_ca,
+        .tls_cert = p->tls_cert,
+        .tls_key = p->tls_key,
+    };
+    int rc = scp_send_files(&sd, files, n, go_on, on_answered, &gr, err, sizeof err);
     /* Failures are recorded once the association is over, all at its end:
      * their next attempts are a backoff after it (after its start, a slow
      * attempt was retried at once) and fall due together. A crash before
@@ -582,43 +610,31 @@ static void send_group(struct triage_pacs *p, const struct db_outbox_delivery *g
                      g[i].destination, files[i].error);
             continue;
         }
-        record_failed(p, &g[i], rc == 0 ? files[i].error : err, d != NULL, end);
+        record_failed(s, &g[i], rc == 0 ? files[i].error : err, end);
     }
     for (int i = 0; i < n; i++)
         if (i == 0 || g[i].revision_id != g[i - 1].revision_id)
-            triage_pacs_drop_files(p->db, p->store_dir, g[i].revision_id);
+            triage_pacs_drop_files(s->db, p->store_dir, g[i].revision_id);
 }
 
-static bool stopping(struct triage_pacs *p)
-{
-    pthread_mutex_lock(&p->mu);
-    bool s = p->stop;
-    pthread_mutex_unlock(&p->mu);
-    return s;
-}
-
-static void deliver(struct triage_pacs *p)
+/* The deliveries of the sender's destination that are due, on one
+ * association. */
+static void deliver(struct dest_sender *s)
 {
     static_assert(BATCH >= 2, "a revision has two objects");
     struct db_outbox_delivery *due = malloc(sizeof *due * BATCH);
     if (!due) return;
     int n = 0;
-    if (db_outbox_due(p->db, now_ms(), p->max_retry_ms, due, BATCH, &n) == 0) {
-        for (int i = 0; i < n && !stopping(p);) {
-            int j = i + 1;
-            while (j < n && strcmp(due[j].destination, due[i].destination) == 0)
-                j++;
-            send_group(p, due + i, j - i);
-            i = j;
-        }
-    }
+    if (db_outbox_due(s->db, s->dest->spec, now_ms(), s->p->max_retry_ms, due, BATCH, &n) == 0 &&
+        n > 0 && !stopping(s->p))
+        send_group(s, due, n);
     free(due);
 }
 
-/* Sleeps until kicked, stopped, or wait_ms passed. Measured on the
- * monotonic clock (the condition variable's): a step of the wall clock back
- * had stretched the sleep by the step. */
-static void idle(struct triage_pacs *p, int64_t wait_ms)
+/* Sleeps on cv until kicked (*kicked), stopped, or wait_ms passed.
+ * Measured on the monotonic clock (the condition variable's): a step of the
+ * wall clock back had stretched the sleep by the step. */
+static void idle(struct triage_pacs *p, pthread_cond_t *cv, bool *kicked, int64_t wait_ms)
 {
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
@@ -629,28 +645,94 @@ static void idle(struct triage_pacs *p, int64_t wait_ms)
         until.tv_nsec -= 1000000000;
     }
     pthread_mutex_lock(&p->mu);
-    while (!p->stop && !p->kicked && wait_ms > 0)
-        if (pthread_cond_timedwait(&p->cv, &p->mu, &until) == ETIMEDOUT) break;
-    p->kicked = false;
+    while (!p->stop && !*kicked && wait_ms > 0)
+        if (pthread_cond_timedwait(cv, &p->mu, &until) == ETIMEDOUT) break;
+    *kicked = false;
     pthread_mutex_unlock(&p->mu);
 }
 
 static void *sender_main(void *arg)
 {
+    struct dest_sender *s = arg;
+    for (;;) {
+        if (stopping(s->p)) break;
+        deliver(s);
+        int64_t now = now_ms(), wait = IDLE_MS, at;
+        bool found;
+        if (db_outbox_next_due(s->db, s->dest->spec, &at, &found) == 0 && found && at - now < wait)
+            wait = at - now;
+        idle(s->p, &s->cv, &s->kicked, wait);
+    }
+    return NULL;
+}
+
+/* Deliveries pending for a destination no longer in pacs.destinations (at
+ * start, or put back by `pacs retry`) have no sender: given up. */
+static void give_up_unlisted(struct triage_pacs *p)
+{
+    const char *specs[TRIAGE_PACS_MAX_DESTS];
+    for (int i = 0; i < p->ndests; i++)
+        specs[i] = p->dests[i].spec;
+    int dropped = 0;
+    if (db_outbox_fail_unlisted(p->db, specs, p->ndests, now_ms(), &dropped) == 0 && dropped)
+        util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
+                 "count=%d reason=\"destination no longer configured\"", dropped);
+}
+
+static void *builder_main(void *arg)
+{
     struct triage_pacs *p = arg;
     for (;;) {
         if (stopping(p)) break;
+        give_up_unlisted(p);
         intake(p);
-        deliver(p);
-        int64_t now = now_ms(), wait = IDLE_MS, at;
-        bool found;
-        if (db_outbox_next_due(p->db, &at, &found) == 0 && found && at - now < wait)
-            wait = at - now;
+        int64_t now = now_ms(), wait = IDLE_MS;
         for (int i = 0; i < p->nretries; i++)
             if (p->retries[i].next_at - now < wait) wait = p->retries[i].next_at - now;
-        idle(p, wait);
+        idle(p, &p->cv, &p->kicked, wait);
     }
     return NULL;
+}
+
+/* Stops and joins the senders started, and closes their connections. */
+static void senders_stop(struct triage_pacs *p)
+{
+    triage_pacs_request_stop(p);
+    for (int i = 0; i < p->nsenders; i++) {
+        pthread_join(p->senders[i].thread, NULL);
+        pthread_cond_destroy(&p->senders[i].cv);
+        db_close(p->senders[i].db);
+    }
+    p->nsenders = 0;
+}
+
+/* A monotonic condition variable (idle's). */
+static void cond_init(pthread_cond_t *cv)
+{
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(cv, &monotonic);
+    pthread_condattr_destroy(&monotonic);
+}
+
+/* Opens the sender of each destination and starts it. */
+static int senders_start(struct triage_pacs *p, const char *db_path, char *err, size_t errlen)
+{
+    for (int i = 0; i < p->ndests; i++) {
+        struct dest_sender *s = &p->senders[i];
+        *s = (struct dest_sender){.p = p, .dest = &p->dests[i]};
+        if (db_open(&s->db, db_path, err, errlen) != 0) return -1;
+        cond_init(&s->cv);
+        if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
+            snprintf(err, errlen, "cannot start the PACS sender thread of %s", s->dest->spec);
+            pthread_cond_destroy(&s->cv);
+            db_close(s->db);
+            return -1;
+        }
+        p->nsenders++;
+    }
+    return 0;
 }
 
 int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config *c, char *err,
@@ -682,31 +764,23 @@ int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config 
              c->software_version ? c->software_version : "");
     snprintf(p->store_dir, sizeof p->store_dir, "%s", c->store_dir);
     if (db_open(&p->db, c->db_path, err, errlen) != 0) goto fail;
-    const char *specs[TRIAGE_PACS_MAX_DESTS];
-    for (int i = 0; i < p->ndests; i++)
-        specs[i] = p->dests[i].spec;
-    int dropped = 0;
-    if (db_outbox_fail_unlisted(p->db, specs, p->ndests, now_ms(), &dropped) == 0 && dropped)
-        util_log(UTIL_LOG_ERROR, "pacs_delivery_failed",
-                 "count=%d reason=\"destination no longer configured\"", dropped);
     pthread_mutex_init(&p->mu, NULL);
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-    pthread_cond_init(&p->cv, &monotonic);
-    pthread_condattr_destroy(&monotonic);
-    if (pthread_create(&p->thread, NULL, sender_main, p) != 0) {
-        snprintf(err, errlen, "cannot start the PACS sender thread");
-        pthread_mutex_destroy(&p->mu);
-        pthread_cond_destroy(&p->cv);
-        db_close(p->db);
-        goto fail;
+    cond_init(&p->cv);
+    if (senders_start(p, c->db_path, err, errlen) != 0) goto stop;
+    if (pthread_create(&p->thread, NULL, builder_main, p) != 0) {
+        snprintf(err, errlen, "cannot start the PACS builder thread");
+        goto stop;
     }
     for (int i = 0; i < p->ndests; i++)
         util_log(UTIL_LOG_INFO, "pacs_destination", "aet=%s host=%s port=%d tls=%d",
                  p->dests[i].aet, p->dests[i].host, p->dests[i].port, p->dests[i].tls);
     *out = p;
     return 0;
+stop:
+    senders_stop(p);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    db_close(p->db);
 fail:
     free(p);
     return -1;
@@ -715,10 +789,7 @@ fail:
 void triage_pacs_kick(struct triage_pacs *p)
 {
     if (!p) return;
-    pthread_mutex_lock(&p->mu);
-    p->kicked = true;
-    pthread_cond_signal(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+    kick(p, &p->cv, &p->kicked);
 }
 
 void triage_pacs_request_stop(struct triage_pacs *p)
@@ -727,6 +798,8 @@ void triage_pacs_request_stop(struct triage_pacs *p)
     pthread_mutex_lock(&p->mu);
     p->stop = true;
     pthread_cond_signal(&p->cv);
+    for (int i = 0; i < p->nsenders; i++)
+        pthread_cond_signal(&p->senders[i].cv);
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -735,6 +808,7 @@ void triage_pacs_stop(struct triage_pacs *p)
     if (!p) return;
     triage_pacs_request_stop(p);
     pthread_join(p->thread, NULL);
+    senders_stop(p);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     db_close(p->db);

@@ -1,9 +1,10 @@
-/* Results to PACS: a sender thread of its own (never the loop, never libuv's
- * pool) that turns each new study result into a Comprehensive SR and a
- * Secondary Capture (scp_sr.h, scp_sc.h), queues one delivery per object
- * and destination in SQLite (db_outbox.h), and sends them with C-STORE
- * (scp_send.h), retrying with exponential backoff up to a bound. The loop
- * only kicks it when results are written. */
+/* Results to PACS: threads of its own (never the loop, never libuv's pool).
+ * A builder turns each new study result into a Comprehensive SR and a
+ * Secondary Capture (scp_sr.h, scp_sc.h) and queues one delivery per object
+ * and destination in SQLite (db_outbox.h); one sender per destination sends
+ * that destination's with C-STORE (scp_send.h), retrying with exponential
+ * backoff up to a bound, so that a destination down or hanging delays no
+ * other. The loop only kicks the builder when results are written. */
 #ifndef TRIAGE_PACS_H
 #define TRIAGE_PACS_H
 
@@ -45,10 +46,11 @@ int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config 
                       size_t errlen);
 /* New results may be in the database (any thread; never blocks). NULL: no-op. */
 void triage_pacs_kick(struct triage_pacs *p);
-/* Asks the sender to stop after the association in progress, without
- * waiting. NULL: no-op. */
+/* Asks the threads to stop after the associations in progress (one per
+ * destination at most), without waiting. NULL: no-op. */
 void triage_pacs_request_stop(struct triage_pacs *p);
-/* Finishes the association in progress, then stops. NULL: no-op. */
+/* Finishes the associations in progress, side by side, then stops. NULL:
+ * no-op. */
 void triage_pacs_stop(struct triage_pacs *p);
 
 struct db;

@@ -7,7 +7,8 @@ the answer to its next request. With delay=S every other answer waits S
 seconds (a slow PACS). With abort_class=UID a C-STORE of that SOP class is
 answered with an A-ABORT (a PACS that chokes on one kind of object). With
 accept_delay=S each association is accepted only S seconds after it was
-asked for (counted in requests). Built
+asked for (counted in requests); close() ends one still waiting (a PACS
+that hangs until it is fixed). Built
 on tests/tools/dul.py's PDU helpers;
 runs in a thread of the test.
 
@@ -84,7 +85,7 @@ class RejectScp:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(4)
         self.port = self.sock.getsockname()[1]
-        self._stop = False
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def start(self):
@@ -92,11 +93,11 @@ class RejectScp:
         return self
 
     def close(self):
-        self._stop = True
+        self._stop.set()
         self.sock.close()
 
     def _serve(self):
-        while not self._stop:
+        while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
             except OSError:
@@ -115,7 +116,8 @@ class RejectScp:
             return
         called, calling, contexts = _parse_rq(payload)
         self.requests += 1
-        time.sleep(self.accept_delay)
+        if self._stop.wait(self.accept_delay):
+            return
         conn.sendall(_associate_ac(called, calling, contexts))
         self.associations += 1
         command, in_dataset = b"", False

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -740,6 +741,50 @@ class PacsTest(itest.NodeTest):
         node.start()
         self.wait_deliveries(node, lambda r: r[2] == "sent", 2)
         self.assertEqual(len(scp.stores), 2, scp.stores)
+
+    def test_a_hanging_destination_does_not_hold_back_the_others(self):
+        """Three destinations: one takes the association request and never
+        answers it, one never completes the TCP connect (its listen queue is
+        full, as a firewall that drops packets), one is a storescp; pacs.timeout
+        is 300 s. The storescp gets each study's SR and SC while the other two
+        still hang, and their objects wait with no attempt used. One sender
+        worked through the queue one destination at a time, in name order,
+        and the storescp waited out the hang ahead of it (up to pacs.timeout
+        per attempt, every attempt): the first study's objects or the
+        second's, whichever came after a hanging attempt began."""
+        hung = RejectScp(0x0000, accept_delay=3600).start()
+        self.stoppers.append(hung.close)
+        dropping = socket.socket()
+        dropping.bind(("127.0.0.1", 0))
+        dropping.listen(0)
+        queued = socket.create_connection(dropping.getsockname())  # the queue is full
+        port, out = self.storescp("good")
+        bad = ["HUNG@127.0.0.1:%d" % hung.port, "DROP@127.0.0.1:%d" % dropping.getsockname()[1]]
+        good = "GOOD@127.0.0.1:%d" % port
+        node = self.node(",".join(bad + [good]), **{"pacs.timeout": 300})
+        try:
+            for k, seed in enumerate((44, 45)):
+                _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph%d" % seed), seed=seed)
+                self.send(node, files)
+                self.wait_deliveries(node, lambda r: r[0] == good and r[2] == "sent", 2 * (k + 1),
+                                     what="the good PACS, while the others hang")
+                self.assertEqual(len(os.listdir(out)), 2 * (k + 1))
+                self.assertEqual((hung.requests, hung.associations), (1, 0), node.log_tail())
+            rows = self.deliveries(node)
+            self.assertEqual(sorted((r[0], r[2], r[3]) for r in rows if r[0] in bad),
+                             sorted([(b, "pending", 0) for b in bad] * 4), rows)
+            self.assertFalse([e for e in node.events("pacs_retry") + node.events("pacs_sent")
+                              if "destination=HUNG" in e or "destination=DROP" in e],
+                             node.log_tail())
+        finally:
+            # Their attempts end (closed, refused), else the stop would wait
+            # for them.
+            hung.close()
+            queued.close()
+            dropping.close()
+        self.wait_deliveries(node, lambda r: r[0] in bad and r[3] >= 1, 4,
+                             what="the hung attempts, ended")
+        self.assertEqual(node.stop(), 0, node.log_tail())
 
     def test_late_answer_is_not_taken_for_the_next(self):
         # The PACS answers the first object (0x0000) only after the node has

@@ -210,7 +210,7 @@ Test(pacs, outbox_counts_on_a_fresh_database)
     cr_expect_eq(n, 0);
     bool found = true;
     int64_t at;
-    cr_assert_eq(db_outbox_next_due(db, &at, &found), 0);
+    cr_assert_eq(db_outbox_next_due(db, "PACS@127.0.0.1:9", &at, &found), 0);
     cr_expect(!found);
     int64_t failed = -1, unbuilt = -1;
     cr_assert_eq(db_outbox_failed_since(db, 0, &failed, &unbuilt), 0);

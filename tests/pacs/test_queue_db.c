@@ -455,7 +455,7 @@ Test(outbox, retry_puts_back_what_was_given_up, .init = setup, .fini = teardown)
                  1);
     struct db_outbox_delivery due[4];
     int n = 0;
-    cr_assert_eq(db_outbox_due(db, 6000, 60000, due, 4, &n), 0);
+    cr_assert_eq(db_outbox_due(db, "PACS@127.0.0.1:9", 6000, 60000, due, 4, &n), 0);
     cr_expect_eq(n, 2);
     cr_assert_eq(db_outbox_retry(db, NULL, 7000, &deliveries, &revisions, err, sizeof err), 0);
     cr_expect_eq(deliveries + revisions, 0);
@@ -577,11 +577,44 @@ Test(outbox, retry_beyond_the_longest_backoff_is_due, .init = setup, .fini = tea
     sql(q);
     struct db_outbox_delivery due[4];
     int n = 0;
-    cr_assert_eq(db_outbox_due(db, now, hour, due, 4, &n), 0);
+    cr_assert_eq(db_outbox_due(db, "PACS@127.0.0.1:9", now, hour, due, 4, &n), 0);
     cr_assert_eq(n, 1);
     cr_expect_eq(due[0].id, 2);
-    cr_assert_eq(db_outbox_due(db, now + hour / 2, hour, due, 4, &n), 0);
+    cr_assert_eq(db_outbox_due(db, "PACS@127.0.0.1:9", now + hour / 2, hour, due, 4, &n), 0);
     cr_expect_eq(n, 2);
+}
+
+/* Each destination's sender sees its own deliveries only, and waits for its
+ * own next attempt: another destination's backoff (or its hang) is none of
+ * its business. */
+Test(outbox, due_and_next_due_are_per_destination, .init = setup, .fini = teardown)
+{
+    int64_t id1 = flagged_revision_pending();
+    struct db_outbox_object o[4] = {{"A@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"},
+                                    {"A@127.0.0.1:9", "sc", "outbox/1-sc.dcm", "9.2"},
+                                    {"B@127.0.0.1:9", "sr", "outbox/1-sr.dcm", "9.1"},
+                                    {"B@127.0.0.1:9", "sc", "outbox/1-sc.dcm", "9.2"}};
+    char err[256];
+    cr_assert_eq(db_outbox_revision_ready(db, id1, "9.0", "9.1", o, 4, 1000, err, sizeof err), 0,
+                 "%s", err);
+    sql("UPDATE pacs_deliveries SET next_attempt_at = 5000 WHERE destination = 'A@127.0.0.1:9'");
+    struct db_outbox_delivery due[4];
+    int n = 0;
+    cr_assert_eq(db_outbox_due(db, "A@127.0.0.1:9", 2000, 60000, due, 4, &n), 0);
+    cr_expect_eq(n, 0);
+    cr_assert_eq(db_outbox_due(db, "B@127.0.0.1:9", 2000, 60000, due, 4, &n), 0);
+    cr_assert_eq(n, 2);
+    cr_expect_str_eq(due[0].destination, "B@127.0.0.1:9");
+    cr_expect_str_eq(due[1].destination, "B@127.0.0.1:9");
+    int64_t at = 0;
+    bool found = false;
+    cr_assert_eq(db_outbox_next_due(db, "A@127.0.0.1:9", &at, &found), 0);
+    cr_expect(found);
+    cr_expect_eq(at, 5000);
+    cr_assert_eq(db_outbox_next_due(db, "B@127.0.0.1:9", &at, &found), 0);
+    cr_expect_eq(at, 1000);
+    cr_assert_eq(db_outbox_next_due(db, "C@127.0.0.1:9", &at, &found), 0);
+    cr_expect(!found);
 }
 
 /* A re-triage that commits while db_outbox_source runs: just as its
