@@ -14,6 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "io.h"
 #include "log.h"
 
 static int fsync_parent(const char *path)
@@ -414,6 +415,14 @@ int db_backup_before_migration(struct sqlite3 *conn, int from_version, char *err
         if (lstat(dst, &st) != 0) break;
     }
     if (backup_from(conn, dst, err, errlen) != 0) return -1;
+    /* Made as root (`sudo ichtriage pacs list` on an index the node has not
+     * migrated yet, after an upgrade), the copy is the store owner's, as
+     * the index is (SQLite gives its -wal and -shm files the index's owner
+     * itself). */
+    if (util_own_like_folder(-1, dst) != 0) {
+        snprintf(err, errlen, "cannot chown %s: %s", dst, strerror(errno));
+        return -1;
+    }
     util_log(UTIL_LOG_INFO, "db_backup_before_migration", "from_version=%d backup=%s", from_version,
              dst);
     return 0;

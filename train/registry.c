@@ -20,31 +20,13 @@
 #include "pipeline.h"
 #include "trainer.h"
 
-/* Run as root (`sudo ichtriage model promote`), what is made in a folder
- * takes that folder's owner, as `ichtriage restore` does: the node (its own
- * user, no capabilities) must read the model and take the lock. fd, or
- * path when fd < 0. Returns 0, or -1 with errno. */
-static int own_like_folder(int fd, const char *path)
-{
-    if (geteuid() != 0) return 0;
-    char dir[1200];
-    snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (!slash) return 0;
-    *slash = 0;
-    struct stat st;
-    if (stat(dir[0] ? dir : "/", &st) != 0) return -1;
-    if (st.st_uid == 0 && st.st_gid == 0) return 0;
-    return fd >= 0 ? fchown(fd, st.st_uid, st.st_gid) : chown(path, st.st_uid, st.st_gid);
-}
-
 static int mkdirs(const char *store, char *dir, size_t n, char *err, size_t errlen)
 {
     snprintf(dir, n, "%s", store);
     if (mkdir(dir, 0750) != 0 && errno != EEXIST) goto fail;
     snprintf(dir, n, "%s/models", store);
     if (mkdir(dir, 0750) == 0) {
-        if (own_like_folder(-1, dir) != 0) goto fail;
+        if (util_own_like_folder(-1, dir) != 0) goto fail;
     } else if (errno != EEXIST) {
         goto fail;
     }
@@ -75,7 +57,7 @@ static int registry_lock(const char *dir, char *err, size_t errlen)
     char p[1200];
     snprintf(p, sizeof p, "%s/.lock", dir);
     int fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-    if (fd < 0 || own_like_folder(fd, p) != 0) {
+    if (fd < 0 || util_own_like_folder(fd, p) != 0) {
         snprintf(err, errlen, "%s: %s", p, strerror(errno));
         if (fd >= 0) close(fd);
         return -1;
@@ -98,7 +80,7 @@ static int temp_beside(const char *dst, char *tmp, size_t n, char *err, size_t e
 {
     snprintf(tmp, n, "%s.XXXXXX.tmp", dst);
     int fd = mkostemps(tmp, 4, O_CLOEXEC);
-    if (fd < 0 || fchmod(fd, 0640) != 0 || own_like_folder(fd, tmp) != 0) {
+    if (fd < 0 || fchmod(fd, 0640) != 0 || util_own_like_folder(fd, tmp) != 0) {
         snprintf(err, errlen, "%s: %s", tmp, strerror(errno));
         if (fd >= 0) {
             close(fd);
@@ -201,7 +183,7 @@ int train_registry_add(const char *store_dir, const char *model_path, char *id, 
         snprintf(err, errlen, "%s: cannot set its version", model_path);
     } else if (nn_model_save(m, dst, err, errlen) == 0) { /* <dst>.<pid>.tmp, fsync, rename */
         int fd = open(dst, O_RDONLY | O_CLOEXEC);
-        if (fd >= 0 && fchmod(fd, 0640) == 0 && own_like_folder(fd, dst) == 0) {
+        if (fd >= 0 && fchmod(fd, 0640) == 0 && util_own_like_folder(fd, dst) == 0) {
             rc = 0;
         } else {
             snprintf(err, errlen, "%s: %s", dst, strerror(errno));
@@ -221,7 +203,7 @@ static int log_append(const char *dir, const char *line)
     snprintf(p, sizeof p, "%s/active.log", dir);
     FILE *f = fopen(p, "a");
     if (!f) return -1;
-    if (own_like_folder(fileno(f), p) != 0) {
+    if (util_own_like_folder(fileno(f), p) != 0) {
         fclose(f);
         return -1;
     }

@@ -2,6 +2,9 @@
 #include "io.h"
 
 #include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int util_write_all(int fd, const void *buf, size_t n)
@@ -19,4 +22,18 @@ int util_write_all(int fd, const void *buf, size_t n)
         n -= (size_t)w;
     }
     return 0;
+}
+
+int util_own_like_folder(int fd, const char *path)
+{
+    if (geteuid() != 0) return 0;
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash) return 0;
+    *slash = 0;
+    struct stat st;
+    if (stat(dir[0] ? dir : "/", &st) != 0) return -1;
+    if (st.st_uid == 0 && st.st_gid == 0) return 0;
+    return fd >= 0 ? fchown(fd, st.st_uid, st.st_gid) : chown(path, st.st_uid, st.st_gid);
 }

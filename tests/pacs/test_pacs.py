@@ -15,6 +15,7 @@ is "all": these tests check delivery, not what a model has learnt.
 import glob
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -537,6 +538,50 @@ class PacsTest(itest.NodeTest):
         self.assertEqual(got["failed"], [])
         health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/healthz" % node.http_port))
         self.assertFalse([d for d in health.get("degraded", []) if "PACS" in d], health)
+
+    def test_pacs_as_root_leaves_the_store_to_its_owner(self):
+        """`sudo ichtriage pacs list|retry|dismiss` on the store of the
+        service user (here nobody), after an upgrade and before the node's
+        restart migrated the index: every file in the store stays the
+        user's, and the user still opens and writes the index. The copy of
+        the index taken before the migration was root's (0644), in the
+        user's store. SQLite gives its -wal and -shm files the index's
+        owner itself."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root to act for another user")
+        user = pwd.getpwnam("nobody")
+        node = self.node("")
+        self.assertEqual(node.stop(), 0, node.log_tail())
+        os.chmod(self.work, 0o711)  # let the user reach its store below it
+        import sqlite3
+        con = sqlite3.connect(node.db_path)
+        version, = con.execute("PRAGMA user_version").fetchone()
+        # The last migration (an index) not yet made: the node's previous release.
+        con.executescript("DROP INDEX studies_retention; PRAGMA user_version = %d;"
+                          % (version - 1))
+        con.close()
+        for d, dirs, files in os.walk(node.store_dir):
+            for x in [d] + [os.path.join(d, f) for f in files]:
+                os.chown(x, user.pw_uid, user.pw_gid)
+        for args in (["list"], ["retry", "--all"], ["dismiss", "--all"]):
+            r = self.pacs_cmd(node, *args)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual("event=db_backup_before_migration" in r.stderr, args == ["list"],
+                             r.stderr)
+        wrong = []
+        for d, dirs, files in os.walk(node.store_dir):
+            for x in dirs + files:
+                st = os.stat(os.path.join(d, x))
+                if (st.st_uid, st.st_gid) != (user.pw_uid, user.pw_gid):
+                    wrong.append((os.path.relpath(os.path.join(d, x), node.store_dir), st.st_uid))
+        self.assertEqual(wrong, [])
+        self.assertEqual(len(glob.glob(node.db_path + ".v%d-*.bak" % (version - 1))), 1,
+                         os.listdir(node.store_dir))
+        r = subprocess.run(["setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid,
+                            "--clear-groups", "--", itest.EXE, "pacs", "-c", "/dev/null", "--set",
+                            "store.dir=" + node.store_dir, "retry", "--all"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
 
     def test_dismiss_lets_go_of_a_removed_destination(self):
         """Objects for a destination taken out of pacs.destinations are given
