@@ -503,13 +503,20 @@ void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row)
         row->subtypes[l] = sqlite3_column_double(st, 13 + l);
 }
 
-int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud)
+/* The studies that need no action, which the open list's age window leaves
+ * out once they are old: triaged and not flagged, not applicable. Never a
+ * flagged study, nor one not yet known (received, waiting, triaging,
+ * failed) or of a status this code does not know. */
+#define DB_NO_ACTION "(st.flagged = 0 AND st.status IN ('triaged', 'not_applicable'))"
+
+int db_worklist(struct db *db, const char *status, int64_t since_ms, db_worklist_fn fn, void *ud)
 {
     sqlite3 *c = db_conn(db);
     sqlite3_stmt *st;
     const char *sql =
-        "SELECT " DB_ROW_COLUMNS DB_ROW_JOINS
-        " WHERE (?1 IS NULL AND st.status != 'reviewed') OR st.status = ?1"
+        "SELECT " DB_ROW_COLUMNS DB_ROW_JOINS " WHERE (?1 IS NULL AND st.status != 'reviewed'"
+        "   AND NOT (" DB_NO_ACTION " AND st.received_at < ?2))"
+        "  OR st.status = ?1"
         " ORDER BY"
         "  CASE WHEN st.flagged AND st.status != 'reviewed' THEN 0"
         "   WHEN st.status IN ('received', 'waiting', 'triaging', 'failed') THEN 1"
@@ -521,6 +528,7 @@ int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud)
         sqlite3_bind_text(st, 1, status, -1, SQLITE_STATIC);
     else
         sqlite3_bind_null(st, 1);
+    sqlite3_bind_int64(st, 2, since_ms > 0 ? since_ms : INT64_MIN);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
         struct db_worklist_row row;
@@ -532,4 +540,27 @@ int db_worklist(struct db *db, const char *status, db_worklist_fn fn, void *ud)
     }
     sqlite3_finalize(st);
     return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int db_worklist_hidden(struct db *db, int64_t since_ms, struct db_worklist_hidden *out)
+{
+    sqlite3 *c = db_conn(db);
+    *out = (struct db_worklist_hidden){0};
+    if (since_ms <= 0) return 0;
+    /* Counted by status (the page offers each), on the index by status,
+     * flag and arrival (schema 15). */
+    int64_t *counts[] = {&out->triaged, &out->not_applicable};
+    const char *names[] = {"triaged", "not_applicable"};
+    for (int i = 0; i < 2; i++)
+        if (db_scalar(c, counts[i],
+                      "SELECT count(*) FROM studies st WHERE " DB_NO_ACTION
+                      " AND st.status = ?2 AND st.received_at < ?1",
+                      "is", since_ms, names[i]) != 0)
+            return -1;
+    if (db_scalar(c, &out->next_ms,
+                  "SELECT coalesce(min(st.received_at), 0) FROM studies st"
+                  " WHERE " DB_NO_ACTION " AND st.received_at >= ?1",
+                  "i", since_ms) != 0)
+        return -1;
+    return 0;
 }

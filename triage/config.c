@@ -45,6 +45,7 @@ static const struct {
     [CFG_HTTP_WEBHOOK] = {"http.webhook", ""},
     [CFG_HTTP_TRUSTED_PROXIES] = {"http.trusted_proxies", ""},
     [CFG_HTTP_CLAIM_MINUTES] = {"http.claim_minutes", "30"},
+    [CFG_HTTP_WORKLIST_DAYS] = {"http.worklist_days", "7"},
     [CFG_TRIAGE_QUIET_SECONDS] = {"triage.quiet_seconds", "5"},
     [CFG_TRIAGE_MODEL] = {"triage.model", ""},
     [CFG_TRIAGE_HEAD_PATTERNS] =
@@ -88,6 +89,7 @@ static const struct {
     [CFG_STORE_KEEP_REVIEWED_DAYS] = {0, 100000},
     [CFG_STORE_FAILURE_WINDOW_SECONDS] = {0, 86400},
     [CFG_HTTP_CLAIM_MINUTES] = {1, 24 * 60},
+    [CFG_HTTP_WORKLIST_DAYS] = {0, 100000},
     [CFG_TRIAGE_QUIET_SECONDS] = {0, 86400},
     [CFG_TRIAGE_MIN_SLICES] = {1, 1000},
     [CFG_TRIAGE_DECODER_MAX_MB] = {256, INT64_C(1) << 20},

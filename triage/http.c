@@ -499,6 +499,7 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
     snprintf(h->webhook, sizeof h->webhook, "%s", cfg->webhook ? cfg->webhook : "");
     h->claim_ms = cfg->claim_ms > 0 ? cfg->claim_ms : TRIAGE_HTTP_CLAIM_MS;
     memcpy(h->trusted_proxies, proxies, sizeof proxies);
+    h->worklist_days = cfg->worklist_days;
     h->loopback = is_loopback(&ss);
     http_random_hex(h->local_csrf, 32);
 
@@ -545,6 +546,13 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
 fail:
     triage_http_stop(h);
     return -1;
+}
+
+void triage_http_set_worklist_days(struct triage_http *h, int days)
+{
+    if (!h || h->worklist_days == days) return;
+    h->worklist_days = days;
+    triage_http_changed(h);
 }
 
 static void after_close(uv_handle_t *handle)

@@ -23,6 +23,7 @@ struct triage_http_config {
     const char *tls_key;         /* http.tls_key */
     const char *webhook;         /* http.webhook, "" none */
     const char *trusted_proxies; /* http.trusted_proxies: addresses, comma-separated */
+    int worklist_days;           /* http.worklist_days: the open list's age window, 0 none */
     struct triage_store *store;  /* counters, spool dir, low-space flag; borrowed */
     struct triage_infer *infer;  /* the model's state; borrowed, may be NULL */
     struct scp_server *scp;      /* active associations; borrowed, may be NULL */
@@ -47,6 +48,10 @@ int triage_http_start(struct triage_http **out, const struct triage_http_config 
  * pushes the changed rows to every event stream, rings the webhook for a
  * newly flagged study. Loop thread. NULL is a no-op. */
 void triage_http_changed(struct triage_http *h);
+
+/* The open list's age window (http.worklist_days; 0: none), as at a
+ * reload: pages hear the list it gives at once. NULL is a no-op. */
+void triage_http_set_worklist_days(struct triage_http *h, int days);
 
 /* Stops listening, ends event streams and frees. Open connections are let
  * go with the loop. NULL is a no-op. Loop thread, before the loop closes. */

@@ -53,14 +53,14 @@ static int list_row(void *ud, const struct db_worklist_row *row)
     return 0;
 }
 
-cJSON *http_worklist_json(struct triage_http *h, const char *status)
+cJSON *http_worklist_json(struct triage_http *h, const char *status, int64_t since_ms)
 {
     struct list_ctx c = {.h = h,
                          .arr = cJSON_CreateArray(),
                          .claims = cJSON_CreateObject(),
                          .now_ms = http_now_ms()};
     if (!c.arr || !c.claims || db_claims(h->db, c.now_ms, h->claim_ms, claim_cb, &c) != 0 ||
-        db_worklist(h->db, status, list_row, &c) != 0 || c.oom) {
+        db_worklist(h->db, status, since_ms, list_row, &c) != 0 || c.oom) {
         cJSON_Delete(c.arr);
         cJSON_Delete(c.claims);
         return NULL;
@@ -68,6 +68,23 @@ cJSON *http_worklist_json(struct triage_http *h, const char *status)
     cJSON_Delete(c.claims);
     h->claim_lapses_at_ms = c.lapses_at_ms;
     return c.arr;
+}
+
+cJSON *http_worklist_hidden_json(struct triage_http *h, int64_t since_ms)
+{
+    if (db_worklist_hidden(h->db, since_ms, &h->hidden) != 0) return NULL;
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    char before[40];
+    triage_iso_time(since_ms, before, sizeof before);
+    cJSON_AddNumberToObject(o, "days", (double)h->worklist_days);
+    if (since_ms > 0)
+        cJSON_AddStringToObject(o, "before", before);
+    else
+        cJSON_AddNullToObject(o, "before");
+    cJSON_AddNumberToObject(o, "triaged", (double)h->hidden.triaged);
+    cJSON_AddNumberToObject(o, "not_applicable", (double)h->hidden.not_applicable);
+    return o;
 }
 
 static bool valid_uid(const char *s)
@@ -98,7 +115,8 @@ static int api_worklist(struct triage_http *h, h2o_req_t *req)
             want = status;
         }
     }
-    cJSON *arr = http_worklist_json(h, want);
+    cJSON *arr = http_worklist_json(
+        h, want, want ? 0 : triage_worklist_since(http_now_ms(), h->worklist_days));
     if (!arr) return http_send_error(req, 500, "cannot read the worklist");
     return http_send_json(req, 200, arr);
 }

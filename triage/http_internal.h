@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "db_triage.h"
 #include "http.h"
 
 #define HTTP_MAX_BODY (64 * 1024) /* largest request body accepted */
@@ -127,6 +128,12 @@ struct triage_http {
     int nsnap;
     bool snap_ready;
     uint64_t degraded_pushed; /* hash of the degraded list pages last heard */
+    /* The open list's age window (http.worklist_days, 0 none), what it
+     * left out when last read, and when a study it keeps leaves by age
+     * alone (hidden.next_ms, 0 none): the list then changes with no study
+     * changing. */
+    int64_t worklist_days;
+    struct db_worklist_hidden hidden;
 };
 
 /* The person behind a request: user name and CSRF token to check against. */
@@ -204,8 +211,14 @@ void http_auth_free(struct triage_http *h);
 
 /* http_api.c: routes under /api/ once who is known. */
 int http_api(struct triage_http *h, h2o_req_t *req, const struct http_who *who, const char *path);
-/* The worklist as a JSON array (status NULL: the open list). NULL on error. */
-cJSON *http_worklist_json(struct triage_http *h, const char *status);
+/* The worklist as a JSON array: status NULL, the open list less what its
+ * age window leaves out (since_ms, triage_worklist_since; 0 none); else
+ * every study of that status. NULL on error. */
+cJSON *http_worklist_json(struct triage_http *h, const char *status, int64_t since_ms);
+/* What the open list's age window leaves out at since_ms, as the events
+ * carry it: {"days", "before" (ISO-8601, null without a window), "triaged",
+ * "not_applicable"}; also kept in h->hidden. NULL on error. */
+cJSON *http_worklist_hidden_json(struct triage_http *h, int64_t since_ms);
 
 /* http_sse.c */
 int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *who);

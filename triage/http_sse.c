@@ -1,8 +1,9 @@
 /* triage/http_sse.c: server-sent events (GET /api/events) and what is
  * pushed on them. Each event "worklist" carries the rows that are new or
  * changed, the uids of rows that left, the order of the open list when it
- * changed, and the uids of studies newly flagged (for the page's sound and
- * notification, and the webhook); a stream's first event carries all.
+ * changed, the uids of studies newly flagged (for the page's sound and
+ * notification, and the webhook), and how many studies the open list's
+ * age window leaves out; a stream's first event carries all.
  * An event "ping" every SSE_PING_MS keeps proxies and the page's watchdog
  * content. The server owns each stream (struct http_sse) until h2o stops it
  * or the server ends it. */
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "rows.h"
 
 #define SSE_PENDING_MAX (1 << 20) /* backlog per slow client (one event may be bigger) */
 #define SSE_PING_MS 15000
@@ -23,7 +25,8 @@
 #define SSE_PER_CLIENT_MAX 16
 /* While streams are open, the degraded states are read again this often:
  * some start or end with no worklist change (a delivery to PACS given up on
- * its own thread, a window of the last hour or day ending). */
+ * its own thread, a window of the last hour or day ending); and so is
+ * whether a study grew old enough for the age window to leave it out. */
 #define SSE_CHECK_MS 5000
 
 struct http_sse {
@@ -154,9 +157,13 @@ static void on_ping(uv_timer_t *t)
     if (h->nsse > 0) {
         cJSON *degraded = http_degraded(h);
         /* A claim that lapsed (its reader left) changes its row with no
-         * event of its own. */
+         * event of its own; a study the age window kept grew old enough to
+         * leave: no study changed, but the list did. */
         bool lapsed = h->claim_lapses_at_ms && http_now_ms() >= h->claim_lapses_at_ms;
-        if (lapsed || (degraded && degraded_hash(degraded) != h->degraded_pushed)) http_push_now(h);
+        bool aged = h->hidden.next_ms &&
+                    triage_worklist_since(http_now_ms(), h->worklist_days) > h->hidden.next_ms;
+        if (lapsed || aged || (degraded && degraded_hash(degraded) != h->degraded_pushed))
+            http_push_now(h);
         cJSON_Delete(degraded);
     }
     if (++h->ping_ticks % (SSE_PING_MS / SSE_CHECK_MS) != 0) return;
@@ -191,8 +198,13 @@ static const struct http_snapshot_row *snap_find(const struct http_snapshot_row 
 static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagged_rows)
 {
     *new_flagged_rows = NULL;
-    cJSON *list = http_worklist_json(h, NULL);
-    if (!list) return NULL;
+    int64_t since = triage_worklist_since(http_now_ms(), h->worklist_days);
+    cJSON *list = http_worklist_json(h, NULL, since);
+    cJSON *hidden = list ? http_worklist_hidden_json(h, since) : NULL;
+    if (!hidden) {
+        cJSON_Delete(list);
+        return NULL;
+    }
     int n = cJSON_GetArraySize(list);
     struct http_snapshot_row *snap = calloc((size_t)(n ? n : 1), sizeof *snap);
     cJSON *ev = cJSON_CreateObject();
@@ -202,6 +214,7 @@ static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagg
     if (!snap || !ev || !rows || !removed || !flagged || !order || !*new_flagged_rows) {
         free(snap);
         cJSON_Delete(list);
+        cJSON_Delete(hidden);
         cJSON_Delete(ev);
         cJSON_Delete(rows);
         cJSON_Delete(removed);
@@ -254,6 +267,7 @@ static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagg
     else
         cJSON_Delete(order);
     cJSON_AddItemToObject(ev, "new_flagged", flagged);
+    cJSON_AddItemToObject(ev, "hidden", hidden);
     cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
     return ev;
 }
@@ -356,6 +370,7 @@ void http_push_now(struct triage_http *h)
         return;
     }
     uint64_t t0 = uv_hrtime();
+    struct db_worklist_hidden hidden = h->hidden;
     cJSON *flagged_rows = NULL;
     cJSON *ev = worklist_event(h, false, &flagged_rows);
     /* A long list makes a push cost tens of milliseconds: pushes then come
@@ -370,7 +385,9 @@ void http_push_now(struct triage_http *h)
     uint64_t hash = degraded_hash(cJSON_GetObjectItem(ev, "degraded"));
     bool any = cJSON_GetArraySize(cJSON_GetObjectItem(ev, "rows")) > 0 ||
                cJSON_GetArraySize(cJSON_GetObjectItem(ev, "removed")) > 0 ||
-               cJSON_GetObjectItem(ev, "order") || hash != h->degraded_pushed;
+               cJSON_GetObjectItem(ev, "order") || hash != h->degraded_pushed ||
+               hidden.triaged != h->hidden.triaged ||
+               hidden.not_applicable != h->hidden.not_applicable;
     h->degraded_pushed = hash;
     if (any && h->nsse > 0) {
         char *text = cJSON_PrintUnformatted(ev);

@@ -11,6 +11,11 @@
 static const char *const subtype_names[DB_LABELS - 1] = {
     "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"};
 
+int64_t triage_worklist_since(int64_t now_ms, int64_t days)
+{
+    return days > 0 ? now_ms - days * 86400 * INT64_C(1000) : 0;
+}
+
 void triage_iso_time(int64_t ms, char *out, size_t n)
 {
     time_t s = (time_t)(ms / 1000);

@@ -41,6 +41,12 @@ int triage_study_when(const char *date, const char *time, char *iso, size_t n, i
  * before it arrived, whatever the scanner's time zone. */
 bool triage_row_prior(const struct db_worklist_row *row);
 
+/* The open list's age window (http.worklist_days): the studies that need
+ * no action (triaged and not flagged, not applicable) that arrived before
+ * the time returned, days before now_ms, leave the open list
+ * (db_worklist's since_ms). 0, no window, when days is 0. */
+int64_t triage_worklist_since(int64_t now_ms, int64_t days);
+
 /* ISO-8601 UTC ("2026-11-29T20:06:52Z") of Unix milliseconds into out. */
 void triage_iso_time(int64_t ms, char *out, size_t n);
 

@@ -245,9 +245,13 @@ static void on_reload_signal(uv_signal_t *h, int signum)
     }
     util_log_set_level((enum util_log_level)level);
     triage_infer_reload(n->infer, triage_config_str(&fresh, CFG_TRIAGE_MODEL));
+    int64_t worklist_days = 0;
+    triage_config_get(&fresh, CFG_HTTP_WORKLIST_DAYS, &worklist_days, err, sizeof err);
+    triage_http_set_worklist_days(n->http, (int)worklist_days);
     /* The rest is read once, at start. */
     for (int k = 0; k < CFG_NKEYS; k++)
         if (k != CFG_LOG_LEVEL && k != CFG_DICOM_ALLOWED_PEERS && k != CFG_TRIAGE_MODEL &&
+            k != CFG_HTTP_WORKLIST_DAYS &&
             k != CFG_TRAIN_AUTO_PROMOTE /* read by each training run, not the node */ &&
             strcmp(triage_config_str(&fresh, k), triage_config_str(&n->cfg, k)) != 0)
             util_log(UTIL_LOG_WARN, "reload_needs_restart", "key=%s",
@@ -331,8 +335,8 @@ static void usage(FILE *f)
                "instance durably in <store.dir>/spool and indexes it in <store.dir>/ichtriage.db.\n"
                "SIGTERM or SIGINT: stop accepting, let associations in progress finish\n"
                "(dicom.shutdown_grace seconds), exit. SIGHUP: read the configuration again and\n"
-               "apply dicom.allowed_peers, log.level and the model; other keys that changed\n"
-               "need a restart (logged as reload_needs_restart).\n");
+               "apply dicom.allowed_peers, log.level, http.worklist_days and the model; other\n"
+               "keys that changed need a restart (logged as reload_needs_restart).\n");
 }
 
 int triage_serve_main(int argc, char **argv)
@@ -438,8 +442,10 @@ int triage_serve_main(int argc, char **argv)
                  JOB_MAX_STOPS);
     /* From here on the connection is the loop's: start-up could wait. */
     db_set_busy_timeout(n.store.db, LOOP_BUSY_TIMEOUT_MS);
-    int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days, claim_minutes;
+    int64_t quiet, min_slices, max_tilt, keep_days, keep_reviewed_days, claim_minutes,
+        worklist_days;
     if (get_int(&n, CFG_TRIAGE_QUIET_SECONDS, &quiet) ||
+        get_int(&n, CFG_HTTP_WORKLIST_DAYS, &worklist_days) ||
         get_int(&n, CFG_TRIAGE_MIN_SLICES, &min_slices) ||
         get_int(&n, CFG_TRIAGE_MAX_TILT, &max_tilt) ||
         get_int(&n, CFG_STORE_RETENTION_DAYS, &keep_days) ||
@@ -547,6 +553,7 @@ int triage_serve_main(int argc, char **argv)
     hc.infer = n.infer;
     hc.scp = n.scp;
     hc.claim_ms = n.retain.claim_ms;
+    hc.worklist_days = (int)worklist_days;
     if (triage_http_start(&n.http, &hc, err, sizeof err) != 0) {
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
         scp_server_stop(n.scp, 0);

@@ -44,11 +44,13 @@ int triage_worklist_main(int argc, char **argv)
         fprintf(stderr, "ichtriage worklist: %s\n", err);
         return 2;
     }
-    int json = 0;
+    int json = 0, all = 0;
     const char *status = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0) {
             json = 1;
+        } else if (strcmp(argv[i], "--all") == 0) {
+            all = 1;
         } else if (strcmp(argv[i], "--status") == 0 && i + 1 < argc) {
             status = argv[++i];
             int ok = 0;
@@ -60,11 +62,17 @@ int triage_worklist_main(int argc, char **argv)
                 return 2;
             }
         } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
-            printf("usage: ichtriage worklist [-c FILE] [--set K=V]... [--json] [--status S]\n\n"
+            printf("usage: ichtriage worklist [-c FILE] [--set K=V]... [--json] [--all | --status "
+                   "S]\n\n"
                    "Prints the worklist in the order radiologists see it: flagged and not yet\n"
                    "reviewed by probability, then studies not yet triaged or failed (oldest\n"
                    "first), then the other triaged ones by probability, then those not\n"
-                   "applicable. Reviewed studies only with --status reviewed. A study whose\n"
+                   "applicable. Reviewed studies only with --status reviewed. Studies that\n"
+                   "need no action (triaged and not flagged, not applicable) that arrived more\n"
+                   "than http.worklist_days ago (7; 0: none) are left out, as on the page;\n"
+                   "--all lists them, --status triaged or not_applicable lists every study of\n"
+                   "that status. Flagged studies and those not yet known stay, whatever their\n"
+                   "age. A study whose\n"
                    "files retention removed ends with \"images removed by retention on DATE\".\n"
                    "study_date is the study's own date, \"prior\" when it is more than 2 days\n"
                    "before the study arrived (an earlier study sent again, not a new one).\n"
@@ -76,6 +84,13 @@ int triage_worklist_main(int argc, char **argv)
             triage_config_free(&cfg);
             return 2;
         }
+    }
+    int64_t days = 0;
+    if (!all && !status &&
+        triage_config_get(&cfg, CFG_HTTP_WORKLIST_DAYS, &days, err, sizeof err)) {
+        fprintf(stderr, "ichtriage worklist: %s\n", err);
+        triage_config_free(&cfg);
+        return 2;
     }
     char path[1200];
     snprintf(path, sizeof path, "%s/ichtriage.db", triage_config_str(&cfg, CFG_STORE_DIR));
@@ -90,7 +105,10 @@ int triage_worklist_main(int argc, char **argv)
     struct print_ctx p = {json ? cJSON_CreateArray() : NULL, 0,
                           (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000};
     if (!json) triage_row_print_header(stdout);
-    int rc = db_worklist(db, status, on_row, &p);
+    int64_t since = triage_worklist_since(p.now, days);
+    struct db_worklist_hidden hidden;
+    int rc = db_worklist(db, status, since, on_row, &p);
+    if (rc == 0) rc = db_worklist_hidden(db, since, &hidden);
     db_close(db);
     if (rc != 0) {
         fprintf(stderr, "ichtriage worklist: cannot read the worklist\n");
@@ -104,6 +122,12 @@ int triage_worklist_main(int argc, char **argv)
         cJSON_Delete(p.array);
     } else {
         printf("-- %d studies. Decision support, not a diagnosis.\n", p.rank);
+        if (hidden.triaged + hidden.not_applicable > 0)
+            printf("-- %lld older studies that need no action not shown (%lld triaged, not "
+                   "flagged; %lld not applicable; arrived more than %lld days ago): --all shows "
+                   "them.\n",
+                   (long long)(hidden.triaged + hidden.not_applicable), (long long)hidden.triaged,
+                   (long long)hidden.not_applicable, (long long)days);
     }
     return 0;
 }

@@ -197,8 +197,10 @@ class ServeGuard(itest.NodeTest):
                             "'A@127.0.0.1:104' is listed twice")):
             self.assertIn(why, self.reload(node, extra, "reload_refused"))
         self.assertEqual(node.events("reloaded"), [])
-        # A valid change that only a restart applies: reloaded, with the key named.
-        self.reload(node, {"triage.quiet_seconds": 3, "store.retention_days": 30}, "reloaded")
+        # A valid change that only a restart applies: reloaded, with the key
+        # named; the open list's age window is applied, so not named.
+        self.reload(node, {"triage.quiet_seconds": 3, "store.retention_days": 30,
+                           "http.worklist_days": 30}, "reloaded")
         keys = sorted(e.split("key=")[1] for e in node.events("reload_needs_restart"))
         self.assertEqual(keys, ["store.retention_days", "triage.quiet_seconds"])
         self.assertTrue(node.alive())

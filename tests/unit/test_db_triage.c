@@ -265,16 +265,23 @@ static int collect(void *ud, const struct db_worklist_row *row)
     return 0;
 }
 
-static void expect_order(const char *status, const char *const *want, int nwant)
+/* The list of status (NULL: the open list, with the age window since_ms)
+ * is want, in that order. */
+static void expect_list(const char *status, int64_t since_ms, const char *const *want, int nwant)
 {
     struct order o = {0};
-    cr_assert_eq(db_worklist(db, status, collect, &o), 0);
+    cr_assert_eq(db_worklist(db, status, since_ms, collect, &o), 0);
     char got[600] = "";
     for (int i = 0; i < o.n; i++)
         snprintf(got + strlen(got), sizeof got - strlen(got), " %s(%s)", o.uid[i], o.status[i]);
     cr_assert_eq(o.n, nwant, "%d rows:%s", o.n, got);
     for (int i = 0; i < nwant; i++)
         cr_assert_str_eq(o.uid[i], want[i], "row %d: order%s", i, got);
+}
+
+static void expect_order(const char *status, const char *const *want, int nwant)
+{
+    expect_list(status, 0, want, nwant);
 }
 
 /* Every status, flagged and not, ties in probability and in age, a flagged
@@ -319,6 +326,44 @@ Test(worklist, every_status_in_its_group_and_order)
     expect_order("reviewed", reviewed, 1);
     const char *failed[] = {"2.b", "2.e"};
     expect_order("failed", failed, 2);
+}
+
+/* The open list's age window (http.worklist_days) leaves out the studies
+ * that need no action, triaged and not flagged or not applicable, that
+ * arrived before it; old flagged, failed, receiving, waiting and triaging
+ * studies stay, in their places. Each status still lists all of its own,
+ * and db_worklist_hidden counts what was left out and says when the next
+ * study kept leaves by age. The uids say old (o) or new (n) and the group. */
+Test(worklist, age_window_leaves_out_only_old_studies_that_need_no_action)
+{
+    const int64_t since = t0 + 1000;
+    ended(series_in("o.3", "o.3.1", 10), 0.30, false, NULL);
+    decide(series_in("o.4", "o.4.1", 20), "not_applicable", "not a head");
+    ended(series_in("o.1", "o.1.1", 30), 0.90, true, NULL);
+    ended(series_in("o.2f", "o.2f.1", 40), 0, false, "x");
+    series_in("o.2r", "o.2r.1", 50); /* received: receiving */
+    claimed(series_in("o.2t", "o.2t.1", 60));
+    ended(series_in("n.3", "n.3.1", 2000), 0.20, false, NULL);
+    decide(series_in("n.4", "n.4.1", 3000), "not_applicable", "not a head");
+    /* waiting (last: the claims above take the oldest queued job) */
+    decide(series_in("o.2w", "o.2w.1", 70), "waiting", "4-x");
+
+    const char *all[] = {"o.1", "o.2f", "o.2r", "o.2t", "o.2w", "o.3", "n.3", "o.4", "n.4"};
+    expect_list(NULL, 0, all, 9);
+    const char *open[] = {"o.1", "o.2f", "o.2r", "o.2t", "o.2w", "n.3", "n.4"};
+    expect_list(NULL, since, open, 7);
+    const char *triaged[] = {"o.1", "o.3", "n.3"};
+    expect_list("triaged", since, triaged, 3);
+    const char *not_applicable[] = {"o.4", "n.4"};
+    expect_list("not_applicable", since, not_applicable, 2);
+
+    struct db_worklist_hidden h;
+    cr_assert_eq(db_worklist_hidden(db, since, &h), 0);
+    cr_expect_eq(h.triaged, 1);
+    cr_expect_eq(h.not_applicable, 1);
+    cr_expect_eq(h.next_ms, t0 + 2000, "n.3 leaves next");
+    cr_assert_eq(db_worklist_hidden(db, 0, &h), 0);
+    cr_expect_eq(h.triaged + h.not_applicable + h.next_ms, 0, "no window, nothing left out");
 }
 
 /* A reviewed study whose late series then fails is back on the list (it
@@ -372,7 +417,7 @@ Test(worklist, reviewed_study_back_when_a_series_triaging_at_the_review_ends)
     const char *back[] = {"7.a"};
     expect_order(NULL, back, 1);
     struct order o = {0};
-    cr_assert_eq(db_worklist(db, NULL, collect, &o), 0);
+    cr_assert_eq(db_worklist(db, NULL, 0, collect, &o), 0);
     cr_assert_str_eq(o.status[0], "triaged");
 
     /* The same for a job that fails after the review. */

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
 
 import webtest as wt
@@ -371,37 +370,6 @@ class ApiTest(wt.WebTest):
                                headers=[tok])
         self.assertEqual(status, 409)
 
-    def event_stream(self):
-        """curl -N on /api/events: the process, and the list a thread fills
-        with each worklist event as {"event": name, "data": parsed JSON}
-        once the first has come (the caller kills the process). Pings are
-        left out."""
-        events = []
-        proc = subprocess.Popen(["curl", "-sN", "-m", "40", self.node.base + "/api/events"],
-                                stdout=subprocess.PIPE)
-
-        def read():
-            ev = {}
-            for line in proc.stdout:
-                line = line.decode().rstrip("\n")
-                if not line:
-                    if ev and ev.get("event") != "ping":
-                        events.append(ev)
-                    ev = {}
-                elif line.startswith("event: "):
-                    ev["event"] = line[7:]
-                elif line.startswith("data: "):
-                    ev["data"] = json.loads(line[6:])
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while not events and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not events:
-            proc.kill()
-            proc.wait()
-            self.fail("no first event")
-        return proc, events
-
     def test_events_push_a_new_study(self):
         proc, events = self.event_stream()
         try:
@@ -754,22 +722,10 @@ class EnhancedPngTest(wt.WebTest):
 
 
 def node_with_studies(test, n):
-    """A node (no model) whose index holds n triaged studies 1.2.0, 1.2.1, ..."""
-    node = test.start_node({"triage.model": os.path.join(test.work, "none.safetensors")})
-    node.stop()
-    import sqlite3
-    con = sqlite3.connect(node.db_path)
-    con.execute("INSERT INTO patients (patient_id, patient_name) VALUES ('P', 'Doe^J')")
-    con.executemany(
-        "INSERT INTO studies (study_uid, patient_ref, accession, study_desc, received_at,"
-        " updated_at, status, probability) VALUES (?, 1, ?, 'CT HEAD', ?, ?, 'triaged', ?)",
-        [("1.2.%d" % i, "A%d" % i, 1700000000000 + i, 1700000000000 + i, (i % 97) / 97)
-         for i in range(n)])
-    con.commit()
-    con.close()
-    node.start()
-    node.base = "http://127.0.0.1:%d" % node.http_port
-    return node
+    """A node (no model) whose index holds n triaged studies 1.2.0, 1.2.1, ...
+    arrived in the last hour (inside the open list's age window)."""
+    return test.node_with_rows([("1.2.%d" % i, "triaged", 0, (i % 97) / 97, 3600000 - i)
+                                for i in range(n)])
 
 
 class LongListTest(wt.WebTest):
@@ -785,6 +741,66 @@ class LongListTest(wt.WebTest):
         self.assertGreater(len(data[0]), 1 << 20)
         self.assertEqual(first["order"], [r["study_uid"] for r in rows])
         self.assertEqual(len(first["rows"]), 2500)
+
+
+class AgeWindowTest(wt.WebTest):
+    def uids(self, node, query=""):
+        return [r["study_uid"] for r in self.get_json(node, "/api/worklist" + query)]
+
+    def test_old_studies_that_need_no_action_leave_the_open_list(self):
+        """The open list (http.worklist_days, 7 by default) leaves out studies
+        triaged and not flagged, or not applicable, that arrived more than 7
+        days ago; old flagged, failed, waiting and received ones stay in their
+        places. ?status= lists every study of its status, old ones too;
+        `ichtriage worklist` leaves out the same, --all lists them; the events
+        say how many are left out, and a study that grows old while a page
+        listens leaves the list. The list had kept every study until it was
+        reviewed, however old."""
+        node = self.node_with_rows(wt.AGE_WINDOW_ROWS)
+        self.assertEqual(self.uids(node), ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.7", "1.9.8"])
+        self.assertEqual(self.uids(node, "?status=triaged"), ["1.9.3", "1.9.1", "1.9.7"])
+        self.assertEqual(self.uids(node, "?status=not_applicable"), ["1.9.2", "1.9.8"])
+        # The command line: the same list, and --all without the window.
+        self.assertEqual([r["study_uid"] for r in self.cli_worklist(node)], self.uids(node))
+        argv = [wt.itest.EXE, "worklist", "-c", "/dev/null", "--set", "store.dir=" + node.store_dir]
+        p = subprocess.run(argv + ["--all", "--json"], stdout=subprocess.PIPE, check=True)
+        self.assertEqual([r["study_uid"] for r in json.loads(p.stdout)],
+                         ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.1", "1.9.7", "1.9.2", "1.9.8"])
+        p = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True)
+        self.assertIn("-- 2 older studies that need no action not shown (1 triaged, not flagged;"
+                      " 1 not applicable; arrived more than 7 days ago): --all shows them.",
+                      p.stdout)
+        p = subprocess.run(argv + ["--set", "http.worklist_days=0", "--json"],
+                           stdout=subprocess.PIPE, check=True)
+        self.assertEqual(len(json.loads(p.stdout)), 8)
+
+        # A study about to grow old: listed while a stream starts, and it
+        # leaves with no study changing (the node notices within seconds).
+        soon = int(time.time() * 1000) - 7 * 86400 * 1000 + 15000
+        import sqlite3
+        con = sqlite3.connect(node.db_path, timeout=10)
+        with con:
+            con.execute("UPDATE studies SET received_at = ? WHERE study_uid = '1.9.7'", (soon,))
+        con.close()
+        proc, events = self.event_stream(node)
+        try:
+            first = events[0]["data"]
+            self.assertEqual(first["order"], ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.7", "1.9.8"])
+            hidden = first["hidden"]
+            self.assertEqual((hidden["days"], hidden["triaged"], hidden["not_applicable"]),
+                             (7, 1, 1))
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and \
+                    not any("1.9.7" in ev["data"]["removed"] for ev in events[1:]):
+                time.sleep(0.2)
+            gone = [ev["data"] for ev in events[1:] if "1.9.7" in ev["data"]["removed"]]
+            self.assertTrue(gone, "1.9.7 never left the list: %r" % events[1:])
+            self.assertEqual(gone[0]["hidden"]["triaged"], 2)
+            self.assertEqual(gone[0]["order"], ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.8"])
+        finally:
+            proc.kill()
+            proc.wait()
+        self.assertEqual(self.uids(node), ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.8"])
 
 
 def first_event(port, timeout=60):

@@ -837,6 +837,34 @@ class PageTest(wt.WebTest):
             ".length" % gone), 0)
         self.assertEqual(b.console_errors(), [])
 
+    def test_older_studies_left_out_said_and_shown_on_request(self):
+        """The open list leaves out studies that need no action that are
+        older than http.worklist_days (7): the page says how many, of which
+        status, and "Show them" lists them (the "older" view); back on open
+        studies they are gone again and the note is back. The page had
+        listed every study until it was reviewed, and had no such note."""
+        node = self.node_with_rows(wt.AGE_WINDOW_ROWS)
+        b = self.live_page(node)
+        b.wait("document.querySelectorAll('#rows tr').length === 6")
+        self.assertEqual(self.dom_order(), ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.7", "1.9.8"])
+        b.wait("!document.getElementById('older').hidden")
+        text = b.eval("document.getElementById('older').innerText")
+        self.assertTrue(text.startswith("2 older studies not shown (1 triaged, not flagged, 1 not"
+                                        " applicable; arrived more than 7 days ago, before "), text)
+        self.assertIn("Show them", text)
+        b.screenshot(self.artifact("older-note.png"))
+        b.click("#show-older")
+        b.wait("document.querySelectorAll('#rows tr').length === 2")
+        self.assertEqual(self.dom_order(), ["1.9.1", "1.9.2"])
+        self.assertEqual(b.eval("document.getElementById('status-filter').value"), "older")
+        self.assertTrue(b.eval("document.getElementById('older').hidden"))
+        b.eval("const f = document.getElementById('status-filter'); f.value = '';"
+               " f.dispatchEvent(new Event('change'))")
+        b.wait("document.querySelectorAll('#rows tr').length === 6 && "
+               "!document.getElementById('older').hidden")
+        self.assertEqual(self.dom_order(), ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.7", "1.9.8"])
+        self.assertEqual(b.console_errors(), [])
+
     def test_degraded_banner(self):
         node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
         b = self.browser = self.new_browser()

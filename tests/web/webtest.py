@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,6 +23,19 @@ import test_triage  # noqa: E402  (its phantom() helper)
 MAKE_MODEL = None
 XSS_NAME = "<img src=x onerror=alert(1)>"
 LATIN1_NAME = "M\u00fcller^J\u00fcrgen"
+
+# Studies for the open list's age window (node_with_rows): (uid, status,
+# flagged, probability, arrived ms ago); old ones 10 days ago, the window
+# the default 7 days.
+_OLD, _NEW = 10 * 86400 * 1000, 86400 * 1000
+AGE_WINDOW_ROWS = [("1.9.1", "triaged", 0, 0.2, _OLD),          # needs no action: left out
+                   ("1.9.2", "not_applicable", 0, None, _OLD),  # left out
+                   ("1.9.3", "triaged", 1, 0.9, _OLD),          # flagged, unreviewed: stays
+                   ("1.9.4", "failed", 0, None, _OLD),          # not yet known: stays
+                   ("1.9.5", "waiting", 0, None, _OLD),
+                   ("1.9.6", "received", 0, None, _OLD),
+                   ("1.9.7", "triaged", 0, 0.1, _NEW),
+                   ("1.9.8", "not_applicable", 0, None, _NEW)]
 
 
 def phantom(out, seed, count=1, slices=12, size=64):
@@ -161,6 +175,59 @@ class WebTest(itest.NodeTest):
         node = self.start_node(settings, env=env)
         node.base = "http://127.0.0.1:%d" % node.http_port
         return node
+
+    def node_with_rows(self, rows, **settings):
+        """A node (no model) whose index holds rows, each (study_uid, status,
+        flagged, probability or None, arrived this many ms ago), written
+        straight into its SQLite index; node.base is its URL."""
+        settings.setdefault("triage.model", os.path.join(self.work, "none.safetensors"))
+        node = self.start_node(settings)
+        node.stop()
+        import sqlite3
+        now = int(time.time() * 1000)
+        con = sqlite3.connect(node.db_path)
+        con.execute("INSERT INTO patients (patient_id, patient_name) VALUES ('P', 'Doe^J')")
+        con.executemany(
+            "INSERT INTO studies (study_uid, patient_ref, accession, study_desc, received_at,"
+            " updated_at, status, flagged, probability) VALUES (?, 1, ?, 'CT HEAD', ?, ?, ?, ?, ?)",
+            [(uid, "A" + uid, now - age, now - age, status, flagged, p)
+             for uid, status, flagged, p, age in rows])
+        con.commit()
+        con.close()
+        node.start()
+        node.base = "http://127.0.0.1:%d" % node.http_port
+        return node
+
+    def event_stream(self, node=None):
+        """curl -N on node's /api/events (default self.node's): the process,
+        and the list a thread fills with each worklist event as {"event":
+        name, "data": parsed JSON} once the first has come (the caller kills
+        the process). Pings are left out."""
+        events = []
+        proc = subprocess.Popen(["curl", "-sN", "-m", "40",
+                                 (node or self.node).base + "/api/events"], stdout=subprocess.PIPE)
+
+        def read():
+            ev = {}
+            for line in proc.stdout:
+                line = line.decode().rstrip("\n")
+                if not line:
+                    if ev and ev.get("event") != "ping":
+                        events.append(ev)
+                    ev = {}
+                elif line.startswith("event: "):
+                    ev["event"] = line[7:]
+                elif line.startswith("data: "):
+                    ev["data"] = json.loads(line[6:])
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not events:
+            proc.kill()
+            proc.wait()
+            self.fail("no first event")
+        return proc, events
 
     def get_json(self, node, path, expect=200):
         status, _, body = curl(node.base + path)

@@ -12,6 +12,7 @@ const state = {
   trs: new Map(),     // study_uid -> <tr>
   byUid: new Map(),   // study_uid -> row, as the event stream last said
   order: [],          // study_uids of the open list, in order
+  hidden: null,       // what the open list's age window leaves out (the events' "hidden")
   events: null,
   audio: null,
   study: null,
@@ -271,6 +272,7 @@ function listen() {
     for (const uid of d.removed) state.byUid.delete(uid);
     if (d.order) state.order = d.order;
     const rows = state.order.map((uid) => state.byUid.get(uid)).filter(Boolean);
+    if (d.hidden) { state.hidden = d.hidden; olderNote(); }
     degraded(d.degraded);
     if (d.new_flagged && d.new_flagged.length) alertFlagged(d.new_flagged, rows);
     if ($("status-filter").value === "") offer(rows);
@@ -307,6 +309,30 @@ function restartLater() {
   state.retryTimer = setTimeout(() => { state.retryTimer = null; start(); }, state.retryMs);
 }
 
+// The open list leaves out studies that need no action (triaged and not
+// flagged, not applicable) older than http.worklist_days: the page says how
+// many, and shows them on request.
+function olderNote() {
+  const h = state.hidden, n = h ? h.triaged + h.not_applicable : 0;
+  $("older").hidden = !n || $("status-filter").value !== "";
+  if (!n) return;
+  const parts = [];
+  if (h.triaged) parts.push(h.triaged + " triaged, not flagged");
+  if (h.not_applicable) parts.push(h.not_applicable + " not applicable");
+  $("older-text").textContent = n + (n === 1 ? " older study" : " older studies") +
+    " not shown (" + parts.join(", ") + "; arrived more than " + h.days +
+    (h.days === 1 ? " day" : " days") + " ago, before " + localTime(h.before) + ").";
+}
+
+// Those the open list leaves out, as the node last said: every study of
+// either status that is not flagged and arrived before the window.
+async function olderRows() {
+  const before = Date.parse(state.hidden && state.hidden.before);
+  const [triaged, na] = await Promise.all(["triaged", "not_applicable"].map(
+    (s) => api("/api/worklist?status=" + s)));
+  return triaged.concat(na).filter((r) => !r.flagged && Date.parse(r.received_at) < before);
+}
+
 async function loadFiltered() {
   const status = $("status-filter").value;
   state.trs.forEach((tr) => tr.remove());
@@ -314,7 +340,9 @@ async function loadFiltered() {
   state.rows = [];
   state.pending = null;
   $("pending").hidden = true;
-  render(status ? await api("/api/worklist?status=" + encodeURIComponent(status))
+  olderNote();
+  render(status === "older" ? await olderRows()
+    : status ? await api("/api/worklist?status=" + encodeURIComponent(status))
     : state.order.map((uid) => state.byUid.get(uid)).filter(Boolean));
 }
 
@@ -761,6 +789,7 @@ document.addEventListener("DOMContentLoaded", () => {
   tbody.addEventListener("mouseleave", () => { state.hovering = false; applyPending(); });
   $("pending").addEventListener("click", () => { state.hovering = false; applyPending(); });
   $("status-filter").addEventListener("change", loadFiltered);
+  $("show-older").addEventListener("click", () => { $("status-filter").value = "older"; loadFiltered(); });
   $("review-form").addEventListener("submit", submitReview);
   $("claim-btn").addEventListener("click", () => claim(true));
   $("release-btn").addEventListener("click", () => claim(false));
