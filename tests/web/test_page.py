@@ -865,6 +865,31 @@ class PageTest(wt.WebTest):
         self.assertEqual(self.dom_order(), ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.7", "1.9.8"])
         self.assertEqual(b.console_errors(), [])
 
+    def test_long_list_drawn_in_steps(self):
+        """A long list draws its first 200 rows, in the API's order, and says
+        how many there are; "Show 200 more" draws the next ones, until all
+        are. The page had drawn every row at once (8,000 rows: seconds of
+        layout before anything showed)."""
+        node = self.node_with_rows([("1.7.%d" % i, "triaged", 0, (i % 89) / 89, 3600000 - i)
+                                    for i in range(450)])
+        api = [r["study_uid"] for r in self.get_json(node, "/api/worklist")]
+        b = self.live_page(node)
+        b.wait("document.querySelectorAll('#rows tr').length === 200")
+        self.assertEqual(self.dom_order(), api[:200])
+        self.assertEqual(b.eval("document.getElementById('count').textContent"),
+                         "450 studies (the first 200 shown)")
+        self.assertEqual(b.eval("document.getElementById('more').innerText"),
+                         "Showing the first 200 of 450 studies. Show 200 more")
+        b.click("#more-btn")
+        b.wait("document.querySelectorAll('#rows tr').length === 400")
+        self.assertEqual(b.eval("document.getElementById('more-btn').textContent"), "Show 50 more")
+        b.click("#more-btn")
+        b.wait("document.querySelectorAll('#rows tr').length === 450")
+        self.assertEqual(self.dom_order(), api)
+        self.assertTrue(b.eval("document.getElementById('more').hidden"))
+        self.assertEqual(b.eval("document.getElementById('count').textContent"), "450 studies")
+        self.assertEqual(b.console_errors(), [])
+
     def test_degraded_banner(self):
         node = self.start_node({"triage.model": os.path.join(self.work, "none.safetensors")})
         b = self.browser = self.new_browser()

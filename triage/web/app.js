@@ -6,7 +6,8 @@
 const SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"];
 const state = {
   session: null,      // {user, csrf, login}
-  rows: [],           // rows shown, in order
+  rows: [],           // rows of the list shown, in order (drawn: the first `drawn` of them)
+  drawn: 0,           // how many rows are drawn at most (LIST_STEP more per "Show more")
   pending: null,      // rows waiting while the pointer is over the list
   hovering: false,
   trs: new Map(),     // study_uid -> <tr>
@@ -28,6 +29,11 @@ const state = {
   keyIndex: 0,        // the open study's key slice, where the cursor starts
   imagesRemoved: false,
 };
+
+// Rows drawn at first, and added by each "Show more": a table of thousands
+// of rows took seconds to lay out (3.7 s of layout for 8,000), and the
+// studies to read come first.
+const LIST_STEP = 200;
 
 // The node pings every 15 s: a stream silent for longer than this died
 // without being closed (a NAT change, a laptop's sleep, a frozen proxy),
@@ -137,11 +143,19 @@ function rowCells(tr, row, rank) {
 }
 
 // Rows are keyed by study: only rows whose content or rank changed are
-// redrawn, and only rows out of place are moved.
+// redrawn, and only rows out of place are moved. One pass along the table
+// with a cursor (tbody.children[i] after each move walked the rows again:
+// quadratic, seconds at thousands of rows); rows past the last one kept
+// (all of them, the first time) are built in a fragment and added at once.
 function render(rows) {
   const tbody = $("rows");
+  const all = rows;
+  if (!state.drawn) state.drawn = LIST_STEP;
+  rows = all.slice(0, state.drawn);
   const keep = new Set(rows.map((r) => r.study_uid));
   for (const [uid, tr] of state.trs) if (!keep.has(uid)) { tr.remove(); state.trs.delete(uid); }
+  let cursor = tbody.firstElementChild;
+  const tail = document.createDocumentFragment();
   rows.forEach((row, i) => {
     let tr = state.trs.get(row.study_uid);
     const fresh = !tr;
@@ -155,11 +169,18 @@ function render(rows) {
       tr.__json = json;
       tr.__rank = i + 1;
     }
-    if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
+    if (tr === cursor) cursor = cursor.nextElementSibling;
+    else if (cursor) tbody.insertBefore(tr, cursor);
+    else tail.append(tr);
   });
-  state.rows = rows;
-  $("count").textContent = rows.length + (rows.length === 1 ? " study" : " studies");
-  $("empty").hidden = rows.length > 0;
+  tbody.append(tail);
+  state.rows = all;
+  $("count").textContent = all.length + (all.length === 1 ? " study" : " studies") +
+    (all.length > rows.length ? " (the first " + rows.length + " shown)" : "");
+  $("empty").hidden = all.length > 0;
+  $("more").hidden = all.length <= rows.length;
+  $("more-text").textContent = "Showing the first " + rows.length + " of " + all.length + " studies.";
+  $("more-btn").textContent = "Show " + Math.min(LIST_STEP, all.length - rows.length) + " more";
   setTimeout(() => document.querySelectorAll("tr.changed").forEach((t) => t.classList.remove("changed")), 4000);
 }
 
@@ -172,7 +193,7 @@ function sameOrder(a, b) {
 function offer(rows) {
   if (state.hovering && !sameOrder(rows, state.rows)) {
     state.pending = rows;
-    const n = rows.filter((r) => !state.trs.has(r.study_uid)).length;
+    const n = rows.slice(0, state.drawn).filter((r) => !state.trs.has(r.study_uid)).length;
     $("pending").textContent = (n ? n + " new, " : "") + "list changed \u2014 updates when the pointer leaves the list (click to update now)";
     $("pending").hidden = false;
     return;
@@ -338,6 +359,7 @@ async function loadFiltered() {
   state.trs.forEach((tr) => tr.remove());
   state.trs.clear();
   state.rows = [];
+  state.drawn = 0;
   state.pending = null;
   $("pending").hidden = true;
   olderNote();
@@ -789,6 +811,7 @@ document.addEventListener("DOMContentLoaded", () => {
   tbody.addEventListener("mouseleave", () => { state.hovering = false; applyPending(); });
   $("pending").addEventListener("click", () => { state.hovering = false; applyPending(); });
   $("status-filter").addEventListener("change", loadFiltered);
+  $("more-btn").addEventListener("click", () => { state.drawn += LIST_STEP; render(state.rows); });
   $("show-older").addEventListener("click", () => { $("status-filter").value = "older"; loadFiltered(); });
   $("review-form").addEventListener("submit", submitReview);
   $("claim-btn").addEventListener("click", () => claim(true));
