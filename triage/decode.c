@@ -10,6 +10,7 @@
  * The parent trusts nothing it reads: the sizes are its own, a message is
  * cut and made printable, and a child that says nothing for 10 times its
  * CPU limit is killed. */
+#include "child.h"
 #include "clock.h"
 #include "decode.h"
 
@@ -17,7 +18,6 @@
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -339,26 +339,9 @@ static int child_start(struct triage_slices *s, const struct triage_decoder *d, 
     snprintf(cpu, sizeof cpu, "%d", d->cpu_seconds);
     char *argv[] = {
         (char *)d->exe, "decode-pixels", "--max-mb", max_mb, "--cpu-seconds", cpu, NULL};
-    /* posix_spawn (vfork and exec): safe from a thread of a threaded
-     * process, unlike fork without exec. The child gets the socket as stdin
-     * and stdout, nothing else of ours, default signal handling, and this
-     * thread's scheduling (the inference thread's idle priority). */
-    posix_spawn_file_actions_t fa;
-    posix_spawnattr_t at;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, sv[1], 0);
-    posix_spawn_file_actions_adddup2(&fa, sv[1], 1);
-    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
-    posix_spawnattr_init(&at);
-    sigset_t none, all;
-    sigemptyset(&none);
-    sigfillset(&all);
-    posix_spawnattr_setsigmask(&at, &none);
-    posix_spawnattr_setsigdefault(&at, &all);
-    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    int rc = posix_spawn(&s->pid, d->exe, &fa, &at, argv, d->envp);
-    posix_spawn_file_actions_destroy(&fa);
-    posix_spawnattr_destroy(&at);
+    /* The child gets the socket as stdin and stdout, and this thread's
+     * scheduling (the inference thread's idle priority). */
+    int rc = util_spawn(&s->pid, d->exe, argv, d->envp, sv[1], sv[1]);
     close(sv[1]);
     s->fd = sv[0];
     if (rc != 0) {

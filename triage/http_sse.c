@@ -9,10 +9,17 @@
  * or the server ends it. */
 #include "http_internal.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/pidfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include "child.h"
 #include "log.h"
 #include "rows.h"
 
@@ -272,11 +279,17 @@ static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagg
     return ev;
 }
 
-/* The webhook: curl posts a small JSON (no patient name) to http.webhook. */
+/* The webhook: curl posts a small JSON (no patient name) to http.webhook.
+ * It gets nothing of the node's but the body on its stdin and the log on
+ * stderr (util_spawn): a listening socket it held would keep a node started
+ * again from listening until it ended (up to its 10 s). Its end is seen on
+ * a pidfd, which libuv polls like any descriptor. */
 struct webhook_run {
-    uv_process_t proc;
+    uv_poll_t ended; /* on pidfd: readable once curl has exited */
     uv_pipe_t in;
     uv_write_t wr;
+    pid_t pid;
+    int pidfd;
     char *body;
     int open; /* handles still to close */
 };
@@ -285,15 +298,36 @@ static void webhook_closed(uv_handle_t *hd)
 {
     struct webhook_run *w = hd->data;
     if (--w->open == 0) {
+        close(w->pidfd);
         free(w->body);
         free(w);
     }
 }
 
-static void webhook_exit(uv_process_t *p, int64_t status, int sig)
+/* A curl that cannot be watched is ended and reaped at once, so that no
+ * zombie is left behind; it is killed, so the wait is short. */
+static int webhook_reap(pid_t pid, int *st, bool kill_it)
 {
-    if (status != 0 || sig != 0)
-        util_log(UTIL_LOG_WARN, "webhook_failed", "exit=%lld signal=%d", (long long)status, sig);
+    if (kill_it) kill(pid, SIGKILL);
+    pid_t got;
+    while ((got = waitpid(pid, st, kill_it ? 0 : WNOHANG)) < 0 && errno == EINTR) {
+    }
+    return got;
+}
+
+static void webhook_exit(uv_poll_t *p, int status, int events)
+{
+    (void)events;
+    struct webhook_run *w = p->data;
+    int st = 0;
+    pid_t got = webhook_reap(w->pid, &st, status < 0);
+    if (got == 0) return; /* not ended yet */
+    if (got < 0)
+        util_log(UTIL_LOG_WARN, "webhook_failed", "reason=\"cannot wait for curl: %s\"",
+                 strerror(errno));
+    else if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        util_log(UTIL_LOG_WARN, "webhook_failed", "exit=%d signal=%d",
+                 WIFEXITED(st) ? WEXITSTATUS(st) : 0, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
     uv_close((uv_handle_t *)p, webhook_closed);
 }
 
@@ -323,8 +357,6 @@ static void webhook_send(struct triage_http *h, const cJSON *row)
         return;
     }
     w->body = body;
-    uv_pipe_init(h->loop, &w->in, 0);
-    w->in.data = w->proc.data = w->wr.data = w;
     char *args[] = {"curl",
                     "-sS",
                     "-m",
@@ -338,26 +370,46 @@ static void webhook_send(struct triage_http *h, const cJSON *row)
                     "@-",
                     h->webhook,
                     NULL};
-    uv_stdio_container_t stdio[3] = {
-        {.flags = UV_CREATE_PIPE | UV_READABLE_PIPE, .data.stream = (uv_stream_t *)&w->in},
-        {.flags = UV_IGNORE},
-        {.flags = UV_INHERIT_FD, .data.fd = 2},
-    };
-    uv_process_options_t opt = {
-        .exit_cb = webhook_exit, .file = "curl", .args = args, .stdio_count = 3, .stdio = stdio};
-    /* uv_spawn registers the process handle with the loop even when it
-     * fails: both handles are closed, and w is freed by the last close. */
-    int rc = uv_spawn(h->loop, &w->proc, &opt);
-    w->open = 2;
+    int body_pipe[2], rc = 0;
+    const char *what = "cannot start curl";
+    if (pipe2(body_pipe, O_CLOEXEC) != 0) {
+        rc = errno;
+    } else {
+        rc = util_spawn(&w->pid, "curl", args, NULL, body_pipe[0], -1);
+        close(body_pipe[0]);
+        if (rc != 0) close(body_pipe[1]);
+    }
+    w->pidfd = -1;
+    if (rc == 0) {
+        what = "cannot watch curl";
+        w->pidfd = pidfd_open(w->pid, 0);
+        rc = w->pidfd < 0 ? -errno : uv_poll_init(h->loop, &w->ended, w->pidfd);
+        if (rc != 0) {
+            webhook_reap(w->pid, NULL, true);
+            close(body_pipe[1]);
+            if (w->pidfd >= 0) close(w->pidfd);
+        }
+    }
     if (rc != 0) {
-        util_log(UTIL_LOG_WARN, "webhook_failed", "reason=\"%s\"", uv_strerror(rc));
-        uv_close((uv_handle_t *)&w->proc, webhook_closed);
-        uv_close((uv_handle_t *)&w->in, webhook_closed);
+        util_log(UTIL_LOG_WARN, "webhook_failed", "reason=\"%s: %s\"", what,
+                 rc > 0 ? strerror(rc) : uv_strerror(rc));
+        free(w->body);
+        free(w);
         return;
     }
+    /* From here both handles are closed, and w is freed by the last close. */
+    w->open = 2;
+    uv_pipe_init(h->loop, &w->in, 0);
+    w->in.data = w->ended.data = w->wr.data = w;
+    uv_poll_start(&w->ended, UV_READABLE, webhook_exit);
     uv_buf_t buf = uv_buf_init(w->body, (unsigned)strlen(w->body));
-    if (uv_write(&w->wr, (uv_stream_t *)&w->in, &buf, 1, webhook_written) != 0)
+    rc = uv_pipe_open(&w->in, body_pipe[1]);
+    if (rc != 0) close(body_pipe[1]);
+    if (rc != 0 || uv_write(&w->wr, (uv_stream_t *)&w->in, &buf, 1, webhook_written) != 0) {
+        /* No body to send: curl must not post an empty one. */
+        kill(w->pid, SIGKILL);
         uv_close((uv_handle_t *)&w->in, webhook_closed);
+    }
 }
 
 void http_push_now(struct triage_http *h)

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -535,6 +536,39 @@ class AuthTest(wt.WebTest):
             " ORDER BY id")], [("alice", "claimed", ""), ("bob", "claimed", "alice (lapsed)")])
 
 
+def children(pid):
+    """Pids of pid's children."""
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % p) as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def comm(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def open_files(pid):
+    """fd -> what it is open on ("socket:[1234]", a path), of process pid."""
+    out = {}
+    d = "/proc/%d/fd" % pid
+    for fd in os.listdir(d):
+        try:
+            out[int(fd)] = os.readlink(os.path.join(d, fd))
+        except OSError:
+            pass
+    return out
+
+
 class Hook(http.server.BaseHTTPRequestHandler):
     received = []
 
@@ -577,6 +611,40 @@ class WebhookTest(wt.WebTest):
         finally:
             server.shutdown()
             server.server_close()
+
+    def test_webhook_curl_holds_nothing_of_the_node(self):
+        # curl was started with every descriptor of the node's not marked
+        # close-on-exec, dcmtk's listening socket among them: a node killed
+        # (-9) while curl waited on a slow receiver could not listen on its
+        # DICOM port again until curl gave up (-m 10).
+        held = socket.socket()  # the kernel takes the connection; nobody answers
+        held.bind(("127.0.0.1", 0))
+        held.listen(8)
+        try:
+            node = self.web_node(threshold="0.01", **{
+                "http.webhook": "http://127.0.0.1:%d/hook" % held.getsockname()[1]})
+            (uid, files), = wt.phantom(os.path.join(self.work, "ph"), seed=44).items()
+            self.send(node, files)
+            pid = node.proc.pid
+            curl = None
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and not curl:
+                curl = next((c for c in children(pid) if comm(c) == "curl"), None)
+                time.sleep(0.05)
+            self.assertTrue(curl, "no curl started; " + node.log_tail())
+            mine = set(open_files(pid).values())
+            # Its own connection to the receiver is new; the node's
+            # descriptors must not be there (anonymous inodes all read
+            # alike and say nothing).
+            shared = {fd: f for fd, f in open_files(curl).items()
+                      if fd > 2 and f in mine and not f.startswith("anon_inode:")}
+            self.assertEqual(shared, {}, "curl holds the node's descriptors")
+            node.kill9()
+            self.assertTrue(os.path.exists("/proc/%d" % curl), "curl gone with the node")
+            node.start()  # same ports and store, at once
+            self.assertEqual(node.events("start_failed", since_start=True), [])
+        finally:
+            held.close()
 
     def test_webhook_without_curl_keeps_serving(self):
         # curl not found: uv_spawn fails after registering the process
