@@ -347,6 +347,11 @@ int triage_serve_main(int argc, char **argv)
      * the event stream, a DICOM peer, the pixel-decoder child's socket) is
      * an EPIPE for that connection, never a signal that ends the node. */
     signal(SIGPIPE, SIG_IGN);
+    /* dcmtk disables Nagle only when this is set before its network starts;
+     * scanners rarely do, and without it each small response waits ~40 ms.
+     * Set before the node starts a thread: getenv in one (the inference
+     * thread's nn_blas_fallback) is not safe against setenv in another. */
+    setenv("TCP_NODELAY", "1", 1);
     if (triage_config_from_args(&n.cfg, &argc, argv, err, sizeof err) != 0) {
         fprintf(stderr, "ichtriage serve: %s\n", err);
         util_log(UTIL_LOG_ERROR, "start_failed", "reason=\"%s\"", err);
@@ -517,9 +522,6 @@ int triage_serve_main(int argc, char **argv)
     uv_signal_start(&n.sighup, on_reload_signal, SIGHUP);
     watch_models(&n);
 
-    /* dcmtk disables Nagle only when this is set before its network starts;
-     * scanners rarely do, and without it each small response waits ~40 ms. */
-    setenv("TCP_NODELAY", "1", 1);
     struct scp_server_config sc = {
         .port = (int)port,
         .aetitle = aet,
