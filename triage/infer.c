@@ -91,9 +91,7 @@ static int finish_job(struct triage_infer *t, struct db *db, const struct db_job
         if (delay_s > 4) return -1;
         util_log(UTIL_LOG_WARN, "job_finish_retry", "job=%lld retry_in_s=%d error=\"%s\"",
                  (long long)job->id, delay_s, e);
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += delay_s;
+        struct timespec until = util_clock_after_ms(delay_s * 1000);
         pthread_mutex_lock(&t->mu);
         int rc = 0;
         while (!t->stop && rc != ETIMEDOUT)
@@ -252,9 +250,7 @@ static void *infer_main(void *arg)
         if (got <= 0) {
             pthread_mutex_lock(&t->mu);
             if (!t->kicked && !t->stop && !t->reload) {
-                struct timespec until;
-                clock_gettime(CLOCK_REALTIME, &until);
-                until.tv_sec += 1;
+                struct timespec until = util_clock_after_ms(1000);
                 pthread_cond_timedwait(&t->cv, &t->mu, &until);
             }
             t->kicked = false;
@@ -333,7 +329,7 @@ int triage_infer_start(struct triage_infer **out, const struct triage_infer_conf
     snprintf(t->device, sizeof t->device, "%s", cfg->device ? cfg->device : "auto");
     snprintf(t->model_error, sizeof t->model_error, "loading");
     pthread_mutex_init(&t->mu, NULL);
-    pthread_cond_init(&t->cv, NULL);
+    util_clock_cond_init(&t->cv); /* a step of the wall clock stretches no wait */
     int rc = pthread_create(&t->thread, NULL, infer_main, t);
     if (rc != 0) {
         snprintf(err, errlen, "cannot start the inference thread: %s", strerror(rc));

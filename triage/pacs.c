@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "db.h"
 #include "db_outbox.h"
 #include "log.h"
@@ -636,14 +637,7 @@ static void deliver(struct dest_sender *s)
  * wall clock back had stretched the sleep by the step. */
 static void idle(struct triage_pacs *p, pthread_cond_t *cv, bool *kicked, int64_t wait_ms)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    until.tv_sec += wait_ms / 1000;
-    until.tv_nsec += (long)(wait_ms % 1000) * 1000000;
-    if (until.tv_nsec >= 1000000000) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000;
-    }
+    struct timespec until = util_clock_after_ms(wait_ms);
     pthread_mutex_lock(&p->mu);
     while (!p->stop && !*kicked && wait_ms > 0)
         if (pthread_cond_timedwait(cv, &p->mu, &until) == ETIMEDOUT) break;
@@ -706,16 +700,6 @@ static void senders_stop(struct triage_pacs *p)
     p->nsenders = 0;
 }
 
-/* A monotonic condition variable (idle's). */
-static void cond_init(pthread_cond_t *cv)
-{
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-    pthread_cond_init(cv, &monotonic);
-    pthread_condattr_destroy(&monotonic);
-}
-
 /* Opens the sender of each destination and starts it. */
 static int senders_start(struct triage_pacs *p, const char *db_path, char *err, size_t errlen)
 {
@@ -723,7 +707,7 @@ static int senders_start(struct triage_pacs *p, const char *db_path, char *err, 
         struct dest_sender *s = &p->senders[i];
         *s = (struct dest_sender){.p = p, .dest = &p->dests[i]};
         if (db_open(&s->db, db_path, err, errlen) != 0) return -1;
-        cond_init(&s->cv);
+        util_clock_cond_init(&s->cv);
         if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
             snprintf(err, errlen, "cannot start the PACS sender thread of %s", s->dest->spec);
             pthread_cond_destroy(&s->cv);
@@ -765,7 +749,7 @@ int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config 
     snprintf(p->store_dir, sizeof p->store_dir, "%s", c->store_dir);
     if (db_open(&p->db, c->db_path, err, errlen) != 0) goto fail;
     pthread_mutex_init(&p->mu, NULL);
-    cond_init(&p->cv);
+    util_clock_cond_init(&p->cv);
     if (senders_start(p, c->db_path, err, errlen) != 0) goto stop;
     if (pthread_create(&p->thread, NULL, builder_main, p) != 0) {
         snprintf(err, errlen, "cannot start the PACS builder thread");

@@ -73,11 +73,11 @@ class TriageTest(itest.NodeTest):
         self.model = os.path.join(self.work, "model.safetensors")
         subprocess.run([MAKE_MODEL, self.model], check=True)
 
-    def node(self, **extra):
+    def node(self, env=None, **extra):
         settings = {"triage.model": self.model, "triage.quiet_seconds": QUIET,
                     "triage.min_slices": 5}
         settings.update(extra)
-        return self.start_node(settings)
+        return self.start_node(settings, env=env)
 
     def send(self, node, files, **kw):
         r = dt.storescu(node.port, files, workdir=self.work, **kw)
@@ -311,14 +311,15 @@ class TriageTest(itest.NodeTest):
         self.assertTrue(node.wait_event("series_complete", timeout=QUIET + 10, count=3))
         self.assertNotIn(study, [r["study_uid"] for r in self.worklist(node)])
 
-    def _lock_while_the_model_runs(self, seed, until):
-        """A VGG19 node (seconds per series: time to take the lock meanwhile)
-        triages one study while another writer holds the index, until
-        until(node) is true; then the lock goes. Returns node, study, files."""
+    def _lock_while_the_model_runs(self, seed, until, env=None):
+        """A VGG19 node (seconds per series: time to take the lock meanwhile;
+        env added to its environment) triages one study while another writer
+        holds the index, until until(node) is true; then the lock goes.
+        Returns node, study, files."""
         import sqlite3
         slow = os.path.join(self.work, "vgg19.safetensors")
         subprocess.run([MAKE_MODEL, slow, "vgg19"], check=True, stdout=subprocess.DEVNULL)
-        node = self.node(**{"triage.model": slow})
+        node = self.node(env=env, **{"triage.model": slow})
         studies = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=seed, slices=24)
         (study, files), = studies.items()
         self.send(node, files)
@@ -346,6 +347,33 @@ class TriageTest(itest.NodeTest):
         row = self.wait_status(node, study, ("triaged", "failed"), timeout=60)
         self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)), row)
         self.assertEqual([j[0] for j in self.jobs(node, study)], ["done"])
+
+    def test_result_retried_on_time_after_a_wall_clock_step(self):
+        # The inference thread's waits (the back-off between tries of a
+        # job's end, the 1 s look for work no kick announced) ran until a
+        # wall-clock time: a clock stepped back by N seconds while one ran
+        # stretched it by N. The shim keeps the node's wall clock 60 s
+        # ahead of the kernel's, against which such a wait ends: the same.
+        shim = os.environ.get("ICHTRIAGE_TEST_CLOCKSTEP")
+        if not shim:
+            itest.skip_or_fail(self, "no clockstep shim (run through meson test)")
+        step = os.path.join(self.work, "clockstep")
+        with open(step, "w") as f:
+            f.write("60")
+
+        def first_end(node):
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and not (node.events("job_finish_retry")
+                                                      or node.events("series_failed")):
+                time.sleep(0.05)
+        node, study, files = self._lock_while_the_model_runs(
+            19, first_end, env={"LD_PRELOAD": shim, "ICHTRIAGE_CLOCKSTEP_FILE": step})
+        self.assertTrue(node.events("job_finish_retry"), node.log_tail())
+        # Retried 1 s after the failed try: well within 15 s of the lock
+        # going, where a wall-clock wait took 61 s.
+        row = self.wait_status(node, study, ("triaged", "failed"), timeout=15)
+        self.assertEqual((row["status"], row["slices"]), ("triaged", len(files)),
+                         "%r\n%s" % (row, node.log_tail()))
 
     def test_result_not_lost_when_the_database_refuses_it_longer_than_the_retries(self):
         # The lock is held past every retry of the job's end (about 45 s of

@@ -1,8 +1,9 @@
-/* tests/web/clockstep.c: an LD_PRELOAD shim for test_auth.py. The wall clock
- * (gettimeofday, clock_gettime of CLOCK_REALTIME) is moved by the seconds
- * written in the file named by ICHTRIAGE_CLOCKSTEP_FILE, read at each call,
- * as when NTP or an administrator steps the clock. Monotonic clocks are left
- * as they are. */
+/* tests/web/clockstep.c: an LD_PRELOAD shim for the web and triage tests.
+ * The wall clock (gettimeofday, clock_gettime of CLOCK_REALTIME) is moved by
+ * the seconds written in the file named by ICHTRIAGE_CLOCKSTEP_FILE, read at
+ * each call, as when NTP or an administrator steps the clock. Monotonic
+ * clocks are left as they are, and so is the kernel's wall clock, against
+ * which a wait until a wall-clock time ends. */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
