@@ -34,12 +34,14 @@
 
 extern char **environ;
 
-/* AddressSanitizer reserves terabytes of address space for its shadow: a
- * sanitizer build's child runs without RLIMIT_AS (CPU limit kept). */
-#if defined(__SANITIZE_ADDRESS__)
+/* AddressSanitizer and ThreadSanitizer reserve terabytes of address space
+ * for their shadow (under RLIMIT_AS ThreadSanitizer's child dies at start,
+ * "failed to allocate ... error code 12"): a sanitizer build's child runs
+ * without RLIMIT_AS (CPU limit kept). */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define DECODE_NO_AS_LIMIT 1
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
 #define DECODE_NO_AS_LIMIT 1
 #endif
 #endif
