@@ -890,33 +890,34 @@ bool scp_server::claim_slot(Assoc *a, size_t *busy)
 }
 
 // Starts a connection's thread; assoc is NULL when its request has yet to
-// be read (plain connections), set when dcmtk accepted it (TLS).
+// be read (plain connections), set when dcmtk accepted it (TLS). The thread
+// is stored in a before a is on assocs, under mu: the TLS listener calls
+// this while the plain one reaps, and a reaper that found a finished
+// association whose thread had not been stored yet skipped the join and
+// deleted it under the TLS listener's assignment (ThreadSanitizer).
 void scp_server::add_assoc(int fd, T_ASC_Association *assoc)
 {
     Assoc *a = new Assoc;
     a->fd = fd;
     a->assoc = assoc;
     a->deadline = Clock::now() + std::chrono::seconds(cfg.association_deadline);
-    {
-        std::lock_guard<std::mutex> g(mu);
-        a->id = next_id++;
-        assocs.push_back(a);
-    }
+    std::lock_guard<std::mutex> g(mu);
+    a->id = next_id++;
     try {
         a->thread = std::thread([this, a] { run_assoc(a); });
     } catch (const std::exception &e) {
         util_log(UTIL_LOG_ERROR, "connection_refused", "reason=\"cannot start thread: %s\"",
                  e.what());
-        std::lock_guard<std::mutex> g(mu);
         if (a->assoc) {
             ASC_dropAssociation(a->assoc);
             ASC_destroyAssociation(&a->assoc);
         } else {
             close(fd);
         }
-        a->fd = -1;
-        a->finished = true;
+        delete a;
+        return;
     }
+    assocs.push_back(a);
 }
 
 // TLS connections do their handshake and request in dcmtk, one at a time
