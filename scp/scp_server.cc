@@ -176,6 +176,29 @@ struct Assoc {
     unsigned long id = 0;
 };
 
+// The TLS listener's transport layer. dcmtk takes an accepted socket from a
+// process-wide variable (dcmExternalSocketHandle), so whoever sets it holds
+// accept_mu until dcmtk has read it; dcmtk has read it when it asks the
+// layer for the connection, before the handshake. Here the TLS listener's
+// hold on accept_mu ends: the handshake and the request after it may take
+// up to TLS_ACCEPT_S from a peer nobody has authenticated yet, and held
+// through them, they held up every plain association meanwhile.
+class TlsAcceptLayer : public DcmTLSTransportLayer
+{
+  public:
+    TlsAcceptLayer() : DcmTLSTransportLayer(NET_ACCEPTOR, nullptr, OFTrue) {}
+    // Set by the TLS listener for the length of one ASC_receiveAssociation.
+    std::unique_lock<std::mutex> *accept_lock = nullptr;
+    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
+    {
+        if (accept_lock && accept_lock->owns_lock()) {
+            dcmExternalSocketHandle.set(-1);
+            accept_lock->unlock();
+        }
+        return DcmTLSTransportLayer::createConnection(sock, secure);
+    }
+};
+
 // The transfer syntaxes we accept, in order of preference. Every one can be
 // decoded by dcmtk for triage; files are kept in the syntax they came in.
 const char *kTransferSyntaxes[] = {
@@ -196,11 +219,11 @@ struct scp_server {
     std::thread listener;
     std::string tls_cert, tls_key, tls_ca;
     T_ASC_Network *tls_net = nullptr;
-    DcmTLSTransportLayer *tls_layer = nullptr;
+    TlsAcceptLayer *tls_layer = nullptr;
     std::thread tls_listener;
     std::atomic<bool> stopping{false};
     std::mutex mu;        // guards assocs and peers
-    std::mutex accept_mu; // dcmtk reads the accepted socket from a global
+    std::mutex accept_mu; // from setting dcmExternalSocketHandle until dcmtk has read it
     // The TLS connection in its handshake (and request), if any: a copy of
     // its socket kept open until dcmtk is done with it (so the number
     // cannot be reused meanwhile), and since when, for check_deadlines and
@@ -921,7 +944,8 @@ void scp_server::add_assoc(int fd, T_ASC_Association *assoc)
 }
 
 // TLS connections do their handshake and request in dcmtk, one at a time
-// under accept_mu (dcmtk takes the socket from a global). Each read is
+// on this thread; accept_mu only until dcmtk has taken the socket (see
+// TlsAcceptLayer), so plain associations go on meanwhile. Each read is
 // bounded by socket timeouts set on the listening socket (inherited by
 // accepted ones), and the whole of it by check_deadlines, which cuts a
 // connection still at it after TLS_ACCEPT_S (or the ACSE timeout): a peer
@@ -950,11 +974,13 @@ void scp_server::tls_listen_loop()
         T_ASC_Association *assoc = nullptr;
         OFCondition c;
         {
-            std::lock_guard<std::mutex> g(accept_mu);
+            std::unique_lock<std::mutex> held(accept_mu); // let go in createConnection
             dcmExternalSocketHandle.set(fd);
+            tls_layer->accept_lock = &held;
             c = ASC_receiveAssociation(tls_net, &assoc, cfg.max_pdu, nullptr, nullptr, OFTrue,
                                        DUL_BLOCK, cfg.acse_timeout);
-            dcmExternalSocketHandle.set(-1);
+            tls_layer->accept_lock = nullptr;
+            if (held.owns_lock()) dcmExternalSocketHandle.set(-1); // failed before it took fd
         }
         {
             std::lock_guard<std::mutex> g(tls_mu);
@@ -987,7 +1013,7 @@ int scp_server::start_tls(char *err, size_t errlen)
         snprintf(err, errlen, "dicom.tls_port is set: dicom.tls_cert and dicom.tls_key are needed");
         return -1;
     }
-    tls_layer = new DcmTLSTransportLayer(NET_ACCEPTOR, nullptr, OFTrue);
+    tls_layer = new TlsAcceptLayer;
     OFCondition c = tls_layer->setTLSProfile(TSP_Profile_BCP195);
     if (c.good()) c = tls_layer->activateCipherSuites();
     if (c.good()) c = tls_layer->setPrivateKeyFile(tls_key.c_str(), DCF_Filetype_PEM);

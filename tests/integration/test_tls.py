@@ -58,22 +58,39 @@ class TlsTest(itest.NodeTest):
         # The plain port keeps working beside it.
         self.assertEqual(dt.echoscu(node.port)[0], 0)
 
-    def trickle(self, port, seconds):
+    def trickle(self, port, seconds, reconnect=False):
         """A peer that starts a TLS handshake and sends a byte every 2 s
-        (each under the node's 5 s read timeout) for seconds; returns a
+        (each under the node's 5 s read timeout) for seconds; with
+        reconnect, it starts again as soon as the node cuts it. Returns a
         function that tells whether it is still at it."""
+        import select
         import socket
         import threading
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes
+
+        def start():
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record of 512 bytes
+            return s
+
+        first = start()
         done = threading.Event()
 
         def run():
+            sock = first
             end = time.monotonic() + seconds
             try:
                 while time.monotonic() < end:
-                    time.sleep(2)
-                    sock.sendall(b"\x01")
+                    if not reconnect:
+                        time.sleep(2)
+                        sock.sendall(b"\x01")
+                        continue
+                    try:
+                        if select.select([sock], [], [], 2)[0] and not sock.recv(64):
+                            raise ConnectionResetError("cut")
+                        sock.sendall(b"\x01")
+                    except OSError:
+                        sock.close()
+                        sock = start()
             except OSError:
                 pass
             finally:
@@ -102,6 +119,32 @@ class TlsTest(itest.NodeTest):
         time.sleep(1)
         self.assertEqual(node.stop(), 0, node.log_tail())
         self.assertTrue(trickling(), "the stop had to wait for the trickling peer to end")
+
+    def test_trickling_handshake_holds_up_no_plain_association(self):
+        """Scanners on the plain port are answered while a peer trickles a
+        TLS handshake, and starts again each time it is cut. dcmtk did the
+        handshake and read the request under the lock that every plain
+        association needs to hand dcmtk its socket, so anyone who could
+        reach the TLS port held up reception on the plain one: a C-ECHO
+        that came meanwhile waited until the peer was cut, up to 10 s."""
+        node = self.tls_node()
+        trickling = self.trickle(self.tls_port, 60, reconnect=True)
+        time.sleep(1)
+        end = time.monotonic() + 24  # past two cuts, each followed by a new handshake
+        n = 0
+        while time.monotonic() < end:
+            try:
+                rc, out = dt.echoscu(node.port, timeout=3)
+            except subprocess.TimeoutExpired:
+                rc, out = None, ""
+            self.assertIsNotNone(rc, "plain C-ECHO %d not answered within 3 s while a peer "
+                                 "trickled a TLS handshake; log:\n%s" % (n + 1, node.log_tail()))
+            self.assertEqual(rc, 0, out)
+            n += 1
+            time.sleep(0.5)
+        self.assertTrue(trickling(), "the trickling peer gave up")
+        cuts = [l for l in node.events("association_failed") if "tls=1" in l]
+        self.assertGreaterEqual(len(cuts), 2, node.log_tail())
 
     def test_plain_client_on_tls_port_is_refused(self):
         node = self.tls_node()
