@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "io.h"
+
 namespace
 {
 
@@ -52,10 +54,38 @@ bool file_syntax(const char *path, std::string &sop_class, std::string &ts, std:
     return true;
 }
 
+// dcmtk connects to PACS on a socket without close-on-exec, and a program
+// the node started meanwhile (the webhook's curl) kept the connection open
+// after the node had ended it or was gone. The socket is first ours when
+// dcmtk asks the transport layer for the connection, right after the
+// connect: these layers mark it there. DcmSCU takes a layer only through
+// useSecureConnection(), which also marks the association secure; that
+// mark is read by nothing but createConnection, so the plain layer makes a
+// plain connection whatever it says.
+class PlainLayer : public DcmTransportLayer
+{
+  public:
+    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool) override
+    {
+        util_set_cloexec(sock);
+        return DcmTransportLayer::createConnection(sock, OFFalse);
+    }
+};
+
+class TlsLayer : public DcmTLSTransportLayer
+{
+  public:
+    TlsLayer() : DcmTLSTransportLayer(NET_REQUESTOR, nullptr, OFTrue) {}
+    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
+    {
+        util_set_cloexec(sock);
+        return DcmTLSTransportLayer::createConnection(sock, secure);
+    }
+};
+
 std::unique_ptr<DcmTLSTransportLayer> make_tls(const scp_send_dest *d, std::string &why)
 {
-    std::unique_ptr<DcmTLSTransportLayer> t(
-        new DcmTLSTransportLayer(NET_REQUESTOR, nullptr, OFTrue));
+    std::unique_ptr<DcmTLSTransportLayer> t(new TlsLayer);
     OFCondition c = t->setTLSProfile(TSP_Profile_BCP195);
     if (c.good()) c = t->activateCipherSuites();
     if (c.bad()) {
@@ -97,7 +127,7 @@ std::unique_ptr<DcmTLSTransportLayer> make_tls(const scp_send_dest *d, std::stri
 }
 
 // useSecureConnection() is protected in dcmtk 3.6.7.
-struct tls_scu : DcmSCU {
+struct layered_scu : DcmSCU {
     using DcmSCU::useSecureConnection;
 };
 
@@ -128,8 +158,8 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_
         readable[i] = file_syntax(files[i].path, cls[i], syn[i], why);
         if (!readable[i]) std::snprintf(files[i].error, sizeof files[i].error, "%s", why.c_str());
     }
-    std::unique_ptr<DcmTLSTransportLayer> tls; // outlives the SCU that borrows it
-    tls_scu scu;
+    std::unique_ptr<DcmTransportLayer> layer; // outlives the SCU that borrows it
+    layered_scu scu;
     scu.setAETitle(d->calling_aet);
     scu.setPeerAETitle(d->called_aet);
     scu.setPeerHostName(d->host);
@@ -167,17 +197,19 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_
     }
     if (d->tls) {
         std::string why;
-        tls = make_tls(d, why);
-        if (!tls) {
+        layer = make_tls(d, why);
+        if (!layer) {
             set_err(err, errlen, why);
             return -1;
         }
-        // Only once the network exists (initNetwork), else dcmtk refuses it.
-        c = scu.useSecureConnection(tls.get());
-        if (c.bad()) {
-            set_err(err, errlen, std::string("TLS: ") + c.text());
-            return -1;
-        }
+    } else {
+        layer.reset(new PlainLayer);
+    }
+    // Only once the network exists (initNetwork), else dcmtk refuses it.
+    c = scu.useSecureConnection(layer.get());
+    if (c.bad()) {
+        set_err(err, errlen, std::string(d->tls ? "TLS: " : "network: ") + c.text());
+        return -1;
     }
     c = scu.negotiateAssociation();
     if (c.bad()) {

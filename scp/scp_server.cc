@@ -37,6 +37,7 @@
 #include <dcmtk/dcmtls/tlslayer.h>
 #include <openssl/evp.h>
 
+#include "io.h"
 #include "log.h"
 #include "scp_inflate.h"
 
@@ -1050,6 +1051,7 @@ int scp_server::start_tls(char *err, size_t errlen)
         return -1;
     }
     int lfd = (int)DUL_networkSocket(tls_net->network);
+    util_set_cloexec(lfd); // see scp_server_start
     struct timeval tv = {std::min(cfg.acse_timeout, 5), 0};
     setsockopt(lfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(lfd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
@@ -1120,6 +1122,11 @@ extern "C" int scp_server_start(struct scp_server **out, const struct scp_server
             delete s;
             return -1;
         }
+        // dcmtk opens it without close-on-exec: the webhook's curl kept it,
+        // and after a kill -9 the node could not listen again until curl
+        // ended, while the kernel queued scanners' connections on it. The
+        // sockets accepted from it are made close-on-exec (accept4).
+        util_set_cloexec((int)DUL_networkSocket(s->net->network));
         if (cfg->tls_port > 0) {
             s->tls_cert = cfg->tls_cert ? cfg->tls_cert : "";
             s->tls_key = cfg->tls_key ? cfg->tls_key : "";

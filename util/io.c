@@ -2,6 +2,7 @@
 #include "io.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -36,4 +37,11 @@ int util_own_like_folder(int fd, const char *path)
     if (stat(dir[0] ? dir : "/", &st) != 0) return -1;
     if (st.st_uid == 0 && st.st_gid == 0) return 0;
     return fd >= 0 ? fchown(fd, st.st_uid, st.st_gid) : chown(path, st.st_uid, st.st_gid);
+}
+
+int util_set_cloexec(int fd)
+{
+    int flags = fcntl(fd, F_GETFD);
+    if (flags < 0) return -1;
+    return (flags & FD_CLOEXEC) ? 0 : fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
 }

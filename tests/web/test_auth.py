@@ -569,6 +569,43 @@ def open_files(pid):
     return out
 
 
+def tcp_sockets(pid):
+    """{fd: (local port, remote port, state)} for pid's TCP sockets; state
+    as /proc/net/tcp writes it ("0A" listening, "01" established)."""
+    by_inode = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                c = line.split()
+                by_inode[c[9]] = (int(c[1].rsplit(":", 1)[1], 16),
+                                  int(c[2].rsplit(":", 1)[1], 16), c[3])
+    out = {}
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in by_inode:
+            out[int(fd)] = by_inode[link[8:-1]]
+    return out
+
+
+def running_curls(parent=None):
+    """The pids of curl processes still running (parent's children only, with parent)."""
+    pids = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if comm == "curl" and parent in (None, int(ppid)) and state != "Z":
+            pids.add(int(d))
+    return pids
+
+
 class Hook(http.server.BaseHTTPRequestHandler):
     received = []
 
@@ -645,6 +682,62 @@ class WebhookTest(wt.WebTest):
             self.assertEqual(node.events("start_failed", since_start=True), [])
         finally:
             held.close()
+    def test_webhook_keeps_no_dicom_socket(self):
+        """The webhook's curl holds none of the node's DICOM sockets, and the
+        node killed while curl waits starts again at once. dcmtk opens the
+        DICOM listening sockets and the connection to PACS without
+        close-on-exec: curl kept them (up to its -m 10 with a receiver that
+        does not answer), and a node restarted after a kill -9 could not
+        listen on its port ("Address already in use") while the kernel
+        queued scanners' connections on the orphan."""
+        hook = socket.socket()  # listens, never answers: curl waits
+        hook.bind(("127.0.0.1", 0))
+        hook.listen(16)
+        pacs_port = dt.free_port()
+        pacs_dir = os.path.join(self.work, "pacs")
+        os.makedirs(pacs_dir)
+        # A PACS slow over each object: the node's connection to it is open
+        # when the second study's webhook starts curl.
+        pacs = subprocess.Popen(["storescp", "--sleep-during", "30", "-aet", "SLOW", "-od",
+                                 pacs_dir, str(pacs_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _, cert, key = self.tls_files()
+            tls_port = dt.free_port()
+            node = self.web_node(threshold="0.01", **{
+                "http.webhook": "http://127.0.0.1:%d/hook" % hook.getsockname()[1],
+                "pacs.destinations": "SLOW@127.0.0.1:%d" % pacs_port, "pacs.timeout": 120,
+                "dicom.tls_port": tls_port, "dicom.tls_cert": cert, "dicom.tls_key": key})
+            (_, first), (_, second) = wt.phantom(os.path.join(self.work, "ph"), seed=44,
+                                                 count=2).items()
+            self.send(node, first)
+            deadline = time.monotonic() + 60
+            while not any(s[1] == pacs_port and s[2] == "01"
+                          for s in tcp_sockets(node.proc.pid).values()):
+                self.assertLess(time.monotonic(), deadline, "no connection to the PACS\n" +
+                                node.log_tail())
+                time.sleep(0.1)
+            before = running_curls(node.proc.pid)
+            self.send(node, second)
+            deadline = time.monotonic() + 60
+            while not running_curls(node.proc.pid) - before:
+                self.assertLess(time.monotonic(), deadline, "no webhook\n" + node.log_tail())
+                time.sleep(0.05)
+            curl = min(running_curls(node.proc.pid) - before)
+            held = {fd: s for fd, s in tcp_sockets(curl).items()
+                    if s[0] in (node.port, tls_port) or s[1] == pacs_port}
+            self.assertEqual(held, {}, "curl holds the node's DICOM sockets "
+                             "{fd: (local port, remote port, state)}; DICOM ports %d and %d, "
+                             "PACS %d" % (node.port, tls_port, pacs_port))
+            node.kill9()
+            node.start()  # raises if it cannot listen
+            self.assertIn(curl, running_curls(), "curl ended before the restart, which then "
+                          "proves nothing")
+            self.assertEqual(dt.echoscu(node.port)[0], 0, node.log_tail())
+        finally:
+            pacs.kill()
+            pacs.wait()
+            hook.close()
 
     def test_webhook_without_curl_keeps_serving(self):
         # curl not found: uv_spawn fails after registering the process
