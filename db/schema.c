@@ -1,6 +1,9 @@
 /* db/schema.c: the schema and its versioned migrations. A database is at
  * version N when PRAGMA user_version = N; migrations[i] brings it from i to
- * i+1, each in one transaction. Never edit a released migration: add one. */
+ * i+1, each in one transaction. Never edit a released migration: add one.
+ * Tests make older databases by undoing the latest migrations (test_db.c,
+ * tests/pacs/test_queue_db.c, tests/pacs/test_pacs.py): a new migration
+ * is undone there too. */
 #include "db_backup.h"
 #include "db_internal.h"
 

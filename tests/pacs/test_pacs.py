@@ -557,7 +557,7 @@ class PacsTest(itest.NodeTest):
         con = sqlite3.connect(node.db_path)
         version, = con.execute("PRAGMA user_version").fetchone()
         # The last migration (an index) not yet made: the node's previous release.
-        con.executescript("DROP INDEX studies_retention; PRAGMA user_version = %d;"
+        con.executescript("DROP INDEX studies_open; PRAGMA user_version = %d;"
                           % (version - 1))
         con.close()
         for d, dirs, files in os.walk(node.store_dir):

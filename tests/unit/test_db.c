@@ -107,10 +107,10 @@ Test(db, slice_results_are_indexed_by_instance_also_after_an_upgrade)
     cr_assert_eq(scalar("SELECT count(*) FROM sqlite_master WHERE name = 'slice_results_sop'"), 1);
     sqlite3 *c;
     cr_assert_eq(sqlite3_open(path, &c), SQLITE_OK);
-    /* as at 12: without 14's index either */
+    /* as at 12: without 14's and 15's indexes either */
     cr_assert_eq(sqlite3_exec(c,
                               "DROP INDEX slice_results_sop; DROP INDEX studies_retention;"
-                              " PRAGMA user_version = 12",
+                              " DROP INDEX studies_open; PRAGMA user_version = 12",
                               NULL, NULL, NULL),
                  SQLITE_OK);
     sqlite3_close(c);
