@@ -12,11 +12,13 @@
 #include "db_put.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -86,7 +88,9 @@ static int busy_poll(void *arg, int count)
     return 1;
 }
 
-bool db_index_is_new(const char *path)
+/* The schema version of the database at path, read without writing: -1
+ * when it cannot be opened or read. */
+static int64_t index_version(const char *path)
 {
     sqlite3 *c = NULL;
     int64_t version = -1;
@@ -95,6 +99,12 @@ bool db_index_is_new(const char *path)
         if (db_scalar(c, &version, "PRAGMA user_version", "") != 0) version = -1;
     }
     sqlite3_close(c);
+    return version;
+}
+
+bool db_index_is_new(const char *path)
+{
+    int64_t version = index_version(path);
     if (version == 0) return true; /* empty, or a file no node wrote */
     /* Missing: the read-only open fails. Otherwise db_open says why. */
     return version < 0 && access(path, F_OK) != 0 && errno == ENOENT;
@@ -107,6 +117,30 @@ int db_open_existing(struct db **out, const char *path, char *err, size_t errlen
         snprintf(err, errlen, "%s holds no index of the node's (missing, empty or not its schema)",
                  path);
         return -1;
+    }
+    /* An upgrade installs the new binary while the node of the release
+     * before still runs on the index: an admin command run then must not
+     * migrate the schema under it (that node checked the version once, at
+     * its start). The node holds the store's lock (triage_store_lock) next
+     * to the index for as long as it runs; a restore holds it too. */
+    int64_t version = index_version(path);
+    if (version > 0 && version < db_schema_version()) {
+        char lock[1200];
+        const char *slash = strrchr(path, '/');
+        snprintf(lock, sizeof lock, "%.*s/ichtriage.lock", slash ? (int)(slash - path) : 1,
+                 slash ? path : ".");
+        int fd = open(lock, O_RDONLY | O_CLOEXEC);
+        bool held = fd >= 0 && flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+        if (fd >= 0) close(fd); /* closing lets go of a lock it took */
+        if (held) {
+            snprintf(
+                err, errlen,
+                "%s is at schema version %lld and this ichtriage upgrades it to %d, but a node "
+                "of an older release still runs on it (it holds %s): restart the node with "
+                "this release first (it upgrades the index), then run this again",
+                path, (long long)version, db_schema_version(), lock);
+            return -1;
+        }
     }
     return db_open(out, path, err, errlen);
 }

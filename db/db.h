@@ -44,7 +44,10 @@ bool db_index_is_new(const char *path);
 /* db_open for the node's other commands (worklist, training from reviews):
  * refuses, opening nothing, a database db_index_is_new calls new. Making
  * its schema there would hide a lost index from the node's next start,
- * which would then remove every stored instance as unindexed. */
+ * which would then remove every stored instance as unindexed. It refuses
+ * too an index of an older schema while another process holds the store's
+ * lock (ichtriage.lock next to it): a node of the release before, which
+ * must not find its schema changed under it. */
 int db_open_existing(struct db **out, const char *path, char *err, size_t errlen);
 /* Opens (creating if needed) the database at path and brings its schema to
  * the current version. The caller owns *out and frees it with db_close().

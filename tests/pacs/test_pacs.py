@@ -583,6 +583,43 @@ class PacsTest(itest.NodeTest):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
         self.assertEqual(r.returncode, 0, r.stderr)
 
+    def test_admin_commands_leave_a_running_older_nodes_schema_alone(self):
+        """After an upgrade, before the node's restart, the node of the
+        release before still runs on the index: `ichtriage pacs` and
+        `ichtriage worklist` of the new release refuse to migrate it under
+        that node (it checked the schema once, at its start) and say what to
+        do. They had migrated it. Once the node has stopped they do."""
+        node = self.node("")
+        import sqlite3
+        con = sqlite3.connect(node.db_path, timeout=30)
+        version, = con.execute("PRAGMA user_version").fetchone()
+        # The running node as of the release before: the last migration
+        # (an index) not yet made.
+        con.executescript("DROP INDEX studies_open; PRAGMA user_version = %d;" % (version - 1))
+        con.close()
+        worklist = [itest.EXE, "worklist", "-c", "/dev/null", "--set",
+                    "store.dir=" + node.store_dir]
+        for r in (self.pacs_cmd(node, "list"),
+                  subprocess.run(worklist, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, timeout=60)):
+            self.assertNotEqual(r.returncode, 0, r.stdout)
+            self.assertIn("a node of an older release still runs on it", r.stderr)
+            self.assertIn("restart the node with this release first", r.stderr)
+        con = sqlite3.connect(node.db_path, timeout=30)
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version - 1)
+        con.close()
+        self.assertEqual(glob.glob(node.db_path + ".v*.bak"), [])
+        self.assertEqual(node.stop(), 0, node.log_tail())
+        r = self.pacs_cmd(node, "list")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("event=db_backup_before_migration", r.stderr)
+        r = subprocess.run(worklist, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        con = sqlite3.connect(node.db_path)
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version)
+        con.close()
+
     def test_dismiss_lets_go_of_a_removed_destination(self):
         """Objects for a destination taken out of pacs.destinations are given
         up at the next start and can never be delivered: `pacs dismiss`,
