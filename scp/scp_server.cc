@@ -177,6 +177,30 @@ struct Assoc {
     unsigned long id = 0;
 };
 
+// Whether dcmtk took over the socket given it (dcmExternalSocketHandle) in
+// this thread's last ASC_receiveAssociation: it has once it asks the
+// network's layer for the connection. From then on the socket is dcmtk's,
+// closed with the association (or at once, when the TLS handshake fails);
+// before then dcmtk may give up (getpeername fails on a connection the peer
+// has reset, a setsockopt fails) and leaves it open, so it is ours to close.
+// Each connection reset right after its request had stayed open for the
+// life of the node. (dcmtk's TCP wrapper check, the one failure before it
+// takes the socket that closes it, runs only with dcmTCPWrapperDaemonName
+// set, which the node never sets.)
+thread_local bool t_socket_taken = false;
+
+// The plain listener's transport layer: dcmtk's own, telling when it took
+// the socket.
+class PlainAcceptLayer : public DcmTransportLayer
+{
+  public:
+    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
+    {
+        t_socket_taken = true;
+        return DcmTransportLayer::createConnection(sock, secure);
+    }
+};
+
 // The TLS listener's transport layer. dcmtk takes an accepted socket from a
 // process-wide variable (dcmExternalSocketHandle), so whoever sets it holds
 // accept_mu until dcmtk has read it; dcmtk has read it when it asks the
@@ -192,6 +216,7 @@ class TlsAcceptLayer : public DcmTLSTransportLayer
     std::unique_lock<std::mutex> *accept_lock = nullptr;
     DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
     {
+        t_socket_taken = true;
         if (accept_lock && accept_lock->owns_lock()) {
             dcmExternalSocketHandle.set(-1);
             accept_lock->unlock();
@@ -667,6 +692,7 @@ bool scp_server::receive_request(Assoc *a)
     {
         std::lock_guard<std::mutex> g(accept_mu);
         dcmExternalSocketHandle.set(a->fd);
+        t_socket_taken = false;
         c = ASC_receiveAssociation(net, &assoc, cfg.max_pdu, nullptr, nullptr, OFFalse, DUL_BLOCK,
                                    cfg.acse_timeout);
         dcmExternalSocketHandle.set(-1);
@@ -677,11 +703,10 @@ bool scp_server::receive_request(Assoc *a)
                  cond_text(c).c_str());
         std::lock_guard<std::mutex> g(mu);
         if (assoc) {
-            ASC_dropAssociation(assoc); // closes the socket
+            ASC_dropAssociation(assoc); // closes the socket if dcmtk has it
             ASC_destroyAssociation(&assoc);
-        } else {
-            close(a->fd);
         }
+        if (!t_socket_taken) close(a->fd);
         a->fd = -1;
         return false;
     }
@@ -977,6 +1002,7 @@ void scp_server::tls_listen_loop()
         {
             std::unique_lock<std::mutex> held(accept_mu); // let go in createConnection
             dcmExternalSocketHandle.set(fd);
+            t_socket_taken = false;
             tls_layer->accept_lock = &held;
             c = ASC_receiveAssociation(tls_net, &assoc, cfg.max_pdu, nullptr, nullptr, OFTrue,
                                        DUL_BLOCK, cfg.acse_timeout);
@@ -988,7 +1014,9 @@ void scp_server::tls_listen_loop()
             if (tls_fd >= 0) close(tls_fd);
             tls_fd = -1;
         }
-        if (!assoc && c.bad()) close(fd); // dcmtk closes it with the association
+        // Once taken, dcmtk closes it with the association (or at a failed
+        // handshake); before, it is left to us (t_socket_taken).
+        if (c.bad() && !t_socket_taken) close(fd);
         if (c == DUL_NOASSOCIATIONREQUEST) {
             if (assoc) ASC_destroyAssociation(&assoc);
             continue;
@@ -1127,6 +1155,7 @@ extern "C" int scp_server_start(struct scp_server **out, const struct scp_server
         // ended, while the kernel queued scanners' connections on it. The
         // sockets accepted from it are made close-on-exec (accept4).
         util_set_cloexec((int)DUL_networkSocket(s->net->network));
+        ASC_setTransportLayer(s->net, new PlainAcceptLayer, 1); // dcmtk's to delete
         if (cfg->tls_port > 0) {
             s->tls_cert = cfg->tls_cert ? cfg->tls_cert : "";
             s->tls_key = cfg->tls_key ? cfg->tls_key : "";

@@ -3,6 +3,8 @@ certificate is demanded when a CA is configured; a plain client on the TLS
 port is refused; bad key/certificate settings stop the node at start with a
 clear message. Keys are made with openssl at test time."""
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -153,6 +155,42 @@ class TlsTest(itest.NodeTest):
         self.assertNotEqual(r.statuses.get(files[0]), 0)
         node.wait_event("association_failed")
         self.assert_not_stored(node, dt.sop_uids(files[0])[1])
+
+    def test_connections_reset_at_once_leave_no_socket_behind(self):
+        """Fifty connections to the TLS port, each reset by the peer
+        (SO_LINGER 0) as soon as it is made, some with a byte of a
+        ClientHello: the node keeps no socket of them. dcmtk gives up on a
+        reset connection before it takes the socket over (getpeername
+        fails) and leaves it open; the TLS listener closed only what dcmtk
+        had never been given, so each such connection stayed open for the
+        life of the node. Then a TLS client still stores."""
+        node = self.tls_node()
+        self.assertEqual(dt.echoscu(node.port)[0], 0)
+
+        def sockets():
+            n = 0
+            for fd in os.listdir("/proc/%d/fd" % node.proc.pid):
+                try:
+                    n += os.readlink("/proc/%d/fd/%s" % (node.proc.pid, fd)).startswith("socket:")
+                except OSError:
+                    pass
+            return n
+        before = sockets()
+        for i in range(50):
+            s = socket.create_connection(("127.0.0.1", self.tls_port), timeout=5)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if i % 2:
+                s.sendall(b"\x16")
+            s.close()
+        deadline = time.monotonic() + 15
+        while sockets() > before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertLessEqual(sockets(), before, "sockets left open by the node after 50 reset "
+                             "connections to the TLS port (before them %d)" % before)
+        files = self.gen("after", count=2, rows=64, cols=64)
+        r = dt.storescu(self.tls_port, files, workdir=self.work,
+                        extra=["+tla", "+cf", self.ca[1]])
+        self.assert_all_success(r, files)
 
     def test_client_certificate_required_with_ca(self):
         d = self.pki()

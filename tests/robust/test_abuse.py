@@ -427,6 +427,45 @@ class Abuse(itest.NodeTest):
         self.assert_healthy([sop])
 
 
+class Reset(itest.NodeTest):
+    node_settings = {"dicom.acse_timeout": 3}
+
+    def node_sockets(self, node):
+        n = 0
+        for fd in os.listdir("/proc/%d/fd" % node.proc.pid):
+            try:
+                n += os.readlink("/proc/%d/fd/%s" % (node.proc.pid, fd)).startswith("socket:")
+            except OSError:
+                pass
+        return n
+
+    def test_requests_reset_by_the_peer_leave_no_socket_behind(self):
+        """A peer sends its whole A-ASSOCIATE-RQ and resets the connection
+        (SO_LINGER 0) at once, a hundred times: the node keeps no socket
+        of them. dcmtk gives up on such a connection before it takes the
+        socket over (getpeername fails on a reset connection) and leaves it
+        open; each had stayed open for the life of the node, and enough of
+        them (a port scanner, a flaky network) would use up its files."""
+        node = self.start_node()
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+        before = self.node_sockets(node)
+        rq = dul.associate_rq("ICHTRIAGE", "RESET", CONTEXTS)
+        for _ in range(100):
+            s = dul.connect("127.0.0.1", node.port)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.sendall(rq)
+            s.close()
+        deadline = time.monotonic() + 15
+        while self.node_sockets(node) > before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.assertLessEqual(self.node_sockets(node), before,
+                             "sockets left open by the node after 100 reset requests "
+                             "(before them %d)" % before)
+        rc, out = dt.echoscu(node.port)
+        self.assertEqual(rc, 0, out)
+
+
 class Slow(itest.NodeTest):
     def test_one_byte_a_second_frees_the_slot_at_the_deadline(self):
         """max_associations 1: a peer that trickles a dataset one byte a
