@@ -166,16 +166,7 @@ class TlsTest(itest.NodeTest):
         life of the node. Then a TLS client still stores."""
         node = self.tls_node()
         self.assertEqual(dt.echoscu(node.port)[0], 0)
-
-        def sockets():
-            n = 0
-            for fd in os.listdir("/proc/%d/fd" % node.proc.pid):
-                try:
-                    n += os.readlink("/proc/%d/fd/%s" % (node.proc.pid, fd)).startswith("socket:")
-                except OSError:
-                    pass
-            return n
-        before = sockets()
+        before = node.open_sockets()
         for i in range(50):
             s = socket.create_connection(("127.0.0.1", self.tls_port), timeout=5)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -183,10 +174,11 @@ class TlsTest(itest.NodeTest):
                 s.sendall(b"\x16")
             s.close()
         deadline = time.monotonic() + 15
-        while sockets() > before and time.monotonic() < deadline:
+        while node.open_sockets() > before and time.monotonic() < deadline:
             time.sleep(0.2)
-        self.assertLessEqual(sockets(), before, "sockets left open by the node after 50 reset "
-                             "connections to the TLS port (before them %d)" % before)
+        self.assertLessEqual(node.open_sockets(), before,
+                             "sockets left open by the node after 50 reset connections to the "
+                             "TLS port (before them %d)" % before)
         files = self.gen("after", count=2, rows=64, cols=64)
         r = dt.storescu(self.tls_port, files, workdir=self.work,
                         extra=["+tla", "+cf", self.ca[1]])

@@ -430,15 +430,6 @@ class Abuse(itest.NodeTest):
 class Reset(itest.NodeTest):
     node_settings = {"dicom.acse_timeout": 3}
 
-    def node_sockets(self, node):
-        n = 0
-        for fd in os.listdir("/proc/%d/fd" % node.proc.pid):
-            try:
-                n += os.readlink("/proc/%d/fd/%s" % (node.proc.pid, fd)).startswith("socket:")
-            except OSError:
-                pass
-        return n
-
     def test_requests_reset_by_the_peer_leave_no_socket_behind(self):
         """A peer sends its whole A-ASSOCIATE-RQ and resets the connection
         (SO_LINGER 0) at once, a hundred times: the node keeps no socket
@@ -449,7 +440,7 @@ class Reset(itest.NodeTest):
         node = self.start_node()
         rc, out = dt.echoscu(node.port)
         self.assertEqual(rc, 0, out)
-        before = self.node_sockets(node)
+        before = node.open_sockets()
         rq = dul.associate_rq("ICHTRIAGE", "RESET", CONTEXTS)
         for _ in range(100):
             s = dul.connect("127.0.0.1", node.port)
@@ -457,9 +448,9 @@ class Reset(itest.NodeTest):
             s.sendall(rq)
             s.close()
         deadline = time.monotonic() + 15
-        while self.node_sockets(node) > before and time.monotonic() < deadline:
+        while node.open_sockets() > before and time.monotonic() < deadline:
             time.sleep(0.2)
-        self.assertLessEqual(self.node_sockets(node), before,
+        self.assertLessEqual(node.open_sockets(), before,
                              "sockets left open by the node after 100 reset requests "
                              "(before them %d)" % before)
         rc, out = dt.echoscu(node.port)

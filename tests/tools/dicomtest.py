@@ -231,6 +231,16 @@ class Node:
             time.sleep(0.05)
         raise NodeError("node not ready after %.0f s; log:\n%s" % (timeout, self.log_tail()))
 
+    def open_sockets(self):
+        """How many sockets the running node holds (from /proc)."""
+        n = 0
+        for fd in os.listdir("/proc/%d/fd" % self.proc.pid):
+            try:
+                n += os.readlink("/proc/%d/fd/%s" % (self.proc.pid, fd)).startswith("socket:")
+            except OSError:
+                pass  # closed meanwhile
+        return n
+
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
