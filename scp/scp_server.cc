@@ -164,11 +164,21 @@ class SpoolStream : public DcmOutputStream
 
 // Which connections count: all, those past their A-ASSOCIATE-RQ (against
 // max_associations), or those not yet (against their own cap).
-enum class Counted { ALL, ASSOCIATED, WAITING };
+// TLS connections in their handshake and request have a cap of their own,
+// so peers on one port cannot crowd out those on the other.
+enum class Counted { ALL, ASSOCIATED, WAITING, TLS_WAITING };
 
 struct Assoc {
     T_ASC_Association *assoc = nullptr;
     int fd = -1;
+    // TLS, until its request is read (receive_tls_request): the accepted
+    // socket, a copy of it kept open while dcmtk may close the socket (so
+    // its number cannot be reused meanwhile), which check_deadlines and the
+    // stop shut down to cut it, and when that is due. Under mu.
+    bool tls = false;
+    int tls_raw = -1, tls_guard = -1;
+    bool tls_cut = false;
+    Clock::time_point tls_until;
     std::atomic<bool> associated{false}; // holds a slot: counts against max_associations
     Clock::time_point deadline;
     std::atomic<bool> expired{false};
@@ -188,6 +198,10 @@ struct Assoc {
 // takes the socket that closes it, runs only with dcmTCPWrapperDaemonName
 // set, which the node never sets.)
 thread_local bool t_socket_taken = false;
+// The hold on accept_mu of this thread's ASC_receiveAssociation on the TLS
+// network, which TlsAcceptLayer lets go of (one per thread: several TLS
+// connections do their handshakes at once).
+thread_local std::unique_lock<std::mutex> *t_accept_lock = nullptr;
 
 // The plain listener's transport layer: dcmtk's own, telling when it took
 // the socket.
@@ -201,25 +215,23 @@ class PlainAcceptLayer : public DcmTransportLayer
     }
 };
 
-// The TLS listener's transport layer. dcmtk takes an accepted socket from a
+// The TLS network's transport layer. dcmtk takes an accepted socket from a
 // process-wide variable (dcmExternalSocketHandle), so whoever sets it holds
 // accept_mu until dcmtk has read it; dcmtk has read it when it asks the
-// layer for the connection, before the handshake. Here the TLS listener's
+// layer for the connection, before the handshake. Here the connection's
 // hold on accept_mu ends: the handshake and the request after it may take
 // up to TLS_ACCEPT_S from a peer nobody has authenticated yet, and held
-// through them, they held up every plain association meanwhile.
+// through them, they held up every other association meanwhile.
 class TlsAcceptLayer : public DcmTLSTransportLayer
 {
   public:
     TlsAcceptLayer() : DcmTLSTransportLayer(NET_ACCEPTOR, nullptr, OFTrue) {}
-    // Set by the TLS listener for the length of one ASC_receiveAssociation.
-    std::unique_lock<std::mutex> *accept_lock = nullptr;
     DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
     {
         t_socket_taken = true;
-        if (accept_lock && accept_lock->owns_lock()) {
+        if (t_accept_lock && t_accept_lock->owns_lock()) {
             dcmExternalSocketHandle.set(-1);
-            accept_lock->unlock();
+            t_accept_lock->unlock();
         }
         return DcmTLSTransportLayer::createConnection(sock, secure);
     }
@@ -250,14 +262,6 @@ struct scp_server {
     std::atomic<bool> stopping{false};
     std::mutex mu;        // guards assocs and peers
     std::mutex accept_mu; // from setting dcmExternalSocketHandle until dcmtk has read it
-    // The TLS connection in its handshake (and request), if any: a copy of
-    // its socket kept open until dcmtk is done with it (so the number
-    // cannot be reused meanwhile), and since when, for check_deadlines and
-    // stop to cut it.
-    std::mutex tls_mu;
-    int tls_fd = -1;
-    bool tls_cut = false;
-    Clock::time_point tls_since;
     std::list<Assoc *> assocs;
     std::vector<Peer> peers;
     unsigned long next_id = 1;
@@ -268,12 +272,13 @@ struct scp_server {
 
     void listen_loop();
     void tls_listen_loop();
-    void add_assoc(int fd, T_ASC_Association *assoc);
+    void add_assoc(int fd, bool tls);
     int start_tls(char *err, size_t errlen);
     void reap(bool all);
     void check_deadlines();
     void run_assoc(Assoc *a);
     bool receive_request(Assoc *a);
+    bool receive_tls_request(Assoc *a);
     size_t count(Counted which);
     size_t count_locked(Counted which); // mu held
     bool claim_slot(Assoc *a, size_t *busy);
@@ -716,7 +721,7 @@ bool scp_server::receive_request(Assoc *a)
 
 void scp_server::run_assoc(Assoc *a)
 {
-    if (!a->assoc && !receive_request(a)) {
+    if (!(a->tls ? receive_tls_request(a) : receive_request(a))) {
         a->finished = true;
         return;
     }
@@ -869,18 +874,18 @@ done:
 void scp_server::check_deadlines()
 {
     auto now = Clock::now();
-    {
-        std::lock_guard<std::mutex> g(tls_mu);
-        int limit_s = std::min(cfg.acse_timeout, TLS_ACCEPT_S);
-        if (tls_fd >= 0 && !tls_cut && now - tls_since >= std::chrono::seconds(limit_s)) {
-            tls_cut = true;
-            util_log(UTIL_LOG_WARN, "association_failed",
-                     "tls=1 reason=no_handshake_and_request_within_%ds", limit_s);
-            shutdown(tls_fd, SHUT_RDWR);
-        }
-    }
     std::lock_guard<std::mutex> g(mu);
     for (Assoc *a : assocs) {
+        if (a->tls_guard >= 0) {
+            if (!a->tls_cut && now >= a->tls_until) {
+                a->tls_cut = true;
+                util_log(UTIL_LOG_WARN, "association_failed",
+                         "assoc=%lu tls=1 reason=no_handshake_and_request_within_%ds", a->id,
+                         std::min(cfg.acse_timeout, TLS_ACCEPT_S));
+                shutdown(a->tls_guard, SHUT_RDWR);
+            }
+            continue;
+        }
         if (!a->finished && !a->expired && a->fd >= 0 && now >= a->deadline) {
             a->expired = true;
             util_log(UTIL_LOG_WARN, "association_deadline", "assoc=%lu seconds=%d", a->id,
@@ -915,7 +920,8 @@ size_t scp_server::count_locked(Counted which)
     size_t n = 0;
     for (Assoc *a : assocs)
         if (!a->finished &&
-            (which == Counted::ALL || a->associated == (which == Counted::ASSOCIATED)))
+            (which == Counted::ALL || a->associated == (which == Counted::ASSOCIATED)) &&
+            (which != Counted::WAITING || !a->tls) && (which != Counted::TLS_WAITING || a->tls))
             n++;
     return n;
 }
@@ -938,52 +944,103 @@ bool scp_server::claim_slot(Assoc *a, size_t *busy)
     return true;
 }
 
-// Starts a connection's thread; assoc is NULL when its request has yet to
-// be read (plain connections), set when dcmtk accepted it (TLS). The thread
-// is stored in a before a is on assocs, under mu: the TLS listener calls
-// this while the plain one reaps, and a reaper that found a finished
+// Starts a connection's thread, whose first job is to read the request
+// (plain: receive_request; TLS: receive_tls_request, handshake first). The
+// thread is stored in a before a is on assocs, under mu: the TLS listener
+// calls this while the plain one reaps, and a reaper that found a finished
 // association whose thread had not been stored yet skipped the join and
 // deleted it under the TLS listener's assignment (ThreadSanitizer).
-void scp_server::add_assoc(int fd, T_ASC_Association *assoc)
+void scp_server::add_assoc(int fd, bool tls)
 {
     Assoc *a = new Assoc;
-    a->fd = fd;
-    a->assoc = assoc;
+    a->tls = tls;
+    if (tls) {
+        a->tls_raw = fd;
+        a->tls_guard = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        a->tls_until =
+            Clock::now() + std::chrono::seconds(std::min(cfg.acse_timeout, TLS_ACCEPT_S));
+    } else {
+        a->fd = fd;
+    }
     a->deadline = Clock::now() + std::chrono::seconds(cfg.association_deadline);
     std::lock_guard<std::mutex> g(mu);
     a->id = next_id++;
-    try {
-        a->thread = std::thread([this, a] { run_assoc(a); });
-    } catch (const std::exception &e) {
-        util_log(UTIL_LOG_ERROR, "connection_refused", "reason=\"cannot start thread: %s\"",
-                 e.what());
-        if (a->assoc) {
-            ASC_dropAssociation(a->assoc);
-            ASC_destroyAssociation(&a->assoc);
-        } else {
-            close(fd);
+    const char *why = tls && a->tls_guard < 0 ? strerror(errno) : nullptr;
+    if (!why) {
+        try {
+            a->thread = std::thread([this, a] { run_assoc(a); });
+        } catch (const std::exception &e) {
+            why = e.what();
         }
+    }
+    if (why) {
+        util_log(UTIL_LOG_ERROR, "connection_refused", "reason=\"cannot start thread: %s\"", why);
+        if (a->tls_guard >= 0) close(a->tls_guard);
+        close(fd);
         delete a;
         return;
     }
     assocs.push_back(a);
 }
 
-// TLS connections do their handshake and request in dcmtk, one at a time
-// on this thread; accept_mu only until dcmtk has taken the socket (see
-// TlsAcceptLayer), so plain associations go on meanwhile. Each read is
-// bounded by socket timeouts set on the listening socket (inherited by
-// accepted ones), and the whole of it by check_deadlines, which cuts a
-// connection still at it after TLS_ACCEPT_S (or the ACSE timeout): a peer
-// that trickles its handshake a byte every few seconds had held up every
-// new TLS association, and the node's stop, for as long as it went on.
+// A TLS connection's handshake and A-ASSOCIATE-RQ, in dcmtk, on the
+// connection's own thread: several at once, so a peer that trickles its
+// handshake holds up no other (they had been one at a time on the TLS
+// listener, each up to TLS_ACCEPT_S). accept_mu only until dcmtk has taken
+// the socket (TlsAcceptLayer), so plain associations go on meanwhile. Each
+// read is bounded by socket timeouts set on the listening socket (inherited
+// by accepted ones), and the whole of it by check_deadlines, which cuts a
+// connection still at it after TLS_ACCEPT_S (or the ACSE timeout) through
+// tls_guard: a peer that trickles its handshake a byte every few seconds
+// had held up every new TLS association, and the node's stop.
+bool scp_server::receive_tls_request(Assoc *a)
+{
+    int fd = a->tls_raw;
+    T_ASC_Association *assoc = nullptr;
+    OFCondition c;
+    {
+        std::unique_lock<std::mutex> held(accept_mu); // let go in createConnection
+        dcmExternalSocketHandle.set(fd);
+        t_socket_taken = false;
+        t_accept_lock = &held;
+        c = ASC_receiveAssociation(tls_net, &assoc, cfg.max_pdu, nullptr, nullptr, OFTrue,
+                                   DUL_BLOCK, cfg.acse_timeout);
+        t_accept_lock = nullptr;
+        if (held.owns_lock()) dcmExternalSocketHandle.set(-1); // failed before it took fd
+    }
+    std::lock_guard<std::mutex> g(mu);
+    close(a->tls_guard);
+    a->tls_guard = -1;
+    a->tls_raw = -1;
+    // Once taken, dcmtk closes it with the association (or at a failed
+    // handshake); before, it is left to us (t_socket_taken).
+    if (c.bad() && !t_socket_taken) close(fd);
+    if (c.bad()) {
+        if (c != DUL_NOASSOCIATIONREQUEST) {
+            n_conn_failed++;
+            util_log(UTIL_LOG_WARN, "association_failed", "assoc=%lu tls=1 reason=\"%s\"", a->id,
+                     cond_text(c).c_str());
+        }
+        if (assoc) {
+            ASC_dropAssociation(assoc);
+            ASC_destroyAssociation(&assoc);
+        }
+        return false;
+    }
+    a->fd = fd; /* dcmtk's now, closed with the association */
+    a->assoc = assoc;
+    return true;
+}
+
+// The TLS listener only accepts: each connection's handshake and request
+// are read on its own thread (receive_tls_request).
 void scp_server::tls_listen_loop()
 {
     int lfd = (int)DUL_networkSocket(tls_net->network);
     while (!stopping) {
         struct pollfd pfd = {lfd, POLLIN, 0};
         if (poll(&pfd, 1, 500) <= 0) continue;
-        if (count(Counted::WAITING) >= 2 * (size_t)cfg.max_associations) {
+        if (count(Counted::TLS_WAITING) >= 2 * (size_t)cfg.max_associations) {
             std::this_thread::sleep_for(std::chrono::milliseconds(100));
             continue;
         }
@@ -991,47 +1048,7 @@ void scp_server::tls_listen_loop()
         if (fd < 0) continue;
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        {
-            std::lock_guard<std::mutex> g(tls_mu);
-            tls_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-            tls_cut = false;
-            tls_since = Clock::now();
-        }
-        T_ASC_Association *assoc = nullptr;
-        OFCondition c;
-        {
-            std::unique_lock<std::mutex> held(accept_mu); // let go in createConnection
-            dcmExternalSocketHandle.set(fd);
-            t_socket_taken = false;
-            tls_layer->accept_lock = &held;
-            c = ASC_receiveAssociation(tls_net, &assoc, cfg.max_pdu, nullptr, nullptr, OFTrue,
-                                       DUL_BLOCK, cfg.acse_timeout);
-            tls_layer->accept_lock = nullptr;
-            if (held.owns_lock()) dcmExternalSocketHandle.set(-1); // failed before it took fd
-        }
-        {
-            std::lock_guard<std::mutex> g(tls_mu);
-            if (tls_fd >= 0) close(tls_fd);
-            tls_fd = -1;
-        }
-        // Once taken, dcmtk closes it with the association (or at a failed
-        // handshake); before, it is left to us (t_socket_taken).
-        if (c.bad() && !t_socket_taken) close(fd);
-        if (c == DUL_NOASSOCIATIONREQUEST) {
-            if (assoc) ASC_destroyAssociation(&assoc);
-            continue;
-        }
-        if (c.bad()) {
-            n_conn_failed++;
-            util_log(UTIL_LOG_WARN, "association_failed", "tls=1 reason=\"%s\"",
-                     cond_text(c).c_str());
-            if (assoc) {
-                ASC_dropAssociation(assoc);
-                ASC_destroyAssociation(&assoc);
-            }
-            continue;
-        }
-        add_assoc(fd, assoc); /* the socket accepted above, dcmtk's now */
+        add_assoc(fd, true);
     }
     shutdown(lfd, SHUT_RDWR);
 }
@@ -1114,7 +1131,7 @@ void scp_server::listen_loop()
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        add_assoc(fd, nullptr);
+        add_assoc(fd, false);
     }
     // Refuse new connections from here on.
     shutdown(lfd, SHUT_RDWR);
@@ -1255,12 +1272,13 @@ extern "C" void scp_server_stop(struct scp_server *s, int grace_seconds)
     if (!s) return;
     s->stopping = true;
     if (s->listener.joinable()) s->listener.join();
-    {
-        // a TLS connection still in its handshake is not waited for
-        std::lock_guard<std::mutex> g(s->tls_mu);
-        if (s->tls_fd >= 0) shutdown(s->tls_fd, SHUT_RDWR);
-    }
     if (s->tls_listener.joinable()) s->tls_listener.join();
+    {
+        // TLS connections still in their handshake are not waited for
+        std::lock_guard<std::mutex> g(s->mu);
+        for (Assoc *a : s->assocs)
+            if (a->tls_guard >= 0) shutdown(a->tls_guard, SHUT_RDWR);
+    }
     auto until = Clock::now() + std::chrono::seconds(grace_seconds);
     while (scp_server_active(s) > 0 && Clock::now() < until) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));

@@ -115,12 +115,40 @@ class TlsTest(itest.NodeTest):
                            stderr=subprocess.STDOUT, timeout=60)
         self.assertEqual(p.returncode, 0, p.stdout.decode(errors="replace"))
         self.assertTrue(trickling(), "C-ECHO over TLS had to wait for the trickling peer to end")
+        deadline = time.monotonic() + 20
+        while (not any("tls=1" in l for l in node.events("association_failed"))
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
         self.assertTrue(any("tls=1" in l for l in node.events("association_failed")),
-                        node.log_tail())
+                        "the trickling peer was not cut; log:\n" + node.log_tail())
+        self.assertTrue(trickling(), "the trickling peer gave up before it was cut")
         trickling = self.trickle(self.tls_port, 60)
         time.sleep(1)
         self.assertEqual(node.stop(), 0, node.log_tail())
         self.assertTrue(trickling(), "the stop had to wait for the trickling peer to end")
+
+    def echo_while_trickling(self, node, port, extra=()):
+        """C-ECHOs to port every half second for 24 s while a peer trickles
+        a TLS handshake and starts again each time it is cut: each must be
+        answered within 3 s, and the peer was cut at least twice."""
+        trickling = self.trickle(self.tls_port, 60, reconnect=True)
+        time.sleep(1)
+        end = time.monotonic() + 24  # past two cuts, each followed by a new handshake
+        n = 0
+        while time.monotonic() < end:
+            try:
+                rc, out = dt.echoscu(port, timeout=3, extra=extra)
+            except subprocess.TimeoutExpired:
+                rc, out = None, ""
+            self.assertIsNotNone(rc, "%s C-ECHO %d not answered within 3 s while a peer "
+                                 "trickled a TLS handshake; log:\n%s"
+                                 % ("TLS" if extra else "plain", n + 1, node.log_tail()))
+            self.assertEqual(rc, 0, out)
+            n += 1
+            time.sleep(0.5)
+        self.assertTrue(trickling(), "the trickling peer gave up")
+        cuts = [l for l in node.events("association_failed") if "tls=1" in l]
+        self.assertGreaterEqual(len(cuts), 2, node.log_tail())
 
     def test_trickling_handshake_holds_up_no_plain_association(self):
         """Scanners on the plain port are answered while a peer trickles a
@@ -130,23 +158,15 @@ class TlsTest(itest.NodeTest):
         reach the TLS port held up reception on the plain one: a C-ECHO
         that came meanwhile waited until the peer was cut, up to 10 s."""
         node = self.tls_node()
-        trickling = self.trickle(self.tls_port, 60, reconnect=True)
-        time.sleep(1)
-        end = time.monotonic() + 24  # past two cuts, each followed by a new handshake
-        n = 0
-        while time.monotonic() < end:
-            try:
-                rc, out = dt.echoscu(node.port, timeout=3)
-            except subprocess.TimeoutExpired:
-                rc, out = None, ""
-            self.assertIsNotNone(rc, "plain C-ECHO %d not answered within 3 s while a peer "
-                                 "trickled a TLS handshake; log:\n%s" % (n + 1, node.log_tail()))
-            self.assertEqual(rc, 0, out)
-            n += 1
-            time.sleep(0.5)
-        self.assertTrue(trickling(), "the trickling peer gave up")
-        cuts = [l for l in node.events("association_failed") if "tls=1" in l]
-        self.assertGreaterEqual(len(cuts), 2, node.log_tail())
+        self.echo_while_trickling(node, node.port)
+
+    def test_trickling_handshake_holds_up_no_other_tls_association(self):
+        """Nor are other TLS peers held up by it: each connection does its
+        handshake on its own thread. They had been done one at a time on
+        the TLS listener, so a scanner sending over TLS waited behind the
+        trickling peer until it was cut, up to 10 s, each time."""
+        node = self.tls_node()
+        self.echo_while_trickling(node, self.tls_port, extra=("+tla", "+cf", self.ca[1]))
 
     def test_plain_client_on_tls_port_is_refused(self):
         node = self.tls_node()

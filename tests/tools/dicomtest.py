@@ -557,7 +557,7 @@ class StorescuStream:
         return StoreResult(self.proc.returncode, out, statuses, assoc)
 
 
-def echoscu(port, called="ICHTRIAGE", calling="ECHOSCU", host="127.0.0.1", timeout=60):
-    p = subprocess.run(["echoscu", "-v", "-aet", calling, "-aec", called, host, str(port)],
+def echoscu(port, called="ICHTRIAGE", calling="ECHOSCU", host="127.0.0.1", timeout=60, extra=()):
+    p = subprocess.run(["echoscu", "-v", *extra, "-aet", calling, "-aec", called, host, str(port)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     return p.returncode, p.stdout.decode("utf-8", "replace")
