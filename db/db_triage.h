@@ -130,14 +130,15 @@ typedef int (*db_worklist_fn)(void *ud, const struct db_worklist_row *row);
  * triaged by probability; not applicable. status NULL: the open list, every
  * status but reviewed, less what its age window leaves out: with since_ms
  * > 0, the studies that need no action (triaged and not flagged, not
- * applicable) that arrived before since_ms. A flagged study, or one not
+ * applicable) that last changed (updated_at: an instance received, a result
+ * stored) before since_ms. A flagged study, or one not
  * yet known (received, waiting, triaging, failed), stays whatever its age.
  * Else only that status, every study of it (since_ms is ignored). fn
  * returning non-zero stops. */
 int db_worklist(struct db *db, const char *status, int64_t since_ms, db_worklist_fn fn, void *ud);
 
 /* What the open list's age window (since_ms, as for db_worklist) leaves out,
- * by status; and next_ms, the earliest arrival among the studies it keeps
+ * by status; and next_ms, the earliest last change among the studies it keeps
  * that it would leave out once since_ms passes it (0: none): the list
  * changes then without any study changing. */
 struct db_worklist_hidden {

@@ -285,10 +285,10 @@ static const char *const migrations[] = {
     "CREATE INDEX studies_retention ON studies(updated_at) WHERE purged_at IS NULL;",
 
     /* 14 -> 15: the open worklist's age window (db_worklist_hidden) counts
-     * the studies that need no action by status, flag and arrival; without
-     * it each count read every triaged study's row, and the window leaves
-     * more of them out each day. */
-    "CREATE INDEX studies_open ON studies(status, flagged, received_at);",
+     * the studies that need no action by status, flag and last change (a
+     * new instance or result); without it each count read every triaged
+     * study's row, and the window leaves more of them out each day. */
+    "CREATE INDEX studies_open ON studies(status, flagged, updated_at);",
 };
 
 int db_schema_version(void)

@@ -504,9 +504,12 @@ void db_row_fill(sqlite3_stmt *st, struct db_worklist_row *row)
 }
 
 /* The studies that need no action, which the open list's age window leaves
- * out once they are old: triaged and not flagged, not applicable. Never a
- * flagged study, nor one not yet known (received, waiting, triaging,
- * failed) or of a status this code does not know. */
+ * out once nothing has changed in them for a while (updated_at: the last
+ * instance received or result stored): triaged and not flagged, not
+ * applicable. Never a flagged study, nor one not yet known (received,
+ * waiting, triaging, failed) or of a status this code does not know. By
+ * the last change, not the arrival: an old study that gets a late series
+ * and a new result is back on the list with it, marked as changed. */
 #define DB_NO_ACTION "(st.flagged = 0 AND st.status IN ('triaged', 'not_applicable'))"
 
 int db_worklist(struct db *db, const char *status, int64_t since_ms, db_worklist_fn fn, void *ud)
@@ -515,7 +518,7 @@ int db_worklist(struct db *db, const char *status, int64_t since_ms, db_worklist
     sqlite3_stmt *st;
     const char *sql =
         "SELECT " DB_ROW_COLUMNS DB_ROW_JOINS " WHERE (?1 IS NULL AND st.status != 'reviewed'"
-        "   AND NOT (" DB_NO_ACTION " AND st.received_at < ?2))"
+        "   AND NOT (" DB_NO_ACTION " AND st.updated_at < ?2))"
         "  OR st.status = ?1"
         " ORDER BY"
         "  CASE WHEN st.flagged AND st.status != 'reviewed' THEN 0"
@@ -548,18 +551,18 @@ int db_worklist_hidden(struct db *db, int64_t since_ms, struct db_worklist_hidde
     *out = (struct db_worklist_hidden){0};
     if (since_ms <= 0) return 0;
     /* Counted by status (the page offers each), on the index by status,
-     * flag and arrival (schema 15). */
+     * flag and last change (schema 15). */
     int64_t *counts[] = {&out->triaged, &out->not_applicable};
     const char *names[] = {"triaged", "not_applicable"};
     for (int i = 0; i < 2; i++)
         if (db_scalar(c, counts[i],
                       "SELECT count(*) FROM studies st WHERE " DB_NO_ACTION
-                      " AND st.status = ?2 AND st.received_at < ?1",
+                      " AND st.status = ?2 AND st.updated_at < ?1",
                       "is", since_ms, names[i]) != 0)
             return -1;
     if (db_scalar(c, &out->next_ms,
-                  "SELECT coalesce(min(st.received_at), 0) FROM studies st"
-                  " WHERE " DB_NO_ACTION " AND st.received_at >= ?1",
+                  "SELECT coalesce(min(st.updated_at), 0) FROM studies st"
+                  " WHERE " DB_NO_ACTION " AND st.updated_at >= ?1",
                   "i", since_ms) != 0)
         return -1;
     return 0;

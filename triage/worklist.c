@@ -68,8 +68,9 @@ int triage_worklist_main(int argc, char **argv)
                    "reviewed by probability, then studies not yet triaged or failed (oldest\n"
                    "first), then the other triaged ones by probability, then those not\n"
                    "applicable. Reviewed studies only with --status reviewed. Studies that\n"
-                   "need no action (triaged and not flagged, not applicable) that arrived more\n"
-                   "than http.worklist_days ago (7; 0: none) are left out, as on the page;\n"
+                   "need no action (triaged and not flagged, not applicable) with no new\n"
+                   "image or result for more than http.worklist_days (7; 0: none) are left\n"
+                   "out, as on the page;\n"
                    "--all lists them, --status triaged or not_applicable lists every study of\n"
                    "that status. Flagged studies and those not yet known stay, whatever their\n"
                    "age. A study whose\n"
@@ -124,7 +125,8 @@ int triage_worklist_main(int argc, char **argv)
         printf("-- %d studies. Decision support, not a diagnosis.\n", p.rank);
         if (hidden.triaged + hidden.not_applicable > 0)
             printf("-- %lld older studies that need no action not shown (%lld triaged, not "
-                   "flagged; %lld not applicable; arrived more than %lld days ago): --all shows "
+                   "flagged; %lld not applicable; no new image or result for more than %lld days): "
+                   "--all shows "
                    "them.\n",
                    (long long)(hidden.triaged + hidden.not_applicable), (long long)hidden.triaged,
                    (long long)hidden.not_applicable, (long long)days);

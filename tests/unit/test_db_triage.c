@@ -237,16 +237,22 @@ static struct db_job claimed(int64_t id)
     return job;
 }
 
-/* The series triaged with probability p (flagged or not); error: failed. */
-static void ended(int64_t id, double p, bool flagged, const char *error)
+/* The series triaged with probability p (flagged or not) at time at;
+ * error: failed. */
+static void ended_at(int64_t id, double p, bool flagged, const char *error, int64_t at)
 {
     char err[512];
     struct db_job job = claimed(id);
     struct db_result res = {.model_version = "m1", .flagged = flagged, .key_sop = ""};
     for (int l = 0; l < DB_LABELS; l++)
         res.p[l] = (float)(l == 0 ? p : p / 2);
-    cr_assert_eq(db_job_finish(db, &job, error ? NULL : &res, error, false, later, err, sizeof err),
-                 0, "%s", err);
+    cr_assert_eq(db_job_finish(db, &job, error ? NULL : &res, error, false, at, err, sizeof err), 0,
+                 "%s", err);
+}
+
+static void ended(int64_t id, double p, bool flagged, const char *error)
+{
+    ended_at(id, p, flagged, error, later);
 }
 
 struct order {
@@ -329,22 +335,29 @@ Test(worklist, every_status_in_its_group_and_order)
 }
 
 /* The open list's age window (http.worklist_days) leaves out the studies
- * that need no action, triaged and not flagged or not applicable, that
- * arrived before it; old flagged, failed, receiving, waiting and triaging
- * studies stay, in their places. Each status still lists all of its own,
- * and db_worklist_hidden counts what was left out and says when the next
- * study kept leaves by age. The uids say old (o) or new (n) and the group. */
+ * that need no action, triaged and not flagged or not applicable, in which
+ * nothing has changed (no instance received, no result stored) since
+ * before it; old flagged, failed, receiving, waiting and triaging studies
+ * stay, in their places. Each status still lists all of its own, and
+ * db_worklist_hidden counts what was left out and says when the next study
+ * kept leaves by age. The uids say old (o) or new (n) and the group: every
+ * study arrived long before the window, the new ones' results (or
+ * decisions) came inside it. */
 Test(worklist, age_window_leaves_out_only_old_studies_that_need_no_action)
 {
-    const int64_t since = t0 + 1000;
+    const int64_t since = later + 1000;
     ended(series_in("o.3", "o.3.1", 10), 0.30, false, NULL);
     decide(series_in("o.4", "o.4.1", 20), "not_applicable", "not a head");
     ended(series_in("o.1", "o.1.1", 30), 0.90, true, NULL);
     ended(series_in("o.2f", "o.2f.1", 40), 0, false, "x");
     series_in("o.2r", "o.2r.1", 50); /* received: receiving */
     claimed(series_in("o.2t", "o.2t.1", 60));
-    ended(series_in("n.3", "n.3.1", 2000), 0.20, false, NULL);
-    decide(series_in("n.4", "n.4.1", 3000), "not_applicable", "not a head");
+    ended_at(series_in("n.3", "n.3.1", 2000), 0.20, false, NULL, later + 2000);
+    /* not applicable once its frames were read (the job's end) */
+    char err[512];
+    struct db_job job = claimed(series_in("n.4", "n.4.1", 3000));
+    cr_assert_eq(db_job_finish(db, &job, NULL, "not axial", true, later + 3000, err, sizeof err), 0,
+                 "%s", err);
     /* waiting (last: the claims above take the oldest queued job) */
     decide(series_in("o.2w", "o.2w.1", 70), "waiting", "4-x");
 
@@ -361,9 +374,28 @@ Test(worklist, age_window_leaves_out_only_old_studies_that_need_no_action)
     cr_assert_eq(db_worklist_hidden(db, since, &h), 0);
     cr_expect_eq(h.triaged, 1);
     cr_expect_eq(h.not_applicable, 1);
-    cr_expect_eq(h.next_ms, t0 + 2000, "n.3 leaves next");
+    cr_expect_eq(h.next_ms, later + 2000, "n.3 leaves next");
     cr_assert_eq(db_worklist_hidden(db, 0, &h), 0);
     cr_expect_eq(h.triaged + h.not_applicable + h.next_ms, 0, "no window, nothing left out");
+}
+
+/* A study left out by the age window that then gets a late series, and a
+ * new result that does not flag it, is back on the open list (marked as
+ * changed, result_updates): the window went by arrival, so it stayed out,
+ * its new result unseen, and came and went while it was triaged again. */
+Test(worklist, a_late_series_brings_a_study_back_inside_the_age_window)
+{
+    const int64_t since = later + 1000;
+    ended(series_in("o.3", "o.3.1", 10), 0.30, false, NULL);
+    const char *none[] = {NULL};
+    expect_list(NULL, since, none, 0);
+    ended_at(series_in("o.3", "o.3.2", 100), 0.20, false, NULL, later + 2000);
+    const char *back[] = {"o.3"};
+    expect_list(NULL, since, back, 1);
+    struct db_worklist_hidden h;
+    cr_assert_eq(db_worklist_hidden(db, since, &h), 0);
+    cr_expect_eq(h.triaged + h.not_applicable, 0);
+    cr_expect_eq(h.next_ms, later + 2000);
 }
 
 /* A reviewed study whose late series then fails is back on the list (it

@@ -749,8 +749,8 @@ class AgeWindowTest(wt.WebTest):
 
     def test_old_studies_that_need_no_action_leave_the_open_list(self):
         """The open list (http.worklist_days, 7 by default) leaves out studies
-        triaged and not flagged, or not applicable, that arrived more than 7
-        days ago; old flagged, failed, waiting and received ones stay in their
+        triaged and not flagged, or not applicable, with no new image or
+        result for more than 7 days; old flagged, failed, waiting and received ones stay in their
         places. ?status= lists every study of its status, old ones too;
         `ichtriage worklist` leaves out the same, --all lists them; the events
         say how many are left out, and a study that grows old while a page
@@ -768,7 +768,8 @@ class AgeWindowTest(wt.WebTest):
                          ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.1", "1.9.7", "1.9.2", "1.9.8"])
         p = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=True)
         self.assertIn("-- 2 older studies that need no action not shown (1 triaged, not flagged;"
-                      " 1 not applicable; arrived more than 7 days ago): --all shows them.",
+                      " 1 not applicable; no new image or result for more than 7 days): --all"
+                      " shows them.",
                       p.stdout)
         p = subprocess.run(argv + ["--set", "http.worklist_days=0", "--json"],
                            stdout=subprocess.PIPE, check=True)
@@ -780,7 +781,8 @@ class AgeWindowTest(wt.WebTest):
         import sqlite3
         con = sqlite3.connect(node.db_path, timeout=10)
         with con:
-            con.execute("UPDATE studies SET received_at = ? WHERE study_uid = '1.9.7'", (soon,))
+            con.execute("UPDATE studies SET received_at = ?1, updated_at = ?1"
+                        " WHERE study_uid = '1.9.7'", (soon,))
         con.close()
         proc, events = self.event_stream(node)
         try:

@@ -850,7 +850,8 @@ class PageTest(wt.WebTest):
         b.wait("!document.getElementById('older').hidden")
         text = b.eval("document.getElementById('older').innerText")
         self.assertTrue(text.startswith("2 older studies not shown (1 triaged, not flagged, 1 not"
-                                        " applicable; arrived more than 7 days ago, before "), text)
+                                        " applicable; no new image or result for more than 7 days, since"
+                                        " before "), text)
         self.assertIn("Show them", text)
         b.screenshot(self.artifact("older-note.png"))
         b.click("#show-older")

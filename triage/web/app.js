@@ -341,17 +341,17 @@ function olderNote() {
   if (h.triaged) parts.push(h.triaged + " triaged, not flagged");
   if (h.not_applicable) parts.push(h.not_applicable + " not applicable");
   $("older-text").textContent = n + (n === 1 ? " older study" : " older studies") +
-    " not shown (" + parts.join(", ") + "; arrived more than " + h.days +
-    (h.days === 1 ? " day" : " days") + " ago, before " + localTime(h.before) + ").";
+    " not shown (" + parts.join(", ") + "; no new image or result for more than " + h.days +
+    (h.days === 1 ? " day" : " days") + ", since before " + localTime(h.before) + ").";
 }
 
 // Those the open list leaves out, as the node last said: every study of
-// either status that is not flagged and arrived before the window.
+// either status that is not flagged and last changed before the window.
 async function olderRows() {
   const before = Date.parse(state.hidden && state.hidden.before);
   const [triaged, na] = await Promise.all(["triaged", "not_applicable"].map(
     (s) => api("/api/worklist?status=" + s)));
-  return triaged.concat(na).filter((r) => !r.flagged && Date.parse(r.received_at) < before);
+  return triaged.concat(na).filter((r) => !r.flagged && Date.parse(r.updated_at) < before);
 }
 
 async function loadFiltered() {
