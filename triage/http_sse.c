@@ -197,14 +197,24 @@ static const struct http_snapshot_row *snap_find(const struct http_snapshot_row 
     return n ? bsearch(&key, snap, (size_t)n, sizeof *snap, snap_cmp) : NULL;
 }
 
+/* The event's fields that every worklist event has. */
+static void add_tail(struct triage_http *h, cJSON *ev, cJSON *flagged, cJSON *hidden)
+{
+    cJSON_AddItemToObject(ev, "new_flagged", flagged);
+    cJSON_AddItemToObject(ev, "hidden", hidden);
+    cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
+}
+
 /* The worklist event against the last snapshot, which it replaces: "rows"
  * that are new or changed, "removed" uids, "order" (every uid in list
- * order) when the order changed, "new_flagged" uids. full: every row and
- * the order (a new stream's first event; the snapshot is left as it is).
- * Also hands the newly flagged rows to *new_flagged_rows. NULL on error. */
-static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagged_rows)
+ * order) when the order changed, "new_flagged" uids. With full_ev, also
+ * *full_ev, from the same read of the list: every row and the order (a new
+ * stream's first event, "full": true), to which later events relate. Also
+ * hands the newly flagged rows to *new_flagged_rows. NULL on error. */
+static cJSON *worklist_event(struct triage_http *h, cJSON **full_ev, cJSON **new_flagged_rows)
 {
     *new_flagged_rows = NULL;
+    if (full_ev) *full_ev = NULL;
     int64_t since = triage_worklist_since(http_now_ms(), h->worklist_days);
     cJSON *list = http_worklist_json(h, NULL, since);
     cJSON *hidden = list ? http_worklist_hidden_json(h, since) : NULL;
@@ -217,8 +227,12 @@ static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagg
     cJSON *ev = cJSON_CreateObject();
     cJSON *rows = cJSON_CreateArray(), *removed = cJSON_CreateArray(),
           *flagged = cJSON_CreateArray(), *order = cJSON_CreateArray();
+    cJSON *full = full_ev ? cJSON_CreateObject() : NULL;
+    cJSON *full_tail[2] = {full_ev ? cJSON_CreateArray() : NULL,
+                           full_ev ? cJSON_Duplicate(hidden, true) : NULL};
     *new_flagged_rows = cJSON_CreateArray();
-    if (!snap || !ev || !rows || !removed || !flagged || !order || !*new_flagged_rows) {
+    if (!snap || !ev || !rows || !removed || !flagged || !order || !*new_flagged_rows ||
+        (full_ev && (!full || !full_tail[0] || !full_tail[1]))) {
         free(snap);
         cJSON_Delete(list);
         cJSON_Delete(hidden);
@@ -228,6 +242,9 @@ static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagg
         cJSON_Delete(flagged);
         cJSON_Delete(order);
         cJSON_Delete(*new_flagged_rows);
+        cJSON_Delete(full);
+        cJSON_Delete(full_tail[0]);
+        cJSON_Delete(full_tail[1]);
         *new_flagged_rows = NULL;
         return NULL;
     }
@@ -242,40 +259,42 @@ static cJSON *worklist_event(struct triage_http *h, bool full, cJSON **new_flagg
         cJSON_AddItemToArray(order, cJSON_CreateString(snap[i].uid));
         const struct http_snapshot_row *old = snap_find(h->snap, h->nsnap, snap[i].uid);
         if (!old || old->rank != i) order_changed = true;
-        if (full || !old || !old->json || !snap[i].json || strcmp(old->json, snap[i].json) != 0)
+        if (!old || !old->json || !snap[i].json || strcmp(old->json, snap[i].json) != 0)
             cJSON_AddItemToArray(rows, cJSON_Duplicate(r, true));
-        if (!full && h->snap_ready && snap[i].flagged && (!old || !old->flagged)) {
+        if (h->snap_ready && snap[i].flagged && (!old || !old->flagged)) {
             cJSON_AddItemToArray(flagged, cJSON_CreateString(snap[i].uid));
             cJSON_AddItemToArray(*new_flagged_rows, cJSON_Duplicate(r, true));
         }
     }
-    cJSON_Delete(list);
     qsort(snap, (size_t)n, sizeof *snap, snap_cmp);
-    for (int k = 0; k < h->nsnap && !full; k++)
+    for (int k = 0; k < h->nsnap; k++)
         if (!snap_find(snap, n, h->snap[k].uid))
             cJSON_AddItemToArray(removed, cJSON_CreateString(h->snap[k].uid));
+    for (int k = 0; k < h->nsnap; k++)
+        free(h->snap[k].json);
+    free(h->snap);
+    h->snap = snap;
+    h->nsnap = n;
+    h->snap_ready = true;
     if (full) {
-        for (int k = 0; k < n; k++)
-            free(snap[k].json);
-        free(snap);
+        /* The list itself becomes its rows: no copy of a long list. */
+        cJSON_AddBoolToObject(full, "full", true);
+        cJSON_AddItemToObject(full, "rows", list);
+        cJSON_AddItemToObject(full, "removed", cJSON_CreateArray());
+        cJSON_AddItemToObject(full, "order", cJSON_Duplicate(order, true));
+        add_tail(h, full, full_tail[0], full_tail[1]);
+        *full_ev = full;
     } else {
-        for (int k = 0; k < h->nsnap; k++)
-            free(h->snap[k].json);
-        free(h->snap);
-        h->snap = snap;
-        h->nsnap = n;
-        h->snap_ready = true;
+        cJSON_Delete(list);
     }
-    cJSON_AddBoolToObject(ev, "full", full);
+    cJSON_AddBoolToObject(ev, "full", false);
     cJSON_AddItemToObject(ev, "rows", rows);
     cJSON_AddItemToObject(ev, "removed", removed);
-    if (full || order_changed)
+    if (order_changed)
         cJSON_AddItemToObject(ev, "order", order);
     else
         cJSON_Delete(order);
-    cJSON_AddItemToObject(ev, "new_flagged", flagged);
-    cJSON_AddItemToObject(ev, "hidden", hidden);
-    cJSON_AddItemToObject(ev, "degraded", http_degraded(h));
+    add_tail(h, ev, flagged, hidden);
     return ev;
 }
 
@@ -412,10 +431,13 @@ static void webhook_send(struct triage_http *h, const cJSON *row)
     }
 }
 
-void http_push_now(struct triage_http *h)
+/* Pushes what changed since the last push to the streams and the webhook;
+ * with full_ev, also makes a new stream's first event, from the same read
+ * of the list (NULL on error). */
+static void push_now(struct triage_http *h, cJSON **full_ev)
 {
     if (h->push_ready) uv_timer_stop(&h->push);
-    if (h->nsse == 0 && !h->webhook[0]) {
+    if (h->nsse == 0 && !h->webhook[0] && !full_ev) {
         /* Nobody to tell: no work on the loop. The next push starts a new
          * snapshot, without calling what is already flagged new. */
         h->snap_ready = false;
@@ -424,7 +446,7 @@ void http_push_now(struct triage_http *h)
     uint64_t t0 = uv_hrtime();
     struct db_worklist_hidden hidden = h->hidden;
     cJSON *flagged_rows = NULL;
-    cJSON *ev = worklist_event(h, false, &flagged_rows);
+    cJSON *ev = worklist_event(h, full_ev, &flagged_rows);
     /* A long list makes a push cost tens of milliseconds: pushes then come
      * less often, so that they take at most a fifth of the loop. */
     uint64_t cost_ms = (uv_hrtime() - t0) / 1000000;
@@ -453,6 +475,11 @@ void http_push_now(struct triage_http *h)
     }
     cJSON_Delete(flagged_rows);
     cJSON_Delete(ev);
+}
+
+void http_push_now(struct triage_http *h)
+{
+    push_now(h, NULL);
 }
 
 static void on_push(uv_timer_t *t)
@@ -502,20 +529,11 @@ int http_sse_open(struct triage_http *h, h2o_req_t *req, const struct http_who *
     memcpy(s->client, client, sizeof client);
     /* Changes not pushed yet go to the other streams (and the webhook) now:
      * this one's later events are then relative to the full state it starts
-     * with. With nobody listening the snapshot is just brought up to date. */
-    cJSON *flagged_rows = NULL;
-    if (h->nsse > 0 || h->webhook[0]) {
-        http_push_now(h);
-    } else {
-        cJSON *snap = worklist_event(h, false, &flagged_rows);
-        cJSON_Delete(flagged_rows);
-        if (!snap) return sse_refuse(s, req);
-        cJSON_Delete(snap);
-    }
-    /* The stream starts with every row and the order, so a page needs
-     * nothing else. */
-    cJSON *ev = worklist_event(h, true, &flagged_rows);
-    cJSON_Delete(flagged_rows);
+     * with, every row and the order, so a page needs nothing else. One read
+     * of the list makes both (it had been read twice: most of a first
+     * event's time on a long list). */
+    cJSON *ev = NULL;
+    push_now(h, &ev);
     if (ev) h->degraded_pushed = degraded_hash(cJSON_GetObjectItem(ev, "degraded"));
     char *text = ev ? cJSON_PrintUnformatted(ev) : NULL;
     cJSON_Delete(ev);
