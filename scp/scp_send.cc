@@ -11,8 +11,12 @@
 #include <openssl/x509v3.h>
 
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <string>
@@ -62,30 +66,70 @@ bool file_syntax(const char *path, std::string &sop_class, std::string &ts, std:
 // useSecureConnection(), which also marks the association secure; that
 // mark is read by nothing but createConnection, so the plain layer makes a
 // plain connection whatever it says.
+//
+// There too the send's cut (struct scp_send_cut) learns of the connection: it
+// keeps a copy of the socket (guard), so that shutting it down from another
+// thread always reaches this connection, even after dcmtk has closed its
+// own descriptor and the number went to another file.
+void watch(scp_send_cut *cut, int sock)
+{
+    if (!cut) return;
+    pthread_mutex_lock(&cut->mu);
+    if (cut->guard >= 0) close(cut->guard);
+    cut->guard = fcntl(sock, F_DUPFD_CLOEXEC, 0);
+    if (cut->cut) shutdown(sock, SHUT_RDWR);
+    pthread_mutex_unlock(&cut->mu);
+}
+
+// After the send: the guard goes, and with it the connection if dcmtk has
+// let go of it. Whether the send was cut.
+bool unwatch(scp_send_cut *cut)
+{
+    if (!cut) return false;
+    pthread_mutex_lock(&cut->mu);
+    if (cut->guard >= 0) close(cut->guard);
+    cut->guard = -1;
+    bool was = cut->cut;
+    pthread_mutex_unlock(&cut->mu);
+    return was;
+}
+
 class PlainLayer : public DcmTransportLayer
 {
   public:
+    explicit PlainLayer(scp_send_cut *c) : cut(c) {}
     DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool) override
     {
         util_set_cloexec(sock);
+        watch(cut, sock);
         return DcmTransportLayer::createConnection(sock, OFFalse);
     }
+
+  private:
+    scp_send_cut *cut;
 };
 
 class TlsLayer : public DcmTLSTransportLayer
 {
   public:
-    TlsLayer() : DcmTLSTransportLayer(NET_REQUESTOR, nullptr, OFTrue) {}
+    explicit TlsLayer(scp_send_cut *c)
+        : DcmTLSTransportLayer(NET_REQUESTOR, nullptr, OFTrue), cut(c)
+    {
+    }
     DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
     {
         util_set_cloexec(sock);
+        watch(cut, sock);
         return DcmTLSTransportLayer::createConnection(sock, secure);
     }
+
+  private:
+    scp_send_cut *cut;
 };
 
 std::unique_ptr<DcmTLSTransportLayer> make_tls(const scp_send_dest *d, std::string &why)
 {
-    std::unique_ptr<DcmTLSTransportLayer> t(new TlsLayer);
+    std::unique_ptr<DcmTLSTransportLayer> t(new TlsLayer(d->cut));
     OFCondition c = t->setTLSProfile(TSP_Profile_BCP195);
     if (c.good()) c = t->activateCipherSuites();
     if (c.bad()) {
@@ -136,6 +180,30 @@ std::string hex_status(int s)
     char b[16];
     std::snprintf(b, sizeof b, "0x%04X", (unsigned)s);
     return b;
+}
+
+int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
+               scp_send_answered_fn answered, void *ud, char *err, size_t errlen);
+
+// send_files, and then what a cut left unanswered is SCP_SEND_STOPPED: the
+// caller's stop, not a failure of the peer's.
+int send_files_cut(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
+                   scp_send_answered_fn answered, void *ud, char *err, size_t errlen)
+{
+    int rc = send_files(d, files, n, go_on, answered, ud, err, errlen);
+    if (unwatch(d->cut)) {
+        for (int i = 0; i < n; i++) {
+            // Not files that failed on their own (unreadable, no context).
+            bool waited = files[i].status == -1 && (!std::strncmp(files[i].error, "not sent", 8) ||
+                                                    !std::strncmp(files[i].error, "C-STORE: ", 9));
+            if (waited || files[i].status == SCP_SEND_UNSENT) {
+                files[i].status = SCP_SEND_STOPPED;
+                std::snprintf(files[i].error, sizeof files[i].error,
+                              "not answered: the sending was cut (stop)");
+            }
+        }
+    }
+    return rc;
 }
 
 int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
@@ -203,7 +271,7 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_
             return -1;
         }
     } else {
-        layer.reset(new PlainLayer);
+        layer.reset(new PlainLayer(d->cut));
     }
     // Only once the network exists (initNetwork), else dcmtk refuses it.
     c = scu.useSecureConnection(layer.get());
@@ -280,6 +348,28 @@ extern "C" bool scp_send_status_ok(int status)
            (status == STATUS_Success || DICOM_WARNING_STATUS(status));
 }
 
+extern "C" void scp_send_cut_init(struct scp_send_cut *c)
+{
+    pthread_mutex_init(&c->mu, nullptr);
+    c->guard = -1;
+    c->cut = false;
+}
+
+extern "C" void scp_send_cut_destroy(struct scp_send_cut *c)
+{
+    if (c->guard >= 0) close(c->guard);
+    c->guard = -1;
+    pthread_mutex_destroy(&c->mu);
+}
+
+extern "C" void scp_send_cut_short(struct scp_send_cut *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->cut = true;
+    if (c->guard >= 0) shutdown(c->guard, SHUT_RDWR);
+    pthread_mutex_unlock(&c->mu);
+}
+
 extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_file *files, int n,
                               scp_send_go_on_fn go_on, scp_send_answered_fn answered, void *ud,
                               char *err, size_t errlen)
@@ -289,7 +379,7 @@ extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_
             set_err(err, errlen, "scp_send_files: bad arguments");
             return -1;
         }
-        return send_files(dest, files, n, go_on, answered, ud, err, errlen);
+        return send_files_cut(dest, files, n, go_on, answered, ud, err, errlen);
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string("scp_send_files: ") + e.what());
     } catch (...) {

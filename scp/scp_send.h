@@ -5,12 +5,29 @@
 #ifndef SCP_SEND_H
 #define SCP_SEND_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Lets another thread cut sends short (the node's stop): scp_send_cut_short
+ * shuts down the connection of the send in progress, if any, and that of
+ * every later send as soon as it is made, so a wait on the peer (for the
+ * association's acceptance, the TLS handshake, an answer) ends at once;
+ * the files not answered are then SCP_SEND_STOPPED. The TCP connect itself
+ * is dcmtk's alone and still waits up to timeout_s. Init before the first
+ * send, destroy after the last. */
+struct scp_send_cut {
+    pthread_mutex_t mu;
+    int guard; /* a copy of the connection's socket while a send has one, else -1 */
+    bool cut;
+};
+void scp_send_cut_init(struct scp_send_cut *c);
+void scp_send_cut_destroy(struct scp_send_cut *c);
+void scp_send_cut_short(struct scp_send_cut *c);
 
 /* Where to send. Strings are borrowed for the duration of the call. */
 struct scp_send_dest {
@@ -23,13 +40,15 @@ struct scp_send_dest {
     const char *tls_ca;   /* PEM file of trusted CAs; "" or NULL: the peer is not verified */
     const char *tls_cert; /* our client certificate (PEM), "" or NULL: none */
     const char *tls_key;
+    struct scp_send_cut *cut; /* NULL: none */
 };
 
 /* What happened to one file. status is the C-STORE response status when
  * answered (0x0000 success, warnings as scp_send_status_ok, others failures),
  * else -1 with why in error (not sent: no association, no accepted
  * presentation context, unreadable file, network failure), or
- * SCP_SEND_STOPPED when the caller stopped the sending before it, or
+ * SCP_SEND_STOPPED when the caller stopped the sending before it (or cut
+ * it while the file waited for its answer: it may have reached the peer), or
  * SCP_SEND_UNSENT when the association ended (aborted, or an earlier
  * file's answer did not come in time) before it went out: nothing of it
  * reached the peer, and a new association may carry it. */

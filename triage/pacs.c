@@ -52,6 +52,10 @@ struct dest_sender {
     pthread_t thread;
     pthread_cond_t cv; /* with p->mu */
     bool kicked;       /* guarded by p->mu */
+    /* The stop cuts its association short: a PACS slow to accept or to
+     * answer held the stop (and so the node's restart, scanners refused
+     * meanwhile) for up to pacs.timeout. */
+    struct scp_send_cut cut;
 };
 
 struct triage_pacs {
@@ -592,6 +596,7 @@ static void send_group(struct dest_sender *s, const struct db_outbox_delivery *g
         .tls_ca = p->tls_ca,
         .tls_cert = p->tls_cert,
         .tls_key = p->tls_key,
+        .cut = &s->cut,
     };
     int rc = scp_send_files(&sd, files, n, go_on, on_answered, &gr, err, sizeof err);
     /* Failures are recorded once the association is over, all at its end:
@@ -695,6 +700,7 @@ static void senders_stop(struct triage_pacs *p)
     for (int i = 0; i < p->nsenders; i++) {
         pthread_join(p->senders[i].thread, NULL);
         pthread_cond_destroy(&p->senders[i].cv);
+        scp_send_cut_destroy(&p->senders[i].cut);
         db_close(p->senders[i].db);
     }
     p->nsenders = 0;
@@ -708,9 +714,11 @@ static int senders_start(struct triage_pacs *p, const char *db_path, char *err, 
         *s = (struct dest_sender){.p = p, .dest = &p->dests[i]};
         if (db_open(&s->db, db_path, err, errlen) != 0) return -1;
         util_clock_cond_init(&s->cv);
+        scp_send_cut_init(&s->cut);
         if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
             snprintf(err, errlen, "cannot start the PACS sender thread of %s", s->dest->spec);
             pthread_cond_destroy(&s->cv);
+            scp_send_cut_destroy(&s->cut);
             db_close(s->db);
             return -1;
         }
@@ -782,8 +790,10 @@ void triage_pacs_request_stop(struct triage_pacs *p)
     pthread_mutex_lock(&p->mu);
     p->stop = true;
     pthread_cond_signal(&p->cv);
-    for (int i = 0; i < p->nsenders; i++)
+    for (int i = 0; i < p->nsenders; i++) {
         pthread_cond_signal(&p->senders[i].cv);
+        scp_send_cut_short(&p->senders[i].cut);
+    }
     pthread_mutex_unlock(&p->mu);
 }
 

@@ -824,6 +824,38 @@ class PacsTest(itest.NodeTest):
         self.wait_deliveries(node, lambda r: r[2] == "sent", 2)
         self.assertEqual(len(scp.stores), 2, scp.stores)
 
+    def test_stop_cuts_short_a_pacs_that_never_answers(self):
+        """pacs.timeout 300 s, and a PACS that never accepts the association
+        it was asked for, or one that accepts it and never answers the first
+        C-STORE: the node stops within seconds all the same, and the objects
+        wait for the next start with no attempt used. The stop had waited
+        for the acceptance or the answer, up to pacs.timeout, past systemd's
+        TimeoutStopSec (40 s), while the node could not be started again
+        and scanners were refused."""
+        for name, scp in (("NOACCEPT", RejectScp(0x0000, accept_delay=3600)),
+                          ("NOANSWER", RejectScp(0x0000, late_first=3600))):
+            scp.start()
+            self.stoppers.append(scp.close)
+            node = self.node("%s@127.0.0.1:%d" % (name, scp.port), name=name,
+                             **{"pacs.timeout": 300})
+            _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph" + name), seed=46)
+            self.send(node, files)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (scp.stores if name == "NOANSWER"
+                                                       else scp.requests):
+                time.sleep(0.05)
+            self.assertTrue(scp.stores if name == "NOANSWER" else scp.requests, node.log_tail())
+            time.sleep(0.5)  # well into the wait
+            t0 = time.monotonic()
+            rc = node.stop()
+            took = time.monotonic() - t0
+            self.assertEqual(rc, 0, "%s: %s" % (name, node.log_tail()))
+            self.assertLess(took, 10, "%s: the stop took %.1f s" % (name, took))
+            rows = self.deliveries(node)
+            self.assertEqual([(r[2], r[3]) for r in rows], [("pending", 0)] * 2,
+                             "%s: %s" % (name, rows))
+            scp.close()
+
     def test_a_hanging_destination_does_not_hold_back_the_others(self):
         """Three destinations: one takes the association request and never
         answers it, one never completes the TCP connect (its listen queue is
