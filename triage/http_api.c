@@ -115,9 +115,23 @@ static int api_worklist(struct triage_http *h, h2o_req_t *req)
             want = status;
         }
     }
-    cJSON *arr = http_worklist_json(
-        h, want, want ? 0 : triage_worklist_since(http_now_ms(), h->worklist_days));
-    if (!arr) return http_send_error(req, 500, "cannot read the worklist");
+    int64_t since = want ? 0 : triage_worklist_since(http_now_ms(), h->worklist_days);
+    cJSON *arr = http_worklist_json(h, want, since);
+    /* What the age window left out, for clients of the API as the events
+     * and the page say it (a structured-field dictionary, RFC 8941); not
+     * kept in h->hidden, which is what the streams last heard. */
+    struct db_worklist_hidden hidden;
+    if (!arr || db_worklist_hidden(h->db, since, &hidden) != 0) {
+        cJSON_Delete(arr);
+        return http_send_error(req, 500, "cannot read the worklist");
+    }
+    if (!want) {
+        char v[128];
+        snprintf(v, sizeof v, "triaged=%lld, not_applicable=%lld, days=%lld",
+                 (long long)hidden.triaged, (long long)hidden.not_applicable,
+                 (long long)h->worklist_days);
+        http_add_header(req, "x-worklist-hidden", h2o_strdup(&req->pool, v, SIZE_MAX).base);
+    }
     return http_send_json(req, 200, arr);
 }
 

@@ -750,8 +750,8 @@ class AgeWindowTest(wt.WebTest):
     def test_old_studies_that_need_no_action_leave_the_open_list(self):
         """The open list (http.worklist_days, 7 by default) leaves out studies
         triaged and not flagged, or not applicable, with no new image or
-        result for more than 7 days; old flagged, failed, waiting and received ones stay in their
-        places. ?status= lists every study of its status, old ones too;
+        result for more than 7 days; old flagged, failed, waiting and
+        received ones stay in their places. ?status= lists every study of its status, old ones too;
         `ichtriage worklist` leaves out the same, --all lists them; the events
         say how many are left out, and a study that grows old while a page
         listens leaves the list. The list had kept every study until it was
@@ -760,6 +760,12 @@ class AgeWindowTest(wt.WebTest):
         self.assertEqual(self.uids(node), ["1.9.3", "1.9.4", "1.9.5", "1.9.6", "1.9.7", "1.9.8"])
         self.assertEqual(self.uids(node, "?status=triaged"), ["1.9.3", "1.9.1", "1.9.7"])
         self.assertEqual(self.uids(node, "?status=not_applicable"), ["1.9.2", "1.9.8"])
+        # API clients are told what was left out, as the page is (not for a
+        # ?status= list, which leaves nothing out).
+        _, headers, _ = wt.curl(node.base + "/api/worklist")
+        self.assertEqual(headers.get("x-worklist-hidden"), ["triaged=1, not_applicable=1, days=7"])
+        _, headers, _ = wt.curl(node.base + "/api/worklist?status=triaged")
+        self.assertNotIn("x-worklist-hidden", headers)
         # The command line: the same list, and --all without the window.
         self.assertEqual([r["study_uid"] for r in self.cli_worklist(node)], self.uids(node))
         argv = [wt.itest.EXE, "worklist", "-c", "/dev/null", "--set", "store.dir=" + node.store_dir]
