@@ -794,3 +794,118 @@ double train_ema_update(float *shadow, const float *x, size_t n, double decay, l
         shadow[i] = a * shadow[i] + b * x[i];
     return d;
 }
+
+/* ---- stage 2 on studies labelled as a whole (trainer.h) ---- */
+
+static bool study_only(const struct train_dataset *d, int s)
+{
+    return !d->series[s].slice_labels;
+}
+
+struct group_ctx {
+    const struct train_dataset *d;
+    const int *rank; /* a series' place in the epoch */
+};
+
+/* Study-labelled series by study, then by their place in the epoch. */
+static int by_study(const void *a, const void *b, void *arg)
+{
+    const struct group_ctx *g = arg;
+    int x = *(const int *)a, y = *(const int *)b;
+    int c = strcmp(g->d->series[x].study_uid, g->d->series[y].study_uid);
+    return c ? c : g->rank[x] - g->rank[y];
+}
+
+int train_stage2_group(const struct train_dataset *d, int *ser, int n)
+{
+    int m = 0;
+    for (int i = 0; i < n; i++)
+        m += study_only(d, ser[i]);
+    if (m == 0) return 0;
+    int *rank = malloc((size_t)d->nseries * sizeof *rank);
+    int *sorted = malloc((size_t)m * sizeof *sorted);
+    int *at = malloc((size_t)d->nseries * sizeof *at); /* a series' place in sorted */
+    int *out = malloc((size_t)n * sizeof *out);
+    bool *placed = calloc((size_t)d->nseries, sizeof *placed);
+    if (!rank || !sorted || !at || !out || !placed) {
+        free(rank), free(sorted), free(at), free(out), free(placed);
+        return -1;
+    }
+    m = 0;
+    for (int i = 0; i < n; i++) {
+        rank[ser[i]] = i;
+        if (study_only(d, ser[i])) sorted[m++] = ser[i];
+    }
+    struct group_ctx g = {d, rank};
+    qsort_r(sorted, (size_t)m, sizeof *sorted, by_study, &g);
+    for (int k = 0; k < m; k++)
+        at[sorted[k]] = k;
+    int o = 0;
+    for (int i = 0; i < n; i++) {
+        int s = ser[i];
+        if (placed[s]) continue;
+        out[o++] = s, placed[s] = true;
+        if (!study_only(d, s)) continue;
+        /* the rest of its study: after it in sorted, as it came first */
+        for (int k = at[s] + 1;
+             k < m && !strcmp(d->series[sorted[k]].study_uid, d->series[s].study_uid); k++)
+            if (!placed[sorted[k]]) out[o++] = sorted[k], placed[sorted[k]] = true;
+    }
+    memcpy(ser, out, (size_t)n * sizeof *ser);
+    free(rank), free(sorted), free(at), free(out), free(placed);
+    return 0;
+}
+
+int train_stage2_group_size(const struct train_dataset *d, const int *ser, int n, int i)
+{
+    if (!study_only(d, ser[i])) return 1;
+    int k = i + 1;
+    while (k < n && study_only(d, ser[k]) &&
+           !strcmp(d->series[ser[k]].study_uid, d->series[ser[i]].study_uid))
+        k++;
+    return k - i;
+}
+
+/* d/dz of w * (pw * y * softplus(-z) + (1 - y) * softplus(z)) over n. */
+static float bce_grad(float z, float y, float w, float pw, double n)
+{
+    float sg = 1.0f / (1.0f + expf(-z));
+    return (float)(w * (pw * y * (sg - 1) + (1 - y) * sg) / n);
+}
+
+void train_stage2_mil(const struct train_dataset *d, const int *src, const int *len,
+                      const size_t *from, int b, size_t tot, const float *pos_w, const float *lg,
+                      float *dl)
+{
+    const double norm = (double)tot * TRAIN_LABELS;
+    for (int k = 0; k < b;) {
+        if (!study_only(d, src[k])) {
+            k++;
+            continue;
+        }
+        int e = k + 1; /* the bag: src[k .. e) */
+        while (e < b && study_only(d, src[e]) &&
+               !strcmp(d->series[src[e]].study_uid, d->series[src[k]].study_uid))
+            e++;
+        const uint8_t *y = d->series[src[k]].study;
+        for (int l = 0; l < TRAIN_LABELS; l++) {
+            size_t best = from[k];
+            for (int j = k; j < e; j++) {
+                size_t arg = from[j];
+                for (int i = 0; i < len[j]; i++) {
+                    size_t r = from[j] + (size_t)i;
+                    dl[r * TRAIN_LABELS + l] = 0;
+                    if (lg[r * TRAIN_LABELS + l] > lg[arg * TRAIN_LABELS + l]) arg = r;
+                }
+                if (lg[arg * TRAIN_LABELS + l] > lg[best * TRAIN_LABELS + l]) best = arg;
+                if (y[l] == 0) /* every slice negative: each series' highest */
+                    dl[arg * TRAIN_LABELS + l] =
+                        bce_grad(lg[arg * TRAIN_LABELS + l], 0, train_rsna_weights[l], 1, norm);
+            }
+            if (y[l] == 1) /* somewhere in the study: its highest slice */
+                dl[best * TRAIN_LABELS + l] =
+                    bce_grad(lg[best * TRAIN_LABELS + l], 1, train_rsna_weights[l], pos_w[l], norm);
+        }
+        k = e;
+    }
+}

@@ -954,6 +954,7 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
     size_t *from = malloc((size_t)o->series_batch * sizeof *from);
     size_t *off_of = malloc((size_t)o->series_batch * sizeof *off_of); /* its first slice taken */
     double total = NAN;
+    int *batch_end = NULL, steps = 0; /* where each batch ends in ser */
     if (!ser || !fb || !lg || !dl || !yt || !len || !src || !from || !off_of || ns == 0) goto out;
     uint64_t rng = o->seed * 2000003ULL + (uint64_t)epoch * 104729ULL + 7;
     for (int i = ns - 1; i > 0; i--) {
@@ -963,14 +964,27 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
     nn_adam adam;
     nn_adam_default(&adam);
     adam.lr = o->lr2;
+    /* A study labelled as a whole goes into one batch, all its series. */
+    if (train_stage2_group(d, ser, ns) != 0) goto out;
+    batch_end = malloc((size_t)ns * sizeof *batch_end);
+    if (!batch_end) goto out;
+    for (int k = 0; k < ns; steps++) {
+        int b = 0;
+        while (k < ns && b < o->series_batch) {
+            int g = train_stage2_group_size(d, ser, ns, k);
+            if (b > 0 && b + g > o->series_batch) break;          /* whole, in the next batch */
+            if (g > o->series_batch - b) g = o->series_batch - b; /* larger than a batch */
+            k += g, b += g;
+        }
+        batch_end[steps] = k;
+    }
     nn_model_seed(m, rng);
     nn_model_set_training(m, 1);
-    int steps = (ns + o->series_batch - 1) / o->series_batch;
     double sum = 0;
     for (int st = 0; st < steps; st++) {
         int b = 0;
         size_t tot = 0;
-        for (int k = st * o->series_batch; k < ns && b < o->series_batch; k++, b++) {
+        for (int k = st ? batch_end[st - 1] : 0; k < batch_end[st]; k++, b++) {
             const struct train_series *se = &d->series[ser[k]];
             int n = se->n, off = 0;
             /* Sequence augmentation: half of the series with slice labels
@@ -1004,27 +1018,10 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
                                     (double)tot * TRAIN_LABELS);
             }
         }
-        /* Series with study-level labels only: max over slices per label
-         * (multiple-instance), the gradient flows to the slice that is max. */
-        for (int k = 0; k < b; k++) {
-            const struct train_series *se = &d->series[src[k]];
-            if (se->slice_labels) continue;
-            for (int l = 0; l < TRAIN_LABELS; l++) {
-                size_t arg = from[k];
-                for (int i = 0; i < len[k]; i++) {
-                    size_t r = from[k] + (size_t)i;
-                    dl[r * TRAIN_LABELS + l] = 0;
-                    if (lg[r * TRAIN_LABELS + l] > lg[arg * TRAIN_LABELS + l]) arg = r;
-                }
-                if (se->study[l] == TRAIN_LABEL_UNKNOWN) continue; /* no gradient */
-                float z = lg[arg * TRAIN_LABELS + l], yv = se->study[l] ? 1.0f : 0.0f;
-                float pw = yv > 0 ? pos_w[l] : 1.0f, sg = 1.0f / (1.0f + expf(-z));
-                /* d/dz of w * (pw * y * softplus(-z) + (1 - y) * softplus(z)), per element. */
-                dl[arg * TRAIN_LABELS + l] = train_rsna_weights[l] *
-                                             (pw * yv * (sg - 1) + (1 - yv) * sg) /
-                                             (float)(tot * TRAIN_LABELS);
-            }
-        }
+        /* Series with study-level labels only: max over the slices of the
+         * study's series per label (multiple-instance), the gradient flows
+         * to the slice that is max. */
+        train_stage2_mil(d, src, len, from, b, tot, pos_w, lg, dl);
         /* --study-loss W: for series with slice labels too, a study-level
          * term on the maximum over the slices (the quantity the node flags
          * on), weighted W against the mean slice loss. */
@@ -1049,13 +1046,13 @@ static double stage2_epoch(nn_model *m, const struct train_dataset *d, const str
         if (nn_lrcn_backward(m, dl) != 0) goto out;
         nn_model_adam_step(m, &adam);
         sum += loss;
-        progress_show(pg, st + 1, steps, sum / (st + 1), (size_t)(st * o->series_batch + b));
+        progress_show(pg, st + 1, steps, sum / (st + 1), (size_t)batch_end[st]);
     }
     total = sum / steps;
 out:
     nn_model_set_training(m, 0);
     free(ser), free(fb), free(lg), free(dl), free(yt), free(len), free(src), free(from);
-    free(off_of);
+    free(off_of), free(batch_end);
     return total;
 }
 

@@ -94,6 +94,37 @@ int train_negative_slices(const struct train_dataset *d, size_t *out);
  * is a few of the epoch's thousands of draws, and the one a model misses. */
 int train_small_bleed_slices(const struct train_dataset *d, int max_slices, size_t *out);
 
+/* Stage 2 with labels of whole studies (reviews): a study's label is the
+ * highest slice over all its series, as the node flags a study on the
+ * highest of its series. Trained per series, a positive study pushed the
+ * highest slice of every series up, also of a series (a bone-kernel
+ * reconstruction, a scout-like thick one) where the reviewer saw nothing.
+ *
+ * train_stage2_group reorders an epoch's shuffled series (indices into
+ * d->series, n of them) so that the series of a study labelled at study
+ * level only follow the first of them in that order (in their own
+ * shuffled order); series with slice labels keep their places, so a
+ * dataset of them only (RSNA, phantoms) is trained as before. Returns 0,
+ * or -1 when out of memory (ser as it was).
+ *
+ * train_stage2_group_size is how many series from ser[i] on are one such
+ * study (1 for a series with slice labels).
+ *
+ * train_stage2_mil sets, in dl, the multiple-instance gradient of the
+ * batch's series labelled at study level only (src: their dataset
+ * indices, len and from: their slices' count and first row in lg and dl,
+ * b series, tot rows; consecutive series of one study are one bag): per
+ * label, a positive study's gradient goes to its highest slice over all
+ * its series, a negative study's to the highest slice of each series
+ * (every slice of it is negative), an unknown label has none. Rows of
+ * series with slice labels are left alone. The loss is the weighted BCE
+ * of those slices (train_rsna_weights, pos_w), divided by tot x 6. */
+int train_stage2_group(const struct train_dataset *d, int *ser, int n);
+int train_stage2_group_size(const struct train_dataset *d, const int *ser, int n, int i);
+void train_stage2_mil(const struct train_dataset *d, const int *src, const int *len,
+                      const size_t *from, int b, size_t tot, const float *pos_w, const float *lg,
+                      float *dl);
+
 /* Weight averaging (--ema): shadow <- d shadow + (1 - d) x over n floats,
  * with d = min(decay, (1 + step) / (10 + step)) so that the first steps'
  * weights, far from trained, fade fast. step: optimizer steps taken, this one

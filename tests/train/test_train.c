@@ -2784,3 +2784,107 @@ Test(report, the_history_chart_names_the_validation_metric, .fini = scratch_fini
     cr_assert(strstr(text, "validation AUC of any per epoch") && !strstr(text, "mean AUC"));
     free(e);
 }
+
+/* ---- stage 2 on studies labelled as a whole (reviews) ---- */
+
+/* Series of the given studies; uid[i] starting with 's': labelled at study
+ * level only, with study labels y (else slice labels). */
+static void bag_dataset(struct train_dataset *d, const char *const *uid, int n,
+                        const uint8_t y[TRAIN_LABELS])
+{
+    memset(d, 0, sizeof *d);
+    d->series = calloc((size_t)n, sizeof *d->series);
+    cr_assert(d->series);
+    d->nseries = n;
+    for (int i = 0; i < n; i++) {
+        snprintf(d->series[i].study_uid, sizeof d->series[i].study_uid, "%s", uid[i]);
+        d->series[i].slice_labels = uid[i][0] != 's';
+        memcpy(d->series[i].study, y, TRAIN_LABELS);
+    }
+}
+
+Test(stage2, a_study_labelled_as_a_whole_goes_into_one_batch)
+{
+    static const char *const uid[] = {"A", "s1", "B", "s2", "s1", "s2", "s1"};
+    static const uint8_t y[TRAIN_LABELS] = {1, 0, 0, 0, 0, 0};
+    struct train_dataset d;
+    bag_dataset(&d, uid, 7, y);
+    int ser[] = {3, 0, 6, 2, 1, 5, 4};
+    cr_assert_eq(train_stage2_group(&d, ser, 7), 0);
+    /* s2 behind its first (3), s1 behind its first (6), each in its order */
+    const int want[] = {3, 5, 0, 6, 1, 4, 2};
+    for (int i = 0; i < 7; i++)
+        cr_expect_eq(ser[i], want[i], "place %d: %d, not %d", i, ser[i], want[i]);
+    cr_expect_eq(train_stage2_group_size(&d, ser, 7, 0), 2);
+    cr_expect_eq(train_stage2_group_size(&d, ser, 7, 1), 1, "from its second series on");
+    cr_expect_eq(train_stage2_group_size(&d, ser, 7, 2), 1, "slice labels: alone");
+    cr_expect_eq(train_stage2_group_size(&d, ser, 7, 3), 3);
+    cr_expect_eq(train_stage2_group_size(&d, ser, 7, 6), 1);
+    free(d.series);
+
+    /* Slice labels only (RSNA, phantoms): the epoch's order as it was. */
+    static const char *const sliced[] = {"A", "B", "A", "C"};
+    bag_dataset(&d, sliced, 4, y);
+    int order[] = {2, 0, 3, 1};
+    cr_assert_eq(train_stage2_group(&d, order, 4), 0);
+    cr_expect(order[0] == 2 && order[1] == 0 && order[2] == 3 && order[3] == 1);
+    free(d.series);
+}
+
+static float bce_grad_ref(float z, float y, int l, float pw, double n)
+{
+    float sg = 1.0f / (1.0f + expf(-z));
+    return (float)(train_rsna_weights[l] * (pw * y * (sg - 1) + (1 - y) * sg) / n);
+}
+
+/* A positive study of two series (3 and 2 slices) learns from its highest
+ * slice over both: series were bags of their own, and the highest slice of
+ * each was pushed up, also of the series where the blood is not. A
+ * negative study pushes down the highest slice of each of its series; an
+ * unknown label gives no gradient; a series with slice labels is left
+ * alone. */
+Test(stage2, a_positive_study_learns_from_its_highest_slice_over_all_its_series)
+{
+    static const char *const uid[] = {"s1", "s1", "A", "s2", "s2"};
+    uint8_t y[TRAIN_LABELS] = {1, 1, 0, 0, 0, TRAIN_LABEL_UNKNOWN};
+    struct train_dataset d;
+    bag_dataset(&d, uid, 5, y);
+    memset(d.series[3].study, 0, TRAIN_LABELS); /* s2: negative */
+    d.series[3].study[5] = d.series[4].study[5] = 0;
+    memset(d.series[4].study, 0, TRAIN_LABELS);
+    const int src[] = {0, 1, 2, 3, 4}, len[] = {3, 2, 1, 2, 2};
+    const size_t from[] = {0, 3, 5, 6, 8}, tot = 10;
+    float lg[10 * TRAIN_LABELS], dl[10 * TRAIN_LABELS];
+    const float pos_w[TRAIN_LABELS] = {3, 3, 3, 3, 3, 3};
+    for (int r = 0; r < 10; r++)
+        for (int l = 0; l < TRAIN_LABELS; l++) {
+            lg[r * TRAIN_LABELS + l] = -1.0f + 0.1f * (float)((r * 7 + l * 3) % 5);
+            dl[r * TRAIN_LABELS + l] = 7.0f; /* stale: set or cleared by the call */
+        }
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        lg[1 * TRAIN_LABELS + l] = 1.0f; /* series 0's highest */
+        lg[4 * TRAIN_LABELS + l] = 2.0f; /* series 1's, the study's highest */
+        lg[6 * TRAIN_LABELS + l] = 0.5f; /* s2's first series */
+        lg[9 * TRAIN_LABELS + l] = 0.8f; /* s2's second */
+    }
+    train_stage2_mil(&d, src, len, from, 5, tot, pos_w, lg, dl);
+    const double norm = (double)tot * TRAIN_LABELS;
+    for (int l = 0; l < TRAIN_LABELS; l++) {
+        for (int r = 0; r < 5; r++) {
+            float want = 0;
+            if (l < 2 && r == 4) want = bce_grad_ref(2.0f, 1, l, 3, norm);
+            if (l >= 2 && l < 5 && (r == 1 || r == 4))
+                want = bce_grad_ref(lg[r * TRAIN_LABELS + l], 0, l, 1, norm);
+            cr_expect_float_eq(dl[r * TRAIN_LABELS + l], want, 1e-7, "s1 row %d label %d: %g", r, l,
+                               dl[r * TRAIN_LABELS + l]);
+        }
+        cr_expect_eq(dl[5 * TRAIN_LABELS + l], 7.0f, "the slice-labelled series is touched");
+        for (int r = 6; r < 10; r++) {
+            float want =
+                r == 6 || r == 9 ? bce_grad_ref(lg[r * TRAIN_LABELS + l], 0, l, 1, norm) : 0;
+            cr_expect_float_eq(dl[r * TRAIN_LABELS + l], want, 1e-7, "s2 row %d label %d", r, l);
+        }
+    }
+    cr_expect_lt(dl[4 * TRAIN_LABELS], 0, "the highest slice is pushed up");
+    free(d.series);
+}
