@@ -385,5 +385,6 @@ extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_
     } catch (...) {
         set_err(err, errlen, "scp_send_files: unknown exception");
     }
+    if (dest) unwatch(dest->cut); /* the copy of the socket goes too */
     return -1;
 }

@@ -274,7 +274,13 @@ int triage_store_lock(const char *dir, char *err, size_t errlen)
         snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
         return -1;
     }
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    /* A command that only looks (db_open_existing takes a shared lock for
+     * an instant to see whether a node runs) is waited for, a second at
+     * most; a node or a restore holds it for good. */
+    int rc;
+    for (int i = 0; (rc = flock(fd, LOCK_EX | LOCK_NB)) != 0 && errno == EWOULDBLOCK && i < 20; i++)
+        usleep(50000);
+    if (rc != 0) {
         if (errno == EWOULDBLOCK)
             snprintf(err, errlen,
                      "another ichtriage node runs on store.dir %s (it holds %s); refusing to "
