@@ -599,8 +599,7 @@ async function showStudy(uid, quiet) {
   $("study-flag").textContent = flagged ? "\u26a0 FLAGGED: p(ICH) " + pct(st.probability) + " \u2014 read first" : "";
   $("study-purged").hidden = !st.images_removed;
   $("study-purged").textContent = st.images_removed
-    ? "Images removed by retention on " + String(st.purged_at).slice(0, 10) +
-      ": this node no longer holds the slices; the probabilities are those triage computed. Read the images in PACS."
+    ? purgedText(st).replace(/^i/, "I") + ": this node no longer holds the slices; the probabilities are those triage computed. Read the images in PACS."
     : "";
   const d = [
     ["Patient", st.patient_name], ["Patient ID", st.patient_id], ["Birth date", st.patient_birth_date],
