@@ -43,7 +43,8 @@ struct node {
     struct triage_config cfg;
     uv_loop_t *loop;
     uv_signal_t sigterm, sigint, sighup;
-    uv_fs_event_t models; /* <store.dir>/models: a promote or rollback */
+    uv_fs_event_t models;     /* <store.dir>/models: a promote or rollback */
+    uv_timer_t models_settle; /* the load, once the models/ changes have settled */
     uv_async_t stored_async;
     uv_timer_t heartbeat;    /* watchdog keep-alive, STATUS= refresh, free space */
     uv_timer_t completion;   /* series completion */
@@ -260,16 +261,29 @@ static void on_reload_signal(uv_signal_t *h, int signum)
     triage_config_free(&fresh);
 }
 
+#define MODELS_SETTLE_MS 500
+
+static void on_models_settled(uv_timer_t *h)
+{
+    struct node *n = h->data;
+    util_log(UTIL_LOG_INFO, "model_active_changed", "path=%s/models/active.safetensors",
+             n->store.dir);
+    triage_infer_reload(n->infer, NULL);
+}
+
 /* A promote or rollback renames a new active.safetensors into the
  * registry (train/registry.c): the node loads it then, as at SIGHUP. The
- * retraining timer's auto-promote had waited for the next restart. */
+ * retraining timer's auto-promote had waited for the next restart. The
+ * load waits until the file has been quiet for MODELS_SETTLE_MS: a copy
+ * written in place (cp over it, by hand) changes it once per write, and
+ * each change had asked for a load, of a file still half written
+ * ("model_reload_refused", an error, until the copy ended). */
 static void on_models_changed(uv_fs_event_t *h, const char *name, int events, int status)
 {
     (void)events;
     struct node *n = h->data;
     if (status < 0 || !name || strcmp(name, "active.safetensors") != 0) return;
-    util_log(UTIL_LOG_INFO, "model_active_changed", "path=%s/models/%s", n->store.dir, name);
-    triage_infer_reload(n->infer, NULL);
+    uv_timer_start(&n->models_settle, on_models_settled, MODELS_SETTLE_MS, 0);
 }
 
 /* Watches <store.dir>/models (made here if need be, as the registry makes
@@ -280,6 +294,8 @@ static void watch_models(struct node *n)
     snprintf(dir, sizeof dir, "%s/models", n->store.dir);
     uv_fs_event_init(n->loop, &n->models);
     n->models.data = n;
+    uv_timer_init(n->loop, &n->models_settle);
+    n->models_settle.data = n;
     int rc = mkdir(dir, 0700) == 0 || errno == EEXIST ? 0 : -errno;
     if (rc == 0) rc = uv_fs_event_start(&n->models, on_models_changed, dir, 0);
     if (rc != 0)
@@ -615,6 +631,7 @@ int triage_serve_main(int argc, char **argv)
     uv_close((uv_handle_t *)&n.sigint, NULL);
     uv_close((uv_handle_t *)&n.sighup, NULL);
     uv_close((uv_handle_t *)&n.models, NULL);
+    uv_close((uv_handle_t *)&n.models_settle, NULL);
     uv_close((uv_handle_t *)&n.stored_async, NULL);
     uv_close((uv_handle_t *)&n.heartbeat, NULL);
     uv_close((uv_handle_t *)&n.completion, NULL);

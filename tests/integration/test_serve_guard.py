@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools"))
@@ -256,6 +257,37 @@ class ServeGuard(itest.NodeTest):
                             node.log_tail())
             self.assertIn('version="%s"' % want, node.events("model_loaded")[-1])
         self.assertEqual(len(node.events("model_active_changed")), 3)
+
+    def test_a_model_copied_in_place_is_loaded_once_whole(self):
+        """A model copied over models/active.safetensors in place (cp by
+        hand, a write at a time) is loaded once the copy is whole: one
+        model_loaded, no half-written file refused. Each write had asked for
+        a load, and the node refused the partial file (an error in the log)
+        until the copy ended."""
+        node = self.start_node()
+        self.assertTrue(node.wait_event("model_loaded"), node.log_tail())
+        shipped = os.path.join(HERE, "..", "..", "models", "default.safetensors")
+        r = subprocess.run([itest.EXE, "model", "--set", "store.dir=" + node.store_dir,
+                            "register", shipped], stdout=subprocess.PIPE, text=True, timeout=120)
+        first = r.stdout.strip().splitlines()[-1]
+        subprocess.run([itest.EXE, "model", "--set", "store.dir=" + node.store_dir, "promote",
+                        first], check=True, stdout=subprocess.DEVNULL, timeout=120)
+        self.assertTrue(node.wait_event("model_loaded", count=2, timeout=20), node.log_tail())
+        time.sleep(1)
+        loaded = len(node.events("model_loaded"))
+        data = open(shipped, "rb").read()
+        with open(os.path.join(node.store_dir, "models", "active.safetensors"), "r+b") as f:
+            f.truncate(0)
+            step = len(data) // 8 + 1
+            for k in range(0, len(data), step):
+                f.write(data[k:k + step])
+                f.flush()
+                time.sleep(0.15)
+        self.assertTrue(node.wait_event("model_loaded", count=loaded + 1, timeout=20),
+                        node.log_tail())
+        time.sleep(1.5)
+        self.assertEqual(len(node.events("model_loaded")), loaded + 1, node.log_tail())
+        self.assertEqual(node.events("model_reload_refused"), [])
 
     def test_open_files_limit_raised_to_the_hard_limit(self):
         # systemd's soft limit is 1024, short of 1000 associations' sockets
