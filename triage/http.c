@@ -599,6 +599,7 @@ void triage_http_stop(struct triage_http *h)
 {
     if (!h) return;
     http_sse_stop(h);
+    http_auth_login_stop(h);
     if (h->ping_ready) uv_close((uv_handle_t *)&h->ping, after_close);
     if (h->push_ready) uv_close((uv_handle_t *)&h->push, after_close);
     if (h->listening) uv_close((uv_handle_t *)&h->listener, after_close);
@@ -608,12 +609,12 @@ void triage_http_stop(struct triage_http *h)
          * response; give them a second. */
         h2o_context_request_shutdown(&h->ctx);
         int64_t until = http_clock_ms() + 1000;
-        while (conns_open(h) && http_clock_ms() < until) {
+        while ((conns_open(h) || h->login_running) && http_clock_ms() < until) {
             uv_run(h->loop, UV_RUN_NOWAIT);
-            if (conns_open(h)) uv_sleep(5);
+            if (conns_open(h) || h->login_running) uv_sleep(5);
         }
         uv_run(h->loop, UV_RUN_NOWAIT); /* close callbacks of the handles above */
-        if (conns_open(h)) {
+        if (conns_open(h) || h->login_running) {
             /* The connections still point into h: it must outlive them. */
             util_log(UTIL_LOG_WARN, "http_stop_forced", "reason=\"clients kept connections\"");
             uv_walk(h->loop, unref_handle, NULL);

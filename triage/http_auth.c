@@ -247,14 +247,14 @@ const struct http_user *http_auth_probe(struct triage_http *h, const char *name)
     return h->nusers > 0 ? &h->users[keyed_hash(h->probe_key, name) % (unsigned)h->nusers] : NULL;
 }
 
-static bool check_password(const struct http_user *u, const char *password)
+static bool check_password(const char *hash, const char *password)
 {
     struct crypt_data cd;
     memset(&cd, 0, sizeof cd);
     /* crypt_rn: libxcrypt's variant that returns NULL on failure (no "*"
      * string to mistake for a hash). */
-    const char *out = crypt_rn(password, u->hash, &cd, (int)sizeof cd);
-    bool ok = out && out[0] != '*' && same_token(out, u->hash);
+    const char *out = crypt_rn(password, hash, &cd, (int)sizeof cd);
+    bool ok = out && out[0] != '*' && same_token(out, hash);
     explicit_bzero(&cd, sizeof cd);
     return ok;
 }
@@ -293,63 +293,68 @@ static bool login_take(struct triage_http *h, int64_t now)
     return true;
 }
 
-int http_auth_login(struct triage_http *h, h2o_req_t *req)
-{
-    if (h->loopback) return http_send_error(req, 400, "no login on a loopback address");
+/* A login, from its request to its answer. The password check (yescrypt,
+ * tens of milliseconds) runs on libuv's thread pool, one login at a time
+ * in the order they came: on the loop, a burst of guesses held the pages'
+ * events, series completion and /healthz for the length of all their
+ * checks. One at a time, each login's limits are read when its turn
+ * comes, after every earlier check has counted, as when they ran on the
+ * loop. */
+struct http_login {
+    struct http_login *next;
+    struct triage_http *h;
+    h2o_req_t *req;            /* NULL once h2o has let go of it (the client left) */
+    struct http_login **watch; /* in req's pool: points back here while both live */
+    char user[HTTP_USER_MAX];
     char addr[64];
-    http_peer(h, req, addr, sizeof addr);
-    if (!login_from_here(req)) {
-        util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"from another site\"", addr);
-        return http_send_error(req, 403, "login only from this node's own page");
-    }
-    if (http_fails_count(&h->addr_fails, addr, http_clock_ms()) >= HTTP_FAIL_MAX) {
-        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s", addr);
-        return http_send_error(req, 429, "too many failed logins; try again later");
-    }
-    char user[HTTP_USER_MAX] = "", password[256] = "";
-    cJSON *body =
-        req->entity.base ? cJSON_ParseWithLength(req->entity.base, req->entity.len) : NULL;
-    if (body) {
-        const char *u = cJSON_GetStringValue(cJSON_GetObjectItem(body, "user"));
-        const char *p = cJSON_GetStringValue(cJSON_GetObjectItem(body, "password"));
-        if (u && strlen(u) < sizeof user) snprintf(user, sizeof user, "%s", u);
-        if (p && strlen(p) < sizeof password) snprintf(password, sizeof password, "%s", p);
-        cJSON_Delete(body);
-    } else if (req->entity.base) {
-        http_param(req->entity.base, req->entity.len, "user", user, sizeof user);
-        http_param(req->entity.base, req->entity.len, "password", password, sizeof password);
-    }
-    if (!user[0] || !password[0]) {
-        explicit_bzero(password, sizeof password);
-        return http_send_error(req, 400, "user and password required");
-    }
+    char password[256];
+    char hash[256]; /* the probe's (http_auth_probe) */
+    bool ok;
+    uv_work_t work;
+};
+
+static void login_req_gone(void *p)
+{
+    struct http_login **w = p;
+    if (*w) (*w)->req = NULL, (*w)->watch = NULL;
+}
+
+/* The login's request, to answer now (NULL: its client left); the login no
+ * longer watches it. */
+static h2o_req_t *login_req(struct http_login *l)
+{
+    if (l->watch) *l->watch = NULL;
+    l->watch = NULL;
+    h2o_req_t *req = l->req;
+    l->req = NULL;
+    return req;
+}
+
+static void login_free(struct http_login *l)
+{
+    login_req(l);
+    explicit_bzero(l->password, sizeof l->password);
+    free(l);
+}
+
+static void login_next(struct triage_http *h);
+
+static void login_work(uv_work_t *w)
+{
+    struct http_login *l = w->data;
+    l->ok = check_password(l->hash, l->password);
+    explicit_bzero(l->password, sizeof l->password);
+}
+
+/* The check done: counted, audited, answered. */
+static void login_finish(struct http_login *l)
+{
+    struct triage_http *h = l->h;
+    const char *user = l->user, *addr = l->addr;
     int64_t now = http_clock_ms();
     struct http_user *u = find_user(h, user);
-    /* The per-address limit does not bound checks from many addresses; each
-     * holds the loop (pages, completion) for the hash's time. Taken before
-     * the per-name check too, so that its refusals (a log line each) cost
-     * the sender as much as a guess. */
-    if (!login_take(h, now)) {
-        explicit_bzero(password, sizeof password);
-        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins from all addresses\"",
-                 addr);
-        return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
-    }
-    /* Guesses at one name from many addresses. Names that do not exist are
-     * counted alike, so the limit does not tell which do; the address a
-     * name last logged in from is not held, so guessing at a name does not
-     * lock its reader out at their own desk. The audit has the hold once,
-     * when it begins (below), not each refusal. */
-    if (!(u && strcmp(u->last_addr, addr) == 0) &&
-        http_fails_count(&h->name_fails, user, now) >= HTTP_NAME_FAIL_MAX) {
-        explicit_bzero(password, sizeof password);
-        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"failed logins of the name\"",
-                 addr);
-        return http_send_error(req, 429, "too many failed logins for this user; try again later");
-    }
-    const struct http_user *probe = http_auth_probe(h, user);
-    bool ok = probe && check_password(probe, password) && u;
-    explicit_bzero(password, sizeof password);
+    bool ok = l->ok && u;
+    h2o_req_t *req = login_req(l);
     if (!ok) {
         http_fails_add(&h->addr_fails, addr, now);
         http_fails_add(&h->name_fails, user, now);
@@ -357,8 +362,10 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
         http_audit(h, user, "login_failed", "", addr);
         if (http_fails_count(&h->name_fails, user, now) == HTTP_NAME_FAIL_MAX)
             http_audit(h, user, "login_throttled", "", addr); /* the name is held from now */
-        return http_send_error(req, 401, "wrong user or password");
+        if (req) http_send_error(req, 401, "wrong user or password");
+        return;
     }
+    if (!req) return; /* right, but nobody to give the session to */
     /* A new session in a free place. One who holds HTTP_USER_SESSIONS
      * gives up their own oldest; a table full of other readers' live
      * sessions refuses the login, rather than log another reader out. */
@@ -380,7 +387,8 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     } else if (!s) {
         util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"sessions full\" sessions=%d",
                  addr, HTTP_MAX_SESSIONS);
-        return http_send_error(req, 503, "too many readers logged in; try again when one logs out");
+        http_send_error(req, 503, "too many readers logged in; try again when one logs out");
+        return;
     }
     http_random_hex(s->token, 32);
     http_random_hex(s->csrf, 32);
@@ -396,11 +404,152 @@ int http_auth_login(struct triage_http *h, h2o_req_t *req)
     snprintf(cookie, sizeof cookie,
              COOKIE "=%s; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=%lld", s->token,
              (long long)(HTTP_SESSION_MS / 1000));
-    http_add_header(req, "set-cookie", cookie);
+    http_add_header(req, "set-cookie", h2o_strdup(&req->pool, cookie, SIZE_MAX).base);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "user", s->user);
     cJSON_AddStringToObject(o, "csrf", s->csrf);
-    return http_send_json(req, 200, o);
+    http_send_json(req, 200, o);
+}
+
+static void login_done(uv_work_t *w, int status)
+{
+    (void)status;
+    struct http_login *l = w->data;
+    struct triage_http *h = l->h;
+    h->login_running = false;
+    login_finish(l);
+    login_free(l);
+    login_next(h);
+}
+
+/* Its limits, now that its turn has come: 0 and the check started, or -1
+ * (answered, or its client gone). */
+static int login_start(struct http_login *l)
+{
+    struct triage_http *h = l->h;
+    const char *user = l->user, *addr = l->addr;
+    if (!l->req) return -1;
+    if (http_fails_count(&h->addr_fails, addr, http_clock_ms()) >= HTTP_FAIL_MAX) {
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s", addr);
+        http_send_error(login_req(l), 429, "too many failed logins; try again later");
+        return -1;
+    }
+    int64_t now = http_clock_ms();
+    struct http_user *u = find_user(h, user);
+    /* The per-address limit does not bound checks from many addresses;
+     * each takes a thread for the hash's time. Taken before the per-name
+     * check too, so that its refusals (a log line each) cost the sender as
+     * much as a guess. */
+    if (!login_take(h, now)) {
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins from all addresses\"",
+                 addr);
+        http_send_error(login_req(l), 429, "too many logins at once; try again in a few seconds");
+        return -1;
+    }
+    /* Guesses at one name from many addresses. Names that do not exist are
+     * counted alike, so the limit does not tell which do; the address a
+     * name last logged in from is not held, so guessing at a name does not
+     * lock its reader out at their own desk. The audit has the hold once,
+     * when it begins (login_finish), not each refusal. */
+    if (!(u && strcmp(u->last_addr, addr) == 0) &&
+        http_fails_count(&h->name_fails, user, now) >= HTTP_NAME_FAIL_MAX) {
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"failed logins of the name\"",
+                 addr);
+        http_send_error(login_req(l), 429, "too many failed logins for this user; try again later");
+        return -1;
+    }
+    const struct http_user *probe = http_auth_probe(h, user);
+    if (!probe) { /* no users at all: nothing to check against */
+        l->ok = false;
+        login_finish(l);
+        return -1;
+    }
+    snprintf(l->hash, sizeof l->hash, "%s", probe->hash);
+    l->work.data = l;
+    if (uv_queue_work(h->loop, &l->work, login_work, login_done) != 0) {
+        http_send_error(login_req(l), 503, "cannot check the password now");
+        return -1;
+    }
+    h->login_running = true;
+    return 0;
+}
+
+/* Starts the next login's check, if none runs. */
+static void login_next(struct triage_http *h)
+{
+    while (!h->login_running && h->login_head) {
+        struct http_login *l = h->login_head;
+        h->login_head = l->next;
+        if (!h->login_head) h->login_tail = NULL;
+        h->nlogins--;
+        if (login_start(l) != 0) login_free(l);
+    }
+}
+
+int http_auth_login(struct triage_http *h, h2o_req_t *req)
+{
+    if (h->loopback) return http_send_error(req, 400, "no login on a loopback address");
+    char addr[64];
+    http_peer(h, req, addr, sizeof addr);
+    if (!login_from_here(req)) {
+        util_log(UTIL_LOG_WARN, "login_refused", "peer=%s reason=\"from another site\"", addr);
+        return http_send_error(req, 403, "login only from this node's own page");
+    }
+    if (http_fails_count(&h->addr_fails, addr, http_clock_ms()) >= HTTP_FAIL_MAX) {
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s", addr);
+        return http_send_error(req, 429, "too many failed logins; try again later");
+    }
+    if (h->nlogins >= HTTP_LOGIN_QUEUE) {
+        util_log(UTIL_LOG_WARN, "login_throttled", "peer=%s reason=\"logins waiting\"", addr);
+        return http_send_error(req, 429, "too many logins at once; try again in a few seconds");
+    }
+    struct http_login *l = calloc(1, sizeof *l);
+    struct http_login **watch =
+        l ? h2o_mem_alloc_shared(&req->pool, sizeof *watch, login_req_gone) : NULL;
+    if (!l || !watch) {
+        free(l);
+        return http_send_error(req, 503, "out of memory");
+    }
+    *watch = l;
+    *l = (struct http_login){.h = h, .req = req, .watch = watch};
+    snprintf(l->addr, sizeof l->addr, "%s", addr);
+    cJSON *body =
+        req->entity.base ? cJSON_ParseWithLength(req->entity.base, req->entity.len) : NULL;
+    if (body) {
+        const char *u = cJSON_GetStringValue(cJSON_GetObjectItem(body, "user"));
+        const char *p = cJSON_GetStringValue(cJSON_GetObjectItem(body, "password"));
+        if (u && strlen(u) < sizeof l->user) snprintf(l->user, sizeof l->user, "%s", u);
+        if (p && strlen(p) < sizeof l->password) snprintf(l->password, sizeof l->password, "%s", p);
+        cJSON_Delete(body);
+    } else if (req->entity.base) {
+        http_param(req->entity.base, req->entity.len, "user", l->user, sizeof l->user);
+        http_param(req->entity.base, req->entity.len, "password", l->password, sizeof l->password);
+    }
+    if (!l->user[0] || !l->password[0]) {
+        login_free(l);
+        return http_send_error(req, 400, "user and password required");
+    }
+    if (h->login_tail)
+        h->login_tail->next = l;
+    else
+        h->login_head = l;
+    h->login_tail = l;
+    h->nlogins++;
+    login_next(h); /* at once when none runs; answered later */
+    return 0;
+}
+
+void http_auth_login_stop(struct triage_http *h)
+{
+    while (h->login_head) {
+        struct http_login *l = h->login_head;
+        h->login_head = l->next;
+        h2o_req_t *req = login_req(l);
+        if (req) http_send_error(req, 503, "the node is stopping");
+        login_free(l);
+    }
+    h->login_tail = NULL;
+    h->nlogins = 0;
 }
 
 int http_auth_logout(struct triage_http *h, h2o_req_t *req)

@@ -41,7 +41,10 @@
 #define HTTP_PUSH_DELAY_MS 250      /* least time between pushes */
 #define HTTP_PUSH_DELAY_MAX_MS 5000 /* most, however long a push takes */
 
-struct http_sse; /* one event stream, http_sse.c */
+struct http_sse;   /* one event stream, http_sse.c */
+struct http_login; /* a login waiting for its password check, http_auth.c */
+/* Logins waiting for their turn at most; more are refused (503). */
+#define HTTP_LOGIN_QUEUE 64
 
 struct http_user {
     char name[HTTP_USER_MAX];
@@ -114,6 +117,11 @@ struct triage_http {
     char probe_key[HTTP_HASH_KEY + 1]; /* random hex: http_auth_probe */
     double login_tokens;               /* password checks that may run now (HTTP_LOGIN_*) */
     int64_t login_tokens_ms;           /* http_clock_ms() of the last refill; 0 before the first */
+    /* Logins in the order they came, the first one's password being
+     * checked off the loop when login_running (http_auth.c). */
+    struct http_login *login_head, *login_tail;
+    int nlogins;
+    bool login_running;
 
     struct http_sse *sse[HTTP_MAX_SSE];
     int nsse;
@@ -203,7 +211,12 @@ const struct http_user *http_auth_probe(struct triage_http *h, const char *name)
 int http_auth_who(struct triage_http *h, h2o_req_t *req, struct http_who *who);
 /* True when the request carries who's CSRF token. */
 bool http_auth_csrf_ok(h2o_req_t *req, const struct http_who *who);
+/* POST /login: answered later, once its password is checked off the loop
+ * (one login at a time, in order); returns 0 then. */
 int http_auth_login(struct triage_http *h, h2o_req_t *req);
+/* At stop: logins still waiting their turn are answered 503 (one being
+ * checked finishes; h->login_running until then). */
+void http_auth_login_stop(struct triage_http *h);
 int http_auth_logout(struct triage_http *h, h2o_req_t *req);
 /* True while the session with this token is logged in ("" : loopback). */
 bool http_auth_session_live(struct triage_http *h, const char *token);

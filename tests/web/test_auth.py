@@ -25,6 +25,54 @@ class AuthTest(wt.WebTest):
     def req(self, node, path, method="GET", body=None, headers=(), jar=None):
         return wt.curl(node.base + path, method, body, headers, cookies=jar, insecure=True)
 
+    def test_password_checks_hold_up_nothing_else(self):
+        """Six logins at once for a user whose yescrypt hash costs about
+        half a second: /healthz is answered meanwhile, within a second each
+        time, and the logins are answered in turn (wrong password: 401, or
+        429 once the address has used its failures). The checks ran on the
+        event loop: everything the loop serves (pages' events, series
+        completion, /healthz) waited for all of them, about three seconds.
+        The right password then logs in."""
+        import ctypes
+        lib = ctypes.CDLL("libcrypt.so.1")
+        lib.crypt_gensalt.restype = ctypes.c_char_p
+        lib.crypt.restype = ctypes.c_char_p
+        slow = lib.crypt(b"carol-pw", lib.crypt_gensalt(b"$y$", 9, None, 0)).decode()
+        t0 = time.monotonic()
+        lib.crypt(b"x", slow.encode())
+        cost = time.monotonic() - t0
+        users = os.path.join(self.work, "slow-users")
+        with open(users, "w") as f:
+            f.write("carol:%s\n" % slow)
+        node = self.public_node(**{"http.users": users})
+        answers = []
+
+        def guess():
+            answers.append(self.req(node, "/login", "POST",
+                                    {"user": "carol", "password": "wrong"})[0])
+        threads = [threading.Thread(target=guess) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        waits = []
+        while any(t.is_alive() for t in threads) and len(waits) < 5:
+            t1 = time.monotonic()
+            status = self.req(node, "/healthz")[0]
+            waits.append(time.monotonic() - t1)
+            self.assertEqual(status, 200)
+        for t in threads:
+            t.join(60)
+        self.assertTrue(waits, "the logins were over before /healthz was asked (a check "
+                        "took %.2f s)" % cost)
+        self.assertLess(max(waits), 1.0, "/healthz waited %s s behind password checks of "
+                        "%.2f s each" % (["%.2f" % w for w in waits], cost))
+        self.assertEqual(sorted(set(answers) - {401, 429}), [], answers)
+        self.assertIn(401, answers)
+        node.stop()
+        node.start()  # the address's failures forgotten
+        self.assertEqual(self.req(node, "/login", "POST",
+                                  {"user": "carol", "password": "carol-pw"})[0], 200)
+
     def test_refuses_to_start_without_login_setup(self):
         with self.assertRaises(dt.NodeError) as cm:
             self.web_node(**{"http.listen": "0.0.0.0:%d" % dt.free_port()})
