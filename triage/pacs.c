@@ -693,17 +693,40 @@ static void *builder_main(void *arg)
     return NULL;
 }
 
-/* Stops and joins the senders started, and closes their connections. */
-static void senders_stop(struct triage_pacs *p)
+/* How long the stop waits for a sender (pacs_stop_left_sender). */
+#define SENDER_STOP_WAIT_S 5
+
+/* Stops and joins the senders started, and closes their connections. The
+ * stop cuts an association's waits at once (scp_send_cut_short), so a
+ * sender still at it after SENDER_STOP_WAIT_S is in a TCP connect to a
+ * destination that drops packets, which dcmtk makes alone, for up to
+ * pacs.timeout: it is left to end with the process (its connection to the
+ * index open, nothing of it freed) rather than hold the stop, and with it
+ * the restart, past systemd's TimeoutStopSec. Returns how many were left:
+ * p must then outlive the call. */
+static int senders_stop(struct triage_pacs *p)
 {
     triage_pacs_request_stop(p);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until); /* pthread_timedjoin_np's clock */
+    until.tv_sec += SENDER_STOP_WAIT_S;
+    int left = 0;
     for (int i = 0; i < p->nsenders; i++) {
-        pthread_join(p->senders[i].thread, NULL);
-        pthread_cond_destroy(&p->senders[i].cv);
-        scp_send_cut_destroy(&p->senders[i].cut);
-        db_close(p->senders[i].db);
+        struct dest_sender *s = &p->senders[i];
+        if (pthread_timedjoin_np(s->thread, NULL, &until) != 0) {
+            util_log(UTIL_LOG_WARN, "pacs_stop_left_sender",
+                     "destination=%s reason=\"still connecting after %d s; it ends with the node, "
+                     "its objects are sent after the start\"",
+                     s->dest->spec, SENDER_STOP_WAIT_S);
+            left++;
+            continue;
+        }
+        pthread_cond_destroy(&s->cv);
+        scp_send_cut_destroy(&s->cut);
+        db_close(s->db);
     }
     p->nsenders = 0;
+    return left;
 }
 
 /* Opens the sender of each destination and starts it. */
@@ -769,7 +792,7 @@ int triage_pacs_start(struct triage_pacs **out, const struct triage_pacs_config 
     *out = p;
     return 0;
 stop:
-    senders_stop(p);
+    if (senders_stop(p) > 0) return -1; /* p stays for the sender left */
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     db_close(p->db);
@@ -802,9 +825,10 @@ void triage_pacs_stop(struct triage_pacs *p)
     if (!p) return;
     triage_pacs_request_stop(p);
     pthread_join(p->thread, NULL);
-    senders_stop(p);
+    db_close(p->db);
+    p->db = NULL;
+    if (senders_stop(p) > 0) return; /* p stays for the sender left */
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
-    db_close(p->db);
     free(p);
 }

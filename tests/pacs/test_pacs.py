@@ -856,6 +856,36 @@ class PacsTest(itest.NodeTest):
                              "%s: %s" % (name, rows))
             scp.close()
 
+    def test_stop_leaves_a_connect_that_never_completes(self):
+        """A destination that drops packets (its listen queue full: the TCP
+        connect never completes), pacs.timeout 300 s: the stop leaves the
+        sender in its connect after 5 s (pacs_stop_left_sender) and the
+        node exits 0 well within systemd's TimeoutStopSec; the objects wait
+        for the next start with no attempt used. The stop had waited out the
+        connect, up to pacs.timeout."""
+        dropping = socket.socket()
+        dropping.bind(("127.0.0.1", 0))
+        dropping.listen(0)
+        queued = socket.create_connection(dropping.getsockname())  # the queue is full
+        port = dropping.getsockname()[1]
+        try:
+            node = self.node("DROP@127.0.0.1:%d" % port, **{"pacs.timeout": 300})
+            _, _, files = phantom(itest.EXE, os.path.join(self.work, "ph"), seed=47)
+            self.send(node, files)
+            self.wait_deliveries(node, lambda r: r[2] == "pending", 2)
+            time.sleep(2)  # the sender in its connect
+            t0 = time.monotonic()
+            rc = node.stop()
+            took = time.monotonic() - t0
+            self.assertEqual(rc, 0, node.log_tail())
+            self.assertLess(took, 15, "the stop took %.1f s" % took)
+            self.assertTrue(node.events("pacs_stop_left_sender"), node.log_tail())
+            rows = self.deliveries(node)
+            self.assertEqual([(r[2], r[3]) for r in rows], [("pending", 0)] * 2, rows)
+        finally:
+            queued.close()
+            dropping.close()
+
     def test_a_hanging_destination_does_not_hold_back_the_others(self):
         """Three destinations: one takes the association request and never
         answers it, one never completes the TCP connect (its listen queue is
