@@ -820,15 +820,17 @@ void triage_pacs_request_stop(struct triage_pacs *p)
     pthread_mutex_unlock(&p->mu);
 }
 
-void triage_pacs_stop(struct triage_pacs *p)
+int triage_pacs_stop(struct triage_pacs *p)
 {
-    if (!p) return;
+    if (!p) return 0;
     triage_pacs_request_stop(p);
     pthread_join(p->thread, NULL);
     db_close(p->db);
     p->db = NULL;
-    if (senders_stop(p) > 0) return; /* p stays for the sender left */
+    int left = senders_stop(p);
+    if (left > 0) return left; /* p stays for the sender left */
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     free(p);
+    return 0;
 }

@@ -49,9 +49,12 @@ void triage_pacs_kick(struct triage_pacs *p);
 /* Asks the threads to stop after the associations in progress (one per
  * destination at most), without waiting. NULL: no-op. */
 void triage_pacs_request_stop(struct triage_pacs *p);
-/* Finishes the associations in progress, side by side, then stops. NULL:
- * no-op. */
-void triage_pacs_stop(struct triage_pacs *p);
+/* Cuts the associations in progress short (the objects not answered wait
+ * for the next start, no attempt used), joins the threads and frees p.
+ * NULL: no-op. Returns how many senders it left in a TCP connect (pacs_stop_left_sender):
+ * the process must then end without running static destructors (dcmtk's
+ * dictionary), which such a thread may still use, i.e. with _exit. */
+int triage_pacs_stop(struct triage_pacs *p);
 
 struct db;
 /* A revision each of whose deliveries is sent or dismissed needs its files

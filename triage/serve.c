@@ -625,7 +625,8 @@ int triage_serve_main(int argc, char **argv)
     n.scp = NULL;
     triage_infer_stop(n.infer); /* a job in progress finishes first */
     n.infer = NULL;
-    triage_pacs_stop(n.pacs); /* an association in progress finishes first */
+    /* An association in progress is cut; a sender in a TCP connect is left. */
+    int pacs_left = triage_pacs_stop(n.pacs);
     n.pacs = NULL;
     uv_close((uv_handle_t *)&n.sigterm, NULL);
     uv_close((uv_handle_t *)&n.sigint, NULL);
@@ -646,5 +647,11 @@ int triage_serve_main(int argc, char **argv)
     util_log(UTIL_LOG_INFO, "stopped", "stored=%lld refused_low_space=%lld",
              (long long)atomic_load(&n.store.stored), (long long)atomic_load(&n.store.refused));
     triage_config_free(&n.cfg);
+    if (pacs_left) {
+        /* Its thread may still wake (its connect ending) while exit() runs
+         * the libraries' static destructors, dcmtk's dictionary among them. */
+        fflush(NULL);
+        _exit(0);
+    }
     return 0;
 }
