@@ -82,13 +82,22 @@ void watch(scp_send_cut *cut, int sock)
 }
 
 // After the send: the guard goes, and with it the connection if dcmtk has
-// let go of it. Whether the send was cut.
-bool unwatch(scp_send_cut *cut)
+// let go of it.
+void unwatch(scp_send_cut *cut)
 {
-    if (!cut) return false;
+    if (!cut) return;
     pthread_mutex_lock(&cut->mu);
     if (cut->guard >= 0) close(cut->guard);
     cut->guard = -1;
+    pthread_mutex_unlock(&cut->mu);
+}
+
+// Whether the send has been cut (a failure then is the caller's stop, not
+// the peer's).
+bool was_cut(scp_send_cut *cut)
+{
+    if (!cut) return false;
+    pthread_mutex_lock(&cut->mu);
     bool was = cut->cut;
     pthread_mutex_unlock(&cut->mu);
     return was;
@@ -183,30 +192,6 @@ std::string hex_status(int s)
 }
 
 int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
-               scp_send_answered_fn answered, void *ud, char *err, size_t errlen);
-
-// send_files, and then what a cut left unanswered is SCP_SEND_STOPPED: the
-// caller's stop, not a failure of the peer's.
-int send_files_cut(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
-                   scp_send_answered_fn answered, void *ud, char *err, size_t errlen)
-{
-    int rc = send_files(d, files, n, go_on, answered, ud, err, errlen);
-    if (unwatch(d->cut)) {
-        for (int i = 0; i < n; i++) {
-            // Not files that failed on their own (unreadable, no context).
-            bool waited = files[i].status == -1 && (!std::strncmp(files[i].error, "not sent", 8) ||
-                                                    !std::strncmp(files[i].error, "C-STORE: ", 9));
-            if (waited || files[i].status == SCP_SEND_UNSENT) {
-                files[i].status = SCP_SEND_STOPPED;
-                std::snprintf(files[i].error, sizeof files[i].error,
-                              "not answered: the sending was cut (stop)");
-            }
-        }
-    }
-    return rc;
-}
-
-int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_on_fn go_on,
                scp_send_answered_fn answered, void *ud, char *err, size_t errlen)
 {
     for (int i = 0; i < n; i++) {
@@ -280,6 +265,13 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_
         return -1;
     }
     c = scu.negotiateAssociation();
+    if (c.bad() && was_cut(d->cut)) {
+        for (int i = 0; i < n; i++) {
+            if (!readable[i]) continue;
+            files[i].status = SCP_SEND_STOPPED;
+            std::snprintf(files[i].error, sizeof files[i].error, "not sent: stopped");
+        }
+    }
     if (c.bad()) {
         set_err(err, errlen,
                 std::string("association to ") + d->called_aet + "@" + d->host + ":" +
@@ -322,7 +314,13 @@ int send_files(const scp_send_dest *d, scp_send_file *files, int n, scp_send_go_
                 scu.closeAssociation(DCMSCU_PEER_ABORTED_ASSOCIATION);
             else if (scu.isConnected())
                 scu.abortAssociation();
-            broken = true;
+            if (was_cut(d->cut)) { // the caller's stop: it and the rest go after it
+                files[i].status = SCP_SEND_STOPPED;
+                std::snprintf(files[i].error, sizeof files[i].error, "not answered: stopped");
+                halted = true;
+            } else {
+                broken = true;
+            }
             continue;
         }
         files[i].status = status;
@@ -374,17 +372,18 @@ extern "C" int scp_send_files(const struct scp_send_dest *dest, struct scp_send_
                               scp_send_go_on_fn go_on, scp_send_answered_fn answered, void *ud,
                               char *err, size_t errlen)
 {
+    int rc = -1;
     try {
         if (!dest || (!files && n > 0)) {
             set_err(err, errlen, "scp_send_files: bad arguments");
             return -1;
         }
-        return send_files_cut(dest, files, n, go_on, answered, ud, err, errlen);
+        rc = send_files(dest, files, n, go_on, answered, ud, err, errlen);
     } catch (const std::exception &e) {
         set_err(err, errlen, std::string("scp_send_files: ") + e.what());
     } catch (...) {
         set_err(err, errlen, "scp_send_files: unknown exception");
     }
     if (dest) unwatch(dest->cut); /* the copy of the socket goes too */
-    return -1;
+    return rc;
 }

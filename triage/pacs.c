@@ -707,13 +707,11 @@ static void *builder_main(void *arg)
 static int senders_stop(struct triage_pacs *p)
 {
     triage_pacs_request_stop(p);
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until); /* pthread_timedjoin_np's clock */
-    until.tv_sec += SENDER_STOP_WAIT_S;
+    struct timespec until = util_clock_after_ms(SENDER_STOP_WAIT_S * 1000);
     int left = 0;
     for (int i = 0; i < p->nsenders; i++) {
         struct dest_sender *s = &p->senders[i];
-        if (pthread_timedjoin_np(s->thread, NULL, &until) != 0) {
+        if (pthread_clockjoin_np(s->thread, NULL, CLOCK_MONOTONIC, &until) != 0) {
             util_log(UTIL_LOG_WARN, "pacs_stop_left_sender",
                      "destination=%s reason=\"still connecting after %d s; it ends with the node, "
                      "its objects are sent after the start\"",
