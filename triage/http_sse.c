@@ -227,12 +227,8 @@ static cJSON *worklist_event(struct triage_http *h, cJSON **full_ev, cJSON **new
     cJSON *ev = cJSON_CreateObject();
     cJSON *rows = cJSON_CreateArray(), *removed = cJSON_CreateArray(),
           *flagged = cJSON_CreateArray(), *order = cJSON_CreateArray();
-    cJSON *full = full_ev ? cJSON_CreateObject() : NULL;
-    cJSON *full_tail[2] = {full_ev ? cJSON_CreateArray() : NULL,
-                           full_ev ? cJSON_Duplicate(hidden, true) : NULL};
     *new_flagged_rows = cJSON_CreateArray();
-    if (!snap || !ev || !rows || !removed || !flagged || !order || !*new_flagged_rows ||
-        (full_ev && (!full || !full_tail[0] || !full_tail[1]))) {
+    if (!snap || !ev || !rows || !removed || !flagged || !order || !*new_flagged_rows) {
         free(snap);
         cJSON_Delete(list);
         cJSON_Delete(hidden);
@@ -242,9 +238,6 @@ static cJSON *worklist_event(struct triage_http *h, cJSON **full_ev, cJSON **new
         cJSON_Delete(flagged);
         cJSON_Delete(order);
         cJSON_Delete(*new_flagged_rows);
-        cJSON_Delete(full);
-        cJSON_Delete(full_tail[0]);
-        cJSON_Delete(full_tail[1]);
         *new_flagged_rows = NULL;
         return NULL;
     }
@@ -276,14 +269,13 @@ static cJSON *worklist_event(struct triage_http *h, cJSON **full_ev, cJSON **new
     h->snap = snap;
     h->nsnap = n;
     h->snap_ready = true;
-    if (full) {
+    if (full_ev && (*full_ev = cJSON_CreateObject()) != NULL) {
         /* The list itself becomes its rows: no copy of a long list. */
-        cJSON_AddBoolToObject(full, "full", true);
-        cJSON_AddItemToObject(full, "rows", list);
-        cJSON_AddItemToObject(full, "removed", cJSON_CreateArray());
-        cJSON_AddItemToObject(full, "order", cJSON_Duplicate(order, true));
-        add_tail(h, full, full_tail[0], full_tail[1]);
-        *full_ev = full;
+        cJSON_AddBoolToObject(*full_ev, "full", true);
+        cJSON_AddItemToObject(*full_ev, "rows", list);
+        cJSON_AddItemToObject(*full_ev, "removed", cJSON_CreateArray());
+        cJSON_AddItemToObject(*full_ev, "order", cJSON_Duplicate(order, true));
+        add_tail(h, *full_ev, cJSON_CreateArray(), cJSON_Duplicate(hidden, true));
     } else {
         cJSON_Delete(list);
     }

@@ -42,8 +42,8 @@ int triage_study_when(const char *date, const char *time, char *iso, size_t n, i
 bool triage_row_prior(const struct db_worklist_row *row);
 
 /* The open list's age window (http.worklist_days): the studies that need
- * no action (triaged and not flagged, not applicable) that arrived before
- * the time returned, days before now_ms, leave the open list
+ * no action (triaged and not flagged, not applicable) that last changed
+ * before the time returned, days before now_ms, leave the open list
  * (db_worklist's since_ms). 0, no window, when days is 0. */
 int64_t triage_worklist_since(int64_t now_ms, int64_t days);
 
