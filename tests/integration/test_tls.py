@@ -193,10 +193,7 @@ class TlsTest(itest.NodeTest):
             if i % 2:
                 s.sendall(b"\x16")
             s.close()
-        deadline = time.monotonic() + 15
-        while node.open_sockets() > before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        self.assertLessEqual(node.open_sockets(), before,
+        self.assertLessEqual(node.sockets_down_to(before), before,
                              "sockets left open by the node after 50 reset connections to the "
                              "TLS port (before them %d)" % before)
         files = self.gen("after", count=2, rows=64, cols=64)

@@ -231,6 +231,14 @@ class Node:
             time.sleep(0.05)
         raise NodeError("node not ready after %.0f s; log:\n%s" % (timeout, self.log_tail()))
 
+    def sockets_down_to(self, n, timeout=15.0):
+        """Waits up to timeout until the node holds at most n sockets; how
+        many it holds then."""
+        deadline = time.monotonic() + timeout
+        while self.open_sockets() > n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.open_sockets()
+
     def open_sockets(self):
         """How many sockets the running node holds (from /proc)."""
         n = 0
